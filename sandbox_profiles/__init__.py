@@ -1,0 +1,1 @@
+"""Sandbox profiles (TOML) and OCI seccomp profiles shipped with the package."""

@@ -1,0 +1,137 @@
+"""The control-socket client agentctl uses. Standard library HTTP (http.client does the
+parsing) over AF_UNIX, so the CLI starts fast and never imports daemon code. No privilege beyond
+access to the socket."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from supervisor.errors import DaemonUnavailable, SupervisorError, error_class_for
+
+DEFAULT_SOCKET = Path(os.environ.get("AGENT_SUPERVISOR_SOCKET",
+                                     "/run/agent-supervisor/control.sock"))
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self.timeout is not None:
+            sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class Client:
+    def __init__(self, socket_path: Path | str = DEFAULT_SOCKET, timeout: float | None = 300.0
+                 ) -> None:
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+
+    def _open(self, method: str, path: str, body: Any = None, timeout: float | None = None
+              ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+        conn = _UnixConnection(self.socket_path, timeout if timeout is not None else self.timeout)
+        headers = {"Accept": "application/json"}
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, path, body=payload, headers=headers)
+            return conn, conn.getresponse()
+        except FileNotFoundError:
+            raise DaemonUnavailable(
+                f"no control socket at {self.socket_path}: is agent-supervisord running?",
+                socket=self.socket_path) from None
+        except PermissionError:
+            raise DaemonUnavailable(
+                f"permission denied on {self.socket_path}: you need root or the operators "
+                f"group", socket=self.socket_path) from None
+        except (ConnectionRefusedError, ConnectionResetError, http.client.HTTPException,
+                TimeoutError, OSError) as exc:
+            raise DaemonUnavailable(f"cannot talk to the daemon at {self.socket_path}: {exc}",
+                                    socket=self.socket_path) from None
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        conn, resp = self._open(method, path, body)
+        try:
+            data = resp.read()
+        finally:
+            conn.close()
+        try:
+            decoded = json.loads(data) if data else None
+        except json.JSONDecodeError:
+            raise SupervisorError(f"the daemon answered {resp.status} with non-JSON",
+                                  status=resp.status) from None
+        if resp.status >= 400:
+            raise _error_from(decoded, resp.status)
+        return decoded
+
+    def stream(self, path: str) -> Iterator[bytes]:
+        conn, resp = self._open("GET", path, timeout=None)
+        try:
+            if resp.status >= 400:
+                raise _error_from(json.loads(resp.read() or b"null"), resp.status)
+            while chunk := resp.read1(65536):
+                yield chunk
+        finally:
+            conn.close()
+
+    # Verbs --------------------------------------------------------------------------------
+
+    def health(self) -> Any:
+        return self.request("GET", "/v1/health")
+
+    def agents(self) -> Any:
+        return self.request("GET", "/v1/agents")
+
+    def agent(self, name: str) -> Any:
+        return self.request("GET", f"/v1/agents/{_quote(name)}")
+
+    def run(self, body: dict[str, Any]) -> Any:
+        return self.request("POST", "/v1/runs", body)
+
+    def get_run(self, ref: str) -> Any:
+        return self.request("GET", f"/v1/runs/{_quote(ref)}")
+
+    def logs(self, ref: str, follow: bool = False) -> Iterator[bytes]:
+        return self.stream(f"/v1/runs/{_quote(ref)}/logs?follow={'1' if follow else '0'}")
+
+    def action(self, verb: str, scope: dict[str, Any], reason: str = "",
+               grace: str | None = None) -> Any:
+        body: dict[str, Any] = {"scope": scope, "reason": reason}
+        if grace is not None:
+            body["grace"] = grace
+        return self.request("POST", f"/v1/actions/{verb}", body)
+
+    def audit(self, limit: int = 100, after: int = 0) -> Any:
+        return self.request("GET", f"/v1/audit?limit={limit}&after={after}")
+
+    def audit_verify(self) -> Any:
+        return self.request("GET", "/v1/audit/verify")
+
+
+def _quote(part: str) -> str:
+    from urllib.parse import quote
+
+    return quote(part, safe="")
+
+
+def _error_from(decoded: Any, status: int) -> SupervisorError:
+    if isinstance(decoded, dict) and isinstance(decoded.get("error"), dict):
+        err = decoded["error"]
+        cls = error_class_for(str(err.get("code", "")))
+        exc = cls(str(err.get("message", "")), **(err.get("detail") or {}))
+        if cls is SupervisorError:
+            exc.detail["code"] = err.get("code")
+        return exc
+    return SupervisorError(f"the daemon answered {status}", status=status)

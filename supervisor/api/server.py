@@ -1,0 +1,319 @@
+"""The control API: HTTP/JSON on a Unix socket, the peer's identity from SO_PEERCRED.
+Runs in the daemon (root); the socket is created 0660 root:<socket_group> and then moved into
+place, so there is no moment at which it is reachable with looser permissions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import logging
+import os
+import pwd
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from supervisor import __version__
+from supervisor.audit import AuditLog
+from supervisor.errors import (
+    Forbidden,
+    InvalidJson,
+    InvalidRequest,
+    RouteNotFound,
+    SupervisorError,
+)
+from supervisor.models import (
+    SCOPED_VERBS,
+    ActionRequest,
+    ActionResult,
+    Actor,
+    AgentView,
+    AuditList,
+    Health,
+    RunRequest,
+    RunView,
+)
+from supervisor.openapi import openapi_document
+
+log = logging.getLogger(__name__)
+
+
+class LiveRunView(Protocol):
+    done: asyncio.Event
+
+
+class RunRecordView(Protocol):
+    id: str
+    log_path: str
+
+
+class Controller(Protocol):
+    """What the API needs of the daemon's arbiter (the daemon layer sits above this one)."""
+
+    audit: AuditLog
+    global_halt: bool
+    shutting_down: bool
+
+    @property
+    def agents(self) -> Mapping[str, Any]: ...
+
+    def agent_view(self, name: str) -> AgentView: ...
+    def list_agents(self) -> list[AgentView]: ...
+    def resolve_run(self, ref: str) -> tuple[Any, Any]: ...
+    def run_view(self, run: Any) -> RunView: ...
+    def active_runs(self) -> int: ...
+    def runtime_info(self) -> dict[str, Any]: ...
+    async def launch(self, request: RunRequest, actor: Actor) -> RunView: ...
+    async def act(self, verb: str, request: ActionRequest, actor: Actor) -> ActionResult: ...
+
+
+ARBITER = web.AppKey("arbiter", Controller)
+GROUP = web.AppKey("operators_gid", int)
+_PEERCRED = struct.Struct("3i")
+_LOG_CHUNK = 65536
+_LOG_POLL = 0.05
+
+
+def peer_actor(request: web.Request) -> Actor:
+    sock: socket.socket | None = request.transport.get_extra_info("socket") if request.transport \
+        else None
+    if sock is None:
+        raise Forbidden("no peer credentials on this connection")
+    pid, uid, gid = _PEERCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = ""
+    return Actor(kind="user", uid=uid, gid=gid, pid=pid, name=name,
+                 groups=_group_names(_peer_gids(pid, uid, gid, name)))
+
+
+def _peer_gids(pid: int, uid: int, gid: int, name: str) -> list[int]:
+    """The peer's groups as the kernel holds them for its process, else from the user database."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Groups:"):
+                return sorted({gid, *(int(g) for g in line.split()[1:])})
+    if name:
+        return sorted(set(os.getgrouplist(name, gid)))
+    return [gid]
+
+
+def _group_names(gids: list[int]) -> list[str]:
+    names = []
+    for gid in gids:
+        try:
+            names.append(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            names.append(str(gid))
+    return names
+
+
+def _authorize(request: web.Request, actor: Actor) -> None:
+    """Roles arrive in a later release; for now root and the operators group may act."""
+    if actor.uid == 0:
+        return
+    gid = request.app[GROUP]
+    gids = set(_peer_gids(actor.pid or 0, actor.uid or 0, actor.gid or 0, actor.name))
+    if gid >= 0 and gid in gids:
+        return
+    arbiter = request.app[ARBITER]
+    arbiter.audit.append(
+        actor=actor.label(), verb=f"{request.method} {request.path}", scope="api",
+        outcome="refused:forbidden", detail={"actor": actor.model_dump(exclude_defaults=True)},
+    )
+    raise Forbidden(
+        f"uid {actor.uid} is neither root nor in the operators group",
+        uid=actor.uid, needed="root or member of the operators group",
+    )
+
+
+async def _body(request: web.Request, model: type[BaseModel]) -> Any:
+    try:
+        raw = await request.json(loads=json.loads)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidJson(f"the request body is not valid JSON: {exc}") from None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidRequest(f"{field}: {first['msg']}", field=field, reason=first["msg"],
+                             errors=[{"field": ".".join(str(p) for p in e["loc"]),
+                                      "reason": e["msg"]} for e in exc.errors()]) from None
+
+
+def _json(model: BaseModel | dict[str, Any], status: int = 200) -> web.Response:
+    body = model if isinstance(model, dict) else model.model_dump(mode="json", by_alias=True)
+    return web.json_response(body, status=status)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        actor = peer_actor(request)
+        request["actor"] = actor
+        _authorize(request, actor)
+        return await handler(request)
+    except SupervisorError as exc:
+        return web.json_response(exc.to_body(), status=exc.http_status)
+    except web.HTTPNotFound:
+        missing = RouteNotFound(f"no route {request.method} {request.path}", path=request.path)
+        return web.json_response(missing.to_body(), status=404)
+    except web.HTTPMethodNotAllowed as exc:
+        body = {"error": {"code": "method_not_allowed",
+                          "message": f"{request.method} is not allowed on {request.path}",
+                          "detail": {"allowed": sorted(exc.allowed_methods)}}}
+        return web.json_response(body, status=405)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        log.exception("internal error on %s %s", request.method, request.path)
+        err = SupervisorError(f"internal error: {exc}")
+        return web.json_response(err.to_body(), status=500)
+
+
+async def health(request: web.Request) -> web.Response:
+    arbiter = request.app[ARBITER]
+    return _json(Health(
+        status="shutting_down" if arbiter.shutting_down else "ok", version=__version__,
+        global_halt=arbiter.global_halt, agents=len(arbiter.agents),
+        active_runs=arbiter.active_runs(),
+        cgroup_mode=str(arbiter.runtime_info().get("cgroup_mode", "")),
+    ))
+
+
+async def list_agents(request: web.Request) -> web.Response:
+    arbiter = request.app[ARBITER]
+    agents = [a.model_dump(mode="json", by_alias=True) for a in arbiter.list_agents()]
+    return web.json_response({"agents": agents, "global_halt": arbiter.global_halt})
+
+
+async def get_agent(request: web.Request) -> web.Response:
+    return _json(request.app[ARBITER].agent_view(request.match_info["name"]))
+
+
+async def create_run(request: web.Request) -> web.Response:
+    run_request: RunRequest = await _body(request, RunRequest)
+    view = await request.app[ARBITER].launch(run_request, request["actor"])
+    return _json(view, status=201)
+
+
+async def get_run(request: web.Request) -> web.Response:
+    arbiter = request.app[ARBITER]
+    record, _live = arbiter.resolve_run(request.match_info["ref"])
+    return _json(arbiter.run_view(record))
+
+
+async def run_logs(request: web.Request) -> web.StreamResponse:
+    """The run's output; with follow=1, streamed until the run has ended."""
+    arbiter = request.app[ARBITER]
+    record, live = arbiter.resolve_run(request.match_info["ref"])
+    follow = request.query.get("follow", "0") in ("1", "true", "yes")
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
+                                           "X-Run-Id": record.id})
+    await response.prepare(request)
+    path = Path(record.log_path)
+    offset = 0
+    while True:
+        ended = live is None or live.done.is_set()
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                while chunk := handle.read(_LOG_CHUNK):
+                    offset += len(chunk)
+                    await response.write(chunk)
+        except FileNotFoundError:
+            pass
+        if not follow or ended:
+            break
+        assert live is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(live.done.wait(), _LOG_POLL)
+    await response.write_eof()
+    return response
+
+
+async def action(request: web.Request) -> web.Response:
+    verb = request.match_info["verb"]
+    if verb not in SCOPED_VERBS:
+        raise RouteNotFound(f"unknown action {verb!r}", verb=verb, known=list(SCOPED_VERBS))
+    action_request: ActionRequest = await _body(request, ActionRequest)
+    result = await request.app[ARBITER].act(verb, action_request, request["actor"])
+    return _json(result)
+
+
+async def audit_list(request: web.Request) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", "100"))
+        after = int(request.query.get("after", "0"))
+    except ValueError:
+        raise InvalidRequest("limit and after must be integers", field="limit") from None
+    if not 1 <= limit <= 10_000:
+        raise InvalidRequest("limit must be between 1 and 10000", field="limit")
+    entries = request.app[ARBITER].audit.list(limit=limit, after_seq=after)
+    return _json(AuditList(entries=entries))
+
+
+async def audit_verify(request: web.Request) -> web.Response:
+    return _json(request.app[ARBITER].audit.verify())
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+def build_app(arbiter: Controller, operators_gid: int) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=1024**2)
+    app[ARBITER] = arbiter
+    app[GROUP] = operators_gid
+    app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/agents", list_agents)
+    app.router.add_get("/v1/agents/{name}", get_agent)
+    app.router.add_post("/v1/runs", create_run)
+    app.router.add_get("/v1/runs/{ref}", get_run)
+    app.router.add_get("/v1/runs/{ref}/logs", run_logs)
+    app.router.add_post("/v1/actions/{verb}", action)
+    app.router.add_get("/v1/audit", audit_list)
+    app.router.add_get("/v1/audit/verify", audit_verify)
+    app.router.add_get("/v1/openapi.json", openapi)
+    return app
+
+
+def bind_control_socket(path: Path, gid: int) -> socket.socket:
+    """Bind under a temporary name, set owner and mode, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(tmp))
+    finally:
+        os.umask(old_umask)
+    os.chown(tmp, 0, gid if gid >= 0 else 0)
+    os.chmod(tmp, 0o660)
+    os.rename(tmp, path)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def operators_gid(group: str) -> int:
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        log.warning("group %r does not exist: only root can use the control socket", group)
+        return -1

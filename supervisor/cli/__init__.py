@@ -1,0 +1,1 @@
+"""agentctl, the operator CLI."""

@@ -1,0 +1,371 @@
+"""agentctl: the operator's CLI. Talks to the daemon only through the control socket; imports the
+client and the wire models, never daemon code. Runs unprivileged (root or the operators group)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from supervisor.api.client import DEFAULT_SOCKET, Client
+from supervisor.errors import InvalidRequest, SupervisorError
+from supervisor.models import REASON_MAX
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Context:
+    def __init__(self, socket_path: Path) -> None:
+        self.client = Client(socket_path)
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _fail(exc: SupervisorError, as_json: bool) -> NoReturn:
+    if as_json:
+        _emit_json(exc.to_body())
+    else:
+        click.echo(f"agentctl: {exc.code}: {exc.message}", err=True)
+    sys.exit(exc.exit_status)
+
+
+def handles_errors(func: F) -> F:
+    """Turn a SupervisorError into its message and exit status (JSON body with --json)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SupervisorError as exc:
+            _fail(exc, bool(kwargs.get("as_json")))
+
+    return wrapper  # type: ignore[return-value]
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=DEFAULT_SOCKET,
+              show_default=True, envvar="AGENT_SUPERVISOR_SOCKET",
+              help="The daemon's control socket.")
+@click.pass_context
+def cli(ctx: click.Context, socket_path: Path) -> None:
+    """Control the agent supervisor: run, inspect, pause, stop and kill AI agents."""
+    ctx.obj = Context(socket_path)
+
+
+def _client() -> Client:
+    obj: Context = click.get_current_context().find_object(Context)  # type: ignore[assignment]
+    return obj.client
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    seconds = max(0, int(time.time() - ts))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    for row in [headers, *rows]:
+        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+# ----------------------------------------------------------------------------- run
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.option("--name", help="Agent name (registered on first use); generated when omitted.")
+@click.option("--class", "agent_class", help="Class label, for class-wide pause/kill.")
+@click.option("--profile", help="Sandbox profile (default: the daemon's default profile).")
+@click.option("--workspace", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory bound read-write at /workspace.")
+@click.option("--timeout", help="Hard execution window, e.g. 30s, 10m; the run is killed after.")
+@click.option("--env", "env", multiple=True, help="KEY=VALUE for the agent's environment.")
+@click.option("--detach", "-d", is_flag=True, help="Return once the agent runs.")
+@json_option
+@click.argument("command", nargs=-1, required=True)
+@handles_errors
+def run(name: str | None, agent_class: str | None, profile: str | None,
+        workspace: Path | None, timeout: str | None, env: tuple[str, ...], detach: bool,
+        as_json: bool, command: tuple[str, ...]) -> None:
+    """Run COMMAND as a sandboxed agent: agentctl run --name a1 -- python agent.py
+
+    In the foreground the agent's output is streamed and agentctl exits with the agent's
+    status (137 when it was killed). Ctrl-C stops the agent (SIGTERM, then the kill path)."""
+    body: dict[str, Any] = {"command": list(command)}
+    if name:
+        body["name"] = name
+    if agent_class:
+        body["class"] = agent_class
+    if profile:
+        body["profile"] = profile
+    if workspace is not None:
+        body["workspace"] = str(workspace.resolve())
+    if timeout:
+        body["timeout"] = timeout
+    if env:
+        pairs = {}
+        for item in env:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise InvalidRequest(f"--env {item!r} is not KEY=VALUE", field="env")
+            pairs[key] = value
+        body["env"] = pairs
+    client = _client()
+    view = client.run(body)
+    if detach:
+        if as_json:
+            _emit_json(view)
+        else:
+            click.echo(f"{view['agent']} {view['id']}")
+        return
+    sys.exit(_follow(client, view, as_json))
+
+
+def _follow(client: Client, view: dict[str, Any], as_json: bool) -> int:
+    out = sys.stderr.buffer if as_json else sys.stdout.buffer
+    stopping = {"asked": False}
+
+    def on_interrupt(signum: int, _frame: Any) -> None:
+        if stopping["asked"]:
+            return
+        stopping["asked"] = True
+        click.echo(f"\nagentctl: stopping agent {view['agent']} ...", err=True)
+        try:
+            client.action("stop", {"agent": view["agent"]}, reason="interrupted at agentctl run",
+                          grace="5s")
+        except SupervisorError as exc:
+            click.echo(f"agentctl: {exc.code}: {exc.message}", err=True)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    previous_term = signal.signal(signal.SIGTERM, on_interrupt)
+    try:
+        for chunk in client.logs(view["id"], follow=True):
+            out.write(chunk)
+            out.flush()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+    final = client.get_run(view["id"])
+    if as_json:
+        _emit_json(final)
+    code = final.get("exit_code")
+    if final.get("state") == "killed":
+        reason = final.get("end_reason") or "killed"
+        click.echo(f"agentctl: agent {final['agent']} killed ({reason}); time_to_halt_ms="
+                   f"{_ms(final.get('time_to_halt_ms'))}", err=True)
+        return 137 if code is None else int(code)
+    if final.get("state") == "failed":
+        click.echo(f"agentctl: run failed: {final.get('end_reason')}", err=True)
+        return 1
+    return 1 if code is None else int(code)
+
+
+# ----------------------------------------------------------------------------- read verbs
+
+@cli.command("ls")
+@json_option
+@handles_errors
+def ls(as_json: bool) -> None:
+    """List agents and their state."""
+    data = _client().agents()
+    if as_json:
+        _emit_json(data)
+        return
+    if data.get("global_halt"):
+        click.echo("GLOBAL HALT in force: new runs are refused until 'agentctl reactivate --all'")
+    rows = []
+    for agent in data["agents"]:
+        run_view = agent.get("run") or {}
+        live = run_view and not run_view.get("ended_at")
+        rows.append([
+            agent["name"], agent["class"], agent["state"], agent["profile"],
+            run_view.get("id", "-") if live else "-",
+            str(run_view.get("pid") or "-") if live else "-",
+            _ago(run_view.get("started_at")) if live else "-",
+            _ms(agent.get("time_to_halt_ms")),
+            (agent.get("last_reason") or "")[:40],
+        ])
+    _table(rows, ["NAME", "CLASS", "STATE", "PROFILE", "RUN", "PID", "UP", "HALT_MS", "REASON"])
+
+
+@cli.command()
+@click.argument("agent")
+@json_option
+@handles_errors
+def inspect(agent: str, as_json: bool) -> None:
+    """Show one agent, its current or last run and its last time_to_halt_ms."""
+    data = _client().agent(agent)
+    if as_json:
+        _emit_json(data)
+        return
+    for key in ("name", "class", "state", "profile", "last_actor", "last_reason"):
+        click.echo(f"{key:16} {data.get(key) or '-'}")
+    click.echo(f"{'time_to_halt_ms':16} {_ms(data.get('time_to_halt_ms'))}")
+    run_view = data.get("run")
+    if run_view:
+        click.echo("run:")
+        for key in ("id", "state", "pid", "command", "workspace", "exit_code", "end_reason",
+                    "timeout"):
+            value = run_view.get(key)
+            if key == "command":
+                value = " ".join(value)
+            click.echo(f"  {key:14} {value if value is not None else '-'}")
+        click.echo(f"  {'started':14} {_ago(run_view.get('started_at'))} ago")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--follow", "-f", is_flag=True, help="Keep streaming until the run ends.")
+@handles_errors
+def logs(ref: str, follow: bool) -> None:
+    """Print the output of an agent's current or last run (REF: agent name or run id)."""
+    for chunk in _client().logs(ref, follow=follow):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+
+
+# ----------------------------------------------------------------------------- scoped verbs
+
+def _scope(agent: str | None, agent_class: str | None, all_agents: bool) -> dict[str, Any]:
+    given = [agent is not None, agent_class is not None, all_agents]
+    if sum(given) != 1:
+        raise InvalidRequest("name exactly one of AGENT, --class CLASS or --all", field="scope")
+    if agent is not None:
+        return {"agent": agent}
+    if agent_class is not None:
+        return {"class": agent_class}
+    return {"all": True}
+
+
+def _reason(reason: str) -> str:
+    if len(reason) > REASON_MAX:
+        raise InvalidRequest(f"--reason is {len(reason)} characters; the limit is {REASON_MAX}",
+                             field="reason", length=len(reason), max_length=REASON_MAX)
+    return reason
+
+
+def _print_action(result: dict[str, Any]) -> None:
+    rows = []
+    for item in result["results"]:
+        change = (f"skipped ({item['skipped']})" if item.get("skipped")
+                  else f"{item['previous_state']} -> {item['new_state']}")
+        rows.append([item["agent"], change, _ms(item.get("time_to_halt_ms"))])
+    if rows:
+        _table(rows, ["AGENT", "STATE", "TIME_TO_HALT_MS"])
+    else:
+        click.echo(f"no agents in scope {result['scope']}")
+    if result.get("global_halt"):
+        click.echo("global halt in force: new runs are refused")
+
+
+def _scoped_command(verb: str, help_text: str, with_grace: bool = False) -> None:
+    @click.argument("agent", required=False)
+    @click.option("--class", "agent_class", help="Every agent with this class label.")
+    @click.option("--all", "all_agents", is_flag=True, help="Every agent.")
+    @click.option("--reason", default="", help=f"Why (recorded; at most {REASON_MAX} chars).")
+    @json_option
+    @handles_errors
+    def command(agent: str | None, agent_class: str | None, all_agents: bool, reason: str,
+                as_json: bool, grace: str | None = None) -> None:
+        result = _client().action(verb, _scope(agent, agent_class, all_agents), _reason(reason),
+                                  grace=grace)
+        if as_json:
+            _emit_json(result)
+        else:
+            _print_action(result)
+
+    if with_grace:
+        grace_option = click.option(
+            "--grace", default=None, help="Time between SIGTERM and the kill path (default 10s).")
+        command = grace_option(command)
+    cli.command(name=verb, help=help_text)(command)
+
+
+_scoped_command("kill", "SIGKILL the agent's whole cgroup and hold it killed until reactivated.")
+_scoped_command("pause", "Freeze the agent's cgroup.")
+_scoped_command("resume", "Thaw a paused agent.")
+_scoped_command("stop", "SIGTERM, wait --grace, then the kill path; the agent may run again.",
+                with_grace=True)
+_scoped_command("reactivate", "Lift a kill's hold (with --all, also lift a global halt).")
+
+
+# ----------------------------------------------------------------------------- audit
+
+@cli.group(invoke_without_command=True)
+@click.option("--limit", default=50, show_default=True)
+@json_option
+@click.pass_context
+@handles_errors
+def audit(ctx: click.Context, limit: int, as_json: bool) -> None:
+    """List the audit log (newest last); 'audit verify' checks its hash chain."""
+    if ctx.invoked_subcommand is not None:
+        return
+    data = _client().audit(limit=limit)
+    if as_json:
+        _emit_json(data)
+        return
+    rows = []
+    for entry in data["entries"]:
+        change = (f"{entry['previous_state']}->{entry['new_state']}"
+                  if entry.get("new_state") else "")
+        rows.append([str(entry["seq"]), time.strftime("%Y-%m-%d %H:%M:%S",
+                                                      time.localtime(entry["ts"])),
+                     entry["actor"], entry["verb"], entry["scope"], change, entry["outcome"],
+                     _ms(entry.get("time_to_halt_ms")), entry["reason"][:40]])
+    _table(rows, ["SEQ", "TIME", "ACTOR", "VERB", "SCOPE", "STATE", "OUTCOME", "HALT_MS",
+                  "REASON"])
+
+
+@audit.command("verify")
+@json_option
+@handles_errors
+def audit_verify(as_json: bool) -> None:
+    """Check the audit hash chain; exits 1 and names the first bad row when it is broken."""
+    result = _client().audit_verify()
+    if as_json:
+        _emit_json(result)
+    elif result["ok"]:
+        click.echo(f"audit log intact: {result['rows']} rows, head {result['head_hash'][:16]}")
+    else:
+        click.echo(f"audit log BROKEN at row {result['first_bad_seq']}: {result['problem']}",
+                   err=True)
+    sys.exit(0 if result["ok"] else 1)
+
+
+@cli.command()
+@json_option
+@handles_errors
+def status(as_json: bool) -> None:
+    """The daemon's health."""
+    data = _client().health()
+    if as_json:
+        _emit_json(data)
+        return
+    for key, value in data.items():
+        click.echo(f"{key:12} {value}")
+
+
+def main() -> None:
+    cli(prog_name="agentctl")

@@ -1,0 +1,90 @@
+"""Daemon configuration: `/etc/agent-supervisor/daemon.toml`, every key defaulted, unknown keys
+rejected by name. No privilege; reads one file."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from supervisor.errors import ConfigInvalid
+from supervisor.models.units import Duration
+
+DEFAULT_CONFIG_PATH = Path("/etc/agent-supervisor/daemon.toml")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DaemonSection(_Section):
+    state_dir: Path = Path("/var/lib/agent-supervisor")
+    runtime_dir: Path = Path("/run/agent-supervisor")
+    # Defaults to <runtime_dir>/control.sock.
+    socket_path: Path | None = None
+    socket_group: str = "agent-operators"
+    log_level: Annotated[str, Field(pattern="^(debug|info|warning|error)$")] = "info"
+    # Run a canary agent at startup and refuse to serve when enforcement does not hold.
+    self_test: bool = True
+    # Directories searched for <name>.toml before the profiles shipped with the package.
+    profile_dirs: list[Path] = [Path("/etc/agent-supervisor/profiles")]
+    default_profile: str = "default"
+    shutdown_reason: str = "supervisor shutdown"
+
+
+class SandboxSection(_Section):
+    runc_path: str = "runc"
+    # Every run's cgroup lives under this path in each hierarchy (v1 controllers and v2).
+    cgroup_parent: Annotated[str, Field(pattern=r"^/[A-Za-z0-9_.\-/]+$")] = "/agent-supervisor"
+    # Prefix of the per-run network namespaces under /run/netns and of runc container ids.
+    name_prefix: Annotated[str, Field(pattern=r"^[a-z][a-z0-9\-]{0,15}$")] = "as"
+    # Host uids/gids for agents: slot k maps the sandbox's 0..65535 to
+    # uid_base + k*65536 .. ; never host root.
+    uid_base: Annotated[int, Field(ge=65536)] = 1_000_000
+    max_runs: Annotated[int, Field(ge=1, le=4096)] = 512
+    # The uid the agent's command runs as inside the sandbox.
+    agent_uid: Annotated[int, Field(ge=1, le=65535)] = 1000
+    # Smallest host uid a workspace owner may have (the agent writes the workspace as its owner).
+    workspace_min_owner_uid: Annotated[int, Field(ge=1)] = 1000
+
+
+class KillSection(_Section):
+    # How long the kernel gets to report a killed cgroup empty before the kill escalates.
+    confirm_timeout: Duration = 5.0
+    default_grace: Duration = 10.0
+
+
+class Config(_Section):
+    daemon: DaemonSection = DaemonSection()
+    sandbox: SandboxSection = SandboxSection()
+    kill: KillSection = KillSection()
+
+    @property
+    def socket_path(self) -> Path:
+        return self.daemon.socket_path or self.daemon.runtime_dir / "control.sock"
+
+
+def load_config(path: Path | None) -> Config:
+    """The configuration from `path` (or the default path when it exists, else defaults)."""
+    if path is None:
+        if not DEFAULT_CONFIG_PATH.exists():
+            return Config()
+        path = DEFAULT_CONFIG_PATH
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigInvalid(f"cannot read {path}: {exc.strerror}", path=str(path)) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigInvalid(f"{path} is not valid TOML: {exc}", path=str(path)) from exc
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            message = f"{path}: unknown key {key!r}"
+        else:
+            message = f"{path}: {key}: {first['msg']}"
+        raise ConfigInvalid(message, path=str(path), key=key, reason=first["msg"]) from exc

@@ -1,0 +1,1 @@
+"""The root daemon: event loop, arbiter, reconcile, watchdog, sd_notify."""

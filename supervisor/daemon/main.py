@@ -1,0 +1,222 @@
+"""agent-supervisord: the root daemon's entry point. Order of startup: config, directories,
+subreaper, watchdog, state, reconcile leftovers, self-test, control socket, READY=1.
+SIGTERM/SIGINT: orderly shutdown that kills every agent through the audited kill path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pyprctl
+from aiohttp import web
+
+from supervisor import __version__
+from supervisor.api.server import bind_control_socket, build_app, operators_gid
+from supervisor.audit import AuditLog
+from supervisor.config import Config, load_config
+from supervisor.daemon.arbiter import SYSTEM, Arbiter
+from supervisor.daemon.selftest import run_self_test
+from supervisor.daemon.store import Store, connect
+from supervisor.errors import ConfigInvalid, EnforcementError, SupervisorError
+from supervisor.runtime.sandboxed import RuncRuntime
+from supervisor.sandbox.cgroups import CgroupMode, detect_mode
+
+log = logging.getLogger("agent-supervisord")
+
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+             logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """Under systemd (JOURNAL_STREAM set), prefix <N> so journald keeps the priority;
+    elsewhere, a timestamped line."""
+
+    def __init__(self, journal: bool) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.journal:
+            return f"<{_PRIORITY.get(record.levelno, 6)}>{record.name}: {record.getMessage()}"
+        return super().format(record)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter("JOURNAL_STREAM" in os.environ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def sd_notify(message: str) -> None:
+    """The sd_notify(3) datagram; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.sendto(message.encode(), address)
+
+
+class Watchdog:
+    """Spawns the dead-man's-switch process and holds the write end of its pipe."""
+
+    def __init__(self, parent_cgroup: Path, record: Path, timeout: float) -> None:
+        self.record = record
+        read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.daemon.watchdog", "--cgroup", str(parent_cgroup),
+             "--record", str(record), "--timeout", str(timeout)],
+            stdin=read_fd, start_new_session=True, close_fds=True,
+        )
+        os.close(read_fd)
+
+    def disarm(self) -> None:
+        """Orderly shutdown: every agent is already dead; tell the watchdog to stand down."""
+        with contextlib.suppress(OSError):
+            os.write(self.write_fd, b"done\n")
+            os.close(self.write_fd)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+
+
+def audit_watchdog_records(record: Path, audit: AuditLog) -> None:
+    """What a watchdog did after the previous daemon died goes into the audit log now."""
+    if not record.exists():
+        return
+    consumed = record.with_suffix(".audited")
+    for line in record.read_text().splitlines():
+        try:
+            report = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        audit.append(actor="system:watchdog", verb="watchdog_kill", scope="global",
+                     reason=str(report.get("trigger", "")),
+                     time_to_halt_ms=report.get("time_to_halt_ms"),
+                     outcome="ok" if report.get("confirmed_empty", True) else "unconfirmed",
+                     detail=report)
+    with open(consumed, "a") as handle:
+        handle.write(record.read_text())
+    record.unlink()
+
+
+async def serve(config: Config) -> int:
+    if os.geteuid() != 0:
+        raise EnforcementError("agent-supervisord must run as root to contain agents")
+    mode = detect_mode()
+    if mode is CgroupMode.NONE:
+        raise EnforcementError("no cgroup v2 tree: cannot kill a run's cgroup atomically")
+    # runtime_dir is 0751 and bundles 0711: a sandbox's root (an unprivileged host uid) must
+    # traverse them to reach its rootfs, but nobody may list them; the socket itself is 0660.
+    for directory, perms in ((config.daemon.runtime_dir, 0o751),
+                             (config.daemon.runtime_dir / "bundles", 0o711),
+                             (config.daemon.state_dir, 0o700)):
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(perms)
+    gid = operators_gid(config.daemon.socket_group)
+    if gid >= 0:
+        os.chown(config.daemon.runtime_dir, 0, gid)
+    # Container inits are orphaned when `runc create` exits; as subreaper we inherit them and
+    # waitpid gives each run's true exit status.
+    pyprctl.set_child_subreaper(True)
+
+    runtime = RuncRuntime(
+        runc_binary=config.sandbox.runc_path, runc_root=config.daemon.runtime_dir / "runc",
+        cgroup_parent=config.sandbox.cgroup_parent, name_prefix=config.sandbox.name_prefix,
+        uid_base=config.sandbox.uid_base, agent_uid=config.sandbox.agent_uid,
+        workspace_min_owner_uid=config.sandbox.workspace_min_owner_uid,
+        workspaces_dir=config.daemon.runtime_dir / "workspaces",
+    )
+    watchdog_record = config.daemon.state_dir / "watchdog.jsonl"
+    runtime.parent_cgroup().mkdir(parents=True, exist_ok=True)
+    watchdog = Watchdog(runtime.parent_cgroup(), watchdog_record, config.kill.confirm_timeout)
+
+    db = connect(config.daemon.state_dir / "state.db")
+    audit = AuditLog(db)
+    store = Store(db)
+    arbiter = Arbiter(config, store, audit, runtime)
+    audit.append(actor=SYSTEM.label(), verb="daemon_start", scope="global",
+                 detail={"version": __version__, "pid": os.getpid(), "cgroup_mode": mode.value,
+                         **runtime.describe()})
+    audit_watchdog_records(watchdog_record, audit)
+    await arbiter.reconcile()
+
+    if config.daemon.self_test:
+        report = await run_self_test(arbiter, config)
+        audit.append(actor=SYSTEM.label(), verb="self_test", scope="global",
+                     outcome="ok" if report["ok"] else "failed", detail=report)
+        if not report["ok"]:
+            watchdog.disarm()
+            failed = [k for k, v in report["checks"].items() if v != "PASS"]
+            why = report.get("error") or f"checks failed: {', '.join(failed)}"
+            raise EnforcementError(f"startup self-test failed, refusing to run agents: {why}",
+                                   **report)
+        log.info("self-test passed in %.0f ms", report["duration_ms"])
+
+    sock = bind_control_socket(config.socket_path, gid)
+    app = build_app(arbiter, gid)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.SockSite(runner, sock)
+    await site.start()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    def on_signal(signum: int) -> None:
+        log.warning("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    sd_notify("READY=1\nSTATUS=accepting runs")
+    log.info("agent-supervisord %s ready on %s (cgroups %s)", __version__, config.socket_path,
+             mode.value)
+    await stop.wait()
+
+    sd_notify("STOPPING=1\nSTATUS=killing every agent")
+    log.warning("shutting down: killing every agent")
+    await arbiter.shutdown(config.daemon.shutdown_reason)
+    audit.append(actor=SYSTEM.label(), verb="daemon_stop", scope="global",
+                 reason=config.daemon.shutdown_reason)
+    await runner.cleanup()
+    with contextlib.suppress(FileNotFoundError):
+        config.socket_path.unlink()
+    watchdog.disarm()
+    db.close()
+    return 0
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="Configuration file (default /etc/agent-supervisor/daemon.toml if present).")
+@click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
+@click.version_option(__version__)
+def main(config_path: Path | None, check_config: bool) -> None:
+    """The agent supervisor daemon (runs as root)."""
+    try:
+        config = load_config(config_path)
+    except ConfigInvalid as exc:
+        click.echo(f"agent-supervisord: {exc.message}", err=True)
+        sys.exit(exc.exit_status)
+    if check_config:
+        click.echo(json.dumps(config.model_dump(mode="json"), indent=2))
+        return
+    setup_logging(config.daemon.log_level)
+    try:
+        code = asyncio.run(serve(config))
+    except SupervisorError as exc:
+        log.critical("%s: %s", exc.code, exc.message)
+        sys.exit(exc.exit_status)
+    sys.exit(code)

@@ -1,0 +1,154 @@
+"""Durable state of agents and runs in SQLite (WAL). Root-only file under the state dir."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    name TEXT PRIMARY KEY,
+    agent_class TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    last_reason TEXT,
+    last_actor TEXT,
+    current_run TEXT,
+    last_run TEXT
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    state TEXT NOT NULL,
+    command TEXT NOT NULL,
+    profile TEXT NOT NULL,
+    workspace TEXT,
+    pid INTEGER,
+    container_id TEXT NOT NULL,
+    netns TEXT NOT NULL,
+    cgroup TEXT NOT NULL,
+    bundle TEXT NOT NULL,
+    log_path TEXT NOT NULL,
+    uid_slot INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    exit_code INTEGER,
+    time_to_halt_ms REAL,
+    end_reason TEXT,
+    timeout REAL
+);
+CREATE INDEX IF NOT EXISTS runs_by_agent ON runs (agent, started_at);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass
+class AgentRecord:
+    name: str
+    agent_class: str
+    profile: str
+    state: str
+    created_at: float
+    updated_at: float
+    last_reason: str | None = None
+    last_actor: str | None = None
+    current_run: str | None = None
+    last_run: str | None = None
+
+
+@dataclass
+class RunRecord:
+    id: str
+    agent: str
+    state: str
+    command: list[str]
+    profile: str
+    workspace: str | None
+    container_id: str
+    netns: str
+    cgroup: str
+    bundle: str
+    log_path: str
+    uid_slot: int
+    started_at: float
+    pid: int | None = None
+    ended_at: float | None = None
+    exit_code: int | None = None
+    time_to_halt_ms: float | None = None
+    end_reason: str | None = None
+    timeout: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level="DEFERRED")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA foreign_keys=ON")
+    path.chmod(0o600)
+    return db
+
+
+class Store:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        db.executescript(SCHEMA)
+
+    def put_agent(self, agent: AgentRecord) -> None:
+        row = asdict(agent)
+        with self.db:
+            self.db.execute(
+                f"INSERT OR REPLACE INTO agents ({', '.join(row)}) "
+                f"VALUES ({', '.join('?' for _ in row)})",
+                list(row.values()),
+            )
+
+    def agents(self) -> list[AgentRecord]:
+        cur = self.db.execute("SELECT * FROM agents ORDER BY name")
+        names = [d[0] for d in cur.description]
+        return [AgentRecord(**dict(zip(names, r, strict=True))) for r in cur.fetchall()]
+
+    def put_run(self, run: RunRecord) -> None:
+        row = asdict(run)
+        row.pop("extra")
+        row["command"] = json.dumps(row["command"])
+        with self.db:
+            self.db.execute(
+                f"INSERT OR REPLACE INTO runs ({', '.join(row)}) "
+                f"VALUES ({', '.join('?' for _ in row)})",
+                list(row.values()),
+            )
+
+    def _runs(self, where: str, args: tuple[Any, ...]) -> list[RunRecord]:
+        cur = self.db.execute(f"SELECT * FROM runs {where}", args)
+        names = [d[0] for d in cur.description]
+        runs = []
+        for raw in cur.fetchall():
+            row = dict(zip(names, raw, strict=True))
+            row["command"] = json.loads(row["command"])
+            runs.append(RunRecord(**row))
+        return runs
+
+    def run(self, run_id: str) -> RunRecord | None:
+        found = self._runs("WHERE id = ?", (run_id,))
+        return found[0] if found else None
+
+    def unfinished_runs(self) -> list[RunRecord]:
+        return self._runs("WHERE ended_at IS NULL ORDER BY started_at", ())
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str | None) -> None:
+        with self.db:
+            if value is None:
+                self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
+            else:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))

@@ -1,0 +1,138 @@
+"""The one error tree. Each error has a stable snake_case code, an HTTP status and a CLI exit
+status; every layer translates lower-level failures into one of these. No I/O, no privilege."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class SupervisorError(Exception):
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+    exit_status: ClassVar[int] = 1
+
+    def __init__(self, message: str, **detail: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail: dict[str, Any] = detail
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "detail": self.detail}}
+
+
+class InvalidRequest(SupervisorError):
+    code = "invalid_request"
+    http_status = 422
+    exit_status = 6
+
+
+class InvalidJson(InvalidRequest):
+    code = "invalid_json"
+    http_status = 400
+
+
+class ProfileInvalid(InvalidRequest):
+    code = "profile_invalid"
+
+
+class ProfileNotFound(InvalidRequest):
+    code = "profile_not_found"
+    http_status = 404
+
+
+class ConfigInvalid(SupervisorError):
+    code = "config_invalid"
+    exit_status = 78  # EX_CONFIG: systemd shows it as a configuration error
+
+
+class WorkspaceInvalid(InvalidRequest):
+    code = "workspace_invalid"
+
+
+class AgentNotFound(SupervisorError):
+    code = "agent_not_found"
+    http_status = 404
+    exit_status = 3
+
+
+class RunNotFound(SupervisorError):
+    code = "run_not_found"
+    http_status = 404
+    exit_status = 3
+
+
+class RouteNotFound(SupervisorError):
+    code = "route_not_found"
+    http_status = 404
+    exit_status = 3
+
+
+class Conflict(SupervisorError):
+    code = "conflict"
+    http_status = 409
+    exit_status = 4
+
+
+class IllegalTransition(Conflict):
+    code = "illegal_transition"
+
+
+class AgentKilled(Conflict):
+    code = "agent_killed"
+
+
+class AgentBusy(Conflict):
+    code = "agent_busy"
+
+
+class GlobalHalt(Conflict):
+    code = "global_halt"
+
+
+class Forbidden(SupervisorError):
+    code = "forbidden"
+    http_status = 403
+    exit_status = 5
+
+
+class EnforcementError(SupervisorError):
+    """The sandbox could not be set up as the profile demands; the agent does not run."""
+
+    code = "enforcement_failed"
+    http_status = 500
+    exit_status = 10
+
+
+class RuntimeFailure(EnforcementError):
+    code = "runtime_failed"
+
+
+class KillUnconfirmed(SupervisorError):
+    """The kernel did not report the cgroup empty within the kill timeout."""
+
+    code = "kill_unconfirmed"
+    http_status = 500
+    exit_status = 11
+
+
+class DaemonUnavailable(SupervisorError):
+    code = "daemon_unavailable"
+    http_status = 503
+    exit_status = 7
+
+
+class ShuttingDown(SupervisorError):
+    code = "shutting_down"
+    http_status = 503
+    exit_status = 7
+
+
+def error_class_for(code: str) -> type[SupervisorError]:
+    """The error class with this code (the client rebuilds typed errors from the wire)."""
+    stack: list[type[SupervisorError]] = [SupervisorError]
+    while stack:
+        cls = stack.pop()
+        if cls.code == code:
+            return cls
+        stack.extend(cls.__subclasses__())
+    return SupervisorError

@@ -1,0 +1,230 @@
+"""Wire models of the control API (pydantic). Shared by the daemon and agentctl; no I/O."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from supervisor.models.units import Duration
+
+__all__ = [
+    "REASON_MAX",
+    "SCOPED_VERBS",
+    "ActionRequest",
+    "ActionResult",
+    "Actor",
+    "AgentResult",
+    "AgentView",
+    "AuditEntry",
+    "AuditList",
+    "AuditVerifyResult",
+    "Duration",
+    "Health",
+    "RunRequest",
+    "RunView",
+    "Scope",
+]
+
+REASON_MAX = 500
+SCOPED_VERBS = ("kill", "pause", "resume", "stop", "reactivate")
+_AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,62}$")
+_CLASS_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,62}$")
+
+Reason = Annotated[str, Field(max_length=REASON_MAX)]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_name(value: str | None, pattern: re.Pattern[str], what: str) -> str | None:
+    if value is not None and not pattern.match(value):
+        raise ValueError(
+            f"{what} must be 1-63 characters of lowercase letters, digits, '.', '_', '-'"
+        )
+    return value
+
+
+class RunRequest(_Request):
+    name: str | None = None
+    agent_class: str = Field(default="default", alias="class")
+    profile: str | None = None
+    workspace: str | None = None
+    timeout: Duration | None = None
+    command: Annotated[list[str], Field(min_length=1)]
+    env: dict[str, str] = {}
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return _check_name(value, _AGENT_NAME, "name")
+
+    @field_validator("agent_class")
+    @classmethod
+    def _class(cls, value: str) -> str:
+        _check_name(value, _CLASS_NAME, "class")
+        return value
+
+    @field_validator("workspace")
+    @classmethod
+    def _workspace(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("/"):
+            raise ValueError("workspace must be an absolute path")
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: list[str]) -> list[str]:
+        if any("\0" in arg for arg in value) or not value[0]:
+            raise ValueError("command arguments must be non-empty strings without NUL")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: dict[str, str]) -> dict[str, str]:
+        for key, value in env.items():
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key) or "\0" in value:
+                raise ValueError(f"{key!r} is not a valid environment variable")
+        return env
+
+
+class Scope(_Request):
+    agent: str | None = None
+    agent_class: str | None = Field(default=None, alias="class")
+    all: bool = False
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Scope:
+        chosen = [self.agent is not None, self.agent_class is not None, self.all]
+        if sum(chosen) != 1:
+            raise ValueError("give exactly one of agent, class or all=true")
+        return self
+
+    @property
+    def kind(self) -> Literal["agent", "class", "global"]:
+        if self.agent is not None:
+            return "agent"
+        if self.agent_class is not None:
+            return "class"
+        return "global"
+
+    def describe(self) -> str:
+        if self.agent is not None:
+            return f"agent:{self.agent}"
+        if self.agent_class is not None:
+            return f"class:{self.agent_class}"
+        return "global"
+
+
+class ActionRequest(_Request):
+    scope: Scope
+    reason: Reason = ""
+    grace: Duration | None = None
+
+
+class Actor(BaseModel):
+    kind: Literal["user", "system"] = "user"
+    uid: int | None = None
+    gid: int | None = None
+    pid: int | None = None
+    name: str = ""
+    groups: list[str] = []
+
+    def label(self) -> str:
+        if self.kind == "system":
+            return f"system:{self.name}" if self.name else "system"
+        return f"{self.name or '?'}(uid={self.uid})"
+
+
+class RunView(BaseModel):
+    id: str
+    agent: str
+    state: str
+    command: list[str]
+    profile: str
+    workspace: str | None
+    pid: int | None
+    started_at: float
+    ended_at: float | None
+    exit_code: int | None
+    time_to_halt_ms: float | None
+    end_reason: str | None
+    timeout: float | None
+
+
+class AgentView(BaseModel):
+    name: str
+    agent_class: str = Field(serialization_alias="class", validation_alias="class")
+    profile: str
+    state: str
+    created_at: float
+    updated_at: float
+    last_reason: str | None
+    last_actor: str | None
+    run: RunView | None
+    time_to_halt_ms: float | None
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class AgentResult(BaseModel):
+    agent: str
+    previous_state: str
+    new_state: str
+    run_id: str | None = None
+    time_to_halt_ms: float | None = None
+    skipped: str | None = None
+
+
+class ActionResult(BaseModel):
+    verb: str
+    scope: str
+    reason: str
+    actor: str
+    results: list[AgentResult]
+    time_to_halt_ms: float | None = None
+    global_halt: bool = False
+
+
+class AuditEntry(BaseModel):
+    seq: int
+    ts: float
+    actor: str
+    verb: str
+    scope: str
+    target: str | None
+    reason: str
+    previous_state: str | None
+    new_state: str | None
+    time_to_halt_ms: float | None
+    outcome: str
+    detail: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+class AuditList(BaseModel):
+    entries: list[AuditEntry]
+
+
+class AuditVerifyResult(BaseModel):
+    ok: bool
+    rows: int
+    first_bad_seq: int | None = None
+    problem: str | None = None
+    head_hash: str | None = None
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    global_halt: bool
+    agents: int
+    active_runs: int
+    cgroup_mode: str

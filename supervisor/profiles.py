@@ -1,0 +1,154 @@
+"""Sandbox profiles: TOML files validated by pydantic. A bad profile is rejected with the field and
+the reason. Reads profile and seccomp files; no privilege."""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from supervisor.errors import ProfileInvalid, ProfileNotFound
+from supervisor.models.units import Size
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FilesystemPolicy(_Strict):
+    # "host": an empty read-only root with host directories bound read-only into it;
+    # otherwise the path of a rootfs directory, mounted read-only.
+    root: str = "host"
+    host_binds: list[str] = ["/usr", "/etc"]
+    tmp_size: Size = 64 * 1024**2
+    masked_paths: list[str] = ["/etc/shadow", "/etc/gshadow", "/etc/sudoers"]
+
+    @field_validator("host_binds", "masked_paths")
+    @classmethod
+    def _absolute(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if not path.startswith("/") or ".." in path.split("/"):
+                raise ValueError(f"{path!r} must be an absolute path without '..'")
+        return paths
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, root: str) -> str:
+        if root != "host" and not root.startswith("/"):
+            raise ValueError("must be 'host' or the absolute path of a rootfs directory")
+        return root
+
+
+class Limits(_Strict):
+    memory: Size = 1024**3
+    pids: Annotated[int, Field(ge=8, le=1_000_000)] = 4096
+    cpus: Annotated[float, Field(gt=0, le=1024)] = 1.0
+    nofile: Annotated[int, Field(ge=16, le=1_048_576)] = 4096
+
+
+class SeccompPolicy(_Strict):
+    profile: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$")] = "default"
+
+
+class NetworkPolicy(_Strict):
+    mode: Literal["none"] = "none"
+
+
+class Profile(_Strict):
+    name: str = ""
+    description: str = ""
+    filesystem: FilesystemPolicy = FilesystemPolicy()
+    limits: Limits = Limits()
+    seccomp: SeccompPolicy = SeccompPolicy()
+    network: NetworkPolicy = NetworkPolicy()
+    env: dict[str, str] = {}
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+                raise ValueError(f"{key!r} is not a valid environment variable name")
+        return env
+
+
+def _packaged() -> Any:
+    return resources.files("supervisor.sandbox_profiles")
+
+
+def validate_profile(name: str, data: dict[str, Any], source: str) -> Profile:
+    try:
+        return Profile.model_validate({**data, "name": name})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        reason = "unknown field" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ProfileInvalid(
+            f"profile {name!r} ({source}): {field}: {reason}",
+            profile=name,
+            source=source,
+            field=field,
+            reason=reason,
+        ) from exc
+
+
+def load_profile(name: str, search_dirs: list[Path]) -> Profile:
+    """The profile called `name`: the first `<dir>/<name>.toml`, then the packaged one."""
+    if not _NAME.match(name):
+        raise ProfileInvalid(
+            f"{name!r} is not a profile name", profile=name, field="profile",
+            reason="use lowercase letters, digits, '.', '_' and '-'",
+        )
+    candidates: list[Any] = [d / f"{name}.toml" for d in search_dirs]
+    candidates.append(_packaged() / f"{name}.toml")
+    for candidate in candidates:
+        try:
+            text = candidate.read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as exc:
+            raise ProfileInvalid(
+                f"cannot read profile {candidate}: {exc.strerror}", profile=name,
+                source=str(candidate), field="", reason=str(exc.strerror),
+            ) from exc
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ProfileInvalid(
+                f"profile {name!r} ({candidate}) is not valid TOML: {exc}", profile=name,
+                source=str(candidate), field="", reason=str(exc),
+            ) from exc
+        return validate_profile(name, data, str(candidate))
+    raise ProfileNotFound(
+        f"no profile named {name!r}", profile=name, searched=[str(c) for c in candidates]
+    )
+
+
+def load_seccomp(name: str) -> dict[str, Any]:
+    """The OCI `linux.seccomp` object from sandbox_profiles/seccomp/<name>.json."""
+    path = _packaged() / "seccomp" / f"{name}.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ProfileInvalid(
+            f"seccomp profile {name!r} not found", field="seccomp.profile", reason="not found",
+            profile=name,
+        ) from exc
+    except json.JSONDecodeError as exc:
+        raise ProfileInvalid(
+            f"seccomp profile {name!r} is not valid JSON: {exc}", field="seccomp.profile",
+            reason=str(exc), profile=name,
+        ) from exc
+    if not isinstance(data, dict) or "defaultAction" not in data:
+        raise ProfileInvalid(
+            f"seccomp profile {name!r} has no defaultAction", field="seccomp.profile",
+            reason="not an OCI seccomp object", profile=name,
+        )
+    return data

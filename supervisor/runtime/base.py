@@ -1,0 +1,86 @@
+"""The seam between the daemon and the kernel: a `Runtime` makes contained runs, a `RunHandle`
+holds one. The runc implementation is in `sandboxed.py`; `fake.py` is the in-memory one that
+lets the control plane be unit-tested without root."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from supervisor.profiles import Profile
+
+
+@dataclass(frozen=True)
+class RunParams:
+    run_id: str
+    agent: str
+    container_id: str
+    netns: str
+    cgroup: str  # relative to the cgroup root, e.g. "agent-supervisor/as-1a2b"
+    bundle: Path
+    log_path: Path
+    profile: Profile
+    command: list[str]
+    uid_slot: int
+    workspace: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Leftover:
+    """Something a previous daemon instance left running or mounted."""
+
+    container_id: str | None = None
+    netns: str | None = None
+    cgroup: str | None = None
+    pids: list[int] = field(default_factory=list)
+
+
+class RunHandle(Protocol):
+    pid: int | None
+
+    async def start(self) -> None: ...
+
+    def kill(self, *, force_fallback: bool = False) -> str:
+        """Issue SIGKILL to every process of the run; returns the mechanism. Must not block."""
+        ...
+
+    async def wait_empty(self, timeout: float) -> bool: ...
+
+    async def freeze(self, timeout: float) -> bool: ...
+
+    async def thaw(self) -> None: ...
+
+    def signal_all(self, signum: int) -> int: ...
+
+    def process_count(self) -> int: ...
+
+    def wait_exit(self) -> Awaitable[int | None]:
+        """The exit status of the run's init (128+signal when signalled), None if unknown."""
+        ...
+
+    def teardown_network(self) -> bool: ...
+
+    async def cleanup(self) -> None:
+        """Delete runtime state, bundle and cgroups. Idempotent."""
+        ...
+
+    def residue(self) -> dict[str, Any]:
+        """What of this run still exists (processes, netns, cgroup, bundle); empty when gone."""
+        ...
+
+
+class Runtime(Protocol):
+    name: str
+
+    async def launch(self, params: RunParams) -> RunHandle:
+        """Build the sandbox and create the container, stopped before the agent's command."""
+        ...
+
+    async def leftovers(self) -> list[Leftover]: ...
+
+    async def reap(self, leftover: Leftover, timeout: float) -> dict[str, Any]: ...
+
+    def describe(self) -> dict[str, Any]: ...

@@ -1,0 +1,118 @@
+"""An in-memory Runtime for unit tests of the control plane (no root, no kernel). It keeps the
+same contract as the runc one: runs hold "processes" until killed or exited, freezing stops
+them, and a run can be told to leave a survivor so tests can prove a kill is not reported done
+when something outlived it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from supervisor.runtime.base import Leftover, RunParams
+
+
+class FakeRunHandle:
+    def __init__(self, runtime: FakeRuntime, params: RunParams) -> None:
+        self.runtime = runtime
+        self.params = params
+        self.pid: int | None = 10_000 + len(runtime.handles)
+        self.processes = 1
+        self.started = False
+        self.frozen = False
+        self.network = True
+        self.cleaned = False
+        self.signals: list[int] = []
+        self._exit: asyncio.Future[int | None] | None = None
+
+    def _future(self) -> asyncio.Future[int | None]:
+        if self._exit is None:
+            self._exit = asyncio.get_running_loop().create_future()
+        return self._exit
+
+    async def start(self) -> None:
+        self.started = True
+        self._future()
+
+    def kill(self, *, force_fallback: bool = False) -> str:
+        self.processes = 1 if self.runtime.leave_survivor else 0
+        if not self.runtime.leave_survivor:
+            self.finish(137)
+        return "fake.kill"
+
+    async def wait_empty(self, timeout: float) -> bool:
+        if self.processes == 0:
+            return True
+        await asyncio.sleep(timeout)
+        return self.processes == 0
+
+    async def freeze(self, timeout: float) -> bool:
+        self.frozen = True
+        return True
+
+    async def thaw(self) -> None:
+        self.frozen = False
+
+    def signal_all(self, signum: int) -> int:
+        self.signals.append(signum)
+        if self.runtime.exit_on_signal and not self.frozen:
+            self.finish(128 + signum)
+        return self.processes
+
+    def process_count(self) -> int:
+        return self.processes
+
+    def finish(self, status: int) -> None:
+        """The agent's command ends by itself (as the test decides)."""
+        self.processes = 0
+        fut = self._future()
+        if not fut.done():
+            fut.set_result(status)
+
+    def wait_exit(self) -> asyncio.Future[int | None]:
+        return self._future()
+
+    def teardown_network(self) -> bool:
+        had, self.network = self.network, False
+        return had
+
+    async def cleanup(self) -> None:
+        self.cleaned = True
+
+    def residue(self) -> dict[str, Any]:
+        left: dict[str, Any] = {}
+        if self.processes:
+            left["processes"] = [self.pid]
+        if self.network:
+            left["netns"] = self.params.netns
+        return left
+
+
+class FakeRuntime:
+    name = "fake"
+
+    def __init__(self, *, leave_survivor: bool = False, exit_on_signal: bool = True,
+                 fail_launch: Exception | None = None) -> None:
+        self.leave_survivor = leave_survivor
+        self.exit_on_signal = exit_on_signal
+        self.fail_launch = fail_launch
+        self.handles: dict[str, FakeRunHandle] = {}
+        self.leftover_list: list[Leftover] = []
+        self.reaped: list[Leftover] = []
+
+    async def launch(self, params: RunParams) -> FakeRunHandle:
+        if self.fail_launch is not None:
+            raise self.fail_launch
+        handle = FakeRunHandle(self, params)
+        self.handles[params.run_id] = handle
+        return handle
+
+    async def leftovers(self) -> list[Leftover]:
+        return list(self.leftover_list)
+
+    async def reap(self, leftover: Leftover, timeout: float) -> dict[str, Any]:
+        self.reaped.append(leftover)
+        self.leftover_list.remove(leftover)
+        return {"mechanism": "fake.kill", "killed_pids": leftover.pids}
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": "fake", "cgroup_mode": "none"}

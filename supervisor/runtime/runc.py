@@ -1,0 +1,113 @@
+"""A thin async layer over the runc CLI; the verbs keep runc's names. Needs root.
+
+All containers live under the daemon's own `--root`, so `list` and `delete` never see or touch
+containers that other tools made on the host."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from supervisor.errors import RuntimeFailure
+
+
+@dataclass(frozen=True)
+class ContainerState:
+    id: str
+    status: str
+    pid: int
+    bundle: str
+
+
+class Runc:
+    def __init__(self, binary: str, root: Path) -> None:
+        self.binary = binary
+        self.root = root
+
+    async def _run(
+        self, *args: str, stdout: int | None = None, stderr: int | None = None,
+        check: bool = True,
+    ) -> tuple[int, bytes, bytes]:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.binary, "--root", str(self.root), *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE if stdout is None else stdout,
+                stderr=asyncio.subprocess.PIPE if stderr is None else stderr,
+            )
+        except FileNotFoundError as exc:
+            raise RuntimeFailure(f"runc binary not found: {self.binary}",
+                                 binary=self.binary) from exc
+        out, err = await proc.communicate()
+        rc = proc.returncode if proc.returncode is not None else -1
+        if check and rc != 0:
+            message = (err or b"").decode(errors="replace").strip()
+            raise RuntimeFailure(f"runc {args[0]} failed: {message}", verb=args[0], returncode=rc,
+                                 stderr=message)
+        return rc, out or b"", err or b""
+
+    async def create(self, container_id: str, bundle: Path, pid_file: Path, log_fd: int,
+                     runc_log: Path) -> int:
+        """`runc create`: the container's init waits for `start`; its stdout and stderr are
+        `log_fd` (runc passes its own stdio through to the container). Returns the init pid."""
+        rc, _out, _err = await self._run(
+            "--log", str(runc_log), "create", "--bundle", str(bundle), "--pid-file",
+            str(pid_file), container_id, stdout=log_fd, stderr=log_fd, check=False,
+        )
+        if rc != 0:
+            detail = _last_runc_error(runc_log)
+            raise RuntimeFailure(f"runc create failed: {detail}", verb="create", returncode=rc,
+                                 stderr=detail)
+        return int(pid_file.read_text().strip())
+
+    async def start(self, container_id: str) -> None:
+        await self._run("start", container_id)
+
+    async def kill(self, container_id: str, signal: str = "KILL", all_processes: bool = True
+                   ) -> None:
+        args = ["kill", *(["--all"] if all_processes else []), container_id, signal]
+        await self._run(*args)
+
+    async def delete(self, container_id: str, force: bool = False) -> None:
+        await self._run("delete", *(["--force"] if force else []), container_id)
+
+    async def state(self, container_id: str) -> ContainerState | None:
+        rc, out, _err = await self._run("state", container_id, check=False)
+        if rc != 0:
+            return None
+        data = json.loads(out)
+        return ContainerState(data["id"], data["status"], int(data.get("pid") or 0),
+                              data.get("bundle", ""))
+
+    async def list(self) -> list[ContainerState]:
+        if not self.root.exists():
+            return []
+        _rc, out, _err = await self._run("list", "--format", "json")
+        items: list[dict[str, Any]] = json.loads(out or b"null") or []
+        return [ContainerState(i["id"], i["status"], int(i.get("pid") or 0), i.get("bundle", ""))
+                for i in items]
+
+
+def _last_runc_error(runc_log: Path) -> str:
+    """runc writes JSON lines to --log; the last error line says why it failed."""
+    try:
+        lines = runc_log.read_text().splitlines()
+    except OSError:
+        return "no runc log"
+    for line in reversed(lines):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("level") in ("error", "fatal"):
+            return str(entry.get("msg", line))
+    return lines[-1] if lines else "no output"
+
+
+def ensure_root(root: Path) -> None:
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root, 0o700)

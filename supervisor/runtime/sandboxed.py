@@ -1,0 +1,308 @@
+"""Runs contained by runc: network namespace, bundle, cgroups and container, set up as one
+ordered chain and undone in reverse when a later step fails. Needs root."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pwd
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from supervisor.errors import EnforcementError, RuntimeFailure, WorkspaceInvalid
+from supervisor.profiles import load_seccomp
+from supervisor.runtime.base import Leftover, RunParams
+from supervisor.runtime.runc import Runc, ensure_root
+from supervisor.sandbox import mounts, netns
+from supervisor.sandbox.bundle import (
+    SANDBOX_UID_COUNT,
+    BundleSpec,
+    IdMap,
+    remove_bundle,
+    write_bundle,
+)
+from supervisor.sandbox.cgroups import Cgroup, detect_mode, unified_root
+
+log = logging.getLogger(__name__)
+
+# Waiting for cgroup.events blocks in poll(2); kills of a whole class or of every agent wait in
+# parallel, so they get their own threads instead of queueing behind the default executor.
+_WAITERS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cgroup-wait")
+
+
+class RuncRunHandle:
+    def __init__(self, runtime: RuncRuntime, params: RunParams, pid: int, pidfd: int,
+                 log_fd: int) -> None:
+        self.runtime = runtime
+        self.params = params
+        self.pid: int | None = pid
+        self._pidfd: int | None = pidfd
+        self._log_fd: int | None = log_fd
+        self.cgroup = Cgroup(params.cgroup)
+        self._exit: asyncio.Future[int | None] | None = None
+        self._cleaned = False
+
+    async def start(self) -> None:
+        await self.runtime.runc.start(self.params.container_id)
+
+    def kill(self, *, force_fallback: bool = False) -> str:
+        return self.cgroup.kill(force_fallback=force_fallback)
+
+    async def wait_empty(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_WAITERS, self.cgroup.wait_empty, timeout)
+
+    async def freeze(self, timeout: float) -> bool:
+        self.cgroup.freeze()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_WAITERS, self.cgroup.wait_frozen, timeout)
+
+    async def thaw(self) -> None:
+        self.cgroup.thaw()
+
+    def signal_all(self, signum: int) -> int:
+        return self.cgroup.signal_all(signum)
+
+    def process_count(self) -> int:
+        return len(self.cgroup.pids())
+
+    def wait_exit(self) -> asyncio.Future[int | None]:
+        """Resolve with the init's exit status once the kernel reports it gone.
+
+        The daemon is a child subreaper, so the container's init (orphaned when `runc create`
+        exits) is our child and waitpid gives its real status."""
+        if self._exit is not None:
+            return self._exit
+        loop = asyncio.get_running_loop()
+        self._exit = loop.create_future()
+        pidfd = self._pidfd
+
+        def reap() -> None:
+            assert self._exit is not None
+            if pidfd is not None:
+                loop.remove_reader(pidfd)
+                os.close(pidfd)
+                self._pidfd = None
+            status: int | None = None
+            if self.pid is not None:
+                try:
+                    _pid, raw = os.waitpid(self.pid, 0)
+                    status = os.waitstatus_to_exitcode(raw)
+                    status = 128 - status if status < 0 else status
+                except ChildProcessError:
+                    status = None
+            if not self._exit.done():
+                self._exit.set_result(status)
+
+        if pidfd is None:
+            self._exit.set_result(None)
+        else:
+            loop.add_reader(pidfd, reap)
+        return self._exit
+
+    def teardown_network(self) -> bool:
+        return netns.remove(self.params.netns)
+
+    async def cleanup(self) -> None:
+        if self._cleaned:
+            return
+        self._cleaned = True
+        with contextlib.suppress(RuntimeFailure):
+            await self.runtime.runc.delete(self.params.container_id, force=True)
+        self.cgroup.remove()
+        with contextlib.suppress(OSError):
+            netns.remove(self.params.netns)
+        _quiet(mounts.unbind, self.runtime.workspace_mount(self.params.container_id))
+        remove_bundle(self.params.bundle)
+        if self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+
+    def residue(self) -> dict[str, Any]:
+        left: dict[str, Any] = {}
+        if self.cgroup.exists() and self.cgroup.pids():
+            left["processes"] = self.cgroup.pids()
+        if netns.exists(self.params.netns):
+            left["netns"] = self.params.netns
+        if self.cgroup.exists():
+            left["cgroup"] = str(self.cgroup.path)
+        if self.params.bundle.exists():
+            left["bundle"] = str(self.params.bundle)
+        if self.runtime.workspace_mount(self.params.container_id).exists():
+            left["workspace_mount"] = str(self.runtime.workspace_mount(self.params.container_id))
+        return left
+
+
+class RuncRuntime:
+    name = "runc"
+
+    def __init__(self, runc_binary: str, runc_root: Path, cgroup_parent: str, name_prefix: str,
+                 uid_base: int, agent_uid: int, workspace_min_owner_uid: int,
+                 workspaces_dir: Path) -> None:
+        self.runc = Runc(runc_binary, runc_root)
+        self.workspaces_dir = workspaces_dir
+        workspaces_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        workspaces_dir.chmod(0o711)
+        self.cgroup_parent = cgroup_parent.strip("/")
+        self.name_prefix = name_prefix
+        self.uid_base = uid_base
+        self.agent_uid = agent_uid
+        self.workspace_min_owner_uid = workspace_min_owner_uid
+        ensure_root(runc_root)
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": "runc", "cgroup_mode": detect_mode().value,
+                "cgroup_parent": self.cgroup_parent, "runc_root": str(self.runc.root)}
+
+    def _id_maps(self, slot: int, workspace: str | None) -> tuple[IdMap, IdMap]:
+        base = self.uid_base + slot * SANDBOX_UID_COUNT
+        agent_uid = agent_gid = base + self.agent_uid
+        if workspace is not None:
+            try:
+                st = os.stat(workspace)
+            except OSError as exc:
+                raise WorkspaceInvalid(f"workspace {workspace}: {exc.strerror}",
+                                       workspace=workspace) from exc
+            if not Path(workspace).is_dir():
+                raise WorkspaceInvalid(f"workspace {workspace} is not a directory",
+                                       workspace=workspace)
+            if st.st_uid < self.workspace_min_owner_uid:
+                owner = _user_name(st.st_uid)
+                raise WorkspaceInvalid(
+                    f"workspace {workspace} is owned by {owner} (uid {st.st_uid}); the agent "
+                    f"writes it as its owner and never as a system user, so chown it to an "
+                    f"unprivileged user (uid >= {self.workspace_min_owner_uid})",
+                    workspace=workspace, owner_uid=st.st_uid,
+                    min_owner_uid=self.workspace_min_owner_uid,
+                )
+            agent_uid = st.st_uid
+            if st.st_gid >= self.workspace_min_owner_uid:
+                agent_gid = st.st_gid
+        return (IdMap(base, self.agent_uid, agent_uid), IdMap(base, self.agent_uid, agent_gid))
+
+    async def launch(self, params: RunParams) -> RuncRunHandle:
+        undo: list[Callable[[], Awaitable[None] | None]] = []
+        loop = asyncio.get_running_loop()
+        try:
+            uid_map, gid_map = self._id_maps(params.uid_slot, params.workspace)
+            seccomp = load_seccomp(params.profile.seccomp.profile)
+
+            netns_path = await loop.run_in_executor(None, netns.create, params.netns)
+            undo.append(lambda: _quiet(netns.remove, params.netns))
+
+            workspace_source = None
+            if params.workspace is not None:
+                workspace_source = self.workspace_mount(params.container_id)
+                mounts.bind(Path(params.workspace), workspace_source)
+                undo.append(lambda: _quiet(mounts.unbind, workspace_source))
+
+            spec = BundleSpec(
+                run_id=params.run_id, hostname=f"agent-{params.agent}"[:63],
+                command=params.command, profile=params.profile, seccomp=seccomp,
+                uid_map=uid_map, gid_map=gid_map, cgroups_path=f"/{params.cgroup}",
+                netns_path=str(netns_path),
+                workspace=str(workspace_source) if workspace_source else None, env=params.env,
+            )
+            write_bundle(params.bundle, spec)
+            undo.append(lambda: _quiet(remove_bundle, params.bundle))
+
+            params.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            log_fd = os.open(params.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND
+                             | os.O_CLOEXEC, 0o600)
+            undo.append(lambda: _quiet(os.close, log_fd))
+
+            undo.append(lambda: self._undo_container(params))
+            pid = await self.runc.create(
+                params.container_id, params.bundle, params.bundle / "init.pid", log_fd,
+                params.bundle / "runc.log",
+            )
+            pidfd = os.pidfd_open(pid)
+            cgroup = Cgroup(params.cgroup)
+            if not cgroup.exists():
+                raise EnforcementError(
+                    f"runc created {params.container_id} but its cgroup {cgroup.path} is missing",
+                    cgroup=str(cgroup.path),
+                )
+            return RuncRunHandle(self, params, pid, pidfd, log_fd)
+        except BaseException:
+            for step in reversed(undo):
+                result = step()
+                if result is not None:
+                    await result
+            raise
+
+    def workspace_mount(self, container_id: str) -> Path:
+        return self.workspaces_dir / container_id
+
+    async def _undo_container(self, params: RunParams) -> None:
+        with contextlib.suppress(RuntimeFailure):
+            await self.runc.delete(params.container_id, force=True)
+        Cgroup(params.cgroup).remove()
+
+    async def leftovers(self) -> list[Leftover]:
+        found: dict[str, Leftover] = {}
+        prefix = f"{self.name_prefix}-"
+        for state in await self.runc.list():
+            found.setdefault(state.id, Leftover()).container_id = state.id
+        for name in netns.list_with_prefix(prefix):
+            found.setdefault(name, Leftover()).netns = name
+        if self.workspaces_dir.is_dir():
+            for mount in self.workspaces_dir.iterdir():
+                if mount.name.startswith(prefix):
+                    found.setdefault(mount.name, Leftover()).container_id = mount.name
+        parent = unified_root() / self.cgroup_parent
+        if parent.is_dir():
+            for child in parent.iterdir():
+                if child.is_dir() and child.name.startswith(prefix):
+                    entry = found.setdefault(child.name, Leftover())
+                    entry.cgroup = f"{self.cgroup_parent}/{child.name}"
+                    entry.pids = Cgroup(entry.cgroup).pids()
+        return list(found.values())
+
+    async def reap(self, leftover: Leftover, timeout: float) -> dict[str, Any]:
+        """Kill and remove what a previous instance left; returns what was done."""
+        done: dict[str, Any] = {}
+        if leftover.cgroup:
+            cgroup = Cgroup(leftover.cgroup)
+            if cgroup.populated():
+                done["mechanism"] = cgroup.kill()
+                done["killed_pids"] = leftover.pids
+                loop = asyncio.get_running_loop()
+                done["confirmed_empty"] = await loop.run_in_executor(
+                    _WAITERS, cgroup.wait_empty, timeout)
+        if leftover.container_id:
+            with contextlib.suppress(RuntimeFailure):
+                await self.runc.delete(leftover.container_id, force=True)
+            done["container_deleted"] = leftover.container_id
+        if leftover.cgroup:
+            Cgroup(leftover.cgroup).remove()
+        if leftover.netns:
+            netns.remove(leftover.netns)
+            done["netns_removed"] = leftover.netns
+        if leftover.container_id:
+            mount = self.workspace_mount(leftover.container_id)
+            if mount.exists():
+                mounts.unbind(mount)
+                done["workspace_unmounted"] = str(mount)
+        return done
+
+    def parent_cgroup(self) -> Path:
+        return unified_root() / self.cgroup_parent
+
+
+def _quiet(func: Callable[..., Any], *args: Any) -> None:
+    try:
+        func(*args)
+    except Exception as exc:  # undo steps must all run; log and go on
+        log.warning("cleanup step %s%r failed: %s", getattr(func, "__name__", func), args, exc)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"

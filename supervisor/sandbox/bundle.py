@@ -1,0 +1,175 @@
+"""Render a run's OCI bundle (config.json + an empty read-only rootfs) from its profile.
+Rendering is pure; `write_bundle` creates the directory (root, 0700)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from supervisor.profiles import Profile
+
+SANDBOX_UID_COUNT = 65536
+WORKSPACE_MOUNT = "/workspace"
+_MERGED_USR_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# runc's own defaults, kept so the profile only adds to them.
+_MASKED = [
+    "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+]
+_READONLY = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+_CPU_PERIOD_US = 100_000
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """Sandbox ids 0..65535 onto an unprivileged host range; the agent's id may instead map to
+    the workspace owner so the agent can write the workspace it was given."""
+
+    host_base: int
+    agent_id: int
+    agent_host_id: int
+
+    def extents(self) -> list[dict[str, int]]:
+        if self.agent_host_id == self.host_base + self.agent_id:
+            return [{"containerID": 0, "hostID": self.host_base, "size": SANDBOX_UID_COUNT}]
+        after = self.agent_id + 1
+        return [
+            {"containerID": 0, "hostID": self.host_base, "size": self.agent_id},
+            {"containerID": self.agent_id, "hostID": self.agent_host_id, "size": 1},
+            {
+                "containerID": after,
+                "hostID": self.host_base + after,
+                "size": SANDBOX_UID_COUNT - after,
+            },
+        ]
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    run_id: str
+    hostname: str
+    command: list[str]
+    profile: Profile
+    seccomp: dict[str, Any]
+    uid_map: IdMap
+    gid_map: IdMap
+    cgroups_path: str
+    netns_path: str
+    workspace: str | None
+    env: dict[str, str] = field(default_factory=dict)
+    host_root: Path = Path("/")
+
+
+def _host_layout(spec: BundleSpec) -> tuple[dict[str, str], list[str]]:
+    """(symlinks to create in the rootfs, host directories to bind) for root = "host"."""
+    links: dict[str, str] = {}
+    binds = list(spec.profile.filesystem.host_binds)
+    for name in _MERGED_USR_LINKS:
+        host_path = spec.host_root / name
+        if host_path.is_symlink():
+            links[name] = os.readlink(host_path)
+        elif host_path.is_dir() and f"/{name}" not in binds:
+            binds.append(f"/{name}")
+    return links, binds
+
+
+def render_config(spec: BundleSpec) -> dict[str, Any]:
+    profile = spec.profile
+    fs = profile.filesystem
+    mounts: list[dict[str, Any]] = [
+        {"destination": "/proc", "type": "proc", "source": "proc",
+         "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+         "options": ["nosuid", "noexec", "nodev"]},
+    ]
+    if fs.root == "host":
+        _links, binds = _host_layout(spec)
+        for path in binds:
+            if (spec.host_root / path.lstrip("/")).exists():
+                mounts.append({"destination": path, "type": "bind", "source": path,
+                               "options": ["bind", "ro", "nosuid", "nodev"]})
+    mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                   "options": ["nosuid", "nodev", "mode=1777", f"size={fs.tmp_size}"]})
+    if spec.workspace is not None:
+        mounts.append({"destination": WORKSPACE_MOUNT, "type": "bind",
+                       "source": spec.workspace, "options": ["bind", "rw", "nosuid", "nodev"]})
+    env = {"PATH": _DEFAULT_PATH, "HOME": WORKSPACE_MOUNT if spec.workspace else "/tmp",
+           "AGENT_SUPERVISOR_RUN": spec.run_id, **profile.env, **spec.env}
+    quota = round(profile.limits.cpus * _CPU_PERIOD_US)
+    return {
+        "ociVersion": "1.0.2-dev",
+        "process": {
+            "terminal": False,
+            "user": {"uid": spec.uid_map.agent_id, "gid": spec.gid_map.agent_id},
+            "args": spec.command,
+            "env": [f"{k}={v}" for k, v in env.items()],
+            "cwd": WORKSPACE_MOUNT if spec.workspace else "/tmp",
+            "capabilities": {"bounding": [], "effective": [], "inheritable": [],
+                             "permitted": [], "ambient": []},
+            "rlimits": [
+                {"type": "RLIMIT_NOFILE", "hard": profile.limits.nofile,
+                 "soft": profile.limits.nofile},
+                {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
+            ],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs" if fs.root == "host" else fs.root, "readonly": True},
+        "hostname": spec.hostname,
+        "mounts": mounts,
+        "linux": {
+            "uidMappings": spec.uid_map.extents(),
+            "gidMappings": spec.gid_map.extents(),
+            "namespaces": [
+                {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                {"type": "cgroup"}, {"type": "user"},
+                {"type": "network", "path": spec.netns_path},
+            ],
+            "cgroupsPath": spec.cgroups_path,
+            "resources": {
+                # memory.swap is memory+swap on v1 (runc converts for v2): no swap beyond RAM.
+                "memory": {"limit": profile.limits.memory, "swap": profile.limits.memory},
+                "pids": {"limit": profile.limits.pids},
+                "cpu": {"quota": quota, "period": _CPU_PERIOD_US},
+            },
+            "maskedPaths": _MASKED + list(fs.masked_paths),
+            "readonlyPaths": list(_READONLY),
+            "seccomp": spec.seccomp,
+        },
+    }
+
+
+def write_bundle(directory: Path, spec: BundleSpec) -> Path:
+    """Create `directory` with config.json and, for host roots, the rootfs skeleton."""
+    directory.mkdir(mode=0o700, parents=True)
+    config = render_config(spec)
+    if spec.profile.filesystem.root == "host":
+        rootfs = directory / "rootfs"
+        rootfs.mkdir(mode=0o755)
+        links, _binds = _host_layout(spec)
+        for name, target in links.items():
+            (rootfs / name).symlink_to(target)
+        for mount in config["mounts"]:
+            target_dir = rootfs / mount["destination"].lstrip("/")
+            if not target_dir.is_symlink():
+                target_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        # runc in a user namespace needs to traverse the bundle to reach the rootfs.
+        directory.chmod(0o711)
+    config_path = directory / "config.json"
+    config_path.touch(mode=0o600)
+    config_path.write_text(json.dumps(config, indent=1))
+    return directory
+
+
+def remove_bundle(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)

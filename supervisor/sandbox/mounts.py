@@ -1,0 +1,51 @@
+"""Host-side bind mounts the daemon makes for a run (root, host mount namespace).
+
+A workspace such as /home/alice/repo sits behind 0700 directories that the sandbox's root (an
+unprivileged host uid) cannot traverse, and runc resolves bind sources as that user. So the
+daemon, as host root, binds the workspace to <runtime_dir>/workspaces/<run>, a path the
+sandbox can traverse, and runc binds that. Removal unmounts and then only ever rmdirs: a
+directory that still holds files is a mount that did not go away, never something to delete."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from pathlib import Path
+
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _check(result: int, what: str, path: Path) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what} {path}: {os.strerror(err)}", str(path))
+
+
+def bind(source: Path, target: Path) -> None:
+    target.mkdir(mode=0o700, parents=False, exist_ok=False)
+    try:
+        _check(_libc.mount(str(source).encode(), str(target).encode(), None, MS_BIND, None),
+               "bind mount onto", target)
+        _check(_libc.mount(None, str(target).encode(), None, MS_PRIVATE, None),
+               "make private", target)
+    except OSError:
+        unbind(target)
+        raise
+
+
+def is_mountpoint(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
+def unbind(target: Path) -> None:
+    """Detach the mount (if any) and remove the now empty mountpoint."""
+    if not target.exists():
+        return
+    if is_mountpoint(target):
+        _check(_libc.umount2(str(target).encode(), MNT_DETACH), "unmount", target)
+    target.rmdir()  # raises if not empty: never recurse into what may be a workspace
