@@ -25,9 +25,13 @@ class _UnixConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if self.timeout is not None:
-            sock.settimeout(self.timeout)
-        sock.connect(self._path)
+        try:
+            if self.timeout is not None:
+                sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
         self.sock = sock
 
 
@@ -37,8 +41,8 @@ class Client:
         self.socket_path = str(socket_path)
         self.timeout = timeout
 
-    def _open(self, method: str, path: str, body: Any = None, timeout: float | None = None
-              ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+    def _send(self, method: str, path: str, body: Any, timeout: float | None
+                  ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
         conn = _UnixConnection(self.socket_path, timeout if timeout is not None else self.timeout)
         headers = {"Accept": "application/json"}
         payload = None
@@ -48,6 +52,15 @@ class Client:
         try:
             conn.request(method, path, body=payload, headers=headers)
             return conn, conn.getresponse()
+        except BaseException:
+            conn.close()
+            raise
+
+    def _open(self, method: str, path: str, body: Any = None, timeout: float | None = None
+              ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+        """Send the request; connection failures become DaemonUnavailable."""
+        try:
+            return self._send(method, path, body, timeout)
         except FileNotFoundError:
             raise DaemonUnavailable(
                 f"no control socket at {self.socket_path}: is agent-supervisord running?",

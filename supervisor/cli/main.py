@@ -55,7 +55,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path), default=DEFAULT_SOCKET,
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path, readable=False),
+              default=DEFAULT_SOCKET,
               show_default=True, envvar="AGENT_SUPERVISOR_SOCKET",
               help="The daemon's control socket.")
 @click.pass_context

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -71,20 +72,47 @@ def sd_notify(message: str) -> None:
 
 
 class Watchdog:
-    """Spawns the dead-man's-switch process and holds the write end of its pipe."""
+    """Spawns the dead-man's-switch process and holds the write end of its pipe. If the
+    watchdog itself dies, the daemon audits it and spawns a new one at once: agents are never
+    left without a switch while the daemon lives."""
 
     def __init__(self, parent_cgroup: Path, record: Path, timeout: float) -> None:
+        self.args = [sys.executable, "-m", "supervisor.daemon.watchdog", "--cgroup",
+                     str(parent_cgroup), "--record", str(record), "--timeout", str(timeout)]
         self.record = record
+        self.disarmed = False
+        self.on_death: Callable[[int | None], None] | None = None
+        self._pidfd: int | None = None
+        self._spawn()
+
+    def _spawn(self) -> None:
         read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.daemon.watchdog", "--cgroup", str(parent_cgroup),
-             "--record", str(record), "--timeout", str(timeout)],
-            stdin=read_fd, start_new_session=True, close_fds=True,
-        )
+        self.proc = subprocess.Popen(self.args, stdin=read_fd, start_new_session=True,
+                                     close_fds=True)
         os.close(read_fd)
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._pidfd = os.pidfd_open(self.proc.pid)
+        loop.add_reader(self._pidfd, self._died, loop)
+
+    def _died(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._pidfd is not None
+        loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        code = self.proc.wait()
+        if self.disarmed:
+            return
+        with contextlib.suppress(OSError):
+            os.close(self.write_fd)
+        self._spawn()
+        self.watch(loop)
+        if self.on_death is not None:
+            self.on_death(code)
 
     def disarm(self) -> None:
         """Orderly shutdown: every agent is already dead; tell the watchdog to stand down."""
+        self.disarmed = True
         with contextlib.suppress(OSError):
             os.write(self.write_fd, b"done\n")
             os.close(self.write_fd)
@@ -138,6 +166,7 @@ async def serve(config: Config) -> int:
         uid_base=config.sandbox.uid_base, agent_uid=config.sandbox.agent_uid,
         workspace_min_owner_uid=config.sandbox.workspace_min_owner_uid,
         workspaces_dir=config.daemon.runtime_dir / "workspaces",
+        bundles_dir=config.daemon.runtime_dir / "bundles",
     )
     watchdog_record = config.daemon.state_dir / "watchdog.jsonl"
     runtime.parent_cgroup().mkdir(parents=True, exist_ok=True)
@@ -174,6 +203,15 @@ async def serve(config: Config) -> int:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def watchdog_died(code: int | None) -> None:
+        log.critical("the watchdog exited (%s); a new one is running as pid %d",
+                     code, watchdog.proc.pid)
+        audit.append(actor=SYSTEM.label(), verb="watchdog_respawn", scope="global",
+                     outcome="ok", detail={"exit_code": code, "new_pid": watchdog.proc.pid})
+
+    watchdog.on_death = watchdog_died
+    watchdog.watch(loop)
     def on_signal(signum: int) -> None:
         log.warning("received %s", signal.Signals(signum).name)
         stop.set()

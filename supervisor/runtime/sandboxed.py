@@ -142,8 +142,9 @@ class RuncRuntime:
 
     def __init__(self, runc_binary: str, runc_root: Path, cgroup_parent: str, name_prefix: str,
                  uid_base: int, agent_uid: int, workspace_min_owner_uid: int,
-                 workspaces_dir: Path) -> None:
+                 workspaces_dir: Path, bundles_dir: Path) -> None:
         self.runc = Runc(runc_binary, runc_root)
+        self.bundles_dir = bundles_dir
         self.workspaces_dir = workspaces_dir
         workspaces_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
         workspaces_dir.chmod(0o711)
@@ -250,10 +251,11 @@ class RuncRuntime:
             found.setdefault(state.id, Leftover()).container_id = state.id
         for name in netns.list_with_prefix(prefix):
             found.setdefault(name, Leftover()).netns = name
-        if self.workspaces_dir.is_dir():
-            for mount in self.workspaces_dir.iterdir():
-                if mount.name.startswith(prefix):
-                    found.setdefault(mount.name, Leftover()).container_id = mount.name
+        for directory in (self.workspaces_dir, self.bundles_dir):
+            if directory.is_dir():
+                for path in directory.iterdir():
+                    if path.name.startswith(prefix):
+                        found.setdefault(path.name, Leftover()).container_id = path.name
         parent = unified_root() / self.cgroup_parent
         if parent.is_dir():
             for child in parent.iterdir():
@@ -288,6 +290,10 @@ class RuncRuntime:
             if mount.exists():
                 mounts.unbind(mount)
                 done["workspace_unmounted"] = str(mount)
+            bundle = self.bundles_dir / leftover.container_id
+            if bundle.exists():
+                remove_bundle(bundle)
+                done["bundle_removed"] = str(bundle)
         return done
 
     def parent_cgroup(self) -> Path:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import os
 import select
 import signal
@@ -141,8 +142,14 @@ class Cgroup:
             poller = select.poll()
             poller.register(fd, select.POLLPRI | select.POLLERR)
             while True:
-                os.lseek(fd, 0, os.SEEK_SET)
-                text = os.read(fd, 4096).decode()
+                try:
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    text = os.read(fd, 4096).decode()
+                except OSError as exc:
+                    # ENODEV: the cgroup was removed while we waited, so it is certainly empty.
+                    if exc.errno == errno.ENODEV:
+                        return key == "populated" and want == "0"
+                    raise
                 if f"{key} {want}" in text.splitlines():
                     return True
                 remaining = deadline - time.monotonic()

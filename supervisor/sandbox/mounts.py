@@ -39,7 +39,16 @@ def bind(source: Path, target: Path) -> None:
 
 
 def is_mountpoint(path: Path) -> bool:
-    return os.path.ismount(path)
+    """From the kernel's mount table: os.path.ismount misses a bind mount whose source is on
+    the same file system (same st_dev), which is exactly the workspace case."""
+    wanted = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as table:
+        for line in table:
+            mount_point = line.split(" ", 5)[4]
+            decoded = mount_point.encode().decode("unicode_escape")  # \040 for spaces etc.
+            if decoded == wanted:
+                return True
+    return False
 
 
 def unbind(target: Path) -> None:

@@ -1,0 +1,128 @@
+"""What an agent can and cannot do from inside its sandbox, probed from inside a real runc
+container started by a real daemon. Needs root."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+
+from tests.support.daemon import Daemon
+
+PROBE = r"""
+import ctypes, errno, json, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+out = {}
+def attempt(name, fn):
+    try:
+        value = fn()
+        out[name] = {"ok": True, "value": value}
+    except OSError as exc:
+        out[name] = {"ok": False, "errno": exc.errno}
+def call(result):
+    if result == -1:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return result
+attempt("read_shadow", lambda: open("/etc/shadow").read())
+attempt("write_usr", lambda: open("/usr/agent-was-here", "w").write("x"))
+attempt("write_etc", lambda: open("/etc/agent-was-here", "w").write("x"))
+out["pids"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+out["uid"] = os.getuid()
+out["interfaces"] = sorted(os.listdir("/proc/sys/net/ipv4/conf"))
+status = dict(l.split(":", 1) for l in open("/proc/self/status"))
+out["cap_eff"] = status["CapEff"].strip()
+out["no_new_privs"] = status["NoNewPrivs"].strip()
+out["seccomp"] = status["Seccomp"].strip()
+def tcp(host, port):
+    s = socket.create_connection((host, port), timeout=2)
+    s.close()
+    return "connected"
+attempt("tcp_host_loopback", lambda: tcp("127.0.0.1", int(sys.argv[1])))
+attempt("tcp_outside", lambda: tcp("192.0.2.1", 80))
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+attempt("udp_dns", lambda: udp.sendto(b"x", ("192.0.2.53", 53)))
+attempt("unshare_user", lambda: call(libc.unshare(0x10000000)))
+attempt("unshare_net", lambda: call(libc.unshare(0x40000000)))
+attempt("mount_tmpfs", lambda: call(libc.mount(b"none", b"/tmp", b"tmpfs", 0, None)))
+attempt("ptrace_attach", lambda: call(libc.ptrace(16, os.getppid() or 1, None, None)))
+attempt("bpf", lambda: call(libc.syscall(321, 0, None, 0)))
+attempt("keyctl", lambda: call(libc.syscall(250, 0, 0, 0, 0)))
+attempt("control_socket", lambda: socket.socket(socket.AF_UNIX).connect(sys.argv[2]))
+attempt("runtime_dir", lambda: os.listdir(sys.argv[3]))
+print(json.dumps(out))
+"""
+
+
+def _listener() -> tuple[socket.socket, list[str]]:
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.settimeout(0.2)
+    accepted: list[str] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, peer = server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            accepted.append(str(peer))
+            conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server, accepted
+
+
+def test_sandbox_blocks_escape_routes(daemon: Daemon) -> None:
+    server, accepted = _listener()
+    port = server.getsockname()[1]
+    try:
+        result = daemon.agentctl("run", "--name", "probe", "--", "/usr/bin/python3", "-c", PROBE,
+                                 str(port), str(daemon.socket), str(daemon.root / "run"))
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+
+    # Host secrets are masked and the host file systems are read-only.
+    assert not out["read_shadow"]["ok"] or out["read_shadow"]["value"] == ""
+    assert out["write_usr"] == {"ok": False, "errno": 30}  # EROFS
+    assert out["write_etc"] == {"ok": False, "errno": 30}
+    # Its own pid namespace: it sees itself (pid 1) and nothing of the host.
+    assert out["pids"][0] == 1 and len(out["pids"]) < 5
+    assert os.getpid() not in out["pids"] or len(out["pids"]) < 5
+    # Unprivileged: not root, no capabilities, no_new_privs, seccomp filter mode.
+    assert out["uid"] == 1000
+    assert int(out["cap_eff"], 16) == 0
+    assert out["no_new_privs"] == "1"
+    assert out["seccomp"] == "2"
+    # Network: loopback only, so neither the host's listener nor the outside is reachable.
+    assert out["interfaces"] == ["all", "default", "lo"]
+    assert not out["tcp_host_loopback"]["ok"]
+    assert not out["tcp_outside"]["ok"]
+    assert out["tcp_outside"]["errno"] in (101, 113)  # ENETUNREACH / EHOSTUNREACH
+    assert not out["udp_dns"]["ok"]
+    assert accepted == []
+    # Escape-class syscalls are denied by seccomp with EPERM. unshare(CLONE_NEWUSER) needs no
+    # privilege at all, so its EPERM proves the filter rather than missing capabilities.
+    for name in ("unshare_user", "unshare_net", "mount_tmpfs", "ptrace_attach", "bpf", "keyctl"):
+        assert out[name] == {"ok": False, "errno": 1}, (name, out[name])
+    # The control socket and the daemon's runtime directory do not exist in its world.
+    assert out["control_socket"] == {"ok": False, "errno": 2}
+    assert out["runtime_dir"] == {"ok": False, "errno": 2}
+    assert not Path("/usr/agent-was-here").exists()
+
+
+def test_agent_uid_maps_to_unprivileged_host_range(daemon: Daemon) -> None:
+    result = daemon.agentctl("run", "--name", "uidcheck", "--", "/bin/sh", "-c",
+                             "cat /proc/self/uid_map; cat /proc/self/gid_map")
+    assert result.returncode == 0, result.stderr
+    for line in result.stdout.strip().splitlines():
+        _inside, host, count = (int(x) for x in line.split())
+        assert host >= 65536, f"sandbox ids must never map to host system ids: {line}"
+        assert not (host <= 0 < host + count)

@@ -1,0 +1,205 @@
+"""A real agent-supervisord process for tests: its own state, runtime dir, cgroup parent and
+name prefix, so tests never touch anything but what they made. Needs root."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from supervisor.api.client import Client
+from supervisor.sandbox.cgroups import (
+    Cgroup,
+    CgroupMode,
+    detect_mode,
+    unified_root,
+    v1_hierarchies,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Daemon:
+    root: Path
+    config_path: Path
+    prefix: str
+    cgroup_parent: str
+    extra_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "run" / "control.sock"
+
+    @property
+    def state_db(self) -> Path:
+        return self.root / "state" / "state.db"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "daemon.log"
+
+    @property
+    def client(self) -> Client:
+        return Client(self.socket, timeout=60)
+
+    def write_config(self) -> None:
+        sections: dict[str, dict[str, Any]] = {
+            "daemon": {"state_dir": str(self.root / "state"),
+                       "runtime_dir": str(self.root / "run"),
+                       "profile_dirs": [str(self.root / "profiles")],
+                       "log_level": "debug"},
+            "sandbox": {"cgroup_parent": self.cgroup_parent, "name_prefix": self.prefix},
+            "kill": {"confirm_timeout": "5s"},
+        }
+        for section, values in self.extra_config.items():
+            sections.setdefault(section, {}).update(values)
+        lines = []
+        for section, values in sections.items():
+            lines.append(f"[{section}]")
+            lines.extend(f"{k} = {json.dumps(v)}" for k, v in values.items())
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.write_config()
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.daemon", "--config", str(self.config_path)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.logs()}")
+            if self.socket.exists():
+                with contextlib.suppress(Exception):
+                    self.client.health()
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon not ready after {timeout}s:\n{self.logs()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def agentctl(self, *args: str, input_text: str | None = None, timeout: float = 120,
+                 user: int | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "AGENT_SUPERVISOR_SOCKET": str(self.socket)}
+        result = subprocess.run(
+            [sys.executable, "-m", "supervisor.cli", *args], env=env, capture_output=True,
+            text=True, timeout=timeout, input=input_text, user=user,
+            cwd=str(self.root) if user is None else "/",
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"agentctl {' '.join(args)} -> {result.returncode}\n"
+                                 f"stdout: {result.stdout}\nstderr: {result.stderr}")
+        return result
+
+    def agentctl_json(self, *args: str) -> Any:
+        result = self.agentctl(*args, "--json", check=True)
+        return json.loads(result.stdout)
+
+    def cgroup_dir(self) -> Path:
+        return unified_root() / self.cgroup_parent.strip("/")
+
+    def run_cgroups(self) -> list[Path]:
+        parent = self.cgroup_dir()
+        return sorted(p for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
+
+    def cgroups(self) -> list[Cgroup]:
+        parent = self.cgroup_parent.strip("/")
+        return [Cgroup(f"{parent}/{p.name}") for p in self.run_cgroups()]
+
+    def agent_pids(self) -> list[int]:
+        return [pid for cgroup in self.cgroups() for pid in cgroup.pids()]
+
+    def netns_left(self) -> list[str]:
+        netns_dir = Path("/run/netns")
+        if not netns_dir.is_dir():
+            return []
+        return sorted(p.name for p in netns_dir.iterdir() if p.name.startswith(self.prefix + "-"))
+
+    def residue(self) -> dict[str, Any]:
+        """Everything of this daemon's runs still on the host; {} when clean."""
+        left: dict[str, Any] = {}
+        if cgroups := self.run_cgroups():
+            left["cgroups"] = [str(c) for c in cgroups]
+        if netns := self.netns_left():
+            left["netns"] = netns
+        bundles = self.root / "run" / "bundles"
+        if bundles.is_dir() and (items := sorted(p.name for p in bundles.iterdir())):
+            left["bundles"] = items
+        workspaces = self.root / "run" / "workspaces"
+        if workspaces.is_dir() and (items := sorted(p.name for p in workspaces.iterdir())):
+            left["workspace_mounts"] = items
+        return left
+
+    def cleanup_host(self) -> None:
+        """Remove the cgroup parent this daemon used (it must already be empty)."""
+        trees = [self.cgroup_dir()]
+        if detect_mode() is CgroupMode.HYBRID:
+            trees += [h / self.cgroup_parent.strip("/") for h in v1_hierarchies()]
+        for tree in trees:
+            if not tree.is_dir():
+                continue
+            for dirpath, _dirs, _files in sorted(os.walk(tree), key=lambda w: -len(w[0])):
+                with contextlib.suppress(OSError):
+                    os.rmdir(dirpath)
+
+
+def new_daemon(tmp_root: Path, **extra: dict[str, Any]) -> Daemon:
+    tag = secrets.token_hex(3)
+    root = tmp_root / f"d{tag}"
+    (root / "profiles").mkdir(parents=True)
+    root.chmod(0o755)
+    return Daemon(root=root, config_path=root / "daemon.toml", prefix=f"ast{tag}",
+                  cgroup_parent=f"/agent-supervisor-test/{tag}", extra_config=dict(extra))
+
+
+@contextlib.contextmanager
+def running_daemon(tmp_root: Path, **extra: dict[str, Any]) -> Iterator[Daemon]:
+    daemon = new_daemon(tmp_root, **extra)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        code = daemon.stop()
+        residue = daemon.residue()
+        daemon.cleanup_host()
+        if code not in (0, None, -9):
+            print(daemon.logs())
+        assert not residue, f"the daemon left things behind: {residue}"
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05,
+             what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
