@@ -80,7 +80,12 @@ class Profile(_Strict):
 
 
 def _packaged() -> Any:
-    return resources.files("supervisor.sandbox_profiles")
+    """The shipped profiles: inside the installed package, or at the top of a checkout (the
+    package maps `sandbox_profiles/` in only when it is installed)."""
+    try:
+        return resources.files("supervisor.sandbox_profiles")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "sandbox_profiles"
 
 
 def validate_profile(name: str, data: dict[str, Any], source: str) -> Profile:

@@ -4,10 +4,17 @@ proves nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+
+from supervisor.sandbox.cgroups import Cgroup
+from tests.support.daemon import TEST_CGROUP_ROOT, Daemon, running_daemon
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -23,3 +30,29 @@ def require(condition: bool, reason: str) -> None:
 def require_root_and_runc() -> None:
     require(os.geteuid() == 0, "needs root (real namespaces, cgroups and runc)")
     require(shutil.which("runc") is not None, "needs runc (apt-get install runc)")
+
+
+@pytest.fixture
+def tmp_root() -> Iterator[Path]:
+    """A scratch directory the sandboxes can traverse (tmp_path is 0700)."""
+    root = Path(tempfile.mkdtemp(prefix="as-test-", dir="/tmp"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(tmp_root: Path) -> Iterator[Daemon]:
+    """A real agent-supervisord of the test's own, stopped and checked for leftovers after."""
+    with running_daemon(tmp_root) as running:
+        yield running
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_test_cgroup_parent() -> Iterator[None]:
+    """Each test daemon removes its own cgroup parent; this also catches one a crashed test
+    left. rmdir only: a cgroup still in use is never touched."""
+    yield
+    if os.geteuid() == 0:
+        with contextlib.suppress(OSError, FileNotFoundError):
+            Cgroup(TEST_CGROUP_ROOT).remove()

@@ -344,7 +344,8 @@ class Arbiter:
         run.exit_code = status
         run.end_reason = "exited"
         self._end_run(agent, live)
-        agent.state = agent_transition(previous, "exit").value
+        if previous != AgentState.KILLED:  # a kill that arrived meanwhile keeps its hold
+            agent.state = agent_transition(previous, "exit").value
         agent.updated_at = time.time()
         self.store.put_agent(agent)
         self.audit.append(
@@ -380,7 +381,10 @@ class Arbiter:
         if handle is None:
             detail["note"] = "the run had not been created yet"
             return (time.perf_counter() - t0) * 1000, detail
-        detail["mechanism"] = handle.kill()  # step 3
+        try:
+            detail["mechanism"] = handle.kill()  # step 3
+        except FileNotFoundError:
+            detail["mechanism"] = "none: the cgroup was already gone"
         timeout = self.config.kill.confirm_timeout
         confirmed = await handle.wait_empty(timeout)  # step 4
         if not confirmed:
@@ -404,7 +408,11 @@ class Arbiter:
         time_to_halt_ms: float | None = None
         detail: dict[str, Any] = {"actor": _who(actor)}
         outcome = "ok"
-        if live is not None and live.ending not in ("kill", "shutdown"):
+        if live is not None and live.ending == "exit":
+            # The command ended by itself a moment ago; its own finalization is under way.
+            await live.done.wait()
+            detail["note"] = "the run had already exited"
+        elif live is not None and live.ending not in ("kill", "shutdown"):
             live.ending = verb
             live.record.extra["halt_t0"] = t0
             time_to_halt_ms, halt_detail = await self._halt_run(live)
@@ -413,11 +421,12 @@ class Arbiter:
             run = live.record
             if live.handle is not None:
                 await live.handle.cleanup()  # step 6
-            self._set_run_state(run, "kill")
-            run.exit_code = status if status is not None else 128 + signal.SIGKILL
-            run.time_to_halt_ms = time_to_halt_ms
-            run.end_reason = f"{verb}: {reason}" if reason else verb
-            self._end_run(agent, live)
+            if RunState(run.state) not in RUN_ENDED:  # a failed launch has ended it already
+                self._set_run_state(run, "kill")
+                run.exit_code = status if status is not None else 128 + signal.SIGKILL
+                run.time_to_halt_ms = time_to_halt_ms
+                run.end_reason = f"{verb}: {reason}" if reason else verb
+                self._end_run(agent, live)
             live.done.set()
             if not detail.get("confirmed_empty", True):
                 outcome = "unconfirmed"

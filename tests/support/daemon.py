@@ -17,15 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.api.client import Client
-from supervisor.sandbox.cgroups import (
-    Cgroup,
-    CgroupMode,
-    detect_mode,
-    unified_root,
-    v1_hierarchies,
-)
+from supervisor.sandbox.cgroups import Cgroup, unified_root
 
 REPO = Path(__file__).resolve().parents[2]
+TEST_CGROUP_ROOT = "/agent-supervisor-test"
 
 
 @dataclass
@@ -159,15 +154,8 @@ class Daemon:
 
     def cleanup_host(self) -> None:
         """Remove the cgroup parent this daemon used (it must already be empty)."""
-        trees = [self.cgroup_dir()]
-        if detect_mode() is CgroupMode.HYBRID:
-            trees += [h / self.cgroup_parent.strip("/") for h in v1_hierarchies()]
-        for tree in trees:
-            if not tree.is_dir():
-                continue
-            for dirpath, _dirs, _files in sorted(os.walk(tree), key=lambda w: -len(w[0])):
-                with contextlib.suppress(OSError):
-                    os.rmdir(dirpath)
+        with contextlib.suppress(OSError):
+            Cgroup(self.cgroup_parent).remove()
 
 
 def new_daemon(tmp_root: Path, **extra: dict[str, Any]) -> Daemon:
@@ -176,7 +164,7 @@ def new_daemon(tmp_root: Path, **extra: dict[str, Any]) -> Daemon:
     (root / "profiles").mkdir(parents=True)
     root.chmod(0o755)
     return Daemon(root=root, config_path=root / "daemon.toml", prefix=f"ast{tag}",
-                  cgroup_parent=f"/agent-supervisor-test/{tag}", extra_config=dict(extra))
+                  cgroup_parent=f"{TEST_CGROUP_ROOT}/{tag}", extra_config=dict(extra))
 
 
 @contextlib.contextmanager

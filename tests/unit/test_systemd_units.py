@@ -225,20 +225,6 @@ def test_sysusers_dry_run(tmp_path: Path) -> None:
     assert not (tmp_path / "etc" / "group").exists(), "--dry-run wrote a file"
 
 
-def test_tmpfiles_dry_run(tmp_path: Path) -> None:
-    tmpfiles = tool("systemd-tmpfiles")
-    if "--dry-run" not in help_text(tmpfiles):
-        pytest.skip(f"{version_of(tmpfiles)}: systemd-tmpfiles has no --dry-run (systemd 256 "
-                    "added it); test_tmpfiles_create_in_a_scratch_root checks the file instead")
-    (tmp_path / "etc").mkdir()
-    (tmp_path / "etc" / "group").write_text(f"root:x:0:\n{OPERATORS}:x:999:\n")
-    result = run([tmpfiles, "--dry-run", "--create", f"--root={tmp_path}", str(TMPFILES)])
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    assert TMPFILES.name not in output, output
-    assert not (tmp_path / RUNTIME_DIR.lstrip("/")).exists(), "--dry-run created a directory"
-
-
 def test_tmpfiles_create_in_a_scratch_root(tmp_path: Path) -> None:
     """sysusers.d then tmpfiles.d for real, confined to tmp_path with --root: the group
     resolves and every directory gets its owner and mode."""

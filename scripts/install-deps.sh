@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install what agent-supervisor needs on a Debian 12 host (run as root) and build its venv.
+#   scripts/install-deps.sh [VENV]      default VENV: /opt/agent-supervisor/venv
+# The venv is made from Debian's /usr/bin/python3 and the package is installed into it (not
+# editable), so unprivileged operators can run agentctl wherever this checkout lives.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${1:-/opt/agent-supervisor/venv}"
+
+if [[ $EUID -ne 0 ]]; then
+    echo "install-deps: run as root (it installs packages and the daemon needs root)" >&2
+    exit 1
+fi
+
+packages=(runc iproute2 nftables python3 python3-venv util-linux passwd procps systemd)
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    echo "install-deps: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
+    mkdir -p "$(dirname "$VENV")"
+    /usr/bin/python3 -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip >/dev/null
+"$VENV/bin/pip" install -q --disable-pip-version-check ".[dev]"
+# Always reinstall this checkout's code (the version number does not change between commits).
+"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall .
+echo "install-deps: $VENV ready ($("$VENV/bin/python" --version), runc $(runc --version | head -1 | awk '{print $3}'))"
