@@ -239,12 +239,24 @@ def inspect(agent: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("ref")
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the run ends.")
+@json_option
 @handles_errors
-def logs(ref: str, follow: bool) -> None:
-    """Print the output of an agent's current or last run (REF: agent name or run id)."""
-    for chunk in _client().logs(ref, follow=follow):
-        sys.stdout.buffer.write(chunk)
-        sys.stdout.buffer.flush()
+def logs(ref: str, follow: bool, as_json: bool) -> None:
+    """Print the output of an agent's current or last run (REF: agent name or run id).
+
+    With --json, one object {run, agent, state, exit_code, output} once the output is read
+    (with -f, once the run has ended)."""
+    client = _client()
+    if not as_json:
+        for chunk in client.logs(ref, follow=follow):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+        return
+    output = b"".join(client.logs(ref, follow=follow))
+    run_view = client.get_run(ref)
+    _emit_json({"run": run_view["id"], "agent": run_view["agent"], "state": run_view["state"],
+                "exit_code": run_view["exit_code"],
+                "output": output.decode("utf-8", errors="replace")})
 
 
 # ----------------------------------------------------------------------------- scoped verbs

@@ -61,6 +61,9 @@ def test_logs_follow_streams_until_the_run_ends(daemon: Daemon) -> None:
     assert result.stdout.split("\n")[:3] == ["tick 1", "tick 2", "tick 3"]
     again = daemon.agentctl("logs", "ticker")
     assert again.stdout == result.stdout
+    as_json = daemon.agentctl_json("logs", "ticker")
+    assert as_json["output"] == result.stdout
+    assert (as_json["agent"], as_json["state"], as_json["exit_code"]) == ("ticker", "exited", 0)
 
 
 def test_timeout_kills_the_run_with_a_reason(daemon: Daemon) -> None:

@@ -114,7 +114,9 @@ class Daemon:
         return result
 
     def agentctl_json(self, *args: str) -> Any:
-        result = self.agentctl(*args, "--json", check=True)
+        """agentctl with --json among its own options (before any `--` and agent command)."""
+        split = args.index("--") if "--" in args else len(args)
+        result = self.agentctl(*args[:split], "--json", *args[split:], check=True)
         return json.loads(result.stdout)
 
     def cgroup_dir(self) -> Path:
