@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Run the whole test suite on a fresh Debian 12 machine, as root:
 #   sudo bash scripts/test.sh [pytest args]
-# Installs runc, iproute2, nftables and the rest, builds a venv, checks ruff and mypy, then runs
-# the unit (no root), privileged (real kernel) and e2e (real daemon) tiers. In CI (CI=true) a
-# privileged or e2e test that cannot run fails instead of skipping.
+# Installs runc, iproute2, nftables and the rest, builds a venv, checks ruff and mypy, runs the
+# unit tier as an unprivileged user (proving it needs no root), then the privileged (real
+# kernel) and e2e (real daemon) tiers as root. In CI (CI=true) a privileged or e2e test that
+# cannot run fails instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${AGENT_SUPERVISOR_TEST_VENV:-/opt/agent-supervisor-test/venv}"
+UNIT_USER="${AGENT_SUPERVISOR_TEST_USER:-nobody}"
 
 bash scripts/install-deps.sh "$VENV"
 export PATH="$VENV/bin:$PATH"
@@ -15,7 +17,20 @@ echo "== ruff"
 ruff check supervisor tests bench
 echo "== mypy"
 mypy
-echo "== pytest"
-# The tests import this checkout (python -m puts it first on sys.path); processes started as
-# unprivileged users import the copy installed into the venv, built from the same tree.
-exec python -m pytest -W error -p no:cacheprovider -ra "$@" tests
+
+echo "== unit tier as $UNIT_USER"
+# A copy the unprivileged user can read, wherever this checkout lives.
+UNIT_TREE="$(mktemp -d /tmp/agent-supervisor-unit.XXXXXX)"
+trap 'rm -rf "$UNIT_TREE"' EXIT
+cp -r pyproject.toml supervisor sandbox_profiles systemd tests "$UNIT_TREE/"
+chmod -R a+rX "$UNIT_TREE"
+chown -R "$UNIT_USER" "$UNIT_TREE"
+(cd "$UNIT_TREE" && setpriv --reuid="$UNIT_USER" --regid="$(id -g "$UNIT_USER")" \
+    --clear-groups --reset-env env PATH="$VENV/bin:/usr/bin:/bin" CI="${CI:-}" \
+    HOME="$UNIT_TREE" python -m pytest -W error -p no:cacheprovider -q \
+    --basetemp="$UNIT_TREE/.pytest-tmp" tests/unit)
+
+echo "== privileged and e2e tiers as root"
+# python -m puts this checkout first on sys.path; processes started as other users import the
+# copy installed into the venv, built from the same tree.
+python -m pytest -W error -p no:cacheprovider -ra "$@" tests/privileged tests/e2e

@@ -73,9 +73,12 @@ def load_config(path: Path | None) -> Config:
             return Config()
         path = DEFAULT_CONFIG_PATH
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
     except OSError as exc:
         raise ConfigInvalid(f"cannot read {path}: {exc.strerror}", path=str(path)) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigInvalid(f"{path} is not UTF-8: {exc.reason} at byte {exc.start}",
+                            path=str(path), key="", reason="not UTF-8") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigInvalid(f"{path} is not valid TOML: {exc}", path=str(path)) from exc
     try:

@@ -115,9 +115,14 @@ def load_profile(name: str, search_dirs: list[Path]) -> Profile:
     candidates.append(_packaged() / f"{name}.toml")
     for candidate in candidates:
         try:
-            text = candidate.read_text()
+            text = candidate.read_bytes().decode("utf-8")
         except (FileNotFoundError, NotADirectoryError):
             continue
+        except UnicodeDecodeError as exc:
+            raise ProfileInvalid(
+                f"profile {name!r} ({candidate}) is not UTF-8: {exc.reason} at byte {exc.start}",
+                profile=name, source=str(candidate), field="", reason="not UTF-8",
+            ) from exc
         except OSError as exc:
             raise ProfileInvalid(
                 f"cannot read profile {candidate}: {exc.strerror}", profile=name,

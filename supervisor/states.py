@@ -17,6 +17,7 @@ class RunState(enum.StrEnum):
     STARTING = "starting"
     RUNNING = "running"
     PAUSED = "paused"
+    KILLING = "killing"  # SIGKILL sent, the kernel has not yet reported the cgroup empty
     EXITED = "exited"  # the agent's command ended by itself (or a graceful stop)
     FAILED = "failed"  # the sandbox could not be set up or the runtime failed
     KILLED = "killed"  # ended by the kill path
@@ -48,6 +49,13 @@ RUN_TRANSITIONS: dict[str, dict[RunState, RunState]] = {
         RunState.STARTING: RunState.KILLED,
         RunState.RUNNING: RunState.KILLED,
         RunState.PAUSED: RunState.KILLED,
+        RunState.KILLING: RunState.KILLED,
+    },
+    # A kill the kernel has not confirmed is not done: the run stays tracked until it is.
+    "kill_unconfirmed": {
+        RunState.STARTING: RunState.KILLING,
+        RunState.RUNNING: RunState.KILLING,
+        RunState.PAUSED: RunState.KILLING,
     },
 }
 

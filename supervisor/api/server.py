@@ -76,6 +76,7 @@ class Controller(Protocol):
 
 ARBITER = web.AppKey("arbiter", Controller)
 GROUP = web.AppKey("operators_gid", int)
+ACTOR = web.RequestKey("actor", Actor)
 _PEERCRED = struct.Struct("3i")
 _LOG_CHUNK = 65536
 _LOG_POLL = 0.05
@@ -163,7 +164,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         actor = peer_actor(request)
-        request["actor"] = actor
+        request[ACTOR] = actor
         _authorize(request, actor)
         return await handler(request)
     except SupervisorError as exc:
@@ -206,7 +207,7 @@ async def get_agent(request: web.Request) -> web.Response:
 
 async def create_run(request: web.Request) -> web.Response:
     run_request: RunRequest = await _body(request, RunRequest)
-    view = await request.app[ARBITER].launch(run_request, request["actor"])
+    view = await request.app[ARBITER].launch(run_request, request[ACTOR])
     return _json(view, status=201)
 
 
@@ -250,7 +251,7 @@ async def action(request: web.Request) -> web.Response:
     if verb not in SCOPED_VERBS:
         raise RouteNotFound(f"unknown action {verb!r}", verb=verb, known=list(SCOPED_VERBS))
     action_request: ActionRequest = await _body(request, ActionRequest)
-    result = await request.app[ARBITER].act(verb, action_request, request["actor"])
+    result = await request.app[ARBITER].act(verb, action_request, request[ACTOR])
     return _json(result)
 
 

@@ -262,7 +262,14 @@ class Arbiter:
                 raise
             live.ready.set()
             if agent.state == AgentState.KILLED:
-                return self.run_view(run)  # a kill raced the launch and owns the run now
+                # A kill raced the launch and owns the run now; the command never started.
+                self.audit.append(
+                    actor=actor.label(), verb="launch", scope=scope, target=name,
+                    previous_state=previous.value, new_state=agent.state,
+                    outcome="aborted:killed",
+                    detail={"run": run_id, "command": request.command, "actor": _who(actor)},
+                )
+                return self.run_view(run)
             self.audit.append(
                 actor=actor.label(), verb="launch", scope=scope, target=name,
                 previous_state=previous.value, new_state=agent.state,
@@ -417,19 +424,17 @@ class Arbiter:
             live.record.extra["halt_t0"] = t0
             time_to_halt_ms, halt_detail = await self._halt_run(live)
             detail.update(halt_detail)
-            status = await _exit_status(live)
             run = live.record
-            if live.handle is not None:
-                await live.handle.cleanup()  # step 6
-            if RunState(run.state) not in RUN_ENDED:  # a failed launch has ended it already
-                self._set_run_state(run, "kill")
-                run.exit_code = status if status is not None else 128 + signal.SIGKILL
-                run.time_to_halt_ms = time_to_halt_ms
-                run.end_reason = f"{verb}: {reason}" if reason else verb
-                self._end_run(agent, live)
-            live.done.set()
+            run.end_reason = f"{verb}: {reason}" if reason else verb
             if not detail.get("confirmed_empty", True):
+                # Not done until the kernel says so: the run stays tracked as "killing" and
+                # the kill is retried in the background until the cgroup is empty.
                 outcome = "unconfirmed"
+                self._set_run_state(run, "kill_unconfirmed")
+                self.store.put_run(run)
+                live.watcher = self._spawn(self._keep_killing(live, agent, actor, t0))
+            else:
+                await self._finish_kill(live, agent, time_to_halt_ms)
         self.store.put_agent(agent)
         self.audit.append(
             actor=actor.label(), verb=verb, scope=scope, target=agent.name, reason=reason,
@@ -446,6 +451,47 @@ class Arbiter:
         return AgentResult(agent=agent.name, previous_state=previous.value,
                            new_state=new.value, run_id=live.record.id if live else None,
                            time_to_halt_ms=time_to_halt_ms)
+
+    async def _finish_kill(self, live: LiveRun, agent: AgentRecord,
+                           time_to_halt_ms: float | None) -> None:
+        """Step 6 and the run's record once the kernel has confirmed the cgroup empty."""
+        run = live.record
+        status = await _exit_status(live)
+        if live.handle is not None:
+            await live.handle.cleanup()
+        if RunState(run.state) not in RUN_ENDED:  # a failed launch has ended it already
+            self._set_run_state(run, "kill")
+            run.exit_code = status if status is not None else 128 + signal.SIGKILL
+            run.time_to_halt_ms = time_to_halt_ms
+            self._end_run(agent, live)
+        live.done.set()
+
+    async def _keep_killing(self, live: LiveRun, agent: AgentRecord, actor: Actor,
+                            t0: float) -> None:
+        """Retry an unconfirmed kill until the kernel reports the cgroup empty."""
+        handle = live.handle
+        assert handle is not None
+        attempts = 0
+        while True:
+            attempts += 1
+            with contextlib.suppress(FileNotFoundError):
+                handle.kill(force_fallback=attempts % 2 == 0)
+            if await handle.wait_empty(self.config.kill.confirm_timeout):
+                break
+            if attempts % 10 == 0:
+                log.critical("run %s: still not empty after %d kill attempts: %s",
+                             live.record.id, attempts, handle.residue())
+        time_to_halt_ms = round((time.perf_counter() - t0) * 1000, 3)
+        await self._finish_kill(live, agent, time_to_halt_ms)
+        self.store.put_agent(agent)
+        self.audit.append(
+            actor=actor.label(), verb="kill_confirmed", scope=f"agent:{agent.name}",
+            target=agent.name, previous_state=AgentState.KILLED.value,
+            new_state=agent.state, time_to_halt_ms=time_to_halt_ms,
+            detail={"run": live.record.id, "attempts": attempts},
+        )
+        log.warning("kill of agent %s confirmed after %d attempts: time_to_halt_ms=%s",
+                    agent.name, attempts, time_to_halt_ms)
 
     # ----------------------------------------------------------------- other verbs
 
@@ -564,6 +610,9 @@ class Arbiter:
         if verb == "kill" and scope.kind == "global":
             self.global_halt = True
             self.store.set_meta(GLOBAL_HALT_KEY, f"{actor.label()}: {reason}")
+            self.audit.append(actor=actor.label(), verb="global_halt", scope="global",
+                              reason=reason, detail={"actor": _who(actor),
+                                                     "agents": sorted(a.name for a in targets)})
         if verb == "reactivate" and scope.kind == "global" and self.global_halt:
             self.global_halt = False
             self.store.set_meta(GLOBAL_HALT_KEY, None)
@@ -573,6 +622,7 @@ class Arbiter:
         single = scope.kind == "agent"
         results: list[AgentResult] = []
         jobs: list[Awaitable[AgentResult]] = []
+        job_agents: list[str] = []
         transition = "stop" if verb == "stop" else verb
         for agent in targets:
             state = AgentState(agent.state)
@@ -587,16 +637,30 @@ class Arbiter:
                                            new_state=state.value, skipped=f"{state.value}"))
                 continue
             jobs.append(self._dispatch(verb, agent, actor, reason, scope_text, request.grace))
+            job_agents.append(agent.name)
         outcomes = await asyncio.gather(*jobs, return_exceptions=True)
-        errors: list[BaseException] = []
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
+        errors: list[SupervisorError] = []
+        for agent_name, outcome in zip(job_agents, outcomes, strict=True):
+            if isinstance(outcome, SupervisorError):
                 errors.append(outcome)
+                results.append(AgentResult(
+                    agent=agent_name, previous_state="?",
+                    new_state=self.agents[agent_name].state,
+                    error={"code": outcome.code, "message": outcome.message},
+                ))
+            elif isinstance(outcome, BaseException):
+                raise outcome
             else:
                 results.append(outcome)
-        if errors and (single or not results):
-            raise errors[0]
         results.sort(key=lambda r: r.agent)
+        if errors:
+            # Never answer a scoped action as if it worked while any agent in it failed: the
+            # first error, with every agent's result, so the operator sees who is still up.
+            first = errors[0]
+            first.detail.setdefault("results", [r.model_dump(exclude_none=True)
+                                                for r in results])
+            first.detail.setdefault("failed", sorted(r.agent for r in results if r.error))
+            raise first
         halts = [r.time_to_halt_ms for r in results if r.time_to_halt_ms is not None]
         return ActionResult(
             verb=verb, scope=scope_text, reason=reason, actor=actor.label(), results=results,

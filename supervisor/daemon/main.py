@@ -166,7 +166,7 @@ async def serve(config: Config) -> int:
         uid_base=config.sandbox.uid_base, agent_uid=config.sandbox.agent_uid,
         workspace_min_owner_uid=config.sandbox.workspace_min_owner_uid,
         workspaces_dir=config.daemon.runtime_dir / "workspaces",
-        bundles_dir=config.daemon.runtime_dir / "bundles",
+        bundles_dir=config.daemon.runtime_dir / "bundles", max_runs=config.sandbox.max_runs,
     )
     watchdog_record = config.daemon.state_dir / "watchdog.jsonl"
     runtime.parent_cgroup().mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,8 @@ def _check_name(value: str | None, pattern: re.Pattern[str], what: str) -> str |
 
 class RunRequest(_Request):
     name: str | None = None
-    agent_class: str = Field(default="default", alias="class")
+    # None keeps an existing agent's class (a new agent gets "default").
+    agent_class: str | None = Field(default=None, alias="class")
     profile: str | None = None
     workspace: str | None = None
     timeout: Duration | None = None
@@ -65,9 +66,8 @@ class RunRequest(_Request):
 
     @field_validator("agent_class")
     @classmethod
-    def _class(cls, value: str) -> str:
-        _check_name(value, _CLASS_NAME, "class")
-        return value
+    def _class(cls, value: str | None) -> str | None:
+        return _check_name(value, _CLASS_NAME, "class")
 
     @field_validator("workspace")
     @classmethod
@@ -180,6 +180,7 @@ class AgentResult(BaseModel):
     run_id: str | None = None
     time_to_halt_ms: float | None = None
     skipped: str | None = None
+    error: dict[str, Any] | None = None
 
 
 class ActionResult(BaseModel):

@@ -3,6 +3,7 @@ No I/O."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated, Any
 
@@ -32,8 +33,8 @@ def parse_duration(value: Any) -> float:
             raise ValueError(f"{value!r} is not a duration; use forms like 500ms, 10s, 2m, 1h")
     else:
         raise ValueError("expected a duration such as '10s'")
-    if seconds <= 0:
-        raise ValueError("a duration must be greater than zero")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError("a duration must be a finite number greater than zero")
     return seconds
 
 

@@ -142,7 +142,7 @@ class RuncRuntime:
 
     def __init__(self, runc_binary: str, runc_root: Path, cgroup_parent: str, name_prefix: str,
                  uid_base: int, agent_uid: int, workspace_min_owner_uid: int,
-                 workspaces_dir: Path, bundles_dir: Path) -> None:
+                 workspaces_dir: Path, bundles_dir: Path, max_runs: int) -> None:
         self.runc = Runc(runc_binary, runc_root)
         self.bundles_dir = bundles_dir
         self.workspaces_dir = workspaces_dir
@@ -151,6 +151,7 @@ class RuncRuntime:
         self.cgroup_parent = cgroup_parent.strip("/")
         self.name_prefix = name_prefix
         self.uid_base = uid_base
+        self.uid_limit = uid_base + max_runs * SANDBOX_UID_COUNT
         self.agent_uid = agent_uid
         self.workspace_min_owner_uid = workspace_min_owner_uid
         ensure_root(runc_root)
@@ -180,8 +181,15 @@ class RuncRuntime:
                     workspace=workspace, owner_uid=st.st_uid,
                     min_owner_uid=self.workspace_min_owner_uid,
                 )
+            if self.uid_base <= st.st_uid < self.uid_limit:
+                raise WorkspaceInvalid(
+                    f"workspace {workspace} is owned by uid {st.st_uid}, inside the host range "
+                    f"reserved for sandboxes ({self.uid_base}-{self.uid_limit - 1}); it could "
+                    f"belong to another agent", workspace=workspace, owner_uid=st.st_uid,
+                )
             agent_uid = st.st_uid
-            if st.st_gid >= self.workspace_min_owner_uid:
+            if (st.st_gid >= self.workspace_min_owner_uid
+                    and not self.uid_base <= st.st_gid < self.uid_limit):
                 agent_gid = st.st_gid
         return (IdMap(base, self.agent_uid, agent_uid), IdMap(base, self.agent_uid, agent_gid))
 

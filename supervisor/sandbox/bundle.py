@@ -38,7 +38,7 @@ class IdMap:
         if self.agent_host_id == self.host_base + self.agent_id:
             return [{"containerID": 0, "hostID": self.host_base, "size": SANDBOX_UID_COUNT}]
         after = self.agent_id + 1
-        return [
+        extents = [
             {"containerID": 0, "hostID": self.host_base, "size": self.agent_id},
             {"containerID": self.agent_id, "hostID": self.agent_host_id, "size": 1},
             {
@@ -47,6 +47,8 @@ class IdMap:
                 "size": SANDBOX_UID_COUNT - after,
             },
         ]
+        # The kernel rejects an empty extent (agent id 0 or 65535 leaves one side empty).
+        return [e for e in extents if e["size"] > 0]
 
 
 @dataclass(frozen=True)

@@ -227,6 +227,21 @@ def test_control_socket_is_0660_root_operators_and_only_operators_get_in(
         assert outsider.returncode == 7
         assert "permission denied" in outsider.stderr
 
+        # Past the file mode (a mis-set 0666), SO_PEERCRED still keeps an outsider out, and
+        # the refusal is audited with its uid.
+        daemon.socket.chmod(0o666)
+        before = len(daemon.client.audit(limit=10_000)["entries"])
+        refused = _as_user(daemon, users["outsider"], "kill", "--all", "--json")
+        assert refused.returncode == 5, refused.stderr
+        error = json.loads(refused.stdout)["error"]
+        assert error["code"] == "forbidden"
+        assert error["detail"]["uid"] == users["outsider"].pw_uid
+        rows = daemon.client.audit(limit=10_000)["entries"]
+        assert len(rows) == before + 1
+        assert rows[-1]["outcome"] == "refused:forbidden"
+        assert rows[-1]["detail"]["actor"]["uid"] == users["outsider"].pw_uid
+        assert daemon.client.health()["global_halt"] is False
+
 
 @pytest.mark.parametrize(("setting", "message"), [
     ({"sandbox": {"runc_path": "/nonexistent/runc"}}, "runc binary not found"),

@@ -1,0 +1,717 @@
+"""The arbiter (supervisor/daemon/arbiter.py) over the in-memory FakeRuntime and a real SQLite
+file: launch, the kill path, the other verbs, scopes, timeouts, reconcile and races. No root.
+Every test's audit chain is verified afterwards by the `make_env` fixture."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import pytest
+
+from supervisor.config import KillSection
+from supervisor.daemon.arbiter import GLOBAL_HALT_KEY, Arbiter
+from supervisor.errors import (
+    AgentBusy,
+    AgentKilled,
+    AgentNotFound,
+    GlobalHalt,
+    IllegalTransition,
+    KillUnconfirmed,
+    RuntimeFailure,
+)
+from supervisor.models import ActionRequest, ActionResult, AuditEntry, RunRequest, RunView, Scope
+from supervisor.runtime.base import Leftover, RunParams
+from supervisor.runtime.fake import FakeRunHandle, FakeRuntime
+from tests.unit.conftest import ALICE, WAIT, ArbiterEnv, MakeEnv, wait_done
+
+SYSTEM_LABEL = "system:supervisor"
+
+
+def request(name: str, agent_class: str | None = None, **extra: Any) -> RunRequest:
+    body: dict[str, Any] = {"name": name, "command": ["sleep", "infinity"], **extra}
+    if agent_class is not None:
+        body["class"] = agent_class
+    return RunRequest.model_validate(body)
+
+
+def scope(agent: str | None = None, agent_class: str | None = None,
+          everything: bool = False) -> Scope:
+    if agent is not None:
+        return Scope(agent=agent)
+    if agent_class is not None:
+        return Scope.model_validate({"class": agent_class})
+    assert everything
+    return Scope(all=True)
+
+
+async def act(arbiter: Arbiter, verb: str, target: Scope, reason: str = "",
+              grace: float | None = None) -> ActionResult:
+    return await arbiter.act(verb, ActionRequest(scope=target, reason=reason, grace=grace), ALICE)
+
+
+def last(env: ArbiterEnv) -> AuditEntry:
+    return env.audit.list(limit=1)[0]
+
+
+def handle_of(env: ArbiterEnv, view: RunView) -> FakeRunHandle:
+    return env.runtime.handles[view.id]
+
+
+async def launch_idle(arbiter: Arbiter, env: ArbiterEnv, name: str) -> RunView:
+    """An agent that ran once and exited by itself: registered and idle."""
+    view = await arbiter.launch(request(name), ALICE)
+    handle_of(env, view).finish(0)
+    await wait_done(arbiter, view.id)
+    assert arbiter.agents[name].state == "idle"
+    return view
+
+
+# ----------------------------------------------------------------------------- launch
+
+
+def test_launch_registers_the_agent_and_audits(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(request("a1", "web", workspace="/srv/ws"), ALICE)
+        assert (view.agent, view.state) == ("a1", "running")
+        assert view.command == ["sleep", "infinity"]
+        assert view.profile == "default" and view.workspace == "/srv/ws"
+        handle = handle_of(env, view)
+        assert handle.started and handle.pid == view.pid
+        assert handle.params.cgroup.endswith(f"as-{view.id}")
+        assert arbiter.agent_view("a1").state == "active"
+        [stored] = env.store.agents()
+        assert (stored.name, stored.agent_class, stored.state) == ("a1", "web", "active")
+        assert stored.current_run == view.id
+        record = env.store.run(view.id)
+        assert record is not None and record.state == "running"
+        entry = last(env)
+        assert (entry.verb, entry.target, entry.outcome) == ("launch", "a1", "ok")
+        assert (entry.previous_state, entry.new_state) == ("idle", "active")
+        assert entry.actor == ALICE.label()
+        assert entry.detail["run"] == view.id and entry.detail["pid"] == view.pid
+
+    asyncio.run(body())
+
+
+def test_launch_of_a_killed_agent_is_refused_and_audited(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        await arbiter.launch(request("a1"), ALICE)
+        await act(arbiter, "kill", scope("a1"), "runaway")
+        launched = len(env.runtime.handles)
+        rows = env.audit.count()
+        with pytest.raises(AgentKilled) as info:
+            await arbiter.launch(request("a1"), ALICE)
+        assert info.value.detail["agent"] == "a1"
+        assert "runaway" in info.value.message
+        assert arbiter.agents["a1"].state == "killed"
+        assert len(env.runtime.handles) == launched, "a killed agent reached the runtime"
+        assert env.audit.count() == rows + 1
+        entry = last(env)
+        assert (entry.verb, entry.target, entry.outcome) == ("launch", "a1",
+                                                             "refused:agent_killed")
+
+    asyncio.run(body())
+
+
+def test_reactivate_lifts_the_hold(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        await arbiter.launch(request("a1"), ALICE)
+        await act(arbiter, "kill", scope("a1"))
+        result = await act(arbiter, "reactivate", scope("a1"), "fixed")
+        assert (result.results[0].previous_state, result.results[0].new_state) == (
+            "killed", "idle")
+        assert (last(env).verb, last(env).new_state) == ("reactivate", "idle")
+        view = await arbiter.launch(request("a1"), ALICE)
+        assert view.state == "running"
+
+    asyncio.run(body())
+
+
+def test_launch_while_busy(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        first = await arbiter.launch(request("a1"), ALICE)
+        with pytest.raises(AgentBusy):
+            await arbiter.launch(request("a1"), ALICE)
+        await act(arbiter, "pause", scope("a1"))
+        with pytest.raises(AgentBusy):
+            await arbiter.launch(request("a1"), ALICE)
+        assert list(env.runtime.handles) == [first.id]
+        assert arbiter.agents["a1"].current_run == first.id
+
+    asyncio.run(body())
+
+
+def test_failed_launch_leaves_the_agent_idle_and_audits(make_env: MakeEnv) -> None:
+    env = make_env(runtime=FakeRuntime(fail_launch=RuntimeFailure("runc create failed")))
+
+    async def body() -> None:
+        arbiter = env.arbiter()
+        with pytest.raises(RuntimeFailure):
+            await arbiter.launch(request("a1"), ALICE)
+        agent = arbiter.agents["a1"]
+        assert agent.state == "idle" and agent.current_run is None
+        assert arbiter.live == {}
+        assert agent.last_run is not None
+        record = env.store.run(agent.last_run)
+        assert record is not None and record.state == "failed" and record.ended_at
+        entry = last(env)
+        assert (entry.verb, entry.outcome) == ("launch", "failed:runtime_failed")
+
+    asyncio.run(body())
+
+
+def test_relaunch_without_a_class_keeps_the_class(env: ArbiterEnv) -> None:
+    """The class is part of the agent's identity: a class-wide kill must still reach an agent
+    that was relaunched without repeating --class."""
+
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(request("a1", "web"), ALICE)
+        handle_of(env, view).finish(0)
+        await wait_done(arbiter, view.id)
+        await arbiter.launch(request("a1"), ALICE)
+        assert arbiter.agents["a1"].agent_class == "web"
+        result = await act(arbiter, "kill", scope(agent_class="web"))
+        assert [r.agent for r in result.results] == ["a1"]
+        assert arbiter.agents["a1"].state == "killed"
+
+    asyncio.run(body())
+
+
+# ----------------------------------------------------------------------------- kill
+
+
+def test_kill_single_agent(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(request("a1"), ALICE)
+        handle = handle_of(env, view)
+        result = await act(arbiter, "kill", scope("a1"), "runaway")
+        [item] = result.results
+        assert (item.agent, item.previous_state, item.new_state) == ("a1", "active", "killed")
+        assert item.run_id == view.id and item.skipped is None
+        halt = item.time_to_halt_ms
+        assert halt is not None and halt >= 0
+        assert result.time_to_halt_ms == halt
+        assert (result.verb, result.scope, result.reason) == ("kill", "agent:a1", "runaway")
+        assert result.actor == ALICE.label() and not result.global_halt
+
+        # The kill path ran on the run: SIGKILL, confirmed empty, network gone, cleaned up.
+        assert handle.processes == 0
+        assert handle.network is False
+        assert handle.cleaned is True
+        assert view.id not in arbiter.live
+
+        record = env.store.run(view.id)
+        assert record is not None
+        assert (record.state, record.exit_code) == ("killed", 128 + signal.SIGKILL)
+        assert record.time_to_halt_ms == halt
+        assert record.ended_at is not None and record.end_reason == "kill: runaway"
+
+        agent = arbiter.agent_view("a1")
+        assert agent.state == "killed" and agent.time_to_halt_ms == halt
+        assert agent.last_reason == "runaway" and agent.last_actor == ALICE.label()
+        assert agent.run is not None and agent.run.state == "killed"
+        [stored] = env.store.agents()
+        assert stored.state == "killed" and stored.current_run is None
+
+        entry = last(env)
+        assert (entry.verb, entry.scope, entry.target, entry.outcome) == (
+            "kill", "agent:a1", "a1", "ok")
+        assert (entry.previous_state, entry.new_state) == ("active", "killed")
+        assert entry.time_to_halt_ms == halt and entry.reason == "runaway"
+        assert entry.detail["confirmed_empty"] is True
+        assert entry.detail["netns_removed"] is True
+        assert entry.detail["mechanism"] == "fake.kill"
+
+    asyncio.run(body())
+
+
+def test_kill_revokes_credentials_before_sigkill(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(request("a1"), ALICE)
+        handle = handle_of(env, view)
+        seen: list[tuple[str, str, int]] = []
+
+        async def revoke(agent: str, run_id: str) -> None:
+            seen.append((agent, run_id, handle.processes))
+
+        arbiter.revoke_hooks.append(revoke)
+        await act(arbiter, "kill", scope("a1"))
+        assert seen == [("a1", view.id, 1)], "credentials must go before the processes do"
+
+    asyncio.run(body())
+
+
+def test_kill_of_an_idle_agent_holds_it(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        await launch_idle(arbiter, env, "a1")
+        result = await act(arbiter, "kill", scope("a1"))
+        assert result.results[0].new_state == "killed"
+        assert result.results[0].time_to_halt_ms is None  # nothing was running
+        with pytest.raises(AgentKilled):
+            await arbiter.launch(request("a1"), ALICE)
+
+    asyncio.run(body())
+
+
+def test_kill_that_leaves_a_survivor_is_unconfirmed(make_env: MakeEnv) -> None:
+    env = make_env(runtime=FakeRuntime(leave_survivor=True),
+                   kill=KillSection(confirm_timeout=0.05))
+
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(request("a1"), ALICE)
+        with pytest.raises(KillUnconfirmed) as info:
+            await act(arbiter, "kill", scope("a1"), "runaway")
+        assert info.value.detail["agent"] == "a1"
+        assert info.value.detail["survivors"] == [view.pid]
+        entry = last(env)
+        assert (entry.verb, entry.target, entry.outcome) == ("kill", "a1", "unconfirmed")
+        assert entry.detail["confirmed_empty"] is False
+        assert "escalated" in entry.detail
+        assert arbiter.agents["a1"].state == "killed"  # the hold stays
+        with pytest.raises(AgentKilled):
+            await arbiter.launch(request("a1"), ALICE)
+
+    asyncio.run(body())
+
+
+class SurvivorRuntime(FakeRuntime):
+    """Runs of the agents in `survivors` leave a process behind when killed; others die."""
+
+    def __init__(self, survivors: set[str]) -> None:
+        super().__init__()
+        self.survivors = survivors
+
+    async def launch(self, params: RunParams) -> FakeRunHandle:
+        handle = await super().launch(params)
+        if params.agent in self.survivors:
+            def kill_leaving_a_survivor(*, force_fallback: bool = False) -> str:
+                handle.processes = 1
+                return "fake.kill"
+
+            handle.kill = kill_leaving_a_survivor  # type: ignore[method-assign]
+        return handle
+
+
+def test_class_kill_reports_every_agent_when_one_is_unconfirmed(make_env: MakeEnv) -> None:
+    """A scoped kill must not answer as if it succeeded while leaving out the agent whose kill
+    the kernel did not confirm: the operator has to learn which agent is still alive."""
+    env = make_env(runtime=SurvivorRuntime({"a2"}), kill=KillSection(confirm_timeout=0.05))
+
+    async def body() -> None:
+        arbiter = env.arbiter()
+        await arbiter.launch(request("a1", "red"), ALICE)
+        await arbiter.launch(request("a2", "red"), ALICE)
+        try:
+            result = await act(arbiter, "kill", scope(agent_class="red"), "red alert")
+        except KillUnconfirmed as exc:
+            assert exc.detail["agent"] == "a2"
+        else:
+            assert sorted(r.agent for r in result.results) == ["a1", "a2"], (
+                "the unconfirmed kill of a2 is missing from the answer")
+        outcomes = {e.target: e.outcome for e in env.audit.list() if e.verb == "kill"}
+        assert outcomes == {"a1": "ok", "a2": "unconfirmed"}
+
+    asyncio.run(body())
+
+
+# ----------------------------------------------------------------------------- other verbs
+
+
+def test_pause_and_resume(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(request("a1"), ALICE)
+        handle = handle_of(env, view)
+        result = await act(arbiter, "pause", scope("a1"), "look")
+        assert (result.results[0].previous_state, result.results[0].new_state) == (
+            "active", "paused")
+        assert (handle.frozen, handle.processes) == (True, 1)
+        assert arbiter.agent_view("a1").state == "paused"
+        assert arbiter.agent_view("a1").run.state == "paused"  # type: ignore[union-attr]
+        assert (last(env).verb, last(env).new_state) == ("pause", "paused")
+
+        result = await act(arbiter, "resume", scope("a1"))
+        assert result.results[0].new_state == "active"
+        assert (handle.frozen, handle.processes) == (False, 1)
+        assert arbiter.agent_view("a1").run.state == "running"  # type: ignore[union-attr]
+        assert (last(env).verb, last(env).new_state) == ("resume", "active")
+        assert handle.processes == 1 and handle.network, "pause/resume must not kill"
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("paused", [False, True])
+def test_graceful_stop(env: ArbiterEnv, paused: bool) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(request("a1"), ALICE)
+        handle = handle_of(env, view)
+        if paused:
+            await act(arbiter, "pause", scope("a1"))
+        result = await act(arbiter, "stop", scope("a1"), "done", grace=5.0)
+        [item] = result.results
+        assert (item.previous_state, item.new_state) == ("paused" if paused else "active", "idle")
+        assert item.time_to_halt_ms is not None
+        assert handle.signals == [signal.SIGTERM]
+        assert not handle.frozen
+        assert handle.network is False and handle.cleaned
+        record = env.store.run(view.id)
+        assert record is not None
+        assert (record.state, record.exit_code) == ("exited", 128 + signal.SIGTERM)
+        assert arbiter.agents["a1"].state == "idle"
+        entry = last(env)
+        assert (entry.verb, entry.new_state, entry.outcome) == ("stop", "idle", "ok")
+        assert entry.detail["graceful"] is True
+        await arbiter.launch(request("a1"), ALICE)  # stop is not a hold
+
+    asyncio.run(body())
+
+
+def test_stop_escalates_to_the_kill_path_after_the_grace(make_env: MakeEnv) -> None:
+    env = make_env(runtime=FakeRuntime(exit_on_signal=False))
+
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(request("a1"), ALICE)
+        handle = handle_of(env, view)
+        result = await act(arbiter, "stop", scope("a1"), grace=0.05)
+        [item] = result.results
+        assert (item.previous_state, item.new_state) == ("active", "idle")
+        assert item.time_to_halt_ms is not None
+        assert handle.signals == [signal.SIGTERM]
+        assert handle.processes == 0 and handle.network is False and handle.cleaned
+        record = env.store.run(view.id)
+        assert record is not None
+        assert (record.state, record.exit_code) == ("killed", 128 + signal.SIGKILL)
+        assert arbiter.agents["a1"].state == "idle", "a stop never holds the agent"
+        entry = last(env)
+        assert (entry.verb, entry.new_state, entry.outcome) == ("stop", "idle", "ok")
+        assert "0.05s" in entry.reason
+        assert entry.detail["confirmed_empty"] is True
+        await arbiter.launch(request("a1"), ALICE)
+
+    asyncio.run(body())
+
+
+async def _active(arbiter: Arbiter, env: ArbiterEnv) -> None:
+    await arbiter.launch(request("a1"), ALICE)
+
+
+async def _paused(arbiter: Arbiter, env: ArbiterEnv) -> None:
+    await arbiter.launch(request("a1"), ALICE)
+    await act(arbiter, "pause", scope("a1"))
+
+
+async def _idle(arbiter: Arbiter, env: ArbiterEnv) -> None:
+    await launch_idle(arbiter, env, "a1")
+
+
+async def _killed(arbiter: Arbiter, env: ArbiterEnv) -> None:
+    await arbiter.launch(request("a1"), ALICE)
+    await act(arbiter, "kill", scope("a1"))
+
+
+SETUPS = {"active": _active, "paused": _paused, "idle": _idle, "killed": _killed}
+ILLEGAL = [
+    ("active", "resume"), ("active", "reactivate"),
+    ("paused", "pause"), ("paused", "reactivate"),
+    ("idle", "pause"), ("idle", "resume"), ("idle", "stop"), ("idle", "reactivate"),
+    ("killed", "kill"), ("killed", "pause"), ("killed", "resume"), ("killed", "stop"),
+]
+
+
+@pytest.mark.parametrize(("state", "verb"), ILLEGAL)
+def test_illegal_single_transition(env: ArbiterEnv, state: str, verb: str) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        await SETUPS[state](arbiter, env)
+        before = env.store.agents()
+        rows = env.audit.count()
+        handles = {rid: (h.processes, h.frozen, h.network, list(h.signals))
+                   for rid, h in env.runtime.handles.items()}
+        with pytest.raises(IllegalTransition) as info:
+            await act(arbiter, verb, scope("a1"), "try")
+        assert info.value.detail["state"] == state
+        assert info.value.http_status == 409
+        assert arbiter.agents["a1"].state == state
+        assert env.store.agents() == before
+        assert {rid: (h.processes, h.frozen, h.network, list(h.signals))
+                for rid, h in env.runtime.handles.items()} == handles
+        assert env.audit.count() == rows + 1
+        entry = last(env)
+        assert (entry.verb, entry.target, entry.outcome, entry.reason) == (
+            verb, "a1", "refused:illegal_transition", "try")
+        assert entry.actor == ALICE.label()
+
+    asyncio.run(body())
+
+
+def test_unknown_agent(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        with pytest.raises(AgentNotFound):
+            await act(arbiter, "kill", scope("ghost"))
+        with pytest.raises(AgentNotFound):
+            arbiter.agent_view("ghost")
+        assert env.audit.count() == 0 and env.store.agents() == []
+
+    asyncio.run(body())
+
+
+# ----------------------------------------------------------------------------- scopes
+
+
+def test_class_scope_touches_exactly_that_class(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        views = {name: await arbiter.launch(request(name, cls), ALICE)
+                 for name, cls in [("a1", "red"), ("a2", "red"), ("b1", "blue")]}
+        await launch_idle(arbiter, env, "c1")  # class "default"
+        rows = env.audit.count()
+        result = await act(arbiter, "kill", scope(agent_class="red"), "red alert")
+        assert result.scope == "class:red"
+        assert [(r.agent, r.new_state) for r in result.results] == [
+            ("a1", "killed"), ("a2", "killed")]
+        assert result.time_to_halt_ms == max(r.time_to_halt_ms or 0 for r in result.results)
+        for name in ("a1", "a2"):
+            assert arbiter.agents[name].state == "killed"
+            assert handle_of(env, views[name]).network is False
+        blue = handle_of(env, views["b1"])
+        assert arbiter.agents["b1"].state == "active"
+        assert (blue.processes, blue.network, blue.cleaned, blue.signals) == (1, True, False, [])
+        assert arbiter.agents["c1"].state == "idle"
+        new_rows = env.audit.list(after_seq=rows)
+        assert sorted((e.target, e.scope) for e in new_rows) == [
+            ("a1", "class:red"), ("a2", "class:red")]
+
+    asyncio.run(body())
+
+
+def test_class_scope_skips_agents_the_verb_does_not_apply_to(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        await arbiter.launch(request("a1", "red"), ALICE)
+        await arbiter.launch(request("a2", "red"), ALICE)
+        await act(arbiter, "pause", scope("a2"))
+        rows = env.audit.count()
+        result = await act(arbiter, "pause", scope(agent_class="red"))
+        assert [(r.agent, r.new_state, r.skipped) for r in result.results] == [
+            ("a1", "paused", None), ("a2", "paused", "paused")]
+        assert env.audit.count() == rows + 1  # only a1 changed
+
+    asyncio.run(body())
+
+
+def test_global_kill_halts_and_reactivate_all_lifts_it(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        a1 = await arbiter.launch(request("a1", "red"), ALICE)
+        b1 = await arbiter.launch(request("b1", "blue"), ALICE)
+        result = await act(arbiter, "kill", scope(everything=True), "stop the world")
+        assert result.global_halt and arbiter.global_halt
+        assert result.scope == "global"
+        assert {r.agent: r.new_state for r in result.results} == {"a1": "killed",
+                                                                  "b1": "killed"}
+        assert handle_of(env, a1).network is False and handle_of(env, b1).network is False
+        assert env.store.get_meta(GLOBAL_HALT_KEY) is not None
+
+        rows = env.audit.count()
+        with pytest.raises(GlobalHalt):
+            await arbiter.launch(request("newcomer"), ALICE)
+        assert "newcomer" not in arbiter.agents
+        assert env.audit.count() == rows + 1
+        assert (last(env).verb, last(env).outcome) == ("launch", "refused:global_halt")
+
+        # The halt is durable: a restarted daemon still refuses launches.
+        restarted = env.arbiter()
+        assert restarted.global_halt
+        with pytest.raises(GlobalHalt):
+            await restarted.launch(request("newcomer"), ALICE)
+
+        result = await act(restarted, "reactivate", scope(everything=True), "all clear")
+        assert (result.global_halt, restarted.global_halt) == (False, False)
+        assert env.store.get_meta(GLOBAL_HALT_KEY) is None
+        assert {r.agent: r.new_state for r in result.results} == {"a1": "idle", "b1": "idle"}
+        assert any(e.verb == "lift_global_halt" for e in env.audit.list())
+        view = await restarted.launch(request("newcomer"), ALICE)
+        assert view.state == "running"
+
+    asyncio.run(body())
+
+
+def test_global_kill_is_audited_even_with_no_agent_in_scope(env: ArbiterEnv) -> None:
+    """Setting the global halt is itself an action: it must be in the audit log, as lifting
+    it is, even when no agent exists to carry a per-agent kill row."""
+
+    async def body() -> None:
+        arbiter = env.arbiter()
+        result = await act(arbiter, "kill", scope(everything=True), "stop the world")
+        assert result.global_halt and result.results == []
+        rows = [e for e in env.audit.list() if e.scope == "global"]
+        assert rows, "the global halt left no audit row"
+        assert rows[0].actor == ALICE.label() and rows[0].reason == "stop the world"
+
+    asyncio.run(body())
+
+
+# ----------------------------------------------------------------------------- run ends
+
+
+def test_command_exiting_by_itself(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(request("a1"), ALICE)
+        handle = handle_of(env, view)
+        handle.finish(3)
+        await wait_done(arbiter, view.id)
+        record = env.store.run(view.id)
+        assert record is not None
+        assert (record.state, record.exit_code, record.end_reason) == ("exited", 3, "exited")
+        assert record.ended_at is not None and record.time_to_halt_ms is None
+        agent = arbiter.agents["a1"]
+        assert (agent.state, agent.current_run, agent.last_run) == ("idle", None, view.id)
+        assert handle.network is False and handle.cleaned
+        entry = last(env)
+        assert (entry.verb, entry.actor, entry.new_state) == ("exit", SYSTEM_LABEL, "idle")
+        assert entry.detail["exit_code"] == 3
+        assert arbiter.agent_view("a1").run.exit_code == 3  # type: ignore[union-attr]
+
+    asyncio.run(body())
+
+
+def test_execution_window_expiry_kills(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(request("a1", timeout=0.05), ALICE)
+        assert view.timeout == pytest.approx(0.05)
+        await wait_done(arbiter, view.id)
+        agent = arbiter.agents["a1"]
+        assert agent.state == "killed"
+        assert agent.last_actor == SYSTEM_LABEL
+        assert agent.last_reason is not None and "execution window" in agent.last_reason
+        record = env.store.run(view.id)
+        assert record is not None and record.state == "killed"
+        assert record.time_to_halt_ms is not None
+        assert "execution window" in (record.end_reason or "")
+        entry = last(env)
+        assert (entry.verb, entry.actor, entry.target) == ("kill", SYSTEM_LABEL, "a1")
+        assert "execution window" in entry.reason and "0.05s" in entry.reason
+        assert handle_of(env, view).network is False
+
+    asyncio.run(body())
+
+
+def test_exit_before_the_window_cancels_the_timeout(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(request("a1", timeout=60), ALICE)
+        timer = arbiter.live[view.id].timeout_handle
+        assert timer is not None and not timer.cancelled()
+        handle_of(env, view).finish(0)
+        await wait_done(arbiter, view.id)
+        assert timer.cancelled()
+        assert arbiter.agents["a1"].state == "idle"
+
+    asyncio.run(body())
+
+
+# ----------------------------------------------------------------------------- reconcile
+
+
+def test_reconcile_reaps_leftovers_and_audits(env: ArbiterEnv) -> None:
+    leftover = Leftover(container_id="as-deadbeef0000", netns="as-deadbeef0000",
+                        cgroup="agent-supervisor/as-deadbeef0000", pids=[4242, 4243])
+    env.runtime.leftover_list.append(leftover)
+
+    async def body() -> None:
+        reports = await env.arbiter().reconcile()
+        assert len(reports) == 1
+        assert reports[0]["container"] == "as-deadbeef0000"
+        assert reports[0]["killed_pids"] == [4242, 4243]
+
+    asyncio.run(body())
+    assert env.runtime.reaped == [leftover]
+    assert env.runtime.leftover_list == []
+    entry = last(env)
+    assert (entry.verb, entry.actor, entry.target) == ("reap", SYSTEM_LABEL, "as-deadbeef0000")
+    assert entry.detail["killed_pids"] == [4242, 4243]
+
+
+def test_reconcile_ends_runs_of_a_previous_instance(env: ArbiterEnv) -> None:
+    async def before_crash() -> str:
+        view = await env.arbiter().launch(request("a1"), ALICE)
+        return view.id
+
+    run_id = asyncio.run(before_crash())
+
+    async def after_restart() -> None:
+        arbiter = env.arbiter(runtime=FakeRuntime())
+        assert arbiter.agents["a1"].state == "active"
+        await arbiter.reconcile()
+        agent = arbiter.agents["a1"]
+        assert (agent.state, agent.current_run, agent.last_run) == ("idle", None, run_id)
+        record = env.store.run(run_id)
+        assert record is not None and record.state == "killed" and record.ended_at
+        entry = last(env)
+        assert (entry.verb, entry.target, entry.previous_state, entry.new_state) == (
+            "reap", "a1", "active", "idle")
+        assert env.store.unfinished_runs() == []
+
+    asyncio.run(after_restart())
+
+
+# ----------------------------------------------------------------------------- races
+
+
+class SlowRuntime(FakeRuntime):
+    """launch blocks until the test opens the gate, so a kill can arrive mid-launch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def launch(self, params: RunParams) -> FakeRunHandle:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().launch(params)
+
+
+def test_kill_racing_a_launch_wins_and_the_command_never_starts(make_env: MakeEnv) -> None:
+    async def body() -> None:
+        runtime = SlowRuntime()
+        env = make_env(runtime=runtime)
+        arbiter = env.arbiter()
+        launching = asyncio.create_task(arbiter.launch(request("a1"), ALICE))
+        await asyncio.wait_for(runtime.entered.wait(), WAIT)
+        assert arbiter.agents["a1"].state == "active"
+        killing = asyncio.create_task(act(arbiter, "kill", scope("a1"), "abort"))
+        for _ in range(100):  # step 1 of the kill path marks the agent before any await
+            if arbiter.agents["a1"].state == "killed":
+                break
+            await asyncio.sleep(0)
+        assert arbiter.agents["a1"].state == "killed"
+        runtime.gate.set()
+        view, result = await asyncio.wait_for(asyncio.gather(launching, killing), WAIT)
+        handle = runtime.handles[view.id]
+        assert handle.started is False, "the agent's command was started after its kill"
+        assert handle.network is False and handle.cleaned and handle.processes == 0
+        assert result.results[0].new_state == "killed"
+        assert arbiter.agents["a1"].state == "killed"
+        record = env.store.run(view.id)
+        assert record is not None and record.state == "killed" and record.ended_at
+        [kill_row] = [e for e in env.audit.list() if e.verb == "kill"]
+        assert (kill_row.outcome, kill_row.detail["run"]) == ("ok", view.id)
+
+    asyncio.run(body())
