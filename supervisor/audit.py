@@ -11,6 +11,7 @@ import hashlib
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import Any
 
 from supervisor.models import AuditEntry, AuditVerifyResult
@@ -53,10 +54,20 @@ def _hashed_fields(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in _COLUMNS if k not in ("hash",)}
 
 
+# Called inside the audit row's transaction, so what a subscriber writes to the same database
+# (the webhook outbox) commits or rolls back together with the row: no event without its
+# audit entry, no audit entry without its event.
+Subscriber = Callable[[sqlite3.Connection, AuditEntry], None]
+
+
 class AuditLog:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
+        self.subscribers: list[Subscriber] = []
         db.executescript(SCHEMA)
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        self.subscribers.append(subscriber)
 
     def append(
         self, *, actor: str, verb: str, scope: str, reason: str = "", target: str | None = None,
@@ -81,7 +92,10 @@ class AuditLog:
                 f"VALUES ({', '.join('?' for _ in _COLUMNS)})",
                 [row[c] for c in _COLUMNS],
             )
-        return _entry(row)
+            entry = _entry(row)
+            for subscriber in self.subscribers:
+                subscriber(self.db, entry)
+        return entry
 
     def list(self, limit: int = 100, after_seq: int = 0) -> list[AuditEntry]:
         rows = self.db.execute(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -56,10 +56,69 @@ class KillSection(_Section):
     default_grace: Duration = 10.0
 
 
+_PRINCIPAL = r"^(user|group):[A-Za-z0-9_.][A-Za-z0-9_.\-]*\$?$"
+Principal = Annotated[str, Field(pattern=_PRINCIPAL)]
+
+
+class RolesSection(_Section):
+    """Who holds which role, by "user:NAME" or "group:NAME" (root is always owner)."""
+
+    owner: list[Principal] = []
+    admin: list[Principal] = []
+    viewer: list[Principal] = []
+    auditor: list[Principal] = []
+
+
+class WebhookEndpoint(_Section):
+    url: Annotated[str, Field(pattern=r"^https?://")]
+    # HMAC-SHA256 key: a file (root, 0600) or the name of an environment variable.
+    secret_file: Path | None = None
+    secret_env: str | None = None
+    format: Literal["json", "slack"] = "json"
+    # Event types to send; empty means all.
+    events: list[str] = []
+
+
+class WebhookDelivery(_Section):
+    timeout: Duration = 5.0
+    backoff_initial: Duration = 1.0
+    backoff_max: Duration = 300.0
+    # Give up on an event after this many attempts (0: never; it stays in the outbox).
+    max_attempts: Annotated[int, Field(ge=0)] = 0
+
+
+class MetricsSection(_Section):
+    # "HOST:PORT" on loopback, or "unix:/path"; empty disables the endpoint.
+    listen: str = "127.0.0.1:9464"
+
+
+class DrillSection(_Section):
+    # Run a drill on this schedule (e.g. "24h"); absent: only on demand.
+    interval: Duration | None = None
+    processes: Annotated[int, Field(ge=1, le=10_000)] = 100
+    slo: Duration = 0.05
+
+
+class BreakGlassSection(_Section):
+    # Root writes this file (optionally with a reason) to halt every agent without the socket.
+    # Defaults to <runtime_dir>/HALT.
+    halt_file: Path | None = None
+
+
 class Config(_Section):
     daemon: DaemonSection = DaemonSection()
     sandbox: SandboxSection = SandboxSection()
     kill: KillSection = KillSection()
+    roles: RolesSection = RolesSection()
+    webhooks: list[WebhookEndpoint] = []
+    webhook_delivery: WebhookDelivery = WebhookDelivery()
+    metrics: MetricsSection = MetricsSection()
+    drill: DrillSection = DrillSection()
+    breakglass: BreakGlassSection = BreakGlassSection()
+
+    @property
+    def halt_file(self) -> Path:
+        return self.breakglass.halt_file or self.daemon.runtime_dir / "HALT"
 
     @property
     def socket_path(self) -> Path:

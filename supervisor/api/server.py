@@ -22,6 +22,8 @@ from pydantic import BaseModel, ValidationError
 
 from supervisor import __version__
 from supervisor.audit import AuditLog
+from supervisor.authz import PERMISSIONS, check, roles_of
+from supervisor.config import RolesSection
 from supervisor.errors import (
     Forbidden,
     InvalidJson,
@@ -75,8 +77,9 @@ class Controller(Protocol):
 
 
 ARBITER = web.AppKey("arbiter", Controller)
-GROUP = web.AppKey("operators_gid", int)
+ROLES = web.AppKey("roles", RolesSection)
 ACTOR = web.RequestKey("actor", Actor)
+PEER_ROLES = web.RequestKey("roles", frozenset)
 _PEERCRED = struct.Struct("3i")
 _LOG_CHUNK = 65536
 _LOG_POLL = 0.05
@@ -118,23 +121,42 @@ def _group_names(gids: list[int]) -> list[str]:
     return names
 
 
-def _authorize(request: web.Request, actor: Actor) -> None:
-    """Roles arrive in a later release; for now root and the operators group may act."""
-    if actor.uid == 0:
-        return
-    gid = request.app[GROUP]
-    gids = set(_peer_gids(actor.pid or 0, actor.uid or 0, actor.gid or 0, actor.name))
-    if gid >= 0 and gid in gids:
-        return
-    arbiter = request.app[ARBITER]
-    arbiter.audit.append(
-        actor=actor.label(), verb=f"{request.method} {request.path}", scope="api",
-        outcome="refused:forbidden", detail={"actor": actor.model_dump(exclude_defaults=True)},
-    )
-    raise Forbidden(
-        f"uid {actor.uid} is neither root nor in the operators group",
-        uid=actor.uid, needed="root or member of the operators group",
-    )
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def permission(name: str) -> Callable[[Handler], Handler]:
+    """Declare what a route needs; the middleware checks it against the peer's roles."""
+
+    def mark(handler: Handler) -> Handler:
+        handler.permission = name  # type: ignore[attr-defined]
+        return handler
+
+    return mark
+
+
+def _required(request: web.Request, handler: Handler) -> str:
+    needed: str = getattr(handler, "permission", "read")
+    if needed == "action":
+        verb = request.match_info.get("verb", "")
+        return verb if verb in PERMISSIONS else "read"
+    return needed
+
+
+def _authorize(request: web.Request, handler: Handler, actor: Actor) -> None:
+    roles = roles_of(actor, request.app[ROLES])
+    request[PEER_ROLES] = roles
+    needed = _required(request, handler)
+    try:
+        check(actor, roles, needed)
+    except Forbidden as refusal:
+        request.app[ARBITER].audit.append(
+            actor=actor.label(), verb=needed, scope="api", target=request.path,
+            outcome="refused:forbidden",
+            detail={"actor": actor.model_dump(exclude_defaults=True), "method": request.method,
+                    "path": request.path, "needed_role": refusal.detail["needed_role"],
+                    "roles": refusal.detail["roles"]},
+        )
+        raise
 
 
 async def _body(request: web.Request, model: type[BaseModel]) -> Any:
@@ -157,15 +179,12 @@ def _json(model: BaseModel | dict[str, Any], status: int = 200) -> web.Response:
     return web.json_response(body, status=status)
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         actor = peer_actor(request)
         request[ACTOR] = actor
-        _authorize(request, actor)
+        _authorize(request, handler, actor)
         return await handler(request)
     except SupervisorError as exc:
         return web.json_response(exc.to_body(), status=exc.http_status)
@@ -205,6 +224,7 @@ async def get_agent(request: web.Request) -> web.Response:
     return _json(request.app[ARBITER].agent_view(request.match_info["name"]))
 
 
+@permission("launch")
 async def create_run(request: web.Request) -> web.Response:
     run_request: RunRequest = await _body(request, RunRequest)
     view = await request.app[ARBITER].launch(run_request, request[ACTOR])
@@ -246,6 +266,7 @@ async def run_logs(request: web.Request) -> web.StreamResponse:
     return response
 
 
+@permission("action")
 async def action(request: web.Request) -> web.Response:
     verb = request.match_info["verb"]
     if verb not in SCOPED_VERBS:
@@ -255,6 +276,7 @@ async def action(request: web.Request) -> web.Response:
     return _json(result)
 
 
+@permission("audit")
 async def audit_list(request: web.Request) -> web.Response:
     try:
         limit = int(request.query.get("limit", "100"))
@@ -267,6 +289,7 @@ async def audit_list(request: web.Request) -> web.Response:
     return _json(AuditList(entries=entries))
 
 
+@permission("audit")
 async def audit_verify(request: web.Request) -> web.Response:
     return _json(request.app[ARBITER].audit.verify())
 
@@ -275,10 +298,10 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
-def build_app(arbiter: Controller, operators_gid: int) -> web.Application:
+def build_app(arbiter: Controller, roles: RolesSection) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=1024**2)
     app[ARBITER] = arbiter
-    app[GROUP] = operators_gid
+    app[ROLES] = roles
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/agents", list_agents)
     app.router.add_get("/v1/agents/{name}", get_agent)

@@ -173,6 +173,7 @@ class Arbiter:
             last_reason=agent.last_reason, last_actor=agent.last_actor,
             run=self.run_view(record) if record else None,
             time_to_halt_ms=record.time_to_halt_ms if record else None,
+            stats=_stats(live),
         )
 
     def list_agents(self) -> list[AgentView]:
@@ -746,6 +747,15 @@ async def _exit_status(live: LiveRun) -> int | None:
     try:
         return await asyncio.wait_for(asyncio.shield(live.handle.wait_exit()), 1.0)
     except TimeoutError:
+        return None
+
+
+def _stats(live: LiveRun | None) -> dict[str, int | None] | None:
+    if live is None or live.handle is None or live.ending is not None:
+        return None
+    try:
+        return live.handle.stats()
+    except OSError:
         return None
 
 

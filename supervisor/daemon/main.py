@@ -195,7 +195,7 @@ async def serve(config: Config) -> int:
         log.info("self-test passed in %.0f ms", report["duration_ms"])
 
     sock = bind_control_socket(config.socket_path, gid)
-    app = build_app(arbiter, gid)
+    app = build_app(arbiter, config.roles)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     site = web.SockSite(runner, sock)

@@ -169,6 +169,8 @@ class AgentView(BaseModel):
     last_actor: str | None
     run: RunView | None
     time_to_halt_ms: float | None
+    # Live numbers of the current run (cpu_usec, memory_bytes, processes); None without one.
+    stats: dict[str, int | None] | None = None
 
     model_config = ConfigDict(populate_by_name=True)
 

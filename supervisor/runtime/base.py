@@ -57,6 +57,10 @@ class RunHandle(Protocol):
 
     def process_count(self) -> int: ...
 
+    def stats(self) -> dict[str, int | None]:
+        """cpu_usec, memory_bytes, processes of the run right now."""
+        ...
+
     def wait_exit(self) -> Awaitable[int | None]:
         """The exit status of the run's init (128+signal when signalled), None if unknown."""
         ...

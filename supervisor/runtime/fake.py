@@ -61,6 +61,9 @@ class FakeRunHandle:
     def process_count(self) -> int:
         return self.processes
 
+    def stats(self) -> dict[str, int | None]:
+        return {"cpu_usec": 0, "memory_bytes": 0, "processes": self.processes}
+
     def finish(self, status: int) -> None:
         """The agent's command ends by itself (as the test decides)."""
         self.processes = 0

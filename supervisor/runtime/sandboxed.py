@@ -70,6 +70,9 @@ class RuncRunHandle:
     def process_count(self) -> int:
         return len(self.cgroup.pids())
 
+    def stats(self) -> dict[str, int | None]:
+        return self.cgroup.stats()
+
     def wait_exit(self) -> asyncio.Future[int | None]:
         """Resolve with the init's exit status once the kernel reports it gone.
 

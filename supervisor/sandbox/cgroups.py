@@ -88,6 +88,23 @@ class Cgroup:
                     found.extend(int(line) for line in text.split())
         return found
 
+    def stats(self) -> dict[str, int | None]:
+        """CPU time, memory and process count: cpu.stat is core to the v2 tree; memory comes
+        from v2 memory.current, or the v1 memory controller on hybrid hosts."""
+        cpu_usec = None
+        with contextlib.suppress(OSError, ValueError):
+            for line in (self.path / "cpu.stat").read_text().splitlines():
+                key, value = line.split()
+                if key == "usage_usec":
+                    cpu_usec = int(value)
+        memory = None
+        for candidate in (self.path / "memory.current",
+                          CGROUP_ROOT / "memory" / self.relative / "memory.usage_in_bytes"):
+            with contextlib.suppress(OSError, ValueError):
+                memory = int(candidate.read_text())
+                break
+        return {"cpu_usec": cpu_usec, "memory_bytes": memory, "processes": len(self.pids())}
+
     def has_kill_file(self) -> bool:
         return (self.path / "cgroup.kill").exists()
 

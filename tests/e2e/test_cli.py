@@ -204,7 +204,8 @@ def test_control_socket_is_0660_root_operators_and_only_operators_get_in(
     if not os.access(sys.executable, os.X_OK, effective_ids=False):
         pytest.fail("the test interpreter must be executable by other users")
     with _test_users() as users, running_daemon(
-            tmp_root, daemon={"socket_group": users["group"]}) as daemon:
+            tmp_root, daemon={"socket_group": users["group"]},
+            roles={"owner": [f"group:{users['group']}"]}) as daemon:
         st = daemon.socket.stat()
         assert stat.S_ISSOCK(st.st_mode)
         assert stat.S_IMODE(st.st_mode) == 0o660

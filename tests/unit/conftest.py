@@ -23,7 +23,7 @@ from aiohttp import web
 
 from supervisor.api.server import build_app
 from supervisor.audit import AuditLog
-from supervisor.config import Config, DaemonSection, KillSection
+from supervisor.config import Config, DaemonSection, KillSection, RolesSection
 from supervisor.daemon.arbiter import Arbiter
 from supervisor.daemon.store import Store, connect
 from supervisor.models import Actor
@@ -124,7 +124,7 @@ class ServerThread:
 
     root: Path
     socket_path: Path
-    operators_gid: int
+    roles: RolesSection
     runtime: FakeRuntime = field(default_factory=FakeRuntime)
     loop: asyncio.AbstractEventLoop | None = None
     arbiter: Arbiter | None = None
@@ -164,7 +164,7 @@ class ServerThread:
         config = make_config(self.root)
         self._db = connect(config.daemon.state_dir / "state.db")
         self.arbiter = Arbiter(config, Store(self._db), AuditLog(self._db), self.runtime)
-        self._runner = web.AppRunner(build_app(self.arbiter, self.operators_gid))
+        self._runner = web.AppRunner(build_app(self.arbiter, self.roles))
         await self._runner.setup()
         await web.UnixSite(self._runner, str(self.socket_path)).start()
 
@@ -237,18 +237,18 @@ def spend_request_key_warning() -> None:
 
 @pytest.fixture
 def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeFactory]:
-    """Factory of running API servers; operators_gid defaults to this process's own gid, so
-    the test process (the socket peer) is authorized whether or not it is root."""
+    """Factory of running API servers; by default this process's own uid is owner, so the test
+    process (the socket peer) may do everything whether or not it is root."""
     servers: list[ServerThread] = []
     spend_request_key_warning()
 
-    def start(operators_gid: int | None = None, runtime: FakeRuntime | None = None
+    def start(roles: RolesSection | None = None, runtime: FakeRuntime | None = None
               ) -> ServerThread:
         # A short directory: sun_path holds at most 107 bytes.
         root = tmp_path_factory.mktemp("api")
         server = ServerThread(
             root=root, socket_path=root / "control.sock",
-            operators_gid=os.getgid() if operators_gid is None else operators_gid,
+            roles=RolesSection(owner=[f"user:{os.getuid()}"]) if roles is None else roles,
             runtime=runtime or FakeRuntime(),
         )
         servers.append(server)

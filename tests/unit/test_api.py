@@ -14,6 +14,7 @@ from aiohttp.web import BaseRequest
 
 from supervisor.api.client import Client
 from supervisor.api.server import build_app
+from supervisor.config import RolesSection
 from supervisor.errors import (
     AgentNotFound,
     DaemonUnavailable,
@@ -258,7 +259,7 @@ def test_openapi_document(server: ServerThread) -> None:
 
 
 def test_every_route_is_documented() -> None:
-    app = build_app(object(), 0)  # type: ignore[arg-type]  # routes only, never called
+    app = build_app(object(), RolesSection())  # type: ignore[arg-type]  # routes only
     served = {(route.method.lower(), route.resource.canonical)
               for route in app.router.routes()
               if route.resource is not None and route.method != "HEAD"}
@@ -324,8 +325,8 @@ def test_the_peer_is_identified_by_so_peercred(server: ServerThread) -> None:
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root is always authorized, so a root test "
                     "process cannot be refused; run the unit tier as a non-root user")
-def test_a_peer_outside_the_operators_group_is_forbidden(serve: ServeFactory) -> None:
-    server = serve(operators_gid=_foreign_gid())
+def test_a_peer_without_a_role_is_forbidden(serve: ServeFactory) -> None:
+    server = serve(roles=RolesSection(owner=[f"group:{_foreign_gid()}-nobody-has-it"]))
     before = server.snapshot()
     for method, path, body in [("GET", "/v1/agents", None),
                                ("POST", "/v1/actions/kill", b'{"scope": {"all": true}}'),
@@ -342,7 +343,8 @@ def test_a_peer_outside_the_operators_group_is_forbidden(serve: ServeFactory) ->
     refusals = server.call(lambda: server.audit.list())
     assert len(refusals) == after.audit_rows - before.audit_rows == 4
     assert all(e.outcome == "refused:forbidden" and e.scope == "api" for e in refusals)
-    assert refusals[1].verb == "POST /v1/actions/kill"
+    assert (refusals[1].verb, refusals[1].target) == ("kill", "/v1/actions/kill")
+    assert refusals[1].detail["needed_role"] == "owner"
     assert all(e.detail["actor"]["uid"] == os.getuid() for e in refusals)
 
 
