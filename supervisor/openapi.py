@@ -14,6 +14,9 @@ from supervisor.models import (
     AgentView,
     AuditList,
     AuditVerifyResult,
+    DrillList,
+    DrillRequest,
+    DrillResult,
     Health,
     RunRequest,
     RunView,
@@ -59,12 +62,13 @@ def _path_param(name: str) -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [
-        ActionRequest, ActionResult, AgentView, AuditList, AuditVerifyResult, Health,
+        ActionRequest, ActionResult, AgentView, AuditList, AuditVerifyResult, DrillList,
+        DrillResult, Health,
               RunRequest, RunView]
     serialization: JsonSchemaMode = "serialization"
     validation: JsonSchemaMode = "validation"
     wanted = [(m, serialization) for m in models]
-    wanted += [(m, validation) for m in (RunRequest, ActionRequest)]
+    wanted += [(m, validation) for m in (RunRequest, ActionRequest, DrillRequest)]
     _keys, schema = models_json_schema(wanted, ref_template="#/components/schemas/{model}")
     schemas = dict(schema.get("$defs", {}))
     schemas["Error"] = _ERROR
@@ -89,6 +93,8 @@ def openapi_document() -> dict[str, Any]:
                                                params=[verb])},
             "/v1/audit": {"get": _op("audit rows", "AuditList")},
             "/v1/audit/verify": {"get": _op("verify the hash chain", "AuditVerifyResult")},
+            "/v1/drills": {"post": _op("run a kill drill", "DrillResult", "DrillRequest"),
+                           "get": _op("drill history", "DrillList")},
         },
         "components": {"schemas": schemas},
     }

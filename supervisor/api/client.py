@@ -129,6 +129,17 @@ class Client:
     def audit(self, limit: int = 100, after: int = 0) -> Any:
         return self.request("GET", f"/v1/audit?limit={limit}&after={after}")
 
+    def drill(self, processes: int | None = None, slo: str | None = None) -> Any:
+        body: dict[str, Any] = {}
+        if processes is not None:
+            body["processes"] = processes
+        if slo is not None:
+            body["slo"] = slo
+        return self.request("POST", "/v1/drills", body)
+
+    def drills(self, limit: int = 50) -> Any:
+        return self.request("GET", f"/v1/drills?limit={limit}")
+
     def audit_verify(self) -> Any:
         return self.request("GET", "/v1/audit/verify")
 

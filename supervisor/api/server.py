@@ -38,6 +38,9 @@ from supervisor.models import (
     Actor,
     AgentView,
     AuditList,
+    DrillList,
+    DrillRequest,
+    DrillResult,
     Health,
     RunRequest,
     RunView,
@@ -54,6 +57,12 @@ class LiveRunView(Protocol):
 class RunRecordView(Protocol):
     id: str
     log_path: str
+
+
+class DrillRunner(Protocol):
+    async def run(self, actor: Actor, processes: int | None = None,
+                  slo: float | None = None) -> DrillResult: ...
+    def history(self, limit: int = 50) -> list[DrillResult]: ...
 
 
 class Controller(Protocol):
@@ -78,6 +87,7 @@ class Controller(Protocol):
 
 ARBITER = web.AppKey("arbiter", Controller)
 ROLES = web.AppKey("roles", RolesSection)
+DRILLS = web.AppKey("drills", DrillRunner)
 ACTOR = web.RequestKey("actor", Actor)
 PEER_ROLES = web.RequestKey("roles", frozenset)
 _PEERCRED = struct.Struct("3i")
@@ -294,14 +304,41 @@ async def audit_verify(request: web.Request) -> web.Response:
     return _json(request.app[ARBITER].audit.verify())
 
 
+def _drills(request: web.Request) -> DrillRunner:
+    if DRILLS not in request.app:
+        raise RouteNotFound("drills are not available on this daemon", path=request.path)
+    return request.app[DRILLS]
+
+
+@permission("drill")
+async def run_drill(request: web.Request) -> web.Response:
+    drill_request: DrillRequest = await _body(request, DrillRequest)
+    result = await _drills(request).run(request[ACTOR], drill_request.processes,
+                                        drill_request.slo)
+    return _json(result)
+
+
+async def drill_history(request: web.Request) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        raise InvalidRequest("limit must be an integer", field="limit") from None
+    if not 1 <= limit <= 1000:
+        raise InvalidRequest("limit must be between 1 and 1000", field="limit")
+    return _json(DrillList(drills=_drills(request).history(limit)))
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
-def build_app(arbiter: Controller, roles: RolesSection) -> web.Application:
+def build_app(arbiter: Controller, roles: RolesSection, drills: DrillRunner | None = None
+              ) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=1024**2)
     app[ARBITER] = arbiter
     app[ROLES] = roles
+    if drills is not None:
+        app[DRILLS] = drills
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/agents", list_agents)
     app.router.add_get("/v1/agents/{name}", get_agent)
@@ -311,6 +348,8 @@ def build_app(arbiter: Controller, roles: RolesSection) -> web.Application:
     app.router.add_post("/v1/actions/{verb}", action)
     app.router.add_get("/v1/audit", audit_list)
     app.router.add_get("/v1/audit/verify", audit_verify)
+    app.router.add_post("/v1/drills", run_drill)
+    app.router.add_get("/v1/drills", drill_history)
     app.router.add_get("/v1/openapi.json", openapi)
     return app
 

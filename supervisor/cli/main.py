@@ -15,6 +15,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from supervisor.api.client import DEFAULT_SOCKET, Client
+from supervisor.cli.top import top
 from supervisor.errors import InvalidRequest, SupervisorError
 from supervisor.models import REASON_MAX
 
@@ -367,6 +368,48 @@ def audit_verify(as_json: bool) -> None:
     sys.exit(0 if result["ok"] else 1)
 
 
+DRILL_FAILED = 12
+
+
+@cli.command()
+@click.option("--processes", type=click.IntRange(1, 10_000), default=None,
+              help="Processes the canary forks (default from the daemon's [drill] config).")
+@click.option("--slo", default=None, help="time_to_halt objective, e.g. 50ms.")
+@click.option("--history", is_flag=True, help="List past drills instead of running one.")
+@click.option("--limit", default=20, show_default=True, help="With --history: how many.")
+@json_option
+@handles_errors
+def drill(processes: int | None, slo: str | None, history: bool, limit: int,
+          as_json: bool) -> None:
+    """Kill drill: launch a canary that forks and holds network state, kill it through the real
+    kill path, prove nothing survived. Exits 12 when the SLO is missed or anything survived."""
+    client = _client()
+    if history:
+        data = client.drills(limit=limit)
+        if as_json:
+            _emit_json(data)
+            return
+        rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["ts"])), d["id"],
+                 "PASS" if d["passed"] else "FAIL", str(d["processes"]),
+                 _ms(d.get("time_to_halt_ms")), f"{d['slo_ms']:g}", d["actor"]]
+                for d in data["drills"]]
+        _table(rows, ["TIME", "ID", "RESULT", "PROCS", "HALT_MS", "SLO_MS", "ACTOR"])
+        return
+    result = client.drill(processes=processes, slo=slo)
+    if as_json:
+        _emit_json(result)
+    else:
+        verdict = "PASSED" if result["passed"] else "FAILED"
+        click.echo(f"drill {result['id']} {verdict}: {result['processes_seen']} processes, "
+                   f"time_to_halt_ms={_ms(result.get('time_to_halt_ms'))} "
+                   f"(SLO {result['slo_ms']:g} ms)")
+        for check, outcome in result["checks"].items():
+            click.echo(f"  {check:22} {outcome}")
+        if result.get("error"):
+            click.echo(f"  error: {result['error']}")
+    sys.exit(0 if result["passed"] else DRILL_FAILED)
+
+
 @cli.command()
 @json_option
 @handles_errors
@@ -378,6 +421,9 @@ def status(as_json: bool) -> None:
         return
     for key, value in data.items():
         click.echo(f"{key:12} {value}")
+
+
+cli.add_command(top)  # agentctl top: supervisor/cli/top.py
 
 
 def main() -> None:

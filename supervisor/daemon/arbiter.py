@@ -527,6 +527,13 @@ class Arbiter:
 
     async def _reactivate_agent(self, agent: AgentRecord, actor: Actor, reason: str, scope: str
                                 ) -> AgentResult:
+        live = self._live_of(agent)
+        if live is not None:
+            raise IllegalTransition(
+                f"agent {agent.name!r} cannot be reactivated: the kernel has not confirmed its "
+                f"last kill (run {live.record.id} is {live.record.state})",
+                agent=agent.name, run=live.record.id, run_state=live.record.state,
+            )
         previous, new = self._set_agent_state(agent, "reactivate", actor, reason)
         return self._record(agent, None, actor, "reactivate", scope, reason, previous, new)
 
@@ -731,8 +738,29 @@ class Arbiter:
         for result in results:
             if isinstance(result, BaseException):
                 log.critical("shutdown kill failed: %s", result)
+        # Kills and exits already in flight (started by an operator, a timeout or break-glass)
+        # finish their cleanup before the loop ends; cancelling them would leave state behind.
+        in_flight = [live.done.wait() for live in self.live.values()]
+        if in_flight:
+            try:
+                await asyncio.wait_for(asyncio.gather(*in_flight),
+                                       self.config.kill.confirm_timeout * 2)
+            except TimeoutError:
+                log.critical("shutdown: runs still ending: %s", sorted(self.live))
         for task in list(self._tasks):
             task.cancel()
+
+    def forget_agent(self, name: str, actor: Actor, reason: str) -> None:
+        """Drop an idle or killed agent from the registry (its runs stay in the history)."""
+        agent = self._agent(name)
+        if agent.current_run is not None:
+            raise AgentBusy(f"agent {name!r} still has a run", agent=name)
+        del self.agents[name]
+        self.locks.pop(name, None)
+        self.store.delete_agent(name)
+        self.audit.append(actor=actor.label(), verb="forget", scope=f"agent:{name}",
+                          target=name, reason=reason, previous_state=agent.state,
+                          detail={"actor": _who(actor)})
 
     def active_runs(self) -> int:
         return len(self.live)

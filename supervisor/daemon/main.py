@@ -25,9 +25,13 @@ from supervisor.api.server import bind_control_socket, build_app, operators_gid
 from supervisor.audit import AuditLog
 from supervisor.config import Config, load_config
 from supervisor.daemon.arbiter import SYSTEM, Arbiter
+from supervisor.daemon.breakglass import BreakGlass, request_halt
+from supervisor.daemon.drills import Drills
 from supervisor.daemon.selftest import run_self_test
 from supervisor.daemon.store import Store, connect
 from supervisor.errors import ConfigInvalid, EnforcementError, SupervisorError
+from supervisor.events import DeliveryWorker, Outbox, load_endpoints
+from supervisor.metrics import start_metrics
 from supervisor.runtime.sandboxed import RuncRuntime
 from supervisor.sandbox.cgroups import CgroupMode, detect_mode
 
@@ -174,6 +178,12 @@ async def serve(config: Config) -> int:
 
     db = connect(config.daemon.state_dir / "state.db")
     audit = AuditLog(db)
+    # --- webhooks (supervisor/events.py): the outbox subscribes before any audit row that
+    # becomes an event; a missing or world-readable secret stops the start here, naming it.
+    outbox = Outbox(db, load_endpoints(config.webhooks))
+    outbox.attach(audit)
+    webhook_worker = DeliveryWorker(outbox, config.webhook_delivery, audit)
+    # --- end webhooks
     store = Store(db)
     arbiter = Arbiter(config, store, audit, runtime)
     audit.append(actor=SYSTEM.label(), verb="daemon_start", scope="global",
@@ -194,12 +204,25 @@ async def serve(config: Config) -> int:
                                    **report)
         log.info("self-test passed in %.0f ms", report["duration_ms"])
 
+    # --- metrics (supervisor/metrics.py): an address that is not allowed or is in use stops
+    # the start here, naming it.
+    try:
+        metrics_endpoint = await start_metrics(arbiter, audit, config.metrics.listen,
+                                               __version__, backlog=outbox.backlog,
+                                               socket_gid=gid)
+    except SupervisorError:
+        watchdog.disarm()
+        raise
+    # --- end metrics
+
+    drills = Drills(arbiter, db, config.drill)
     sock = bind_control_socket(config.socket_path, gid)
-    app = build_app(arbiter, config.roles)
+    app = build_app(arbiter, config.roles, drills)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     site = web.SockSite(runner, sock)
     await site.start()
+    webhook_worker.start()  # webhooks: delivery never runs on the kill path
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -212,6 +235,9 @@ async def serve(config: Config) -> int:
 
     watchdog.on_death = watchdog_died
     watchdog.watch(loop)
+    drill_schedule = asyncio.create_task(drills.schedule())
+    breakglass = BreakGlass(arbiter, config.halt_file)
+    await breakglass.start()
     def on_signal(signum: int) -> None:
         log.warning("received %s", signal.Signals(signum).name)
         stop.set()
@@ -225,10 +251,15 @@ async def serve(config: Config) -> int:
 
     sd_notify("STOPPING=1\nSTATUS=killing every agent")
     log.warning("shutting down: killing every agent")
+    drill_schedule.cancel()
+    breakglass.stop()
     await arbiter.shutdown(config.daemon.shutdown_reason)
+    await webhook_worker.stop()  # webhooks: up to 2 s to flush; the rest waits for the next start
     audit.append(actor=SYSTEM.label(), verb="daemon_stop", scope="global",
                  reason=config.daemon.shutdown_reason)
     await runner.cleanup()
+    if metrics_endpoint is not None:  # metrics
+        await metrics_endpoint.stop()
     with contextlib.suppress(FileNotFoundError):
         config.socket_path.unlink()
     watchdog.disarm()
@@ -236,15 +267,40 @@ async def serve(config: Config) -> int:
     return 0
 
 
+def break_glass(config_path: Path | None, reason: str) -> int:
+    """--halt: works with a broken config too (then the default HALT file is used)."""
+    if os.geteuid() != 0:
+        click.echo("agent-supervisord: --halt needs root", err=True)
+        return 5
+    try:
+        halt_file = load_config(config_path).halt_file
+    except ConfigInvalid as exc:
+        halt_file = Config().halt_file
+        click.echo(f"agent-supervisord: {exc.message}; using {halt_file}", err=True)
+    if request_halt(halt_file, reason or "break-glass"):
+        click.echo(f"global halt applied by the running daemon ({halt_file})")
+        return 0
+    click.echo(f"no running daemon took {halt_file} within 10s; it stays there and is applied "
+               f"when the daemon starts. For an unresponsive daemon: kill -9 it (its watchdog "
+               f"then kills every agent)", err=True)
+    return 1
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="Configuration file (default /etc/agent-supervisor/daemon.toml if present).")
 @click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
+@click.option("--halt", "halt_reason", metavar="REASON", default=None,
+              help="Break-glass: halt every agent through the HALT file (root; needs no socket "
+                   "and no role config), wait for the daemon to apply it, and exit.")
 @click.version_option(__version__)
-def main(config_path: Path | None, check_config: bool) -> None:
+def main(config_path: Path | None, check_config: bool, halt_reason: str | None) -> None:
     """The agent supervisor daemon (runs as root)."""
+    if halt_reason is not None:
+        sys.exit(break_glass(config_path, halt_reason))
     try:
         config = load_config(config_path)
+        load_endpoints(config.webhooks)  # secrets present and private, before anything starts
     except ConfigInvalid as exc:
         click.echo(f"agent-supervisord: {exc.message}", err=True)
         sys.exit(exc.exit_status)

@@ -109,6 +109,10 @@ class Store:
                 list(row.values()),
             )
 
+    def delete_agent(self, name: str) -> None:
+        with self.db:
+            self.db.execute("DELETE FROM agents WHERE name = ?", (name,))
+
     def agents(self) -> list[AgentRecord]:
         cur = self.db.execute("SELECT * FROM agents ORDER BY name")
         names = [d[0] for d in cur.description]

@@ -20,6 +20,9 @@ __all__ = [
     "AuditEntry",
     "AuditList",
     "AuditVerifyResult",
+    "DrillList",
+    "DrillRequest",
+    "DrillResult",
     "Duration",
     "Health",
     "RunRequest",
@@ -222,6 +225,30 @@ class AuditVerifyResult(BaseModel):
     first_bad_seq: int | None = None
     problem: str | None = None
     head_hash: str | None = None
+
+
+class DrillRequest(_Request):
+    processes: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    slo: Duration | None = None
+
+
+class DrillResult(BaseModel):
+    id: str
+    ts: float
+    actor: str
+    processes: int
+    processes_seen: int
+    slo_ms: float
+    time_to_halt_ms: float | None
+    passed: bool
+    # Each check: "pass", "fail: ..." or "n/a: ...".
+    checks: dict[str, str]
+    survivors: list[int] = []
+    error: str | None = None
+
+
+class DrillList(BaseModel):
+    drills: list[DrillResult]
 
 
 class Health(BaseModel):

@@ -31,6 +31,7 @@ class FakeRunHandle:
 
     async def start(self) -> None:
         self.started = True
+        self.processes = self.runtime.start_processes
         self._future()
 
     def kill(self, *, force_fallback: bool = False) -> str:
@@ -94,8 +95,9 @@ class FakeRuntime:
     name = "fake"
 
     def __init__(self, *, leave_survivor: bool = False, exit_on_signal: bool = True,
-                 fail_launch: Exception | None = None) -> None:
+                 fail_launch: Exception | None = None, start_processes: int = 1) -> None:
         self.leave_survivor = leave_survivor
+        self.start_processes = start_processes
         self.exit_on_signal = exit_on_signal
         self.fail_launch = fail_launch
         self.handles: dict[str, FakeRunHandle] = {}

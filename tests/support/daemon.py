@@ -29,7 +29,8 @@ class Daemon:
     config_path: Path
     prefix: str
     cgroup_parent: str
-    extra_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # A section's values, or a list of tables (webhooks=[{...}] renders [[webhooks]]).
+    extra_config: dict[str, dict[str, Any] | list[dict[str, Any]]] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -56,13 +57,23 @@ class Daemon:
                        "log_level": "debug"},
             "sandbox": {"cgroup_parent": self.cgroup_parent, "name_prefix": self.prefix},
             "kill": {"confirm_timeout": "5s"},
+            # Off unless a test asks (metrics={"listen": ...}): test daemons never race for 9464.
+            "metrics": {"listen": ""},
         }
+        tables: dict[str, list[dict[str, Any]]] = {}
         for section, values in self.extra_config.items():
-            sections.setdefault(section, {}).update(values)
+            if isinstance(values, list):
+                tables[section] = values
+            else:
+                sections.setdefault(section, {}).update(values)
         lines = []
         for section, values in sections.items():
             lines.append(f"[{section}]")
             lines.extend(f"{k} = {json.dumps(v)}" for k, v in values.items())
+        for section, items in tables.items():
+            for item in items:
+                lines.append(f"[[{section}]]")
+                lines.extend(f"{k} = {json.dumps(v)}" for k, v in item.items())
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 30.0) -> None:
@@ -160,7 +171,7 @@ class Daemon:
             Cgroup(self.cgroup_parent).remove()
 
 
-def new_daemon(tmp_root: Path, **extra: dict[str, Any]) -> Daemon:
+def new_daemon(tmp_root: Path, **extra: dict[str, Any] | list[dict[str, Any]]) -> Daemon:
     tag = secrets.token_hex(3)
     root = tmp_root / f"d{tag}"
     (root / "profiles").mkdir(parents=True)
@@ -170,7 +181,8 @@ def new_daemon(tmp_root: Path, **extra: dict[str, Any]) -> Daemon:
 
 
 @contextlib.contextmanager
-def running_daemon(tmp_root: Path, **extra: dict[str, Any]) -> Iterator[Daemon]:
+def running_daemon(tmp_root: Path, **extra: dict[str, Any] | list[dict[str, Any]]
+                   ) -> Iterator[Daemon]:
     daemon = new_daemon(tmp_root, **extra)
     daemon.start()
     try:

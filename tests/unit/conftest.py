@@ -23,8 +23,9 @@ from aiohttp import web
 
 from supervisor.api.server import build_app
 from supervisor.audit import AuditLog
-from supervisor.config import Config, DaemonSection, KillSection, RolesSection
+from supervisor.config import Config, DaemonSection, DrillSection, KillSection, RolesSection
 from supervisor.daemon.arbiter import Arbiter
+from supervisor.daemon.drills import Drills
 from supervisor.daemon.store import Store, connect
 from supervisor.models import Actor
 from supervisor.runtime.fake import FakeRuntime
@@ -128,6 +129,8 @@ class ServerThread:
     runtime: FakeRuntime = field(default_factory=FakeRuntime)
     loop: asyncio.AbstractEventLoop | None = None
     arbiter: Arbiter | None = None
+    drills: Drills | None = None
+    kill: KillSection | None = None
     _db: sqlite3.Connection | None = None
     _runner: web.AppRunner | None = None
     _thread: threading.Thread | None = None
@@ -161,10 +164,11 @@ class ServerThread:
             loop.close()
 
     async def _setup(self) -> None:
-        config = make_config(self.root)
+        config = make_config(self.root, self.kill)
         self._db = connect(config.daemon.state_dir / "state.db")
         self.arbiter = Arbiter(config, Store(self._db), AuditLog(self._db), self.runtime)
-        self._runner = web.AppRunner(build_app(self.arbiter, self.roles))
+        self.drills = Drills(self.arbiter, self._db, DrillSection(processes=4, slo=1.0))
+        self._runner = web.AppRunner(build_app(self.arbiter, self.roles, self.drills))
         await self._runner.setup()
         await web.UnixSite(self._runner, str(self.socket_path)).start()
 
@@ -242,14 +246,14 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeFactory]:
     servers: list[ServerThread] = []
     spend_request_key_warning()
 
-    def start(roles: RolesSection | None = None, runtime: FakeRuntime | None = None
-              ) -> ServerThread:
+    def start(roles: RolesSection | None = None, runtime: FakeRuntime | None = None,
+              kill: KillSection | None = None) -> ServerThread:
         # A short directory: sun_path holds at most 107 bytes.
         root = tmp_path_factory.mktemp("api")
         server = ServerThread(
             root=root, socket_path=root / "control.sock",
             roles=RolesSection(owner=[f"user:{os.getuid()}"]) if roles is None else roles,
-            runtime=runtime or FakeRuntime(),
+            runtime=runtime or FakeRuntime(), kill=kill,
         )
         servers.append(server)
         server.start()

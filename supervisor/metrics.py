@@ -1,0 +1,276 @@
+"""Prometheus metrics of the daemon, served on their own small aiohttp app inside the daemon's
+event loop: on a loopback TCP port or a Unix socket (`[metrics] listen`). Runs in the daemon
+(root) but needs no privilege of its own beyond binding that address.
+
+Nothing here sits on the kill path. Counters and the time_to_halt histogram move from audit
+entries (an audit subscriber that never raises, so a metrics bug cannot roll back an audit row);
+everything else is read from the arbiter's state at scrape time. Each daemon has its own
+CollectorRegistry, never the process-wide default one."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import socket
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from supervisor.api.server import bind_control_socket
+from supervisor.audit import AuditLog
+from supervisor.errors import ConfigInvalid
+from supervisor.models import AuditEntry
+from supervisor.states import AgentState
+
+log = logging.getLogger(__name__)
+
+PREFIX = "agent_supervisor"
+# time_to_halt spans ~1 ms (an idle cgroup) to the kill confirm timeout (5 s by default) and the
+# escalation after it; a bucket past 10 s would only say "escalated twice".
+HALT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Audit verbs whose time_to_halt_ms is a kill's (label value: the verb). "kill_confirmed" is the
+# late confirmation of an unconfirmed kill, whose own row carries no confirmed time.
+_HALT_VERBS = {"kill": "kill", "kill_confirmed": "kill", "shutdown": "shutdown",
+               "watchdog_kill": "watchdog_kill"}
+
+BacklogFn = Callable[[], int]
+
+
+class AgentLike(Protocol):
+    @property
+    def state(self) -> str: ...
+    @property
+    def agent_class(self) -> str: ...
+
+
+class Observed(Protocol):
+    """What the metrics read of the daemon's arbiter (the daemon layer sits above this one)."""
+
+    @property
+    def agents(self) -> Mapping[str, AgentLike]: ...
+    @property
+    def global_halt(self) -> bool: ...
+    def active_runs(self) -> int: ...
+
+
+def scope_kind(scope: str) -> str:
+    """'agent:x' -> agent, 'class:web' -> class, 'global' -> global ('api': refused before the
+    request's scope was read)."""
+    return scope.partition(":")[0] or "unknown"
+
+
+class Metrics(Collector):
+    """The daemon's metrics: a registry of its own, fed by the audit log and the arbiter."""
+
+    def __init__(self, observed: Observed, audit: AuditLog | None, version: str,
+                 backlog: BacklogFn | None = None) -> None:
+        self.observed = observed
+        self.version = version
+        self.backlog = backlog
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.kills = Counter(
+            f"{PREFIX}_kills", "Agents the kill verb was applied to (a class or global kill "
+            "counts each agent), by the scope kind of the command, its actor and the outcome "
+            "(ok, unconfirmed, refused)", ["scope", "actor", "outcome"], registry=self.registry)
+        self.time_to_halt = Histogram(
+            f"{PREFIX}_time_to_halt_seconds", "Kill path duration from marking the agent killed "
+            "to its network teardown, as audited (verb: kill, shutdown, watchdog_kill)",
+            ["verb"], buckets=HALT_BUCKETS, registry=self.registry)
+        self.drills = Counter(
+            f"{PREFIX}_drills", "Completed kill drills by result", ["result"],
+            registry=self.registry)
+        for result in ("pass", "fail"):
+            self.drills.labels(result=result)
+        self.audit_rows = audit.count() if audit is not None else 0
+        self.registry.register(self)
+        if audit is not None:
+            audit.subscribe(self._on_audit)
+
+    # ------------------------------------------------------------------ from the audit log
+
+    def _on_audit(self, _db: sqlite3.Connection, entry: AuditEntry) -> None:
+        # Runs inside the audit row's transaction: an exception here would roll the row back.
+        try:
+            self.observe(entry)
+        except Exception:
+            log.exception("metrics: audit entry %s not counted", entry.seq)
+
+    def observe(self, entry: AuditEntry) -> None:
+        """Count one audit entry."""
+        self.audit_rows = max(self.audit_rows, entry.seq)
+        if entry.verb == "kill":
+            outcome = entry.outcome.partition(":")[0]
+            self.kills.labels(scope=scope_kind(entry.scope), actor=entry.actor,
+                              outcome=outcome).inc()
+        halt_verb = _HALT_VERBS.get(entry.verb)
+        if (halt_verb is not None and entry.time_to_halt_ms is not None
+                and entry.outcome == "ok"):
+            self.time_to_halt.labels(verb=halt_verb).observe(entry.time_to_halt_ms / 1000)
+        if entry.verb == "drill" and isinstance(entry.detail.get("passed"), bool):
+            self.drills.labels(result="pass" if entry.detail["passed"] else "fail").inc()
+
+    # ------------------------------------------------------------------ read at scrape time
+
+    def collect(self) -> Iterable[GaugeMetricFamily | InfoMetricFamily]:
+        by_class: dict[str, dict[str, int]] = {}
+        for agent in self.observed.agents.values():
+            counts = by_class.setdefault(agent.agent_class, {s.value: 0 for s in AgentState})
+            counts[agent.state] = counts.get(agent.state, 0) + 1
+        agents = GaugeMetricFamily(f"{PREFIX}_agents", "Registered agents by state and class",
+                                   labels=["state", "class"])
+        for agent_class, counts in sorted(by_class.items()):
+            for state, count in sorted(counts.items()):
+                agents.add_metric([state, agent_class], count)
+        yield agents
+        yield GaugeMetricFamily(f"{PREFIX}_active_runs", "Runs the daemon tracks (live or "
+                                "being killed)", value=self.observed.active_runs())
+        yield GaugeMetricFamily(f"{PREFIX}_global_halt", "1 while a global halt blocks new "
+                                "runs", value=1 if self.observed.global_halt else 0)
+        yield GaugeMetricFamily(f"{PREFIX}_audit_rows", "Rows in the hash-chained audit log",
+                                value=self.audit_rows)
+        yield GaugeMetricFamily(f"{PREFIX}_webhook_backlog", "Webhook events in the outbox "
+                                "not yet delivered", value=self._backlog())
+        info = InfoMetricFamily(f"{PREFIX}_build", "The daemon's version")
+        info.add_metric([], {"version": self.version})
+        yield info
+
+    def _backlog(self) -> int:
+        if self.backlog is None:
+            return 0
+        try:
+            return self.backlog()
+        except Exception:
+            # A scrape must not fail because the outbox could not be read; the log says why.
+            log.exception("metrics: webhook backlog unavailable")
+            return 0
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# ---------------------------------------------------------------------- the endpoint
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    text: str
+    host: str = ""
+    port: int = 0
+    path: Path | None = None
+
+
+def parse_listen(listen: str) -> ListenAddress | None:
+    """`[metrics] listen`: "HOST:PORT" on loopback ("[::1]:PORT" for IPv6), "unix:/path", or
+    "" (disabled, None). Anything else, or a non-loopback host, is a ConfigInvalid: the metrics
+    name every agent, and exposing them beyond the host needs an explicit option."""
+    listen = listen.strip()
+    if not listen:
+        return None
+
+    def invalid(why: str) -> ConfigInvalid:
+        return ConfigInvalid(f"[metrics] listen = {listen!r}: {why}", key="metrics.listen",
+                             value=listen, reason=why)
+
+    if listen.startswith("unix:"):
+        path = Path(listen.removeprefix("unix:"))
+        if not path.is_absolute():
+            raise invalid("a Unix socket path must be absolute (unix:/run/...)")
+        return ListenAddress(text=listen, path=path)
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise invalid('expected "HOST:PORT" on loopback, "unix:/path" or "" to disable')
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        addresses = [ipaddress.ip_address(host)]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise invalid(f"cannot resolve {host!r}: {exc.strerror}") from None
+        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    if not all(a.is_loopback for a in addresses):
+        raise invalid("only loopback addresses (127.0.0.0/8, ::1) or a Unix socket are "
+                      "allowed: the metrics name every agent")
+    return ListenAddress(text=listen, host=host, port=int(port_text))
+
+
+class MetricsEndpoint:
+    """GET /metrics on its own aiohttp runner, in the caller's event loop."""
+
+    def __init__(self, metrics: Metrics, address: ListenAddress, socket_gid: int = -1) -> None:
+        self.metrics = metrics
+        self.address = address
+        self.socket_gid = socket_gid
+        app = web.Application()
+        app.router.add_get("/metrics", self._serve)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+
+    async def _serve(self, _request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.exposition(),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        site: web.BaseSite
+        try:
+            if self.address.path is not None:
+                # Created 0660 root:<socket group> and moved into place, like the control socket.
+                sock = bind_control_socket(self.address.path, self.socket_gid)
+                site = web.SockSite(self._runner, sock)
+            else:
+                site = web.TCPSite(self._runner, self.address.host, self.address.port)
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            why = exc.strerror or str(exc)
+            raise ConfigInvalid(
+                f"cannot serve metrics on {self.address.text}: {why} (set [metrics] listen to "
+                f'another address, or to "" to disable the endpoint)',
+                key="metrics.listen", value=self.address.text, reason=why) from None
+        log.info("metrics on %s", ", ".join(self.bound))
+
+    @property
+    def bound(self) -> list[str]:
+        """The addresses actually listened on, as "HOST:PORT" or "unix:/path" (a port 0 shows
+        its real number here)."""
+        bound = []
+        for address in self._runner.addresses:
+            if isinstance(address, tuple):
+                host, port = address[0], address[1]
+                bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            else:
+                bound.append(f"unix:{address}")
+        return bound
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+        if self.address.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.address.path.unlink()
+
+
+async def start_metrics(observed: Observed, audit: AuditLog, listen: str, version: str,
+                        backlog: BacklogFn | None = None, socket_gid: int = -1
+                        ) -> MetricsEndpoint | None:
+    """The daemon's metrics endpoint, already serving; None when `listen` is empty. Raises
+    ConfigInvalid naming the address when it is not allowed or cannot be bound."""
+    address = parse_listen(listen)
+    if address is None:
+        return None
+    endpoint = MetricsEndpoint(Metrics(observed, audit, version, backlog), address, socket_gid)
+    await endpoint.start()
+    return endpoint
