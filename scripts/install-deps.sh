@@ -12,7 +12,7 @@ if [[ $EUID -ne 0 ]]; then
     exit 1
 fi
 
-packages=(runc iproute2 nftables python3 python3-venv util-linux passwd procps systemd tmux)
+packages=(runc iproute2 nftables python3 python3-venv util-linux passwd procps systemd tmux stress-ng)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \

@@ -105,6 +105,19 @@ class BreakGlassSection(_Section):
     halt_file: Path | None = None
 
 
+class TelemetrySection(_Section):
+    rate_hz: Annotated[float, Field(gt=0, le=100)] = 10.0
+    # psutil's per-process walk (RSS, fds, threads, connections, I/O, commands) is the costly
+    # part: it runs on every Nth sample; the cgroup numbers are read on every sample.
+    process_every: Annotated[int, Field(ge=1, le=100)] = 5
+    # Samples kept in memory per run (600 at 10 Hz: the last minute).
+    window: Annotated[int, Field(ge=10, le=100_000)] = 600
+    # Seccomp user-notification listener (runc's listenerPath). "" turns it off: the notified
+    # syscalls are then denied EPERM by the filter itself, unreported. Default:
+    # <runtime_dir>/seccomp.sock.
+    seccomp_listener: str | None = None
+
+
 class Config(_Section):
     daemon: DaemonSection = DaemonSection()
     sandbox: SandboxSection = SandboxSection()
@@ -115,6 +128,16 @@ class Config(_Section):
     metrics: MetricsSection = MetricsSection()
     drill: DrillSection = DrillSection()
     breakglass: BreakGlassSection = BreakGlassSection()
+    telemetry: TelemetrySection = TelemetrySection()
+
+    @property
+    def seccomp_listener(self) -> Path | None:
+        """None when syscall telemetry is turned off."""
+        if self.telemetry.seccomp_listener == "":
+            return None
+        if self.telemetry.seccomp_listener is None:
+            return self.daemon.runtime_dir / "seccomp.sock"
+        return Path(self.telemetry.seccomp_listener)
 
     @property
     def halt_file(self) -> Path:

@@ -20,6 +20,7 @@ from supervisor.models import (
     Health,
     RunRequest,
     RunView,
+    TelemetryView,
 )
 
 _ERROR = {
@@ -64,7 +65,7 @@ def openapi_document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [
         ActionRequest, ActionResult, AgentView, AuditList, AuditVerifyResult, DrillList,
         DrillResult, Health,
-              RunRequest, RunView]
+              RunRequest, RunView, TelemetryView]
     serialization: JsonSchemaMode = "serialization"
     validation: JsonSchemaMode = "validation"
     wanted = [(m, serialization) for m in models]
@@ -88,6 +89,9 @@ def openapi_document() -> dict[str, Any]:
                                           params=[_path_param("ref")])},
             "/v1/runs/{ref}/logs": {"get": _op("a run's output (follow=1 streams)", None,
                                                params=[_path_param("ref")])},
+            "/v1/runs/{ref}/telemetry": {"get": _op(
+                "a run's recent samples (limit=N, default 20) and its summary", "TelemetryView",
+                params=[_path_param("ref")])},
             "/v1/actions/{verb}": {"post": _op("kill, pause, resume, stop or reactivate a scope",
                                                "ActionResult", "ActionRequest",
                                                params=[verb])},

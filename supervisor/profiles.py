@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from supervisor.errors import ProfileInvalid, ProfileNotFound
+from supervisor.models.tripwire import TripwirePolicy
 from supervisor.models.units import Size
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
@@ -68,6 +69,7 @@ class Profile(_Strict):
     limits: Limits = Limits()
     seccomp: SeccompPolicy = SeccompPolicy()
     network: NetworkPolicy = NetworkPolicy()
+    tripwires: TripwirePolicy = TripwirePolicy()
     env: dict[str, str] = {}
 
     @field_validator("env")

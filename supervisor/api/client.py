@@ -119,6 +119,9 @@ class Client:
     def logs(self, ref: str, follow: bool = False) -> Iterator[bytes]:
         return self.stream(f"/v1/runs/{_quote(ref)}/logs?follow={'1' if follow else '0'}")
 
+    def telemetry(self, ref: str, limit: int = 20) -> Any:
+        return self.request("GET", f"/v1/runs/{_quote(ref)}/telemetry?limit={limit}")
+
     def action(self, verb: str, scope: dict[str, Any], reason: str = "",
                grace: str | None = None) -> Any:
         body: dict[str, Any] = {"scope": scope, "reason": reason}

@@ -44,8 +44,12 @@ from supervisor.models import (
     Health,
     RunRequest,
     RunView,
+    TelemetrySample,
+    TelemetrySummary,
+    TelemetryView,
 )
 from supervisor.openapi import openapi_document
+from supervisor.telemetry import Sample
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +89,16 @@ class Controller(Protocol):
     async def act(self, verb: str, request: ActionRequest, actor: Actor) -> ActionResult: ...
 
 
+class TelemetrySource(Protocol):
+    """What the API reads of the daemon's telemetry (supervisor/telemetry/sampler.py)."""
+
+    def tracking(self, run_id: str) -> bool: ...
+    def samples(self, run_id: str, limit: int) -> list[Sample]: ...
+    def summary(self, run_id: str) -> TelemetrySummary | None: ...
+
+
 ARBITER = web.AppKey("arbiter", Controller)
+TELEMETRY = web.AppKey("telemetry", TelemetrySource)
 ROLES = web.AppKey("roles", RolesSection)
 DRILLS = web.AppKey("drills", DrillRunner)
 ACTOR = web.RequestKey("actor", Actor)
@@ -231,7 +244,10 @@ async def list_agents(request: web.Request) -> web.Response:
 
 
 async def get_agent(request: web.Request) -> web.Response:
-    return _json(request.app[ARBITER].agent_view(request.match_info["name"]))
+    view = request.app[ARBITER].agent_view(request.match_info["name"])
+    if view.run is not None and TELEMETRY in request.app:  # telemetry: the run's summary
+        view.telemetry = request.app[TELEMETRY].summary(view.run.id)
+    return _json(view)
 
 
 @permission("launch")
@@ -274,6 +290,27 @@ async def run_logs(request: web.Request) -> web.StreamResponse:
             await asyncio.wait_for(live.done.wait(), _LOG_POLL)
     await response.write_eof()
     return response
+
+
+async def run_telemetry(request: web.Request) -> web.Response:
+    """A run's most recent samples and its summary (live, or stored once the run ended)."""
+    arbiter = request.app[ARBITER]
+    record, _live = arbiter.resolve_run(request.match_info["ref"])
+    try:
+        limit = int(request.query.get("limit", "20"))
+    except ValueError:
+        raise InvalidRequest("limit must be an integer", field="limit") from None
+    if not 0 <= limit <= 10_000:
+        raise InvalidRequest("limit must be between 0 and 10000", field="limit")
+    if TELEMETRY not in request.app:
+        raise RouteNotFound("telemetry is not available on this daemon", path=request.path)
+    source = request.app[TELEMETRY]
+    return _json(TelemetryView(
+        run=record.id, agent=record.agent, state=record.state, live=source.tracking(record.id),
+        samples=[TelemetrySample.model_validate(sample.as_dict())
+                 for sample in source.samples(record.id, limit)],
+        summary=source.summary(record.id),
+    ))
 
 
 @permission("action")
@@ -332,19 +369,22 @@ async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
-def build_app(arbiter: Controller, roles: RolesSection, drills: DrillRunner | None = None
-              ) -> web.Application:
+def build_app(arbiter: Controller, roles: RolesSection, drills: DrillRunner | None = None,
+              telemetry: TelemetrySource | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=1024**2)
     app[ARBITER] = arbiter
     app[ROLES] = roles
     if drills is not None:
         app[DRILLS] = drills
+    if telemetry is not None:
+        app[TELEMETRY] = telemetry
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/agents", list_agents)
     app.router.add_get("/v1/agents/{name}", get_agent)
     app.router.add_post("/v1/runs", create_run)
     app.router.add_get("/v1/runs/{ref}", get_run)
     app.router.add_get("/v1/runs/{ref}/logs", run_logs)
+    app.router.add_get("/v1/runs/{ref}/telemetry", run_telemetry)
     app.router.add_post("/v1/actions/{verb}", action)
     app.router.add_get("/v1/audit", audit_list)
     app.router.add_get("/v1/audit/verify", audit_verify)

@@ -15,7 +15,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from supervisor.api.client import DEFAULT_SOCKET, Client
-from supervisor.cli.top import top
+from supervisor.cli.top import human_bytes, top
 from supervisor.errors import InvalidRequest, SupervisorError
 from supervisor.models import REASON_MAX
 
@@ -104,13 +104,18 @@ def _ms(value: float | None) -> str:
               help="Directory bound read-write at /workspace.")
 @click.option("--timeout", help="Hard execution window, e.g. 30s, 10m; the run is killed after.")
 @click.option("--env", "env", multiple=True, help="KEY=VALUE for the agent's environment.")
+@click.option("--tripwire", "tripwires", multiple=True, metavar="NAME:METRIC>VALUE[:ACTION]",
+              help="A tripwire for this agent, e.g. 'mem:memory_bytes>512M:kill' (action "
+                   "alert, pause or kill; default alert). Replaces the profile's rule of the "
+                   "same name.")
 @click.option("--detach", "-d", is_flag=True, help="Return once the agent runs.")
 @json_option
 @click.argument("command", nargs=-1, required=True)
 @handles_errors
 def run(name: str | None, agent_class: str | None, profile: str | None,
-        workspace: Path | None, timeout: str | None, env: tuple[str, ...], detach: bool,
-        as_json: bool, command: tuple[str, ...]) -> None:
+        workspace: Path | None, timeout: str | None, env: tuple[str, ...],
+        tripwires: tuple[str, ...], detach: bool, as_json: bool, command: tuple[str, ...]
+        ) -> None:
     """Run COMMAND as a sandboxed agent: agentctl run --name a1 -- python agent.py
 
     In the foreground the agent's output is streamed and agentctl exits with the agent's
@@ -134,6 +139,8 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
                 raise InvalidRequest(f"--env {item!r} is not KEY=VALUE", field="env")
             pairs[key] = value
         body["env"] = pairs
+    if tripwires:
+        body["tripwires"] = [_parse_tripwire(spec) for spec in tripwires]
     client = _client()
     view = client.run(body)
     if detach:
@@ -143,6 +150,17 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
             click.echo(f"{view['agent']} {view['id']}")
         return
     sys.exit(_follow(client, view, as_json))
+
+
+def _parse_tripwire(spec: str) -> dict[str, Any]:
+    """NAME:METRIC>VALUE[:ACTION]; the daemon validates metric, value and action."""
+    name, sep, rest = spec.partition(":")
+    condition, _, action = rest.partition(":")
+    metric, gt, value = condition.partition(">")
+    if not (sep and gt and name and metric and value):
+        raise InvalidRequest(f"--tripwire {spec!r} is not NAME:METRIC>VALUE[:ACTION]",
+                             field="tripwires")
+    return {"name": name, "metric": metric, "above": value, "action": action or "alert"}
 
 
 def _follow(client: Client, view: dict[str, Any], as_json: bool) -> int:
@@ -235,6 +253,55 @@ def inspect(agent: str, as_json: bool) -> None:
                 value = " ".join(value)
             click.echo(f"  {key:14} {value if value is not None else '-'}")
         click.echo(f"  {'started':14} {_ago(run_view.get('started_at'))} ago")
+    if data.get("telemetry"):  # telemetry
+        _print_summary_block(data["telemetry"])
+
+
+# ----------------------------------------------------------------------------- telemetry
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def _print_summary_block(summary: dict[str, Any]) -> None:
+    state = "live" if summary.get("ended_at") is None else "final"
+    click.echo(f"telemetry ({state}, {summary['samples']} samples):")
+    for label, text in (("peak_memory", human_bytes(summary.get("peak_memory_bytes"))),
+                        ("cpu_seconds", _num(summary.get("cpu_seconds"), 2)),
+                        ("peak_processes", _count(summary.get("peak_processes"))),
+                        ("syscall_attempts", _count(summary.get("syscall_attempts")))):
+        click.echo(f"  {label:16} {text}")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--limit", type=click.IntRange(0, 10_000), default=20, show_default=True,
+              help="How many of the most recent samples.")
+@json_option
+@handles_errors
+def telemetry(ref: str, limit: int, as_json: bool) -> None:
+    """A run's most recent telemetry samples and its summary (REF: agent name or run id).
+    Samples exist while the run is live; an ended run keeps only its summary."""
+    data = _client().telemetry(ref, limit=limit)
+    if as_json:
+        _emit_json(data)
+        return
+    state = "live" if data["live"] else "ended"
+    click.echo(f"run {data['run']} of agent {data['agent']}: {data['state']} ({state})")
+    rows = [[time.strftime("%H:%M:%S", time.localtime(s["ts"])) + f".{int(s['ts'] * 10) % 10}",
+             _num(s.get("cpu_percent")), human_bytes(s.get("memory_bytes")),
+             str(s["processes"]), _count(s.get("open_fds")), _count(s.get("threads")),
+             str(s.get("syscall_attempts", 0))]
+            for s in data["samples"]]
+    if rows:
+        _table(rows, ["TIME", "CPU%", "MEMORY", "PROCS", "FDS", "THREADS", "SYSCALLS"])
+    summary = data.get("summary")
+    if summary:
+        _print_summary_block(summary)
 
 
 @cli.command()

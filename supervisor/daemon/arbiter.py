@@ -43,6 +43,7 @@ from supervisor.models import (
     RunView,
     Scope,
 )
+from supervisor.models.tripwire import TripwireRule
 from supervisor.profiles import Profile, load_profile
 from supervisor.runtime.base import RunHandle, RunParams, Runtime
 from supervisor.states import (
@@ -66,6 +67,8 @@ _LAUNCH_WAIT = 30.0  # a kill waits this long for a launch in flight to reach a 
 class LiveRun:
     record: RunRecord
     handle: RunHandle | None = None
+    profile: Profile | None = None
+    tripwires: list[TripwireRule] = field(default_factory=list)  # the agent's own overrides
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     ending: str | None = None  # "kill", "stop", "exit", "shutdown": who finalizes the run
@@ -87,6 +90,9 @@ class Arbiter:
         self.live: dict[str, LiveRun] = {}
         self.locks: dict[str, asyncio.Lock] = {}
         self.revoke_hooks: list[RevokeHook] = []
+        # (run_id, cgroup relative path, started_at) once a run is running; (run_id) at its end.
+        self.run_started_hooks: list[Callable[[str, str, float], None]] = []
+        self.run_ended_hooks: list[Callable[[str], None]] = []
         self.global_halt = store.get_meta(GLOBAL_HALT_KEY) is not None
         self.shutting_down = False
         self.bundles_dir = config.daemon.runtime_dir / "bundles"
@@ -250,7 +256,7 @@ class Arbiter:
                 timeout=request.timeout,
             )
             agent.current_run = run_id
-            live = LiveRun(record=run)
+            live = LiveRun(record=run, profile=profile, tripwires=list(request.tripwires))
             self.agents[name] = agent
             self.live[run_id] = live
             self.store.put_agent(agent)
@@ -298,6 +304,8 @@ class Arbiter:
         await handle.start()
         self._set_run_state(run, "start")
         self.store.put_run(run)
+        for started_hook in self.run_started_hooks:
+            started_hook(run.id, run.cgroup, run.started_at)
         live.watcher = self._spawn(self._watch(live))
         if run.timeout is not None:
             loop = asyncio.get_running_loop()
@@ -372,6 +380,8 @@ class Arbiter:
         agent.last_run = run.id
         self.live.pop(run.id, None)
         self.store.put_run(run)
+        for ended_hook in self.run_ended_hooks:
+            ended_hook(run.id)
 
     # ----------------------------------------------------------------- the kill path
 

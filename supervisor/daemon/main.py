@@ -26,6 +26,7 @@ from supervisor.audit import AuditLog
 from supervisor.config import Config, load_config
 from supervisor.daemon.arbiter import SYSTEM, Arbiter
 from supervisor.daemon.breakglass import BreakGlass, request_halt
+from supervisor.daemon.containment import Containment
 from supervisor.daemon.drills import Drills
 from supervisor.daemon.selftest import run_self_test
 from supervisor.daemon.store import Store, connect
@@ -33,7 +34,10 @@ from supervisor.errors import ConfigInvalid, EnforcementError, SupervisorError
 from supervisor.events import DeliveryWorker, Outbox, load_endpoints
 from supervisor.metrics import start_metrics
 from supervisor.runtime.sandboxed import RuncRuntime
-from supervisor.sandbox.cgroups import CgroupMode, detect_mode
+from supervisor.sandbox.cgroups import Cgroup, CgroupMode, detect_mode
+from supervisor.sandbox.seccomp_notify import SeccompListener, unsupported_reason
+from supervisor.telemetry.sampler import TelemetryHub
+from supervisor.telemetry.store import SummaryStore
 
 log = logging.getLogger("agent-supervisord")
 
@@ -164,6 +168,19 @@ async def serve(config: Config) -> int:
     # waitpid gives each run's true exit status.
     pyprctl.set_child_subreaper(True)
 
+    # --- seccomp notify (supervisor/sandbox/seccomp_notify.py): runc hands each run's notify fd
+    # to this socket; every escape-class attempt is answered EPERM, then logged (debug) and
+    # given to `seccomp.subscribers`. Up before the self-test, whose canary goes through it.
+    # Off ([telemetry] seccomp_listener = "", or a kernel runc cannot notify on): the filter
+    # itself answers the same syscalls EPERM, unreported.
+    seccomp: SeccompListener | None = None
+    if config.seccomp_listener is not None:
+        if (why := unsupported_reason()) is None:
+            seccomp = SeccompListener(config.seccomp_listener)
+            await seccomp.start()
+        else:
+            log.warning("no syscall telemetry: %s; escape-class syscalls stay EPERM", why)
+    # --- end seccomp notify
     runtime = RuncRuntime(
         runc_binary=config.sandbox.runc_path, runc_root=config.daemon.runtime_dir / "runc",
         cgroup_parent=config.sandbox.cgroup_parent, name_prefix=config.sandbox.name_prefix,
@@ -171,6 +188,7 @@ async def serve(config: Config) -> int:
         workspace_min_owner_uid=config.sandbox.workspace_min_owner_uid,
         workspaces_dir=config.daemon.runtime_dir / "workspaces",
         bundles_dir=config.daemon.runtime_dir / "bundles", max_runs=config.sandbox.max_runs,
+        seccomp_listener=seccomp.path if seccomp else None,  # seccomp notify
     )
     watchdog_record = config.daemon.state_dir / "watchdog.jsonl"
     runtime.parent_cgroup().mkdir(parents=True, exist_ok=True)
@@ -186,6 +204,32 @@ async def serve(config: Config) -> int:
     # --- end webhooks
     store = Store(db)
     arbiter = Arbiter(config, store, audit, runtime)
+    # --- telemetry (supervisor/telemetry/): one sampler thread reads every running run's cgroup
+    # and processes and hands the samples to the loop (window, summary, `telemetry.subscribers`).
+    # The arbiter registers a run once it runs; at its end the summary goes to SQLite.
+    telemetry = TelemetryHub(config.telemetry.rate_hz, config.telemetry.process_every,
+                             config.telemetry.window, asyncio.get_running_loop(),
+                             store=SummaryStore(db))
+    arbiter.run_started_hooks.append(
+        lambda run_id, cgroup, started_at: telemetry.register(run_id, Cgroup(cgroup), started_at))
+
+    def run_ended(run_id: str) -> None:
+        telemetry.unregister(run_id)
+
+    arbiter.run_ended_hooks.append(run_ended)
+    telemetry.start()
+    # --- end telemetry
+    # Tripwires: samples and syscall attempts in, audited firings and pause/kill out.
+    containment = Containment(arbiter)
+    arbiter.run_started_hooks.append(containment.run_started)
+    arbiter.run_ended_hooks.append(containment.run_ended)
+    telemetry.subscribers.append(containment.on_sample)
+    containment.attempt_listeners.append(telemetry.add_syscall_attempt)
+    audit.subscribe(containment.on_audit)
+    if seccomp is not None:
+        seccomp.subscribers.append(containment.on_attempt)
+        prefix = config.sandbox.name_prefix
+        arbiter.run_ended_hooks.append(lambda run_id: seccomp.forget(f"{prefix}-{run_id}"))
     audit.append(actor=SYSTEM.label(), verb="daemon_start", scope="global",
                  detail={"version": __version__, "pid": os.getpid(), "cgroup_mode": mode.value,
                          **runtime.describe()})
@@ -217,7 +261,7 @@ async def serve(config: Config) -> int:
 
     drills = Drills(arbiter, db, config.drill)
     sock = bind_control_socket(config.socket_path, gid)
-    app = build_app(arbiter, config.roles, drills)
+    app = build_app(arbiter, config.roles, drills, telemetry=telemetry)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     site = web.SockSite(runner, sock)
@@ -254,6 +298,9 @@ async def serve(config: Config) -> int:
     drill_schedule.cancel()
     breakglass.stop()
     await arbiter.shutdown(config.daemon.shutdown_reason)
+    telemetry.stop()  # telemetry: every run has ended and been summarised
+    if seccomp is not None:  # seccomp notify: every agent is dead; close the fds and socket
+        await seccomp.stop()
     await webhook_worker.stop()  # webhooks: up to 2 s to flush; the rest waits for the next start
     audit.append(actor=SYSTEM.label(), verb="daemon_stop", scope="global",
                  reason=config.daemon.shutdown_reason)

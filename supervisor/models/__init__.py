@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from supervisor.models.tripwire import TripwireRule
 from supervisor.models.units import Duration
 
 __all__ = [
@@ -28,6 +29,9 @@ __all__ = [
     "RunRequest",
     "RunView",
     "Scope",
+    "TelemetrySample",
+    "TelemetrySummary",
+    "TelemetryView",
 ]
 
 REASON_MAX = 500
@@ -58,6 +62,8 @@ class RunRequest(_Request):
     workspace: str | None = None
     timeout: Duration | None = None
     command: Annotated[list[str], Field(min_length=1)]
+    # Tripwire rules for this agent; they replace the profile's rules of the same name.
+    tripwires: list[TripwireRule] = []
     env: dict[str, str] = {}
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -161,6 +167,69 @@ class RunView(BaseModel):
     timeout: float | None
 
 
+# --- telemetry (supervisor/telemetry/): wire forms of a run's samples and its summary.
+class TelemetrySample(BaseModel):
+    """supervisor.telemetry.Sample on the wire (the same fields; None: not measured)."""
+
+    ts: float
+    wall_seconds: float
+    processes: int
+    cpu_seconds: float | None = None
+    cpu_percent: float | None = None
+    memory_bytes: int | None = None
+    oom_kills: int | None = None
+    rss_bytes: int | None = None
+    threads: int | None = None
+    open_fds: int | None = None
+    connections: int | None = None
+    io_read_bytes: int | None = None
+    io_write_bytes: int | None = None
+    children: int | None = None
+    commands: list[str] = []
+    network_bytes: int | None = None
+    network_packets: int | None = None
+    syscall_attempts: int = 0
+
+
+class TelemetrySummary(BaseModel):
+    """One run's telemetry, summed up as it is sampled; kept in SQLite when the run ends."""
+
+    run_id: str
+    started_at: float
+    ended_at: float | None = None  # None while the run is live
+    samples: int = 0
+    wall_seconds: float = 0.0
+    cpu_seconds: float | None = None
+    max_cpu_percent: float | None = None
+    peak_memory_bytes: int | None = None
+    peak_rss_bytes: int | None = None
+    peak_processes: int = 0
+    peak_threads: int | None = None
+    peak_open_fds: int | None = None
+    peak_connections: int | None = None
+    io_read_bytes: int | None = None
+    io_write_bytes: int | None = None
+    network_bytes: int | None = None
+    syscall_attempts: int = 0
+    oom_kills: int | None = None
+    commands: list[str] = []
+    # Sampler ticks missed because a tick ran late, while this run was sampled.
+    overruns: int = 0
+    # Data the sampler skipped: a pid that vanished or was a zombie, a permission error, a
+    # cgroup file that disappeared. Never fatal; counted so a gap is visible.
+    skipped: int = 0
+
+
+class TelemetryView(BaseModel):
+    run: str
+    agent: str
+    state: str
+    live: bool  # sampled right now (False: the run ended; the summary is the stored one)
+    samples: list[TelemetrySample]
+    summary: TelemetrySummary | None
+# --- end telemetry
+
+
 class AgentView(BaseModel):
     name: str
     agent_class: str = Field(serialization_alias="class", validation_alias="class")
@@ -174,6 +243,8 @@ class AgentView(BaseModel):
     time_to_halt_ms: float | None
     # Live numbers of the current run (cpu_usec, memory_bytes, processes); None without one.
     stats: dict[str, int | None] | None = None
+    # The telemetry summary of that run (live or stored); None when there is none.
+    telemetry: TelemetrySummary | None = None
 
     model_config = ConfigDict(populate_by_name=True)
 

@@ -145,8 +145,11 @@ class RuncRuntime:
 
     def __init__(self, runc_binary: str, runc_root: Path, cgroup_parent: str, name_prefix: str,
                  uid_base: int, agent_uid: int, workspace_min_owner_uid: int,
-                 workspaces_dir: Path, bundles_dir: Path, max_runs: int) -> None:
+                 workspaces_dir: Path, bundles_dir: Path, max_runs: int,
+                 seccomp_listener: Path | None = None) -> None:
         self.runc = Runc(runc_binary, runc_root)
+        # The daemon's seccomp notify socket; None renders notified syscalls as plain EPERM.
+        self.seccomp_listener = seccomp_listener
         self.bundles_dir = bundles_dir
         self.workspaces_dir = workspaces_dir
         workspaces_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
@@ -218,6 +221,7 @@ class RuncRuntime:
                 uid_map=uid_map, gid_map=gid_map, cgroups_path=f"/{params.cgroup}",
                 netns_path=str(netns_path),
                 workspace=str(workspace_source) if workspace_source else None, env=params.env,
+                seccomp_listener=str(self.seccomp_listener) if self.seccomp_listener else None,
             )
             write_bundle(params.bundle, spec)
             undo.append(lambda: _quiet(remove_bundle, params.bundle))

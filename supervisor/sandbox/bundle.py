@@ -3,6 +3,7 @@ Rendering is pure; `write_bundle` creates the directory (root, 0700)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ _MASKED = [
 _READONLY = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 _CPU_PERIOD_US = 100_000
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_NOTIFY = "SCMP_ACT_NOTIFY"
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class BundleSpec:
     workspace: str | None
     env: dict[str, str] = field(default_factory=dict)
     host_root: Path = Path("/")
+    # The daemon's seccomp notify socket (seccomp_notify.py); None: the daemon has none.
+    seccomp_listener: str | None = None
 
 
 def _host_layout(spec: BundleSpec) -> tuple[dict[str, str], list[str]]:
@@ -78,6 +82,31 @@ def _host_layout(spec: BundleSpec) -> tuple[dict[str, str], list[str]]:
         elif host_path.is_dir() and f"/{name}" not in binds:
             binds.append(f"/{name}")
     return links, binds
+
+
+def render_seccomp(seccomp: dict[str, Any], listener: str | None, run_id: str) -> dict[str, Any]:
+    """The profile's `linux.seccomp` for one run. SCMP_ACT_NOTIFY entries report each attempt
+    to the daemon's listener, which answers EPERM; without a listener they become plain
+    SCMP_ACT_ERRNO EPERM, so the syscalls stay denied either way (fail closed). The listener
+    is always the daemon's own, never one a profile names."""
+    rendered = {k: v for k, v in seccomp.items() if k not in ("listenerPath", "listenerMetadata")}
+    rules: list[dict[str, Any]] = []
+    notify = False
+    for rule in seccomp.get("syscalls", []):
+        if rule.get("action") == _NOTIFY:
+            if listener is None:
+                rule = {**rule, "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM}
+            else:
+                notify = True
+                # errnoRet is the fallback above; runtimes take no errno for NOTIFY.
+                rule = {k: v for k, v in rule.items() if k != "errnoRet"}
+        rules.append(rule)
+    if "syscalls" in seccomp:
+        rendered["syscalls"] = rules
+    if notify:
+        rendered["listenerPath"] = listener
+        rendered["listenerMetadata"] = run_id
+    return rendered
 
 
 def render_config(spec: BundleSpec) -> dict[str, Any]:
@@ -146,7 +175,7 @@ def render_config(spec: BundleSpec) -> dict[str, Any]:
             },
             "maskedPaths": _MASKED + list(fs.masked_paths),
             "readonlyPaths": list(_READONLY),
-            "seccomp": spec.seccomp,
+            "seccomp": render_seccomp(spec.seccomp, spec.seccomp_listener, spec.run_id),
         },
     }
 
@@ -165,6 +194,9 @@ def write_bundle(directory: Path, spec: BundleSpec) -> Path:
             target_dir = rootfs / mount["destination"].lstrip("/")
             if not target_dir.is_symlink():
                 target_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        # runc gives a tmpfs the mode of the directory it is mounted on (ignoring mode=), so the
+        # mount point of /tmp must itself be 1777 for the agent to write its /tmp.
+        (rootfs / "tmp").chmod(0o1777)
         # runc in a user namespace needs to traverse the bundle to reach the rootfs.
         directory.chmod(0o711)
     config_path = directory / "config.json"

@@ -109,10 +109,17 @@ def test_restart_reaps_agents_even_when_the_watchdog_died_too(tmp_root: Path) ->
 
 
 def _watchdogs(daemon: Daemon) -> list[psutil.Process]:
+    """The daemon's live watchdog processes (a killed one lingers as a zombie for a moment)."""
     assert daemon.proc is not None
-    return [c for c in psutil.Process(daemon.proc.pid).children()
-            if "supervisor.daemon.watchdog" in " ".join(c.cmdline())
-            and c.status() != psutil.STATUS_ZOMBIE]
+    found = []
+    for child in psutil.Process(daemon.proc.pid).children():
+        try:
+            if (child.status() != psutil.STATUS_ZOMBIE
+                    and "supervisor.daemon.watchdog" in " ".join(child.cmdline())):
+                found.append(child)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return found
 
 
 def test_a_dead_watchdog_is_replaced_and_the_switch_still_works(tmp_root: Path) -> None:

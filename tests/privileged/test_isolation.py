@@ -29,6 +29,10 @@ def call(result):
 attempt("read_shadow", lambda: open("/etc/shadow").read())
 attempt("write_usr", lambda: open("/usr/agent-was-here", "w").write("x"))
 attempt("write_etc", lambda: open("/etc/agent-was-here", "w").write("x"))
+attempt("write_tmp", lambda: open("/tmp/scratch", "w").write("x"))
+st = os.stat("/tmp"); vfs = os.statvfs("/tmp")
+out["tmp_mode"] = oct(st.st_mode & 0o7777)
+out["tmp_bytes"] = vfs.f_blocks * vfs.f_frsize
 out["pids"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
 out["uid"] = os.getuid()
 out["interfaces"] = sorted(os.listdir("/proc/sys/net/ipv4/conf"))
@@ -93,6 +97,10 @@ def test_sandbox_blocks_escape_routes(daemon: Daemon) -> None:
     assert not out["read_shadow"]["ok"] or out["read_shadow"]["value"] == ""
     assert out["write_usr"] == {"ok": False, "errno": 30}  # EROFS
     assert out["write_etc"] == {"ok": False, "errno": 30}
+    # A private, writable, size-capped /tmp (the default profile caps it at 64 MiB).
+    assert out["write_tmp"]["ok"], out["write_tmp"]
+    assert out["tmp_mode"] == "0o1777"
+    assert out["tmp_bytes"] == 64 * 1024**2
     # Its own pid namespace: it sees itself (pid 1) and nothing of the host.
     assert out["pids"][0] == 1 and len(out["pids"]) < 5
     assert os.getpid() not in out["pids"] or len(out["pids"]) < 5

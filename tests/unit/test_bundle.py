@@ -19,6 +19,7 @@ from supervisor.sandbox.bundle import (
     BundleSpec,
     IdMap,
     render_config,
+    render_seccomp,
     write_bundle,
 )
 
@@ -51,7 +52,8 @@ def host_root(tmp_path: Path) -> Path:
 
 def make_spec(host_root: Path, workspace: str | None = "/srv/ws/alice",
               profile: Profile | None = None, agent_host_id: int | None = None,
-              env: dict[str, str] | None = None) -> BundleSpec:
+              env: dict[str, str] | None = None,
+              seccomp_listener: str | None = None) -> BundleSpec:
     host_id = HOST_BASE + AGENT_ID if agent_host_id is None else agent_host_id
     return BundleSpec(
         run_id="0123456789ab", hostname="agent-a1", command=["python3", "agent.py"],
@@ -59,6 +61,7 @@ def make_spec(host_root: Path, workspace: str | None = "/srv/ws/alice",
         uid_map=IdMap(HOST_BASE, AGENT_ID, host_id), gid_map=IdMap(HOST_BASE, AGENT_ID, host_id),
         cgroups_path="/agent-supervisor/as-0123456789ab", netns_path=NETNS,
         workspace=workspace, env=env or {}, host_root=host_root,
+        seccomp_listener=seccomp_listener,
     )
 
 
@@ -167,12 +170,63 @@ def test_resources_come_from_the_profile(host_root: Path) -> None:
 def test_seccomp_and_environment(host_root: Path) -> None:
     spec = make_spec(host_root, env={"TASK": "fix-bug"})
     config = render_config(spec)
-    assert config["linux"]["seccomp"] == spec.seccomp
+    seccomp = config["linux"]["seccomp"]
+    assert {k: v for k, v in seccomp.items() if k != "syscalls"} == {
+        k: v for k, v in spec.seccomp.items() if k != "syscalls"}
+    assert len(seccomp["syscalls"]) == len(spec.seccomp["syscalls"])
     env = env_of(config)
     assert env["LANG"] == "C.UTF-8"
     assert env["TASK"] == "fix-bug"
     assert env["AGENT_SUPERVISOR_RUN"] == "0123456789ab"
     assert env["PATH"].startswith("/usr/local/sbin")
+
+
+NOTIFY = "SCMP_ACT_NOTIFY"
+LISTENER = "/run/agent-supervisor/seccomp.sock"
+
+
+def _by_action(seccomp: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    found: dict[str, list[dict[str, Any]]] = {}
+    for rule in seccomp["syscalls"]:
+        found.setdefault(rule["action"], []).append(rule)
+    return found
+
+
+def test_seccomp_with_a_listener_notifies_it(host_root: Path) -> None:
+    spec = make_spec(host_root, seccomp_listener=LISTENER)
+    seccomp = render_config(spec)["linux"]["seccomp"]
+    assert seccomp["listenerPath"] == LISTENER
+    assert seccomp["listenerMetadata"] == spec.run_id
+    [notify] = _by_action(seccomp)[NOTIFY]
+    assert {"unshare", "mount", "ptrace", "bpf", "keyctl"} <= set(notify["names"])
+    assert notify == {"names": notify["names"], "action": NOTIFY}  # no errnoRet for NOTIFY
+    # Everything else is the profile's, untouched.
+    others = [r for r in spec.seccomp["syscalls"] if r["action"] != NOTIFY]
+    assert [r for r in seccomp["syscalls"] if r["action"] != NOTIFY] == others
+
+
+def test_seccomp_without_a_listener_fails_closed_to_eperm(host_root: Path) -> None:
+    spec = make_spec(host_root, seccomp_listener=None)
+    seccomp = render_config(spec)["linux"]["seccomp"]
+    assert "listenerPath" not in seccomp and "listenerMetadata" not in seccomp
+    assert NOTIFY not in _by_action(seccomp)
+    [notified] = [r for r in spec.seccomp["syscalls"] if r["action"] == NOTIFY]
+    denied = [r for r in seccomp["syscalls"] if r["names"] == notified["names"]]
+    assert denied == [{"names": notified["names"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+    # The loaded profile is shared between runs: rendering never changes it.
+    assert notified["action"] == NOTIFY
+
+
+def test_seccomp_listener_is_only_ever_the_daemons() -> None:
+    profile = {"defaultAction": "SCMP_ACT_ERRNO", "listenerPath": "/tmp/evil.sock",
+               "listenerMetadata": "x",
+               "syscalls": [{"names": ["unshare"], "action": NOTIFY, "errnoRet": 1}]}
+    assert render_seccomp(profile, LISTENER, "r1")["listenerPath"] == LISTENER
+    assert "listenerPath" not in render_seccomp(profile, None, "r1")
+    # No NOTIFY entry, no listener: runc would connect for nothing.
+    plain = {"defaultAction": "SCMP_ACT_ERRNO",
+             "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}
+    assert render_seccomp(plain, LISTENER, "r1") == plain
 
 
 def test_image_root_has_no_host_binds(host_root: Path) -> None:

@@ -1,5 +1,6 @@
-"""The default seccomp profile: the OCI `linux.seccomp` object the daemon inserts verbatim into
-config.json. Checks the deny-by-default shape, the escape-class deny list and the allow list."""
+"""The default seccomp profile: the OCI `linux.seccomp` object the daemon inserts into config.json
+(bundle.render_seccomp only adds the listener or turns NOTIFY into ERRNO). Checks the
+deny-by-default shape, the escape-class notify list and the allow list."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pytest
 REPO_PROFILE = Path(__file__).parents[2] / "sandbox_profiles" / "seccomp" / "default.json"
 
 # Syscalls that reach past the sandbox (namespaces, mounts, other processes' memory, kernel
-# modules and keyrings, host clock and console). Denied explicitly with EPERM, never allowed.
+# modules and keyrings, host clock and console). Notified to the daemon, which answers EPERM (and
+# EPERM by the filter itself when the daemon has no listener); never allowed.
 ESCAPE_CLASS = frozenset({
     "acct", "add_key", "adjtimex", "bpf", "chroot", "clock_settime", "delete_module",
     "finit_module", "fsconfig", "fsmount", "fsopen", "fspick", "init_module", "io_uring_enter",
@@ -39,6 +41,7 @@ CLONE_NAMESPACE_MASK = 0x7E020000
 
 ALLOW = "SCMP_ACT_ALLOW"
 ERRNO = "SCMP_ACT_ERRNO"
+NOTIFY = "SCMP_ACT_NOTIFY"
 
 OCI_SECCOMP_KEYS = {"defaultAction", "defaultErrnoRet", "architectures", "flags", "listenerPath",
                     "listenerMetadata", "syscalls"}
@@ -83,8 +86,9 @@ def test_is_a_pure_oci_seccomp_object(profile: dict[str, Any], rules: list[dict[
     for rule in rules:
         assert set(rule) <= OCI_SYSCALL_KEYS, rule
         assert rule["names"], rule
-        assert rule["action"] in {ALLOW, ERRNO}, rule
-        assert ("errnoRet" in rule) == (rule["action"] == ERRNO), rule
+        assert rule["action"] in {ALLOW, ERRNO, NOTIFY}, rule
+        # On NOTIFY, errnoRet is what the entry becomes when the daemon has no listener.
+        assert ("errnoRet" in rule) == (rule["action"] in {ERRNO, NOTIFY}), rule
         for arg in rule.get("args", []):
             assert set(arg) <= OCI_ARG_KEYS, rule
             assert {"index", "value", "op"} <= set(arg), rule
@@ -100,18 +104,35 @@ def test_default_action_is_eperm(profile: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(ESCAPE_CLASS))
-def test_escape_class_syscall_is_denied(rules: list[dict[str, Any]], name: str) -> None:
+def test_escape_class_syscall_is_notified_and_denied(rules: list[dict[str, Any]], name: str
+                                                     ) -> None:
     entries = _entries_for(rules, name)
     assert entries, f"{name} has no explicit entry"
     assert not _allowed(rules, name), f"{name} is in an allow entry"
-    assert all(e["action"] == ERRNO and e["errnoRet"] == errno.EPERM for e in entries), name
+    assert all(e["action"] == NOTIFY and e["errnoRet"] == errno.EPERM for e in entries), name
 
 
-def test_deny_entry_is_exactly_the_escape_class(rules: list[dict[str, Any]]) -> None:
-    denies = [r for r in rules if r["action"] == ERRNO and r["errnoRet"] == errno.EPERM]
-    assert len(denies) == 1
-    assert "args" not in denies[0]
-    assert set(denies[0]["names"]) == ESCAPE_CLASS
+def test_notify_entry_is_exactly_the_escape_class(rules: list[dict[str, Any]]) -> None:
+    notified = [r for r in rules if r["action"] == NOTIFY]
+    assert len(notified) == 1
+    assert "args" not in notified[0]
+    assert set(notified[0]["names"]) == ESCAPE_CLASS
+    # No other EPERM entry: an escape-class name would be denied without being reported.
+    assert not [r for r in rules if r["action"] == ERRNO and r["errnoRet"] == errno.EPERM]
+
+
+def test_notify_is_never_the_default_nor_on_what_runc_needs(profile: dict[str, Any],
+                                                          rules: list[dict[str, Any]]) -> None:
+    # runc writes the notify fd to its parent after loading the filter: a notified write would
+    # hang the container's init (runc refuses it), and read/close would wait on the daemon.
+    assert profile["defaultAction"] != NOTIFY
+    notified = {n for r in rules if r["action"] == NOTIFY for n in r["names"]}
+    assert not notified & {"write", "read", "close", "execve", "exit", "exit_group"}
+
+
+def test_the_profile_names_no_listener(profile: dict[str, Any]) -> None:
+    # The daemon inserts its own listener socket; a profile never chooses where fds go.
+    assert "listenerPath" not in profile and "listenerMetadata" not in profile
 
 
 def test_clone3_returns_enosys(rules: list[dict[str, Any]]) -> None:

@@ -1,0 +1,120 @@
+"""Automatic containment: feeds telemetry samples and syscall attempts to each run's
+tripwires and turns every firing into an audit row (verb "tripwire", hence a `tripwire.fired`
+event) and, for pause and kill, the same verb an operator would use, with actor
+system:tripwire and a reason that names the rule and the values. Runs in the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+from supervisor.daemon.arbiter import Arbiter
+from supervisor.errors import SupervisorError
+from supervisor.models import ActionRequest, Actor, AuditEntry, Scope
+from supervisor.states import AgentState
+from supervisor.telemetry import Sample, SyscallAttempt
+from supervisor.tripwires import Firing, RunTripwires
+
+log = logging.getLogger(__name__)
+
+TRIPWIRE = Actor(kind="system", name="tripwire")
+
+
+class Containment:
+    def __init__(self, arbiter: Arbiter) -> None:
+        self.arbiter = arbiter
+        self.runs: dict[str, RunTripwires] = {}
+        self.attempts: dict[str, int] = {}
+        self.attempt_listeners: list[Any] = []  # callables(run_id) e.g. the sampler's counter
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # Hooks ------------------------------------------------------------------------------
+
+    def run_started(self, run_id: str, _cgroup: str, _started_at: float) -> None:
+        live = self.arbiter.live.get(run_id)
+        if live is None or live.profile is None:
+            return
+        policy = live.profile.tripwires.with_overrides(live.tripwires)
+        if policy.rules:
+            self.runs[run_id] = RunTripwires(policy)
+        self.attempts.setdefault(run_id, 0)
+
+    def run_ended(self, run_id: str) -> None:
+        self.runs.pop(run_id, None)
+        self.attempts.pop(run_id, None)
+
+    def on_sample(self, run_id: str, sample: Sample) -> None:
+        state = self.runs.get(run_id)
+        if state is None:
+            return
+        for firing in state.evaluate(sample):
+            self._fire(run_id, firing)
+
+    def on_attempt(self, attempt: SyscallAttempt) -> None:
+        run_id = self._run_of(attempt.container_id)
+        if run_id is None:
+            return
+        count = self.attempts.get(run_id, 0) + 1
+        self.attempts[run_id] = count
+        for listener in self.attempt_listeners:
+            listener(run_id)
+        state = self.runs.get(run_id)
+        if state is not None:
+            for firing in state.evaluate_metric("syscall_attempts", count, attempt.ts):
+                self._fire(run_id, firing, attempt)
+
+    def on_audit(self, _db: object, entry: AuditEntry) -> None:
+        """An operator's resume re-arms auto-containment for that agent's run."""
+        if entry.verb == "resume" and entry.outcome == "ok" and entry.target:
+            agent = self.arbiter.agents.get(entry.target)
+            if agent is not None and agent.current_run in self.runs:
+                self.runs[agent.current_run].resumed()
+
+    # Firing -----------------------------------------------------------------------------
+
+    def _run_of(self, container_id: str) -> str | None:
+        for run_id, live in self.arbiter.live.items():
+            if live.record.container_id == container_id:
+                return run_id
+        return None
+
+    def _fire(self, run_id: str, firing: Firing, attempt: SyscallAttempt | None = None) -> None:
+        live = self.arbiter.live.get(run_id)
+        if live is None:
+            return
+        agent = live.record.agent
+        detail: dict[str, Any] = {"run": run_id, **firing.detail()}
+        if attempt is not None:
+            detail["syscall"] = {"name": attempt.syscall, "pid": attempt.pid,
+                                 "attempt_ts": attempt.ts}
+        self.arbiter.audit.append(
+            actor=TRIPWIRE.label(), verb="tripwire", scope=f"agent:{agent}", target=agent,
+            reason=firing.reason, outcome=firing.action, detail=detail,
+        )
+        log.warning("agent %s: %s -> %s", agent, firing.reason, firing.action)
+        if firing.action in ("pause", "kill"):
+            self._spawn(self._act(agent, firing))
+
+    async def _act(self, agent: str, firing: Firing) -> None:
+        record = self.arbiter.agents.get(agent)
+        if record is None:
+            return
+        state = AgentState(record.state)
+        if (firing.action == "pause" and state != AgentState.ACTIVE) or (
+                firing.action == "kill" and state == AgentState.KILLED):
+            return  # already contained, by an operator or another rule
+        try:
+            await self.arbiter.act(firing.action, ActionRequest(
+                scope=Scope(agent=agent), reason=firing.reason[:500]), TRIPWIRE)
+        except SupervisorError as exc:
+            log.error("tripwire %s on %s could not %s: %s", firing.rule, agent, firing.action,
+                      exc.message)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+

@@ -1,0 +1,478 @@
+"""Syscall telemetry through seccomp user notification (seccomp_unotify(2)). Needs root.
+
+Protocol. The seccomp profile marks the escape-class syscalls `SCMP_ACT_NOTIFY` and the bundle
+sets `linux.seccomp.listenerPath` to this listener's socket. When runc 1.1 installs the filter
+it gets a notification fd from the kernel, connects to `listenerPath` and sends, in a single
+message, the JSON `specs.ContainerProcessState` (`{"ociVersion", "fds": ["seccompFd"], "pid",
+"metadata", "state": {"id": <container id>, ...}}`) with the fd attached by SCM_RIGHTS; the
+fd's position in `fds` names it. From then on every notified syscall of any process under the
+filter blocks in the kernel until this daemon answers it:
+
+- the fd polls readable (POLLIN) while a notification waits, and hangs up (POLLHUP) once no
+  task uses the filter any more (every process of the container is gone);
+- `SECCOMP_IOCTL_NOTIF_RECV` fills a zeroed `struct seccomp_notif` (id, pid, flags, and
+  `struct seccomp_data`: nr, arch, instruction pointer, six args); it blocks when nothing is
+  pending, so it is only called after poll(2) reported POLLIN;
+- `SECCOMP_IOCTL_NOTIF_SEND` with `struct seccomp_notif_resp {id, val=0, error=-EPERM, flags=0}`
+  makes the syscall fail with EPERM; ENOENT means the caller died (or was killed) meanwhile.
+
+Every notification is answered first and recorded after: the subscribers (tripwires, counters)
+run only once the pending ones are answered, and an exception in one is logged, never raised.
+
+Notify is telemetry, not enforcement. The daemon only ever answers EPERM and never lets a
+syscall proceed (no SECCOMP_USER_NOTIF_FLAG_CONTINUE), so the kernel filter stays the
+enforcement: if this daemon dies or closes the fd, the kernel fails pending and future notified
+syscalls with ENOSYS, still denied. A daemon without a listener renders the same entries as
+plain `SCMP_ACT_ERRNO` EPERM (see bundle.py). Never use notify to *allow* anything: the
+arguments the daemon would inspect live in the agent's memory and can change under it (TOCTOU).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from supervisor.errors import EnforcementError
+from supervisor.telemetry import SyscallAttempt
+
+log = logging.getLogger(__name__)
+
+SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100  # _IOWR('!', 0, struct seccomp_notif)
+SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101  # _IOWR('!', 1, struct seccomp_notif_resp)
+# struct seccomp_notif: u64 id, u32 pid, u32 flags, then struct seccomp_data: s32 nr,
+# u32 arch, u64 instruction_pointer, u64 args[6].
+_NOTIF = struct.Struct("=QIIiIQ6Q")
+# struct seccomp_notif_resp: u64 id, s64 val, s32 error, u32 flags.
+_RESP = struct.Struct("=QqiI")
+
+AUDIT_ARCH_X86_64 = 0xC000003E
+AUDIT_ARCH_I386 = 0x40000003
+_X32_SYSCALL_BIT = 0x40000000  # x32 tasks report AUDIT_ARCH_X86_64 with this bit in nr
+
+# Numbers of the notified syscalls (the escape class of sandbox_profiles/seccomp/default.json),
+# as libseccomp 2.5 resolves them; tests/unit/test_seccomp_notify.py checks them against it.
+_X86_64 = {
+    "acct": 163, "add_key": 248, "adjtimex": 159, "bpf": 321, "chroot": 161,
+    "clock_settime": 227, "delete_module": 176, "finit_module": 313, "fsconfig": 431,
+    "fsmount": 432, "fsopen": 430, "fspick": 433, "init_module": 175, "io_uring_enter": 426,
+    "io_uring_register": 427, "io_uring_setup": 425, "ioperm": 173, "iopl": 172,
+    "kexec_file_load": 320, "kexec_load": 246, "keyctl": 250, "lookup_dcookie": 212,
+    "mount": 165, "mount_setattr": 442, "move_mount": 429, "name_to_handle_at": 303,
+    "open_by_handle_at": 304, "open_tree": 428, "perf_event_open": 298, "pivot_root": 155,
+    "process_vm_readv": 310, "process_vm_writev": 311, "ptrace": 101, "quotactl": 179,
+    "reboot": 169, "request_key": 249, "setns": 308, "settimeofday": 164, "swapoff": 168,
+    "swapon": 167, "syslog": 103, "umount2": 166, "unshare": 272, "userfaultfd": 323,
+    "vhangup": 153,
+}
+# x32 shares the x86_64 numbers except where it has its own compat entry point (512 and up).
+_X32 = {**_X86_64, "kexec_load": 528, "process_vm_readv": 539, "process_vm_writev": 540,
+        "ptrace": 521}
+_I386 = {
+    "acct": 51, "add_key": 286, "adjtimex": 124, "bpf": 357, "chroot": 61,
+    "clock_settime": 264, "delete_module": 129, "finit_module": 350, "fsconfig": 431,
+    "fsmount": 432, "fsopen": 430, "fspick": 433, "init_module": 128, "io_uring_enter": 426,
+    "io_uring_register": 427, "io_uring_setup": 425, "ioperm": 101, "iopl": 110,
+    "kexec_load": 283, "keyctl": 288, "lookup_dcookie": 253, "mount": 21,
+    "mount_setattr": 442, "move_mount": 429, "name_to_handle_at": 341,
+    "open_by_handle_at": 342, "open_tree": 428, "perf_event_open": 336, "pivot_root": 217,
+    "process_vm_readv": 347, "process_vm_writev": 348, "ptrace": 26, "quotactl": 131,
+    "reboot": 88, "request_key": 287, "setns": 346, "settimeofday": 79, "swapoff": 115,
+    "swapon": 87, "syslog": 103, "umount": 22, "umount2": 52, "unshare": 310,
+    "userfaultfd": 374, "vhangup": 111,
+}
+_NAMES: dict[tuple[int, int], str] = {
+    **{(AUDIT_ARCH_X86_64, nr): name for name, nr in _X86_64.items()},
+    **{(AUDIT_ARCH_X86_64, nr | _X32_SYSCALL_BIT): name for name, nr in _X32.items()},
+    **{(AUDIT_ARCH_I386, nr): name for name, nr in _I386.items()},
+}
+
+_SECCOMP_FD_NAME = "seccompFd"  # specs.SeccompFdName
+_MAX_STATE = 1 << 20  # runc's state JSON is a few KiB; anything near this is not runc
+_RECV_CHUNK = 1 << 16
+_ACCEPT_RETRY = 0.05
+_MAX_FDS = 16
+_HANDSHAKE_TIMEOUT = 10.0
+# Notifications answered per readable event before the loop gets a turn: a storm from one
+# agent must not starve the others' fds or the kill path.
+_BATCH = 64
+_MIN_KERNEL = (5, 8)
+_HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
+
+
+def unsupported_reason(release: str | None = None) -> str | None:
+    """Why this kernel cannot serve runc's notify fds, or None. runc 1.1 takes the fd from the
+    container's init with pidfd_getfd (5.6); the fd hangs up when the last task under the
+    filter is gone from 5.8, which is how the listener knows a run's fd can be closed."""
+    release = release or os.uname().release
+    try:
+        major, minor = (int(part) for part in release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return f"cannot read the kernel version from {release!r}"
+    if (major, minor) < _MIN_KERNEL:
+        return f"kernel {major}.{minor} is older than {_MIN_KERNEL[0]}.{_MIN_KERNEL[1]}"
+    return None
+
+
+def syscall_name(arch: int, nr: int) -> str:
+    """The name of a notified syscall, or "nr N" for one outside the table."""
+    return _NAMES.get((arch, nr), f"nr {nr}")
+
+
+@dataclass
+class _Filter:
+    """One notification fd: one seccomp filter, shared by every process of a container."""
+
+    fd: int
+    container_id: str
+    metadata: str
+    poller: Any = field(repr=False)  # select.poll, registered for POLLIN
+    attempts: int = 0
+    broken: bool = False  # receive failed for a reason other than a vanished caller
+
+
+@dataclass
+class _Handshake:
+    """A connection from runc, until its state message and fd have arrived."""
+
+    conn: socket.socket
+    data: bytearray = field(default_factory=bytearray)
+    fds: list[int] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
+class SeccompListener:
+    """The daemon's `listenerPath`: receives each container's notification fd from runc and
+    answers every notified syscall with EPERM, then tells the subscribers."""
+
+    def __init__(self, path: Path,
+                 on_attempt: Callable[[SyscallAttempt], None] | None = None) -> None:
+        self.path = path
+        # Called in the event loop after the attempt was answered; must not block.
+        self.subscribers: list[Callable[[SyscallAttempt], None]] = []
+        if on_attempt is not None:
+            self.subscribers.append(on_attempt)
+        self.attempts_total = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: socket.socket | None = None
+        self._handshakes: dict[int, _Handshake] = {}
+        self._filters: dict[int, _Filter] = {}
+        self._by_container: dict[str, set[int]] = {}
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._server = _bind(self.path)
+        self._loop.add_reader(self._server.fileno(), self._accept)
+        log.info("seccomp notify listener on %s", self.path)
+
+    async def stop(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        if self._server is not None:
+            loop.remove_reader(self._server.fileno())
+            self._server.close()
+            self._server = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        for handshake in list(self._handshakes.values()):
+            self._end_handshake(handshake, close_fds=True)
+        for flt in list(self._filters.values()):
+            self._close(flt, drain=True)
+        self._loop = None
+
+    def forget(self, container_id: str) -> None:
+        """Close the container's fds (its run ended). What is pending is answered first; a
+        process still alive would get ENOSYS from the kernel from now on, still denied."""
+        for fd in sorted(self._by_container.get(container_id, ())):
+            flt = self._filters.get(fd)
+            if flt is not None:
+                self._close(flt, drain=True)
+
+    def attempts_by_container(self) -> dict[str, int]:
+        """Attempts so far per container whose fd is open."""
+        counts: dict[str, int] = {}
+        for flt in self._filters.values():
+            counts[flt.container_id] = counts.get(flt.container_id, 0) + flt.attempts
+        return counts
+
+    # --- runc's connections
+
+    def _accept(self) -> None:
+        assert self._server is not None and self._loop is not None
+        while True:
+            try:
+                conn, _address = self._server.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # EMFILE and friends: the connection (and the fd it carries) stays queued, so
+                # the agent's notified calls wait; try again shortly rather than spin.
+                log.error("seccomp listener cannot accept on %s: %s", self.path, exc.strerror)
+                self._loop.remove_reader(self._server.fileno())
+                self._loop.call_later(_ACCEPT_RETRY, self._resume_accepting)
+                return
+            conn.setblocking(False)
+            if _peer_uid(conn) != 0:
+                log.warning("seccomp listener: refused a connection from a non-root peer")
+                conn.close()
+                continue
+            handshake = _Handshake(conn)
+            handshake.timer = self._loop.call_later(
+                _HANDSHAKE_TIMEOUT, self._handshake_timed_out, handshake)
+            self._handshakes[conn.fileno()] = handshake
+            self._loop.add_reader(conn.fileno(), self._receive, handshake)
+
+    def _resume_accepting(self) -> None:
+        if self._server is not None and self._loop is not None:
+            self._loop.add_reader(self._server.fileno(), self._accept)
+            self._accept()
+
+    def _receive(self, handshake: _Handshake) -> None:
+        try:
+            data, ancdata, flags, _address = handshake.conn.recvmsg(
+                _RECV_CHUNK, socket.CMSG_SPACE(_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.error("seccomp listener: receiving from runc failed: %s", exc.strerror)
+            self._end_handshake(handshake, close_fds=True)
+            return
+        handshake.fds.extend(_unix_rights(ancdata))
+        if flags & socket.MSG_CTRUNC:
+            log.error("seccomp listener: runc sent more than %d fds; extra ones were lost",
+                      _MAX_FDS)
+        handshake.data += data
+        state: Any = None
+        if len(handshake.data) > _MAX_STATE:
+            log.error("seccomp listener: state message over %d bytes", _MAX_STATE)
+        else:
+            try:
+                state = json.loads(handshake.data)
+            except ValueError:
+                if data:
+                    return  # a partial message: wait for the rest
+        self._end_handshake(handshake, close_fds=False)
+        self._adopt(state, handshake.fds)
+
+    def _handshake_timed_out(self, handshake: _Handshake) -> None:
+        handshake.timer = None
+        log.error("seccomp listener: no complete state message from runc within %gs",
+                  _HANDSHAKE_TIMEOUT)
+        self._end_handshake(handshake, close_fds=False)
+        self._adopt(None, handshake.fds)
+
+    def _end_handshake(self, handshake: _Handshake, *, close_fds: bool) -> None:
+        if handshake.timer is not None:
+            handshake.timer.cancel()
+            handshake.timer = None
+        fileno = handshake.conn.fileno()
+        if fileno >= 0 and self._handshakes.pop(fileno, None) is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(fileno)
+        handshake.conn.close()
+        if close_fds:
+            for fd in handshake.fds:
+                _close_quietly(fd)
+            handshake.fds.clear()
+
+    def _adopt(self, state: Any, fds: list[int]) -> None:
+        """Serve the seccomp fd among `fds` (closing the others); the state names it."""
+        container_id, metadata, index = "unknown", "", None
+        if isinstance(state, dict):
+            names = state.get("fds")
+            if isinstance(names, list) and names.count(_SECCOMP_FD_NAME) == 1:
+                index = names.index(_SECCOMP_FD_NAME)
+            inner = state.get("state")
+            if isinstance(inner, dict) and isinstance(inner.get("id"), str):
+                container_id = inner["id"]
+            if isinstance(state.get("metadata"), str):
+                metadata = state["metadata"]
+        if index is None and len(fds) == 1:
+            index = 0  # a state we cannot read still gets its fd answered, never ignored
+        chosen = fds[index] if index is not None and index < len(fds) else None
+        for fd in fds:
+            if fd != chosen:
+                _close_quietly(fd)
+        if chosen is None:
+            log.error("seccomp listener: no seccomp fd from runc for %s (%d fds)",
+                      container_id, len(fds))
+            return
+        if not _is_notify_fd(chosen):
+            log.error("seccomp listener: fd from runc for %s is not a seccomp notify fd",
+                      container_id)
+            _close_quietly(chosen)
+            return
+        poller = select.poll()
+        poller.register(chosen, select.POLLIN)
+        flt = _Filter(chosen, container_id, metadata, poller)
+        self._filters[chosen] = flt
+        self._by_container.setdefault(container_id, set()).add(chosen)
+        assert self._loop is not None
+        self._loop.add_reader(chosen, self._on_readable, flt)
+        log.debug("seccomp notify fd for %s (%s) adopted", container_id, metadata or "-")
+
+    # --- notifications
+
+    def _on_readable(self, flt: _Filter) -> None:
+        attempts = self._drain(flt)
+        if flt.broken or _events(flt) & _HANGUP:
+            self._close(flt, drain=False)
+        self._record(attempts)
+
+    def _drain(self, flt: _Filter) -> list[SyscallAttempt]:
+        """Answer what is pending (at most one batch); the attempts, to record after."""
+        attempts: list[SyscallAttempt] = []
+        for _ in range(_BATCH):
+            if flt.broken or not _events(flt) & select.POLLIN:
+                break
+            attempt = self._answer(flt)
+            if attempt is not None:
+                attempts.append(attempt)
+        return attempts
+
+    def _answer(self, flt: _Filter) -> SyscallAttempt | None:
+        notif = bytearray(_NOTIF.size)  # the kernel refuses a buffer that is not zeroed
+        while True:
+            try:
+                fcntl.ioctl(flt.fd, SECCOMP_IOCTL_NOTIF_RECV, notif, True)
+                break
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    return None  # the caller was killed between poll and receive
+                # Anything else is a broken fd: closing it makes the kernel answer ENOSYS
+                # (still denied) instead of leaving the agent blocked or the loop spinning.
+                log.error("seccomp notify receive for %s failed: %s; closing its fd",
+                          flt.container_id, exc.strerror)
+                flt.broken = True
+                return None
+        notif_id, pid, _flags, nr, arch, _ip, *args = _NOTIF.unpack(notif)
+        response = _RESP.pack(notif_id, 0, -errno.EPERM, 0)
+        while True:
+            try:
+                fcntl.ioctl(flt.fd, SECCOMP_IOCTL_NOTIF_SEND, response)
+                break
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                # ENOENT: the caller died (killed, e.g. by a tripwire) before the answer; the
+                # attempt still happened and is recorded.
+                if exc.errno != errno.ENOENT:
+                    log.error("seccomp notify answer for %s failed: %s", flt.container_id,
+                              exc.strerror)
+                break
+        flt.attempts += 1
+        return SyscallAttempt(ts=time.time(), container_id=flt.container_id, pid=pid,
+                              syscall=syscall_name(arch, nr), number=nr, args=tuple(args))
+
+    def _record(self, attempts: list[SyscallAttempt]) -> None:
+        debug = log.isEnabledFor(logging.DEBUG)
+        for attempt in attempts:
+            self.attempts_total += 1
+            if debug:
+                log.debug("seccomp notify: %s pid %d %s(%s) answered EPERM",
+                          attempt.container_id, attempt.pid, attempt.syscall,
+                          ", ".join(hex(a) for a in attempt.args))
+            for subscriber in list(self.subscribers):
+                try:
+                    subscriber(attempt)
+                except Exception:
+                    log.exception("seccomp attempt subscriber %r failed", subscriber)
+
+    def _close(self, flt: _Filter, *, drain: bool) -> None:
+        if self._filters.pop(flt.fd, None) is None:
+            return
+        attempts = self._drain(flt) if drain else []
+        fds = self._by_container.get(flt.container_id)
+        if fds is not None:
+            fds.discard(flt.fd)
+            if not fds:
+                del self._by_container[flt.container_id]
+        if self._loop is not None:
+            self._loop.remove_reader(flt.fd)
+        _close_quietly(flt.fd)
+        log.log(logging.INFO if flt.attempts else logging.DEBUG,
+                "seccomp notify fd for %s closed after %d attempts", flt.container_id,
+                flt.attempts)
+        self._record(attempts)
+
+
+def _events(flt: _Filter) -> int:
+    """The fd's poll(2) events now, without waiting."""
+    events = 0
+    for _fd, revents in flt.poller.poll(0):
+        events |= revents
+    return events
+
+
+def _bind(path: Path) -> socket.socket:
+    """A listening socket at `path`, root's only (0600): bound under a temporary name with its
+    mode, then renamed into place over any stale one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(tmp))
+        finally:
+            os.umask(old_umask)
+        os.chown(tmp, 0, 0)
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, path)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise EnforcementError(
+            f"cannot create the seccomp listener socket {path}: {exc.strerror or exc}",
+            path=str(path),
+        ) from exc
+    return sock
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def _unix_rights(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            rights = array.array("i")
+            rights.frombytes(data[: len(data) - len(data) % rights.itemsize])
+            fds.extend(rights)
+    return fds
+
+
+def _is_notify_fd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:seccomp notify"
+    except OSError:
+        return False
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
