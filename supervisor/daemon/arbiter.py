@@ -305,7 +305,7 @@ class Arbiter:
         self._set_run_state(run, "start")
         self.store.put_run(run)
         for started_hook in self.run_started_hooks:
-            started_hook(run.id, run.cgroup, run.started_at)
+            _call_hook(started_hook, run.id, run.cgroup, run.started_at)
         live.watcher = self._spawn(self._watch(live))
         if run.timeout is not None:
             loop = asyncio.get_running_loop()
@@ -381,7 +381,7 @@ class Arbiter:
         self.live.pop(run.id, None)
         self.store.put_run(run)
         for ended_hook in self.run_ended_hooks:
-            ended_hook(run.id)
+            _call_hook(ended_hook, run.id)
 
     # ----------------------------------------------------------------- the kill path
 
@@ -786,6 +786,14 @@ async def _exit_status(live: LiveRun) -> int | None:
         return await asyncio.wait_for(asyncio.shield(live.handle.wait_exit()), 1.0)
     except TimeoutError:
         return None
+
+
+def _call_hook(hook: Callable[..., None], *args: Any) -> None:
+    """Observers (telemetry, tripwires, seccomp) must never break a launch or a kill."""
+    try:
+        hook(*args)
+    except Exception:
+        log.exception("run hook %s failed", getattr(hook, "__qualname__", hook))
 
 
 def _stats(live: LiveRun | None) -> dict[str, int | None] | None:

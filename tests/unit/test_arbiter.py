@@ -715,3 +715,24 @@ def test_kill_racing_a_launch_wins_and_the_command_never_starts(make_env: MakeEn
         assert (kill_row.outcome, kill_row.detail["run"]) == ("ok", view.id)
 
     asyncio.run(body())
+
+
+def test_a_failing_run_hook_never_breaks_a_launch_or_a_kill(env: ArbiterEnv,
+                                                            caplog: pytest.LogCaptureFixture
+                                                            ) -> None:
+    def broken(*_args: object) -> None:
+        raise RuntimeError("observer bug")
+
+    async def body() -> None:
+        arbiter = env.arbiter()
+        arbiter.run_started_hooks.append(broken)
+        arbiter.run_ended_hooks.append(broken)
+        view = await arbiter.launch(request("a1"), ALICE)
+        assert arbiter.agents["a1"].state == "active"
+        result = await act(arbiter, "kill", scope("a1"), "still works")
+        assert result.results[0].new_state == "killed"
+        assert view.id not in arbiter.live
+
+    asyncio.run(body())
+    failures = [r for r in caplog.records if r.getMessage().startswith("run hook")]
+    assert len(failures) == 2 and all(r.exc_info for r in failures)
