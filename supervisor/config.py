@@ -32,6 +32,8 @@ class DaemonSection(_Section):
     profile_dirs: list[Path] = [Path("/etc/agent-supervisor/profiles")]
     default_profile: str = "default"
     shutdown_reason: str = "supervisor shutdown"
+    # Output of runs that ended longer ago than this is deleted (checked hourly).
+    log_retention: Duration = 7 * 24 * 3600.0
 
 
 class SandboxSection(_Section):

@@ -61,6 +61,12 @@ class RunNotFound(SupervisorError):
     exit_status = 3
 
 
+class LogsExpired(SupervisorError):
+    code = "logs_expired"
+    http_status = 410
+    exit_status = 3
+
+
 class RouteNotFound(SupervisorError):
     code = "route_not_found"
     http_status = 404

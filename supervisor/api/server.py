@@ -28,6 +28,7 @@ from supervisor.errors import (
     Forbidden,
     InvalidJson,
     InvalidRequest,
+    LogsExpired,
     RouteNotFound,
     SupervisorError,
 )
@@ -268,6 +269,11 @@ async def run_logs(request: web.Request) -> web.StreamResponse:
     arbiter = request.app[ARBITER]
     record, live = arbiter.resolve_run(request.match_info["ref"])
     follow = request.query.get("follow", "0") in ("1", "true", "yes")
+    if (live is None and record.ended_at is not None and record.state != "failed"
+            and not Path(record.log_path).exists()):
+        raise LogsExpired(f"the output of run {record.id} was deleted after the retention "
+                          f"period ([daemon] log_retention)", run=record.id,
+                          ended_at=record.ended_at)
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
                                            "X-Run-Id": record.id})
     await response.prepare(request)

@@ -760,6 +760,20 @@ class Arbiter:
         for task in list(self._tasks):
             task.cancel()
 
+    def prune_logs(self, retention: float) -> int:
+        """Delete the output of runs that ended more than `retention` seconds ago."""
+        removed = 0
+        for run in self.store.runs_ended_before(time.time() - retention):
+            path = Path(run.log_path)
+            if path.parent == self.logs_dir and path.exists():
+                path.unlink()
+                removed += 1
+        if removed:
+            self.audit.append(actor=SYSTEM.label(), verb="logs_pruned", scope="global",
+                              reason=f"run output older than {retention:g}s",
+                              detail={"files": removed})
+        return removed
+
     def forget_agent(self, name: str, actor: Actor, reason: str) -> None:
         """Drop an idle or killed agent from the registry (its runs stay in the history)."""
         agent = self._agent(name)

@@ -280,6 +280,18 @@ async def serve(config: Config) -> int:
     watchdog.on_death = watchdog_died
     watchdog.watch(loop)
     drill_schedule = asyncio.create_task(drills.schedule())
+
+    async def prune_logs_hourly() -> None:
+        while True:
+            try:
+                removed = arbiter.prune_logs(config.daemon.log_retention)
+                if removed:
+                    log.info("deleted the output of %d runs past log_retention", removed)
+            except OSError as exc:
+                log.error("pruning run output failed: %s", exc)
+            await asyncio.sleep(3600)
+
+    log_pruning = asyncio.create_task(prune_logs_hourly())
     breakglass = BreakGlass(arbiter, config.halt_file)
     await breakglass.start()
     def on_signal(signum: int) -> None:
@@ -296,6 +308,7 @@ async def serve(config: Config) -> int:
     sd_notify("STOPPING=1\nSTATUS=killing every agent")
     log.warning("shutting down: killing every agent")
     drill_schedule.cancel()
+    log_pruning.cancel()
     breakglass.stop()
     await arbiter.shutdown(config.daemon.shutdown_reason)
     telemetry.stop()  # telemetry: every run has ended and been summarised

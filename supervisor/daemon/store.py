@@ -143,6 +143,10 @@ class Store:
         found = self._runs("WHERE id = ?", (run_id,))
         return found[0] if found else None
 
+    def runs_ended_before(self, cutoff: float) -> list[RunRecord]:
+        return self._runs("WHERE ended_at IS NOT NULL AND ended_at < ? ORDER BY ended_at",
+                          (cutoff,))
+
     def unfinished_runs(self) -> list[RunRecord]:
         return self._runs("WHERE ended_at IS NULL ORDER BY started_at", ())
 

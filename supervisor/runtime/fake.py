@@ -109,6 +109,9 @@ class FakeRuntime:
             raise self.fail_launch
         handle = FakeRunHandle(self, params)
         self.handles[params.run_id] = handle
+        # Like the real runtime: a created run always has its (possibly empty) output file.
+        params.log_path.parent.mkdir(parents=True, exist_ok=True)
+        params.log_path.touch()
         return handle
 
     async def leftovers(self) -> list[Leftover]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -351,4 +352,20 @@ def test_a_peer_without_a_role_is_forbidden(serve: ServeFactory) -> None:
 def test_client_errors_are_supervisor_errors(server: ServerThread) -> None:
     with pytest.raises(SupervisorError) as info:
         client_of(server).agent("ghost")
+    assert info.value.exit_status == 3
+
+
+def test_logs_of_a_run_whose_output_was_pruned_say_so(server: ServerThread) -> None:
+    view = launch(server)
+    arbiter = server.arbiter
+    assert arbiter is not None
+    log_path = Path(server.call(lambda: arbiter.live[view["id"]].record.log_path))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("hello\n")
+    client_of(server).action("kill", {"agent": "a1"})
+    assert b"".join(client_of(server).logs(view["id"])) == b"hello\n"
+    log_path.unlink()  # what log_retention does
+    with pytest.raises(SupervisorError) as info:
+        b"".join(client_of(server).logs(view["id"]))
+    assert info.value.code == "logs_expired"
     assert info.value.exit_status == 3

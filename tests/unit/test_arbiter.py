@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -736,3 +738,30 @@ def test_a_failing_run_hook_never_breaks_a_launch_or_a_kill(env: ArbiterEnv,
     asyncio.run(body())
     failures = [r for r in caplog.records if r.getMessage().startswith("run hook")]
     assert len(failures) == 2 and all(r.exc_info for r in failures)
+
+
+def test_run_output_past_its_retention_is_deleted_and_audited(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        old = await arbiter.launch(request("old"), ALICE)
+        new = await arbiter.launch(request("new"), ALICE)
+        for view in (old, new):
+            Path(arbiter.live[view.id].record.log_path).parent.mkdir(parents=True,
+                                                                     exist_ok=True)
+            Path(arbiter.live[view.id].record.log_path).write_text("output\n")
+        await act(arbiter, "kill", scope("old"), "done")
+        await act(arbiter, "kill", scope("new"), "done")
+        old_record = env.store.run(old.id)
+        assert old_record is not None
+        old_record.ended_at = time.time() - 3600
+        env.store.put_run(old_record)
+
+        assert arbiter.prune_logs(retention=600) == 1
+        assert not Path(old_record.log_path).exists()
+        new_record = env.store.run(new.id)
+        assert new_record is not None and Path(new_record.log_path).exists()
+        assert last(env).verb == "logs_pruned" and last(env).detail == {"files": 1}
+        assert arbiter.prune_logs(retention=600) == 0  # nothing left to do, nothing audited
+        assert last(env).verb == "logs_pruned"
+
+    asyncio.run(body())
