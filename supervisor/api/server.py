@@ -45,7 +45,6 @@ from supervisor.models import (
     Health,
     RunRequest,
     RunView,
-    TelemetrySample,
     TelemetrySummary,
     TelemetryView,
 )
@@ -313,8 +312,7 @@ async def run_telemetry(request: web.Request) -> web.Response:
     source = request.app[TELEMETRY]
     return _json(TelemetryView(
         run=record.id, agent=record.agent, state=record.state, live=source.tracking(record.id),
-        samples=[TelemetrySample.model_validate(sample.as_dict())
-                 for sample in source.samples(record.id, limit)],
+        samples=source.samples(record.id, limit),
         summary=source.summary(record.id),
     ))
 

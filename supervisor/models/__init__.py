@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from supervisor.models.telemetry import Sample
 from supervisor.models.tripwire import TripwireRule
 from supervisor.models.units import Duration
 
@@ -29,7 +30,6 @@ __all__ = [
     "RunRequest",
     "RunView",
     "Scope",
-    "TelemetrySample",
     "TelemetrySummary",
     "TelemetryView",
 ]
@@ -168,29 +168,6 @@ class RunView(BaseModel):
 
 
 # --- telemetry (supervisor/telemetry/): wire forms of a run's samples and its summary.
-class TelemetrySample(BaseModel):
-    """supervisor.telemetry.Sample on the wire (the same fields; None: not measured)."""
-
-    ts: float
-    wall_seconds: float
-    processes: int
-    cpu_seconds: float | None = None
-    cpu_percent: float | None = None
-    memory_bytes: int | None = None
-    oom_kills: int | None = None
-    rss_bytes: int | None = None
-    threads: int | None = None
-    open_fds: int | None = None
-    connections: int | None = None
-    io_read_bytes: int | None = None
-    io_write_bytes: int | None = None
-    children: int | None = None
-    commands: list[str] = []
-    network_bytes: int | None = None
-    network_packets: int | None = None
-    syscall_attempts: int = 0
-
-
 class TelemetrySummary(BaseModel):
     """One run's telemetry, summed up as it is sampled; kept in SQLite when the run ends."""
 
@@ -225,7 +202,7 @@ class TelemetryView(BaseModel):
     agent: str
     state: str
     live: bool  # sampled right now (False: the run ended; the summary is the stored one)
-    samples: list[TelemetrySample]
+    samples: list[Sample]
     summary: TelemetrySummary | None
 # --- end telemetry
 

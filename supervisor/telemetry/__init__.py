@@ -4,42 +4,12 @@ This module holds the shared model only; no I/O."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
+from supervisor.models.telemetry import Sample
 from supervisor.models.tripwire import METRICS
 
 __all__ = ["METRICS", "Sample", "SyscallAttempt"]
-
-
-@dataclass(frozen=True)
-class Sample:
-    ts: float  # time.time() when taken
-    wall_seconds: float  # since the run started
-    processes: int
-    cpu_seconds: float | None = None
-    cpu_percent: float | None = None  # over the previous interval; 100 = one full core
-    memory_bytes: int | None = None
-    oom_kills: int | None = None
-    # From psutil over the run's pids (refreshed every few samples; see [telemetry]).
-    rss_bytes: int | None = None
-    threads: int | None = None
-    open_fds: int | None = None
-    connections: int | None = None
-    io_read_bytes: int | None = None
-    io_write_bytes: int | None = None
-    children: int | None = None
-    commands: tuple[str, ...] = ()
-    # From the run's veth, when it has one (network mode "gateway").
-    network_bytes: int | None = None
-    network_packets: int | None = None
-    # Cumulative syscall attempts reported by seccomp user notification.
-    syscall_attempts: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["commands"] = list(self.commands)
-        return data
 
 
 @dataclass(frozen=True)
