@@ -33,8 +33,10 @@ CREATE TABLE IF NOT EXISTS drills (
 );
 """
 
-# The canary: every process holds a socket, and one pair holds an established loopback TCP
-# connection inside the run's network namespace, so the drill kills live network state.
+# The canary: every process holds a socket, and the first holds an established loopback TCP
+# connection inside the run's network namespace, so the drill kills live network state. The
+# others exec `sleep` with their socket inherited: small processes, like an agent's tools,
+# rather than N copies of a Python heap for the kernel to free.
 _PY_CANARY = r"""
 import os, socket, sys, time
 n = int(sys.argv[1])
@@ -43,8 +45,8 @@ client = socket.create_connection(server.getsockname()); peer, _ = server.accept
 for _ in range(n - 1):
     if os.fork() == 0:
         held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        while True:
-            time.sleep(3600)
+        held.set_inheritable(True)
+        os.execv("/bin/sleep", ["sleep", "3600"])
 print("canary ready", n, flush=True)
 while True:
     time.sleep(3600)
