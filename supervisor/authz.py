@@ -37,6 +37,8 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "kill": _OWNERS,
     "reactivate": _OWNERS,
     "drill": _OWNERS,
+    "approve": _ADMINS,  # approve or deny a request the egress gateway holds
+    "breaker_reset": _ADMINS,
 }
 
 

@@ -120,6 +120,27 @@ class TelemetrySection(_Section):
     seccomp_listener: str | None = None
 
 
+class EgressSection(_Section):
+    """The egress gateway, for runs whose profile has network mode `gateway`."""
+
+    # Each gateway run gets a /30 of this private pool: .1 on the host (the gateway), .2 inside.
+    pool: str = "10.213.0.0/16"
+    port: Annotated[int, Field(ge=1, le=65535)] = 3128
+    # Route secrets named "file:NAME" are read from here (root-owned, mode 0600 or stricter).
+    secrets_dir: Path = Path("/etc/agent-supervisor/secrets")
+    # Extra CA certificates (PEM) the gateway trusts for upstreams, besides the system's.
+    ca_file: Path | None = None
+    # Names the gateway resolves itself to fixed addresses. Without an entry, a name that
+    # resolves to a loopback, private or link-local address is refused (no way back in).
+    hosts: dict[str, str] = {}
+    max_connections_per_run: Annotated[int, Field(ge=1, le=10_000)] = 64
+    # A connection that has not sent a complete request head within this time is closed.
+    header_timeout: Duration = 10.0
+    max_header_size: Annotated[int, Field(ge=1024, le=1_048_576)] = 16384
+    upstream_timeout: Duration = 60.0
+    connect_timeout: Duration = 10.0
+
+
 class Config(_Section):
     daemon: DaemonSection = DaemonSection()
     sandbox: SandboxSection = SandboxSection()
@@ -131,6 +152,7 @@ class Config(_Section):
     drill: DrillSection = DrillSection()
     breakglass: BreakGlassSection = BreakGlassSection()
     telemetry: TelemetrySection = TelemetrySection()
+    egress: EgressSection = EgressSection()
 
     @property
     def seccomp_listener(self) -> Path | None:

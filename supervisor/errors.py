@@ -113,6 +113,26 @@ class RuntimeFailure(EnforcementError):
     code = "runtime_failed"
 
 
+class EgressSetupFailed(EnforcementError):
+    """The run's veth, addresses, nftables rules or gateway listener could not be set up."""
+
+    code = "egress_setup_failed"
+
+
+class ApprovalNotFound(SupervisorError):
+    code = "approval_not_found"
+    http_status = 404
+    exit_status = 3
+
+
+class ApprovalDecided(Conflict):
+    code = "approval_decided"
+
+
+class BreakerNotTripped(Conflict):
+    code = "breaker_not_tripped"
+
+
 class KillUnconfirmed(SupervisorError):
     """The kernel did not report the cgroup empty within the kill timeout."""
 

@@ -62,7 +62,10 @@ EVENT_TYPES = (
     "agent.exited",
     "tripwire.fired",
     "drill.completed",
-    "approval.requested",  # reserved for the egress gateway's approval holds
+    "approval.requested",
+    "approval.granted",
+    "approval.denied",
+    "breaker.reset",
 )
 
 # Audit verb -> event type. An allow-list: every other verb (daemon_start, global_halt,
@@ -81,6 +84,10 @@ _VERB_EVENTS = {
     "shutdown": "agent.exited",
     "tripwire": "tripwire.fired",
     "drill": "drill.completed",
+    "approval_requested": "approval.requested",
+    "approval_granted": "approval.granted",
+    "approval_denied": "approval.denied",
+    "breaker_reset": "breaker.reset",
 }
 # The agent's command line may carry tokens; it stays in the audit log, not in a chat channel.
 _PRIVATE_DETAIL = frozenset({"command", "env"})

@@ -12,12 +12,16 @@ from supervisor.models import (
     ActionRequest,
     ActionResult,
     AgentView,
+    Approval,
+    ApprovalList,
     AuditList,
     AuditVerifyResult,
     DrillList,
     DrillRequest,
     DrillResult,
+    EgressView,
     Health,
+    ReasonRequest,
     RunRequest,
     RunView,
     TelemetryView,
@@ -63,13 +67,14 @@ def _path_param(name: str) -> dict[str, Any]:
 
 def openapi_document() -> dict[str, Any]:
     models: list[type[BaseModel]] = [
-        ActionRequest, ActionResult, AgentView, AuditList, AuditVerifyResult, DrillList,
-        DrillResult, Health,
-              RunRequest, RunView, TelemetryView]
+        ActionRequest, ActionResult, AgentView, Approval, ApprovalList, AuditList,
+        AuditVerifyResult, DrillList, DrillResult, EgressView, Health, RunRequest, RunView,
+        TelemetryView]
     serialization: JsonSchemaMode = "serialization"
     validation: JsonSchemaMode = "validation"
     wanted = [(m, serialization) for m in models]
-    wanted += [(m, validation) for m in (RunRequest, ActionRequest, DrillRequest)]
+    wanted += [(m, validation) for m in (RunRequest, ActionRequest, DrillRequest,
+                                         ReasonRequest)]
     _keys, schema = models_json_schema(wanted, ref_template="#/components/schemas/{model}")
     schemas = dict(schema.get("$defs", {}))
     schemas["Error"] = _ERROR
@@ -99,6 +104,19 @@ def openapi_document() -> dict[str, Any]:
             "/v1/audit/verify": {"get": _op("verify the hash chain", "AuditVerifyResult")},
             "/v1/drills": {"post": _op("run a kill drill", "DrillResult", "DrillRequest"),
                            "get": _op("drill history", "DrillList")},
+            "/v1/runs/{ref}/egress": {"get": _op(
+                "a gateway run's egress usage, breaker and pending approvals", "EgressView",
+                params=[_path_param("ref")])},
+            "/v1/approvals": {"get": _op("requests held for approval", "ApprovalList")},
+            "/v1/approvals/{id}/approve": {"post": _op(
+                "release a held request", "Approval", "ReasonRequest",
+                params=[_path_param("id")])},
+            "/v1/approvals/{id}/deny": {"post": _op(
+                "refuse a held request", "Approval", "ReasonRequest",
+                params=[_path_param("id")])},
+            "/v1/agents/{name}/breaker/reset": {"post": _op(
+                "close a tripped egress circuit breaker", None, "ReasonRequest",
+                params=[_path_param("name")])},
         },
         "components": {"schemas": schemas},
     }

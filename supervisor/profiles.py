@@ -8,11 +8,12 @@ import re
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from supervisor.errors import ProfileInvalid, ProfileNotFound
+from supervisor.models.egress import NetworkPolicy
 from supervisor.models.tripwire import TripwirePolicy
 from supervisor.models.units import Size
 
@@ -56,10 +57,6 @@ class Limits(_Strict):
 
 class SeccompPolicy(_Strict):
     profile: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$")] = "default"
-
-
-class NetworkPolicy(_Strict):
-    mode: Literal["none"] = "none"
 
 
 class Profile(_Strict):

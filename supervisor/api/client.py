@@ -143,6 +143,21 @@ class Client:
     def drills(self, limit: int = 50) -> Any:
         return self.request("GET", f"/v1/drills?limit={limit}")
 
+    def egress(self, ref: str) -> Any:
+        return self.request("GET", f"/v1/runs/{_quote(ref)}/egress")
+
+    def approvals(self) -> Any:
+        return self.request("GET", "/v1/approvals")
+
+    def decide(self, approval_id: str, approved: bool, reason: str = "") -> Any:
+        verb = "approve" if approved else "deny"
+        return self.request("POST", f"/v1/approvals/{_quote(approval_id)}/{verb}",
+                            {"reason": reason})
+
+    def reset_breaker(self, agent: str, reason: str = "") -> Any:
+        return self.request("POST", f"/v1/agents/{_quote(agent)}/breaker/reset",
+                            {"reason": reason})
+
     def audit_verify(self) -> Any:
         return self.request("GET", "/v1/audit/verify")
 

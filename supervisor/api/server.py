@@ -38,11 +38,15 @@ from supervisor.models import (
     ActionResult,
     Actor,
     AgentView,
+    Approval,
+    ApprovalList,
     AuditList,
     DrillList,
     DrillRequest,
     DrillResult,
+    EgressView,
     Health,
+    ReasonRequest,
     RunRequest,
     RunView,
     TelemetrySummary,
@@ -89,6 +93,16 @@ class Controller(Protocol):
     async def act(self, verb: str, request: ActionRequest, actor: Actor) -> ActionResult: ...
 
 
+class EgressSource(Protocol):
+    """What the API needs of the egress gateway's daemon side (supervisor/daemon/egress.py)."""
+
+    def list_approvals(self) -> list[dict[str, Any]]: ...
+    def decide(self, approval_id: str, approved: bool, actor: Actor, reason: str
+               ) -> dict[str, Any]: ...
+    def reset_breaker(self, agent: str, actor: Actor, reason: str) -> dict[str, Any]: ...
+    def usage(self, run_id: str) -> dict[str, Any] | None: ...
+
+
 class TelemetrySource(Protocol):
     """What the API reads of the daemon's telemetry (supervisor/telemetry/sampler.py)."""
 
@@ -101,6 +115,7 @@ ARBITER = web.AppKey("arbiter", Controller)
 TELEMETRY = web.AppKey("telemetry", TelemetrySource)
 ROLES = web.AppKey("roles", RolesSection)
 DRILLS = web.AppKey("drills", DrillRunner)
+EGRESS = web.AppKey("egress", EgressSource)
 ACTOR = web.RequestKey("actor", Actor)
 PEER_ROLES = web.RequestKey("roles", frozenset)
 _PEERCRED = struct.Struct("3i")
@@ -369,12 +384,58 @@ async def drill_history(request: web.Request) -> web.Response:
     return _json(DrillList(drills=_drills(request).history(limit)))
 
 
+def _egress(request: web.Request) -> EgressSource:
+    if EGRESS not in request.app:
+        raise RouteNotFound("the egress gateway is not available on this daemon",
+                            path=request.path)
+    return request.app[EGRESS]
+
+
+async def list_approvals(request: web.Request) -> web.Response:
+    return _json(ApprovalList.model_validate({"approvals": _egress(request).list_approvals()}))
+
+
+async def _decide(request: web.Request, approved: bool) -> web.Response:
+    body: ReasonRequest = await _body(request, ReasonRequest)
+    decided = _egress(request).decide(request.match_info["id"], approved, request[ACTOR],
+                                      body.reason)
+    return _json(Approval.model_validate(decided))
+
+
+@permission("approve")
+async def approve(request: web.Request) -> web.Response:
+    return await _decide(request, True)
+
+
+@permission("approve")
+async def deny(request: web.Request) -> web.Response:
+    return await _decide(request, False)
+
+
+@permission("breaker_reset")
+async def reset_breaker(request: web.Request) -> web.Response:
+    body: ReasonRequest = await _body(request, ReasonRequest)
+    name = request.match_info["name"]
+    request.app[ARBITER].agent_view(name)  # 404 for an unknown agent
+    return _json(_egress(request).reset_breaker(name, request[ACTOR], body.reason))
+
+
+async def run_egress(request: web.Request) -> web.Response:
+    record, _live = request.app[ARBITER].resolve_run(request.match_info["ref"])
+    view = _egress(request).usage(record.id)
+    if view is None:
+        raise RouteNotFound(f"run {record.id} is not running behind the egress gateway",
+                            run=record.id)
+    return _json(EgressView.model_validate(view))
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
 def build_app(arbiter: Controller, roles: RolesSection, drills: DrillRunner | None = None,
-              telemetry: TelemetrySource | None = None) -> web.Application:
+              telemetry: TelemetrySource | None = None,
+              egress: EgressSource | None = None) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=1024**2)
     app[ARBITER] = arbiter
     app[ROLES] = roles
@@ -382,6 +443,8 @@ def build_app(arbiter: Controller, roles: RolesSection, drills: DrillRunner | No
         app[DRILLS] = drills
     if telemetry is not None:
         app[TELEMETRY] = telemetry
+    if egress is not None:
+        app[EGRESS] = egress
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/agents", list_agents)
     app.router.add_get("/v1/agents/{name}", get_agent)
@@ -394,6 +457,11 @@ def build_app(arbiter: Controller, roles: RolesSection, drills: DrillRunner | No
     app.router.add_get("/v1/audit/verify", audit_verify)
     app.router.add_post("/v1/drills", run_drill)
     app.router.add_get("/v1/drills", drill_history)
+    app.router.add_get("/v1/runs/{ref}/egress", run_egress)
+    app.router.add_get("/v1/approvals", list_approvals)
+    app.router.add_post("/v1/approvals/{id}/approve", approve)
+    app.router.add_post("/v1/approvals/{id}/deny", deny)
+    app.router.add_post("/v1/agents/{name}/breaker/reset", reset_breaker)
     app.router.add_get("/v1/openapi.json", openapi)
     return app
 

@@ -490,6 +490,90 @@ def status(as_json: bool) -> None:
         click.echo(f"{key:12} {value}")
 
 
+# ----------------------------------------------------------------------------- egress gateway
+
+@cli.command()
+@json_option
+@handles_errors
+def approvals(as_json: bool) -> None:
+    """Requests the egress gateway holds for an operator's decision."""
+    data = _client().approvals()
+    if as_json:
+        _emit_json(data)
+        return
+    rows = [[a["id"], a["agent"], a["method"], f"{a['host']}{a['path']}", a["rule"],
+             _ago(a["requested_at"]), f"{max(0.0, a['expires_at'] - time.time()):.0f}s"]
+            for a in data["approvals"]]
+    if not rows:
+        click.echo("no requests waiting for approval")
+        return
+    _table(rows, ["ID", "AGENT", "METHOD", "TARGET", "RULE", "HELD", "EXPIRES IN"])
+
+
+def _decision_command(approved: bool) -> None:
+    @click.argument("approval_id", metavar="ID")
+    @click.option("--reason", default="" if approved else None, required=not approved,
+                  help=f"Why (recorded; at most {REASON_MAX} chars)"
+                       f"{'' if approved else '; required'}.")
+    @json_option
+    @handles_errors
+    def command(approval_id: str, reason: str, as_json: bool) -> None:
+        data = _client().decide(approval_id, approved, _reason(reason))
+        if as_json:
+            _emit_json(data)
+        else:
+            verb = "approved" if approved else "denied"
+            click.echo(f"{verb} {data['id']}: {data['method']} {data['host']}{data['path']} "
+                       f"of agent {data['agent']}")
+
+    name = "approve" if approved else "deny"
+    text = ("Release a held request (admin or owner)." if approved else
+            "Refuse a held request (admin or owner); the agent gets approval_denied.")
+    cli.command(name=name, help=text)(command)
+
+
+_decision_command(True)
+_decision_command(False)
+
+
+@cli.group()
+def breaker() -> None:
+    """The egress gateway's circuit breaker."""
+
+
+@breaker.command("reset")
+@click.argument("agent")
+@click.option("--reason", default="", help=f"Why (recorded; at most {REASON_MAX} chars).")
+@json_option
+@handles_errors
+def breaker_reset(agent: str, reason: str, as_json: bool) -> None:
+    """Close AGENT's tripped breaker (admin or owner); resume the agent separately."""
+    data = _client().reset_breaker(agent, _reason(reason))
+    if as_json:
+        _emit_json(data)
+    else:
+        click.echo(f"breaker of {data['agent']} closed (it had tripped: {data['was']})")
+
+
+@cli.command()
+@click.argument("ref", metavar="AGENT|RUN")
+@json_option
+@handles_errors
+def egress(ref: str, as_json: bool) -> None:
+    """A gateway run's calls, bytes, spend, breaker and pending approvals."""
+    data = _client().egress(ref)
+    if as_json:
+        _emit_json(data)
+        return
+    usage, total = data["usage"], data["agent_total"]
+    click.echo(f"run {data['run']} of {data['agent']} via gateway {data['gateway']}")
+    for key in ("requests", "bytes", "spend", "tokens", "denied", "errors"):
+        click.echo(f"  {key:9} {usage.get(key, 0):>14g}   (agent total {total.get(key, 0):g})")
+    click.echo(f"  breaker   {'OPEN: ' + data['breaker'] if data['breaker'] else 'closed'}")
+    if data["pending_approvals"]:
+        click.echo(f"  waiting   {', '.join(data['pending_approvals'])}")
+
+
 cli.add_command(top)  # agentctl top: supervisor/cli/top.py
 
 

@@ -25,6 +25,7 @@ from supervisor.errors import (
     AgentBusy,
     AgentKilled,
     AgentNotFound,
+    EgressSetupFailed,
     EnforcementError,
     GlobalHalt,
     IllegalTransition,
@@ -45,7 +46,7 @@ from supervisor.models import (
 )
 from supervisor.models.tripwire import TripwireRule
 from supervisor.profiles import Profile, load_profile
-from supervisor.runtime.base import RunHandle, RunParams, Runtime
+from supervisor.runtime.base import NetworkAttachment, RunHandle, RunParams, Runtime
 from supervisor.states import (
     RUN_ENDED,
     AgentState,
@@ -78,6 +79,8 @@ class LiveRun:
 
 # Hooks run at step 2 of the kill path (credential revocation); the egress gateway adds one.
 RevokeHook = Callable[[str, str], Awaitable[None]]
+# Network mode "gateway": the attachment the runtime plumbs in, and the sandbox's proxy env.
+NetworkProvider = Callable[[LiveRun], tuple[NetworkAttachment, dict[str, str]]]
 
 
 class Arbiter:
@@ -93,6 +96,13 @@ class Arbiter:
         # (run_id, cgroup relative path, started_at) once a run is running; (run_id) at its end.
         self.run_started_hooks: list[Callable[[str, str, float], None]] = []
         self.run_ended_hooks: list[Callable[[str], None]] = []
+        # Network mode "gateway" (supervisor/daemon/egress.py): None refuses such profiles.
+        self.network_provider: NetworkProvider | None = None
+        # After the sandbox exists, before the agent's command starts; raising aborts the launch.
+        self.pre_start_hooks: list[Callable[[LiveRun], Awaitable[None]]] = []
+        # (run_id) after a pause froze the run / before a resume thaws it.
+        self.pause_hooks: list[Callable[[str], Awaitable[None]]] = []
+        self.resume_hooks: list[Callable[[str], Awaitable[None]]] = []
         self.global_halt = store.get_meta(GLOBAL_HALT_KEY) is not None
         self.shutting_down = False
         self.bundles_dir = config.daemon.runtime_dir / "bundles"
@@ -105,7 +115,10 @@ class Arbiter:
         return self.locks.setdefault(name, asyncio.Lock())
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        return self.track(asyncio.ensure_future(coro))
+
+    def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        """Keep a background task alive until it ends; shutdown cancels what is left."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -290,17 +303,41 @@ class Arbiter:
     async def _create_and_start(self, live: LiveRun, profile: Profile,
                                 request: RunRequest) -> None:
         run = live.record
+        network: NetworkAttachment | None = None
+        env = dict(request.env)
+        if profile.network.mode == "gateway":
+            if self.network_provider is None:
+                raise EgressSetupFailed(f"profile {profile.name!r} asks for network mode "
+                                        f"'gateway' but this supervisor runs no egress gateway",
+                                        profile=profile.name)
+            network, proxy_env = self.network_provider(live)
+            env.update(proxy_env)
         params = RunParams(
             run_id=run.id, agent=run.agent, container_id=run.container_id, netns=run.netns,
             cgroup=run.cgroup, bundle=Path(run.bundle), log_path=Path(run.log_path),
             profile=profile, command=request.command, uid_slot=run.uid_slot,
-            workspace=request.workspace, env=request.env,
+            workspace=request.workspace, env=env, network=network,
         )
-        handle = await self.runtime.launch(params)
+        try:
+            handle = await self.runtime.launch(params)
+        except BaseException:
+            if network is not None:
+                network.detach()
+            raise
         live.handle = handle
         run.pid = handle.pid
         if self.agents[run.agent].state == AgentState.KILLED:
             return  # never start the agent's command; the kill path takes it from here
+        try:
+            for pre_start in self.pre_start_hooks:
+                await pre_start(live)
+        except BaseException:
+            # The container exists but its command never ran: take it down completely.
+            handle.kill()
+            await handle.wait_empty(self.config.kill.confirm_timeout)
+            handle.teardown_network()
+            await handle.cleanup()
+            raise
         await handle.start()
         self._set_run_state(run, "start")
         self.store.put_run(run)
@@ -518,6 +555,8 @@ class Arbiter:
                 await live.handle.thaw()
                 raise EnforcementError(f"agent {agent.name}: cgroup did not freeze",
                                        agent=agent.name)
+            for pause_hook in self.pause_hooks:  # tokens suspended, link down
+                await pause_hook(live.record.id)
             if agent.state != AgentState.ACTIVE:  # a kill overtook the pause
                 raise IllegalTransition(f"agent {agent.name!r} is now {agent.state}",
                                         agent=agent.name, state=agent.state)
@@ -531,6 +570,8 @@ class Arbiter:
             previous, new = self._set_agent_state(agent, "resume", actor, reason)
             live = self._live_of(agent)
             assert live is not None and live.handle is not None
+            for resume_hook in self.resume_hooks:
+                await resume_hook(live.record.id)
             await live.handle.thaw()
             self._set_run_state(live.record, "resume")
             return self._record(agent, live, actor, "resume", scope, reason, previous, new)
@@ -560,6 +601,8 @@ class Arbiter:
             handle = live.handle
             live.ending = "stop"
             t0 = time.perf_counter()
+            for hook in self.revoke_hooks:  # a stopping agent gets no more credentials
+                await hook(agent.name, live.record.id)
             if state == AgentState.PAUSED:
                 await handle.thaw()
             handle.signal_all(signal.SIGTERM)

@@ -80,12 +80,17 @@ class Containment:
                 return run_id
         return None
 
-    def _fire(self, run_id: str, firing: Firing, attempt: SyscallAttempt | None = None) -> None:
+    def fire(self, run_id: str, firing: Firing, extra: dict[str, Any]) -> None:
+        """A firing decided elsewhere (the egress gateway's budget and breaker)."""
+        self._fire(run_id, firing, extra=extra)
+
+    def _fire(self, run_id: str, firing: Firing, attempt: SyscallAttempt | None = None,
+              extra: dict[str, Any] | None = None) -> None:
         live = self.arbiter.live.get(run_id)
         if live is None:
             return
         agent = live.record.agent
-        detail: dict[str, Any] = {"run": run_id, **firing.detail()}
+        detail: dict[str, Any] = {"run": run_id, **firing.detail(), **(extra or {})}
         if attempt is not None:
             detail["syscall"] = {"name": attempt.syscall, "pid": attempt.pid,
                                  "attempt_ts": attempt.ts}

@@ -28,6 +28,7 @@ from supervisor.daemon.arbiter import SYSTEM, Arbiter
 from supervisor.daemon.breakglass import BreakGlass, request_halt
 from supervisor.daemon.containment import Containment
 from supervisor.daemon.drills import Drills
+from supervisor.daemon.egress import EgressControl
 from supervisor.daemon.selftest import run_self_test
 from supervisor.daemon.store import Store, connect
 from supervisor.errors import ConfigInvalid, EnforcementError, SupervisorError
@@ -230,11 +231,17 @@ async def serve(config: Config) -> int:
         seccomp.subscribers.append(containment.on_attempt)
         prefix = config.sandbox.name_prefix
         arbiter.run_ended_hooks.append(lambda run_id: seccomp.forget(f"{prefix}-{run_id}"))
+    # --- egress gateway (supervisor/egress/, supervisor/daemon/egress.py): its own thread and
+    # loop; veth + nftables per gateway run, tokens revoked at kill step 2.
+    egress = EgressControl(config, arbiter, containment, audit, db, asyncio.get_running_loop())
+    egress.install()
+    # --- end egress gateway
     audit.append(actor=SYSTEM.label(), verb="daemon_start", scope="global",
                  detail={"version": __version__, "pid": os.getpid(), "cgroup_mode": mode.value,
                          **runtime.describe()})
     audit_watchdog_records(watchdog_record, audit)
     await arbiter.reconcile()
+    egress.reap_leftovers()
 
     if config.daemon.self_test:
         report = await run_self_test(arbiter, config)
@@ -261,7 +268,7 @@ async def serve(config: Config) -> int:
 
     drills = Drills(arbiter, db, config.drill)
     sock = bind_control_socket(config.socket_path, gid)
-    app = build_app(arbiter, config.roles, drills, telemetry=telemetry)
+    app = build_app(arbiter, config.roles, drills, telemetry=telemetry, egress=egress)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     site = web.SockSite(runner, sock)
@@ -311,6 +318,7 @@ async def serve(config: Config) -> int:
     log_pruning.cancel()
     breakglass.stop()
     await arbiter.shutdown(config.daemon.shutdown_reason)
+    egress.stop()  # egress gateway: every run has ended, its listeners are closed
     telemetry.stop()  # telemetry: every run has ended and been summarised
     if seccomp is not None:  # seccomp notify: every agent is dead; close the fds and socket
         await seccomp.stop()

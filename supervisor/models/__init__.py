@@ -19,6 +19,8 @@ __all__ = [
     "Actor",
     "AgentResult",
     "AgentView",
+    "Approval",
+    "ApprovalList",
     "AuditEntry",
     "AuditList",
     "AuditVerifyResult",
@@ -26,7 +28,9 @@ __all__ = [
     "DrillRequest",
     "DrillResult",
     "Duration",
+    "EgressView",
     "Health",
+    "ReasonRequest",
     "RunRequest",
     "RunView",
     "Scope",
@@ -135,6 +139,42 @@ class ActionRequest(_Request):
     scope: Scope
     reason: Reason = ""
     grace: Duration | None = None
+
+
+class ReasonRequest(_Request):
+    reason: Reason = ""
+
+
+class Approval(BaseModel):
+    """A request the egress gateway holds until an operator approves or denies it."""
+
+    id: str
+    agent: str
+    run: str
+    method: str
+    host: str
+    path: str
+    rule: str
+    requested_at: float
+    expires_at: float
+    approved: bool | None = None
+    by: str | None = None
+    reason: str | None = None
+
+
+class ApprovalList(BaseModel):
+    approvals: list[Approval]
+
+
+class EgressView(BaseModel):
+    run: str
+    agent: str
+    gateway: str
+    usage: dict[str, float]
+    agent_total: dict[str, float]
+    breaker: str | None  # why it is open; null when closed
+    token_expires_at: float
+    pending_approvals: list[str]
 
 
 class Actor(BaseModel):

@@ -12,6 +12,19 @@ from typing import Any, Protocol
 from supervisor.profiles import Profile
 
 
+class NetworkAttachment(Protocol):
+    """A run's way out (the egress veth and its firewall rules), plumbed into the run's
+    network namespace by the runtime once that exists and before the agent starts."""
+
+    def attach(self, netns: str) -> None:
+        """Blocking (netlink, nft); the runtime calls it from a worker thread."""
+        ...
+
+    def detach(self) -> None:
+        """Remove everything attach made; idempotent, never raises."""
+        ...
+
+
 @dataclass(frozen=True)
 class RunParams:
     run_id: str
@@ -26,6 +39,7 @@ class RunParams:
     uid_slot: int
     workspace: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    network: NetworkAttachment | None = None
 
 
 @dataclass

@@ -108,6 +108,8 @@ class RuncRunHandle:
         return self._exit
 
     def teardown_network(self) -> bool:
+        if self.params.network is not None:
+            self.params.network.detach()
         return netns.remove(self.params.netns)
 
     async def cleanup(self) -> None:
@@ -117,6 +119,8 @@ class RuncRunHandle:
         with contextlib.suppress(RuntimeFailure):
             await self.runtime.runc.delete(self.params.container_id, force=True)
         self.cgroup.remove()
+        if self.params.network is not None:
+            self.params.network.detach()
         with contextlib.suppress(OSError):
             netns.remove(self.params.netns)
         _quiet(mounts.unbind, self.runtime.workspace_mount(self.params.container_id))
@@ -208,6 +212,9 @@ class RuncRuntime:
 
             netns_path = await loop.run_in_executor(None, netns.create, params.netns)
             undo.append(lambda: _quiet(netns.remove, params.netns))
+            if (network := params.network) is not None:
+                undo.append(network.detach)
+                await loop.run_in_executor(None, network.attach, params.netns)
 
             workspace_source = None
             if params.workspace is not None:

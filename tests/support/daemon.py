@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.api.client import Client
+from supervisor.egress import nft
 from supervisor.sandbox.cgroups import Cgroup, unified_root
 
 REPO = Path(__file__).resolve().parents[2]
@@ -69,11 +70,11 @@ class Daemon:
         lines = []
         for section, values in sections.items():
             lines.append(f"[{section}]")
-            lines.extend(f"{k} = {json.dumps(v)}" for k, v in values.items())
+            lines.extend(f"{k} = {_toml(v)}" for k, v in values.items())
         for section, items in tables.items():
             for item in items:
                 lines.append(f"[[{section}]]")
-                lines.extend(f"{k} = {json.dumps(v)}" for k, v in item.items())
+                lines.extend(f"{k} = {_toml(v)}" for k, v in item.items())
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 30.0) -> None:
@@ -160,6 +161,8 @@ class Daemon:
         bundles = self.root / "run" / "bundles"
         if bundles.is_dir() and (items := sorted(p.name for p in bundles.iterdir())):
             left["bundles"] = items
+        if tables := nft.tables_with_prefix(self.prefix):
+            left["nft_tables"] = tables
         workspaces = self.root / "run" / "workspaces"
         if workspaces.is_dir() and (items := sorted(p.name for p in workspaces.iterdir())):
             left["workspace_mounts"] = items
@@ -169,6 +172,13 @@ class Daemon:
         """Remove the cgroup parent this daemon used (it must already be empty)."""
         with contextlib.suppress(OSError):
             Cgroup(self.cgroup_parent).remove()
+
+
+def _toml(value: Any) -> str:
+    """A TOML value: JSON's scalars and arrays are TOML too; tables are written inline."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + " }"
+    return json.dumps(value)
 
 
 def new_daemon(tmp_root: Path, **extra: dict[str, Any] | list[dict[str, Any]]) -> Daemon:

@@ -1,0 +1,399 @@
+"""The daemon's side of the egress gateway: per-run network attachments (veth + nftables),
+session tokens, secrets, approvals held for an operator, the budget and breaker tripwires, the
+audit rows for every refusal, and each agent's usage across runs. Runs in the daemon's loop;
+the gateway calls in from its own thread through `GatewaySink`, which posts here."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from supervisor.audit import AuditLog
+from supervisor.config import Config
+from supervisor.daemon.arbiter import Arbiter, LiveRun
+from supervisor.daemon.containment import Containment
+from supervisor.egress import link, nft
+from supervisor.egress.accounting import Usage
+from supervisor.egress.gateway import Decision, Gateway, RunGrant
+from supervisor.egress.secrets import load_secret
+from supervisor.errors import (
+    ApprovalDecided,
+    ApprovalNotFound,
+    BreakerNotTripped,
+    EgressSetupFailed,
+    IllegalTransition,
+    InvalidRequest,
+)
+from supervisor.models import Actor
+from supervisor.tripwires import Firing
+
+log = logging.getLogger(__name__)
+
+GATEWAY = Actor(kind="system", name="gateway")
+_DENIAL_ROWS_PER_RUN = 50  # distinct (code, target) refusals audited per run; the rest counted
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS egress_usage (
+    agent TEXT PRIMARY KEY,
+    requests INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    spend REAL NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+class RunNetwork:
+    """One run's veth and nftables table (a `NetworkAttachment` for the runtime)."""
+
+    def __init__(self, control: EgressControl, run_id: str, container_id: str,
+                 addresses: link.LinkAddresses) -> None:
+        self.control = control
+        self.run_id = run_id
+        self.ifname = link.host_ifname(container_id)
+        self.table = nft.table_name(control.config.sandbox.name_prefix, run_id)
+        self.addresses = addresses
+        self._detached = False
+
+    def attach(self, netns: str) -> None:
+        link.attach(netns, self.ifname, self.addresses)
+        try:
+            nft.install(self.table, self.ifname, self.addresses.host_ip,
+                        self.control.config.egress.port)
+        except BaseException:
+            link.detach(self.ifname)
+            raise
+
+    def detach(self) -> None:
+        if self._detached:
+            return
+        self._detached = True
+        for step, name in ((nft.remove, self.table), (link.detach, self.ifname)):
+            try:
+                step(name)
+            except Exception as exc:  # every step must run; the leftover is logged and reaped
+                log.error("run %s: removing %s failed: %s", self.run_id, name, exc)
+        self.control.pool.release(self.addresses)
+
+    def set_up(self, up: bool) -> None:
+        if not self._detached:
+            link.set_up(self.ifname, up)
+
+
+@dataclass
+class PendingApproval:
+    id: str
+    run_id: str
+    agent: str
+    method: str
+    host: str
+    path: str
+    rule: str
+    requested_at: float
+    expires_at: float
+    future: concurrent.futures.Future[Decision]
+    timer: asyncio.TimerHandle | None = None
+
+    def view(self) -> dict[str, Any]:
+        return {"id": self.id, "agent": self.agent, "run": self.run_id, "method": self.method,
+                "host": self.host, "path": self.path, "rule": self.rule,
+                "requested_at": self.requested_at, "expires_at": self.expires_at}
+
+
+@dataclass
+class _RunEgress:
+    network: RunNetwork
+    grant: RunGrant
+    denials: dict[tuple[str, str], int] = field(default_factory=dict)
+
+
+class EgressControl:
+    def __init__(self, config: Config, arbiter: Arbiter, containment: Containment,
+                 audit: AuditLog, db: sqlite3.Connection,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.arbiter = arbiter
+        self.containment = containment
+        self.audit = audit
+        self.db = db
+        self.loop = loop
+        self.pool = link.AddressPool(config.egress.pool)
+        self.gateway = Gateway(config.egress, self)
+        self.runs: dict[str, _RunEgress] = {}
+        self.approvals: dict[str, PendingApproval] = {}
+        db.executescript(_SCHEMA)
+
+    # ------------------------------------------------------------------ wiring
+
+    def install(self) -> None:
+        self.gateway.start()
+        self.arbiter.network_provider = self.prepare
+        self.arbiter.pre_start_hooks.append(self.open)
+        self.arbiter.revoke_hooks.append(self.revoke)
+        self.arbiter.pause_hooks.append(self.pause)
+        self.arbiter.resume_hooks.append(self.resume)
+        self.arbiter.run_ended_hooks.append(self.run_ended)
+
+    def stop(self) -> None:
+        for approval in list(self.approvals.values()):
+            self._decide(approval, False, "system:supervisor", "the supervisor stopped",
+                         "cancelled")
+        self.gateway.stop()
+
+    def reap_leftovers(self) -> list[str]:
+        """nftables tables a previous instance left (its veths went with its netns)."""
+        removed = []
+        for table in nft.tables_with_prefix(self.config.sandbox.name_prefix):
+            nft.remove(table)
+            removed.append(table)
+        if removed:
+            self.audit.append(actor="system:supervisor", verb="reap", scope="global",
+                              target="nftables", reason="left by a previous supervisor instance",
+                              detail={"nft_tables": removed})
+        return removed
+
+    # ------------------------------------------------------------------ arbiter hooks
+
+    def prepare(self, live: LiveRun) -> tuple[RunNetwork, dict[str, str]]:
+        """Before the sandbox exists: secrets (fail closed), addresses, token, the proxy env."""
+        run, profile = live.record, live.profile
+        assert profile is not None
+        policy = profile.network.gateway
+        secret_values = {route.name: load_secret(route.secret, self.config.egress.secrets_dir)
+                         for route in policy.routes}
+        addresses = self.pool.allocate()
+        network = RunNetwork(self, run.id, run.container_id, addresses)
+        token = secrets.token_urlsafe(32)
+        grant = RunGrant(
+            run_id=run.id, agent=run.agent, token=token,
+            expires_at=run.started_at + policy.token_ttl, policy=policy,
+            host_ip=str(addresses.host_ip), port=self.config.egress.port,
+            secrets=secret_values, agent_usage=self._agent_usage(run.agent))
+        self.runs[run.id] = _RunEgress(network, grant)
+        proxy = f"http://{run.agent}:{token}@{addresses.host_ip}:{self.config.egress.port}"
+        env = {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy,
+               "https_proxy": proxy, "NO_PROXY": "", "no_proxy": "",
+               "AGENT_SUPERVISOR_GATEWAY": f"{addresses.host_ip}:{self.config.egress.port}"}
+        return network, env
+
+    async def open(self, live: LiveRun) -> None:
+        state = self.runs.get(live.record.id)
+        if state is None:
+            return
+        try:
+            await self.gateway.open(state.grant)
+        except OSError as exc:
+            raise EgressSetupFailed(
+                f"run {live.record.id}: the gateway cannot listen on "
+                f"{state.grant.host_ip}:{state.grant.port}: {exc.strerror or exc}",
+                run=live.record.id) from exc
+
+    async def revoke(self, _agent: str, run_id: str) -> None:
+        if run_id in self.runs:
+            self.gateway.revoke(run_id)
+            self._cancel_approvals(run_id, "the run was stopped or killed")
+
+    async def pause(self, run_id: str) -> None:
+        state = self.runs.get(run_id)
+        if state is None:
+            return
+        self.gateway.suspend(run_id)
+        self._cancel_approvals(run_id, "the agent was paused")
+        await self.loop.run_in_executor(None, state.network.set_up, False)
+
+    async def resume(self, run_id: str) -> None:
+        state = self.runs.get(run_id)
+        if state is None:
+            return
+        await self.loop.run_in_executor(None, state.network.set_up, True)
+        self.gateway.resume(run_id)
+
+    def run_ended(self, run_id: str) -> None:
+        state = self.runs.pop(run_id, None)
+        if state is None:
+            return
+        self.gateway.revoke(run_id)
+        self._cancel_approvals(run_id, "the run ended")
+        state.network.detach()  # normally done at step 5 already; idempotent
+        task = self.loop.create_task(self._finish(run_id, state))
+        self.arbiter.track(task)
+
+    async def _finish(self, run_id: str, state: _RunEgress) -> None:
+        usage = await self.gateway.close(run_id) or Usage()
+        self._add_agent_usage(state.grant.agent, usage)
+        self.audit.append(
+            actor=GATEWAY.label(), verb="egress_summary", scope=f"agent:{state.grant.agent}",
+            target=state.grant.agent, detail={"run": run_id, "usage": usage.as_dict(),
+                                              "denials": {f"{c} {t}": n for (c, t), n
+                                                          in state.denials.items()}})
+
+    # ------------------------------------------------------------------ GatewaySink (any thread)
+
+    def budget_exceeded(self, run_id: str, detail: dict[str, Any]) -> None:
+        self.loop.call_soon_threadsafe(self._fire_budget, run_id, detail)
+
+    def breaker_tripped(self, run_id: str, detail: dict[str, Any]) -> None:
+        self.loop.call_soon_threadsafe(self._fire_breaker, run_id, detail)
+
+    def denied(self, run_id: str, code: str, detail: dict[str, Any]) -> None:
+        self.loop.call_soon_threadsafe(self._audit_denial, run_id, code, detail)
+
+    def request_approval(self, run_id: str, method: str, host: str, path: str, rule: str
+                         ) -> concurrent.futures.Future[Decision]:
+        future: concurrent.futures.Future[Decision] = concurrent.futures.Future()
+        self.loop.call_soon_threadsafe(self._hold, future, run_id, method, host, path, rule)
+        return future
+
+    # ------------------------------------------------------------------ in the daemon's loop
+
+    def _fire_budget(self, run_id: str, detail: dict[str, Any]) -> None:
+        firing = Firing(rule="egress_budget", metric=f"egress_{detail['metric']}",
+                        value=detail["value"], threshold=detail["limit"],
+                        action=detail["action"],
+                        reason=(f"tripwire egress_budget: the {detail['budget']} budget is spent"
+                                f" ({detail['metric']} {detail['value']:.6g} >= "
+                                f"{detail['limit']:.6g})"),
+                        sample_ts=time.time())
+        self.containment.fire(run_id, firing, {"budget": detail["budget"],
+                                               "usage": detail["usage"]})
+
+    def _fire_breaker(self, run_id: str, detail: dict[str, Any]) -> None:
+        firing = Firing(rule="egress_breaker", metric="egress_breaker", value=1.0, threshold=1.0,
+                        action="pause",
+                        reason=f"tripwire egress_breaker: circuit breaker open: {detail['reason']}",
+                        sample_ts=time.time())
+        self.containment.fire(run_id, firing, {"breaker": detail["reason"],
+                                               "usage": detail["usage"]})
+
+    def _audit_denial(self, run_id: str, code: str, detail: dict[str, Any]) -> None:
+        state = self.runs.get(run_id)
+        if state is None:
+            return
+        target = str(detail.get("host") or detail.get("target") or "")
+        key = (code, target)
+        seen = state.denials.get(key, 0)
+        state.denials[key] = seen + 1
+        if seen or len(state.denials) > _DENIAL_ROWS_PER_RUN:
+            return  # counted; the run's egress_summary row has the totals
+        agent = state.grant.agent
+        self.audit.append(actor=GATEWAY.label(), verb="egress_denied", scope=f"agent:{agent}",
+                          target=agent, outcome=f"refused:{code}",
+                          detail={"run": run_id, **detail})
+
+    def _hold(self, future: concurrent.futures.Future[Decision], run_id: str, method: str,
+              host: str, path: str, rule: str) -> None:
+        state = self.runs.get(run_id)
+        if state is None or future.done():
+            if not future.done():
+                future.set_result(Decision(False, "", reason="the run has ended"))
+            return
+        now = time.time()
+        timeout = state.grant.policy.approval_timeout
+        approval = PendingApproval(
+            id=secrets.token_hex(4), run_id=run_id, agent=state.grant.agent, method=method,
+            host=host, path=path, rule=rule, requested_at=now, expires_at=now + timeout,
+            future=future)
+        self.approvals[approval.id] = approval
+        approval.timer = self.loop.call_later(timeout, self._expire, approval.id)
+        self.audit.append(actor=GATEWAY.label(), verb="approval_requested",
+                          scope=f"agent:{approval.agent}", target=approval.agent,
+                          reason=f"{method} {host}{path} matches approval rule '{rule}'",
+                          outcome="pending", detail=approval.view())
+
+    def _expire(self, approval_id: str) -> None:
+        approval = self.approvals.get(approval_id)
+        if approval is not None:
+            self._decide(approval, False, "system:gateway",
+                         f"no answer within {approval.expires_at - approval.requested_at:g}s",
+                         "expired")
+
+    def _cancel_approvals(self, run_id: str, reason: str) -> None:
+        for approval in [a for a in self.approvals.values() if a.run_id == run_id]:
+            self._decide(approval, False, "system:supervisor", reason, "cancelled")
+
+    def _decide(self, approval: PendingApproval, approved: bool, by: str, reason: str,
+                outcome: str) -> None:
+        self.approvals.pop(approval.id, None)
+        if approval.timer is not None:
+            approval.timer.cancel()
+        self.audit.append(actor=by, verb="approval_granted" if approved else "approval_denied",
+                          scope=f"agent:{approval.agent}", target=approval.agent, reason=reason,
+                          outcome=outcome, detail=approval.view())
+        if not approval.future.done():
+            approval.future.set_result(Decision(approved, approval.id, by=by, reason=reason))
+
+    # ------------------------------------------------------------------ operators (API)
+
+    def list_approvals(self) -> list[dict[str, Any]]:
+        return [a.view() for a in sorted(self.approvals.values(), key=lambda a: a.requested_at)]
+
+    def decide(self, approval_id: str, approved: bool, actor: Actor, reason: str
+               ) -> dict[str, Any]:
+        if not approved and not reason.strip():
+            raise InvalidRequest("a denial needs a reason (the agent is told it)",
+                                 field="reason")
+        approval = self.approvals.get(approval_id)
+        if approval is None:
+            raise ApprovalNotFound(f"no pending approval {approval_id!r} (it may have been "
+                                   f"decided, expired or cancelled; see the audit log)",
+                                   approval=approval_id)
+        if approval.future.done():
+            raise ApprovalDecided(f"approval {approval_id} was already decided",
+                                  approval=approval_id)
+        self._decide(approval, approved, actor.label(), reason,
+                     "approved" if approved else "denied")
+        return {**approval.view(), "approved": approved, "by": actor.label(), "reason": reason}
+
+    def reset_breaker(self, agent: str, actor: Actor, reason: str) -> dict[str, Any]:
+        record = self.arbiter.agents.get(agent)
+        run_id = record.current_run if record else None
+        if record is None or run_id is None or run_id not in self.runs:
+            raise IllegalTransition(f"agent {agent!r} has no run behind the egress gateway",
+                                    agent=agent)
+        tripped = self.gateway.reset_breaker(run_id)
+        if tripped is None:
+            raise BreakerNotTripped(f"the circuit breaker of agent {agent!r} is not open",
+                                    agent=agent, run=run_id)
+        self.audit.append(actor=actor.label(), verb="breaker_reset", scope=f"agent:{agent}",
+                          target=agent, reason=reason,
+                          detail={"run": run_id, "was": tripped, "actor": actor.label()})
+        return {"agent": agent, "run": run_id, "was": tripped}
+
+    def usage(self, run_id: str) -> dict[str, Any] | None:
+        state = self.runs.get(run_id)
+        if state is None:
+            return None
+        usage = self.gateway.usage(run_id) or Usage()
+        return {"run": run_id, "agent": state.grant.agent, "usage": usage.as_dict(),
+                "agent_total": state.grant.agent_usage.add(usage).as_dict(),
+                "breaker": self.gateway.breaker_open(run_id),
+                "gateway": f"{state.grant.host_ip}:{state.grant.port}",
+                "token_expires_at": state.grant.expires_at,
+                "pending_approvals": [a.id for a in self.approvals.values()
+                                      if a.run_id == run_id]}
+
+    # ------------------------------------------------------------------ agent usage (SQLite)
+
+    def _agent_usage(self, agent: str) -> Usage:
+        row = self.db.execute("SELECT requests, bytes, spend, tokens FROM egress_usage "
+                              "WHERE agent = ?", (agent,)).fetchone()
+        return Usage(requests=row[0], bytes=row[1], spend=row[2], tokens=row[3]) if row \
+            else Usage()
+
+    def _add_agent_usage(self, agent: str, usage: Usage) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT INTO egress_usage (agent, requests, bytes, spend, tokens, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(agent) DO UPDATE SET "
+                "requests = requests + excluded.requests, bytes = bytes + excluded.bytes, "
+                "spend = spend + excluded.spend, tokens = tokens + excluded.tokens, "
+                "updated_at = excluded.updated_at",
+                (agent, usage.requests, usage.bytes, usage.spend, usage.tokens, time.time()))
+

@@ -1,0 +1,132 @@
+"""What the gateway counts per run and per agent, and the circuit breaker that judges it.
+Pure state over an injected clock; no I/O, no privilege."""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from supervisor.models.egress import Breaker, Budget
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    metric: str  # requests, bytes or spend
+    value: float
+    limit: float
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.value:.6g} >= {self.limit:.6g}"
+
+
+@dataclass
+class Usage:
+    requests: int = 0
+    bytes: int = 0
+    spend: float = 0.0
+    tokens: int = 0
+    denied: int = 0
+    errors: int = 0
+
+    def add(self, other: Usage) -> Usage:
+        return Usage(self.requests + other.requests, self.bytes + other.bytes,
+                     self.spend + other.spend, self.tokens + other.tokens,
+                     self.denied + other.denied, self.errors + other.errors)
+
+    def over(self, budget: Budget) -> Ceiling | None:
+        """The first ceiling this usage has reached, or None."""
+        for metric, value, limit in (("requests", self.requests, budget.requests),
+                                     ("bytes", self.bytes, budget.bytes),
+                                     ("spend", self.spend, budget.spend)):
+            if limit is not None and value >= limit:
+                return Ceiling(metric, float(value), float(limit))
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["spend"] = round(self.spend, 9)
+        return data
+
+
+def tokens_in(body: bytes) -> int | None:
+    """Tokens an upstream reports in its JSON `usage` (OpenAI and Anthropic shapes)."""
+    try:
+        usage = json.loads(body).get("usage")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(usage, dict):
+        return None
+    total = usage.get("total_tokens")
+    if isinstance(total, int) and not isinstance(total, bool):
+        return total
+    parts = [usage.get(k) for k in ("prompt_tokens", "completion_tokens", "input_tokens",
+                                    "output_tokens")]
+    counted = [p for p in parts if isinstance(p, int) and not isinstance(p, bool)]
+    return sum(counted) if counted else None
+
+
+@dataclass
+class BreakerState:
+    """A sliding window of (time, error) for one run, and a moving baseline of the request
+    rate over whole windows. Once tripped it stays open until a human resets it."""
+
+    policy: Breaker
+    started: float
+    events: deque[tuple[float, bool]] = field(default_factory=deque)
+    window_start: float = 0.0
+    window_count: int = 0
+    baseline: float | None = None
+    windows_seen: int = 0
+    tripped: str | None = None  # the reason, while open
+
+    def __post_init__(self) -> None:
+        self.window_start = self.started
+
+    def _roll(self, now: float) -> None:
+        width = self.policy.window
+        while now - self.window_start >= width:
+            rate = self.window_count / width
+            # An exponential moving average: a single quiet or busy window moves it a little.
+            self.baseline = rate if self.baseline is None else 0.7 * self.baseline + 0.3 * rate
+            self.windows_seen += 1
+            self.window_start += width
+            self.window_count = 0
+        while self.events and now - self.events[0][0] > width:
+            self.events.popleft()
+
+    def record(self, now: float, error: bool) -> str | None:
+        """Count one request; the reason when this request trips the breaker."""
+        if not self.policy.enabled or self.tripped:
+            return None
+        self._roll(now)
+        self.events.append((now, error))
+        self.window_count += 1
+        return self._judge()
+
+    def _judge(self) -> str | None:
+        p = self.policy
+        n = len(self.events)
+        rate = n / p.window
+        reason = None
+        if p.max_rate is not None and rate > p.max_rate:
+            reason = f"request rate {rate:.1f}/s over {p.max_rate:g}/s (window {p.window:g}s)"
+        elif n >= p.min_requests:
+            errors = sum(1 for _, e in self.events if e)
+            if errors / n > p.max_error_rate:
+                reason = (f"error rate {errors}/{n} over {p.max_error_rate:.0%} "
+                          f"(window {p.window:g}s)")
+            elif self.baseline is not None and self.windows_seen >= p.baseline_windows:
+                floor = max(self.baseline, p.min_requests / p.window)
+                if rate > p.baseline_factor * floor:
+                    reason = (f"request rate {rate:.2f}/s jumped above {p.baseline_factor:g}x "
+                              f"the run's baseline {self.baseline:.2f}/s")
+        if reason:
+            self.tripped = reason
+        return reason
+
+    def reset(self, now: float) -> None:
+        self.tripped = None
+        self.events.clear()
+        self.window_start, self.window_count = now, 0

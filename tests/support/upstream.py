@@ -1,0 +1,133 @@
+"""Real HTTPS upstreams on loopback for the egress gateway's tests and benchmark: a test CA
+made with `cryptography`, a server certificate for the test names, and an aiohttp server in a
+thread of its own that records what it was sent."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import ssl
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+NAMES = ("api.upstream.test", "pkg.upstream.test", "other.upstream.test")
+
+
+@dataclass
+class TestCA:
+    ca_pem: Path
+    cert_pem: Path
+    key_pem: Path
+
+
+def make_ca(directory: Path, names: tuple[str, ...] = NAMES) -> TestCA:
+    """A CA and a server certificate for `names` (and 127.0.0.1), written as PEM files."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent-supervisor test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    alt = [x509.DNSName(n) for n in names]
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = TestCA(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    paths.ca_pem.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths.cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths.key_pem.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    paths.ca_pem.chmod(0o644)
+    return paths
+
+
+@dataclass
+class Upstream:
+    """An HTTPS server on 127.0.0.1 that answers:
+    /v1/chat   JSON with a `usage` block (total_tokens = ?tokens=N, default 100)
+    /fail      500
+    /slow      waits ?s=N seconds
+    anything else: 200 with the request's method and path."""
+
+    ca: TestCA
+    port: int = 0
+    seen: list[dict[str, Any]] = field(default_factory=list)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+    _runner: web.AppRunner | None = None
+
+    def start(self) -> Upstream:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            loop.run_until_complete(self._serve())
+            ready.set()
+            loop.run_forever()
+            if self._runner is not None:
+                loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="test-upstream", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("the test upstream did not start")
+        return self
+
+    async def _serve(self) -> None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(self.ca.cert_pem), str(self.ca.key_pem))
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=context)
+        await site.start()
+        server = site._server
+        assert server is not None and hasattr(server, "sockets")
+        self.port = server.sockets[0].getsockname()[1]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append({"method": request.method, "path": request.path_qs,
+                          "headers": dict(request.headers), "body": body.decode(errors="replace")})
+        if request.path == "/v1/chat":
+            tokens = int(request.query.get("tokens", "100"))
+            return web.json_response({"id": "chat-1", "choices": [{"text": "ok"}],
+                                      "usage": {"total_tokens": tokens}})
+        if request.path == "/fail":
+            return web.json_response({"error": "upstream failure"}, status=500)
+        if request.path == "/slow":
+            await asyncio.sleep(float(request.query.get("s", "5")))
+        return web.Response(text=json.dumps({"method": request.method, "path": request.path_qs}),
+                            content_type="application/json")
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def headers_seen(self, name: str) -> list[str]:
+        return [h[name] for r in self.seen for h in [r["headers"]] if name in h]
