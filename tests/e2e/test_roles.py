@@ -32,7 +32,14 @@ ALLOWED = {
     "stop": {"owner", "admin"},
     "kill": {"owner"},
     "reactivate": {"owner"},
+    "approvals": {"owner", "admin", "auditor", "viewer"},
+    "approve": {"owner", "admin"},
+    "deny": {"owner", "admin"},
+    "breaker reset": {"owner", "admin"},
 }
+# Allowed, but with nothing to act on: the answer is that error, never `forbidden`.
+ALLOWED_ERROR = {"approve": "approval_not_found", "deny": "approval_not_found",
+                 "breaker reset": "illegal_transition"}
 # The state the target agent must be in for the verb to be legal when allowed.
 NEEDS = {"pause": "active", "resume": "paused", "stop": "active", "kill": "active",
          "reactivate": "killed", "run": "idle"}
@@ -98,8 +105,12 @@ def invocation(verb: str, target: str) -> list[str]:
         return ["run", "--json", "--detach", "--name", target, "--", "sleep", "600"]
     if verb == "stop":
         return ["stop", target, "--grace", "1s", "--json"]
-    if verb in ("ls", "status", "audit", "audit verify"):
+    if verb in ("ls", "status", "audit", "audit verify", "approvals"):
         return [*verb.split(), "--json"]
+    if verb in ("approve", "deny"):
+        return [verb, "00000000", "--reason", "role test", "--json"]
+    if verb == "breaker reset":
+        return ["breaker", "reset", target, "--json"]
     return [verb, target, "--json"]
 
 
@@ -122,6 +133,11 @@ def test_every_role_and_verb(tmp_root: Path) -> None:
                         ensure(daemon, target, NEEDS[verb])
                     before = len(daemon.client.audit(limit=10_000)["entries"])
                     result = as_user(daemon, users[role], *invocation(verb, target))
+                    if allowed and verb in ALLOWED_ERROR:
+                        code = json.loads(result.stdout or "{}").get("error", {}).get("code")
+                        outcomes[(role, verb)] = "ok" if code == ALLOWED_ERROR[verb] else (
+                            f"rc={result.returncode} {result.stdout} {result.stderr}")
+                        continue
                     if allowed:
                         outcomes[(role, verb)] = "ok" if result.returncode == 0 else (
                             f"rc={result.returncode} {result.stdout} {result.stderr}")
