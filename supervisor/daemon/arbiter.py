@@ -253,7 +253,8 @@ class Arbiter:
                 cgroup=f"{self.config.sandbox.cgroup_parent.strip('/')}/{container_id}",
                 bundle=str(self.bundles_dir / container_id),
                 log_path=str(self.logs_dir / f"{run_id}.log"), uid_slot=slot, started_at=now,
-                timeout=request.timeout,
+                timeout=(request.timeout if request.timeout is not None
+                         else profile.limits.wall_clock),
             )
             agent.current_run = run_id
             live = LiveRun(record=run, profile=profile, tripwires=list(request.tripwires))
