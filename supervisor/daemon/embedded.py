@@ -62,10 +62,11 @@ _MAX_SLOTS = 4096
 _CGROUP_ROOT = "agent-supervisor-ci"
 
 
-def claim_slot(root: Path) -> tuple[int, int]:
+def claim_slot(locks: Path) -> tuple[int, int]:
     """(slot, fd of its held lock). The lock dies with the process, so a slot is free again the
-    moment its run ends, however it ends; lock files stay (unlinking one would race)."""
-    locks = root / "locks"
+    moment its run ends, however it ends; lock files stay (unlinking one would race). The lock
+    directory is one per host whatever $AGENT_SUPERVISOR_CI_ROOT says: slots decide cgroup
+    names and host uid ranges, which are per host too."""
     locks.mkdir(mode=0o700, parents=True, exist_ok=True)
     for slot in range(_MAX_SLOTS):
         fd = os.open(locks / f"slot{slot}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -75,7 +76,8 @@ def claim_slot(root: Path) -> tuple[int, int]:
             os.close(fd)
             continue
         return slot, fd
-    raise AgentBusy(f"all {_MAX_SLOTS} embedded run slots under {root} are in use", root=str(root))
+    raise AgentBusy(f"all {_MAX_SLOTS} embedded run slots ({locks}) are in use",
+                    locks=str(locks))
 
 
 def embedded_config(base: Config, root: Path, slot: int) -> Config:
@@ -376,7 +378,7 @@ async def run_embedded(spec: EmbeddedRun) -> int:
     key = load_private_key(Path(spec.signing_key)) if spec.signing_key else None
     root = Path(os.environ.get(ROOT_ENV_VAR) or DEFAULT_ROOT)
     root.mkdir(mode=0o711, parents=True, exist_ok=True)
-    slot, _lock_fd = claim_slot(root)
+    slot, _lock_fd = claim_slot(Path(DEFAULT_ROOT) / "locks")
     runner = EmbeddedRunner(spec, profile, embedded_config(base, root, slot))
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
