@@ -101,6 +101,28 @@ class Forbidden(SupervisorError):
     exit_status = 5
 
 
+class EmbeddedNeedsRoot(Forbidden):
+    """`agentctl run --embedded` builds the sandbox itself, which takes root."""
+
+    code = "embedded_needs_root"
+
+
+class SigningKeyInvalid(InvalidRequest):
+    code = "signing_key_invalid"
+
+
+class ReportInvalid(InvalidRequest):
+    code = "report_invalid"
+
+
+class EmbeddedRunFailed(SupervisorError):
+    """An embedded CI run could not be supervised to the end: teardown left something behind,
+    the report could not be written, or the supervisor itself failed (ci/outcome.py)."""
+
+    code = "embedded_run_failed"
+    exit_status = 84
+
+
 class EnforcementError(SupervisorError):
     """The sandbox could not be set up as the profile demands; the agent does not run."""
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from supervisor.errors import ProfileInvalid, ProfileNotFound
 from supervisor.models.egress import NetworkPolicy
 from supervisor.models.tripwire import TripwirePolicy
-from supervisor.models.units import Size
+from supervisor.models.units import Duration, Size
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
 
@@ -53,6 +53,24 @@ class Limits(_Strict):
     pids: Annotated[int, Field(ge=8, le=1_000_000)] = 4096
     cpus: Annotated[float, Field(gt=0, le=1024)] = 1.0
     nofile: Annotated[int, Field(ge=16, le=1_048_576)] = 4096
+    # Execution window for runs that ask for none (agentctl run --timeout wins); None: no limit.
+    wall_clock: Duration | None = None
+
+
+class WorkspacePolicy(_Strict):
+    # Paths inside the workspace bound read-only over the read-write workspace (those that
+    # exist when the run starts); a CI run also reports any change to them as a scope violation.
+    readonly: list[str] = []
+
+    @field_validator("readonly")
+    @classmethod
+    def _relative(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            parts = path.split("/")
+            if not path or path.startswith("/") or ".." in parts or "." in parts or "" in parts:
+                raise ValueError(f"{path!r} must be a relative path inside the workspace, "
+                                 f"without '.', '..' or empty components")
+        return paths
 
 
 class SeccompPolicy(_Strict):
@@ -64,6 +82,7 @@ class Profile(_Strict):
     description: str = ""
     filesystem: FilesystemPolicy = FilesystemPolicy()
     limits: Limits = Limits()
+    workspace: WorkspacePolicy = WorkspacePolicy()
     seccomp: SeccompPolicy = SeccompPolicy()
     network: NetworkPolicy = NetworkPolicy()
     tripwires: TripwirePolicy = TripwirePolicy()

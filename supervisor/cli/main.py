@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -15,6 +16,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from supervisor.api.client import DEFAULT_SOCKET, Client
+from supervisor.ci.spec import ENV_VAR as EMBEDDED_ENV_VAR
 from supervisor.cli.top import human_bytes, top
 from supervisor.errors import InvalidRequest, SupervisorError
 from supervisor.models import REASON_MAX
@@ -24,6 +26,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class Context:
     def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
         self.client = Client(socket_path)
 
 
@@ -109,17 +112,43 @@ def _ms(value: float | None) -> str:
                    "alert, pause or kill; default alert). Replaces the profile's rule of the "
                    "same name.")
 @click.option("--detach", "-d", is_flag=True, help="Return once the agent runs.")
+@click.option("--embedded", is_flag=True,
+              help="No daemon: run the supervisor in this process for this one run (root; the "
+                   "default when no daemon socket exists and the caller is root). See docs/ci.md.")
+@click.option("--allow-changes", "allow_changes", multiple=True, metavar="GLOB",
+              help="Embedded: what the agent may change in the workspace ('src/**'); any other "
+                   "change fails the run with status 83. Repeatable.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
+              help="Embedded: write the signed JSON report of the run here.")
+@click.option("--summary", type=click.Path(dir_okay=False, path_type=Path),
+              help="Embedded: append a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY).")
+@click.option("--audit", "audit_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Embedded: write the run's hash-chained audit log here as JSON lines "
+                   "(default: REPORT.audit.jsonl with --report).")
+@click.option("--signing-key", type=click.Path(dir_okay=False, path_type=Path),
+              envvar="AGENT_SUPERVISOR_SIGNING_KEY",
+              help="Embedded: Ed25519 private key (PEM) that signs the report; without it an "
+                   "ephemeral key is used ('agentctl report keygen' makes one).")
+@click.option("--self-test", is_flag=True,
+              help="Embedded: run the daemon's canary self-test before the agent.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Embedded: the daemon configuration for sandbox settings "
+                   "(default /etc/agent-supervisor/daemon.toml if present).")
 @json_option
 @click.argument("command", nargs=-1, required=True)
 @handles_errors
 def run(name: str | None, agent_class: str | None, profile: str | None,
         workspace: Path | None, timeout: str | None, env: tuple[str, ...],
-        tripwires: tuple[str, ...], detach: bool, as_json: bool, command: tuple[str, ...]
-        ) -> None:
+        tripwires: tuple[str, ...], detach: bool, embedded: bool,
+        allow_changes: tuple[str, ...], report: Path | None, summary: Path | None,
+        audit_path: Path | None, signing_key: Path | None, self_test: bool,
+        config_path: Path | None, as_json: bool, command: tuple[str, ...]) -> None:
     """Run COMMAND as a sandboxed agent: agentctl run --name a1 -- python agent.py
 
     In the foreground the agent's output is streamed and agentctl exits with the agent's
-    status (137 when it was killed). Ctrl-C stops the agent (SIGTERM, then the kill path)."""
+    status (137 when it was killed). Ctrl-C stops the agent (SIGTERM, then the kill path).
+    Embedded runs exit 80 killed, 81 tripwire, 82 timeout, 83 scope violation, 84 supervisor
+    error, else the agent's own status."""
     body: dict[str, Any] = {"command": list(command)}
     if name:
         body["name"] = name
@@ -141,6 +170,20 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
         body["env"] = pairs
     if tripwires:
         body["tripwires"] = [_parse_tripwire(spec) for spec in tripwires]
+    ci_options = {"allow_changes": list(allow_changes), "report": report, "summary": summary,
+                  "audit": audit_path, "signing_key": signing_key, "self_test": self_test,
+                  "config": config_path}
+    socket_path = click.get_current_context().find_object(Context).socket_path  # type: ignore[union-attr]
+    if embedded or (not socket_path.exists() and os.geteuid() == 0):
+        if detach:
+            raise InvalidRequest("--detach needs a daemon: an embedded run lives as long as "
+                                 "agentctl", field="detach")
+        _exec_embedded(body, ci_options)
+    given = sorted(k for k, v in ci_options.items() if v)
+    if given:
+        raise InvalidRequest(f"--{given[0].replace('_', '-')} is for embedded runs "
+                             f"(--embedded); this run would go to the daemon at {socket_path}",
+                             field=given[0])
     client = _client()
     view = client.run(body)
     if detach:
@@ -150,6 +193,17 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
             click.echo(f"{view['agent']} {view['id']}")
         return
     sys.exit(_follow(client, view, as_json))
+
+
+def _exec_embedded(body: dict[str, Any], ci_options: dict[str, Any]) -> NoReturn:
+    """Replace agentctl by the one-shot supervisor (supervisor/daemon/embedded.py), so the CI
+    job's signals reach it directly; agentctl itself never loads daemon code. `-I`: root must
+    not import modules from the current directory (a checkout) or $PYTHONPATH."""
+    spec = {"run": body, **{k: str(v.resolve()) if isinstance(v, Path) else v
+                            for k, v in ci_options.items()}}
+    env = {**os.environ, EMBEDDED_ENV_VAR: json.dumps(spec)}
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-I", "-m", "supervisor.daemon.embedded"], env)
 
 
 def _parse_tripwire(spec: str) -> dict[str, Any]:
@@ -572,6 +626,50 @@ def egress(ref: str, as_json: bool) -> None:
     click.echo(f"  breaker   {'OPEN: ' + data['breaker'] if data['breaker'] else 'closed'}")
     if data["pending_approvals"]:
         click.echo(f"  waiting   {', '.join(data['pending_approvals'])}")
+
+@cli.group()
+def report() -> None:
+    """CI reports of embedded runs: verify one, or make a signing key."""
+
+
+@report.command("verify")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The Ed25519 public key (PEM or ssh-ed25519) you trust.")
+@json_option
+@handles_errors
+def report_verify(path: Path, key_path: Path, as_json: bool) -> None:
+    """Check a report's signature against KEY; exits 1 when it does not hold."""
+    from supervisor.ci import report as ci_report  # cryptography only for this command
+
+    document = ci_report.read_report(path)
+    result = ci_report.verify(document, ci_report.load_public_key(key_path))
+    result.update(ending=document.get("ending"), exit_status=document.get("exit_status"))
+    if as_json:
+        _emit_json(result)
+    elif result["ok"]:
+        click.echo(f"report signature valid (key {result['key_id']}): run "
+                   f"{document['run'].get('id')} {document.get('ending')}, exit status "
+                   f"{document.get('exit_status')}")
+    else:
+        click.echo(f"report signature INVALID: {result['problem']}", err=True)
+    sys.exit(0 if result["ok"] else 1)
+
+
+@report.command("keygen")
+@click.argument("prefix", type=click.Path(dir_okay=False, path_type=Path))
+@handles_errors
+def report_keygen(prefix: Path) -> None:
+    """Write an Ed25519 key pair: PREFIX (private, 0600) and PREFIX.pub."""
+    from supervisor.ci import report as ci_report
+
+    public = prefix.with_name(prefix.name + ".pub")
+    try:
+        ci_report.write_key_pair(ci_report.generate_key(), prefix, public)
+    except FileExistsError as exc:
+        raise InvalidRequest(f"{prefix} exists; not overwriting a key", path=str(prefix)
+                             ) from exc
+    click.echo(f"private key {prefix} (keep it secret, e.g. a CI secret); public key {public}")
 
 
 cli.add_command(top)  # agentctl top: supervisor/cli/top.py

@@ -103,6 +103,8 @@ class Arbiter:
         # (run_id) after a pause froze the run / before a resume thaws it.
         self.pause_hooks: list[Callable[[str], Awaitable[None]]] = []
         self.resume_hooks: list[Callable[[str], Awaitable[None]]] = []
+        # After reconcile has reaped runs: other leftovers (the gateway's nftables tables).
+        self.reconcile_hooks: list[Callable[[], object]] = []
         self.global_halt = store.get_meta(GLOBAL_HALT_KEY) is not None
         self.shutting_down = False
         self.bundles_dir = config.daemon.runtime_dir / "bundles"
@@ -266,7 +268,8 @@ class Arbiter:
                 cgroup=f"{self.config.sandbox.cgroup_parent.strip('/')}/{container_id}",
                 bundle=str(self.bundles_dir / container_id),
                 log_path=str(self.logs_dir / f"{run_id}.log"), uid_slot=slot, started_at=now,
-                timeout=request.timeout,
+                timeout=(request.timeout if request.timeout is not None
+                         else profile.limits.wall_clock),
             )
             agent.current_run = run_id
             live = LiveRun(record=run, profile=profile, tripwires=list(request.tripwires))
@@ -777,6 +780,8 @@ class Arbiter:
                 reason="left by a previous supervisor instance", detail=report,
             )
             log.warning("reaped leftover %s", report)
+        for hook in self.reconcile_hooks:
+            hook()
         return reports
 
     async def shutdown(self, reason: str) -> None:

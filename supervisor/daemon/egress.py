@@ -128,6 +128,7 @@ class EgressControl:
         self.gateway = Gateway(config.egress, self)
         self.runs: dict[str, _RunEgress] = {}
         self.approvals: dict[str, PendingApproval] = {}
+        self.records: dict[str, dict[str, Any]] = {}  # ended runs' egress, for CI reports
         db.executescript(_SCHEMA)
 
     # ------------------------------------------------------------------ wiring
@@ -140,6 +141,7 @@ class EgressControl:
         self.arbiter.pause_hooks.append(self.pause)
         self.arbiter.resume_hooks.append(self.resume)
         self.arbiter.run_ended_hooks.append(self.run_ended)
+        self.arbiter.reconcile_hooks.append(self.reap_leftovers)
 
     def stop(self) -> None:
         for approval in list(self.approvals.values()):
@@ -220,6 +222,7 @@ class EgressControl:
         if state is None:
             return
         self.gateway.revoke(run_id)
+        self.records[run_id] = self._record(run_id, state, self.gateway.usage(run_id))
         self._cancel_approvals(run_id, "the run ended")
         state.network.detach()  # normally done at step 5 already; idempotent
         task = self.loop.create_task(self._finish(run_id, state))
@@ -227,6 +230,7 @@ class EgressControl:
 
     async def _finish(self, run_id: str, state: _RunEgress) -> None:
         usage = await self.gateway.close(run_id) or Usage()
+        self.records[run_id] = self._record(run_id, state, usage)
         self._add_agent_usage(state.grant.agent, usage)
         self.audit.append(
             actor=GATEWAY.label(), verb="egress_summary", scope=f"agent:{state.grant.agent}",
@@ -378,6 +382,22 @@ class EgressControl:
                 "token_expires_at": state.grant.expires_at,
                 "pending_approvals": [a.id for a in self.approvals.values()
                                       if a.run_id == run_id]}
+
+    def run_record(self, run_id: str) -> dict[str, Any] | None:
+        """A run's egress for a CI report: calls, bytes, spend, refusals; None without one."""
+        state = self.runs.get(run_id)
+        if state is not None:
+            return self._record(run_id, state, self.gateway.usage(run_id))
+        return self.records.get(run_id)
+
+    def _record(self, run_id: str, state: _RunEgress, usage: Usage | None) -> dict[str, Any]:
+        usage = usage or Usage()
+        return {"gateway": f"{state.grant.host_ip}:{state.grant.port}",
+                "calls": usage.requests, "bytes": usage.bytes, "spend": round(usage.spend, 9),
+                "tokens": usage.tokens, "errors": usage.errors, "denied": usage.denied,
+                "denials": {f"{code} {target}".strip(): n
+                            for (code, target), n in state.denials.items()},
+                "breaker": self.gateway.breaker_open(run_id)}
 
     # ------------------------------------------------------------------ agent usage (SQLite)
 

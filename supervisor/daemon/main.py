@@ -1,5 +1,7 @@
-"""agent-supervisord: the root daemon's entry point. Order of startup: config, directories,
-subreaper, watchdog, state, reconcile leftovers, self-test, control socket, READY=1.
+"""agent-supervisord: the root daemon's entry point. Order of startup: config, the core
+(directories, subreaper, seccomp listener, runtime, watchdog, state, arbiter, telemetry,
+tripwires: daemon/core.py, shared with embedded CI runs), webhooks, reconcile leftovers,
+self-test, metrics, control socket, READY=1.
 SIGTERM/SIGINT: orderly shutdown that kills every agent through the audited kill path."""
 
 from __future__ import annotations
@@ -11,34 +13,24 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import click
-import pyprctl
 from aiohttp import web
 
 from supervisor import __version__
 from supervisor.api.server import bind_control_socket, build_app, operators_gid
 from supervisor.audit import AuditLog
 from supervisor.config import Config, load_config
-from supervisor.daemon.arbiter import SYSTEM, Arbiter
+from supervisor.daemon.arbiter import SYSTEM
 from supervisor.daemon.breakglass import BreakGlass, request_halt
-from supervisor.daemon.containment import Containment
+from supervisor.daemon.core import Core
 from supervisor.daemon.drills import Drills
-from supervisor.daemon.egress import EgressControl
 from supervisor.daemon.selftest import run_self_test
-from supervisor.daemon.store import Store, connect
 from supervisor.errors import ConfigInvalid, EnforcementError, SupervisorError
 from supervisor.events import DeliveryWorker, Outbox, load_endpoints
 from supervisor.metrics import start_metrics
-from supervisor.runtime.sandboxed import RuncRuntime
-from supervisor.sandbox.cgroups import Cgroup, CgroupMode, detect_mode
-from supervisor.sandbox.seccomp_notify import SeccompListener, unsupported_reason
-from supervisor.telemetry.sampler import TelemetryHub
-from supervisor.telemetry.store import SummaryStore
 
 log = logging.getLogger("agent-supervisord")
 
@@ -80,55 +72,6 @@ def sd_notify(message: str) -> None:
         sock.sendto(message.encode(), address)
 
 
-class Watchdog:
-    """Spawns the dead-man's-switch process and holds the write end of its pipe. If the
-    watchdog itself dies, the daemon audits it and spawns a new one at once: agents are never
-    left without a switch while the daemon lives."""
-
-    def __init__(self, parent_cgroup: Path, record: Path, timeout: float) -> None:
-        self.args = [sys.executable, "-m", "supervisor.daemon.watchdog", "--cgroup",
-                     str(parent_cgroup), "--record", str(record), "--timeout", str(timeout)]
-        self.record = record
-        self.disarmed = False
-        self.on_death: Callable[[int | None], None] | None = None
-        self._pidfd: int | None = None
-        self._spawn()
-
-    def _spawn(self) -> None:
-        read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
-        self.proc = subprocess.Popen(self.args, stdin=read_fd, start_new_session=True,
-                                     close_fds=True)
-        os.close(read_fd)
-
-    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._pidfd = os.pidfd_open(self.proc.pid)
-        loop.add_reader(self._pidfd, self._died, loop)
-
-    def _died(self, loop: asyncio.AbstractEventLoop) -> None:
-        assert self._pidfd is not None
-        loop.remove_reader(self._pidfd)
-        os.close(self._pidfd)
-        self._pidfd = None
-        code = self.proc.wait()
-        if self.disarmed:
-            return
-        with contextlib.suppress(OSError):
-            os.close(self.write_fd)
-        self._spawn()
-        self.watch(loop)
-        if self.on_death is not None:
-            self.on_death(code)
-
-    def disarm(self) -> None:
-        """Orderly shutdown: every agent is already dead; tell the watchdog to stand down."""
-        self.disarmed = True
-        with contextlib.suppress(OSError):
-            os.write(self.write_fd, b"done\n")
-            os.close(self.write_fd)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
-
-
 def audit_watchdog_records(record: Path, audit: AuditLog) -> None:
     """What a watchdog did after the previous daemon died goes into the audit log now."""
     if not record.exists():
@@ -150,98 +93,24 @@ def audit_watchdog_records(record: Path, audit: AuditLog) -> None:
 
 
 async def serve(config: Config) -> int:
-    if os.geteuid() != 0:
-        raise EnforcementError("agent-supervisord must run as root to contain agents")
-    mode = detect_mode()
-    if mode is CgroupMode.NONE:
-        raise EnforcementError("no cgroup v2 tree: cannot kill a run's cgroup atomically")
-    # runtime_dir is 0751 and bundles 0711: a sandbox's root (an unprivileged host uid) must
-    # traverse them to reach its rootfs, but nobody may list them; the socket itself is 0660.
-    for directory, perms in ((config.daemon.runtime_dir, 0o751),
-                             (config.daemon.runtime_dir / "bundles", 0o711),
-                             (config.daemon.state_dir, 0o700)):
-        directory.mkdir(parents=True, exist_ok=True)
-        directory.chmod(perms)
+    core = await Core.assemble(config)
+    runtime, watchdog, audit, arbiter = core.runtime, core.watchdog, core.audit, core.arbiter
+    db = core.store.db
     gid = operators_gid(config.daemon.socket_group)
     if gid >= 0:
         os.chown(config.daemon.runtime_dir, 0, gid)
-    # Container inits are orphaned when `runc create` exits; as subreaper we inherit them and
-    # waitpid gives each run's true exit status.
-    pyprctl.set_child_subreaper(True)
-
-    # --- seccomp notify (supervisor/sandbox/seccomp_notify.py): runc hands each run's notify fd
-    # to this socket; every escape-class attempt is answered EPERM, then logged (debug) and
-    # given to `seccomp.subscribers`. Up before the self-test, whose canary goes through it.
-    # Off ([telemetry] seccomp_listener = "", or a kernel runc cannot notify on): the filter
-    # itself answers the same syscalls EPERM, unreported.
-    seccomp: SeccompListener | None = None
-    if config.seccomp_listener is not None:
-        if (why := unsupported_reason()) is None:
-            seccomp = SeccompListener(config.seccomp_listener)
-            await seccomp.start()
-        else:
-            log.warning("no syscall telemetry: %s; escape-class syscalls stay EPERM", why)
-    # --- end seccomp notify
-    runtime = RuncRuntime(
-        runc_binary=config.sandbox.runc_path, runc_root=config.daemon.runtime_dir / "runc",
-        cgroup_parent=config.sandbox.cgroup_parent, name_prefix=config.sandbox.name_prefix,
-        uid_base=config.sandbox.uid_base, agent_uid=config.sandbox.agent_uid,
-        workspace_min_owner_uid=config.sandbox.workspace_min_owner_uid,
-        workspaces_dir=config.daemon.runtime_dir / "workspaces",
-        bundles_dir=config.daemon.runtime_dir / "bundles", max_runs=config.sandbox.max_runs,
-        seccomp_listener=seccomp.path if seccomp else None,  # seccomp notify
-    )
-    watchdog_record = config.daemon.state_dir / "watchdog.jsonl"
-    runtime.parent_cgroup().mkdir(parents=True, exist_ok=True)
-    watchdog = Watchdog(runtime.parent_cgroup(), watchdog_record, config.kill.confirm_timeout)
-
-    db = connect(config.daemon.state_dir / "state.db")
-    audit = AuditLog(db)
     # --- webhooks (supervisor/events.py): the outbox subscribes before any audit row that
     # becomes an event; a missing or world-readable secret stops the start here, naming it.
     outbox = Outbox(db, load_endpoints(config.webhooks))
     outbox.attach(audit)
     webhook_worker = DeliveryWorker(outbox, config.webhook_delivery, audit)
     # --- end webhooks
-    store = Store(db)
-    arbiter = Arbiter(config, store, audit, runtime)
-    # --- telemetry (supervisor/telemetry/): one sampler thread reads every running run's cgroup
-    # and processes and hands the samples to the loop (window, summary, `telemetry.subscribers`).
-    # The arbiter registers a run once it runs; at its end the summary goes to SQLite.
-    telemetry = TelemetryHub(config.telemetry.rate_hz, config.telemetry.process_every,
-                             config.telemetry.window, asyncio.get_running_loop(),
-                             store=SummaryStore(db))
-    arbiter.run_started_hooks.append(
-        lambda run_id, cgroup, started_at: telemetry.register(run_id, Cgroup(cgroup), started_at))
-
-    def run_ended(run_id: str) -> None:
-        telemetry.unregister(run_id)
-
-    arbiter.run_ended_hooks.append(run_ended)
-    telemetry.start()
-    # --- end telemetry
-    # Tripwires: samples and syscall attempts in, audited firings and pause/kill out.
-    containment = Containment(arbiter)
-    arbiter.run_started_hooks.append(containment.run_started)
-    arbiter.run_ended_hooks.append(containment.run_ended)
-    telemetry.subscribers.append(containment.on_sample)
-    containment.attempt_listeners.append(telemetry.add_syscall_attempt)
-    audit.subscribe(containment.on_audit)
-    if seccomp is not None:
-        seccomp.subscribers.append(containment.on_attempt)
-        prefix = config.sandbox.name_prefix
-        arbiter.run_ended_hooks.append(lambda run_id: seccomp.forget(f"{prefix}-{run_id}"))
-    # --- egress gateway (supervisor/egress/, supervisor/daemon/egress.py): its own thread and
-    # loop; veth + nftables per gateway run, tokens revoked at kill step 2.
-    egress = EgressControl(config, arbiter, containment, audit, db, asyncio.get_running_loop())
-    egress.install()
-    # --- end egress gateway
+    telemetry = core.telemetry
     audit.append(actor=SYSTEM.label(), verb="daemon_start", scope="global",
-                 detail={"version": __version__, "pid": os.getpid(), "cgroup_mode": mode.value,
-                         **runtime.describe()})
-    audit_watchdog_records(watchdog_record, audit)
+                 detail={"version": __version__, "pid": os.getpid(),
+                         "cgroup_mode": core.mode.value, **runtime.describe()})
+    audit_watchdog_records(core.watchdog_record, audit)
     await arbiter.reconcile()
-    egress.reap_leftovers()
 
     if config.daemon.self_test:
         report = await run_self_test(arbiter, config)
@@ -268,7 +137,7 @@ async def serve(config: Config) -> int:
 
     drills = Drills(arbiter, db, config.drill)
     sock = bind_control_socket(config.socket_path, gid)
-    app = build_app(arbiter, config.roles, drills, telemetry=telemetry, egress=egress)
+    app = build_app(arbiter, config.roles, drills, telemetry=telemetry, egress=core.egress)
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     site = web.SockSite(runner, sock)
@@ -309,7 +178,7 @@ async def serve(config: Config) -> int:
         loop.add_signal_handler(signum, on_signal, signum)
     sd_notify("READY=1\nSTATUS=accepting runs")
     log.info("agent-supervisord %s ready on %s (cgroups %s)", __version__, config.socket_path,
-             mode.value)
+             core.mode.value)
     await stop.wait()
 
     sd_notify("STOPPING=1\nSTATUS=killing every agent")
@@ -318,10 +187,7 @@ async def serve(config: Config) -> int:
     log_pruning.cancel()
     breakglass.stop()
     await arbiter.shutdown(config.daemon.shutdown_reason)
-    egress.stop()  # egress gateway: every run has ended, its listeners are closed
-    telemetry.stop()  # telemetry: every run has ended and been summarised
-    if seccomp is not None:  # seccomp notify: every agent is dead; close the fds and socket
-        await seccomp.stop()
+    await core.stop_observers()  # telemetry and seccomp notify: every agent is dead
     await webhook_worker.stop()  # webhooks: up to 2 s to flush; the rest waits for the next start
     audit.append(actor=SYSTEM.label(), verb="daemon_stop", scope="global",
                  reason=config.daemon.shutdown_reason)
@@ -330,8 +196,7 @@ async def serve(config: Config) -> int:
         await metrics_endpoint.stop()
     with contextlib.suppress(FileNotFoundError):
         config.socket_path.unlink()
-    watchdog.disarm()
-    db.close()
+    core.close()
     return 0
 
 

@@ -217,7 +217,14 @@ class RuncRuntime:
                 await loop.run_in_executor(None, network.attach, params.netns)
 
             workspace_source = None
+            readonly: tuple[str, ...] = ()
             if params.workspace is not None:
+                try:
+                    readonly = mounts.readonly_sources(Path(params.workspace),
+                                                       params.profile.workspace.readonly)
+                except OSError as exc:
+                    raise WorkspaceInvalid(str(exc.strerror), workspace=params.workspace,
+                                           path=exc.filename) from exc
                 workspace_source = self.workspace_mount(params.container_id)
                 mounts.bind(Path(params.workspace), workspace_source)
                 undo.append(lambda: _quiet(mounts.unbind, workspace_source))
@@ -228,6 +235,7 @@ class RuncRuntime:
                 uid_map=uid_map, gid_map=gid_map, cgroups_path=f"/{params.cgroup}",
                 netns_path=str(netns_path),
                 workspace=str(workspace_source) if workspace_source else None, env=params.env,
+                workspace_readonly=readonly,
                 seccomp_listener=str(self.seccomp_listener) if self.seccomp_listener else None,
             )
             write_bundle(params.bundle, spec)

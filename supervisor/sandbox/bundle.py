@@ -66,6 +66,9 @@ class BundleSpec:
     netns_path: str
     workspace: str | None
     env: dict[str, str] = field(default_factory=dict)
+    # Paths relative to the workspace, bound read-only over it (each must exist; see
+    # mounts.readonly_sources).
+    workspace_readonly: tuple[str, ...] = ()
     host_root: Path = Path("/")
     # The daemon's seccomp notify socket (seccomp_notify.py); None: the daemon has none.
     seccomp_listener: str | None = None
@@ -135,6 +138,10 @@ def render_config(spec: BundleSpec) -> dict[str, Any]:
     if spec.workspace is not None:
         mounts.append({"destination": WORKSPACE_MOUNT, "type": "bind",
                        "source": spec.workspace, "options": ["bind", "rw", "nosuid", "nodev"]})
+        for relative in spec.workspace_readonly:
+            mounts.append({"destination": f"{WORKSPACE_MOUNT}/{relative}", "type": "bind",
+                           "source": f"{spec.workspace}/{relative}",
+                           "options": ["bind", "ro", "nosuid", "nodev"]})
     env = {"PATH": _DEFAULT_PATH, "HOME": WORKSPACE_MOUNT if spec.workspace else "/tmp",
            "AGENT_SUPERVISOR_RUN": spec.run_id, **profile.env, **spec.env}
     quota = round(profile.limits.cpus * _CPU_PERIOD_US)

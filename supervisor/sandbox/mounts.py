@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 from pathlib import Path
 
@@ -49,6 +50,23 @@ def is_mountpoint(path: Path) -> bool:
             if decoded == wanted:
                 return True
     return False
+
+
+def readonly_sources(workspace: Path, relative_paths: list[str]) -> tuple[str, ...]:
+    """The profile's read-only workspace paths that exist, checked so that runc's bind source
+    cannot leave the workspace: no component may be a symlink (a checkout whose .git/hooks
+    points at /root would otherwise expose /root to the agent). Absent paths are skipped."""
+    present: list[str] = []
+    for relative in relative_paths:
+        path = workspace
+        for part in relative.split("/"):
+            path = path / part
+            if path.is_symlink():
+                raise OSError(errno.ELOOP, f"{path} is a symlink; a read-only workspace path "
+                                           f"must be a real file or directory", str(path))
+        if path.exists():
+            present.append(relative)
+    return tuple(present)
 
 
 def unbind(target: Path) -> None:

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("supervisor.cli",)),
     ("daemon", ("supervisor.daemon",)),
     ("control plane", ("supervisor.api", "supervisor.audit", "supervisor.authz",
-                       "supervisor.events", "supervisor.metrics")),
+                       "supervisor.events", "supervisor.metrics", "supervisor.ci")),
     ("enforcement", ("supervisor.runtime", "supervisor.sandbox", "supervisor.egress")),
     ("observation", ("supervisor.telemetry", "supervisor.tripwires")),
     ("model", ("supervisor.models", "supervisor.states", "supervisor.errors",

@@ -1,0 +1,131 @@
+"""What an embedded CI run costs over bare runc: `agentctl run --embedded -- true` (two Python
+start-ups, the supervisor core assembled, netns, bundle, runc create/start, kill path, teardown,
+exit) against `runc run` of the same bundle (the daemon's rendering of the default profile: same
+namespaces, seccomp, id maps, cgroup limits, network namespace), in one run, order alternating.
+
+    python bench/embedded_overhead.py [--iterations 20] [--json PATH]
+
+Needs root and runc. Uses its own state root, runc root, cgroup parent and netns; removes all
+of them. Timings are wall clock of the whole command as a CI job sees it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from supervisor.profiles import load_profile, load_seccomp
+from supervisor.sandbox import netns
+from supervisor.sandbox.bundle import BundleSpec, IdMap, write_bundle
+from supervisor.sandbox.cgroups import Cgroup
+
+UID_BASE = 3_000_000_000  # far from the daemon's and the embedded slots' ranges
+AGENT_UID = 1000
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, round(fraction * len(ordered)) - 1))]
+
+
+def time_command(argv: list[str], env: dict[str, str] | None = None) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, check=False, cwd="/")
+    elapsed = (time.perf_counter() - started) * 1000
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:6])} ... exited {result.returncode}: "
+                           f"{result.stderr.decode(errors='replace')[-1500:]}")
+    return elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0 or shutil.which("runc") is None:
+        print("needs root and runc", file=sys.stderr)
+        return 2
+    tag = secrets.token_hex(3)
+    workdir = Path(tempfile.mkdtemp(prefix=f"as-bench-ci-{tag}-", dir="/tmp"))
+    workdir.chmod(0o711)
+    runc_root = workdir / "runc-root"
+    bundle = workdir / "bundle"
+    ns_name = f"asbench{tag}"
+    cgroup_parent = f"agent-supervisor-bench/{tag}"
+    profile = load_profile("default", [])
+    id_map = IdMap(UID_BASE, AGENT_UID, UID_BASE + AGENT_UID)
+    env = {**os.environ, "AGENT_SUPERVISOR_CI_ROOT": str(workdir / "ci-state"),
+           "AGENT_SUPERVISOR_SOCKET": str(workdir / "no-daemon.sock")}
+    agentctl = [sys.executable, "-m", "supervisor.cli", "run", "--embedded"]
+    mechanisms: dict[str, list[float]] = {"runc run (bare)": [], "agentctl run --embedded": [],
+                                          "  + --report (signed)": []}
+    try:
+        netns_path = netns.create(ns_name)
+        count = 0
+
+        def bare() -> float:
+            nonlocal count
+            count += 1
+            container = f"asbench{tag}-{count}"
+            return time_command(["runc", "--root", str(runc_root), "run", "--bundle",
+                                 str(bundle), container])
+
+        write_bundle(bundle, BundleSpec(
+            run_id=f"bench{tag}", hostname="agent-bench", command=["true"], profile=profile,
+            seccomp=load_seccomp(profile.seccomp.profile), uid_map=id_map, gid_map=id_map,
+            cgroups_path=f"/{cgroup_parent}/run", netns_path=str(netns_path), workspace=None))
+        runs = {
+            "runc run (bare)": bare,
+            "agentctl run --embedded": lambda: time_command([*agentctl, "--", "true"], env),
+            "  + --report (signed)": lambda: time_command(
+                [*agentctl, "--report", str(workdir / "r.json"), "--", "true"], env),
+        }
+        for run in runs.values():  # warm-up: page cache, pyc files
+            run()
+        for iteration in range(args.iterations):
+            order = list(runs)
+            if iteration % 2:
+                order.reverse()
+            for name in order:
+                mechanisms[name].append(runs[name]())
+    finally:
+        netns.remove(ns_name)
+        Cgroup(cgroup_parent).remove()
+        Cgroup("agent-supervisor-bench").remove()
+        shutil.rmtree(workdir, ignore_errors=True)
+    base = statistics.median(mechanisms["runc run (bare)"])
+    rows = []
+    for name, values in mechanisms.items():
+        median = statistics.median(values)
+        rows.append({"mechanism": name.strip(), "n": len(values), "median_ms": median,
+                     "p95_ms": percentile(values, 0.95), "min_ms": min(values),
+                     "max_ms": max(values), "extra_median_ms": median - base})
+    print(f"{'mechanism':26} {'n':>3} {'median ms':>10} {'p95 ms':>8} {'min':>7} {'max':>7} "
+          f"{'extra vs runc run':>18}")
+    print(f"{'-' * 26} {'-' * 3} {'-' * 10} {'-' * 8} {'-' * 7} {'-' * 7} {'-' * 18}")
+    for name, row in zip(mechanisms, rows, strict=True):
+        print(f"{name:26} {row['n']:>3} {row['median_ms']:>10.1f} {row['p95_ms']:>8.1f} "
+              f"{row['min_ms']:>7.1f} {row['max_ms']:>7.1f} {row['extra_median_ms']:>+18.1f}")
+    extra = rows[1]["extra_median_ms"]
+    print(f"\ntarget: agentctl run --embedded -- true at most 150 ms over bare runc run "
+          f"(median): {extra:+.1f} ms, {'met' if extra <= 150 else 'NOT met'}")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"rows": rows, "machine": {
+            "python": platform.python_version(), "kernel": platform.release(),
+            "cpus": os.cpu_count()}}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

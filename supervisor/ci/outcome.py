@@ -1,0 +1,53 @@
+"""How an embedded CI run ended and the exit status agentctl gives it. Pure; no I/O.
+
+The statuses sit in a block no other agentctl status uses (errors.py: 1-12 and 78) and away
+from the shell's 126-165; an agent that itself exits 80-84 is told apart by the report."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from supervisor.errors import EmbeddedRunFailed
+
+
+class Ending(StrEnum):
+    EXITED = "exited"  # the agent's command ended by itself
+    KILLED = "killed"  # an operator, the CI job's SIGINT/SIGTERM, or an unknown kill
+    TRIPWIRE = "tripwire"  # a tripwire rule killed it
+    TIMEOUT = "timeout"  # the execution window (--timeout or the profile's wall_clock)
+    NOT_STARTED = "not_started"  # the sandbox could not be set up; the agent never ran
+
+
+EXIT_KILLED = 80
+EXIT_TRIPWIRE = 81
+EXIT_TIMEOUT = 82
+EXIT_SCOPE_VIOLATION = 83
+EXIT_SUPERVISOR_ERROR = EmbeddedRunFailed.exit_status  # 84
+
+STATUS_OF_ENDING = {Ending.KILLED: EXIT_KILLED, Ending.TRIPWIRE: EXIT_TRIPWIRE,
+                    Ending.TIMEOUT: EXIT_TIMEOUT}
+
+
+def classify_kill(actor: str, reason: str) -> Ending:
+    """The ending of a killed run from the audit row of its kill (actor label and reason)."""
+    if actor == "system:tripwire":
+        return Ending.TRIPWIRE
+    if actor == "system:supervisor" and reason.startswith("execution window"):
+        return Ending.TIMEOUT
+    return Ending.KILLED
+
+
+def exit_status(ending: Ending, agent_status: int | None, *, scope_violation: bool,
+                supervisor_error: bool, launch_error_status: int | None = None) -> int:
+    """Precedence: a supervisor error (the evidence is incomplete), then a launch the sandbox
+    refused (its own structured status, e.g. 10 enforcement_failed), then a scope violation (the
+    workspace holds changes nobody allowed), then how the run ended, then the agent's own."""
+    if supervisor_error:
+        return EXIT_SUPERVISOR_ERROR
+    if ending is Ending.NOT_STARTED:
+        return launch_error_status or EXIT_SUPERVISOR_ERROR
+    if scope_violation:
+        return EXIT_SCOPE_VIOLATION
+    if ending in STATUS_OF_ENDING:
+        return STATUS_OF_ENDING[ending]
+    return 1 if agent_status is None else agent_status

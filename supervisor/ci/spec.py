@@ -1,0 +1,44 @@
+"""What `agentctl run --embedded` hands to the one-shot supervisor it execs: the run request
+plus CI mode's options, as JSON in one environment variable (argv is world-readable and --env
+values may be secrets). No I/O."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from supervisor.ci.manifest import check_glob
+from supervisor.models import RunRequest
+
+ENV_VAR = "AGENT_SUPERVISOR_EMBEDDED_RUN"
+# Where embedded runs keep their state (one directory per slot, removed at the end).
+ROOT_ENV_VAR = "AGENT_SUPERVISOR_CI_ROOT"
+DEFAULT_ROOT = "/run/agent-supervisor-ci"
+
+
+class EmbeddedRun(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: RunRequest
+    allow_changes: list[str] = []
+    report: str | None = None
+    summary: str | None = None
+    audit: str | None = None
+    signing_key: str | None = None
+    self_test: bool = False
+    # The daemon's configuration file for sandbox settings (runc path, uid_base, profiles).
+    config: str | None = None
+
+    @field_validator("allow_changes")
+    @classmethod
+    def _globs(cls, globs: list[str]) -> list[str]:
+        for glob in globs:
+            if (why := check_glob(glob)) is not None:
+                raise ValueError(f"--allow-changes {glob!r} {why}")
+        return globs
+
+    @field_validator("report", "summary", "audit", "signing_key", "config")
+    @classmethod
+    def _absolute(cls, path: str | None) -> str | None:
+        if path is not None and not path.startswith("/"):
+            raise ValueError(f"{path!r} must be an absolute path")
+        return path

@@ -1,0 +1,212 @@
+"""The supervisor core, assembled once for the daemon and once per embedded CI run: directories,
+subreaper, seccomp listener, the runc runtime, the watchdog, state and audit, the arbiter (verbs
+and the kill path), telemetry and tripwires. What only a long-lived daemon has (control socket,
+metrics, webhooks, drills, break-glass, self-test policy) stays in main.py. Needs root.
+
+Whatever is wired here reaches both modes: the egress gateway goes into `assemble` (revoke hook,
+run hooks) and publishes its per-run record through `Core.egress`, which the CI report reads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyprctl
+
+from supervisor.audit import AuditLog
+from supervisor.config import Config
+from supervisor.daemon.arbiter import Arbiter
+from supervisor.daemon.containment import Containment
+from supervisor.daemon.egress import EgressControl
+from supervisor.daemon.store import Store, connect
+from supervisor.errors import EnforcementError
+from supervisor.runtime.sandboxed import RuncRuntime
+from supervisor.sandbox.cgroups import Cgroup, CgroupMode, detect_mode
+from supervisor.sandbox.seccomp_notify import SeccompListener, unsupported_reason
+from supervisor.telemetry.sampler import TelemetryHub
+from supervisor.telemetry.store import SummaryStore
+
+log = logging.getLogger(__name__)
+
+
+class Watchdog:
+    """Spawns the dead-man's-switch process and holds the write end of its pipe. If the
+    watchdog itself dies, the daemon audits it and spawns a new one at once: agents are never
+    left without a switch while the daemon lives."""
+
+    def __init__(self, parent_cgroup: Path, record: Path, timeout: float) -> None:
+        self.args = [sys.executable, "-m", "supervisor.daemon.watchdog", "--cgroup",
+                     str(parent_cgroup), "--record", str(record), "--timeout", str(timeout)]
+        self.record = record
+        self.disarmed = False
+        self.on_death: Callable[[int | None], None] | None = None
+        self._pidfd: int | None = None
+        self._spawn()
+
+    def _spawn(self) -> None:
+        read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        self.proc = subprocess.Popen(self.args, stdin=read_fd, start_new_session=True,
+                                     close_fds=True)
+        os.close(read_fd)
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._pidfd = os.pidfd_open(self.proc.pid)
+        loop.add_reader(self._pidfd, self._died, loop)
+
+    def _died(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._pidfd is not None
+        loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        code = self.proc.wait()
+        if self.disarmed:
+            return
+        with contextlib.suppress(OSError):
+            os.close(self.write_fd)
+        self._spawn()
+        self.watch(loop)
+        if self.on_death is not None:
+            self.on_death(code)
+
+    def disarm(self) -> None:
+        """Orderly shutdown: every agent is already dead; tell the watchdog to stand down."""
+        self.disarmed = True
+        with contextlib.suppress(OSError):
+            os.write(self.write_fd, b"done\n")
+            os.close(self.write_fd)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+
+
+def prepare_directories(config: Config) -> None:
+    # runtime_dir is 0751 and bundles 0711: a sandbox's root (an unprivileged host uid) must
+    # traverse them to reach its rootfs, but nobody may list them.
+    for directory, perms in ((config.daemon.runtime_dir, 0o751),
+                             (config.daemon.runtime_dir / "bundles", 0o711),
+                             (config.daemon.state_dir, 0o700)):
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(perms)
+
+
+@dataclass
+class Core:
+    config: Config
+    mode: CgroupMode
+    seccomp: SeccompListener | None
+    runtime: RuncRuntime
+    watchdog: Watchdog
+    watchdog_record: Path
+    audit: AuditLog
+    store: Store
+    arbiter: Arbiter
+    telemetry: TelemetryHub
+    containment: Containment
+    summaries: SummaryStore
+    # The egress gateway: tokens, approvals, and each run's calls, spend and refusals.
+    egress: EgressControl | None = None
+
+    @classmethod
+    async def assemble(cls, config: Config) -> Core:
+        """Everything up to (not including) reconcile and the self-test. Appends no audit row,
+        so a subscriber attached right after (the webhook outbox) sees every one."""
+        if os.geteuid() != 0:
+            raise EnforcementError("the supervisor must run as root to contain agents")
+        mode = detect_mode()
+        if mode is CgroupMode.NONE:
+            raise EnforcementError("no cgroup v2 tree: cannot kill a run's cgroup atomically")
+        prepare_directories(config)
+        # Container inits are orphaned when `runc create` exits; as subreaper we inherit them
+        # and waitpid gives each run's true exit status.
+        pyprctl.set_child_subreaper(True)
+
+        # Seccomp notify (supervisor/sandbox/seccomp_notify.py): runc hands each run's notify fd
+        # to this socket; every escape-class attempt is answered EPERM, then given to
+        # `seccomp.subscribers`. Off ([telemetry] seccomp_listener = "", or a kernel runc cannot
+        # notify on): the filter itself answers the same syscalls EPERM, unreported.
+        seccomp: SeccompListener | None = None
+        if config.seccomp_listener is not None:
+            if (why := unsupported_reason()) is None:
+                seccomp = SeccompListener(config.seccomp_listener)
+                await seccomp.start()
+            else:
+                log.warning("no syscall telemetry: %s; escape-class syscalls stay EPERM", why)
+        runtime = RuncRuntime(
+            runc_binary=config.sandbox.runc_path, runc_root=config.daemon.runtime_dir / "runc",
+            cgroup_parent=config.sandbox.cgroup_parent, name_prefix=config.sandbox.name_prefix,
+            uid_base=config.sandbox.uid_base, agent_uid=config.sandbox.agent_uid,
+            workspace_min_owner_uid=config.sandbox.workspace_min_owner_uid,
+            workspaces_dir=config.daemon.runtime_dir / "workspaces",
+            bundles_dir=config.daemon.runtime_dir / "bundles", max_runs=config.sandbox.max_runs,
+            seccomp_listener=seccomp.path if seccomp else None,
+        )
+        watchdog_record = config.daemon.state_dir / "watchdog.jsonl"
+        runtime.parent_cgroup().mkdir(parents=True, exist_ok=True)
+        watchdog = Watchdog(runtime.parent_cgroup(), watchdog_record,
+                            config.kill.confirm_timeout)
+
+        db = connect(config.daemon.state_dir / "state.db")
+        audit = AuditLog(db)
+        store = Store(db)
+        arbiter = Arbiter(config, store, audit, runtime)
+        # Telemetry: one sampler thread reads every running run's cgroup and processes and hands
+        # the samples to the loop; at a run's end its summary goes to SQLite.
+        summaries = SummaryStore(db)
+        telemetry = TelemetryHub(config.telemetry.rate_hz, config.telemetry.process_every,
+                                 config.telemetry.window, asyncio.get_running_loop(),
+                                 store=summaries)
+        arbiter.run_started_hooks.append(
+            lambda run_id, cgroup, started_at: telemetry.register(run_id, Cgroup(cgroup),
+                                                                  started_at))
+
+        def run_ended(run_id: str) -> None:
+            telemetry.unregister(run_id)
+
+        arbiter.run_ended_hooks.append(run_ended)
+        telemetry.start()
+        # Tripwires: samples and syscall attempts in, audited firings and pause/kill out.
+        containment = Containment(arbiter)
+        arbiter.run_started_hooks.append(containment.run_started)
+        arbiter.run_ended_hooks.append(containment.run_ended)
+        telemetry.subscribers.append(containment.on_sample)
+        containment.attempt_listeners.append(telemetry.add_syscall_attempt)
+        audit.subscribe(containment.on_audit)
+        if seccomp is not None:
+            seccomp.subscribers.append(containment.on_attempt)
+            prefix = config.sandbox.name_prefix
+            listener = seccomp
+            arbiter.run_ended_hooks.append(lambda run_id: listener.forget(f"{prefix}-{run_id}"))
+        # The egress gateway (supervisor/egress/, supervisor/daemon/egress.py): its own thread
+        # and loop; veth + nftables per gateway run, tokens revoked at kill step 2.
+        egress = EgressControl(config, arbiter, containment, audit, db,
+                               asyncio.get_running_loop())
+        egress.install()
+        return cls(config=config, mode=mode, seccomp=seccomp, runtime=runtime,
+                   watchdog=watchdog, watchdog_record=watchdog_record, audit=audit, store=store,
+                   arbiter=arbiter, telemetry=telemetry, containment=containment,
+                   summaries=summaries, egress=egress)
+
+    def egress_record(self, run_id: str) -> dict[str, Any] | None:
+        """The one source of a CI report's egress fields (denied egress, gateway calls, spend).
+        None for a run that had no gateway (network mode "none": no egress at all)."""
+        return None if self.egress is None else self.egress.run_record(run_id)
+
+    async def stop_observers(self) -> None:
+        """After every run has ended: the gateway, the sampler thread, the seccomp listener."""
+        if self.egress is not None:
+            self.egress.stop()
+        self.telemetry.stop()
+        if self.seccomp is not None:
+            await self.seccomp.stop()
+
+    def close(self) -> None:
+        """Last: the watchdog stands down and the database closes."""
+        self.watchdog.disarm()
+        self.store.db.close()

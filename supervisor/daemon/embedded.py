@@ -1,0 +1,460 @@
+"""`agentctl run --embedded`: the supervisor core (daemon/core.py: the same sandbox, seccomp,
+tripwires, kill path and audit as the daemon) in this process for one run, then torn down
+completely. agentctl execs `python -I -m supervisor.daemon.embedded` with the run in
+$AGENT_SUPERVISOR_EMBEDDED_RUN, so the CI job's SIGINT/SIGTERM reach this process directly: they
+kill the run through the audited kill path and the run ends with status 80 (killed).
+
+Each embedded run claims a slot (an flock'ed file under $AGENT_SUPERVISOR_CI_ROOT) that gives it
+its own runtime directory, cgroup parent, name prefix and host uid range, so concurrent runs on
+one host never meet, and a run SIGKILLed before its teardown is reaped (the daemon's reconcile)
+by the next run of its slot. Its watchdog kills the agent meanwhile. Needs root."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from supervisor import __version__
+from supervisor.ci import manifest
+from supervisor.ci.outcome import Ending, classify_kill, exit_status
+from supervisor.ci.report import (
+    SCHEMA,
+    generate_key,
+    load_private_key,
+    sign,
+    summary_markdown,
+)
+from supervisor.ci.spec import DEFAULT_ROOT, ENV_VAR, ROOT_ENV_VAR, EmbeddedRun
+from supervisor.config import Config, load_config
+from supervisor.daemon.arbiter import SYSTEM
+from supervisor.daemon.core import Core
+from supervisor.daemon.selftest import run_self_test
+from supervisor.errors import (
+    AgentBusy,
+    EmbeddedNeedsRoot,
+    EmbeddedRunFailed,
+    EnforcementError,
+    InvalidRequest,
+    SupervisorError,
+)
+from supervisor.models import ActionRequest, Actor, Scope
+from supervisor.profiles import Profile, load_profile
+from supervisor.sandbox.bundle import SANDBOX_UID_COUNT
+from supervisor.sandbox.cgroups import unified_root, v1_hierarchies
+from supervisor.telemetry import SyscallAttempt
+
+log = logging.getLogger("agentctl")
+
+CI = Actor(kind="system", name="ci")
+_MAX_SLOTS = 4096
+_CGROUP_ROOT = "agent-supervisor-ci"
+
+
+def claim_slot(locks: Path) -> tuple[int, int]:
+    """(slot, fd of its held lock). The lock dies with the process, so a slot is free again the
+    moment its run ends, however it ends; lock files stay (unlinking one would race). The lock
+    directory is one per host whatever $AGENT_SUPERVISOR_CI_ROOT says: slots decide cgroup
+    names and host uid ranges, which are per host too."""
+    locks.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for slot in range(_MAX_SLOTS):
+        fd = os.open(locks / f"slot{slot}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return slot, fd
+    raise AgentBusy(f"all {_MAX_SLOTS} embedded run slots ({locks}) are in use",
+                    locks=str(locks))
+
+
+def embedded_config(base: Config, root: Path, slot: int) -> Config:
+    """The daemon's configuration narrowed to one run in `slot`: its own directories, cgroup
+    parent and name prefix, and host uids above the daemon's whole range, one range per slot."""
+    data = base.model_dump()
+    runtime_dir = root / f"slot{slot}"
+    data["daemon"].update(runtime_dir=runtime_dir, state_dir=runtime_dir / "state",
+                          socket_path=None)
+    data["sandbox"].update(
+        cgroup_parent=f"/{_CGROUP_ROOT}/slot{slot}", name_prefix=f"asci{slot}", max_runs=1,
+        uid_base=base.sandbox.uid_base + (base.sandbox.max_runs + slot) * SANDBOX_UID_COUNT)
+    data["telemetry"]["seccomp_listener"] = (None if base.telemetry.seccomp_listener is None
+                                             else base.telemetry.seccomp_listener and
+                                             str(runtime_dir / "seccomp.sock"))
+    return Config.model_validate(data)
+
+
+def _outside(path: str | None, workspace: Path | None, what: str) -> None:
+    """Root writes the report, summary and audit and reads the signing key: none of them may
+    live where the agent can write (a symlink planted there would redirect root's write)."""
+    if path is None or workspace is None:
+        return
+    real, ws = os.path.realpath(path), os.path.realpath(workspace)
+    if real == ws or real.startswith(ws + os.sep):
+        raise InvalidRequest(f"{what} {path} is inside the workspace, where the agent could "
+                             f"replace it; put it outside {workspace}", field=what, path=path)
+
+
+def _write_private(path: str, data: bytes, *, append: bool = False) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags |= os.O_APPEND if append else os.O_TRUNC
+    fd = os.open(path, flags, 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+class EmbeddedRunner:
+    """One run, start to report. Attributes fill in as the run goes, so a report can be
+    written whatever point it reached."""
+
+    def __init__(self, spec: EmbeddedRun, profile: Profile, config: Config) -> None:
+        self.spec = spec
+        self.profile = profile
+        self.config = config
+        self.workspace = Path(spec.run.workspace) if spec.run.workspace else None
+        self.name = spec.run.name or "ci-agent"
+        self.core: Core | None = None
+        self.run_id: str | None = None
+        self.cancel_reason: str | None = None
+        self.attempts: list[SyscallAttempt] = []
+        self.ending = Ending.NOT_STARTED
+        self.end_reason: str | None = None
+        self.agent_status: int | None = None
+        self.error: SupervisorError | None = None
+        self.supervisor_errors: list[str] = []
+        self.before: dict[str, manifest.Entry] | None = None
+        self.kill_task: asyncio.Future[None] | None = None
+        self.resources: dict[str, Any] | None = None
+        self.denied: dict[str, Any] | None = None
+        self.egress: dict[str, Any] | None = None
+        self.audit_head: dict[str, Any] | None = None
+        self.audit_rows: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ signals
+
+    def on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.cancel_reason is not None:
+            return  # the kill is already under way
+        self.cancel_reason = f"cancelled: {name} to agentctl"
+        log.warning("agentctl: %s: killing the run", name)
+        if self.core is not None and self.name in self.core.arbiter.agents:
+            self.kill_task = asyncio.ensure_future(self._kill(self.cancel_reason))
+
+    def _cancelled(self) -> str | None:
+        return self.cancel_reason
+
+    async def _kill(self, reason: str) -> None:
+        assert self.core is not None
+        with contextlib.suppress(SupervisorError):
+            await self.core.arbiter.act("kill", ActionRequest(scope=Scope(agent=self.name),
+                                                              reason=reason), CI)
+
+    # ------------------------------------------------------------------ the run
+
+    async def run(self) -> None:
+        if self.workspace is not None:
+            self.before = await asyncio.to_thread(manifest.snapshot, self.workspace)
+        self.core = core = await Core.assemble(self.config)
+        core.audit.append(actor=CI.label(), verb="ci_run_start", scope=f"agent:{self.name}",
+                          target=self.name, detail={
+                              "version": __version__, "pid": os.getpid(),
+                              "command": self.spec.run.command, "profile": self.profile.name,
+                              "workspace": self.spec.run.workspace,
+                              "allow_changes": self.spec.allow_changes,
+                              "env_keys": sorted(self.spec.run.env), **core.runtime.describe()})
+        await core.arbiter.reconcile()  # what a SIGKILLed run of this slot left behind
+        if core.seccomp is not None:
+            core.seccomp.subscribers.append(self.attempts.append)
+        if self.spec.self_test:
+            report = await run_self_test(core.arbiter, self.config)
+            core.audit.append(actor=SYSTEM.label(), verb="self_test", scope="global",
+                              outcome="ok" if report["ok"] else "failed", detail=report)
+            if not report["ok"]:
+                raise EnforcementError("self-test failed, refusing to run the agent",
+                                       **report)
+        if self.cancel_reason is not None:
+            self.end_reason = self.cancel_reason
+            self.ending = Ending.KILLED
+            return
+        request = self.spec.run.model_copy(update={"name": self.name,
+                                                   "profile": self.profile.name})
+        view = await core.arbiter.launch(request, CI)
+        self.run_id = view.id
+        live = core.arbiter.live.get(view.id)
+        if (reason := self._cancelled()) is not None:  # a signal arrived during the launch
+            await self._kill(reason)
+        if live is not None:
+            await self._stream(Path(live.record.log_path), live.done)
+        else:
+            await self._stream(Path(core.arbiter.get_run(view.id)[0].log_path), None)
+        record, _ = core.arbiter.get_run(view.id)
+        self.agent_status = record.exit_code
+        self.end_reason = record.end_reason
+        if record.state == "killed":
+            self.ending = self._kill_ending()
+        elif record.state == "exited":
+            self.ending = Ending.EXITED
+        else:
+            self.ending = Ending.KILLED
+
+    def _kill_ending(self) -> Ending:
+        assert self.core is not None
+        for entry in reversed(self.core.audit.list(limit=10_000)):
+            if entry.target == self.name and entry.verb in ("kill", "shutdown", "stop"):
+                return classify_kill(entry.actor, entry.reason)
+        return Ending.KILLED
+
+    async def _stream(self, path: Path, done: asyncio.Event | None) -> None:
+        """The agent's output (stdout and stderr, merged) to our stdout as it is written."""
+        out = sys.stdout.buffer
+        waiter = asyncio.ensure_future(done.wait()) if done is not None else None
+        try:
+            with open(path, "rb") as log_file:
+                while True:
+                    chunk = log_file.read(1 << 16)
+                    if chunk:
+                        out.write(chunk)
+                        out.flush()
+                        continue
+                    if waiter is None or waiter.done():
+                        break
+                    await asyncio.wait([waiter], timeout=0.05)
+        finally:
+            if waiter is not None and not waiter.done():
+                waiter.cancel()
+
+    # ------------------------------------------------------------------ teardown and evidence
+
+    async def teardown(self) -> dict[str, Any]:
+        """Everything of the run goes; what is still there afterwards is named (and makes the
+        run a supervisor error). Never deletes a directory that is still a mount."""
+        core = self.core
+        residue: dict[str, Any] = {}
+        if core is not None:
+            await core.arbiter.shutdown("embedded run complete")
+            await core.stop_observers()
+            leftovers = await core.runtime.leftovers()
+            for leftover in leftovers:  # a kill that could not be confirmed, a stuck mount
+                with contextlib.suppress(Exception):
+                    await core.runtime.reap(leftover, self.config.kill.confirm_timeout)
+            if remaining := await core.runtime.leftovers():
+                residue["runs"] = [vars(item) for item in remaining]
+        runtime_dir = self.config.daemon.runtime_dir
+        mounted = _mounts_under(runtime_dir)
+        if mounted:
+            residue["mounts"] = mounted
+        if core is not None:
+            self._collect(core)
+            self._finish_audit(core)
+            core.close()
+        if not mounted and runtime_dir.exists():
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+        cgroup_residue = _remove_cgroups(self.config.sandbox.cgroup_parent)
+        if cgroup_residue:
+            residue["cgroups"] = cgroup_residue
+        if residue:
+            self.supervisor_errors.append(f"teardown left {sorted(residue)} behind")
+        return {"clean": not residue, "residue": residue}
+
+    def _collect(self, core: Core) -> None:
+        """Telemetry peaks, denied syscalls and egress of the run, before the core closes."""
+        summary = core.summaries.get(self.run_id) if self.run_id is not None else None
+        if summary is not None:
+            self.resources = {k: getattr(summary, k) for k in (
+                "peak_memory_bytes", "peak_processes", "peak_threads", "peak_open_fds",
+                "cpu_seconds", "max_cpu_percent", "io_read_bytes", "io_write_bytes",
+                "oom_kills", "samples")}
+        if core.seccomp is not None:  # None: no notify on this kernel (the filter still denies)
+            by_name: dict[str, int] = {}
+            for attempt in self.attempts:
+                by_name[attempt.syscall] = by_name.get(attempt.syscall, 0) + 1
+            self.denied = {"count": len(self.attempts), "by_syscall": by_name}
+        if self.run_id is not None:
+            self.egress = core.egress_record(self.run_id)
+
+    def _finish_audit(self, core: Core) -> None:
+        core.audit.append(actor=CI.label(), verb="ci_run_end", scope=f"agent:{self.name}",
+                          target=self.name, outcome=self.ending.value,
+                          detail={"run": self.run_id, "exit_code": self.agent_status,
+                                  "reason": self.end_reason})
+        verified = core.audit.verify()
+        self.audit_head = {"head_hash": verified.head_hash, "rows": verified.rows,
+                           "intact": verified.ok}
+        self.audit_rows = [e.model_dump(mode="json") for e in core.audit.list(limit=1_000_000)]
+
+    def evidence(self, teardown: dict[str, Any], started: float, duration_ms: float
+                 ) -> tuple[dict[str, Any], int]:
+        changes: list[manifest.Change] = []
+        found: list[dict[str, str]] = []
+        if self.workspace is not None and self.before is not None:
+            after = manifest.snapshot(self.workspace)
+            changes = manifest.diff(self.workspace, self.before, after)
+            found = manifest.violations(changes, self.spec.allow_changes,
+                                        list(self.profile.workspace.readonly))
+        status = exit_status(self.ending, self.agent_status, scope_violation=bool(found),
+                             supervisor_error=bool(self.supervisor_errors),
+                             launch_error_status=self.error.exit_status if self.error else None)
+        report: dict[str, Any] = {
+            "schema": SCHEMA,
+            "supervisor_version": __version__,
+            "run": {"id": self.run_id, "agent": self.name, "command": self.spec.run.command,
+                    "profile": self.profile.name, "workspace": self.spec.run.workspace,
+                    "timeout": self.spec.run.timeout or self.profile.limits.wall_clock},
+            "ending": self.ending.value,
+            "end_reason": self.end_reason,
+            "agent_exit_status": self.agent_status,
+            "exit_status": status,
+            "started_at": started,
+            "duration_ms": round(duration_ms, 1),
+            "resources": self.resources,
+            "denied_syscalls": self.denied,
+            "network": {"mode": self.profile.network.mode},
+            "egress": self.egress,
+            "manifest": {"changes": [c.as_dict() for c in changes]},
+            "scope": {"allowed": self.spec.allow_changes,
+                      "readonly": list(self.profile.workspace.readonly),
+                      "violations": found},
+            "audit": self.audit_head,
+            "teardown": teardown,
+            "errors": ([self.error.to_body()["error"]] if self.error else [])
+            + [{"code": "embedded_run_failed", "message": m} for m in self.supervisor_errors],
+        }
+        return report, status
+
+
+def _mounts_under(directory: Path) -> list[str]:
+    prefix = os.path.realpath(directory) + "/"
+    with open("/proc/self/mountinfo") as table:
+        points = [line.split(" ", 5)[4].encode().decode("unicode_escape") for line in table]
+    return sorted(p for p in points if p.startswith(prefix))
+
+
+def _remove_cgroups(parent: str) -> list[str]:
+    """rmdir the slot's cgroup, children first, in the v2 tree and every v1 hierarchy, then the
+    shared root if no other slot uses it; returns what could not be removed."""
+    left: list[str] = []
+    for tree in (unified_root(), *v1_hierarchies()):
+        slot = tree / parent.strip("/")
+        if slot.is_dir():
+            for dirpath, _dirs, _files in sorted(os.walk(slot), key=lambda w: -len(w[0])):
+                try:
+                    os.rmdir(dirpath)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    left.append(dirpath)
+        with contextlib.suppress(OSError):  # busy while another slot runs
+            (tree / _CGROUP_ROOT).rmdir()
+    return left
+
+
+async def run_embedded(spec: EmbeddedRun) -> int:
+    started, t0 = time.time(), time.perf_counter()
+    if os.geteuid() != 0:
+        raise EmbeddedNeedsRoot("agentctl run --embedded builds the sandbox itself and needs "
+                                "root; run it as root or use a daemon's socket")
+    base = load_config(Path(spec.config) if spec.config else None)
+    profile = load_profile(spec.run.profile or base.daemon.default_profile,
+                           base.daemon.profile_dirs)
+    workspace = Path(spec.run.workspace) if spec.run.workspace else None
+    if workspace is not None and not workspace.is_dir():
+        raise InvalidRequest(f"workspace {workspace} is not a directory", field="workspace")
+    for what, path in (("report", spec.report), ("summary", spec.summary),
+                       ("audit", spec.audit), ("signing_key", spec.signing_key)):
+        _outside(path, workspace, what)
+    key = load_private_key(Path(spec.signing_key)) if spec.signing_key else None
+    root = Path(os.environ.get(ROOT_ENV_VAR) or DEFAULT_ROOT)
+    root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    slot, _lock_fd = claim_slot(Path(DEFAULT_ROOT) / "locks")
+    runner = EmbeddedRunner(spec, profile, embedded_config(base, root, slot))
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(signum, runner.on_signal, signum)
+    try:
+        await runner.run()
+    except SupervisorError as exc:
+        runner.error = exc
+        if runner.run_id is None:
+            runner.ending = Ending.NOT_STARTED
+        log.error("agentctl: %s: %s", exc.code, exc.message)
+    except Exception as exc:  # the evidence must still be written and the host cleaned
+        log.exception("agentctl: embedded run failed")
+        runner.supervisor_errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        teardown = await runner.teardown()
+    report, status = runner.evidence(teardown, started, (time.perf_counter() - t0) * 1000)
+    try:
+        _write_evidence(spec, runner, report, key)
+    except (OSError, SupervisorError) as exc:
+        log.error("agentctl: writing the report failed: %s", exc)
+        return EmbeddedRunFailed.exit_status
+    _say_how_it_ended(report)
+    return status
+
+
+def _write_evidence(spec: EmbeddedRun, runner: EmbeddedRunner, report: dict[str, Any],
+                    key: Any) -> None:
+    audit_path = spec.audit or (f"{spec.report}.audit.jsonl" if spec.report else None)
+    rows = runner.audit_rows
+    if audit_path is not None:
+        _write_private(audit_path, b"".join(json.dumps(r, sort_keys=True).encode() + b"\n"
+                                            for r in rows))
+        if report.get("audit"):
+            report["audit"]["file"] = audit_path
+    if spec.report is not None or spec.summary is not None:
+        signed = sign(report, key or generate_key(), ephemeral=key is None)
+        if spec.report is not None:
+            _write_private(spec.report, json.dumps(signed, indent=2, sort_keys=True).encode()
+                           + b"\n")
+        if spec.summary is not None:  # $GITHUB_STEP_SUMMARY is appended to, step by step
+            _write_private(spec.summary, summary_markdown(signed).encode(), append=True)
+
+
+def _say_how_it_ended(report: dict[str, Any]) -> None:
+    violations = report["scope"]["violations"]
+    if report["ending"] != "exited":
+        print(f"agentctl: run {report['ending']} ({report['end_reason'] or '-'})",
+              file=sys.stderr)
+    if violations:
+        print(f"agentctl: {len(violations)} change(s) outside the allowed scope:",
+              file=sys.stderr)
+        for item in violations:
+            print(f"  {item['path']}: {item['why']}", file=sys.stderr)
+    if not report["teardown"]["clean"]:
+        print(f"agentctl: teardown left {report['teardown']['residue']}", file=sys.stderr)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    raw = os.environ.pop(ENV_VAR, None)
+    try:
+        if raw is None:
+            raise InvalidRequest(f"run through 'agentctl run --embedded' ({ENV_VAR} unset)")
+        try:
+            spec = EmbeddedRun.model_validate_json(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise InvalidRequest(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}",
+                                 field=".".join(str(p) for p in first["loc"])) from exc
+        code = asyncio.run(run_embedded(spec))
+    except SupervisorError as exc:
+        print(f"agentctl: {exc.code}: {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_status)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""`agentctl run --embedded` for tests: its own state root, and what of its runs is still on the
+host (processes, cgroups, network namespaces, nft tables, mounts). Needs root."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from supervisor.sandbox.cgroups import unified_root
+
+CI_CGROUP_ROOT = "agent-supervisor-ci"
+WORKSPACE_UID = 1001  # GitHub's runner user; any unprivileged uid outside the sandbox ranges
+
+
+def agentctl_env(state_root: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "AGENT_SUPERVISOR_CI_ROOT": str(state_root),
+            "AGENT_SUPERVISOR_SOCKET": str(state_root / "no-daemon.sock"), **extra}
+
+
+def agentctl_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "supervisor.cli", *args]
+
+
+def run_embedded(state_root: Path, *args: str, timeout: float = 300, **env: str
+                 ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(agentctl_command("run", "--embedded", *args),
+                          env=agentctl_env(state_root, **env), capture_output=True, text=True,
+                          timeout=timeout, cwd="/")
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "safe.directory=*", "-C", str(repo), *args],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def chown_tree(root: Path, uid: int) -> None:
+    os.lchown(root, uid, uid)
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.lchown(os.path.join(dirpath, name), uid, uid)
+
+
+def host_residue(state_root: Path) -> dict[str, Any]:
+    """Everything embedded runs left on this host; {} when clean."""
+    left: dict[str, Any] = {}
+    cgroups = unified_root() / CI_CGROUP_ROOT
+    if cgroups.is_dir() and (children := sorted(p.name for p in cgroups.iterdir() if p.is_dir())):
+        left["cgroups"] = children
+    netns_dir = Path("/run/netns")
+    if netns_dir.is_dir() and (names := sorted(p.name for p in netns_dir.iterdir()
+                                               if p.name.startswith("asci"))):
+        left["netns"] = names
+    with open("/proc/self/mountinfo") as table:
+        mounts = [line.split(" ", 5)[4] for line in table if str(state_root) in line]
+    if mounts:
+        left["mounts"] = mounts
+    slots = sorted(p.name for p in state_root.glob("slot*")) if state_root.is_dir() else []
+    if slots:
+        left["state"] = slots
+    nft = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False)
+    if tables := [t for t in nft.stdout.splitlines() if "asci" in t]:
+        left["nft_tables"] = tables
+    return left

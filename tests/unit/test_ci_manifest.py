@@ -1,0 +1,131 @@
+"""The workspace manifest and scope guard (supervisor/ci/manifest.py) on real files in tmp:
+created, modified and deleted paths with their hashes, symlinks and hardlinks out of the
+workspace, read-only paths and --allow-changes globs. No root."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from supervisor.ci.manifest import check_glob, diff, glob_to_regex, snapshot, violations
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    root = tmp_path / "ws"
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "a.py").write_text("a = 1\n")
+    (root / "src" / "gone.py").write_text("x\n")
+    (root / ".github" / "workflows").mkdir(parents=True)
+    (root / ".github" / "workflows" / "ci.yml").write_text("on: push\n")
+    (root / "inner-link").symlink_to("src/a.py")
+    return root
+
+
+def changes_of(ws: Path, mutate: object) -> dict[str, dict[str, object]]:
+    before = snapshot(ws)
+    assert callable(mutate)
+    mutate()
+    return {c.path: c.as_dict() for c in diff(ws, before, snapshot(ws))}
+
+
+def test_created_modified_and_deleted_files_with_hashes(ws: Path) -> None:
+    old_hash = hashlib.sha256(b"a = 1\n").hexdigest()
+
+    def mutate() -> None:
+        (ws / "src" / "a.py").write_text("a = 2\n")
+        (ws / "src" / "gone.py").unlink()
+        (ws / "src" / "new").mkdir()
+        (ws / "src" / "new" / "b.py").write_text("b\n")
+
+    changes = changes_of(ws, mutate)
+    assert set(changes) == {"src/a.py", "src/gone.py", "src/new", "src/new/b.py"}
+    assert changes["src/a.py"]["change"] == "modified"
+    assert changes["src/a.py"]["sha256_before"] == old_hash
+    assert changes["src/a.py"]["sha256_after"] == hashlib.sha256(b"a = 2\n").hexdigest()
+    assert changes["src/gone.py"]["change"] == "deleted"
+    assert "sha256_after" not in changes["src/gone.py"]
+    assert changes["src/new"]["kind"] == "dir" and changes["src/new"]["change"] == "created"
+
+
+def test_a_mode_change_is_a_modification(ws: Path) -> None:
+    changes = changes_of(ws, lambda: os.chmod(ws / "src" / "a.py", 0o755))
+    assert list(changes) == ["src/a.py"]
+
+
+def test_symlinks_are_recorded_not_followed_and_escapes_are_flagged(ws: Path,
+                                                                   tmp_path: Path) -> None:
+    (tmp_path / "outside.txt").write_text("host\n")
+
+    def mutate() -> None:
+        (ws / "rel-escape").symlink_to("../outside.txt")
+        (ws / "abs-escape").symlink_to(tmp_path / "outside.txt")
+        (ws / "in-sandbox-path").symlink_to("/workspace/src/a.py")
+        (ws / "fine").symlink_to("src/../src/a.py")
+
+    changes = changes_of(ws, mutate)
+    assert changes["rel-escape"]["flags"] == ["symlink_out_of_workspace"]
+    assert changes["abs-escape"]["flags"] == ["symlink_out_of_workspace"]
+    # /workspace is the sandbox's view; a later CI step on the host follows it elsewhere.
+    assert changes["in-sandbox-path"]["flags"] == ["symlink_out_of_workspace"]
+    assert changes["fine"]["flags"] == []
+    assert changes["rel-escape"]["target_after"] == "../outside.txt"
+
+
+def test_a_hardlink_to_a_file_outside_is_flagged(ws: Path, tmp_path: Path) -> None:
+    (tmp_path / "host-file").write_text("host\n")
+
+    def mutate() -> None:
+        os.link(tmp_path / "host-file", ws / "linked")
+        os.link(ws / "src" / "a.py", ws / "src" / "a-again.py")
+
+    changes = changes_of(ws, mutate)
+    assert changes["linked"]["flags"] == ["hardlink_out_of_workspace"]
+    assert changes["src/a-again.py"]["flags"] == []
+
+
+def test_scope_globs_readonly_paths_and_flags(ws: Path, tmp_path: Path) -> None:
+    def mutate() -> None:
+        (ws / "src" / "a.py").write_text("changed\n")
+        (ws / "README.md").write_text("new\n")
+        (ws / ".github" / "workflows" / "ci.yml").write_text("pwned\n")
+        (ws / "src" / "escape").symlink_to("/etc/passwd")
+        (ws / ".gitlab-ci.yml").write_text("x\n")
+
+    before = snapshot(ws)
+    mutate()
+    found = {v["path"]: v["why"] for v in violations(
+        diff(ws, before, snapshot(ws)), ["src/**"], [".github/workflows", ".gitlab-ci.yml"])}
+    assert set(found) == {"README.md", ".github/workflows/ci.yml", "src/escape",
+                          ".gitlab-ci.yml"}
+    assert found["README.md"] == "created outside --allow-changes"
+    assert found[".github/workflows/ci.yml"] == "read-only path .github/workflows modified"
+    assert found["src/escape"] == "symlink_out_of_workspace"  # even inside an allowed glob
+    unrestricted = violations(diff(ws, before, snapshot(ws)), [], [])
+    assert [v["path"] for v in unrestricted] == ["src/escape"]
+
+
+@pytest.mark.parametrize(("glob", "path", "matches"), [
+    ("src/**", "src/a.py", True),
+    ("src/**", "src/deep/er/a.py", True),
+    ("src/**", "srcx/a.py", False),
+    ("src/", "src/a/b", True),
+    ("*.md", "README.md", True),
+    ("*.md", "docs/README.md", False),
+    ("**/*.md", "docs/README.md", True),
+    ("**/*.md", "README.md", True),
+    ("tests/test_?.py", "tests/test_a.py", True),
+    ("tests/test_[ab].py", "tests/test_c.py", False),
+    ("a.txt", "a.txt", True),
+    ("a.txt", "a.txt.bak", False),
+])
+def test_glob_semantics(glob: str, path: str, matches: bool) -> None:
+    assert bool(glob_to_regex(glob).match(path)) is matches
+
+
+@pytest.mark.parametrize("glob", ["", "/etc/**", "../x", "src/../../x"])
+def test_bad_globs_are_named(glob: str) -> None:
+    assert check_glob(glob) is not None

@@ -1,0 +1,124 @@
+"""The signed CI report (supervisor/ci/report.py), its summary, the run's ending and the exit
+statuses of embedded runs (supervisor/ci/outcome.py). Real Ed25519 keys; no root."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor import errors
+from supervisor.ci import outcome, report
+from supervisor.ci.outcome import Ending, classify_kill, exit_status
+from supervisor.errors import SigningKeyInvalid
+
+
+def sample_report() -> dict[str, Any]:
+    return {
+        "schema": report.SCHEMA, "ending": "exited", "end_reason": "exited",
+        "exit_status": 83, "agent_exit_status": 0, "duration_ms": 1234.5,
+        "run": {"id": "abc", "command": ["sh", "-c", "edit"], "profile": "coding-agent"},
+        "resources": {"peak_memory_bytes": 3 * 1024**2, "peak_processes": 4,
+                      "cpu_seconds": 0.5},
+        "denied_syscalls": {"count": 2, "by_syscall": {"unshare": 2}},
+        "network": {"mode": "none"}, "egress": None,
+        "manifest": {"changes": [{"path": "loot.txt", "change": "created"}]},
+        "scope": {"allowed": ["src/**"], "violations": [
+            {"path": "loot.txt", "why": "created outside --allow-changes"}]},
+        "audit": {"head_hash": "f" * 64, "rows": 5, "intact": True},
+        "teardown": {"clean": True, "residue": {}},
+    }
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    private, public = tmp_path / "k", tmp_path / "k.pub"
+    report.write_key_pair(report.generate_key(), private, public)
+    return private, public
+
+
+def test_a_signed_report_verifies_with_its_key_only(keys: tuple[Path, Path],
+                                                    tmp_path: Path) -> None:
+    private, public = keys
+    assert os.stat(private).st_mode & 0o777 == 0o600
+    signed = report.sign(sample_report(), report.load_private_key(private), ephemeral=False)
+    assert report.verify(signed, report.load_public_key(public))["ok"]
+    other_private, other_public = tmp_path / "o", tmp_path / "o.pub"
+    report.write_key_pair(report.generate_key(), other_private, other_public)
+    wrong = report.verify(signed, report.load_public_key(other_public))
+    assert not wrong["ok"] and wrong["problem"] == "signed by another key"
+    # Re-signing with another key and keeping the embedded public key does not help.
+    forged = report.sign(sample_report(), report.load_private_key(other_private),
+                         ephemeral=False)
+    assert not report.verify(forged, report.load_public_key(public))["ok"]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda r: r.__setitem__("exit_status", 0),
+    lambda r: r["scope"]["violations"].clear(),
+    lambda r: r["manifest"]["changes"].append({"path": "x", "change": "created"}),
+    lambda r: r.pop("teardown"),
+])
+def test_any_edit_after_signing_is_detected(keys: tuple[Path, Path], edit: Any) -> None:
+    private, public = keys
+    signed = report.sign(sample_report(), report.load_private_key(private), ephemeral=True)
+    tampered = copy.deepcopy(signed)
+    edit(tampered)
+    result = report.verify(tampered, report.load_public_key(public))
+    assert not result["ok"] and result["problem"] == "the report was changed after it was signed"
+
+
+def test_an_unsigned_report_fails(keys: tuple[Path, Path]) -> None:
+    result = report.verify(sample_report(), report.load_public_key(keys[1]))
+    assert not result["ok"] and "no Ed25519 signature" in result["problem"]
+
+
+def test_bad_keys_are_structured_errors(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    (tmp_path / "junk").write_text("not a key\n")
+    with pytest.raises(SigningKeyInvalid):
+        report.load_private_key(tmp_path / "junk")
+    with pytest.raises(SigningKeyInvalid):
+        report.load_public_key(tmp_path / "missing.pub")
+    with pytest.raises(SigningKeyInvalid):  # a public key where the private one belongs
+        report.load_private_key(keys[1])
+
+
+def test_the_summary_names_the_verdict_violations_and_egress() -> None:
+    text = report.summary_markdown(sample_report())
+    assert "FAILED" in text and "`loot.txt`: created outside --allow-changes" in text
+    assert "unshare x2" in text and "none possible (network mode `none`)" in text
+    assert "3.0 MiB" in text
+
+
+def test_exit_statuses_do_not_collide_with_agentctl_errors() -> None:
+    taken = set()
+    stack: list[type[errors.SupervisorError]] = [errors.SupervisorError]
+    while stack:
+        cls = stack.pop()
+        if cls is not errors.EmbeddedRunFailed:
+            taken.add(cls.exit_status)
+        stack.extend(cls.__subclasses__())
+    ours = {outcome.EXIT_KILLED, outcome.EXIT_TRIPWIRE, outcome.EXIT_TIMEOUT,
+            outcome.EXIT_SCOPE_VIOLATION, outcome.EXIT_SUPERVISOR_ERROR}
+    assert len(ours) == 5 and ours.isdisjoint(taken | {0, 1, 126, 127, 137})
+
+
+def test_precedence_of_exit_statuses() -> None:
+    assert exit_status(Ending.EXITED, 3, scope_violation=False, supervisor_error=False) == 3
+    assert exit_status(Ending.EXITED, 0, scope_violation=True, supervisor_error=False) == 83
+    assert exit_status(Ending.TRIPWIRE, 137, scope_violation=False,
+                       supervisor_error=False) == 81
+    assert exit_status(Ending.TIMEOUT, 137, scope_violation=True, supervisor_error=False) == 83
+    assert exit_status(Ending.KILLED, 137, scope_violation=True, supervisor_error=True) == 84
+    assert exit_status(Ending.NOT_STARTED, None, scope_violation=False, supervisor_error=False,
+                       launch_error_status=10) == 10
+
+
+def test_kills_are_classified_from_their_audit_row() -> None:
+    assert classify_kill("system:tripwire", "tripwire esc: ...") is Ending.TRIPWIRE
+    assert classify_kill("system:supervisor", "execution window of 1s expired") is Ending.TIMEOUT
+    assert classify_kill("system:ci", "cancelled: SIGTERM to agentctl") is Ending.KILLED
+    assert classify_kill("alice(uid=1000)", "execution window") is Ending.KILLED
