@@ -36,10 +36,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from aiohttp.web_protocol import RequestHandler
+from yarl import URL
 
 from supervisor.config import EgressSection
 from supervisor.egress.accounting import BreakerState, Ceiling, Usage, tokens_in
-from supervisor.models.egress import GatewayPolicy, Route, is_ip_literal
+from supervisor.models.egress import GatewayPolicy, is_ip_literal
 
 log = logging.getLogger(__name__)
 
@@ -472,10 +473,10 @@ class Gateway:
         if gate.state != "active":
             return False
         budget = gate.grant.policy.budget
-        for which, over in (("run", gate.usage.over(budget.run)),
-                            ("agent", gate.agent_total().over(budget.agent))):
-            if over is not None and over.metric == "bytes":
-                self._budget_fired(gate, which, over)
+        for which, usage, limit in (("run", gate.usage, budget.run.bytes),
+                                    ("agent", gate.agent_total(), budget.agent.bytes)):
+            if limit is not None and usage.bytes >= limit:
+                self._budget_fired(gate, which, Ceiling("bytes", usage.bytes, limit))
                 return False
         return True
 
@@ -562,13 +563,16 @@ class Gateway:
                                 "plain HTTP goes only to routes, anything else through "
                                 "CONNECT to an allow-listed name", host=host)
         gate.usage.requests += 1
-        await self._hold(gate, request.method, host, request.path)
+        # Rules are judged on exactly the path that is sent: normalised once, here.
+        target = _canonical(request.url.raw_path_qs)
+        await self._hold(gate, request.method, host, target.path)
         body = await _read_body(request)
         gate.usage.bytes += len(body)
         headers = {k: v for k, v in request.headers.items()
                    if k.lower() not in _HOP_BY_HOP and k.lower() != route.header.lower()}
         headers[route.header] = route.header_value(gate.grant.secrets[route.name])
-        url = _join(route, request.url.raw_path_qs)
+        url = URL(route.upstream.rstrip("/") + target.raw_path_qs, encoded=True)
+        gate.usage.spend += route.price_per_call
         assert self._session is not None
         try:
             upstream = await self._session.request(request.method, url, headers=headers,
@@ -583,12 +587,11 @@ class Gateway:
             for key, value in upstream.headers.items():
                 if key.lower() not in _HOP_BY_HOP:
                     response.headers.add(key, value)
-            spend = route.price_per_call
             if route.price_per_token and "json" in upstream.headers.get("Content-Type", ""):
                 payload = await upstream.read()
                 tokens = tokens_in(payload) or 0
                 gate.usage.tokens += tokens
-                spend += tokens * route.price_per_token
+                gate.usage.spend += tokens * route.price_per_token
                 response.content_length = len(payload)
                 await response.prepare(request)
                 await response.write(payload)
@@ -600,15 +603,21 @@ class Gateway:
                 async for chunk in upstream.content.iter_any():
                     gate.usage.bytes += len(chunk)
                     await response.write(chunk)
-            gate.usage.spend += spend
             await response.write_eof()
         self._judge(gate, error=upstream.status >= 500)
         return response
 
 
-def _join(route: Route, raw_path: str) -> str:
-    base = route.upstream.rstrip("/")
-    return base + (raw_path if raw_path.startswith("/") else "/" + raw_path)
+def _canonical(raw_path_qs: str) -> URL:
+    """The request's path with dot segments resolved (as yarl, and then the upstream, would).
+    A dot segment still there after that was percent-encoded to slip past a rule: refused."""
+    if not raw_path_qs.startswith("/"):
+        raw_path_qs = "/" + raw_path_qs
+    target = URL("http://route" + raw_path_qs, encoded=True)
+    if any(segment in (".", "..") for segment in target.path.split("/")):
+        raise EgressRefusal(400, "bad_request", "encoded dot segments are not allowed in a "
+                            "route's path", path=raw_path_qs[:300])
+    return target
 
 
 async def _read_body(request: web.BaseRequest) -> bytes:

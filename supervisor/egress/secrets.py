@@ -25,7 +25,7 @@ def load_secret(ref: str, secrets_dir: Path) -> str:
     path = secrets_dir / name
     _check_directory(secrets_dir, ref)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as exc:
         raise EgressSetupFailed(f"secret {ref}: cannot open {path}: {exc.strerror}",
                                 secret=ref, path=str(path)) from exc

@@ -1,0 +1,1046 @@
+"""The egress gateway end to end on loopback: a real Gateway (its own thread and loop) in front of
+real HTTPS upstreams (tests/support/upstream.py) whose names the gateway pins to 127.0.0.1, and
+an agent played by raw sockets. The clock is injected; nothing sleeps for effect and no timing is
+asserted (every wait is bounded by WAIT so a hang fails instead of stalling). No privilege.
+
+The fake sink records every call and answers approvals from the test. Every refusal any test
+receives is checked to carry the denial header and never the route's secret (see `call`)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import contextlib
+import json
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor.config import EgressSection
+from supervisor.egress.accounting import Usage
+from supervisor.egress.gateway import DENIED_HEADER, Decision, Gateway, RunGrant
+from supervisor.models.egress import GatewayPolicy
+from tests.support import upstream as support
+from tests.support.upstream import Upstream, make_ca
+
+WAIT = 10.0
+SECRET = "sk-live-route-secret-9f8e7d6c5b4a"
+TOKEN = "run-token-0123456789"
+RUN = "run-1"
+T0 = 1_000_000.0
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Approval:
+    run_id: str
+    method: str
+    host: str
+    path: str
+    rule: str
+    future: concurrent.futures.Future[Decision]
+
+
+class FakeSink:
+    """Records every call (from the gateway's thread). `decide` answers approvals at once;
+    when it is None the request is held until the test resolves `approvals[i].future`."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, Any]] = []
+        self.approvals: list[Approval] = []
+        self.decide: Callable[[Approval], Decision] | None = None
+        self._changed = threading.Condition()
+
+    def _record(self, kind: str, run_id: str, detail: Any) -> None:
+        with self._changed:
+            self.calls.append((kind, run_id, detail))
+            self._changed.notify_all()
+
+    def budget_exceeded(self, run_id: str, detail: dict[str, Any]) -> None:
+        self._record("budget_exceeded", run_id, detail)
+
+    def breaker_tripped(self, run_id: str, detail: dict[str, Any]) -> None:
+        self._record("breaker_tripped", run_id, detail)
+
+    def denied(self, run_id: str, code: str, detail: dict[str, Any]) -> None:
+        self._record("denied", run_id, {"code": code, **detail})
+
+    def request_approval(self, run_id: str, method: str, host: str, path: str, rule: str
+                         ) -> concurrent.futures.Future[Decision]:
+        future: concurrent.futures.Future[Decision] = concurrent.futures.Future()
+        approval = Approval(run_id, method, host, path, rule, future)
+        if self.decide is not None:
+            future.set_result(self.decide(approval))
+        with self._changed:
+            self.approvals.append(approval)
+        self._record("request_approval", run_id, approval)
+        return future
+
+    def of(self, kind: str) -> list[Any]:
+        with self._changed:
+            return [detail for k, _, detail in self.calls if k == kind]
+
+    def wait_for(self, predicate: Callable[[], bool]) -> None:
+        with self._changed:
+            assert self._changed.wait_for(predicate, WAIT), f"sink never saw it: {self.calls}"
+
+    def denials(self) -> list[str]:
+        return [d["code"] for d in self.of("denied")]
+
+
+@dataclass
+class Reply:
+    status: int
+    reason: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def code(self) -> str | None:
+        return self.headers.get(DENIED_HEADER.lower())
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def error(self) -> dict[str, Any]:
+        error: dict[str, Any] = self.json()["error"]
+        return error
+
+
+def read_reply(reader: Any) -> Reply:
+    """One HTTP/1.1 response from a file-like (`sock.makefile("rb")`)."""
+    status_line = reader.readline()
+    if not status_line:
+        raise ConnectionError("the gateway closed the connection without answering")
+    _version, status, reason = status_line.decode("latin1").rstrip("\r\n").split(" ", 2)
+    headers: dict[str, str] = {}
+    while (line := reader.readline().decode("latin1").rstrip("\r\n")):
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        chunks = []
+        while (size := int(reader.readline().split(b";")[0], 16)):
+            chunks.append(read_exactly(reader, size))
+            reader.readline()
+        reader.readline()
+        body = b"".join(chunks)
+    elif "content-length" in headers:
+        body = read_exactly(reader, int(headers["content-length"]))
+    else:
+        body = b"" if status == "200" and "Connection Established" in reason else reader.read()
+    return Reply(int(status), reason, headers, body)
+
+
+def read_exactly(reader: Any, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = reader.read(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"the body ended after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+def check_refusal(reply: Reply) -> None:
+    """Every refusal: the structured body, the denial header, and never the secret."""
+    assert SECRET not in reply.body.decode(errors="replace")
+    assert all(SECRET not in v for v in reply.headers.values())
+    if reply.code is not None:
+        error = reply.error()
+        assert error["code"] == reply.code
+        assert isinstance(error["message"], str) and error["message"]
+        assert isinstance(error["detail"]["retry"], bool)
+
+
+def basic(token: str, user: str = "agent") -> str:
+    return "Basic " + base64.b64encode(f"{user}:{token}".encode()).decode()
+
+
+def connect_socket(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+
+
+def exchange(port: int, raw: bytes) -> Reply:
+    """Send `raw` on a fresh connection and read one reply."""
+    with connect_socket(port) as sock, sock.makefile("rb") as reader:
+        sock.sendall(raw)
+        reply = read_reply(reader)
+    check_refusal(reply)
+    return reply
+
+
+def request_bytes(method: str, url: str, host: str, *, auth: str | None = None,
+                  headers: Sequence[tuple[str, str]] = (), body: bytes = b"",
+                  close: bool = True) -> bytes:
+    lines = [f"{method} {url} HTTP/1.1", f"Host: {host}"]
+    if auth is not None:
+        lines.append(f"Proxy-Authorization: {auth}")
+    lines += [f"{k}: {v}" for k, v in headers]
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def assert_cut(sock: socket.socket | ssl.SSLSocket) -> None:
+    """The connection was closed or reset under the client: reading sees EOF or an error."""
+    sock.settimeout(WAIT)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return
+    except (ConnectionError, ssl.SSLError, OSError) as exc:
+        assert not isinstance(exc, TimeoutError), "the connection was not cut"
+
+
+@dataclass
+class Env:
+    gateway: Gateway
+    sink: FakeSink
+    clock: Clock
+    upstream: Upstream
+    ca: support.TestCA
+    runs: dict[str, RunGrant] = field(default_factory=dict)
+
+    def policy(self, **fields: Any) -> GatewayPolicy:
+        """Routes `llm` (llm.route) and `pay` (pay.route) to the api upstream, and pkg/other
+        upstream names on the allow-list, plus `fields`."""
+        base: dict[str, Any] = {
+            "allow": [f"pkg.upstream.test:{self.upstream.port}"],
+            "routes": [
+                {"name": "llm", "host": "llm.route", "secret": "env:LLM_KEY",
+                 "upstream": f"https://api.upstream.test:{self.upstream.port}"},
+                {"name": "pay", "host": "pay.route", "secret": "file:pay",
+                 "upstream": f"https://api.upstream.test:{self.upstream.port}/base/",
+                 "header": "X-Api-Key", "format": "{secret}"},
+            ],
+            "breaker": {"enabled": False},
+        }
+        base.update(fields)
+        return GatewayPolicy.model_validate(base)
+
+    def open(self, policy: GatewayPolicy | None = None, *, run_id: str = RUN,
+             token: str = TOKEN, expires_at: float = T0 + 3600,
+             agent_usage: Usage | None = None) -> int:
+        grant = RunGrant(run_id=run_id, agent="agent-a", token=token, expires_at=expires_at,
+                         policy=policy or self.policy(), host_ip="127.0.0.1",
+                         port=free_port(), secrets={"llm": SECRET, "pay": SECRET},
+                         agent_usage=agent_usage or Usage())
+        asyncio.run(self.gateway.open(grant))
+        self.runs[run_id] = grant
+        return grant.port
+
+    def close(self, run_id: str = RUN) -> Usage | None:
+        return asyncio.run(self.gateway.close(run_id))
+
+    def get(self, port: int, path: str = "/v1/chat", *, host: str = "llm.route",
+            method: str = "GET", auth: str | None = None,
+            headers: Sequence[tuple[str, str]] = (), body: bytes = b"") -> Reply:
+        return exchange(port, request_bytes(method, f"http://{host}{path}", host,
+                                            auth=basic(TOKEN) if auth is None else auth,
+                                            headers=headers, body=body))
+
+    def tunnel(self, port: int, host: str = "pkg.upstream.test", *,
+               target_port: int | None = None, auth: str | None = None
+               ) -> tuple[Reply, socket.socket]:
+        """CONNECT; the reply and the raw socket (open on 200, for the caller to close)."""
+        sock = connect_socket(port)
+        target = f"{host}:{self.upstream.port if target_port is None else target_port}"
+        sock.sendall(request_bytes("CONNECT", target, target, close=False,
+                                   auth=basic(TOKEN) if auth is None else auth))
+        reader = sock.makefile("rb", buffering=0)
+        reply = read_reply(reader)
+        reader.close()
+        check_refusal(reply)
+        if reply.status != 200:
+            sock.close()
+        return reply, sock
+
+    def tls(self, sock: socket.socket, host: str = "pkg.upstream.test") -> ssl.SSLSocket:
+        context = ssl.create_default_context(cafile=str(self.ca.ca_pem))
+        return context.wrap_socket(sock, server_hostname=host)
+
+
+def tls_get(tls: ssl.SSLSocket, path: str, host: str = "pkg.upstream.test",
+            extra: str = "") -> Reply:
+    tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}\r\n".encode())
+    with tls.makefile("rb") as reader:
+        return read_reply(reader)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> support.TestCA:
+    return make_ca(Path(tmp_path_factory.mktemp("egress-ca")))
+
+
+@pytest.fixture(scope="module")
+def upstream(ca: support.TestCA) -> Iterator[Upstream]:
+    server = Upstream(ca)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def make_env(ca: support.TestCA, upstream: Upstream, **config: Any) -> Iterator[Env]:
+    upstream.seen.clear()
+    sink, clock = FakeSink(), Clock()
+    section = EgressSection.model_validate({
+        "hosts": {name: "127.0.0.1" for name in ("api.upstream.test", "pkg.upstream.test",
+                                                 "other.upstream.test", "upstream.test")},
+        "ca_file": ca.ca_pem, **config})
+    gateway = Gateway(section, sink, clock=clock)
+    try:
+        gateway.start()
+        yield Env(gateway, sink, clock, upstream, ca)
+    finally:
+        gateway.stop()
+
+
+@pytest.fixture
+def env(ca: support.TestCA, upstream: Upstream) -> Iterator[Env]:
+    yield from make_env(ca, upstream)
+
+
+@pytest.fixture
+def small_env(ca: support.TestCA, upstream: Upstream) -> Iterator[Env]:
+    """Two connections per run, 2 KiB of request head."""
+    yield from make_env(ca, upstream, max_connections_per_run=2, max_header_size=2048)
+
+
+def usage_once(env: Env, check: Callable[[Usage], bool], run_id: str = RUN) -> Usage:
+    """The run's usage once `check` holds. The gateway accounts a forwarded request in its own
+    thread as the answer goes out, so the test thread, having read the answer, may look a moment
+    before the counters do; this waits (bounded) instead of racing."""
+    usage = env.gateway.usage(run_id)
+    deadline = time.monotonic() + WAIT
+    while usage is None or not check(usage):
+        assert time.monotonic() < deadline, f"usage never settled: {usage}"
+        time.sleep(0.005)
+        usage = env.gateway.usage(run_id)
+    return usage
+
+
+def seen_paths(upstream: Upstream) -> list[str]:
+    return [str(r["path"]) for r in upstream.seen]
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def test_basic_and_bearer_tokens_are_accepted(env: Env) -> None:
+    port = env.open()
+    assert env.get(port, auth=basic(TOKEN)).status == 200
+    assert env.get(port, auth=basic(TOKEN, user="")).status == 200
+    assert env.get(port, auth=f"Bearer {TOKEN}").status == 200
+    assert env.get(port, auth=f"bearer   {TOKEN}").status == 200
+    assert len(env.upstream.seen) == 4
+    assert env.sink.denials() == []
+
+
+@pytest.mark.parametrize("auth", ["", "Basic", "Bearer", "Basic !!!notbase64",
+                                  "Basic " + base64.b64encode(b"no-colon").decode(),
+                                  "Basic " + base64.b64encode(b"user:").decode(),
+                                  f"Digest {TOKEN}", TOKEN])
+def test_missing_token_is_407_token_required(env: Env, auth: str) -> None:
+    port = env.open()
+    raw = request_bytes("GET", "http://llm.route/v1/chat", "llm.route",
+                        auth=auth or None)
+    reply = exchange(port, raw)
+    assert (reply.status, reply.code) == (407, "token_required")
+    assert reply.headers["proxy-authenticate"] == 'Basic realm="agent-supervisor"'
+    assert reply.error()["detail"]["retry"] is False
+    assert env.upstream.seen == []
+    assert env.sink.denials() == ["token_required"]
+    assert env.gateway.usage(RUN) == Usage(denied=1)
+
+
+@pytest.mark.parametrize("auth", [basic("wrong-token"), f"Bearer {TOKEN}x", basic(TOKEN[:-1]),
+                                  f"Bearer {TOKEN.upper()}"])
+def test_wrong_token_is_407_token_invalid(env: Env, auth: str) -> None:
+    port = env.open()
+    reply = env.get(port, auth=auth)
+    assert (reply.status, reply.code) == (407, "token_invalid")
+    assert "proxy-authenticate" in reply.headers
+    assert env.upstream.seen == []
+
+
+def test_another_runs_token_is_invalid_on_this_runs_listener(env: Env) -> None:
+    port_a = env.open(run_id="run-a", token="token-a")
+    port_b = env.open(run_id="run-b", token="token-b")
+    assert env.get(port_a, auth=basic("token-b")).code == "token_invalid"
+    assert env.get(port_b, auth=basic("token-b")).status == 200
+
+
+def test_expired_token_is_403_token_expired(env: Env) -> None:
+    port = env.open(expires_at=T0 + 60)
+    env.clock.now = T0 + 59.999
+    assert env.get(port).status == 200
+    env.clock.now = T0 + 60
+    reply = env.get(port)
+    assert (reply.status, reply.code) == (403, "token_expired")
+    assert reply.error()["detail"]["expired_at"] == T0 + 60
+    reply, _ = env.tunnel(port)
+    assert (reply.status, reply.code) == (403, "token_expired")
+
+
+def test_suspend_refuses_with_retry_then_resume_serves_again(env: Env) -> None:
+    port = env.open()
+    env.gateway.suspend(RUN)
+    reply = env.get(port)
+    assert (reply.status, reply.code) == (403, "token_suspended")
+    assert reply.error()["detail"]["retry"] is True
+    reply, _ = env.tunnel(port)
+    assert reply.code == "token_suspended"
+    assert env.upstream.seen == []
+    env.gateway.resume(RUN)
+    assert env.get(port).status == 200
+    reply, sock = env.tunnel(port)
+    sock.close()
+    assert reply.status == 200
+
+
+def test_revoked_token_is_403_and_resume_does_not_undo_it(env: Env) -> None:
+    port = env.open()
+    env.gateway.revoke(RUN)
+    reply = env.get(port)
+    assert (reply.status, reply.code) == (403, "token_revoked")
+    assert reply.error()["detail"]["retry"] is False
+    env.gateway.resume(RUN)
+    env.gateway.suspend(RUN)
+    assert env.get(port).code == "token_revoked"
+    reply, _ = env.tunnel(port)
+    assert reply.code == "token_revoked"
+
+
+def test_a_wrong_token_is_invalid_even_for_a_revoked_run(env: Env) -> None:
+    port = env.open()
+    env.gateway.revoke(RUN)
+    assert env.get(port, auth=basic("nope")).code == "token_invalid"
+    assert env.get(port, auth="").code == "token_required"
+
+
+# ----------------------------------------------------------------------------- CONNECT tunnels
+
+
+def test_connect_to_an_allow_listed_name_tunnels_tls_end_to_end(env: Env) -> None:
+    port = env.open()
+    reply, sock = env.tunnel(port)
+    assert (reply.status, reply.reason) == (200, "Connection Established")
+    with env.tls(sock) as tls:
+        first = tls_get(tls, "/hello?x=1")
+        second = tls_get(tls, "/again")
+    assert (first.status, first.json()) == (200, {"method": "GET", "path": "/hello?x=1"})
+    assert second.json()["path"] == "/again"
+    assert seen_paths(env.upstream) == ["/hello?x=1", "/again"]
+    # The gateway never saw inside the tunnel: no token, nothing added.
+    assert "Proxy-Authorization" not in env.upstream.seen[0]["headers"]
+    usage = env.gateway.usage(RUN)
+    assert usage is not None and usage.requests == 1 and usage.bytes > 0
+
+
+def test_wildcard_allows_subdomains_not_the_domain_or_another_port(env: Env) -> None:
+    port = env.open(env.policy(allow=[f"*.upstream.test:{env.upstream.port}"]))
+    reply, sock = env.tunnel(port, "other.upstream.test")
+    assert reply.status == 200
+    with env.tls(sock, "other.upstream.test") as tls:
+        assert tls_get(tls, "/w", "other.upstream.test").status == 200
+    reply, sock = env.tunnel(port, "OTHER.Upstream.TEST")
+    sock.close()
+    assert reply.status == 200
+    for host, target_port in (("upstream.test", env.upstream.port),
+                              ("other.upstream.test", env.upstream.port + 1),
+                              ("upstream.test.evil", env.upstream.port),
+                              ("evilupstream.test", env.upstream.port)):
+        reply, _ = env.tunnel(port, host, target_port=target_port)
+        assert (reply.status, reply.code) == (403, "egress_denied"), host
+        assert reply.error()["detail"]["host"] == host
+        assert reply.error()["detail"]["port"] == target_port
+        assert "allow-list" in reply.error()["message"]
+
+
+def test_connect_to_a_name_off_the_list_or_a_wrong_port_is_denied(env: Env) -> None:
+    port = env.open()
+    for host, target_port in (("other.upstream.test", env.upstream.port),
+                              ("pkg.upstream.test", env.upstream.port + 1),
+                              ("pkg.upstream.test", 443),
+                              ("api.upstream.test", env.upstream.port)):
+        reply, _ = env.tunnel(port, host, target_port=target_port)
+        assert (reply.status, reply.code) == (403, "egress_denied")
+        assert reply.headers.get("connection", "").lower() == "close"
+    assert env.upstream.seen == []
+    assert env.sink.denials() == ["egress_denied"] * 4
+    usage = env.gateway.usage(RUN)
+    assert usage is not None and (usage.requests, usage.denied) == (0, 4)
+
+
+@pytest.mark.parametrize("literal", ["127.0.0.1", "[::1]", "2130706433", "0x7f.1", "127.1",
+                                     "0177.0.0.1", "0x7f000001", "[::ffff:127.0.0.1]",
+                                     "127.0.0.1."])
+def test_connect_to_an_ip_literal_is_refused_in_every_notation(env: Env, literal: str) -> None:
+    # Even with the address's name allow-listed, and a real server listening there.
+    port = env.open(env.policy(allow=[f"*.upstream.test:{env.upstream.port}"]))
+    reply, _ = env.tunnel(port, literal)
+    assert (reply.status, reply.code) == (403, "egress_denied")
+    assert "IP address" in reply.error()["message"]
+    assert env.upstream.seen == []
+
+
+def test_plain_http_to_an_ip_literal_or_unrouted_name_is_denied(env: Env) -> None:
+    port = env.open()
+    for host in ("127.0.0.1", f"127.0.0.1:{env.upstream.port}", "pkg.upstream.test",
+                 "api.upstream.test", "2130706433", "evil.route"):
+        reply = env.get(port, "/", host=host)
+        assert (reply.status, reply.code) == (403, "egress_denied"), host
+        assert "no credential route" in reply.error()["message"]
+    assert env.upstream.seen == []
+
+
+def test_connect_without_a_port_is_a_bad_request(env: Env) -> None:
+    port = env.open()
+    reply = exchange(port, request_bytes("CONNECT", "pkg.upstream.test", "pkg.upstream.test",
+                                         auth=basic(TOKEN)))
+    assert 400 <= reply.status < 500
+    assert env.upstream.seen == []
+
+
+def test_connect_to_an_unreachable_allowed_name_is_502_and_counts_an_error(env: Env) -> None:
+    closed = free_port()
+    port = env.open(env.policy(allow=[f"pkg.upstream.test:{closed}"]))
+    reply, _ = env.tunnel(port, target_port=closed)
+    assert (reply.status, reply.code) == (502, "upstream_unreachable")
+    assert reply.error()["detail"]["retry"] is True
+    usage = env.gateway.usage(RUN)
+    assert usage is not None and usage.errors == 1
+
+
+def test_revoke_cuts_an_open_tunnel_and_later_requests_are_revoked(env: Env) -> None:
+    port = env.open()
+    reply, sock = env.tunnel(port)
+    assert reply.status == 200
+    with env.tls(sock) as tls:
+        assert tls_get(tls, "/before").status == 200
+        env.gateway.revoke(RUN)
+        assert_cut(tls)
+    assert env.get(port).code == "token_revoked"
+    reply, _ = env.tunnel(port)
+    assert reply.code == "token_revoked"
+    assert seen_paths(env.upstream) == ["/before"]
+
+
+def test_suspend_cuts_an_open_tunnel_and_resume_allows_a_new_one(env: Env) -> None:
+    port = env.open()
+    reply, sock = env.tunnel(port)
+    with env.tls(sock) as tls:
+        assert tls_get(tls, "/one").status == 200
+        env.gateway.suspend(RUN)
+        assert_cut(tls)
+    assert env.tunnel(port)[0].code == "token_suspended"
+    env.gateway.resume(RUN)
+    reply, sock = env.tunnel(port)
+    assert reply.status == 200
+    with env.tls(sock) as tls:
+        assert tls_get(tls, "/two").status == 200
+    assert seen_paths(env.upstream) == ["/one", "/two"]
+
+
+def test_revoke_cuts_an_idle_keep_alive_connection(env: Env) -> None:
+    port = env.open()
+    with connect_socket(port) as sock, sock.makefile("rb") as reader:
+        sock.sendall(request_bytes("GET", "http://llm.route/v1/chat", "llm.route",
+                                   auth=basic(TOKEN), close=False))
+        assert read_reply(reader).status == 200
+        env.gateway.revoke(RUN)
+        assert_cut(sock)
+
+
+# ----------------------------------------------------------------------------- credential routes
+
+
+def test_route_adds_the_secret_and_strips_proxy_auth_and_the_agents_own_header(env: Env) -> None:
+    port = env.open()
+    reply = env.get(port, "/v1/chat?tokens=7", headers=[
+        ("Authorization", "Bearer agent-made-up"), ("AUTHORIZATION", "Bearer shouting"),
+        ("X-Trace", "abc"), ("Proxy-Connection", "keep-alive")])
+    assert reply.status == 200
+    assert reply.json()["usage"] == {"total_tokens": 7}
+    [seen] = env.upstream.seen
+    assert seen["path"] == "/v1/chat?tokens=7"
+    headers = {k.lower(): v for k, v in seen["headers"].items()}
+    auth = [v for k, v in seen["headers"].items() if k.lower() == "authorization"]
+    assert auth == [f"Bearer {SECRET}"]
+    assert "proxy-authorization" not in headers
+    assert "proxy-connection" not in headers
+    assert headers["x-trace"] == "abc"
+    assert headers["host"].startswith("api.upstream.test")
+    # The secret goes upstream only: the agent's answer does not carry it.
+    assert SECRET not in reply.body.decode() and all(SECRET not in v
+                                                      for v in reply.headers.values())
+
+
+def test_route_with_a_custom_header_and_base_path(env: Env) -> None:
+    port = env.open()
+    body = b'{"amount": 5}'
+    reply = env.get(port, "/charges?id=1", host="pay.route", method="POST", body=body,
+                    headers=[("x-api-key", "agent-guess"), ("Content-Type", "application/json")])
+    assert reply.status == 200
+    [seen] = env.upstream.seen
+    assert (seen["method"], seen["path"], seen["body"]) == ("POST", "/base/charges?id=1",
+                                                            body.decode())
+    keys = [v for k, v in seen["headers"].items() if k.lower() == "x-api-key"]
+    assert keys == [SECRET]
+    assert not any(k.lower() == "authorization" for k in seen["headers"])
+
+
+def test_route_accepts_origin_form_with_a_host_header(env: Env) -> None:
+    port = env.open()
+    reply = exchange(port, request_bytes("GET", "/v1/chat?tokens=3", "llm.route",
+                                         auth=basic(TOKEN)))
+    assert reply.status == 200
+    assert env.upstream.headers_seen("Authorization") == [f"Bearer {SECRET}"]
+
+
+def test_route_upstream_errors_pass_through(env: Env) -> None:
+    port = env.open()
+    reply = env.get(port, "/fail")
+    assert reply.status == 500 and reply.code is None
+    assert reply.json() == {"error": "upstream failure"}
+    usage = usage_once(env, lambda u: u.errors == 1)
+    assert (usage.requests, usage.errors, usage.denied) == (1, 1, 0)
+
+
+def test_unreachable_route_is_502_without_the_secret(env: Env) -> None:
+    closed = free_port()
+    policy = env.policy(routes=[{"name": "llm", "host": "llm.route", "secret": "env:LLM_KEY",
+                                 "upstream": f"https://api.upstream.test:{closed}"}])
+    port = env.open(policy)
+    reply = env.get(port)
+    assert (reply.status, reply.code) == (502, "upstream_unreachable")
+    assert reply.error()["detail"] == {"retry": True, "method": "GET", "target": "/v1/chat",
+                                       "route": "llm"}
+
+
+def test_the_secret_is_in_no_refusal(env: Env) -> None:
+    """Every refusal code a route request can meet, with the secret's route in play; `call`
+    checks each body and header for the secret, this also checks the sink's records."""
+    policy = env.policy(approvals=["POST /v1/refunds*"], budget={"run": {"requests": 3}})
+    env.sink.decide = lambda a: Decision(False, "ap-1", by="op", reason="no")
+    port = env.open(policy, expires_at=T0 + 10)
+    codes = [env.get(port, auth="").code, env.get(port, auth=basic("x")).code,
+             env.get(port, "/", host="nowhere.route").code,
+             env.get(port, "/v1/refunds", method="POST").code]
+    assert env.get(port, "/v1/chat", headers=[("Authorization", "x")]).status == 200
+    assert env.get(port).status == 200
+    codes.append(env.get(port).code)
+    env.clock.now = T0 + 10
+    codes.append(env.get(port).code)
+    env.gateway.suspend(RUN)
+    codes.append(env.get(port).code)
+    env.gateway.revoke(RUN)
+    codes.append(env.get(port).code)
+    assert codes == ["token_required", "token_invalid", "egress_denied", "approval_denied",
+                     "budget_exceeded", "token_expired", "token_suspended", "token_revoked"]
+    assert SECRET not in repr(env.sink.calls)
+
+
+# ----------------------------------------------------------------------------- spend
+
+
+def test_spend_from_usage_tokens_and_per_call_price(env: Env) -> None:
+    port_a = env.open(env.policy(routes=[
+        {"name": "llm", "host": "llm.route", "secret": "env:LLM_KEY",
+         "upstream": f"https://api.upstream.test:{env.upstream.port}",
+         "price_per_token": 0.001},
+        {"name": "pay", "host": "pay.route", "secret": "file:pay",
+         "upstream": f"https://api.upstream.test:{env.upstream.port}",
+         "price_per_call": 0.5, "price_per_token": 0.01}]))
+    assert env.get(port_a, "/v1/chat?tokens=250").status == 200
+    assert env.get(port_a, "/v1/chat?tokens=50").status == 200
+    usage = usage_once(env, lambda u: u.spend >= 0.3 - 1e-9)
+    assert (usage.requests, usage.tokens) == (2, 300)
+    assert usage.spend == pytest.approx(0.3)
+    # Per call plus per token; a non-usage JSON answer costs the call only.
+    reply = env.get(port_a, "/v1/chat?tokens=10", host="pay.route")
+    assert reply.json()["usage"]["total_tokens"] == 10
+    assert env.get(port_a, "/plain", host="pay.route").status == 200
+    usage = usage_once(env, lambda u: u.spend >= 1.4 - 1e-9)
+    assert usage.tokens == 310
+    assert usage.spend == pytest.approx(0.3 + 0.5 + 0.1 + 0.5)
+    assert usage.bytes > 0
+
+
+def test_no_price_means_no_spend(env: Env) -> None:
+    port = env.open()
+    assert env.get(port, "/v1/chat?tokens=1000").status == 200
+    usage = usage_once(env, lambda u: u.tokens == 0 and u.bytes > 0)
+    assert usage.spend == 0.0
+
+
+# ----------------------------------------------------------------------------- budgets
+
+
+def assert_budget_refusal(reply: Reply, which: str, metric: str) -> None:
+    assert (reply.status, reply.code) == (429, "budget_exceeded")
+    detail = reply.error()["detail"]
+    assert detail["budget"] == which and detail["ceiling"].startswith(metric)
+    assert detail["retry"] is False
+
+
+def test_request_budget_refuses_with_429_and_tells_the_sink_once(env: Env) -> None:
+    port = env.open(env.policy(budget={"run": {"requests": 2}, "action": "kill"}))
+    assert env.get(port).status == 200
+    assert env.get(port).status == 200
+    for _ in range(3):
+        assert_budget_refusal(env.get(port), "run", "requests")
+    reply, _ = env.tunnel(port)
+    assert_budget_refusal(reply, "run", "requests")
+    [fired] = env.sink.of("budget_exceeded")
+    assert fired["budget"] == "run" and fired["metric"] == "requests"
+    assert (fired["value"], fired["limit"], fired["action"]) == (2.0, 2.0, "kill")
+    assert fired["usage"]["requests"] == 2
+    assert len(env.upstream.seen) == 2
+
+
+def test_byte_budget_refuses_the_next_request(env: Env) -> None:
+    port = env.open(env.policy(budget={"run": {"bytes": 100}}))
+    assert env.get(port, "/v1/chat", method="POST", body=b"x" * 150).status == 200
+    assert_budget_refusal(env.get(port), "run", "bytes")
+    assert_budget_refusal(env.get(port), "run", "bytes")
+    [fired] = env.sink.of("budget_exceeded")
+    assert fired["metric"] == "bytes" and fired["limit"] == 100
+
+
+def test_spend_budget_refuses_once_spent(env: Env) -> None:
+    policy = env.policy(budget={"run": {"spend": 1.0}}, routes=[
+        {"name": "llm", "host": "llm.route", "secret": "env:LLM_KEY", "price_per_call": 0.4,
+         "upstream": f"https://api.upstream.test:{env.upstream.port}"}])
+    port = env.open(policy)
+    for _ in range(3):
+        assert env.get(port, "/x").status == 200  # 0.4, 0.8, 1.2
+    usage_once(env, lambda u: u.spend >= 1.2 - 1e-9)
+    assert_budget_refusal(env.get(port, "/x"), "run", "spend")
+    [fired] = env.sink.of("budget_exceeded")
+    assert fired["metric"] == "spend" and fired["value"] == pytest.approx(1.2)
+    assert len(env.upstream.seen) == 3
+
+
+def test_agent_budget_counts_earlier_runs(env: Env) -> None:
+    port = env.open(env.policy(budget={"agent": {"requests": 5}}),
+                    agent_usage=Usage(requests=4))
+    assert env.get(port).status == 200
+    assert_budget_refusal(env.get(port), "agent", "requests")
+    [fired] = env.sink.of("budget_exceeded")
+    assert fired["budget"] == "agent"
+
+
+def test_byte_budget_cuts_an_open_tunnel(env: Env) -> None:
+    port = env.open(env.policy(budget={"run": {"bytes": 30000}}))
+    cut_after = tunnel_until_cut(env, port)
+    assert cut_after is not None, "the tunnel outlived the byte budget"
+    [fired] = env.sink.of("budget_exceeded")
+    assert fired["metric"] == "bytes"
+    assert env.tunnel(port)[0].code == "budget_exceeded"
+
+
+def test_byte_budget_cuts_an_open_tunnel_even_when_the_request_ceiling_is_reached(
+        env: Env) -> None:
+    # One request allowed (the CONNECT itself) and 30000 bytes: the bytes must still be judged.
+    port = env.open(env.policy(budget={"run": {"requests": 1, "bytes": 30000}}))
+    cut_after = tunnel_until_cut(env, port)
+    usage = env.gateway.usage(RUN)
+    assert usage is not None
+    assert cut_after is not None, (f"the tunnel carried {usage.bytes} bytes past a 30000-byte "
+                                   f"budget because the request ceiling was reached first")
+
+
+def tunnel_until_cut(env: Env, port: int) -> int | None:
+    """Requests of ~6 KB through one tunnel until it is cut; how many got through, or None if
+    twenty (~120 KB) did."""
+    reply, sock = env.tunnel(port)
+    assert reply.status == 200
+    pad = "p" * 6000
+    with env.tls(sock) as tls:
+        for done in range(20):
+            try:
+                answer = tls_get(tls, f"/chunk{done}", extra=f"X-Pad: {pad}\r\n")
+            except (ConnectionError, ssl.SSLError, OSError, ValueError):
+                return done
+            assert answer.status == 200
+    return None
+
+
+# ----------------------------------------------------------------------------- the breaker
+
+
+def test_breaker_trips_on_error_rate_then_503_until_reset(env: Env) -> None:
+    port = env.open(env.policy(breaker={"window": 10, "max_rate": None, "min_requests": 3,
+                                        "max_error_rate": 0.5}))
+    assert env.get(port, "/ok").status == 200
+    assert env.get(port, "/fail").status == 500
+    assert env.sink.of("breaker_tripped") == []
+    assert env.get(port, "/fail").status == 500  # 2/3 errors: trips
+    env.sink.wait_for(lambda: bool(env.sink.of("breaker_tripped")))
+    [tripped] = env.sink.of("breaker_tripped")
+    assert tripped["reason"].startswith("error rate 2/3")
+    assert tripped["usage"]["errors"] == 2
+    reply = env.get(port, "/ok")
+    assert (reply.status, reply.code) == (503, "breaker_open")
+    assert tripped["reason"] in reply.error()["message"]
+    assert env.tunnel(port)[0].code == "breaker_open"
+    assert env.gateway.breaker_open(RUN) == tripped["reason"]
+    assert len(env.upstream.seen) == 3
+    assert env.gateway.reset_breaker(RUN) == tripped["reason"]
+    assert env.gateway.breaker_open(RUN) is None
+    assert env.gateway.reset_breaker(RUN) is None
+    assert env.get(port, "/ok").status == 200
+    assert len(env.sink.of("breaker_tripped")) == 1
+
+
+def test_breaker_trips_on_request_rate_then_reset(env: Env) -> None:
+    port = env.open(env.policy(breaker={"window": 1, "max_rate": 3, "min_requests": 100}))
+    for _ in range(4):  # the clock stands still: 4 requests in one second > 3/s
+        assert env.get(port).status == 200
+    env.sink.wait_for(lambda: bool(env.sink.of("breaker_tripped")))
+    [tripped] = env.sink.of("breaker_tripped")
+    assert tripped["reason"].startswith("request rate 4.0/s over 3/s")
+    assert env.get(port).code == "breaker_open"
+    env.clock.now += 5
+    assert env.get(port).code == "breaker_open"  # time alone does not close it
+    assert env.gateway.reset_breaker(RUN) is not None
+    assert env.get(port).status == 200
+
+
+def test_disabled_breaker_never_trips(env: Env) -> None:
+    port = env.open()
+    for _ in range(6):
+        assert env.get(port, "/fail").status == 500
+    assert env.sink.of("breaker_tripped") == []
+
+
+def test_reset_breaker_for_an_unknown_run(env: Env) -> None:
+    assert env.gateway.reset_breaker("nope") is None
+    assert env.gateway.breaker_open("nope") is None
+    assert env.gateway.usage("nope") is None
+    assert env.close("nope") is None
+
+
+# ----------------------------------------------------------------------------- approvals
+
+
+def test_approved_request_is_forwarded_after_the_sink_says_yes(env: Env) -> None:
+    env.sink.decide = lambda a: Decision(True, "ap-1", by="alice")
+    port = env.open(env.policy(approvals=["POST /v1/refunds*"]))
+    assert env.get(port, "/v1/refunds/42", method="POST", body=b"{}").status == 200
+    assert env.get(port, "/v1/chat").status == 200  # not held
+    [approval] = env.sink.approvals
+    assert (approval.run_id, approval.method, approval.host, approval.path, approval.rule) == (
+        RUN, "POST", "llm.route", "/v1/refunds/42", "POST /v1/refunds*")
+    assert seen_paths(env.upstream) == ["/v1/refunds/42", "/v1/chat"]
+
+
+def test_held_request_waits_for_the_decision(env: Env) -> None:
+    port = env.open(env.policy(approvals=["GET /v1/chat"]))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(env.get, port)
+        env.sink.wait_for(lambda: bool(env.sink.approvals))
+        assert not pending.done()
+        assert env.upstream.seen == []
+        env.sink.approvals[0].future.set_result(Decision(True, "ap-9"))
+        assert pending.result(WAIT).status == 200
+    assert len(env.upstream.seen) == 1
+
+
+def test_denied_approval_is_403_approval_denied(env: Env) -> None:
+    env.sink.decide = lambda a: Decision(False, "ap-2", by="bob", reason="not today")
+    port = env.open(env.policy(approvals=["POST pay.route/charges*"]))
+    reply = env.get(port, "/charges", host="pay.route", method="POST", body=b"{}")
+    assert (reply.status, reply.code) == (403, "approval_denied")
+    error = reply.error()
+    assert "not today" in error["message"] and "POST pay.route/charges*" in error["message"]
+    assert (error["detail"]["approval"], error["detail"]["by"]) == ("ap-2", "bob")
+    assert env.upstream.seen == []
+    # The same path on another route is not held.
+    assert env.get(port, "/charges", method="POST", body=b"{}").status == 200
+
+
+def test_an_expired_approval_reads_as_a_denial(env: Env) -> None:
+    env.sink.decide = lambda a: Decision(False, "ap-3", reason="expired")
+    port = env.open(env.policy(approvals=["* *"]))
+    assert env.get(port).code == "approval_denied"
+    reply, _ = env.tunnel(port)
+    assert reply.code == "approval_denied"
+    assert [a.method for a in env.sink.approvals] == ["GET", "CONNECT"]
+
+
+def test_approved_connect_tunnels(env: Env) -> None:
+    env.sink.decide = lambda a: Decision(True, "ap-4")
+    port = env.open(env.policy(approvals=["CONNECT pkg.upstream.test"]))
+    reply, sock = env.tunnel(port)
+    assert reply.status == 200
+    with env.tls(sock) as tls:
+        assert tls_get(tls, "/approved").status == 200
+    [approval] = env.sink.approvals
+    assert (approval.method, approval.host, approval.path) == ("CONNECT", "pkg.upstream.test",
+                                                               "")
+
+
+def test_revoke_while_held_cuts_the_request_and_a_late_approval_sends_nothing(env: Env) -> None:
+    port = env.open(env.policy(approvals=["POST /v1/refunds*"]))
+    with connect_socket(port) as sock:
+        sock.sendall(request_bytes("POST", "http://llm.route/v1/refunds", "llm.route",
+                                   auth=basic(TOKEN), body=b"{}"))
+        env.sink.wait_for(lambda: bool(env.sink.approvals))
+        env.gateway.revoke(RUN)
+        assert_cut(sock)
+    held = env.sink.approvals[0].future
+    if not held.cancelled():  # a gateway may also drop the hold when the run is cut
+        held.set_result(Decision(True, "ap-5", by="late"))
+        env.sink.wait_for(lambda: "token_revoked" in env.sink.denials())
+    assert env.upstream.seen == []
+    assert env.get(port).code == "token_revoked"
+
+
+@pytest.mark.parametrize(("path", "code"), [
+    ("/v1/refunds/1", "approval_denied"), ("/v1/%72efunds/1", "approval_denied"),
+    # Dot segments are refused outright: real clients resolve them before sending, and a
+    # path the rules judge must be the path the upstream gets.
+    ("/v1/./refunds/1", "bad_request"), ("/v1/x/../refunds/1", "bad_request"),
+    ("/./v1/refunds/1", "bad_request"), ("/v1/%2e%2e/v1/refunds/1", "bad_request"),
+    ("/v1/x/%2E%2E/refunds/1", "bad_request")])
+def test_approval_rules_cannot_be_bypassed_by_path_spelling(env: Env, path: str,
+                                                            code: str) -> None:
+    # Whatever spelling reaches the upstream as /v1/refunds/... must be held like it.
+    env.sink.decide = lambda a: Decision(False, "ap-6", reason="no")
+    port = env.open(env.policy(approvals=["POST /v1/refunds*"]))
+    reply = env.get(port, path, method="POST", body=b"{}")
+    assert reply.code == code, (
+        f"{path} reached the upstream as {seen_paths(env.upstream)} without an approval")
+    assert env.upstream.seen == []
+
+
+# ----------------------------------------------------------------------------- connections
+
+
+def test_connection_cap_answers_503_and_frees_up_when_one_closes(small_env: Env) -> None:
+    env = small_env
+    port = env.open()
+    held: list[tuple[socket.socket, Any]] = []
+    with contextlib.ExitStack() as stack:
+        for _ in range(2):  # two kept-alive connections, each known to have been served
+            sock = stack.enter_context(connect_socket(port))
+            reader = stack.enter_context(sock.makefile("rb"))
+            sock.sendall(request_bytes("GET", "http://llm.route/v1/chat", "llm.route",
+                                       auth=basic(TOKEN), close=False))
+            assert read_reply(reader).status == 200
+            held.append((sock, reader))
+        reply = exchange(port, request_bytes("GET", "http://llm.route/v1/chat", "llm.route",
+                                             auth=basic(TOKEN)))
+        assert (reply.status, reply.code) == (503, "too_many_connections")
+        assert reply.error()["detail"]["retry"] is True
+        # Another run's listener has its own cap.
+        other = env.open(run_id="run-2")
+        assert env.get(other).status == 200
+        held[0][1].close()
+        held[0][0].close()
+        assert eventually(lambda: env.get(port).status == 200)
+    assert len(env.upstream.seen) == 4
+
+
+def eventually(check: Callable[[], bool]) -> bool:
+    """Poll `check` (the gateway notices a closed connection in its own time), bounded."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize("raw", [
+    b"GARBAGE\r\n\r\n",
+    b"GET http://llm.route/v1/chat HTTP/9\r\n\r\n",
+    b"GET  HTTP/1.1\r\nHost: llm.route\r\n\r\n",
+    b"CONNECT :443 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET http://llm.route/ HTTP/1.1\r\nBad Header\r\n\r\n",
+    b"\x16\x03\x01\x00\x05hello\r\n\r\n",
+])
+def test_malformed_request_is_4xx_and_the_gateway_keeps_serving(small_env: Env,
+                                                                raw: bytes) -> None:
+    port = small_env.open()
+    reply = exchange(port, raw)
+    assert 400 <= reply.status < 500
+    assert small_env.upstream.seen == []
+    assert small_env.get(port).status == 200
+
+
+def test_oversized_header_is_4xx_and_the_gateway_keeps_serving(small_env: Env) -> None:
+    port = small_env.open()
+    reply = small_env.get(port, headers=[("X-Big", "b" * 4096)])
+    assert 400 <= reply.status < 500
+    long_line = small_env.get(port, "/v1/chat?" + "q" * 4096)
+    assert 400 <= long_line.status < 500
+    assert small_env.upstream.seen == []
+    assert small_env.get(port).status == 200
+
+
+def test_close_returns_the_usage_and_stops_listening(env: Env) -> None:
+    port = env.open()
+    assert env.get(port, "/v1/chat?tokens=5").status == 200
+    assert env.get(port, "/fail").status == 500
+    assert env.get(port, auth="").code == "token_required"
+    usage_once(env, lambda u: u.errors == 1)
+    reply, sock = env.tunnel(port)
+    assert reply.status == 200
+    with env.tls(sock) as tls:
+        assert tls_get(tls, "/t").status == 200
+        assert env.gateway.listening(RUN)
+        usage = env.close()
+        assert_cut(tls)
+    assert usage is not None
+    assert (usage.requests, usage.errors, usage.denied) == (3, 1, 1)
+    assert usage.bytes > 0
+    assert env.gateway.usage(RUN) is None
+    assert not env.gateway.listening(RUN)
+    with pytest.raises(ConnectionRefusedError):
+        connect_socket(port).close()
+    assert env.close() is None
+
+
+def test_runs_are_independent(env: Env) -> None:
+    port_a = env.open(run_id="run-a", token="token-a")
+    port_b = env.open(run_id="run-b", token="token-b")
+    env.gateway.revoke("run-a")
+    assert env.get(port_a, auth=basic("token-a")).code == "token_revoked"
+    assert env.get(port_b, auth=basic("token-b")).status == 200
+    usage_b = env.gateway.usage("run-b")
+    assert usage_b is not None and usage_b.requests == 1
+    usage_a = env.gateway.usage("run-a")
+    assert usage_a is not None and (usage_a.requests, usage_a.denied) == (0, 1)
