@@ -19,6 +19,7 @@ import pytest
 from tests.conftest import require, require_root_and_runc
 from tests.support.daemon import wait_for
 from tests.support.embedded import (
+    MODEL_API_KEY,
     WORKSPACE_UID,
     agentctl_command,
     agentctl_env,
@@ -50,6 +51,13 @@ class MulTest(unittest.TestCase):
         self.assertEqual(calc.mul(3, 4), 12)
 PY
 python3 -m unittest discover -s tests -v 2>&1
+python3 - <<'PY'
+import urllib.error, urllib.request
+try:  # a host that is not on the allow-list: the gateway refuses it, the report counts it
+    urllib.request.urlopen("http://example.com/", timeout=20)
+except urllib.error.HTTPError as e:
+    print("egress refused:", e.code, e.headers.get("X-Agent-Supervisor-Denied"))
+PY
 git add -A src tests
 git -c user.name=agent -c user.email=agent@example.invalid commit -q -m "Add mul"
 echo agent-done
@@ -64,7 +72,8 @@ ln -s ../outside/target.txt escape
 echo pwned > escape || echo "write through escape refused"
 echo pwned > docs/notes || echo "write through docs/notes refused"
 env > loot.txt
-grep -l "hunter2" loot.txt && echo "SECRET FOUND"
+cat /proc/[0-9]*/environ >> loot.txt 2>/dev/null || true
+grep -l -e "hunter2" -e "sk-model-key" loot.txt && echo "SECRET FOUND"
 exit 0
 """
 
@@ -148,7 +157,10 @@ def test_a_coding_agent_edits_tests_and_commits_in_scope(ci: Path, repo: Path,
     assert git(repo, "rev-parse", "HEAD~1").strip() == before_head
     # The agent's files belong to the checkout's owner, never to root or a sandbox uid.
     assert (repo / "src" / "__pycache__").stat().st_uid == WORKSPACE_UID
-    assert report["network"] == {"mode": "none"} and report["egress"] is None
+    assert "egress refused: 403 egress_denied" in result.stdout
+    assert report["network"] == {"mode": "gateway"}
+    assert report["egress"]["denied"] == 1 and report["egress"]["calls"] == 0
+    assert report["egress"]["denials"] == {"egress_denied example.com": 1}
     assert report["audit"]["intact"] and len(report["audit"]["head_hash"]) == 64
     audit_rows = Path(report["audit"]["file"]).read_text().splitlines()
     assert json.loads(audit_rows[-1])["hash"] == report["audit"]["head_hash"]
@@ -178,6 +190,8 @@ def test_an_agent_out_of_scope_fails_the_job_and_changes_nothing_outside(
     assert "write through escape refused" in result.stdout
     assert "SECRET FOUND" not in result.stdout
     assert SECRET not in (repo / "loot.txt").read_text()
+    assert MODEL_API_KEY not in (repo / "loot.txt").read_text()
+    assert "HTTP_PROXY" in (repo / "loot.txt").read_text()  # the session token, not the key
     report = json.loads(report_path.read_text())
     assert report["ending"] == "exited" and report["exit_status"] == 83
     violations = {v["path"]: v["why"] for v in report["scope"]["violations"]}

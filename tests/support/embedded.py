@@ -15,9 +15,14 @@ CI_CGROUP_ROOT = "agent-supervisor-ci"
 WORKSPACE_UID = 1001  # GitHub's runner user; any unprivileged uid outside the sandbox ranges
 
 
+# The coding-agent profile's model route reads its key from the supervisor's environment.
+MODEL_API_KEY = "sk-model-key-not-for-agents"
+
+
 def agentctl_env(state_root: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "AGENT_SUPERVISOR_CI_ROOT": str(state_root),
-            "AGENT_SUPERVISOR_SOCKET": str(state_root / "no-daemon.sock"), **extra}
+            "AGENT_SUPERVISOR_SOCKET": str(state_root / "no-daemon.sock"),
+            "MODEL_API_KEY": MODEL_API_KEY, **extra}
 
 
 def agentctl_command(*args: str) -> list[str]:

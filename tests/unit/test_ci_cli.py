@@ -88,7 +88,9 @@ def test_the_coding_agent_profile_protects_hooks_config_and_ci_files(tmp_path: P
     assert {".git/hooks", ".git/config", ".github/workflows", ".gitlab-ci.yml"} <= set(
         profile.workspace.readonly)
     assert profile.limits.wall_clock == 3600 and profile.limits.memory >= 2 * 1024**3
-    assert profile.network.mode == "none"  # until the egress gateway's mode exists
+    assert profile.network.mode == "gateway"
+    assert profile.network.gateway.route_for("model.gateway") is not None
+    assert profile.network.gateway.allowed("pypi.org", 443) is not None
     host = tmp_path / "host"
     (host / "usr").mkdir(parents=True)
     spec = make_spec(host, workspace="/run/ws/as-1", profile=profile)
