@@ -12,7 +12,7 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor.audit import AuditLog
 from supervisor.config import Config
@@ -20,7 +20,7 @@ from supervisor.daemon.arbiter import Arbiter, LiveRun
 from supervisor.daemon.containment import Containment
 from supervisor.egress import link, nft
 from supervisor.egress.accounting import Usage
-from supervisor.egress.gateway import Decision, Gateway, RunGrant
+from supervisor.egress.grant import Decision, RunGrant
 from supervisor.egress.secrets import load_secret
 from supervisor.errors import (
     ApprovalDecided,
@@ -32,6 +32,9 @@ from supervisor.errors import (
 )
 from supervisor.models import Actor
 from supervisor.tripwires import Firing
+
+if TYPE_CHECKING:
+    from supervisor.egress.gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +128,7 @@ class EgressControl:
         self.db = db
         self.loop = loop
         self.pool = link.AddressPool(config.egress.pool)
-        self.gateway = Gateway(config.egress, self)
+        self._gateway: Gateway | None = None
         self.runs: dict[str, _RunEgress] = {}
         self.approvals: dict[str, PendingApproval] = {}
         self.records: dict[str, dict[str, Any]] = {}  # ended runs' egress, for CI reports
@@ -133,8 +136,18 @@ class EgressControl:
 
     # ------------------------------------------------------------------ wiring
 
+    @property
+    def gateway(self) -> Gateway:
+        """Started with the first gateway run: a supervisor whose agents have no network never
+        loads the HTTP stack or the CA store (an embedded CI run starts faster)."""
+        if self._gateway is None:
+            from supervisor.egress.gateway import Gateway
+
+            self._gateway = Gateway(self.config.egress, self)
+            self._gateway.start()
+        return self._gateway
+
     def install(self) -> None:
-        self.gateway.start()
         self.arbiter.network_provider = self.prepare
         self.arbiter.pre_start_hooks.append(self.open)
         self.arbiter.revoke_hooks.append(self.revoke)
@@ -147,7 +160,8 @@ class EgressControl:
         for approval in list(self.approvals.values()):
             self._decide(approval, False, "system:supervisor", "the supervisor stopped",
                          "cancelled")
-        self.gateway.stop()
+        if self._gateway is not None:
+            self._gateway.stop()
 
     def reap_leftovers(self) -> list[str]:
         """nftables tables a previous instance left (its veths went with its netns)."""

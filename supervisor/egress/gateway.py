@@ -28,7 +28,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
 import aiohttp
@@ -40,7 +39,8 @@ from yarl import URL
 
 from supervisor.config import EgressSection
 from supervisor.egress.accounting import BreakerState, Ceiling, Usage, tokens_in
-from supervisor.models.egress import GatewayPolicy, is_ip_literal
+from supervisor.egress.grant import Decision, RunGrant
+from supervisor.models.egress import is_ip_literal
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +55,6 @@ T = TypeVar("T")
 GateState = Literal["active", "suspended", "revoked"]
 
 
-@dataclass(frozen=True)
-class Decision:
-    approved: bool
-    approval_id: str
-    by: str = ""
-    reason: str = ""
-
-
 class GatewaySink(Protocol):
     """The daemon's side. Called in the gateway's thread; must not block."""
 
@@ -71,22 +63,6 @@ class GatewaySink(Protocol):
     def denied(self, run_id: str, code: str, detail: dict[str, Any]) -> None: ...
     def request_approval(self, run_id: str, method: str, host: str, path: str, rule: str
                          ) -> concurrent.futures.Future[Decision]: ...
-
-
-@dataclass
-class RunGrant:
-    """What the daemon hands the gateway for one run. `secrets` maps route names to values and
-    lives only in this process's memory."""
-
-    run_id: str
-    agent: str
-    token: str
-    expires_at: float
-    policy: GatewayPolicy
-    host_ip: str
-    port: int
-    secrets: dict[str, str]
-    agent_usage: Usage = field(default_factory=Usage)  # earlier runs of the same agent
 
 
 class EgressRefusal(Exception):

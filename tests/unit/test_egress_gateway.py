@@ -26,7 +26,8 @@ import pytest
 
 from supervisor.config import EgressSection
 from supervisor.egress.accounting import Usage
-from supervisor.egress.gateway import DENIED_HEADER, Decision, Gateway, RunGrant
+from supervisor.egress.gateway import DENIED_HEADER, Gateway
+from supervisor.egress.grant import Decision, RunGrant
 from supervisor.models.egress import GatewayPolicy
 from tests.support import upstream as support
 from tests.support.upstream import Upstream, make_ca
