@@ -50,6 +50,7 @@ _HOP_BY_HOP = frozenset(h.lower() for h in (
     "TE", "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length"))
 _TUNNEL_HIGH_WATER = 1024 * 1024
 _MAX_BODY = 64 * 1024 * 1024
+_BUFFERED_BODY = 1024 * 1024  # replies up to this size with a known length go in one write
 T = TypeVar("T")
 
 GateState = Literal["active", "suspended", "revoked"]
@@ -559,27 +560,35 @@ class Gateway:
                                 f"{type(exc).__name__}: {exc}", retry=True,
                                 route=route.name) from None
         async with upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for key, value in upstream.headers.items():
-                if key.lower() not in _HOP_BY_HOP:
-                    response.headers.add(key, value)
-            if route.price_per_token and "json" in upstream.headers.get("Content-Type", ""):
+            headers_out = [(k, v) for k, v in upstream.headers.items()
+                           if k.lower() not in _HOP_BY_HOP]
+            length = upstream.content_length
+            priced = bool(route.price_per_token) and "json" in upstream.headers.get(
+                "Content-Type", "")
+            response: web.StreamResponse
+            if priced or (length is not None and length <= _BUFFERED_BODY):
+                # One read and one write: most API replies are small and have a length.
                 payload = await upstream.read()
-                tokens = tokens_in(payload) or 0
-                gate.usage.tokens += tokens
-                gate.usage.spend += tokens * route.price_per_token
-                response.content_length = len(payload)
-                await response.prepare(request)
-                await response.write(payload)
                 gate.usage.bytes += len(payload)
-            else:
-                if upstream.content_length is not None:
-                    response.content_length = upstream.content_length
+                if priced:
+                    tokens = tokens_in(payload) or 0
+                    gate.usage.tokens += tokens
+                    gate.usage.spend += tokens * route.price_per_token
+                response = web.Response(status=upstream.status, reason=upstream.reason,
+                                        body=payload)
+                for key, value in headers_out:
+                    response.headers.add(key, value)
+            else:  # streamed (server-sent events, large downloads): passed on as it comes
+                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+                for key, value in headers_out:
+                    response.headers.add(key, value)
+                if length is not None:
+                    response.content_length = length
                 await response.prepare(request)
                 async for chunk in upstream.content.iter_any():
                     gate.usage.bytes += len(chunk)
                     await response.write(chunk)
-            await response.write_eof()
+                await response.write_eof()
         self._judge(gate, error=upstream.status >= 500)
         return response
 
