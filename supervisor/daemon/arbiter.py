@@ -295,6 +295,8 @@ class Arbiter:
             cgroup=run.cgroup, bundle=Path(run.bundle), log_path=Path(run.log_path),
             profile=profile, command=request.command, uid_slot=run.uid_slot,
             workspace=request.workspace, env=request.env,
+            runtime=profile.runtime or self.config.sandbox.runtime,
+            image=request.image or profile.image,
         )
         handle = await self.runtime.launch(params)
         live.handle = handle
@@ -302,6 +304,7 @@ class Arbiter:
         if self.agents[run.agent].state == AgentState.KILLED:
             return  # never start the agent's command; the kill path takes it from here
         await handle.start()
+        run.pid = handle.pid  # docker: the engine starts the init, so its pid is known only now
         self._set_run_state(run, "start")
         self.store.put_run(run)
         for started_hook in self.run_started_hooks:

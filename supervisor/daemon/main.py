@@ -33,6 +33,10 @@ from supervisor.daemon.store import Store, connect
 from supervisor.errors import ConfigInvalid, EnforcementError, SupervisorError
 from supervisor.events import DeliveryWorker, Outbox, load_endpoints
 from supervisor.metrics import start_metrics
+from supervisor.runtime.base import Runtime
+from supervisor.runtime.containerized import DockerRuntime
+from supervisor.runtime.docker_api import DockerEngine
+from supervisor.runtime.router import RuntimeRouter
 from supervisor.runtime.sandboxed import RuncRuntime
 from supervisor.sandbox.cgroups import Cgroup, CgroupMode, detect_mode
 from supervisor.sandbox.seccomp_notify import SeccompListener, unsupported_reason
@@ -66,6 +70,8 @@ def setup_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # The Docker SDK's HTTP requests, one line each, would drown the daemon's own debug log.
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
 def sd_notify(message: str) -> None:
@@ -148,6 +154,18 @@ def audit_watchdog_records(record: Path, audit: AuditLog) -> None:
     record.unlink()
 
 
+def docker_runtime_for(config: Config) -> DockerRuntime:
+    return DockerRuntime(
+        engine=DockerEngine(config.docker.socket, config.docker.api_timeout),
+        streamer=DockerEngine(config.docker.socket, None),
+        cgroup_parent=config.sandbox.cgroup_parent, name_prefix=config.sandbox.name_prefix,
+        uid_base=config.sandbox.uid_base, agent_uid=config.sandbox.agent_uid,
+        workspace_min_owner_uid=config.sandbox.workspace_min_owner_uid,
+        max_runs=config.sandbox.max_runs, host_root_image=config.docker.host_root_image,
+        state_dir=config.daemon.runtime_dir / "docker",
+    )
+
+
 async def serve(config: Config) -> int:
     if os.geteuid() != 0:
         raise EnforcementError("agent-supervisord must run as root to contain agents")
@@ -181,7 +199,7 @@ async def serve(config: Config) -> int:
         else:
             log.warning("no syscall telemetry: %s; escape-class syscalls stay EPERM", why)
     # --- end seccomp notify
-    runtime = RuncRuntime(
+    runc = RuncRuntime(
         runc_binary=config.sandbox.runc_path, runc_root=config.daemon.runtime_dir / "runc",
         cgroup_parent=config.sandbox.cgroup_parent, name_prefix=config.sandbox.name_prefix,
         uid_base=config.sandbox.uid_base, agent_uid=config.sandbox.agent_uid,
@@ -190,6 +208,15 @@ async def serve(config: Config) -> int:
         bundles_dir=config.daemon.runtime_dir / "bundles", max_runs=config.sandbox.max_runs,
         seccomp_listener=seccomp.path if seccomp else None,  # seccomp notify
     )
+    runtimes: dict[str, Runtime] = {"runc": runc}
+    # --- docker (supervisor/runtime/containerized.py): the engine must answer now, with the
+    # cgroupfs driver, or the daemon does not start (fail closed).
+    if config.docker_enabled:
+        docker_runtime = docker_runtime_for(config)
+        await docker_runtime.prepare()
+        runtimes["docker"] = docker_runtime
+    # --- end docker
+    runtime = RuntimeRouter(runtimes, config.sandbox.runtime, config.sandbox.cgroup_parent)
     watchdog_record = config.daemon.state_dir / "watchdog.jsonl"
     runtime.parent_cgroup().mkdir(parents=True, exist_ok=True)
     watchdog = Watchdog(runtime.parent_cgroup(), watchdog_record, config.kill.confirm_timeout)
