@@ -287,7 +287,10 @@ class DockerRuntime:
                                                WORKSPACE_MOUNT.lstrip("/"))}
             entries.update(links)
             repository, _, tag = self.host_root_image.rpartition(":")
-            await self.call(self.engine.import_image, tar_of(entries), repository, tag)
+            # runc gives a tmpfs the mode of its mount point, whatever mode= says: /tmp must be
+            # 1777 in the image for the agent to write its /tmp.
+            await self.call(self.engine.import_image, tar_of(entries, {"tmp": 0o1777}),
+                            repository, tag)
             log.info("imported the host-root image %s", self.host_root_image)
         return self.host_root_image
 
@@ -349,7 +352,8 @@ class DockerRuntime:
             image, mounts = await self._mounts(params, params.image or profile.image)
             host_config = self.engine.host_config(
                 read_only=True, mounts=mounts,
-                tmpfs={"/tmp": f"rw,nosuid,nodev,mode=1777,size={profile.filesystem.tmp_size}"},
+                tmpfs={"/tmp": f"rw,exec,nosuid,nodev,mode=1777,"
+                             f"size={profile.filesystem.tmp_size}"},
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges:true", f"seccomp={json.dumps(seccomp)}"],
                 network_mode="none", ipc_mode="private", cgroupns="private",

@@ -155,13 +155,14 @@ class DockerEngine:
         return stream
 
 
-def tar_of(entries: dict[str, str | None]) -> bytes:
-    """A rootfs tarball in memory: path -> symlink target, or None for an empty directory."""
+def tar_of(entries: dict[str, str | None], modes: dict[str, int] | None = None) -> bytes:
+    """A rootfs tarball in memory: path -> symlink target, or None for an empty directory
+    (mode 0755 unless `modes` says otherwise)."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for path, target in sorted(entries.items()):
             info = tarfile.TarInfo(path)
-            info.mode = 0o755
+            info.mode = (modes or {}).get(path, 0o755)
             if target is None:
                 info.type = tarfile.DIRTYPE
             else:

@@ -21,6 +21,45 @@ from supervisor.sandbox.cgroups import Cgroup, unified_root
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_CGROUP_ROOT = "/agent-supervisor-test"
+# Test daemons import their own skeleton image, removed when the session ends.
+TEST_HOST_ROOT_IMAGE = "agent-supervisor-test/host-root:1"
+DOCKER_SOCKET = "unix:///var/run/docker.sock"
+
+
+def runtime_config(runtime: str) -> dict[str, dict[str, Any]]:
+    """A test daemon's config sections for `runtime` ("runc" needs none)."""
+    if runtime == "runc":
+        return {}
+    return {"sandbox": {"runtime": runtime}, "docker": {"host_root_image": TEST_HOST_ROOT_IMAGE}}
+
+
+@contextlib.contextmanager
+def docker_api(base_url: str = DOCKER_SOCKET) -> Iterator[Any]:
+    import docker
+
+    api = docker.APIClient(base_url=base_url, version="1.41", timeout=30)
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+def docker_reachable(base_url: str = DOCKER_SOCKET) -> bool:
+    try:
+        with docker_api(base_url) as api:
+            api.ping()
+    except Exception:
+        return False
+    return True
+
+
+def remove_test_images(images: list[str], base_url: str = DOCKER_SOCKET) -> None:
+    if not docker_reachable(base_url):
+        return
+    with docker_api(base_url) as api:
+        for image in images:
+            with contextlib.suppress(Exception):
+                api.remove_image(image, force=True)
 
 
 @dataclass
@@ -163,7 +202,20 @@ class Daemon:
         workspaces = self.root / "run" / "workspaces"
         if workspaces.is_dir() and (items := sorted(p.name for p in workspaces.iterdir())):
             left["workspace_mounts"] = items
+        if containers := self.containers():
+            left["containers"] = containers
         return left
+
+    def containers(self) -> list[str]:
+        """The docker containers this daemon's runs carry the label of (running or not)."""
+        socket = self.extra_config.get("docker", {})
+        base_url = socket.get("socket", DOCKER_SOCKET) if isinstance(socket, dict) else ""
+        if not docker_reachable(base_url):
+            return []
+        with docker_api(base_url) as api:
+            found = api.containers(
+                all=True, filters={"label": f"io.agent-supervisor.prefix={self.prefix}"})
+        return sorted(str(c["Names"][0]).lstrip("/") for c in found)
 
     def cleanup_host(self) -> None:
         """Remove the cgroup parent this daemon used (it must already be empty)."""
