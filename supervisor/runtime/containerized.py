@@ -70,6 +70,7 @@ _CPU_NANOS = 1_000_000_000
 _ENGINE_SOCKETS = ("/run/containerd/containerd.sock", "/var/run/docker/containerd")
 _LOG_JOIN_TIMEOUT = 5.0
 _EXIT_STATUS_TIMEOUT = 5.0
+_EXITING_GRACE = 1.0
 
 
 class DockerRunHandle(CgroupControl):
@@ -126,7 +127,9 @@ class DockerRunHandle(CgroupControl):
         try:
             self.netns_path = netns.adopt(self.params.netns, pid)
         except OSError:
-            if _alive(pidfd):
+            # An exiting process loses its namespaces before its pidfd turns readable; give
+            # the exit a moment to complete before calling this a failure.
+            if _alive(pidfd, _EXITING_GRACE):
                 raise
             return  # a short command ended meanwhile, and its namespace with it
         # The egress gateway's veth hook belongs here: the namespace exists and is named, the
@@ -426,9 +429,9 @@ class DockerRuntime:
         return unified_root() / self.cgroup_parent
 
 
-def _alive(pidfd: int) -> bool:
-    """A pidfd polls readable once its process has exited."""
-    return not select.select([pidfd], [], [], 0)[0]
+def _alive(pidfd: int, within: float) -> bool:
+    """False once the process has exited (its pidfd polls readable), waiting up to `within`."""
+    return not select.select([pidfd], [], [], within)[0]
 
 
 def _v2_cgroup_of(pid: int) -> str:

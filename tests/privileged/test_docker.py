@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_docker
-from tests.support.daemon import Daemon, docker_api, remove_test_images
+from tests.support.daemon import Daemon, engine_request, remove_test_images
 
 
 def _add_file(tar: tarfile.TarFile, path: str, data: bytes, mode: int = 0o755) -> None:
@@ -44,8 +44,8 @@ def probe_image() -> Iterator[str]:
         _add_file(tar, "image-marker", b"from-the-image\n", 0o644)
     image = f"agent-supervisor-test/probe:{secrets.token_hex(3)}"
     repository, _, tag = image.rpartition(":")
-    with docker_api() as api:
-        api.import_image_from_data(buffer.getvalue(), repository=repository, tag=tag)
+    engine_request("POST", f"/images/create?fromSrc=-&repo={repository}&tag={tag}",
+                   body=buffer.getvalue())
     yield image
     remove_test_images([image])
 
