@@ -17,10 +17,11 @@ from supervisor.runtime.fake import FakeRuntime
 from supervisor.runtime.router import RuntimeRouter
 
 
-def params(runtime: str, image: str | None = None) -> RunParams:
+def params(runtime: str, image: str | None = None, logs: Path = Path("/nonexistent")
+           ) -> RunParams:
     return RunParams(run_id="r1", agent="a", container_id="as-r1", netns="as-r1",
                      cgroup="agent-supervisor/as-r1", bundle=Path("/nonexistent"),
-                     log_path=Path("/nonexistent/log"), profile=Profile(name="default"),
+                     log_path=logs / "run.log", profile=Profile(name="default"),
                      command=["true"], uid_slot=0, runtime=runtime, image=image)
 
 
@@ -28,11 +29,11 @@ def router(**runtimes: FakeRuntime) -> RuntimeRouter:
     return RuntimeRouter(dict(runtimes), "runc", "/agent-supervisor")
 
 
-def test_each_run_goes_to_the_runtime_it_names() -> None:
+def test_each_run_goes_to_the_runtime_it_names(tmp_path: Path) -> None:
     runc, docker = FakeRuntime(), FakeRuntime()
     routed = router(runc=runc, docker=docker)
-    asyncio.run(routed.launch(params("docker", image="agent:1")))
-    asyncio.run(routed.launch(params("runc")))
+    asyncio.run(routed.launch(params("docker", image="agent:1", logs=tmp_path)))
+    asyncio.run(routed.launch(params("runc", logs=tmp_path)))
     assert len(docker.handles) == 1 and len(runc.handles) == 1
 
 
