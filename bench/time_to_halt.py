@@ -29,9 +29,11 @@ network namespace, cgroup and temporary directory it made, also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import json
 import math
 import os
@@ -55,6 +57,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # tests.support is not installed; run from anywhere
 
 from supervisor.profiles import Profile, load_profile, load_seccomp  # noqa: E402
+from supervisor.runtime.base import RunParams  # noqa: E402
 from supervisor.sandbox import netns  # noqa: E402
 from supervisor.sandbox.bundle import (  # noqa: E402
     SANDBOX_UID_COUNT,
@@ -69,12 +72,16 @@ from supervisor.sandbox.cgroups import (  # noqa: E402
     unified_root,
     v1_hierarchies,
 )
-from tests.support.daemon import Daemon, new_daemon  # noqa: E402
+from tests.support.daemon import Daemon, new_daemon, runtime_config  # noqa: E402
 
 AGENTCTL = "agentctl kill"
 RAW = "raw cgroup.kill"
 RUNC_KILL = "runc kill --all"
 MECHANISMS = (AGENTCTL, RAW, RUNC_KILL)
+DOCKER_KILL = "docker kill + wait"
+DOCKER_STOP = "docker stop -t 0"
+DOCKER_MECHANISMS = (AGENTCTL, RAW, DOCKER_KILL, DOCKER_STOP)
+DOCKER_TARGET_SPEEDUP = 3.0  # issue 7: agentctl kill >= 3x faster than docker kill + wait
 PROFILE = "bench"
 TARGET_SIZE = 200
 TARGET_RATIO = 1.5
@@ -310,7 +317,65 @@ def halt_raw(raw: RawRuntime, processes: int, kill: Callable[[RawContainer], Non
 
 
 def write_cgroup_kill(container: RawContainer) -> None:
-    with open(container.cgroup.path / "cgroup.kill", "w") as handle:
+    write_cgroup_kill_to(container.cgroup)
+
+
+class DockerRaw:
+    """Containers identical to the daemon's docker runs (made by the same DockerRuntime, same
+    profile, image, seccomp, limits and cgroup parent), halted without the daemon."""
+
+    def __init__(self, daemon: Daemon, profile: Profile) -> None:
+        from supervisor.config import load_config
+        from supervisor.daemon.core import docker_runtime_for
+
+        self.config = load_config(daemon.config_path)
+        self.runtime = docker_runtime_for(self.config)
+        self.profile = profile
+        self.prefix = f"{daemon.prefix}raw"
+        self.loop = asyncio.new_event_loop()
+        self.count = 0
+
+    def halt(self, processes: int, mechanism: str) -> float:
+        """ms from issuing `mechanism` to the halt being confirmed: the engine's answer for
+        docker kill + wait and docker stop, the kernel's `populated 0` for raw cgroup.kill."""
+        self.count += 1
+        run_id = f"{self.count:06d}"
+        container_id = f"{self.prefix}-{run_id}"
+        params = RunParams(
+            run_id=run_id, agent="bench", container_id=container_id, netns=container_id,
+            cgroup=f"{self.config.sandbox.cgroup_parent.strip('/')}/{container_id}",
+            bundle=Path("/nonexistent"), log_path=self.config.daemon.runtime_dir / "raw.log",
+            profile=self.profile, command=workload(processes),
+            uid_slot=self.config.sandbox.max_runs - 2, runtime="docker")
+        engine = self.runtime.engine
+        handle = self.loop.run_until_complete(self.runtime.launch(params))
+        try:
+            self.loop.run_until_complete(handle.start())
+            assert handle.pid is not None
+            wait_ready(handle.cgroup, handle.pid, processes, container_id)
+            t0 = time.perf_counter()
+            if mechanism == RAW:
+                write_cgroup_kill_to(handle.cgroup)
+                confirmed = handle.cgroup.wait_empty(CONFIRM_TIMEOUT)
+            elif mechanism == DOCKER_KILL:
+                engine.kill(container_id)
+                confirmed = engine.wait(container_id, CONFIRM_TIMEOUT) is not None
+            else:
+                engine.stop(container_id, timeout=0)
+                confirmed = True
+            halt_ms = (time.perf_counter() - t0) * 1000
+            if not confirmed or handle.cgroup.populated():
+                raise RuntimeError(f"{container_id}: {mechanism} did not empty the container")
+            return halt_ms
+        finally:
+            self.loop.run_until_complete(handle.cleanup())
+
+    def close(self) -> None:
+        self.loop.close()
+
+
+def write_cgroup_kill_to(cgroup: Cgroup) -> None:
+    with open(cgroup.path / "cgroup.kill", "w") as handle:
         handle.write("1")
 
 
@@ -339,13 +404,14 @@ def machine_info(runc: str) -> dict[str, str]:
     }
 
 
-def summarize(samples: list[Sample], sizes: list[int]) -> list[dict[str, Any]]:
+def summarize(samples: list[Sample], sizes: list[int],
+              mechanisms: tuple[str, ...] = MECHANISMS) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for size in sizes:
         measured = [s for s in samples if s.processes == size and not s.warmup]
         raw = [s.time_to_halt_ms for s in measured if s.mechanism == RAW]
         raw_median = statistics.median(raw) if raw else None
-        for mechanism in MECHANISMS:
+        for mechanism in mechanisms:
             values = [s.time_to_halt_ms for s in measured if s.mechanism == mechanism]
             if not values:
                 continue
@@ -390,13 +456,26 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(line(cells))
 
 
-def verdict(rows: list[dict[str, Any]]) -> str:
-    def median(mechanism: str) -> float | None:
-        for row in rows:
-            if row["processes"] == TARGET_SIZE and row["mechanism"] == mechanism:
-                return float(row["median_ms"])
-        return None
+def _median_at_target(rows: list[dict[str, Any]], mechanism: str) -> float | None:
+    for row in rows:
+        if row["processes"] == TARGET_SIZE and row["mechanism"] == mechanism:
+            return float(row["median_ms"])
+    return None
 
+
+def docker_verdict(rows: list[dict[str, Any]]) -> str:
+    ours, engine = _median_at_target(rows, AGENTCTL), _median_at_target(rows, DOCKER_KILL)
+    if ours is None or engine is None:
+        return f"target: not evaluated ({TARGET_SIZE} processes not among --sizes)"
+    speedup = engine / ours
+    outcome = "MET" if speedup >= DOCKER_TARGET_SPEEDUP else "MISSED"
+    return (f"target: median agentctl kill time_to_halt at {TARGET_SIZE} processes >= "
+            f"{DOCKER_TARGET_SPEEDUP:g}x faster than docker kill + wait: {ours:.2f} ms vs "
+            f"{engine:.2f} ms = {speedup:.1f}x -> {outcome}")
+
+
+def verdict(rows: list[dict[str, Any]]) -> str:
+    median = functools.partial(_median_at_target, rows)
     ours, raw = median(AGENTCTL), median(RAW)
     if ours is None or raw is None:
         return f"target: not evaluated ({TARGET_SIZE} processes not among --sizes)"
@@ -420,6 +499,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write machine info, summary and every "
                                                   "sample (warm-up included) to this file")
     parser.add_argument("--runc", default="runc", help="runc binary (default: runc on PATH)")
+    parser.add_argument("--runtime", choices=("runc", "docker"), default="runc",
+                        help="docker: the daemon on the docker runtime, against docker kill "
+                             "(API) + wait and docker stop -t 0 on identical containers")
     args = parser.parse_args(argv)
     try:
         args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -456,14 +538,16 @@ def become_subreaper() -> None:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-def run_benchmark(args: argparse.Namespace, daemon: Daemon, raw: RawRuntime) -> list[Sample]:
+def run_benchmark(args: argparse.Namespace, daemon: Daemon, raw: RawRuntime | DockerRaw
+                  ) -> list[Sample]:
     samples: list[Sample] = []
     rounds = args.warmup + args.iterations
+    mechanisms = DOCKER_MECHANISMS if isinstance(raw, DockerRaw) else MECHANISMS
     for round_index in range(rounds):
         warmup = round_index < args.warmup
         iteration = round_index - args.warmup
-        shift = round_index % len(MECHANISMS)
-        order = MECHANISMS[shift:] + MECHANISMS[:shift]
+        shift = round_index % len(mechanisms)
+        order = mechanisms[shift:] + mechanisms[:shift]
         label = "warm-up" if warmup else f"iteration {iteration + 1}/{args.iterations}"
         print(f"  {label}: {', '.join(order)}", file=sys.stderr, flush=True)
         for size in args.sizes:
@@ -473,6 +557,8 @@ def run_benchmark(args: argparse.Namespace, daemon: Daemon, raw: RawRuntime) -> 
                     name = f"bench-{size}-{round_index}"
                     sample.time_to_halt_ms, sample.cli_wall_ms = halt_with_agentctl(
                         daemon, size, name)
+                elif isinstance(raw, DockerRaw):
+                    sample.time_to_halt_ms = raw.halt(size, mechanism)
                 elif mechanism == RAW:
                     sample.time_to_halt_ms, sample.netns_remove_ms = halt_raw(
                         raw, size, write_cgroup_kill)
@@ -503,24 +589,27 @@ def main(argv: list[str] | None = None) -> int:
     tmp_root = Path(tempfile.mkdtemp(prefix="as-bench-", dir="/tmp"))
     tmp_root.chmod(0o755)  # the sandbox's mapped uids must traverse to the bundles' rootfs
     # Production-like logging: the test helper's debug level would be on the kill path.
-    daemon = new_daemon(tmp_root, daemon={"log_level": "info"})
+    daemon = new_daemon(tmp_root, daemon={"log_level": "info"}, **runtime_config(args.runtime))
     top_parents = cgroup_trees(daemon.cgroup_parent.strip("/").split("/")[0])
     created_top = [tree for tree in top_parents if not tree.exists()]
-    raw: RawRuntime | None = None
+    raw: RawRuntime | DockerRaw | None = None
     samples: list[Sample] = []
     interrupted = False
     try:
         write_profile(daemon)
         profile = load_profile(PROFILE, [daemon.root / "profiles"])
         daemon.start()
-        raw = RawRuntime(
-            workdir=tmp_root / "raw", cgroup_parent=daemon.cgroup_parent.strip("/"),
-            tag=daemon.prefix, profile=profile, seccomp=load_seccomp(profile.seccomp.profile),
-            runc=args.runc,
-        )
-        (raw.workdir / "bundles").mkdir(parents=True)
-        raw.workdir.chmod(0o755)
-        (raw.workdir / "bundles").chmod(0o755)
+        if args.runtime == "docker":
+            raw = DockerRaw(daemon, profile)
+        else:
+            raw = RawRuntime(
+                workdir=tmp_root / "raw", cgroup_parent=daemon.cgroup_parent.strip("/"),
+                tag=daemon.prefix, profile=profile,
+                seccomp=load_seccomp(profile.seccomp.profile), runc=args.runc,
+            )
+            (raw.workdir / "bundles").mkdir(parents=True)
+            raw.workdir.chmod(0o755)
+            (raw.workdir / "bundles").chmod(0o755)
         samples = run_benchmark(args, daemon, raw)
     except KeyboardInterrupt:
         interrupted = True
@@ -528,7 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        problems = raw.remove_all() if raw is not None else []
+        problems = raw.remove_all() if isinstance(raw, RawRuntime) else []
+        if isinstance(raw, DockerRaw):
+            raw.close()
         code = daemon.stop()
         if code not in (0, None):
             problems.append(f"daemon exited {code}; log: {daemon.log_path}")
@@ -551,7 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     if interrupted:
         return 130
 
-    rows = summarize(samples, args.sizes)
+    docker = args.runtime == "docker"
+    rows = summarize(samples, args.sizes, DOCKER_MECHANISMS if docker else MECHANISMS)
     print()
     print_table(rows)
     print()
@@ -565,10 +657,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  (removing a netns, the daemon's step 5, took median "
               f"{statistics.median(netns_ms):.2f} ms in the raw runs)")
     print(verdict(rows))
+    if docker:
+        print(f"  {DOCKER_KILL}: the API's kill, then its wait until the engine reports the "
+              f"container stopped; {DOCKER_STOP}: the API's stop with timeout 0")
+        print(docker_verdict(rows))
     if args.json is not None:
         args.json.write_text(json.dumps({
             "machine": info, "sizes": args.sizes, "iterations": args.iterations,
             "warmup": args.warmup, "summary": rows, "verdict": verdict(rows),
+            "runtime": args.runtime,
             "samples": [s.__dict__ for s in samples],
         }, indent=1) + "\n")
         print(f"samples written to {args.json}")

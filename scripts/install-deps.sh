@@ -12,7 +12,9 @@ if [[ $EUID -ne 0 ]]; then
     exit 1
 fi
 
-packages=(runc iproute2 nftables python3 python3-venv util-linux passwd procps systemd tmux stress-ng)
+# docker.io: the engine for the docker runtime (dockerd, containerd and the CLI).
+packages=(runc iproute2 nftables python3 python3-venv util-linux passwd procps systemd tmux stress-ng
+          docker.io)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Run the whole test suite on a fresh Debian 12 machine, as root:
 #   sudo bash scripts/test.sh [pytest args]
-# Installs runc, iproute2, nftables and the rest, builds a venv, checks ruff and mypy, runs the
-# unit tier as an unprivileged user (proving it needs no root), then the privileged (real
-# kernel) and e2e (real daemon) tiers as root. In CI (CI=true) a privileged or e2e test that
+# Installs runc, docker.io, iproute2, nftables and the rest, starts dockerd if none runs,
+# builds a venv, checks ruff and mypy, runs the unit tier as an unprivileged user (proving it
+# needs no root), then the privileged (real kernel) and e2e (real daemon) tiers as root. In CI (CI=true) a privileged or e2e test that
 # cannot run fails instead of skipping.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +11,8 @@ VENV="${AGENT_SUPERVISOR_TEST_VENV:-/opt/agent-supervisor-test/venv}"
 UNIT_USER="${AGENT_SUPERVISOR_TEST_USER:-nobody}"
 
 bash scripts/install-deps.sh "$VENV"
+# The core behavioural suites also run on the docker runtime: they need an engine.
+bash scripts/start-dockerd.sh
 export PATH="$VENV/bin:$PATH"
 
 echo "== ruff"

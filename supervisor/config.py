@@ -37,6 +37,9 @@ class DaemonSection(_Section):
 
 
 class SandboxSection(_Section):
+    # The runtime of runs whose profile names none: "runc", or "docker" on hosts that run
+    # Docker (then [docker] applies; the engine must be up when the daemon starts).
+    runtime: Literal["runc", "docker"] = "runc"
     runc_path: str = "runc"
     # Every run's cgroup lives under this path in each hierarchy (v1 controllers and v2).
     cgroup_parent: Annotated[str, Field(pattern=r"^/[A-Za-z0-9_.\-/]+$")] = "/agent-supervisor"
@@ -50,6 +53,19 @@ class SandboxSection(_Section):
     agent_uid: Annotated[int, Field(ge=1, le=65535)] = 1000
     # Smallest host uid a workspace owner may have (the agent writes the workspace as its owner).
     workspace_min_owner_uid: Annotated[int, Field(ge=1)] = 1000
+
+
+class DockerSection(_Section):
+    # Enables the docker runtime for profiles that ask for it while the default stays runc.
+    enabled: bool = False
+    # The engine's API socket (the Docker SDK speaks to it; the CLI is never run).
+    socket: str = "unix:///var/run/docker.sock"
+    # Seconds for one API call; a hung engine fails the launch instead of the daemon.
+    api_timeout: Annotated[float, Field(gt=0, le=300)] = 30.0
+    # The image of runs with a "host" root and no image of their own: an empty skeleton the
+    # daemon imports itself (no registry), with the host's directories bound read-only on it.
+    host_root_image: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._/\-]*:[A-Za-z0-9._\-]+$")
+                               ] = "agent-supervisor/host-root:1"
 
 
 class KillSection(_Section):
@@ -145,6 +161,7 @@ class Config(_Section):
     daemon: DaemonSection = DaemonSection()
     sandbox: SandboxSection = SandboxSection()
     kill: KillSection = KillSection()
+    docker: DockerSection = DockerSection()
     roles: RolesSection = RolesSection()
     webhooks: list[WebhookEndpoint] = []
     webhook_delivery: WebhookDelivery = WebhookDelivery()
@@ -162,6 +179,10 @@ class Config(_Section):
         if self.telemetry.seccomp_listener is None:
             return self.daemon.runtime_dir / "seccomp.sock"
         return Path(self.telemetry.seccomp_listener)
+
+    @property
+    def docker_enabled(self) -> bool:
+        return self.docker.enabled or self.sandbox.runtime == "docker"
 
     @property
     def halt_file(self) -> Path:

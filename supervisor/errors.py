@@ -155,6 +155,26 @@ class BreakerNotTripped(Conflict):
     code = "breaker_not_tripped"
 
 
+class EngineUnavailable(EnforcementError):
+    """The container engine (dockerd) cannot be reached or refused a request; the agent does
+    not run. Kills go through the cgroup and do not need the engine."""
+
+    code = "engine_unavailable"
+    http_status = 503
+
+
+class ImageNotFound(InvalidRequest):
+    code = "image_not_found"
+    http_status = 404
+
+
+class RuntimeUnsupported(InvalidRequest):
+    """The request needs a runtime feature this daemon or this runtime does not have (an
+    image on runc, the docker runtime when it is not enabled)."""
+
+    code = "runtime_unsupported"
+
+
 class KillUnconfirmed(SupervisorError):
     """The kernel did not report the cgroup empty within the kill timeout."""
 

@@ -8,11 +8,12 @@ import re
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from supervisor.errors import ProfileInvalid, ProfileNotFound
+from supervisor.models import IMAGE_PATTERN
 from supervisor.models.egress import NetworkPolicy
 from supervisor.models.tripwire import TripwirePolicy
 from supervisor.models.units import Duration, Size
@@ -80,6 +81,11 @@ class SeccompPolicy(_Strict):
 class Profile(_Strict):
     name: str = ""
     description: str = ""
+    # None: the daemon's [sandbox] runtime.
+    runtime: Literal["runc", "docker"] | None = None
+    # docker only: the image that is the agent's read-only root (`agentctl run --image`
+    # overrides it). Without one, a "host" root is the host's directories bound read-only.
+    image: Annotated[str, Field(pattern=IMAGE_PATTERN)] | None = None
     filesystem: FilesystemPolicy = FilesystemPolicy()
     limits: Limits = Limits()
     workspace: WorkspacePolicy = WorkspacePolicy()

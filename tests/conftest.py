@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from supervisor.sandbox.cgroups import Cgroup
-from tests.support.daemon import TEST_CGROUP_ROOT, Daemon, running_daemon
+from tests.support.daemon import (
+    TEST_CGROUP_ROOT,
+    TEST_HOST_ROOT_IMAGE,
+    Daemon,
+    docker_reachable,
+    remove_test_images,
+    running_daemon,
+    runtime_config,
+)
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -32,6 +40,24 @@ def require_root_and_runc() -> None:
     require(shutil.which("runc") is not None, "needs runc (apt-get install runc)")
 
 
+def require_docker() -> None:
+    require(docker_reachable(), "needs a running dockerd (apt-get install docker.io; "
+            "scripts/test.sh starts one)")
+
+
+# The core behavioural suites run on both runtimes: pytestmark = BOTH_RUNTIMES.
+BOTH_RUNTIMES = pytest.mark.parametrize("runtime", ["runc", "docker"], indirect=True)
+
+
+@pytest.fixture
+def runtime(request: pytest.FixtureRequest) -> str:
+    """The runtime of the test's daemon: runc unless the test is parametrised."""
+    name: str = getattr(request, "param", "runc")
+    if name == "docker":
+        require_docker()
+    return name
+
+
 @pytest.fixture
 def tmp_root() -> Iterator[Path]:
     """A scratch directory the sandboxes can traverse (tmp_path is 0700)."""
@@ -42,9 +68,9 @@ def tmp_root() -> Iterator[Path]:
 
 
 @pytest.fixture
-def daemon(tmp_root: Path) -> Iterator[Daemon]:
+def daemon(tmp_root: Path, runtime: str) -> Iterator[Daemon]:
     """A real agent-supervisord of the test's own, stopped and checked for leftovers after."""
-    with running_daemon(tmp_root) as running:
+    with running_daemon(tmp_root, **runtime_config(runtime)) as running:
         yield running
 
 
@@ -56,3 +82,4 @@ def _remove_test_cgroup_parent() -> Iterator[None]:
     if os.geteuid() == 0:
         with contextlib.suppress(OSError, FileNotFoundError):
             Cgroup(TEST_CGROUP_ROOT).remove()
+        remove_test_images([TEST_HOST_ROOT_IMAGE])

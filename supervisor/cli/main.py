@@ -106,6 +106,7 @@ def _ms(value: float | None) -> str:
 @click.option("--workspace", type=click.Path(file_okay=False, path_type=Path),
               help="Directory bound read-write at /workspace.")
 @click.option("--timeout", help="Hard execution window, e.g. 30s, 10m; the run is killed after.")
+@click.option("--image", help="Docker image that is the agent's read-only root (docker runtime).")
 @click.option("--env", "env", multiple=True, help="KEY=VALUE for the agent's environment.")
 @click.option("--tripwire", "tripwires", multiple=True, metavar="NAME:METRIC>VALUE[:ACTION]",
               help="A tripwire for this agent, e.g. 'mem:memory_bytes>512M:kill' (action "
@@ -138,7 +139,7 @@ def _ms(value: float | None) -> str:
 @click.argument("command", nargs=-1, required=True)
 @handles_errors
 def run(name: str | None, agent_class: str | None, profile: str | None,
-        workspace: Path | None, timeout: str | None, env: tuple[str, ...],
+        workspace: Path | None, timeout: str | None, image: str | None, env: tuple[str, ...],
         tripwires: tuple[str, ...], detach: bool, embedded: bool,
         allow_changes: tuple[str, ...], report: Path | None, summary: Path | None,
         audit_path: Path | None, signing_key: Path | None, self_test: bool,
@@ -160,6 +161,8 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
         body["workspace"] = str(workspace.resolve())
     if timeout:
         body["timeout"] = timeout
+    if image:
+        body["image"] = image
     if env:
         pairs = {}
         for item in env:

@@ -320,6 +320,8 @@ class Arbiter:
             cgroup=run.cgroup, bundle=Path(run.bundle), log_path=Path(run.log_path),
             profile=profile, command=request.command, uid_slot=run.uid_slot,
             workspace=request.workspace, env=env, network=network,
+            runtime=profile.runtime or self.config.sandbox.runtime,
+            image=request.image or profile.image,
         )
         try:
             handle = await self.runtime.launch(params)
@@ -342,6 +344,7 @@ class Arbiter:
             await handle.cleanup()
             raise
         await handle.start()
+        run.pid = handle.pid  # docker: the engine starts the init, so its pid is known only now
         self._set_run_state(run, "start")
         self.store.put_run(run)
         for started_hook in self.run_started_hooks:

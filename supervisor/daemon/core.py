@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyprctl
 
@@ -28,11 +28,16 @@ from supervisor.daemon.containment import Containment
 from supervisor.daemon.egress import EgressControl
 from supervisor.daemon.store import Store, connect
 from supervisor.errors import EnforcementError
+from supervisor.runtime.base import Runtime
+from supervisor.runtime.router import RuntimeRouter
 from supervisor.runtime.sandboxed import RuncRuntime
 from supervisor.sandbox.cgroups import Cgroup, CgroupMode, detect_mode
 from supervisor.sandbox.seccomp_notify import SeccompListener, unsupported_reason
 from supervisor.telemetry.sampler import TelemetryHub
 from supervisor.telemetry.store import SummaryStore
+
+if TYPE_CHECKING:
+    from supervisor.runtime.containerized import DockerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,22 @@ class Watchdog:
             self.proc.wait(timeout=5)
 
 
+def docker_runtime_for(config: Config) -> DockerRuntime:
+    """Imported only where docker is enabled: the SDK and its HTTP stack are not small."""
+    from supervisor.runtime.containerized import DockerRuntime
+    from supervisor.runtime.docker_api import DockerEngine
+
+    return DockerRuntime(
+        engine=DockerEngine(config.docker.socket, config.docker.api_timeout),
+        streamer=DockerEngine(config.docker.socket, None),
+        cgroup_parent=config.sandbox.cgroup_parent, name_prefix=config.sandbox.name_prefix,
+        uid_base=config.sandbox.uid_base, agent_uid=config.sandbox.agent_uid,
+        workspace_min_owner_uid=config.sandbox.workspace_min_owner_uid,
+        max_runs=config.sandbox.max_runs, host_root_image=config.docker.host_root_image,
+        state_dir=config.daemon.runtime_dir / "docker",
+    )
+
+
 def prepare_directories(config: Config) -> None:
     # runtime_dir is 0751 and bundles 0711: a sandbox's root (an unprivileged host uid) must
     # traverse them to reach its rootfs, but nobody may list them.
@@ -101,7 +122,7 @@ class Core:
     config: Config
     mode: CgroupMode
     seccomp: SeccompListener | None
-    runtime: RuncRuntime
+    runtime: RuntimeRouter
     watchdog: Watchdog
     watchdog_record: Path
     audit: AuditLog
@@ -138,7 +159,7 @@ class Core:
                 await seccomp.start()
             else:
                 log.warning("no syscall telemetry: %s; escape-class syscalls stay EPERM", why)
-        runtime = RuncRuntime(
+        runc = RuncRuntime(
             runc_binary=config.sandbox.runc_path, runc_root=config.daemon.runtime_dir / "runc",
             cgroup_parent=config.sandbox.cgroup_parent, name_prefix=config.sandbox.name_prefix,
             uid_base=config.sandbox.uid_base, agent_uid=config.sandbox.agent_uid,
@@ -147,6 +168,14 @@ class Core:
             bundles_dir=config.daemon.runtime_dir / "bundles", max_runs=config.sandbox.max_runs,
             seccomp_listener=seccomp.path if seccomp else None,
         )
+        runtimes: dict[str, Runtime] = {"runc": runc}
+        # Docker (supervisor/runtime/containerized.py): the engine must answer now, with the
+        # cgroupfs driver, or nothing starts (fail closed).
+        if config.docker_enabled:
+            docker_runtime = docker_runtime_for(config)
+            await docker_runtime.prepare()
+            runtimes["docker"] = docker_runtime
+        runtime = RuntimeRouter(runtimes, config.sandbox.runtime, config.sandbox.cgroup_parent)
         watchdog_record = config.daemon.state_dir / "watchdog.jsonl"
         runtime.parent_cgroup().mkdir(parents=True, exist_ok=True)
         watchdog = Watchdog(runtime.parent_cgroup(), watchdog_record,

@@ -59,6 +59,8 @@ def setup_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # The Docker SDK's HTTP requests, one line each, would drown the daemon's own debug log.
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
 def sd_notify(message: str) -> None:

@@ -38,6 +38,21 @@ def _script(runtime_dir: Path) -> str:
 
 async def run_self_test(arbiter: Arbiter, config: Config, timeout: float = 20.0
                         ) -> dict[str, Any]:
+    """The canary on the default runtime and, when docker is enabled besides, on docker too
+    (its checks then carry a "docker:" prefix)."""
+    report = await _canary(arbiter, config, config.sandbox.runtime, timeout)
+    if config.docker_enabled and config.sandbox.runtime != "docker":
+        docker = await _canary(arbiter, config, "docker", timeout)
+        report["ok"] = report["ok"] and docker["ok"]
+        report["checks"].update({f"docker:{k}": v for k, v in docker["checks"].items()})
+        if "error" in docker:
+            report["error"] = f"docker: {docker['error']}"
+        report["duration_ms"] += docker["duration_ms"]
+    return report
+
+
+async def _canary(arbiter: Arbiter, config: Config, runtime: str, timeout: float
+                  ) -> dict[str, Any]:
     started = time.perf_counter()
     run_id = f"selftest{secrets.token_hex(3)}"
     container_id = f"{config.sandbox.name_prefix}-{run_id}"
@@ -48,7 +63,7 @@ async def run_self_test(arbiter: Arbiter, config: Config, timeout: float = 20.0
         bundle=config.daemon.runtime_dir / "bundles" / container_id, log_path=log_path,
         profile=load_profile(config.daemon.default_profile, config.daemon.profile_dirs),
         command=["/bin/sh", "-c", _script(config.daemon.runtime_dir)],
-        uid_slot=config.sandbox.max_runs - 1,
+        uid_slot=config.sandbox.max_runs - 1, runtime=runtime,
     )
     report: dict[str, Any] = {"ok": False, "checks": {}}
     handle = None

@@ -51,6 +51,7 @@ _HOP_BY_HOP = frozenset(h.lower() for h in (
 _TUNNEL_HIGH_WATER = 1024 * 1024
 _MAX_BODY = 64 * 1024 * 1024
 _BUFFERED_BODY = 1024 * 1024  # replies up to this size with a known length go in one write
+_IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # linux/in.h; Python 3.12 names it
 T = TypeVar("T")
 
 GateState = Literal["active", "suspended", "revoked"]
@@ -341,8 +342,7 @@ class Gateway:
             return server()
 
         loop = asyncio.get_running_loop()
-        gate.listener = await loop.create_server(factory, grant.host_ip, grant.port,
-                                                 reuse_address=True)
+        gate.listener = await loop.create_server(factory, sock=_listening_socket(grant))
         with self._lock:
             self.gates[grant.run_id] = gate
 
@@ -591,6 +591,22 @@ class Gateway:
                 await response.write_eof()
         self._judge(gate, error=upstream.status >= 500)
         return response
+
+
+def _listening_socket(grant: RunGrant) -> socket.socket:
+    """Bound to the run's gateway address even before that address exists on the host
+    (IP_FREEBIND): on the docker runtime the veth is wired after the engine starts the agent."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IP, _IP_FREEBIND, 1)
+        sock.bind((grant.host_ip, grant.port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _canonical(raw_path_qs: str) -> URL:

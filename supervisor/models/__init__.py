@@ -58,6 +58,10 @@ def _check_name(value: str | None, pattern: re.Pattern[str], what: str) -> str |
     return value
 
 
+# A Docker image reference: name[:tag] or name@digest, as the engine resolves it locally.
+IMAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:@\-]{0,254}$"
+
+
 class RunRequest(_Request):
     name: str | None = None
     # None keeps an existing agent's class (a new agent gets "default").
@@ -69,6 +73,8 @@ class RunRequest(_Request):
     # Tripwire rules for this agent; they replace the profile's rules of the same name.
     tripwires: list[TripwireRule] = []
     env: dict[str, str] = {}
+    # docker runtime only: the image that is the agent's root (overrides the profile's).
+    image: Annotated[str, Field(pattern=IMAGE_PATTERN)] | None = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

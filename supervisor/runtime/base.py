@@ -1,6 +1,7 @@
 """The seam between the daemon and the kernel: a `Runtime` makes contained runs, a `RunHandle`
-holds one. The runc implementation is in `sandboxed.py`; `fake.py` is the in-memory one that
-lets the control plane be unit-tested without root."""
+holds one. The runc implementation is in `sandboxed.py`, the Docker one in `containerized.py`;
+`router.py` picks one per run; `fake.py` is the in-memory one that lets the control plane be
+unit-tested without root."""
 
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ class RunParams:
     workspace: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     network: NetworkAttachment | None = None
+    runtime: str = "runc"  # which runtime makes the run ("runc" or "docker")
+    image: str | None = None  # docker only: the image that is the agent's root
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Leftover:
 
     container_id: str | None = None
     netns: str | None = None
+    runtime: str = "runc"
     cgroup: str | None = None
     pids: list[int] = field(default_factory=list)
 

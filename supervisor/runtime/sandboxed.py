@@ -7,16 +7,22 @@ import asyncio
 import contextlib
 import logging
 import os
-import pwd
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from supervisor.errors import EnforcementError, RuntimeFailure, WorkspaceInvalid
 from supervisor.profiles import load_seccomp
 from supervisor.runtime.base import Leftover, RunParams
+from supervisor.runtime.control import (
+    CgroupControl,
+    UndoStep,
+    kill_and_confirm,
+    open_run_log,
+    quiet,
+    undo_all,
+)
 from supervisor.runtime.runc import Runc, ensure_root
+from supervisor.runtime.workspace import workspace_owner
 from supervisor.sandbox import mounts, netns
 from supervisor.sandbox.bundle import (
     SANDBOX_UID_COUNT,
@@ -29,12 +35,8 @@ from supervisor.sandbox.cgroups import Cgroup, detect_mode, unified_root
 
 log = logging.getLogger(__name__)
 
-# Waiting for cgroup.events blocks in poll(2); kills of a whole class or of every agent wait in
-# parallel, so they get their own threads instead of queueing behind the default executor.
-_WAITERS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="cgroup-wait")
 
-
-class RuncRunHandle:
+class RuncRunHandle(CgroupControl):
     def __init__(self, runtime: RuncRuntime, params: RunParams, pid: int, pidfd: int,
                  log_fd: int) -> None:
         self.runtime = runtime
@@ -48,30 +50,6 @@ class RuncRunHandle:
 
     async def start(self) -> None:
         await self.runtime.runc.start(self.params.container_id)
-
-    def kill(self, *, force_fallback: bool = False) -> str:
-        return self.cgroup.kill(force_fallback=force_fallback)
-
-    async def wait_empty(self, timeout: float) -> bool:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_WAITERS, self.cgroup.wait_empty, timeout)
-
-    async def freeze(self, timeout: float) -> bool:
-        self.cgroup.freeze()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(_WAITERS, self.cgroup.wait_frozen, timeout)
-
-    async def thaw(self) -> None:
-        self.cgroup.thaw()
-
-    def signal_all(self, signum: int) -> int:
-        return self.cgroup.signal_all(signum)
-
-    def process_count(self) -> int:
-        return len(self.cgroup.pids())
-
-    def stats(self) -> dict[str, int | None]:
-        return self.cgroup.stats()
 
     def wait_exit(self) -> asyncio.Future[int | None]:
         """Resolve with the init's exit status once the kernel reports it gone.
@@ -107,11 +85,6 @@ class RuncRunHandle:
             loop.add_reader(pidfd, reap)
         return self._exit
 
-    def teardown_network(self) -> bool:
-        if self.params.network is not None:
-            self.params.network.detach()
-        return netns.remove(self.params.netns)
-
     async def cleanup(self) -> None:
         if self._cleaned:
             return
@@ -123,20 +96,14 @@ class RuncRunHandle:
             self.params.network.detach()
         with contextlib.suppress(OSError):
             netns.remove(self.params.netns)
-        _quiet(mounts.unbind, self.runtime.workspace_mount(self.params.container_id))
+        quiet(mounts.unbind, self.runtime.workspace_mount(self.params.container_id))
         remove_bundle(self.params.bundle)
         if self._log_fd is not None:
             os.close(self._log_fd)
             self._log_fd = None
 
     def residue(self) -> dict[str, Any]:
-        left: dict[str, Any] = {}
-        if self.cgroup.exists() and self.cgroup.pids():
-            left["processes"] = self.cgroup.pids()
-        if netns.exists(self.params.netns):
-            left["netns"] = self.params.netns
-        if self.cgroup.exists():
-            left["cgroup"] = str(self.cgroup.path)
+        left = self.kernel_residue()
         if self.params.bundle.exists():
             left["bundle"] = str(self.params.bundle)
         if self.runtime.workspace_mount(self.params.container_id).exists():
@@ -174,44 +141,22 @@ class RuncRuntime:
         base = self.uid_base + slot * SANDBOX_UID_COUNT
         agent_uid = agent_gid = base + self.agent_uid
         if workspace is not None:
-            try:
-                st = os.stat(workspace)
-            except OSError as exc:
-                raise WorkspaceInvalid(f"workspace {workspace}: {exc.strerror}",
-                                       workspace=workspace) from exc
-            if not Path(workspace).is_dir():
-                raise WorkspaceInvalid(f"workspace {workspace} is not a directory",
-                                       workspace=workspace)
-            if st.st_uid < self.workspace_min_owner_uid:
-                owner = _user_name(st.st_uid)
-                raise WorkspaceInvalid(
-                    f"workspace {workspace} is owned by {owner} (uid {st.st_uid}); the agent "
-                    f"writes it as its owner and never as a system user, so chown it to an "
-                    f"unprivileged user (uid >= {self.workspace_min_owner_uid})",
-                    workspace=workspace, owner_uid=st.st_uid,
-                    min_owner_uid=self.workspace_min_owner_uid,
-                )
-            if self.uid_base <= st.st_uid < self.uid_limit:
-                raise WorkspaceInvalid(
-                    f"workspace {workspace} is owned by uid {st.st_uid}, inside the host range "
-                    f"reserved for sandboxes ({self.uid_base}-{self.uid_limit - 1}); it could "
-                    f"belong to another agent", workspace=workspace, owner_uid=st.st_uid,
-                )
-            agent_uid = st.st_uid
-            if (st.st_gid >= self.workspace_min_owner_uid
-                    and not self.uid_base <= st.st_gid < self.uid_limit):
-                agent_gid = st.st_gid
+            owner = workspace_owner(workspace, self.workspace_min_owner_uid,
+                                    range(self.uid_base, self.uid_limit))
+            agent_uid = owner.uid
+            if owner.gid is not None:
+                agent_gid = owner.gid
         return (IdMap(base, self.agent_uid, agent_uid), IdMap(base, self.agent_uid, agent_gid))
 
     async def launch(self, params: RunParams) -> RuncRunHandle:
-        undo: list[Callable[[], Awaitable[None] | None]] = []
+        undo: list[UndoStep] = []
         loop = asyncio.get_running_loop()
         try:
             uid_map, gid_map = self._id_maps(params.uid_slot, params.workspace)
             seccomp = load_seccomp(params.profile.seccomp.profile)
 
             netns_path = await loop.run_in_executor(None, netns.create, params.netns)
-            undo.append(lambda: _quiet(netns.remove, params.netns))
+            undo.append(lambda: quiet(netns.remove, params.netns))
             if (network := params.network) is not None:
                 undo.append(network.detach)
                 await loop.run_in_executor(None, network.attach, params.netns)
@@ -227,7 +172,7 @@ class RuncRuntime:
                                            path=exc.filename) from exc
                 workspace_source = self.workspace_mount(params.container_id)
                 mounts.bind(Path(params.workspace), workspace_source)
-                undo.append(lambda: _quiet(mounts.unbind, workspace_source))
+                undo.append(lambda: quiet(mounts.unbind, workspace_source))
 
             spec = BundleSpec(
                 run_id=params.run_id, hostname=f"agent-{params.agent}"[:63],
@@ -239,12 +184,10 @@ class RuncRuntime:
                 seccomp_listener=str(self.seccomp_listener) if self.seccomp_listener else None,
             )
             write_bundle(params.bundle, spec)
-            undo.append(lambda: _quiet(remove_bundle, params.bundle))
+            undo.append(lambda: quiet(remove_bundle, params.bundle))
 
-            params.log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            log_fd = os.open(params.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND
-                             | os.O_CLOEXEC, 0o600)
-            undo.append(lambda: _quiet(os.close, log_fd))
+            log_fd = open_run_log(params.log_path)
+            undo.append(lambda: quiet(os.close, log_fd))
 
             undo.append(lambda: self._undo_container(params))
             pid = await self.runc.create(
@@ -260,10 +203,7 @@ class RuncRuntime:
                 )
             return RuncRunHandle(self, params, pid, pidfd, log_fd)
         except BaseException:
-            for step in reversed(undo):
-                result = step()
-                if result is not None:
-                    await result
+            await undo_all(undo)
             raise
 
     def workspace_mount(self, container_id: str) -> Path:
@@ -299,13 +239,7 @@ class RuncRuntime:
         """Kill and remove what a previous instance left; returns what was done."""
         done: dict[str, Any] = {}
         if leftover.cgroup:
-            cgroup = Cgroup(leftover.cgroup)
-            if cgroup.populated():
-                done["mechanism"] = cgroup.kill()
-                done["killed_pids"] = leftover.pids
-                loop = asyncio.get_running_loop()
-                done["confirmed_empty"] = await loop.run_in_executor(
-                    _WAITERS, cgroup.wait_empty, timeout)
+            done.update(await kill_and_confirm(Cgroup(leftover.cgroup), timeout))
         if leftover.container_id:
             with contextlib.suppress(RuntimeFailure):
                 await self.runc.delete(leftover.container_id, force=True)
@@ -328,17 +262,3 @@ class RuncRuntime:
 
     def parent_cgroup(self) -> Path:
         return unified_root() / self.cgroup_parent
-
-
-def _quiet(func: Callable[..., Any], *args: Any) -> None:
-    try:
-        func(*args)
-    except Exception as exc:  # undo steps must all run; log and go on
-        log.warning("cleanup step %s%r failed: %s", getattr(func, "__name__", func), args, exc)
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"

@@ -75,11 +75,16 @@ class BundleSpec:
 
 
 def _host_layout(spec: BundleSpec) -> tuple[dict[str, str], list[str]]:
+    return host_layout(spec.profile, spec.host_root)
+
+
+def host_layout(profile: Profile, host_root: Path = Path("/")
+                ) -> tuple[dict[str, str], list[str]]:
     """(symlinks to create in the rootfs, host directories to bind) for root = "host"."""
     links: dict[str, str] = {}
-    binds = list(spec.profile.filesystem.host_binds)
+    binds = list(profile.filesystem.host_binds)
     for name in _MERGED_USR_LINKS:
-        host_path = spec.host_root / name
+        host_path = host_root / name
         if host_path.is_symlink():
             links[name] = os.readlink(host_path)
         elif host_path.is_dir() and f"/{name}" not in binds:
@@ -112,6 +117,13 @@ def render_seccomp(seccomp: dict[str, Any], listener: str | None, run_id: str) -
     return rendered
 
 
+def agent_env(run_id: str, has_workspace: bool, profile: Profile, extra: dict[str, str]
+              ) -> dict[str, str]:
+    """The agent's environment, in both runtimes: a fixed base, the profile's, the run's."""
+    return {"PATH": _DEFAULT_PATH, "HOME": WORKSPACE_MOUNT if has_workspace else "/tmp",
+            "AGENT_SUPERVISOR_RUN": run_id, **profile.env, **extra}
+
+
 def render_config(spec: BundleSpec) -> dict[str, Any]:
     profile = spec.profile
     fs = profile.filesystem
@@ -142,8 +154,7 @@ def render_config(spec: BundleSpec) -> dict[str, Any]:
             mounts.append({"destination": f"{WORKSPACE_MOUNT}/{relative}", "type": "bind",
                            "source": f"{spec.workspace}/{relative}",
                            "options": ["bind", "ro", "nosuid", "nodev"]})
-    env = {"PATH": _DEFAULT_PATH, "HOME": WORKSPACE_MOUNT if spec.workspace else "/tmp",
-           "AGENT_SUPERVISOR_RUN": spec.run_id, **profile.env, **spec.env}
+    env = agent_env(spec.run_id, spec.workspace is not None, profile, spec.env)
     quota = round(profile.limits.cpus * _CPU_PERIOD_US)
     return {
         "ociVersion": "1.0.2-dev",

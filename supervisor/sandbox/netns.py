@@ -23,6 +23,7 @@ from pyroute2 import IPRoute, netns
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
+_MS_BIND = 4096
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -68,6 +69,20 @@ def create(name: str) -> Path:
             remove(name)
         raise errors[0]
     return path_of(name)
+
+
+def adopt(name: str, pid: int) -> Path:
+    """Name the network namespace of `pid` (a container the engine made) under /run/netns,
+    so it is torn down, listed and reaped like the ones `create` makes. A bind mount only."""
+    path = path_of(name)
+    NETNS_DIR.mkdir(mode=0o755, exist_ok=True)
+    path.touch(mode=0o444, exist_ok=False)
+    source = f"/proc/{pid}/ns/net".encode()
+    if _libc.mount(source, str(path).encode(), None, _MS_BIND, None) != 0:
+        err = ctypes.get_errno()
+        path.unlink()
+        raise OSError(err, f"bind {source.decode()} onto {path}: {os.strerror(err)}", str(path))
+    return path
 
 
 def remove(name: str) -> bool:

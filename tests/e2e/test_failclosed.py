@@ -1,6 +1,7 @@
 """No agent outlives its supervisor: the watchdog kills every agent when the daemon is
 SIGKILLed, an orderly SIGTERM kills and audits them, and a restart reaps whatever a dead
-instance left. Real daemon processes; needs root."""
+instance left (runc containers, and docker containers found by their labels). Real daemon
+processes; needs root (and dockerd for docker)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any
 
 import psutil
 
-from tests.support.daemon import Daemon, new_daemon, wait_for
+from tests.conftest import BOTH_RUNTIMES
+from tests.support.daemon import Daemon, new_daemon, runtime_config, wait_for
 
 FORKER = "for i in $(seq 49); do sleep 600 & done; wait"
 
@@ -47,8 +49,10 @@ def _alive(pids: list[int]) -> list[int]:
     return alive
 
 
-def test_sigkill_of_the_daemon_kills_every_agent_within_a_second(tmp_root: Path) -> None:
-    daemon = new_daemon(tmp_root)
+@BOTH_RUNTIMES
+def test_sigkill_of_the_daemon_kills_every_agent_within_a_second(tmp_root: Path,
+                                                                 runtime: str) -> None:
+    daemon = new_daemon(tmp_root, **runtime_config(runtime))
     daemon.start()
     try:
         pids = _launch_forkers(daemon, 2)
@@ -80,8 +84,9 @@ def test_sigkill_of_the_daemon_kills_every_agent_within_a_second(tmp_root: Path)
         daemon.cleanup_host()
 
 
-def test_restart_reaps_agents_even_when_the_watchdog_died_too(tmp_root: Path) -> None:
-    daemon = new_daemon(tmp_root)
+@BOTH_RUNTIMES
+def test_restart_reaps_agents_even_when_the_watchdog_died_too(tmp_root: Path, runtime: str) -> None:
+    daemon = new_daemon(tmp_root, **runtime_config(runtime))
     daemon.start()
     try:
         pids = _launch_forkers(daemon, 1)
@@ -144,8 +149,9 @@ def test_a_dead_watchdog_is_replaced_and_the_switch_still_works(tmp_root: Path) 
         daemon.cleanup_host()
 
 
-def test_sigterm_is_an_orderly_shutdown_that_kills_and_audits(tmp_root: Path) -> None:
-    daemon = new_daemon(tmp_root)
+@BOTH_RUNTIMES
+def test_sigterm_is_an_orderly_shutdown_that_kills_and_audits(tmp_root: Path, runtime: str) -> None:
+    daemon = new_daemon(tmp_root, **runtime_config(runtime))
     daemon.start()
     try:
         pids = _launch_forkers(daemon, 2)

@@ -1,5 +1,5 @@
-"""What an agent can and cannot do from inside its sandbox, probed from inside a real runc
-container started by a real daemon. Needs root."""
+"""What an agent can and cannot do from inside its sandbox, probed from inside a real container
+(runc, and the Docker engine) started by a real daemon. Needs root (and dockerd for docker)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import socket
 import threading
 from pathlib import Path
 
+from tests.conftest import BOTH_RUNTIMES
 from tests.support.daemon import Daemon
+
+pytestmark = BOTH_RUNTIMES
 
 PROBE = r"""
 import ctypes, errno, json, os, socket, sys
@@ -56,6 +59,8 @@ attempt("bpf", lambda: call(libc.syscall(321, 0, None, 0)))
 attempt("keyctl", lambda: call(libc.syscall(250, 0, 0, 0, 0)))
 attempt("control_socket", lambda: socket.socket(socket.AF_UNIX).connect(sys.argv[2]))
 attempt("runtime_dir", lambda: os.listdir(sys.argv[3]))
+for sock in ("/var/run/docker.sock", "/run/docker.sock", "/run/containerd/containerd.sock"):
+    attempt("engine:" + sock, lambda: socket.socket(socket.AF_UNIX).connect(sock))
 print(json.dumps(out))
 """
 
@@ -82,7 +87,7 @@ def _listener() -> tuple[socket.socket, list[str]]:
     return server, accepted
 
 
-def test_sandbox_blocks_escape_routes(daemon: Daemon) -> None:
+def test_sandbox_blocks_escape_routes(daemon: Daemon, runtime: str) -> None:
     server, accepted = _listener()
     port = server.getsockname()[1]
     try:
@@ -105,7 +110,9 @@ def test_sandbox_blocks_escape_routes(daemon: Daemon) -> None:
     assert out["pids"][0] == 1 and len(out["pids"]) < 5
     assert os.getpid() not in out["pids"] or len(out["pids"]) < 5
     # Unprivileged: not root, no capabilities, no_new_privs, seccomp filter mode.
-    assert out["uid"] == 1000
+    # runc maps the agent to uid 1000 of its own user namespace; Docker has no per-container
+    # user namespace, so there the agent is an unprivileged host uid outright.
+    assert out["uid"] == (1000 if runtime == "runc" else 1_001_000), out["uid"]
     assert int(out["cap_eff"], 16) == 0
     assert out["no_new_privs"] == "1"
     assert out["seccomp"] == "2"
@@ -123,14 +130,22 @@ def test_sandbox_blocks_escape_routes(daemon: Daemon) -> None:
     # The control socket and the daemon's runtime directory do not exist in its world.
     assert out["control_socket"] == {"ok": False, "errno": 2}
     assert out["runtime_dir"] == {"ok": False, "errno": 2}
+    # Neither is the container engine's socket, on either runtime (it is never mounted).
+    for sock in ("/var/run/docker.sock", "/run/docker.sock", "/run/containerd/containerd.sock"):
+        assert out[f"engine:{sock}"] == {"ok": False, "errno": 2}, (sock, out[f"engine:{sock}"])
     assert not Path("/usr/agent-was-here").exists()
 
 
-def test_agent_uid_maps_to_unprivileged_host_range(daemon: Daemon) -> None:
+def test_agent_uid_maps_to_unprivileged_host_range(daemon: Daemon, runtime: str) -> None:
     result = daemon.agentctl("run", "--name", "uidcheck", "--", "/bin/sh", "-c",
-                             "cat /proc/self/uid_map; cat /proc/self/gid_map")
+                             "cat /proc/self/uid_map; cat /proc/self/gid_map; id -u; id -g")
     assert result.returncode == 0, result.stderr
-    for line in result.stdout.strip().splitlines():
+    *maps, uid, gid = result.stdout.strip().splitlines()
+    if runtime == "docker":
+        # No user namespace: the ids themselves are the unprivileged host ids.
+        assert int(uid) >= 65536 and int(gid) >= 65536, (uid, gid)
+        return
+    for line in maps:
         _inside, host, count = (int(x) for x in line.split())
         assert host >= 65536, f"sandbox ids must never map to host system ids: {line}"
         assert not (host <= 0 < host + count)

@@ -1,5 +1,6 @@
 """The kill path against real processes: a hostile 200-process agent leaves nothing behind,
-pause really freezes, scopes touch exactly the agents they name. Needs root."""
+pause really freezes, scopes touch exactly the agents they name; on runc and on Docker.
+Needs root (and dockerd for docker)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import psutil
 
 from supervisor.sandbox.cgroups import Cgroup
 from supervisor.sandbox.mounts import is_mountpoint
+from tests.conftest import BOTH_RUNTIMES
 from tests.support.daemon import Daemon, wait_for
+
+pytestmark = BOTH_RUNTIMES
 
 # Every process double-forks into its own session and ignores SIGTERM/SIGINT/SIGHUP: only a
 # kill that does not depend on process trees, sessions or signal handlers gets them all.
@@ -154,7 +158,7 @@ def test_fallback_kill_without_cgroup_kill_empties_the_cgroup(daemon: Daemon) ->
     wait_for(lambda: daemon.residue() == {}, what="cleanup")
 
 
-def test_workspace_is_writable_as_its_owner_and_nothing_else_is(daemon: Daemon,
+def test_workspace_is_writable_as_its_owner_and_nothing_else_is(daemon: Daemon, runtime: str,
                                                                  tmp_root: Path) -> None:
     home = tmp_root / "home" / "alice"
     workspace = home / "repo"
@@ -165,7 +169,8 @@ def test_workspace_is_writable_as_its_owner_and_nothing_else_is(daemon: Daemon,
     result = daemon.agentctl("run", "--name", "writer", "--workspace", str(workspace), "--",
                              "/bin/sh", "-c", "echo hello > /workspace/out.txt && id -u && pwd")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["1000", "/workspace"]
+    # runc: uid 1000 of the sandbox, mapped onto the owner; docker: the owner's uid itself.
+    assert result.stdout.split() == ["1000" if runtime == "runc" else "4242", "/workspace"]
     written = workspace / "out.txt"
     assert written.read_text() == "hello\n"
     assert written.stat().st_uid == 4242, "files the agent writes belong to the workspace owner"

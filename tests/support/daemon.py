@@ -8,6 +8,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from supervisor.api.client import Client
 from supervisor.egress import nft
@@ -22,6 +24,52 @@ from supervisor.sandbox.cgroups import Cgroup, unified_root
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_CGROUP_ROOT = "/agent-supervisor-test"
+# Test daemons import their own skeleton image, removed when the session ends.
+TEST_HOST_ROOT_IMAGE = "agent-supervisor-test/host-root:1"
+DOCKER_SOCKET = "unix:///var/run/docker.sock"
+
+
+def runtime_config(runtime: str) -> dict[str, dict[str, Any]]:
+    """A test daemon's config sections for `runtime` ("runc" needs none)."""
+    if runtime == "runc":
+        return {}
+    return {"sandbox": {"runtime": runtime}, "docker": {"host_root_image": TEST_HOST_ROOT_IMAGE}}
+
+
+def engine_request(method: str, path: str, base_url: str = DOCKER_SOCKET,
+                   body: bytes = b"", timeout: float = 60.0) -> Any:
+    """One Docker API call over the engine's socket with the standard library: HTTP/1.0, so
+    the engine closes the connection and no pooled socket outlives the call (the SDK's pool
+    leaves sockets to the garbage collector, which `-W error` turns into failures)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(base_url.removeprefix("unix://"))
+        sock.sendall(f"{method} /v1.41{path} HTTP/1.0\r\nHost: docker\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, _, payload = b"".join(chunks).partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    if status >= 300:
+        raise OSError(f"docker {method} {path}: {status} {payload[:200]!r}")
+    return json.loads(payload) if payload.strip().startswith((b"{", b"[")) else payload
+
+
+def docker_reachable(base_url: str = DOCKER_SOCKET) -> bool:
+    try:
+        engine_request("GET", "/_ping", base_url, timeout=10)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+def remove_test_images(images: list[str], base_url: str = DOCKER_SOCKET) -> None:
+    if not docker_reachable(base_url):
+        return
+    for image in images:
+        with contextlib.suppress(OSError):
+            engine_request("DELETE", f"/images/{image}?force=1", base_url)
 
 
 @dataclass
@@ -166,7 +214,20 @@ class Daemon:
         workspaces = self.root / "run" / "workspaces"
         if workspaces.is_dir() and (items := sorted(p.name for p in workspaces.iterdir())):
             left["workspace_mounts"] = items
+        if containers := self.containers():
+            left["containers"] = containers
         return left
+
+    def containers(self) -> list[str]:
+        """The docker containers this daemon's runs carry the label of (running or not)."""
+        socket = self.extra_config.get("docker", {})
+        base_url = socket.get("socket", DOCKER_SOCKET) if isinstance(socket, dict) else ""
+        if not docker_reachable(base_url):
+            return []
+        filters = json.dumps({"label": [f"io.agent-supervisor.prefix={self.prefix}"]})
+        found = engine_request("GET", f"/containers/json?all=1&filters={quote(filters)}",
+                               base_url)
+        return sorted(str(c["Names"][0]).lstrip("/") for c in found)
 
     def cleanup_host(self) -> None:
         """Remove the cgroup parent this daemon used (it must already be empty)."""

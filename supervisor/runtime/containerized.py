@@ -1,0 +1,451 @@
+"""Runs contained by the Docker engine, with the same guarantees as runc wherever Docker can
+express them, set up as one ordered chain and undone in reverse when a later step fails.
+Needs root (the engine's socket, cgroups, /run/netns).
+
+The engine only creates and starts containers. Everything that must hold when the engine does
+not goes through the kernel, as with runc: each run's container is placed under a cgroup the
+supervisor names (`cgroup_parent` = the run's cgroup), so `cgroup.kill`, `cgroup.freeze` and
+`cgroup.events` on that cgroup kill, pause and confirm the whole run even while dockerd is down
+or hung. `docker kill` is only the fallback when the cgroup cannot be written.
+
+What Docker cannot give: seccomp user notification (the engine takes no listener), so
+notified syscalls are rendered as plain EPERM and their attempts are not reported; and no
+per-container user namespace (the agent runs as an unprivileged host uid instead)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import select
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from docker.types import Mount, Ulimit
+
+from supervisor.errors import (
+    EnforcementError,
+    EngineUnavailable,
+    ImageNotFound,
+    RuntimeFailure,
+    RuntimeUnsupported,
+)
+from supervisor.profiles import Profile, load_seccomp
+from supervisor.runtime.base import Leftover, RunParams
+from supervisor.runtime.control import (
+    CgroupControl,
+    UndoStep,
+    kill_and_confirm,
+    open_run_log,
+    quiet,
+    undo_all,
+)
+from supervisor.runtime.docker_api import (
+    LABEL_AGENT,
+    LABEL_PREFIX,
+    LABEL_RUN,
+    DockerEngine,
+    tar_of,
+)
+from supervisor.runtime.workspace import workspace_owner
+from supervisor.sandbox import netns
+from supervisor.sandbox.bundle import (
+    SANDBOX_UID_COUNT,
+    WORKSPACE_MOUNT,
+    agent_env,
+    host_layout,
+    render_seccomp,
+)
+from supervisor.sandbox.cgroups import Cgroup, detect_mode, unified_root
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_CPU_NANOS = 1_000_000_000
+# Engine sockets the agent must never reach: a bind of any directory holding one is refused.
+_ENGINE_SOCKETS = ("/run/containerd/containerd.sock", "/var/run/docker/containerd")
+_LOG_JOIN_TIMEOUT = 5.0
+_EXIT_STATUS_TIMEOUT = 5.0
+_EXITING_GRACE = 1.0
+
+
+class DockerRunHandle(CgroupControl):
+    def __init__(self, runtime: DockerRuntime, params: RunParams, container: str,
+                 log_fd: int) -> None:
+        self.runtime = runtime
+        self.params = params
+        self.container = container
+        self.cgroup = Cgroup(params.cgroup)
+        self.pid: int | None = None
+        # The container's network namespace, named under /run/netns once it runs: where the
+        # egress gateway wires its veth (see `start`).
+        self.netns_path: Path | None = None
+        self._log_fd: int | None = log_fd
+        self._log_thread: threading.Thread | None = None
+        self._pidfd: int | None = None
+        self._exit: asyncio.Future[int | None] | None = None
+        self._status_task: asyncio.Future[None] | None = None
+        self._cleaned = False
+
+    async def start(self) -> None:
+        """Start the container, then prove it is where the kill path expects it: its init in
+        the run's cgroup on the v2 tree. Any failure removes the container (fail closed)."""
+        try:
+            await self.runtime.call(self.runtime.engine.start, self.container)
+            self._pump_logs()
+            state = await self.runtime.call(self.runtime.engine.inspect, self.container)
+            pid = int(((state or {}).get("State") or {}).get("Pid") or 0)
+            if pid:
+                self._adopt(pid)
+            if self.params.network is not None and self.netns_path is not None:
+                # The engine starts the command with the container, so the egress veth comes
+                # a moment after it: until then the agent has loopback only (default deny).
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self.params.network.attach, self.params.netns)
+        except BaseException:
+            if self.params.network is not None:
+                self.params.network.detach()
+            await self._abort()
+            raise
+
+    def _adopt(self, pid: int) -> None:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return  # the command already ended; wait_exit asks the engine for its status
+        # Read after pidfd_open, so a recycled pid cannot pass as the container's init.
+        try:
+            in_cgroup = _v2_cgroup_of(pid)
+        except FileNotFoundError:
+            os.close(pidfd)
+            return
+        wanted = "/" + self.params.cgroup
+        if not (in_cgroup == wanted or in_cgroup.startswith(wanted + "/")):
+            os.close(pidfd)
+            raise EnforcementError(
+                f"container {self.container} runs in cgroup {in_cgroup}, not under {wanted}: "
+                f"the kill path could not reach it (is the engine's cgroup driver cgroupfs?)",
+                container=self.container, cgroup=in_cgroup, expected=wanted)
+        self.pid, self._pidfd = pid, pidfd
+        try:
+            self.netns_path = netns.adopt(self.params.netns, pid)
+        except OSError:
+            # An exiting process loses its namespaces before its pidfd turns readable; give
+            # the exit a moment to complete before calling this a failure.
+            if _alive(pidfd, _EXITING_GRACE):
+                raise
+            return  # a short command ended meanwhile, and its namespace with it
+        # The egress gateway's veth hook belongs here: the namespace exists and is named, the
+        # agent holds no CAP_NET_ADMIN in it (Docker made it in the host's user namespace).
+
+    def _pump_logs(self) -> None:
+        """Copy the engine's log stream of the container into the run's log file. The thread
+        owns the fd and closes it, so a hung engine can never make it write into a reused fd."""
+        log_fd = self._log_fd
+        self._log_fd = None
+        if log_fd is None:
+            return
+
+        def pump() -> None:
+            try:
+                for chunk in self.runtime.streamer.logs(self.container):
+                    os.write(log_fd, chunk)
+            except Exception as exc:  # the engine went away: say so where the output goes
+                with contextlib.suppress(OSError):
+                    os.write(log_fd, f"[agent-supervisor] output capture ended: the docker "
+                                     f"engine is unreachable ({type(exc).__name__})\n".encode())
+            finally:
+                os.close(log_fd)
+
+        self._log_thread = threading.Thread(target=pump, name=f"logs-{self.container}",
+                                            daemon=True)
+        self._log_thread.start()
+
+    async def _abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.cgroup.kill()
+        await self.cleanup()
+
+    def kill(self, *, force_fallback: bool = False) -> str:
+        try:
+            return self.cgroup.kill(force_fallback=force_fallback)
+        except FileNotFoundError:
+            if self.pid is None:
+                return "none: the run had no processes"
+            # The cgroup vanished under a live run: only the engine can still reach it.
+            self.runtime.engine.kill(self.container)
+            return "docker-kill"
+
+    def wait_exit(self) -> asyncio.Future[int | None]:
+        """Resolve with the command's exit status once the kernel reports the init gone (a
+        pidfd, so it holds with the engine down); the status itself comes from the engine,
+        None when it cannot say (the arbiter then records 137 for a kill)."""
+        if self._exit is not None:
+            return self._exit
+        loop = asyncio.get_running_loop()
+        self._exit = loop.create_future()
+        future = self._exit
+        pidfd = self._pidfd
+
+        async def status() -> None:
+            code = await loop.run_in_executor(
+                None, self.runtime.engine.wait, self.container,
+                _EXIT_STATUS_TIMEOUT if pidfd is not None else 365 * 86400.0)
+            if not future.done():
+                future.set_result(code)
+
+        def exited() -> None:
+            assert pidfd is not None
+            loop.remove_reader(pidfd)
+            self._status_task = asyncio.ensure_future(status())
+
+        if pidfd is None:
+            self._status_task = asyncio.ensure_future(status())
+        else:
+            loop.add_reader(pidfd, exited)
+        return future
+
+    async def cleanup(self) -> None:
+        if self._cleaned:
+            return
+        self._cleaned = True
+        if self._log_thread is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._log_thread.join, _LOG_JOIN_TIMEOUT)
+        elif self._log_fd is not None:
+            os.close(self._log_fd)
+            self._log_fd = None
+        try:
+            await self.runtime.call(self.runtime.engine.delete, self.container)
+        except (EngineUnavailable, RuntimeFailure) as exc:
+            # The run is dead (the cgroup says so); the stopped container is removed by the
+            # next reconcile once the engine answers again.
+            log.error("container %s stays until the engine is back: %s", self.container,
+                      exc.message)
+        self.cgroup.remove()
+        if self.params.network is not None:
+            self.params.network.detach()
+        with contextlib.suppress(OSError):
+            netns.remove(self.params.netns)
+        if self._pidfd is not None:
+            with contextlib.suppress(OSError, ValueError):
+                asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def residue(self) -> dict[str, Any]:
+        left = self.kernel_residue()
+        with contextlib.suppress(EngineUnavailable, RuntimeFailure):
+            if self.runtime.engine.inspect(self.container) is not None:
+                left["container"] = self.container
+        return left
+
+
+class DockerRuntime:
+    name = "docker"
+
+    def __init__(self, engine: DockerEngine, streamer: DockerEngine, cgroup_parent: str,
+                 name_prefix: str, uid_base: int, agent_uid: int, workspace_min_owner_uid: int,
+                 max_runs: int, host_root_image: str, state_dir: Path) -> None:
+        self.engine = engine
+        # A second client without a read timeout: a quiet agent must not end its log stream.
+        self.streamer = streamer
+        self.cgroup_parent = cgroup_parent.strip("/")
+        self.name_prefix = name_prefix
+        self.uid_base = uid_base
+        self.uid_limit = uid_base + max_runs * SANDBOX_UID_COUNT
+        self.agent_uid = agent_uid
+        self.workspace_min_owner_uid = workspace_min_owner_uid
+        self.host_root_image = host_root_image
+        state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        # Bound read-only over masked paths (/etc/shadow, ...): the agent reads it as empty.
+        self.empty_file = state_dir / "empty"
+        self.empty_file.touch(mode=0o444, exist_ok=True)
+        self.empty_file.chmod(0o444)
+        self.engine_sockets = [Path(engine.base_url.removeprefix("unix://")).resolve(),
+                               *(Path(p) for p in _ENGINE_SOCKETS)]
+
+    async def call(self, func: Callable[..., T], *args: Any) -> T:
+        """An engine call off the event loop (the SDK blocks)."""
+        return await asyncio.get_running_loop().run_in_executor(None, func, *args)
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": "docker", "engine": self.engine.base_url,
+                "cgroup_mode": detect_mode().value, "cgroup_parent": self.cgroup_parent}
+
+    async def prepare(self) -> None:
+        """At daemon start: the engine answers, places containers where the kill path finds
+        them, and has the host-root image. Raises (fail closed) otherwise."""
+        info = await self.call(self.engine.info)
+        driver = info.get("CgroupDriver")
+        if driver != "cgroupfs":
+            raise EnforcementError(
+                f"the docker engine uses the {driver!r} cgroup driver; the supervisor needs "
+                f"'cgroupfs' to place each run under its own cgroup and kill it there",
+                cgroup_driver=driver)
+        await self._host_root_image()
+
+    async def _host_root_image(self) -> str:
+        """The skeleton image of "host" roots, imported from a tarball made here (no
+        registry): merged-/usr links and mount points; the host directories come as binds."""
+        if await self.call(self.engine.inspect_image, self.host_root_image) is None:
+            links, _binds = host_layout(Profile())
+            entries: dict[str, str | None] = {name: None for name in
+                                              ("usr", "etc", "tmp", "proc", "dev", "sys",
+                                               WORKSPACE_MOUNT.lstrip("/"))}
+            entries.update(links)
+            repository, _, tag = self.host_root_image.rpartition(":")
+            # runc gives a tmpfs the mode of its mount point, whatever mode= says: /tmp must be
+            # 1777 in the image for the agent to write its /tmp.
+            await self.call(self.engine.import_image, tar_of(entries, {"tmp": 0o1777}),
+                            repository, tag)
+            log.info("imported the host-root image %s", self.host_root_image)
+        return self.host_root_image
+
+    def _user(self, params: RunParams) -> str:
+        base = self.uid_base + params.uid_slot * SANDBOX_UID_COUNT
+        uid = gid = base + self.agent_uid
+        if params.workspace is not None:
+            owner = workspace_owner(params.workspace, self.workspace_min_owner_uid,
+                                    range(self.uid_base, self.uid_limit))
+            uid = owner.uid
+            if owner.gid is not None:
+                gid = owner.gid
+        return f"{uid}:{gid}"
+
+    def _refuse_engine_socket(self, source: str) -> None:
+        root = Path(source).resolve()
+        for sock in self.engine_sockets:
+            if sock == root or root in sock.parents:
+                raise EnforcementError(
+                    f"binding {source} would put the container engine's socket {sock} in the "
+                    f"agent's reach", source=source, socket=str(sock))
+
+    async def _mounts(self, params: RunParams, image: str | None) -> tuple[str, list[Mount]]:
+        profile = params.profile
+        mounts: list[Mount] = []
+        bound: list[str] = []
+        if image is None:
+            if profile.filesystem.root != "host":
+                raise RuntimeUnsupported(
+                    f"profile {profile.name!r}: a rootfs directory root is runc-only; on "
+                    f"docker name an image (profile 'image' or --image)",
+                    profile=profile.name, field="filesystem.root")
+            image = await self._host_root_image()
+            _links, binds = host_layout(profile)
+            for path in binds:
+                if Path(path).exists():
+                    self._refuse_engine_socket(path)
+                    mounts.append(Mount(path, path, type="bind", read_only=True))
+                    bound.append(path.rstrip("/") + "/")
+        elif await self.call(self.engine.inspect_image, image) is None:
+            raise ImageNotFound(f"image {image!r} is not on this host (the supervisor never "
+                                f"pulls; load or import it first)", image=image)
+        for path in profile.filesystem.masked_paths:
+            if any(path.startswith(b) for b in bound) and not Path(path).exists():
+                continue  # nothing to mask, and no mount point can be made in a read-only bind
+            mounts.append(Mount(path, str(self.empty_file), type="bind", read_only=True))
+        if params.workspace is not None:
+            self._refuse_engine_socket(params.workspace)
+            mounts.append(Mount(WORKSPACE_MOUNT, params.workspace, type="bind",
+                                read_only=False))
+        return image, mounts
+
+    async def launch(self, params: RunParams) -> DockerRunHandle:
+        undo: list[UndoStep] = []
+        try:
+            profile = params.profile
+            user = self._user(params)
+            seccomp = render_seccomp(load_seccomp(profile.seccomp.profile), None, params.run_id)
+            image, mounts = await self._mounts(params, params.image or profile.image)
+            host_config = self.engine.host_config(
+                read_only=True, mounts=mounts,
+                tmpfs={"/tmp": f"rw,exec,nosuid,nodev,mode=1777,"
+                             f"size={profile.filesystem.tmp_size}"},
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges:true", f"seccomp={json.dumps(seccomp)}"],
+                network_mode="none", ipc_mode="private", cgroupns="private",
+                cgroup_parent="/" + params.cgroup,
+                mem_limit=profile.limits.memory, memswap_limit=profile.limits.memory,
+                pids_limit=profile.limits.pids,
+                nano_cpus=round(profile.limits.cpus * _CPU_NANOS),
+                ulimits=[Ulimit(name="nofile", soft=profile.limits.nofile,
+                                hard=profile.limits.nofile),
+                         Ulimit(name="core", soft=0, hard=0)],
+            )
+            log_fd = open_run_log(params.log_path)
+            undo.append(lambda: quiet(os.close, log_fd))
+            undo.append(lambda: self._undo_container(params))
+            await self.call(lambda: self.engine.create(
+                params.container_id, image, params.command, host_config=host_config,
+                user=user, environment=agent_env(params.run_id, params.workspace is not None,
+                                                 profile, params.env),
+                working_dir=WORKSPACE_MOUNT if params.workspace else "/tmp",
+                hostname=f"agent-{params.agent}"[:63], network_disabled=True,
+                labels={LABEL_PREFIX: self.name_prefix, LABEL_RUN: params.run_id,
+                        LABEL_AGENT: params.agent}))
+            return DockerRunHandle(self, params, params.container_id, log_fd)
+        except BaseException:
+            await undo_all(undo)
+            raise
+
+    async def _undo_container(self, params: RunParams) -> None:
+        with contextlib.suppress(EngineUnavailable, RuntimeFailure):
+            await self.call(self.engine.delete, params.container_id)
+        Cgroup(params.cgroup).remove()
+
+    async def leftovers(self) -> list[Leftover]:
+        """Containers a previous instance started (by label). With the engine down there are
+        none to list; their cgroups are still found by name and killed (runc's listing)."""
+        try:
+            containers = await self.call(self.engine.list, f"{LABEL_PREFIX}={self.name_prefix}")
+        except EngineUnavailable as exc:
+            log.error("cannot list leftover containers: %s", exc.message)
+            return []
+        found: list[Leftover] = []
+        for container in containers:
+            name = str((container.get("Names") or ["/?"])[0]).lstrip("/")
+            cgroup = f"{self.cgroup_parent}/{name}"
+            found.append(Leftover(
+                container_id=name, runtime="docker",
+                netns=name if netns.exists(name) else None,
+                cgroup=cgroup if Cgroup(cgroup).exists() else None,
+                pids=Cgroup(cgroup).pids() if Cgroup(cgroup).exists() else []))
+        return found
+
+    async def reap(self, leftover: Leftover, timeout: float) -> dict[str, Any]:
+        done: dict[str, Any] = {}
+        if leftover.cgroup:
+            done.update(await kill_and_confirm(Cgroup(leftover.cgroup), timeout))
+        if leftover.container_id:
+            try:
+                await self.call(self.engine.delete, leftover.container_id)
+                done["container_deleted"] = leftover.container_id
+            except (EngineUnavailable, RuntimeFailure) as exc:
+                done["container_left"] = exc.message
+        if leftover.cgroup:
+            Cgroup(leftover.cgroup).remove()
+        if leftover.netns:
+            netns.remove(leftover.netns)
+            done["netns_removed"] = leftover.netns
+        return done
+
+    def parent_cgroup(self) -> Path:
+        return unified_root() / self.cgroup_parent
+
+
+def _alive(pidfd: int, within: float) -> bool:
+    """False once the process has exited (its pidfd polls readable), waiting up to `within`."""
+    return not select.select([pidfd], [], [], within)[0]
+
+
+def _v2_cgroup_of(pid: int) -> str:
+    """The pid's cgroup on the v2 tree, from /proc (the "0::" line)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    raise FileNotFoundError(f"/proc/{pid}/cgroup has no v2 entry")
