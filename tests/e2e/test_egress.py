@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from supervisor.egress import link, nft
-from tests.conftest import require, require_root_and_runc
+from tests.conftest import BOTH_RUNTIMES, require, require_root_and_runc
 from tests.support.daemon import wait_for
 from tests.support.egress import (
     GatewayRig,
@@ -93,10 +93,10 @@ def save(name, value):
 
 
 @pytest.fixture
-def rig(tmp_root: Path) -> Iterator[GatewayRig]:
+def rig(tmp_root: Path, runtime: str) -> Iterator[GatewayRig]:
     require_root_and_runc()
     require(shutil.which("nft") is not None, "needs nft (apt-get install nftables)")
-    with gateway_rig(tmp_root) as prepared:
+    with gateway_rig(tmp_root, runtime) as prepared:
         yield prepared
 
 
@@ -121,6 +121,7 @@ def _state(rig: GatewayRig, agent: str) -> str:
     return state
 
 
+@BOTH_RUNTIMES
 def test_from_inside_only_the_gateway_and_its_routes_are_reachable(rig: GatewayRig) -> None:
     other_port = _listen_on_host()
     profile = rig.profile("gw", '[network.gateway]\nallow = ["pkg.upstream.test:{PORT}"]\n'
@@ -229,6 +230,7 @@ def test_from_inside_only_the_gateway_and_its_routes_are_reachable(rig: GatewayR
     assert summary["usage"]["requests"] >= 2 and summary["usage"]["tokens"] == 7
 
 
+@BOTH_RUNTIMES
 def test_pause_suspends_and_kill_revokes_the_token_and_cuts_tunnels(rig: GatewayRig) -> None:
     profile = rig.profile("gw", '[network.gateway]\nallow = ["pkg.upstream.test:{PORT}"]\n'
                           + ROUTE)

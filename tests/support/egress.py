@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.daemon import Daemon, running_daemon
+from tests.support.daemon import Daemon, engine_request, runtime_config, running_daemon
 from tests.support.upstream import TestCA, Upstream, make_ca
 
 AGENT_UID = 4242  # the workspace owner; the agent writes it as this uid
@@ -59,11 +59,16 @@ class GatewayRig:
         os.chown(path, AGENT_UID, AGENT_UID)
 
     def proxy_env(self, agent: str) -> dict[str, str]:
-        """The proxy environment the daemon gave the agent's current run (read from the
-        run's OCI bundle, root-only), so a test on the host can act with its token."""
+        """The proxy environment the daemon gave the agent's current run (from the run's OCI
+        bundle, root-only, or the engine's record of the container), so a test on the host
+        can act with its token."""
         view = self.daemon.agentctl_json("inspect", agent)
-        bundle = self.daemon.root / "run" / "bundles" / f"{self.daemon.prefix}-{view['run']['id']}"
-        env = json.loads((bundle / "config.json").read_text())["process"]["env"]
+        container = f"{self.daemon.prefix}-{view['run']['id']}"
+        bundle = self.daemon.root / "run" / "bundles" / container
+        if (bundle / "config.json").exists():
+            env = json.loads((bundle / "config.json").read_text())["process"]["env"]
+        else:
+            env = engine_request("GET", f"/containers/{container}/json")["Config"]["Env"]
         return dict(item.split("=", 1) for item in env)
 
 
@@ -108,7 +113,7 @@ def open_tunnel(agent_env: dict[str, str], target: str, ca: TestCA,
 
 
 @contextlib.contextmanager
-def gateway_rig(tmp_root: Path, **egress: Any) -> Iterator[GatewayRig]:
+def gateway_rig(tmp_root: Path, runtime: str = "runc", **egress: Any) -> Iterator[GatewayRig]:
     ca = make_ca(tmp_root / "ca")
     upstream = Upstream(ca).start()
     secret_dir = tmp_root / "secrets"
@@ -133,7 +138,7 @@ def gateway_rig(tmp_root: Path, **egress: Any) -> Iterator[GatewayRig]:
         **egress,
     }
     try:
-        with running_daemon(tmp_root, egress=config) as daemon:
+        with running_daemon(tmp_root, egress=config, **runtime_config(runtime)) as daemon:
             yield GatewayRig(daemon, upstream, ca, secret, workspace, port)
     finally:
         upstream.stop()
