@@ -6,13 +6,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from supervisor.ci import DEFAULT_ROOT, ENV_VAR, ROOT_ENV_VAR
 from supervisor.ci.manifest import check_glob
 from supervisor.models import RunRequest
 
-ENV_VAR = "AGENT_SUPERVISOR_EMBEDDED_RUN"
-# Where embedded runs keep their state (one directory per slot, removed at the end).
-ROOT_ENV_VAR = "AGENT_SUPERVISOR_CI_ROOT"
-DEFAULT_ROOT = "/run/agent-supervisor-ci"
+__all__ = ["DEFAULT_ROOT", "ENV_VAR", "ROOT_ENV_VAR", "EmbeddedRun"]
 
 
 class EmbeddedRun(BaseModel):

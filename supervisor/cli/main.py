@@ -16,10 +16,10 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from supervisor.api.client import DEFAULT_SOCKET, Client
-from supervisor.ci.spec import ENV_VAR as EMBEDDED_ENV_VAR
+from supervisor.ci import ENV_VAR as EMBEDDED_ENV_VAR
 from supervisor.cli.top import human_bytes, top
 from supervisor.errors import InvalidRequest, SupervisorError
-from supervisor.models import REASON_MAX
+from supervisor.limits import REASON_MAX
 
 F = TypeVar("F", bound=Callable[..., Any])
 

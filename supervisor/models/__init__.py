@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from supervisor.limits import REASON_MAX
 from supervisor.models.telemetry import Sample
 from supervisor.models.tripwire import TripwireRule
 from supervisor.models.units import Duration
@@ -38,7 +39,6 @@ __all__ = [
     "TelemetryView",
 ]
 
-REASON_MAX = 500
 SCOPED_VERBS = ("kill", "pause", "resume", "stop", "reactivate")
 _AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,62}$")
 _CLASS_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,62}$")

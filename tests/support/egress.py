@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.daemon import Daemon, engine_request, runtime_config, running_daemon
+from tests.support.daemon import Daemon, engine_request, running_daemon, runtime_config
 from tests.support.upstream import TestCA, Upstream, make_ca
 
 AGENT_UID = 4242  # the workspace owner; the agent writes it as this uid
