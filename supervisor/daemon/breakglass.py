@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -30,6 +29,7 @@ from typing import Any
 from supervisor.daemon.arbiter import Arbiter
 from supervisor.errors import SupervisorError
 from supervisor.models import REASON_MAX, ActionRequest, Actor, Scope
+from supervisor.sandbox.libc import libc
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ IN_CLOEXEC = 0o2000000
 _EVENT = struct.Struct("iIII")
 _SAFETY_POLL = 5.0
 _MAX_FILE = 4096
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = libc
 
 
 class BreakGlass:

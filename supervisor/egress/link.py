@@ -17,7 +17,6 @@ event loop's thread or from an executor alike."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import hashlib
 import ipaddress
@@ -32,6 +31,7 @@ from typing import Any, TypeVar
 from pyroute2 import IPRoute, NetlinkError
 
 from supervisor.errors import EgressSetupFailed
+from supervisor.sandbox.libc import libc
 
 NETNS_DIR = Path("/run/netns")
 SANDBOX_IFNAME = "eth0"
@@ -46,7 +46,7 @@ _RFC1918 = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12
 # /29 hold fewer than two links.
 _POOL_PREFIXLENS = range(16, 30)
 _IFNAMSIZ = 15  # IFNAMSIZ is 16 including the terminating NUL
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = libc
 
 T = TypeVar("T")
 

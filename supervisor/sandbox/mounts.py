@@ -9,16 +9,17 @@ directory that still holds files is a mount that did not go away, never somethin
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from pathlib import Path
+
+from supervisor.sandbox.libc import libc
 
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
 MNT_DETACH = 2
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = libc
 
 
 def _check(result: int, what: str, path: Path) -> None:

@@ -14,17 +14,18 @@ brings loopback up from inside and switches back; the thread then ends either wa
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 from pathlib import Path
 
 from pyroute2 import IPRoute, netns
 
+from supervisor.sandbox.libc import libc
+
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 _MS_BIND = 4096
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = libc
 
 
 def path_of(name: str) -> Path:
@@ -39,7 +40,7 @@ def _build(name: str) -> None:
             err = ctypes.get_errno()
             raise OSError(err, f"unshare(CLONE_NEWNET) for {name}: {os.strerror(err)}")
         try:
-            netns.attach(name, f"self/task/{threading.get_native_id()}")
+            netns.attach(name, f"self/task/{threading.get_native_id()}", libc=_libc)
             with IPRoute() as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
         finally:
@@ -89,7 +90,7 @@ def remove(name: str) -> bool:
     """Unmount and delete the namespace; False when it did not exist."""
     if not path_of(name).exists():
         return False
-    netns.remove(name)
+    netns.remove(name, libc=_libc)
     return True
 
 
