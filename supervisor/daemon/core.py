@@ -191,9 +191,6 @@ class Core:
         telemetry = TelemetryHub(config.telemetry.rate_hz, config.telemetry.process_every,
                                  config.telemetry.window, asyncio.get_running_loop(),
                                  store=summaries)
-        arbiter.run_started_hooks.append(
-            lambda run_id, cgroup, started_at: telemetry.register(run_id, Cgroup(cgroup),
-                                                                  started_at))
 
         def run_ended(run_id: str) -> None:
             telemetry.unregister(run_id)
@@ -217,6 +214,11 @@ class Core:
         egress = EgressControl(config, arbiter, containment, audit, db,
                                asyncio.get_running_loop())
         egress.install()
+        # Telemetry registers a run once it runs; gateway runs also get their veth's counters.
+        arbiter.run_started_hooks.append(
+            lambda run_id, cgroup, started_at: telemetry.register(
+                run_id, Cgroup(cgroup), started_at,
+                network_counter=egress.network_counter(run_id)))
         return cls(config=config, mode=mode, seccomp=seccomp, runtime=runtime,
                    watchdog=watchdog, watchdog_record=watchdog_record, audit=audit, store=store,
                    arbiter=arbiter, telemetry=telemetry, containment=containment,

@@ -11,6 +11,7 @@ import logging
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -211,6 +212,14 @@ class EgressControl:
                 f"{state.grant.host_ip}:{state.grant.port}: {exc.strerror or exc}",
                 run=live.record.id) from exc
 
+    def network_counter(self, run_id: str) -> Callable[[], tuple[int, int]] | None:
+        """For telemetry's network_bytes: the run's veth counters, if it has a veth."""
+        state = self.runs.get(run_id)
+        if state is None:
+            return None
+        ifname = state.network.ifname
+        return lambda: link.counters(ifname)
+
     async def revoke(self, _agent: str, run_id: str) -> None:
         if run_id in self.runs:
             self.gateway.revoke(run_id)
@@ -238,7 +247,6 @@ class EgressControl:
         self.gateway.revoke(run_id)
         self.records[run_id] = self._record(run_id, state, self.gateway.usage(run_id))
         self._cancel_approvals(run_id, "the run ended")
-        state.network.detach()  # normally done at step 5 already; idempotent
         task = self.loop.create_task(self._finish(run_id, state))
         self.arbiter.track(task)
 

@@ -228,6 +228,9 @@ def test_from_inside_only_the_gateway_and_its_routes_are_reachable(rig: GatewayR
     assert {e["outcome"] for e in denied} >= {"refused:egress_denied", "refused:token_required"}
     summary = _audit(rig, "egress_summary")[-1]["detail"]
     assert summary["usage"]["requests"] >= 2 and summary["usage"]["tokens"] == 7
+    # Telemetry counts the run's veth: the network_bytes tripwire metric has data to judge.
+    telemetry = rig.daemon.agentctl_json("telemetry", "prober")["summary"]
+    assert telemetry["network_bytes"] > 1000, telemetry
 
 
 @BOTH_RUNTIMES
