@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # tests.support is not installed; run from anywhere
 
-from tests.support.egress import GatewayRig, gateway_rig  # noqa: E402
+from tests.support.egress import LLM_ROUTE, GatewayRig, gateway_rig  # noqa: E402
 
 TARGET_ADDED_MEDIAN_MS = 1.0
 TARGET_RPS = 2000.0
@@ -67,28 +67,14 @@ DIRECT = "direct (host → upstream, TLS)"
 GATEWAY = "gateway (sandbox → gateway → upstream, TLS)"
 ADDED = "added by the gateway"
 
-PROFILE_TEXT = """\
-description = "gateway benchmark: one credential route, no budget, breaker off, 2 CPUs"
+# One credential route, no budget, the breaker off (it would trip on the rate), 2 CPUs so the
+# sandbox's CFS quota never throttles the client.
+PROFILE_BODY = LLM_ROUTE + """
+[network.gateway.breaker]
+enabled = false
 
 [limits]
 cpus = 2.0
-
-[network]
-mode = "gateway"
-
-[network.gateway]
-
-[[network.gateway.routes]]
-name = "llm"
-host = "llm.gateway"
-upstream = "https://api.upstream.test:{PORT}"
-secret = "file:llm-key"
-header = "Authorization"
-format = "Bearer {secret}"
-price_per_token = 0.01
-
-[network.gateway.breaker]
-enabled = false
 """
 
 # The load generator: the same file runs on the host (direct) and in the sandbox (gateway).
@@ -417,8 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         # gateway_rig stops the daemon and asserts it left nothing (cgroups, netns, bundles,
         # nftables tables, workspace mounts); the upstream is stopped with it.
         with gateway_rig(tmp_root) as rig:
-            (rig.daemon.root / "profiles" / f"{PROFILE}.toml").write_text(
-                PROFILE_TEXT.replace("{PORT}", str(rig.upstream.port)))
+            rig.profile(PROFILE, PROFILE_BODY)
             client = tmp_root / "client.py"
             client.write_text(CLIENT)
             assert rig.daemon.proc is not None

@@ -31,7 +31,7 @@ from supervisor.errors import (
     IllegalTransition,
     InvalidRequest,
 )
-from supervisor.models import Actor
+from supervisor.models import Actor, Approval
 from supervisor.tripwires import Firing
 
 if TYPE_CHECKING:
@@ -93,22 +93,14 @@ class RunNetwork:
 
 @dataclass
 class PendingApproval:
-    id: str
-    run_id: str
-    agent: str
-    method: str
-    host: str
-    path: str
-    rule: str
-    requested_at: float
-    expires_at: float
+    """A held request: what operators see (the API's Approval) and the gateway's wait on it."""
+
+    request: Approval
     future: concurrent.futures.Future[Decision]
     timer: asyncio.TimerHandle | None = None
 
     def view(self) -> dict[str, Any]:
-        return {"id": self.id, "agent": self.agent, "run": self.run_id, "method": self.method,
-                "host": self.host, "path": self.path, "rule": self.rule,
-                "requested_at": self.requested_at, "expires_at": self.expires_at}
+        return self.request.model_dump(exclude_none=True)
 
 
 @dataclass
@@ -322,43 +314,45 @@ class EgressControl:
             return
         now = time.time()
         timeout = state.grant.policy.approval_timeout
-        approval = PendingApproval(
-            id=secrets.token_hex(4), run_id=run_id, agent=state.grant.agent, method=method,
-            host=host, path=path, rule=rule, requested_at=now, expires_at=now + timeout,
-            future=future)
-        self.approvals[approval.id] = approval
-        approval.timer = self.loop.call_later(timeout, self._expire, approval.id)
+        request = Approval(id=secrets.token_hex(4), run=run_id, agent=state.grant.agent,
+                           method=method, host=host, path=path, rule=rule, requested_at=now,
+                           expires_at=now + timeout)
+        approval = PendingApproval(request, future)
+        self.approvals[request.id] = approval
+        approval.timer = self.loop.call_later(timeout, self._expire, request.id)
         self.audit.append(actor=GATEWAY.label(), verb="approval_requested",
-                          scope=f"agent:{approval.agent}", target=approval.agent,
+                          scope=f"agent:{request.agent}", target=request.agent,
                           reason=f"{method} {host}{path} matches approval rule '{rule}'",
                           outcome="pending", detail=approval.view())
 
     def _expire(self, approval_id: str) -> None:
         approval = self.approvals.get(approval_id)
         if approval is not None:
-            self._decide(approval, False, "system:gateway",
-                         f"no answer within {approval.expires_at - approval.requested_at:g}s",
+            held = approval.request.expires_at - approval.request.requested_at
+            self._decide(approval, False, "system:gateway", f"no answer within {held:g}s",
                          "expired")
 
     def _cancel_approvals(self, run_id: str, reason: str) -> None:
-        for approval in [a for a in self.approvals.values() if a.run_id == run_id]:
+        for approval in [a for a in self.approvals.values() if a.request.run == run_id]:
             self._decide(approval, False, "system:supervisor", reason, "cancelled")
 
     def _decide(self, approval: PendingApproval, approved: bool, by: str, reason: str,
                 outcome: str) -> None:
-        self.approvals.pop(approval.id, None)
+        request = approval.request
+        self.approvals.pop(request.id, None)
         if approval.timer is not None:
             approval.timer.cancel()
         self.audit.append(actor=by, verb="approval_granted" if approved else "approval_denied",
-                          scope=f"agent:{approval.agent}", target=approval.agent, reason=reason,
+                          scope=f"agent:{request.agent}", target=request.agent, reason=reason,
                           outcome=outcome, detail=approval.view())
         if not approval.future.done():
-            approval.future.set_result(Decision(approved, approval.id, by=by, reason=reason))
+            approval.future.set_result(Decision(approved, request.id, by=by, reason=reason))
 
     # ------------------------------------------------------------------ operators (API)
 
     def list_approvals(self) -> list[dict[str, Any]]:
-        return [a.view() for a in sorted(self.approvals.values(), key=lambda a: a.requested_at)]
+        return [a.view() for a in sorted(self.approvals.values(),
+                                         key=lambda a: a.request.requested_at)]
 
     def decide(self, approval_id: str, approved: bool, actor: Actor, reason: str
                ) -> dict[str, Any]:
@@ -375,7 +369,8 @@ class EgressControl:
                                   approval=approval_id)
         self._decide(approval, approved, actor.label(), reason,
                      "approved" if approved else "denied")
-        return {**approval.view(), "approved": approved, "by": actor.label(), "reason": reason}
+        return approval.request.model_copy(
+            update={"approved": approved, "by": actor.label(), "reason": reason}).model_dump()
 
     def reset_breaker(self, agent: str, actor: Actor, reason: str) -> dict[str, Any]:
         record = self.arbiter.agents.get(agent)
@@ -402,8 +397,8 @@ class EgressControl:
                 "breaker": self.gateway.breaker_open(run_id),
                 "gateway": f"{state.grant.host_ip}:{state.grant.port}",
                 "token_expires_at": state.grant.expires_at,
-                "pending_approvals": [a.id for a in self.approvals.values()
-                                      if a.run_id == run_id]}
+                "pending_approvals": [a.request.id for a in self.approvals.values()
+                                      if a.request.run == run_id]}
 
     def run_record(self, run_id: str) -> dict[str, Any] | None:
         """A run's egress for a CI report: calls, bytes, spend, refusals; None without one."""

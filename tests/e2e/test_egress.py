@@ -19,23 +19,13 @@ from supervisor.egress import link, nft
 from tests.conftest import BOTH_RUNTIMES, require, require_root_and_runc
 from tests.support.daemon import wait_for
 from tests.support.egress import (
+    LLM_ROUTE,
     GatewayRig,
     gateway_parts,
     gateway_rig,
     host_request,
     open_tunnel,
 )
-
-ROUTE = """
-[[network.gateway.routes]]
-name = "llm"
-host = "llm.gateway"
-upstream = "https://api.upstream.test:{PORT}"
-secret = "file:llm-key"
-header = "Authorization"
-format = "Bearer {secret}"
-price_per_token = 0.01
-"""
 
 # Helpers the agent's scripts share: requests through the proxy from HTTP_PROXY.
 AGENT_LIB = r'''
@@ -125,7 +115,7 @@ def _state(rig: GatewayRig, agent: str) -> str:
 def test_from_inside_only_the_gateway_and_its_routes_are_reachable(rig: GatewayRig) -> None:
     other_port = _listen_on_host()
     profile = rig.profile("gw", '[network.gateway]\nallow = ["pkg.upstream.test:{PORT}"]\n'
-                          + ROUTE)
+                          + LLM_ROUTE)
     port = rig.upstream.port
     script = f"""
         import glob, os, socket, sys
@@ -236,7 +226,7 @@ def test_from_inside_only_the_gateway_and_its_routes_are_reachable(rig: GatewayR
 @BOTH_RUNTIMES
 def test_pause_suspends_and_kill_revokes_the_token_and_cuts_tunnels(rig: GatewayRig) -> None:
     profile = rig.profile("gw", '[network.gateway]\nallow = ["pkg.upstream.test:{PORT}"]\n'
-                          + ROUTE)
+                          + LLM_ROUTE)
     port = rig.upstream.port
     script = f"""
         import os, sys, time
@@ -317,7 +307,7 @@ def test_budget_ceiling_refuses_and_fires_the_budget_tripwire(rig: GatewayRig) -
         save("budget.json", results)
         time.sleep(600)
     """
-    _run(rig, "spender", rig.profile("alerting", ROUTE + budget.format(action="alert")), script,
+    _run(rig, "spender", rig.profile("alerting", LLM_ROUTE + budget.format(action="alert")), script,
          detach=True)
     wait_for(lambda: rig.exists("budget.json"), 30, what="the agent's calls")
     results = rig.read("budget.json")
@@ -334,7 +324,7 @@ def test_budget_ceiling_refuses_and_fires_the_budget_tripwire(rig: GatewayRig) -
 
     # With action = "kill" the same ceiling ends the agent, through the audited kill path.
     (rig.workspace / "budget.json").unlink()
-    _run(rig, "spender2", rig.profile("killing", ROUTE + budget.format(action="kill")), script,
+    _run(rig, "spender2", rig.profile("killing", LLM_ROUTE + budget.format(action="kill")), script,
          detach=True)
     wait_for(lambda: _state(rig, "spender2") == "killed", 30, what="the budget tripwire's kill")
     kill = [e for e in _audit(rig, "kill") if e["target"] == "spender2"]
@@ -346,7 +336,7 @@ def test_budget_ceiling_refuses_and_fires_the_budget_tripwire(rig: GatewayRig) -
 
 
 def test_breaker_trips_on_errors_pauses_and_a_human_resets_it(rig: GatewayRig) -> None:
-    profile = rig.profile("breaker", ROUTE + """
+    profile = rig.profile("breaker", LLM_ROUTE + """
         [network.gateway.breaker]
         window = "60s"
         min_requests = 4
@@ -387,7 +377,7 @@ def test_approvals_granted_denied_and_timed_out(rig: GatewayRig) -> None:
         [network.gateway]
         approvals = ["DELETE *", "POST /v1/refunds"]
         approval_timeout = "4s"
-    """.replace("        ", "") + ROUTE)
+    """.replace("        ", "") + LLM_ROUTE)
     script = """
         import sys, time
         sys.path.insert(0, "/workspace")
@@ -435,7 +425,7 @@ def test_approvals_granted_denied_and_timed_out(rig: GatewayRig) -> None:
 
 
 def test_missing_secret_refuses_the_launch_and_leaves_nothing(rig: GatewayRig) -> None:
-    profile = rig.profile("nosecret", ROUTE.replace("file:llm-key", "file:absent-key"))
+    profile = rig.profile("nosecret", LLM_ROUTE.replace("file:llm-key", "file:absent-key"))
     result = rig.daemon.agentctl("run", "--name", "nokey", "--profile", profile, "--json",
                                  "--", "true")
     assert result.returncode == 10, result.stdout + result.stderr
@@ -448,7 +438,7 @@ def test_missing_secret_refuses_the_launch_and_leaves_nothing(rig: GatewayRig) -
 
 def test_bad_input_and_a_flood_never_stall_other_agents_or_the_control_socket(
         rig: GatewayRig) -> None:
-    profile = rig.profile("gw", ROUTE + """
+    profile = rig.profile("gw", LLM_ROUTE + """
         [network.gateway.breaker]
         enabled = false
     """.replace("        ", ""))

@@ -23,6 +23,19 @@ from tests.support.upstream import TestCA, Upstream, make_ca
 
 AGENT_UID = 4242  # the workspace owner; the agent writes it as this uid
 
+# A credential route to the test upstream, for GatewayRig.profile: the agent calls
+# http://llm.gateway/..., the upstream sees "Authorization: Bearer <the rig's secret>".
+LLM_ROUTE = """
+[[network.gateway.routes]]
+name = "llm"
+host = "llm.gateway"
+upstream = "https://api.upstream.test:{PORT}"
+secret = "file:llm-key"
+header = "Authorization"
+format = "Bearer {secret}"
+price_per_token = 0.01
+"""
+
 
 @dataclass
 class GatewayRig:
