@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from stats import nearest_rank
+
 from supervisor.profiles import load_profile, load_seccomp
 from supervisor.sandbox import netns
 from supervisor.sandbox.bundle import BundleSpec, IdMap, write_bundle
@@ -30,11 +32,6 @@ from supervisor.sandbox.cgroups import Cgroup
 
 UID_BASE = 3_000_000_000  # far from the daemon's and the embedded slots' ranges
 AGENT_UID = 1000
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, round(fraction * len(ordered)) - 1))]
 
 
 def time_command(argv: list[str], env: dict[str, str] | None = None) -> float:
@@ -109,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, values in mechanisms.items():
         median = statistics.median(values)
         rows.append({"mechanism": name.strip(), "n": len(values), "median_ms": median,
-                     "p95_ms": percentile(values, 0.95), "min_ms": min(values),
+                     "p95_ms": nearest_rank(values, 0.95), "min_ms": min(values),
                      "max_ms": max(values), "extra_median_ms": median - base})
     print(f"{'mechanism':26} {'n':>3} {'median ms':>10} {'p95 ms':>8} {'min':>7} {'max':>7} "
           f"{'extra vs runc run':>18}")

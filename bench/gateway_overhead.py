@@ -56,6 +56,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # tests.support is not installed; run from anywhere
 
+from stats import cpu_model, nearest_rank  # noqa: E402
+
 from tests.support.egress import LLM_ROUTE, GatewayRig, gateway_rig  # noqa: E402
 
 TARGET_ADDED_MEDIAN_MS = 1.0
@@ -268,11 +270,6 @@ def phase_timeout(args: argparse.Namespace) -> float:
 
 # ----------------------------------------------------------------------------- report
 
-def nearest_rank(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
 def summarize(raw: Any, sampler: CpuSampler) -> dict[str, Any]:
     latency, throughput = raw["latency"], raw["throughput"]
     values = latency["ms"]
@@ -300,12 +297,7 @@ def summarize(raw: Any, sampler: CpuSampler) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, str]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     return {"nproc": str(os.cpu_count()), "cpu": cpu, "kernel": platform.release(),
             "python_bench": platform.python_version(), "loadavg_at_start": load}

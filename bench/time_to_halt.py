@@ -35,7 +35,6 @@ import ctypes
 import ctypes.util
 import functools
 import json
-import math
 import os
 import platform
 import re
@@ -55,6 +54,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # tests.support is not installed; run from anywhere
+
+from stats import cpu_model, nearest_rank  # noqa: E402
 
 from supervisor.profiles import Profile, load_profile, load_seccomp  # noqa: E402
 from supervisor.runtime.base import RunParams  # noqa: E402
@@ -381,19 +382,9 @@ def write_cgroup_kill_to(cgroup: Cgroup) -> None:
 
 # ----------------------------------------------------------------------------- report
 
-def nearest_rank(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
-
-
 def machine_info(runc: str) -> dict[str, str]:
     version = subprocess.run([runc, "--version"], capture_output=True, text=True, check=False)
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = cpu_model()
     return {
         "nproc": str(len(os.sched_getaffinity(0))),
         "cpu": cpu,

@@ -25,6 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from stats import nearest_rank
+
 from tests.support.daemon import Daemon, new_daemon, wait_for
 
 # Each workload prints "crossed <unix time>" at the moment it passes its own threshold.
@@ -76,12 +78,6 @@ while True:
 """, "0"),
 }
 TARGET_MS = {"memory": 150.0, "processes": 150.0, "cpu": 150.0, "syscall": 20.0}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    rank = max(0, min(len(ordered) - 1, round(q * len(ordered) + 0.5) - 1))
-    return ordered[rank]
 
 
 def one_run(daemon: Daemon, kind: str, index: int) -> dict[str, Any]:
@@ -145,7 +141,7 @@ def main() -> int:
         tth = [s["time_to_halt_ms"] for s in samples if s["kind"] == kind]
         median = statistics.median(lat)
         verdict = "met" if median <= TARGET_MS[kind] else "MISSED"
-        print(f"{kind:<10} {len(lat):>3} {median:>10.1f} {percentile(lat, 0.95):>8.1f} "
+        print(f"{kind:<10} {len(lat):>3} {median:>10.1f} {nearest_rank(lat, 0.95):>8.1f} "
               f"{min(lat):>7.1f} {max(lat):>7.1f} {statistics.median(det):>11.1f} "
               f"{statistics.median(tth):>8.1f} {TARGET_MS[kind]:>7.0f}  {verdict}")
     print()
