@@ -80,7 +80,7 @@ class LiveRun:
 # Hooks run at step 2 of the kill path (credential revocation); the egress gateway adds one.
 RevokeHook = Callable[[str, str], Awaitable[None]]
 # Network mode "gateway": the attachment the runtime plumbs in, and the sandbox's proxy env.
-NetworkProvider = Callable[[LiveRun], tuple[NetworkAttachment, dict[str, str]]]
+NetworkProvider = Callable[[LiveRun], Awaitable[tuple[NetworkAttachment, dict[str, str]]]]
 
 
 class Arbiter:
@@ -98,8 +98,6 @@ class Arbiter:
         self.run_ended_hooks: list[Callable[[str], None]] = []
         # Network mode "gateway" (supervisor/daemon/egress.py): None refuses such profiles.
         self.network_provider: NetworkProvider | None = None
-        # After the sandbox exists, before the agent's command starts; raising aborts the launch.
-        self.pre_start_hooks: list[Callable[[LiveRun], Awaitable[None]]] = []
         # (run_id) after a pause froze the run / before a resume thaws it.
         self.pause_hooks: list[Callable[[str], Awaitable[None]]] = []
         self.resume_hooks: list[Callable[[str], Awaitable[None]]] = []
@@ -313,7 +311,7 @@ class Arbiter:
                 raise EgressSetupFailed(f"profile {profile.name!r} asks for network mode "
                                         f"'gateway' but this supervisor runs no egress gateway",
                                         profile=profile.name)
-            network, proxy_env = self.network_provider(live)
+            network, proxy_env = await self.network_provider(live)
             env.update(proxy_env)
         params = RunParams(
             run_id=run.id, agent=run.agent, container_id=run.container_id, netns=run.netns,
@@ -333,16 +331,6 @@ class Arbiter:
         run.pid = handle.pid
         if self.agents[run.agent].state == AgentState.KILLED:
             return  # never start the agent's command; the kill path takes it from here
-        try:
-            for pre_start in self.pre_start_hooks:
-                await pre_start(live)
-        except BaseException:
-            # The container exists but its command never ran: take it down completely.
-            handle.kill()
-            await handle.wait_empty(self.config.kill.confirm_timeout)
-            handle.teardown_network()
-            await handle.cleanup()
-            raise
         await handle.start()
         run.pid = handle.pid  # docker: the engine starts the init, so its pid is known only now
         self._set_run_state(run, "start")
@@ -368,6 +356,8 @@ class Arbiter:
         self.live.pop(run.id, None)
         self.store.put_run(run)
         self.store.put_agent(agent)
+        for ended_hook in self.run_ended_hooks:  # e.g. the gateway's listener and token
+            _call_hook(ended_hook, run.id)
         live.done.set()
         code = exc.code if isinstance(exc, SupervisorError) else "internal_error"
         self.audit.append(

@@ -84,7 +84,6 @@ class RunNetwork:
                 step(name)
             except Exception as exc:  # every step must run; the leftover is logged and reaped
                 log.error("run %s: removing %s failed: %s", self.run_id, name, exc)
-        self.control.pool.release(self.addresses)
 
     def set_up(self, up: bool) -> None:
         if not self._detached:
@@ -142,7 +141,6 @@ class EgressControl:
 
     def install(self) -> None:
         self.arbiter.network_provider = self.prepare
-        self.arbiter.pre_start_hooks.append(self.open)
         self.arbiter.revoke_hooks.append(self.revoke)
         self.arbiter.pause_hooks.append(self.pause)
         self.arbiter.resume_hooks.append(self.resume)
@@ -170,8 +168,10 @@ class EgressControl:
 
     # ------------------------------------------------------------------ arbiter hooks
 
-    def prepare(self, live: LiveRun) -> tuple[RunNetwork, dict[str, str]]:
-        """Before the sandbox exists: secrets (fail closed), addresses, token, the proxy env."""
+    async def prepare(self, live: LiveRun) -> tuple[RunNetwork, dict[str, str]]:
+        """Before the sandbox exists: secrets (fail closed), addresses, token, the gateway's
+        listener (bound with IP_FREEBIND, so it need not wait for the veth), the proxy env.
+        A failure here leaves nothing: the launch fails before any sandbox is made."""
         run, profile = live.record, live.profile
         assert profile is not None
         policy = profile.network.gateway
@@ -185,24 +185,19 @@ class EgressControl:
             expires_at=run.started_at + policy.token_ttl, policy=policy,
             host_ip=str(addresses.host_ip), port=self.config.egress.port,
             secrets=secret_values, agent_usage=self._agent_usage(run.agent))
+        try:
+            await self.gateway.open(grant)
+        except OSError as exc:
+            self.pool.release(addresses)
+            raise EgressSetupFailed(
+                f"run {run.id}: the gateway cannot listen on {grant.host_ip}:{grant.port}: "
+                f"{exc.strerror or exc}", run=run.id) from exc
         self.runs[run.id] = _RunEgress(network, grant)
         proxy = f"http://{run.agent}:{token}@{addresses.host_ip}:{self.config.egress.port}"
         env = {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy,
                "https_proxy": proxy, "NO_PROXY": "", "no_proxy": "",
                "AGENT_SUPERVISOR_GATEWAY": f"{addresses.host_ip}:{self.config.egress.port}"}
         return network, env
-
-    async def open(self, live: LiveRun) -> None:
-        state = self.runs.get(live.record.id)
-        if state is None:
-            return
-        try:
-            await self.gateway.open(state.grant)
-        except OSError as exc:
-            raise EgressSetupFailed(
-                f"run {live.record.id}: the gateway cannot listen on "
-                f"{state.grant.host_ip}:{state.grant.port}: {exc.strerror or exc}",
-                run=live.record.id) from exc
 
     def network_counter(self, run_id: str) -> Callable[[], tuple[int, int]] | None:
         """For telemetry's network_bytes: the run's veth counters, if it has a veth."""
@@ -244,6 +239,8 @@ class EgressControl:
 
     async def _finish(self, run_id: str, state: _RunEgress) -> None:
         usage = await self.gateway.close(run_id) or Usage()
+        # Only now, with the listener closed, may another run get this address and port.
+        self.pool.release(state.network.addresses)
         self.records[run_id] = self._record(run_id, state, usage)
         self._add_agent_usage(state.grant.agent, usage)
         self.audit.append(
