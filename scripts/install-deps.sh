@@ -13,8 +13,9 @@ if [[ $EUID -ne 0 ]]; then
 fi
 
 # docker.io: the engine for the docker runtime (dockerd, containerd and the CLI).
+# git: the CI-mode tests make a real repository for the scripted coding agent.
 packages=(runc iproute2 nftables python3 python3-venv util-linux passwd procps systemd tmux stress-ng
-          docker.io)
+          docker.io git)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
