@@ -57,20 +57,19 @@ CREATE TABLE IF NOT EXISTS egress_usage (
 class RunNetwork:
     """One run's veth and nftables table (a `NetworkAttachment` for the runtime)."""
 
-    def __init__(self, control: EgressControl, run_id: str, container_id: str,
-                 addresses: link.LinkAddresses) -> None:
-        self.control = control
+    def __init__(self, run_id: str, ifname: str, table: str, addresses: link.LinkAddresses,
+                 port: int) -> None:
         self.run_id = run_id
-        self.ifname = link.host_ifname(container_id)
-        self.table = nft.table_name(control.config.sandbox.name_prefix, run_id)
+        self.ifname = ifname
+        self.table = table
         self.addresses = addresses
+        self.port = port
         self._detached = False
 
     def attach(self, netns: str) -> None:
         link.attach(netns, self.ifname, self.addresses)
         try:
-            nft.install(self.table, self.ifname, self.addresses.host_ip,
-                        self.control.config.egress.port)
+            nft.install(self.table, self.ifname, self.addresses.host_ip, self.port)
         except BaseException:
             link.detach(self.ifname)
             raise
@@ -178,7 +177,9 @@ class EgressControl:
         secret_values = {route.name: load_secret(route.secret, self.config.egress.secrets_dir)
                          for route in policy.routes}
         addresses = self.pool.allocate()
-        network = RunNetwork(self, run.id, run.container_id, addresses)
+        network = RunNetwork(run.id, link.host_ifname(run.container_id),
+                             nft.table_name(self.config.sandbox.name_prefix, run.id), addresses,
+                             self.config.egress.port)
         token = secrets.token_urlsafe(32)
         grant = RunGrant(
             run_id=run.id, agent=run.agent, token=token,
