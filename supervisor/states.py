@@ -31,12 +31,16 @@ AGENT_TRANSITIONS: dict[str, dict[AgentState, AgentState]] = {
     "resume": {AgentState.PAUSED: AgentState.ACTIVE},
     "exit": {AgentState.ACTIVE: AgentState.IDLE, AgentState.PAUSED: AgentState.IDLE},
     "stop": {AgentState.ACTIVE: AgentState.IDLE, AgentState.PAUSED: AgentState.IDLE},
+    # The daemon's own shutdown ends every run but keeps a pause: it is a hold, like a kill.
+    "shutdown": {AgentState.ACTIVE: AgentState.IDLE, AgentState.PAUSED: AgentState.PAUSED},
     "kill": {
         AgentState.IDLE: AgentState.KILLED,
         AgentState.ACTIVE: AgentState.KILLED,
         AgentState.PAUSED: AgentState.KILLED,
     },
     "reactivate": {AgentState.KILLED: AgentState.IDLE},
+    # A pause held across a restart (its run is gone) is lifted by resume or reactivate.
+    "release": {AgentState.PAUSED: AgentState.IDLE},
 }
 
 RUN_TRANSITIONS: dict[str, dict[RunState, RunState]] = {

@@ -242,6 +242,12 @@ class Arbiter:
                             f"an owner must reactivate it first", agent=name,
                             killed_by=existing.last_actor),
                 actor, "launch", scope, name, "")
+        if existing is not None and _held_pause(existing):
+            raise self._refuse(
+                IllegalTransition(f"agent {name!r} is paused; resume or reactivate it first",
+                                  agent=name, verb="launch", state=existing.state,
+                                  paused_by=existing.last_actor),
+                actor, "launch", scope, name, "")
         if existing is not None and existing.state != AgentState.IDLE:
             raise AgentBusy(f"agent {name!r} already has a run ({existing.state})", agent=name,
                             run=existing.current_run)
@@ -453,7 +459,7 @@ class Arbiter:
                           verb: str = "kill") -> AgentResult:
         t0 = time.perf_counter()
         # Step 1, before any await: no launch, resume or restart can race past this point.
-        final_verb = "kill" if verb == "kill" else "stop"
+        final_verb = verb if verb in ("kill", "shutdown") else "stop"
         previous, new = self._set_agent_state(agent, final_verb, actor, reason)
         live = self._live_of(agent)
         time_to_halt_ms: float | None = None
@@ -563,6 +569,9 @@ class Arbiter:
     async def _resume_agent(self, agent: AgentRecord, actor: Actor, reason: str, scope: str
                             ) -> AgentResult:
         async with self._lock(agent.name):
+            if _held_pause(agent):
+                previous, new = self._set_agent_state(agent, "release", actor, reason)
+                return self._record(agent, None, actor, "resume", scope, reason, previous, new)
             previous, new = self._set_agent_state(agent, "resume", actor, reason)
             live = self._live_of(agent)
             assert live is not None and live.handle is not None
@@ -581,7 +590,8 @@ class Arbiter:
                 f"last kill (run {live.record.id} is {live.record.state})",
                 agent=agent.name, run=live.record.id, run_state=live.record.state,
             )
-        previous, new = self._set_agent_state(agent, "reactivate", actor, reason)
+        transition = "release" if _held_pause(agent) else "reactivate"
+        previous, new = self._set_agent_state(agent, transition, actor, reason)
         return self._record(agent, None, actor, "reactivate", scope, reason, previous, new)
 
     async def _stop_agent(self, agent: AgentRecord, actor: Actor, reason: str, scope: str,
@@ -680,9 +690,10 @@ class Arbiter:
         results: list[AgentResult] = []
         jobs: list[Awaitable[AgentResult]] = []
         job_agents: list[str] = []
-        transition = "stop" if verb == "stop" else verb
         for agent in targets:
             state = AgentState(agent.state)
+            transition = "release" if verb in ("resume", "reactivate") and _held_pause(
+                agent) else verb
             if not agent_can(state, transition) or (verb == "stop" and agent.current_run is None):
                 if single:
                     error = IllegalTransition(
@@ -754,7 +765,8 @@ class Arbiter:
                 previous = agent.state
                 agent.current_run = None
                 agent.last_run = run.id
-                if agent.state in (AgentState.ACTIVE, AgentState.PAUSED):
+                # A paused agent stays paused (a hold until resumed or reactivated).
+                if agent.state == AgentState.ACTIVE:
                     agent.state = AgentState.IDLE.value
                 self.store.put_agent(agent)
                 self.audit.append(
@@ -858,6 +870,11 @@ def _stats(live: LiveRun | None) -> dict[str, int | None] | None:
         return live.handle.stats()
     except OSError:
         return None
+
+
+def _held_pause(agent: AgentRecord) -> bool:
+    """Paused with no run: the pause outlived its run (a restart) and still holds the agent."""
+    return agent.state == AgentState.PAUSED and agent.current_run is None
 
 
 def _who(actor: Actor) -> dict[str, Any]:

@@ -35,6 +35,11 @@ EXPECTED_AGENT: dict[tuple[str, AgentState], AgentState] = {
     ("kill", A.ACTIVE): A.KILLED,
     ("kill", A.PAUSED): A.KILLED,
     ("reactivate", A.KILLED): A.IDLE,
+    # The daemon's shutdown ends runs but a pause is a hold: it survives (issue 11, item 11).
+    ("shutdown", A.ACTIVE): A.IDLE,
+    ("shutdown", A.PAUSED): A.PAUSED,
+    # A held pause (its run ended with a restart) is lifted by resume or reactivate.
+    ("release", A.PAUSED): A.IDLE,
 }
 
 EXPECTED_RUN: dict[tuple[str, RunState], RunState] = {
