@@ -12,7 +12,7 @@ import secrets
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from supervisor.audit import AuditLog
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GATEWAY = Actor(kind="system", name="gateway")
-_DENIAL_ROWS_PER_RUN = 50  # distinct (code, target) refusals audited per run; the rest counted
+_DENIAL_ROWS_PER_RUN = 50  # egress_denied rows per run; the gateway's tally counts the rest
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS egress_usage (
@@ -105,7 +105,7 @@ class PendingApproval:
 class _RunEgress:
     network: RunNetwork
     grant: RunGrant
-    denials: dict[tuple[str, str], int] = field(default_factory=dict)
+    denial_rows: int = 0
 
 
 class EgressControl:
@@ -247,8 +247,7 @@ class EgressControl:
         self.audit.append(
             actor=GATEWAY.label(), verb="egress_summary", scope=f"agent:{state.grant.agent}",
             target=state.grant.agent, detail={"run": run_id, "usage": usage.as_dict(),
-                                              "denials": {f"{c} {t}": n for (c, t), n
-                                                          in state.denials.items()}})
+                                              "denials": usage.refusals})
 
     # ------------------------------------------------------------------ GatewaySink (any thread)
 
@@ -289,15 +288,12 @@ class EgressControl:
                                                "usage": detail["usage"]})
 
     def _audit_denial(self, run_id: str, code: str, detail: dict[str, Any]) -> None:
+        """The gateway reports the first refusal of each (code, target), clipped, and counts
+        all of them (the run's egress_summary row has the totals)."""
         state = self.runs.get(run_id)
-        if state is None:
+        if state is None or state.denial_rows >= _DENIAL_ROWS_PER_RUN:
             return
-        target = str(detail.get("host") or detail.get("target") or "")
-        key = (code, target)
-        seen = state.denials.get(key, 0)
-        state.denials[key] = seen + 1
-        if seen or len(state.denials) > _DENIAL_ROWS_PER_RUN:
-            return  # counted; the run's egress_summary row has the totals
+        state.denial_rows += 1
         agent = state.grant.agent
         self.audit.append(actor=GATEWAY.label(), verb="egress_denied", scope=f"agent:{agent}",
                           target=agent, outcome=f"refused:{code}",
@@ -318,6 +314,9 @@ class EgressControl:
         approval = PendingApproval(request, future)
         self.approvals[request.id] = approval
         approval.timer = self.loop.call_later(timeout, self._expire, request.id)
+        # The gateway cancels the future when the agent hangs up: nobody waits any more.
+        future.add_done_callback(lambda f: f.cancelled() and self.loop.call_soon_threadsafe(
+            self._withdraw, request.id))
         self.audit.append(actor=GATEWAY.label(), verb="approval_requested",
                           scope=f"agent:{request.agent}", target=request.agent,
                           reason=f"{method} {host}{path} matches approval rule '{rule}'",
@@ -329,6 +328,11 @@ class EgressControl:
             held = approval.request.expires_at - approval.request.requested_at
             self._decide(approval, False, "system:gateway", f"no answer within {held:g}s",
                          "expired")
+
+    def _withdraw(self, approval_id: str) -> None:
+        approval = self.approvals.get(approval_id)
+        if approval is not None:
+            self._decide(approval, False, "system:gateway", "the agent hung up", "cancelled")
 
     def _cancel_approvals(self, run_id: str, reason: str) -> None:
         for approval in [a for a in self.approvals.values() if a.request.run == run_id]:
@@ -410,8 +414,7 @@ class EgressControl:
         return {"gateway": f"{state.grant.host_ip}:{state.grant.port}",
                 "calls": usage.requests, "bytes": usage.bytes, "spend": round(usage.spend, 9),
                 "tokens": usage.tokens, "errors": usage.errors, "denied": usage.denied,
-                "denials": {f"{code} {target}".strip(): n
-                            for (code, target), n in state.denials.items()},
+                "denials": dict(usage.refusals),
                 "breaker": self.gateway.breaker_open(run_id)}
 
     # ------------------------------------------------------------------ agent usage (SQLite)

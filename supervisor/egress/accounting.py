@@ -1,11 +1,12 @@
-"""What the gateway counts per run and per agent, and the circuit breaker that judges it.
+"""What the gateway counts per run and per agent (usage, refusals), and the circuit breaker
+that judges it. Every structure here has a size fixed by its policy, whatever the agent sends.
 Pure state over an injected clock; no I/O, no privilege."""
 
 from __future__ import annotations
 
 import json
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from supervisor.models.egress import Breaker, Budget
@@ -29,6 +30,8 @@ class Usage:
     tokens: int = 0
     denied: int = 0
     errors: int = 0
+    # "code target" -> count, from the run's RefusalTally; not part of the agent's totals.
+    refusals: dict[str, int] = field(default_factory=dict, compare=False)
 
     def add(self, other: Usage) -> Usage:
         return Usage(self.requests + other.requests, self.bytes + other.bytes,
@@ -45,9 +48,45 @@ class Usage:
         return None
 
     def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["spend"] = round(self.spend, 9)
-        return data
+        return {"requests": self.requests, "bytes": self.bytes, "spend": round(self.spend, 9),
+                "tokens": self.tokens, "denied": self.denied, "errors": self.errors}
+
+    def copy(self) -> Usage:
+        return Usage(self.requests, self.bytes, self.spend, self.tokens, self.denied,
+                     self.errors, dict(self.refusals))
+
+
+MAX_TARGET_CHARS = 200  # of a host or path kept in a refusal's key, detail or audit row
+OTHER_TARGETS = "(other targets)"
+
+
+def clip(text: str, limit: int = MAX_TARGET_CHARS) -> str:
+    """`text` cut to `limit` characters, marked when cut (an agent chooses its length)."""
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+class RefusalTally:
+    """Refusals of one run per (code, target): at most `cap` distinct keys, each target clipped;
+    past the cap, a code's further targets share one key. The codes are the gateway's own, so
+    the tally's size is bounded whatever names or paths the agent invents."""
+
+    def __init__(self, cap: int = 64) -> None:
+        self.cap = cap
+        self.counts: dict[tuple[str, str], int] = {}
+        self.total = 0
+
+    def count(self, code: str, target: str) -> bool:
+        """Count one refusal; True the first time its key is seen (worth an audit row)."""
+        self.total += 1
+        key = (code, clip(target))
+        if key not in self.counts and len(self.counts) >= self.cap:
+            key = (code, OTHER_TARGETS)
+        seen = self.counts.get(key, 0)
+        self.counts[key] = seen + 1
+        return seen == 0 and key[1] != OTHER_TARGETS
+
+    def as_dict(self) -> dict[str, int]:
+        return {f"{code} {target}".strip(): n for (code, target), n in self.counts.items()}
 
 
 def tokens_in(body: bytes) -> int | None:

@@ -5,8 +5,15 @@ daemon set up around it (the veth and the nftables rules); the proxy itself bind
 Every request must carry the run's session token (Proxy-Authorization). `CONNECT host:port`
 tunnels only to allow-listed names, which the gateway resolves itself; plain-HTTP requests go
 only to credential routes, which are forwarded over TLS with the real secret added here, so
-the secret never enters the sandbox. Budgets, the circuit breaker and approval holds are judged
-on every request; a revoked or suspended token cuts open tunnels and connections at once.
+the secret never enters the sandbox, and replies that reflect it never reach the agent
+(`reflection`). Route paths are judged in one normalised form (`target`). Budgets, the
+circuit breaker and approval holds are judged on every request; a revoked or suspended token,
+and a token at its expiry (a timer), cut open tunnels and connections at that moment.
+
+Everything the agent can grow here is bounded: connections per run, held approvals, the
+refusal tally (refusals also count toward the breaker), request bodies (streamed, never
+buffered whole), and the size of everything handed to the sink. A malformed request gets a
+400 and, at most every few seconds, one log line.
 
 Its own event loop keeps a flood from one agent off the daemon's loop (the control socket,
 the kill path); per-run listeners with a connection cap keep it off other agents' traffic.
@@ -23,11 +30,12 @@ import contextlib
 import hmac
 import ipaddress
 import logging
+import re
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Literal, Protocol, TypeVar
 
 import aiohttp
@@ -38,9 +46,18 @@ from aiohttp.web_protocol import RequestHandler
 from yarl import URL
 
 from supervisor.config import EgressSection
-from supervisor.egress.accounting import BreakerState, Ceiling, Usage, tokens_in
+from supervisor.egress.accounting import (
+    BreakerState,
+    Ceiling,
+    RefusalTally,
+    Usage,
+    clip,
+    tokens_in,
+)
 from supervisor.egress.grant import Decision, RunGrant
-from supervisor.models.egress import is_ip_literal
+from supervisor.egress.reflection import Reflection, SecretReflected
+from supervisor.egress.target import MethodOverride, TargetRefused, normalise, override_in
+from supervisor.models.egress import Route, is_ip_literal
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +66,19 @@ _HOP_BY_HOP = frozenset(h.lower() for h in (
     "Connection", "Keep-Alive", "Proxy-Authorization", "Proxy-Authenticate", "Proxy-Connection",
     "TE", "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length"))
 _TUNNEL_HIGH_WATER = 1024 * 1024
-_MAX_BODY = 64 * 1024 * 1024
+_MAX_BODY = 64 * 1024 * 1024  # per request; bodies stream, this only bounds one request
+_MAX_REFUSAL_KEYS = 64  # distinct (code, target) refusals counted apart per run
+_LOG_EVERY = 10.0  # seconds between log lines about malformed requests
+# Refusals that count toward the breaker as errors: all but those of a token that no longer
+# works (the run is over or paused) and of the open breaker itself.
+_NOT_JUDGED = frozenset(("token_revoked", "token_suspended", "token_expired", "breaker_open"))
+_HOST_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_\-]{0,61}[a-z0-9_])?$")
 _BUFFERED_BODY = 1024 * 1024  # replies up to this size with a known length go in one write
+_PRICED_BODY = 8 * 1024 * 1024  # a priced (JSON, token-counted) reply is read whole, up to this
 _IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # linux/in.h; Python 3.12 names it
 T = TypeVar("T")
 
-GateState = Literal["active", "suspended", "revoked"]
+GateState = Literal["active", "suspended", "revoked", "expired"]
 
 
 class GatewaySink(Protocol):
@@ -71,10 +95,11 @@ class EgressRefusal(Exception):
     """Raised inside a handler; rendered as the structured refusal the agent sees."""
 
     def __init__(self, status: int, code: str, message: str, *, retry: bool = False,
-                 **detail: Any) -> None:
+                 headers: dict[str, str] | None = None, **detail: Any) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.retry = retry
+        self.headers = headers or {}
         self.detail = detail
 
 
@@ -90,6 +115,16 @@ class _Gate:
         self.server: web.Server | None = None
         self.listener: asyncio.Server | None = None
         self.tunnels: set[asyncio.Transport] = set()
+        self.refusals = RefusalTally(_MAX_REFUSAL_KEYS)
+        self.expiry: asyncio.TimerHandle | None = None
+        self.held = 0  # requests waiting for an operator now
+        self.asked = 0  # approvals asked for in all
+        self._reflections: dict[str, Reflection] = {}
+
+    def reflection(self, route: Route) -> Reflection:
+        if route.name not in self._reflections:
+            self._reflections[route.name] = Reflection([self.grant.secrets[route.name]])
+        return self._reflections[route.name]
 
     def agent_total(self) -> Usage:
         return self.grant.agent_usage.add(self.usage)
@@ -214,6 +249,75 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
+class _LogLimiter:
+    """One log line per `every` seconds about malformed requests, with the count since the
+    last line: an agent that sends garbage in a loop cannot fill the host's journal."""
+
+    def __init__(self, every: float = _LOG_EVERY) -> None:
+        self.every = every
+        self.last = -every
+        self.suppressed = 0
+        self.lines = 0
+
+    def note(self, run_id: str, what: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.suppressed += 1
+            return
+        self.last = now
+        self.lines += 1
+        log.warning("egress gateway: refused a malformed request from run %s (%s); %d more "
+                    "since the last such line", run_id, clip(what, 300), self.suppressed)
+        self.suppressed = 0
+
+
+class _Connection(RequestHandler):
+    """aiohttp's connection handler, with its error page replaced: a request aiohttp cannot
+    parse gets the gateway's structured 400 (431 for a head too large), is counted as a
+    refusal, and logs no traceback."""
+
+    def __init__(self, manager: _Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.on_bad_request = manager.on_bad_request
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        what = f"{type(exc).__name__}: {exc}" if exc is not None else (message or "")
+        self.on_bad_request(what.replace("\n", " "))
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response had started; the connection is closed")
+        status = status if status in (400, 413, 431) else 400
+        response = _refusal_response(EgressRefusal(
+            status, "bad_request", "the gateway could not parse this request"), {})
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __init__(self, handler: Any, on_bad_request: Callable[[str], None],
+                 **kwargs: Any) -> None:
+        super().__init__(handler, request_factory=self._make_safe_request, **kwargs)
+        self.on_bad_request = on_bad_request
+
+    def __call__(self) -> RequestHandler:
+        return _Connection(self, loop=self._loop, **self._kwargs)
+
+    def _make_safe_request(self, message: Any, payload: Any, protocol: RequestHandler,
+                           writer: Any, task: asyncio.Task[None]) -> web.BaseRequest:
+        """A request line aiohttp parsed but yarl cannot read (a malformed IDNA name, for
+        one) raised inside aiohttp's connection task: no answer, a traceback per request.
+        Such a request is built on a placeholder target and marked, and the handler refuses
+        it."""
+        try:
+            return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
+        except (ValueError, UnicodeError) as exc:
+            placeholder = message._replace(method="GET", path="/", url=URL("/"))
+            request = web.BaseRequest(placeholder, payload, protocol, writer, task, self._loop)
+            request["malformed"] = f"{type(exc).__name__}: {exc}"
+            return request
+
+
 class Gateway:
     def __init__(self, config: EgressSection, sink: GatewaySink,
                  ssl_context: ssl.SSLContext | None = None,
@@ -228,6 +332,7 @@ class Gateway:
         self._thread: threading.Thread | None = None
         self._session: aiohttp.ClientSession | None = None
         self._resolver: _Resolver | None = None
+        self.malformed_log = _LogLimiter()
 
     # ------------------------------------------------------------------ lifecycle (any thread)
 
@@ -284,6 +389,8 @@ class Gateway:
             gate = self.gates.get(run_id)
             if gate is None or gate.state == "revoked":
                 return
+            if gate.state == "expired" and state != "revoked":
+                return  # neither resume nor suspend revives an expired token
             gate.state = state
         if state != "active" and self._loop is not None:
             self._loop.call_soon_threadsafe(self._cut, gate)
@@ -304,7 +411,11 @@ class Gateway:
 
     def usage(self, run_id: str) -> Usage | None:
         gate = self.gates.get(run_id)
-        return Usage(**vars(gate.usage)) if gate else None
+        if gate is None:
+            return None
+        usage = gate.usage.copy()
+        usage.refusals = gate.refusals.as_dict()
+        return usage
 
     def listening(self, run_id: str) -> bool:
         gate = self.gates.get(run_id)
@@ -329,10 +440,14 @@ class Gateway:
 
     async def _open(self, grant: RunGrant) -> None:
         gate = _Gate(grant, self.clock())
-        server = web.Server(self._handler(gate), max_field_size=self.config.max_header_size,
-                            max_line_size=self.config.max_header_size,
-                            keepalive_timeout=self.config.header_timeout,
-                            access_log=None)
+        server = _Server(self._handler(gate), lambda what: self._bad_request(gate, what),
+                         max_field_size=self.config.max_header_size,
+                         max_line_size=self.config.max_header_size,
+                         keepalive_timeout=self.config.header_timeout,
+                         # A client that hangs up cancels its handler: a held approval is
+                         # withdrawn, an upload or a tunnel ends with it.
+                         handler_cancellation=True,
+                         access_log=None)
         gate.server = server
         limit = self.config.max_connections_per_run
 
@@ -345,6 +460,27 @@ class Gateway:
         gate.listener = await loop.create_server(factory, sock=_listening_socket(grant))
         with self._lock:
             self.gates[grant.run_id] = gate
+        self._arm_expiry(gate)
+
+    def _arm_expiry(self, gate: _Gate) -> None:
+        """The token dies at `expires_at` whether or not a request comes: a timer cuts open
+        tunnels and connections then (the clock is read again when it fires, in case it
+        moved)."""
+        remaining = gate.grant.expires_at - self.clock()
+        if remaining > 0:
+            loop = asyncio.get_running_loop()
+            gate.expiry = loop.call_later(min(remaining, 3600.0), self._expire, gate)
+            return
+        gate.expiry = None
+        with self._lock:
+            if gate.state in ("revoked", "expired"):
+                return
+            gate.state = "expired"
+        self._cut(gate)
+
+    def _expire(self, gate: _Gate) -> None:
+        if self.gates.get(gate.grant.run_id) is gate:
+            self._arm_expiry(gate)
 
     async def _close(self, run_id: str) -> Usage | None:
         with self._lock:
@@ -352,12 +488,15 @@ class Gateway:
         if gate is None:
             return None
         gate.state = "revoked"
+        if gate.expiry is not None:
+            gate.expiry.cancel()
         if gate.listener is not None:
             gate.listener.close()
         self._cut(gate)
         if gate.listener is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(gate.listener.wait_closed(), 2)
+        gate.usage.refusals = gate.refusals.as_dict()
         return gate.usage
 
     def _cut(self, gate: _Gate) -> None:
@@ -376,29 +515,53 @@ class Gateway:
                                                                              web.StreamResponse]]:
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
             try:
+                if "malformed" in request:
+                    self._bad_request(gate, str(request["malformed"]), count=False)
+                    raise EgressRefusal(400, "bad_request", "the gateway could not read this "
+                                        "request's target")
                 self._authorize(gate, request)
                 if request.method == "CONNECT":
                     return await self._tunnel(gate, request)
                 return await self._forward(gate, request)
             except EgressRefusal as refusal:
                 return self._refuse(gate, request, refusal)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # no request may go unanswered or log a traceback
+                self._bad_request(gate, f"{type(exc).__name__}: {exc}", count=False)
+                if request.writer.output_size > 0:
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return web.StreamResponse()
+                return self._refuse(gate, request, EgressRefusal(
+                    400, "bad_request", "the gateway could not handle this request"))
         return handle
+
+    def _bad_request(self, gate: _Gate, what: str, *, count: bool = True) -> None:
+        """A request that could not be parsed or handled: one rate-limited log line; counted
+        as a refusal here when it never reaches `_refuse` (aiohttp's own parse errors)."""
+        self.malformed_log.note(gate.grant.run_id, what)
+        if count:
+            self._tally(gate, "bad_request", "(unparsed request)", {"method": "-"})
+
+    def _tally(self, gate: _Gate, code: str, target: str, detail: dict[str, Any]) -> None:
+        """Count a refusal; the sink hears of the first of each (code, target) only, with
+        every string clipped, so the audit rows are few and small whatever the agent sends."""
+        gate.usage.denied += 1
+        if gate.refusals.count(code, target):
+            self.sink.denied(gate.grant.run_id, code, _clipped(detail))
+        if code not in _NOT_JUDGED:
+            self._judge(gate, error=True, upstream=False)
 
     def _refuse(self, gate: _Gate, request: web.BaseRequest,
                 refusal: EgressRefusal) -> web.Response:
-        gate.usage.denied += 1
-        target = request.path if request.method != "CONNECT" else request.url.raw_authority
-        detail = {"method": request.method, "target": str(target)[:300], **refusal.detail}
-        self.sink.denied(gate.grant.run_id, refusal.code, detail)
-        advice = ("retrying may succeed later" if refusal.retry else
-                  "this is the supervisor's egress policy; retrying will not help")
-        body = {"error": {"code": refusal.code, "message": f"{refusal.message} ({advice})",
-                          "detail": {"retry": refusal.retry, **detail}}}
-        headers = {DENIED_HEADER: refusal.code}
-        if refusal.status == 407:
-            headers["Proxy-Authenticate"] = 'Basic realm="agent-supervisor"'
-        response = web.json_response(body, status=refusal.status, headers=headers)
-        if request.method == "CONNECT":
+        target = (request.url.raw_authority if request.method == "CONNECT"
+                  else request.path)
+        detail = {"method": clip(request.method, 16), "target": clip(str(target)),
+                  **_clipped(refusal.detail)}
+        self._tally(gate, refusal.code, str(detail.get("host") or detail["target"]), detail)
+        response = _refusal_response(refusal, detail)
+        if request.method == "CONNECT" or refusal.status == 400:
             response.force_close()
         return response
 
@@ -417,7 +580,7 @@ class Gateway:
         if gate.state == "suspended":
             raise EgressRefusal(403, "token_suspended", "this run's session token is suspended "
                                 "while the agent is paused", retry=True)
-        if self.clock() >= gate.grant.expires_at:
+        if gate.state == "expired" or self.clock() >= gate.grant.expires_at:
             raise EgressRefusal(403, "token_expired", "this run's session token has expired",
                                 expired_at=gate.grant.expires_at)
         if gate.breaker.tripped:
@@ -445,9 +608,14 @@ class Gateway:
             "action": gate.grant.policy.budget.action, "usage": gate.usage.as_dict()})
 
     def count_tunnel_bytes(self, gate: _Gate, n: int) -> bool:
-        """Count tunnelled bytes; False (cut the tunnel) once revoked or over budget."""
+        """Count bytes that pass (tunnels, bodies); False (cut) once the token no longer works
+        (the expiry timer is the rule; reading the clock here too costs little) or a byte
+        budget is spent."""
         gate.usage.bytes += n
         if gate.state != "active":
+            return False
+        if self.clock() >= gate.grant.expires_at:
+            self._arm_expiry(gate)
             return False
         budget = gate.grant.policy.budget
         for which, usage, limit in (("run", gate.usage, budget.run.bytes),
@@ -457,24 +625,43 @@ class Gateway:
                 return False
         return True
 
-    def _judge(self, gate: _Gate, error: bool) -> None:
-        if error:
+    def _judge(self, gate: _Gate, error: bool, *, upstream: bool = True) -> None:
+        """Record one request with the breaker; `errors` counts the upstream's (5xx, unreachable,
+        a bad reply), while a refusal weighs on the breaker only."""
+        if error and upstream:
             gate.usage.errors += 1
         reason = gate.breaker.record(self.clock(), error)
         if reason:
             self.sink.breaker_tripped(gate.grant.run_id, {
                 "reason": reason, "usage": gate.usage.as_dict()})
 
-    async def _hold(self, gate: _Gate, method: str, host: str, path: str) -> None:
-        rule = gate.grant.policy.approval_rule(method, host, path)
+    async def _hold(self, gate: _Gate, method: str, host: str, judged: str,
+                    shown: str) -> None:
+        """Wait for an operator when a rule matches `judged` (the normalised path); the
+        operator is shown `shown`, the path as it will be sent."""
+        policy = gate.grant.policy
+        rule = policy.approval_rule(method, host, judged)
         if rule is None:
             return
-        future = self.sink.request_approval(gate.grant.run_id, method, host, path, str(rule))
+        if gate.held >= policy.max_pending_approvals:
+            raise EgressRefusal(429, "approvals_pending", f"this run already has "
+                                f"{gate.held} requests waiting for an operator (the limit); "
+                                f"wait for an answer", retry=True, rule=str(rule))
+        if gate.asked >= policy.max_approval_requests:
+            raise EgressRefusal(429, "approval_limit", f"this run has asked for "
+                                f"{gate.asked} approvals, the most it may", rule=str(rule))
+        gate.held += 1
+        gate.asked += 1
         try:
-            decision = await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            future.cancel()
-            raise
+            future = self.sink.request_approval(gate.grant.run_id, method, host,
+                                                clip(shown, 500), str(rule))
+            try:
+                decision = await asyncio.wrap_future(future)
+            except asyncio.CancelledError:
+                future.cancel()  # the agent hung up: the daemon withdraws the approval
+                raise
+        finally:
+            gate.held -= 1
         if not decision.approved:
             raise EgressRefusal(403, "approval_denied",
                                 f"an operator's approval was required ({rule}) and was not "
@@ -485,17 +672,16 @@ class Gateway:
                                 "working while the request was held")
 
     async def _tunnel(self, gate: _Gate, request: web.BaseRequest) -> web.StreamResponse:
-        host, port = request.url.raw_host or "", request.url.port or 0
-        if not host or not port:
-            raise EgressRefusal(400, "bad_request", "CONNECT needs host:port")
+        authority = request.url.raw_authority or ""
+        host, port = _authority(authority)
         if is_ip_literal(host):
             raise EgressRefusal(403, "egress_denied", f"{host} is an IP address; the gateway "
                                 "only tunnels to allow-listed names", host=host, port=port)
         if gate.grant.policy.allowed(host, port) is None:
-            raise EgressRefusal(403, "egress_denied", f"{host}:{port} is not on this agent's "
-                                "allow-list", host=host, port=port)
+            raise EgressRefusal(403, "egress_denied", f"{clip(host)}:{port} is not on this "
+                                "agent's allow-list", host=host, port=port)
         gate.usage.requests += 1
-        await self._hold(gate, "CONNECT", host, "")
+        await self._hold(gate, "CONNECT", host, "", "")
         loop = asyncio.get_running_loop()
         assert self._resolver is not None
         try:
@@ -513,7 +699,8 @@ class Gateway:
         protocol = request.protocol
         if client is None or gate.state != "active":
             upstream_transport.close()
-            raise EgressRefusal(403, "token_revoked", "the run's token was revoked")
+            raise EgressRefusal(403, f"token_{gate.state}", "the run's session token stopped "
+                                "working while the tunnel was opened")
         response = web.StreamResponse(status=200, reason="Connection Established")
         await response.prepare(request)
         assert isinstance(upstream_transport, asyncio.Transport)
@@ -529,68 +716,217 @@ class Gateway:
         finally:
             gate.tunnels.discard(client)
             gate.tunnels.discard(upstream_transport)
+            upstream_transport.close()
             client.close()
         return response
+
+    def _screen(self, gate: _Gate, request: web.BaseRequest, route: Route) -> Any:
+        """What a route request must pass before anything is sent: a method the route names,
+        no method override, a target with one meaning. Returns the normalised target."""
+        if request.method not in route.methods:
+            raise EgressRefusal(405, "method_not_allowed", f"route {route.name} forwards only "
+                                f"{', '.join(route.methods)}", route=route.name,
+                                headers={"Allow": ", ".join(route.methods)})
+        override = override_in(list(request.headers.keys()))
+        try:
+            if override is not None:
+                raise MethodOverride(f"header {override}")
+            return normalise(request.raw_path)
+        except MethodOverride as exc:
+            raise EgressRefusal(400, "method_override_refused", f"{exc.reason} would make the "
+                                f"upstream read this request as another method than "
+                                f"{request.method}; send that method itself",
+                                route=route.name) from None
+        except TargetRefused as exc:
+            raise EgressRefusal(400, "bad_request", f"the path has no single meaning: "
+                                f"{exc.reason}", route=route.name) from None
 
     async def _forward(self, gate: _Gate, request: web.BaseRequest) -> web.StreamResponse:
         host = (request.url.host or request.host or "").split(":")[0].lower()
         route = gate.grant.policy.route_for(host)
         if route is None:
-            raise EgressRefusal(403, "egress_denied", f"no credential route for {host!r}; "
-                                "plain HTTP goes only to routes, anything else through "
-                                "CONNECT to an allow-listed name", host=host)
+            raise EgressRefusal(403, "egress_denied", f"no credential route for "
+                                f"{clip(host)!r}; plain HTTP goes only to routes, anything "
+                                "else through CONNECT to an allow-listed name", host=host)
+        target = self._screen(gate, request, route)
+        length = request.content_length
+        if length is not None and length > _MAX_BODY:
+            raise EgressRefusal(413, "body_too_large", f"request bodies are limited to "
+                                f"{_MAX_BODY} bytes")
         gate.usage.requests += 1
-        # Rules are judged on exactly the path that is sent: normalised once, here.
-        target = _canonical(request.url.raw_path_qs)
-        await self._hold(gate, request.method, host, target.path)
-        body = await _read_body(request)
-        gate.usage.bytes += len(body)
+        # Rules judge the normalised form; the path sent can only be read as that same form.
+        await self._hold(gate, request.method, host, target.judged, target.path)
         headers = {k: v for k, v in request.headers.items()
-                   if k.lower() not in _HOP_BY_HOP and k.lower() != route.header.lower()}
+                   if k.lower() not in _HOP_BY_HOP and k.lower() != route.header.lower()
+                   and k.lower() != "accept-encoding"}
         headers[route.header] = route.header_value(gate.grant.secrets[route.name])
+        # An encoded reply could hide a reflected secret from the scan below.
+        headers["Accept-Encoding"] = "identity"
+        if length is not None and request.body_exists:
+            headers["Content-Length"] = str(length)
         url = URL(route.upstream.rstrip("/") + target.raw_path_qs, encoded=True)
         gate.usage.spend += route.price_per_call
+        cut: list[EgressRefusal] = []
+        body = self._stream_body(gate, request, cut) if request.body_exists else None
         assert self._session is not None
         try:
             upstream = await self._session.request(request.method, url, headers=headers,
-                                                   data=body or None, allow_redirects=False)
+                                                   data=body, allow_redirects=False)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if cut:
+                raise cut[0] from None
             self._judge(gate, error=True)
             raise EgressRefusal(502, "upstream_unreachable", f"route {route.name}: "
-                                f"{type(exc).__name__}: {exc}", retry=True,
+                                f"{type(exc).__name__}: {clip(str(exc))}", retry=True,
                                 route=route.name) from None
         async with upstream:
-            headers_out = [(k, v) for k, v in upstream.headers.items()
-                           if k.lower() not in _HOP_BY_HOP]
-            length = upstream.content_length
-            priced = bool(route.price_per_token) and "json" in upstream.headers.get(
-                "Content-Type", "")
-            response: web.StreamResponse
-            if priced or (length is not None and length <= _BUFFERED_BODY):
-                # One read and one write: most API replies are small and have a length.
-                payload = await upstream.read()
-                gate.usage.bytes += len(payload)
-                if priced:
-                    tokens = tokens_in(payload) or 0
-                    gate.usage.tokens += tokens
-                    gate.usage.spend += tokens * route.price_per_token
-                response = web.Response(status=upstream.status, reason=upstream.reason,
-                                        body=payload)
-                for key, value in headers_out:
-                    response.headers.add(key, value)
-            else:  # streamed (server-sent events, large downloads): passed on as it comes
-                response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-                for key, value in headers_out:
-                    response.headers.add(key, value)
-                if length is not None:
-                    response.content_length = length
-                await response.prepare(request)
-                async for chunk in upstream.content.iter_any():
-                    gate.usage.bytes += len(chunk)
-                    await response.write(chunk)
-                await response.write_eof()
+            return await self._reply(gate, request, route, upstream)
+
+    async def _stream_body(self, gate: _Gate, request: web.BaseRequest,
+                           cut: list[EgressRefusal]) -> AsyncIterator[bytes]:
+        """The agent's body, passed upstream as it arrives (never held whole); a body past
+        the per-request limit, or a token that stops working, ends the upload and the
+        request is refused."""
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > _MAX_BODY:
+                cut.append(EgressRefusal(413, "body_too_large", f"request bodies are limited "
+                                         f"to {_MAX_BODY} bytes"))
+            else:
+                # A byte budget is judged before each request (an upload may end past it, by
+                # at most one body); a token that stops working ends the upload at once.
+                gate.usage.bytes += len(chunk)
+                if gate.state != "active" or self.clock() >= gate.grant.expires_at:
+                    cut.append(EgressRefusal(403, "token_expired" if gate.state == "active"
+                                             else f"token_{gate.state}", "the run's session "
+                                             "token stopped working during the upload"))
+            if cut:
+                raise aiohttp.ClientPayloadError("the upload was cut")
+            yield chunk
+
+    async def _reply(self, gate: _Gate, request: web.BaseRequest, route: Route,
+                     upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        reflection = gate.reflection(route)
+        headers_out = [(k, v) for k, v in upstream.headers.items()
+                       if k.lower() not in _HOP_BY_HOP]
+        encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            self._judge(gate, error=True)
+            raise EgressRefusal(502, "upstream_encoding_refused", f"route {route.name} answered "
+                                f"with Content-Encoding {clip(encoding, 40)!r}; the gateway "
+                                "passes on only bodies it can read", route=route.name)
+        if any(reflection.found_in(f"{k}: {v}") for k, v in headers_out) or \
+                reflection.found_in(upstream.reason or ""):
+            self._judge(gate, error=True)
+            raise _reflected(route, "headers")
+        length = upstream.content_length
+        priced = bool(route.price_per_token) and "json" in upstream.headers.get(
+            "Content-Type", "")
+        response: web.StreamResponse
+        if priced or (length is not None and length <= _BUFFERED_BODY):
+            # One read and one write: most API replies are small and have a length.
+            payload = await _read_capped(upstream.content, _PRICED_BODY)
+            gate.usage.bytes += len(payload)
+            if len(payload) > _PRICED_BODY:
+                self._judge(gate, error=True)
+                raise EgressRefusal(502, "upstream_reply_too_large", f"route {route.name}: "
+                                    f"a priced reply over {_PRICED_BODY} bytes (its tokens are "
+                                    "counted from the whole body)", route=route.name)
+            if reflection.found_in(payload):
+                self._judge(gate, error=True)
+                raise _reflected(route, "body")
+            if priced:
+                tokens = tokens_in(payload) or 0
+                gate.usage.tokens += tokens
+                gate.usage.spend += tokens * route.price_per_token
+            response = web.Response(status=upstream.status, reason=upstream.reason,
+                                    body=payload)
+            for key, value in headers_out:
+                response.headers.add(key, value)
+            self._judge(gate, error=upstream.status >= 500)
+            return response
+        # Streamed (server-sent events, large downloads): passed on as it comes, scanned
+        # across chunk boundaries; a reflection found mid-stream ends the connection before
+        # any byte of it is sent.
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        for key, value in headers_out:
+            response.headers.add(key, value)
+        if length is not None:
+            response.content_length = length
+        await response.prepare(request)
+        guard = reflection.guard()
+        try:
+            async for chunk in upstream.content.iter_any():
+                if not self.count_tunnel_bytes(gate, len(chunk)):
+                    raise ConnectionResetError("cut")
+                await response.write(guard.feed(chunk))
+            await response.write(guard.finish())
+            await response.write_eof()
+        except SecretReflected:
+            self._tally(gate, "secret_reflected", route.name, {
+                "route": route.name, "where": "streamed body", "method": request.method})
+            self._abort(request)
+            return response
+        except (ConnectionError, aiohttp.ClientError, TimeoutError):
+            self._judge(gate, error=True)
+            self._abort(request)
+            return response
         self._judge(gate, error=upstream.status >= 500)
         return response
+
+    @staticmethod
+    def _abort(request: web.BaseRequest) -> None:
+        if request.transport is not None:
+            request.transport.abort()
+
+
+async def _read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The whole body, or its first `limit` + 1 bytes when it is longer (then refused)."""
+    chunks, size = [], 0
+    async for chunk in content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
+    return b"".join(chunks)
+
+
+def _reflected(route: Route, where: str) -> EgressRefusal:
+    return EgressRefusal(502, "secret_reflected", f"route {route.name}'s upstream put the "
+                         f"route's secret in its reply {where}; the reply was withheld",
+                         route=route.name, where=where)
+
+
+def _refusal_response(refusal: EgressRefusal, detail: dict[str, Any]) -> web.Response:
+    advice = ("retrying may succeed later" if refusal.retry else
+              "this is the supervisor's egress policy; retrying will not help")
+    body = {"error": {"code": refusal.code, "message": f"{refusal.message} ({advice})",
+                      "detail": {"retry": refusal.retry, **detail}}}
+    headers = {DENIED_HEADER: refusal.code, **refusal.headers}
+    if refusal.status == 407:
+        headers["Proxy-Authenticate"] = 'Basic realm="agent-supervisor"'
+    return web.json_response(body, status=refusal.status, headers=headers)
+
+
+def _clipped(detail: dict[str, Any]) -> dict[str, Any]:
+    return {k: clip(v) if isinstance(v, str) else v for k, v in detail.items()}
+
+
+def _authority(authority: str) -> tuple[str, int]:
+    """CONNECT's `host:port`, read strictly: an ASCII DNS name (IDNA in its xn-- form) and a
+    port; anything else is a 400, never an exception."""
+    host, sep, port = authority.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise EgressRefusal(400, "bad_request", "CONNECT needs host:port", target=authority)
+    host = host.lower().rstrip(".")
+    if host.startswith("[") and host.endswith("]"):
+        return host, int(port)  # an IPv6 literal, refused as an address by the caller
+    labels = host.split(".")
+    if not host or len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        raise EgressRefusal(400, "bad_request", "CONNECT needs a DNS name (ASCII; IDNA "
+                            "names in their xn-- form)", target=authority)
+    return host, int(port)
 
 
 def _listening_socket(grant: RunGrant) -> socket.socket:
@@ -607,31 +943,6 @@ def _listening_socket(grant: RunGrant) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def _canonical(raw_path_qs: str) -> URL:
-    """The request's path with dot segments resolved (as yarl, and then the upstream, would).
-    A dot segment still there after that was percent-encoded to slip past a rule: refused."""
-    if not raw_path_qs.startswith("/"):
-        raw_path_qs = "/" + raw_path_qs
-    target = URL("http://route" + raw_path_qs, encoded=True)
-    if any(segment in (".", "..") for segment in target.path.split("/")):
-        raise EgressRefusal(400, "bad_request", "encoded dot segments are not allowed in a "
-                            "route's path", path=raw_path_qs[:300])
-    return target
-
-
-async def _read_body(request: web.BaseRequest) -> bytes:
-    if not request.body_exists:
-        return b""
-    chunks, size = [], 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > _MAX_BODY:
-            raise EgressRefusal(413, "body_too_large", f"request bodies are limited to "
-                                f"{_MAX_BODY} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _token_of(header: str) -> str | None:

@@ -19,6 +19,10 @@ _HOST_PATTERN = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
 _SECRET_REF = re.compile(r"^(file|env):[A-Za-z0-9_.\-]{1,128}$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~\-]{1,64}$")
 _METHOD = re.compile(r"^(\*|[A-Z]{3,10})$")
+# Methods a route never forwards: TRACE and TRACK echo the request (the injected secret
+# included) back to the agent; CONNECT is the gateway's own.
+FORBIDDEN_METHODS = frozenset(("TRACE", "TRACK", "CONNECT"))
+DEFAULT_ROUTE_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 class _Strict(BaseModel):
@@ -82,6 +86,21 @@ class Route(_Strict):
     # Spend: a price per call, and/or per token read from the upstream's JSON `usage`.
     price_per_call: Annotated[float, Field(ge=0)] = 0.0
     price_per_token: Annotated[float, Field(ge=0)] = 0.0
+    # The only methods forwarded; anything else is refused 405 before it leaves the gateway.
+    methods: list[str] = list(DEFAULT_ROUTE_METHODS)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, methods: list[str]) -> list[str]:
+        methods = [m.upper() for m in methods]
+        for method in methods:
+            if not _METHOD.match(method) or method == "*":
+                raise ValueError(f"{method!r} is not an HTTP method name")
+            if method in FORBIDDEN_METHODS:
+                raise ValueError(f"{method} is never forwarded by a route")
+        if not methods:
+            raise ValueError("a route needs at least one method")
+        return methods
 
     @field_validator("host")
     @classmethod
@@ -164,9 +183,18 @@ class ApprovalRule(_Strict):
         return cls(method=method, host=host.lower(), path=f"/{path}" if slash else "*")
 
     def matches(self, method: str, host: str, path: str) -> bool:
-        return (self.method in ("*", method.upper())
-                and fnmatch.fnmatchcase(host.lower(), self.host)
-                and fnmatch.fnmatchcase(path, self.path))
+        """`path` is the gateway's judged form (decoded, lower-case, no empty segments, no
+        trailing slash); the rule's glob is read the same way, so spelling cannot slip past."""
+        if self.method not in ("*", method.upper()):
+            return False
+        if not fnmatch.fnmatchcase(host.lower().rstrip("."), self.host):
+            return False
+        if self.path == "*":
+            return True
+        glob = "/" + "/".join(s for s in self.path.lower().split("/") if s)
+        if self.path.endswith("/"):
+            glob += "/"
+        return fnmatch.fnmatchcase(path, glob) or fnmatch.fnmatchcase(path + "/", glob)
 
     def __str__(self) -> str:
         if self.host == "*":
@@ -184,6 +212,10 @@ class GatewayPolicy(_Strict):
     approvals: list[ApprovalRule] = []
     # An approval nobody answers within this time is a denial.
     approval_timeout: Duration = 300.0
+    # Held requests a run may have at once, and in all; past either, matching requests are
+    # refused (429 approvals_pending / approval_limit) without asking anyone.
+    max_pending_approvals: Annotated[int, Field(ge=1, le=64)] = 4
+    max_approval_requests: Annotated[int, Field(ge=1, le=10_000)] = 100
 
     @field_validator("allow", mode="before")
     @classmethod

@@ -240,8 +240,11 @@ def test_approval_rule_matches() -> None:
     hosted = ApprovalRule.parse("CONNECT *.example.com")
     assert hosted.matches("CONNECT", "Pkg.Example.com", "")
     assert not hosted.matches("CONNECT", "example.org", "")
-    # Paths are matched case-sensitively.
-    assert not ApprovalRule.parse("GET /Admin").matches("GET", "h", "/admin")
+    # Rules judge the gateway's normalised path (lower-case: an upstream may fold case, so
+    # /V1/refunds must be held like /v1/refunds), and read their own glob the same way.
+    assert ApprovalRule.parse("GET /Admin").matches("GET", "h", "/admin")
+    assert ApprovalRule.parse("POST /v1//refunds/").matches("POST", "h", "/v1/refunds")
+    assert ApprovalRule.parse("POST /v1/refunds/*").matches("POST", "h", "/v1/refunds")
 
 
 def test_gateway_policy_approval_rule_first_match() -> None:
