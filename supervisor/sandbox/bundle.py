@@ -6,11 +6,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import platform
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from supervisor.errors import EnforcementError
 from supervisor.profiles import Profile
 
 SANDBOX_UID_COUNT = 65536
@@ -25,6 +27,11 @@ _READONLY = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-tri
 _CPU_PERIOD_US = 100_000
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _NOTIFY = "SCMP_ACT_NOTIFY"
+# The one ABI a run's filter admits, by host machine. A compat ABI (i386 `int 0x80`, x32,
+# arm32) reaches the same kernel through other syscall numbers and through multiplexers
+# (socketcall, ipc) whose arguments live in memory the filter cannot read; left out of the
+# filter, the kernel kills a thread that enters through it (libseccomp's bad-arch action).
+_NATIVE_ARCH = {"x86_64": "SCMP_ARCH_X86_64", "aarch64": "SCMP_ARCH_AARCH64"}
 
 
 @dataclass(frozen=True)
@@ -96,8 +103,10 @@ def render_seccomp(seccomp: dict[str, Any], listener: str | None, run_id: str) -
     """The profile's `linux.seccomp` for one run. SCMP_ACT_NOTIFY entries report each attempt
     to the daemon's listener, which answers EPERM; without a listener they become plain
     SCMP_ACT_ERRNO EPERM, so the syscalls stay denied either way (fail closed). The listener
-    is always the daemon's own, never one a profile names."""
+    is always the daemon's own, never one a profile names. Only the host's native ABI is
+    admitted, whatever the profile lists."""
     rendered = {k: v for k, v in seccomp.items() if k not in ("listenerPath", "listenerMetadata")}
+    rendered["architectures"] = [native_arch()]
     rules: list[dict[str, Any]] = []
     notify = False
     for rule in seccomp.get("syscalls", []):
@@ -115,6 +124,16 @@ def render_seccomp(seccomp: dict[str, Any], listener: str | None, run_id: str) -
         rendered["listenerPath"] = listener
         rendered["listenerMetadata"] = run_id
     return rendered
+
+
+def native_arch(machine: str | None = None) -> str:
+    """The libseccomp name of the host's ABI; a host we have no name for cannot be filtered."""
+    machine = machine or platform.machine()
+    try:
+        return _NATIVE_ARCH[machine]
+    except KeyError:
+        raise EnforcementError(f"no seccomp architecture known for machine {machine!r}",
+                               machine=machine) from None
 
 
 def agent_env(run_id: str, has_workspace: bool, profile: Profile, extra: dict[str, str]

@@ -74,9 +74,9 @@ _X86_64 = {
     "mount": 165, "mount_setattr": 442, "move_mount": 429, "name_to_handle_at": 303,
     "open_by_handle_at": 304, "open_tree": 428, "perf_event_open": 298, "pivot_root": 155,
     "process_vm_readv": 310, "process_vm_writev": 311, "ptrace": 101, "quotactl": 179,
-    "reboot": 169, "request_key": 249, "setns": 308, "settimeofday": 164, "swapoff": 168,
-    "swapon": 167, "syslog": 103, "umount2": 166, "unshare": 272, "userfaultfd": 323,
-    "vhangup": 153,
+    "reboot": 169, "request_key": 249, "setns": 308, "settimeofday": 164, "socket": 41,
+    "socketpair": 53, "swapoff": 168, "swapon": 167, "syslog": 103, "umount2": 166,
+    "unshare": 272, "userfaultfd": 323, "vhangup": 153,
 }
 # x32 shares the x86_64 numbers except where it has its own compat entry point (512 and up).
 _X32 = {**_X86_64, "kexec_load": 528, "process_vm_readv": 539, "process_vm_writev": 540,

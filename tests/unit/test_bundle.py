@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from supervisor.errors import EnforcementError
 from supervisor.profiles import Profile, load_seccomp, validate_profile
 from supervisor.sandbox.bundle import (
     SANDBOX_UID_COUNT,
@@ -19,6 +20,7 @@ from supervisor.sandbox.bundle import (
     BundleSpec,
     IdMap,
     render_config,
+    native_arch,
     render_seccomp,
     write_bundle,
 )
@@ -172,7 +174,8 @@ def test_seccomp_and_environment(host_root: Path) -> None:
     config = render_config(spec)
     seccomp = config["linux"]["seccomp"]
     assert {k: v for k, v in seccomp.items() if k != "syscalls"} == {
-        k: v for k, v in spec.seccomp.items() if k != "syscalls"}
+        **{k: v for k, v in spec.seccomp.items() if k != "syscalls"},
+        "architectures": ["SCMP_ARCH_X86_64"]}
     assert len(seccomp["syscalls"]) == len(spec.seccomp["syscalls"])
     env = env_of(config)
     assert env["LANG"] == "C.UTF-8"
@@ -197,7 +200,7 @@ def test_seccomp_with_a_listener_notifies_it(host_root: Path) -> None:
     seccomp = render_config(spec)["linux"]["seccomp"]
     assert seccomp["listenerPath"] == LISTENER
     assert seccomp["listenerMetadata"] == spec.run_id
-    [notify] = _by_action(seccomp)[NOTIFY]
+    [notify] = [r for r in _by_action(seccomp)[NOTIFY] if "args" not in r]
     assert {"unshare", "mount", "ptrace", "bpf", "keyctl"} <= set(notify["names"])
     assert notify == {"names": notify["names"], "action": NOTIFY}  # no errnoRet for NOTIFY
     # Everything else is the profile's, untouched.
@@ -210,7 +213,8 @@ def test_seccomp_without_a_listener_fails_closed_to_eperm(host_root: Path) -> No
     seccomp = render_config(spec)["linux"]["seccomp"]
     assert "listenerPath" not in seccomp and "listenerMetadata" not in seccomp
     assert NOTIFY not in _by_action(seccomp)
-    [notified] = [r for r in spec.seccomp["syscalls"] if r["action"] == NOTIFY]
+    [notified] = [r for r in spec.seccomp["syscalls"]
+                  if r["action"] == NOTIFY and "args" not in r]
     denied = [r for r in seccomp["syscalls"] if r["names"] == notified["names"]]
     assert denied == [{"names": notified["names"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
     # The loaded profile is shared between runs: rendering never changes it.
@@ -226,7 +230,20 @@ def test_seccomp_listener_is_only_ever_the_daemons() -> None:
     # No NOTIFY entry, no listener: runc would connect for nothing.
     plain = {"defaultAction": "SCMP_ACT_ERRNO",
              "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}
-    assert render_seccomp(plain, LISTENER, "r1") == plain
+    assert render_seccomp(plain, LISTENER, "r1") == {**plain, "architectures": ["SCMP_ARCH_X86_64"]}
+
+
+def test_seccomp_admits_only_the_native_abi() -> None:
+    # A profile that lists i386 or x32 still gets a filter that admits x86_64 alone: the
+    # compat entry points (int 0x80 socketcall and ipc, x32 numbers) are killed by the kernel.
+    profile = {"defaultAction": "SCMP_ACT_ERRNO",
+               "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+               "syscalls": [{"names": ["read"], "action": "SCMP_ACT_ALLOW"}]}
+    assert render_seccomp(profile, None, "r1")["architectures"] == [native_arch("x86_64")]
+    assert native_arch("x86_64") == "SCMP_ARCH_X86_64"
+    assert native_arch("aarch64") == "SCMP_ARCH_AARCH64"
+    with pytest.raises(EnforcementError):
+        native_arch("mips")
 
 
 def test_image_root_has_no_host_binds(host_root: Path) -> None:
