@@ -27,7 +27,7 @@ class Containment:
         self.arbiter = arbiter
         self.runs: dict[str, RunTripwires] = {}
         self.attempts: dict[str, int] = {}
-        self.attempt_listeners: list[Any] = []  # callables(run_id) e.g. the sampler's counter
+        self.attempt_listeners: list[Any] = []  # callables(run_id, count): the sampler's counter
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # Hooks ------------------------------------------------------------------------------
@@ -56,10 +56,10 @@ class Containment:
         run_id = self._run_of(attempt.container_id)
         if run_id is None:
             return
-        count = self.attempts.get(run_id, 0) + 1
+        count = self.attempts.get(run_id, 0) + attempt.count
         self.attempts[run_id] = count
         for listener in self.attempt_listeners:
-            listener(run_id)
+            listener(run_id, attempt.count)
         state = self.runs.get(run_id)
         if state is not None:
             for firing in state.evaluate_metric("syscall_attempts", count, attempt.ts):

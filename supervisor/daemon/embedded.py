@@ -53,7 +53,7 @@ from supervisor.models import ActionRequest, Actor, Scope
 from supervisor.profiles import Profile, load_profile
 from supervisor.sandbox.bundle import SANDBOX_UID_COUNT
 from supervisor.sandbox.cgroups import unified_root, v1_hierarchies
-from supervisor.telemetry import SyscallAttempt
+from supervisor.sandbox.seccomp_notify import AttemptTally
 
 log = logging.getLogger("agentctl")
 
@@ -128,7 +128,8 @@ class EmbeddedRunner:
         self.core: Core | None = None
         self.run_id: str | None = None
         self.cancel_reason: str | None = None
-        self.attempts: list[SyscallAttempt] = []
+        # Counted, never stored one by one: an agent can make millions of attempts a minute.
+        self.attempts = AttemptTally()
         self.ending = Ending.NOT_STARTED
         self.end_reason: str | None = None
         self.agent_status: int | None = None
@@ -177,9 +178,9 @@ class EmbeddedRunner:
                               "env_keys": sorted(self.spec.run.env), **core.runtime.describe()})
         await core.arbiter.reconcile()  # what a SIGKILLed run of this slot left behind
         if core.seccomp is not None:
-            core.seccomp.subscribers.append(self.attempts.append)
+            core.seccomp.subscribers.append(self.attempts.add)
         if self.spec.self_test:
-            report = await run_self_test(core.arbiter, self.config)
+            report = await run_self_test(core.arbiter, self.config, seccomp=core.seccomp)
             core.audit.append(actor=SYSTEM.label(), verb="self_test", scope="global",
                               outcome="ok" if report["ok"] else "failed", detail=report)
             if not report["ok"]:
@@ -278,10 +279,10 @@ class EmbeddedRunner:
                 "cpu_seconds", "max_cpu_percent", "io_read_bytes", "io_write_bytes",
                 "oom_kills", "samples")}
         if core.seccomp is not None:  # None: no notify on this kernel (the filter still denies)
-            by_name: dict[str, int] = {}
-            for attempt in self.attempts:
-                by_name[attempt.syscall] = by_name.get(attempt.syscall, 0) + 1
-            self.denied = {"count": len(self.attempts), "by_syscall": by_name}
+            # The agent's own attempts; the self-test canary's are in its audit row.
+            container = f"{self.config.sandbox.name_prefix}-{self.run_id}"
+            self.denied = {"count": self.attempts.count(container),
+                           "by_syscall": self.attempts.by_syscall(container)}
         if self.run_id is not None:
             self.egress = core.egress_record(self.run_id)
 

@@ -115,7 +115,7 @@ async def serve(config: Config) -> int:
     await arbiter.reconcile()
 
     if config.daemon.self_test:
-        report = await run_self_test(arbiter, config)
+        report = await run_self_test(arbiter, config, seccomp=core.seccomp)
         audit.append(actor=SYSTEM.label(), verb="self_test", scope="global",
                      outcome="ok" if report["ok"] else "failed", detail=report)
         if not report["ok"]:

@@ -1,6 +1,8 @@
 """The startup self-test: launch a canary through the real runtime and prove that a forbidden
-syscall, a network connection, the control socket and host secrets are out of its reach, and
-that the kill path empties its cgroup. The daemon refuses to serve when any check fails."""
+syscall, a network connection, the control socket and host secrets are out of its reach, that
+the compat syscall ABIs and the refused socket families are refused (abi_probe.py) and, where
+the daemon has a seccomp listener, counted, and that the kill path empties its cgroup. The
+daemon refuses to serve when any check fails."""
 
 from __future__ import annotations
 
@@ -14,11 +16,19 @@ from typing import TYPE_CHECKING, Any
 from supervisor.config import Config
 from supervisor.profiles import load_profile
 from supervisor.runtime.base import RunParams
+from supervisor.sandbox import abi_probe
 
 if TYPE_CHECKING:
     from supervisor.daemon.arbiter import Arbiter
+    from supervisor.sandbox.seccomp_notify import SeccompListener
 
 _READY = "canary-ready"
+# The notified attempts the canary makes: `unshare -U` and each refused socket family.
+_NOTIFIED = 1 + len(abi_probe.NOTIFIED_CHECKS)
+_COUNT_WAIT = 5.0
+
+
+_PROBE_EOF = "AGENT_SUPERVISOR_ABI_PROBE"
 
 
 def _script(runtime_dir: Path) -> str:
@@ -31,18 +41,24 @@ def _script(runtime_dir: Path) -> str:
         "check shadow-readable 'test -s /etc/shadow && cat /etc/shadow'",
         "check usr-writable 'touch /usr/.agent-supervisor-canary'",
         "check root-user 'test \"$(id -u)\" = 0'",
+        # The ABI probe prints its own PASS/FAIL lines; without python3 nothing proves them,
+        # and the count of checks below fails the self-test.
+        f"python3 - <<'{_PROBE_EOF}'",
+        abi_probe.PROBE,
+        _PROBE_EOF,
         f"echo {_READY}",
         "exec sleep 600",
     ])
 
 
-async def run_self_test(arbiter: Arbiter, config: Config, timeout: float = 20.0
-                        ) -> dict[str, Any]:
+async def run_self_test(arbiter: Arbiter, config: Config, timeout: float = 20.0,
+                        seccomp: SeccompListener | None = None) -> dict[str, Any]:
     """The canary on the default runtime and, when docker is enabled besides, on docker too
-    (its checks then carry a "docker:" prefix)."""
-    report = await _canary(arbiter, config, config.sandbox.runtime, timeout)
+    (its checks then carry a "docker:" prefix). With `seccomp`, the daemon's listener, a runc
+    canary's refused calls must also have reached it (Docker takes no listener)."""
+    report = await _canary(arbiter, config, config.sandbox.runtime, timeout, seccomp)
     if config.docker_enabled and config.sandbox.runtime != "docker":
-        docker = await _canary(arbiter, config, "docker", timeout)
+        docker = await _canary(arbiter, config, "docker", timeout, None)
         report["ok"] = report["ok"] and docker["ok"]
         report["checks"].update({f"docker:{k}": v for k, v in docker["checks"].items()})
         if "error" in docker:
@@ -51,8 +67,8 @@ async def run_self_test(arbiter: Arbiter, config: Config, timeout: float = 20.0
     return report
 
 
-async def _canary(arbiter: Arbiter, config: Config, runtime: str, timeout: float
-                  ) -> dict[str, Any]:
+async def _canary(arbiter: Arbiter, config: Config, runtime: str, timeout: float,
+                  seccomp: SeccompListener | None) -> dict[str, Any]:
     started = time.perf_counter()
     run_id = f"selftest{secrets.token_hex(3)}"
     container_id = f"{config.sandbox.name_prefix}-{run_id}"
@@ -77,15 +93,24 @@ async def _canary(arbiter: Arbiter, config: Config, runtime: str, timeout: float
             with contextlib.suppress(FileNotFoundError):
                 output = log_path.read_text()
         for line in output.splitlines():
-            verdict, _, name = line.partition(" ")
+            verdict, _, rest = line.partition(" ")
             if verdict in ("PASS", "FAIL", "SKIP"):
+                name, _, detail = rest.partition(" ")
                 report["checks"][name] = verdict
+                if verdict != "PASS" and detail:
+                    report.setdefault("details", {})[name] = detail
+        if seccomp is not None and runtime == "runc":
+            counted = await _counted(seccomp, container_id, _NOTIFIED)
+            report["checks"]["seccomp-attempts-counted"] = (
+                "PASS" if counted >= _NOTIFIED else "FAIL")
+            report["seccomp_attempts"] = counted
         mechanism = handle.kill()
         empty = await handle.wait_empty(config.kill.confirm_timeout)
         handle.teardown_network()
         report["checks"]["kill-confirmed"] = "PASS" if empty else "FAIL"
         report["kill_mechanism"] = mechanism
-        report["ok"] = (_READY in output and len(report["checks"]) >= 7
+        expected = 7 + len(abi_probe.NOTIFIED_CHECKS) + len(abi_probe.COMPAT_CHECKS)
+        report["ok"] = (_READY in output and len(report["checks"]) >= expected
                         and all(v == "PASS" for v in report["checks"].values()))
         if _READY not in output:
             report["error"] = f"canary did not report within {timeout:g}s: {output[-500:]!r}"
@@ -100,3 +125,14 @@ async def _canary(arbiter: Arbiter, config: Config, runtime: str, timeout: float
             log_path.unlink()
     report["duration_ms"] = round((time.perf_counter() - started) * 1000, 1)
     return report
+
+
+async def _counted(seccomp: SeccompListener, container_id: str, expected: int) -> int:
+    """The attempts the listener has counted for the canary, once `expected` arrived or the
+    wait ran out (the listener hands counts to the loop in batches)."""
+    deadline = time.monotonic() + _COUNT_WAIT
+    while True:
+        counted = seccomp.attempts_by_container().get(container_id, 0)
+        if counted >= expected or time.monotonic() >= deadline:
+            return counted
+        await asyncio.sleep(0.02)

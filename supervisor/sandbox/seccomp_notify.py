@@ -16,8 +16,13 @@ filter blocks in the kernel until this daemon answers it:
 - `SECCOMP_IOCTL_NOTIF_SEND` with `struct seccomp_notif_resp {id, val=0, error=-EPERM, flags=0}`
   makes the syscall fail with EPERM; ENOENT means the caller died (or was killed) meanwhile.
 
-Every notification is answered first and recorded after: the subscribers (tripwires, counters)
-run only once the pending ones are answered, and an exception in one is logged, never raised.
+Threads. Receiving and answering run on the listener's own thread, never on the event loop, so
+a notify storm from an agent cannot queue in front of a kill. Every notification is answered
+first and counted after; the thread hands the loop coalesced records (one per container and
+syscall, with a count and the latest attempt's details) through a dict the size of the
+containers times the notified names, and asks for at most one flush at a time: the hand-over
+is bounded whatever the attempt rate. Subscribers (tripwires, counters) run on the loop; an
+exception in one is logged, never raised.
 
 Notify is telemetry, not enforcement. The daemon only ever answers EPERM and never lets a
 syscall proceed (no SECCOMP_USER_NOTIF_FLAG_CONTINUE), so the kernel filter stays the
@@ -40,9 +45,11 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +113,14 @@ _RECV_CHUNK = 1 << 16
 _ACCEPT_RETRY = 0.05
 _MAX_FDS = 16
 _HANDSHAKE_TIMEOUT = 10.0
-# Notifications answered per readable event before the loop gets a turn: a storm from one
-# agent must not starve the others' fds or the kill path.
+# Notifications answered per readable fd before the others get a turn: a storm from one agent
+# must not starve the other agents' fds.
 _BATCH = 64
+# Coalesced records waiting for the loop, one per (container, syscall); past this many keys
+# (more containers than any host runs) the rest fold into one record, so the hand-over stays
+# bounded whatever an agent does.
+_MAX_PENDING = 4096
+_OVERFLOW = ("unknown", "overflow")
 _MIN_KERNEL = (5, 8)
 _HANGUP = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
@@ -149,70 +161,196 @@ class _Handshake:
     """A connection from runc, until its state message and fd have arrived."""
 
     conn: socket.socket
+    deadline: float
     data: bytearray = field(default_factory=bytearray)
     fds: list[int] = field(default_factory=list)
-    timer: asyncio.TimerHandle | None = None
+
+
+class AttemptTally:
+    """What an observer keeps of attempts: counts per container and syscall, and the most
+    recent attempts in a ring. Its size depends on how many containers and notified syscall
+    names there are, never on how many attempts an agent makes."""
+
+    def __init__(self, recent: int = 32, containers: int = 256) -> None:
+        self.recent: deque[SyscallAttempt] = deque(maxlen=recent)
+        self._containers = containers
+        self._counts: dict[str, Counter[str]] = {}
+
+    def add(self, attempt: SyscallAttempt) -> None:
+        counts = self._counts.get(attempt.container_id)
+        if counts is None:
+            if len(self._counts) >= self._containers:
+                self._counts.pop(next(iter(self._counts)))  # the oldest container
+            counts = self._counts[attempt.container_id] = Counter()
+        counts[attempt.syscall] += attempt.count
+        self.recent.append(attempt)
+
+    def count(self, container_id: str) -> int:
+        return sum(self._counts.get(container_id, Counter()).values())
+
+    def by_syscall(self, container_id: str) -> dict[str, int]:
+        return dict(self._counts.get(container_id, Counter()))
+
+    def size(self) -> int:
+        """Entries held (containers, syscall keys, recent attempts): what memory follows."""
+        return (len(self._counts) + sum(len(c) for c in self._counts.values())
+                + len(self.recent))
 
 
 class SeccompListener:
     """The daemon's `listenerPath`: receives each container's notification fd from runc and
-    answers every notified syscall with EPERM, then tells the subscribers."""
+    answers every notified syscall with EPERM on a thread of its own, then tells the
+    subscribers on the event loop, coalesced."""
 
     def __init__(self, path: Path,
                  on_attempt: Callable[[SyscallAttempt], None] | None = None) -> None:
         self.path = path
-        # Called in the event loop after the attempt was answered; must not block.
+        # Called in the event loop with coalesced records (SyscallAttempt.count attempts of one
+        # syscall by one container, the most recent one's details); must not block.
         self.subscribers: list[Callable[[SyscallAttempt], None]] = []
         if on_attempt is not None:
             self.subscribers.append(on_attempt)
-        self.attempts_total = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._server: socket.socket | None = None
+        self._wake_read, self._wake_write = -1, -1
+        self._stopping = False
+        # Shared between the thread and the loop, under the lock: bounded by construction.
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], SyscallAttempt] = {}
+        self._flush_scheduled = False
+        self._forget: list[tuple[str, threading.Event]] = []
+        self._counts: dict[str, int] = {}  # per container with an open fd
+        self._total = 0
+        # The thread's own.
+        self._poller: Any = None
         self._handshakes: dict[int, _Handshake] = {}
         self._filters: dict[int, _Filter] = {}
         self._by_container: dict[str, set[int]] = {}
+        self._accept_paused_until: float | None = None
+
+    @property
+    def attempts_total(self) -> int:
+        with self._lock:
+            return self._total
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._server = _bind(self.path)
-        self._loop.add_reader(self._server.fileno(), self._accept)
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._poller = select.poll()
+        self._poller.register(self._server.fileno(), select.POLLIN)
+        self._poller.register(self._wake_read, select.POLLIN)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="seccomp-notify", daemon=True)
+        self._thread.start()
         log.info("seccomp notify listener on %s", self.path)
 
     async def stop(self) -> None:
-        loop = self._loop
-        if loop is None:
+        """Answer what is pending, close every fd, and hand the last counts to subscribers."""
+        thread = self._thread
+        if thread is None:
             return
-        if self._server is not None:
-            loop.remove_reader(self._server.fileno())
-            self._server.close()
-            self._server = None
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+        self._stopping = True
+        self._wake()
+        await asyncio.to_thread(thread.join)
+        self._thread = None
+        for fd in (self._wake_read, self._wake_write):
+            _close_quietly(fd)
+        self._wake_read, self._wake_write = -1, -1
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        self._flush()
+        self._loop = None
+
+    def forget(self, container_id: str, done: threading.Event | None = None) -> None:
+        """Close the container's fds (its run ended), on the listener's thread: what is pending
+        is answered first; a process still alive gets ENOSYS from the kernel from then on,
+        still denied. Returns at once; `done` is set once the fds are closed."""
+        done = done or threading.Event()
+        if self._thread is None:
+            done.set()
+            return
+        with self._lock:
+            self._forget.append((container_id, done))
+        self._wake()
+
+    def attempts_by_container(self) -> dict[str, int]:
+        """Attempts so far per container whose fd is open."""
+        with self._lock:
+            return dict(self._counts)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_write, b"\0")
+
+    # --- the listener's thread
+
+    def _serve(self) -> None:
+        try:
+            while not self._stopping:
+                for fd, events in self._poller.poll(self._poll_timeout_ms()):
+                    self._dispatch(fd, events)
+                self._expire_handshakes()
+                self._serve_requests()
+                self._publish()
+        except Exception:
+            # A bug here must not leave agents blocked: closing every fd below makes the kernel
+            # answer ENOSYS (still denied) to whatever they try next.
+            log.exception("seccomp notify listener failed; closing its fds")
+        finally:
+            self._shut_down()
+
+    def _poll_timeout_ms(self) -> int:
+        deadlines = [h.deadline for h in self._handshakes.values()]
+        if self._accept_paused_until is not None:
+            deadlines.append(self._accept_paused_until)
+        if not deadlines:
+            return -1
+        return max(0, int((min(deadlines) - time.monotonic()) * 1000) + 1)
+
+    def _dispatch(self, fd: int, events: int) -> None:
+        if fd == self._wake_read:
+            with contextlib.suppress(BlockingIOError, OSError):
+                while os.read(self._wake_read, 4096):
+                    pass
+        elif self._server is not None and fd == self._server.fileno():
+            self._accept()
+        elif (handshake := self._handshakes.get(fd)) is not None:
+            self._receive(handshake)
+        elif (flt := self._filters.get(fd)) is not None:
+            self._answer_batch(flt)
+            if flt.broken or _events(flt) & _HANGUP:
+                self._close(flt, drain=False)
+
+    def _serve_requests(self) -> None:
+        with self._lock:
+            requests, self._forget = self._forget, []
+        for container_id, done in requests:
+            for fd in sorted(self._by_container.get(container_id, ())):
+                flt = self._filters.get(fd)
+                if flt is not None:
+                    self._close(flt, drain=True)
+            done.set()
+
+    def _shut_down(self) -> None:
         for handshake in list(self._handshakes.values()):
             self._end_handshake(handshake, close_fds=True)
         for flt in list(self._filters.values()):
             self._close(flt, drain=True)
-        self._loop = None
-
-    def forget(self, container_id: str) -> None:
-        """Close the container's fds (its run ended). What is pending is answered first; a
-        process still alive would get ENOSYS from the kernel from now on, still denied."""
-        for fd in sorted(self._by_container.get(container_id, ())):
-            flt = self._filters.get(fd)
-            if flt is not None:
-                self._close(flt, drain=True)
-
-    def attempts_by_container(self) -> dict[str, int]:
-        """Attempts so far per container whose fd is open."""
-        counts: dict[str, int] = {}
-        for flt in self._filters.values():
-            counts[flt.container_id] = counts.get(flt.container_id, 0) + flt.attempts
-        return counts
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        with self._lock:
+            requests, self._forget = self._forget, []
+        for _container_id, done in requests:
+            done.set()
+        self._publish()
 
     # --- runc's connections
 
     def _accept(self) -> None:
-        assert self._server is not None and self._loop is not None
+        assert self._server is not None
         while True:
             try:
                 conn, _address = self._server.accept()
@@ -222,24 +360,17 @@ class SeccompListener:
                 # EMFILE and friends: the connection (and the fd it carries) stays queued, so
                 # the agent's notified calls wait; try again shortly rather than spin.
                 log.error("seccomp listener cannot accept on %s: %s", self.path, exc.strerror)
-                self._loop.remove_reader(self._server.fileno())
-                self._loop.call_later(_ACCEPT_RETRY, self._resume_accepting)
+                self._poller.unregister(self._server.fileno())
+                self._accept_paused_until = time.monotonic() + _ACCEPT_RETRY
                 return
             conn.setblocking(False)
             if _peer_uid(conn) != 0:
                 log.warning("seccomp listener: refused a connection from a non-root peer")
                 conn.close()
                 continue
-            handshake = _Handshake(conn)
-            handshake.timer = self._loop.call_later(
-                _HANDSHAKE_TIMEOUT, self._handshake_timed_out, handshake)
+            handshake = _Handshake(conn, time.monotonic() + _HANDSHAKE_TIMEOUT)
             self._handshakes[conn.fileno()] = handshake
-            self._loop.add_reader(conn.fileno(), self._receive, handshake)
-
-    def _resume_accepting(self) -> None:
-        if self._server is not None and self._loop is not None:
-            self._loop.add_reader(self._server.fileno(), self._accept)
-            self._accept()
+            self._poller.register(conn.fileno(), select.POLLIN)
 
     def _receive(self, handshake: _Handshake) -> None:
         try:
@@ -268,21 +399,22 @@ class SeccompListener:
         self._end_handshake(handshake, close_fds=False)
         self._adopt(state, handshake.fds)
 
-    def _handshake_timed_out(self, handshake: _Handshake) -> None:
-        handshake.timer = None
-        log.error("seccomp listener: no complete state message from runc within %gs",
-                  _HANDSHAKE_TIMEOUT)
-        self._end_handshake(handshake, close_fds=False)
-        self._adopt(None, handshake.fds)
+    def _expire_handshakes(self) -> None:
+        now = time.monotonic()
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._accept_paused_until = None
+            if self._server is not None:
+                self._poller.register(self._server.fileno(), select.POLLIN)
+        for handshake in [h for h in self._handshakes.values() if h.deadline <= now]:
+            log.error("seccomp listener: no complete state message from runc within %gs",
+                      _HANDSHAKE_TIMEOUT)
+            self._end_handshake(handshake, close_fds=False)
+            self._adopt(None, handshake.fds)
 
     def _end_handshake(self, handshake: _Handshake, *, close_fds: bool) -> None:
-        if handshake.timer is not None:
-            handshake.timer.cancel()
-            handshake.timer = None
         fileno = handshake.conn.fileno()
         if fileno >= 0 and self._handshakes.pop(fileno, None) is not None:
-            assert self._loop is not None
-            self._loop.remove_reader(fileno)
+            self._poller.unregister(fileno)
         handshake.conn.close()
         if close_fds:
             for fd in handshake.fds:
@@ -321,28 +453,24 @@ class SeccompListener:
         flt = _Filter(chosen, container_id, metadata, poller)
         self._filters[chosen] = flt
         self._by_container.setdefault(container_id, set()).add(chosen)
-        assert self._loop is not None
-        self._loop.add_reader(chosen, self._on_readable, flt)
+        with self._lock:
+            self._counts.setdefault(container_id, 0)
+        self._poller.register(chosen, select.POLLIN)
         log.debug("seccomp notify fd for %s (%s) adopted", container_id, metadata or "-")
 
     # --- notifications
 
-    def _on_readable(self, flt: _Filter) -> None:
-        attempts = self._drain(flt)
-        if flt.broken or _events(flt) & _HANGUP:
-            self._close(flt, drain=False)
-        self._record(attempts)
-
-    def _drain(self, flt: _Filter) -> list[SyscallAttempt]:
-        """Answer what is pending (at most one batch); the attempts, to record after."""
-        attempts: list[SyscallAttempt] = []
+    def _answer_batch(self, flt: _Filter) -> None:
+        """Answer what is pending (at most one batch), then count it."""
+        answered: list[SyscallAttempt] = []
         for _ in range(_BATCH):
             if flt.broken or not _events(flt) & select.POLLIN:
                 break
             attempt = self._answer(flt)
             if attempt is not None:
-                attempts.append(attempt)
-        return attempts
+                answered.append(attempt)
+        if answered:
+            self._count(flt.container_id, answered)
 
     def _answer(self, flt: _Filter) -> SyscallAttempt | None:
         notif = bytearray(_NOTIF.size)  # the kernel refuses a buffer that is not zeroed
@@ -356,7 +484,7 @@ class SeccompListener:
                 if exc.errno == errno.ENOENT:
                     return None  # the caller was killed between poll and receive
                 # Anything else is a broken fd: closing it makes the kernel answer ENOSYS
-                # (still denied) instead of leaving the agent blocked or the loop spinning.
+                # (still denied) instead of leaving the agent blocked or the thread spinning.
                 log.error("seccomp notify receive for %s failed: %s; closing its fd",
                           flt.container_id, exc.strerror)
                 flt.broken = True
@@ -371,7 +499,7 @@ class SeccompListener:
                 continue
             except OSError as exc:
                 # ENOENT: the caller died (killed, e.g. by a tripwire) before the answer; the
-                # attempt still happened and is recorded.
+                # attempt still happened and is counted.
                 if exc.errno != errno.ENOENT:
                     log.error("seccomp notify answer for %s failed: %s", flt.container_id,
                               exc.strerror)
@@ -380,36 +508,70 @@ class SeccompListener:
         return SyscallAttempt(ts=time.time(), container_id=flt.container_id, pid=pid,
                               syscall=syscall_name(arch, nr), number=nr, args=tuple(args))
 
-    def _record(self, attempts: list[SyscallAttempt]) -> None:
+    def _count(self, container_id: str, answered: list[SyscallAttempt]) -> None:
+        """Fold answered attempts into the pending records: one per (container, syscall),
+        carrying the count and the most recent attempt's details."""
+        with self._lock:
+            self._total += len(answered)
+            if container_id in self._counts:
+                self._counts[container_id] += len(answered)
+            for attempt in answered:
+                key = (attempt.container_id, attempt.syscall)
+                if key not in self._pending and len(self._pending) >= _MAX_PENDING:
+                    key = _OVERFLOW
+                    attempt = replace(attempt, container_id=key[0], syscall=key[1])
+                held = self._pending.get(key)
+                self._pending[key] = (attempt if held is None
+                                      else replace(attempt, count=held.count + attempt.count))
+
+    def _publish(self) -> None:
+        """Ask the loop for one flush, unless one is already asked for."""
+        loop = self._loop
+        with self._lock:
+            if not self._pending or self._flush_scheduled or loop is None:
+                return
+            self._flush_scheduled = True
+        try:
+            loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the loop closed: stop() flushes what is left
+            with self._lock:
+                self._flush_scheduled = False
+
+    def _flush(self) -> None:
+        """On the loop: hand the coalesced records to the subscribers."""
+        with self._lock:
+            records, self._pending = list(self._pending.values()), {}
+            self._flush_scheduled = False
         debug = log.isEnabledFor(logging.DEBUG)
-        for attempt in attempts:
-            self.attempts_total += 1
+        for record in records:
             if debug:
-                log.debug("seccomp notify: %s pid %d %s(%s) answered EPERM",
-                          attempt.container_id, attempt.pid, attempt.syscall,
-                          ", ".join(hex(a) for a in attempt.args))
+                log.debug("seccomp notify: %s pid %d %s(%s) answered EPERM x%d",
+                          record.container_id, record.pid, record.syscall,
+                          ", ".join(hex(a) for a in record.args), record.count)
             for subscriber in list(self.subscribers):
                 try:
-                    subscriber(attempt)
+                    subscriber(record)
                 except Exception:
                     log.exception("seccomp attempt subscriber %r failed", subscriber)
 
     def _close(self, flt: _Filter, *, drain: bool) -> None:
         if self._filters.pop(flt.fd, None) is None:
             return
-        attempts = self._drain(flt) if drain else []
+        if drain:
+            self._answer_batch(flt)
         fds = self._by_container.get(flt.container_id)
         if fds is not None:
             fds.discard(flt.fd)
             if not fds:
                 del self._by_container[flt.container_id]
-        if self._loop is not None:
-            self._loop.remove_reader(flt.fd)
+                with self._lock:
+                    self._counts.pop(flt.container_id, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self._poller.unregister(flt.fd)
         _close_quietly(flt.fd)
         log.log(logging.INFO if flt.attempts else logging.DEBUG,
                 "seccomp notify fd for %s closed after %d attempts", flt.container_id,
                 flt.attempts)
-        self._record(attempts)
 
 
 def _events(flt: _Filter) -> int:

@@ -14,7 +14,9 @@ __all__ = ["METRICS", "Sample", "SyscallAttempt"]
 
 @dataclass(frozen=True)
 class SyscallAttempt:
-    """One notified syscall: answered EPERM by the daemon, recorded, a tripwire input."""
+    """A notified syscall: answered EPERM by the daemon, recorded, a tripwire input. The
+    listener coalesces a burst: `count` attempts of this syscall by this container, of which
+    this is the most recent."""
 
     ts: float
     container_id: str
@@ -22,3 +24,4 @@ class SyscallAttempt:
     syscall: str
     number: int
     args: tuple[int, ...] = field(default_factory=tuple)
+    count: int = 1

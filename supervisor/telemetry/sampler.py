@@ -284,15 +284,15 @@ class TelemetryHub:
             ended_at=ended_at, syscall_attempts=track.syscall_attempts,
             overruns=self.overruns - probe.overruns_at_start, skipped=probe.skipped)
 
-    def add_syscall_attempt(self, run_id: str) -> None:
-        """Count one notified syscall of the run; the next sample carries the new total."""
+    def add_syscall_attempt(self, run_id: str, count: int = 1) -> None:
+        """Count notified syscalls of the run; the next sample carries the new total."""
         track = self._tracks.get(run_id)
         if track is not None:
-            track.syscall_attempts += 1
+            track.syscall_attempts += count
             return
         if run_id not in self._early_attempts and len(self._early_attempts) >= _MAX_EARLY_RUNS:
             self._early_attempts.pop(next(iter(self._early_attempts)))
-        self._early_attempts[run_id] = self._early_attempts.get(run_id, 0) + 1
+        self._early_attempts[run_id] = self._early_attempts.get(run_id, 0) + count
 
     # ------------------------------------------------------------- readers (event loop)
 

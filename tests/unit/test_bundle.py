@@ -19,8 +19,8 @@ from supervisor.sandbox.bundle import (
     WORKSPACE_MOUNT,
     BundleSpec,
     IdMap,
-    render_config,
     native_arch,
+    render_config,
     render_seccomp,
     write_bundle,
 )

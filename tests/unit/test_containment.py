@@ -55,16 +55,19 @@ def test_a_syscall_attempt_trips_at_once(env: ArbiterEnv) -> None:
     async def body() -> None:
         arbiter = env.arbiter()
         containment = Containment(arbiter)
-        counted: list[str] = []
-        containment.attempt_listeners.append(counted.append)
+        counted: list[tuple[str, int]] = []
+        containment.attempt_listeners.append(lambda run_id, n: counted.append((run_id, n)))
         view = await arbiter.launch(request(
             "a1", {"name": "escape", "metric": "syscall_attempts", "above": 0,
                    "action": "kill"}), ALICE)
         containment.run_started(view.id, "cg", time.time())
         container = arbiter.live[view.id].record.container_id
-        containment.on_attempt(SyscallAttempt(time.time(), container, 4242, "unshare", 272))
+        # A coalesced record of three attempts counts three.
+        containment.on_attempt(SyscallAttempt(time.time(), container, 4242, "unshare", 272,
+                                              count=3))
         await settle(containment)
-        assert counted == [view.id]
+        assert counted == [(view.id, 3)]
+        assert containment.attempts[view.id] == 3
         assert arbiter.agents["a1"].state == "killed"
         fired = next(r for r in env.audit.list() if r.verb == "tripwire")
         assert fired.detail["syscall"]["name"] == "unshare"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,12 @@ from supervisor.sandbox.seccomp_notify import (
     AUDIT_ARCH_X86_64,
     SECCOMP_IOCTL_NOTIF_RECV,
     SECCOMP_IOCTL_NOTIF_SEND,
+    AttemptTally,
+    SeccompListener,
     syscall_name,
     unsupported_reason,
 )
+from supervisor.telemetry import SyscallAttempt
 from tests.conftest import require
 
 PROFILE = Path(__file__).parents[2] / "sandbox_profiles" / "seccomp" / "default.json"
@@ -84,3 +88,50 @@ def test_tables_agree_with_libseccomp(arch: str, table: dict[str, int]) -> None:
 ])
 def test_kernel_support(release: str, supported: bool) -> None:
     assert (unsupported_reason(release) is None) is supported
+
+
+def _attempt(container: str, syscall: str, n: int) -> SyscallAttempt:
+    return SyscallAttempt(ts=float(n), container_id=container, pid=n, syscall=syscall,
+                          number=272, args=(n,))
+
+
+def test_a_notify_flood_is_coalesced_into_a_bounded_hand_over() -> None:
+    # What the listener's thread leaves for the loop: one record per (container, syscall),
+    # however many attempts arrive before the loop flushes.
+    listener = SeccompListener(Path("/nonexistent/seccomp.sock"))
+    names = ("unshare", "mount", "socket")
+    for batch in range(2000):
+        listener._count("c1", [_attempt("c1", names[i % 3], batch * 64 + i) for i in range(64)])
+    assert len(listener._pending) == 3
+    assert sum(r.count for r in listener._pending.values()) == 2000 * 64
+    latest = listener._pending[("c1", "socket")]
+    assert latest.args == (2000 * 64 - 2,)  # the most recent attempt's details
+    # More keys than the cap fold into one overflow record: still bounded, still counted.
+    for index in range(seccomp_notify._MAX_PENDING + 500):
+        listener._count(f"c{index}", [_attempt(f"c{index}", "mount", index)])
+    assert len(listener._pending) <= seccomp_notify._MAX_PENDING + 1
+    assert sum(r.count for r in listener._pending.values()) == (
+        2000 * 64 + seccomp_notify._MAX_PENDING + 500)
+    seen: list[SyscallAttempt] = []
+    listener.subscribers.append(seen.append)
+    listener._flush()
+    assert listener._pending == {} and len(seen) <= seccomp_notify._MAX_PENDING + 1
+
+
+def test_an_observers_tally_stays_bounded_under_a_flood() -> None:
+    # Embedded runs keep this, not a list of attempts (1.9 M attempts once took +807 MB).
+    tally = AttemptTally(recent=32, containers=4)
+    names = ("unshare", "mount", "socket", "bpf")
+    for index in range(200_000):
+        tally.add(_attempt("run-1", names[index % 4], index))
+    assert tally.count("run-1") == 200_000
+    assert tally.by_syscall("run-1") == {name: 50_000 for name in names}
+    assert tally.size() == 1 + 4 + 32
+    assert tally.recent[-1].pid == 199_999
+    # Coalesced records count for what they stand for.
+    tally.add(replace(_attempt("run-1", "bpf", 0), count=1000))
+    assert tally.count("run-1") == 201_000
+    # Containers are capped too (oldest forgotten first).
+    for index in range(100):
+        tally.add(_attempt(f"other-{index}", "mount", index))
+    assert tally.size() <= 4 + 4 * 4 + 32
