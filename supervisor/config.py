@@ -7,10 +7,10 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from supervisor.errors import ConfigInvalid
-from supervisor.models.units import Duration
+from supervisor.models.units import Duration, Size, parse_size
 
 DEFAULT_CONFIG_PATH = Path("/etc/agent-supervisor/daemon.toml")
 
@@ -157,6 +157,26 @@ class EgressSection(_Section):
     connect_timeout: Duration = 10.0
 
 
+class OutputSection(_Section):
+    """Each run's output (stdout and stderr) reaches its log file through the supervisor."""
+
+    # The most one run may record in its log file; a profile's [output] max_bytes may ask for
+    # less, never more. Output past it is drained, counted and discarded.
+    max_bytes: Size = 64 * 1024**2
+
+
+def _size_or_zero(value: object) -> int:
+    return 0 if value in (0, "0") else parse_size(value)
+
+
+class DiskSection(_Section):
+    """Launches are refused (disk_space_low, audited) while the filesystem of the state
+    directory or of the run logs has less free space than either watermark; 0 turns one off."""
+
+    min_free_bytes: Annotated[int, BeforeValidator(_size_or_zero)] = 512 * 1024**2
+    min_free_percent: Annotated[float, Field(ge=0, le=100)] = 1.0
+
+
 class Config(_Section):
     daemon: DaemonSection = DaemonSection()
     sandbox: SandboxSection = SandboxSection()
@@ -170,6 +190,8 @@ class Config(_Section):
     breakglass: BreakGlassSection = BreakGlassSection()
     telemetry: TelemetrySection = TelemetrySection()
     egress: EgressSection = EgressSection()
+    output: OutputSection = OutputSection()
+    disk: DiskSection = DiskSection()
 
     @property
     def seccomp_listener(self) -> Path | None:
@@ -183,6 +205,11 @@ class Config(_Section):
     @property
     def docker_enabled(self) -> bool:
         return self.docker.enabled or self.sandbox.runtime == "docker"
+
+    @property
+    def logs_dir(self) -> Path:
+        """Where each run's output is recorded (root, 0700)."""
+        return self.daemon.state_dir / "logs"
 
     @property
     def halt_file(self) -> Path:

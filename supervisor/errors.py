@@ -175,6 +175,15 @@ class RuntimeUnsupported(InvalidRequest):
     code = "runtime_unsupported"
 
 
+class DiskSpaceLow(SupervisorError):
+    """The filesystem of the state directory or of the run logs is under the free-space
+    watermark ([disk]); no run starts until there is room again."""
+
+    code = "disk_space_low"
+    http_status = 507
+    exit_status = 13
+
+
 class KillUnconfirmed(SupervisorError):
     """The kernel did not report the cgroup empty within the kill timeout."""
 

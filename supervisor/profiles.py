@@ -56,6 +56,9 @@ class Limits(_Strict):
     nofile: Annotated[int, Field(ge=16, le=1_048_576)] = 4096
     # Execution window for runs that ask for none (agentctl run --timeout wins); None: no limit.
     wall_clock: Duration | None = None
+    # RLIMIT_FSIZE: no file the agent writes (workspace, /tmp) may grow past this; a write
+    # beyond it fails (EFBIG, SIGXFSZ). The run's output is a pipe and not bound by it.
+    file_size: Size = 4 * 1024**3
 
 
 class WorkspacePolicy(_Strict):
@@ -74,6 +77,15 @@ class WorkspacePolicy(_Strict):
         return paths
 
 
+class OutputPolicy(_Strict):
+    # The most this profile's runs record of their output; None: the host's [output]
+    # max_bytes, which is also the ceiling.
+    max_bytes: Size | None = None
+    # What the output_bytes tripwire does when a run reaches its cap (the audit row and the
+    # tripwire.fired event come in every case; recording stops in every case).
+    action: Literal["alert", "pause", "kill"] = "alert"
+
+
 class SeccompPolicy(_Strict):
     profile: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$")] = "default"
 
@@ -90,6 +102,7 @@ class Profile(_Strict):
     limits: Limits = Limits()
     workspace: WorkspacePolicy = WorkspacePolicy()
     seccomp: SeccompPolicy = SeccompPolicy()
+    output: OutputPolicy = OutputPolicy()
     network: NetworkPolicy = NetworkPolicy()
     tripwires: TripwirePolicy = TripwirePolicy()
     env: dict[str, str] = {}

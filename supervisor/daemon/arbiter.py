@@ -25,6 +25,7 @@ from supervisor.errors import (
     AgentBusy,
     AgentKilled,
     AgentNotFound,
+    DiskSpaceLow,
     EgressSetupFailed,
     EnforcementError,
     GlobalHalt,
@@ -47,6 +48,7 @@ from supervisor.models import (
 from supervisor.models.tripwire import TripwireRule
 from supervisor.profiles import Profile, load_profile
 from supervisor.runtime.base import NetworkAttachment, RunHandle, RunParams, Runtime
+from supervisor.runtime.output import check_free_space
 from supervisor.states import (
     RUN_ENDED,
     AgentState,
@@ -106,7 +108,7 @@ class Arbiter:
         self.global_halt = store.get_meta(GLOBAL_HALT_KEY) is not None
         self.shutting_down = False
         self.bundles_dir = config.daemon.runtime_dir / "bundles"
-        self.logs_dir = config.daemon.state_dir / "logs"
+        self.logs_dir = config.logs_dir
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ----------------------------------------------------------------- helpers
@@ -232,6 +234,12 @@ class Arbiter:
                 GlobalHalt("a global halt is in force; an owner must lift it with "
                            "'agentctl reactivate --all'"),
                 actor, "launch", scope, name, "")
+        try:  # a full disk takes every run's output, the audit log and the state with it
+            check_free_space((self.config.daemon.state_dir, self.logs_dir),
+                             self.config.disk.min_free_bytes, self.config.disk.min_free_percent)
+        except DiskSpaceLow as exc:
+            log.error("launch of agent %s refused: %s", name, exc.message)
+            raise self._refuse(exc, actor, "launch", scope, name, "") from None
         existing = self.agents.get(name)
         profile_name = request.profile or (existing.profile if existing else
                                            self.config.daemon.default_profile)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine
 from typing import Any
 
 from supervisor.daemon.arbiter import Arbiter
 from supervisor.errors import SupervisorError
 from supervisor.models import ActionRequest, Actor, AuditEntry, Scope
+from supervisor.runtime.output import OutputCounts
 from supervisor.states import AgentState
 from supervisor.telemetry import Sample, SyscallAttempt
 from supervisor.tripwires import Firing, RunTripwires
@@ -79,6 +81,19 @@ class Containment:
             if live.record.container_id == container_id:
                 return run_id
         return None
+
+    def output_capped(self, run_id: str, counts: OutputCounts) -> None:
+        """The run reached its output cap (recording stopped): the output_bytes tripwire
+        fires once, with its profile's [output] action."""
+        live = self.arbiter.live.get(run_id)
+        if live is None or live.profile is None:
+            return
+        firing = Firing(
+            rule="output_cap", metric="output_bytes", value=float(counts.produced),
+            threshold=float(counts.cap), action=live.profile.output.action,
+            reason=(f"tripwire output_cap: the run's output passed its cap of {counts.cap} "
+                    f"bytes; the rest is discarded"), sample_ts=time.time())
+        self._fire(run_id, firing, extra={"output": counts.as_dict()})
 
     def fire(self, run_id: str, firing: Firing, extra: dict[str, Any]) -> None:
         """A firing decided elsewhere (the egress gateway's budget and breaker)."""

@@ -29,6 +29,7 @@ from supervisor.daemon.egress import EgressControl
 from supervisor.daemon.store import Store, connect
 from supervisor.errors import EnforcementError
 from supervisor.runtime.base import Runtime
+from supervisor.runtime.output import Outputs
 from supervisor.runtime.router import RuntimeRouter
 from supervisor.runtime.sandboxed import RuncRuntime
 from supervisor.sandbox.cgroups import Cgroup, CgroupMode, detect_mode
@@ -91,7 +92,7 @@ class Watchdog:
             self.proc.wait(timeout=5)
 
 
-def docker_runtime_for(config: Config) -> DockerRuntime:
+def docker_runtime_for(config: Config, outputs: Outputs | None = None) -> DockerRuntime:
     """Imported only where docker is enabled: the SDK and its HTTP stack are not small."""
     from supervisor.runtime.containerized import DockerRuntime
     from supervisor.runtime.docker_api import DockerEngine
@@ -104,6 +105,7 @@ def docker_runtime_for(config: Config) -> DockerRuntime:
         workspace_min_owner_uid=config.sandbox.workspace_min_owner_uid,
         max_runs=config.sandbox.max_runs, host_root_image=config.docker.host_root_image,
         state_dir=config.daemon.runtime_dir / "docker",
+        outputs=outputs if outputs is not None else Outputs(config.output.max_bytes),
     )
 
 
@@ -131,6 +133,8 @@ class Core:
     telemetry: TelemetryHub
     containment: Containment
     summaries: SummaryStore
+    # Every run's output on its way to its log file (supervisor/runtime/output.py).
+    outputs: Outputs
     # The egress gateway: tokens, approvals, and each run's calls, spend and refusals.
     egress: EgressControl | None = None
 
@@ -159,6 +163,9 @@ class Core:
                 await seccomp.start()
             else:
                 log.warning("no syscall telemetry: %s; escape-class syscalls stay EPERM", why)
+        # Output reaches each run's log file through a pipe or stream the supervisor drains,
+        # up to the run's cap (supervisor/runtime/output.py).
+        outputs = Outputs(config.output.max_bytes)
         runc = RuncRuntime(
             runc_binary=config.sandbox.runc_path, runc_root=config.daemon.runtime_dir / "runc",
             cgroup_parent=config.sandbox.cgroup_parent, name_prefix=config.sandbox.name_prefix,
@@ -166,13 +173,13 @@ class Core:
             workspace_min_owner_uid=config.sandbox.workspace_min_owner_uid,
             workspaces_dir=config.daemon.runtime_dir / "workspaces",
             bundles_dir=config.daemon.runtime_dir / "bundles", max_runs=config.sandbox.max_runs,
-            seccomp_listener=seccomp.path if seccomp else None,
+            outputs=outputs, seccomp_listener=seccomp.path if seccomp else None,
         )
         runtimes: dict[str, Runtime] = {"runc": runc}
         # Docker (supervisor/runtime/containerized.py): the engine must answer now, with the
         # cgroupfs driver, or nothing starts (fail closed).
         if config.docker_enabled:
-            docker_runtime = docker_runtime_for(config)
+            docker_runtime = docker_runtime_for(config, outputs)
             await docker_runtime.prepare()
             runtimes["docker"] = docker_runtime
         runtime = RuntimeRouter(runtimes, config.sandbox.runtime, config.sandbox.cgroup_parent)
@@ -204,6 +211,7 @@ class Core:
         telemetry.subscribers.append(containment.on_sample)
         containment.attempt_listeners.append(telemetry.add_syscall_attempt)
         audit.subscribe(containment.on_audit)
+        outputs.cap_listeners.append(containment.output_capped)
         if seccomp is not None:
             seccomp.subscribers.append(containment.on_attempt)
             prefix = config.sandbox.name_prefix
@@ -218,11 +226,12 @@ class Core:
         arbiter.run_started_hooks.append(
             lambda run_id, cgroup, started_at: telemetry.register(
                 run_id, Cgroup(cgroup), started_at,
-                network_counter=egress.network_counter(run_id)))
+                network_counter=egress.network_counter(run_id),
+                output_counter=outputs.counter(run_id)))
         return cls(config=config, mode=mode, seccomp=seccomp, runtime=runtime,
                    watchdog=watchdog, watchdog_record=watchdog_record, audit=audit, store=store,
                    arbiter=arbiter, telemetry=telemetry, containment=containment,
-                   summaries=summaries, egress=egress)
+                   summaries=summaries, outputs=outputs, egress=egress)
 
     def egress_record(self, run_id: str) -> dict[str, Any] | None:
         """The one source of a CI report's egress fields (denied egress, gateway calls, spend).

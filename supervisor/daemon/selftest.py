@@ -35,6 +35,10 @@ def _script(runtime_dir: Path) -> str:
     # Each check prints PASS or FAIL; a check that cannot run prints SKIP and is not trusted.
     return "\n".join([
         'check() { if eval "$2" >/dev/null 2>&1; then echo "FAIL $1"; else echo "PASS $1"; fi; }',
+        # fd 3 is the canary's stdout (check's own is /dev/null): a pipe, never the log file.
+        "exec 3>&1",
+        "check output-is-a-file 'test -f /proc/$$/fd/3'",
+        "check output-truncatable 'truncate -s 0 /proc/$$/fd/3'",
         "check seccomp-unshare 'unshare -U true'",
         f"check control-socket-visible 'test -e {runtime_dir}'",
         "check network-interface \"grep -vE '^ *(lo|Inter|face)' /proc/net/dev | grep -q .\"",
@@ -109,7 +113,8 @@ async def _canary(arbiter: Arbiter, config: Config, runtime: str, timeout: float
         handle.teardown_network()
         report["checks"]["kill-confirmed"] = "PASS" if empty else "FAIL"
         report["kill_mechanism"] = mechanism
-        expected = 7 + len(abi_probe.NOTIFIED_CHECKS) + len(abi_probe.COMPAT_CHECKS)
+        # 7 base checks and the 2 output checks, besides the seccomp probe's.
+        expected = 9 + len(abi_probe.NOTIFIED_CHECKS) + len(abi_probe.COMPAT_CHECKS)
         report["ok"] = (_READY in output and len(report["checks"]) >= expected
                         and all(v == "PASS" for v in report["checks"].values()))
         if _READY not in output:

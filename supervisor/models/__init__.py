@@ -233,6 +233,9 @@ class TelemetrySummary(BaseModel):
     io_read_bytes: int | None = None
     io_write_bytes: int | None = None
     network_bytes: int | None = None
+    # stdout and stderr: every byte produced, and those recorded in the log (up to the cap).
+    output_bytes: int | None = None
+    output_recorded_bytes: int | None = None
     syscall_attempts: int = 0
     oom_kills: int | None = None
     commands: list[str] = []

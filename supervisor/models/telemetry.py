@@ -30,6 +30,10 @@ class Sample:
     network_packets: int | None = None
     # Cumulative syscall attempts reported by seccomp user notification.
     syscall_attempts: int = 0
+    # Bytes the run wrote to its stdout and stderr so far (recorded or, past the run's output
+    # cap, discarded) and the part of them in its log file.
+    output_bytes: int | None = None
+    output_recorded_bytes: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

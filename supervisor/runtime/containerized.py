@@ -20,12 +20,11 @@ import json
 import logging
 import os
 import select
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from docker.types import Mount, Ulimit
+from docker.types import LogConfig, Mount, Ulimit
 
 from supervisor.errors import (
     EnforcementError,
@@ -40,8 +39,6 @@ from supervisor.runtime.control import (
     CgroupControl,
     UndoStep,
     kill_and_confirm,
-    open_run_log,
-    quiet,
     undo_all,
 )
 from supervisor.runtime.docker_api import (
@@ -51,6 +48,7 @@ from supervisor.runtime.docker_api import (
     DockerEngine,
     tar_of,
 )
+from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT, OutputRecorder, Outputs
 from supervisor.runtime.workspace import workspace_owner
 from supervisor.sandbox import netns
 from supervisor.sandbox.bundle import (
@@ -68,14 +66,13 @@ T = TypeVar("T")
 _CPU_NANOS = 1_000_000_000
 # Engine sockets the agent must never reach: a bind of any directory holding one is refused.
 _ENGINE_SOCKETS = ("/run/containerd/containerd.sock", "/var/run/docker/containerd")
-_LOG_JOIN_TIMEOUT = 5.0
 _EXIT_STATUS_TIMEOUT = 5.0
 _EXITING_GRACE = 1.0
 
 
 class DockerRunHandle(CgroupControl):
     def __init__(self, runtime: DockerRuntime, params: RunParams, container: str,
-                 log_fd: int) -> None:
+                 output: OutputRecorder) -> None:
         self.runtime = runtime
         self.params = params
         self.container = container
@@ -84,8 +81,7 @@ class DockerRunHandle(CgroupControl):
         # The container's network namespace, named under /run/netns once it runs: where the
         # egress gateway wires its veth (see `start`).
         self.netns_path: Path | None = None
-        self._log_fd: int | None = log_fd
-        self._log_thread: threading.Thread | None = None
+        self.output = output
         self._pidfd: int | None = None
         self._exit: asyncio.Future[int | None] | None = None
         self._status_task: asyncio.Future[None] | None = None
@@ -95,8 +91,10 @@ class DockerRunHandle(CgroupControl):
         """Start the container, then prove it is where the kill path expects it: its init in
         the run's cgroup on the v2 tree. Any failure removes the container (fail closed)."""
         try:
+            # Attached before the start, so not a byte is missed: the engine keeps no copy.
+            stream = await self.runtime.call(self.runtime.streamer.attach, self.container)
+            self.output.follow(stream, stream.close)
             await self.runtime.call(self.runtime.engine.start, self.container)
-            self._pump_logs()
             state = await self.runtime.call(self.runtime.engine.inspect, self.container)
             pid = int(((state or {}).get("State") or {}).get("Pid") or 0)
             if pid:
@@ -141,29 +139,6 @@ class DockerRunHandle(CgroupControl):
             return  # a short command ended meanwhile, and its namespace with it
         # The egress gateway's veth hook belongs here: the namespace exists and is named, the
         # agent holds no CAP_NET_ADMIN in it (Docker made it in the host's user namespace).
-
-    def _pump_logs(self) -> None:
-        """Copy the engine's log stream of the container into the run's log file. The thread
-        owns the fd and closes it, so a hung engine can never make it write into a reused fd."""
-        log_fd = self._log_fd
-        self._log_fd = None
-        if log_fd is None:
-            return
-
-        def pump() -> None:
-            try:
-                for chunk in self.runtime.streamer.logs(self.container):
-                    os.write(log_fd, chunk)
-            except Exception as exc:  # the engine went away: say so where the output goes
-                with contextlib.suppress(OSError):
-                    os.write(log_fd, f"[agent-supervisor] output capture ended: the docker "
-                                     f"engine is unreachable ({type(exc).__name__})\n".encode())
-            finally:
-                os.close(log_fd)
-
-        self._log_thread = threading.Thread(target=pump, name=f"logs-{self.container}",
-                                            daemon=True)
-        self._log_thread.start()
 
     async def _abort(self) -> None:
         with contextlib.suppress(OSError):
@@ -213,12 +188,7 @@ class DockerRunHandle(CgroupControl):
         if self._cleaned:
             return
         self._cleaned = True
-        if self._log_thread is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                None, self._log_thread.join, _LOG_JOIN_TIMEOUT)
-        elif self._log_fd is not None:
-            os.close(self._log_fd)
-            self._log_fd = None
+        await self.output.finish(OUTPUT_FINISH_TIMEOUT)  # the stream ends with the container
         try:
             await self.runtime.call(self.runtime.engine.delete, self.container)
         except (EngineUnavailable, RuntimeFailure) as exc:
@@ -250,8 +220,10 @@ class DockerRuntime:
 
     def __init__(self, engine: DockerEngine, streamer: DockerEngine, cgroup_parent: str,
                  name_prefix: str, uid_base: int, agent_uid: int, workspace_min_owner_uid: int,
-                 max_runs: int, host_root_image: str, state_dir: Path) -> None:
+                 max_runs: int, host_root_image: str, state_dir: Path, outputs: Outputs
+                 ) -> None:
         self.engine = engine
+        self.outputs = outputs
         # A second client without a read timeout: a quiet agent must not end its log stream.
         self.streamer = streamer
         self.cgroup_parent = cgroup_parent.strip("/")
@@ -375,10 +347,15 @@ class DockerRuntime:
                 nano_cpus=round(profile.limits.cpus * _CPU_NANOS),
                 ulimits=[Ulimit(name="nofile", soft=profile.limits.nofile,
                                 hard=profile.limits.nofile),
-                         Ulimit(name="core", soft=0, hard=0)],
+                         Ulimit(name="core", soft=0, hard=0),
+                         Ulimit(name="fsize", soft=profile.limits.file_size,
+                                hard=profile.limits.file_size)],
+                # The engine keeps no copy of the output (its json-file would grow without
+                # bound on the engine's disk): the supervisor attaches before the start.
+                log_config=LogConfig(type=LogConfig.types.NONE),
             )
-            log_fd = open_run_log(params.log_path)
-            undo.append(lambda: quiet(os.close, log_fd))
+            output = self.outputs.open(params.run_id, params.log_path, profile)
+            undo.append(output.abort)
             undo.append(lambda: self._undo_container(params))
             await self.call(lambda: self.engine.create(
                 params.container_id, image, params.command, host_config=host_config,
@@ -388,7 +365,7 @@ class DockerRuntime:
                 hostname=f"agent-{params.agent}"[:63], network_disabled=True,
                 labels={LABEL_PREFIX: self.name_prefix, LABEL_RUN: params.run_id,
                         LABEL_AGENT: params.agent}))
-            return DockerRunHandle(self, params, params.container_id, log_fd)
+            return DockerRunHandle(self, params, params.container_id, output)
         except BaseException:
             await undo_all(undo)
             raise

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from supervisor.runtime.base import RunParams
@@ -70,12 +68,6 @@ class CgroupControl:
         if self.cgroup.exists():
             left["cgroup"] = str(self.cgroup.path)
         return left
-
-
-def open_run_log(path: Path) -> int:
-    """The run's output file (root, 0600), appended to; the caller owns the fd."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
 
 async def undo_all(undo: list[UndoStep]) -> None:

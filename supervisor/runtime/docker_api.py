@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import tarfile
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import docker
 import docker.errors
@@ -24,6 +24,13 @@ API_VERSION = "1.41"
 LABEL_PREFIX = "io.agent-supervisor.prefix"
 LABEL_RUN = "io.agent-supervisor.run"
 LABEL_AGENT = "io.agent-supervisor.agent"
+
+
+class OutputStream(Protocol):
+    """The SDK's CancellableStream: chunks of output; `close` ends it from another thread."""
+
+    def __iter__(self) -> Iterator[bytes]: ...
+    def close(self) -> None: ...
 
 
 class DockerEngine:
@@ -147,11 +154,12 @@ class DockerEngine:
             "list", self._api().containers, all=True, filters={"label": label})
         return found
 
-    def logs(self, container: str) -> Iterator[bytes]:
-        """stdout and stderr, merged, from the start, following until the container stops."""
-        stream: Iterator[bytes] = self._call(
-            "logs", self._api().logs, container, stdout=True, stderr=True, stream=True,
-            follow=True)
+    def attach(self, container: str) -> OutputStream:
+        """stdout and stderr, merged, from now until the container stops; attach before the
+        start to miss nothing. The engine answers once the streams are attached."""
+        stream: OutputStream = self._call(
+            "attach", self._api().attach, container, stdout=True, stderr=True, stream=True,
+            logs=False)
         return stream
 
 

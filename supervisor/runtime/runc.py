@@ -50,13 +50,13 @@ class Runc:
                                  stderr=message)
         return rc, out or b"", err or b""
 
-    async def create(self, container_id: str, bundle: Path, pid_file: Path, log_fd: int,
+    async def create(self, container_id: str, bundle: Path, pid_file: Path, stdio: int,
                      runc_log: Path) -> int:
         """`runc create`: the container's init waits for `start`; its stdout and stderr are
-        `log_fd` (runc passes its own stdio through to the container). Returns the init pid."""
+        `stdio` (runc passes its own stdio through to the container). Returns the init pid."""
         rc, _out, _err = await self._run(
             "--log", str(runc_log), "create", "--bundle", str(bundle), "--pid-file",
-            str(pid_file), container_id, stdout=log_fd, stderr=log_fd, check=False,
+            str(pid_file), container_id, stdout=stdio, stderr=stdio, check=False,
         )
         if rc != 0:
             detail = _last_runc_error(runc_log)

@@ -17,10 +17,10 @@ from supervisor.runtime.control import (
     CgroupControl,
     UndoStep,
     kill_and_confirm,
-    open_run_log,
     quiet,
     undo_all,
 )
+from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT, OutputRecorder, Outputs
 from supervisor.runtime.runc import Runc, ensure_root
 from supervisor.runtime.workspace import workspace_owner
 from supervisor.sandbox import mounts, netns
@@ -38,12 +38,12 @@ log = logging.getLogger(__name__)
 
 class RuncRunHandle(CgroupControl):
     def __init__(self, runtime: RuncRuntime, params: RunParams, pid: int, pidfd: int,
-                 log_fd: int) -> None:
+                 output: OutputRecorder) -> None:
         self.runtime = runtime
         self.params = params
         self.pid: int | None = pid
         self._pidfd: int | None = pidfd
-        self._log_fd: int | None = log_fd
+        self.output = output
         self.cgroup = Cgroup(params.cgroup)
         self._exit: asyncio.Future[int | None] | None = None
         self._cleaned = False
@@ -91,6 +91,7 @@ class RuncRunHandle(CgroupControl):
         self._cleaned = True
         with contextlib.suppress(RuntimeFailure):
             await self.runtime.runc.delete(self.params.container_id, force=True)
+        await self.output.finish(OUTPUT_FINISH_TIMEOUT)  # no writer is left: read to the end
         self.cgroup.remove()
         if self.params.network is not None:
             self.params.network.detach()
@@ -98,9 +99,6 @@ class RuncRunHandle(CgroupControl):
             netns.remove(self.params.netns)
         quiet(mounts.unbind, self.runtime.workspace_mount(self.params.container_id))
         remove_bundle(self.params.bundle)
-        if self._log_fd is not None:
-            os.close(self._log_fd)
-            self._log_fd = None
 
     def residue(self) -> dict[str, Any]:
         left = self.kernel_residue()
@@ -117,8 +115,9 @@ class RuncRuntime:
     def __init__(self, runc_binary: str, runc_root: Path, cgroup_parent: str, name_prefix: str,
                  uid_base: int, agent_uid: int, workspace_min_owner_uid: int,
                  workspaces_dir: Path, bundles_dir: Path, max_runs: int,
-                 seccomp_listener: Path | None = None) -> None:
+                 outputs: Outputs, seccomp_listener: Path | None = None) -> None:
         self.runc = Runc(runc_binary, runc_root)
+        self.outputs = outputs
         # The daemon's seccomp notify socket; None renders notified syscalls as plain EPERM.
         self.seccomp_listener = seccomp_listener
         self.bundles_dir = bundles_dir
@@ -186,14 +185,19 @@ class RuncRuntime:
             write_bundle(params.bundle, spec)
             undo.append(lambda: quiet(remove_bundle, params.bundle))
 
-            log_fd = open_run_log(params.log_path)
-            undo.append(lambda: quiet(os.close, log_fd))
+            # The agent's stdout and stderr: a pipe the supervisor drains, never the log file.
+            output = self.outputs.open(params.run_id, params.log_path, params.profile)
+            undo.append(output.abort)
+            stdio = output.pipe()
 
             undo.append(lambda: self._undo_container(params))
-            pid = await self.runc.create(
-                params.container_id, params.bundle, params.bundle / "init.pid", log_fd,
-                params.bundle / "runc.log",
-            )
+            try:
+                pid = await self.runc.create(
+                    params.container_id, params.bundle, params.bundle / "init.pid", stdio,
+                    params.bundle / "runc.log",
+                )
+            finally:
+                os.close(stdio)  # the container's processes hold the only write ends now
             pidfd = os.pidfd_open(pid)
             cgroup = Cgroup(params.cgroup)
             if not cgroup.exists():
@@ -201,7 +205,7 @@ class RuncRuntime:
                     f"runc created {params.container_id} but its cgroup {cgroup.path} is missing",
                     cgroup=str(cgroup.path),
                 )
-            return RuncRunHandle(self, params, pid, pidfd, log_fd)
+            return RuncRunHandle(self, params, pid, pidfd, output)
         except BaseException:
             await undo_all(undo)
             raise

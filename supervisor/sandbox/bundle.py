@@ -189,6 +189,8 @@ def render_config(spec: BundleSpec) -> dict[str, Any]:
                 {"type": "RLIMIT_NOFILE", "hard": profile.limits.nofile,
                  "soft": profile.limits.nofile},
                 {"type": "RLIMIT_CORE", "hard": 0, "soft": 0},
+                {"type": "RLIMIT_FSIZE", "hard": profile.limits.file_size,
+                 "soft": profile.limits.file_size},
             ],
             "noNewPrivileges": True,
         },

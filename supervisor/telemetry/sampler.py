@@ -53,6 +53,8 @@ Subscriber = Callable[[str, Sample], None]
 FdReader = Callable[[int], tuple[int, set[str]]]
 # The run's veth counters (bytes, packets), for runs that have one; absent: not measured.
 NetworkCounter = Callable[[], tuple[int, int]]
+# The run's output counters (produced, recorded), from its output drain.
+OutputCounter = Callable[[], tuple[int, int]]
 
 
 class CgroupLike(Protocol):
@@ -159,6 +161,7 @@ class _Probe:
     started_at: float
     network_counter: NetworkCounter | None
     overruns_at_start: int
+    output_counter: OutputCounter | None = None
     ticks: int = 0
     last_cpu: tuple[float, int] | None = None
     # cgroup.procs of the run's cgroup and of any descendant (re-listed on each walk).
@@ -232,13 +235,15 @@ class TelemetryHub:
     # ------------------------------------------------------------- registry (event loop)
 
     def register(self, run_id: str, cgroup: CgroupLike, started_at: float, *,
-                 network_counter: NetworkCounter | None = None) -> None:
+                 network_counter: NetworkCounter | None = None,
+                 output_counter: OutputCounter | None = None) -> None:
         memory_file, oom_file = self._memory_files(cgroup)
         directory = str(cgroup.path)
         probe = _Probe(run_id=run_id, cgroup_dir=directory, cpu_file=f"{directory}/cpu.stat",
                        stat_file=f"{directory}/cgroup.stat", memory_file=memory_file,
                        oom_file=oom_file, started_at=started_at,
-                       network_counter=network_counter, overruns_at_start=self.overruns)
+                       network_counter=network_counter, overruns_at_start=self.overruns,
+                       output_counter=output_counter)
         track = _Track(window=deque(maxlen=self.window),
                        summary=SummaryBuilder(run_id=run_id, started_at=started_at),
                        syscall_attempts=self._early_attempts.pop(run_id, 0))
@@ -269,6 +274,8 @@ class TelemetryHub:
         self._early_attempts.pop(run_id, None)
         if track is None or probe is None:
             return None
+        if probe.output_counter is not None:  # the drain has finished by the run's end
+            track.summary.add_output(*probe.output_counter())
         summary = self._freeze(track, probe, ended_at=self._wall_clock())
         if self.store is not None:
             try:
@@ -440,6 +447,9 @@ class TelemetryHub:
                 network_bytes, network_packets = probe.network_counter()
             except OSError:
                 probe.skipped += 1
+        output_bytes = output_recorded = None
+        if probe.output_counter is not None:
+            output_bytes, output_recorded = probe.output_counter()
         totals = probe.totals
         return Sample(
             ts=wall_now, wall_seconds=max(0.0, wall_now - probe.started_at),
@@ -449,6 +459,7 @@ class TelemetryHub:
             io_read_bytes=totals.io_read_bytes, io_write_bytes=totals.io_write_bytes,
             children=totals.children, commands=tuple(probe.commands),
             network_bytes=network_bytes, network_packets=network_packets,
+            output_bytes=output_bytes, output_recorded_bytes=output_recorded,
         )
 
     def _read(self, probe: _Probe, path: str) -> bytes | None:

@@ -42,9 +42,17 @@ class SummaryBuilder:
         s.io_read_bytes = _peak(s.io_read_bytes, sample.io_read_bytes)
         s.io_write_bytes = _peak(s.io_write_bytes, sample.io_write_bytes)
         s.network_bytes = _peak(s.network_bytes, sample.network_bytes)
+        s.output_bytes = _peak(s.output_bytes, sample.output_bytes)
+        s.output_recorded_bytes = _peak(s.output_recorded_bytes, sample.output_recorded_bytes)
         s.oom_kills = _peak(s.oom_kills, sample.oom_kills)
         if len(sample.commands) > len(s.commands):  # the sampler's list only grows
             s.commands = list(sample.commands)
+
+    def add_output(self, produced: int, recorded: int) -> None:
+        """The output counters at the run's end (the last sample may be a tick behind)."""
+        s = self._summary
+        s.output_bytes = _peak(s.output_bytes, produced)
+        s.output_recorded_bytes = _peak(s.output_recorded_bytes, recorded)
 
     def freeze(self, *, ended_at: float | None, syscall_attempts: int, overruns: int,
                skipped: int) -> TelemetrySummary:
