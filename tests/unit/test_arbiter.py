@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 
-from supervisor.config import KillSection
+from supervisor.config import DiskSection, KillSection
 from supervisor.daemon.arbiter import GLOBAL_HALT_KEY, Arbiter
 from supervisor.errors import (
     AgentBusy,
     AgentKilled,
     AgentNotFound,
+    DiskSpaceLow,
     GlobalHalt,
     IllegalTransition,
     KillUnconfirmed,
@@ -763,5 +764,25 @@ def test_run_output_past_its_retention_is_deleted_and_audited(env: ArbiterEnv) -
         assert last(env).verb == "logs_pruned" and last(env).detail == {"files": 1}
         assert arbiter.prune_logs(retention=600) == 0  # nothing left to do, nothing audited
         assert last(env).verb == "logs_pruned"
+
+    asyncio.run(body())
+
+
+def test_launch_under_the_free_space_watermark_is_refused_and_changes_nothing(
+        env: ArbiterEnv) -> None:
+    async def body() -> None:
+        full = env.config.model_copy(update={"disk": DiskSection(min_free_percent=100)})
+        env.config = full  # no filesystem is ever 100% free
+        arbiter = env.arbiter()
+        rows = env.audit.count()
+        with pytest.raises(DiskSpaceLow) as refused:
+            await arbiter.launch(request("cramped"), ALICE)
+        assert refused.value.detail["min_free_percent"] == 100
+        assert refused.value.detail["hint"]
+        assert "cramped" not in arbiter.agents and env.store.agents() == []
+        assert env.runtime.handles == {}
+        assert env.audit.count() == rows + 1
+        assert (last(env).verb, last(env).target, last(env).outcome) == (
+            "launch", "cramped", "refused:disk_space_low")
 
     asyncio.run(body())

@@ -9,6 +9,7 @@ from typing import Any
 
 from supervisor.daemon.containment import Containment
 from supervisor.models import ActionRequest, Actor, RunRequest, Scope
+from supervisor.runtime.output import OutputCounts
 from supervisor.telemetry import Sample, SyscallAttempt
 from tests.unit.conftest import ArbiterEnv
 
@@ -116,5 +117,32 @@ def test_a_run_without_rules_is_not_tracked(env: ArbiterEnv) -> None:
         containment.on_sample(view.id, Sample(ts=0, wall_seconds=0, processes=10_000))
         containment.run_ended(view.id)
         assert arbiter.agents["a1"].state == "active"
+
+    asyncio.run(body())
+
+
+def test_an_output_cap_fires_the_output_tripwire_with_the_profiles_action(
+        env: ArbiterEnv) -> None:
+    async def body() -> None:
+        (env.root / "profiles").mkdir(parents=True, exist_ok=True)
+        (env.root / "profiles" / "quiet.toml").write_text(
+            '[output]\nmax_bytes = "1M"\naction = "pause"\n')
+        arbiter = env.arbiter()
+        containment = Containment(arbiter)
+        view = await arbiter.launch(RunRequest(name="a1", command=["agent"], profile="quiet"),
+                                    ALICE)
+        counts = OutputCounts(produced=2 * 1024**2, recorded=1024**2, cap=1024**2, capped=True)
+        containment.output_capped(view.id, counts)
+        await settle(containment)
+        assert arbiter.agents["a1"].state == "paused"
+        fired = [r for r in env.audit.list() if r.verb == "tripwire"]
+        assert len(fired) == 1
+        assert (fired[0].outcome, fired[0].detail["rule"], fired[0].detail["metric"]) == (
+            "pause", "output_cap", "output_bytes")
+        assert fired[0].detail["output"]["discarded"] == 1024**2
+        pause = next(r for r in env.audit.list() if r.verb == "pause")
+        assert pause.actor == "system:tripwire"
+        containment.output_capped("no-such-run", counts)  # a run that ended meanwhile
+        assert len([r for r in env.audit.list() if r.verb == "tripwire"]) == 1
 
     asyncio.run(body())

@@ -506,6 +506,21 @@ def test_network_counter_hook(host: FakeHost, loop: asyncio.AbstractEventLoop) -
     assert skipped(hub) == 1
 
 
+def test_output_counter_hook(host: FakeHost, loop: asyncio.AbstractEventLoop) -> None:
+    """Samples carry the run's output counters; the summary takes the final ones at the end,
+    even when the last sample is a tick behind."""
+    counts = [(100, 100)]
+    hub = host.hub(loop)
+    hub.register("r1", host.cgroup, started_at=host.now, output_counter=lambda: counts[-1])
+    [(_, first)] = host.tick(hub)
+    hub.deliver([("r1", first)])
+    assert (first.output_bytes, first.output_recorded_bytes) == (100, 100)
+    counts.append((5000, 1024))
+    summary = hub.unregister("r1")
+    assert summary is not None
+    assert (summary.output_bytes, summary.output_recorded_bytes) == (5000, 1024)
+
+
 # ----------------------------------------------------------------------------- window, summary
 
 

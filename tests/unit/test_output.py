@@ -1,0 +1,172 @@
+"""The output drain on a real pipe and a real file, without root: the cap, the counts, the
+markers, the cap listener, the end of a run's output and a writer that never lets go."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisor.config import Config
+from supervisor.errors import EnforcementError
+from supervisor.profiles import Profile
+from supervisor.runtime.output import MARKER, OutputCounts, Outputs
+
+CAP = 64 * 1024
+
+
+def _profile(**output: object) -> Profile:
+    return Profile.model_validate({"name": "p", "output": output})
+
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+async def _drain(outputs: Outputs, log: Path, chunks: list[bytes],
+                 profile: Profile | None = None) -> OutputCounts:
+    recorder = outputs.open("r1", log, profile or _profile())
+    write_fd = recorder.pipe()
+    loop = asyncio.get_running_loop()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                _write(write_fd, chunk)
+        finally:
+            os.close(write_fd)
+
+    await loop.run_in_executor(None, produce)
+    return await recorder.finish(10.0)
+
+
+def test_cap_is_the_hosts_unless_the_profile_asks_for_less() -> None:
+    outputs = Outputs(CAP)
+    assert outputs.cap_for(_profile()) == CAP
+    assert outputs.cap_for(_profile(max_bytes=1024)) == 1024
+    assert outputs.cap_for(_profile(max_bytes="1G")) == CAP
+    assert Config().output.max_bytes == 64 * 1024**2
+    assert Config.model_validate({"disk": {"min_free_bytes": 0}}).disk.min_free_bytes == 0
+    assert Config.model_validate({"disk": {"min_free_bytes": "2G"}}).disk.min_free_bytes == 2**31
+    assert Profile().limits.file_size == 4 * 1024**3
+    with pytest.raises(ValueError):
+        _profile(action="explode")
+
+
+def test_output_under_the_cap_is_recorded_whole(tmp_path: Path) -> None:
+    outputs = Outputs(CAP)
+    capped: list[OutputCounts] = []
+    outputs.cap_listeners.append(lambda _run, counts: capped.append(counts))
+    counts = asyncio.run(_drain(outputs, tmp_path / "logs" / "r1.log", [b"hello\n", b"x" * 1000]))
+    assert (tmp_path / "logs" / "r1.log").read_bytes() == b"hello\n" + b"x" * 1000
+    assert counts == OutputCounts(produced=1006, recorded=1006, cap=CAP, capped=False)
+    assert capped == []
+    assert outputs.counts("r1") is None  # finished runs leave the registry
+
+
+def test_output_past_the_cap_is_counted_discarded_and_reported_once(tmp_path: Path) -> None:
+    outputs = Outputs(CAP)
+    capped: list[tuple[str, OutputCounts]] = []
+    outputs.cap_listeners.append(lambda run, counts: capped.append((run, counts)))
+    log = tmp_path / "r1.log"
+    counts = asyncio.run(_drain(outputs, log, [b"a" * 50_000, b"b" * 50_000, b"c" * 300_000]))
+    data = log.read_bytes()
+    assert data[:CAP] == b"a" * 50_000 + b"b" * (CAP - 50_000)
+    notes = data[CAP:].split(b"\n")
+    assert [n for n in notes if n] == [
+        MARKER + f" output cap of {CAP} bytes reached: the rest of this run's output is "
+                 f"discarded (and counted)".encode(),
+        MARKER + f" {400_000 - CAP} bytes of output were not recorded (400000 produced, "
+                 f"{CAP} recorded)".encode()]
+    assert counts.produced == 400_000 and counts.recorded == CAP and counts.capped
+    assert len(capped) == 1 and capped[0][0] == "r1" and capped[0][1].recorded == CAP
+
+
+def test_exactly_the_cap_is_not_over_it(tmp_path: Path) -> None:
+    outputs = Outputs(CAP)
+    counts = asyncio.run(_drain(outputs, tmp_path / "r1.log", [b"z" * CAP]))
+    assert (tmp_path / "r1.log").read_bytes() == b"z" * CAP
+    assert not counts.capped
+
+
+def test_copy_fallback_records_the_same(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    """A filesystem that refuses splice into it (EINVAL): read and write instead."""
+    real_splice = os.splice
+
+    def splice(src: int, dst: int, count: int, *args: object, **kwargs: object) -> int:
+        if os.path.realpath(f"/proc/self/fd/{dst}") == str(tmp_path / "r1.log"):
+            raise OSError(22, "Invalid argument")
+        return real_splice(src, dst, count, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "splice", splice)
+    outputs = Outputs(CAP)
+    counts = asyncio.run(_drain(outputs, tmp_path / "r1.log", [b"q" * 100_000]))
+    assert (tmp_path / "r1.log").read_bytes().startswith(b"q" * CAP + b"\n" + MARKER)
+    assert counts.produced == 100_000 and counts.recorded == CAP
+
+
+def test_a_writer_that_never_lets_go_is_cut_off(tmp_path: Path) -> None:
+    """finish waits a bounded time for the end of the output, then stops the drain; what was
+    already written is recorded, and the log file is closed."""
+    async def scenario() -> tuple[OutputCounts, int]:
+        outputs = Outputs(CAP)
+        recorder = outputs.open("r1", tmp_path / "r1.log", _profile())
+        write_fd = recorder.pipe()
+        _write(write_fd, b"still here\n")
+        counts = await recorder.finish(0.2)
+        return counts, write_fd
+
+    counts, write_fd = asyncio.run(scenario())
+    try:
+        assert counts.recorded == 11
+        assert (tmp_path / "r1.log").read_bytes() == b"still here\n"
+        with pytest.raises(BrokenPipeError):  # the drain's read end is closed
+            os.write(write_fd, b"late")
+    finally:
+        os.close(write_fd)
+
+
+def test_stream_source_is_capped_too(tmp_path: Path) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b"s" * 40_000
+        yield b"t" * 40_000
+        raise ConnectionResetError("engine gone")
+
+    async def scenario() -> OutputCounts:
+        outputs = Outputs(CAP)
+        recorder = outputs.open("r1", tmp_path / "r1.log", _profile())
+        closed: list[bool] = []
+        recorder.follow(chunks(), lambda: closed.append(True))
+        counts = await recorder.finish(10.0)
+        assert closed
+        return counts
+
+    counts = asyncio.run(scenario())
+    data = (tmp_path / "r1.log").read_bytes()
+    assert data[:CAP] == b"s" * 40_000 + b"t" * (CAP - 40_000)
+    assert b"output capture ended: the docker engine is unreachable" in data[CAP:]
+    assert counts.produced == 80_000 and counts.capped
+
+
+def test_an_existing_log_file_is_never_reused(tmp_path: Path) -> None:
+    (tmp_path / "r1.log").write_bytes(b"old")
+
+    async def scenario() -> None:
+        Outputs(CAP).open("r1", tmp_path / "r1.log", _profile())
+
+    with pytest.raises(EnforcementError):
+        asyncio.run(scenario())
+    (tmp_path / "target").write_bytes(b"")
+    (tmp_path / "r2.log").symlink_to(tmp_path / "target")
+
+    async def linked() -> None:
+        Outputs(CAP).open("r2", tmp_path / "r2.log", _profile())
+
+    with pytest.raises(EnforcementError):
+        asyncio.run(linked())
