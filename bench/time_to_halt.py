@@ -345,7 +345,8 @@ class DockerRaw:
         params = RunParams(
             run_id=run_id, agent="bench", container_id=container_id, netns=container_id,
             cgroup=f"{self.config.sandbox.cgroup_parent.strip('/')}/{container_id}",
-            bundle=Path("/nonexistent"), log_path=self.config.daemon.runtime_dir / "raw.log",
+            bundle=Path("/nonexistent"),
+            log_path=self.config.daemon.runtime_dir / f"{container_id}.log",
             profile=self.profile, command=workload(processes),
             uid_slot=self.config.sandbox.max_runs - 2, runtime="docker")
         engine = self.runtime.engine
@@ -370,6 +371,7 @@ class DockerRaw:
             return halt_ms
         finally:
             self.loop.run_until_complete(handle.cleanup())
+            params.log_path.unlink(missing_ok=True)  # each run's log is a new file
 
     def close(self) -> None:
         self.loop.close()

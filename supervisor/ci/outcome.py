@@ -1,6 +1,6 @@
 """How an embedded CI run ended and the exit status agentctl gives it. Pure; no I/O.
 
-The statuses sit in a block no other agentctl status uses (errors.py: 1-12 and 78) and away
+The statuses sit in a block no other agentctl status uses (errors.py: 1-13 and 78) and away
 from the shell's 126-165; an agent that itself exits 80-84 is told apart by the report."""
 
 from __future__ import annotations

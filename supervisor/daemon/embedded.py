@@ -277,7 +277,7 @@ class EmbeddedRunner:
             self.resources = {k: getattr(summary, k) for k in (
                 "peak_memory_bytes", "peak_processes", "peak_threads", "peak_open_fds",
                 "cpu_seconds", "max_cpu_percent", "io_read_bytes", "io_write_bytes",
-                "oom_kills", "samples")}
+                "oom_kills", "output_bytes", "output_recorded_bytes", "samples")}
         if core.seccomp is not None:  # None: no notify on this kernel (the filter still denies)
             # The agent's own attempts; the self-test canary's are in its audit row.
             container = f"{self.config.sandbox.name_prefix}-{self.run_id}"
