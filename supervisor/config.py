@@ -74,6 +74,7 @@ class KillSection(_Section):
     default_grace: Duration = 10.0
 
 
+AbsolutePath = Annotated[str, Field(pattern=r"^/")]
 _PRINCIPAL = r"^(user|group):[A-Za-z0-9_.][A-Za-z0-9_.\-]*\$?$"
 Principal = Annotated[str, Field(pattern=_PRINCIPAL)]
 
@@ -85,6 +86,15 @@ class RolesSection(_Section):
     admin: list[Principal] = []
     viewer: list[Principal] = []
     auditor: list[Principal] = []
+
+
+class WorkspacesSection(_Section):
+    """Which workspaces a caller may launch on. Everyone may use a directory they can read,
+    write and search, walking its path as themselves (uid and groups from SO_PEERCRED);
+    `owner` may use any. `roots` also grants a role every workspace under the directories
+    it lists, e.g. {admin = ["/srv/agents"]} (absolute, compared after symlinks resolve)."""
+
+    roots: dict[Literal["owner", "admin", "viewer", "auditor"], list[AbsolutePath]] = {}
 
 
 class WebhookEndpoint(_Section):
@@ -183,6 +193,7 @@ class Config(_Section):
     kill: KillSection = KillSection()
     docker: DockerSection = DockerSection()
     roles: RolesSection = RolesSection()
+    workspaces: WorkspacesSection = WorkspacesSection()
     webhooks: list[WebhookEndpoint] = []
     webhook_delivery: WebhookDelivery = WebhookDelivery()
     metrics: MetricsSection = MetricsSection()

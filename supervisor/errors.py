@@ -101,6 +101,13 @@ class Forbidden(SupervisorError):
     exit_status = 5
 
 
+class WorkspaceForbidden(Forbidden):
+    """The caller may not use that workspace: they cannot read, write and search it as
+    themselves, and no workspace root the config grants their role holds it."""
+
+    code = "workspace_forbidden"
+
+
 class EmbeddedNeedsRoot(Forbidden):
     """`agentctl run --embedded` builds the sandbox itself, which takes root."""
 

@@ -62,15 +62,17 @@ class Limits(_Strict):
 
 
 class WorkspacePolicy(_Strict):
-    # Paths inside the workspace bound read-only over the read-write workspace (those that
-    # exist when the run starts); a CI run also reports any change to them as a scope violation.
+    # Paths inside the workspace bound read-only over the read-write workspace for the whole
+    # run, their ancestors made immovable, and absent ones held by a read-only placeholder (a
+    # directory when written with a trailing '/', else a file): sandbox/workspace_binds.py. A
+    # CI run also reports any change to them as a scope violation and quarantines it.
     readonly: list[str] = []
 
     @field_validator("readonly")
     @classmethod
     def _relative(cls, paths: list[str]) -> list[str]:
         for path in paths:
-            parts = path.split("/")
+            parts = path.removesuffix("/").split("/")
             if not path or path.startswith("/") or ".." in parts or "." in parts or "" in parts:
                 raise ValueError(f"{path!r} must be a relative path inside the workspace, "
                                  f"without '.', '..' or empty components")

@@ -173,8 +173,14 @@ def diff(root: Path, before: dict[str, Entry], after: dict[str, Entry]) -> list[
     return changes
 
 
+# Files that can make the host's git run a filter, diff driver or fetch wherever they appear
+# (not only at a fixed path a bind can hold): changing one is a violation whatever the globs.
+HOST_CODE_NAMES = frozenset({".gitattributes", ".gitmodules"})
+
+
 def _protected(path: str, readonly: list[str]) -> str | None:
     for item in readonly:
+        item = item.rstrip("/")
         if path == item or path.startswith(item + "/"):
             return item
     return None
@@ -182,18 +188,25 @@ def _protected(path: str, readonly: list[str]) -> str | None:
 
 def violations(changes: list[Change], allow: list[str], readonly: list[str]
                ) -> list[dict[str, str]]:
-    """Each change that fails the scope guard, with why. Without `allow` globs every path is in
-    scope; read-only paths and links out of the workspace are violations whatever the globs."""
+    """Each change that fails the scope guard, with why and the rule ("readonly",
+    "host_code", "link", "scope"). Without `allow` globs every path is in scope; read-only
+    paths, host-code files and links out of the workspace are violations whatever the globs."""
     patterns = [glob_to_regex(glob) for glob in allow]
     found: list[dict[str, str]] = []
     for change in changes:
         if (item := _protected(change.path, readonly)) is not None:
-            found.append({"path": change.path, "why": f"read-only path {item} {change.change}"})
+            found.append({"path": change.path, "why": f"read-only path {item} {change.change}",
+                          "rule": "readonly"})
+            continue
+        if change.path.rpartition("/")[2] in HOST_CODE_NAMES and change.kind != "dir":
+            found.append({"path": change.path, "rule": "host_code",
+                          "why": f"{change.change}: a git attributes or modules file can make "
+                                 f"the host's git run a filter or driver"})
             continue
         if change.flags:
-            found.append({"path": change.path, "why": ", ".join(change.flags)})
+            found.append({"path": change.path, "why": ", ".join(change.flags), "rule": "link"})
             continue
         if patterns and not any(p.match(change.path) for p in patterns):
-            found.append({"path": change.path,
+            found.append({"path": change.path, "rule": "scope",
                           "why": f"{change.change} outside --allow-changes"})
     return found

@@ -103,8 +103,10 @@ def _ms(value: float | None) -> str:
 @click.option("--name", help="Agent name (registered on first use); generated when omitted.")
 @click.option("--class", "agent_class", help="Class label, for class-wide pause/kill.")
 @click.option("--profile", help="Sandbox profile (default: the daemon's default profile).")
-@click.option("--workspace", type=click.Path(file_okay=False, path_type=Path),
-              help="Directory bound read-write at /workspace.")
+@click.option("--workspace", type=click.Path(file_okay=False, readable=False, path_type=Path),
+              help="Directory bound read-write at /workspace (the daemon decides whether you "
+                   "may use it: one you can read and write, or under a root your role is "
+                   "granted).")
 @click.option("--timeout", help="Hard execution window, e.g. 30s, 10m; the run is killed after.")
 @click.option("--image", help="Docker image that is the agent's read-only root (docker runtime).")
 @click.option("--env", "env", multiple=True, help="KEY=VALUE for the agent's environment.")

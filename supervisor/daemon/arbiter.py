@@ -21,6 +21,11 @@ from typing import Any
 from supervisor.audit import AuditLog
 from supervisor.config import Config
 from supervisor.daemon.store import AgentRecord, RunRecord, Store
+from supervisor.daemon.workspace_access import (
+    AdmittedWorkspace,
+    WorkspaceAdmission,
+    admit_workspace,
+)
 from supervisor.errors import (
     AgentBusy,
     AgentKilled,
@@ -105,6 +110,9 @@ class Arbiter:
         self.resume_hooks: list[Callable[[str], Awaitable[None]]] = []
         # After reconcile has reaped runs: other leftovers (the gateway's nftables tables).
         self.reconcile_hooks: list[Callable[[], object]] = []
+        # Which workspace a caller may launch on (daemon/workspace_access.py); it needs root,
+        # so the unit tier puts a fake here.
+        self.admit_workspace: WorkspaceAdmission = admit_workspace
         self.global_halt = store.get_meta(GLOBAL_HALT_KEY) is not None
         self.shutting_down = False
         self.bundles_dir = config.daemon.runtime_dir / "bundles"
@@ -270,6 +278,9 @@ class Arbiter:
                 agent.agent_class = request.agent_class
             agent.profile = profile.name
             slot = self._free_slot()
+            admitted = await self.admit_workspace(
+                request.workspace, actor, self.config,
+                lambda error: self._refuse(error, actor, "launch", scope, name, ""))
             previous, _new = self._set_agent_state(agent, "launch", actor, "")
             run_id = secrets.token_hex(6)
             container_id = f"{self.config.sandbox.name_prefix}-{run_id}"
@@ -290,7 +301,7 @@ class Arbiter:
             self.store.put_agent(agent)
             self.store.put_run(run)
             try:
-                await self._create_and_start(live, profile, request)
+                await self._create_and_start(live, profile, request, admitted)
             except BaseException as exc:
                 live.ready.set()
                 self._fail_launch(agent, live, actor, exc)
@@ -315,8 +326,8 @@ class Arbiter:
             log.info("launched agent %s run %s pid %s", name, run_id, run.pid)
             return self.run_view(run)
 
-    async def _create_and_start(self, live: LiveRun, profile: Profile,
-                                request: RunRequest) -> None:
+    async def _create_and_start(self, live: LiveRun, profile: Profile, request: RunRequest,
+                                admitted: AdmittedWorkspace | None = None) -> None:
         run = live.record
         network: NetworkAttachment | None = None
         env = dict(request.env)
@@ -332,6 +343,7 @@ class Arbiter:
             cgroup=run.cgroup, bundle=Path(run.bundle), log_path=Path(run.log_path),
             profile=profile, command=request.command, uid_slot=run.uid_slot,
             workspace=request.workspace, env=env, network=network,
+            workspace_fd=admitted.fd if admitted else None,
             runtime=profile.runtime or self.config.sandbox.runtime,
             image=request.image or profile.image,
         )
@@ -341,6 +353,9 @@ class Arbiter:
             if network is not None:
                 network.detach()
             raise
+        finally:
+            if admitted is not None:
+                admitted.close()
         live.handle = handle
         run.pid = handle.pid
         if self.agents[run.agent].state == AgentState.KILLED:

@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from supervisor import __version__
 from supervisor.ci import manifest
 from supervisor.ci.outcome import Ending, classify_kill, exit_status
+from supervisor.ci.quarantine import quarantine
 from supervisor.ci.report import (
     SCHEMA,
     generate_key,
@@ -142,6 +143,8 @@ class EmbeddedRunner:
         self.egress: dict[str, Any] | None = None
         self.audit_head: dict[str, Any] | None = None
         self.audit_rows: list[dict[str, Any]] = []
+        # Where planted host-code files go after the run (ci/quarantine.py); root only.
+        self.quarantine_dir: Path | None = None
 
     # ------------------------------------------------------------------ signals
 
@@ -300,11 +303,14 @@ class EmbeddedRunner:
                  ) -> tuple[dict[str, Any], int]:
         changes: list[manifest.Change] = []
         found: list[dict[str, str]] = []
+        quarantined: list[dict[str, Any]] = []
         if self.workspace is not None and self.before is not None:
             after = manifest.snapshot(self.workspace)
             changes = manifest.diff(self.workspace, self.before, after)
             found = manifest.violations(changes, self.spec.allow_changes,
                                         list(self.profile.workspace.readonly))
+            if found and self.quarantine_dir is not None:
+                quarantined = quarantine(self.workspace, changes, found, self.quarantine_dir)
         status = exit_status(self.ending, self.agent_status, scope_violation=bool(found),
                              supervisor_error=bool(self.supervisor_errors),
                              launch_error_status=self.error.exit_status if self.error else None)
@@ -327,7 +333,7 @@ class EmbeddedRunner:
             "manifest": {"changes": [c.as_dict() for c in changes]},
             "scope": {"allowed": self.spec.allow_changes,
                       "readonly": list(self.profile.workspace.readonly),
-                      "violations": found},
+                      "violations": found, "quarantined": quarantined},
             "audit": self.audit_head,
             "teardown": teardown,
             "errors": ([self.error.to_body()["error"]] if self.error else [])
@@ -381,6 +387,7 @@ async def run_embedded(spec: EmbeddedRun) -> int:
     root.mkdir(mode=0o711, parents=True, exist_ok=True)
     slot, _lock_fd = claim_slot(Path(DEFAULT_ROOT) / "locks")
     runner = EmbeddedRunner(spec, profile, embedded_config(base, root, slot))
+    runner.quarantine_dir = root / "quarantine" / f"{time.strftime('%Y%m%dT%H%M%S')}-slot{slot}"
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, runner.on_signal, signum)
@@ -434,6 +441,12 @@ def _say_how_it_ended(report: dict[str, Any]) -> None:
               file=sys.stderr)
         for item in violations:
             print(f"  {item['path']}: {item['why']}", file=sys.stderr)
+    if quarantined := report["scope"]["quarantined"]:
+        print(f"agentctl: quarantined {len(quarantined)} planted path(s) out of the workspace "
+              f"(read-only or host-code files):", file=sys.stderr)
+        for item in quarantined:
+            where = item.get("moved_to") or item.get("removed") or item.get("error", "deleted")
+            print(f"  {item['path']}: {where}", file=sys.stderr)
     if not report["teardown"]["clean"]:
         print(f"agentctl: teardown left {report['teardown']['residue']}", file=sys.stderr)
 

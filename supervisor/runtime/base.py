@@ -39,6 +39,10 @@ class RunParams:
     command: list[str]
     uid_slot: int
     workspace: str | None = None
+    # An O_PATH fd of the workspace directory the caller was admitted to (the daemon's
+    # workspace_access); the runtime binds that inode and never resolves `workspace` again.
+    # Owned by the caller of `launch`. None: the runtime opens `workspace` itself.
+    workspace_fd: int | None = None
     env: dict[str, str] = field(default_factory=dict)
     network: NetworkAttachment | None = None
     runtime: str = "runc"  # which runtime makes the run ("runc" or "docker")

@@ -49,8 +49,8 @@ from supervisor.runtime.docker_api import (
     tar_of,
 )
 from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT, OutputRecorder, Outputs
-from supervisor.runtime.workspace import workspace_owner
-from supervisor.sandbox import netns
+from supervisor.runtime.workspace import pin_workspace, stage_workspace, workspace_owner
+from supervisor.sandbox import netns, workspace_binds
 from supervisor.sandbox.bundle import (
     SANDBOX_UID_COUNT,
     WORKSPACE_MOUNT,
@@ -59,6 +59,7 @@ from supervisor.sandbox.bundle import (
     render_seccomp,
 )
 from supervisor.sandbox.cgroups import Cgroup, detect_mode, unified_root
+from supervisor.sandbox.workspace_fs import fd_path
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -99,6 +100,11 @@ class DockerRunHandle(CgroupControl):
             pid = int(((state or {}).get("State") or {}).get("Pid") or 0)
             if pid:
                 self._adopt(pid)
+            if self.pid is not None and (wrong := self._misplaced_binds()):
+                raise EnforcementError(
+                    f"the workspace binds {wrong} are not where the engine was told to mount "
+                    f"them (a path in the workspace changed during the launch)",
+                    misplaced=wrong)
             if self.params.network is not None and self.netns_path is not None:
                 # The engine starts the command with the container, so the egress veth comes
                 # a moment after it: until then the agent has loopback only (default deny).
@@ -109,6 +115,17 @@ class DockerRunHandle(CgroupControl):
                 self.params.network.detach()
             await self._abort()
             raise
+
+    def _misplaced_binds(self) -> list[str]:
+        """The engine mounts and starts in one step, so this checks just after the start (the
+        sources are staged inodes either way: a misplaced destination can only put the
+        workspace's own files elsewhere in the container, never a host directory)."""
+        assert self.pid is not None
+        try:
+            return workspace_binds.misplaced(
+                self.pid, self.runtime.staged_binds(self.container), WORKSPACE_MOUNT)
+        except (FileNotFoundError, ProcessLookupError):
+            return []  # the command already ended, and its mount namespace with it
 
     def _adopt(self, pid: int) -> None:
         try:
@@ -201,6 +218,7 @@ class DockerRunHandle(CgroupControl):
             self.params.network.detach()
         with contextlib.suppress(OSError):
             netns.remove(self.params.netns)
+        quiet(workspace_binds.unstage, self.runtime.workspace_mount(self.container))
         if self._pidfd is not None:
             with contextlib.suppress(OSError, ValueError):
                 asyncio.get_running_loop().remove_reader(self._pidfd)
@@ -212,6 +230,8 @@ class DockerRunHandle(CgroupControl):
         with contextlib.suppress(EngineUnavailable, RuntimeFailure):
             if self.runtime.engine.inspect(self.container) is not None:
                 left["container"] = self.container
+        if self.runtime.workspace_mount(self.container).exists():
+            left["workspace_mount"] = str(self.runtime.workspace_mount(self.container))
         return left
 
 
@@ -234,6 +254,9 @@ class DockerRuntime:
         self.workspace_min_owner_uid = workspace_min_owner_uid
         self.host_root_image = host_root_image
         state_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
+        # Each run's workspace binds, staged from open files (workspace_binds.py).
+        self.workspaces_dir = state_dir / "workspaces"
+        self.workspaces_dir.mkdir(mode=0o700, exist_ok=True)
         # Bound read-only over masked paths (/etc/shadow, ...): the agent reads it as empty.
         self.empty_file = state_dir / "empty"
         self.empty_file.touch(mode=0o444, exist_ok=True)
@@ -278,12 +301,18 @@ class DockerRuntime:
             log.info("imported the host-root image %s", self.host_root_image)
         return self.host_root_image
 
-    def _user(self, params: RunParams) -> str:
+    def workspace_mount(self, container_id: str) -> Path:
+        return self.workspaces_dir / container_id
+
+    def staged_binds(self, container_id: str) -> list[workspace_binds.Bind]:
+        return workspace_binds.load(self.workspace_mount(container_id)).binds
+
+    def _user(self, params: RunParams, workspace_fd: int | None) -> str:
         base = self.uid_base + params.uid_slot * SANDBOX_UID_COUNT
         uid = gid = base + self.agent_uid
         if params.workspace is not None:
             owner = workspace_owner(params.workspace, self.workspace_min_owner_uid,
-                                    range(self.uid_base, self.uid_limit))
+                                    range(self.uid_base, self.uid_limit), workspace_fd)
             uid = owner.uid
             if owner.gid is not None:
                 gid = owner.gid
@@ -297,7 +326,9 @@ class DockerRuntime:
                     f"binding {source} would put the container engine's socket {sock} in the "
                     f"agent's reach", source=source, socket=str(sock))
 
-    async def _mounts(self, params: RunParams, image: str | None) -> tuple[str, list[Mount]]:
+    async def _mounts(self, params: RunParams, image: str | None,
+                      staged: workspace_binds.StagedWorkspace | None
+                      ) -> tuple[str, list[Mount]]:
         profile = params.profile
         mounts: list[Mount] = []
         bound: list[str] = []
@@ -321,19 +352,29 @@ class DockerRuntime:
             if any(path.startswith(b) for b in bound) and not Path(path).exists():
                 continue  # nothing to mask, and no mount point can be made in a read-only bind
             mounts.append(Mount(path, str(self.empty_file), type="bind", read_only=True))
-        if params.workspace is not None:
-            self._refuse_engine_socket(params.workspace)
-            mounts.append(Mount(WORKSPACE_MOUNT, params.workspace, type="bind",
-                                read_only=False))
+        if staged is not None:
+            for bind in staged.binds:
+                mounts.append(Mount(f"{WORKSPACE_MOUNT}/{bind.relative}".rstrip("/"),
+                                    bind.source, type="bind", read_only=bind.readonly))
         return image, mounts
 
     async def launch(self, params: RunParams) -> DockerRunHandle:
         undo: list[UndoStep] = []
+        workspace_fd: int | None = None
         try:
             profile = params.profile
-            user = self._user(params)
+            staged: workspace_binds.StagedWorkspace | None = None
+            if params.workspace is not None:
+                workspace_fd = pin_workspace(params.workspace, params.workspace_fd)
+                self._refuse_engine_socket(fd_path(workspace_fd))
+            user = self._user(params, workspace_fd)
             seccomp = render_seccomp(load_seccomp(profile.seccomp.profile), None, params.run_id)
-            image, mounts = await self._mounts(params, params.image or profile.image)
+            if params.workspace is not None and workspace_fd is not None:
+                staging = self.workspace_mount(params.container_id)
+                staged = stage_workspace(params.workspace, workspace_fd,
+                                         profile.workspace.readonly, staging)
+                undo.append(lambda: quiet(workspace_binds.unstage, staging))
+            image, mounts = await self._mounts(params, params.image or profile.image, staged)
             host_config = self.engine.host_config(
                 read_only=True, mounts=mounts,
                 tmpfs={"/tmp": f"rw,exec,nosuid,nodev,mode=1777,"
@@ -369,6 +410,9 @@ class DockerRuntime:
         except BaseException:
             await undo_all(undo)
             raise
+        finally:
+            if workspace_fd is not None:
+                os.close(workspace_fd)
 
     async def _undo_container(self, params: RunParams) -> None:
         with contextlib.suppress(EngineUnavailable, RuntimeFailure):
@@ -392,6 +436,10 @@ class DockerRuntime:
                 netns=name if netns.exists(name) else None,
                 cgroup=cgroup if Cgroup(cgroup).exists() else None,
                 pids=Cgroup(cgroup).pids() if Cgroup(cgroup).exists() else []))
+        listed = {item.container_id for item in found}
+        for staging in self.workspaces_dir.iterdir():  # staged before a container was made
+            if staging.name.startswith(f"{self.name_prefix}-") and staging.name not in listed:
+                found.append(Leftover(container_id=staging.name, runtime="docker"))
         return found
 
     async def reap(self, leftover: Leftover, timeout: float) -> dict[str, Any]:
@@ -409,6 +457,11 @@ class DockerRuntime:
         if leftover.netns:
             netns.remove(leftover.netns)
             done["netns_removed"] = leftover.netns
+        if leftover.container_id and self.workspace_mount(leftover.container_id).exists():
+            left = workspace_binds.unstage(self.workspace_mount(leftover.container_id))
+            done["workspace_unmounted"] = str(self.workspace_mount(leftover.container_id))
+            if left:
+                done["placeholders_left"] = left
         return done
 
     def parent_cgroup(self) -> Path:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from supervisor.errors import EnforcementError, RuntimeFailure, WorkspaceInvalid
+from supervisor.errors import EnforcementError, RuntimeFailure
 from supervisor.profiles import load_seccomp
 from supervisor.runtime.base import Leftover, RunParams
 from supervisor.runtime.control import (
@@ -22,10 +22,11 @@ from supervisor.runtime.control import (
 )
 from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT, OutputRecorder, Outputs
 from supervisor.runtime.runc import Runc, ensure_root
-from supervisor.runtime.workspace import workspace_owner
-from supervisor.sandbox import mounts, netns
+from supervisor.runtime.workspace import pin_workspace, stage_workspace, workspace_owner
+from supervisor.sandbox import netns, workspace_binds
 from supervisor.sandbox.bundle import (
     SANDBOX_UID_COUNT,
+    WORKSPACE_MOUNT,
     BundleSpec,
     IdMap,
     remove_bundle,
@@ -97,7 +98,7 @@ class RuncRunHandle(CgroupControl):
             self.params.network.detach()
         with contextlib.suppress(OSError):
             netns.remove(self.params.netns)
-        quiet(mounts.unbind, self.runtime.workspace_mount(self.params.container_id))
+        quiet(workspace_binds.unstage, self.runtime.workspace_mount(self.params.container_id))
         remove_bundle(self.params.bundle)
 
     def residue(self) -> dict[str, Any]:
@@ -136,12 +137,13 @@ class RuncRuntime:
         return {"runtime": "runc", "cgroup_mode": detect_mode().value,
                 "cgroup_parent": self.cgroup_parent, "runc_root": str(self.runc.root)}
 
-    def _id_maps(self, slot: int, workspace: str | None) -> tuple[IdMap, IdMap]:
+    def _id_maps(self, slot: int, workspace: str | None, workspace_fd: int | None
+                 ) -> tuple[IdMap, IdMap]:
         base = self.uid_base + slot * SANDBOX_UID_COUNT
         agent_uid = agent_gid = base + self.agent_uid
         if workspace is not None:
             owner = workspace_owner(workspace, self.workspace_min_owner_uid,
-                                    range(self.uid_base, self.uid_limit))
+                                    range(self.uid_base, self.uid_limit), workspace_fd)
             agent_uid = owner.uid
             if owner.gid is not None:
                 agent_gid = owner.gid
@@ -150,8 +152,11 @@ class RuncRuntime:
     async def launch(self, params: RunParams) -> RuncRunHandle:
         undo: list[UndoStep] = []
         loop = asyncio.get_running_loop()
+        workspace_fd: int | None = None
         try:
-            uid_map, gid_map = self._id_maps(params.uid_slot, params.workspace)
+            if params.workspace is not None:
+                workspace_fd = pin_workspace(params.workspace, params.workspace_fd)
+            uid_map, gid_map = self._id_maps(params.uid_slot, params.workspace, workspace_fd)
             seccomp = load_seccomp(params.profile.seccomp.profile)
 
             netns_path = await loop.run_in_executor(None, netns.create, params.netns)
@@ -160,26 +165,21 @@ class RuncRuntime:
                 undo.append(network.detach)
                 await loop.run_in_executor(None, network.attach, params.netns)
 
-            workspace_source = None
-            readonly: tuple[str, ...] = ()
-            if params.workspace is not None:
-                try:
-                    readonly = mounts.readonly_sources(Path(params.workspace),
-                                                       params.profile.workspace.readonly)
-                except OSError as exc:
-                    raise WorkspaceInvalid(str(exc.strerror), workspace=params.workspace,
-                                           path=exc.filename) from exc
-                workspace_source = self.workspace_mount(params.container_id)
-                mounts.bind(Path(params.workspace), workspace_source)
-                undo.append(lambda: quiet(mounts.unbind, workspace_source))
+            staged: workspace_binds.StagedWorkspace | None = None
+            if params.workspace is not None and workspace_fd is not None:
+                staging = self.workspace_mount(params.container_id)
+                staged = stage_workspace(params.workspace, workspace_fd,
+                                         params.profile.workspace.readonly, staging)
+                undo.append(lambda: quiet(workspace_binds.unstage, staging))
+            root_bind = staged.binds[0] if staged else None
 
             spec = BundleSpec(
                 run_id=params.run_id, hostname=f"agent-{params.agent}"[:63],
                 command=params.command, profile=params.profile, seccomp=seccomp,
                 uid_map=uid_map, gid_map=gid_map, cgroups_path=f"/{params.cgroup}",
                 netns_path=str(netns_path),
-                workspace=str(workspace_source) if workspace_source else None, env=params.env,
-                workspace_readonly=readonly,
+                workspace=root_bind.source if root_bind else None, env=params.env,
+                workspace_binds=tuple(staged.binds[1:]) if staged else (),
                 seccomp_listener=str(self.seccomp_listener) if self.seccomp_listener else None,
             )
             write_bundle(params.bundle, spec)
@@ -199,6 +199,13 @@ class RuncRuntime:
             finally:
                 os.close(stdio)  # the container's processes hold the only write ends now
             pidfd = os.pidfd_open(pid)
+            undo.append(lambda: quiet(os.close, pidfd))
+            if staged is not None and (wrong := workspace_binds.misplaced(
+                    pid, staged.binds, WORKSPACE_MOUNT)):
+                raise EnforcementError(
+                    f"the workspace binds {wrong} are not where runc was told to mount them "
+                    f"(a path in the workspace changed during the launch); refusing to start",
+                    misplaced=wrong)
             cgroup = Cgroup(params.cgroup)
             if not cgroup.exists():
                 raise EnforcementError(
@@ -209,6 +216,9 @@ class RuncRuntime:
         except BaseException:
             await undo_all(undo)
             raise
+        finally:
+            if workspace_fd is not None:
+                os.close(workspace_fd)
 
     def workspace_mount(self, container_id: str) -> Path:
         return self.workspaces_dir / container_id
@@ -256,7 +266,8 @@ class RuncRuntime:
         if leftover.container_id:
             mount = self.workspace_mount(leftover.container_id)
             if mount.exists():
-                mounts.unbind(mount)
+                if left := workspace_binds.unstage(mount):
+                    done["placeholders_left"] = left
                 done["workspace_unmounted"] = str(mount)
             bundle = self.bundles_dir / leftover.container_id
             if bundle.exists():

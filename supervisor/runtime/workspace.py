@@ -1,15 +1,18 @@
-"""Which host user an agent writes its workspace as, and which workspaces are refused. Both
-runtimes use it: runc maps the agent's uid onto the owner, docker runs the agent as the owner.
-Reads the workspace's inode; no privilege beyond that."""
+"""Which host user an agent writes its workspace as, which workspaces are refused, and the
+workspace pinned and staged for a run. Both runtimes use it: runc maps the agent's uid onto the
+owner, docker runs the agent as the owner; both bind the staged mounts. Staging needs root."""
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.errors import WorkspaceInvalid
+from supervisor.sandbox.workspace_binds import StagedWorkspace, stage
 
 
 @dataclass(frozen=True)
@@ -18,15 +21,17 @@ class WorkspaceOwner:
     gid: int | None  # None: the group is a system or sandbox group, not one to run as
 
 
-def workspace_owner(workspace: str, min_owner_uid: int, reserved: range) -> WorkspaceOwner:
-    """The owner of `workspace`, refused when it is a system user or inside the host range
-    reserved for sandboxes (it could belong to another agent)."""
+def workspace_owner(workspace: str, min_owner_uid: int, reserved: range,
+                    fd: int | None = None) -> WorkspaceOwner:
+    """The owner of `workspace` (of the inode `fd` pins, when given), refused when it is a
+    system user or inside the host range reserved for sandboxes (it could belong to another
+    agent)."""
     try:
-        st = os.stat(workspace)
+        st = os.stat(fd if fd is not None else workspace)
     except OSError as exc:
         raise WorkspaceInvalid(f"workspace {workspace}: {exc.strerror}",
                                workspace=workspace) from exc
-    if not Path(workspace).is_dir():
+    if not stat.S_ISDIR(st.st_mode):
         raise WorkspaceInvalid(f"workspace {workspace} is not a directory", workspace=workspace)
     if st.st_uid < min_owner_uid:
         owner = _user_name(st.st_uid)
@@ -51,3 +56,30 @@ def _user_name(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid {uid}"
+
+
+def pin_workspace(workspace: str, admitted_fd: int | None) -> int:
+    """An O_PATH fd of the workspace directory, the caller's to close: a duplicate of the fd
+    the caller was admitted to, else the path opened once here (root, following symlinks,
+    as the trusted callers that pass no fd expect)."""
+    try:
+        if admitted_fd is not None:
+            return os.dup(admitted_fd)
+        return os.open(workspace, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise WorkspaceInvalid(f"workspace {workspace}: {exc.strerror}",
+                               workspace=workspace) from exc
+
+
+def stage_workspace(workspace: str, fd: int, readonly: list[str], directory: Path
+                    ) -> StagedWorkspace:
+    """The run's workspace binds (workspace_binds.stage), errors named as the workspace's."""
+    try:
+        return stage(fd, readonly, directory)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if exc.errno in (errno.ELOOP, errno.EXDEV):
+            why = ("a read-only workspace path goes through a symlink or leaves the "
+                   "workspace; it must be a real file or directory inside it")
+        raise WorkspaceInvalid(f"workspace {workspace}: {exc.filename or ''}: {why}",
+                               workspace=workspace, path=exc.filename) from exc

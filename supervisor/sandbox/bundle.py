@@ -14,6 +14,7 @@ from typing import Any
 
 from supervisor.errors import EnforcementError
 from supervisor.profiles import Profile
+from supervisor.sandbox.workspace_binds import Bind
 
 SANDBOX_UID_COUNT = 65536
 WORKSPACE_MOUNT = "/workspace"
@@ -73,9 +74,9 @@ class BundleSpec:
     netns_path: str
     workspace: str | None
     env: dict[str, str] = field(default_factory=dict)
-    # Paths relative to the workspace, bound read-only over it (each must exist; see
-    # mounts.readonly_sources).
-    workspace_readonly: tuple[str, ...] = ()
+    # The workspace's other binds over it (its read-only paths and their ancestors), each from
+    # a staging mount point made from an open file (workspace_binds.stage), parents first.
+    workspace_binds: tuple[Bind, ...] = ()
     host_root: Path = Path("/")
     # The daemon's seccomp notify socket (seccomp_notify.py); None: the daemon has none.
     seccomp_listener: str | None = None
@@ -169,10 +170,12 @@ def render_config(spec: BundleSpec) -> dict[str, Any]:
     if spec.workspace is not None:
         mounts.append({"destination": WORKSPACE_MOUNT, "type": "bind",
                        "source": spec.workspace, "options": ["bind", "rw", "nosuid", "nodev"]})
-        for relative in spec.workspace_readonly:
-            mounts.append({"destination": f"{WORKSPACE_MOUNT}/{relative}", "type": "bind",
-                           "source": f"{spec.workspace}/{relative}",
-                           "options": ["bind", "ro", "nosuid", "nodev"]})
+        for bind in spec.workspace_binds:
+            if bind.relative:
+                mounts.append({"destination": f"{WORKSPACE_MOUNT}/{bind.relative}",
+                               "type": "bind", "source": bind.source,
+                               "options": ["bind", "ro" if bind.readonly else "rw",
+                                           "nosuid", "nodev"]})
     env = agent_env(spec.run_id, spec.workspace is not None, profile, spec.env)
     quota = round(profile.limits.cpus * _CPU_PERIOD_US)
     return {
@@ -230,6 +233,8 @@ def write_bundle(directory: Path, spec: BundleSpec) -> Path:
         for name, target in links.items():
             (rootfs / name).symlink_to(target)
         for mount in config["mounts"]:
+            if mount["destination"].startswith(WORKSPACE_MOUNT + "/"):
+                continue  # inside the workspace bind, which brings its own mount points
             target_dir = rootfs / mount["destination"].lstrip("/")
             if not target_dir.is_symlink():
                 target_dir.mkdir(mode=0o755, parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from supervisor.config import Config, DaemonSection, DrillSection, KillSection, 
 from supervisor.daemon.arbiter import Arbiter
 from supervisor.daemon.drills import Drills
 from supervisor.daemon.store import Store, connect
+from supervisor.daemon.workspace_access import AdmittedWorkspace
 from supervisor.models import Actor
 from supervisor.runtime.fake import FakeRuntime
 
@@ -65,7 +66,19 @@ class ArbiterEnv:
         """A fresh Arbiter over this state; a new one over the same file is a daemon restart."""
         if runtime is not None:
             self.runtime = runtime
-        return Arbiter(self.config, self.store, self.audit, self.runtime)
+        return unit_arbiter(Arbiter(self.config, self.store, self.audit, self.runtime))
+
+
+async def admit_any_workspace(workspace: str | None, _actor: Actor, _config: Config,
+                              _refuse: object) -> AdmittedWorkspace | None:
+    """The unit tier's workspace admission (the real one switches credentials, which needs
+    root; tests/e2e/test_workspace.py proves it): every workspace, nothing held open."""
+    return None if workspace is None else AdmittedWorkspace(workspace, -1, "unit-test")
+
+
+def unit_arbiter(arbiter: Arbiter) -> Arbiter:
+    arbiter.admit_workspace = admit_any_workspace
+    return arbiter
 
 
 MakeEnv = Callable[..., ArbiterEnv]
@@ -166,7 +179,8 @@ class ServerThread:
     async def _setup(self) -> None:
         config = make_config(self.root, self.kill)
         self._db = connect(config.daemon.state_dir / "state.db")
-        self.arbiter = Arbiter(config, Store(self._db), AuditLog(self._db), self.runtime)
+        self.arbiter = unit_arbiter(Arbiter(config, Store(self._db), AuditLog(self._db),
+                                            self.runtime))
         self.drills = Drills(self.arbiter, self._db, DrillSection(processes=4, slo=1.0))
         self._runner = web.AppRunner(build_app(self.arbiter, self.roles, self.drills))
         await self._runner.setup()

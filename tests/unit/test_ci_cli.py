@@ -18,6 +18,7 @@ from supervisor.cli.main import cli
 from supervisor.errors import ProfileInvalid
 from supervisor.profiles import load_profile, validate_profile
 from supervisor.sandbox.bundle import render_config
+from supervisor.sandbox.workspace_binds import Bind
 from tests.unit.test_bundle import make_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,22 +86,35 @@ def test_agentctl_loads_no_cryptography_until_a_report_is_verified() -> None:
 
 def test_the_coding_agent_profile_protects_hooks_config_and_ci_files(tmp_path: Path) -> None:
     profile = load_profile("coding-agent", [])
-    assert {".git/hooks", ".git/config", ".github/workflows", ".gitlab-ci.yml"} <= set(
-        profile.workspace.readonly)
+    assert {".git/hooks/", ".git/config", ".git/info/", ".git/modules/", ".git/commondir",
+            ".git/objects/info/alternates", ".gitattributes", ".gitmodules",
+            ".github/workflows/", ".gitlab-ci.yml"} <= set(profile.workspace.readonly)
     assert profile.limits.wall_clock == 3600 and profile.limits.memory >= 2 * 1024**3
     assert profile.network.mode == "gateway"
     assert profile.network.gateway.route_for("model.gateway") is not None
     assert profile.network.gateway.allowed("pypi.org", 443) is not None
     host = tmp_path / "host"
     (host / "usr").mkdir(parents=True)
-    spec = make_spec(host, workspace="/run/ws/as-1", profile=profile)
-    config = render_config(type(spec)(**{**spec.__dict__,
-                                         "workspace_readonly": (".git/hooks", ".git/config")}))
+    spec = make_spec(host, workspace="/run/ws/as-1/0", profile=profile)
+    binds = (Bind(".git", "/run/ws/as-1/1", False), Bind(".git/hooks", "/run/ws/as-1/2", True))
+    config = render_config(type(spec)(**{**spec.__dict__, "workspace_binds": binds}))
     destinations = [m["destination"] for m in config["mounts"]]
     workspace_at = destinations.index("/workspace")
+    git = config["mounts"][destinations.index("/workspace/.git")]
     hooks = config["mounts"][destinations.index("/workspace/.git/hooks")]
-    assert destinations.index("/workspace/.git/hooks") > workspace_at  # mounted over it
-    assert hooks["source"] == "/run/ws/as-1/.git/hooks" and "ro" in hooks["options"]
+    # Mounted over the workspace, parents first; each from its staging mount, never a path
+    # inside the workspace that runc would resolve later.
+    assert workspace_at < destinations.index("/workspace/.git") < destinations.index(
+        "/workspace/.git/hooks")
+    assert git["source"] == "/run/ws/as-1/1" and "rw" in git["options"]
+    assert hooks["source"] == "/run/ws/as-1/2" and "ro" in hooks["options"]
+
+
+def test_protected_paths_nest_and_keep_their_kind() -> None:
+    from supervisor.sandbox.workspace_binds import _protected_paths
+
+    assert _protected_paths([".git/info/attributes", ".git/hooks/", ".git/info/", "a"]) == [
+        (["a"], False), ([".git", "hooks"], True), ([".git", "info"], True)]
 
 
 @pytest.mark.parametrize("path", ["/etc", "../up", ".git/../x", "", "a//b", "./x"])
@@ -108,13 +122,3 @@ def test_readonly_workspace_paths_must_stay_inside(path: str) -> None:
     with pytest.raises(ProfileInvalid) as caught:
         validate_profile("p", {"workspace": {"readonly": [path]}}, "test")
     assert caught.value.detail["field"] == "workspace.readonly"
-
-
-def test_readonly_sources_skip_absent_paths_and_refuse_symlinks(tmp_path: Path) -> None:
-    from supervisor.sandbox.mounts import readonly_sources
-
-    (tmp_path / ".git" / "hooks").mkdir(parents=True)
-    assert readonly_sources(tmp_path, [".git/hooks", ".gitlab-ci.yml"]) == (".git/hooks",)
-    (tmp_path / ".github").symlink_to("/root")
-    with pytest.raises(OSError, match="symlink"):
-        readonly_sources(tmp_path, [".github/workflows"])

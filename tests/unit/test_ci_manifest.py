@@ -129,3 +129,23 @@ def test_glob_semantics(glob: str, path: str, matches: bool) -> None:
 @pytest.mark.parametrize("glob", ["", "/etc/**", "../x", "src/../../x"])
 def test_bad_globs_are_named(glob: str) -> None:
     assert check_glob(glob) is not None
+
+
+def test_git_attributes_and_modules_anywhere_are_host_code(ws: Path) -> None:
+    before = snapshot(ws)
+    (ws / "sub").mkdir()
+    (ws / "sub" / ".gitattributes").write_text("* filter=evil\n")
+    (ws / ".gitmodules").write_text("[submodule]\n")
+    (ws / "sub" / "ok.py").write_text("x = 1\n")
+    found = violations(diff(ws, before, snapshot(ws)), ["sub", "sub/**", ".gitmodules"],
+                       [".git/hooks/"])
+    assert {v["path"]: v["rule"] for v in found} == {"sub/.gitattributes": "host_code",
+                                                     ".gitmodules": "host_code"}
+
+
+def test_readonly_entries_with_a_trailing_slash_protect_their_tree(ws: Path) -> None:
+    (ws / ".git" / "hooks").mkdir(parents=True, exist_ok=True)
+    before = snapshot(ws)
+    (ws / ".git" / "hooks" / "post-checkout").write_text("#!/bin/sh\n")
+    found = violations(diff(ws, before, snapshot(ws)), [], [".git/hooks/"])
+    assert [(v["path"], v["rule"]) for v in found] == [(".git/hooks/post-checkout", "readonly")]

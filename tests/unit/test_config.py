@@ -152,3 +152,19 @@ def test_config_is_frozen() -> None:
     config = Config()
     with pytest.raises(ValueError):
         config.kill.confirm_timeout = 1.0
+
+
+def test_workspace_roots_are_granted_per_role(tmp_path: Path) -> None:
+    path = tmp_path / "daemon.toml"
+    path.write_text('[workspaces]\nroots = {admin = ["/srv/agents", "/data/ci"]}\n')
+    assert load_config(path).workspaces.roots == {"admin": ["/srv/agents", "/data/ci"]}
+    assert Config().workspaces.roots == {}
+
+
+@pytest.mark.parametrize("bad", ['roots = {wizard = ["/srv"]}', 'roots = {admin = ["srv"]}',
+                                 'roots = {admin = "/srv"}', 'root = {admin = ["/srv"]}'])
+def test_bad_workspace_roots_are_refused_by_name(tmp_path: Path, bad: str) -> None:
+    path = tmp_path / "daemon.toml"
+    path.write_text(f"[workspaces]\n{bad}\n")
+    with pytest.raises(ConfigInvalid):
+        load_config(path)

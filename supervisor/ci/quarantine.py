@@ -1,0 +1,83 @@
+"""After an embedded run: what the agent planted where the host would run it (a created file
+under a read-only path, a git attributes or modules file anywhere) is moved out of the
+workspace into a root-only quarantine directory, so no later CI step's git picks it up, and
+the report names it. The binds already keep the agent out of the read-only paths; this is the
+second line, for whatever gets past them and for the files no fixed path can hold. Runs as
+root after every agent process is gone; opens nothing in the workspace through a symlink."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from supervisor.ci.manifest import Change
+from supervisor.sandbox.workspace_fs import openat2
+
+QUARANTINED_RULES = frozenset({"readonly", "host_code"})
+# A planted file larger than this is deleted, not kept (its sha256 is in the manifest).
+MAX_KEPT_BYTES = 16 << 20
+
+
+def _take(workspace_fd: int, relative: str, into: Path) -> dict[str, Any]:
+    parent, _, name = relative.rpartition("/")
+    parent_fd = openat2(workspace_fd, parent or ".", os.O_PATH | os.O_DIRECTORY)
+    try:
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        entry: dict[str, Any] = {"path": relative}
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(name, dir_fd=parent_fd)  # created and emptied by the files before it
+            entry["removed"] = "directory"
+            return entry
+        target = into / relative
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if stat.S_ISLNK(st.st_mode):
+            target.write_text(os.readlink(name, dir_fd=parent_fd))
+            entry["symlink"] = True
+        elif stat.S_ISREG(st.st_mode) and st.st_size <= MAX_KEPT_BYTES:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                         dir_fd=parent_fd)
+            with os.fdopen(fd, "rb") as source, open(target, "xb") as copy:
+                while chunk := source.read(1 << 20):
+                    copy.write(chunk)
+        else:
+            entry["kept"] = False
+        os.unlink(name, dir_fd=parent_fd)
+        if entry.get("kept", True):
+            entry["moved_to"] = str(target)
+        return entry
+    finally:
+        os.close(parent_fd)
+
+
+def quarantine(workspace: Path, changes: list[Change], found: list[dict[str, str]],
+               into: Path) -> list[dict[str, Any]]:
+    """Move every created path behind a read-only or host-code violation out of `workspace`
+    into `into` (created root, 0700); deepest first, so created directories empty out."""
+    flagged = {v["path"] for v in found if v.get("rule") in QUARANTINED_RULES}
+    created = sorted((c for c in changes if c.path in flagged and c.change == "created"),
+                     key=lambda c: -c.path.count("/"))
+    # A host-code file the agent modified (one the checkout had) is moved out too: the
+    # original is in git, a planted filter line must not stay on disk.
+    created += [c for c in changes if c.path in flagged and c.change == "modified"
+                and c.kind != "dir" and c.path.rpartition("/")[2] in (".gitattributes",
+                                                                       ".gitmodules")]
+    if not created:
+        return []
+    into.mkdir(mode=0o700, parents=True, exist_ok=True)
+    taken: list[dict[str, Any]] = []
+    workspace_fd = os.open(workspace, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for change in created:
+            try:
+                taken.append(_take(workspace_fd, change.path, into))
+            except OSError as exc:
+                taken.append({"path": change.path, "error": exc.strerror or str(exc)})
+    finally:
+        os.close(workspace_fd)
+    with contextlib.suppress(OSError):
+        into.rmdir()  # only directories were removed: nothing kept
+    return taken
+
