@@ -39,6 +39,7 @@ from supervisor.runtime.control import (
     CgroupControl,
     UndoStep,
     kill_and_confirm,
+    quiet,
     undo_all,
 )
 from supervisor.runtime.docker_api import (
