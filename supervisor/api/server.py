@@ -13,6 +13,7 @@ import os
 import pwd
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -90,7 +91,8 @@ class Controller(Protocol):
     def active_runs(self) -> int: ...
     def runtime_info(self) -> dict[str, Any]: ...
     async def launch(self, request: RunRequest, actor: Actor) -> RunView: ...
-    async def act(self, verb: str, request: ActionRequest, actor: Actor) -> ActionResult: ...
+    async def act(self, verb: str, request: ActionRequest, actor: Actor, *,
+                  arrived: float | None = None) -> ActionResult: ...
 
 
 class EgressSource(Protocol):
@@ -117,6 +119,9 @@ ROLES = web.AppKey("roles", RolesSection)
 DRILLS = web.AppKey("drills", DrillRunner)
 EGRESS = web.AppKey("egress", EgressSource)
 ACTOR = web.RequestKey("actor", Actor)
+# perf_counter() when the request was read off the socket: a kill's time_to_halt_ms starts here,
+# so time spent queued in the daemon is in the figure.
+ARRIVED = web.RequestKey("arrived", float)
 PEER_ROLES = web.RequestKey("roles", frozenset)
 _PEERCRED = struct.Struct("3i")
 _LOG_CHUNK = 65536
@@ -219,6 +224,7 @@ def _json(model: BaseModel | dict[str, Any], status: int = 200) -> web.Response:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request[ARRIVED] = time.perf_counter()
     try:
         actor = peer_actor(request)
         request[ACTOR] = actor
@@ -338,7 +344,8 @@ async def action(request: web.Request) -> web.Response:
     if verb not in SCOPED_VERBS:
         raise RouteNotFound(f"unknown action {verb!r}", verb=verb, known=list(SCOPED_VERBS))
     action_request: ActionRequest = await _body(request, ActionRequest)
-    result = await request.app[ARBITER].act(verb, action_request, request[ACTOR])
+    result = await request.app[ARBITER].act(verb, action_request, request[ACTOR],
+                                            arrived=request[ARRIVED])
     return _json(result)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from supervisor.errors import EmbeddedRunFailed
+from supervisor.states import EndCause
 
 
 class Ending(StrEnum):
@@ -28,13 +29,17 @@ STATUS_OF_ENDING = {Ending.KILLED: EXIT_KILLED, Ending.TRIPWIRE: EXIT_TRIPWIRE,
                     Ending.TIMEOUT: EXIT_TIMEOUT}
 
 
-def classify_kill(actor: str, reason: str) -> Ending:
-    """The ending of a killed run from the audit row of its kill (actor label and reason)."""
-    if actor == "system:tripwire":
-        return Ending.TRIPWIRE
-    if actor == "system:supervisor" and reason.startswith("execution window"):
-        return Ending.TIMEOUT
-    return Ending.KILLED
+ENDING_OF_CAUSE = {EndCause.EXITED: Ending.EXITED, EndCause.STOPPED: Ending.EXITED,
+                   EndCause.LAUNCH_FAILED: Ending.NOT_STARTED, EndCause.TRIPWIRE: Ending.TRIPWIRE,
+                   EndCause.TIMEOUT: Ending.TIMEOUT}
+
+
+def ending_of(cause: str | None) -> Ending:
+    """The ending of a run from the cause its record carries (None: it never ended, so it was
+    killed by whatever tore the run down)."""
+    known = {c.value: c for c in EndCause}
+    return ENDING_OF_CAUSE.get(known[cause], Ending.KILLED) if cause in known \
+        else Ending.KILLED
 
 
 def exit_status(ending: Ending, agent_status: int | None, *, scope_violation: bool,

@@ -1,9 +1,11 @@
-"""The arbiter: the registry of agents and runs and every verb on them, the kill path included.
-Runs in the daemon's event loop; touches the kernel only through the Runtime seam.
+"""The arbiter: the registry of agents and runs and every verb on them. Runs in the daemon's
+event loop; touches the kernel only through the Runtime seam and the kill path.
 
-The kill path, in this order (DESIGN.md): mark the agent killed in memory, revoke credentials,
-SIGKILL the run's cgroup, wait for the kernel to report it empty, tear the network down, then
-delete runtime state. `time_to_halt_ms` spans the first step to the network teardown."""
+A kill (`_kill`): step 1, mark every target agent killed in memory before any await; steps
+2-5 in supervisor/daemon/killpath.py (one sweep for a class or global scope); then each run
+ends through `_finalise`, the one door every run leaves by, whatever its `EndCause`; step 6
+(runtime state, bundle) runs after the answer, tracked and audited. `time_to_halt_ms` spans
+the request's arrival to the network teardown."""
 
 from __future__ import annotations
 
@@ -20,6 +22,14 @@ from typing import Any
 
 from supervisor.audit import AuditLog
 from supervisor.config import Config
+from supervisor.daemon.killpath import (
+    CONFIRMERS,
+    Credentials,
+    HaltReport,
+    NoCredentials,
+    RunKill,
+    sweep,
+)
 from supervisor.daemon.store import AgentRecord, RunRecord, Store
 from supervisor.daemon.workspace_access import (
     AdmittedWorkspace,
@@ -52,15 +62,25 @@ from supervisor.models import (
 )
 from supervisor.models.tripwire import TripwireRule
 from supervisor.profiles import Profile, load_profile
-from supervisor.runtime.base import NetworkAttachment, RunHandle, RunParams, Runtime
+from supervisor.runtime.base import (
+    NetworkAttachment,
+    RunCgroup,
+    RunHandle,
+    RunParams,
+    Runtime,
+)
 from supervisor.runtime.output import check_free_space
 from supervisor.states import (
     RUN_ENDED,
     AgentState,
+    EndCause,
     IllegalTransitionError,
     RunState,
+    Verb,
+    agent_at_end,
     agent_can,
     agent_transition,
+    run_end,
     run_transition,
 )
 
@@ -69,6 +89,9 @@ log = logging.getLogger(__name__)
 SYSTEM = Actor(kind="system", name="supervisor")
 GLOBAL_HALT_KEY = "global_halt"
 _LAUNCH_WAIT = 30.0  # a kill waits this long for a launch in flight to reach a killable state
+# A run being killed: a second kill only re-sends SIGKILL; the first one finalises it.
+_KILLING = frozenset({EndCause.KILLED, EndCause.TIMEOUT, EndCause.TRIPWIRE,
+                      EndCause.BREAK_GLASS, EndCause.SHUTDOWN})
 
 
 @dataclass
@@ -79,27 +102,31 @@ class LiveRun:
     tripwires: list[TripwireRule] = field(default_factory=list)  # the agent's own overrides
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    ending: str | None = None  # "kill", "stop", "exit", "shutdown": who finalizes the run
+    ending: EndCause | None = None  # set by whoever finalises the run, before it awaits
     watcher: asyncio.Task[None] | None = None
     timeout_handle: asyncio.TimerHandle | None = None
 
 
-# Hooks run at step 2 of the kill path (credential revocation); the egress gateway adds one.
-RevokeHook = Callable[[str, str], Awaitable[None]]
 # Network mode "gateway": the attachment the runtime plumbs in, and the sandbox's proxy env.
 NetworkProvider = Callable[[LiveRun], Awaitable[tuple[NetworkAttachment, dict[str, str]]]]
 
 
 class Arbiter:
-    def __init__(self, config: Config, store: Store, audit: AuditLog, runtime: Runtime) -> None:
+    def __init__(self, config: Config, store: Store, audit: AuditLog, runtime: Runtime, *,
+                 credentials: Credentials | None = None, parent: RunCgroup | None = None,
+                 parent_path: str | None = None) -> None:
         self.config = config
         self.store = store
         self.audit = audit
         self.runtime = runtime
+        # Kill step 2: the tokens runs hold (the egress gateway, once it is wired in).
+        self.credentials: Credentials = credentials or NoCredentials()
+        # Every run's cgroup lives under `parent` (held open): a global halt is one write.
+        self.parent = parent
+        self.parent_path = (parent_path or config.sandbox.cgroup_parent).strip("/")
         self.agents: dict[str, AgentRecord] = {a.name: a for a in store.agents()}
         self.live: dict[str, LiveRun] = {}
         self.locks: dict[str, asyncio.Lock] = {}
-        self.revoke_hooks: list[RevokeHook] = []
         # (run_id, cgroup relative path, started_at) once a run is running; (run_id) at its end.
         self.run_started_hooks: list[Callable[[str, str, float], None]] = []
         self.run_ended_hooks: list[Callable[[str], None]] = []
@@ -118,6 +145,8 @@ class Arbiter:
         self.bundles_dir = config.daemon.runtime_dir / "bundles"
         self.logs_dir = config.logs_dir
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Step 6 of ended runs, after the answer: run id -> its cleanup.
+        self.cleanups: dict[str, asyncio.Task[None]] = {}
 
     # ----------------------------------------------------------------- helpers
 
@@ -281,7 +310,7 @@ class Arbiter:
             admitted = await self.admit_workspace(
                 request.workspace, actor, self.config,
                 lambda error: self._refuse(error, actor, "launch", scope, name, ""))
-            previous, _new = self._set_agent_state(agent, "launch", actor, "")
+            previous, _new = self._set_agent_state(agent, Verb.LAUNCH, actor, "")
             run_id = secrets.token_hex(6)
             container_id = f"{self.config.sandbox.name_prefix}-{run_id}"
             run = RunRecord(
@@ -358,11 +387,16 @@ class Arbiter:
                 admitted.close()
         live.handle = handle
         run.pid = handle.pid
+        # The kill path's files are opened before the agent's command runs, so a kill never
+        # needs a new descriptor (docker makes the cgroup at start: held right after it).
+        held = await self._hold(handle, run, before_start=True)
         if self.agents[run.agent].state == AgentState.KILLED:
             return  # never start the agent's command; the kill path takes it from here
         await handle.start()
         run.pid = handle.pid  # docker: the engine starts the init, so its pid is known only now
-        self._set_run_state(run, "start")
+        if not held:
+            await self._hold(handle, run, before_start=False)
+        self._set_run_state(run, Verb.START)
         self.store.put_run(run)
         for started_hook in self.run_started_hooks:
             _call_hook(started_hook, run.id, run.cgroup, run.started_at)
@@ -370,144 +404,239 @@ class Arbiter:
         if run.timeout is not None:
             loop = asyncio.get_running_loop()
             live.timeout_handle = loop.call_later(
-                run.timeout, lambda: self._spawn(self._expire(live)))
+                run.timeout, lambda: self._spawn(self._expire(live, time.perf_counter())))
+
+    async def _hold(self, handle: RunHandle, run: RunRecord, *, before_start: bool) -> bool:
+        """Hold the run's cgroup open for the kill path. A run whose cgroup cannot be held is
+        not left running (fail closed): it is killed and the launch fails."""
+        try:
+            handle.cgroup.hold()
+            return True
+        except FileNotFoundError:
+            if before_start:
+                return False
+            error: OSError = FileNotFoundError(f"no cgroup for run {run.id}")
+        except OSError as exc:
+            error = exc
+        with contextlib.suppress(OSError):
+            handle.cgroup.kill()
+        with contextlib.suppress(Exception):
+            await handle.cleanup()
+        raise EnforcementError(f"run {run.id}: cannot hold its cgroup open for the kill path: "
+                               f"{error.strerror or error}", run=run.id) from error
 
     def _fail_launch(self, agent: AgentRecord, live: LiveRun, actor: Actor,
                      exc: BaseException) -> None:
         run = live.record
-        run.state = RunState.FAILED.value
-        run.ended_at = time.time()
-        run.end_reason = f"launch failed: {exc}"
-        agent.current_run = None
-        agent.last_run = run.id
-        if agent.state == AgentState.ACTIVE:
-            agent.state = AgentState.IDLE.value
-        self.live.pop(run.id, None)
-        self.store.put_run(run)
-        self.store.put_agent(agent)
-        for ended_hook in self.run_ended_hooks:  # e.g. the gateway's listener and token
-            _call_hook(ended_hook, run.id)
-        live.done.set()
+        previous = AgentState(agent.state)
+        if RunState(run.state) not in RUN_ENDED:  # a kill that raced the launch may have
+            live.ending = EndCause.LAUNCH_FAILED
+            self._finalise(live, EndCause.LAUNCH_FAILED, reason=f"launch failed: {exc}")
         code = exc.code if isinstance(exc, SupervisorError) else "internal_error"
         self.audit.append(
             actor=actor.label(), verb="launch", scope=f"agent:{agent.name}", target=agent.name,
             previous_state=AgentState.IDLE.value, new_state=agent.state,
             outcome=f"failed:{code}",
-            detail={"run": run.id, "error": str(exc), "actor": _who(actor)},
+            detail={"run": run.id, "error": str(exc), "actor": _who(actor),
+                    "agent_state_before": previous.value},
         )
         log.error("launch of agent %s failed: %s", agent.name, exc)
 
-    async def _expire(self, live: LiveRun) -> None:
+    async def _expire(self, live: LiveRun, fired: float) -> None:
         run = live.record
-        if live.ending or run.state in RUN_ENDED:
+        if live.ending is not None or run.state in RUN_ENDED:
             return
         reason = f"execution window of {run.timeout:g}s expired"
         with contextlib.suppress(SupervisorError):
-            await self._kill_agent(self.agents[run.agent], SYSTEM, reason, f"agent:{run.agent}")
+            await self._kill([self.agents[run.agent]], SYSTEM, reason, f"agent:{run.agent}",
+                             cause=EndCause.TIMEOUT, arrived=fired)
 
     async def _watch(self, live: LiveRun) -> None:
-        """Finalize a run whose command ended by itself."""
+        """Finalise a run whose command ended by itself."""
         assert live.handle is not None
         status = await live.handle.wait_exit()
         if live.ending is not None:
             return
-        live.ending = "exit"
+        live.ending = EndCause.EXITED
         handle, run = live.handle, live.record
-        await handle.wait_empty(self.config.kill.confirm_timeout)
+        loop = asyncio.get_running_loop()
+        # The init is gone, so the kernel is killing the rest of its pid namespace; the run is
+        # over when the cgroup is empty.
+        with contextlib.suppress(OSError):
+            await loop.run_in_executor(CONFIRMERS, handle.cgroup.wait_empty,
+                                       self.config.kill.confirm_timeout)
         handle.teardown_network()
-        await handle.cleanup()
         agent = self.agents[run.agent]
         previous = AgentState(agent.state)
-        self._set_run_state(run, "exit")
-        run.exit_code = status
-        run.end_reason = "exited"
-        self._end_run(agent, live)
-        if previous != AgentState.KILLED:  # a kill that arrived meanwhile keeps its hold
-            agent.state = agent_transition(previous, "exit").value
-        agent.updated_at = time.time()
-        self.store.put_agent(agent)
+        self._finalise(live, EndCause.EXITED, exit_code=status)
         self.audit.append(
             actor=SYSTEM.label(), verb="exit", scope=f"agent:{agent.name}", target=agent.name,
             previous_state=previous.value, new_state=agent.state,
-            detail={"run": run.id, "exit_code": status},
+            detail={"run": run.id, "exit_code": status, "cause": EndCause.EXITED.value},
         )
-        live.done.set()
 
-    def _end_run(self, agent: AgentRecord, live: LiveRun) -> None:
+    # ----------------------------------------------------------------- the one way out
+
+    def _finalise(self, live: LiveRun, cause: EndCause, *, exit_code: int | None = None,
+                  time_to_halt_ms: float | None = None, reason: str = "") -> None:
+        """End a run, whatever ended it: its record (state from the table, cause, exit code,
+        time_to_halt), its agent, the observers; then step 6 (runtime state, bundle) in the
+        background, tracked, so no answer ever waits on a runtime."""
         run = live.record
+        run.state = run_end(RunState(run.state), cause).value
+        run.end_cause = cause.value
+        run.end_reason = reason or cause.value
+        run.exit_code = exit_code
+        if time_to_halt_ms is not None:
+            run.time_to_halt_ms = time_to_halt_ms
         run.ended_at = time.time()
         if live.timeout_handle is not None:
             live.timeout_handle.cancel()
-        agent.current_run = None
-        agent.last_run = run.id
+        agent = self.agents.get(run.agent)
+        if agent is not None:
+            if agent.current_run == run.id:
+                agent.current_run = None
+            agent.last_run = run.id
+            agent.state = agent_at_end(AgentState(agent.state), cause).value
+            agent.updated_at = time.time()
+            self.store.put_agent(agent)
         self.live.pop(run.id, None)
         self.store.put_run(run)
         for ended_hook in self.run_ended_hooks:
             _call_hook(ended_hook, run.id)
+        if live.handle is None:
+            live.done.set()
+            return
+        cleanup = self.track(asyncio.ensure_future(self._cleanup(live)))
+        self.cleanups[run.id] = cleanup
+        cleanup.add_done_callback(lambda _t: self.cleanups.pop(run.id, None))
 
-    # ----------------------------------------------------------------- the kill path
-
-    async def _halt_run(self, live: LiveRun) -> tuple[float, dict[str, Any]]:
-        """Steps 2-5 for one run; returns time_to_halt_ms measured from `live`'s kill mark."""
+    async def _cleanup(self, live: LiveRun) -> None:
+        """Step 6: the runtime's state, the bundle, the cgroup directories. Audited."""
+        assert live.handle is not None
         run = live.record
-        t0 = run.extra.get("halt_t0", time.perf_counter())
-        detail: dict[str, Any] = {"run": run.id}
-        for hook in self.revoke_hooks:  # step 2
-            await hook(run.agent, run.id)
+        t0 = time.perf_counter()
+        outcome = "ok"
+        detail: dict[str, Any] = {"run": run.id, "cause": run.end_cause}
+        try:
+            await live.handle.cleanup()
+        except Exception as exc:
+            outcome = "failed"
+            detail["error"] = f"{type(exc).__name__}: {exc}"
+            log.exception("run %s: cleanup failed", run.id)
+        finally:
+            live.handle.cgroup.release()
+            live.done.set()
+        detail["cleanup_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        if outcome != "ok":  # a clean cleanup is in the log; a failed one is evidence
+            self.audit.append(actor=SYSTEM.label(), verb="cleanup", scope=f"agent:{run.agent}",
+                              target=run.agent, outcome=outcome, detail=detail)
+        log.info("run %s cleaned up (%s) in %.1f ms", run.id, outcome, detail["cleanup_ms"])
+
+    async def settled(self, run_id: str, timeout: float | None = None) -> None:
+        """Until the run has ended and its cleanup (step 6) is done."""
+        live = self.live.get(run_id)
+        if live is not None:
+            await asyncio.wait_for(live.done.wait(), timeout)
+            return
+        cleanup = self.cleanups.get(run_id)
+        if cleanup is not None:
+            await asyncio.wait_for(asyncio.shield(cleanup), timeout)
+
+    # ----------------------------------------------------------------- the kill
+
+    async def _run_kill(self, live: LiveRun) -> RunKill | None:
+        """Steps 2-5 of one run, once its launch has made something to kill (None: it never
+        got that far; its credentials are revoked all the same)."""
         if not live.ready.is_set():
+            with contextlib.suppress(Exception):
+                await self.credentials.revoke(live.record.id)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(live.ready.wait(), _LAUNCH_WAIT)
-        handle = live.handle
-        if handle is None:
-            detail["note"] = "the run had not been created yet"
-            return (time.perf_counter() - t0) * 1000, detail
-        try:
-            detail["mechanism"] = handle.kill()  # step 3
-        except FileNotFoundError:
-            detail["mechanism"] = "none: the cgroup was already gone"
-        timeout = self.config.kill.confirm_timeout
-        confirmed = await handle.wait_empty(timeout)  # step 4
-        if not confirmed:
-            log.critical("run %s: cgroup not empty %.1fs after kill; escalating", run.id, timeout)
-            detail["escalated"] = handle.kill(force_fallback=True)
-            confirmed = await handle.wait_empty(timeout)
-        detail["confirmed_empty"] = confirmed
-        detail["netns_removed"] = handle.teardown_network()  # step 5
-        time_to_halt_ms = round((time.perf_counter() - t0) * 1000, 3)
-        if not confirmed:
-            detail["survivors"] = handle.residue().get("processes", [])
-        return time_to_halt_ms, detail
+        if live.handle is None:
+            return None
+        return RunKill(live.record.id, credentials=self.credentials, cgroup=live.handle.cgroup,
+                       network=live.handle, confirm_timeout=self.config.kill.confirm_timeout)
 
-    async def _kill_agent(self, agent: AgentRecord, actor: Actor, reason: str, scope: str,
-                          verb: str = "kill") -> AgentResult:
-        t0 = time.perf_counter()
-        # Step 1, before any await: no launch, resume or restart can race past this point.
-        final_verb = verb if verb in ("kill", "shutdown") else "stop"
-        previous, new = self._set_agent_state(agent, final_verb, actor, reason)
-        live = self._live_of(agent)
-        time_to_halt_ms: float | None = None
-        detail: dict[str, Any] = {"actor": _who(actor)}
-        outcome = "ok"
-        if live is not None and live.ending == "exit":
-            # The command ended by itself a moment ago; its own finalization is under way.
-            await live.done.wait()
-            detail["note"] = "the run had already exited"
-        elif live is not None and live.ending not in ("kill", "shutdown"):
-            live.ending = verb
-            live.record.extra["halt_t0"] = t0
-            time_to_halt_ms, halt_detail = await self._halt_run(live)
-            detail.update(halt_detail)
-            run = live.record
-            run.end_reason = f"{verb}: {reason}" if reason else verb
-            if not detail.get("confirmed_empty", True):
-                # Not done until the kernel says so: the run stays tracked as "killing" and
-                # the kill is retried in the background until the cgroup is empty.
-                outcome = "unconfirmed"
-                self._set_run_state(run, "kill_unconfirmed")
-                self.store.put_run(run)
-                live.watcher = self._spawn(self._keep_killing(live, agent, actor, t0))
+    async def _kill(self, agents: list[AgentRecord], actor: Actor, reason: str, scope: str, *,
+                    verb: str = "kill", agent_verb: Verb = Verb.KILL,
+                    cause: EndCause = EndCause.KILLED, arrived: float | None = None,
+                    whole_parent: bool = False) -> list[AgentResult | SupervisorError]:
+        """The kill path for one agent or many: step 1 for all before any await, steps 2-5
+        in one sweep, then each run finalised and each agent's kill audited. With
+        `whole_parent` (a global halt), step 3 is one write to the parent cgroup."""
+        t0 = arrived if arrived is not None else time.perf_counter()
+        arrived_at = time.time() - (time.perf_counter() - t0)
+        marks: list[tuple[AgentRecord, AgentState, AgentState, LiveRun | None]] = []
+        for agent in agents:  # step 1
+            previous, new = self._set_agent_state(agent, agent_verb, actor, reason)
+            marks.append((agent, previous, new, self._live_of(agent)))
+        owned: list[LiveRun] = []
+        rekill: list[LiveRun] = []
+        for _agent, _previous, _new, live in marks:
+            if live is None or live.ending is EndCause.EXITED:
+                continue
+            if live.ending in _KILLING:
+                rekill.append(live)  # another kill owns it; SIGKILL again all the same
             else:
-                await self._finish_kill(live, agent, time_to_halt_ms)
+                live.ending = cause  # a graceful stop in its grace period is overtaken
+                owned.append(live)
+        for agent, _previous, _new, _live in marks:
+            self.store.put_agent(agent)
+        kills: dict[str, RunKill] = {}
+        covered: set[str] = set()
+        prefix = self.parent_path + "/"
+        for live, kill in zip(owned + rekill, await asyncio.gather(
+                *(self._run_kill(live) for live in owned + rekill)), strict=True):
+            if kill is not None:
+                kills[live.record.id] = kill
+                if whole_parent and live.record.cgroup.startswith(prefix):
+                    covered.add(live.record.id)
+        await sweep(list(kills.values()), self.parent if covered else None, frozenset(covered))
+
+        results: list[AgentResult | SupervisorError] = []
+        for agent, previous, new, live in marks:
+            results.append(await self._after_kill(agent, previous, new, live, kills, actor,
+                                                  reason, scope, verb, cause, t0, arrived_at,
+                                                  owner=live in owned))
+        return results
+
+    async def _after_kill(self, agent: AgentRecord, previous: AgentState, new: AgentState,
+                          live: LiveRun | None, kills: dict[str, RunKill], actor: Actor,
+                          reason: str, scope: str, verb: str, cause: EndCause, t0: float,
+                          arrived_at: float, *, owner: bool) -> AgentResult | SupervisorError:
+        detail: dict[str, Any] = {"actor": _who(actor), "cause": cause.value,
+                                  "request_arrived_at": round(arrived_at, 6)}
+        time_to_halt_ms: float | None = None
+        outcome = "ok"
+        report: HaltReport | None = None
+        if live is not None and live.ending is EndCause.EXITED:
+            await live.done.wait()  # the command ended by itself a moment ago
+            detail["note"] = "the run had already exited"
+        elif live is not None:
+            kill = kills.get(live.record.id)
+            if kill is None:
+                detail.update(run=live.record.id, note="the run had not been created yet")
+                time_to_halt_ms = _ms_since(t0, time.perf_counter())
+            else:
+                report = kill.report
+                detail.update(report.detail())
+                time_to_halt_ms = _ms_since(t0, report.halted_at or time.perf_counter())
+            if not owner:
+                detail["note"] = "another kill of this run is under way"
+            elif report is not None and not report.confirmed:
+                # Not done until the kernel says so: the run stays tracked as "killing" and
+                # is killed again in the background until its cgroup is empty.
+                outcome = "unconfirmed"
+                self._set_run_state(live.record, Verb.KILL_UNCONFIRMED)
+                self.store.put_run(live.record)
+                assert kill is not None
+                live.watcher = self._spawn(self._keep_killing(live, kill, agent, actor, verb,
+                                                              reason, t0))
+            else:
+                run_reason = f"{verb}: {reason}" if reason else verb
+                self._finalise(live, cause, exit_code=_exit_code(live),
+                               time_to_halt_ms=time_to_halt_ms, reason=run_reason)
         self.store.put_agent(agent)
         self.audit.append(
             actor=actor.label(), verb=verb, scope=scope, target=agent.name, reason=reason,
@@ -517,7 +646,7 @@ class Arbiter:
         log.warning("%s agent %s by %s (%s): time_to_halt_ms=%s", verb, agent.name,
                     actor.label(), reason or "no reason", time_to_halt_ms)
         if outcome == "unconfirmed":
-            raise KillUnconfirmed(
+            return KillUnconfirmed(
                 f"agent {agent.name}: the kernel still reports processes after escalation",
                 agent=agent.name, survivors=detail.get("survivors", []),
             )
@@ -525,38 +654,16 @@ class Arbiter:
                            new_state=new.value, run_id=live.record.id if live else None,
                            time_to_halt_ms=time_to_halt_ms)
 
-    async def _finish_kill(self, live: LiveRun, agent: AgentRecord,
-                           time_to_halt_ms: float | None) -> None:
-        """Step 6 and the run's record once the kernel has confirmed the cgroup empty."""
-        run = live.record
-        status = await _exit_status(live)
-        if live.handle is not None:
-            await live.handle.cleanup()
-        if RunState(run.state) not in RUN_ENDED:  # a failed launch has ended it already
-            self._set_run_state(run, "kill")
-            run.exit_code = status if status is not None else 128 + signal.SIGKILL
-            run.time_to_halt_ms = time_to_halt_ms
-            self._end_run(agent, live)
-        live.done.set()
-
-    async def _keep_killing(self, live: LiveRun, agent: AgentRecord, actor: Actor,
-                            t0: float) -> None:
+    async def _keep_killing(self, live: LiveRun, kill: RunKill, agent: AgentRecord,
+                            actor: Actor, verb: str, reason: str, t0: float) -> None:
         """Retry an unconfirmed kill until the kernel reports the cgroup empty."""
-        handle = live.handle
-        assert handle is not None
-        attempts = 0
-        while True:
-            attempts += 1
-            with contextlib.suppress(FileNotFoundError):
-                handle.kill(force_fallback=attempts % 2 == 0)
-            if await handle.wait_empty(self.config.kill.confirm_timeout):
-                break
-            if attempts % 10 == 0:
-                log.critical("run %s: still not empty after %d kill attempts: %s",
-                             live.record.id, attempts, handle.residue())
-        time_to_halt_ms = round((time.perf_counter() - t0) * 1000, 3)
-        await self._finish_kill(live, agent, time_to_halt_ms)
-        self.store.put_agent(agent)
+        attempts = await kill.keep_killing()
+        kill.teardown()
+        time_to_halt_ms = _ms_since(t0, kill.report.halted_at or time.perf_counter())
+        assert live.ending is not None
+        self._finalise(live, live.ending, exit_code=_exit_code(live),
+                       time_to_halt_ms=time_to_halt_ms,
+                       reason=f"{verb}: {reason}" if reason else verb)
         self.audit.append(
             actor=actor.label(), verb="kill_confirmed", scope=f"agent:{agent.name}",
             target=agent.name, previous_state=AgentState.KILLED.value,
@@ -571,8 +678,8 @@ class Arbiter:
     async def _pause_agent(self, agent: AgentRecord, actor: Actor, reason: str, scope: str
                            ) -> AgentResult:
         async with self._lock(agent.name):
-            if not agent_can(AgentState(agent.state), "pause"):
-                self._set_agent_state(agent, "pause", actor, reason)  # raises
+            if not agent_can(AgentState(agent.state), Verb.PAUSE):
+                self._set_agent_state(agent, Verb.PAUSE, actor, reason)  # raises
             live = self._live_of(agent)
             assert live is not None and live.handle is not None
             frozen = await live.handle.freeze(self.config.kill.confirm_timeout)
@@ -585,23 +692,23 @@ class Arbiter:
             if agent.state != AgentState.ACTIVE:  # a kill overtook the pause
                 raise IllegalTransition(f"agent {agent.name!r} is now {agent.state}",
                                         agent=agent.name, state=agent.state)
-            previous, new = self._set_agent_state(agent, "pause", actor, reason)
-            self._set_run_state(live.record, "pause")
+            previous, new = self._set_agent_state(agent, Verb.PAUSE, actor, reason)
+            self._set_run_state(live.record, Verb.PAUSE)
             return self._record(agent, live, actor, "pause", scope, reason, previous, new)
 
     async def _resume_agent(self, agent: AgentRecord, actor: Actor, reason: str, scope: str
                             ) -> AgentResult:
         async with self._lock(agent.name):
             if _held_pause(agent):
-                previous, new = self._set_agent_state(agent, "release", actor, reason)
+                previous, new = self._set_agent_state(agent, Verb.RELEASE, actor, reason)
                 return self._record(agent, None, actor, "resume", scope, reason, previous, new)
-            previous, new = self._set_agent_state(agent, "resume", actor, reason)
+            previous, new = self._set_agent_state(agent, Verb.RESUME, actor, reason)
             live = self._live_of(agent)
             assert live is not None and live.handle is not None
             for resume_hook in self.resume_hooks:
                 await resume_hook(live.record.id)
             await live.handle.thaw()
-            self._set_run_state(live.record, "resume")
+            self._set_run_state(live.record, Verb.RESUME)
             return self._record(agent, live, actor, "resume", scope, reason, previous, new)
 
     async def _reactivate_agent(self, agent: AgentRecord, actor: Actor, reason: str, scope: str
@@ -613,7 +720,7 @@ class Arbiter:
                 f"last kill (run {live.record.id} is {live.record.state})",
                 agent=agent.name, run=live.record.id, run_state=live.record.state,
             )
-        transition = "release" if _held_pause(agent) else "reactivate"
+        transition = Verb.RELEASE if _held_pause(agent) else Verb.REACTIVATE
         previous, new = self._set_agent_state(agent, transition, actor, reason)
         return self._record(agent, None, actor, "reactivate", scope, reason, previous, new)
 
@@ -623,15 +730,15 @@ class Arbiter:
         async with self._lock(agent.name):
             state = AgentState(agent.state)
             live = self._live_of(agent)
-            if not agent_can(state, "stop") or live is None or live.handle is None:
-                self._set_agent_state(agent, "stop", actor, reason)  # raises
+            if not agent_can(state, Verb.STOP) or live is None or live.handle is None:
+                self._set_agent_state(agent, Verb.STOP, actor, reason)  # raises
                 raise IllegalTransition(f"agent {agent.name!r} has no run to stop",
                                         agent=agent.name)
             handle = live.handle
-            live.ending = "stop"
+            live.ending = EndCause.STOPPED
             t0 = time.perf_counter()
-            for hook in self.revoke_hooks:  # a stopping agent gets no more credentials
-                await hook(agent.name, live.record.id)
+            with contextlib.suppress(Exception):  # a stopping agent gets no more credentials
+                await self.credentials.revoke(live.record.id)
             if state == AgentState.PAUSED:
                 await handle.thaw()
             handle.signal_all(signal.SIGTERM)
@@ -640,23 +747,24 @@ class Arbiter:
                 graceful = True
             except TimeoutError:
                 graceful = False
-        if not graceful:
+        if live.ending is not EndCause.STOPPED:  # a kill overtook the stop; it ends the run
+            await live.done.wait()
+        elif not graceful:
             live.ending = None
-            result = await self._kill_agent(agent, actor, reason or f"grace {grace:g}s expired",
-                                            scope, verb="stop")
+            [result] = await self._kill([agent], actor, reason or f"grace {grace:g}s expired",
+                                        scope, verb="stop", agent_verb=Verb.STOP, arrived=t0)
+            if isinstance(result, SupervisorError):
+                raise result
             return result
-        previous, new = self._set_agent_state(agent, "stop", actor, reason)
-        await handle.wait_empty(self.config.kill.confirm_timeout)
+        previous, new = self._set_agent_state(agent, Verb.STOP, actor, reason)
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(OSError):
+            await loop.run_in_executor(CONFIRMERS, handle.cgroup.wait_empty,
+                                       self.config.kill.confirm_timeout)
         handle.teardown_network()
-        time_to_halt_ms = round((time.perf_counter() - t0) * 1000, 3)
-        await handle.cleanup()
-        run = live.record
-        self._set_run_state(run, "exit")
-        run.exit_code = status
-        run.time_to_halt_ms = time_to_halt_ms
-        run.end_reason = f"stop: {reason}" if reason else "stop"
-        self._end_run(agent, live)
-        live.done.set()
+        time_to_halt_ms = _ms_since(t0, time.perf_counter())
+        self._finalise(live, EndCause.STOPPED, exit_code=status, time_to_halt_ms=time_to_halt_ms,
+                       reason=f"stop: {reason}" if reason else "stop")
         return self._record(agent, live, actor, "stop", scope, reason, previous, new,
                             time_to_halt_ms=time_to_halt_ms, extra={"graceful": True,
                                                                     "exit_code": status})
@@ -688,22 +796,28 @@ class Arbiter:
             return [a for a in self.agents.values() if a.agent_class == scope.agent_class]
         return list(self.agents.values())
 
-    async def act(self, verb: str, request: ActionRequest, actor: Actor) -> ActionResult:
+    async def act(self, verb: str, request: ActionRequest, actor: Actor, *,
+                  cause: EndCause = EndCause.KILLED, arrived: float | None = None
+                  ) -> ActionResult:
         """Apply `verb` to one agent, a class or every agent.
 
         A single agent in the wrong state is a 409; in a class or global scope, agents for
-        which the verb does not apply are reported as skipped and left untouched."""
+        which the verb does not apply are reported as skipped and left untouched. A kill's
+        `cause` says why runs it ends ended; `arrived` (perf_counter) is when the request
+        was read off its source, where time_to_halt_ms starts."""
+        if arrived is None:
+            arrived = time.perf_counter()
         scope = request.scope
         scope_text = scope.describe()
         targets = self._targets(scope)
         reason = request.reason
-        if verb == "kill" and scope.kind == "global":
+        if verb == Verb.KILL and scope.kind == "global":
             self.global_halt = True
             self.store.set_meta(GLOBAL_HALT_KEY, f"{actor.label()}: {reason}")
             self.audit.append(actor=actor.label(), verb="global_halt", scope="global",
                               reason=reason, detail={"actor": _who(actor),
                                                      "agents": sorted(a.name for a in targets)})
-        if verb == "reactivate" and scope.kind == "global" and self.global_halt:
+        if verb == Verb.REACTIVATE and scope.kind == "global" and self.global_halt:
             self.global_halt = False
             self.store.set_meta(GLOBAL_HALT_KEY, None)
             self.audit.append(actor=actor.label(), verb="lift_global_halt", scope="global",
@@ -711,13 +825,10 @@ class Arbiter:
 
         single = scope.kind == "agent"
         results: list[AgentResult] = []
-        jobs: list[Awaitable[AgentResult]] = []
-        job_agents: list[str] = []
+        chosen: list[AgentRecord] = []
         for agent in targets:
             state = AgentState(agent.state)
-            transition = "release" if verb in ("resume", "reactivate") and _held_pause(
-                agent) else verb
-            if not agent_can(state, transition) or (verb == "stop" and agent.current_run is None):
+            if not self._applies(verb, agent, state):
                 if single:
                     error = IllegalTransition(
                         f"cannot {verb} agent {agent.name!r}: it is {state.value}",
@@ -727,16 +838,22 @@ class Arbiter:
                 results.append(AgentResult(agent=agent.name, previous_state=state.value,
                                            new_state=state.value, skipped=f"{state.value}"))
                 continue
-            jobs.append(self._dispatch(verb, agent, actor, reason, scope_text, request.grace))
-            job_agents.append(agent.name)
-        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+            chosen.append(agent)
+        outcomes: list[AgentResult | BaseException]
+        if verb == Verb.KILL:
+            outcomes = list(await self._kill(chosen, actor, reason, scope_text, cause=cause,
+                                             arrived=arrived,
+                                             whole_parent=scope.kind == "global"))
+        else:
+            outcomes = list(await asyncio.gather(
+                *(self._dispatch(verb, agent, actor, reason, scope_text, request.grace)
+                  for agent in chosen), return_exceptions=True))
         errors: list[SupervisorError] = []
-        for agent_name, outcome in zip(job_agents, outcomes, strict=True):
+        for agent, outcome in zip(chosen, outcomes, strict=True):
             if isinstance(outcome, SupervisorError):
                 errors.append(outcome)
                 results.append(AgentResult(
-                    agent=agent_name, previous_state="?",
-                    new_state=self.agents[agent_name].state,
+                    agent=agent.name, previous_state="?", new_state=agent.state,
                     error={"code": outcome.code, "message": outcome.message},
                 ))
             elif isinstance(outcome, BaseException):
@@ -758,17 +875,26 @@ class Arbiter:
             time_to_halt_ms=max(halts) if halts else None, global_halt=self.global_halt,
         )
 
+    def _applies(self, verb: str, agent: AgentRecord, state: AgentState) -> bool:
+        if verb in (Verb.RESUME, Verb.REACTIVATE) and _held_pause(agent):
+            return agent_can(state, Verb.RELEASE)
+        if not agent_can(state, verb):
+            return False
+        if verb == Verb.STOP:
+            return agent.current_run is not None
+        if verb == Verb.KILL and state == AgentState.KILLED:
+            return agent.current_run is not None  # killed again only while a run is alive
+        return True
+
     def _dispatch(self, verb: str, agent: AgentRecord, actor: Actor, reason: str, scope: str,
                   grace: float | None) -> Awaitable[AgentResult]:
-        if verb == "kill":
-            return self._kill_agent(agent, actor, reason, scope)
-        if verb == "pause":
+        if verb == Verb.PAUSE:
             return self._pause_agent(agent, actor, reason, scope)
-        if verb == "resume":
+        if verb == Verb.RESUME:
             return self._resume_agent(agent, actor, reason, scope)
-        if verb == "reactivate":
+        if verb == Verb.REACTIVATE:
             return self._reactivate_agent(agent, actor, reason, scope)
-        if verb == "stop":
+        if verb == Verb.STOP:
             return self._stop_agent(agent, actor, reason, scope,
                                     grace or self.config.kill.default_grace)
         raise ValueError(verb)
@@ -781,6 +907,7 @@ class Arbiter:
         for run in self.store.unfinished_runs():
             agent = self.agents.get(run.agent)
             run.state = RunState.KILLED.value
+            run.end_cause = EndCause.REAPED.value
             run.ended_at = time.time()
             run.end_reason = "reaped at startup: the previous supervisor instance ended"
             self.store.put_run(run)
@@ -788,9 +915,7 @@ class Arbiter:
                 previous = agent.state
                 agent.current_run = None
                 agent.last_run = run.id
-                # A paused agent stays paused (a hold until resumed or reactivated).
-                if agent.state == AgentState.ACTIVE:
-                    agent.state = AgentState.IDLE.value
+                agent.state = agent_at_end(AgentState(agent.state), EndCause.REAPED).value
                 self.store.put_agent(agent)
                 self.audit.append(
                     actor=SYSTEM.label(), verb="reap", scope=f"agent:{run.agent}",
@@ -813,23 +938,24 @@ class Arbiter:
         return reports
 
     async def shutdown(self, reason: str) -> None:
-        """Orderly shutdown: every live run goes through the kill path, audited."""
+        """Orderly shutdown: every live run goes through the kill path in one sweep, audited;
+        then every cleanup finishes before the loop ends."""
         self.shutting_down = True
-        jobs = []
-        for live in list(self.live.values()):
-            agent = self.agents[live.record.agent]
-            if live.ending is None:
-                jobs.append(self._kill_agent(agent, SYSTEM, reason, "global", verb="shutdown"))
-        results = await asyncio.gather(*jobs, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                log.critical("shutdown kill failed: %s", result)
+        agents = [self.agents[live.record.agent] for live in list(self.live.values())
+                  if live.ending is None]
+        if agents:
+            for result in await self._kill(agents, SYSTEM, reason, "global", verb="shutdown",
+                                           agent_verb=Verb.SHUTDOWN, cause=EndCause.SHUTDOWN,
+                                           whole_parent=True):
+                if isinstance(result, SupervisorError):
+                    log.critical("shutdown kill failed: %s", result.message)
         # Kills and exits already in flight (started by an operator, a timeout or break-glass)
-        # finish their cleanup before the loop ends; cancelling them would leave state behind.
-        in_flight = [live.done.wait() for live in self.live.values()]
+        # and every cleanup finish before the loop ends; cancelling them would leave state.
+        in_flight: list[Awaitable[Any]] = [live.done.wait() for live in self.live.values()]
+        in_flight += [asyncio.shield(task) for task in self.cleanups.values()]
         if in_flight:
             try:
-                await asyncio.wait_for(asyncio.gather(*in_flight),
+                await asyncio.wait_for(asyncio.gather(*in_flight, return_exceptions=True),
                                        self.config.kill.confirm_timeout * 2)
             except TimeoutError:
                 log.critical("shutdown: runs still ending: %s", sorted(self.live))
@@ -869,13 +995,21 @@ class Arbiter:
         return self.runtime.describe()
 
 
-async def _exit_status(live: LiveRun) -> int | None:
-    if live.handle is None:
-        return None
-    try:
-        return await asyncio.wait_for(asyncio.shield(live.handle.wait_exit()), 1.0)
-    except TimeoutError:
-        return None
+def _exit_code(live: LiveRun) -> int:
+    """The init's status if the kernel has reported it already, else what SIGKILL gives:
+    the answer never waits on a runtime for it."""
+    if live.handle is not None:
+        with contextlib.suppress(Exception):
+            exit_future = live.handle.wait_exit()
+            if isinstance(exit_future, asyncio.Future) and exit_future.done():
+                status = exit_future.result()
+                if isinstance(status, int):
+                    return status
+    return 128 + signal.SIGKILL
+
+
+def _ms_since(t0: float, t1: float) -> float:
+    return round((t1 - t0) * 1000, 3)
 
 
 def _call_hook(hook: Callable[..., None], *args: Any) -> None:

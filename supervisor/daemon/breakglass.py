@@ -1,147 +1,281 @@
-"""Break-glass: halt every agent when the control socket or the role config is broken. Needs
-only root on the host, and still audits.
+"""Break-glass: halt every agent when the control socket, the role config or the daemon's own
+event loop is broken. Needs only root on the host, and still audits.
 
 Two triggers, both root-only by construction:
 - the HALT file (default <runtime_dir>/HALT, a directory only root can write): create it,
   optionally with a reason inside (`echo "reason" > /run/agent-supervisor/HALT`, or
-  `agent-supervisord --halt "reason"`). The daemon sees it at once through inotify (and on a
-  slow safety poll, and at startup when it was written while the daemon was down), applies a
-  global kill, and renames the file to HALT.done.<time>;
+  `agent-supervisord --halt "reason"`). It is seen at once through inotify (and on a slow
+  safety poll, and at startup when it was written while the daemon was down), and renamed to
+  HALT.done.<time> once applied;
 - SIGUSR1 to the daemon (`systemctl kill -s USR1 agent-supervisor`).
-Either is a global halt: every agent is killed through the audited kill path and new launches
-are refused until an owner lifts it with `agentctl reactivate --all`."""
+Either is a global halt: every agent is killed and new launches are refused until an owner
+lifts it with `agentctl reactivate --all`.
+
+Neither waits for the event loop. Two threads of their own (one in sigwait(2), one in poll(2)
+on an inotify descriptor opened at start) write `cgroup.kill` on the agents' parent cgroup
+through the descriptor the arbiter holds, confirm it empty, and only then hand the halt to the
+loop for the audited kill path (which finds the runs dead, finalises and audits them, with
+time_to_halt_ms from the trigger). Nothing on that path needs a new descriptor: the HALT
+file's directory is held open, and reading the reason borrows a descriptor the thread keeps in
+reserve, so a full descriptor table or a stuck loop cannot stop a halt."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import logging
 import os
+import select
 import signal
 import stat
 import struct
+import threading
 import time
-from collections.abc import Coroutine
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from supervisor.daemon.arbiter import Arbiter
 from supervisor.errors import SupervisorError
 from supervisor.models import REASON_MAX, ActionRequest, Actor, Scope
 from supervisor.sandbox.libc import libc
+from supervisor.states import EndCause
 
 log = logging.getLogger(__name__)
 
 IN_CLOSE_WRITE = 0x00000008
 IN_MOVED_TO = 0x00000080
-IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
 _EVENT = struct.Struct("iIII")
 _SAFETY_POLL = 5.0
 _MAX_FILE = 4096
+_LOOP_WAIT = 10.0  # how long a trigger waits for the loop's audited halt before moving on
+_RESERVE = 2  # descriptors held to be lent to the reason's read under a full table
 _libc = libc
+
+
+def block_halt_signal() -> None:
+    """Call first thing in the daemon's main thread, before any other thread exists: every
+    thread inherits the mask, so SIGUSR1 reaches only the break-glass thread's sigwait."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+
+@dataclass
+class Trigger:
+    trigger: str
+    reason: str
+    actor: Actor
+    arrived: float  # perf_counter() when the trigger was read: time_to_halt_ms starts here
 
 
 class BreakGlass:
     def __init__(self, arbiter: Arbiter, halt_file: Path) -> None:
         self.arbiter = arbiter
         self.halt_file = halt_file
-        self._fd: int | None = None
-        self._poll_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dir_fd: int | None = None
+        self._inotify: int | None = None
+        self._reserve: list[int] = []
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._kill_lock = threading.Lock()
         self._busy = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        self._loop = asyncio.get_running_loop()
         self.halt_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        self._dir_fd = os.open(self.halt_file.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._reserve = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+                         for _ in range(_RESERVE)]
+        fd = _libc.inotify_init1(IN_CLOEXEC)
         if fd < 0:
             log.error("inotify unavailable (%s): the HALT file is polled every %gs",
                       os.strerror(ctypes.get_errno()), _SAFETY_POLL)
+        elif _libc.inotify_add_watch(fd, str(self.halt_file.parent).encode(),
+                                     IN_CLOSE_WRITE | IN_MOVED_TO) < 0:
+            log.error("cannot watch %s: %s", self.halt_file.parent,
+                      os.strerror(ctypes.get_errno()))
+            os.close(fd)
         else:
-            watch = _libc.inotify_add_watch(fd, str(self.halt_file.parent).encode(),
-                                            IN_CLOSE_WRITE | IN_MOVED_TO)
-            if watch < 0:
-                os.close(fd)
-                log.error("cannot watch %s: %s", self.halt_file.parent,
-                          os.strerror(ctypes.get_errno()))
-            else:
-                self._fd = fd
-                loop.add_reader(fd, self._on_inotify)
-        loop.add_signal_handler(signal.SIGUSR1, self._on_signal)
-        self._poll_task = asyncio.create_task(self._poll())
-        await self.check_file()  # written while the daemon was down
+            self._inotify = fd
+        # Written while the daemon was down: applied before the first launch can happen.
+        if (found := self._read_file()) is not None:
+            await self.halt(found)
+            self._rename(f"{self.halt_file.name}.done.{int(time.time())}")
+        self._threads = [threading.Thread(target=self._watch_file, name="break-glass-file",
+                                          daemon=True)]
+        if signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, []):
+            self._threads.append(threading.Thread(target=self._watch_signal,
+                                                  name="break-glass-signal", daemon=True))
+        else:  # not blocked process-wide (an embedding caller): the loop takes the signal
+            log.warning("SIGUSR1 is not blocked in every thread; break-glass by signal waits "
+                        "for the event loop")
+            self._loop.add_signal_handler(signal.SIGUSR1, self._on_loop_signal)
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(Exception):
-            loop.remove_signal_handler(signal.SIGUSR1)
-        if self._fd is not None:
-            loop.remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = None
-        if self._poll_task is not None:
-            self._poll_task.cancel()
+        self._stop.set()
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_signal_handler(signal.SIGUSR1)
+        if any(t.name == "break-glass-signal" and t.is_alive() for t in self._threads):
+            os.kill(os.getpid(), signal.SIGUSR1)  # wakes its sigwait, which sees the stop
+        for thread in self._threads:
+            thread.join(timeout=_SAFETY_POLL + 1)
+        for fd in [self._inotify, self._dir_fd, *self._reserve]:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._inotify = self._dir_fd = None
+        self._reserve = []
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    # ------------------------------------------------------------------ the threads
 
-    def _on_inotify(self) -> None:
-        assert self._fd is not None
+    def _watch_signal(self) -> None:
+        while not self._stop.is_set():
+            signal.sigwait({signal.SIGUSR1})
+            if self._stop.is_set():
+                return
+            self._fire(Trigger("signal", "break-glass: SIGUSR1 to the daemon",
+                               Actor(kind="user", uid=0, name="break-glass"),
+                               time.perf_counter()))
+
+    def _watch_file(self) -> None:
+        poller = select.poll()  # no descriptor of its own
+        if self._inotify is not None:
+            poller.register(self._inotify, select.POLLIN)
+        wanted = self.halt_file.name.encode()
+        while not self._stop.is_set():
+            events = poller.poll(_SAFETY_POLL * 1000) if self._inotify is not None else []
+            if self._stop.is_set():
+                return
+            hit = not events  # the safety poll looks every time it wakes without news
+            if events and self._inotify is not None:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    hit = wanted in _names(os.read(self._inotify, 65536))
+            if hit and (found := self._read_file()) is not None:
+                self._fire(found)
+
+    def _read_file(self) -> Trigger | None:
+        """The HALT file, if it is there and trustworthy (a root-owned regular file); a file
+        that is not is renamed aside and ignored. Opens nothing but a borrowed reserve fd."""
+        assert self._dir_fd is not None
+        name = self.halt_file.name
         try:
-            data = os.read(self._fd, 65536)
-        except BlockingIOError:
-            return
-        offset, wanted = 0, self.halt_file.name.encode()
-        hit = False
-        while offset + _EVENT.size <= len(data):
-            _wd, _mask, _cookie, length = _EVENT.unpack_from(data, offset)
-            name = data[offset + _EVENT.size: offset + _EVENT.size + length].rstrip(b"\0")
-            offset += _EVENT.size + length
-            hit = hit or name == wanted
-        if hit:
-            self._spawn(self.check_file())
-
-    def _on_signal(self) -> None:
-        self._spawn(self.halt(Actor(kind="user", uid=0, name="break-glass"),
-                              "break-glass: SIGUSR1 to the daemon", trigger="signal"))
-
-    async def _poll(self) -> None:
-        while True:
-            await asyncio.sleep(_SAFETY_POLL)
-            await self.check_file()
-
-    async def check_file(self) -> None:
-        """Apply the HALT file if it is there and trustworthy (a root-owned regular file)."""
-        try:
-            st = os.lstat(self.halt_file)
+            st = os.lstat(name, dir_fd=self._dir_fd)
         except FileNotFoundError:
-            return
-        done = self.halt_file.with_name(f"{self.halt_file.name}.done.{int(time.time())}")
+            return None
+        arrived = time.perf_counter()
         if not stat.S_ISREG(st.st_mode) or st.st_uid != 0:
             log.critical("ignoring %s: not a regular file owned by root", self.halt_file)
-            os.rename(self.halt_file, done.with_name(done.name + ".rejected"))
-            return
-        with open(self.halt_file, "rb") as handle:
-            text = handle.read(_MAX_FILE).decode("utf-8", errors="replace").strip()
-        os.rename(self.halt_file, done)
+            self._rename(f"{name}.done.{int(time.time())}.rejected")
+            return None
+        text = self._read_reason()
         reason = f"break-glass: {text}" if text else "break-glass: HALT file"
-        await self.halt(Actor(kind="user", uid=st.st_uid, name="break-glass"),
-                        reason[:REASON_MAX], trigger=f"file {self.halt_file}")
+        return Trigger(f"file {self.halt_file}", reason[:REASON_MAX],
+                       Actor(kind="user", uid=st.st_uid, name="break-glass"), arrived)
 
-    async def halt(self, actor: Actor, reason: str, trigger: str) -> None:
+    def _read_reason(self) -> str:
+        assert self._dir_fd is not None
+        lent = self._reserve.pop() if self._reserve else None
+        if lent is not None:
+            os.close(lent)  # its number is what the open below most likely gets
+        try:
+            fd = os.open(self.halt_file.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                         | os.O_CLOEXEC, dir_fd=self._dir_fd)
+        except OSError as exc:
+            log.critical("cannot read the HALT file's reason (%s); halting without it", exc)
+            return ""
+        finally:
+            with contextlib.suppress(OSError):
+                if lent is not None:
+                    self._reserve.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+        try:
+            return os.read(fd, _MAX_FILE).decode("utf-8", errors="replace").strip()
+        finally:
+            os.close(fd)
+
+    def _rename(self, to: str) -> None:
+        assert self._dir_fd is not None
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(self.halt_file.name, to, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+
+    def _fire(self, trigger: Trigger) -> None:
+        """In a break-glass thread: kill in the kernel first, then the audited halt."""
+        log.critical("BREAK-GLASS global halt (%s): %s", trigger.trigger, trigger.reason)
+        # Launches are refused from now on, whatever the loop is doing.
+        self.arbiter.global_halt = True
+        kernel = self._kill_parent()
+        assert self._loop is not None
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def hand_over() -> None:
+            task = asyncio.ensure_future(self.halt(trigger, kernel))
+            self.arbiter.track(task)
+            task.add_done_callback(lambda _t: done.set_result(None))
+
+        try:
+            self._loop.call_soon_threadsafe(hand_over)
+            done.result(timeout=_LOOP_WAIT)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            log.critical("break-glass: the event loop has not audited the halt within %gs; "
+                         "the agents are dead (%s), the audit follows when it runs",
+                         _LOOP_WAIT, kernel)
+        if trigger.trigger.startswith("file"):
+            self._rename(f"{self.halt_file.name}.done.{int(time.time())}")
+
+    def _kill_parent(self) -> dict[str, object]:
+        parent = self.arbiter.parent
+        if parent is None:
+            return {"mechanism": "none: no parent cgroup held; the loop kills run by run"}
+        started = time.perf_counter()
+        with self._kill_lock:
+            try:
+                mechanism = parent.kill()
+            except OSError as exc:
+                mechanism = f"{parent.kill_fallback()} (cgroup.kill: {exc})"
+            try:
+                confirmed = parent.wait_empty(self.arbiter.config.kill.confirm_timeout)
+            except OSError:
+                confirmed = False
+            if not confirmed:
+                mechanism += f", then {parent.kill_fallback()}"
+                with contextlib.suppress(OSError):
+                    confirmed = parent.wait_empty(self.arbiter.config.kill.confirm_timeout)
+        return {"mechanism": mechanism, "confirmed_empty": confirmed,
+                "kernel_kill_ms": round((time.perf_counter() - started) * 1000, 3)}
+
+    # ------------------------------------------------------------------ in the loop
+
+    def _on_loop_signal(self) -> None:
+        trigger = Trigger("signal", "break-glass: SIGUSR1 to the daemon",
+                          Actor(kind="user", uid=0, name="break-glass"), time.perf_counter())
+        self.arbiter.track(asyncio.ensure_future(self.halt(trigger)))
+
+    async def halt(self, trigger: Trigger, kernel: dict[str, object] | None = None) -> None:
         async with self._busy:
-            log.critical("BREAK-GLASS global halt (%s): %s", trigger, reason)
-            self.arbiter.audit.append(actor=actor.label(), verb="break_glass", scope="global",
-                                      reason=reason, detail={"trigger": trigger})
+            self.arbiter.audit.append(
+                actor=trigger.actor.label(), verb="break_glass", scope="global",
+                reason=trigger.reason,
+                detail={"trigger": trigger.trigger, **({"kernel": kernel} if kernel else {})})
             try:
                 await self.arbiter.act("kill", ActionRequest(scope=Scope(all=True),
-                                                             reason=reason), actor)
+                                                             reason=trigger.reason),
+                                       trigger.actor, cause=EndCause.BREAK_GLASS,
+                                       arrived=trigger.arrived)
             except SupervisorError as exc:
                 log.critical("break-glass halt incomplete: %s: %s", exc.code, exc.message)
+
+
+def _names(data: bytes) -> list[bytes]:
+    names, offset = [], 0
+    while offset + _EVENT.size <= len(data):
+        _wd, _mask, _cookie, length = _EVENT.unpack_from(data, offset)
+        names.append(data[offset + _EVENT.size: offset + _EVENT.size + length].rstrip(b"\0"))
+        offset += _EVENT.size + length
+    return names
 
 
 def request_halt(halt_file: Path, reason: str, wait: float = 10.0) -> bool:

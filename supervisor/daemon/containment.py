@@ -15,7 +15,7 @@ from supervisor.daemon.arbiter import Arbiter
 from supervisor.errors import SupervisorError
 from supervisor.models import ActionRequest, Actor, AuditEntry, Scope
 from supervisor.runtime.output import OutputCounts
-from supervisor.states import AgentState
+from supervisor.states import AgentState, EndCause
 from supervisor.telemetry import Sample, SyscallAttempt
 from supervisor.tripwires import Firing, RunTripwires
 
@@ -115,9 +115,9 @@ class Containment:
         )
         log.warning("agent %s: %s -> %s", agent, firing.reason, firing.action)
         if firing.action in ("pause", "kill"):
-            self._spawn(self._act(agent, firing))
+            self._spawn(self._act(agent, firing, time.perf_counter()))
 
-    async def _act(self, agent: str, firing: Firing) -> None:
+    async def _act(self, agent: str, firing: Firing, fired: float) -> None:
         record = self.arbiter.agents.get(agent)
         if record is None:
             return
@@ -127,7 +127,8 @@ class Containment:
             return  # already contained, by an operator or another rule
         try:
             await self.arbiter.act(firing.action, ActionRequest(
-                scope=Scope(agent=agent), reason=firing.reason[:500]), TRIPWIRE)
+                scope=Scope(agent=agent), reason=firing.reason[:500]), TRIPWIRE,
+                cause=EndCause.TRIPWIRE, arrived=fired)
         except SupervisorError as exc:
             log.error("tripwire %s on %s could not %s: %s", firing.rule, agent, firing.action,
                       exc.message)

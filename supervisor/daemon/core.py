@@ -9,12 +9,8 @@ run hooks) and publishes its per-run record through `Core.egress`, which the CI 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import subprocess
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +23,7 @@ from supervisor.daemon.arbiter import Arbiter
 from supervisor.daemon.containment import Containment
 from supervisor.daemon.egress import EgressControl
 from supervisor.daemon.store import Store, connect
+from supervisor.daemon.watchdog import Watchdog
 from supervisor.errors import EnforcementError
 from supervisor.runtime.base import Runtime
 from supervisor.runtime.output import Outputs
@@ -41,55 +38,6 @@ if TYPE_CHECKING:
     from supervisor.runtime.containerized import DockerRuntime
 
 log = logging.getLogger(__name__)
-
-
-class Watchdog:
-    """Spawns the dead-man's-switch process and holds the write end of its pipe. If the
-    watchdog itself dies, the daemon audits it and spawns a new one at once: agents are never
-    left without a switch while the daemon lives."""
-
-    def __init__(self, parent_cgroup: Path, record: Path, timeout: float) -> None:
-        self.args = [sys.executable, "-m", "supervisor.daemon.watchdog", "--cgroup",
-                     str(parent_cgroup), "--record", str(record), "--timeout", str(timeout)]
-        self.record = record
-        self.disarmed = False
-        self.on_death: Callable[[int | None], None] | None = None
-        self._pidfd: int | None = None
-        self._spawn()
-
-    def _spawn(self) -> None:
-        read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
-        self.proc = subprocess.Popen(self.args, stdin=read_fd, start_new_session=True,
-                                     close_fds=True)
-        os.close(read_fd)
-
-    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._pidfd = os.pidfd_open(self.proc.pid)
-        loop.add_reader(self._pidfd, self._died, loop)
-
-    def _died(self, loop: asyncio.AbstractEventLoop) -> None:
-        assert self._pidfd is not None
-        loop.remove_reader(self._pidfd)
-        os.close(self._pidfd)
-        self._pidfd = None
-        code = self.proc.wait()
-        if self.disarmed:
-            return
-        with contextlib.suppress(OSError):
-            os.close(self.write_fd)
-        self._spawn()
-        self.watch(loop)
-        if self.on_death is not None:
-            self.on_death(code)
-
-    def disarm(self) -> None:
-        """Orderly shutdown: every agent is already dead; tell the watchdog to stand down."""
-        self.disarmed = True
-        with contextlib.suppress(OSError):
-            os.write(self.write_fd, b"done\n")
-            os.close(self.write_fd)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
 
 
 def docker_runtime_for(config: Config, outputs: Outputs | None = None) -> DockerRuntime:
@@ -191,7 +139,10 @@ class Core:
         db = connect(config.daemon.state_dir / "state.db")
         audit = AuditLog(db)
         store = Store(db)
-        arbiter = Arbiter(config, store, audit, runtime)
+        # Every run's cgroup lives under the parent, held open from now on: a global halt is
+        # one write to its cgroup.kill, which needs no new descriptor.
+        parent = Cgroup(config.sandbox.cgroup_parent).hold()
+        arbiter = Arbiter(config, store, audit, runtime, parent=parent)
         # Telemetry: one sampler thread reads every running run's cgroup and processes and hands
         # the samples to the loop; at a run's end its summary goes to SQLite.
         summaries = SummaryStore(db)
@@ -222,6 +173,7 @@ class Core:
         egress = EgressControl(config, arbiter, containment, audit, db,
                                asyncio.get_running_loop())
         egress.install()
+        arbiter.credentials = egress  # kill step 2: the gateway's session tokens
         # Telemetry registers a run once it runs; gateway runs also get their veth's counters.
         arbiter.run_started_hooks.append(
             lambda run_id, cgroup, started_at: telemetry.register(

@@ -19,6 +19,7 @@ from supervisor.audit import AuditLog
 from supervisor.config import Config
 from supervisor.daemon.arbiter import Arbiter, LiveRun
 from supervisor.daemon.containment import Containment
+from supervisor.daemon.killpath import Credential
 from supervisor.egress import link, nft
 from supervisor.egress.accounting import Usage
 from supervisor.egress.grant import Decision, RunGrant
@@ -140,7 +141,6 @@ class EgressControl:
 
     def install(self) -> None:
         self.arbiter.network_provider = self.prepare
-        self.arbiter.revoke_hooks.append(self.revoke)
         self.arbiter.pause_hooks.append(self.pause)
         self.arbiter.resume_hooks.append(self.resume)
         self.arbiter.run_ended_hooks.append(self.run_ended)
@@ -208,10 +208,20 @@ class EgressControl:
         ifname = state.network.ifname
         return lambda: link.counters(ifname)
 
-    async def revoke(self, _agent: str, run_id: str) -> None:
-        if run_id in self.runs:
-            self.gateway.revoke(run_id)
-            self._cancel_approvals(run_id, "the run was stopped or killed")
+    async def revoke(self, run_id: str) -> bool:
+        """Kill step 2 (supervisor/daemon/killpath.py `Credentials`)."""
+        if run_id not in self.runs:
+            return False
+        self.gateway.revoke(run_id)
+        self._cancel_approvals(run_id, "the run was stopped or killed")
+        return True
+
+    def credential(self, run_id: str) -> Credential | None:
+        state = self.runs.get(run_id)
+        if state is None:
+            return None
+        return Credential(state.grant.host_ip, state.grant.port, state.grant.agent,
+                          state.grant.token)
 
     async def pause(self, run_id: str) -> None:
         state = self.runs.get(run_id)

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from supervisor import __version__
 from supervisor.ci import manifest
-from supervisor.ci.outcome import Ending, classify_kill, exit_status
+from supervisor.ci.outcome import Ending, ending_of, exit_status
 from supervisor.ci.quarantine import quarantine
 from supervisor.ci.report import (
     SCHEMA,
@@ -53,7 +53,7 @@ from supervisor.errors import (
 from supervisor.models import ActionRequest, Actor, Scope
 from supervisor.profiles import Profile, load_profile
 from supervisor.sandbox.bundle import SANDBOX_UID_COUNT
-from supervisor.sandbox.cgroups import unified_root, v1_hierarchies
+from supervisor.sandbox.cgroups import Cgroup, unified_root, v1_hierarchies
 from supervisor.sandbox.seccomp_notify import AttemptTally
 
 log = logging.getLogger("agentctl")
@@ -207,19 +207,7 @@ class EmbeddedRunner:
         record, _ = core.arbiter.get_run(view.id)
         self.agent_status = record.exit_code
         self.end_reason = record.end_reason
-        if record.state == "killed":
-            self.ending = self._kill_ending()
-        elif record.state == "exited":
-            self.ending = Ending.EXITED
-        else:
-            self.ending = Ending.KILLED
-
-    def _kill_ending(self) -> Ending:
-        assert self.core is not None
-        for entry in reversed(self.core.audit.list(limit=10_000)):
-            if entry.target == self.name and entry.verb in ("kill", "shutdown", "stop"):
-                return classify_kill(entry.actor, entry.reason)
-        return Ending.KILLED
+        self.ending = ending_of(record.end_cause)
 
     async def _stream(self, path: Path, done: asyncio.Event | None) -> None:
         """The agent's output (stdout and stderr, merged) to our stdout as it is written."""
@@ -352,17 +340,8 @@ def _mounts_under(directory: Path) -> list[str]:
 def _remove_cgroups(parent: str) -> list[str]:
     """rmdir the slot's cgroup, children first, in the v2 tree and every v1 hierarchy, then the
     shared root if no other slot uses it; returns what could not be removed."""
-    left: list[str] = []
+    left = Cgroup(parent).remove(strict=False)
     for tree in (unified_root(), *v1_hierarchies()):
-        slot = tree / parent.strip("/")
-        if slot.is_dir():
-            for dirpath, _dirs, _files in sorted(os.walk(slot), key=lambda w: -len(w[0])):
-                try:
-                    os.rmdir(dirpath)
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    left.append(dirpath)
         with contextlib.suppress(OSError):  # busy while another slot runs
             (tree / _CGROUP_ROOT).rmdir()
     return left

@@ -24,7 +24,7 @@ from supervisor.api.server import bind_control_socket, build_app, operators_gid
 from supervisor.audit import AuditLog
 from supervisor.config import Config, load_config
 from supervisor.daemon.arbiter import SYSTEM
-from supervisor.daemon.breakglass import BreakGlass, request_halt
+from supervisor.daemon.breakglass import BreakGlass, block_halt_signal, request_halt
 from supervisor.daemon.core import Core
 from supervisor.daemon.drills import Drills
 from supervisor.daemon.selftest import run_self_test
@@ -243,6 +243,7 @@ def main(config_path: Path | None, check_config: bool, halt_reason: str | None) 
         click.echo(json.dumps(config.model_dump(mode="json"), indent=2))
         return
     setup_logging(config.daemon.log_level)
+    block_halt_signal()  # before any thread exists: SIGUSR1 is the break-glass thread's alone
     try:
         code = asyncio.run(serve(config))
     except SupervisorError as exc:

@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS runs (
     exit_code INTEGER,
     time_to_halt_ms REAL,
     end_reason TEXT,
-    timeout REAL
+    timeout REAL,
+    end_cause TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_agent ON runs (agent, started_at);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -82,6 +83,7 @@ class RunRecord:
     time_to_halt_ms: float | None = None
     end_reason: str | None = None
     timeout: float | None = None
+    end_cause: str | None = None  # a supervisor.states.EndCause value once the run ended
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
@@ -99,6 +101,10 @@ class Store:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
         db.executescript(SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+        if "end_cause" not in columns:  # a state file written before end causes were recorded
+            with db:
+                db.execute("ALTER TABLE runs ADD COLUMN end_cause TEXT")
 
     def put_agent(self, agent: AgentRecord) -> None:
         row = asdict(agent)

@@ -3,60 +3,57 @@ When the pipe closes without the daemon's "done" line (the daemon was SIGKILLed 
 SIGKILLs every agent by writing `cgroup.kill` on the agents' parent cgroup, waits for the kernel
 to report it empty and records what it did for the next daemon to audit. Needs root.
 
-Standard library only and small, so it is running before any agent starts and does nothing but
-wait until then."""
+It holds the parent cgroup's files open from its start (supervisor.sandbox.cgroups.Cgroup, the
+same object the kill path uses), so the kill needs no new descriptor. Standard library only
+and small, so it is running before any agent starts and does nothing but wait until then.
+
+`Watchdog` is the daemon's side: it spawns the process, respawns it if it dies, and tells it
+to stand down only once no agent process is left under the parent."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
+import logging
 import os
-import select
 import signal
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from supervisor.sandbox.cgroups import Cgroup
+
 DONE = b"done\n"
+log = logging.getLogger(__name__)
 
 
-def kill_tree(parent: Path, timeout: float) -> dict[str, object]:
-    children = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent.is_dir() else []
-    report: dict[str, object] = {"ts": time.time(), "cgroup": str(parent), "runs": children}
-    if not parent.is_dir():
+def parent_of(path: Path) -> Cgroup:
+    """The agents' parent cgroup, given its absolute path on the v2 tree."""
+    return Cgroup(path.name, root=path.parent)
+
+
+def kill_tree(parent: Cgroup, timeout: float) -> dict[str, object]:
+    report: dict[str, object] = {"ts": time.time(), "cgroup": str(parent.path)}
+    with contextlib.suppress(OSError):
+        report["runs"] = sorted(p.name for p in parent.path.iterdir() if p.is_dir())
+    if not parent.held and not parent.exists():
         report["note"] = "no agent cgroups"
         return report
     started = time.monotonic()
-    kill_file = parent / "cgroup.kill"
-    if kill_file.exists():
-        kill_file.write_text("1")
-        report["mechanism"] = "cgroup.kill"
-    else:  # kernels before 5.14: freeze, SIGKILL each pid, thaw
-        (parent / "cgroup.freeze").write_text("1")
-        for dirpath, _dirs, files in os.walk(parent):
-            if "cgroup.procs" in files:
-                for pid in Path(dirpath, "cgroup.procs").read_text().split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), signal.SIGKILL)
-        (parent / "cgroup.freeze").write_text("0")
-        report["mechanism"] = "freeze+sigkill"
-    deadline = started + timeout
-    fd = os.open(parent / "cgroup.events", os.O_RDONLY)
     try:
-        poller = select.poll()
-        poller.register(fd, select.POLLPRI)
-        while True:
-            os.lseek(fd, 0, os.SEEK_SET)
-            if b"populated 0" in os.read(fd, 4096):
-                report["confirmed_empty"] = True
-                break
-            if time.monotonic() >= deadline:
-                report["confirmed_empty"] = False
-                break
-            poller.poll(50)
-    finally:
-        os.close(fd)
+        report["mechanism"] = parent.kill()
+    except OSError as exc:
+        report["kill_error"] = str(exc)
+        report["mechanism"] = parent.kill_fallback()
+    confirmed = parent.wait_empty(timeout)
+    if not confirmed:
+        report["escalated"] = parent.kill_fallback()
+        confirmed = parent.wait_empty(timeout)
+    report["confirmed_empty"] = confirmed
     report["time_to_halt_ms"] = round((time.monotonic() - started) * 1000, 3)
     return report
 
@@ -70,12 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     # The daemon's death is the only trigger: stray signals must not take the switch away.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    parent = parent_of(args.cgroup)
+    with contextlib.suppress(OSError):  # not there yet: opened when needed
+        parent.hold()
     data = b""
     while chunk := os.read(0, 64):
         data += chunk
     if data.endswith(DONE):
         return 0
-    report = kill_tree(args.cgroup, args.timeout)
+    report = kill_tree(parent, args.timeout)
     report["trigger"] = "the daemon's pipe closed without an orderly shutdown"
     line = json.dumps(report, sort_keys=True)
     print(f"<2>agent-supervisor watchdog: daemon gone, killed agents: {line}", file=sys.stderr,
@@ -84,6 +84,64 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.record, "a") as handle:
         handle.write(line + "\n")
     return 0
+
+
+class Watchdog:
+    """Spawns the dead-man's-switch process and holds the write end of its pipe. If the
+    watchdog itself dies, the daemon audits it and spawns a new one at once: agents are never
+    left without a switch while the daemon lives. It is never disarmed while an agent process
+    is alive under the parent: then the daemon's exit is what makes it kill them."""
+
+    def __init__(self, parent_cgroup: Path, record: Path, timeout: float) -> None:
+        self.args = [sys.executable, "-m", "supervisor.daemon.watchdog", "--cgroup",
+                     str(parent_cgroup), "--record", str(record), "--timeout", str(timeout)]
+        self.parent = parent_of(parent_cgroup)
+        self.record = record
+        self.disarmed = False
+        self.on_death: Callable[[int | None], None] | None = None
+        self._pidfd: int | None = None
+        self._spawn()
+
+    def _spawn(self) -> None:
+        read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        self.proc = subprocess.Popen(self.args, stdin=read_fd, start_new_session=True,
+                                     close_fds=True)
+        os.close(read_fd)
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._pidfd = os.pidfd_open(self.proc.pid)
+        loop.add_reader(self._pidfd, self._died, loop)
+
+    def _died(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._pidfd is not None
+        loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        code = self.proc.wait()
+        if self.disarmed:
+            return
+        with contextlib.suppress(OSError):
+            os.close(self.write_fd)
+        self._spawn()
+        self.watch(loop)
+        if self.on_death is not None:
+            self.on_death(code)
+
+    def disarm(self) -> bool:
+        """Orderly shutdown: tell the watchdog to stand down, if every agent is dead. With an
+        agent process still alive under the parent it stays armed (False): the daemon's exit
+        then closes the pipe without "done", and the watchdog kills what is left."""
+        if self.parent.populated():
+            log.critical("watchdog stays armed: agent processes are still alive under %s",
+                         self.parent.path)
+            return False
+        self.disarmed = True
+        with contextlib.suppress(OSError):
+            os.write(self.write_fd, DONE)
+            os.close(self.write_fd)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        return True
 
 
 if __name__ == "__main__":

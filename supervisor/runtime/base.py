@@ -60,8 +60,35 @@ class Leftover:
     pids: list[int] = field(default_factory=list)
 
 
+class RunCgroup(Protocol):
+    """The cgroup that holds every process of a run (supervisor.sandbox.cgroups.Cgroup): what
+    the kill path, the watchdog and telemetry act on, whatever runtime made the run."""
+
+    def hold(self) -> object:
+        """Open the files a kill needs now, so the kill itself needs no new descriptor."""
+        ...
+
+    def release(self) -> None: ...
+
+    def kill(self, *, force_fallback: bool = False) -> str:
+        """SIGKILL every process (cgroup.kill, falling back to freeze + SIGKILL); the
+        mechanism used. Never blocks for long."""
+        ...
+
+    def kill_fallback(self) -> str: ...
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Block until the kernel reports the cgroup empty (True) or `timeout` (False)."""
+        ...
+
+    def pids(self) -> list[int]: ...
+
+
 class RunHandle(Protocol):
     pid: int | None
+
+    @property
+    def cgroup(self) -> RunCgroup: ...
 
     async def start(self) -> None: ...
 

@@ -6,15 +6,61 @@ when something outlived it."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from supervisor.runtime.base import Leftover, RunParams
+
+
+class FakeCgroup:
+    """The run's cgroup as the kill path sees it: `kill` empties the fake run (unless the
+    runtime leaves a survivor), and every call is counted so tests can prove each step."""
+
+    def __init__(self, handle: FakeRunHandle) -> None:
+        self.handle = handle
+        self.held = False
+        self.kills: list[str] = []
+        self.fail_kill: OSError | None = None  # what the cgroup.kill write raises, if anything
+
+    def hold(self) -> FakeCgroup:
+        self.held = True
+        return self
+
+    def release(self) -> None:
+        self.held = False
+
+    def kill(self, *, force_fallback: bool = False) -> str:
+        if force_fallback:
+            return self.kill_fallback()
+        if self.fail_kill is not None:
+            self.kills.append("cgroup.kill failed")
+            raise self.fail_kill
+        self.kills.append("cgroup.kill")
+        return self.handle.kill()
+
+    def kill_fallback(self) -> str:
+        self.kills.append("fallback")
+        self.handle.kill(force_fallback=True)
+        return "fake.fallback"
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Blocking, like the real one (the kill path calls it on a thread of its own)."""
+        deadline = time.monotonic() + timeout
+        while self.handle.processes:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def pids(self) -> list[int]:
+        return [self.handle.pid or 0] if self.handle.processes else []
 
 
 class FakeRunHandle:
     def __init__(self, runtime: FakeRuntime, params: RunParams) -> None:
         self.runtime = runtime
         self.params = params
+        self.cgroup = FakeCgroup(self)
         self.pid: int | None = 10_000 + len(runtime.handles)
         self.processes = 1
         self.started = False
@@ -37,8 +83,26 @@ class FakeRunHandle:
     def kill(self, *, force_fallback: bool = False) -> str:
         self.processes = 1 if self.runtime.leave_survivor else 0
         if not self.runtime.leave_survivor:
-            self.finish(137)
+            self._died(137)
         return "fake.kill"
+
+    def _died(self, status: int) -> None:
+        """The init's exit, reported on the loop like a pidfd would (kill may run anywhere)."""
+        fut = self._future()
+        loop = fut.get_loop()
+
+        def settle() -> None:
+            if not fut.done():
+                fut.set_result(status)
+
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            settle()
+        else:
+            loop.call_soon_threadsafe(settle)
 
     async def wait_empty(self, timeout: float) -> bool:
         if self.processes == 0:

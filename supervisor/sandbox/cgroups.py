@@ -17,6 +17,27 @@ from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _POLL_SLICE_MS = 50  # re-read even without a notification, in case one was coalesced away
+_HELD_FILES = {"cgroup.kill": os.O_WRONLY, "cgroup.events": os.O_RDONLY,
+               "cgroup.freeze": os.O_WRONLY, "cgroup.procs": os.O_RDONLY}
+
+
+def sigkill(pid: int) -> None:
+    """SIGKILL `pid` through a pidfd (no pid-reuse race); plain kill(2) when no descriptor can
+    be had (a full table must not stop a kill). A pid already gone is not an error."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    except OSError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        return
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
 
 
 class CgroupMode(enum.StrEnum):
@@ -52,11 +73,18 @@ def v1_hierarchies(root: Path = CGROUP_ROOT) -> list[Path]:
 
 
 class Cgroup:
-    """One cgroup in the v2 tree, addressed by its path relative to the tree's root."""
+    """One cgroup in the v2 tree, addressed by its path relative to the tree's root. The one
+    owner of a run's cgroup: the kill path, the watchdog, telemetry and CI teardown all act
+    through it.
+
+    `hold()` opens the files the kill path needs (cgroup.kill, cgroup.events, cgroup.freeze,
+    cgroup.procs) once, at launch, so a kill needs no new file descriptor: it still works with
+    the daemon's descriptor table full."""
 
     def __init__(self, relative: str, root: Path | None = None) -> None:
         self.relative = relative.strip("/")
         self.path = (root or unified_root()) / self.relative
+        self._held: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"Cgroup({self.path})"
@@ -64,16 +92,59 @@ class Cgroup:
     def exists(self) -> bool:
         return self.path.is_dir()
 
+    def hold(self) -> Cgroup:
+        """Open and keep the kill path's files; idempotent. Raises if the cgroup is missing."""
+        for name, flags in _HELD_FILES.items():
+            if name in self._held:
+                continue
+            try:
+                self._held[name] = os.open(self.path / name, flags | os.O_CLOEXEC)
+            except FileNotFoundError:
+                if name != "cgroup.kill" or not self.exists():
+                    self.release()
+                    raise
+                # A kernel before 5.14: kills use the freeze + SIGKILL fallback.
+        return self
+
+    def release(self) -> None:
+        held, self._held = self._held, {}
+        for fd in held.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    @property
+    def held(self) -> bool:
+        return bool(self._held)
+
     def _write(self, name: str, value: str) -> None:
+        fd = self._held.get(name)
+        if fd is not None:
+            os.write(fd, value.encode())
+            return
         with open(self.path / name, "w") as handle:
             handle.write(value)
 
     def events(self) -> dict[str, str]:
         try:
-            text = (self.path / "cgroup.events").read_text()
+            text = self._read_held("cgroup.events")
         except FileNotFoundError:
             return {"populated": "0", "frozen": "0"}
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:  # removed while held: certainly empty
+                return {"populated": "0", "frozen": "0"}
+            raise
         return dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+
+    def _read_held(self, name: str) -> str:
+        fd = self._held.get(name)
+        if fd is None:
+            return (self.path / name).read_text()
+        chunks: list[bytes] = []
+        offset = 0
+        while chunk := os.pread(fd, 65536, offset):
+            chunks.append(chunk)
+            offset += len(chunk)
+        return b"".join(chunks).decode()
 
     def populated(self) -> bool:
         return self.events().get("populated") == "1"
@@ -87,6 +158,16 @@ class Cgroup:
                     text = Path(dirpath, "cgroup.procs").read_text()
                     found.extend(int(line) for line in text.split())
         return found
+
+    def _pids_without_new_fds(self) -> list[int]:
+        """The pids of this cgroup itself through the held cgroup.procs, then (best effort, it
+        needs descriptors) those of any sub-cgroup an agent may have made."""
+        found: set[int] = set()
+        with contextlib.suppress(OSError, ValueError):
+            found.update(int(pid) for pid in self._read_held("cgroup.procs").split())
+        with contextlib.suppress(OSError, ValueError):
+            found.update(self.pids())
+        return sorted(found)
 
     def stats(self) -> dict[str, int | None]:
         """CPU time, memory and process count: cpu.stat is core to the v2 tree; memory comes
@@ -106,24 +187,40 @@ class Cgroup:
         return {"cpu_usec": cpu_usec, "memory_bytes": memory, "processes": len(self.pids())}
 
     def has_kill_file(self) -> bool:
-        return (self.path / "cgroup.kill").exists()
+        return "cgroup.kill" in self._held or (self.path / "cgroup.kill").exists()
 
     def kill(self, *, force_fallback: bool = False) -> str:
-        """SIGKILL every process in the cgroup; returns the mechanism used.
+        """SIGKILL every process in the cgroup; returns the mechanism used. Never gives up on
+        the first error: a failed `cgroup.kill` write falls back to freeze + SIGKILL.
 
         `cgroup.kill` (Linux >= 5.14) kills the whole subtree atomically, forks in flight
         included. Without it: freeze so nothing can fork, SIGKILL each pid, thaw so the signals
         are delivered."""
-        if self.has_kill_file() and not force_fallback:
-            self._write("cgroup.kill", "1")
-            return "cgroup.kill"
-        self.freeze()
-        self.wait_frozen(1.0)
-        for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.thaw()
-        return "freeze+sigkill"
+        if not force_fallback:
+            try:
+                self._write("cgroup.kill", "1")
+                return "cgroup.kill"
+            except FileNotFoundError:
+                if not self.exists():
+                    raise
+            except OSError:
+                pass  # EMFILE, EIO, a kernel without the file: the fallback needs no new fd
+        return self.kill_fallback()
+
+    def kill_fallback(self) -> str:
+        """Freeze, SIGKILL each pid (through a pidfd when one can be had, so a recycled pid is
+        never hit), thaw. Each step is tried whatever the previous one did."""
+        frozen = True
+        try:
+            self.freeze()
+            self.wait_frozen(1.0)
+        except OSError:
+            frozen = False
+        for pid in self._pids_without_new_fds():
+            sigkill(pid)
+        with contextlib.suppress(OSError):
+            self.thaw()
+        return "freeze+sigkill" if frozen else "sigkill"
 
     def signal_all(self, signum: int) -> int:
         sent = 0
@@ -146,22 +243,26 @@ class Cgroup:
         """Block until the kernel reports `populated 0` (True) or the timeout passes (False).
 
         Uses poll(2) on cgroup.events, which the kernel signals with POLLPRI on every change,
-        so the wait ends as soon as the last process is gone rather than on a polling tick."""
+        so the wait ends as soon as the last process is gone rather than on a polling tick.
+        A held cgroup waits on its held descriptor and opens nothing."""
         return self._wait_event("populated", "0", timeout)
 
     def _wait_event(self, key: str, want: str, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
+        held = self._held.get("cgroup.events")
+        if held is not None:
+            fd = held
+        else:
+            try:
+                fd = os.open(self.path / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return key == "populated" and want == "0"
         try:
-            fd = os.open(self.path / "cgroup.events", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return key == "populated" and want == "0"
-        try:
-            poller = select.poll()
+            poller = select.poll()  # no descriptor of its own, unlike epoll
             poller.register(fd, select.POLLPRI | select.POLLERR)
             while True:
                 try:
-                    os.lseek(fd, 0, os.SEEK_SET)
-                    text = os.read(fd, 4096).decode()
+                    text = os.pread(fd, 4096, 0).decode()
                 except OSError as exc:
                     # ENODEV: the cgroup was removed while we waited, so it is certainly empty.
                     if exc.errno == errno.ENODEV:
@@ -174,14 +275,28 @@ class Cgroup:
                     return False
                 poller.poll(min(remaining * 1000, _POLL_SLICE_MS))
         finally:
-            os.close(fd)
+            if held is None:
+                os.close(fd)
 
-    def remove(self) -> None:
-        """rmdir this cgroup (children first) in the v2 tree and in every v1 hierarchy."""
+    def remove(self, *, strict: bool = True) -> list[str]:
+        """rmdir this cgroup (children first) in the v2 tree and in every v1 hierarchy. Every
+        directory is tried; those that could not go are returned (`strict`: the first error
+        is raised once all were tried)."""
+        self.release()
+        left: list[str] = []
+        first: OSError | None = None
         trees = [self.path, *(h / self.relative for h in v1_hierarchies())]
         for tree in trees:
             if not tree.is_dir():
                 continue
             for dirpath, _dirs, _files in sorted(os.walk(tree), key=lambda w: -len(w[0])):
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.rmdir(dirpath)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    left.append(dirpath)
+                    first = first or exc
+        if strict and first is not None:
+            raise first
+        return left

@@ -101,7 +101,7 @@ def test_stop_escalates_to_the_kill_path_after_the_grace(daemon: Daemon) -> None
     assert result["results"][0]["new_state"] == "idle"  # stopped, not held killed
     view = daemon.agentctl_json("inspect", "stubborn")
     assert view["run"]["state"] == "killed" and view["run"]["exit_code"] == 137
-    assert daemon.residue() == {}
+    assert daemon.clean() == {}
 
 
 # --------------------------------------------------------------------------- bad input
@@ -258,5 +258,5 @@ def test_the_daemon_refuses_to_start_when_enforcement_fails(
         daemon.start(timeout=20)
     assert daemon.proc is not None and daemon.proc.returncode == 10
     assert not daemon.socket.exists()
-    assert daemon.residue() == {}
+    assert daemon.clean() == {}
     daemon.cleanup_host()

@@ -49,7 +49,7 @@ def test_engine_down_mid_run_kill_through_the_cgroup_refuse_new_runs(tmp_root: P
             daemon.stop()
             engine.thaw()
             daemon.start()
-            assert daemon.residue() == {}
+            assert daemon.clean() == {}
         finally:
             daemon.stop()
             daemon.cleanup_host()

@@ -24,7 +24,7 @@ def test_drill_passes_its_slo_and_leaves_nothing(daemon: Daemon) -> None:
         assert drill["processes_seen"] >= 100
         for check in ("kill_confirmed", "no_processes", "no_network", "no_sandbox_state"):
             assert drill["checks"][check] == "pass", json.dumps(drill, indent=1)
-        assert daemon.residue() == {}
+        assert daemon.clean() == {}
         assert result.returncode == (0 if drill["passed"] else 12)
         print(f"drill: 100 processes halted in {drill['time_to_halt_ms']} ms")
         if drill["passed"]:
@@ -41,7 +41,7 @@ def test_drill_reports_a_missed_slo_with_a_nonzero_exit(daemon: Daemon) -> None:
         raise AssertionError(f"expected the 1 ms SLO to be missed:\n{result.stdout}")
     assert result.returncode == 12
     assert "slo" in result.stdout and "fail" in result.stdout
-    assert daemon.residue() == {}  # failing the SLO still kills everything
+    assert daemon.clean() == {}  # failing the SLO still kills everything
 
 
 def _agents(daemon: Daemon) -> dict[str, str]:

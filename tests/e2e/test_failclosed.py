@@ -77,7 +77,7 @@ def test_sigkill_of_the_daemon_kills_every_agent_within_a_second(tmp_root: Path,
         assert {r["target"] for r in reaped if r["scope"] != "global"} == {"f0", "f1"}
         states = {a["name"]: a["state"] for a in daemon.client.agents()["agents"]}
         assert states == {"f0": "idle", "f1": "idle"}
-        assert daemon.residue() == {}
+        assert daemon.clean() == {}
         assert daemon.client.audit_verify()["ok"]
     finally:
         daemon.stop()
@@ -107,7 +107,7 @@ def test_restart_reaps_agents_even_when_the_watchdog_died_too(tmp_root: Path, ru
         global_reaps = [json.loads(r["detail"]) for r in rows
                         if r["verb"] == "reap" and r["scope"] == "global"]
         assert any(r.get("confirmed_empty") for r in global_reaps), global_reaps
-        assert daemon.residue() == {}
+        assert daemon.clean() == {}
     finally:
         daemon.stop()
         daemon.cleanup_host()
@@ -143,7 +143,7 @@ def test_a_dead_watchdog_is_replaced_and_the_switch_still_works(tmp_root: Path) 
         wait_for(lambda: not _alive(pids), timeout=1.0, interval=0.01,
                  what="the replacement watchdog to kill every agent")
         daemon.start()
-        assert daemon.residue() == {}
+        assert daemon.clean() == {}
     finally:
         daemon.stop()
         daemon.cleanup_host()
@@ -157,7 +157,7 @@ def test_sigterm_is_an_orderly_shutdown_that_kills_and_audits(tmp_root: Path, ru
         pids = _launch_forkers(daemon, 2)
         assert daemon.stop(signal.SIGTERM) == 0
         assert _alive(pids) == []
-        assert daemon.residue() == {}
+        assert daemon.clean() == {}
         rows = _audit_rows(daemon)
         shutdowns = [r for r in rows if r["verb"] == "shutdown"]
         assert sorted(r["target"] for r in shutdowns) == ["f0", "f1"]

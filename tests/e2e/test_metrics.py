@@ -141,7 +141,7 @@ def test_metrics_on_a_unix_socket(tmp_root: Path) -> None:
         assert daemon.stop() == 0
         daemon.cleanup_host()
     assert not path.exists()
-    assert daemon.residue() == {}
+    assert daemon.clean() == {}
 
 
 def test_the_webhook_backlog_is_the_outboxs(tmp_root: Path) -> None:
@@ -183,7 +183,7 @@ def test_a_busy_port_stops_the_start_naming_the_address(tmp_root: Path) -> None:
     # Disarmed in order: the watchdog did not fire, and nothing of the daemon stayed behind.
     assert not (daemon.root / "state" / "watchdog.jsonl").exists()
     assert not daemon.socket.exists()
-    assert daemon.residue() == {}
+    assert daemon.clean() == {}
 
 
 def test_a_non_loopback_address_is_refused_at_start(tmp_root: Path) -> None:

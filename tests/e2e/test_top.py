@@ -173,7 +173,7 @@ def test_top_waits_for_the_daemon_and_survives_it_going_away(tmp_root: Path,
     # Ctrl-C quits as q does.
     terminal.tmux("send-keys", "-t", terminal.session, "C-c")
     assert terminal.wait_exit() == "status 0"
-    assert daemon.residue() == {}
+    assert daemon.clean() == {}
 
 
 def test_top_follows_a_resize_and_says_when_the_terminal_is_too_small(

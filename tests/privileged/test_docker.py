@@ -69,7 +69,7 @@ def test_a_missing_image_is_refused_and_nothing_runs(daemon: Daemon) -> None:
     assert result.returncode == 6 and "image_not_found" in result.stderr, result.stderr
     assert "never pulls" in result.stderr
     assert daemon.client.agent("ghost")["state"] == "idle"
-    assert daemon.residue() == {}
+    assert daemon.clean() == {}
 
 
 @pytest.mark.parametrize("runtime", ["docker"], indirect=True)
@@ -79,13 +79,13 @@ def test_a_bind_that_would_expose_the_engine_socket_is_refused(daemon: Daemon) -
     result = daemon.agentctl("run", "--name", "leaky", "--profile", "leaky", "--", "/bin/true")
     assert result.returncode == 10 and "enforcement_failed" in result.stderr, result.stderr
     assert "socket" in result.stderr
-    assert daemon.residue() == {}
+    assert daemon.clean() == {}
 
 
 def test_an_image_on_runc_is_refused(daemon: Daemon) -> None:
     result = daemon.agentctl("run", "--name", "wrong", "--image", "busybox", "--", "true")
     assert result.returncode == 6 and "runtime_unsupported" in result.stderr, result.stderr
-    assert daemon.residue() == {}
+    assert daemon.clean() == {}
 
 
 @pytest.mark.parametrize("runtime", ["runc"], indirect=True)

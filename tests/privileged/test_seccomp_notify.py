@@ -382,7 +382,7 @@ def test_agents_do_not_hang_when_the_daemon_is_sigkilled(tmp_root: Path) -> None
         assert set(results) <= {EPERM, ENOSYS}, results
         print(f"agent results around the SIGKILL: {dict(results)}")
         daemon.start()
-        assert daemon.residue() == {}
+        assert daemon.clean() == {}
     finally:
         daemon.stop()
         daemon.cleanup_host()

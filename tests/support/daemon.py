@@ -218,6 +218,15 @@ class Daemon:
             left["containers"] = containers
         return left
 
+    def clean(self, timeout: float = 30.0) -> dict[str, Any]:
+        """The residue once the runs' cleanup has had `timeout` to finish ({} when clean): a
+        kill answers before runtime state and bundles go (issue 12), so a test that checks the
+        host right after a kill waits for that cleanup, and still sees what never went."""
+        deadline = time.monotonic() + timeout
+        while (left := self.residue()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return left
+
     def containers(self) -> list[str]:
         """The docker containers this daemon's runs carry the label of (running or not)."""
         socket = self.extra_config.get("docker", {})

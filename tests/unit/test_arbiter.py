@@ -205,11 +205,13 @@ def test_kill_single_agent(env: ArbiterEnv) -> None:
         assert (result.verb, result.scope, result.reason) == ("kill", "agent:a1", "runaway")
         assert result.actor == ALICE.label() and not result.global_halt
 
-        # The kill path ran on the run: SIGKILL, confirmed empty, network gone, cleaned up.
+        # The kill path ran on the run: SIGKILL, confirmed empty, network gone; the runtime's
+        # state goes after the answer.
         assert handle.processes == 0
         assert handle.network is False
-        assert handle.cleaned is True
         assert view.id not in arbiter.live
+        await asyncio.wait_for(arbiter.settled(view.id), WAIT)
+        assert handle.cleaned is True
 
         record = env.store.run(view.id)
         assert record is not None
@@ -241,14 +243,20 @@ def test_kill_revokes_credentials_before_sigkill(env: ArbiterEnv) -> None:
         arbiter = env.arbiter()
         view = await arbiter.launch(request("a1"), ALICE)
         handle = handle_of(env, view)
-        seen: list[tuple[str, str, int]] = []
+        seen: list[tuple[str, int]] = []
 
-        async def revoke(agent: str, run_id: str) -> None:
-            seen.append((agent, run_id, handle.processes))
+        class Gateway:
+            async def revoke(self, run_id: str) -> bool:
+                seen.append((run_id, handle.processes))
+                return True
 
-        arbiter.revoke_hooks.append(revoke)
+            def credential(self, run_id: str) -> None:
+                return None
+
+        arbiter.credentials = Gateway()
         await act(arbiter, "kill", scope("a1"))
-        assert seen == [("a1", view.id, 1)], "credentials must go before the processes do"
+        assert seen == [(view.id, 1)], "credentials must go before the processes do"
+        assert last(env).detail["credentials_revoked"] is True
 
     asyncio.run(body())
 
@@ -368,6 +376,7 @@ def test_graceful_stop(env: ArbiterEnv, paused: bool) -> None:
         assert item.time_to_halt_ms is not None
         assert handle.signals == [signal.SIGTERM]
         assert not handle.frozen
+        await asyncio.wait_for(arbiter.settled(view.id), WAIT)  # step 6 follows the answer
         assert handle.network is False and handle.cleaned
         record = env.store.run(view.id)
         assert record is not None
@@ -393,6 +402,7 @@ def test_stop_escalates_to_the_kill_path_after_the_grace(make_env: MakeEnv) -> N
         assert (item.previous_state, item.new_state) == ("active", "idle")
         assert item.time_to_halt_ms is not None
         assert handle.signals == [signal.SIGTERM]
+        await asyncio.wait_for(arbiter.settled(view.id), WAIT)  # step 6 follows the answer
         assert handle.processes == 0 and handle.network is False and handle.cleaned
         record = env.store.run(view.id)
         assert record is not None
@@ -584,6 +594,7 @@ def test_command_exiting_by_itself(env: ArbiterEnv) -> None:
         assert record.ended_at is not None and record.time_to_halt_ms is None
         agent = arbiter.agents["a1"]
         assert (agent.state, agent.current_run, agent.last_run) == ("idle", None, view.id)
+        await asyncio.wait_for(arbiter.settled(view.id), WAIT)  # step 6 follows the answer
         assert handle.network is False and handle.cleaned
         entry = last(env)
         assert (entry.verb, entry.actor, entry.new_state) == ("exit", SYSTEM_LABEL, "idle")
@@ -709,6 +720,7 @@ def test_kill_racing_a_launch_wins_and_the_command_never_starts(make_env: MakeEn
         view, result = await asyncio.wait_for(asyncio.gather(launching, killing), WAIT)
         handle = runtime.handles[view.id]
         assert handle.started is False, "the agent's command was started after its kill"
+        await asyncio.wait_for(arbiter.settled(view.id), WAIT)  # step 6 follows the answer
         assert handle.network is False and handle.cleaned and handle.processes == 0
         assert result.results[0].new_state == "killed"
         assert arbiter.agents["a1"].state == "killed"

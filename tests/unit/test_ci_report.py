@@ -12,8 +12,9 @@ import pytest
 
 from supervisor import errors
 from supervisor.ci import outcome, report
-from supervisor.ci.outcome import Ending, classify_kill, exit_status
+from supervisor.ci.outcome import ENDING_OF_CAUSE, Ending, ending_of, exit_status
 from supervisor.errors import SigningKeyInvalid
+from supervisor.states import EndCause
 
 
 def sample_report() -> dict[str, Any]:
@@ -117,8 +118,13 @@ def test_precedence_of_exit_statuses() -> None:
                        launch_error_status=10) == 10
 
 
-def test_kills_are_classified_from_their_audit_row() -> None:
-    assert classify_kill("system:tripwire", "tripwire esc: ...") is Ending.TRIPWIRE
-    assert classify_kill("system:supervisor", "execution window of 1s expired") is Ending.TIMEOUT
-    assert classify_kill("system:ci", "cancelled: SIGTERM to agentctl") is Ending.KILLED
-    assert classify_kill("alice(uid=1000)", "execution window") is Ending.KILLED
+def test_endings_come_from_the_run_end_cause_never_from_its_reason() -> None:
+    assert ending_of(EndCause.TRIPWIRE) is Ending.TRIPWIRE
+    assert ending_of(EndCause.TIMEOUT) is Ending.TIMEOUT
+    assert ending_of(EndCause.EXITED) is Ending.EXITED
+    for cause in (EndCause.KILLED, EndCause.BREAK_GLASS, EndCause.SHUTDOWN, EndCause.REAPED):
+        assert ending_of(cause) is Ending.KILLED
+    # An operator whose reason reads like a timeout did not make the run time out.
+    assert ending_of("killed") is Ending.KILLED
+    assert ending_of(None) is Ending.KILLED and ending_of("no such cause") is Ending.KILLED
+    assert set(EndCause) >= set(ENDING_OF_CAUSE)

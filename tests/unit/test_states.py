@@ -12,10 +12,13 @@ from supervisor.states import (
     RUN_ENDED,
     RUN_TRANSITIONS,
     AgentState,
+    EndCause,
     IllegalTransitionError,
     RunState,
+    agent_at_end,
     agent_can,
     agent_transition,
+    run_end,
     run_transition,
 )
 
@@ -34,6 +37,8 @@ EXPECTED_AGENT: dict[tuple[str, AgentState], AgentState] = {
     ("kill", A.IDLE): A.KILLED,
     ("kill", A.ACTIVE): A.KILLED,
     ("kill", A.PAUSED): A.KILLED,
+    # Issue 12: a killed agent whose run is still alive may be killed again; the hold stays.
+    ("kill", A.KILLED): A.KILLED,
     ("reactivate", A.KILLED): A.IDLE,
     # The daemon's shutdown ends runs but a pause is a hold: it survives (issue 11, item 11).
     ("shutdown", A.ACTIVE): A.IDLE,
@@ -115,17 +120,48 @@ def test_illegal_run_transition_raises(verb: str, state: RunState) -> None:
     assert (info.value.kind, info.value.verb, info.value.state) == ("run", verb, state.value)
 
 
-@pytest.mark.parametrize("verb", [v for v in AGENT_VERBS if v != "reactivate"])
+@pytest.mark.parametrize("verb", [v for v in AGENT_VERBS if v not in ("reactivate", "kill")])
 def test_killed_is_a_durable_hold(verb: str) -> None:
-    """Nothing but reactivate leaves killed: no launch, resume, exit, stop or second kill."""
+    """Nothing but reactivate leaves killed: no launch, resume, exit or stop."""
     with pytest.raises(IllegalTransitionError):
         agent_transition(A.KILLED, verb)
 
 
+def test_a_second_kill_keeps_the_hold() -> None:
+    assert agent_transition(A.KILLED, "kill") is A.KILLED
+
+
 def test_only_reactivate_leaves_killed_and_only_to_idle() -> None:
-    leaving = {verb: dst for (verb, src), dst in EXPECTED_AGENT.items() if src is A.KILLED}
+    leaving = {verb: dst for (verb, src), dst in EXPECTED_AGENT.items()
+               if src is A.KILLED and dst is not A.KILLED}
     assert leaving == {"reactivate": A.IDLE}
     assert agent_transition(A.KILLED, "reactivate") is A.IDLE
+
+
+# Every way a run ends, written out independently: (run state it ends in, agent afterwards
+# from active, from killed).
+EXPECTED_END: dict[EndCause, tuple[RunState, AgentState, AgentState]] = {
+    EndCause.EXITED: (R.EXITED, A.IDLE, A.KILLED),
+    EndCause.STOPPED: (R.EXITED, A.ACTIVE, A.KILLED),
+    EndCause.LAUNCH_FAILED: (R.FAILED, A.IDLE, A.KILLED),
+    EndCause.KILLED: (R.KILLED, A.ACTIVE, A.KILLED),
+    EndCause.TIMEOUT: (R.KILLED, A.ACTIVE, A.KILLED),
+    EndCause.TRIPWIRE: (R.KILLED, A.ACTIVE, A.KILLED),
+    EndCause.BREAK_GLASS: (R.KILLED, A.ACTIVE, A.KILLED),
+    EndCause.SHUTDOWN: (R.KILLED, A.ACTIVE, A.KILLED),
+    EndCause.REAPED: (R.KILLED, A.IDLE, A.KILLED),
+}
+
+
+@pytest.mark.parametrize("cause", list(EndCause))
+def test_every_end_cause_goes_through_the_table(cause: EndCause) -> None:
+    run_state, from_active, from_killed = EXPECTED_END[cause]
+    assert run_end(R.RUNNING, cause) is run_state
+    assert agent_at_end(A.ACTIVE, cause) is from_active
+    assert agent_at_end(A.KILLED, cause) is from_killed, "no ending lifts a kill's hold"
+    for ended in RUN_ENDED:  # a run ends once
+        with pytest.raises(IllegalTransitionError):
+            run_end(ended, cause)
 
 
 def test_every_live_state_can_be_killed() -> None:

@@ -1,0 +1,235 @@
+"""The kill path, steps 2-5 of DESIGN.md, for one run (`RunKill`) and for a scoped halt
+(`sweep`). Runs in the daemon's event loop; the blocking waits on `cgroup.events` run on
+threads of their own. Needs root for the real collaborators; the unit tier uses fakes.
+
+Step 1 (mark the agent killed) is the arbiter's, before it calls in here; step 6 (runtime state
+and bundle) happens after the answer (`Arbiter._cleanup`). What a kill touches is exactly what
+`RunKill` is given:
+
+    credentials  revoke the run's session tokens (the egress gateway)    step 2
+    cgroup       SIGKILL every process; wait for the kernel to say empty  steps 3, 4
+    network      delete the run's veth, nftables table and netns          step 5
+
+No step can stop the ones after it: a failed revocation, a failed `cgroup.kill` write or a
+failed network teardown is recorded and the kill goes on (the cgroup falls back to freeze +
+SIGKILL, and an unconfirmed kill is retried until the kernel confirms it)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+# Waiting for cgroup.events blocks in poll(2); a scoped halt confirms every run at once, so the
+# waits get threads of their own instead of queueing behind the default executor.
+CONFIRMERS = ThreadPoolExecutor(max_workers=128, thread_name_prefix="kill-confirm")
+
+
+@dataclass(frozen=True)
+class Credential:
+    """What a run's agent presents to the gateway: a proxy user and token at an address."""
+
+    host: str
+    port: int
+    user: str
+    token: str
+
+
+class Credentials(Protocol):
+    """Step 2: the session tokens a run holds (the egress gateway)."""
+
+    async def revoke(self, run_id: str) -> bool:
+        """Make the run's tokens stop working at once; True if it held any."""
+        ...
+
+    def credential(self, run_id: str) -> Credential | None:
+        """The token the run holds now, for a drill to present after the kill."""
+        ...
+
+
+class NoCredentials:
+    """A supervisor without a credential gateway: runs hold no tokens."""
+
+    async def revoke(self, run_id: str) -> bool:
+        return False
+
+    def credential(self, run_id: str) -> Credential | None:
+        return None
+
+
+class RunCgroup(Protocol):
+    """Steps 3 and 4: supervisor.sandbox.cgroups.Cgroup, held open since the launch."""
+
+    def kill(self, *, force_fallback: bool = False) -> str: ...
+
+    def kill_fallback(self) -> str: ...
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Blocking; called on a CONFIRMERS thread."""
+        ...
+
+    def pids(self) -> list[int]: ...
+
+
+class RunNetwork(Protocol):
+    """Step 5: the run's network (veth, nftables table, network namespace)."""
+
+    def teardown_network(self) -> bool:
+        """Remove it; True if a namespace was there to remove."""
+        ...
+
+
+@dataclass
+class HaltReport:
+    """What the kill path did to one run; its `detail()` goes into the audit row."""
+
+    run_id: str
+    credentials_revoked: bool | None = None
+    mechanism: str | None = None
+    escalated: str | None = None
+    confirmed: bool = False
+    netns_removed: bool | None = None
+    survivors: list[int] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    halted_at: float | None = None  # perf_counter() once step 5 is done
+
+    def detail(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"run": self.run_id, "mechanism": self.mechanism,
+                               "confirmed_empty": self.confirmed,
+                               "netns_removed": self.netns_removed,
+                               "credentials_revoked": self.credentials_revoked}
+        if self.escalated is not None:
+            out["escalated"] = self.escalated
+        if self.survivors:
+            out["survivors"] = self.survivors
+        if self.errors:
+            out["errors"] = self.errors
+        return out
+
+
+class RunKill:
+    """Steps 2-5 for one run, each a method so a scoped halt can do every run's step 3 before
+    any run's step 4."""
+
+    def __init__(self, run_id: str, *, credentials: Credentials, cgroup: RunCgroup,
+                 network: RunNetwork, confirm_timeout: float) -> None:
+        self.credentials = credentials
+        self.cgroup = cgroup
+        self.network = network
+        self.confirm_timeout = confirm_timeout
+        self.report = HaltReport(run_id)
+
+    async def halt(self) -> HaltReport:
+        await self.revoke()
+        self.sigkill()
+        await self.confirm()
+        self.teardown()
+        return self.report
+
+    async def revoke(self) -> None:
+        """Step 2: before any process dies, so no dying agent spends a credential."""
+        try:
+            self.report.credentials_revoked = await self.credentials.revoke(self.report.run_id)
+        except Exception as exc:  # the kill goes on; the row says what failed
+            log.exception("run %s: revoking credentials failed", self.report.run_id)
+            self.report.errors["credentials"] = f"{type(exc).__name__}: {exc}"
+
+    def sigkill(self, mechanism: str | None = None) -> None:
+        """Step 3; `mechanism` names a kill already done for this run (the parent's write)."""
+        if mechanism is not None:
+            self.report.mechanism = mechanism
+            return
+        try:
+            self.report.mechanism = self.cgroup.kill()
+        except FileNotFoundError:
+            self.report.mechanism = "none: the cgroup was already gone"
+        except OSError as exc:
+            self.report.errors["kill"] = f"{type(exc).__name__}: {exc}"
+            self.report.mechanism = self._fallback()
+
+    async def confirm(self) -> bool:
+        """Step 4: the kernel's `populated 0`; once more with the fallback if it is late."""
+        run_id = self.report.run_id
+        confirmed = await self._wait_empty()
+        if not confirmed:
+            log.critical("run %s: cgroup not empty %.1fs after kill; escalating", run_id,
+                         self.confirm_timeout)
+            self.report.escalated = self._fallback()
+            confirmed = await self._wait_empty()
+        self.report.confirmed = confirmed
+        if not confirmed:
+            try:
+                self.report.survivors = self.cgroup.pids()
+            except OSError as exc:
+                self.report.errors["survivors"] = f"{type(exc).__name__}: {exc}"
+        return confirmed
+
+    def teardown(self) -> None:
+        """Step 5: the network goes, whatever the confirmation said."""
+        try:
+            self.report.netns_removed = self.network.teardown_network()
+        except Exception as exc:
+            log.exception("run %s: network teardown failed", self.report.run_id)
+            self.report.errors["network"] = f"{type(exc).__name__}: {exc}"
+        self.report.halted_at = time.perf_counter()
+
+    async def keep_killing(self, interval_log: int = 10) -> int:
+        """An unconfirmed kill is not done: SIGKILL again (alternating the mechanism) until the
+        kernel reports the cgroup empty; returns the number of attempts."""
+        attempts = 0
+        while True:
+            attempts += 1
+            if attempts % 2:
+                self.sigkill()
+            else:
+                self._fallback()
+            if await self._wait_empty():
+                self.report.confirmed = True
+                self.report.survivors = []
+                return attempts
+            if attempts % interval_log == 0:
+                log.critical("run %s: still not empty after %d kill attempts",
+                             self.report.run_id, attempts)
+
+    def _fallback(self) -> str:
+        try:
+            return self.cgroup.kill_fallback()
+        except OSError as exc:
+            self.report.errors["fallback"] = f"{type(exc).__name__}: {exc}"
+            return "failed"
+
+    async def _wait_empty(self) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(CONFIRMERS, self.cgroup.wait_empty,
+                                              self.confirm_timeout)
+        except OSError as exc:
+            self.report.errors["confirm"] = f"{type(exc).__name__}: {exc}"
+            return False
+
+
+async def sweep(kills: Sequence[RunKill], parent: RunCgroup | None = None,
+                covered: frozenset[str] = frozenset()) -> list[HaltReport]:
+    """A scoped halt in one sweep: every run's credentials, then every run's SIGKILL (with a
+    `parent`, one `cgroup.kill` write for the runs in `covered`, which live under it), then
+    every confirmation at once, then every network. Nothing here waits on a runtime."""
+    await asyncio.gather(*(kill.revoke() for kill in kills))
+    parent_mechanism: str | None = None
+    if parent is not None and covered:
+        try:
+            parent_mechanism = f"{parent.kill()} (parent)"
+        except OSError as exc:
+            log.error("global halt: the parent's cgroup.kill failed (%s); killing run by run",
+                      exc)
+    for kill in kills:
+        kill.sigkill(parent_mechanism if kill.report.run_id in covered else None)
+    await asyncio.gather(*(kill.confirm() for kill in kills))
+    for kill in kills:
+        kill.teardown()
+    return [kill.report for kill in kills]

@@ -1,0 +1,332 @@
+"""The kill path (supervisor/daemon/killpath.py) over fakes of its three collaborators: each
+step happens, in order, and no failing step stops the ones after it. Then the arbiter's use of
+it: a scoped halt in one sweep, the parent's single write, a second kill of a killed agent whose
+run is alive, step 6 after the answer. No root."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+
+import pytest
+
+from supervisor.config import KillSection
+from supervisor.daemon.killpath import Credential, RunKill, sweep
+from supervisor.errors import IllegalTransition, KillUnconfirmed
+from supervisor.models import ActionRequest, RunRequest, Scope
+from supervisor.runtime.fake import FakeRuntime
+from supervisor.states import EndCause
+from tests.unit.conftest import ALICE, WAIT, ArbiterEnv, MakeEnv
+
+
+class Journal:
+    """One ordered record of what every collaborator was asked to do."""
+
+    def __init__(self) -> None:
+        self.steps: list[str] = []
+
+
+class FakeCredentials:
+    def __init__(self, journal: Journal, fail: bool = False) -> None:
+        self.journal = journal
+        self.fail = fail
+        self.revoked: set[str] = set()
+
+    async def revoke(self, run_id: str) -> bool:
+        self.journal.steps.append(f"revoke {run_id}")
+        if self.fail:
+            raise RuntimeError("gateway unreachable")
+        self.revoked.add(run_id)
+        return True
+
+    def credential(self, run_id: str) -> Credential | None:
+        return None
+
+
+class FakeCgroup:
+    """A cgroup with `processes` in it; `kill_fails` makes the cgroup.kill write fail like a
+    full descriptor table would; `stubborn` survives that many kills of any kind."""
+
+    def __init__(self, journal: Journal, name: str, processes: int = 3, *,
+                 kill_fails: OSError | None = None, stubborn: int = 0) -> None:
+        self.journal = journal
+        self.name = name
+        self.processes = processes
+        self.kill_fails = kill_fails
+        self.stubborn = stubborn
+        self.waits = 0
+
+    def _die(self) -> None:
+        if self.stubborn:
+            self.stubborn -= 1
+        else:
+            self.processes = 0
+
+    def kill(self, *, force_fallback: bool = False) -> str:
+        if force_fallback:
+            return self.kill_fallback()
+        self.journal.steps.append(f"cgroup.kill {self.name}")
+        if self.kill_fails is not None:
+            raise self.kill_fails
+        self._die()
+        return "cgroup.kill"
+
+    def kill_fallback(self) -> str:
+        self.journal.steps.append(f"fallback {self.name}")
+        self._die()
+        return "freeze+sigkill"
+
+    def wait_empty(self, timeout: float) -> bool:
+        self.waits += 1
+        self.journal.steps.append(f"confirm {self.name}")
+        return self.processes == 0
+
+    def pids(self) -> list[int]:
+        return list(range(self.processes))
+
+
+class FakeNetwork:
+    def __init__(self, journal: Journal, name: str, fail: bool = False) -> None:
+        self.journal = journal
+        self.name = name
+        self.fail = fail
+
+    def teardown_network(self) -> bool:
+        self.journal.steps.append(f"network {self.name}")
+        if self.fail:
+            raise OSError(errno.EBUSY, "netns busy")
+        return True
+
+
+def run_kill(journal: Journal, name: str, credentials: FakeCredentials | None = None,
+             **cgroup: object) -> tuple[RunKill, FakeCgroup]:
+    group = FakeCgroup(journal, name, **cgroup)  # type: ignore[arg-type]
+    kill = RunKill(name, credentials=credentials or FakeCredentials(journal), cgroup=group,
+                   network=FakeNetwork(journal, name), confirm_timeout=0.01)
+    return kill, group
+
+
+def test_the_four_steps_happen_in_order() -> None:
+    journal = Journal()
+    credentials = FakeCredentials(journal)
+    kill, group = run_kill(journal, "r1", credentials)
+    report = asyncio.run(kill.halt())
+    assert journal.steps == ["revoke r1", "cgroup.kill r1", "confirm r1", "network r1"]
+    assert credentials.revoked == {"r1"} and group.processes == 0
+    assert (report.credentials_revoked, report.mechanism, report.confirmed,
+            report.netns_removed) == (True, "cgroup.kill", True, True)
+    assert report.halted_at is not None and not report.errors
+
+
+def test_a_failed_cgroup_kill_write_falls_back_and_keeps_killing() -> None:
+    journal = Journal()
+    kill, group = run_kill(journal, "r1", kill_fails=OSError(errno.EMFILE, "too many files"))
+    report = asyncio.run(kill.halt())
+    assert journal.steps == ["revoke r1", "cgroup.kill r1", "fallback r1", "confirm r1",
+                             "network r1"]
+    assert group.processes == 0 and report.confirmed
+    assert report.mechanism == "freeze+sigkill" and "too many files" in report.errors["kill"]
+
+
+def test_a_failed_revocation_or_network_teardown_never_stops_the_kill() -> None:
+    journal = Journal()
+    group = FakeCgroup(journal, "r1")
+    kill = RunKill("r1", credentials=FakeCredentials(journal, fail=True), cgroup=group,
+                   network=FakeNetwork(journal, "r1", fail=True), confirm_timeout=0.01)
+    report = asyncio.run(kill.halt())
+    assert journal.steps == ["revoke r1", "cgroup.kill r1", "confirm r1", "network r1"]
+    assert group.processes == 0 and report.confirmed
+    assert set(report.errors) == {"credentials", "network"}
+
+
+def test_a_late_confirmation_escalates_then_reports_the_survivors() -> None:
+    journal = Journal()
+    kill, group = run_kill(journal, "r1", stubborn=2)
+    report = asyncio.run(kill.halt())
+    assert journal.steps == ["revoke r1", "cgroup.kill r1", "confirm r1", "fallback r1",
+                             "confirm r1", "network r1"]
+    assert not report.confirmed and report.survivors == [0, 1, 2]
+    attempts = asyncio.run(kill.keep_killing())
+    assert attempts == 1 and group.processes == 0 and kill.report.confirmed
+
+
+def test_a_sweep_kills_everything_before_it_confirms_anything() -> None:
+    journal = Journal()
+    kills = [run_kill(journal, name)[0] for name in ("a", "b", "c")]
+    reports = asyncio.run(sweep(kills))
+    revokes, rest = journal.steps[:3], journal.steps[3:]
+    assert sorted(revokes) == ["revoke a", "revoke b", "revoke c"]
+    assert rest[:3] == ["cgroup.kill a", "cgroup.kill b", "cgroup.kill c"]
+    assert sorted(rest[3:6]) == ["confirm a", "confirm b", "confirm c"]
+    assert rest[6:] == ["network a", "network b", "network c"]
+    assert all(r.confirmed for r in reports)
+
+
+def test_a_global_sweep_is_one_write_to_the_parent() -> None:
+    journal = Journal()
+    parent = FakeCgroup(journal, "parent")
+    kills, groups = zip(*(run_kill(journal, name) for name in ("a", "b")), strict=True)
+
+    class Parent(FakeCgroup):
+        def kill(self, *, force_fallback: bool = False) -> str:
+            for group in groups:  # what the kernel does for the subtree
+                group.processes = 0
+            return super().kill(force_fallback=force_fallback)
+
+    parent = Parent(journal, "parent")
+    reports = asyncio.run(sweep(list(kills), parent, frozenset({"a", "b"})))
+    kill_steps = [s for s in journal.steps if "kill" in s or "fallback" in s]
+    assert kill_steps == ["cgroup.kill parent"], "one write, not one per run"
+    assert all(r.confirmed and r.mechanism == "cgroup.kill (parent)" for r in reports)
+
+
+def test_a_failed_parent_write_falls_back_to_every_run() -> None:
+    journal = Journal()
+    kills, groups = zip(*(run_kill(journal, name) for name in ("a", "b")), strict=True)
+    parent = FakeCgroup(journal, "parent", kill_fails=OSError(errno.EIO, "io"))
+    reports = asyncio.run(sweep(list(kills), parent, frozenset({"a", "b"})))
+    assert [s for s in journal.steps if s.startswith("cgroup.kill")] == [
+        "cgroup.kill parent", "cgroup.kill a", "cgroup.kill b"]
+    assert all(r.confirmed for r in reports) and all(g.processes == 0 for g in groups)
+
+
+# ---------------------------------------------------------------------------- in the arbiter
+
+
+def _request(name: str, agent_class: str = "web") -> RunRequest:
+    return RunRequest.model_validate({"name": name, "class": agent_class,
+                                      "command": ["/bin/true"]})
+
+
+def test_a_class_halt_answers_before_the_runtime_cleans_up(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        views = [await arbiter.launch(_request(f"w{i}"), ALICE) for i in range(3)]
+        gate = asyncio.Event()
+        for view in views:
+            handle = env.runtime.handles[view.id]
+
+            async def slow_cleanup(handle: object = handle) -> None:
+                await gate.wait()
+                handle.cleaned = True  # type: ignore[attr-defined]
+
+            handle.cleanup = slow_cleanup  # type: ignore[method-assign]
+        result = await asyncio.wait_for(arbiter.act(
+            "kill", ActionRequest(scope=Scope(agent_class="web"), reason="r"), ALICE), WAIT)
+        assert [r.new_state for r in result.results] == ["killed"] * 3
+        handles = [env.runtime.handles[v.id] for v in views]
+        assert all(h.processes == 0 and not h.network for h in handles)
+        assert not any(h.cleaned for h in handles), "runtime deletion came before the answer"
+        assert all(h.cgroup.kills == ["cgroup.kill"] for h in handles)
+        gate.set()
+        for view in views:
+            await asyncio.wait_for(arbiter.settled(view.id), WAIT)
+        assert all(h.cleaned for h in handles)
+        runs = [env.store.run(v.id) for v in views]
+        assert all(r is not None and r.end_cause == "killed" for r in runs)
+
+    asyncio.run(body())
+
+
+def test_a_global_halt_writes_the_parent_once(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        views = [await arbiter.launch(_request(f"g{i}"), ALICE) for i in range(3)]
+        handles = [env.runtime.handles[v.id] for v in views]
+        writes: list[str] = []
+
+        class Parent:
+            def kill(self, *, force_fallback: bool = False) -> str:
+                writes.append("parent")
+                for handle in handles:
+                    handle.kill()
+                return "cgroup.kill"
+
+            def kill_fallback(self) -> str:
+                raise AssertionError("not needed")
+
+            def wait_empty(self, timeout: float) -> bool:
+                return True
+
+            def pids(self) -> list[int]:
+                return []
+
+            def hold(self) -> object:
+                return self
+
+            def release(self) -> None:
+                pass
+
+        arbiter.parent = Parent()
+        arbiter.parent_path = env.config.sandbox.cgroup_parent.strip("/")
+        result = await arbiter.act("kill", ActionRequest(scope=Scope(all=True), reason="r"),
+                                   ALICE, cause=EndCause.BREAK_GLASS)
+        assert writes == ["parent"]
+        assert all(h.cgroup.kills == [] and h.processes == 0 for h in handles)
+        assert result.global_halt and all(r.new_state == "killed" for r in result.results)
+        rows = [e for e in env.audit.list() if e.verb == "kill"]
+        assert len(rows) == 3
+        assert all(e.detail["mechanism"] == "cgroup.kill (parent)" for e in rows)
+        assert all(e.detail["cause"] == "break_glass" for e in rows)
+        assert all("request_arrived_at" in e.detail for e in rows)
+        for view in views:
+            record = env.store.run(view.id)
+            assert record is not None and record.end_cause == "break_glass"
+
+    asyncio.run(body())
+
+
+def test_a_killed_agent_with_a_live_run_can_be_killed_again(make_env: MakeEnv) -> None:
+    runtime = FakeRuntime(leave_survivor=True)
+    env = make_env(runtime=runtime, kill=KillSection(confirm_timeout=0.2, default_grace=1.0))
+
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(_request("s1"), ALICE)
+        handle = runtime.handles[view.id]
+        kill = ActionRequest(scope=Scope(agent="s1"), reason="again")
+        with pytest.raises(KillUnconfirmed):
+            await arbiter.act("kill", kill, ALICE)
+        assert arbiter.agents["s1"].state == "killed" and view.id in arbiter.live
+        runtime.leave_survivor = False
+        result = await arbiter.act("kill", kill, ALICE)  # not a 409: the run is alive
+        assert result.results[0].new_state == "killed" and handle.processes == 0
+        await asyncio.wait_for(arbiter.settled(view.id), WAIT)
+        record = env.store.run(view.id)
+        assert record is not None and record.state == "killed"
+        assert view.id not in arbiter.live
+        with pytest.raises(IllegalTransition):  # with no run left, a kill is a 409 again
+            await arbiter.act("kill", kill, ALICE)
+
+    asyncio.run(body())
+
+
+def test_a_failed_cgroup_kill_in_the_arbiter_still_confirms(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(_request("f1"), ALICE)
+        handle = env.runtime.handles[view.id]
+        handle.cgroup.fail_kill = OSError(errno.EMFILE, "Too many open files")
+        result = await arbiter.act("kill", ActionRequest(scope=Scope(agent="f1"), reason="r"),
+                                   ALICE)
+        assert result.results[0].new_state == "killed"
+        assert handle.cgroup.kills == ["cgroup.kill failed", "fallback"]
+        assert handle.processes == 0
+        row = [e for e in env.audit.list() if e.verb == "kill"][-1]
+        assert row.outcome == "ok" and row.detail["confirmed_empty"] is True
+        assert "Too many open files" in row.detail["errors"]["kill"]
+
+    asyncio.run(body())
+
+
+def test_the_cgroup_is_held_from_launch_and_released_after_cleanup(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(_request("h1"), ALICE)
+        handle = env.runtime.handles[view.id]
+        assert handle.cgroup.held, "the kill path's files must be open before the agent runs"
+        await arbiter.act("kill", ActionRequest(scope=Scope(agent="h1"), reason="r"), ALICE)
+        await asyncio.wait_for(arbiter.settled(view.id), WAIT)
+        assert not handle.cgroup.held
+
+    asyncio.run(body())
