@@ -120,8 +120,9 @@ class BreakGlass:
         if self._loop is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_signal_handler(signal.SIGUSR1)
-        if any(t.name == "break-glass-signal" and t.is_alive() for t in self._threads):
-            os.kill(os.getpid(), signal.SIGUSR1)  # wakes its sigwait, which sees the stop
+        for thread in self._threads:
+            if thread.name == "break-glass-signal" and thread.ident and thread.is_alive():
+                signal.pthread_kill(thread.ident, signal.SIGUSR1)  # its sigwait sees the stop
         for thread in self._threads:
             thread.join(timeout=_SAFETY_POLL + 1)
         for fd in [self._inotify, self._dir_fd, *self._reserve]:
