@@ -294,6 +294,14 @@ class _Connection(RequestHandler):
         return response
 
 
+class _Malformed(web.BaseRequest):
+    """A request built on a placeholder target because its own could not be read."""
+
+    def __init__(self, reason: str, *args: Any) -> None:
+        super().__init__(*args)
+        self.reason = reason
+
+
 class _Server(web.Server):
     def __init__(self, handler: Any, on_bad_request: Callable[[str], None],
                  **kwargs: Any) -> None:
@@ -311,11 +319,10 @@ class _Server(web.Server):
         it."""
         try:
             return web.BaseRequest(message, payload, protocol, writer, task, self._loop)
-        except (ValueError, UnicodeError) as exc:
+        except Exception as exc:  # whatever the parser let through that yarl cannot read
             placeholder = message._replace(method="GET", path="/", url=URL("/"))
-            request = web.BaseRequest(placeholder, payload, protocol, writer, task, self._loop)
-            request["malformed"] = f"{type(exc).__name__}: {exc}"
-            return request
+            return _Malformed(f"{type(exc).__name__}: {exc}", placeholder, payload, protocol,
+                              writer, task, self._loop)
 
 
 class Gateway:
@@ -515,8 +522,8 @@ class Gateway:
                                                                              web.StreamResponse]]:
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
             try:
-                if "malformed" in request:
-                    self._bad_request(gate, str(request["malformed"]), count=False)
+                if isinstance(request, _Malformed):
+                    self._bad_request(gate, request.reason, count=False)
                     raise EgressRefusal(400, "bad_request", "the gateway could not read this "
                                         "request's target")
                 self._authorize(gate, request)
@@ -743,6 +750,9 @@ class Gateway:
 
     async def _forward(self, gate: _Gate, request: web.BaseRequest) -> web.StreamResponse:
         host = (request.url.host or request.host or "").split(":")[0].lower()
+        if not host:
+            raise EgressRefusal(400, "bad_request", "the request names no host (an absolute "
+                                "URL or a Host header)")
         route = gate.grant.policy.route_for(host)
         if route is None:
             raise EgressRefusal(403, "egress_denied", f"no credential route for "

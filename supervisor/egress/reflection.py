@@ -4,12 +4,13 @@ return the secret the gateway injected. This module knows the forms such a refle
 and finds them in header values and bodies, streamed bodies across chunk boundaries included.
 Pure; no I/O, no privilege.
 
-The forms, each matched in any letter case: the secret as sent; percent-encoded; as a JSON
-string (escaped slashes too); hex; base64 and base64url at each of the three byte alignments
-(the characters that depend only on the secret's bytes, so base64 of a whole reflected header
-block or JSON document is caught as well). What this cannot see: a secret compressed (the
-gateway asks upstreams for identity encoding and refuses any other), encrypted, split, or
-transformed by code of the upstream's own. Routes are meant for APIs, not for echo services."""
+The forms, each matched in any letter case: the secret as sent; percent-encoded (the
+reserved characters, or every byte); as a JSON string (escaped slashes too); hex; base64 and
+base64url at each of the three byte alignments (the characters that depend only on the
+secret's bytes, so base64 of a whole reflected header block or JSON document is caught too).
+What this cannot see: a secret compressed (the gateway asks upstreams for identity encoding
+and refuses any other), encrypted, split, or transformed by code of the upstream's own.
+Routes are meant for APIs, not for echo services."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ def forms(secret: str) -> set[bytes]:
     derived = {
         urllib.parse.quote(secret, safe="").encode(),
         urllib.parse.quote_plus(secret, safe="").encode(),
+        "".join(f"%{byte:02X}" for byte in raw).encode(),  # every byte escaped
         json.dumps(secret)[1:-1].encode(),
         json.dumps(secret)[1:-1].replace("/", "\\/").encode(),
         raw.hex().encode(),

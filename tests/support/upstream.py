@@ -5,7 +5,9 @@ thread of its own that records what it was sent."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
+import gzip
 import json
 import ssl
 import threading
@@ -67,11 +69,18 @@ class Upstream:
     /v1/chat   JSON with a `usage` block (total_tokens = ?tokens=N, default 100)
     /fail      500
     /slow      waits ?s=N seconds
+    /reflect   the request's headers, the way ?as= says: json (body), header (a response
+               header), reason (the status line), b64 / b64url / hex / url (the JSON
+               encoded so), stream (the JSON one byte per chunk); ?pad=N puts N bytes first
+               gzip (the JSON compressed, Content-Encoding: gzip)
+    /upload    reads the body in chunks, noting each chunk's size in `uploads` as it comes
+    /drip      ?n=N chunks of 1 KiB, one per ?every=S seconds (a long streamed reply)
     anything else: 200 with the request's method and path."""
 
     ca: TestCA
     port: int = 0
     seen: list[dict[str, Any]] = field(default_factory=list)
+    uploads: list[int] = field(default_factory=list)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _runner: web.AppRunner | None = None
@@ -109,6 +118,13 @@ class Upstream:
         self.port = server.sockets[0].getsockname()[1]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        endpoint = request.path.rsplit("/", 1)[-1]  # routes may add a base path
+        if endpoint == "upload":
+            return await self._upload(request)
+        if endpoint == "drip":
+            return await self._drip(request)
+        if endpoint == "reflect":
+            return await self._reflect(request)
         body = await request.read()
         self.seen.append({"method": request.method, "path": request.path_qs,
                           "headers": dict(request.headers), "body": body.decode(errors="replace")})
@@ -122,6 +138,53 @@ class Upstream:
             await asyncio.sleep(float(request.query.get("s", "5")))
         return web.Response(text=json.dumps({"method": request.method, "path": request.path_qs}),
                             content_type="application/json")
+
+    async def _upload(self, request: web.Request) -> web.StreamResponse:
+        total = 0
+        async for chunk in request.content.iter_any():
+            total += len(chunk)
+            self.uploads.append(len(chunk))
+        self.seen.append({"method": request.method, "path": request.path_qs,
+                          "headers": dict(request.headers), "body": f"<{total} bytes>"})
+        return web.json_response({"received": total})
+
+    async def _drip(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for _ in range(int(request.query.get("n", "600"))):
+            await response.write(b"d" * 1024)
+            await asyncio.sleep(float(request.query.get("every", "0.1")))
+        await response.write_eof()
+        return response
+
+    async def _reflect(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append({"method": request.method, "path": request.path_qs,
+                          "headers": dict(request.headers), "body": ""})
+        pad = b"x" * int(request.query.get("pad", "0"))
+        echo = pad + json.dumps({"headers": dict(request.headers)}).encode()
+        how = request.query.get("as", "json")
+        encoders = {"b64": base64.b64encode, "b64url": base64.urlsafe_b64encode,
+                    "hex": lambda b: b.hex().encode(),
+                    "url": lambda b: "".join(f"%{c:02X}" for c in b).encode()}
+        if how in encoders:
+            return web.Response(body=encoders[how](echo), content_type="text/plain")
+        if how == "header":
+            auth = request.headers.get("Authorization") or request.headers.get("X-Api-Key", "")
+            return web.Response(text="ok", headers={"X-Echo": f"you sent {auth}"})
+        if how == "reason":
+            auth = request.headers.get("Authorization") or request.headers.get("X-Api-Key", "")
+            return web.Response(text="ok", reason=auth[:200])
+        if how == "gzip":
+            return web.Response(body=gzip.compress(echo), content_type="application/json",
+                                headers={"Content-Encoding": "gzip"})
+        if how == "stream":
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            for i in range(len(echo)):
+                await response.write(echo[i:i + 1])
+            await response.write_eof()
+            return response
+        return web.Response(body=echo, content_type="application/json")
 
     def stop(self) -> None:
         if self._loop is not None:

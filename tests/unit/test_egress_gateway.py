@@ -13,6 +13,7 @@ import base64
 import concurrent.futures
 import contextlib
 import json
+import logging
 import socket
 import ssl
 import threading
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from supervisor.config import EgressSection
 from supervisor.egress.accounting import Usage
@@ -1051,3 +1054,366 @@ def test_runs_are_independent(env: Env) -> None:
     assert usage_b is not None and usage_b.requests == 1
     usage_a = env.gateway.usage("run-a")
     assert usage_a is not None and (usage_a.requests, usage_a.denied) == (0, 1)
+
+
+# ----------------------------------------------------------------------------- issue 11: expiry
+
+
+def test_expiry_cuts_an_idle_tunnel_and_a_keep_alive_connection_by_timer(env: Env) -> None:
+    """Nobody sends a byte: the timer alone ends both at the token's expiry."""
+    port = env.open(expires_at=env.clock.now + 0.5)
+    reply, sock = env.tunnel(port)
+    assert reply.status == 200
+    with env.tls(sock) as tls, connect_socket(port) as kept, kept.makefile("rb") as reader:
+        assert tls_get(tls, "/before").status == 200
+        kept.sendall(request_bytes("GET", "http://llm.route/v1/chat", "llm.route",
+                                   auth=basic(TOKEN), close=False))
+        assert read_reply(reader).status == 200
+        env.clock.now += 1.0  # the timer fires in half a second and finds the token expired
+        assert_cut(tls)
+        assert_cut(kept)
+    assert env.get(port).code == "token_expired"
+    env.gateway.resume(RUN)  # expiry is final: neither resume nor suspend revives it
+    assert env.get(port).code == "token_expired"
+
+
+def test_expiry_cuts_a_streamed_reply_midway(env: Env) -> None:
+    port = env.open(expires_at=env.clock.now + 0.5)
+    with connect_socket(port) as sock, sock.makefile("rb") as reader:
+        sock.sendall(request_bytes("GET", "http://llm.route/drip?n=600&every=0.05",
+                                   "llm.route", auth=basic(TOKEN)))
+        assert reader.readline().startswith(b"HTTP/1.1 200")
+        env.clock.now += 1.0
+        assert_cut(sock)
+    assert env.get(port).code == "token_expired"
+
+
+def test_traffic_after_expiry_is_cut_even_before_the_timer(env: Env) -> None:
+    port = env.open()  # the timer is an hour away
+    _reply, sock = env.tunnel(port)
+    with env.tls(sock) as tls:
+        assert tls_get(tls, "/before").status == 200
+        env.clock.now = T0 + 3600
+        with contextlib.suppress(OSError):
+            tls.sendall(b"GET /after HTTP/1.1\r\nHost: pkg.upstream.test\r\n\r\n")
+        assert_cut(tls)
+    assert seen_paths(env.upstream) == ["/before"]
+
+
+# ----------------------------------------------------------------------------- reflection
+
+
+@pytest.mark.parametrize("how", ["json", "header", "reason", "b64", "b64&pad=1", "b64&pad=2",
+                                 "b64url&pad=1", "hex", "url"])
+def test_a_reply_that_reflects_the_secret_is_withheld(env: Env, how: str) -> None:
+    port = env.open()
+    for host in ("llm.route", "pay.route"):  # Authorization: Bearer ..., X-Api-Key: ...
+        reply = env.get(port, f"/reflect?as={how}", host=host)  # `exchange` checks the secret
+        assert (reply.status, reply.code) == (502, "secret_reflected"), reply
+        assert reply.error()["detail"]["route"] in ("llm", "pay")
+    assert len(env.upstream.seen) == 2, "the upstream was asked; its reply was withheld"
+    assert env.sink.denials() == ["secret_reflected"]  # the first of each (code, path)
+    assert usage_once(env, lambda u: u.denied == 2).refusals == {
+        "secret_reflected /reflect": 2}
+
+
+def test_a_streamed_reflection_is_cut_before_the_secret_leaves(env: Env) -> None:
+    port = env.open()
+    with connect_socket(port) as sock:
+        sock.sendall(request_bytes("GET", "http://llm.route/reflect?as=stream&pad=3000",
+                                   "llm.route", auth=basic(TOKEN)))
+        received = b""
+        sock.settimeout(WAIT)
+        with contextlib.suppress(ConnectionError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 200")
+    assert SECRET.encode() not in received
+    assert received.count(b"x") >= 2000, "the stream was passed on until the secret came"
+    env.sink.wait_for(lambda: "secret_reflected" in env.sink.denials())
+
+
+def test_an_encoded_reply_is_refused_and_the_upstream_is_asked_for_identity(env: Env) -> None:
+    port = env.open()
+    reply = env.get(port, "/reflect?as=gzip", headers=[("Accept-Encoding", "gzip, br")])
+    assert (reply.status, reply.code) == (502, "upstream_encoding_refused")
+    assert env.upstream.seen[-1]["headers"]["Accept-Encoding"] == "identity"
+
+
+def test_trace_and_unnamed_methods_are_refused_405(env: Env) -> None:
+    port = env.open(env.policy(routes=[
+        {"name": "llm", "host": "llm.route", "secret": "env:LLM_KEY", "methods": ["GET"],
+         "upstream": f"https://api.upstream.test:{env.upstream.port}"}]))
+    for method in ("TRACE", "POST", "DELETE", "OPTIONS"):
+        reply = env.get(port, "/reflect", method=method)
+        assert (reply.status, reply.code) == (405, "method_not_allowed"), method
+        assert reply.headers["allow"] == "GET"
+    assert env.get(port).status == 200
+    assert [r["method"] for r in env.upstream.seen] == ["GET"]
+
+
+def test_a_route_may_never_name_trace() -> None:
+    for method in ("TRACE", "track", "CONNECT"):
+        with pytest.raises(ValueError):
+            GatewayPolicy.model_validate({"routes": [
+                {"name": "r", "host": "r.route", "secret": "env:K", "methods": [method],
+                 "upstream": "https://example.com"}]})
+
+
+@pytest.mark.parametrize(("header", "query"), [
+    ("X-HTTP-Method-Override", ""), ("x-http-method", ""), ("X-Method-Override", ""),
+    ("", "?_method=POST"), ("", "?a=1&%5Fmethod=DELETE")])
+def test_method_overrides_are_refused(env: Env, header: str, query: str) -> None:
+    port = env.open()
+    headers = [(header, "POST")] if header else []
+    reply = env.get(port, "/v1/items" + query, headers=headers)
+    assert (reply.status, reply.code) == (400, "method_override_refused")
+    assert env.upstream.seen == []
+
+
+@pytest.mark.parametrize("path", ["//v1/refunds", "/v1//refunds", "/v1/refunds/",
+                                  "/V1/refunds", "/v1/REFUNDS", "/v1/r%65funds",
+                                  "/v1/refunds?x=1"])
+def test_spellings_of_a_held_path_are_held(env: Env, path: str) -> None:
+    env.sink.decide = lambda a: Decision(False, "ap-7", reason="no")
+    port = env.open(env.policy(approvals=["POST /v1/refunds"]))
+    reply = env.get(port, path, method="POST", body=b"{}")
+    assert reply.code == "approval_denied", seen_paths(env.upstream)
+    assert env.upstream.seen == []
+
+
+@pytest.mark.parametrize("path", ["/v1/refunds%2f", "/v1/refunds%2F", "/v1/refunds;x=1",
+                                  "/v1%2frefunds", "/v1/refunds%252f", "/v1\\refunds",
+                                  "/v1/refunds%5c", "/v1/ref%C3%BCnds", "/v1/refunds%00"])
+def test_spellings_without_one_meaning_are_refused(env: Env, path: str) -> None:
+    env.sink.decide = lambda a: Decision(True, "ap-8")  # an approval would not matter
+    port = env.open(env.policy(approvals=["POST /v1/refunds"]))
+    reply = env.get(port, path, method="POST", body=b"{}")
+    assert (reply.status, reply.code) == (400, "bad_request")
+    assert env.upstream.seen == [] and env.sink.approvals == []
+
+
+def test_an_override_cannot_turn_an_unheld_get_into_a_held_post(env: Env) -> None:
+    env.sink.decide = lambda a: Decision(True, "ap-9")
+    port = env.open(env.policy(approvals=["POST /v1/refunds"]))
+    reply = env.get(port, "/v1/refunds", headers=[("X-HTTP-Method-Override", "POST")])
+    assert reply.code == "method_override_refused"
+    assert env.upstream.seen == [] and env.sink.approvals == []
+
+
+# ----------------------------------------------------------------------------- malformed input
+
+
+MALFORMED = [
+    b"CONNECT xn--a.com:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"CONNECT xn--.com:443 HTTP/1.1\r\n\r\n",
+    b"CONNECT xn--ls8h.la:443 HTTP/1.1\r\n\r\n",
+    b"CONNECT \xff\xfe.com:443 HTTP/1.1\r\n\r\n",
+    b"CONNECT a..b:443 HTTP/1.1\r\n\r\n",
+    b"CONNECT host:99999 HTTP/1.1\r\n\r\n",
+    b"CONNECT host:-1 HTTP/1.1\r\n\r\n",
+    b"CONNECT " + b"a" * 300 + b".com:443 HTTP/1.1\r\n\r\n",
+    b"GET http://xn--a.com/ HTTP/1.1\r\nHost: xn--a.com\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: xn--a.com\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
+]
+
+
+def _answer(port: int, raw: bytes, timeout: float = WAIT) -> bytes:
+    """The gateway's reply head to `raw` on a fresh connection (b"" if it closed without
+    one). Raises TimeoutError when no complete head came within `timeout`."""
+    with connect_socket(port) as sock:
+        sock.settimeout(timeout)
+        with contextlib.suppress(ConnectionError):
+            sock.sendall(raw)
+        data = b""
+        with contextlib.suppress(ConnectionError):
+            while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+                data += chunk
+        return data
+
+
+@pytest.mark.parametrize("raw", MALFORMED)
+def test_every_malformed_request_gets_a_400(env: Env, raw: bytes,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    port = env.open()
+    for _ in range(3):
+        answer = _answer(port, raw.replace(b"\r\n\r\n", f"\r\nProxy-Authorization: "
+                                           f"{basic(TOKEN)}\r\n\r\n".encode(), 1))
+        assert answer.startswith(b"HTTP/1.1 400") or answer.startswith(b"HTTP/1.0 400"), answer
+        assert b"bad_request" in answer
+    assert env.get(port).status == 200
+    assert not [r for r in caplog.records if r.name.startswith(("aiohttp", "asyncio"))]
+
+
+def test_a_flood_of_malformed_requests_logs_a_few_lines(env: Env,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    port = env.open()
+    for i in range(150):
+        answer = _answer(port, MALFORMED[i % len(MALFORMED)] if i % 2 else b"\x00\xffjunk\r\n\r\n")
+        assert answer.startswith((b"HTTP/1.1 4", b"HTTP/1.0 4")), answer
+    lines = [r for r in caplog.records if r.name == "supervisor.egress.gateway"]
+    # One line per 10 s, whatever the flood; a loaded machine may straddle a few windows.
+    assert 1 <= len(lines) <= 5, [r.getMessage() for r in lines]
+    assert all(r.exc_info is None for r in caplog.records)
+    assert not [r for r in caplog.records if r.name.startswith(("aiohttp", "asyncio"))]
+    usage = env.gateway.usage(RUN)
+    assert usage is not None and usage.denied == 150
+
+
+_TOKENISH = st.sampled_from([b"GET", b"POST", b"CONNECT", b"TRACE", b"PUT", b"get", b"", b"\x00",
+                             b"G\xffT"])
+_TARGETS = st.one_of(
+    st.binary(max_size=40),
+    st.sampled_from([b"http://llm.route/v1/chat", b"llm.route:80", b"pkg.upstream.test:443",
+                     b"xn--a.com:443", b"xn--:1", b"[::1]:443", b"*", b"/", b"http://[::1/",
+                     b"http://llm.route:99999/", b"http://\xc3\xa9.com/", b"%zz", b"a:b:c"]),
+    st.text(max_size=30).map(lambda t: t.encode("utf-8", "surrogatepass")))
+_HEADERS = st.lists(st.tuples(st.sampled_from([b"Host", b"Content-Length", b"Transfer-Encoding",
+                                               b"X-HTTP-Method-Override", b"Expect", b"\x01",
+                                               b"Upgrade", b"Connection", b"X"]),
+                              st.binary(max_size=20)), max_size=4)
+
+
+# Bounded in examples (a few seconds on a quiet machine), never in time.
+@settings(max_examples=400, deadline=None, database=None,
+          suppress_health_check=list(HealthCheck))
+@given(_TOKENISH, _TARGETS, st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2", b"", b"X"]),
+       _HEADERS, st.booleans())
+def test_fuzzed_request_heads_always_get_an_answer(fuzz_env: tuple[Env, int], method: bytes,
+                                                   target: bytes, version: bytes,
+                                                   headers: list[tuple[bytes, bytes]],
+                                                   with_token: bool) -> None:
+    _env, port = fuzz_env
+    lines = [method + b" " + target + b" " + version]
+    if with_token:
+        lines.append(b"Proxy-Authorization: " + basic(TOKEN).encode())
+    lines += [k + b": " + v for k, v in headers]
+    raw = b"\r\n".join(lines) + b"\r\n\r\n"
+    try:
+        answer = _answer(port, raw, timeout=3.0)
+    except TimeoutError:
+        # Only a request that declares a body it never sends may wait (for that body).
+        assert b"Content-Length" in raw or b"Transfer-Encoding" in raw, raw
+        return
+    if not answer:
+        return  # closed unanswered: a head the header timeout ended
+    status = int(answer.split(b" ", 2)[1])
+    assert status < 500 or status in (502, 503), answer[:300]
+    assert SECRET.encode() not in answer
+
+
+@pytest.fixture(scope="module")
+def fuzz_env(ca: support.TestCA, upstream: Upstream) -> Iterator[tuple[Env, int]]:
+    for env in make_env(ca, upstream, header_timeout=1.0):
+        port = env.open()
+        with _no_loop_errors():
+            yield env, port
+        assert env.get(port).status == 200, "the gateway stopped serving after the fuzzing"
+
+
+@contextlib.contextmanager
+def _no_loop_errors() -> Iterator[None]:
+    """Fails when aiohttp or asyncio logged an error (an unhandled exception per request)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    loggers = [logging.getLogger(n) for n in ("aiohttp.server", "aiohttp.web", "asyncio")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert not [r for r in records if r.levelno >= logging.ERROR], records[:3]
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+def test_refusals_of_unique_long_names_stay_bounded(env: Env) -> None:
+    port = env.open()
+    sent = 400
+    for i in range(sent):
+        # Names of 250 characters (refused: not on the list) and of 3,000 (not a DNS name).
+        labels = 4 if i % 2 else 48
+        name = ".".join([f"n{i}"] + ["x" * 60] * labels) + ".com"
+        reply, _ = env.tunnel(port, name, target_port=443)
+        assert reply.code == ("egress_denied" if len(name) <= 253 else "bad_request")
+        assert len(reply.body) < 2048, "a refusal echoes at most a clipped target"
+    usage = env.gateway.usage(RUN)
+    assert usage is not None and usage.denied == sent
+    assert sum(usage.refusals.values()) == sent
+    assert len(usage.refusals) <= 66  # 64 targets and one "(other targets)" per code
+    assert len(json.dumps(usage.refusals)) < 64 * 300
+    reported = env.sink.of("denied")
+    assert len(reported) <= 64
+    assert max(len(json.dumps(d)) for d in reported) < 1024
+
+
+def test_refusals_count_toward_the_breaker(env: Env) -> None:
+    port = env.open(env.policy(breaker={"window": "60s", "min_requests": 10,
+                                        "max_error_rate": 0.5, "max_rate": 1000}))
+    codes = [env.tunnel(port, f"h{i}.example.com", target_port=443)[0].code for i in range(12)]
+    assert codes[:10] == ["egress_denied"] * 10 and codes[-1] == "breaker_open"
+    [tripped] = env.sink.of("breaker_tripped")
+    assert "error rate" in tripped["reason"]
+    assert env.get(port).code == "breaker_open"
+
+
+def test_held_approvals_are_capped_and_withdrawn_when_the_agent_hangs_up(env: Env) -> None:
+    port = env.open(env.policy(approvals=["POST /v1/refunds"], max_pending_approvals=3))
+    held = []
+    for _ in range(3):
+        sock = connect_socket(port)
+        sock.sendall(request_bytes("POST", "http://llm.route/v1/refunds", "llm.route",
+                                   auth=basic(TOKEN), body=b"{}"))
+        held.append(sock)
+    env.sink.wait_for(lambda: len(env.sink.approvals) == 3)
+    over = env.get(port, "/v1/refunds", method="POST", body=b"{}")
+    assert (over.status, over.code) == (429, "approvals_pending")
+    assert over.error()["detail"]["retry"] is True
+    assert len(env.sink.approvals) == 3, "past the cap, nobody is asked"
+    for sock in held:
+        sock.close()
+    assert eventually(lambda: all(a.future.cancelled() for a in env.sink.approvals))
+    env.sink.decide = lambda a: Decision(False, "ap-10", reason="no")
+    assert env.get(port, "/v1/refunds", method="POST", body=b"{}").code == "approval_denied"
+    assert env.upstream.seen == []
+
+
+def test_approvals_asked_per_run_are_capped(env: Env) -> None:
+    env.sink.decide = lambda a: Decision(False, "ap-11", reason="no")
+    port = env.open(env.policy(approvals=["DELETE *"], max_approval_requests=2))
+    codes = [env.get(port, f"/v1/items/{i}", method="DELETE").code for i in range(4)]
+    assert codes == ["approval_denied", "approval_denied", "approval_limit", "approval_limit"]
+    assert len(env.sink.approvals) == 2
+
+
+def test_request_bodies_stream_to_the_upstream(env: Env) -> None:
+    """The upstream receives the start of a body the agent has not finished sending: the
+    gateway holds no request body whole (16 uploads of 60 MB once took 3 GB)."""
+    port = env.open()
+    env.upstream.uploads.clear()
+    total = 4 * 1024 * 1024
+    with connect_socket(port) as sock, sock.makefile("rb") as reader:
+        head = request_bytes("POST", "http://llm.route/upload", "llm.route",
+                             auth=basic(TOKEN), headers=[("Content-Length", str(total))])
+        sock.sendall(head + b"u" * (total // 4))
+        assert eventually(lambda: sum(env.upstream.uploads) > 0), \
+            "nothing reached the upstream before the body was complete"
+        assert sum(env.upstream.uploads) < total
+        sock.sendall(b"u" * (total - total // 4))
+        reply = read_reply(reader)
+    assert reply.status == 200 and reply.json() == {"received": total}
+    assert usage_once(env, lambda u: u.bytes >= total).bytes >= total
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_anything_is_sent(env: Env) -> None:
+    port = env.open()
+    raw = request_bytes("POST", "http://llm.route/upload", "llm.route", auth=basic(TOKEN),
+                        headers=[("Content-Length", str(1 << 40))])
+    reply = exchange(port, raw)
+    assert (reply.status, reply.code) == (413, "body_too_large")
+    assert env.upstream.seen == []
