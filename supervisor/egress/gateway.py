@@ -817,18 +817,17 @@ class Gateway:
 
     async def _reply(self, gate: _Gate, request: web.BaseRequest, route: Route,
                      upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        """The upstream's reply, or a refusal (which the breaker counts, in `_refuse`)."""
         reflection = gate.reflection(route)
         headers_out = [(k, v) for k, v in upstream.headers.items()
                        if k.lower() not in _HOP_BY_HOP]
         encoding = upstream.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
-            self._judge(gate, error=True)
             raise EgressRefusal(502, "upstream_encoding_refused", f"route {route.name} answered "
                                 f"with Content-Encoding {clip(encoding, 40)!r}; the gateway "
                                 "passes on only bodies it can read", route=route.name)
         if any(reflection.found_in(f"{k}: {v}") for k, v in headers_out) or \
                 reflection.found_in(upstream.reason or ""):
-            self._judge(gate, error=True)
             raise _reflected(route, "headers")
         length = upstream.content_length
         priced = bool(route.price_per_token) and "json" in upstream.headers.get(
@@ -839,12 +838,10 @@ class Gateway:
             payload = await _read_capped(upstream.content, _PRICED_BODY)
             gate.usage.bytes += len(payload)
             if len(payload) > _PRICED_BODY:
-                self._judge(gate, error=True)
                 raise EgressRefusal(502, "upstream_reply_too_large", f"route {route.name}: "
                                     f"a priced reply over {_PRICED_BODY} bytes (its tokens are "
                                     "counted from the whole body)", route=route.name)
             if reflection.found_in(payload):
-                self._judge(gate, error=True)
                 raise _reflected(route, "body")
             if priced:
                 tokens = tokens_in(payload) or 0

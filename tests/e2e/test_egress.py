@@ -4,6 +4,8 @@ the secret is not, tokens revoked by pause and kill, budgets, the breaker and ap
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import shutil
 import socket
@@ -74,6 +76,23 @@ def tls_get(s, host, path="/hello"):
 
 def status_of(reply):
     return int(reply.split(b" ", 2)[1]) if reply.startswith(b"HTTP/") else None
+
+def raw(request, timeout=60, auth=True):
+    """Send exact bytes to the gateway (with the token unless auth=False); everything it sends
+    back until it closes, with "<ErrorName>" appended when the read ended in an error."""
+    s = socket.create_connection((GW_HOST, GW_PORT), timeout=timeout)
+    if auth:
+        request = request.replace(b"\r\n\r\n", f"\r\nProxy-Authorization: {AUTH}\r\n\r\n"
+                                  .encode(), 1)
+    data = b""
+    try:
+        s.sendall(request)
+        while chunk := s.recv(65536):
+            data += chunk
+    except OSError as e:
+        data += f"<{type(e).__name__}>".encode()
+    s.close()
+    return data.decode("latin1")
 
 def save(name, value):
     with open(f"/workspace/.{name}", "w") as f:
@@ -508,6 +527,415 @@ def test_bad_input_and_a_flood_never_stall_other_agents_or_the_control_socket(
     assert rig.daemon.agentctl_json("inspect", "flooder")["state"] == "active"
     print("refusals audited during the flood:", sorted(denied))
     rig.daemon.agentctl("kill", "--all", check=True)
+
+
+# ----------------------------------------------------------------------------- issue 11 item 7
+
+
+def _secret_forms(secret: str) -> list[bytes]:
+    """The secret, its hex, and the middle of its base64 at each alignment: what a reflected
+    secret looks like in a reply (computed here independently of the gateway's own list)."""
+    raw = secret.encode()
+    forms = [raw, raw.hex().encode()]
+    for offset in range(3):
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            forms.append(encode(b"\0" * offset + raw)[4:-4])
+    return forms
+
+
+_TTL = "20s"  # the agent opens its connections well before, even on a loaded machine
+
+
+def test_token_expiry_cuts_open_tunnels_and_streams_at_that_moment(rig: GatewayRig) -> None:
+    profile = rig.profile("expiring", f"""
+        [network.gateway]
+        allow = ["pkg.upstream.test:{{PORT}}"]
+        token_ttl = "{_TTL}"
+    """.replace("        ", "") + LLM_ROUTE)
+    port = rig.upstream.port
+    script = f"""
+        import socket, ssl, sys, threading, time
+        sys.path.insert(0, "/workspace")
+        from agentlib import *
+        out = {{}}
+        def wait_cut(name, sock):
+            try:
+                while True:
+                    if not sock.recv(65536):
+                        out[name] = ["eof", time.time()]
+                        return
+            except socket.timeout:
+                out[name] = ["still open", time.time()]
+            except OSError as e:
+                out[name] = ["reset:" + type(e).__name__, time.time()]
+        # An idle TLS tunnel that has carried one request.
+        s, reply = connect("pkg.upstream.test:{port}")
+        t = ssl.create_default_context(cafile="/workspace/ca.pem").wrap_socket(
+            s, server_hostname="pkg.upstream.test")
+        t.sendall(b"GET /before HTTP/1.1\\r\\nHost: pkg.upstream.test\\r\\n\\r\\n")
+        out["tunnel_first"] = t.recv(100).decode(errors="replace")[:12]
+        t.settimeout(120)
+        # A route request whose upstream takes two minutes to answer.
+        k = socket.create_connection((GW_HOST, GW_PORT), timeout=120)
+        k.sendall(("GET http://llm.gateway/slow?s=120 HTTP/1.1\\r\\nHost: llm.gateway\\r\\n"
+                   f"Proxy-Authorization: {{AUTH}}\\r\\n\\r\\n").encode())
+        # A long streamed reply (two minutes of drip) in progress.
+        d = socket.create_connection((GW_HOST, GW_PORT), timeout=120)
+        d.sendall(("GET http://llm.gateway/drip?n=1200&every=0.1 HTTP/1.1\\r\\n"
+                   f"Host: llm.gateway\\r\\nProxy-Authorization: {{AUTH}}\\r\\n\\r\\n").encode())
+        out["drip_first"] = d.recv(100).decode(errors="replace")[:12]
+        threads = [threading.Thread(target=wait_cut, args=a)
+                   for a in (("tunnel", t), ("waiting", k), ("drip", d))]
+        for th in threads:
+            th.start()
+        save("opened.json", time.time())
+        for th in threads:
+            th.join()
+        out["after"] = via_proxy("GET", "http://llm.gateway/v1/chat")
+        save("expiry.json", out)
+        while not os.path.exists("/workspace/again"):
+            time.sleep(0.05)
+        save("again.json", via_proxy("GET", "http://llm.gateway/v1/chat"))
+        time.sleep(600)
+    """
+    _run(rig, "expirer", profile, script, detach=True)
+    wait_for(lambda: rig.exists("expiry.json"), 150, what="the token's expiry to cut")
+    expires_at = rig.daemon.agentctl_json("egress", "expirer")["token_expires_at"]
+    opened = rig.read("opened.json")
+    out = rig.read("expiry.json")
+    assert opened < expires_at, "the connections must be opened while the token is valid"
+    assert out["tunnel_first"].startswith("HTTP/1.1 200"), out
+    assert out["drip_first"].startswith("HTTP/1.1 200"), out
+    for name in ("tunnel", "waiting", "drip"):
+        how, when = out[name]
+        assert how != "still open", f"the {name} outlived the token: {out}"
+        assert when >= expires_at - 0.5, f"the {name} was cut before the token expired"
+    assert out["after"]["status"] == 403 and out["after"]["denied"] == "token_expired", out
+    # Variant: pause and resume (which revives a suspended token) do not revive an expired one.
+    rig.daemon.agentctl("pause", "expirer", "--reason", "check", check=True)
+    rig.daemon.agentctl("resume", "expirer", check=True)
+    rig.touch("again")
+    wait_for(lambda: rig.exists("again.json"), 30, what="the request after resume")
+    again = rig.read("again.json")
+    assert again["status"] == 403 and again["denied"] == "token_expired", again
+    rig.daemon.agentctl("kill", "expirer", check=True)
+
+
+
+def test_the_secret_never_comes_back_to_the_agent(rig: GatewayRig) -> None:
+    # Every reply here is withheld; with the breaker on, that many refusals would pause the
+    # agent (test_refusals_count_toward_the_breaker).
+    profile = rig.profile("reflecting", LLM_ROUTE + _NO_BREAKER)
+    script = """
+        import json, sys, time
+        sys.path.insert(0, "/workspace")
+        from agentlib import *
+        def get(path, method="GET", extra=""):
+            return raw(f"{method} http://llm.gateway{path} HTTP/1.1\\r\\nHost: llm.gateway\\r\\n"
+                       f"{extra}Connection: close\\r\\n\\r\\n".encode())
+        out = {}
+        for how in ["json", "header", "reason", "b64", "b64&pad=1", "b64&pad=2",
+                    "b64url&pad=1", "hex", "url", "gzip", "stream&pad=3000", "stream"]:
+            out[how] = get(f"/reflect?as={how}", extra="Accept-Encoding: gzip\\r\\n")
+        out["TRACE"] = get("/reflect", method="TRACE")
+        out["override_header"] = get("/v1/items", extra="X-HTTP-Method-Override: DELETE\\r\\n")
+        out["override_query"] = get("/v1/items?_method=DELETE")
+        out["plain"] = get("/v1/chat")
+        save("reflect.json", out)
+        time.sleep(600)
+    """
+    _run(rig, "reflector", profile, script, detach=True)
+    wait_for(lambda: rig.exists("reflect.json"), 60, what="the agent's requests")
+    out = rig.read("reflect.json")
+    everything = json.dumps(out).encode() + (rig.workspace / "reflect.json").read_bytes()
+    for form in _secret_forms(rig.secret):
+        assert form not in everything, f"a form of the secret reached the agent: {form!r}"
+    for how in ("json", "header", "reason", "b64", "b64&pad=1", "b64&pad=2", "b64url&pad=1",
+                "hex", "url"):
+        assert out[how].startswith("HTTP/1.1 502") and "secret_reflected" in out[how], how
+    assert "upstream_encoding_refused" in out["gzip"]
+    for how in ("stream&pad=3000", "stream"):  # headers went out; the body is cut
+        assert out[how].startswith("HTTP/1.1 200") and "secret_reflected" not in out[how]
+    assert out["stream&pad=3000"].count("x") >= 2000, "the stream was passed on until then"
+    assert out["TRACE"].startswith("HTTP/1.1 405") and "method_not_allowed" in out["TRACE"]
+    assert "Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS" in out["TRACE"]
+    for how in ("override_header", "override_query"):
+        assert out[how].startswith("HTTP/1.1 400") and "method_override_refused" in out[how]
+    assert out["plain"].startswith("HTTP/1.1 200")
+    methods = [s["method"] for s in rig.upstream.seen]
+    assert "TRACE" not in methods and "DELETE" not in methods
+    # The upstream did get the secret (it reflected it): the gateway withheld the replies.
+    reflected = [s for s in rig.upstream.seen if s["path"].startswith("/reflect")]
+    assert reflected and all(s["headers"]["Authorization"] == f"Bearer {rig.secret}"
+                             for s in reflected)
+    refused = {e["outcome"] for e in _audit(rig, "egress_denied") if e["target"] == "reflector"}
+    assert {"refused:secret_reflected", "refused:method_not_allowed",
+            "refused:method_override_refused"} <= refused
+    rig.daemon.agentctl("kill", "reflector", check=True)
+
+
+_NO_BREAKER = """
+[network.gateway.breaker]
+enabled = false
+"""
+
+# Every spelling must be held (and then expire: approval_denied) or refused 400.
+_SPELLINGS = {
+    "//v1/refunds": "POST", "/v1//refunds": "POST", "/v1/refunds/": "POST",
+    "/V1/refunds": "POST", "/v1/refunds%2f": "POST", "/v1/refunds;x=1": "POST",
+    "/v1/refunds?_method=POST": "GET", "/v1/refunds": "GET+override",
+    # Variants of our own.
+    "/v1/r%65funds": "POST", "/%76%31/REFUNDS": "POST", "/v1/./refunds": "POST",
+    "/v1/x/../refunds": "POST", "/v1\\refunds": "POST", "/v1/refunds%252f": "POST",
+    "/v1/refunds%5c": "POST", "/v1/refunds%00": "POST", "/v1/ref%C3%BCnds": "POST",
+    "HTTP://LLM.GATEWAY//v1/refunds/": "POST", "/v1/refunds#x": "POST",
+    "/v1/refunds?via=header": "GET+method-header",
+}
+
+
+def test_approval_rules_hold_every_spelling_of_a_path(rig: GatewayRig) -> None:
+    profile = rig.profile("refunds", """
+        [network.gateway]
+        approvals = ["POST /v1/refunds"]
+        approval_timeout = "3s"
+        max_pending_approvals = 32
+    """.replace("        ", "") + LLM_ROUTE + _NO_BREAKER)
+    spellings = json.dumps(_SPELLINGS)
+    script = f"""
+        import json, sys, threading, time
+        sys.path.insert(0, "/workspace")
+        from agentlib import *
+        spellings = json.loads({spellings!r})
+        out = {{}}
+        def send(path, how):
+            target = path if path.startswith("HTTP") else "http://llm.gateway" + path
+            method, extra = "POST", ""
+            if how == "GET+override":
+                method, extra = "GET", "X-HTTP-Method-Override: POST\\r\\n"
+            elif how == "GET+method-header":
+                method, extra = "GET", "X-HTTP-Method: POST\\r\\n"
+            elif how == "GET":
+                method = "GET"
+            out[path] = raw(f"{{method}} {{target}} HTTP/1.1\\r\\nHost: llm.gateway\\r\\n"
+                            f"{{extra}}Content-Length: 2\\r\\nConnection: close\\r\\n\\r\\n{{{{}}}}"
+                            .encode())
+        threads = [threading.Thread(target=send, args=item) for item in spellings.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        save("spellings.json", out)
+        time.sleep(600)
+    """
+    _run(rig, "spellers", profile, script, detach=True)
+    wait_for(lambda: rig.exists("spellings.json"), 90, what="the agent's spellings")
+    out = rig.read("spellings.json")
+    assert set(out) == set(_SPELLINGS)
+    held, refused = [], []
+    for path, reply in out.items():
+        if reply.startswith("HTTP/1.1 403") and "approval_denied" in reply:
+            held.append(path)
+        elif reply.startswith("HTTP/1.1 400") and ("bad_request" in reply or
+                                                    "method_override_refused" in reply):
+            refused.append(path)
+        else:
+            raise AssertionError(f"{path!r} was neither held nor refused: {reply[:300]}")
+    assert {"//v1/refunds", "/v1//refunds", "/v1/refunds/", "/V1/refunds", "/v1/r%65funds",
+            "/%76%31/REFUNDS", "HTTP://LLM.GATEWAY//v1/refunds/"} <= set(held)
+    assert {"/v1/refunds%2f", "/v1/refunds;x=1", "/v1/refunds?_method=POST", "/v1/refunds",
+            "/v1/./refunds"} <= set(refused)
+    assert not [s for s in rig.upstream.seen if "refund" in s["path"].lower()], \
+        "a spelling of the held path reached the upstream"
+    requested = [e for e in _audit(rig, "approval_requested") if e["target"] == "spellers"]
+    assert len(requested) == len(held)
+    rig.daemon.agentctl("kill", "spellers", check=True)
+
+
+_MALFORMED = [
+    b"CONNECT xn--a.com:443 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"CONNECT xn--ls8h.la:443 HTTP/1.1\r\n\r\n",
+    b"CONNECT \xff\xfe.com:443 HTTP/1.1\r\n\r\n",
+    b"CONNECT a..b:443 HTTP/1.1\r\n\r\n",
+    b"CONNECT host:99999 HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: xn--a.com\r\n\r\n",
+    b"GET http://xn--a.com/ HTTP/1.1\r\n\r\n",
+    b"\x00\xffNOT HTTP\r\n\r\n",
+    b"GET http://llm.gateway/ HTTP/1.1\r\nBad Header\r\n\r\n",
+]
+
+
+def test_malformed_requests_get_a_400_and_log_a_few_lines(rig: GatewayRig) -> None:
+    profile = rig.profile("garbage", LLM_ROUTE + """
+        [network.gateway.breaker]
+        enabled = false
+    """.replace("        ", ""))
+    malformed = [m.decode("latin1") for m in _MALFORMED]
+    script = f"""
+        import json, sys, time
+        sys.path.insert(0, "/workspace")
+        from agentlib import *
+        malformed = [m.encode("latin1") for m in json.loads({json.dumps(malformed)!r})]
+        statuses = {{}}
+        for i in range(400):
+            reply = raw(malformed[i % len(malformed)], timeout=30)
+            statuses.setdefault(reply[:12], 0)
+            statuses[reply[:12]] += 1
+        statuses["after"] = via_proxy("GET", "http://llm.gateway/v1/chat")["status"]
+        save("malformed.json", statuses)
+        time.sleep(600)
+    """
+    before = rig.daemon.logs()
+    _run(rig, "garbler", profile, script, detach=True)
+    wait_for(lambda: rig.exists("malformed.json"), 120, what="the agent's malformed requests")
+    statuses = rig.read("malformed.json")
+    assert statuses.pop("after") == 200
+    assert set(statuses) <= {"HTTP/1.1 400", "HTTP/1.0 400"}, statuses
+    assert sum(statuses.values()) == 400
+    log = rig.daemon.logs()[len(before):]
+    assert "Traceback" not in log and "Error handling request" not in log
+    lines = [line for line in log.splitlines() if "malformed request" in line]
+    assert 1 <= len(lines) <= 5, lines  # one per 10 s
+    usage = rig.daemon.agentctl_json("egress", "garbler")["usage"]
+    assert usage["denied"] == 400
+    rig.daemon.agentctl("kill", "garbler", check=True)
+
+
+def test_refusals_approvals_and_uploads_stay_bounded(rig: GatewayRig) -> None:
+    import psutil
+
+    profile = rig.profile("bounded", """
+        [network.gateway]
+        approvals = ["POST /v1/refunds"]
+        approval_timeout = "10m"
+        max_pending_approvals = 4
+        [network.gateway.breaker]
+        enabled = false
+    """.replace("        ", "") + LLM_ROUTE)
+    script = r"""
+        import os, socket, sys, threading, time
+        sys.path.insert(0, "/workspace")
+        from agentlib import *
+        # Refused CONNECTs to unique long names (250 and 3,000 characters).
+        sent = 0
+        for i in range(1500):
+            labels = 3 if i % 2 else 48
+            name = ".".join([f"n{i}"] + ["x" * 60] * labels) + ".com"
+            raw(f"CONNECT {name}:443 HTTP/1.1\r\nHost: {name}\r\n\r\n".encode(), timeout=30)
+            sent += 1
+        # Thirty held approvals at once; the agent then hangs up on them.
+        socks = []
+        for _ in range(30):
+            s = socket.create_connection((GW_HOST, GW_PORT), timeout=30)
+            s.sendall(("POST http://llm.gateway/v1/refunds HTTP/1.1\r\nHost: llm.gateway\r\n"
+                       f"Proxy-Authorization: {AUTH}\r\nContent-Length: 2\r\n\r\n{{}}").encode())
+            socks.append(s)
+        import select
+        answered, deadline = {}, time.time() + 60
+        while len(answered) < 26 and time.time() < deadline:
+            ready, _, _ = select.select([s for s in socks if s not in answered], [], [], 1)
+            for s in ready:
+                answered[s] = s.recv(200).decode(errors="replace")[:40]
+        replies = [answered.get(s, "held") for s in socks]
+        save("refusals.json", {"sent": sent, "replies": replies})
+        while not os.path.exists("/workspace/hangup"):
+            time.sleep(0.05)
+        for s in socks:
+            s.close()
+        # Eight uploads of 60 MB at once, streamed from one buffer.
+        def upload(results):
+            s = socket.create_connection((GW_HOST, GW_PORT), timeout=300)
+            total = 60 * 1024 * 1024
+            s.sendall(("POST http://llm.gateway/upload HTTP/1.1\r\nHost: llm.gateway\r\n"
+                       f"Proxy-Authorization: {AUTH}\r\nContent-Length: {total}\r\n"
+                       "Connection: close\r\n\r\n").encode())
+            block = b"u" * (1024 * 1024)
+            for _ in range(60):
+                s.sendall(block)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            results.append(data.decode(errors="replace")[-40:])
+        results = []
+        save("uploading.json", True)
+        threads = [threading.Thread(target=upload, args=(results,)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        save("uploads.json", results)
+        time.sleep(600)
+    """
+    _run(rig, "grower", profile, script, detach=True)
+    wait_for(lambda: rig.exists("refusals.json"), 300, what="the agent's refusals")
+    refusals = rig.read("refusals.json")
+    replies = refusals["replies"]
+    assert replies.count("held") == 4, replies  # the cap; the rest answered at once
+    assert all(r.startswith("HTTP/1.1 429") for r in replies if r != "held"), replies
+    pending = rig.daemon.agentctl_json("approvals")["approvals"]
+    assert len(pending) == 4
+    denied_rows = [e for e in _audit(rig, "egress_denied") if e["target"] == "grower"]
+    assert len(denied_rows) <= 50
+    assert max(len(json.dumps(e)) for e in denied_rows) < 4096
+    usage = rig.daemon.agentctl_json("egress", "grower")["usage"]
+    assert usage["denied"] == refusals["sent"] + 26
+
+    rig.touch("hangup")  # the agent hangs up on its held requests: each is withdrawn
+    wait_for(lambda: not rig.daemon.agentctl_json("approvals")["approvals"], 30,
+             what="the held approvals to be withdrawn")
+    withdrawn = [e for e in _audit(rig, "approval_denied") if e["target"] == "grower"]
+    assert len(withdrawn) == 4 and {e["outcome"] for e in withdrawn} == {"cancelled"}
+    assert {e["reason"] for e in withdrawn} == {"the agent hung up"}
+
+    daemon = psutil.Process(rig.daemon.proc.pid) if rig.daemon.proc else None
+    assert daemon is not None
+
+    def rss() -> int:
+        tree = [daemon, *daemon.children(recursive=True)]
+        total = 0
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                total += process.memory_info().rss
+        return total
+
+    wait_for(lambda: rig.exists("uploading.json"), 60, what="the uploads to start")
+    baseline, peak = rss(), 0
+    while not rig.exists("uploads.json"):
+        peak = max(peak, rss())
+        time.sleep(0.1)
+    results = rig.read("uploads.json")
+    assert len(results) == 8 and all('"received": 62914560' in r for r in results), results
+    growth = peak - baseline
+    print(f"daemon RSS during 8 x 60 MB uploads: +{growth / 2**20:.0f} MiB")
+    assert growth < 200 * 2**20, "request bodies must stream, not pile up in the gateway"
+
+    rig.daemon.agentctl("kill", "grower", check=True)
+    summary = [e for e in _audit(rig, "egress_summary") if e["target"] == "grower"][-1]
+    assert len(json.dumps(summary)) < 32 * 1024
+    assert sum(summary["detail"]["denials"].values()) == usage["denied"]
+
+
+def test_refusals_count_toward_the_breaker(rig: GatewayRig) -> None:
+    profile = rig.profile("probing", LLM_ROUTE + """
+        [network.gateway.breaker]
+        window = "60s"
+        min_requests = 10
+        max_error_rate = 0.5
+        max_rate = 1000
+    """.replace("        ", ""))
+    script = """
+        import sys, time
+        sys.path.insert(0, "/workspace")
+        from agentlib import *
+        for i in range(200):  # probing names off the allow-list
+            raw(f"CONNECT probe{i}.example.com:443 HTTP/1.1\\r\\n\\r\\n".encode(), timeout=10)
+        time.sleep(600)
+    """
+    _run(rig, "prober2", profile, script, detach=True)
+    wait_for(lambda: _state(rig, "prober2") == "paused", 60, what="the breaker's pause")
+    fired = [e for e in _audit(rig, "tripwire") if e["detail"]["rule"] == "egress_breaker"
+             and e["target"] == "prober2"]
+    assert len(fired) == 1 and "error rate" in fired[0]["detail"]["breaker"]
+    rig.daemon.agentctl("kill", "prober2", check=True)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -177,8 +177,8 @@ class Upstream:
         if how == "gzip":
             return web.Response(body=gzip.compress(echo), content_type="application/json",
                                 headers={"Content-Encoding": "gzip"})
-        if how == "stream":
-            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        if how == "stream":  # as server-sent events come: no length, not JSON
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
             for i in range(len(echo)):
                 await response.write(echo[i:i + 1])
