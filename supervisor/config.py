@@ -187,6 +187,29 @@ class DiskSection(_Section):
     min_free_percent: Annotated[float, Field(ge=0, le=100)] = 1.0
 
 
+class ControlSection(_Section):
+    """Admission control on the control socket (docs/design.md, "Control socket admission")."""
+
+    # Connections at once from everyone, and from one peer uid (root is not counted per uid).
+    max_connections: Annotated[int, Field(ge=1, le=65_536)] = 256
+    max_connections_per_uid: Annotated[int, Field(ge=1, le=65_536)] = 32
+    # Slots beyond max_connections that only owners (root included) may take.
+    reserved_connections: Annotated[int, Field(ge=1, le=4096)] = 32
+    # Requests one uid may have in flight; more are answered 429. Actions (kill, pause, ...)
+    # are never refused by this limit.
+    max_requests_per_uid: Annotated[int, Field(ge=1, le=4096)] = 16
+    # Reads handled at once over all peers; actions bypass this queue.
+    max_concurrent_reads: Annotated[int, Field(ge=1, le=4096)] = 64
+    # A connection must complete a request head this long after connecting (or after its
+    # previous response), and a request body within body_timeout once its head arrived.
+    header_timeout: Annotated[Duration, Field(le=3600)] = 10.0
+    body_timeout: Annotated[Duration, Field(le=3600)] = 10.0
+    max_body: Annotated[int, Field(ge=1024, le=64 * 1024**2)] = 1024**2
+    # The longest request line or header line.
+    max_line: Annotated[int, Field(ge=1024, le=65_536)] = 8190
+    backlog: Annotated[int, Field(ge=16, le=65_536)] = 4096
+
+
 class Config(_Section):
     daemon: DaemonSection = DaemonSection()
     sandbox: SandboxSection = SandboxSection()
@@ -203,6 +226,7 @@ class Config(_Section):
     egress: EgressSection = EgressSection()
     output: OutputSection = OutputSection()
     disk: DiskSection = DiskSection()
+    control: ControlSection = ControlSection()
 
     @property
     def seccomp_listener(self) -> Path | None:

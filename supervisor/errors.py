@@ -10,14 +10,21 @@ class SupervisorError(Exception):
     code: ClassVar[str] = "internal_error"
     http_status: ClassVar[int] = 500
     exit_status: ClassVar[int] = 1
+    # What the caller can do about it; a class default, or per instance (hint=...).
+    default_hint: ClassVar[str | None] = None
 
-    def __init__(self, message: str, **detail: Any) -> None:
+    def __init__(self, message: str, hint: str | None = None, **detail: Any) -> None:
         super().__init__(message)
         self.message = message
+        self.hint = hint if hint is not None else self.default_hint
         self.detail: dict[str, Any] = detail
 
     def to_body(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "detail": self.detail}}
+        body: dict[str, Any] = {"code": self.code, "message": self.message,
+                                "detail": self.detail}
+        if self.hint:
+            body["hint"] = self.hint
+        return {"error": body}
 
 
 class InvalidRequest(SupervisorError):
@@ -29,6 +36,49 @@ class InvalidRequest(SupervisorError):
 class InvalidJson(InvalidRequest):
     code = "invalid_json"
     http_status = 400
+
+
+class CommandNotFound(InvalidRequest):
+    """The agent's command does not exist in the sandbox's root (checked before launch)."""
+
+    code = "command_not_found"
+    default_hint = ("the command is resolved inside the sandbox's root, not on your host path: "
+                    "give an absolute path that the profile's root provides, or a path under "
+                    "the workspace")
+
+
+class BodyTooLarge(InvalidRequest):
+    code = "body_too_large"
+    http_status = 413
+
+
+class BadHttpRequest(InvalidRequest):
+    """The HTTP layer could not parse the request (a bad request line, header or framing)."""
+
+    code = "bad_http_request"
+    http_status = 400
+
+
+class RequestTimeout(InvalidRequest):
+    """The request's body did not arrive within [control] body_timeout."""
+
+    code = "request_timeout"
+    http_status = 408
+
+
+class UriTooLong(InvalidRequest):
+    code = "uri_too_long"
+    http_status = 414
+
+
+class HeadersTooLarge(InvalidRequest):
+    code = "headers_too_large"
+    http_status = 431
+
+
+class MethodNotAllowed(InvalidRequest):
+    code = "method_not_allowed"
+    http_status = 405
 
 
 class ProfileInvalid(InvalidRequest):
@@ -197,6 +247,15 @@ class KillUnconfirmed(SupervisorError):
     code = "kill_unconfirmed"
     http_status = 500
     exit_status = 11
+
+
+class TooManyRequests(SupervisorError):
+    """The caller's uid has too many requests in flight on the control socket."""
+
+    code = "too_many_requests"
+    http_status = 429
+    exit_status = 7
+    default_hint = "wait for your other requests to finish, then retry"
 
 
 class DaemonUnavailable(SupervisorError):

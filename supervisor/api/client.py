@@ -69,8 +69,14 @@ class Client:
             raise DaemonUnavailable(
                 f"permission denied on {self.socket_path}: you need root or the operators "
                 f"group", socket=self.socket_path) from None
-        except (ConnectionRefusedError, ConnectionResetError, http.client.HTTPException,
-                TimeoutError, OSError) as exc:
+        except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as exc:
+            raise DaemonUnavailable(
+                f"the daemon at {self.socket_path} closed the connection: {exc}",
+                hint="it may be at its connection limit for your uid or in total "
+                     "([control] in the daemon's config); retry shortly",
+                socket=self.socket_path) from None
+        except (ConnectionRefusedError, http.client.HTTPException, TimeoutError,
+                OSError) as exc:
             raise DaemonUnavailable(f"cannot talk to the daemon at {self.socket_path}: {exc}",
                                     socket=self.socket_path) from None
 
@@ -104,8 +110,26 @@ class Client:
     def health(self) -> Any:
         return self.request("GET", "/v1/health")
 
-    def agents(self) -> Any:
-        return self.request("GET", "/v1/agents")
+    def agents_page(self, limit: int | None = None, cursor: str | None = None,
+                    agent_class: str | None = None, state: str | None = None) -> Any:
+        """One page of GET /v1/agents (the daemon's default page size unless `limit`)."""
+        from urllib.parse import urlencode
+
+        query = {k: v for k, v in (("limit", limit), ("cursor", cursor), ("class", agent_class),
+                                   ("state", state)) if v is not None}
+        return self.request("GET", "/v1/agents" + (f"?{urlencode(query)}" if query else ""))
+
+    def agents(self, agent_class: str | None = None, state: str | None = None,
+               page_size: int | None = None) -> Any:
+        """Every agent (matching the filters), page after page, as one list."""
+        page = self.agents_page(page_size, None, agent_class, state)
+        agents = list(page["agents"])
+        seen = 1
+        while page.get("next_cursor") and seen < 10_000:
+            page = self.agents_page(page_size, page["next_cursor"], agent_class, state)
+            agents.extend(page["agents"])
+            seen += 1
+        return {**page, "agents": agents, "total": len(agents), "next_cursor": None}
 
     def agent(self, name: str) -> Any:
         return self.request("GET", f"/v1/agents/{_quote(name)}")
@@ -172,7 +196,10 @@ def _error_from(decoded: Any, status: int) -> SupervisorError:
     if isinstance(decoded, dict) and isinstance(decoded.get("error"), dict):
         err = decoded["error"]
         cls = error_class_for(str(err.get("code", "")))
-        exc = cls(str(err.get("message", "")), **(err.get("detail") or {}))
+        detail = err.get("detail") if isinstance(err.get("detail"), dict) else {}
+        hint = err.get("hint") if isinstance(err.get("hint"), str) else None
+        exc = cls(str(err.get("message", "")), hint=hint,
+                  **{k: v for k, v in detail.items() if k != "hint"})
         if cls is SupervisorError:
             exc.detail["code"] = err.get("code")
         return exc

@@ -9,12 +9,12 @@ import contextlib
 import grp
 import json
 import logging
+import math
 import os
-import pwd
+import re
 import socket
-import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,26 +22,36 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from supervisor import __version__
+from supervisor.api.listener import ADMISSION
+from supervisor.api.peers import peer_actor_of
 from supervisor.audit import AuditLog
 from supervisor.authz import PERMISSIONS, check, roles_of
-from supervisor.config import RolesSection
+from supervisor.config import ControlSection, RolesSection
 from supervisor.errors import (
+    BodyTooLarge,
     Forbidden,
     InvalidJson,
     InvalidRequest,
     LogsExpired,
+    MethodNotAllowed,
+    RequestTimeout,
     RouteNotFound,
     SupervisorError,
+    TooManyRequests,
+    UriTooLong,
 )
 from supervisor.models import (
     SCOPED_VERBS,
     ActionRequest,
     ActionResult,
     Actor,
+    AgentList,
     AgentView,
     Approval,
     ApprovalList,
     AuditList,
+    BreakerReset,
+    DenyRequest,
     DrillList,
     DrillRequest,
     DrillResult,
@@ -53,7 +63,7 @@ from supervisor.models import (
     TelemetrySummary,
     TelemetryView,
 )
-from supervisor.openapi import openapi_document
+from supervisor.openapi import AGENT_PAGE_MAX, openapi_document
 from supervisor.telemetry import Sample
 
 log = logging.getLogger(__name__)
@@ -74,6 +84,14 @@ class DrillRunner(Protocol):
     def history(self, limit: int = 50) -> list[DrillResult]: ...
 
 
+class AgentRecordView(Protocol):
+    """What the API filters agents by, without building their views."""
+
+    name: str
+    agent_class: str
+    state: str
+
+
 class Controller(Protocol):
     """What the API needs of the daemon's arbiter (the daemon layer sits above this one)."""
 
@@ -82,7 +100,7 @@ class Controller(Protocol):
     shutting_down: bool
 
     @property
-    def agents(self) -> Mapping[str, Any]: ...
+    def agents(self) -> Mapping[str, AgentRecordView]: ...
 
     def agent_view(self, name: str) -> AgentView: ...
     def list_agents(self) -> list[AgentView]: ...
@@ -110,6 +128,7 @@ class TelemetrySource(Protocol):
 
     def tracking(self, run_id: str) -> bool: ...
     def samples(self, run_id: str, limit: int) -> list[Sample]: ...
+    def latest(self, run_id: str) -> Sample | None: ...
     def summary(self, run_id: str) -> TelemetrySummary | None: ...
 
 
@@ -118,50 +137,67 @@ TELEMETRY = web.AppKey("telemetry", TelemetrySource)
 ROLES = web.AppKey("roles", RolesSection)
 DRILLS = web.AppKey("drills", DrillRunner)
 EGRESS = web.AppKey("egress", EgressSource)
+CONTROL = web.AppKey("control", ControlSection)
 ACTOR = web.RequestKey("actor", Actor)
 # perf_counter() when the request was read off the socket: a kill's time_to_halt_ms starts here,
 # so time spent queued in the daemon is in the figure.
 ARRIVED = web.RequestKey("arrived", float)
 PEER_ROLES = web.RequestKey("roles", frozenset)
-_PEERCRED = struct.Struct("3i")
 _LOG_CHUNK = 65536
 _LOG_POLL = 0.05
+# Deeper JSON than any request model has is refused before it is parsed.
+JSON_DEPTH_MAX = 32
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_INNERMOST = re.compile(rb"\[[^\[\]{}]*\]|\{[^\[\]{}]*\}")
+_JSON_OPEN = re.compile(rb"[\[{]")
+
+
+class Load:
+    """Requests in flight, per peer uid and for reads overall (the app's own, per loop)."""
+
+    def __init__(self, config: ControlSection) -> None:
+        self.config = config
+        self.per_uid: dict[int, int] = {}
+        self.reads = asyncio.Semaphore(config.max_concurrent_reads)
+
+    @contextlib.asynccontextmanager
+    async def request(self, uid: int, action: bool, read: bool) -> AsyncIterator[None]:
+        """Admit one request: a uid over its in-flight limit is refused 429, unless the request
+        is an action; reads wait for a read slot, actions never do."""
+        held = self.per_uid.get(uid, 0)
+        if held >= self.config.max_requests_per_uid and not action:
+            raise TooManyRequests(
+                f"uid {uid} already has {held} requests in flight on the control socket",
+                uid=uid, limit=self.config.max_requests_per_uid)
+        self.per_uid[uid] = held + 1
+        try:
+            if read:
+                async with self.reads:
+                    yield
+            else:
+                yield
+        finally:
+            left = self.per_uid.get(uid, 1) - 1
+            if left > 0:
+                self.per_uid[uid] = left
+            else:
+                self.per_uid.pop(uid, None)
+
+
+LOAD = web.AppKey("load", Load)
 
 
 def peer_actor(request: web.Request) -> Actor:
+    """The request's peer: read once per connection by the listener, else from the socket."""
+    if ADMISSION in request.app:
+        peer = request.app[ADMISSION].peer(request.protocol)
+        if peer is not None:
+            return peer.actor
     sock: socket.socket | None = request.transport.get_extra_info("socket") if request.transport \
         else None
     if sock is None:
         raise Forbidden("no peer credentials on this connection")
-    pid, uid, gid = _PEERCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-    try:
-        name = pwd.getpwuid(uid).pw_name
-    except KeyError:
-        name = ""
-    return Actor(kind="user", uid=uid, gid=gid, pid=pid, name=name,
-                 groups=_group_names(_peer_gids(pid, uid, gid, name)))
-
-
-def _peer_gids(pid: int, uid: int, gid: int, name: str) -> list[int]:
-    """The peer's groups as the kernel holds them for its process, else from the user database."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Groups:"):
-                return sorted({gid, *(int(g) for g in line.split()[1:])})
-    if name:
-        return sorted(set(os.getgrouplist(name, gid)))
-    return [gid]
-
-
-def _group_names(gids: list[int]) -> list[str]:
-    names = []
-    for gid in gids:
-        try:
-            names.append(grp.getgrgid(gid).gr_name)
-        except KeyError:
-            names.append(str(gid))
-    return names
+    return peer_actor_of(sock)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -193,33 +229,106 @@ def _authorize(request: web.Request, handler: Handler, actor: Actor) -> None:
         check(actor, roles, needed)
     except Forbidden as refusal:
         request.app[ARBITER].audit.append(
-            actor=actor.label(), verb=needed, scope="api", target=request.path,
+            actor=actor.label(), verb=needed, scope="api", target=request.path[:256],
             outcome="refused:forbidden",
             detail={"actor": actor.model_dump(exclude_defaults=True), "method": request.method,
-                    "path": request.path, "needed_role": refusal.detail["needed_role"],
+                    "path": request.path[:256], "needed_role": refusal.detail["needed_role"],
                     "roles": refusal.detail["roles"]},
         )
         raise
 
 
+def nesting_exceeds(raw: bytes, limit: int = JSON_DEPTH_MAX) -> bool:
+    """Whether JSON text nests arrays and objects deeper than `limit`, judged without parsing
+    it: strings are blanked, then the innermost brackets removed level by level (each pass a
+    C-speed regex), so a hostile body costs at most `limit` scans and never a deep recursion."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    text = _JSON_STRING.sub(b"0", raw)
+    for _ in range(limit):
+        text, removed = _JSON_INNERMOST.subn(b"0", text)
+        if not removed:
+            return False
+    return _JSON_OPEN.search(text) is not None
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 async def _body(request: web.Request, model: type[BaseModel]) -> Any:
+    config = request.app[CONTROL]
+    if request.content_length is not None and request.content_length > config.max_body:
+        raise BodyTooLarge(f"the request body is {request.content_length} bytes; the limit is "
+                           f"{config.max_body}", limit=config.max_body)
     try:
-        raw = await request.json(loads=json.loads)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidJson(f"the request body is not valid JSON: {exc}") from None
+        async with asyncio.timeout(config.body_timeout):
+            raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BodyTooLarge(f"the request body is larger than {config.max_body} bytes",
+                           limit=config.max_body) from None
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within "
+                             f"{config.body_timeout:g}s") from None
+    if nesting_exceeds(raw):
+        raise InvalidJson(f"the request body nests deeper than {JSON_DEPTH_MAX} levels",
+                          limit=JSON_DEPTH_MAX)
     try:
-        return model.model_validate(raw)
+        parsed = json.loads(raw, parse_float=_finite_float, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, ...
+        raise InvalidJson(f"the request body is not valid JSON: {str(exc)[:200]}") from None
+    try:
+        return model.model_validate(parsed)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidRequest(f"{field}: {first['msg']}", field=field, reason=first["msg"],
-                             errors=[{"field": ".".join(str(p) for p in e["loc"]),
-                                      "reason": e["msg"]} for e in exc.errors()]) from None
+        errors = [{"field": ".".join(str(p) for p in e["loc"]) or "body", "reason": e["msg"]}
+                  for e in exc.errors()[:20]]
+        first = errors[0]
+        raise InvalidRequest(f"{first['field']}: {first['reason']}", field=first["field"],
+                             reason=first["reason"], errors=errors) from None
 
 
 def _json(model: BaseModel | dict[str, Any], status: int = 200) -> web.Response:
     body = model if isinstance(model, dict) else model.model_dump(mode="json", by_alias=True)
     return web.json_response(body, status=status)
+
+
+def _error(exc: SupervisorError, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(exc.to_body(), status=exc.http_status, headers=headers)
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own refusals (no route, wrong method, body too large) as our JSON errors."""
+    path = request.path[:256]
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = sorted(exc.allowed_methods)
+        return _error(MethodNotAllowed(f"{request.method} is not allowed on {path}",
+                                       allowed=allowed),
+                      headers={"Allow": ", ".join(allowed)})
+    if isinstance(exc, web.HTTPNotFound):
+        return _error(RouteNotFound(f"no route {request.method} {path}", path=path))
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return _error(BodyTooLarge("the request body is too large"))
+    if isinstance(exc, web.HTTPRequestURITooLong):
+        return _error(UriTooLong("the request path is too long"))
+    if exc.status >= 500:
+        log.error("internal HTTP error %d on %s %s", exc.status, request.method, path)
+        return _error(SupervisorError("internal error"))
+    return _error(InvalidRequest(f"{exc.reason}", status=exc.status))
+
+
+def _is_action(request: web.Request) -> bool:
+    return request.method == "POST" and request.path.startswith("/v1/actions/")
+
+
+def _is_stream(request: web.Request) -> bool:
+    return request.path.endswith("/logs") and request.query.get("follow", "0") != "0"
 
 
 @web.middleware
@@ -229,23 +338,21 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         actor = peer_actor(request)
         request[ACTOR] = actor
         _authorize(request, handler, actor)
-        return await handler(request)
+        if _is_stream(request):
+            # A follow stream is mostly idle; it is bounded by the connection caps instead.
+            return await handler(request)
+        uid = actor.uid if actor.uid is not None else -1
+        async with request.app[LOAD].request(uid, action=_is_action(request),
+                                             read=request.method in ("GET", "HEAD")):
+            return await handler(request)
     except SupervisorError as exc:
-        return web.json_response(exc.to_body(), status=exc.http_status)
-    except web.HTTPNotFound:
-        missing = RouteNotFound(f"no route {request.method} {request.path}", path=request.path)
-        return web.json_response(missing.to_body(), status=404)
-    except web.HTTPMethodNotAllowed as exc:
-        body = {"error": {"code": "method_not_allowed",
-                          "message": f"{request.method} is not allowed on {request.path}",
-                          "detail": {"allowed": sorted(exc.allowed_methods)}}}
-        return web.json_response(body, status=405)
-    except web.HTTPException:
-        raise
-    except Exception as exc:
-        log.exception("internal error on %s %s", request.method, request.path)
-        err = SupervisorError(f"internal error: {exc}")
-        return web.json_response(err.to_body(), status=500)
+        return _error(exc)
+    except web.HTTPException as exc:
+        return _http_error(request, exc)
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path[:256])
+        # The exception's text stays in the daemon's log: it may hold paths or state.
+        return _error(SupervisorError("internal error; the daemon's log has the details"))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -258,14 +365,59 @@ async def health(request: web.Request) -> web.Response:
     ))
 
 
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
+        raise InvalidRequest(f"{name} must be an integer between {low} and {high}",
+                             field=name)
+    value = int(text)
+    if not low <= value <= high:
+        raise InvalidRequest(f"{name} must be between {low} and {high}", field=name)
+    return value
+
+
+def _live_stats(request: web.Request, view: AgentView) -> None:
+    """The run's latest numbers, from the telemetry sampler's last sample (never a cgroup walk
+    per request: reads must cost the kill path nothing)."""
+    if view.run is None or view.run.ended_at is not None or TELEMETRY not in request.app:
+        return
+    sample = request.app[TELEMETRY].latest(view.run.id)
+    if sample is None:
+        return
+    view.stats = {
+        "cpu_usec": None if sample.cpu_seconds is None else int(sample.cpu_seconds * 1e6),
+        "memory_bytes": sample.memory_bytes, "processes": sample.processes}
+
+
 async def list_agents(request: web.Request) -> web.Response:
+    """One page of agents in name order, filtered by class and state; `cursor` is the name of
+    the last agent of the previous page."""
     arbiter = request.app[ARBITER]
-    agents = [a.model_dump(mode="json", by_alias=True) for a in arbiter.list_agents()]
-    return web.json_response({"agents": agents, "global_halt": arbiter.global_halt})
+    limit = _query_int(request, "limit", AGENT_PAGE_MAX, 1, AGENT_PAGE_MAX)
+    cursor = request.query.get("cursor", "")
+    wanted_class = request.query.get("class")
+    wanted_state = request.query.get("state")
+    names = [name for name, record in arbiter.agents.items()
+             if (wanted_class is None or record.agent_class == wanted_class)
+             and (wanted_state is None or record.state == wanted_state)]
+    names.sort()
+    after = [name for name in names if name > cursor] if cursor else names
+    page = after[:limit]
+    views = []
+    for name in page:
+        view = arbiter.agent_view(name)
+        _live_stats(request, view)
+        views.append(view)
+    more = len(after) > limit
+    return _json(AgentList(agents=views, global_halt=arbiter.global_halt, total=len(names),
+                           next_cursor=page[-1] if more and page else None))
 
 
 async def get_agent(request: web.Request) -> web.Response:
     view = request.app[ARBITER].agent_view(request.match_info["name"])
+    _live_stats(request, view)
     if view.run is not None and TELEMETRY in request.app:  # telemetry: the run's summary
         view.telemetry = request.app[TELEMETRY].summary(view.run.id)
     return _json(view)
@@ -322,12 +474,7 @@ async def run_telemetry(request: web.Request) -> web.Response:
     """A run's most recent samples and its summary (live, or stored once the run ended)."""
     arbiter = request.app[ARBITER]
     record, _live = arbiter.resolve_run(request.match_info["ref"])
-    try:
-        limit = int(request.query.get("limit", "20"))
-    except ValueError:
-        raise InvalidRequest("limit must be an integer", field="limit") from None
-    if not 0 <= limit <= 10_000:
-        raise InvalidRequest("limit must be between 0 and 10000", field="limit")
+    limit = _query_int(request, "limit", 20, 0, 10_000)
     if TELEMETRY not in request.app:
         raise RouteNotFound("telemetry is not available on this daemon", path=request.path)
     source = request.app[TELEMETRY]
@@ -351,13 +498,8 @@ async def action(request: web.Request) -> web.Response:
 
 @permission("audit")
 async def audit_list(request: web.Request) -> web.Response:
-    try:
-        limit = int(request.query.get("limit", "100"))
-        after = int(request.query.get("after", "0"))
-    except ValueError:
-        raise InvalidRequest("limit and after must be integers", field="limit") from None
-    if not 1 <= limit <= 10_000:
-        raise InvalidRequest("limit must be between 1 and 10000", field="limit")
+    limit = _query_int(request, "limit", 100, 1, 10_000)
+    after = _query_int(request, "after", 0, 0, 2**53)
     entries = request.app[ARBITER].audit.list(limit=limit, after_seq=after)
     return _json(AuditList(entries=entries))
 
@@ -382,12 +524,7 @@ async def run_drill(request: web.Request) -> web.Response:
 
 
 async def drill_history(request: web.Request) -> web.Response:
-    try:
-        limit = int(request.query.get("limit", "50"))
-    except ValueError:
-        raise InvalidRequest("limit must be an integer", field="limit") from None
-    if not 1 <= limit <= 1000:
-        raise InvalidRequest("limit must be between 1 and 1000", field="limit")
+    limit = _query_int(request, "limit", 50, 1, 1000)
     return _json(DrillList(drills=_drills(request).history(limit)))
 
 
@@ -403,7 +540,8 @@ async def list_approvals(request: web.Request) -> web.Response:
 
 
 async def _decide(request: web.Request, approved: bool) -> web.Response:
-    body: ReasonRequest = await _body(request, ReasonRequest)
+    body: ReasonRequest | DenyRequest = await _body(
+        request, ReasonRequest if approved else DenyRequest)
     decided = _egress(request).decide(request.match_info["id"], approved, request[ACTOR],
                                       body.reason)
     return _json(Approval.model_validate(decided))
@@ -424,7 +562,8 @@ async def reset_breaker(request: web.Request) -> web.Response:
     body: ReasonRequest = await _body(request, ReasonRequest)
     name = request.match_info["name"]
     request.app[ARBITER].agent_view(name)  # 404 for an unknown agent
-    return _json(_egress(request).reset_breaker(name, request[ACTOR], body.reason))
+    return _json(BreakerReset.model_validate(
+        _egress(request).reset_breaker(name, request[ACTOR], body.reason)))
 
 
 async def run_egress(request: web.Request) -> web.Response:
@@ -442,10 +581,14 @@ async def openapi(request: web.Request) -> web.Response:
 
 def build_app(arbiter: Controller, roles: RolesSection, drills: DrillRunner | None = None,
               telemetry: TelemetrySource | None = None,
-              egress: EgressSource | None = None) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], client_max_size=1024**2)
+              egress: EgressSource | None = None, control: ControlSection | None = None
+              ) -> web.Application:
+    control = control or ControlSection()
+    app = web.Application(middlewares=[errors_middleware], client_max_size=control.max_body)
     app[ARBITER] = arbiter
     app[ROLES] = roles
+    app[CONTROL] = control
+    app[LOAD] = Load(control)
     if drills is not None:
         app[DRILLS] = drills
     if telemetry is not None:
@@ -488,7 +631,7 @@ def bind_control_socket(path: Path, gid: int) -> socket.socket:
     os.chown(tmp, 0, gid if gid >= 0 else 0)
     os.chmod(tmp, 0o660)
     os.rename(tmp, path)
-    sock.listen(128)
+    sock.listen(4096)
     sock.setblocking(False)
     return sock
 

@@ -39,6 +39,8 @@ def _fail(exc: SupervisorError, as_json: bool) -> NoReturn:
         _emit_json(exc.to_body())
     else:
         click.echo(f"agentctl: {exc.code}: {exc.message}", err=True)
+        if exc.hint:
+            click.echo(f"hint: {exc.hint}", err=True)
     sys.exit(exc.exit_status)
 
 
@@ -264,11 +266,13 @@ def _follow(client: Client, view: dict[str, Any], as_json: bool) -> int:
 # ----------------------------------------------------------------------------- read verbs
 
 @cli.command("ls")
+@click.option("--class", "agent_class", default=None, help="Only agents of this class.")
+@click.option("--state", default=None, help="Only agents in this state (active, idle, ...).")
 @json_option
 @handles_errors
-def ls(as_json: bool) -> None:
+def ls(as_json: bool, agent_class: str | None, state: str | None) -> None:
     """List agents and their state."""
-    data = _client().agents()
+    data = _client().agents(agent_class=agent_class, state=state)
     if as_json:
         _emit_json(data)
         return

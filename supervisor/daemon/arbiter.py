@@ -107,6 +107,8 @@ class LiveRun:
     timeout_handle: asyncio.TimerHandle | None = None
 
 
+# (command, profile, workspace, env, image): raises CommandNotFound (sandbox/command.py).
+CommandCheck = Callable[[list[str], Profile, str | None, dict[str, str], str | None], None]
 # Network mode "gateway": the attachment the runtime plumbs in, and the sandbox's proxy env.
 NetworkProvider = Callable[[LiveRun], Awaitable[tuple[NetworkAttachment, dict[str, str]]]]
 
@@ -114,8 +116,12 @@ NetworkProvider = Callable[[LiveRun], Awaitable[tuple[NetworkAttachment, dict[st
 class Arbiter:
     def __init__(self, config: Config, store: Store, audit: AuditLog, runtime: Runtime, *,
                  credentials: Credentials | None = None, parent: RunCgroup | None = None,
-                 parent_path: str | None = None) -> None:
+                 parent_path: str | None = None, command_check: CommandCheck | None = None
+                 ) -> None:
         self.config = config
+        # Refuses a command the sandbox's root does not have, before anything is registered
+        # (sandbox/command.py); None where the runtime is a fake with no root to look in.
+        self.command_check = command_check
         self.store = store
         self.audit = audit
         self.runtime = runtime
@@ -231,7 +237,6 @@ class Arbiter:
             last_reason=agent.last_reason, last_actor=agent.last_actor,
             run=self.run_view(record) if record else None,
             time_to_halt_ms=record.time_to_halt_ms if record else None,
-            stats=_stats(live),
         )
 
     def list_agents(self) -> list[AgentView]:
@@ -296,6 +301,9 @@ class Arbiter:
         if existing is not None and existing.state != AgentState.IDLE:
             raise AgentBusy(f"agent {name!r} already has a run ({existing.state})", agent=name,
                             run=existing.current_run)
+        if self.command_check is not None:
+            self.command_check(request.command, profile, request.workspace, request.env,
+                               request.image or profile.image)
 
         async with self._lock(name):
             now = time.time()
@@ -334,6 +342,12 @@ class Arbiter:
             except BaseException as exc:
                 live.ready.set()
                 self._fail_launch(agent, live, actor, exc)
+                if existing is None and agent.state == AgentState.IDLE:
+                    # A first launch that failed leaves no agent behind (bad input changes
+                    # nothing); the run's record and the audit row keep what happened.
+                    self.agents.pop(name, None)
+                    self.locks.pop(name, None)
+                    self.store.delete_agent(name)
                 raise
             live.ready.set()
             if agent.state == AgentState.KILLED:
@@ -1018,15 +1032,6 @@ def _call_hook(hook: Callable[..., None], *args: Any) -> None:
         hook(*args)
     except Exception:
         log.exception("run hook %s failed", getattr(hook, "__qualname__", hook))
-
-
-def _stats(live: LiveRun | None) -> dict[str, int | None] | None:
-    if live is None or live.handle is None or live.ending is not None:
-        return None
-    try:
-        return live.handle.stats()
-    except OSError:
-        return None
 
 
 def _held_pause(agent: AgentRecord) -> bool:

@@ -30,6 +30,7 @@ from supervisor.runtime.output import Outputs
 from supervisor.runtime.router import RuntimeRouter
 from supervisor.runtime.sandboxed import RuncRuntime
 from supervisor.sandbox.cgroups import Cgroup, CgroupMode, detect_mode
+from supervisor.sandbox.command import check_command
 from supervisor.sandbox.seccomp_notify import SeccompListener, unsupported_reason
 from supervisor.telemetry.sampler import TelemetryHub
 from supervisor.telemetry.store import SummaryStore
@@ -142,7 +143,8 @@ class Core:
         # Every run's cgroup lives under the parent, held open from now on: a global halt is
         # one write to its cgroup.kill, which needs no new descriptor.
         parent = Cgroup(config.sandbox.cgroup_parent).hold()
-        arbiter = Arbiter(config, store, audit, runtime, parent=parent)
+        arbiter = Arbiter(config, store, audit, runtime, parent=parent,
+                          command_check=check_command)
         # Telemetry: one sampler thread reads every running run's cgroup and processes and hands
         # the samples to the loop; at a run's end its summary goes to SQLite.
         summaries = SummaryStore(db)

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import click
-from aiohttp import web
 
 from supervisor import __version__
+from supervisor.api.listener import ControlListener
 from supervisor.api.server import bind_control_socket, build_app, operators_gid
 from supervisor.audit import AuditLog
 from supervisor.config import Config, load_config
@@ -139,11 +139,10 @@ async def serve(config: Config) -> int:
 
     drills = Drills(arbiter, db, config.drill)
     sock = bind_control_socket(config.socket_path, gid)
-    app = build_app(arbiter, config.roles, drills, telemetry=telemetry, egress=core.egress)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.SockSite(runner, sock)
-    await site.start()
+    app = build_app(arbiter, config.roles, drills, telemetry=telemetry, egress=core.egress,
+                    control=config.control)
+    listener = ControlListener(app, sock, config.control, config.roles)
+    await listener.start()
     webhook_worker.start()  # webhooks: delivery never runs on the kill path
 
     stop = asyncio.Event()
@@ -193,7 +192,7 @@ async def serve(config: Config) -> int:
     await webhook_worker.stop()  # webhooks: up to 2 s to flush; the rest waits for the next start
     audit.append(actor=SYSTEM.label(), verb="daemon_stop", scope="global",
                  reason=config.daemon.shutdown_reason)
-    await runner.cleanup()
+    await listener.stop()
     if metrics_endpoint is not None:  # metrics
         await metrics_endpoint.stop()
     with contextlib.suppress(FileNotFoundError):

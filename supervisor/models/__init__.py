@@ -5,12 +5,19 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from supervisor.limits import REASON_MAX
 from supervisor.models.telemetry import Sample
 from supervisor.models.tripwire import TripwireRule
-from supervisor.models.units import Duration
+from supervisor.models.units import Duration, duration_schema, duration_within
 
 __all__ = [
     "REASON_MAX",
@@ -18,6 +25,7 @@ __all__ = [
     "ActionRequest",
     "ActionResult",
     "Actor",
+    "AgentList",
     "AgentResult",
     "AgentView",
     "Approval",
@@ -25,6 +33,8 @@ __all__ = [
     "AuditEntry",
     "AuditList",
     "AuditVerifyResult",
+    "BreakerReset",
+    "DenyRequest",
     "DrillList",
     "DrillRequest",
     "DrillResult",
@@ -44,10 +54,21 @@ _AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,62}$")
 _CLASS_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,62}$")
 
 Reason = Annotated[str, Field(max_length=REASON_MAX)]
+# Bounds of a request's parts (the body as a whole is capped by the server too).
+_PATH_MAX = 4096
+_ARG_MAX = 131_072  # the kernel's MAX_ARG_STRLEN
+_ARGS_MAX = 4096
+_ENV_MAX = 256
+_TRIPWIRES_MAX = 64
+_NAME_MAX = 255
+# A drill's SLO is a kill's time budget; a minute is already far beyond any sensible one.
+DRILL_SLO_MAX = 60.0
+GRACE_MAX = 3600.0
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON true is not 1, "5" is not 5; every request is taken as it is typed.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _check_name(value: str | None, pattern: re.Pattern[str], what: str) -> str | None:
@@ -63,20 +84,23 @@ IMAGE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:@\-]{0,254}$"
 
 
 class RunRequest(_Request):
-    name: str | None = None
+    name: Annotated[str, Field(max_length=63)] | None = None
     # None keeps an existing agent's class (a new agent gets "default").
-    agent_class: str | None = Field(default=None, alias="class")
-    profile: str | None = None
-    workspace: str | None = None
+    agent_class: Annotated[str, Field(max_length=63)] | None = Field(default=None,
+                                                                     alias="class")
+    profile: Annotated[str, Field(max_length=_NAME_MAX)] | None = None
+    workspace: Annotated[str, Field(max_length=_PATH_MAX)] | None = None
     timeout: Duration | None = None
-    command: Annotated[list[str], Field(min_length=1)]
+    command: Annotated[list[Annotated[str, Field(max_length=_ARG_MAX)]],
+                       Field(min_length=1, max_length=_ARGS_MAX)]
     # Tripwire rules for this agent; they replace the profile's rules of the same name.
-    tripwires: list[TripwireRule] = []
-    env: dict[str, str] = {}
+    tripwires: Annotated[list[TripwireRule], Field(max_length=_TRIPWIRES_MAX)] = []
+    env: Annotated[dict[str, Annotated[str, Field(max_length=_ARG_MAX)]],
+                   Field(max_length=_ENV_MAX)] = {}
     # docker runtime only: the image that is the agent's root (overrides the profile's).
     image: Annotated[str, Field(pattern=IMAGE_PATTERN)] | None = None
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
     @field_validator("name")
     @classmethod
@@ -112,11 +136,12 @@ class RunRequest(_Request):
 
 
 class Scope(_Request):
-    agent: str | None = None
-    agent_class: str | None = Field(default=None, alias="class")
+    agent: Annotated[str, Field(max_length=_NAME_MAX)] | None = None
+    agent_class: Annotated[str, Field(max_length=_NAME_MAX)] | None = Field(default=None,
+                                                                            alias="class")
     all: bool = False
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Scope:
@@ -144,11 +169,24 @@ class Scope(_Request):
 class ActionRequest(_Request):
     scope: Scope
     reason: Reason = ""
-    grace: Duration | None = None
+    grace: Annotated[float, BeforeValidator(duration_within(GRACE_MAX)),
+                   duration_schema(GRACE_MAX)] | None = None
 
 
 class ReasonRequest(_Request):
     reason: Reason = ""
+
+
+class DenyRequest(_Request):
+    """A denial needs a reason: the agent is told it."""
+
+    reason: Annotated[str, Field(min_length=1, max_length=REASON_MAX, pattern=r"\S")]
+
+
+class BreakerReset(BaseModel):
+    agent: str
+    run: str
+    was: str  # why the breaker was open
 
 
 class Approval(BaseModel):
@@ -295,6 +333,15 @@ class ActionResult(BaseModel):
     global_halt: bool = False
 
 
+class AgentList(BaseModel):
+    """One page of agents, by name; `next_cursor` continues after the last one (null: done)."""
+
+    agents: list[AgentView]
+    global_halt: bool
+    total: int  # agents that match the filters, over every page
+    next_cursor: str | None = None
+
+
 class AuditEntry(BaseModel):
     seq: int
     ts: float
@@ -326,7 +373,8 @@ class AuditVerifyResult(BaseModel):
 
 class DrillRequest(_Request):
     processes: Annotated[int, Field(ge=1, le=10_000)] | None = None
-    slo: Duration | None = None
+    slo: Annotated[float, BeforeValidator(duration_within(DRILL_SLO_MAX)),
+                 duration_schema(DRILL_SLO_MAX)] | None = None
 
 
 class DrillResult(BaseModel):

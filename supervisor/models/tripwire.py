@@ -27,8 +27,16 @@ def _threshold(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a number, a size such as '512M' or a duration such as '30s'")
     if isinstance(value, int | float):
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            raise ValueError("the threshold is too large") from None
+        if not math.isfinite(number):
+            raise ValueError("the threshold must be a finite number")
+        return number
     if isinstance(value, str):
+        if len(value) > 64:
+            raise ValueError("a threshold is at most 64 characters")
         try:
             number = float(value)
         except ValueError:

@@ -150,23 +150,53 @@ def test_launch_while_busy(env: ArbiterEnv) -> None:
     asyncio.run(body())
 
 
-def test_failed_launch_leaves_the_agent_idle_and_audits(make_env: MakeEnv) -> None:
+def test_failed_first_launch_leaves_no_agent_and_audits(make_env: MakeEnv) -> None:
+    """Bad input changes nothing: a first launch that fails registers no agent (issue 11, item
+    9: fuzzing left 920 agents behind); the run's record and the audit row say what happened."""
     env = make_env(runtime=FakeRuntime(fail_launch=RuntimeFailure("runc create failed")))
 
     async def body() -> None:
         arbiter = env.arbiter()
         with pytest.raises(RuntimeFailure):
             await arbiter.launch(request("a1"), ALICE)
+        assert "a1" not in arbiter.agents
+        assert [a.name for a in env.store.agents()] == []
+        assert arbiter.live == {}
+        entry = last(env)
+        assert (entry.verb, entry.outcome) == ("launch", "failed:runtime_failed")
+        record = env.store.run(entry.detail["run"])
+        assert record is not None and record.state == "failed" and record.ended_at
+
+    asyncio.run(body())
+
+
+def test_failed_relaunch_leaves_the_agent_idle_and_audits(make_env: MakeEnv) -> None:
+    runtime = FakeRuntime()
+    env = make_env(runtime=runtime)
+
+    async def body() -> None:
+        arbiter = env.arbiter()
+        first = await arbiter.launch(request("a1"), ALICE)
+        runtime.handles[first.id].finish(0)
+        await asyncio.wait_for(_until_idle(arbiter, "a1"), WAIT)
+        runtime.fail_launch = RuntimeFailure("runc create failed")
+        with pytest.raises(RuntimeFailure):
+            await arbiter.launch(request("a1"), ALICE)
         agent = arbiter.agents["a1"]
         assert agent.state == "idle" and agent.current_run is None
         assert arbiter.live == {}
-        assert agent.last_run is not None
+        assert agent.last_run is not None and agent.last_run != first.id
         record = env.store.run(agent.last_run)
         assert record is not None and record.state == "failed" and record.ended_at
         entry = last(env)
         assert (entry.verb, entry.outcome) == ("launch", "failed:runtime_failed")
 
     asyncio.run(body())
+
+
+async def _until_idle(arbiter: Any, name: str) -> None:
+    while arbiter.agents[name].state != "idle" or arbiter.agents[name].current_run:
+        await asyncio.sleep(0.01)
 
 
 def test_relaunch_without_a_class_keeps_the_class(env: ArbiterEnv) -> None:

@@ -33,7 +33,8 @@ def launch(server: ServerThread, name: str = "a1", *extra: str) -> dict[str, Any
 
 
 def test_ls_json(server: ServerThread) -> None:
-    assert ok_json(agentctl(server, "ls", "--json")) == {"agents": [], "global_halt": False}
+    assert ok_json(agentctl(server, "ls", "--json")) == {
+        "agents": [], "global_halt": False, "total": 0, "next_cursor": None}
     view = launch(server)
     data = ok_json(agentctl(server, "ls", "--json"))
     [agent] = data["agents"]

@@ -1,0 +1,232 @@
+"""Admission control on a real daemon's control socket (issue 12): a flood of half-open
+connections from one uid never stops an owner's kill, a uid's requests in flight are capped
+with a JSON 429 that actions never get, a slowloris connection is closed by the header timeout
+and a stalled body by the body timeout, and the daemon runs with its file limit raised. Real
+users are created for the test (as in test_roles). Needs root."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tests.e2e.test_api_input import exchange, json_error
+from tests.support.daemon import Daemon, running_daemon, wait_for
+
+# The attacker: opens connections as fast as it can and keeps every one it gets (sending
+# nothing, or half a request head) for a while.
+FLOOD = textwrap.dedent("""
+    import resource, socket, sys, time
+    path, count, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    held, refused = [], 0
+    for i in range(count):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except (BlockingIOError, ConnectionRefusedError, OSError):
+            refused += 1
+            s.close()
+            continue
+        if i % 2:
+            try:
+                s.send(b"GET /v1/health HTTP/1.1\\r\\nHost: x\\r\\n")
+            except OSError:
+                pass
+        held.append(s)
+    print("ready", len(held), refused, flush=True)
+    time.sleep(seconds)
+""")
+
+
+def open_fds(daemon: Daemon) -> int:
+    assert daemon.proc is not None
+    return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+
+
+@contextlib.contextmanager
+def users(*roles: str) -> Iterator[dict[str, Any]]:
+    """A user per role, all in the socket's group; the config maps them by name."""
+    tag = os.urandom(2).hex()
+    group = f"ast-adm-{tag}"
+    names = {role: f"ast-{role[:5]}-{tag}" for role in roles}
+    subprocess.run(["groupadd", group], check=True)
+    try:
+        for name in names.values():
+            subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", "-G", group,
+                            name], check=True)
+        yield {"group": group, "users": {r: pwd.getpwnam(n) for r, n in names.items()}}
+    finally:
+        for name in names.values():
+            subprocess.run(["userdel", name], check=False, capture_output=True)
+        subprocess.run(["groupdel", group], check=False, capture_output=True)
+
+
+def flood(daemon: Daemon, user: pwd.struct_passwd, count: int, seconds: float
+          ) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FLOOD, str(daemon.socket), str(count), str(seconds)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, user=user.pw_uid,
+        group=user.pw_gid, extra_groups=os.getgrouplist(user.pw_name, user.pw_gid))
+    assert proc.stdout is not None
+    line = proc.stdout.readline().split()
+    assert line and line[0] == "ready", (line, proc.stderr.read() if proc.stderr else "")
+    return proc
+
+
+def as_user(daemon: Daemon, user: pwd.struct_passwd, *args: str
+            ) -> subprocess.CompletedProcess[str]:
+    env = {"AGENT_SUPERVISOR_SOCKET": str(daemon.socket), "PATH": "/usr/bin:/bin", "HOME": "/",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", *args], env=env, capture_output=True,
+        text=True, timeout=120, user=user.pw_uid, group=user.pw_gid,
+        extra_groups=os.getgrouplist(user.pw_name, user.pw_gid), cwd="/")
+
+
+def test_a_connection_flood_never_stops_an_owners_kill(tmp_root: Path) -> None:
+    with users("viewer", "admin", "owner") as made, running_daemon(
+            tmp_root, daemon={"socket_group": made["group"]},
+            roles={"viewer": [f"user:{made['users']['viewer'].pw_name}"],
+                   "admin": [f"user:{made['users']['admin'].pw_name}"],
+                   "owner": [f"user:{made['users']['owner'].pw_name}"]},
+            # Small caps so one attacker uid can also fill every unreserved slot.
+            control={"max_connections": 24, "max_connections_per_uid": 1000,
+                     "reserved_connections": 8, "header_timeout": "60s"}) as daemon:
+        daemon.agentctl("run", "--detach", "--name", "victim", "--", "sleep", "600",
+                        check=True)
+        daemon.agentctl("run", "--detach", "--name", "second", "--", "sleep", "600",
+                        check=True)
+        viewer = made["users"]["viewer"]
+        before = open_fds(daemon)
+        attacker = flood(daemon, viewer, 20_000, 20.0)
+        try:
+            # Every unreserved slot is the attacker's: an admin is turned away...
+            refused = as_user(daemon, made["users"]["admin"], "ls", "--json")
+            assert refused.returncode == 7, refused
+            assert json.loads(refused.stdout)["error"]["code"] == "daemon_unavailable"
+            # ...but owners keep their reserved slots: root, and an owner by role.
+            killed = daemon.agentctl_json("kill", "victim", "--reason", "flood test")
+            assert killed["results"][0]["new_state"] == "killed"
+            by_owner = as_user(daemon, made["users"]["owner"], "kill", "second", "--reason",
+                               "flood test", "--json")
+            assert by_owner.returncode == 0, by_owner
+            # What the daemon holds of 20,000 connects is its cap, not the attacker's count.
+            assert open_fds(daemon) <= before + 24 + 8 + 16
+        finally:
+            attacker.kill()
+            attacker.communicate(timeout=120)
+        for name in ("victim", "second"):
+            assert daemon.client.agent(name)["state"] == "killed"
+        assert not daemon.agent_pids()
+        assert "too many open files" not in daemon.logs().lower()
+
+
+def test_one_uid_holds_at_most_its_connection_cap(tmp_root: Path) -> None:
+    with users("viewer") as made, running_daemon(
+            tmp_root, daemon={"socket_group": made["group"]},
+            roles={"viewer": [f"user:{made['users']['viewer'].pw_name}"]},
+            control={"max_connections_per_uid": 10, "header_timeout": "60s"}) as daemon:
+        before = open_fds(daemon)
+        attacker = flood(daemon, made["users"]["viewer"], 5_000, 60.0)
+        try:
+            # Meanwhile root is not held back by another uid's cap.
+            assert daemon.client.health()["status"] == "ok"
+            held = wait_for(lambda: ((n := open_fds(daemon)) <= before + 10 + 16 and n) or None,
+                            timeout=60, what="the daemon to close what is over the cap")
+            assert held <= before + 10 + 16
+        finally:
+            attacker.kill()
+            attacker.communicate(timeout=120)
+
+
+def slow_request(daemon: Daemon, target: str) -> socket.socket:
+    """A request whose head is complete and whose body never comes: in flight until the body
+    timeout."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(daemon.socket))
+    sock.sendall(f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: 100\r\n\r\n{{".encode())
+    return sock
+
+
+def test_requests_in_flight_per_uid_are_capped_with_429_but_actions_pass(
+        tmp_root: Path) -> None:
+    with running_daemon(tmp_root, control={"max_requests_per_uid": 2,
+                                           "body_timeout": "60s"}) as daemon:
+        daemon.agentctl("run", "--detach", "--name", "victim", "--", "sleep", "600",
+                        check=True)
+        held = [slow_request(daemon, "/v1/runs"), slow_request(daemon, "/v1/drills")]
+        try:
+            def refused() -> dict[str, Any] | None:
+                status, _headers, body = exchange(
+                    daemon.socket, b"GET /v1/health HTTP/1.1\r\nHost: x\r\n"
+                                   b"Connection: close\r\n\r\n")
+                return body["error"] if status == 429 else None
+
+            error = wait_for(refused, timeout=30, what="the third request to be refused")
+            assert error["code"] == "too_many_requests" and error["hint"]
+            assert error["detail"]["limit"] == 2
+            # An action is never refused by the limit: the kill goes through.
+            result = daemon.agentctl_json("kill", "victim", "--reason", "429 test")
+            assert result["results"][0]["new_state"] == "killed"
+        finally:
+            for sock in held:
+                sock.close()
+        wait_for(lambda: daemon.client.health()["status"] == "ok", timeout=30,
+                 what="reads to be served again")
+
+
+def test_slowloris_and_stalled_bodies_are_cut_off(tmp_root: Path) -> None:
+    with running_daemon(tmp_root, control={"header_timeout": "1s",
+                                           "body_timeout": "1s"}) as daemon:
+        silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dribble = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with silent, dribble:
+            silent.connect(str(daemon.socket))
+            dribble.connect(str(daemon.socket))
+            dribble.sendall(b"GET /v1/health HTTP/1.1\r\n")
+            closed = []
+            deadline = time.monotonic() + 60
+            while len(closed) < 2 and time.monotonic() < deadline:
+                for sock in (silent, dribble):
+                    if sock in closed:
+                        continue
+                    with contextlib.suppress(BlockingIOError):
+                        if sock is dribble:
+                            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                                sock.send(b"X-A: b\r\n")  # one header line at a time
+                        sock.setblocking(False)
+                        try:
+                            data = sock.recv(65536)
+                        except ConnectionResetError:
+                            data = b""
+                        if not data or data.startswith(b"HTTP/1.1 4"):
+                            closed.append(sock)
+                time.sleep(0.2)
+            assert len(closed) == 2, "the daemon kept a connection that never sent a request"
+        # A head without its body: a JSON 408 once the body timeout passes.
+        json_error(exchange(daemon.socket, b"POST /v1/runs HTTP/1.1\r\nHost: x\r\n"
+                                           b"Content-Length: 50\r\n\r\n{"),
+                   408, "request_timeout")
+        assert daemon.client.health()["status"] == "ok"
+
+
+def test_the_daemon_raises_its_file_limit(daemon: Daemon) -> None:
+    assert daemon.proc is not None
+    limits = Path(f"/proc/{daemon.proc.pid}/limits").read_text().splitlines()
+    line = next(x for x in limits if x.startswith("Max open files"))
+    soft, hard = line.split()[3:5]
+    assert soft == hard, line
+    assert json.loads(json.dumps(daemon.client.health()))["status"] == "ok"
