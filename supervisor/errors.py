@@ -10,21 +10,23 @@ class SupervisorError(Exception):
     code: ClassVar[str] = "internal_error"
     http_status: ClassVar[int] = 500
     exit_status: ClassVar[int] = 1
-    # What the caller can do about it; a class default, or per instance (hint=...).
+    # What the caller can do about it, sent as detail["hint"] unless the raiser gives one.
     default_hint: ClassVar[str | None] = None
 
-    def __init__(self, message: str, hint: str | None = None, **detail: Any) -> None:
+    def __init__(self, message: str, **detail: Any) -> None:
         super().__init__(message)
         self.message = message
-        self.hint = hint if hint is not None else self.default_hint
+        if self.default_hint and "hint" not in detail:
+            detail["hint"] = self.default_hint
         self.detail: dict[str, Any] = detail
 
+    @property
+    def hint(self) -> str | None:
+        hint = self.detail.get("hint")
+        return hint if isinstance(hint, str) else None
+
     def to_body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"code": self.code, "message": self.message,
-                                "detail": self.detail}
-        if self.hint:
-            body["hint"] = self.hint
-        return {"error": body}
+        return {"error": {"code": self.code, "message": self.message, "detail": self.detail}}
 
 
 class InvalidRequest(SupervisorError):

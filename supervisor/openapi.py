@@ -42,8 +42,8 @@ _ERROR = {
         "additionalProperties": False,
         "properties": {"code": {"type": "string", "pattern": "^[a-z][a-z0-9_]*$"},
                        "message": {"type": "string"},
-                       "detail": {"type": "object"},
-                       "hint": {"type": "string"}}}},
+                       "detail": {"type": "object", "properties": {
+                           "hint": {"type": "string"}}}}}},
 }
 
 

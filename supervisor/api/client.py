@@ -197,9 +197,7 @@ def _error_from(decoded: Any, status: int) -> SupervisorError:
         err = decoded["error"]
         cls = error_class_for(str(err.get("code", "")))
         detail = err.get("detail") if isinstance(err.get("detail"), dict) else {}
-        hint = err.get("hint") if isinstance(err.get("hint"), str) else None
-        exc = cls(str(err.get("message", "")), hint=hint,
-                  **{k: v for k, v in detail.items() if k != "hint"})
+        exc = cls(str(err.get("message", "")), **detail)
         if cls is SupervisorError:
             exc.detail["code"] = err.get("code")
         return exc

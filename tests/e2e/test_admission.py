@@ -176,7 +176,7 @@ def test_requests_in_flight_per_uid_are_capped_with_429_but_actions_pass(
                 return body["error"] if status == 429 else None
 
             error = wait_for(refused, timeout=30, what="the third request to be refused")
-            assert error["code"] == "too_many_requests" and error["hint"]
+            assert error["code"] == "too_many_requests" and error["detail"]["hint"]
             assert error["detail"]["limit"] == 2
             # An action is never refused by the limit: the kill goes through.
             result = daemon.agentctl_json("kill", "victim", "--reason", "429 test")

@@ -189,7 +189,7 @@ def test_a_missing_command_is_command_not_found_with_a_hint(daemon: Daemon) -> N
                     ["/opt/not-bound-into-the-sandbox"], ["/etc/passwd"]):
         error = json_error(post(daemon, "/v1/runs", {"name": "ghost", "command": command}),
                            422, "command_not_found")
-        assert error["hint"] and error["detail"]["command"] == command[0]
+        assert error["detail"]["hint"] and error["detail"]["command"] == command[0]
     nothing_changed(daemon)
     result = daemon.agentctl("run", "--name", "ghost", "--", "no-such-command-here")
     assert result.returncode == 6, result
