@@ -9,7 +9,8 @@ and records its `time_to_halt_ms`. Over the flooded phases it also measures the 
 all threads) per second of flood. The log file of the flooder is checked to stay under the
 cap plus the marker lines.
 
-    sudo .venv/bin/python bench/output_flood.py [--iterations 15] [--json samples.json]
+    sudo .venv/bin/python bench/output_flood.py [--iterations 15] [--runtime docker]
+                                                [--json samples.json]
 
 A benchmark, not a test: it prints a table and exits 0."""
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stats import cpu_model, nearest_rank
 
-from tests.support.daemon import Daemon, new_daemon, wait_for
+from tests.support.daemon import Daemon, new_daemon, runtime_config, wait_for
 
 CAP = 1024 * 1024
 FLOOD = ("for i in 1 2 3; do yes flood-$i >&2 & done; "
@@ -77,6 +78,7 @@ def one(daemon: Daemon, flooded: bool, index: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=15)
+    parser.add_argument("--runtime", choices=("runc", "docker"), default="runc")
     parser.add_argument("--json", type=Path, default=None, help="write every sample here")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -84,7 +86,7 @@ def main() -> int:
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="as-bench-", dir="/tmp"))
     tmp.chmod(0o755)
-    daemon = new_daemon(tmp, daemon={"log_level": "info"})
+    daemon = new_daemon(tmp, daemon={"log_level": "info"}, **runtime_config(args.runtime))
     (daemon.root / "profiles" / "flood.toml").write_text(
         f'[output]\nmax_bytes = {CAP}\naction = "alert"\n')
     samples: list[dict[str, Any]] = []
@@ -99,7 +101,7 @@ def main() -> int:
         daemon.cleanup_host()
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"machine: {cpu_model()}, nproc={os.cpu_count()}, kernel={os.uname().release}, "
-          f"{args.iterations} iterations")
+          f"runtime {args.runtime}, {args.iterations} iterations")
     print()
     header = f"{'neighbour':<22} {'n':>3} {'tth median ms':>14} {'p95':>8} {'min':>7} {'max':>7}"
     print(header)

@@ -338,6 +338,9 @@ def _print_summary_block(summary: dict[str, Any]) -> None:
                         ("peak_processes", _count(summary.get("peak_processes"))),
                         ("syscall_attempts", _count(summary.get("syscall_attempts")))):
         click.echo(f"  {label:16} {text}")
+    if summary.get("output_bytes") is not None:  # recorded stops at the run's output cap
+        click.echo(f"  {'output':16} {human_bytes(summary['output_bytes'])} "
+                   f"({human_bytes(summary.get('output_recorded_bytes'))} recorded)")
 
 
 @cli.command()

@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from tests.conftest import BOTH_RUNTIMES
-from tests.support.daemon import Daemon, wait_for
+from tests.support.daemon import Daemon, engine_request, wait_for
 
 pytestmark = BOTH_RUNTIMES
 
@@ -140,6 +140,8 @@ def test_output_past_the_cap_is_discarded_and_the_agent_runs_on(daemon: Daemon,
     summary = daemon.client.telemetry(run_id)["summary"]
     assert summary["output_bytes"] == 8 * 1024**2
     assert summary["output_recorded_bytes"] == CAP
+    inspected = daemon.agentctl("inspect", "chatty", check=True).stdout.splitlines()
+    assert ["output", "8.0M", "(1.0M", "recorded)"] in [line.split() for line in inspected]
 
 
 def test_flood_from_many_processes_trips_the_kill(daemon: Daemon, runtime: str) -> None:
@@ -173,6 +175,10 @@ def test_a_flood_never_delays_a_kill(daemon: Daemon, runtime: str) -> None:
     wait_for(lambda: (daemon.client.telemetry(run_id)["summary"]["output_bytes"] or 0)
              > produced[0] + 10 * CAP, timeout=30, what="the flood going on past the cap")
     assert daemon.client.agent("torrent")["state"] == "active"
+    if runtime == "docker":  # and the engine keeps no copy of its own on its disk
+        container = engine_request("GET", f"/containers/{daemon.prefix}-{run_id}/json")
+        assert container["HostConfig"]["LogConfig"]["Type"] == "none", container["HostConfig"]
+        assert not container["LogPath"], container["LogPath"]
     killed = daemon.agentctl_json("kill", "torrent", "--reason", "flooding")
     assert killed["results"][0]["new_state"] == "killed", killed
     assert len(_log(daemon, run_id)) < CAP + 1024
