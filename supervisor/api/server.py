@@ -295,8 +295,12 @@ async def _body(request: web.Request, model: type[BaseModel]) -> Any:
 
 
 def _json(model: BaseModel | dict[str, Any], status: int = 200) -> web.Response:
-    body = model if isinstance(model, dict) else model.model_dump(mode="json", by_alias=True)
-    return web.json_response(body, status=status)
+    if isinstance(model, dict):
+        return web.json_response(model, status=status)
+    # Serialized by pydantic-core in one step (a third of dump-then-json.dumps on a page of
+    # agents), and a float that is not finite becomes null instead of invalid JSON.
+    return web.Response(body=model.model_dump_json(by_alias=True).encode(), status=status,
+                        content_type="application/json")
 
 
 def _error(exc: SupervisorError, headers: dict[str, str] | None = None) -> web.Response:
@@ -378,12 +382,12 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
     return value
 
 
-def _live_stats(request: web.Request, view: AgentView) -> None:
+def _live_stats(telemetry: TelemetrySource | None, view: AgentView) -> None:
     """The run's latest numbers, from the telemetry sampler's last sample (never a cgroup walk
     per request: reads must cost the kill path nothing)."""
-    if view.run is None or view.run.ended_at is not None or TELEMETRY not in request.app:
+    if telemetry is None or view.run is None or view.run.ended_at is not None:
         return
-    sample = request.app[TELEMETRY].latest(view.run.id)
+    sample = telemetry.latest(view.run.id)
     if sample is None:
         return
     view.stats = {
@@ -399,16 +403,20 @@ async def list_agents(request: web.Request) -> web.Response:
     cursor = request.query.get("cursor", "")
     wanted_class = request.query.get("class")
     wanted_state = request.query.get("state")
-    names = [name for name, record in arbiter.agents.items()
-             if (wanted_class is None or record.agent_class == wanted_class)
-             and (wanted_state is None or record.state == wanted_state)]
+    if wanted_class is None and wanted_state is None:
+        names = list(arbiter.agents)
+    else:
+        names = [name for name, record in arbiter.agents.items()
+                 if (wanted_class is None or record.agent_class == wanted_class)
+                 and (wanted_state is None or record.state == wanted_state)]
     names.sort()
     after = [name for name in names if name > cursor] if cursor else names
     page = after[:limit]
+    telemetry = request.app.get(TELEMETRY)
     views = []
     for name in page:
         view = arbiter.agent_view(name)
-        _live_stats(request, view)
+        _live_stats(telemetry, view)
         views.append(view)
     more = len(after) > limit
     return _json(AgentList(agents=views, global_halt=arbiter.global_halt, total=len(names),
@@ -417,7 +425,7 @@ async def list_agents(request: web.Request) -> web.Response:
 
 async def get_agent(request: web.Request) -> web.Response:
     view = request.app[ARBITER].agent_view(request.match_info["name"])
-    _live_stats(request, view)
+    _live_stats(request.app.get(TELEMETRY), view)
     if view.run is not None and TELEMETRY in request.app:  # telemetry: the run's summary
         view.telemetry = request.app[TELEMETRY].summary(view.run.id)
     return _json(view)
