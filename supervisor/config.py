@@ -165,6 +165,17 @@ class EgressSection(_Section):
     max_header_size: Annotated[int, Field(ge=1024, le=1_048_576)] = 16384
     upstream_timeout: Duration = 60.0
     connect_timeout: Duration = 10.0
+    # The gateway runs in a process of its own (supervisor/egress/worker.py), as this user
+    # ("root" keeps root; it needs none: secrets arrive over its channel), in the cgroup
+    # <sandbox.cgroup_parent>-gateway with these limits, below the daemon's CPU priority.
+    worker_user: str = "nobody"
+    worker_memory_max: Size = 512 * 1024**2
+    worker_pids_max: Annotated[int, Field(ge=16, le=100_000)] = 256
+    # cgroup v2 cpu.weight (the daemon has the default 100); v1 hosts get cpu.shares to match.
+    worker_cpu_weight: Annotated[int, Field(ge=1, le=10_000)] = 50
+    # CPUs the gateway may use at most (cpu.max / cfs quota); 0 for no quota.
+    worker_cpu_max: Annotated[float, Field(ge=0, le=1024)] = 1.0
+    worker_nice: Annotated[int, Field(ge=0, le=19)] = 10
 
 
 class OutputSection(_Section):

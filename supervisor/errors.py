@@ -200,6 +200,14 @@ class EgressSetupFailed(EnforcementError):
     code = "egress_setup_failed"
 
 
+class GatewayUnavailable(EgressSetupFailed):
+    """The egress gateway's process is not running (starting, restarting or failed): gateway
+    runs are refused until it is back; runs without network are unaffected."""
+
+    code = "gateway_unavailable"
+    http_status = 503
+
+
 class ApprovalNotFound(SupervisorError):
     code = "approval_not_found"
     http_status = 404

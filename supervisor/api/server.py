@@ -119,8 +119,9 @@ class EgressSource(Protocol):
     def list_approvals(self) -> list[dict[str, Any]]: ...
     def decide(self, approval_id: str, approved: bool, actor: Actor, reason: str
                ) -> dict[str, Any]: ...
-    def reset_breaker(self, agent: str, actor: Actor, reason: str) -> dict[str, Any]: ...
-    def usage(self, run_id: str) -> dict[str, Any] | None: ...
+    async def reset_breaker(self, agent: str, actor: Actor, reason: str
+                            ) -> dict[str, Any]: ...
+    async def usage(self, run_id: str) -> dict[str, Any] | None: ...
 
 
 class TelemetrySource(Protocol):
@@ -571,12 +572,12 @@ async def reset_breaker(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     request.app[ARBITER].agent_view(name)  # 404 for an unknown agent
     return _json(BreakerReset.model_validate(
-        _egress(request).reset_breaker(name, request[ACTOR], body.reason)))
+        await _egress(request).reset_breaker(name, request[ACTOR], body.reason)))
 
 
 async def run_egress(request: web.Request) -> web.Response:
     record, _live = request.app[ARBITER].resolve_run(request.match_info["ref"])
-    view = _egress(request).usage(record.id)
+    view = await _egress(request).usage(record.id)
     if view is None:
         raise RouteNotFound(f"run {record.id} is not running behind the egress gateway",
                             run=record.id)

@@ -170,8 +170,8 @@ class Core:
             prefix = config.sandbox.name_prefix
             listener = seccomp
             arbiter.run_ended_hooks.append(lambda run_id: listener.forget(f"{prefix}-{run_id}"))
-        # The egress gateway (supervisor/egress/, supervisor/daemon/egress.py): its own thread
-        # and loop; veth + nftables per gateway run, tokens revoked at kill step 2.
+        # The egress gateway (supervisor/egress/, supervisor/daemon/egress.py): its own process
+        # and cgroup; veth + nftables per gateway run, tokens revoked at kill step 2.
         egress = EgressControl(config, arbiter, containment, audit, db,
                                asyncio.get_running_loop())
         egress.install()

@@ -1,19 +1,24 @@
 """The daemon's side of the egress gateway: per-run network attachments (veth + nftables),
 session tokens, secrets, approvals held for an operator, the budget and breaker tripwires, the
-audit rows for every refusal, and each agent's usage across runs. Runs in the daemon's loop;
-the gateway calls in from its own thread through `GatewaySink`, which posts here."""
+audit rows for every refusal, and each agent's usage across runs. Runs in the daemon's loop.
+
+The gateway itself serves agents in a process of its own (supervisor/egress/worker.py, started
+and watched by supervisor/egress/worker_process.py): nothing an agent sends it competes with
+the control socket or the kill path for this process's loop, GIL, memory or descriptors. This
+module talks to it only by messages that never wait without a deadline; revocation (kill step
+2) is a message sent and a local record, never an answer awaited."""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
 import logging
 import secrets
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 from supervisor.audit import AuditLog
 from supervisor.config import Config
@@ -22,26 +27,27 @@ from supervisor.daemon.containment import Containment
 from supervisor.daemon.killpath import Credential
 from supervisor.egress import link, nft
 from supervisor.egress.accounting import Usage
-from supervisor.egress.grant import Decision, RunGrant
+from supervisor.egress.grant import RunGrant
 from supervisor.egress.secrets import load_secret
+from supervisor.egress.worker import grant_to_wire
+from supervisor.egress.worker_process import WorkerProcess
 from supervisor.errors import (
     ApprovalDecided,
     ApprovalNotFound,
     BreakerNotTripped,
     EgressSetupFailed,
+    GatewayUnavailable,
     IllegalTransition,
     InvalidRequest,
 )
 from supervisor.models import Actor, Approval
 from supervisor.tripwires import Firing
 
-if TYPE_CHECKING:
-    from supervisor.egress.gateway import Gateway
-
 log = logging.getLogger(__name__)
 
 GATEWAY = Actor(kind="system", name="gateway")
 _DENIAL_ROWS_PER_RUN = 50  # egress_denied rows per run; the gateway's tally counts the rest
+_READ_TIMEOUT = 2.0  # a usage read waits this long for the worker, then shows the last snapshot
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS egress_usage (
@@ -92,11 +98,12 @@ class RunNetwork:
 
 @dataclass
 class PendingApproval:
-    """A held request: what operators see (the API's Approval) and the gateway's wait on it."""
+    """A held request: what operators see (the API's Approval). The request itself waits in
+    the gateway worker until a decision is sent there."""
 
     request: Approval
-    future: concurrent.futures.Future[Decision]
     timer: asyncio.TimerHandle | None = None
+    decided: bool = False
 
     def view(self) -> dict[str, Any]:
         return self.request.model_dump(exclude_none=True)
@@ -106,7 +113,15 @@ class PendingApproval:
 class _RunEgress:
     network: RunNetwork
     grant: RunGrant
+    generation: int  # the worker that holds its listener
     denial_rows: int = 0
+    # The worker's last report: usage, breaker, refusal counts (see supervisor/egress/worker).
+    snapshot: dict[str, Any] = field(default_factory=dict)
+    lost: bool = False  # its worker died: no listener, no network until the run ends
+    revoked: bool = False  # kill step 2 was sent (the worker's answer is never awaited)
+
+    def usage(self) -> Usage:
+        return Usage(**self.snapshot["usage"]) if self.snapshot.get("usage") else Usage()
 
 
 class EgressControl:
@@ -120,24 +135,16 @@ class EgressControl:
         self.db = db
         self.loop = loop
         self.pool = link.AddressPool(config.egress.pool)
-        self._gateway: Gateway | None = None
+        # Started with the first gateway run: a supervisor whose agents have no network never
+        # starts it (an embedded CI run starts faster).
+        self.worker = WorkerProcess(config, loop, self._on_event, self._on_worker_exit)
         self.runs: dict[str, _RunEgress] = {}
         self.approvals: dict[str, PendingApproval] = {}
         self.records: dict[str, dict[str, Any]] = {}  # ended runs' egress, for CI reports
+        self.dropped_events = 0  # reports the worker could not send (the daemon was behind)
         db.executescript(_SCHEMA)
 
     # ------------------------------------------------------------------ wiring
-
-    @property
-    def gateway(self) -> Gateway:
-        """Started with the first gateway run: a supervisor whose agents have no network never
-        loads the HTTP stack or the CA store (an embedded CI run starts faster)."""
-        if self._gateway is None:
-            from supervisor.egress.gateway import Gateway
-
-            self._gateway = Gateway(self.config.egress, self)
-            self._gateway.start()
-        return self._gateway
 
     def install(self) -> None:
         self.arbiter.network_provider = self.prepare
@@ -150,8 +157,7 @@ class EgressControl:
         for approval in list(self.approvals.values()):
             self._decide(approval, False, "system:supervisor", "the supervisor stopped",
                          "cancelled")
-        if self._gateway is not None:
-            self._gateway.stop()
+        self.worker.stop()
 
     def reap_leftovers(self) -> list[str]:
         """nftables tables a previous instance left (its veths went with its netns)."""
@@ -176,6 +182,7 @@ class EgressControl:
         policy = profile.network.gateway
         secret_values = {route.name: load_secret(route.secret, self.config.egress.secrets_dir)
                          for route in policy.routes}
+        await self.worker.ensure_up()
         addresses = self.pool.allocate()
         network = RunNetwork(run.id, link.host_ifname(run.container_id),
                              nft.table_name(self.config.sandbox.name_prefix, run.id), addresses,
@@ -186,19 +193,37 @@ class EgressControl:
             expires_at=run.started_at + policy.token_ttl, policy=policy,
             host_ip=str(addresses.host_ip), port=self.config.egress.port,
             secrets=secret_values, agent_usage=self._agent_usage(run.agent))
+        generation = self.worker.generation
         try:
-            await self.gateway.open(grant)
-        except OSError as exc:
+            # The secrets travel only over the worker's socketpair.
+            reply = await self.worker.request({"op": "open", "grant": grant_to_wire(grant)})
+        except GatewayUnavailable:
+            self._release_unless_held(addresses, generation)
+            raise
+        if not reply.get("ok"):
             self.pool.release(addresses)
             raise EgressSetupFailed(
                 f"run {run.id}: the gateway cannot listen on {grant.host_ip}:{grant.port}: "
-                f"{exc.strerror or exc}", run=run.id) from exc
-        self.runs[run.id] = _RunEgress(network, grant)
+                f"{reply.get('error')}", run=run.id, errno=reply.get("errno"))
+        self.runs[run.id] = _RunEgress(network, grant, generation)
         proxy = f"http://{run.agent}:{token}@{addresses.host_ip}:{self.config.egress.port}"
         env = {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy,
                "https_proxy": proxy, "NO_PROXY": "", "no_proxy": "",
                "AGENT_SUPERVISOR_GATEWAY": f"{addresses.host_ip}:{self.config.egress.port}"}
         return network, env
+
+    def _release_unless_held(self, addresses: link.LinkAddresses, generation: int) -> None:
+        """An address may go back to the pool only once no worker can be listening on it: the
+        one asked is gone (a timed-out request kills it) or never got the request."""
+        if self.worker.generation != generation or not self.worker.up:
+            self.pool.release(addresses)
+        else:
+            self.loop.create_task(self._release_after_exit(addresses, generation))
+
+    async def _release_after_exit(self, addresses: link.LinkAddresses, generation: int) -> None:
+        while self.worker.generation == generation and self.worker.up:
+            await asyncio.sleep(0.5)
+        self.pool.release(addresses)
 
     def network_counter(self, run_id: str) -> Callable[[], tuple[int, int]] | None:
         """For telemetry's network_bytes: the run's veth counters, if it has a veth."""
@@ -209,10 +234,15 @@ class EgressControl:
         return lambda: link.counters(ifname)
 
     async def revoke(self, run_id: str) -> bool:
-        """Kill step 2 (supervisor/daemon/killpath.py `Credentials`)."""
-        if run_id not in self.runs:
+        """Kill step 2 (supervisor/daemon/killpath.py `Credentials`): one message to the worker
+        and a local record, no wait for an answer. A worker that is hung cannot delay the
+        kill; one that cannot take the message is killed, which revokes everything it held;
+        and step 5 removes the veth whatever the worker does."""
+        state = self.runs.get(run_id)
+        if state is None:
             return False
-        self.gateway.revoke(run_id)
+        state.revoked = True
+        self.worker.send({"op": "revoke", "run": run_id})
         self._cancel_approvals(run_id, "the run was stopped or killed")
         return True
 
@@ -227,7 +257,7 @@ class EgressControl:
         state = self.runs.get(run_id)
         if state is None:
             return
-        self.gateway.suspend(run_id)
+        self.worker.send({"op": "suspend", "run": run_id})
         self._cancel_approvals(run_id, "the agent was paused")
         await self.loop.run_in_executor(None, state.network.set_up, False)
 
@@ -236,49 +266,81 @@ class EgressControl:
         if state is None:
             return
         await self.loop.run_in_executor(None, state.network.set_up, True)
-        self.gateway.resume(run_id)
+        self.worker.send({"op": "resume", "run": run_id})
 
     def run_ended(self, run_id: str) -> None:
         state = self.runs.pop(run_id, None)
         if state is None:
             return
-        self.gateway.revoke(run_id)
-        self.records[run_id] = self._record(run_id, state, self.gateway.usage(run_id))
+        self.worker.send({"op": "revoke", "run": run_id})
+        self.records[run_id] = self._record(state)
         self._cancel_approvals(run_id, "the run ended")
         task = self.loop.create_task(self._finish(run_id, state))
         self.arbiter.track(task)
 
     async def _finish(self, run_id: str, state: _RunEgress) -> None:
-        usage = await self.gateway.close(run_id) or Usage()
-        # Only now, with the listener closed, may another run get this address and port.
+        if not state.lost and state.generation == self.worker.generation:
+            try:
+                reply = await self.worker.request({"op": "close", "run": run_id})
+            except GatewayUnavailable:
+                pass  # killed for not answering: its listeners are gone with it
+            else:
+                if reply.get("usage") is not None:
+                    state.snapshot = reply
+        # Only now, with the listener closed (or its worker gone), may another run get this
+        # address and port.
         self.pool.release(state.network.addresses)
-        self.records[run_id] = self._record(run_id, state, usage)
+        usage = state.usage()
+        self.records[run_id] = self._record(state)
         self._add_agent_usage(state.grant.agent, usage)
         self.audit.append(
             actor=GATEWAY.label(), verb="egress_summary", scope=f"agent:{state.grant.agent}",
             target=state.grant.agent, detail={"run": run_id, "usage": usage.as_dict(),
-                                              "denials": usage.refusals})
+                                              "denials": self._denials(state),
+                                              **({"gateway_lost": True} if state.lost else {})})
 
-    # ------------------------------------------------------------------ GatewaySink (any thread)
+    # ------------------------------------------------------------------ the worker's reports
 
-    def budget_exceeded(self, run_id: str, detail: dict[str, Any]) -> None:
-        self.loop.call_soon_threadsafe(self._fire_budget, run_id, detail)
+    def _on_event(self, message: dict[str, Any]) -> None:
+        op = message["op"]
+        run_id = str(message.get("run", ""))
+        if op == "usage":
+            self.dropped_events = int(message.get("dropped", 0))
+            for reported, snapshot in dict(message.get("runs") or {}).items():
+                state = self.runs.get(str(reported))
+                if state is not None and isinstance(snapshot, dict):
+                    state.snapshot = snapshot
+        elif op == "budget":
+            self._fire_budget(run_id, dict(message["detail"]))
+        elif op == "breaker":
+            self._fire_breaker(run_id, dict(message["detail"]))
+        elif op == "denied":
+            self._audit_denial(run_id, str(message["code"]), dict(message["detail"]))
+        elif op == "approval":
+            self._hold(str(message["id"]), run_id, str(message["method"]),
+                       str(message["host"]), str(message["path"]), str(message["rule"]))
+        elif op == "withdrawn":
+            self._withdraw(str(message["id"]))
+        else:
+            log.error("unknown report %r from the gateway worker", op)
 
-    def breaker_tripped(self, run_id: str, detail: dict[str, Any]) -> None:
-        self.loop.call_soon_threadsafe(self._fire_breaker, run_id, detail)
-
-    def denied(self, run_id: str, code: str, detail: dict[str, Any]) -> None:
-        self.loop.call_soon_threadsafe(self._audit_denial, run_id, code, detail)
-
-    def request_approval(self, run_id: str, method: str, host: str, path: str, rule: str
-                         ) -> concurrent.futures.Future[Decision]:
-        future: concurrent.futures.Future[Decision] = concurrent.futures.Future()
-        self.loop.call_soon_threadsafe(self._hold, future, run_id, method, host, path, rule)
-        return future
-
-    # ------------------------------------------------------------------ in the daemon's loop
+    def _on_worker_exit(self, exit_info: dict[str, Any]) -> None:
+        """Every run behind the dead worker has lost its listener, and so its network (nft
+        lets its veth reach nothing else); say so in the audit log. New gateway runs wait for
+        the restart (GatewayUnavailable meanwhile)."""
+        lost = sorted(run_id for run_id, state in self.runs.items()
+                      if state.generation == exit_info["generation"])
+        for run_id in lost:
+            self.runs[run_id].lost = True
+            self._cancel_approvals(run_id, "the egress gateway stopped")
+        self.audit.append(actor="system:supervisor", verb="gateway_exited", scope="global",
+                          target="egress-gateway", outcome="restarting",
+                          reason=f"the egress gateway worker exited: {exit_info['reason']}",
+                          detail={**exit_info, "runs_without_network": lost})
 
     def _fire_budget(self, run_id: str, detail: dict[str, Any]) -> None:
+        if run_id not in self.runs:
+            return
         firing = Firing(rule="egress_budget", metric=f"egress_{detail['metric']}",
                         value=detail["value"], threshold=detail["limit"],
                         action=detail["action"],
@@ -290,6 +352,11 @@ class EgressControl:
                                                "usage": detail["usage"]})
 
     def _fire_breaker(self, run_id: str, detail: dict[str, Any]) -> None:
+        state = self.runs.get(run_id)
+        if state is None:
+            return
+        state.snapshot = {**state.snapshot, "breaker": detail["reason"],
+                          "usage": detail["usage"]}
         firing = Firing(rule="egress_breaker", metric="egress_breaker", value=1.0, threshold=1.0,
                         action="pause",
                         reason=f"tripwire egress_breaker: circuit breaker open: {detail['reason']}",
@@ -299,7 +366,7 @@ class EgressControl:
 
     def _audit_denial(self, run_id: str, code: str, detail: dict[str, Any]) -> None:
         """The gateway reports the first refusal of each (code, target), clipped, and counts
-        all of them (the run's egress_summary row has the totals)."""
+        all of them (usage snapshots carry the tally; the run's egress_summary the totals)."""
         state = self.runs.get(run_id)
         if state is None or state.denial_rows >= _DENIAL_ROWS_PER_RUN:
             return
@@ -309,24 +376,21 @@ class EgressControl:
                           target=agent, outcome=f"refused:{code}",
                           detail={"run": run_id, **detail})
 
-    def _hold(self, future: concurrent.futures.Future[Decision], run_id: str, method: str,
-              host: str, path: str, rule: str) -> None:
+    def _hold(self, approval_id: str, run_id: str, method: str, host: str, path: str,
+              rule: str) -> None:
         state = self.runs.get(run_id)
-        if state is None or future.done():
-            if not future.done():
-                future.set_result(Decision(False, "", reason="the run has ended"))
+        if state is None or approval_id in self.approvals:
+            self.worker.send({"op": "decide", "approval": approval_id, "approved": False,
+                              "by": "system:supervisor", "reason": "the run has ended"})
             return
         now = time.time()
         timeout = state.grant.policy.approval_timeout
-        request = Approval(id=secrets.token_hex(4), run=run_id, agent=state.grant.agent,
+        request = Approval(id=approval_id, run=run_id, agent=state.grant.agent,
                            method=method, host=host, path=path, rule=rule, requested_at=now,
                            expires_at=now + timeout)
-        approval = PendingApproval(request, future)
+        approval = PendingApproval(request)
         self.approvals[request.id] = approval
         approval.timer = self.loop.call_later(timeout, self._expire, request.id)
-        # The gateway cancels the future when the agent hangs up: nobody waits any more.
-        future.add_done_callback(lambda f: f.cancelled() and self.loop.call_soon_threadsafe(
-            self._withdraw, request.id))
         self.audit.append(actor=GATEWAY.label(), verb="approval_requested",
                           scope=f"agent:{request.agent}", target=request.agent,
                           reason=f"{method} {host}{path} matches approval rule '{rule}'",
@@ -340,6 +404,7 @@ class EgressControl:
                          "expired")
 
     def _withdraw(self, approval_id: str) -> None:
+        """The agent hung up while its request was held: nobody waits for an answer any more."""
         approval = self.approvals.get(approval_id)
         if approval is not None:
             self._decide(approval, False, "system:gateway", "the agent hung up", "cancelled")
@@ -352,13 +417,15 @@ class EgressControl:
                 outcome: str) -> None:
         request = approval.request
         self.approvals.pop(request.id, None)
+        approval.decided = True
         if approval.timer is not None:
             approval.timer.cancel()
         self.audit.append(actor=by, verb="approval_granted" if approved else "approval_denied",
                           scope=f"agent:{request.agent}", target=request.agent, reason=reason,
                           outcome=outcome, detail=approval.view())
-        if not approval.future.done():
-            approval.future.set_result(Decision(approved, request.id, by=by, reason=reason))
+        # The held request lives in the worker; a worker that is gone took it along.
+        self.worker.send({"op": "decide", "approval": request.id, "approved": approved,
+                          "by": by, "reason": reason})
 
     # ------------------------------------------------------------------ operators (API)
 
@@ -376,7 +443,7 @@ class EgressControl:
             raise ApprovalNotFound(f"no pending approval {approval_id!r} (it may have been "
                                    f"decided, expired or cancelled; see the audit log)",
                                    approval=approval_id)
-        if approval.future.done():
+        if approval.decided:
             raise ApprovalDecided(f"approval {approval_id} was already decided",
                                   approval=approval_id)
         self._decide(approval, approved, actor.label(), reason,
@@ -384,29 +451,39 @@ class EgressControl:
         return approval.request.model_copy(
             update={"approved": approved, "by": actor.label(), "reason": reason}).model_dump()
 
-    def reset_breaker(self, agent: str, actor: Actor, reason: str) -> dict[str, Any]:
+    async def reset_breaker(self, agent: str, actor: Actor, reason: str) -> dict[str, Any]:
         record = self.arbiter.agents.get(agent)
         run_id = record.current_run if record else None
-        if record is None or run_id is None or run_id not in self.runs:
+        state = self.runs.get(run_id) if run_id is not None else None
+        if record is None or run_id is None or state is None or state.lost:
             raise IllegalTransition(f"agent {agent!r} has no run behind the egress gateway",
                                     agent=agent)
-        tripped = self.gateway.reset_breaker(run_id)
+        reply = await self.worker.request({"op": "reset_breaker", "run": run_id},
+                                          kill_on_timeout=False)
+        tripped = reply.get("was")
         if tripped is None:
             raise BreakerNotTripped(f"the circuit breaker of agent {agent!r} is not open",
                                     agent=agent, run=run_id)
+        state.snapshot = {**state.snapshot, "breaker": None}
         self.audit.append(actor=actor.label(), verb="breaker_reset", scope=f"agent:{agent}",
                           target=agent, reason=reason,
                           detail={"run": run_id, "was": tripped, "actor": actor.label()})
         return {"agent": agent, "run": run_id, "was": tripped}
 
-    def usage(self, run_id: str) -> dict[str, Any] | None:
+    async def usage(self, run_id: str) -> dict[str, Any] | None:
         state = self.runs.get(run_id)
         if state is None:
             return None
-        usage = self.gateway.usage(run_id) or Usage()
+        if not state.lost:
+            with contextlib.suppress(GatewayUnavailable):
+                reply = await self.worker.request({"op": "usage", "runs": [run_id]},
+                                                  timeout=_READ_TIMEOUT, kill_on_timeout=False)
+                if run_id in (reply.get("runs") or {}) and run_id in self.runs:
+                    state.snapshot = reply["runs"][run_id]
+        usage = state.usage()
         return {"run": run_id, "agent": state.grant.agent, "usage": usage.as_dict(),
                 "agent_total": state.grant.agent_usage.add(usage).as_dict(),
-                "breaker": self.gateway.breaker_open(run_id),
+                "breaker": state.snapshot.get("breaker"),
                 "gateway": f"{state.grant.host_ip}:{state.grant.port}",
                 "token_expires_at": state.grant.expires_at,
                 "pending_approvals": [a.request.id for a in self.approvals.values()
@@ -416,16 +493,19 @@ class EgressControl:
         """A run's egress for a CI report: calls, bytes, spend, refusals; None without one."""
         state = self.runs.get(run_id)
         if state is not None:
-            return self._record(run_id, state, self.gateway.usage(run_id))
+            return self._record(state)
         return self.records.get(run_id)
 
-    def _record(self, run_id: str, state: _RunEgress, usage: Usage | None) -> dict[str, Any]:
-        usage = usage or Usage()
+    def _denials(self, state: _RunEgress) -> dict[str, int]:
+        counted = state.snapshot.get("denials")
+        return {str(k): int(v) for k, v in counted.items()} if isinstance(counted, dict) else {}
+
+    def _record(self, state: _RunEgress) -> dict[str, Any]:
+        usage = state.usage()
         return {"gateway": f"{state.grant.host_ip}:{state.grant.port}",
                 "calls": usage.requests, "bytes": usage.bytes, "spend": round(usage.spend, 9),
                 "tokens": usage.tokens, "errors": usage.errors, "denied": usage.denied,
-                "denials": dict(usage.refusals),
-                "breaker": self.gateway.breaker_open(run_id)}
+                "denials": self._denials(state), "breaker": state.snapshot.get("breaker")}
 
     # ------------------------------------------------------------------ agent usage (SQLite)
 

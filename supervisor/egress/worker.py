@@ -1,0 +1,310 @@
+"""The egress gateway's own process: `python -m supervisor.egress.worker --fd N`, started by
+the daemon (supervisor.egress.worker_process) in a cgroup of its own, as an unprivileged user,
+with the daemon's end of a socketpair on fd N as its only channel. Needs no privilege: it binds
+each run's gateway address with IP_FREEBIND (no capability needed for a port ≥ 1024) in the
+host's network namespace, which it shares with the daemon that forked it.
+
+Everything it knows arrives over the channel (supervisor.egress.ipc): its configuration and the
+upstream CAs first, then each run's grant (token, policy, secrets; never on disk, argv or
+environment). It sends back what the daemon decides on: budget and breaker firings, the first
+refusal of each kind per run (the rest are counted and summarised), held requests waiting for
+an operator, and usage snapshots. It dies with the daemon (parent-death signal, and the end of
+the channel) and is not dumpable, so its memory (the secrets) is closed to its own uid too."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import ssl
+import sys
+import threading
+from typing import Any
+
+import pyprctl
+
+from supervisor.config import EgressSection
+from supervisor.egress import ipc
+from supervisor.egress.accounting import Usage
+from supervisor.egress.grant import Decision, RunGrant
+from supervisor.models.egress import GatewayPolicy
+
+log = logging.getLogger("supervisor.egress.worker")
+
+MAX_HELD = 1024  # requests waiting for an operator, over all runs
+_DETAIL_LIMIT = 4096  # bytes of JSON per event detail
+_USAGE_EVERY = 0.5  # seconds between usage snapshots (only runs whose usage changed)
+
+
+def grant_to_wire(grant: RunGrant) -> dict[str, Any]:
+    return {"run_id": grant.run_id, "agent": grant.agent, "token": grant.token,
+            "expires_at": grant.expires_at, "policy": grant.policy.model_dump(mode="json"),
+            "host_ip": grant.host_ip, "port": grant.port, "secrets": grant.secrets,
+            "agent_usage": grant.agent_usage.as_dict()}
+
+
+def grant_from_wire(data: dict[str, Any]) -> RunGrant:
+    return RunGrant(run_id=str(data["run_id"]), agent=str(data["agent"]),
+                    token=str(data["token"]), expires_at=float(data["expires_at"]),
+                    policy=GatewayPolicy.model_validate(data["policy"]),
+                    host_ip=str(data["host_ip"]), port=int(data["port"]),
+                    secrets={str(k): str(v) for k, v in data["secrets"].items()},
+                    agent_usage=Usage(**data["agent_usage"]))
+
+
+def _bounded(detail: dict[str, Any]) -> dict[str, Any]:
+    """An event's detail, cut down when an agent managed to make it large."""
+    text = json.dumps(detail, default=str)
+    if len(text) <= _DETAIL_LIMIT:
+        return detail
+    return {key: (value if len(json.dumps(value, default=str)) <= 300 else "(truncated)")
+            for key, value in list(detail.items())[:20]}
+
+
+class Worker:
+    """The process's one loop: the channel to the daemon. The gateway serves agents in a
+    thread and loop of its own (supervisor.egress.gateway), calling the sink methods below
+    there; they post to this loop."""
+
+    def __init__(self, sock: socket.socket, config: EgressSection,
+                 ssl_context: ssl.SSLContext) -> None:
+        from supervisor.egress.gateway import Gateway
+
+        self.sock = sock
+        self.gateway = Gateway(config, self, ssl_context)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.channel: ipc.FrameProtocol | None = None
+        self.done: asyncio.Future[str] | None = None
+        self.lock = threading.Lock()
+        self.held: dict[str, tuple[str, concurrent.futures.Future[Decision]]] = {}
+        self.reported: dict[str, dict[str, Any]] = {}
+        self.dropped = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def serve(self) -> str:
+        loop = self.loop = asyncio.get_running_loop()
+        self.done = loop.create_future()
+        self.gateway.start()
+        _, self.channel = await loop.create_unix_connection(
+            lambda: ipc.FrameProtocol(ipc.TO_WORKER_LIMIT, ipc.WRITE_BUFFER_LIMIT,
+                                      self.on_message, self._lost), sock=self.sock)
+        loop.add_signal_handler(signal.SIGTERM, self._lost, "SIGTERM")
+        self.emit({"op": "hello", "pid": os.getpid()})
+        reporter = loop.create_task(self._report_usage())
+        try:
+            return await self.done
+        finally:
+            reporter.cancel()
+            self._release_held("the gateway stopped")
+            self.gateway.stop()
+
+    def _lost(self, reason: str) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(reason)
+
+    # ------------------------------------------------------------------ to the daemon
+
+    def emit(self, message: dict[str, Any]) -> None:
+        """Send now (this loop's thread). A daemon that does not read loses what does not fit;
+        it kills a worker it cannot reach, so nothing here waits for it."""
+        if self.channel is None:
+            return
+        try:
+            frame = ipc.encode(message, ipc.TO_DAEMON_LIMIT)
+        except ipc.FrameError as exc:
+            log.error("not sent: %s", exc)
+            return
+        if not self.channel.send(frame):
+            self.dropped += 1
+
+    def _post(self, message: dict[str, Any]) -> None:
+        """From the gateway's thread."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.emit, message)
+
+    def _reply(self, request: dict[str, Any], **fields: Any) -> None:
+        self.emit({"op": "reply", "re": request.get("id"), **fields})
+
+    # ------------------------------------------------------------------ GatewaySink (its thread)
+
+    def budget_exceeded(self, run_id: str, detail: dict[str, Any]) -> None:
+        self._post({"op": "budget", "run": run_id, "detail": _bounded(detail)})
+
+    def breaker_tripped(self, run_id: str, detail: dict[str, Any]) -> None:
+        self._post({"op": "breaker", "run": run_id, "detail": _bounded(detail)})
+
+    def denied(self, run_id: str, code: str, detail: dict[str, Any]) -> None:
+        """Called for the first refusal of each (code, target) only: the gateway counts a flood
+        in its bounded tally, which reaches the daemon with every usage snapshot."""
+        self._post({"op": "denied", "run": run_id, "code": code, "detail": _bounded(detail)})
+
+    def request_approval(self, run_id: str, method: str, host: str, path: str, rule: str
+                         ) -> concurrent.futures.Future[Decision]:
+        future: concurrent.futures.Future[Decision] = concurrent.futures.Future()
+        with self.lock:
+            if len(self.held) >= MAX_HELD:
+                future.set_result(Decision(False, "", reason="too many requests are waiting "
+                                                             "for an operator's approval"))
+                return future
+            approval_id = secrets.token_hex(4)
+            while approval_id in self.held:
+                approval_id = secrets.token_hex(4)
+            self.held[approval_id] = (run_id, future)
+        future.add_done_callback(lambda f: self._forget(approval_id, f.cancelled()))
+        self._post({"op": "approval", "id": approval_id, "run": run_id, "method": method,
+                    "host": host[:300], "path": path[:1000], "rule": rule[:300]})
+        return future
+
+    def _forget(self, approval_id: str, withdrawn: bool) -> None:
+        with self.lock:
+            self.held.pop(approval_id, None)
+        if withdrawn:  # the gateway cancels a hold whose agent hung up
+            self._post({"op": "withdrawn", "id": approval_id})
+
+    def _release_held(self, reason: str, run_id: str | None = None) -> None:
+        with self.lock:
+            held = [(key, future) for key, (run, future) in self.held.items()
+                    if run_id is None or run == run_id]
+        for key, future in held:
+            if not future.done():
+                future.set_result(Decision(False, key, by="system:gateway", reason=reason))
+
+    # ------------------------------------------------------------------ from the daemon
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        op, run = message["op"], str(message.get("run", ""))
+        if op == "open":
+            self._spawn(self._open(message))
+        elif op == "close":
+            self._spawn(self._close(message))
+        elif op == "revoke":
+            self.gateway.revoke(run)
+            self._release_held("the run's token was revoked", run)
+        elif op == "suspend":
+            self.gateway.suspend(run)
+            self._release_held("the agent was paused", run)
+        elif op == "resume":
+            self.gateway.resume(run)
+        elif op == "decide":
+            self._decide(message)
+        elif op == "reset_breaker":
+            self._reply(message, was=self.gateway.reset_breaker(run))
+        elif op == "usage":
+            self._reply(message, runs={r: self._snapshot(r) for r in message.get("runs", [])
+                                       if r in self.gateway.gates})
+        elif op == "ping":
+            self._reply(message, pid=os.getpid(), dropped=self.dropped)
+        elif op == "stop":
+            self._lost("the daemon asked the gateway to stop")
+        else:
+            log.error("unknown message %r from the daemon", op)
+            if "id" in message:
+                self._reply(message, error=f"unknown op {op!r}")
+
+    def _spawn(self, coro: Any) -> None:
+        assert self.loop is not None
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open(self, message: dict[str, Any]) -> None:
+        try:
+            grant = grant_from_wire(message["grant"])
+            await self.gateway.open(grant)
+        except OSError as exc:
+            self._reply(message, ok=False, errno=exc.errno,
+                        error=exc.strerror or str(exc))
+        except Exception as exc:  # a grant the worker cannot use: the launch fails closed
+            self._reply(message, ok=False, errno=None, error=f"{type(exc).__name__}: {exc}")
+        else:
+            self._reply(message, ok=True)
+
+    async def _close(self, message: dict[str, Any]) -> None:
+        run = str(message["run"])
+        self._release_held("the run ended", run)
+        snapshot = self._snapshot(run) if run in self.gateway.gates else None
+        usage = await self.gateway.close(run)
+        self.reported.pop(run, None)
+        if snapshot is not None and usage is not None:
+            snapshot["usage"], snapshot["denials"] = usage.as_dict(), dict(usage.refusals)
+        self._reply(message, **(snapshot or {"usage": None}))
+
+    def _decide(self, message: dict[str, Any]) -> None:
+        with self.lock:
+            entry = self.held.pop(str(message.get("approval")), None)
+        if entry is None:
+            return  # the agent gave up waiting, or the run ended
+        _run, future = entry
+        if not future.done():
+            future.set_result(Decision(bool(message.get("approved")), str(message["approval"]),
+                                       by=str(message.get("by", "")),
+                                       reason=str(message.get("reason", ""))))
+
+    def _snapshot(self, run_id: str) -> dict[str, Any]:
+        usage = self.gateway.usage(run_id) or Usage()
+        return {"usage": usage.as_dict(), "breaker": self.gateway.breaker_open(run_id),
+                "denials": dict(usage.refusals)}
+
+    async def _report_usage(self) -> None:
+        while True:
+            await asyncio.sleep(_USAGE_EVERY)
+            changed = {}
+            for run_id in list(self.gateway.gates):
+                snapshot = self._snapshot(run_id)
+                if self.reported.get(run_id) != snapshot:
+                    self.reported[run_id] = changed[run_id] = snapshot
+            if changed or self.dropped:
+                self.emit({"op": "usage", "runs": changed, "dropped": self.dropped})
+
+
+def _read_first(sock: socket.socket) -> dict[str, Any]:
+    """The configuration, read before the loop exists (blocking, bounded)."""
+    frames = ipc.FrameBuffer(ipc.TO_WORKER_LIMIT)
+    sock.settimeout(30)
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            raise SystemExit("the daemon closed the channel before configuring the gateway")
+        messages = frames.feed(data)
+        if messages:
+            if messages[0]["op"] != "configure" or len(messages) > 1 or frames.pending:
+                raise SystemExit("the first message must be 'configure', alone")
+            sock.settimeout(None)
+            return messages[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="supervisor.egress.worker")
+    parser.add_argument("--fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="gateway-worker: %(levelname)s %(message)s")
+    # Set after the uid change (which clears it): a daemon that dies takes its gateway along.
+    parent = os.getppid()
+    pyprctl.set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != parent or parent == 1:
+        raise SystemExit("the daemon is gone")
+    pyprctl.set_dumpable(False)
+    pyprctl.set_no_new_privs()
+    sock = socket.socket(fileno=args.fd)
+    first = _read_first(sock)
+    config = EgressSection.model_validate(first["config"])
+    context = ssl.create_default_context()
+    if first.get("ca"):
+        context.load_verify_locations(cadata=str(first["ca"]))
+    worker = Worker(sock, config, context)
+    reason = asyncio.run(worker.serve())
+    log.info("stopping: %s", reason)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+if __name__ == "__main__":
+    main()

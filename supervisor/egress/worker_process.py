@@ -1,0 +1,322 @@
+"""The daemon's handle on the gateway worker (supervisor.egress.worker): started in a cgroup of
+its own with its limits and a lower CPU priority, as an unprivileged user, restarted when it
+dies. Runs in the daemon's loop and never waits on the worker without a deadline: sends are
+fire-and-forget into a bounded buffer, requests have a timeout, and a worker that stops
+reading or answering is killed (its listeners, and so every gateway run's network, go with
+it: fail closed). Needs root (cgroups, setuid, setpriority).
+
+While the worker is down, launches of gateway runs are refused (`gateway_unavailable`); runs
+that were behind it have no network until their end (their tokens died with the worker and are
+never re-issued), and the exit is reported for the audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import supervisor
+from supervisor.config import Config
+from supervisor.egress import ipc
+from supervisor.egress.confinement import ConfinementFailed, WorkerCgroup, WorkerLimits
+from supervisor.errors import GatewayUnavailable
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 30.0  # interpreter start and the HTTP stack's import on a loaded host
+REQUEST_TIMEOUT = 10.0
+_STOP_GRACE = 3.0
+_RESTART_BACKOFF = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+def worker_cgroup_path(config: Config) -> str:
+    """Beside the runs' parent, never inside it: a global kill of the runs' parent must not
+    take the gateway, and the gateway's limits must not count against the runs'."""
+    return config.sandbox.cgroup_parent.rstrip("/") + "-gateway"
+
+
+def worker_limits(config: Config) -> WorkerLimits:
+    egress = config.egress
+    return WorkerLimits(memory_max=egress.worker_memory_max, pids_max=egress.worker_pids_max,
+                        cpu_weight=egress.worker_cpu_weight, cpu_max=egress.worker_cpu_max)
+
+
+class WorkerProcess:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
+                 on_event: Callable[[ipc.Message], None],
+                 on_exit: Callable[[dict[str, Any]], None]) -> None:
+        self.config = config
+        self.loop = loop
+        self.on_event = on_event
+        self.on_exit = on_exit
+        self.cgroup = WorkerCgroup(worker_cgroup_path(config), worker_limits(config))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.channel: ipc.FrameProtocol | None = None
+        self.pid: int | None = None
+        self.generation = 0  # one per started worker; a run's grant belongs to one
+        self.restarts = 0
+        self.last_exit: dict[str, Any] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._pidfd: int | None = None
+        self._pending: dict[int, asyncio.Future[ipc.Message]] = {}
+        self._ids = itertools.count(1)
+        self._exit_reason: str | None = None
+        self._stopping = False
+        self._failures = 0
+        self._backoff = False  # down, and a restart is scheduled after a delay
+
+    @property
+    def up(self) -> bool:
+        return (self._ready is not None and self._ready.done() and not self._ready.cancelled()
+                and self._ready.exception() is None and self.channel is not None
+                and self.channel.open)
+
+    # ------------------------------------------------------------------ start
+
+    async def ensure_up(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the worker if it is not running; GatewayUnavailable when it cannot be had."""
+        if self._stopping:
+            raise GatewayUnavailable("the supervisor is stopping; no new gateway runs")
+        if self.up:
+            return
+        if self._backoff:
+            raise GatewayUnavailable(
+                "the egress gateway worker is down and waiting to be restarted; gateway runs "
+                "are refused until it is back", last_exit=self.last_exit, restarts=self.restarts)
+        if self._starting is None or self._starting.done():
+            self._starting = self.loop.create_task(self._start())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._starting), timeout)
+        except GatewayUnavailable:
+            raise
+        except (TimeoutError, OSError, ConfinementFailed) as exc:
+            raise GatewayUnavailable(f"the egress gateway is not running: {exc}",
+                                     last_exit=self.last_exit) from exc
+
+    async def _start(self) -> None:
+        try:
+            await self._spawn()
+        except BaseException:
+            self._failures += 1
+            raise
+        self._failures = 0
+
+    async def _spawn(self) -> None:
+        await self.loop.run_in_executor(None, self.cgroup.create)
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            proc = self._popen(child)
+        except (KeyError, OSError) as exc:
+            parent.close()
+            raise GatewayUnavailable(f"the egress gateway worker cannot be started: {exc}",
+                                     worker_user=self.config.egress.worker_user) from exc
+        finally:
+            child.close()
+        self.proc, self.pid = proc, proc.pid
+        self.generation += 1
+        self._exit_reason = None
+        try:
+            self.cgroup.place(proc.pid)
+            # Threads inherit the nice value of the thread that makes them: set before the
+            # worker has read its configuration, so all of them run below the daemon.
+            os.setpriority(os.PRIO_PROCESS, proc.pid, self.config.egress.worker_nice)
+            self._pidfd = os.pidfd_open(proc.pid)
+            self.loop.add_reader(self._pidfd, self._reaped)
+            self._ready = self.loop.create_future()
+            _, self.channel = await self.loop.create_unix_connection(
+                lambda: ipc.FrameProtocol(ipc.TO_DAEMON_LIMIT, ipc.WRITE_BUFFER_LIMIT,
+                                          self._message, self._channel_lost), sock=parent)
+            if not self.channel.send(ipc.encode(self._configuration(), ipc.TO_WORKER_LIMIT)):
+                raise GatewayUnavailable("the gateway worker's channel closed at once")
+            await asyncio.wait_for(asyncio.shield(self._ready), START_TIMEOUT)
+        except BaseException as exc:
+            self._kill(f"start failed: {exc}")
+            parent.close()
+            raise
+        log.info("egress gateway worker %d started (cgroup %s)", proc.pid,
+                 self.cgroup.relative)
+
+    def _popen(self, child: socket.socket) -> subprocess.Popen[bytes]:
+        user = self.config.egress.worker_user
+        ids: dict[str, Any] = {}
+        if user and user != "root":
+            entry = pwd.getpwnam(user)
+            ids = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        # Not -I: the worker must import this same package, found from its directory (cwd);
+        # -E and -s keep the environment and user site out. The environment is empty of the
+        # daemon's: `env:` secrets live there.
+        root = str(Path(supervisor.__file__).resolve().parent.parent)
+        return subprocess.Popen(
+            [sys.executable, "-E", "-s", "-m", "supervisor.egress.worker",
+             "--fd", str(child.fileno())],
+            pass_fds=(child.fileno(),), close_fds=True, cwd=root, start_new_session=True,
+            stdin=subprocess.DEVNULL, env={"PATH": os.defpath, "LANG": "C.UTF-8"}, **ids)
+
+    def _configuration(self) -> ipc.Message:
+        egress = self.config.egress
+        ca = None
+        if egress.ca_file is not None:
+            # Read here (root) and sent: the worker's user need not be able to read it.
+            ca = egress.ca_file.read_text()
+        return {"op": "configure", "config": egress.model_dump(mode="json"), "ca": ca}
+
+    # ------------------------------------------------------------------ channel
+
+    def _message(self, message: ipc.Message) -> None:
+        op = message["op"]
+        if op == "hello":
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(None)
+        elif op == "reply":
+            future = self._pending.pop(int(message.get("re") or 0), None)
+            if future is not None and not future.done():
+                future.set_result(message)
+        else:
+            try:
+                self.on_event(message)
+            except Exception:  # one bad event must not take the channel down
+                log.exception("gateway event %r", op)
+
+    def _channel_lost(self, reason: str) -> None:
+        self._kill(reason)
+
+    def send(self, message: ipc.Message) -> bool:
+        """Fire and forget. False when the worker is down; a worker that has stopped reading
+        is killed, which revokes everything it held at once."""
+        if self.channel is None or not self.channel.open:
+            return False
+        try:
+            frame = ipc.encode(message, ipc.TO_WORKER_LIMIT)
+        except ipc.FrameError as exc:
+            log.error("gateway message not sent: %s", exc)
+            return False
+        if not self.channel.send(frame):
+            self._kill("the gateway worker stopped reading its channel")
+            return False
+        return True
+
+    async def request(self, message: ipc.Message, timeout: float = REQUEST_TIMEOUT, *,
+                      kill_on_timeout: bool = True) -> ipc.Message:
+        """Send and wait for the answer, at most `timeout`; GatewayUnavailable without one.
+        Where a missing answer leaves a listener in doubt (open, close), the worker that did
+        not answer is killed; a read (kill_on_timeout=False) just goes without."""
+        request_id = next(self._ids)
+        future: asyncio.Future[ipc.Message] = self.loop.create_future()
+        self._pending[request_id] = future
+        if not self.send({**message, "id": request_id}):
+            self._pending.pop(request_id, None)
+            raise GatewayUnavailable("the egress gateway is not running",
+                                     last_exit=self.last_exit)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            if not kill_on_timeout:
+                raise GatewayUnavailable(f"the egress gateway did not answer "
+                                         f"{message['op']!r} within {timeout:g}s") from None
+            self._kill(f"no answer to {message['op']!r} within {timeout:g}s")
+            raise GatewayUnavailable(f"the egress gateway did not answer {message['op']!r} "
+                                     f"within {timeout:g}s; it was restarted") from None
+        finally:
+            self._pending.pop(request_id, None)
+
+    # ------------------------------------------------------------------ death
+
+    def _kill(self, reason: str) -> None:
+        if self._exit_reason is None:
+            self._exit_reason = reason
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.abort()
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGKILL)
+        self.cgroup.kill()
+
+    def _reaped(self) -> None:
+        """The worker's pidfd became readable: it has exited."""
+        proc = self.proc
+        if self._pidfd is not None:
+            self.loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.abort()
+        self.channel = None
+        status = proc.wait() if proc is not None else None
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(GatewayUnavailable("the egress gateway worker exited"))
+        self._pending.clear()
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(GatewayUnavailable("the egress gateway worker exited "
+                                                         "before it was ready"))
+            self._ready.exception()  # retrieved: the starter raises its own error
+        self.cgroup.kill()
+        self.last_exit = {"pid": proc.pid if proc else None, "status": status,
+                          "signal": signal.Signals(-status).name
+                          if status is not None and status < 0 else None,
+                          "reason": self._exit_reason or "it exited on its own",
+                          "generation": self.generation, "at": time.time()}
+        self.proc = None
+        if self._stopping:
+            return
+        self.on_exit(self.last_exit)
+        self.restarts += 1
+        self._starting = self.loop.create_task(self._restart())
+
+    async def _restart(self) -> None:
+        while not self._stopping:
+            delay = _RESTART_BACKOFF[min(self._failures, len(_RESTART_BACKOFF) - 1)]
+            if delay:
+                self._backoff = True
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    self._backoff = False
+            try:
+                await self._start()
+                return
+            except (GatewayUnavailable, OSError, ConfinementFailed, TimeoutError) as exc:
+                log.error("egress gateway worker restart failed: %s", exc)
+
+    # ------------------------------------------------------------------ stop
+
+    def stop(self) -> None:
+        """Orderly shutdown (every run has ended): ask, wait briefly, then kill; the cgroup
+        goes. Blocks up to a few seconds, like the watchdog's stand-down."""
+        self._stopping = True
+        if self._starting is not None and not self._starting.done():
+            self._starting.cancel()
+        proc = self.proc
+        if proc is not None:
+            self.send({"op": "stop"})
+            try:
+                proc.wait(timeout=_STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._pidfd is not None:
+            self.loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if self.channel is not None and self.channel.transport is not None:
+            self.channel.transport.abort()
+        self.cgroup.kill()
+        for _ in range(50):
+            try:
+                self.cgroup.remove()
+                return
+            except OSError:
+                time.sleep(0.02)  # the killed worker's last exit is still being accounted
+        log.warning("the gateway worker's cgroup %s could not be removed", self.cgroup.relative)
