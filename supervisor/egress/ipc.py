@@ -68,22 +68,38 @@ class FrameBuffer:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._buffer = bytearray()
+        self._error: FrameError | None = None
 
     def feed(self, data: bytes) -> list[Message]:
+        """The whole messages `data` completes. The first bad frame raises; whole messages
+        before it in the same read are returned first, and the error comes with the next
+        call (after a bad frame nothing more is ever decoded)."""
+        if self._error is not None:
+            raise self._error
         self._buffer += data
         messages: list[Message] = []
-        while len(self._buffer) >= HEADER.size:
-            (length,) = HEADER.unpack_from(self._buffer)
-            if length > self.limit:
-                # Judged on the header alone: nothing of an oversized frame is buffered.
-                raise FrameTooLarge(f"a frame announces {length} bytes; the limit is "
-                                    f"{self.limit}")
-            if len(self._buffer) < HEADER.size + length:
-                break
-            payload = bytes(self._buffer[HEADER.size:HEADER.size + length])
-            del self._buffer[:HEADER.size + length]
-            messages.append(decode(payload))
+        try:
+            while len(self._buffer) >= HEADER.size:
+                (length,) = HEADER.unpack_from(self._buffer)
+                if length > self.limit:
+                    # Judged on the header alone: nothing of an oversized frame is buffered.
+                    raise FrameTooLarge(f"a frame announces {length} bytes; the limit is "
+                                        f"{self.limit}")
+                if len(self._buffer) < HEADER.size + length:
+                    break
+                payload = bytes(self._buffer[HEADER.size:HEADER.size + length])
+                del self._buffer[:HEADER.size + length]
+                messages.append(decode(payload))
+        except FrameError as exc:
+            self._error = exc
+            self._buffer.clear()
+            if not messages:
+                raise
         return messages
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
 
     @property
     def pending(self) -> int:
@@ -120,6 +136,11 @@ class FrameProtocol(asyncio.Protocol):
             if not self.open:  # an earlier message's handler closed the channel
                 return
             self.on_message(message)
+        if self.frames.failed:
+            try:
+                self.frames.feed(b"")
+            except FrameError as exc:
+                self._fail(f"{exc.code}: {exc}")
 
     def eof_received(self) -> bool:
         self._fail("the peer closed the channel")
