@@ -10,16 +10,18 @@ a test CA, `POST /v1/chat` answering a small JSON body with a `usage` block):
   proxy from HTTP_PROXY on persistent keep-alive connections, absolute-form URLs
   `http://llm.gateway/v1/chat` and the run's Proxy-Authorization; the gateway adds the route's
   secret and forwards over TLS to the same upstream. The path measured is the real one:
-  sandbox -> veth -> nftables -> gateway (the daemon's gateway thread) -> TLS -> upstream.
+  sandbox -> veth -> nftables -> gateway (its own worker process, supervisor/egress/worker.py,
+  in its cgroup and below the daemon's CPU priority) -> TLS -> upstream.
 
 Each side runs two phases in one process: latency (sequential requests on one connection after a
 warm-up; median and p95 by nearest rank) and throughput (--concurrency threads, one keep-alive
 connection each, for --duration seconds; completed requests / elapsed). A sampler on the host
-reads the CPU time of the daemon process (its gateway thread does the proxying) and of this
-process (its upstream thread serves the requests) during each throughput phase, so the report
-also says where the CPU per request goes. The route has no budget and the breaker is disabled
-(it would trip on the rate); the profile allows the sandbox 2 CPUs so its CFS quota never
-throttles the client (the host client is not capped either).
+reads the CPU time of the daemon process, of the gateway worker (every process in its cgroup:
+it does the proxying) and of this process (its upstream thread serves the requests) during
+each throughput phase, so the report also says where the CPU per request goes. The route has
+no budget and the breaker is disabled (it would trip on the rate); the profile allows the
+sandbox 2 CPUs so its CFS quota never throttles the client (the host client is not capped
+either).
 
 Targets (issue): <= 1 ms added median latency on loopback; >= 2,000 requests/s through one
 daemon. A missed target prints MISSED but still exits 0: this is a benchmark, not a test.
@@ -58,6 +60,7 @@ if str(REPO) not in sys.path:
 
 from stats import cpu_model, nearest_rank  # noqa: E402
 
+from supervisor.sandbox.cgroups import unified_root  # noqa: E402
 from tests.support.egress import LLM_ROUTE, GatewayRig, gateway_rig  # noqa: E402
 
 TARGET_ADDED_MEDIAN_MS = 1.0
@@ -192,14 +195,25 @@ def process_cpu_s(pid: int | str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class CpuSampler:
-    """Every 20 ms: (wall clock, daemon CPU, this process's CPU). The daemon's CPU is its gateway
-    thread's plus its idle loop and telemetry; ours is the upstream thread's (the main thread
-    waits on a subprocess)."""
+def cgroup_cpu_s(procs: Path) -> float:
+    """CPU of every process listed in a cgroup.procs file (0 while it does not exist)."""
+    total = 0.0
+    with contextlib.suppress(OSError):
+        for pid in procs.read_text().split():
+            with contextlib.suppress(OSError):
+                total += process_cpu_s(pid)
+    return total
 
-    def __init__(self, daemon_pid: int) -> None:
+
+class CpuSampler:
+    """Every 20 ms: (wall clock, daemon CPU, gateway worker CPU, this process's CPU). The
+    daemon's CPU is its loop's, telemetry's and the worker channel's; the worker's is the
+    proxying; ours is the upstream thread's (the main thread waits on a subprocess)."""
+
+    def __init__(self, daemon_pid: int, worker_procs: Path) -> None:
         self.daemon_pid = daemon_pid
-        self.samples: list[tuple[float, float, float]] = []
+        self.worker_procs = worker_procs
+        self.samples: list[tuple[float, float, float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
 
@@ -207,7 +221,7 @@ class CpuSampler:
         while not self._stop.is_set():
             with contextlib.suppress(OSError):
                 self.samples.append((time.time(), process_cpu_s(self.daemon_pid),
-                                     process_cpu_s("self")))
+                                     cgroup_cpu_s(self.worker_procs), process_cpu_s("self")))
             self._stop.wait(0.02)
 
     def __enter__(self) -> CpuSampler:
@@ -218,14 +232,15 @@ class CpuSampler:
         self._stop.set()
         self._thread.join()
 
-    def between(self, start: float, end: float) -> tuple[float, float]:
-        """(daemon CPU s, our CPU s) from the last sample before `start` to the first after
+    def between(self, start: float, end: float) -> tuple[float, float, float]:
+        """(daemon, worker, our CPU s) from the last sample before `start` to the first after
         `end`: a slight overestimate (at most 2 x 20 ms of neighbouring work)."""
         before = [s for s in self.samples if s[0] <= start]
         after = [s for s in self.samples if s[0] >= end]
         if not before or not after:
-            return math.nan, math.nan
-        return after[0][1] - before[-1][1], after[0][2] - before[-1][2]
+            return math.nan, math.nan, math.nan
+        return (after[0][1] - before[-1][1], after[0][2] - before[-1][2],
+                after[0][3] - before[-1][3])
 
 
 # ----------------------------------------------------------------------------- running
@@ -274,7 +289,8 @@ def summarize(raw: Any, sampler: CpuSampler) -> dict[str, Any]:
     latency, throughput = raw["latency"], raw["throughput"]
     values = latency["ms"]
     done = throughput["requests"]
-    daemon_cpu, our_cpu = sampler.between(throughput["wall_start"], throughput["wall_end"])
+    daemon_cpu, worker_cpu, our_cpu = sampler.between(throughput["wall_start"],
+                                                      throughput["wall_end"])
     loaded = throughput["latency_ms"] or [math.nan]
     return {
         "python": raw["python"],
@@ -290,8 +306,9 @@ def summarize(raw: Any, sampler: CpuSampler) -> dict[str, Any]:
         # CPU per request during the throughput phase, in microseconds.
         "client_cpu_us": throughput["client_cpu_s"] / max(done, 1) * 1e6,
         "daemon_cpu_us": daemon_cpu / max(done, 1) * 1e6,
+        "worker_cpu_us": worker_cpu / max(done, 1) * 1e6,
         "upstream_cpu_us": our_cpu / max(done, 1) * 1e6,
-        "cpu_busy_cores": (throughput["client_cpu_s"] + daemon_cpu + our_cpu)
+        "cpu_busy_cores": (throughput["client_cpu_s"] + daemon_cpu + worker_cpu + our_cpu)
         / throughput["elapsed_s"],
     }
 
@@ -348,9 +365,10 @@ def print_report(info: dict[str, str], args: argparse.Namespace, direct: dict[st
     for name, s in ((DIRECT, direct), (GATEWAY, gateway)):
         print(f"  {name}: {s['loaded_median_ms']:.2f} / {s['loaded_p95_ms']:.2f} ms; "
               f"client {s['client_cpu_us']:.0f}, daemon {s['daemon_cpu_us']:.0f}, "
+              f"gateway worker {s['worker_cpu_us']:.0f}, "
               f"upstream {s['upstream_cpu_us']:.0f} µs; {s['cpu_busy_cores']:.2f} of "
               f"{info['nproc']} cores busy; errors: {len(s['errors'])}")
-    print(f"note: client, daemon (gateway thread) and upstream share {info['nproc']} cores, "
+    print(f"note: client, daemon, gateway worker and upstream share {info['nproc']} cores, "
           "with whatever else runs on the machine")
     for text in verdicts(direct, gateway):
         print(text)
@@ -399,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             client = tmp_root / "client.py"
             client.write_text(CLIENT)
             assert rig.daemon.proc is not None
-            with CpuSampler(rig.daemon.proc.pid) as sampler:
+            worker_procs = unified_root() / (rig.daemon.cgroup_parent.strip("/") + "-gateway")
+            with CpuSampler(rig.daemon.proc.pid, worker_procs / "cgroup.procs") as sampler:
                 print("direct: host -> upstream ...", file=sys.stderr)
                 direct_raw = run_direct(rig, args, client, tmp_root / "direct.json")
                 print("gateway: sandbox -> gateway -> upstream ...", file=sys.stderr)
