@@ -95,6 +95,9 @@ class Metrics(Collector):
             registry=self.registry)
         for result in ("pass", "fail"):
             self.drills.labels(result=result)
+        self.gateway_exits = Counter(
+            f"{PREFIX}_gateway_exits", "Times the egress gateway's process died or was killed "
+            "and was replaced (audited as gateway_exited)", registry=self.registry)
         self.audit_rows = audit.count() if audit is not None else 0
         self.registry.register(self)
         if audit is not None:
@@ -120,6 +123,8 @@ class Metrics(Collector):
         if (halt_verb is not None and entry.time_to_halt_ms is not None
                 and entry.outcome == "ok"):
             self.time_to_halt.labels(verb=halt_verb).observe(entry.time_to_halt_ms / 1000)
+        if entry.verb == "gateway_exited":
+            self.gateway_exits.inc()
         if entry.verb == "drill" and isinstance(entry.detail.get("passed"), bool):
             self.drills.labels(result="pass" if entry.detail["passed"] else "fail").inc()
 

@@ -52,6 +52,13 @@ def worker_limits(config: Config) -> WorkerLimits:
                         cpu_weight=egress.worker_cpu_weight, cpu_max=egress.worker_cpu_max)
 
 
+def _log_failure(attempt: asyncio.Task[None]) -> None:
+    """Whoever waited for a start may have given up (a launch's deadline): its outcome is
+    logged here, and so always retrieved."""
+    if not attempt.cancelled() and (exc := attempt.exception()) is not None:
+        log.error("egress gateway worker start failed: %s", exc)
+
+
 class WorkerProcess:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop,
                  on_event: Callable[[ipc.Message], None],
@@ -68,7 +75,8 @@ class WorkerProcess:
         self.restarts = 0
         self.last_exit: dict[str, Any] | None = None
         self._ready: asyncio.Future[None] | None = None
-        self._starting: asyncio.Task[None] | None = None
+        self._attempt: asyncio.Task[None] | None = None  # the start under way, if any
+        self._restarter: asyncio.Task[None] | None = None
         self._pidfd: int | None = None
         self._pending: dict[int, asyncio.Future[ipc.Message]] = {}
         self._ids = itertools.count(1)
@@ -95,15 +103,21 @@ class WorkerProcess:
             raise GatewayUnavailable(
                 "the egress gateway worker is down and waiting to be restarted; gateway runs "
                 "are refused until it is back", last_exit=self.last_exit, restarts=self.restarts)
-        if self._starting is None or self._starting.done():
-            self._starting = self.loop.create_task(self._start())
+        attempt = self._attempt
+        if attempt is None or attempt.done():
+            attempt = self._begin()
         try:
-            await asyncio.wait_for(asyncio.shield(self._starting), timeout)
+            await asyncio.wait_for(asyncio.shield(attempt), timeout)
         except GatewayUnavailable:
             raise
         except (TimeoutError, OSError, ConfinementFailed) as exc:
             raise GatewayUnavailable(f"the egress gateway is not running: {exc}",
                                      last_exit=self.last_exit) from exc
+
+    def _begin(self) -> asyncio.Task[None]:
+        attempt = self._attempt = self.loop.create_task(self._start())
+        attempt.add_done_callback(_log_failure)
+        return attempt
 
     async def _start(self) -> None:
         try:
@@ -115,6 +129,9 @@ class WorkerProcess:
 
     async def _spawn(self) -> None:
         await self.loop.run_in_executor(None, self.cgroup.create)
+        if self.cgroup.pids():
+            # A worker of a previous daemon instance that outlived it would hold the ports.
+            self.cgroup.kill()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             proc = self._popen(child)
@@ -273,7 +290,7 @@ class WorkerProcess:
             return
         self.on_exit(self.last_exit)
         self.restarts += 1
-        self._starting = self.loop.create_task(self._restart())
+        self._restarter = self.loop.create_task(self._restart())
 
     async def _restart(self) -> None:
         while not self._stopping:
@@ -285,10 +302,10 @@ class WorkerProcess:
                 finally:
                     self._backoff = False
             try:
-                await self._start()
+                await self._begin()
                 return
-            except (GatewayUnavailable, OSError, ConfinementFailed, TimeoutError) as exc:
-                log.error("egress gateway worker restart failed: %s", exc)
+            except (GatewayUnavailable, OSError, ConfinementFailed, TimeoutError):
+                pass  # logged by _begin; the next try waits longer
 
     # ------------------------------------------------------------------ stop
 
@@ -296,8 +313,9 @@ class WorkerProcess:
         """Orderly shutdown (every run has ended): ask, wait briefly, then kill; the cgroup
         goes. Blocks up to a few seconds, like the watchdog's stand-down."""
         self._stopping = True
-        if self._starting is not None and not self._starting.done():
-            self._starting.cancel()
+        for task in (self._attempt, self._restarter):
+            if task is not None and not task.done():
+                task.cancel()
         proc = self.proc
         if proc is not None:
             self.send({"op": "stop"})

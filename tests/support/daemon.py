@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from supervisor.api.client import Client
 from supervisor.egress import nft
+from supervisor.egress.confinement import WorkerCgroup, WorkerLimits
 from supervisor.sandbox.cgroups import Cgroup, unified_root
 
 REPO = Path(__file__).resolve().parents[2]
@@ -239,9 +240,13 @@ class Daemon:
         return sorted(str(c["Names"][0]).lstrip("/") for c in found)
 
     def cleanup_host(self) -> None:
-        """Remove the cgroup parent this daemon used (it must already be empty)."""
+        """Remove the cgroup parent this daemon used (it must already be empty), and its
+        gateway worker's cgroup if a daemon that died without stopping left it."""
         with contextlib.suppress(OSError):
             Cgroup(self.cgroup_parent).remove()
+        with contextlib.suppress(OSError):
+            gateway = self.cgroup_parent.rstrip("/") + "-gateway"
+            WorkerCgroup(gateway, WorkerLimits(0, 0, 0, 0)).remove()
 
 
 def _toml(value: Any) -> str:

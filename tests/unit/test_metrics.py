@@ -155,6 +155,16 @@ def test_drill_results_are_counted_by_outcome(env: ArbiterEnv) -> None:
     assert value(samples, "agent_supervisor_drills_total", result="fail") == 1
 
 
+def test_gateway_worker_exits_are_counted(env: ArbiterEnv) -> None:
+    metrics = Metrics(FakeArbiter(), env.audit, "1")
+    assert value(scrape(metrics), "agent_supervisor_gateway_exits_total") == 0
+    for _ in range(2):
+        env.audit.append(actor="system:supervisor", verb="gateway_exited", scope="global",
+                         target="egress-gateway", outcome="restarting")
+    env.audit.append(actor="system:supervisor", verb="reap", scope="global")
+    assert value(scrape(metrics), "agent_supervisor_gateway_exits_total") == 2
+
+
 def test_audit_rows_start_from_the_log_and_follow_it(env: ArbiterEnv) -> None:
     for _ in range(3):
         env.audit.append(actor="system", verb="daemon_start", scope="global")
