@@ -53,9 +53,11 @@ def _worker_pid(rig: GatewayRig) -> int | None:
     return pids[0] if len(pids) == 1 else None
 
 
-def _start(rig: GatewayRig, name: str, script: str = SLEEPER) -> dict[str, str]:
+def _start(rig: GatewayRig, name: str, script: str = SLEEPER, breaker: bool = True
+           ) -> dict[str, str]:
     """A detached gateway run; the proxy environment it was given."""
-    profile = rig.profile("gw", LLM_ROUTE)
+    profile = rig.profile("gw", LLM_ROUTE) if breaker else rig.profile(
+        "gw-nobreaker", LLM_ROUTE + "\n[network.gateway.breaker]\nenabled = false\n")
     path = rig.script(f"{name}.py", script)
     rig.daemon.agentctl_json("run", "--name", name, "--profile", profile, "--workspace",
                              str(rig.workspace), "--detach", "--", "python3", "-u", path)
@@ -211,7 +213,9 @@ def test_a_kill_during_a_refusal_flood_is_confirmed_and_the_flood_summarised(
             threading.Thread(target=hammer, args=(n,), daemon=True).start()
         time.sleep(600)
     """
-    _start(rig, "flooder", flood.replace("\n        ", "\n"))
+    # The breaker would pause the flooder (refusals count toward it); here the kill must land
+    # while the flood is still on.
+    _start(rig, "flooder", flood.replace("\n        ", "\n"), breaker=False)
     run_id = rig.daemon.agentctl_json("inspect", "flooder")["run"]["id"]
     wait_for(lambda: rig.exists("flooding"), 60, what="the refusal flood")
     result = rig.daemon.agentctl("kill", "flooder", "--reason", "flood", "--json", check=True)
