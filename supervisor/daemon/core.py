@@ -195,7 +195,7 @@ class Core:
     async def stop_observers(self) -> None:
         """After every run has ended: the gateway, the sampler thread, the seccomp listener."""
         if self.egress is not None:
-            self.egress.stop()
+            await self.egress.stop()
         self.telemetry.stop()
         if self.seccomp is not None:
             await self.seccomp.stop()

@@ -30,7 +30,7 @@ from supervisor.egress.accounting import Usage
 from supervisor.egress.grant import RunGrant
 from supervisor.egress.secrets import load_secret
 from supervisor.egress.worker import grant_to_wire
-from supervisor.egress.worker_process import WorkerProcess
+from supervisor.egress.worker_process import REQUEST_TIMEOUT, WorkerProcess
 from supervisor.errors import (
     ApprovalDecided,
     ApprovalNotFound,
@@ -142,6 +142,9 @@ class EgressControl:
         self.approvals: dict[str, PendingApproval] = {}
         self.records: dict[str, dict[str, Any]] = {}  # ended runs' egress, for CI reports
         self.dropped_events = 0  # reports the worker could not send (the daemon was behind)
+        # Ended runs whose final count is still being fetched: shutdown waits for them (the
+        # arbiter cancels its own tasks), so a CI report and the summary row are exact.
+        self._finishing: set[asyncio.Task[None]] = set()
         db.executescript(_SCHEMA)
 
     # ------------------------------------------------------------------ wiring
@@ -153,10 +156,13 @@ class EgressControl:
         self.arbiter.run_ended_hooks.append(self.run_ended)
         self.arbiter.reconcile_hooks.append(self.reap_leftovers)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """After every run has ended: their final counts, then the worker."""
         for approval in list(self.approvals.values()):
             self._decide(approval, False, "system:supervisor", "the supervisor stopped",
                          "cancelled")
+        if self._finishing:
+            await asyncio.wait(self._finishing, timeout=REQUEST_TIMEOUT + 1)
         self.worker.stop()
 
     def reap_leftovers(self) -> list[str]:
@@ -276,7 +282,8 @@ class EgressControl:
         self.records[run_id] = self._record(state)
         self._cancel_approvals(run_id, "the run ended")
         task = self.loop.create_task(self._finish(run_id, state))
-        self.arbiter.track(task)
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
 
     async def _finish(self, run_id: str, state: _RunEgress) -> None:
         if not state.lost and state.generation == self.worker.generation:
