@@ -386,9 +386,11 @@ class EgressControl:
     def _hold(self, approval_id: str, run_id: str, method: str, host: str, path: str,
               rule: str) -> None:
         state = self.runs.get(run_id)
-        if state is None or approval_id in self.approvals:
+        if state is None or state.revoked or state.lost or approval_id in self.approvals:
+            # A hold that crossed the revocation on the channel: nobody may approve it.
             self.worker.send({"op": "decide", "approval": approval_id, "approved": False,
-                              "by": "system:supervisor", "reason": "the run has ended"})
+                              "by": "system:supervisor",
+                              "reason": "the run's token was revoked or the run has ended"})
             return
         now = time.time()
         timeout = state.grant.policy.approval_timeout
