@@ -40,7 +40,8 @@ class AdmittedWorkspace:
 
 def credentials(actor: Actor) -> Credentials:
     """The caller's uid, gid and groups, as the API read them from the kernel."""
-    assert actor.uid is not None
+    if actor.uid is None:
+        raise ValueError("an actor without a uid has no credentials")
     gid = actor.gid if actor.gid is not None else actor.uid
     groups: set[int] = {gid}
     for name in actor.groups:
@@ -72,6 +73,9 @@ def _decide(workspace: str, actor: Actor, config: Config) -> AdmittedWorkspace:
     if Role.OWNER in roles:
         fd = _open_as_root(workspace)
         return AdmittedWorkspace(fd_path(fd), fd, "owner")
+    if actor.uid is None:  # no kernel identity: nothing to walk the path as
+        raise WorkspaceForbidden(f"workspace {workspace}: the caller has no uid to check it as",
+                                 workspace=workspace, hint="call through the control socket")
     creds = credentials(actor)
     denied: OSError
     try:
