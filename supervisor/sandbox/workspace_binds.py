@@ -26,6 +26,7 @@ import errno
 import json
 import os
 import stat
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -188,16 +189,17 @@ def stage(workspace_fd: int, readonly: list[str], directory: Path) -> StagedWork
                 targets[relative] = (fd, last or not is_dir)
                 if not is_dir:
                     break
-        for index, (relative, (fd, ro)) in enumerate(
-                sorted(targets.items(), key=lambda item: item[0].count("/") + bool(item[0]))):
-            point = directory / str(index)
+        ordered = sorted(targets.items(), key=lambda item: item[0].count("/") + bool(item[0]))
+        staged.binds = [Bind(relative, str(directory / str(index)), ro)
+                        for index, (relative, (_fd, ro)) in enumerate(ordered)]
+        staged.save()  # the whole plan first: unstage skips what was never mounted
+        for bind, (_relative, (fd, _ro)) in zip(staged.binds, ordered, strict=True):
+            point = Path(bind.source)
             if stat.S_ISDIR(os.fstat(fd).st_mode):
                 point.mkdir(mode=0o711)
             else:
                 point.touch(mode=0o600, exist_ok=False)
-            staged.binds.append(Bind(relative, str(point), ro))
-            staged.save()
-            _bind_fd(fd, point, ro)
+            _bind_fd(fd, point, bind.readonly)
     except BaseException:
         with contextlib.suppress(OSError):
             unstage(directory, workspace_fd)
@@ -237,7 +239,7 @@ def _remove_placeholder(parent_fd: int, item: Placeholder) -> bool:
         return False
 
 
-def _placeholder_parent(item: Placeholder, sources: dict[str, str], mounted: set[str],
+def _placeholder_parent(item: Placeholder, sources: dict[str, str], mounted: Counter[str],
                         workspace_fd: int | None) -> int | None:
     """An O_PATH fd of the placeholder's parent directory: through its staging bind when there
     is one (every parent of a placeholder is bound, and a bind follows the inode, whatever the
@@ -254,9 +256,11 @@ def _placeholder_parent(item: Placeholder, sources: dict[str, str], mounted: set
     return None
 
 
-def _mount_points() -> set[str]:
+def _mount_points() -> Counter[str]:
+    """Each mount point of this namespace, with how many mounts are stacked on it."""
     with open("/proc/self/mountinfo") as table:
-        return {line.split(" ", 5)[4].encode().decode("unicode_escape") for line in table}
+        return Counter(line.split(" ", 5)[4].encode().decode("unicode_escape")
+                       for line in table)
 
 
 def _unmount(point: Path) -> None:
@@ -294,9 +298,8 @@ def unstage(directory: Path, workspace_fd: int | None = None) -> list[str]:
     for point in sorted((p for p in directory.iterdir() if p.name.isdigit()),
                         key=lambda p: -int(p.name)):
         try:
-            while str(point) in mounted:  # stacked mounts: each goes
+            for _stacked in range(mounted[str(point)]):
                 _unmount(point)
-                mounted = _mount_points()
             st = point.lstat()
             if stat.S_ISDIR(st.st_mode):
                 point.rmdir()  # raises if not empty: never recurse into what may be a workspace
