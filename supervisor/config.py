@@ -215,7 +215,9 @@ class ControlSection(_Section):
     # previous response), and a request body within body_timeout once its head arrived.
     header_timeout: Annotated[Duration, Field(le=3600)] = 10.0
     body_timeout: Annotated[Duration, Field(le=3600)] = 10.0
-    max_body: Annotated[int, Field(ge=1024, le=64 * 1024**2)] = 1024**2
+    # A request body's bytes: far above any real request, and a bound on what one request
+    # costs the loop to judge (nesting) and parse.
+    max_body: Annotated[int, Field(ge=1024, le=64 * 1024**2)] = 256 * 1024
     # The longest request line or header line.
     max_line: Annotated[int, Field(ge=1024, le=65_536)] = 8190
     backlog: Annotated[int, Field(ge=16, le=65_536)] = 4096

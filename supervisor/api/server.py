@@ -148,7 +148,9 @@ _LOG_CHUNK = 65536
 _LOG_POLL = 0.05
 # Deeper JSON than any request model has is refused before it is parsed.
 JSON_DEPTH_MAX = 32
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# A string runs to its closing quote or to the end of the text: every quote starts a match
+# that succeeds, so an unterminated string costs one pass, never one pass per quote.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.|\\\Z)*(?:"|\Z)', re.DOTALL)
 _JSON_INNERMOST = re.compile(rb"\[[^\[\]{}]*\]|\{[^\[\]{}]*\}")
 _JSON_OPEN = re.compile(rb"[\[{]")
 
@@ -249,7 +251,7 @@ def nesting_exceeds(raw: bytes, limit: int = JSON_DEPTH_MAX) -> bool:
     for _ in range(limit):
         text, removed = _JSON_INNERMOST.subn(b"0", text)
         if not removed:
-            return False
+            break  # balanced: nothing left open; unbalanced: what is left is refused below
     return _JSON_OPEN.search(text) is not None
 
 

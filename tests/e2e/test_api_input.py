@@ -156,7 +156,7 @@ def test_an_unbounded_drill_slo_is_refused_and_the_history_stays_readable(
     nothing_changed(daemon)
 
 
-@pytest.mark.parametrize("depth", [33, 1000, 200_000])
+@pytest.mark.parametrize("depth", [33, 1000, 100_000])
 def test_deeply_nested_json_is_refused_before_it_is_parsed(daemon: Daemon, depth: int) -> None:
     raw = b'{"command": ["sh"], "env": ' + b"[" * depth + b"]" * depth + b"}"
     json_error(post(daemon, "/v1/runs", raw), 400, "invalid_json")
