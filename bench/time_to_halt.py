@@ -18,12 +18,26 @@ median at the same size, and a verdict on the target: the median `time_to_halt_m
 `agentctl kill` at 200 processes within 1.5x of raw `cgroup.kill`. A missed target prints MISSED
 but still exits 0: this is a benchmark, not a test.
 
+With --scope class (10 agents x 10 processes) or --scope global (100 agents x 20 processes) it
+measures a scoped halt instead, in rounds that alternate which side goes first:
+
+- the API: `POST /v1/actions/kill` with the class (or all=true) over the control socket; the
+  wall time of that call (request written -> answer read, all runs confirmed empty) and the
+  daemon's `time_to_halt_ms`;
+- raw `cgroup.kill` of the same shape of cgroups without the daemon: the same number of runc
+  containers with the same workload, one `cgroup.kill` write per container (class) or one
+  write to their parent (global), then the wait until every one is empty.
+
+Target: the API's answer within 1.5x raw. Add --iterations 2 or 3: a global round launches 200
+containers and takes about a minute on a small machine.
+
 Needs root, runc and cgroup v2 (pure or hybrid). It starts its own daemon (own state directory,
 cgroup parent and name prefix, see tests/support/daemon.py) and removes every container,
 network namespace, cgroup and temporary directory it made, also on Ctrl-C.
 
     sudo .venv/bin/python bench/time_to_halt.py [--iterations 20] [--sizes 1,200,1000]
                                                [--warmup 1] [--json samples.json]
+    sudo .venv/bin/python bench/time_to_halt.py --scope global --iterations 2 --warmup 0
 """
 
 from __future__ import annotations
@@ -94,6 +108,10 @@ SETTLE = 0.1  # after the workload is up, so every kill starts from a quiet cont
 RAW_UID_BASE = 1_000_000 + 400 * SANDBOX_UID_COUNT
 AGENT_UID = 1000
 PR_SET_CHILD_SUBREAPER = 36
+# --scope: (agents, processes per agent), as in issue 12.
+SCOPES = {"class": (10, 10), "global": (100, 20)}
+API_SCOPE = "API kill (answer)"
+RAW_SCOPE = "raw cgroup.kill"
 
 
 def workload(processes: int) -> list[str]:
@@ -382,6 +400,111 @@ def write_cgroup_kill_to(cgroup: Cgroup) -> None:
         handle.write("1")
 
 
+# ----------------------------------------------------------------------------- scoped halts
+
+@dataclass
+class ScopeSample:
+    mechanism: str
+    round: int
+    warmup: bool
+    answer_ms: float  # the API: the call's wall time; raw: first write -> every cgroup empty
+    time_to_halt_ms: float | None = None  # the API: the daemon's figure
+
+
+def halt_scope_api(daemon: Daemon, scope: str, round_index: int) -> tuple[float, float]:
+    """Launch the scope's agents through the API, then kill them all in one call."""
+    agents, processes = SCOPES[scope]
+    agent_class = f"bench{round_index}"
+    launched: list[tuple[Cgroup, int, str]] = []
+    for i in range(agents):
+        name = f"s{round_index}-{i}"
+        view = daemon.client.run({"name": name, "class": agent_class, "profile": PROFILE,
+                                  "command": workload(processes)})
+        cgroup = Cgroup(f"{daemon.cgroup_parent.strip('/')}/{daemon.prefix}-{view['id']}")
+        launched.append((cgroup, int(view["pid"]), name))
+    for cgroup, pid, name in launched:
+        wait_ready(cgroup, pid, processes, f"agent {name}")
+    target = {"class": agent_class} if scope == "class" else {"all": True}
+    t0 = time.perf_counter()
+    result = daemon.client.action("kill", target, reason=f"bench {scope} round {round_index}")
+    answer_ms = (time.perf_counter() - t0) * 1000
+    populated = [c.relative for c, _pid, _name in launched if c.exists() and c.populated()]
+    if populated:
+        raise RuntimeError(f"the API answered but {len(populated)} cgroups are populated")
+    if scope == "global":
+        daemon.client.action("reactivate", {"all": True}, reason="bench: next round")
+    return answer_ms, float(result["time_to_halt_ms"])
+
+
+def halt_scope_raw(raw: RawRuntime, scope: str) -> float:
+    """The same shape without the daemon: one write per container, or one to the parent."""
+    agents, processes = SCOPES[scope]
+    containers = [raw.launch(workload(processes)) for _ in range(agents)]
+    for container in containers:
+        assert container.pid is not None
+        wait_ready(container.cgroup, container.pid, processes, container.container_id)
+    parent = Cgroup(raw.cgroup_parent)
+    t0 = time.perf_counter()
+    if scope == "global":
+        write_cgroup_kill_to(parent)
+    else:
+        for container in containers:
+            write_cgroup_kill(container)
+    confirmed = all(c.cgroup.wait_empty(CONFIRM_TIMEOUT) for c in containers)
+    answer_ms = (time.perf_counter() - t0) * 1000
+    if not confirmed:
+        raise RuntimeError(f"raw {scope}: cgroups still populated {CONFIRM_TIMEOUT:g}s after")
+    for container in containers:
+        raw.remove(container)
+    return answer_ms
+
+
+def run_scopes(args: argparse.Namespace, daemon: Daemon, raw: RawRuntime) -> list[ScopeSample]:
+    samples: list[ScopeSample] = []
+    for round_index in range(args.warmup + args.iterations):
+        warmup = round_index < args.warmup
+        order = [API_SCOPE, RAW_SCOPE] if round_index % 2 == 0 else [RAW_SCOPE, API_SCOPE]
+        label = "warm-up" if warmup else f"round {round_index - args.warmup + 1}/{args.iterations}"
+        print(f"  {label}: {', '.join(order)}", file=sys.stderr, flush=True)
+        for mechanism in order:
+            if mechanism == API_SCOPE:
+                answer, halt = halt_scope_api(daemon, args.scope, round_index)
+                samples.append(ScopeSample(mechanism, round_index, warmup, answer, halt))
+            else:
+                samples.append(ScopeSample(mechanism, round_index, warmup,
+                                           halt_scope_raw(raw, args.scope)))
+    return samples
+
+
+def report_scopes(args: argparse.Namespace, samples: list[ScopeSample]) -> dict[str, Any]:
+    measured = [s for s in samples if not s.warmup]
+    api = [s.answer_ms for s in measured if s.mechanism == API_SCOPE]
+    halts = [s.time_to_halt_ms for s in measured
+             if s.mechanism == API_SCOPE and s.time_to_halt_ms is not None]
+    raw = [s.answer_ms for s in measured if s.mechanism == RAW_SCOPE]
+    agents, processes = SCOPES[args.scope]
+    print()
+    print(f"scope {args.scope}: {agents} agents x {processes} processes, {len(api)} rounds")
+    for label, values in ((f"{API_SCOPE}", api), ("API time_to_halt_ms", halts),
+                          (RAW_SCOPE + (" (parent)" if args.scope == "global" else
+                                        " (each run)"), raw)):
+        if values:
+            print(f"  {label:28} median {statistics.median(values):9.1f} ms  "
+                  f"min {min(values):9.1f}  max {max(values):9.1f}  "
+                  f"values {', '.join(f'{v:.1f}' for v in values)}")
+    summary: dict[str, Any] = {"scope": args.scope, "agents": agents, "processes": processes,
+                               "api_answer_ms": api, "api_time_to_halt_ms": halts,
+                               "raw_ms": raw}
+    if api and raw:
+        ratio = statistics.median(api) / statistics.median(raw)
+        outcome = "MET" if ratio <= TARGET_RATIO else "MISSED"
+        summary["verdict"] = (f"target: API answer <= {TARGET_RATIO}x raw cgroup.kill: "
+                              f"{statistics.median(api):.1f} ms vs "
+                              f"{statistics.median(raw):.1f} ms = {ratio:.2f}x -> {outcome}")
+        print(summary["verdict"])
+    return summary
+
+
 # ----------------------------------------------------------------------------- report
 
 def machine_info(runc: str) -> dict[str, str]:
@@ -495,7 +618,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runtime", choices=("runc", "docker"), default="runc",
                         help="docker: the daemon on the docker runtime, against docker kill "
                              "(API) + wait and docker stop -t 0 on identical containers")
+    parser.add_argument("--scope", choices=("agent", "class", "global"), default="agent",
+                        help="class: 10 agents x 10 processes in one kill; global: 100 x 20 "
+                             "(runc only); agent (default): one agent per kill, by size")
     args = parser.parse_args(argv)
+    if args.scope != "agent" and args.runtime != "runc":
+        parser.error("--scope class/global compares against raw runc containers: runc only")
     try:
         args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError:
@@ -587,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     created_top = [tree for tree in top_parents if not tree.exists()]
     raw: RawRuntime | DockerRaw | None = None
     samples: list[Sample] = []
+    scope_samples: list[ScopeSample] = []
     interrupted = False
     try:
         write_profile(daemon)
@@ -596,14 +725,19 @@ def main(argv: list[str] | None = None) -> int:
             raw = DockerRaw(daemon, profile)
         else:
             raw = RawRuntime(
-                workdir=tmp_root / "raw", cgroup_parent=daemon.cgroup_parent.strip("/"),
+                workdir=tmp_root / "raw", cgroup_parent=daemon.cgroup_parent.strip("/") + (
+                    "-raw" if args.scope != "agent" else ""),
                 tag=daemon.prefix, profile=profile,
                 seccomp=load_seccomp(profile.seccomp.profile), runc=args.runc,
             )
             (raw.workdir / "bundles").mkdir(parents=True)
             raw.workdir.chmod(0o755)
             (raw.workdir / "bundles").chmod(0o755)
-        samples = run_benchmark(args, daemon, raw)
+        if args.scope != "agent":
+            assert isinstance(raw, RawRuntime)
+            scope_samples = run_scopes(args, daemon, raw)
+        else:
+            samples = run_benchmark(args, daemon, raw)
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted; cleaning up", file=sys.stderr)
@@ -611,6 +745,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         problems = raw.remove_all() if isinstance(raw, RawRuntime) else []
+        if isinstance(raw, RawRuntime) and args.scope != "agent":
+            problems += Cgroup(raw.cgroup_parent).remove(strict=False)
         if isinstance(raw, DockerRaw):
             raw.close()
         code = daemon.stop()
@@ -634,6 +770,14 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp_root, ignore_errors=True)
     if interrupted:
         return 130
+    if args.scope != "agent":
+        summary = report_scopes(args, scope_samples)
+        if args.json is not None:
+            args.json.write_text(json.dumps({
+                "machine": info, "summary": summary, "warmup": args.warmup,
+                "samples": [s.__dict__ for s in scope_samples]}, indent=1) + "\n")
+            print(f"samples written to {args.json}")
+        return 0
 
     docker = args.runtime == "docker"
     rows = summarize(samples, args.sizes, DOCKER_MECHANISMS if docker else MECHANISMS)

@@ -497,6 +497,9 @@ class Arbiter:
         time_to_halt), its agent, the observers; then step 6 (runtime state, bundle) in the
         background, tracked, so no answer ever waits on a runtime."""
         run = live.record
+        if RunState(run.state) in RUN_ENDED:  # ended already (a launch that failed under a kill)
+            live.done.set()
+            return
         run.state = run_end(RunState(run.state), cause).value
         run.end_cause = cause.value
         run.end_reason = reason or cause.value
