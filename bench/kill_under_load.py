@@ -519,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("wall = POST /v1/actions/kill written -> answer read; halt = the daemon's "
           "time_to_halt_ms")
+    if "halfopen" in loads:
+        print(f"halfopen: {bench.opened} half-open connections held during each of its kills")
     print(verdict(rows))
     if args.json is not None:
         args.json.write_text(json.dumps({"rows": rows, "verdict": verdict(rows),
