@@ -152,7 +152,8 @@ class Arbiter:
         self.logs_dir = config.logs_dir
         self._tasks: set[asyncio.Task[Any]] = set()
         # Step 6 of ended runs, after the answer: run id -> its cleanup.
-        self.cleanups: dict[str, asyncio.Task[None]] = {}
+        self.cleanups: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        self._cleanup_audits: set[asyncio.Task[Any]] = set()
 
     # ----------------------------------------------------------------- helpers
 
@@ -528,17 +529,18 @@ class Arbiter:
         self.cleanups[run.id] = cleanup
         cleanup.add_done_callback(lambda _t: self.cleanups.pop(run.id, None))
 
-    async def _cleanup(self, live: LiveRun) -> None:
-        """Step 6: the runtime's state, the bundle, the cgroup directories. Audited."""
+    async def _cleanup(self, live: LiveRun) -> dict[str, Any]:
+        """Step 6: the runtime's state, the bundle, the cgroup directories. A failure is
+        audited here; a scoped halt's cleanups are also audited together (`_audit_cleanups`)."""
         assert live.handle is not None
         run = live.record
         t0 = time.perf_counter()
         outcome = "ok"
-        detail: dict[str, Any] = {"run": run.id, "cause": run.end_cause}
+        detail: dict[str, Any] = {"run": run.id, "cause": run.end_cause, "outcome": outcome}
         try:
             await live.handle.cleanup()
         except Exception as exc:
-            outcome = "failed"
+            outcome = detail["outcome"] = "failed"
             detail["error"] = f"{type(exc).__name__}: {exc}"
             log.exception("run %s: cleanup failed", run.id)
         finally:
@@ -549,6 +551,22 @@ class Arbiter:
             self.audit.append(actor=SYSTEM.label(), verb="cleanup", scope=f"agent:{run.agent}",
                               target=run.agent, outcome=outcome, detail=detail)
         log.info("run %s cleaned up (%s) in %.1f ms", run.id, outcome, detail["cleanup_ms"])
+        return detail
+
+    async def _audit_cleanups(self, tasks: list[asyncio.Task[dict[str, Any]]], scope: str,
+                              verb: str) -> None:
+        """One row for the runtime cleanup that followed a scoped halt's answer."""
+        t0 = time.perf_counter()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        details = [d for d in done if isinstance(d, dict)]
+        failed = [d["run"] for d in details if d.get("outcome") != "ok"]
+        self.audit.append(
+            actor=SYSTEM.label(), verb="cleanup", scope=scope, reason=f"after {verb}",
+            outcome="ok" if not failed and len(details) == len(tasks) else "failed",
+            detail={"runs": len(tasks), "failed": failed,
+                    "after_answer_ms": round((time.perf_counter() - t0) * 1000, 3),
+                    "slowest_ms": max((d.get("cleanup_ms", 0.0) for d in details),
+                                      default=None)})
 
     async def settled(self, run_id: str, timeout: float | None = None) -> None:
         """Until the run has ended and its cleanup (step 6) is done."""
@@ -616,6 +634,12 @@ class Arbiter:
             results.append(await self._after_kill(agent, previous, new, live, kills, actor,
                                                   reason, scope, verb, cause, t0, arrived_at,
                                                   owner=live in owned))
+        if len(marks) > 1 or whole_parent:  # a scoped halt: its cleanup is audited as one
+            tasks = [self.cleanups[run_id] for run_id in kills if run_id in self.cleanups]
+            if tasks:
+                audit = self._spawn(self._audit_cleanups(tasks, scope, verb))
+                self._cleanup_audits.add(audit)
+                audit.add_done_callback(self._cleanup_audits.discard)
         return results
 
     async def _after_kill(self, agent: AgentRecord, previous: AgentState, new: AgentState,
@@ -675,7 +699,7 @@ class Arbiter:
                             actor: Actor, verb: str, reason: str, t0: float) -> None:
         """Retry an unconfirmed kill until the kernel reports the cgroup empty."""
         attempts = await kill.keep_killing()
-        kill.teardown()
+        await kill.teardown_off_loop()
         time_to_halt_ms = _ms_since(t0, kill.report.halted_at or time.perf_counter())
         assert live.ending is not None
         self._finalise(live, live.ending, exit_code=_exit_code(live),
@@ -970,6 +994,7 @@ class Arbiter:
         # and every cleanup finish before the loop ends; cancelling them would leave state.
         in_flight: list[Awaitable[Any]] = [live.done.wait() for live in self.live.values()]
         in_flight += [asyncio.shield(task) for task in self.cleanups.values()]
+        in_flight += [asyncio.shield(task) for task in self._cleanup_audits]
         if in_flight:
             try:
                 await asyncio.wait_for(asyncio.gather(*in_flight, return_exceptions=True),

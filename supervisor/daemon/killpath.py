@@ -129,7 +129,7 @@ class RunKill:
         await self.revoke()
         self.sigkill()
         await self.confirm()
-        self.teardown()
+        await self.teardown_off_loop()
         return self.report
 
     async def revoke(self) -> None:
@@ -178,6 +178,11 @@ class RunKill:
             log.exception("run %s: network teardown failed", self.report.run_id)
             self.report.errors["network"] = f"{type(exc).__name__}: {exc}"
         self.report.halted_at = time.perf_counter()
+
+    async def teardown_off_loop(self) -> None:
+        """Step 5 on a thread: unmounting a namespace can wait on the kernel for a while, and
+        a scoped halt tears every run's down at once."""
+        await asyncio.get_running_loop().run_in_executor(CONFIRMERS, self.teardown)
 
     async def keep_killing(self, interval_log: int = 10) -> int:
         """An unconfirmed kill is not done: SIGKILL again (alternating the mechanism) until the
@@ -230,6 +235,5 @@ async def sweep(kills: Sequence[RunKill], parent: RunCgroup | None = None,
     for kill in kills:
         kill.sigkill(parent_mechanism if kill.report.run_id in covered else None)
     await asyncio.gather(*(kill.confirm() for kill in kills))
-    for kill in kills:
-        kill.teardown()
+    await asyncio.gather(*(kill.teardown_off_loop() for kill in kills))
     return [kill.report for kill in kills]

@@ -158,7 +158,7 @@ def test_a_sweep_kills_everything_before_it_confirms_anything() -> None:
     assert sorted(revokes) == ["revoke a", "revoke b", "revoke c"]
     assert rest[:3] == ["cgroup.kill a", "cgroup.kill b", "cgroup.kill c"]
     assert sorted(rest[3:6]) == ["confirm a", "confirm b", "confirm c"]
-    assert rest[6:] == ["network a", "network b", "network c"]
+    assert sorted(rest[6:]) == ["network a", "network b", "network c"]
     assert all(r.confirmed for r in reports)
 
 
@@ -224,6 +224,14 @@ def test_a_class_halt_answers_before_the_runtime_cleans_up(env: ArbiterEnv) -> N
         assert all(h.cleaned for h in handles)
         runs = [env.store.run(v.id) for v in views]
         assert all(r is not None and r.end_cause == "killed" for r in runs)
+        for _ in range(100):  # the scoped halt's cleanup is audited once it is all done
+            if any(e.verb == "cleanup" for e in env.audit.list()):
+                break
+            await asyncio.sleep(0.01)
+        [row] = [e for e in env.audit.list() if e.verb == "cleanup"]
+        assert (row.scope, row.outcome, row.detail["runs"]) == ("class:web", "ok", 3)
+        kills = [e.seq for e in env.audit.list() if e.verb == "kill"]
+        assert row.seq > max(kills), "the cleanup is audited after the answer's rows"
 
     asyncio.run(body())
 
