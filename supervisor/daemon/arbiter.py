@@ -616,8 +616,9 @@ class Arbiter:
             else:
                 live.ending = cause  # a graceful stop in its grace period is overtaken
                 owned.append(live)
-        for agent, _previous, _new, _live in marks:
-            self.store.put_agent(agent)
+        self.store.put_agents([agent for agent, _previous, _new, _live in marks])
+        owned_ids = {live.record.id for live in owned}
+        scoped = len(marks) > 1 or whole_parent
         kills: dict[str, RunKill] = {}
         covered: set[str] = set()
         prefix = self.parent_path + "/"
@@ -627,14 +628,23 @@ class Arbiter:
                 kills[live.record.id] = kill
                 if whole_parent and live.record.cgroup.startswith(prefix):
                     covered.add(live.record.id)
+        t_ready = time.perf_counter()
         await sweep(list(kills.values()), self.parent if covered else None, frozenset(covered))
+        t_swept = time.perf_counter()
 
         results: list[AgentResult | SupervisorError] = []
         for agent, previous, new, live in marks:
             results.append(await self._after_kill(agent, previous, new, live, kills, actor,
                                                   reason, scope, verb, cause, t0, arrived_at,
-                                                  owner=live in owned))
-        if len(marks) > 1 or whole_parent:  # a scoped halt: its cleanup is audited as one
+                                                  owner=live is not None and
+                                                  live.record.id in owned_ids,
+                                                  scoped=scoped))
+        log.log(logging.WARNING if scoped else logging.INFO,
+                "%s of %d agents, %d runs (%s) by %s (%s): queued %.1f ms, steps 2-5 %.1f ms, "
+                "records and audit %.1f ms", verb, len(marks), len(kills), scope,
+                actor.label(), reason or "no reason", _ms_since(t0, t_ready),
+                _ms_since(t_ready, t_swept), _ms_since(t_swept, time.perf_counter()))
+        if scoped:  # a scoped halt: its cleanup is audited as one
             tasks = [self.cleanups[run_id] for run_id in kills if run_id in self.cleanups]
             if tasks:
                 audit = self._spawn(self._audit_cleanups(tasks, scope, verb))
@@ -645,7 +655,8 @@ class Arbiter:
     async def _after_kill(self, agent: AgentRecord, previous: AgentState, new: AgentState,
                           live: LiveRun | None, kills: dict[str, RunKill], actor: Actor,
                           reason: str, scope: str, verb: str, cause: EndCause, t0: float,
-                          arrived_at: float, *, owner: bool) -> AgentResult | SupervisorError:
+                          arrived_at: float, *, owner: bool, scoped: bool
+                          ) -> AgentResult | SupervisorError:
         detail: dict[str, Any] = {"actor": _who(actor), "cause": cause.value,
                                   "request_arrived_at": round(arrived_at, 6)}
         time_to_halt_ms: float | None = None
@@ -678,14 +689,16 @@ class Arbiter:
                 run_reason = f"{verb}: {reason}" if reason else verb
                 self._finalise(live, cause, exit_code=_exit_code(live),
                                time_to_halt_ms=time_to_halt_ms, reason=run_reason)
-        self.store.put_agent(agent)
         self.audit.append(
             actor=actor.label(), verb=verb, scope=scope, target=agent.name, reason=reason,
             previous_state=previous.value, new_state=new.value,
             time_to_halt_ms=time_to_halt_ms, outcome=outcome, detail=detail,
         )
-        log.warning("%s agent %s by %s (%s): time_to_halt_ms=%s", verb, agent.name,
-                    actor.label(), reason or "no reason", time_to_halt_ms)
+        # A scoped halt logs one line for all (_kill): a line per agent would be written,
+        # to a journal that may be slow, while the answer waits.
+        log.log(logging.DEBUG if scoped else logging.WARNING,
+                "%s agent %s by %s (%s): time_to_halt_ms=%s", verb, agent.name, actor.label(),
+                reason or "no reason", time_to_halt_ms)
         if outcome == "unconfirmed":
             return KillUnconfirmed(
                 f"agent {agent.name}: the kernel still reports processes after escalation",

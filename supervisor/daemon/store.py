@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -107,12 +107,18 @@ class Store:
                 db.execute("ALTER TABLE runs ADD COLUMN end_cause TEXT")
 
     def put_agent(self, agent: AgentRecord) -> None:
-        row = asdict(agent)
+        self.put_agents([agent])
+
+    def put_agents(self, agents: list[AgentRecord]) -> None:
+        """In one transaction: a scoped kill marks every agent at once."""
+        if not agents:
+            return
+        names = [f.name for f in fields(AgentRecord)]
         with self.db:
-            self.db.execute(
-                f"INSERT OR REPLACE INTO agents ({', '.join(row)}) "
-                f"VALUES ({', '.join('?' for _ in row)})",
-                list(row.values()),
+            self.db.executemany(
+                f"INSERT OR REPLACE INTO agents ({', '.join(names)}) "
+                f"VALUES ({', '.join('?' for _ in names)})",
+                [[getattr(agent, name) for name in names] for agent in agents],
             )
 
     def delete_agent(self, name: str) -> None:
@@ -125,8 +131,8 @@ class Store:
         return [AgentRecord(**dict(zip(names, r, strict=True))) for r in cur.fetchall()]
 
     def put_run(self, run: RunRecord) -> None:
-        row = asdict(run)
-        row.pop("extra")
+        # A shallow row: dataclasses.asdict deep-copies, and a scoped kill writes many runs.
+        row = {f.name: getattr(run, f.name) for f in fields(RunRecord) if f.name != "extra"}
         row["command"] = json.dumps(row["command"])
         with self.db:
             self.db.execute(
