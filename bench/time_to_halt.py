@@ -704,8 +704,12 @@ def main(argv: list[str] | None = None) -> int:
     become_subreaper()
     info = machine_info(args.runc)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
-    print(f"sizes {args.sizes}, {args.iterations} iterations (+{args.warmup} warm-up) per "
-          f"mechanism and size", flush=True)
+    if args.scope != "agent":
+        print(f"scope {args.scope} {SCOPES[args.scope]}, {args.iterations} rounds "
+              f"(+{args.warmup} warm-up), API and raw alternating first", flush=True)
+    else:
+        print(f"sizes {args.sizes}, {args.iterations} iterations (+{args.warmup} warm-up) per "
+              f"mechanism and size", flush=True)
 
     tmp_root = Path(tempfile.mkdtemp(prefix="as-bench-", dir="/tmp"))
     tmp_root.chmod(0o755)  # the sandbox's mapped uids must traverse to the bundles' rootfs

@@ -234,6 +234,12 @@ async def sweep(kills: Sequence[RunKill], parent: RunCgroup | None = None,
                       exc)
     for kill in kills:
         kill.sigkill(parent_mechanism if kill.report.run_id in covered else None)
+    t_killed = time.perf_counter()
     await asyncio.gather(*(kill.confirm() for kill in kills))
+    t_confirmed = time.perf_counter()
     await asyncio.gather(*(kill.teardown_off_loop() for kill in kills))
+    if len(kills) > 1:
+        log.info("sweep of %d runs: confirmed %.1f ms after the kill, networks down %.1f ms "
+                 "later", len(kills), (t_confirmed - t_killed) * 1000,
+                 (time.perf_counter() - t_confirmed) * 1000)
     return [kill.report for kill in kills]
