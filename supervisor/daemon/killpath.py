@@ -235,6 +235,15 @@ async def sweep(kills: Sequence[RunKill], parent: RunCgroup | None = None,
     for kill in kills:
         kill.sigkill(parent_mechanism if kill.report.run_id in covered else None)
     t_killed = time.perf_counter()
+    if parent is not None and parent_mechanism is not None and kills:
+        # One wait on the parent's cgroup.events instead of one per run while the kernel
+        # works; each run's own confirmation after it is then immediate.
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(CONFIRMERS, parent.wait_empty, kills[0].confirm_timeout)
+        except OSError as exc:
+            log.error("global halt: waiting on the parent failed (%s); confirming run by run",
+                      exc)
     await asyncio.gather(*(kill.confirm() for kill in kills))
     t_confirmed = time.perf_counter()
     await asyncio.gather(*(kill.teardown_off_loop() for kill in kills))
