@@ -55,6 +55,24 @@ class SandboxSection(_Section):
     workspace_min_owner_uid: Annotated[int, Field(ge=1)] = 1000
 
 
+class ResourcesSection(_Section):
+    """What all runs together may take from the host, and what stays the host's
+    (supervisor/sandbox/budget.py, supervisor/sandbox/userns.py)."""
+
+    # pids.max of the runs' parent cgroup; 0: the kernel's pid limit less host_pids_reserve.
+    runs_pids_max: Annotated[int, Field(ge=0)] = 0
+    host_pids_reserve: Annotated[int, Field(ge=64)] = 4096
+    # The parent's memory limit; 0: the host's RAM less host_memory_reserve.
+    runs_memory_max: Size = 0
+    host_memory_reserve: Size = 1024**3
+    # Per run, in its user namespace; host root's limits are raised (never lowered) to hold
+    # sandbox.max_runs runs at these plus the host's own reserve.
+    run_inotify_instances: Annotated[int, Field(ge=1)] = 32
+    run_inotify_watches: Annotated[int, Field(ge=1)] = 16384
+    host_inotify_instances_reserve: Annotated[int, Field(ge=1)] = 128
+    host_inotify_watches_reserve: Annotated[int, Field(ge=1)] = 65536
+
+
 class DockerSection(_Section):
     # Enables the docker runtime for profiles that ask for it while the default stays runc.
     enabled: bool = False
@@ -226,6 +244,7 @@ class ControlSection(_Section):
 class Config(_Section):
     daemon: DaemonSection = DaemonSection()
     sandbox: SandboxSection = SandboxSection()
+    resources: ResourcesSection = ResourcesSection()
     kill: KillSection = KillSection()
     docker: DockerSection = DockerSection()
     roles: RolesSection = RolesSection()

@@ -29,6 +29,7 @@ from supervisor.runtime.base import Runtime
 from supervisor.runtime.output import Outputs
 from supervisor.runtime.router import RuntimeRouter
 from supervisor.runtime.sandboxed import RuncRuntime
+from supervisor.sandbox import budget, userns
 from supervisor.sandbox.cgroups import Cgroup, CgroupMode, detect_mode
 from supervisor.sandbox.command import check_command
 from supervisor.sandbox.seccomp_notify import SeccompListener, unsupported_reason
@@ -112,6 +113,17 @@ class Core:
                 await seccomp.start()
             else:
                 log.warning("no syscall telemetry: %s; escape-class syscalls stay EPERM", why)
+        # Kernel resources an agent's runs are charged to: host root's per-user limits and the
+        # runs' parent cgroup (supervisor/sandbox/userns.py, budget.py). Fail closed.
+        res = config.resources
+        run_limits = userns.UsernsLimits.for_runs(res.run_inotify_instances,
+                                                  res.run_inotify_watches).present()
+        userns.raise_host_limits(run_limits, config.sandbox.max_runs, {
+            "max_inotify_instances": res.host_inotify_instances_reserve,
+            "max_inotify_watches": res.host_inotify_watches_reserve})
+        budget.apply(config.sandbox.cgroup_parent, budget.RunsBudget.for_host(
+            res.runs_pids_max, res.host_pids_reserve, res.runs_memory_max,
+            res.host_memory_reserve))
         # Output reaches each run's log file through a pipe or stream the supervisor drains,
         # up to the run's cap (supervisor/runtime/output.py).
         outputs = Outputs(config.output.max_bytes)
@@ -123,6 +135,7 @@ class Core:
             workspaces_dir=config.daemon.runtime_dir / "workspaces",
             bundles_dir=config.daemon.runtime_dir / "bundles", max_runs=config.sandbox.max_runs,
             outputs=outputs, seccomp_listener=seccomp.path if seccomp else None,
+            userns_limits=run_limits,
         )
         runtimes: dict[str, Runtime] = {"runc": runc}
         # Docker (supervisor/runtime/containerized.py): the engine must answer now, with the

@@ -23,7 +23,7 @@ from supervisor.runtime.control import (
 from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT, OutputRecorder, Outputs
 from supervisor.runtime.runc import Runc, ensure_root
 from supervisor.runtime.workspace import pin_workspace, stage_workspace, workspace_owner
-from supervisor.sandbox import netns, workspace_binds
+from supervisor.sandbox import netns, userns, workspace_binds
 from supervisor.sandbox.bundle import (
     SANDBOX_UID_COUNT,
     WORKSPACE_MOUNT,
@@ -33,6 +33,7 @@ from supervisor.sandbox.bundle import (
     write_bundle,
 )
 from supervisor.sandbox.cgroups import Cgroup, detect_mode, unified_root
+from supervisor.sandbox.userns import UsernsLimits
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,12 @@ class RuncRuntime:
     def __init__(self, runc_binary: str, runc_root: Path, cgroup_parent: str, name_prefix: str,
                  uid_base: int, agent_uid: int, workspace_min_owner_uid: int,
                  workspaces_dir: Path, bundles_dir: Path, max_runs: int,
-                 outputs: Outputs, seccomp_listener: Path | None = None) -> None:
+                 outputs: Outputs, seccomp_listener: Path | None = None,
+                 userns_limits: UsernsLimits | None = None) -> None:
         self.runc = Runc(runc_binary, runc_root)
         self.outputs = outputs
+        # Written into each run's user namespace before it starts (sandbox/userns.py).
+        self.userns_limits = userns_limits
         # The daemon's seccomp notify socket; None renders notified syscalls as plain EPERM.
         self.seccomp_listener = seccomp_listener
         self.bundles_dir = bundles_dir
@@ -198,6 +202,8 @@ class RuncRuntime:
                 )
             finally:
                 os.close(stdio)  # the container's processes hold the only write ends now
+            if self.userns_limits is not None:  # created, not started: the agent has not run
+                await userns.apply(pid, self.userns_limits)
             pidfd = os.pidfd_open(pid)
             undo.append(lambda: quiet(os.close, pidfd))
             if staged is not None and (wrong := workspace_binds.misplaced(

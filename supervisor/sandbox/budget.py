@@ -1,0 +1,106 @@
+"""The budget of all runs together: pids and memory limits on the parent cgroup every run lives
+under, so that runs at their own limits cannot take the host's last pids or memory (eight
+default runs of 4096 pids each are every pid of a host with pid_max 32768). Needs root.
+
+Where the limits live depends on the host: on a hybrid host the v1 `pids` and `memory`
+hierarchies hold them (the unified tree there has no controllers); on a pure v2 host the
+parent's `pids.max` and `memory.max`, with both controllers enabled down to it. Both limits
+are hierarchical, so they bound the sum of the runs below, whichever runtime made them."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisor.errors import EnforcementError
+from supervisor.sandbox.cgroups import CGROUP_ROOT, CgroupMode, detect_mode
+
+log = logging.getLogger(__name__)
+
+_CONTROLLERS = ("pids", "memory")
+
+
+@dataclass(frozen=True)
+class RunsBudget:
+    pids_max: int
+    memory_max: int
+
+    @classmethod
+    def for_host(cls, runs_pids_max: int, host_pids_reserve: int, runs_memory_max: int,
+                 host_memory_reserve: int) -> RunsBudget:
+        """The configured budget, or (0) the host's capacity less its reserve."""
+        pids = runs_pids_max or host_pid_limit() - host_pids_reserve
+        memory = runs_memory_max or mem_total() - host_memory_reserve
+        if pids < 1 or memory < 1:
+            raise EnforcementError(
+                "the host's reserve leaves nothing for runs", pids_budget=pids,
+                memory_budget=memory, hint="lower [resources] host_pids_reserve or "
+                "host_memory_reserve, or set runs_pids_max and runs_memory_max")
+        return cls(pids, memory)
+
+
+def host_pid_limit() -> int:
+    """How many tasks the host can have at once: the lower of pid_max and threads-max."""
+    return min(int(Path("/proc/sys/kernel/pid_max").read_text()),
+               int(Path("/proc/sys/kernel/threads-max").read_text()))
+
+
+def mem_total() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise EnforcementError("no MemTotal in /proc/meminfo")
+
+
+def apply(parent: str, budget: RunsBudget, root: Path = CGROUP_ROOT) -> dict[str, str]:
+    """Write the budget on `parent` (a path under every hierarchy, e.g. /agent-supervisor) and
+    read it back; what was written, by file. Refuses (fail closed) when it does not hold."""
+    parent = parent.strip("/")
+    mode = detect_mode(root)
+    if mode is CgroupMode.HYBRID:
+        files = {root / "pids" / parent / "pids.max": str(budget.pids_max),
+                 root / "memory" / parent / "memory.limit_in_bytes": str(budget.memory_max)}
+    elif mode is CgroupMode.V2:
+        _enable_controllers(root, parent)
+        files = {root / parent / "pids.max": str(budget.pids_max),
+                 root / parent / "memory.max": str(budget.memory_max)}
+    else:
+        raise EnforcementError("no cgroup tree to hold the runs' budget", root=str(root))
+    written: dict[str, str] = {}
+    for path, value in files.items():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(value)
+            held = path.read_text().strip()
+        except OSError as exc:
+            raise EnforcementError(f"cannot set the runs' budget in {path}: {exc.strerror}",
+                                   path=str(path), value=value) from exc
+        # v1 rounds memory limits down to a page.
+        if held != value and not (path.name == "memory.limit_in_bytes"
+                                  and abs(int(held) - int(value)) < os.sysconf("SC_PAGE_SIZE")):
+            raise EnforcementError(f"the runs' budget did not hold in {path}", path=str(path),
+                                   value=value, read=held)
+        written[str(path)] = held
+    log.info("runs' budget on %s: %s", parent, written)
+    return written
+
+
+def _enable_controllers(root: Path, parent: str) -> None:
+    """pids and memory in every cgroup.subtree_control from the root down to `parent`'s parent,
+    so `parent` has the files (a v2 child has a controller only if its parent delegates it)."""
+    current = root
+    for part in [*Path(parent).parts]:
+        control = current / "cgroup.subtree_control"
+        enabled = control.read_text().split()
+        missing = [c for c in _CONTROLLERS if c not in enabled]
+        if missing:
+            try:
+                control.write_text(" ".join(f"+{c}" for c in missing))
+            except OSError as exc:
+                raise EnforcementError(
+                    f"cannot enable {', '.join(missing)} in {control}: {exc.strerror}",
+                    path=str(control)) from exc
+        current = current / part
+        current.mkdir(exist_ok=True)
