@@ -59,11 +59,11 @@ class ResourcesSection(_Section):
     """What all runs together may take from the host, and what stays the host's
     (supervisor/sandbox/budget.py, supervisor/sandbox/userns.py)."""
 
-    # pids.max of the runs' parent cgroup; 0: the kernel's pid limit less host_pids_reserve.
-    runs_pids_max: Annotated[int, Field(ge=0)] = 0
+    # pids.max of the runs' parent cgroup; unset: the kernel's pid limit less host_pids_reserve.
+    runs_pids_max: Annotated[int, Field(ge=1)] | None = None
     host_pids_reserve: Annotated[int, Field(ge=64)] = 4096
-    # The parent's memory limit; 0: the host's RAM less host_memory_reserve.
-    runs_memory_max: Size = 0
+    # The parent's memory limit; unset: the host's RAM less host_memory_reserve.
+    runs_memory_max: Size | None = None
     host_memory_reserve: Size = 1024**3
     # Per run, in its user namespace; host root's limits are raised (never lowered) to hold
     # sandbox.max_runs runs at these plus the host's own reserve.

@@ -28,9 +28,9 @@ class RunsBudget:
     memory_max: int
 
     @classmethod
-    def for_host(cls, runs_pids_max: int, host_pids_reserve: int, runs_memory_max: int,
-                 host_memory_reserve: int) -> RunsBudget:
-        """The configured budget, or (0) the host's capacity less its reserve."""
+    def for_host(cls, runs_pids_max: int | None, host_pids_reserve: int,
+                 runs_memory_max: int | None, host_memory_reserve: int) -> RunsBudget:
+        """The configured budget, or (None) the host's capacity less its reserve."""
         pids = runs_pids_max or host_pid_limit() - host_pids_reserve
         memory = runs_memory_max or mem_total() - host_memory_reserve
         if pids < 1 or memory < 1:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.config import ResourcesSection
+from supervisor.config import Config, ResourcesSection
 from supervisor.errors import EnforcementError
 from supervisor.sandbox import budget, userns
 
@@ -46,13 +46,13 @@ def test_no_cgroup_tree_refuses(tmp_path: Path) -> None:
 
 def test_the_budget_leaves_the_host_its_reserve() -> None:
     defaults = ResourcesSection()
-    auto = budget.RunsBudget.for_host(0, defaults.host_pids_reserve, 0,
+    auto = budget.RunsBudget.for_host(None, defaults.host_pids_reserve, None,
                                       defaults.host_memory_reserve)
     assert auto.pids_max == budget.host_pid_limit() - defaults.host_pids_reserve
     assert auto.memory_max == budget.mem_total() - defaults.host_memory_reserve
     assert budget.RunsBudget.for_host(300, 64, 10**9, 1) == budget.RunsBudget(300, 10**9)
     with pytest.raises(EnforcementError) as refused:
-        budget.RunsBudget.for_host(0, 10**9, 0, 1)
+        budget.RunsBudget.for_host(None, 10**9, None, 1)
     assert "hint" in refused.value.detail
 
 
@@ -87,3 +87,10 @@ def test_host_root_limits_are_raised_to_hold_every_run_and_never_lowered(tmp_pat
     with pytest.raises(EnforcementError):
         userns.raise_host_limits(limits, 8, reserve,
                                  {"max_inotify_instances": tmp_path / "missing" / "x"})
+
+
+def test_resources_survive_a_config_round_trip() -> None:
+    # Embedded runs rebuild their config from a dump of the daemon's.
+    for resources in ({}, {"runs_pids_max": 300, "runs_memory_max": "2G"}):
+        config = Config.model_validate({"resources": resources})
+        assert Config.model_validate(config.model_dump()) == config
