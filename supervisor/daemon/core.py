@@ -121,9 +121,9 @@ class Core:
         userns.raise_host_limits(run_limits, config.sandbox.max_runs, {
             "max_inotify_instances": res.host_inotify_instances_reserve,
             "max_inotify_watches": res.host_inotify_watches_reserve})
-        budget.apply(config.sandbox.cgroup_parent, budget.RunsBudget.for_host(
-            res.runs_pids_max, res.host_pids_reserve, res.runs_memory_max,
-            res.host_memory_reserve))
+        runs_budget = budget.RunsBudget.for_host(res.runs_pids_max, res.host_pids_reserve,
+                                                 res.runs_memory_max, res.host_memory_reserve)
+        budget.apply(config.sandbox.cgroup_parent, runs_budget)
         # Output reaches each run's log file through a pipe or stream the supervisor drains,
         # up to the run's cap (supervisor/runtime/output.py).
         outputs = Outputs(config.output.max_bytes)
@@ -144,7 +144,8 @@ class Core:
             docker_runtime = docker_runtime_for(config, outputs)
             await docker_runtime.prepare()
             runtimes["docker"] = docker_runtime
-        runtime = RuntimeRouter(runtimes, config.sandbox.runtime, config.sandbox.cgroup_parent)
+        runtime = RuntimeRouter(runtimes, config.sandbox.runtime, config.sandbox.cgroup_parent,
+                                runs_budget)
         watchdog_record = config.daemon.state_dir / "watchdog.jsonl"
         runtime.parent_cgroup().mkdir(parents=True, exist_ok=True)
         watchdog = Watchdog(runtime.parent_cgroup(), watchdog_record,

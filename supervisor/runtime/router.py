@@ -8,16 +8,21 @@ from typing import Any
 
 from supervisor.errors import RuntimeUnsupported
 from supervisor.runtime.base import Leftover, RunHandle, RunParams, Runtime
+from supervisor.sandbox import budget
 from supervisor.sandbox.cgroups import unified_root
 
 
 class RuntimeRouter:
     name = "router"
 
-    def __init__(self, runtimes: dict[str, Runtime], default: str, cgroup_parent: str) -> None:
+    def __init__(self, runtimes: dict[str, Runtime], default: str, cgroup_parent: str,
+                 runs_budget: budget.RunsBudget | None = None) -> None:
         self.runtimes = runtimes
         self.default = default
         self.cgroup_parent = cgroup_parent.strip("/")
+        # All runs' pids and memory on the parent cgroup (sandbox/budget.py), written again at
+        # each launch: a parent removed while empty comes back without limits.
+        self.runs_budget = runs_budget
 
     def _pick(self, params: RunParams) -> Runtime:
         runtime = self.runtimes.get(params.runtime)
@@ -33,7 +38,10 @@ class RuntimeRouter:
         return runtime
 
     async def launch(self, params: RunParams) -> RunHandle:
-        return await self._pick(params).launch(params)
+        runtime = self._pick(params)
+        if self.runs_budget is not None:
+            budget.apply(self.cgroup_parent, self.runs_budget)
+        return await runtime.launch(params)
 
     async def leftovers(self) -> list[Leftover]:
         """Each leftover once, claimed by the first runtime that knows it: docker's labelled

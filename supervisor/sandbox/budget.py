@@ -83,7 +83,7 @@ def apply(parent: str, budget: RunsBudget, root: Path = CGROUP_ROOT) -> dict[str
             raise EnforcementError(f"the runs' budget did not hold in {path}", path=str(path),
                                    value=value, read=held)
         written[str(path)] = held
-    log.info("runs' budget on %s: %s", parent, written)
+    log.debug("runs' budget on %s: %s", parent, written)
     return written
 
 
