@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import sqlite3
@@ -47,7 +48,11 @@ log = logging.getLogger(__name__)
 
 GATEWAY = Actor(kind="system", name="gateway")
 _DENIAL_ROWS_PER_RUN = 50  # egress_denied rows per run; the gateway's tally counts the rest
+# Held requests over all runs. The gateway caps each run's own; this bound also holds if the
+# worker (an agent-facing process) were subverted and sent holds without end.
+_MAX_PENDING_APPROVALS = 4096
 _READ_TIMEOUT = 2.0  # a usage read waits this long for the worker, then shows the last snapshot
+_DETAIL_LIMIT = 8192  # bytes of JSON in a refusal's detail (the worker sends at most 4096)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS egress_usage (
@@ -59,6 +64,14 @@ CREATE TABLE IF NOT EXISTS egress_usage (
     updated_at REAL NOT NULL
 );
 """
+
+
+def _clipped(detail: Any) -> dict[str, Any]:
+    """A refusal's detail as the worker reported it, if it is of the size the worker makes;
+    what reaches the audit log stays small whatever the worker sends."""
+    if isinstance(detail, dict) and len(json.dumps(detail, default=str)) <= _DETAIL_LIMIT:
+        return detail
+    return {"detail_withheld": "larger than the gateway sends"}
 
 
 class RunNetwork:
@@ -322,10 +335,11 @@ class EgressControl:
         elif op == "breaker":
             self._fire_breaker(run_id, dict(message["detail"]))
         elif op == "denied":
-            self._audit_denial(run_id, str(message["code"]), dict(message["detail"]))
+            self._audit_denial(run_id, str(message["code"])[:64], _clipped(message["detail"]))
         elif op == "approval":
-            self._hold(str(message["id"]), run_id, str(message["method"]),
-                       str(message["host"]), str(message["path"]), str(message["rule"]))
+            self._hold(str(message["id"])[:16], run_id, str(message["method"])[:16],
+                       str(message["host"])[:300], str(message["path"])[:1000],
+                       str(message["rule"])[:300])
         elif op == "withdrawn":
             self._withdraw(str(message["id"]))
         else:
@@ -386,11 +400,13 @@ class EgressControl:
     def _hold(self, approval_id: str, run_id: str, method: str, host: str, path: str,
               rule: str) -> None:
         state = self.runs.get(run_id)
-        if state is None or state.revoked or state.lost or approval_id in self.approvals:
+        if (state is None or state.revoked or state.lost or approval_id in self.approvals
+                or len(self.approvals) >= _MAX_PENDING_APPROVALS):
             # A hold that crossed the revocation on the channel: nobody may approve it.
             self.worker.send({"op": "decide", "approval": approval_id, "approved": False,
                               "by": "system:supervisor",
-                              "reason": "the run's token was revoked or the run has ended"})
+                              "reason": "the run's token was revoked, the run has ended, or "
+                                        "too many requests are waiting for an operator"})
             return
         now = time.time()
         timeout = state.grant.policy.approval_timeout

@@ -1,0 +1,76 @@
+"""The daemon's side of the gateway channel (supervisor/daemon/egress.py) against reports a
+subverted worker could send: what reaches the audit log and the approval list stays bounded,
+and a hold that crosses a revocation is refused. The worker process is not started (its sends
+go nowhere; e2e proves the real one). No privilege."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import Any
+
+from supervisor.daemon.containment import Containment
+from supervisor.daemon.egress import (
+    _DENIAL_ROWS_PER_RUN,
+    _MAX_PENDING_APPROVALS,
+    EgressControl,
+    RunNetwork,
+    _RunEgress,
+)
+from supervisor.egress.grant import RunGrant
+from supervisor.egress.link import LinkAddresses
+from supervisor.models.egress import GatewayPolicy
+from tests.unit.conftest import ArbiterEnv
+
+
+def control(env: ArbiterEnv, loop: asyncio.AbstractEventLoop, *runs: str) -> EgressControl:
+    arbiter = env.arbiter()
+    egress = EgressControl(env.config, arbiter, Containment(arbiter), env.audit, env.db, loop)
+    for run_id in runs:
+        grant = RunGrant(run_id=run_id, agent=f"agent-{run_id}", token="t", expires_at=2e9,
+                         policy=GatewayPolicy(), host_ip="10.213.0.1", port=3128, secrets={})
+        addresses = LinkAddresses.of(ipaddress.IPv4Network("10.213.0.0/30"))
+        network = RunNetwork(run_id, "asgx", "table", addresses, 3128)
+        egress.runs[run_id] = _RunEgress(network, grant, generation=1)
+    return egress
+
+
+def rows(env: ArbiterEnv, verb: str) -> list[Any]:
+    return [e for e in env.audit.list(limit=100_000) if e.verb == verb]
+
+
+def test_refusal_reports_are_clipped_and_capped_per_run(env: ArbiterEnv) -> None:
+    async def scenario() -> None:
+        egress = control(env, asyncio.get_running_loop(), "r1")
+        for i in range(_DENIAL_ROWS_PER_RUN + 30):
+            egress._on_event({"op": "denied", "run": "r1", "code": "egress_denied" * 20,
+                              "detail": {"host": f"h{i}", "blob": "x" * (i * 1000)}})
+        egress._on_event({"op": "denied", "run": "gone", "code": "c", "detail": {}})
+
+    asyncio.run(scenario())
+    denied = rows(env, "egress_denied")
+    assert len(denied) == _DENIAL_ROWS_PER_RUN
+    assert all(len(e.outcome) <= len("refused:") + 64 for e in denied)
+    assert denied[0].detail["host"] == "h0"
+    assert any(e.detail.get("detail_withheld") for e in denied)
+    assert all(len(str(e.detail)) < 10_000 for e in denied)
+
+
+def test_holds_are_capped_and_a_hold_after_revocation_is_refused(env: ArbiterEnv) -> None:
+    async def scenario() -> EgressControl:
+        egress = control(env, asyncio.get_running_loop(), "r1", "r2")
+        await egress.revoke("r2")
+        egress._on_event({"op": "approval", "id": "late", "run": "r2", "method": "POST",
+                          "host": "h", "path": "/", "rule": "POST *"})
+        assert egress.list_approvals() == []
+        for i in range(_MAX_PENDING_APPROVALS + 10):
+            egress._on_event({"op": "approval", "id": f"{i:08x}", "run": "r1",
+                              "method": "DELETE" * 100, "host": "h" * 10_000,
+                              "path": "/" * 10_000, "rule": "DELETE *"})
+        return egress
+
+    egress = asyncio.run(scenario())
+    held = egress.list_approvals()
+    assert len(held) == _MAX_PENDING_APPROVALS
+    assert len(held[0]["host"]) == 300 and len(held[0]["method"]) == 16
+    assert len(rows(env, "approval_requested")) == _MAX_PENDING_APPROVALS
