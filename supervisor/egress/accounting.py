@@ -56,6 +56,7 @@ class Usage:
                      self.errors, dict(self.refusals))
 
 
+MAX_BREAKER_EVENTS = 20_000
 MAX_TARGET_CHARS = 200  # of a host or path kept in a refusal's key, detail or audit row
 OTHER_TARGETS = "(other targets)"
 
@@ -113,7 +114,10 @@ class BreakerState:
 
     policy: Breaker
     started: float
+    # Bounded: past this many requests in one window, every rate limit worth setting has
+    # already tripped; the window then judges its newest requests.
     events: deque[tuple[float, bool]] = field(default_factory=deque)
+    errors: int = 0  # errors among `events`, kept as they come and go (no scan per request)
     window_start: float = 0.0
     window_count: int = 0
     baseline: float | None = None
@@ -133,14 +137,21 @@ class BreakerState:
             self.window_start += width
             self.window_count = 0
         while self.events and now - self.events[0][0] > width:
-            self.events.popleft()
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        _, error = self.events.popleft()
+        self.errors -= error
 
     def record(self, now: float, error: bool) -> str | None:
         """Count one request; the reason when this request trips the breaker."""
         if not self.policy.enabled or self.tripped:
             return None
         self._roll(now)
+        if len(self.events) >= MAX_BREAKER_EVENTS:
+            self._drop_oldest()
         self.events.append((now, error))
+        self.errors += error
         self.window_count += 1
         return self._judge()
 
@@ -152,7 +163,7 @@ class BreakerState:
         if p.max_rate is not None and rate > p.max_rate:
             reason = f"request rate {rate:.1f}/s over {p.max_rate:g}/s (window {p.window:g}s)"
         elif n >= p.min_requests:
-            errors = sum(1 for _, e in self.events if e)
+            errors = self.errors
             if errors / n > p.max_error_rate:
                 reason = (f"error rate {errors}/{n} over {p.max_error_rate:.0%} "
                           f"(window {p.window:g}s)")
@@ -168,4 +179,5 @@ class BreakerState:
     def reset(self, now: float) -> None:
         self.tripped = None
         self.events.clear()
+        self.errors = 0
         self.window_start, self.window_count = now, 0

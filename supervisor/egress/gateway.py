@@ -56,7 +56,13 @@ from supervisor.egress.accounting import (
 )
 from supervisor.egress.grant import Decision, RunGrant
 from supervisor.egress.reflection import Reflection, SecretReflected
-from supervisor.egress.target import MethodOverride, TargetRefused, normalise, override_in
+from supervisor.egress.target import (
+    MethodOverride,
+    TargetRefused,
+    form_scanner,
+    normalise,
+    override_in,
+)
 from supervisor.models.egress import Route, is_ip_literal
 
 log = logging.getLogger(__name__)
@@ -354,6 +360,13 @@ class Gateway:
             ready.set()
             loop.run_forever()
             loop.run_until_complete(self._close_all())
+            # Handlers cut by the close finish (and release their upstream connections)
+            # before the loop goes, or their sockets would be left to the garbage collector.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
         self._thread = threading.Thread(target=run, name="egress-gateway", daemon=True)
@@ -795,12 +808,19 @@ class Gateway:
     async def _stream_body(self, gate: _Gate, request: web.BaseRequest,
                            cut: list[EgressRefusal]) -> AsyncIterator[bytes]:
         """The agent's body, passed upstream as it arrives (never held whole); a body past
-        the per-request limit, or a token that stops working, ends the upload and the
-        request is refused."""
+        the per-request limit, a form field that overrides the method, or a token that stops
+        working ends the upload (the upstream never gets a whole body) and the request is
+        refused."""
         size = 0
+        scanner = form_scanner(request.headers.get("Content-Type", ""))
         async for chunk in request.content.iter_any():
             size += len(chunk)
-            if size > _MAX_BODY:
+            if scanner is not None and scanner.found_in(chunk):
+                cut.append(EgressRefusal(400, "method_override_refused", "a form field "
+                                         "(_method) would make the upstream read this request "
+                                         f"as another method than {request.method}; send "
+                                         "that method itself"))
+            elif size > _MAX_BODY:
                 cut.append(EgressRefusal(413, "body_too_large", f"request bodies are limited "
                                          f"to {_MAX_BODY} bytes"))
             else:

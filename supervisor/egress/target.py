@@ -2,7 +2,8 @@
 approval rules judge, the path that is sent (which an upstream can only read as that same
 form), and a refusal for whatever has no single meaning: encoded slashes or backslashes, dot
 segments, matrix parameters, non-ASCII or control bytes, double encoding, fragments, and
-method overrides in the query. Pure functions; no I/O, no privilege."""
+method overrides (headers, the query, and form bodies as they stream). Pure; no I/O, no
+privilege."""
 
 from __future__ import annotations
 
@@ -112,6 +113,37 @@ def _check_query(query: str) -> None:
         name = re.sub(r"%([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), name)
         if name.strip().lower() in OVERRIDE_PARAMS:
             raise MethodOverride(f"query parameter {name.strip()!r}")
+
+
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+# A form field naming the method: `_method=` in a urlencoded body, `name="_method"` in a
+# multipart part (Rails, Laravel and Symfony read either as the request's method).
+_FORM_OVERRIDE = re.compile(
+    rb"(?:[&;]|^)[ +]*(?:_|%5f)(?:http_)?method[ +]*(?:=|&|;|$)"
+    rb"|name\s*=\s*\"?(?:_|%5f)(?:http_)?method\b", re.IGNORECASE | re.MULTILINE)
+
+
+class FormOverrideScanner:
+    """Finds a method-override field in a form body as it streams, across chunk boundaries
+    (the chunk that completes the field is found before it is passed on)."""
+
+    TAIL = 64
+
+    def __init__(self) -> None:
+        self._tail = b"&"
+
+    def found_in(self, chunk: bytes) -> bool:
+        data = self._tail + chunk
+        self._tail = data[-self.TAIL:]
+        return _FORM_OVERRIDE.search(data) is not None
+
+
+def form_scanner(content_type: str) -> FormOverrideScanner | None:
+    """A scanner for bodies of the form content types; None for others (a JSON body that
+    mentions `_method` is data, not a form field)."""
+    if content_type.split(";")[0].strip().lower() in _FORM_TYPES:
+        return FormOverrideScanner()
+    return None
 
 
 def override_in(headers: list[str]) -> str | None:

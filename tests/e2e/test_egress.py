@@ -630,9 +630,11 @@ def test_the_secret_never_comes_back_to_the_agent(rig: GatewayRig) -> None:
         import json, sys, time
         sys.path.insert(0, "/workspace")
         from agentlib import *
-        def get(path, method="GET", extra=""):
+        def get(path, method="GET", extra="", body=""):
+            if body:
+                extra += f"Content-Length: {len(body)}\\r\\n"
             return raw(f"{method} http://llm.gateway{path} HTTP/1.1\\r\\nHost: llm.gateway\\r\\n"
-                       f"{extra}Connection: close\\r\\n\\r\\n".encode())
+                       f"{extra}Connection: close\\r\\n\\r\\n{body}".encode())
         out = {}
         for how in ["json", "header", "reason", "b64", "b64&pad=1", "b64&pad=2",
                     "b64url&pad=1", "hex", "url", "gzip", "stream&pad=3000", "stream"]:
@@ -640,6 +642,8 @@ def test_the_secret_never_comes_back_to_the_agent(rig: GatewayRig) -> None:
         out["TRACE"] = get("/reflect", method="TRACE")
         out["override_header"] = get("/v1/items", extra="X-HTTP-Method-Override: DELETE\\r\\n")
         out["override_query"] = get("/v1/items?_method=DELETE")
+        out["override_form"] = get("/v1/items", method="POST", body="a=1&_method=DELETE",
+                                   extra="Content-Type: application/x-www-form-urlencoded\\r\\n")
         out["plain"] = get("/v1/chat")
         save("reflect.json", out)
         time.sleep(600)
@@ -659,7 +663,7 @@ def test_the_secret_never_comes_back_to_the_agent(rig: GatewayRig) -> None:
     assert out["stream&pad=3000"].count("x") >= 2000, "the stream was passed on until then"
     assert out["TRACE"].startswith("HTTP/1.1 405") and "method_not_allowed" in out["TRACE"]
     assert "Allow: GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS" in out["TRACE"]
-    for how in ("override_header", "override_query"):
+    for how in ("override_header", "override_query", "override_form"):
         assert out[how].startswith("HTTP/1.1 400") and "method_override_refused" in out[how]
     assert out["plain"].startswith("HTTP/1.1 200")
     methods = [s["method"] for s in rig.upstream.seen]

@@ -7,7 +7,17 @@ import json
 
 import pytest
 
-from supervisor.egress.accounting import BreakerState, Ceiling, Usage, tokens_in
+from supervisor.egress.accounting import (
+    MAX_BREAKER_EVENTS,
+    MAX_TARGET_CHARS,
+    OTHER_TARGETS,
+    BreakerState,
+    Ceiling,
+    RefusalTally,
+    Usage,
+    clip,
+    tokens_in,
+)
 from supervisor.models.egress import Breaker, Budget
 
 # ----------------------------------------------------------------------------- Usage
@@ -243,3 +253,23 @@ def test_the_baseline_floor_keeps_a_near_idle_run_from_tripping_on_a_few_request
         state.record(1011.0, error=False)
     reason = tripped(state)
     assert reason is not None and "jumped" in reason
+
+
+def test_breaker_window_is_bounded_whatever_the_rate() -> None:
+    state = BreakerState(Breaker(max_rate=None, baseline_factor=1000.0), 0.0)
+    for i in range(MAX_BREAKER_EVENTS * 3):
+        state.record(1.0 + i * 1e-9, i % 3 == 0)
+    assert len(state.events) == MAX_BREAKER_EVENTS
+    assert state.errors == sum(1 for _, error in state.events if error)
+
+
+def test_refusal_tally_is_bounded_and_counts_everything() -> None:
+    tally = RefusalTally(cap=8)
+    first = [tally.count("egress_denied", f"host{i}." + "x" * 5000) for i in range(1000)]
+    assert first.count(True) == 8  # one report for each of the first 8 targets
+    tally.count("bad_request", "y" * 10_000)
+    counts = tally.as_dict()
+    assert len(counts) == 10 and sum(counts.values()) == tally.total == 1001
+    assert counts[f"egress_denied {OTHER_TARGETS}"] == 992
+    assert all(len(key) < MAX_TARGET_CHARS + 20 for key in counts)
+    assert clip("z" * 300).endswith("\u2026") and len(clip("z" * 300)) == MAX_TARGET_CHARS

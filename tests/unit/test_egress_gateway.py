@@ -1417,3 +1417,21 @@ def test_a_declared_body_over_the_limit_is_refused_before_anything_is_sent(env: 
     reply = exchange(port, raw)
     assert (reply.status, reply.code) == (413, "body_too_large")
     assert env.upstream.seen == []
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=b"])
+def test_a_method_override_in_a_form_body_is_refused(env: Env, content_type: str) -> None:
+    env.sink.decide = lambda a: Decision(True, "ap-12")
+    port = env.open(env.policy(approvals=["DELETE *"]))
+    body = b"a=1&_method=DELETE" if "urlencoded" in content_type else (
+        b'--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--b--\r\n')
+    reply = env.get(port, "/upload", method="POST", body=body,
+                    headers=[("Content-Type", content_type)])
+    assert (reply.status, reply.code) == (400, "method_override_refused")
+    assert not [r for r in env.upstream.seen if r["body"] != "<0 bytes>"], \
+        "the upstream must never get the whole body"
+    # The same body as JSON is data, not a form field.
+    reply = env.get(port, "/v1/items", method="POST", body=b'{"_method": "DELETE"}',
+                    headers=[("Content-Type", "application/json")])
+    assert reply.status == 200

@@ -11,7 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor.egress.target import MethodOverride, TargetRefused, normalise, override_in
+from supervisor.egress.target import (
+    MethodOverride,
+    TargetRefused,
+    form_scanner,
+    normalise,
+    override_in,
+)
 from supervisor.models.egress import ApprovalRule
 
 REFUNDS = ApprovalRule.parse("POST /v1/refunds")
@@ -112,3 +118,26 @@ def _decode_once(path: str) -> str:
             out.append(path[i])
             i += 1
     return "".join(out)
+
+
+@pytest.mark.parametrize("body", [
+    b"_method=DELETE", b"a=1&_method=DELETE", b"a=1;_METHOD=put", b"a=1&%5Fmethod=x",
+    b"a=1&+_method+=x", b"a=1&_http_method=PUT",
+    b'--b\r\nContent-Disposition: form-data; name="_method"\r\n\r\nDELETE\r\n--b--'])
+def test_a_form_field_overriding_the_method_is_found_at_every_split(body: bytes) -> None:
+    for split in range(1, len(body)):
+        scanner = form_scanner("application/x-www-form-urlencoded; charset=utf-8")
+        assert scanner is not None
+        assert scanner.found_in(body[:split]) or scanner.found_in(body[split:]), split
+
+
+@pytest.mark.parametrize("body", [b"a=my_method=1", b"amount=10&method=card", b"x=_method",
+                                  b"payment_method=card"])
+def test_ordinary_form_fields_pass(body: bytes) -> None:
+    scanner = form_scanner("multipart/form-data; boundary=b")
+    assert scanner is not None and not scanner.found_in(body)
+
+
+def test_only_form_bodies_are_scanned() -> None:
+    assert form_scanner("application/json") is None
+    assert form_scanner("text/plain") is None
