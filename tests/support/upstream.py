@@ -96,6 +96,12 @@ class Upstream:
             loop.run_forever()
             if self._runner is not None:
                 loop.run_until_complete(self._runner.cleanup())
+            # Replies still going (/slow, /drip) end here, not at the interpreter's exit.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
         self._thread = threading.Thread(target=run, name="test-upstream", daemon=True)
