@@ -68,7 +68,8 @@ def test_a_missing_image_is_refused_and_nothing_runs(daemon: Daemon) -> None:
                              "agent-supervisor-test/absent:nope", "--", "/bin/true")
     assert result.returncode == 6 and "image_not_found" in result.stderr, result.stderr
     assert "never pulls" in result.stderr
-    assert daemon.client.agent("ghost")["state"] == "idle"
+    # A refused launch changes nothing: no agent is registered (issue 11, item 9).
+    assert "ghost" not in [a["name"] for a in daemon.client.agents()["agents"]]
     assert daemon.clean() == {}
 
 
