@@ -17,19 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests  # schemathesis brings it
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from requests.adapters import HTTPAdapter
+from schemathesis.config import SchemathesisConfig
+from schemathesis.generation import GenerationMode
+from urllib3.connection import HTTPConnection
+from urllib3.connectionpool import HTTPConnectionPool
 
-schemathesis = pytest.importorskip("schemathesis", reason="pip install -e '.[dev]'")
-import requests  # noqa: E402  (schemathesis brings it)
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from requests.adapters import HTTPAdapter  # noqa: E402
-from schemathesis.config import SchemathesisConfig  # noqa: E402
-from schemathesis.generation import GenerationMode  # noqa: E402
-from urllib3.connection import HTTPConnection  # noqa: E402
-from urllib3.connectionpool import HTTPConnectionPool  # noqa: E402
-
-from supervisor.openapi import openapi_document  # noqa: E402
-from tests.conftest import require_root_and_runc  # noqa: E402
-from tests.support.daemon import Daemon, running_daemon  # noqa: E402
+from supervisor.openapi import openapi_document
+from tests.conftest import require_root_and_runc
+from tests.support.daemon import Daemon, running_daemon
 
 EXAMPLES = int(os.environ.get("API_CONTRACT_EXAMPLES", "100"))
 BASE_URL = "http://control.sock"
