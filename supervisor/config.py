@@ -7,7 +7,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from supervisor.errors import ConfigInvalid
 from supervisor.models.units import Duration, Size, parse_size
@@ -241,6 +248,29 @@ class ControlSection(_Section):
     backlog: Annotated[int, Field(ge=16, le=65_536)] = 4096
 
 
+class AuditSection(_Section):
+    """The audit log's anchors outside its database, and what happens when the disk fills."""
+
+    # Ed25519 key that signs checkpoints of the chain: created at first start (owner root,
+    # mode 0600) with its public half at <key>.pub. Must lie outside the state directory.
+    key: Path = Path("/etc/agent-supervisor/audit-key")
+    # Every checkpoint is appended here (JSON lines) before it is recorded in the log; outside
+    # the state directory, so wiping or restoring that directory does not take it along.
+    checkpoint_file: Path = Path("/var/log/agent-supervisor/audit-checkpoints.jsonl")
+    # A checkpoint after this many rows, after this long with new rows, after every kill and
+    # at shutdown.
+    checkpoint_every: Annotated[int, Field(ge=1, le=1_000_000)] = 100
+    checkpoint_interval: Duration = 60.0
+    # The chain does not hold against its checkpoints at start: "alarm" starts and alarms
+    # loudly (log, audit row, webhook, /v1/health, metrics); "refuse" does not start.
+    on_tamper: Literal["alarm", "refuse"] = "alarm"
+    # Rows waiting for the writer; past this, rows an agent drives in volume are dropped and
+    # counted (kill-path and state-change rows are always taken).
+    queue_max: Annotated[int, Field(ge=64, le=1_000_000)] = 4096
+    # Space kept in reserve on the state filesystem, released when a write fails for room.
+    reserve_bytes: Annotated[int, Field(ge=0, le=1 << 34)] = 32 << 20
+
+
 class Config(_Section):
     daemon: DaemonSection = DaemonSection()
     sandbox: SandboxSection = SandboxSection()
@@ -259,6 +289,17 @@ class Config(_Section):
     output: OutputSection = OutputSection()
     disk: DiskSection = DiskSection()
     control: ControlSection = ControlSection()
+    audit: AuditSection = AuditSection()
+
+    @model_validator(mode="after")
+    def _anchors_outside_the_state_dir(self) -> Config:
+        state = self.daemon.state_dir.resolve()
+        for name in ("key", "checkpoint_file"):
+            path: Path = getattr(self.audit, name).resolve()
+            if path == state or state in path.parents:
+                raise ValueError(f"audit.{name} ({path}) must lie outside daemon.state_dir "
+                                 f"({state}): an anchor inside what it anchors proves nothing")
+        return self
 
     @property
     def seccomp_listener(self) -> Path | None:

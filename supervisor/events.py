@@ -66,6 +66,9 @@ EVENT_TYPES = (
     "approval.granted",
     "approval.denied",
     "breaker.reset",
+    "audit.checkpoint",
+    "audit.verified",
+    "audit.alarm",
 )
 
 # Audit verb -> event type. An allow-list: every other verb (daemon_start, global_halt,
@@ -88,6 +91,11 @@ _VERB_EVENTS = {
     "approval_granted": "approval.granted",
     "approval_denied": "approval.denied",
     "breaker_reset": "breaker.reset",
+    # Audit anchors leave the host (supervisor/audit/anchor.py); alarms say when writes fail.
+    "audit_checkpoint": "audit.checkpoint",
+    "audit_verify": "audit.verified",
+    "audit_write_failed": "audit.alarm",
+    "audit_overflow": "audit.alarm",
 }
 # The agent's command line may carry tokens; it stays in the audit log, not in a chat channel.
 _PRIVATE_DETAIL = frozenset({"command", "env"})
@@ -444,7 +452,10 @@ class Outbox:
         self._warn_about_orphans()
 
     def attach(self, audit: AuditLog) -> None:
-        audit.subscribe(self.record)
+        # Rows are written by the audit writer's thread, in the audit row's transaction; the
+        # worker is woken on the loop once they are committed.
+        audit.subscribe(self.record, in_transaction=True)
+        audit.subscribe(lambda _db, _entry: self.wake.set())
 
     def record(self, db: sqlite3.Connection, entry: AuditEntry) -> None:
         """The audit subscriber: runs inside the audit row's transaction, so it only inserts."""

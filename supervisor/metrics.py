@@ -99,6 +99,7 @@ class Metrics(Collector):
             f"{PREFIX}_gateway_exits", "Times the egress gateway's process died or was killed "
             "and was replaced (audited as gateway_exited)", registry=self.registry)
         self.audit_rows = audit.count() if audit is not None else 0
+        self.audit = audit
         self.registry.register(self)
         if audit is not None:
             audit.subscribe(self._on_audit)
@@ -106,7 +107,7 @@ class Metrics(Collector):
     # ------------------------------------------------------------------ from the audit log
 
     def _on_audit(self, _db: sqlite3.Connection, entry: AuditEntry) -> None:
-        # Runs inside the audit row's transaction: an exception here would roll the row back.
+        # Runs on the loop once the row is committed; a metrics bug must not stop the others.
         try:
             self.observe(entry)
         except Exception:
@@ -147,6 +148,16 @@ class Metrics(Collector):
                                 "runs", value=1 if self.observed.global_halt else 0)
         yield GaugeMetricFamily(f"{PREFIX}_audit_rows", "Rows in the hash-chained audit log",
                                 value=self.audit_rows)
+        if self.audit is not None:
+            alarms = GaugeMetricFamily(
+                f"{PREFIX}_audit_alarm", "1 while the audit log has this problem (chain, "
+                "write_error, store_error, disk_reserve, checkpoint_error, dropped)",
+                labels=["kind"])
+            active = self.audit.alarms.as_dict()
+            for kind in ("chain_problem", "write_error", "store_error", "disk_reserve",
+                         "checkpoint_error", "dropped"):
+                alarms.add_metric([kind.removesuffix("_problem")], 1 if kind in active else 0)
+            yield alarms
         yield GaugeMetricFamily(f"{PREFIX}_webhook_backlog", "Webhook events in the outbox "
                                 "not yet delivered", value=self._backlog())
         info = InfoMetricFamily(f"{PREFIX}_build", "The daemon's version")

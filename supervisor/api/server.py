@@ -338,6 +338,22 @@ def _is_stream(request: web.Request) -> bool:
     return request.path.endswith("/logs") and request.query.get("follow", "0") != "0"
 
 
+# A verb answers once its audit rows are durable; bounded, so a disk that is full beyond the
+# reserve delays an answer by this much at most (the rows stay queued and are written later).
+AUDIT_FLUSH_TIMEOUT = 5.0
+
+
+@web.middleware
+async def audit_durable_middleware(request: web.Request, handler: Handler
+                                   ) -> web.StreamResponse:
+    """State-changing requests return only after the rows they appended are committed."""
+    try:
+        return await handler(request)
+    finally:
+        if request.method not in ("GET", "HEAD", "OPTIONS"):
+            await request.app[ARBITER].audit.flushed(AUDIT_FLUSH_TIMEOUT)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[ARRIVED] = time.perf_counter()
@@ -364,11 +380,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 async def health(request: web.Request) -> web.Response:
     arbiter = request.app[ARBITER]
+    alarms = arbiter.audit.alarms.as_dict()
     return _json(Health(
-        status="shutting_down" if arbiter.shutting_down else "ok", version=__version__,
+        status="shutting_down" if arbiter.shutting_down else "degraded" if alarms else "ok",
+        version=__version__,
         global_halt=arbiter.global_halt, agents=len(arbiter.agents),
         active_runs=arbiter.active_runs(),
         cgroup_mode=str(arbiter.runtime_info().get("cgroup_mode", "")),
+        audit_alarms=alarms,
     ))
 
 
@@ -511,13 +530,15 @@ async def action(request: web.Request) -> web.Response:
 async def audit_list(request: web.Request) -> web.Response:
     limit = _query_int(request, "limit", 100, 1, 10_000)
     after = _query_int(request, "after", 0, 0, 2**53)
-    entries = request.app[ARBITER].audit.list(limit=limit, after_seq=after)
+    audit = request.app[ARBITER].audit
+    await audit.flushed(AUDIT_FLUSH_TIMEOUT)
+    entries = audit.list(limit=limit, after_seq=after)
     return _json(AuditList(entries=entries))
 
 
 @permission("audit")
 async def audit_verify(request: web.Request) -> web.Response:
-    return _json(request.app[ARBITER].audit.verify())
+    return _json(await request.app[ARBITER].audit.verify_async())
 
 
 def _drills(request: web.Request) -> DrillRunner:
@@ -595,7 +616,8 @@ def build_app(arbiter: Controller, roles: RolesSection, drills: DrillRunner | No
               egress: EgressSource | None = None, control: ControlSection | None = None
               ) -> web.Application:
     control = control or ControlSection()
-    app = web.Application(middlewares=[errors_middleware], client_max_size=control.max_body)
+    app = web.Application(middlewares=[errors_middleware, audit_durable_middleware],
+                          client_max_size=control.max_body)
     app[ARBITER] = arbiter
     app[ROLES] = roles
     app[CONTROL] = control

@@ -486,18 +486,54 @@ def audit(ctx: click.Context, limit: int, as_json: bool) -> None:
 
 
 @audit.command("verify")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Verify this state directory offline, without a daemon (a stopped host, or "
+                   "a copy taken as evidence).")
+@click.option("--key", "public_key", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="With --state-dir: the audit public key to trust (default "
+                                 "/etc/agent-supervisor/audit-key.pub). Pin the copy you kept "
+                                 "off the host.")
+@click.option("--checkpoints", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With --state-dir: the checkpoint file (default "
+                   "/var/log/agent-supervisor/audit-checkpoints.jsonl).")
 @json_option
 @handles_errors
-def audit_verify(as_json: bool) -> None:
-    """Check the audit hash chain; exits 1 and names the first bad row when it is broken."""
-    result = _client().audit_verify()
+def audit_verify(state_dir: Path | None, public_key: Path | None, checkpoints: Path | None,
+                 as_json: bool) -> None:
+    """Check the audit hash chain against its signed checkpoints; exits 1 and names every
+    problem (the first bad row first) when it does not hold."""
+    if state_dir is None:
+        if public_key is not None or checkpoints is not None:
+            raise InvalidRequest("--key and --checkpoints go with --state-dir",
+                                 field="state_dir")
+        result = _client().audit_verify()
+    else:
+        from supervisor.audit.anchor import (
+            DEFAULT_CHECKPOINT_FILE,
+            DEFAULT_KEY,
+            public_path_of,
+            verify_state_dir,
+        )
+        key = public_key or public_path_of(DEFAULT_KEY)
+        if not key.exists():
+            raise InvalidRequest(f"no audit public key at {key}", path=str(key),
+                                 hint="pass --key with the public key you trust")
+        result = verify_state_dir(state_dir, key, checkpoints or DEFAULT_CHECKPOINT_FILE
+                                  ).model_dump(mode="json")
     if as_json:
         _emit_json(result)
     elif result["ok"]:
-        click.echo(f"audit log intact: {result['rows']} rows, head {result['head_hash'][:16]}")
+        anchor = result.get("anchor_seq")
+        click.echo(f"audit log intact: {result['rows']} rows, head {result['head_hash'][:16]}"
+                   + (f", anchored at row {anchor} ({result.get('unanchored_rows', 0)} after "
+                      f"it), key {result.get('key_id')}" if anchor else ""))
+        for note in result.get("notes", []):
+            click.echo(f"  note: {note}")
     else:
         click.echo(f"audit log BROKEN at row {result['first_bad_seq']}: {result['problem']}",
                    err=True)
+        for problem in result.get("problems", [])[1:]:
+            click.echo(f"  also: {problem}", err=True)
     sys.exit(0 if result["ok"] else 1)
 
 

@@ -9,6 +9,7 @@ run hooks) and publishes its per-run record through `Core.egress`, which the CI 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pyprctl
 
 from supervisor.audit import AuditLog
+from supervisor.audit.reserve import DiskReserve
 from supervisor.config import Config
 from supervisor.daemon.arbiter import Arbiter
 from supervisor.daemon.containment import Containment
@@ -40,6 +42,13 @@ if TYPE_CHECKING:
     from supervisor.runtime.containerized import DockerRuntime
 
 log = logging.getLogger(__name__)
+
+
+def _release_reserve(reserve: DiskReserve, audit: AuditLog, cause: BaseException) -> bool:
+    if reserve.release(cause):
+        audit.alarms.disk_reserve = f"released at a failed audit write: {cause}"
+        return True
+    return False
 
 
 def docker_runtime_for(config: Config, outputs: Outputs | None = None) -> DockerRuntime:
@@ -87,6 +96,7 @@ class Core:
     outputs: Outputs
     # The egress gateway: tokens, approvals, and each run's calls, spend and refusals.
     egress: EgressControl | None = None
+    reserve: DiskReserve | None = None
 
     @classmethod
     async def assemble(cls, config: Config) -> Core:
@@ -152,8 +162,16 @@ class Core:
                             config.kill.confirm_timeout)
 
         db = connect(config.daemon.state_dir / "state.db")
-        audit = AuditLog(db)
-        store = Store(db)
+        # Audit and state (supervisor/audit/, daemon/store.py): a failed write releases the
+        # disk reserve so the kill path's rows fit, and is retried, never lost.
+        reserve = DiskReserve(config.daemon.state_dir / "disk-reserve",
+                              config.audit.reserve_bytes)
+        if not reserve.ensure():
+            log.critical("no room for the %d-byte disk reserve in %s", reserve.size,
+                         config.daemon.state_dir)
+        audit = AuditLog(db, queue_max=config.audit.queue_max)
+        audit.on_write_failure.append(functools.partial(_release_reserve, reserve, audit))
+        store = Store(db, reserve=reserve, alarms=audit.alarms)
         # Every run's cgroup lives under the parent, held open from now on: a global halt is
         # one write to its cgroup.kill, which needs no new descriptor.
         parent = Cgroup(config.sandbox.cgroup_parent).hold()
@@ -199,7 +217,8 @@ class Core:
         return cls(config=config, mode=mode, seccomp=seccomp, runtime=runtime,
                    watchdog=watchdog, watchdog_record=watchdog_record, audit=audit, store=store,
                    arbiter=arbiter, telemetry=telemetry, containment=containment,
-                   summaries=summaries, outputs=outputs, egress=egress)
+                   summaries=summaries, outputs=outputs, egress=egress,
+                   reserve=reserve)
 
     def egress_record(self, run_id: str) -> dict[str, Any] | None:
         """The one source of a CI report's egress fields (denied egress, gateway calls, spend).
@@ -217,4 +236,6 @@ class Core:
     def close(self) -> None:
         """Last: the watchdog stands down and the database closes."""
         self.watchdog.disarm()
+        self.audit.close()  # the writer drains its queue and signs a last checkpoint
+        self.store.flush()
         self.store.db.close()

@@ -24,6 +24,7 @@ from supervisor.api.server import bind_control_socket, build_app, operators_gid
 from supervisor.audit import AuditLog
 from supervisor.config import Config, load_config
 from supervisor.daemon.arbiter import SYSTEM
+from supervisor.daemon.auditing import housekeeping, start_audit, verify_fully
 from supervisor.daemon.breakglass import BreakGlass, block_halt_signal, request_halt
 from supervisor.daemon.core import Core
 from supervisor.daemon.drills import Drills
@@ -108,6 +109,13 @@ async def serve(config: Config) -> int:
     webhook_worker = DeliveryWorker(outbox, config.webhook_delivery, audit)
     # --- end webhooks
     telemetry = core.telemetry
+    # Audit (supervisor/daemon/auditing.py): verified from its last anchor before anything is
+    # served, then written by its own thread; the full verification runs off the loop.
+    try:
+        await start_audit(config, audit)
+    except SupervisorError:
+        watchdog.disarm()
+        raise
     audit.append(actor=SYSTEM.label(), verb="daemon_start", scope="global",
                  detail={"version": __version__, "pid": os.getpid(),
                          "cgroup_mode": core.mode.value, **runtime.describe()})
@@ -169,6 +177,8 @@ async def serve(config: Config) -> int:
             await asyncio.sleep(3600)
 
     log_pruning = asyncio.create_task(prune_logs_hourly())
+    full_verification = asyncio.create_task(verify_fully(audit))
+    audit_housekeeping = asyncio.create_task(housekeeping(audit, core.store, core.reserve))
     breakglass = BreakGlass(arbiter, config.halt_file)
     await breakglass.start()
     def on_signal(signum: int) -> None:
@@ -186,6 +196,8 @@ async def serve(config: Config) -> int:
     log.warning("shutting down: killing every agent")
     drill_schedule.cancel()
     log_pruning.cancel()
+    full_verification.cancel()
+    audit_housekeeping.cancel()
     breakglass.stop()
     await arbiter.shutdown(config.daemon.shutdown_reason)
     await core.stop_observers()  # telemetry and seccomp notify: every agent is dead

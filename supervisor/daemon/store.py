@@ -1,12 +1,26 @@
-"""Durable state of agents and runs in SQLite (WAL). Root-only file under the state dir."""
+"""Durable state of agents and runs in SQLite (WAL). Root-only file under the state dir.
+
+A write that fails (a full disk, an I/O error) never raises into the caller, and never leaves
+the file with half of a change: every write is kept as the latest record of its key, and all
+kept writes go to the file in one transaction, now or at the next write or `flush` (the
+daemon retries every few seconds). The first failure releases the state filesystem's reserve
+(supervisor/audit/reserve.py) and retries at once; one that still fails raises the alarm
+(`alarms.store_error`) until a flush succeeds. The arbiter's memory stays the truth meanwhile,
+so a kill on a full disk still ends its run as killed, on disk as soon as there is room."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from supervisor.audit import Alarms
+from supervisor.audit.reserve import DiskReserve
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -98,32 +112,72 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 class Store:
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, reserve: DiskReserve | None = None,
+                 alarms: Alarms | None = None) -> None:
         self.db = db
+        self.reserve = reserve
+        self.alarms = alarms or Alarms()
+        # (table, key) -> (sql, args, record): the latest write of each record not yet on disk.
+        self._pending: dict[tuple[str, str], tuple[str, list[Any], object]] = {}
+        self.write_failures = 0
         db.executescript(SCHEMA)
         columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
         if "end_cause" not in columns:  # a state file written before end causes were recorded
             with db:
                 db.execute("ALTER TABLE runs ADD COLUMN end_cause TEXT")
 
+    def _write(self, key: tuple[str, str], sql: str, args: list[Any],
+               record: object = None, flush: bool = True) -> None:
+        self._pending.pop(key, None)  # re-inserted last: kept writes go in the order made
+        self._pending[key] = (sql, args, record)
+        if flush:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Write every kept change in one transaction; False (alarmed) if it still fails."""
+        if not self._pending:
+            return True
+        for attempt in (1, 2):
+            try:
+                with self.db:
+                    for sql, args, _record in self._pending.values():
+                        self.db.execute(sql, args)
+            except sqlite3.Error as exc:
+                self.write_failures += 1
+                if attempt == 1 and self.reserve is not None and self.reserve.release(exc):
+                    self.alarms.disk_reserve = f"released at a failed state write: {exc}"
+                    continue
+                if self.alarms.store_error is None:
+                    log.critical("state write failed (%s): %d records kept in memory and "
+                                 "retried", exc, len(self._pending))
+                self.alarms.store_error = f"{type(exc).__name__}: {exc}"
+                return False
+            break
+        if self.alarms.store_error is not None:
+            log.warning("state writes work again; %d kept records written", len(self._pending))
+            self.alarms.store_error = None
+        self._pending.clear()
+        return True
+
+    @property
+    def unwritten(self) -> int:
+        return len(self._pending)
+
     def put_agent(self, agent: AgentRecord) -> None:
         self.put_agents([agent])
 
     def put_agents(self, agents: list[AgentRecord]) -> None:
         """In one transaction: a scoped kill marks every agent at once."""
-        if not agents:
-            return
         names = [f.name for f in fields(AgentRecord)]
-        with self.db:
-            self.db.executemany(
-                f"INSERT OR REPLACE INTO agents ({', '.join(names)}) "
-                f"VALUES ({', '.join('?' for _ in names)})",
-                [[getattr(agent, name) for name in names] for agent in agents],
-            )
+        for agent in agents:
+            self._write(("agents", agent.name),
+                        f"INSERT OR REPLACE INTO agents ({', '.join(names)}) "
+                        f"VALUES ({', '.join('?' for _ in names)})",
+                        [getattr(agent, name) for name in names], agent, flush=False)
+        self.flush()
 
     def delete_agent(self, name: str) -> None:
-        with self.db:
-            self.db.execute("DELETE FROM agents WHERE name = ?", (name,))
+        self._write(("agents", name), "DELETE FROM agents WHERE name = ?", [name])
 
     def agents(self) -> list[AgentRecord]:
         cur = self.db.execute("SELECT * FROM agents ORDER BY name")
@@ -134,12 +188,9 @@ class Store:
         # A shallow row: dataclasses.asdict deep-copies, and a scoped kill writes many runs.
         row = {f.name: getattr(run, f.name) for f in fields(RunRecord) if f.name != "extra"}
         row["command"] = json.dumps(row["command"])
-        with self.db:
-            self.db.execute(
-                f"INSERT OR REPLACE INTO runs ({', '.join(row)}) "
-                f"VALUES ({', '.join('?' for _ in row)})",
-                list(row.values()),
-            )
+        self._write(("runs", run.id),
+                    f"INSERT OR REPLACE INTO runs ({', '.join(row)}) "
+                    f"VALUES ({', '.join('?' for _ in row)})", list(row.values()), run)
 
     def _runs(self, where: str, args: tuple[Any, ...]) -> list[RunRecord]:
         cur = self.db.execute(f"SELECT * FROM runs {where}", args)
@@ -152,6 +203,9 @@ class Store:
         return runs
 
     def run(self, run_id: str) -> RunRecord | None:
+        kept = self._pending.get(("runs", run_id))
+        if kept is not None and isinstance(kept[2], RunRecord):
+            return kept[2]  # newer than the file while writes fail
         found = self._runs("WHERE id = ?", (run_id,))
         return found[0] if found else None
 
@@ -167,8 +221,7 @@ class Store:
         return None if row is None else str(row[0])
 
     def set_meta(self, key: str, value: str | None) -> None:
-        with self.db:
-            if value is None:
-                self.db.execute("DELETE FROM meta WHERE key = ?", (key,))
-            else:
-                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+        if value is None:
+            self._write(("meta", key), "DELETE FROM meta WHERE key = ?", [key])
+        else:
+            self._write(("meta", key), "INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])

@@ -369,6 +369,15 @@ class AuditVerifyResult(BaseModel):
     first_bad_seq: int | None = None
     problem: str | None = None
     head_hash: str | None = None
+    head_seq: int = 0
+    # The newest trusted checkpoint (signed, outside the database or in it) and what follows it.
+    anchor_seq: int | None = None
+    unanchored_rows: int = 0
+    checkpoints: int = 0
+    key_id: str | None = None
+    # Every problem found (the first is `problem`), and what was not checked.
+    problems: list[str] = []
+    notes: list[str] = []
 
 
 class DrillRequest(_Request):
@@ -403,3 +412,6 @@ class Health(BaseModel):
     agents: int
     active_runs: int
     cgroup_mode: str
+    # What is wrong with the audit log (a broken chain, failing writes, a released disk
+    # reserve, dropped rows); empty when all is well.
+    audit_alarms: dict[str, Any] = {}

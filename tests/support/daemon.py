@@ -92,6 +92,14 @@ class Daemon:
         return self.root / "state" / "state.db"
 
     @property
+    def audit_key(self) -> Path:
+        return self.root / "etc" / "audit-key"
+
+    @property
+    def checkpoint_file(self) -> Path:
+        return self.root / "log" / "audit-checkpoints.jsonl"
+
+    @property
     def log_path(self) -> Path:
         return self.root / "daemon.log"
 
@@ -109,6 +117,9 @@ class Daemon:
             "kill": {"confirm_timeout": "5s"},
             # Off unless a test asks (metrics={"listen": ...}): test daemons never race for 9464.
             "metrics": {"listen": ""},
+            # The audit anchors lie outside the state dir, and never in the host's /etc.
+            "audit": {"key": str(self.audit_key), "checkpoint_file": str(self.checkpoint_file),
+                      "reserve_bytes": 4 << 20},
         }
         tables: dict[str, list[dict[str, Any]]] = {}
         for section, values in self.extra_config.items():

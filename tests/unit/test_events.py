@@ -239,7 +239,7 @@ def test_the_outbox_row_commits_or_rolls_back_with_its_audit_row(
     def broken(_db: sqlite3.Connection, _entry: AuditEntry) -> None:
         raise RuntimeError("a later subscriber fails")
 
-    audit.subscribe(broken)
+    audit.subscribe(broken, in_transaction=True)
     with pytest.raises(RuntimeError):
         audit.append(actor="alice", verb="kill", scope="agent:a1", target="a1")
     assert audit.count() == 1
@@ -311,12 +311,12 @@ def test_a_row_is_given_up_only_together_with_its_audit_row(db: sqlite3.Connecti
         outbox.give_up(head.id, 503, "HTTP 503", lambda: audit.append(
             actor="system:webhooks", verb="webhook_given_up", scope="global"))
 
-    audit.subscribe(disk_full)
+    audit.subscribe(disk_full, in_transaction=True)
     with pytest.raises(sqlite3.OperationalError):
         give_up()
     assert outbox.counts() == {"pending": 1, "delivered": 0, "given_up": 0}
     assert outbox.heads()[0].attempts == 0 and audit.count() == 1
-    audit.subscribers.remove(disk_full)
+    audit.transactional.remove(disk_full)
     give_up()
     assert outbox.counts() == {"pending": 0, "delivered": 0, "given_up": 1}
     assert [e.verb for e in audit.list()] == ["pause", "webhook_given_up"]

@@ -1,0 +1,521 @@
+"""The append-only, hash-chained audit log in the daemon's SQLite file. No privilege beyond the
+database file (and, for checkpoints, the audit key: see `anchor.py`).
+
+Two ways to write. Before `start()` (and in embedded CI runs, which never call it) `append`
+writes the row at once in the caller's thread. Once the daemon calls `start(loop)`, rows go to
+one writer thread through a FIFO: appends never block the event loop, stay in order, and are
+committed with `synchronous=FULL` in batches; `await flushed()` waits until every row appended
+so far is durable (the API answers a verb only after its rows are), and verification runs on
+threads of its own connections, so a kill never waits behind it. The queue is bounded: past
+`queue_max`, rows an agent can drive in volume are dropped, counted and the count audited;
+rows of the kill path and of state changes are always taken.
+
+A write that fails (disk full, I/O error) is retried by the writer in order, never lost, and
+alarmed: the `on_write_failure` hooks run first (the state filesystem's reserve is released
+there, so the kill rows still fit) and `alarms` says what is wrong until it is fixed.
+
+Subscribers: `subscribe(fn)` is called on the loop after the row's commit (metrics,
+containment); `subscribe(fn, in_transaction=True)` inside the row's own transaction, with the
+writing connection (the webhook outbox: no event without its row, no row without its event)."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import collections
+import contextlib
+import json
+import logging
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from supervisor.audit.anchor import (
+    Checkpoint,
+    CheckpointFile,
+    Signer,
+    checkpoint_detail,
+    emit_to_journal,
+)
+from supervisor.audit.anchor import verify as verify_anchored
+from supervisor.audit.chain import (
+    CHECKPOINT_VERB,
+    COLUMNS,
+    GENESIS,
+    SCHEMA,
+    cap_detail,
+    cap_text,
+    hashed_fields,
+    row_hash,
+)
+from supervisor.models import AuditEntry, AuditVerifyResult
+
+__all__ = ["GENESIS", "Anchoring", "AuditLog", "Subscriber"]
+
+log = logging.getLogger(__name__)
+
+# Called with the connection that wrote the row and the entry (see the module docstring).
+Subscriber = Callable[[sqlite3.Connection, AuditEntry], None]
+
+AUDIT_ACTOR = "system:audit"
+# Rows the writer always takes, whatever the queue holds: the kill path, state changes and the
+# daemon's own lifecycle. Only rows an agent drives in volume (gateway refusals, approvals,
+# tripwire observations) can be dropped, and then they are counted.
+ESSENTIAL_VERBS = frozenset({
+    "kill", "kill_confirmed", "stop", "shutdown", "global_halt", "lift_global_halt",
+    "break_glass", "watchdog_kill", "watchdog_respawn", "reap", "pause", "resume",
+    "reactivate", "exit", "launch", "forget", "daemon_start", "daemon_stop", "self_test",
+    CHECKPOINT_VERB, "audit_verify", "audit_write_failed", "audit_overflow",
+})
+# After these a checkpoint is signed at once: the newest kill is never left unanchored.
+ANCHOR_NOW_VERBS = frozenset({"kill", "kill_confirmed", "shutdown", "global_halt",
+                              "break_glass", "watchdog_kill", "daemon_start", "daemon_stop",
+                              "audit_verify"})
+_BATCH = 256
+_RETRY_MAX_DELAY = 2.0
+
+
+@dataclass
+class Anchoring:
+    """Where and how often the writer signs checkpoints (see anchor.py)."""
+
+    signer: Signer
+    file: CheckpointFile
+    every_rows: int = 100
+    interval: float = 60.0
+    host: str = field(default_factory=socket.gethostname)
+
+
+@dataclass
+class _Pending:
+    fields: dict[str, Any]
+    ticket: int
+
+
+@dataclass
+class Alarms:
+    """What is wrong with the audit log now; empty when all is well."""
+
+    write_error: str | None = None
+    write_failures: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    checkpoint_error: str | None = None
+    chain_problem: str | None = None
+    # Shared with the state store (supervisor/daemon/store.py) and the disk reserve.
+    store_error: str | None = None
+    disk_reserve: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if v}
+
+
+class AuditLog:
+    def __init__(self, db: sqlite3.Connection, *, anchoring: Anchoring | None = None,
+                 queue_max: int = 4096) -> None:
+        self.db = db
+        self.anchoring = anchoring
+        self.queue_max = queue_max
+        self.subscribers: builtins.list[Subscriber] = []
+        self.transactional: builtins.list[Subscriber] = []
+        # Run in the writer's thread when a write fails; True if it freed something.
+        self.on_write_failure: builtins.list[Callable[[BaseException], bool]] = []
+        self.alarms = Alarms()
+        self.last_checkpoint: Checkpoint | None = None
+        db.executescript(SCHEMA)
+        self._path = _path_of(db)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._next_ticket = 0
+        self._committed_ticket = 0
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._waiters: builtins.list[tuple[int, asyncio.Future[None]]] = []
+        self._rows_since_checkpoint = 0
+        self._last_checkpoint_at = time.monotonic()
+        self._anchor_now = False
+        # Held from reading the head to committing its checkpoint row, and by `verify` while
+        # it reads the file and opens its snapshot: the two always agree.
+        self._anchor_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ subscribing
+
+    def subscribe(self, subscriber: Subscriber, *, in_transaction: bool = False) -> None:
+        (self.transactional if in_transaction else self.subscribers).append(subscriber)
+
+    # ------------------------------------------------------------------ writing
+
+    def append(
+        self, *, actor: str, verb: str, scope: str, reason: str = "", target: str | None = None,
+        previous_state: str | None = None, new_state: str | None = None,
+        time_to_halt_ms: float | None = None, outcome: str = "ok",
+        detail: dict[str, Any] | None = None,
+    ) -> AuditEntry | None:
+        """Write one row: at once (returning it) before `start`, else queued for the writer
+        (returning None; `await flushed()` waits for it)."""
+        fields: dict[str, Any] = {
+            "actor": cap_text("actor", actor), "verb": cap_text("verb", verb),
+            "scope": cap_text("scope", scope), "target": cap_text("target", target),
+            "reason": cap_text("reason", reason),
+            "previous_state": cap_text("previous_state", previous_state),
+            "new_state": cap_text("new_state", new_state), "time_to_halt_ms": time_to_halt_ms,
+            "outcome": cap_text("outcome", outcome), "detail": cap_detail(detail),
+        }
+        if self._thread is None:
+            entries = _commit(self.db, [fields], self.transactional)
+            self._observe(entries)
+            return entries[0]
+        with self._cond:
+            if len(self._queue) >= self.queue_max and verb not in ESSENTIAL_VERBS:
+                self.alarms.dropped[verb] = self.alarms.dropped.get(verb, 0) + 1
+                if sum(self.alarms.dropped.values()) == 1:
+                    log.critical("audit queue full (%d rows): dropping %s rows and counting "
+                                 "them", self.queue_max, verb)
+                return None
+            self._next_ticket += 1
+            self._queue.append(_Pending(fields, self._next_ticket))
+            self._cond.notify_all()
+        return None
+
+    async def write(self, **row: Any) -> None:
+        """Append and wait until the row is durable (bounded by nothing: the kill path)."""
+        self.append(**row)
+        await self.flushed()
+
+    async def flushed(self, timeout: float | None = None) -> bool:
+        """Wait until every row appended before this call is committed; False on timeout."""
+        if self._thread is None:
+            return True
+        with self._cond:
+            ticket = self._next_ticket
+            if self._committed_ticket >= ticket:
+                return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((ticket, waiter))
+        self._wake_waiters()  # the commit may have landed between the check and here
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def flush_blocking(self, timeout: float = 30.0) -> bool:
+        """The same for code outside the loop (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            ticket = self._next_ticket
+            while self._thread is not None and self._committed_ticket < ticket:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Hand every later append to the writer thread (the daemon calls this once)."""
+        if self._thread is not None:
+            return
+        self._loop = loop
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run_writer, name="audit-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Drain the queue, sign a last checkpoint, stop the writer. Appends after this are
+        written at once again."""
+        thread = self._thread
+        if thread is None:
+            return
+        with self._cond:
+            self._stopping = True
+            self._anchor_now = True
+            self._cond.notify_all()
+        thread.join(timeout)
+        if thread.is_alive():
+            log.critical("audit writer did not finish within %.0fs; %d rows still queued",
+                         timeout, len(self._queue))
+            return
+        self._thread = None
+
+    def checkpoint(self) -> Checkpoint | None:
+        """Sign the current head now, in the caller's thread (inline mode and tests)."""
+        if self.anchoring is None:
+            return None
+        return self._sign_checkpoint(self.db)
+
+    # ------------------------------------------------------------------ reading
+
+    def list(self, limit: int = 100, after_seq: int = 0) -> builtins.list[AuditEntry]:
+        rows = self.db.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM audit WHERE seq > ? ORDER BY seq DESC LIMIT ?",
+            (after_seq, limit),
+        ).fetchall()
+        return [_entry(dict(zip(COLUMNS, r, strict=True))) for r in reversed(rows)]
+
+    def count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM audit").fetchone()[0])
+
+    def verify(self, from_anchor: bool = False) -> AuditVerifyResult:
+        """The chain held against its checkpoints, read through a connection of its own (so
+        this may run on any thread while the writer goes on). The checkpoint file and the
+        database snapshot are taken under the lock the writer signs under, so they agree."""
+        if self._path is None:
+            return self._verify_with(self.db, self._read_file(), from_anchor)
+        reader = _reader(self._path)
+        try:
+            with self._anchor_lock:
+                checkpoints = self._read_file()
+                reader.execute("BEGIN")
+                reader.execute("SELECT seq FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            return self._verify_with(reader, checkpoints, from_anchor)
+        finally:
+            reader.close()
+
+    async def verify_async(self, from_anchor: bool = False) -> AuditVerifyResult:
+        """`verify` on a thread: the event loop (and so every kill) never waits for it."""
+        if self._path is None:
+            return self.verify(from_anchor)
+        return await asyncio.to_thread(self.verify, from_anchor)
+
+    def _read_file(self) -> builtins.list[Checkpoint] | None:
+        return self.anchoring.file.read() if self.anchoring is not None else None
+
+    def _verify_with(self, db: sqlite3.Connection, checkpoints: builtins.list[Checkpoint] | None,
+                     from_anchor: bool) -> AuditVerifyResult:
+        if self.anchoring is None:
+            return verify_anchored(db, None, None, expect_file=False).model_copy(
+                update={"notes": []})
+        return verify_anchored(db, self.anchoring.signer.public_key, checkpoints,
+                               checkpoint_file=str(self.anchoring.file.path),
+                               from_anchor=from_anchor)
+
+    # ------------------------------------------------------------------ the writer thread
+
+    def _run_writer(self) -> None:
+        assert self._path is not None
+        db = _writer_connection(self._path)
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._stopping and not self._checkpoint_due():
+                        self._cond.wait(self._until_checkpoint())
+                    batch = [self._queue.popleft()
+                             for _ in range(min(_BATCH, len(self._queue)))]
+                    stopping = self._stopping and not self._queue
+                if batch:
+                    self._write_batch(db, batch)
+                if self.alarms.dropped and not self._queue:
+                    self._write_overflow(db)
+                if self.anchoring is not None and (self._checkpoint_due() or stopping):
+                    self._write_checkpoint(db)
+                if stopping:
+                    return
+        finally:
+            db.close()
+
+    def _write_batch(self, db: sqlite3.Connection, batch: builtins.list[_Pending]) -> None:
+        entries = self._commit_retrying(db, [p.fields for p in batch])
+        for entry in entries:
+            if entry.verb in ANCHOR_NOW_VERBS:
+                self._anchor_now = True
+        self._rows_since_checkpoint += len(entries)
+        with self._cond:
+            self._committed_ticket = batch[-1].ticket
+            self._cond.notify_all()
+        self._post(entries)
+
+    def _commit_retrying(self, db: sqlite3.Connection, rows: builtins.list[dict[str, Any]]
+                         ) -> builtins.list[AuditEntry]:
+        """Commit `rows` in one transaction, retrying (in order, never dropping) until it
+        works; the first failure runs `on_write_failure` (the reserve) and raises the alarm."""
+        attempt = 0
+        failed_since: float | None = None
+        while True:
+            try:
+                entries = _commit(db, rows, self.transactional)
+            except sqlite3.Error as exc:
+                attempt += 1
+                if failed_since is None:
+                    failed_since = time.time()
+                self._write_failed(exc, attempt)
+                if attempt > 1:
+                    time.sleep(min(0.05 * 2 ** min(attempt, 6), _RETRY_MAX_DELAY))
+                continue
+            if failed_since is not None:
+                self._write_recovered(db, failed_since, attempt)
+            return entries
+
+    def _write_failed(self, exc: BaseException, attempt: int) -> None:
+        self.alarms.write_failures += 1
+        self.alarms.write_error = f"{type(exc).__name__}: {exc}"
+        freed = False
+        for hook in self.on_write_failure:
+            try:
+                freed = hook(exc) or freed
+            except Exception:
+                log.exception("audit write-failure hook failed")
+        if attempt == 1 or attempt % 50 == 0:
+            log.critical("audit write failed (attempt %d): %s%s; retrying, nothing is dropped",
+                         attempt, exc, " (reserve released)" if freed else "")
+
+    def _write_recovered(self, db: sqlite3.Connection, since: float, attempts: int) -> None:
+        error = self.alarms.write_error
+        self.alarms.write_error = None
+        log.warning("audit writes work again after %d failed attempts", attempts)
+        entries = self._commit_retrying(db, [_fields(
+            verb="audit_write_failed", outcome="recovered",
+            reason="audit writes failed and were retried until they worked",
+            detail={"error": error, "failed_attempts": attempts, "since": since,
+                    "seconds": round(time.time() - since, 3)})])
+        self._post(entries)
+
+    def _write_overflow(self, db: sqlite3.Connection) -> None:
+        with self._cond:
+            dropped, self.alarms.dropped = self.alarms.dropped, {}
+        entries = self._commit_retrying(db, [_fields(
+            verb="audit_overflow", outcome="dropped",
+            reason=f"the audit queue was full: {sum(dropped.values())} rows were not written",
+            detail={"dropped_by_verb": dropped, "queue_max": self.queue_max})])
+        self._post(entries)
+
+    def _checkpoint_due(self) -> bool:
+        if self.anchoring is None or self._rows_since_checkpoint == 0:
+            return False
+        return (self._anchor_now or self._rows_since_checkpoint >= self.anchoring.every_rows
+                or time.monotonic() - self._last_checkpoint_at >= self.anchoring.interval)
+
+    def _until_checkpoint(self) -> float | None:
+        if self.anchoring is None or self._rows_since_checkpoint == 0:
+            return None
+        return max(0.01, self.anchoring.interval - (time.monotonic() - self._last_checkpoint_at))
+
+    def _write_checkpoint(self, db: sqlite3.Connection) -> None:
+        if self._rows_since_checkpoint == 0:
+            return
+        self._sign_checkpoint(db, post=True)
+
+    def _sign_checkpoint(self, db: sqlite3.Connection, post: bool = False) -> Checkpoint | None:
+        """Sign the head, put it in the file (first: the file is never behind the log) and
+        the journal, then record it as the next row (hence the `audit.checkpoint` event)."""
+        assert self.anchoring is not None
+        with self._anchor_lock:
+            last = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            if last is None:
+                return None
+            checkpoint = self.anchoring.signer.sign(int(last[0]), str(last[1]), time.time())
+            try:
+                self.anchoring.file.append(checkpoint)
+                self.alarms.checkpoint_error = None
+            except OSError as exc:
+                self.alarms.checkpoint_error = f"{self.anchoring.file.path}: {exc}"
+                log.critical("cannot write the audit checkpoint file %s: %s",
+                             self.anchoring.file.path, exc)
+            row = _fields(verb=CHECKPOINT_VERB, reason=f"checkpoint of row {checkpoint.seq}",
+                          detail=checkpoint_detail(checkpoint))
+            entries = (self._commit_retrying(db, [row]) if post
+                       else _commit(db, [row], self.transactional))
+        emit_to_journal(checkpoint, self.anchoring.host)
+        self.last_checkpoint = checkpoint
+        self._rows_since_checkpoint = 0
+        self._anchor_now = False
+        self._last_checkpoint_at = time.monotonic()
+        if post:
+            self._post(entries)
+        else:
+            self._observe(entries)
+        return checkpoint
+
+    def _post(self, entries: builtins.list[AuditEntry]) -> None:
+        """Hand committed rows to the loop: observers first, then whoever waits for them."""
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # a closed loop: the daemon is exiting
+            loop.call_soon_threadsafe(self._delivered, entries)
+
+    def _delivered(self, entries: builtins.list[AuditEntry]) -> None:
+        self._observe(entries)
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        with self._cond:
+            committed = self._committed_ticket
+        still = []
+        for ticket, waiter in self._waiters:
+            if ticket <= committed:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                still.append((ticket, waiter))
+        self._waiters = still
+
+    def _observe(self, entries: builtins.list[AuditEntry]) -> None:
+        for entry in entries:
+            for subscriber in self.subscribers:
+                try:
+                    subscriber(self.db, entry)
+                except Exception:
+                    log.exception("audit subscriber %s failed on row %d",
+                                  getattr(subscriber, "__qualname__", subscriber), entry.seq)
+
+
+def _fields(*, verb: str, reason: str = "", outcome: str = "ok",
+            detail: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"actor": AUDIT_ACTOR, "verb": verb, "scope": "global", "target": None,
+            "reason": reason, "previous_state": None, "new_state": None,
+            "time_to_halt_ms": None, "outcome": outcome, "detail": cap_detail(detail)}
+
+
+def _commit(db: sqlite3.Connection, rows: list[dict[str, Any]],
+            transactional: list[Subscriber]) -> list[AuditEntry]:
+    """Chain and insert `rows` in one transaction, with the in-transaction subscribers."""
+    entries = []
+    with db:
+        last = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev_hash = (last[0], last[1]) if last else (0, GENESIS)
+        for fields in rows:
+            seq += 1
+            row: dict[str, Any] = {"seq": seq, "ts": round(time.time(), 6), **fields,
+                                   "prev_hash": prev_hash}
+            row["hash"] = row_hash(prev_hash, hashed_fields({**row, "hash": ""}))
+            db.execute(f"INSERT INTO audit ({', '.join(COLUMNS)}) "
+                       f"VALUES ({', '.join('?' for _ in COLUMNS)})",
+                       [row[c] for c in COLUMNS])
+            entry = _entry(row)
+            for subscriber in transactional:
+                subscriber(db, entry)
+            entries.append(entry)
+            prev_hash = row["hash"]
+    return entries
+
+
+def _entry(row: dict[str, Any]) -> AuditEntry:
+    return AuditEntry.model_validate({**row, "detail": json.loads(row["detail"])})
+
+
+def _path_of(db: sqlite3.Connection) -> Path | None:
+    """The file behind `db` (None for an in-memory database)."""
+    for _, name, filename in db.execute("PRAGMA database_list").fetchall():
+        if name == "main" and filename:
+            return Path(filename)
+    return None
+
+
+def _writer_connection(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level="DEFERRED", timeout=30.0)
+    # The kill path waits for its row: once committed, it survives a power cut too.
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+def _reader(path: Path) -> sqlite3.Connection:
+    """A connection for one verification: autocommit, so `BEGIN` opens one snapshot."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=30.0)
+    db.execute("PRAGMA query_only=ON")
+    return db

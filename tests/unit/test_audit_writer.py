@@ -1,0 +1,214 @@
+"""The audit writer thread (supervisor/audit/__init__.py) on a real SQLite file: appends leave
+the event loop at once and land in order, `flushed` waits for durability, observers run on the
+loop after the commit, a full queue drops only rows an agent drives (and says so), a failing
+write is retried in order and alarmed, rows are capped in size, and the state store keeps and
+retries its writes. No root."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisor.audit import Anchoring, AuditLog
+from supervisor.audit.anchor import CheckpointFile, Signer
+from supervisor.audit.chain import DETAIL_MAX_BYTES, TEXT_MAX_CHARS
+from supervisor.audit.reserve import DiskReserve
+from supervisor.daemon.store import AgentRecord, Store, connect
+from supervisor.models import AuditEntry
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[sqlite3.Connection]:
+    connection = connect(tmp_path / "state" / "state.db")
+    yield connection
+    connection.close()
+
+
+def test_appends_are_queued_ordered_and_durable_after_flushed(db: sqlite3.Connection) -> None:
+    audit = AuditLog(db)
+    loop_thread: list[int] = []
+    seen: list[tuple[int, int]] = []
+    in_transaction: list[int] = []
+    audit.subscribe(lambda _db, e: seen.append((e.seq, threading.get_ident())))
+    audit.subscribe(lambda _db, e: in_transaction.append(threading.get_ident()),
+                    in_transaction=True)
+
+    async def body() -> None:
+        loop_thread.append(threading.get_ident())
+        audit.start(asyncio.get_running_loop())
+        for i in range(500):
+            assert audit.append(actor="a", verb="pause", scope="global", detail={"i": i}) is None
+        assert await audit.flushed(10)
+        assert audit.count() == 500
+        await audit.write(actor="a", verb="kill", scope="global")
+        assert audit.list(limit=1)[0].verb == "kill"
+
+    asyncio.run(body())
+    audit.close()
+    entries = audit.list(limit=1000)
+    assert [e.detail.get("i") for e in entries[:500]] == list(range(500))
+    assert [s for s, _ in seen] == list(range(1, 502))
+    assert {t for _, t in seen} == set(loop_thread)  # observers: on the loop
+    assert set(in_transaction) and loop_thread[0] not in in_transaction  # the writer's thread
+    assert audit.verify().ok
+
+
+def test_verification_reads_while_the_writer_writes(db: sqlite3.Connection) -> None:
+    audit = AuditLog(db)
+    for i in range(2000):
+        audit.append(actor="a", verb="pause", scope="global", detail={"i": i})
+
+    async def body() -> None:
+        audit.start(asyncio.get_running_loop())
+        verifying = asyncio.ensure_future(audit.verify_async())
+        await audit.write(actor="a", verb="kill", scope="global")  # not behind the verify
+        result = await verifying
+        assert result.ok and result.rows >= 2000
+
+    asyncio.run(body())
+    audit.close()
+
+
+def test_a_full_queue_drops_only_agent_driven_rows_and_audits_the_count(
+        db: sqlite3.Connection) -> None:
+    audit = AuditLog(db, queue_max=64)
+    gate = threading.Event()
+
+    def hold(_db: sqlite3.Connection, entry: AuditEntry) -> None:
+        if entry.seq == 1:
+            gate.wait(10)  # the writer is stuck (a slow disk)
+
+    audit.subscribe(hold, in_transaction=True)
+
+    async def body() -> None:
+        audit.start(asyncio.get_running_loop())
+        audit.append(actor="a", verb="pause", scope="global")
+        await asyncio.sleep(0.05)
+        for _ in range(200):
+            audit.append(actor="gateway", verb="egress_denied", scope="agent:x")
+        for _ in range(5):
+            audit.append(actor="root", verb="kill", scope="agent:x")
+        assert sum(audit.alarms.dropped.values()) > 100
+        gate.set()
+        assert await audit.flushed(10)
+
+    asyncio.run(body())
+    audit.close()
+    entries = audit.list(limit=1000)
+    assert [e.verb for e in entries].count("kill") == 5
+    overflow = [e for e in entries if e.verb == "audit_overflow"]
+    assert len(overflow) == 1
+    denied = [e for e in entries if e.verb == "egress_denied"]
+    assert overflow[0].detail["dropped_by_verb"]["egress_denied"] == 200 - len(denied)
+    assert audit.alarms.dropped == {}
+    assert audit.verify().ok
+
+
+def test_a_failing_write_is_retried_in_order_and_alarmed(db: sqlite3.Connection) -> None:
+    audit = AuditLog(db)
+    failures = {"left": 3}
+    hooks: list[str] = []
+
+    def disk_full(_db: sqlite3.Connection, entry: AuditEntry) -> None:
+        if entry.verb == "kill" and failures["left"] > 0:
+            failures["left"] -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+
+    audit.subscribe(disk_full, in_transaction=True)
+    audit.on_write_failure.append(lambda exc: hooks.append(str(exc)) is None)
+
+    async def body() -> None:
+        audit.start(asyncio.get_running_loop())
+        audit.append(actor="a", verb="pause", scope="global")
+        await audit.write(actor="root", verb="kill", scope="agent:x", reason="stop it")
+        audit.append(actor="a", verb="resume", scope="global")
+        assert await audit.flushed(10)
+
+    asyncio.run(body())
+    audit.close()
+    verbs = [e.verb for e in audit.list(limit=100)]
+    assert verbs[:3] == ["pause", "kill", "audit_write_failed"] and "resume" in verbs
+    recovered = audit.list(limit=100)[2]
+    assert recovered.outcome == "recovered" and recovered.detail["failed_attempts"] == 3
+    assert "disk is full" in recovered.detail["error"]
+    assert hooks == ["database or disk is full"] * 3
+    assert audit.alarms.write_error is None and audit.alarms.write_failures == 3
+    assert audit.verify().ok
+
+
+def test_rows_are_bounded_whatever_the_caller_sends(db: sqlite3.Connection) -> None:
+    audit = AuditLog(db)
+    entry = audit.append(actor="gateway", verb="egress_denied", scope="agent:x",
+                         target="h" * 100_000, reason="r" * 100_000,
+                         detail={"host": "x" * 5_000_000, "n": 1})
+    assert entry is not None
+    assert len(entry.target or "") == TEXT_MAX_CHARS["target"]
+    assert len(entry.reason) == TEXT_MAX_CHARS["reason"]
+    assert entry.detail["truncated"] is True and entry.detail["original_bytes"] > 5_000_000
+    stored = db.execute("SELECT length(detail) FROM audit WHERE seq = 1").fetchone()[0]
+    assert stored <= DETAIL_MAX_BYTES
+    assert audit.verify().ok
+
+
+def test_the_writer_checkpoints_after_a_kill_and_at_close(db: sqlite3.Connection,
+                                                          tmp_path: Path) -> None:
+    anchoring = Anchoring(signer=Signer.load_or_create(tmp_path / "etc" / "key"),
+                          file=CheckpointFile(tmp_path / "log" / "cp.jsonl"),
+                          every_rows=1000, interval=3600)
+    audit = AuditLog(db, anchoring=anchoring)
+
+    async def body() -> None:
+        audit.start(asyncio.get_running_loop())
+        audit.append(actor="a", verb="pause", scope="global")
+        await audit.write(actor="root", verb="kill", scope="agent:x")
+        for _ in range(50):
+            if anchoring.file.read():
+                break
+            await asyncio.sleep(0.05)
+        audit.append(actor="a", verb="resume", scope="global")
+
+    asyncio.run(body())
+    audit.close()
+    checkpoints = anchoring.file.read()
+    assert checkpoints is not None and [c.seq for c in checkpoints] == [2, 4]
+    verbs = [e.verb for e in audit.list(limit=10)]
+    assert verbs == ["pause", "kill", "audit_checkpoint", "resume", "audit_checkpoint"]
+    result = audit.verify()
+    assert result.ok and result.unanchored_rows == 0
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+def _agent(name: str, state: str = "idle") -> AgentRecord:
+    return AgentRecord(name=name, agent_class="default", profile="default", state=state,
+                       created_at=1.0, updated_at=1.0)
+
+
+def test_the_store_keeps_failed_writes_and_writes_them_when_it_can(
+        db: sqlite3.Connection, tmp_path: Path) -> None:
+    reserve = DiskReserve(tmp_path / "state" / "disk-reserve", 1 << 20)
+    assert reserve.ensure() and reserve.held
+    store = Store(db, reserve=reserve)
+    store.put_agent(_agent("a1"))
+    # A trigger stands in for the full disk: every write to agents fails until it goes.
+    db.execute("CREATE TRIGGER full BEFORE INSERT ON agents BEGIN "
+               "SELECT RAISE(ABORT, 'database or disk is full'); END")
+    store.put_agent(_agent("a1", "killed"))
+    assert not reserve.held  # released at the first failure
+    assert store.alarms.disk_reserve is not None
+    assert store.alarms.store_error is not None and store.unwritten == 1
+    store.set_meta("global_halt", "x")  # kept together with the agent: one transaction later
+    assert db.execute("SELECT value FROM meta").fetchall() == []
+    assert [a.state for a in store.agents()] == ["idle"]
+    db.execute("DROP TRIGGER full")
+    assert store.flush()
+    assert [a.state for a in store.agents()] == ["killed"]
+    assert store.get_meta("global_halt") == "x"
+    assert store.alarms.store_error is None and store.unwritten == 0
+    assert reserve.ensure() and reserve.held
