@@ -111,7 +111,11 @@ class Alarms:
     disk_reserve: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if v}
+        """The alarms in force (a failure count only while writes are failing)."""
+        active = {k: v for k, v in vars(self).items() if v and k != "write_failures"}
+        if self.write_error is not None:
+            active["write_failures"] = self.write_failures
+        return active
 
 
 class AuditLog:
