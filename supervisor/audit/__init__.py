@@ -33,15 +33,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from supervisor.audit.anchor import (
     Checkpoint,
     CheckpointFile,
     Signer,
-    checkpoint_detail,
     emit_to_journal,
 )
+from supervisor.audit.anchor import record as record_checkpoint
 from supervisor.audit.anchor import verify as verify_anchored
 from supervisor.audit.chain import (
     CHECKPOINT_VERB,
@@ -58,6 +58,7 @@ from supervisor.models import AuditEntry, AuditVerifyResult
 __all__ = ["GENESIS", "Anchoring", "AuditLog", "Subscriber"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Called with the connection that wrote the row and the entry (see the module docstring).
 Subscriber = Callable[[sqlite3.Connection, AuditEntry], None]
@@ -70,7 +71,7 @@ ESSENTIAL_VERBS = frozenset({
     "kill", "kill_confirmed", "stop", "shutdown", "global_halt", "lift_global_halt",
     "break_glass", "watchdog_kill", "watchdog_respawn", "reap", "pause", "resume",
     "reactivate", "exit", "launch", "forget", "daemon_start", "daemon_stop", "self_test",
-    CHECKPOINT_VERB, "audit_verify", "audit_write_failed", "audit_overflow",
+    "audit_verify", "audit_write_failed", "audit_overflow",
 })
 # After these a checkpoint is signed at once: the newest kill is never left unanchored.
 ANCHOR_NOW_VERBS = frozenset({"kill", "kill_confirmed", "shutdown", "global_halt",
@@ -143,7 +144,7 @@ class AuditLog:
         self._rows_since_checkpoint = 0
         self._last_checkpoint_at = time.monotonic()
         self._anchor_now = False
-        # Held from reading the head to committing its checkpoint row, and by `verify` while
+        # Held from reading the head to keeping its checkpoint, and by `verify` while
         # it reads the file and opens its snapshot: the two always agree.
         self._anchor_lock = threading.Lock()
 
@@ -336,13 +337,16 @@ class AuditLog:
 
     def _commit_retrying(self, db: sqlite3.Connection, rows: builtins.list[dict[str, Any]]
                          ) -> builtins.list[AuditEntry]:
-        """Commit `rows` in one transaction, retrying (in order, never dropping) until it
-        works; the first failure runs `on_write_failure` (the reserve) and raises the alarm."""
+        return self._retrying(lambda: _commit(db, rows, self.transactional), db)
+
+    def _retrying(self, action: Callable[[], T], db: sqlite3.Connection | None = None) -> T:
+        """Run one transaction until it works, in order, never dropping it; the first failure
+        runs `on_write_failure` (the reserve) and raises the alarm."""
         attempt = 0
         failed_since: float | None = None
         while True:
             try:
-                entries = _commit(db, rows, self.transactional)
+                result = action()
             except sqlite3.Error as exc:
                 attempt += 1
                 if failed_since is None:
@@ -351,9 +355,11 @@ class AuditLog:
                 if attempt > 1:
                     time.sleep(min(0.05 * 2 ** min(attempt, 6), _RETRY_MAX_DELAY))
                 continue
-            if failed_since is not None:
+            if failed_since is not None and db is not None:
                 self._write_recovered(db, failed_since, attempt)
-            return entries
+            elif failed_since is not None:
+                self.alarms.write_error = None
+            return result
 
     def _write_failed(self, exc: BaseException, attempt: int) -> None:
         self.alarms.write_failures += 1
@@ -405,8 +411,9 @@ class AuditLog:
         self._sign_checkpoint(db, post=True)
 
     def _sign_checkpoint(self, db: sqlite3.Connection, post: bool = False) -> Checkpoint | None:
-        """Sign the head, put it in the file (first: the file is never behind the log) and
-        the journal, then record it as the next row (hence the `audit.checkpoint` event)."""
+        """Sign the head, put it in the file (first: the file is never behind the database),
+        keep it in the database beside the chain (with its `audit.checkpoint` event), then
+        in the journal."""
         assert self.anchoring is not None
         with self._anchor_lock:
             last = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
@@ -420,19 +427,27 @@ class AuditLog:
                 self.alarms.checkpoint_error = f"{self.anchoring.file.path}: {exc}"
                 log.critical("cannot write the audit checkpoint file %s: %s",
                              self.anchoring.file.path, exc)
-            row = _fields(verb=CHECKPOINT_VERB, reason=f"checkpoint of row {checkpoint.seq}",
-                          detail=checkpoint_detail(checkpoint))
-            entries = (self._commit_retrying(db, [row]) if post
-                       else _commit(db, [row], self.transactional))
+            entry = _checkpoint_entry(checkpoint)
+
+            def keep() -> None:
+                with db:
+                    record_checkpoint(db, checkpoint)
+                    for subscriber in self.transactional:
+                        subscriber(db, entry)
+
+            if post:
+                self._retrying(keep)
+            else:
+                keep()
         emit_to_journal(checkpoint, self.anchoring.host)
         self.last_checkpoint = checkpoint
         self._rows_since_checkpoint = 0
         self._anchor_now = False
         self._last_checkpoint_at = time.monotonic()
         if post:
-            self._post(entries)
+            self._post([entry])
         else:
-            self._observe(entries)
+            self._observe([entry])
         return checkpoint
 
     def _post(self, entries: builtins.list[AuditEntry]) -> None:
@@ -467,6 +482,15 @@ class AuditLog:
                 except Exception:
                     log.exception("audit subscriber %s failed on row %d",
                                   getattr(subscriber, "__qualname__", subscriber), entry.seq)
+
+
+def _checkpoint_entry(checkpoint: Checkpoint) -> AuditEntry:
+    """The event-shaped entry of a checkpoint (seq: the row it covers) for the subscribers."""
+    return AuditEntry(seq=checkpoint.seq, ts=checkpoint.ts, actor=AUDIT_ACTOR,
+                      verb=CHECKPOINT_VERB, scope="global", target=None,
+                      reason=f"checkpoint of row {checkpoint.seq}", previous_state=None,
+                      new_state=None, time_to_halt_ms=None, outcome="ok",
+                      detail=checkpoint.as_dict(), prev_hash="", hash=checkpoint.hash)
 
 
 def _fields(*, verb: str, reason: str = "", outcome: str = "ok",

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from supervisor.audit.chain import (
-    CHECKPOINT_VERB,
     COLUMNS,
     GENESIS,
     Walk,
@@ -186,11 +185,6 @@ def emit_to_journal(checkpoint: Checkpoint, host: str) -> None:
                  json.dumps({**checkpoint.as_dict(), "host": host}, sort_keys=True))
 
 
-def checkpoint_detail(checkpoint: Checkpoint) -> dict[str, Any]:
-    """The detail of the audit row that records `checkpoint` (and of its webhook event)."""
-    return checkpoint.as_dict()
-
-
 # ----------------------------------------------------------------------------- verification
 
 
@@ -229,28 +223,29 @@ def verify(db: sqlite3.Connection, public_key: Ed25519PublicKey | None,
                 base_seq, base_hash = newest.seq, newest.hash
                 notes.append(f"verified from the checkpoint of row {newest.seq}")
         # No such row, or another one: the full walk below says which problem it is.
-    compare = [c for c in trusted if c.seq > base_seq] if base_seq else trusted
-    chain: Walk = walk(db, frozenset(c.seq for c in compare), base_seq, base_hash)
+    compare = [c for c in trusted if c.seq > base_seq]
+    stored = stored_checkpoints(db)
+    chain: Walk = walk(db, frozenset(c.seq for c in compare + stored), base_seq, base_hash)
     if not chain.ok:
         problems.insert(0, (chain.first_bad_seq, str(chain.problem)))
 
     db_anchor = 0
-    for covered_seq, covered_hash, detail in chain.checkpoints:
-        try:
-            recorded = Checkpoint.from_dict(detail)
-        except (ValueError, KeyError, TypeError):
-            problems.append((covered_seq + 1, f"checkpoint row {covered_seq + 1} is unreadable"))
-            continue
-        if (recorded.seq, recorded.hash) != (covered_seq, covered_hash):
-            problems.append((covered_seq + 1, (
-                f"checkpoint row {covered_seq + 1} names row {recorded.seq} with another hash "
-                f"than the row before it")))
-        elif public_key is not None and not recorded.signed_by(public_key):
-            problems.append((covered_seq + 1, (
-                f"checkpoint row {covered_seq + 1} is not signed by the audit key {key_id} (it "
-                f"names key {recorded.key_id or '?'}): the key was replaced or the row forged")))
+    for recorded in stored:
+        if recorded.seq <= base_seq:
+            continue  # before the anchor the quick check starts from
+        if public_key is not None and not recorded.signed_by(public_key):
+            problems.append((recorded.seq, (
+                f"the checkpoint of row {recorded.seq} in the database is not signed by the "
+                f"audit key {key_id} (it names key {recorded.key_id or '?'}): the key was "
+                f"replaced or the checkpoint forged")))
+        elif chain.ok and recorded.seq <= chain.head_seq and \
+                chain.hashes.get(recorded.seq) != recorded.hash:
+            problems.append((recorded.seq, (
+                f"row {recorded.seq} is not the row the checkpoint in the database signed at "
+                f"{recorded.ts:.0f} covers: the log up to it was rewritten")))
         else:
-            db_anchor = covered_seq
+            compare.append(recorded)
+            db_anchor = max(db_anchor, recorded.seq)
 
     if chain.ok:
         beyond = [c for c in compare if c.seq > chain.head_seq]
@@ -283,21 +278,30 @@ def verify(db: sqlite3.Connection, public_key: Ed25519PublicKey | None,
         notes.append("signatures not checked: no public key given")
     anchor = max(file_anchor, db_anchor)
     unanchored = max(0, chain.head_seq - anchor)
-    if chain.checkpoints and chain.checkpoints[-1][0] == anchor == chain.head_seq - 1:
-        unanchored = 0  # the head is the checkpoint row of the row before it
     if chain.head_seq and anchor == 0:
         notes.append("no checkpoint covers this log yet")
     first = problems[0] if problems else (None, None)
     return AuditVerifyResult(
         ok=not problems, rows=chain.rows, first_bad_seq=first[0], problem=first[1],
         head_hash=chain.head_hash, head_seq=chain.head_seq, anchor_seq=anchor or None,
-        unanchored_rows=unanchored, checkpoints=len(chain.checkpoints), key_id=key_id,
+        unanchored_rows=unanchored, checkpoints=len(stored), key_id=key_id,
         problems=[p for _, p in problems], notes=notes,
     )
 
 
-def is_checkpoint_row(verb: str) -> bool:
-    return verb == CHECKPOINT_VERB
+def stored_checkpoints(db: sqlite3.Connection) -> list[Checkpoint]:
+    """The checkpoints kept in the database beside the chain, oldest first."""
+    return [Checkpoint(seq=int(r[0]), hash=str(r[1]), ts=float(r[2]), key_id=str(r[3]),
+                       sig=str(r[4]))
+            for r in db.execute("SELECT seq, hash, ts, key_id, sig FROM audit_checkpoints "
+                                "ORDER BY seq")]
+
+
+def record(db: sqlite3.Connection, checkpoint: Checkpoint) -> None:
+    """Keep `checkpoint` in the database (inside the caller's transaction)."""
+    db.execute("INSERT OR IGNORE INTO audit_checkpoints (seq, hash, ts, key_id, sig) "
+               "VALUES (?, ?, ?, ?, ?)", (checkpoint.seq, checkpoint.hash, checkpoint.ts,
+                                          checkpoint.key_id, checkpoint.sig))
 
 
 DEFAULT_KEY = Path("/etc/agent-supervisor/audit-key")

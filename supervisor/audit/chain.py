@@ -39,12 +39,24 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    seq INTEGER PRIMARY KEY,
+    hash TEXT NOT NULL,
+    ts REAL NOT NULL,
+    key_id TEXT NOT NULL,
+    sig TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
+BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
+BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
 """
 
 COLUMNS = ("seq", "ts", "actor", "verb", "scope", "target", "reason", "previous_state",
            "new_state", "time_to_halt_ms", "outcome", "detail", "prev_hash", "hash")
 
-# The verb of the row that records a signed checkpoint of the row before it.
+# The verb of a checkpoint's event (checkpoints are kept beside the chain, in
+# audit_checkpoints, not as rows of it: a row cannot carry the hash of its own chain).
 CHECKPOINT_VERB = "audit_checkpoint"
 # The verb of the row that records a verification; one with outcome "failed" keeps the log
 # failing verification (the evidence stays until an operator archives the log: runbook).
@@ -101,8 +113,6 @@ class Walk:
     head_hash: str = GENESIS
     first_bad_seq: int | None = None
     problem: str | None = None
-    # (covered seq, covered hash, checkpoint detail) of every checkpoint row, in order.
-    checkpoints: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)
     # seq -> hash for the seqs a caller asked about (external anchors).
     hashes: dict[int, str] = field(default_factory=dict)
     # (seq, first problem) of every row recording a failed verification.
@@ -133,13 +143,7 @@ def walk(db: sqlite3.Connection, want: frozenset[int] = frozenset(),
             found.first_bad_seq = seq
             found.problem = f"row {seq} was altered: its content does not match its hash"
             return found
-        if row["verb"] == CHECKPOINT_VERB:
-            try:
-                detail = json.loads(row["detail"])
-            except ValueError:
-                detail = {}
-            found.checkpoints.append((seq - 1, row["prev_hash"], detail))
-        elif row["verb"] == VERIFY_VERB and row["outcome"] == "failed":
+        if row["verb"] == VERIFY_VERB and row["outcome"] == "failed":
             try:
                 problems = json.loads(row["detail"]).get("problems") or ["?"]
             except (ValueError, AttributeError):

@@ -17,6 +17,7 @@ from supervisor.audit.anchor import Checkpoint, CheckpointFile, KeyProblem, Sign
 from supervisor.audit.chain import COLUMNS, hashed_fields, row_hash
 from supervisor.config import Config, load_config
 from supervisor.errors import ConfigInvalid
+from supervisor.models import AuditEntry
 
 
 @pytest.fixture
@@ -46,11 +47,11 @@ def fill(audit: AuditLog, rows: int, verb: str = "pause") -> None:
 
 
 def anchored(audit: AuditLog, rows: int = 10) -> int:
-    """`rows` rows and a checkpoint of the last; returns the checkpoint row's seq."""
+    """`rows` rows and a checkpoint of the last; returns its seq."""
     fill(audit, rows)
     checkpoint = audit.checkpoint()
     assert checkpoint is not None and checkpoint.seq == rows
-    return rows + 1
+    return rows
 
 
 def tamper(db: sqlite3.Connection, sql: str, *args: object) -> None:
@@ -118,18 +119,23 @@ def test_an_anchor_inside_the_state_dir_is_refused(tmp_path: Path, name: str) ->
 # ----------------------------------------------------------------------------- the intact case
 
 
-def test_checkpoints_go_to_the_file_the_journal_and_the_log(
-        audit: AuditLog, caplog: pytest.LogCaptureFixture) -> None:
+def test_checkpoints_go_to_the_file_the_journal_and_the_database(
+        audit: AuditLog, db: sqlite3.Connection, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="agent-supervisor.audit")
+    events: list[AuditEntry] = []
+    audit.subscribe(lambda _db, e: events.append(e), in_transaction=True)
     fill(audit, 5)
     checkpoint = audit.checkpoint()
     assert checkpoint is not None
     assert audit.anchoring is not None
     lines = audit.anchoring.file.read()
     assert lines == [checkpoint]
-    row = audit.list(limit=1)[0]
-    assert (row.seq, row.verb, row.detail["seq"], row.detail["hash"]) == (
-        6, "audit_checkpoint", 5, audit.list(limit=2)[0].hash)
+    assert (checkpoint.seq, checkpoint.hash) == (5, audit.list(limit=1)[0].hash)
+    assert audit.count() == 5  # beside the chain, not in it
+    assert db.execute("SELECT seq, sig FROM audit_checkpoints").fetchall() == [
+        (5, checkpoint.sig)]
+    assert (events[-1].verb, events[-1].seq, events[-1].detail["sig"]) == (
+        "audit_checkpoint", 5, checkpoint.sig)  # the webhook outbox gets its event
     journal = [r.getMessage() for r in caplog.records if "AUDIT_CHECKPOINT" in r.getMessage()]
     assert len(journal) == 1
     assert json.loads(journal[0].split(" ", 1)[1])["sig"] == checkpoint.sig
@@ -138,7 +144,7 @@ def test_checkpoints_go_to_the_file_the_journal_and_the_log(
     assert (result.anchor_seq, result.unanchored_rows, result.checkpoints) == (5, 0, 1)
     fill(audit, 3)
     later = audit.verify()
-    assert later.ok and later.unanchored_rows == 4  # the checkpoint row and three more
+    assert later.ok and later.unanchored_rows == 3
 
 
 def test_a_fresh_log_verifies_and_says_it_is_unanchored(audit: AuditLog) -> None:
@@ -216,8 +222,10 @@ def test_resigning_everything_with_a_new_key_fails_against_the_old_public_key(
     theirs = Signer.load_or_create(tmp_path / "attacker-key")
     head = db.execute("SELECT seq, hash FROM audit WHERE seq = 6").fetchone()
     forged = theirs.sign(head[0], head[1], 1700000000.0)
-    tamper(db, "UPDATE audit SET detail = ? WHERE seq = 7", json.dumps(forged.as_dict()))
-    rehash_from(db, 7)
+    db.execute("DROP TRIGGER audit_checkpoints_no_delete")
+    tamper(db, "DELETE FROM audit_checkpoints")
+    tamper(db, "INSERT INTO audit_checkpoints VALUES (?, ?, ?, ?, ?)", forged.seq, forged.hash,
+           forged.ts, forged.key_id, forged.sig)
     audit.anchoring.file.path.write_text(json.dumps(forged.as_dict()) + "\n")
     audit.anchoring.signer = theirs
     assert audit.verify().ok  # on the host itself the forgery is complete...
@@ -248,15 +256,15 @@ def test_an_old_anchor_still_catches_a_rewrite_after_newer_checkpoints(
     assert not full.ok and "rewritten" in str(full.problem)  # ...the old one does not
 
 
-def test_a_forged_checkpoint_row_is_caught(audit: AuditLog, db: sqlite3.Connection) -> None:
+def test_a_forged_checkpoint_in_the_database_is_caught(audit: AuditLog,
+                                                       db: sqlite3.Connection) -> None:
     seq = anchored(audit, 4)
-    detail = json.loads(db.execute("SELECT detail FROM audit WHERE seq = ?",
-                                   (seq,)).fetchone()[0])
-    detail["sig"] = detail["sig"][::-1]
-    tamper(db, "UPDATE audit SET detail = ? WHERE seq = ?", json.dumps(detail), seq)
-    rehash_from(db, seq)
+    sig = db.execute("SELECT sig FROM audit_checkpoints WHERE seq = ?", (seq,)).fetchone()[0]
+    db.execute("DROP TRIGGER audit_checkpoints_no_update")
+    db.execute("UPDATE audit_checkpoints SET sig = ? WHERE seq = ?", (sig[::-1], seq))
+    db.commit()
     result = audit.verify()
-    assert not result.ok and "checkpoint row" in " ".join(result.problems)
+    assert not result.ok and "in the database is not signed" in " ".join(result.problems)
 
 
 def test_the_checkpoint_file_is_bounded(tmp_path: Path, signer: Signer,
