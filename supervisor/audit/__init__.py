@@ -71,7 +71,8 @@ ESSENTIAL_VERBS = frozenset({
     "kill", "kill_confirmed", "stop", "shutdown", "global_halt", "lift_global_halt",
     "break_glass", "watchdog_kill", "watchdog_respawn", "reap", "pause", "resume",
     "reactivate", "exit", "launch", "forget", "daemon_start", "daemon_stop", "self_test",
-    "audit_verify", "audit_write_failed", "audit_overflow",
+    "audit_verify", "audit_write_failed", "audit_overflow", "cleanup", "drill",
+    "disk_reserve", "logs_pruned", "ci_run_start", "ci_run_end",
 })
 # After these a checkpoint is signed at once: the newest kill is never left unanchored.
 ANCHOR_NOW_VERBS = frozenset({"kill", "kill_confirmed", "shutdown", "global_halt",
