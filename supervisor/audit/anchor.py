@@ -122,9 +122,11 @@ class Signer:
                             public, key_id_of(key.public_key()))
             return cls(key, path)
         info = path.stat()
-        if info.st_uid != 0 or info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyProblem(f"the audit key {path} must be owned by root with mode 0600 "
-                             f"(it is uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o})")
+        # Owned by the daemon itself (root in production) and private to it.
+        if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise KeyProblem(f"the audit key {path} must be owned by uid {os.geteuid()} with "
+                             f"mode 0600 (it is uid {info.st_uid}, mode "
+                             f"{stat.S_IMODE(info.st_mode):o})")
         try:
             return cls(load_private_key(path), path)
         except SigningKeyInvalid as exc:
