@@ -8,6 +8,7 @@ is an alarm (health, metrics, logs) until `ensure` can take it back with room to
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -15,6 +16,19 @@ import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+_SQLITE_IOERR, _SQLITE_FULL = 10, 13
+
+
+def out_of_space(cause: BaseException | None) -> bool:
+    """A failure that room on the disk could cure (not a lock timeout, not a bug)."""
+    if cause is None:
+        return True
+    if isinstance(cause, OSError):
+        return cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+    code = getattr(cause, "sqlite_errorcode", None)
+    return code is None or code & 0xFF in (_SQLITE_IOERR, _SQLITE_FULL)
 
 
 class DiskReserve:
@@ -58,6 +72,8 @@ class DiskReserve:
 
     def release(self, cause: BaseException | None = None) -> bool:
         """Give the space back; True if there was any to give."""
+        if not out_of_space(cause):
+            return False
         with self._lock:
             try:
                 had = self.path.stat().st_blocks > 0

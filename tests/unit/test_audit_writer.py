@@ -196,17 +196,19 @@ def test_the_store_keeps_failed_writes_and_writes_them_when_it_can(
     assert reserve.ensure() and reserve.held
     store = Store(db, reserve=reserve)
     store.put_agent(_agent("a1"))
-    # A trigger stands in for the full disk: every write to agents fails until it goes.
-    db.execute("CREATE TRIGGER full BEFORE INSERT ON agents BEGIN "
-               "SELECT RAISE(ABORT, 'database or disk is full'); END")
-    store.put_agent(_agent("a1", "killed"))
+    # A real SQLITE_FULL: the file may not grow past its present size (max_page_count).
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages}")
+    big = _agent("a1", "killed")
+    big.last_reason = "r" * 20_000  # needs new pages
+    store.put_agent(big)
     assert not reserve.held  # released at the first failure
     assert store.alarms.disk_reserve is not None
     assert store.alarms.store_error is not None and store.unwritten == 1
     store.set_meta("global_halt", "x")  # kept together with the agent: one transaction later
     assert db.execute("SELECT value FROM meta").fetchall() == []
     assert [a.state for a in store.agents()] == ["idle"]
-    db.execute("DROP TRIGGER full")
+    db.execute("PRAGMA max_page_count = 1000000")
     assert store.flush()
     assert [a.state for a in store.agents()] == ["killed"]
     assert store.get_meta("global_halt") == "x"
