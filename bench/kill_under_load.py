@@ -20,6 +20,13 @@ load block, so machine noise falls on both alike:
   If the API cannot be reached the sample is recorded as failed and the agent is halted with
   SIGUSR1 (break-glass) instead; that halt's time (signal -> cgroup empty) is reported.
 
+The two floods of the control socket (reads, halfopen) run as --flood-as: by default `viewer`,
+a user made for the run (removed after it) in the socket's group and mapped to the viewer role,
+as a caller with socket access but no owner role is; `root` floods as the bench itself, i.e.
+as an owner, who is not held to a per-uid cap and may take the owners' reserved slots (an
+owner flooding the switch is not an attack the admission control can tell from an owner).
+The kills are always made by root.
+
 Prints per load the median and p95 of both figures, the ratio of each median to the idle
 median, and the target (every loaded median <= 1.5x idle, every kill confirmed and audited).
 A missed target prints MISSED and still exits 0: this is a benchmark, not a test. Bounded in
@@ -28,7 +35,8 @@ time: each load block runs --samples kills (default 5), each with a 30 s limit.
 Needs root, runc and cgroup v2 (pure or hybrid); removes everything it made, also on Ctrl-C.
 
     sudo .venv/bin/python bench/kill_under_load.py [--samples 5]
-        [--loads reads,gateway,seccomp,verify,halfopen] [--halfopen 20000] [--json out.json]
+        [--loads reads,gateway,seccomp,verify,halfopen] [--halfopen 20000]
+        [--flood-as viewer|root] [--json out.json]
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import argparse
 import contextlib
 import json
 import os
+import pwd
 import random
 import resource
 import secrets
@@ -125,6 +134,62 @@ while time.monotonic() < deadline:
         time.sleep(0.01)
 """
 
+# The half-open flood: as many connects as it gets, each with half a request line, held until
+# it is killed. Prints how many it holds (as the client sees them; the daemon closes what is
+# over its caps at accept) once they are open.
+HALFOPEN = r"""
+import resource, socket, sys, time
+path, count = sys.argv[1], int(sys.argv[2])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+held = []
+for _ in range(count):
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError:  # this process's own table is full: that is as far as it goes
+        break
+    sock.setblocking(False)
+    try:
+        sock.connect(path)
+        sock.send(b"GET /v1/agents HTTP/1.1\r\nHost: x")
+    except OSError:
+        sock.close()
+        continue
+    held.append(sock)
+print("ready", len(held), flush=True)
+time.sleep(3600)
+"""
+
+
+@dataclass
+class FloodUser:
+    """Who the socket floods run as: None is root (the bench itself)."""
+
+    user: pwd.struct_passwd | None = None
+
+    def popen_args(self) -> dict[str, Any]:
+        if self.user is None:
+            return {}
+        return {"user": self.user.pw_uid, "group": self.user.pw_gid,
+                "extra_groups": os.getgrouplist(self.user.pw_name, self.user.pw_gid)}
+
+
+@contextlib.contextmanager
+def viewer_user() -> Iterator[tuple[str, pwd.struct_passwd]]:
+    """A user for the run in a group of its own (the socket's group): (group, user)."""
+    tag = secrets.token_hex(2)
+    group, name = f"asb-load-{tag}", f"asb-view-{tag}"
+    subprocess.run(["groupadd", group], check=True)
+    try:
+        subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", "-G", group, name],
+                       check=True)
+        try:
+            yield group, pwd.getpwnam(name)
+        finally:
+            subprocess.run(["userdel", name], check=False, capture_output=True)
+    finally:
+        subprocess.run(["groupdel", group], check=False, capture_output=True)
+
 
 def workload(processes: int) -> list[str]:
     return ["/bin/sh", "-c",
@@ -144,8 +209,10 @@ class Sample:
 
 
 class Bench:
-    def __init__(self, daemon: Daemon, samples: int, audit_rows: int, halfopen: int) -> None:
+    def __init__(self, daemon: Daemon, samples: int, audit_rows: int, halfopen: int,
+                 flooder: FloodUser) -> None:
         self.daemon = daemon
+        self.flooder = flooder
         self.samples = samples
         self.audit_rows = audit_rows
         self.halfopen = halfopen
@@ -267,7 +334,8 @@ class Bench:
 
     @contextlib.contextmanager
     def _readers(self) -> Iterator[None]:
-        procs = [subprocess.Popen([sys.executable, "-c", READER, str(self.daemon.socket), "600"])
+        procs = [subprocess.Popen([sys.executable, "-c", READER, str(self.daemon.socket), "600"],
+                                  cwd="/", **self.flooder.popen_args())
                  for _ in range(READERS)]
         time.sleep(1.0)
         try:
@@ -296,27 +364,18 @@ class Bench:
 
     @contextlib.contextmanager
     def _half_open(self) -> Iterator[None]:
-        socks: list[socket.socket] = []
+        proc = subprocess.Popen([sys.executable, "-c", HALFOPEN, str(self.daemon.socket),
+                                 str(self.halfopen)], stdout=subprocess.PIPE, text=True,
+                                cwd="/", **self.flooder.popen_args())
         try:
-            for _ in range(self.halfopen):
-                try:
-                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                except OSError:  # this process's own table is full: that is as far as it goes
-                    break
-                sock.setblocking(False)
-                try:
-                    sock.connect(str(self.daemon.socket))
-                    sock.send(b"GET /v1/agents HTTP/1.1\r\nHost: x")
-                except OSError:
-                    sock.close()
-                    continue
-                socks.append(sock)
-            self.opened = len(socks)
+            assert proc.stdout is not None
+            line = proc.stdout.readline().split()
+            self.opened = int(line[1]) if len(line) == 2 and line[0] == "ready" else 0
             time.sleep(1.0)
             yield
         finally:
-            for sock in socks:
-                sock.close()
+            proc.kill()
+            proc.wait()
             time.sleep(1.0)
             if self.daemon.client.health()["global_halt"]:
                 self.daemon.agentctl("reactivate", "--all", "--reason", "bench: after halfopen",
@@ -462,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="half-open control-socket connections (default 20000)")
     parser.add_argument("--audit-rows", type=int, default=50000,
                         help="audit rows seeded for the verify load (default 50000)")
+    parser.add_argument("--flood-as", choices=("viewer", "root"), default="viewer",
+                        help="who floods the control socket (reads, halfopen): a user made "
+                        "for the run with the viewer role (default), or root, an owner")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     loads = [x for x in args.loads.split(",") if x]
@@ -473,18 +535,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: nproc={len(os.sched_getaffinity(0))}, cpu={cpu_model()}, "
           f"kernel={os.uname().release}")
     print(f"loads {loads}, {args.samples} kills per block, {VICTIM_PROCESSES}-process victims, "
-          f"{BACKGROUND_AGENTS} background agents", flush=True)
+          f"{BACKGROUND_AGENTS} background agents, socket floods as {args.flood_as}, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    with contextlib.ExitStack() as stack:
+        flooder = FloodUser()
+        extra: dict[str, dict[str, Any]] = {"daemon": {"log_level": "info"}}
+        if args.flood_as == "viewer":
+            group, user = stack.enter_context(viewer_user())
+            flooder = FloodUser(user)
+            extra = {"daemon": {"log_level": "info", "socket_group": group},
+                     "roles": {"viewer": [f"user:{user.pw_name}"]}}
+        return _run(args, loads, flooder, extra)
+
+
+def _run(args: argparse.Namespace, loads: list[str], flooder: FloodUser,
+         extra: dict[str, dict[str, Any]]) -> int:
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     tmp_root = Path(tempfile.mkdtemp(prefix="as-bench-load-", dir="/tmp"))
     tmp_root.chmod(0o755)
     pool = f"10.{random.randint(200, 250)}.{random.randint(0, 255)}.0/24"
-    daemon = new_daemon(tmp_root, daemon={"log_level": "info"},
+    daemon = new_daemon(tmp_root, **extra,
                         egress={"pool": pool, "port": random.randint(20000, 29999)},
                         kill={"confirm_timeout": "10s"})
     (daemon.root / "profiles" / "benchgw.toml").write_text(
         '[network]\nmode = "gateway"\n\n[network.gateway]\nallow = ["allowed.example:443"]\n')
-    bench = Bench(daemon, args.samples, args.audit_rows, args.halfopen)
+    bench = Bench(daemon, args.samples, args.audit_rows, args.halfopen, flooder)
     interrupted = False
     try:
         if "verify" in loads and args.audit_rows:
@@ -520,7 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     print("wall = POST /v1/actions/kill written -> answer read; halt = the daemon's "
           "time_to_halt_ms")
     if "halfopen" in loads:
-        print(f"halfopen: {bench.opened} half-open connections held during each of its kills")
+        print(f"halfopen: {bench.opened} half-open connects made by the flood (as "
+              f"{args.flood_as}) during each of its kills")
+    print(f"load average at the end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(verdict(rows))
     if args.json is not None:
         args.json.write_text(json.dumps({"rows": rows, "verdict": verdict(rows),

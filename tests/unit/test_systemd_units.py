@@ -142,6 +142,10 @@ def test_unit_contract() -> None:
     assert one(unit, "Service", "TimeoutStopSec") == "30s"
     assert one(unit, "Install", "WantedBy") == "multi-user.target"
     assert "network.target" in one(unit, "Unit", "After").split()
+    # The daemon outweighs local floods for the CPU through its unit's cgroup, never through
+    # a nice value that runc and every agent would inherit.
+    assert int(one(unit, "Service", "CPUWeight")) > 100
+    assert "Nice" not in unit["Service"]
 
     argv = one(unit, "Service", "ExecStart").split()
     assert Path(argv[0]).name == "agent-supervisord"
