@@ -59,6 +59,10 @@ def kill_tree(parent: Cgroup, timeout: float) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The daemon blocks SIGUSR1 in every thread for break-glass, and a mask survives fork and
+    # exec; clear it here, first, since subprocess cannot set a child's mask without a
+    # preexec_fn (Python between fork and exec in a threaded daemon, which can deadlock).
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
     parser = argparse.ArgumentParser(prog="agent-supervisor-watchdog")
     parser.add_argument("--cgroup", required=True, type=Path, help="agents' parent cgroup (v2)")
     parser.add_argument("--record", required=True, type=Path, help="JSON-lines file to append to")

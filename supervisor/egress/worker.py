@@ -281,6 +281,10 @@ def _read_first(sock: socket.socket) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # The daemon blocks SIGUSR1 in every thread for break-glass, and a mask survives fork and
+    # exec; clear it here, first, since subprocess cannot set a child's mask without a
+    # preexec_fn (Python between fork and exec in a threaded daemon, which can deadlock).
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
     parser = argparse.ArgumentParser(prog="supervisor.egress.worker")
     parser.add_argument("--fd", type=int, required=True)
     args = parser.parse_args(argv)
