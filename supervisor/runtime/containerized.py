@@ -50,7 +50,12 @@ from supervisor.runtime.docker_api import (
     tar_of,
 )
 from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT, OutputRecorder, Outputs
-from supervisor.runtime.workspace import pin_workspace, stage_workspace, workspace_owner
+from supervisor.runtime.workspace import (
+    off_loop,
+    pin_workspace,
+    stage_workspace,
+    workspace_owner,
+)
 from supervisor.sandbox import netns, workspace_binds
 from supervisor.sandbox.bundle import (
     SANDBOX_UID_COUNT,
@@ -372,7 +377,7 @@ class DockerRuntime:
             seccomp = render_seccomp(load_seccomp(profile.seccomp.profile), None, params.run_id)
             if params.workspace is not None and workspace_fd is not None:
                 staging = self.workspace_mount(params.container_id)
-                staged = stage_workspace(params.workspace, workspace_fd,
+                staged = await off_loop(stage_workspace, params.workspace, workspace_fd,
                                          profile.workspace.readonly, staging)
                 undo.append(lambda: quiet(workspace_binds.unstage, staging))
             image, mounts = await self._mounts(params, params.image or profile.image, staged)

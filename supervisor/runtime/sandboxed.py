@@ -22,7 +22,12 @@ from supervisor.runtime.control import (
 )
 from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT, OutputRecorder, Outputs
 from supervisor.runtime.runc import Runc, ensure_root
-from supervisor.runtime.workspace import pin_workspace, stage_workspace, workspace_owner
+from supervisor.runtime.workspace import (
+    off_loop,
+    pin_workspace,
+    stage_workspace,
+    workspace_owner,
+)
 from supervisor.sandbox import netns, userns, workspace_binds
 from supervisor.sandbox.bundle import (
     SANDBOX_UID_COUNT,
@@ -172,7 +177,7 @@ class RuncRuntime:
             staged: workspace_binds.StagedWorkspace | None = None
             if params.workspace is not None and workspace_fd is not None:
                 staging = self.workspace_mount(params.container_id)
-                staged = stage_workspace(params.workspace, workspace_fd,
+                staged = await off_loop(stage_workspace, params.workspace, workspace_fd,
                                          params.profile.workspace.readonly, staging)
                 undo.append(lambda: quiet(workspace_binds.unstage, staging))
             root_bind = staged.binds[0] if staged else None
@@ -206,8 +211,8 @@ class RuncRuntime:
                 await userns.apply(pid, self.userns_limits)
             pidfd = os.pidfd_open(pid)
             undo.append(lambda: quiet(os.close, pidfd))
-            if staged is not None and (wrong := workspace_binds.misplaced(
-                    pid, staged.binds, WORKSPACE_MOUNT)):
+            if staged is not None and (wrong := await off_loop(
+                    workspace_binds.misplaced, pid, staged.binds, WORKSPACE_MOUNT)):
                 raise EnforcementError(
                     f"the workspace binds {wrong} are not where runc was told to mount them "
                     f"(a path in the workspace changed during the launch); refusing to start",
