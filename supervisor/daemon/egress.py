@@ -74,6 +74,30 @@ def _clipped(detail: Any) -> dict[str, Any]:
     return {"detail_withheld": "larger than the gateway sends"}
 
 
+# The refusal tally in a run's egress_summary row: well inside the audit's cap on a row's
+# detail, so the row is never cut (a cut row would lose the totals an operator reads).
+SUMMARY_DENIALS_BYTES = 4096
+
+
+def fit_denials(denials: dict[str, int], budget: int = SUMMARY_DENIALS_BYTES) -> dict[str, int]:
+    """The most frequent refusals while they fit in `budget` bytes of JSON; the rest summed
+    under one key, so the total stays exact."""
+    kept: dict[str, int] = {}
+    used, rest, rest_kinds = 2, 0, 0
+    for key, count in sorted(denials.items(), key=lambda item: (-item[1], item[0])):
+        cost = len(json.dumps({key: count})) + 1
+        if used + cost + 64 <= budget:  # 64: room for the "other" entry
+            kept[key] = count
+            used += cost
+        else:
+            rest += count
+            rest_kinds += 1
+    if rest_kinds:
+        kept[f"other ({rest_kinds} kinds)"] = rest
+    return kept
+
+
+
 class RunNetwork:
     """One run's veth and nftables table (a `NetworkAttachment` for the runtime)."""
 
@@ -316,7 +340,7 @@ class EgressControl:
         self.audit.append(
             actor=GATEWAY.label(), verb="egress_summary", scope=f"agent:{state.grant.agent}",
             target=state.grant.agent, detail={"run": run_id, "usage": usage.as_dict(),
-                                              "denials": self._denials(state),
+                                              "denials": fit_denials(self._denials(state)),
                                               **({"gateway_lost": True} if state.lost else {})})
 
     # ------------------------------------------------------------------ the worker's reports

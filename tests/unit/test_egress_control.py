@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 from typing import Any
 
 from supervisor.daemon.containment import Containment
 from supervisor.daemon.egress import (
     _DENIAL_ROWS_PER_RUN,
     _MAX_PENDING_APPROVALS,
+    SUMMARY_DENIALS_BYTES,
     EgressControl,
     RunNetwork,
     _RunEgress,
+    fit_denials,
 )
 from supervisor.egress.grant import RunGrant
 from supervisor.egress.link import LinkAddresses
@@ -74,3 +77,16 @@ def test_holds_are_capped_and_a_hold_after_revocation_is_refused(env: ArbiterEnv
     assert len(held) == _MAX_PENDING_APPROVALS
     assert len(held[0]["host"]) == 300 and len(held[0]["method"]) == 16
     assert len(rows(env, "approval_requested")) == _MAX_PENDING_APPROVALS
+
+
+def test_the_summary_tally_fits_the_audit_row_and_keeps_its_total() -> None:
+    # 64 refusals with 200-character targets (the gateway's own bounds): whole, the tally
+    # would pass the audit's detail cap and the row would be cut.
+    tally = {f"host_not_allowed {'x' * 190}{i:03d}": i + 1 for i in range(64)}
+    fitted = fit_denials(tally)
+    assert len(json.dumps(fitted)) <= SUMMARY_DENIALS_BYTES
+    assert sum(fitted.values()) == sum(tally.values())
+    assert fitted[f"host_not_allowed {'x' * 190}063"] == 64  # the most frequent stay named
+    assert any(key.startswith("other (") for key in fitted)
+    small = {"host_not_allowed a.example": 3}
+    assert fit_denials(small) == small
