@@ -64,7 +64,8 @@ def tmp_root() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="as-test-", dir="/tmp"))
     root.chmod(0o755)
     yield root
-    shutil.rmtree(root, ignore_errors=True)
+    if not os.environ.get("AGENT_SUPERVISOR_TEST_KEEP"):  # keep daemon logs for a post-mortem
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

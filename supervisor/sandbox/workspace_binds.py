@@ -321,7 +321,15 @@ def mount_points(pid: int) -> dict[str, list[str]]:
     """The mount points of `pid`'s mount namespace (as it sees them) -> per-mount options of
     the topmost mount there."""
     found: dict[str, list[str]] = {}
-    with open(f"/proc/{pid}/mountinfo") as table:
+    try:
+        table = open(f"/proc/{pid}/mountinfo")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            # The kernel answers EINVAL once the task has let go of its namespaces: it is
+            # exiting, and its mount namespace is gone with it.
+            raise ProcessLookupError(errno.ESRCH, f"process {pid} is exiting") from exc
+        raise
+    with table:
         for line in table:
             fields = line.split(" ")
             point = fields[4].encode().decode("unicode_escape")

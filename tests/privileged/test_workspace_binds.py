@@ -5,12 +5,13 @@ or an unstage. Needs root (mount)."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from supervisor.sandbox.workspace_binds import load, stage, unstage
+from supervisor.sandbox.workspace_binds import load, misplaced, mount_points, stage, unstage
 
 READONLY = [".git/hooks/", ".git/config", ".git/commondir", ".github/workflows/",
             ".github/actions/", ".gitlab-ci.yml"]
@@ -81,3 +82,25 @@ def test_a_placeholder_someone_replaced_is_not_removed(
     (ws / ".gitlab-ci.yml").write_text("theirs\n")
     assert unstage(tmp_root / "staging") == []
     assert (ws / ".gitlab-ci.yml").read_text() == "theirs\n"
+
+
+def test_binds_of_an_exiting_process_read_as_ended_not_as_an_error() -> None:
+    """The engine's command can end before its binds are checked. Once a task has let go of its
+    namespaces (a zombie, or one mid-exit) the kernel answers EINVAL for its mountinfo: that
+    must read as "the command ended", as ENOENT does, never escape as an internal error."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z":
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.001)
+        with pytest.raises(ProcessLookupError):
+            mount_points(pid)
+        with pytest.raises(ProcessLookupError):  # what the runtime's check treats as "ended"
+            misplaced(pid, [], "/workspace")
+    finally:
+        os.waitpid(pid, 0)
+    with pytest.raises(FileNotFoundError):
+        mount_points(pid)  # reaped: gone altogether
