@@ -1,0 +1,321 @@
+"""How a run ends. A kill of one agent or many (`kill_agents`): step 1, every target agent
+marked killed before any await; steps 2-5 in one sweep (supervisor/daemon/killpath.py); then
+each run through `finalise`, the one door every run leaves by whatever its `EndCause`; step 6
+(runtime state, bundle) after the answer, tracked and audited. A run's own exit (`watch`) and
+its execution window (`expire`) end here too. Runs in the daemon's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from supervisor.daemon.killpath import CONFIRMERS, HaltReport, RunKill, sweep
+from supervisor.daemon.liverun import (
+    SYSTEM,
+    LiveRun,
+    actor_detail,
+    call_observer,
+    exit_status,
+    ms_since,
+)
+from supervisor.daemon.store import AgentRecord
+from supervisor.errors import KillUnconfirmed, SupervisorError
+from supervisor.models import Actor, AgentResult
+from supervisor.states import (
+    RUN_ENDED,
+    AgentState,
+    EndCause,
+    RunState,
+    Verb,
+    agent_at_end,
+    run_end,
+)
+
+if TYPE_CHECKING:
+    from supervisor.daemon.arbiter import Arbiter
+
+log = logging.getLogger(__name__)
+
+_LAUNCH_WAIT = 30.0  # a kill waits this long for a launch in flight to reach a killable state
+# A run being killed: a second kill only re-sends SIGKILL; the first one finalises it.
+_KILLING = frozenset({EndCause.KILLED, EndCause.TIMEOUT, EndCause.TRIPWIRE,
+                      EndCause.BREAK_GLASS, EndCause.SHUTDOWN})
+
+
+async def expire(arbiter: Arbiter, live: LiveRun, fired: float) -> None:
+    run = live.record
+    if live.ending is not None or run.state in RUN_ENDED:
+        return
+    reason = f"execution window of {run.timeout:g}s expired"
+    with contextlib.suppress(SupervisorError):
+        await kill_agents(arbiter, [arbiter.agents[run.agent]], SYSTEM, reason,
+                          f"agent:{run.agent}", cause=EndCause.TIMEOUT, arrived=fired)
+
+
+async def watch(arbiter: Arbiter, live: LiveRun) -> None:
+    """Finalise a run whose command ended by itself."""
+    assert live.handle is not None
+    status = await live.handle.wait_exit()
+    if live.ending is not None:
+        return
+    live.ending = EndCause.EXITED
+    handle, run = live.handle, live.record
+    loop = asyncio.get_running_loop()
+    # The init is gone, so the kernel is killing the rest of its pid namespace; the run is
+    # over when the cgroup is empty.
+    with contextlib.suppress(OSError):
+        await loop.run_in_executor(CONFIRMERS, handle.cgroup.wait_empty,
+                                   arbiter.config.kill.confirm_timeout)
+    handle.teardown_network()
+    agent = arbiter.agents[run.agent]
+    previous = AgentState(agent.state)
+    finalise(arbiter, live, EndCause.EXITED, exit_code=status)
+    arbiter.audit.append(
+        actor=SYSTEM.label(), verb="exit", scope=f"agent:{agent.name}", target=agent.name,
+        previous_state=previous.value, new_state=agent.state,
+        detail={"run": run.id, "exit_code": status, "cause": EndCause.EXITED.value},
+    )
+
+
+def finalise(arbiter: Arbiter, live: LiveRun, cause: EndCause, *, exit_code: int | None = None,
+             time_to_halt_ms: float | None = None, reason: str = "") -> None:
+    """End a run, whatever ended it: its record (state from the table, cause, exit code,
+    time_to_halt), its agent, the observers; then step 6 (runtime state, bundle) in the
+    background, tracked, so no answer ever waits on a runtime."""
+    run = live.record
+    if RunState(run.state) in RUN_ENDED:  # ended already (a launch that failed under a kill)
+        live.done.set()
+        return
+    run.state = run_end(RunState(run.state), cause).value
+    run.end_cause = cause.value
+    run.end_reason = reason or cause.value
+    run.exit_code = exit_code
+    if time_to_halt_ms is not None:
+        run.time_to_halt_ms = time_to_halt_ms
+    run.ended_at = time.time()
+    if live.timeout_handle is not None:
+        live.timeout_handle.cancel()
+    agent = arbiter.agents.get(run.agent)
+    if agent is not None:
+        if agent.current_run == run.id:
+            agent.current_run = None
+        agent.last_run = run.id
+        agent.state = agent_at_end(AgentState(agent.state), cause).value
+        agent.updated_at = time.time()
+        arbiter.store.put_agent(agent)
+    arbiter.live.pop(run.id, None)
+    arbiter.store.put_run(run)
+    for ended_hook in arbiter.run_ended_hooks:
+        call_observer(ended_hook, run.id)
+    if live.handle is None:
+        live.done.set()
+        return
+    cleanup = arbiter.track(asyncio.ensure_future(clean_up(arbiter, live)))
+    arbiter.cleanups[run.id] = cleanup
+    cleanup.add_done_callback(lambda _t: arbiter.cleanups.pop(run.id, None))
+
+
+async def clean_up(arbiter: Arbiter, live: LiveRun) -> dict[str, Any]:
+    """Step 6: the runtime's state, the bundle, the cgroup directories. A failure is
+    audited here; a scoped halt's cleanups are also audited together (`audit_cleanups`)."""
+    assert live.handle is not None
+    run = live.record
+    t0 = time.perf_counter()
+    outcome = "ok"
+    detail: dict[str, Any] = {"run": run.id, "cause": run.end_cause, "outcome": outcome}
+    try:
+        await live.handle.cleanup()
+    except Exception as exc:
+        outcome = detail["outcome"] = "failed"
+        detail["error"] = f"{type(exc).__name__}: {exc}"
+        log.exception("run %s: cleanup failed", run.id)
+    finally:
+        live.handle.cgroup.release()
+        live.done.set()
+    detail["cleanup_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+    if outcome != "ok":  # a clean cleanup is in the log; a failed one is evidence
+        arbiter.audit.append(actor=SYSTEM.label(), verb="cleanup", scope=f"agent:{run.agent}",
+                          target=run.agent, outcome=outcome, detail=detail)
+    log.info("run %s cleaned up (%s) in %.1f ms", run.id, outcome, detail["cleanup_ms"])
+    return detail
+
+
+async def audit_cleanups(arbiter: Arbiter, tasks: list[asyncio.Task[dict[str, Any]]], scope: str,
+                         verb: str) -> None:
+    """One row for the runtime cleanup that followed a scoped halt's answer."""
+    t0 = time.perf_counter()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    details = [d for d in done if isinstance(d, dict)]
+    failed = [d["run"] for d in details if d.get("outcome") != "ok"]
+    arbiter.audit.append(
+        actor=SYSTEM.label(), verb="cleanup", scope=scope, reason=f"after {verb}",
+        outcome="ok" if not failed and len(details) == len(tasks) else "failed",
+        detail={"runs": len(tasks), "failed": failed,
+                "after_answer_ms": round((time.perf_counter() - t0) * 1000, 3),
+                "slowest_ms": max((d.get("cleanup_ms", 0.0) for d in details),
+                                  default=None)})
+
+
+async def settled(arbiter: Arbiter, run_id: str, timeout: float | None = None) -> None:
+    """Until the run has ended and its cleanup (step 6) is done."""
+    live = arbiter.live.get(run_id)
+    if live is not None:
+        await asyncio.wait_for(live.done.wait(), timeout)
+        return
+    cleanup = arbiter.cleanups.get(run_id)
+    if cleanup is not None:
+        await asyncio.wait_for(asyncio.shield(cleanup), timeout)
+
+
+async def run_kill(arbiter: Arbiter, live: LiveRun) -> RunKill | None:
+    """Steps 2-5 of one run, once its launch has made something to kill (None: it never
+    got that far; its credentials are revoked all the same)."""
+    if not live.ready.is_set():
+        with contextlib.suppress(Exception):
+            await arbiter.credentials.revoke(live.record.id)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(live.ready.wait(), _LAUNCH_WAIT)
+    if live.handle is None:
+        return None
+    return RunKill(live.record.id, credentials=arbiter.credentials, cgroup=live.handle.cgroup,
+                   network=live.handle, confirm_timeout=arbiter.config.kill.confirm_timeout)
+
+
+async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor, reason: str,
+                      scope: str, *,
+                      verb: str = "kill", agent_verb: Verb = Verb.KILL,
+                      cause: EndCause = EndCause.KILLED, arrived: float | None = None,
+                      whole_parent: bool = False) -> list[AgentResult | SupervisorError]:
+    """The kill path for one agent or many: step 1 for all before any await, steps 2-5
+    in one sweep, then each run finalised and each agent's kill audited. With
+    `whole_parent` (a global halt), step 3 is one write to the parent cgroup."""
+    t0 = arrived if arrived is not None else time.perf_counter()
+    arrived_at = time.time() - (time.perf_counter() - t0)
+    marks: list[tuple[AgentRecord, AgentState, AgentState, LiveRun | None]] = []
+    for agent in agents:  # step 1
+        previous, new = arbiter._set_agent_state(agent, agent_verb, actor, reason)
+        marks.append((agent, previous, new, arbiter._live_of(agent)))
+    owned: list[LiveRun] = []
+    rekill: list[LiveRun] = []
+    for _agent, _previous, _new, live in marks:
+        if live is None or live.ending is EndCause.EXITED:
+            continue
+        if live.ending in _KILLING:
+            rekill.append(live)  # another kill owns it; SIGKILL again all the same
+        else:
+            live.ending = cause  # a graceful stop in its grace period is overtaken
+            owned.append(live)
+    arbiter.store.put_agents([agent for agent, _previous, _new, _live in marks])
+    owned_ids = {live.record.id for live in owned}
+    scoped = len(marks) > 1 or whole_parent
+    kills: dict[str, RunKill] = {}
+    covered: set[str] = set()
+    prefix = arbiter.parent_path + "/"
+    for live, kill in zip(owned + rekill, await asyncio.gather(
+            *(run_kill(arbiter, live) for live in owned + rekill)), strict=True):
+        if kill is not None:
+            kills[live.record.id] = kill
+            if whole_parent and live.record.cgroup.startswith(prefix):
+                covered.add(live.record.id)
+    t_ready = time.perf_counter()
+    await sweep(list(kills.values()), arbiter.parent if covered else None, frozenset(covered))
+    t_swept = time.perf_counter()
+
+    results: list[AgentResult | SupervisorError] = []
+    for agent, previous, new, live in marks:
+        results.append(await after_kill(arbiter, agent, previous, new, live, kills, actor,
+                                        reason, scope, verb, cause, t0, arrived_at,
+                                        owner=live is not None and
+                                        live.record.id in owned_ids,
+                                        scoped=scoped))
+    log.log(logging.WARNING if scoped else logging.INFO,
+            "%s of %d agents, %d runs (%s) by %s (%s): queued %.1f ms, steps 2-5 %.1f ms, "
+            "records and audit %.1f ms", verb, len(marks), len(kills), scope,
+            actor.label(), reason or "no reason", ms_since(t0, t_ready),
+            ms_since(t_ready, t_swept), ms_since(t_swept, time.perf_counter()))
+    if scoped:  # a scoped halt: its cleanup is audited as one
+        tasks = [arbiter.cleanups[run_id] for run_id in kills if run_id in arbiter.cleanups]
+        if tasks:
+            audit = arbiter._spawn(audit_cleanups(arbiter, tasks, scope, verb))
+            arbiter._cleanup_audits.add(audit)
+            audit.add_done_callback(arbiter._cleanup_audits.discard)
+    return results
+
+
+async def after_kill(arbiter: Arbiter, agent: AgentRecord, previous: AgentState, new: AgentState,
+                     live: LiveRun | None, kills: dict[str, RunKill], actor: Actor,
+                     reason: str, scope: str, verb: str, cause: EndCause, t0: float,
+                     arrived_at: float, *, owner: bool, scoped: bool
+                    ) -> AgentResult | SupervisorError:
+    detail: dict[str, Any] = {"actor": actor_detail(actor), "cause": cause.value,
+                              "request_arrived_at": round(arrived_at, 6)}
+    time_to_halt_ms: float | None = None
+    outcome = "ok"
+    report: HaltReport | None = None
+    if live is not None and live.ending is EndCause.EXITED:
+        await live.done.wait()  # the command ended by itself a moment ago
+        detail["note"] = "the run had already exited"
+    elif live is not None:
+        kill = kills.get(live.record.id)
+        if kill is None:
+            detail.update(run=live.record.id, note="the run had not been created yet")
+            time_to_halt_ms = ms_since(t0, time.perf_counter())
+        else:
+            report = kill.report
+            detail.update(report.detail())
+            time_to_halt_ms = ms_since(t0, report.halted_at or time.perf_counter())
+        if not owner:
+            detail["note"] = "another kill of this run is under way"
+        elif report is not None and not report.confirmed:
+            # Not done until the kernel says so: the run stays tracked as "killing" and
+            # is killed again in the background until its cgroup is empty.
+            outcome = "unconfirmed"
+            arbiter._set_run_state(live.record, Verb.KILL_UNCONFIRMED)
+            arbiter.store.put_run(live.record)
+            assert kill is not None
+            live.watcher = arbiter._spawn(keep_killing(arbiter, live, kill, agent, actor, verb,
+                                                       reason, t0))
+        else:
+            run_reason = f"{verb}: {reason}" if reason else verb
+            finalise(arbiter, live, cause, exit_code=exit_status(live),
+                     time_to_halt_ms=time_to_halt_ms, reason=run_reason)
+    arbiter.audit.append(
+        actor=actor.label(), verb=verb, scope=scope, target=agent.name, reason=reason,
+        previous_state=previous.value, new_state=new.value,
+        time_to_halt_ms=time_to_halt_ms, outcome=outcome, detail=detail,
+    )
+    # A scoped halt logs one line for all (kill_agents): a line per agent would be written,
+    # to a journal that may be slow, while the answer waits.
+    log.log(logging.DEBUG if scoped else logging.WARNING,
+            "%s agent %s by %s (%s): time_to_halt_ms=%s", verb, agent.name, actor.label(),
+            reason or "no reason", time_to_halt_ms)
+    if outcome == "unconfirmed":
+        return KillUnconfirmed(
+            f"agent {agent.name}: the kernel still reports processes after escalation",
+            agent=agent.name, survivors=detail.get("survivors", []),
+        )
+    return AgentResult(agent=agent.name, previous_state=previous.value,
+                       new_state=new.value, run_id=live.record.id if live else None,
+                       time_to_halt_ms=time_to_halt_ms)
+
+
+async def keep_killing(arbiter: Arbiter, live: LiveRun, kill: RunKill, agent: AgentRecord,
+                       actor: Actor, verb: str, reason: str, t0: float) -> None:
+    """Retry an unconfirmed kill until the kernel reports the cgroup empty."""
+    attempts = await kill.keep_killing()
+    await kill.teardown_off_loop()
+    time_to_halt_ms = ms_since(t0, kill.report.halted_at or time.perf_counter())
+    assert live.ending is not None
+    finalise(arbiter, live, live.ending, exit_code=exit_status(live),
+             time_to_halt_ms=time_to_halt_ms, reason=f"{verb}: {reason}" if reason else verb)
+    arbiter.audit.append(
+        actor=actor.label(), verb="kill_confirmed", scope=f"agent:{agent.name}",
+        target=agent.name, previous_state=AgentState.KILLED.value,
+        new_state=agent.state, time_to_halt_ms=time_to_halt_ms,
+        detail={"run": live.record.id, "attempts": attempts},
+    )
+    log.warning("kill of agent %s confirmed after %d attempts: time_to_halt_ms=%s",
+                agent.name, attempts, time_to_halt_ms)
