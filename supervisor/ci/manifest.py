@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,43 +66,31 @@ def snapshot(root: Path) -> dict[str, Entry]:
     return entries
 
 
-def glob_to_regex(pattern: str) -> re.Pattern[str]:
-    """`**` crosses directories, `*` and `?` stay within one, `[...]` is a class; a pattern
-    ending in '/' means everything under that directory."""
-    if pattern.endswith("/"):
-        pattern += "**"
-    out: list[str] = []
-    i = 0
-    while i < len(pattern):
-        char = pattern[i]
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-            continue
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-            continue
-        if char == "*":
-            out.append("[^/]*")
-        elif char == "?":
-            out.append("[^/]")
-        elif char == "[" and (close := pattern.find("]", i + 1)) > i + 1:
-            body = pattern[i + 1:close]
-            negate = body.startswith("!")
-            out.append("[" + ("^" if negate else "") + re.escape(body.lstrip("!")) + "]")
-            i = close + 1
-            continue
-        else:
-            out.append(re.escape(char))
-        i += 1
-    return re.compile("".join(out) + r"\Z")
+class AllowedChanges:
+    """`--allow-changes` globs with gitignore's matching rules (the `pathspec` library's
+    GitIgnoreSpec, as git itself matches .gitignore): `*` and `?` stay within one path segment,
+    `**` crosses them, a pattern without a slash in it (`*.md`) matches at any depth, one with a
+    slash is anchored at the workspace root, a trailing `/` means the directory and everything
+    under it, and `!pattern` takes paths back out. No globs: every path is in scope."""
+
+    def __init__(self, globs: list[str]) -> None:
+        self.globs = list(globs)
+        self._spec: Any = None
+        if globs:
+            import pathspec  # only the scope guard needs it; agentctl's start does not pay
+            self._spec = pathspec.GitIgnoreSpec.from_lines(globs)
+
+    def matches(self, path: str, *, directory: bool = False) -> bool:
+        if self._spec is None:
+            return True
+        return bool(self._spec.match_file(path + "/" if directory else path))
 
 
 def check_glob(pattern: str) -> str | None:
     """Why `pattern` is not a usable --allow-changes glob, or None."""
-    parts = pattern.rstrip("/").split("/")
-    if not pattern or pattern.startswith("/") or ".." in parts or "\0" in pattern:
+    body = pattern[1:] if pattern.startswith("!") else pattern
+    parts = body.rstrip("/").split("/")
+    if not body or body.startswith("/") or ".." in parts or "\0" in pattern or "\n" in pattern:
         return "must be a non-empty glob relative to the workspace, without '..'"
     return None
 
@@ -186,12 +173,28 @@ def _protected(path: str, readonly: list[str]) -> str | None:
     return None
 
 
+def _in_scope(changes: list[Change], allowed: AllowedChanges) -> set[str]:
+    """The paths the globs allow. A directory created (or deleted) on the way to an allowed
+    path is allowed with it: `tests/**` covers the `tests` directory an agent creates for
+    `tests/test_app.py`, and an empty directory the globs name (`tests/` matches `tests/**`)."""
+    ok = {c.path for c in changes if allowed.matches(c.path, directory=c.kind == "dir")}
+    # Only a directory change is carried: a symlink or file that replaced a directory is a
+    # change of its own (its old content shows up as deleted paths under it).
+    directories = {c.path for c in changes if c.kind == "dir"}
+    for path in list(ok):
+        parent = path.rpartition("/")[0]
+        while parent in directories and parent not in ok:
+            ok.add(parent)
+            parent = parent.rpartition("/")[0]
+    return ok
+
+
 def violations(changes: list[Change], allow: list[str], readonly: list[str]
                ) -> list[dict[str, str]]:
     """Each change that fails the scope guard, with why and the rule ("readonly",
     "host_code", "link", "scope"). Without `allow` globs every path is in scope; read-only
     paths, host-code files and links out of the workspace are violations whatever the globs."""
-    patterns = [glob_to_regex(glob) for glob in allow]
+    in_scope = _in_scope(changes, AllowedChanges(allow))
     found: list[dict[str, str]] = []
     for change in changes:
         if (item := _protected(change.path, readonly)) is not None:
@@ -206,7 +209,7 @@ def violations(changes: list[Change], allow: list[str], readonly: list[str]
         if change.flags:
             found.append({"path": change.path, "why": ", ".join(change.flags), "rule": "link"})
             continue
-        if patterns and not any(p.match(change.path) for p in patterns):
+        if change.path not in in_scope:
             found.append({"path": change.path, "rule": "scope",
                           "why": f"{change.change} outside --allow-changes"})
     return found

@@ -50,6 +50,8 @@ class MulTest(unittest.TestCase):
     def test_mul(self):
         self.assertEqual(calc.mul(3, 4), 12)
 PY
+mkdir -p tests/integration/data  # directories made on the way to tests/**: in scope
+printf 'import unittest\n' > tests/integration/__init__.py
 python3 -m unittest discover -s tests -v 2>&1
 python3 - <<'PY'
 import urllib.error, urllib.request
@@ -153,6 +155,8 @@ def test_a_coding_agent_edits_tests_and_commits_in_scope(ci: Path, repo: Path,
     assert changes["src/calc.py"]["sha256_after"] == sha256(repo / "src" / "calc.py")
     assert changes["tests/test_calc.py"]["sha256_after"] == sha256(repo / "tests" / "test_calc.py")
     assert "refs/heads/main" in {p.removeprefix(".git/") for p in changes}
+    assert changes["tests/integration"]["change"] == "created"
+    assert changes["tests/integration/data"]["kind"] == "dir"
     assert git(repo, "log", "-1", "--format=%s").strip() == "Add mul"
     assert git(repo, "rev-parse", "HEAD~1").strip() == before_head
     # The agent's files belong to the checkout's owner, never to root or a sandbox uid.

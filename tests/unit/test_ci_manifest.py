@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.ci.manifest import check_glob, diff, glob_to_regex, snapshot, violations
+from supervisor.ci.manifest import AllowedChanges, check_glob, diff, snapshot, violations
 
 
 @pytest.fixture
@@ -114,7 +114,11 @@ def test_scope_globs_readonly_paths_and_flags(ws: Path, tmp_path: Path) -> None:
     ("src/**", "srcx/a.py", False),
     ("src/", "src/a/b", True),
     ("*.md", "README.md", True),
-    ("*.md", "docs/README.md", False),
+    # gitignore: a pattern without a slash matches at any depth (this used to be False)
+    ("*.md", "docs/README.md", True),
+    ("docs/*.md", "docs/README.md", True),
+    ("docs/*.md", "docs/deep/README.md", False),
+    ("docs/*.md", "other/docs/README.md", False),  # a slash anchors at the workspace root
     ("**/*.md", "docs/README.md", True),
     ("**/*.md", "README.md", True),
     ("tests/test_?.py", "tests/test_a.py", True),
@@ -123,10 +127,50 @@ def test_scope_globs_readonly_paths_and_flags(ws: Path, tmp_path: Path) -> None:
     ("a.txt", "a.txt.bak", False),
 ])
 def test_glob_semantics(glob: str, path: str, matches: bool) -> None:
-    assert bool(glob_to_regex(glob).match(path)) is matches
+    assert AllowedChanges([glob]).matches(path) is matches
 
 
-@pytest.mark.parametrize("glob", ["", "/etc/**", "../x", "src/../../x"])
+def test_negated_globs_take_paths_back_out() -> None:
+    allowed = AllowedChanges(["src/**", "!src/vendor/**"])
+    assert allowed.matches("src/a.py") and not allowed.matches("src/vendor/lib.py")
+    assert AllowedChanges([]).matches("anything/at/all")
+
+
+def test_directories_created_on_the_way_to_an_allowed_path_are_allowed(ws: Path) -> None:
+    before = snapshot(ws)
+    (ws / "tests" / "unit").mkdir(parents=True)
+    (ws / "tests" / "unit" / "test_app.py").write_text("def test(): pass\n")
+    (ws / "tests" / "empty").mkdir()  # `tests/**` names it: allowed though it holds nothing
+    (ws / "docs" / "deep").mkdir(parents=True)
+    (ws / "docs" / "deep" / "x.md").write_text("# x\n")
+    (ws / "stray").mkdir()  # on the way to nothing allowed
+    (ws / "lib" / "sub").mkdir(parents=True)
+    (ws / "lib" / "sub" / "a.md").write_text("# a\n")
+    changes = diff(ws, before, snapshot(ws))
+    assert {c.path for c in changes if c.kind == "dir"} == {
+        "tests", "tests/unit", "tests/empty", "docs", "docs/deep", "stray", "lib", "lib/sub"}
+    found = {v["path"]: v["why"] for v in violations(changes, ["tests/**", "lib/**/*.md"],
+                                                      [])}
+    # docs/deep/x.md is out of scope, so the directories made for it are too; lib/ and
+    # lib/sub/ hold an allowed file without any glob naming them.
+    assert found == {"docs": "created outside --allow-changes",
+                     "docs/deep": "created outside --allow-changes",
+                     "docs/deep/x.md": "created outside --allow-changes",
+                     "stray": "created outside --allow-changes"}
+
+
+def test_a_directory_replaced_by_a_link_is_not_carried_by_its_old_content(ws: Path) -> None:
+    before = snapshot(ws)
+    for name in os.listdir(ws / "src"):
+        (ws / "src" / name).unlink()
+    (ws / "src").rmdir()
+    (ws / "src").symlink_to(".github")  # inside the workspace, so no link flag
+    found = {v["path"]: v["rule"] for v in violations(diff(ws, before, snapshot(ws)),
+                                                       ["src/**"], [])}
+    assert found == {"src": "scope"}
+
+
+@pytest.mark.parametrize("glob", ["", "/etc/**", "../x", "src/../../x", "!", "!/x"])
 def test_bad_globs_are_named(glob: str) -> None:
     assert check_glob(glob) is not None
 
