@@ -27,6 +27,14 @@ if ((${#missing[@]})); then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# node and npm: the CI-mode e2e test installs a real agent CLI (Claude Code) from npm. Kept
+# when present (a runner image's node 20 brings its own npm); Debian's otherwise.
+if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+    echo "install-deps: installing nodejs npm"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
 
 if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
     mkdir -p "$(dirname "$VENV")"
