@@ -143,6 +143,26 @@ def verify(report: dict[str, Any], key: Ed25519PublicKey) -> dict[str, Any]:
     return {"ok": True, "key_id": expected}
 
 
+def verify_commits(report: dict[str, Any], repo: Path, rev: str) -> dict[str, Any]:
+    """{ok, commits, problem?}: the report's provenance checked against `repo` (see
+    supervisor/ci/provenance.py). Call only on a report whose signature holds."""
+    from supervisor.ci import provenance
+
+    recorded = report.get("provenance")
+    if not isinstance(recorded, dict) or "commits" not in recorded:
+        why = (recorded or {}).get("error") if isinstance(recorded, dict) else None
+        return {"ok": False, "commits": None, "problem": "the report records no commits"
+                + (f" ({why})" if why else " (the workspace was not a git checkout)")}
+    try:
+        problems = provenance.check(repo, recorded, rev)
+    except provenance.GitUnavailable as exc:
+        problems = [f"cannot read {repo}: {exc}"]
+    result: dict[str, Any] = {"ok": not problems, "commits": len(recorded["commits"])}
+    if problems:
+        result.update(problem="; ".join(problems), problems=problems)
+    return result
+
+
 def _size(value: int | None) -> str:
     if value is None:
         return "-"

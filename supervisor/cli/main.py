@@ -684,23 +684,34 @@ def report() -> None:
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The Ed25519 public key (PEM or ssh-ed25519) you trust.")
+@click.option("--repo", "repo", type=click.Path(file_okay=False, path_type=Path),
+              help="Also check the report's commits against this git checkout.")
+@click.option("--rev", default="HEAD", show_default=True,
+              help="With --repo: the revision whose commits since the run's start must be "
+                   "exactly the report's.")
 @json_option
 @handles_errors
-def report_verify(path: Path, key_path: Path, as_json: bool) -> None:
-    """Check a report's signature against KEY; exits 1 when it does not hold."""
+def report_verify(path: Path, key_path: Path, repo: Path | None, rev: str,
+                  as_json: bool) -> None:
+    """Check a report's signature against KEY (and with --repo its commits against the
+    repository); exits 1 when it does not hold."""
     from supervisor.ci import report as ci_report  # cryptography only for this command
 
     document = ci_report.read_report(path)
     result = ci_report.verify(document, ci_report.load_public_key(key_path))
+    if repo is not None and result["ok"]:
+        result.update(ci_report.verify_commits(document, repo, rev))
     result.update(ending=document.get("ending"), exit_status=document.get("exit_status"))
     if as_json:
         _emit_json(result)
     elif result["ok"]:
         click.echo(f"report signature valid (key {result['key_id']}): run "
                    f"{document['run'].get('id')} {document.get('ending')}, exit status "
-                   f"{document.get('exit_status')}")
+                   f"{document.get('exit_status')}"
+                   + (f"; its {result['commits']} commit(s) match {repo}" if repo else ""))
     else:
-        click.echo(f"report signature INVALID: {result['problem']}", err=True)
+        what = "commits DO NOT MATCH" if "commits" in result else "signature INVALID"
+        click.echo(f"report {what}: {result['problem']}", err=True)
     sys.exit(0 if result["ok"] else 1)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from supervisor import __version__
-from supervisor.ci import manifest
+from supervisor.ci import manifest, provenance
 from supervisor.ci.outcome import Ending, ending_of, exit_status
 from supervisor.ci.quarantine import quarantine
 from supervisor.ci.report import (
@@ -137,6 +137,9 @@ class EmbeddedRunner:
         self.error: SupervisorError | None = None
         self.supervisor_errors: list[str] = []
         self.before: dict[str, manifest.Entry] | None = None
+        # The repository's refs before the agent ran: its new commits are the ones on top.
+        self.refs_before: dict[str, str] | None = None
+        self.provenance_error: str | None = None
         self.kill_task: asyncio.Future[None] | None = None
         self.resources: dict[str, Any] | None = None
         self.denied: dict[str, Any] | None = None
@@ -171,6 +174,11 @@ class EmbeddedRunner:
     async def run(self) -> None:
         if self.workspace is not None:
             self.before = await asyncio.to_thread(manifest.snapshot, self.workspace)
+            if provenance.is_repository(self.workspace):
+                try:
+                    self.refs_before = await asyncio.to_thread(provenance.refs, self.workspace)
+                except provenance.GitUnavailable as exc:
+                    self.provenance_error = str(exc)
         self.core = core = await Core.assemble(self.config)
         core.audit.append(actor=CI.label(), verb="ci_run_start", scope=f"agent:{self.name}",
                           target=self.name, detail={
@@ -299,6 +307,7 @@ class EmbeddedRunner:
                                         list(self.profile.workspace.readonly))
             if found and self.quarantine_dir is not None:
                 quarantined = quarantine(self.workspace, changes, found, self.quarantine_dir)
+        commits = self._provenance()
         status = exit_status(self.ending, self.agent_status, scope_violation=bool(found),
                              supervisor_error=bool(self.supervisor_errors),
                              launch_error_status=self.error.exit_status if self.error else None)
@@ -323,11 +332,28 @@ class EmbeddedRunner:
                       "readonly": list(self.profile.workspace.readonly),
                       "violations": found, "quarantined": quarantined},
             "audit": self.audit_head,
+            "provenance": commits,
             "teardown": teardown,
             "errors": ([self.error.to_body()["error"]] if self.error else [])
             + [{"code": "embedded_run_failed", "message": m} for m in self.supervisor_errors],
         }
         return report, status
+
+
+    def _provenance(self) -> dict[str, Any] | None:
+        """The commits the agent created, read after every agent process is gone (the scope
+        guard already judged the files; quarantine has run). None: not a git checkout."""
+        if self.workspace is None or self.before is None:
+            return None
+        if self.provenance_error is not None:
+            return {"error": self.provenance_error}
+        if self.refs_before is None:
+            return None
+        try:
+            return provenance.collect(self.workspace, self.refs_before, run_id=self.run_id,
+                                      agent=self.name)
+        except provenance.GitUnavailable as exc:
+            return {"error": str(exc)}
 
 
 def _mounts_under(directory: Path) -> list[str]:

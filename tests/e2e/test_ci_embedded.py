@@ -129,9 +129,9 @@ def keygen(tmp_root: Path) -> tuple[Path, Path]:
     return private, private.with_name("ci.pub")
 
 
-def verify(report: Path, public: Path) -> subprocess.CompletedProcess[str]:
+def verify(report: Path, public: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(agentctl_command("report", "verify", str(report), "--key",
-                                           str(public)), capture_output=True, text=True)
+                                           str(public), *args), capture_output=True, text=True)
 
 
 SCOPE = ("--allow-changes", "src/**", "--allow-changes", "tests/**", "--allow-changes", ".git/**")
@@ -172,6 +172,40 @@ def test_a_coding_agent_edits_tests_and_commits_in_scope(ci: Path, repo: Path,
     assert "agent-supervisor" in summary_path.read_text()
     ok = verify(report_path, public)
     assert ok.returncode == 0, ok.stderr
+    # Provenance: the agent's commit, bound to the run and the agent in the signed report.
+    provenance = report["provenance"]
+    head = git(repo, "rev-parse", "HEAD").strip()
+    assert (provenance["run"], provenance["agent"]) == (report["run"]["id"],
+                                                        report["run"]["agent"])
+    assert provenance["head_before"] == before_head and provenance["head_after"] == head
+    [commit] = provenance["commits"]
+    assert commit["hash"] == head and commit["parents"] == [before_head]
+    assert commit["tree"] == git(repo, "rev-parse", "HEAD^{tree}").strip()
+    assert {f["path"] for f in commit["files"] if "__pycache__" not in f["path"]} == {
+        "src/calc.py", "tests/test_calc.py", "tests/integration/__init__.py"}
+    assert commit["author"].startswith("agent <agent@example.invalid>")
+    checked = verify(report_path, public, "--repo", str(repo))
+    assert checked.returncode == 0 and "1 commit(s) match" in checked.stdout, checked.stderr
+    # An extra commit on top of the agent's: not what the run made.
+    git(repo, "-c", "user.name=x", "-c", "user.email=x@example.invalid", "commit", "-q",
+        "--allow-empty", "-m", "Slipped in later")
+    extra = verify(report_path, public, "--repo", str(repo))
+    assert extra.returncode == 1 and "does not list" in extra.stderr, extra.stderr
+    # The agent's commit rewritten (same message, another tree).
+    git(repo, "reset", "-q", "--hard", head)
+    (repo / "src" / "calc.py").write_text("def add(a, b):\n    return 0\n")
+    git(repo, "-c", "user.name=agent", "-c", "user.email=agent@example.invalid", "commit",
+        "-q", "--amend", "-a", "-m", "Add mul")
+    rewritten = verify(report_path, public, "--repo", str(repo))
+    assert rewritten.returncode == 1 and "not in HEAD's history" in rewritten.stderr
+    assert verify(report_path, public, "--repo", str(repo), "--rev", head).returncode == 0
+    # The report altered to claim the rewritten commit: its signature no longer holds.
+    forged = json.loads(report_path.read_text())
+    forged["provenance"]["commits"][0]["hash"] = git(repo, "rev-parse", "HEAD").strip()
+    forged_path = tmp_root / "forged.json"
+    forged_path.write_text(json.dumps(forged))
+    bad_forged = verify(forged_path, public, "--repo", str(repo))
+    assert bad_forged.returncode == 1 and "changed after it was signed" in bad_forged.stderr
     report["exit_status"] = 0 if report["exit_status"] else 1
     tampered = tmp_root / "tampered.json"
     tampered.write_text(json.dumps(report))
