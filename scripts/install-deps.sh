@@ -14,8 +14,9 @@ fi
 
 # docker.io: the engine for the docker runtime (dockerd, containerd and the CLI).
 # git: the CI-mode tests make a real repository for the scripted coding agent.
+# chromium, chromium-driver: the web console's tests drive a real headless browser.
 packages=(runc iproute2 nftables python3 python3-venv util-linux passwd procps systemd tmux stress-ng
-          docker.io git)
+          docker.io git chromium chromium-driver)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \

@@ -289,3 +289,11 @@ def error_class_for(code: str) -> type[SupervisorError]:
             return cls
         stack.extend(cls.__subclasses__())
     return SupervisorError
+
+
+class ConsoleRefused(Forbidden):
+    """The web console refused a request before it reached the daemon: a wrong or spent
+    token, no session, or a Host or Origin that is not the console's own (detail["check"])."""
+
+    code = "console_refused"
+    default_hint = "open the URL with the token that agentctl console printed, in one browser"

@@ -126,7 +126,9 @@ def open_tunnel(agent_env: dict[str, str], target: str, ca: TestCA,
 
 
 @contextlib.contextmanager
-def gateway_rig(tmp_root: Path, runtime: str = "runc", **egress: Any) -> Iterator[GatewayRig]:
+def gateway_rig(tmp_root: Path, runtime: str = "runc", daemon_config: dict[str, Any] | None = None,
+                **egress: Any) -> Iterator[GatewayRig]:
+    """`daemon_config`: more sections for the daemon's config (roles, [daemon] socket_group)."""
     ca = make_ca(tmp_root / "ca")
     upstream = Upstream(ca).start()
     secret_dir = tmp_root / "secrets"
@@ -151,7 +153,8 @@ def gateway_rig(tmp_root: Path, runtime: str = "runc", **egress: Any) -> Iterato
         **egress,
     }
     try:
-        with running_daemon(tmp_root, egress=config, **runtime_config(runtime)) as daemon:
+        with running_daemon(tmp_root, egress=config, **runtime_config(runtime),
+                            **(daemon_config or {})) as daemon:
             yield GatewayRig(daemon, upstream, ca, secret, workspace, port)
     finally:
         upstream.stop()

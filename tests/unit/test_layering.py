@@ -16,7 +16,7 @@ PACKAGE = REPO / "supervisor"
 
 # Top to bottom; a module may import its own layer and the layers below it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("cli", ("supervisor.cli",)),
+    ("cli", ("supervisor.cli", "supervisor.console")),
     ("daemon", ("supervisor.daemon",)),
     ("control plane", ("supervisor.api", "supervisor.audit", "supervisor.authz",
                        "supervisor.events", "supervisor.metrics", "supervisor.ci")),
