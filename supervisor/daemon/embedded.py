@@ -27,7 +27,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from supervisor import __version__
-from supervisor.ci import manifest, provenance
+from supervisor.ci import checkout_copy, manifest, provenance
 from supervisor.ci.outcome import Ending, ending_of, exit_status
 from supervisor.ci.quarantine import quarantine
 from supervisor.ci.report import (
@@ -49,6 +49,7 @@ from supervisor.errors import (
     EnforcementError,
     InvalidRequest,
     SupervisorError,
+    WorkspaceInvalid,
 )
 from supervisor.models import ActionRequest, Actor, Scope
 from supervisor.profiles import Profile, load_profile
@@ -120,11 +121,17 @@ class EmbeddedRunner:
     """One run, start to report. Attributes fill in as the run goes, so a report can be
     written whatever point it reached."""
 
-    def __init__(self, spec: EmbeddedRun, profile: Profile, config: Config) -> None:
+    def __init__(self, spec: EmbeddedRun, profile: Profile, config: Config,
+                 copy: checkout_copy.CheckoutCopy | None = None) -> None:
         self.spec = spec
         self.profile = profile
         self.config = config
-        self.workspace = Path(spec.run.workspace) if spec.run.workspace else None
+        # The checkout the CI job gave, and the directory the agent works on: the same, or a
+        # copy for a checkout owned by root or a system user (ci/checkout_copy.py).
+        self.checkout = Path(spec.run.workspace) if spec.run.workspace else None
+        self.copy = copy
+        self.workspace = copy.path if copy is not None else self.checkout
+        self.applied_back = False
         self.name = spec.run.name or "ci-agent"
         self.core: Core | None = None
         self.run_id: str | None = None
@@ -201,8 +208,10 @@ class EmbeddedRunner:
             self.end_reason = self.cancel_reason
             self.ending = Ending.KILLED
             return
-        request = self.spec.run.model_copy(update={"name": self.name,
-                                                   "profile": self.profile.name})
+        update: dict[str, Any] = {"name": self.name, "profile": self.profile.name}
+        if self.copy is not None:
+            update["workspace"] = str(self.copy.path)
+        request = self.spec.run.model_copy(update=update)
         view = await core.arbiter.launch(request, CI)
         self.run_id = view.id
         live = core.arbiter.live.get(view.id)
@@ -307,6 +316,14 @@ class EmbeddedRunner:
                                         list(self.profile.workspace.readonly))
             if found and self.quarantine_dir is not None:
                 quarantined = quarantine(self.workspace, changes, found, self.quarantine_dir)
+            if self.copy is not None and not found:
+                # The scope guard passed: the checkout gets the changes, as its owner.
+                checkout_copy.apply_back(self.copy, changes)
+                self.applied_back = True
+                if self.copy.errors:
+                    self.supervisor_errors.append(
+                        f"{len(self.copy.errors)} change(s) could not be applied back to "
+                        f"{self.checkout}")
         commits = self._provenance()
         status = exit_status(self.ending, self.agent_status, scope_violation=bool(found),
                              supervisor_error=bool(self.supervisor_errors),
@@ -333,6 +350,8 @@ class EmbeddedRunner:
                       "violations": found, "quarantined": quarantined},
             "audit": self.audit_head,
             "provenance": commits,
+            "checkout": (self.copy.record(self.applied_back) if self.copy is not None
+                         else {"mode": "in_place"} if self.workspace is not None else None),
             "teardown": teardown,
             "errors": ([self.error.to_body()["error"]] if self.error else [])
             + [{"code": "embedded_run_failed", "message": m} for m in self.supervisor_errors],
@@ -350,10 +369,13 @@ class EmbeddedRunner:
         if self.refs_before is None:
             return None
         try:
-            return provenance.collect(self.workspace, self.refs_before, run_id=self.run_id,
-                                      agent=self.name)
+            record = provenance.collect(self.workspace, self.refs_before, run_id=self.run_id,
+                                        agent=self.name)
         except provenance.GitUnavailable as exc:
             return {"error": str(exc)}
+        # A copy's commits are the checkout's once applied back (same objects, same hashes).
+        record["repository"] = str(self.checkout)
+        return record
 
 
 def _mounts_under(directory: Path) -> list[str]:
@@ -391,7 +413,19 @@ async def run_embedded(spec: EmbeddedRun) -> int:
     root = Path(os.environ.get(ROOT_ENV_VAR) or DEFAULT_ROOT)
     root.mkdir(mode=0o711, parents=True, exist_ok=True)
     slot, _lock_fd = claim_slot(Path(DEFAULT_ROOT) / "locks")
-    runner = EmbeddedRunner(spec, profile, embedded_config(base, root, slot))
+    config = embedded_config(base, root, slot)
+    copy = None
+    if workspace is not None and checkout_copy.needs_copy(
+            workspace, config.sandbox.workspace_min_owner_uid):
+        copy_root = Path(os.environ.get(checkout_copy.COPY_ROOT_ENV_VAR)
+                         or checkout_copy.DEFAULT_COPY_ROOT)
+        try:
+            copy = await asyncio.to_thread(checkout_copy.make_copy, workspace, copy_root, slot)
+        except OSError as exc:
+            raise WorkspaceInvalid(f"workspace {workspace} belongs to a system user and could "
+                                   f"not be copied for the agent: {exc}",
+                                   workspace=str(workspace)) from exc
+    runner = EmbeddedRunner(spec, profile, config, copy)
     runner.quarantine_dir = root / "quarantine" / f"{time.strftime('%Y%m%dT%H%M%S')}-slot{slot}"
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -408,7 +442,11 @@ async def run_embedded(spec: EmbeddedRun) -> int:
         runner.supervisor_errors.append(f"{type(exc).__name__}: {exc}")
     finally:
         teardown = await runner.teardown()
-    report, status = runner.evidence(teardown, started, (time.perf_counter() - t0) * 1000)
+    try:
+        report, status = runner.evidence(teardown, started, (time.perf_counter() - t0) * 1000)
+    finally:
+        if copy is not None:
+            copy.remove()
     try:
         _write_evidence(spec, runner, report, key)
     except (OSError, SupervisorError) as exc:

@@ -295,13 +295,80 @@ def test_timeouts_and_tripwires_have_their_own_status(ci: Path, tmp_root: Path,
         assert report["denied_syscalls"]["by_syscall"].get("unshare", 0) >= 1
 
 
-def test_a_root_owned_checkout_is_refused_and_nothing_runs(ci: Path, tmp_root: Path) -> None:
-    checkout = tmp_root / "root-owned"
-    checkout.mkdir()
-    result = run_embedded(ci, "--workspace", str(checkout), "--", "touch", "marker")
-    assert result.returncode == 6, result.stderr
-    assert "workspace_invalid" in result.stderr and "chown" in result.stderr
-    assert not (checkout / "marker").exists()
+def root_owned(repo: Path) -> Path:
+    chown_tree(repo, 0)
+    return repo
+
+
+ROOT_CHECKOUT_AGENT = r"""
+set -e
+cat /proc/self/uid_map | awk '$1 == 1000 {print "host uid of agent:", $2}'
+echo "owner inside: $(stat -c %u /workspace/src/calc.py)"
+printf 'def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n' > src/calc.py
+mkdir -p tests/unit
+printf 'x = 1\n' > tests/unit/test_new.py
+printf '#!/bin/sh\n' > src/tool && chmod 4755 src/tool
+rm docs/notes
+git add -A src tests docs
+git -c user.name=agent -c user.email=agent@example.invalid commit -q -m "Add sub"
+echo agent-done
+"""
+
+
+def test_a_root_owned_checkout_works_and_the_agent_is_never_host_root(
+        ci: Path, repo: Path, tmp_root: Path) -> None:
+    """The issue's GitLab/Jenkins case: the checkout is root's. The agent works on a copy owned
+    by an unprivileged uid; its in-scope changes (and commit) land in the checkout as root's."""
+    root_owned(repo)
+    before_head = git(repo, "rev-parse", "HEAD").strip()
+    report_path = tmp_root / "report.json"
+    result = run_embedded(ci, "--profile", "coding-agent", "--workspace", str(repo), *SCOPE,
+                          "--allow-changes", "docs/**", "--report", str(report_path),
+                          "--", "sh", "-c", ROOT_CHECKOUT_AGENT,
+                          AGENT_SUPERVISOR_CI_COPY_ROOT=str(tmp_root / "copies"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "agent-done" in result.stdout and "owner inside: 1000" in result.stdout
+    host_uid = int(result.stdout.split("host uid of agent:")[1].split()[0])
+    assert host_uid >= 3_900_000_000  # the copy's uid, never host root or a system user
+    report = json.loads(report_path.read_text())
+    assert report["checkout"]["mode"] == "copy" and report["checkout"]["applied_back"]
+    assert report["checkout"]["copy_uid"] == host_uid and report["checkout"]["errors"] == []
+    assert report["scope"]["violations"] == []
+    # The changes are in the checkout, root's like the rest of it, set-id bits dropped.
+    assert "def sub" in (repo / "src" / "calc.py").read_text()
+    assert (repo / "tests" / "unit" / "test_new.py").read_text() == "x = 1\n"
+    assert not (repo / "docs" / "notes").exists() and not (repo / "docs" / "notes").is_symlink()
+    tool = (repo / "src" / "tool").stat()
+    assert tool.st_mode & 0o7777 == 0o755 and tool.st_uid == 0
+    for path in (repo / "tests" / "unit", repo / "tests" / "unit" / "test_new.py",
+                 repo / "src" / "calc.py"):
+        assert path.stat().st_uid == 0, path
+    # The commit came back with its objects: the checkout's git sees it and it verifies.
+    assert git(repo, "log", "-1", "--format=%s").strip() == "Add sub"
+    assert git(repo, "rev-parse", "HEAD~1").strip() == before_head
+    assert git(repo, "status", "--porcelain", "--untracked-files=no").strip() == ""
+    [commit] = report["provenance"]["commits"]
+    assert commit["hash"] == git(repo, "rev-parse", "HEAD").strip()
+    assert report["provenance"]["repository"] == str(repo)
+    assert not list((tmp_root / "copies").glob("slot*"))  # the copy is gone
+
+
+def test_a_root_owned_checkout_is_left_untouched_when_the_scope_guard_fails(
+        ci: Path, repo: Path, tmp_root: Path) -> None:
+    root_owned(repo)
+    calc = (repo / "src" / "calc.py").read_text()
+    report_path = tmp_root / "report.json"
+    result = run_embedded(ci, "--workspace", str(repo), "--allow-changes", "src/**",
+                          "--report", str(report_path), "--", "sh", "-c",
+                          "echo changed > src/calc.py; echo x > stray.txt",
+                          AGENT_SUPERVISOR_CI_COPY_ROOT=str(tmp_root / "copies"))
+    assert result.returncode == 83, result.stdout + result.stderr
+    report = json.loads(report_path.read_text())
+    assert [v["path"] for v in report["scope"]["violations"]] == ["stray.txt"]
+    assert report["checkout"]["applied_back"] is False
+    # All or nothing: not even the in-scope change reached the checkout.
+    assert (repo / "src" / "calc.py").read_text() == calc
+    assert not (repo / "stray.txt").exists()
 
 
 def test_reports_inside_the_workspace_are_refused(ci: Path, repo: Path) -> None:
