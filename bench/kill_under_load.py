@@ -25,7 +25,8 @@ a user made for the run (removed after it) in the socket's group and mapped to t
 as a caller with socket access but no owner role is; `root` floods as the bench itself, i.e.
 as an owner, who is not held to a per-uid cap and may take the owners' reserved slots (an
 owner flooding the switch is not an attack the admission control can tell from an owner).
-The kills are always made by root.
+The kills are always made by root, on the owners' socket as agentctl makes them (--kill-socket
+control: on the control socket the floods share).
 
 Prints per load the median and p95 of both figures, the ratio of each median to the idle
 median, and the target (every loaded median <= 1.5x idle, every kill confirmed and audited).
@@ -36,7 +37,7 @@ Needs root, runc and cgroup v2 (pure or hybrid); removes everything it made, als
 
     sudo .venv/bin/python bench/kill_under_load.py [--samples 5]
         [--loads reads,gateway,seccomp,verify,halfopen] [--halfopen 20000]
-        [--flood-as viewer|root] [--json out.json]
+        [--flood-as viewer|root] [--kill-socket owner|control] [--json out.json]
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ if str(REPO) not in sys.path:
 
 from stats import cpu_model, nearest_rank  # noqa: E402
 
+from supervisor.api.client import owner_socket_of  # noqa: E402
 from supervisor.sandbox.cgroups import Cgroup  # noqa: E402
 from tests.support.daemon import Daemon, new_daemon  # noqa: E402
 
@@ -210,8 +212,9 @@ class Sample:
 
 class Bench:
     def __init__(self, daemon: Daemon, samples: int, audit_rows: int, halfopen: int,
-                 flooder: FloodUser) -> None:
+                 flooder: FloodUser, kill_socket: str = "owner") -> None:
         self.daemon = daemon
+        self.kill_socket = kill_socket
         self.flooder = flooder
         self.samples = samples
         self.audit_rows = audit_rows
@@ -250,7 +253,11 @@ class Bench:
         return self._kill(name, cgroup, load, block)
 
     def _kill(self, name: str, cgroup: Cgroup, load: str, block: int) -> Sample:
-        sock_path = str(self.daemon.socket)
+        # Where agentctl sends a kill when its caller may: the owners' socket, when the daemon
+        # has one (--socket control measures the control socket the floods share).
+        owner_socket = owner_socket_of(self.daemon.socket)
+        sock_path = str(owner_socket if self.kill_socket == "owner" and owner_socket.exists()
+                        else self.daemon.socket)
         body = json.dumps({"scope": {"agent": name}, "reason": f"bench {load}"}).encode()
         request = (f"POST /v1/actions/kill HTTP/1.1\r\nHost: supervisor\r\nContent-Type: "
                    f"application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
@@ -524,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flood-as", choices=("viewer", "root"), default="viewer",
                         help="who floods the control socket (reads, halfopen): a user made "
                         "for the run with the viewer role (default), or root, an owner")
+    parser.add_argument("--kill-socket", choices=("owner", "control"), default="owner",
+                        help="where the kills go: the owners' socket, as agentctl sends a "
+                        "root's kill (default), or the control socket the floods share")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     loads = [x for x in args.loads.split(",") if x]
@@ -536,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
           f"kernel={os.uname().release}")
     print(f"loads {loads}, {args.samples} kills per block, {VICTIM_PROCESSES}-process victims, "
           f"{BACKGROUND_AGENTS} background agents, socket floods as {args.flood_as}, "
+          f"kills on the {args.kill_socket} socket, "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     with contextlib.ExitStack() as stack:
         flooder = FloodUser()
@@ -560,7 +571,8 @@ def _run(args: argparse.Namespace, loads: list[str], flooder: FloodUser,
                         kill={"confirm_timeout": "10s"})
     (daemon.root / "profiles" / "benchgw.toml").write_text(
         '[network]\nmode = "gateway"\n\n[network.gateway]\nallow = ["allowed.example:443"]\n')
-    bench = Bench(daemon, args.samples, args.audit_rows, args.halfopen, flooder)
+    bench = Bench(daemon, args.samples, args.audit_rows, args.halfopen, flooder,
+                  args.kill_socket)
     interrupted = False
     try:
         if "verify" in loads and args.audit_rows:

@@ -246,6 +246,11 @@ class ControlSection(_Section):
     # The longest request line or header line.
     max_line: Annotated[int, Field(ge=1024, le=65_536)] = 8190
     backlog: Annotated[int, Field(ge=16, le=65_536)] = 4096
+    # The owners' socket beside the control socket (control.sock -> control-owner.sock), with
+    # an acceptor of its own, so no caller of the control socket can queue in front of an
+    # owner's kill: root only (mode 0600), or also this group (0660), whose members must map
+    # to the owner role or are turned away at connect.
+    owner_socket_group: str = ""
 
 
 class AuditSection(_Section):

@@ -18,6 +18,17 @@ DEFAULT_SOCKET = Path(os.environ.get("AGENT_SUPERVISOR_SOCKET",
                                      "/run/agent-supervisor/control.sock"))
 
 
+def owner_socket_of(control_socket: Path) -> Path:
+    """The owners' socket the daemon binds beside its control socket."""
+    return control_socket.with_name(f"{control_socket.stem}-owner{control_socket.suffix}")
+
+
+# Connecting to the owners' socket failed (absent, not ours, or refused at accept before a
+# byte was read): the request was not acted on, so it goes to the control socket instead.
+_NOT_ON_OWNER_SOCKET = (FileNotFoundError, PermissionError, ConnectionRefusedError,
+                        ConnectionResetError, BrokenPipeError)
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float | None) -> None:
         super().__init__("localhost", timeout=timeout)
@@ -39,11 +50,16 @@ class Client:
     def __init__(self, socket_path: Path | str = DEFAULT_SOCKET, timeout: float | None = 300.0
                  ) -> None:
         self.socket_path = str(socket_path)
+        # State-changing requests try the owners' socket first: a flood of the control socket
+        # by callers with lesser roles cannot queue in front of them there.
+        self.owner_socket_path = str(owner_socket_of(Path(socket_path)))
         self.timeout = timeout
 
-    def _send(self, method: str, path: str, body: Any, timeout: float | None
-                  ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
-        conn = _UnixConnection(self.socket_path, timeout if timeout is not None else self.timeout)
+    def _send(self, method: str, path: str, body: Any, timeout: float | None,
+              socket_path: str | None = None
+              ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+        conn = _UnixConnection(socket_path or self.socket_path,
+                               timeout if timeout is not None else self.timeout)
         headers = {"Accept": "application/json"}
         payload = None
         if body is not None:
@@ -59,6 +75,11 @@ class Client:
     def _open(self, method: str, path: str, body: Any = None, timeout: float | None = None
               ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
         """Send the request; connection failures become DaemonUnavailable."""
+        if method not in ("GET", "HEAD"):
+            try:
+                return self._send(method, path, body, timeout, self.owner_socket_path)
+            except _NOT_ON_OWNER_SOCKET:
+                pass
         try:
             return self._send(method, path, body, timeout)
         except FileNotFoundError:

@@ -1,8 +1,11 @@
-"""The control socket's listener: admission control in front of the API's handlers. Caps on
-connections in total and per peer uid (owners keep reserved slots beyond the total), a header
-timeout, JSON errors for what the HTTP layer refuses before a handler runs, and the process's
-file-descriptor limit raised so connections can never exhaust what a kill needs. Runs in the
-daemon (root); reads each peer's SO_PEERCRED once, when it connects.
+"""The control sockets' listeners: admission control in front of the API's handlers. Each
+listening socket is accepted on a thread of its own, which reads the peer's SO_PEERCRED, applies
+the caps on connections in total and per peer uid (owners keep reserved slots beyond the total)
+and closes a refused connection at once, so a flood of connects is drained at the kernel's pace
+and never reaches the event loop; admitted connections are handed to the loop. Also: the owners'
+socket (root or the owners' group only), a header timeout, JSON errors for what the HTTP layer
+refuses before a handler runs, the moment each request arrived, and the process's descriptor
+limit raised so connections can never exhaust what a kill needs. Runs in the daemon (root).
 
 Why here and not in the handlers: a connection that never completes a request never reaches a
 handler, so only the listener can bound it (docs/design.md, "Control socket admission")."""
@@ -10,10 +13,17 @@ handler, so only the listener can bound it (docs/design.md, "Control socket admi
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import errno
 import logging
+import os
 import resource
+import select
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,64 +79,84 @@ class Peer:
     uid: int
     actor: Actor
     owner: bool
+    on_owner_socket: bool = False
 
 
 @dataclass
 class Admission:
-    """Who is connected, and whether one more may be."""
+    """Who is connected, and whether one more may be. `admit` runs on the acceptor threads,
+    `bind` and `release` on the loop: the counts are kept under one lock."""
 
     config: ControlSection
     roles: RolesSection
     budget: int
     peers: dict[RequestHandler, Peer] = field(default_factory=dict)
     per_uid: dict[int, int] = field(default_factory=dict)
+    connected: int = 0  # admitted, bound to a handler or on their way to the loop
+    on_owner_socket: int = 0
     refused: int = 0
     _last_refusal_log: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def admit(self, handler: RequestHandler, transport: asyncio.Transport) -> bool:
-        """Admit or refuse a new connection. A refusal costs one getsockopt (no user or group
-        lookups), so a flood is turned away at the rate the loop accepts it."""
-        sock: socket.socket | None = transport.get_extra_info("socket")
-        if sock is None:
-            return self._refuse("no socket", -1)
+    def admit(self, sock: socket.socket, *, owner_socket: bool = False) -> Peer | None:
+        """Admit or refuse a new connection (None). A refusal costs one getsockopt (no user or
+        group lookups), so a flood is turned away at the rate the kernel hands it over."""
         try:
             pid, uid, gid = peer_credentials(sock)
         except OSError:
-            return self._refuse("no peer credentials", -1)
-        total = len(self.peers)
-        if total >= self.budget:
-            return self._refuse("every connection slot is in use", uid)
-        if uid != 0 and self.per_uid.get(uid, 0) >= self.config.max_connections_per_uid:
-            return self._refuse("this uid holds its maximum of connections", uid)
-        actor = actor_of(pid, uid, gid)
+            return self._refused("no peer credentials", -1)
+        with self._lock:
+            if self.connected >= self.budget:
+                return self._refused("every connection slot is in use", uid)
+            if owner_socket and self.on_owner_socket >= self.config.reserved_connections:
+                return self._refused("the owners' socket holds its maximum of connections", uid)
+            if uid != 0 and self.per_uid.get(uid, 0) >= self.config.max_connections_per_uid:
+                return self._refused("this uid holds its maximum of connections", uid)
+        actor = actor_of(pid, uid, gid)  # user and group lookups: outside the lock
         owner = uid == 0 or "owner" in roles_of(actor, self.roles)
-        if total >= self.config.max_connections and not owner:
-            return self._refuse("only owners may use the reserved connection slots", uid)
-        self.peers[handler] = Peer(uid=uid, actor=actor, owner=owner)
-        self.per_uid[uid] = self.per_uid.get(uid, 0) + 1
-        return True
+        with self._lock:
+            if owner_socket and not owner:
+                return self._refused("only owners may use the owners' socket", uid)
+            if self.connected >= self.config.max_connections and not owner:
+                return self._refused("only owners may use the reserved connection slots", uid)
+            if self.connected >= self.budget:
+                return self._refused("every connection slot is in use", uid)
+            self.connected += 1
+            self.on_owner_socket += owner_socket
+            self.per_uid[uid] = self.per_uid.get(uid, 0) + 1
+        return Peer(uid=uid, actor=actor, owner=owner, on_owner_socket=owner_socket)
+
+    def bind(self, handler: RequestHandler, peer: Peer) -> None:
+        self.peers[handler] = peer
 
     def release(self, handler: RequestHandler) -> None:
         peer = self.peers.pop(handler, None)
-        if peer is None:
-            return
-        left = self.per_uid.get(peer.uid, 1) - 1
-        if left > 0:
-            self.per_uid[peer.uid] = left
-        else:
-            self.per_uid.pop(peer.uid, None)
+        if peer is not None:
+            self.cancel(peer)
+
+    def cancel(self, peer: Peer) -> None:
+        """Give an admitted connection's slot back (it closed, or never reached the loop)."""
+        with self._lock:
+            self.connected -= 1
+            self.on_owner_socket -= peer.on_owner_socket
+            left = self.per_uid.get(peer.uid, 1) - 1
+            if left > 0:
+                self.per_uid[peer.uid] = left
+            else:
+                self.per_uid.pop(peer.uid, None)
 
     def peer(self, handler: Any) -> Peer | None:
         return self.peers.get(handler)
 
-    def _refuse(self, why: str, uid: int) -> bool:
+    def _refused(self, why: str, uid: int) -> Peer | None:
+        """Count and (at most once per period) log a refusal; None, the refusal itself."""
         self.refused += 1
         now = time.monotonic()
         if now - self._last_refusal_log >= _REFUSAL_LOG_PERIOD:
             self._last_refusal_log = now
             log.warning("control socket: refused a connection from uid %d (%s); %d refused "
-                        "so far, %d connected", uid, why, self.refused, len(self.peers))
-        return False
+                        "so far, %d connected", uid, why, self.refused, self.connected)
+        return None
 
 
 class JsonErrorRequestHandler(RequestHandler):
@@ -134,7 +164,32 @@ class JsonErrorRequestHandler(RequestHandler):
     line, an over-long path or header) with our JSON error instead of text/plain, and logging
     it once at debug level instead of a traceback per request."""
 
-    __slots__ = ()
+    __slots__ = ("_arrivals", "_head_started", "peer")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.peer: Peer | None = None
+        # When each parsed request began to arrive (perf_counter), oldest first; the first
+        # request of a connection began when the connection was accepted.
+        self._arrivals: collections.deque[float] = collections.deque(maxlen=64)
+        self._head_started: float | None = None
+
+    def accepted(self, peer: Peer, accepted_at: float) -> None:
+        self.peer = peer
+        self._head_started = accepted_at
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_started is None:
+            self._head_started = time.perf_counter()
+        queued = len(self._messages)
+        super().data_received(data)
+        if len(self._messages) > queued:  # a request head is complete
+            self._arrivals.extend([self._head_started] * (len(self._messages) - queued))
+            self._head_started = None
+
+    def arrived(self) -> float | None:
+        """When the request now being handled began to arrive (None if unknown)."""
+        return self._arrivals.popleft() if self._arrivals else None
 
     def handle_error(self, request: BaseRequest, status: int = 500,
                      exc: BaseException | None = None, message: str | None = None
@@ -165,20 +220,26 @@ def http_layer_error(status: int, exc: BaseException | None, message: str | None
 
 
 class ControlHttpServer(web.Server):
-    """aiohttp's low-level server with admission at connect time."""
+    """aiohttp's low-level server; its connections come from the acceptors, admitted."""
 
     admission: Admission
 
     def __call__(self) -> RequestHandler:
         return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
 
+    def accepted(self, peer: Peer, accepted_at: float) -> JsonErrorRequestHandler:
+        handler = JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.accepted(peer, accepted_at)
+        return handler
+
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
-        if not self.admission.admit(handler, transport):
-            # Closed before the handler reads a byte: the fd is freed at once, and the
-            # connection's task (started next) finds it closed and ends.
+        peer = getattr(handler, "peer", None)
+        if peer is None:  # not from an acceptor: nothing admitted it
             handler.force_close()
             transport.abort()
+            return
+        self.admission.bind(handler, peer)
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None
                         ) -> None:
@@ -202,11 +263,82 @@ class ControlRunner(web.AppRunner):
         return server
 
 
+# Pauses of an acceptor whose accept(2) failed for want of a resource (EMFILE, ENOBUFS, ...):
+# the connection waits in the backlog meanwhile, and a kill still has break-glass.
+_ACCEPT_BACKOFF = 0.05
+_ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class Acceptor:
+    """Accepts one listening socket's connections on a thread of its own and hands each
+    admitted one to the loop (`hand_over`, called on the thread). A refused connection is
+    closed on the thread: a flood of connects costs the loop nothing, and a kill's connect on
+    another socket never waits for the loop to work through it."""
+
+    def __init__(self, name: str, sock: socket.socket, admission: Admission,
+                 hand_over: Callable[[socket.socket, Peer, float], None], *,
+                 owner_socket: bool = False) -> None:
+        self.name = name
+        self.sock = sock
+        self.admission = admission
+        self.hand_over = hand_over
+        self.owner_socket = owner_socket
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self._thread.join(timeout=5)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self._wake_r in events:
+                return
+            self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                conn, _address = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_ERRORS:
+                    log.error("control socket %s: accept failed (%s); retrying", self.name, exc)
+                    time.sleep(_ACCEPT_BACKOFF)
+                elif exc.errno != errno.ECONNABORTED:
+                    log.error("control socket %s: accept failed: %s", self.name, exc)
+                    time.sleep(_ACCEPT_BACKOFF)
+                return
+            accepted_at = time.perf_counter()
+            peer = self.admission.admit(conn, owner_socket=self.owner_socket)
+            if peer is None:
+                conn.close()
+                continue
+            try:
+                self.hand_over(conn, peer, accepted_at)
+            except RuntimeError:  # the loop is closed: the daemon is stopping
+                conn.close()
+                self.admission.cancel(peer)
+
+
 class ControlListener:
-    """The control socket served with admission control; start() after the app is built."""
+    """The control socket (and the owners' socket, when given) served with admission control;
+    start() after the app is built."""
 
     def __init__(self, app: web.Application, sock: socket.socket, config: ControlSection,
-                 roles: RolesSection) -> None:
+                 roles: RolesSection, owner_sock: socket.socket | None = None) -> None:
         soft, _hard = raise_fd_limit()
         self.admission = Admission(config=config, roles=roles,
                                    budget=connection_budget(config, soft))
@@ -218,26 +350,62 @@ class ControlListener:
             keepalive_timeout=config.header_timeout,
             max_line_size=config.max_line, max_field_size=config.max_line)
         self.sock = sock
+        self.owner_sock = owner_sock
         self.config = config
-        self._server: asyncio.AbstractServer | None = None
+        self.acceptors: list[Acceptor] = []
+        self._adopting: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         await self.runner.setup()
         server = self.runner.server
-        assert server is not None
-        loop = asyncio.get_running_loop()
-        # A deep backlog: a flood of connects that are refused at once must not fill the
-        # queue an owner's connect waits in.
-        self._server = await loop.create_unix_server(server, sock=self.sock,
-                                                     backlog=self.config.backlog)
+        assert isinstance(server, ControlHttpServer)
+        self._loop = asyncio.get_running_loop()
+        # A deep backlog: connects that will be refused must not fill the queue another
+        # connect waits in (the acceptor drains it at the kernel's pace).
+        self.sock.listen(self.config.backlog)
+        self.acceptors.append(Acceptor("control-accept", self.sock, self.admission,
+                                       self._hand_over))
+        if self.owner_sock is not None:
+            self.owner_sock.listen(128)
+            self.acceptors.append(Acceptor("owner-accept", self.owner_sock, self.admission,
+                                           self._hand_over, owner_socket=True))
+        for acceptor in self.acceptors:
+            acceptor.start()
         log.info("control socket: %d connections (%d per uid, %d reserved for owners), "
-                 "header timeout %gs", self.admission.budget,
+                 "header timeout %gs; owners' socket %s", self.admission.budget,
                  self.config.max_connections_per_uid, self.config.reserved_connections,
-                 self.config.header_timeout)
+                 self.config.header_timeout, "on" if self.owner_sock is not None else "off")
+
+    def _hand_over(self, conn: socket.socket, peer: Peer, accepted_at: float) -> None:
+        """On an acceptor's thread: the loop takes the connection on its next turn."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._adopt, conn, peer, accepted_at)
+
+    def _adopt(self, conn: socket.socket, peer: Peer, accepted_at: float) -> None:
+        server = self.runner.server
+        if not isinstance(server, ControlHttpServer):  # stopped meanwhile
+            conn.close()
+            self.admission.cancel(peer)
+            return
+        assert self._loop is not None
+        task = self._loop.create_task(self._loop.connect_accepted_socket(
+            lambda: server.accepted(peer, accepted_at), sock=conn))
+        self._adopting.add(task)
+        task.add_done_callback(lambda done: self._adopted(done, conn, peer))
+
+    def _adopted(self, task: asyncio.Task[Any], conn: socket.socket, peer: Peer) -> None:
+        self._adopting.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            conn.close()
+            self.admission.cancel(peer)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for acceptor in self.acceptors:
+            acceptor.stop()
+        for sock in (self.sock, self.owner_sock):
+            if sock is not None:
+                sock.close()
         await self.runner.cleanup()
 
 

@@ -356,7 +356,10 @@ async def audit_durable_middleware(request: web.Request, handler: Handler
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    request[ARRIVED] = time.perf_counter()
+    # When the request began to arrive (its connection's accept, or its first byte on a kept
+    # connection), so the time it waited for the loop is in a kill's time_to_halt_ms.
+    arrived = getattr(request.protocol, "arrived", None)
+    request[ARRIVED] = (arrived() if arrived is not None else None) or time.perf_counter()
     try:
         actor = peer_actor(request)
         request[ACTOR] = actor
@@ -649,7 +652,7 @@ def build_app(arbiter: Controller, roles: RolesSection, drills: DrillRunner | No
     return app
 
 
-def bind_control_socket(path: Path, gid: int) -> socket.socket:
+def bind_control_socket(path: Path, gid: int, mode: int = 0o660) -> socket.socket:
     """Bind under a temporary name, set owner and mode, then rename into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
@@ -662,7 +665,7 @@ def bind_control_socket(path: Path, gid: int) -> socket.socket:
     finally:
         os.umask(old_umask)
     os.chown(tmp, 0, gid if gid >= 0 else 0)
-    os.chmod(tmp, 0o660)
+    os.chmod(tmp, mode)
     os.rename(tmp, path)
     sock.listen(4096)
     sock.setblocking(False)

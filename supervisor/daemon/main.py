@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from supervisor import __version__
+from supervisor.api.client import owner_socket_of
 from supervisor.api.listener import ControlListener
 from supervisor.api.server import bind_control_socket, build_app, operators_gid
 from supervisor.audit import AuditLog
@@ -147,9 +148,15 @@ async def serve(config: Config) -> int:
 
     drills = Drills(arbiter, db, config.drill)
     sock = bind_control_socket(config.socket_path, gid)
+    # The owners' socket: a kill's connect never waits behind the control socket's callers.
+    owner_socket = owner_socket_of(config.socket_path)
+    owner_gid = (operators_gid(config.control.owner_socket_group)
+                 if config.control.owner_socket_group else -1)
+    owner_sock = bind_control_socket(owner_socket, owner_gid,
+                                     0o660 if owner_gid >= 0 else 0o600)
     app = build_app(arbiter, config.roles, drills, telemetry=telemetry, egress=core.egress,
                     control=config.control)
-    listener = ControlListener(app, sock, config.control, config.roles)
+    listener = ControlListener(app, sock, config.control, config.roles, owner_sock)
     await listener.start()
     webhook_worker.start()  # webhooks: delivery never runs on the kill path
 
@@ -207,8 +214,9 @@ async def serve(config: Config) -> int:
     await listener.stop()
     if metrics_endpoint is not None:  # metrics
         await metrics_endpoint.stop()
-    with contextlib.suppress(FileNotFoundError):
-        config.socket_path.unlink()
+    for path in (config.socket_path, owner_socket):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
     core.close()
     return 0
 

@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from supervisor.api.client import owner_socket_of
 from tests.e2e.test_api_input import exchange, json_error
 from tests.support.daemon import Daemon, running_daemon, wait_for
 
@@ -75,8 +77,13 @@ def users(*roles: str) -> Iterator[dict[str, Any]]:
 
 def flood(daemon: Daemon, user: pwd.struct_passwd, count: int, seconds: float
           ) -> subprocess.Popen[str]:
+    return flood_at(daemon.socket, user, count, seconds)
+
+
+def flood_at(path: Path, user: pwd.struct_passwd, count: int, seconds: float
+             ) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", FLOOD, str(daemon.socket), str(count), str(seconds)],
+        [sys.executable, "-c", FLOOD, str(path), str(count), str(seconds)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, user=user.pw_uid,
         group=user.pw_gid, extra_groups=os.getgrouplist(user.pw_name, user.pw_gid))
     assert proc.stdout is not None
@@ -230,3 +237,81 @@ def test_the_daemon_raises_its_file_limit(daemon: Daemon) -> None:
     soft, hard = line.split()[3:5]
     assert soft == hard, line
     assert json.loads(json.dumps(daemon.client.health()))["status"] == "ok"
+
+
+# Connect, send a request, print what comes back before the daemon closes the connection.
+READ_ONE = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(30)
+    s.connect(sys.argv[1])
+    try:
+        s.sendall(b"GET /v1/health HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+        print(s.recv(65536))
+    except (BrokenPipeError, ConnectionResetError):
+        print(b"")
+""")
+
+
+def kill_request(agent: str) -> bytes:
+    body = json.dumps({"scope": {"agent": agent}, "reason": "owners' socket test"}).encode()
+    return (b"POST /v1/actions/kill HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+
+
+def test_the_owners_socket_is_root_only_by_default(daemon: Daemon) -> None:
+    owner_socket = owner_socket_of(daemon.socket)
+    st = owner_socket.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, 0, 0)
+    status, _headers, body = exchange(owner_socket, kill_request("nobody-here"))
+    assert status == 404 and body["error"]["code"] == "agent_not_found", body
+
+
+def test_a_flood_of_either_socket_never_stops_a_kill_on_the_owners_socket(
+        tmp_root: Path) -> None:
+    with users("viewer", "admin") as made, running_daemon(
+            tmp_root, daemon={"socket_group": made["group"]},
+            roles={"viewer": [f"user:{made['users']['viewer'].pw_name}"],
+                   "admin": [f"user:{made['users']['admin'].pw_name}"]},
+            # The owners' socket open to the group: its non-owners are turned away at connect.
+            control={"owner_socket_group": made["group"], "backlog": 16,
+                     "max_connections_per_uid": 1000, "header_timeout": "60s"}) as daemon:
+        owner_socket = owner_socket_of(daemon.socket)
+        assert stat.S_IMODE(owner_socket.stat().st_mode) == 0o660
+        for name in ("first", "second", "third"):
+            daemon.agentctl("run", "--detach", "--name", name, "--", "sleep", "600",
+                            check=True)
+        viewer, admin = made["users"]["viewer"], made["users"]["admin"]
+        before = open_fds(daemon)
+        # The viewer's connects to the owners' socket are accepted and closed unread...
+        unread = subprocess.run(
+            [sys.executable, "-c", READ_ONE, str(owner_socket)], capture_output=True,
+            text=True, timeout=60, user=viewer.pw_uid, group=viewer.pw_gid,
+            extra_groups=os.getgrouplist(viewer.pw_name, viewer.pw_gid))
+        assert unread.returncode == 0 and unread.stdout == "b''\n", unread
+        held = flood_at(owner_socket, viewer, 2_000, 30.0)
+        try:
+            wait_for(lambda: open_fds(daemon) <= before + 16 or None, timeout=60,
+                     what="the owners' socket to hold none of a viewer's connections")
+            # ...and an admin's verb, refused there before a byte was read, falls back to
+            # the control socket, where the admin may pause.
+            paused = as_user(daemon, admin, "pause", "first", "--reason", "t", "--json")
+            assert paused.returncode == 0, paused
+            attacker = flood(daemon, viewer, 20_000, 30.0)  # and the control socket too
+            try:
+                killed = daemon.agentctl_json("kill", "second", "--reason", "flood test")
+                assert killed["results"][0]["new_state"] == "killed"
+                status, _headers, body = exchange(owner_socket, kill_request("third"))
+                assert status == 200, body
+            finally:
+                attacker.kill()
+                attacker.communicate(timeout=120)
+        finally:
+            held.kill()
+            held.communicate(timeout=120)
+        assert daemon.client.agent("first")["state"] == "paused"
+        for name in ("second", "third"):
+            assert daemon.client.agent(name)["state"] == "killed"
+        rows = [e for e in daemon.client.audit(limit=1000)["entries"] if e["verb"] == "kill"]
+        assert {e["target"] for e in rows if e["outcome"] == "ok"} >= {"second", "third"}
+        assert "too many open files" not in daemon.logs().lower()
