@@ -90,6 +90,9 @@ class AgentRecordView(Protocol):
     name: str
     agent_class: str
     state: str
+    updated_at: float
+    current_run: str | None
+    last_run: str | None
 
 
 class Controller(Protocol):
@@ -101,6 +104,8 @@ class Controller(Protocol):
 
     @property
     def agents(self) -> Mapping[str, AgentRecordView]: ...
+    @property
+    def live(self) -> Mapping[str, Any]: ...  # run id -> its LiveRun (.record: state, pid)
 
     def agent_view(self, name: str) -> AgentView: ...
     def list_agents(self) -> list[AgentView]: ...
@@ -420,10 +425,64 @@ def _live_stats(telemetry: TelemetrySource | None, view: AgentView) -> None:
         "memory_bytes": sample.memory_bytes, "processes": sample.processes}
 
 
+class RenderedPages:
+    """`GET /v1/agents` pages as last rendered, each kept with the state it was rendered
+    from: a flood of reads of an unchanged list costs one comparison each, not a page of
+    views built and serialised (reads must cost the kill path next to nothing)."""
+
+    MAX_PAGES = 64
+
+    def __init__(self) -> None:
+        self.pages: dict[str, tuple[tuple[Any, ...], bytes]] = {}
+
+    @staticmethod
+    def stamp(arbiter: Controller, telemetry: TelemetrySource | None) -> tuple[Any, ...]:
+        """What a page is rendered from: each agent's state and its run's, and the time of
+        its run's latest sample (the stats). O(agents), with no view built."""
+        live = arbiter.live
+        parts: list[tuple[Any, ...]] = []
+        for name, agent in arbiter.agents.items():
+            run_id = agent.current_run or agent.last_run
+            running = live.get(run_id) if run_id else None
+            if running is None:
+                parts.append((name, agent.state, agent.updated_at, run_id))
+                continue
+            record = running.record
+            sample = telemetry.latest(record.id) if telemetry is not None else None
+            parts.append((name, agent.state, agent.updated_at, run_id, record.state,
+                          record.pid, record.ended_at, sample.ts if sample else None))
+        return (arbiter.global_halt, *parts)
+
+    def get(self, query: str, stamp: tuple[Any, ...]) -> bytes | None:
+        kept = self.pages.get(query)
+        return kept[1] if kept is not None and kept[0] == stamp else None
+
+    def put(self, query: str, stamp: tuple[Any, ...], body: bytes) -> None:
+        if len(self.pages) >= self.MAX_PAGES and query not in self.pages:
+            self.pages.clear()  # bounded whatever queries a caller invents
+        self.pages[query] = (stamp, body)
+
+
+RENDERED = web.AppKey("rendered_pages", RenderedPages)
+
+
 async def list_agents(request: web.Request) -> web.Response:
     """One page of agents in name order, filtered by class and state; `cursor` is the name of
-    the last agent of the previous page."""
+    the last agent of the previous page. Served from the page last rendered while nothing it
+    shows has changed."""
     arbiter = request.app[ARBITER]
+    telemetry = request.app.get(TELEMETRY)
+    rendered = request.app[RENDERED]
+    stamp = rendered.stamp(arbiter, telemetry)
+    body = rendered.get(request.query_string, stamp)
+    if body is None:
+        body = _render_agents(request, arbiter, telemetry)
+        rendered.put(request.query_string, stamp, body)
+    return web.Response(body=body, content_type="application/json")
+
+
+def _render_agents(request: web.Request, arbiter: Controller,
+                   telemetry: TelemetrySource | None) -> bytes:
     limit = _query_int(request, "limit", AGENT_PAGE_MAX, 1, AGENT_PAGE_MAX)
     cursor = request.query.get("cursor", "")
     wanted_class = request.query.get("class")
@@ -437,15 +496,15 @@ async def list_agents(request: web.Request) -> web.Response:
     names.sort()
     after = [name for name in names if name > cursor] if cursor else names
     page = after[:limit]
-    telemetry = request.app.get(TELEMETRY)
     views = []
     for name in page:
         view = arbiter.agent_view(name)
         _live_stats(telemetry, view)
         views.append(view)
     more = len(after) > limit
-    return _json(AgentList(agents=views, global_halt=arbiter.global_halt, total=len(names),
-                           next_cursor=page[-1] if more and page else None))
+    return AgentList(agents=views, global_halt=arbiter.global_halt, total=len(names),
+                     next_cursor=page[-1] if more and page else None
+                     ).model_dump_json(by_alias=True).encode()
 
 
 async def get_agent(request: web.Request) -> web.Response:
@@ -625,6 +684,7 @@ def build_app(arbiter: Controller, roles: RolesSection, drills: DrillRunner | No
     app[ROLES] = roles
     app[CONTROL] = control
     app[LOAD] = Load(control)
+    app[RENDERED] = RenderedPages()
     if drills is not None:
         app[DRILLS] = drills
     if telemetry is not None:

@@ -225,12 +225,13 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
     t_swept = time.perf_counter()
 
     results: list[AgentResult | SupervisorError] = []
-    for agent, previous, new, live in marks:
-        results.append(await after_kill(arbiter, agent, previous, new, live, kills, actor,
-                                        reason, scope, verb, cause, t0, arrived_at,
-                                        owner=live is not None and
-                                        live.record.id in owned_ids,
-                                        scoped=scoped))
+    with arbiter.store.batch():  # every agent's and run's record in one transaction
+        for agent, previous, new, live in marks:
+            results.append(await after_kill(arbiter, agent, previous, new, live, kills, actor,
+                                            reason, scope, verb, cause, t0, arrived_at,
+                                            owner=live is not None and
+                                            live.record.id in owned_ids,
+                                            scoped=scoped))
     log.log(logging.WARNING if scoped else logging.INFO,
             "%s of %d agents, %d runs (%s) by %s (%s): queued %.1f ms, steps 2-5 %.1f ms, "
             "records and audit %.1f ms", verb, len(marks), len(kills), scope,

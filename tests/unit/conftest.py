@@ -182,7 +182,8 @@ class ServerThread:
         self.arbiter = unit_arbiter(Arbiter(config, Store(self._db), AuditLog(self._db),
                                             self.runtime))
         self.drills = Drills(self.arbiter, self._db, DrillSection(processes=4, slo=1.0))
-        self._runner = web.AppRunner(build_app(self.arbiter, self.roles, self.drills))
+        self.app = build_app(self.arbiter, self.roles, self.drills)
+        self._runner = web.AppRunner(self.app)
         await self._runner.setup()
         await web.UnixSite(self._runner, str(self.socket_path)).start()
 

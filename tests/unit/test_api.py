@@ -5,6 +5,7 @@ The test process is the socket's peer. No root needed."""
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 from aiohttp.web import BaseRequest
 
 from supervisor.api.client import Client
-from supervisor.api.server import build_app
+from supervisor.api.server import RENDERED, RenderedPages, build_app
 from supervisor.config import RolesSection
 from supervisor.errors import (
     AgentNotFound,
@@ -369,3 +370,24 @@ def test_logs_of_a_run_whose_output_was_pruned_say_so(server: ServerThread) -> N
         b"".join(client_of(server).logs(view["id"]))
     assert info.value.code == "logs_expired"
     assert info.value.exit_status == 3
+
+
+def test_agent_pages_are_served_as_rendered_until_what_they_show_changes(
+        server: ServerThread) -> None:
+    client = client_of(server)
+    client.run(RUN_BODY)
+    first = client.agents_page()
+    rendered = server.app[RENDERED]
+    [(query, (stamp, body))] = rendered.pages.items()
+    assert json.loads(body) == first
+    assert client.agents_page() == first and rendered.pages[query] == (stamp, body)
+    # A kill changes what the page shows: the next read renders it anew, never stale.
+    client.action("kill", {"agent": "a1"}, reason="cache test")
+    after = client.agents_page()
+    assert [a["state"] for a in after["agents"]] == ["killed"]
+    assert rendered.pages[query][0] != stamp
+    # Filters and cursors are pages of their own, and the kept pages stay bounded.
+    for index in range(RenderedPages.MAX_PAGES + 5):
+        client.agents_page(agent_class=f"c{index}")
+    assert len(rendered.pages) <= RenderedPages.MAX_PAGES
+    assert client.agents_page(state="killed")["agents"][0]["name"] == "a1"

@@ -18,7 +18,7 @@ from supervisor.audit import Anchoring, AuditLog
 from supervisor.audit.anchor import CheckpointFile, Signer
 from supervisor.audit.chain import DETAIL_MAX_BYTES, TEXT_MAX_CHARS
 from supervisor.audit.reserve import DiskReserve
-from supervisor.daemon.store import AgentRecord, Store, connect
+from supervisor.daemon.store import AgentRecord, RunRecord, Store, connect
 from supervisor.models import AuditEntry
 
 
@@ -214,3 +214,28 @@ def test_the_store_keeps_failed_writes_and_writes_them_when_it_can(
     assert store.get_meta("global_halt") == "x"
     assert store.alarms.store_error is None and store.unwritten == 0
     assert reserve.ensure() and reserve.held
+
+
+def test_a_batch_of_store_writes_is_one_transaction_and_readable_meanwhile(
+        db: sqlite3.Connection, tmp_path: Path) -> None:
+    store = Store(db)
+    commits: list[str] = []
+    db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    with store.batch():
+        for index in range(50):
+            store.put_agent(_agent(f"a{index}", "killed"))
+            store.put_run(RunRecord(
+                id=f"r{index}", agent=f"a{index}", state="killed", command=["sleep"],
+                profile="default", workspace=None, container_id="c", netns="n", cgroup="g",
+                bundle="b", log_path="l", uid_slot=index, started_at=1.0))
+        with store.batch():  # nested: still one transaction, at the outer end
+            store.set_meta("global_halt", "x")
+        assert commits == [] and store.unwritten == 101
+        assert db.execute("SELECT count(*) FROM agents").fetchone()[0] == 0
+        run = store.run("r7")
+        assert run is not None and run.state == "killed"  # read from the kept writes
+    assert commits == ["COMMIT"] and store.unwritten == 0
+    assert db.execute("SELECT count(*) FROM runs").fetchone()[0] == 50
+    assert [a.state for a in store.agents()] == ["killed"] * 50
+    store.put_agent(_agent("after"))  # outside a batch: written at once again
+    assert commits == ["COMMIT", "COMMIT"]
