@@ -204,14 +204,14 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
 
 
 def _exec_embedded(body: dict[str, Any], ci_options: dict[str, Any]) -> NoReturn:
-    """Replace agentctl by the one-shot supervisor (supervisor/daemon/embedded.py), so the CI
+    """Replace agentctl by the one-shot supervisor (supervisor/ci/runner.py), so the CI
     job's signals reach it directly; agentctl itself never loads daemon code. `-I`: root must
     not import modules from the current directory (a checkout) or $PYTHONPATH."""
     spec = {"run": body, **{k: str(v.resolve()) if isinstance(v, Path) else v
                             for k, v in ci_options.items()}}
     env = {**os.environ, EMBEDDED_ENV_VAR: json.dumps(spec)}
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-I", "-m", "supervisor.daemon.embedded"], env)
+    os.execve(sys.executable, [sys.executable, "-I", "-m", "supervisor.ci.runner"], env)
 
 
 def _parse_tripwire(spec: str) -> dict[str, Any]:

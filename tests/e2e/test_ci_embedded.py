@@ -134,6 +134,38 @@ def verify(report: Path, public: Path, *args: str) -> subprocess.CompletedProces
                                            str(public), *args), capture_output=True, text=True)
 
 
+# What must never reach a CI log from agentctl itself, on any exit path.
+NOISE = ("Traceback", "Event loop is closed", "Task was destroyed", "Exception ignored",
+         "was never awaited", "Unclosed")
+
+
+def noise(stderr: str) -> list[str]:
+    return [marker for marker in NOISE if marker in stderr]
+
+
+GATEWAY_AGENT = r"""
+import urllib.error, urllib.request
+for url in ("http://example.com/", "http://model.gateway/v1/messages"):
+    try:
+        urllib.request.urlopen(url, timeout=20)
+    except urllib.error.HTTPError as e:
+        print(url, e.code)
+    except OSError as e:
+        print(url, e)
+"""
+
+
+def test_gateway_runs_print_no_traceback(ci: Path, repo: Path) -> None:
+    """Eight gateway runs (the issue saw asyncio teardown noise in six of eight): each one
+    refused and one upstream call (no network here: the model API is unreachable)."""
+    for attempt in range(8):
+        result = run_embedded(ci, "--profile", "coding-agent", "--workspace", str(repo),
+                              "--", "python3", "-c", GATEWAY_AGENT)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "http://example.com/ 403" in result.stdout
+        assert not noise(result.stderr), (attempt, result.stderr)
+
+
 SCOPE = ("--allow-changes", "src/**", "--allow-changes", "tests/**", "--allow-changes", ".git/**")
 
 
@@ -268,6 +300,7 @@ def test_sigterm_to_agentctl_kills_the_run_and_leaves_nothing(ci: Path, repo: Pa
             proc.kill()
     assert proc.returncode == 80, out + err
     assert "cancelled: SIGTERM" in err
+    assert not noise(err), err
     # Sandbox pids are not host pids: look for any process still in a sandbox of ours.
     sleeping = subprocess.run(["pgrep", "-f", "^sleep 300$"], capture_output=True, text=True)
     ours = [pid for pid in sleeping.stdout.split()
@@ -288,6 +321,7 @@ def test_timeouts_and_tripwires_have_their_own_status(ci: Path, tmp_root: Path,
     started = time.monotonic()
     result = run_embedded(ci, "--report", str(report_path), *args)
     assert result.returncode == status, result.stdout + result.stderr
+    assert not noise(result.stderr), result.stderr
     report = json.loads(report_path.read_text())
     assert report["ending"] == ending and report["exit_status"] == status
     assert time.monotonic() - started < 55  # the agent's own sleep never ran out

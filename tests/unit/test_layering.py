@@ -17,7 +17,8 @@ PACKAGE = REPO / "supervisor"
 # Top to bottom; a module may import its own layer and the layers below it.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("supervisor.cli", "supervisor.console")),
-    ("daemon", ("supervisor.daemon",)),
+    # CI mode's runner assembles the daemon's core for one run: it sits at the daemon's level.
+    ("daemon", ("supervisor.daemon", "supervisor.ci.runner")),
     ("control plane", ("supervisor.api", "supervisor.audit", "supervisor.authz",
                        "supervisor.events", "supervisor.metrics", "supervisor.ci")),
     ("enforcement", ("supervisor.runtime", "supervisor.sandbox", "supervisor.egress")),

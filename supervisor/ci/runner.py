@@ -1,19 +1,23 @@
-"""`agentctl run --embedded`: the supervisor core (daemon/core.py: the same sandbox, seccomp,
-tripwires, kill path and audit as the daemon) in this process for one run, then torn down
-completely. agentctl execs `python -I -m supervisor.daemon.embedded` with the run in
-$AGENT_SUPERVISOR_EMBEDDED_RUN, so the CI job's SIGINT/SIGTERM reach this process directly: they
-kill the run through the audited kill path and the run ends with status 80 (killed).
+"""`agentctl run --embedded`: CI mode's runner. The supervisor core (daemon/core.py: the same
+sandbox, seccomp, tripwires, kill path and audit as the daemon) in this process for one run, then
+torn down completely. It drives the core only through the methods the daemon's API uses
+(launch, act, get_run, reconcile, shutdown), never the arbiter's internals. agentctl execs
+`python -I -m supervisor.ci.runner` with the run in $AGENT_SUPERVISOR_EMBEDDED_RUN, so the CI
+job's SIGINT/SIGTERM reach this process directly: they kill the run through the audited kill
+path and the run ends with status 80 (killed).
 
 Each embedded run claims a slot (an flock'ed file under $AGENT_SUPERVISOR_CI_ROOT) that gives it
 its own runtime directory, cgroup parent, name prefix and host uid range, so concurrent runs on
 one host never meet, and a run SIGKILLed before its teardown is reaped (the daemon's reconcile)
-by the next run of its slot. Its watchdog kills the agent meanwhile. Needs root."""
+by the next run of its slot. Its watchdog kills the agent meanwhile. Needs root. It sits in the
+daemon's layer (it assembles the core), the rest of supervisor/ci below it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -214,13 +218,10 @@ class EmbeddedRunner:
         request = self.spec.run.model_copy(update=update)
         view = await core.arbiter.launch(request, CI)
         self.run_id = view.id
-        live = core.arbiter.live.get(view.id)
+        record, live = core.arbiter.get_run(view.id)  # as the API's `logs --follow` does
         if (reason := self._cancelled()) is not None:  # a signal arrived during the launch
             await self._kill(reason)
-        if live is not None:
-            await self._stream(Path(live.record.log_path), live.done)
-        else:
-            await self._stream(Path(core.arbiter.get_run(view.id)[0].log_path), None)
+        await self._stream(Path(record.log_path), live.done if live is not None else None)
         record, _ = core.arbiter.get_run(view.id)
         self.agent_status = record.exit_code
         self.end_reason = record.end_reason
@@ -259,7 +260,8 @@ class EmbeddedRunner:
             for leftover in leftovers:  # a kill that could not be confirmed, a stuck mount
                 with contextlib.suppress(Exception):
                     await core.runtime.reap(leftover, self.config.kill.confirm_timeout)
-            if remaining := await core.runtime.leftovers():
+            # Listed again only when something had to be reaped (each list is a runc call).
+            if leftovers and (remaining := await core.runtime.leftovers()):
                 residue["runs"] = [vars(item) for item in remaining]
         runtime_dir = self.config.daemon.runtime_dir
         mounted = _mounts_under(runtime_dir)
@@ -506,11 +508,26 @@ def main() -> None:
             first = exc.errors()[0]
             raise InvalidRequest(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}",
                                  field=".".join(str(p) for p in first["loc"])) from exc
+        # Objects made by the imports never need collecting: keep the collector off them.
+        gc.freeze()
         code = asyncio.run(run_embedded(spec))
     except SupervisorError as exc:
         print(f"agentctl: {exc.code}: {exc.message}", file=sys.stderr)
-        sys.exit(exc.exit_status)
-    sys.exit(code)
+        code = exc.exit_status
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    """Leave without the interpreter's teardown. Everything the run owns is already gone and
+    its evidence written (the audit database closed, the report and summary flushed); what is
+    left is garbage collection of every imported module (~50 ms) and the finalisers of objects
+    the event loop no longer runs, which print `Event loop is closed` noise into CI logs."""
+    logging.shutdown()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
