@@ -32,7 +32,7 @@ chown -R "$UNIT_USER" "$UNIT_TREE"
     HOME="$UNIT_TREE" python -m pytest -W error -p no:cacheprovider -q \
     --basetemp="$UNIT_TREE/.pytest-tmp" tests/unit)
 
-echo "== privileged and e2e tiers as root"
+echo "== privileged, e2e and fleet tiers as root"
 # python -m puts this checkout first on sys.path; processes started as other users import the
 # copy installed into the venv, built from the same tree.
-python -m pytest -W error -p no:cacheprovider -ra "$@" tests/privileged tests/e2e
+python -m pytest -W error -p no:cacheprovider -ra "$@" tests/privileged tests/e2e tests/fleet

@@ -276,6 +276,35 @@ class AuditSection(_Section):
     reserve_bytes: Annotated[int, Field(ge=0, le=1 << 34)] = 32 << 20
 
 
+PartitionPolicy = Literal["halt", "pause", "hold-launches"]
+
+
+class FleetSection(_Section):
+    """Fleet mode (supervisor/fleet/, docs/fleet.md): this host joins an etcd v3 fleet store,
+    applies fleet actions and holds, and anchors its audit head there. Absent: a lone host."""
+
+    host_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")]
+    endpoints: Annotated[list[str], Field(min_length=1)]  # "host:port" of etcd's client URLs
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    user: str  # the etcd user whose role lets it write only under hosts/<host_id>/
+    password_file: Path  # root, 0600
+    prefix: str = "/agent-supervisor/fleet/"
+    labels: dict[str, str] = {}
+    lease_ttl: Duration = 10.0
+    # The safety net under the watch: every action and hold re-read this often.
+    reread_interval: Duration = 30.0
+    # The audit head is published after every checkpoint and at least this often.
+    anchor_interval: Duration = 60.0
+    # Cut off from the store for longer than lease_ttl: what happens to running agents
+    # (launches are always refused until the host is back and has re-read the holds).
+    partition_policy: PartitionPolicy = "hold-launches"
+    partition_policy_by_class: dict[str, PartitionPolicy] = {}
+    # How long the first read of holds may take at start before launches wait for it.
+    sync_timeout: Duration = 10.0
+
+
 class Config(_Section):
     daemon: DaemonSection = DaemonSection()
     sandbox: SandboxSection = SandboxSection()
@@ -295,6 +324,7 @@ class Config(_Section):
     disk: DiskSection = DiskSection()
     control: ControlSection = ControlSection()
     audit: AuditSection = AuditSection()
+    fleet: FleetSection | None = None
 
     @model_validator(mode="after")
     def _anchors_outside_the_state_dir(self) -> Config:

@@ -147,6 +147,14 @@ class GlobalHalt(Conflict):
     code = "global_halt"
 
 
+class FleetHold(Conflict):
+    """A fleet hold (supervisor/fleet/) covers the agent, or the host cannot yet tell whether
+    one does (not synced with the fleet store, or cut off from it)."""
+
+    code = "fleet_hold"
+    default_hint = "an owner lifts fleet holds with 'agentctl fleet lift'"
+
+
 class Forbidden(SupervisorError):
     code = "forbidden"
     http_status = 403
@@ -278,6 +286,35 @@ class ShuttingDown(SupervisorError):
     code = "shutting_down"
     http_status = 503
     exit_status = 7
+
+
+class FleetStoreError(SupervisorError):
+    """The fleet store (etcd) refused a request or answered nonsense."""
+
+    code = "fleet_store_error"
+    http_status = 502
+    exit_status = 12
+
+
+class FleetStoreUnavailable(FleetStoreError):
+    code = "fleet_store_unavailable"
+    http_status = 503
+
+
+class FleetPermissionDenied(FleetStoreError):
+    """etcd's roles refused the request: these credentials may not touch that key."""
+
+    code = "fleet_permission_denied"
+    http_status = 403
+    exit_status = 5
+
+
+class FleetUnconfirmed(SupervisorError):
+    """A fleet action was written but some hosts did not confirm it before the deadline."""
+
+    code = "fleet_unconfirmed"
+    http_status = 504
+    exit_status = 13
 
 
 def error_class_for(code: str) -> type[SupervisorError]:

@@ -18,6 +18,7 @@ import click
 from supervisor.api.client import DEFAULT_SOCKET, Client
 from supervisor.ci import ENV_VAR as EMBEDDED_ENV_VAR
 from supervisor.cli.console import console
+from supervisor.cli.fleet import fleet
 from supervisor.cli.top import human_bytes, top
 from supervisor.errors import InvalidRequest, SupervisorError
 from supervisor.limits import REASON_MAX
@@ -734,6 +735,7 @@ def report_keygen(prefix: Path) -> None:
 
 cli.add_command(top)  # agentctl top: supervisor/cli/top.py
 cli.add_command(console)  # agentctl console: supervisor/cli/console.py (server loaded lazily)
+cli.add_command(fleet)  # agentctl fleet: supervisor/cli/fleet.py
 
 
 def main() -> None:

@@ -19,7 +19,13 @@ from supervisor.audit import AuditLog
 from supervisor.config import Config
 from supervisor.daemon import ending, launching, verbs
 from supervisor.daemon.killpath import Credentials, NoCredentials
-from supervisor.daemon.liverun import SYSTEM, LiveRun, actor_detail, held_pause
+from supervisor.daemon.liverun import (
+    SYSTEM,
+    LiveRun,
+    actor_detail,
+    call_observer,
+    held_pause,
+)
 from supervisor.daemon.store import AgentRecord, RunRecord, Store
 from supervisor.daemon.workspace_access import WorkspaceAdmission, admit_workspace
 from supervisor.errors import (
@@ -99,6 +105,10 @@ class Arbiter:
         # so the unit tier puts a fake here.
         self.admit_workspace: WorkspaceAdmission = admit_workspace
         self.global_halt = store.get_meta(GLOBAL_HALT_KEY) is not None
+        # (name, class) -> an error refusing the launch, or None (fleet holds, daemon/fleet.py).
+        self.launch_gates: list[Callable[[str, str], SupervisorError | None]] = []
+        # After any agent's state changed (the fleet registration republishes).
+        self.agents_changed_hooks: list[Callable[[], None]] = []
         self.shutting_down = False
         self.bundles_dir = config.daemon.runtime_dir / "bundles"
         self.logs_dir = config.logs_dir
@@ -144,6 +154,8 @@ class Arbiter:
         agent.updated_at = time.time()
         agent.last_actor = actor.label()
         agent.last_reason = reason
+        for hook in self.agents_changed_hooks:
+            call_observer(hook)
         return previous, new
 
     def _set_run_state(self, run: RunRecord, verb: str) -> None:

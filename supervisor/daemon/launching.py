@@ -50,6 +50,11 @@ async def launch(arbiter: Arbiter, request: RunRequest, actor: Actor) -> RunView
             GlobalHalt("a global halt is in force; an owner must lift it with "
                        "'agentctl reactivate --all'"),
             actor, "launch", scope, name, "")
+    known = arbiter.agents.get(name)
+    for gate in arbiter.launch_gates:
+        held = gate(name, request.agent_class or (known.agent_class if known else "default"))
+        if held is not None:
+            raise arbiter._refuse(held, actor, "launch", scope, name, "")
     try:  # a full disk takes every run's output, the audit log and the state with it
         check_free_space((arbiter.config.daemon.state_dir, arbiter.logs_dir),
                          arbiter.config.disk.min_free_bytes, arbiter.config.disk.min_free_percent)

@@ -29,6 +29,7 @@ from supervisor.daemon.auditing import housekeeping, start_audit, verify_fully
 from supervisor.daemon.breakglass import BreakGlass, block_halt_signal, request_halt
 from supervisor.daemon.core import Core
 from supervisor.daemon.drills import Drills
+from supervisor.daemon.fleet import FleetMember
 from supervisor.daemon.selftest import run_self_test
 from supervisor.errors import ConfigInvalid, EnforcementError, SupervisorError
 from supervisor.events import DeliveryWorker, Outbox, load_endpoints
@@ -123,6 +124,13 @@ async def serve(config: Config) -> int:
     audit_watchdog_records(core.watchdog_record, audit)
     await arbiter.reconcile()
 
+    # Fleet (supervisor/daemon/fleet.py): holds read and applied before the control socket
+    # opens, so no launch can slip in ahead of a fleet kill issued while this host was down.
+    fleet: FleetMember | None = None
+    if config.fleet is not None:
+        fleet = FleetMember(config.fleet, arbiter, audit, core.store, asyncio.get_running_loop())
+        await fleet.start()
+
     if config.daemon.self_test:
         report = await run_self_test(arbiter, config, seccomp=core.seccomp)
         audit.append(actor=SYSTEM.label(), verb="self_test", scope="global",
@@ -207,6 +215,8 @@ async def serve(config: Config) -> int:
     audit_housekeeping.cancel()
     breakglass.stop()
     await arbiter.shutdown(config.daemon.shutdown_reason)
+    if fleet is not None:
+        await fleet.stop()
     await core.stop_observers()  # telemetry and seccomp notify: every agent is dead
     await webhook_worker.stop()  # webhooks: up to 2 s to flush; the rest waits for the next start
     audit.append(actor=SYSTEM.label(), verb="daemon_stop", scope="global",

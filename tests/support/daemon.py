@@ -82,6 +82,8 @@ class Daemon:
     # A section's values, or a list of tables (webhooks=[{...}] renders [[webhooks]]).
     extra_config: dict[str, dict[str, Any] | list[dict[str, Any]]] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    # Prepended to the daemon's command line (tests/fleet: nsenter into the host's netns).
+    launcher: list[str] = field(default_factory=list)
 
     @property
     def socket(self) -> Path:
@@ -141,8 +143,10 @@ class Daemon:
         self.write_config()
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.daemon", "--config", str(self.config_path)],
+            [*self.launcher, sys.executable, "-m", "supervisor.daemon", "--config",
+             str(self.config_path)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            cwd=REPO,
         )
         log.close()
         deadline = time.monotonic() + timeout

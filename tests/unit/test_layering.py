@@ -20,7 +20,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # CI mode's runner assembles the daemon's core for one run: it sits at the daemon's level.
     ("daemon", ("supervisor.daemon", "supervisor.ci.runner")),
     ("control plane", ("supervisor.api", "supervisor.audit", "supervisor.authz",
-                       "supervisor.events", "supervisor.metrics", "supervisor.ci")),
+                       "supervisor.events", "supervisor.metrics", "supervisor.ci",
+                       "supervisor.fleet")),
     ("enforcement", ("supervisor.runtime", "supervisor.sandbox", "supervisor.egress")),
     ("observation", ("supervisor.telemetry", "supervisor.tripwires")),
     ("model", ("supervisor.models", "supervisor.states", "supervisor.errors",

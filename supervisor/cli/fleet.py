@@ -1,0 +1,354 @@
+"""agentctl fleet: the operator's fleet-wide verbs. Talks to etcd directly with the operator's
+credentials (flags or AGENT_SUPERVISOR_FLEET_* variables), writes one durable action, waits for
+every reached host's acknowledgement, prints a row per host and exits non-zero naming every
+host that did not confirm. Never talks to a daemon; runs unprivileged."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from supervisor.errors import FleetUnconfirmed, InvalidRequest, SupervisorError
+from supervisor.fleet.etcd import Credentials, Etcd, KeyValue
+from supervisor.fleet.model import (
+    Ack,
+    FleetAction,
+    Keys,
+    Selector,
+    dumps,
+    new_action_id,
+)
+from supervisor.limits import REASON_MAX
+
+F = TypeVar("F", bound=Callable[..., Any])
+ENV = "AGENT_SUPERVISOR_FLEET_"
+
+
+class FleetContext:
+    def __init__(self, creds: Credentials, prefix: str) -> None:
+        self.creds = creds
+        self.keys = Keys(prefix)
+        self._etcd: Etcd | None = None
+
+    @property
+    def etcd(self) -> Etcd:
+        if self._etcd is None:
+            self._etcd = Etcd(self.creds)
+        return self._etcd
+
+
+def _handles_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SupervisorError as exc:
+            if kwargs.get("as_json"):
+                click.echo(json.dumps(exc.to_body(), indent=2, sort_keys=True))
+            else:
+                click.echo(f"agentctl: {exc.code}: {exc.message}", err=True)
+                if exc.hint:
+                    click.echo(f"hint: {exc.hint}", err=True)
+            sys.exit(exc.exit_status)
+
+    return wrapper  # type: ignore[return-value]
+
+
+_json = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def _ctx() -> FleetContext:
+    obj = click.get_current_context().find_object(FleetContext)
+    assert obj is not None
+    return obj
+
+
+@click.group()
+@click.option("--endpoints", envvar=ENV + "ENDPOINTS", required=True,
+              help="etcd client endpoints, host:port[,host:port].")
+@click.option("--ca", envvar=ENV + "CA", type=click.Path(path_type=Path), required=True,
+              help="CA certificate that signed etcd's server certificate.")
+@click.option("--cert", envvar=ENV + "CERT", type=click.Path(path_type=Path), required=True,
+              help="Your client certificate (no CommonName; see docs/fleet.md).")
+@click.option("--key", envvar=ENV + "KEY", type=click.Path(path_type=Path), required=True)
+@click.option("--user", envvar=ENV + "USER", required=True, help="Your etcd user.")
+@click.option("--password-file", envvar=ENV + "PASSWORD_FILE",
+              type=click.Path(path_type=Path), required=True)
+@click.option("--prefix", envvar=ENV + "PREFIX", default="/agent-supervisor/fleet/",
+              show_default=True)
+@click.pass_context
+def fleet(ctx: click.Context, endpoints: str, ca: Path, cert: Path, key: Path, user: str,
+          password_file: Path, prefix: str) -> None:
+    """Fleet-wide halts through the etcd fleet store (docs/fleet.md)."""
+    try:
+        password = password_file.read_text().strip()
+    except OSError as exc:
+        raise click.UsageError(f"cannot read the password file {password_file}: "
+                               f"{exc.strerror}") from None
+    ctx.obj = FleetContext(Credentials(
+        endpoints=tuple(e.strip() for e in endpoints.split(",") if e.strip()), ca_file=ca,
+        cert_file=cert, key_file=key, user=user, password=password), prefix)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _hosts(ctx: FleetContext) -> dict[str, dict[str, Any]]:
+    """Every host that left a trace: its registration (alive) and its acks."""
+    kvs, _ = ctx.etcd.get_prefix(ctx.keys.hosts)
+    hosts: dict[str, dict[str, Any]] = {}
+    for kv in kvs:
+        host = ctx.keys.host_of(kv.key)
+        if host is None:
+            continue
+        entry = hosts.setdefault(host, {"host": host, "alive": False, "acks": {},
+                                        "anchors": [], "partition": None})
+        rest = kv.key[len(ctx.keys.host(host)):]
+        try:
+            value = kv.json()
+        except ValueError:
+            continue
+        if rest == "reg":
+            entry["alive"] = True
+            entry["registration"] = value
+            entry["lease"] = kv.lease
+        elif rest.startswith("acks/"):
+            entry["acks"][rest[5:]] = value
+        elif rest.startswith("anchors/"):
+            entry["anchors"].append((kv, value))
+        elif rest == "partition":
+            entry["partition"] = value
+    return hosts
+
+
+@fleet.command("ls")
+@_json
+@_handles_errors
+def ls(as_json: bool) -> None:
+    """Every host (alive, lease age, version) and every agent across the fleet."""
+    ctx = _ctx()
+    hosts = _hosts(ctx)
+    holds, _ = ctx.etcd.get_prefix(ctx.keys.holds)
+    now = time.time()
+    rows = []
+    for host in sorted(hosts.values(), key=lambda h: h["host"]):
+        reg = host.get("registration") or {}
+        rows.append({"host": host["host"], "alive": host["alive"],
+                     "version": reg.get("version"), "labels": reg.get("labels", {}),
+                     "registered_for_s": round(now - reg["started_at"], 1) if reg else None,
+                     "updated_s_ago": round(now - reg["updated_at"], 1) if reg else None,
+                     "agents": reg.get("agents", []), "held": reg.get("fleet_held", False),
+                     "partition": host["partition"]})
+    if as_json:
+        click.echo(json.dumps({"hosts": rows, "holds": [json.loads(kv.value) for kv in holds]},
+                              indent=2, sort_keys=True))
+        return
+    _table([[r["host"], "alive" if r["alive"] else "DOWN", str(r["version"] or "-"),
+             _age(r["registered_for_s"]), str(len(r["agents"])),
+             "held" if r["held"] else ""] for r in rows],
+           ["HOST", "STATE", "VERSION", "UP", "AGENTS", "HOLD"])
+    agents = [[r["host"], a["name"], a["agent_class"], a["state"]]
+              for r in rows for a in r["agents"]]
+    if agents:
+        click.echo()
+        _table(agents, ["HOST", "AGENT", "CLASS", "STATE"])
+    for kv in holds:
+        hold = json.loads(kv.value)
+        click.echo(f"hold {hold['id']}: {hold['verb']} {Selector(**hold['selector']).describe()}"
+                   f" by {hold['operator']}: {hold['reason']}")
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f}m" if seconds < 7200 else f"{seconds / 3600:.0f}h"
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    for row in [headers, *rows]:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+                   .rstrip())
+
+
+# ----------------------------------------------------------------------------- verbs
+
+def _selector(all_hosts: bool, agent_class: str | None, host: str | None, agent: str | None,
+              labels: tuple[str, ...]) -> Selector:
+    parsed: dict[str, str] = {}
+    for item in labels:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"--label {item!r} is not k=v", field="label")
+        parsed[key] = value
+    if not (all_hosts or agent_class or host or agent or parsed):
+        raise InvalidRequest("name a scope: --all, --class, --host, --agent or --label",
+                             field="scope")
+    if all_hosts and (agent_class or host or agent or parsed):
+        raise InvalidRequest("--all reaches every agent; give it alone", field="scope")
+    return Selector(all=all_hosts, agent_class=agent_class, host=host, agent=agent,
+                    labels=parsed)
+
+
+def _expected(hosts: dict[str, dict[str, Any]], selector: Selector) -> list[str]:
+    """The live hosts the selector reaches (a host that is down applies it when back)."""
+    return sorted(h for h, entry in hosts.items() if entry["alive"] and selector.reaches_host(
+        h, (entry.get("registration") or {}).get("labels", {})))
+
+
+def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
+          holds: bool = False, lift: list[str] | None = None) -> dict[str, Any]:
+    """Write the actions (and their holds, and the lifted holds' deletion) in one transaction,
+    then wait up to `deadline` seconds for every reached live host to acknowledge each."""
+    started = time.perf_counter()
+    hosts = _hosts(ctx)
+    expected = sorted({h for a in actions for h in _expected(hosts, a.selector)})
+    puts = {ctx.keys.action(a.id): dumps(a) for a in actions}
+    if holds:
+        puts.update({ctx.keys.hold(a.id): dumps(a) for a in actions})
+    revision = ctx.etcd.txn(puts, [ctx.keys.hold(h) for h in (lift or [])])
+    wanted = {(h, a.id) for a in actions for h in _expected(hosts, a.selector)}
+    acks: dict[tuple[str, str], Ack] = {}
+    end = time.monotonic() + deadline
+    start_revision = revision + 1
+    while wanted - set(acks) and (left := end - time.monotonic()) > 0:
+        try:
+            for rev, events in ctx.etcd.watch(ctx.keys.hosts, start_revision, timeout=left):
+                for event in events:
+                    _take_ack(ctx, event.kv, acks)
+                start_revision = max(start_revision, rev + 1)
+                if not wanted - set(acks) or time.monotonic() > end:
+                    break
+        except SupervisorError:
+            time.sleep(0.1)
+        # Whatever the watch missed: one read of the acks themselves.
+        for host in {h for h, _ in wanted - set(acks)}:
+            kvs, _ = ctx.etcd.get_prefix(ctx.keys.acks(host))
+            for kv in kvs:
+                _take_ack(ctx, kv, acks)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    rows: list[dict[str, Any]] = []
+    for host in expected:
+        mine = [acks.get((host, a.id)) for a in actions if (host, a.id) in wanted]
+        got = [a for a in mine if a is not None]
+        if len(got) < len(mine):
+            rows.append({"host": host, "status": "no answer"})
+            continue
+        failed = [a for a in got if a.outcome == "failed"]
+        halts = [a.slowest_time_to_halt_ms for a in got if a.slowest_time_to_halt_ms is not None]
+        rows.append({
+            "host": host, "status": "failed" if failed else "confirmed",
+            "agents_affected": sum(1 for a in got for o in a.agents if not o.skipped),
+            "slowest_time_to_halt_ms": max(halts) if halts else None,
+            "survivors": sorted({s for a in got for s in a.survivors}),
+            "error": "; ".join(a.error for a in failed if a.error) or None,
+        })
+    return {"actions": [a.id for a in actions], "revision": revision,
+            "elapsed_ms": round(elapsed_ms, 1), "hosts": rows,
+            "unconfirmed": [r["host"] for r in rows if r["status"] != "confirmed"]}
+
+
+def _take_ack(ctx: FleetContext, kv: KeyValue, acks: dict[tuple[str, str], Ack]) -> None:
+    host = ctx.keys.host_of(kv.key)
+    if host is None or not kv.key.startswith(ctx.keys.acks(host)):
+        return
+    try:
+        ack = Ack.model_validate(kv.json())
+    except ValueError:
+        return
+    if ack.host == host:
+        acks[(host, ack.action)] = ack
+
+
+def _report(result: dict[str, Any], as_json: bool, verb: str) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        _table([[r["host"], r["status"], str(r.get("agents_affected", "-")),
+                 _ms(r.get("slowest_time_to_halt_ms")), ",".join(r.get("survivors") or [])]
+                for r in result["hosts"]],
+               ["HOST", "STATUS", "AGENTS", "SLOWEST_TIME_TO_HALT_MS", "SURVIVORS"])
+        click.echo(f"fleet {verb} {', '.join(result['actions'])}: {len(result['hosts'])} "
+                   f"hosts in {result['elapsed_ms']:.0f} ms")
+    if result["unconfirmed"]:
+        error = FleetUnconfirmed(
+            f"not confirmed by: {', '.join(result['unconfirmed'])}",
+            hosts=result["unconfirmed"], actions=result["actions"])
+        if not as_json:
+            click.echo(f"agentctl: {error.code}: {error.message}", err=True)
+        sys.exit(error.exit_status)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _reason(reason: str) -> str:
+    if not reason.strip() or len(reason) > REASON_MAX:
+        raise InvalidRequest(f"--reason is required, at most {REASON_MAX} characters",
+                             field="reason")
+    return reason
+
+
+def _verb(verb: str, help_text: str) -> None:
+    @click.option("--all", "all_hosts", is_flag=True, help="Every agent on every host.")
+    @click.option("--class", "agent_class", help="Every agent with this class, fleet-wide.")
+    @click.option("--host", help="Every agent on this host.")
+    @click.option("--agent", help="The agent with this name (on any host).")
+    @click.option("--label", "labels", multiple=True, metavar="K=V",
+                  help="Hosts with this label (repeatable; all must match).")
+    @click.option("--reason", required=True, help="Why (recorded on every host).")
+    @click.option("--deadline", type=float, default=10.0, show_default=True,
+                  help="Seconds to wait for every host to confirm.")
+    @_json
+    @_handles_errors
+    def command(all_hosts: bool, agent_class: str | None, host: str | None,
+                agent: str | None, labels: tuple[str, ...], reason: str, deadline: float,
+                as_json: bool) -> None:
+        ctx = _ctx()
+        action = FleetAction(id=new_action_id(), verb=verb,  # type: ignore[arg-type]
+                             selector=_selector(all_hosts, agent_class, host, agent, labels),
+                             reason=_reason(reason), operator=ctx.creds.user,
+                             issued_at=time.time())
+        _report(issue(ctx, [action], deadline, holds=verb == "kill"), as_json, verb)
+
+    fleet.command(name=verb, help=help_text)(command)
+
+
+_verb("kill", "Kill every agent in scope on every host, and hold them until lifted.")
+_verb("pause", "Pause every agent in scope on every host.")
+_verb("resume", "Resume every paused agent in scope on every host.")
+_verb("reactivate", "Reactivate killed agents in scope (fleet holds stay until lifted).")
+
+
+@fleet.command("lift")
+@click.option("--hold", "hold_ids", multiple=True, help="The hold (fleet kill id) to lift.")
+@click.option("--all-holds", is_flag=True, help="Every hold in force.")
+@click.option("--reason", required=True)
+@click.option("--deadline", type=float, default=10.0, show_default=True)
+@_json
+@_handles_errors
+def lift(hold_ids: tuple[str, ...], all_holds: bool, reason: str, deadline: float,
+         as_json: bool) -> None:
+    """Lift fleet holds: hosts reactivate what each hold killed and accept launches again."""
+    ctx = _ctx()
+    kvs, _ = ctx.etcd.get_prefix(ctx.keys.holds)
+    holds = {kv.key[len(ctx.keys.holds):]: FleetAction.model_validate(kv.json()) for kv in kvs}
+    chosen = list(holds) if all_holds else list(hold_ids)
+    missing = [h for h in chosen if h not in holds]
+    if missing or not chosen:
+        raise InvalidRequest(f"no such hold: {', '.join(missing)}" if missing
+                             else "name --hold ID or --all-holds", holds=sorted(holds))
+    actions = [FleetAction(id=new_action_id(), verb="lift", selector=holds[h].selector,
+                           reason=_reason(reason), operator=ctx.creds.user,
+                           issued_at=time.time(), lifts=[h]) for h in chosen]
+    _report(issue(ctx, actions, deadline, lift=chosen), as_json, "lift")

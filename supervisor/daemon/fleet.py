@@ -1,0 +1,379 @@
+"""Fleet membership on the daemon's side: turns what the fleet link (supervisor/fleet/link.py)
+reads from etcd into the local verbs (the same `Arbiter.act` the control API calls, so the kill
+path is unchanged), acknowledges each action with its outcome and timings, keeps fleet holds
+in force before any launch, applies the partition policy on lease loss, and anchors the audit
+head in the store. Runs on the control loop; every etcd call is on the link's threads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+from supervisor import __version__
+from supervisor.audit import AuditLog
+from supervisor.audit.chain import CHECKPOINT_VERB
+from supervisor.config import FleetSection
+from supervisor.daemon.arbiter import Arbiter
+from supervisor.daemon.store import Store
+from supervisor.errors import FleetHold, IllegalTransition, SupervisorError
+from supervisor.fleet.etcd import Credentials
+from supervisor.fleet.link import FleetLink, LinkEvents, Snapshot
+from supervisor.fleet.model import (
+    Ack,
+    AgentOutcome,
+    AgentSummary,
+    FleetAction,
+    Keys,
+    Registration,
+    dumps,
+)
+from supervisor.models import ActionRequest, Actor, AuditEntry, Scope
+from supervisor.states import AgentState, EndCause
+
+log = logging.getLogger(__name__)
+
+APPLIED_KEY = "fleet_applied"
+APPLIED_KEEP = 1000  # action ids remembered as applied (actions older than that are settled)
+ACTION_QUEUE_MAX = 1024
+_VERB_OF = {"kill": "kill", "pause": "pause", "resume": "resume", "reactivate": "reactivate",
+            "lift": "reactivate"}
+
+
+def _actor(action: FleetAction) -> Actor:
+    # Every local row the action causes names the operator and the fleet action id.
+    return Actor(kind="system", name=f"fleet:{action.operator}:{action.id}")
+
+
+class FleetMember:
+    def __init__(self, config: FleetSection, arbiter: Arbiter, audit: AuditLog, store: Store,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.arbiter = arbiter
+        self.audit = audit
+        self.store = store
+        self.loop = loop
+        self.keys = Keys(config.prefix)
+        password = config.password_file.read_text().strip()
+        creds = Credentials(endpoints=tuple(config.endpoints), ca_file=config.ca_file,
+                            cert_file=config.cert_file, key_file=config.key_file,
+                            user=config.user, password=password)
+        self.link = FleetLink(creds, self.keys, config.host_id, config.lease_ttl,
+                              config.reread_interval, loop, LinkEvents(
+                                  snapshot=self._on_snapshot, action=self._on_action,
+                                  hold_lifted=self._on_hold_lifted,
+                                  hold_added=self._on_hold_added,
+                                  lease_lost=self._on_lease_lost,
+                                  lease_back=self._on_lease_back))
+        saved = json.loads(store.get_meta(APPLIED_KEY) or "{}")
+        self.applied_revision: int = int(saved.get("revision", 0))
+        self.applied: OrderedDict[str, None] = OrderedDict.fromkeys(saved.get("ids", []))
+        self.holds: dict[str, FleetAction] = {}
+        self.synced = False
+        self.partitioned: dict[str, Any] | None = None  # what the policy did, while cut off
+        self.started_at = time.time()
+        self._queue: asyncio.Queue[tuple[float, FleetAction]] = asyncio.Queue(ACTION_QUEUE_MAX)
+        self._queued: set[str] = set()
+        self._worker: asyncio.Task[None] | None = None
+        self._anchorer: asyncio.Task[None] | None = None
+        self._registration_due: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Read the holds and any action missed while down, and apply them, before the caller
+        opens launches; then watch. A store that cannot be read keeps launches refused."""
+        self.arbiter.launch_gates.append(self.gate)
+        self.arbiter.agents_changed_hooks.append(self.agents_changed)
+        self.audit.subscribe(self._on_audit)
+        snapshot: Snapshot | None = None
+        try:
+            snapshot = await asyncio.wait_for(
+                asyncio.to_thread(self.link.read_control), self.config.sync_timeout)
+        except (SupervisorError, TimeoutError) as exc:
+            message = getattr(exc, "message", "") or "timed out"
+            log.error("fleet: cannot read the fleet store at start (%s); launches wait", message)
+            self.audit.append(actor="system:fleet", verb="fleet_unsynced", scope="global",
+                              outcome="failed", detail={"error": message})
+        revision = self.applied_revision
+        if snapshot is not None:
+            first_start = self.applied_revision == 0
+            self._on_snapshot(snapshot, at_start=first_start)
+            await self._drain()
+            revision = snapshot.revision
+            self.synced = True
+        self._worker = asyncio.create_task(self._work())
+        self._anchorer = asyncio.create_task(self._anchor_periodically())
+        self.link.publish_registration(self._registration())
+        self.link.start(revision)
+        self.audit.append(actor="system:fleet", verb="fleet_join", scope="global",
+                          detail={"host": self.config.host_id, "synced": self.synced,
+                                  "holds": sorted(self.holds), "revision": revision})
+
+    async def stop(self) -> None:
+        for task in (self._worker, self._anchorer):
+            if task is not None:
+                task.cancel()
+        self._publish_anchor()
+        await asyncio.to_thread(self.link.stop)
+
+    # ------------------------------------------------------------------ the launch gate
+
+    def gate(self, name: str, agent_class: str) -> SupervisorError | None:
+        if not self.synced:
+            return FleetHold("this host has not yet read the fleet holds from the store; "
+                             "launches wait until it has", host=self.config.host_id)
+        if self.partitioned is not None:
+            return FleetHold("this host is cut off from the fleet store; no launches until "
+                             "it is back", host=self.config.host_id)
+        for hold in self.holds.values():
+            if self._reaches_host(hold) and hold.selector.reaches_agent(name, agent_class):
+                return FleetHold(f"fleet hold {hold.id} ({hold.selector.describe()}) by "
+                                 f"{hold.operator}: {hold.reason}", hold=hold.id,
+                                 operator=hold.operator)
+        return None
+
+    def _reaches_host(self, action: FleetAction) -> bool:
+        return action.selector.reaches_host(self.config.host_id, self.config.labels)
+
+    # ------------------------------------------------------------------ events from the link
+
+    def _on_snapshot(self, snapshot: Snapshot, at_start: bool = False) -> None:
+        self.holds = dict(snapshot.holds)
+        for revision, action in snapshot.actions:
+            if action.id in self.applied or action.id in self._queued:
+                continue
+            held = action.id in self.holds
+            # A host that joins for the first time applies the holds in force, not history.
+            if at_start and not held:
+                continue
+            if not at_start and revision <= self.applied_revision and not held:
+                continue
+            self._enqueue(action)
+
+    def _on_action(self, revision: int, action: FleetAction) -> None:
+        if action.id not in self.applied and revision > self.applied_revision:
+            self._enqueue(action)
+
+    def _on_hold_added(self, action: FleetAction) -> None:
+        self.holds[action.id] = action
+
+    def _on_hold_lifted(self, hold_id: str) -> None:
+        self.holds.pop(hold_id, None)
+
+    def _enqueue(self, action: FleetAction) -> None:
+        if action.id in self._queued:
+            return
+        try:
+            self._queue.put_nowait((time.perf_counter(), action))
+        except asyncio.QueueFull:
+            log.error("fleet: action queue full; %s waits for the next re-read", action.id)
+            return
+        self._queued.add(action.id)
+
+    async def _drain(self) -> None:
+        while not self._queue.empty():
+            arrived, action = self._queue.get_nowait()
+            await self._apply(action, arrived)
+
+    async def _work(self) -> None:
+        while True:
+            arrived, action = await self._queue.get()
+            try:
+                await self._apply(action, arrived)
+            except Exception:
+                log.exception("fleet: applying %s failed", action.id)
+
+    # ------------------------------------------------------------------ applying an action
+
+    async def _apply(self, action: FleetAction, arrived: float) -> None:
+        self._queued.discard(action.id)
+        if action.id in self.applied:
+            return
+        if not self._reaches_host(action):
+            self._mark_applied(action)
+            return
+        if action.verb == "lift":
+            for hold_id in action.lifts:
+                self.holds.pop(hold_id, None)
+        self.audit.append(actor=_actor(action).label(), verb="fleet_action", scope="global",
+                          reason=action.reason,
+                          detail={"action": action.id, "fleet_verb": action.verb,
+                                  "operator": action.operator,
+                                  "selector": action.selector.model_dump(mode="json"),
+                                  "issued_at": action.issued_at})
+        ack = await self._run_verb(action, arrived)
+        self._mark_applied(action)
+        self.link.write(self.keys.ack(self.config.host_id, action.id), dumps(ack))
+        self.agents_changed()
+
+    async def _run_verb(self, action: FleetAction, arrived: float) -> Ack:
+        selector = action.selector
+        verb = _VERB_OF.get(action.verb)
+        now = time.time()
+        if verb is None:
+            return Ack(action=action.id, host=self.config.host_id, outcome="not_applicable",
+                       applied_at=now, error=f"verb {action.verb} is not applied by hosts")
+        scope: Scope
+        if selector.agent is not None:
+            record = self.arbiter.agents.get(selector.agent)
+            if record is None or not selector.reaches_agent(record.name, record.agent_class):
+                return Ack(action=action.id, host=self.config.host_id,
+                           outcome="not_applicable", applied_at=now)
+            scope = Scope(agent=selector.agent)
+        elif selector.agent_class is not None:
+            scope = Scope.model_validate({"class": selector.agent_class})
+        else:
+            scope = Scope(all=True)
+        request = ActionRequest(scope=scope, reason=action.reason[:500])
+        agents: list[AgentOutcome] = []
+        outcome = "ok"
+        error: str | None = None
+        try:
+            result = await self.arbiter.act(verb, request, _actor(action),
+                                            cause=EndCause.KILLED, arrived=arrived)
+            agents = [AgentOutcome(agent=r.agent, agent_class=self._class_of(r.agent),
+                                   previous_state=r.previous_state, new_state=r.new_state,
+                                   time_to_halt_ms=r.time_to_halt_ms, skipped=r.skipped)
+                      for r in result.results]
+        except IllegalTransition as exc:
+            outcome = "not_applicable"
+            error = exc.message
+        except SupervisorError as exc:
+            outcome = "failed"
+            error = f"{exc.code}: {exc.message}"
+            for item in exc.detail.get("results", []):
+                agents.append(AgentOutcome(
+                    agent=item.get("agent", "?"), agent_class=self._class_of(item.get("agent")),
+                    previous_state=item.get("previous_state", ""),
+                    new_state=item.get("new_state", ""),
+                    time_to_halt_ms=item.get("time_to_halt_ms"),
+                    error=(item.get("error") or {}).get("message")))
+        survivors = self._survivors(action.verb, scope)
+        halts = [a.time_to_halt_ms for a in agents if a.time_to_halt_ms is not None]
+        if survivors and outcome == "ok":
+            outcome = "failed"
+            error = f"still running: {', '.join(survivors)}"
+        return Ack(action=action.id, host=self.config.host_id, outcome=outcome,  # type: ignore[arg-type]
+                   applied_at=time.time(), agents=agents, survivors=survivors,
+                   slowest_time_to_halt_ms=max(halts) if halts else None, error=error)
+
+    def _class_of(self, name: str | None) -> str:
+        record = self.arbiter.agents.get(name or "")
+        return record.agent_class if record is not None else "default"
+
+    def _survivors(self, verb: str, scope: Scope) -> list[str]:
+        """Agents in scope that the verb should have stopped and that still have a run."""
+        if verb != "kill":
+            return []
+        targets = [a for a in self.arbiter.agents.values()
+                   if (scope.agent is None or a.name == scope.agent)
+                   and (scope.agent_class is None or a.agent_class == scope.agent_class)]
+        return sorted(a.name for a in targets if a.state != AgentState.KILLED.value
+                      and a.current_run is not None)
+
+    def _mark_applied(self, action: FleetAction) -> None:
+        self.applied[action.id] = None
+        while len(self.applied) > APPLIED_KEEP:
+            self.applied.popitem(last=False)
+        self.applied_revision = max(self.applied_revision, self.link.revision)
+        self.store.set_meta(APPLIED_KEY, json.dumps({"revision": self.applied_revision,
+                                                     "ids": list(self.applied)}))
+
+    # ------------------------------------------------------------------ partitions
+
+    def _policy(self, agent_class: str) -> str:
+        return self.config.partition_policy_by_class.get(agent_class,
+                                                         self.config.partition_policy)
+
+    def _on_lease_lost(self, cut_for: float) -> None:
+        if self.partitioned is not None:
+            return
+        self.partitioned = {"lost_at": time.time(), "cut_for_s": round(cut_for, 3),
+                            "applied": {}}
+        self.arbiter.track(asyncio.ensure_future(self._apply_partition_policy()))
+
+    async def _apply_partition_policy(self) -> None:
+        assert self.partitioned is not None
+        actor = Actor(kind="system", name="fleet:partition")
+        classes = sorted({a.agent_class for a in self.arbiter.agents.values()})
+        applied: dict[str, Any] = {}
+        for agent_class in classes:
+            policy = self._policy(agent_class)
+            verb = {"halt": "kill", "pause": "pause"}.get(policy)
+            entry: dict[str, Any] = {"policy": policy}
+            if verb is not None:
+                reason = f"partition: cut off from the fleet store ({policy})"
+                try:
+                    result = await self.arbiter.act(
+                        verb, ActionRequest(scope=Scope.model_validate({"class": agent_class}),
+                                            reason=reason), actor)
+                    entry["agents"] = [r.agent for r in result.results if not r.skipped]
+                except SupervisorError as exc:
+                    entry["error"] = f"{exc.code}: {exc.message}"
+            applied[agent_class] = entry
+        self.partitioned["applied"] = applied
+        log.warning("fleet: cut off from the store for over the lease; policy applied: %s",
+                    applied)
+        self.audit.append(actor=actor.label(), verb="fleet_partition", scope="global",
+                          outcome="ok", reason="lease lost",
+                          detail={"host": self.config.host_id, "default_policy":
+                                  self.config.partition_policy, "applied": applied})
+
+    def _on_lease_back(self, cut_for: float) -> None:
+        report = dict(self.partitioned or {})
+        report.update({"host": self.config.host_id, "back_at": time.time(),
+                       "cut_for_s": round(cut_for, 3)})
+        self.partitioned = None
+        self.audit.append(actor="system:fleet:partition", verb="fleet_reconnect",
+                          scope="global", detail=report)
+        self.link.write(self.keys.partition(self.config.host_id), json.dumps(report))
+        self.agents_changed()
+
+    # ------------------------------------------------------------------ registration
+
+    def agents_changed(self) -> None:
+        """Republish the registration soon; many changes in a burst make one put."""
+        if self._registration_due is None:
+            self._registration_due = self.loop.call_later(0.05, self._publish_registration)
+
+    def _publish_registration(self) -> None:
+        self._registration_due = None
+        self.link.publish_registration(self._registration())
+
+    def _registration(self) -> str:
+        agents = [AgentSummary(name=a.name, agent_class=a.agent_class, state=a.state)
+                  for a in sorted(self.arbiter.agents.values(), key=lambda a: a.name)]
+        return dumps(Registration(
+            host=self.config.host_id, labels=self.config.labels, version=__version__,
+            started_at=self.started_at, updated_at=time.time(), agents=agents[:10_000],
+            fleet_held=bool(self.holds) or self.arbiter.global_halt))
+
+    # ------------------------------------------------------------------ audit anchors
+
+    def _on_audit(self, _db: Any, entry: AuditEntry) -> None:
+        if entry.verb == CHECKPOINT_VERB:
+            self._publish_anchor()
+
+    def _publish_anchor(self) -> None:
+        checkpoint = self.audit.last_checkpoint
+        if checkpoint is None:
+            return
+        public = self.audit.anchoring.signer.public_key if self.audit.anchoring else None
+        body: dict[str, Any] = {"host": self.config.host_id, **checkpoint.as_dict()}
+        if public is not None:
+            import base64
+
+            from cryptography.hazmat.primitives import serialization
+            body["public_key"] = base64.b64encode(public.public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
+        self.link.write_latest("anchor", self.keys.anchor(self.config.host_id, checkpoint.seq),
+                               json.dumps(body, sort_keys=True))
+
+    async def _anchor_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.anchor_interval)
+            self._publish_anchor()

@@ -1,0 +1,223 @@
+"""Fleet halts on five real daemons in their own network namespaces, through a real etcd with
+TLS and roles: membership, halt of a class, a host and all, holds that outlast a host that was
+down, an etcd restart in the middle of a halt, and the store's roles refusing a host that
+tries to issue, forge or rewrite what is not its own."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from typing import Any
+
+import pytest
+
+from supervisor.errors import FleetPermissionDenied, SupervisorError
+from supervisor.fleet.model import Ack, FleetAction, Selector, dumps, new_action_id
+from tests.fleet.support import Fleet, Host
+from tests.support.daemon import wait_for
+
+pytestmark = [pytest.mark.privileged, pytest.mark.e2e]
+
+
+def _launch(host: Host, name: str, agent_class: str) -> Any:
+    return host.daemon.client.run({"name": name, "class": agent_class,
+                                   "command": ["sleep", "600"]})
+
+
+def _state(host: Host, name: str) -> str:
+    return str(host.daemon.client.agent(name)["state"])
+
+
+def _refusal(host: Host, name: str, agent_class: str) -> str | None:
+    try:
+        _launch(host, name, agent_class)
+    except SupervisorError as exc:
+        return exc.code
+    return None
+
+
+def _lift_all(fleet: Fleet) -> None:
+    code, result = fleet.agentctl_json("ls")
+    assert code == 0
+    if result["holds"]:
+        code, lifted = fleet.agentctl_json("lift", "--all-holds", "--reason", "test cleanup")
+        assert code == 0, lifted
+
+
+def _audit_rows(host: Host, verb: str) -> list[dict[str, Any]]:
+    return [row for row in host.daemon.client.audit(limit=1000)["entries"]
+            if row["verb"] == verb]
+
+
+def test_every_host_registers_with_its_agents(fleet: Fleet) -> None:
+    tag = secrets.token_hex(2)
+    for host in fleet.hosts:
+        _launch(host, f"reg-{tag}-{host.host_id}", "web")
+
+    def listed() -> dict[str, Any] | None:
+        code, result = fleet.agentctl_json("ls")
+        assert code == 0
+        rows = {r["host"]: r for r in result["hosts"] if r["alive"]}
+        names = {a["name"] for r in rows.values() for a in r["agents"]}
+        wanted = {f"reg-{tag}-{h.host_id}" for h in fleet.hosts}
+        return rows if len(rows) == 5 and wanted <= names else None
+
+    rows = wait_for(listed, timeout=15, what="every host and agent in fleet ls")
+    assert rows["h1"]["labels"] == {"zone": "a"}
+    assert rows["h1"]["version"]
+    text = fleet.agentctl("ls")
+    assert text.returncode == 0 and "h5" in text.stdout and f"reg-{tag}-h3" in text.stdout
+    code, killed = fleet.agentctl_json("kill", "--agent", f"reg-{tag}-h3", "--reason", "one")
+    assert code == 0, killed
+    affected = {r["host"]: r for r in killed["hosts"]}
+    assert affected["h3"]["agents_affected"] == 1
+    assert _state(fleet.hosts[2], f"reg-{tag}-h3") == "killed"
+    assert _state(fleet.hosts[0], f"reg-{tag}-h1") == "active"
+    _lift_all(fleet)
+
+
+def test_halt_of_a_class_kills_it_everywhere_and_holds_its_launches(fleet: Fleet) -> None:
+    tag = secrets.token_hex(2)
+    for host in fleet.hosts:
+        _launch(host, f"w-{tag}", f"web{tag}")
+        _launch(host, f"o-{tag}", "other")
+    code, result = fleet.agentctl_json("kill", "--class", f"web{tag}", "--reason",
+                                       "class halt", "--deadline", "30")
+    assert code == 0, result
+    assert sorted(r["host"] for r in result["hosts"]) == ["h1", "h2", "h3", "h4", "h5"]
+    for row in result["hosts"]:
+        assert row["status"] == "confirmed" and row["agents_affected"] == 1, row
+        assert row["slowest_time_to_halt_ms"] is not None and not row["survivors"]
+    for host in fleet.hosts:
+        assert _state(host, f"w-{tag}") == "killed"
+        assert _state(host, f"o-{tag}") == "active"
+        assert host.daemon.agentctl("ls").returncode == 0
+    # The hold: no new agent of that class on any host, until lifted.
+    assert _refusal(fleet.hosts[1], f"new-{tag}", f"web{tag}") == "fleet_hold"
+    assert _refusal(fleet.hosts[1], f"ok-{tag}", "other") is None
+    # Every affected host's audit names the operator and the fleet action.
+    action_id = result["actions"][0]
+    for host in fleet.hosts:
+        rows = [r for r in _audit_rows(host, "fleet_action")
+                if r["detail"]["action"] == action_id]
+        assert rows and rows[0]["detail"]["operator"] == "operator"
+        kills = [r for r in _audit_rows(host, "kill") if r["target"] == f"w-{tag}"]
+        assert kills and action_id in kills[-1]["actor"] and "operator" in kills[-1]["actor"]
+    _lift_all(fleet)
+    wait_for(lambda: _refusal(fleet.hosts[1], f"new-{tag}", f"web{tag}") is None,
+             timeout=15, what="launches of the class after the lift")
+
+
+def test_halt_of_one_host_and_of_all(fleet: Fleet) -> None:
+    tag = secrets.token_hex(2)
+    for host in fleet.hosts:
+        _launch(host, f"a-{tag}", "web")
+    code, result = fleet.agentctl_json("kill", "--host", "h2", "--reason", "host halt")
+    assert code == 0, result
+    assert [r["host"] for r in result["hosts"]] == ["h2"]
+    assert _state(fleet.hosts[1], f"a-{tag}") == "killed"
+    assert _state(fleet.hosts[0], f"a-{tag}") == "active"
+    assert _refusal(fleet.hosts[1], f"b-{tag}", "web") in ("fleet_hold", "global_halt")
+    code, result = fleet.agentctl_json("kill", "--label", "zone=b", "--reason", "zone b")
+    assert code == 0, result
+    assert [r["host"] for r in result["hosts"]] == ["h3", "h4", "h5"]
+    code, result = fleet.agentctl_json("kill", "--all", "--reason", "everything")
+    assert code == 0, result
+    assert len(result["hosts"]) == 5
+    for host in fleet.hosts:
+        assert _state(host, f"a-{tag}") == "killed"
+        assert host.daemon.client.health().get("global_halt") in (True, None)
+    text = fleet.agentctl("kill", "--all", "--reason", "again")
+    assert text.returncode == 0 and "confirmed" in text.stdout
+    _lift_all(fleet)
+    for host in fleet.hosts:
+        wait_for(lambda h=host: _refusal(h, f"c-{tag}", "web") is None, timeout=15,
+                 what=f"launches on {host.host_id} after the lift")
+
+
+def test_a_host_down_during_the_halt_applies_it_before_any_launch(fleet: Fleet) -> None:
+    tag = secrets.token_hex(2)
+    host = fleet.hosts[0]
+    _launch(host, f"d-{tag}", f"down{tag}")
+    host.daemon.stop()
+    code, result = fleet.agentctl_json("kill", "--class", f"down{tag}", "--reason",
+                                       "while h1 is down")
+    assert code == 0, result
+    assert "h1" not in [r["host"] for r in result["hosts"]]
+    host.start()
+    # The control socket answers only once the holds were read: the first launch is refused.
+    assert _refusal(host, f"d2-{tag}", f"down{tag}") == "fleet_hold"
+    joins = _audit_rows(host, "fleet_join")
+    assert joins[-1]["detail"]["synced"] and result["actions"][0] in joins[-1]["detail"]["holds"]
+    with fleet.operator_client() as operator:
+        acks = wait_for(lambda: operator.get(fleet.keys.ack("h1", result["actions"][0])),
+                        timeout=15, what="h1's ack")
+    assert acks is not None and Ack.model_validate(acks.json()).host == "h1"
+    _lift_all(fleet)
+
+
+def test_etcd_restarted_mid_halt(fleet: Fleet) -> None:
+    tag = secrets.token_hex(2)
+    for host in fleet.hosts:
+        _launch(host, f"e-{tag}", f"etcd{tag}")
+    outcome: dict[str, Any] = {}
+
+    def halt() -> None:
+        outcome["result"] = fleet.agentctl_json("kill", "--class", f"etcd{tag}", "--reason",
+                                                "etcd restart", "--deadline", "40",
+                                                timeout=90)
+
+    def written() -> bool:
+        with fleet.operator_client() as operator:
+            kvs, _ = operator.get_prefix(fleet.keys.holds)
+        return any(json.loads(kv.value)["selector"]["agent_class"] == f"etcd{tag}"
+                   for kv in kvs)
+
+    thread = threading.Thread(target=halt)
+    thread.start()
+    wait_for(written, timeout=30, interval=0.005, what="the action in the store")
+    fleet.stop_etcd()
+    fleet.start_etcd()
+    thread.join(120)
+    code, result = outcome["result"]
+    assert code == 0, result
+    for host in fleet.hosts:
+        wait_for(lambda h=host: _state(h, f"e-{tag}") == "killed", timeout=30,
+                 what=f"the kill on {host.host_id}")
+    _lift_all(fleet)
+
+
+def test_a_host_cannot_issue_forge_or_rewrite(fleet: Fleet,
+                                              request: pytest.FixtureRequest) -> None:
+    """etcd's roles, not trust in the network: a host's credentials read control/ and write
+    only under hosts/<itself>/."""
+    host = fleet.hosts[2]
+    client = host.creds(fleet)
+    from supervisor.fleet.etcd import Etcd
+    etcd = Etcd(client)
+    request.addfinalizer(etcd.close)
+    forged = FleetAction(id=new_action_id(), verb="kill", selector=Selector(all=True),
+                         reason="forged", operator="operator", issued_at=0.0)
+    attempts = {
+        "issue an action": lambda: etcd.put(fleet.keys.action(forged.id), dumps(forged)),
+        "add a hold": lambda: etcd.put(fleet.keys.hold(forged.id), dumps(forged)),
+        "lift a hold": lambda: etcd.delete_prefix(fleet.keys.holds),
+        "rewrite an action": lambda: etcd.delete_prefix(fleet.keys.actions),
+        "write another's ack": lambda: etcd.put(fleet.keys.ack("h1", "x"), "{}"),
+        "write another's registration": lambda: etcd.put(fleet.keys.registration("h4"), "{}"),
+        "write another's anchor": lambda: etcd.put(fleet.keys.anchor("h4", 1), "{}"),
+        "in a transaction": lambda: etcd.txn({fleet.keys.action(forged.id): dumps(forged)}, []),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(FleetPermissionDenied):
+            attempt()
+            pytest.fail(f"a host could {what}")
+    with fleet.operator_client() as operator:
+        assert operator.get(fleet.keys.action(forged.id)) is None
+    # Its own keys, and reading the actions, work: the refusals above are the roles.
+    assert etcd.put(fleet.keys.host("h3") + "probe", "{}") > 0
+    etcd.get_prefix(fleet.keys.control)
+    for other in fleet.hosts:
+        assert not [r for r in _audit_rows(other, "fleet_action")
+                    if r["detail"]["action"] == forged.id]

@@ -1,0 +1,90 @@
+"""The fleet's pure parts: which hosts and agents a selector reaches, the key layout the roles
+are written against, how control/ is read (malformed entries ignored, holds told apart from
+actions), and that [fleet] is optional. No I/O, no privilege."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from supervisor.config import load_config
+from supervisor.errors import ConfigInvalid
+from supervisor.fleet.etcd import KeyValue, prefix_end
+from supervisor.fleet.link import parse_control
+from supervisor.fleet.model import FleetAction, Keys, Selector, dumps, new_action_id
+
+
+def test_selectors_reach_what_they_name() -> None:
+    everything = Selector(all=True)
+    assert everything.reaches_host("h1", {}) and everything.reaches_agent("a", "web")
+    assert everything.whole_host
+    by_class = Selector(agent_class="web")
+    assert by_class.reaches_agent("a", "web") and not by_class.reaches_agent("a", "db")
+    assert not by_class.whole_host
+    by_host = Selector(host="h2")
+    assert by_host.reaches_host("h2", {}) and not by_host.reaches_host("h1", {})
+    by_label = Selector(labels={"zone": "a", "tier": "x"})
+    assert by_label.reaches_host("h1", {"zone": "a", "tier": "x", "more": "y"})
+    assert not by_label.reaches_host("h1", {"zone": "a"})
+    by_agent = Selector(agent="bot", agent_class="web")
+    assert by_agent.reaches_agent("bot", "web") and not by_agent.reaches_agent("bot", "db")
+    assert not by_agent.reaches_agent("other", "web")
+    assert by_label.describe() == "label:tier=x label:zone=a"
+
+
+def test_a_host_prefix_never_covers_another_host() -> None:
+    keys = Keys("/p")
+    assert keys.prefix == "/p/"
+    # "h1/" must not be a prefix of "h10/...": the role of h1 would reach h10's keys.
+    assert not keys.ack("h10", "x").startswith(keys.host("h1"))
+    assert keys.ack("h1", "x").startswith(keys.host("h1"))
+    assert keys.actions.startswith(keys.control) and keys.holds.startswith(keys.control)
+    assert not keys.host("h1").startswith(keys.control)
+    assert keys.host_of(keys.registration("h7")) == "h7"
+    assert keys.host_of(keys.action("x")) is None
+    assert prefix_end("/p/") == "/p0"
+    assert keys.anchor("h1", 12) < keys.anchor("h1", 100)  # anchors sort by sequence
+
+
+def _kv(key: str, value: str, revision: int) -> KeyValue:
+    return KeyValue(key=key, value=value, mod_revision=revision, create_revision=revision,
+                    lease=0)
+
+
+def test_control_is_read_into_actions_and_holds() -> None:
+    keys = Keys("/f/")
+    first = FleetAction(id=new_action_id(), verb="kill", selector=Selector(all=True),
+                        reason="r", operator="alice", issued_at=1.0)
+    second = FleetAction(id=new_action_id(), verb="pause", selector=Selector(host="h1"),
+                         reason="r", operator="alice", issued_at=2.0)
+    snapshot = parse_control(keys, [
+        _kv(keys.action(second.id), dumps(second), 9),
+        _kv(keys.action(first.id), dumps(first), 5),
+        _kv(keys.hold(first.id), dumps(first), 5),
+        _kv(keys.action("bad"), "{not json", 6),
+        _kv(keys.action("wrong"), json.dumps({"id": "x", "verb": "explode"}), 7),
+    ], 10)
+    assert snapshot.revision == 10
+    assert [a.id for _, a in snapshot.actions] == [first.id, second.id]  # by revision
+    assert list(snapshot.holds) == [first.id]
+
+
+def test_fleet_is_optional_and_checked(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.toml"
+    plain.write_text("[daemon]\nlog_level = 'info'\n")
+    assert load_config(plain).fleet is None
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text("\n".join([
+        "[fleet]", "host_id = 'h1'", "endpoints = ['10.0.0.2:2379']", "ca_file = '/ca'",
+        "cert_file = '/c'", "key_file = '/k'", "user = 'h1'", "password_file = '/p'",
+        "lease_ttl = '5s'", "partition_policy_by_class = { risky = 'halt' }"]))
+    section = load_config(fleet).fleet
+    assert section is not None and section.lease_ttl == 5.0
+    assert section.partition_policy == "hold-launches"
+    assert section.partition_policy_by_class == {"risky": "halt"}
+    bad = tmp_path / "bad.toml"
+    bad.write_text(fleet.read_text().replace("'halt'", "'explode'"))
+    with pytest.raises(ConfigInvalid):
+        load_config(bad)
