@@ -1,0 +1,172 @@
+"""Benchmark: a fleet-wide halt through etcd against the way it is done today, host by host.
+
+A fleet of N daemons (default 10), each in its own network namespace on a bridge, with a real
+etcd (TLS, client certificates, users and roles; tests/fleet/support.py), each running A agents
+(default 10) of P processes (default 10). Each round halts every agent three ways, in an order
+that rotates from round to round so machine noise falls on all alike:
+
+- fleet: `agentctl fleet kill --all` (its `issue()`: one etcd transaction, then the watch for
+  every host's acknowledgement), timed from the call to every host confirmed; the CLI's own
+  Python start-up is reported separately (the `agentctl` process wall time, measured once);
+- sequential: each host's control socket, `POST /v1/actions/kill {"all": true}`, one host
+  after the other (the ad-hoc way without fleet mode);
+- parallel: the same calls, one thread per host, all at once.
+
+After each halt the hold is lifted (fleet lift, or reactivate --all per host) and the agents
+are launched again. Prints median and p95 (nearest rank) per method and the verdict on the
+target: fleet p95 <= 250 ms and below the parallel per-host p95. A missed target prints MISSED
+and still exits 0: this is a benchmark, not a test.
+
+Needs root, runc and etcd-server. Everything it makes (netns, veths, bridge, cgroups, state
+directories, etcd data on /dev/shm) is removed at the end, also on Ctrl-C.
+
+    sudo .venv/bin/python bench/fleet_halt.py [--hosts 10] [--agents 10] [--processes 10]
+                                              [--rounds 5] [--json samples.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.stats import cpu_model, nearest_rank
+from supervisor.cli.fleet import FleetContext, issue
+from supervisor.fleet.model import FleetAction, Selector, new_action_id
+from tests.fleet.support import PREFIX, Fleet, Host, fleet_of
+
+
+def _workload(processes: int) -> list[str]:
+    children = " ".join(["sleep 3600 &"] * (processes - 1))
+    return ["sh", "-c", f"{children} exec sleep 3600"]
+
+
+def _launch_all(fleet: Fleet, agents: int, processes: int, tag: str) -> None:
+    def per_host(host: Host) -> None:
+        client = host.daemon.client
+        for i in range(agents):
+            client.run({"name": f"b{tag}-{i}", "class": "bench",
+                        "command": _workload(processes)})
+
+    with ThreadPoolExecutor(len(fleet.hosts)) as pool:
+        list(pool.map(per_host, fleet.hosts))
+
+
+def _socket_kill(host: Host) -> float:
+    started = time.perf_counter()
+    result = host.daemon.client.action("kill", {"all": True}, "bench: per-host")
+    elapsed = (time.perf_counter() - started) * 1000
+    # Every agent that had a run reports its time_to_halt (idle ones have nothing to halt).
+    assert all(r.get("time_to_halt_ms") is not None for r in result["results"]
+               if r.get("run_id")), result
+    return elapsed
+
+
+def _socket_reactivate(fleet: Fleet) -> None:
+    with ThreadPoolExecutor(len(fleet.hosts)) as pool:
+        list(pool.map(lambda h: h.daemon.client.action("reactivate", {"all": True},
+                                                       "bench: lift"), fleet.hosts))
+
+
+def _fleet_kill(ctx: FleetContext) -> float:
+    action = FleetAction(id=new_action_id(), verb="kill", selector=Selector(all=True),
+                         reason="bench: fleet", operator=ctx.creds.user, issued_at=time.time())
+    started = time.perf_counter()
+    result = issue(ctx, [action], deadline=30.0, holds=True)
+    elapsed = (time.perf_counter() - started) * 1000
+    if result["unconfirmed"]:
+        raise RuntimeError(f"unconfirmed: {result['unconfirmed']}")
+    return elapsed
+
+
+def _fleet_lift(ctx: FleetContext) -> None:
+    kvs, _ = ctx.etcd.get_prefix(ctx.keys.holds)
+    holds = [FleetAction.model_validate(kv.json()) for kv in kvs]
+    actions = [FleetAction(id=new_action_id(), verb="lift", selector=h.selector,
+                           reason="bench: lift", operator=ctx.creds.user,
+                           issued_at=time.time(), lifts=[h.id]) for h in holds]
+    result = issue(ctx, actions, deadline=30.0, lift=[h.id for h in holds])
+    if result["unconfirmed"]:
+        raise RuntimeError(f"lift unconfirmed: {result['unconfirmed']}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hosts", type=int, default=10)
+    parser.add_argument("--agents", type=int, default=10)
+    parser.add_argument("--processes", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="as-fleet-bench-", dir="/tmp"))
+    root.chmod(0o755)
+    samples: dict[str, list[float]] = {"fleet": [], "sequential": [], "parallel": []}
+    cli_wall_ms: float | None = None
+    try:
+        with fleet_of(root, args.hosts) as fleet:
+            with ThreadPoolExecutor(args.hosts) as pool:
+                list(pool.map(lambda h: h.start(), fleet.hosts))
+            ctx = FleetContext(fleet.credentials("operator", fleet.operator_password,
+                                                 fleet.operator_cert), PREFIX)
+            methods = ["fleet", "sequential", "parallel"]
+            for round_no in range(args.rounds):
+                order = methods[round_no % 3:] + methods[:round_no % 3]
+                for method in order:
+                    _launch_all(fleet, args.agents, args.processes, f"{round_no}{method[0]}")
+                    if method == "fleet":
+                        samples["fleet"].append(_fleet_kill(ctx))
+                        _fleet_lift(ctx)
+                    elif method == "sequential":
+                        started = time.perf_counter()
+                        for host in fleet.hosts:
+                            _socket_kill(host)
+                        samples["sequential"].append((time.perf_counter() - started) * 1000)
+                        _socket_reactivate(fleet)
+                    else:
+                        started = time.perf_counter()
+                        with ThreadPoolExecutor(len(fleet.hosts)) as pool:
+                            list(pool.map(_socket_kill, fleet.hosts))
+                        samples["parallel"].append((time.perf_counter() - started) * 1000)
+                        _socket_reactivate(fleet)
+                    print(f"round {round_no + 1} {method}: {samples[method][-1]:.1f} ms",
+                          flush=True)
+            # The whole command once, Python start-up and all (nothing left to kill).
+            started = time.perf_counter()
+            run = fleet.agentctl("kill", "--all", "--reason", "bench: cli wall")
+            cli_wall_ms = (time.perf_counter() - started) * 1000
+            if run.returncode != 0:
+                print(run.stdout, run.stderr)
+            ctx.etcd.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"\n{args.hosts} hosts x {args.agents} agents x {args.processes} processes, "
+          f"{args.rounds} rounds; {cpu_model()}")
+    report: dict[str, Any] = {"hosts": args.hosts, "agents": args.agents,
+                              "processes": args.processes, "rounds": args.rounds,
+                              "samples_ms": samples, "cli_wall_ms": cli_wall_ms}
+    for method, values in samples.items():
+        median = sorted(values)[len(values) // 2]
+        p95 = nearest_rank(values, 0.95)
+        report[method] = {"median_ms": median, "p95_ms": p95}
+        print(f"{method:>10}: median {median:7.1f} ms  p95 {p95:7.1f} ms  "
+              f"(n={len(values)})")
+    if cli_wall_ms is not None:
+        print(f"agentctl fleet kill --all, whole process once: {cli_wall_ms:.0f} ms")
+    fleet_p95 = report["fleet"]["p95_ms"]
+    met = fleet_p95 <= 250 and fleet_p95 < report["parallel"]["p95_ms"]
+    print(f"target (fleet p95 <= 250 ms and < parallel p95): {'met' if met else 'MISSED'}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
