@@ -22,6 +22,7 @@ from supervisor.fleet.model import (
     FleetAction,
     Keys,
     Selector,
+    drill_canary_name,
     dumps,
     new_action_id,
 )
@@ -352,3 +353,113 @@ def lift(hold_ids: tuple[str, ...], all_holds: bool, reason: str, deadline: floa
                            reason=_reason(reason), operator=ctx.creds.user,
                            issued_at=time.time(), lifts=[h]) for h in chosen]
     _report(issue(ctx, actions, deadline, lift=chosen), as_json, "lift")
+
+
+@fleet.command("drill")
+@click.option("--host", help="Only this host.")
+@click.option("--label", "labels", multiple=True, metavar="K=V")
+@click.option("--slo", "slo_ms", type=float, default=250.0, show_default=True,
+              help="Milliseconds from the fleet kill to every host confirmed.")
+@click.option("--reason", default="fleet drill", show_default=True)
+@click.option("--deadline", type=float, default=30.0, show_default=True)
+@_json
+@_handles_errors
+def drill(host: str | None, labels: tuple[str, ...], slo_ms: float, reason: str,
+          deadline: float, as_json: bool) -> None:
+    """A canary on every reached host, killed through the fleet path; the SLO judged end to
+    end (fleet kill written -> every host confirmed) and per host (time_to_halt)."""
+    ctx = _ctx()
+    selector = _selector(not (host or labels), None, host, None, labels)
+    start = FleetAction(id=new_action_id(), verb="drill", selector=selector,
+                        reason=_reason(reason), operator=ctx.creds.user, issued_at=time.time())
+    ready = issue(ctx, [start], deadline)
+    canary = drill_canary_name(start.id)
+    kill = FleetAction(id=new_action_id(), verb="kill",
+                       selector=selector.model_copy(update={"all": False, "agent": canary}),
+                       reason=_reason(f"{reason}: canary"), operator=ctx.creds.user,
+                       issued_at=time.time())
+    halted = issue(ctx, [kill], deadline) if not ready["unconfirmed"] else None
+    rows = []
+    for row in (halted or ready)["hosts"]:
+        slowest = row.get("slowest_time_to_halt_ms")
+        row = {**row, "slo_met": row["status"] == "confirmed" and slowest is not None
+               and slowest <= slo_ms}
+        rows.append(row)
+    end_to_end = halted["elapsed_ms"] if halted else None
+    result = {"canary": canary, "slo_ms": slo_ms, "end_to_end_ms": end_to_end,
+              "hosts": rows, "actions": [start.id] + ([kill.id] if halted else []),
+              "elapsed_ms": end_to_end or ready["elapsed_ms"],
+              "unconfirmed": sorted(set(ready["unconfirmed"]
+                                        + (halted["unconfirmed"] if halted else [])))}
+    result["slo_met"] = bool(end_to_end is not None and end_to_end <= slo_ms
+                             and all(r["slo_met"] for r in rows) and not result["unconfirmed"])
+    if not as_json:
+        click.echo(f"fleet drill: end to end {_ms(end_to_end)} ms against an SLO of "
+                   f"{slo_ms:.0f} ms: {'met' if result['slo_met'] else 'MISSED'}")
+    _report(result, as_json, "drill")
+    if not result["slo_met"]:
+        sys.exit(14)
+
+
+@fleet.group("audit")
+def audit() -> None:
+    """The hosts' audit chains against the anchors they published to the store."""
+
+
+@audit.command("verify")
+@click.option("--host", help="Only this host.")
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Directory of pinned public keys, <host>.pub (base64 raw Ed25519).")
+@click.option("--deadline", type=float, default=30.0, show_default=True)
+@_json
+@_handles_errors
+def audit_verify(host: str | None, keys_dir: Path | None, deadline: float,
+                 as_json: bool) -> None:
+    """Check every host's anchors (signatures, one key, none rewritten), then have every live
+    host hold its chain against the anchors read back from the store."""
+    from supervisor.fleet.anchors import check_anchors
+
+    ctx = _ctx()
+    hosts = _hosts(ctx)
+    names = [host] if host else sorted(hosts)
+    checks = {}
+    for name in names:
+        pinned = None
+        if keys_dir is not None and (keys_dir / f"{name}.pub").exists():
+            pinned = (keys_dir / f"{name}.pub").read_text().strip()
+        kvs = [kv for kv, _ in (hosts.get(name) or {}).get("anchors", [])]
+        checks[name] = check_anchors(name, kvs, pinned).as_dict()
+    action = FleetAction(id=new_action_id(), verb="verify",
+                         selector=Selector(all=host is None, host=host),
+                         reason="fleet audit verify", operator=ctx.creds.user,
+                         issued_at=time.time())
+    result = issue(ctx, [action], deadline)
+    acks = {}
+    for name in names:
+        kv = ctx.etcd.get(ctx.keys.ack(name, action.id))
+        if kv is not None:
+            acks[name] = Ack.model_validate(kv.json())
+    rows = []
+    for name in names:
+        problems = list(checks[name]["problems"])
+        ack = acks.get(name)
+        if ack is not None and ack.audit is not None:
+            problems += [p for p in ack.audit.get("problems", []) if p not in problems]
+        elif ack is not None and ack.error:
+            problems.append(ack.error)
+        rows.append({"host": name, "anchors": checks[name]["anchors"],
+                     "newest_seq": checks[name]["newest_seq"],
+                     "host_checked": ack is not None, "ok": not problems,
+                     "problems": problems})
+    bad = [r["host"] for r in rows if not r["ok"]]
+    unchecked = [r["host"] for r in rows if not r["host_checked"]]
+    if as_json:
+        click.echo(json.dumps({"hosts": rows, "tampered": bad, "unchecked": unchecked,
+                               "ok": not bad and not unchecked}, indent=2, sort_keys=True))
+    else:
+        _table([[r["host"], str(r["anchors"]), str(r["newest_seq"]),
+                 "yes" if r["host_checked"] else "NO ANSWER",
+                 "ok" if r["ok"] else "; ".join(r["problems"])[:200]] for r in rows],
+               ["HOST", "ANCHORS", "NEWEST_SEQ", "HOST_CHECKED", "RESULT"])
+    if bad or unchecked or result["unconfirmed"]:
+        sys.exit(1)

@@ -7,10 +7,12 @@ head in the store. Runs on the control loop; every etcd call is on the link's th
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
 from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
 from supervisor import __version__
@@ -20,18 +22,22 @@ from supervisor.config import FleetSection
 from supervisor.daemon.arbiter import Arbiter
 from supervisor.daemon.store import Store
 from supervisor.errors import FleetHold, IllegalTransition, SupervisorError
+from supervisor.fleet.anchors import chain_against_anchors, check_anchors
 from supervisor.fleet.etcd import Credentials
 from supervisor.fleet.link import FleetLink, LinkEvents, Snapshot
 from supervisor.fleet.model import (
+    DRILL_CLASS,
+    DRILL_PREFIX,
     Ack,
     AgentOutcome,
     AgentSummary,
     FleetAction,
     Keys,
     Registration,
+    drill_canary_name,
     dumps,
 )
-from supervisor.models import ActionRequest, Actor, AuditEntry, Scope
+from supervisor.models import ActionRequest, Actor, AuditEntry, RunRequest, Scope
 from supervisor.states import AgentState, EndCause
 
 log = logging.getLogger(__name__)
@@ -50,8 +56,9 @@ def _actor(action: FleetAction) -> Actor:
 
 class FleetMember:
     def __init__(self, config: FleetSection, arbiter: Arbiter, audit: AuditLog, store: Store,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, db_path: Path) -> None:
         self.config = config
+        self.db_path = db_path
         self.arbiter = arbiter
         self.audit = audit
         self.store = store
@@ -80,6 +87,7 @@ class FleetMember:
         self._worker: asyncio.Task[None] | None = None
         self._anchorer: asyncio.Task[None] | None = None
         self._registration_due: asyncio.TimerHandle | None = None
+        self._anchored_seq = -1
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -208,9 +216,17 @@ class FleetMember:
         ack = await self._run_verb(action, arrived)
         self._mark_applied(action)
         self.link.write(self.keys.ack(self.config.host_id, action.id), dumps(ack))
+        if action.verb == "kill" and action.selector.agent_class is None \
+                and (action.selector.agent or "").startswith(DRILL_PREFIX):
+            await asyncio.sleep(0)
+            self._forget_drill_canaries()
         self.agents_changed()
 
     async def _run_verb(self, action: FleetAction, arrived: float) -> Ack:
+        if action.verb == "verify":
+            return await self._verify(action)
+        if action.verb == "drill":
+            return await self._drill_canary(action)
         selector = action.selector
         verb = _VERB_OF.get(action.verb)
         now = time.time()
@@ -260,6 +276,50 @@ class FleetMember:
         return Ack(action=action.id, host=self.config.host_id, outcome=outcome,  # type: ignore[arg-type]
                    applied_at=time.time(), agents=agents, survivors=survivors,
                    slowest_time_to_halt_ms=max(halts) if halts else None, error=error)
+
+    async def _drill_canary(self, action: FleetAction) -> Ack:
+        """Step one of a fleet drill: a canary of a few processes, which agentctl then kills
+        through the fleet path and times end to end (agentctl fleet drill)."""
+        name = drill_canary_name(action.id)
+        request = RunRequest.model_validate({
+            "name": name, "class": DRILL_CLASS,
+            "command": ["sh", "-c", "sleep 600 & sleep 600 & exec sleep 600"]})
+        try:
+            view = await self.arbiter.launch(request, _actor(action))
+        except SupervisorError as exc:
+            return Ack(action=action.id, host=self.config.host_id, outcome="failed",
+                       applied_at=time.time(), error=f"{exc.code}: {exc.message}")
+        return Ack(action=action.id, host=self.config.host_id, outcome="ok",
+                   applied_at=time.time(), drill={"canary": name, "run": view.id})
+
+    def _forget_drill_canaries(self) -> None:
+        """A drill's canary, once killed, leaves no agent behind (drills never pile up)."""
+        for record in list(self.arbiter.agents.values()):
+            if record.agent_class == DRILL_CLASS and record.state == AgentState.KILLED.value \
+                    and record.current_run is None:
+                try:
+                    self.arbiter.forget_agent(record.name, Actor(kind="system", name="fleet"),
+                                              "fleet drill done")
+                except SupervisorError as exc:
+                    log.warning("fleet: could not forget drill canary %s: %s", record.name,
+                                exc.message)
+
+    async def _verify(self, action: FleetAction) -> Ack:
+        """The chain on this host held against the anchors it published to the store (read
+        back from the store, not from anything on this host), and the chain itself."""
+        host = self.config.host_id
+        kvs, _ = await asyncio.to_thread(self.link.reader.get_prefix, self.keys.anchors(host))
+        check = check_anchors(host, kvs, pinned=self._public_key())
+        problems = list(check.problems)
+        problems += await asyncio.to_thread(chain_against_anchors, str(self.db_path),
+                                            check.anchors)
+        chain = await self.audit.verify_async()
+        if not chain.ok:
+            problems.append(f"chain: {chain.problem}")
+        return Ack(action=action.id, host=host, outcome="failed" if problems else "ok",
+                   applied_at=time.time(), error="; ".join(problems[:20]) or None,
+                   audit={**check.as_dict(), "problems": problems[:100],
+                          "ok": not problems, "rows": chain.rows, "head_seq": chain.head_seq})
 
     def _class_of(self, name: str | None) -> str:
         record = self.arbiter.agents.get(name or "")
@@ -358,18 +418,21 @@ class FleetMember:
         if entry.verb == CHECKPOINT_VERB:
             self._publish_anchor()
 
+    def _public_key(self) -> str | None:
+        if self.audit.anchoring is None:
+            return None
+        from cryptography.hazmat.primitives import serialization
+        public = self.audit.anchoring.signer.public_key
+        return base64.b64encode(public.public_bytes(serialization.Encoding.Raw,
+                                                    serialization.PublicFormat.Raw)).decode()
+
     def _publish_anchor(self) -> None:
         checkpoint = self.audit.last_checkpoint
-        if checkpoint is None:
+        if checkpoint is None or checkpoint.seq == self._anchored_seq:
             return
-        public = self.audit.anchoring.signer.public_key if self.audit.anchoring else None
-        body: dict[str, Any] = {"host": self.config.host_id, **checkpoint.as_dict()}
-        if public is not None:
-            import base64
-
-            from cryptography.hazmat.primitives import serialization
-            body["public_key"] = base64.b64encode(public.public_bytes(
-                serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
+        self._anchored_seq = checkpoint.seq
+        body: dict[str, Any] = {"host": self.config.host_id, **checkpoint.as_dict(),
+                                "public_key": self._public_key()}
         self.link.write_latest("anchor", self.keys.anchor(self.config.host_id, checkpoint.seq),
                                json.dumps(body, sort_keys=True))
 

@@ -128,7 +128,8 @@ async def serve(config: Config) -> int:
     # opens, so no launch can slip in ahead of a fleet kill issued while this host was down.
     fleet: FleetMember | None = None
     if config.fleet is not None:
-        fleet = FleetMember(config.fleet, arbiter, audit, core.store, asyncio.get_running_loop())
+        fleet = FleetMember(config.fleet, arbiter, audit, core.store, asyncio.get_running_loop(),
+                            config.daemon.state_dir / "state.db")
         await fleet.start()
 
     if config.daemon.self_test:

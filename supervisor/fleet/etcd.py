@@ -54,13 +54,14 @@ class KeyValue:
     mod_revision: int
     create_revision: int
     lease: int
+    version: int = 1  # how many times the key was written since it was created
 
     @classmethod
     def from_wire(cls, kv: dict[str, Any]) -> KeyValue:
         return cls(key=unb64(kv["key"]), value=unb64(kv.get("value", "")),
                    mod_revision=int(kv.get("mod_revision", 0)),
                    create_revision=int(kv.get("create_revision", 0)),
-                   lease=int(kv.get("lease", 0)))
+                   lease=int(kv.get("lease", 0)), version=int(kv.get("version", 1)))
 
     def json(self) -> Any:
         return json.loads(self.value)
@@ -256,6 +257,14 @@ class Etcd:
         ops += [{"request_delete_range": {"key": b64(k)}} for k in deletes]
         answer = self.call("/v3/kv/txn", {"success": ops})
         return int(answer["header"]["revision"])
+
+    def create(self, key: str, value: str) -> bool:
+        """Put `key` only if it does not exist; False if it did (nothing written)."""
+        answer = self.call("/v3/kv/txn", {
+            "compare": [{"key": b64(key), "target": "CREATE", "result": "EQUAL",
+                         "create_revision": "0"}],
+            "success": [{"request_put": {"key": b64(key), "value": b64(value)}}]})
+        return bool(answer.get("succeeded", False))
 
     def delete(self, key: str) -> int:
         answer = self.call("/v3/kv/deleterange", {"key": b64(key)})

@@ -150,7 +150,9 @@ class FleetLink:
             self._cond.notify_all()
 
     def write_latest(self, key_slot: str, key: str, value: str) -> None:
-        """A put where only the newest matters (the audit head): one per slot waits."""
+        """A write-once key where only the newest matters (the audit head): one per slot
+        waits, and a key already in the store is left as it is (anchors are never rewritten,
+        so a second write would read as tampering)."""
         with self._cond:
             self._latest[key_slot] = f"{key}\0{value}"
             self._cond.notify_all()
@@ -255,7 +257,10 @@ class FleetLink:
                     slot, packed = next(iter(self._latest.items()))
                     key, _, value = packed.partition("\0")
             try:
-                client.put(key, value)
+                if slot is None:
+                    client.put(key, value)
+                else:
+                    client.create(key, value)
             except FleetPermissionDenied as exc:
                 # Our own keys only; a refusal will not change by retrying, so it must not
                 # hold every ack behind it.

@@ -23,8 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from supervisor.limits import REASON_MAX
 
-VERBS = ("kill", "pause", "resume", "reactivate", "lift", "drill")
+VERBS = ("kill", "pause", "resume", "reactivate", "lift", "drill", "verify")
 HOLDING_VERBS = ("kill", "pause")
+DRILL_CLASS = "fleet-drill"
+DRILL_PREFIX = "fleet-drill-"
 HOST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 
 
@@ -71,7 +73,7 @@ class Selector(_Model):
 
 class FleetAction(_Model):
     id: str
-    verb: Literal["kill", "pause", "resume", "reactivate", "lift", "drill"]
+    verb: Literal["kill", "pause", "resume", "reactivate", "lift", "drill", "verify"]
     selector: Selector
     reason: str = Field(min_length=1, max_length=REASON_MAX)
     operator: str  # the etcd user that wrote it (only operator roles may write actions/)
@@ -101,6 +103,8 @@ class Ack(_Model):
     error: str | None = None
     # drills: the canary's end-to-end time, and whether it met the SLO
     drill: dict[str, Any] | None = None
+    # verify: the host's audit chain held against the anchors it published to the store
+    audit: dict[str, Any] | None = None
 
 
 class AgentSummary(_Model):
@@ -171,6 +175,10 @@ class Keys:
         if not key.startswith(self.hosts):
             return None
         return key[len(self.hosts):].split("/", 1)[0]
+
+
+def drill_canary_name(action_id: str) -> str:
+    return DRILL_PREFIX + action_id.rsplit("-", 1)[-1] + action_id[6:14]
 
 
 def new_action_id() -> str:
