@@ -104,6 +104,8 @@ def main() -> int:
     parser.add_argument("--agents", type=int, default=10)
     parser.add_argument("--processes", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="Rounds run first and not recorded (tokens, connections, caches).")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="as-fleet-bench-", dir="/tmp"))
@@ -117,7 +119,8 @@ def main() -> int:
             ctx = FleetContext(fleet.credentials("operator", fleet.operator_password,
                                                  fleet.operator_cert), PREFIX)
             methods = ["fleet", "sequential", "parallel"]
-            for round_no in range(args.rounds):
+            ctx.etcd.get_prefix(ctx.keys.holds)  # authenticate before anything is timed
+            for round_no in range(-args.warmup, args.rounds):
                 order = methods[round_no % 3:] + methods[:round_no % 3]
                 for method in order:
                     _launch_all(fleet, args.agents, args.processes, f"{round_no}{method[0]}")
@@ -136,8 +139,10 @@ def main() -> int:
                             list(pool.map(_socket_kill, fleet.hosts))
                         samples["parallel"].append((time.perf_counter() - started) * 1000)
                         _socket_reactivate(fleet)
-                    print(f"round {round_no + 1} {method}: {samples[method][-1]:.1f} ms",
-                          flush=True)
+                    label = f"round {round_no + 1}" if round_no >= 0 else "warm-up"
+                    print(f"{label} {method}: {samples[method][-1]:.1f} ms", flush=True)
+                    if round_no < 0:
+                        samples[method].pop()
             # The whole command once, Python start-up and all (nothing left to kill).
             started = time.perf_counter()
             run = fleet.agentctl("kill", "--all", "--reason", "bench: cli wall")

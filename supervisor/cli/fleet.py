@@ -100,31 +100,42 @@ def fleet(ctx: click.Context, endpoints: str, ca: Path, cert: Path, key: Path, u
 
 # ----------------------------------------------------------------------------- reading
 
-def _hosts(ctx: FleetContext) -> dict[str, dict[str, Any]]:
-    """Every host that left a trace: its registration (alive) and its acks."""
-    kvs, _ = ctx.etcd.get_prefix(ctx.keys.hosts)
+def _hosts(ctx: FleetContext, full: bool = True) -> dict[str, dict[str, Any]]:
+    """Every registered host (alive: its lease still holds the registration); with `full`,
+    also every host that left acks, anchors or a partition report, and those."""
     hosts: dict[str, dict[str, Any]] = {}
+
+    def entry(host: str) -> dict[str, Any]:
+        return hosts.setdefault(host, {"host": host, "alive": False, "acks": {},
+                                       "anchors": [], "partition": None})
+
+    members, _ = ctx.etcd.get_prefix(ctx.keys.members)
+    for kv in members:
+        try:
+            value = kv.json()
+        except ValueError:
+            continue
+        item = entry(kv.key[len(ctx.keys.members):])
+        item.update(alive=True, registration=value, lease=kv.lease)
+    if not full:
+        return hosts
+    kvs, _ = ctx.etcd.get_prefix(ctx.keys.hosts)
     for kv in kvs:
         host = ctx.keys.host_of(kv.key)
         if host is None:
             continue
-        entry = hosts.setdefault(host, {"host": host, "alive": False, "acks": {},
-                                        "anchors": [], "partition": None})
+        item = entry(host)
         rest = kv.key[len(ctx.keys.host(host)):]
         try:
             value = kv.json()
         except ValueError:
             continue
-        if rest == "reg":
-            entry["alive"] = True
-            entry["registration"] = value
-            entry["lease"] = kv.lease
-        elif rest.startswith("acks/"):
-            entry["acks"][rest[5:]] = value
+        if rest.startswith("acks/"):
+            item["acks"][rest[5:]] = value
         elif rest.startswith("anchors/"):
-            entry["anchors"].append((kv, value))
+            item["anchors"].append((kv, value))
         elif rest == "partition":
-            entry["partition"] = value
+            item["partition"] = value
     return hosts
 
 
@@ -211,7 +222,7 @@ def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
     """Write the actions (and their holds, and the lifted holds' deletion) in one transaction,
     then wait up to `deadline` seconds for every reached live host to acknowledge each."""
     started = time.perf_counter()
-    hosts = _hosts(ctx)
+    hosts = _hosts(ctx, full=False)
     expected = sorted({h for a in actions for h in _expected(hosts, a.selector)})
     puts = {ctx.keys.action(a.id): dumps(a) for a in actions}
     if holds:

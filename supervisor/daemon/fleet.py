@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 APPLIED_KEY = "fleet_applied"
 APPLIED_KEEP = 1000  # action ids remembered as applied (actions older than that are settled)
 ACTION_QUEUE_MAX = 1024
+# This host's acknowledgements and anchors kept in the store; older ones are deleted (the
+# audit log on the host keeps every action applied).
+ACKS_KEEP = 256
+ANCHORS_KEEP = 256
+PRUNE_EVERY = 10  # anchor intervals
 _VERB_OF = {"kill": "kill", "pause": "pause", "resume": "resume", "reactivate": "reactivate",
             "lift": "reactivate"}
 
@@ -437,6 +442,22 @@ class FleetMember:
                                json.dumps(body, sort_keys=True))
 
     async def _anchor_periodically(self) -> None:
+        ticks = 0
         while True:
+            if ticks % PRUNE_EVERY == 0:
+                try:
+                    await asyncio.to_thread(self._prune)
+                except SupervisorError as exc:
+                    log.warning("fleet: pruning old acks and anchors failed: %s", exc.message)
             await asyncio.sleep(self.config.anchor_interval)
             self._publish_anchor()
+            ticks += 1
+
+    def _prune(self) -> None:
+        """Keep this host's acks and anchors in the store bounded (runs on a thread)."""
+        host = self.config.host_id
+        for prefix, keep in ((self.keys.acks(host), ACKS_KEEP),
+                             (self.keys.anchors(host), ANCHORS_KEEP)):
+            kvs, _ = self.link.reader.get_prefix(prefix)
+            for kv in sorted(kvs, key=lambda kv: kv.key)[:-keep]:
+                self.link.reader.delete(kv.key)

@@ -5,7 +5,8 @@ privilege; agentctl and the daemon both read it.
 Key layout under the configured prefix (default /agent-supervisor/fleet/):
   control/actions/<id>    one durable fleet action (operators write; hosts read)
   control/holds/<id>      a kill that stays until an owner lifts it (operators write)
-  hosts/<host>/reg        the host's registration, under its lease (that host writes)
+  members/<host>          the host's registration, under its lease (that host writes); its own
+                          prefix, so waiting for hosts reads registrations and nothing else
   hosts/<host>/acks/<id>  the host's acknowledgement of action <id> (that host writes)
   hosts/<host>/anchors/<seq>  the host's signed audit heads (that host writes)
   hosts/<host>/partition  what the host did while cut off, written once it is back
@@ -153,8 +154,12 @@ class Keys:
     def hold(self, action_id: str) -> str:
         return self.holds + action_id
 
+    @property
+    def members(self) -> str:
+        return self.prefix + "members/"
+
     def registration(self, host: str) -> str:
-        return self.host(host) + "reg"
+        return self.members + host
 
     def ack(self, host: str, action_id: str) -> str:
         return self.host(host) + "acks/" + action_id

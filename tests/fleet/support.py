@@ -237,9 +237,11 @@ class Fleet:
             if status != 200:
                 raise RuntimeError(f"{path}: {answer}")
 
-        def grant(role: str, key: str, kind: str) -> None:
-            unauth("/v3/auth/role/grant", {"name": role, "perm": {
-                "permType": kind, "key": b64(key), "range_end": b64(prefix_end(key))}})
+        def grant(role: str, key: str, kind: str, prefix: bool = True) -> None:
+            perm = {"permType": kind, "key": b64(key)}
+            if prefix:
+                perm["range_end"] = b64(prefix_end(key))
+            unauth("/v3/auth/role/grant", {"name": role, "perm": perm})
 
         unauth("/v3/auth/user/add", {"name": "root", "password": self.root_password})
         unauth("/v3/auth/role/add", {"name": "root"})
@@ -254,6 +256,7 @@ class Fleet:
             unauth("/v3/auth/role/add", {"name": role})
             grant(role, self.keys.control, "READ")
             grant(role, self.keys.host(host), "READWRITE")
+            grant(role, self.keys.registration(host), "READWRITE", prefix=False)
             unauth("/v3/auth/user/add", {"name": host, "password": passwords[host]})
             unauth("/v3/auth/user/grant", {"user": host, "role": role})
         unauth("/v3/auth/enable", {})

@@ -42,7 +42,9 @@ def test_a_host_prefix_never_covers_another_host() -> None:
     assert keys.ack("h1", "x").startswith(keys.host("h1"))
     assert keys.actions.startswith(keys.control) and keys.holds.startswith(keys.control)
     assert not keys.host("h1").startswith(keys.control)
-    assert keys.host_of(keys.registration("h7")) == "h7"
+    assert keys.host_of(keys.ack("h7", "x")) == "h7"
+    assert keys.registration("h7") == "/p/members/h7"
+    assert not keys.registration("h7").startswith(keys.hosts)
     assert keys.host_of(keys.action("x")) is None
     assert prefix_end("/p/") == "/p0"
     assert keys.anchor("h1", 12) < keys.anchor("h1", 100)  # anchors sort by sequence
