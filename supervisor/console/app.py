@@ -30,7 +30,8 @@ from supervisor.models import SCOPED_VERBS
 LOOPBACK = "127.0.0.1"
 BODY_MAX = 64 * 1024
 STATIC = {"console.js": "text/javascript", "console.css": "text/css"}
-HEARTBEAT = 15.0
+# A closed tab is noticed on the next write: the heartbeat bounds how long it holds a slot.
+HEARTBEAT = 5.0
 # Verbs whose target the operator must type back, and that need a reason.
 CONFIRMED = frozenset({"kill"})
 SECURITY_HEADERS = {
@@ -143,25 +144,30 @@ async def session_info(request: web.Request) -> web.Response:
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
-        raise InvalidRequest("send JSON (Content-Type: application/json)", field="body")
+        raise InvalidRequest("send JSON (Content-Type: application/json)", field="body",
+                             hint="use the console's page, or POST a JSON object")
     try:
         body = json.loads(await request.read() or b"{}")
     except ValueError:
-        raise InvalidRequest("the body is not JSON", field="body") from None
+        raise InvalidRequest("the body is not JSON", field="body",
+                             hint="POST a JSON object") from None
     if not isinstance(body, dict):
-        raise InvalidRequest("the body must be a JSON object", field="body")
+        raise InvalidRequest("the body must be a JSON object", field="body",
+                             hint="POST a JSON object")
     return body
 
 
 def _reason(body: dict[str, Any], required: bool) -> str:
     reason = body.get("reason", "")
     if not isinstance(reason, str):
-        raise InvalidRequest("reason must be a string", field="reason")
+        raise InvalidRequest("reason must be a string", field="reason",
+                             hint="give the reason as text")
     if required and not reason.strip():
         raise InvalidRequest("a reason is required", field="reason",
                              hint="say why: it is written to the audit log with your name")
     if len(reason) > REASON_MAX:
-        raise InvalidRequest(f"reason is longer than {REASON_MAX} characters", field="reason")
+        raise InvalidRequest(f"reason is longer than {REASON_MAX} characters", field="reason",
+                             hint="shorten it; link a ticket for the long story")
     return reason
 
 
