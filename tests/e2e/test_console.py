@@ -426,8 +426,10 @@ def test_an_approval_granted_in_the_ui_reaches_the_gateway(rig: GatewayRig,
         approvals = ["DELETE *"]
         approval_timeout = "2m"
     """.replace("        ", "") + LLM_ROUTE)
-    rig.daemon.agentctl("run", "--detach", "--name", "refunder", "--profile", profile, "--",
-                        "sleep", "600", check=True)
+    # The gateway worker may be restarting (it is restarted when it exits): wait for it.
+    wait_for(lambda: rig.daemon.agentctl("run", "--detach", "--name", "refunder", "--profile",
+                                         profile, "--", "sleep", "600").returncode == 0, 90,
+             interval=2, what="a launch with the egress gateway")
     env = rig.proxy_env("refunder")
     replies: list[bytes] = []
     sender = threading.Thread(target=lambda: replies.append(host_request(

@@ -28,7 +28,8 @@ def chromium(width: int = 1360, height: int = 860) -> Iterator[webdriver.Chrome]
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     try:
-        driver.set_page_load_timeout(30)
+        # Generous: on a loaded machine the renderer can take long to answer.
+        driver.set_page_load_timeout(120)
         yield driver
     finally:
         driver.quit()

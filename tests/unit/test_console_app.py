@@ -40,14 +40,20 @@ def fake_daemon(seen: list[tuple[str, str, Any]]) -> web.Application:
 
 
 def with_console(tmp_path: Path,
-                 scenario: Callable[[aiohttp.ClientSession, str, list[Any]], Awaitable[None]]
-                 ) -> None:
+                 scenario: Callable[[aiohttp.ClientSession, str, list[Any]], Awaitable[None]],
+                 owner_seen: list[Any] | None = None) -> None:
+    """`owner_seen`: also serve the owners' socket beside the control socket, recording there."""
+
     async def main() -> None:
         seen: list[tuple[str, str, Any]] = []
         sock = str(tmp_path / "control.sock")
         daemon = web.AppRunner(fake_daemon(seen))
         await daemon.setup()
         await web.UnixSite(daemon, sock).start()
+        owners = web.AppRunner(fake_daemon(owner_seen if owner_seen is not None else []))
+        await owners.setup()
+        if owner_seen is not None:
+            await web.UnixSite(owners, str(tmp_path / "control-owner.sock")).start()
         gate = Gate("127.0.0.1", token="tok")
         runner = web.AppRunner(build_app(ConsoleConfig(socket_path=sock, poll_period=60), gate))
         await runner.setup()
@@ -67,6 +73,7 @@ def with_console(tmp_path: Path,
         finally:
             await runner.cleanup()
             await daemon.cleanup()
+            await owners.cleanup()
 
     asyncio.run(main())
 
@@ -151,3 +158,21 @@ def test_approvals_need_a_reason_to_deny(tmp_path: Path) -> None:
         assert status == 404
 
     with_console(tmp_path, scenario)
+
+
+def test_actions_go_to_the_owners_socket_when_there_is_one(tmp_path: Path) -> None:
+    owner_seen: list[Any] = []
+
+    async def scenario(client: aiohttp.ClientSession, base: str, seen: list[Any]) -> None:
+        status, _ = await post(client, f"{base}/api/actions/kill",
+                               {"scope": {"agent": "a1"}, "reason": "r", "confirm": "a1"})
+        assert status == 200
+        assert owner_seen == [("POST", "/v1/actions/kill",
+                               {"scope": {"agent": "a1"}, "reason": "r"})]
+        assert not [s for s in seen if s[0] == "POST"], "not on the control socket"
+        async with client.get(f"{base}/api/session") as resp:
+            assert resp.status == 200
+        assert ("GET", "/v1/health", None) in seen, "reads stay on the control socket"
+        assert not [s for s in owner_seen if s[0] == "GET"]
+
+    with_console(tmp_path, scenario, owner_seen)

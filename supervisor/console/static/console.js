@@ -113,9 +113,13 @@ function renderAgents() {
   const classes = [...new Set(state.agents.map((a) => a.class))].sort();
   const select = $("class-filter");
   const current = select.value;
-  select.replaceChildren(el("option", { value: "", text: "all classes" }),
-    ...classes.map((c) => el("option", { value: c, text: c })));
-  select.value = classes.includes(current) ? current : "";
+  // Rebuilt only when the classes change, so an open list is not pulled from under the user.
+  if (select.dataset.classes !== classes.join(",")) {
+    select.dataset.classes = classes.join(",");
+    select.replaceChildren(el("option", { value: "", text: "all classes" }),
+      ...classes.map((c) => el("option", { value: c, text: c })));
+    select.value = classes.includes(current) ? current : "";
+  }
   state.classFilter = select.value;
   for (const id of ["class-pause", "class-resume", "class-kill"]) $(id).disabled = !state.classFilter;
   // Rows are updated in place, keyed by name, so a button never vanishes under a click
