@@ -65,6 +65,7 @@ EVENT_TYPES = (
     "approval.requested",
     "approval.granted",
     "approval.denied",
+    "mcp.call",
     "breaker.reset",
     "audit.checkpoint",
     "audit.verified",
@@ -91,6 +92,7 @@ _VERB_EVENTS = {
     "approval_granted": "approval.granted",
     "approval_denied": "approval.denied",
     "breaker_reset": "breaker.reset",
+    "mcp_call": "mcp.call",  # every MCP decision (supervisor/mcp/gateway.py)
     # Audit anchors leave the host (supervisor/audit/anchor.py); alarms say when writes fail.
     "audit_checkpoint": "audit.checkpoint",
     "audit_verify": "audit.verified",

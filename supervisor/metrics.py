@@ -98,6 +98,10 @@ class Metrics(Collector):
         self.gateway_exits = Counter(
             f"{PREFIX}_gateway_exits", "Times the egress gateway's process died or was killed "
             "and was replaced (audited as gateway_exited)", registry=self.registry)
+        self.mcp_calls = Counter(
+            f"{PREFIX}_mcp_calls", "MCP gateway decisions (audited as mcp_call), by server "
+            "and outcome (allowed, denied, held, approved)", ["server", "outcome"],
+            registry=self.registry)
         self.audit_rows = audit.count() if audit is not None else 0
         self.audit = audit
         self.registry.register(self)
@@ -124,6 +128,9 @@ class Metrics(Collector):
         if (halt_verb is not None and entry.time_to_halt_ms is not None
                 and entry.outcome == "ok"):
             self.time_to_halt.labels(verb=halt_verb).observe(entry.time_to_halt_ms / 1000)
+        if entry.verb == "mcp_call":
+            self.mcp_calls.labels(server=str(entry.detail.get("server", ""))[:64],
+                                  outcome=entry.outcome.partition(":")[0]).inc()
         if entry.verb == "gateway_exited":
             self.gateway_exits.inc()
         if entry.verb == "drill" and isinstance(entry.detail.get("passed"), bool):

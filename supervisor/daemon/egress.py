@@ -41,6 +41,7 @@ from supervisor.errors import (
     IllegalTransition,
     InvalidRequest,
 )
+from supervisor.mcp.gateway import secret_key as mcp_secret_key
 from supervisor.models import Actor, Approval
 from supervisor.tripwires import Firing
 
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 
 GATEWAY = Actor(kind="system", name="gateway")
 _DENIAL_ROWS_PER_RUN = 50  # egress_denied rows per run; the gateway's tally counts the rest
+# mcp_call rows per run (one per decision); past it they are counted in egress_summary. The
+# MCP budgets bound the calls themselves.
+_MCP_ROWS_PER_RUN = 5000
 # Held requests over all runs. The gateway caps each run's own; this bound also holds if the
 # worker (an agent-facing process) were subverted and sent holds without end.
 _MAX_PENDING_APPROVALS = 4096
@@ -156,6 +160,9 @@ class _RunEgress:
     snapshot: dict[str, Any] = field(default_factory=dict)
     lost: bool = False  # its worker died: no listener, no network until the run ends
     revoked: bool = False  # kill step 2 was sent (the worker's answer is never awaited)
+    mcp_rows: int = 0
+    mcp_unrecorded: int = 0  # decisions past _MCP_ROWS_PER_RUN
+    mcp_budget_fired: bool = False
 
     def usage(self) -> Usage:
         return Usage(**self.snapshot["usage"]) if self.snapshot.get("usage") else Usage()
@@ -225,6 +232,9 @@ class EgressControl:
         policy = profile.network.gateway
         secret_values = {route.name: load_secret(route.secret, self.config.egress.secrets_dir)
                          for route in policy.routes}
+        secret_values.update({mcp_secret_key(server.name): load_secret(
+            server.secret, self.config.egress.secrets_dir)
+            for server in policy.mcp.servers if server.secret is not None})
         await self.worker.ensure_up()
         addresses = self.pool.allocate()
         network = RunNetwork(run.id, link.host_ifname(run.container_id),
@@ -360,6 +370,8 @@ class EgressControl:
             self._fire_breaker(run_id, dict(message["detail"]))
         elif op == "denied":
             self._audit_denial(run_id, str(message["code"])[:64], _clipped(message["detail"]))
+        elif op == "mcp":
+            self._audit_mcp(run_id, _clipped(message["detail"]))
         elif op == "approval":
             self._hold(str(message["id"])[:16], run_id, str(message["method"])[:16],
                        str(message["host"])[:300], str(message["path"])[:1000],
@@ -420,6 +432,34 @@ class EgressControl:
         self.audit.append(actor=GATEWAY.label(), verb="egress_denied", scope=f"agent:{agent}",
                           target=agent, outcome=f"refused:{code}",
                           detail={"run": run_id, **detail})
+
+    def _audit_mcp(self, run_id: str, detail: dict[str, Any]) -> None:
+        """One MCP decision (supervisor/mcp/gateway.py): an audit row (and so an event and the
+        metrics); a spent MCP budget fires like the egress budget."""
+        state = self.runs.get(run_id)
+        if state is None:
+            return
+        agent = state.grant.agent
+        if state.mcp_rows >= _MCP_ROWS_PER_RUN:
+            state.mcp_unrecorded += 1
+        else:
+            state.mcp_rows += 1
+            outcome = str(detail.get("outcome", ""))[:16]
+            reason = str(detail.get("reason", ""))[:64]
+            self.audit.append(actor=GATEWAY.label(), verb="mcp_call", scope=f"agent:{agent}",
+                              target=agent, outcome=f"{outcome}:{reason}" if reason else outcome,
+                              reason=str(detail.get("message", ""))[:300],
+                              detail={"run": run_id, **detail})
+        if detail.get("reason") == "budget_exhausted" and not state.mcp_budget_fired:
+            state.mcp_budget_fired = True
+            action = state.grant.policy.budget.action
+            firing = Firing(rule="mcp_budget", metric="mcp_calls",
+                            value=float(detail.get("calls") or 0), threshold=0.0, action=action,
+                            reason=f"tripwire mcp_budget: {detail.get('rule')}: "
+                                   f"{str(detail.get('message', ''))[:200]}",
+                            sample_ts=time.time())
+            self.containment.fire(run_id, firing, {"mcp": {
+                "calls": detail.get("calls"), "cost": detail.get("cost")}})
 
     def _hold(self, approval_id: str, run_id: str, method: str, host: str, path: str,
               rule: str) -> None:

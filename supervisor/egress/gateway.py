@@ -63,6 +63,7 @@ from supervisor.egress.target import (
     normalise,
     override_in,
 )
+from supervisor.mcp import gateway as mcp_gateway
 from supervisor.models.egress import Route, is_ip_literal
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class GatewaySink(Protocol):
     def budget_exceeded(self, run_id: str, detail: dict[str, Any]) -> None: ...
     def breaker_tripped(self, run_id: str, detail: dict[str, Any]) -> None: ...
     def denied(self, run_id: str, code: str, detail: dict[str, Any]) -> None: ...
+    def mcp_decision(self, run_id: str, detail: dict[str, Any]) -> None: ...
     def request_approval(self, run_id: str, method: str, host: str, path: str, rule: str
                          ) -> concurrent.futures.Future[Decision]: ...
 
@@ -126,6 +128,7 @@ class _Gate:
         self.held = 0  # requests waiting for an operator now
         self.asked = 0  # approvals asked for in all
         self._reflections: dict[str, Reflection] = {}
+        self.mcp: mcp_gateway.McpRun | None = None  # its MCP calls (supervisor/mcp/gateway.py)
 
     def reflection(self, route: Route) -> Reflection:
         if route.name not in self._reflections:
@@ -438,6 +441,11 @@ class Gateway:
         usage.refusals = gate.refusals.as_dict()
         return usage
 
+    def client_session(self) -> aiohttp.ClientSession:
+        """The gateway's one client session (the gateway's loop only)."""
+        assert self._session is not None, "the gateway is not running"
+        return self._session
+
     def listening(self, run_id: str) -> bool:
         gate = self.gates.get(run_id)
         return gate is not None and gate.listener is not None and gate.listener.is_serving()
@@ -514,6 +522,8 @@ class Gateway:
         if gate.listener is not None:
             gate.listener.close()
         self._cut(gate)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(mcp_gateway.end_sessions(self, gate), 3)
         if gate.listener is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(gate.listener.wait_closed(), 2)
@@ -540,6 +550,10 @@ class Gateway:
                     self._bad_request(gate, request.reason, count=False)
                     raise EgressRefusal(400, "bad_request", "the gateway could not read this "
                                         "request's target")
+                if request.method != "CONNECT" and mcp_gateway.is_mcp(request):
+                    # Pause holds MCP calls (in supervisor/mcp/gateway.py) instead of refusing.
+                    self._authorize(gate, request, hold_suspended=True)
+                    return await mcp_gateway.handle(self, gate, request)
                 self._authorize(gate, request)
                 if request.method == "CONNECT":
                     return await self._tunnel(gate, request)
@@ -586,7 +600,8 @@ class Gateway:
             response.force_close()
         return response
 
-    def _authorize(self, gate: _Gate, request: web.BaseRequest) -> None:
+    def _authorize(self, gate: _Gate, request: web.BaseRequest, *,
+                   hold_suspended: bool = False) -> None:
         token = _token_of(request.headers.get("Proxy-Authorization", ""))
         if token is None:
             raise EgressRefusal(407, "token_required",
@@ -598,7 +613,7 @@ class Gateway:
         if gate.state == "revoked":
             raise EgressRefusal(403, "token_revoked", "this run's session token was revoked "
                                 "(the run was stopped or killed)")
-        if gate.state == "suspended":
+        if gate.state == "suspended" and not hold_suspended:
             raise EgressRefusal(403, "token_suspended", "this run's session token is suspended "
                                 "while the agent is paused", retry=True)
         if gate.state == "expired" or self.clock() >= gate.grant.expires_at:

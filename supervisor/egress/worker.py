@@ -145,6 +145,10 @@ class Worker:
         in its bounded tally, which reaches the daemon with every usage snapshot."""
         self._post({"op": "denied", "run": run_id, "code": code, "detail": _bounded(detail)})
 
+    def mcp_decision(self, run_id: str, detail: dict[str, Any]) -> None:
+        """Every MCP decision (supervisor/mcp/gateway.py); the daemon audits it."""
+        self._post({"op": "mcp", "run": run_id, "detail": _bounded(detail)})
+
     def request_approval(self, run_id: str, method: str, host: str, path: str, rule: str
                          ) -> concurrent.futures.Future[Decision]:
         future: concurrent.futures.Future[Decision] = concurrent.futures.Future()

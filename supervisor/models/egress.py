@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from supervisor.models.mcp import McpPolicy
 from supervisor.models.units import Duration, Size
 
 Action = Literal["alert", "pause", "kill"]
@@ -216,6 +217,8 @@ class GatewayPolicy(_Strict):
     # refused (429 approvals_pending / approval_limit) without asking anyone.
     max_pending_approvals: Annotated[int, Field(ge=1, le=64)] = 4
     max_approval_requests: Annotated[int, Field(ge=1, le=10_000)] = 100
+    # MCP servers reached through the gateway and their tool policy (docs/mcp.md).
+    mcp: McpPolicy = McpPolicy()
 
     @field_validator("allow", mode="before")
     @classmethod
@@ -268,7 +271,8 @@ class NetworkPolicy(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> NetworkPolicy:
-        if self.mode == "none" and (self.gateway.allow or self.gateway.routes):
-            raise ValueError("gateway allow-list or routes are set but mode is 'none'; "
-                             "set mode = \"gateway\"")
+        if self.mode == "none" and (self.gateway.allow or self.gateway.routes
+                                    or self.gateway.mcp.servers):
+            raise ValueError("gateway allow-list, routes or MCP servers are set but mode is "
+                             "'none'; set mode = \"gateway\"")
         return self
