@@ -43,6 +43,7 @@ def build(log: ServerLog, *, json_response: bool = False) -> FastMCP:
         # field (lifespan) is not read from settings here.
         warnings.filterwarnings("ignore", message=".*incomplete definition.*")
         server = FastMCP("code", host="127.0.0.1", json_response=json_response,
+                         log_level="WARNING",
                          transport_security=TransportSecuritySettings(
                              allowed_hosts=[f"{MCP_NAME}:*", "127.0.0.1:*"],
                              allowed_origins=[]))
@@ -143,3 +144,20 @@ class McpUpstream:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self._sock.close()
+
+
+def main() -> None:
+    """`python -m tests.support.mcp CA_DIR PORT_FILE [--json]`: serve until killed (for the
+    benchmark, which keeps the server out of its own process)."""
+    import sys
+    from pathlib import Path
+
+    directory, port_file = Path(sys.argv[1]), Path(sys.argv[2])
+    ca = TestCA(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    upstream = McpUpstream(ca, json_response="--json" in sys.argv[3:]).start()
+    port_file.write_text(str(upstream.port))
+    upstream.thread.join()
+
+
+if __name__ == "__main__":
+    main()
