@@ -49,7 +49,7 @@ if str(REPO) not in sys.path:
 
 from bench.stats import cpu_model, nearest_rank  # noqa: E402
 from tests.support.mcp import MCP_NAME  # noqa: E402
-from tests.support.mcp import TOKEN as SERVER_TOKEN
+from tests.support.mcp import TOKEN as SERVER_TOKEN  # noqa: E402
 from tests.support.upstream import make_ca  # noqa: E402
 
 RUN_TOKEN = "bench-run-token-0123456789"
