@@ -14,7 +14,6 @@ import fnmatch
 import re
 from typing import Annotated, Any
 
-import cel
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 _NAME = r"^[a-z0-9][a-z0-9_\-]{0,62}$"
@@ -58,6 +57,8 @@ class ToolRule(_Strict):
     @classmethod
     def _compiles(cls, expression: str | None) -> str | None:
         if expression is not None:
+            import cel  # here, not at the top: only profiles with rules pay for its import
+
             try:
                 cel.compile(expression)
             except Exception as exc:  # the binding raises ValueError and others
@@ -67,6 +68,8 @@ class ToolRule(_Strict):
     def program(self) -> Any:
         """The compiled rule (compiled once per process; the model is frozen)."""
         if self._program is None and self.require is not None:
+            import cel
+
             self._program = cel.compile(self.require)
         return self._program
 
