@@ -113,11 +113,9 @@ class FleetMember:
                               outcome="failed", detail={"error": message})
         revision = self.applied_revision
         if snapshot is not None:
-            first_start = self.applied_revision == 0
-            self._on_snapshot(snapshot, at_start=first_start)
+            self._on_snapshot(snapshot)
             await self._drain()
             revision = snapshot.revision
-            self.synced = True
         self._worker = asyncio.create_task(self._work())
         self._anchorer = asyncio.create_task(self._anchor_periodically())
         self.link.publish_registration(self._registration())
@@ -154,8 +152,12 @@ class FleetMember:
 
     # ------------------------------------------------------------------ events from the link
 
-    def _on_snapshot(self, snapshot: Snapshot, at_start: bool = False) -> None:
+    def _on_snapshot(self, snapshot: Snapshot) -> None:
         self.holds = dict(snapshot.holds)
+        first_read = not self.synced
+        # The first read (at start, or once a store out of reach at start answers): a host
+        # that never applied anything applies the holds in force, not history.
+        at_start = first_read and self.applied_revision == 0
         for revision, action in snapshot.actions:
             if action.id in self.applied or action.id in self._queued:
                 continue
@@ -166,8 +168,14 @@ class FleetMember:
             if not at_start and revision <= self.applied_revision and not held:
                 continue
             self._enqueue(action)
+        if first_read:
+            self.applied_revision = max(self.applied_revision, snapshot.revision)
+            self._save_applied()
+            self.synced = True
 
     def _on_action(self, revision: int, action: FleetAction) -> None:
+        if not self.synced:
+            return  # history before the first read; the read decides what applies
         if action.id not in self.applied and revision > self.applied_revision:
             self._enqueue(action)
 
@@ -345,6 +353,9 @@ class FleetMember:
         while len(self.applied) > APPLIED_KEEP:
             self.applied.popitem(last=False)
         self.applied_revision = max(self.applied_revision, self.link.revision)
+        self._save_applied()
+
+    def _save_applied(self) -> None:
         self.store.set_meta(APPLIED_KEY, json.dumps({"revision": self.applied_revision,
                                                      "ids": list(self.applied)}))
 

@@ -212,6 +212,11 @@ class FleetLink:
     def _watcher(self) -> None:
         while not self._stop.is_set():
             try:
+                # Read everything, then watch from there: what happened while the watch was
+                # down (or lost) is in the read, and the loop applies what it has not yet.
+                snapshot = self.read_control()
+                self.revision = max(self.revision, snapshot.revision)
+                self._call(self.events.snapshot, snapshot)
                 for revision, events in self.reader.watch(self.keys.control, self.revision + 1,
                                                           timeout=self.reread_interval):
                     if self._stop.is_set():
@@ -220,11 +225,7 @@ class FleetLink:
                         self._event(event.kind, event.kv)
                     if revision > self.revision:
                         self.revision = revision
-                # The stream went quiet for reread_interval (or ended): re-read everything,
-                # so an event the watch lost is applied all the same.
-                snapshot = self.read_control()
-                self.revision = max(self.revision, snapshot.revision)
-                self._call(self.events.snapshot, snapshot)
+                # The stream went quiet for reread_interval (or ended): round again.
             except FleetStoreError as exc:
                 if exc.detail.get("compact_revision"):
                     self.revision = int(exc.detail["compact_revision"]) - 1

@@ -228,3 +228,20 @@ def test_a_host_cannot_issue_forge_or_rewrite(fleet: Fleet,
     for other in fleet.hosts:
         assert not [r for r in _audit_rows(other, "fleet_action")
                     if r["detail"]["action"] == forged.id]
+
+
+def test_a_host_that_cannot_read_the_store_at_start_refuses_launches(fleet: Fleet) -> None:
+    """Fail closed: no launch before the holds are known; launches open once they are."""
+    tag = secrets.token_hex(2)
+    host = fleet.hosts[0]
+    host.daemon.stop()
+    fleet.link(host.member, up=False)
+    try:
+        host.start()
+        assert _refusal(host, f"u-{tag}", "web") == "fleet_hold"
+        assert _audit_rows(host, "fleet_unsynced")
+    finally:
+        fleet.link(host.member, up=True)
+    wait_for(lambda: _refusal(host, f"u-{tag}", "web") is None, timeout=60, interval=0.5,
+             what="launches once the holds were read")
+    assert _state(host, f"u-{tag}") == "active"
