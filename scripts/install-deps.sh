@@ -16,8 +16,9 @@ fi
 # git: the CI-mode tests make a real repository for the scripted coding agent.
 # chromium, chromium-driver: the web console's tests drive a real headless browser.
 # etcd-server, etcd-client: the fleet store (tests/fleet start their own etcd; docs/fleet.md).
-packages=(runc iproute2 nftables python3 python3-venv util-linux passwd procps systemd tmux stress-ng
-          docker.io git chromium chromium-driver etcd-server etcd-client)
+# tini: every sandbox's PID 1 (its static build, bound at /dev/init; supervisor/runtime/init.py).
+packages=(runc tini iproute2 nftables python3 python3-venv util-linux passwd procps systemd tmux
+          stress-ng docker.io git chromium chromium-driver etcd-server etcd-client)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \

@@ -48,6 +48,9 @@ class SandboxSection(_Section):
     # Docker (then [docker] applies; the engine must be up when the daemon starts).
     runtime: Literal["runc", "docker"] = "runc"
     runc_path: str = "runc"
+    # The init bound at /dev/init as every sandbox's PID 1 (runtime/init.py); no run starts
+    # without it. The static build runs in any root (host, rootfs directory or image).
+    init: str = "/usr/bin/tini-static"
     # Every run's cgroup lives under this path in each hierarchy (v1 controllers and v2).
     cgroup_parent: Annotated[str, Field(pattern=r"^/[A-Za-z0-9_.\-/]+$")] = "/agent-supervisor"
     # Prefix of the per-run network namespaces under /run/netns and of runc container ids.

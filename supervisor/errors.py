@@ -41,12 +41,24 @@ class InvalidJson(InvalidRequest):
 
 
 class CommandNotFound(InvalidRequest):
-    """The agent's command does not exist in the sandbox's root (checked before launch)."""
+    """The agent's command does not exist in the sandbox's root (checked before launch).
+    Exit status 127, as a shell and `docker run` give it."""
 
     code = "command_not_found"
-    default_hint = ("the command is resolved inside the sandbox's root, not on your host path: "
-                    "give an absolute path that the profile's root provides, or a path under "
-                    "the workspace")
+    exit_status = 127
+    default_hint = ("the command is resolved inside the sandbox's root, not on your host path, "
+                    "from the sandbox's working directory (the workspace, /workspace, with "
+                    "--workspace DIR; /tmp without): give an absolute path that the profile's "
+                    "root provides, or pass --workspace with the directory that holds it")
+
+
+class CommandNotExecutable(InvalidRequest):
+    """The agent's command exists in the sandbox but cannot be executed (not a regular file
+    with an execute bit). Exit status 126, as a shell and `docker run` give it."""
+
+    code = "command_not_executable"
+    exit_status = 126
+    default_hint = "make the file executable (chmod +x), or run it through its interpreter"
 
 
 class BodyTooLarge(InvalidRequest):
@@ -315,6 +327,17 @@ class FleetUnconfirmed(SupervisorError):
     code = "fleet_unconfirmed"
     http_status = 504
     exit_status = 13
+
+
+# `agentctl run` (and an embedded run) exits with this when the supervisor could not start
+# the run, as `docker run` exits 125 when the engine could not: the sandbox, runtime, engine or
+# gateway failed. The command's own failures are 126 and 127 (above).
+LAUNCH_FAILED_EXIT = 125
+
+
+def launch_exit_status(exc: SupervisorError) -> int:
+    """The exit status of a run that did not start because of `exc`."""
+    return LAUNCH_FAILED_EXIT if isinstance(exc, EnforcementError) else exc.exit_status
 
 
 def error_class_for(code: str) -> type[SupervisorError]:

@@ -1,7 +1,8 @@
 """How an embedded CI run ended and the exit status agentctl gives it. Pure; no I/O.
 
-The statuses sit in a block no other agentctl status uses (errors.py: 1-13 and 78) and away
-from the shell's 126-165; an agent that itself exits 80-84 is told apart by the report."""
+The statuses of how a run ended sit in a block no other agentctl status uses (errors.py: 1-13,
+78, and docker's 125-127 for a run that did not start); an agent that itself exits 80-84 is
+told apart by the report."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def ending_of(cause: str | None) -> Ending:
 def exit_status(ending: Ending, agent_status: int | None, *, scope_violation: bool,
                 supervisor_error: bool, launch_error_status: int | None = None) -> int:
     """Precedence: a supervisor error (the evidence is incomplete), then a launch the sandbox
-    refused (its own structured status, e.g. 10 enforcement_failed), then a scope violation (the
+    refused (errors.launch_exit_status: 125 the supervisor could not start it, 126/127 the
+    command, else the refusal's own status), then a scope violation (the
     workspace holds changes nobody allowed), then how the run ended, then the agent's own."""
     if supervisor_error:
         return EXIT_SUPERVISOR_ERROR

@@ -54,6 +54,7 @@ from supervisor.errors import (
     InvalidRequest,
     SupervisorError,
     WorkspaceInvalid,
+    launch_exit_status,
 )
 from supervisor.models import ActionRequest, Actor, Scope
 from supervisor.profiles import Profile, load_profile
@@ -329,7 +330,8 @@ class EmbeddedRunner:
         commits = self._provenance()
         status = exit_status(self.ending, self.agent_status, scope_violation=bool(found),
                              supervisor_error=bool(self.supervisor_errors),
-                             launch_error_status=self.error.exit_status if self.error else None)
+                             launch_error_status=(launch_exit_status(self.error)
+                                                  if self.error else None))
         report: dict[str, Any] = {
             "schema": SCHEMA,
             "supervisor_version": __version__,

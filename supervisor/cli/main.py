@@ -20,7 +20,7 @@ from supervisor.ci import ENV_VAR as EMBEDDED_ENV_VAR
 from supervisor.cli.console import console
 from supervisor.cli.fleet import fleet
 from supervisor.cli.top import human_bytes, top
-from supervisor.errors import InvalidRequest, SupervisorError
+from supervisor.errors import InvalidRequest, SupervisorError, launch_exit_status
 from supervisor.limits import REASON_MAX
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,14 +36,14 @@ def _emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
-def _fail(exc: SupervisorError, as_json: bool) -> NoReturn:
+def _fail(exc: SupervisorError, as_json: bool, status: int | None = None) -> NoReturn:
     if as_json:
         _emit_json(exc.to_body())
     else:
         click.echo(f"agentctl: {exc.code}: {exc.message}", err=True)
         if exc.hint:
             click.echo(f"hint: {exc.hint}", err=True)
-    sys.exit(exc.exit_status)
+    sys.exit(exc.exit_status if status is None else status)
 
 
 def handles_errors(func: F) -> F:
@@ -153,7 +153,9 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
     """Run COMMAND as a sandboxed agent: agentctl run --name a1 -- python agent.py
 
     In the foreground the agent's output is streamed and agentctl exits with the agent's
-    status (137 when it was killed). Ctrl-C stops the agent (SIGTERM, then the kill path).
+    status (137 when it was killed). A run that does not start exits as `docker run` does:
+    125 the supervisor could not start it, 126 the command cannot be executed, 127 it is not
+    found. Ctrl-C stops the agent (SIGTERM, then the kill path).
     Embedded runs exit 80 killed, 81 tripwire, 82 timeout, 83 scope violation, 84 supervisor
     error, else the agent's own status."""
     body: dict[str, Any] = {"command": list(command)}
@@ -194,7 +196,10 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
                              f"(--embedded); this run would go to the daemon at {socket_path}",
                              field=given[0])
     client = _client()
-    view = client.run(body)
+    try:
+        view = client.run(body)
+    except SupervisorError as exc:  # did not start: docker run's 125, 126 and 127
+        _fail(exc, as_json, launch_exit_status(exc))
     if detach:
         if as_json:
             _emit_json(view)

@@ -28,6 +28,7 @@ from supervisor.daemon.store import Store, connect
 from supervisor.daemon.watchdog import Watchdog
 from supervisor.errors import EnforcementError
 from supervisor.runtime.base import Runtime
+from supervisor.runtime.init import SandboxInit
 from supervisor.runtime.output import Outputs
 from supervisor.runtime.router import RuntimeRouter
 from supervisor.runtime.sandboxed import RuncRuntime
@@ -65,6 +66,7 @@ def docker_runtime_for(config: Config, outputs: Outputs | None = None) -> Docker
         max_runs=config.sandbox.max_runs, host_root_image=config.docker.host_root_image,
         state_dir=config.daemon.runtime_dir / "docker",
         outputs=outputs if outputs is not None else Outputs(config.output.max_bytes),
+        init=SandboxInit(Path(config.sandbox.init)),
     )
 
 
@@ -145,7 +147,7 @@ class Core:
             workspaces_dir=config.daemon.runtime_dir / "workspaces",
             bundles_dir=config.daemon.runtime_dir / "bundles", max_runs=config.sandbox.max_runs,
             outputs=outputs, seccomp_listener=seccomp.path if seccomp else None,
-            userns_limits=run_limits,
+            userns_limits=run_limits, init=SandboxInit(Path(config.sandbox.init)),
         )
         runtimes: dict[str, Runtime] = {"runc": runc}
         # Docker (supervisor/runtime/containerized.py): the engine must answer now, with the

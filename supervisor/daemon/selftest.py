@@ -45,6 +45,8 @@ def _script(runtime_dir: Path) -> str:
         "check shadow-readable 'test -s /etc/shadow && cat /etc/shadow'",
         "check usr-writable 'touch /usr/.agent-supervisor-canary'",
         "check root-user 'test \"$(id -u)\" = 0'",
+        # The canary runs under the sandbox's init (runtime/init.py), never as PID 1 itself.
+        "check agent-is-pid-1 'test $$ = 1 || test \"$(cat /proc/1/comm)\" != init'",
         # The ABI probe prints its own PASS/FAIL lines; without python3 nothing proves them,
         # and the count of checks below fails the self-test.
         f"python3 - <<'{_PROBE_EOF}'",
@@ -113,8 +115,8 @@ async def _canary(arbiter: Arbiter, config: Config, runtime: str, timeout: float
         handle.teardown_network()
         report["checks"]["kill-confirmed"] = "PASS" if empty else "FAIL"
         report["kill_mechanism"] = mechanism
-        # 7 base checks and the 2 output checks, besides the seccomp probe's.
-        expected = 9 + len(abi_probe.NOTIFIED_CHECKS) + len(abi_probe.COMPAT_CHECKS)
+        # 8 base checks and the 2 output checks, besides the seccomp probe's.
+        expected = 10 + len(abi_probe.NOTIFIED_CHECKS) + len(abi_probe.COMPAT_CHECKS)
         report["ok"] = (_READY in output and len(report["checks"]) >= expected
                         and all(v == "PASS" for v in report["checks"].values()))
         if _READY not in output:

@@ -49,6 +49,7 @@ from supervisor.runtime.docker_api import (
     DockerEngine,
     tar_of,
 )
+from supervisor.runtime.init import INIT_PATH, SandboxInit
 from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT, OutputRecorder, Outputs
 from supervisor.runtime.workspace import (
     off_loop,
@@ -246,9 +247,12 @@ class DockerRuntime:
 
     def __init__(self, engine: DockerEngine, streamer: DockerEngine, cgroup_parent: str,
                  name_prefix: str, uid_base: int, agent_uid: int, workspace_min_owner_uid: int,
-                 max_runs: int, host_root_image: str, state_dir: Path, outputs: Outputs
-                 ) -> None:
+                 max_runs: int, host_root_image: str, state_dir: Path, outputs: Outputs,
+                 init: SandboxInit | None = None) -> None:
         self.engine = engine
+        # Our own tini rather than the engine's --init: the same binary and flags as runc runs,
+        # checked by the daemon (fail closed) whatever the engine's init-path says.
+        self.init = init if init is not None else SandboxInit()
         self.outputs = outputs
         # A second client without a read timeout: a quiet agent must not end its log stream.
         self.streamer = streamer
@@ -380,7 +384,9 @@ class DockerRuntime:
                 staged = await off_loop(stage_workspace, params.workspace, workspace_fd,
                                          profile.workspace.readonly, staging)
                 undo.append(lambda: quiet(workspace_binds.unstage, staging))
+            init_binary = self.init.check()
             image, mounts = await self._mounts(params, params.image or profile.image, staged)
+            mounts.append(Mount(INIT_PATH, init_binary, type="bind", read_only=True))
             host_config = self.engine.host_config(
                 read_only=True, mounts=mounts,
                 tmpfs={"/tmp": f"rw,exec,nosuid,nodev,mode=1777,"
@@ -405,7 +411,8 @@ class DockerRuntime:
             undo.append(output.abort)
             undo.append(lambda: self._undo_container(params))
             await self.call(lambda: self.engine.create(
-                params.container_id, image, params.command, host_config=host_config,
+                params.container_id, image, self.init.wrap(params.command),
+                host_config=host_config,
                 user=user, environment=agent_env(params.run_id, params.workspace is not None,
                                                  profile, params.env),
                 working_dir=WORKSPACE_MOUNT if params.workspace else "/tmp",

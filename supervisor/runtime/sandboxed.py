@@ -20,6 +20,7 @@ from supervisor.runtime.control import (
     quiet,
     undo_all,
 )
+from supervisor.runtime.init import SandboxInit
 from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT, OutputRecorder, Outputs
 from supervisor.runtime.runc import Runc, ensure_root
 from supervisor.runtime.workspace import (
@@ -123,8 +124,10 @@ class RuncRuntime:
                  uid_base: int, agent_uid: int, workspace_min_owner_uid: int,
                  workspaces_dir: Path, bundles_dir: Path, max_runs: int,
                  outputs: Outputs, seccomp_listener: Path | None = None,
-                 userns_limits: UsernsLimits | None = None) -> None:
+                 userns_limits: UsernsLimits | None = None,
+                 init: SandboxInit | None = None) -> None:
         self.runc = Runc(runc_binary, runc_root)
+        self.init = init if init is not None else SandboxInit()
         self.outputs = outputs
         # Written into each run's user namespace before it starts (sandbox/userns.py).
         self.userns_limits = userns_limits
@@ -167,6 +170,7 @@ class RuncRuntime:
                 workspace_fd = pin_workspace(params.workspace, params.workspace_fd)
             uid_map, gid_map = self._id_maps(params.uid_slot, params.workspace, workspace_fd)
             seccomp = load_seccomp(params.profile.seccomp.profile)
+            init_binary = self.init.check()
 
             netns_path = await loop.run_in_executor(None, netns.create, params.netns)
             undo.append(lambda: quiet(netns.remove, params.netns))
@@ -184,7 +188,8 @@ class RuncRuntime:
 
             spec = BundleSpec(
                 run_id=params.run_id, hostname=f"agent-{params.agent}"[:63],
-                command=params.command, profile=params.profile, seccomp=seccomp,
+                command=self.init.wrap(params.command), profile=params.profile,
+                seccomp=seccomp, init_binary=init_binary,
                 uid_map=uid_map, gid_map=gid_map, cgroups_path=f"/{params.cgroup}",
                 netns_path=str(netns_path),
                 workspace=root_bind.source if root_bind else None, env=params.env,

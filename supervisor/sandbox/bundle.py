@@ -14,6 +14,7 @@ from typing import Any
 
 from supervisor.errors import EnforcementError
 from supervisor.profiles import Profile
+from supervisor.runtime.init import INIT_PATH
 from supervisor.sandbox.workspace_binds import Bind
 
 SANDBOX_UID_COUNT = 65536
@@ -80,6 +81,8 @@ class BundleSpec:
     host_root: Path = Path("/")
     # The daemon's seccomp notify socket (seccomp_notify.py); None: the daemon has none.
     seccomp_listener: str | None = None
+    # The host binary bound read-only at /dev/init (runtime/init.py); `command` starts it.
+    init_binary: str | None = None
 
 
 def _host_layout(spec: BundleSpec) -> tuple[dict[str, str], list[str]]:
@@ -159,6 +162,9 @@ def render_config(spec: BundleSpec) -> dict[str, Any]:
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
          "options": ["nosuid", "noexec", "nodev"]},
     ]
+    if spec.init_binary is not None:
+        mounts.append({"destination": INIT_PATH, "type": "bind", "source": spec.init_binary,
+                       "options": ["bind", "ro", "nosuid", "nodev"]})
     if fs.root == "host":
         _links, binds = _host_layout(spec)
         for path in binds:
@@ -235,6 +241,8 @@ def write_bundle(directory: Path, spec: BundleSpec) -> Path:
         for mount in config["mounts"]:
             if mount["destination"].startswith(WORKSPACE_MOUNT + "/"):
                 continue  # inside the workspace bind, which brings its own mount points
+            if mount["destination"] == INIT_PATH:
+                continue  # a file on /dev's tmpfs: runc makes the mount point there
             target_dir = rootfs / mount["destination"].lstrip("/")
             if not target_dir.is_symlink():
                 target_dir.mkdir(mode=0o755, parents=True, exist_ok=True)

@@ -4,8 +4,9 @@ failure after a half-built sandbox. The command is resolved as the runtime will 
 against the sandbox's PATH, inside the sandbox's root (for a "host" root: the empty rootfs with
 its merged-/usr links and the host directories bound read-only; for a rootfs directory: that
 directory), following symlinks as the sandbox would see them. Reads the host filesystem with
-the daemon's privilege; answers only yes, no or "cannot tell" (workspace paths, /dev, /proc:
-then the runtime decides), never what a path holds."""
+the daemon's privilege; answers only yes, no, "not executable" (exit 126, as a shell says) or
+"cannot tell" (workspace paths, /dev, /proc: then the sandbox's init execs it and exits 126 or
+127 itself, runtime/init.py), never what a path holds."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import posixpath
 import stat
 from pathlib import Path
 
-from supervisor.errors import CommandNotFound
+from supervisor.errors import CommandNotExecutable, CommandNotFound
 from supervisor.profiles import Profile
 from supervisor.sandbox.bundle import WORKSPACE_MOUNT, agent_env, host_layout
 
@@ -26,6 +27,8 @@ _UNKNOWN_MOUNTS = ("/dev", "/proc", "/sys", WORKSPACE_MOUNT)
 class Found(enum.Enum):
     YES = "yes"
     NO = "no"
+    # There, but not a file exec can run (a directory, no execute bit): exec fails EACCES.
+    NOT_EXECUTABLE = "not_executable"
     UNKNOWN = "unknown"
 
 
@@ -94,7 +97,7 @@ class SandboxRoot:
                         return Found.NO
                     if not pending and not (stat.S_ISREG(info.st_mode)
                                             and info.st_mode & 0o111):
-                        return Found.NO
+                        return Found.NOT_EXECUTABLE
                     current = candidate
                     continue
                 try:
@@ -114,7 +117,10 @@ class SandboxRoot:
 def check_command(command: list[str], profile: Profile, workspace: str | None,
                   env: dict[str, str], run_image: str | None,
                   host_root: Path = Path("/")) -> None:
-    """Raise CommandNotFound when the command certainly does not exist in the sandbox."""
+    """Raise CommandNotFound when the command certainly does not exist in the sandbox, and
+    CommandNotExecutable when what it names certainly cannot be executed (as execvp decides:
+    a PATH search passes over what it cannot execute, and reports EACCES if that is all it
+    found)."""
     if run_image is not None:
         return  # a container image's contents are the engine's to resolve
     name = command[0]
@@ -126,9 +132,14 @@ def check_command(command: list[str], profile: Profile, workspace: str | None,
         search = agent_env("", workspace is not None, profile, env).get("PATH", "")
         candidates = [posixpath.normpath(posixpath.join(cwd, d or ".", name))
                       for d in search.split(":")]
-    for candidate in candidates:
-        if root.find(candidate) is not Found.NO:
-            return
+    found = [root.find(candidate) for candidate in candidates]
+    if any(f in (Found.YES, Found.UNKNOWN) for f in found):
+        return
+    if Found.NOT_EXECUTABLE in found:
+        path = candidates[found.index(Found.NOT_EXECUTABLE)]
+        raise CommandNotExecutable(
+            f"{name!r} is in the sandbox at {path} but cannot be executed (not a file with an "
+            f"execute bit)", command=name, path=path, profile=profile.name)
     raise CommandNotFound(
-        f"{name!r} is not an executable in the sandbox's root", command=name,
-        searched=candidates[:32], profile=profile.name)
+        f"{name!r} is not an executable in the sandbox's root (working directory {cwd})",
+        command=name, searched=candidates[:32], working_directory=cwd, profile=profile.name)

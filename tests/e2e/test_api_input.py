@@ -186,13 +186,18 @@ def test_types_are_strict(daemon: Daemon, target: str, document: Any, field: str
 
 def test_a_missing_command_is_command_not_found_with_a_hint(daemon: Daemon) -> None:
     for command in (["no-such-command-here"], ["/usr/bin/no-such-command"], ["./relative"],
-                    ["/opt/not-bound-into-the-sandbox"], ["/etc/passwd"]):
+                    ["/opt/not-bound-into-the-sandbox"]):
         error = json_error(post(daemon, "/v1/runs", {"name": "ghost", "command": command}),
                            422, "command_not_found")
         assert error["detail"]["hint"] and error["detail"]["command"] == command[0]
+    # There but not executable: 126's error, not 127's (issue 13).
+    for command in (["/etc/passwd"], ["/usr/bin"]):
+        error = json_error(post(daemon, "/v1/runs", {"name": "ghost", "command": command}),
+                           422, "command_not_executable")
+        assert error["detail"]["hint"] and error["detail"]["command"] == command[0]
     nothing_changed(daemon)
     result = daemon.agentctl("run", "--name", "ghost", "--", "no-such-command-here")
-    assert result.returncode == 6, result
+    assert result.returncode == 127, result
     assert "command_not_found" in result.stderr and "hint:" in result.stderr
     nothing_changed(daemon)
 

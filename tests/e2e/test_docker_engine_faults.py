@@ -31,7 +31,7 @@ def test_engine_down_mid_run_kill_through_the_cgroup_refuse_new_runs(tmp_root: P
 
             # A new run needs the engine: refused, clearly, and nothing is left half-made.
             refused = daemon.agentctl("run", "--name", "newcomer", "--", "true")
-            assert refused.returncode == 10, refused.stderr
+            assert refused.returncode == 125, refused.stderr
             assert "engine_unavailable" in refused.stderr and engine.url in refused.stderr
 
             # The kill needs only the kernel.

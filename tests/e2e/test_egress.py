@@ -447,7 +447,7 @@ def test_missing_secret_refuses_the_launch_and_leaves_nothing(rig: GatewayRig) -
     profile = rig.profile("nosecret", LLM_ROUTE.replace("file:llm-key", "file:absent-key"))
     result = rig.daemon.agentctl("run", "--name", "nokey", "--profile", profile, "--json",
                                  "--", "true")
-    assert result.returncode == 10, result.stdout + result.stderr
+    assert result.returncode == 125, result.stdout + result.stderr
     body = json.loads(result.stdout)["error"]
     assert body["code"] == "egress_setup_failed" and "absent-key" in body["message"]
     assert not rig.daemon.residue()

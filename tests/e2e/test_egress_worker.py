@@ -243,7 +243,7 @@ def test_gateway_launches_are_refused_while_the_worker_cannot_run(tmp_root: Path
         profile = rig.profile("gw", LLM_ROUTE)
         result = rig.daemon.agentctl("run", "--name", "nogw", "--profile", profile, "--json",
                                      "--", "true")
-        assert result.returncode == 10, result.stdout + result.stderr
+        assert result.returncode == 125, result.stdout + result.stderr
         body = json.loads(result.stdout)["error"]
         assert body["code"] == "gateway_unavailable", body
         launch = [e for e in _audit(rig, "launch") if e["target"] == "nogw"]

@@ -78,7 +78,7 @@ def test_a_bind_that_would_expose_the_engine_socket_is_refused(daemon: Daemon) -
     (daemon.root / "profiles" / "leaky.toml").write_text(
         '[filesystem]\nhost_binds = ["/usr", "/etc", "/run"]\n')
     result = daemon.agentctl("run", "--name", "leaky", "--profile", "leaky", "--", "/bin/true")
-    assert result.returncode == 10 and "enforcement_failed" in result.stderr, result.stderr
+    assert result.returncode == 125 and "enforcement_failed" in result.stderr, result.stderr
     assert "socket" in result.stderr
     assert daemon.clean() == {}
 
