@@ -411,3 +411,11 @@ def test_reports_inside_the_workspace_are_refused(ci: Path, repo: Path) -> None:
     assert result.returncode == 6 and "inside the workspace" in result.stderr
     assert not (repo / "r.json").exists()
     assert not os.path.exists(ci / "slot0")
+
+
+def test_a_command_that_cannot_run_exits_126_or_127_as_docker_run_does(ci: Path) -> None:
+    for command, status, code in ((["no-such-command"], 127, "command_not_found"),
+                                  (["/etc/passwd"], 126, "command_not_executable")):
+        result = run_embedded(ci, "--", *command)
+        assert result.returncode == status, result.stdout + result.stderr
+        assert code in result.stderr, result.stderr
