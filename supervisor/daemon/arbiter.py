@@ -115,6 +115,8 @@ class Arbiter:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Step 6 of ended runs, after the answer: run id -> its cleanup.
         self.cleanups: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        # Step 6 runs this many runtime cleanups at once (each spawns a process from the loop).
+        self.cleanup_slots = asyncio.Semaphore(8)
         self._cleanup_audits: set[asyncio.Task[Any]] = set()
 
     # ----------------------------------------------------------------- helpers

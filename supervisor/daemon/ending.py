@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_CLEANUP_WAIT = 5.0  # at most this long for the ending's audit rows before step 6 goes on
 _LAUNCH_WAIT = 30.0  # a kill waits this long for a launch in flight to reach a killable state
 # A run being killed: a second kill only re-sends SIGKILL; the first one finalises it.
 _KILLING = frozenset({EndCause.KILLED, EndCause.TIMEOUT, EndCause.TRIPWIRE,
@@ -123,11 +124,18 @@ async def clean_up(arbiter: Arbiter, live: LiveRun) -> dict[str, Any]:
     audited here; a scoped halt's cleanups are also audited together (`audit_cleanups`)."""
     assert live.handle is not None
     run = live.record
-    t0 = time.perf_counter()
     outcome = "ok"
     detail: dict[str, Any] = {"run": run.id, "cause": run.end_cause, "outcome": outcome}
+    t0 = time.perf_counter()
     try:
-        await live.handle.cleanup()
+        # After the answer: the ending's audit rows are durable (what the answer waits for)
+        # and the loop has turned once more, so the answer is written before any runtime
+        # process is spawned; then a few at a time, since each spawn holds the loop.
+        await arbiter.audit.flushed(_CLEANUP_WAIT)
+        await asyncio.sleep(0)
+        async with arbiter.cleanup_slots:
+            t0 = time.perf_counter()
+            await live.handle.cleanup()
     except Exception as exc:
         outcome = detail["outcome"] = "failed"
         detail["error"] = f"{type(exc).__name__}: {exc}"

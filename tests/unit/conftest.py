@@ -21,9 +21,18 @@ from typing import Any, TypeVar
 import pytest
 from aiohttp import web
 
+from supervisor.api.client import owner_socket_of
+from supervisor.api.listener import ControlListener
 from supervisor.api.server import build_app
 from supervisor.audit import AuditLog
-from supervisor.config import Config, DaemonSection, DrillSection, KillSection, RolesSection
+from supervisor.config import (
+    Config,
+    ControlSection,
+    DaemonSection,
+    DrillSection,
+    KillSection,
+    RolesSection,
+)
 from supervisor.daemon.arbiter import Arbiter
 from supervisor.daemon.drills import Drills
 from supervisor.daemon.store import Store, connect
@@ -144,6 +153,10 @@ class ServerThread:
     arbiter: Arbiter | None = None
     drills: Drills | None = None
     kill: KillSection | None = None
+    # Served through the daemon's ControlListener (acceptor threads, the owners' socket beside
+    # the control socket) instead of a plain aiohttp site.
+    listener: ControlListener | None = None
+    use_listener: bool = False
     _db: sqlite3.Connection | None = None
     _runner: web.AppRunner | None = None
     _thread: threading.Thread | None = None
@@ -183,11 +196,25 @@ class ServerThread:
                                             self.runtime))
         self.drills = Drills(self.arbiter, self._db, DrillSection(processes=4, slo=1.0))
         self.app = build_app(self.arbiter, self.roles, self.drills)
+        if self.use_listener:
+            sockets = []
+            for path in (self.socket_path, owner_socket_of(self.socket_path)):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.bind(str(path))
+                sock.listen(16)
+                sock.setblocking(False)
+                sockets.append(sock)
+            self.listener = ControlListener(self.app, sockets[0], ControlSection(), self.roles,
+                                            owner_sock=sockets[1])
+            await self.listener.start()
+            return
         self._runner = web.AppRunner(self.app)
         await self._runner.setup()
         await web.UnixSite(self._runner, str(self.socket_path)).start()
 
     async def _teardown(self) -> None:
+        if self.listener is not None:
+            await self.listener.stop()
         if self._runner is not None:
             await self._runner.cleanup()
         current = asyncio.current_task()
@@ -262,13 +289,13 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeFactory]:
     spend_request_key_warning()
 
     def start(roles: RolesSection | None = None, runtime: FakeRuntime | None = None,
-              kill: KillSection | None = None) -> ServerThread:
+              kill: KillSection | None = None, listener: bool = False) -> ServerThread:
         # A short directory: sun_path holds at most 107 bytes.
         root = tmp_path_factory.mktemp("api")
         server = ServerThread(
             root=root, socket_path=root / "control.sock",
             roles=RolesSection(owner=[f"user:{os.getuid()}"]) if roles is None else roles,
-            runtime=runtime or FakeRuntime(), kill=kill,
+            runtime=runtime or FakeRuntime(), kill=kill, use_listener=listener,
         )
         servers.append(server)
         server.start()

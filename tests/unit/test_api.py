@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -391,3 +393,33 @@ def test_agent_pages_are_served_as_rendered_until_what_they_show_changes(
         client.agents_page(agent_class=f"c{index}")
     assert len(rendered.pages) <= RenderedPages.MAX_PAGES
     assert client.agents_page(state="killed")["agents"][0]["name"] == "a1"
+
+
+def test_time_to_halt_starts_when_the_connection_is_accepted(serve: ServeFactory) -> None:
+    """A kill that waits for a busy loop has that wait in its time_to_halt_ms: the acceptor
+    thread stamps the connection, not the handler that runs once the loop is free."""
+    server = serve(listener=True)
+    client = client_of(server)
+    client.run(RUN_BODY)
+    assert server.loop is not None and server.listener is not None
+    admission = server.listener.admission
+    deadline = time.monotonic() + 30
+    while admission.connected and time.monotonic() < deadline:
+        time.sleep(0.01)  # the launch's connection is gone
+    free = threading.Event()
+    server.loop.call_soon_threadsafe(free.wait, 30)  # the loop is stuck until `free` is set
+    answer: list[Any] = []
+    killer = threading.Thread(target=lambda: answer.append(
+        client.action("kill", {"agent": "a1"}, reason="busy loop")))
+    killer.start()
+    try:
+        while admission.connected < 1 and time.monotonic() < deadline + 30:
+            time.sleep(0.01)  # the acceptor admits the kill's connection; the loop is stuck
+        assert admission.connected == 1 and admission.on_owner_socket == 1
+        time.sleep(0.3)
+    finally:
+        free.set()
+        killer.join(30)
+    [result] = answer
+    assert result["results"][0]["new_state"] == "killed"
+    assert result["time_to_halt_ms"] >= 300
