@@ -82,7 +82,8 @@ async def watch(arbiter: Arbiter, live: LiveRun) -> None:
 
 
 def finalise(arbiter: Arbiter, live: LiveRun, cause: EndCause, *, exit_code: int | None = None,
-             time_to_halt_ms: float | None = None, reason: str = "") -> None:
+             time_to_halt_ms: float | None = None, reason: str = "",
+             after_answer: bool = False) -> None:
     """End a run, whatever ended it: its record (state from the table, cause, exit code,
     time_to_halt), its agent, the observers; then step 6 (runtime state, bundle) in the
     background, tracked, so no answer ever waits on a runtime."""
@@ -114,26 +115,29 @@ def finalise(arbiter: Arbiter, live: LiveRun, cause: EndCause, *, exit_code: int
     if live.handle is None:
         live.done.set()
         return
-    cleanup = arbiter.track(asyncio.ensure_future(clean_up(arbiter, live)))
+    cleanup = arbiter.track(asyncio.ensure_future(clean_up(arbiter, live, after_answer)))
     arbiter.cleanups[run.id] = cleanup
     cleanup.add_done_callback(lambda _t: arbiter.cleanups.pop(run.id, None))
 
 
-async def clean_up(arbiter: Arbiter, live: LiveRun) -> dict[str, Any]:
+async def clean_up(arbiter: Arbiter, live: LiveRun, after_answer: bool = False
+                   ) -> dict[str, Any]:
     """Step 6: the runtime's state, the bundle, the cgroup directories. A failure is
-    audited here; a scoped halt's cleanups are also audited together (`audit_cleanups`)."""
+    audited here; a scoped halt's cleanups are also audited together (`audit_cleanups`).
+    `after_answer` (a scoped halt): not before the halt's answer can be written."""
     assert live.handle is not None
     run = live.record
     outcome = "ok"
     detail: dict[str, Any] = {"run": run.id, "cause": run.end_cause, "outcome": outcome}
     t0 = time.perf_counter()
     try:
-        # After the answer: the ending's audit rows are durable (what the answer waits for)
-        # and the loop has turned once more, so the answer is written before any runtime
-        # process is spawned; then a few at a time, since each spawn holds the loop.
-        await arbiter.audit.flushed(_CLEANUP_WAIT)
-        await asyncio.sleep(0)
-        async with arbiter.cleanup_slots:
+        if after_answer:
+            # The ending's audit rows are durable (what the answer waits for) and the loop has
+            # turned once more, so the answer is written before any runtime process is
+            # spawned (a hundred spawns held a global halt's answer for seconds).
+            await arbiter.audit.flushed(_CLEANUP_WAIT)
+            await asyncio.sleep(0)
+        async with arbiter.cleanup_slots:  # a few at a time: each spawn holds the loop
             t0 = time.perf_counter()
             await live.handle.cleanup()
     except Exception as exc:
@@ -290,7 +294,7 @@ async def after_kill(arbiter: Arbiter, agent: AgentRecord, previous: AgentState,
         else:
             run_reason = f"{verb}: {reason}" if reason else verb
             finalise(arbiter, live, cause, exit_code=exit_status(live),
-                     time_to_halt_ms=time_to_halt_ms, reason=run_reason)
+                     time_to_halt_ms=time_to_halt_ms, reason=run_reason, after_answer=scoped)
     arbiter.audit.append(
         actor=actor.label(), verb=verb, scope=scope, target=agent.name, reason=reason,
         previous_state=previous.value, new_state=new.value,
