@@ -115,8 +115,9 @@ class Arbiter:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Step 6 of ended runs, after the answer: run id -> its cleanup.
         self.cleanups: dict[str, asyncio.Task[dict[str, Any]]] = {}
-        # Step 6 runs this many runtime cleanups at once (each spawns a process from the loop).
-        self.cleanup_slots = asyncio.Semaphore(8)
+        # Step 6 runs at most this many runtime cleanups at once (each spawns a process from
+        # the loop); enough that a hundred finish well within shutdown's wait on a busy host.
+        self.cleanup_slots = asyncio.Semaphore(32)
         self._cleanup_audits: set[asyncio.Task[Any]] = set()
 
     # ----------------------------------------------------------------- helpers
