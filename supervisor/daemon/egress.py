@@ -41,7 +41,6 @@ from supervisor.errors import (
     IllegalTransition,
     InvalidRequest,
 )
-from supervisor.mcp.gateway import secret_key as mcp_secret_key
 from supervisor.models import Actor, Approval
 from supervisor.tripwires import Firing
 
@@ -227,6 +226,9 @@ class EgressControl:
         """Before the sandbox exists: secrets (fail closed), addresses, token, the gateway's
         listener (bound with IP_FREEBIND, so it need not wait for the veth), the proxy env.
         A failure here leaves nothing: the launch fails before any sandbox is made."""
+        # aiohttp comes with the MCP gateway module: a run without the gateway never loads it.
+        from supervisor.mcp.gateway import secret_key as mcp_secret_key
+
         run, profile = live.record, live.profile
         assert profile is not None
         policy = profile.network.gateway
