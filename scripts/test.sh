@@ -24,7 +24,7 @@ echo "== unit tier as $UNIT_USER"
 # A copy the unprivileged user can read, wherever this checkout lives.
 UNIT_TREE="$(mktemp -d /tmp/agent-supervisor-unit.XXXXXX)"
 trap 'rm -rf "$UNIT_TREE"' EXIT
-cp -r pyproject.toml supervisor sandbox_profiles systemd tests "$UNIT_TREE/"
+cp -r pyproject.toml action.yml ci-templates supervisor sandbox_profiles systemd tests "$UNIT_TREE/"
 chmod -R a+rX "$UNIT_TREE"
 chown -R "$UNIT_USER" "$UNIT_TREE"
 (cd "$UNIT_TREE" && setpriv --reuid="$UNIT_USER" --regid="$(id -g "$UNIT_USER")" \
