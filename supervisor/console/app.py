@@ -57,6 +57,8 @@ class ConsoleConfig:
     max_streams: int = 8
     poll_period: float = 1.0
     upstream_limit: int = 8
+    # Read the fleet store with the operator's AGENT_SUPERVISOR_FLEET_* credentials.
+    fleet: bool = False
 
 
 def _error(exc: SupervisorError) -> web.Response:
@@ -139,7 +141,8 @@ async def session_info(request: web.Request) -> web.Response:
     health = await request.app[UPSTREAM].call("GET", "/v1/health")
     return web.json_response({"operator": {"uid": uid, "user": user, "groups": groups},
                               "socket": request.app[UPSTREAM].socket_path,
-                              "daemon": health.body})
+                              "daemon": health.body,
+                              "fleet": request.app[LIVE].fleet_view is not None})
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -263,7 +266,12 @@ def build_app(config: ConsoleConfig, gate: Gate) -> web.Application:
     app = web.Application(middlewares=[headers_middleware, gate_middleware],
                           client_max_size=BODY_MAX)
     upstream = Upstream(config.socket_path, config.upstream_limit)
-    live = Live(upstream, config.poll_period, config.max_streams)
+    fleet = None
+    if config.fleet:
+        from supervisor.console.fleet_view import FleetView
+
+        fleet = FleetView.from_env()
+    live = Live(upstream, config.poll_period, config.max_streams, fleet=fleet)
     app[GATE] = gate
     app[UPSTREAM] = upstream
     app[LIVE] = live

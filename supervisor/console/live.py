@@ -10,15 +10,21 @@ import contextlib
 import json
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor.console.upstream import Reply, Upstream
+from supervisor.errors import SupervisorError
+
+if TYPE_CHECKING:
+    from supervisor.console.fleet_view import FleetView
 
 AUDIT_KEEP = 200
 AUDIT_PAGE = 1000
 # Catching up on a long audit log takes a few pages per tick, so one tick stays short.
 AUDIT_PAGES_PER_TICK = 20
 AGENT_PAGES_MAX = 50
+# The fleet store is read less often than the local daemon: every FLEET_EVERY polls.
+FLEET_EVERY = 5
 
 
 class Stream:
@@ -41,8 +47,10 @@ class Stream:
 
 class Live:
     def __init__(self, upstream: Upstream, period: float = 1.0, max_streams: int = 8,
-                 queue_size: int = 64) -> None:
+                 queue_size: int = 64, fleet: FleetView | None = None) -> None:
         self.upstream = upstream
+        self.fleet_view = fleet
+        self.fleet: dict[str, Any] = {"hosts": [], "holds": [], "error": None}
         self.period = period
         self.max_streams = max_streams
         self.queue_size = queue_size
@@ -88,10 +96,13 @@ class Live:
         self._poke.set()
 
     def snapshot(self) -> list[tuple[str, str]]:
-        return [("health", json.dumps(self.health)), ("agents", json.dumps(self.agents)),
-                ("approvals", json.dumps(self.approvals)),
-                ("audit", json.dumps({"entries": list(self.audit), "reset": True,
-                                      "error": self.audit_error}))]
+        snapshot = [("health", json.dumps(self.health)), ("agents", json.dumps(self.agents)),
+                    ("approvals", json.dumps(self.approvals)),
+                    ("audit", json.dumps({"entries": list(self.audit), "reset": True,
+                                          "error": self.audit_error}))]
+        if self.fleet_view is not None:
+            snapshot.append(("fleet", json.dumps(self.fleet)))
+        return snapshot
 
     def _publish(self, event: str, payload: dict[str, Any], dedupe: bool = True) -> None:
         data = json.dumps(payload)
@@ -123,7 +134,20 @@ class Live:
                           if approvals.ok else {"approvals": [], "error": _error_of(approvals)})
         self._publish("approvals", self.approvals)
         await self._read_audit()
+        if self.fleet_view is not None and self.polls % FLEET_EVERY == 0:
+            await self._read_fleet(self.fleet_view)
         self.polls += 1
+
+    async def _read_fleet(self, view: FleetView) -> None:
+        try:
+            self.fleet = await asyncio.to_thread(view.read)
+        except SupervisorError as exc:
+            self.fleet = {"hosts": [], "holds": [], "error": exc.to_body()["error"]}
+        except OSError as exc:
+            self.fleet = {"hosts": [], "holds": [], "error": {
+                "code": "fleet_unavailable", "message": f"cannot read the fleet store: {exc}",
+                "detail": {"hint": "check AGENT_SUPERVISOR_FLEET_* (docs/fleet.md)"}}}
+        self._publish("fleet", self.fleet)
 
     async def _read_agents(self) -> dict[str, Any]:
         found: list[dict[str, Any]] = []

@@ -6,19 +6,16 @@ without the token gets in. The runbook's screenshots come from here
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -30,57 +27,9 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 
 from tests.support.browser import chromium
+from tests.support.console import REPO, Console, console, shot
 from tests.support.daemon import Daemon, wait_for
 from tests.support.egress import LLM_ROUTE, GatewayRig, gateway_rig, host_request
-
-REPO = Path(__file__).resolve().parents[2]
-# The committed set in docs/img/ is refreshed with AGENT_SUPERVISOR_SCREENSHOTS=docs/img; by
-# default the screenshots go to a scratch directory so a test run leaves the tree clean.
-SHOTS = Path(os.environ.get("AGENT_SUPERVISOR_SCREENSHOTS")
-             or "/tmp/agent-supervisor-console-screenshots")
-
-
-@dataclass
-class Console:
-    url: str  # with the token
-    process: subprocess.Popen[str]
-
-    @property
-    def base(self) -> str:
-        parts = urlsplit(self.url)
-        return f"{parts.scheme}://{parts.netloc}"
-
-    @property
-    def port(self) -> int:
-        return int(urlsplit(self.url).port or 0)
-
-
-@contextlib.contextmanager
-def console(daemon: Daemon, user: pwd.struct_passwd | None = None, *options: str
-            ) -> Iterator[Console]:
-    """`agentctl console` as root or as `user`; its first line of output is the URL."""
-    env = {"AGENT_SUPERVISOR_SOCKET": str(daemon.socket), "PATH": "/usr/bin:/bin",
-           "HOME": "/", "PYTHONPATH": str(REPO)}
-    extra: dict[str, Any] = {}
-    if user is not None:
-        extra = {"user": user.pw_uid, "group": user.pw_gid,
-                 "extra_groups": os.getgrouplist(user.pw_name, user.pw_gid)}
-    process = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "console", "--poll",
-                                "0.5", *options], env=env, cwd="/", text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, **extra)
-    try:
-        assert process.stdout is not None
-        url = process.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:") and "?token=" in url, (
-            url, process.stderr.read() if process.poll() is not None and process.stderr else "")
-        yield Console(url, process)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
 
 
 @pytest.fixture(scope="module")
@@ -178,13 +127,6 @@ def click(page: WebDriver, element_id: str, timeout: float = 20) -> None:
 
 def tab(page: WebDriver, name: str) -> None:
     click(page, f"tab-{name}")
-
-
-def shot(page: WebDriver, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    path = SHOTS / f"console-{name}.png"
-    assert page.save_screenshot(str(path))
-    assert path.read_bytes().startswith(b"\x89PNG")
 
 
 def run_agent(daemon: Daemon, name: str, agent_class: str, *more: str) -> None:

@@ -116,3 +116,19 @@ def test_a_missing_daemon_is_a_structured_error() -> None:
         assert reply.body["error"]["detail"]["hint"]
 
     asyncio.run(scenario())
+
+
+def test_the_fleet_view_names_the_credentials_it_lacks() -> None:
+    from click.testing import CliRunner
+
+    from supervisor.cli.main import cli
+
+    env = {k: "" for k in ("AGENT_SUPERVISOR_FLEET_ENDPOINTS", "AGENT_SUPERVISOR_FLEET_CA",
+                           "AGENT_SUPERVISOR_FLEET_CERT", "AGENT_SUPERVISOR_FLEET_KEY",
+                           "AGENT_SUPERVISOR_FLEET_USER",
+                           "AGENT_SUPERVISOR_FLEET_PASSWORD_FILE")}
+    env["AGENT_SUPERVISOR_FLEET_ENDPOINTS"] = "etcd.example:2379"
+    result = CliRunner().invoke(cli, ["console", "--fleet"], env=env)
+    assert result.exit_code == 2
+    assert "AGENT_SUPERVISOR_FLEET_CA" in result.output
+    assert "AGENT_SUPERVISOR_FLEET_ENDPOINTS" not in result.output.split("needs", 1)[1]

@@ -329,6 +329,25 @@ async function runDrill() {
   }
 }
 
+// Fleet ------------------------------------------------------------------------------------
+
+function onFleet(data) {
+  if (data.error) showError(data.error, $("fleet-error"));
+  else $("fleet-error").hidden = true;
+  const rows = data.hosts.map((h) => el("tr", { id: "host-" + h.host },
+    el("td", { class: "name", text: h.host }),
+    el("td", {}, badge(h.alive ? "alive" : "down"), h.held ? " " : "", h.held ? badge("held") : ""),
+    el("td", { text: h.version || "-" }),
+    el("td", { text: Object.entries(h.labels || {}).map(([k, v]) => k + "=" + v).join(", ") }),
+    el("td", { class: "num", text: h.updated_s_ago === null || h.updated_s_ago === undefined ? "-" : seconds(h.updated_s_ago) + " ago" }),
+    el("td", {}, ...(h.agents || []).map((a) => el("span", { class: "fleet-agent", "data-agent": a.name },
+      a.name + " ", badge(a.state))))));
+  $("fleet").tBodies[0].replaceChildren(...rows);
+  $("fleet-holds").replaceChildren(...(data.holds.length ? data.holds.map((h) =>
+    el("li", { text: h.id + ": " + h.verb + " by " + h.operator + ": " + h.reason })) :
+    [el("li", { class: "muted", text: "none" })]));
+}
+
 // Wiring -----------------------------------------------------------------------------------
 
 function showView(name) {
@@ -353,6 +372,7 @@ function connect() {
     renderApprovals();
   });
   source.addEventListener("audit", (ev) => onAudit(JSON.parse(ev.data)));
+  source.addEventListener("fleet", (ev) => onFleet(JSON.parse(ev.data)));
   source.addEventListener("health", (ev) => {
     const h = JSON.parse(ev.data);
     $("daemon").textContent = h.error ? "daemon: " + h.error.code
@@ -378,6 +398,7 @@ document.addEventListener("DOMContentLoaded", async () => {
   try {
     const s = await call("GET", "/api/session");
     $("operator").textContent = "acting as " + s.operator.user + " (uid " + s.operator.uid + ")";
+    $("tab-fleet").hidden = !s.fleet;
   } catch (err) {
     showError(err);
   }
