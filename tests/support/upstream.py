@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-NAMES = ("api.upstream.test", "pkg.upstream.test", "other.upstream.test")
+NAMES = ("api.upstream.test", "pkg.upstream.test", "other.upstream.test", "code.mcp.test")
 
 
 @dataclass
