@@ -17,8 +17,9 @@ fi
 # chromium, chromium-driver: the web console's tests drive a real headless browser.
 # etcd-server, etcd-client: the fleet store (tests/fleet start their own etcd; docs/fleet.md).
 # tini: every sandbox's PID 1 (its static build, bound at /dev/init; supervisor/runtime/init.py).
+# mmdebstrap: the systemd tier builds its Debian root with it (tests/systemd/machine.py).
 packages=(runc tini iproute2 nftables python3 python3-venv util-linux passwd procps systemd tmux
-          stress-ng docker.io git chromium chromium-driver etcd-server etcd-client)
+          stress-ng docker.io git chromium chromium-driver etcd-server etcd-client mmdebstrap)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \

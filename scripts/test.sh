@@ -36,3 +36,6 @@ echo "== privileged, e2e and fleet tiers as root"
 # python -m puts this checkout first on sys.path; processes started as other users import the
 # copy installed into the venv, built from the same tree.
 python -m pytest -W error -p no:cacheprovider -ra "$@" tests/privileged tests/e2e tests/fleet
+
+echo "== systemd tier (the service under systemd as PID 1, installed as the README says)"
+python -m pytest -W error -p no:cacheprovider -ra "$@" tests/systemd

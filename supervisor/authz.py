@@ -39,6 +39,7 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "drill": _OWNERS,
     "approve": _ADMINS,  # approve or deny a request the egress gateway holds
     "breaker_reset": _ADMINS,
+    "reload": _OWNERS,  # apply a changed configuration (daemon/reload.py)
 }
 
 

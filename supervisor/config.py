@@ -366,28 +366,52 @@ class Config(_Section):
         return self.daemon.socket_path or self.daemon.runtime_dir / "control.sock"
 
 
+def config_path(path: Path | None) -> Path | None:
+    """The file a start reads: `path`, else the default path when it exists, else None
+    (every default)."""
+    if path is not None:
+        return path
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
+
+
 def load_config(path: Path | None) -> Config:
-    """The configuration from `path` (or the default path when it exists, else defaults)."""
+    """The configuration from `path` (or the default path when it exists, else defaults).
+    ConfigInvalid names the file and every bad key (detail["errors"], one entry each)."""
+    path = config_path(path)
     if path is None:
-        if not DEFAULT_CONFIG_PATH.exists():
-            return Config()
-        path = DEFAULT_CONFIG_PATH
+        return Config()
     try:
         data = tomllib.loads(path.read_bytes().decode("utf-8"))
     except OSError as exc:
-        raise ConfigInvalid(f"cannot read {path}: {exc.strerror}", path=str(path)) from exc
+        raise ConfigInvalid(f"cannot read {path}: {exc.strerror}", path=str(path),
+                            errors=[config_error(path, "", exc.strerror or str(exc))]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigInvalid(f"{path} is not UTF-8: {exc.reason} at byte {exc.start}",
-                            path=str(path), key="", reason="not UTF-8") from exc
+                            path=str(path), key="", reason="not UTF-8",
+                            errors=[config_error(path, "", "not UTF-8")]) from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigInvalid(f"{path} is not valid TOML: {exc}", path=str(path)) from exc
+        # A parse error stops the parser: there is no later key to judge.
+        raise ConfigInvalid(f"{path} is not valid TOML: {exc}", path=str(path),
+                            errors=[config_error(path, "", f"not valid TOML: {exc}")]) from exc
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"])
-        if first["type"] == "extra_forbidden":
-            message = f"{path}: unknown key {key!r}"
+        errors = []
+        for error in exc.errors():
+            key = ".".join(str(p) for p in error["loc"])
+            reason = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+            errors.append(config_error(path, key, reason))
+        first = errors[0]
+        if exc.errors()[0]["type"] == "extra_forbidden":
+            message = f"{path}: unknown key {first['key']!r}"
         else:
-            message = f"{path}: {key}: {first['msg']}"
-        raise ConfigInvalid(message, path=str(path), key=key, reason=first["msg"]) from exc
+            message = f"{path}: {first['key']}: {first['reason']}"
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more)"
+        raise ConfigInvalid(message, path=str(path), key=first["key"], reason=first["reason"],
+                            errors=errors) from exc
+
+
+def config_error(path: Path | str, key: str, reason: str) -> dict[str, str]:
+    """One entry of ConfigInvalid's detail["errors"]: where, which key, what is wrong."""
+    return {"path": str(path), "key": key, "reason": reason}

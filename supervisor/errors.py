@@ -109,6 +109,15 @@ class ConfigInvalid(SupervisorError):
     exit_status = 78  # EX_CONFIG: systemd shows it as a configuration error
 
 
+class ReloadRefused(ConfigInvalid):
+    """A reload found errors in the configuration: nothing was applied (daemon/reload.py)."""
+
+    code = "config_reload_refused"
+    http_status = 422
+    default_hint = ("fix every error in detail.errors (agent-supervisord --check-config lists "
+                    "them too) and reload again; the running configuration is unchanged")
+
+
 class WorkspaceInvalid(InvalidRequest):
     code = "workspace_invalid"
 

@@ -25,6 +25,7 @@ from supervisor.models import (
     EgressView,
     Health,
     ReasonRequest,
+    ReloadResult,
     RunRequest,
     RunView,
     TelemetryView,
@@ -92,8 +93,8 @@ def openapi_document() -> dict[str, Any]:
     # durations as seconds or text).
     models: list[type[BaseModel]] = [
         ActionResult, AgentList, AgentView, Approval, ApprovalList, AuditList,
-        AuditVerifyResult, BreakerReset, DrillList, DrillResult, EgressView, Health, RunView,
-        TelemetryView]
+        AuditVerifyResult, BreakerReset, DrillList, DrillResult, EgressView, Health,
+        ReloadResult, RunView, TelemetryView]
     serialization: JsonSchemaMode = "serialization"
     validation: JsonSchemaMode = "validation"
     wanted = [(m, serialization) for m in models]
@@ -138,6 +139,8 @@ def openapi_document() -> dict[str, Any]:
                 _query("after", {"type": "integer", "minimum": 0, "maximum": 2**53},
                        "only rows after this sequence number")])},
             "/v1/audit/verify": {"get": _op("verify the hash chain", "AuditVerifyResult")},
+            "/v1/reload": {"post": _op("reload the configuration (owner)", "ReloadResult",
+                                       "ReasonRequest")},
             "/v1/drills": {"post": _op("run a kill drill", "DrillResult", "DrillRequest"),
                            "get": _op("drill history", "DrillList",
                                       params=[_limit(50, 1, 1000)])},

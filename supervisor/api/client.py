@@ -185,6 +185,9 @@ class Client:
             body["slo"] = slo
         return self.request("POST", "/v1/drills", body)
 
+    def reload(self, reason: str = "") -> Any:
+        return self.request("POST", "/v1/reload", {"reason": reason})
+
     def drills(self, limit: int = 50) -> Any:
         return self.request("GET", f"/v1/drills?limit={limit}")
 

@@ -15,6 +15,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,6 +59,7 @@ from supervisor.models import (
     EgressView,
     Health,
     ReasonRequest,
+    ReloadResult,
     RunRequest,
     RunView,
     TelemetrySummary,
@@ -138,9 +140,23 @@ class TelemetrySource(Protocol):
     def summary(self, run_id: str) -> TelemetrySummary | None: ...
 
 
+class Reloader(Protocol):
+    """Applies a changed configuration (the daemon's daemon/reload.py)."""
+
+    async def reload(self, actor: Actor, reason: str) -> dict[str, Any]: ...
+
+
+@dataclass
+class RoleTable:
+    """The roles in force. A reload replaces `current`: a served application is frozen."""
+
+    current: RolesSection
+
+
 ARBITER = web.AppKey("arbiter", Controller)
 TELEMETRY = web.AppKey("telemetry", TelemetrySource)
-ROLES = web.AppKey("roles", RolesSection)
+ROLES = web.AppKey("roles", RoleTable)
+RELOADER = web.AppKey("reloader", Reloader)
 DRILLS = web.AppKey("drills", DrillRunner)
 EGRESS = web.AppKey("egress", EgressSource)
 CONTROL = web.AppKey("control", ControlSection)
@@ -230,7 +246,7 @@ def _required(request: web.Request, handler: Handler) -> str:
 
 
 def _authorize(request: web.Request, handler: Handler, actor: Actor) -> None:
-    roles = roles_of(actor, request.app[ROLES])
+    roles = roles_of(actor, request.app[ROLES].current)
     request[PEER_ROLES] = roles
     needed = _required(request, handler)
     try:
@@ -669,19 +685,30 @@ async def run_egress(request: web.Request) -> web.Response:
     return _json(EgressView.model_validate(view))
 
 
+@permission("reload")
+async def reload_config(request: web.Request) -> web.Response:
+    body: ReasonRequest = await _body(request, ReasonRequest)
+    if RELOADER not in request.app:
+        raise RouteNotFound("this daemon has no configuration to reload", path=request.path)
+    result = await request.app[RELOADER].reload(request[ACTOR], body.reason)
+    return _json(ReloadResult.model_validate(result))
+
+
 async def openapi(request: web.Request) -> web.Response:
     return web.json_response(openapi_document())
 
 
-def build_app(arbiter: Controller, roles: RolesSection, drills: DrillRunner | None = None,
-              telemetry: TelemetrySource | None = None,
-              egress: EgressSource | None = None, control: ControlSection | None = None
-              ) -> web.Application:
+def build_app(arbiter: Controller, roles: RolesSection | RoleTable,
+              drills: DrillRunner | None = None, telemetry: TelemetrySource | None = None,
+              egress: EgressSource | None = None, control: ControlSection | None = None,
+              reloader: Reloader | None = None) -> web.Application:
     control = control or ControlSection()
     app = web.Application(middlewares=[errors_middleware, audit_durable_middleware],
                           client_max_size=control.max_body)
     app[ARBITER] = arbiter
-    app[ROLES] = roles
+    app[ROLES] = roles if isinstance(roles, RoleTable) else RoleTable(roles)
+    if reloader is not None:
+        app[RELOADER] = reloader
     app[CONTROL] = control
     app[LOAD] = Load(control)
     app[RENDERED] = RenderedPages()
@@ -708,6 +735,7 @@ def build_app(arbiter: Controller, roles: RolesSection, drills: DrillRunner | No
     app.router.add_post("/v1/approvals/{id}/approve", approve)
     app.router.add_post("/v1/approvals/{id}/deny", deny)
     app.router.add_post("/v1/agents/{name}/breaker/reset", reset_breaker)
+    app.router.add_post("/v1/reload", reload_config)
     app.router.add_get("/v1/openapi.json", openapi)
     return app
 

@@ -232,6 +232,11 @@ class AuditLog:
                                         daemon=True)
         self._thread.start()
 
+    @property
+    def writer_alive(self) -> bool:
+        """The writer thread runs (inline mode, before start(), counts as alive)."""
+        return self._thread is None or self._thread.is_alive()
+
     def close(self, timeout: float = 30.0) -> None:
         """Drain the queue, sign a last checkpoint, stop the writer. Appends after this are
         written at once again."""

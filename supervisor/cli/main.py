@@ -15,6 +15,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from supervisor import __version__
 from supervisor.api.client import DEFAULT_SOCKET, Client
 from supervisor.ci import ENV_VAR as EMBEDDED_ENV_VAR
 from supervisor.cli.console import console
@@ -41,6 +42,10 @@ def _fail(exc: SupervisorError, as_json: bool, status: int | None = None) -> NoR
         _emit_json(exc.to_body())
     else:
         click.echo(f"agentctl: {exc.code}: {exc.message}", err=True)
+        for error in exc.detail.get("errors") or []:  # a configuration's every error
+            if isinstance(error, dict):
+                click.echo(f"  {error.get('path')}: {error.get('key') or '-'}: "
+                           f"{error.get('reason')}", err=True)
         if exc.hint:
             click.echo(f"hint: {exc.hint}", err=True)
     sys.exit(exc.exit_status if status is None else status)
@@ -63,6 +68,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="agentctl")
 @click.option("--socket", "socket_path", type=click.Path(path_type=Path, readable=False),
               default=DEFAULT_SOCKET,
               show_default=True, envvar="AGENT_SUPERVISOR_SOCKET",
@@ -597,6 +603,24 @@ def status(as_json: bool) -> None:
         return
     for key, value in data.items():
         click.echo(f"{key:12} {value}")
+
+
+@cli.command()
+@click.option("--reason", default="", help="Recorded with the reload in the audit log.")
+@json_option
+@handles_errors
+def reload(reason: str, as_json: bool) -> None:
+    """Apply the changed configuration (owner): roles, webhooks, profiles, metrics, drills.
+    Every agent keeps running; a configuration with errors is refused and the running one
+    stays (exit 78, every error listed)."""
+    data = _client().reload(_reason(reason) if reason else "")
+    if as_json:
+        _emit_json(data)
+        return
+    changed = ", ".join(data["changed"]) or "nothing changed"
+    click.echo(f"reloaded {data['source']}: {changed}; {data['running']} agents kept running")
+    if data["restart_required"]:
+        click.echo(f"takes effect at the next restart: {', '.join(data['restart_required'])}")
 
 
 # ----------------------------------------------------------------------------- egress gateway

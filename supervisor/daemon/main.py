@@ -12,8 +12,8 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 
 import click
@@ -21,19 +21,23 @@ import click
 from supervisor import __version__
 from supervisor.api.client import owner_socket_of
 from supervisor.api.listener import ControlListener
-from supervisor.api.server import bind_control_socket, build_app, operators_gid
+from supervisor.api.server import RoleTable, bind_control_socket, build_app, operators_gid
 from supervisor.audit import AuditLog
 from supervisor.config import Config, load_config
 from supervisor.daemon.arbiter import SYSTEM
 from supervisor.daemon.auditing import housekeeping, start_audit, verify_fully
 from supervisor.daemon.breakglass import BreakGlass, block_halt_signal, request_halt
+from supervisor.daemon.configcheck import CheckedConfig, check_config
 from supervisor.daemon.core import Core
 from supervisor.daemon.drills import Drills
 from supervisor.daemon.fleet import FleetMember
+from supervisor.daemon.notify import HealthCheck, Notifier
+from supervisor.daemon.reload import ConfigReloader
 from supervisor.daemon.selftest import run_self_test
 from supervisor.errors import ConfigInvalid, EnforcementError, SupervisorError
 from supervisor.events import DeliveryWorker, Outbox, load_endpoints
-from supervisor.metrics import start_metrics
+from supervisor.metrics import MetricsEndpoint, start_metrics
+from supervisor.sandbox.cgroups import Cgroup
 
 log = logging.getLogger("agent-supervisord")
 
@@ -66,15 +70,35 @@ def setup_logging(level: str) -> None:
     logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
-def sd_notify(message: str) -> None:
-    """The sd_notify(3) datagram; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.sendto(message.encode(), address)
+def kill_path_checks(core: Core) -> list[tuple[str, HealthCheck]]:
+    """What the watchdog heartbeat proves besides a turning loop (daemon/notify.py)."""
+
+    def watchdog_process() -> str | None:
+        proc = core.watchdog.proc
+        code = proc.poll()
+        if code is not None:
+            return f"exited with {code}, not yet respawned"
+        # Alive is not enough: a stopped (SIGSTOP, ptrace) watchdog could not kill anything.
+        try:
+            state = Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (OSError, IndexError):
+            return None  # gone between the two reads: the next turn sees its exit code
+        return f"pid {proc.pid} is stopped" if state in ("T", "t") else None
+
+    def audit_writer() -> str | None:
+        return None if core.audit.writer_alive else "the writer thread is dead"
+
+    def held_cgroups() -> str | None:
+        held: list[tuple[str, object]] = [("parent", core.arbiter.parent)]
+        held += [(run_id, live.handle.cgroup) for run_id, live in core.arbiter.live.items()
+                 if live.handle is not None]
+        for owner, cgroup in held:
+            if isinstance(cgroup, Cgroup) and (broken := cgroup.held_broken()):
+                return f"{owner}: descriptors of {', '.join(broken)} are closed"
+        return None
+
+    return [("watchdog process", watchdog_process), ("audit writer", audit_writer),
+            ("held cgroups", held_cgroups)]
 
 
 def audit_watchdog_records(record: Path, audit: AuditLog) -> None:
@@ -97,7 +121,7 @@ def audit_watchdog_records(record: Path, audit: AuditLog) -> None:
     record.unlink()
 
 
-async def serve(config: Config) -> int:
+async def serve(config: Config, notifier: Notifier, config_file: Path | None = None) -> int:
     core = await Core.assemble(config)
     runtime, watchdog, audit, arbiter = core.runtime, core.watchdog, core.audit, core.arbiter
     db = core.store.db
@@ -133,6 +157,7 @@ async def serve(config: Config) -> int:
         await fleet.start()
 
     if config.daemon.self_test:
+        notifier.status("running the startup self-test")
         report = await run_self_test(arbiter, config, seccomp=core.seccomp)
         audit.append(actor=SYSTEM.label(), verb="self_test", scope="global",
                      outcome="ok" if report["ok"] else "failed", detail=report)
@@ -146,10 +171,12 @@ async def serve(config: Config) -> int:
 
     # --- metrics (supervisor/metrics.py): an address that is not allowed or is in use stops
     # the start here, naming it.
+    def metrics_at(listen: str) -> Awaitable[MetricsEndpoint | None]:
+        return start_metrics(arbiter, audit, listen, __version__, backlog=outbox.backlog,
+                             socket_gid=gid)
+
     try:
-        metrics_endpoint = await start_metrics(arbiter, audit, config.metrics.listen,
-                                               __version__, backlog=outbox.backlog,
-                                               socket_gid=gid)
+        metrics_endpoint = await metrics_at(config.metrics.listen)
     except SupervisorError:
         watchdog.disarm()
         raise
@@ -163,9 +190,25 @@ async def serve(config: Config) -> int:
                  if config.control.owner_socket_group else -1)
     owner_sock = bind_control_socket(owner_socket, owner_gid,
                                      0o660 if owner_gid >= 0 else 0o600)
-    app = build_app(arbiter, config.roles, drills, telemetry=telemetry, egress=core.egress,
-                    control=config.control)
+    roles = RoleTable(config.roles)
+    # Reload (daemon/reload.py): what the running daemon was started with, to diff against.
+    baseline = await asyncio.to_thread(check_config, config_file)
+    started = CheckedConfig(source=baseline.source, config=config,
+                            endpoints=list(outbox.endpoints.values()),
+                            profiles=baseline.profiles, secrets=baseline.secrets)
+    for error in baseline.profile_errors:
+        log.error("%s: %s: %s (launches with that profile are refused)", error["path"],
+                  error["key"] or "-", error["reason"])
+    admission: list[ControlListener] = []
+    reloader = ConfigReloader(
+        config_file, started, arbiter=arbiter, audit=audit, roles=roles, outbox=outbox,
+        webhook_worker=webhook_worker, drills=drills, notifier=notifier,
+        start_metrics=metrics_at, metrics_endpoint=metrics_endpoint,
+        admission_roles=lambda new: setattr(admission[0].admission, "roles", new))
+    app = build_app(arbiter, roles, drills, telemetry=telemetry, egress=core.egress,
+                    control=config.control, reloader=reloader)
     listener = ControlListener(app, sock, config.control, config.roles, owner_sock)
+    admission.append(listener)
     await listener.start()
     webhook_worker.start()  # webhooks: delivery never runs on the kill path
 
@@ -180,7 +223,6 @@ async def serve(config: Config) -> int:
 
     watchdog.on_death = watchdog_died
     watchdog.watch(loop)
-    drill_schedule = asyncio.create_task(drills.schedule())
 
     async def prune_logs_hourly() -> None:
         while True:
@@ -203,14 +245,18 @@ async def serve(config: Config) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    sd_notify("READY=1\nSTATUS=accepting runs")
+    loop.add_signal_handler(signal.SIGHUP, reloader.on_sighup)
+    notifier.start_heartbeat(kill_path_checks(core))
+    notifier.ready(f"accepting runs; {len(arbiter.live)} running")
     log.info("agent-supervisord %s ready on %s (cgroups %s)", __version__, config.socket_path,
              core.mode.value)
     await stop.wait()
 
-    sd_notify("STOPPING=1\nSTATUS=killing every agent")
+    notifier.stopping(f"killing every agent ({len(arbiter.live)} running)")
+    await notifier.stop_heartbeat()
     log.warning("shutting down: killing every agent")
-    drill_schedule.cancel()
+    loop.remove_signal_handler(signal.SIGHUP)
+    await reloader.stop()
     log_pruning.cancel()
     full_verification.cancel()
     audit_housekeeping.cancel()
@@ -223,8 +269,8 @@ async def serve(config: Config) -> int:
     audit.append(actor=SYSTEM.label(), verb="daemon_stop", scope="global",
                  reason=config.daemon.shutdown_reason)
     await listener.stop()
-    if metrics_endpoint is not None:  # metrics
-        await metrics_endpoint.stop()
+    if reloader.metrics_endpoint is not None:  # metrics (a reload may have moved it)
+        await reloader.metrics_endpoint.stop()
     for path in (config.socket_path, owner_socket):
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -251,31 +297,50 @@ def break_glass(config_path: Path | None, reason: str) -> int:
     return 1
 
 
+def report_config(config_path: Path | None) -> int:
+    """--check-config: every error, one line each, on stderr; 78 if there is any."""
+    checked = check_config(config_path)
+    for error in checked.all_errors:
+        click.echo(f"agent-supervisord: {error['path']}: {error['key'] or '-'}: "
+                   f"{error['reason']}", err=True)
+    if not checked.ok:
+        click.echo(f"agent-supervisord: {len(checked.all_errors)} error(s) in "
+                   f"{checked.source}; nothing was started", err=True)
+        return ConfigInvalid.exit_status
+    assert checked.config is not None
+    click.echo(json.dumps(checked.config.model_dump(mode="json"), indent=2))
+    return 0
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="Configuration file (default /etc/agent-supervisor/daemon.toml if present).")
-@click.option("--check-config", is_flag=True, help="Validate the configuration and exit.")
+@click.option("--check-config", "check_only", is_flag=True,
+              help="Report every error a start or reload would meet (the file, webhook and "
+                   "route secrets, metrics address, every profile), each with its file and "
+                   "key, and exit 78 if there is any; else print the effective configuration.")
 @click.option("--halt", "halt_reason", metavar="REASON", default=None,
               help="Break-glass: halt every agent through the HALT file (root; needs no socket "
                    "and no role config), wait for the daemon to apply it, and exit.")
-@click.version_option(__version__)
-def main(config_path: Path | None, check_config: bool, halt_reason: str | None) -> None:
+@click.version_option(__version__, prog_name="agent-supervisord")
+def main(config_path: Path | None, check_only: bool, halt_reason: str | None) -> None:
     """The agent supervisor daemon (runs as root)."""
     if halt_reason is not None:
         sys.exit(break_glass(config_path, halt_reason))
+    if check_only:
+        sys.exit(report_config(config_path))
     try:
         config = load_config(config_path)
         load_endpoints(config.webhooks)  # secrets present and private, before anything starts
     except ConfigInvalid as exc:
         click.echo(f"agent-supervisord: {exc.message}", err=True)
         sys.exit(exc.exit_status)
-    if check_config:
-        click.echo(json.dumps(config.model_dump(mode="json"), indent=2))
-        return
     setup_logging(config.daemon.log_level)
+    # Before any child exists: systemd's variables leave the environment here.
+    notifier = Notifier()
     block_halt_signal()  # before any thread exists: SIGUSR1 is the break-glass thread's alone
     try:
-        code = asyncio.run(serve(config))
+        code = asyncio.run(serve(config, notifier, config_path))
     except SupervisorError as exc:
         log.critical("%s: %s", exc.code, exc.message)
         sys.exit(exc.exit_status)

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from supervisor.sandbox.cgroups import Cgroup
+from supervisor.sandbox.childenv import child_env
 
 DONE = b"done\n"
 log = logging.getLogger(__name__)
@@ -106,10 +107,19 @@ class Watchdog:
         self._pidfd: int | None = None
         self._spawn()
 
+    @staticmethod
+    def _env() -> dict[str, str]:
+        # It runs this same package: where an interpreter finds it (a checkout under test)
+        # is the one variable it needs from the daemon.
+        env = child_env()
+        if "PYTHONPATH" in os.environ:
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        return env
+
     def _spawn(self) -> None:
         read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
         self.proc = subprocess.Popen(self.args, stdin=read_fd, start_new_session=True,
-                                     close_fds=True)
+                                     close_fds=True, env=self._env())
         os.close(read_fd)
 
     def watch(self, loop: asyncio.AbstractEventLoop) -> None:

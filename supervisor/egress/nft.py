@@ -19,6 +19,7 @@ import subprocess
 from typing import Any
 
 from supervisor.errors import EgressSetupFailed
+from supervisor.sandbox.childenv import child_env
 
 FAMILY = "inet"
 # Before the usual `filter` chains (priority 0) of other tables, so our drops are counted
@@ -93,7 +94,7 @@ def _nft(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
     binary = _nft_binary()
     try:
         return subprocess.run([binary, *args], input=stdin, capture_output=True, text=True,
-                              timeout=NFT_TIMEOUT, check=False)
+                              timeout=NFT_TIMEOUT, check=False, env=child_env())
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise EgressSetupFailed(f"nft {' '.join(args)}: {exc}", step="nft",
                                 args=list(args)) from exc

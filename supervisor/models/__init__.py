@@ -42,6 +42,7 @@ __all__ = [
     "EgressView",
     "Health",
     "ReasonRequest",
+    "ReloadResult",
     "RunRequest",
     "RunView",
     "Scope",
@@ -384,6 +385,18 @@ class DrillRequest(_Request):
     processes: Annotated[int, Field(ge=1, le=10_000)] | None = None
     slo: Annotated[float, BeforeValidator(duration_within(DRILL_SLO_MAX)),
                  duration_schema(DRILL_SLO_MAX)] | None = None
+
+
+class ReloadResult(BaseModel):
+    """POST /v1/reload: what a reload applied (daemon/reload.py)."""
+
+    outcome: Literal["applied", "unchanged"]
+    source: str
+    # Sections applied ("roles", "webhooks", ...) and profiles that changed ("profile:NAME").
+    changed: list[str]
+    # Sections that changed in the file but keep their running value until a restart.
+    restart_required: list[str]
+    running: int
 
 
 class DrillResult(BaseModel):

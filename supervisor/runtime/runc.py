@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.errors import RuntimeFailure
+from supervisor.sandbox.childenv import child_env
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Runc:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE if stdout is None else stdout,
                 stderr=asyncio.subprocess.PIPE if stderr is None else stderr,
+                env=child_env(),
             )
         except FileNotFoundError as exc:
             raise RuntimeFailure(f"runc binary not found: {self.binary}",

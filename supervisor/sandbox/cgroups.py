@@ -116,6 +116,17 @@ class Cgroup:
     def held(self) -> bool:
         return bool(self._held)
 
+    def held_broken(self) -> list[str]:
+        """Held files whose descriptor no longer refers to an open file (closed behind our
+        back, or the number reused): the kill path could not act through them."""
+        broken = []
+        for name, fd in self._held.items():
+            try:
+                os.fstat(fd)
+            except OSError:
+                broken.append(name)
+        return broken
+
     def _write(self, name: str, value: str) -> None:
         fd = self._held.get(name)
         if fd is not None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.errors import EnforcementError
+from supervisor.sandbox.childenv import child_env
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ async def apply(pid: int, limits: UsernsLimits, nsenter: str = "nsenter") -> Non
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            stderr=asyncio.subprocess.PIPE, env=child_env())
     except OSError as exc:
         raise EnforcementError(f"cannot run {nsenter} to set the run's user namespace "
                                f"limits: {exc.strerror}", pid=pid) from exc

@@ -36,6 +36,7 @@ ALLOWED = {
     "approve": {"owner", "admin"},
     "deny": {"owner", "admin"},
     "breaker reset": {"owner", "admin"},
+    "reload": {"owner"},
 }
 # Allowed, but with nothing to act on: the answer is that error, never `forbidden`.
 ALLOWED_ERROR = {"approve": "approval_not_found", "deny": "approval_not_found",
@@ -105,7 +106,7 @@ def invocation(verb: str, target: str) -> list[str]:
         return ["run", "--json", "--detach", "--name", target, "--", "sleep", "600"]
     if verb == "stop":
         return ["stop", target, "--grace", "1s", "--json"]
-    if verb in ("ls", "status", "audit", "audit verify", "approvals"):
+    if verb in ("ls", "status", "audit", "audit verify", "approvals", "reload"):
         return [*verb.split(), "--json"]
     if verb in ("approve", "deny"):
         return [verb, "00000000", "--reason", "role test", "--json"]

@@ -84,6 +84,8 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     # Prepended to the daemon's command line (tests/fleet: nsenter into the host's netns).
     launcher: list[str] = field(default_factory=list)
+    # The daemon's whole environment when set (else the test's own).
+    env: dict[str, str] | None = None
 
     @property
     def socket(self) -> Path:
@@ -147,6 +149,7 @@ class Daemon:
              str(self.config_path)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
             cwd=REPO,
+            env=self.env,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -188,6 +191,12 @@ class Daemon:
             raise AssertionError(f"agentctl {' '.join(args)} -> {result.returncode}\n"
                                  f"stdout: {result.stdout}\nstderr: {result.stderr}")
         return result
+
+    def check_config(self) -> subprocess.CompletedProcess[str]:
+        """agent-supervisord --check-config on this daemon's file."""
+        return subprocess.run([sys.executable, "-m", "supervisor.daemon", "--config",
+                               str(self.config_path), "--check-config"], capture_output=True,
+                              text=True, timeout=60)
 
     def agentctl_json(self, *args: str) -> Any:
         """agentctl with --json among its own options (before any `--` and agent command)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.config import DEFAULT_CONFIG_PATH, Config
+from supervisor.models.units import parse_duration
 
 SYSTEMD_DIR = Path(__file__).resolve().parents[2] / "systemd"
 UNIT = SYSTEMD_DIR / "agent-supervisor.service"
@@ -101,9 +102,10 @@ def verifiable_copy(directory: Path, unit_text: str) -> Path:
     true = shutil.which("true") or "/bin/true"
     lines = []
     for line in unit_text.splitlines():
-        if line.startswith("ExecStart="):
-            _binary, _sep, args = line.removeprefix("ExecStart=").partition(" ")
-            line = f"ExecStart={true} {args}".rstrip()
+        for key in ("ExecStart=", "ExecReload="):
+            if line.startswith(key):
+                _binary, _sep, args = line.removeprefix(key).partition(" ")
+                line = f"{key}{true} {args}".rstrip()
         lines.append(line)
     copy = directory / UNIT.name
     copy.write_text("\n".join(lines) + "\n")
@@ -147,9 +149,14 @@ def test_unit_contract() -> None:
     assert int(one(unit, "Service", "CPUWeight")) > 100
     assert "Nice" not in unit["Service"]
 
+    # No --config: the daemon reads DEFAULT_CONFIG_PATH when it exists and starts on its
+    # defaults when it does not (a missing file is no reason to fail the unit).
     argv = one(unit, "Service", "ExecStart").split()
     assert Path(argv[0]).name == "agent-supervisord"
-    assert argv[1:] == ["--config", str(DEFAULT_CONFIG_PATH)]
+    assert argv[1:] == []
+    reload = one(unit, "Service", "ExecReload").split()
+    assert Path(reload[0]).name == "agentctl" and reload[1:] == ["reload"]
+    assert parse_duration(one(unit, "Service", "WatchdogSec")) > 0
 
 
 def test_unit_directories_match_the_daemon_defaults() -> None:

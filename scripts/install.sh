@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Install agent-supervisor as a systemd service on a Debian 12 host, from this checkout (run as
+# root from anywhere):   bash scripts/install.sh
+# What it does, in order (README, "Running it as a service"):
+#   1. the Debian packages the daemon runs (runc, iproute2, nftables, python3-venv, ...);
+#   2. a wheel built from this checkout, installed with its runtime dependencies only into
+#      /opt/agent-supervisor/venv (no test tools; never a PyPI package by this project's name);
+#   3. the unit, sysusers.d and tmpfiles.d files; the commented example configuration as
+#      /etc/agent-supervisor/daemon.toml unless one exists (never overwritten);
+#   4. the agent-operators group, the directories, and `systemctl enable --now`.
+# Offline hosts: point pip at a wheel directory (PIP_NO_INDEX=1 PIP_FIND_LINKS=/path).
+# scripts/uninstall.sh undoes all of it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PREFIX=/opt/agent-supervisor
+VENV="$PREFIX/venv"
+
+if [[ $EUID -ne 0 ]]; then
+    echo "install: run as root" >&2
+    exit 1
+fi
+
+# The runtime's Debian packages; the test tiers' extra ones are in scripts/install-deps.sh.
+# tini: every sandbox's PID 1 (its static build, bound at /dev/init).
+packages=(runc tini iproute2 nftables python3 python3-venv util-linux passwd procps systemd)
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    echo "install: apt-get install ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+echo "install: building the wheel and $VENV"
+wheels="$(mktemp -d)"
+trap 'rm -rf "$wheels"' EXIT
+[[ -x "$VENV/bin/python" ]] || /usr/bin/python3 -m venv "$VENV"
+"$VENV/bin/pip" wheel -q --disable-pip-version-check --no-deps -w "$wheels" .
+"$VENV/bin/pip" install -q --disable-pip-version-check "$wheels"/*.whl
+# An upgrade from the same version number must still replace the code.
+"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall "$wheels"/*.whl
+# Operators run agentctl by name; it talks to the socket and needs no root.
+ln -sfn "$VENV/bin/agentctl" /usr/local/bin/agentctl
+install -d -m 0755 "$PREFIX/share/doc"
+install -m 0644 docs/runbook.md "$PREFIX/share/doc/runbook.md"
+
+install -D -m 0644 systemd/agent-supervisor.service /etc/systemd/system/agent-supervisor.service
+install -D -m 0644 systemd/agent-supervisor.sysusers.conf /etc/sysusers.d/agent-supervisor.conf
+install -D -m 0644 systemd/agent-supervisor.tmpfiles.conf /etc/tmpfiles.d/agent-supervisor.conf
+systemd-sysusers /etc/sysusers.d/agent-supervisor.conf
+systemd-tmpfiles --create /etc/tmpfiles.d/agent-supervisor.conf
+if [[ -e /etc/agent-supervisor/daemon.toml ]]; then
+    echo "install: keeping the existing /etc/agent-supervisor/daemon.toml"
+else
+    install -m 0644 systemd/daemon.toml.example /etc/agent-supervisor/daemon.toml
+fi
+"$VENV/bin/agent-supervisord" --check-config --config /etc/agent-supervisor/daemon.toml >/dev/null
+
+systemctl daemon-reload
+systemctl enable --now agent-supervisor
+echo "install: $("$VENV/bin/agent-supervisord" --version) is $(systemctl is-active agent-supervisor)"

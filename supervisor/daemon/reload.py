@@ -1,0 +1,191 @@
+"""Reload: apply a changed configuration to the running daemon, every agent kept running.
+Reads the configuration as a start would (daemon/configcheck.py) on a thread; no privilege
+beyond the daemon's own.
+
+Reloadable, applied at once: [roles] (who may do what on the socket, new connections and
+requests alike), [workspaces], [[webhooks]] with their secrets and [webhook_delivery],
+[metrics] (the endpoint moves), [drill] (the schedule restarts). Profiles, with their
+tripwires and egress routes, and the route secrets they name are read at each launch, so
+a reload only checks them and reports which changed: new runs get them, running runs keep
+the profile, tripwires, routes and tokens they started with. Any other section is reported
+as needing a restart and keeps its running value.
+
+A configuration with any error is refused whole (ConfigInvalid listing every error, audited)
+and the running one stays. One reload at a time; each is one audit row, `config_reload`,
+naming the sections and profiles that changed (never a value: secrets live in some of
+them). SIGHUP, `ExecReload=agentctl reload` and POST /v1/reload all come here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from supervisor.api.server import RoleTable
+from supervisor.audit import AuditLog
+from supervisor.config import Config
+from supervisor.daemon.arbiter import Arbiter
+from supervisor.daemon.configcheck import CheckedConfig, check_config
+from supervisor.daemon.drills import Drills
+from supervisor.daemon.notify import Notifier
+from supervisor.errors import ReloadRefused, SupervisorError
+from supervisor.events import DeliveryWorker, Outbox
+from supervisor.metrics import MetricsEndpoint
+from supervisor.models import Actor
+
+log = logging.getLogger(__name__)
+
+RELOADABLE = ("roles", "workspaces", "webhooks", "webhook_delivery", "metrics", "drill")
+
+StartMetrics = Callable[[str], Awaitable[MetricsEndpoint | None]]
+
+
+class ConfigReloader:
+    def __init__(self, path: Path | None, checked: CheckedConfig, *, arbiter: Arbiter,
+                 audit: AuditLog, roles: RoleTable, outbox: Outbox,
+                 webhook_worker: DeliveryWorker, drills: Drills, notifier: Notifier,
+                 start_metrics: StartMetrics, metrics_endpoint: MetricsEndpoint | None,
+                 admission_roles: Callable[[Any], None]) -> None:
+        assert checked.config is not None
+        self.path = path
+        self.current: Config = checked.config
+        self.profiles = dict(checked.profiles)
+        self.secrets = dict(checked.secrets)
+        self.endpoints = list(checked.endpoints)
+        self.arbiter = arbiter
+        self.audit = audit
+        self.roles = roles
+        self.outbox = outbox
+        self.webhook_worker = webhook_worker
+        self.drills = drills
+        self.notifier = notifier
+        self.start_metrics = start_metrics
+        self.metrics_endpoint = metrics_endpoint
+        self.admission_roles = admission_roles
+        self.drill_schedule: asyncio.Task[None] = asyncio.create_task(drills.schedule())
+        self._lock = asyncio.Lock()
+        self._signalled: set[asyncio.Task[Any]] = set()
+
+    def on_sighup(self) -> None:
+        """SIGHUP: the same reload, its outcome in the log and the audit row."""
+        task = asyncio.create_task(self._from_signal())
+        self._signalled.add(task)
+        task.add_done_callback(self._signalled.discard)
+
+    async def _from_signal(self) -> None:
+        try:
+            await self.reload(Actor(kind="system", name="sighup"), "SIGHUP")
+        except SupervisorError as exc:
+            log.error("reload on SIGHUP refused: %s", exc.message)
+
+    async def reload(self, actor: Actor, reason: str) -> dict[str, Any]:
+        async with self._lock:
+            self.notifier.reloading()
+            status = "accepting runs; reload refused, previous configuration kept"
+            try:
+                result = await self._reload(actor, reason)
+                status = f"accepting runs; reloaded ({', '.join(result['changed']) or 'no change'})"
+                return result
+            finally:
+                self.notifier.reloaded(status)
+
+    async def _reload(self, actor: Actor, reason: str) -> dict[str, Any]:
+        checked = await asyncio.to_thread(check_config, self.path)
+        label = actor.label()
+        if not checked.ok:
+            self.audit.append(actor=label, verb="config_reload", scope="global", reason=reason,
+                              outcome="refused",
+                              detail={"source": checked.source, "errors": checked.all_errors})
+            log.error("reload refused: %d error(s) in the configuration",
+                      len(checked.all_errors))
+            raise ReloadRefused(_summary(checked.all_errors), source=checked.source,
+                                errors=checked.all_errors)
+        new = checked.config
+        assert new is not None
+        old = self.current
+        sections = [name for name in type(old).model_fields
+                    if getattr(old, name) != getattr(new, name)]
+        applied = [s for s in sections if s in RELOADABLE]
+        if self.endpoints != checked.endpoints and "webhooks" not in applied:
+            applied.append("webhooks")  # a secret file changed: same keys, new secret
+        restart_required = [s for s in sections if s not in RELOADABLE]
+        secrets = sorted(ref for ref in set(self.secrets) | set(checked.secrets)
+                         if self.secrets.get(ref) != checked.secrets.get(ref))
+        profiles = sorted(name for name in set(self.profiles) | set(checked.profiles)
+                          if self.profiles.get(name) != checked.profiles.get(name))
+
+        if "metrics" in applied:
+            try:
+                await self._move_metrics(new.metrics.listen)
+            except SupervisorError as exc:
+                errors = [{"path": checked.source, "key": "metrics.listen",
+                           "reason": exc.message}]
+                self.audit.append(actor=label, verb="config_reload", scope="global",
+                                  reason=reason, outcome="refused",
+                                  detail={"source": checked.source, "errors": errors})
+                raise ReloadRefused(_summary(errors), source=checked.source,
+                                    errors=errors) from exc
+        # From here nothing can fail: the rest is assignments.
+        updates = {name: getattr(new, name) for name in applied if name in RELOADABLE}
+        self.current = old.model_copy(update=updates)
+        self.arbiter.config = self.current
+        if "roles" in applied:
+            self.roles.current = new.roles
+            self.admission_roles(new.roles)
+        if "webhooks" in applied:
+            self.outbox.endpoints = {e.url: e for e in checked.endpoints}
+            self.webhook_worker.start()  # no-op when it runs; the first endpoint starts it
+            self.outbox.wake.set()
+        self.endpoints = list(checked.endpoints)
+        if "webhook_delivery" in applied:
+            self.webhook_worker.delivery = new.webhook_delivery
+        if "drill" in applied:
+            self.drills.config = new.drill
+            await self._restart_drill_schedule()
+        self.profiles = dict(checked.profiles)
+        self.secrets = dict(checked.secrets)
+
+        changed = (applied + [f"profile:{name}" for name in profiles]
+                   + [f"secret:{ref}" for ref in secrets])
+        result = {"outcome": "applied" if changed else "unchanged", "source": checked.source,
+                  "changed": changed, "restart_required": restart_required,
+                  "running": len(self.arbiter.live)}
+        self.audit.append(actor=label, verb="config_reload", scope="global", reason=reason,
+                          outcome="ok", detail=result)
+        log.warning("configuration reloaded from %s: %s%s", checked.source,
+                    ", ".join(changed) or "no change",
+                    f"; at the next restart: {', '.join(restart_required)}"
+                    if restart_required else "")
+        return result
+
+    async def _move_metrics(self, listen: str) -> None:
+        """Stop the old endpoint, then start the new one; if the new one cannot start, the
+        old one comes back (same address as before, so it can) and the reload is refused."""
+        old = self.metrics_endpoint
+        if old is not None:
+            await old.stop()
+        try:
+            self.metrics_endpoint = await self.start_metrics(listen)
+        except SupervisorError:
+            self.metrics_endpoint = await self.start_metrics(self.current.metrics.listen)
+            raise
+
+    async def _restart_drill_schedule(self) -> None:
+        self.drill_schedule.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.drill_schedule
+        self.drill_schedule = asyncio.create_task(self.drills.schedule())
+
+    async def stop(self) -> None:
+        self.drill_schedule.cancel()
+        for task in list(self._signalled):
+            task.cancel()
+
+
+def _summary(errors: list[dict[str, str]]) -> str:
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"configuration refused: {first['path']}: {first['key'] or '-'}: {first['reason']}{more}"

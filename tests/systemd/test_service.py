@@ -1,0 +1,179 @@
+"""The service under real systemd (PID 1 in a container built from Debian packages, see
+tests/systemd/machine.py), installed by the README's own commands: start through READY=1,
+agentctl for operators, reload, stop and SIGKILL and a hung daemon each leave no agent, and
+uninstall leaves nothing. Needs root, mmdebstrap and dockerd.
+
+The tests share one machine and run in file order: each leaves the service active."""
+
+from __future__ import annotations
+
+import json
+
+from tests.systemd.conftest import OPERATOR, OUTSIDER, SECRET
+from tests.systemd.machine import Machine
+
+UNIT = "agent-supervisor.service"
+AGENTCTL = "agentctl"
+CGROUP_PARENT = "/sys/fs/cgroup/unified/agent-supervisor"
+
+
+def agent_pids(machine: Machine) -> list[int]:
+    """Every process in the agents' cgroups (the daemon's [sandbox] cgroup_parent)."""
+    out = machine.sh(f"find {CGROUP_PARENT} -name cgroup.procs -exec cat {{}} + "
+                     f"2>/dev/null || true").stdout
+    return [int(pid) for pid in out.split()]
+
+
+def start_agent(machine: Machine, name: str) -> None:
+    machine.run(AGENTCTL, "run", "--detach", "--name", name, "--", "sleep", "3600")
+    machine.wait_for(f"agent {name} running", lambda: bool(agent_pids(machine)), timeout=60)
+
+
+def audit_rows(machine: Machine) -> list[dict[str, object]]:
+    """Newest first."""
+    out = machine.run(AGENTCTL, "audit", "--limit", "500", "--json").stdout
+    rows: list[dict[str, object]] = json.loads(out)["entries"]
+    return rows[::-1]
+
+
+def main_pid(machine: Machine) -> int:
+    return int(machine.unit("MainPID")["MainPID"])
+
+
+def wait_active(machine: Machine, timeout: float = 120) -> None:
+    machine.wait_for("the unit to be active", lambda: machine.unit("ActiveState")[
+        "ActiveState"] == "active", timeout=timeout)
+
+
+def test_start_reaches_active_through_ready(machine: Machine) -> None:
+    state = machine.unit("Type", "NotifyAccess", "ActiveState", "SubState", "StatusText",
+                         "WatchdogUSec", "Result")
+    assert state["Type"] == "notify"
+    assert (state["ActiveState"], state["SubState"]) == ("active", "running"), state
+    # Only the READY=1 datagram carries this status: the unit went active through it, after
+    # the self-test (which runs agents in runc, nested here) passed.
+    assert state["StatusText"].startswith("accepting runs"), state
+    assert state["WatchdogUSec"] == "8s"  # the unit has one (the test's drop-in shortens it)
+    journal = machine.journal()
+    assert "self-test passed" in journal
+    # The README's example configuration is in place and is what the daemon runs with.
+    config = machine.run("cat", "/etc/agent-supervisor/daemon.toml").stdout
+    assert config.startswith("# /etc/agent-supervisor/daemon.toml")
+
+
+def test_versions_come_from_the_installed_distribution(machine: Machine) -> None:
+    version = machine.run("/opt/agent-supervisor/venv/bin/python", "-c",
+                          "import importlib.metadata as m;"
+                          "print(m.version('agent-supervisor-killswitch'))").stdout.strip()
+    assert machine.run(AGENTCTL, "--version").stdout.split() == ["agentctl,", "version",
+                                                                  version]
+    daemon = machine.run("/opt/agent-supervisor/venv/bin/agent-supervisord", "--version")
+    assert daemon.stdout.split() == ["agent-supervisord,", "version", version]
+    # The service venv holds runtime dependencies only.
+    tools = machine.run("/opt/agent-supervisor/venv/bin/python", "-c",
+                        "import importlib.util as u; print([n for n in ('pytest', 'ruff', "
+                        "'mypy', 'hypothesis') if u.find_spec(n)])").stdout.strip()
+    assert tools == "[]"
+
+
+def test_operator_uses_agentctl_and_outsider_cannot(machine: Machine) -> None:
+    ok = machine.as_user(OPERATOR, AGENTCTL, "status", "--json")
+    assert json.loads(ok.stdout)
+    refused = machine.as_user(OUTSIDER, AGENTCTL, "status", check=False)
+    assert refused.returncode != 0
+    assert "permission" in (refused.stdout + refused.stderr).lower()
+
+
+def test_no_daemon_environment_reaches_a_sandbox(machine: Machine) -> None:
+    out = machine.run(AGENTCTL, "run", "--name", "environ", "--", "cat",
+                      "/proc/self/environ").stdout
+    names = {item.split("=", 1)[0] for item in out.split("\0") if "=" in item}
+    assert "AGENT_SUPERVISOR_RUN" in names  # the output is really the agent's environment
+    leaked = names & {"NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "INVOCATION_ID",
+                      "JOURNAL_STREAM", "LISTEN_FDS", "LISTEN_PID", SECRET}
+    assert not leaked
+    # The daemon itself did have them (the unit's drop-in and systemd's own).
+    environ = machine.run("cat", f"/proc/{main_pid(machine)}/environ").stdout
+    assert f"{SECRET}=" in environ
+    assert "JOURNAL_STREAM=" in environ
+
+
+def test_reload_applies_a_config_change_and_keeps_agents(machine: Machine) -> None:
+    start_agent(machine, "kept-over-reload")
+    before = sorted(agent_pids(machine))
+    pid = main_pid(machine)
+    machine.sh("cat >> /etc/agent-supervisor/daemon.toml <<'EOF'\n\n[drill]\nprocesses = 7\nEOF")
+    machine.run("systemctl", "reload", UNIT)
+    assert main_pid(machine) == pid
+    assert sorted(agent_pids(machine)) == before
+    rows = [r for r in audit_rows(machine) if r["verb"] == "config_reload"]
+    assert rows and rows[0]["outcome"] == "ok"
+    detail = rows[0]["detail"]
+    assert isinstance(detail, dict) and "drill" in detail["changed"]
+    machine.run(AGENTCTL, "kill", "kept-over-reload", "--reason", "test done")
+    machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
+
+
+def test_stop_kills_every_agent_audited(machine: Machine) -> None:
+    start_agent(machine, "stopped-with-service")
+    machine.run("systemctl", "stop", UNIT, timeout=120)
+    assert agent_pids(machine) == []
+    machine.run("systemctl", "start", UNIT, timeout=180)
+    wait_active(machine)
+    rows = audit_rows(machine)
+    stops = [r for r in rows if r["verb"] == "shutdown"
+             and "stopped-with-service" in json.dumps(r)]
+    assert stops, [r["verb"] for r in rows[:30]]
+    assert any(r["verb"] == "daemon_stop" for r in rows)
+
+
+def test_sigkill_of_the_unit_leaves_no_agent(machine: Machine) -> None:
+    start_agent(machine, "killed-with-daemon")
+    pid = main_pid(machine)
+    machine.run("systemctl", "kill", "--signal", "KILL", UNIT)
+    # The watchdog process kills the agents' cgroup the moment the daemon's pipe closes;
+    # systemd's SIGKILL reached only the unit's own cgroup, never the agents'.
+    machine.wait_for("the agents killed", lambda: not agent_pids(machine), timeout=60)
+    machine.wait_for("systemd to restart the daemon", lambda: main_pid(machine) not in
+                     (0, pid), timeout=120)
+    wait_active(machine)
+    verbs = [r["verb"] for r in audit_rows(machine)]
+    assert "watchdog_kill" in verbs
+
+
+def test_watchdog_restarts_a_hung_daemon_and_its_agents_die(machine: Machine) -> None:
+    start_agent(machine, "hung-daemon")
+    pid = main_pid(machine)
+    restarts = int(machine.unit("NRestarts")["NRestarts"])
+    machine.run("kill", "-STOP", str(pid))
+    # No heartbeat from a stopped loop: after WatchdogSec systemd aborts the daemon, its
+    # watchdog process kills the agents, Restart=on-failure starts a new daemon.
+    machine.wait_for("systemd to restart the hung daemon", lambda: int(
+        machine.unit("NRestarts")["NRestarts"]) > restarts, timeout=120)
+    machine.wait_for("the agents killed", lambda: not agent_pids(machine), timeout=60)
+    wait_active(machine)
+    assert main_pid(machine) != pid
+    assert "Watchdog timeout" in machine.run("journalctl", "-u", UNIT, "--no-pager",
+                                             check=False).stdout
+
+
+def test_uninstall_leaves_nothing(machine: Machine) -> None:
+    start_agent(machine, "before-uninstall")
+    machine.run("bash", "/src/scripts/uninstall.sh", timeout=300)
+    assert agent_pids(machine) == []
+    leftovers = machine.sh(
+        "ls -d /opt/agent-supervisor /etc/agent-supervisor /var/lib/agent-supervisor "
+        "/var/log/agent-supervisor /run/agent-supervisor /etc/systemd/system/" + UNIT +
+        " /etc/sysusers.d/agent-supervisor.conf /etc/tmpfiles.d/agent-supervisor.conf "
+        "/usr/local/bin/agentctl 2>/dev/null || true").stdout.split()
+    assert leftovers == []
+    assert machine.run("getent", "group", "agent-operators", check=False).returncode == 2
+    # Exactly the daemon's names: the host's cgroup tree is shared (other test daemons use
+    # agent-supervisor-test/...).
+    cgroups = machine.sh("ls -d /sys/fs/cgroup/*/agent-supervisor /sys/fs/cgroup/*/"
+                         "agent-supervisor-gateway 2>/dev/null || true").stdout.split()
+    assert cgroups == []
+    assert machine.sh("ls /run/netns 2>/dev/null || true").stdout.split() == []
+    tables = machine.run("nft", "list", "tables").stdout.split("\n")
+    assert [t for t in tables if " as." in t] == []
+    assert machine.run("systemctl", "cat", UNIT, check=False).returncode != 0

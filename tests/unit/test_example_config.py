@@ -1,0 +1,68 @@
+"""The example configuration the install puts in place (systemd/daemon.toml.example) and
+`--check-config`'s every-error report. No privilege."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from supervisor.config import Config, load_config
+from supervisor.daemon.configcheck import check_config
+from supervisor.errors import ConfigInvalid
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "daemon.toml.example"
+
+
+def test_the_example_as_installed_is_the_defaults() -> None:
+    assert load_config(EXAMPLE) == Config()
+
+
+def test_every_key_in_the_example_is_real_and_shows_its_default(tmp_path: Path) -> None:
+    """Uncomment every key line (not the webhook, whose URL is only a sample): the file must
+    still load, to exactly the defaults, so the example never drifts from the code."""
+    lines, in_webhook = [], False
+    for line in EXAMPLE.read_text().splitlines():
+        body = line[2:] if line.startswith("# ") else ""
+        if re.match(r"^\[\[?[a-z_]+\]\]?\s*(#.*)?$", body):
+            in_webhook = body.startswith("[[webhooks]]")
+            if not in_webhook:
+                lines.append(body)
+        elif re.match(r"^[a-z_]+ = ", body) and not in_webhook:
+            lines.append(body)
+    uncommented = tmp_path / "daemon.toml"
+    uncommented.write_text("\n".join(lines) + "\n")
+    assert len(lines) > 60
+    assert load_config(uncommented) == Config()
+
+
+def test_check_config_reports_every_error_with_file_and_key(tmp_path: Path) -> None:
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    (profiles / "broken.toml").write_text("[limits]\npids = -5\n")
+    (profiles / "typo.toml").write_text("[limits]\nmemroy = '1G'\n")
+    config = tmp_path / "daemon.toml"
+    config.write_text(f'[daemon]\nprofile_dirs = ["{profiles}"]\nlog_level = "loud"\n'
+                      '[drill]\nprocesses = 0\n[roles]\nowner = ["bogus"]\n[nonsense]\n'
+                      '[metrics]\nlisten = "0.0.0.0:9"\n')
+    checked = check_config(config)
+    assert not checked.ok
+    where = {(Path(e["path"]).name, e["key"]) for e in checked.all_errors}
+    assert {("daemon.toml", "daemon.log_level"), ("daemon.toml", "drill.processes"),
+            ("daemon.toml", "roles.owner.0"), ("daemon.toml", "nonsense")} <= where
+    assert {name for name, _key in where} >= {"broken.toml", "typo.toml"}
+    with pytest.raises(ConfigInvalid) as raised:
+        load_config(config)
+    assert len(raised.value.detail["errors"]) == 4
+    assert "(and 3 more)" in raised.value.message
+
+
+def test_no_file_means_every_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import supervisor.config
+
+    monkeypatch.setattr(supervisor.config, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    checked = check_config(None)
+    assert checked.source.startswith("(defaults")
+    assert checked.config == Config()
+    assert [e for e in checked.errors] == []
