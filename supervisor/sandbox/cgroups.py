@@ -117,8 +117,8 @@ class Cgroup:
         return bool(self._held)
 
     def held_broken(self) -> list[str]:
-        """Held files whose descriptor no longer refers to an open file (closed behind our
-        back, or the number reused): the kill path could not act through them."""
+        """Held files whose descriptor is no longer open (closed behind our back by a bug):
+        the kill path could not act through them."""
         broken = []
         for name, fd in self._held.items():
             try:
