@@ -61,5 +61,10 @@ fi
 "$VENV/bin/agent-supervisord" --check-config --config /etc/agent-supervisor/daemon.toml >/dev/null
 
 systemctl daemon-reload
+if systemctl is-active --quiet agent-supervisor; then
+    # An upgrade: the running daemon keeps the code it started with until it restarts.
+    echo "install: agent-supervisor is running; \`systemctl restart agent-supervisor\` runs the" \
+         "new version (see docs/runbook.md for what a restart does to running agents)"
+fi
 systemctl enable --now agent-supervisor
 echo "install: $("$VENV/bin/agent-supervisord" --version) is $(systemctl is-active agent-supervisor)"

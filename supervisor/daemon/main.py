@@ -125,9 +125,12 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     core = await Core.assemble(config)
     runtime, watchdog, audit, arbiter = core.runtime, core.watchdog, core.audit, core.arbiter
     db = core.store.db
+    # The runtime directory stays root:root (0751 lets everyone traverse it; the socket's
+    # own group decides who connects). Under systemd that is not taste: before each Exec*
+    # command (ExecReload= too) systemd chowns a RuntimeDirectory= whose top is not the
+    # service's user and group recursively, which would reset control.sock's group and reach
+    # the runs' bundles and workspace mounts below it.
     gid = operators_gid(config.daemon.socket_group)
-    if gid >= 0:
-        os.chown(config.daemon.runtime_dir, 0, gid)
     # --- webhooks (supervisor/events.py): the outbox subscribes before any audit row that
     # becomes an event; a missing or world-readable secret stops the start here, naming it.
     outbox = Outbox(db, load_endpoints(config.webhooks))

@@ -200,7 +200,27 @@ def booted() -> Iterator[Machine]:
             in ("running", "degraded"), timeout=120)
         yield machine
     finally:
+        # Every process of the machine, its agents included, is in its pid namespace and
+        # dies with it; then the agents' cgroups (on the host's tree) can go.
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        remove_service_cgroups()
+
+
+SERVICE_CGROUPS = ("agent-supervisor", "agent-supervisor-gateway")
+
+
+def remove_service_cgroups() -> None:
+    """What a test that failed before uninstall left of the daemon's default cgroups."""
+    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+        for name in SERVICE_CGROUPS:
+            top = hierarchy / name
+            if not top.is_dir():
+                continue
+            below = [p for p in top.rglob("*") if p.is_dir()]
+            # Deepest first: a cgroup directory goes only once it has no children.
+            for directory in [*sorted(below, key=lambda p: len(p.parts), reverse=True), top]:
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
 
 
 def readme_service_commands() -> list[str]:

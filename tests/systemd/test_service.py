@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from tests.systemd.conftest import OPERATOR, OUTSIDER, SECRET
+from tests.systemd.conftest import OPERATOR, OUTSIDER, SECRET, follow_readme
 from tests.systemd.machine import Machine
 
 UNIT = "agent-supervisor.service"
@@ -167,6 +167,16 @@ def test_watchdog_restarts_a_hung_daemon_and_its_agents_die(machine: Machine) ->
     assert main_pid(machine) != pid
     assert "Watchdog timeout" in machine.run("journalctl", "-u", UNIT, "--no-pager",
                                              check=False).stdout
+
+
+def test_installing_again_keeps_the_configuration(machine: Machine) -> None:
+    """The README's steps run again (an upgrade from a newer checkout): the operator's
+    daemon.toml, changed by the tests above, is kept, and the service stays active."""
+    config = machine.run("cat", "/etc/agent-supervisor/daemon.toml").stdout
+    assert "[roles]" in config
+    follow_readme(machine)
+    assert machine.run("cat", "/etc/agent-supervisor/daemon.toml").stdout == config
+    wait_active(machine)
 
 
 def test_uninstall_leaves_nothing(machine: Machine) -> None:

@@ -182,7 +182,8 @@ def test_unit_leaves_out_hardening_that_breaks_the_daemon_or_leaks_into_agents()
 def test_tmpfiles_contract() -> None:
     entries = {fields[1]: fields for fields in config_lines(TMPFILES)}
     assert entries == {
-        RUNTIME_DIR: ["d", RUNTIME_DIR, RUNTIME_DIR_MODE, "root", OPERATORS, "-", "-"],
+        # root:root: systemd chows any other owner back, recursively, before each Exec*.
+        RUNTIME_DIR: ["d", RUNTIME_DIR, RUNTIME_DIR_MODE, "root", "root", "-", "-"],
         "/var/lib/agent-supervisor": ["d", "/var/lib/agent-supervisor", "0700", "root", "root",
                                       "-", "-"],
         "/etc/agent-supervisor": ["d", "/etc/agent-supervisor", "0755", "root", "root", "-",
