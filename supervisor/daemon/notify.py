@@ -54,12 +54,20 @@ class Notifier:
         self.unhealthy: str | None = None
 
     def send(self, *fields: str) -> bool:
-        """One datagram of KEY=VALUE lines; False when it could not be sent (logged)."""
+        """One datagram of KEY=VALUE lines; False when it could not be sent (logged).
+
+        Never blocks: a datagram socket whose reader has fallen behind (its queue holds
+        net.unix.max_dgram_qlen datagrams, 10 by default) would otherwise stop the control
+        loop in sendto, and with it every kill. A dropped heartbeat costs at most one period."""
         if not self.address:
             return False
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                               | socket.SOCK_NONBLOCK) as sock:
                 sock.sendto("\n".join(fields).encode(), self.address)
+        except BlockingIOError:
+            log.warning("sd_notify %s dropped: %r is not reading", fields, self.address)
+            return False
         except OSError as exc:
             log.error("sd_notify %s to %r failed: %s", fields, self.address, exc)
             return False

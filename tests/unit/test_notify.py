@@ -71,3 +71,14 @@ def test_a_check_that_raises_is_a_failed_check() -> None:
         raise OSError("EBADF")
 
     assert first_problem([("ok", lambda: None), ("fds", boom)]) == "fds: OSError: EBADF"
+
+
+def test_a_reader_that_falls_behind_never_blocks_the_sender(tmp_path: Path) -> None:
+    """The kernel queues ~10 datagrams for a reader that does not read; more must be
+    dropped, not wait (a blocked sendto would stop the control loop and every kill)."""
+    path = str(tmp_path / "notify")
+    with bound(path):
+        notifier = Notifier({"NOTIFY_SOCKET": path})
+        sent = [notifier.send("WATCHDOG=1") for _ in range(1000)]
+        assert sent[0] is True
+        assert sent[-1] is False
