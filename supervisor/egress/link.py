@@ -22,13 +22,12 @@ import hashlib
 import ipaddress
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-
-from pyroute2 import IPRoute, NetlinkError
 
 from supervisor.errors import EgressSetupFailed
 from supervisor.sandbox.libc import libc
@@ -209,9 +208,21 @@ def _check_ifname(ifname: str) -> None:
         raise ValueError(f"invalid interface name {ifname!r}")
 
 
+def IPRoute() -> Any:
+    """pyroute2's IPRoute, imported on first use: runs without the gateway never load it."""
+    from pyroute2 import IPRoute as _IPRoute
+    return _IPRoute()
+
+
+def _netlink_error() -> type[Exception]:
+    from pyroute2 import NetlinkError
+    error: type[Exception] = NetlinkError
+    return error
+
+
 def _errno_of(exc: BaseException) -> int | None:
-    if isinstance(exc, NetlinkError):
-        code: int = exc.code
+    if "pyroute2" in sys.modules and isinstance(exc, _netlink_error()):
+        code: int = getattr(exc, "code", 0)
         return code
     if isinstance(exc, OSError):
         return exc.errno
@@ -345,8 +356,8 @@ def detach(ifname: str) -> bool:
                 return False
             try:
                 ipr.link("del", index=indexes[0])
-            except NetlinkError as exc:
-                if exc.code == errno.ENODEV:  # deleted by someone else in between
+            except _netlink_error() as exc:
+                if getattr(exc, "code", None) == errno.ENODEV:  # deleted by someone else in between
                     return False
                 raise
             return True

@@ -1,4 +1,4 @@
-"""Per-run network namespaces, bind-mounted under /run/netns with pyroute2. Needs root.
+"""Per-run network namespaces, bind-mounted under /run/netns as iproute2 does. Needs root.
 
 The daemon creates the namespace before runc starts the container, so the namespace belongs to
 the host's user namespace: the agent, root only inside its own user namespace, holds no
@@ -9,23 +9,59 @@ Nothing here forks. pyroute2's `netns.create` and `NetNS` fork a helper and SIGT
 afterwards; a fork of the daemon inherits asyncio's signal wakeup fd, so that helper's SIGTERM
 arrives in the daemon's event loop as if the daemon itself had been told to stop. Instead a
 short-lived thread unshares its own network namespace (namespaces are per thread), binds it,
-brings loopback up from inside and switches back; the thread then ends either way."""
+brings loopback up from inside and switches back; the thread then ends either way. Plain
+syscalls and one ioctl, no pyroute2: a run without the gateway (network mode "none") never
+imports it (its package import is most of an embedded CI run's import time)."""
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import os
+import socket
+import struct
 import threading
 from pathlib import Path
-
-from pyroute2 import IPRoute, netns
 
 from supervisor.sandbox.libc import libc
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
 _MS_BIND = 4096
+_MS_REC = 16384
+_MS_SHARED = 1 << 20
+_MNT_DETACH = 2
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
 _libc = libc
+
+
+def _mount(source: bytes, target: bytes, flags: int) -> int:
+    return int(_libc.mount(source, target, b"none", flags, None))
+
+
+def _share_directory() -> None:
+    """/run/netns as a shared mount (a bind of itself first if it is not a mount yet), as
+    iproute2 makes it: a namespace bound in it shows in every mount namespace that sees it."""
+    NETNS_DIR.mkdir(mode=0o755, exist_ok=True)
+    directory = str(NETNS_DIR).encode()
+    if _mount(b"", directory, _MS_SHARED | _MS_REC) == 0:
+        return
+    if _mount(directory, directory, _MS_BIND | _MS_REC) != 0 or \
+            _mount(b"", directory, _MS_SHARED | _MS_REC) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"making {NETNS_DIR} a shared mount: {os.strerror(err)}")
+
+
+def _loopback_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        request = struct.pack("16sH", b"lo", 0)
+        flags = struct.unpack("16sH", fcntl.ioctl(sock, _SIOCGIFFLAGS, request + b"\0" * 22
+                                                  )[:18])[1]
+        fcntl.ioctl(sock, _SIOCSIFFLAGS, struct.pack("16sH", b"lo", flags | _IFF_UP)
+                    + b"\0" * 22)
 
 
 def path_of(name: str) -> Path:
@@ -40,9 +76,15 @@ def _build(name: str) -> None:
             err = ctypes.get_errno()
             raise OSError(err, f"unshare(CLONE_NEWNET) for {name}: {os.strerror(err)}")
         try:
-            netns.attach(name, f"self/task/{threading.get_native_id()}", libc=_libc)
-            with IPRoute() as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            _share_directory()
+            path = path_of(name)
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
+            source = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
+            if _mount(source, str(path).encode(), _MS_BIND) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"bind {source.decode()} onto {path}: {os.strerror(err)}",
+                              str(path))
+            _loopback_up()
         finally:
             if _libc.setns(original, CLONE_NEWNET) != 0:
                 # This thread is about to end; nothing else ever runs in it.
@@ -88,9 +130,14 @@ def adopt(name: str, pid: int) -> Path:
 
 def remove(name: str) -> bool:
     """Unmount and delete the namespace; False when it did not exist."""
-    if not path_of(name).exists():
+    path = path_of(name)
+    if not path.exists():
         return False
-    netns.remove(name, libc=_libc)
+    if _libc.umount2(str(path).encode(), _MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINVAL:  # EINVAL: not a mount (a create that failed half-way)
+            raise OSError(err, f"unmount {path}: {os.strerror(err)}", str(path))
+    path.unlink()
     return True
 
 
