@@ -3,6 +3,7 @@ status; every layer translates lower-level failures into one of these. No I/O, n
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 
@@ -11,7 +12,10 @@ class SupervisorError(Exception):
     http_status: ClassVar[int] = 500
     exit_status: ClassVar[int] = 1
     # What the caller can do about it, sent as detail["hint"] unless the raiser gives one.
-    default_hint: ClassVar[str | None] = None
+    # Every code has one (tests/unit/test_errors.py).
+    default_hint: ClassVar[str | None] = (
+        "an unexpected failure: the daemon's journal (journalctl -u agent-supervisor) has the "
+        "details; report it with the command you ran")
 
     def __init__(self, message: str, **detail: Any) -> None:
         super().__init__(message)
@@ -33,11 +37,14 @@ class InvalidRequest(SupervisorError):
     code = "invalid_request"
     http_status = 422
     exit_status = 6
+    default_hint = ("fix the field named in detail.field and retry; 'agentctl COMMAND --help' "
+                    "lists the options")
 
 
 class InvalidJson(InvalidRequest):
     code = "invalid_json"
     http_status = 400
+    default_hint = "send a JSON object as the body with Content-Type: application/json"
 
 
 class CommandNotFound(InvalidRequest):
@@ -64,6 +71,7 @@ class CommandNotExecutable(InvalidRequest):
 class BodyTooLarge(InvalidRequest):
     code = "body_too_large"
     http_status = 413
+    default_hint = "send a smaller body; the limit is [control] max_body in the daemon's config"
 
 
 class BadHttpRequest(InvalidRequest):
@@ -71,6 +79,8 @@ class BadHttpRequest(InvalidRequest):
 
     code = "bad_http_request"
     http_status = 400
+    default_hint = ("speak HTTP/1.1 to the socket (curl --unix-socket works); check the request "
+                    "line and headers")
 
 
 class RequestTimeout(InvalidRequest):
@@ -78,35 +88,54 @@ class RequestTimeout(InvalidRequest):
 
     code = "request_timeout"
     http_status = 408
+    default_hint = ("send the whole body promptly; the limit is [control] body_timeout in the "
+                    "daemon's config")
 
 
 class UriTooLong(InvalidRequest):
     code = "uri_too_long"
     http_status = 414
+    default_hint = "shorten the path and query; put long values in a JSON body"
 
 
 class HeadersTooLarge(InvalidRequest):
     code = "headers_too_large"
     http_status = 431
+    default_hint = "send fewer or smaller headers"
 
 
 class MethodNotAllowed(InvalidRequest):
     code = "method_not_allowed"
     http_status = 405
+    default_hint = "the API's paths and methods are listed in GET /v1/openapi.json"
+
+
+class ReasonRequired(InvalidRequest):
+    """A kill, or any verb over a class or every agent, must say why: the audit row is what an
+    incident review reads."""
+
+    code = "reason_required"
+    default_hint = "say why with --reason TEXT (recorded in the audit log)"
 
 
 class ProfileInvalid(InvalidRequest):
     code = "profile_invalid"
+    default_hint = ("fix the profile file named in detail.source (docs/profiles.md describes the "
+                    "keys)")
 
 
 class ProfileNotFound(InvalidRequest):
     code = "profile_not_found"
     http_status = 404
+    default_hint = ("use one of the profiles in detail.profiles, or add NAME.toml to a [sandbox] "
+                    "profile_dirs directory")
 
 
 class ConfigInvalid(SupervisorError):
     code = "config_invalid"
     exit_status = 78  # EX_CONFIG: systemd shows it as a configuration error
+    default_hint = ("fix the key named in the message in /etc/agent-supervisor/daemon.toml, then "
+                    "restart the daemon")
 
 
 class ReloadRefused(ConfigInvalid):
@@ -120,52 +149,77 @@ class ReloadRefused(ConfigInvalid):
 
 class WorkspaceInvalid(InvalidRequest):
     code = "workspace_invalid"
+    default_hint = "give an existing directory as --workspace"
 
 
 class AgentNotFound(SupervisorError):
     code = "agent_not_found"
     http_status = 404
     exit_status = 3
+    default_hint = "'agentctl ls' lists the agents; check detail.did_you_mean"
+
+
+class ScopeEmpty(SupervisorError):
+    """A class or global scope that matches no agent: a typo must not read as success."""
+
+    code = "scope_empty"
+    http_status = 404
+    exit_status = 3
+    default_hint = "'agentctl ls' lists the agents and their classes; check detail.did_you_mean"
 
 
 class RunNotFound(SupervisorError):
     code = "run_not_found"
     http_status = 404
     exit_status = 3
+    default_hint = "'agentctl inspect AGENT' shows an agent's current or last run id"
 
 
 class LogsExpired(SupervisorError):
     code = "logs_expired"
     http_status = 410
     exit_status = 3
+    default_hint = ("the run's log file was rotated away; logs are kept per [logs] in the "
+                    "daemon's config")
 
 
 class RouteNotFound(SupervisorError):
     code = "route_not_found"
     http_status = 404
     exit_status = 3
+    default_hint = ("the API's paths are listed in GET /v1/openapi.json ('agentctl --help' for "
+                    "the CLI)")
 
 
 class Conflict(SupervisorError):
     code = "conflict"
     http_status = 409
     exit_status = 4
+    default_hint = "'agentctl inspect AGENT' shows its state; retry once it has changed"
 
 
 class IllegalTransition(Conflict):
     code = "illegal_transition"
+    default_hint = ("'agentctl inspect AGENT' shows its state; a killed agent needs 'agentctl "
+                    "reactivate' first")
 
 
 class AgentKilled(Conflict):
     code = "agent_killed"
+    default_hint = ("the agent is held killed: an owner lifts the hold with 'agentctl reactivate "
+                    "AGENT --reason ...'")
 
 
 class AgentBusy(Conflict):
     code = "agent_busy"
+    default_hint = ("the agent has a live run: stop it ('agentctl stop AGENT') or wait for it to "
+                    "end")
 
 
 class GlobalHalt(Conflict):
     code = "global_halt"
+    default_hint = ("a global halt is in force: an owner lifts it with 'agentctl reactivate --all"
+                    " --reason ...'")
 
 
 class FleetHold(Conflict):
@@ -180,6 +234,9 @@ class Forbidden(SupervisorError):
     code = "forbidden"
     http_status = 403
     exit_status = 5
+    default_hint = ("roles live in [roles] of /etc/agent-supervisor/daemon.toml ('user:NAME' or "
+                    "'group:NAME' under owner, admin, viewer, auditor); ask an owner to grant you"
+                    " the role in detail.needed_role")
 
 
 class WorkspaceForbidden(Forbidden):
@@ -187,20 +244,27 @@ class WorkspaceForbidden(Forbidden):
     themselves, and no workspace root the config grants their role holds it."""
 
     code = "workspace_forbidden"
+    default_hint = ("use a directory you can read and write, or ask an owner to grant your role a"
+                    " workspace root ([workspaces] roots in daemon.toml)")
 
 
 class EmbeddedNeedsRoot(Forbidden):
     """`agentctl run --embedded` builds the sandbox itself, which takes root."""
 
     code = "embedded_needs_root"
+    default_hint = ("run 'agentctl run --embedded' as root (sudo), or drop --embedded to use the "
+                    "daemon")
 
 
 class SigningKeyInvalid(InvalidRequest):
     code = "signing_key_invalid"
+    default_hint = ("give an Ed25519 private key in PEM ('agentctl report keygen PREFIX' makes "
+                    "one)")
 
 
 class ReportInvalid(InvalidRequest):
     code = "report_invalid"
+    default_hint = "give the JSON report written by 'agentctl run --embedded --report'"
 
 
 class EmbeddedRunFailed(SupervisorError):
@@ -209,6 +273,8 @@ class EmbeddedRunFailed(SupervisorError):
 
     code = "embedded_run_failed"
     exit_status = 84
+    default_hint = ("the message names what failed; the run's audit file and report say what was "
+                    "left")
 
 
 class EnforcementError(SupervisorError):
@@ -217,16 +283,22 @@ class EnforcementError(SupervisorError):
     code = "enforcement_failed"
     http_status = 500
     exit_status = 10
+    default_hint = ("the sandbox could not be built, so the agent did not run: 'journalctl -u "
+                    "agent-supervisor' has the cause; 'agentctl status' shows the self-test")
 
 
 class RuntimeFailure(EnforcementError):
     code = "runtime_failed"
+    default_hint = ("the OCI runtime failed: 'journalctl -u agent-supervisor' has its stderr; "
+                    "check that [sandbox] runc_path works")
 
 
 class EgressSetupFailed(EnforcementError):
     """The run's veth, addresses, nftables rules or gateway listener could not be set up."""
 
     code = "egress_setup_failed"
+    default_hint = ("the agent's network could not be set up: 'journalctl -u agent-supervisor' "
+                    "has the cause; a profile without egress routes runs without network")
 
 
 class GatewayUnavailable(EgressSetupFailed):
@@ -235,20 +307,26 @@ class GatewayUnavailable(EgressSetupFailed):
 
     code = "gateway_unavailable"
     http_status = 503
+    default_hint = ("the egress gateway is restarting: retry in a few seconds; 'agentctl status' "
+                    "shows it")
 
 
 class ApprovalNotFound(SupervisorError):
     code = "approval_not_found"
     http_status = 404
     exit_status = 3
+    default_hint = "'agentctl approvals' lists the requests waiting"
 
 
 class ApprovalDecided(Conflict):
     code = "approval_decided"
+    default_hint = ("the request was already decided or expired; 'agentctl audit' shows the "
+                    "decision")
 
 
 class BreakerNotTripped(Conflict):
     code = "breaker_not_tripped"
+    default_hint = "nothing to reset: 'agentctl egress AGENT' shows the breaker"
 
 
 class EngineUnavailable(EnforcementError):
@@ -257,11 +335,14 @@ class EngineUnavailable(EnforcementError):
 
     code = "engine_unavailable"
     http_status = 503
+    default_hint = ("start dockerd (systemctl start docker) or check [docker] socket in "
+                    "daemon.toml")
 
 
 class ImageNotFound(InvalidRequest):
     code = "image_not_found"
     http_status = 404
+    default_hint = "pull the image on this host first (docker pull IMAGE)"
 
 
 class RuntimeUnsupported(InvalidRequest):
@@ -269,6 +350,9 @@ class RuntimeUnsupported(InvalidRequest):
     image on runc, the docker runtime when it is not enabled)."""
 
     code = "runtime_unsupported"
+    default_hint = ("enable the runtime in /etc/agent-supervisor/daemon.toml ([docker] enabled = "
+                    "true, or [sandbox] runtime = \"docker\") and restart the daemon, or use a "
+                    "profile that runs on runc")
 
 
 class DiskSpaceLow(SupervisorError):
@@ -278,6 +362,8 @@ class DiskSpaceLow(SupervisorError):
     code = "disk_space_low"
     http_status = 507
     exit_status = 13
+    default_hint = ("free space on the state and log filesystems (below the [disk] watermark); "
+                    "runs start again once there is room")
 
 
 class KillUnconfirmed(SupervisorError):
@@ -286,6 +372,8 @@ class KillUnconfirmed(SupervisorError):
     code = "kill_unconfirmed"
     http_status = 500
     exit_status = 11
+    default_hint = ("the kernel still reports processes in the cgroup: check 'agentctl inspect "
+                    "AGENT' and the journal; retry the kill")
 
 
 class TooManyRequests(SupervisorError):
@@ -301,12 +389,16 @@ class DaemonUnavailable(SupervisorError):
     code = "daemon_unavailable"
     http_status = 503
     exit_status = 7
+    default_hint = ("check 'systemctl status agent-supervisor' and the socket path (--socket or "
+                    "AGENT_SUPERVISOR_SOCKET)")
 
 
 class ShuttingDown(SupervisorError):
     code = "shutting_down"
     http_status = 503
     exit_status = 7
+    default_hint = ("the daemon is stopping; retry once it is back ('systemctl status agent-"
+                    "supervisor')")
 
 
 class FleetStoreError(SupervisorError):
@@ -366,3 +458,10 @@ class ConsoleRefused(Forbidden):
 
     code = "console_refused"
     default_hint = "open the URL with the token that agentctl console printed, in one browser"
+
+
+def did_you_mean(name: str, known: Iterable[str], limit: int = 3) -> list[str]:
+    """The known names closest to a mistyped one (for "did you mean" in an error's detail)."""
+    import difflib  # only on the error path
+
+    return difflib.get_close_matches(name, sorted(set(known)), n=limit, cutoff=0.6)

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from supervisor.errors import ProfileInvalid, ProfileNotFound
+from supervisor.errors import ProfileInvalid, ProfileNotFound, did_you_mean
 from supervisor.models import IMAGE_PATTERN
 from supervisor.models.egress import NetworkPolicy
 from supervisor.models.tripwire import TripwirePolicy
@@ -175,9 +175,27 @@ def load_profile(name: str, search_dirs: list[Path]) -> Profile:
                 source=str(candidate), field="", reason=str(exc),
             ) from exc
         return validate_profile(name, data, str(candidate))
+    known = available_profiles(search_dirs)
+    close = did_you_mean(name, known)
     raise ProfileNotFound(
-        f"no profile named {name!r}", profile=name, searched=[str(c) for c in candidates]
+        f"no profile named {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""),
+        profile=name, searched=[str(c) for c in candidates], profiles=known,
+        did_you_mean=close,
+        hint=f"profiles on this host: {', '.join(known) or 'none'}; add NAME.toml to one of "
+             f"{', '.join(str(d) for d in search_dirs) or 'the [daemon] profile_dirs'}",
     )
+
+
+def available_profiles(search_dirs: list[Path]) -> list[str]:
+    """Names of the profiles `load_profile` can find (the search dirs, then the packaged)."""
+    names: set[str] = set()
+    for directory in [*search_dirs, _packaged()]:
+        try:
+            names.update(p.name.removesuffix(".toml") for p in directory.iterdir()
+                         if p.name.endswith(".toml") and _NAME.match(p.name[:-5]))
+        except OSError:
+            continue
+    return sorted(names)
 
 
 def load_seccomp(name: str) -> dict[str, Any]:

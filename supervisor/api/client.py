@@ -161,8 +161,9 @@ class Client:
     def get_run(self, ref: str) -> Any:
         return self.request("GET", f"/v1/runs/{_quote(ref)}")
 
-    def logs(self, ref: str, follow: bool = False) -> Iterator[bytes]:
-        return self.stream(f"/v1/runs/{_quote(ref)}/logs?follow={'1' if follow else '0'}")
+    def logs(self, ref: str, follow: bool = False, tail: int | None = None) -> Iterator[bytes]:
+        query = f"follow={'1' if follow else '0'}" + (f"&tail={tail}" if tail is not None else "")
+        return self.stream(f"/v1/runs/{_quote(ref)}/logs?{query}")
 
     def telemetry(self, ref: str, limit: int = 20) -> Any:
         return self.request("GET", f"/v1/runs/{_quote(ref)}/telemetry?limit={limit}")

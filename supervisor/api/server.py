@@ -35,11 +35,14 @@ from supervisor.errors import (
     InvalidRequest,
     LogsExpired,
     MethodNotAllowed,
+    ReasonRequired,
     RequestTimeout,
     RouteNotFound,
+    ScopeEmpty,
     SupervisorError,
     TooManyRequests,
     UriTooLong,
+    did_you_mean,
 )
 from supervisor.models import (
     SCOPED_VERBS,
@@ -544,6 +547,33 @@ async def get_run(request: web.Request) -> web.Response:
     return _json(arbiter.run_view(record))
 
 
+def tail_offset(path: Path, lines: int) -> int:
+    """Where the last `lines` lines of the file start (0 when it has fewer). Reads backwards
+    a chunk at a time, so a large log costs only what the tail spans."""
+    try:
+        with open(path, "rb") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            # A final newline ends the last line; it does not start an empty one.
+            handle.seek(max(0, end - 1))
+            wanted = lines + (1 if end and handle.read(1) == b"\n" else 0)
+            if wanted == 0:
+                return end
+            position = end
+            while position > 0:
+                start = max(0, position - _LOG_CHUNK)
+                handle.seek(start)
+                chunk = handle.read(position - start)
+                for index in range(len(chunk) - 1, -1, -1):
+                    if chunk[index] == 0x0A:
+                        wanted -= 1
+                        if wanted == 0:
+                            return start + index + 1
+                position = start
+    except FileNotFoundError:
+        pass
+    return 0
+
+
 async def run_logs(request: web.Request) -> web.StreamResponse:
     """The run's output; with follow=1, streamed until the run has ended."""
     arbiter = request.app[ARBITER]
@@ -558,7 +588,9 @@ async def run_logs(request: web.Request) -> web.StreamResponse:
                                            "X-Run-Id": record.id})
     await response.prepare(request)
     path = Path(record.log_path)
-    offset = 0
+    tail = request.query.get("tail")
+    offset = 0 if tail is None else await asyncio.to_thread(
+        tail_offset, path, _query_int(request, "tail", 0, 0, 100_000))
     while True:
         ended = live is None or live.done.is_set()
         try:
@@ -593,12 +625,35 @@ async def run_telemetry(request: web.Request) -> web.Response:
     ))
 
 
+def _check_action(arbiter: Controller, verb: str, body: ActionRequest) -> None:
+    """Refuse, before anything changes, an action an operator cannot have meant: a kill, or
+    any verb over a class or every agent, without a reason; a class that matches no agent (a
+    typo must not read as "done"); pause, resume or stop of every agent when there are none.
+    A global kill or reactivate with no agents still sets or lifts the global halt."""
+    scope = body.scope
+    if not body.reason.strip() and (verb == "kill" or scope.kind != "agent"):
+        what = "a kill" if verb == "kill" else f"{verb} over {scope.describe()}"
+        raise ReasonRequired(f"{what} needs a reason", field="reason", verb=verb,
+                             scope=scope.describe())
+    if scope.agent_class is not None:
+        classes = {agent.agent_class for agent in arbiter.agents.values()}
+        if scope.agent_class not in classes:
+            close = did_you_mean(scope.agent_class, classes)
+            raise ScopeEmpty(
+                f"no agent has class {scope.agent_class!r}"
+                + (f"; did you mean {', '.join(close)}?" if close else ""),
+                scope=scope.describe(), did_you_mean=close, classes=sorted(classes)[:50])
+    elif scope.kind == "global" and verb not in ("kill", "reactivate") and not arbiter.agents:
+        raise ScopeEmpty(f"no agents to {verb}", scope="global", did_you_mean=[])
+
+
 @permission("action")
 async def action(request: web.Request) -> web.Response:
     verb = request.match_info["verb"]
     if verb not in SCOPED_VERBS:
         raise RouteNotFound(f"unknown action {verb!r}", verb=verb, known=list(SCOPED_VERBS))
     action_request: ActionRequest = await _body(request, ActionRequest)
+    _check_action(request.app[ARBITER], verb, action_request)
     result = await request.app[ARBITER].act(verb, action_request, request[ACTOR],
                                             arrived=request[ARRIVED])
     return _json(result)

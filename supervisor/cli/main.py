@@ -6,10 +6,13 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import signal
 import sys
+import textwrap
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -18,13 +21,27 @@ import click
 from supervisor import __version__
 from supervisor.api.client import DEFAULT_SOCKET, Client
 from supervisor.ci import ENV_VAR as EMBEDDED_ENV_VAR
+from supervisor.cli import progress
 from supervisor.cli.console import console
 from supervisor.cli.fleet import fleet
 from supervisor.cli.top import human_bytes, top
-from supervisor.errors import InvalidRequest, SupervisorError, launch_exit_status
+from supervisor.errors import InvalidRequest, ReasonRequired, SupervisorError, launch_exit_status
 from supervisor.limits import REASON_MAX
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+class LocalPath(click.Path):
+    """click.Path that refuses a NUL byte as a usage error (os.stat raises ValueError on it,
+    which click does not catch)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        if isinstance(value, str | bytes) and "\0" in os.fsdecode(value):
+            self.fail(f"{value!r} contains a NUL byte", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+STOP_GRACE_DEFAULT = 10.0  # the daemon's default grace, shown when --grace is not given
 
 
 class Context:
@@ -60,6 +77,13 @@ def handles_errors(func: F) -> F:
             return func(*args, **kwargs)
         except SupervisorError as exc:
             _fail(exc, bool(kwargs.get("as_json")))
+        except (OSError, ValueError) as exc:
+            # A local file or argument agentctl itself could not use (a missing key file, a
+            # path with a NUL byte): the operator's input, said as such, never a traceback.
+            path = getattr(exc, "filename", None)
+            _fail(InvalidRequest(f"{exc}", **({"path": str(path)} if path else {}),
+                                 hint="check the paths and values given on the command line"),
+                  bool(kwargs.get("as_json")))
 
     return wrapper  # type: ignore[return-value]
 
@@ -69,7 +93,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="agentctl")
-@click.option("--socket", "socket_path", type=click.Path(path_type=Path, readable=False),
+@click.option("--socket", "socket_path", type=LocalPath(path_type=Path, readable=False),
               default=DEFAULT_SOCKET,
               show_default=True, envvar="AGENT_SUPERVISOR_SOCKET",
               help="The daemon's control socket.")
@@ -107,13 +131,53 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _clip(text: str, width: int) -> str:
+    """Cut to `width` with an ellipsis, so a cut reason never reads as the whole one."""
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def iso_time(ts: float, utc: bool = False) -> str:
+    """ISO 8601 with the zone's offset, to the second: 2026-12-02T03:14:07+01:00."""
+    moment = datetime.fromtimestamp(ts, tz=UTC)
+    return (moment if utc else moment.astimezone()).isoformat(timespec="seconds")
+
+
+def _table_wrapping_last(rows: list[list[str]], headers: list[str], columns: int) -> None:
+    """A table whose last column (free text) wraps under itself instead of being cut."""
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    indent = sum(w + 2 for w in widths[:-1])
+    room = max(20, columns - indent)
+    for row in [headers, *rows]:
+        lead = "  ".join(str(c).ljust(w) for c, w in zip(row[:-1], widths, strict=False))
+        lines = textwrap.wrap(str(row[-1]), room, break_on_hyphens=False) or [""]
+        click.echo(f"{lead}  {lines[0]}".rstrip())
+        for line in lines[1:]:
+            click.echo(" " * indent + line)
+
+
+def _seconds(text: str) -> float | None:
+    """A duration like 10s, 2m, 1.5h or 500ms, for the progress display only (the daemon
+    validates the value itself); None when it does not parse."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for suffix in ("ms", "s", "m", "h"):
+        if text.endswith(suffix):
+            number, scale = text[: -len(suffix)], units[suffix]
+            break
+    else:
+        number, scale = text, 1.0
+    try:
+        return float(number) * scale
+    except ValueError:
+        return None
+
+
 # ----------------------------------------------------------------------------- run
 
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.option("--name", help="Agent name (registered on first use); generated when omitted.")
 @click.option("--class", "agent_class", help="Class label, for class-wide pause/kill.")
 @click.option("--profile", help="Sandbox profile (default: the daemon's default profile).")
-@click.option("--workspace", type=click.Path(file_okay=False, readable=False, path_type=Path),
+@click.option("--workspace", type=LocalPath(file_okay=False, readable=False, path_type=Path),
               help="Directory bound read-write at /workspace (the daemon decides whether you "
                    "may use it: one you can read and write, or under a root your role is "
                    "granted).")
@@ -131,20 +195,20 @@ def _ms(value: float | None) -> str:
 @click.option("--allow-changes", "allow_changes", multiple=True, metavar="GLOB",
               help="Embedded: what the agent may change in the workspace ('src/**'); any other "
                    "change fails the run with status 83. Repeatable.")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--report", type=LocalPath(dir_okay=False, path_type=Path),
               help="Embedded: write the signed JSON report of the run here.")
-@click.option("--summary", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--summary", type=LocalPath(dir_okay=False, path_type=Path),
               help="Embedded: append a Markdown summary here (e.g. $GITHUB_STEP_SUMMARY).")
-@click.option("--audit", "audit_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--audit", "audit_path", type=LocalPath(dir_okay=False, path_type=Path),
               help="Embedded: write the run's hash-chained audit log here as JSON lines "
                    "(default: REPORT.audit.jsonl with --report).")
-@click.option("--signing-key", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--signing-key", type=LocalPath(dir_okay=False, path_type=Path),
               envvar="AGENT_SUPERVISOR_SIGNING_KEY",
               help="Embedded: Ed25519 private key (PEM) that signs the report; without it an "
                    "ephemeral key is used ('agentctl report keygen' makes one).")
 @click.option("--self-test", is_flag=True,
               help="Embedded: run the daemon's canary self-test before the agent.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--config", "config_path", type=LocalPath(dir_okay=False, path_type=Path),
               help="Embedded: the daemon configuration for sandbox settings "
                    "(default /etc/agent-supervisor/daemon.toml if present).")
 @json_option
@@ -281,13 +345,18 @@ def _follow(client: Client, view: dict[str, Any], as_json: bool) -> int:
 @cli.command("ls")
 @click.option("--class", "agent_class", default=None, help="Only agents of this class.")
 @click.option("--state", default=None, help="Only agents in this state (active, idle, ...).")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the names, one a line.")
 @json_option
 @handles_errors
-def ls(as_json: bool, agent_class: str | None, state: str | None) -> None:
+def ls(as_json: bool, agent_class: str | None, state: str | None, quiet: bool) -> None:
     """List agents and their state."""
     data = _client().agents(agent_class=agent_class, state=state)
     if as_json:
         _emit_json(data)
+        return
+    if quiet:
+        for agent in data["agents"]:
+            click.echo(agent["name"])
         return
     if data.get("global_halt"):
         click.echo("GLOBAL HALT in force: new runs are refused until 'agentctl reactivate --all'")
@@ -301,7 +370,7 @@ def ls(as_json: bool, agent_class: str | None, state: str | None) -> None:
             str(run_view.get("pid") or "-") if live else "-",
             _ago(run_view.get("started_at")) if live else "-",
             _ms(agent.get("time_to_halt_ms")),
-            (agent.get("last_reason") or "")[:40],
+            _clip(agent.get("last_reason") or "", 40),
         ])
     _table(rows, ["NAME", "CLASS", "STATE", "PROFILE", "RUN", "PID", "UP", "HALT_MS", "REASON"])
 
@@ -386,20 +455,22 @@ def telemetry(ref: str, limit: int, as_json: bool) -> None:
 @cli.command()
 @click.argument("ref")
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the run ends.")
+@click.option("--tail", "-n", type=click.IntRange(0, 100_000), default=None, metavar="N",
+              help="Start with the last N lines of the output.")
 @json_option
 @handles_errors
-def logs(ref: str, follow: bool, as_json: bool) -> None:
+def logs(ref: str, follow: bool, tail: int | None, as_json: bool) -> None:
     """Print the output of an agent's current or last run (REF: agent name or run id).
 
     With --json, one object {run, agent, state, exit_code, output} once the output is read
     (with -f, once the run has ended)."""
     client = _client()
     if not as_json:
-        for chunk in client.logs(ref, follow=follow):
+        for chunk in client.logs(ref, follow=follow, tail=tail):
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
         return
-    output = b"".join(client.logs(ref, follow=follow))
+    output = b"".join(client.logs(ref, follow=follow, tail=tail))
     run_view = client.get_run(ref)
     _emit_json({"run": run_view["id"], "agent": run_view["agent"], "state": run_view["state"],
                 "exit_code": run_view["exit_code"],
@@ -435,7 +506,7 @@ def _print_action(result: dict[str, Any]) -> None:
     if rows:
         _table(rows, ["AGENT", "STATE", "TIME_TO_HALT_MS"])
     else:
-        click.echo(f"no agents in scope {result['scope']}")
+        click.echo(f"no agents in scope {result['scope']}")  # global kill/reactivate: the halt
     if result.get("global_halt"):
         click.echo("global halt in force: new runs are refused")
 
@@ -444,13 +515,25 @@ def _scoped_command(verb: str, help_text: str, with_grace: bool = False) -> None
     @click.argument("agent", required=False)
     @click.option("--class", "agent_class", help="Every agent with this class label.")
     @click.option("--all", "all_agents", is_flag=True, help="Every agent.")
-    @click.option("--reason", default="", help=f"Why (recorded; at most {REASON_MAX} chars).")
+    @click.option("--reason", default="",
+                  help=f"Why (recorded; at most {REASON_MAX} chars). Required for kill and "
+                       f"for --class or --all.")
     @json_option
     @handles_errors
     def command(agent: str | None, agent_class: str | None, all_agents: bool, reason: str,
                 as_json: bool, grace: str | None = None) -> None:
-        result = _client().action(verb, _scope(agent, agent_class, all_agents), _reason(reason),
-                                  grace=grace)
+        scope = _scope(agent, agent_class, all_agents)
+        if not reason.strip() and (verb == "kill" or agent is None):
+            what = "kill" if verb == "kill" else f"{verb} --class/--all"
+            raise ReasonRequired(f"{what} needs --reason", field="reason", verb=verb)
+        call = functools.partial(_client().action, verb, scope, _reason(reason), grace=grace)
+        if verb == "stop":
+            target = "every agent" if all_agents else agent or f"class {agent_class}"
+            seconds = _seconds(grace) if grace else STOP_GRACE_DEFAULT
+            result = progress.run_with_progress(
+                call, f"stopping {target}: SIGTERM sent", seconds, quiet=as_json)
+        else:
+            result = call()
         if as_json:
             _emit_json(result)
         else:
@@ -475,11 +558,16 @@ _scoped_command("reactivate", "Lift a kill's hold (with --all, also lift a globa
 
 @cli.group(invoke_without_command=True)
 @click.option("--limit", default=50, show_default=True)
+@click.option("--wide", is_flag=True,
+              help="One line per row with the whole reason (default: the reason wraps under "
+                   "its row to fit the terminal).")
+@click.option("--utc", is_flag=True, help="Timestamps in UTC (default: local time).")
 @json_option
 @click.pass_context
 @handles_errors
-def audit(ctx: click.Context, limit: int, as_json: bool) -> None:
-    """List the audit log (newest last); 'audit verify' checks its hash chain."""
+def audit(ctx: click.Context, limit: int, wide: bool, utc: bool, as_json: bool) -> None:
+    """List the audit log (newest last): who did what to which agent, and why. Timestamps are
+    ISO 8601 with their zone. 'audit verify' checks the hash chain."""
     if ctx.invoked_subcommand is not None:
         return
     data = _client().audit(limit=limit)
@@ -490,23 +578,26 @@ def audit(ctx: click.Context, limit: int, as_json: bool) -> None:
     for entry in data["entries"]:
         change = (f"{entry['previous_state']}->{entry['new_state']}"
                   if entry.get("new_state") else "")
-        rows.append([str(entry["seq"]), time.strftime("%Y-%m-%d %H:%M:%S",
-                                                      time.localtime(entry["ts"])),
-                     entry["actor"], entry["verb"], entry["scope"], change, entry["outcome"],
-                     _ms(entry.get("time_to_halt_ms")), entry["reason"][:40]])
-    _table(rows, ["SEQ", "TIME", "ACTOR", "VERB", "SCOPE", "STATE", "OUTCOME", "HALT_MS",
-                  "REASON"])
+        rows.append([str(entry["seq"]), iso_time(entry["ts"], utc), entry["actor"],
+                     entry["verb"], entry["scope"], entry.get("target") or "-", change,
+                     entry["outcome"], _ms(entry.get("time_to_halt_ms")), entry["reason"]])
+    headers = ["SEQ", "TIME", "ACTOR", "VERB", "SCOPE", "TARGET", "STATE", "OUTCOME",
+               "HALT_MS", "REASON"]
+    if wide:
+        _table(rows, headers)
+        return
+    _table_wrapping_last(rows, headers, shutil.get_terminal_size((120, 24)).columns)
 
 
 @audit.command("verify")
-@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--state-dir", type=LocalPath(file_okay=False, path_type=Path), default=None,
               help="Verify this state directory offline, without a daemon (a stopped host, or "
                    "a copy taken as evidence).")
-@click.option("--key", "public_key", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--key", "public_key", type=LocalPath(dir_okay=False, path_type=Path),
               default=None, help="With --state-dir: the audit public key to trust (default "
                                  "/etc/agent-supervisor/audit-key.pub). Pin the copy you kept "
                                  "off the host.")
-@click.option("--checkpoints", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--checkpoints", type=LocalPath(dir_okay=False, path_type=Path), default=None,
               help="With --state-dir: the checkpoint file (default "
                    "/var/log/agent-supervisor/audit-checkpoints.jsonl).")
 @json_option
@@ -571,13 +662,15 @@ def drill(processes: int | None, slo: str | None, history: bool, limit: int,
         if as_json:
             _emit_json(data)
             return
-        rows = [[time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["ts"])), d["id"],
+        rows = [[iso_time(d["ts"]), d["id"],
                  "PASS" if d["passed"] else "FAIL", str(d["processes"]),
                  _ms(d.get("time_to_halt_ms")), f"{d['slo_ms']:g}", d["actor"]]
                 for d in data["drills"]]
         _table(rows, ["TIME", "ID", "RESULT", "PROCS", "HALT_MS", "SLO_MS", "ACTOR"])
         return
-    result = client.drill(processes=processes, slo=slo)
+    result = progress.run_with_progress(
+        functools.partial(client.drill, processes=processes, slo=slo),
+        "drill: canary launched, killing it through the kill path", None, quiet=as_json)
     if as_json:
         _emit_json(result)
     else:
@@ -644,8 +737,12 @@ def approvals(as_json: bool) -> None:
 
 
 def _decision_command(approved: bool) -> None:
+    # No explicit default=None on the required option: click 8.2 treats an explicit None as a
+    # default and stops enforcing `required` (deny without --reason then crashed).
+    reason_default: dict[str, Any] = {"default": ""} if approved else {"required": True}
+
     @click.argument("approval_id", metavar="ID")
-    @click.option("--reason", default="" if approved else None, required=not approved,
+    @click.option("--reason", **reason_default,
                   help=f"Why (recorded; at most {REASON_MAX} chars)"
                        f"{'' if approved else '; required'}.")
     @json_option
@@ -712,8 +809,8 @@ def report() -> None:
 
 
 @report.command("verify")
-@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.argument("path", type=LocalPath(dir_okay=False, path_type=Path))
+@click.option("--key", "key_path", required=True, type=LocalPath(dir_okay=False, path_type=Path),
               help="The Ed25519 public key (PEM or ssh-ed25519) you trust.")
 @click.option("--repo", "repo", type=click.Path(file_okay=False, path_type=Path),
               help="Also check the report's commits against this git checkout.")
@@ -747,7 +844,7 @@ def report_verify(path: Path, key_path: Path, repo: Path | None, rev: str,
 
 
 @report.command("keygen")
-@click.argument("prefix", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("prefix", type=LocalPath(dir_okay=False, path_type=Path))
 @handles_errors
 def report_keygen(prefix: Path) -> None:
     """Write an Ed25519 key pair: PREFIX (private, 0600) and PREFIX.pub."""

@@ -34,6 +34,7 @@ from supervisor.errors import (
     IllegalTransition,
     RunNotFound,
     SupervisorError,
+    did_you_mean,
 )
 from supervisor.models import (
     ActionRequest,
@@ -138,7 +139,10 @@ class Arbiter:
         try:
             return self.agents[name]
         except KeyError:
-            raise AgentNotFound(f"no agent named {name!r}", agent=name) from None
+            close = did_you_mean(name, self.agents)
+            raise AgentNotFound(f"no agent named {name!r}"
+                                + (f"; did you mean {', '.join(close)}?" if close else ""),
+                                agent=name, did_you_mean=close) from None
 
     def _live_of(self, agent: AgentRecord) -> LiveRun | None:
         return self.live.get(agent.current_run) if agent.current_run else None

@@ -142,7 +142,7 @@ def test_bad_input_gets_a_structured_error_and_changes_nothing(daemon: Daemon) -
     typo = daemon.agentctl("run", "--name", "x1", "--profile", "typo", "--", "true")
     assert typo.returncode == 6 and "limits.memroy" in typo.stderr and "unknown" in typo.stderr
 
-    unknown = daemon.agentctl("kill", "nosuchagent", "--json")
+    unknown = daemon.agentctl("kill", "nosuchagent", "--reason", "test over", "--json")
     assert unknown.returncode == 3
     assert json.loads(unknown.stdout)["error"]["code"] == "agent_not_found"
 
@@ -232,7 +232,8 @@ def test_control_socket_is_0660_root_operators_and_only_operators_get_in(
         # the refusal is audited with its uid.
         daemon.socket.chmod(0o666)
         before = len(daemon.client.audit(limit=10_000)["entries"])
-        refused = _as_user(daemon, users["outsider"], "kill", "--all", "--json")
+        refused = _as_user(daemon, users["outsider"], "kill", "--all", "--reason", "test over",
+                           "--json")
         assert refused.returncode == 5, refused.stderr
         error = json.loads(refused.stdout)["error"]
         assert error["code"] == "forbidden"

@@ -66,7 +66,7 @@ def test_break_glass_halt_file_kills_everything_and_blocks_launches(daemon: Daem
     kills = [r for r in rows if r["verb"] == "kill"]
     assert {r["target"] for r in kills} == {"bg1", "bg2"}
     assert all(r["actor"] == "break-glass(uid=0)" for r in kills)
-    daemon.agentctl("reactivate", "--all", check=True)
+    daemon.agentctl("reactivate", "--all", "--reason", "test over", check=True)
     assert daemon.agentctl("run", "--name", "bg3", "--", "true").returncode == 0
 
 

@@ -351,7 +351,7 @@ def test_budget_ceiling_refuses_and_fires_the_budget_tripwire(rig: GatewayRig) -
     assert "egress_budget" in kill[0]["reason"]
     refused = [e for e in _audit(rig, "egress_denied") if e["target"] == "spender2"]
     assert [e["outcome"] for e in refused] == ["refused:budget_exceeded"]
-    rig.daemon.agentctl("kill", "spender", check=True)
+    rig.daemon.agentctl("kill", "spender", "--reason", "test over", check=True)
 
 
 def test_breaker_trips_on_errors_pauses_and_a_human_resets_it(rig: GatewayRig) -> None:
@@ -388,7 +388,7 @@ def test_breaker_trips_on_errors_pauses_and_a_human_resets_it(rig: GatewayRig) -
     again = rig.daemon.agentctl("breaker", "reset", "flaky", "--json")
     assert again.returncode == 4 and "breaker_not_tripped" in again.stdout
     assert [e["reason"] for e in _audit(rig, "breaker_reset")] == ["upstream fixed"]
-    rig.daemon.agentctl("kill", "flaky", check=True)
+    rig.daemon.agentctl("kill", "flaky", "--reason", "test over", check=True)
 
 
 def test_approvals_granted_denied_and_timed_out(rig: GatewayRig) -> None:
@@ -440,7 +440,7 @@ def test_approvals_granted_denied_and_timed_out(rig: GatewayRig) -> None:
     assert [e["outcome"] for e in _audit(rig, "approval_denied")] == ["denied", "expired"]
     missing = rig.daemon.agentctl("approve", "ffffffff", "--json")
     assert missing.returncode == 3 and "approval_not_found" in missing.stdout
-    rig.daemon.agentctl("kill", "refunder", check=True)
+    rig.daemon.agentctl("kill", "refunder", "--reason", "test over", check=True)
 
 
 def test_missing_secret_refuses_the_launch_and_leaves_nothing(rig: GatewayRig) -> None:
@@ -526,7 +526,7 @@ def test_bad_input_and_a_flood_never_stall_other_agents_or_the_control_socket(
     denied = {e["outcome"] for e in _audit(rig, "egress_denied")}
     assert rig.daemon.agentctl_json("inspect", "flooder")["state"] == "active"
     print("refusals audited during the flood:", sorted(denied))
-    rig.daemon.agentctl("kill", "--all", check=True)
+    rig.daemon.agentctl("kill", "--all", "--reason", "test over", check=True)
 
 
 # ----------------------------------------------------------------------------- issue 11 item 7
@@ -618,7 +618,7 @@ def test_token_expiry_cuts_open_tunnels_and_streams_at_that_moment(rig: GatewayR
     wait_for(lambda: rig.exists("again.json"), 30, what="the request after resume")
     again = rig.read("again.json")
     assert again["status"] == 403 and again["denied"] == "token_expired", again
-    rig.daemon.agentctl("kill", "expirer", check=True)
+    rig.daemon.agentctl("kill", "expirer", "--reason", "test over", check=True)
 
 
 
@@ -675,7 +675,7 @@ def test_the_secret_never_comes_back_to_the_agent(rig: GatewayRig) -> None:
     refused = {e["outcome"] for e in _audit(rig, "egress_denied") if e["target"] == "reflector"}
     assert {"refused:secret_reflected", "refused:method_not_allowed",
             "refused:method_override_refused"} <= refused
-    rig.daemon.agentctl("kill", "reflector", check=True)
+    rig.daemon.agentctl("kill", "reflector", "--reason", "test over", check=True)
 
 
 _NO_BREAKER = """
@@ -752,7 +752,7 @@ def test_approval_rules_hold_every_spelling_of_a_path(rig: GatewayRig) -> None:
         "a spelling of the held path reached the upstream"
     requested = [e for e in _audit(rig, "approval_requested") if e["target"] == "spellers"]
     assert len(requested) == len(held)
-    rig.daemon.agentctl("kill", "spellers", check=True)
+    rig.daemon.agentctl("kill", "spellers", "--reason", "test over", check=True)
 
 
 _MALFORMED = [
@@ -801,7 +801,7 @@ def test_malformed_requests_get_a_400_and_log_a_few_lines(rig: GatewayRig) -> No
     assert 1 <= len(lines) <= 5, lines  # one per 10 s
     usage = rig.daemon.agentctl_json("egress", "garbler")["usage"]
     assert usage["denied"] == 400
-    rig.daemon.agentctl("kill", "garbler", check=True)
+    rig.daemon.agentctl("kill", "garbler", "--reason", "test over", check=True)
 
 
 def test_refusals_approvals_and_uploads_stay_bounded(rig: GatewayRig) -> None:
@@ -912,7 +912,7 @@ def test_refusals_approvals_and_uploads_stay_bounded(rig: GatewayRig) -> None:
     print(f"daemon RSS during 8 x 60 MB uploads: +{growth / 2**20:.0f} MiB")
     assert growth < 200 * 2**20, "request bodies must stream, not pile up in the gateway"
 
-    rig.daemon.agentctl("kill", "grower", check=True)
+    rig.daemon.agentctl("kill", "grower", "--reason", "test over", check=True)
     summary = [e for e in _audit(rig, "egress_summary") if e["target"] == "grower"][-1]
     assert len(json.dumps(summary)) < 32 * 1024
     assert sum(summary["detail"]["denials"].values()) == usage["denied"]
@@ -939,7 +939,7 @@ def test_refusals_count_toward_the_breaker(rig: GatewayRig) -> None:
     fired = [e for e in _audit(rig, "tripwire") if e["detail"]["rule"] == "egress_breaker"
              and e["target"] == "prober2"]
     assert len(fired) == 1 and "error rate" in fired[0]["detail"]["breaker"]
-    rig.daemon.agentctl("kill", "prober2", check=True)
+    rig.daemon.agentctl("kill", "prober2", "--reason", "test over", check=True)
 
 
 # ----------------------------------------------------------------------------- helpers

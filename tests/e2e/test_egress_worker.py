@@ -135,7 +135,7 @@ def test_the_worker_is_a_confined_process_of_its_own(rig: GatewayRig) -> None:
         user=uid, group=int(status["Gid"].split()[0]), extra_groups=[], capture_output=True,
         text=True, timeout=30, cwd="/")
     assert probe.stdout.strip() == "refused", probe
-    rig.daemon.agentctl("kill", "first", check=True)
+    rig.daemon.agentctl("kill", "first", "--reason", "test over", check=True)
 
 
 def test_a_killed_worker_cuts_gateway_runs_is_audited_and_replaced(rig: GatewayRig) -> None:
@@ -158,7 +158,7 @@ def test_a_killed_worker_cuts_gateway_runs_is_audited_and_replaced(rig: GatewayR
     # New gateway runs get a listener from the new worker.
     fresh = _start(rig, "fresh")
     assert host_request(fresh, CHAT).startswith(b"HTTP/1.1 200")
-    rig.daemon.agentctl("kill", "--all", check=True)
+    rig.daemon.agentctl("kill", "--all", "--reason", "test over", check=True)
     summary = [e for e in _audit(rig, "egress_summary") if e["detail"]["run"] == run_id]
     assert summary and summary[0]["detail"]["gateway_lost"] is True
     assert not rig.daemon.residue()

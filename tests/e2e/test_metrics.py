@@ -118,7 +118,7 @@ def test_scraped_numbers_follow_launches_and_kills_by_class(tmp_root: Path) -> N
         assert value(samples, "agent_supervisor_kills_total", scope="global", actor=ROOT,
                      outcome="ok") == 1  # w1 and w2 were killed already: skipped
         assert value(samples, f"{halt}_count", verb="kill") == 3
-        daemon.agentctl_json("reactivate", "--all")
+        daemon.agentctl_json("reactivate", "--all", "--reason", "test over")
         assert value(scrape_tcp(port), "agent_supervisor_global_halt") == 0
     # The endpoint goes away with the daemon.
     with pytest.raises(OSError):
@@ -154,7 +154,7 @@ def test_the_webhook_backlog_is_the_outboxs(tmp_root: Path) -> None:
     with running_daemon(tmp_root, metrics={"listen": f"127.0.0.1:{port}"},
                         webhooks=[hook]) as daemon:
         launch(daemon, "h1", "hooks")
-        daemon.agentctl("kill", "h1", check=True)
+        daemon.agentctl("kill", "h1", "--reason", "test over", check=True)
         backlog = wait_for(lambda: value(scrape_tcp(port), "agent_supervisor_webhook_backlog"),
                            what="a webhook backlog")
         assert backlog >= 2  # agent.launched and agent.killed at least

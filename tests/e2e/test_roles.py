@@ -98,7 +98,7 @@ def ensure(daemon: Daemon, name: str, state: str) -> None:
     if state == "active" and current == "paused":
         daemon.agentctl("resume", name, check=True)
     if state == "killed" and current in ("active", "paused"):
-        daemon.agentctl("kill", name, check=True)
+        daemon.agentctl("kill", name, "--reason", "test over", check=True)
 
 
 def invocation(verb: str, target: str) -> list[str]:

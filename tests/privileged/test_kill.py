@@ -106,7 +106,7 @@ def test_pause_freezes_and_resume_thaws(daemon: Daemon) -> None:
 
     # Killing a paused agent works too: SIGKILL reaches frozen tasks in cgroup v2.
     daemon.agentctl("pause", "spinner", check=True)
-    daemon.agentctl("kill", "spinner", check=True)
+    daemon.agentctl("kill", "spinner", "--reason", "test over", check=True)
     assert not cgroup.exists() or not cgroup.populated()
 
 
@@ -119,9 +119,9 @@ def test_class_and_global_scopes_touch_exactly_their_agents(daemon: Daemon) -> N
         daemon.agentctl("run", "--detach", "--name", name, "--class", cls, "--", "sleep", "600",
                         check=True)
 
-    daemon.agentctl("pause", "--class", "alpha", check=True)
+    daemon.agentctl("pause", "--class", "alpha", "--reason", "test over", check=True)
     assert _states(daemon) == {"a1": "paused", "a2": "paused", "b1": "active", "c1": "active"}
-    daemon.agentctl("resume", "--class", "alpha", check=True)
+    daemon.agentctl("resume", "--class", "alpha", "--reason", "test over", check=True)
     assert set(_states(daemon).values()) == {"active"}
 
     result = daemon.agentctl_json("kill", "--class", "alpha", "--reason", "alpha misbehaves")
@@ -131,7 +131,7 @@ def test_class_and_global_scopes_touch_exactly_their_agents(daemon: Daemon) -> N
     assert len([c for c in daemon.cgroups() if c.populated()]) == 2
     wait_for(lambda: len(daemon.run_cgroups()) == 2, what="the killed runs' cgroups removed")
 
-    daemon.agentctl("pause", "--all", check=True)
+    daemon.agentctl("pause", "--all", "--reason", "test over", check=True)
     assert _states(daemon) == {"a1": "killed", "a2": "killed", "b1": "paused", "c1": "paused"}
 
     result = daemon.agentctl_json("kill", "--all", "--reason", "global halt drill")

@@ -94,7 +94,7 @@ def test_cpu_burn_is_auto_contained_by_pause(daemon: Daemon) -> None:
     assert pause["actor"] == "system:tripwire"
     assert pause["reason"].startswith("auto-containment after 3 consecutive violations")
     assert "tripwire cpu: cpu_percent" in pause["reason"]
-    daemon.agentctl("kill", "burner", check=True)
+    daemon.agentctl("kill", "burner", "--reason", "test over", check=True)
 
 
 def test_forbidden_syscall_loop_is_killed_at_the_first_attempt(daemon: Daemon) -> None:

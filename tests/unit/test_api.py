@@ -309,7 +309,7 @@ def test_launch_and_kill_round_trip(server: ServerThread) -> None:
 
 def test_run_logs_of_an_ended_run(server: ServerThread) -> None:
     view = launch(server)
-    client_of(server).action("kill", {"agent": "a1"})
+    client_of(server).action("kill", {"agent": "a1"}, reason="done")
     assert b"".join(client_of(server).logs(view["id"], follow=True)) == b""
 
 
@@ -365,7 +365,7 @@ def test_logs_of_a_run_whose_output_was_pruned_say_so(server: ServerThread) -> N
     log_path = Path(server.call(lambda: arbiter.live[view["id"]].record.log_path))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("hello\n")
-    client_of(server).action("kill", {"agent": "a1"})
+    client_of(server).action("kill", {"agent": "a1"}, reason="done")
     assert b"".join(client_of(server).logs(view["id"])) == b"hello\n"
     log_path.unlink()  # what log_retention does
     with pytest.raises(SupervisorError) as info:

@@ -1,0 +1,296 @@
+"""agentctl under incident conditions (issue 16), through click's CliRunner against the real API
+server on a Unix socket in tmp: typos are errors with suggestions, reasons are required where an
+incident review needs them (client and server side), the audit table names the target and the
+whole reason with zoned timestamps, `ls -q`, `logs --tail`, usage errors instead of tracebacks
+(fuzzed), progress output, and a hint on every error code. No root."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from supervisor import errors
+from supervisor.api.client import Client
+from supervisor.api.server import tail_offset
+from supervisor.cli import progress
+from supervisor.cli.main import cli, iso_time
+from supervisor.errors import ProfileNotFound, ReasonRequired, ScopeEmpty, SupervisorError
+from supervisor.profiles import load_profile
+from tests.unit.conftest import ServerThread
+
+ISO_ZONED = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:[+-]\d\d:\d\d|Z)")
+
+
+def agentctl(server: ServerThread, *args: str) -> Result:
+    return CliRunner().invoke(cli, ["--socket", str(server.socket_path), *args],
+                              catch_exceptions=True)
+
+
+def launch(server: ServerThread, name: str, agent_class: str = "coders") -> dict[str, Any]:
+    result = agentctl(server, "run", "--name", name, "--class", agent_class, "--detach",
+                      "--json", "--", "sleep", "infinity")
+    assert result.exit_code == 0, (result.output, result.stderr)
+    view = json.loads(result.stdout)
+    assert isinstance(view, dict)
+    return view
+
+
+def error_of(result: Result) -> dict[str, Any]:
+    body = json.loads(result.stdout)
+    assert isinstance(body, dict)
+    error = body["error"]
+    assert isinstance(error, dict)
+    return error
+
+
+def test_a_class_that_matches_nothing_is_an_error_with_suggestions(server: ServerThread
+                                                                     ) -> None:
+    launch(server, "a1", "coders")
+    before = server.snapshot()
+    result = agentctl(server, "kill", "--class", "coderz", "--reason", "incident 7", "--json")
+    assert result.exit_code == ScopeEmpty.exit_status == 3
+    error = error_of(result)
+    assert error["code"] == "scope_empty"
+    assert error["detail"]["did_you_mean"] == ["coders"]
+    assert "agentctl ls" in error["detail"]["hint"]
+    plain = agentctl(server, "pause", "--class", "coderz", "--reason", "incident 7")
+    assert plain.exit_code == 3
+    assert "did you mean coders?" in plain.stderr and "hint:" in plain.stderr
+    assert server.snapshot() == before, "a typo'd scope changed something"
+
+
+def test_an_unknown_agent_gets_did_you_mean(server: ServerThread) -> None:
+    launch(server, "builder-1")
+    result = agentctl(server, "kill", "bulder-1", "--reason", "x", "--json")
+    assert result.exit_code == 3
+    error = error_of(result)
+    assert (error["code"], error["detail"]["did_you_mean"]) == ("agent_not_found", ["builder-1"])
+    assert "did you mean builder-1?" in agentctl(server, "inspect", "bulder-1").stderr
+
+
+def test_pause_of_every_agent_when_there_are_none_is_an_error(server: ServerThread) -> None:
+    result = agentctl(server, "pause", "--all", "--reason", "x", "--json")
+    assert (result.exit_code, error_of(result)["code"]) == (3, "scope_empty")
+    # A global kill with no agents still means something: it halts new launches.
+    assert agentctl(server, "kill", "--all", "--reason", "halt the host").exit_code == 0
+
+
+@pytest.mark.parametrize("args", [
+    ["kill", "a1"],
+    ["kill", "a1", "--reason", "   "],
+    ["kill", "--class", "coders"],
+    ["pause", "--class", "coders"],
+    ["resume", "--all"],
+    ["stop", "--class", "coders"],
+    ["reactivate", "--all"],
+])
+def test_reason_is_required_for_kill_and_wide_scopes(server: ServerThread, args: list[str]
+                                                     ) -> None:
+    launch(server, "a1")
+    before = server.snapshot()
+    result = agentctl(server, *args, "--json")
+    assert result.exit_code == ReasonRequired.exit_status == 6
+    error = error_of(result)
+    assert (error["code"], error["detail"]["field"]) == ("reason_required", "reason")
+    assert "--reason" in error["detail"]["hint"]
+    assert server.snapshot() == before
+
+
+def test_pause_of_one_agent_needs_no_reason(server: ServerThread) -> None:
+    launch(server, "a1")
+    assert agentctl(server, "pause", "a1").exit_code == 0
+
+
+@pytest.mark.parametrize(("verb", "scope"), [
+    ("kill", {"agent": "a1"}), ("kill", {"class": "coders"}), ("kill", {"all": True}),
+    ("pause", {"class": "coders"}), ("stop", {"all": True}), ("reactivate", {"class": "coders"}),
+])
+def test_the_api_refuses_an_empty_reason(server: ServerThread, verb: str,
+                                         scope: dict[str, Any]) -> None:
+    """Server-side too: a client that skips agentctl's check still cannot write a reasonless
+    row, and nothing changes."""
+    launch(server, "a1")
+    before = server.snapshot()
+    for reason in ("", " \t\n"):
+        with pytest.raises(ReasonRequired) as caught:
+            Client(server.socket_path).action(verb, scope, reason=reason)
+        assert caught.value.detail["field"] == "reason"
+    assert server.snapshot() == before
+
+
+def test_audit_names_the_target_and_the_whole_reason_with_zoned_times(server: ServerThread
+                                                                       ) -> None:
+    for name in ("a1", "a2", "a3"):
+        launch(server, name)
+    reason = ("suspected exfiltration through the package mirror; ticket INC-4711, "
+              "paging the owner of the coders class before anything is reactivated")
+    assert agentctl(server, "kill", "--class", "coders", "--reason", reason).exit_code == 0
+    wide = agentctl(server, "audit", "--wide")
+    assert wide.exit_code == 0, wide.stderr
+    header, *rows = wide.stdout.splitlines()
+    assert "TARGET" in header.split()
+    kills = [row for row in rows if " kill " in row and "class:coders" in row]
+    assert {row.split()[5] for row in kills} == {"a1", "a2", "a3"}
+    assert all(row.endswith(reason) for row in kills)
+    assert all(ISO_ZONED.search(row) for row in rows)
+    wrapped = agentctl(server, "audit")
+    assert wrapped.exit_code == 0
+    # Wrapped under its row (the runner's terminal is 80 wide): every word is there, in order.
+    assert " ".join(reason.split()) in " ".join(wrapped.stdout.split())
+    assert max(len(line) for line in wrapped.stdout.splitlines()) < len(reason) + 40
+
+
+def test_iso_time_carries_the_zone() -> None:
+    assert iso_time(0, utc=True) == "1970-01-01T00:00:00+00:00"
+    assert ISO_ZONED.fullmatch(iso_time(time.time()))
+
+
+def test_ls_quiet_and_class(server: ServerThread) -> None:
+    launch(server, "a1", "coders")
+    launch(server, "b1", "batch")
+    result = agentctl(server, "ls", "-q")
+    assert result.stdout.splitlines() == ["a1", "b1"]
+    assert agentctl(server, "ls", "--class", "batch", "-q").stdout.splitlines() == ["b1"]
+
+
+def test_logs_tail(server: ServerThread) -> None:
+    view = launch(server, "a1")
+    log_path = Path(server.call(lambda: server.arbiter.resolve_run(view["id"])[0].log_path))
+    log_path.write_bytes(b"".join(b"line %d\n" % i for i in range(1, 501)))
+    result = agentctl(server, "logs", "a1", "--tail", "3")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "line 498\nline 499\nline 500\n"
+    assert agentctl(server, "logs", "a1", "-n", "0").stdout == ""
+    assert agentctl(server, "logs", "a1", "-n", "9999").stdout.count("\n") == 500
+
+
+@pytest.mark.parametrize(("data", "lines", "expected"), [
+    (b"", 3, b""), (b"a\nb\nc\n", 1, b"c\n"), (b"a\nb\nc\n", 2, b"b\nc\n"),
+    (b"a\nb\nc", 1, b"c"), (b"a\nb\nc", 0, b""), (b"a\nb\nc\n", 0, b""),
+    (b"a\nb\nc\n", 3, b"a\nb\nc\n"), (b"a\nb\nc\n", 10, b"a\nb\nc\n"),
+    (b"x" * 200_000 + b"\n" + b"y" * 70_000 + b"\n", 1, b"y" * 70_000 + b"\n"),
+])
+def test_tail_offset(tmp_path: Path, data: bytes, lines: int, expected: bytes) -> None:
+    path = tmp_path / "log"
+    path.write_bytes(data)
+    assert data[tail_offset(path, lines):] == expected
+    assert tail_offset(tmp_path / "missing", 5) == 0
+
+
+def test_deny_without_reason_is_a_usage_error(server: ServerThread) -> None:
+    result = agentctl(server, "deny", "ap-1")
+    assert result.exit_code == 2
+    assert "Missing option '--reason'" in result.output
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+def _commands(group: click.Group, prefix: tuple[str, ...] = ()
+              ) -> list[tuple[tuple[str, ...], click.Command]]:
+    found: list[tuple[tuple[str, ...], click.Command]] = []
+    for name, command in sorted(group.commands.items()):
+        found.append(((*prefix, name), command))
+        if isinstance(command, click.Group):
+            found.extend(_commands(command, (*prefix, name)))
+    return found
+
+
+def test_fuzzed_command_lines_never_trace_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    """Every command with random mixes of its own options, junk and missing values: each ends
+    in a usage error or a structured error, never an unhandled exception. The socket path is a
+    regular file, so every request fails as daemon_unavailable without a daemon."""
+    monkeypatch.chdir(tmp_path)
+    not_a_socket = tmp_path / "control.sock"
+    not_a_socket.write_text("")
+    rng = random.Random(16)
+    junk = ["", "-", "--", "x", "0", "-1", "1e309", "nan", "ghost", "--bogus", "a" * 600,
+            "\u00e9\u0000", "10s", "soon", "--json", "-h"]
+    runner = CliRunner()
+    commands = _commands(cli)
+    assert len(commands) > 15
+    for path, command in commands:
+        # --embedded would exec the one-shot supervisor; its own tests cover it.
+        options = [opt for param in command.params if isinstance(param, click.Option)
+                   for opt in param.opts if opt != "--embedded"]
+        for _ in range(25):
+            words = [rng.choice(options + junk) for _ in range(rng.randint(0, 5))]
+            argv = ["--socket", str(not_a_socket), *path, *words]
+            result = runner.invoke(cli, argv, catch_exceptions=True)
+            assert isinstance(result.exception, SystemExit | None), (argv, result.exception)
+            assert "Traceback" not in result.output, argv
+            assert result.exit_code in {0, 1, 2, 3, 6, 7, 12}, (argv, result.output)
+
+
+def test_progress_counts_down_on_a_terminal() -> None:
+    out = io.StringIO()
+    value = progress.run_with_progress(lambda: time.sleep(0.8) or 42, "stopping a1", 2.0,
+                                       stream=out, tty=True)
+    assert value == 42
+    text = out.getvalue()
+    assert "\r" in text and "left of 2s grace" in text
+    assert text.endswith("\r"), "the progress line is cleared before the result prints"
+
+
+def test_progress_is_one_plain_line_otherwise() -> None:
+    out = io.StringIO()
+    assert progress.run_with_progress(lambda: 7, "stopping a1", 10.0, stream=out) == 7
+    assert out.getvalue() == "stopping a1 (up to 10s) ...\n"
+    quiet = io.StringIO()
+    progress.run_with_progress(lambda: 7, "x", None, stream=quiet, quiet=True)
+    assert quiet.getvalue() == ""
+
+
+def test_stop_shows_progress_on_stderr(server: ServerThread) -> None:
+    launch(server, "a1")
+    result = agentctl(server, "stop", "a1", "--grace", "1s")
+    assert result.exit_code == 0, result.stderr
+    assert "stopping a1: SIGTERM sent (up to 1s) ..." in result.stderr
+
+
+def _error_classes() -> list[type[SupervisorError]]:
+    found: list[type[SupervisorError]] = []
+    stack: list[type[SupervisorError]] = [SupervisorError]
+    while stack:
+        cls = stack.pop()
+        found.append(cls)
+        stack.extend(cls.__subclasses__())
+    return found
+
+
+def test_every_error_code_says_what_to_do_next() -> None:
+    classes = [cls for cls in _error_classes() if cls.__module__ == errors.__name__]
+    codes = [cls.code for cls in classes]
+    assert len(codes) == len(set(codes)), "codes are stable and unique"
+    assert len(classes) > 40
+    for cls in classes:
+        # Its own hint, not one inherited from a broader error that may not fit.
+        assert "default_hint" in vars(cls), f"{cls.__name__} ({cls.code}) has no hint"
+        assert cls.default_hint and len(cls.default_hint) > 20, cls.code
+        assert cls("x").hint == cls.default_hint
+        assert cls("x", hint="given").hint == "given"
+
+
+def test_profile_not_found_lists_the_profiles(tmp_path: Path) -> None:
+    (tmp_path / "team.toml").write_text("")
+    with pytest.raises(ProfileNotFound) as caught:
+        load_profile("defualt", [tmp_path])
+    detail = caught.value.detail
+    assert {"default", "strict", "team"} <= set(detail["profiles"])
+    assert detail["did_you_mean"] == ["default"]
+    assert "default" in detail["hint"] and str(tmp_path) in detail["hint"]
+
+
+def test_forbidden_and_runtime_unsupported_hints_say_where() -> None:
+    assert "[roles]" in (errors.Forbidden("x").hint or "")
+    assert "daemon.toml" in (errors.Forbidden("x").hint or "")
+    assert "[docker] enabled" in (errors.RuntimeUnsupported("x").hint or "")
