@@ -36,6 +36,7 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "stop": _ADMINS,
     "kill": _OWNERS,
     "reactivate": _OWNERS,
+    "forget": _OWNERS,  # agentctl rm: drops an idle agent's registration
     "drill": _OWNERS,
     "approve": _ADMINS,  # approve or deny a request the egress gateway holds
     "breaker_reset": _ADMINS,

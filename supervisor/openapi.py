@@ -23,6 +23,7 @@ from supervisor.models import (
     DrillRequest,
     DrillResult,
     EgressView,
+    ForgetResult,
     Health,
     ReasonRequest,
     ReloadResult,
@@ -93,8 +94,8 @@ def openapi_document() -> dict[str, Any]:
     # durations as seconds or text).
     models: list[type[BaseModel]] = [
         ActionResult, AgentList, AgentView, Approval, ApprovalList, AuditList,
-        AuditVerifyResult, BreakerReset, DrillList, DrillResult, EgressView, Health,
-        ReloadResult, RunView, TelemetryView]
+        AuditVerifyResult, BreakerReset, DrillList, DrillResult, EgressView, ForgetResult,
+        Health, ReloadResult, RunView, TelemetryView]
     serialization: JsonSchemaMode = "serialization"
     validation: JsonSchemaMode = "validation"
     wanted = [(m, serialization) for m in models]
@@ -127,7 +128,9 @@ def openapi_document() -> dict[str, Any]:
                 "a run's output (follow=1 streams it until the run ends)", None,
                 params=[_path_param("ref"),
                         _query("follow", {"type": "string", "enum": ["0", "1"]},
-                               "1: keep streaming until the run ends")])},
+                               "1: keep streaming until the run ends"),
+                        _query("tail", {"type": "integer", "minimum": 0, "maximum": 100_000},
+                               "start with the last N lines of the output")])},
             "/v1/runs/{ref}/telemetry": {"get": _op(
                 "a run's recent samples and its summary", "TelemetryView",
                 params=[_path_param("ref"), _limit(20, 0, 10_000)])},
@@ -157,6 +160,10 @@ def openapi_document() -> dict[str, Any]:
                 params=[_path_param("id")])},
             "/v1/agents/{name}/breaker/reset": {"post": _op(
                 "close a tripped egress circuit breaker", "BreakerReset", "ReasonRequest",
+                params=[_path_param("name")])},
+            "/v1/agents/{name}/forget": {"post": _op(
+                "forget an idle agent (owner; audited): its registration goes, its runs and "
+                "audit rows stay", "ForgetResult", "ReasonRequest",
                 params=[_path_param("name")])},
         },
         "components": {"schemas": schemas},

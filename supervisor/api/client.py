@@ -207,6 +207,9 @@ class Client:
         return self.request("POST", f"/v1/agents/{_quote(agent)}/breaker/reset",
                             {"reason": reason})
 
+    def forget(self, agent: str, reason: str = "") -> Any:
+        return self.request("POST", f"/v1/agents/{_quote(agent)}/forget", {"reason": reason})
+
     def audit_verify(self) -> Any:
         return self.request("GET", "/v1/audit/verify")
 

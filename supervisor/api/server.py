@@ -29,6 +29,8 @@ from supervisor.audit import AuditLog
 from supervisor.authz import PERMISSIONS, check, roles_of
 from supervisor.config import ControlSection, RolesSection
 from supervisor.errors import (
+    AgentBusy,
+    AgentKilled,
     BodyTooLarge,
     Forbidden,
     InvalidJson,
@@ -60,6 +62,7 @@ from supervisor.models import (
     DrillRequest,
     DrillResult,
     EgressView,
+    ForgetResult,
     Health,
     ReasonRequest,
     ReloadResult,
@@ -121,6 +124,7 @@ class Controller(Protocol):
     async def launch(self, request: RunRequest, actor: Actor) -> RunView: ...
     async def act(self, verb: str, request: ActionRequest, actor: Actor, *,
                   arrived: float | None = None) -> ActionResult: ...
+    def forget_agent(self, name: str, actor: Actor, reason: str) -> None: ...
 
 
 class EgressSource(Protocol):
@@ -731,6 +735,25 @@ async def reset_breaker(request: web.Request) -> web.Response:
         await _egress(request).reset_breaker(name, request[ACTOR], body.reason)))
 
 
+@permission("forget")
+async def forget_agent(request: web.Request) -> web.Response:
+    """Drop an idle agent from the registry (audited). A killed agent is a hold an owner lifts
+    with reactivate first, so rm never doubles as an unaudited way around a kill."""
+    body: ReasonRequest = await _body(request, ReasonRequest)
+    name = request.match_info["name"]
+    arbiter = request.app[ARBITER]
+    arbiter.agent_view(name)  # 404, with suggestions, for an unknown agent
+    state = arbiter.agents[name].state
+    if state == "killed":
+        raise AgentKilled(f"agent {name!r} is held killed; reactivate it before removing it",
+                          agent=name, state=state)
+    if state != "idle":
+        raise AgentBusy(f"agent {name!r} is {state}: stop it before removing it", agent=name,
+                        state=state)
+    arbiter.forget_agent(name, request[ACTOR], body.reason)
+    return _json(ForgetResult(agent=name, previous_state=state, reason=body.reason))
+
+
 async def run_egress(request: web.Request) -> web.Response:
     record, _live = request.app[ARBITER].resolve_run(request.match_info["ref"])
     view = await _egress(request).usage(record.id)
@@ -791,6 +814,7 @@ def build_app(arbiter: Controller, roles: RolesSection | RoleTable,
     app.router.add_post("/v1/approvals/{id}/deny", deny)
     app.router.add_post("/v1/agents/{name}/breaker/reset", reset_breaker)
     app.router.add_post("/v1/reload", reload_config)
+    app.router.add_post("/v1/agents/{name}/forget", forget_agent)
     app.router.add_get("/v1/openapi.json", openapi)
     return app
 

@@ -554,6 +554,23 @@ _scoped_command("stop", "SIGTERM, wait --grace, then the kill path; the agent ma
 _scoped_command("reactivate", "Lift a kill's hold (with --all, also lift a global halt).")
 
 
+@cli.command("rm")
+@click.argument("agents", nargs=-1, required=True, metavar="AGENT...")
+@click.option("--reason", default="", help=f"Why (recorded; at most {REASON_MAX} chars).")
+@json_option
+@handles_errors
+def rm(agents: tuple[str, ...], reason: str, as_json: bool) -> None:
+    """Forget idle agents (owner): their registrations go, their runs and audit rows stay. A
+    killed agent must be reactivated first; a running one stopped."""
+    client = _client()
+    results = [client.forget(name, _reason(reason)) for name in agents]
+    if as_json:
+        _emit_json({"forgotten": results})
+        return
+    for result in results:
+        click.echo(f"forgot {result['agent']} (was {result['previous_state']})")
+
+
 # ----------------------------------------------------------------------------- audit
 
 @cli.group(invoke_without_command=True)

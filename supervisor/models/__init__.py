@@ -334,6 +334,14 @@ class ActionResult(BaseModel):
     global_halt: bool = False
 
 
+class ForgetResult(BaseModel):
+    """An idle agent dropped from the registry (agentctl rm); its runs stay in the history."""
+
+    agent: str
+    previous_state: str
+    reason: str
+
+
 class AgentList(BaseModel):
     """One page of agents, by name; `next_cursor` continues after the last one (null: done)."""
 

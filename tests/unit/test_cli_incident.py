@@ -294,3 +294,42 @@ def test_forbidden_and_runtime_unsupported_hints_say_where() -> None:
     assert "[roles]" in (errors.Forbidden("x").hint or "")
     assert "daemon.toml" in (errors.Forbidden("x").hint or "")
     assert "[docker] enabled" in (errors.RuntimeUnsupported("x").hint or "")
+
+
+def test_rm_forgets_an_idle_agent_and_audits_it(server: ServerThread) -> None:
+    launch(server, "a1")
+    assert agentctl(server, "stop", "a1", "--grace", "1s").exit_code == 0
+    before = server.snapshot()
+    result = agentctl(server, "rm", "a1", "--reason", "retired", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "forgotten": [{"agent": "a1", "previous_state": "idle", "reason": "retired"}]}
+    after = server.snapshot()
+    assert after.agents == [] and after.runs == before.runs, "runs stay in the history"
+    [row] = server.call(lambda: server.audit.list())[-1:]
+    assert (row.verb, row.target, row.reason, row.previous_state) == (
+        "forget", "a1", "retired", "idle")
+    assert agentctl(server, "inspect", "a1").exit_code == 3
+
+
+@pytest.mark.parametrize(("state", "code", "status"), [
+    ("active", "agent_busy", 4), ("paused", "agent_busy", 4), ("killed", "agent_killed", 4)])
+def test_rm_refuses_an_agent_that_is_not_idle(server: ServerThread, state: str, code: str,
+                                              status: int) -> None:
+    launch(server, "a1")
+    if state == "paused":
+        assert agentctl(server, "pause", "a1").exit_code == 0
+    if state == "killed":
+        assert agentctl(server, "kill", "a1", "--reason", "x").exit_code == 0
+    before = server.snapshot()
+    result = agentctl(server, "rm", "a1", "--json")
+    assert result.exit_code == status
+    error = error_of(result)
+    assert error["code"] == code and error["detail"]["hint"]
+    assert server.snapshot() == before
+
+
+def test_rm_of_an_unknown_agent_suggests(server: ServerThread) -> None:
+    launch(server, "worker")
+    result = agentctl(server, "rm", "wroker", "--json")
+    assert (result.exit_code, error_of(result)["detail"]["did_you_mean"]) == (3, ["worker"])
