@@ -48,4 +48,13 @@ fi
 "$VENV/bin/pip" install -q --disable-pip-version-check ".[dev]"
 # Always reinstall this checkout's code (the version number does not change between commits).
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall .
+# agentctl's shell completions (agent names complete from the daemon) and its man page.
+for target in "bash /usr/share/bash-completion/completions/agentctl" \
+              "zsh /usr/share/zsh/vendor-completions/_agentctl" \
+              "fish /usr/share/fish/vendor_completions.d/agentctl.fish"; do
+    read -r shell path <<<"$target"
+    mkdir -p "$(dirname "$path")"
+    "$VENV/bin/agentctl" completion "$shell" >"$path.tmp" && mv "$path.tmp" "$path"
+done
+install -D -m 0644 docs/agentctl.1 /usr/share/man/man1/agentctl.1
 echo "install-deps: $VENV ready ($("$VENV/bin/python" --version), runc $(runc --version | head -1 | awk '{print $3}'))"

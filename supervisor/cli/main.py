@@ -19,9 +19,10 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from supervisor import __version__
-from supervisor.api.client import DEFAULT_SOCKET, Client
+from supervisor.api.client import Client
 from supervisor.ci import ENV_VAR as EMBEDDED_ENV_VAR
 from supervisor.cli import progress
+from supervisor.cli.completion import complete_agent, complete_class, completion
 from supervisor.cli.console import console
 from supervisor.cli.fleet import fleet
 from supervisor.cli.top import human_bytes, top
@@ -94,7 +95,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON."
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="agentctl")
 @click.option("--socket", "socket_path", type=LocalPath(path_type=Path, readable=False),
-              default=DEFAULT_SOCKET,
+              default=Path("/run/agent-supervisor/control.sock"),
               show_default=True, envvar="AGENT_SUPERVISOR_SOCKET",
               help="The daemon's control socket.")
 @click.pass_context
@@ -343,7 +344,8 @@ def _follow(client: Client, view: dict[str, Any], as_json: bool) -> int:
 # ----------------------------------------------------------------------------- read verbs
 
 @cli.command("ls")
-@click.option("--class", "agent_class", default=None, help="Only agents of this class.")
+@click.option("--class", "agent_class", default=None, help="Only agents of this class.",
+              shell_complete=complete_class)
 @click.option("--state", default=None, help="Only agents in this state (active, idle, ...).")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the names, one a line.")
 @json_option
@@ -376,7 +378,7 @@ def ls(as_json: bool, agent_class: str | None, state: str | None, quiet: bool) -
 
 
 @cli.command()
-@click.argument("agent")
+@click.argument("agent", shell_complete=complete_agent)
 @json_option
 @handles_errors
 def inspect(agent: str, as_json: bool) -> None:
@@ -426,7 +428,7 @@ def _print_summary_block(summary: dict[str, Any]) -> None:
 
 
 @cli.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_agent)
 @click.option("--limit", type=click.IntRange(0, 10_000), default=20, show_default=True,
               help="How many of the most recent samples.")
 @json_option
@@ -453,7 +455,7 @@ def telemetry(ref: str, limit: int, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("ref")
+@click.argument("ref", shell_complete=complete_agent)
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the run ends.")
 @click.option("--tail", "-n", type=click.IntRange(0, 100_000), default=None, metavar="N",
               help="Start with the last N lines of the output.")
@@ -512,8 +514,9 @@ def _print_action(result: dict[str, Any]) -> None:
 
 
 def _scoped_command(verb: str, help_text: str, with_grace: bool = False) -> None:
-    @click.argument("agent", required=False)
-    @click.option("--class", "agent_class", help="Every agent with this class label.")
+    @click.argument("agent", required=False, shell_complete=complete_agent)
+    @click.option("--class", "agent_class", help="Every agent with this class label.",
+                  shell_complete=complete_class)
     @click.option("--all", "all_agents", is_flag=True, help="Every agent.")
     @click.option("--reason", default="",
                   help=f"Why (recorded; at most {REASON_MAX} chars). Required for kill and "
@@ -555,7 +558,8 @@ _scoped_command("reactivate", "Lift a kill's hold (with --all, also lift a globa
 
 
 @cli.command("rm")
-@click.argument("agents", nargs=-1, required=True, metavar="AGENT...")
+@click.argument("agents", nargs=-1, required=True, metavar="AGENT...",
+                shell_complete=complete_agent)
 @click.option("--reason", default="", help=f"Why (recorded; at most {REASON_MAX} chars).")
 @json_option
 @handles_errors
@@ -789,7 +793,7 @@ def breaker() -> None:
 
 
 @breaker.command("reset")
-@click.argument("agent")
+@click.argument("agent", shell_complete=complete_agent)
 @click.option("--reason", default="", help=f"Why (recorded; at most {REASON_MAX} chars).")
 @json_option
 @handles_errors
@@ -803,7 +807,7 @@ def breaker_reset(agent: str, reason: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("ref", metavar="AGENT|RUN")
+@click.argument("ref", metavar="AGENT|RUN", shell_complete=complete_agent)
 @json_option
 @handles_errors
 def egress(ref: str, as_json: bool) -> None:
@@ -879,6 +883,7 @@ def report_keygen(prefix: Path) -> None:
 cli.add_command(top)  # agentctl top: supervisor/cli/top.py
 cli.add_command(console)  # agentctl console: supervisor/cli/console.py (server loaded lazily)
 cli.add_command(fleet)  # agentctl fleet: supervisor/cli/fleet.py
+cli.add_command(completion)  # agentctl completion SHELL: supervisor/cli/completion.py
 
 
 def main() -> None:

@@ -131,7 +131,7 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     # service's user and group recursively, which would reset control.sock's group and reach
     # the runs' bundles and workspace mounts below it.
     gid = operators_gid(config.daemon.socket_group)
-    # --- webhooks (supervisor/events.py): the outbox subscribes before any audit row that
+    # --- webhooks (supervisor/events/): the outbox subscribes before any audit row that
     # becomes an event; a missing or world-readable secret stops the start here, naming it.
     outbox = Outbox(db, load_endpoints(config.webhooks))
     outbox.attach(audit)

@@ -333,3 +333,77 @@ def test_rm_of_an_unknown_agent_suggests(server: ServerThread) -> None:
     launch(server, "worker")
     result = agentctl(server, "rm", "wroker", "--json")
     assert (result.exit_code, error_of(result)["detail"]["did_you_mean"]) == (3, ["worker"])
+
+
+def _complete(server: ServerThread, words: list[str], incomplete: str) -> list[str]:
+    from click.shell_completion import BashComplete
+
+    comp = BashComplete(cli, {}, "agentctl", "_AGENTCTL_COMPLETE")
+    return [item.value for item in comp.get_completions(
+        ["--socket", str(server.socket_path), *words], incomplete)]
+
+
+def test_completion_offers_agent_and_class_names(server: ServerThread) -> None:
+    launch(server, "alpha", "coders")
+    launch(server, "alps", "batch")
+    launch(server, "beta", "batch")
+    assert _complete(server, ["kill"], "al") == ["alpha", "alps"]
+    assert _complete(server, ["logs"], "b") == ["beta"]
+    assert _complete(server, ["rm", "alpha"], "") == ["alpha", "alps", "beta"]
+    assert _complete(server, ["pause", "--class"], "") == ["batch", "coders"]
+    assert _complete(server, ["ls", "--class"], "c") == ["coders"]
+    assert "kill" in _complete(server, [], "ki")
+
+
+def test_completion_without_a_daemon_completes_nothing(tmp_path: Path) -> None:
+    from click.shell_completion import BashComplete
+
+    comp = BashComplete(cli, {}, "agentctl", "_AGENTCTL_COMPLETE")
+    assert comp.get_completions(["--socket", str(tmp_path / "none"), "kill"], "a") == []
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_completion_scripts_name_agentctl(shell: str) -> None:
+    result = CliRunner().invoke(cli, ["completion", shell])
+    assert result.exit_code == 0
+    assert "_AGENTCTL_COMPLETE" in result.stdout and "agentctl" in result.stdout
+
+
+def test_bash_completes_agent_names_for_real(server: ServerThread, tmp_path: Path) -> None:
+    """The printed script in a real bash, calling agentctl back as the shell would."""
+    import os
+    import subprocess
+    import sys
+
+    launch(server, "alpha")
+    launch(server, "alps")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "agentctl"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -m supervisor.cli \"$@\"\n")
+    wrapper.chmod(0o755)
+    source = CliRunner().invoke(cli, ["completion", "bash"]).stdout
+    (tmp_path / "agentctl.bash").write_text(source)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+           "AGENT_SUPERVISOR_SOCKET": str(server.socket_path)}
+    shell = (f"source {tmp_path / 'agentctl.bash'}; COMP_WORDS=(agentctl inspect al); "
+             "COMP_CWORD=2; _agentctl_completion agentctl; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    done = subprocess.run(["bash", "--norc", "-c", shell], env=env, capture_output=True,
+                          text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["alpha", "alps"], done.stderr
+
+
+def test_the_man_page_matches_the_cli() -> None:
+    """docs/agentctl.1 is generated; a command or option added without regenerating it fails
+    here. Regenerate: python -m supervisor.cli.manpage > docs/agentctl.1"""
+    from supervisor.cli.manpage import render
+
+    assert isinstance(cli, click.Group)
+    page = Path(__file__).resolve().parents[2] / "docs" / "agentctl.1"
+    rendered = render(cli)
+    assert page.read_text() == rendered, (
+        "docs/agentctl.1 is stale: python -m supervisor.cli.manpage > docs/agentctl.1")
+    for name in cli.commands:
+        assert f".SS {name}\n" in rendered
+    assert "\\fB--reason TEXT\\fR" in rendered and ".SH EXIT STATUS" in rendered
