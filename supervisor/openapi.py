@@ -53,16 +53,47 @@ def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _op(summary: str, response: str | None, body: str | None = None, status: str = "200",
-        params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """An operation answering `response` (a model's JSON; None: the run's output as text) and
-    a structured JSON error for every other status."""
+# Errors any request may meet, before its handler runs (the HTTP layer, roles, load).
+_ANY = ("bad_http_request", "uri_too_long", "headers_too_large", "method_not_allowed",
+        "forbidden", "too_many_requests", "shutting_down", "internal_error")
+# Errors of a request with a JSON body.
+_BODY = ("invalid_json", "invalid_request", "body_too_large", "request_timeout")
+
+
+def _responses(codes: tuple[str, ...]) -> dict[str, Any]:
+    """One response per HTTP status, naming every error code it carries (the codes are the
+    stable contract; x-error-codes lists them for generators and linters)."""
+    from supervisor.errors import error_class_for  # the one error tree; no I/O
+
+    by_status: dict[int, list[str]] = {}
+    for code in dict.fromkeys(codes):
+        cls = error_class_for(code)
+        if cls.code != code:
+            raise ValueError(f"unknown error code {code!r} in the OpenAPI table")
+        by_status.setdefault(cls.http_status, []).append(code)
+    return {str(status): {
+        "description": "error: " + ", ".join(sorted(found)),
+        "x-error-codes": sorted(found),
+        "content": {"application/json": {"schema": _ref("Error")}}}
+        for status, found in sorted(by_status.items())}
+
+
+def _op(operation_id: str, tag: str, summary: str, response: str | None,
+        body: str | None = None, status: str = "200",
+        params: list[dict[str, Any]] | None = None, errors: tuple[str, ...] = ()
+        ) -> dict[str, Any]:
+    """An operation answering `response` (a model's JSON; None: the run's output as text), its
+    error responses by status with their codes, and `default` for any other structured error."""
+    codes = _ANY + (_BODY if body else ()) + (("invalid_request",) if params else ()) + errors
     op: dict[str, Any] = {
+        "operationId": operation_id,
+        "tags": [tag],
         "summary": summary,
         "responses": {
             status: {"description": "ok",
                      "content": {"application/json": {"schema": _ref(response)}}
                      if response else {"text/plain": {"schema": {"type": "string"}}}},
+            **_responses(codes),
             "default": {"description": "structured error",
                         "content": {"application/json": {"schema": _ref("Error")}}},
         },
@@ -89,6 +120,25 @@ def _limit(default: int, low: int, high: int) -> dict[str, Any]:
                             "default": default}, "the most items to return")
 
 
+TAGS = {
+    "daemon": "the daemon's health",
+    "agents": "registered agents",
+    "runs": "launching runs and reading their output and telemetry",
+    "actions": "kill, pause, resume, stop and reactivate over an agent, a class or every agent",
+    "audit": "the hash-chained audit log",
+    "drills": "kill drills",
+    "egress": "the egress gateway: usage, approvals, circuit breakers",
+}
+_RUN_REF = ("run_not_found", "agent_not_found")
+_LAUNCH_ERRORS = (
+    "agent_not_found", "agent_killed", "agent_busy", "global_halt", "profile_not_found",
+    "profile_invalid", "workspace_invalid", "workspace_forbidden", "command_not_found",
+    "runtime_unsupported", "image_not_found", "disk_space_low", "enforcement_failed",
+    "runtime_failed", "egress_setup_failed", "gateway_unavailable", "engine_unavailable",
+    "route_not_found")
+_DECIDE = ("approval_not_found", "approval_decided", "route_not_found")
+
+
 def openapi_document() -> dict[str, Any]:
     # Responses in their serialized form, requests as they are validated (strict types,
     # durations as seconds or text).
@@ -110,61 +160,81 @@ def openapi_document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "agent-supervisor control API", "version": __version__},
+        "tags": [{"name": name, "description": text} for name, text in TAGS.items()],
         "paths": {
-            "/v1/health": {"get": _op("daemon health", "Health")},
+            "/v1/health": {"get": _op("getHealth", "daemon", "daemon health", "Health")},
             "/v1/agents": {"get": _op(
+                "listAgents", "agents",
                 "one page of agents in name order, filtered by class and state", "AgentList",
                 params=[_limit(AGENT_PAGE_MAX, 1, AGENT_PAGE_MAX),
                         _query("cursor", {"type": "string"},
                                "next_cursor of the previous page: the agents after this name"),
                         _query("class", {"type": "string"}, "only agents of this class"),
                         _query("state", {"type": "string"}, "only agents in this state")])},
-            "/v1/agents/{name}": {"get": _op("inspect an agent", "AgentView",
-                                             params=[_path_param("name")])},
-            "/v1/runs": {"post": _op("launch a run", "RunView", "RunRequest", "201")},
-            "/v1/runs/{ref}": {"get": _op("a run, by id or agent name", "RunView",
-                                          params=[_path_param("ref")])},
+            "/v1/agents/{name}": {"get": _op("getAgent", "agents", "inspect an agent",
+                                             "AgentView", params=[_path_param("name")],
+                                             errors=("agent_not_found",))},
+            "/v1/runs": {"post": _op("createRun", "runs", "launch a run", "RunView",
+                                     "RunRequest", "201", errors=_LAUNCH_ERRORS)},
+            "/v1/runs/{ref}": {"get": _op("getRun", "runs", "a run, by id or agent name",
+                                          "RunView", params=[_path_param("ref")],
+                                          errors=_RUN_REF)},
             "/v1/runs/{ref}/logs": {"get": _op(
-                "a run's output (follow=1 streams it until the run ends)", None,
+                "getRunLogs", "runs", "a run's output (follow=1 streams it until the run ends)",
+                None,
                 params=[_path_param("ref"),
                         _query("follow", {"type": "string", "enum": ["0", "1"]},
                                "1: keep streaming until the run ends"),
                         _query("tail", {"type": "integer", "minimum": 0, "maximum": 100_000},
-                               "start with the last N lines of the output")])},
+                               "start with the last N lines of the output")],
+                errors=(*_RUN_REF, "logs_expired"))},
             "/v1/runs/{ref}/telemetry": {"get": _op(
-                "a run's recent samples and its summary", "TelemetryView",
-                params=[_path_param("ref"), _limit(20, 0, 10_000)])},
-            "/v1/actions/{verb}": {"post": _op("kill, pause, resume, stop or reactivate a scope",
-                                               "ActionResult", "ActionRequest",
-                                               params=[verb])},
-            "/v1/audit": {"get": _op("audit rows", "AuditList", params=[
+                "getRunTelemetry", "runs", "a run's recent samples and its summary",
+                "TelemetryView", params=[_path_param("ref"), _limit(20, 0, 10_000)],
+                errors=(*_RUN_REF, "route_not_found"))},
+            "/v1/actions/{verb}": {"post": _op(
+                "act", "actions", "kill, pause, resume, stop or reactivate a scope",
+                "ActionResult", "ActionRequest", params=[verb],
+                errors=("route_not_found", "reason_required", "agent_not_found", "scope_empty",
+                        "illegal_transition", "agent_killed", "agent_busy", "kill_unconfirmed",
+                        "enforcement_failed", "runtime_failed"))},
+            "/v1/audit": {"get": _op("listAudit", "audit", "audit rows", "AuditList", params=[
                 _limit(100, 1, 10_000),
                 _query("after", {"type": "integer", "minimum": 0, "maximum": 2**53},
                        "only rows after this sequence number")])},
-            "/v1/audit/verify": {"get": _op("verify the hash chain", "AuditVerifyResult")},
-            "/v1/reload": {"post": _op("reload the configuration (owner)", "ReloadResult",
-                                       "ReasonRequest")},
-            "/v1/drills": {"post": _op("run a kill drill", "DrillResult", "DrillRequest"),
-                           "get": _op("drill history", "DrillList",
-                                      params=[_limit(50, 1, 1000)])},
+            "/v1/audit/verify": {"get": _op("verifyAudit", "audit", "verify the hash chain",
+                                            "AuditVerifyResult")},
+            "/v1/reload": {"post": _op("reloadConfig", "daemon",
+                                       "reload the configuration (owner)", "ReloadResult",
+                                       "ReasonRequest", errors=("config_reload_refused",))},
+            "/v1/drills": {"post": _op("runDrill", "drills", "run a kill drill", "DrillResult",
+                                       "DrillRequest", errors=_LAUNCH_ERRORS),
+                           "get": _op("listDrills", "drills", "drill history", "DrillList",
+                                      params=[_limit(50, 1, 1000)],
+                                      errors=("route_not_found",))},
             "/v1/runs/{ref}/egress": {"get": _op(
+                "getRunEgress", "egress",
                 "a gateway run's egress usage, breaker and pending approvals", "EgressView",
-                params=[_path_param("ref")])},
-            "/v1/approvals": {"get": _op("requests held for approval", "ApprovalList")},
+                params=[_path_param("ref")], errors=(*_RUN_REF, "route_not_found"))},
+            "/v1/approvals": {"get": _op("listApprovals", "egress", "requests held for approval",
+                                         "ApprovalList", errors=("route_not_found",))},
             "/v1/approvals/{id}/approve": {"post": _op(
-                "release a held request", "Approval", "ReasonRequest",
-                params=[_path_param("id")])},
+                "approveRequest", "egress", "release a held request", "Approval",
+                "ReasonRequest", params=[_path_param("id")], errors=_DECIDE)},
             "/v1/approvals/{id}/deny": {"post": _op(
+                "denyRequest", "egress",
                 "refuse a held request (a reason is required: the agent is told it)", "Approval",
-                "DenyRequest",
-                params=[_path_param("id")])},
+                "DenyRequest", params=[_path_param("id")], errors=_DECIDE)},
             "/v1/agents/{name}/breaker/reset": {"post": _op(
-                "close a tripped egress circuit breaker", "BreakerReset", "ReasonRequest",
-                params=[_path_param("name")])},
+                "resetBreaker", "egress", "close a tripped egress circuit breaker",
+                "BreakerReset", "ReasonRequest", params=[_path_param("name")],
+                errors=("agent_not_found", "breaker_not_tripped", "route_not_found"))},
             "/v1/agents/{name}/forget": {"post": _op(
+                "forgetAgent", "agents",
                 "forget an idle agent (owner; audited): its registration goes, its runs and "
                 "audit rows stay", "ForgetResult", "ReasonRequest",
-                params=[_path_param("name")])},
+                params=[_path_param("name")],
+                errors=("agent_not_found", "agent_killed", "agent_busy"))},
         },
         "components": {"schemas": schemas},
     }
