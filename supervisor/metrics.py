@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import re
 import socket
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping
@@ -73,6 +74,18 @@ def scope_kind(scope: str) -> str:
     return scope.partition(":")[0] or "unknown"
 
 
+_SYSTEM_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+
+
+def actor_kind(actor: str) -> str:
+    """A bounded label for who acted: "operator" for any person (user names are unbounded and
+    personal: they stay in the audit log), "system:NAME" for the daemon's own parts."""
+    kind, sep, name = actor.partition(":")
+    if kind == "system" and sep and _SYSTEM_NAME.fullmatch(name):
+        return actor
+    return "system" if kind == "system" else "operator"
+
+
 class Metrics(Collector):
     """The daemon's metrics: a registry of its own, fed by the audit log and the arbiter."""
 
@@ -84,8 +97,9 @@ class Metrics(Collector):
         self.registry = CollectorRegistry(auto_describe=True)
         self.kills = Counter(
             f"{PREFIX}_kills", "Agents the kill verb was applied to (a class or global kill "
-            "counts each agent), by the scope kind of the command, its actor and the outcome "
-            "(ok, unconfirmed, refused)", ["scope", "actor", "outcome"], registry=self.registry)
+            "counts each agent), by the scope kind of the command, the kind of actor (operator, "
+            "or system:NAME for the daemon's own parts) and the outcome (ok, unconfirmed, "
+            "refused)", ["scope", "actor_kind", "outcome"], registry=self.registry)
         self.time_to_halt = Histogram(
             f"{PREFIX}_time_to_halt_seconds", "Kill path duration from marking the agent killed "
             "to its network teardown, as audited (verb: kill, shutdown, watchdog_kill)",
@@ -122,7 +136,7 @@ class Metrics(Collector):
         self.audit_rows = max(self.audit_rows, entry.seq)
         if entry.verb == "kill":
             outcome = entry.outcome.partition(":")[0]
-            self.kills.labels(scope=scope_kind(entry.scope), actor=entry.actor,
+            self.kills.labels(scope=scope_kind(entry.scope), actor_kind=actor_kind(entry.actor),
                               outcome=outcome).inc()
         halt_verb = _HALT_VERBS.get(entry.verb)
         if (halt_verb is not None and entry.time_to_halt_ms is not None

@@ -17,7 +17,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support.daemon import Daemon, new_daemon, running_daemon, wait_for
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-ROOT = "root(uid=0)"
 
 
 def free_port() -> int:
@@ -100,8 +99,8 @@ def test_scraped_numbers_follow_launches_and_kills_by_class(tmp_root: Path) -> N
         assert agents(samples, "active", "web") == 0
         assert agents(samples, "active", "batch") == 1
         assert value(samples, "agent_supervisor_active_runs") == 1
-        assert value(samples, "agent_supervisor_kills_total", scope="class", actor=ROOT,
-                     outcome="ok") == 2
+        assert value(samples, "agent_supervisor_kills_total", scope="class",
+                     actor_kind="operator", outcome="ok") == 2
         halt = "agent_supervisor_time_to_halt_seconds"
         assert value(samples, f"{halt}_count", verb="kill") == 2
         # The histogram holds exactly the audited times (ms in the log, seconds here).
@@ -115,8 +114,8 @@ def test_scraped_numbers_follow_launches_and_kills_by_class(tmp_root: Path) -> N
         samples = scrape_tcp(port)
         assert value(samples, "agent_supervisor_global_halt") == 1
         assert agents(samples, "killed", "batch") == 1
-        assert value(samples, "agent_supervisor_kills_total", scope="global", actor=ROOT,
-                     outcome="ok") == 1  # w1 and w2 were killed already: skipped
+        assert value(samples, "agent_supervisor_kills_total", scope="global",
+                     actor_kind="operator", outcome="ok") == 1  # w1, w2 killed already: skipped
         assert value(samples, f"{halt}_count", verb="kill") == 3
         daemon.agentctl_json("reactivate", "--all", "--reason", "test over")
         assert value(scrape_tcp(port), "agent_supervisor_global_halt") == 0
