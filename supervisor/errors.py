@@ -405,12 +405,16 @@ class FleetStoreError(SupervisorError):
     """The fleet store (etcd) refused a request or answered nonsense."""
 
     code = "fleet_store_error"
+    default_hint = ("check the etcd endpoints and the store's health (etcdctl endpoint health); "
+                    "the message has etcd's answer")
     http_status = 502
     exit_status = 12
 
 
 class FleetStoreUnavailable(FleetStoreError):
     code = "fleet_store_unavailable"
+    default_hint = ("check that etcd is reachable at the --endpoints given, with the CA, cert "
+                    "and key you pass; local kills still work on each host")
     http_status = 503
 
 
@@ -418,6 +422,8 @@ class FleetPermissionDenied(FleetStoreError):
     """etcd's roles refused the request: these credentials may not touch that key."""
 
     code = "fleet_permission_denied"
+    default_hint = ("these credentials lack the etcd role for that key: ask the fleet's etcd "
+                    "administrator (docs/fleet.md lists the roles)")
     http_status = 403
     exit_status = 5
 
@@ -426,6 +432,8 @@ class FleetUnconfirmed(SupervisorError):
     """A fleet action was written but some hosts did not confirm it before the deadline."""
 
     code = "fleet_unconfirmed"
+    default_hint = ("the action stays in the store and every host applies it when it reconnects; "
+                    "'agentctl fleet ls' shows which hosts acknowledged")
     http_status = 504
     exit_status = 13
 

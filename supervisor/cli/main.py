@@ -833,7 +833,7 @@ def report() -> None:
 @click.argument("path", type=LocalPath(dir_okay=False, path_type=Path))
 @click.option("--key", "key_path", required=True, type=LocalPath(dir_okay=False, path_type=Path),
               help="The Ed25519 public key (PEM or ssh-ed25519) you trust.")
-@click.option("--repo", "repo", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--repo", "repo", type=LocalPath(file_okay=False, path_type=Path),
               help="Also check the report's commits against this git checkout.")
 @click.option("--rev", default="HEAD", show_default=True,
               help="With --repo: the revision whose commits since the run's start must be "
