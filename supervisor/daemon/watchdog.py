@@ -50,6 +50,8 @@ def kill_tree(parent: Cgroup, timeout: float) -> dict[str, object]:
     except OSError as exc:
         report["kill_error"] = str(exc)
         report["mechanism"] = parent.kill_fallback()
+    if parent.kill_error:
+        report.setdefault("kill_error", parent.kill_error)
     confirmed = parent.wait_empty(timeout)
     if not confirmed:
         report["escalated"] = parent.kill_fallback()

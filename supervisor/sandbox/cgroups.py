@@ -85,6 +85,8 @@ class Cgroup:
         self.relative = relative.strip("/")
         self.path = (root or unified_root()) / self.relative
         self._held: dict[str, int] = {}
+        # Why the last kill left `cgroup.kill` for the fallback (for the record and the audit).
+        self.kill_error: str | None = None
 
     def __repr__(self) -> str:
         return f"Cgroup({self.path})"
@@ -214,8 +216,9 @@ class Cgroup:
             except FileNotFoundError:
                 if not self.exists():
                     raise
-            except OSError:
-                pass  # EMFILE, EIO, a kernel without the file: the fallback needs no new fd
+            except OSError as exc:
+                # EMFILE, EIO, a kernel without the file: the fallback needs no new fd.
+                self.kill_error = f"cgroup.kill: {exc.strerror or exc}"
         return self.kill_fallback()
 
     def kill_fallback(self) -> str:
@@ -225,8 +228,9 @@ class Cgroup:
         try:
             self.freeze()
             self.wait_frozen(1.0)
-        except OSError:
+        except OSError as exc:
             frozen = False
+            self.kill_error = f"{self.kill_error or ''}; freeze: {exc.strerror or exc}".lstrip("; ")
         for pid in self._pids_without_new_fds():
             sigkill(pid)
         with contextlib.suppress(OSError):

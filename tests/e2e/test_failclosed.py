@@ -71,7 +71,7 @@ def test_sigkill_of_the_daemon_kills_every_agent_within_a_second(tmp_root: Path,
         assert len(watchdog) == 1
         detail = json.loads(watchdog[0]["detail"])
         assert detail["confirmed_empty"] is True
-        assert detail["mechanism"] == "cgroup.kill"
+        assert detail["mechanism"] == "cgroup.kill", detail
         assert len(detail["runs"]) == 2
         reaped = [r for r in rows if r["verb"] == "reap"]
         assert {r["target"] for r in reaped if r["scope"] != "global"} == {"f0", "f1"}
