@@ -24,12 +24,13 @@ echo "== unit tier as $UNIT_USER"
 # A copy the unprivileged user can read, wherever this checkout lives.
 UNIT_TREE="$(mktemp -d /tmp/agent-supervisor-unit.XXXXXX)"
 trap 'rm -rf "$UNIT_TREE"' EXIT
-cp -r pyproject.toml action.yml ci-templates supervisor sandbox_profiles systemd tests "$UNIT_TREE/"
+# The whole checkout but .git: unit tests read docs (the man page), action.yml, templates.
+tar --exclude=./.git -cf - . | tar -C "$UNIT_TREE" -xf -
 chmod -R a+rX "$UNIT_TREE"
 chown -R "$UNIT_USER" "$UNIT_TREE"
 (cd "$UNIT_TREE" && setpriv --reuid="$UNIT_USER" --regid="$(id -g "$UNIT_USER")" \
     --clear-groups --reset-env env PATH="$VENV/bin:/usr/bin:/bin" CI="${CI:-}" \
-    HOME="$UNIT_TREE" python -m pytest -W error -p no:cacheprovider -q \
+    HOME="$UNIT_TREE" python -m pytest -W error -p no:cacheprovider -q -rs \
     --basetemp="$UNIT_TREE/.pytest-tmp" tests/unit)
 
 echo "== privileged, e2e and fleet tiers as root"
