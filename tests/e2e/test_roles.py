@@ -110,6 +110,8 @@ def invocation(verb: str, target: str) -> list[str]:
         return [*verb.split(), "--json"]
     if verb in ("approve", "deny"):
         return [verb, "00000000", "--reason", "role test", "--json"]
+    if verb == "kill":  # a kill needs its reason (reason_required otherwise, for every role)
+        return ["kill", target, "--reason", "role test", "--json"]
     if verb == "breaker reset":
         return ["breaker", "reset", target, "--json"]
     return [verb, target, "--json"]
