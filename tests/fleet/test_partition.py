@@ -39,7 +39,8 @@ def test_lease_loss_applies_each_policy_and_is_reported_after(fleet: Fleet) -> N
         for host in cut:
             wait_for(lambda h=host: _audit_rows(h, "fleet_partition"), timeout=40,
                      interval=0.2, what=f"the partition policy on {host.host_id}")
-        assert _state(h3, f"web-{tag}") == "killed", [r["detail"] for r in _audit_rows(h3, "fleet_partition")]
+        assert _state(h3, f"web-{tag}") == "killed", [
+            r["detail"] for r in _audit_rows(h3, "fleet_partition")]
         assert _state(h4, f"web-{tag}") == "paused"
         assert _state(h5, f"web-{tag}") == "active"
         assert _state(h5, f"risky-{tag}") == "killed"
