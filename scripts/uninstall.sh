@@ -33,16 +33,17 @@ if systemctl cat agent-supervisor.service >/dev/null 2>&1; then
     systemctl reset-failed agent-supervisor.service 2>/dev/null || true
 fi
 
-# Leftovers of a daemon that did not stop in order: agents' cgroups (killed first), their
-# network namespaces and nftables tables.
+# Leftovers of a daemon that did not stop in order: agents' cgroups (killed first), the
+# gateway worker's and the watchdog's (both live outside the unit's cgroup, so stopping the
+# unit does not end them), their network namespaces and nftables tables.
 for root in /sys/fs/cgroup/unified /sys/fs/cgroup; do
-    for top in "$root$parent" "$root$parent-gateway"; do
+    for top in "$root$parent" "$root$parent-gateway" "$root$parent-watchdog"; do
         [[ -d "$top" ]] || continue
         [[ -e "$top/cgroup.kill" ]] && echo 1 > "$top/cgroup.kill" 2>/dev/null || true
     done
 done
 for dir in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
-    for top in "$dir${parent#/}" "$dir${parent#/}-gateway"; do
+    for top in "$dir${parent#/}" "$dir${parent#/}-gateway" "$dir${parent#/}-watchdog"; do
         [[ -d "$top" ]] || continue
         # Deepest first; a cgroup directory goes with rmdir once it holds no process.
         for _ in $(seq 50); do

@@ -145,9 +145,16 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     except SupervisorError:
         watchdog.disarm()
         raise
+    # An earlier daemon's watchdog (outside the service's cgroup, so it outlives the daemon)
+    # finishes its kill and record before this one audits it and reaps what is left.
+    previous_watchdogs = await watchdog.await_previous()
     audit.append(actor=SYSTEM.label(), verb="daemon_start", scope="global",
                  detail={"version": __version__, "pid": os.getpid(),
-                         "cgroup_mode": core.mode.value, **runtime.describe()})
+                         "cgroup_mode": core.mode.value, **runtime.describe(),
+                         "watchdog": {"pid": watchdog.proc.pid,
+                                      "cgroup": str(watchdog.cgroup.unified),
+                                      "escape_error": watchdog.escape_error,
+                                      "previous": previous_watchdogs}})
     audit_watchdog_records(core.watchdog_record, audit)
     await arbiter.reconcile()
 

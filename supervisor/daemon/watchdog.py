@@ -8,7 +8,14 @@ same object the kill path uses), so the kill needs no new descriptor. Standard l
 and small, so it is running before any agent starts and does nothing but wait until then.
 
 `Watchdog` is the daemon's side: it spawns the process, respawns it if it dies, and tells it
-to stand down only once no agent process is left under the parent."""
+to stand down only once no agent process is left under the parent.
+
+The process lives in a cgroup of its own, `<agents' parent>-watchdog` (`WatchdogCgroup`), not
+in the daemon's: whatever kills the daemon's whole cgroup (`systemctl kill -s KILL`, a
+control-group stop, an OOM kill of the service) leaves the switch standing, so it is the
+watchdog that kills the agents at once rather than the next start that reaps them. A new
+daemon waits for any previous instance's watchdog to finish (and ends one that does not)
+before it looks at what is left, so an old switch never acts on the new daemon's agents."""
 
 from __future__ import annotations
 
@@ -25,7 +32,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from supervisor.sandbox.cgroups import Cgroup
+from supervisor.sandbox.cgroups import (
+    CGROUP_ROOT,
+    Cgroup,
+    CgroupMode,
+    detect_mode,
+    sigkill,
+    unified_root,
+)
 from supervisor.sandbox.childenv import child_env
 
 DONE = b"done\n"
@@ -93,6 +107,45 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+class WatchdogCgroup:
+    """The watchdog's own cgroup at `relative`, outside the daemon's: in the v2 tree and, on a
+    hybrid host, in the name=systemd hierarchy, because that (not the v2 tree) is where systemd
+    tracks and signals a unit's processes there. The v1 controller hierarchies are left as they
+    are: systemd does not kill by them, and the watchdog needs no limit of its own."""
+
+    def __init__(self, relative: str, root: Path = CGROUP_ROOT) -> None:
+        self.relative = relative.strip("/")
+        self.unified = unified_root(root) / self.relative
+        self.dirs = [self.unified]
+        tracking = root / "systemd"
+        if detect_mode(root) is CgroupMode.HYBRID and tracking.is_dir():
+            self.dirs.append(tracking / self.relative)
+
+    def place(self, pid: int) -> None:
+        """Move `pid` into it in every tree; OSError naming the file that refused."""
+        for directory in self.dirs:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(directory / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, str(pid).encode())
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot move pid {pid} into "
+                              f"{directory / 'cgroup.procs'}: {exc.strerror}") from exc
+            finally:
+                os.close(fd)
+
+    def pids(self) -> list[int]:
+        with contextlib.suppress(OSError):
+            return [int(p) for p in (self.unified / "cgroup.procs").read_text().split()]
+        return []
+
+    def remove(self) -> None:
+        """Best effort: the directories go once no watchdog is left in them."""
+        for directory in self.dirs:
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
 class Watchdog:
     """Spawns the dead-man's-switch process and holds the write end of its pipe. If the
     watchdog itself dies, the daemon audits it and spawns a new one at once: agents are never
@@ -104,6 +157,11 @@ class Watchdog:
                      str(parent_cgroup), "--record", str(record), "--timeout", str(timeout)]
         self.parent = parent_of(parent_cgroup)
         self.record = record
+        self.timeout = timeout
+        relative = parent_cgroup.relative_to(unified_root())
+        self.cgroup = WatchdogCgroup(f"{relative}-watchdog")
+        # Why the process could not leave the daemon's cgroup (None: it did).
+        self.escape_error: str | None = None
         self.disarmed = False
         self.on_death: Callable[[int | None], None] | None = None
         self._pidfd: int | None = None
@@ -123,6 +181,39 @@ class Watchdog:
         self.proc = subprocess.Popen(self.args, stdin=read_fd, start_new_session=True,
                                      close_fds=True, env=self._env())
         os.close(read_fd)
+        try:
+            self.cgroup.place(self.proc.pid)
+            self.escape_error = None
+        except OSError as exc:
+            # It still works from the daemon's cgroup, except against a kill of that whole
+            # cgroup; then the next start reaps the agents instead (and audits it).
+            self.escape_error = str(exc)
+            log.critical("the watchdog stays in the daemon's cgroup: %s", exc)
+
+    def previous(self) -> list[int]:
+        """Watchdogs of an earlier daemon with the same agents' parent, still at work."""
+        return [pid for pid in self.cgroup.pids() if pid != self.proc.pid]
+
+    async def await_previous(self) -> dict[str, object]:
+        """Before this daemon looks at what an earlier one left: let that one's watchdog finish
+        its kill and its record, then end it if it has not within its own time to do so
+        (kill, confirm, escalate, confirm). {} when there was none."""
+        found = self.previous()
+        if not found:
+            return {}
+        started = time.monotonic()
+        deadline = started + 2 * self.timeout + 2
+        while (left := self.previous()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for pid in left:
+            sigkill(pid)
+        report: dict[str, object] = {"pids": found, "waited_ms": round(
+            (time.monotonic() - started) * 1000)}
+        if left:
+            report["killed"] = left
+            log.critical("ended the previous daemon's watchdog(s) %s: still running after "
+                         "%.0f s", left, deadline - started)
+        return report
 
     def watch(self, loop: asyncio.AbstractEventLoop) -> None:
         self._pidfd = os.pidfd_open(self.proc.pid)
@@ -157,6 +248,7 @@ class Watchdog:
             os.close(self.write_fd)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
+            self.cgroup.remove()
         return True
 
 

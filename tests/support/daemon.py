@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from supervisor.api.client import Client
+from supervisor.daemon.watchdog import WatchdogCgroup
 from supervisor.egress import nft
 from supervisor.egress.confinement import WorkerCgroup, WorkerLimits
 from supervisor.sandbox.cgroups import Cgroup, unified_root
@@ -271,6 +272,8 @@ class Daemon:
         with contextlib.suppress(OSError):
             gateway = self.cgroup_parent.rstrip("/") + "-gateway"
             WorkerCgroup(gateway, WorkerLimits(0, 0, 0, 0)).remove()
+        # The watchdog's own cgroup (supervisor/daemon/watchdog.py), once its last one is gone.
+        WatchdogCgroup(self.cgroup_parent.rstrip("/") + "-watchdog").remove()
 
 
 def _toml(value: Any) -> str:

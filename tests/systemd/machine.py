@@ -206,7 +206,8 @@ def booted() -> Iterator[Machine]:
         remove_service_cgroups()
 
 
-SERVICE_CGROUPS = ("agent-supervisor", "agent-supervisor-gateway")
+SERVICE_CGROUPS = ("agent-supervisor", "agent-supervisor-gateway",
+                   "agent-supervisor-watchdog")
 
 
 def remove_service_cgroups() -> None:

@@ -15,6 +15,7 @@ from tests.systemd.machine import Machine
 UNIT = "agent-supervisor.service"
 AGENTCTL = "agentctl"
 CGROUP_PARENT = "/sys/fs/cgroup/unified/agent-supervisor"
+WATCHDOG_CGROUP = "agent-supervisor-watchdog"
 
 
 def agent_pids(machine: Machine) -> list[int]:
@@ -137,20 +138,29 @@ def test_stop_kills_every_agent_audited(machine: Machine) -> None:
 def test_sigkill_of_the_unit_leaves_no_agent(machine: Machine) -> None:
     start_agent(machine, "killed-with-daemon")
     pid = main_pid(machine)
+    # The daemon's watchdog, outside the unit's cgroup in the tree systemd tracks it by (the
+    # name=systemd hierarchy on this hybrid host) and in the v2 tree.
+    for tree in ("systemd", "unified"):
+        procs = machine.sh(f"cat /sys/fs/cgroup/{tree}/{WATCHDOG_CGROUP}/cgroup.procs")
+        assert len(procs.stdout.split()) == 1, (tree, procs.stdout)
     machine.run("systemctl", "kill", "--signal", "KILL", UNIT)
-    # The watchdog process kills the agents' cgroup the moment the daemon's pipe closes;
-    # systemd's SIGKILL reached only the unit's own cgroup, never the agents'.
+    # systemd's SIGKILL reaches every process of the unit, but neither the agents' cgroups nor
+    # the watchdog's: the watchdog sees the daemon's pipe close and kills the agents at once.
     machine.wait_for("the agents killed", lambda: not agent_pids(machine), timeout=60)
     machine.wait_for("systemd to restart the daemon", lambda: main_pid(machine) not in
                      (0, pid), timeout=120)
     wait_active(machine)
-    # `systemctl kill` signals every process of the unit, the watchdog process included, so
-    # here the next daemon's reconcile (1 s later, Restart=on-failure) is what reaps the agent
-    # if the watchdog did not get to it first; either way it is audited.
     rows = audit_rows(machine)
     restart = next(i for i, r in enumerate(rows) if r["verb"] == "daemon_start")
-    verbs = {r["verb"] for r in rows[:restart + 3]}
-    assert verbs & {"watchdog_kill", "reap"}, verbs
+    # The new daemon waited for that watchdog and audited what it did, right after its start:
+    # it was the watchdog that killed the agent, not the next start's reaping.
+    kills = [r for r in rows[:restart] if r["verb"] == "watchdog_kill"]
+    assert len(kills) == 1, [r["verb"] for r in rows[:restart + 3]]
+    detail = kills[0]["detail"]
+    assert isinstance(detail, dict) and detail["confirmed_empty"] is True, detail
+    # (It had finished before the new daemon looked: nothing of it was left to end.)
+    start = rows[restart]["detail"]
+    assert isinstance(start, dict) and "killed" not in start["watchdog"]["previous"], start
 
 
 def test_watchdog_restarts_a_hung_daemon_and_its_agents_die(machine: Machine) -> None:
