@@ -1,17 +1,16 @@
-"""The control-socket client agentctl uses. Standard library HTTP (http.client does the
-parsing) over AF_UNIX, so the CLI starts fast and never imports daemon code. No privilege beyond
-access to the socket."""
+"""The control-socket client agentctl uses. HTTP/1.1 over AF_UNIX through `api/wire.py`
+(standard library sockets only), so the CLI starts fast and never imports daemon code. No
+privilege beyond access to the socket."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from supervisor.api import wire
 from supervisor.errors import DaemonUnavailable, SupervisorError, error_class_for
 
 DEFAULT_SOCKET = Path(os.environ.get("AGENT_SUPERVISOR_SOCKET",
@@ -29,23 +28,6 @@ _NOT_ON_OWNER_SOCKET = (FileNotFoundError, PermissionError, ConnectionRefusedErr
                         ConnectionResetError, BrokenPipeError)
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float | None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            if self.timeout is not None:
-                sock.settimeout(self.timeout)
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 class Client:
     def __init__(self, socket_path: Path | str = DEFAULT_SOCKET, timeout: float | None = 300.0
                  ) -> None:
@@ -55,33 +37,17 @@ class Client:
         self.owner_socket_path = str(owner_socket_of(Path(socket_path)))
         self.timeout = timeout
 
-    def _send(self, method: str, path: str, body: Any, timeout: float | None,
-              socket_path: str | None = None
-              ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
-        conn = _UnixConnection(socket_path or self.socket_path,
-                               timeout if timeout is not None else self.timeout)
-        headers = {"Accept": "application/json"}
-        payload = None
-        if body is not None:
-            payload = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        try:
-            conn.request(method, path, body=payload, headers=headers)
-            return conn, conn.getresponse()
-        except BaseException:
-            conn.close()
-            raise
-
     def _open(self, method: str, path: str, body: Any = None, timeout: float | None = None
-              ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+              ) -> wire.Response:
         """Send the request; connection failures become DaemonUnavailable."""
+        timeout = timeout if timeout is not None else self.timeout
         if method not in ("GET", "HEAD"):
             try:
-                return self._send(method, path, body, timeout, self.owner_socket_path)
+                return wire.request(self.owner_socket_path, method, path, body, timeout)
             except _NOT_ON_OWNER_SOCKET:
                 pass
         try:
-            return self._send(method, path, body, timeout)
+            return wire.request(self.socket_path, method, path, body, timeout)
         except FileNotFoundError:
             raise DaemonUnavailable(
                 f"no control socket at {self.socket_path}: is agent-supervisord running?",
@@ -90,23 +56,25 @@ class Client:
             raise DaemonUnavailable(
                 f"permission denied on {self.socket_path}: you need root or the operators "
                 f"group", socket=self.socket_path) from None
-        except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected) as exc:
+        except (ConnectionResetError, BrokenPipeError) as exc:
             raise DaemonUnavailable(
                 f"the daemon at {self.socket_path} closed the connection: {exc}",
                 hint="it may be at its connection limit for your uid or in total "
                      "([control] in the daemon's config); retry shortly",
                 socket=self.socket_path) from None
-        except (ConnectionRefusedError, http.client.HTTPException, TimeoutError,
-                OSError) as exc:
+        except OSError as exc:  # refused, timed out, or not HTTP (wire.BadResponse)
             raise DaemonUnavailable(f"cannot talk to the daemon at {self.socket_path}: {exc}",
                                     socket=self.socket_path) from None
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
-        conn, resp = self._open(method, path, body)
+        resp = self._open(method, path, body)
         try:
             data = resp.read()
+        except OSError as exc:
+            raise DaemonUnavailable(f"cannot read the daemon's answer at {self.socket_path}: "
+                                    f"{exc}", socket=self.socket_path) from None
         finally:
-            conn.close()
+            resp.close()
         try:
             decoded = json.loads(data) if data else None
         except json.JSONDecodeError:
@@ -117,14 +85,13 @@ class Client:
         return decoded
 
     def stream(self, path: str) -> Iterator[bytes]:
-        conn, resp = self._open("GET", path, timeout=None)
+        resp = self._open("GET", path, timeout=None)
         try:
             if resp.status >= 400:
                 raise _error_from(json.loads(resp.read() or b"null"), resp.status)
-            while chunk := resp.read1(65536):
-                yield chunk
+            yield from resp.iter_body()
         finally:
-            conn.close()
+            resp.close()
 
     # Verbs --------------------------------------------------------------------------------
 
@@ -161,8 +128,11 @@ class Client:
     def get_run(self, ref: str) -> Any:
         return self.request("GET", f"/v1/runs/{_quote(ref)}")
 
-    def logs(self, ref: str, follow: bool = False, tail: int | None = None) -> Iterator[bytes]:
+    def logs(self, ref: str, follow: bool = False, tail: int | None = None,
+             since: float | None = None) -> Iterator[bytes]:
         query = f"follow={'1' if follow else '0'}" + (f"&tail={tail}" if tail is not None else "")
+        if since is not None:
+            query += f"&since={since:.3f}"
         return self.stream(f"/v1/runs/{_quote(ref)}/logs?{query}")
 
     def telemetry(self, ref: str, limit: int = 20) -> Any:

@@ -26,9 +26,9 @@ def _commands(group: click.Group, prefix: str
               ) -> list[tuple[str, click.Command, click.Context]]:
     found = []
     ctx = click.Context(group, info_name=prefix)
-    for name in sorted(group.commands):
-        command = group.commands[name]
-        if command.hidden:
+    for name in group.list_commands(ctx):  # lazily loaded commands included
+        command = group.get_command(ctx, name)
+        if command is None or command.hidden:
             continue
         path = f"{prefix} {name}"
         found.append((path, command, click.Context(command, info_name=path, parent=ctx)))

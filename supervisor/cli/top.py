@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from supervisor.api.client import Client
+from supervisor.cli.units import human_bytes
 from supervisor.errors import SupervisorError
 
 if TYPE_CHECKING:
@@ -119,19 +120,6 @@ def fit(text: str, width: int) -> str:
     if width <= 0:
         return ""
     return text if len(text) <= width else text[:width - 1] + "~"
-
-
-def human_bytes(count: int | None) -> str:
-    if count is None:
-        return "-"
-    value = float(count)
-    for unit in ("B", "K", "M", "G", "T"):
-        if value < 1024 or unit == "T":
-            if unit == "B":
-                return f"{int(value)}B"
-            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def duration(seconds: float) -> str:
