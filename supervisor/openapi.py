@@ -186,7 +186,10 @@ def openapi_document() -> dict[str, Any]:
                         _query("follow", {"type": "string", "enum": ["0", "1"]},
                                "1: keep streaming until the run ends"),
                         _query("tail", {"type": "integer", "minimum": 0, "maximum": 100_000},
-                               "start with the last N lines of the output")],
+                               "start with the last N lines of the output"),
+                        _query("since", {"type": "number", "minimum": 0, "maximum": 1e11},
+                               "start with what arrived at or after this Unix time (seconds; "
+                               "with tail: the last N lines of that)")],
                 errors=(*_RUN_REF, "logs_expired"))},
             "/v1/runs/{ref}/telemetry": {"get": _op(
                 "getRunTelemetry", "runs", "a run's recent samples and its summary",

@@ -72,6 +72,7 @@ from supervisor.models import (
     TelemetryView,
 )
 from supervisor.openapi import AGENT_PAGE_MAX, openapi_document
+from supervisor.runtime.output_index import since_offset
 from supervisor.telemetry import Sample
 
 log = logging.getLogger(__name__)
@@ -435,6 +436,19 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
     return value
 
 
+def _query_time(request: web.Request, name: str) -> float:
+    """A Unix time in seconds (fractions allowed) from the query."""
+    text = request.query.get(name, "")
+    try:
+        value = float(text) if text.isascii() and len(text) <= 32 else math.nan
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1e11:  # also refuses nan and inf
+        raise InvalidRequest(f"{name} must be a Unix time in seconds", field=name,
+                             hint="agentctl logs --since takes 10m, 1h or an ISO 8601 time")
+    return value
+
+
 def _live_stats(telemetry: TelemetrySource | None, view: AgentView) -> None:
     """The run's latest numbers, from the telemetry sampler's last sample (never a cgroup walk
     per request: reads must cost the kill path nothing)."""
@@ -588,13 +602,17 @@ async def run_logs(request: web.Request) -> web.StreamResponse:
         raise LogsExpired(f"the output of run {record.id} was deleted after the retention "
                           f"period ([daemon] log_retention)", run=record.id,
                           ended_at=record.ended_at)
+    # The query is checked before the answer starts: an error after it would be read as output.
+    tail = None if "tail" not in request.query else _query_int(request, "tail", 0, 0, 100_000)
+    since = None if "since" not in request.query else _query_time(request, "since")
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
                                            "X-Run-Id": record.id})
     await response.prepare(request)
     path = Path(record.log_path)
-    tail = request.query.get("tail")
-    offset = 0 if tail is None else await asyncio.to_thread(
-        tail_offset, path, _query_int(request, "tail", 0, 0, 100_000))
+    offset = 0 if tail is None else await asyncio.to_thread(tail_offset, path, tail)
+    if since is not None:
+        # --tail N --since T: the last N lines of what arrived since T.
+        offset = max(offset, await asyncio.to_thread(since_offset, path, since))
     while True:
         ended = live is None or live.done.is_set()
         try:

@@ -18,14 +18,12 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from supervisor import __version__
 from supervisor.api.client import Client
 from supervisor.ci import ENV_VAR as EMBEDDED_ENV_VAR
 from supervisor.cli import progress
-from supervisor.cli.completion import complete_agent, complete_class, completion
-from supervisor.cli.console import console
-from supervisor.cli.fleet import fleet
-from supervisor.cli.top import human_bytes, top
+from supervisor.cli.completion import complete_agent, complete_class
+from supervisor.cli.lazy import LazyGroup
+from supervisor.cli.units import human_bytes
 from supervisor.errors import InvalidRequest, ReasonRequired, SupervisorError, launch_exit_status
 from supervisor.limits import REASON_MAX
 
@@ -92,8 +90,29 @@ def handles_errors(func: F) -> F:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="agentctl")
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from supervisor import __version__  # looked up only here (importlib.metadata is slow)
+
+    click.echo(f"agentctl, version {__version__}")
+    ctx.exit()
+
+
+# Commands whose modules (and their dependencies: pydantic for fleet, aiohttp for the console)
+# are imported only when they run, so `agentctl kill` does not pay for `agentctl fleet`.
+LAZY_COMMANDS = {
+    "top": "supervisor.cli.top:top",
+    "console": "supervisor.cli.console:console",
+    "fleet": "supervisor.cli.fleet:fleet",
+    "completion": "supervisor.cli.completion:completion",
+}
+
+
+@click.group(cls=LazyGroup, lazy_commands=LAZY_COMMANDS,
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version, help="Show the version and exit.")
 @click.option("--socket", "socket_path", type=LocalPath(path_type=Path, readable=False),
               default=Path("/run/agent-supervisor/control.sock"),
               show_default=True, envvar="AGENT_SUPERVISOR_SOCKET",
@@ -170,6 +189,42 @@ def _seconds(text: str) -> float | None:
         return float(number) * scale
     except ValueError:
         return None
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration_seconds(text: str) -> float | None:
+    """A duration like 90s, 10m, 1h30m, 1.5h, 2d or 500ms (units required); None otherwise."""
+    import re
+
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", text)
+    if not parts or "".join(number + unit for number, unit in parts) != text:
+        return None
+    return sum(float(number) * _DURATION_UNITS[unit] for number, unit in parts)
+
+
+class SinceTime(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.2
+    """--since: a duration ago or an ISO 8601 time, as a Unix time."""
+
+    name = "time"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        ago = duration_seconds(text)
+        if ago is not None:
+            return time.time() - ago
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            self.fail(f"{text!r} is neither a duration (90s, 10m, 1h30m, 2d) nor an ISO 8601 "
+                      f"time (2026-12-02T03:14:00+01:00)", param, ctx)
+        if moment.tzinfo is None:
+            moment = moment.astimezone()  # no zone given: the operator's local time
+        return moment.timestamp()
 
 
 # ----------------------------------------------------------------------------- run
@@ -459,20 +514,24 @@ def telemetry(ref: str, limit: int, as_json: bool) -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep streaming until the run ends.")
 @click.option("--tail", "-n", type=click.IntRange(0, 100_000), default=None, metavar="N",
               help="Start with the last N lines of the output.")
+@click.option("--since", type=SinceTime(), default=None, metavar="TIME",
+              help="Only output that arrived since TIME: a duration ago (90s, 10m, 1h30m, "
+                   "2d) or an ISO 8601 time (2026-12-02T03:14:00+01:00; local time without a "
+                   "zone). Exact to about a second.")
 @json_option
 @handles_errors
-def logs(ref: str, follow: bool, tail: int | None, as_json: bool) -> None:
+def logs(ref: str, follow: bool, tail: int | None, since: float | None, as_json: bool) -> None:
     """Print the output of an agent's current or last run (REF: agent name or run id).
 
     With --json, one object {run, agent, state, exit_code, output} once the output is read
     (with -f, once the run has ended)."""
     client = _client()
     if not as_json:
-        for chunk in client.logs(ref, follow=follow, tail=tail):
+        for chunk in client.logs(ref, follow=follow, tail=tail, since=since):
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
         return
-    output = b"".join(client.logs(ref, follow=follow, tail=tail))
+    output = b"".join(client.logs(ref, follow=follow, tail=tail, since=since))
     run_view = client.get_run(ref)
     _emit_json({"run": run_view["id"], "agent": run_view["agent"], "state": run_view["state"],
                 "exit_code": run_view["exit_code"],
@@ -879,11 +938,6 @@ def report_keygen(prefix: Path) -> None:
                              ) from exc
     click.echo(f"private key {prefix} (keep it secret, e.g. a CI secret); public key {public}")
 
-
-cli.add_command(top)  # agentctl top: supervisor/cli/top.py
-cli.add_command(console)  # agentctl console: supervisor/cli/console.py (server loaded lazily)
-cli.add_command(fleet)  # agentctl fleet: supervisor/cli/fleet.py
-cli.add_command(completion)  # agentctl completion SHELL: supervisor/cli/completion.py
 
 
 def main() -> None:

@@ -48,6 +48,7 @@ from supervisor.models import (
 )
 from supervisor.profiles import Profile
 from supervisor.runtime.base import NetworkAttachment, RunCgroup, Runtime
+from supervisor.runtime.output_index import index_path
 from supervisor.states import (
     AgentState,
     EndCause,
@@ -444,6 +445,7 @@ class Arbiter:
             path = Path(run.log_path)
             if path.parent == self.logs_dir and path.exists():
                 path.unlink()
+                index_path(path).unlink(missing_ok=True)  # the log's time index goes with it
                 removed += 1
         if removed:
             self.audit.append(actor=SYSTEM.label(), verb="logs_pruned", scope="global",

@@ -33,12 +33,14 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.errors import DiskSpaceLow, EnforcementError
 from supervisor.profiles import Profile
+from supervisor.runtime.output_index import IndexWriter, index_path, max_records_for
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,8 @@ class OutputRecorder:
         self._on_cap = on_cap
         self._on_closed = on_closed
         self._log_fd: int | None = open_log(log_path)
+        self._offset = 0  # the log file's size: recorded bytes plus the supervisor's notes
+        self._index = _open_index(log_path, cap)
         self._stop = threading.Event()
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._done: asyncio.Future[None] = loop.create_future()
@@ -241,6 +245,13 @@ class OutputRecorder:
         fd, self._log_fd = self._log_fd, None
         if fd is not None:
             os.close(fd)
+        if self._index is not None:
+            self._index.close()
+
+    def _mark(self) -> None:
+        """What is written next arrives now (for `logs --since`)."""
+        if self._index is not None:
+            self._index.mark(self._offset, time.time())
 
     # ------------------------------------------------------------- the drain thread
 
@@ -292,9 +303,12 @@ class OutputRecorder:
 
     def _record_from(self, read_fd: int, size: int) -> int:
         assert self._log_fd is not None
+        self._mark()
         if not self._copy:
             try:
-                return os.splice(read_fd, self._log_fd, size, flags=os.SPLICE_F_NONBLOCK)
+                count = os.splice(read_fd, self._log_fd, size, flags=os.SPLICE_F_NONBLOCK)
+                self._offset += count
+                return count
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -321,6 +335,7 @@ class OutputRecorder:
         room = self.cap - self.recorded
         if room > 0 and self.error is None and self._log_fd is not None:
             part = chunk[:room]
+            self._mark()
             try:
                 self._write_all(part)
             except OSError as exc:
@@ -335,6 +350,7 @@ class OutputRecorder:
         view = memoryview(data)
         while view:
             written = os.write(self._log_fd, view)
+            self._offset += written
             view = view[written:]
 
     def _check_cap(self) -> None:
@@ -361,8 +377,20 @@ class OutputRecorder:
         """One line of the supervisor's own in the log (never counted against the cap)."""
         if self._log_fd is None or self.error is not None:
             return
+        self._mark()
         with contextlib.suppress(OSError):
             self._write_all(b"\n" + MARKER + b" " + text.encode() + b"\n")
+
+
+def _open_index(log_path: Path, cap: int) -> IndexWriter | None:
+    """The log's time index, or None when it cannot be made: the index serves `logs --since`
+    only, so a run never fails for want of it (its --since then shows the whole log)."""
+    try:
+        return IndexWriter(index_path(log_path), max_records_for(cap))
+    except OSError as exc:
+        log.warning("cannot create the time index of %s (%s): logs --since shows the whole "
+                    "log", log_path, exc.strerror)
+        return None
 
 
 @dataclass(frozen=True)

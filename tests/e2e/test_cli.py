@@ -66,6 +66,25 @@ def test_logs_follow_streams_until_the_run_ends(daemon: Daemon) -> None:
     assert (as_json["agent"], as_json["state"], as_json["exit_code"]) == ("ticker", "exited", 0)
 
 
+def test_logs_since_shows_only_what_arrived_since(daemon: Daemon) -> None:
+    """The real drain indexes a real run's output by time; the log keeps its bytes exact."""
+    daemon.agentctl("run", "--detach", "--name", "slow", "--", "/bin/sh", "-c",
+                    "echo early; printf 'no newline'; sleep 4; echo; echo late; sleep 600",
+                    check=True)
+    wait_for(lambda: "no newline" in daemon.agentctl("logs", "slow").stdout, timeout=30,
+             what="the first output")
+    between = time.time() + 1.5  # the index is exact to a second
+    wait_for(lambda: "late" in daemon.agentctl("logs", "slow").stdout, timeout=30,
+             what="the second output")
+    whole = daemon.agentctl("logs", "slow", check=True).stdout
+    assert whole == "early\nno newline\nlate\n"
+    iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(between))
+    later = daemon.agentctl("logs", "slow", "--since", iso, check=True).stdout
+    assert later == "\nlate\n"
+    assert daemon.agentctl("logs", "slow", "--since", "1h", check=True).stdout == whole
+    daemon.agentctl("kill", "slow", "--reason", "test done", check=True)
+
+
 def test_timeout_kills_the_run_with_a_reason(daemon: Daemon) -> None:
     started = time.monotonic()
     result = daemon.agentctl("run", "--name", "slow", "--timeout", "1s", "--", "sleep", "600")
