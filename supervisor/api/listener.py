@@ -129,7 +129,7 @@ class Admission:
     def bind(self, handler: RequestHandler, peer: Peer) -> None:
         self.peers[handler] = peer
 
-    def release(self, handler: RequestHandler) -> None:
+    def release(self, handler: Any) -> None:
         peer = self.peers.pop(handler, None)
         if peer is not None:
             self.cancel(peer)
@@ -159,16 +159,124 @@ class Admission:
         return None
 
 
+# Verbs that hold the reads while they are served: each is bounded by the kill path's own
+# timeouts. `stop` is not among them: its grace period may last minutes.
+_VERBS_FIRST_PREFIX = "/v1/actions/"
+_VERBS_NOT_FIRST = frozenset({"/v1/actions/stop"})
+
+
+def verb_first(method: str, path: str) -> bool:
+    """Whether a request is a state-changing verb that the control loop serves first."""
+    path = path.split("?", 1)[0]
+    return (method == "POST" and path.startswith(_VERBS_FIRST_PREFIX)
+            and path not in _VERBS_NOT_FIRST)
+
+
+class VerbsFirst:
+    """State-changing verbs never queue behind reads on the control loop. From the moment a
+    verb's request head is parsed until its answer is written, the control socket's other
+    connections are not read (their requests wait in the kernel's socket buffers, costing the
+    loop nothing) and reads already parsed wait before their handlers start; the owners'
+    socket's connections are never held. Measured under a flood of `GET /v1/agents`: a kill's
+    steps each wait a turn of the loop, and every turn served a batch of reads first, with
+    the readers' own processes taking the CPU the kill needed (docs/benchmarks.md). Every
+    hold is released by the verb's answer (`release`) or by its connection's end (`lost`),
+    so none can outlive its request. Runs on the loop only."""
+
+    def __init__(self) -> None:
+        self.connections: dict[RequestHandler, asyncio.Transport] = {}
+        self.holds: dict[Any, int] = {}  # verbs in flight, by connection (or its socket)
+        self.paused: set[RequestHandler] = set()
+        self.held_total = 0  # verbs that held the reads, since start (for tests and metrics)
+        self._open = asyncio.Event()
+        self._open.set()
+
+    @property
+    def holding(self) -> bool:
+        return bool(self.holds)
+
+    def connected(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        self.connections[handler] = transport
+        if self.holds:
+            self._pause(handler, transport)
+
+    def lost(self, handler: RequestHandler) -> None:
+        self.connections.pop(handler, None)
+        self.paused.discard(handler)
+        if self.holds.pop(handler, 0):
+            self._maybe_resume()
+
+    def hold(self, handler: Any) -> None:
+        """A verb's request head arrived on `handler`'s connection, or (keyed by its socket)
+        a connection to the owners' socket is being adopted: what an owner sends there is
+        a verb, and held from the accept the kill waits for no batch of reads the loop still
+        has before it parses the head."""
+        first = not self.holds
+        self.holds[handler] = self.holds.get(handler, 0) + 1
+        self.held_total += 1
+        if first:
+            self._open.clear()
+            for other, transport in self.connections.items():
+                self._pause(other, transport)
+        self.paused.discard(handler)
+
+    def release(self, handler: Any) -> None:
+        """A verb's answer on `handler`'s connection is ready (or its request failed)."""
+        left = self.holds.get(handler, 0) - 1
+        if left < 0:
+            return
+        if left:
+            self.holds[handler] = left
+        else:
+            del self.holds[handler]
+        self._maybe_resume()
+
+    async def reads_may_go(self, handler: Any) -> None:
+        """Until no verb is in flight, for a read on the control socket (at once on the
+        owners' socket)."""
+        peer = getattr(handler, "peer", None)
+        if peer is None or not peer.on_owner_socket:
+            await self._open.wait()
+
+    def _pause(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        peer = getattr(handler, "peer", None)
+        if handler in self.holds or (peer is not None and peer.on_owner_socket):
+            return
+        if transport.is_closing() or not transport.is_reading():
+            return
+        transport.pause_reading()
+        self.paused.add(handler)
+
+    def _maybe_resume(self) -> None:
+        if self.holds:
+            return
+        self._open.set()
+        for handler in self.paused:
+            transport = self.connections.get(handler)
+            # aiohttp's own flow control may hold the transport too: leave that to it.
+            if (transport is None or transport.is_closing()
+                    or getattr(handler, "_buffer_paused", False)
+                    or getattr(handler, "_reading_paused", False)):
+                continue
+            transport.resume_reading()
+        self.paused.clear()
+
+
 class JsonErrorRequestHandler(RequestHandler):
     """aiohttp's connection handler, answering what its HTTP parser refuses (a bad request
     line, an over-long path or header) with our JSON error instead of text/plain, and logging
     it once at debug level instead of a traceback per request."""
 
-    __slots__ = ("_arrivals", "_head_started", "peer")
+    __slots__ = ("_arrivals", "_head_started", "early_hold", "peer", "verbs_first")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, verbs_first: VerbsFirst | None = None, **kwargs: Any
+                 ) -> None:
         super().__init__(*args, **kwargs)
         self.peer: Peer | None = None
+        self.verbs_first = verbs_first
+        # The owners' socket: the hold taken when the connection was adopted, until the
+        # first request head says what it is (VerbsFirst.hold).
+        self.early_hold: socket.socket | None = None
         # When each parsed request began to arrive (perf_counter), oldest first; the first
         # request of a connection began when the connection was accepted.
         self._arrivals: collections.deque[float] = collections.deque(maxlen=64)
@@ -186,6 +294,17 @@ class JsonErrorRequestHandler(RequestHandler):
         if len(self._messages) > queued:  # a request head is complete
             self._arrivals.extend([self._head_started] * (len(self._messages) - queued))
             self._head_started = None
+            if self.verbs_first is not None:
+                for index in range(queued, len(self._messages)):
+                    message = self._messages[index][0]
+                    if verb_first(getattr(message, "method", ""), getattr(message, "path", "")):
+                        self.verbs_first.hold(self)
+                self.release_early_hold()
+
+    def release_early_hold(self) -> None:
+        if self.early_hold is not None and self.verbs_first is not None:
+            self.verbs_first.release(self.early_hold)
+        self.early_hold = None
 
     def arrived(self) -> float | None:
         """When the request now being handled began to arrive (None if unknown)."""
@@ -223,13 +342,18 @@ class ControlHttpServer(web.Server):
     """aiohttp's low-level server; its connections come from the acceptors, admitted."""
 
     admission: Admission
+    verbs_first: VerbsFirst | None = None
 
     def __call__(self) -> RequestHandler:
-        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+        return JsonErrorRequestHandler(self, loop=self._loop, verbs_first=self.verbs_first,
+                                       **self._kwargs)
 
-    def accepted(self, peer: Peer, accepted_at: float) -> JsonErrorRequestHandler:
-        handler = JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
+    def accepted(self, peer: Peer, accepted_at: float, early_hold: socket.socket | None = None
+                 ) -> JsonErrorRequestHandler:
+        handler = JsonErrorRequestHandler(self, loop=self._loop, verbs_first=self.verbs_first,
+                                          **self._kwargs)
         handler.accepted(peer, accepted_at)
+        handler.early_hold = early_hold
         return handler
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
@@ -240,10 +364,16 @@ class ControlHttpServer(web.Server):
             transport.abort()
             return
         self.admission.bind(handler, peer)
+        if self.verbs_first is not None:
+            self.verbs_first.connected(handler, transport)
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None
                         ) -> None:
         self.admission.release(handler)
+        if self.verbs_first is not None:
+            self.verbs_first.lost(handler)
+        if isinstance(handler, JsonErrorRequestHandler):
+            handler.release_early_hold()
         super().connection_lost(handler, exc)
 
 
@@ -260,6 +390,7 @@ class ControlRunner(web.AppRunner):
         server.__class__ = ControlHttpServer
         assert isinstance(server, ControlHttpServer)
         server.admission = self.admission
+        server.verbs_first = self.app.get(VERBS_FIRST)
         return server
 
 
@@ -389,16 +520,23 @@ class ControlListener:
             self.admission.cancel(peer)
             return
         assert self._loop is not None
+        early_hold = None
+        if peer.on_owner_socket and server.verbs_first is not None:
+            early_hold = conn
+            server.verbs_first.hold(conn)
         task = self._loop.create_task(self._loop.connect_accepted_socket(
-            lambda: server.accepted(peer, accepted_at), sock=conn))
+            lambda: server.accepted(peer, accepted_at, early_hold), sock=conn))
         self._adopting.add(task)
-        task.add_done_callback(lambda done: self._adopted(done, conn, peer))
+        task.add_done_callback(lambda done: self._adopted(done, conn, peer, server))
 
-    def _adopted(self, task: asyncio.Task[Any], conn: socket.socket, peer: Peer) -> None:
+    def _adopted(self, task: asyncio.Task[Any], conn: socket.socket, peer: Peer,
+                 server: ControlHttpServer) -> None:
         self._adopting.discard(task)
         if task.cancelled() or task.exception() is not None:
             conn.close()
             self.admission.cancel(peer)
+            if peer.on_owner_socket and server.verbs_first is not None:
+                server.verbs_first.release(conn)
 
     async def stop(self) -> None:
         for acceptor in self.acceptors:
@@ -410,3 +548,4 @@ class ControlListener:
 
 
 ADMISSION = web.AppKey("admission", Admission)
+VERBS_FIRST = web.AppKey("verbs_first", VerbsFirst)

@@ -23,7 +23,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from supervisor import __version__
-from supervisor.api.listener import ADMISSION
+from supervisor.api.listener import ADMISSION, VERBS_FIRST, VerbsFirst, verb_first
 from supervisor.api.peers import peer_actor_of
 from supervisor.audit import AuditLog
 from supervisor.authz import PERMISSIONS, check, roles_of
@@ -389,6 +389,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     # connection), so the time it waited for the loop is in a kill's time_to_halt_ms.
     arrived = getattr(request.protocol, "arrived", None)
     request[ARRIVED] = (arrived() if arrived is not None else None) or time.perf_counter()
+    verbs_first = request.app.get(VERBS_FIRST)
     try:
         actor = peer_actor(request)
         request[ACTOR] = actor
@@ -397,8 +398,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             # A follow stream is mostly idle; it is bounded by the connection caps instead.
             return await handler(request)
         uid = actor.uid if actor.uid is not None else -1
-        async with request.app[LOAD].request(uid, action=_is_action(request),
-                                             read=request.method in ("GET", "HEAD")):
+        read = request.method in ("GET", "HEAD")
+        if read and verbs_first is not None:
+            await verbs_first.reads_may_go(request.protocol)
+        async with request.app[LOAD].request(uid, action=_is_action(request), read=read):
             return await handler(request)
     except SupervisorError as exc:
         return _error(exc)
@@ -408,6 +411,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         log.exception("internal error on %s %s", request.method, request.path[:256])
         # The exception's text stays in the daemon's log: it may hold paths or state.
         return _error(SupervisorError("internal error; the daemon's log has the details"))
+    finally:
+        # The listener held the reads from this verb's request head, judged on the same raw
+        # path (VerbsFirst.hold).
+        if verbs_first is not None and verb_first(request.method, request.raw_path):
+            verbs_first.release(request.protocol)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -807,6 +815,7 @@ def build_app(arbiter: Controller, roles: RolesSection | RoleTable,
         app[RELOADER] = reloader
     app[CONTROL] = control
     app[LOAD] = Load(control)
+    app[VERBS_FIRST] = VerbsFirst()
     app[RENDERED] = RenderedPages()
     if drills is not None:
         app[DRILLS] = drills

@@ -124,7 +124,7 @@ async def clean_up(arbiter: Arbiter, live: LiveRun, after_answer: bool = False
                    ) -> dict[str, Any]:
     """Step 6: the runtime's state, the bundle, the cgroup directories. A failure is
     audited here; a scoped halt's cleanups are also audited together (`audit_cleanups`).
-    `after_answer` (a scoped halt): not before the halt's answer can be written."""
+    `after_answer` (every kill): not before the kill's answer can be written."""
     assert live.handle is not None
     run = live.record
     outcome = "ok"
@@ -293,8 +293,10 @@ async def after_kill(arbiter: Arbiter, agent: AgentRecord, previous: AgentState,
                                                        reason, t0))
         else:
             run_reason = f"{verb}: {reason}" if reason else verb
+            # Step 6 waits for the answer for one agent too: its runc delete and bundle
+            # removal, on the loop, held a single kill's answer under load.
             finalise(arbiter, live, cause, exit_code=exit_status(live),
-                     time_to_halt_ms=time_to_halt_ms, reason=run_reason, after_answer=scoped)
+                     time_to_halt_ms=time_to_halt_ms, reason=run_reason, after_answer=True)
     arbiter.audit.append(
         actor=actor.label(), verb=verb, scope=scope, target=agent.name, reason=reason,
         previous_state=previous.value, new_state=new.value,

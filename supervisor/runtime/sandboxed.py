@@ -106,7 +106,8 @@ class RuncRunHandle(CgroupControl):
         with contextlib.suppress(OSError):
             netns.remove(self.params.netns)
         quiet(workspace_binds.unstage, self.runtime.workspace_mount(self.params.container_id))
-        remove_bundle(self.params.bundle)
+        # A bundle is a tree of files: removed off the loop, which may be serving a kill.
+        await asyncio.to_thread(remove_bundle, self.params.bundle)
 
     def residue(self) -> dict[str, Any]:
         left = self.kernel_residue()
