@@ -53,6 +53,7 @@ from supervisor.audit.chain import (
     hashed_fields,
     row_hash,
 )
+from supervisor.audit.verifier import VerifierFailed, verify_in_process
 from supervisor.models import AuditEntry, AuditVerifyResult
 
 __all__ = ["GENESIS", "Anchoring", "AuditLog", "Subscriber"]
@@ -289,10 +290,25 @@ class AuditLog:
             reader.close()
 
     async def verify_async(self, from_anchor: bool = False) -> AuditVerifyResult:
-        """`verify` on a thread: the event loop (and so every kill) never waits for it."""
+        """`verify` in a process of its own (supervisor/audit/verifier.py): neither the event
+        loop nor the GIL, and so no kill, waits for it. Where that process gives no answer,
+        the same verification runs on a thread here (logged)."""
         if self._path is None:
             return self.verify(from_anchor)
-        return await asyncio.to_thread(self.verify, from_anchor)
+        return await asyncio.to_thread(self._verify_in_process, from_anchor)
+
+    def _verify_in_process(self, from_anchor: bool) -> AuditVerifyResult:
+        assert self._path is not None
+        anchoring = self.anchoring
+        try:
+            return verify_in_process(
+                self._path, anchoring.signer.public_key if anchoring is not None else None,
+                anchoring.file.path if anchoring is not None else None,
+                from_anchor=from_anchor)
+        except VerifierFailed as exc:
+            log.error("audit verification in a process of its own failed (%s); verifying "
+                      "in the daemon instead", exc)
+            return self.verify(from_anchor)
 
     def _read_file(self) -> builtins.list[Checkpoint] | None:
         return self.anchoring.file.read() if self.anchoring is not None else None
