@@ -380,7 +380,13 @@ async def audit_durable_middleware(request: web.Request, handler: Handler
         return await handler(request)
     finally:
         if request.method not in ("GET", "HEAD", "OPTIONS"):
+            handled = time.perf_counter()
             await request.app[ARBITER].audit.flushed(AUDIT_FLUSH_TIMEOUT)
+            if _is_action(request):  # where a verb's answer time went (docs/benchmarks.md)
+                arrived = request.get(ARRIVED, handled)
+                log.info("%s %s: handled %.1f ms after it arrived, its audit rows durable "
+                         "%.1f ms later", request.method, request.path[:64],
+                         (handled - arrived) * 1000, (time.perf_counter() - handled) * 1000)
 
 
 @web.middleware

@@ -289,12 +289,16 @@ class AuditLog:
         finally:
             reader.close()
 
-    async def verify_async(self, from_anchor: bool = False) -> AuditVerifyResult:
+    async def verify_async(self, from_anchor: bool = False, *, in_process: bool = True
+                           ) -> AuditVerifyResult:
         """`verify` in a process of its own (supervisor/audit/verifier.py): neither the event
         loop nor the GIL, and so no kill, waits for it. Where that process gives no answer,
-        the same verification runs on a thread here (logged)."""
+        the same verification runs on a thread here (logged). `in_process=False`: on a thread
+        (the quick check at start, before any kill can be asked for, spares a child's start)."""
         if self._path is None:
             return self.verify(from_anchor)
+        if not in_process:
+            return await asyncio.to_thread(self.verify, from_anchor)
         return await asyncio.to_thread(self._verify_in_process, from_anchor)
 
     def _verify_in_process(self, from_anchor: bool) -> AuditVerifyResult:

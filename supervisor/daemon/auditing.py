@@ -42,7 +42,7 @@ async def start_audit(config: Config, audit: AuditLog) -> AuditVerifyResult:
     audit.anchoring = Anchoring(signer=signer, file=CheckpointFile(config.audit.checkpoint_file),
                                 every_rows=config.audit.checkpoint_every,
                                 interval=config.audit.checkpoint_interval)
-    result = await audit.verify_async(from_anchor=True)
+    result = await audit.verify_async(from_anchor=True, in_process=False)
     detail = _summary(result, "from_anchor")
     if result.ok:
         log.info("audit log holds against its checkpoints: %d rows checked, anchored at row %s "
@@ -68,7 +68,8 @@ async def start_audit(config: Config, audit: AuditLog) -> AuditVerifyResult:
 
 
 async def verify_fully(audit: AuditLog) -> AuditVerifyResult:
-    """The whole chain against every checkpoint, on a thread; a problem raises the alarm."""
+    """The whole chain against every checkpoint, in a process of its own; a problem raises
+    the alarm."""
     result = await audit.verify_async()
     if not result.ok:
         audit.alarms.chain_problem = result.problem

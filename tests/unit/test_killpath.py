@@ -236,6 +236,31 @@ def test_a_class_halt_answers_before_the_runtime_cleans_up(env: ArbiterEnv) -> N
     asyncio.run(body())
 
 
+def test_a_single_agents_kill_answers_before_the_runtime_cleans_up(env: ArbiterEnv) -> None:
+    """One agent's kill, as a scoped halt: step 6 (runc delete, bundle) after the answer."""
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(_request("w0"), ALICE)
+        handle = env.runtime.handles[view.id]
+        gate = asyncio.Event()
+
+        async def slow_cleanup() -> None:
+            await gate.wait()
+            handle.cleaned = True
+
+        handle.cleanup = slow_cleanup  # type: ignore[method-assign]
+        result = await asyncio.wait_for(arbiter.act(
+            "kill", ActionRequest(scope=Scope(agent="w0"), reason="r"), ALICE), WAIT)
+        assert [r.new_state for r in result.results] == ["killed"]
+        assert handle.processes == 0 and not handle.network
+        assert not handle.cleaned, "runtime deletion came before the answer"
+        gate.set()
+        await asyncio.wait_for(arbiter.settled(view.id), WAIT)
+        assert handle.cleaned
+
+    asyncio.run(body())
+
+
 def test_a_global_halt_writes_the_parent_once(env: ArbiterEnv) -> None:
     async def body() -> None:
         arbiter = env.arbiter()
