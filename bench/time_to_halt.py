@@ -123,20 +123,33 @@ def workload(processes: int) -> list[str]:
             f"for i in $(seq {processes - 1}); do sleep 1000 & done; exec sleep 1000"]
 
 
+def _workload_pid(init_pid: int) -> tuple[int, int]:
+    """The workload's first process and how many processes are not the workload's: the daemon
+    runs tini as each run's init (comm `init`), with the workload its only child."""
+    try:
+        if Path(f"/proc/{init_pid}/comm").read_text().strip() != "init":
+            return init_pid, 0
+        children = Path(f"/proc/{init_pid}/task/{init_pid}/children").read_text().split()
+    except FileNotFoundError:
+        return init_pid, 0
+    return (int(children[0]), 1) if children else (init_pid, 1)
+
+
 def wait_ready(cgroup: Cgroup, init_pid: int, processes: int, what: str) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     count = 0
     comm = "?"
     while time.monotonic() < deadline:
         count = len(cgroup.pids())
+        workload, extra = _workload_pid(init_pid)
         try:
-            comm = Path(f"/proc/{init_pid}/comm").read_text().strip()
+            comm = Path(f"/proc/{workload}/comm").read_text().strip()
         except FileNotFoundError:
             comm = "(gone)"
-        if comm == "sleep" and count >= processes:
-            if count != processes:
+        if comm == "sleep" and count >= processes + extra:
+            if count != processes + extra:
                 raise RuntimeError(f"{what}: {count} processes in {cgroup.path}, "
-                                   f"expected exactly {processes}")
+                                   f"expected exactly {processes + extra}")
             time.sleep(SETTLE)
             return
         time.sleep(0.01)
