@@ -63,6 +63,7 @@ from supervisor.egress.target import (
     normalise,
     override_in,
 )
+from supervisor.httpclient import tcp_connector
 from supervisor.mcp import gateway as mcp_gateway
 from supervisor.models.egress import Route, is_ip_literal
 
@@ -371,6 +372,9 @@ class Gateway:
             if pending:
                 loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
+            # Aborted transports close their sockets in a callback of the next iteration;
+            # closing the loop first would drop it and leave the socket to the collector.
+            loop.run_until_complete(asyncio.sleep(0))
             loop.close()
 
         self._thread = threading.Thread(target=run, name="egress-gateway", daemon=True)
@@ -454,8 +458,8 @@ class Gateway:
 
     async def _open_session(self) -> None:
         self._resolver = _Resolver(self.config.hosts)
-        connector = aiohttp.TCPConnector(ssl=self._ssl, resolver=self._resolver,
-                                         limit=0, limit_per_host=0, keepalive_timeout=30)
+        connector = tcp_connector(ssl=self._ssl, resolver=self._resolver,
+                                  limit=0, limit_per_host=0, keepalive_timeout=30)
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
             timeout=aiohttp.ClientTimeout(total=self.config.upstream_timeout,

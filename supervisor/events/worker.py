@@ -26,6 +26,7 @@ from supervisor.events.signing import (
     HEADER_TIMESTAMP,
     sign,
 )
+from supervisor.httpclient import tcp_connector
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class DeliveryWorker:
 
     async def _run(self) -> None:
         headers = {"User-Agent": f"agent-supervisor/{__version__}"}
-        async with aiohttp.ClientSession(headers=headers) as session:
+        async with aiohttp.ClientSession(headers=headers, connector=tcp_connector()) as session:
             try:
                 while True:
                     try:
