@@ -5,6 +5,8 @@
 # editable), so unprivileged operators can run agentctl wherever this checkout lives.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/apt.sh
+source scripts/lib/apt.sh
 VENV="${1:-/opt/agent-supervisor/venv}"
 
 if [[ $EUID -ne 0 ]]; then
@@ -20,17 +22,7 @@ fi
 # mmdebstrap: the systemd tier builds its Debian root with it (tests/systemd/machine.py).
 packages=(runc tini iproute2 nftables python3 python3-venv util-linux passwd procps systemd tmux
           stress-ng docker.io git chromium chromium-driver etcd-server etcd-client mmdebstrap)
-missing=()
-for pkg in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
-        || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-    echo "install-deps: installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+ensure_packages install-deps "${packages[@]}"
 # node and npm: the CI-mode e2e test installs a real agent CLI (Claude Code) from npm. Kept
 # when present (a runner image's node 20 brings its own npm); Debian's otherwise.
 if ! command -v npm >/dev/null || ! command -v node >/dev/null; then

@@ -12,6 +12,8 @@
 # scripts/uninstall.sh undoes all of it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/apt.sh
+source scripts/lib/apt.sh
 PREFIX=/opt/agent-supervisor
 VENV="$PREFIX/venv"
 
@@ -23,17 +25,7 @@ fi
 # The runtime's Debian packages; the test tiers' extra ones are in scripts/install-deps.sh.
 # tini: every sandbox's PID 1 (its static build, bound at /dev/init).
 packages=(runc tini iproute2 nftables python3 python3-venv util-linux passwd procps systemd)
-missing=()
-for pkg in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
-        || missing+=("$pkg")
-done
-if ((${#missing[@]})); then
-    echo "install: apt-get install ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+ensure_packages install "${packages[@]}"
 
 echo "install: building the wheel and $VENV"
 wheels="$(mktemp -d)"
