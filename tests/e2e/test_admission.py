@@ -315,3 +315,50 @@ def test_a_flood_of_either_socket_never_stops_a_kill_on_the_owners_socket(
         rows = [e for e in daemon.client.audit(limit=1000)["entries"] if e["verb"] == "kill"]
         assert {e["target"] for e in rows if e["outcome"] == "ok"} >= {"second", "third"}
         assert "too many open files" not in daemon.logs().lower()
+
+
+def test_a_stalled_verb_of_a_peer_who_may_not_do_it_holds_nothing(tmp_root: Path) -> None:
+    """Verbs are served first (api/listener.py VerbsFirst): while one is in flight the control
+    socket's other connections wait. A viewer who sends a verb's head and stalls its body
+    (for the whole body timeout) must not make an admin's verb or read wait for it: the
+    role is checked before the body is read, and the refusal ends the hold."""
+    with users("viewer", "admin") as made, running_daemon(
+            tmp_root, daemon={"socket_group": made["group"]},
+            roles={"viewer": [f"user:{made['users']['viewer'].pw_name}"],
+                   "admin": [f"user:{made['users']['admin'].pw_name}"]},
+            control={"body_timeout": "600s", "max_connections_per_uid": 1000}) as daemon:
+        daemon.agentctl("run", "--detach", "--name", "first", "--", "sleep", "600",
+                        check=True)
+        viewer, admin = made["users"]["viewer"], made["users"]["admin"]
+        # The viewer's stalled verbs: heads of a pause, a kill and a reactivate whose bodies
+        # never come, from the viewer's uid (SO_PEERCRED is read at connect).
+        stall = textwrap.dedent("""
+            import socket, sys, time
+            held = []
+            for verb in sys.argv[2:]:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(sys.argv[1])
+                s.sendall(b"POST /v1/actions/%s HTTP/1.1\\r\\nHost: x\\r\\n"
+                          b"Content-Type: application/json\\r\\nContent-Length: 4096\\r\\n\\r\\n{"
+                          % verb.encode())
+                held.append(s)
+            print("ready", flush=True)
+            time.sleep(600)
+        """)
+        stalled = subprocess.Popen(
+            [sys.executable, "-c", stall, str(daemon.socket), "pause", "kill", "reactivate"],
+            stdout=subprocess.PIPE, text=True, user=viewer.pw_uid, group=viewer.pw_gid,
+            extra_groups=os.getgrouplist(viewer.pw_name, viewer.pw_gid))
+        try:
+            assert stalled.stdout is not None and stalled.stdout.readline() == "ready\n"
+            # The admin's read and verb are answered while the viewer's bodies are still
+            # awaited (a 600 s body timeout: a hold would outlast as_user's 120 s timeout).
+            listed = as_user(daemon, admin, "ls", "--json")
+            assert listed.returncode == 0, listed
+            paused = as_user(daemon, admin, "pause", "first", "--reason", "t", "--json")
+            assert paused.returncode == 0, paused
+            assert stalled.poll() is None
+        finally:
+            stalled.kill()
+            stalled.communicate(timeout=60)
+        assert daemon.client.agent("first")["state"] == "paused"
