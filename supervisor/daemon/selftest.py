@@ -1,8 +1,10 @@
 """The startup self-test: launch a canary through the real runtime and prove that a forbidden
 syscall, a network connection, the control socket and host secrets are out of its reach, that
 the compat syscall ABIs and the refused socket families are refused (abi_probe.py) and, where
-the daemon has a seccomp listener, counted, and that the kill path empties its cgroup. The
-daemon refuses to serve when any check fails."""
+the daemon has a seccomp listener, counted, that its output reaches the host through a pipe
+the supervisor drains and stops being recorded at the run's cap while the agent writes on,
+that files it writes are size-limited, and that the kill path empties its cgroup. The daemon
+refuses to serve when any check fails."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from supervisor.config import Config
-from supervisor.profiles import load_profile
+from supervisor.profiles import Profile, load_profile
 from supervisor.runtime.base import RunParams
 from supervisor.sandbox import abi_probe
 
@@ -29,6 +31,10 @@ _COUNT_WAIT = 5.0
 
 
 _PROBE_EOF = "AGENT_SUPERVISOR_ABI_PROBE"
+# The canary's output cap, and what it writes past it once its checks are recorded: the drain
+# must count every byte, record none past the cap, and never block the writer.
+_CANARY_CAP = 64 * 1024
+_CANARY_FLOOD = 512 * 1024
 
 
 def _script(runtime_dir: Path) -> str:
@@ -39,6 +45,8 @@ def _script(runtime_dir: Path) -> str:
         "exec 3>&1",
         "check output-is-a-file 'test -f /proc/$$/fd/3'",
         "check output-truncatable 'truncate -s 0 /proc/$$/fd/3'",
+        # RLIMIT_FSIZE is set: no single file the agent writes can fill the disk.
+        "check file-size-unlimited 'test \"$(ulimit -f)\" = unlimited'",
         "check seccomp-unshare 'unshare -U true'",
         f"check control-socket-visible 'test -e {runtime_dir}'",
         "check network-interface \"grep -vE '^ *(lo|Inter|face)' /proc/net/dev | grep -q .\"",
@@ -53,6 +61,9 @@ def _script(runtime_dir: Path) -> str:
         abi_probe.PROBE,
         _PROBE_EOF,
         f"echo {_READY}",
+        # Past the cap: counted, not recorded, and the writer never blocks (a drain that
+        # stopped reading would leave it stuck at a pipe's capacity, short of the flood).
+        f"head -c {_CANARY_FLOOD} /dev/zero",
         "exec sleep 600",
     ])
 
@@ -83,7 +94,7 @@ async def _canary(arbiter: Arbiter, config: Config, runtime: str, timeout: float
         run_id=run_id, agent="selftest", container_id=container_id, netns=container_id,
         cgroup=f"{config.sandbox.cgroup_parent.strip('/')}/{container_id}",
         bundle=config.daemon.runtime_dir / "bundles" / container_id, log_path=log_path,
-        profile=load_profile(config.daemon.default_profile, config.daemon.profile_dirs),
+        profile=_canary_profile(config),
         command=["/bin/sh", "-c", _script(config.daemon.runtime_dir)],
         uid_slot=config.sandbox.max_runs - 1, runtime=runtime,
     )
@@ -105,18 +116,30 @@ async def _canary(arbiter: Arbiter, config: Config, runtime: str, timeout: float
                 report["checks"][name] = verdict
                 if verdict != "PASS" and detail:
                     report.setdefault("details", {})[name] = detail
+        report["checks"].update(await _output_capped(handle, log_path))
         if seccomp is not None and runtime == "runc":
-            counted = await _counted(seccomp, container_id, _NOTIFIED)
+            # Compat calls are killed, not notified: counted from the kernel's audit records
+            # where the host gives them (seccomp_kills.py), and then they must be.
+            kills = len(abi_probe.COMPAT_CHECKS) if await asyncio.to_thread(
+                seccomp.kills.wait_calibrated) else 0
+            counted = await _counted(seccomp, container_id, _NOTIFIED + kills)
             report["checks"]["seccomp-attempts-counted"] = (
-                "PASS" if counted >= _NOTIFIED else "FAIL")
+                "PASS" if counted >= _NOTIFIED + kills else "FAIL")
             report["seccomp_attempts"] = counted
+            if kills:
+                killed = seccomp.kills.counted(container_id)
+                report["checks"]["seccomp-compat-kills-counted"] = (
+                    "PASS" if killed >= kills else "FAIL")
+            else:
+                report["compat_kills_uncounted"] = seccomp.kills.why_inactive
         mechanism = handle.kill()
         empty = await handle.wait_empty(config.kill.confirm_timeout)
         handle.teardown_network()
         report["checks"]["kill-confirmed"] = "PASS" if empty else "FAIL"
         report["kill_mechanism"] = mechanism
-        # 8 base checks and the 2 output checks, besides the seccomp probe's.
-        expected = 10 + len(abi_probe.NOTIFIED_CHECKS) + len(abi_probe.COMPAT_CHECKS)
+        # 8 base checks, the 3 output checks in the canary and the 2 on the drain, besides
+        # the seccomp probe's.
+        expected = 13 + len(abi_probe.NOTIFIED_CHECKS) + len(abi_probe.COMPAT_CHECKS)
         report["ok"] = (_READY in output and len(report["checks"]) >= expected
                         and all(v == "PASS" for v in report["checks"].values()))
         if _READY not in output:
@@ -132,6 +155,33 @@ async def _canary(arbiter: Arbiter, config: Config, runtime: str, timeout: float
             log_path.unlink()
     report["duration_ms"] = round((time.perf_counter() - started) * 1000, 1)
     return report
+
+
+def _canary_profile(config: Config) -> Profile:
+    profile = load_profile(config.daemon.default_profile, config.daemon.profile_dirs)
+    output = profile.output.model_copy(update={"max_bytes": _CANARY_CAP, "action": "alert"})
+    return profile.model_copy(update={"output": output})
+
+
+async def _output_capped(handle: Any, log_path: Path) -> dict[str, str]:
+    """The drain's side of the output checks: every byte the canary wrote past its cap was
+    counted and none recorded (the log file holds at most the cap and the drain's markers)."""
+    deadline = time.monotonic() + _COUNT_WAIT
+    counts = handle.output.counts()
+    while counts.produced < _CANARY_FLOOD and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        counts = handle.output.counts()
+    try:
+        size = log_path.stat().st_size
+    except FileNotFoundError:
+        size = -1
+    return {
+        "output-counted-past-cap": "PASS" if counts.produced >= _CANARY_FLOOD else "FAIL",
+        # The cap plus the drain's own marker line, never the flood.
+        "output-recorded-within-cap": (
+            "PASS" if counts.capped and counts.recorded <= _CANARY_CAP
+            and 0 <= size <= _CANARY_CAP + 1024 else "FAIL"),
+    }
 
 
 async def _counted(seccomp: SeccompListener, container_id: str, expected: int) -> int:

@@ -8,12 +8,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from supervisor.errors import RuntimeFailure
 from supervisor.sandbox.childenv import child_env
+
+# `runc create` in an audit session of its own, which the container's processes inherit and
+# cannot leave: the kernel's records of the seccomp kills it suffers name the run by it
+# (supervisor/sandbox/seccomp_kills.py). Writing a loginuid starts a new session; where the
+# host forbids it (loginuid immutable) runc runs all the same, and such kills go uncounted.
+_NEW_AUDIT_SESSION = ("/bin/sh", "-c", '{ echo 0 >/proc/self/loginuid; } 2>/dev/null; exec "$@"',
+                      "runc-create")
 
 
 @dataclass(frozen=True)
@@ -31,11 +39,14 @@ class Runc:
 
     async def _run(
         self, *args: str, stdout: int | None = None, stderr: int | None = None,
-        check: bool = True,
+        check: bool = True, new_audit_session: bool = False,
     ) -> tuple[int, bytes, bytes]:
+        argv = [self.binary, "--root", str(self.root), *args]
+        if new_audit_session:
+            argv = [*_NEW_AUDIT_SESSION, *argv]
         try:
             proc = await asyncio.create_subprocess_exec(
-                self.binary, "--root", str(self.root), *args,
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE if stdout is None else stdout,
                 stderr=asyncio.subprocess.PIPE if stderr is None else stderr,
@@ -59,7 +70,10 @@ class Runc:
         rc, _out, _err = await self._run(
             "--log", str(runc_log), "create", "--bundle", str(bundle), "--pid-file",
             str(pid_file), container_id, stdout=stdio, stderr=stdio, check=False,
+            new_audit_session=True,
         )
+        if rc == 127 and shutil.which(self.binary) is None:  # from the session wrapper's exec
+            raise RuntimeFailure(f"runc binary not found: {self.binary}", binary=self.binary)
         if rc != 0:
             detail = _last_runc_error(runc_log)
             raise RuntimeFailure(f"runc create failed: {detail}", verb="create", returncode=rc,

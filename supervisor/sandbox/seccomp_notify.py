@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.errors import EnforcementError
+from supervisor.sandbox.seccomp_kills import SeccompKillReader, audit_session
 from supervisor.telemetry import SyscallAttempt
 
 log = logging.getLogger(__name__)
@@ -228,6 +229,9 @@ class SeccompListener:
         self._filters: dict[int, _Filter] = {}
         self._by_container: dict[str, set[int]] = {}
         self._accept_paused_until: float | None = None
+        # Calls the filter kills instead of notifying (compat ABIs), from the kernel's audit
+        # records: counted here like notified ones (seccomp_kills.py).
+        self.kills = SeccompKillReader(self._killed)
 
     @property
     def attempts_total(self) -> int:
@@ -244,6 +248,7 @@ class SeccompListener:
         self._stopping = False
         self._thread = threading.Thread(target=self._serve, name="seccomp-notify", daemon=True)
         self._thread.start()
+        self.kills.start()
         log.info("seccomp notify listener on %s", self.path)
 
     async def stop(self) -> None:
@@ -251,6 +256,7 @@ class SeccompListener:
         thread = self._thread
         if thread is None:
             return
+        await asyncio.to_thread(self.kills.stop)
         self._stopping = True
         self._wake()
         await asyncio.to_thread(thread.join)
@@ -268,6 +274,7 @@ class SeccompListener:
         is answered first; a process still alive gets ENOSYS from the kernel from then on,
         still denied. Returns at once; `done` is set once the fds are closed."""
         done = done or threading.Event()
+        self.kills.unwatch(container_id)
         if self._thread is None:
             done.set()
             return
@@ -279,6 +286,11 @@ class SeccompListener:
         """Attempts so far per container whose fd is open."""
         with self._lock:
             return dict(self._counts)
+
+    def _killed(self, container_id: str, attempt: SyscallAttempt) -> None:
+        """On the kill reader's thread: a call the kernel killed counts as one attempt."""
+        self._count(container_id, [attempt])
+        self._publish()
 
     def _wake(self) -> None:
         with contextlib.suppress(BlockingIOError, OSError):
@@ -423,8 +435,10 @@ class SeccompListener:
 
     def _adopt(self, state: Any, fds: list[int]) -> None:
         """Serve the seccomp fd among `fds` (closing the others); the state names it."""
-        container_id, metadata, index = "unknown", "", None
+        container_id, metadata, index, init_pid = "unknown", "", None, 0
         if isinstance(state, dict):
+            if isinstance(state.get("pid"), int):
+                init_pid = state["pid"]
             names = state.get("fds")
             if isinstance(names, list) and names.count(_SECCOMP_FD_NAME) == 1:
                 index = names.index(_SECCOMP_FD_NAME)
@@ -456,6 +470,10 @@ class SeccompListener:
         with self._lock:
             self._counts.setdefault(container_id, 0)
         self._poller.register(chosen, select.POLLIN)
+        # The run's own audit session (runc create starts one): its seccomp kills are its own.
+        session = audit_session(init_pid) if init_pid > 0 else None
+        if session is not None and session != audit_session():
+            self.kills.watch(session, container_id)
         log.debug("seccomp notify fd for %s (%s) adopted", container_id, metadata or "-")
 
     # --- notifications

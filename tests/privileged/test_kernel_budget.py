@@ -154,3 +154,72 @@ def test_many_fork_bombs_stay_inside_the_runs_budget(tmp_root: Path, runtime: st
         assert any(r is not None and r["errno"] == EAGAIN for r in reports), reports
         for index in range(agents):
             daemon.agentctl("kill", f"forker{index}", "--reason", "test over", check=True)
+
+
+# On SIGUSR1, take memory 8 MiB at a time (every page touched, so it is charged), reporting
+# each step, up to N MiB; then hold it.
+MEMORY_HOG = r"""
+import json, signal, sys, time
+signal.signal(signal.SIGUSR1, lambda *_: None)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+print("ready", flush=True)
+signal.pause()
+held = []
+for step in range(int(sys.argv[1]) // 8):
+    block = bytearray(8 << 20)
+    block[::4096] = b"x" * len(range(0, 8 << 20, 4096))
+    held.append(block)
+    print(json.dumps({"mib": 8 * (step + 1)}), flush=True)
+print(json.dumps({"done": True}), flush=True)
+time.sleep(600)
+"""
+
+
+def _parent_memory(daemon: Daemon) -> tuple[Path, Path]:
+    """(limit, peak usage) files of the daemon's runs' parent memory cgroup."""
+    parent = daemon.cgroup_parent.strip("/")
+    if detect_mode() is CgroupMode.HYBRID:
+        base = CGROUP_ROOT / "memory" / parent
+        return base / "memory.limit_in_bytes", base / "memory.max_usage_in_bytes"
+    base = unified_root() / parent
+    return base / "memory.max", base / "memory.peak"
+
+
+def test_memory_hogs_together_stay_inside_the_runs_budget(tmp_root: Path) -> None:
+    # Each run may take 1 GiB on its own (its profile); three that each want 160 MiB
+    # (480 MiB) share a 256 MiB budget, and the host keeps the rest.
+    budget, agents, want_mib = 256 << 20, 3, 160
+    with running_daemon(tmp_root, resources={"runs_memory_max": budget}) as daemon:
+        limit_file, peak_file = _parent_memory(daemon)
+        runs = [daemon.agentctl_json("run", "--detach", "--name", f"hog{index}", "--",
+                                     PYTHON, "-c", MEMORY_HOG, str(want_mib))["id"]
+                for index in range(agents)]
+        for run_id in runs:
+            wait_for(lambda run_id=run_id: _run_log(daemon, run_id).exists()
+                     and "ready" in _run_log(daemon, run_id).read_text(),
+                     timeout=60, what="every agent to be ready")
+        assert int(limit_file.read_text()) == budget
+        for pid in daemon.agent_pids():  # all at once
+            os.kill(pid, signal.SIGUSR1)
+
+        def settled() -> bool:
+            # Each agent either holds all it wanted or is gone (the kernel's OOM killer,
+            # inside the budget: the run ends, nothing outside it is touched).
+            for index, run_id in enumerate(runs):
+                done = '"done"' in _run_log(daemon, run_id).read_text()
+                if not done and daemon.client.agent(f"hog{index}")["run"]["ended_at"] is None:
+                    return False
+            return True
+
+        wait_for(settled, timeout=120, what="every hog to finish or be OOM-killed")
+        assert int(peak_file.read_text()) <= budget
+        finished = [run_id for run_id in runs if '"done"' in _run_log(daemon, run_id).read_text()]
+        # 480 MiB wanted, 256 allowed: at least one was stopped by the budget, not by its own
+        # 1 GiB limit.
+        assert len(finished) < agents, finished
+        runs_seen = [daemon.client.agent(f"hog{index}")["run"] for index in range(agents)]
+        # The kernel's OOM kill ends the run like any SIGKILL.
+        assert any(r["ended_at"] is not None and r["exit_code"] == 137 for r in runs_seen), (
+            runs_seen)
+        for index in range(agents):
+            daemon.agentctl("kill", f"hog{index}", "--reason", "test over")

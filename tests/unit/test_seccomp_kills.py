@@ -1,0 +1,69 @@
+"""The kernel's audit records of seccomp kills, read as attempts: the record's fields, the ABI
+a killed call came through, and a run's kills found by its audit session and nobody else's.
+No root: records are fed to the reader as the kernel formats them."""
+
+from __future__ import annotations
+
+from supervisor.sandbox.seccomp_kills import (
+    AUDIT_ARCH_I386,
+    AUDIT_ARCH_X86_64,
+    SeccompKillReader,
+    compat_name,
+    parse_record,
+)
+from supervisor.telemetry import SyscallAttempt
+
+# As this kernel wrote them (dmesg), one per ABI.
+I386 = (b'audit(1796188629.359:17118): auid=0 uid=34489896 gid=34489896 ses=7 pid=12980 '
+        b'comm="python3" exe="/usr/bin/python3.11" sig=31 arch=40000003 syscall=102 compat=1 '
+        b'ip=0x41701012 code=0x0')
+X32 = (b'audit(1796188629.411:17119): auid=0 uid=34489896 gid=34489896 ses=7 pid=12988 '
+       b'comm="a b" exe="/usr/bin/python3.11" sig=31 arch=c000003e syscall=1073741865 '
+       b'compat=0 ip=0x7f9db5584829 code=0x0')
+
+
+def test_records_are_read_field_by_field() -> None:
+    fields = parse_record(I386)
+    assert fields is not None
+    assert (fields["ses"], fields["pid"], fields["sig"]) == ("7", "12980", "31")
+    assert (fields["arch"], fields["syscall"], fields["comm"]) == ("40000003", "102", "python3")
+    x32 = parse_record(X32)
+    assert x32 is not None and x32["comm"] == "a b" and x32["syscall"] == "1073741865"
+    assert parse_record(b"not a record") is None
+    assert parse_record(b"audit(1.2:3): pid=1") is None  # no session, signal or call
+
+
+def test_names_say_the_abi() -> None:
+    assert compat_name(AUDIT_ARCH_I386, 102) == "i386:socketcall"
+    assert compat_name(AUDIT_ARCH_I386, 117) == "i386:ipc"
+    assert compat_name(AUDIT_ARCH_X86_64, 0x40000000 | 41) == "x32:socket"
+    assert compat_name(AUDIT_ARCH_X86_64, 0x40000000 | 999) == "x32:nr 999"
+    assert compat_name(AUDIT_ARCH_I386, 5000) == "i386:nr 5000"
+
+
+def test_kills_are_the_runs_of_their_session_only() -> None:
+    seen: list[tuple[str, SyscallAttempt]] = []
+    reader = SeccompKillReader(lambda container, attempt: seen.append((container, attempt)))
+    reader.watch(7, "asv-run1")
+    for payload in (I386, X32):
+        fields = parse_record(payload)
+        assert fields is not None
+        reader._record(fields)
+    other = parse_record(I386.replace(b"ses=7", b"ses=8"))
+    logged = parse_record(I386.replace(b"sig=31", b"sig=0"))
+    assert other is not None and logged is not None
+    reader._record(other)   # another session: another daemon's or the host's
+    reader._record(logged)  # logged, not killed
+    assert [(c, a.syscall) for c, a in seen] == [("asv-run1", "i386:socketcall"),
+                                                 ("asv-run1", "x32:socket")]
+    assert reader.counted("asv-run1") == 2
+    reader.unwatch("asv-run1")
+    reader._record(fields)
+    assert len(seen) == 2 and reader.counted("asv-run1") == 0
+
+
+def test_sessions_held_are_bounded() -> None:
+    reader = SeccompKillReader(lambda container, attempt: None)
+    for session in range(10_000):
+        reader.watch(session + 1, f"c{session}")
+    assert len(reader._sessions) <= 4096 and len(reader._counts) <= 4096
