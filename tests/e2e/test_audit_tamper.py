@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from supervisor.audit.anchor import Signer
+from supervisor.audit.anchor import JOURNAL_PREFIX, Signer
 from supervisor.audit.chain import COLUMNS, hashed_fields, row_hash
 from tests.support.daemon import Daemon, new_daemon, wait_for
 
@@ -141,6 +141,14 @@ def test_an_untouched_state_verifies_offline_and_at_start(stopped: Daemon) -> No
     assert code == 0, result
     assert result["unanchored_rows"] == 0 and result["checkpoints"] >= 3
     assert result["anchor_seq"] == result["head_seq"]  # the orderly stop anchored the head
+    # Every checkpoint also went to the journal (the daemon's stderr, which systemd stores and
+    # forwards), signature and all: a copy the host's state files cannot rewrite.
+    journal = [json.loads(line.split(JOURNAL_PREFIX, 1)[1])
+               for line in stopped.logs().splitlines() if JOURNAL_PREFIX in line]
+    filed = [json.loads(line) for line in stopped.checkpoint_file.read_text().splitlines()]
+    assert filed and len(filed) == result["checkpoints"]
+    assert {(c["seq"], c["hash"], c["sig"]) for c in filed} <= {
+        (c["seq"], c["hash"], c["sig"]) for c in journal}, (filed, journal)
     stopped.start()
     assert stopped.client.health()["status"] == "ok"
     assert stopped.client.health()["audit_alarms"] == {}

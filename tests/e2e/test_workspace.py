@@ -417,3 +417,60 @@ def test_a_caller_cannot_launch_on_another_users_private_directory(tmp_root: Pat
                                      str(secret_home), "--", "cat", "diary.txt")
             assert result.returncode == 0 and "private" in result.stdout, result.stderr
 
+
+
+ROOT_RACE_ATTEMPTS = 12
+
+
+def test_a_workspace_root_swapped_during_launch_is_never_what_gets_bound(tmp_root: Path) -> None:
+    """Item 5 for the workspace root itself: an admin launches on their own directory while
+    the directory is swapped, every few milliseconds, for a symlink to another user's 0700
+    directory. The daemon admits the directory it opened as the caller and binds that very
+    inode, so a launch runs on the admin's own files or is refused; never on the victim's."""
+    with users("admin", "victim") as made:
+        admin, victim = made["admin"], made["victim"]
+        home = tmp_root / "home"
+        home.mkdir()
+        vault = private_dir(home, victim, "vault")
+        secret = "victim-secret-" + os.urandom(4).hex()
+        (vault / "diary.txt").write_text(secret)
+        mine = private_dir(home, admin, "mine")
+        aside = home / "mine.aside"
+        extra = {"daemon": {"socket_group": made["socket_group"]},
+                 "roles": {"admin": [f"user:{admin.pw_name}"]}}
+        with running_daemon(tmp_root, **extra) as daemon:  # type: ignore[arg-type]
+            stop = threading.Event()
+            swaps = [0]
+
+            def swapper() -> None:
+                rng = random.Random(11)
+                while not stop.is_set():
+                    with contextlib.suppress(OSError):
+                        os.rename(mine, aside)
+                        os.symlink(vault, mine)
+                        time.sleep(rng.uniform(0.002, 0.03))
+                        os.unlink(mine)
+                        os.rename(aside, mine)
+                        swaps[0] += 1
+                    time.sleep(rng.uniform(0.002, 0.03))
+
+            thread = threading.Thread(target=swapper, daemon=True)
+            thread.start()
+            outcomes = []
+            try:
+                for attempt in range(ROOT_RACE_ATTEMPTS):
+                    result = as_user(daemon, admin, "run", "--name", f"root-race-{attempt}",
+                                     "--workspace", str(mine), "--", "sh", "-c",
+                                     "cat diary.txt; echo ran")
+                    outcomes.append(result.stdout + result.stderr)
+            finally:
+                stop.set()
+                thread.join(timeout=10)
+            assert swaps[0] > 0
+            escapes = [text for text in outcomes if secret in text]
+            assert escapes == [], f"{len(escapes)} of {len(outcomes)} launches read the vault"
+            for text in outcomes:  # the admin's own files, or refused (the symlink, as them)
+                assert ("private" in text and "ran" in text) or "workspace_forbidden" in text \
+                    or "workspace_invalid" in text, text
+            assert any("private" in text for text in outcomes), outcomes
+            assert (vault / "diary.txt").read_text() == secret

@@ -212,3 +212,8 @@ def test_self_test_proves_the_output_is_a_pipe(daemon: Daemon, runtime: str) -> 
     prefix = "docker:" if runtime == "docker" and "docker:output-is-a-file" in checks else ""
     assert checks[f"{prefix}output-is-a-file"] == "PASS", checks
     assert checks[f"{prefix}output-truncatable"] == "PASS", checks
+    # The canary writes past its 64 KiB cap: counted, not recorded, its writes never blocked;
+    # and RLIMIT_FSIZE is set for the files it writes.
+    for name in ("output-counted-past-cap", "output-recorded-within-cap",
+                 "file-size-unlimited"):
+        assert checks[f"{prefix}{name}"] == "PASS", checks
