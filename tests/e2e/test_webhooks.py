@@ -4,6 +4,7 @@ agent, validly signed, across an orderly restart (SIGTERM) and a crash (SIGKILL)
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -133,6 +134,14 @@ def test_every_event_arrives_once_in_order_signed_across_restarts(
     assert reaped["verb"] == "reap" and reaped["agent"] == "w1"
     assert reaped["reason"].startswith("reaped at startup")
     assert daemon.client.audit_verify()["ok"]
+    # Each signed audit checkpoint left the host too (issue 11, item 10): the receiver holds
+    # them, every one the same as the host's checkpoint file, signature and all.
+    filed = [json.loads(line) for line in daemon.checkpoint_file.read_text().splitlines()]
+    sent = [json.dumps(r.payload, sort_keys=True) for r in receiver.receiver.accepted()
+            if r.event_type == "audit.checkpoint"]
+    assert len(sent) >= 3, sent
+    for payload in sent:
+        assert any(c["sig"] in payload and str(c["seq"]) in payload for c in filed), payload
 
 
 def test_a_readable_secret_stops_the_daemon_naming_the_endpoint(tmp_root: Path) -> None:
