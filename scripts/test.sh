@@ -33,14 +33,10 @@ chown -R "$UNIT_USER" "$UNIT_TREE"
     HOME="$UNIT_TREE" python -m pytest -W error -p no:cacheprovider -q -rs \
     --basetemp="$UNIT_TREE/.pytest-tmp" tests/unit)
 
-echo "== privileged and e2e tiers as root"
+echo "== privileged, e2e and fleet tiers as root"
 # python -m puts this checkout first on sys.path; processes started as other users import the
 # copy installed into the venv, built from the same tree.
-# The fleet tier (tests/fleet: etcd and five daemons in network namespaces) is not run here yet:
-# after the audit-drill tests, the partition test's halt policy intermittently leaves an agent
-# active, and the anchor check intermittently reports a host unchecked. Until that is fixed
-# (issue 14), run it by hand: python -m pytest -W error tests/fleet
-python -m pytest -W error -p no:cacheprovider -ra "$@" tests/privileged tests/e2e
+python -m pytest -W error -p no:cacheprovider -ra "$@" tests/privileged tests/e2e tests/fleet
 
 echo "== systemd tier (the service under systemd as PID 1, installed as the README says)"
 python -m pytest -W error -p no:cacheprovider -ra "$@" tests/systemd

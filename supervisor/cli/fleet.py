@@ -15,7 +15,12 @@ from typing import Any, TypeVar
 
 import click
 
-from supervisor.errors import FleetUnconfirmed, InvalidRequest, SupervisorError
+from supervisor.errors import (
+    FleetPermissionDenied,
+    FleetUnconfirmed,
+    InvalidRequest,
+    SupervisorError,
+)
 from supervisor.fleet.etcd import Credentials, Etcd, KeyValue
 from supervisor.fleet.model import (
     Ack,
@@ -218,9 +223,12 @@ def _expected(hosts: dict[str, dict[str, Any]], selector: Selector) -> list[str]
 
 
 def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
-          holds: bool = False, lift: list[str] | None = None) -> dict[str, Any]:
+          holds: bool = False, lift: list[str] | None = None,
+          acks: dict[tuple[str, str], Ack] | None = None) -> dict[str, Any]:
     """Write the actions (and their holds, and the lifted holds' deletion) in one transaction,
-    then wait up to `deadline` seconds for every reached live host to acknowledge each."""
+    then wait up to `deadline` seconds for every reached live host to acknowledge each (the
+    acks land in `acks` when given). The store going away while it waits (etcd restarted)
+    is waited out up to the deadline: the action is written and durable."""
     started = time.perf_counter()
     hosts = _hosts(ctx, full=False)
     expected = sorted({h for a in actions for h in _expected(hosts, a.selector)})
@@ -229,24 +237,27 @@ def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
         puts.update({ctx.keys.hold(a.id): dumps(a) for a in actions})
     revision = ctx.etcd.txn(puts, [ctx.keys.hold(h) for h in (lift or [])])
     wanted = {(h, a.id) for a in actions for h in _expected(hosts, a.selector)}
-    acks: dict[tuple[str, str], Ack] = {}
+    acks = {} if acks is None else acks
     end = time.monotonic() + deadline
     start_revision = revision + 1
-    while wanted - set(acks) and (left := end - time.monotonic()) > 0:
+    while wanted - set(acks) and end - time.monotonic() > 0:
         try:
-            for rev, events in ctx.etcd.watch(ctx.keys.hosts, start_revision, timeout=left):
+            for rev, events in ctx.etcd.watch(ctx.keys.hosts, start_revision, timeout=deadline,
+                                              deadline=end):
                 for event in events:
                     _take_ack(ctx, event.kv, acks)
                 start_revision = max(start_revision, rev + 1)
-                if not wanted - set(acks) or time.monotonic() > end:
+                if not wanted - set(acks):
                     break
+            # Whatever the watch missed: one read of the acks themselves.
+            for host in {h for h, _ in wanted - set(acks)}:
+                kvs, _ = ctx.etcd.get_prefix(ctx.keys.acks(host))
+                for kv in kvs:
+                    _take_ack(ctx, kv, acks)
+        except FleetPermissionDenied:
+            raise
         except SupervisorError:
-            time.sleep(0.1)
-        # Whatever the watch missed: one read of the acks themselves.
-        for host in {h for h, _ in wanted - set(acks)}:
-            kvs, _ = ctx.etcd.get_prefix(ctx.keys.acks(host))
-            for kv in kvs:
-                _take_ack(ctx, kv, acks)
+            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
     elapsed_ms = (time.perf_counter() - started) * 1000
     rows: list[dict[str, Any]] = []
     for host in expected:
@@ -444,11 +455,11 @@ def audit_verify(host: str | None, keys_dir: Path | None, deadline: float,
                          selector=Selector(all=host is None, host=host),
                          reason="fleet audit verify", operator=ctx.creds.user,
                          issued_at=time.time())
-    result = issue(ctx, [action], deadline)
-    acks = {}
-    for name in names:
-        kv = ctx.etcd.get(ctx.keys.ack(name, action.id))
-        if kv is not None:
+    taken: dict[tuple[str, str], Ack] = {}
+    result = issue(ctx, [action], deadline, acks=taken)
+    acks = {host: ack for (host, _), ack in taken.items()}
+    for name in names:  # a host not counted on (not alive when issued) may still have answered
+        if name not in acks and (kv := ctx.etcd.get(ctx.keys.ack(name, action.id))):
             acks[name] = Ack.model_validate(kv.json())
     rows = []
     for name in names:
@@ -458,10 +469,15 @@ def audit_verify(host: str | None, keys_dir: Path | None, deadline: float,
             problems += [p for p in ack.audit.get("problems", []) if p not in problems]
         elif ack is not None and ack.error:
             problems.append(ack.error)
+        why = None
+        if ack is None:
+            why = (f"no answer within {deadline:g} s" if (hosts.get(name) or {}).get("alive")
+                   else "not alive (no registration under a lease): checked against its "
+                        "anchors only")
         rows.append({"host": name, "anchors": checks[name]["anchors"],
                      "newest_seq": checks[name]["newest_seq"],
-                     "host_checked": ack is not None, "ok": not problems,
-                     "problems": problems})
+                     "host_checked": ack is not None, "unchecked_reason": why,
+                     "ok": not problems, "problems": problems})
     bad = [r["host"] for r in rows if not r["ok"]]
     unchecked = [r["host"] for r in rows if not r["host_checked"]]
     if as_json:
@@ -469,7 +485,7 @@ def audit_verify(host: str | None, keys_dir: Path | None, deadline: float,
                                "ok": not bad and not unchecked}, indent=2, sort_keys=True))
     else:
         _table([[r["host"], str(r["anchors"]), str(r["newest_seq"]),
-                 "yes" if r["host_checked"] else "NO ANSWER",
+                 "yes" if r["host_checked"] else f"NO: {r['unchecked_reason']}",
                  "ok" if r["ok"] else "; ".join(r["problems"])[:200]] for r in rows],
                ["HOST", "ANCHORS", "NEWEST_SEQ", "HOST_CHECKED", "RESULT"])
     if bad or unchecked or result["unconfirmed"]:

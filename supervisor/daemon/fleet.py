@@ -11,7 +11,6 @@ import base64
 import json
 import logging
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from supervisor.fleet.model import (
     drill_canary_name,
     dumps,
 )
+from supervisor.fleet.progress import Progress
 from supervisor.models import ActionRequest, Actor, AuditEntry, RunRequest, Scope
 from supervisor.states import AgentState, EndCause
 
@@ -80,15 +80,13 @@ class FleetMember:
                                   hold_added=self._on_hold_added,
                                   lease_lost=self._on_lease_lost,
                                   lease_back=self._on_lease_back))
-        saved = json.loads(store.get_meta(APPLIED_KEY) or "{}")
-        self.applied_revision: int = int(saved.get("revision", 0))
-        self.applied: OrderedDict[str, None] = OrderedDict.fromkeys(saved.get("ids", []))
+        self.progress = Progress.loads(json.loads(store.get_meta(APPLIED_KEY) or "{}"),
+                                       APPLIED_KEEP)
         self.holds: dict[str, FleetAction] = {}
         self.synced = False
         self.partitioned: dict[str, Any] | None = None  # what the policy did, while cut off
         self.started_at = time.time()
         self._queue: asyncio.Queue[tuple[float, FleetAction]] = asyncio.Queue(ACTION_QUEUE_MAX)
-        self._queued: set[str] = set()
         self._worker: asyncio.Task[None] | None = None
         self._anchorer: asyncio.Task[None] | None = None
         self._registration_due: asyncio.TimerHandle | None = None
@@ -111,7 +109,7 @@ class FleetMember:
             log.error("fleet: cannot read the fleet store at start (%s); launches wait", message)
             self.audit.append(actor="system:fleet", verb="fleet_unsynced", scope="global",
                               outcome="failed", detail={"error": message})
-        revision = self.applied_revision
+        revision = self.progress.revision
         if snapshot is not None:
             self._on_snapshot(snapshot)
             await self._drain()
@@ -157,27 +155,31 @@ class FleetMember:
         first_read = not self.synced
         # The first read (at start, or once a store out of reach at start answers): a host
         # that never applied anything applies the holds in force, not history.
-        at_start = first_read and self.applied_revision == 0
+        progress = self.progress
+        at_start = first_read and progress.revision == 0
+        progress.start_read()
         for revision, action in snapshot.actions:
-            if action.id in self.applied or action.id in self._queued:
+            if progress.settled(action.id) or progress.pending(action.id):
                 continue
             held = action.id in self.holds
             # A host that joins for the first time applies the holds in force, not history.
             if at_start and not held:
                 continue
-            if not at_start and revision <= self.applied_revision and not held:
+            if not at_start and revision <= progress.revision and not held:
                 continue
-            self._enqueue(action)
+            self._enqueue(revision, action)
+        progress.saw_read(snapshot.revision)
         if first_read:
-            self.applied_revision = max(self.applied_revision, snapshot.revision)
-            self._save_applied()
             self.synced = True
+            progress.advance()
+            self._save_applied()
 
     def _on_action(self, revision: int, action: FleetAction) -> None:
         if not self.synced:
             return  # history before the first read; the read decides what applies
-        if action.id not in self.applied and revision > self.applied_revision:
-            self._enqueue(action)
+        if self.progress.wanted(revision, action.id):
+            self._enqueue(revision, action)
+        self.progress.saw_event(revision)
 
     def _on_hold_added(self, action: FleetAction) -> None:
         self.holds[action.id] = action
@@ -185,34 +187,45 @@ class FleetMember:
     def _on_hold_lifted(self, hold_id: str) -> None:
         self.holds.pop(hold_id, None)
 
-    def _enqueue(self, action: FleetAction) -> None:
-        if action.id in self._queued:
+    def _enqueue(self, revision: int, action: FleetAction) -> None:
+        if self.progress.pending(action.id):
             return
         try:
             self._queue.put_nowait((time.perf_counter(), action))
         except asyncio.QueueFull:
             log.error("fleet: action queue full; %s waits for the next re-read", action.id)
+            self.progress.refuse(revision)
             return
-        self._queued.add(action.id)
+        self.progress.queue(action.id, revision)
+        log.debug("fleet: %s %s (revision %d) queued", action.verb, action.id, revision)
 
     async def _drain(self) -> None:
         while not self._queue.empty():
             arrived, action = self._queue.get_nowait()
-            await self._apply(action, arrived)
+            await self._apply_or_report(action, arrived)
 
     async def _work(self) -> None:
         while True:
             arrived, action = await self._queue.get()
-            try:
-                await self._apply(action, arrived)
-            except Exception:
-                log.exception("fleet: applying %s failed", action.id)
+            await self._apply_or_report(action, arrived)
+
+    async def _apply_or_report(self, action: FleetAction, arrived: float) -> None:
+        try:
+            await self._apply(action, arrived)
+        except Exception as exc:
+            # A bug, not a refusal (those are acks): the operator sees this host fail with
+            # the reason instead of "no answer", and the action is not retried in a loop.
+            log.exception("fleet: applying %s failed", action.id)
+            self._mark_applied(action)
+            ack = Ack(action=action.id, host=self.config.host_id, outcome="failed",
+                      applied_at=time.time(), error=f"internal error: {exc!r}"[:500])
+            self.link.write(self.keys.ack(self.config.host_id, action.id), dumps(ack))
 
     # ------------------------------------------------------------------ applying an action
 
     async def _apply(self, action: FleetAction, arrived: float) -> None:
-        self._queued.discard(action.id)
-        if action.id in self.applied:
+        if self.progress.settled(action.id):
+            self.progress.done(action.id)
             return
         if not self._reaches_host(action):
             self._mark_applied(action)
@@ -229,6 +242,8 @@ class FleetMember:
         ack = await self._run_verb(action, arrived)
         self._mark_applied(action)
         self.link.write(self.keys.ack(self.config.host_id, action.id), dumps(ack))
+        log.info("fleet: %s %s applied (%s) %.1f ms after it arrived", action.verb, action.id,
+                 ack.outcome, (time.perf_counter() - arrived) * 1000)
         if action.verb == "kill" and action.selector.agent_class is None \
                 and (action.selector.agent or "").startswith(DRILL_PREFIX):
             await asyncio.sleep(0)
@@ -349,15 +364,11 @@ class FleetMember:
                       and a.current_run is not None)
 
     def _mark_applied(self, action: FleetAction) -> None:
-        self.applied[action.id] = None
-        while len(self.applied) > APPLIED_KEEP:
-            self.applied.popitem(last=False)
-        self.applied_revision = max(self.applied_revision, self.link.revision)
+        self.progress.done(action.id)
         self._save_applied()
 
     def _save_applied(self) -> None:
-        self.store.set_meta(APPLIED_KEY, json.dumps({"revision": self.applied_revision,
-                                                     "ids": list(self.applied)}))
+        self.store.set_meta(APPLIED_KEY, json.dumps(self.progress.dumps()))
 
     # ------------------------------------------------------------------ partitions
 

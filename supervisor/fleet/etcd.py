@@ -16,6 +16,7 @@ import http.client
 import json
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,13 +293,15 @@ class Etcd:
 
     # ------------------------------------------------------------------ watch
 
-    def watch(self, prefix: str, start_revision: int, timeout: float
-              ) -> Iterator[tuple[int, list[WatchEvent]]]:
+    def watch(self, prefix: str, start_revision: int, timeout: float,
+              deadline: float | None = None) -> Iterator[tuple[int, list[WatchEvent]]]:
         """Events under `prefix` from `start_revision` on, as (revision, events), until the
-        stream ends or nothing arrives for `timeout` seconds (etcd sends progress notifies
-        only when asked, so the caller re-reads and re-watches on each return)."""
+        stream ends, nothing arrives for `timeout` seconds (etcd sends progress notifies
+        only when asked, so the caller re-reads and re-watches on each return), or the
+        `deadline` (time.monotonic()) passes, however busy the stream is."""
         token = self._token or self._authenticate()
-        conn = self._connect(timeout)
+        conn = self._connect(timeout if deadline is None
+                             else max(0.01, min(timeout, deadline - time.monotonic())))
         body = {"create_request": {"key": b64(prefix), "range_end": b64(prefix_end(prefix)),
                                    "start_revision": str(start_revision),
                                    "progress_notify": True}}
@@ -312,6 +315,14 @@ class Etcd:
                     self._authenticate(stale=token)
                 raise EtcdError(f"etcd watch: {_message(answer)}", grpc_code=_code(answer))
             while True:
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    if conn.sock is not None:
+                        # The idle timeout, cut short by the deadline: a stream that stays
+                        # quiet must not hold the caller past it.
+                        conn.sock.settimeout(min(timeout, left))
                 line = response.readline()
                 if not line:
                     return

@@ -24,6 +24,7 @@ from supervisor.fleet.model import FleetAction, Keys
 
 log = logging.getLogger(__name__)
 
+_NOT_FOUND = 5  # gRPC status etcd gives a put under a lease it no longer has
 WRITE_QUEUE_MAX = 1024  # acks and reports waiting for the store; anchors coalesce to one
 
 
@@ -168,20 +169,27 @@ class FleetLink:
     def _keeper(self) -> None:
         client = self.keeper_client
         last_ok = time.monotonic()
+        last_keepalive = 0.0
         had_lease = False
         lost_at: float | None = None
         while not self._stop.is_set():
             try:
                 if not self.lease:
                     self.lease = client.grant(self.lease_ttl)
+                    last_keepalive = time.monotonic()
                     self._registration_dirty.set()
                 if self._registration_dirty.is_set() and self._registration is not None:
                     self._registration_dirty.clear()
                     client.put(self.keys.registration(self.host_id), self._registration,
                                self.lease)
-                elif client.keepalive(self.lease) <= 0:
-                    self.lease = 0  # expired while we were away: a new one, registered anew
-                    continue
+                # A put under the lease does not renew it: the keepalive goes out on its own
+                # schedule however often the registration changes, or a host whose agents
+                # change state every second would lose its lease while talking to the store.
+                if time.monotonic() - last_keepalive >= self.lease_ttl / 3:
+                    if client.keepalive(self.lease) <= 0:
+                        self.lease = 0  # expired while we were away: a new one, registered anew
+                        continue
+                    last_keepalive = time.monotonic()
                 last_ok = time.monotonic()
                 had_lease = True
                 if not self.connected:
@@ -196,6 +204,9 @@ class FleetLink:
                     lost_at = None
             except FleetStoreError as exc:
                 self._registration_dirty.set()
+                if exc.detail.get("grpc_code") == _NOT_FOUND:
+                    # The lease expired in the store (a put under it is refused): a new one.
+                    self.lease = 0
                 if self.connected or not had_lease:
                     log.warning("fleet: store unreachable: %s", exc.message)
                 self.connected = False
@@ -207,7 +218,8 @@ class FleetLink:
                     self._call(self.events.lease_lost, time.monotonic() - last_ok)
                 self._stop.wait(0.2)
                 continue
-            self._registration_dirty.wait(self.lease_ttl / 3)
+            self._registration_dirty.wait(
+                max(0.0, last_keepalive + self.lease_ttl / 3 - time.monotonic()))
 
     def _watcher(self) -> None:
         while not self._stop.is_set():

@@ -35,5 +35,6 @@ def fleet() -> Iterator[Fleet]:
                 list(pool.map(lambda h: h.start(), running.hosts))
             yield running
     finally:
-        if not os.environ.get("AS_FLEET_KEEP"):
+        # Kept for a post-mortem (daemon logs, state databases) like every other tier's.
+        if not (os.environ.get("AGENT_SUPERVISOR_TEST_KEEP") or os.environ.get("AS_FLEET_KEEP")):
             shutil.rmtree(root, ignore_errors=True)

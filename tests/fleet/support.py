@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -312,11 +313,16 @@ class Fleet:
                                  f"{result.stdout}\n{result.stderr}") from None
 
     def close(self) -> None:
-        for host in self.hosts:
+        def stop(host: Host) -> None:
             with contextlib.suppress(Exception):
                 host.daemon.stop()
             with contextlib.suppress(Exception):
                 host.daemon.cleanup_host()
+
+        # All at once: each daemon's shutdown kills its agents and flushes to the store.
+        if self.hosts:
+            with ThreadPoolExecutor(len(self.hosts)) as pool:
+                list(pool.map(stop, self.hosts))
         self.stop_etcd()
         for member in self.members:
             _ip("link", "del", member.veth, check=False)
