@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -39,7 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.stats import cpu_model, nearest_rank
-from supervisor.cli.fleet import FleetContext, issue
+from supervisor.cli.fleet import FleetContext, issue, lift_holds
 from supervisor.fleet.model import FleetAction, Selector, new_action_id
 from tests.fleet.support import PREFIX, Fleet, Host, fleet_of
 
@@ -60,14 +61,33 @@ def _launch_all(fleet: Fleet, agents: int, processes: int, tag: str) -> None:
         list(pool.map(per_host, fleet.hosts))
 
 
-def _socket_kill(host: Host) -> float:
+# Where a halt's time goes: the slowest local time_to_halt of each host, per method. The same
+# local kill path runs under both; what the fleet path adds is the store (write, watch, ack).
+HALTS: dict[str, list[float]] = {"fleet": [], "sequential": [], "parallel": []}
+
+
+def _socket_kill(host: Host, method: str) -> float:
     started = time.perf_counter()
     result = host.daemon.client.action("kill", {"all": True}, "bench: per-host")
     elapsed = (time.perf_counter() - started) * 1000
     # Every agent that had a run reports its time_to_halt (idle ones have nothing to halt).
-    assert all(r.get("time_to_halt_ms") is not None for r in result["results"]
-               if r.get("run_id")), result
+    halts = [r["time_to_halt_ms"] for r in result["results"] if r.get("run_id")]
+    assert all(h is not None for h in halts), result
+    HALTS[method].append(max(halts, default=0.0))
     return elapsed
+
+
+def _light(host: Host) -> None:
+    """The daemons as light as the measurement allows on a shared machine: no start-up
+    canary, info logs, telemetry at 1 Hz, and the fleet timers at their defaults (the tests'
+    short lease and re-read make etcd chatter that the halt would compete with)."""
+    extra = host.daemon.extra_config
+    extra["daemon"] = {"log_level": "info", "self_test": False}
+    extra["telemetry"] = {"rate_hz": 1.0, "process_every": 10}
+    fleet = extra["fleet"]
+    assert isinstance(fleet, dict)
+    for key in ("lease_ttl", "reread_interval", "anchor_interval"):
+        fleet.pop(key, None)
 
 
 def _socket_reactivate(fleet: Fleet) -> None:
@@ -84,16 +104,12 @@ def _fleet_kill(ctx: FleetContext) -> float:
     elapsed = (time.perf_counter() - started) * 1000
     if result["unconfirmed"]:
         raise RuntimeError(f"unconfirmed: {result['unconfirmed']}")
+    HALTS["fleet"].append(max((r["slowest_time_to_halt_ms"] or 0.0) for r in result["hosts"]))
     return elapsed
 
 
 def _fleet_lift(ctx: FleetContext) -> None:
-    kvs, _ = ctx.etcd.get_prefix(ctx.keys.holds)
-    holds = [FleetAction.model_validate(kv.json()) for kv in kvs]
-    actions = [FleetAction(id=new_action_id(), verb="lift", selector=h.selector,
-                           reason="bench: lift", operator=ctx.creds.user,
-                           issued_at=time.time(), lifts=[h.id]) for h in holds]
-    result = issue(ctx, actions, deadline=30.0, lift=[h.id for h in holds])
+    result = lift_holds(ctx, None, "bench: lift", deadline=30.0)
     if result["unconfirmed"]:
         raise RuntimeError(f"lift unconfirmed: {result['unconfirmed']}")
 
@@ -112,10 +128,14 @@ def main() -> int:
     root.chmod(0o755)
     samples: dict[str, list[float]] = {"fleet": [], "sequential": [], "parallel": []}
     cli_wall_ms: float | None = None
+    load_before = load_after = (0.0, 0.0, 0.0)
     try:
         with fleet_of(root, args.hosts) as fleet:
+            for host in fleet.hosts:
+                _light(host)
             with ThreadPoolExecutor(args.hosts) as pool:
                 list(pool.map(lambda h: h.start(), fleet.hosts))
+            load_before = os.getloadavg()
             ctx = FleetContext(fleet.credentials("operator", fleet.operator_password,
                                                  fleet.operator_cert), PREFIX)
             methods = ["fleet", "sequential", "parallel"]
@@ -130,19 +150,21 @@ def main() -> int:
                     elif method == "sequential":
                         started = time.perf_counter()
                         for host in fleet.hosts:
-                            _socket_kill(host)
+                            _socket_kill(host, "sequential")
                         samples["sequential"].append((time.perf_counter() - started) * 1000)
                         _socket_reactivate(fleet)
                     else:
                         started = time.perf_counter()
                         with ThreadPoolExecutor(len(fleet.hosts)) as pool:
-                            list(pool.map(_socket_kill, fleet.hosts))
+                            list(pool.map(lambda h: _socket_kill(h, "parallel"),
+                                          fleet.hosts))
                         samples["parallel"].append((time.perf_counter() - started) * 1000)
                         _socket_reactivate(fleet)
                     label = f"round {round_no + 1}" if round_no >= 0 else "warm-up"
                     print(f"{label} {method}: {samples[method][-1]:.1f} ms", flush=True)
                     if round_no < 0:
                         samples[method].pop()
+                        HALTS[method].clear()
             # The whole command once, Python start-up and all (nothing left to kill).
             started = time.perf_counter()
             run = fleet.agentctl("kill", "--all", "--reason", "bench: cli wall")
@@ -150,19 +172,25 @@ def main() -> int:
             if run.returncode != 0:
                 print(run.stdout, run.stderr)
             ctx.etcd.close()
+            load_after = os.getloadavg()
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\n{args.hosts} hosts x {args.agents} agents x {args.processes} processes, "
-          f"{args.rounds} rounds; {cpu_model()}")
+          f"{args.rounds} rounds; {cpu_model()}; load average {load_before[0]:.1f} before, "
+          f"{load_after[0]:.1f} after")
     report: dict[str, Any] = {"hosts": args.hosts, "agents": args.agents,
                               "processes": args.processes, "rounds": args.rounds,
-                              "samples_ms": samples, "cli_wall_ms": cli_wall_ms}
+                              "samples_ms": samples, "cli_wall_ms": cli_wall_ms,
+                              "loadavg": [load_before, load_after]}
     for method, values in samples.items():
         median = sorted(values)[len(values) // 2]
         p95 = nearest_rank(values, 0.95)
         report[method] = {"median_ms": median, "p95_ms": p95}
+        halts = HALTS[method]
+        slowest = sorted(halts)[len(halts) // 2] if halts else float("nan")
+        report[method]["median_slowest_time_to_halt_ms"] = slowest
         print(f"{method:>10}: median {median:7.1f} ms  p95 {p95:7.1f} ms  "
-              f"(n={len(values)})")
+              f"(n={len(values)}; slowest local time_to_halt, median {slowest:.1f} ms)")
     if cli_wall_ms is not None:
         print(f"agentctl fleet kill --all, whole process once: {cli_wall_ms:.0f} ms")
     fleet_p95 = report["fleet"]["p95_ms"]

@@ -363,10 +363,17 @@ _verb("reactivate", "Reactivate killed agents in scope (fleet holds stay until l
 def lift(hold_ids: tuple[str, ...], all_holds: bool, reason: str, deadline: float,
          as_json: bool) -> None:
     """Lift fleet holds: hosts reactivate what each hold killed and accept launches again."""
-    ctx = _ctx()
+    _report(lift_holds(_ctx(), None if all_holds else list(hold_ids), reason, deadline),
+            as_json, "lift")
+
+
+def lift_holds(ctx: FleetContext, hold_ids: list[str] | None, reason: str,
+               deadline: float) -> dict[str, Any]:
+    """One lift action per hold (every hold in force when `hold_ids` is None), written with
+    the holds' deletion in one transaction, and the hosts' answers (see `issue`)."""
     kvs, _ = ctx.etcd.get_prefix(ctx.keys.holds)
     holds = {kv.key[len(ctx.keys.holds):]: FleetAction.model_validate(kv.json()) for kv in kvs}
-    chosen = list(holds) if all_holds else list(hold_ids)
+    chosen = list(holds) if hold_ids is None else hold_ids
     missing = [h for h in chosen if h not in holds]
     if missing or not chosen:
         raise InvalidRequest(f"no such hold: {', '.join(missing)}" if missing
@@ -374,7 +381,7 @@ def lift(hold_ids: tuple[str, ...], all_holds: bool, reason: str, deadline: floa
     actions = [FleetAction(id=new_action_id(), verb="lift", selector=holds[h].selector,
                            reason=_reason(reason), operator=ctx.creds.user,
                            issued_at=time.time(), lifts=[h]) for h in chosen]
-    _report(issue(ctx, actions, deadline, lift=chosen), as_json, "lift")
+    return issue(ctx, actions, deadline, lift=chosen)
 
 
 @fleet.command("drill")
