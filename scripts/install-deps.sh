@@ -32,6 +32,19 @@ if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
     apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi
 
+# promtool: the metrics tests check the daemon's exposition with `promtool check metrics`. Only
+# that binary is taken from Debian's prometheus package (19 MB download): installing the package
+# would bring a Prometheus server, its service and a dozen JavaScript libraries.
+if ! command -v promtool >/dev/null; then
+    echo "install-deps: installing promtool from Debian's prometheus package"
+    scratch="$(mktemp -d)"
+    (cd "$scratch" && chmod 0755 . && apt-get download -qq prometheus 2>/dev/null \
+        || { apt-get update -qq && apt-get download -qq prometheus; })
+    dpkg-deb --fsys-tarfile "$scratch"/prometheus_*.deb | tar -x -C "$scratch" ./usr/bin/promtool
+    install -m 0755 "$scratch/usr/bin/promtool" /usr/local/bin/promtool
+    rm -rf "$scratch"
+fi
+
 if [[ ! -x "$VENV/bin/python" ]] || ! "$VENV/bin/python" -c 'import sys' 2>/dev/null; then
     mkdir -p "$(dirname "$VENV")"
     /usr/bin/python3 -m venv "$VENV"

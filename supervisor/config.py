@@ -144,8 +144,11 @@ class WebhookDelivery(_Section):
 
 
 class MetricsSection(_Section):
-    # "HOST:PORT" on loopback, or "unix:/path"; empty disables the endpoint.
+    # "HOST:PORT" on loopback, or "unix:/path"; empty disables the endpoint. An address beyond
+    # loopback needs web_config_file (TLS and/or basic auth; supervisor/metrics_web.py).
     listen: str = "127.0.0.1:9464"
+    # A Prometheus exporter-toolkit web config (YAML: tls_server_config, basic_auth_users).
+    web_config_file: Path | None = None
 
 
 class DrillSection(_Section):

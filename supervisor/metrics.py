@@ -34,8 +34,10 @@ from prometheus_client.registry import Collector
 from supervisor.api.server import bind_control_socket
 from supervisor.audit import AuditLog
 from supervisor.errors import ConfigInvalid
+from supervisor.metrics_web import BasicAuth, WebConfig, load_web_config
 from supervisor.models import AuditEntry
 from supervisor.states import AgentState
+from supervisor.telemetry import SyscallAttempt
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,20 @@ _HALT_VERBS = {"kill": "kill", "kill_confirmed": "kill", "shutdown": "shutdown",
                "watchdog_kill": "watchdog_kill"}
 
 BacklogFn = Callable[[], int]
+APPROVAL_OUTCOMES = ("approved", "denied", "expired", "cancelled")
+_LABEL = re.compile(r"[a-z0-9_.:-]{1,64}")
+
+
+def _bounded(value: object) -> str:
+    """A label value from an audit row's code-like field (a metric name, a syscall, an error
+    code), or "other": never free text, never longer than 64 characters."""
+    text = str(value)
+    return text if _LABEL.fullmatch(text) else "other"
+
+
+def _count(usage: dict[str, object], key: str) -> float:
+    value = usage.get(key)
+    return float(value) if isinstance(value, int | float) and value > 0 else 0.0
 
 
 class AgentLike(Protocol):
@@ -56,6 +72,13 @@ class AgentLike(Protocol):
     def state(self) -> str: ...
     @property
     def agent_class(self) -> str: ...
+
+
+class SeccompSource(Protocol):
+    """The seccomp listener, as far as the metrics use it (attempts arrive on the loop)."""
+
+    @property
+    def subscribers(self) -> list[Callable[[SyscallAttempt], None]]: ...
 
 
 class Observed(Protocol):
@@ -116,6 +139,45 @@ class Metrics(Collector):
             f"{PREFIX}_mcp_calls", "MCP gateway decisions (audited as mcp_call), by server "
             "and outcome (allowed, denied, held, approved)", ["server", "outcome"],
             registry=self.registry)
+        self.pauses = Counter(
+            f"{PREFIX}_pauses", "Agents paused (a class or global pause counts each agent), by "
+            "the scope kind of the command and the kind of actor", ["scope", "actor_kind"],
+            registry=self.registry)
+        self.tripwire_firings = Counter(
+            f"{PREFIX}_tripwire_firings", "Tripwire firings by the metric that crossed its "
+            "threshold and the action taken (log, pause, kill)", ["metric", "action"],
+            registry=self.registry)
+        self.output_truncations = Counter(
+            f"{PREFIX}_output_truncations", "Runs whose output passed its cap: the rest was "
+            "discarded (and counted)", registry=self.registry)
+        self.approvals_requested = Counter(
+            f"{PREFIX}_approvals_requested", "Egress requests held for an operator's decision",
+            registry=self.registry)
+        self.approvals_decided = Counter(
+            f"{PREFIX}_approvals_decided", "Held egress requests decided, by outcome "
+            "(approved, denied, expired, cancelled)", ["outcome"], registry=self.registry)
+        for outcome in APPROVAL_OUTCOMES:
+            self.approvals_decided.labels(outcome=outcome)
+        self.approvals_pending = 0
+        self.gateway_requests = Counter(
+            f"{PREFIX}_gateway_requests", "Egress gateway requests of ended runs, by decision "
+            "(forwarded, denied); counted when the run ends", ["decision"],
+            registry=self.registry)
+        for decision in ("forwarded", "denied"):
+            self.gateway_requests.labels(decision=decision)
+        self.gateway_bytes = Counter(
+            f"{PREFIX}_gateway_bytes", "Bytes through the egress gateway of ended runs "
+            "(requests and responses)", registry=self.registry)
+        self.gateway_spend = Counter(
+            f"{PREFIX}_gateway_spend", "Spend the egress gateway accounted to ended runs, in "
+            "the routes' currency units", registry=self.registry)
+        self.gateway_refusals = Counter(
+            f"{PREFIX}_gateway_refusals", "Egress requests the gateway refused, by error code, "
+            "as audited (at most 50 rows per run: the run's egress_summary has the rest)",
+            ["code"], registry=self.registry)
+        self.seccomp_attempts = Counter(
+            f"{PREFIX}_seccomp_attempts", "Notified syscalls (answered EPERM), by syscall",
+            ["syscall"], registry=self.registry)
         self.audit_rows = audit.count() if audit is not None else 0
         self.audit = audit
         self.registry.register(self)
@@ -142,6 +204,32 @@ class Metrics(Collector):
         if (halt_verb is not None and entry.time_to_halt_ms is not None
                 and entry.outcome == "ok"):
             self.time_to_halt.labels(verb=halt_verb).observe(entry.time_to_halt_ms / 1000)
+        if entry.verb == "pause" and entry.outcome == "ok":
+            self.pauses.labels(scope=scope_kind(entry.scope),
+                               actor_kind=actor_kind(entry.actor)).inc()
+        if entry.verb == "tripwire":
+            metric = _bounded(entry.detail.get("metric"))
+            self.tripwire_firings.labels(metric=metric, action=_bounded(entry.outcome)).inc()
+            if entry.detail.get("rule") == "output_cap":
+                self.output_truncations.inc()
+        if entry.verb == "approval_requested":
+            self.approvals_requested.inc()
+            self.approvals_pending += 1
+        if entry.verb in ("approval_granted", "approval_denied"):
+            outcome = entry.outcome if entry.outcome in APPROVAL_OUTCOMES else "other"
+            self.approvals_decided.labels(outcome=outcome).inc()
+            # Held requests live in memory only: every one is decided exactly once (a stop
+            # cancels them), so requested - decided is what is held now.
+            self.approvals_pending = max(0, self.approvals_pending - 1)
+        if entry.verb == "egress_denied":
+            code = entry.outcome.partition(":")[2]
+            self.gateway_refusals.labels(code=_bounded(code)).inc()
+        if entry.verb == "egress_summary" and isinstance(entry.detail.get("usage"), dict):
+            usage = entry.detail["usage"]
+            self.gateway_requests.labels(decision="forwarded").inc(_count(usage, "requests"))
+            self.gateway_requests.labels(decision="denied").inc(_count(usage, "denied"))
+            self.gateway_bytes.inc(_count(usage, "bytes"))
+            self.gateway_spend.inc(_count(usage, "spend"))
         if entry.verb == "mcp_call":
             self.mcp_calls.labels(server=str(entry.detail.get("server", ""))[:64],
                                   outcome=entry.outcome.partition(":")[0]).inc()
@@ -149,6 +237,11 @@ class Metrics(Collector):
             self.gateway_exits.inc()
         if entry.verb == "drill" and isinstance(entry.detail.get("passed"), bool):
             self.drills.labels(result="pass" if entry.detail["passed"] else "fail").inc()
+
+    def on_seccomp_attempt(self, attempt: SyscallAttempt) -> None:
+        """A (coalesced) notified syscall: the listener's subscriber, on the loop."""
+        self.seccomp_attempts.labels(syscall=_bounded(attempt.syscall)).inc(
+            max(1, attempt.count))
 
     # ------------------------------------------------------------------ read at scrape time
 
@@ -179,6 +272,9 @@ class Metrics(Collector):
                          "checkpoint_error", "dropped"):
                 alarms.add_metric([kind.removesuffix("_problem")], 1 if kind in active else 0)
             yield alarms
+        yield GaugeMetricFamily(f"{PREFIX}_approvals_pending", "Egress requests held now, "
+                                "waiting for an operator's decision",
+                                value=self.approvals_pending)
         yield GaugeMetricFamily(f"{PREFIX}_webhook_backlog", "Webhook events in the outbox "
                                 "not yet delivered", value=self._backlog())
         info = InfoMetricFamily(f"{PREFIX}_build", "The daemon's version")
@@ -210,10 +306,11 @@ class ListenAddress:
     path: Path | None = None
 
 
-def parse_listen(listen: str) -> ListenAddress | None:
-    """`[metrics] listen`: "HOST:PORT" on loopback ("[::1]:PORT" for IPv6), "unix:/path", or
-    "" (disabled, None). Anything else, or a non-loopback host, is a ConfigInvalid: the metrics
-    name every agent, and exposing them beyond the host needs an explicit option."""
+def parse_listen(listen: str, web: WebConfig | None = None) -> ListenAddress | None:
+    """`[metrics] listen`: "HOST:PORT" ("[::1]:PORT" for IPv6), "unix:/path", or "" (disabled,
+    None). A host beyond loopback only with a web config that sets TLS or basic auth
+    (`[metrics] web_config_file`): the metrics name every agent, so nobody off the host reads
+    them unchecked. Anything else is a ConfigInvalid."""
     listen = listen.strip()
     if not listen:
         return None
@@ -239,20 +336,27 @@ def parse_listen(listen: str) -> ListenAddress | None:
         except socket.gaierror as exc:
             raise invalid(f"cannot resolve {host!r}: {exc.strerror}") from None
         addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-    if not all(a.is_loopback for a in addresses):
-        raise invalid("only loopback addresses (127.0.0.0/8, ::1) or a Unix socket are "
-                      "allowed: the metrics name every agent")
+    if not all(a.is_loopback for a in addresses) and (web is None or not web.protected):
+        raise invalid("an address beyond loopback (127.0.0.0/8, ::1) needs [metrics] "
+                      "web_config_file with tls_server_config and/or basic_auth_users: the "
+                      "metrics name every agent")
     return ListenAddress(text=listen, host=host, port=int(port_text))
 
 
 class MetricsEndpoint:
     """GET /metrics on its own aiohttp runner, in the caller's event loop."""
 
-    def __init__(self, metrics: Metrics, address: ListenAddress, socket_gid: int = -1) -> None:
+    def __init__(self, metrics: Metrics, address: ListenAddress, socket_gid: int = -1,
+                 web_config: WebConfig | None = None,
+                 seccomp: SeccompSource | None = None) -> None:
         self.metrics = metrics
+        self.seccomp = seccomp
         self.address = address
         self.socket_gid = socket_gid
-        app = web.Application()
+        self.web_config = web_config
+        middlewares = ([BasicAuth(web_config.users).middleware]
+                       if web_config is not None and web_config.users else [])
+        app = web.Application(middlewares=middlewares)
         app.router.add_get("/metrics", self._serve)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
 
@@ -269,7 +373,10 @@ class MetricsEndpoint:
                 sock = bind_control_socket(self.address.path, self.socket_gid)
                 site = web.SockSite(self._runner, sock)
             else:
-                site = web.TCPSite(self._runner, self.address.host, self.address.port)
+                tls = (self.web_config.ssl_context()
+                       if self.web_config is not None and self.web_config.tls else None)
+                site = web.TCPSite(self._runner, self.address.host, self.address.port,
+                                   ssl_context=tls)
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
@@ -278,6 +385,8 @@ class MetricsEndpoint:
                 f"cannot serve metrics on {self.address.text}: {why} (set [metrics] listen to "
                 f'another address, or to "" to disable the endpoint)',
                 key="metrics.listen", value=self.address.text, reason=why) from None
+        if self.seccomp is not None:
+            self.seccomp.subscribers.append(self.metrics.on_seccomp_attempt)
         log.info("metrics on %s", ", ".join(self.bound))
 
     @property
@@ -294,20 +403,33 @@ class MetricsEndpoint:
         return bound
 
     async def stop(self) -> None:
+        if self.seccomp is not None:
+            with contextlib.suppress(ValueError):
+                self.seccomp.subscribers.remove(self.metrics.on_seccomp_attempt)
         await self._runner.cleanup()
         if self.address.path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.address.path.unlink()
 
 
+def check_endpoint(listen: str, web_config_file: Path | None
+                   ) -> tuple[ListenAddress | None, WebConfig | None]:
+    """`[metrics] listen` and `web_config_file` judged together (config check and start):
+    the web config is read and its TLS files loaded; raises ConfigInvalid."""
+    web_config = load_web_config(web_config_file) if web_config_file is not None else None
+    return parse_listen(listen, web_config), web_config
+
+
 async def start_metrics(observed: Observed, audit: AuditLog, listen: str, version: str,
-                        backlog: BacklogFn | None = None, socket_gid: int = -1
-                        ) -> MetricsEndpoint | None:
+                        backlog: BacklogFn | None = None, socket_gid: int = -1,
+                        web_config_file: Path | None = None,
+                        seccomp: SeccompSource | None = None) -> MetricsEndpoint | None:
     """The daemon's metrics endpoint, already serving; None when `listen` is empty. Raises
     ConfigInvalid naming the address when it is not allowed or cannot be bound."""
-    address = parse_listen(listen)
+    address, web_config = check_endpoint(listen, web_config_file)
     if address is None:
         return None
-    endpoint = MetricsEndpoint(Metrics(observed, audit, version, backlog), address, socket_gid)
+    endpoint = MetricsEndpoint(Metrics(observed, audit, version, backlog), address, socket_gid,
+                               web_config, seccomp)
     await endpoint.start()
     return endpoint

@@ -27,7 +27,7 @@ from supervisor.config import (
 from supervisor.egress.secrets import load_secret
 from supervisor.errors import ConfigInvalid, SupervisorError
 from supervisor.events import Endpoint, load_endpoints
-from supervisor.metrics import parse_listen
+from supervisor.metrics import check_endpoint
 from supervisor.profiles import load_profile
 
 
@@ -83,7 +83,7 @@ def check_config(path: Path | None) -> CheckedConfig:
     checked.config = config
     _check_webhooks(config, where, checked)
     try:
-        parse_listen(config.metrics.listen)
+        check_endpoint(config.metrics.listen, config.metrics.web_config_file)
     except SupervisorError as exc:
         checked.errors.append(config_error(where, "metrics.listen", exc.message))
     _check_profiles(config, checked)

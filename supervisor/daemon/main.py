@@ -183,7 +183,8 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     # the start here, naming it.
     def metrics_at(listen: str) -> Awaitable[MetricsEndpoint | None]:
         return start_metrics(arbiter, audit, listen, __version__, backlog=outbox.backlog,
-                             socket_gid=gid)
+                             socket_gid=gid, web_config_file=config.metrics.web_config_file,
+                             seccomp=core.seccomp)
 
     try:
         metrics_endpoint = await metrics_at(config.metrics.listen)

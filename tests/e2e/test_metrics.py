@@ -15,6 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.daemon import Daemon, new_daemon, running_daemon, wait_for
+from tests.unit.test_metrics_web import promtool_check
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -33,12 +34,17 @@ def parse(text: str) -> Samples:
     return samples
 
 
-def scrape_tcp(port: int) -> Samples:
+def raw_tcp(port: int) -> bytes:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain")
-        return parse(response.read().decode())
+        body: bytes = response.read()
+        return body
+
+
+def scrape_tcp(port: int) -> Samples:
+    return parse(raw_tcp(port).decode())
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -107,8 +113,26 @@ def test_scraped_numbers_follow_launches_and_kills_by_class(tmp_root: Path) -> N
         audited = [r["time_to_halt_ms"] for r in killed["results"]]
         assert value(samples, f"{halt}_sum", verb="kill") == pytest.approx(sum(audited) / 1000)
         assert value(samples, f"{halt}_bucket", verb="kill", le="+Inf") == 2
-        rows = daemon.agentctl_json("audit", "verify")["rows"]
-        assert value(samples, "agent_supervisor_audit_rows") == rows
+        # The kill answers before its cleanup is audited (issue 12): the two agree once the
+        # cleanup row is written.
+        wait_for(lambda: value(scrape_tcp(port), "agent_supervisor_audit_rows")
+                 == daemon.agentctl_json("audit", "verify")["rows"], timeout=30,
+                 what="the audit_rows gauge to match the verified log")
+
+        # Issue 16's series, from a real daemon: pauses, seccomp attempts by syscall; and the
+        # whole exposition passes promtool's lint.
+        daemon.agentctl("pause", "b1", "--reason", "look", check=True)
+        daemon.agentctl("resume", "b1", "--reason", "looked", check=True)
+        daemon.agentctl("run", "--detach", "--name", "s1", "--class", "probe", "--", "/bin/sh",
+                        "-c", "unshare --user true; sleep 600", check=True)
+        samples = wait_for(lambda: (lambda s: s if value(
+            s, "agent_supervisor_seccomp_attempts_total", syscall="unshare") >= 1 else None)(
+            scrape_tcp(port)), timeout=30, what="the unshare attempt counted")
+        assert value(samples, "agent_supervisor_pauses_total", scope="agent",
+                     actor_kind="operator") == 1
+        assert value(samples, "agent_supervisor_approvals_pending") == 0
+        promtool_check(raw_tcp(port))
+        daemon.agentctl("kill", "s1", "--reason", "probe done", check=True)
 
         daemon.agentctl_json("kill", "--all", "--reason", "incident")
         samples = scrape_tcp(port)
@@ -116,7 +140,7 @@ def test_scraped_numbers_follow_launches_and_kills_by_class(tmp_root: Path) -> N
         assert agents(samples, "killed", "batch") == 1
         assert value(samples, "agent_supervisor_kills_total", scope="global",
                      actor_kind="operator", outcome="ok") == 1  # w1, w2 killed already: skipped
-        assert value(samples, f"{halt}_count", verb="kill") == 3
+        assert value(samples, f"{halt}_count", verb="kill") == 4  # w1, w2, s1, b1
         daemon.agentctl_json("reactivate", "--all", "--reason", "test over")
         assert value(scrape_tcp(port), "agent_supervisor_global_halt") == 0
     # The endpoint goes away with the daemon.
