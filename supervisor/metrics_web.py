@@ -167,7 +167,7 @@ class BasicAuth:
         async with self._checks:
             import bcrypt
 
-            ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
+            ok: bool = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
         if ok:
             self._verified[digest] = None
             while len(self._verified) > _CACHE_SIZE:

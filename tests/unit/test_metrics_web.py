@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import bcrypt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -167,6 +166,8 @@ def _web_config(path: Path, text: str) -> Path:
 def _hash(password: str) -> str:
     # Cost 4: the least bcrypt allows, so the test spends no time on it; the format is the
     # same as htpasswd -B writes ($2y$ there, $2b$ here; both are read).
+    import bcrypt
+
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(4)).decode()
 
 
