@@ -20,10 +20,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # CI mode's runner assembles the daemon's core for one run: it sits at the daemon's level.
     ("daemon", ("supervisor.daemon", "supervisor.ci.runner")),
     ("control plane", ("supervisor.api", "supervisor.audit", "supervisor.authz",
-                       "supervisor.events", "supervisor.metrics", "supervisor.ci",
-                       "supervisor.fleet")),
+                       "supervisor.events", "supervisor.metrics", "supervisor.metrics_web",
+                       "supervisor.ci", "supervisor.fleet")),
+    # httpclient: outbound HTTP for the egress gateway and the webhook worker.
     ("enforcement", ("supervisor.runtime", "supervisor.sandbox", "supervisor.egress",
-                     "supervisor.mcp")),
+                     "supervisor.mcp", "supervisor.httpclient")),
     ("observation", ("supervisor.telemetry", "supervisor.tripwires")),
     ("model", ("supervisor.models", "supervisor.states", "supervisor.errors",
                "supervisor.config", "supervisor.profiles", "supervisor.openapi",
