@@ -11,6 +11,7 @@ of them. Timings are wall clock of the whole command as a CI job sees it."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -67,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     agentctl = [sys.executable, "-m", "supervisor.cli", "run", "--embedded"]
     mechanisms: dict[str, list[float]] = {"runc run (bare)": [], "agentctl run --embedded": [],
                                           "  + --report (signed)": []}
+    # Where the extra goes, measured the same way: an interpreter's start, agentctl's imports
+    # (the first of the two processes), the runner's imports (the second).
+    parts = {"python -c pass": ["-c", "pass"],
+             "  agentctl imports": ["-c", "import supervisor.cli.main"],
+             "  runner imports": ["-I", "-c", "import supervisor.ci.runner"]}
+    for name in parts:
+        mechanisms[name] = []
     try:
         netns_path = netns.create(ns_name)
         count = 0
@@ -88,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             "  + --report (signed)": lambda: time_command(
                 [*agentctl, "--report", str(workdir / "r.json"), "--", "true"], env),
         }
+        for name, argv in parts.items():
+            runs[name] = functools.partial(time_command, [sys.executable, *argv], env)
         for run in runs.values():  # warm-up: page cache, pyc files
             run()
         for iteration in range(args.iterations):

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -205,6 +206,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         lines += [f"- `{v['path']}`: {v['why']}" for v in violations[:50]]
         if len(violations) > 50:
             lines.append(f"- ... and {len(violations) - 50} more (see the report)")
+    lines += _calls_table(report)
     if report.get("teardown", {}).get("residue"):
         lines += ["", f"**Teardown left things behind**: `{report['teardown']['residue']}`"]
     signature = report.get("signature") or {}
@@ -212,6 +214,28 @@ def summary_markdown(report: dict[str, Any]) -> str:
                   f"{' (ephemeral)' if signature.get('ephemeral_key') else ''}; check it with "
                   f"`agentctl report verify REPORT --key PUB`.", ""]
     return "\n".join(lines)
+
+
+def _calls_table(report: dict[str, Any], shown: int = 20) -> list[str]:
+    """The model calls the agent made through the gateway's routes, first `shown` of them."""
+    logged = (report.get("egress") or {}).get("model_calls") or {}
+    calls = logged.get("calls") or []
+    if not calls:
+        return []
+    lines = ["", f"**Model calls ({len(calls) + int(logged.get('unrecorded') or 0)})**", "",
+             "| time (UTC) | call | status | sent / received | tokens | ms |",
+             "|---|---|---|---|---|---|"]
+    for call in calls[:shown]:
+        when = time.strftime("%H:%M:%S", time.gmtime(call["ts"]))
+        lines.append(f"| {when} | `{call['method']} {call['route']} {call['path']}` | "
+                     f"{call['status'] if call['status'] is not None else '-'} | "
+                     f"{_size(call['request_bytes'])} / {_size(call['reply_bytes'])} | "
+                     f"{call['tokens'] if call['tokens'] is not None else '-'} | "
+                     f"{call['duration_ms']:.0f} |")
+    if len(calls) > shown or logged.get("unrecorded"):
+        lines.append(f"| ... | {len(calls) - min(len(calls), shown)} more listed in the "
+                     f"report, {logged.get('unrecorded') or 0} beyond its list | | | | |")
+    return lines
 
 
 def _denied_text(denied: dict[str, Any] | None) -> str:

@@ -264,6 +264,9 @@ class EmbeddedRunner:
             # Listed again only when something had to be reaped (each list is a runc call).
             if leftovers and (remaining := await core.runtime.leftovers()):
                 residue["runs"] = [vars(item) for item in remaining]
+            # Every agent is gone: the watchdog stands down now and exits while the evidence
+            # is gathered; core.close() below only reaps it.
+            core.watchdog.disarm(wait=False)
         runtime_dir = self.config.daemon.runtime_dir
         mounted = _mounts_under(runtime_dir)
         if mounted:
@@ -302,6 +305,8 @@ class EmbeddedRunner:
                           target=self.name, outcome=self.ending.value,
                           detail={"run": self.run_id, "exit_code": self.agent_status,
                                   "reason": self.end_reason})
+        if not self.spec.wants_evidence:
+            return  # no report, summary or audit file: nobody would read the chain's head
         verified = core.audit.verify()
         self.audit_head = {"head_hash": verified.head_hash, "rows": verified.rows,
                            "intact": verified.ok}

@@ -26,6 +26,12 @@ class EmbeddedRun(BaseModel):
     # The daemon's configuration file for sandbox settings (runc path, uid_base, profiles).
     config: str | None = None
 
+    @property
+    def wants_evidence(self) -> bool:
+        """A report, summary or audit file is to be written: the run's audit chain is verified
+        and read back for it. Without any, the run skips that work after the agent exits."""
+        return any(p is not None for p in (self.report, self.summary, self.audit))
+
     @field_validator("allow_changes")
     @classmethod
     def _globs(cls, globs: list[str]) -> list[str]:

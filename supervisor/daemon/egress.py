@@ -328,7 +328,7 @@ class EgressControl:
         if state is None:
             return
         self.worker.send({"op": "revoke", "run": run_id})
-        self.records[run_id] = self._record(state)
+        self._keep_record(run_id, self._record(state))
         self._cancel_approvals(run_id, "the run ended")
         task = self.loop.create_task(self._finish(run_id, state))
         self._finishing.add(task)
@@ -347,7 +347,7 @@ class EgressControl:
         # address and port.
         self.pool.release(state.network.addresses)
         usage = state.usage()
-        self.records[run_id] = self._record(state)
+        self._keep_record(run_id, self._record(state))
         self._add_agent_usage(state.grant.agent, usage)
         self.audit.append(
             actor=GATEWAY.label(), verb="egress_summary", scope=f"agent:{state.grant.agent}",
@@ -596,7 +596,18 @@ class EgressControl:
         return {"gateway": f"{state.grant.host_ip}:{state.grant.port}",
                 "calls": usage.requests, "bytes": usage.bytes, "spend": round(usage.spend, 9),
                 "tokens": usage.tokens, "errors": usage.errors, "denied": usage.denied,
-                "denials": self._denials(state), "breaker": state.snapshot.get("breaker")}
+                "denials": self._denials(state), "breaker": state.snapshot.get("breaker"),
+                # Each call through a route (supervisor/egress/calls.py), in the worker's
+                # answer to the run's close; None until then.
+                "model_calls": state.snapshot.get("calls")}
+
+    def _keep_record(self, run_id: str, record: dict[str, Any], kept: int = 256) -> None:
+        """Ended runs' records, for CI reports; the oldest go past `kept` (a record carries
+        up to egress/calls.py's MAX_CALLS call entries, and a daemon ends runs for months)."""
+        self.records.pop(run_id, None)
+        self.records[run_id] = record
+        while len(self.records) > kept:
+            del self.records[next(iter(self.records))]
 
     # ------------------------------------------------------------------ agent usage (SQLite)
 

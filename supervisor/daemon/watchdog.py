@@ -20,17 +20,18 @@ before it looks at what is left, so an old switch never acts on the new daemon's
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from supervisor.sandbox.cgroups import (
     CGROUP_ROOT,
@@ -41,6 +42,9 @@ from supervisor.sandbox.cgroups import (
     unified_root,
 )
 from supervisor.sandbox.childenv import child_env
+
+if TYPE_CHECKING:  # the watchdog process itself never runs an event loop: not imported there
+    import asyncio
 
 DONE = b"done\n"
 log = logging.getLogger(__name__)
@@ -198,6 +202,8 @@ class Watchdog:
         """Before this daemon looks at what an earlier one left: let that one's watchdog finish
         its kill and its record, then end it if it has not within its own time to do so
         (kill, confirm, escalate, confirm). {} when there was none."""
+        import asyncio  # the daemon's side only: the watchdog process never loads it
+
         found = self.previous()
         if not found:
             return {}
@@ -234,21 +240,44 @@ class Watchdog:
         if self.on_death is not None:
             self.on_death(code)
 
-    def disarm(self) -> bool:
+    def disarm(self, wait: bool = True) -> bool:
         """Orderly shutdown: tell the watchdog to stand down, if every agent is dead. With an
         agent process still alive under the parent it stays armed (False): the daemon's exit
-        then closes the pipe without "done", and the watchdog kills what is left."""
-        if self.parent.populated():
-            log.critical("watchdog stays armed: agent processes are still alive under %s",
-                         self.parent.path)
+        then closes the pipe without "done", and the watchdog kills what is left. `wait=False`
+        tells it without waiting for it to exit (an embedded CI run does its remaining work
+        meanwhile); a later disarm() only waits."""
+        if not self.disarmed:
+            if self.parent.populated():
+                log.critical("watchdog stays armed: agent processes are still alive under %s",
+                             self.parent.path)
+                return False
+            self.disarmed = True
+            with contextlib.suppress(OSError):
+                os.write(self.write_fd, DONE)
+                os.close(self.write_fd)
+        if wait and self._reap(timeout=5.0):
+            self.cgroup.remove()  # its own cgroup, empty once it has exited
+        return True
+
+    def _reap(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the watchdog to exit after "done"; whether it has. Woken
+        by its pidfd, not by Popen.wait's sleep-and-poll, whose sleeps (up to 50 ms) would be
+        added to every embedded CI run's teardown."""
+        if self.proc.returncode is not None:
+            return True  # already reaped: its pid may belong to another process by now
+        try:
+            pidfd = os.pidfd_open(self.proc.pid)
+        except OSError:
+            pidfd = None
+        if pidfd is not None:
+            try:
+                select.select([pidfd], [], [], timeout)
+            finally:
+                os.close(pidfd)
+        try:
+            self.proc.wait(timeout=0)
+        except subprocess.TimeoutExpired:
             return False
-        self.disarmed = True
-        with contextlib.suppress(OSError):
-            os.write(self.write_fd, DONE)
-            os.close(self.write_fd)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
-            self.cgroup.remove()
         return True
 
 

@@ -54,6 +54,7 @@ from supervisor.egress.accounting import (
     clip,
     tokens_in,
 )
+from supervisor.egress.calls import CallLog, CallMeter, StreamUsage
 from supervisor.egress.grant import Decision, RunGrant
 from supervisor.egress.reflection import Reflection, SecretReflected
 from supervisor.egress.target import (
@@ -125,6 +126,7 @@ class _Gate:
         self.listener: asyncio.Server | None = None
         self.tunnels: set[asyncio.Transport] = set()
         self.refusals = RefusalTally(_MAX_REFUSAL_KEYS)
+        self.calls = CallLog()  # each call through a route, for the run's CI report
         self.expiry: asyncio.TimerHandle | None = None
         self.held = 0  # requests waiting for an operator now
         self.asked = 0  # approvals asked for in all
@@ -810,7 +812,8 @@ class Gateway:
         url = URL(route.upstream.rstrip("/") + target.raw_path_qs, encoded=True)
         gate.usage.spend += route.price_per_call
         cut: list[EgressRefusal] = []
-        body = self._stream_body(gate, request, cut) if request.body_exists else None
+        meter = CallMeter()
+        body = self._stream_body(gate, request, cut, meter) if request.body_exists else None
         assert self._session is not None
         try:
             upstream = await self._session.request(request.method, url, headers=headers,
@@ -823,10 +826,17 @@ class Gateway:
                                 f"{type(exc).__name__}: {clip(str(exc))}", retry=True,
                                 route=route.name) from None
         async with upstream:
-            return await self._reply(gate, request, route, upstream)
+            response = await self._reply(gate, request, route, upstream, meter)
+        gate.calls.record(started=meter.started, method=request.method, route=route.name,
+                          path=target.path, status=upstream.status,
+                          request_bytes=meter.request_bytes, reply_bytes=meter.reply_bytes,
+                          tokens=meter.stream.tokens() if meter.stream else meter.tokens,
+                          duration_ms=meter.elapsed_ms())
+        return response
 
     async def _stream_body(self, gate: _Gate, request: web.BaseRequest,
-                           cut: list[EgressRefusal]) -> AsyncIterator[bytes]:
+                           cut: list[EgressRefusal],
+                           meter: CallMeter | None = None) -> AsyncIterator[bytes]:
         """The agent's body, passed upstream as it arrives (never held whole); a body past
         the per-request limit, a form field that overrides the method, or a token that stops
         working ends the upload (the upstream never gets a whole body) and the request is
@@ -835,6 +845,8 @@ class Gateway:
         scanner = form_scanner(request.headers.get("Content-Type", ""))
         async for chunk in request.content.iter_any():
             size += len(chunk)
+            if meter is not None:
+                meter.request_bytes = size
             if scanner is not None and scanner.found_in(chunk):
                 cut.append(EgressRefusal(400, "method_override_refused", "a form field "
                                          "(_method) would make the upstream read this request "
@@ -856,7 +868,8 @@ class Gateway:
             yield chunk
 
     async def _reply(self, gate: _Gate, request: web.BaseRequest, route: Route,
-                     upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+                     upstream: aiohttp.ClientResponse,
+                     meter: CallMeter | None = None) -> web.StreamResponse:
         """The upstream's reply, or a refusal (which the breaker counts, in `_refuse`)."""
         reflection = gate.reflection(route)
         headers_out = [(k, v) for k, v in upstream.headers.items()
@@ -883,8 +896,12 @@ class Gateway:
                                     "counted from the whole body)", route=route.name)
             if reflection.found_in(payload):
                 raise _reflected(route, "body")
+            reported = (tokens_in(payload) if priced or "json" in upstream.headers.get(
+                "Content-Type", "") else None)
+            if meter is not None:
+                meter.reply_bytes, meter.tokens = len(payload), reported
             if priced:
-                tokens = tokens_in(payload) or 0
+                tokens = reported or 0
                 gate.usage.tokens += tokens
                 gate.usage.spend += tokens * route.price_per_token
             response = web.Response(status=upstream.status, reason=upstream.reason,
@@ -903,10 +920,16 @@ class Gateway:
             response.content_length = length
         await response.prepare(request)
         guard = reflection.guard()
+        if meter is not None and "event-stream" in upstream.headers.get("Content-Type", ""):
+            meter.stream = StreamUsage()
         try:
             async for chunk in upstream.content.iter_any():
                 if not self.count_tunnel_bytes(gate, len(chunk)):
                     raise ConnectionResetError("cut")
+                if meter is not None:
+                    meter.reply_bytes += len(chunk)
+                    if meter.stream is not None:
+                        meter.stream.feed(chunk)
                 await response.write(guard.feed(chunk))
             await response.write(guard.finish())
             await response.write_eof()

@@ -234,10 +234,14 @@ class Worker:
         run = str(message["run"])
         self._release_held("the run ended", run)
         snapshot = self._snapshot(run) if run in self.gateway.gates else None
+        gate = self.gateway.gates.get(run)
+        calls = gate.calls if gate is not None else None  # read after the close: complete
         usage = await self.gateway.close(run)
         self.reported.pop(run, None)
         if snapshot is not None and usage is not None:
             snapshot["usage"], snapshot["denials"] = usage.as_dict(), dict(usage.refusals)
+            if calls is not None:
+                snapshot["calls"] = calls.as_dict()
         self._reply(message, **(snapshot or {"usage": None}))
 
     def _decide(self, message: dict[str, Any]) -> None:

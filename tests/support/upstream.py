@@ -131,6 +131,8 @@ class Upstream:
             return await self._drip(request)
         if endpoint == "reflect":
             return await self._reflect(request)
+        if endpoint == "events":
+            return await self._events(request)
         body = await request.read()
         self.seen.append({"method": request.method, "path": request.path_qs,
                           "headers": dict(request.headers), "body": body.decode(errors="replace")})
@@ -160,6 +162,28 @@ class Upstream:
         for _ in range(int(request.query.get("n", "600"))):
             await response.write(b"d" * 1024)
             await asyncio.sleep(float(request.query.get("every", "0.1")))
+        await response.write_eof()
+        return response
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        """A model reply as Anthropic streams it: usage in message_start (input) and a
+        cumulative one in message_delta (output), written a few bytes at a time so events
+        straddle chunks."""
+        body = await request.read()
+        self.seen.append({"method": request.method, "path": request.path_qs,
+                          "headers": dict(request.headers), "body": body.decode(errors="replace")})
+        events = [("message_start", {"type": "message_start", "message": {
+                      "id": "msg_1", "usage": {"input_tokens": 120, "output_tokens": 1}}}),
+                  ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                           "delta": {"type": "text_delta", "text": "ok"}}),
+                  ("message_delta", {"type": "message_delta", "usage": {"output_tokens": 30}}),
+                  ("message_stop", {"type": "message_stop"})]
+        stream = b"".join(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+                          for name, data in events)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(0, len(stream), 7):
+            await response.write(stream[i:i + 7])
         await response.write_eof()
         return response
 

@@ -34,6 +34,18 @@ def sample_report() -> dict[str, Any]:
     }
 
 
+def with_calls(data: dict[str, Any], count: int = 2) -> dict[str, Any]:
+    """A gateway run's egress with its model calls, as the gateway lists them."""
+    call = {"ts": 1_767_225_600.0, "method": "POST", "route": "anthropic",
+            "path": "/v1/messages", "status": 200, "request_bytes": 2048,
+            "reply_bytes": 900, "tokens": 150, "duration_ms": 812.4}
+    data["network"] = {"mode": "gateway"}
+    data["egress"] = {"calls": count, "bytes": 5896, "tokens": 150 * count,
+                      "model_calls": {"calls": [dict(call) for _ in range(count)],
+                                      "unrecorded": 0}}
+    return data
+
+
 @pytest.fixture
 def keys(tmp_path: Path) -> tuple[Path, Path]:
     private, public = tmp_path / "k", tmp_path / "k.pub"
@@ -62,10 +74,13 @@ def test_a_signed_report_verifies_with_its_key_only(keys: tuple[Path, Path],
     lambda r: r["scope"]["violations"].clear(),
     lambda r: r["manifest"]["changes"].append({"path": "x", "change": "created"}),
     lambda r: r.pop("teardown"),
+    lambda r: r["egress"]["model_calls"]["calls"][0].__setitem__("tokens", 1),
+    lambda r: r["egress"]["model_calls"]["calls"].pop(),
 ])
 def test_any_edit_after_signing_is_detected(keys: tuple[Path, Path], edit: Any) -> None:
     private, public = keys
-    signed = report.sign(sample_report(), report.load_private_key(private), ephemeral=True)
+    signed = report.sign(with_calls(sample_report()), report.load_private_key(private),
+                         ephemeral=True)
     tampered = copy.deepcopy(signed)
     edit(tampered)
     result = report.verify(tampered, report.load_public_key(public))
@@ -128,3 +143,16 @@ def test_endings_come_from_the_run_end_cause_never_from_its_reason() -> None:
     assert ending_of("killed") is Ending.KILLED
     assert ending_of(None) is Ending.KILLED and ending_of("no such cause") is Ending.KILLED
     assert set(EndCause) >= set(ENDING_OF_CAUSE)
+
+
+def test_the_summary_lists_the_model_calls_and_says_how_many_it_left_out() -> None:
+    text = report.summary_markdown(with_calls(sample_report()))
+    assert "**Model calls (2)**" in text
+    assert text.count("| 00:00:00 | `POST anthropic /v1/messages` | 200 | 2.0 KiB / 900 B | "
+                      "150 | 812 |") == 2
+    many = with_calls(sample_report(), count=25)
+    many["egress"]["model_calls"]["unrecorded"] = 3
+    text = report.summary_markdown(many)
+    assert "**Model calls (28)**" in text and text.count("`POST anthropic") == 20
+    assert "5 more listed in the report, 3 beyond its list" in text
+    assert "Model calls" not in report.summary_markdown(sample_report())

@@ -1435,3 +1435,33 @@ def test_a_method_override_in_a_form_body_is_refused(env: Env, content_type: str
     reply = env.get(port, "/v1/items", method="POST", body=b'{"_method": "DELETE"}',
                     headers=[("Content-Type", "application/json")])
     assert reply.status == 200
+
+
+# ----------------------------------------------------------------------------- the call list
+
+
+def test_each_route_call_is_listed_with_its_status_bytes_and_tokens(env: Env) -> None:
+    """What a CI report lists (supervisor/egress/calls.py): one entry per call through a
+    route, JSON and streamed usage read, the query string never kept; refusals and tunnels
+    are not model calls."""
+    port = env.open()
+    assert env.get(port, "/v1/chat?tokens=7").status == 200
+    assert env.get(port, "/fail").status == 500
+    body = b'{"model": "m", "stream": true}'
+    streamed = env.get(port, "/v1/events?key=abc", method="POST", body=body,
+                       headers=[("Content-Type", "application/json")])
+    assert streamed.status == 200 and b"message_stop" in streamed.body
+    assert env.get(port, "/v1/chat", host="unrouted.example").status == 403
+    log = env.gateway.gates[RUN].calls
+    env.close()
+    entries = log.as_dict()
+    assert entries["unrecorded"] == 0
+    calls = entries["calls"]
+    assert [(c["method"], c["route"], c["path"], c["status"], c["tokens"]) for c in calls] == [
+        ("GET", "llm", "/v1/chat", 200, 7), ("GET", "llm", "/fail", 500, None),
+        ("POST", "llm", "/v1/events", 200, 150)]
+    assert calls[2]["request_bytes"] == len(body)
+    assert calls[2]["reply_bytes"] == len(streamed.body)
+    assert all(c["reply_bytes"] > 0 and c["duration_ms"] >= 0 and c["ts"] > 0
+               for c in calls)
+    assert "abc" not in json.dumps(calls)

@@ -1,0 +1,62 @@
+"""The watchdog's stand-down (supervisor/daemon/watchdog.py) on the real cgroup tree: told
+"done" without waiting (an embedded CI run gathers its evidence meanwhile), it exits on its own
+and a later disarm() reaps it; with an agent process still alive under the parent it stays
+armed, and the pipe closing without "done" makes it kill that process. Needs root."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisor.daemon.watchdog import Watchdog
+from supervisor.sandbox.cgroups import Cgroup, unified_root
+from tests.conftest import require
+
+
+@pytest.fixture
+def parent() -> Iterator[Cgroup]:
+    require(os.geteuid() == 0, "needs root (cgroups)")
+    group = Cgroup(f"as-test-watchdog-{secrets.token_hex(4)}")
+    (group.path / "run").mkdir(parents=True)
+    yield group
+    group.remove(strict=False)
+
+
+def test_stand_down_without_waiting_then_reaped(parent: Cgroup, tmp_path: Path) -> None:
+    record = tmp_path / "watchdog.jsonl"
+    watchdog = Watchdog(parent.path, record, timeout=5)
+    assert watchdog.disarm(wait=False)
+    assert watchdog.proc.returncode is None  # not waited for
+    assert watchdog.disarm()  # only waits now
+    assert watchdog.proc.returncode == 0
+    assert watchdog.disarm() and watchdog.proc.returncode == 0  # again: a no-op
+    assert not record.exists()
+
+
+def test_an_agent_alive_keeps_it_armed_and_the_pipe_closing_kills_it(
+        parent: Cgroup, tmp_path: Path) -> None:
+    record = tmp_path / "watchdog.jsonl"
+    watchdog = Watchdog(parent.path, record, timeout=5)
+    agent = subprocess.Popen(["sleep", "300"])
+    try:
+        (parent.path / "run" / "cgroup.procs").write_text(str(agent.pid))
+        assert parent.populated()
+        assert not watchdog.disarm(wait=False)
+        assert not watchdog.disarmed
+        os.close(watchdog.write_fd)  # the daemon's death, as the watchdog sees it
+        assert agent.wait(timeout=60) == -9
+        assert watchdog.proc.wait(timeout=60) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    [line] = record.read_text().splitlines()
+    report = json.loads(line)
+    assert report["confirmed_empty"] is True
+    assert report["cgroup"] == str(unified_root() / parent.relative)
