@@ -2,9 +2,9 @@
 sandbox, seccomp, tripwires, kill path and audit as the daemon) in this process for one run, then
 torn down completely. It drives the core only through the methods the daemon's API uses
 (launch, act, get_run, reconcile, shutdown), never the arbiter's internals. agentctl execs
-`python -I -m supervisor.ci.runner` with the run in $AGENT_SUPERVISOR_EMBEDDED_RUN, so the CI
-job's SIGINT/SIGTERM reach this process directly: they kill the run through the audited kill
-path and the run ends with status 80 (killed).
+`python -I -m supervisor.ci` (ci/__main__.py) with the run in $AGENT_SUPERVISOR_EMBEDDED_RUN, so
+the CI job's SIGINT/SIGTERM reach this process directly: they kill the run through the audited
+kill path and the run ends with status 80 (killed).
 
 Each embedded run claims a slot (an flock'ed file under $AGENT_SUPERVISOR_CI_ROOT) that gives it
 its own runtime directory, cgroup parent, name prefix and host uid range, so concurrent runs on
@@ -515,8 +515,10 @@ def main() -> None:
             first = exc.errors()[0]
             raise InvalidRequest(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}",
                                  field=".".join(str(p) for p in first["loc"])) from exc
-        # Objects made by the imports never need collecting: keep the collector off them.
+        # Objects made by the imports never need collecting: keep the collector off them
+        # (python -m supervisor.ci imports with it disabled; the run itself needs it).
         gc.freeze()
+        gc.enable()
         code = asyncio.run(run_embedded(spec))
     except SupervisorError as exc:
         print(f"agentctl: {exc.code}: {exc.message}", file=sys.stderr)

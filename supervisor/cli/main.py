@@ -343,7 +343,7 @@ def _exec_embedded(body: dict[str, Any], ci_options: dict[str, Any]) -> NoReturn
                             for k, v in ci_options.items()}}
     env = {**os.environ, EMBEDDED_ENV_VAR: json.dumps(spec)}
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-I", "-m", "supervisor.ci.runner"], env)
+    os.execve(sys.executable, [sys.executable, "-I", "-m", "supervisor.ci"], env)
 
 
 def _parse_tripwire(spec: str) -> dict[str, Any]:

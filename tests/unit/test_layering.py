@@ -18,7 +18,7 @@ PACKAGE = REPO / "supervisor"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("supervisor.cli", "supervisor.console")),
     # CI mode's runner assembles the daemon's core for one run: it sits at the daemon's level.
-    ("daemon", ("supervisor.daemon", "supervisor.ci.runner")),
+    ("daemon", ("supervisor.daemon", "supervisor.ci.runner", "supervisor.ci.__main__")),
     ("control plane", ("supervisor.api", "supervisor.audit", "supervisor.authz",
                        "supervisor.events", "supervisor.metrics", "supervisor.metrics_web",
                        "supervisor.ci", "supervisor.fleet")),
