@@ -90,7 +90,8 @@ def test_new_series_move_on_audited_events_with_bounded_labels(env: ArbiterEnv) 
 
 def promtool_check(exposition: bytes) -> None:
     """`promtool check metrics`: exit 0 and no lint complaint (install-deps installs it)."""
-    promtool = shutil.which("promtool")
+    # install-deps puts it in /usr/local/bin, which the unit tier's reset PATH leaves out.
+    promtool = shutil.which("promtool") or shutil.which("promtool", path="/usr/local/bin")
     assert promtool is not None, "promtool is missing: run scripts/install-deps.sh"
     done = subprocess.run([promtool, "check", "metrics"], input=exposition,
                           capture_output=True, timeout=60, check=False)
