@@ -794,6 +794,10 @@ def reload(reason: str, as_json: bool) -> None:
     click.echo(f"reloaded {data['source']}: {changed}; {data['running']} agents kept running")
     if data["restart_required"]:
         click.echo(f"takes effect at the next restart: {', '.join(data['restart_required'])}")
+    for run in data.get("gateway_runs", []):
+        what = (f"routes {', '.join(run['routes']) or '(none)'}" if run.get("routes") is not None
+                else f"kept what it had: {run['kept']}")
+        click.echo(f"running agent {run['agent']} (run {run['run']}): {what}")
 
 
 # ----------------------------------------------------------------------------- egress gateway

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
@@ -40,8 +41,10 @@ from supervisor.errors import (
     GatewayUnavailable,
     IllegalTransition,
     InvalidRequest,
+    SupervisorError,
 )
 from supervisor.models import Actor, Approval
+from supervisor.profiles import load_profile
 from supervisor.tripwires import Firing
 
 log = logging.getLogger(__name__)
@@ -266,6 +269,61 @@ class EgressControl:
                "https_proxy": proxy, "NO_PROXY": "", "no_proxy": "",
                "AGENT_SUPERVISOR_GATEWAY": f"{addresses.host_ip}:{self.config.egress.port}"}
         return network, env
+
+    async def regrant(self, profiles: set[str], secret_refs: set[str]) -> list[dict[str, Any]]:
+        """A reload changed `profiles` or the route secrets `secret_refs`: every running
+        gateway run of such a profile, or with a route naming such a secret, gets its profile's
+        routes, allow list, budgets and approval rules and the routes' secrets as they are now,
+        for its next request (open tunnels are cut). What a run started with stays: its token
+        and expiry (the old token_ttl), its breaker and MCP servers, and the rest of its profile
+        (limits, tripwires, seccomp). A run the new profile or a secret cannot serve keeps what
+        it has, and says why. One report per run reached, for the reload's audit row (names
+        only, never a value)."""
+        reports: list[dict[str, Any]] = []
+        for run_id, state in list(self.runs.items()):
+            live = self.arbiter.live.get(run_id)
+            old = state.grant.policy
+            if live is None or live.profile is None or state.revoked or state.lost:
+                continue
+            name = live.profile.name
+            if name not in profiles and not {r.secret for r in old.routes} & secret_refs:
+                continue
+            report: dict[str, Any] = {"run": run_id, "agent": state.grant.agent,
+                                      "profile": name}
+            reports.append(report)
+            try:
+                grant = self._regranted(state.grant, name)
+            except SupervisorError as exc:
+                report["kept"] = exc.message
+                continue
+            try:
+                reply = await self.worker.request({"op": "regrant", "run": run_id,
+                                                   "grant": grant_to_wire(grant)})
+            except GatewayUnavailable as exc:
+                report["kept"] = exc.message
+                continue
+            if not reply.get("ok"):
+                report["kept"] = "the run's gateway session has ended"
+                continue
+            state.grant = grant
+            report["routes"] = [route.name for route in grant.policy.routes]
+        return reports
+
+    def _regranted(self, grant: RunGrant, profile_name: str) -> RunGrant:
+        config = self.arbiter.config
+        profile = load_profile(profile_name, config.daemon.profile_dirs)
+        if profile.network.mode != "gateway":
+            raise EgressSetupFailed(f"profile {profile_name!r} no longer uses the gateway; "
+                                    f"the run keeps its network until it ends")
+        old = grant.policy
+        policy = profile.network.gateway.model_copy(update={
+            "token_ttl": old.token_ttl, "breaker": old.breaker, "mcp": old.mcp})
+        # The MCP servers' credentials stay the run's own; the routes' are read again.
+        secret_values = {key: value for key, value in grant.secrets.items()
+                         if key not in {route.name for route in old.routes}}
+        secret_values.update({route.name: load_secret(route.secret, config.egress.secrets_dir)
+                              for route in policy.routes})
+        return dataclasses.replace(grant, policy=policy, secrets=secret_values)
 
     def _release_unless_held(self, addresses: link.LinkAddresses, generation: int) -> None:
         """An address may go back to the pool only once no worker can be listening on it: the

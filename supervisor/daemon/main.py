@@ -215,7 +215,8 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
         config_file, started, arbiter=arbiter, audit=audit, roles=roles, outbox=outbox,
         webhook_worker=webhook_worker, drills=drills, notifier=notifier,
         start_metrics=metrics_at, metrics_endpoint=metrics_endpoint,
-        admission_roles=lambda new: setattr(admission[0].admission, "roles", new))
+        admission_roles=lambda new: setattr(admission[0].admission, "roles", new),
+        egress=core.egress)
     app = build_app(arbiter, roles, drills, telemetry=telemetry, egress=core.egress,
                     control=config.control, reloader=reloader)
     listener = ControlListener(app, sock, config.control, config.roles, owner_sock)

@@ -6,9 +6,11 @@ Reloadable, applied at once: [roles] (who may do what on the socket, new connect
 requests alike), [workspaces], [[webhooks]] with their secrets and [webhook_delivery],
 [metrics] (the endpoint moves), [drill] (the schedule restarts). Profiles, with their
 tripwires and egress routes, and the route secrets they name are read at each launch, so
-a reload only checks them and reports which changed: new runs get them, running runs keep
-the profile, tripwires, routes and tokens they started with. Any other section is reported
-as needing a restart and keeps its running value.
+new runs get them. A running gateway run of a changed profile, or whose routes name a changed
+secret, gets the profile's routes, allow list, budgets and approval rules and the secrets as
+they are now, for its next request (daemon/egress.py `regrant`; open tunnels are cut); it
+keeps its token and expiry, breaker, MCP servers, tripwires and limits. Any other section is
+reported as needing a restart and keeps its running value.
 
 A configuration with any error is refused whole (ConfigInvalid listing every error, audited)
 and the running one stays. One reload at a time; each is one audit row, `config_reload`,
@@ -30,6 +32,7 @@ from supervisor.config import Config
 from supervisor.daemon.arbiter import Arbiter
 from supervisor.daemon.configcheck import CheckedConfig, check_config
 from supervisor.daemon.drills import Drills
+from supervisor.daemon.egress import EgressControl
 from supervisor.daemon.notify import Notifier
 from supervisor.errors import ReloadRefused, SupervisorError
 from supervisor.events import DeliveryWorker, Outbox
@@ -48,7 +51,8 @@ class ConfigReloader:
                  audit: AuditLog, roles: RoleTable, outbox: Outbox,
                  webhook_worker: DeliveryWorker, drills: Drills, notifier: Notifier,
                  start_metrics: StartMetrics, metrics_endpoint: MetricsEndpoint | None,
-                 admission_roles: Callable[[Any], None]) -> None:
+                 admission_roles: Callable[[Any], None],
+                 egress: EgressControl | None = None) -> None:
         assert checked.config is not None
         self.path = path
         self.current: Config = checked.config
@@ -65,6 +69,7 @@ class ConfigReloader:
         self.start_metrics = start_metrics
         self.metrics_endpoint = metrics_endpoint
         self.admission_roles = admission_roles
+        self.egress = egress
         self.drill_schedule: asyncio.Task[None] = asyncio.create_task(drills.schedule())
         self._lock = asyncio.Lock()
         self._signalled: set[asyncio.Task[Any]] = set()
@@ -148,11 +153,17 @@ class ConfigReloader:
         self.profiles = dict(checked.profiles)
         self.secrets = dict(checked.secrets)
 
+        # Running gateway runs get changed routes and secrets now (a run the new profile
+        # cannot serve keeps what it had, and the row says why).
+        regranted: list[dict[str, Any]] = []
+        if self.egress is not None and (profiles or secrets):
+            regranted = await self.egress.regrant(set(profiles), set(secrets))
+
         changed = (applied + [f"profile:{name}" for name in profiles]
                    + [f"secret:{ref}" for ref in secrets])
         result = {"outcome": "applied" if changed else "unchanged", "source": checked.source,
                   "changed": changed, "restart_required": restart_required,
-                  "running": len(self.arbiter.live)}
+                  "running": len(self.arbiter.live), "gateway_runs": regranted}
         self.audit.append(actor=label, verb="config_reload", scope="global", reason=reason,
                           outcome="ok", detail=result)
         log.warning("configuration reloaded from %s: %s%s", checked.source,

@@ -27,6 +27,7 @@ import base64
 import binascii
 import concurrent.futures
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import logging
@@ -140,6 +141,10 @@ class _Gate:
 
     def agent_total(self) -> Usage:
         return self.grant.agent_usage.add(self.usage)
+
+    def reflections_reset(self) -> None:
+        """New secrets: the reflection guards are rebuilt from them at the next use."""
+        self._reflections = {}
 
 
 class _Resolver(AbstractResolver):
@@ -424,6 +429,28 @@ class Gateway:
             gate.state = state
         if state != "active" and self._loop is not None:
             self._loop.call_soon_threadsafe(self._cut, gate)
+
+    def regrant(self, grant: RunGrant) -> bool:
+        """A reload changed the run's routes or their secrets: its next request is judged by
+        `grant`'s policy and gets its secrets. The token, its expiry, the listener and the
+        counters stay the run's own (never extended by a reload). Open CONNECT tunnels were
+        judged once, by the old policy, so they are cut; requests in flight finish as they
+        began. False when the run is not (or no longer) here."""
+        with self._lock:
+            gate = self.gates.get(grant.run_id)
+            if gate is None or gate.state == "revoked":
+                return False
+            gate.grant = dataclasses.replace(gate.grant, policy=grant.policy,
+                                             secrets=dict(grant.secrets))
+            gate.reflections_reset()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._cut_tunnels, gate)
+        return True
+
+    def _cut_tunnels(self, gate: _Gate) -> None:
+        for transport in list(gate.tunnels):
+            transport.abort()
+        gate.tunnels.clear()
 
     def reset_breaker(self, run_id: str) -> str | None:
         """Close a tripped breaker; the reason it had tripped, or None if it was closed."""

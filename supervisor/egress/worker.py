@@ -196,6 +196,8 @@ class Worker:
             self._release_held("the agent was paused", run)
         elif op == "resume":
             self.gateway.resume(run)
+        elif op == "regrant":
+            self._reply(message, ok=self.gateway.regrant(grant_from_wire(message["grant"])))
         elif op == "decide":
             self._decide(message)
         elif op == "reset_breaker":

@@ -40,6 +40,7 @@ __all__ = [
     "DrillResult",
     "Duration",
     "EgressView",
+    "GatewayRunUpdate",
     "Health",
     "ReasonRequest",
     "ReloadResult",
@@ -395,6 +396,17 @@ class DrillRequest(_Request):
                  duration_schema(DRILL_SLO_MAX)] | None = None
 
 
+class GatewayRunUpdate(BaseModel):
+    """A running gateway run a reload reached (daemon/egress.py `regrant`)."""
+
+    run: str
+    agent: str
+    profile: str
+    # The routes it has now; absent when it kept what it had, `kept` saying why.
+    routes: list[str] | None = None
+    kept: str | None = None
+
+
 class ReloadResult(BaseModel):
     """POST /v1/reload: what a reload applied (daemon/reload.py)."""
 
@@ -405,6 +417,8 @@ class ReloadResult(BaseModel):
     # Sections that changed in the file but keep their running value until a restart.
     restart_required: list[str]
     running: int
+    # Running gateway runs given the changed routes and secrets (or told why not).
+    gateway_runs: list[GatewayRunUpdate] = []
 
 
 class DrillResult(BaseModel):

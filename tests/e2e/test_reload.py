@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import urllib.request
 from collections.abc import Iterator
@@ -15,8 +16,10 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import require
 from tests.e2e.test_roles import as_user, role_users
 from tests.support.daemon import Daemon, running_daemon, wait_for
+from tests.support.egress import LLM_ROUTE, gateway_rig, host_request, open_tunnel
 from tests.support.webhooks import Receiver, ThreadedReceiver
 
 SECRET = "reload-webhook-secret"
@@ -171,3 +174,80 @@ def test_a_bad_configuration_is_refused_whole_and_the_old_one_stays(tmp_root: Pa
         daemon.agentctl("kill", "kept", "--reason", "done", check=True)
         os.unlink(daemon.root / "profiles" / "broken.toml")
         daemon.config_path.write_text(good)
+
+
+def _cut(tunnel: Any, timeout: float = 10.0) -> bool:
+    """The gateway closed the tunnel (a read that times out means it is still open)."""
+    tunnel.settimeout(timeout)
+    try:
+        return bool(tunnel.recv(100) == b"")
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+    finally:
+        tunnel.close()
+
+
+OTHER_ROUTE = """
+[[network.gateway.routes]]
+name = "other"
+host = "other.gateway"
+upstream = "https://other.upstream.test:{PORT}"
+secret = "file:other-key"
+header = "X-Api-Key"
+format = "{secret}"
+"""
+
+
+def test_a_reload_pushes_changed_routes_and_secrets_to_a_running_gateway_run(
+        tmp_root: Path) -> None:
+    require(shutil.which("nft") is not None, "needs nft (apt-get install nftables)")
+    with gateway_rig(tmp_root) as rig:
+        port = rig.upstream.port
+        profile = rig.profile("routed", f'[network.gateway]\nallow = ["pkg.upstream.test:{port}"]'
+                              f'\n{LLM_ROUTE}')
+        rig.daemon.agentctl_json("run", "--detach", "--name", "kept", "--profile", profile,
+                                 "--", "sleep", "600")
+        env = rig.proxy_env("kept")
+
+        def call(host: str) -> bytes:
+            return host_request(env, f"GET http://{host}/v1/chat HTTP/1.1\r\nHost: {host}\r\n"
+                                f"Connection: close\r\n\r\n".encode())
+
+        assert call("llm.gateway").startswith(b"HTTP/1.1 200")
+        assert rig.upstream.headers_seen("Authorization")[-1] == f"Bearer {rig.secret}"
+        assert call("other.gateway").startswith(b"HTTP/1.1 403")  # no such route yet
+        tunnel = open_tunnel(env, f"pkg.upstream.test:{port}", rig.ca)
+
+        # The operator rotates the key, adds a route and withdraws the allowed host.
+        secrets_dir = tmp_root / "secrets"
+        (secrets_dir / "llm-key").write_text("sk-rotated\n")
+        (secrets_dir / "other-key").write_text("other-secret\n")
+        (secrets_dir / "other-key").chmod(0o600)
+        rig.profile("routed", f"[network.gateway]\n{LLM_ROUTE}{OTHER_ROUTE}")
+        result = rig.daemon.agentctl_json("reload", "--reason", "rotate the key")
+        assert {"profile:routed", "secret:file:llm-key"} <= set(result["changed"]), result
+        [pushed] = result["gateway_runs"]
+        assert pushed["agent"] == "kept" and pushed["routes"] == ["llm", "other"], pushed
+
+        # Its next requests: the new secret, the new route; the tunnel judged by the old
+        # policy is cut, and the host it reached is refused now. Same token throughout.
+        assert _cut(tunnel), "a regrant must cut tunnels the old policy let through"
+        assert call("llm.gateway").startswith(b"HTTP/1.1 200")
+        assert rig.upstream.headers_seen("Authorization")[-1] == "Bearer sk-rotated"
+        assert call("other.gateway").startswith(b"HTTP/1.1 200")
+        assert rig.upstream.headers_seen("X-Api-Key")[-1] == "other-secret"
+        refused = host_request(env, f"CONNECT pkg.upstream.test:{port} HTTP/1.1\r\nHost: "
+                               f"pkg.upstream.test:{port}\r\n\r\n".encode())
+        assert refused.startswith(b"HTTP/1.1 403"), refused
+
+        # Audited by name, never by value.
+        row = reload_rows(rig.daemon)[0]
+        assert row["detail"]["gateway_runs"] == [{"run": pushed["run"], "agent": "kept",
+                                                  "profile": "routed",
+                                                  "routes": ["llm", "other"]}]
+        text = json.dumps(row)
+        for value in ("sk-rotated", "other-secret", rig.secret):
+            assert value not in text
+        rig.daemon.agentctl("kill", "kept", "--reason", "done", check=True)
