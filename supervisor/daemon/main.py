@@ -34,6 +34,7 @@ from supervisor.daemon.fleet import FleetMember
 from supervisor.daemon.notify import HealthCheck, Notifier
 from supervisor.daemon.reload import ConfigReloader
 from supervisor.daemon.selftest import run_self_test
+from supervisor.daemon.stopintent import stop_intent
 from supervisor.errors import ConfigInvalid, EnforcementError, SupervisorError
 from supervisor.events import DeliveryWorker, Outbox, load_endpoints
 from supervisor.metrics import MetricsEndpoint, start_metrics
@@ -263,6 +264,12 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     log.info("agent-supervisord %s ready on %s (cgroups %s)", __version__, config.socket_path,
              core.mode.value)
     await stop.wait()
+    # A restart or a stop (daemon/stopintent.py): recorded in daemon_stop. Both still end
+    # every agent: adoption across a restart is not built (docs/runbook.md).
+    intent = await stop_intent(notifier.service)
+    if intent.get("systemd_job") == "restart":
+        log.warning("systemd is restarting %s: every agent is killed (running agents are not "
+                    "handed to the next daemon)", intent["unit"])
 
     notifier.stopping(f"killing every agent ({len(arbiter.live)} running)")
     await notifier.stop_heartbeat()
@@ -279,7 +286,7 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     await core.stop_observers()  # telemetry and seccomp notify: every agent is dead
     await webhook_worker.stop()  # webhooks: up to 2 s to flush; the rest waits for the next start
     audit.append(actor=SYSTEM.label(), verb="daemon_stop", scope="global",
-                 reason=config.daemon.shutdown_reason)
+                 reason=config.daemon.shutdown_reason, detail=intent or None)
     await listener.stop()
     if reloader.metrics_endpoint is not None:  # metrics (a reload may have moved it)
         await reloader.metrics_endpoint.stop()

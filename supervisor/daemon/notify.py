@@ -48,6 +48,8 @@ class Notifier:
             address = "\0" + address[1:]
         self.address = address
         self.watchdog_usec = _watchdog_usec(env)
+        # systemd started this process as a service (daemon/stopintent.py asks it why it stops).
+        self.service = bool(env.get("INVOCATION_ID"))
         for name in _SYSTEMD_VARS:
             env.pop(name, None)
         self._heartbeat: asyncio.Task[None] | None = None

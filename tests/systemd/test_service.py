@@ -132,7 +132,24 @@ def test_stop_kills_every_agent_audited(machine: Machine) -> None:
     stops = [r for r in rows if r["verb"] == "shutdown"
              and "stopped-with-service" in json.dumps(r)]
     assert stops, [r["verb"] for r in rows[:30]]
-    assert any(r["verb"] == "daemon_stop" for r in rows)
+    # The daemon asked systemd why it was stopped: a stop job, not a restart.
+    daemon_stop = next(r for r in rows if r["verb"] == "daemon_stop")
+    assert daemon_stop["detail"] == {"unit": UNIT, "systemd_job": "stop"}, daemon_stop
+
+
+def test_restart_is_told_from_stop_and_still_kills_every_agent(machine: Machine) -> None:
+    """Adoption across a restart is not built (docs/runbook.md): a restart ends every agent
+    through the audited kill path as a stop does, and the audit says it was a restart."""
+    start_agent(machine, "across-restart")
+    pid = main_pid(machine)
+    machine.run("systemctl", "restart", UNIT, timeout=180)
+    wait_active(machine)
+    assert main_pid(machine) != pid
+    assert agent_pids(machine) == []
+    rows = audit_rows(machine)
+    daemon_stop = next(r for r in rows if r["verb"] == "daemon_stop")
+    assert daemon_stop["detail"] == {"unit": UNIT, "systemd_job": "restart"}, daemon_stop
+    assert any(r["verb"] == "shutdown" and "across-restart" in json.dumps(r) for r in rows)
 
 
 def test_sigkill_of_the_unit_leaves_no_agent(machine: Machine) -> None:
