@@ -240,8 +240,11 @@ class FleetMember:
                                   "selector": action.selector.model_dump(mode="json"),
                                   "issued_at": action.issued_at})
         ack = await self._run_verb(action, arrived)
-        self._mark_applied(action)
+        # Settled in memory, then the ack handed to the writer thread, then the progress
+        # saved: the SQLite commit runs while the ack is on its way, not before it.
+        self.progress.done(action.id)
         self.link.write(self.keys.ack(self.config.host_id, action.id), dumps(ack))
+        self._save_applied()
         log.info("fleet: %s %s applied (%s) %.1f ms after it arrived", action.verb, action.id,
                  ack.outcome, (time.perf_counter() - arrived) * 1000)
         if action.verb == "kill" and action.selector.agent_class is None \

@@ -164,8 +164,12 @@ class Etcd:
                 payload = response.read()
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
+                # The other pooled connections went to the same server: after a restart of
+                # etcd each would fail in turn (one retry delay apiece), so none is kept.
+                self.close()
                 if attempt == 0 and isinstance(exc, (http.client.RemoteDisconnected,
-                                                     BrokenPipeError, ConnectionResetError)):
+                                                     BrokenPipeError, ConnectionResetError,
+                                                     ssl.SSLEOFError)):
                     continue
                 self._endpoint += 1
                 raise EtcdUnavailable(f"etcd at {self.creds.endpoints} unreachable: {exc}",
