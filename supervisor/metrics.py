@@ -12,13 +12,14 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import math
 import re
 import socket
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import (
@@ -178,6 +179,10 @@ class Metrics(Collector):
         self.seccomp_attempts = Counter(
             f"{PREFIX}_seccomp_attempts", "Notified syscalls (answered EPERM), by syscall",
             ["syscall"], registry=self.registry)
+        self.mcp_cost = Counter(
+            f"{PREFIX}_mcp_cost", "Cost of the MCP tool calls the gateway let through (the "
+            "tools' `cost` in the profile), added as each run ends (egress_summary)",
+            registry=self.registry)
         self.audit_rows = audit.count() if audit is not None else 0
         self.audit = audit
         self.registry.register(self)
@@ -233,6 +238,8 @@ class Metrics(Collector):
         if entry.verb == "mcp_call":
             self.mcp_calls.labels(server=str(entry.detail.get("server", ""))[:64],
                                   outcome=entry.outcome.partition(":")[0]).inc()
+        if entry.verb == "egress_summary" and isinstance(entry.detail.get("mcp"), dict):
+            self._observe_mcp_summary(entry.detail["mcp"])
         if entry.verb == "gateway_exited":
             self.gateway_exits.inc()
         if entry.verb == "drill" and isinstance(entry.detail.get("passed"), bool):
@@ -242,6 +249,18 @@ class Metrics(Collector):
         """A (coalesced) notified syscall: the listener's subscriber, on the loop."""
         self.seccomp_attempts.labels(syscall=_bounded(attempt.syscall)).inc(
             max(1, attempt.count))
+
+    def _observe_mcp_summary(self, mcp: dict[str, Any]) -> None:
+        """A run's MCP totals: its cost, and the decisions past its audit cap (counted in
+        mcp_calls with server "", since the summary keeps only their outcomes)."""
+        cost = mcp.get("cost")
+        if isinstance(cost, int | float) and math.isfinite(cost) and cost > 0:
+            self.mcp_cost.inc(cost)
+        excess = mcp.get("unrecorded_by_outcome")
+        for key, count in (excess.items() if isinstance(excess, dict) else ()):
+            if isinstance(count, int) and count > 0:
+                self.mcp_calls.labels(server="", outcome=str(key).partition(":")[0][:16]
+                                      ).inc(count)
 
     # ------------------------------------------------------------------ read at scrape time
 

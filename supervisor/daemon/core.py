@@ -215,7 +215,8 @@ class Core:
             lambda run_id, cgroup, started_at: telemetry.register(
                 run_id, Cgroup(cgroup), started_at,
                 network_counter=egress.network_counter(run_id),
-                output_counter=outputs.counter(run_id)))
+                output_counter=outputs.counter(run_id),
+                mcp_counter=egress.mcp_counter(run_id)))
         return cls(config=config, mode=mode, seccomp=seccomp, runtime=runtime,
                    watchdog=watchdog, watchdog_record=watchdog_record, audit=audit, store=store,
                    arbiter=arbiter, telemetry=telemetry, containment=containment,

@@ -15,11 +15,13 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import secrets
 import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from supervisor.audit import AuditLog
@@ -38,13 +40,18 @@ from supervisor.errors import (
     ApprovalNotFound,
     BreakerNotTripped,
     EgressSetupFailed,
+    EnforcementError,
     GatewayUnavailable,
     IllegalTransition,
     InvalidRequest,
+    RuntimeFailure,
     SupervisorError,
 )
+from supervisor.mcp.sandbox import RunServers, StdioLauncher
 from supervisor.models import Actor, Approval
 from supervisor.profiles import load_profile
+from supervisor.runtime.init import SandboxInit
+from supervisor.runtime.runc import Runc
 from supervisor.tripwires import Firing
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,7 @@ _DENIAL_ROWS_PER_RUN = 50  # egress_denied rows per run; the gateway's tally cou
 # mcp_call rows per run (one per decision); past it they are counted in egress_summary. The
 # MCP budgets bound the calls themselves.
 _MCP_ROWS_PER_RUN = 5000
+_MCP_EXCESS_KEYS = 32  # outcomes named in the summary's count of decisions past the cap
 # Held requests over all runs. The gateway caps each run's own; this bound also holds if the
 # worker (an agent-facing process) were subverted and sent holds without end.
 _MAX_PENDING_APPROVALS = 4096
@@ -104,6 +112,27 @@ def fit_denials(denials: dict[str, int], budget: int = SUMMARY_DENIALS_BYTES) ->
 
 
 
+def _count_mcp(state: _RunEgress, detail: dict[str, Any]) -> None:
+    """The run's MCP calls and cost from a decision's running totals (a report that is not a
+    finite non-negative number changes nothing)."""
+    calls, cost = detail.get("calls"), detail.get("cost")
+    if isinstance(calls, int) and not isinstance(calls, bool) and calls > state.mcp_calls:
+        state.mcp_calls = calls
+    if (isinstance(cost, int | float) and not isinstance(cost, bool) and math.isfinite(cost)
+            and cost > state.mcp_cost):
+        state.mcp_cost = float(cost)
+
+
+def _mcp_summary(state: _RunEgress) -> dict[str, Any]:
+    """The MCP part of a run's egress_summary: the decisions audited one row each, and those
+    past the per-run cap counted by outcome."""
+    if not state.grant.policy.mcp.servers and not state.mcp_rows:
+        return {}
+    return {"mcp": {"calls": state.mcp_calls, "cost": round(state.mcp_cost, 9),
+                    "rows": state.mcp_rows, "unrecorded": state.mcp_unrecorded,
+                    "unrecorded_by_outcome": dict(state.mcp_excess)}}
+
+
 class RunNetwork:
     """One run's veth and nftables table (a `NetworkAttachment` for the runtime)."""
 
@@ -115,6 +144,9 @@ class RunNetwork:
         self.addresses = addresses
         self.port = port
         self._detached = False
+        # The run's stdio MCP servers (supervisor/mcp/sandbox.py): killed with its network,
+        # which every ending tears down after the agent's cgroup is confirmed empty.
+        self.stdio: RunServers | None = None
 
     def attach(self, netns: str) -> None:
         link.attach(netns, self.ifname, self.addresses)
@@ -125,6 +157,8 @@ class RunNetwork:
             raise
 
     def detach(self) -> None:
+        if self.stdio is not None:
+            self.stdio.kill()
         if self._detached:
             return
         self._detached = True
@@ -164,7 +198,15 @@ class _RunEgress:
     revoked: bool = False  # kill step 2 was sent (the worker's answer is never awaited)
     mcp_rows: int = 0
     mcp_unrecorded: int = 0  # decisions past _MCP_ROWS_PER_RUN
+    # Those decisions by outcome (at most _MCP_EXCESS_KEYS outcomes, then "other"), for the
+    # run's egress_summary row.
+    mcp_excess: dict[str, int] = field(default_factory=dict)
     mcp_budget_fired: bool = False
+    # Tool calls let through and their cost so far, as the gateway reports them with each
+    # decision (telemetry's mcp_calls and mcp_cost; never lowered by a late report).
+    mcp_calls: int = 0
+    mcp_cost: float = 0.0
+    stdio: RunServers | None = None  # its stdio MCP servers, reaped after its end
 
     def usage(self) -> Usage:
         return Usage(**self.snapshot["usage"]) if self.snapshot.get("usage") else Usage()
@@ -184,6 +226,13 @@ class EgressControl:
         # Started with the first gateway run: a supervisor whose agents have no network never
         # starts it (an embedded CI run starts faster).
         self.worker = WorkerProcess(config, loop, self._on_event, self._on_worker_exit)
+        self.stdio = StdioLauncher(
+            runc=Runc(config.sandbox.runc_path, config.daemon.runtime_dir / "runc"),
+            init=SandboxInit(Path(config.sandbox.init)), bundles_dir=arbiter.bundles_dir,
+            logs_dir=arbiter.logs_dir, cgroup_parent=config.sandbox.cgroup_parent,
+            name_prefix=config.sandbox.name_prefix, uid_base=config.sandbox.uid_base,
+            agent_uid=config.sandbox.agent_uid, max_runs=config.sandbox.max_runs,
+            secrets_dir=config.egress.secrets_dir, confirm_timeout=config.kill.confirm_timeout)
         self.runs: dict[str, _RunEgress] = {}
         self.approvals: dict[str, PendingApproval] = {}
         self.records: dict[str, dict[str, Any]] = {}  # ended runs' egress, for CI reports
@@ -253,17 +302,33 @@ class EgressControl:
             secrets=secret_values, agent_usage=self._agent_usage(run.agent))
         generation = self.worker.generation
         try:
-            # The secrets travel only over the worker's socketpair.
-            reply = await self.worker.request({"op": "open", "grant": grant_to_wire(grant)})
+            stdio = await self._start_stdio(live)
+        except BaseException:
+            self.pool.release(addresses)
+            raise
+        try:
+            # The secrets travel only over the worker's socketpair; the stdio servers' ends
+            # over its descriptor channel, before the message that names them.
+            reply = await self.worker.request({"op": "open", "grant": grant_to_wire(grant),
+                                               "stdio": self._pass_stdio(stdio)})
         except GatewayUnavailable:
             self._release_unless_held(addresses, generation)
+            await self._reap_stdio(stdio)
             raise
+        except BaseException:
+            await self._reap_stdio(stdio)
+            raise
+        finally:
+            if stdio is not None:
+                stdio.close_gateway_ends()
         if not reply.get("ok"):
             self.pool.release(addresses)
+            await self._reap_stdio(stdio)
             raise EgressSetupFailed(
                 f"run {run.id}: the gateway cannot listen on {grant.host_ip}:{grant.port}: "
                 f"{reply.get('error')}", run=run.id, errno=reply.get("errno"))
-        self.runs[run.id] = _RunEgress(network, grant, generation)
+        network.stdio = stdio
+        self.runs[run.id] = _RunEgress(network, grant, generation, stdio=stdio)
         proxy = f"http://{run.agent}:{token}@{addresses.host_ip}:{self.config.egress.port}"
         env = {"HTTP_PROXY": proxy, "HTTPS_PROXY": proxy, "http_proxy": proxy,
                "https_proxy": proxy, "NO_PROXY": "", "no_proxy": "",
@@ -325,6 +390,38 @@ class EgressControl:
                               for route in policy.routes})
         return dataclasses.replace(grant, policy=policy, secrets=secret_values)
 
+    async def _start_stdio(self, live: LiveRun) -> RunServers | None:
+        """The run's stdio MCP servers, each in its sandbox (none started: a launch failure
+        that leaves nothing)."""
+        assert live.profile is not None
+        servers = live.profile.network.gateway.mcp.stdio_servers
+        if not servers:
+            return None
+        try:
+            return await self.stdio.start(live.record.id, live.record.uid_slot, servers)
+        except (OSError, RuntimeFailure, EnforcementError) as exc:
+            raise EgressSetupFailed(f"run {live.record.id}: an MCP stdio server could not be "
+                                    f"started: {exc}", run=live.record.id) from exc
+
+    def _pass_stdio(self, stdio: RunServers | None) -> dict[str, str]:
+        """Each server's gateway end to the worker; the keys the `open` names them by."""
+        keys: dict[str, str] = {}
+        for name, sock in (stdio.gateway_ends() if stdio is not None else {}).items():
+            key = f"{stdio.run_id if stdio else ''}/{name}/{secrets.token_hex(4)}"
+            if not self.worker.send_fds(key, sock.fileno()):
+                raise GatewayUnavailable("the gateway worker cannot take the MCP servers' "
+                                         "descriptors")
+            keys[name] = key
+        return keys
+
+    async def _reap_stdio(self, stdio: RunServers | None) -> None:
+        if stdio is None:
+            return
+        done = await self.stdio.reap(stdio)
+        if any(not isinstance(d, dict) or d.get("confirmed_empty") is False
+               for d in done.values()):
+            log.error("run %s: MCP stdio servers not cleanly removed: %s", stdio.run_id, done)
+
     def _release_unless_held(self, addresses: link.LinkAddresses, generation: int) -> None:
         """An address may go back to the pool only once no worker can be listening on it: the
         one asked is gone (a timed-out request kills it) or never got the request."""
@@ -337,6 +434,13 @@ class EgressControl:
         while self.worker.generation == generation and self.worker.up:
             await asyncio.sleep(0.5)
         self.pool.release(addresses)
+
+    def mcp_counter(self, run_id: str) -> Callable[[], tuple[int, float]] | None:
+        """For telemetry's mcp_calls and mcp_cost, if the run may reach MCP servers."""
+        state = self.runs.get(run_id)
+        if state is None or not state.grant.policy.mcp.servers:
+            return None
+        return lambda: (state.mcp_calls, state.mcp_cost)
 
     def network_counter(self, run_id: str) -> Callable[[], tuple[int, int]] | None:
         """For telemetry's network_bytes: the run's veth counters, if it has a veth."""
@@ -391,6 +495,11 @@ class EgressControl:
         task = self.loop.create_task(self._finish(run_id, state))
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
+        if state.stdio is not None:
+            state.stdio.kill()  # ended without a network teardown (a failed launch): now
+            reaping = self.loop.create_task(self._reap_stdio(state.stdio))
+            self._finishing.add(reaping)
+            reaping.add_done_callback(self._finishing.discard)
 
     async def _finish(self, run_id: str, state: _RunEgress) -> None:
         if not state.lost and state.generation == self.worker.generation:
@@ -411,6 +520,7 @@ class EgressControl:
             actor=GATEWAY.label(), verb="egress_summary", scope=f"agent:{state.grant.agent}",
             target=state.grant.agent, detail={"run": run_id, "usage": usage.as_dict(),
                                               "denials": fit_denials(self._denials(state)),
+                                              **_mcp_summary(state),
                                               **({"gateway_lost": True} if state.lost else {})})
 
     # ------------------------------------------------------------------ the worker's reports
@@ -500,8 +610,15 @@ class EgressControl:
         if state is None:
             return
         agent = state.grant.agent
+        _count_mcp(state, detail)
         if state.mcp_rows >= _MCP_ROWS_PER_RUN:
             state.mcp_unrecorded += 1
+            outcome = str(detail.get("outcome", ""))[:16]
+            reason = str(detail.get("reason", ""))[:64]
+            key = f"{outcome}:{reason}" if reason else outcome
+            if key not in state.mcp_excess and len(state.mcp_excess) >= _MCP_EXCESS_KEYS:
+                key = "other"
+            state.mcp_excess[key] = state.mcp_excess.get(key, 0) + 1
         else:
             state.mcp_rows += 1
             outcome = str(detail.get("outcome", ""))[:16]

@@ -399,9 +399,11 @@ class Gateway:
         assert self._loop is not None, "the gateway is not running"
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    async def open(self, grant: RunGrant) -> None:
-        """Listen for `grant`'s run on its host address (called from the daemon's loop)."""
-        await asyncio.wrap_future(self._submit(self._open(grant)))
+    async def open(self, grant: RunGrant,
+                   stdio: dict[str, socket.socket] | None = None) -> None:
+        """Listen for `grant`'s run on its host address (called from the daemon's loop);
+        `stdio`: the run's stdio MCP servers, a socket to each one's stdin and stdout."""
+        await asyncio.wrap_future(self._submit(self._open(grant, stdio or {})))
 
     async def close(self, run_id: str) -> Usage | None:
         """Revoke, cut every connection, stop listening; the run's final usage."""
@@ -500,8 +502,10 @@ class Gateway:
         if self._session is not None:
             await self._session.close()
 
-    async def _open(self, grant: RunGrant) -> None:
+    async def _open(self, grant: RunGrant, stdio: dict[str, socket.socket]) -> None:
         gate = _Gate(grant, self.clock())
+        if stdio:
+            await mcp_gateway.open_stdio(gate, stdio)
         server = _Server(self._handler(gate), lambda what: self._bad_request(gate, what),
                          max_field_size=self.config.max_header_size,
                          max_line_size=self.config.max_header_size,
@@ -519,7 +523,11 @@ class Gateway:
             return server()
 
         loop = asyncio.get_running_loop()
-        gate.listener = await loop.create_server(factory, sock=_listening_socket(grant))
+        try:
+            gate.listener = await loop.create_server(factory, sock=_listening_socket(grant))
+        except BaseException:
+            await mcp_gateway.end_sessions(self, gate)  # the stdio bridges opened above
+            raise
         with self._lock:
             self.gates[grant.run_id] = gate
         self._arm_expiry(gate)

@@ -39,6 +39,7 @@ from supervisor.models.egress import GatewayPolicy
 log = logging.getLogger("supervisor.egress.worker")
 
 MAX_HELD = 1024  # requests waiting for an operator, over all runs
+_MAX_FDS = 64  # descriptors received and not yet claimed by an `open`
 _DETAIL_LIMIT = 4096  # bytes of JSON per event detail
 _USAGE_EVERY = 0.5  # seconds between usage snapshots (only runs whose usage changed)
 
@@ -74,10 +75,16 @@ class Worker:
     there; they post to this loop."""
 
     def __init__(self, sock: socket.socket, config: EgressSection,
-                 ssl_context: ssl.SSLContext) -> None:
+                 ssl_context: ssl.SSLContext, fds: socket.socket | None = None) -> None:
         from supervisor.egress.gateway import Gateway
 
         self.sock = sock
+        # Descriptors from the daemon (the stdio MCP servers' stdin/stdout): SCM_RIGHTS on a
+        # socketpair of their own, each datagram naming what it carries; see take_fds.
+        self.fds = fds
+        if fds is not None:
+            fds.setblocking(False)  # socket.recv_fds (3.11) drops its flags: no MSG_DONTWAIT
+        self.received: dict[str, int] = {}
         self.gateway = Gateway(config, self, ssl_context)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.channel: ipc.FrameProtocol | None = None
@@ -220,15 +227,47 @@ class Worker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def take_fds(self, keys: dict[str, str]) -> dict[str, socket.socket]:
+        """The sockets the daemon sent for `keys` (name -> key). It sends them before the
+        message that names them, so they are queued by the time that message is read;
+        whatever else is queued is kept for its own message, at most a bounded number."""
+        while self.fds is not None:
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.fds, 256, 4)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data and not fds:
+                break
+            key = data.decode(errors="replace")
+            if len(fds) != 1 or key in self.received or len(self.received) >= _MAX_FDS:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            self.received[key] = fds[0]
+        found: dict[str, socket.socket] = {}
+        for name, key in keys.items():
+            fd = self.received.pop(key, -1)
+            if fd < 0:
+                for sock in found.values():
+                    sock.close()
+                raise LookupError(f"no descriptor arrived for MCP server {name!r}")
+            found[name] = socket.socket(fileno=fd)
+        return found
+
     async def _open(self, message: dict[str, Any]) -> None:
+        stdio: dict[str, socket.socket] = {}
         try:
             grant = grant_from_wire(message["grant"])
-            await self.gateway.open(grant)
-        except OSError as exc:
-            self._reply(message, ok=False, errno=exc.errno,
-                        error=exc.strerror or str(exc))
+            stdio = self.take_fds({str(k): str(v) for k, v in
+                                   dict(message.get("stdio") or {}).items()})
+            await self.gateway.open(grant, stdio)
         except Exception as exc:  # a grant the worker cannot use: the launch fails closed
-            self._reply(message, ok=False, errno=None, error=f"{type(exc).__name__}: {exc}")
+            for sock in stdio.values():
+                sock.close()  # a no-op for those a bridge took (and closed)
+            errno = exc.errno if isinstance(exc, OSError) else None
+            error = (exc.strerror or str(exc)) if isinstance(exc, OSError) else \
+                f"{type(exc).__name__}: {exc}"
+            self._reply(message, ok=False, errno=errno, error=error)
         else:
             self._reply(message, ok=True)
 
@@ -297,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
     parser = argparse.ArgumentParser(prog="supervisor.egress.worker")
     parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--fds-fd", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="gateway-worker: %(levelname)s %(message)s")
@@ -313,7 +353,8 @@ def main(argv: list[str] | None = None) -> None:
     context = ssl.create_default_context()
     if first.get("ca"):
         context.load_verify_locations(cadata=str(first["ca"]))
-    worker = Worker(sock, config, context)
+    fds = socket.socket(fileno=args.fds_fd) if args.fds_fd is not None else None
+    worker = Worker(sock, config, context, fds)
     reason = asyncio.run(worker.serve())
     log.info("stopping: %s", reason)
     with contextlib.suppress(OSError):

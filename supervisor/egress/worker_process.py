@@ -78,6 +78,7 @@ class WorkerProcess:
         self._attempt: asyncio.Task[None] | None = None  # the start under way, if any
         self._restarter: asyncio.Task[None] | None = None
         self._pidfd: int | None = None
+        self._fds: socket.socket | None = None  # descriptors to the worker (send_fds)
         self._pending: dict[int, asyncio.Future[ipc.Message]] = {}
         self._ids = itertools.count(1)
         self._exit_reason: str | None = None
@@ -133,14 +134,21 @@ class WorkerProcess:
             # A worker of a previous daemon instance that outlived it would hold the ports.
             self.cgroup.kill()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds_parent, fds_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            proc = self._popen(child)
+            proc = self._popen(child, fds_child)
         except (KeyError, OSError) as exc:
             parent.close()
+            fds_parent.close()
             raise GatewayUnavailable(f"the egress gateway worker cannot be started: {exc}",
                                      worker_user=self.config.egress.worker_user) from exc
         finally:
             child.close()
+            fds_child.close()
+        fds_parent.setblocking(False)
+        if self._fds is not None:
+            self._fds.close()
+        self._fds = fds_parent
         self.proc, self.pid = proc, proc.pid
         self.generation += 1
         self._exit_reason = None
@@ -165,7 +173,7 @@ class WorkerProcess:
         log.info("egress gateway worker %d started (cgroup %s)", proc.pid,
                  self.cgroup.relative)
 
-    def _popen(self, child: socket.socket) -> subprocess.Popen[bytes]:
+    def _popen(self, child: socket.socket, fds: socket.socket) -> subprocess.Popen[bytes]:
         user = self.config.egress.worker_user
         ids: dict[str, Any] = {}
         if user and user != "root":
@@ -177,9 +185,10 @@ class WorkerProcess:
         root = str(Path(supervisor.__file__).resolve().parent.parent)
         return subprocess.Popen(
             [sys.executable, "-E", "-s", "-m", "supervisor.egress.worker",
-             "--fd", str(child.fileno())],
-            pass_fds=(child.fileno(),), close_fds=True, cwd=root, start_new_session=True,
-            stdin=subprocess.DEVNULL, env={"PATH": os.defpath, "LANG": "C.UTF-8"}, **ids)
+             "--fd", str(child.fileno()), "--fds-fd", str(fds.fileno())],
+            pass_fds=(child.fileno(), fds.fileno()), close_fds=True, cwd=root,
+            start_new_session=True, stdin=subprocess.DEVNULL,
+            env={"PATH": os.defpath, "LANG": "C.UTF-8"}, **ids)
 
     def _configuration(self) -> ipc.Message:
         egress = self.config.egress
@@ -221,6 +230,18 @@ class WorkerProcess:
             return False
         if not self.channel.send(frame):
             self._kill("the gateway worker stopped reading its channel")
+            return False
+        return True
+
+    def send_fds(self, key: str, fd: int) -> bool:
+        """Pass a descriptor to the worker (a stdio MCP server's end), named `key`; send the
+        message that uses it afterwards. Never blocks: False when it cannot go now."""
+        if self._fds is None or not self.up:
+            return False
+        try:
+            socket.send_fds(self._fds, [key.encode()], [fd])
+        except OSError as exc:  # BlockingIOError included: the worker is not reading
+            log.error("descriptor %s not sent to the gateway worker: %s", key, exc)
             return False
         return True
 
@@ -330,6 +351,9 @@ class WorkerProcess:
             self._pidfd = None
         if self.channel is not None and self.channel.transport is not None:
             self.channel.transport.abort()
+        if self._fds is not None:
+            self._fds.close()
+            self._fds = None
         self.cgroup.kill()
         for _ in range(50):
             try:

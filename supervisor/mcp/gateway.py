@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from yarl import URL
 from supervisor.mcp import messages
 from supervisor.mcp.messages import Message, MessageRefused
 from supervisor.mcp.policy import Counters, Verdict, judge_call, judge_method, visible_tools
+from supervisor.mcp.stdio import StdioBridge, StdioUnavailable
 from supervisor.models.mcp import McpPolicy, McpServer
 
 if TYPE_CHECKING:
@@ -53,6 +55,8 @@ class McpRun:
     counters: Counters = field(default_factory=Counters)
     sessions: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (server, url)
     decisions: int = 0
+    # The run's stdio servers (supervisor/mcp/stdio.py), by name; opened with the run.
+    bridges: dict[str, StdioBridge] = field(default_factory=dict)
 
 
 def secret_key(server: str) -> str:
@@ -68,9 +72,10 @@ class _Refusal(Exception):
     """An HTTP-level refusal (before any message is judged)."""
 
     def __init__(self, status: int, reason: str, message: str,
-                 code: int = messages.REFUSED) -> None:
+                 code: int = messages.REFUSED, retryable: bool = False) -> None:
         super().__init__(message)
         self.status, self.reason, self.message, self.code = status, reason, message, code
+        self.retryable = retryable
 
 
 async def handle(gateway: Gateway, gate: _Gate, request: web.BaseRequest) -> web.StreamResponse:
@@ -88,6 +93,10 @@ async def handle(gateway: Gateway, gate: _Gate, request: web.BaseRequest) -> web
                            "now (the agent is paused, stopped or killed)")
         if request.method == "POST":
             return await _post(gateway, gate, policy, server, request)
+        if request.method in ("GET", "DELETE") and server.stdio:
+            # A stdio server has one session, the run's, and nothing the gateway passes on
+            # outside a POST's answers: no stream to open, no session to end (the spec's 405).
+            return web.Response(status=405, headers={"Allow": "POST"})
         if request.method in ("GET", "DELETE"):
             _count_request(gate)
             return await _relay(gateway, gate, server, request, b"", set())
@@ -97,7 +106,7 @@ async def handle(gateway: Gateway, gate: _Gate, request: web.BaseRequest) -> web
                            "mcp.transport", refusal.message)
         body = messages.error(None, refusal.code, refusal.message,
                               {"reason": refusal.reason, "rule": "mcp.transport",
-                               "audit_id": audit_id, "retryable": False})
+                               "audit_id": audit_id, "retryable": refusal.retryable})
         response = web.json_response(body, status=refusal.status)
         response.force_close()
         return response
@@ -177,7 +186,32 @@ async def _post(gateway: Gateway, gate: _Gate, policy: McpPolicy, server: McpSer
         _decide(gateway, gate, server.name, tool, message.arguments,
                 "approved" if verdict.outcome == "hold" else "allowed", "", verdict.rule, "")
     lists = {m.id for m in batch if m.method == "tools/list" and m.id is not None}
+    if server.stdio:
+        return await _relay_stdio(gate, server, batch, is_batch, lists)
     return await _relay(gateway, gate, server, request, body, lists)
+
+
+async def _relay_stdio(gate: _Gate, server: McpServer, batch: list[Message], is_batch: bool,
+                       lists: set[Any]) -> web.StreamResponse:
+    """The judged messages to the run's stdio server; its answers as one JSON reply (202
+    when the POST held no request), denied tools taken out of tools/list results."""
+    assert gate.mcp is not None
+    bridge = gate.mcp.bridges.get(server.name)
+    if bridge is None:
+        raise _Refusal(502, "upstream_unreachable", f"MCP server {server.name} was not "
+                       "started for this run")
+    try:
+        answers = await bridge.exchange([m.raw for m in batch])
+    except StdioUnavailable as exc:
+        raise _Refusal(503 if exc.retryable else 502, exc.reason, exc.message,
+                       retryable=exc.retryable) from None
+    gate.usage.bytes += sum(len(json.dumps(a)) for a in answers)
+    if not answers:
+        return web.Response(status=202)
+    for answer in answers:
+        _filter_message(server, answer, lists)
+    return web.json_response(answers if is_batch else answers[0],
+                             dumps=lambda data: json.dumps(data, separators=(",", ":")))
 
 
 def _judge(policy: McpPolicy, server: McpServer, counters: Counters,
@@ -286,6 +320,7 @@ def _decide(gateway: Gateway, gate: _Gate, server: str, tool: str, arguments: di
 
 async def _relay(gateway: Gateway, gate: _Gate, server: McpServer, request: web.BaseRequest,
                  body: bytes, lists: set[Any]) -> web.StreamResponse:
+    assert server.url is not None  # a remote server (stdio ones go to _relay_stdio)
     headers = {name: request.headers[name] for name in _PASSED_HEADERS
                if name in request.headers}
     if server.secret is not None:
@@ -336,6 +371,7 @@ async def _relay(gateway: Gateway, gate: _Gate, server: McpServer, request: web.
 
 
 def _remember(run: McpRun, session_id: str, server: McpServer) -> None:
+    assert server.url is not None
     if session_id not in run.sessions and len(run.sessions) >= _MAX_SESSIONS:
         run.sessions.pop(next(iter(run.sessions)))
     run.sessions[session_id] = (server.name, server.url)
@@ -411,10 +447,22 @@ async def _read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def open_stdio(gate: _Gate, servers: dict[str, socket.socket]) -> None:
+    """The run's stdio servers, each a socket to its stdin and stdout (from the daemon)."""
+    gate.mcp = McpRun()
+    limit = gate.grant.policy.mcp.max_message_bytes
+    for name, sock in servers.items():
+        gate.mcp.bridges[name] = await StdioBridge.open(name, sock, max(limit, _MAX_EVENT))
+
+
 async def end_sessions(gateway: Gateway, gate: _Gate) -> None:
-    """When the run ends: a DELETE for each session it left open, so the servers let go of
-    them (best effort, bounded; the agent's side was cut already)."""
+    """When the run ends: its stdio bridges closed (the daemon kills the servers), and a
+    DELETE for each remote session it left open, so the servers let go of them (best effort,
+    bounded; the agent's side was cut already)."""
     run = gate.mcp
+    if run is not None:
+        for bridge in run.bridges.values():
+            await bridge.close()
     if run is None or not run.sessions:
         return
     session = gateway.client_session()

@@ -16,9 +16,15 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from supervisor.models.units import Size
+
 _NAME = r"^[a-z0-9][a-z0-9_\-]{0,62}$"
 _TOOL_GLOB = re.compile(r"^[A-Za-z0-9_.\-*?/]{1,128}$")
 _SECRET_REF = re.compile(r"^(file|env):[A-Za-z0-9_.\-]{1,128}$")
+_HOST_PATH = r"^/[A-Za-z0-9_.\-/+@]{0,4095}$"
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
+_SECRET_FILE = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$"
+MAX_STDIO_SERVERS = 8  # per profile: each is a sandbox started with every run
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~\-]{1,64}$")
 # Requests the gateway passes on when the profile does not narrow them: what a tool-using
 # client needs. Anything else (resources, prompts, sampling set-up, unknown or misspelt
@@ -31,6 +37,8 @@ KNOWN_METHODS = frozenset((*DEFAULT_METHODS, "resources/list", "resources/read",
                            "resources/unsubscribe", "prompts/list", "prompts/get",
                            "completion/complete", "logging/setLevel"))
 MAX_RULE_CHARS = 2000
+_SECRET_HINT = ("must be 'file:NAME' (a file in the secrets directory) or 'env:NAME' (the "
+                "daemon's environment)")
 
 
 class _Strict(BaseModel):
@@ -74,13 +82,40 @@ class ToolRule(_Strict):
         return self._program
 
 
+class StdioLimits(_Strict):
+    """The cgroup and rlimits of a stdio server's sandbox (smaller than an agent's)."""
+
+    memory: Size = 256 * 1024**2
+    pids: Annotated[int, Field(ge=8, le=4096)] = 64
+    cpus: Annotated[float, Field(gt=0, le=64)] = 0.5
+    nofile: Annotated[int, Field(ge=16, le=65536)] = 256
+    # Bytes the server may write to any file, its stderr log included (past it the kernel
+    # ends it with SIGXFSZ, and its calls fail).
+    file_size: Size = 8 * 1024**2
+    tmp_size: Size = 16 * 1024**2
+
+
 class McpServer(_Strict):
-    """A remote MCP server over the streamable HTTP transport. The agent reaches it as
-    `http://mcp.gateway/<name>`; the gateway sends its messages to `url`, adding the secret as
-    `<header>: <format with {secret}>` (the agent never holds it)."""
+    """An MCP server the agent reaches as `http://mcp.gateway/<name>`. Either remote (`url`):
+    the streamable HTTP transport, the gateway sends its messages to `url`, adding the secret
+    as `<header>: <format with {secret}>` (the agent never holds it); or stdio (`command`):
+    the supervisor starts it with the run in a sandbox of its own (its own cgroup, empty
+    network namespace, uid and seccomp filter), gives it the secrets in `secret_env` and
+    `secret_files` and nothing else, and the gateway speaks to it over its stdin and stdout
+    (newline-delimited JSON-RPC)."""
 
     name: Annotated[str, Field(pattern=_NAME)]
-    url: Annotated[str, Field(pattern=r"^https?://[^/\s?#]+(/[^\s#]*)?$")]
+    url: Annotated[str, Field(pattern=r"^https?://[^/\s?#]+(/[^\s#]*)?$")] | None = None
+    command: Annotated[list[Annotated[str, Field(min_length=1, max_length=4096)]],
+                       Field(min_length=1, max_length=256)] | None = None
+    # stdio only: host paths bound read-only into the server's sandbox (besides /usr, /etc).
+    binds: list[Annotated[str, Field(pattern=_HOST_PATH)]] = []
+    env: dict[Annotated[str, Field(pattern=_ENV_NAME)],
+              Annotated[str, Field(max_length=4096)]] = {}
+    # stdio only: environment variables and files (under /run/secrets/) holding secrets.
+    secret_env: dict[Annotated[str, Field(pattern=_ENV_NAME)], str] = {}
+    secret_files: dict[Annotated[str, Field(pattern=_SECRET_FILE)], str] = {}
+    limits: StdioLimits = StdioLimits()
     secret: str | None = None
     header: str = "Authorization"
     format: str = "Bearer {secret}"
@@ -96,9 +131,28 @@ class McpServer(_Strict):
     @classmethod
     def _secret(cls, secret: str | None) -> str | None:
         if secret is not None and not _SECRET_REF.match(secret):
-            raise ValueError("must be 'file:NAME' (a file in the secrets directory) or "
-                             "'env:NAME' (the daemon's environment)")
+            raise ValueError(_SECRET_HINT)
         return secret
+
+    @field_validator("secret_env", "secret_files")
+    @classmethod
+    def _secrets(cls, refs: dict[str, str]) -> dict[str, str]:
+        for ref in refs.values():
+            if not _SECRET_REF.match(ref):
+                raise ValueError(_SECRET_HINT)
+        return refs
+
+    @field_validator("binds")
+    @classmethod
+    def _binds(cls, binds: list[str]) -> list[str]:
+        for path in binds:
+            if any(part in (".", "..") for part in path.split("/")):
+                raise ValueError(f"{path!r}: a bind is an absolute path without . or ..")
+        return binds
+
+    @property
+    def stdio(self) -> bool:
+        return self.command is not None
 
     @field_validator("header")
     @classmethod
@@ -118,15 +172,27 @@ class McpServer(_Strict):
     def _credentials_over_tls(self) -> McpServer:
         from supervisor.models.egress import is_ip_literal  # egress imports this module
 
+        for tool in self.tools:
+            if not _TOOL_GLOB.match(tool) or any(c in tool for c in "*?"):
+                raise ValueError(f"server {self.name}: {tool!r} is not a tool name")
+        if (self.url is None) == (self.command is None):
+            raise ValueError(f"server {self.name}: give either `url` (a remote server) or "
+                             "`command` (a stdio server the supervisor starts), not both")
+        if self.command is not None:
+            if self.secret is not None:
+                raise ValueError(f"server {self.name}: a stdio server gets its secrets from "
+                                 "`secret_env` and `secret_files`, not `secret`")
+            return self
+        if self.binds or self.env or self.secret_env or self.secret_files:
+            raise ValueError(f"server {self.name}: `binds`, `env`, `secret_env` and "
+                             "`secret_files` are for stdio servers (`command`)")
+        assert self.url is not None
         host = self.url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
         if is_ip_literal(host) or not host:
             raise ValueError(f"server {self.name}: the url must name a host (pin it in "
                              "[egress] hosts if it is on a private network), not an address")
         if self.secret is not None and not self.url.startswith("https://"):
             raise ValueError(f"server {self.name}: a secret is sent only over https")
-        for tool in self.tools:
-            if not _TOOL_GLOB.match(tool) or any(c in tool for c in "*?"):
-                raise ValueError(f"server {self.name}: {tool!r} is not a tool name")
         return self
 
     def header_value(self, secret: str) -> str:
@@ -164,7 +230,14 @@ class McpPolicy(_Strict):
         names = [s.name for s in servers]
         if len(names) != len(set(names)):
             raise ValueError("MCP server names must be unique")
+        if sum(s.stdio for s in servers) > MAX_STDIO_SERVERS:
+            raise ValueError(f"at most {MAX_STDIO_SERVERS} stdio servers (each is a sandbox "
+                             "started with every run)")
         return servers
+
+    @property
+    def stdio_servers(self) -> list[McpServer]:
+        return [s for s in self.servers if s.stdio]
 
     def server(self, name: str) -> McpServer | None:
         for server in self.servers:

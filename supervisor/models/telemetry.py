@@ -34,6 +34,10 @@ class Sample:
     # cap, discarded) and the part of them in its log file.
     output_bytes: int | None = None
     output_recorded_bytes: int | None = None
+    # MCP tool calls the gateway let through for the run so far and their cost (the tools'
+    # `cost` in the profile); gateway runs only.
+    mcp_calls: int | None = None
+    mcp_cost: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

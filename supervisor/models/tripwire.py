@@ -13,7 +13,7 @@ from supervisor.models.units import parse_duration, parse_size
 METRICS = (
     "memory_bytes", "cpu_seconds", "cpu_percent", "processes", "wall_seconds", "open_fds",
     "threads", "rss_bytes", "connections", "network_bytes", "syscall_attempts", "oom_kills",
-    "output_bytes",
+    "output_bytes", "mcp_calls", "mcp_cost",
 )
 _SECONDS = {"wall_seconds", "cpu_seconds"}
 _BYTES = {"memory_bytes", "rss_bytes", "network_bytes", "output_bytes"}

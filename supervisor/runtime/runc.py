@@ -39,7 +39,7 @@ class Runc:
 
     async def _run(
         self, *args: str, stdout: int | None = None, stderr: int | None = None,
-        check: bool = True, new_audit_session: bool = False,
+        check: bool = True, new_audit_session: bool = False, stdin: int | None = None,
     ) -> tuple[int, bytes, bytes]:
         argv = [self.binary, "--root", str(self.root), *args]
         if new_audit_session:
@@ -47,7 +47,7 @@ class Runc:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.DEVNULL if stdin is None else stdin,
                 stdout=asyncio.subprocess.PIPE if stdout is None else stdout,
                 stderr=asyncio.subprocess.PIPE if stderr is None else stderr,
                 env=child_env(),
@@ -64,13 +64,15 @@ class Runc:
         return rc, out or b"", err or b""
 
     async def create(self, container_id: str, bundle: Path, pid_file: Path, stdio: int,
-                     runc_log: Path) -> int:
+                     runc_log: Path, *, stdin: int | None = None,
+                     stderr: int | None = None) -> int:
         """`runc create`: the container's init waits for `start`; its stdout and stderr are
-        `stdio` (runc passes its own stdio through to the container). Returns the init pid."""
+        `stdio` (runc passes its own stdio through to the container), or `stderr` apart, and
+        its stdin /dev/null or `stdin`. Returns the init pid."""
         rc, _out, _err = await self._run(
             "--log", str(runc_log), "create", "--bundle", str(bundle), "--pid-file",
-            str(pid_file), container_id, stdout=stdio, stderr=stdio, check=False,
-            new_audit_session=True,
+            str(pid_file), container_id, stdout=stdio, check=False, stdin=stdin,
+            stderr=stdio if stderr is None else stderr, new_audit_session=True,
         )
         if rc == 127 and shutil.which(self.binary) is None:  # from the session wrapper's exec
             raise RuntimeFailure(f"runc binary not found: {self.binary}", binary=self.binary)

@@ -55,6 +55,8 @@ FdReader = Callable[[int], tuple[int, set[str]]]
 NetworkCounter = Callable[[], tuple[int, int]]
 # The run's output counters (produced, recorded), from its output drain.
 OutputCounter = Callable[[], tuple[int, int]]
+# (tool calls, cost) the MCP gateway let through for a run so far (supervisor/daemon/egress.py).
+McpCounter = Callable[[], tuple[int, float]]
 
 
 class CgroupLike(Protocol):
@@ -162,6 +164,7 @@ class _Probe:
     network_counter: NetworkCounter | None
     overruns_at_start: int
     output_counter: OutputCounter | None = None
+    mcp_counter: McpCounter | None = None
     ticks: int = 0
     last_cpu: tuple[float, int] | None = None
     # cgroup.procs of the run's cgroup and of any descendant (re-listed on each walk).
@@ -236,14 +239,15 @@ class TelemetryHub:
 
     def register(self, run_id: str, cgroup: CgroupLike, started_at: float, *,
                  network_counter: NetworkCounter | None = None,
-                 output_counter: OutputCounter | None = None) -> None:
+                 output_counter: OutputCounter | None = None,
+                 mcp_counter: McpCounter | None = None) -> None:
         memory_file, oom_file = self._memory_files(cgroup)
         directory = str(cgroup.path)
         probe = _Probe(run_id=run_id, cgroup_dir=directory, cpu_file=f"{directory}/cpu.stat",
                        stat_file=f"{directory}/cgroup.stat", memory_file=memory_file,
                        oom_file=oom_file, started_at=started_at,
                        network_counter=network_counter, overruns_at_start=self.overruns,
-                       output_counter=output_counter)
+                       output_counter=output_counter, mcp_counter=mcp_counter)
         track = _Track(window=deque(maxlen=self.window),
                        summary=SummaryBuilder(run_id=run_id, started_at=started_at),
                        syscall_attempts=self._early_attempts.pop(run_id, 0))
@@ -450,6 +454,9 @@ class TelemetryHub:
         output_bytes = output_recorded = None
         if probe.output_counter is not None:
             output_bytes, output_recorded = probe.output_counter()
+        mcp_calls = mcp_cost = None
+        if probe.mcp_counter is not None:
+            mcp_calls, mcp_cost = probe.mcp_counter()
         totals = probe.totals
         return Sample(
             ts=wall_now, wall_seconds=max(0.0, wall_now - probe.started_at),
@@ -460,6 +467,7 @@ class TelemetryHub:
             children=totals.children, commands=tuple(probe.commands),
             network_bytes=network_bytes, network_packets=network_packets,
             output_bytes=output_bytes, output_recorded_bytes=output_recorded,
+            mcp_calls=mcp_calls, mcp_cost=mcp_cost,
         )
 
     def _read(self, probe: _Probe, path: str) -> bytes | None:

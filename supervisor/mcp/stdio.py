@@ -1,0 +1,178 @@
+"""The gateway's end of a stdio MCP server: the server's stdin and stdout are one end of a Unix
+socketpair (the daemon started the server in its sandbox with the other end, and passed this
+one to the gateway worker), carrying newline-delimited JSON-RPC as the official SDK's stdio
+transport frames it. Runs in the gateway's loop (the gateway worker process, unprivileged).
+
+The agent still speaks streamable HTTP to `http://mcp.gateway/<server>`: each POST's messages,
+judged already (supervisor/mcp/gateway.py), are written to the server one per line; requests
+get ids of the bridge's own (so no agent, and no two requests, can mix up whose answer is
+whose), and the POST is answered with the server's responses as JSON once all have come. What
+the server sends on its own is not passed on: its requests to the client (sampling,
+elicitation, roots) are answered at once with "method not found", its notifications dropped.
+
+Bounded: one line from the server (`max_line`; longer and the server is cut off), the
+requests waiting for an answer (`max_pending`; more are refused, retryable), and the bytes
+queued for the server's stdin (a server that stops reading makes callers wait, and a caller
+that hangs up or is cut by a kill takes its request with it: `notifications/cancelled` goes
+to the server)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import socket
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING = 64  # requests of one server waiting for their answer
+_WRITE_HIGH_WATER = 4 * 1024 * 1024
+
+
+class StdioUnavailable(Exception):
+    """The server cannot take the call: it has exited, broke its framing, or is busy."""
+
+    def __init__(self, reason: str, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.reason, self.message, self.retryable = reason, message, retryable
+
+
+class StdioBridge:
+    def __init__(self, name: str, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.name = name
+        self.reader = reader
+        self.writer = writer
+        self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.ids = itertools.count(1)
+        self.closed: str | None = None  # why, once the server can no longer be reached
+        self.dropped = 0  # what the server sent that nobody asked for
+        self._reading: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def open(cls, name: str, sock: socket.socket, max_line: int) -> StdioBridge:
+        reader, writer = await asyncio.open_connection(sock=sock, limit=max_line)
+        writer.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        bridge = cls(name, reader, writer)
+        bridge._reading = asyncio.get_running_loop().create_task(bridge._read())
+        return bridge
+
+    async def exchange(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Send the messages of one POST; the responses to its requests (in order), with the
+        agent's ids back in them. Cancelled (the agent hung up, the run was cut): the
+        server is told its requests are cancelled."""
+        if self.closed is not None:
+            raise StdioUnavailable("upstream_unreachable",
+                                   f"MCP server {self.name} is not running: {self.closed}")
+        requests = [m for m in messages if "method" in m and "id" in m]
+        if len(self.pending) + len(requests) > MAX_PENDING:
+            raise StdioUnavailable("server_busy", f"MCP server {self.name} has "
+                                   f"{len(self.pending)} calls waiting; at most {MAX_PENDING}",
+                                   retryable=True)
+        loop = asyncio.get_running_loop()
+        waiting: list[tuple[Any, int, asyncio.Future[dict[str, Any]]]] = []
+        lines = []
+        for message in messages:
+            if "method" not in message:
+                continue  # an answer to a server request the bridge never passed on
+            if "id" in message:
+                ident = next(self.ids)
+                future: asyncio.Future[dict[str, Any]] = loop.create_future()
+                self.pending[ident] = future
+                waiting.append((message["id"], ident, future))
+                message = {**message, "id": ident}
+            elif message["method"] == "notifications/cancelled":
+                # It names the agent's id, not the server's: the server's request is
+                # cancelled when the POST that carried it ends (below).
+                continue
+            lines.append(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        try:
+            self.writer.write(b"".join(lines))
+            await self.writer.drain()
+            answers = []
+            for agent_id, _ident, future in waiting:
+                answer = await future
+                answers.append({**answer, "id": agent_id})
+            return answers
+        except asyncio.CancelledError:
+            # (the future awaited when the task was cancelled is cancelled with it)
+            self._cancel([ident for _, ident, future in waiting
+                          if future.cancelled() or not future.done()])
+            raise
+        except (ConnectionError, OSError) as exc:
+            self._close(f"{type(exc).__name__}: {exc}")
+            raise StdioUnavailable("upstream_unreachable", f"MCP server {self.name}: "
+                                   f"{type(exc).__name__}") from None
+        finally:
+            for _, ident, future in waiting:
+                self.pending.pop(ident, None)
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: the first failure is what was raised
+
+    def _cancel(self, idents: list[int]) -> None:
+        if self.closed is not None or not idents:
+            return
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+            self.writer.write(b"".join(json.dumps(
+                {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                 "params": {"requestId": ident, "reason": "the agent's request ended"}},
+                separators=(",", ":")).encode() + b"\n" for ident in idents))
+
+    async def _read(self) -> None:
+        reason = "it closed its stdout (exited)"
+        try:
+            while True:
+                line = await self.reader.readline()
+                if not line:
+                    break
+                self._received(line)
+        except (ValueError, asyncio.LimitOverrunError):
+            reason = "it sent a line longer than the gateway reads"
+        except (ConnectionError, OSError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+        self._close(reason)
+
+    def _received(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            self.dropped += 1  # a stray line (a server's print): not JSON-RPC, not an answer
+            return
+        if not isinstance(message, dict):
+            self.dropped += 1
+            return
+        ident = message.get("id")
+        if "method" in message:
+            if ident is not None:  # a request of the server's: nobody here can answer it
+                with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+                    self.writer.write(json.dumps(
+                        {"jsonrpc": "2.0", "id": ident, "error": {
+                            "code": -32601, "message": "the supervisor's gateway does not "
+                            "pass server requests on"}}, separators=(",", ":")).encode() + b"\n")
+            self.dropped += 1
+            return
+        future = self.pending.get(ident) if isinstance(ident, int) else None
+        if future is None or future.done() or ("result" in message) == ("error" in message):
+            self.dropped += 1
+            return
+        future.set_result(message)
+
+    def _close(self, reason: str) -> None:
+        if self.closed is None:
+            self.closed = reason
+            log.info("MCP stdio server %s: %s", self.name, reason)
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(StdioUnavailable(
+                    "upstream_unreachable", f"MCP server {self.name} stopped: {reason}"))
+        self.writer.transport.abort()
+
+    async def close(self) -> None:
+        self._close("the run ended")
+        if self._reading is not None:
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reading
