@@ -80,6 +80,8 @@ ANCHOR_NOW_VERBS = frozenset({"kill", "kill_confirmed", "shutdown", "global_halt
                               "break_glass", "watchdog_kill", "daemon_start", "daemon_stop",
                               "audit_verify"})
 _BATCH = 256
+_SLOW = 0.1  # a commit, a checkpoint or a delivery this long is logged
+_CHECKPOINT_DEFER_MAX = 1000
 _RETRY_MAX_DELAY = 2.0
 
 
@@ -343,15 +345,25 @@ class AuditLog:
                     self._write_batch(db, batch)
                 if self.alarms.dropped and not self._queue:
                     self._write_overflow(db)
-                if self.anchoring is not None and (self._checkpoint_due() or stopping):
+                if self.anchoring is not None and (stopping or (
+                        self._checkpoint_due() and not self._rows_waiting())):
+                    started = time.perf_counter()
                     self._write_checkpoint(db)
+                    took = time.perf_counter() - started
+                    if took >= _SLOW:
+                        log.info("audit writer: checkpoint signed and kept in %.1f ms",
+                                 took * 1000)
                 if stopping:
                     return
         finally:
             db.close()
 
     def _write_batch(self, db: sqlite3.Connection, batch: builtins.list[_Pending]) -> None:
+        started = time.perf_counter()
         entries = self._commit_retrying(db, [p.fields for p in batch])
+        took = time.perf_counter() - started
+        if took >= _SLOW:  # what a verb's answer waited for (docs/benchmarks.md)
+            log.info("audit writer: %d rows committed in %.1f ms", len(entries), took * 1000)
         for entry in entries:
             if entry.verb in ANCHOR_NOW_VERBS:
                 self._anchor_now = True
@@ -420,6 +432,15 @@ class AuditLog:
             detail={"dropped_by_verb": dropped, "queue_max": self.queue_max})])
         self._post(entries)
 
+    def _rows_waiting(self) -> bool:
+        """Rows are queued behind a checkpoint that may wait for them: signing, the file's
+        fsync and its commit took seconds on a loaded disk, in front of the 100 kill rows a
+        global halt's answer waits for. A checkpoint waits for the queue to empty, unless
+        rows never stop coming (then at most _CHECKPOINT_DEFER_MAX rows go unanchored)."""
+        with self._cond:
+            queued = bool(self._queue)
+        return queued and self._rows_since_checkpoint < _CHECKPOINT_DEFER_MAX
+
     def _checkpoint_due(self) -> bool:
         if self.anchoring is None or self._rows_since_checkpoint == 0:
             return False
@@ -485,8 +506,13 @@ class AuditLog:
             loop.call_soon_threadsafe(self._delivered, entries)
 
     def _delivered(self, entries: builtins.list[AuditEntry]) -> None:
+        started = time.perf_counter()
         self._observe(entries)
         self._wake_waiters()
+        took = time.perf_counter() - started
+        if took >= _SLOW:
+            log.info("audit: observers of %d rows took %.1f ms on the loop", len(entries),
+                     took * 1000)
 
     def _wake_waiters(self) -> None:
         with self._cond:

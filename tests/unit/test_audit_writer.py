@@ -239,3 +239,28 @@ def test_a_batch_of_store_writes_is_one_transaction_and_readable_meanwhile(
     assert [a.state for a in store.agents()] == ["killed"] * 50
     store.put_agent(_agent("after"))  # outside a batch: written at once again
     assert commits == ["COMMIT", "COMMIT"]
+
+
+def test_a_checkpoint_never_sits_in_front_of_queued_rows(db: sqlite3.Connection,
+                                                         tmp_path: Path) -> None:
+    """A global halt appends a hundred kill rows its answer waits for: the checkpoint a kill
+    row asks for is signed once they are all committed, not between two batches of them."""
+    anchoring = Anchoring(signer=Signer.load_or_create(tmp_path / "etc" / "key"),
+                          file=CheckpointFile(tmp_path / "log" / "cp.jsonl"),
+                          every_rows=1000, interval=3600)
+    audit = AuditLog(db, anchoring=anchoring)
+
+    async def body() -> None:
+        audit.start(asyncio.get_running_loop())
+        with audit._cond:  # every row is queued before the writer takes its first batch
+            audit.append(actor="root", verb="kill", scope="global")
+            for index in range(300):
+                audit.append(actor="root", verb="kill", scope=f"agent:a{index}")
+        assert await audit.flushed(30)
+
+    asyncio.run(body())
+    audit.close()
+    checkpoints = anchoring.file.read()
+    # One batch is at most 256 rows: the first one's checkpoint waited for the second batch.
+    assert checkpoints is not None and [c.seq for c in checkpoints] == [301]
+    assert audit.verify().ok
