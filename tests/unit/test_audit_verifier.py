@@ -19,7 +19,7 @@ from supervisor.audit.verifier import VerifierFailed, verify_in_process
 from supervisor.models import AuditVerifyResult
 from tests.unit.test_audit_anchor import anchored, fill, rehash_from, tamper
 
-VERIFY_WAIT = 60.0  # a child Python on a loaded machine
+VERIFY_WAIT = 180.0  # a child Python at nice 19 on a loaded machine
 
 
 @pytest.fixture
