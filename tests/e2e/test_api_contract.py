@@ -3,8 +3,8 @@ over its Unix socket (issue 11, item 9): schema-valid and schema-violating reque
 operation; any 5xx, an undocumented status or content type, a response that does not match its
 schema, or schema-violating input that is accepted fails the test. Deterministic (Hypothesis
 derandomized, no example database); the number of cases per operation and mode is
-API_CONTRACT_EXAMPLES (default 40, to keep the test within two minutes in CI; 18 operations, 12
-of them with a body or a query to violate: 1,200 cases). Needs root."""
+API_CONTRACT_EXAMPLES (default 90: 32 operation and mode pairs, about 2,600 cases, a few
+minutes in CI; the issue asks for a few thousand). Needs root."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from supervisor.openapi import openapi_document
 from tests.conftest import require_root_and_runc
 from tests.support.daemon import Daemon, running_daemon
 
-EXAMPLES = int(os.environ.get("API_CONTRACT_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("API_CONTRACT_EXAMPLES", "90"))
 BASE_URL = "http://control.sock"
 # What every response is held to. `positive_data_acceptance` is left out on purpose: a valid
 # request may still be refused (no such agent, a role that is missing, a global halt).
