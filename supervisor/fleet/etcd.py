@@ -28,8 +28,10 @@ EtcdError = FleetStoreError
 EtcdUnavailable = FleetStoreUnavailable
 EtcdPermissionDenied = FleetPermissionDenied
 
+_INVALID_ARGUMENT = 3  # etcd's "authentication failed, invalid user ID or password"
 _PERMISSION_DENIED = 7
 _UNAUTHENTICATED = 16
+_AUTH_REFUSED = {_INVALID_ARGUMENT, _PERMISSION_DENIED, _UNAUTHENTICATED}
 
 
 def b64(text: str | bytes) -> str:
@@ -208,6 +210,13 @@ class Etcd:
             finally:
                 conn.close()
             if status != 200 or "token" not in body:
+                if _code(body) not in _AUTH_REFUSED:
+                    # etcd starting (its gateway not yet connected: 503, Unavailable) is not
+                    # a refusal: a caller that takes a refusal as final (the ack writer)
+                    # would drop what it was writing.
+                    raise EtcdUnavailable(f"etcd could not authenticate {self.creds.user!r} "
+                                          f"yet: {_message(body)}",
+                                          path="/v3/auth/authenticate", status=status)
                 raise EtcdPermissionDenied(f"etcd refused the credentials of user "
                                            f"{self.creds.user!r}: {_message(body)}",
                                            user=self.creds.user)
@@ -356,8 +365,10 @@ class Etcd:
 
 
 def _code(body: Any) -> int:
+    # Unary answers carry "code"; an error inside a watch stream carries "grpc_code" (with
+    # "http_code"): read as 0 it left a stale token (etcd restarted) in use for ever.
     if isinstance(body, dict):
-        return int(body.get("code", body.get("Code", 0)) or 0)
+        return int(body.get("code", body.get("Code", body.get("grpc_code", 0))) or 0)
     return 0
 
 

@@ -205,7 +205,9 @@ def test_etcd_restarted_mid_halt(fleet: Fleet) -> None:
     restarted_in = time.monotonic() - restart
     thread.join(200)
     code, result = outcome["result"]
-    assert code == 0, (f"etcd was back after {restarted_in:.1f} s", result)
+    assert code == 0, (f"etcd was back after {restarted_in:.1f} s", result, {
+        h.host_id: [line for line in h.daemon.logs().splitlines()
+                    if "fleet" in line and "seccomp" not in line][-8:] for h in fleet.hosts})
     for host in fleet.hosts:
         wait_for(lambda h=host: _state(h, f"e-{tag}") == "killed", timeout=30,
                  what=f"the kill on {host.host_id}")

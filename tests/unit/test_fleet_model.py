@@ -90,3 +90,15 @@ def test_fleet_is_optional_and_checked(tmp_path: Path) -> None:
     bad.write_text(fleet.read_text().replace("'halt'", "'explode'"))
     with pytest.raises(ConfigInvalid):
         load_config(bad)
+
+
+def test_a_watch_streams_error_code_is_read_like_a_unary_one() -> None:
+    """etcd restarted: its simple tokens are gone, and a watch says so inside the stream with
+    grpc_code, not code. Read as 0, the client never re-authenticated (agentctl looped on the
+    stale token until its deadline)."""
+    from supervisor.fleet.etcd import _code
+    stream_error = {"grpc_code": 16, "http_code": 401,
+                    "message": "etcdserver: invalid auth token", "http_status": "Unauthorized"}
+    assert _code(stream_error) == 16
+    assert _code({"code": 7, "message": "etcdserver: permission denied"}) == 7
+    assert _code({"message": "no code"}) == 0
