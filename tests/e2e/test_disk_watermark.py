@@ -62,7 +62,9 @@ def test_daemon_refuses_launches_under_the_watermark(tmp_root: Path) -> None:
             assert "launch of agent cramped refused" in daemon.logs()
             # Nothing changed: no agent, no run, no log file.
             assert [a["name"] for a in daemon.client.agents()["agents"]] == ["roomy"]
-            assert len(list((state / "logs").iterdir())) == 1
+            # (each run's log has its time index beside it: <run>.log.idx, for logs --since)
+            assert len(list((state / "logs").glob("*.log"))) == 1
+            assert len(list((state / "logs").iterdir())) == 2
             assert daemon.residue() == {}
 
             (state / "filler").unlink()
