@@ -80,6 +80,10 @@ class BreakGlass:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._kill_lock = threading.Lock()
+        # The threads use the directory and reserve descriptors that `stop` closes; a thread
+        # still waiting for the loop when `stop` gives up joining it finds them gone, not
+        # reused under another number.
+        self._fd_lock = threading.Lock()
         self._busy = asyncio.Lock()
 
     async def start(self) -> None:
@@ -125,12 +129,13 @@ class BreakGlass:
                 signal.pthread_kill(thread.ident, signal.SIGUSR1)  # its sigwait sees the stop
         for thread in self._threads:
             thread.join(timeout=_SAFETY_POLL + 1)
-        for fd in [self._inotify, self._dir_fd, *self._reserve]:
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._inotify = self._dir_fd = None
-        self._reserve = []
+        with self._fd_lock:
+            for fd in [self._inotify, self._dir_fd, *self._reserve]:
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self._inotify = self._dir_fd = None
+            self._reserve = []
 
     # ------------------------------------------------------------------ the threads
 
@@ -162,12 +167,14 @@ class BreakGlass:
     def _read_file(self) -> Trigger | None:
         """The HALT file, if it is there and trustworthy (a root-owned regular file); a file
         that is not is renamed aside and ignored. Opens nothing but a borrowed reserve fd."""
-        assert self._dir_fd is not None
         name = self.halt_file.name
-        try:
-            st = os.lstat(name, dir_fd=self._dir_fd)
-        except FileNotFoundError:
-            return None
+        with self._fd_lock:
+            if self._dir_fd is None:  # stopped
+                return None
+            try:
+                st = os.lstat(name, dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                return None
         arrived = time.perf_counter()
         if not stat.S_ISREG(st.st_mode) or st.st_uid != 0:
             log.critical("ignoring %s: not a regular file owned by root", self.halt_file)
@@ -179,13 +186,18 @@ class BreakGlass:
                        Actor(kind="user", uid=st.st_uid, name="break-glass"), arrived)
 
     def _read_reason(self) -> str:
-        assert self._dir_fd is not None
+        with self._fd_lock:
+            if self._dir_fd is None:  # stopped
+                return ""
+            return self._read_reason_locked(self._dir_fd)
+
+    def _read_reason_locked(self, dir_fd: int) -> str:
         lent = self._reserve.pop() if self._reserve else None
         if lent is not None:
             os.close(lent)  # its number is what the open below most likely gets
         try:
             fd = os.open(self.halt_file.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
-                         | os.O_CLOEXEC, dir_fd=self._dir_fd)
+                         | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError as exc:
             log.critical("cannot read the HALT file's reason (%s); halting without it", exc)
             return ""
@@ -199,9 +211,16 @@ class BreakGlass:
             os.close(fd)
 
     def _rename(self, to: str) -> None:
-        assert self._dir_fd is not None
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(self.halt_file.name, to, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        with self._fd_lock:
+            if self._dir_fd is None:
+                # Stopped while this thread waited for the loop: the file stays, and the next
+                # start applies it again (a halt is idempotent).
+                log.critical("break-glass: stopped before %s could be renamed aside",
+                             self.halt_file)
+                return
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.halt_file.name, to, src_dir_fd=self._dir_fd,
+                          dst_dir_fd=self._dir_fd)
 
     def _fire(self, trigger: Trigger) -> None:
         """In a break-glass thread: kill in the kernel first, then the audited halt."""
