@@ -222,6 +222,9 @@ def _expected(hosts: dict[str, dict[str, Any]], selector: Selector) -> list[str]
         h, (entry.get("registration") or {}).get("labels", {})))
 
 
+ACK_REREAD = 1.0  # seconds of a quiet watch before the acks are read directly
+
+
 def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
           holds: bool = False, lift: list[str] | None = None,
           acks: dict[tuple[str, str], Ack] | None = None) -> dict[str, Any]:
@@ -242,8 +245,11 @@ def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
     start_revision = revision + 1
     while wanted - set(acks) and end - time.monotonic() > 0:
         try:
-            for rev, events in ctx.etcd.watch(ctx.keys.hosts, start_revision, timeout=deadline,
-                                              deadline=end):
+            # A quiet second ends the watch for a direct read of the acks: a watch opened
+            # while etcd restarts can be accepted and then never deliver (seen after a
+            # restart mid-halt), and must not hold the wait until its deadline.
+            for rev, events in ctx.etcd.watch(ctx.keys.hosts, start_revision,
+                                              timeout=min(deadline, ACK_REREAD), deadline=end):
                 for event in events:
                     _take_ack(ctx, event.kv, acks)
                 start_revision = max(start_revision, rev + 1)

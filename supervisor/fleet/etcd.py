@@ -119,6 +119,7 @@ class Etcd:
         self._lock = threading.Lock()
         self._pool: list[http.client.HTTPSConnection] = []
         self._endpoint = 0
+        self._watch_refreshed: str | None = None  # the token taken after a watch's refusal
 
     # ------------------------------------------------------------------ transport
 
@@ -349,8 +350,18 @@ class Etcd:
                     raise EtcdError(f"etcd watch: {_message(error)}", grpc_code=_code(error))
                 result = message.get("result", {})
                 if result.get("canceled"):
-                    raise EtcdError(f"etcd cancelled the watch: "
-                                    f"{result.get('cancel_reason', '')}",
+                    reason = str(result.get("cancel_reason", ""))
+                    if "permission denied" in reason:
+                        # etcd cancels a watch whose token it no longer knows (it restarted:
+                        # simple tokens die with it) as "permission denied", not as
+                        # Unauthenticated: a fresh token first, and a refusal only if the
+                        # fresh token is refused too.
+                        if token == self._watch_refreshed:
+                            raise EtcdPermissionDenied(
+                                f"etcd denied {self.creds.user!r} a watch on {prefix!r}: "
+                                f"{reason}", user=self.creds.user, path="/v3/watch")
+                        self._watch_refreshed = self._authenticate(stale=token)
+                    raise EtcdError(f"etcd cancelled the watch: {reason}",
                                     compact_revision=result.get("compact_revision"))
                 revision = int(result.get("header", {}).get("revision", 0))
                 events = [WatchEvent(kind=e.get("type", "PUT"), kv=KeyValue.from_wire(e["kv"]))
