@@ -7,6 +7,7 @@ import contextlib
 import grp
 import http.client
 import json
+import math
 import os
 import pwd
 import socket
@@ -73,7 +74,11 @@ def test_logs_since_shows_only_what_arrived_since(daemon: Daemon) -> None:
                     check=True)
     wait_for(lambda: "no newline" in daemon.agentctl("logs", "slow").stdout, timeout=30,
              what="the first output")
-    between = time.time() + 1.5  # the index is exact to a second
+    # The index is exact to a second (SPACING): `--since` may show up to a second more than
+    # asked. The first output's record is at most as late as this moment, so a whole second
+    # above it plus a margin (rounded up, as the ISO form drops fractions) excludes it; the
+    # late output comes four seconds after the first.
+    between = math.ceil(time.time() + 1.2)
     wait_for(lambda: "late" in daemon.agentctl("logs", "slow").stdout, timeout=30,
              what="the second output")
     whole = daemon.agentctl("logs", "slow", check=True).stdout
