@@ -5,16 +5,13 @@ every request, so a test can check what the CLI sent and which key reached the u
 
 from __future__ import annotations
 
-import asyncio
 import json
-import ssl
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from tests.support.upstream import TestCA
+from tests.support.fake_api import FakeVendorAPI
 
 # One tool call per turn; the step is the number of tool results the CLI has sent back.
 Script = list[tuple[str, dict[str, Any]]]
@@ -31,53 +28,10 @@ def _tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @dataclass
-class FakeMessagesAPI:
-    ca: TestCA
+class FakeMessagesAPI(FakeVendorAPI):
     script: Script
-    final_text: str = "All tests pass."
-    port: int = 0
-    seen: list[dict[str, Any]] = field(default_factory=list)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
-    _runner: web.AppRunner | None = None
 
-    def start(self) -> FakeMessagesAPI:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            loop.run_until_complete(self._serve())
-            ready.set()
-            loop.run_forever()
-            if self._runner is not None:
-                loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="fake-messages-api", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("the fake Messages API did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    async def _serve(self) -> None:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(str(self.ca.cert_pem), str(self.ca.key_pem))
-        app = web.Application(client_max_size=64 << 20)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=context)
-        await site.start()
-        server = site._server
-        assert server is not None and hasattr(server, "sockets")
-        self.port = server.sockets[0].getsockname()[1]
+    NAME = "Messages"
 
     def session_requests(self) -> list[dict[str, Any]]:
         """The requests of the scripted session (the ones offering the editing tools)."""
