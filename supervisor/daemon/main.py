@@ -265,11 +265,9 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
              core.mode.value)
     await stop.wait()
     # A restart or a stop (daemon/stopintent.py): recorded in daemon_stop. Both still end
-    # every agent: adoption across a restart is not built (docs/runbook.md).
-    intent = await stop_intent(notifier.service)
-    if intent.get("systemd_job") == "restart":
-        log.warning("systemd is restarting %s: every agent is killed (running agents are not "
-                    "handed to the next daemon)", intent["unit"])
+    # every agent: adoption across a restart is not built (docs/runbook.md). Asked while the
+    # agents are killed, never in front of the kill (systemctl may take up to 2 s).
+    asking = asyncio.ensure_future(stop_intent(notifier.service))
 
     notifier.stopping(f"killing every agent ({len(arbiter.live)} running)")
     await notifier.stop_heartbeat()
@@ -281,6 +279,10 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     audit_housekeeping.cancel()
     breakglass.stop()
     await arbiter.shutdown(config.daemon.shutdown_reason)
+    intent = await asking
+    if intent.get("systemd_job") == "restart":
+        log.warning("systemd is restarting %s: every agent was killed (running agents are not "
+                    "handed to the next daemon)", intent["unit"])
     if fleet is not None:
         await fleet.stop()
     await core.stop_observers()  # telemetry and seccomp notify: every agent is dead
