@@ -172,20 +172,34 @@ def verb_first(method: str, path: str) -> bool:
             and path not in _VERBS_NOT_FIRST)
 
 
+@dataclass
+class _Verb:
+    """One verb request on a connection, from its head to its answer."""
+
+    held: bool = False  # its body is complete and it holds the reads
+    answered: bool = False
+
+
 class VerbsFirst:
     """State-changing verbs never queue behind reads on the control loop. From the moment a
-    verb's request head is parsed until its answer is written, the control socket's other
-    connections are not read (their requests wait in the kernel's socket buffers, costing the
-    loop nothing) and reads already parsed wait before their handlers start; the owners'
-    socket's connections are never held. Measured under a flood of `GET /v1/agents`: a kill's
-    steps each wait a turn of the loop, and every turn served a batch of reads first, with
-    the readers' own processes taking the CPU the kill needed (docs/benchmarks.md). Every
-    hold is released by the verb's answer (`release`) or by its connection's end (`lost`),
-    so none can outlive its request. Runs on the loop only."""
+    verb's request is complete (head and body) until its answer is written, the control
+    socket's other connections are not read (their requests wait in the kernel's socket
+    buffers, costing the loop nothing) and reads already parsed wait before their handlers
+    start; the owners' socket's connections are never held. Measured under a flood of
+    `GET /v1/agents`: a kill's steps each wait a turn of the loop, and every turn served a
+    batch of reads first, with the readers' own processes taking the CPU the kill needed
+    (docs/benchmarks.md). Only a complete request holds: a caller who sends a verb's head and
+    stalls its body holds nothing while the body timeout runs (a verb is served at once when
+    complete, so the hold lasts as long as the verb's own work). Every hold is released by the
+    verb's answer (`answered`) or by its connection's end (`lost`), so none can outlive its
+    request. Runs on the loop only."""
 
     def __init__(self) -> None:
         self.connections: dict[RequestHandler, asyncio.Transport] = {}
         self.holds: dict[Any, int] = {}  # verbs in flight, by connection (or its socket)
+        # Verb requests parsed on each connection and not yet answered, oldest first (a
+        # connection's requests are handled one at a time, in order).
+        self.verbs: dict[RequestHandler, collections.deque[_Verb]] = {}
         self.paused: set[RequestHandler] = set()
         self.held_total = 0  # verbs that held the reads, since start (for tests and metrics)
         self._open = asyncio.Event()
@@ -203,14 +217,46 @@ class VerbsFirst:
     def lost(self, handler: RequestHandler) -> None:
         self.connections.pop(handler, None)
         self.paused.discard(handler)
+        for verb in self.verbs.pop(handler, ()):
+            verb.answered = True  # a body completing now takes no hold
         if self.holds.pop(handler, 0):
             self._maybe_resume()
 
+    def verb_arrived(self, handler: RequestHandler, payload: Any) -> None:
+        """A verb's request head was parsed on `handler`'s connection: it holds the reads
+        once its body is complete (at once when it has none), on the loop turn that
+        completes it, if it is not answered by then (a body timeout) nor its connection
+        gone."""
+        verb = _Verb()
+        self.verbs.setdefault(handler, collections.deque()).append(verb)
+
+        def complete() -> None:
+            if not verb.answered and handler in self.connections:
+                verb.held = True
+                self.hold(handler)
+
+        payload.on_eof(complete)
+
+    def incomplete(self, handler: RequestHandler) -> bool:
+        """Whether a verb parsed on `handler`'s connection still waits for its body."""
+        return any(not v.held and not v.answered for v in self.verbs.get(handler, ()))
+
+    def answered(self, handler: Any) -> None:
+        """The oldest verb on `handler`'s connection is answered (or its request failed):
+        its hold ends, and a body of it that completes later takes none."""
+        verbs = self.verbs.get(handler)
+        if not verbs:
+            return
+        verb = verbs.popleft()
+        if not verbs:
+            del self.verbs[handler]
+        verb.answered = True
+        if verb.held:
+            self.release(handler)
+
     def hold(self, handler: Any) -> None:
-        """A verb's request head arrived on `handler`'s connection, or (keyed by its socket)
-        a connection to the owners' socket is being adopted: what an owner sends there is
-        a verb, and held from the accept the kill waits for no batch of reads the loop still
-        has before it parses the head."""
+        """A verb's request is complete on `handler`'s connection, or (keyed by its socket)
+        a connection to the owners' socket is being adopted (EarlyHold)."""
         first = not self.holds
         self.holds[handler] = self.holds.get(handler, 0) + 1
         self.held_total += 1
@@ -221,7 +267,7 @@ class VerbsFirst:
         self.paused.discard(handler)
 
     def release(self, handler: Any) -> None:
-        """A verb's answer on `handler`'s connection is ready (or its request failed)."""
+        """One hold taken with `hold(handler)` ends."""
         left = self.holds.get(handler, 0) - 1
         if left < 0:
             return
@@ -262,12 +308,38 @@ class VerbsFirst:
         self.paused.clear()
 
 
+# How long an owner's connection holds the reads before its first request is complete. What an
+# owner sends on the owners' socket is almost always a verb, written right after its connect:
+# held from the adoption, the verb waits for no batch of reads the loop still has before it
+# parses the request. An idle or stalled owner's connection holds no longer than this.
+EARLY_HOLD = 0.5
+
+
+class EarlyHold:
+    """The hold an owner's connection takes when it is adopted (keyed by its socket), until
+    its first request is complete (a verb then holds by itself), is something else, the
+    connection ends, or `bound` seconds pass. Release is idempotent."""
+
+    def __init__(self, verbs_first: VerbsFirst, key: socket.socket,
+                 loop: asyncio.AbstractEventLoop, bound: float) -> None:
+        self._verbs_first: VerbsFirst | None = verbs_first
+        self._key = key
+        verbs_first.hold(key)
+        self._timer = loop.call_later(bound, self.release)
+
+    def release(self) -> None:
+        verbs_first, self._verbs_first = self._verbs_first, None
+        if verbs_first is not None:
+            self._timer.cancel()
+            verbs_first.release(self._key)
+
+
 class JsonErrorRequestHandler(RequestHandler):
     """aiohttp's connection handler, answering what its HTTP parser refuses (a bad request
     line, an over-long path or header) with our JSON error instead of text/plain, and logging
     it once at debug level instead of a traceback per request."""
 
-    __slots__ = ("_arrivals", "_head_started", "early_hold", "peer", "verbs_first")
+    __slots__ = ("_arrivals", "_head_started", "_heads", "early_hold", "peer", "verbs_first")
 
     def __init__(self, *args: Any, verbs_first: VerbsFirst | None = None, **kwargs: Any
                  ) -> None:
@@ -275,12 +347,13 @@ class JsonErrorRequestHandler(RequestHandler):
         self.peer: Peer | None = None
         self.verbs_first = verbs_first
         # The owners' socket: the hold taken when the connection was adopted, until the
-        # first request head says what it is (VerbsFirst.hold).
-        self.early_hold: socket.socket | None = None
+        # first request is complete or says it is no verb (EarlyHold).
+        self.early_hold: EarlyHold | None = None
         # When each parsed request began to arrive (perf_counter), oldest first; the first
         # request of a connection began when the connection was accepted.
         self._arrivals: collections.deque[float] = collections.deque(maxlen=64)
         self._head_started: float | None = None
+        self._heads = 0  # request heads parsed on this connection
 
     def accepted(self, peer: Peer, accepted_at: float) -> None:
         self.peer = peer
@@ -293,17 +366,22 @@ class JsonErrorRequestHandler(RequestHandler):
         super().data_received(data)
         if len(self._messages) > queued:  # a request head is complete
             self._arrivals.extend([self._head_started] * (len(self._messages) - queued))
+            self._heads += len(self._messages) - queued
             self._head_started = None
             if self.verbs_first is not None:
                 for index in range(queued, len(self._messages)):
-                    message = self._messages[index][0]
+                    message, payload = self._messages[index]
                     if verb_first(getattr(message, "method", ""), getattr(message, "path", "")):
-                        self.verbs_first.hold(self)
-                self.release_early_hold()
+                        self.verbs_first.verb_arrived(self, payload)
+        # A verb whose body this completed holds by now (VerbsFirst.verb_arrived); an owner's
+        # early hold lasts while its first request is a verb still waiting for its body.
+        if (self.early_hold is not None and self.verbs_first is not None
+                and self._heads and not self.verbs_first.incomplete(self)):
+            self.release_early_hold()
 
     def release_early_hold(self) -> None:
-        if self.early_hold is not None and self.verbs_first is not None:
-            self.verbs_first.release(self.early_hold)
+        if self.early_hold is not None:
+            self.early_hold.release()
         self.early_hold = None
 
     def arrived(self) -> float | None:
@@ -348,7 +426,7 @@ class ControlHttpServer(web.Server):
         return JsonErrorRequestHandler(self, loop=self._loop, verbs_first=self.verbs_first,
                                        **self._kwargs)
 
-    def accepted(self, peer: Peer, accepted_at: float, early_hold: socket.socket | None = None
+    def accepted(self, peer: Peer, accepted_at: float, early_hold: EarlyHold | None = None
                  ) -> JsonErrorRequestHandler:
         handler = JsonErrorRequestHandler(self, loop=self._loop, verbs_first=self.verbs_first,
                                           **self._kwargs)
@@ -484,6 +562,7 @@ class ControlListener:
         self.owner_sock = owner_sock
         self.config = config
         self.acceptors: list[Acceptor] = []
+        self.early_hold = EARLY_HOLD  # seconds (EarlyHold)
         self._adopting: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -522,21 +601,20 @@ class ControlListener:
         assert self._loop is not None
         early_hold = None
         if peer.on_owner_socket and server.verbs_first is not None:
-            early_hold = conn
-            server.verbs_first.hold(conn)
+            early_hold = EarlyHold(server.verbs_first, conn, self._loop, self.early_hold)
         task = self._loop.create_task(self._loop.connect_accepted_socket(
             lambda: server.accepted(peer, accepted_at, early_hold), sock=conn))
         self._adopting.add(task)
-        task.add_done_callback(lambda done: self._adopted(done, conn, peer, server))
+        task.add_done_callback(lambda done: self._adopted(done, conn, peer, early_hold))
 
     def _adopted(self, task: asyncio.Task[Any], conn: socket.socket, peer: Peer,
-                 server: ControlHttpServer) -> None:
+                 early_hold: EarlyHold | None) -> None:
         self._adopting.discard(task)
         if task.cancelled() or task.exception() is not None:
             conn.close()
             self.admission.cancel(peer)
-            if peer.on_owner_socket and server.verbs_first is not None:
-                server.verbs_first.release(conn)
+            if early_hold is not None:
+                early_hold.release()
 
     async def stop(self) -> None:
         for acceptor in self.acceptors:

@@ -418,10 +418,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         # The exception's text stays in the daemon's log: it may hold paths or state.
         return _error(SupervisorError("internal error; the daemon's log has the details"))
     finally:
-        # The listener held the reads from this verb's request head, judged on the same raw
-        # path (VerbsFirst.hold).
+        # The listener held the reads from the moment this verb's request was complete,
+        # judged on the same raw path (VerbsFirst.verb_arrived).
         if verbs_first is not None and verb_first(request.method, request.raw_path):
-            verbs_first.release(request.protocol)
+            verbs_first.answered(request.protocol)
 
 
 async def health(request: web.Request) -> web.Response:

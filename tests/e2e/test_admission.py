@@ -362,3 +362,65 @@ def test_a_stalled_verb_of_a_peer_who_may_not_do_it_holds_nothing(tmp_root: Path
             stalled.kill()
             stalled.communicate(timeout=60)
         assert daemon.client.agent("first")["state"] == "paused"
+
+
+# An admin's verb whose body stalls: its head and all of its body but the last byte, sent as
+# the admin (SO_PEERCRED is read at connect); the last byte when the test says so on stdin.
+STALLED_VERB = textwrap.dedent("""
+    import socket, sys
+    body = b'{"scope": {"agent": "%s"}, "reason": "stalled body"}' % sys.argv[3].encode()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(120)
+    s.connect(sys.argv[1])
+    s.sendall(b"POST /v1/actions/%s HTTP/1.1\\r\\nHost: x\\r\\nContent-Type: application/json"
+              b"\\r\\nConnection: close\\r\\nContent-Length: %d\\r\\n\\r\\n"
+              % (sys.argv[2].encode(), len(body)) + body[:-1])
+    print("ready", flush=True)
+    sys.stdin.readline()
+    s.sendall(body[-1:])
+    print(s.recv(65536).split(b"\\r\\n", 1)[0].decode(), flush=True)
+""")
+
+
+def test_a_stalled_verb_body_or_an_idle_owner_holds_no_reads(tmp_root: Path) -> None:
+    """Verbs are served first (api/listener.py VerbsFirst), and an owner's connection holds
+    the control socket's reads from its accept (EarlyHold). An admin who may pause sends a
+    pause and stalls its last byte, and root keeps an owners' socket connection idle: with
+    the body and header timeouts longer than as_user's 120 s, a hold until either timeout
+    would fail the admin's read; both requests are served once they complete."""
+    with users("admin") as made, running_daemon(
+            tmp_root, daemon={"socket_group": made["group"]},
+            roles={"admin": [f"user:{made['users']['admin'].pw_name}"]},
+            control={"body_timeout": "600s", "header_timeout": "600s"}) as daemon:
+        for name in ("first", "second"):
+            daemon.agentctl("run", "--detach", "--name", name, "--", "sleep", "600",
+                            check=True)
+        admin = made["users"]["admin"]
+        stalled = subprocess.Popen(
+            [sys.executable, "-c", STALLED_VERB, str(daemon.socket), "pause", "first"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, user=admin.pw_uid,
+            group=admin.pw_gid, extra_groups=os.getgrouplist(admin.pw_name, admin.pw_gid))
+        try:
+            assert stalled.stdout is not None and stalled.stdout.readline() == "ready\n"
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
+                idle.settimeout(60)
+                idle.connect(str(owner_socket_of(daemon.socket)))
+                # Reads on the control socket are answered while both are open and silent.
+                listed = as_user(daemon, admin, "ls", "--json")
+                assert listed.returncode == 0, listed
+                assert {a["name"] for a in json.loads(listed.stdout)["agents"]} == {
+                    "first", "second"}
+                status, _headers, body = exchange(
+                    daemon.socket, b"GET /v1/agents HTTP/1.1\r\nHost: x\r\n"
+                                   b"Connection: close\r\n\r\n")
+                assert status == 200, body
+                # The owner's connection was kept open: its kill is served.
+                idle.sendall(kill_request("second"))
+                assert idle.recv(65536).startswith(b"HTTP/1.1 200"), "the owner's kill"
+            stalled_out, _ = stalled.communicate("go\n", timeout=60)
+            assert stalled_out.strip() == "HTTP/1.1 200 OK", stalled_out
+        finally:
+            stalled.kill()
+            stalled.communicate(timeout=60)
+        assert daemon.client.agent("first")["state"] == "paused"
+        assert daemon.client.agent("second")["state"] == "killed"

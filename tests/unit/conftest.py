@@ -153,6 +153,7 @@ class ServerThread:
     arbiter: Arbiter | None = None
     drills: Drills | None = None
     kill: KillSection | None = None
+    control: ControlSection | None = None  # the app's and listener's (defaults: None)
     # Served through the daemon's ControlListener (acceptor threads, the owners' socket beside
     # the control socket) instead of a plain aiohttp site.
     listener: ControlListener | None = None
@@ -195,7 +196,7 @@ class ServerThread:
         self.arbiter = unit_arbiter(Arbiter(config, Store(self._db), AuditLog(self._db),
                                             self.runtime))
         self.drills = Drills(self.arbiter, self._db, DrillSection(processes=4, slo=1.0))
-        self.app = build_app(self.arbiter, self.roles, self.drills)
+        self.app = build_app(self.arbiter, self.roles, self.drills, control=self.control)
         if self.use_listener:
             sockets = []
             for path in (self.socket_path, owner_socket_of(self.socket_path)):
@@ -204,7 +205,8 @@ class ServerThread:
                 sock.listen(16)
                 sock.setblocking(False)
                 sockets.append(sock)
-            self.listener = ControlListener(self.app, sockets[0], ControlSection(), self.roles,
+            self.listener = ControlListener(self.app, sockets[0],
+                                            self.control or ControlSection(), self.roles,
                                             owner_sock=sockets[1])
             await self.listener.start()
             return
@@ -289,13 +291,15 @@ def serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeFactory]:
     spend_request_key_warning()
 
     def start(roles: RolesSection | None = None, runtime: FakeRuntime | None = None,
-              kill: KillSection | None = None, listener: bool = False) -> ServerThread:
+              kill: KillSection | None = None, listener: bool = False,
+              control: ControlSection | None = None) -> ServerThread:
         # A short directory: sun_path holds at most 107 bytes.
         root = tmp_path_factory.mktemp("api")
         server = ServerThread(
             root=root, socket_path=root / "control.sock",
             roles=RolesSection(owner=[f"user:{os.getuid()}"]) if roles is None else roles,
             runtime=runtime or FakeRuntime(), kill=kill, use_listener=listener,
+            control=control,
         )
         servers.append(server)
         server.start()
