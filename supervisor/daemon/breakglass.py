@@ -76,6 +76,7 @@ class BreakGlass:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dir_fd: int | None = None
         self._inotify: int | None = None
+        self._wake: int | None = None  # an eventfd: `stop` ends the file thread's poll with it
         self._reserve: list[int] = []
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -92,6 +93,7 @@ class BreakGlass:
         self._dir_fd = os.open(self.halt_file.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._reserve = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
                          for _ in range(_RESERVE)]
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         fd = _libc.inotify_init1(IN_CLOEXEC)
         if fd < 0:
             log.error("inotify unavailable (%s): the HALT file is polled every %gs",
@@ -127,14 +129,17 @@ class BreakGlass:
         for thread in self._threads:
             if thread.name == "break-glass-signal" and thread.ident and thread.is_alive():
                 signal.pthread_kill(thread.ident, signal.SIGUSR1)  # its sigwait sees the stop
+        if self._wake is not None:  # the file thread's poll sees the stop (not its safety poll)
+            with contextlib.suppress(OSError):
+                os.eventfd_write(self._wake, 1)
         for thread in self._threads:
             thread.join(timeout=_SAFETY_POLL + 1)
         with self._fd_lock:
-            for fd in [self._inotify, self._dir_fd, *self._reserve]:
+            for fd in [self._inotify, self._wake, self._dir_fd, *self._reserve]:
                 if fd is not None:
                     with contextlib.suppress(OSError):
                         os.close(fd)
-            self._inotify = self._dir_fd = None
+            self._inotify = self._wake = self._dir_fd = None
             self._reserve = []
 
     # ------------------------------------------------------------------ the threads
@@ -152,9 +157,11 @@ class BreakGlass:
         poller = select.poll()  # no descriptor of its own
         if self._inotify is not None:
             poller.register(self._inotify, select.POLLIN)
+        if self._wake is not None:
+            poller.register(self._wake, select.POLLIN)
         wanted = self.halt_file.name.encode()
         while not self._stop.is_set():
-            events = poller.poll(_SAFETY_POLL * 1000) if self._inotify is not None else []
+            events = poller.poll(_SAFETY_POLL * 1000)
             if self._stop.is_set():
                 return
             hit = not events  # the safety poll looks every time it wakes without news
