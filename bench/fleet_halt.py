@@ -10,7 +10,17 @@ that rotates from round to round so machine noise falls on all alike:
   Python start-up is reported separately (the `agentctl` process wall time, measured once);
 - sequential: each host's control socket, `POST /v1/actions/kill {"all": true}`, one host
   after the other (the ad-hoc way without fleet mode);
-- parallel: the same calls, one thread per host, all at once.
+- parallel: the same calls, one thread per host, all at once;
+- floor: no daemon at all: this process writes `cgroup.kill` of every host's cgroup parent
+  (ten writes) and waits until the kernel reports every one empty. What the machine itself
+  needs to kill the 1,000 processes; no way of asking for a halt can beat it.
+
+For the fleet method the hosts' own timestamps (each ack's `timings`) split the time into
+stages: the call to the action committed (read of the registrations, the watch opened, the
+transaction), committed -> each host saw it (etcd's watch), seen -> the local verb done (the
+kill path: kernel confirmed, networks down), done -> the ack handed to the writer, and sent ->
+the ack arrived at the CLI (put, etcd, watch). Each stage is reported for the host that
+answered last (the one the operator waits for) and as the median over all hosts.
 
 After each halt the hold is lifted (fleet lift, or reactivate --all per host) and the agents
 are launched again. Prints median and p95 (nearest rank) per method and the verdict on the
@@ -22,6 +32,7 @@ directories, etcd data on /dev/shm) is removed at the end, also on Ctrl-C.
 
     sudo .venv/bin/python bench/fleet_halt.py [--hosts 10] [--agents 10] [--processes 10]
                                               [--rounds 5] [--json samples.json]
+                                              [--logs DIR]
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.stats import cpu_model, nearest_rank
 from supervisor.cli.fleet import FleetContext, issue, lift_holds
 from supervisor.fleet.model import FleetAction, Selector, new_action_id
+from supervisor.sandbox.cgroups import Cgroup
 from tests.fleet.support import PREFIX, Fleet, Host, fleet_of
 
 
@@ -63,7 +75,13 @@ def _launch_all(fleet: Fleet, agents: int, processes: int, tag: str) -> None:
 
 # Where a halt's time goes: the slowest local time_to_halt of each host, per method. The same
 # local kill path runs under both; what the fleet path adds is the store (write, watch, ack).
-HALTS: dict[str, list[float]] = {"fleet": [], "sequential": [], "parallel": []}
+METHODS = ("fleet", "sequential", "parallel", "floor")
+HALTS: dict[str, list[float]] = {m: [] for m in METHODS}
+# The fleet halt's stages, per round: for the host that answered last, and every host's.
+STAGES = ("call -> committed", "committed -> seen", "seen -> done", "done -> sent",
+          "sent -> arrived")
+CRITICAL: dict[str, list[float]] = {s: [] for s in STAGES}
+ALL_HOSTS: dict[str, list[float]] = {s: [] for s in STAGES}
 
 
 def _socket_kill(host: Host, method: str) -> float:
@@ -105,13 +123,62 @@ def _fleet_kill(ctx: FleetContext) -> float:
     if result["unconfirmed"]:
         raise RuntimeError(f"unconfirmed: {result['unconfirmed']}")
     HALTS["fleet"].append(max((r["slowest_time_to_halt_ms"] or 0.0) for r in result["hosts"]))
+    _stages(result)
     return elapsed
+
+
+def _stages(result: dict[str, Any]) -> None:
+    committed = result["committed_at"]
+    last = max(result["hosts"], key=lambda r: r["timings"]["arrived"])
+    for row in result["hosts"]:
+        t = row["timings"]
+        spans = {"call -> committed": committed - result["started_at"],
+                 "committed -> seen": t["seen"] - committed,
+                 "seen -> done": t["done"] - t["seen"], "done -> sent": t["sent"] - t["done"],
+                 "sent -> arrived": t["arrived"] - t["sent"]}
+        for stage, seconds in spans.items():
+            ALL_HOSTS[stage].append(seconds * 1000)
+            if row is last:
+                CRITICAL[stage].append(seconds * 1000)
+
+
+def _floor(fleet: Fleet) -> float:
+    """Every host's agents killed by this process through the kernel alone, and all empty."""
+    parents = [Cgroup(h.daemon.cgroup_parent) for h in fleet.hosts]
+    for parent in parents:
+        parent.hold()
+    started = time.perf_counter()
+    for parent in parents:
+        parent.kill()
+    for parent in parents:
+        if not parent.wait_empty(10.0):
+            raise RuntimeError(f"{parent} not empty 10 s after cgroup.kill")
+    elapsed = (time.perf_counter() - started) * 1000
+    for parent in parents:
+        parent.release()
+    HALTS["floor"].append(elapsed)
+    return elapsed
+
+
+def _settle(fleet: Fleet) -> None:
+    """Until every daemon has seen its runs end (after the floor, they learn it by
+    themselves), so the next launch does not race their bookkeeping."""
+    deadline = time.monotonic() + 60
+    for host in fleet.hosts:
+        while host.daemon.client.agents(state="active")["agents"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{host.host_id}: agents still running after the floor")
+            time.sleep(0.1)
 
 
 def _fleet_lift(ctx: FleetContext) -> None:
     result = lift_holds(ctx, None, "bench: lift", deadline=30.0)
     if result["unconfirmed"]:
         raise RuntimeError(f"lift unconfirmed: {result['unconfirmed']}")
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else float("nan")
 
 
 def main() -> int:
@@ -123,10 +190,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1,
                         help="Rounds run first and not recorded (tokens, connections, caches).")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--logs", type=Path, help="Copy each daemon's log here at the end.")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="as-fleet-bench-", dir="/tmp"))
     root.chmod(0o755)
-    samples: dict[str, list[float]] = {"fleet": [], "sequential": [], "parallel": []}
+    samples: dict[str, list[float]] = {m: [] for m in METHODS}
     cli_wall_ms: float | None = None
     load_before = load_after = (0.0, 0.0, 0.0)
     try:
@@ -138,12 +206,13 @@ def main() -> int:
             load_before = os.getloadavg()
             ctx = FleetContext(fleet.credentials("operator", fleet.operator_password,
                                                  fleet.operator_cert), PREFIX)
-            methods = ["fleet", "sequential", "parallel"]
+            methods = list(METHODS)
             ctx.etcd.get_prefix(ctx.keys.holds)  # authenticate before anything is timed
             for round_no in range(-args.warmup, args.rounds):
-                order = methods[round_no % 3:] + methods[:round_no % 3]
+                shift = round_no % len(methods)
+                order = methods[shift:] + methods[:shift]
                 for method in order:
-                    _launch_all(fleet, args.agents, args.processes, f"{round_no}{method[0]}")
+                    _launch_all(fleet, args.agents, args.processes, f"{round_no}{method[:2]}")
                     if method == "fleet":
                         samples["fleet"].append(_fleet_kill(ctx))
                         _fleet_lift(ctx)
@@ -153,18 +222,24 @@ def main() -> int:
                             _socket_kill(host, "sequential")
                         samples["sequential"].append((time.perf_counter() - started) * 1000)
                         _socket_reactivate(fleet)
-                    else:
+                    elif method == "parallel":
                         started = time.perf_counter()
                         with ThreadPoolExecutor(len(fleet.hosts)) as pool:
                             list(pool.map(lambda h: _socket_kill(h, "parallel"),
                                           fleet.hosts))
                         samples["parallel"].append((time.perf_counter() - started) * 1000)
                         _socket_reactivate(fleet)
+                    else:
+                        samples["floor"].append(_floor(fleet))
+                        _settle(fleet)
                     label = f"round {round_no + 1}" if round_no >= 0 else "warm-up"
                     print(f"{label} {method}: {samples[method][-1]:.1f} ms", flush=True)
                     if round_no < 0:
                         samples[method].pop()
                         HALTS[method].clear()
+                        for stages in (CRITICAL, ALL_HOSTS):
+                            for values in stages.values():
+                                values.clear()
             # The whole command once, Python start-up and all (nothing left to kill).
             started = time.perf_counter()
             run = fleet.agentctl("kill", "--all", "--reason", "bench: cli wall")
@@ -173,6 +248,10 @@ def main() -> int:
                 print(run.stdout, run.stderr)
             ctx.etcd.close()
             load_after = os.getloadavg()
+            if args.logs is not None:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for host in fleet.hosts:
+                    shutil.copy(host.daemon.log_path, args.logs / f"{host.host_id}.log")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\n{args.hosts} hosts x {args.agents} agents x {args.processes} processes, "
@@ -183,14 +262,24 @@ def main() -> int:
                               "samples_ms": samples, "cli_wall_ms": cli_wall_ms,
                               "loadavg": [load_before, load_after]}
     for method, values in samples.items():
-        median = sorted(values)[len(values) // 2]
+        median = _median(values)
         p95 = nearest_rank(values, 0.95)
         report[method] = {"median_ms": median, "p95_ms": p95}
+        if method == "floor":
+            print(f"{method:>10}: median {median:7.1f} ms  p95 {p95:7.1f} ms  "
+                  f"(n={len(values)}; cgroup.kill of the 10 parents from one process, "
+                  f"until all empty)")
+            continue
         halts = HALTS[method]
-        slowest = sorted(halts)[len(halts) // 2] if halts else float("nan")
+        slowest = _median(halts)
         report[method]["median_slowest_time_to_halt_ms"] = slowest
         print(f"{method:>10}: median {median:7.1f} ms  p95 {p95:7.1f} ms  "
               f"(n={len(values)}; slowest local time_to_halt, median {slowest:.1f} ms)")
+    report["fleet_stages_ms"] = {"last_host": CRITICAL, "all_hosts": ALL_HOSTS}
+    print("fleet stages, median ms (host that answered last | all hosts):")
+    for stage in STAGES:
+        print(f"  {stage:>18}: {_median(CRITICAL[stage]):7.1f} | "
+              f"{_median(ALL_HOSTS[stage]):7.1f}")
     if cli_wall_ms is not None:
         print(f"agentctl fleet kill --all, whole process once: {cli_wall_ms:.0f} ms")
     fleet_p95 = report["fleet"]["p95_ms"]

@@ -9,7 +9,7 @@ import functools
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +21,7 @@ from supervisor.errors import (
     InvalidRequest,
     SupervisorError,
 )
-from supervisor.fleet.etcd import Credentials, Etcd, KeyValue
+from supervisor.fleet.etcd import Credentials, Etcd, KeyValue, WatchEvent
 from supervisor.fleet.model import (
     Ack,
     FleetAction,
@@ -108,13 +108,18 @@ def fleet(ctx: click.Context, endpoints: str, ca: Path, cert: Path, key: Path, u
 def _hosts(ctx: FleetContext, full: bool = True) -> dict[str, dict[str, Any]]:
     """Every registered host (alive: its lease still holds the registration); with `full`,
     also every host that left acks, anchors or a partition report, and those."""
+    return _hosts_at(ctx, full)[0]
+
+
+def _hosts_at(ctx: FleetContext, full: bool = True) -> tuple[dict[str, dict[str, Any]], int]:
+    """`_hosts`, and the store's revision its read of the registrations saw."""
     hosts: dict[str, dict[str, Any]] = {}
 
     def entry(host: str) -> dict[str, Any]:
         return hosts.setdefault(host, {"host": host, "alive": False, "acks": {},
                                        "anchors": [], "partition": None})
 
-    members, _ = ctx.etcd.get_prefix(ctx.keys.members)
+    members, revision = ctx.etcd.get_prefix(ctx.keys.members)
     for kv in members:
         try:
             value = kv.json()
@@ -123,7 +128,7 @@ def _hosts(ctx: FleetContext, full: bool = True) -> dict[str, dict[str, Any]]:
         item = entry(kv.key[len(ctx.keys.members):])
         item.update(alive=True, registration=value, lease=kv.lease)
     if not full:
-        return hosts
+        return hosts, revision
     kvs, _ = ctx.etcd.get_prefix(ctx.keys.hosts)
     for kv in kvs:
         host = ctx.keys.host_of(kv.key)
@@ -141,7 +146,7 @@ def _hosts(ctx: FleetContext, full: bool = True) -> dict[str, dict[str, Any]]:
             item["anchors"].append((kv, value))
         elif rest == "partition":
             item["partition"] = value
-    return hosts
+    return hosts, revision
 
 
 @fleet.command("ls")
@@ -233,37 +238,62 @@ def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
     acks land in `acks` when given). The store going away while it waits (etcd restarted)
     is waited out up to the deadline: the action is written and durable."""
     started = time.perf_counter()
-    hosts = _hosts(ctx, full=False)
+    started_at = time.time()
+    hosts, seen = _hosts_at(ctx, full=False)
     expected = sorted({h for a in actions for h in _expected(hosts, a.selector)})
     puts = {ctx.keys.action(a.id): dumps(a) for a in actions}
     if holds:
         puts.update({ctx.keys.hold(a.id): dumps(a) for a in actions})
-    revision = ctx.etcd.txn(puts, [ctx.keys.hold(h) for h in (lift or [])])
+    end = time.monotonic() + deadline
+    # The watch for the acks is in place before the action is written (etcd has answered
+    # "created"), so no round trip follows the transaction: the first hosts answer within
+    # milliseconds of it. From the registrations' revision: nothing of ours can be older.
+    stream = _open_watch(ctx, seen + 1, deadline, end)
+    try:
+        revision = ctx.etcd.txn(puts, [ctx.keys.hold(h) for h in (lift or [])])
+    except BaseException:
+        if stream is not None:
+            stream.close()
+        raise
+    committed_at = time.time()
     wanted = {(h, a.id) for a in actions for h in _expected(hosts, a.selector)}
     acks = {} if acks is None else acks
-    end = time.monotonic() + deadline
+    arrived: dict[tuple[str, str], float] = {}
+
+    def take(kv: KeyValue) -> None:
+        key = _take_ack(ctx, kv, acks)
+        if key is not None:
+            arrived.setdefault(key, time.time())
+
     start_revision = revision + 1
     while wanted - set(acks) and end - time.monotonic() > 0:
         try:
             # A quiet second ends the watch for a direct read of the acks: a watch opened
             # while etcd restarts can be accepted and then never deliver (seen after a
             # restart mid-halt), and must not hold the wait until its deadline.
-            for rev, events in ctx.etcd.watch(ctx.keys.hosts, start_revision,
-                                              timeout=min(deadline, ACK_REREAD), deadline=end):
+            if stream is None:
+                stream = ctx.etcd.watch(ctx.keys.hosts, start_revision,
+                                        timeout=min(deadline, ACK_REREAD), deadline=end)
+            for rev, events in stream:
                 for event in events:
-                    _take_ack(ctx, event.kv, acks)
+                    take(event.kv)
                 start_revision = max(start_revision, rev + 1)
                 if not wanted - set(acks):
                     break
+            stream.close()
+            stream = None
             # Whatever the watch missed: one read of the acks themselves.
             for host in {h for h, _ in wanted - set(acks)}:
                 kvs, _ = ctx.etcd.get_prefix(ctx.keys.acks(host))
                 for kv in kvs:
-                    _take_ack(ctx, kv, acks)
+                    take(kv)
         except FleetPermissionDenied:
             raise
         except SupervisorError:
+            stream = None
             time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+    if stream is not None:
+        stream.close()
     elapsed_ms = (time.perf_counter() - started) * 1000
     rows: list[dict[str, Any]] = []
     for host in expected:
@@ -274,28 +304,49 @@ def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
             continue
         failed = [a for a in got if a.outcome == "failed"]
         halts = [a.slowest_time_to_halt_ms for a in got if a.slowest_time_to_halt_ms is not None]
+        last = max(got, key=lambda a: arrived.get((host, a.action), 0.0))
         rows.append({
             "host": host, "status": "failed" if failed else "confirmed",
             "agents_affected": sum(1 for a in got for o in a.agents if not o.skipped),
             "slowest_time_to_halt_ms": max(halts) if halts else None,
             "survivors": sorted({s for a in got for s in a.survivors}),
             "error": "; ".join(a.error for a in failed if a.error) or None,
+            # the host's own times for its last ack, and when that ack reached us
+            "timings": {**last.timings, "arrived": arrived.get((host, last.action))},
         })
     return {"actions": [a.id for a in actions], "revision": revision,
             "elapsed_ms": round(elapsed_ms, 1), "hosts": rows,
+            "started_at": started_at, "committed_at": committed_at,
             "unconfirmed": [r["host"] for r in rows if r["status"] != "confirmed"]}
 
 
-def _take_ack(ctx: FleetContext, kv: KeyValue, acks: dict[tuple[str, str], Ack]) -> None:
+def _open_watch(ctx: FleetContext, start_revision: int, deadline: float, end: float
+                ) -> Generator[tuple[int, list[WatchEvent]], None, None] | None:
+    """A watch on the hosts' keys that etcd has confirmed ("created"), or None when it could
+    not be opened now (the wait opens its own after the transaction)."""
+    stream = ctx.etcd.watch(ctx.keys.hosts, start_revision,
+                            timeout=min(deadline, ACK_REREAD), deadline=end)
+    try:
+        next(stream)  # etcd's "created" message: no events yet
+    except (SupervisorError, StopIteration):
+        stream.close()
+        return None
+    return stream
+
+
+def _take_ack(ctx: FleetContext, kv: KeyValue, acks: dict[tuple[str, str], Ack]
+              ) -> tuple[str, str] | None:
     host = ctx.keys.host_of(kv.key)
     if host is None or not kv.key.startswith(ctx.keys.acks(host)):
-        return
+        return None
     try:
         ack = Ack.model_validate(kv.json())
     except ValueError:
-        return
-    if ack.host == host:
-        acks[(host, ack.action)] = ack
+        return None
+    if ack.host != host:
+        return None
+    acks[(host, ack.action)] = ack
+    return host, ack.action
 
 
 def _report(result: dict[str, Any], as_json: bool, verb: str) -> None:

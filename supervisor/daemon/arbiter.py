@@ -120,6 +120,11 @@ class Arbiter:
         # Step 6 runs at most this many runtime cleanups at once (each spawns a process from
         # the loop); enough that a hundred finish well within shutdown's wait on a busy host.
         self.cleanup_slots = asyncio.Semaphore(32)
+        # Answers to a kill that are written off the loop and not yet out (a fleet ack on its
+        # way to the store, daemon/fleet.py): step 6 waits for them, since its runtime
+        # processes would take the CPU from the answer (and, on a shared host, from the other
+        # daemons' kills).
+        self.answers_pending: set[asyncio.Future[None]] = set()
         self._cleanup_audits: set[asyncio.Task[Any]] = set()
 
     # ----------------------------------------------------------------- helpers
@@ -129,6 +134,11 @@ class Arbiter:
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         return self.track(asyncio.ensure_future(coro))
+
+    async def answers_out(self, timeout: float) -> None:
+        """Until every answer pending now is out, or `timeout` seconds."""
+        if self.answers_pending:
+            await asyncio.wait(list(self.answers_pending), timeout=timeout)
 
     def track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
         """Keep a background task alive until it ends; shutdown cancels what is left."""

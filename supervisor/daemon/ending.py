@@ -134,8 +134,10 @@ async def clean_up(arbiter: Arbiter, live: LiveRun, after_answer: bool = False
         if after_answer:
             # The ending's audit rows are durable (what the answer waits for) and the loop has
             # turned once more, so the answer is written before any runtime process is
-            # spawned (a hundred spawns held a global halt's answer for seconds).
+            # spawned (a hundred spawns held a global halt's answer for seconds); an answer
+            # sent from a thread (a fleet ack) is out too.
             await arbiter.audit.flushed(_CLEANUP_WAIT)
+            await arbiter.answers_out(_CLEANUP_WAIT)
             await asyncio.sleep(0)
         async with arbiter.cleanup_slots:  # a few at a time: each spawn holds the loop
             t0 = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import time
@@ -50,8 +51,17 @@ ACTION_QUEUE_MAX = 1024
 ACKS_KEEP = 256
 ANCHORS_KEEP = 256
 PRUNE_EVERY = 10  # anchor intervals
+# While an action is applied and its ack is on its way to the store, the registration and the
+# audit anchor wait (all the host's daemons share its cores with the kill); at most this long
+# after the ack was handed over, if the store does not take it.
+QUIET_MAX = 2.0
 _VERB_OF = {"kill": "kill", "pause": "pause", "resume": "resume", "reactivate": "reactivate",
             "lift": "reactivate"}
+
+
+def _wall(perf: float) -> float:
+    """time.time() at the moment time.perf_counter() read `perf`."""
+    return time.time() - (time.perf_counter() - perf)
 
 
 def _actor(action: FleetAction) -> Actor:
@@ -91,6 +101,11 @@ class FleetMember:
         self._anchorer: asyncio.Task[None] | None = None
         self._registration_due: asyncio.TimerHandle | None = None
         self._anchored_seq = -1
+        # Actions being applied or whose ack the store has not yet taken; while any is, what
+        # is not needed before the ack (registration, anchor) waits: _quiet_ended.
+        self._quiet = 0
+        self._deferred: set[str] = set()
+        self._began = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -126,6 +141,7 @@ class FleetMember:
         for task in (self._worker, self._anchorer):
             if task is not None:
                 task.cancel()
+        self._quiet = 0  # the last anchor goes whatever is on its way
         self._publish_anchor()
         await asyncio.to_thread(self.link.stop)
 
@@ -174,11 +190,11 @@ class FleetMember:
             progress.advance()
             self._save_applied()
 
-    def _on_action(self, revision: int, action: FleetAction) -> None:
+    def _on_action(self, revision: int, action: FleetAction, seen: float) -> None:
         if not self.synced:
             return  # history before the first read; the read decides what applies
         if self.progress.wanted(revision, action.id):
-            self._enqueue(revision, action)
+            self._enqueue(revision, action, seen)
         self.progress.saw_event(revision)
 
     def _on_hold_added(self, action: FleetAction) -> None:
@@ -187,11 +203,13 @@ class FleetMember:
     def _on_hold_lifted(self, hold_id: str) -> None:
         self.holds.pop(hold_id, None)
 
-    def _enqueue(self, revision: int, action: FleetAction) -> None:
+    def _enqueue(self, revision: int, action: FleetAction, seen: float | None = None) -> None:
+        """`seen`: perf_counter() when the watch delivered it (a kill's time_to_halt starts
+        there, as a control request's starts at its connection)."""
         if self.progress.pending(action.id):
             return
         try:
-            self._queue.put_nowait((time.perf_counter(), action))
+            self._queue.put_nowait((seen or time.perf_counter(), action))
         except asyncio.QueueFull:
             log.error("fleet: action queue full; %s waits for the next re-read", action.id)
             self.progress.refuse(revision)
@@ -233,6 +251,28 @@ class FleetMember:
         if action.verb == "lift":
             for hold_id in action.lifts:
                 self.holds.pop(hold_id, None)
+        applying = time.time()
+        # From here until the store has the ack, only the action and its ack use this host's
+        # share of the CPU: no registration, no anchor, no runtime cleanup (step 6).
+        self._quiet += 1
+        self._began = time.perf_counter()
+        stored: asyncio.Future[None] = self.loop.create_future()
+        self.arbiter.answers_pending.add(stored)
+        try:
+            ack = await self._apply_verb(action, arrived, applying, stored)
+        except BaseException:
+            self._quiet_ends(stored, action.id)
+            raise
+        log.info("fleet: %s %s applied (%s) %.1f ms after it arrived", action.verb, action.id,
+                 ack.outcome, (time.perf_counter() - arrived) * 1000)
+        if action.verb == "kill" and action.selector.agent_class is None \
+                and (action.selector.agent or "").startswith(DRILL_PREFIX):
+            await asyncio.sleep(0)
+            self._forget_drill_canaries()
+        self.agents_changed()
+
+    async def _apply_verb(self, action: FleetAction, arrived: float, applying: float,
+                          stored: asyncio.Future[None]) -> Ack:
         self.audit.append(actor=_actor(action).label(), verb="fleet_action", scope="global",
                           reason=action.reason,
                           detail={"action": action.id, "fleet_verb": action.verb,
@@ -243,15 +283,32 @@ class FleetMember:
         # Settled in memory, then the ack handed to the writer thread, then the progress
         # saved: the SQLite commit runs while the ack is on its way, not before it.
         self.progress.done(action.id)
-        self.link.write(self.keys.ack(self.config.host_id, action.id), dumps(ack))
+        ack.timings = {"seen": round(_wall(arrived), 6), "applying": round(applying, 6),
+                       "done": round(ack.applied_at, 6), "sent": round(time.time(), 6)}
+        self.link.write(self.keys.ack(self.config.host_id, action.id), dumps(ack),
+                        functools.partial(self._quiet_ends, stored, action.id))
+        self.loop.call_later(QUIET_MAX, self._quiet_ends, stored, action.id)
         self._save_applied()
-        log.info("fleet: %s %s applied (%s) %.1f ms after it arrived", action.verb, action.id,
-                 ack.outcome, (time.perf_counter() - arrived) * 1000)
-        if action.verb == "kill" and action.selector.agent_class is None \
-                and (action.selector.agent or "").startswith(DRILL_PREFIX):
-            await asyncio.sleep(0)
-            self._forget_drill_canaries()
-        self.agents_changed()
+        return ack
+
+    def _quiet_ends(self, stored: asyncio.Future[None], action_id: str) -> None:
+        """An ack is in the store (or QUIET_MAX passed): once none is on its way, what waited
+        for it goes: the registration, the anchor, the runtime cleanups (Arbiter.answers_out).
+        Runs once per action whichever comes first."""
+        if stored.done():
+            return
+        stored.set_result(None)
+        self.arbiter.answers_pending.discard(stored)
+        log.info("fleet: the ack of %s in the store (or given up on) %.1f ms after the verb "
+                 "began", action_id, (time.perf_counter() - self._began) * 1000)
+        self._quiet = max(0, self._quiet - 1)
+        if self._quiet:
+            return
+        deferred, self._deferred = self._deferred, set()
+        if "anchor" in deferred:
+            self._publish_anchor()
+        if "registration" in deferred:
+            self.agents_changed()
 
     async def _run_verb(self, action: FleetAction, arrived: float) -> Ack:
         if action.verb == "verify":
@@ -426,7 +483,11 @@ class FleetMember:
     # ------------------------------------------------------------------ registration
 
     def agents_changed(self) -> None:
-        """Republish the registration soon; many changes in a burst make one put."""
+        """Republish the registration soon; many changes in a burst make one put. While an
+        action is applied, once its ack is out (_quiet_ends)."""
+        if self._quiet:
+            self._deferred.add("registration")
+            return
         if self._registration_due is None:
             self._registration_due = self.loop.call_later(0.05, self._publish_registration)
 
@@ -457,6 +518,9 @@ class FleetMember:
                                                     serialization.PublicFormat.Raw)).decode()
 
     def _publish_anchor(self) -> None:
+        if self._quiet:
+            self._deferred.add("anchor")
+            return
         checkpoint = self.audit.last_checkpoint
         if checkpoint is None or checkpoint.seq == self._anchored_seq:
             return

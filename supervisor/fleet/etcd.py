@@ -17,7 +17,7 @@ import json
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -308,7 +308,7 @@ class Etcd:
     # ------------------------------------------------------------------ watch
 
     def watch(self, prefix: str, start_revision: int, timeout: float,
-              deadline: float | None = None) -> Iterator[tuple[int, list[WatchEvent]]]:
+              deadline: float | None = None) -> Generator[tuple[int, list[WatchEvent]], None, None]:
         """Events under `prefix` from `start_revision` on, as (revision, events), until the
         stream ends, nothing arrives for `timeout` seconds (etcd sends progress notifies
         only when asked, so the caller re-reads and re-watches on each return), or the

@@ -42,7 +42,8 @@ class LinkEvents:
     """Callbacks run on the control loop (never on the link's threads)."""
 
     snapshot: Callable[[Snapshot], None]
-    action: Callable[[int, FleetAction], None]
+    # (create revision, action, perf_counter() when the watch delivered it)
+    action: Callable[[int, FleetAction, float], None]
     hold_lifted: Callable[[str], None]
     hold_added: Callable[[FleetAction], None]
     lease_lost: Callable[[float], None]
@@ -89,7 +90,9 @@ class FleetLink:
         self.keeper_client = Etcd(creds, timeout=max(1.0, self.lease_ttl / 3), token=token)
         self._stop = threading.Event()
         self._cond = threading.Condition()
-        self._writes: collections.deque[tuple[str, str]] = collections.deque()
+        # (key, value, called on the loop once the store took it or refused it)
+        self._writes: collections.deque[tuple[str, str, Callable[[], None] | None]] = \
+            collections.deque()
         self._latest: dict[str, str] = {}  # key -> value, coalesced (anchors)
         self._registration: str | None = None
         self._registration_dirty = threading.Event()
@@ -141,13 +144,16 @@ class FleetLink:
         self._registration = value
         self._registration_dirty.set()
 
-    def write(self, key: str, value: str) -> None:
-        """Queue a put that must reach the store (an ack, a report)."""
+    def write(self, key: str, value: str, done: Callable[[], None] | None = None) -> None:
+        """Queue a put that must reach the store (an ack, a report); `done` runs on the loop
+        once the store has taken it (or refused it for good)."""
         with self._cond:
             if len(self._writes) >= WRITE_QUEUE_MAX:
-                self._writes.popleft()
+                _key, _value, dropped = self._writes.popleft()
                 self.dropped_writes += 1
-            self._writes.append((key, value))
+                if dropped is not None:
+                    self._call(dropped)
+            self._writes.append((key, value, done))
             self._cond.notify_all()
 
     def write_latest(self, key_slot: str, key: str, value: str) -> None:
@@ -233,8 +239,9 @@ class FleetLink:
                                                           timeout=self.reread_interval):
                     if self._stop.is_set():
                         return
+                    seen = time.perf_counter()  # where a fleet kill's time_to_halt starts
                     for event in events:
-                        self._event(event.kind, event.kv)
+                        self._event(event.kind, event.kv, seen)
                     if revision > self.revision:
                         self.revision = revision
                 # The stream went quiet for reread_interval (or ended): round again.
@@ -244,7 +251,7 @@ class FleetLink:
                 log.debug("fleet: watch: %s", exc.message)
                 self._stop.wait(0.5)
 
-    def _event(self, kind: str, kv: KeyValue) -> None:
+    def _event(self, kind: str, kv: KeyValue, seen: float) -> None:
         if kv.key.startswith(self.keys.holds):
             hold_id = kv.key[len(self.keys.holds):]
             if kind == "DELETE":
@@ -253,7 +260,7 @@ class FleetLink:
                 self._call(self.events.hold_added, action)
         elif (kv.key.startswith(self.keys.actions) and kind != "DELETE"
               and (action := _parse(kv)) is not None):
-            self._call(self.events.action, kv.create_revision, action)
+            self._call(self.events.action, kv.create_revision, action, seen)
 
     def _writer(self) -> None:
         client = self.writer_client
@@ -263,8 +270,9 @@ class FleetLink:
                     self._cond.wait(1.0)
                 if self._stop.is_set() and not self._writes:
                     return
+                done: Callable[[], None] | None = None
                 if self._writes:
-                    key, value = self._writes[0]
+                    key, value, done = self._writes[0]
                     slot = None
                 else:
                     slot, packed = next(iter(self._latest.items()))
@@ -284,8 +292,10 @@ class FleetLink:
                 continue
             with self._cond:
                 if slot is None:
-                    if self._writes and self._writes[0] == (key, value):
+                    if self._writes and self._writes[0] == (key, value, done):
                         self._writes.popleft()
                 elif self._latest.get(slot) == f"{key}\0{value}":
                     del self._latest[slot]
                 self._cond.notify_all()
+            if done is not None:
+                self._call(done)

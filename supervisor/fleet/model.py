@@ -106,6 +106,11 @@ class Ack(_Model):
     drill: dict[str, Any] | None = None
     # verify: the host's audit chain held against the anchors it published to the store
     audit: dict[str, Any] | None = None
+    # When (time.time() on the host) the watch delivered the action ("seen"), the loop began
+    # it ("applying"), the local verb returned ("done": for a kill, every run's cgroup
+    # confirmed empty and its network down) and the ack went to the writer ("sent"): where
+    # a fleet halt's time goes between the store and the kernel (bench/fleet_halt.py).
+    timings: dict[str, float] = {}
 
 
 class AgentSummary(_Model):

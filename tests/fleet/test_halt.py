@@ -105,10 +105,25 @@ def test_halt_of_a_class_kills_it_everywhere_and_holds_its_launches(fleet: Fleet
     for row in result["hosts"]:
         assert row["status"] == "confirmed" and row["agents_affected"] == 1, row
         assert row["slowest_time_to_halt_ms"] is not None and not row["survivors"]
+        # Each host's stages in the order they happen (bench/fleet_halt.py times them): the
+        # watch delivered it, the loop began it, the kill returned, the ack left, it arrived.
+        t = row["timings"]
+        assert result["started_at"] <= t["seen"] <= t["applying"] <= t["done"] <= t["sent"] \
+            <= t["arrived"], row
     for host in fleet.hosts:
         assert _state(host, f"w-{tag}") == "killed"
         assert _state(host, f"o-{tag}") == "active"
         assert host.daemon.agentctl("ls").returncode == 0
+
+    def registered_killed() -> bool:
+        # The registrations held back while the kill was applied are published once the
+        # acks are in the store.
+        _code, listed = fleet.agentctl_json("ls")
+        states = [a["state"] for r in listed["hosts"] if r["alive"] for a in r["agents"]
+                  if a["name"] == f"w-{tag}"]
+        return len(states) == 5 and set(states) == {"killed"}
+
+    wait_for(registered_killed, timeout=15, what="every host's registration after the halt")
     # The hold: no new agent of that class on any host, until lifted.
     assert _refusal(fleet.hosts[1], f"new-{tag}", f"web{tag}") == "fleet_hold"
     assert _refusal(fleet.hosts[1], f"ok-{tag}", "other") is None
