@@ -19,13 +19,8 @@ from supervisor.audit import AuditLog
 from supervisor.config import Config
 from supervisor.daemon import ending, launching, verbs
 from supervisor.daemon.killpath import Credentials, NoCredentials
-from supervisor.daemon.liverun import (
-    SYSTEM,
-    LiveRun,
-    actor_detail,
-    call_observer,
-    held_pause,
-)
+from supervisor.daemon.liverun import SYSTEM, LiveRun, actor_detail, held_pause
+from supervisor.daemon.observers import RunObservers
 from supervisor.daemon.store import AgentRecord, RunRecord, Store
 from supervisor.daemon.workspace_access import WorkspaceAdmission, admit_workspace
 from supervisor.errors import (
@@ -76,8 +71,8 @@ NetworkProvider = Callable[[LiveRun], Awaitable[tuple[NetworkAttachment, dict[st
 class Arbiter:
     def __init__(self, config: Config, store: Store, audit: AuditLog, runtime: Runtime, *,
                  credentials: Credentials | None = None, parent: RunCgroup | None = None,
-                 parent_path: str | None = None, command_check: CommandCheck | None = None
-                 ) -> None:
+                 parent_path: str | None = None, command_check: CommandCheck | None = None,
+                 observers: RunObservers | None = None) -> None:
         self.config = config
         # Refuses a command the sandbox's root does not have, before anything is registered
         # (sandbox/command.py); None where the runtime is a fake with no root to look in.
@@ -93,24 +88,15 @@ class Arbiter:
         self.agents: dict[str, AgentRecord] = {a.name: a for a in store.agents()}
         self.live: dict[str, LiveRun] = {}
         self.locks: dict[str, asyncio.Lock] = {}
-        # (run_id, cgroup relative path, started_at) once a run is running; (run_id) at its end.
-        self.run_started_hooks: list[Callable[[str, str, float], None]] = []
-        self.run_ended_hooks: list[Callable[[str], None]] = []
+        # Told of each run's start and end, pause, resume, reconcile and agent change, each
+        # by name (daemon/observers.py): telemetry, tripwires, seccomp, gateway, fleet.
+        self.observers = observers or RunObservers()
         # Network mode "gateway" (supervisor/daemon/egress.py): None refuses such profiles.
         self.network_provider: NetworkProvider | None = None
-        # (run_id) after a pause froze the run / before a resume thaws it.
-        self.pause_hooks: list[Callable[[str], Awaitable[None]]] = []
-        self.resume_hooks: list[Callable[[str], Awaitable[None]]] = []
-        # After reconcile has reaped runs: other leftovers (the gateway's nftables tables).
-        self.reconcile_hooks: list[Callable[[], object]] = []
         # Which workspace a caller may launch on (daemon/workspace_access.py); it needs root,
         # so the unit tier puts a fake here.
         self.admit_workspace: WorkspaceAdmission = admit_workspace
         self.global_halt = store.get_meta(GLOBAL_HALT_KEY) is not None
-        # (name, class) -> an error refusing the launch, or None (fleet holds, daemon/fleet.py).
-        self.launch_gates: list[Callable[[str, str], SupervisorError | None]] = []
-        # After any agent's state changed (the fleet registration republishes).
-        self.agents_changed_hooks: list[Callable[[], None]] = []
         self.shutting_down = False
         self.bundles_dir = config.daemon.runtime_dir / "bundles"
         self.logs_dir = config.logs_dir
@@ -172,8 +158,7 @@ class Arbiter:
         agent.updated_at = time.time()
         agent.last_actor = actor.label()
         agent.last_reason = reason
-        for hook in self.agents_changed_hooks:
-            call_observer(hook)
+        self.observers.agents_changed()
         return previous, new
 
     def _set_run_state(self, run: RunRecord, verb: str) -> None:
@@ -418,8 +403,7 @@ class Arbiter:
                 reason="left by a previous supervisor instance", detail=report,
             )
             log.warning("reaped leftover %s", report)
-        for hook in self.reconcile_hooks:
-            hook()
+        self.observers.reconciled()
         return reports
 
     async def shutdown(self, reason: str) -> None:

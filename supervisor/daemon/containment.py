@@ -32,9 +32,9 @@ class Containment:
         self.attempt_listeners: list[Any] = []  # callables(run_id, count): the sampler's counter
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    # Hooks ------------------------------------------------------------------------------
+    # A run's start and end (daemon/observers.py `Tripwires`) ---------------------------
 
-    def run_started(self, run_id: str, _cgroup: str, _started_at: float) -> None:
+    def run_started(self, run_id: str) -> None:
         live = self.arbiter.live.get(run_id)
         if live is None or live.profile is None:
             return

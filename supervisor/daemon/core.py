@@ -3,8 +3,9 @@ subreaper, seccomp listener, the runc runtime, the watchdog, state and audit, th
 and the kill path), telemetry and tripwires. What only a long-lived daemon has (control socket,
 metrics, webhooks, drills, break-glass, self-test policy) stays in main.py. Needs root.
 
-Whatever is wired here reaches both modes: the egress gateway goes into `assemble` (revoke hook,
-run hooks) and publishes its per-run record through `Core.egress`, which the CI report reads."""
+Whatever is wired here reaches both modes: the egress gateway goes into `assemble` (kill step
+2's credentials, a run observer) and publishes its per-run record through `Core.egress`, which
+the CI report reads."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from supervisor.config import Config
 from supervisor.daemon.arbiter import Arbiter
 from supervisor.daemon.containment import Containment
 from supervisor.daemon.egress import EgressControl
+from supervisor.daemon.observers import RunObservers
 from supervisor.daemon.store import Store, connect
 from supervisor.daemon.watchdog import Watchdog
 from supervisor.errors import EnforcementError
@@ -78,6 +80,25 @@ def prepare_directories(config: Config) -> None:
                              (config.daemon.state_dir, 0o700)):
         directory.mkdir(parents=True, exist_ok=True)
         directory.chmod(perms)
+
+
+@dataclass
+class RunSampling:
+    """Telemetry as the arbiter's `Sampler`: a running run is sampled from its cgroup, with
+    the counters the gateway (veth bytes, MCP calls) and its output pipe keep for it."""
+
+    hub: TelemetryHub
+    outputs: Outputs
+    gateway: EgressControl
+
+    def run_started(self, run_id: str, cgroup: str, started_at: float) -> None:
+        self.hub.register(run_id, Cgroup(cgroup), started_at,
+                          network_counter=self.gateway.network_counter(run_id),
+                          output_counter=self.outputs.counter(run_id),
+                          mcp_counter=self.gateway.mcp_counter(run_id))
+
+    def run_ended(self, run_id: str) -> None:
+        self.hub.unregister(run_id)
 
 
 @dataclass
@@ -185,38 +206,26 @@ class Core:
         telemetry = TelemetryHub(config.telemetry.rate_hz, config.telemetry.process_every,
                                  config.telemetry.window, asyncio.get_running_loop(),
                                  store=summaries)
-
-        def run_ended(run_id: str) -> None:
-            telemetry.unregister(run_id)
-
-        arbiter.run_ended_hooks.append(run_ended)
         telemetry.start()
         # Tripwires: samples and syscall attempts in, audited firings and pause/kill out.
         containment = Containment(arbiter)
-        arbiter.run_started_hooks.append(containment.run_started)
-        arbiter.run_ended_hooks.append(containment.run_ended)
         telemetry.subscribers.append(containment.on_sample)
         containment.attempt_listeners.append(telemetry.add_syscall_attempt)
         audit.subscribe(containment.on_audit)
         outputs.cap_listeners.append(containment.output_capped)
         if seccomp is not None:
             seccomp.subscribers.append(containment.on_attempt)
-            prefix = config.sandbox.name_prefix
-            listener = seccomp
-            arbiter.run_ended_hooks.append(lambda run_id: listener.forget(f"{prefix}-{run_id}"))
         # The egress gateway (supervisor/egress/, supervisor/daemon/egress.py): its own process
         # and cgroup; veth + nftables per gateway run, tokens revoked at kill step 2.
         egress = EgressControl(config, arbiter, containment, audit, db,
                                asyncio.get_running_loop())
-        egress.install()
+        arbiter.network_provider = egress.prepare
         arbiter.credentials = egress  # kill step 2: the gateway's session tokens
-        # Telemetry registers a run once it runs; gateway runs also get their veth's counters.
-        arbiter.run_started_hooks.append(
-            lambda run_id, cgroup, started_at: telemetry.register(
-                run_id, Cgroup(cgroup), started_at,
-                network_counter=egress.network_counter(run_id),
-                output_counter=outputs.counter(run_id),
-                mcp_counter=egress.mcp_counter(run_id)))
+        # Who the arbiter tells of a run's start and end, a pause, a resume and reconcile,
+        # each by name (daemon/observers.py); main.py adds the fleet.
+        arbiter.observers = RunObservers(
+            sampler=RunSampling(telemetry, outputs, egress), tripwires=containment,
+            seccomp=seccomp, gateway=egress)
         return cls(config=config, mode=mode, seccomp=seccomp, runtime=runtime,
                    watchdog=watchdog, watchdog_record=watchdog_record, audit=audit, store=store,
                    arbiter=arbiter, telemetry=telemetry, containment=containment,

@@ -242,14 +242,7 @@ class EgressControl:
         self._finishing: set[asyncio.Task[None]] = set()
         db.executescript(_SCHEMA)
 
-    # ------------------------------------------------------------------ wiring
-
-    def install(self) -> None:
-        self.arbiter.network_provider = self.prepare
-        self.arbiter.pause_hooks.append(self.pause)
-        self.arbiter.resume_hooks.append(self.resume)
-        self.arbiter.run_ended_hooks.append(self.run_ended)
-        self.arbiter.reconcile_hooks.append(self.reap_leftovers)
+    # ------------------------------------------------------------------ lifecycle
 
     async def stop(self) -> None:
         """After every run has ended: their final counts, then the worker."""
@@ -272,7 +265,7 @@ class EgressControl:
                               detail={"nft_tables": removed})
         return removed
 
-    # ------------------------------------------------------------------ arbiter hooks
+    # ---------------------- for the arbiter: network provider, Credentials, observers.Gateway
 
     async def prepare(self, live: LiveRun) -> tuple[RunNetwork, dict[str, str]]:
         """Before the sandbox exists: secrets (fail closed), addresses, token, the gateway's

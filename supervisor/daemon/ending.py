@@ -17,7 +17,6 @@ from supervisor.daemon.liverun import (
     SYSTEM,
     LiveRun,
     actor_detail,
-    call_observer,
     exit_status,
     ms_since,
 )
@@ -110,8 +109,7 @@ def finalise(arbiter: Arbiter, live: LiveRun, cause: EndCause, *, exit_code: int
         arbiter.store.put_agent(agent)
     arbiter.live.pop(run.id, None)
     arbiter.store.put_run(run)
-    for ended_hook in arbiter.run_ended_hooks:
-        call_observer(ended_hook, run.id)
+    arbiter.observers.run_ended(run)  # telemetry, tripwires, seccomp fds, gateway
     if live.handle is None:
         live.done.set()
         return

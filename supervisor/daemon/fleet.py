@@ -111,9 +111,8 @@ class FleetMember:
 
     async def start(self) -> None:
         """Read the holds and any action missed while down, and apply them, before the caller
-        opens launches; then watch. A store that cannot be read keeps launches refused."""
-        self.arbiter.launch_gates.append(self.gate)
-        self.arbiter.agents_changed_hooks.append(self.agents_changed)
+        opens launches; then watch. A store that cannot be read keeps launches refused (the
+        arbiter asks `gate` as its observers.fleet, set before this starts)."""
         self.audit.subscribe(self._on_audit)
         snapshot: Snapshot | None = None
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from supervisor.daemon import ending
-from supervisor.daemon.liverun import LiveRun, actor_detail, call_observer, held_pause
+from supervisor.daemon.liverun import LiveRun, actor_detail, held_pause
 from supervisor.daemon.store import AgentRecord, RunRecord
 from supervisor.daemon.workspace_access import AdmittedWorkspace
 from supervisor.errors import (
@@ -51,10 +51,10 @@ async def launch(arbiter: Arbiter, request: RunRequest, actor: Actor) -> RunView
                        "'agentctl reactivate --all'"),
             actor, "launch", scope, name, "")
     known = arbiter.agents.get(name)
-    for gate in arbiter.launch_gates:
-        held = gate(name, request.agent_class or (known.agent_class if known else "default"))
-        if held is not None:
-            raise arbiter._refuse(held, actor, "launch", scope, name, "")
+    held = arbiter.observers.launch_refusal(
+        name, request.agent_class or (known.agent_class if known else "default"))
+    if held is not None:  # a fleet hold
+        raise arbiter._refuse(held, actor, "launch", scope, name, "")
     try:  # a full disk takes every run's output, the audit log and the state with it
         check_free_space((arbiter.config.daemon.state_dir, arbiter.logs_dir),
                          arbiter.config.disk.min_free_bytes, arbiter.config.disk.min_free_percent)
@@ -192,8 +192,7 @@ async def create_and_start(arbiter: Arbiter, live: LiveRun, profile: Profile, re
         await hold(arbiter, handle, run, before_start=False)
     arbiter._set_run_state(run, Verb.START)
     arbiter.store.put_run(run)
-    for started_hook in arbiter.run_started_hooks:
-        call_observer(started_hook, run.id, run.cgroup, run.started_at)
+    arbiter.observers.run_started(run)  # tripwires armed, then telemetry
     live.watcher = arbiter._spawn(ending.watch(arbiter, live))
     if run.timeout is not None:
         loop = asyncio.get_running_loop()

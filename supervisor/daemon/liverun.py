@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +16,6 @@ from supervisor.models.tripwire import TripwireRule
 from supervisor.profiles import Profile
 from supervisor.runtime.base import RunHandle
 from supervisor.states import AgentState, EndCause
-
-log = logging.getLogger(__name__)
 
 SYSTEM = Actor(kind="system", name="supervisor")
 
@@ -52,14 +48,6 @@ def exit_status(live: LiveRun) -> int:
 
 def ms_since(t0: float, t1: float) -> float:
     return round((t1 - t0) * 1000, 3)
-
-
-def call_observer(hook: Callable[..., None], *args: Any) -> None:
-    """Observers (telemetry, tripwires, seccomp) must never break a launch or a kill."""
-    try:
-        hook(*args)
-    except Exception:
-        log.exception("run hook %s failed", getattr(hook, "__qualname__", hook))
 
 
 def held_pause(agent: AgentRecord) -> bool:

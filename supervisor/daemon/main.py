@@ -165,6 +165,9 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     if config.fleet is not None:
         fleet = FleetMember(config.fleet, arbiter, audit, core.store, asyncio.get_running_loop(),
                             config.daemon.state_dir / "state.db")
+        # Its launch gate refuses launches until the holds are read; agents' changes are
+        # republished in its registration.
+        arbiter.observers.fleet = fleet
         await fleet.start()
 
     if config.daemon.self_test:

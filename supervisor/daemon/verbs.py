@@ -37,8 +37,7 @@ async def pause_agent(arbiter: Arbiter, agent: AgentRecord, actor: Actor, reason
             await live.handle.thaw()
             raise EnforcementError(f"agent {agent.name}: cgroup did not freeze",
                                    agent=agent.name)
-        for pause_hook in arbiter.pause_hooks:  # tokens suspended, link down
-            await pause_hook(live.record.id)
+        await arbiter.observers.paused(live.record.id)  # tokens suspended, link down
         if agent.state != AgentState.ACTIVE:  # a kill overtook the pause
             raise IllegalTransition(f"agent {agent.name!r} is now {agent.state}",
                                     agent=agent.name, state=agent.state)
@@ -56,8 +55,7 @@ async def resume_agent(arbiter: Arbiter, agent: AgentRecord, actor: Actor, reaso
         previous, new = arbiter._set_agent_state(agent, Verb.RESUME, actor, reason)
         live = arbiter._live_of(agent)
         assert live is not None and live.handle is not None
-        for resume_hook in arbiter.resume_hooks:
-            await resume_hook(live.record.id)
+        await arbiter.observers.resuming(live.record.id)  # link up, tokens back
         await live.handle.thaw()
         arbiter._set_run_state(live.record, Verb.RESUME)
         return record(arbiter, agent, live, actor, "resume", scope, reason, previous, new)

@@ -14,6 +14,7 @@ import pytest
 
 from supervisor.config import DiskSection, KillSection
 from supervisor.daemon.arbiter import GLOBAL_HALT_KEY, Arbiter
+from supervisor.daemon.observers import RunObservers
 from supervisor.errors import (
     AgentBusy,
     AgentKilled,
@@ -762,25 +763,39 @@ def test_kill_racing_a_launch_wins_and_the_command_never_starts(make_env: MakeEn
     asyncio.run(body())
 
 
-def test_a_failing_run_hook_never_breaks_a_launch_or_a_kill(env: ArbiterEnv,
-                                                            caplog: pytest.LogCaptureFixture
-                                                            ) -> None:
-    def broken(*_args: object) -> None:
+class BrokenObserver:
+    """A sampler and tripwires whose every call fails."""
+
+    def run_started(self, *_args: object) -> None:
         raise RuntimeError("observer bug")
+
+    def run_ended(self, _run_id: str) -> None:
+        raise RuntimeError("observer bug")
+
+
+def test_a_failing_run_observer_never_breaks_a_launch_a_kill_or_the_others(
+        env: ArbiterEnv, caplog: pytest.LogCaptureFixture) -> None:
+    forgotten: list[str] = []
+
+    class Listener:
+        def forget(self, container_id: str) -> None:
+            forgotten.append(container_id)
 
     async def body() -> None:
         arbiter = env.arbiter()
-        arbiter.run_started_hooks.append(broken)
-        arbiter.run_ended_hooks.append(broken)
+        arbiter.observers = RunObservers(sampler=BrokenObserver(), tripwires=BrokenObserver(),
+                                         seccomp=Listener())
         view = await arbiter.launch(request("a1"), ALICE)
         assert arbiter.agents["a1"].state == "active"
+        container_id = arbiter.live[view.id].record.container_id
         result = await act(arbiter, "kill", scope("a1"), "still works")
         assert result.results[0].new_state == "killed"
         assert view.id not in arbiter.live
+        assert forgotten == [container_id]  # told after both failed
 
     asyncio.run(body())
-    failures = [r for r in caplog.records if r.getMessage().startswith("run hook")]
-    assert len(failures) == 2 and all(r.exc_info for r in failures)
+    failures = [r for r in caplog.records if r.getMessage().startswith("run observer")]
+    assert len(failures) == 4 and all(r.exc_info for r in failures)
 
 
 def test_run_output_past_its_retention_is_deleted_and_audited(env: ArbiterEnv) -> None:

@@ -33,7 +33,7 @@ def test_a_sample_over_a_kill_rule_kills_with_the_rule_in_the_audit(env: Arbiter
         env.audit.subscribe(containment.on_audit)
         view = await arbiter.launch(request(
             "a1", {"name": "fork", "metric": "processes", "above": 10, "action": "kill"}), ALICE)
-        containment.run_started(view.id, "cg", time.time())
+        containment.run_started(view.id)
         containment.on_sample(view.id, Sample(ts=time.time(), wall_seconds=1, processes=5))
         await settle(containment)
         assert arbiter.agents["a1"].state == "active"
@@ -61,7 +61,7 @@ def test_a_syscall_attempt_trips_at_once(env: ArbiterEnv) -> None:
         view = await arbiter.launch(request(
             "a1", {"name": "escape", "metric": "syscall_attempts", "above": 0,
                    "action": "kill"}), ALICE)
-        containment.run_started(view.id, "cg", time.time())
+        containment.run_started(view.id)
         container = arbiter.live[view.id].record.container_id
         # A coalesced record of three attempts counts three.
         containment.on_attempt(SyscallAttempt(time.time(), container, 4242, "unshare", 272,
@@ -85,7 +85,7 @@ def test_alerts_auto_contain_by_pause_and_resume_rearms(env: ArbiterEnv) -> None
         env.audit.subscribe(containment.on_audit)
         view = await arbiter.launch(request(
             "a1", {"name": "cpu", "metric": "cpu_percent", "above": 80}), ALICE)
-        containment.run_started(view.id, "cg", time.time())
+        containment.run_started(view.id)
         live = arbiter.live[view.id]
         assert live.profile is not None
         threshold = live.profile.tripwires.auto_containment_threshold
@@ -112,7 +112,7 @@ def test_a_run_without_rules_is_not_tracked(env: ArbiterEnv) -> None:
         arbiter = env.arbiter()
         containment = Containment(arbiter)
         view = await arbiter.launch(request("a1"), ALICE)
-        containment.run_started(view.id, "cg", time.time())
+        containment.run_started(view.id)
         assert view.id not in containment.runs
         containment.on_sample(view.id, Sample(ts=0, wall_seconds=0, processes=10_000))
         containment.run_ended(view.id)

@@ -1,7 +1,7 @@
-"""Telemetry through the control plane, without root: the arbiter's run_started/run_ended hooks,
-GET /v1/runs/{ref}/telemetry and the summary in GET /v1/agents/{name}, `agentctl telemetry`
-and `agentctl inspect`. The real API on a Unix socket in tmp, the FakeRuntime, and a hub whose
-cgroups are directories in tmp (ticks are driven by the test, not by a thread)."""
+"""Telemetry through the control plane, without root: the arbiter's sampler at a run's start
+and end, GET /v1/runs/{ref}/telemetry and the summary in GET /v1/agents/{name}, `agentctl
+telemetry` and `agentctl inspect`. The real API on a Unix socket in tmp, the FakeRuntime, and a
+hub whose cgroups are directories in tmp (ticks are driven by the test, not by a thread)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from supervisor.audit import AuditLog
 from supervisor.cli.main import cli
 from supervisor.config import RolesSection
 from supervisor.daemon.arbiter import Arbiter
+from supervisor.daemon.observers import RunObservers
 from supervisor.daemon.store import Store, connect
 from supervisor.errors import AgentNotFound, InvalidRequest, RouteNotFound
 from supervisor.models import ActionRequest, RunRequest, Scope
@@ -42,13 +43,26 @@ from tests.unit.test_telemetry import MIB, FakeCgroup, FakeProcess, PlainReader
 # ----------------------------------------------------------------------------- arbiter hooks
 
 
-def test_the_arbiter_calls_the_hooks_when_a_run_starts_and_ends(env: ArbiterEnv) -> None:
+@dataclass
+class RecordingSampler:
+    """A `Sampler` (daemon/observers.py) that keeps what it was told."""
+
+    started: list[tuple[str, str, float]] = field(default_factory=list)
+    ended: list[str] = field(default_factory=list)
+
+    def run_started(self, run_id: str, cgroup: str, started_at: float) -> None:
+        self.started.append((run_id, cgroup, started_at))
+
+    def run_ended(self, run_id: str) -> None:
+        self.ended.append(run_id)
+
+
+def test_the_arbiter_tells_its_sampler_when_a_run_starts_and_ends(env: ArbiterEnv) -> None:
     async def body() -> None:
         arbiter = env.arbiter()
-        started: list[tuple[str, str, float]] = []
-        ended: list[str] = []
-        arbiter.run_started_hooks.append(lambda *args: started.append(args))
-        arbiter.run_ended_hooks.append(ended.append)
+        sampler = RecordingSampler()
+        arbiter.observers = RunObservers(sampler=sampler)
+        started, ended = sampler.started, sampler.ended
         request = RunRequest(name="a1", command=["sleep", "infinity"])
         first = await arbiter.launch(request, ALICE)
         record = env.store.run(first.id)
@@ -70,6 +84,23 @@ def test_the_arbiter_calls_the_hooks_when_a_run_starts_and_ends(env: ArbiterEnv)
 
 
 @dataclass
+class DirectorySampling:
+    """The daemon's RunSampling (daemon/core.py) over cgroups that are directories in tmp."""
+
+    hub: TelemetryHub
+    cgroups: Path
+
+    def run_started(self, run_id: str, relative: str, started_at: float) -> None:
+        path = self.cgroups / relative
+        path.mkdir(parents=True)
+        TelemetryServer.write_cgroup(path, pids=[], cpu_usec=0, memory=0)
+        self.hub.register(run_id, FakeCgroup(relative, path), started_at)
+
+    def run_ended(self, run_id: str) -> None:
+        self.hub.unregister(run_id)
+
+
+@dataclass
 class TelemetryServer(ServerThread):
     """The unit tier's API server with a telemetry hub wired as agent-supervisord wires it."""
 
@@ -86,19 +117,7 @@ class TelemetryServer(ServerThread):
                            fd_reader=lambda pid: (self.processes[pid].fds, set()),
                            v1_memory_root=None)
         self.hub = hub
-        cgroups = self.root / "cgroup"
-
-        def run_started(run_id: str, relative: str, started_at: float) -> None:
-            path = cgroups / relative
-            path.mkdir(parents=True)
-            self.write_cgroup(path, pids=[], cpu_usec=0, memory=0)
-            hub.register(run_id, FakeCgroup(relative, path), started_at)
-
-        def run_ended(run_id: str) -> None:
-            hub.unregister(run_id)
-
-        self.arbiter.run_started_hooks.append(run_started)
-        self.arbiter.run_ended_hooks.append(run_ended)
+        self.arbiter.observers = RunObservers(sampler=DirectorySampling(hub, self.root / "cgroup"))
         self._runner = web.AppRunner(build_app(self.arbiter, self.roles, telemetry=hub))
         await self._runner.setup()
         await web.UnixSite(self._runner, str(self.socket_path)).start()

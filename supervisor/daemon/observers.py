@@ -1,0 +1,126 @@
+"""Who is told about a run's life, by name: the telemetry sampler, the tripwires, the seccomp
+listener, the egress gateway and the fleet. The arbiter is given one `RunObservers` at
+assembly (daemon/core.py; main.py adds the fleet) and calls it where a run starts, ends, is
+paused or resumed, at reconcile and when an agent's state changes; each call below is written
+out, so whoever reads a run's end (ending.finalise) or the kill path sees all it touches.
+
+A run's start and end, and an agent's change, are observations: one that fails is logged and
+the others still run, so no observer can stop a launch, an ending or a kill. Pause, resume and
+reconcile wait for the gateway and fail with it (a pause that could not suspend the run's
+tokens is not a pause). The launch gate (fleet holds) is a question, not an observation: its
+answer refuses a launch. No I/O of its own, no privilege; runs in the event loop."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from supervisor.daemon.store import RunRecord
+from supervisor.errors import SupervisorError
+
+log = logging.getLogger(__name__)
+
+
+class Sampler(Protocol):
+    """Telemetry: samples a run's cgroup (relative path) from its start to its end."""
+
+    def run_started(self, run_id: str, cgroup: str, started_at: float) -> None: ...
+
+    def run_ended(self, run_id: str) -> None: ...
+
+
+class Tripwires(Protocol):
+    """Containment (daemon/containment.py): arms a run's tripwires and drops them."""
+
+    def run_started(self, run_id: str) -> None: ...
+
+    def run_ended(self, run_id: str) -> None: ...
+
+
+class SyscallListener(Protocol):
+    """The seccomp listener: closes an ended container's notification fds."""
+
+    def forget(self, container_id: str) -> None: ...
+
+
+class Gateway(Protocol):
+    """The egress gateway (daemon/egress.py) beyond kill step 2's `Credentials`."""
+
+    async def pause(self, run_id: str) -> None: ...
+
+    async def resume(self, run_id: str) -> None: ...
+
+    def run_ended(self, run_id: str) -> None: ...
+
+    def reap_leftovers(self) -> object: ...
+
+
+class Fleet(Protocol):
+    """Fleet membership (daemon/fleet.py): republishes the agents, holds launches."""
+
+    def agents_changed(self) -> None: ...
+
+    def gate(self, name: str, agent_class: str) -> SupervisorError | None: ...
+
+
+def observe(call: Callable[..., object], *args: Any) -> None:
+    """Observers must never break a launch, an ending or a kill: a failure is logged."""
+    try:
+        call(*args)
+    except Exception:
+        log.exception("run observer %s failed", getattr(call, "__qualname__", call))
+
+
+@dataclass
+class RunObservers:
+    """Each observer a daemon has; None where it has none (the unit tier, a host without
+    a seccomp listener, a daemon outside a fleet)."""
+
+    sampler: Sampler | None = None
+    tripwires: Tripwires | None = None
+    seccomp: SyscallListener | None = None
+    gateway: Gateway | None = None
+    fleet: Fleet | None = None
+
+    def run_started(self, run: RunRecord) -> None:
+        """The run's command runs: its tripwires are armed before its first sample."""
+        if self.tripwires is not None:
+            observe(self.tripwires.run_started, run.id)
+        if self.sampler is not None:
+            observe(self.sampler.run_started, run.id, run.cgroup, run.started_at)
+
+    def run_ended(self, run: RunRecord) -> None:
+        """Called once per run by ending.finalise, whatever ended it."""
+        if self.sampler is not None:
+            observe(self.sampler.run_ended, run.id)
+        if self.tripwires is not None:
+            observe(self.tripwires.run_ended, run.id)
+        if self.seccomp is not None:
+            observe(self.seccomp.forget, run.container_id)
+        if self.gateway is not None:
+            observe(self.gateway.run_ended, run.id)
+
+    async def paused(self, run_id: str) -> None:
+        """After the freeze: the run's tokens suspended, its link down."""
+        if self.gateway is not None:
+            await self.gateway.pause(run_id)
+
+    async def resuming(self, run_id: str) -> None:
+        """Before the thaw: the link up, the tokens usable again."""
+        if self.gateway is not None:
+            await self.gateway.resume(run_id)
+
+    def reconciled(self) -> None:
+        """After reconcile reaped runs: the leftovers that are not a run's (nft tables)."""
+        if self.gateway is not None:
+            self.gateway.reap_leftovers()
+
+    def agents_changed(self) -> None:
+        if self.fleet is not None:
+            observe(self.fleet.agents_changed)
+
+    def launch_refusal(self, name: str, agent_class: str) -> SupervisorError | None:
+        """Why a launch may not start now (a fleet hold), or None."""
+        return None if self.fleet is None else self.fleet.gate(name, agent_class)
