@@ -29,6 +29,9 @@ class Containment:
         self.arbiter = arbiter
         self.runs: dict[str, RunTripwires] = {}
         self.attempts: dict[str, int] = {}
+        # A run's first syscall attempt if it came before its tripwires were armed (the run
+        # started a moment before the arbiter told us): evaluated when they are. One per run.
+        self.unarmed: dict[str, SyscallAttempt] = {}
         self.attempt_listeners: list[Any] = []  # callables(run_id, count): the sampler's counter
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -41,11 +44,16 @@ class Containment:
         policy = live.profile.tripwires.with_overrides(live.tripwires)
         if policy.rules:
             self.runs[run_id] = RunTripwires(policy)
-        self.attempts.setdefault(run_id, 0)
+        count = self.attempts.setdefault(run_id, 0)
+        early = self.unarmed.pop(run_id, None)
+        if early is not None and run_id in self.runs:
+            for firing in self.runs[run_id].evaluate_metric("syscall_attempts", count, early.ts):
+                self._fire(run_id, firing, early)
 
     def run_ended(self, run_id: str) -> None:
         self.runs.pop(run_id, None)
         self.attempts.pop(run_id, None)
+        self.unarmed.pop(run_id, None)
 
     def on_sample(self, run_id: str, sample: Sample) -> None:
         state = self.runs.get(run_id)
@@ -63,9 +71,11 @@ class Containment:
         for listener in self.attempt_listeners:
             listener(run_id, attempt.count)
         state = self.runs.get(run_id)
-        if state is not None:
-            for firing in state.evaluate_metric("syscall_attempts", count, attempt.ts):
-                self._fire(run_id, firing, attempt)
+        if state is None:
+            self.unarmed.setdefault(run_id, attempt)
+            return
+        for firing in state.evaluate_metric("syscall_attempts", count, attempt.ts):
+            self._fire(run_id, firing, attempt)
 
     def on_audit(self, _db: object, entry: AuditEntry) -> None:
         """An operator's resume re-arms auto-containment for that agent's run."""

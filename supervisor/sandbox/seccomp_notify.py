@@ -21,8 +21,10 @@ a notify storm from an agent cannot queue in front of a kill. Every notification
 first and counted after; the thread hands the loop coalesced records (one per container and
 syscall, with a count and the latest attempt's details) through a dict the size of the
 containers times the notified names, and asks for at most one flush at a time: the hand-over
-is bounded whatever the attempt rate. Subscribers (tripwires, counters) run on the loop; an
-exception in one is logged, never raised.
+is bounded whatever the attempt rate. A container's first attempt is handed over alone, ahead
+of the coalesced ones, so a tripwire on `syscall_attempts` fires on that very attempt however
+long the loop took to flush (one record per container, so still bounded). Subscribers
+(tripwires, counters) run on the loop; an exception in one is logged, never raised.
 
 Notify is telemetry, not enforcement. The daemon only ever answers EPERM and never lets a
 syscall proceed (no SECCOMP_USER_NOTIF_FLAG_CONTINUE), so the kernel filter stays the
@@ -219,6 +221,7 @@ class SeccompListener:
         # Shared between the thread and the loop, under the lock: bounded by construction.
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, str], SyscallAttempt] = {}
+        self._firsts: list[SyscallAttempt] = []  # at most one per container with an open fd
         self._flush_scheduled = False
         self._forget: list[tuple[str, threading.Event]] = []
         self._counts: dict[str, int] = {}  # per container with an open fd
@@ -531,8 +534,14 @@ class SeccompListener:
         carrying the count and the most recent attempt's details."""
         with self._lock:
             self._total += len(answered)
+            first = self._counts.get(container_id) == 0
             if container_id in self._counts:
                 self._counts[container_id] += len(answered)
+            if first and len(self._firsts) < _MAX_PENDING:
+                # Not folded into the attempts that follow it, even when the loop is slow to
+                # flush: the run's tripwires see a count of exactly one first.
+                self._firsts.append(answered[0])
+                answered = answered[1:]
             for attempt in answered:
                 key = (attempt.container_id, attempt.syscall)
                 if key not in self._pending and len(self._pending) >= _MAX_PENDING:
@@ -546,7 +555,7 @@ class SeccompListener:
         """Ask the loop for one flush, unless one is already asked for."""
         loop = self._loop
         with self._lock:
-            if not self._pending or self._flush_scheduled or loop is None:
+            if not (self._pending or self._firsts) or self._flush_scheduled or loop is None:
                 return
             self._flush_scheduled = True
         try:
@@ -558,7 +567,8 @@ class SeccompListener:
     def _flush(self) -> None:
         """On the loop: hand the coalesced records to the subscribers."""
         with self._lock:
-            records, self._pending = list(self._pending.values()), {}
+            records = [*self._firsts, *self._pending.values()]
+            self._firsts, self._pending = [], {}
             self._flush_scheduled = False
         debug = log.isEnabledFor(logging.DEBUG)
         for record in records:

@@ -78,6 +78,29 @@ def test_a_syscall_attempt_trips_at_once(env: ArbiterEnv) -> None:
     asyncio.run(body())
 
 
+def test_an_attempt_before_the_tripwires_are_armed_trips_when_they_are(env: ArbiterEnv) -> None:
+    # The command runs a moment before the arbiter arms its tripwires; an attempt in that
+    # moment is not lost, and the rule fires on it once armed (never on a later attempt).
+    async def body() -> None:
+        arbiter = env.arbiter()
+        containment = Containment(arbiter)
+        view = await arbiter.launch(request(
+            "a1", {"name": "escape", "metric": "syscall_attempts", "above": 0,
+                   "action": "kill"}), ALICE)
+        container = arbiter.live[view.id].record.container_id
+        containment.on_attempt(SyscallAttempt(time.time(), container, 4242, "unshare", 272))
+        await settle(containment)
+        assert arbiter.agents["a1"].state == "active"
+        containment.run_started(view.id)
+        await settle(containment)
+        assert arbiter.agents["a1"].state == "killed"
+        [fired] = [r for r in env.audit.list() if r.verb == "tripwire"]
+        assert (fired.detail["value"], fired.detail["syscall"]["pid"]) == (1, 4242)
+        assert containment.unarmed == {}
+
+    asyncio.run(body())
+
+
 def test_alerts_auto_contain_by_pause_and_resume_rearms(env: ArbiterEnv) -> None:
     async def body() -> None:
         arbiter = env.arbiter()

@@ -118,6 +118,27 @@ def test_a_notify_flood_is_coalesced_into_a_bounded_hand_over() -> None:
     assert listener._pending == {} and len(seen) <= seccomp_notify._MAX_PENDING + 1
 
 
+def test_a_containers_first_attempt_reaches_the_loop_alone() -> None:
+    # The loop may flush late (busy with a kill, a read flood): the attempts that came after
+    # the first are coalesced, but the first arrives on its own with a count of one, ahead of
+    # them, so a syscall_attempts tripwire fires on it (tests/privileged/test_tripwires.py).
+    listener = SeccompListener(Path("/nonexistent/seccomp.sock"))
+    listener._counts.update({"c1": 0, "c2": 0})  # fds adopted, nothing attempted yet
+    listener._count("c1", [_attempt("c1", "unshare", 1), _attempt("c1", "unshare", 2)])
+    listener._count("c1", [_attempt("c1", "unshare", 3)])
+    listener._count("c2", [_attempt("c2", "mount", 4)])
+    listener._count("c2", [_attempt("c2", "mount", 5)])
+    seen: list[SyscallAttempt] = []
+    listener.subscribers.append(seen.append)
+    listener._flush()
+    assert [(r.container_id, r.pid, r.count) for r in seen] == [
+        ("c1", 1, 1), ("c2", 4, 1), ("c1", 3, 2), ("c2", 5, 1)]
+    listener._count("c1", [_attempt("c1", "unshare", 6)])  # only the first goes alone
+    listener._flush()
+    assert [(r.pid, r.count) for r in seen[4:]] == [(6, 1)]
+    assert listener._firsts == [] and listener.attempts_by_container() == {"c1": 4, "c2": 2}
+
+
 def test_an_observers_tally_stays_bounded_under_a_flood() -> None:
     # Embedded runs keep this, not a list of attempts (1.9 M attempts once took +807 MB).
     tally = AttemptTally(recent=32, containers=4)
