@@ -449,6 +449,16 @@ def launch_exit_status(exc: SupervisorError) -> int:
     return LAUNCH_FAILED_EXIT if isinstance(exc, EnforcementError) else exc.exit_status
 
 
+def error_from_wire(code: object, message: str, detail: dict[str, object]) -> SupervisorError:
+    """The typed error a daemon's error body names (the client rebuilds it from the wire); an
+    unknown code stays a SupervisorError that keeps the code in its detail."""
+    cls = error_class_for(str(code))
+    exc = cls(message, **detail)
+    if cls is SupervisorError:
+        exc.detail["code"] = code
+    return exc
+
+
 def error_class_for(code: str) -> type[SupervisorError]:
     """The error class with this code (the client rebuilds typed errors from the wire)."""
     stack: list[type[SupervisorError]] = [SupervisorError]

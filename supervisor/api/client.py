@@ -6,12 +6,40 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 from supervisor.api import wire
-from supervisor.errors import DaemonUnavailable, SupervisorError, error_class_for
+from supervisor.errors import DaemonUnavailable, SupervisorError, error_from_wire
+
+if TYPE_CHECKING:  # the shapes are types only: agentctl's start does not build them
+    from supervisor.api.shapes import (
+        JSON,
+        ActionRequest,
+        ActionResult,
+        AgentList,
+        AgentView,
+        Approval,
+        ApprovalList,
+        AuditList,
+        AuditVerifyResult,
+        BreakerReset,
+        DrillList,
+        DrillRequest,
+        DrillResult,
+        EgressView,
+        ForgetResult,
+        Health,
+        ReloadResult,
+        RunRequest,
+        RunView,
+        Scope,
+        TelemetryView,
+    )
+
+# A request body: one of the request shapes (supervisor/api/shapes.py), sent as JSON.
+Body = Mapping[str, object]
 
 DEFAULT_SOCKET = Path(os.environ.get("AGENT_SUPERVISOR_SOCKET",
                                      "/run/agent-supervisor/control.sock"))
@@ -37,8 +65,8 @@ class Client:
         self.owner_socket_path = str(owner_socket_of(Path(socket_path)))
         self.timeout = timeout
 
-    def _open(self, method: str, path: str, body: Any = None, timeout: float | None = None
-              ) -> wire.Response:
+    def _open(self, method: str, path: str, body: Body | None = None,
+              timeout: float | None = None) -> wire.Response:
         """Send the request; connection failures become DaemonUnavailable."""
         timeout = timeout if timeout is not None else self.timeout
         if method not in ("GET", "HEAD"):
@@ -66,7 +94,9 @@ class Client:
             raise DaemonUnavailable(f"cannot talk to the daemon at {self.socket_path}: {exc}",
                                     socket=self.socket_path) from None
 
-    def request(self, method: str, path: str, body: Any = None) -> Any:
+    def request(self, method: str, path: str, body: Body | None = None) -> JSON:
+        """One request; the decoded JSON answer, or the daemon's error raised as its
+        SupervisorError. The typed verbs below name the answer's shape."""
         resp = self._open(method, path, body)
         try:
             data = resp.read()
@@ -76,7 +106,7 @@ class Client:
         finally:
             resp.close()
         try:
-            decoded = json.loads(data) if data else None
+            decoded = _loads(data) if data else None
         except json.JSONDecodeError:
             raise SupervisorError(f"the daemon answered {resp.status} with non-JSON",
                                   status=resp.status) from None
@@ -88,27 +118,28 @@ class Client:
         resp = self._open("GET", path, timeout=None)
         try:
             if resp.status >= 400:
-                raise _error_from(json.loads(resp.read() or b"null"), resp.status)
+                raise _error_from(_loads(resp.read() or b"null"), resp.status)
             yield from resp.iter_body()
         finally:
             resp.close()
 
     # Verbs --------------------------------------------------------------------------------
 
-    def health(self) -> Any:
-        return self.request("GET", "/v1/health")
+    def health(self) -> Health:
+        return cast("Health", self.request("GET", "/v1/health"))
 
     def agents_page(self, limit: int | None = None, cursor: str | None = None,
-                    agent_class: str | None = None, state: str | None = None) -> Any:
+                    agent_class: str | None = None, state: str | None = None) -> AgentList:
         """One page of GET /v1/agents (the daemon's default page size unless `limit`)."""
         from urllib.parse import urlencode
 
         query = {k: v for k, v in (("limit", limit), ("cursor", cursor), ("class", agent_class),
                                    ("state", state)) if v is not None}
-        return self.request("GET", "/v1/agents" + (f"?{urlencode(query)}" if query else ""))
+        return cast("AgentList", self.request(
+            "GET", "/v1/agents" + (f"?{urlencode(query)}" if query else "")))
 
     def agents(self, agent_class: str | None = None, state: str | None = None,
-               page_size: int | None = None) -> Any:
+               page_size: int | None = None) -> AgentList:
         """Every agent (matching the filters), page after page, as one list."""
         page = self.agents_page(page_size, None, agent_class, state)
         agents = list(page["agents"])
@@ -119,14 +150,14 @@ class Client:
             seen += 1
         return {**page, "agents": agents, "total": len(agents), "next_cursor": None}
 
-    def agent(self, name: str) -> Any:
-        return self.request("GET", f"/v1/agents/{_quote(name)}")
+    def agent(self, name: str) -> AgentView:
+        return cast("AgentView", self.request("GET", f"/v1/agents/{_quote(name)}"))
 
-    def run(self, body: dict[str, Any]) -> Any:
-        return self.request("POST", "/v1/runs", body)
+    def run(self, body: RunRequest) -> RunView:
+        return cast("RunView", self.request("POST", "/v1/runs", body))
 
-    def get_run(self, ref: str) -> Any:
-        return self.request("GET", f"/v1/runs/{_quote(ref)}")
+    def get_run(self, ref: str) -> RunView:
+        return cast("RunView", self.request("GET", f"/v1/runs/{_quote(ref)}"))
 
     def logs(self, ref: str, follow: bool = False, tail: int | None = None,
              since: float | None = None) -> Iterator[bytes]:
@@ -135,53 +166,61 @@ class Client:
             query += f"&since={since:.3f}"
         return self.stream(f"/v1/runs/{_quote(ref)}/logs?{query}")
 
-    def telemetry(self, ref: str, limit: int = 20) -> Any:
-        return self.request("GET", f"/v1/runs/{_quote(ref)}/telemetry?limit={limit}")
+    def telemetry(self, ref: str, limit: int = 20) -> TelemetryView:
+        return cast("TelemetryView", self.request(
+            "GET", f"/v1/runs/{_quote(ref)}/telemetry?limit={limit}"))
 
-    def action(self, verb: str, scope: dict[str, Any], reason: str = "",
-               grace: str | None = None) -> Any:
-        body: dict[str, Any] = {"scope": scope, "reason": reason}
+    def action(self, verb: str, scope: Scope, reason: str = "",
+               grace: str | None = None) -> ActionResult:
+        body: ActionRequest = {"scope": scope, "reason": reason}
         if grace is not None:
             body["grace"] = grace
-        return self.request("POST", f"/v1/actions/{verb}", body)
+        return cast("ActionResult", self.request("POST", f"/v1/actions/{verb}", body))
 
-    def audit(self, limit: int = 100, after: int = 0) -> Any:
-        return self.request("GET", f"/v1/audit?limit={limit}&after={after}")
+    def audit(self, limit: int = 100, after: int = 0) -> AuditList:
+        return cast("AuditList", self.request("GET", f"/v1/audit?limit={limit}&after={after}"))
 
-    def drill(self, processes: int | None = None, slo: str | None = None) -> Any:
-        body: dict[str, Any] = {}
+    def drill(self, processes: int | None = None, slo: str | None = None) -> DrillResult:
+        body: DrillRequest = {}
         if processes is not None:
             body["processes"] = processes
         if slo is not None:
             body["slo"] = slo
-        return self.request("POST", "/v1/drills", body)
+        return cast("DrillResult", self.request("POST", "/v1/drills", body))
 
-    def reload(self, reason: str = "") -> Any:
-        return self.request("POST", "/v1/reload", {"reason": reason})
+    def reload(self, reason: str = "") -> ReloadResult:
+        return cast("ReloadResult", self.request("POST", "/v1/reload", {"reason": reason}))
 
-    def drills(self, limit: int = 50) -> Any:
-        return self.request("GET", f"/v1/drills?limit={limit}")
+    def drills(self, limit: int = 50) -> DrillList:
+        return cast("DrillList", self.request("GET", f"/v1/drills?limit={limit}"))
 
-    def egress(self, ref: str) -> Any:
-        return self.request("GET", f"/v1/runs/{_quote(ref)}/egress")
+    def egress(self, ref: str) -> EgressView:
+        return cast("EgressView", self.request("GET", f"/v1/runs/{_quote(ref)}/egress"))
 
-    def approvals(self) -> Any:
-        return self.request("GET", "/v1/approvals")
+    def approvals(self) -> ApprovalList:
+        return cast("ApprovalList", self.request("GET", "/v1/approvals"))
 
-    def decide(self, approval_id: str, approved: bool, reason: str = "") -> Any:
+    def decide(self, approval_id: str, approved: bool, reason: str = "") -> Approval:
         verb = "approve" if approved else "deny"
-        return self.request("POST", f"/v1/approvals/{_quote(approval_id)}/{verb}",
-                            {"reason": reason})
+        return cast("Approval", self.request(
+            "POST", f"/v1/approvals/{_quote(approval_id)}/{verb}", {"reason": reason}))
 
-    def reset_breaker(self, agent: str, reason: str = "") -> Any:
-        return self.request("POST", f"/v1/agents/{_quote(agent)}/breaker/reset",
-                            {"reason": reason})
+    def reset_breaker(self, agent: str, reason: str = "") -> BreakerReset:
+        return cast("BreakerReset", self.request(
+            "POST", f"/v1/agents/{_quote(agent)}/breaker/reset", {"reason": reason}))
 
-    def forget(self, agent: str, reason: str = "") -> Any:
-        return self.request("POST", f"/v1/agents/{_quote(agent)}/forget", {"reason": reason})
+    def forget(self, agent: str, reason: str = "") -> ForgetResult:
+        return cast("ForgetResult", self.request(
+            "POST", f"/v1/agents/{_quote(agent)}/forget", {"reason": reason}))
 
-    def audit_verify(self) -> Any:
-        return self.request("GET", "/v1/audit/verify")
+    def audit_verify(self) -> AuditVerifyResult:
+        return cast("AuditVerifyResult", self.request("GET", "/v1/audit/verify"))
+
+
+def _loads(data: bytes) -> JSON:
+    """The one place untyped JSON enters the client: json.loads's answer is named JSON."""
+    decoded: JSON = json.loads(data)
+    return decoded
 
 
 def _quote(part: str) -> str:
@@ -190,13 +229,10 @@ def _quote(part: str) -> str:
     return quote(part, safe="")
 
 
-def _error_from(decoded: Any, status: int) -> SupervisorError:
-    if isinstance(decoded, dict) and isinstance(decoded.get("error"), dict):
-        err = decoded["error"]
-        cls = error_class_for(str(err.get("code", "")))
-        detail = err.get("detail") if isinstance(err.get("detail"), dict) else {}
-        exc = cls(str(err.get("message", "")), **detail)
-        if cls is SupervisorError:
-            exc.detail["code"] = err.get("code")
-        return exc
+def _error_from(decoded: JSON, status: int) -> SupervisorError:
+    err = decoded.get("error") if isinstance(decoded, dict) else None
+    if isinstance(err, dict):
+        given = err.get("detail")
+        return error_from_wire(err.get("code"), str(err.get("message", "")),
+                               dict(given) if isinstance(given, dict) else {})
     return SupervisorError(f"the daemon answered {status}", status=status)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
-from typing import Any
 
 # A control-socket answer larger than this is not one the daemon sends (its pages are
 # bounded); reading stops rather than letting a wrong peer fill agentctl's memory.
@@ -106,7 +105,7 @@ class Response:
         self._sock.close()
 
 
-def request(socket_path: str, method: str, target: str, body: Any, timeout: float | None
+def request(socket_path: str, method: str, target: str, body: object, timeout: float | None
             ) -> Response:
     """Connect, send one request (JSON `body` unless None), read the status and headers.
     Connection errors propagate as the OSError the kernel gave (the caller decides which ones

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import click
 
@@ -34,6 +34,15 @@ from supervisor.cli.units import human_bytes
 from supervisor.cli.verbs import checked_reason as _reason
 from supervisor.errors import InvalidRequest, SupervisorError, launch_exit_status
 from supervisor.limits import REASON_MAX
+
+if TYPE_CHECKING:
+    from supervisor.api.shapes import (
+        AuditVerifyResult,
+        RunRequest,
+        RunView,
+        TelemetrySummary,
+        TripwireRule,
+    )
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -224,7 +233,7 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
     found. Ctrl-C stops the agent (SIGTERM, then the kill path).
     Embedded runs exit 80 killed, 81 tripwire, 82 timeout, 83 scope violation, 84 supervisor
     error, else the agent's own status."""
-    body: dict[str, Any] = {"command": list(command)}
+    body: RunRequest = {"command": list(command)}
     if name:
         body["name"] = name
     if agent_class:
@@ -275,7 +284,7 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
     sys.exit(_follow(client, view, as_json))
 
 
-def _exec_embedded(body: dict[str, Any], ci_options: dict[str, Any]) -> NoReturn:
+def _exec_embedded(body: RunRequest, ci_options: dict[str, Any]) -> NoReturn:
     """Replace agentctl by the one-shot supervisor (supervisor/ci/runner.py), so the CI
     job's signals reach it directly; agentctl itself never loads daemon code. `-I`: root must
     not import modules from the current directory (a checkout) or $PYTHONPATH."""
@@ -286,7 +295,7 @@ def _exec_embedded(body: dict[str, Any], ci_options: dict[str, Any]) -> NoReturn
     os.execve(sys.executable, [sys.executable, "-I", "-m", "supervisor.ci"], env)
 
 
-def _parse_tripwire(spec: str) -> dict[str, Any]:
+def _parse_tripwire(spec: str) -> TripwireRule:
     """NAME:METRIC>VALUE[:ACTION]; the daemon validates metric, value and action."""
     name, sep, rest = spec.partition(":")
     condition, _, action = rest.partition(":")
@@ -297,7 +306,7 @@ def _parse_tripwire(spec: str) -> dict[str, Any]:
     return {"name": name, "metric": metric, "above": value, "action": action or "alert"}
 
 
-def _follow(client: Client, view: dict[str, Any], as_json: bool) -> int:
+def _follow(client: Client, view: RunView, as_json: bool) -> int:
     out = sys.stderr.buffer if as_json else sys.stdout.buffer
     stopping = {"asked": False}
 
@@ -389,12 +398,13 @@ def inspect(agent: str, as_json: bool) -> None:
         for key in ("id", "state", "pid", "command", "workspace", "exit_code", "end_reason",
                     "timeout"):
             value = run_view.get(key)
-            if key == "command":
+            if isinstance(value, list):  # the command
                 value = " ".join(value)
             click.echo(f"  {key:14} {value if value is not None else '-'}")
         click.echo(f"  {'started':14} {_ago(run_view.get('started_at'))} ago")
-    if data.get("telemetry"):  # telemetry
-        _print_summary_block(data["telemetry"])
+    summary = data.get("telemetry")
+    if summary:
+        _print_summary_block(summary)
 
 
 # ----------------------------------------------------------------------------- telemetry
@@ -407,7 +417,7 @@ def _count(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
-def _print_summary_block(summary: dict[str, Any]) -> None:
+def _print_summary_block(summary: TelemetrySummary) -> None:
     state = "live" if summary.get("ended_at") is None else "final"
     click.echo(f"telemetry ({state}, {summary['samples']} samples):")
     for label, text in (("peak_memory", human_bytes(summary.get("peak_memory_bytes"))),
@@ -552,7 +562,7 @@ def audit_verify(state_dir: Path | None, public_key: Path | None, checkpoints: P
         if public_key is not None or checkpoints is not None:
             raise InvalidRequest("--key and --checkpoints go with --state-dir",
                                  field="state_dir")
-        result = _client().audit_verify()
+        result: AuditVerifyResult = _client().audit_verify()
     else:
         from supervisor.audit.anchor import (
             DEFAULT_CHECKPOINT_FILE,
@@ -564,13 +574,14 @@ def audit_verify(state_dir: Path | None, public_key: Path | None, checkpoints: P
         if not key.exists():
             raise InvalidRequest(f"no audit public key at {key}", path=str(key),
                                  hint="pass --key with the public key you trust")
-        result = verify_state_dir(state_dir, key, checkpoints or DEFAULT_CHECKPOINT_FILE
-                                  ).model_dump(mode="json")
+        result = cast("AuditVerifyResult", verify_state_dir(
+            state_dir, key, checkpoints or DEFAULT_CHECKPOINT_FILE).model_dump(mode="json"))
     if as_json:
         _emit_json(result)
     elif result["ok"]:
         anchor = result.get("anchor_seq")
-        click.echo(f"audit log intact: {result['rows']} rows, head {result['head_hash'][:16]}"
+        head = (result["head_hash"] or "-")[:16]
+        click.echo(f"audit log intact: {result['rows']} rows, head {head}"
                    + (f", anchored at row {anchor} ({result.get('unanchored_rows', 0)} after "
                       f"it), key {result.get('key_id')}" if anchor else ""))
         for note in result.get("notes", []):
@@ -644,7 +655,8 @@ def reload(reason: str, as_json: bool) -> None:
     if data["restart_required"]:
         click.echo(f"takes effect at the next restart: {', '.join(data['restart_required'])}")
     for run in data.get("gateway_runs", []):
-        what = (f"routes {', '.join(run['routes']) or '(none)'}" if run.get("routes") is not None
+        routes = run.get("routes")
+        what = (f"routes {', '.join(routes) or '(none)'}" if routes is not None
                 else f"kept what it had: {run['kept']}")
         click.echo(f"running agent {run['agent']} (run {run['run']}): {what}")
 

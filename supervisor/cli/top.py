@@ -26,6 +26,8 @@ from supervisor.errors import SupervisorError
 if TYPE_CHECKING:
     import curses
 
+    from supervisor.api.shapes import AgentView, Health
+
 MIN_WIDTH = 60
 MIN_HEIGHT = 5
 GAP = "  "
@@ -58,9 +60,9 @@ class Line:
 class Snapshot:
     """What one poll of the daemon returned (or why it could not)."""
 
-    agents: list[dict[str, Any]] = field(default_factory=list)
+    agents: list[AgentView] = field(default_factory=list)
     global_halt: bool = False
-    health: dict[str, Any] | None = None
+    health: Health | None = None
     error: str | None = None
     cpu: dict[str, float] = field(default_factory=dict)
     taken_at: float = 0.0
@@ -168,7 +170,7 @@ def _header(snapshot: Snapshot, width: int, live: bool) -> Line:
         for agent in snapshot.agents:
             state = str(agent.get("state", ""))
             counts[state] = counts.get(state, 0) + 1
-        health = snapshot.health or {}
+        health: Mapping[str, object] = snapshot.health or {}
         status = str(health.get("status", "?"))
         version = f"agent-supervisor {health.get('version', '?')}  "
         left = (f"daemon {status}  {len(snapshot.agents)} agents: "

@@ -13,12 +13,8 @@ from supervisor.errors import InvalidRequest, ReasonRequired
 from supervisor.limits import REASON_MAX
 
 if TYPE_CHECKING:
-    from typing import Any
-
     from supervisor.api.client import Client
-
-    ActionResult = dict[str, Any]
-    Scope = dict[str, Any]
+    from supervisor.api.shapes import ActionResult, Scope
 
 STOP_GRACE_DEFAULT = 10.0  # the daemon's default grace, shown when --grace is not given
 
@@ -173,13 +169,13 @@ def ls(client: Client, as_json: bool, agent_class: str | None, state: str | None
         echo("GLOBAL HALT in force: new runs are refused until 'agentctl reactivate --all'")
     rows = []
     for agent in data["agents"]:
-        run_view = agent.get("run") or {}
-        live = bool(run_view) and not run_view.get("ended_at")
+        run_view = agent.get("run")
+        live = ["-", "-", "-"]
+        if run_view and not run_view.get("ended_at"):
+            live = [run_view.get("id", "-"), str(run_view.get("pid") or "-"),
+                    ago(run_view.get("started_at"))]
         rows.append([
-            agent["name"], agent["class"], agent["state"], agent["profile"],
-            run_view.get("id", "-") if live else "-",
-            str(run_view.get("pid") or "-") if live else "-",
-            ago(run_view.get("started_at")) if live else "-",
+            agent["name"], agent["class"], agent["state"], agent["profile"], *live,
             ms(agent.get("time_to_halt_ms")),
             clip(agent.get("last_reason") or "", 40),
         ])
