@@ -114,10 +114,11 @@ class Metrics(Collector):
     """The daemon's metrics: a registry of its own, fed by the audit log and the arbiter."""
 
     def __init__(self, observed: Observed, audit: AuditLog | None, version: str,
-                 backlog: BacklogFn | None = None) -> None:
+                 backlog: BacklogFn | None = None, breakers: BacklogFn | None = None) -> None:
         self.observed = observed
         self.version = version
         self.backlog = backlog
+        self.breakers = breakers
         self.registry = CollectorRegistry(auto_describe=True)
         self.kills = Counter(
             f"{PREFIX}_kills", "Agents the kill verb was applied to (a class or global kill "
@@ -295,19 +296,25 @@ class Metrics(Collector):
                                 "waiting for an operator's decision",
                                 value=self.approvals_pending)
         yield GaugeMetricFamily(f"{PREFIX}_webhook_backlog", "Webhook events in the outbox "
-                                "not yet delivered", value=self._backlog())
+                                "not yet delivered",
+                                value=self._read(self.backlog, "webhook backlog"))
+        yield GaugeMetricFamily(f"{PREFIX}_gateway_breakers_open", "Egress gateway runs whose "
+                                "circuit breaker is open now (their requests are refused "
+                                "until 'agentctl breaker reset')",
+                                value=self._read(self.breakers, "open breakers"))
         info = InfoMetricFamily(f"{PREFIX}_build", "The daemon's version")
         info.add_metric([], {"version": self.version})
         yield info
 
-    def _backlog(self) -> int:
-        if self.backlog is None:
+    @staticmethod
+    def _read(count: BacklogFn | None, what: str) -> int:
+        if count is None:
             return 0
         try:
-            return self.backlog()
+            return count()
         except Exception:
-            # A scrape must not fail because the outbox could not be read; the log says why.
-            log.exception("metrics: webhook backlog unavailable")
+            # A scrape must not fail because one count could not be read; the log says why.
+            log.exception("metrics: %s unavailable", what)
             return 0
 
     def exposition(self) -> bytes:
@@ -442,13 +449,14 @@ def check_endpoint(listen: str, web_config_file: Path | None
 async def start_metrics(observed: Observed, audit: AuditLog, listen: str, version: str,
                         backlog: BacklogFn | None = None, socket_gid: int = -1,
                         web_config_file: Path | None = None,
-                        seccomp: SeccompSource | None = None) -> MetricsEndpoint | None:
+                        seccomp: SeccompSource | None = None,
+                        breakers: BacklogFn | None = None) -> MetricsEndpoint | None:
     """The daemon's metrics endpoint, already serving; None when `listen` is empty. Raises
     ConfigInvalid naming the address when it is not allowed or cannot be bound."""
     address, web_config = check_endpoint(listen, web_config_file)
     if address is None:
         return None
-    endpoint = MetricsEndpoint(Metrics(observed, audit, version, backlog), address, socket_gid,
-                               web_config, seccomp)
+    endpoint = MetricsEndpoint(Metrics(observed, audit, version, backlog, breakers), address,
+                               socket_gid, web_config, seccomp)
     await endpoint.start()
     return endpoint

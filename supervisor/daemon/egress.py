@@ -729,6 +729,10 @@ class EgressControl:
                           detail={"run": run_id, "was": tripped, "actor": actor.label()})
         return {"agent": agent, "run": run_id, "was": tripped}
 
+    def open_breakers(self) -> int:
+        """Gateway runs whose circuit breaker is open, as the worker last reported (metrics)."""
+        return sum(1 for state in self.runs.values() if state.snapshot.get("breaker"))
+
     async def usage(self, run_id: str) -> dict[str, Any] | None:
         state = self.runs.get(run_id)
         if state is None:

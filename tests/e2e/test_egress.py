@@ -19,6 +19,7 @@ import pytest
 
 from supervisor.egress import link, nft
 from tests.conftest import BOTH_RUNTIMES, require, require_root_and_runc
+from tests.e2e.test_metrics import scrape_unix
 from tests.support.daemon import wait_for
 from tests.support.egress import (
     LLM_ROUTE,
@@ -354,7 +355,27 @@ def test_budget_ceiling_refuses_and_fires_the_budget_tripwire(rig: GatewayRig) -
     rig.daemon.agentctl("kill", "spender", "--reason", "test over", check=True)
 
 
-def test_breaker_trips_on_errors_pauses_and_a_human_resets_it(rig: GatewayRig) -> None:
+@pytest.fixture
+def metrics_rig(tmp_root: Path, runtime: str) -> Iterator[GatewayRig]:
+    """A rig whose daemon serves its metrics on a Unix socket beside its state."""
+    require_root_and_runc()
+    require(shutil.which("nft") is not None, "needs nft (apt-get install nftables)")
+    listen = {"listen": f"unix:{tmp_root / 'metrics.sock'}"}
+    with gateway_rig(tmp_root, runtime, daemon_config={"metrics": listen}) as prepared:
+        yield prepared
+
+
+def _open_breakers(rig: GatewayRig) -> float:
+    metrics = rig.daemon.extra_config["metrics"]
+    assert isinstance(metrics, dict)
+    samples = scrape_unix(Path(str(metrics["listen"]).removeprefix("unix:")))
+    return samples.get(("agent_supervisor_gateway_breakers_open", ()), -1.0)
+
+
+def test_breaker_trips_on_errors_pauses_and_a_human_resets_it(metrics_rig: GatewayRig
+                                                               ) -> None:
+    rig = metrics_rig
+    assert _open_breakers(rig) == 0
     profile = rig.profile("breaker", LLM_ROUTE + """
         [network.gateway.breaker]
         window = "60s"
@@ -376,6 +397,7 @@ def test_breaker_trips_on_errors_pauses_and_a_human_resets_it(rig: GatewayRig) -
     assert "error rate" in fired[0]["detail"]["breaker"]
     view = rig.daemon.agentctl_json("egress", "flaky")
     assert view["breaker"] and view["usage"]["errors"] == 4
+    assert _open_breakers(rig) == 1
     env = rig.proxy_env("flaky")
     rig.daemon.agentctl("resume", "flaky", check=True)
     reply = host_request(env, b"GET http://llm.gateway/v1/chat HTTP/1.1\r\nHost: llm.gateway"
@@ -385,6 +407,7 @@ def test_breaker_trips_on_errors_pauses_and_a_human_resets_it(rig: GatewayRig) -
     reply = host_request(env, b"GET http://llm.gateway/v1/chat HTTP/1.1\r\nHost: llm.gateway"
                          b"\r\nConnection: close\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert _open_breakers(rig) == 0
     again = rig.daemon.agentctl("breaker", "reset", "flaky", "--json")
     assert again.returncode == 4 and "breaker_not_tripped" in again.stdout
     assert [e["reason"] for e in _audit(rig, "breaker_reset")] == ["upstream fixed"]

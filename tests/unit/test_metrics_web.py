@@ -88,6 +88,23 @@ def test_new_series_move_on_audited_events_with_bounded_labels(env: ArbiterEnv) 
     promtool_check(metrics.exposition())
 
 
+def test_open_breakers_are_read_at_scrape_time(env: ArbiterEnv) -> None:
+    """The gauge of open egress breakers follows the daemon's count at each scrape; a count
+    that cannot be read is 0, never a failed scrape."""
+    open_now = [2]
+    metrics = Metrics(FakeArbiter(), env.audit, "1", breakers=lambda: open_now[0])
+    assert value(scrape(metrics), "agent_supervisor_gateway_breakers_open") == 2
+    open_now[0] = 0
+    assert value(scrape(metrics), "agent_supervisor_gateway_breakers_open") == 0
+    promtool_check(metrics.exposition())
+
+    def broken() -> int:
+        raise RuntimeError("gateway state unreadable")
+
+    failing = Metrics(FakeArbiter(), env.audit, "1", breakers=broken)
+    assert value(scrape(failing), "agent_supervisor_gateway_breakers_open") == 0
+
+
 def promtool_check(exposition: bytes) -> None:
     """`promtool check metrics`: exit 0 and no lint complaint (install-deps installs it)."""
     # install-deps puts it in /usr/local/bin, which the unit tier's reset PATH leaves out.
