@@ -42,6 +42,10 @@ MAX_HELD = 1024  # requests waiting for an operator, over all runs
 _MAX_FDS = 64  # descriptors received and not yet claimed by an `open`
 _DETAIL_LIMIT = 4096  # bytes of JSON per event detail
 _USAGE_EVERY = 0.5  # seconds between usage snapshots (only runs whose usage changed)
+# MCP decisions wait in the gateway's thread up to this long (or this many) and cross to the
+# channel together: one wake-up of this loop and one write per batch instead of per call.
+_DECISIONS_EVERY = 0.01
+_DECISIONS_BATCH = 256
 
 
 def grant_to_wire(grant: RunGrant) -> dict[str, Any]:
@@ -94,6 +98,10 @@ class Worker:
         self.reported: dict[str, dict[str, Any]] = {}
         self.dropped = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        # MCP decisions not yet on the channel (appended in the gateway's thread, sent from
+        # this loop's); bounded by _DECISIONS_BATCH, past which they are handed over at once.
+        self._decisions: list[dict[str, Any]] = []
+        self._decisions_lock = threading.Lock()
 
     async def serve(self) -> str:
         loop = self.loop = asyncio.get_running_loop()
@@ -111,6 +119,7 @@ class Worker:
             reporter.cancel()
             self._release_held("the gateway stopped")
             self.gateway.stop()
+            self._send_decisions()
 
     def _lost(self, reason: str) -> None:
         if self.done is not None and not self.done.done():
@@ -132,9 +141,34 @@ class Worker:
             self.dropped += 1
 
     def _post(self, message: dict[str, Any]) -> None:
-        """From the gateway's thread."""
+        """From the gateway's thread. The MCP decisions made before it go first (a hold's
+        decision before its approval request)."""
         if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.emit, message)
+            self.loop.call_soon_threadsafe(self._emit_after_decisions, message)
+
+    def _emit_after_decisions(self, message: dict[str, Any]) -> None:
+        self._send_decisions()
+        self.emit(message)
+
+    def _send_decisions(self) -> None:
+        """The MCP decisions waiting in the gateway's thread, in order, in one write."""
+        with self._decisions_lock:
+            batch, self._decisions = self._decisions, []
+        if not batch or self.channel is None:
+            return
+        frames = []
+        for message in batch:
+            try:
+                frames.append(ipc.encode(message, ipc.TO_DAEMON_LIMIT))
+            except ipc.FrameError as exc:
+                log.error("not sent: %s", exc)
+        if frames and not self.channel.send(b"".join(frames)):
+            self.dropped += len(frames)
+
+    def _hand_over_decisions(self) -> None:
+        """From the gateway's thread: the waiting decisions to this loop."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._send_decisions)
 
     def _reply(self, request: dict[str, Any], **fields: Any) -> None:
         self.emit({"op": "reply", "re": request.get("id"), **fields})
@@ -153,8 +187,22 @@ class Worker:
         self._post({"op": "denied", "run": run_id, "code": code, "detail": _bounded(detail)})
 
     def mcp_decision(self, run_id: str, detail: dict[str, Any]) -> None:
-        """Every MCP decision (supervisor/mcp/gateway.py); the daemon audits it."""
-        self._post({"op": "mcp", "run": run_id, "detail": _bounded(detail)})
+        """Every MCP decision (supervisor/mcp/gateway.py); the daemon audits each one. Sent in
+        batches (see _DECISIONS_EVERY): a per-call wake-up of this loop cost the gateway's
+        thread more than judging the call. Nothing is dropped: a full batch is handed over
+        at once, a run's close and anything else this sink posts send the batch first."""
+        with self._decisions_lock:
+            self._decisions.append({"op": "mcp", "run": run_id, "detail": _bounded(detail)})
+            waiting = len(self._decisions)
+        if waiting >= _DECISIONS_BATCH:
+            self._hand_over_decisions()
+        elif waiting == 1:
+            try:
+                timer = asyncio.get_running_loop()  # the gateway's: no wake-up to arm it
+            except RuntimeError:
+                self._hand_over_decisions()
+            else:
+                timer.call_later(_DECISIONS_EVERY, self._hand_over_decisions)
 
     def request_approval(self, run_id: str, method: str, host: str, path: str, rule: str
                          ) -> concurrent.futures.Future[Decision]:
@@ -278,6 +326,7 @@ class Worker:
         gate = self.gateway.gates.get(run)
         calls = gate.calls if gate is not None else None  # read after the close: complete
         usage = await self.gateway.close(run)
+        self._send_decisions()  # before the reply: the daemon forgets the run on it
         self.reported.pop(run, None)
         if snapshot is not None and usage is not None:
             snapshot["usage"], snapshot["denials"] = usage.as_dict(), dict(usage.refusals)

@@ -118,7 +118,10 @@ class McpUpstream:
         self.log = ServerLog()
         self.token = token
         app = build(self.log, json_response=json_response).streamable_http_app()
-        sock = socket.socket()
+        # proto named: asyncio sets TCP_NODELAY on accepted connections only when the socket
+        # says IPPROTO_TCP (uvicorn does not set it), and without it each reply's body waits
+        # behind its head for the client's delayed ACK (~40 ms per call).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"https://{MCP_NAME}:{self.port}/mcp"

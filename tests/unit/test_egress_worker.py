@@ -6,6 +6,7 @@ by tests/e2e/test_egress_worker.py. No privilege."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from collections.abc import Iterator
@@ -99,3 +100,111 @@ def test_held_requests_are_bounded_and_released_by_revocation(
     assert len(w.held) == worker.MAX_HELD // 2  # r2's still wait
     w._release_held("the gateway stopped")
     assert all(f.done() and not f.result().approved for f in waiting) and w.held == {}
+
+
+# ---------------------------------------------------------------- MCP decisions, in batches
+# The real thing on both sides of a real channel: the worker's loop (here, the test's) with
+# the gateway running in its own thread and loop, and the daemon's end of the socketpair.
+
+
+async def _decisions_scenario(body: Any) -> None:
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    w = worker.Worker(ours, EgressSection(), ssl.create_default_context())
+    loop = w.loop = asyncio.get_running_loop()
+    _, w.channel = await loop.create_unix_connection(
+        lambda: ipc.FrameProtocol(ipc.TO_WORKER_LIMIT, ipc.WRITE_BUFFER_LIMIT, w.on_message,
+                                  lambda _reason: None), sock=ours)
+    frames = ipc.FrameBuffer(ipc.TO_DAEMON_LIMIT)
+    received: list[dict[str, Any]] = []
+
+    async def read(count: int) -> list[dict[str, Any]]:
+        """The next `count` messages at the daemon's end (a guard against a hang, no timing)."""
+        while len(received) < count:
+            received.extend(frames.feed(await asyncio.wait_for(loop.sock_recv(theirs, 65536),
+                                                               30)))
+        out = received[:count]
+        del received[:count]
+        return out
+
+    def in_gateway(fn: Any) -> None:
+        """Run `fn` in the gateway's thread and loop, as its request handlers run."""
+        async def call() -> None:
+            fn()
+        w.gateway._submit(call()).result(timeout=30)
+
+    w.gateway.start()
+    try:
+        await body(w, read, in_gateway)
+    finally:
+        w.gateway.stop()
+        if w.channel.transport is not None:
+            w.channel.transport.close()
+        ours.close()
+        theirs.close()
+
+
+def _detail(n: int) -> dict[str, Any]:
+    return {"audit_id": f"mcp-{n}", "tool": "search", "outcome": "allowed"}
+
+
+def test_mcp_decisions_all_reach_the_daemon_in_order_with_one_hand_over_per_batch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wake-up of the worker's loop per decision cost the gateway's thread more than judging
+    the call: decisions made together cross together, every one of them, in order."""
+    handed: list[int] = []
+
+    async def body(w: worker.Worker, read: Any, in_gateway: Any) -> None:
+        real = w._hand_over_decisions
+        monkeypatch.setattr(w, "_hand_over_decisions", lambda: (handed.append(1), real()))
+        in_gateway(lambda: [w.mcp_decision("r1", _detail(n)) for n in range(100)])
+        got = await read(100)
+        assert [(m["op"], m["run"], m["detail"]["audit_id"]) for m in got] == \
+            [("mcp", "r1", f"mcp-{n}") for n in range(100)]
+        assert handed == [1]
+        # From outside any loop (no timer to arm) a decision is handed over at once.
+        w.mcp_decision("r2", _detail(100))
+        assert [m["run"] for m in await read(1)] == ["r2"] and handed == [1, 1]
+
+    asyncio.run(_decisions_scenario(body))
+
+
+def test_a_full_batch_of_mcp_decisions_is_handed_over_without_waiting_for_the_timer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker, "_DECISIONS_EVERY", 3600.0)  # the timer never fires here
+
+    async def body(w: worker.Worker, read: Any, in_gateway: Any) -> None:
+        batch = worker._DECISIONS_BATCH
+        in_gateway(lambda: [w.mcp_decision("r1", _detail(n)) for n in range(batch)])
+        got = await read(batch)
+        assert [m["detail"]["audit_id"] for m in got] == [f"mcp-{n}" for n in range(batch)]
+        in_gateway(lambda: [w.mcp_decision("r1", _detail(n))
+                            for n in range(batch, batch + 3)])
+        with w._decisions_lock:  # the rest wait for their timer (or whatever posts next)
+            assert [m["detail"]["audit_id"] for m in w._decisions] == \
+                [f"mcp-{n}" for n in range(batch, batch + 3)]
+
+    asyncio.run(_decisions_scenario(body))
+
+
+def test_waiting_mcp_decisions_go_before_an_approval_request_and_a_runs_close_reply(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The audit keeps the order things happened in: a hold's decision before its approval
+    request; and every decision of a run before the reply to its close (on which the daemon
+    forgets the run, and would drop a decision that came later)."""
+    monkeypatch.setattr(worker, "_DECISIONS_EVERY", 3600.0)
+
+    async def body(w: worker.Worker, read: Any, in_gateway: Any) -> None:
+        held: list[Any] = []
+        in_gateway(lambda: (w.mcp_decision("r1", {**_detail(1), "outcome": "held"}),
+                            held.append(w.request_approval("r1", "MCP", "mcp.gateway/code",
+                                                           "tools/call drop_table", "rule"))))
+        assert [m["op"] for m in await read(2)] == ["mcp", "approval"]
+        in_gateway(lambda: w.mcp_decision("r1", {**_detail(2), "outcome": "approved"}))
+        w.on_message({"op": "close", "run": "r1", "id": 7})
+        last = await read(2)
+        assert [m["op"] for m in last] == ["mcp", "reply"]
+        assert last[0]["detail"]["audit_id"] == "mcp-2" and last[1]["re"] == 7
+        assert held[0].done() and not held[0].result().approved  # the close released it
+
+    asyncio.run(_decisions_scenario(body))
