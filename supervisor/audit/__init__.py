@@ -30,7 +30,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -145,6 +145,7 @@ class AuditLog:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._waiters: builtins.list[tuple[int, asyncio.Future[None]]] = []
+        self._holding = 0  # batch() in progress: appends do not wake the writer
         self._rows_since_checkpoint = 0
         self._last_checkpoint_at = time.monotonic()
         self._anchor_now = False
@@ -188,8 +189,25 @@ class AuditLog:
                 return None
             self._next_ticket += 1
             self._queue.append(_Pending(fields, self._next_ticket))
-            self._cond.notify_all()
+            if not self._holding:
+                self._cond.notify_all()
         return None
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Rows appended inside are handed to the writer together at the end: one wake and one
+        commit for a scoped kill's hundred rows, instead of a writer woken by the first row,
+        committing a few at a time and taking the GIL from the loop still appending the
+        rest (docs/benchmarks.md, run 8). Nothing waits longer than the batch's own code."""
+        with self._cond:
+            self._holding += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holding -= 1
+                if not self._holding and self._queue:
+                    self._cond.notify_all()
 
     async def write(self, **row: Any) -> None:
         """Append and wait until the row is durable (bounded by nothing: the kill path)."""
@@ -336,7 +354,8 @@ class AuditLog:
         try:
             while True:
                 with self._cond:
-                    while not self._queue and not self._stopping and not self._checkpoint_due():
+                    while ((not self._queue or self._holding) and not self._stopping
+                           and not self._checkpoint_due()):
                         self._cond.wait(self._until_checkpoint())
                     batch = [self._queue.popleft()
                              for _ in range(min(_BATCH, len(self._queue)))]

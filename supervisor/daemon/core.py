@@ -202,7 +202,7 @@ class Core:
                           command_check=check_command)
         # Telemetry: one sampler thread reads every running run's cgroup and processes and hands
         # the samples to the loop; at a run's end its summary goes to SQLite.
-        summaries = SummaryStore(db)
+        summaries = SummaryStore(db, batches=store)
         telemetry = TelemetryHub(config.telemetry.rate_hz, config.telemetry.process_every,
                                  config.telemetry.window, asyncio.get_running_loop(),
                                  store=summaries)

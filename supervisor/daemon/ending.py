@@ -226,8 +226,14 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
     kills: dict[str, RunKill] = {}
     covered: set[str] = set()
     prefix = arbiter.parent_path + "/"
-    for live, kill in zip(owned + rekill, await asyncio.gather(
-            *(run_kill(arbiter, live) for live in owned + rekill)), strict=True):
+    # A run whose launch is done gets its RunKill at once; only launches still in flight are
+    # waited for, together (a task per run cost a turn of a busy loop each before step 2).
+    in_flight = [live for live in owned + rekill if not live.ready.is_set()]
+    waited = dict(zip((live.record.id for live in in_flight), await asyncio.gather(
+        *(run_kill(arbiter, live) for live in in_flight)), strict=True)) if in_flight else {}
+    for live in owned + rekill:
+        kill = (waited[live.record.id] if live.record.id in waited
+                else await run_kill(arbiter, live))
         if kill is not None:
             kills[live.record.id] = kill
             if whole_parent and live.record.cgroup.startswith(prefix):
@@ -237,7 +243,8 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
     t_swept = time.perf_counter()
 
     results: list[AgentResult | SupervisorError] = []
-    with arbiter.store.batch():  # every agent's and run's record in one transaction
+    # Every agent's and run's record in one transaction, every audit row in one commit.
+    with arbiter.store.batch(), arbiter.audit.batch():
         for agent, previous, new, live in marks:
             results.append(await after_kill(arbiter, agent, previous, new, live, kills, actor,
                                             reason, scope, verb, cause, t0, arrived_at,

@@ -136,6 +136,19 @@ class Store:
         if flush and not self._batching:
             self.flush()
 
+    def write_in_batch(self, key: tuple[str, str], sql: str, args: list[Any]) -> bool:
+        """Another table's write (a run's telemetry summary) into the batch in progress, kept
+        and retried like the store's own; False, and nothing done, when no batch is open."""
+        if not self._batching:
+            return False
+        self._write(key, sql, args, flush=False)
+        return True
+
+    def kept(self, key: tuple[str, str]) -> list[Any] | None:
+        """The arguments of the write of `key` not yet on disk, if one is kept."""
+        pending = self._pending.get(key)
+        return pending[1] if pending is not None else None
+
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
         """The writes made inside go to disk in one transaction at the end (a scoped kill's

@@ -282,8 +282,12 @@ class SeccompListener:
             done.set()
             return
         with self._lock:
+            # One wake while requests wait: a scoped kill forgets a hundred containers, and a
+            # wake each had the listener's thread take the GIL from the kill's loop each time.
+            wake = not self._forget
             self._forget.append((container_id, done))
-        self._wake()
+        if wake:
+            self._wake()
 
     def attempts_by_container(self) -> dict[str, int]:
         """Attempts so far per container whose fd is open."""

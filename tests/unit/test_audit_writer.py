@@ -19,7 +19,8 @@ from supervisor.audit.anchor import CheckpointFile, Signer
 from supervisor.audit.chain import DETAIL_MAX_BYTES, TEXT_MAX_CHARS
 from supervisor.audit.reserve import DiskReserve
 from supervisor.daemon.store import AgentRecord, RunRecord, Store, connect
-from supervisor.models import AuditEntry
+from supervisor.models import AuditEntry, TelemetrySummary
+from supervisor.telemetry.store import SummaryStore
 
 
 @pytest.fixture
@@ -264,3 +265,54 @@ def test_a_checkpoint_never_sits_in_front_of_queued_rows(db: sqlite3.Connection,
     # One batch is at most 256 rows: the first one's checkpoint waited for the second batch.
     assert checkpoints is not None and [c.seq for c in checkpoints] == [301]
     assert audit.verify().ok
+
+
+def test_rows_appended_in_a_batch_wake_the_writer_once_at_its_end(
+        db: sqlite3.Connection) -> None:
+    """A scoped kill appends a row per agent inside `audit.batch()`: none is committed while
+    the batch is open (the writer is not woken to take the GIL from the loop), all are after."""
+    audit = AuditLog(db)
+
+    async def body() -> None:
+        audit.start(asyncio.get_running_loop())
+        with audit.batch():
+            for i in range(100):
+                audit.append(actor="a", verb="kill", scope="global", target=f"a{i}")
+            with audit.batch():  # nested: handed over at the outer end
+                audit.append(actor="a", verb="kill", scope="global", target="last")
+            await asyncio.sleep(0.3)
+            assert audit.count() == 0
+        assert await audit.flushed(10)
+        assert audit.count() == 101
+        audit.append(actor="a", verb="pause", scope="global")  # outside a batch: at once
+        assert await audit.flushed(10) and audit.count() == 102
+
+    asyncio.run(body())
+    audit.close()
+    assert [e.target for e in audit.list(limit=200)][-2:] == ["last", None]
+    assert audit.verify().ok
+
+
+def test_telemetry_summaries_join_the_store_batch_and_are_readable_meanwhile(
+        db: sqlite3.Connection) -> None:
+    """A kill's batch of records takes the ended runs' telemetry summaries too: one commit,
+    and `get` sees a summary before it is on disk."""
+    store = Store(db)
+    summaries = SummaryStore(db, batches=store)
+    commits: list[str] = []
+    db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    with store.batch():
+        store.put_agent(_agent("a1", "killed"))
+        for index in range(10):
+            summaries.put(TelemetrySummary(run_id=f"r{index}", started_at=1.0, ended_at=2.0,
+                                           samples=index))
+        assert commits == []
+        assert db.execute("SELECT count(*) FROM run_telemetry").fetchone()[0] == 0
+        kept = summaries.get("r7")
+        assert kept is not None and kept.samples == 7
+    assert commits == ["COMMIT"]
+    assert db.execute("SELECT count(*) FROM run_telemetry").fetchone()[0] == 10
+    stored = summaries.get("r7")
+    assert stored is not None and stored.samples == 7 and stored.ended_at == 2.0
+    summaries.put(TelemetrySummary(run_id="after", started_at=1.0))  # no batch: at once
+    assert commits == ["COMMIT", "COMMIT"] and summaries.get("after") is not None
