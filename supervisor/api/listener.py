@@ -172,6 +172,50 @@ def verb_first(method: str, path: str) -> bool:
             and path not in _VERBS_NOT_FIRST)
 
 
+class AcceptGate:
+    """Shut while a verb is in flight: the control socket's acceptor leaves new connections in
+    the kernel's listen backlog meanwhile (`VerbsFirst`). Shut and opened on the loop, waited
+    on by the acceptor's thread through `fileno()` (readable once opened)."""
+
+    def __init__(self) -> None:
+        self._open = threading.Event()
+        self._open.set()
+        self._lock = threading.Lock()
+        self._pipe: tuple[int, int] | None = None  # made for the first acceptor that waits
+
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    def shut(self) -> None:
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+        with self._lock:
+            if self._pipe is not None:
+                with contextlib.suppress(OSError):  # full: a wake is pending anyway
+                    os.write(self._pipe[1], b"o")
+
+    def fileno(self) -> int:
+        with self._lock:
+            if self._pipe is None:
+                self._pipe = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            return self._pipe[0]
+
+    def drain(self) -> None:
+        with contextlib.suppress(OSError):
+            while os.read(self.fileno(), 4096):
+                pass
+
+    def dispose(self) -> None:
+        """Close the pipe (its acceptor has stopped); a later `open` writes nothing."""
+        with self._lock:
+            pipe, self._pipe = self._pipe, None
+        for fd in pipe or ():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 @dataclass
 class _Verb:
     """One verb request on a connection, from its head to its answer."""
@@ -184,8 +228,10 @@ class VerbsFirst:
     """State-changing verbs never queue behind reads on the control loop. From the moment a
     verb's request is complete (head and body) until its answer is written, the control
     socket's other connections are not read (their requests wait in the kernel's socket
-    buffers, costing the loop nothing) and reads already parsed wait before their handlers
-    start; the owners' socket's connections are never held. Measured under a flood of
+    buffers, costing the loop nothing), reads already parsed wait before their handlers
+    start, and new connections to the control socket are not accepted (`gate`: each one cost
+    the acceptor's user and group lookups and the loop an adoption, under the GIL the kill
+    needs); the owners' socket's connections are never held. Measured under a flood of
     `GET /v1/agents`: a kill's steps each wait a turn of the loop, and every turn served a
     batch of reads first, with the readers' own processes taking the CPU the kill needed
     (docs/benchmarks.md). Only a complete request holds: a caller who sends a verb's head and
@@ -204,6 +250,7 @@ class VerbsFirst:
         self.held_total = 0  # verbs that held the reads, since start (for tests and metrics)
         self._open = asyncio.Event()
         self._open.set()
+        self.gate = AcceptGate()
 
     @property
     def holding(self) -> bool:
@@ -262,6 +309,7 @@ class VerbsFirst:
         self.held_total += 1
         if first:
             self._open.clear()
+            self.gate.shut()
             for other, transport in self.connections.items():
                 self._pause(other, transport)
         self.paused.discard(handler)
@@ -297,6 +345,7 @@ class VerbsFirst:
         if self.holds:
             return
         self._open.set()
+        self.gate.open()
         for handler in self.paused:
             transport = self.connections.get(handler)
             # aiohttp's own flow control may hold the transport too: leave that to it.
@@ -486,12 +535,13 @@ class Acceptor:
 
     def __init__(self, name: str, sock: socket.socket, admission: Admission,
                  hand_over: Callable[[socket.socket, Peer, float], None], *,
-                 owner_socket: bool = False) -> None:
+                 owner_socket: bool = False, gate: AcceptGate | None = None) -> None:
         self.name = name
         self.sock = sock
         self.admission = admission
         self.hand_over = hand_over
         self.owner_socket = owner_socket
+        self.gate = gate  # shut: leave connections in the backlog (VerbsFirst)
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -510,14 +560,29 @@ class Acceptor:
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
+        gate = self.gate
+        watching = True
+        if gate is not None:
+            poller.register(gate.fileno(), select.POLLIN)
         while True:
             events = dict(poller.poll())
             if self._wake_r in events:
                 return
+            if gate is not None:
+                if gate.fileno() in events:
+                    gate.drain()
+                if gate.is_open() != watching:  # poll is level-triggered: unwatch while shut
+                    watching = gate.is_open()
+                    if watching:
+                        poller.register(self.sock.fileno(), select.POLLIN)
+                    else:
+                        poller.unregister(self.sock.fileno())
+                if not watching:
+                    continue
             self._drain()
 
     def _drain(self) -> None:
-        while True:
+        while self.gate is None or self.gate.is_open():
             try:
                 conn, _address = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -574,8 +639,9 @@ class ControlListener:
         # A deep backlog: connects that will be refused must not fill the queue another
         # connect waits in (the acceptor drains it at the kernel's pace).
         self.sock.listen(self.config.backlog)
-        self.acceptors.append(Acceptor("control-accept", self.sock, self.admission,
-                                       self._hand_over))
+        self.acceptors.append(Acceptor(
+            "control-accept", self.sock, self.admission, self._hand_over,
+            gate=server.verbs_first.gate if server.verbs_first is not None else None))
         if self.owner_sock is not None:
             self.owner_sock.listen(128)
             self.acceptors.append(Acceptor("owner-accept", self.owner_sock, self.admission,
@@ -619,6 +685,8 @@ class ControlListener:
     async def stop(self) -> None:
         for acceptor in self.acceptors:
             acceptor.stop()
+            if acceptor.gate is not None:
+                acceptor.gate.dispose()
         for sock in (self.sock, self.owner_sock):
             if sock is not None:
                 sock.close()

@@ -137,6 +137,40 @@ def test_reads_wait_while_a_kill_is_served_and_owners_do_not(serve: ServeFactory
     assert held_total(server) == 3
 
 
+def control_connections(server: ServerThread) -> int:
+    """Connections to the control socket (not the owners') the loop holds."""
+    return sum(1 for handler in verbs_first_of(server).connections
+               if not getattr(getattr(handler, "peer", None), "on_owner_socket", False))
+
+
+def test_new_connections_wait_in_the_backlog_while_a_kill_is_served(
+        serve: ServeFactory) -> None:
+    """While a verb is in flight the control socket's acceptor takes no new connection (no
+    user lookups, no adoption on the loop); they are accepted and served after its answer.
+    The owners' socket is accepted as before."""
+    server, runtime = kill_in_flight(serve)
+    body = kill_body("backlog")
+    with connection(server.socket_path) as killer:
+        killer.sendall(kill_head(body) + body)  # in flight until the run ends
+        wait_until(server, lambda vf: vf.holding and not vf.gate.is_open(),
+                   "the kill holds the reads and shuts the gate")
+        before = server.call(lambda: control_connections(server))
+        with connection(server.socket_path) as late, \
+                connection(owner_socket_of(server.socket_path)) as owner:
+            late.sendall(GET_AGENTS)  # connect() returns: the kernel queued it
+            owner.sendall(GET_AGENTS)
+            assert answer(owner)[0] == 200  # the owners' socket is accepted and served
+            time.sleep(0.3)
+            assert not readable(late, 0)
+            assert server.call(lambda: control_connections(server)) == before, \
+                "a connection to the control socket was accepted while a kill was in flight"
+            end_run(server, runtime)
+            assert answer(killer)[0] == 200
+            status, page = answer(late)  # accepted once the kill has answered
+            assert status == 200 and [a["state"] for a in page["agents"]] == ["killed"]
+    wait_until(server, lambda vf: not vf.holding and vf.gate.is_open(), "the gate is open")
+
+
 def test_an_owners_connection_holds_the_reads_until_its_head_arrives(
         serve: ServeFactory) -> None:
     """What an owner sends on the owners' socket is a verb: the reads are held from the
