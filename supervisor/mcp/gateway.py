@@ -46,6 +46,8 @@ _MAX_REPLY = 16 * 1024 * 1024  # a JSON reply is read whole (to filter it), up t
 _MAX_EVENT = 4 * 1024 * 1024  # one server-sent event, while it is being assembled
 _SUSPEND_POLL = 0.05
 _MAX_SESSIONS = 64  # per run; past it the oldest is forgotten (its DELETE is not sent)
+_MAX_CANCELLING = 64  # per run: cancellations being sent to servers at once; past it, none
+_CANCEL_TIMEOUT = 2.0  # seconds for each one (best effort; the run's DELETEs follow on close)
 
 
 @dataclass
@@ -57,6 +59,8 @@ class McpRun:
     decisions: int = 0
     # The run's stdio servers (supervisor/mcp/stdio.py), by name; opened with the run.
     bridges: dict[str, StdioBridge] = field(default_factory=dict)
+    # `notifications/cancelled` on their way to remote servers (see _cancel_upstream).
+    cancelling: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 def secret_key(server: str) -> str:
@@ -90,7 +94,8 @@ async def handle(gateway: Gateway, gate: _Gate, request: web.BaseRequest) -> web
         await _wait_while_suspended(gateway, gate)
         if gate.state != "active":
             raise _Refusal(403, f"token_{gate.state}", "the run's session token does not work "
-                           "now (the agent is paused, stopped or killed)")
+                           "now (the agent is paused, stopped or killed)",
+                           retryable=gate.state == "suspended")  # it may be resumed
         if request.method == "POST":
             return await _post(gateway, gate, policy, server, request)
         if request.method in ("GET", "DELETE") and server.stdio:
@@ -99,7 +104,7 @@ async def handle(gateway: Gateway, gate: _Gate, request: web.BaseRequest) -> web
             return web.Response(status=405, headers={"Allow": "POST"})
         if request.method in ("GET", "DELETE"):
             _count_request(gate)
-            return await _relay(gateway, gate, server, request, b"", set())
+            return await _relay(gateway, gate, server, request, b"", set(), [])
         raise _Refusal(405, "method_not_allowed", "the MCP endpoint takes POST, GET and DELETE")
     except _Refusal as refusal:
         audit_id = _decide(gateway, gate, server_name, "", {}, "denied", refusal.reason,
@@ -163,7 +168,7 @@ async def _post(gateway: Gateway, gate: _Gate, policy: McpPolicy, server: McpSer
     await _wait_while_suspended(gateway, gate)
     if gate.state != "active":
         raise _Refusal(403, f"token_{gate.state}", "the run's session token stopped working "
-                       "while the call was held")
+                       "while the call was held", retryable=gate.state == "suspended")
     # Judged again after a hold: budgets may have been spent by calls that went meanwhile.
     for message, verdict in zip(batch, verdicts, strict=True):
         tool = message.tool
@@ -188,7 +193,8 @@ async def _post(gateway: Gateway, gate: _Gate, policy: McpPolicy, server: McpSer
     lists = {m.id for m in batch if m.method == "tools/list" and m.id is not None}
     if server.stdio:
         return await _relay_stdio(gate, server, batch, is_batch, lists)
-    return await _relay(gateway, gate, server, request, body, lists)
+    return await _relay(gateway, gate, server, request, body, lists,
+                        [m.id for m in batch if m.is_request])
 
 
 async def _relay_stdio(gate: _Gate, server: McpServer, batch: list[Message], is_batch: bool,
@@ -319,7 +325,24 @@ def _decide(gateway: Gateway, gate: _Gate, server: str, tool: str, arguments: di
 
 
 async def _relay(gateway: Gateway, gate: _Gate, server: McpServer, request: web.BaseRequest,
-                 body: bytes, lists: set[Any]) -> web.StreamResponse:
+                 body: bytes, lists: set[Any], requests: list[Any]) -> web.StreamResponse:
+    """The judged body to the remote server, its answer back. When the exchange ends before
+    the server has answered (the agent hung up, or a kill or pause cut its connection), the
+    server is told the body's requests are cancelled, as the stdio bridge tells its server:
+    cutting the agent's stream alone would leave the call running there."""
+    answered = False
+    try:
+        response, answered = await _exchange(gateway, gate, server, request, body, lists)
+        return response
+    finally:
+        if not answered and requests:
+            _cancel_upstream(gateway, gate, server, request, requests)
+
+
+async def _exchange(gateway: Gateway, gate: _Gate, server: McpServer,
+                    request: web.BaseRequest, body: bytes, lists: set[Any]
+                    ) -> tuple[web.StreamResponse, bool]:
+    """_relay's work; the response and whether the server's answer reached its end."""
     assert server.url is not None  # a remote server (stdio ones go to _relay_stdio)
     headers = {name: request.headers[name] for name in _PASSED_HEADERS
                if name in request.headers}
@@ -359,7 +382,8 @@ async def _relay(gateway: Gateway, gate: _Gate, server: McpServer, request: web.
             except (ConnectionError, aiohttp.ClientError, TimeoutError, ValueError):
                 if request.transport is not None:
                     request.transport.abort()
-            return response
+                return response, False
+            return response, True
         payload = await _read_capped(upstream.content, _MAX_REPLY)
         gate.usage.bytes += len(payload)
         if len(payload) > _MAX_REPLY:
@@ -367,7 +391,39 @@ async def _relay(gateway: Gateway, gate: _Gate, server: McpServer, request: web.
                            f"answered with more than {_MAX_REPLY} bytes")
         if lists and kind == "application/json":
             payload = _filter_json(server, payload, lists)
-        return web.Response(status=upstream.status, body=payload, headers=out_headers)
+        return web.Response(status=upstream.status, body=payload, headers=out_headers), True
+
+
+def _cancel_upstream(gateway: Gateway, gate: _Gate, server: McpServer,
+                     request: web.BaseRequest, requests: list[Any]) -> None:
+    """`notifications/cancelled` for each of `requests` to the server, in the agent's MCP
+    session, in a task of its own (the handler that calls this may be being cancelled).
+    Bounded per run; best effort (a server that ignores it is left to the run's DELETE)."""
+    run = gate.mcp
+    if run is None or server.url is None or len(run.cancelling) >= _MAX_CANCELLING:
+        return
+    headers = {"Content-Type": "application/json", "Accept": "application/json, "
+               "text/event-stream"}
+    for name in ("Mcp-Session-Id", "Mcp-Protocol-Version"):
+        if name in request.headers:
+            headers[name] = request.headers[name]
+    if server.secret is not None:
+        headers[server.header] = server.header_value(gate.grant.secrets[secret_key(server.name)])
+    session, url = gateway.client_session(), URL(server.url)
+
+    async def send() -> None:
+        for ident in requests:
+            body = json.dumps({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                               "params": {"requestId": ident,
+                                          "reason": "the agent's request ended"}})
+            with contextlib.suppress(Exception):
+                async with session.post(url, data=body, headers=headers,
+                                        timeout=aiohttp.ClientTimeout(total=_CANCEL_TIMEOUT)):
+                    pass
+
+    task = asyncio.get_running_loop().create_task(send())
+    run.cancelling.add(task)
+    task.add_done_callback(run.cancelling.discard)
 
 
 def _remember(run: McpRun, session_id: str, server: McpServer) -> None:

@@ -163,9 +163,11 @@ def test_sdk_client_in_a_sandbox_is_judged_held_audited_and_cut_by_kill(
             "read_file", "run_sql", "search", "search", "drop_table", "slow"][:len(
                 server.log.calls)]
 
-        # Kill while `slow` is in flight: the stream is cut, the call never finishes.
+        # Kill while `slow` is in flight: the stream is cut, the call never finishes, and the
+        # server is told it is cancelled (the tool stops there too).
         assert server.log.slow_started.wait(60)
         rig.daemon.agentctl("kill", "tooler", "--reason", "test", check=True)
+        assert server.log.slow_cancelled.wait(60)
         assert not rig.exists("slow-finished.json")
         assert not server.log.release.is_set()
 

@@ -10,6 +10,7 @@ tests/e2e/test_mcp.py; these cover every decision of the policy on the real prot
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import json
 import threading
@@ -39,6 +40,7 @@ from tests.unit.test_egress_gateway import (
     Clock,
     FakeSink,
     basic,
+    connect_socket,
     exchange,
     free_port,
     request_bytes,
@@ -132,6 +134,7 @@ def env(ca: support.TestCA, server: McpUpstream) -> Iterator[Env]:
     server.log.authorizations.clear()
     server.log.release.clear()
     server.log.slow_started.clear()
+    server.log.slow_cancelled.clear()
     sink = McpSink()
     section = EgressSection.model_validate({"hosts": {MCP_NAME: "127.0.0.1"},
                                             "ca_file": ca.ca_pem})
@@ -285,9 +288,37 @@ def test_kill_mid_call_cuts_the_stream(env: Env) -> None:
     thread.join(WAIT)
     assert not env.server.log.release.is_set()  # the call was cut, not finished
     assert not any(getattr(o, "content", None) for o in outcome)
+    # ... and cut on the server too: the gateway told it the request was cancelled (cutting
+    # the agent's stream alone left the tool running there).
+    assert env.server.log.slow_cancelled.wait(WAIT)
     # Nothing more gets through: the token is revoked.
     reply = env.post(b'{"jsonrpc":"2.0","id":1,"method":"ping"}')
     assert (reply.status, reply.code) == (403, "token_revoked")
+
+
+def test_an_agent_that_hangs_up_mid_call_cancels_the_call_on_the_server(env: Env) -> None:
+    env.open()
+    start = env.post(json.dumps({
+        "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "raw", "version": "1"}}}).encode())
+    session = (("Mcp-Session-Id", start.headers["mcp-session-id"]),
+               ("Mcp-Protocol-Version", "2025-06-18"))
+    assert env.post(b'{"jsonrpc":"2.0","method":"notifications/initialized"}',
+                    headers=session).status == 202
+    call = request_bytes("POST", "http://mcp.gateway/code", "mcp.gateway", auth=basic(TOKEN),
+                         headers=(("Content-Type", "application/json"),
+                                  ("Accept", "application/json, text/event-stream"), *session),
+                         body=json.dumps({"jsonrpc": "2.0", "id": "call-7",
+                                          "method": "tools/call", "params": {
+                                              "name": "slow",
+                                              "arguments": {"seconds": WAIT * 3}}}).encode())
+    with connect_socket(env.port) as sock:
+        sock.sendall(call)
+        assert env.server.log.slow_started.wait(WAIT)
+    assert env.server.log.slow_cancelled.wait(WAIT)
+    assert not env.server.log.release.is_set()
+    assert [(d["tool"], d["outcome"]) for d in env.decisions()] == [("slow", "allowed")]
 
 
 def test_pause_holds_new_calls_until_resume(env: Env) -> None:
@@ -303,6 +334,24 @@ def test_pause_holds_new_calls_until_resume(env: Env) -> None:
     thread.join(WAIT)
     # It reached the server (which wants a session first): passed on, not refused.
     assert replies and b"Missing session ID" in replies[0].body
+
+
+def test_a_call_held_by_a_pause_past_the_approval_timeout_is_refused_retryable(
+        env: Env) -> None:
+    """Held at most approval_timeout; then refused, and the refusal says a retry can work
+    (the agent may be resumed). Revoked is final: not retryable."""
+    env.open()
+    grant = env.gateway.gates[RUN].grant
+    env.gateway.gates[RUN].grant = dataclasses.replace(
+        grant, policy=grant.policy.model_copy(update={"approval_timeout": 0.2}))
+    env.gateway.suspend(RUN)
+    reply = env.post(b'{"jsonrpc":"2.0","id":1,"method":"ping"}')
+    error = reply.json()["error"]
+    assert (reply.status, error["data"]["reason"], error["data"]["retryable"]) == (
+        403, "token_suspended", True)
+    env.gateway.revoke(RUN)
+    reply = env.post(b'{"jsonrpc":"2.0","id":2,"method":"ping"}')
+    assert (reply.status, reply.code) == (403, "token_revoked")
 
 
 def test_fail_closed_on_what_cannot_be_judged(env: Env) -> None:
