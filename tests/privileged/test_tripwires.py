@@ -36,11 +36,36 @@ def _state(daemon: Daemon, name: str) -> str:
     return str(daemon.client.agent(name)["state"])
 
 
+# The waits below are for events (a state change, an audit row, the run's end); this bound
+# only stops a hang. How soon a workload trips its wire is its CPU share on a loaded host.
+GUARD = 300.0
+
+
+def _left_active(daemon: Daemon, name: str) -> str:
+    """The agent's state once it is no longer active or its run has ended (by a tripwire or
+    by itself: a workload that ends unnoticed fails the test then, not at a deadline)."""
+
+    def changed() -> str | None:
+        agent = daemon.client.agent(name)
+        ended = agent["run"] is None or agent["run"]["ended_at"] is not None
+        return str(agent["state"]) if agent["state"] != "active" or ended else None
+
+    state: str = wait_for(changed, timeout=GUARD, interval=0.2, what=f"{name} to be halted")
+    return state
+
+
+def _row(daemon: Daemon, name: str, verb: str) -> dict[str, Any]:
+    """The first audit row of `verb` on `name`, once written."""
+    rows: list[dict[str, Any]] = wait_for(
+        lambda: [r for r in _audit(daemon) if r["target"] == name and r["verb"] == verb],
+        timeout=GUARD, interval=0.2, what=f"the {verb} of {name} in the audit")
+    return rows[0]
+
+
 def _tripped(daemon: Daemon, name: str, rule: str, verb: str) -> dict[str, Any]:
     """The tripwire row and the pause/kill row it caused, both naming the rule. The agent's
     state changes at the start of the kill path; its audit row follows the confirmed halt."""
-    wait_for(lambda: any(r["target"] == name and r["verb"] == verb for r in _audit(daemon)),
-             timeout=30, what=f"the {verb} of {name} in the audit")
+    _row(daemon, name, verb)
     rows = [r for r in _audit(daemon) if r["target"] == name]
     fired = [r for r in rows if r["verb"] == "tripwire" and r["detail"]["rule"] == rule]
     assert fired, rows
@@ -56,10 +81,10 @@ def test_memory_hog_is_killed(daemon: Daemon) -> None:
     daemon.agentctl("run", "--detach", "--name", "hog", "--tripwire",
                     "mem:memory_bytes>150M:kill", "--", "stress-ng", "--vm", "1",
                     "--vm-bytes", "400M", "--vm-keep", "--timeout", "120s", check=True)
-    wait_for(lambda: _state(daemon, "hog") == "killed", timeout=60, what="the memory tripwire")
+    assert _left_active(daemon, "hog") == "killed"
     fired = _tripped(daemon, "hog", "mem", "kill")
     assert fired["detail"]["value"] > 150 * 1024**2
-    wait_for(lambda: daemon.residue() == {}, what="cleanup")
+    assert daemon.settled("hog") == {}
 
 
 def test_fork_storm_is_killed(daemon: Daemon) -> None:
@@ -70,51 +95,60 @@ def test_fork_storm_is_killed(daemon: Daemon) -> None:
                     "fork:processes>64:kill", "--", "/bin/sh", "-c",
                     "i=0; while [ $i -lt 400 ]; do sleep 600 & i=$((i+1)); done; wait",
                     check=True)
-    wait_for(lambda: _state(daemon, "storm") == "killed", timeout=60, what="the fork tripwire")
+    assert _left_active(daemon, "storm") == "killed"
     fired = _tripped(daemon, "storm", "fork", "kill")
     assert fired["detail"]["value"] > 64
-    wait_for(lambda: daemon.residue() == {}, what="cleanup")
+    assert daemon.settled("storm") == {}
 
 
 def test_cpu_burn_is_auto_contained_by_pause(daemon: Daemon) -> None:
+    """A CPU burner trips an alert rule in consecutive samples and is paused by
+    auto-containment; an idle agent under the same profile is not. The threshold is low
+    (5% of a core) because what is judged is the measurement and the containment verdict,
+    not the burner's share of a loaded host: under the suite's load a burner at 60% had
+    samples below the line, which reset the consecutive count, and the test timed out."""
     (daemon.root / "profiles" / "watchful.toml").write_text(
         "[tripwires]\nauto_containment_threshold = 3\n"
-        "[[tripwires.rules]]\nname = \"cpu\"\nmetric = \"cpu_percent\"\nabove = 60\n"
+        "[[tripwires.rules]]\nname = \"cpu\"\nmetric = \"cpu_percent\"\nabove = 5\n"
         "action = \"alert\"\n")
+    daemon.agentctl("run", "--detach", "--name", "idler", "--profile", "watchful", "--",
+                    "sleep", "600", check=True)
     daemon.agentctl("run", "--detach", "--name", "burner", "--profile", "watchful", "--",
                     "stress-ng", "--cpu", "1", "--timeout", "120s", check=True)
-    wait_for(lambda: _state(daemon, "burner") == "paused", timeout=60,
-             what="auto-containment")
+    assert _left_active(daemon, "burner") == "paused"
+    pause = _row(daemon, "burner", "pause")
+    assert pause["actor"] == "system:tripwire"
+    assert pause["reason"].startswith("auto-containment after 3 consecutive violations")
+    assert "tripwire cpu: cpu_percent" in pause["reason"]
     rows = [r for r in _audit(daemon) if r["target"] == "burner"]
     alert = [r for r in rows if r["verb"] == "tripwire" and r["outcome"] == "alert"]
     contain = [r for r in rows if r["verb"] == "tripwire" and r["outcome"] == "pause"]
     assert alert and contain
     assert contain[0]["detail"]["auto_containment"] is True
-    pause = next(r for r in rows if r["verb"] == "pause")
-    assert pause["actor"] == "system:tripwire"
-    assert pause["reason"].startswith("auto-containment after 3 consecutive violations")
-    assert "tripwire cpu: cpu_percent" in pause["reason"]
-    daemon.agentctl("kill", "burner", "--reason", "test over", check=True)
+    # The idle agent was sampled all along, and a sleeping process is far below the line.
+    assert _state(daemon, "idler") == "active"
+    assert not [r for r in _audit(daemon) if r["target"] == "idler" and r["verb"] == "pause"]
+    for name in ("burner", "idler"):
+        daemon.agentctl("kill", name, "--reason", "test over", check=True)
 
 
 def test_forbidden_syscall_loop_is_killed_at_the_first_attempt(daemon: Daemon) -> None:
     daemon.agentctl("run", "--detach", "--name", "escaper", "--tripwire",
                     "escape:syscall_attempts>0:kill", "--", "/usr/bin/python3", "-c",
                     FORBIDDEN_LOOP, check=True)
-    wait_for(lambda: _state(daemon, "escaper") == "killed", timeout=30,
-             what="the syscall tripwire")
+    assert _left_active(daemon, "escaper") == "killed"
     fired = _tripped(daemon, "escaper", "escape", "kill")
-    assert fired["detail"]["syscall"]["name"] == "unshare"
+    assert fired["detail"]["syscall"]["name"] == "unshare", fired
     # The listener hands the loop a container's first attempt alone, never folded into the
     # ones after it, so the tripwire fires on that attempt however busy the loop was.
     assert fired["detail"]["value"] == 1
     firings = [r for r in _audit(daemon) if r["target"] == "escaper" and r["verb"] == "tripwire"]
     assert len(firings) == 1, firings
-    wait_for(lambda: daemon.residue() == {}, what="cleanup")
+    assert daemon.settled("escaper") == {}
 
 
 def test_the_strict_profile_kills_an_escape_attempt(daemon: Daemon) -> None:
     daemon.agentctl("run", "--detach", "--name", "strict", "--profile", "strict", "--",
                     "/bin/sh", "-c", "sleep 0.3; unshare -U true; sleep 600", check=True)
-    wait_for(lambda: _state(daemon, "strict") == "killed", timeout=30, what="strict profile")
+    assert _left_active(daemon, "strict") == "killed"
     _tripped(daemon, "strict", "escape-attempt", "kill")

@@ -253,6 +253,15 @@ class Daemon:
             time.sleep(0.1)
         return left
 
+    def settled(self, agent: str, guard: float = 300.0) -> dict[str, Any]:
+        """The residue once the agent's last run has been cleaned up ({} when clean): waits
+        for the daemon's "run <id> cleaned up" line (the cleanup follows a kill's answer,
+        issue 12), which only a hang keeps from coming within `guard` seconds."""
+        run_id = self.client.agent(agent)["run"]["id"]
+        wait_for(lambda: f"run {run_id} cleaned up" in self.logs(), guard, interval=0.1,
+                 what=f"the cleanup of {agent}'s run {run_id}")
+        return self.residue()
+
     def containers(self) -> list[str]:
         """The docker containers this daemon's runs carry the label of (running or not)."""
         socket = self.extra_config.get("docker", {})
