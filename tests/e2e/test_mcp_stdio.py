@@ -124,8 +124,7 @@ def test_stdio_server_in_its_own_sandbox_reached_only_through_the_gateway(
     server_cgroup = Cgroup(f"{rig.daemon.cgroup_parent.strip('/')}/{container}-mcp0")
     agent_cgroup = Cgroup(f"{rig.daemon.cgroup_parent.strip('/')}/{container}")
 
-    wait_for(lambda: rig.exists("stdio.json"), 90, what="the agent's results")
-    out: dict[str, Any] = rig.read("stdio.json")
+    out: dict[str, Any] = rig.result("stdio.json", "filer", "the agent's results")
     assert out["tools"] == ["connect", "echo", "slow", "whoami"]  # exec_shell: not allowed
     assert out["echo"] == "echo: hi"
     who = out["whoami"]

@@ -13,15 +13,27 @@ import secrets
 import socket
 import ssl
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from tests.support.daemon import Daemon, engine_request, running_daemon, runtime_config
+from tests.support.daemon import (
+    Daemon,
+    engine_request,
+    running_daemon,
+    runtime_config,
+    wait_for,
+)
 from tests.support.upstream import TestCA, Upstream, make_ca
 
+T = TypeVar("T")
+
 AGENT_UID = 4242  # the workspace owner; the agent writes it as this uid
+# GatewayRig.result's wait ends when the agent writes its result or its run ends without it;
+# this bound only stops a hang (an agent's Python and SDK imports take minutes of wall time
+# when the suite's load leaves each process a few percent of a core).
+RESULT_GUARD = 900.0
 
 # A credential route to the test upstream, for GatewayRig.profile: the agent calls
 # http://llm.gateway/..., the upstream sees "Authorization: Bearer <the rig's secret>".
@@ -65,6 +77,30 @@ class GatewayRig:
 
     def exists(self, name: str) -> bool:
         return (self.workspace / name).exists()
+
+    def result(self, name: str, agent: str, what: str) -> Any:
+        """The JSON result file `name` once `agent` has written it (`until`)."""
+        self.until(lambda: self.exists(name), agent, f"{what} ({name})")
+        return self.read(name)
+
+    def until(self, predicate: Callable[[], T], agent: str, what: str) -> T:
+        """predicate()'s first true value, awaited while `agent`'s run lives: fails at once,
+        with the agent's output, if the run ends first (RESULT_GUARD stops only a hang)."""
+
+        def seen() -> T | None:
+            if value := predicate():
+                return value
+            run = self.daemon.client.agent(agent)["run"]
+            if run is None or run["ended_at"] is not None:
+                if value := predicate():  # just before the run ended
+                    return value
+                output = self.daemon.agentctl("logs", agent).stdout[-4000:]
+                raise AssertionError(f"{agent}'s run ended before {what}; its output:\n"
+                                     f"{output}")
+            return None
+
+        found: T = wait_for(seen, RESULT_GUARD, interval=0.2, what=what)
+        return found
 
     def touch(self, name: str) -> None:
         path = self.workspace / name
