@@ -16,7 +16,7 @@ import math
 import re
 import socket
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -110,6 +110,10 @@ def actor_kind(actor: str) -> str:
     return "system" if kind == "system" else "operator"
 
 
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
 class Metrics(Collector):
     """The daemon's metrics: a registry of its own, fed by the audit log and the arbiter."""
 
@@ -120,75 +124,71 @@ class Metrics(Collector):
         self.backlog = backlog
         self.breakers = breakers
         self.registry = CollectorRegistry(auto_describe=True)
-        self.kills = Counter(
-            f"{PREFIX}_kills", "Agents the kill verb was applied to (a class or global kill "
-            "counts each agent), by the scope kind of the command, the kind of actor (operator, "
-            "or system:NAME for the daemon's own parts) and the outcome (ok, unconfirmed, "
-            "refused)", ["scope", "actor_kind", "outcome"], registry=self.registry)
+        counter = self._counter
+        self.kills = counter(
+            "kills", "Agents the kill verb was applied to (a class or global kill counts each "
+            "agent), by the scope kind of the command, the kind of actor (operator, or "
+            "system:NAME for the daemon's own parts) and the outcome (ok, unconfirmed, refused)",
+            ["scope", "actor_kind", "outcome"])
         self.time_to_halt = Histogram(
             f"{PREFIX}_time_to_halt_seconds", "Kill path duration from marking the agent killed "
             "to its network teardown, as audited (verb: kill, shutdown, watchdog_kill)",
             ["verb"], buckets=HALT_BUCKETS, registry=self.registry)
-        self.drills = Counter(
-            f"{PREFIX}_drills", "Completed kill drills by result", ["result"],
-            registry=self.registry)
-        for result in ("pass", "fail"):
-            self.drills.labels(result=result)
-        self.gateway_exits = Counter(
-            f"{PREFIX}_gateway_exits", "Times the egress gateway's process died or was killed "
-            "and was replaced (audited as gateway_exited)", registry=self.registry)
-        self.mcp_calls = Counter(
-            f"{PREFIX}_mcp_calls", "MCP gateway decisions (audited as mcp_call), by server "
-            "and outcome (allowed, denied, held, approved)", ["server", "outcome"],
-            registry=self.registry)
-        self.pauses = Counter(
-            f"{PREFIX}_pauses", "Agents paused (a class or global pause counts each agent), by "
-            "the scope kind of the command and the kind of actor", ["scope", "actor_kind"],
-            registry=self.registry)
-        self.tripwire_firings = Counter(
-            f"{PREFIX}_tripwire_firings", "Tripwire firings by the metric that crossed its "
-            "threshold and the action taken (log, pause, kill)", ["metric", "action"],
-            registry=self.registry)
-        self.output_truncations = Counter(
-            f"{PREFIX}_output_truncations", "Runs whose output passed its cap: the rest was "
-            "discarded (and counted)", registry=self.registry)
-        self.approvals_requested = Counter(
-            f"{PREFIX}_approvals_requested", "Egress requests held for an operator's decision",
-            registry=self.registry)
-        self.approvals_decided = Counter(
-            f"{PREFIX}_approvals_decided", "Held egress requests decided, by outcome "
-            "(approved, denied, expired, cancelled)", ["outcome"], registry=self.registry)
-        for outcome in APPROVAL_OUTCOMES:
-            self.approvals_decided.labels(outcome=outcome)
+        self.drills = counter("drills", "Completed kill drills by result", ["result"],
+                              preset=("pass", "fail"))
+        self.gateway_exits = counter(
+            "gateway_exits", "Times the egress gateway's process died or was killed and was "
+            "replaced (audited as gateway_exited)")
+        self.mcp_calls = counter(
+            "mcp_calls", "MCP gateway decisions (audited as mcp_call), by server and outcome "
+            "(allowed, denied, held, approved)", ["server", "outcome"])
+        self.pauses = counter(
+            "pauses", "Agents paused (a class or global pause counts each agent), by the scope "
+            "kind of the command and the kind of actor", ["scope", "actor_kind"])
+        self.tripwire_firings = counter(
+            "tripwire_firings", "Tripwire firings by the metric that crossed its threshold and "
+            "the action taken (log, pause, kill)", ["metric", "action"])
+        self.output_truncations = counter(
+            "output_truncations", "Runs whose output passed its cap: the rest was discarded "
+            "(and counted)")
+        self.approvals_requested = counter(
+            "approvals_requested", "Egress requests held for an operator's decision")
+        self.approvals_decided = counter(
+            "approvals_decided", "Held egress requests decided, by outcome (approved, denied, "
+            "expired, cancelled)", ["outcome"], preset=APPROVAL_OUTCOMES)
         self.approvals_pending = 0
-        self.gateway_requests = Counter(
-            f"{PREFIX}_gateway_requests", "Egress gateway requests of ended runs, by decision "
+        self.gateway_requests = counter(
+            "gateway_requests", "Egress gateway requests of ended runs, by decision "
             "(forwarded, denied); counted when the run ends", ["decision"],
-            registry=self.registry)
-        for decision in ("forwarded", "denied"):
-            self.gateway_requests.labels(decision=decision)
-        self.gateway_bytes = Counter(
-            f"{PREFIX}_gateway_bytes", "Bytes through the egress gateway of ended runs "
-            "(requests and responses)", registry=self.registry)
-        self.gateway_spend = Counter(
-            f"{PREFIX}_gateway_spend", "Spend the egress gateway accounted to ended runs, in "
-            "the routes' currency units", registry=self.registry)
-        self.gateway_refusals = Counter(
-            f"{PREFIX}_gateway_refusals", "Egress requests the gateway refused, by error code, "
-            "as audited (at most 50 rows per run: the run's egress_summary has the rest)",
-            ["code"], registry=self.registry)
-        self.seccomp_attempts = Counter(
-            f"{PREFIX}_seccomp_attempts", "Notified syscalls (answered EPERM), by syscall",
-            ["syscall"], registry=self.registry)
-        self.mcp_cost = Counter(
-            f"{PREFIX}_mcp_cost", "Cost of the MCP tool calls the gateway let through (the "
-            "tools' `cost` in the profile), added as each run ends (egress_summary)",
-            registry=self.registry)
+            preset=("forwarded", "denied"))
+        self.gateway_bytes = counter(
+            "gateway_bytes", "Bytes through the egress gateway of ended runs (requests and "
+            "responses)")
+        self.gateway_spend = counter(
+            "gateway_spend", "Spend the egress gateway accounted to ended runs, in the routes' "
+            "currency units")
+        self.gateway_refusals = counter(
+            "gateway_refusals", "Egress requests the gateway refused, by error code, as audited "
+            "(at most 50 rows per run: the run's egress_summary has the rest)", ["code"])
+        self.seccomp_attempts = counter(
+            "seccomp_attempts", "Notified syscalls (answered EPERM), by syscall", ["syscall"])
+        self.mcp_cost = counter(
+            "mcp_cost", "Cost of the MCP tool calls the gateway let through (the tools' `cost` "
+            "in the profile), added as each run ends (egress_summary)")
         self.audit_rows = audit.count() if audit is not None else 0
         self.audit = audit
         self.registry.register(self)
         if audit is not None:
             audit.subscribe(self._on_audit)
+
+    def _counter(self, name: str, doc: str, labels: Sequence[str] = (), *,
+                 preset: Iterable[str] = ()) -> Counter:
+        """A counter in this registry; a one-label counter shows each `preset` value (at 0)
+        from the first scrape."""
+        made = Counter(f"{PREFIX}_{name}", doc, list(labels), registry=self.registry)
+        for value in preset:
+            made.labels(value)
+        return made
 
     # ------------------------------------------------------------------ from the audit log
 
@@ -276,12 +276,11 @@ class Metrics(Collector):
             for state, count in sorted(counts.items()):
                 agents.add_metric([state, agent_class], count)
         yield agents
-        yield GaugeMetricFamily(f"{PREFIX}_active_runs", "Runs the daemon tracks (live or "
-                                "being killed)", value=self.observed.active_runs())
-        yield GaugeMetricFamily(f"{PREFIX}_global_halt", "1 while a global halt blocks new "
-                                "runs", value=1 if self.observed.global_halt else 0)
-        yield GaugeMetricFamily(f"{PREFIX}_audit_rows", "Rows in the hash-chained audit log",
-                                value=self.audit_rows)
+        yield _gauge("active_runs", "Runs the daemon tracks (live or being killed)",
+                     self.observed.active_runs())
+        yield _gauge("global_halt", "1 while a global halt blocks new runs",
+                     1 if self.observed.global_halt else 0)
+        yield _gauge("audit_rows", "Rows in the hash-chained audit log", self.audit_rows)
         if self.audit is not None:
             alarms = GaugeMetricFamily(
                 f"{PREFIX}_audit_alarm", "1 while the audit log has this problem (chain, "
@@ -292,16 +291,13 @@ class Metrics(Collector):
                          "checkpoint_error", "dropped"):
                 alarms.add_metric([kind.removesuffix("_problem")], 1 if kind in active else 0)
             yield alarms
-        yield GaugeMetricFamily(f"{PREFIX}_approvals_pending", "Egress requests held now, "
-                                "waiting for an operator's decision",
-                                value=self.approvals_pending)
-        yield GaugeMetricFamily(f"{PREFIX}_webhook_backlog", "Webhook events in the outbox "
-                                "not yet delivered",
-                                value=self._read(self.backlog, "webhook backlog"))
-        yield GaugeMetricFamily(f"{PREFIX}_gateway_breakers_open", "Egress gateway runs whose "
-                                "circuit breaker is open now (their requests are refused "
-                                "until 'agentctl breaker reset')",
-                                value=self._read(self.breakers, "open breakers"))
+        yield _gauge("approvals_pending", "Egress requests held now, waiting for an "
+                     "operator's decision", self.approvals_pending)
+        yield _gauge("webhook_backlog", "Webhook events in the outbox not yet delivered",
+                     self._read(self.backlog, "webhook backlog"))
+        yield _gauge("gateway_breakers_open", "Egress gateway runs whose circuit breaker is "
+                     "open now (their requests are refused until 'agentctl breaker reset')",
+                     self._read(self.breakers, "open breakers"))
         info = InfoMetricFamily(f"{PREFIX}_build", "The daemon's version")
         info.add_metric([], {"version": self.version})
         yield info

@@ -31,23 +31,14 @@ def _tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class FakeMessagesAPI(FakeVendorAPI):
     script: Script
 
-    NAME = "Messages"
+    NAME = "fake Messages API"
 
     def session_requests(self) -> list[dict[str, Any]]:
         """The requests of the scripted session (the ones offering the editing tools)."""
         return [seen for seen in self.seen if seen.get("tools")]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        try:
-            body = json.loads(raw) if raw else {}
-        except json.JSONDecodeError:
-            body = {}
-        tools = sorted(t.get("name", "") for t in body.get("tools") or [] if isinstance(t, dict))
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        self.seen.append({"method": request.method, "path": request.path_qs,
-                          "headers": headers, "tools": tools,
-                          "raw": raw.decode(errors="replace")})
+        body, tools = await self._record(request)
         if request.method != "POST" or request.path != "/v1/messages":
             return web.json_response({"type": "error", "error": {
                 "type": "not_found_error", "message": f"{request.path} is not faked"}},

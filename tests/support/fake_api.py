@@ -1,71 +1,39 @@
-"""The serving half every fake vendor API shares (tests/support/anthropic_fake.py,
-openai_fake.py): an aiohttp app over TLS with the test CA on loopback, in a thread and loop of
-its own, recording nothing itself; each fake supplies `_handle` and its wire format."""
+"""What every fake vendor API shares (tests/support/anthropic_fake.py, openai_fake.py): the
+serving half of tests/support/upstream.py (TlsServer: an aiohttp app over TLS with the test
+CA on loopback, in a thread and loop of its own), a script of steps and the session's final
+text; each fake supplies `_handle` and its wire format."""
 
 from __future__ import annotations
 
-import asyncio
-import ssl
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Self
+import json
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
-from tests.support.upstream import TestCA
+from tests.support.upstream import TlsServer
 
 
 @dataclass
-class FakeVendorAPI:
-    ca: TestCA
+class FakeVendorAPI(TlsServer):
     script: Any
     final_text: str = "All tests pass."
-    port: int = 0
-    seen: list[dict[str, Any]] = field(default_factory=list)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
-    _runner: web.AppRunner | None = None
 
-    NAME = "vendor"  # which API, for the thread's name and the start-up error
+    NAME = "fake vendor API"
+    MAX_BODY = 64 << 20
 
-    def start(self) -> Self:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            loop.run_until_complete(self._serve())
-            ready.set()
-            loop.run_forever()
-            if self._runner is not None:
-                loop.run_until_complete(self._runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name=f"fake-{self.NAME.lower()}-api",
-                                        daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError(f"the fake {self.NAME} API did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    async def _serve(self) -> None:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(str(self.ca.cert_pem), str(self.ca.key_pem))
-        app = web.Application(client_max_size=64 << 20)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=context)
-        await site.start()
-        server = site._server
-        assert server is not None and hasattr(server, "sockets")
-        self.port = server.sockets[0].getsockname()[1]
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        raise NotImplementedError
+    async def _record(self, request: web.Request) -> tuple[dict[str, Any], list[str]]:
+        """The request's JSON body ({} when empty or not JSON) and the names of the tools it
+        offers, recorded in `seen` with its method, path, headers (lower-cased) and raw text."""
+        raw = await request.read()
+        try:
+            body = json.loads(raw) if raw else {}
+        except json.JSONDecodeError:
+            body = {}
+        tools = sorted(str(t.get("name", "")) for t in body.get("tools") or []
+                       if isinstance(t, dict))
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        self.seen.append({"method": request.method, "path": request.path_qs,
+                          "headers": headers, "tools": tools,
+                          "raw": raw.decode(errors="replace")})
+        return body, tools

@@ -32,24 +32,14 @@ def tool_outputs(body: dict[str, Any]) -> list[dict[str, Any]]:
 class FakeResponsesAPI(FakeVendorAPI):
     script: Script
 
-    NAME = "Responses"
+    NAME = "fake Responses API"
 
     def session_requests(self) -> list[dict[str, Any]]:
         """The requests of the scripted session (the ones offering exec_command)."""
         return [seen for seen in self.seen if "exec_command" in seen.get("tools", [])]
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        try:
-            body = json.loads(raw) if raw else {}
-        except json.JSONDecodeError:
-            body = {}
-        tools = sorted(str(t.get("name", "")) for t in body.get("tools") or []
-                       if isinstance(t, dict))
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        self.seen.append({"method": request.method, "path": request.path_qs,
-                          "headers": headers, "tools": tools,
-                          "raw": raw.decode(errors="replace")})
+        body, tools = await self._record(request)
         if request.method != "POST" or request.path != "/v1/responses":
             return web.json_response({"error": {"type": "not_found", "message":
                                                 f"{request.path} is not faked"}}, status=404)

@@ -1,6 +1,7 @@
 """Real HTTPS upstreams on loopback for the egress gateway's tests and benchmark: a test CA
 made with `cryptography`, a server certificate for the test names, and an aiohttp server in a
-thread of its own that records what it was sent."""
+thread of its own (TlsServer, which the fake vendor APIs share) that records what it was
+sent."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import ssl
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from aiohttp import web
 from cryptography import x509
@@ -64,7 +65,72 @@ def make_ca(directory: Path, names: tuple[str, ...] = NAMES) -> TestCA:
 
 
 @dataclass
-class Upstream:
+class TlsServer:
+    """An aiohttp app over TLS (the test CA's server certificate) on 127.0.0.1, in a thread
+    and loop of its own: the serving half of Upstream and of the fake vendor APIs
+    (tests/support/fake_api.py). A subclass supplies `_handle` and records into `seen`;
+    replies still going when it stops end then, not at the interpreter's exit."""
+
+    ca: TestCA
+    port: int = field(default=0, kw_only=True)
+    seen: list[dict[str, Any]] = field(default_factory=list, kw_only=True)
+    _loop: asyncio.AbstractEventLoop | None = field(default=None, kw_only=True, repr=False)
+    _thread: threading.Thread | None = field(default=None, kw_only=True, repr=False)
+    _runner: web.AppRunner | None = field(default=None, kw_only=True, repr=False)
+
+    NAME: ClassVar[str] = "test upstream"  # for the thread's name and the start-up error
+    MAX_BODY: ClassVar[int] = 1 << 20  # aiohttp's client_max_size
+
+    def start(self) -> Self:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            loop.run_until_complete(self._serve())
+            ready.set()
+            loop.run_forever()
+            if self._runner is not None:
+                loop.run_until_complete(self._runner.cleanup())
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+
+        self._thread = threading.Thread(target=run, daemon=True,
+                                        name=self.NAME.lower().replace(" ", "-"))
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError(f"the {self.NAME} did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    async def _serve(self) -> None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(self.ca.cert_pem), str(self.ca.key_pem))
+        app = web.Application(client_max_size=self.MAX_BODY)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=context)
+        await site.start()
+        server = site._server
+        assert server is not None and hasattr(server, "sockets")
+        self.port = server.sockets[0].getsockname()[1]
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        raise NotImplementedError
+
+
+@dataclass
+class Upstream(TlsServer):
     """An HTTPS server on 127.0.0.1 that answers:
     /v1/chat   JSON with a `usage` block (total_tokens = ?tokens=N, default 100)
     /fail      500
@@ -77,51 +143,7 @@ class Upstream:
     /drip      ?n=N chunks of 1 KiB, one per ?every=S seconds (a long streamed reply)
     anything else: 200 with the request's method and path."""
 
-    ca: TestCA
-    port: int = 0
-    seen: list[dict[str, Any]] = field(default_factory=list)
-    uploads: list[int] = field(default_factory=list)
-    _loop: asyncio.AbstractEventLoop | None = None
-    _thread: threading.Thread | None = None
-    _runner: web.AppRunner | None = None
-
-    def start(self) -> Upstream:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            loop.run_until_complete(self._serve())
-            ready.set()
-            loop.run_forever()
-            if self._runner is not None:
-                loop.run_until_complete(self._runner.cleanup())
-            # Replies still going (/slow, /drip) end here, not at the interpreter's exit.
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="test-upstream", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("the test upstream did not start")
-        return self
-
-    async def _serve(self) -> None:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(str(self.ca.cert_pem), str(self.ca.key_pem))
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=context)
-        await site.start()
-        server = site._server
-        assert server is not None and hasattr(server, "sockets")
-        self.port = server.sockets[0].getsockname()[1]
+    uploads: list[int] = field(default_factory=list, kw_only=True)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         endpoint = request.path.rsplit("/", 1)[-1]  # routes may add a base path
@@ -215,12 +237,6 @@ class Upstream:
             await response.write_eof()
             return response
         return web.Response(body=echo, content_type="application/json")
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(timeout=10)
 
     def headers_seen(self, name: str) -> list[str]:
         return [h[name] for r in self.seen for h in [r["headers"]] if name in h]
