@@ -7,6 +7,8 @@ Each round times, one after the other (each a fresh process, as an operator runs
   agentctl kill AGENT       against  docker kill CONTAINER
   python -c pass            (the interpreter's own start: no CLI can beat it)
   python -c <raw request>   (start + one GET /v1/agents on the control socket: the floor)
+  agentctl ls via click     (the same ls through the click CLI, which the incident verbs
+                             skip since issue 16's fast path: what that path saves)
 agentctl is the code of this checkout, started the way its console script starts it. Its
 daemon is real (own state, cgroup parent and name prefix; tests/support/daemon.py) with one
 `sleep` agent per round to kill (runc); docker kills one container per round, made from a
@@ -56,6 +58,8 @@ ENTRY_POINT = ("import sys\nfrom supervisor.cli.fast import main\nif __name__ ==
 RAW_REQUEST = ("import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\n"
                "s.sendall(b'GET /v1/agents HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n"
                "\\r\\n')\nwhile s.recv(65536):\n    pass\ns.close()\n")
+# The click CLI's own entry, which every command but the incident verbs goes through.
+CLICK_ENTRY_POINT = ENTRY_POINT.replace("supervisor.cli.fast", "supervisor.cli.main")
 PAIRS = [("agentctl --version", "docker --version"), ("agentctl ls", "docker ps"),
          ("agentctl kill", "docker kill")]
 
@@ -113,6 +117,8 @@ def main() -> int:
         root.chmod(0o755)
         entry = root / "agentctl"
         entry.write_text(ENTRY_POINT)
+        click_entry = root / "agentctl-click"
+        click_entry.write_text(CLICK_ENTRY_POINT)
         # An installed agentctl runs from bytecode pip compiled; a checkout's must be compiled
         # too (PYTHONDONTWRITEBYTECODE would otherwise recompile every module on every run).
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "supervisor")],
@@ -139,6 +145,7 @@ def main() -> int:
                         "agentctl kill": ([*agentctl, "kill", victim, "--reason", "bench"], env),
                         "docker kill": (["docker", "kill", container], None),
                         "python -c pass": ([sys.executable, "-c", "pass"], None),
+                        "agentctl ls via click": ([sys.executable, str(click_entry), "ls"], env),
                         "python raw request": ([sys.executable, "-c", RAW_REQUEST,
                                                 str(daemon.socket)], None),
                     }
@@ -146,7 +153,7 @@ def main() -> int:
                     # machine noise fall on both alike.
                     order = list(runs) if round_no % 2 == 0 else [
                         name for pair in PAIRS for name in reversed(pair)] + [
-                        "python raw request", "python -c pass"]
+                        "python raw request", "agentctl ls via click", "python -c pass"]
                     for name in order:
                         argv, run_env = runs[name]
                         wall, cpu = timed(argv, run_env)
@@ -188,6 +195,8 @@ def report(samples: dict[str, list[float]], cpu_samples: dict[str, list[float]],
     floor = medians["python raw request"]
     print(f"  agentctl kill over the floor (python + raw request): "
           f"{medians['agentctl kill'] - floor:+.1f} ms")
+    print(f"  agentctl ls via click over agentctl ls (the fast path's saving): "
+          f"{medians['agentctl ls via click'] - medians['agentctl ls']:+.1f} ms")
 
 
 if __name__ == "__main__":
