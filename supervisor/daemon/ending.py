@@ -121,7 +121,7 @@ def finalise(arbiter: Arbiter, live: LiveRun, cause: EndCause, *, exit_code: int
 async def clean_up(arbiter: Arbiter, live: LiveRun, after_answer: bool = False
                    ) -> dict[str, Any]:
     """Step 6: the runtime's state, the bundle, the cgroup directories. A failure is
-    audited here; a scoped halt's cleanups are also audited together (`audit_cleanups`).
+    audited here; every kill's cleanups are also audited together (`audit_cleanup`).
     `after_answer` (every kill): not before the kill's answer can be written."""
     assert live.handle is not None
     run = live.record
@@ -155,20 +155,33 @@ async def clean_up(arbiter: Arbiter, live: LiveRun, after_answer: bool = False
     return detail
 
 
+def audit_cleanup(arbiter: Arbiter, run_ids: list[str], scope: str, verb: str,
+                  target: str | None = None) -> None:
+    """Step 6 of the runs a kill ended, one audit row once all are done (after the answer):
+    for one agent as for a class or every agent."""
+    tasks = [arbiter.cleanups[run_id] for run_id in run_ids if run_id in arbiter.cleanups]
+    if tasks:
+        audit = arbiter._spawn(audit_cleanups(arbiter, tasks, scope, verb, target))
+        arbiter._cleanup_audits.add(audit)
+        audit.add_done_callback(arbiter._cleanup_audits.discard)
+
+
 async def audit_cleanups(arbiter: Arbiter, tasks: list[asyncio.Task[dict[str, Any]]], scope: str,
-                         verb: str) -> None:
-    """One row for the runtime cleanup that followed a scoped halt's answer."""
+                         verb: str, target: str | None = None) -> None:
+    """One row for the runtime cleanup that followed a kill's answer."""
     t0 = time.perf_counter()
     done = await asyncio.gather(*tasks, return_exceptions=True)
     details = [d for d in done if isinstance(d, dict)]
     failed = [d["run"] for d in details if d.get("outcome") != "ok"]
+    detail: dict[str, Any] = {
+        "runs": len(tasks), "failed": failed,
+        "after_answer_ms": round((time.perf_counter() - t0) * 1000, 3),
+        "slowest_ms": max((d.get("cleanup_ms", 0.0) for d in details), default=None)}
+    if len(details) == 1:
+        detail["run"] = details[0]["run"]
     arbiter.audit.append(
-        actor=SYSTEM.label(), verb="cleanup", scope=scope, reason=f"after {verb}",
-        outcome="ok" if not failed and len(details) == len(tasks) else "failed",
-        detail={"runs": len(tasks), "failed": failed,
-                "after_answer_ms": round((time.perf_counter() - t0) * 1000, 3),
-                "slowest_ms": max((d.get("cleanup_ms", 0.0) for d in details),
-                                  default=None)})
+        actor=SYSTEM.label(), verb="cleanup", scope=scope, target=target, reason=f"after {verb}",
+        outcome="ok" if not failed and len(details) == len(tasks) else "failed", detail=detail)
 
 
 async def settled(arbiter: Arbiter, run_id: str, timeout: float | None = None) -> None:
@@ -256,12 +269,9 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
             "records and audit %.1f ms", verb, len(marks), len(kills), scope,
             actor.label(), reason or "no reason", ms_since(t0, t_ready),
             ms_since(t_ready, t_swept), ms_since(t_swept, time.perf_counter()))
-    if scoped:  # a scoped halt: its cleanup is audited as one
-        tasks = [arbiter.cleanups[run_id] for run_id in kills if run_id in arbiter.cleanups]
-        if tasks:
-            audit = arbiter._spawn(audit_cleanups(arbiter, tasks, scope, verb))
-            arbiter._cleanup_audits.add(audit)
-            audit.add_done_callback(arbiter._cleanup_audits.discard)
+    # Step 6 of the runs this kill ended (not those another kill owns: that one audits them).
+    audit_cleanup(arbiter, [run_id for run_id in kills if run_id in owned_ids], scope, verb,
+                  target=marks[0][0].name if len(marks) == 1 and not scoped else None)
     return results
 
 
@@ -341,3 +351,4 @@ async def keep_killing(arbiter: Arbiter, live: LiveRun, kill: RunKill, agent: Ag
     )
     log.warning("kill of agent %s confirmed after %d attempts: time_to_halt_ms=%s",
                 agent.name, attempts, time_to_halt_ms)
+    audit_cleanup(arbiter, [live.record.id], f"agent:{agent.name}", verb, target=agent.name)

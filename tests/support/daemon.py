@@ -262,6 +262,19 @@ class Daemon:
                  what=f"the cleanup of {agent}'s run {run_id}")
         return self.residue()
 
+    def cleanup_audited(self, agent: str, guard: float = 300.0) -> dict[str, Any]:
+        """The audit row of the runtime cleanup after `agent`'s kill: written once the run's
+        runtime state is gone, after the kill's answer (issue 12), so a test that counts audit
+        rows right after a kill waits for it first (only a hang keeps it past `guard`)."""
+        def row() -> dict[str, Any] | None:
+            rows = [r for r in self.client.audit(limit=10_000)["entries"]
+                    if r["target"] == agent]
+            return rows[-1] if rows and rows[-1]["verb"] == "cleanup" else None
+
+        found: dict[str, Any] = wait_for(row, timeout=guard, interval=0.1,
+                                         what=f"the cleanup row after the kill of {agent}")
+        return found
+
     def containers(self) -> list[str]:
         """The docker containers this daemon's runs carry the label of (running or not)."""
         socket = self.extra_config.get("docker", {})

@@ -244,6 +244,17 @@ class ServerThread:
             wrapper(), self.loop)
         return future.result(WAIT)
 
+    def settle(self) -> None:
+        """Until every ended run's step 6 and the audit row for it (both follow a kill's
+        answer) are done."""
+        arbiter = self.arbiter
+        assert arbiter is not None
+
+        async def cleaned_up() -> None:
+            await asyncio.gather(*arbiter.cleanups.values(), *arbiter._cleanup_audits)
+
+        self.run(cleaned_up)
+
     def call(self, fn: Callable[[], T]) -> T:
         """Run `fn()` on the server's thread (where the SQLite connection lives)."""
 

@@ -297,10 +297,12 @@ def test_launch_and_kill_round_trip(server: ServerThread) -> None:
     run = client.get_run(view["id"])
     assert run["state"] == "killed" and run["time_to_halt_ms"] == result["time_to_halt_ms"]
     assert server.runtime.handles[view["id"]].network is False
+    server.settle()  # the runtime cleanup's row follows the kill's
     entries = client.audit()["entries"]
-    assert entries[-1]["verb"] == "kill"
-    assert entries[-1]["time_to_halt_ms"] == result["time_to_halt_ms"]
-    assert entries[-1]["actor"].endswith(f"(uid={os.getuid()})")
+    assert [e["verb"] for e in entries[-2:]] == ["kill", "cleanup"]
+    kill = entries[-2]
+    assert kill["time_to_halt_ms"] == result["time_to_halt_ms"]
+    assert kill["actor"].endswith(f"(uid={os.getuid()})")
     verify = client.audit_verify()
     assert verify["ok"] and verify["rows"] == len(entries)
     health = client.health()

@@ -55,8 +55,11 @@ async def act(arbiter: Arbiter, verb: str, target: Scope, reason: str = "",
     return await arbiter.act(verb, ActionRequest(scope=target, reason=reason, grace=grace), ALICE)
 
 
-def last(env: ArbiterEnv) -> AuditEntry:
-    return env.audit.list(limit=1)[0]
+def last(env: ArbiterEnv, verb: str | None = None) -> AuditEntry:
+    """The latest audit row, or the latest with `verb` (a kill's cleanup row follows it)."""
+    if verb is None:
+        return env.audit.list(limit=1)[0]
+    return next(entry for entry in reversed(env.audit.list(limit=100)) if entry.verb == verb)
 
 
 def handle_of(env: ArbiterEnv, view: RunView) -> FakeRunHandle:
@@ -221,6 +224,20 @@ def test_relaunch_without_a_class_keeps_the_class(env: ArbiterEnv) -> None:
 # ----------------------------------------------------------------------------- kill
 
 
+def test_a_kill_of_a_class_with_no_agent_here_answers_with_no_results(env: ArbiterEnv) -> None:
+    # A fleet halt of a class reaches every host, also those with none of its agents.
+    async def body() -> None:
+        arbiter = env.arbiter()
+        await arbiter.launch(request("a1", "web"), ALICE)
+        result = await act(arbiter, "kill", scope(agent_class="batch"), "fleet halt")
+        assert result.results == [] and result.time_to_halt_ms is None
+        assert arbiter.agents["a1"].state == "active"
+        assert not arbiter._cleanup_audits
+
+    asyncio.run(body())
+
+
+
 def test_kill_single_agent(env: ArbiterEnv) -> None:
     async def body() -> None:
         arbiter = env.arbiter()
@@ -257,11 +274,18 @@ def test_kill_single_agent(env: ArbiterEnv) -> None:
         [stored] = env.store.agents()
         assert stored.state == "killed" and stored.current_run is None
 
-        entry = last(env)
+        entry = last(env, "kill")
         assert (entry.verb, entry.scope, entry.target, entry.outcome) == (
             "kill", "agent:a1", "a1", "ok")
         assert (entry.previous_state, entry.new_state) == ("active", "killed")
         assert entry.time_to_halt_ms == halt and entry.reason == "runaway"
+        # Step 6 after the answer has its own row, as a class or global halt's has.
+        await asyncio.gather(*arbiter._cleanup_audits)
+        cleanup = last(env)
+        assert (cleanup.verb, cleanup.scope, cleanup.target, cleanup.reason, cleanup.outcome) == (
+            "cleanup", "agent:a1", "a1", "after kill", "ok")
+        assert (cleanup.detail["run"], cleanup.detail["runs"], cleanup.detail["failed"]) == (
+            view.id, 1, [])
         assert entry.detail["confirmed_empty"] is True
         assert entry.detail["netns_removed"] is True
         assert entry.detail["mechanism"] == "fake.kill"
@@ -323,6 +347,29 @@ def test_kill_that_leaves_a_survivor_is_unconfirmed(make_env: MakeEnv) -> None:
         assert arbiter.agents["a1"].state == "killed"  # the hold stays
         with pytest.raises(AgentKilled):
             await arbiter.launch(request("a1"), ALICE)
+
+    asyncio.run(body())
+
+
+def test_an_unconfirmed_kill_once_confirmed_audits_its_cleanup(make_env: MakeEnv) -> None:
+    env = make_env(runtime=FakeRuntime(leave_survivor=True),
+                   kill=KillSection(confirm_timeout=0.05))
+
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(request("a1"), ALICE)
+        live = arbiter.live[view.id]
+        with pytest.raises(KillUnconfirmed):
+            await act(arbiter, "kill", scope("a1"), "runaway")
+        assert not arbiter._cleanup_audits  # nothing to clean up while it is alive
+        env.runtime.leave_survivor = False  # the next SIGKILL of the background retry lands
+        await asyncio.wait_for(live.done.wait(), WAIT)
+        await asyncio.gather(*arbiter._cleanup_audits)
+        verbs = [e.verb for e in env.audit.list(limit=3)]
+        assert verbs == ["kill", "kill_confirmed", "cleanup"]
+        cleanup = last(env)
+        assert (cleanup.target, cleanup.reason, cleanup.outcome, cleanup.detail["run"]) == (
+            "a1", "after kill", "ok", view.id)
 
     asyncio.run(body())
 
@@ -439,7 +486,7 @@ def test_stop_escalates_to_the_kill_path_after_the_grace(make_env: MakeEnv) -> N
         assert record is not None
         assert (record.state, record.exit_code) == ("killed", 128 + signal.SIGKILL)
         assert arbiter.agents["a1"].state == "idle", "a stop never holds the agent"
-        entry = last(env)
+        entry = last(env, "stop")
         assert (entry.verb, entry.new_state, entry.outcome) == ("stop", "idle", "ok")
         assert "0.05s" in entry.reason
         assert entry.detail["confirmed_empty"] is True
@@ -649,7 +696,7 @@ def test_execution_window_expiry_kills(env: ArbiterEnv) -> None:
         assert record is not None and record.state == "killed"
         assert record.time_to_halt_ms is not None
         assert "execution window" in (record.end_reason or "")
-        entry = last(env)
+        entry = last(env, "kill")
         assert (entry.verb, entry.actor, entry.target) == ("kill", SYSTEM_LABEL, "a1")
         assert "execution window" in entry.reason and "0.05s" in entry.reason
         assert handle_of(env, view).network is False

@@ -134,11 +134,12 @@ def test_long_reason_is_rejected_client_side(server: ServerThread) -> None:
 def test_audit_verify_exits_0(server: ServerThread) -> None:
     launch(server)
     agentctl(server, "kill", "a1", "--reason", "x")
+    server.settle()
     result = agentctl(server, "audit", "verify")
     assert result.exit_code == 0, result.stderr
-    assert "intact" in result.stdout and "2 rows" in result.stdout
+    assert "intact" in result.stdout and "3 rows" in result.stdout  # launch, kill, cleanup
     verify = ok_json(agentctl(server, "audit", "verify", "--json"))
-    assert verify["ok"] is True and verify["rows"] == 2
+    assert verify["ok"] is True and verify["rows"] == 3
 
 
 def test_audit_verify_exits_1_when_the_chain_is_broken(server: ServerThread) -> None:

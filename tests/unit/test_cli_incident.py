@@ -307,6 +307,7 @@ def test_forbidden_and_runtime_unsupported_hints_say_where() -> None:
 def test_rm_forgets_an_idle_agent_and_audits_it(server: ServerThread) -> None:
     launch(server, "a1")
     assert agentctl(server, "stop", "a1", "--grace", "1s").exit_code == 0
+    server.settle()
     before = server.snapshot()
     result = agentctl(server, "rm", "a1", "--reason", "retired", "--json")
     assert result.exit_code == 0, result.stderr
@@ -329,6 +330,7 @@ def test_rm_refuses_an_agent_that_is_not_idle(server: ServerThread, state: str, 
         assert agentctl(server, "pause", "a1").exit_code == 0
     if state == "killed":
         assert agentctl(server, "kill", "a1", "--reason", "x").exit_code == 0
+        server.settle()  # the kill's cleanup row is written after its answer
     before = server.snapshot()
     result = agentctl(server, "rm", "a1", "--json")
     assert result.exit_code == status
