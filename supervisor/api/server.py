@@ -73,6 +73,7 @@ from supervisor.models import (
 )
 from supervisor.openapi import AGENT_PAGE_MAX, openapi_document
 from supervisor.runtime.output_index import since_offset
+from supervisor.states import AgentState, RunState
 from supervisor.telemetry import Sample
 
 log = logging.getLogger(__name__)
@@ -611,7 +612,7 @@ async def run_logs(request: web.Request) -> web.StreamResponse:
     arbiter = request.app[ARBITER]
     record, live = arbiter.resolve_run(request.match_info["ref"])
     follow = request.query.get("follow", "0") in ("1", "true", "yes")
-    if (live is None and record.ended_at is not None and record.state != "failed"
+    if (live is None and record.ended_at is not None and record.state != RunState.FAILED
             and not Path(record.log_path).exists()):
         raise LogsExpired(f"the output of run {record.id} was deleted after the retention "
                           f"period ([daemon] log_retention)", run=record.id,
@@ -776,10 +777,10 @@ async def forget_agent(request: web.Request) -> web.Response:
     arbiter = request.app[ARBITER]
     arbiter.agent_view(name)  # 404, with suggestions, for an unknown agent
     state = arbiter.agents[name].state
-    if state == "killed":
+    if state == AgentState.KILLED:
         raise AgentKilled(f"agent {name!r} is held killed; reactivate it before removing it",
                           agent=name, state=state)
-    if state != "idle":
+    if state != AgentState.IDLE:
         raise AgentBusy(f"agent {name!r} is {state}: stop it before removing it", agent=name,
                         state=state)
     arbiter.forget_agent(name, request[ACTOR], body.reason)

@@ -28,6 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from supervisor.config import EgressSection
+from supervisor.daemon.drills import token_refused
+from supervisor.daemon.killpath import Credential
 from supervisor.egress.accounting import Usage
 from supervisor.egress.gateway import DENIED_HEADER, Gateway
 from supervisor.egress.grant import Decision, RunGrant
@@ -443,6 +445,19 @@ def test_revoked_token_is_403_and_resume_does_not_undo_it(env: Env) -> None:
     assert env.get(port).code == "token_revoked"
     reply, _ = env.tunnel(port)
     assert reply.code == "token_revoked"
+
+
+def test_the_drills_credential_check_fails_while_the_token_works(env: Env) -> None:
+    # `agentctl drill`'s credentials_revoked check (daemon/drills.py) presents the run's
+    # token to its gateway as the agent would: it passes only when the gateway refuses the
+    # token itself, so a kill that left the token working fails the drill.
+    port = env.open()
+    credential = Credential("127.0.0.1", port, "agent-a", TOKEN)
+    working = token_refused(credential)
+    assert working.startswith("fail") and "egress_denied" in working, working
+    env.gateway.revoke(RUN)
+    assert token_refused(credential) == "pass"
+    assert token_refused(Credential("127.0.0.1", port, "agent-a", "forged")) == "pass"
 
 
 def test_a_wrong_token_is_invalid_even_for_a_revoked_run(env: Env) -> None:
