@@ -163,6 +163,19 @@ def test_a_sweep_kills_everything_before_it_confirms_anything() -> None:
     assert all(r.confirmed and r.netns_removed for r in reports)
 
 
+def test_a_sweep_escalates_only_the_run_the_kernel_did_not_empty() -> None:
+    """A sweep confirms its runs together; the one still populated at the deadline is
+    escalated like a single kill, the others are not touched again."""
+    journal = Journal()
+    (a, group_a), (b, group_b), (c, group_c) = (
+        run_kill(journal, "a"), run_kill(journal, "b", stubborn=1), run_kill(journal, "c"))
+    reports = asyncio.run(sweep([a, b, c]))
+    assert [s for s in journal.steps if s.startswith("fallback")] == ["fallback b"]
+    assert (group_a.waits, group_b.waits, group_c.waits) == (1, 2, 1)
+    assert all(r.confirmed for r in reports) and reports[1].escalated == "freeze+sigkill"
+    assert reports[0].escalated is None and reports[2].escalated is None
+
+
 def test_a_global_sweep_is_one_write_to_the_parent() -> None:
     journal = Journal()
     parent = FakeCgroup(journal, "parent")
