@@ -20,7 +20,10 @@ stages: the call to the action committed (read of the registrations, the watch o
 transaction), committed -> each host saw it (etcd's watch), seen -> the local verb done (the
 kill path: kernel confirmed, networks down), done -> the ack handed to the writer, and sent ->
 the ack arrived at the CLI (put, etcd, watch). Each stage is reported for the host that
-answered last (the one the operator waits for) and as the median over all hosts.
+answered last (the one the operator waits for) and as the median over all hosts. And for each
+method, the CPU time used while it was timed (/proc, 10 ms ticks): the ten daemons together,
+etcd, and this process (the caller). The kernel's own work of ending the processes is charged
+to the dying processes and shows only in the floor's wall time.
 
 After each halt the hold is lifted (fleet lift, or reactivate --all per host) and the agents
 are launched again. Prints median and p95 (nearest rank) per method and the verdict on the
@@ -32,7 +35,7 @@ directories, etcd data on /dev/shm) is removed at the end, also on Ctrl-C.
 
     sudo .venv/bin/python bench/fleet_halt.py [--hosts 10] [--agents 10] [--processes 10]
                                               [--rounds 5] [--json samples.json]
-                                              [--logs DIR]
+                                              [--logs DIR] [--methods fleet,floor]
 """
 
 from __future__ import annotations
@@ -177,6 +180,50 @@ def _fleet_lift(ctx: FleetContext) -> None:
         raise RuntimeError(f"lift unconfirmed: {result['unconfirmed']}")
 
 
+def _halt(method: str, fleet: Fleet, ctx: FleetContext) -> float:
+    """One halt of every agent by `method`; its wall time in ms."""
+    if method == "fleet":
+        return _fleet_kill(ctx)
+    if method == "floor":
+        return _floor(fleet)
+    started = time.perf_counter()
+    if method == "sequential":
+        for host in fleet.hosts:
+            _socket_kill(host, "sequential")
+    else:
+        with ThreadPoolExecutor(len(fleet.hosts)) as pool:
+            list(pool.map(lambda h: _socket_kill(h, "parallel"), fleet.hosts))
+    return (time.perf_counter() - started) * 1000
+
+
+def _undo(method: str, fleet: Fleet, ctx: FleetContext) -> None:
+    if method == "fleet":
+        _fleet_lift(ctx)
+    elif method == "floor":
+        _settle(fleet)
+    else:
+        _socket_reactivate(fleet)
+
+
+# CPU time spent while each halt was timed (user + system, from /proc; 10 ms ticks): the ten
+# daemons together, etcd, and this process (the caller: agentctl's part, or the HTTP calls).
+CPU_OF = ("daemons", "etcd", "caller")
+CPU: dict[str, dict[str, list[float]]] = {m: {n: [] for n in CPU_OF} for m in METHODS}
+_TICK_MS = 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu_ms(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * _TICK_MS  # utime, stime
+
+
+def _cpu(fleet: Fleet) -> tuple[float, float, float]:
+    daemons = sum(_proc_cpu_ms(h.daemon.proc.pid) for h in fleet.hosts
+                  if h.daemon.proc is not None)
+    etcd = _proc_cpu_ms(fleet.etcd_proc.pid) if fleet.etcd_proc is not None else 0.0
+    return daemons, etcd, time.process_time() * 1000
+
+
 def _median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2] if values else float("nan")
 
@@ -191,6 +238,8 @@ def main() -> int:
                         help="Rounds run first and not recorded (tokens, connections, caches).")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--logs", type=Path, help="Copy each daemon's log here at the end.")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="Which halts to run (exploring; the figures need all four).")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="as-fleet-bench-", dir="/tmp"))
     root.chmod(0o755)
@@ -206,32 +255,20 @@ def main() -> int:
             load_before = os.getloadavg()
             ctx = FleetContext(fleet.credentials("operator", fleet.operator_password,
                                                  fleet.operator_cert), PREFIX)
-            methods = list(METHODS)
+            methods = [m for m in METHODS if m in args.methods.split(",")]
             ctx.etcd.get_prefix(ctx.keys.holds)  # authenticate before anything is timed
             for round_no in range(-args.warmup, args.rounds):
                 shift = round_no % len(methods)
                 order = methods[shift:] + methods[:shift]
                 for method in order:
                     _launch_all(fleet, args.agents, args.processes, f"{round_no}{method[:2]}")
-                    if method == "fleet":
-                        samples["fleet"].append(_fleet_kill(ctx))
-                        _fleet_lift(ctx)
-                    elif method == "sequential":
-                        started = time.perf_counter()
-                        for host in fleet.hosts:
-                            _socket_kill(host, "sequential")
-                        samples["sequential"].append((time.perf_counter() - started) * 1000)
-                        _socket_reactivate(fleet)
-                    elif method == "parallel":
-                        started = time.perf_counter()
-                        with ThreadPoolExecutor(len(fleet.hosts)) as pool:
-                            list(pool.map(lambda h: _socket_kill(h, "parallel"),
-                                          fleet.hosts))
-                        samples["parallel"].append((time.perf_counter() - started) * 1000)
-                        _socket_reactivate(fleet)
-                    else:
-                        samples["floor"].append(_floor(fleet))
-                        _settle(fleet)
+                    before = _cpu(fleet)
+                    samples[method].append(_halt(method, fleet, ctx))
+                    used = [after - b for after, b in zip(_cpu(fleet), before, strict=True)]
+                    _undo(method, fleet, ctx)
+                    if round_no >= 0:
+                        for name, ms in zip(CPU_OF, used, strict=True):
+                            CPU[method][name].append(ms)
                     label = f"round {round_no + 1}" if round_no >= 0 else "warm-up"
                     print(f"{label} {method}: {samples[method][-1]:.1f} ms", flush=True)
                     if round_no < 0:
@@ -262,6 +299,8 @@ def main() -> int:
                               "samples_ms": samples, "cli_wall_ms": cli_wall_ms,
                               "loadavg": [load_before, load_after]}
     for method, values in samples.items():
+        if not values:
+            continue
         median = _median(values)
         p95 = nearest_rank(values, 0.95)
         report[method] = {"median_ms": median, "p95_ms": p95}
@@ -275,6 +314,10 @@ def main() -> int:
         report[method]["median_slowest_time_to_halt_ms"] = slowest
         print(f"{method:>10}: median {median:7.1f} ms  p95 {p95:7.1f} ms  "
               f"(n={len(values)}; slowest local time_to_halt, median {slowest:.1f} ms)")
+    report["cpu_ms"] = CPU
+    print("CPU while halting, median ms: " + "; ".join(
+        f"{method} " + " + ".join(f"{name} {_median(CPU[method][name]):.0f}" for name in CPU_OF)
+        for method in METHODS))
     report["fleet_stages_ms"] = {"last_host": CRITICAL, "all_hosts": ALL_HOSTS}
     print("fleet stages, median ms (host that answered last | all hosts):")
     for stage in STAGES:
@@ -282,6 +325,8 @@ def main() -> int:
               f"{_median(ALL_HOSTS[stage]):7.1f}")
     if cli_wall_ms is not None:
         print(f"agentctl fleet kill --all, whole process once: {cli_wall_ms:.0f} ms")
+    if "fleet" not in report or "parallel" not in report:
+        return 0
     fleet_p95 = report["fleet"]["p95_ms"]
     met = fleet_p95 <= 250 and fleet_p95 < report["parallel"]["p95_ms"]
     print(f"target (fleet p95 <= 250 ms and < parallel p95): {'met' if met else 'MISSED'}")

@@ -111,16 +111,22 @@ def _hosts(ctx: FleetContext, full: bool = True) -> dict[str, dict[str, Any]]:
     return _hosts_at(ctx, full)[0]
 
 
-def _hosts_at(ctx: FleetContext, full: bool = True) -> tuple[dict[str, dict[str, Any]], int]:
-    """`_hosts`, and the store's revision its read of the registrations saw."""
+def _hosts_at(ctx: FleetContext, full: bool = True, labels: bool = True
+              ) -> tuple[dict[str, dict[str, Any]], int]:
+    """`_hosts`, and the store's revision its read of the registrations saw. Without `labels`
+    the registrations are read as keys only (which hosts are alive, not what they hold: a
+    host's registration lists its every agent, and a halt of all needs none of it)."""
     hosts: dict[str, dict[str, Any]] = {}
 
     def entry(host: str) -> dict[str, Any]:
         return hosts.setdefault(host, {"host": host, "alive": False, "acks": {},
                                        "anchors": [], "partition": None})
 
-    members, revision = ctx.etcd.get_prefix(ctx.keys.members)
+    members, revision = ctx.etcd.get_prefix(ctx.keys.members, keys_only=not labels)
     for kv in members:
+        if not labels:
+            entry(kv.key[len(ctx.keys.members):]).update(alive=True, lease=kv.lease)
+            continue
         try:
             value = kv.json()
         except ValueError:
@@ -239,7 +245,7 @@ def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
     is waited out up to the deadline: the action is written and durable."""
     started = time.perf_counter()
     started_at = time.time()
-    hosts, seen = _hosts_at(ctx, full=False)
+    hosts, seen = _hosts_at(ctx, full=False, labels=any(a.selector.labels for a in actions))
     expected = sorted({h for a in actions for h in _expected(hosts, a.selector)})
     puts = {ctx.keys.action(a.id): dumps(a) for a in actions}
     if holds:

@@ -333,15 +333,17 @@ class FleetMember:
             scope = Scope(all=True)
         request = ActionRequest(scope=scope, reason=action.reason[:500])
         agents: list[AgentOutcome] = []
+        skipped = 0
         outcome = "ok"
         error: str | None = None
         try:
             result = await self.arbiter.act(verb, request, _actor(action),
                                             cause=EndCause.KILLED, arrived=arrived)
+            skipped = sum(1 for r in result.results if r.skipped)
             agents = [AgentOutcome(agent=r.agent, agent_class=self._class_of(r.agent),
                                    previous_state=r.previous_state, new_state=r.new_state,
-                                   time_to_halt_ms=r.time_to_halt_ms, skipped=r.skipped)
-                      for r in result.results]
+                                   time_to_halt_ms=r.time_to_halt_ms)
+                      for r in result.results if not r.skipped]
         except IllegalTransition as exc:
             outcome = "not_applicable"
             error = exc.message
@@ -349,6 +351,9 @@ class FleetMember:
             outcome = "failed"
             error = f"{exc.code}: {exc.message}"
             for item in exc.detail.get("results", []):
+                if item.get("skipped"):
+                    skipped += 1
+                    continue
                 agents.append(AgentOutcome(
                     agent=item.get("agent", "?"), agent_class=self._class_of(item.get("agent")),
                     previous_state=item.get("previous_state", ""),
@@ -361,7 +366,8 @@ class FleetMember:
             outcome = "failed"
             error = f"still running: {', '.join(survivors)}"
         return Ack(action=action.id, host=self.config.host_id, outcome=outcome,  # type: ignore[arg-type]
-                   applied_at=time.time(), agents=agents, survivors=survivors,
+                   applied_at=time.time(), agents=agents, agents_skipped=skipped,
+                   survivors=survivors,
                    slowest_time_to_halt_ms=max(halts) if halts else None, error=error)
 
     async def _drill_canary(self, action: FleetAction) -> Ack:

@@ -240,10 +240,13 @@ class Etcd:
 
     # ------------------------------------------------------------------ kv
 
-    def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
-        """Every key under `prefix`, and the store's revision the read saw."""
-        answer = self.call("/v3/kv/range", {"key": b64(prefix),
-                                            "range_end": b64(prefix_end(prefix))})
+    def get_prefix(self, prefix: str, keys_only: bool = False) -> tuple[list[KeyValue], int]:
+        """Every key under `prefix` (with empty values if `keys_only`), and the store's
+        revision the read saw."""
+        body: dict[str, Any] = {"key": b64(prefix), "range_end": b64(prefix_end(prefix))}
+        if keys_only:
+            body["keys_only"] = True
+        answer = self.call("/v3/kv/range", body)
         kvs = [KeyValue.from_wire(kv) for kv in answer.get("kvs", [])]
         return kvs, int(answer["header"]["revision"])
 
@@ -308,7 +311,8 @@ class Etcd:
     # ------------------------------------------------------------------ watch
 
     def watch(self, prefix: str, start_revision: int, timeout: float,
-              deadline: float | None = None) -> Generator[tuple[int, list[WatchEvent]], None, None]:
+              deadline: float | None = None
+              ) -> Generator[tuple[int, list[WatchEvent]], None, None]:
         """Events under `prefix` from `start_revision` on, as (revision, events), until the
         stream ends, nothing arrives for `timeout` seconds (etcd sends progress notifies
         only when asked, so the caller re-reads and re-watches on each return), or the

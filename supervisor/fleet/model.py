@@ -98,7 +98,10 @@ class Ack(_Model):
     host: str
     outcome: Literal["ok", "failed", "not_applicable"]
     applied_at: float
-    agents: list[AgentOutcome] = []
+    agents: list[AgentOutcome] = []  # the agents the verb acted on (or failed on)
+    # agents in scope it did not apply to (already killed, idle...): a count, not a list, so
+    # a host's ack does not grow with every agent it ever had
+    agents_skipped: int = 0
     survivors: list[str] = []  # agents in scope still running after the verb
     slowest_time_to_halt_ms: float | None = None
     error: str | None = None

@@ -43,6 +43,11 @@ from supervisor.sandbox.userns import UsernsLimits
 
 log = logging.getLogger(__name__)
 
+# A run's cleanup (step 6, after its kill was answered) is background work: its `runc delete`
+# runs at this nice value, so on a host whose daemons kill at once (a fleet halt) the kills
+# and their answers get the CPU first.
+CLEANUP_NICE = 10
+
 
 class RuncRunHandle(CgroupControl):
     def __init__(self, runtime: RuncRuntime, params: RunParams, pid: int, pidfd: int,
@@ -98,7 +103,8 @@ class RuncRunHandle(CgroupControl):
             return
         self._cleaned = True
         with contextlib.suppress(RuntimeFailure):
-            await self.runtime.runc.delete(self.params.container_id, force=True)
+            await self.runtime.runc.delete(self.params.container_id, force=True,
+                                           nice=CLEANUP_NICE)
         await self.output.finish(OUTPUT_FINISH_TIMEOUT)  # no writer is left: read to the end
         self.cgroup.remove()
         if self.params.network is not None:
