@@ -65,19 +65,38 @@ def _workload(processes: int) -> list[str]:
     return ["sh", "-c", f"{children} exec sleep 3600"]
 
 
-def _launch_all(fleet: Fleet, agents: int, processes: int, tag: str) -> None:
+def _launch_all(fleet: Fleet, agents: int, processes: int) -> None:
+    """A new run for each host's `agents` agents (the same ones every round: a host has
+    `agents` agents, not more each round), then a wait until the daemons are idle again, so
+    what each halt meets is the agents running, not the tail of their launch (registration
+    puts, first telemetry samples, checkpoints) or of the previous halt's cleanup."""
     def per_host(host: Host) -> None:
         client = host.daemon.client
         for i in range(agents):
-            client.run({"name": f"b{tag}-{i}", "class": "bench",
-                        "command": _workload(processes)})
+            client.run({"name": f"b-{i}", "class": "bench", "command": _workload(processes)})
 
     with ThreadPoolExecutor(len(fleet.hosts)) as pool:
         list(pool.map(per_host, fleet.hosts))
+    _quiesce(fleet)
 
 
-# Where a halt's time goes: the slowest local time_to_halt of each host, per method. The same
-# local kill path runs under both; what the fleet path adds is the store (write, watch, ack).
+QUIET_CPU_MS = 20.0  # daemons and etcd together, per 250 ms: under 4% of two cores
+
+
+def _quiesce(fleet: Fleet, limit: float = 5.0) -> None:
+    deadline = time.monotonic() + limit
+    before = _cpu(fleet)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        after = _cpu(fleet)
+        if (after[0] - before[0]) + (after[1] - before[1]) < QUIET_CPU_MS:
+            return
+        before = after
+
+
+# Where a halt's time goes: per round, the slowest local time_to_halt of any host, per method.
+# The same local kill path runs under all; what the fleet path adds is the store (write,
+# watch, ack).
 METHODS = ("fleet", "sequential", "parallel", "floor")
 HALTS: dict[str, list[float]] = {m: [] for m in METHODS}
 # The fleet halt's stages, per round: for the host that answered last, and every host's.
@@ -87,15 +106,13 @@ CRITICAL: dict[str, list[float]] = {s: [] for s in STAGES}
 ALL_HOSTS: dict[str, list[float]] = {s: [] for s in STAGES}
 
 
-def _socket_kill(host: Host, method: str) -> float:
-    started = time.perf_counter()
+def _socket_kill(host: Host) -> float:
+    """One host's control socket; the slowest local time_to_halt of its agents."""
     result = host.daemon.client.action("kill", {"all": True}, "bench: per-host")
-    elapsed = (time.perf_counter() - started) * 1000
     # Every agent that had a run reports its time_to_halt (idle ones have nothing to halt).
     halts = [r["time_to_halt_ms"] for r in result["results"] if r.get("run_id")]
     assert all(h is not None for h in halts), result
-    HALTS[method].append(max(halts, default=0.0))
-    return elapsed
+    return max(halts, default=0.0)
 
 
 def _light(host: Host) -> None:
@@ -188,12 +205,13 @@ def _halt(method: str, fleet: Fleet, ctx: FleetContext) -> float:
         return _floor(fleet)
     started = time.perf_counter()
     if method == "sequential":
-        for host in fleet.hosts:
-            _socket_kill(host, "sequential")
+        halts = [_socket_kill(host) for host in fleet.hosts]
     else:
         with ThreadPoolExecutor(len(fleet.hosts)) as pool:
-            list(pool.map(lambda h: _socket_kill(h, "parallel"), fleet.hosts))
-    return (time.perf_counter() - started) * 1000
+            halts = list(pool.map(_socket_kill, fleet.hosts))
+    elapsed = (time.perf_counter() - started) * 1000
+    HALTS[method].append(max(halts))
+    return elapsed
 
 
 def _undo(method: str, fleet: Fleet, ctx: FleetContext) -> None:
@@ -261,7 +279,7 @@ def main() -> int:
                 shift = round_no % len(methods)
                 order = methods[shift:] + methods[:shift]
                 for method in order:
-                    _launch_all(fleet, args.agents, args.processes, f"{round_no}{method[:2]}")
+                    _launch_all(fleet, args.agents, args.processes)
                     before = _cpu(fleet)
                     samples[method].append(_halt(method, fleet, ctx))
                     used = [after - b for after, b in zip(_cpu(fleet), before, strict=True)]

@@ -111,18 +111,20 @@ def _hosts(ctx: FleetContext, full: bool = True) -> dict[str, dict[str, Any]]:
     return _hosts_at(ctx, full)[0]
 
 
-def _hosts_at(ctx: FleetContext, full: bool = True, labels: bool = True
+def _hosts_at(ctx: FleetContext, full: bool = True, labels: bool = True, revision: int = 0
               ) -> tuple[dict[str, dict[str, Any]], int]:
-    """`_hosts`, and the store's revision its read of the registrations saw. Without `labels`
-    the registrations are read as keys only (which hosts are alive, not what they hold: a
-    host's registration lists its every agent, and a halt of all needs none of it)."""
+    """`_hosts`, and the store's revision its read of the registrations saw (`revision`:
+    as they were then). Without `labels` the registrations are read as keys only (which
+    hosts are alive, not what they hold: a host's registration lists its every agent, and a
+    halt of all needs none of it)."""
     hosts: dict[str, dict[str, Any]] = {}
 
     def entry(host: str) -> dict[str, Any]:
         return hosts.setdefault(host, {"host": host, "alive": False, "acks": {},
                                        "anchors": [], "partition": None})
 
-    members, revision = ctx.etcd.get_prefix(ctx.keys.members, keys_only=not labels)
+    members, revision = ctx.etcd.get_prefix(ctx.keys.members, keys_only=not labels,
+                                            revision=revision)
     for kv in members:
         if not labels:
             entry(kv.key[len(ctx.keys.members):]).update(alive=True, lease=kv.lease)
@@ -242,27 +244,20 @@ def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
     """Write the actions (and their holds, and the lifted holds' deletion) in one transaction,
     then wait up to `deadline` seconds for every reached live host to acknowledge each (the
     acks land in `acks` when given). The store going away while it waits (etcd restarted)
-    is waited out up to the deadline: the action is written and durable."""
+    is waited out up to the deadline: the action is written and durable.
+
+    The transaction is the first call: every host starts on the action one round trip after
+    the command does. Which hosts to wait for (the registrations at the transaction's
+    revision) and the watch for their acks (from the revision after it, so nothing written
+    meanwhile is missed) are read while the hosts are applying it."""
     started = time.perf_counter()
     started_at = time.time()
-    hosts, seen = _hosts_at(ctx, full=False, labels=any(a.selector.labels for a in actions))
-    expected = sorted({h for a in actions for h in _expected(hosts, a.selector)})
     puts = {ctx.keys.action(a.id): dumps(a) for a in actions}
     if holds:
         puts.update({ctx.keys.hold(a.id): dumps(a) for a in actions})
-    end = time.monotonic() + deadline
-    # The watch for the acks is in place before the action is written (etcd has answered
-    # "created"), so no round trip follows the transaction: the first hosts answer within
-    # milliseconds of it. From the registrations' revision: nothing of ours can be older.
-    stream = _open_watch(ctx, seen + 1, deadline, end)
-    try:
-        revision = ctx.etcd.txn(puts, [ctx.keys.hold(h) for h in (lift or [])])
-    except BaseException:
-        if stream is not None:
-            stream.close()
-        raise
+    revision = ctx.etcd.txn(puts, [ctx.keys.hold(h) for h in (lift or [])])
     committed_at = time.time()
-    wanted = {(h, a.id) for a in actions for h in _expected(hosts, a.selector)}
+    end = time.monotonic() + deadline
     acks = {} if acks is None else acks
     arrived: dict[tuple[str, str], float] = {}
 
@@ -271,35 +266,50 @@ def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
         if key is not None:
             arrived.setdefault(key, time.time())
 
+    hosts: dict[str, dict[str, Any]] | None = None
+    wanted: set[tuple[str, str]] = set()
+    stream: Generator[tuple[int, list[WatchEvent]], None, None] | None = None
     start_revision = revision + 1
-    while wanted - set(acks) and end - time.monotonic() > 0:
-        try:
-            # A quiet second ends the watch for a direct read of the acks: a watch opened
-            # while etcd restarts can be accepted and then never deliver (seen after a
-            # restart mid-halt), and must not hold the wait until its deadline.
-            if stream is None:
-                stream = ctx.etcd.watch(ctx.keys.hosts, start_revision,
-                                        timeout=min(deadline, ACK_REREAD), deadline=end)
-            for rev, events in stream:
-                for event in events:
-                    take(event.kv)
-                start_revision = max(start_revision, rev + 1)
+    try:
+        while end - time.monotonic() > 0:
+            try:
+                if hosts is None:
+                    hosts = _hosts_at(ctx, full=False, labels=any(a.selector.labels
+                                                                  for a in actions),
+                                      revision=revision)[0]
+                    wanted = {(h, a.id) for a in actions for h in _expected(hosts, a.selector)}
                 if not wanted - set(acks):
                     break
+                # A quiet second ends the watch for a direct read of the acks: a watch opened
+                # while etcd restarts can be accepted and then never deliver (seen after a
+                # restart mid-halt), and must not hold the wait until its deadline.
+                stream = ctx.etcd.watch(ctx.keys.hosts, start_revision,
+                                        timeout=min(deadline, ACK_REREAD), deadline=end)
+                for rev, events in stream:
+                    for event in events:
+                        take(event.kv)
+                    start_revision = max(start_revision, rev + 1)
+                    if not wanted - set(acks):
+                        break
+                stream.close()
+                # Whatever the watch missed: one read of the acks themselves.
+                for host in {h for h, _ in wanted - set(acks)}:
+                    kvs, _ = ctx.etcd.get_prefix(ctx.keys.acks(host))
+                    for kv in kvs:
+                        take(kv)
+            except FleetPermissionDenied:
+                raise
+            except SupervisorError:
+                time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+    finally:
+        if stream is not None:
             stream.close()
-            stream = None
-            # Whatever the watch missed: one read of the acks themselves.
-            for host in {h for h, _ in wanted - set(acks)}:
-                kvs, _ = ctx.etcd.get_prefix(ctx.keys.acks(host))
-                for kv in kvs:
-                    take(kv)
-        except FleetPermissionDenied:
-            raise
-        except SupervisorError:
-            stream = None
-            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
-    if stream is not None:
-        stream.close()
+    if hosts is None:
+        ids = [a.id for a in actions]
+        raise FleetUnconfirmed(f"{', '.join(ids)} written, but the hosts' registrations could "
+                               f"not be read within {deadline:g} s: no host is known to have "
+                               f"confirmed", hosts=[], actions=ids)
+    expected = sorted({h for h, _ in wanted})
     elapsed_ms = (time.perf_counter() - started) * 1000
     rows: list[dict[str, Any]] = []
     for host in expected:
@@ -324,20 +334,6 @@ def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
             "elapsed_ms": round(elapsed_ms, 1), "hosts": rows,
             "started_at": started_at, "committed_at": committed_at,
             "unconfirmed": [r["host"] for r in rows if r["status"] != "confirmed"]}
-
-
-def _open_watch(ctx: FleetContext, start_revision: int, deadline: float, end: float
-                ) -> Generator[tuple[int, list[WatchEvent]], None, None] | None:
-    """A watch on the hosts' keys that etcd has confirmed ("created"), or None when it could
-    not be opened now (the wait opens its own after the transaction)."""
-    stream = ctx.etcd.watch(ctx.keys.hosts, start_revision,
-                            timeout=min(deadline, ACK_REREAD), deadline=end)
-    try:
-        next(stream)  # etcd's "created" message: no events yet
-    except (SupervisorError, StopIteration):
-        stream.close()
-        return None
-    return stream
 
 
 def _take_ack(ctx: FleetContext, kv: KeyValue, acks: dict[tuple[str, str], Ack]

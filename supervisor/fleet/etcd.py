@@ -240,12 +240,15 @@ class Etcd:
 
     # ------------------------------------------------------------------ kv
 
-    def get_prefix(self, prefix: str, keys_only: bool = False) -> tuple[list[KeyValue], int]:
-        """Every key under `prefix` (with empty values if `keys_only`), and the store's
-        revision the read saw."""
+    def get_prefix(self, prefix: str, keys_only: bool = False, revision: int = 0
+                   ) -> tuple[list[KeyValue], int]:
+        """Every key under `prefix` (with empty values if `keys_only`; as they were at
+        `revision` if given), and the store's revision the read saw."""
         body: dict[str, Any] = {"key": b64(prefix), "range_end": b64(prefix_end(prefix))}
         if keys_only:
             body["keys_only"] = True
+        if revision:
+            body["revision"] = str(revision)
         answer = self.call("/v3/kv/range", body)
         kvs = [KeyValue.from_wire(kv) for kv in answer.get("kvs", [])]
         return kvs, int(answer["header"]["revision"])
