@@ -5,13 +5,16 @@ calling the same server directly, interleaved in one run.
   TLS on loopback, JSON replies, in a process of its own; the tool is `search` (returns a
   short string);
 - **direct**: the load generator (Connection below: keep-alive, TCP_NODELAY, one write per
-  request) POSTs JSON-RPC `tools/call` to
-  the server over TLS with the server's bearer token and an initialized session;
+  request, the same code on both paths) POSTs JSON-RPC `tools/call` to the server over TLS
+  with the server's bearer token and an initialized session;
 - **gateway**: the same load generator sends the same message as absolute-form
-  `http://mcp.gateway/code` with the run's Proxy-Authorization to a real egress Gateway
-  (supervisor/egress/gateway.py, its own process as in production) that parses it, judges it
-  (allow-list, a CEL rule on the arguments, budgets), audits it to its sink, adds the token
-  and forwards over TLS to the same server.
+  `http://mcp.gateway/code` with the run's Proxy-Authorization to the real gateway worker
+  process (`python -m supervisor.egress.worker`, as the daemon starts it, less its cgroup,
+  user and nice value), which parses it, judges it (allow-list, a CEL rule on the arguments,
+  budgets), reports the decision on its channel, adds the token and forwards over TLS to the
+  same server. This process plays the daemon's end of the channel (Daemon below): it
+  configures the worker, opens the run, and counts the decisions reported, which must cover
+  every call answered.
 
 Latency: rounds of sequential calls on one connection, alternating direct and gateway, each
 preceded by a warm-up; median and p95 by nearest rank over all rounds. Throughput: phases of
@@ -27,7 +30,10 @@ Targets (issue 15): <= 1 ms added at the median, >= 50% of direct throughput. A 
 prints MISSED and exits 0: this is a benchmark, not a test.
 
     python bench/mcp_gateway.py [--calls 400] [--rounds 5] [--concurrency 4]
-                                [--duration 4] [--json results.json]
+                                [--duration 4] [--json results.json] [--profile FILE]
+
+--profile FILE runs the worker's threads under cProfile (FILE: the gateway's thread;
+FILE.main: the worker's loop); the figures of such a run are not the gateway's.
 """
 
 from __future__ import annotations
@@ -124,7 +130,7 @@ class Connection:
         return data
 
     def _chunked(self) -> bytes:
-        parts = []
+        parts: list[bytes] = []
         while True:
             size = int(self._line().split(b";")[0], 16)
             if size == 0:
