@@ -29,7 +29,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from supervisor.api.server import bind_control_socket
@@ -52,6 +52,7 @@ _HALT_VERBS = {"kill": "kill", "kill_confirmed": "kill", "shutdown": "shutdown",
                "watchdog_kill": "watchdog_kill"}
 
 BacklogFn = Callable[[], int]
+OutputTotalsFn = Callable[[], tuple[int, int]]  # bytes produced, recorded
 APPROVAL_OUTCOMES = ("approved", "denied", "expired", "cancelled")
 _LABEL = re.compile(r"[a-z0-9_.:-]{1,64}")
 
@@ -118,11 +119,13 @@ class Metrics(Collector):
     """The daemon's metrics: a registry of its own, fed by the audit log and the arbiter."""
 
     def __init__(self, observed: Observed, audit: AuditLog | None, version: str,
-                 backlog: BacklogFn | None = None, breakers: BacklogFn | None = None) -> None:
+                 backlog: BacklogFn | None = None, breakers: BacklogFn | None = None,
+                 outputs: OutputTotalsFn | None = None) -> None:
         self.observed = observed
         self.version = version
         self.backlog = backlog
         self.breakers = breakers
+        self.outputs = outputs
         self.registry = CollectorRegistry(auto_describe=True)
         counter = self._counter
         self.kills = counter(
@@ -265,7 +268,7 @@ class Metrics(Collector):
 
     # ------------------------------------------------------------------ read at scrape time
 
-    def collect(self) -> Iterable[GaugeMetricFamily | InfoMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily | InfoMetricFamily]:
         by_class: dict[str, dict[str, int]] = {}
         for agent in self.observed.agents.values():
             counts = by_class.setdefault(agent.agent_class, {s.value: 0 for s in AgentState})
@@ -298,9 +301,27 @@ class Metrics(Collector):
         yield _gauge("gateway_breakers_open", "Egress gateway runs whose circuit breaker is "
                      "open now (their requests are refused until 'agentctl breaker reset')",
                      self._read(self.breakers, "open breakers"))
+        yield from self._output_bytes()
         info = InfoMetricFamily(f"{PREFIX}_build", "The daemon's version")
         info.add_metric([], {"version": self.version})
         yield info
+
+    def _output_bytes(self) -> Iterable[CounterMetricFamily]:
+        if self.outputs is None:
+            return
+        try:
+            produced, recorded = self.outputs()
+        except Exception:
+            # A counter that cannot be read is left out of this scrape: a 0 would read as a
+            # reset. The log says why.
+            log.exception("metrics: output byte counts unavailable")
+            return
+        yield CounterMetricFamily(f"{PREFIX}_output_bytes", "Bytes agents wrote to their stdout "
+                                  "and stderr since the daemon started, those past a run's "
+                                  "output cap included", value=produced)
+        yield CounterMetricFamily(f"{PREFIX}_output_recorded_bytes", "Of those bytes, the ones "
+                                  "kept in the runs' log files (up to each run's output cap)",
+                                  value=recorded)
 
     @staticmethod
     def _read(count: BacklogFn | None, what: str) -> int:
@@ -446,13 +467,14 @@ async def start_metrics(observed: Observed, audit: AuditLog, listen: str, versio
                         backlog: BacklogFn | None = None, socket_gid: int = -1,
                         web_config_file: Path | None = None,
                         seccomp: SeccompSource | None = None,
-                        breakers: BacklogFn | None = None) -> MetricsEndpoint | None:
+                        breakers: BacklogFn | None = None,
+                        outputs: OutputTotalsFn | None = None) -> MetricsEndpoint | None:
     """The daemon's metrics endpoint, already serving; None when `listen` is empty. Raises
     ConfigInvalid naming the address when it is not allowed or cannot be bound."""
     address, web_config = check_endpoint(listen, web_config_file)
     if address is None:
         return None
-    endpoint = MetricsEndpoint(Metrics(observed, audit, version, backlog, breakers), address,
-                               socket_gid, web_config, seccomp)
+    endpoint = MetricsEndpoint(Metrics(observed, audit, version, backlog, breakers, outputs),
+                               address, socket_gid, web_config, seccomp)
     await endpoint.start()
     return endpoint

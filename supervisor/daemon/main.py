@@ -189,7 +189,8 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
         return start_metrics(arbiter, audit, listen, __version__, backlog=outbox.backlog,
                              socket_gid=gid, web_config_file=config.metrics.web_config_file,
                              seccomp=core.seccomp,
-                             breakers=core.egress.open_breakers if core.egress else None)
+                             breakers=core.egress.open_breakers if core.egress else None,
+                             outputs=core.outputs.totals)
 
     try:
         metrics_endpoint = await metrics_at(config.metrics.listen)

@@ -90,6 +90,9 @@ class Outputs:
         self.max_bytes = max_bytes
         self.cap_listeners: list[CapListener] = []
         self._recorders: dict[str, OutputRecorder] = {}
+        # Bytes of the runs whose output has ended, produced and recorded (for metrics).
+        self._ended_produced = 0
+        self._ended_recorded = 0
 
     def cap_for(self, profile: Profile) -> int:
         """The profile's cap, never above the host's."""
@@ -99,7 +102,7 @@ class Outputs:
     def open(self, run_id: str, log_path: Path, profile: Profile) -> OutputRecorder:
         recorder = OutputRecorder(run_id, log_path, self.cap_for(profile),
                                   asyncio.get_running_loop(), self._capped,
-                                  lambda: self._recorders.pop(run_id, None))
+                                  lambda: self._closed(run_id))
         self._recorders[run_id] = recorder
         return recorder
 
@@ -113,6 +116,21 @@ class Outputs:
         if recorder is None:
             return None
         return lambda: (recorder.produced, recorder.recorded)
+
+    def totals(self) -> tuple[int, int]:
+        """Bytes every run since the daemon started produced and recorded (ended runs, and the
+        live ones so far): never lower than at the last call, a counter's rule."""
+        produced, recorded = self._ended_produced, self._ended_recorded
+        for recorder in list(self._recorders.values()):
+            produced += recorder.produced
+            recorded += recorder.recorded
+        return produced, recorded
+
+    def _closed(self, run_id: str) -> None:
+        recorder = self._recorders.pop(run_id, None)
+        if recorder is not None:  # closing is idempotent; a run counts once
+            self._ended_produced += recorder.produced
+            self._ended_recorded += recorder.recorded
 
     def _capped(self, run_id: str, counts: OutputCounts) -> None:
         for listener in list(self.cap_listeners):

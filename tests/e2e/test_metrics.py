@@ -123,6 +123,17 @@ def test_scraped_numbers_follow_launches_and_kills_by_class(tmp_root: Path) -> N
         # whole exposition passes promtool's lint.
         daemon.agentctl("pause", "b1", "--reason", "look", check=True)
         daemon.agentctl("resume", "b1", "--reason", "looked", check=True)
+        # Output bytes: a run that writes 5,000 bytes and ends moves the counters by as much
+        # (no other agent here writes anything).
+        before = scrape_tcp(port)
+        daemon.agentctl("run", "--name", "o1", "--class", "probe", "--", "/bin/sh", "-c",
+                        "head -c 5000 /dev/zero", check=True)
+        after = scrape_tcp(port)
+        for name in ("output_bytes_total", "output_recorded_bytes_total"):
+            moved = (value(after, f"agent_supervisor_{name}")
+                     - value(before, f"agent_supervisor_{name}"))
+            assert moved == 5000, name
+        daemon.agentctl("rm", "o1", "--reason", "counted", check=True)  # out of the kills below
         daemon.agentctl("run", "--detach", "--name", "s1", "--class", "probe", "--", "/bin/sh",
                         "-c", "unshare --user true; sleep 600", check=True)
         samples = wait_for(lambda: (lambda s: s if value(

@@ -105,6 +105,27 @@ def test_open_breakers_are_read_at_scrape_time(env: ArbiterEnv) -> None:
     assert value(scrape(failing), "agent_supervisor_gateway_breakers_open") == 0
 
 
+def test_output_bytes_are_counters_read_at_scrape_time(env: ArbiterEnv) -> None:
+    """Output bytes follow the daemon's totals; totals that cannot be read leave the family
+    out of that scrape (a 0 would read as a counter reset)."""
+    totals = [(5000, 4096)]
+    metrics = Metrics(FakeArbiter(), env.audit, "1", outputs=lambda: totals[0])
+    samples = scrape(metrics)
+    assert value(samples, "agent_supervisor_output_bytes_total") == 5000
+    assert value(samples, "agent_supervisor_output_recorded_bytes_total") == 4096
+    totals[0] = (6000, 4096)
+    assert value(scrape(metrics), "agent_supervisor_output_bytes_total") == 6000
+    promtool_check(metrics.exposition())
+
+    def broken() -> tuple[int, int]:
+        raise RuntimeError("outputs unreadable")
+
+    failing = Metrics(FakeArbiter(), env.audit, "1", outputs=broken)
+    names = {name for name, _ in scrape(failing)}
+    assert "agent_supervisor_output_bytes_total" not in names
+    assert "agent_supervisor_build_info" in names  # the rest of the scrape is served
+
+
 def promtool_check(exposition: bytes) -> None:
     """`promtool check metrics`: exit 0 and no lint complaint (install-deps installs it)."""
     # install-deps puts it in /usr/local/bin, which the unit tier's reset PATH leaves out.

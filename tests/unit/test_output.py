@@ -87,6 +87,26 @@ def test_output_past_the_cap_is_counted_discarded_and_reported_once(tmp_path: Pa
     assert len(capped) == 1 and capped[0][0] == "r1" and capped[0][1].recorded == CAP
 
 
+def test_totals_count_every_run_once_past_its_end(tmp_path: Path) -> None:
+    """The metrics' output totals: ended runs' bytes stay counted, a run closed twice counts
+    once, bytes past the cap count as produced and not as recorded."""
+    outputs = Outputs(CAP)
+    assert outputs.totals() == (0, 0)
+    asyncio.run(_drain(outputs, tmp_path / "r1.log", [b"x" * 1000]))
+    assert outputs.totals() == (1000, 1000)
+
+    async def second() -> None:
+        counts = await _drain(outputs, tmp_path / "r2.log", [b"y" * (CAP + 500)])
+        assert counts.capped
+        recorder = outputs.open("r3", tmp_path / "r3.log", _profile())
+        assert outputs.totals() == (1000 + CAP + 500, 1000 + CAP)  # r3 live, nothing yet
+        await recorder.finish(1.0)
+        await recorder.finish(1.0)
+
+    asyncio.run(second())
+    assert outputs.totals() == (1000 + CAP + 500, 1000 + CAP)
+
+
 def test_exactly_the_cap_is_not_over_it(tmp_path: Path) -> None:
     outputs = Outputs(CAP)
     counts = asyncio.run(_drain(outputs, tmp_path / "r1.log", [b"z" * CAP]))
