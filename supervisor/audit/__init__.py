@@ -53,7 +53,6 @@ from supervisor.audit.chain import (
     hashed_fields,
     row_hash,
 )
-from supervisor.audit.verifier import VerifierFailed, verify_in_process
 from supervisor.models import AuditEntry, AuditVerifyResult
 
 __all__ = ["GENESIS", "Anchoring", "AuditLog", "Subscriber"]
@@ -322,6 +321,9 @@ class AuditLog:
         return await asyncio.to_thread(self._verify_in_process, from_anchor)
 
     def _verify_in_process(self, from_anchor: bool) -> AuditVerifyResult:
+        # Imported here: the verifier's module brings cryptography and argparse, which a
+        # process that never verifies this way (an embedded CI run) should not pay for.
+        from supervisor.audit.verifier import VerifierFailed, verify_in_process
         assert self._path is not None
         anchoring = self.anchoring
         try:

@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import json
 import os
-import platform
 import sqlite3
 import subprocess
 import sys
@@ -92,7 +91,7 @@ def _lower_priority() -> None:
     with contextlib.suppress(OSError):
         if os.getpriority(os.PRIO_PROCESS, 0) < 19:
             os.nice(19 - os.getpriority(os.PRIO_PROCESS, 0))
-    number = _IOPRIO_SET.get(platform.machine())
+    number = _IOPRIO_SET.get(os.uname().machine)
     if number is not None:
         with contextlib.suppress(OSError, AttributeError):
             libc = ctypes.CDLL(None, use_errno=True)

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyprctl
-
 from supervisor.audit import AuditLog
 from supervisor.audit.reserve import DiskReserve
 from supervisor.config import Config
@@ -37,6 +35,7 @@ from supervisor.runtime.sandboxed import RuncRuntime
 from supervisor.sandbox import budget, userns
 from supervisor.sandbox.cgroups import Cgroup, CgroupMode, detect_mode
 from supervisor.sandbox.command import check_command
+from supervisor.sandbox.libc import set_child_subreaper
 from supervisor.sandbox.seccomp_notify import SeccompListener, unsupported_reason
 from supervisor.telemetry.sampler import TelemetryHub
 from supervisor.telemetry.store import SummaryStore
@@ -133,7 +132,7 @@ class Core:
         prepare_directories(config)
         # Container inits are orphaned when `runc create` exits; as subreaper we inherit them
         # and waitpid gives each run's true exit status.
-        pyprctl.set_child_subreaper(True)
+        set_child_subreaper()
 
         # Seccomp notify (supervisor/sandbox/seccomp_notify.py): runc hands each run's notify fd
         # to this socket; every escape-class attempt is answered EPERM, then given to

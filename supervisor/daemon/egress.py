@@ -31,9 +31,8 @@ from supervisor.daemon.containment import Containment
 from supervisor.daemon.killpath import Credential
 from supervisor.egress import link, nft
 from supervisor.egress.accounting import Usage
-from supervisor.egress.grant import RunGrant
+from supervisor.egress.grant import RunGrant, grant_to_wire
 from supervisor.egress.secrets import load_secret
-from supervisor.egress.worker import grant_to_wire
 from supervisor.egress.worker_process import REQUEST_TIMEOUT, WorkerProcess
 from supervisor.errors import (
     ApprovalDecided,

@@ -19,7 +19,6 @@ before it looks at what is left, so an old switch never acts on the new daemon's
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -84,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     # exec; clear it here, first, since subprocess cannot set a child's mask without a
     # preexec_fn (Python between fork and exec in a threaded daemon, which can deadlock).
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    import argparse  # only the watchdog's own process parses; its parent needs the class above
+
     parser = argparse.ArgumentParser(prog="agent-supervisor-watchdog")
     parser.add_argument("--cgroup", required=True, type=Path, help="agents' parent cgroup (v2)")
     parser.add_argument("--record", required=True, type=Path, help="JSON-lines file to append to")

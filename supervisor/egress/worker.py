@@ -33,8 +33,7 @@ import pyprctl
 from supervisor.config import EgressSection
 from supervisor.egress import ipc
 from supervisor.egress.accounting import Usage
-from supervisor.egress.grant import Decision, RunGrant
-from supervisor.models.egress import GatewayPolicy
+from supervisor.egress.grant import Decision, grant_from_wire
 
 log = logging.getLogger("supervisor.egress.worker")
 
@@ -46,22 +45,6 @@ _USAGE_EVERY = 0.5  # seconds between usage snapshots (only runs whose usage cha
 # channel together: one wake-up of this loop and one write per batch instead of per call.
 _DECISIONS_EVERY = 0.01
 _DECISIONS_BATCH = 256
-
-
-def grant_to_wire(grant: RunGrant) -> dict[str, Any]:
-    return {"run_id": grant.run_id, "agent": grant.agent, "token": grant.token,
-            "expires_at": grant.expires_at, "policy": grant.policy.model_dump(mode="json"),
-            "host_ip": grant.host_ip, "port": grant.port, "secrets": grant.secrets,
-            "agent_usage": grant.agent_usage.as_dict()}
-
-
-def grant_from_wire(data: dict[str, Any]) -> RunGrant:
-    return RunGrant(run_id=str(data["run_id"]), agent=str(data["agent"]),
-                    token=str(data["token"]), expires_at=float(data["expires_at"]),
-                    policy=GatewayPolicy.model_validate(data["policy"]),
-                    host_ip=str(data["host_ip"]), port=int(data["port"]),
-                    secrets={str(k): str(v) for k, v in data["secrets"].items()},
-                    agent_usage=Usage(**data["agent_usage"]))
 
 
 def _bounded(detail: dict[str, Any]) -> dict[str, Any]:

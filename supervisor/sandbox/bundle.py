@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import platform
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,7 +131,7 @@ def render_seccomp(seccomp: dict[str, Any], listener: str | None, run_id: str) -
 
 def native_arch(machine: str | None = None) -> str:
     """The libseccomp name of the host's ABI; a host we have no name for cannot be filtered."""
-    machine = machine or platform.machine()
+    machine = machine or os.uname().machine
     try:
         return _NATIVE_ARCH[machine]
     except KeyError:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import threading
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ _SYSCALLS = {
     "x86_64": {"openat2": 437, "setgroups": 116, "setresuid": 117, "setresgid": 119},
     "aarch64": {"openat2": 437, "setgroups": 159, "setresuid": 147, "setresgid": 149},
 }
-_NR = _SYSCALLS.get(platform.machine(), _SYSCALLS["x86_64"])
+_NR = _SYSCALLS.get(os.uname().machine, _SYSCALLS["x86_64"])
 _KEEP = ctypes.c_uint(0xFFFFFFFF).value  # -1: leave that id unchanged
 
 

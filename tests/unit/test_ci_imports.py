@@ -1,19 +1,46 @@
-"""What an embedded CI run imports before it knows it needs it: pyroute2's package import (the
-largest part of the runner's import time) only for a gateway run's veth, never for the netns
-every run gets. A subprocess with a clean interpreter; no privilege."""
+"""What an embedded CI run imports before it knows it needs it. The runner (`python -I -m
+supervisor.ci`) loads the supervisor's core for one run; modules only the daemon's other
+surfaces or a gateway run use stay out: pyroute2 (a gateway run's veth only), the gateway's
+own process code and aiohttp, the MCP gateway, the audit verifier's process (and cryptography,
+loaded only to sign a report), pyprctl, the webhook outbox, metrics, the fleet and the API
+server. Checked in a subprocess with a clean interpreter; no privilege."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
+# Each entry: a package or module the runner must not import (or anything below it).
+NOT_ON_THE_RUN_PATH = (
+    "pyroute2", "aiohttp", "cryptography", "pyprctl", "argparse", "click",
+    "supervisor.audit.verifier", "supervisor.egress.worker", "supervisor.egress.gateway",
+    "supervisor.mcp.gateway", "supervisor.events", "supervisor.metrics",
+    "supervisor.metrics_web", "supervisor.fleet", "supervisor.api", "supervisor.console",
+    "supervisor.daemon.main", "supervisor.cli",
+)
 
-def test_the_ci_runner_does_not_import_pyroute2_or_aiohttp() -> None:
-    probe = ("import sys, supervisor.ci.runner\n"
-             "print(sorted({m.split('.')[0] for m in sys.modules} & {'pyroute2', 'aiohttp'}))")
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+_PROBE = """
+import json, sys
+import supervisor.ci.runner
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def _imported_by_the_runner() -> list[str]:
+    result = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
                             cwd=REPO, check=True)
-    assert result.stdout.strip() == "[]", result.stdout + result.stderr
+    modules: list[str] = json.loads(result.stdout)
+    return modules
+
+
+def test_the_ci_runner_imports_only_what_a_run_uses() -> None:
+    modules = _imported_by_the_runner()
+    assert "supervisor.daemon.core" in modules  # the probe did import the runner
+    unwanted = sorted(m for m in modules for heavy in NOT_ON_THE_RUN_PATH
+                      if m == heavy or m.startswith(heavy + "."))
+    assert unwanted == []
+

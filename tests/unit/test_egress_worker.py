@@ -17,7 +17,7 @@ import pytest
 from supervisor.config import EgressSection
 from supervisor.egress import ipc, worker
 from supervisor.egress.accounting import Usage
-from supervisor.egress.grant import RunGrant
+from supervisor.egress.grant import RunGrant, grant_from_wire, grant_to_wire
 from supervisor.models.egress import GatewayPolicy
 
 
@@ -41,9 +41,9 @@ def test_a_grant_round_trips_over_the_wire_secrets_and_policy_included() -> None
     grant = RunGrant(run_id="r1", agent="a", token="t" * 43, expires_at=1e9 + 0.5,
                      policy=policy, host_ip="10.213.0.1", port=3128,
                      secrets={"llm": "sk-secret"}, agent_usage=Usage(requests=3, spend=0.25))
-    frame = ipc.encode({"op": "open", "grant": worker.grant_to_wire(grant)}, ipc.TO_WORKER_LIMIT)
+    frame = ipc.encode({"op": "open", "grant": grant_to_wire(grant)}, ipc.TO_WORKER_LIMIT)
     (message,) = ipc.FrameBuffer(ipc.TO_WORKER_LIMIT).feed(frame)
-    assert worker.grant_from_wire(message["grant"]) == grant
+    assert grant_from_wire(message["grant"]) == grant
 
 
 def test_a_hold_the_agent_gave_up_on_is_withdrawn_at_the_daemon(
