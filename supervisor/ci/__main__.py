@@ -1,13 +1,28 @@
 """`python -I -m supervisor.ci`: the one-shot supervisor that `agentctl run --embedded` execs
-(supervisor/ci/runner.py). The garbage collector is off while the runner's ~380 modules import:
-every object they make lives until the process ends, yet ~6 % of the import time went to
-collections finding nothing to free. runner.main() then freezes those objects out of the
-collector and turns it back on. Needs root, as the runner does."""
+(supervisor/ci/runner.py). Needs root, as the runner does.
+
+Before anything is imported: a signal (the CI job's Ctrl-C or cancel) is only remembered, so
+one that arrives while the interpreter starts (agentctl blocks them across its exec) or the
+runner's modules load never ends in a KeyboardInterrupt traceback; the runner acts on it as
+soon as it can kill through the audited path (the run ends killed, status 80).
+pydantic's plugins stay off: finding them scans every installed distribution's entry points
+(~2 % of the runner's start), and a root process has no use for code a package registers.
+The garbage collector is off while the runner's ~380 modules import: every object they make
+lives until the process ends, yet ~6 % of the import time went to collections finding nothing
+to free. runner.main() then freezes those objects out of the collector and turns it back on."""
 
 import gc
+import os
+import signal
 
 gc.disable()
+early_signals: list[int] = []
+for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(_signum, lambda signum, _frame: early_signals.append(signum))
+# agentctl blocked them across its exec: any that came meanwhile are delivered now, to the above.
+signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
 
 from supervisor.ci.runner import main  # noqa: E402  (after the collector is off)
 
-main()
+main(early_signals)

@@ -404,7 +404,10 @@ def _remove_cgroups(parent: str) -> list[str]:
     return left
 
 
-async def run_embedded(spec: EmbeddedRun) -> int:
+async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None) -> int:
+    """The run, start to evidence. `early_signals`: those that arrived before this loop could
+    take them (python -m supervisor.ci remembers them from its first line); the first one
+    cancels the run as a later one would."""
     started, t0 = time.time(), time.perf_counter()
     if os.geteuid() != 0:
         raise EmbeddedNeedsRoot("agentctl run --embedded builds the sandbox itself and needs "
@@ -439,6 +442,8 @@ async def run_embedded(spec: EmbeddedRun) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, runner.on_signal, signum)
+    if early_signals:
+        runner.on_signal(early_signals[0])
     try:
         await runner.run()
     except SupervisorError as exc:
@@ -503,7 +508,7 @@ def _say_how_it_ended(report: dict[str, Any]) -> None:
         print(f"agentctl: teardown left {report['teardown']['residue']}", file=sys.stderr)
 
 
-def main() -> None:
+def main(early_signals: list[int] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     raw = os.environ.pop(ENV_VAR, None)
     try:
@@ -519,7 +524,11 @@ def main() -> None:
         # (python -m supervisor.ci imports with it disabled; the run itself needs it).
         gc.freeze()
         gc.enable()
-        code = asyncio.run(run_embedded(spec))
+        code = asyncio.run(run_embedded(spec, early_signals))
+        # The loop's close gave SIGINT back to KeyboardInterrupt: the run is over and its
+        # evidence written, so a late Ctrl-C must not put a traceback in front of the exit.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
     except SupervisorError as exc:
         print(f"agentctl: {exc.code}: {exc.message}", file=sys.stderr)
         code = exc.exit_status

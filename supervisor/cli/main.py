@@ -284,6 +284,9 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
     sys.exit(_follow(client, view, as_json))
 
 
+_CANCEL_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
 def _exec_embedded(body: RunRequest, ci_options: dict[str, Any]) -> NoReturn:
     """Replace agentctl by the one-shot supervisor (supervisor/ci/runner.py), so the CI
     job's signals reach it directly; agentctl itself never loads daemon code. `-I`: root must
@@ -292,7 +295,14 @@ def _exec_embedded(body: RunRequest, ci_options: dict[str, Any]) -> NoReturn:
                             for k, v in ci_options.items()}}
     env = {**os.environ, EMBEDDED_ENV_VAR: json.dumps(spec)}
     sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-I", "-m", "supervisor.ci"], env)
+    # Blocked across the exec (the mask survives it): a Ctrl-C or cancel that comes while the
+    # new interpreter starts waits for the runner's handler (ci/__main__.py), instead of
+    # ending in a KeyboardInterrupt traceback or being lost.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
+    try:
+        os.execve(sys.executable, [sys.executable, "-I", "-m", "supervisor.ci"], env)
+    finally:  # reached only if the exec failed
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CANCEL_SIGNALS)
 
 
 def _parse_tripwire(spec: str) -> TripwireRule:

@@ -11,7 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -278,6 +278,7 @@ def test_an_agent_out_of_scope_fails_the_job_and_changes_nothing_outside(
     assert sha256(workflow) == workflow_sha and ".github/workflows/ci.yml" not in changes
     assert {p.name: sha256(p) for p in outside.iterdir()} == outside_before
     assert "escape" in result.stderr  # agentctl names each offending path
+    assert not noise(result.stderr), result.stderr
 
 
 def test_sigterm_to_agentctl_kills_the_run_and_leaves_nothing(ci: Path, repo: Path) -> None:
@@ -307,6 +308,70 @@ def test_sigterm_to_agentctl_kills_the_run_and_leaves_nothing(ci: Path, repo: Pa
             if "agent-supervisor-ci" in Path(f"/proc/{pid}/cgroup").read_text()]
     assert ours == []
     assert host_residue(ci) == {}
+
+
+def _runner_started(pid: int) -> bool:
+    """agentctl has exec'd the one-shot supervisor (its imports are starting)."""
+    try:
+        return b"\0-m\0supervisor.ci\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _ctrl_c_when(proc: subprocess.Popen[str], ready: Callable[[], bool], what: str,
+                 interval: float) -> tuple[str, str]:
+    """SIGINT to agentctl's process group (a terminal's Ctrl-C) once `ready`; its output."""
+    try:
+        deadline = time.monotonic() + 60
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(interval)
+        assert ready(), f"{what} never came"
+        os.killpg(proc.pid, signal.SIGINT)
+        return proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_ctrl_c_while_the_runner_starts_kills_the_run_without_a_traceback(
+        ci: Path, repo: Path, tmp_root: Path) -> None:
+    """A CI job cancelled at once: SIGINT (what Ctrl-C sends the job's process group) the
+    moment agentctl has become the runner, while its modules are still loading. The run is
+    cancelled through the audited path, never launched, and nothing is left on the host."""
+    report_path = tmp_root / "report.json"
+    proc = subprocess.Popen(
+        agentctl_command("run", "--embedded", "--workspace", str(repo), "--report",
+                         str(report_path), "--", "sh", "-c", "echo started > started; sleep 60"),
+        env=agentctl_env(ci), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    out, err = _ctrl_c_when(proc, lambda: _runner_started(proc.pid), "agentctl's exec", 0.001)
+    assert proc.returncode == 80, out + err
+    assert "cancelled: SIGINT" in err, err
+    assert not noise(err), err
+    assert not (repo / "started").exists()  # never launched
+    report = json.loads(report_path.read_text())
+    assert report["ending"] == "killed" and report["run"]["id"] is None, report
+    assert host_residue(ci) == {}
+
+
+def test_ctrl_c_during_the_run_kills_it_without_a_traceback(ci: Path, repo: Path) -> None:
+    proc = subprocess.Popen(
+        agentctl_command("run", "--embedded", "--workspace", str(repo), "--", "sh", "-c",
+                         "echo ready > ready; sleep 300"),
+        env=agentctl_env(ci), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    out, err = _ctrl_c_when(proc, lambda: (repo / "ready").exists(), "the agent", 0.05)
+    assert proc.returncode == 80, out + err
+    assert "cancelled: SIGINT" in err and not noise(err), err
+    assert host_residue(ci) == {}
+
+
+def test_an_agent_that_fails_passes_its_status_through_quietly(ci: Path, repo: Path) -> None:
+    result = run_embedded(ci, "--workspace", str(repo), "--", "sh", "-c",
+                          "echo failing >&2; exit 3")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "failing" in result.stdout  # the agent's output, merged, on agentctl's stdout
+    assert not noise(result.stderr), result.stderr
 
 
 @pytest.mark.parametrize(("args", "status", "ending"), [
