@@ -53,6 +53,7 @@ from supervisor.states import (
     agent_at_end,
     agent_can,
     agent_transition,
+    run_end,
     run_transition,
 )
 
@@ -376,7 +377,11 @@ class Arbiter:
         reports: list[dict[str, Any]] = []
         for run in self.store.unfinished_runs():
             agent = self.agents.get(run.agent)
-            run.state = RunState.KILLED.value
+            try:  # through the state table, like every ending (ending.finalise)
+                run.state = run_end(RunState(run.state), EndCause.REAPED).value
+            except (IllegalTransitionError, ValueError):
+                log.error("run %s was left in state %r; recorded killed", run.id, run.state)
+                run.state = RunState.KILLED.value
             run.end_cause = EndCause.REAPED.value
             run.ended_at = time.time()
             run.end_reason = "reaped at startup: the previous supervisor instance ended"

@@ -763,6 +763,33 @@ def test_reconcile_ends_runs_of_a_previous_instance(env: ArbiterEnv) -> None:
     asyncio.run(after_restart())
 
 
+@pytest.mark.parametrize("left_in", ["starting", "running", "paused", "killing", "exited"])
+def test_reconcile_ends_a_run_left_in_any_state_through_the_state_table(
+        env: ArbiterEnv, left_in: str, caplog: pytest.LogCaptureFixture) -> None:
+    # An unconfirmed kill ("killing") or a pause outlived their daemon; an ended state with no
+    # end time is no state the table can end a run from, and is recorded killed all the same.
+    async def before_crash() -> str:
+        view = await env.arbiter().launch(request("a1"), ALICE)
+        record = env.store.run(view.id)
+        assert record is not None
+        record.state = left_in
+        env.store.put_run(record)
+        return view.id
+
+    run_id = asyncio.run(before_crash())
+
+    async def after_restart() -> None:
+        await env.arbiter(runtime=FakeRuntime()).reconcile()
+        record = env.store.run(run_id)
+        assert record is not None
+        assert (record.state, record.end_cause) == ("killed", "reaped")
+        assert env.store.unfinished_runs() == []
+
+    asyncio.run(after_restart())
+    assert any("was left in state" in r.getMessage() for r in caplog.records) is (
+        left_in == "exited")
+
+
 # ----------------------------------------------------------------------------- races
 
 
