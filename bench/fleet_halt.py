@@ -11,9 +11,10 @@ that rotates from round to round so machine noise falls on all alike:
 - sequential: each host's control socket, `POST /v1/actions/kill {"all": true}`, one host
   after the other (the ad-hoc way without fleet mode);
 - parallel: the same calls, one thread per host, all at once;
-- floor: no daemon at all: this process writes `cgroup.kill` of every host's cgroup parent
-  (ten writes) and waits until the kernel reports every one empty. What the machine itself
-  needs to kill the 1,000 processes; no way of asking for a halt can beat it.
+- floor: no daemon at all: with the ten daemons stopped (SIGSTOP, resumed after), this
+  process writes `cgroup.kill` of every host's cgroup parent (ten writes) and waits until the
+  kernel reports every one empty. What the machine itself needs to kill the 1,000 processes;
+  no way of asking for a halt can beat it.
 
 For the fleet method the hosts' own timestamps (each ack's `timings`) split the time into
 stages: the call to the action committed (read of the registrations, the watch opened, the
@@ -44,6 +45,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -112,7 +114,7 @@ def _socket_kill(host: Host) -> float:
     # Every agent that had a run reports its time_to_halt (idle ones have nothing to halt).
     halts = [r["time_to_halt_ms"] for r in result["results"] if r.get("run_id")]
     assert all(h is not None for h in halts), result
-    return max(halts, default=0.0)
+    return max((float(h) for h in halts if h is not None), default=0.0)
 
 
 def _light(host: Host) -> None:
@@ -163,19 +165,29 @@ def _stages(result: dict[str, Any]) -> None:
 
 
 def _floor(fleet: Fleet) -> float:
-    """Every host's agents killed by this process through the kernel alone, and all empty."""
+    """Every host's agents killed by this process through the kernel alone, and all empty.
+    The daemons are stopped (SIGSTOP) meanwhile, so the kernel's work is all that runs (they
+    would otherwise notice their runs ending and clean up while it is timed); they carry on
+    once it is done."""
     parents = [Cgroup(h.daemon.cgroup_parent) for h in fleet.hosts]
+    pids = [h.daemon.proc.pid for h in fleet.hosts if h.daemon.proc is not None]
     for parent in parents:
         parent.hold()
-    started = time.perf_counter()
-    for parent in parents:
-        parent.kill()
-    for parent in parents:
-        if not parent.wait_empty(10.0):
-            raise RuntimeError(f"{parent} not empty 10 s after cgroup.kill")
-    elapsed = (time.perf_counter() - started) * 1000
-    for parent in parents:
-        parent.release()
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        started = time.perf_counter()
+        for parent in parents:
+            parent.kill()
+        for parent in parents:
+            if not parent.wait_empty(10.0):
+                raise RuntimeError(f"{parent} not empty 10 s after cgroup.kill")
+        elapsed = (time.perf_counter() - started) * 1000
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        for parent in parents:
+            parent.release()
     HALTS["floor"].append(elapsed)
     return elapsed
 
