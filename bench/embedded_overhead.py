@@ -3,7 +3,11 @@ start-ups, the supervisor core assembled, netns, bundle, runc create/start, kill
 exit) against `runc run` of the same bundle (the daemon's rendering of the default profile: same
 namespaces, seccomp, id maps, cgroup limits, network namespace), in one run, order alternating.
 
-    python bench/embedded_overhead.py [--iterations 20] [--json PATH]
+    python bench/embedded_overhead.py [--iterations 20] [--json PATH] [--baseline-python PY]
+
+--baseline-python: also time, interleaved in the same run, the embedded run and the runner's
+imports with another venv's interpreter (another version of the supervisor installed there),
+so a change's effect is measured against its baseline under the same load.
 
 Needs root and runc. Uses its own state root, runc root, cgroup parent and netns; removes all
 of them. Timings are wall clock of the whole command as a CI job sees it."""
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--baseline-python", type=Path, default=None,
+                        help="a venv's python with the supervisor version to compare against")
     args = parser.parse_args(argv)
     if os.geteuid() != 0 or shutil.which("runc") is None:
         print("needs root and runc", file=sys.stderr)
@@ -81,13 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "AGENT_SUPERVISOR_CI_ROOT": str(workdir / "ci-state"),
            "AGENT_SUPERVISOR_SOCKET": str(workdir / "no-daemon.sock")}
     agentctl = [sys.executable, "-m", "supervisor.cli", "run", "--embedded"]
-    mechanisms: dict[str, list[float]] = {"runc run (bare)": [], "agentctl run --embedded": [],
-                                          "  + --report (signed)": []}
+    baseline = str(args.baseline_python) if args.baseline_python is not None else None
+    mechanisms: dict[str, list[float]] = {"runc run (bare)": [], "agentctl run --embedded": []}
+    if baseline is not None:
+        mechanisms["agentctl run --embedded [baseline]"] = []
+    mechanisms["  + --report (signed)"] = []
     # Where the extra goes, measured the same way: an interpreter's start, agentctl's imports
     # (the first of the two processes), the runner's imports (the second).
     parts = {"python -c pass": ["-c", "pass"],
              "  agentctl imports": ["-c", "import supervisor.cli.main"],
              "  runner imports": ["-I", "-c", "import supervisor.ci.runner"]}
+    if baseline is not None:
+        parts["  runner imports [baseline]"] = ["-I", "-c", "import supervisor.ci.runner"]
     for name in parts:
         mechanisms[name] = []
     try:
@@ -112,7 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                 [*agentctl, "--report", str(workdir / "r.json"), "--", "true"], env),
         }
         for name, argv in parts.items():
-            runs[name] = functools.partial(time_command, [sys.executable, *argv], env)
+            python = baseline if baseline is not None and "[baseline]" in name \
+                else sys.executable
+            runs[name] = functools.partial(time_command, [python, *argv], env)
+        if baseline is not None:
+            runs["agentctl run --embedded [baseline]"] = functools.partial(
+                time_command, [baseline, *agentctl[1:], "--", "true"], env)
         for run in runs.values():  # warm-up: page cache, pyc files
             run()
         for iteration in range(args.iterations):
@@ -135,12 +151,12 @@ def main(argv: list[str] | None = None) -> int:
                      "p95_ms": nearest_rank(values, 0.95), "min_ms": min(values),
                      "max_ms": max(values), "extra_median_ms": median - base,
                      "cpu_median_ms": statistics.median(CPU_MS[name])})
-    print(f"{'mechanism':26} {'n':>3} {'median ms':>10} {'p95 ms':>8} {'min':>7} {'max':>7} "
+    print(f"{'mechanism':36} {'n':>3} {'median ms':>10} {'p95 ms':>8} {'min':>7} {'max':>7} "
           f"{'extra vs runc run':>18} {'CPU ms (median)':>16}")
-    print(f"{'-' * 26} {'-' * 3} {'-' * 10} {'-' * 8} {'-' * 7} {'-' * 7} {'-' * 18} "
+    print(f"{'-' * 36} {'-' * 3} {'-' * 10} {'-' * 8} {'-' * 7} {'-' * 7} {'-' * 18} "
           f"{'-' * 16}")
     for name, row in zip(mechanisms, rows, strict=True):
-        print(f"{name:26} {row['n']:>3} {row['median_ms']:>10.1f} {row['p95_ms']:>8.1f} "
+        print(f"{name:36} {row['n']:>3} {row['median_ms']:>10.1f} {row['p95_ms']:>8.1f} "
               f"{row['min_ms']:>7.1f} {row['max_ms']:>7.1f} {row['extra_median_ms']:>+18.1f} "
               f"{row['cpu_median_ms']:>16.1f}")
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
