@@ -67,12 +67,15 @@ def notify(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NotifySoc
 
 
 def runc_recorder(directory: Path) -> Path:
-    """A runc that writes its own environment to a file, then is runc."""
+    """A runc that writes its own environment to a file, then is runc. The file is renamed
+    into place whole: a runc the daemon runs after a run's answer (its cleanup) may be
+    starting while the test reads the records, and must not show as an empty one."""
     found = shutil.which("runc")
     assert found is not None
     real = Path(found).resolve()
     script = directory / "runc-recorder"
-    script.write_text(f"#!/bin/sh\ncat /proc/$$/environ > {directory}/runc-env.$$\n"
+    script.write_text(f"#!/bin/sh\ncat /proc/$$/environ > {directory}/.runc-env.$$\n"
+                      f"mv {directory}/.runc-env.$$ {directory}/runc-env.$$\n"
                       f"exec {real} \"$@\"\n")
     script.chmod(0o755)
     directory.chmod(directory.stat().st_mode | stat.S_IXOTH)
