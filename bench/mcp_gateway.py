@@ -42,6 +42,7 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -59,8 +60,7 @@ if str(REPO) not in sys.path:
 from bench.stats import cpu_model, nearest_rank  # noqa: E402
 from supervisor.config import EgressSection  # noqa: E402
 from supervisor.egress import ipc  # noqa: E402
-from supervisor.egress.grant import RunGrant  # noqa: E402
-from supervisor.egress.worker import grant_to_wire  # noqa: E402
+from supervisor.egress.grant import RunGrant, grant_to_wire  # noqa: E402
 from supervisor.models.egress import GatewayPolicy  # noqa: E402
 from tests.support.mcp import MCP_NAME  # noqa: E402
 from tests.support.mcp import TOKEN as SERVER_TOKEN  # noqa: E402
@@ -405,6 +405,7 @@ def main() -> None:
                 child.wait(10)
             except subprocess.TimeoutExpired:
                 child.kill()
+        shutil.rmtree(work, ignore_errors=True)  # the test CA and the port files
     report(args, samples, rates, errors, cpu_per_call_ms)
     print(f"decisions reported to the daemon: {audited} for {made} calls answered "
           f"({dict(sorted(daemon.decisions.items()))})"
