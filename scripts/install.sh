@@ -56,7 +56,7 @@ systemctl daemon-reload
 if systemctl is-active --quiet agent-supervisor; then
     # An upgrade: the running daemon keeps the code it started with until it restarts.
     echo "install: agent-supervisor is running; \`systemctl restart agent-supervisor\` runs the" \
-         "new version (see docs/runbook.md for what a restart does to running agents)"
+         "new version (running runc agents are handed over and kept; docs/runbook.md)"
 fi
 systemctl enable --now agent-supervisor
 echo "install: $("$VENV/bin/agent-supervisord" --version) is $(systemctl is-active agent-supervisor)"

@@ -41,6 +41,9 @@ class DaemonSection(_Section):
     shutdown_reason: str = "supervisor shutdown"
     # Output of runs that ended longer ago than this is deleted (checked hourly).
     log_retention: Duration = 7 * 24 * 3600.0
+    # An orderly restart hands running agents to the next daemon (daemon/handover.py); the
+    # watchdog kills them if none adopts them within this long. 0: a restart kills them.
+    adopt_window: Annotated[Duration, Field(ge=0, le=3600)] = 60.0
 
 
 class SandboxSection(_Section):

@@ -375,7 +375,10 @@ class Arbiter:
     async def reconcile(self) -> list[dict[str, Any]]:
         """Kill and clean up what a previous instance left behind, and say so in the audit."""
         reports: list[dict[str, Any]] = []
+        adopted = {live.record.container_id for live in self.live.values()}  # a restart's
         for run in self.store.unfinished_runs():
+            if run.id in self.live:
+                continue
             agent = self.agents.get(run.agent)
             try:  # through the state table, like every ending (ending.finalise)
                 run.state = run_end(RunState(run.state), EndCause.REAPED).value
@@ -398,6 +401,10 @@ class Arbiter:
                     new_state=agent.state, detail={"run": run.id},
                 )
         for leftover in await self.runtime.leftovers():
+            name = (leftover.container_id or leftover.netns
+                    or (leftover.cgroup or "").rpartition("/")[2])
+            if name in adopted:
+                continue
             done = await self.runtime.reap(leftover, self.config.kill.confirm_timeout)
             report = {"container": leftover.container_id, "netns": leftover.netns,
                       "cgroup": leftover.cgroup, **done}

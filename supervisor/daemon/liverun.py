@@ -31,6 +31,9 @@ class LiveRun:
     ending: EndCause | None = None  # set by whoever finalises the run, before it awaits
     watcher: asyncio.Task[None] | None = None
     timeout_handle: asyncio.TimerHandle | None = None
+    # Taken over from the previous daemon at a restart (daemon/handover.py): its init is not
+    # this daemon's child, so its exit status is unknown.
+    adopted: bool = False
 
 
 def exit_status(live: LiveRun) -> int:

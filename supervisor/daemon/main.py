@@ -2,7 +2,8 @@
 (directories, subreaper, seccomp listener, runtime, watchdog, state, arbiter, telemetry,
 tripwires: daemon/core.py, shared with embedded CI runs), webhooks, reconcile leftovers,
 self-test, metrics, control socket, READY=1.
-SIGTERM/SIGINT: orderly shutdown that kills every agent through the audited kill path."""
+SIGTERM/SIGINT: orderly shutdown that kills every agent through the audited kill path; a restart
+(systemd's restart job, or SIGUSR2) hands them to the next daemon instead (daemon/handover.py)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from supervisor.daemon.configcheck import CheckedConfig, check_config
 from supervisor.daemon.core import Core
 from supervisor.daemon.drills import Drills
 from supervisor.daemon.fleet import FleetMember
+from supervisor.daemon.handover import adopt, hand_over
 from supervisor.daemon.notify import HealthCheck, Notifier
 from supervisor.daemon.reload import ConfigReloader
 from supervisor.daemon.selftest import run_self_test
@@ -148,6 +150,8 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
         raise
     # An earlier daemon's watchdog (outside the service's cgroup, so it outlives the daemon)
     # finishes its kill and record before this one audits it and reaps what is left.
+    # Its watchdog holds the runs of a handover: take them first (it exits once they are).
+    adoption = await adopt(core)
     previous_watchdogs = await watchdog.await_previous()
     audit.append(actor=SYSTEM.label(), verb="daemon_start", scope="global",
                  detail={"version": __version__, "pid": os.getpid(),
@@ -157,6 +161,10 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
                                       "escape_error": watchdog.escape_error,
                                       "previous": previous_watchdogs}})
     audit_watchdog_records(core.watchdog_record, audit)
+    # The adoption (above, before the control socket opens) is audited here; reconcile then
+    # reaps what no daemon holds, the runs that were not adopted among them.
+    if adoption is not None:
+        adoption.audit(core)
     await arbiter.reconcile()
 
     # Fleet (supervisor/daemon/fleet.py): holds read and applied before the control socket
@@ -257,11 +265,16 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     audit_housekeeping = asyncio.create_task(housekeeping(audit, core.store, core.reserve))
     breakglass = BreakGlass(arbiter, config.halt_file)
     await breakglass.start()
+    handover_asked: list[int] = []
+
     def on_signal(signum: int) -> None:
         log.warning("received %s", signal.Signals(signum).name)
+        if signum == signal.SIGUSR2:
+            handover_asked.append(signum)
         stop.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    # SIGUSR2: restart with agents kept (hand them over) where systemd does not say so.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, reloader.on_sighup)
     notifier.start_heartbeat(kill_path_checks(core))
@@ -269,32 +282,48 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     log.info("agent-supervisord %s ready on %s (cgroups %s)", __version__, config.socket_path,
              core.mode.value)
     await stop.wait()
-    # A restart or a stop (daemon/stopintent.py): recorded in daemon_stop. Both still end
-    # every agent: adoption across a restart is not built (docs/runbook.md). Asked while the
-    # agents are killed, never in front of the kill (systemctl may take up to 2 s).
+    # A restart or a stop (daemon/stopintent.py), recorded in daemon_stop. A restart (systemd's
+    # restart job, or SIGUSR2) hands the agents to the next daemon (daemon/handover.py); a
+    # stop kills them. With handover off (adopt_window 0) the question is asked while the
+    # agents are killed, never in front of the kill (systemctl may take up to 2 s); with it on,
+    # the answer decides, so a stop under systemd waits for it (no answer: a stop).
     asking = asyncio.ensure_future(stop_intent(notifier.service))
+    handing_over = bool(handover_asked)
+    if config.daemon.adopt_window > 0 and not handing_over and notifier.service:
+        handing_over = (await asking).get("systemd_job") == "restart"
+    handing_over = handing_over and config.daemon.adopt_window > 0
 
-    notifier.stopping(f"killing every agent ({len(arbiter.live)} running)")
+    notifier.stopping("handing agents over to the next daemon" if handing_over else
+                      f"killing every agent ({len(arbiter.live)} running)")
     await notifier.stop_heartbeat()
-    log.warning("shutting down: killing every agent")
     loop.remove_signal_handler(signal.SIGHUP)
     await reloader.stop()
     log_pruning.cancel()
     full_verification.cancel()
     audit_housekeeping.cancel()
     breakglass.stop()
+    if handing_over:
+        log.warning("restarting: handing the agents over to the next daemon")
+        await listener.stop()  # no verb may reach a run while it is handed over
+        detail = await hand_over(core, config.daemon.shutdown_reason)
+        audit.append(actor=SYSTEM.label(), verb="daemon_handover", scope="global",
+                     reason="restart", detail=detail)
+    else:
+        log.warning("shutting down: killing every agent")
     await arbiter.shutdown(config.daemon.shutdown_reason)
     intent = await asking
-    if intent.get("systemd_job") == "restart":
-        log.warning("systemd is restarting %s: every agent was killed (running agents are not "
-                    "handed to the next daemon)", intent["unit"])
+    if intent.get("systemd_job") == "restart" and not handing_over:
+        log.warning("systemd is restarting %s: every agent was killed ([daemon] adopt_window "
+                    "is 0: running agents are not handed to the next daemon)", intent["unit"])
     if fleet is not None:
         await fleet.stop()
     await core.stop_observers()  # telemetry and seccomp notify: every agent is dead
     await webhook_worker.stop()  # webhooks: up to 2 s to flush; the rest waits for the next start
     audit.append(actor=SYSTEM.label(), verb="daemon_stop", scope="global",
-                 reason=config.daemon.shutdown_reason, detail=intent or None)
-    await listener.stop()
+                 reason=config.daemon.shutdown_reason,
+                 detail={**intent, "handover": True} if handing_over else intent or None)
+    if not handing_over:
+        await listener.stop()
     if reloader.metrics_endpoint is not None:  # metrics (a reload may have moved it)
         await reloader.metrics_endpoint.stop()
     for path in (config.socket_path, owner_socket):

@@ -25,12 +25,14 @@ import logging
 import os
 import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from supervisor.sandbox.cgroups import (
     CGROUP_ROOT,
@@ -46,6 +48,10 @@ if TYPE_CHECKING:  # the watchdog process itself never runs an event loop: not i
     import asyncio
 
 DONE = b"done\n"
+ADOPTED = b"adopted\n"
+FD_CHUNK = 250  # descriptors per message (the kernel's SCM_MAX_FD is 253)
+MESSAGE_MAX = 1 << 20  # one handover message (the record of every run handed over)
+GIVE_TIMEOUT = 10.0  # a new daemon that connects must take everything within this long
 log = logging.getLogger(__name__)
 
 
@@ -78,6 +84,114 @@ def kill_tree(parent: Cgroup, timeout: float) -> dict[str, object]:
     return report
 
 
+def _write_record(path: Path, report: dict[str, object], what: str) -> None:
+    line = json.dumps(report, sort_keys=True)
+    print(f"<2>agent-supervisor watchdog: {what}: {line}", file=sys.stderr, flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(line + "\n")
+
+
+_break_glass: list[int] = []  # SIGUSR1 arrived (the handler appends; a list, no global stmt)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
+
+
+def _send_fds(sock: socket.socket, message: dict[str, object], fds: list[int]) -> None:
+    """One message (SOCK_SEQPACKET) per FD_CHUNK descriptors, then `message` itself."""
+    for start in range(0, len(fds), FD_CHUNK):
+        chunk = fds[start:start + FD_CHUNK]
+        socket.send_fds(sock, [json.dumps({"kind": "fds", "count": len(chunk)}).encode()],
+                        chunk)
+    sock.sendmsg([json.dumps(message).encode()])
+
+
+def receive_fds(sock: socket.socket, last_kind: str) -> tuple[dict[str, Any], list[int]]:
+    """What `_send_fds` sent: the final message (of kind `last_kind`) and every descriptor in
+    order. OSError or ValueError when the stream ends early or is not of that form; the
+    descriptors received so far are closed then."""
+    fds: list[int] = []
+    try:
+        while True:
+            data, got, _flags, _addr = socket.recv_fds(sock, MESSAGE_MAX, FD_CHUNK)
+            fds += got
+            if not data:
+                raise ValueError("the channel closed before the handover was complete")
+            message = json.loads(data)
+            if not isinstance(message, dict):
+                raise ValueError("a handover message is not an object")
+            if message.get("kind") == "fds":
+                if message.get("count") != len(got):
+                    raise ValueError("descriptors were lost on the way (MSG_CTRUNC)")
+                continue
+            if message.get("kind") != last_kind:
+                raise ValueError(f"unexpected handover message {message.get('kind')!r}")
+            return message, fds
+    except BaseException:
+        _close_all(fds)
+        raise
+
+
+def _give(conn: socket.socket, handover: dict[str, Any], fds: list[int]) -> bool:
+    """Hand everything to a new daemon on `conn`; True once it said it adopted them."""
+    try:
+        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  struct.calcsize("3i")))[2]
+        if uid != 0:
+            return False
+        conn.settimeout(GIVE_TIMEOUT)
+        _send_fds(conn, {"kind": "record", "record": handover}, fds)
+        return conn.recv(64) == ADOPTED
+    except (OSError, ValueError):
+        return False
+    finally:
+        conn.close()
+
+
+def await_adoption(parent: Cgroup, record: Path, timeout: float, handover: dict[str, Any],
+                   listener_fd: int, fds: list[int]) -> int:
+    """The daemon handed its runs over and exited: hold what it left (output pipes, seccomp
+    fds), keep the agents killable (SIGUSR1, the HALT file) and give it all to the next
+    daemon that connects, or kill every agent once the window has passed."""
+    window = float(handover.get("window", 0))
+    deadline = time.monotonic() + window
+    halt_file = Path(str(handover.get("halt_file", "/nonexistent/HALT")))
+    listener = socket.socket(fileno=listener_fd)
+    runs = [r.get("run_id") for r in handover.get("runs", []) if isinstance(r, dict)]
+    while True:
+        if _break_glass:
+            trigger = "break-glass: SIGUSR1 to the watchdog while no daemon held the agents"
+        elif halt_file.exists():
+            trigger = f"break-glass: {halt_file} while no daemon held the agents"
+        elif time.monotonic() >= deadline:
+            trigger = (f"no daemon adopted the handed-over runs within [daemon] adopt_window "
+                       f"({window:g} s)")
+        else:
+            with contextlib.suppress(InterruptedError):
+                ready, _, _ = select.select([listener], [], [], 0.1)
+                if ready:
+                    conn, _ = listener.accept()
+                    if _give(conn, handover, fds):
+                        listener.close()
+                        _close_all(fds)
+                        return 0
+            continue
+        report = kill_tree(parent, timeout)
+        report["trigger"] = trigger
+        report["handed_over"] = runs
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(str(handover.get("socket", "")))
+        _close_all(fds)
+        _write_record(record, report, "killed the handed-over agents")
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # The daemon blocks SIGUSR1 in every thread for break-glass, and a mask survives fork and
     # exec; clear it here, first, since subprocess cannot set a child's mask without a
@@ -93,22 +207,37 @@ def main(argv: list[str] | None = None) -> int:
     # The daemon's death is the only trigger: stray signals must not take the switch away.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    # Break-glass while no daemon holds handed-over agents (ignored while a daemon lives: it
+    # has break-glass of its own).
+    signal.signal(signal.SIGUSR1, lambda _s, _f: _break_glass.append(1))
     parent = parent_of(args.cgroup)
     with contextlib.suppress(OSError):  # not there yet: opened when needed
         parent.hold()
-    data = b""
-    while chunk := os.read(0, 64):
-        data += chunk
-    if data.endswith(DONE):
-        return 0
+    channel = socket.socket(fileno=0)  # SOCK_SEQPACKET: one message per send
+    try:
+        while True:
+            data = channel.recv(MESSAGE_MAX, socket.MSG_PEEK)
+            if data == DONE:
+                return 0
+            if not data:
+                break
+            try:
+                handover, fds = receive_fds(channel, "handover")
+            except (OSError, ValueError) as exc:
+                print(f"<3>agent-supervisor watchdog: a bad handover: {exc}", file=sys.stderr,
+                      flush=True)
+                break
+            listener_fd = fds.pop(0) if fds else -1
+            if listener_fd < 0:
+                break
+            channel.close()
+            return await_adoption(parent, args.record, args.timeout, handover, listener_fd,
+                                  fds)
+    except OSError:
+        pass
     report = kill_tree(parent, args.timeout)
     report["trigger"] = "the daemon's pipe closed without an orderly shutdown"
-    line = json.dumps(report, sort_keys=True)
-    print(f"<2>agent-supervisor watchdog: daemon gone, killed agents: {line}", file=sys.stderr,
-          flush=True)
-    args.record.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.record, "a") as handle:
-        handle.write(line + "\n")
+    _write_record(args.record, report, "daemon gone, killed agents")
     return 0
 
 
@@ -168,6 +297,7 @@ class Watchdog:
         # Why the process could not leave the daemon's cgroup (None: it did).
         self.escape_error: str | None = None
         self.disarmed = False
+        self.handed_over = False
         self.on_death: Callable[[int | None], None] | None = None
         self._pidfd: int | None = None
         self._spawn()
@@ -182,10 +312,15 @@ class Watchdog:
         return env
 
     def _spawn(self) -> None:
-        read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
-        self.proc = subprocess.Popen(self.args, stdin=read_fd, start_new_session=True,
-                                     close_fds=True, env=self._env())
-        os.close(read_fd)
+        # A socket, not a pipe: a handover passes descriptors over it (SCM_RIGHTS). Its
+        # closing is the trigger, as a pipe's was.
+        self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(self.args, stdin=theirs.fileno(),
+                                         start_new_session=True, close_fds=True,
+                                         env=self._env())
+        finally:
+            theirs.close()
         try:
             self.cgroup.place(self.proc.pid)
             self.escape_error = None
@@ -234,8 +369,7 @@ class Watchdog:
         code = self.proc.wait()
         if self.disarmed:
             return
-        with contextlib.suppress(OSError):
-            os.close(self.write_fd)
+        self.channel.close()
         self._spawn()
         self.watch(loop)
         if self.on_death is not None:
@@ -254,11 +388,24 @@ class Watchdog:
                 return False
             self.disarmed = True
             with contextlib.suppress(OSError):
-                os.write(self.write_fd, DONE)
-                os.close(self.write_fd)
+                self.channel.send(DONE)
+            self.channel.close()
+        if self.handed_over:
+            return True  # it holds the handed-over runs until a new daemon takes them
         if wait and self._reap(timeout=5.0):
             self.cgroup.remove()  # its own cgroup, empty once it has exited
         return True
+
+    def hand_over(self, message: dict[str, Any], listener: socket.socket, fds: list[int]
+                  ) -> None:
+        """An orderly restart: give the watchdog the handover (`message`), the listening
+        socket a new daemon connects to and the runs' descriptors, in that order; from then on
+        it holds them, and this daemon's exit no longer makes it kill. OSError if the watchdog
+        did not take it all (then the caller kills every run: fail closed)."""
+        _send_fds(self.channel, {**message, "kind": "handover"}, [listener.fileno(), *fds])
+        self.disarmed = True
+        self.handed_over = True
+        self.channel.close()
 
     def _reap(self, timeout: float) -> bool:
         """Wait up to `timeout` for the watchdog to exit after "done"; whether it has. Woken

@@ -106,6 +106,19 @@ class Outputs:
         self._recorders[run_id] = recorder
         return recorder
 
+    def resume(self, run_id: str, log_path: Path, profile: Profile, read_fd: int,
+               produced: int, recorded: int) -> OutputRecorder:
+        """A run handed over by the previous daemon (daemon/handover.py): drain `read_fd`
+        (the pipe's read end it kept) into the end of the run's existing log, counting on
+        from where it stopped, so the cap holds across the handover. Takes `read_fd`."""
+        recorder = OutputRecorder(run_id, log_path, self.cap_for(profile),
+                                  asyncio.get_running_loop(), self._capped,
+                                  lambda: self._recorders.pop(run_id, None),
+                                  resumed=(produced, recorded))
+        self._recorders[run_id] = recorder
+        recorder.drain(read_fd)
+        return recorder
+
     def counts(self, run_id: str) -> OutputCounts | None:
         recorder = self._recorders.get(run_id)
         return recorder.counts() if recorder is not None else None
@@ -140,12 +153,13 @@ class Outputs:
                 log.exception("output cap listener %r failed", listener)
 
 
-def open_log(path: Path) -> int:
-    """A new log file (root, 0600), for the supervisor's drain only."""
+def open_log(path: Path, existing: bool = False) -> int:
+    """A new log file (root, 0600), for the supervisor's drain only; `existing`: the run's
+    log as the previous daemon left it, appended to."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_APPEND if existing else os.O_CREAT | os.O_EXCL
     try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                       | os.O_CLOEXEC, 0o600)
+        return os.open(path, os.O_WRONLY | flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise EnforcementError(f"cannot create the run's log file {path}: {exc.strerror}",
                                path=str(path)) from exc
@@ -157,20 +171,24 @@ class OutputRecorder:
 
     def __init__(self, run_id: str, log_path: Path, cap: int,
                  loop: asyncio.AbstractEventLoop, on_cap: CapListener,
-                 on_closed: Callable[[], object]) -> None:
+                 on_closed: Callable[[], object],
+                 resumed: tuple[int, int] | None = None) -> None:
         self.run_id = run_id
         self.log_path = log_path
         self.cap = cap
-        self.produced = 0
-        self.recorded = 0
-        self.capped = False
+        self.produced, self.recorded = resumed or (0, 0)
+        self.capped = self.recorded >= cap and self.produced > self.recorded
         self.error: str | None = None
         self._loop = loop
         self._on_cap = on_cap
         self._on_closed = on_closed
-        self._log_fd: int | None = open_log(log_path)
-        self._offset = 0  # the log file's size: recorded bytes plus the supervisor's notes
-        self._index = _open_index(log_path, cap)
+        self._log_fd: int | None = open_log(log_path, existing=resumed is not None)
+        # The log file's size: recorded bytes plus the supervisor's notes.
+        self._offset = os.fstat(self._log_fd).st_size
+        self._index = _open_index(log_path, cap, existing=resumed is not None)
+        # hand_over(): the drain ends without closing the pipe, which it leaves here.
+        self._keep_pipe = False
+        self.kept_pipe: int | None = None
         self._stop = threading.Event()
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._done: asyncio.Future[None] = loop.create_future()
@@ -189,9 +207,33 @@ class OutputRecorder:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         with contextlib.suppress(OSError):
             fcntl.fcntl(read_fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+        self.drain(read_fd)
+        return write_fd
+
+    def drain(self, read_fd: int) -> None:
+        """Drain the pipe whose read end is `read_fd` (taken: closed when the drain ends)."""
         os.set_blocking(read_fd, False)
         self._start(lambda: self._drain_pipe(read_fd), f"output-{self.run_id}")
-        return write_fd
+
+    async def hand_over(self, timeout: float) -> int | None:
+        """An orderly restart: record what the pipe holds now, then stop draining and give
+        back the pipe's read end (None if the drain had already ended, or did not stop within
+        `timeout`: then the run cannot be handed over whole). The log file is closed; the
+        next daemon appends to it (Outputs.resume). Pipes only, never an engine's stream."""
+        if self._thread is None or self._close_stream is not None:
+            return None
+        self._keep_pipe = True
+        self.stop()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._done), timeout)
+        if not self._done.done():
+            return None
+        if self._stop_fd >= 0:
+            os.close(self._stop_fd)
+            self._stop_fd = -1
+        self._on_closed()
+        kept, self.kept_pipe = self.kept_pipe, None
+        return kept
 
     def follow(self, stream: Iterable[bytes], close: Callable[[], None]) -> None:
         """Drain an engine's output stream; `close` ends it from another thread."""
@@ -208,7 +250,8 @@ class OutputRecorder:
             except Exception:
                 log.exception("run %s: the output drain failed", self.run_id)
             finally:
-                self._closing_words()
+                if not self._keep_pipe:  # handed over: the run goes on
+                    self._closing_words()
                 self._close_log()
                 with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
                     self._loop.call_soon_threadsafe(self._set_done)
@@ -286,7 +329,10 @@ class OutputRecorder:
             if self._stop.is_set():
                 self._move_all(read_fd, devnull, _FINAL_DRAIN)
         finally:
-            os.close(read_fd)
+            if self._keep_pipe:
+                self.kept_pipe = read_fd
+            else:
+                os.close(read_fd)
             os.close(devnull)
 
     def _move_all(self, read_fd: int, devnull: int, limit: int | None) -> bool:
@@ -400,11 +446,11 @@ class OutputRecorder:
             self._write_all(b"\n" + MARKER + b" " + text.encode() + b"\n")
 
 
-def _open_index(log_path: Path, cap: int) -> IndexWriter | None:
+def _open_index(log_path: Path, cap: int, existing: bool = False) -> IndexWriter | None:
     """The log's time index, or None when it cannot be made: the index serves `logs --since`
     only, so a run never fails for want of it (its --since then shows the whole log)."""
     try:
-        return IndexWriter(index_path(log_path), max_records_for(cap))
+        return IndexWriter(index_path(log_path), max_records_for(cap), existing=existing)
     except OSError as exc:
         log.warning("cannot create the time index of %s (%s): logs --since shows the whole "
                     "log", log_path, exc.strerror)

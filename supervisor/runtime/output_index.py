@@ -38,13 +38,23 @@ class IndexWriter:
     """Appends records for one log; single writer (the drain thread). A failure to write the
     index never stops the drain: the index just ends there."""
 
-    def __init__(self, path: Path, max_records: int) -> None:
+    def __init__(self, path: Path, max_records: int, existing: bool = False) -> None:
+        """`existing`: the index of a run handed over by the previous daemon, appended to
+        (a torn last record is cut off first)."""
         self.path = path
         self.max_records = max_records
         self.records = 0
         self._last_time = float("-inf")
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                                       | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        flags = os.O_CREAT | (0 if existing else os.O_EXCL)
+        self._fd: int | None = os.open(path, os.O_WRONLY | flags | os.O_NOFOLLOW
+                                       | os.O_CLOEXEC, 0o600)
+        if existing:
+            size = os.fstat(self._fd).st_size
+            self.records = size // _RECORD.size
+            os.ftruncate(self._fd, self.records * _RECORD.size)
+            os.lseek(self._fd, 0, os.SEEK_END)
+            if self.records >= max_records:
+                self.close()
 
     def mark(self, offset: int, now: float) -> None:
         """The bytes about to be written at `offset` arrive at `now`."""

@@ -98,6 +98,17 @@ class RuncRunHandle(CgroupControl):
             loop.add_reader(pidfd, reap)
         return self._exit
 
+    def release(self) -> None:
+        """Handed over to the next daemon: stop watching the init (its pidfd) and let go of
+        the held cgroup files; the run itself is left exactly as it is."""
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            if self._exit is not None:
+                with contextlib.suppress(RuntimeError):
+                    asyncio.get_running_loop().remove_reader(pidfd)
+            os.close(pidfd)
+        self.cgroup.release()
+
     async def cleanup(self) -> None:
         if self._cleaned:
             return

@@ -50,7 +50,7 @@ import struct
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -232,6 +232,11 @@ class SeccompListener:
         self._filters: dict[int, _Filter] = {}
         self._by_container: dict[str, set[int]] = {}
         self._accept_paused_until: float | None = None
+        # Handover (stop(keep=...)) and adoption (adopt()): container ids whose fds are kept,
+        # the kept duplicates, and fds handed over to be served.
+        self._keep: set[str] = set()
+        self._kept: dict[str, list[int]] = {}
+        self._adopting: list[tuple[str, int]] = []
         # Calls the filter kills instead of notifying (compat ABIs), from the kernel's audit
         # records: counted here like notified ones (seccomp_kills.py).
         self.kills = SeccompKillReader(self._killed)
@@ -254,11 +259,14 @@ class SeccompListener:
         self.kills.start()
         log.info("seccomp notify listener on %s", self.path)
 
-    async def stop(self) -> None:
-        """Answer what is pending, close every fd, and hand the last counts to subscribers."""
+    async def stop(self, keep: Collection[str] = ()) -> dict[str, list[int]]:
+        """Answer what is pending, close every fd, and hand the last counts to subscribers.
+        The fds of the containers in `keep` (runs handed over to the next daemon) are
+        duplicated first and returned, so their filters stay answered by whoever takes them."""
         thread = self._thread
         if thread is None:
-            return
+            return {}
+        self._keep = set(keep)
         await asyncio.to_thread(self.kills.stop)
         self._stopping = True
         self._wake()
@@ -271,6 +279,19 @@ class SeccompListener:
             self.path.unlink()
         self._flush()
         self._loop = None
+        kept, self._kept = self._kept, {}
+        return kept
+
+    def adopt(self, container_id: str, fd: int) -> None:
+        """Serve a notify fd the previous daemon handed over (daemon/handover.py); takes `fd`.
+        Served on the listener's thread from its next turn."""
+        if not _is_notify_fd(fd):
+            _close_quietly(fd)
+            raise ValueError(f"the fd handed over for {container_id} is not a seccomp "
+                             f"notify fd")
+        with self._lock:
+            self._adopting.append((container_id, fd))
+        self._wake()
 
     def forget(self, container_id: str, done: threading.Event | None = None) -> None:
         """Close the container's fds (its run ended), on the listener's thread: what is pending
@@ -345,6 +366,9 @@ class SeccompListener:
     def _serve_requests(self) -> None:
         with self._lock:
             requests, self._forget = self._forget, []
+            adopting, self._adopting = self._adopting, []
+        for container_id, fd in adopting:
+            self._adopt({"state": {"id": container_id}, "fds": [_SECCOMP_FD_NAME]}, [fd])
         for container_id, done in requests:
             for fd in sorted(self._by_container.get(container_id, ())):
                 flt = self._filters.get(fd)
@@ -355,7 +379,14 @@ class SeccompListener:
     def _shut_down(self) -> None:
         for handshake in list(self._handshakes.values()):
             self._end_handshake(handshake, close_fds=True)
+        with self._lock:
+            adopting, self._adopting = self._adopting, []
+        for _container_id, fd in adopting:
+            _close_quietly(fd)
         for flt in list(self._filters.values()):
+            if flt.container_id in self._keep and not flt.broken:
+                with contextlib.suppress(OSError):
+                    self._kept.setdefault(flt.container_id, []).append(os.dup(flt.fd))
             self._close(flt, drain=True)
         if self._server is not None:
             self._server.close()

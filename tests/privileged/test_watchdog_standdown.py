@@ -51,7 +51,7 @@ def test_an_agent_alive_keeps_it_armed_and_the_pipe_closing_kills_it(
         assert parent.populated()
         assert not watchdog.disarm(wait=False)
         assert not watchdog.disarmed
-        os.close(watchdog.write_fd)  # the daemon's death, as the watchdog sees it
+        watchdog.channel.close()  # the daemon's death, as the watchdog sees it
         assert agent.wait(timeout=60) == -9
         assert watchdog.proc.wait(timeout=60) == 0
     finally:

@@ -1,13 +1,14 @@
 """The service under real systemd (PID 1 in a container built from Debian packages, see
 tests/systemd/machine.py), installed by the README's own commands: start through READY=1,
-agentctl for operators, reload, stop and SIGKILL and a hung daemon each leave no agent, and
-uninstall leaves nothing. Needs root, mmdebstrap and dockerd.
+agentctl for operators, reload, a restart that keeps the agents, stop and SIGKILL and a hung
+daemon each leave no agent, and uninstall leaves nothing. Needs root, mmdebstrap and dockerd.
 
 The tests share one machine and run in file order: each leaves the service active."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from tests.systemd.conftest import OPERATOR, OUTSIDER, SECRET, follow_readme
 from tests.systemd.machine import Machine
@@ -137,19 +138,54 @@ def test_stop_kills_every_agent_audited(machine: Machine) -> None:
     assert daemon_stop["detail"] == {"unit": UNIT, "systemd_job": "stop"}, daemon_stop
 
 
-def test_restart_is_told_from_stop_and_still_kills_every_agent(machine: Machine) -> None:
-    """Adoption across a restart is not built (docs/runbook.md): a restart ends every agent
-    through the audited kill path as a stop does, and the audit says it was a restart."""
-    start_agent(machine, "across-restart")
+def agent_view(machine: Machine, name: str) -> dict[str, Any]:
+    view: dict[str, Any] = json.loads(machine.run(AGENTCTL, "inspect", name, "--json").stdout)
+    return view
+
+
+def ticks(machine: Machine, name: str) -> list[int]:
+    out = machine.run(AGENTCTL, "logs", name).stdout
+    return [int(line[5:]) for line in out.splitlines() if line.startswith("tick-")]
+
+
+def test_restart_keeps_every_agent_running(machine: Machine) -> None:
+    """`systemctl restart` hands the agents to the next daemon (docs/runbook.md, "Restarting
+    or upgrading the daemon"): the same processes run on, their output goes on into the same
+    log without a gap, the restart is audited as a handover and an adoption, and the next
+    daemon kills them as its own."""
+    name = "across-restart"
+    machine.run(AGENTCTL, "run", "--detach", "--name", name, "--", "/bin/sh", "-c",
+                "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.2; done")
+    machine.wait_for("output", lambda: len(ticks(machine, name)) >= 3, timeout=60)
+    run = agent_view(machine, name)["run"]
     pid = main_pid(machine)
     machine.run("systemctl", "restart", UNIT, timeout=180)
     wait_active(machine)
     assert main_pid(machine) != pid
-    assert agent_pids(machine) == []
+    after = agent_view(machine, name)
+    assert after["state"] == "active", after
+    assert after["run"]["id"] == run["id"] and after["run"]["pid"] == run["pid"]
+    assert run["pid"] in agent_pids(machine)  # the same init, in the run's cgroup
+    seen = len(ticks(machine, name))
+    machine.wait_for("output to go on", lambda: len(ticks(machine, name)) > seen + 3,
+                     timeout=60)
+    numbers = ticks(machine, name)
+    assert numbers == list(range(1, len(numbers) + 1)), numbers  # nothing lost
+
     rows = audit_rows(machine)
     daemon_stop = next(r for r in rows if r["verb"] == "daemon_stop")
-    assert daemon_stop["detail"] == {"unit": UNIT, "systemd_job": "restart"}, daemon_stop
-    assert any(r["verb"] == "shutdown" and "across-restart" in json.dumps(r) for r in rows)
+    assert daemon_stop["detail"] == {"unit": UNIT, "systemd_job": "restart",
+                                     "handover": True}, daemon_stop
+    handover = next(r for r in rows if r["verb"] == "daemon_handover")
+    assert [r["run_id"] for r in handover["detail"]["runs"]] == [run["id"]], handover
+    adopted = next(r for r in rows if r["verb"] == "adopt")
+    assert adopted["outcome"] == "ok" and adopted["detail"]["run"] == run["id"], adopted
+    assert not any(r["verb"] in ("shutdown", "reap", "watchdog_kill") and name in json.dumps(r)
+                   for r in rows)
+
+    machine.run(AGENTCTL, "kill", name, "--reason", "test done")
+    machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
+    assert agent_view(machine, name)["state"] == "killed"
 
 
 def test_sigkill_of_the_unit_leaves_no_agent(machine: Machine) -> None:

@@ -1,0 +1,364 @@
+"""Restart without dropping agents: an orderly restart hands the running runs to the next
+daemon instead of killing them, and the next daemon adopts them before it accepts a verb.
+Needs root.
+
+What a run needs that only a live descriptor keeps, the daemon gives to its watchdog process
+(SCM_RIGHTS over the watchdog's channel, supervisor/daemon/watchdog.py): the read end of each
+run's output pipe (the agent's stdout and stderr would get EPIPE without it) and each run's
+seccomp notify fd (without it the kernel answers the notified syscalls ENOSYS, still denied,
+but uncounted). The watchdog also gets the listening socket the next daemon connects to
+(`<runtime_dir>/handover.sock`, root only). Everything else survives on its own: runc's state,
+the cgroup, the network namespace, the bundle, the run's records in SQLite.
+
+While no daemon holds them the watchdog keeps them contained and killable: SIGUSR1 to it or
+the HALT file kills every agent, and so does the end of `[daemon] adopt_window` with no new
+daemon; each is recorded for the next daemon's audit (`watchdog_kill`). A run that cannot be
+handed over whole (docker, egress gateway, not yet running) is killed through the kill path
+first; a run that cannot be adopted whole is audited (`adopt`, outcome failed:...) and reaped.
+
+Both sides are here: `hand_over` (the daemon that stops) and `adopt` (the one that starts)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from supervisor.daemon import ending
+from supervisor.daemon.liverun import SYSTEM, LiveRun
+from supervisor.daemon.watchdog import ADOPTED, GIVE_TIMEOUT, receive_fds
+from supervisor.errors import SupervisorError
+from supervisor.models.tripwire import TripwireRule
+from supervisor.profiles import load_profile
+from supervisor.runtime.base import RunParams
+from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT
+from supervisor.runtime.sandboxed import RuncRunHandle, RuncRuntime
+from supervisor.sandbox.cgroups import Cgroup
+from supervisor.states import EndCause, RunState, Verb
+
+if TYPE_CHECKING:
+    from supervisor.config import Config
+    from supervisor.daemon.core import Core
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+_HANDED = frozenset({RunState.RUNNING.value, RunState.PAUSED.value})
+
+
+def socket_path(config: Config) -> Path:
+    return config.daemon.runtime_dir / "handover.sock"
+
+
+def record_path(config: Config) -> Path:
+    return config.daemon.state_dir / "handover.json"
+
+
+def why_not(live: LiveRun) -> str | None:
+    """Why a run cannot be handed over whole; None when it can."""
+    if live.ending is not None:
+        return f"it is ending ({live.ending.value})"
+    if live.record.state not in _HANDED:
+        return f"it is {live.record.state}"
+    if not isinstance(live.handle, RuncRunHandle):
+        return "docker runs are not handed over (the engine's stream is the daemon's)"
+    if live.profile is not None and live.profile.network.mode == "gateway":
+        return "runs behind the egress gateway are not handed over (its tokens are in memory)"
+    return None
+
+
+async def hand_over(core: Core, reason: str) -> dict[str, Any]:
+    """Give every run that can go whole to the watchdog and leave it running; kill the rest
+    through the kill path. The control socket and break-glass have stopped already (the
+    watchdog's break-glass takes over). Returns the `daemon_handover` row's detail. Any
+    failure on the way kills whatever is left through the kill path (fail closed)."""
+    arbiter, config = core.arbiter, core.config
+    arbiter.shutting_down = True
+    refused = {run_id: why for run_id, live in arbiter.live.items()
+               if (why := why_not(live)) is not None}
+    if refused:
+        await _kill(core, list(refused), f"{reason}: not handed over")
+    keep = [live for live in arbiter.live.values() if live.record.id not in refused]
+    fds: list[int] = []
+    runs: list[dict[str, Any]] = []
+    for live in keep:
+        handle = live.handle
+        assert isinstance(handle, RuncRunHandle)
+        if live.watcher is not None:
+            live.watcher.cancel()
+        if live.timeout_handle is not None:
+            live.timeout_handle.cancel()
+        pipe = await handle.output.hand_over(OUTPUT_FINISH_TIMEOUT)
+        if pipe is None:
+            refused[live.record.id] = "its output drain did not stop"
+            continue
+        runs.append({"run_id": live.record.id, "agent": live.record.agent,
+                     "container_id": live.record.container_id, "pid": handle.pid,
+                     "output_fd": len(fds), "produced": handle.output.produced,
+                     "recorded": handle.output.recorded, "seccomp_fds": [],
+                     "tripwires": [t.model_dump(mode="json") for t in live.tripwires]})
+        fds.append(pipe)
+    handed = {entry["container_id"]: entry for entry in runs}
+    if core.seccomp is not None:
+        for container_id, kept in (await core.seccomp.stop(keep=list(handed))).items():
+            handed[container_id]["seccomp_fds"] = list(range(len(fds), len(fds) + len(kept)))
+            fds += kept
+    path = socket_path(config)
+    message = {"version": VERSION, "from_pid": os.getpid(), "ts": time.time(),
+               "window": config.daemon.adopt_window, "halt_file": str(config.halt_file),
+               "socket": str(path), "runs": runs}
+    listener: socket.socket | None = None
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(str(path))
+        path.chmod(0o600)
+        listener.listen(4)
+        _write_record(record_path(config), message)
+        core.watchdog.hand_over(message, listener, fds)
+    except OSError as exc:
+        log.critical("the handover failed (%s): killing the runs instead", exc)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        record_path(config).unlink(missing_ok=True)
+        refused.update({entry["run_id"]: f"the handover failed: {exc}" for entry in runs})
+        runs = []
+    finally:
+        if listener is not None:
+            listener.close()
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    late = [run_id for run_id in refused if run_id in arbiter.live]
+    if late:
+        await _kill(core, late, f"{reason}: not handed over")
+    for entry in runs:
+        live = arbiter.live.pop(entry["run_id"])
+        assert isinstance(live.handle, RuncRunHandle)
+        live.handle.release()
+    detail = {"window_s": config.daemon.adopt_window, "socket": str(path),
+              "runs": [{k: entry[k] for k in ("run_id", "agent", "pid", "produced", "recorded")}
+                       | {"seccomp_fds": len(entry["seccomp_fds"])} for entry in runs],
+              "killed": refused}
+    log.warning("handed %d run(s) over to the watchdog (adopt_window %g s); killed %d",
+                len(runs), config.daemon.adopt_window, len(refused))
+    return detail
+
+
+async def _kill(core: Core, run_ids: list[str], reason: str) -> None:
+    arbiter = core.arbiter
+    agents = [arbiter.agents[arbiter.live[r].record.agent] for r in run_ids if r in arbiter.live]
+    for result in await arbiter._kill(agents, SYSTEM, reason, "global", verb="shutdown",
+                                      agent_verb=Verb.SHUTDOWN, cause=EndCause.SHUTDOWN):
+        if isinstance(result, SupervisorError):
+            log.critical("kill at handover failed: %s", result.message)
+
+
+def _write_record(path: Path, message: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(message, handle)
+    os.rename(tmp, path)
+
+
+# --------------------------------------------------------------------------- the next daemon
+
+
+class NotAdopted(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Adoption:
+    """What a start found of a handover: runs adopted, runs not adopted (with why)."""
+
+    adopted: list[str] = field(default_factory=list)
+    failed: dict[str, dict[str, str]] = field(default_factory=dict)
+    from_pid: int | None = None
+    # The `adopt` rows (agent, outcome, detail), appended by `audit` after daemon_start.
+    rows: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+
+    def audit(self, core: Core) -> None:
+        for agent, outcome, detail in self.rows:
+            core.audit.append(actor=SYSTEM.label(), verb="adopt", scope=f"agent:{agent}",
+                              target=agent, outcome=outcome, detail=detail,
+                              reason="handed over by the previous daemon at a restart")
+        core.audit.append(actor=SYSTEM.label(), verb="daemon_adopt", scope="global",
+                          outcome="ok" if not self.failed else "partial",
+                          detail={"from_pid": self.from_pid, "adopted": self.adopted,
+                                  "failed": self.failed})
+
+
+def _peer(sock: socket.socket) -> tuple[int, int]:
+    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid, uid
+
+
+async def adopt(core: Core) -> Adoption | None:
+    """Before this daemon serves: take the runs the previous one handed over from its
+    watchdog, and adopt each whole or not at all (those not adopted are left to reconcile,
+    which kills and audits them). None when there was no handover to take."""
+    config = core.config
+    path = socket_path(config)
+    record = record_path(config)
+    if not path.exists():
+        record.unlink(missing_ok=True)  # the window ended: the watchdog's record says so
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(GIVE_TIMEOUT)
+    try:
+        try:
+            await asyncio.to_thread(sock.connect, str(path))
+            # The listening socket's credentials are those of the process that called
+            # listen(): the daemon that handed over, which the record names.
+            pid, uid = _peer(sock)
+            if uid != 0 or not core.watchdog.previous():
+                raise ValueError(f"not made by root (uid {uid}) or no watchdog of an earlier "
+                                 f"daemon is running")
+            message, fds = await asyncio.to_thread(receive_fds, sock, "record")
+            handover = message.get("record")
+            if not isinstance(handover, dict) or handover.get("from_pid") != pid:
+                for fd in fds:
+                    os.close(fd)
+                raise ValueError(f"the record is not that of the daemon that made the socket "
+                                 f"(pid {pid})")
+        except (OSError, ValueError) as exc:
+            log.critical("no handover taken from %s: %s (its runs are reaped)", path, exc)
+            return None
+        # From here on the descriptors are this daemon's: what it cannot adopt, it kills.
+        with contextlib.suppress(OSError):
+            sock.send(ADOPTED)
+    finally:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        record.unlink(missing_ok=True)
+    result = Adoption()
+    if handover.get("version") != VERSION:
+        log.critical("a handover of an unknown version: its runs are reaped")
+        for fd in fds:
+            os.close(fd)
+        return result
+    result.from_pid = handover.get("from_pid")
+    used: set[int] = set()
+    for entry in handover.get("runs", []):
+        mine = [entry.get("output_fd"), *entry.get("seccomp_fds", [])]
+        owned = [fds[i] for i in mine if isinstance(i, int) and 0 <= i < len(fds)]
+        used.update(i for i in mine if isinstance(i, int))
+        run_id = str(entry.get("run_id"))
+        try:
+            detail = await _adopt_run(core, entry, fds)
+        except NotAdopted as exc:
+            for fd in owned:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            result.failed[run_id] = {"code": exc.code, "message": str(exc)}
+            result.rows.append((str(entry.get("agent")), f"failed:{exc.code}",
+                                {"run": run_id, "error": str(exc)}))
+            log.error("run %s not adopted: %s", run_id, exc)
+            continue
+        result.adopted.append(run_id)
+        result.rows.append((str(entry.get("agent")), "ok", detail))
+    for index, fd in enumerate(fds):
+        if index not in used:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    return result
+
+
+async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+    """Check the run is whole, then take it: runtime state, cgroup, init pidfd, output,
+    seccomp fds, observers, exit watching, the execution window. NotAdopted if any part is
+    missing; nothing of it is registered then."""
+    arbiter, config = core.arbiter, core.config
+    run_id = str(entry.get("run_id"))
+    run = core.store.run(run_id)
+    if run is None or run.ended_at is not None or run.container_id != entry.get("container_id"):
+        raise NotAdopted("unknown_run", f"run {run_id} is not a running run of this host")
+    agent = arbiter.agents.get(run.agent)
+    if agent is None or agent.current_run != run.id:
+        raise NotAdopted("unknown_run", f"agent {run.agent} does not hold run {run_id}")
+    cgroup = Cgroup(run.cgroup)
+    if not cgroup.exists():
+        raise NotAdopted("cgroup_missing", f"its cgroup {cgroup.path} is gone")
+    if not cgroup.populated():
+        raise NotAdopted("no_processes", f"its cgroup {cgroup.path} is empty")
+    runc = core.runtime.runtimes.get("runc")
+    if not isinstance(runc, RuncRuntime):
+        raise NotAdopted("runtime_missing", "this daemon has no runc runtime")
+    state = await runc.runc.state(run.container_id)
+    if state is None or state.status not in ("running", "paused"):
+        raise NotAdopted("runtime_state", f"runc state of {run.container_id}: "
+                         f"{state.status if state else 'none'}")
+    pid = entry.get("pid")
+    if state.pid != pid or not isinstance(pid, int):
+        raise NotAdopted("init_changed", f"runc names init pid {state.pid}, the handover {pid}")
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError as exc:
+        raise NotAdopted("init_gone", f"init pid {pid}: {exc.strerror}") from exc
+    try:
+        if pid not in cgroup.pids():  # held by pidfd now: a reused pid would be elsewhere
+            raise NotAdopted("init_changed", f"pid {pid} is not in {cgroup.path}")
+        try:
+            profile = load_profile(run.profile, config.daemon.profile_dirs)
+            tripwires = [TripwireRule.model_validate(t) for t in entry.get("tripwires", [])]
+        except (SupervisorError, ValueError) as exc:
+            raise NotAdopted("profile_invalid", f"profile {run.profile}: {exc}") from exc
+        if profile.network.mode == "gateway" or (profile.runtime or "runc") != "runc":
+            raise NotAdopted("profile_changed", f"profile {run.profile} no longer describes "
+                             f"a runc run without the gateway")
+        output_fd = entry.get("output_fd")
+        if not isinstance(output_fd, int) or not 0 <= output_fd < len(fds):
+            raise NotAdopted("output_missing", "no output pipe was handed over")
+        try:
+            cgroup.hold()
+        except OSError as exc:
+            raise NotAdopted("cgroup_unheld", f"cannot hold {cgroup.path}: {exc}") from exc
+    except BaseException:
+        os.close(pidfd)
+        raise
+    output = core.outputs.resume(run.id, Path(run.log_path), profile, fds[output_fd],
+                                 int(entry.get("produced", 0)), int(entry.get("recorded", 0)))
+    params = RunParams(
+        run_id=run.id, agent=run.agent, container_id=run.container_id, netns=run.netns,
+        cgroup=run.cgroup, bundle=Path(run.bundle), log_path=Path(run.log_path),
+        profile=profile, command=run.command, uid_slot=run.uid_slot, workspace=run.workspace)
+    handle = RuncRunHandle(runc, params, pid, pidfd, output)
+    handle.cgroup = cgroup
+    live = LiveRun(record=run, handle=handle, profile=profile, tripwires=tripwires,
+                   adopted=True)
+    live.ready.set()
+    arbiter.live[run.id] = live
+    seccomp = 0
+    if core.seccomp is not None:
+        for index in entry.get("seccomp_fds", []):
+            with contextlib.suppress(ValueError, IndexError, TypeError):
+                core.seccomp.adopt(run.container_id, fds[index])
+                seccomp += 1
+    arbiter.observers.run_started(run)  # tripwires armed, then telemetry
+    live.watcher = arbiter._spawn(ending.watch(arbiter, live))
+    left: float | None = None
+    if run.timeout is not None:
+        left = max(0.0, run.started_at + run.timeout - time.time())
+        live.timeout_handle = asyncio.get_running_loop().call_later(
+            left, lambda: arbiter._spawn(ending.expire(arbiter, live, time.perf_counter())))
+    log.info("adopted agent %s run %s (pid %d)", run.agent, run.id, pid)
+    return {"run": run.id, "pid": pid, "container": run.container_id, "cgroup": run.cgroup,
+            "runtime_state": state.status, "output": {"produced": output.produced,
+                                                      "recorded": output.recorded},
+            "seccomp_fds": seccomp, "timeout_left_s": left,
+            "exit_status": "unknown at its end: its init is not this daemon's child"}

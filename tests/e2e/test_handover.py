@@ -1,0 +1,194 @@
+"""Restart without dropping agents (issue 13): an orderly restart (SIGUSR2 outside systemd)
+hands the running agents to the watchdog, the next daemon adopts them; with no next daemon
+within [daemon] adopt_window, or on break-glass meanwhile, the watchdog kills them; a run that
+is not whole any more is not adopted. Real daemon processes, runc, cgroups; needs root."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor.daemon.watchdog import WatchdogCgroup
+from tests.support.daemon import Daemon, new_daemon, wait_for
+
+# Prints a numbered line every 0.1 s: output that goes on across the handover.
+TICKER = ["/bin/sh", "-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done"]
+
+
+def _rows(daemon: Daemon, verb: str) -> list[dict[str, Any]]:
+    entries = daemon.client.audit(limit=500)["entries"]
+    return [e for e in entries if e["verb"] == verb]
+
+
+def _ticks(daemon: Daemon, name: str) -> list[int]:
+    out = daemon.agentctl("logs", name, check=True).stdout
+    return [int(line[5:]) for line in out.splitlines() if line.startswith("tick-")]
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [p for p in pids if Path(f"/proc/{p}").exists()]
+
+
+def _lasting(init: int) -> list[int]:
+    """The run's init (tini) and its child, the ticker's shell: the processes that last (the
+    shell's children come and go, each `sleep 0.1`, and a fork before its exec)."""
+    try:
+        children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+    except OSError:
+        return []
+    return [init, *map(int, children)]
+
+
+def _hand_over(daemon: Daemon) -> None:
+    assert daemon.stop(signal.SIGUSR2) == 0, daemon.logs()
+
+
+def _sleeper_handed_over(daemon: Daemon, name: str) -> list[int]:
+    """An agent that only sleeps, handed over; its processes, alive with no daemon."""
+    daemon.agentctl("run", "--detach", "--name", name, "--", "sleep", "600", check=True)
+    wait_for(daemon.agent_pids, timeout=30, what="the agent to run")
+    pids = daemon.agent_pids()
+    _hand_over(daemon)
+    assert _alive(pids) == pids
+    return pids
+
+
+def _finish(daemon: Daemon) -> None:
+    daemon.stop()
+    print(daemon.logs()[-20000:])  # shown when the test failed
+    residue = daemon.clean()
+    daemon.cleanup_host()
+    assert residue == {}, f"{residue}\n{daemon.logs()[-6000:]}"
+
+
+def test_a_restart_hands_the_agent_over_and_the_next_daemon_adopts_it(tmp_root: Path) -> None:
+    daemon = new_daemon(tmp_root)
+    daemon.start()
+    try:
+        daemon.agentctl("run", "--detach", "--name", "ticker", "--", *TICKER, check=True)
+        wait_for(lambda: len(_ticks(daemon, "ticker")) >= 3, timeout=30, what="output")
+        run = daemon.client.agent("ticker")["run"]
+        run_id, pids = run["id"], _lasting(run["pid"])
+        assert len(pids) == 2 and set(pids) <= set(daemon.agent_pids()), pids
+
+        _hand_over(daemon)
+        # No daemon: the agent runs on, contained in its cgroup.
+        assert _lasting(run["pid"]) == pids
+        assert set(pids) <= set(daemon.agent_pids())
+        assert (daemon.root / "run" / "handover.sock").exists()
+        time.sleep(1.0)  # the agent writes into its pipe meanwhile
+
+        daemon.start()
+        view = daemon.client.agent("ticker")
+        assert view["state"] == "active", view
+        assert view["run"]["id"] == run_id
+        assert view["run"]["pid"] == run["pid"]
+        assert _lasting(run["pid"]) == pids  # the same processes
+        assert set(pids) <= set(daemon.agent_pids())
+        before = _ticks(daemon, "ticker")
+        wait_for(lambda: len(_ticks(daemon, "ticker")) > len(before) + 3, timeout=30,
+                 what="output to go on after the adoption")
+        ticks = _ticks(daemon, "ticker")
+        # Nothing lost: the pipe held what the agent wrote while no daemon drained it.
+        assert ticks == list(range(1, len(ticks) + 1)), ticks
+
+        handover = _rows(daemon, "daemon_handover")
+        assert [r["run_id"] for r in handover[-1]["detail"]["runs"]] == [run_id]
+        adopted = _rows(daemon, "adopt")
+        assert adopted[-1]["outcome"] == "ok"
+        assert adopted[-1]["detail"]["run"] == run_id
+        assert adopted[-1]["detail"]["pid"] == run["pid"]
+        assert _rows(daemon, "daemon_adopt")[-1]["detail"]["adopted"] == [run_id]
+        assert not _rows(daemon, "reap")
+        assert not _rows(daemon, "watchdog_kill")
+
+        killed = daemon.agentctl_json("kill", "ticker", "--reason", "done with it")
+        result = killed["results"][0]
+        assert result["new_state"] == "killed"
+        assert killed["time_to_halt_ms"] is not None
+        wait_for(lambda: not _alive(pids), timeout=10, what="the agent's processes to die")
+        assert daemon.client.agent("ticker")["run"]["state"] == "killed"
+        assert daemon.client.audit_verify()["ok"]
+    finally:
+        _finish(daemon)
+
+
+def test_no_daemon_within_the_window_means_the_watchdog_kills_them(tmp_root: Path) -> None:
+    daemon = new_daemon(tmp_root, daemon={"adopt_window": "2s"})
+    daemon.start()
+    try:
+        pids = _sleeper_handed_over(daemon, "left")
+        wait_for(lambda: not _alive(pids), timeout=30,
+                 what="the watchdog to kill the agents after the window")
+        assert not (daemon.root / "run" / "handover.sock").exists()
+
+        daemon.start()
+        kills = _rows(daemon, "watchdog_kill")
+        assert "adopt_window" in kills[-1]["reason"], kills
+        assert kills[-1]["detail"]["confirmed_empty"] is True
+        assert not _rows(daemon, "adopt")
+        view = daemon.client.agent("left")
+        assert view["state"] != "active"
+        assert view["run"]["state"] == "killed"
+    finally:
+        _finish(daemon)
+
+
+@pytest.mark.parametrize("how", ["halt_file", "sigusr1"])
+def test_break_glass_kills_handed_over_agents_at_once(tmp_root: Path, how: str) -> None:
+    daemon = new_daemon(tmp_root, daemon={"adopt_window": "10m"})
+    daemon.start()
+    try:
+        pids = _sleeper_handed_over(daemon, "held")
+        if how == "halt_file":
+            (daemon.root / "run" / "HALT").write_text("incident\n")
+        else:
+            watchdogs = WatchdogCgroup(daemon.cgroup_parent.rstrip("/") + "-watchdog").pids()
+            assert len(watchdogs) == 1, watchdogs
+            os.kill(watchdogs[0], signal.SIGUSR1)
+        wait_for(lambda: not _alive(pids), timeout=10, what="break-glass without a daemon")
+
+        daemon.start()
+        kills = _rows(daemon, "watchdog_kill")
+        assert "break-glass" in kills[-1]["reason"], kills
+        assert kills[-1]["detail"]["confirmed_empty"] is True
+        # The HALT file stays for the next daemon, which applies it as a global halt.
+        assert daemon.client.health()["global_halt"] is (how == "halt_file")
+    finally:
+        _finish(daemon)
+
+
+def test_a_run_whose_cgroup_vanished_is_not_adopted(tmp_root: Path) -> None:
+    daemon = new_daemon(tmp_root)
+    daemon.start()
+    try:
+        for name in ("whole", "broken"):
+            daemon.agentctl("run", "--detach", "--name", name, "--", "sleep", "600", check=True)
+        wait_for(lambda: len(daemon.agent_pids()) >= 2, timeout=30, what="both agents")
+        broken = daemon.client.agent("broken")["run"]
+        whole = daemon.client.agent("whole")["run"]
+        _hand_over(daemon)
+        # The broken run's cgroup goes while no daemon holds it.
+        cgroup = daemon.cgroup_dir() / f"{daemon.prefix}-{broken['id']}"
+        (cgroup / "cgroup.kill").write_text("1")
+        wait_for(lambda: "populated 0" in (cgroup / "cgroup.events").read_text(), timeout=10,
+                 what="the broken run's cgroup to empty")
+        cgroup.rmdir()
+
+        daemon.start()
+        adopts = {r["detail"]["run"]: r for r in _rows(daemon, "adopt")}
+        assert adopts[whole["id"]]["outcome"] == "ok"
+        assert adopts[broken["id"]]["outcome"] == "failed:cgroup_missing"
+        assert daemon.client.agent("whole")["state"] == "active"
+        broken_view = daemon.client.agent("broken")
+        assert broken_view["run"]["state"] == "killed"
+        assert broken_view["state"] != "active"
+        assert any(r["target"] == "broken" for r in _rows(daemon, "reap"))
+        daemon.agentctl_json("kill", "whole", "--reason", "end of test")
+    finally:
+        _finish(daemon)
