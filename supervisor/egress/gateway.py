@@ -968,7 +968,9 @@ class Gateway:
                 await response.write(guard.feed(chunk))
             await response.write(guard.finish())
             await response.write_eof()
-        except SecretReflected:
+        except SecretReflected as found:
+            with contextlib.suppress(ConnectionError):  # what came ahead of it, then the cut
+                await response.write(found.before)
             self._tally(gate, "secret_reflected", route.name, {
                 "route": route.name, "where": "streamed body", "method": request.method})
             self._abort(request)

@@ -24,7 +24,12 @@ _MIN_DERIVED = 12  # shorter derived forms would match ordinary text by chance
 
 
 class SecretReflected(Exception):
-    """The upstream's reply holds the route's secret in one of the known forms."""
+    """The upstream's reply holds the route's secret in one of the known forms. `before` is
+    what a streamed body may still pass on ahead of it (see StreamGuard.feed)."""
+
+    def __init__(self, before: bytes = b"") -> None:
+        super().__init__("the route's secret is in the reply")
+        self.before = before
 
 
 def _base64_cores(secret: bytes) -> list[bytes]:
@@ -65,11 +70,18 @@ class Reflection:
             raise ValueError("a reflection guard needs a non-empty secret")
         self.longest = max(len(p) for p in patterns)
         self._pattern = re.compile(b"|".join(re.escape(p) for p in patterns), re.IGNORECASE)
+        self._each = [re.compile(re.escape(p), re.IGNORECASE) for p in patterns]
 
     def found_in(self, data: bytes | str) -> bool:
         if isinstance(data, str):
             data = data.encode("utf-8", "surrogateescape")
         return self._pattern.search(data) is not None
+
+    def first_end(self, data: bytes) -> int | None:
+        """Where the earliest-ending form in `data` ends (the leftmost match of the whole
+        pattern may end later), or None."""
+        ends = [m.end() for p in self._each if (m := p.search(data)) is not None]
+        return min(ends, default=None)
 
     def guard(self) -> StreamGuard:
         return StreamGuard(self)
@@ -78,7 +90,12 @@ class Reflection:
 class StreamGuard:
     """Scans a body as it streams. `feed` returns what may be passed on and holds back the
     last `longest - 1` bytes, so a form split across chunks is seen whole before any of it
-    leaves; no byte of a found form is ever returned."""
+    leaves; no byte of a found form is ever returned.
+
+    When a form is found, SecretReflected.before holds the rest of what the body would have
+    passed on had it come one byte at a time (up to `longest` bytes before the form's end),
+    so what leaves ahead of a reflection does not depend on how the upstream's bytes were
+    split into chunks (a loaded host reads fewer, larger chunks)."""
 
     def __init__(self, reflection: Reflection) -> None:
         self.reflection = reflection
@@ -86,9 +103,10 @@ class StreamGuard:
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._held + chunk
-        if self.reflection.found_in(data):
+        end = self.reflection.first_end(data) if self.reflection.found_in(data) else None
+        if end is not None:
             self._held = b""
-            raise SecretReflected
+            raise SecretReflected(data[:max(0, end - self.reflection.longest)])
         keep = self.reflection.longest - 1
         if len(data) <= keep:
             self._held = data

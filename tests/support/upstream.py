@@ -137,7 +137,8 @@ class Upstream(TlsServer):
     /slow      waits ?s=N seconds
     /reflect   the request's headers, the way ?as= says: json (body), header (a response
                header), reason (the status line), b64 / b64url / hex / url (the JSON
-               encoded so), stream (the JSON one byte per chunk); ?pad=N puts N bytes first
+               encoded so), stream (the JSON one byte per write, or ?chunk=N bytes a write);
+               ?pad=N puts N bytes first
                gzip (the JSON compressed, Content-Encoding: gzip)
     /upload    reads the body in chunks, noting each chunk's size in `uploads` as it comes
     /drip      ?n=N chunks of 1 KiB, one per ?every=S seconds (a long streamed reply)
@@ -232,8 +233,9 @@ class Upstream(TlsServer):
         if how == "stream":  # as server-sent events come: no length, not JSON
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
-            for i in range(len(echo)):
-                await response.write(echo[i:i + 1])
+            step = int(request.query.get("chunk", "1"))
+            for i in range(0, len(echo), step):
+                await response.write(echo[i:i + step])
             await response.write_eof()
             return response
         return web.Response(body=echo, content_type="application/json")

@@ -1132,11 +1132,13 @@ def test_a_reply_that_reflects_the_secret_is_withheld(env: Env, how: str) -> Non
         "secret_reflected /reflect": 2}
 
 
-def test_a_streamed_reflection_is_cut_before_the_secret_leaves(env: Env) -> None:
+@pytest.mark.parametrize("chunk", [1, 1 << 20], ids=["byte-by-byte", "all-at-once"])
+def test_a_streamed_reflection_is_cut_before_the_secret_leaves(env: Env, chunk: int) -> None:
     port = env.open()
     with connect_socket(port) as sock:
-        sock.sendall(request_bytes("GET", "http://llm.route/reflect?as=stream&pad=3000",
-                                   "llm.route", auth=basic(TOKEN)))
+        sock.sendall(request_bytes(
+            "GET", f"http://llm.route/reflect?as=stream&pad=3000&chunk={chunk}", "llm.route",
+            auth=basic(TOKEN)))
         received = b""
         sock.settimeout(WAIT)
         with contextlib.suppress(ConnectionError):
@@ -1144,7 +1146,9 @@ def test_a_streamed_reflection_is_cut_before_the_secret_leaves(env: Env) -> None
                 received += chunk
     assert received.startswith(b"HTTP/1.1 200")
     assert SECRET.encode() not in received
-    assert received.count(b"x") >= 2000, "the stream was passed on until the secret came"
+    # All of the pad leaves, however the upstream's bytes were chunked on the way (a loaded
+    # host reads fewer, larger chunks; the guard passes on the same bytes either way).
+    assert received.count(b"x") >= 3000, "the stream was passed on until the secret came"
     env.sink.wait_for(lambda: "secret_reflected" in env.sink.denials())
 
 

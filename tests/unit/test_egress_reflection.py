@@ -93,3 +93,36 @@ def test_a_clean_stream_passes_whole_and_in_order(body: bytes, sizes: list[int])
         out += guard.feed(chunk)
     out += guard.finish()
     assert out == body
+
+
+def _passed_on(body: bytes, sizes: list[int]) -> bytes:
+    """What a guard lets out of `body` fed in chunks of `sizes` (cycled), the bytes a found
+    reflection still lets through (SecretReflected.before) included."""
+    guard = Reflection([SECRET]).guard()
+    out, position, i = b"", 0, 0
+    try:
+        while position < len(body):
+            chunk = body[position:position + sizes[i % len(sizes)]]
+            position += len(chunk)
+            i += 1
+            out += guard.feed(chunk)
+    except SecretReflected as found:
+        return out + found.before
+    raise AssertionError("the reflection was not found")
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.integers(0, 3000), st.lists(st.integers(1, 4000), min_size=1, max_size=20),
+       st.sampled_from(sorted(ENCODINGS)))
+def test_what_leaves_ahead_of_a_reflection_does_not_depend_on_chunking(
+        pad: int, sizes: list[int], encoding: str) -> None:
+    """A loaded host reads a stream in fewer, larger chunks; what leaves before the cut is the
+    same as when it comes one byte at a time, and holds no form of the secret."""
+    body = b"x" * pad + ENCODINGS[encoding](_document(b""))
+    one_by_one = _passed_on(body, [1])
+    assert _passed_on(body, sizes) == one_by_one
+    assert _passed_on(body, [len(body)]) == one_by_one  # all of it in one chunk
+    assert body.startswith(one_by_one) and not Reflection([SECRET]).found_in(one_by_one)
+    reflection = Reflection([SECRET])
+    end = reflection.first_end(body)
+    assert end is not None and len(one_by_one) == max(0, end - reflection.longest)
