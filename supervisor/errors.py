@@ -478,6 +478,16 @@ class ConsoleRefused(Forbidden):
     default_hint = "open the URL with the token that agentctl console printed, in one browser"
 
 
+def class_not_found(agent_class: str, classes: Iterable[str]) -> ScopeEmpty:
+    """The error for a --class no agent has, with the closest classes as suggestions (the
+    daemon's scoped verbs and agentctl ls --class alike)."""
+    known = sorted(set(classes))
+    close = did_you_mean(agent_class, known)
+    return ScopeEmpty(f"no agent has class {agent_class!r}"
+                      + (f"; did you mean {', '.join(close)}?" if close else ""),
+                      scope=f"class:{agent_class}", did_you_mean=close, classes=known[:50])
+
+
 def did_you_mean(name: str, known: Iterable[str], limit: int = 3) -> list[str]:
     """The known names closest to a mistyped one (for "did you mean" in an error's detail)."""
     import difflib  # only on the error path

@@ -44,7 +44,7 @@ from supervisor.errors import (
     SupervisorError,
     TooManyRequests,
     UriTooLong,
-    did_you_mean,
+    class_not_found,
 )
 from supervisor.models import (
     SCOPED_VERBS,
@@ -675,11 +675,7 @@ def _check_action(arbiter: Controller, verb: str, body: ActionRequest) -> None:
     if scope.agent_class is not None:
         classes = {agent.agent_class for agent in arbiter.agents.values()}
         if scope.agent_class not in classes:
-            close = did_you_mean(scope.agent_class, classes)
-            raise ScopeEmpty(
-                f"no agent has class {scope.agent_class!r}"
-                + (f"; did you mean {', '.join(close)}?" if close else ""),
-                scope=scope.describe(), did_you_mean=close, classes=sorted(classes)[:50])
+            raise class_not_found(scope.agent_class, classes)
     elif scope.kind == "global" and verb not in ("kill", "reactivate") and not arbiter.agents:
         raise ScopeEmpty(f"no agents to {verb}", scope="global", did_you_mean=[])
 

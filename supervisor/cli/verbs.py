@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from supervisor.cli.output import ago, clip, echo, emit_json, ms, table
-from supervisor.errors import InvalidRequest, ReasonRequired
+from supervisor.errors import InvalidRequest, ReasonRequired, class_not_found
 from supervisor.limits import REASON_MAX
 
 if TYPE_CHECKING:
@@ -158,6 +158,12 @@ def scoped(client: Client, verb: str, agent: str | None, agent_class: str | None
 def ls(client: Client, as_json: bool, agent_class: str | None, state: str | None,
        quiet: bool) -> None:
     data = client.agents(agent_class=agent_class, state=state)
+    if agent_class is not None and not data["agents"]:
+        # A typo'd class must not read as "no agents": the same error, with suggestions, as
+        # the verbs' --class (a class with agents, none in --state, is an empty list).
+        classes = {agent["class"] for agent in client.agents()["agents"]}
+        if agent_class not in classes:
+            raise class_not_found(agent_class, classes)
     if as_json:
         emit_json(data)
         return

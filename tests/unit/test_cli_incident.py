@@ -160,6 +160,19 @@ def test_ls_quiet_and_class(server: ServerThread) -> None:
     result = agentctl(server, "ls", "-q")
     assert result.stdout.splitlines() == ["a1", "b1"]
     assert agentctl(server, "ls", "--class", "batch", "-q").stdout.splitlines() == ["b1"]
+    assert agentctl(server, "ls", "--class", "batch", "--state", "paused", "-q").stdout == ""
+
+
+def test_ls_of_a_class_no_agent_has_is_an_error_with_suggestions(server: ServerThread) -> None:
+    """`ls --class coderz` (a typo) is not an empty list: the verbs' scope_empty, did-you-mean
+    included, on stderr and with --json (the fast path prints the same: test_cli_fast)."""
+    launch(server, "a1", "coders")
+    result = agentctl(server, "ls", "--class", "coderz", "-q")
+    assert (result.exit_code, result.stdout) == (3, "")
+    assert "scope_empty" in result.stderr and "did you mean coders?" in result.stderr
+    assert "hint:" in result.stderr
+    error = error_of(agentctl(server, "ls", "--class", "coderz", "--json"))
+    assert (error["code"], error["detail"]["did_you_mean"]) == ("scope_empty", ["coders"])
 
 
 def test_logs_tail(server: ServerThread) -> None:
