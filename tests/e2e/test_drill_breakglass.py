@@ -40,6 +40,8 @@ def test_drill_reports_a_missed_slo_with_a_nonzero_exit(daemon: Daemon) -> None:
         raise AssertionError(f"expected the 1 ms SLO to be missed:\n{result.stdout}")
     assert result.returncode == 12
     assert "slo" in result.stdout and "fail" in result.stdout
+    # progress while it runs (one plain line when stderr is not a terminal; issue 16)
+    assert "drill: canary launched, killing it through the kill path ..." in result.stderr
     assert daemon.clean() == {}  # failing the SLO still kills everything
 
 
