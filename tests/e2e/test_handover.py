@@ -192,3 +192,38 @@ def test_a_run_whose_cgroup_vanished_is_not_adopted(tmp_root: Path) -> None:
         daemon.agentctl_json("kill", "whole", "--reason", "end of test")
     finally:
         _finish(daemon)
+
+
+def test_a_paused_run_stays_paused_and_a_window_keeps_its_time(tmp_root: Path) -> None:
+    """What a run carries across the handover: its pause (still frozen, resumable) and its
+    execution window (re-armed with the time left, so it still ends on time)."""
+    daemon = new_daemon(tmp_root)
+    daemon.start()
+    try:
+        daemon.agentctl("run", "--detach", "--name", "paused", "--", "sleep", "600", check=True)
+        daemon.agentctl("run", "--detach", "--name", "windowed", "--timeout", "20s", "--",
+                        "sleep", "600", check=True)
+        wait_for(lambda: len(daemon.agent_pids()) >= 2, timeout=30, what="both agents")
+        daemon.agentctl_json("pause", "paused", "--reason", "looks wrong")
+        _hand_over(daemon)
+        daemon.start()
+        assert {r["target"]: r["outcome"] for r in _rows(daemon, "adopt")} == {
+            "paused": "ok", "windowed": "ok"}
+        view = daemon.client.agent("paused")
+        assert (view["state"], view["run"]["state"]) == ("paused", "paused")
+        cgroup = daemon.cgroup_dir() / f"{daemon.prefix}-{view['run']['id']}"
+        assert "frozen 1" in (cgroup / "cgroup.events").read_text()
+        resumed = daemon.agentctl_json("resume", "paused", "--reason", "checked")
+        assert resumed["results"][0]["new_state"] == "active"
+        assert "frozen 0" in (cgroup / "cgroup.events").read_text()
+
+        left = _rows(daemon, "adopt")
+        windowed = next(r for r in left if r["target"] == "windowed")
+        assert 0 < windowed["detail"]["timeout_left_s"] < 20
+        wait_for(lambda: daemon.client.agent("windowed")["run"]["state"] != "running",
+                 timeout=40, what="the execution window to end the adopted run")
+        assert "execution window of 20s expired" in daemon.client.agent("windowed")["run"][
+            "end_reason"]
+        daemon.agentctl_json("kill", "paused", "--reason", "end of test")
+    finally:
+        _finish(daemon)
