@@ -367,6 +367,7 @@ def _report(result: dict[str, Any], as_json: bool, verb: str) -> None:
             hosts=result["unconfirmed"], actions=result["actions"])
         if not as_json:
             click.echo(f"agentctl: {error.code}: {error.message}", err=True)
+            click.echo(f"hint: {error.hint}", err=True)
         sys.exit(error.exit_status)
 
 

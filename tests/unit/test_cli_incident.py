@@ -430,3 +430,21 @@ def test_the_man_page_matches_the_cli() -> None:
     for name in cli.commands:
         assert f".SS {name}\n" in rendered
     assert "\\fB--reason TEXT\\fR" in rendered and ".SH EXIT STATUS" in rendered
+
+
+def test_a_fleet_action_some_hosts_did_not_confirm_says_what_to_do(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """agentctl fleet kill/pause/...: hosts that did not confirm exit 13 with the code, and the
+    hint (the action stays in the store; where to look) like every other error."""
+    from supervisor.cli.fleet import _report
+    from supervisor.errors import FleetUnconfirmed
+
+    result = {"hosts": [{"host": "h1", "status": "ok", "agents_affected": 2},
+                        {"host": "h2", "status": "unconfirmed"}],
+              "actions": ["fa-1"], "elapsed_ms": 10_000.0, "unconfirmed": ["h2"]}
+    with pytest.raises(SystemExit) as exit_:
+        _report(result, False, "kill")
+    assert exit_.value.code == FleetUnconfirmed.exit_status == 13
+    err = capsys.readouterr().err
+    assert "agentctl: fleet_unconfirmed: not confirmed by: h2" in err
+    assert f"hint: {FleetUnconfirmed.default_hint}" in err
