@@ -288,11 +288,12 @@ async def sweep(kills: Sequence[RunKill], parent: RunCgroup | None = None,
         for kill in kills:  # halted once its network is down and its cgroup confirmed
             kill.report.halted_at = max(kill.report.halted_at or t_confirmed, t_confirmed)
     if len(kills) > 1:
-        log.info("sweep of %d runs: revoked in %.1f ms, SIGKILL sent in %.1f ms (of which "
-                 "the parent's cgroup.kill write(2) %.1f ms), confirmed %.1f ms after the "
-                 "kill, networks down %.1f ms after that (torn down beside the confirmation)",
-                 len(kills), (t_revoked - t_start) * 1000, (t_killed - t_revoked) * 1000,
-                 parent_write_ms, (t_confirmed - t_killed) * 1000,
+        in_write = (f" (of which the parent's cgroup.kill write(2) {parent_write_ms:.1f} ms)"
+                    if parent_mechanism is not None else "")
+        log.info("sweep of %d runs: revoked in %.1f ms, SIGKILL sent in %.1f ms%s, confirmed "
+                 "%.1f ms after the kill, networks down %.1f ms after that (torn down beside "
+                 "the confirmation)", len(kills), (t_revoked - t_start) * 1000,
+                 (t_killed - t_revoked) * 1000, in_write, (t_confirmed - t_killed) * 1000,
                  (time.perf_counter() - t_confirmed) * 1000)
     return [kill.report for kill in kills]
 
