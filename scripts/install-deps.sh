@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/apt.sh
 source scripts/lib/apt.sh
+# shellcheck source=scripts/lib/cli-extras.sh
+source scripts/lib/cli-extras.sh
 VENV="${1:-/opt/agent-supervisor/venv}"
 
 if [[ $EUID -ne 0 ]]; then
@@ -20,8 +22,10 @@ fi
 # etcd-server, etcd-client: the fleet store (tests/fleet start their own etcd; docs/fleet.md).
 # tini: every sandbox's PID 1 (its static build, bound at /dev/init; supervisor/runtime/init.py).
 # mmdebstrap: the systemd tier builds its Debian root with it (tests/systemd/machine.py).
+# zsh, fish: the unit tier runs agentctl's completion scripts in each real shell.
 packages=(runc tini iproute2 nftables python3 python3-venv util-linux passwd procps systemd tmux
-          stress-ng docker.io git chromium chromium-driver etcd-server etcd-client mmdebstrap)
+          stress-ng docker.io git chromium chromium-driver etcd-server etcd-client mmdebstrap
+          zsh fish)
 ensure_packages install-deps "${packages[@]}"
 # node and npm: the CI-mode e2e test installs a real agent CLI (Claude Code) from npm. Kept
 # when present (a runner image's node 20 brings its own npm); Debian's otherwise.
@@ -53,13 +57,6 @@ fi
 "$VENV/bin/pip" install -q --disable-pip-version-check ".[dev]"
 # Always reinstall this checkout's code (the version number does not change between commits).
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall .
-# agentctl's shell completions (agent names complete from the daemon) and its man page.
-for target in "bash /usr/share/bash-completion/completions/agentctl" \
-              "zsh /usr/share/zsh/vendor-completions/_agentctl" \
-              "fish /usr/share/fish/vendor_completions.d/agentctl.fish"; do
-    read -r shell path <<<"$target"
-    mkdir -p "$(dirname "$path")"
-    "$VENV/bin/agentctl" completion "$shell" >"$path.tmp" && mv "$path.tmp" "$path"
-done
-install -D -m 0644 docs/agentctl.1 /usr/share/man/man1/agentctl.1
+# agentctl's shell completions and man page (scripts/lib/cli-extras.sh).
+install_cli_extras "$VENV/bin/agentctl"
 echo "install-deps: $VENV ready ($("$VENV/bin/python" --version), runc $(runc --version | head -1 | awk '{print $3}'))"

@@ -14,6 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/apt.sh
 source scripts/lib/apt.sh
+# shellcheck source=scripts/lib/cli-extras.sh
+source scripts/lib/cli-extras.sh
 PREFIX=/opt/agent-supervisor
 VENV="$PREFIX/venv"
 
@@ -37,6 +39,8 @@ trap 'rm -rf "$wheels"' EXIT
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall "$wheels"/*.whl
 # Operators run agentctl by name; it talks to the socket and needs no root.
 ln -sfn "$VENV/bin/agentctl" /usr/local/bin/agentctl
+# Its shell completions (bash, zsh, fish; agent names from the daemon) and man page.
+install_cli_extras "$VENV/bin/agentctl"
 install -d -m 0755 "$PREFIX/share/doc"
 install -m 0644 docs/runbook.md "$PREFIX/share/doc/runbook.md"
 

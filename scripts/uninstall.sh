@@ -6,6 +6,9 @@
 # log (/var/lib/agent-supervisor/state.db) and checkpoints (/var/log/agent-supervisor) away
 # first if you must keep them.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/cli-extras.sh
+source scripts/lib/cli-extras.sh
 if [[ $EUID -ne 0 ]]; then
     echo "uninstall: run as root" >&2
     exit 1
@@ -70,6 +73,7 @@ fi
 
 [[ "$(readlink /usr/local/bin/agentctl 2>/dev/null)" == "$VENV/bin/agentctl" ]] \
     && rm -f /usr/local/bin/agentctl
+remove_cli_extras
 rm -f /etc/systemd/system/agent-supervisor.service /etc/sysusers.d/agent-supervisor.conf \
       /etc/tmpfiles.d/agent-supervisor.conf
 systemctl daemon-reload

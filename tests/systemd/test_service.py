@@ -93,6 +93,22 @@ def test_operator_uses_agentctl_and_outsider_cannot(machine: Machine) -> None:
     assert "permission" in (refused.stdout + refused.stderr).lower()
 
 
+def test_install_puts_completions_and_the_man_page_in_place(machine: Machine) -> None:
+    """scripts/install.sh installs agentctl's completions where Debian's shells look for them
+    and its man page; bash completes an agent's name for an operator (alice's agent, above)."""
+    for path in ("/usr/share/bash-completion/completions/agentctl",
+                 "/usr/share/zsh/vendor-completions/_agentctl",
+                 "/usr/share/fish/vendor_completions.d/agentctl.fish",
+                 "/usr/share/man/man1/agentctl.1"):
+        machine.run("test", "-s", path)
+    completed = machine.as_user(
+        OPERATOR, "bash", "--norc", "-c",
+        "source /usr/share/bash-completion/completions/agentctl; "
+        "COMP_WORDS=(agentctl inspect ali); COMP_CWORD=2; _agentctl_completion agentctl; "
+        "printf '%s\\n' \"${COMPREPLY[@]}\"")
+    assert completed.stdout.split() == ["alices"], completed.stderr
+
+
 def test_no_daemon_environment_reaches_a_sandbox(machine: Machine) -> None:
     out = machine.run(AGENTCTL, "run", "--name", "environ", "--", "cat",
                       "/proc/self/environ").stdout
@@ -250,7 +266,9 @@ def test_uninstall_leaves_nothing(machine: Machine) -> None:
         "ls -d /opt/agent-supervisor /etc/agent-supervisor /var/lib/agent-supervisor "
         "/var/log/agent-supervisor /run/agent-supervisor /etc/systemd/system/" + UNIT +
         " /etc/sysusers.d/agent-supervisor.conf /etc/tmpfiles.d/agent-supervisor.conf "
-        "/usr/local/bin/agentctl 2>/dev/null || true").stdout.split()
+        "/usr/local/bin/agentctl /usr/share/bash-completion/completions/agentctl "
+        "/usr/share/zsh/vendor-completions/_agentctl /usr/share/man/man1/agentctl.1 "
+        "/usr/share/fish/vendor_completions.d/agentctl.fish 2>/dev/null || true").stdout.split()
     assert leftovers == []
     assert machine.run("getent", "group", "agent-operators", check=False).returncode == 2
     # Exactly the daemon's names: the host's cgroup tree is shared (other test daemons use

@@ -392,10 +392,11 @@ def test_completion_scripts_name_agentctl(shell: str) -> None:
     assert "_AGENTCTL_COMPLETE" in result.stdout and "agentctl" in result.stdout
 
 
-def test_bash_completes_agent_names_for_real(server: ServerThread, tmp_path: Path) -> None:
-    """The printed script in a real bash, calling agentctl back as the shell would."""
+def _completion_shell(server: ServerThread, tmp_path: Path,
+                      shell: str) -> tuple[Path, dict[str, str]]:
+    """Two agents on the server, an `agentctl` on PATH that runs this checkout (the shell calls
+    it back as it would the installed one), and the completion script for SHELL in a file."""
     import os
-    import subprocess
     import sys
 
     launch(server, "alpha")
@@ -405,16 +406,56 @@ def test_bash_completes_agent_names_for_real(server: ServerThread, tmp_path: Pat
     wrapper = bin_dir / "agentctl"
     wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -m supervisor.cli \"$@\"\n")
     wrapper.chmod(0o755)
-    source = CliRunner().invoke(cli, ["completion", "bash"]).stdout
-    (tmp_path / "agentctl.bash").write_text(source)
+    script = tmp_path / f"agentctl.{shell}"
+    script.write_text(CliRunner().invoke(cli, ["completion", shell]).stdout)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
            "AGENT_SUPERVISOR_SOCKET": str(server.socket_path)}
-    shell = (f"source {tmp_path / 'agentctl.bash'}; COMP_WORDS=(agentctl inspect al); "
+    return script, env
+
+
+def test_bash_completes_agent_names_for_real(server: ServerThread, tmp_path: Path) -> None:
+    """The printed script in a real bash, calling agentctl back as the shell would."""
+    import subprocess
+
+    script, env = _completion_shell(server, tmp_path, "bash")
+    shell = (f"source {script}; COMP_WORDS=(agentctl inspect al); "
              "COMP_CWORD=2; _agentctl_completion agentctl; printf '%s\\n' \"${COMPREPLY[@]}\"")
     done = subprocess.run(["bash", "--norc", "-c", shell], env=env, capture_output=True,
                           text=True, timeout=60, check=True)
     assert done.stdout.split() == ["alpha", "alps"], done.stderr
+
+
+def test_fish_completes_agent_names_for_real(server: ServerThread, tmp_path: Path) -> None:
+    """The printed script in a real fish (Debian's, from scripts/install-deps.sh): `complete -C`
+    asks fish for what it would offer on a command line, and fish runs agentctl for it."""
+    import subprocess
+
+    script, env = _completion_shell(server, tmp_path, "fish")
+    done = subprocess.run(["fish", "--no-config", "-c",
+                           f"source {script}; complete -C 'agentctl inspect al'"],
+                          env=env, capture_output=True, text=True, timeout=60, check=True)
+    assert [line.split("\t")[0] for line in done.stdout.splitlines()] == ["alpha", "alps"], (
+        done.stdout, done.stderr)
+
+
+def test_zsh_completes_agent_names_for_real(server: ServerThread, tmp_path: Path) -> None:
+    """The printed script in a real zsh, autoloaded from fpath as zsh's completion system loads
+    it; only the completion system's output builtins (`compadd`, `_describe`, which exist
+    inside a completion widget) are replaced by functions printing what they are given."""
+    import subprocess
+
+    script, env = _completion_shell(server, tmp_path, "zsh")
+    functions = tmp_path / "zfunc"
+    functions.mkdir()
+    (functions / "_agentctl").write_text(script.read_text())
+    shell = (f"fpath=({functions} $fpath); autoload -Uz _agentctl; "
+             "compadd() { print -l -- ${(P)${@[-1]}} }; "
+             "_describe() { print -l -- ${${(P)3}%%:*} }; "
+             "words=(agentctl inspect al); CURRENT=3; _agentctl")
+    done = subprocess.run(["zsh", "-f", "-c", shell], env=env, capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.split() == ["alpha", "alps"], (done.stdout, done.stderr)
 
 
 def test_the_man_page_matches_the_cli() -> None:
