@@ -36,7 +36,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from supervisor.sandbox.cgroups import Cgroup
 from tests.support.daemon import Daemon, new_daemon, wait_for
+
+BENCH_CGROUP_ROOT = "/agent-supervisor-bench"
 
 
 def _launch(daemon: Daemon, count: int) -> None:
@@ -72,6 +75,9 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="as-bench-restart-"))
     root.chmod(0o755)
     daemon = new_daemon(root)
+    # Not under tests' /agent-supervisor-test: a test session that ends elsewhere removes the
+    # empty cgroups there, this daemon's parent between two runs among them.
+    daemon.cgroup_parent = f"{BENCH_CGROUP_ROOT}/{daemon.prefix}"
     samples: dict[str, list[float]] = {k: [] for k in (
         "handover_exit_ms", "handover_start_ms", "kill_exit_ms", "kill_start_ms")}
     try:
@@ -98,6 +104,7 @@ def main() -> int:
         daemon.stop()
         daemon.clean()
         daemon.cleanup_host()
+        Cgroup(BENCH_CGROUP_ROOT).remove(strict=False)
         shutil.rmtree(root, ignore_errors=True)
     result = {"agents": args.agents, "rounds": args.rounds, "load": os.getloadavg(),
               **{k: _summary(v) for k, v in samples.items()}}
