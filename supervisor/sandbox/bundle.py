@@ -164,14 +164,24 @@ def render_config(spec: BundleSpec) -> dict[str, Any]:
     if spec.init_binary is not None:
         mounts.append({"destination": INIT_PATH, "type": "bind", "source": spec.init_binary,
                        "options": ["bind", "ro", "nosuid", "nodev"]})
+    # A host directory under /tmp (a checkout or a venv there) is bound after the sandbox's own
+    # /tmp, which would hide it otherwise; /tmp itself is always the sandbox's tmpfs.
+    under_tmp: list[str] = []
     if fs.root == "host":
         _links, binds = _host_layout(spec)
         for path in binds:
-            if (spec.host_root / path.lstrip("/")).exists():
-                mounts.append({"destination": path, "type": "bind", "source": path,
-                               "options": ["bind", "ro", "nosuid", "nodev"]})
+            if not (spec.host_root / path.lstrip("/")).exists():
+                continue
+            if path.rstrip("/").startswith("/tmp/"):
+                under_tmp.append(path)
+                continue
+            mounts.append({"destination": path, "type": "bind", "source": path,
+                           "options": ["bind", "ro", "nosuid", "nodev"]})
     mounts.append({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
                    "options": ["nosuid", "nodev", "mode=1777", f"size={fs.tmp_size}"]})
+    for path in under_tmp:
+        mounts.append({"destination": path, "type": "bind", "source": path,
+                       "options": ["bind", "ro", "nosuid", "nodev"]})
     if spec.workspace is not None:
         mounts.append({"destination": WORKSPACE_MOUNT, "type": "bind",
                        "source": spec.workspace, "options": ["bind", "rw", "nosuid", "nodev"]})

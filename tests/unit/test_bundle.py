@@ -125,6 +125,25 @@ def test_host_binds_are_read_only(host_root: Path) -> None:
         assert "rw" not in mount["options"]
 
 
+def test_a_host_bind_under_tmp_is_mounted_over_the_sandbox_tmp(host_root: Path) -> None:
+    """A bound directory under /tmp (a checkout or venv there) must not be hidden by the
+    sandbox's own /tmp tmpfs: it is mounted after it, read-only. /tmp itself stays the
+    sandbox's tmpfs, never the host's /tmp."""
+    (host_root / "tmp" / "ci" / "support").mkdir(parents=True)
+    profile = make_profile(host_binds=["/usr", "/tmp/ci/support", "/tmp", "/etc"])
+    mounts = render_config(make_spec(host_root, workspace=None, profile=profile))["mounts"]
+    destinations = [m["destination"] for m in mounts]
+    tmpfs = next(i for i, m in enumerate(mounts)
+                 if m["destination"] == "/tmp" and m["type"] == "tmpfs")
+    support = destinations.index("/tmp/ci/support")
+    assert support > tmpfs
+    assert mounts[support]["source"] == "/tmp/ci/support"
+    assert {"bind", "ro", "nosuid", "nodev"} <= set(mounts[support]["options"])
+    # A bind of /tmp itself is shadowed by the tmpfs mounted after it, as before.
+    assert all(i < tmpfs for i, m in enumerate(mounts)
+               if m["destination"] == "/tmp" and m["type"] == "bind")
+
+
 def test_merged_usr_symlinks_are_not_bound(host_root: Path) -> None:
     destinations = {m["destination"] for m in render_config(make_spec(host_root))["mounts"]}
     assert not {"/bin", "/sbin", "/lib"} & destinations
