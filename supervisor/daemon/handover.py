@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from supervisor.daemon import ending
 from supervisor.daemon.liverun import SYSTEM, LiveRun
-from supervisor.daemon.watchdog import ADOPTED, GIVE_TIMEOUT, receive_fds
+from supervisor.daemon.watchdog import ADOPTED, GIVE_TIMEOUT, peer_credentials, receive_fds
 from supervisor.errors import SupervisorError
 from supervisor.models.tripwire import TripwireRule
 from supervisor.profiles import load_profile
@@ -82,6 +81,15 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
     failure on the way kills whatever is left through the kill path (fail closed)."""
     arbiter, config = core.arbiter, core.config
     arbiter.shutting_down = True
+    unsafe = core.watchdog.cannot_hold()
+    if unsafe is not None:
+        # It would die with this daemon's unit and leave the agents with no killer.
+        log.critical("no handover: %s; killing every run instead", unsafe)
+        refused = {run_id: f"the watchdog cannot hold them: {unsafe}"
+                   for run_id in arbiter.live}
+        await _kill(core, list(refused), f"{reason}: not handed over ({unsafe})")
+        return {"window_s": config.daemon.adopt_window, "refused": unsafe, "runs": [],
+                "killed": refused}
     refused = {run_id: why for run_id, live in arbiter.live.items()
                if (why := why_not(live)) is not None}
     if refused:
@@ -201,12 +209,6 @@ class Adoption:
                                   "failed": self.failed})
 
 
-def _peer(sock: socket.socket) -> tuple[int, int]:
-    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return pid, uid
-
-
 async def adopt(core: Core) -> Adoption | None:
     """Before this daemon serves: take the runs the previous one handed over from its
     watchdog, and adopt each whole or not at all (those not adopted are left to reconcile,
@@ -224,17 +226,21 @@ async def adopt(core: Core) -> Adoption | None:
             await asyncio.to_thread(sock.connect, str(path))
             # The listening socket's credentials are those of the process that called
             # listen(): the daemon that handed over, which the record names.
-            pid, uid = _peer(sock)
+            pid, uid = peer_credentials(sock)
             if uid != 0 or not core.watchdog.previous():
                 raise ValueError(f"not made by root (uid {uid}) or no watchdog of an earlier "
                                  f"daemon is running")
-            message, fds = await asyncio.to_thread(receive_fds, sock, "record")
+            message, fds = await asyncio.to_thread(receive_fds, sock, "record", GIVE_TIMEOUT)
             handover = message.get("record")
-            if not isinstance(handover, dict) or handover.get("from_pid") != pid:
+            try:
+                if not isinstance(handover, dict) or handover.get("from_pid") != pid:
+                    raise ValueError(f"the record is not that of the daemon that made the "
+                                     f"socket (pid {pid})")
+                check_record(handover, len(fds))
+            except ValueError:
                 for fd in fds:
                     os.close(fd)
-                raise ValueError(f"the record is not that of the daemon that made the socket "
-                                 f"(pid {pid})")
+                raise
         except (OSError, ValueError) as exc:
             log.critical("no handover taken from %s: %s (its runs are reaped)", path, exc)
             return None
@@ -247,36 +253,70 @@ async def adopt(core: Core) -> Adoption | None:
             path.unlink()
         record.unlink(missing_ok=True)
     result = Adoption()
-    if handover.get("version") != VERSION:
-        log.critical("a handover of an unknown version: its runs are reaped")
-        for fd in fds:
-            os.close(fd)
-        return result
-    result.from_pid = handover.get("from_pid")
+    result.from_pid = handover["from_pid"]
     used: set[int] = set()
-    for entry in handover.get("runs", []):
-        mine = [entry.get("output_fd"), *entry.get("seccomp_fds", [])]
-        owned = [fds[i] for i in mine if isinstance(i, int) and 0 <= i < len(fds)]
-        used.update(i for i in mine if isinstance(i, int))
-        run_id = str(entry.get("run_id"))
+    for entry in handover["runs"]:
+        mine = [entry["output_fd"], *entry["seccomp_fds"]]
+        owned = [fds[i] for i in mine]
+        used.update(mine)
+        run_id = entry["run_id"]
         try:
-            detail = await _adopt_run(core, entry, fds)
+            try:
+                detail = await _adopt_run(core, entry, fds)
+            except NotAdopted:
+                raise
+            except Exception as exc:  # one bad entry must not take the others with it
+                log.exception("adopting run %s failed", run_id)
+                raise NotAdopted("malformed", f"{type(exc).__name__}: {exc}") from exc
         except NotAdopted as exc:
             for fd in owned:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             result.failed[run_id] = {"code": exc.code, "message": str(exc)}
-            result.rows.append((str(entry.get("agent")), f"failed:{exc.code}",
+            result.rows.append((entry["agent"], f"failed:{exc.code}",
                                 {"run": run_id, "error": str(exc)}))
             log.error("run %s not adopted: %s", run_id, exc)
             continue
         result.adopted.append(run_id)
-        result.rows.append((str(entry.get("agent")), "ok", detail))
+        result.rows.append((entry["agent"], "ok", detail))
     for index, fd in enumerate(fds):
         if index not in used:
             with contextlib.suppress(OSError):
                 os.close(fd)
     return result
+
+
+# What each handed-over run must carry, and of what type (bool is no int here).
+_RUN_KEYS: dict[str, type] = {"run_id": str, "agent": str, "container_id": str, "pid": int,
+                              "output_fd": int, "produced": int, "recorded": int,
+                              "seccomp_fds": list, "tripwires": list}
+
+
+def check_record(handover: dict[str, Any], nfds: int) -> None:
+    """ValueError unless the record is of this version and every run in it has the keys and
+    types `hand_over` writes, with descriptor indexes among the `nfds` received, each owned
+    by one run. Checked before the watchdog is told ADOPTED: a record this daemon cannot read
+    stays the watchdog's (it kills at the end of the window)."""
+    if handover.get("version") != VERSION:
+        raise ValueError(f"a handover of version {handover.get('version')!r}, not {VERSION}")
+    runs = handover.get("runs")
+    if not isinstance(runs, list):
+        raise ValueError("the record's runs are not a list")
+    seen: set[int] = set()
+    for n, entry in enumerate(runs):
+        if not isinstance(entry, dict):
+            raise ValueError(f"run {n} of the record is not an object")
+        for key, kind in _RUN_KEYS.items():
+            value = entry.get(key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError(f"run {n} of the record: {key} is not a {kind.__name__}")
+        indexes = [entry["output_fd"], *entry["seccomp_fds"]]
+        for index in indexes:
+            if not isinstance(index, int) or isinstance(index, bool) \
+                    or not 0 <= index < nfds or index in seen:
+                raise ValueError(f"run {n} of the record: descriptor index {index!r} is not "
+                                 f"one of the {nfds} received, or not its own")
+            seen.add(index)
 
 
 async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int]) -> dict[str, Any]:

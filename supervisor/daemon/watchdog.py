@@ -19,6 +19,7 @@ before it looks at what is left, so an old switch never acts on the new daemon's
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import logging
@@ -111,14 +112,43 @@ def _send_fds(sock: socket.socket, message: dict[str, object], fds: list[int]) -
     sock.sendmsg([json.dumps(message).encode()])
 
 
-def receive_fds(sock: socket.socket, last_kind: str) -> tuple[dict[str, Any], list[int]]:
+def peer_credentials(sock: socket.socket) -> tuple[int, int]:
+    """The pid and uid of the process at the other end of a unix socket (struct ucred:
+    pid, uid, gid)."""
+    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return pid, uid
+
+
+def _recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """One message and its descriptors, received close-on-exec (MSG_CMSG_CLOEXEC), so no
+    process either side spawns inherits a run's pipe or notify fd. Not socket.recv_fds: in
+    Python 3.11 it drops its flags argument."""
+    rights = array.array("i")
+    data, ancdata, _flags, _addr = sock.recvmsg(
+        MESSAGE_MAX, socket.CMSG_SPACE(FD_CHUNK * rights.itemsize), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            rights.frombytes(payload[:len(payload) - len(payload) % rights.itemsize])
+    return data, list(rights)
+
+
+def receive_fds(sock: socket.socket, last_kind: str, within: float | None = None
+                ) -> tuple[dict[str, Any], list[int]]:
     """What `_send_fds` sent: the final message (of kind `last_kind`) and every descriptor in
-    order. OSError or ValueError when the stream ends early or is not of that form; the
+    order, each close-on-exec. OSError or ValueError when the stream ends early or is not of
+    that form, TimeoutError (an OSError) when it has not all come `within` seconds; the
     descriptors received so far are closed then."""
     fds: list[int] = []
+    deadline = None if within is None else time.monotonic() + within
     try:
         while True:
-            data, got, _flags, _addr = socket.recv_fds(sock, MESSAGE_MAX, FD_CHUNK)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the handover did not all arrive within {within:g} s")
+                sock.settimeout(left)
+            data, got = _recv_fds(sock)
             fds += got
             if not data:
                 raise ValueError("the channel closed before the handover was complete")
@@ -140,8 +170,7 @@ def receive_fds(sock: socket.socket, last_kind: str) -> tuple[dict[str, Any], li
 def _give(conn: socket.socket, handover: dict[str, Any], fds: list[int]) -> bool:
     """Hand everything to a new daemon on `conn`; True once it said it adopted them."""
     try:
-        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                                  struct.calcsize("3i")))[2]
+        _pid, uid = peer_credentials(conn)
         if uid != 0:
             return False
         conn.settimeout(GIVE_TIMEOUT)
@@ -157,39 +186,47 @@ def await_adoption(parent: Cgroup, record: Path, timeout: float, handover: dict[
                    listener_fd: int, fds: list[int]) -> int:
     """The daemon handed its runs over and exited: hold what it left (output pipes, seccomp
     fds), keep the agents killable (SIGUSR1, the HALT file) and give it all to the next
-    daemon that connects, or kill every agent once the window has passed."""
-    window = float(handover.get("window", 0))
-    deadline = time.monotonic() + window
-    halt_file = Path(str(handover.get("halt_file", "/nonexistent/HALT")))
+    daemon that connects, or kill every agent once the window has passed. Break-glass that
+    arrives while a give is under way still kills (the new daemon then finds its runs dead),
+    and so does any way out of here other than a completed give (fail closed)."""
     listener = socket.socket(fileno=listener_fd)
-    runs = [r.get("run_id") for r in handover.get("runs", []) if isinstance(r, dict)]
-    while True:
-        if _break_glass:
-            trigger = "break-glass: SIGUSR1 to the watchdog while no daemon held the agents"
-        elif halt_file.exists():
-            trigger = f"break-glass: {halt_file} while no daemon held the agents"
-        elif time.monotonic() >= deadline:
-            trigger = (f"no daemon adopted the handed-over runs within [daemon] adopt_window "
-                       f"({window:g} s)")
-        else:
-            with contextlib.suppress(InterruptedError):
-                ready, _, _ = select.select([listener], [], [], 0.1)
-                if ready:
-                    conn, _ = listener.accept()
-                    if _give(conn, handover, fds):
-                        listener.close()
-                        _close_all(fds)
-                        return 0
-            continue
-        report = kill_tree(parent, timeout)
-        report["trigger"] = trigger
-        report["handed_over"] = runs
+    trigger: str | None = "the watchdog failed while it held the handed-over runs"
+    given = False
+    try:
+        window = float(handover.get("window", 0))
+        deadline = time.monotonic() + window
+        halt_file = Path(str(handover.get("halt_file", "/nonexistent/HALT")))
+        while True:
+            if _break_glass:
+                trigger = "break-glass: SIGUSR1 to the watchdog while no daemon held the agents"
+            elif halt_file.exists():
+                trigger = f"break-glass: {halt_file} while no daemon held the agents"
+            elif given:
+                trigger = None
+            elif time.monotonic() >= deadline:
+                trigger = (f"no daemon adopted the handed-over runs within [daemon] "
+                           f"adopt_window ({window:g} s)")
+            else:
+                with contextlib.suppress(InterruptedError):
+                    ready, _, _ = select.select([listener], [], [], 0.1)
+                    if ready:
+                        conn, _ = listener.accept()
+                        given = _give(conn, handover, fds)
+                continue
+            return 0
+    finally:
         listener.close()
-        with contextlib.suppress(OSError):
-            os.unlink(str(handover.get("socket", "")))
         _close_all(fds)
-        _write_record(record, report, "killed the handed-over agents")
-        return 0
+        if trigger is not None:
+            report = kill_tree(parent, timeout)
+            report["trigger"] = trigger
+            runs = handover.get("runs")
+            report["handed_over"] = [r.get("run_id") for r in runs if isinstance(r, dict)
+                                     ] if isinstance(runs, list) else []
+            if not given:
+                with contextlib.suppress(OSError):
+                    os.unlink(str(handover.get("socket", "")))
+            _write_record(record, report, "killed the handed-over agents")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,10 +247,18 @@ def main(argv: list[str] | None = None) -> int:
     # Break-glass while no daemon holds handed-over agents (ignored while a daemon lives: it
     # has break-glass of its own).
     signal.signal(signal.SIGUSR1, lambda _s, _f: _break_glass.append(1))
+    # The OOM killer must not take the switch (it is no ancestor of runc or of any agent, so
+    # nothing else inherits this).
+    try:
+        Path("/proc/self/oom_score_adj").write_text("-1000")
+    except OSError as exc:
+        print(f"<3>agent-supervisor watchdog: cannot exclude itself from the OOM killer: {exc}",
+              file=sys.stderr, flush=True)
     parent = parent_of(args.cgroup)
     with contextlib.suppress(OSError):  # not there yet: opened when needed
         parent.hold()
     channel = socket.socket(fileno=0)  # SOCK_SEQPACKET: one message per send
+    adopting = False
     try:
         while True:
             data = channel.recv(MESSAGE_MAX, socket.MSG_PEEK)
@@ -231,10 +276,13 @@ def main(argv: list[str] | None = None) -> int:
             if listener_fd < 0:
                 break
             channel.close()
+            adopting = True  # it kills on any way out but a completed give
             return await_adoption(parent, args.record, args.timeout, handover, listener_fd,
                                   fds)
-    except OSError:
-        pass
+    except Exception as exc:  # whatever failed, the agents are killed below
+        if adopting:
+            raise  # await_adoption has killed them already
+        print(f"<3>agent-supervisor watchdog: {exc!r}", file=sys.stderr, flush=True)
     report = kill_tree(parent, args.timeout)
     report["trigger"] = "the daemon's pipe closed without an orderly shutdown"
     _write_record(args.record, report, "daemon gone, killed agents")
@@ -329,6 +377,18 @@ class Watchdog:
             # cgroup; then the next start reaps the agents instead (and audits it).
             self.escape_error = str(exc)
             log.critical("the watchdog stays in the daemon's cgroup: %s", exc)
+
+    def cannot_hold(self) -> str | None:
+        """Why this watchdog cannot be left holding handed-over runs (None: it can). Outside
+        its own cgroup it would die with the daemon's unit (systemd's KillMode=mixed kills
+        what is left in the cgroup once the main process has exited), leaving the agents with
+        no killer."""
+        if self.escape_error is not None:
+            return f"the watchdog stayed in the daemon's cgroup: {self.escape_error}"
+        if self.proc.pid not in self.cgroup.pids():
+            return (f"the watchdog (pid {self.proc.pid}) is not in its cgroup "
+                    f"{self.cgroup.unified}")
+        return None
 
     def previous(self) -> list[int]:
         """Watchdogs of an earlier daemon with the same agents' parent, still at work."""

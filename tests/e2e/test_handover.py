@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from supervisor.daemon.watchdog import WatchdogCgroup
+from supervisor.sandbox.cgroups import unified_root
 from tests.support.daemon import Daemon, new_daemon, wait_for
 
 # Prints a numbered line every 0.1 s: output that goes on across the handover.
@@ -225,5 +226,41 @@ def test_a_paused_run_stays_paused_and_a_window_keeps_its_time(tmp_root: Path) -
         assert "execution window of 20s expired" in daemon.client.agent("windowed")["run"][
             "end_reason"]
         daemon.agentctl_json("kill", "paused", "--reason", "end of test")
+    finally:
+        _finish(daemon)
+
+
+def test_no_handover_to_a_watchdog_outside_its_cgroup(tmp_root: Path) -> None:
+    """A watchdog left in the daemon's cgroup dies with the daemon's unit (systemd's
+    KillMode=mixed kills what is left once the daemon exits), so the handed-over agents would
+    have no killer: the restart kills every run through the kill path instead, audited with
+    why, and the watchdog stands down as at a stop."""
+    daemon = new_daemon(tmp_root)
+    daemon.start()
+    try:
+        daemon.agentctl("run", "--detach", "--name", "kept", "--", "sleep", "600", check=True)
+        wait_for(daemon.agent_pids, timeout=30, what="the agent to run")
+        pids_before = daemon.agent_pids()
+        run_id = daemon.client.agent("kept")["run"]["id"]
+        [watchdog] = WatchdogCgroup(daemon.cgroup_parent.rstrip("/") + "-watchdog").pids()
+        # Where a failed escape leaves it: outside its own cgroup (here, this test's).
+        own = Path("/proc/self/cgroup").read_text().splitlines()
+        [mine] = [line.split("::", 1)[1] for line in own if line.startswith("0::")]
+        (unified_root() / mine.strip("/") / "cgroup.procs").write_text(str(watchdog))
+
+        _hand_over(daemon)
+        assert not _alive(pids_before)
+        assert not (daemon.root / "run" / "handover.sock").exists()
+        wait_for(lambda: not _alive([watchdog]), timeout=30, what="the watchdog to stand down")
+
+        daemon.start()
+        [handover] = _rows(daemon, "daemon_handover")
+        assert f"pid {watchdog}" in handover["detail"]["refused"]
+        assert handover["detail"]["runs"] == []
+        assert run_id in handover["detail"]["killed"]
+        kills = [r for r in _rows(daemon, "shutdown") if r["target"] == "kept"]
+        assert kills and "not in its cgroup" in kills[-1]["reason"], kills
+        assert daemon.client.agent("kept")["run"]["state"] == "killed"
+        assert not _rows(daemon, "adopt") and not _rows(daemon, "watchdog_kill")
     finally:
         _finish(daemon)

@@ -7,13 +7,18 @@ Real pipes, sockets and files."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from supervisor.daemon import handover
+from supervisor.daemon import handover, watchdog
 from supervisor.daemon.liverun import LiveRun
 from supervisor.daemon.store import RunRecord
 from supervisor.daemon.watchdog import FD_CHUNK, _send_fds, receive_fds
@@ -21,6 +26,7 @@ from supervisor.profiles import Profile
 from supervisor.runtime import output_index
 from supervisor.runtime.output import MARKER, Outputs
 from supervisor.runtime.output_index import index_path, read_index
+from supervisor.sandbox.cgroups import Cgroup
 from supervisor.states import EndCause
 from tests.unit.conftest import WAIT
 
@@ -127,3 +133,183 @@ def test_only_whole_running_runc_runs_are_handed_over() -> None:
     assert "starting" in (handover.why_not(_live("starting")) or "")
     # No runc handle (a docker run, or none yet): killed at the handover, never left behind.
     assert "docker" in (handover.why_not(_live("running")) or "")
+
+
+# ------------------------------------------------------- review fixes (F9, F3.3, F2, F7)
+
+
+def test_received_descriptors_are_close_on_exec() -> None:
+    """F9: a descriptor received from the channel is not inherited by a process the daemon
+    or the watchdog spawns (socket.recv_fds in 3.11 drops MSG_CMSG_CLOEXEC)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    read_fd, write_fd = os.pipe()  # inheritable on the sender's side
+    os.set_inheritable(read_fd, True)
+    try:
+        _send_fds(ours, {"kind": "record"}, [read_fd])
+        _message, fds = receive_fds(theirs, "record")
+        assert len(fds) == 1
+        assert not os.get_inheritable(fds[0])
+        os.close(fds[0])
+    finally:
+        for fd in (read_fd, write_fd):
+            os.close(fd)
+        ours.close()
+        theirs.close()
+
+
+def test_the_whole_handover_must_arrive_within_its_deadline() -> None:
+    """F7: a peer that trickles descriptor chunks and never sends the record cannot hold the
+    receiver beyond `within` (each recv's own timeout alone would be renewed by every
+    chunk); what arrived is closed."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                socket.send_fds(ours, [b'{"kind": "fds", "count": 1}'], [read_fd])
+            stop.wait(0.05)
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    open_before = set(os.listdir("/proc/self/fd"))
+    try:
+        with pytest.raises(TimeoutError):
+            receive_fds(theirs, "record", 0.5)
+    finally:
+        stop.set()
+        sender.join()
+        ours.close()
+        theirs.close()
+    assert set(os.listdir("/proc/self/fd")) <= open_before
+    os.close(read_fd)
+    os.close(write_fd)
+
+
+def _handover_record(**overrides: Any) -> dict[str, Any]:
+    run = {"run_id": "r1", "agent": "a", "container_id": "as-r1", "pid": 10, "output_fd": 0,
+           "produced": 0, "recorded": 0, "seccomp_fds": [1], "tripwires": []}
+    return {"version": handover.VERSION, "from_pid": 1, "runs": [run], **overrides}
+
+
+def test_a_well_formed_record_passes_the_check() -> None:
+    handover.check_record(_handover_record(), 2)
+
+
+@pytest.mark.parametrize(("record", "nfds", "error"), [
+    (_handover_record(version=99), 2, "version"),
+    (_handover_record(runs={"r1": {}}), 2, "not a list"),
+    (_handover_record(runs=["r1"]), 2, "not an object"),
+    (_handover_record(runs=[{**_handover_record()["runs"][0], "pid": "10"}]), 2, "pid"),
+    (_handover_record(runs=[{**_handover_record()["runs"][0], "output_fd": True}]), 2,
+     "output_fd"),
+    (_handover_record(runs=[{k: v for k, v in _handover_record()["runs"][0].items()
+                             if k != "agent"}]), 2, "agent"),
+    (_handover_record(), 1, "descriptor index 1"),  # an index past what was received
+    (_handover_record(runs=[{**_handover_record()["runs"][0], "seccomp_fds": [0]}]), 2,
+     "descriptor index 0"),  # two uses of one descriptor
+    (_handover_record(runs=[{**_handover_record()["runs"][0], "seccomp_fds": ["x"]}]), 2,
+     "descriptor index 'x'"),
+])
+def test_a_malformed_record_is_refused_before_anything_is_adopted(
+        record: dict[str, Any], nfds: int, error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        handover.check_record(record, nfds)
+
+
+class _Giver:
+    """A listening socket handed to `await_adoption` and a next daemon on a thread that
+    connects, takes the record and, before it says ADOPTED, does `meanwhile`."""
+
+    def __init__(self, tmp_path: Path, meanwhile: Callable[[], None]) -> None:
+        self.path = tmp_path / "handover.sock"
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.listener.bind(str(self.path))
+        self.listener.listen(1)
+        self.meanwhile = meanwhile
+        self.took: list[dict[str, Any]] = []
+        self.thread = threading.Thread(target=self._adopt)
+
+    def _adopt(self) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.connect(str(self.path))
+            message, fds = receive_fds(sock, "record", WAIT)
+            for fd in fds:
+                os.close(fd)
+            self.took.append(message)
+            self.meanwhile()
+            sock.send(watchdog.ADOPTED)
+
+    def run(self, tmp_path: Path, halt_file: Path) -> list[dict[str, Any]]:
+        record = tmp_path / "watchdog.jsonl"
+        message = {"window": WAIT, "halt_file": str(halt_file), "socket": str(self.path),
+                   "runs": [{"run_id": "r1"}]}
+        self.thread.start()
+        listener_fd = self.listener.detach()
+        # An agents' parent that is not there: kill_tree reports and returns (no root here).
+        parent = Cgroup("absent", root=tmp_path)
+        assert watchdog.await_adoption(parent, record, 0.1, message, listener_fd, []) == 0
+        self.thread.join()
+        assert self.took  # the give completed: the next daemon said ADOPTED
+        if not record.exists():
+            return []
+        return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+def test_break_glass_during_a_give_still_kills(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """F3.3: SIGUSR1 to the watchdog while it gives the runs to the next daemon (its handler
+    appends to _break_glass) kills every agent even though the give then succeeds."""
+    monkeypatch.setattr(watchdog, "_break_glass", [])
+    giver = _Giver(tmp_path, lambda: watchdog._break_glass.append(1))
+    rows = giver.run(tmp_path, tmp_path / "HALT")
+    assert len(rows) == 1 and rows[0]["trigger"].startswith("break-glass: SIGUSR1")
+    assert rows[0]["handed_over"] == ["r1"]
+
+
+def test_the_halt_file_during_a_give_still_kills(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watchdog, "_break_glass", [])
+    halt = tmp_path / "HALT"
+    rows = _Giver(tmp_path, halt.touch).run(tmp_path, halt)
+    assert len(rows) == 1 and rows[0]["trigger"].startswith(f"break-glass: {halt}")
+
+
+def test_a_give_with_no_break_glass_kills_nothing(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(watchdog, "_break_glass", [])
+    assert _Giver(tmp_path, lambda: None).run(tmp_path, tmp_path / "HALT") == []
+
+
+def test_any_failure_while_holding_the_runs_kills(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """F2: not only OSError: whatever ends await_adoption other than a completed give kills
+    every agent and records why."""
+    monkeypatch.setattr(watchdog, "_break_glass", [])
+
+    def broken(conn: socket.socket, *_args: object) -> bool:
+        conn.close()  # as _give does, whatever happens
+        raise RuntimeError("a bug in the give")
+
+    monkeypatch.setattr(watchdog, "_give", broken)
+    path = tmp_path / "handover.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(path))
+    listener.listen(1)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client.connect(str(path))  # makes the listener ready: the loop calls _give
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    record = tmp_path / "watchdog.jsonl"
+    message = {"window": WAIT, "halt_file": str(tmp_path / "HALT"), "socket": str(path),
+               "runs": [{"run_id": "r1"}]}
+    with pytest.raises(RuntimeError, match="a bug"):
+        watchdog.await_adoption(Cgroup("absent", root=tmp_path), record, 0.1, message,
+                                listener.detach(), [read_fd])
+    client.close()
+    rows = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["trigger"].startswith("the watchdog failed")
+    assert not path.exists()
+    with pytest.raises(BrokenPipeError):  # the held output pipe was closed too
+        os.write(write_fd, b"x")
+    os.close(write_fd)
