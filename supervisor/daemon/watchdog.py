@@ -170,8 +170,10 @@ def receive_fds(sock: socket.socket, last_kind: str, within: float | None = None
 def _give(conn: socket.socket, handover: dict[str, Any], fds: list[int]) -> bool:
     """Hand everything to a new daemon on `conn`; True once it said it adopted them."""
     try:
+        # The next daemon runs as this watchdog's own user: root in service (a peer of any
+        # other uid gets nothing); the unit tier runs both as one unprivileged user.
         _pid, uid = peer_credentials(conn)
-        if uid != 0:
+        if uid != os.geteuid():
             return False
         conn.settimeout(GIVE_TIMEOUT)
         _send_fds(conn, {"kind": "record", "record": handover}, fds)
