@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from supervisor.daemon import ending
 from supervisor.daemon.liverun import SYSTEM, LiveRun
-from supervisor.daemon.watchdog import ADOPTED, GIVE_TIMEOUT, peer_credentials, receive_fds
+from supervisor.daemon.watchdog import ADOPTED, GIVE_TIMEOUT, receive_fds
 from supervisor.errors import SupervisorError
 from supervisor.models.tripwire import TripwireRule
 from supervisor.profiles import load_profile
@@ -41,6 +41,7 @@ from supervisor.runtime.base import RunParams
 from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT
 from supervisor.runtime.sandboxed import RuncRunHandle, RuncRuntime
 from supervisor.sandbox.cgroups import Cgroup
+from supervisor.sandbox.fdpass import peer_credentials
 from supervisor.states import EndCause, RunState, Verb
 
 if TYPE_CHECKING:

@@ -19,7 +19,6 @@ before it looks at what is left, so an old switch never acts on the new daemon's
 
 from __future__ import annotations
 
-import array
 import contextlib
 import json
 import logging
@@ -27,7 +26,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -44,6 +42,7 @@ from supervisor.sandbox.cgroups import (
     unified_root,
 )
 from supervisor.sandbox.childenv import child_env
+from supervisor.sandbox.fdpass import peer_credentials, recv_fds
 
 if TYPE_CHECKING:  # the watchdog process itself never runs an event loop: not imported there
     import asyncio
@@ -112,27 +111,6 @@ def _send_fds(sock: socket.socket, message: dict[str, object], fds: list[int]) -
     sock.sendmsg([json.dumps(message).encode()])
 
 
-def peer_credentials(sock: socket.socket) -> tuple[int, int]:
-    """The pid and uid of the process at the other end of a unix socket (struct ucred:
-    pid, uid, gid)."""
-    pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
-        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-    return pid, uid
-
-
-def _recv_fds(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """One message and its descriptors, received close-on-exec (MSG_CMSG_CLOEXEC), so no
-    process either side spawns inherits a run's pipe or notify fd. Not socket.recv_fds: in
-    Python 3.11 it drops its flags argument."""
-    rights = array.array("i")
-    data, ancdata, _flags, _addr = sock.recvmsg(
-        MESSAGE_MAX, socket.CMSG_SPACE(FD_CHUNK * rights.itemsize), socket.MSG_CMSG_CLOEXEC)
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            rights.frombytes(payload[:len(payload) - len(payload) % rights.itemsize])
-    return data, list(rights)
-
-
 def receive_fds(sock: socket.socket, last_kind: str, within: float | None = None
                 ) -> tuple[dict[str, Any], list[int]]:
     """What `_send_fds` sent: the final message (of kind `last_kind`) and every descriptor in
@@ -148,7 +126,7 @@ def receive_fds(sock: socket.socket, last_kind: str, within: float | None = None
                 if left <= 0:
                     raise TimeoutError(f"the handover did not all arrive within {within:g} s")
                 sock.settimeout(left)
-            data, got = _recv_fds(sock)
+            data, got = recv_fds(sock, MESSAGE_MAX, FD_CHUNK)
             fds += got
             if not data:
                 raise ValueError("the channel closed before the handover was complete")

@@ -34,6 +34,7 @@ from supervisor.config import EgressSection
 from supervisor.egress import ipc
 from supervisor.egress.accounting import Usage
 from supervisor.egress.grant import Decision, grant_from_wire
+from supervisor.sandbox.fdpass import recv_fds
 
 log = logging.getLogger("supervisor.egress.worker")
 
@@ -70,7 +71,7 @@ class Worker:
         # socketpair of their own, each datagram naming what it carries; see take_fds.
         self.fds = fds
         if fds is not None:
-            fds.setblocking(False)  # socket.recv_fds (3.11) drops its flags: no MSG_DONTWAIT
+            fds.setblocking(False)
         self.received: dict[str, int] = {}
         self.gateway = Gateway(config, self, ssl_context)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -264,7 +265,7 @@ class Worker:
         whatever else is queued is kept for its own message, at most a bounded number."""
         while self.fds is not None:
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.fds, 256, 4)
+                data, fds = recv_fds(self.fds, 256, 4)
             except (BlockingIOError, InterruptedError):
                 break
             if not data and not fds:

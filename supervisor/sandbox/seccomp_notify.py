@@ -36,7 +36,6 @@ arguments the daemon would inspect live in the agent's memory and can change und
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import errno
@@ -56,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.errors import EnforcementError
+from supervisor.sandbox.fdpass import peer_credentials, unix_rights
 from supervisor.sandbox.seccomp_kills import SeccompKillReader, audit_session
 from supervisor.telemetry import SyscallAttempt
 
@@ -414,7 +414,7 @@ class SeccompListener:
                 self._accept_paused_until = time.monotonic() + _ACCEPT_RETRY
                 return
             conn.setblocking(False)
-            if _peer_uid(conn) != 0:
+            if peer_credentials(conn)[1] != 0:
                 log.warning("seccomp listener: refused a connection from a non-root peer")
                 conn.close()
                 continue
@@ -432,7 +432,7 @@ class SeccompListener:
             log.error("seccomp listener: receiving from runc failed: %s", exc.strerror)
             self._end_handshake(handshake, close_fds=True)
             return
-        handshake.fds.extend(_unix_rights(ancdata))
+        handshake.fds.extend(unix_rights(ancdata))
         if flags & socket.MSG_CTRUNC:
             log.error("seccomp listener: runc sent more than %d fds; extra ones were lost",
                       _MAX_FDS)
@@ -673,22 +673,6 @@ def _bind(path: Path) -> socket.socket:
             path=str(path),
         ) from exc
     return sock
-
-
-def _peer_uid(conn: socket.socket) -> int:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
-
-
-def _unix_rights(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            rights = array.array("i")
-            rights.frombytes(data[: len(data) - len(data) % rights.itemsize])
-            fds.extend(rights)
-    return fds
 
 
 def _is_notify_fd(fd: int) -> bool:
