@@ -77,8 +77,9 @@ async def watch(arbiter: Arbiter, live: LiveRun) -> None:
         actor=SYSTEM.label(), verb="exit", scope=f"agent:{agent.name}", target=agent.name,
         previous_state=previous.value, new_state=agent.state,
         detail={"run": run.id, "exit_code": status, "cause": EndCause.EXITED.value,
-                **({"exit_status": "unknown: the run was adopted after a restart, so its "
-                                   "init was not this daemon's child"}
+                **({"exit_status": "unknown: the run was adopted after a restart and "
+                                   + (getattr(handle, "exit_unknown", None)
+                                      or "its init was not this daemon's child")}
                    if status is None and live.adopted else {})},
     )
 

@@ -6,9 +6,12 @@ What a run needs that only a live descriptor keeps, the daemon gives to its watc
 (SCM_RIGHTS over the watchdog's channel, supervisor/daemon/watchdog.py): the read end of each
 run's output pipe (the agent's stdout and stderr would get EPIPE without it) and each run's
 seccomp notify fd (without it the kernel answers the notified syscalls ENOSYS, still denied,
-but uncounted). The watchdog also gets the listening socket the next daemon connects to
-(`<runtime_dir>/handover.sock`, root only). Everything else survives on its own: runc's state,
-the cgroup, the network namespace, the bundle, the run's records in SQLite.
+but uncounted), and one proc connector socket subscribed to process exits before the runs'
+watchers stop (supervisor/sandbox/proc_exits.py: the inits are this daemon's children, so
+their exit statuses reach the next daemon only that way). The watchdog also gets the
+listening socket the next daemon connects to (`<runtime_dir>/handover.sock`, root only).
+Everything else survives on its own: runc's state, the cgroup, the network namespace, the
+bundle, the run's records in SQLite.
 
 While no daemon holds them the watchdog keeps them contained and killable: SIGUSR1 to it or
 the HALT file kills every agent, and so does the end of `[daemon] adopt_window` with no new
@@ -40,9 +43,19 @@ from supervisor.profiles import load_profile
 from supervisor.runtime.base import RunParams
 from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT
 from supervisor.runtime.sandboxed import RuncRunHandle, RuncRuntime
+from supervisor.sandbox import proc_exits
 from supervisor.sandbox.cgroups import Cgroup
 from supervisor.sandbox.fdpass import peer_credentials
-from supervisor.states import EndCause, RunState, Verb
+from supervisor.sandbox.proc_exits import Exit, ExitEvents
+from supervisor.states import (
+    AgentState,
+    EndCause,
+    IllegalTransitionError,
+    RunState,
+    Verb,
+    agent_at_end,
+    run_end,
+)
 
 if TYPE_CHECKING:
     from supervisor.config import Config
@@ -96,6 +109,9 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
     if refused:
         await _kill(core, list(refused), f"{reason}: not handed over")
     keep = [live for live in arbiter.live.values() if live.record.id not in refused]
+    # Subscribed before any run's exit stops being watched here: an init that exits from now
+    # on (its status lost to whoever reaps it) is in this socket's buffer for the next daemon.
+    exits, exits_note = _exit_events() if keep else (None, None)
     fds: list[int] = []
     runs: list[dict[str, Any]] = []
     for live in keep:
@@ -120,10 +136,18 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
         for container_id, kept in (await core.seccomp.stop(keep=list(handed))).items():
             handed[container_id]["seccomp_fds"] = list(range(len(fds), len(fds) + len(kept)))
             fds += kept
+    exits_fd: int | None = None
+    if exits is not None:
+        if runs:
+            exits_fd = len(fds)
+            fds.append(exits.detach())
+        else:
+            exits.close()
     path = socket_path(config)
     message = {"version": VERSION, "from_pid": os.getpid(), "ts": time.time(),
                "window": config.daemon.adopt_window, "halt_file": str(config.halt_file),
-               "socket": str(path), "runs": runs}
+               "socket": str(path), "runs": runs, "exits_fd": exits_fd,
+               "exits_note": exits_note}
     listener: socket.socket | None = None
     try:
         with contextlib.suppress(FileNotFoundError):
@@ -157,7 +181,7 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
     detail = {"window_s": config.daemon.adopt_window, "socket": str(path),
               "runs": [{k: entry[k] for k in ("run_id", "agent", "pid", "produced", "recorded")}
                        | {"seccomp_fds": len(entry["seccomp_fds"])} for entry in runs],
-              "killed": refused}
+              "killed": refused, "exit_events": exits_note or "handed over"}
     log.warning("handed %d run(s) over to the watchdog (adopt_window %g s); killed %d",
                 len(runs), config.daemon.adopt_window, len(refused))
     return detail
@@ -170,6 +194,17 @@ async def _kill(core: Core, run_ids: list[str], reason: str) -> None:
                                       agent_verb=Verb.SHUTDOWN, cause=EndCause.SHUTDOWN):
         if isinstance(result, SupervisorError):
             log.critical("kill at handover failed: %s", result.message)
+
+
+def _exit_events() -> tuple[socket.socket | None, str | None]:
+    """The process exit socket to hand over, or None and why not (the runs are handed over
+    all the same: only their exit statuses would be unknown)."""
+    try:
+        return proc_exits.open_socket(), None
+    except OSError as exc:
+        note = f"no process exit events (proc connector: {exc.strerror or exc})"
+        log.error("%s: the adopted runs' exit statuses will be unknown", note)
+        return None, note
 
 
 def _write_record(path: Path, message: dict[str, Any]) -> None:
@@ -198,16 +233,24 @@ class Adoption:
     from_pid: int | None = None
     # The `adopt` rows (agent, outcome, detail), appended by `audit` after daemon_start.
     rows: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    # Runs whose init exited while no daemon held them: `exit` rows (agent, previous state,
+    # new state, detail).
+    exited: list[tuple[str, str, str, dict[str, Any]]] = field(default_factory=list)
+    exit_events: str = "none handed over"
 
     def audit(self, core: Core) -> None:
         for agent, outcome, detail in self.rows:
             core.audit.append(actor=SYSTEM.label(), verb="adopt", scope=f"agent:{agent}",
                               target=agent, outcome=outcome, detail=detail,
                               reason="handed over by the previous daemon at a restart")
+        for agent, previous, new, detail in self.exited:
+            core.audit.append(actor=SYSTEM.label(), verb="exit", scope=f"agent:{agent}",
+                              target=agent, previous_state=previous, new_state=new,
+                              detail=detail, reason="exited while no daemon held it")
         core.audit.append(actor=SYSTEM.label(), verb="daemon_adopt", scope="global",
                           outcome="ok" if not self.failed else "partial",
                           detail={"from_pid": self.from_pid, "adopted": self.adopted,
-                                  "failed": self.failed})
+                                  "failed": self.failed, "exit_events": self.exit_events})
 
 
 async def adopt(core: Core) -> Adoption | None:
@@ -256,6 +299,7 @@ async def adopt(core: Core) -> Adoption | None:
     result = Adoption()
     result.from_pid = handover["from_pid"]
     used: set[int] = set()
+    exits, result.exit_events = _take_exit_events(handover, fds, used)
     for entry in handover["runs"]:
         mine = [entry["output_fd"], *entry["seccomp_fds"]]
         owned = [fds[i] for i in mine]
@@ -263,7 +307,7 @@ async def adopt(core: Core) -> Adoption | None:
         run_id = entry["run_id"]
         try:
             try:
-                detail = await _adopt_run(core, entry, fds)
+                detail = await _adopt_run(core, entry, fds, exits, result.exit_events)
             except NotAdopted:
                 raise
             except Exception as exc:  # one bad entry must not take the others with it
@@ -273,9 +317,20 @@ async def adopt(core: Core) -> Adoption | None:
             for fd in owned:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+            row = {"run": run_id, "error": str(exc)}
+            if exits is not None:
+                # Gone before this daemon could take it: its exit waits in the socket. Only an
+                # init that ended in its own cgroup ended by itself; a cgroup gone or changed
+                # is someone else's doing, reaped and held like any leftover (the code is
+                # only noted).
+                status = exits.exited(entry["pid"])
+                exits.forget(entry["pid"])
+                if status is not None:
+                    row["exit_code"] = status.code
+                    if exc.code in _ENDED_BY_ITSELF:
+                        _ended_meanwhile(core, run_id, status, result)
             result.failed[run_id] = {"code": exc.code, "message": str(exc)}
-            result.rows.append((entry["agent"], f"failed:{exc.code}",
-                                {"run": run_id, "error": str(exc)}))
+            result.rows.append((entry["agent"], f"failed:{exc.code}", row))
             log.error("run %s not adopted: %s", run_id, exc)
             continue
         result.adopted.append(run_id)
@@ -285,6 +340,60 @@ async def adopt(core: Core) -> Adoption | None:
             with contextlib.suppress(OSError):
                 os.close(fd)
     return result
+
+
+_ENDED_BY_ITSELF = frozenset({"no_processes", "init_gone"})
+
+
+def _take_exit_events(handover: dict[str, Any], fds: list[int], used: set[int]
+                      ) -> tuple[ExitEvents | None, str]:
+    """The process exit socket the previous daemon opened before it stopped watching its
+    runs, watching every handed-over init before anything is read from it (an exit already
+    queued is kept); None and why when there is none."""
+    index = handover.get("exits_fd")
+    if index is None:
+        return None, str(handover.get("exits_note") or "none handed over")
+    used.add(index)
+    try:
+        exits = ExitEvents.from_fd(fds[index])
+    except (OSError, ValueError) as exc:
+        log.error("the process exit socket handed over is unusable: %s", exc)
+        return None, f"the socket handed over is unusable: {exc}"
+    for entry in handover["runs"]:
+        exits.watch(entry["pid"])
+    exits.start()
+    return exits, "handed over"
+
+
+def _ended_meanwhile(core: Core, run_id: str, status: Exit, result: Adoption) -> bool:
+    """Record a run whose init exited while no daemon held it as exited with its status (the
+    rest of it is reaped by reconcile like any leftover). False if it cannot end that way."""
+    run = core.store.run(run_id)
+    if run is None or run.ended_at is not None:
+        return False
+    try:
+        run.state = run_end(RunState(run.state), EndCause.EXITED).value
+    except (IllegalTransitionError, ValueError):
+        return False
+    run.end_cause = EndCause.EXITED.value
+    run.end_reason = "exited while no daemon held it (handed over at a restart)"
+    run.exit_code = status.code
+    run.ended_at = time.time()
+    core.store.put_run(run)
+    agent = core.arbiter.agents.get(run.agent)
+    previous = new = ""
+    if agent is not None and agent.current_run == run.id:
+        previous = agent.state
+        agent.current_run = None
+        agent.last_run = run.id
+        agent.state = agent_at_end(AgentState(agent.state), EndCause.EXITED).value
+        agent.updated_at = time.time()
+        core.store.put_agent(agent)
+        new = agent.state
+    result.exited.append((run.agent, previous, new, {
+        "run": run.id, "exit_code": status.code, "cause": EndCause.EXITED.value,
+        **({"exit_status": f"unknown: {status.why}"} if status.code is None else {})}))
+    return True
 
 
 # What each handed-over run must carry, and of what type (bool is no int here).
@@ -318,9 +427,15 @@ def check_record(handover: dict[str, Any], nfds: int) -> None:
                 raise ValueError(f"run {n} of the record: descriptor index {index!r} is not "
                                  f"one of the {nfds} received, or not its own")
             seen.add(index)
+    exits_fd = handover.get("exits_fd")
+    if exits_fd is not None and (not isinstance(exits_fd, int) or isinstance(exits_fd, bool)
+                                 or not 0 <= exits_fd < nfds or exits_fd in seen):
+        raise ValueError(f"the record's exits_fd {exits_fd!r} is not one of the {nfds} "
+                         f"descriptors received, or not its own")
 
 
-async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
+                     exits: ExitEvents | None, exits_note: str) -> dict[str, Any]:
     """Check the run is whole, then take it: runtime state, cgroup, init pidfd, output,
     seccomp fds, observers, exit watching, the execution window. NotAdopted if any part is
     missing; nothing of it is registered then."""
@@ -380,6 +495,9 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int]) -> dict[
         profile=profile, command=run.command, uid_slot=run.uid_slot, workspace=run.workspace)
     handle = RuncRunHandle(runc, params, pid, pidfd, output)
     handle.cgroup = cgroup
+    handle.exits = exits
+    if exits is None:
+        handle.exit_unknown = f"the previous daemon handed over no exit events: {exits_note}"
     live = LiveRun(record=run, handle=handle, profile=profile, tripwires=tripwires,
                    adopted=True)
     live.ready.set()
@@ -402,4 +520,5 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int]) -> dict[
             "runtime_state": state.status, "output": {"produced": output.produced,
                                                       "recorded": output.recorded},
             "seccomp_fds": seccomp, "timeout_left_s": left,
-            "exit_status": "unknown at its end: its init is not this daemon's child"}
+            "exit_status": "from the kernel's process exit events" if exits is not None
+            else f"unknown at its end: {handle.exit_unknown}"}

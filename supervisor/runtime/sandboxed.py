@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor.errors import EnforcementError, RuntimeFailure
 from supervisor.profiles import load_seccomp
@@ -41,6 +41,9 @@ from supervisor.sandbox.bundle import (
 from supervisor.sandbox.cgroups import Cgroup, detect_mode, unified_root
 from supervisor.sandbox.userns import UsernsLimits
 
+if TYPE_CHECKING:
+    from supervisor.sandbox.proc_exits import ExitEvents
+
 log = logging.getLogger(__name__)
 
 # A run's cleanup (step 6, after its kill was answered) is background work: its `runc delete`
@@ -60,6 +63,11 @@ class RuncRunHandle(CgroupControl):
         self.cgroup = Cgroup(params.cgroup)
         self._exit: asyncio.Future[int | None] | None = None
         self._cleaned = False
+        # An adopted run (daemon/handover.py): its init is not this daemon's child, so its
+        # status comes from the kernel's process exit events; why it is unknown if it is.
+        self.exits: ExitEvents | None = None
+        self.exit_unknown: str | None = None
+        self._from_events: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.runtime.runc.start(self.params.container_id)
@@ -88,6 +96,10 @@ class RuncRunHandle(CgroupControl):
                     status = os.waitstatus_to_exitcode(raw)
                     status = 128 - status if status < 0 else status
                 except ChildProcessError:
+                    if self.exits is not None:
+                        self._from_events = loop.create_task(self._status_from_events(
+                            self.exits, self.pid))
+                        return
                     status = None
             if not self._exit.done():
                 self._exit.set_result(status)
@@ -98,9 +110,19 @@ class RuncRunHandle(CgroupControl):
             loop.add_reader(pidfd, reap)
         return self._exit
 
+    async def _status_from_events(self, exits: ExitEvents, pid: int) -> None:
+        got = await asyncio.to_thread(exits.status, pid)
+        self.exit_unknown = got.why or None
+        assert self._exit is not None
+        if not self._exit.done():
+            self._exit.set_result(got.code)
+
     def release(self) -> None:
         """Handed over to the next daemon: stop watching the init (its pidfd) and let go of
         the held cgroup files; the run itself is left exactly as it is."""
+        if self.exits is not None and self.pid is not None:
+            self.exits.forget(self.pid)
+            self.exits = None
         pidfd, self._pidfd = self._pidfd, None
         if pidfd is not None:
             if self._exit is not None:

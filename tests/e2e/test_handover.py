@@ -185,6 +185,9 @@ def test_a_run_whose_cgroup_vanished_is_not_adopted(tmp_root: Path) -> None:
         adopts = {r["detail"]["run"]: r for r in _rows(daemon, "adopt")}
         assert adopts[whole["id"]]["outcome"] == "ok"
         assert adopts[broken["id"]]["outcome"] == "failed:cgroup_missing"
+        # Its init's end is known (SIGKILL by cgroup.kill) but was not its own doing: noted,
+        # and the run is reaped, its agent held, as any run whose cgroup vanished.
+        assert adopts[broken["id"]]["detail"]["exit_code"] == 137
         assert daemon.client.agent("whole")["state"] == "active"
         broken_view = daemon.client.agent("broken")
         assert broken_view["run"]["state"] == "killed"
@@ -262,5 +265,77 @@ def test_no_handover_to_a_watchdog_outside_its_cgroup(tmp_root: Path) -> None:
         assert kills and "not in its cgroup" in kills[-1]["reason"], kills
         assert daemon.client.agent("kept")["run"]["state"] == "killed"
         assert not _rows(daemon, "adopt") and not _rows(daemon, "watchdog_kill")
+    finally:
+        _finish(daemon)
+
+
+# Ends with `code` on SIGUSR1 (after the `sleep` under way); until then it waits.
+def _exits_on_usr1(code: int) -> list[str]:
+    return ["/bin/sh", "-c", f"trap 'exit {code}' USR1; while :; do sleep 0.1; done"]
+
+
+def _shell_of(init: int) -> int:
+    [shell] = _lasting(init)[1:]
+    return shell
+
+
+def test_an_adopted_runs_exit_status_is_its_own(tmp_root: Path) -> None:
+    """Its init is not the next daemon's child, so waitpid there finds nothing: the status
+    comes from the kernel's process exit events, through a socket the previous daemon opened
+    before it stopped watching and handed over with the runs. Docker's codes: its own exit
+    code, 143 after SIGTERM, 137 after SIGKILL; and a run that exits while no daemon holds it
+    is recorded exited with its code, not reaped."""
+    daemon = new_daemon(tmp_root)
+    daemon.start()
+    try:
+        daemon.agentctl("run", "--detach", "--name", "three", "--", *_exits_on_usr1(3),
+                        check=True)
+        daemon.agentctl("run", "--detach", "--name", "meanwhile", "--",
+                        *_exits_on_usr1(7), check=True)
+        for name in ("termed", "killed"):
+            daemon.agentctl("run", "--detach", "--name", name, "--", "sleep", "600",
+                            check=True)
+        wait_for(lambda: all(len(_lasting(daemon.client.agent(n)["run"]["pid"])) == 2
+                             for n in ("three", "meanwhile", "termed", "killed")),
+                 timeout=30, what="the four agents")
+        inits = {n: daemon.client.agent(n)["run"]["pid"]
+                 for n in ("three", "meanwhile", "termed", "killed")}
+        runs = {n: daemon.client.agent(n)["run"]["id"] for n in inits}
+        _hand_over(daemon)
+        # While no daemon holds it, one run ends by itself: its init is reaped by whoever
+        # inherits it, and its status waits in the handed-over socket.
+        os.kill(_shell_of(inits["meanwhile"]), signal.SIGUSR1)
+        wait_for(lambda: not _alive([inits["meanwhile"]]), timeout=10,
+                 what="the run to exit while handed over")
+
+        daemon.start()
+        adopts = {r["target"]: r for r in _rows(daemon, "adopt")}
+        assert {n: adopts[n]["outcome"] for n in ("three", "termed", "killed")} == {
+            "three": "ok", "termed": "ok", "killed": "ok"}, adopts
+        assert adopts["three"]["detail"]["exit_status"] == \
+            "from the kernel's process exit events"
+        assert adopts["meanwhile"]["outcome"].startswith("failed:"), adopts["meanwhile"]
+        assert adopts["meanwhile"]["detail"]["exit_code"] == 7
+        meanwhile = daemon.client.agent("meanwhile")["run"]
+        assert (meanwhile["id"], meanwhile["state"], meanwhile["exit_code"]) == (
+            runs["meanwhile"], "exited", 7), meanwhile
+        assert _rows(daemon, "daemon_adopt")[-1]["detail"]["exit_events"] == "handed over"
+
+        os.kill(_shell_of(inits["three"]), signal.SIGUSR1)
+        os.kill(_shell_of(inits["termed"]), signal.SIGTERM)  # tini: 128 + SIGTERM
+        os.kill(inits["killed"], signal.SIGKILL)  # the init itself: 128 + SIGKILL
+        for name in ("three", "termed", "killed"):
+            wait_for(lambda name=name: daemon.client.agent(name)["run"]["state"] != "running",
+                     timeout=30, what=f"{name} to end")
+        codes = {n: daemon.client.agent(n)["run"] for n in ("three", "termed", "killed")}
+        assert {n: (r["id"], r["state"], r["exit_code"]) for n, r in codes.items()} == {
+            "three": (runs["three"], "exited", 3), "termed": (runs["termed"], "exited", 143),
+            "killed": (runs["killed"], "exited", 137)}, codes
+        exits = {r["target"]: r["detail"] for r in _rows(daemon, "exit")}
+        assert {n: exits[n]["exit_code"] for n in inits} == {
+            "three": 3, "meanwhile": 7, "termed": 143, "killed": 137}, exits
+        assert not any("exit_status" in d for d in exits.values()), exits
+        assert not any(r["target"] == "meanwhile" for r in _rows(daemon, "reap"))
+        assert daemon.client.audit_verify()["ok"]
     finally:
         _finish(daemon)

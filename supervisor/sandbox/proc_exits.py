@@ -1,0 +1,253 @@
+"""Exit statuses of processes that are not this daemon's children: the kernel's proc connector
+(NETLINK_CONNECTOR, CN_IDX_PROC) multicasts PROC_EVENT_EXIT with the exit code of every
+process that exits on the host. Needs CAP_NET_ADMIN in the initial user and pid namespaces
+(the kernel sends these events to no other listener).
+
+Why. At a restart the runs go to the next daemon (daemon/handover.py), but a run's init stays
+the child of the daemon that launched it; once that daemon exits the init is reparented to
+PID 1 (or the nearest subreaper), which reaps it, and waitpid in the next daemon finds no
+child. The daemon that hands over opens one of these sockets before it stops watching its
+runs, hands it to the watchdog with the runs, and the next daemon reads it: an exit between
+the handover and the adoption waits in the socket's buffer.
+
+The socket carries a classic BPF filter that passes only exits of whole processes (pid ==
+tgid: a thread's exit is not the process's), so the buffer holds nothing else, and a forced
+receive buffer. What is not read in time is lost: the kernel then answers ENOBUFS once, and an
+exit not found after that is reported unknown with that reason, never guessed."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+NETLINK_CONNECTOR = 11
+CN_IDX_PROC = 1
+CN_VAL_PROC = 1
+PROC_CN_MCAST_LISTEN = 1
+PROC_EVENT_EXIT = 0x80000000
+NLMSG_DONE = 3
+SO_ATTACH_FILTER = 26
+SO_RCVBUFFORCE = 33
+RECEIVE_BUFFER = 8 << 20  # charged only while used: ~10,000 queued exits
+# The event's layout: nlmsghdr (16), cn_msg (20), then proc_event: what, cpu, timestamp_ns,
+# and for an exit: process_pid, process_tgid, exit_code, exit_signal.
+_NLMSG = struct.Struct("=IHHII")
+_CN_MSG = struct.Struct("=IIIIHH")
+_WHAT_AT = _NLMSG.size + _CN_MSG.size
+_EXIT = struct.Struct("=iiII")
+_EXIT_AT = _WHAT_AT + 16
+_EVENT_SIZE = _EXIT_AT + _EXIT.size
+LATE_EVENT = 1.0  # the event follows the pidfd's wake-up (exit_notify, then the connector)
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _exits_only() -> bytes:
+    """The filter: the event is an exit, of a thread group's leader. BPF loads are big-endian,
+    the event's fields are the host's order; equality of pid and tgid does not care."""
+    what = struct.unpack(">I", struct.pack("=I", PROC_EVENT_EXIT))[0]
+    ld_abs, jeq_k, jeq_x, tax, ret = 0x20, 0x15, 0x1D, 0x07, 0x06
+    program = [
+        (ld_abs, 0, 0, _WHAT_AT),
+        (jeq_k, 0, 4, what),          # not an exit: drop
+        (ld_abs, 0, 0, _EXIT_AT),     # process_pid
+        (tax, 0, 0, 0),
+        (ld_abs, 0, 0, _EXIT_AT + 4),  # process_tgid
+        (jeq_x, 0, 1, 0),             # a thread, not the process: drop
+        (ret, 0, 0, 0xFFFFFFFF),
+        (ret, 0, 0, 0),
+    ]
+    return b"".join(struct.pack("=HBBI", *insn) for insn in program)
+
+
+def _attach_filter(sock: socket.socket) -> None:
+    code = _exits_only()
+    count = len(code) // ctypes.sizeof(_SockFilter)
+    insns = (_SockFilter * count).from_buffer_copy(code)
+    prog = _SockFprog(count, ctypes.cast(insns, ctypes.POINTER(_SockFilter)))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(
+        ctypes.string_at(ctypes.addressof(prog), ctypes.sizeof(prog))))
+
+
+def open_socket() -> socket.socket:
+    """A connector socket subscribed to process exits, filtered, non-blocking, close-on-exec.
+    OSError (EPERM without CAP_NET_ADMIN) if the kernel refuses any step."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
+                         NETLINK_CONNECTOR)
+    try:
+        _attach_filter(sock)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        sock.bind((0, CN_IDX_PROC))
+        op = struct.pack("=I", PROC_CN_MCAST_LISTEN)
+        cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(op), 0)
+        body = cn + op
+        sock.send(_NLMSG.pack(_NLMSG.size + len(body), NLMSG_DONE, 0, 0, os.getpid()) + body)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def docker_status(wait_status: int) -> int:
+    """The event's exit_code is the raw wait status: the code as exit(3) gave it, or 128 plus
+    the signal that ended it (137 SIGKILL, 143 SIGTERM), as Docker reports them."""
+    code = os.waitstatus_to_exitcode(wait_status & 0xFFFF)
+    return 128 - code if code < 0 else code
+
+
+@dataclass(frozen=True)
+class Exit:
+    code: int | None
+    why: str = ""  # why the code is unknown; "" when it is known
+
+
+class ExitEvents:
+    """Reads exits from a socket of `open_socket` on a thread of its own and keeps those of the
+    pids it is asked to watch (bounded by them); everything else is dropped as it is read, so
+    the buffer never fills while the daemon runs. Closes itself when the last watched pid is
+    forgotten."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock: socket.socket | None = sock
+        self._lock = threading.Lock()
+        self._watched: set[int] = set()
+        self._exits: dict[int, int] = {}
+        self.lost: str | None = None  # the kernel dropped events (ENOBUFS): when
+        self._thread: threading.Thread | None = None
+        self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    @classmethod
+    def from_fd(cls, fd: int) -> ExitEvents:
+        """Take a socket handed over (daemon/handover.py); ValueError if it is not one."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            raise
+        if sock.family != socket.AF_NETLINK or sock.proto != NETLINK_CONNECTOR:
+            sock.close()
+            raise ValueError("the descriptor handed over for exits is not a connector socket")
+        return cls(sock)
+
+    def watch(self, pid: int) -> None:
+        with self._lock:
+            self._watched.add(pid)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._read_on, name="proc-exits", daemon=True)
+        self._thread.start()
+
+    def _read_on(self) -> None:
+        while True:
+            with self._lock:
+                sock = self._sock
+            if sock is None:
+                return
+            with contextlib.suppress(InterruptedError, OSError, ValueError):
+                select.select([sock.fileno(), self._wake_read], [], [], 1.0)
+            self._drain()
+
+    def _drain(self) -> None:
+        """Read everything queued now, keeping the watched pids' exits."""
+        with self._lock:
+            sock = self._sock
+            if sock is None:
+                return
+            while True:
+                try:
+                    data = sock.recv(4096)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    if exc.errno == errno.ENOBUFS:
+                        self.lost = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                        log.error("process exit events were dropped by the kernel (ENOBUFS): "
+                                  "an adopted run's exit status may be unknown")
+                        continue
+                    log.error("the process exit socket failed: %s", exc)
+                    self.lost = f"the socket failed: {exc}"
+                    return
+                if len(data) < _EVENT_SIZE:
+                    continue
+                (what,) = struct.unpack_from("=I", data, _WHAT_AT)
+                pid, tgid, exit_code, _signal = _EXIT.unpack_from(data, _EXIT_AT)
+                if what == PROC_EVENT_EXIT and pid == tgid and pid in self._watched:
+                    self._exits[pid] = exit_code
+
+    def status(self, pid: int, wait: float = LATE_EVENT) -> Exit:
+        """The Docker-like exit status of `pid`, which has exited (its pidfd said so); waits
+        up to `wait` for its event, which the kernel sends just after that. Forgets `pid`.
+        Blocking: call it off the event loop."""
+        deadline = time.monotonic() + wait
+        try:
+            while True:
+                self._drain()
+                with self._lock:
+                    if pid in self._exits:
+                        return Exit(docker_status(self._exits[pid]))
+                    sock = self._sock
+                left = deadline - time.monotonic()
+                if sock is None or left <= 0:
+                    break
+                with contextlib.suppress(InterruptedError, OSError, ValueError):
+                    select.select([sock], [], [], left)
+            if self.lost is not None:
+                return Exit(None, f"the kernel dropped process exit events (ENOBUFS, at "
+                                  f"{self.lost}) before this daemon read them")
+            return Exit(None, "no exit event for its init arrived")
+        finally:
+            self.forget(pid)
+
+    def exited(self, pid: int) -> Exit | None:
+        """The status of `pid` if its exit has been read (non-blocking), else None."""
+        self._drain()
+        with self._lock:
+            if pid in self._exits:
+                return Exit(docker_status(self._exits[pid]))
+        return None
+
+    def forget(self, pid: int) -> None:
+        with self._lock:
+            self._watched.discard(pid)
+            self._exits.pop(pid, None)
+            last = not self._watched
+        if last:
+            self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.write(self._wake_write, b"x")
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2.0)
+        for fd in (self._wake_read, self._wake_write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_read = self._wake_write = -1
