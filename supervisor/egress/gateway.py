@@ -56,7 +56,7 @@ from supervisor.egress.accounting import (
     tokens_in,
 )
 from supervisor.egress.calls import CallLog, CallMeter, StreamUsage
-from supervisor.egress.grant import Decision, RunGrant
+from supervisor.egress.grant import Carried, Decision, RunGrant
 from supervisor.egress.reflection import Reflection, SecretReflected
 from supervisor.egress.target import (
     MethodOverride,
@@ -400,10 +400,12 @@ class Gateway:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     async def open(self, grant: RunGrant,
-                   stdio: dict[str, socket.socket] | None = None) -> None:
+                   stdio: dict[str, socket.socket] | None = None,
+                   carried: Carried | None = None) -> None:
         """Listen for `grant`'s run on its host address (called from the daemon's loop);
-        `stdio`: the run's stdio MCP servers, a socket to each one's stdin and stdout."""
-        await asyncio.wrap_future(self._submit(self._open(grant, stdio or {})))
+        `stdio`: the run's stdio MCP servers, a socket to each one's stdin and stdout;
+        `carried`: what the run's gate had before a restart (an adopted run)."""
+        await asyncio.wrap_future(self._submit(self._open(grant, stdio or {}, carried)))
 
     async def close(self, run_id: str) -> Usage | None:
         """Revoke, cut every connection, stop listening; the run's final usage."""
@@ -502,8 +504,17 @@ class Gateway:
         if self._session is not None:
             await self._session.close()
 
-    async def _open(self, grant: RunGrant, stdio: dict[str, socket.socket]) -> None:
+    async def _open(self, grant: RunGrant, stdio: dict[str, socket.socket],
+                    carried: Carried | None = None) -> None:
         gate = _Gate(grant, self.clock())
+        if carried is not None:
+            # An adopted run: its counts and decisions go on; the breaker's window of recent
+            # requests starts empty (its times were the old worker's), an open one stays open.
+            gate.usage = carried.usage.copy()
+            gate.breaker.tripped = carried.breaker
+            gate.budget_fired = carried.budget_fired
+            if carried.suspended:
+                gate.state = "suspended"
         if stdio:
             await mcp_gateway.open_stdio(gate, stdio)
         server = _Server(self._handler(gate), lambda what: self._bad_request(gate, what),

@@ -189,6 +189,15 @@ class AddressPool:
             step="allocate", pool=str(self.network), held=len(self._held),
             host_networks=sorted(str(n) for n in taken))
 
+    def reserve(self, addresses: LinkAddresses) -> bool:
+        """Hold the /30 an adopted run's link already has (handed over at a restart);
+        False when this pool holds it already (another run of this daemon has it)."""
+        with self._lock:
+            if addresses.network in self._held:
+                return False
+            self._held.add(addresses.network)
+            return True
+
     def release(self, addresses: LinkAddresses) -> None:
         with self._lock:
             self._held.discard(addresses.network)

@@ -33,7 +33,7 @@ import pyprctl
 from supervisor.config import EgressSection
 from supervisor.egress import ipc
 from supervisor.egress.accounting import Usage
-from supervisor.egress.grant import Decision, grant_from_wire
+from supervisor.egress.grant import Decision, carried_from_wire, grant_from_wire
 from supervisor.sandbox.fdpass import recv_fds
 
 log = logging.getLogger("supervisor.egress.worker")
@@ -290,9 +290,11 @@ class Worker:
         stdio: dict[str, socket.socket] = {}
         try:
             grant = grant_from_wire(message["grant"])
+            carried = message.get("carried")
             stdio = self.take_fds({str(k): str(v) for k, v in
                                    dict(message.get("stdio") or {}).items()})
-            await self.gateway.open(grant, stdio)
+            await self.gateway.open(grant, stdio, None if carried is None
+                                    else carried_from_wire(dict(carried)))
         except Exception as exc:  # a grant the worker cannot use: the launch fails closed
             for sock in stdio.values():
                 sock.close()  # a no-op for those a bridge took (and closed)
@@ -316,6 +318,8 @@ class Worker:
             snapshot["usage"], snapshot["denials"] = usage.as_dict(), dict(usage.refusals)
             if calls is not None:
                 snapshot["calls"] = calls.as_dict()
+            if gate is not None:  # for a handover (what the next worker's gate carries on)
+                snapshot["budget_fired"] = gate.budget_fired
         self._reply(message, **(snapshot or {"usage": None}))
 
     def _decide(self, message: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ from supervisor.daemon.drills import token_refused
 from supervisor.daemon.killpath import Credential
 from supervisor.egress.accounting import Usage
 from supervisor.egress.gateway import DENIED_HEADER, Gateway
-from supervisor.egress.grant import Decision, RunGrant
+from supervisor.egress.grant import Carried, Decision, RunGrant, carried_from_wire, carried_to_wire
 from supervisor.models.egress import GatewayPolicy
 from tests.support import upstream as support
 from tests.support.upstream import Upstream, make_ca
@@ -247,12 +247,12 @@ class Env:
 
     def open(self, policy: GatewayPolicy | None = None, *, run_id: str = RUN,
              token: str = TOKEN, expires_at: float = T0 + 3600,
-             agent_usage: Usage | None = None) -> int:
+             agent_usage: Usage | None = None, carried: Carried | None = None) -> int:
         grant = RunGrant(run_id=run_id, agent="agent-a", token=token, expires_at=expires_at,
                          policy=policy or self.policy(), host_ip="127.0.0.1",
                          port=free_port(), secrets={"llm": SECRET, "pay": SECRET},
                          agent_usage=agent_usage or Usage())
-        asyncio.run(self.gateway.open(grant))
+        asyncio.run(self.gateway.open(grant, carried=carried))
         self.runs[run_id] = grant
         return grant.port
 
@@ -1484,3 +1484,58 @@ def test_each_route_call_is_listed_with_its_status_bytes_and_tokens(env: Env) ->
     assert all(c["reply_bytes"] > 0 and c["duration_ms"] >= 0 and c["ts"] > 0
                for c in calls)
     assert "abc" not in json.dumps(calls)
+
+
+# ----------------------------------------------------------------------------- a restart
+
+
+def test_an_adopted_runs_gate_goes_on_from_the_counts_it_carried(env: Env) -> None:
+    # Handed over at a restart with 2 requests made: a run budget of 3 leaves it one.
+    policy = env.policy(budget={"action": "alert", "run": {"requests": 3}})
+    port = env.open(policy, carried=Carried(usage=Usage(requests=2, bytes=10, spend=0.5)))
+    assert env.get(port).status == 200
+    reply = env.get(port)
+    assert (reply.status, reply.code) == (429, "budget_exceeded")
+    usage = usage_once(env, lambda u: u.denied == 1)
+    assert (usage.requests, usage.spend) == (3, 0.5)
+    assert len(env.sink.of("budget_exceeded")) == 1
+
+
+def test_a_budget_that_fired_before_the_restart_does_not_fire_again(env: Env) -> None:
+    policy = env.policy(budget={"action": "pause", "run": {"requests": 2}})
+    port = env.open(policy, carried=Carried(usage=Usage(requests=2), budget_fired=True))
+    assert env.get(port).code == "budget_exceeded"
+    assert env.sink.of("budget_exceeded") == []  # its tripwire acted once, before
+
+
+def test_an_open_breaker_stays_open_until_a_human_resets_it(env: Env) -> None:
+    port = env.open(env.policy(breaker={"window": 10, "min_requests": 3}),
+                    carried=Carried(breaker="error rate 1.00 over 3 requests"))
+    reply = env.get(port)
+    assert (reply.status, reply.code) == (503, "breaker_open")
+    assert env.upstream.seen == []
+    assert env.gateway.reset_breaker(RUN) == "error rate 1.00 over 3 requests"
+    assert env.get(port).status == 200
+
+
+def test_a_paused_run_is_adopted_suspended_and_resumes(env: Env) -> None:
+    port = env.open(carried=Carried(suspended=True))
+    assert env.get(port).code == "token_suspended"
+    env.gateway.resume(RUN)
+    assert env.get(port).status == 200
+
+
+def test_carried_state_crosses_the_wire_and_bad_values_are_refused() -> None:
+    carried = Carried(usage=Usage(1, 2, 0.25, 4, 5, 6), breaker="why", budget_fired=True,
+                      suspended=True)
+    assert carried_from_wire(json.loads(json.dumps(carried_to_wire(carried)))) == carried
+    wire = carried_to_wire(Carried())
+    for bad in ({"usage": {**wire["usage"], "requests": -1}},
+                {"usage": {**wire["usage"], "bytes": True}},
+                {"usage": {**wire["usage"], "spend": float("nan")}},
+                {"usage": {**wire["usage"], "spend": "1"}},
+                {"breaker": 3}, {"budget_fired": 1}, {"suspended": None}):
+        with pytest.raises(ValueError):
+            carried_from_wire({**wire, **bad})
+    with pytest.raises(KeyError):
+        carried_from_wire({k: v for k, v in wire.items() if k != "breaker"})
