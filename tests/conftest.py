@@ -40,6 +40,12 @@ def require_root_and_runc() -> None:
     require(shutil.which("runc") is not None, "needs runc (apt-get install runc)")
 
 
+def require_gateway() -> None:
+    """What a run behind the egress gateway needs: root, runc and nft."""
+    require_root_and_runc()
+    require(shutil.which("nft") is not None, "needs nft (apt-get install nftables)")
+
+
 def require_docker() -> None:
     require(docker_reachable(), "needs a running dockerd (apt-get install docker.io; "
             "scripts/test.sh starts one)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
 import logging
 import math
@@ -29,9 +30,10 @@ from supervisor.config import Config
 from supervisor.daemon.arbiter import Arbiter, LiveRun
 from supervisor.daemon.containment import Containment
 from supervisor.daemon.killpath import Credential
+from supervisor.daemon.store import RunRecord
 from supervisor.egress import link, nft
 from supervisor.egress.accounting import Usage
-from supervisor.egress.grant import RunGrant, grant_to_wire
+from supervisor.egress.grant import Carried, RunGrant, carried_to_wire, grant_to_wire
 from supervisor.egress.secrets import load_secret
 from supervisor.egress.worker_process import REQUEST_TIMEOUT, WorkerProcess
 from supervisor.errors import (
@@ -48,9 +50,11 @@ from supervisor.errors import (
 )
 from supervisor.mcp.sandbox import RunServers, StdioLauncher
 from supervisor.models import Actor, Approval
+from supervisor.models.egress import GatewayPolicy
 from supervisor.profiles import load_profile
 from supervisor.runtime.init import SandboxInit
 from supervisor.runtime.runc import Runc
+from supervisor.states import RunState
 from supervisor.tripwires import Firing
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,7 @@ _MCP_EXCESS_KEYS = 32  # outcomes named in the summary's count of decisions past
 _MAX_PENDING_APPROVALS = 4096
 _READ_TIMEOUT = 2.0  # a usage read waits this long for the worker, then shows the last snapshot
 _DETAIL_LIMIT = 8192  # bytes of JSON in a refusal's detail (the worker sends at most 4096)
+CARRIED_DENIALS_BYTES = 1024  # of a run's refusal tally in a handover record
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS egress_usage (
@@ -85,6 +90,15 @@ def _clipped(detail: Any) -> dict[str, Any]:
     if isinstance(detail, dict) and len(json.dumps(detail, default=str)) <= _DETAIL_LIMIT:
         return detail
     return {"detail_withheld": "larger than the gateway sends"}
+
+
+def _summed(carried: dict[str, int], reported: Any) -> dict[str, int]:
+    """A refusal tally the worker reported (a dict of counts, or nothing) added to `carried`."""
+    total = dict(carried)
+    if isinstance(reported, dict):
+        for key, count in reported.items():
+            total[str(key)] = total.get(str(key), 0) + int(count)
+    return total
 
 
 # The refusal tally in a run's egress_summary row: well inside the audit's cap on a row's
@@ -206,6 +220,8 @@ class _RunEgress:
     mcp_calls: int = 0
     mcp_cost: float = 0.0
     stdio: RunServers | None = None  # its stdio MCP servers, reaped after its end
+    # Refusals the previous daemon's worker counted (an adopted run; bounded in the record).
+    carried_denials: dict[str, int] = field(default_factory=dict)
 
     def usage(self) -> Usage:
         return Usage(**self.snapshot["usage"]) if self.snapshot.get("usage") else Usage()
@@ -253,9 +269,13 @@ class EgressControl:
         self.worker.stop()
 
     def reap_leftovers(self) -> list[str]:
-        """nftables tables a previous instance left (its veths went with its netns)."""
+        """nftables tables a previous instance left (its veths went with its netns); those of
+        runs this daemon adopted are theirs."""
         removed = []
+        adopted = {state.network.table for state in self.runs.values()}
         for table in nft.tables_with_prefix(self.config.sandbox.name_prefix):
+            if table in adopted:
+                continue
             nft.remove(table)
             removed.append(table)
         if removed:
@@ -276,8 +296,7 @@ class EgressControl:
         run, profile = live.record, live.profile
         assert profile is not None
         policy = profile.network.gateway
-        secret_values = {route.name: load_secret(route.secret, self.config.egress.secrets_dir)
-                         for route in policy.routes}
+        secret_values = self._secret_values(policy)
         secret_values.update({mcp_secret_key(server.name): load_secret(
             server.secret, self.config.egress.secrets_dir)
             for server in policy.mcp.servers if server.secret is not None})
@@ -326,6 +345,128 @@ class EgressControl:
                "https_proxy": proxy, "NO_PROXY": "", "no_proxy": "",
                "AGENT_SUPERVISOR_GATEWAY": f"{addresses.host_ip}:{self.config.egress.port}"}
         return network, env
+
+    def _secret_values(self, policy: GatewayPolicy) -> dict[str, str]:
+        """Each route's secret as this daemon's configuration names it now (fail closed:
+        EgressSetupFailed naming the reference, never a value)."""
+        return {route.name: load_secret(route.secret, self.config.egress.secrets_dir)
+                for route in policy.routes}
+
+    # ---------------------------------------------------- a restart (daemon/handover.py)
+
+    def handover_refusal(self, run_id: str) -> str | None:
+        """Why the run's gateway session cannot go to the next daemon; None when it can."""
+        state = self.runs.get(run_id)
+        if state is None or state.lost:
+            return "its egress gateway session is lost (the gateway worker died)"
+        if state.revoked:
+            return "its gateway token is revoked"
+        if state.grant.policy.mcp.servers or state.stdio is not None:
+            return ("runs with MCP servers are not handed over (their sessions and stdio "
+                    "servers live in the gateway worker)")
+        return None
+
+    async def hand_over(self, run_id: str) -> dict[str, Any]:
+        """An orderly restart hands `run_id` to the next daemon: held requests are cancelled
+        (audited; the agent is told to retry), the run's gate is closed in this worker, which
+        answers with what it counted, and the run leaves this daemon's books without an end
+        (no egress_summary, nothing added to its agent's usage; its /30, veth and nft table
+        stay as they are). Returns the run's entry of the handover record: its link, the
+        token the agent holds, its expiry and the gate's counts and decisions; never a secret.
+        EgressSetupFailed when the counts cannot be had (the run is then killed)."""
+        why = self.handover_refusal(run_id)
+        if why is not None:
+            raise EgressSetupFailed(why, run=run_id)
+        state = self.runs[run_id]
+        self._cancel_approvals(run_id, "the supervisor restarted: a request held for an "
+                                       "operator is not handed over (the agent may retry)")
+        try:
+            reply = await self.worker.request({"op": "close", "run": run_id})
+        except GatewayUnavailable as exc:
+            raise EgressSetupFailed(f"the gateway's counts for run {run_id} could not be "
+                                    f"read: {exc.message}", run=run_id) from exc
+        usage = reply.get("usage")
+        if not isinstance(usage, dict):
+            raise EgressSetupFailed(f"the gateway had no session for run {run_id}",
+                                    run=run_id)
+        del self.runs[run_id]
+        network, grant = state.network, state.grant
+        denials = _summed(state.carried_denials, reply.get("denials"))
+        return {"ifname": network.ifname, "table": network.table,
+                "host_ip": str(network.addresses.host_ip),
+                "sandbox_ip": str(network.addresses.sandbox_ip),
+                "prefixlen": network.addresses.prefixlen, "port": grant.port,
+                "token": grant.token, "expires_at": grant.expires_at,
+                "usage": Usage(**usage).as_dict(), "breaker": reply.get("breaker"),
+                "budget_fired": bool(reply.get("budget_fired")),
+                # Bounded in the record whatever the agent made the gateway refuse.
+                "denials": fit_denials(denials, CARRIED_DENIALS_BYTES),
+                "denial_rows": state.denial_rows}
+
+    async def adopt(self, run: RunRecord, policy: GatewayPolicy, entry: dict[str, Any]
+                    ) -> RunNetwork:
+        """Take over the gateway session of a run the previous daemon handed over (its `entry`
+        of the record, from `hand_over`): the same link and nft table (which must still be
+        there), the same address, port and token (what the agent holds), the routes, allow
+        list, budgets and approval rules of its profile as this daemon reads it, and their
+        secrets read again from this daemon's configuration; a gateway worker of this daemon
+        listens for it with the counts and decisions carried over. EgressSetupFailed (or
+        GatewayUnavailable) when any part cannot be had; nothing of it is left registered."""
+        if policy.mcp.servers:
+            raise EgressSetupFailed("its profile now names MCP servers, which an adopted run "
+                                    "cannot get", run=run.id)
+        ifname, table = str(entry["ifname"]), str(entry["table"])
+        if (ifname != link.host_ifname(run.container_id)
+                or table != nft.table_name(self.config.sandbox.name_prefix, run.id)):
+            raise EgressSetupFailed(f"the record names link {ifname} and table {table}, not "
+                                    f"the run's own", run=run.id)
+        addresses = link.LinkAddresses(host_ip=ipaddress.IPv4Address(entry["host_ip"]),
+                                       sandbox_ip=ipaddress.IPv4Address(entry["sandbox_ip"]),
+                                       prefixlen=int(entry["prefixlen"]))
+        present = await self.loop.run_in_executor(
+            None, lambda: (link.exists(ifname), nft.exists(table)))
+        if not all(present):
+            raise EgressSetupFailed(f"its {'link ' + ifname if not present[0] else ''}"
+                                    f"{' and ' if not any(present) else ''}"
+                                    f"{'nft table ' + table if not present[1] else ''} "
+                                    f"is gone", run=run.id)
+        secret_values = self._secret_values(policy)
+        carried = Carried(usage=Usage(**entry["usage"]), breaker=entry["breaker"],
+                          budget_fired=bool(entry["budget_fired"]),
+                          suspended=run.state == RunState.PAUSED.value)
+        grant = RunGrant(run_id=run.id, agent=run.agent, token=str(entry["token"]),
+                         expires_at=float(entry["expires_at"]), policy=policy,
+                         host_ip=str(addresses.host_ip), port=int(entry["port"]),
+                         secrets=secret_values, agent_usage=self._agent_usage(run.agent))
+        if not self.pool.reserve(addresses):
+            raise EgressSetupFailed(f"address {addresses.host_ip} is held by another run",
+                                    run=run.id)
+        generation = self.worker.generation
+        try:
+            await self.worker.ensure_up()
+            generation = self.worker.generation
+            reply = await self.worker.request({"op": "open", "grant": grant_to_wire(grant),
+                                               "carried": carried_to_wire(carried)})
+        except GatewayUnavailable:
+            self._release_unless_held(addresses, generation)
+            raise
+        except BaseException:
+            self.pool.release(addresses)
+            raise
+        if not reply.get("ok"):
+            self.pool.release(addresses)
+            raise EgressSetupFailed(f"the gateway cannot listen on {grant.host_ip}:"
+                                    f"{grant.port}: {reply.get('error')}", run=run.id,
+                                    errno=reply.get("errno"))
+        network = RunNetwork(run.id, ifname, table, addresses, grant.port)
+        state = _RunEgress(network, grant, generation,
+                           denial_rows=int(entry.get("denial_rows", 0)),
+                           carried_denials={str(k): int(v) for k, v in
+                                            dict(entry.get("denials") or {}).items()})
+        state.snapshot = {"usage": carried.usage.as_dict(), "breaker": carried.breaker,
+                          "denials": {}}
+        self.runs[run.id] = state
+        return network
 
     async def regrant(self, profiles: set[str], secret_refs: set[str]) -> list[dict[str, Any]]:
         """A reload changed `profiles` or the route secrets `secret_refs`: every running
@@ -759,8 +900,8 @@ class EgressControl:
         return self.records.get(run_id)
 
     def _denials(self, state: _RunEgress) -> dict[str, int]:
-        counted = state.snapshot.get("denials")
-        return {str(k): int(v) for k, v in counted.items()} if isinstance(counted, dict) else {}
+        """The worker's tally, with what an adopted run's previous worker had counted."""
+        return _summed(state.carried_denials, state.snapshot.get("denials"))
 
     def _record(self, state: _RunEgress) -> dict[str, Any]:
         usage = state.usage()

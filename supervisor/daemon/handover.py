@@ -16,8 +16,17 @@ bundle, the run's records in SQLite.
 While no daemon holds them the watchdog keeps them contained and killable: SIGUSR1 to it or
 the HALT file kills every agent, and so does the end of `[daemon] adopt_window` with no new
 daemon; each is recorded for the next daemon's audit (`watchdog_kill`). A run that cannot be
-handed over whole (docker, egress gateway, not yet running) is killed through the kill path
-first; a run that cannot be adopted whole is audited (`adopt`, outcome failed:...) and reaped.
+handed over whole (docker, MCP servers behind the gateway, not yet running) is killed through
+the kill path first; a run that cannot be adopted whole is audited (`adopt`, outcome
+failed:...) and reaped.
+
+A run behind the egress gateway keeps its veth, nft table, address, port and token (what the
+agent holds in HTTP_PROXY); the gateway worker does not survive the restart. Its gate closes in
+the old worker, whose counts go into the record (with the token: the record travels only over
+root-only sockets, and the copy on disk leaves the token out; no secret is ever in it), and the
+next daemon's worker listens at the same address with those counts carried on and the route
+secrets read again from its own configuration (EgressControl.hand_over and .adopt). A gateway
+session that cannot be restored fails the run's adoption: it is reaped, audited with why.
 
 Both sides are here: `hand_over` (the daemon that stops) and `adopt` (the one that starts)."""
 
@@ -36,10 +45,12 @@ from typing import TYPE_CHECKING, Any
 
 from supervisor.daemon import ending
 from supervisor.daemon.liverun import SYSTEM, LiveRun
+from supervisor.daemon.store import RunRecord
 from supervisor.daemon.watchdog import ADOPTED, GIVE_TIMEOUT, receive_fds
+from supervisor.egress.grant import carried_from_wire
 from supervisor.errors import SupervisorError
 from supervisor.models.tripwire import TripwireRule
-from supervisor.profiles import load_profile
+from supervisor.profiles import Profile, load_profile
 from supervisor.runtime.base import RunParams
 from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT
 from supervisor.runtime.sandboxed import RuncRunHandle, RuncRuntime
@@ -60,6 +71,7 @@ from supervisor.states import (
 if TYPE_CHECKING:
     from supervisor.config import Config
     from supervisor.daemon.core import Core
+    from supervisor.daemon.egress import RunNetwork
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +95,20 @@ def why_not(live: LiveRun) -> str | None:
         return f"it is {live.record.state}"
     if not isinstance(live.handle, RuncRunHandle):
         return "docker runs are not handed over (the engine's stream is the daemon's)"
-    if live.profile is not None and live.profile.network.mode == "gateway":
-        return "runs behind the egress gateway are not handed over (its tokens are in memory)"
     return None
+
+
+def _behind_gateway(live: LiveRun) -> bool:
+    return live.profile is not None and live.profile.network.mode == "gateway"
+
+
+def _gateway_refusal(core: Core, live: LiveRun) -> str | None:
+    """Why a run behind the egress gateway cannot take its gateway session along."""
+    if not _behind_gateway(live):
+        return None
+    if core.egress is None:
+        return "this daemon has no egress gateway"
+    return core.egress.handover_refusal(live.record.id)
 
 
 async def hand_over(core: Core, reason: str) -> dict[str, Any]:
@@ -105,7 +128,7 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
         return {"window_s": config.daemon.adopt_window, "refused": unsafe, "runs": [],
                 "killed": refused}
     refused = {run_id: why for run_id, live in arbiter.live.items()
-               if (why := why_not(live)) is not None}
+               if (why := why_not(live) or _gateway_refusal(core, live)) is not None}
     if refused:
         await _kill(core, list(refused), f"{reason}: not handed over")
     keep = [live for live in arbiter.live.values() if live.record.id not in refused]
@@ -117,6 +140,16 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
     for live in keep:
         handle = live.handle
         assert isinstance(handle, RuncRunHandle)
+        gateway: dict[str, Any] | None = None
+        if _behind_gateway(live):
+            # Its gate closes in this daemon's worker (the next daemon's listens at the same
+            # address with the same token); the counts it answers with go in the record.
+            assert core.egress is not None
+            try:
+                gateway = await core.egress.hand_over(live.record.id)
+            except SupervisorError as exc:
+                refused[live.record.id] = f"its gateway session: {exc.message}"
+                continue
         if live.watcher is not None:
             live.watcher.cancel()
         if live.timeout_handle is not None:
@@ -129,7 +162,8 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
                      "container_id": live.record.container_id, "pid": handle.pid,
                      "output_fd": len(fds), "produced": handle.output.produced,
                      "recorded": handle.output.recorded, "seccomp_fds": [],
-                     "tripwires": [t.model_dump(mode="json") for t in live.tripwires]})
+                     "tripwires": [t.model_dump(mode="json") for t in live.tripwires],
+                     **({"gateway": gateway} if gateway is not None else {})})
         fds.append(pipe)
     handed = {entry["container_id"]: entry for entry in runs}
     if core.seccomp is not None:
@@ -180,7 +214,9 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
         live.handle.release()
     detail = {"window_s": config.daemon.adopt_window, "socket": str(path),
               "runs": [{k: entry[k] for k in ("run_id", "agent", "pid", "produced", "recorded")}
-                       | {"seccomp_fds": len(entry["seccomp_fds"])} for entry in runs],
+                       | {"seccomp_fds": len(entry["seccomp_fds"])}
+                       | ({"gateway": _gateway_summary(entry["gateway"])}
+                          if "gateway" in entry else {}) for entry in runs],
               "killed": refused, "exit_events": exits_note or "handed over"}
     log.warning("handed %d run(s) over to the watchdog (adopt_window %g s); killed %d",
                 len(runs), config.daemon.adopt_window, len(refused))
@@ -207,11 +243,23 @@ def _exit_events() -> tuple[socket.socket | None, str | None]:
         return None, note
 
 
+def _gateway_summary(gateway: dict[str, Any]) -> dict[str, Any]:
+    """A gateway entry of the record as the audit shows it: no token."""
+    return {"address": f"{gateway['host_ip']}:{gateway['port']}",
+            "token_expires_at": gateway["expires_at"], "usage": gateway["usage"],
+            "breaker": gateway["breaker"], "budget_fired": gateway["budget_fired"]}
+
+
 def _write_record(path: Path, message: dict[str, Any]) -> None:
+    """The record on disk (root-only, for an operator who looks), without the gateway
+    tokens: those go only over the watchdog's socketpair and the root-only handover socket."""
+    shown = {**message, "runs": [
+        {**entry, "gateway": {k: v for k, v in entry["gateway"].items() if k != "token"}}
+        if "gateway" in entry else entry for entry in message["runs"]]}
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as handle:
-        json.dump(message, handle)
+        json.dump(shown, handle)
     os.rename(tmp, path)
 
 
@@ -402,6 +450,14 @@ _RUN_KEYS: dict[str, type] = {"run_id": str, "agent": str, "container_id": str, 
                               "seccomp_fds": list, "tripwires": list}
 
 
+# A gateway run's entry (EgressControl.hand_over), when there is one.
+_GATEWAY_KEYS: dict[str, tuple[type, ...]] = {
+    "ifname": (str,), "table": (str,), "host_ip": (str,), "sandbox_ip": (str,),
+    "prefixlen": (int,), "port": (int,), "token": (str,), "expires_at": (int, float),
+    "usage": (dict,), "breaker": (str, type(None)), "budget_fired": (bool,),
+    "denials": (dict,), "denial_rows": (int,)}
+
+
 def check_record(handover: dict[str, Any], nfds: int) -> None:
     """ValueError unless the record is of this version and every run in it has the keys and
     types `hand_over` writes, with descriptor indexes among the `nfds` received, each owned
@@ -420,6 +476,15 @@ def check_record(handover: dict[str, Any], nfds: int) -> None:
             value = entry.get(key)
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise ValueError(f"run {n} of the record: {key} is not a {kind.__name__}")
+        gateway = entry.get("gateway")
+        if gateway is not None:
+            if not isinstance(gateway, dict):
+                raise ValueError(f"run {n} of the record: gateway is not an object")
+            for key, kinds in _GATEWAY_KEYS.items():
+                value = gateway.get(key)
+                if not isinstance(value, kinds) or (isinstance(value, bool)
+                                                    and bool not in kinds):
+                    raise ValueError(f"run {n} of the record: gateway {key} is not of its type")
         indexes = [entry["output_fd"], *entry["seccomp_fds"]]
         for index in indexes:
             if not isinstance(index, int) or isinstance(index, bool) \
@@ -474,9 +539,11 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
             tripwires = [TripwireRule.model_validate(t) for t in entry.get("tripwires", [])]
         except (SupervisorError, ValueError) as exc:
             raise NotAdopted("profile_invalid", f"profile {run.profile}: {exc}") from exc
-        if profile.network.mode == "gateway" or (profile.runtime or "runc") != "runc":
+        behind_gateway = profile.network.mode == "gateway"
+        if (profile.runtime or "runc") != "runc" or behind_gateway != ("gateway" in entry):
             raise NotAdopted("profile_changed", f"profile {run.profile} no longer describes "
-                             f"a runc run without the gateway")
+                             f"a runc run {'with' if 'gateway' in entry else 'without'} "
+                             f"the egress gateway")
         output_fd = entry.get("output_fd")
         if not isinstance(output_fd, int) or not 0 <= output_fd < len(fds):
             raise NotAdopted("output_missing", "no output pipe was handed over")
@@ -484,6 +551,12 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
             cgroup.hold()
         except OSError as exc:
             raise NotAdopted("cgroup_unheld", f"cannot hold {cgroup.path}: {exc}") from exc
+        try:
+            network = await _adopt_gateway(core, run, profile, entry) if behind_gateway \
+                else None
+        except BaseException:
+            cgroup.release()
+            raise
     except BaseException:
         os.close(pidfd)
         raise
@@ -492,7 +565,8 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
     params = RunParams(
         run_id=run.id, agent=run.agent, container_id=run.container_id, netns=run.netns,
         cgroup=run.cgroup, bundle=Path(run.bundle), log_path=Path(run.log_path),
-        profile=profile, command=run.command, uid_slot=run.uid_slot, workspace=run.workspace)
+        profile=profile, command=run.command, uid_slot=run.uid_slot, workspace=run.workspace,
+        network=network)
     handle = RuncRunHandle(runc, params, pid, pidfd, output)
     handle.cgroup = cgroup
     handle.exits = exits
@@ -520,5 +594,38 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
             "runtime_state": state.status, "output": {"produced": output.produced,
                                                       "recorded": output.recorded},
             "seccomp_fds": seccomp, "timeout_left_s": left,
+            **({"gateway": _gateway_adopted(entry["gateway"])} if network is not None else {}),
             "exit_status": "from the kernel's process exit events" if exits is not None
             else f"unknown at its end: {handle.exit_unknown}"}
+
+
+async def _adopt_gateway(core: Core, run: RunRecord, profile: Profile,
+                         entry: dict[str, Any]) -> RunNetwork:
+    """The run's gateway session, restored by this daemon's worker (EgressControl.adopt), or
+    NotAdopted: the run is then reaped (killed, audited) rather than left with a network no
+    gateway answers on, or one whose secrets this daemon cannot read."""
+    if core.egress is None:
+        raise NotAdopted("gateway_not_restored", "this daemon has no egress gateway")
+    gateway = entry["gateway"]
+    try:
+        # Checked here as the gateway worker checks it, before anything is taken.
+        carried_from_wire({**gateway, "suspended": False})
+        return await core.egress.adopt(run, profile.network.gateway, gateway)
+    except SupervisorError as exc:
+        raise NotAdopted("gateway_not_restored", exc.message) from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise NotAdopted("gateway_not_restored", f"its gateway entry: {exc}") from exc
+
+
+def _gateway_adopted(gateway: dict[str, Any]) -> dict[str, Any]:
+    """The adopt row's account of the gateway session: what was carried over and what was
+    reset, so an operator reads both in the audit."""
+    return {**_gateway_summary(gateway),
+            "carried": ["token", "token_expires_at", "address", "usage (the run's budgets "
+                        "go on from it)", "breaker (an open one stays open)", "budget_fired",
+                        "refusal tally"],
+            "reread": ["routes, allow list, budgets and approval rules from the profile",
+                       "route secrets from this daemon's configuration"],
+            "reset": ["the breaker's window of recent requests",
+                      "requests held for an operator (cancelled at the handover)",
+                      "connections and tunnels open at the handover (cut)"]}

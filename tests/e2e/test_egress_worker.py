@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 from supervisor.egress.confinement import WorkerCgroup
 from supervisor.egress.worker_process import worker_cgroup_path, worker_limits
 from supervisor.sandbox.cgroups import CgroupMode, detect_mode
-from tests.conftest import require, require_root_and_runc
+from tests.conftest import require_gateway
 from tests.support.daemon import wait_for
 from tests.support.egress import LLM_ROUTE, GatewayRig, gateway_rig, host_request
 
@@ -35,8 +34,7 @@ CHAT = (b"GET http://llm.gateway/v1/chat HTTP/1.1\r\nHost: llm.gateway\r\n"
 
 @pytest.fixture
 def rig(tmp_root: Path) -> Iterator[GatewayRig]:
-    require_root_and_runc()
-    require(shutil.which("nft") is not None, "needs nft (apt-get install nftables)")
+    require_gateway()
     with gateway_rig(tmp_root) as prepared:
         yield prepared
 
@@ -236,8 +234,7 @@ def test_a_kill_during_a_refusal_flood_is_confirmed_and_the_flood_summarised(
 
 
 def test_gateway_launches_are_refused_while_the_worker_cannot_run(tmp_root: Path) -> None:
-    require_root_and_runc()
-    require(shutil.which("nft") is not None, "needs nft (apt-get install nftables)")
+    require_gateway()
     # 4 MiB cannot hold an interpreter: the worker is OOM-killed before it is ready.
     with gateway_rig(tmp_root, worker_memory_max="4M") as rig:
         profile = rig.profile("gw", LLM_ROUTE)
