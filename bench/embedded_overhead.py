@@ -92,10 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     if baseline is not None:
         mechanisms["agentctl run --embedded [baseline]"] = []
     mechanisms["  + --report (signed)"] = []
-    # Where the extra goes, measured the same way: an interpreter's start, agentctl's imports
-    # (the first of the two processes), the runner's imports (the second).
+    # Where the extra goes, measured the same way: an interpreter's start, agentctl's start up
+    # to its exec (the first of the two processes: the fast path reading argv), the runner's
+    # imports (the second).
     parts = {"python -c pass": ["-c", "pass"],
-             "  agentctl imports": ["-c", "import supervisor.cli.main"],
+             "  agentctl to the exec": ["-c", "from supervisor.cli import fast; "
+                                        "fast.plan(['run', '--embedded', '--', 'true'], {})"],
              "  runner imports": ["-I", "-c", "import supervisor.ci.runner"]}
     if baseline is not None:
         parts["  runner imports [baseline]"] = ["-I", "-c", "import supervisor.ci.runner"]

@@ -10,8 +10,10 @@ did-you-mean itself. Both paths run the same bodies and print through cli/output
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 DEFAULT_SOCKET = "/run/agent-supervisor/control.sock"  # cli/main.py's --socket default
 SOCKET_ENV = "AGENT_SUPERVISOR_SOCKET"
@@ -19,16 +21,18 @@ _COMPLETE_ENV = "_AGENTCTL_COMPLETE"  # click's shell-completion instruction for
 
 
 class Plan:
-    """What the fast path will do: a verb with its socket and keyword arguments, or
-    --version (verb None)."""
+    """What the fast path will do: a verb with its socket and keyword arguments, --version
+    (verb None), or an embedded run (verb "run", the runner's spec in `embedded`)."""
 
-    __slots__ = ("kwargs", "socket", "verb")
+    __slots__ = ("embedded", "kwargs", "socket", "verb")
 
     def __init__(self, verb: str | None, socket: str = "",
-                 kwargs: dict[str, str | bool | None] | None = None) -> None:
+                 kwargs: dict[str, str | bool | None] | None = None,
+                 embedded: dict[str, Any] | None = None) -> None:
         self.verb = verb
         self.socket = socket
         self.kwargs = kwargs or {}
+        self.embedded = embedded
 
 
 def _plain(value: str) -> bool:
@@ -49,8 +53,6 @@ def plan(argv: Sequence[str], environ: Mapping[str, str]) -> Plan | None:
         return None
     if list(argv) == ["--version"]:
         return Plan(None)
-    from supervisor.cli.verbs import VERBS  # after --version, which needs none of it
-
     socket: str | None = None
     index = 0
     while index < len(argv) and argv[index].startswith("-"):
@@ -66,14 +68,21 @@ def plan(argv: Sequence[str], environ: Mapping[str, str]) -> Plan | None:
             return None
         socket = value
         index += 1
-    if index >= len(argv) or argv[index] not in VERBS:
-        return None
-    verb = VERBS[argv[index]]
     if socket is None:
         from_env = environ.get(SOCKET_ENV)  # click ignores an empty one, as here
         if from_env and not _plain(from_env):
             return None
         socket = from_env or DEFAULT_SOCKET
+    if index < len(argv) and argv[index] == "run":
+        from supervisor.cli.embedded import plan_run
+
+        run_spec = plan_run(argv[index + 1:], environ)
+        return None if run_spec is None else Plan("run", socket, embedded=run_spec)
+    from supervisor.cli.verbs import VERBS  # after --version and run, which need none of it
+
+    if index >= len(argv) or argv[index] not in VERBS:
+        return None
+    verb = VERBS[argv[index]]
     by_spelling = {decl: option for option in verb.options for decl in option.decls}
     kwargs: dict[str, str | bool | None] = {
         option.dest: False if option.flag else option.default for option in verb.options}
@@ -114,22 +123,27 @@ def plan(argv: Sequence[str], environ: Mapping[str, str]) -> Plan | None:
 def run(todo: Plan) -> None:
     """Carry out a plan as click's standalone main would: exit 0 after the body, a failure's
     own status, "Aborted!" and 1 on Ctrl-C."""
+    if todo.embedded is not None:
+        from supervisor.cli.embedded import exec_runner
+
+        exec_runner(todo.embedded, take_early_signals())
     from supervisor.cli.output import echo, fail, fail_local
 
-    if todo.verb is None:
-        from supervisor import __version__
+    try:  # a Ctrl-C from here on (or one that came while agentctl started) is "Aborted!"
+        _interrupt_now()
+        if todo.verb is None:
+            from supervisor import __version__
 
-        echo(f"agentctl, version {__version__}")
-        sys.exit(0)
-    from pathlib import Path
+            echo(f"agentctl, version {__version__}")
+            sys.exit(0)
+        from pathlib import Path
 
-    from supervisor.api.client import Client
-    from supervisor.cli import verbs
-    from supervisor.errors import SupervisorError
+        from supervisor.api.client import Client
+        from supervisor.cli import verbs
+        from supervisor.errors import SupervisorError
 
-    as_json = bool(todo.kwargs.get("as_json"))
-    client = Client(Path(todo.socket))
-    try:
+        as_json = bool(todo.kwargs.get("as_json"))
+        client = Client(Path(todo.socket))
         try:
             if todo.verb in verbs.SCOPED:
                 verbs.scoped(client, todo.verb, **todo.kwargs)  # type: ignore[arg-type]
@@ -152,14 +166,43 @@ def run(todo: Plan) -> None:
     sys.exit(0)
 
 
+_early_signals: list[int] = []
+
+
+def _remember(signum: int, _frame: object) -> None:
+    _early_signals.append(signum)
+
+
+def take_early_signals() -> list[int]:
+    """The Ctrl-Cs that came while agentctl started; from here on a Ctrl-C is Python's
+    KeyboardInterrupt again (each path turns it into "Aborted!", or the runner's cancel)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    taken = list(_early_signals)
+    _early_signals.clear()
+    return taken
+
+
+def _interrupt_now() -> None:
+    """A Ctrl-C that came while agentctl started, raised where its path catches it."""
+    if take_early_signals():
+        raise KeyboardInterrupt
+
+
 def main() -> None:
-    """The console script: the fast path when it applies, else the click CLI."""
+    """The console script: the fast path when it applies, else the click CLI. Until agentctl
+    knows which, a Ctrl-C is only remembered: it used to end in a KeyboardInterrupt traceback
+    from whichever import it hit; an embedded run hands it to the runner (which cancels the
+    run through the audited path), every other path ends "Aborted!" as click does."""
+    signal.signal(signal.SIGINT, _remember)
     from supervisor.cli.output import stream_is_ascii
 
     todo = plan(sys.argv[1:], os.environ)
     if todo is None or stream_is_ascii(sys.stdout) or stream_is_ascii(sys.stderr):
         from supervisor.cli.main import main as click_main
 
+        if take_early_signals():  # what click's standalone main does with a Ctrl-C
+            print("\nAborted!", file=sys.stderr)
+            sys.exit(1)
         click_main()
         return
     run(todo)

@@ -4,7 +4,6 @@ client and the wire models, never daemon code. Runs unprivileged (root or the op
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import signal
@@ -14,14 +13,15 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
 from supervisor.api.client import Client
-from supervisor.ci import ENV_VAR as EMBEDDED_ENV_VAR
 from supervisor.cli import progress, verbs
 from supervisor.cli.completion import complete_agent, complete_class
+from supervisor.cli.embedded import exec_runner, run_body
+from supervisor.cli.embedded import spec as embedded_spec
 from supervisor.cli.fast import DEFAULT_SOCKET, SOCKET_ENV
 from supervisor.cli.lazy import LazyGroup
 from supervisor.cli.output import ago as _ago
@@ -38,10 +38,8 @@ from supervisor.limits import REASON_MAX
 if TYPE_CHECKING:
     from supervisor.api.shapes import (
         AuditVerifyResult,
-        RunRequest,
         RunView,
         TelemetrySummary,
-        TripwireRule,
     )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -233,29 +231,9 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
     found. Ctrl-C stops the agent (SIGTERM, then the kill path).
     Embedded runs exit 80 killed, 81 tripwire, 82 timeout, 83 scope violation, 84 supervisor
     error, else the agent's own status."""
-    body: RunRequest = {"command": list(command)}
-    if name:
-        body["name"] = name
-    if agent_class:
-        body["class"] = agent_class
-    if profile:
-        body["profile"] = profile
-    if workspace is not None:
-        body["workspace"] = str(workspace.resolve())
-    if timeout:
-        body["timeout"] = timeout
-    if image:
-        body["image"] = image
-    if env:
-        pairs = {}
-        for item in env:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise InvalidRequest(f"--env {item!r} is not KEY=VALUE", field="env")
-            pairs[key] = value
-        body["env"] = pairs
-    if tripwires:
-        body["tripwires"] = [_parse_tripwire(spec) for spec in tripwires]
+    body = run_body(command, name=name, agent_class=agent_class, profile=profile,
+                    workspace=workspace, timeout=timeout, image=image, env=env,
+                    tripwires=tripwires)
     ci_options = {"allow_changes": list(allow_changes), "report": report, "summary": summary,
                   "audit": audit_path, "signing_key": signing_key, "self_test": self_test,
                   "config": config_path}
@@ -264,7 +242,9 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
         if detach:
             raise InvalidRequest("--detach needs a daemon: an embedded run lives as long as "
                                  "agentctl", field="detach")
-        _exec_embedded(body, ci_options)
+        exec_runner(embedded_spec(body, allow_changes=allow_changes, report=report,
+                                  summary=summary, audit=audit_path, signing_key=signing_key,
+                                  self_test=self_test, config=config_path))
     given = sorted(k for k, v in ci_options.items() if v)
     if given:
         raise InvalidRequest(f"--{given[0].replace('_', '-')} is for embedded runs "
@@ -282,38 +262,6 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
             click.echo(f"{view['agent']} {view['id']}")
         return
     sys.exit(_follow(client, view, as_json))
-
-
-_CANCEL_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-
-
-def _exec_embedded(body: RunRequest, ci_options: dict[str, Any]) -> NoReturn:
-    """Replace agentctl by the one-shot supervisor (supervisor/ci/runner.py), so the CI
-    job's signals reach it directly; agentctl itself never loads daemon code. `-I`: root must
-    not import modules from the current directory (a checkout) or $PYTHONPATH."""
-    spec = {"run": body, **{k: str(v.resolve()) if isinstance(v, Path) else v
-                            for k, v in ci_options.items()}}
-    env = {**os.environ, EMBEDDED_ENV_VAR: json.dumps(spec)}
-    sys.stdout.flush()
-    # Blocked across the exec (the mask survives it): a Ctrl-C or cancel that comes while the
-    # new interpreter starts waits for the runner's handler (ci/__main__.py), instead of
-    # ending in a KeyboardInterrupt traceback or being lost.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _CANCEL_SIGNALS)
-    try:
-        os.execve(sys.executable, [sys.executable, "-I", "-m", "supervisor.ci"], env)
-    finally:  # reached only if the exec failed
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _CANCEL_SIGNALS)
-
-
-def _parse_tripwire(spec: str) -> TripwireRule:
-    """NAME:METRIC>VALUE[:ACTION]; the daemon validates metric, value and action."""
-    name, sep, rest = spec.partition(":")
-    condition, _, action = rest.partition(":")
-    metric, gt, value = condition.partition(">")
-    if not (sep and gt and name and metric and value):
-        raise InvalidRequest(f"--tripwire {spec!r} is not NAME:METRIC>VALUE[:ACTION]",
-                             field="tripwires")
-    return {"name": name, "metric": metric, "above": value, "action": action or "alert"}
 
 
 def _follow(client: Client, view: RunView, as_json: bool) -> int:

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from tests.conftest import require, require_root_and_runc
 from tests.support.daemon import wait_for
 from tests.support.embedded import (
+    INTERRUPTED_AGENTCTL,
     MODEL_API_KEY,
     WORKSPACE_UID,
     agentctl_command,
@@ -348,6 +350,25 @@ def test_ctrl_c_while_the_runner_starts_kills_the_run_without_a_traceback(
     assert proc.returncode == 80, out + err
     assert "cancelled: SIGINT" in err, err
     assert not noise(err), err
+    assert not (repo / "started").exists()  # never launched
+    report = json.loads(report_path.read_text())
+    assert report["ending"] == "killed" and report["run"]["id"] is None, report
+    assert host_residue(ci) == {}
+
+
+def test_ctrl_c_before_agentctl_execs_the_runner_cancels_the_run_without_a_traceback(
+        ci: Path, repo: Path, tmp_root: Path) -> None:
+    """The Ctrl-C used to end in a KeyboardInterrupt traceback from whichever of agentctl's
+    imports it hit. agentctl now keeps it and hands it to the runner across the exec, which
+    cancels the run through the audited path as it does for one that comes later."""
+    report_path = tmp_root / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_AGENTCTL, "run", "--embedded", "--workspace",
+         str(repo), "--report", str(report_path), "--", "sh", "-c", "echo started > started"],
+        env=agentctl_env(ci), capture_output=True, text=True, timeout=300, cwd="/")
+    assert result.returncode == 80, result.stdout + result.stderr
+    assert "cancelled: SIGINT" in result.stderr, result.stderr
+    assert not noise(result.stderr), result.stderr
     assert not (repo / "started").exists()  # never launched
     report = json.loads(report_path.read_text())
     assert report["ending"] == "killed" and report["run"]["id"] is None, report

@@ -29,6 +29,22 @@ def agentctl_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "supervisor.cli", *args]
 
 
+# agentctl interrupted at a fixed point of its own start, before any exec into the runner: SIGINT
+# to itself while it reads argv (the fast path's imports happen there, click's come after), as
+# a Ctrl-C would. `python -c INTERRUPTED_AGENTCTL ARGV...`.
+INTERRUPTED_AGENTCTL = """
+import os, signal, sys
+from supervisor.cli import fast
+read = fast.plan
+def plan(argv, environ):
+    os.kill(os.getpid(), signal.SIGINT)
+    return read(argv, environ)
+fast.plan = plan
+sys.argv = ["agentctl", *sys.argv[1:]]
+fast.main()
+"""
+
+
 def run_embedded(state_root: Path, *args: str, timeout: float = 300, **env: str
                  ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(agentctl_command("run", "--embedded", *args),

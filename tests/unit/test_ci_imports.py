@@ -44,3 +44,32 @@ def test_the_ci_runner_imports_only_what_a_run_uses() -> None:
                       if m == heavy or m.startswith(heavy + "."))
     assert unwanted == []
 
+
+
+# agentctl's side of an embedded run, up to the exec into the runner: the fast path reads argv
+# (cli/fast.py, cli/embedded.py) and builds the runner's spec without click, pydantic, the API
+# client or any of the daemon's code.
+NOT_IN_AGENTCTL_BEFORE_THE_EXEC = (
+    "click", "pydantic", "pathlib", "asyncio", "supervisor.cli.main", "supervisor.cli.verbs",
+    "supervisor.api", "supervisor.models", "supervisor.daemon", "supervisor.ci.runner",
+    "supervisor.ci.spec", "supervisor.config", "supervisor.profiles",
+)
+
+_AGENTCTL_PROBE = """
+import json, sys
+from supervisor.cli import embedded, fast
+todo = fast.plan(["run", "--embedded", "--workspace", "/tmp", "--env", "A=1", "--report",
+                  "/tmp/r.json", "--", "true"], {})
+assert todo is not None and todo.embedded is not None
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_agentctl_reaches_the_runner_without_click_or_pydantic() -> None:
+    result = subprocess.run([sys.executable, "-c", _AGENTCTL_PROBE], capture_output=True,
+                            text=True, cwd=REPO, check=True)
+    modules: list[str] = json.loads(result.stdout)
+    assert "supervisor.cli.embedded" in modules
+    unwanted = sorted(m for m in modules for heavy in NOT_IN_AGENTCTL_BEFORE_THE_EXEC
+                      if m == heavy or m.startswith(heavy + "."))
+    assert unwanted == []
