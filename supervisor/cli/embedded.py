@@ -15,12 +15,14 @@ import signal
 import stat
 import sys
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
 
 from supervisor.ci import ENV_VAR
 from supervisor.errors import InvalidRequest
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (agentctl's fast path)
 if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
     from supervisor.api.shapes import RunRequest, TripwireRule
 
 SIGNING_KEY_ENV = "AGENT_SUPERVISOR_SIGNING_KEY"  # --signing-key's environment variable

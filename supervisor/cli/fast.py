@@ -13,7 +13,10 @@ import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (agentctl's fast path)
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_SOCKET = "/run/agent-supervisor/control.sock"  # cli/main.py's --socket default
 SOCKET_ENV = "AGENT_SUPERVISOR_SOCKET"

@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import NoReturn
 
 from supervisor.errors import InvalidRequest, SupervisorError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (agentctl's fast path)
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 # click.echo's pattern: what it strips from text written to something other than a terminal.
 _ANSI = r"\033\[[0-?]*[ -/]*[@-~]"

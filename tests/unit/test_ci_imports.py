@@ -50,9 +50,9 @@ def test_the_ci_runner_imports_only_what_a_run_uses() -> None:
 # (cli/fast.py, cli/embedded.py) and builds the runner's spec without click, pydantic, the API
 # client or any of the daemon's code.
 NOT_IN_AGENTCTL_BEFORE_THE_EXEC = (
-    "click", "pydantic", "pathlib", "asyncio", "supervisor.cli.main", "supervisor.cli.verbs",
-    "supervisor.api", "supervisor.models", "supervisor.daemon", "supervisor.ci.runner",
-    "supervisor.ci.spec", "supervisor.config", "supervisor.profiles",
+    "click", "pydantic", "pathlib", "asyncio", "typing", "supervisor.cli.main",
+    "supervisor.cli.verbs", "supervisor.api", "supervisor.models", "supervisor.daemon",
+    "supervisor.ci.runner", "supervisor.ci.spec", "supervisor.config", "supervisor.profiles",
 )
 
 _AGENTCTL_PROBE = """
