@@ -20,6 +20,7 @@ before it looks at what is left, so an old switch never acts on the new daemon's
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +52,15 @@ if TYPE_CHECKING:  # the watchdog process itself never runs an event loop: not i
 DONE = b"done\n"
 ADOPTED = b"adopted\n"
 FD_CHUNK = 250  # descriptors per message (the kernel's SCM_MAX_FD is 253)
-MESSAGE_MAX = 1 << 20  # one handover message (the record of every run handed over)
+# A handover's record goes in parts of PART_SIZE bytes, each one datagram tagged PART_TAG
+# (every other message is a JSON object), then an "end" message: one datagram of a
+# SOCK_SEQPACKET socket holds at most its send buffer (~208 KiB by default), which the record
+# of a few hundred runs exceeds. RECORD_MAX bounds the whole record on both sides (about 7,000
+# runs with the most tripwires a run may carry).
+PART_TAG = b"\x00"
+PART_SIZE = 1 << 16
+RECORD_MAX = 64 << 20
+DATAGRAM_MAX = 1 << 18  # a receive buffer: a part, or a whole record as versions before sent
 GIVE_TIMEOUT = 10.0  # a new daemon that connects must take everything within this long
 log = logging.getLogger(__name__)
 
@@ -103,12 +113,20 @@ def _close_all(fds: list[int]) -> None:
 
 
 def _send_fds(sock: socket.socket, message: dict[str, object], fds: list[int]) -> None:
-    """One message (SOCK_SEQPACKET) per FD_CHUNK descriptors, then `message` itself."""
+    """One message (SOCK_SEQPACKET) per FD_CHUNK descriptors, then `message` in parts of
+    PART_SIZE and an "end" message with its size. OSError (EMSGSIZE) before anything is sent
+    when `message` is larger than RECORD_MAX."""
+    body = json.dumps(message).encode()
+    if len(body) > RECORD_MAX:
+        raise OSError(errno.EMSGSIZE, f"the handover record is {len(body)} bytes, more than "
+                      f"{RECORD_MAX}")
     for start in range(0, len(fds), FD_CHUNK):
         chunk = fds[start:start + FD_CHUNK]
         socket.send_fds(sock, [json.dumps({"kind": "fds", "count": len(chunk)}).encode()],
                         chunk)
-    sock.sendmsg([json.dumps(message).encode()])
+    for start in range(0, len(body), PART_SIZE):
+        sock.sendmsg([PART_TAG + body[start:start + PART_SIZE]])
+    sock.sendmsg([json.dumps({"kind": "end", "size": len(body)}).encode()])
 
 
 def receive_fds(sock: socket.socket, last_kind: str, within: float | None = None
@@ -118,6 +136,7 @@ def receive_fds(sock: socket.socket, last_kind: str, within: float | None = None
     that form, TimeoutError (an OSError) when it has not all come `within` seconds; the
     descriptors received so far are closed then."""
     fds: list[int] = []
+    body = bytearray()
     deadline = None if within is None else time.monotonic() + within
     try:
         while True:
@@ -126,10 +145,15 @@ def receive_fds(sock: socket.socket, last_kind: str, within: float | None = None
                 if left <= 0:
                     raise TimeoutError(f"the handover did not all arrive within {within:g} s")
                 sock.settimeout(left)
-            data, got = recv_fds(sock, MESSAGE_MAX, FD_CHUNK)
+            data, got = recv_fds(sock, DATAGRAM_MAX, FD_CHUNK)
             fds += got
             if not data:
                 raise ValueError("the channel closed before the handover was complete")
+            if data[:1] == PART_TAG:
+                body += data[1:]
+                if len(body) > RECORD_MAX:
+                    raise ValueError(f"the handover record is larger than {RECORD_MAX} bytes")
+                continue
             message = json.loads(data)
             if not isinstance(message, dict):
                 raise ValueError("a handover message is not an object")
@@ -137,6 +161,15 @@ def receive_fds(sock: socket.socket, last_kind: str, within: float | None = None
                 if message.get("count") != len(got):
                     raise ValueError("descriptors were lost on the way (MSG_CTRUNC)")
                 continue
+            if message.get("kind") == "end":
+                if message.get("size") != len(body):
+                    raise ValueError(f"the handover record has {len(body)} bytes, its end "
+                                     f"says {message.get('size')!r}")
+                message = json.loads(body)
+                if not isinstance(message, dict):
+                    raise ValueError("a handover message is not an object")
+            # (Else a whole message in one datagram, as versions before 2026-12-02 sent it:
+            # the watchdog of a daemon from before an upgrade gives that way.)
             if message.get("kind") != last_kind:
                 raise ValueError(f"unexpected handover message {message.get('kind')!r}")
             return message, fds
@@ -162,41 +195,90 @@ def _give(conn: socket.socket, handover: dict[str, Any], fds: list[int]) -> bool
         conn.close()
 
 
+GIVES_MAX = 4  # gives in flight at once; further peers wait in the listener's backlog
+
+
+class _Giving:
+    """One give on a thread of its own, so that a peer that connects and stalls holds up
+    neither the watchdog's checks (break-glass, the window) nor another peer's give. It is
+    cut (shutdown) at its deadline, GIVE_TIMEOUT after the accept, and when the watchdog
+    ends. The cut goes through a descriptor of its own (`_handle`, a dup of the connection,
+    closed only once the thread has ended), so it never reaches a number the thread's close
+    may have freed for reuse."""
+
+    def __init__(self, conn: socket.socket, handover: dict[str, Any], fds: list[int]) -> None:
+        self._handle = conn.dup()
+        self.deadline = time.monotonic() + GIVE_TIMEOUT
+        self.adopted = False
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(conn, handover, fds),
+                                       name="give", daemon=True)
+        self.thread.start()
+
+    def _run(self, conn: socket.socket, handover: dict[str, Any], fds: list[int]) -> None:
+        try:
+            self.adopted = _give(conn, handover, fds)  # closes conn
+        except BaseException as exc:  # re-raised by the watchdog's loop: it kills then
+            self.error = exc
+            conn.close()
+
+    def cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self._handle.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """After the thread has ended."""
+        self._handle.close()
+
+
 def await_adoption(parent: Cgroup, record: Path, timeout: float, handover: dict[str, Any],
                    listener_fd: int, fds: list[int]) -> int:
     """The daemon handed its runs over and exited: hold what it left (output pipes, seccomp
     fds), keep the agents killable (SIGUSR1, the HALT file) and give it all to the next
     daemon that connects, or kill every agent once the window has passed. Break-glass that
     arrives while a give is under way still kills (the new daemon then finds its runs dead),
-    and so does any way out of here other than a completed give (fail closed)."""
+    and so does any way out of here other than a completed give (fail closed). Gives run on
+    threads of their own (at most GIVES_MAX), so these checks run every 0.1 s whatever a
+    peer does."""
     listener = socket.socket(fileno=listener_fd)
     trigger: str | None = "the watchdog failed while it held the handed-over runs"
     given = False
+    giving: list[_Giving] = []
     try:
         window = float(handover.get("window", 0))
         deadline = time.monotonic() + window
         halt_file = Path(str(handover.get("halt_file", "/nonexistent/HALT")))
         while True:
+            for give in [g for g in giving if not g.thread.is_alive()]:
+                giving.remove(give)
+                give.close()
+                if give.error is not None:
+                    raise give.error
+                given = given or give.adopted
+            now = time.monotonic()
+            for give in giving:
+                if now >= give.deadline:
+                    give.cut()
             if _break_glass:
                 trigger = "break-glass: SIGUSR1 to the watchdog while no daemon held the agents"
             elif halt_file.exists():
                 trigger = f"break-glass: {halt_file} while no daemon held the agents"
             elif given:
                 trigger = None
-            elif time.monotonic() >= deadline:
+            elif now >= deadline:
                 trigger = (f"no daemon adopted the handed-over runs within [daemon] "
                            f"adopt_window ({window:g} s)")
             else:
                 with contextlib.suppress(InterruptedError):
-                    ready, _, _ = select.select([listener], [], [], 0.1)
+                    wanted = [listener] if len(giving) < GIVES_MAX else []
+                    ready, _, _ = select.select(wanted, [], [], 0.1)
                     if ready:
                         conn, _ = listener.accept()
-                        given = _give(conn, handover, fds)
+                        giving.append(_Giving(conn, handover, fds))
                 continue
             return 0
     finally:
         listener.close()
-        _close_all(fds)
         if trigger is not None:
             report = kill_tree(parent, timeout)
             report["trigger"] = trigger
@@ -207,6 +289,14 @@ def await_adoption(parent: Cgroup, record: Path, timeout: float, handover: dict[
                 with contextlib.suppress(OSError):
                     os.unlink(str(handover.get("socket", "")))
             _write_record(record, report, "killed the handed-over agents")
+        # No peer keeps a give going once the watchdog ends, and no descriptor of the runs
+        # is closed under a give that still sends it.
+        for give in giving:
+            give.cut()
+        for give in giving:
+            give.thread.join()
+            give.close()
+        _close_all(fds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     adopting = False
     try:
         while True:
-            data = channel.recv(MESSAGE_MAX, socket.MSG_PEEK)
+            data = channel.recv(DATAGRAM_MAX, socket.MSG_PEEK)
             if data == DONE:
                 return 0
             if not data:
@@ -442,6 +532,8 @@ class Watchdog:
         socket a new daemon connects to and the runs' descriptors, in that order; from then on
         it holds them, and this daemon's exit no longer makes it kill. OSError if the watchdog
         did not take it all (then the caller kills every run: fail closed)."""
+        # Bounded: a watchdog that stops reading fails the handover (and every run is killed).
+        self.channel.settimeout(GIVE_TIMEOUT)
         _send_fds(self.channel, {**message, "kind": "handover"}, [listener.fileno(), *fds])
         self.disarmed = True
         self.handed_over = True

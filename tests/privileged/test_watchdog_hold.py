@@ -34,13 +34,16 @@ s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.settimeout(60)
 s.connect(sys.argv[1])
 fds = messages = 0
+body = b""
 while True:
     data, anc, _flags, _addr = s.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 8))
     fds += sum(len(d) // 4 for level, kind, d in anc if kind == socket.SCM_RIGHTS)
     if not data:
         break
     messages += 1
-    if json.loads(data).get("kind") == "record":
+    if data[:1] == b"\\0":  # a part of the record
+        body += data[1:]
+    elif json.loads(data).get("kind") == "end" and json.loads(body)["kind"] == "record":
         s.send(b"adopted\\n")
 print(json.dumps({"fds": fds, "messages": messages}))
 """
@@ -103,7 +106,8 @@ def test_a_peer_of_gid_0_but_not_uid_0_gets_nothing() -> None:
 def test_a_root_peer_of_another_gid_gets_everything() -> None:
     given, got = _give_to(0, NOBODY)
     assert given
-    assert got == {"fds": 1, "messages": 2}  # the descriptors' chunk, then the record
+    # The descriptors' chunk, then the record (one part here) and its end.
+    assert got == {"fds": 1, "messages": 3}
 
 
 def _oom_score_adj(pid: int) -> int:
