@@ -19,7 +19,10 @@ from supervisor.errors import (
     FleetPermissionDenied,
     FleetUnconfirmed,
     InvalidRequest,
+    ScopeEmpty,
     SupervisorError,
+    class_not_found,
+    did_you_mean,
 )
 from supervisor.fleet.etcd import Credentials, Etcd, KeyValue, WatchEvent
 from supervisor.fleet.model import (
@@ -235,6 +238,53 @@ def _expected(hosts: dict[str, dict[str, Any]], selector: Selector) -> list[str]
         h, (entry.get("registration") or {}).get("labels", {})))
 
 
+ALLOW_EMPTY_HINT = ("'agentctl fleet ls' lists the live hosts and their agents; to hold a scope no "
+                    "live host runs now (its host is down, or its agents are not launched "
+                    "yet), repeat the command with --allow-empty")
+
+
+def scope_error(selector: Selector, hosts: dict[str, dict[str, Any]]) -> ScopeEmpty | None:
+    """Why `selector` reaches nothing on the live hosts (their registrations in `hosts`, as
+    `_hosts_at` reads them with labels), or None if it reaches something. A selector that
+    names hosts (--host, --label) must reach a live host; one that names agents (--class,
+    --agent) an agent registered on a reached host. An operator's typo in an incident then
+    fails visibly, with what there is, instead of writing a hold that reaches nothing and
+    printing an empty table with exit 0."""
+    if selector.all:
+        return None
+    live = {h: entry.get("registration") or {} for h, entry in hosts.items() if entry["alive"]}
+    reached = {h: reg for h, reg in live.items()
+               if selector.reaches_host(h, reg.get("labels", {}))}
+    if not reached:
+        known = sorted(live)
+        if selector.host is not None and selector.host not in live:
+            close = did_you_mean(selector.host, known)
+            message = (f"no live host {selector.host!r}"
+                       + (f"; did you mean {', '.join(close)}?" if close else ""))
+        else:
+            close = []
+            message = f"no live host matches {selector.describe()}"
+        return ScopeEmpty(message, scope=selector.describe(), did_you_mean=close,
+                          hosts=known[:50], hint=ALLOW_EMPTY_HINT)
+    agents = [a for reg in reached.values() for a in reg.get("agents", [])]
+    if any(selector.reaches_agent(a.get("name", ""), a.get("agent_class", ""))
+           for a in agents):
+        return None
+    if selector.agent_class is not None and not any(
+            a.get("agent_class") == selector.agent_class for a in agents):
+        error = class_not_found(selector.agent_class, (a.get("agent_class", "") for a in agents))
+        error.detail.update(scope=selector.describe(), hint=ALLOW_EMPTY_HINT)
+        return error
+    if selector.agent is not None:
+        names = [a.get("name", "") for a in agents]
+        close = did_you_mean(selector.agent, names)
+        return ScopeEmpty(f"no live host reached by {selector.describe()} has agent "
+                          f"{selector.agent!r}"
+                          + (f"; did you mean {', '.join(close)}?" if close else ""),
+                          scope=selector.describe(), did_you_mean=close, hint=ALLOW_EMPTY_HINT)
+    return None
+
+
 ACK_REREAD = 1.0  # seconds of a quiet watch before the acks are read directly
 
 
@@ -392,16 +442,25 @@ def _verb(verb: str, help_text: str) -> None:
     @click.option("--reason", required=True, help="Why (recorded on every host).")
     @click.option("--deadline", type=float, default=10.0, show_default=True,
                   help="Seconds to wait for every host to confirm.")
+    @click.option("--allow-empty", is_flag=True,
+                  help="Write the action even if no live host has a host or agent in scope "
+                       "(a hold for a host that is down, or a class not launched yet).")
     @_json
     @_handles_errors
     def command(all_hosts: bool, agent_class: str | None, host: str | None,
                 agent: str | None, labels: tuple[str, ...], reason: str, deadline: float,
-                as_json: bool) -> None:
+                allow_empty: bool, as_json: bool) -> None:
         ctx = _ctx()
+        selector = _selector(all_hosts, agent_class, host, agent, labels)
         action = FleetAction(id=new_action_id(), verb=verb,  # type: ignore[arg-type]
-                             selector=_selector(all_hosts, agent_class, host, agent, labels),
-                             reason=_reason(reason), operator=ctx.creds.user,
-                             issued_at=time.time())
+                             selector=selector, reason=_reason(reason),
+                             operator=ctx.creds.user, issued_at=time.time())
+        if not selector.all and not allow_empty:
+            # One read of the registrations before the write (--all has none: nothing to
+            # mistype, and nothing may stand in front of a halt of everything).
+            error = scope_error(selector, _hosts_at(ctx, full=False)[0])
+            if error is not None:
+                raise error
         _report(issue(ctx, [action], deadline, holds=verb == "kill"), as_json, verb)
 
     fleet.command(name=verb, help=help_text)(command)

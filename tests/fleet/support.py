@@ -303,6 +303,27 @@ class Fleet:
         self.hosts.append(host)
         return host
 
+    def remove_host(self, host: Host) -> None:
+        """A host added by one test leaves the fleet for the next, as docs/fleet.md has an
+        operator retire one: its daemon stopped (which revokes its lease, so it is no longer
+        a live member), its keys, etcd user and role deleted (else `fleet audit verify`
+        reports it unchecked for ever), its cgroups, namespace and veth removed, and it is
+        no longer among `hosts`."""
+        with contextlib.suppress(Exception):
+            host.daemon.stop()
+        with contextlib.suppress(Exception):
+            host.daemon.cleanup_host()
+        with contextlib.suppress(Exception), self.root_client() as root:
+            root.delete_prefix(self.keys.host(host.host_id))
+            root.call("/v3/auth/user/delete", {"name": host.host_id})
+            root.call("/v3/auth/role/delete", {"role": f"fleet-host-{host.host_id}"})
+        if host in self.hosts:
+            self.hosts.remove(host)
+        if host.member in self.members:
+            self.members.remove(host.member)
+            _ip("link", "del", host.member.veth, check=False)
+            _ip("netns", "del", host.member.netns, check=False)
+
     def agentctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """agentctl fleet as the operator, from the host namespace (the bridge's side)."""
         secret = self.root / "operator.password"

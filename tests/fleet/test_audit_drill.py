@@ -13,7 +13,7 @@ import pytest
 
 from supervisor.audit.chain import COLUMNS, hashed_fields, row_hash
 from tests.fleet.support import Fleet, Host
-from tests.fleet.test_halt import _launch
+from tests.fleet.test_halt import _launch, _registered
 from tests.support.daemon import wait_for
 
 pytestmark = [pytest.mark.privileged, pytest.mark.e2e]
@@ -69,6 +69,7 @@ def test_anchors_reveal_rows_rewritten_or_deleted_on_a_host(fleet: Fleet) -> Non
     tag = secrets.token_hex(2)
     victim = fleet.hosts[1]
     _launch(victim, f"anch-{tag}", "web")
+    _registered(fleet, f"anch-{tag}")
     code, killed = fleet.agentctl_json("kill", "--agent", f"anch-{tag}", "--reason", "anchor",
                                        "--deadline", "60", timeout=120)
     assert code == 0, killed

@@ -27,6 +27,19 @@ def _launch(host: Host, name: str, agent_class: str) -> Any:
                                    "command": ["sleep", "600"]})
 
 
+def _registered(fleet: Fleet, *names: str) -> None:
+    """Until every named agent is in its host's registration: agentctl fleet checks that a
+    --class or --agent reaches a registered agent before it writes (a registration follows
+    a launch by a moment)."""
+    def listed() -> bool:
+        with fleet.operator_client() as operator:
+            kvs, _ = operator.get_prefix(fleet.keys.members)
+        seen = {a["name"] for kv in kvs for a in kv.json().get("agents", [])}
+        return set(names) <= seen
+
+    wait_for(listed, timeout=30, what=f"{', '.join(names)} in the registrations")
+
+
 def _state(host: Host, name: str) -> str:
     return str(host.daemon.client.agent(name)["state"])
 
@@ -98,6 +111,16 @@ def test_halt_of_a_class_kills_it_everywhere_and_holds_its_launches(fleet: Fleet
     for host in fleet.hosts:
         _launch(host, f"w-{tag}", f"web{tag}")
         _launch(host, f"o-{tag}", "other")
+    _registered(fleet, f"w-{tag}")
+    # A typo of the class in an incident: an error naming the class meant, and nothing
+    # written (no action, no hold, no host touched).
+    typo = fleet.agentctl("kill", "--class", f"wbe{tag}", "--reason", "class halt")
+    assert typo.returncode == 3, typo.stdout + typo.stderr
+    assert "scope_empty" in typo.stderr and f"did you mean web{tag}" in typo.stderr
+    assert "--allow-empty" in typo.stderr
+    with fleet.operator_client() as operator:
+        assert not [kv for kv in operator.get_prefix(fleet.keys.control)[0]
+                    if f"wbe{tag}" in kv.value]
     code, result = fleet.agentctl_json("kill", "--class", f"web{tag}", "--reason",
                                        "class halt", "--deadline", "60", timeout=120)
     assert code == 0, result
@@ -171,13 +194,32 @@ def test_halt_of_one_host_and_of_all(fleet: Fleet) -> None:
                  what=f"launches on {host.host_id} after the lift")
 
 
-def test_a_host_down_during_the_halt_applies_it_before_any_launch(fleet: Fleet) -> None:
+def _running_again(fleet: Fleet, host: Host) -> None:
+    """A finaliser for a test that stops a host: the tests after it find it running, held by
+    nothing, whatever this one did."""
+    if host.daemon.proc is None or host.daemon.proc.poll() is not None:
+        host.start()
+    _lift_all(fleet)
+
+
+def test_a_host_down_during_the_halt_applies_it_before_any_launch(
+        fleet: Fleet, request: pytest.FixtureRequest) -> None:
     tag = secrets.token_hex(2)
     host = fleet.hosts[0]
     _launch(host, f"d-{tag}", f"down{tag}")
+    request.addfinalizer(lambda: _running_again(fleet, host))
     host.daemon.stop()
+    # No live host runs the class now: a typo as far as agentctl can tell, refused with
+    # nothing written; the operator who means it says so (--allow-empty).
+    code, refused = fleet.agentctl_json("kill", "--class", f"down{tag}", "--reason",
+                                        "while h1 is down", "--deadline", "60", timeout=120)
+    assert code == 3 and refused["error"]["code"] == "scope_empty", refused
+    with fleet.operator_client() as operator:
+        assert not [kv for kv in operator.get_prefix(fleet.keys.holds)[0]
+                    if f"down{tag}" in kv.value]
     code, result = fleet.agentctl_json("kill", "--class", f"down{tag}", "--reason",
-                                       "while h1 is down", "--deadline", "60", timeout=120)
+                                       "while h1 is down", "--allow-empty", "--deadline", "60",
+                                       timeout=120)
     assert code == 0, result
     assert "h1" not in [r["host"] for r in result["hosts"]]
     host.start()
@@ -196,6 +238,7 @@ def test_etcd_restarted_mid_halt(fleet: Fleet) -> None:
     tag = secrets.token_hex(2)
     for host in fleet.hosts:
         _launch(host, f"e-{tag}", f"etcd{tag}")
+    _registered(fleet, f"e-{tag}")
     outcome: dict[str, Any] = {}
 
     def halt() -> None:

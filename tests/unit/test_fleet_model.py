@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,3 +103,82 @@ def test_a_watch_streams_error_code_is_read_like_a_unary_one() -> None:
     assert _code(stream_error) == 16
     assert _code({"code": 7, "message": "etcdserver: permission denied"}) == 7
     assert _code({"message": "no code"}) == 0
+
+
+def _live(**hosts: tuple[dict[str, str], list[tuple[str, str]]]) -> dict[str, Any]:
+    """Registrations as agentctl fleet reads them: host -> (labels, [(agent, class)])."""
+    return {h: {"host": h, "alive": True, "registration": {
+        "labels": labels, "agents": [{"name": n, "agent_class": c, "state": "active"}
+                                     for n, c in agents]}}
+        for h, (labels, agents) in hosts.items()}
+
+
+FLEET = _live(h1=({"zone": "a"}, [("bot", "coders"), ("web1", "web")]),
+              h2=({"zone": "b"}, [("crawler", "batch")]))
+
+
+@pytest.mark.parametrize(("selector", "code", "suggested"), [
+    (Selector(agent_class="coderz"), "scope_empty", ["coders"]),
+    (Selector(agent_class="coders", host="h2"), "scope_empty", []),
+    (Selector(agent="bott"), "scope_empty", ["bot"]),
+    (Selector(host="h3"), "scope_empty", []),
+    (Selector(host="h11"), "scope_empty", ["h1"]),
+    (Selector(labels={"zone": "c"}), "scope_empty", []),
+])
+def test_a_fleet_scope_that_reaches_nothing_is_an_error(selector: Selector, code: str,
+                                                        suggested: list[str]) -> None:
+    from supervisor.cli.fleet import scope_error
+    error = scope_error(selector, FLEET)
+    assert error is not None and error.code == code and error.exit_status == 3
+    assert error.detail["did_you_mean"] == suggested
+    assert "--allow-empty" in (error.hint or "")
+
+
+@pytest.mark.parametrize("selector", [
+    Selector(all=True), Selector(agent_class="coders"), Selector(agent="crawler"),
+    Selector(host="h2"), Selector(labels={"zone": "a"}),
+    Selector(agent_class="batch", labels={"zone": "b"}),
+])
+def test_a_fleet_scope_that_reaches_something_passes(selector: Selector) -> None:
+    from supervisor.cli.fleet import scope_error
+    assert scope_error(selector, FLEET) is None
+
+
+def test_a_down_host_does_not_count_as_reached() -> None:
+    from supervisor.cli.fleet import scope_error
+    down = {**FLEET, "h1": {**FLEET["h1"], "alive": False}}
+    error = scope_error(Selector(agent_class="coders"), down)
+    assert error is not None and error.detail["classes"] == ["batch"]
+
+
+def test_agentctl_fleet_kill_of_an_unknown_class_writes_nothing_and_exits_3(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The command's path: the registrations read (seam: _hosts_at), the error printed with
+    its hint, no action written (seam: issue, never called) unless --allow-empty."""
+    from click.testing import CliRunner
+
+    from supervisor.cli import fleet as cli
+    written: list[list[FleetAction]] = []
+    monkeypatch.setattr(cli, "_hosts_at", lambda *_a, **_k: (FLEET, 7))
+    monkeypatch.setattr(cli, "issue", lambda _ctx, actions, *_a, **_k: written.append(actions)
+                        or {"actions": [a.id for a in actions], "hosts": [], "elapsed_ms": 1.0,
+                            "unconfirmed": []})
+    password = tmp_path / "password"
+    password.write_text("x")
+    base = ["--endpoints", "127.0.0.1:1", "--ca", "ca", "--cert", "c", "--key", "k", "--user",
+            "operator", "--password-file", str(password)]
+    runner = CliRunner()
+    typo = runner.invoke(cli.fleet, [*base, "kill", "--class", "coderz", "--reason", "incident"])
+    assert typo.exit_code == 3, typo.output
+    assert "scope_empty" in typo.output and "did you mean coders" in typo.output
+    assert "--allow-empty" in typo.output and written == []
+    as_json = runner.invoke(cli.fleet, [*base, "pause", "--class", "coderz", "--reason", "i",
+                                        "--json"])
+    assert as_json.exit_code == 3
+    assert json.loads(as_json.output)["error"]["detail"]["did_you_mean"] == ["coders"]
+    held = runner.invoke(cli.fleet, [*base, "kill", "--class", "coderz", "--reason", "hold",
+                                     "--allow-empty"])
+    assert held.exit_code == 0, held.output
+    assert [a.selector.agent_class for a in written[0]] == ["coderz"]
+    right = runner.invoke(cli.fleet, [*base, "kill", "--class", "coders", "--reason", "i"])
+    assert right.exit_code == 0 and len(written) == 2
