@@ -312,6 +312,12 @@ class FleetSection(_Section):
     partition_policy_by_class: dict[str, PartitionPolicy] = {}
     # How long the first read of holds may take at start before launches wait for it.
     sync_timeout: Duration = 10.0
+    # After a fleet action's ack is in the store, what waited for it (step 6 of the runs it
+    # ended: a runc delete per run; the registration; the audit anchor) waits this long
+    # more. A fleet halt is done only once every host has confirmed; until then that work
+    # takes CPU from the hosts still killing that share a machine with this one, and from
+    # the store. The agents are dead and their networks down before the ack.
+    settle_delay: Annotated[Duration, Field(ge=0, le=60)] = 1.0
 
 
 class Config(_Section):

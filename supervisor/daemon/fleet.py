@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,16 @@ PRUNE_EVERY = 10  # anchor intervals
 QUIET_MAX = 2.0
 _VERB_OF = {"kill": "kill", "pause": "pause", "resume": "resume", "reactivate": "reactivate",
             "lift": "reactivate"}
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """An applied action's ack on its way: `acked` once the store has it (or QUIET_MAX
+    passed); `runtime` (in Arbiter.answers_pending, what step 6 waits for) settle_delay
+    after that."""
+
+    acked: asyncio.Future[None]
+    runtime: asyncio.Future[None]
 
 
 def _wall(perf: float) -> float:
@@ -251,12 +262,13 @@ class FleetMember:
             for hold_id in action.lifts:
                 self.holds.pop(hold_id, None)
         applying = time.time()
-        # From here until the store has the ack, only the action and its ack use this host's
-        # share of the CPU: no registration, no anchor, no runtime cleanup (step 6).
+        # From here until the store has the ack (and settle_delay after it), only the action
+        # and its ack use this host's share of the CPU: no registration, no anchor, no
+        # runtime cleanup (step 6).
         self._quiet += 1
         self._began = time.perf_counter()
-        stored: asyncio.Future[None] = self.loop.create_future()
-        self.arbiter.answers_pending.add(stored)
+        stored = _Answer(self.loop.create_future(), self.loop.create_future())
+        self.arbiter.answers_pending.add(stored.runtime)
         try:
             ack = await self._apply_verb(action, arrived, applying, stored)
         except BaseException:
@@ -271,7 +283,7 @@ class FleetMember:
         self.agents_changed()
 
     async def _apply_verb(self, action: FleetAction, arrived: float, applying: float,
-                          stored: asyncio.Future[None]) -> Ack:
+                          stored: _Answer) -> Ack:
         self.audit.append(actor=_actor(action).label(), verb="fleet_action", scope="global",
                           reason=action.reason,
                           detail={"action": action.id, "fleet_verb": action.verb,
@@ -290,16 +302,26 @@ class FleetMember:
         self._save_applied()
         return ack
 
-    def _quiet_ends(self, stored: asyncio.Future[None], action_id: str) -> None:
-        """An ack is in the store (or QUIET_MAX passed): once none is on its way, what waited
-        for it goes: the registration, the anchor, the runtime cleanups (Arbiter.answers_out).
-        Runs once per action whichever comes first."""
-        if stored.done():
+    def _quiet_ends(self, stored: _Answer, action_id: str) -> None:
+        """An ack is in the store (or QUIET_MAX passed): `settle_delay` later, once no other
+        action is being applied, what waited goes (`_settled`). Runs once per action,
+        whichever comes first."""
+        if stored.acked.done():
             return
-        stored.set_result(None)
-        self.arbiter.answers_pending.discard(stored)
+        stored.acked.set_result(None)
         log.info("fleet: the ack of %s in the store (or given up on) %.1f ms after the verb "
                  "began", action_id, (time.perf_counter() - self._began) * 1000)
+        if self.config.settle_delay > 0:
+            self.loop.call_later(self.config.settle_delay, self._settled, stored)
+        else:
+            self._settled(stored)
+
+    def _settled(self, stored: _Answer) -> None:
+        """What waited for an applied action's ack goes: the registration, the anchor, the
+        runtime cleanups of the runs it ended (Arbiter.answers_out)."""
+        if not stored.runtime.done():
+            stored.runtime.set_result(None)
+        self.arbiter.answers_pending.discard(stored.runtime)
         self._quiet = max(0, self._quiet - 1)
         if self._quiet:
             return
