@@ -580,7 +580,7 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
     if core.seccomp is not None:
         for index in entry.get("seccomp_fds", []):
             with contextlib.suppress(ValueError, IndexError, TypeError):
-                core.seccomp.adopt(run.container_id, fds[index])
+                core.seccomp.adopt(run.container_id, fds[index], pid)
                 seccomp += 1
     arbiter.observers.run_started(run)  # tripwires armed, then telemetry
     live.watcher = arbiter._spawn(ending.watch(arbiter, live))

@@ -236,7 +236,7 @@ class SeccompListener:
         # the kept duplicates, and fds handed over to be served.
         self._keep: set[str] = set()
         self._kept: dict[str, list[int]] = {}
-        self._adopting: list[tuple[str, int]] = []
+        self._adopting: list[tuple[str, int, int]] = []  # container, fd, init pid
         # Calls the filter kills instead of notifying (compat ABIs), from the kernel's audit
         # records: counted here like notified ones (seccomp_kills.py).
         self.kills = SeccompKillReader(self._killed)
@@ -282,15 +282,17 @@ class SeccompListener:
         kept, self._kept = self._kept, {}
         return kept
 
-    def adopt(self, container_id: str, fd: int) -> None:
+    def adopt(self, container_id: str, fd: int, init_pid: int) -> None:
         """Serve a notify fd the previous daemon handed over (daemon/handover.py); takes `fd`.
-        Served on the listener's thread from its next turn."""
+        Served on the listener's thread from its next turn. `init_pid` (the run's init, on
+        the host) names the run's audit session, so the calls the kernel kills (compat ABIs)
+        count again too."""
         if not _is_notify_fd(fd):
             _close_quietly(fd)
             raise ValueError(f"the fd handed over for {container_id} is not a seccomp "
                              f"notify fd")
         with self._lock:
-            self._adopting.append((container_id, fd))
+            self._adopting.append((container_id, fd, init_pid))
         self._wake()
 
     def forget(self, container_id: str, done: threading.Event | None = None) -> None:
@@ -367,8 +369,9 @@ class SeccompListener:
         with self._lock:
             requests, self._forget = self._forget, []
             adopting, self._adopting = self._adopting, []
-        for container_id, fd in adopting:
-            self._adopt({"state": {"id": container_id}, "fds": [_SECCOMP_FD_NAME]}, [fd])
+        for container_id, fd, init_pid in adopting:
+            self._adopt({"state": {"id": container_id}, "fds": [_SECCOMP_FD_NAME],
+                         "pid": init_pid}, [fd])
         for container_id, done in requests:
             for fd in sorted(self._by_container.get(container_id, ())):
                 flt = self._filters.get(fd)
@@ -381,7 +384,7 @@ class SeccompListener:
             self._end_handshake(handshake, close_fds=True)
         with self._lock:
             adopting, self._adopting = self._adopting, []
-        for _container_id, fd in adopting:
+        for _container_id, fd, _init_pid in adopting:
             _close_quietly(fd)
         for flt in list(self._filters.values()):
             if flt.container_id in self._keep and not flt.broken:

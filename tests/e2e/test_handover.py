@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from supervisor.daemon.watchdog import WatchdogCgroup
+from supervisor.sandbox.abi_probe import COMPAT_CHECKS, DONE, NOTIFIED_CHECKS, PROBE
 from supervisor.sandbox.cgroups import unified_root
 from tests.support.daemon import Daemon, new_daemon, wait_for
 
@@ -339,3 +340,41 @@ def test_an_adopted_runs_exit_status_is_its_own(tmp_root: Path) -> None:
         assert daemon.client.audit_verify()["ok"]
     finally:
         _finish(daemon)
+
+
+def test_an_adopted_runs_compat_calls_are_counted(tmp_root: Path) -> None:
+    """The calls the kernel kills at the filter's architecture check (i386 `int 0x80`, x32)
+    are counted from the kernel's audit records by the run's audit session, found from its
+    init: adopted with the init's pid, so an adopted run's are counted as a launched run's
+    are (with its notify fd's refusals). The probe runs only once the run is adopted."""
+    probe_on_usr1 = ["/bin/sh", "-c",
+                     "trap '/usr/bin/python3 -c \"$0\"' USR1; while :; do sleep 0.1; done",
+                     PROBE]
+    daemon = new_daemon(tmp_root)
+    daemon.start()
+    try:
+        daemon.agentctl("run", "--detach", "--name", "prober", "--", *probe_on_usr1,
+                        check=True)
+        wait_for(lambda: len(_lasting(daemon.client.agent("prober")["run"]["pid"])) == 2,
+                 timeout=30, what="the agent")
+        init = daemon.client.agent("prober")["run"]["pid"]
+        _hand_over(daemon)
+        daemon.start()
+        [adopted] = _rows(daemon, "adopt")
+        assert (adopted["outcome"], adopted["detail"]["seccomp_fds"]) == ("ok", 1), adopted
+        os.kill(_shell_of(init), signal.SIGUSR1)
+        wait_for(lambda: DONE in daemon.agentctl("logs", "prober", check=True).stdout,
+                 timeout=60, what="the probe to finish")
+        expected = len(NOTIFIED_CHECKS) + len(COMPAT_CHECKS)
+
+        def attempts() -> object:
+            summary = daemon.agentctl_json("telemetry", "prober").get("summary") or {}
+            return summary.get("syscall_attempts")
+
+        wait_for(lambda: attempts() == expected, timeout=20,
+                 what=f"{expected} attempts ({len(COMPAT_CHECKS)} of them killed compat "
+                      f"calls) in the adopted run's telemetry")
+        daemon.agentctl_json("kill", "prober", "--reason", "end of test")
+    finally:
+        _finish(daemon)
+
