@@ -19,7 +19,13 @@ from supervisor.egress import link, nft
 from tests.conftest import require_gateway
 from tests.e2e.test_egress import AGENT_LIB
 from tests.support.daemon import wait_for
-from tests.support.egress import LLM_ROUTE, GatewayRig, gateway_parts, gateway_rig
+from tests.support.egress import (
+    LLM_ROUTE,
+    GatewayRig,
+    gateway_parts,
+    gateway_rig,
+    host_request,
+)
 
 # Two calls on "go1" and one refused (not on the allow list); on "go2" five more, each
 # retried while nothing listens (between the old daemon's worker closing the run's gate and
@@ -183,3 +189,75 @@ def test_a_gateway_session_that_cannot_be_restored_means_the_run_is_killed(
     assert _rows(rig, "daemon_adopt")[-1]["detail"]["failed"][run["id"]]["code"] == \
         "gateway_not_restored"
     assert not link.exists(ifname) and not nft.exists(table)
+
+
+HOLDER = """
+    import sys, time
+    sys.path.insert(0, "/workspace")
+    from agentlib import *
+    save("first.json", via_proxy("DELETE", "http://llm.gateway/v1/items/1", timeout=900))
+    while True:  # asks again, retrying while nothing listens
+        second = via_proxy("DELETE", "http://llm.gateway/v1/items/2", timeout=900)
+        if "status" in second:
+            break
+        time.sleep(0.2)
+    save("second.json", second)
+    time.sleep(600)
+"""
+CHAT = (b"GET http://llm.gateway/v1/chat HTTP/1.1\r\nHost: llm.gateway\r\n"
+        b"Connection: close\r\n\r\n")
+
+
+def test_a_held_request_is_cancelled_and_a_pause_kept_across_the_restart(
+        rig: GatewayRig) -> None:
+    """What is reset and what is kept, with a real daemon: a request held for an operator
+    lived in the old gateway worker, so the handover cancels it (audited; the agent is refused
+    or cut); asked again, it is held again by the new daemon and can be approved.
+    A paused run is adopted with its token still suspended and its link down; resume gives
+    it back."""
+    rig.script("agentlib.py", AGENT_LIB)
+    approve = rig.profile("approve", '[network.gateway]\napprovals = ["DELETE *"]\n'
+                          'approval_timeout = "15m"\n' + LLM_ROUTE)
+    rig.daemon.agentctl_json("run", "--detach", "--name", "holder", "--profile", approve,
+                             "--workspace", str(rig.workspace), "--", "python3", "-u",
+                             rig.script("holder.py", HOLDER))
+    rig.daemon.agentctl_json("run", "--detach", "--name", "resting", "--profile",
+                             rig.profile("gw", LLM_ROUTE), "--", "sleep", "3600")
+
+    def pending(path: str) -> list[dict[str, Any]]:
+        return [a for a in rig.daemon.agentctl_json("approvals")["approvals"]
+                if a["path"] == path]
+
+    [held] = rig.until(lambda: pending("/v1/items/1"), "holder", "the held request")
+    resting = rig.proxy_env("resting")
+    wait_for(lambda: host_request(resting, CHAT).startswith(b"HTTP/1.1 200"), timeout=30,
+             what="the resting agent's gateway")
+    rig.daemon.agentctl("pause", "resting", "--reason", "look at it", check=True)
+
+    _hand_over(rig)
+    first = rig.result("first.json", "holder", "the held request's end at the handover")
+    # Ended with the old worker: refused with why (the cancellation reached the handler
+    # first), or cut (the gate's close did); never sent upstream either way.
+    assert "error" in first or ((first["status"], first["denied"]) == (
+        403, "approval_denied") and "the supervisor restarted" in first["body"]), first
+    rig.daemon.start()
+    adopted = {r["target"]: r for r in _rows(rig, "adopt")}
+    assert adopted["holder"]["outcome"] == adopted["resting"]["outcome"] == "ok", adopted
+    assert "requests held for an operator (cancelled at the handover)" in \
+        adopted["holder"]["detail"]["gateway"]["reset"]
+    [cancelled] = [r for r in _rows(rig, "approval_denied") if r["detail"]["id"] == held["id"]]
+    assert cancelled["outcome"] == "cancelled" and "restarted" in cancelled["reason"]
+
+    [again] = rig.until(lambda: pending("/v1/items/2"), "holder", "the request asked again")
+    rig.daemon.agentctl("approve", again["id"], "--reason", "fine", check=True)
+    assert rig.result("second.json", "holder", "the approved request")["status"] == 200
+    assert [s["path"] for s in rig.upstream.seen if s["method"] == "DELETE"] == ["/v1/items/2"]
+
+    view = rig.daemon.client.agent("resting")
+    assert (view["state"], view["run"]["state"]) == ("paused", "paused")  # type: ignore[index]
+    reply = host_request(resting, CHAT)
+    assert reply.startswith(b"HTTP/1.1 403") and b"token_suspended" in reply, reply
+    rig.daemon.agentctl("resume", "resting", "--reason", "checked", check=True)
+    assert host_request(resting, CHAT).startswith(b"HTTP/1.1 200")
+    for agent in ("holder", "resting"):
+        rig.daemon.agentctl("kill", agent, "--reason", "test over", check=True)
