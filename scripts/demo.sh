@@ -3,10 +3,18 @@
 #   sudo bash scripts/demo.sh
 # Installs what it needs, starts agent-supervisord (its own state under a temp dir), runs a
 # sandboxed agent that forks 200 processes, kills it, and prints time_to_halt_ms.
+# Its own venv, runtime dependencies only (never the service's, never the test tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${AGENT_SUPERVISOR_VENV:-/opt/agent-supervisor/venv}"
-bash scripts/install-deps.sh "$VENV" >/dev/null
+# shellcheck source=scripts/lib/apt.sh
+source scripts/lib/apt.sh
+# shellcheck source=scripts/lib/packages.sh
+source scripts/lib/packages.sh
+# shellcheck source=scripts/lib/venv.sh
+source scripts/lib/venv.sh
+VENV="${AGENT_SUPERVISOR_VENV:-/opt/agent-supervisor/demo-venv}"
+ensure_packages demo "${RUNTIME_PACKAGES[@]}"
+build_runtime_venv "$VENV" >/dev/null
 export PATH="$VENV/bin:$PATH"
 
 DEMO="$(mktemp -d /tmp/agent-supervisor-demo.XXXXXX)"

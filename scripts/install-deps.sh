@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 source scripts/lib/apt.sh
 # shellcheck source=scripts/lib/cli-extras.sh
 source scripts/lib/cli-extras.sh
+# shellcheck source=scripts/lib/packages.sh
+source scripts/lib/packages.sh
 VENV="${1:-/opt/agent-supervisor/venv}"
 
 if [[ $EUID -ne 0 ]]; then
@@ -16,16 +18,14 @@ if [[ $EUID -ne 0 ]]; then
     exit 1
 fi
 
+# The service's and CI mode's packages (scripts/lib/packages.sh), and the test tiers' own:
 # docker.io: the engine for the docker runtime (dockerd, containerd and the CLI).
-# git: the CI-mode tests make a real repository for the scripted coding agent.
 # chromium, chromium-driver: the web console's tests drive a real headless browser.
 # etcd-server, etcd-client: the fleet store (tests/fleet start their own etcd; docs/fleet.md).
-# tini: every sandbox's PID 1 (its static build, bound at /dev/init; supervisor/runtime/init.py).
 # mmdebstrap: the systemd tier builds its Debian root with it (tests/systemd/machine.py).
 # zsh, fish: the unit tier runs agentctl's completion scripts in each real shell.
-packages=(runc tini iproute2 nftables python3 python3-venv util-linux passwd procps systemd tmux
-          stress-ng docker.io git chromium chromium-driver etcd-server etcd-client mmdebstrap
-          zsh fish)
+packages=("${SERVICE_PACKAGES[@]}" "${CI_PACKAGES[@]}" tmux stress-ng docker.io chromium
+          chromium-driver etcd-server etcd-client mmdebstrap zsh fish)
 ensure_packages install-deps "${packages[@]}"
 # node and npm: the CI-mode e2e test installs a real agent CLI (Claude Code) from npm. Kept
 # when present (a runner image's node 20 brings its own npm); Debian's otherwise.

@@ -2,9 +2,11 @@
 # Install agent-supervisor as a systemd service on a Debian 12 host, from this checkout (run as
 # root from anywhere):   bash scripts/install.sh
 # What it does, in order (README, "Running it as a service"):
-#   1. the Debian packages the daemon runs (runc, iproute2, nftables, python3-venv, ...);
+#   1. the Debian packages the daemon runs (scripts/lib/packages.sh: runc, tini, iproute2,
+#      nftables, python3-venv, ...);
 #   2. a wheel built from this checkout, installed with its runtime dependencies only into
-#      /opt/agent-supervisor/venv (no test tools; never a PyPI package by this project's name);
+#      /opt/agent-supervisor/venv (no test tools, and any an earlier install left there are
+#      removed; never a PyPI package by this project's name);
 #   3. the unit, sysusers.d and tmpfiles.d files; the commented example configuration as
 #      /etc/agent-supervisor/daemon.toml unless one exists (never overwritten);
 #   4. the agent-operators group, the directories, and `systemctl enable --now`.
@@ -16,6 +18,10 @@ cd "$(dirname "$0")/.."
 source scripts/lib/apt.sh
 # shellcheck source=scripts/lib/cli-extras.sh
 source scripts/lib/cli-extras.sh
+# shellcheck source=scripts/lib/packages.sh
+source scripts/lib/packages.sh
+# shellcheck source=scripts/lib/venv.sh
+source scripts/lib/venv.sh
 PREFIX=/opt/agent-supervisor
 VENV="$PREFIX/venv"
 
@@ -24,19 +30,13 @@ if [[ $EUID -ne 0 ]]; then
     exit 1
 fi
 
-# The runtime's Debian packages; the test tiers' extra ones are in scripts/install-deps.sh.
-# tini: every sandbox's PID 1 (its static build, bound at /dev/init).
-packages=(runc tini iproute2 nftables python3 python3-venv util-linux passwd procps systemd)
-ensure_packages install "${packages[@]}"
+# The service's Debian packages (scripts/lib/packages.sh); the test tiers' extra ones are in
+# scripts/install-deps.sh.
+ensure_packages install "${SERVICE_PACKAGES[@]}"
 
 echo "install: building the wheel and $VENV"
-wheels="$(mktemp -d)"
-trap 'rm -rf "$wheels"' EXIT
-[[ -x "$VENV/bin/python" ]] || /usr/bin/python3 -m venv "$VENV"
-"$VENV/bin/pip" wheel -q --disable-pip-version-check --no-deps -w "$wheels" .
-"$VENV/bin/pip" install -q --disable-pip-version-check "$wheels"/*.whl
-# An upgrade from the same version number must still replace the code.
-"$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall "$wheels"/*.whl
+# Runtime dependencies only; anything else an earlier install left in the venv is removed.
+build_runtime_venv "$VENV"
 # Operators run agentctl by name; it talks to the socket and needs no root.
 ln -sfn "$VENV/bin/agentctl" /usr/local/bin/agentctl
 # Its shell completions (bash, zsh, fish; agent names from the daemon) and man page.

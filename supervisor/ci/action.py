@@ -57,7 +57,8 @@ def outputs(report: dict[str, Any] | None, status: int, report_path: str) -> dic
     """The step's outputs, one line each."""
     if report is None:
         return {"exit-status": str(status), "ending": "not_started", "verdict": "failed",
-                "report": "", "violations": "0", "changed-files": "0", "commits": "0"}
+                "report": "", "violations": "0", "changed-files": "0", "commits": "0",
+                "signature-key-id": ""}
     provenance = report.get("provenance") or {}
     return {
         "exit-status": str(status),

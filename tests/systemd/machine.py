@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -52,11 +51,10 @@ WHEELS = "/wheels"
 
 
 def install_packages() -> list[str]:
-    """The Debian packages scripts/install.sh installs (its `packages=(...)` line)."""
-    text = (REPO / "scripts" / "install.sh").read_text()
-    found = re.search(r"^packages=\(([^)]*)\)", text, re.M)
-    assert found, "scripts/install.sh has no packages=(...) line"
-    return found.group(1).split()
+    """The Debian packages scripts/install.sh installs (scripts/lib/packages.sh, `service`)."""
+    done = subprocess.run(["bash", str(REPO / "scripts" / "lib" / "packages.sh"), "service"],
+                          capture_output=True, text=True, check=True)
+    return done.stdout.split()
 
 
 def root_packages() -> list[str]:

@@ -86,8 +86,8 @@ def test_action_yml_passes_every_input_through_sudo_to_the_script() -> None:
     assert action["runs"]["using"] == "composite"
     install, run = action["runs"]["steps"]
     # Installed from the action's own checkout, never the PyPI name another project owns.
-    assert '"$GITHUB_ACTION_PATH"' in install["run"] and "pip install agent-supervisor" \
-        not in install["run"]
+    assert '"$GITHUB_ACTION_PATH/scripts/install-ci.sh"' in install["run"]
+    assert "pip install agent-supervisor" not in install["run"]
     preserved = run["run"].split("--preserve-env=")[1].split()[0].split(",")
     for name in run["env"]:
         if name.startswith("INPUT_") or name == "MODEL_API_KEY":

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install agent-supervisor for CI mode (`agentctl run --embedded`, docs/ci.md) on a Debian or
+# Ubuntu runner, from this checkout (run as root):   bash scripts/install-ci.sh [VENV]
+# The GitHub Action (action.yml) and the GitLab template (ci-templates/) both run it: the
+# Debian packages every sandbox needs (scripts/lib/packages.sh, `ci`: runc, tini, nftables,
+# iproute2, git, ...) and a venv (default /opt/agent-supervisor/venv) with this checkout's wheel
+# and its runtime dependencies only. Never a PyPI package by this project's name.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/apt.sh
+source scripts/lib/apt.sh
+# shellcheck source=scripts/lib/packages.sh
+source scripts/lib/packages.sh
+# shellcheck source=scripts/lib/venv.sh
+source scripts/lib/venv.sh
+VENV="${1:-/opt/agent-supervisor/venv}"
+
+if [[ $EUID -ne 0 ]]; then
+    echo "install-ci: run as root (CI mode creates namespaces and cgroups)" >&2
+    exit 1
+fi
+ensure_packages install-ci "${CI_PACKAGES[@]}"
+build_runtime_venv "$VENV"
+echo "install-ci: $("$VENV/bin/agentctl" --version) in $VENV"
