@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import shutil
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +21,9 @@ from pydantic import ValidationError
 
 from supervisor.config import (
     Config,
-    DaemonSection,
-    EgressSection,
+    FleetSection,
+    WebhookEndpoint,
+    _Section,
     config_error,
     config_path,
     load_config,
@@ -29,6 +33,21 @@ from supervisor.errors import ConfigInvalid, SupervisorError
 from supervisor.events import Endpoint, load_endpoints
 from supervisor.metrics import check_endpoint
 from supervisor.profiles import load_profile
+from supervisor.runtime.init import SandboxInit
+
+# Where a bare [sandbox] runc_path is looked up (the unit's PATH and the root's usual one).
+RUNC_SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _section_models() -> dict[str, type[_Section]]:
+    models: dict[str, type[_Section]] = {"fleet": FleetSection}
+    for name, info in Config.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, _Section):
+            models[name] = info.annotation
+    return models
+
+
+SECTION_MODELS = _section_models()
 
 
 @dataclass
@@ -77,22 +96,62 @@ def check_config(path: Path | None) -> CheckedConfig:
     except ConfigInvalid as exc:
         checked.errors = list(exc.detail.get("errors") or [config_error(where, "",
                                                                          exc.message)])
-        # The profiles are judged too, from the directories the file names if those parse.
-        _check_profiles(_profile_settings(chosen), checked)
+        # What a start would meet next is judged too, on every part of the file that is valid
+        # on its own (defaults elsewhere): webhooks, metrics, the sandbox's programs, profiles.
+        partial = _valid_parts(chosen)
+        _check_start(partial, where, checked)
+        checked.endpoints = []
+        _check_profiles(partial, checked)
         return checked
     checked.config = config
+    _check_start(config, where, checked)
+    _check_profiles(config, checked)
+    return checked
+
+
+def _check_start(config: Config, where: str, checked: CheckedConfig) -> None:
+    """What a start stops at beyond the file's schema: webhook secrets, the metrics address,
+    the sandbox's init and runc, and the Docker engine's socket when Docker is enabled."""
     _check_webhooks(config, where, checked)
     try:
         check_endpoint(config.metrics.listen, config.metrics.web_config_file)
     except SupervisorError as exc:
         checked.errors.append(config_error(where, "metrics.listen", exc.message))
-    _check_profiles(config, checked)
-    return checked
+    try:
+        SandboxInit(Path(config.sandbox.init)).check()
+    except SupervisorError as exc:
+        checked.errors.append(config_error(where, "sandbox.init", exc.message))
+    runc = config.sandbox.runc_path
+    found = runc if "/" in runc else shutil.which(runc, path=RUNC_SEARCH_PATH)
+    if found is None or not os.path.isfile(found) or not os.access(found, os.X_OK):
+        checked.errors.append(config_error(
+            where, "sandbox.runc_path", f"{runc} is not an executable file"
+            + ("" if "/" in runc else f" on {RUNC_SEARCH_PATH}") + " (apt-get install runc)"))
+    if config.docker_enabled:
+        socket_path = docker_socket_path(config.docker.socket)
+        if socket_path is not None:
+            try:
+                is_socket = stat.S_ISSOCK(os.stat(socket_path).st_mode)
+                reason = "" if is_socket else f"{socket_path} is not a socket"
+            except OSError as exc:
+                reason = f"{socket_path}: {exc.strerror}"
+            if reason:
+                key = "docker.socket" if config.docker.enabled else "sandbox.runtime"
+                checked.errors.append(config_error(
+                    where, key, f"the Docker runtime is enabled but its engine socket is "
+                    f"unusable ({reason}): start dockerd or set [docker] socket"))
 
 
-def _profile_settings(path: Path | None) -> Config:
-    """Defaults, with [daemon] profile_dirs/default_profile and [egress] secrets_dir taken
-    from the (otherwise invalid) file wherever they are valid on their own."""
+def docker_socket_path(url: str) -> str | None:
+    """The file of a unix:// engine URL (a TCP engine has none to check)."""
+    if url.startswith("unix://"):
+        return url.removeprefix("unix://")
+    return url if url.startswith("/") else None
+
+
+def _valid_parts(path: Path | None) -> Config:
+    """Defaults, with every key of the (otherwise invalid) file that is valid on its own (and
+    valid together with the other such keys of its section), and each webhook that is."""
     config = Config()
     if path is None:
         return config
@@ -100,14 +159,28 @@ def _profile_settings(path: Path | None) -> Config:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         return config
-    daemon, egress = data.get("daemon", {}), data.get("egress", {})
-    with contextlib.suppress(ValidationError, AttributeError, TypeError):
-        config = config.model_copy(update={"daemon": DaemonSection.model_validate(
-            {k: daemon[k] for k in ("profile_dirs", "default_profile") if k in daemon})})
-    with contextlib.suppress(ValidationError, AttributeError, TypeError):
-        config = config.model_copy(update={"egress": EgressSection.model_validate(
-            {k: egress[k] for k in ("secrets_dir",) if k in egress})})
-    return config
+    update: dict[str, object] = {}
+    for name in Config.model_fields:
+        value = data.get(name)
+        if name == "webhooks":
+            items = value if isinstance(value, list) else []
+            good = []
+            for item in items:
+                with contextlib.suppress(ValidationError, TypeError):
+                    good.append(WebhookEndpoint.model_validate(item))
+            update[name] = good
+            continue
+        model = SECTION_MODELS.get(name)
+        if model is None or not isinstance(value, dict):
+            continue
+        keys = {}
+        for key, item in value.items():
+            with contextlib.suppress(ValidationError, TypeError):
+                model.model_validate({key: item})
+                keys[key] = item
+        with contextlib.suppress(ValidationError, TypeError):
+            update[name] = model.model_validate(keys)
+    return config.model_copy(update=update)
 
 
 def _check_webhooks(config: Config, where: str, checked: CheckedConfig) -> None:

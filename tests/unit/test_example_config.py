@@ -43,19 +43,45 @@ def test_check_config_reports_every_error_with_file_and_key(tmp_path: Path) -> N
     (profiles / "broken.toml").write_text("[limits]\npids = -5\n")
     (profiles / "typo.toml").write_text("[limits]\nmemroy = '1G'\n")
     config = tmp_path / "daemon.toml"
+    # Schema errors, and behind them what a start meets next (each valid to the schema): a
+    # webhook secret file that is missing, a metrics address beyond loopback without a web
+    # config, no init, no runc, and the Docker runtime with no engine socket.
     config.write_text(f'[daemon]\nprofile_dirs = ["{profiles}"]\nlog_level = "loud"\n'
                       '[drill]\nprocesses = 0\n[roles]\nowner = ["bogus"]\n[nonsense]\n'
-                      '[metrics]\nlisten = "0.0.0.0:9"\n')
+                      '[metrics]\nlisten = "0.0.0.0:9"\n'
+                      f'[sandbox]\ninit = "{tmp_path}/no-tini"\n'
+                      f'runc_path = "{tmp_path}/no-runc"\n'
+                      f'[docker]\nenabled = true\nsocket = "unix://{tmp_path}/docker.sock"\n'
+                      f'[[webhooks]]\nurl = "https://hooks.example/a"\n'
+                      f'secret_file = "{tmp_path}/no-secret"\n')
     checked = check_config(config)
     assert not checked.ok
     where = {(Path(e["path"]).name, e["key"]) for e in checked.all_errors}
-    assert {("daemon.toml", "daemon.log_level"), ("daemon.toml", "drill.processes"),
-            ("daemon.toml", "roles.owner.0"), ("daemon.toml", "nonsense")} <= where
+    schema = {("daemon.toml", "daemon.log_level"), ("daemon.toml", "drill.processes"),
+              ("daemon.toml", "roles.owner.0"), ("daemon.toml", "nonsense")}
+    start = {("daemon.toml", "metrics.listen"), ("daemon.toml", "sandbox.init"),
+             ("daemon.toml", "sandbox.runc_path"), ("daemon.toml", "docker.socket")}
+    assert schema | start <= where
+    assert any(name == "daemon.toml" and key.startswith("webhooks.0")
+               for name, key in where), where
     assert {name for name, _key in where} >= {"broken.toml", "typo.toml"}
+    reasons = {e["key"]: e["reason"] for e in checked.errors}
+    assert "tini" in reasons["sandbox.init"] and "no-runc" in reasons["sandbox.runc_path"]
+    assert "docker.sock" in reasons["docker.socket"]
     with pytest.raises(ConfigInvalid) as raised:
         load_config(config)
     assert len(raised.value.detail["errors"]) == 4
     assert "(and 3 more)" in raised.value.message
+    # The same start checks when the schema holds: each is reported, all at once.
+    config.write_text('[metrics]\nlisten = "0.0.0.0:9"\n'
+                      f'[sandbox]\ninit = "{tmp_path}/no-tini"\nruntime = "docker"\n'
+                      f'[docker]\nsocket = "unix://{tmp_path}/docker.sock"\n')
+    (tmp_path / "docker.sock").write_text("not a socket")
+    valid = check_config(config)
+    assert valid.config is not None and not valid.ok
+    assert [e["key"] for e in valid.errors] == ["metrics.listen", "sandbox.init",
+                                                "sandbox.runtime"]
+    assert "is not a socket" in valid.errors[2]["reason"]
 
 
 def test_no_file_means_every_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
