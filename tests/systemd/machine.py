@@ -33,7 +33,10 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+from supervisor.sandbox.cgroups import CGROUP_ROOT, CgroupMode, detect_mode, v1_hierarchies
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("AGENT_SUPERVISOR_TEST_CACHE", "/var/cache/agent-supervisor-test"))
@@ -208,9 +211,38 @@ SERVICE_CGROUPS = ("agent-supervisor", "agent-supervisor-gateway",
                    "agent-supervisor-watchdog")
 
 
+@dataclass(frozen=True)
+class CgroupLayout:
+    """Where the machine's cgroups are, on this host's layout (the machine shares the host's
+    cgroup namespace and tree): the daemon's own detection (supervisor.sandbox.cgroups) says
+    pure v2 or hybrid, and the tier reads the same trees the daemon writes."""
+
+    mode: CgroupMode
+    v2: Path  # the unified tree: runs' cgroups, cgroup.kill
+    # The trees systemd tracks units by: name=systemd (v1) and the unified tree on a hybrid
+    # host, the one tree on pure v2.
+    tracking: tuple[Path, ...]
+    # Every tree a cgroup of the daemon's may appear in (the v1 controllers on hybrid).
+    all_trees: tuple[Path, ...]
+
+    def agents(self, parent: str = "/agent-supervisor") -> Path:
+        return self.v2 / parent.lstrip("/")
+
+
+def cgroup_layout(root: Path = CGROUP_ROOT) -> CgroupLayout:
+    mode = detect_mode(root)
+    if mode is CgroupMode.V2:
+        return CgroupLayout(mode, root, (root,), (root,))
+    if mode is CgroupMode.HYBRID:
+        v1 = tuple(v1_hierarchies(root))
+        return CgroupLayout(mode, root / "unified", (root / "systemd", root / "unified"),
+                            (root / "unified", *v1))
+    raise AssertionError(f"no cgroup v2 tree under {root}: the tier needs pure v2 or hybrid")
+
+
 def remove_service_cgroups() -> None:
     """What a test that failed before uninstall left of the daemon's default cgroups."""
-    for hierarchy in Path("/sys/fs/cgroup").iterdir():
+    for hierarchy in cgroup_layout().all_trees:
         for name in SERVICE_CGROUPS:
             top = hierarchy / name
             if not top.is_dir():

@@ -11,11 +11,13 @@ import json
 from typing import Any
 
 from tests.systemd.conftest import OPERATOR, OUTSIDER, SECRET, follow_readme
-from tests.systemd.machine import Machine
+from tests.systemd.machine import SERVICE_CGROUPS, Machine, cgroup_layout
 
 UNIT = "agent-supervisor.service"
 AGENTCTL = "agentctl"
-CGROUP_PARENT = "/sys/fs/cgroup/unified/agent-supervisor"
+# The host's layout (hybrid here, pure v2 on a fresh Debian 12): the machine shares its tree.
+LAYOUT = cgroup_layout()
+CGROUP_PARENT = LAYOUT.agents("/agent-supervisor")
 WATCHDOG_CGROUP = "agent-supervisor-watchdog"
 
 
@@ -207,10 +209,10 @@ def test_restart_keeps_every_agent_running(machine: Machine) -> None:
 def test_sigkill_of_the_unit_leaves_no_agent(machine: Machine) -> None:
     start_agent(machine, "killed-with-daemon")
     pid = main_pid(machine)
-    # The daemon's watchdog, outside the unit's cgroup in the tree systemd tracks it by (the
-    # name=systemd hierarchy on this hybrid host) and in the v2 tree.
-    for tree in ("systemd", "unified"):
-        procs = machine.sh(f"cat /sys/fs/cgroup/{tree}/{WATCHDOG_CGROUP}/cgroup.procs")
+    # The daemon's watchdog, outside the unit's cgroup in each tree systemd tracks it by (the
+    # name=systemd hierarchy and the v2 tree on a hybrid host; the one tree on pure v2).
+    for tree in LAYOUT.tracking:
+        procs = machine.sh(f"cat {tree}/{WATCHDOG_CGROUP}/cgroup.procs")
         assert len(procs.stdout.split()) == 1, (tree, procs.stdout)
     machine.run("systemctl", "kill", "--signal", "KILL", UNIT)
     # systemd's SIGKILL reaches every process of the unit, but neither the agents' cgroups nor
@@ -272,9 +274,9 @@ def test_uninstall_leaves_nothing(machine: Machine) -> None:
     assert leftovers == []
     assert machine.run("getent", "group", "agent-operators", check=False).returncode == 2
     # Exactly the daemon's names: the host's cgroup tree is shared (other test daemons use
-    # agent-supervisor-test/...).
-    cgroups = machine.sh("ls -d /sys/fs/cgroup/*/agent-supervisor /sys/fs/cgroup/*/"
-                         "agent-supervisor-gateway 2>/dev/null || true").stdout.split()
+    # agent-supervisor-test/...), in every tree of this host's layout, the watchdog's too.
+    paths = " ".join(str(tree / name) for tree in LAYOUT.all_trees for name in SERVICE_CGROUPS)
+    cgroups = machine.sh(f"ls -d {paths} 2>/dev/null || true").stdout.split()
     assert cgroups == []
     assert machine.sh("ls /run/netns 2>/dev/null || true").stdout.split() == []
     tables = machine.run("nft", "list", "tables").stdout.split("\n")
