@@ -285,6 +285,7 @@ def scope_error(selector: Selector, hosts: dict[str, dict[str, Any]]) -> ScopeEm
     return None
 
 
+_OUT_OF_RANGE = 11  # etcd: "required revision has been compacted"
 ACK_REREAD = 1.0  # seconds of a quiet watch before the acks are read directly
 
 
@@ -306,9 +307,40 @@ def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
     if holds:
         puts.update({ctx.keys.hold(a.id): dumps(a) for a in actions})
     revision = ctx.etcd.txn(puts, [ctx.keys.hold(h) for h in (lift or [])])
-    committed_at = time.time()
+    return _confirmations(ctx, actions, revision, deadline, started, started_at, time.time(),
+                          acks)
+
+
+def written_status(ctx: FleetContext, action_ids: list[str], deadline: float
+                   ) -> dict[str, Any]:
+    """The hosts' answers to actions already in the store (`agentctl fleet status`), waiting
+    up to `deadline` seconds for the live hosts each reaches (as registered when it was
+    written) to acknowledge: what `issue` waits for, without writing anything."""
+    started, started_at = time.perf_counter(), time.time()
+    actions: list[FleetAction] = []
+    revision = 0
+    for action_id in action_ids:
+        kv = ctx.etcd.get(ctx.keys.action(action_id))
+        if kv is None:
+            raise InvalidRequest(f"no fleet action {action_id!r} in the store", field="action",
+                                 hint="'agentctl fleet ls --json' lists the holds; an action's "
+                                      "id is printed by the command that wrote it")
+        actions.append(FleetAction.model_validate(kv.json()))
+        revision = max(revision, kv.create_revision)
+    return _confirmations(ctx, actions, revision, deadline, started, started_at, started_at,
+                          None, read_first=True)
+
+
+def _confirmations(ctx: FleetContext, actions: list[FleetAction], revision: int,
+                   deadline: float, started: float, started_at: float, committed_at: float,
+                   acks: dict[tuple[str, str], Ack] | None, read_first: bool = False
+                   ) -> dict[str, Any]:
+    """Wait up to `deadline` for every live host that `actions` (written at `revision`)
+    reach to acknowledge each; with `read_first`, the acks already in the store are read
+    before the watch (they may be older than etcd keeps history for)."""
     end = time.monotonic() + deadline
     acks = {} if acks is None else acks
+    hosts_at = revision  # the registrations as they were when the actions were written
     arrived: dict[tuple[str, str], float] = {}
 
     def take(kv: KeyValue) -> None:
@@ -326,8 +358,12 @@ def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
                 if hosts is None:
                     hosts = _hosts_at(ctx, full=False, labels=any(a.selector.labels
                                                                   for a in actions),
-                                      revision=revision)[0]
+                                      revision=hosts_at)[0]
                     wanted = {(h, a.id) for a in actions for h in _expected(hosts, a.selector)}
+                    if read_first:
+                        for host in {h for h, _ in wanted}:
+                            for kv in ctx.etcd.get_prefix(ctx.keys.acks(host))[0]:
+                                take(kv)
                 if not wanted - set(acks):
                     break
                 # A quiet second ends the watch for a direct read of the acks: a watch opened
@@ -349,7 +385,13 @@ def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
                         take(kv)
             except FleetPermissionDenied:
                 raise
-            except SupervisorError:
+            except SupervisorError as exc:
+                # History older than etcd keeps (an action's status asked much later): the
+                # registrations as they are now, and the watch from where history starts.
+                if exc.detail.get("grpc_code") == _OUT_OF_RANGE:
+                    hosts_at = 0
+                if exc.detail.get("compact_revision"):
+                    start_revision = int(exc.detail["compact_revision"])
                 time.sleep(min(0.1, max(0.0, end - time.monotonic())))
     finally:
         if stream is not None:
@@ -377,6 +419,9 @@ def issue(ctx: FleetContext, actions: list[FleetAction], deadline: float,
             "slowest_time_to_halt_ms": max(halts) if halts else None,
             "survivors": sorted({s for a in got for s in a.survivors}),
             "error": "; ".join(a.error for a in failed if a.error) or None,
+            # each agent the host failed on, with the host's own words (the error above is
+            # only the first one's)
+            "agent_errors": {o.agent: o.error for a in got for o in a.agents if o.error},
             # the host's own times for its last ack, and when that ack reached us
             "timings": {**last.timings, "arrived": arrived.get((host, last.action))},
         })
@@ -412,9 +457,19 @@ def _report(result: dict[str, Any], as_json: bool, verb: str) -> None:
         click.echo(f"fleet {verb} {', '.join(result['actions'])}: {len(result['hosts'])} "
                    f"hosts in {result['elapsed_ms']:.0f} ms")
     if result["unconfirmed"]:
+        # Why each host did not confirm, whole: what the host said, not only its name.
+        why = {r["host"]: r.get("error") or r["status"] for r in result["hosts"]
+               if r["host"] in result["unconfirmed"]}
         error = FleetUnconfirmed(
             f"not confirmed by: {', '.join(result['unconfirmed'])}",
-            hosts=result["unconfirmed"], actions=result["actions"])
+            hosts=result["unconfirmed"], actions=result["actions"], why=why)
+        if not as_json:
+            for row in result["hosts"]:
+                if row["host"] in why:
+                    said = f": {row['error']}" if row.get("error") else ""
+                    click.echo(f"{row['host']}: {row['status']}{said}", err=True)
+                    for agent, message in sorted((row.get("agent_errors") or {}).items()):
+                        click.echo(f"  {agent}: {message}", err=True)
         if not as_json:
             click.echo(f"agentctl: {error.code}: {error.message}", err=True)
             click.echo(f"hint: {error.hint}", err=True)
@@ -470,6 +525,19 @@ _verb("kill", "Kill every agent in scope on every host, and hold them until lift
 _verb("pause", "Pause every agent in scope on every host.")
 _verb("resume", "Resume every paused agent in scope on every host.")
 _verb("reactivate", "Reactivate killed agents in scope (fleet holds stay until lifted).")
+
+
+@fleet.command("status")
+@click.argument("action_ids", nargs=-1, required=True, metavar="ACTION...")
+@click.option("--deadline", type=float, default=10.0, show_default=True,
+              help="Seconds to wait for every host to confirm.")
+@_json
+@_handles_errors
+def status(action_ids: tuple[str, ...], deadline: float, as_json: bool) -> None:
+    """The hosts' answers to fleet actions already written (a kill whose command ran out of
+    time, exit 13): a row per live host each reaches, waiting up to the deadline for those
+    that have not confirmed yet. Writes nothing."""
+    _report(written_status(_ctx(), list(action_ids), deadline), as_json, "status")
 
 
 @fleet.command("lift")

@@ -70,9 +70,29 @@ class _Answer:
     runtime: asyncio.Future[None]
 
 
+ERROR_MAX = 4000  # characters of one error in an ack (the host's journal has it whole)
+
+
+def _bounded(text: str) -> str:
+    """An error for an ack: whole up to ERROR_MAX, else cut where it says so (an ack's error
+    cut without a word read as the whole message)."""
+    if len(text) <= ERROR_MAX:
+        return text
+    return text[:ERROR_MAX] + f" ... [cut: {len(text) - ERROR_MAX} more characters in the " \
+        "host's journal]"
+
+
 def _wall(perf: float) -> float:
     """time.time() at the moment time.perf_counter() read `perf`."""
     return time.time() - (time.perf_counter() - perf)
+
+
+def _agent_error(error: Any) -> str | None:
+    """One agent's error from a scoped verb's results, with its code (its message alone
+    left the operator guessing which failure it was)."""
+    if not isinstance(error, dict):
+        return None if error is None else _bounded(str(error))
+    return _bounded(f"{error.get('code', 'error')}: {error.get('message', '')}")
 
 
 def _actor(action: FleetAction) -> Actor:
@@ -246,7 +266,7 @@ class FleetMember:
             log.exception("fleet: applying %s failed", action.id)
             self._mark_applied(action)
             ack = Ack(action=action.id, host=self.config.host_id, outcome="failed",
-                      applied_at=time.time(), error=f"internal error: {exc!r}"[:500])
+                      applied_at=time.time(), error=_bounded(f"internal error: {exc!r}"))
             self.link.write(self.keys.ack(self.config.host_id, action.id), dumps(ack))
 
     # ------------------------------------------------------------------ applying an action
@@ -371,7 +391,7 @@ class FleetMember:
             error = exc.message
         except SupervisorError as exc:
             outcome = "failed"
-            error = f"{exc.code}: {exc.message}"
+            error = _bounded(f"{exc.code}: {exc.message}")
             for item in exc.detail.get("results", []):
                 if item.get("skipped"):
                     skipped += 1
@@ -381,7 +401,7 @@ class FleetMember:
                     previous_state=item.get("previous_state", ""),
                     new_state=item.get("new_state", ""),
                     time_to_halt_ms=item.get("time_to_halt_ms"),
-                    error=(item.get("error") or {}).get("message")))
+                    error=_agent_error(item.get("error"))))
         survivors = self._survivors(action.verb, scope)
         halts = [a.time_to_halt_ms for a in agents if a.time_to_halt_ms is not None]
         if survivors and outcome == "ok":

@@ -234,6 +234,10 @@ def test_a_host_down_during_the_halt_applies_it_before_any_launch(
     _lift_all(fleet)
 
 
+# Seconds, for the kill issued before etcd's restart and for its status asked after it.
+DEADLINE = 40
+
+
 def test_etcd_restarted_mid_halt(fleet: Fleet) -> None:
     tag = secrets.token_hex(2)
     for host in fleet.hosts:
@@ -242,11 +246,9 @@ def test_etcd_restarted_mid_halt(fleet: Fleet) -> None:
     outcome: dict[str, Any] = {}
 
     def halt() -> None:
-        # The deadline covers etcd's stop and start: on a machine at load 80 those alone took
-        # over 40 s (a deadline of 40 expired before etcd was back).
         outcome["result"] = fleet.agentctl_json("kill", "--class", f"etcd{tag}", "--reason",
-                                                "etcd restart", "--deadline", "120",
-                                                timeout=180)
+                                                "etcd restart", "--deadline", str(DEADLINE),
+                                                timeout=DEADLINE + 60)
 
     def written() -> bool:
         with fleet.operator_client() as operator:
@@ -261,11 +263,34 @@ def test_etcd_restarted_mid_halt(fleet: Fleet) -> None:
     fleet.stop_etcd()
     fleet.start_etcd()
     restarted_in = time.monotonic() - restart
-    thread.join(200)
+    thread.join(DEADLINE + 90)
     code, result = outcome["result"]
-    assert code == 0, (f"etcd was back after {restarted_in:.1f} s", result, {
-        h.host_id: [line for line in h.daemon.logs().splitlines()
-                    if "fleet" in line and "seccomp" not in line][-8:] for h in fleet.hosts})
+
+    def why(what: str, code: int, body: Any) -> str:
+        # A string, whole: pytest cuts the repr of anything else it is given as the message
+        # (a host's failure once read "...", with no way to tell what it was).
+        return "\n".join([
+            f"etcd was back after {restarted_in:.1f} s; {what} exited {code}:",
+            json.dumps(body, indent=1, sort_keys=True), "the hosts' fleet log lines:",
+            *(f"{h.host_id}: {line}" for h in fleet.hosts
+              for line in [line for line in h.daemon.logs().splitlines()
+                           if "fleet" in line and "seccomp" not in line][-12:])])
+
+    # The command's deadline runs while etcd stops and starts, which on a machine at load 80
+    # took over 40 s by itself: only then may it run out (exit 13, hosts "no answer", the
+    # action durable). A host that failed is a failure whatever the timing.
+    assert code == 0 or (code == 13 and restarted_in > DEADLINE / 2), why("kill", code, result)
+    assert all(r["status"] in ("confirmed", "no answer") for r in result.get("hosts", [])), \
+        why("kill", code, result)
+    action_id = (result.get("actions") or result["error"]["detail"]["actions"])[0]
+    # From the moment etcd answers again: every host has confirmed within the same tight
+    # deadline, asked the way an operator follows up a kill that ran out of time.
+    code, status = fleet.agentctl_json("status", action_id, "--deadline",
+                                       str(DEADLINE), timeout=DEADLINE + 60)
+    assert code == 0, why("status", code, status)
+    assert sorted(r["host"] for r in status["hosts"]) == [h.host_id for h in fleet.hosts]
+    assert all(r["status"] == "confirmed" and r["agents_affected"] == 1
+               for r in status["hosts"]), why("status", code, status)
     for host in fleet.hosts:
         wait_for(lambda h=host: _state(h, f"e-{tag}") == "killed", timeout=30,
                  what=f"the kill on {host.host_id}")

@@ -182,3 +182,32 @@ def test_agentctl_fleet_kill_of_an_unknown_class_writes_nothing_and_exits_3(
     assert [a.selector.agent_class for a in written[0]] == ["coderz"]
     right = runner.invoke(cli.fleet, [*base, "kill", "--class", "coders", "--reason", "i"])
     assert right.exit_code == 0 and len(written) == 2
+
+
+def test_a_host_that_did_not_confirm_is_reported_with_its_words_whole(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """agentctl fleet's report of a failed host: the host's error and each agent's, uncut,
+    on stderr and in the error's detail (the table has no room for them)."""
+    from supervisor.cli.fleet import _report
+    long = "kill_unconfirmed: " + "survivor 4242 " * 60
+    result = {"actions": ["a1"], "elapsed_ms": 5.0, "unconfirmed": ["h2", "h3"], "hosts": [
+        {"host": "h1", "status": "confirmed", "agents_affected": 1},
+        {"host": "h2", "status": "failed", "agents_affected": 1, "error": long,
+         "agent_errors": {"bot": long}},
+        {"host": "h3", "status": "no answer"}]}
+    with pytest.raises(SystemExit) as exited:
+        _report(result, False, "kill")
+    assert exited.value.code == 13
+    err = capsys.readouterr().err
+    assert f"h2: failed: {long}\n" in err and f"  bot: {long}\n" in err
+    assert "h3: no answer\n" in err and "h1:" not in err
+
+
+def test_an_acks_error_is_whole_or_says_it_was_cut() -> None:
+    from supervisor.daemon.fleet import ERROR_MAX, _agent_error, _bounded
+    assert _bounded("short") == "short"
+    cut = _bounded("x" * (ERROR_MAX + 10))
+    assert cut.startswith("x" * ERROR_MAX) and "[cut: 10 more characters" in cut
+    assert _agent_error({"code": "kill_unconfirmed", "message": "3 left"}) == \
+        "kill_unconfirmed: 3 left"
+    assert _agent_error(None) is None
