@@ -25,8 +25,10 @@ measures a scoped halt instead, in rounds that alternate which side goes first:
   wall time of that call (request written -> answer read, all runs confirmed empty) and the
   daemon's `time_to_halt_ms`;
 - raw `cgroup.kill` of the same shape of cgroups without the daemon: the same number of runc
-  containers with the same workload, one `cgroup.kill` write per container (class) or one
-  write to their parent (global), then the wait until every one is empty.
+  containers with the same workload under the same init (tini), one `cgroup.kill` write per
+  container (class) or one write to their parent (global), then the wait until every one is
+  empty, through files held open before the kill as the daemon holds its runs' (the parent's
+  `populated 0` first for global, as the daemon waits).
 
 Target: the API's answer within 1.5x raw. Add --iterations 2 or 3: a global round launches 200
 containers and takes about a minute on a small machine.
@@ -73,6 +75,7 @@ from stats import cpu_model, nearest_rank  # noqa: E402
 
 from supervisor.profiles import Profile, load_profile, load_seccomp  # noqa: E402
 from supervisor.runtime.base import RunParams  # noqa: E402
+from supervisor.runtime.init import SandboxInit  # noqa: E402
 from supervisor.sandbox import netns  # noqa: E402
 from supervisor.sandbox.bundle import (  # noqa: E402
     SANDBOX_UID_COUNT,
@@ -241,11 +244,13 @@ class RawRuntime:
         container_id = container.container_id
         netns_path = netns.create(container.netns)
         id_map = IdMap(RAW_UID_BASE, AGENT_UID, RAW_UID_BASE + AGENT_UID)
+        # The daemon's own init (tini) as PID 1, as every run has: the same processes to kill.
+        init = SandboxInit()
         write_bundle(container.bundle, BundleSpec(
-            run_id=container_id, hostname="agent-bench-raw", command=command,
+            run_id=container_id, hostname="agent-bench-raw", command=init.wrap(command),
             profile=self.profile, seccomp=self.seccomp, uid_map=id_map, gid_map=id_map,
             cgroups_path=f"/{container.cgroup.relative}", netns_path=str(netns_path),
-            workspace=None,
+            workspace=None, init_binary=init.check(),
         ))
         pid_file = container.bundle / "init.pid"
         with open(container.bundle / "output.log", "wb") as output:
@@ -456,19 +461,27 @@ def halt_scope_raw(raw: RawRuntime, scope: str) -> float:
     for container in containers:
         assert container.pid is not None
         wait_ready(container.cgroup, container.pid, processes, container.container_id)
-    parent = Cgroup(raw.cgroup_parent)
-    t0 = time.perf_counter()
-    if scope == "global":
-        write_cgroup_kill_to(parent)
-    else:
-        for container in containers:
-            write_cgroup_kill(container)
-    confirmed = all(c.cgroup.wait_empty(CONFIRM_TIMEOUT) for c in containers)
-    answer_ms = (time.perf_counter() - t0) * 1000
+    # As the daemon does: each cgroup's files held open before the kill (the parent's too),
+    # `cgroup.kill` written and `populated 0` awaited through them, the parent first.
+    parent = Cgroup(raw.cgroup_parent).hold()
+    for container in containers:
+        container.cgroup.hold()
+    try:
+        t0 = time.perf_counter()
+        if scope == "global":
+            parent.kill()
+            parent.wait_empty(CONFIRM_TIMEOUT)
+        else:
+            for container in containers:
+                container.cgroup.kill()
+        confirmed = all(c.cgroup.wait_empty(CONFIRM_TIMEOUT) for c in containers)
+        answer_ms = (time.perf_counter() - t0) * 1000
+    finally:
+        parent.release()
     if not confirmed:
         raise RuntimeError(f"raw {scope}: cgroups still populated {CONFIRM_TIMEOUT:g}s after")
     for container in containers:
-        raw.remove(container)
+        raw.remove(container)  # releases the held files
     return answer_ms
 
 
