@@ -450,7 +450,11 @@ def halt_scope_api(daemon: Daemon, scope: str, round_index: int) -> tuple[float,
     if populated:
         raise RuntimeError(f"the API answered but {len(populated)} cgroups are populated")
     if scope == "global":
+        # Every round's global halt is of its own 100 agents: this round's go from the
+        # registry (a halt also marks and audits every idle agent it finds).
         daemon.client.action("reactivate", {"all": True}, reason="bench: next round")
+        for _cgroup, _pid, name in launched:
+            daemon.client.forget(name, reason="bench: next round")
     return answer_ms, float(result["time_to_halt_ms"])
 
 
