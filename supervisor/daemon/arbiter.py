@@ -252,10 +252,13 @@ class Arbiter:
                     verb: str = "kill", agent_verb: Verb = Verb.KILL,
                     cause: EndCause = EndCause.KILLED, arrived: float | None = None,
                     whole_parent: bool = False) -> list[AgentResult | SupervisorError]:
-        """The kill path for one agent or many (ending.kill_agents)."""
-        return await ending.kill_agents(self, agents, actor, reason, scope, verb=verb,
-                                        agent_verb=agent_verb, cause=cause, arrived=arrived,
-                                        whole_parent=whole_parent)
+        """The kill path for one agent or many (ending.kill_agents). The telemetry sampler
+        stands aside meanwhile: its /proc walk would take a core from the dying processes and
+        the GIL from this loop."""
+        with self.observers.killing():
+            return await ending.kill_agents(self, agents, actor, reason, scope, verb=verb,
+                                            agent_verb=agent_verb, cause=cause,
+                                            arrived=arrived, whole_parent=whole_parent)
 
 
     # ----------------------------------------------------------------- scoped actions

@@ -224,7 +224,7 @@ class Core:
         # each by name (daemon/observers.py); main.py adds the fleet.
         arbiter.observers = RunObservers(
             sampler=RunSampling(telemetry, outputs, egress), tripwires=containment,
-            seccomp=seccomp, gateway=egress)
+            seccomp=seccomp, gateway=egress, background=telemetry)
         return cls(config=config, mode=mode, seccomp=seccomp, runtime=runtime,
                    watchdog=watchdog, watchdog_record=watchdog_record, audit=audit, store=store,
                    arbiter=arbiter, telemetry=telemetry, containment=containment,

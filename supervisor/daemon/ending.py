@@ -51,8 +51,8 @@ async def expire(arbiter: Arbiter, live: LiveRun, fired: float) -> None:
         return
     reason = f"execution window of {run.timeout:g}s expired"
     with contextlib.suppress(SupervisorError):
-        await kill_agents(arbiter, [arbiter.agents[run.agent]], SYSTEM, reason,
-                          f"agent:{run.agent}", cause=EndCause.TIMEOUT, arrived=fired)
+        await arbiter._kill([arbiter.agents[run.agent]], SYSTEM, reason, f"agent:{run.agent}",
+                            cause=EndCause.TIMEOUT, arrived=fired)
 
 
 async def watch(arbiter: Arbiter, live: LiveRun) -> None:

@@ -2,7 +2,8 @@
 listener, the egress gateway and the fleet. The arbiter is given one `RunObservers` at
 assembly (daemon/core.py; main.py adds the fleet) and calls it where a run starts, ends, is
 paused or resumed, at reconcile and when an agent's state changes; each call below is written
-out, so whoever reads a run's end (ending.finalise) or the kill path sees all it touches.
+out, so whoever reads a run's end (ending.finalise) or the kill path sees all it touches. The
+`background` (the sampler's /proc walk) stands aside while a kill runs (`killing`).
 
 A run's start and end, and an agent's change, are observations: one that fails is logged and
 the others still run, so no observer can stop a launch, an ending or a kill. Pause, resume and
@@ -12,8 +13,10 @@ answer refuses a launch. No I/O of its own, no privilege; runs in the event loop
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,6 +32,13 @@ class Sampler(Protocol):
     def run_started(self, run_id: str, cgroup: str, started_at: float) -> None: ...
 
     def run_ended(self, run_id: str) -> None: ...
+
+
+class StandsAside(Protocol):
+    """A thread whose CPU a kill would compete with (the telemetry sampler's /proc walk):
+    inside `stand_aside()` it waits instead of working."""
+
+    def stand_aside(self) -> AbstractContextManager[None]: ...
 
 
 class Tripwires(Protocol):
@@ -83,6 +93,19 @@ class RunObservers:
     seccomp: SyscallListener | None = None
     gateway: Gateway | None = None
     fleet: Fleet | None = None
+    background: StandsAside | None = None
+
+    @contextlib.contextmanager
+    def killing(self) -> Iterator[None]:
+        """Around a kill, from step 1 to its records and audit rows: the background stands
+        aside; if it cannot, the kill goes on all the same."""
+        with contextlib.ExitStack() as stack:
+            if self.background is not None:
+                try:
+                    stack.enter_context(self.background.stand_aside())
+                except Exception:
+                    log.exception("run observer %s failed to stand aside", self.background)
+            yield
 
     def run_started(self, run: RunRecord) -> None:
         """The run's command runs: its tripwires are armed before its first sample."""

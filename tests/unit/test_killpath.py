@@ -6,12 +6,16 @@ run is alive, step 6 after the answer. No root."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from supervisor.config import KillSection
 from supervisor.daemon.killpath import Credential, RunKill, sweep
+from supervisor.daemon.observers import RunObservers
 from supervisor.errors import IllegalTransition, KillUnconfirmed
 from supervisor.models import ActionRequest, RunRequest, Scope
 from supervisor.runtime.fake import FakeRuntime
@@ -375,5 +379,58 @@ def test_the_cgroup_is_held_from_launch_and_released_after_cleanup(env: ArbiterE
         await arbiter.act("kill", ActionRequest(scope=Scope(agent="h1"), reason="r"), ALICE)
         await asyncio.wait_for(arbiter.settled(view.id), WAIT)
         assert not handle.cgroup.held
+
+    asyncio.run(body())
+
+
+class Background:
+    """A `StandsAside` (daemon/observers.py) that notes when it is inside, or fails to enter."""
+
+    def __init__(self, journal: list[str], fail: bool = False) -> None:
+        self.journal = journal
+        self.fail = fail
+
+    @contextlib.contextmanager
+    def stand_aside(self) -> Iterator[None]:
+        if self.fail:
+            raise RuntimeError("observer bug")
+        self.journal.append("aside")
+        try:
+            yield
+        finally:
+            self.journal.append("back")
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_background_stands_aside_from_the_kill_to_its_records(env: ArbiterEnv,
+                                                                   fail: bool) -> None:
+    """The telemetry sampler's /proc walk stands aside across the whole kill (marks, SIGKILL,
+    confirmation, records and audit); one that cannot stand aside never stops the kill."""
+    async def body() -> None:
+        arbiter = env.arbiter()
+        journal: list[str] = []
+        arbiter.observers = RunObservers(background=Background(journal, fail))
+        views = [await arbiter.launch(_request(f"w{i}"), ALICE) for i in range(2)]
+        for view in views:
+            cgroup = env.runtime.handles[view.id].cgroup
+            kill = cgroup.kill
+
+            def noted_kill(*, force_fallback: bool = False, kill: Any = kill) -> str:
+                journal.append("sigkill")
+                return str(kill(force_fallback=force_fallback))
+
+            cgroup.kill = noted_kill  # type: ignore[method-assign]
+        append = arbiter.audit.append
+
+        def noted_append(**row: Any) -> Any:
+            journal.append(f"audit {row['verb']}")
+            return append(**row)
+
+        arbiter.audit.append = noted_append  # type: ignore[method-assign]
+        result = await asyncio.wait_for(arbiter.act(
+            "kill", ActionRequest(scope=Scope(agent_class="web"), reason="r"), ALICE), WAIT)
+        assert [r.new_state for r in result.results] == ["killed"] * 2
+        during = ["sigkill", "sigkill", "audit kill", "audit kill"]
+        assert journal == (during if fail else ["aside", *during, "back"])
 
     asyncio.run(body())

@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -733,3 +734,40 @@ def test_the_wire_sample_is_the_shared_sample() -> None:
     assert wire == sample.as_dict()
     assert TelemetryView.model_validate(view.model_dump(mode="json")).samples == [sample]
     assert set(METRICS) <= set(fields)
+
+
+# ----------------------------------------------------------------------------- kills first
+
+
+def test_the_sampler_stands_aside_while_a_kill_runs(host: FakeHost,
+                                                     loop: asyncio.AbstractEventLoop) -> None:
+    """Inside stand_aside the sampler thread reads no process until the kill is over; then
+    its tick completes as usual. Kills nest: the last one out lets it go on."""
+    read: list[int] = []
+
+    def source(pid: int) -> FakeProcess:
+        read.append(pid)
+        return host.process_source(pid)
+
+    host.add(FakeProcess(10))
+    host.add(FakeProcess(11))
+    host.write(pids=[10, 11])
+    hub = TelemetryHub(10.0, 1, 600, loop, cgroup_reader=PlainReader(), process_source=source,
+                       fd_reader=host.read_fds, clock=host.clock, wall_clock=host.clock,
+                       v1_memory_root=host.v1_root)
+    hub.register("r1", host.cgroup, started_at=host.now)
+    batches: list[list[tuple[str, Sample]]] = []
+    with hub.stand_aside():
+        with hub.stand_aside():
+            sampler = threading.Thread(target=lambda: batches.append(hub.sample_once()))
+            sampler.start()
+            deadline = time.monotonic() + 10.0
+            while hub.stood_aside == 0 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert hub.stood_aside == 1
+        assert sampler.is_alive() and read == [] and batches == []  # the outer kill runs on
+    sampler.join(10.0)
+    assert not sampler.is_alive()
+    [[(run_id, sample)]] = batches
+    assert run_id == "r1" and sample.processes == 2 and read == [10, 11]
+    assert hub.sample_once() and hub.stood_aside == 1  # no kill: no wait
