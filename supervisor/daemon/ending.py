@@ -86,10 +86,11 @@ async def watch(arbiter: Arbiter, live: LiveRun) -> None:
 
 def finalise(arbiter: Arbiter, live: LiveRun, cause: EndCause, *, exit_code: int | None = None,
              time_to_halt_ms: float | None = None, reason: str = "",
-             after_answer: bool = False) -> None:
+             after: asyncio.Future[None] | None = None) -> None:
     """End a run, whatever ended it: its record (state from the table, cause, exit code,
     time_to_halt), its agent, the observers; then step 6 (runtime state, bundle) in the
-    background, tracked, so no answer ever waits on a runtime."""
+    background, tracked, so no answer ever waits on a runtime (`after`: not before this
+    gate opens, a kill's `answer_out`)."""
     run = live.record
     if RunState(run.state) in RUN_ENDED:  # ended already (a launch that failed under a kill)
         live.done.set()
@@ -117,30 +118,24 @@ def finalise(arbiter: Arbiter, live: LiveRun, cause: EndCause, *, exit_code: int
     if live.handle is None:
         live.done.set()
         return
-    cleanup = arbiter.track(asyncio.ensure_future(clean_up(arbiter, live, after_answer)))
+    cleanup = arbiter.track(asyncio.ensure_future(clean_up(arbiter, live, after)))
     arbiter.cleanups[run.id] = cleanup
     cleanup.add_done_callback(lambda _t: arbiter.cleanups.pop(run.id, None))
 
 
-async def clean_up(arbiter: Arbiter, live: LiveRun, after_answer: bool = False
+async def clean_up(arbiter: Arbiter, live: LiveRun, after: asyncio.Future[None] | None = None
                    ) -> dict[str, Any]:
     """Step 6: the runtime's state, the bundle, the cgroup directories. A failure is
     audited here; every kill's cleanups are also audited together (`audit_cleanup`).
-    `after_answer` (every kill): not before the kill's answer can be written."""
+    `after` (every kill): not before this gate opens, once the kill's answer is out."""
     assert live.handle is not None
     run = live.record
     outcome = "ok"
     detail: dict[str, Any] = {"run": run.id, "cause": run.end_cause, "outcome": outcome}
     t0 = time.perf_counter()
     try:
-        if after_answer:
-            # The ending's audit rows are durable (what the answer waits for) and the loop has
-            # turned once more, so the answer is written before any runtime process is
-            # spawned (a hundred spawns held a global halt's answer for seconds); an answer
-            # sent from a thread (a fleet ack) is out too.
-            await arbiter.audit.flushed(_CLEANUP_WAIT)
-            await arbiter.answers_out(_CLEANUP_WAIT)
-            await asyncio.sleep(0)
+        if after is not None:
+            await asyncio.wait({after}, timeout=3 * _CLEANUP_WAIT)  # bounded twice over
         async with arbiter.cleanup_slots:  # a few at a time: each spawn holds the loop
             t0 = time.perf_counter()
             await live.handle.cleanup()
@@ -260,14 +255,19 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
     t_swept = time.perf_counter()
 
     results: list[AgentResult | SupervisorError] = []
-    # Every agent's and run's record in one transaction, every audit row in one commit.
-    with arbiter.store.batch(), arbiter.audit.batch():
-        for agent, previous, new, live in marks:
-            results.append(await after_kill(arbiter, agent, previous, new, live, kills, actor,
-                                            reason, scope, verb, cause, t0, arrived_at,
-                                            owner=live is not None and
-                                            live.record.id in owned_ids,
-                                            scoped=scoped))
+    answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    try:
+        # Every agent's and run's record in one transaction, every audit row in one commit.
+        with arbiter.store.batch(), arbiter.audit.batch():
+            for agent, previous, new, live in marks:
+                results.append(await after_kill(arbiter, agent, previous, new, live, kills,
+                                                actor, reason, scope, verb, cause, t0,
+                                                arrived_at, answered,
+                                                owner=live is not None and
+                                                live.record.id in owned_ids,
+                                                scoped=scoped))
+    finally:  # once every row is appended: step 6 of this kill's runs waits on this gate
+        arbiter.track(asyncio.ensure_future(answer_out(arbiter, answered)))
     log.log(logging.WARNING if scoped else logging.INFO,
             "%s of %d agents, %d runs (%s) by %s (%s): queued %.1f ms, steps 2-5 %.1f ms, "
             "records and audit %.1f ms", verb, len(marks), len(kills), scope,
@@ -279,11 +279,25 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
     return results
 
 
+async def answer_out(arbiter: Arbiter, answered: asyncio.Future[None]) -> None:
+    """Open a kill's gate for step 6 once its audit rows are durable (what the answer waits
+    for) and the loop has turned once more: the answer is written before any runtime process
+    is spawned (a hundred spawns held a global halt's answer for seconds); an answer sent
+    from a thread (a fleet ack) is out too. One gate for all of a kill's runs: a wait of its
+    own in each run's cleanup was a hundred tasks waking in front of a global halt's answer."""
+    try:
+        await arbiter.audit.flushed(_CLEANUP_WAIT)
+        await arbiter.answers_out(_CLEANUP_WAIT)
+        await asyncio.sleep(0)
+    finally:
+        answered.set_result(None)
+
+
 async def after_kill(arbiter: Arbiter, agent: AgentRecord, previous: AgentState, new: AgentState,
                      live: LiveRun | None, kills: dict[str, RunKill], actor: Actor,
                      reason: str, scope: str, verb: str, cause: EndCause, t0: float,
-                     arrived_at: float, *, owner: bool, scoped: bool
-                    ) -> AgentResult | SupervisorError:
+                     arrived_at: float, answered: asyncio.Future[None], *, owner: bool,
+                     scoped: bool) -> AgentResult | SupervisorError:
     detail: dict[str, Any] = {"actor": actor_detail(actor), "cause": cause.value,
                               "request_arrived_at": round(arrived_at, 6)}
     time_to_halt_ms: float | None = None
@@ -317,7 +331,7 @@ async def after_kill(arbiter: Arbiter, agent: AgentRecord, previous: AgentState,
             # Step 6 waits for the answer for one agent too: its runc delete and bundle
             # removal, on the loop, held a single kill's answer under load.
             finalise(arbiter, live, cause, exit_code=exit_status(live),
-                     time_to_halt_ms=time_to_halt_ms, reason=run_reason, after_answer=True)
+                     time_to_halt_ms=time_to_halt_ms, reason=run_reason, after=answered)
     arbiter.audit.append(
         actor=actor.label(), verb=verb, scope=scope, target=agent.name, reason=reason,
         previous_state=previous.value, new_state=new.value,

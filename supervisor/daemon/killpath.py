@@ -165,7 +165,13 @@ class RunKill:
                          self.report.run_id, self.confirm_timeout)
             self.report.escalated = self._fallback()
             confirmed = await self._wait_empty()
+        return self._record(confirmed)
+
+    def _record(self, confirmed: bool) -> bool:
+        """The one place step 4's outcome goes into the report (`settle`, `keep_killing`):
+        the kernel's word, and if it is not empty, the processes it still holds."""
         self.report.confirmed = confirmed
+        self.report.survivors = []
         if not confirmed:
             try:
                 self.report.survivors = self.cgroup.pids()
@@ -207,8 +213,7 @@ class RunKill:
             else:
                 self._fallback()
             if await self._wait_empty():
-                self.report.confirmed = True
-                self.report.survivors = []
+                self._record(True)
                 return attempts
             if attempts % interval_log == 0:
                 log.critical("run %s: still not empty after %d kill attempts",
@@ -323,11 +328,9 @@ async def _confirm_together(kills: Sequence[RunKill]) -> None:
         return [kill.wait_empty_by(deadline) for kill in kills]
 
     waited = await asyncio.get_running_loop().run_in_executor(CONFIRMERS, wait_all)
-    late = []
     for kill, confirmed in zip(kills, waited, strict=True):
-        if confirmed:
-            kill.report.confirmed = True
-        else:
-            late.append(kill.settle(False))
-    if late:
-        await asyncio.gather(*late)
+        if confirmed:  # settle(True) awaits nothing: inline, no task and no turn of the loop
+            await kill.settle(True)
+    await asyncio.gather(*(kill.settle(False)
+                           for kill, confirmed in zip(kills, waited, strict=True)
+                           if not confirmed))
