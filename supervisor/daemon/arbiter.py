@@ -18,7 +18,7 @@ from typing import Any
 from supervisor.audit import AuditLog
 from supervisor.config import Config
 from supervisor.daemon import ending, launching, verbs
-from supervisor.daemon.killpath import Credentials, NoCredentials
+from supervisor.daemon.killpath import Credentials, NoCredentials, ParentCgroup
 from supervisor.daemon.liverun import SYSTEM, LiveRun, actor_detail, held_pause
 from supervisor.daemon.observers import RunObservers
 from supervisor.daemon.store import AgentRecord, RunRecord, Store
@@ -42,7 +42,7 @@ from supervisor.models import (
     Scope,
 )
 from supervisor.profiles import Profile
-from supervisor.runtime.base import NetworkAttachment, RunCgroup, Runtime
+from supervisor.runtime.base import NetworkAttachment, Runtime
 from supervisor.runtime.output_index import index_path
 from supervisor.states import (
     AgentState,
@@ -71,7 +71,7 @@ NetworkProvider = Callable[[LiveRun], Awaitable[tuple[NetworkAttachment, dict[st
 
 class Arbiter:
     def __init__(self, config: Config, store: Store, audit: AuditLog, runtime: Runtime, *,
-                 credentials: Credentials | None = None, parent: RunCgroup | None = None,
+                 credentials: Credentials | None = None, parent: ParentCgroup | None = None,
                  parent_path: str | None = None, command_check: CommandCheck | None = None,
                  observers: RunObservers | None = None) -> None:
         self.config = config

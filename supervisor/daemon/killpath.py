@@ -77,6 +77,18 @@ class RunCgroup(Protocol):
     def pids(self) -> list[int]: ...
 
 
+class ParentCgroup(RunCgroup, Protocol):
+    """The runs' parent, held open from startup: a global halt's one write (step 3)."""
+
+    def stale(self) -> bool:
+        """Its held files are of a directory removed since (runc made it again)."""
+        ...
+
+    def hold(self) -> object: ...
+
+    def release(self) -> None: ...
+
+
 class RunNetwork(Protocol):
     """Step 5: the run's network (veth, nftables table, network namespace)."""
 
@@ -236,7 +248,7 @@ class RunKill:
             return False
 
 
-async def sweep(kills: Sequence[RunKill], parent: RunCgroup | None = None,
+async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
                 covered: frozenset[str] = frozenset()) -> list[HaltReport]:
     """A scoped halt in one sweep: every run's credentials, then every run's SIGKILL (with a
     `parent`, one `cgroup.kill` write for the runs in `covered`, which live under it), then
@@ -255,6 +267,12 @@ async def sweep(kills: Sequence[RunKill], parent: RunCgroup | None = None,
     t_revoked = time.perf_counter()
     parent_mechanism: str | None = None
     parent_write_ms = 0.0
+    if parent is not None and covered and parent.stale():
+        # Its files would kill nothing (ENODEV) and read empty at once; each run's own are
+        # live. The arbiter holds the parent again at the next launch.
+        log.error("global halt: the parent cgroup held open was removed since; killing run "
+                  "by run")
+        parent = None
     if parent is not None and covered:
         try:
             t_write = time.perf_counter_ns()

@@ -205,6 +205,12 @@ async def hold(arbiter: Arbiter, handle: RunHandle, run: RunRecord, *, before_st
     not left running (fail closed): it is killed and the launch fails."""
     try:
         handle.cgroup.hold()
+        if arbiter.parent is not None and arbiter.parent.stale():
+            # The parent was removed while empty and runc made it again for this run: a
+            # global halt's one write must reach the live one.
+            log.warning("the runs' parent cgroup was made again; holding the new one")
+            arbiter.parent.release()
+            arbiter.parent.hold()
         return True
     except FileNotFoundError:
         if before_start:

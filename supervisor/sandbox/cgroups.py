@@ -118,6 +118,18 @@ class Cgroup:
     def held(self) -> bool:
         return bool(self._held)
 
+    def stale(self) -> bool:
+        """The held files belong to a directory removed since `hold()` (perhaps made again
+        at the same path, as runc makes a missing parent for a new run): a write to them
+        fails with ENODEV and a read says empty. A stat each, no new descriptor."""
+        fd = self._held.get("cgroup.events")
+        if fd is None:
+            return False
+        try:
+            return os.fstat(fd).st_ino != os.stat(self.path / "cgroup.events").st_ino
+        except OSError:
+            return True
+
     def held_broken(self) -> list[str]:
         """Held files whose descriptor is no longer open (closed behind our back by a bug):
         the kill path could not act through them."""

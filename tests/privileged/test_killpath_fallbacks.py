@@ -1,6 +1,7 @@
 """The kill path when resources run out, on the real kernel: a held cgroup kills and confirms
 with the descriptor table full; a cgroup.kill write that fails falls back to freeze + SIGKILL
-and still confirms; break-glass (SIGUSR1 and the HALT file) kills with the event loop stuck and
+and still confirms; a global halt whose held parent was removed and made again kills and
+confirms run by run; break-glass (SIGUSR1 and the HALT file) kills with the event loop stuck and
 every descriptor in use. Real cgroups on the v2 tree, real processes; needs root.
 
 The tests make their own cgroups under agent-supervisor-test/ and remove them."""
@@ -26,7 +27,7 @@ import pytest
 
 from supervisor.config import Config, KillSection
 from supervisor.daemon.breakglass import BreakGlass
-from supervisor.daemon.killpath import NoCredentials, RunKill
+from supervisor.daemon.killpath import NoCredentials, RunKill, sweep
 from supervisor.models import ActionRequest, ActionResult, Actor
 from supervisor.sandbox.cgroups import Cgroup, unified_root
 from supervisor.states import EndCause
@@ -118,6 +119,38 @@ def _reap(procs: list[subprocess.Popen[bytes]]) -> None:
 class Network:
     def teardown_network(self) -> bool:
         return False
+
+
+def test_a_global_halt_whose_parent_was_made_again_kills_every_run(tree: Tree) -> None:
+    """The parent held at startup, removed while empty and made again for new runs (as a
+    test session's teardown or an operator can, and runc then does): its held files would
+    kill nothing and read `populated 0` at once. The sweep sees it and kills run by run,
+    through each run's own held files; the arbiter's next launch holds the new parent."""
+    stale = Cgroup(f"{tree.parent.relative}-again")
+    stale.path.mkdir()
+    stale.hold()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        stale.path.rmdir()
+        (stale.path / "run").mkdir(parents=True)
+        procs = _spawn_into(Cgroup(f"{stale.relative}/run"), 3)
+        assert stale.stale() and not tree.parent.hold().stale()
+        run = Cgroup(f"{stale.relative}/run").hold()
+        kill = RunKill("r0", credentials=NoCredentials(), cgroup=run, network=Network(),
+                       confirm_timeout=WAIT)
+        [report] = asyncio.run(sweep([kill], stale, frozenset({"r0"})))
+        assert report.mechanism == "cgroup.kill" and report.confirmed, report
+        assert not run.populated()
+        _reap(procs)
+        assert [p.pid for p in procs if p.poll() is None] == []
+        assert tree.alive(), "the kill reached beyond the stale parent's runs"
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+        Cgroup(stale.relative).remove(strict=False)
+        stale.release()
 
 
 def test_a_held_cgroup_kills_and_confirms_with_no_descriptor_left(tree: Tree) -> None:

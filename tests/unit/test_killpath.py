@@ -88,6 +88,19 @@ class FakeCgroup:
     def pids(self) -> list[int]:
         return list(range(self.processes))
 
+    # As a parent (killpath.ParentCgroup): `removed`, its directory was removed since hold().
+    removed = False
+
+    def stale(self) -> bool:
+        return self.removed
+
+    def hold(self) -> FakeCgroup:
+        self.removed = False
+        return self
+
+    def release(self) -> None:
+        pass
+
 
 class FakeNetwork:
     def __init__(self, journal: Journal, name: str, fail: bool = False) -> None:
@@ -208,6 +221,20 @@ def test_a_failed_parent_write_falls_back_to_every_run() -> None:
     assert all(r.confirmed for r in reports) and all(g.processes == 0 for g in groups)
 
 
+def test_a_parent_removed_since_it_was_held_is_passed_over_for_every_run() -> None:
+    """Its held files would kill nothing and read empty at once (ENODEV): each run's own
+    cgroup.kill, each run's own confirmation."""
+    journal = Journal()
+    kills, groups = zip(*(run_kill(journal, name) for name in ("a", "b")), strict=True)
+    parent = FakeCgroup(journal, "parent")
+    parent.removed = True
+    reports = asyncio.run(sweep(list(kills), parent, frozenset({"a", "b"})))
+    assert [s for s in journal.steps if "kill" in s or "confirm" in s] == [
+        "cgroup.kill a", "cgroup.kill b", "confirm a", "confirm b"]
+    assert all(r.confirmed and r.mechanism == "cgroup.kill" for r in reports)
+    assert all(g.processes == 0 for g in groups)
+
+
 # ---------------------------------------------------------------------------- in the arbiter
 
 
@@ -307,6 +334,9 @@ def test_a_global_halt_writes_the_parent_once(env: ArbiterEnv) -> None:
 
             def release(self) -> None:
                 pass
+
+            def stale(self) -> bool:
+                return False
 
         arbiter.parent = Parent()
         arbiter.parent_path = env.config.sandbox.cgroup_parent.strip("/")
@@ -432,5 +462,21 @@ def test_the_background_stands_aside_from_the_kill_to_its_records(env: ArbiterEn
         assert [r.new_state for r in result.results] == ["killed"] * 2
         during = ["sigkill", "sigkill", "audit kill", "audit kill"]
         assert journal == (during if fail else ["aside", *during, "back"])
+
+    asyncio.run(body())
+
+
+def test_a_launch_holds_a_parent_made_again(env: ArbiterEnv) -> None:
+    """A parent removed while empty and made again by runc for a new run is held again at that
+    launch, so the next global halt is one write to the live parent."""
+    async def body() -> None:
+        arbiter = env.arbiter()
+        parent = FakeCgroup(Journal(), "parent")
+        arbiter.parent = parent
+        await arbiter.launch(_request("w0"), ALICE)
+        assert not parent.stale()
+        parent.removed = True
+        await arbiter.launch(_request("w1"), ALICE)
+        assert not parent.stale(), "the launch did not hold the new parent"
 
     asyncio.run(body())
