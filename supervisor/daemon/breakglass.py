@@ -259,6 +259,15 @@ class BreakGlass:
             return {"mechanism": "none: no parent cgroup held; the loop kills run by run"}
         started = time.perf_counter()
         with self._kill_lock:
+            if parent.stale():
+                # Removed and made again since it was held: its files would kill nothing and
+                # read empty at once. Held anew (this needs descriptors; with none left, the
+                # kill below opens nothing either and the loop kills run by run).
+                log.error("break-glass: the held parent cgroup was removed since; holding it "
+                          "again")
+                parent.release()
+                with contextlib.suppress(OSError):
+                    parent.hold()
             try:
                 mechanism = parent.kill()
             except OSError as exc:

@@ -1,8 +1,9 @@
 """The kill path when resources run out, on the real kernel: a held cgroup kills and confirms
 with the descriptor table full; a cgroup.kill write that fails falls back to freeze + SIGKILL
 and still confirms; a global halt whose held parent was removed and made again kills and
-confirms run by run; break-glass (SIGUSR1 and the HALT file) kills with the event loop stuck and
-every descriptor in use. Real cgroups on the v2 tree, real processes; needs root.
+confirms run by run, and break-glass holds such a parent again; break-glass (SIGUSR1 and the
+HALT file) kills with the event loop stuck and every descriptor in use. Real cgroups on the
+v2 tree, real processes; needs root.
 
 The tests make their own cgroups under agent-supervisor-test/ and remove them."""
 
@@ -287,3 +288,32 @@ def test_break_glass_kills_with_the_loop_stuck_and_every_descriptor_in_use(
     if trigger == "file":
         assert row["reason"] == "break-glass: stuck loop drill"
         assert not halt_file.exists() and list(halt_file.parent.glob("HALT.done.*"))
+
+
+def test_break_glass_holds_a_parent_made_again_and_kills_through_it(tree: Tree,
+                                                                    tmp_path: Path) -> None:
+    """Break-glass's one write reaches a parent that was removed and made again since the
+    daemon held it, and its confirmation is the live parent's, not a removed one's."""
+    stale = Cgroup(f"{tree.parent.relative}-again")
+    stale.path.mkdir()
+    stale.hold()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        stale.path.rmdir()
+        (stale.path / "run").mkdir(parents=True)
+        procs = _spawn_into(Cgroup(f"{stale.relative}/run"), 3)
+        assert stale.stale()
+        glass = BreakGlass(LoopArbiter(stale), tmp_path / "HALT")  # type: ignore[arg-type]
+        kernel = glass._kill_parent()
+        assert kernel["mechanism"] == "cgroup.kill" and kernel["confirmed_empty"] is True, kernel
+        assert not stale.stale() and not stale.populated()
+        _reap(procs)
+        assert [p.pid for p in procs if p.poll() is None] == []
+        assert tree.alive(), "the kill reached beyond the parent"
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+        Cgroup(stale.relative).remove(strict=False)
+        stale.release()
