@@ -424,12 +424,11 @@ class EgressControl:
                                        sandbox_ip=ipaddress.IPv4Address(entry["sandbox_ip"]),
                                        prefixlen=int(entry["prefixlen"]))
         present = await self.loop.run_in_executor(
-            None, lambda: (link.exists(ifname), nft.exists(table)))
-        if not all(present):
-            raise EgressSetupFailed(f"its {'link ' + ifname if not present[0] else ''}"
-                                    f"{' and ' if not any(present) else ''}"
-                                    f"{'nft table ' + table if not present[1] else ''} "
-                                    f"is gone", run=run.id)
+            None, lambda: {f"link {ifname}": link.exists(ifname),
+                           f"nft table {table}": nft.exists(table)})
+        if gone := [what for what, there in present.items() if not there]:
+            raise EgressSetupFailed(f"its {' and '.join(gone)} {'is' if len(gone) == 1 else 'are'}"
+                                    f" gone", run=run.id)
         secret_values = self._secret_values(policy)
         carried = Carried(usage=Usage(**entry["usage"]), breaker=entry["breaker"],
                           budget_fired=bool(entry["budget_fired"]),

@@ -165,8 +165,9 @@ def test_a_gateway_run_is_adopted_and_keeps_calling_through_the_gateway(
     assert rig.daemon.client.audit_verify()["ok"]
 
 
+@pytest.mark.parametrize("broken", ["secret", "nft_table"])
 def test_a_gateway_session_that_cannot_be_restored_means_the_run_is_killed(
-        rig: GatewayRig) -> None:
+        rig: GatewayRig, broken: str) -> None:
     run = _start_caller(rig, "orphan")
     ifname = link.host_ifname(f"{rig.daemon.prefix}-{run['id']}")
     table = nft.table_name(rig.daemon.prefix, run["id"])
@@ -174,13 +175,19 @@ def test_a_gateway_session_that_cannot_be_restored_means_the_run_is_killed(
 
     _hand_over(rig)
     assert Path(f"/proc/{init}").exists()
-    # The next daemon cannot read the route's secret: no gateway for the run, so no run.
-    _secret_file(rig).unlink()
+    if broken == "secret":
+        # The next daemon cannot read the route's secret: no gateway for the run, no run.
+        _secret_file(rig).unlink()
+    else:
+        # Its firewall went while no daemon held it: not restored (the veth without its
+        # table would reach the whole host).
+        assert nft.remove(table)
 
     rig.daemon.start()
     [adopted] = [r for r in _rows(rig, "adopt") if r["target"] == "orphan"]
     assert adopted["outcome"] == "failed:gateway_not_restored", adopted
-    assert "file:llm-key" in adopted["detail"]["error"], adopted
+    assert {"secret": "file:llm-key", "nft_table": f"nft table {table} is gone"}[broken] in \
+        adopted["detail"]["error"], adopted
     wait_for(lambda: not Path(f"/proc/{init}").exists(), timeout=30,
              what="the run that was not adopted to be killed")
     view = rig.daemon.client.agent("orphan")
