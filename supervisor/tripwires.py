@@ -86,6 +86,27 @@ class RunTripwires:
                                       rule.describe(value), ts))
         return firings
 
+    def carry(self) -> dict[str, Any]:
+        """What a restart carries to the next daemon (daemon/handover.py), so a window
+        under way goes on where it was: which rules are disarmed (fired, not yet back below
+        their line), the consecutive violating samples, whether it contained already."""
+        return {"disarmed": sorted(n for n, armed in self.armed.items() if not armed),
+                "consecutive": self.consecutive, "contained": self.contained}
+
+    def restore(self, carried: dict[str, Any]) -> None:
+        """Take what `carry` gave; ValueError (and nothing changed) if it is not of that
+        form. Rules no longer in the policy are ignored."""
+        disarmed, consecutive = carried.get("disarmed"), carried.get("consecutive")
+        contained = carried.get("contained")
+        if not (isinstance(disarmed, list) and all(isinstance(n, str) for n in disarmed)
+                and isinstance(consecutive, int) and not isinstance(consecutive, bool)
+                and consecutive >= 0 and isinstance(contained, bool)):
+            raise ValueError("carried tripwire state is not of the form carry() gives")
+        names = {rule.name for rule in self.policy.rules}
+        self.armed.update({name: False for name in disarmed if name in names})
+        self.consecutive = consecutive
+        self.contained = contained
+
     def resumed(self) -> None:
         """An operator resumed the agent: containment may trip again."""
         self.consecutive = 0

@@ -55,6 +55,25 @@ class Containment:
         self.attempts.pop(run_id, None)
         self.unarmed.pop(run_id, None)
 
+    def carry(self, run_id: str) -> dict[str, Any]:
+        """A run's evaluation state for the next daemon (daemon/handover.py)."""
+        state = self.runs.get(run_id)
+        return {"attempts": self.attempts.get(run_id, 0),
+                **({"tripwires": state.carry()} if state is not None else {})}
+
+    def restore(self, run_id: str, carried: dict[str, Any]) -> None:
+        """An adopted run's state as `carry` gave it, after `run_started` armed it; a
+        malformed part is logged and left at its start."""
+        attempts = carried.get("attempts")
+        if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 0:
+            self.attempts[run_id] = self.attempts.get(run_id, 0) + attempts
+        state, tripwires = self.runs.get(run_id), carried.get("tripwires")
+        if state is not None and isinstance(tripwires, dict):
+            try:
+                state.restore(tripwires)
+            except ValueError as exc:
+                log.error("run %s: tripwire state not carried over: %s", run_id, exc)
+
     def on_sample(self, run_id: str, sample: Sample) -> None:
         state = self.runs.get(run_id)
         if state is None:

@@ -170,6 +170,11 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
         for container_id, kept in (await core.seccomp.stop(keep=list(handed))).items():
             handed[container_id]["seccomp_fds"] = list(range(len(fds), len(fds) + len(kept)))
             fds += kept
+    for entry in runs:
+        # After the listener's last counts are in (its stop hands them over): the windows
+        # and counters the next daemon goes on with, so no tripwire starts again from zero.
+        entry["carried"] = {"telemetry": core.telemetry.carry(entry["run_id"]),
+                            "containment": core.containment.carry(entry["run_id"])}
     exits_fd: int | None = None
     if exits is not None:
         if runs:
@@ -214,7 +219,8 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
         live.handle.release()
     detail = {"window_s": config.daemon.adopt_window, "socket": str(path),
               "runs": [{k: entry[k] for k in ("run_id", "agent", "pid", "produced", "recorded")}
-                       | {"seccomp_fds": len(entry["seccomp_fds"])}
+                       | {"seccomp_fds": len(entry["seccomp_fds"]),
+                          "tripwires": entry["carried"]["containment"].get("tripwires")}
                        | ({"gateway": _gateway_summary(entry["gateway"])}
                           if "gateway" in entry else {}) for entry in runs],
               "killed": refused, "exit_events": exits_note or "handed over"}
@@ -390,7 +396,9 @@ async def adopt(core: Core) -> Adoption | None:
     return result
 
 
-_ENDED_BY_ITSELF = frozenset({"no_processes", "init_gone"})
+# An init gone from a cgroup that is still there: whichever check noticed first (the cgroup
+# empty, runc's state no longer running, the pid gone), the run ended as a launched run would.
+_ENDED_BY_ITSELF = frozenset({"no_processes", "runtime_state", "init_gone"})
 
 
 def _take_exit_events(handover: dict[str, Any], fds: list[int], used: set[int]
@@ -582,7 +590,13 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
             with contextlib.suppress(ValueError, IndexError, TypeError):
                 core.seccomp.adopt(run.container_id, fds[index], pid)
                 seccomp += 1
+    carried = entry.get("carried")
+    carried = carried if isinstance(carried, dict) else {}
+    if isinstance(carried.get("telemetry"), dict):
+        core.telemetry.expect(run.id, carried["telemetry"])
     arbiter.observers.run_started(run)  # tripwires armed, then telemetry
+    if isinstance(carried.get("containment"), dict):
+        core.containment.restore(run.id, carried["containment"])
     live.watcher = arbiter._spawn(ending.watch(arbiter, live))
     left: float | None = None
     if run.timeout is not None:
@@ -595,6 +609,8 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
                                                       "recorded": output.recorded},
             "seccomp_fds": seccomp, "timeout_left_s": left,
             **({"gateway": _gateway_adopted(entry["gateway"])} if network is not None else {}),
+            "carried": {"telemetry": isinstance(carried.get("telemetry"), dict),
+                        "tripwires": (carried.get("containment") or {}).get("tripwires")},
             "exit_status": "from the kernel's process exit events" if exits is not None
             else f"unknown at its end: {handle.exit_unknown}"}
 

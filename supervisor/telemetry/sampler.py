@@ -231,6 +231,7 @@ class TelemetryHub:
         self._released: list[list[str]] = []  # directories whose open files the sampler closes
         self._tracks: dict[str, _Track] = {}  # event loop thread only
         self._early_attempts: dict[str, int] = {}
+        self._carried: dict[str, dict[str, Any]] = {}  # expected adoptions (`expect`)
         self._subscriber_failures: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -281,11 +282,59 @@ class TelemetryHub:
         track = _Track(window=deque(maxlen=self.window),
                        summary=SummaryBuilder(run_id=run_id, started_at=started_at),
                        syscall_attempts=self._early_attempts.pop(run_id, 0))
+        carried = self._carried.pop(run_id, None)
+        if carried is not None:
+            self._go_on(probe, track, carried)
         with self._lock:
             self._probes[run_id] = probe
         self._tracks[run_id] = track
         log.debug("telemetry: sampling run %s (%s, memory from %s)", run_id, directory,
                   memory_file)
+
+    def carry(self, run_id: str) -> dict[str, Any] | None:
+        """What the next daemon needs to go on with the run's telemetry where this one is
+        (daemon/handover.py): its cumulative counts and summary, and the CPU reading the next
+        sample's cpu_percent is measured from (as wall time: the clocks are per process).
+        The window of samples is not carried (the next daemon's starts empty)."""
+        track = self._tracks.get(run_id)
+        with self._lock:
+            probe = self._probes.get(run_id)
+        if track is None or probe is None:
+            return None
+        last_cpu = probe.last_cpu  # a tuple, replaced whole by the sampler thread
+        summary = track.summary.freeze(ended_at=None, syscall_attempts=track.syscall_attempts,
+                                       overruns=0, skipped=0)
+        return {"syscall_attempts": track.syscall_attempts,
+                "summary": summary.model_dump(mode="json"),
+                "last_cpu": None if last_cpu is None else [
+                    self._wall_clock() - (self._clock() - last_cpu[0]), last_cpu[1]]}
+
+    def expect(self, run_id: str, carried: dict[str, Any]) -> None:
+        """`carry`'s answer from the previous daemon, for the run about to be registered
+        (an adoption); at most `_MAX_EARLY_RUNS` wait."""
+        if len(self._carried) >= _MAX_EARLY_RUNS:
+            self._carried.pop(next(iter(self._carried)))
+        self._carried[run_id] = carried
+
+    def _go_on(self, probe: _Probe, track: _Track, carried: dict[str, Any]) -> None:
+        """Take what `carry` gave; a part that is not of its form is logged and left at its
+        start (a counter that restarts is telemetry, never a reason to refuse the run)."""
+        attempts = carried.get("syscall_attempts")
+        if isinstance(attempts, int) and not isinstance(attempts, bool) and attempts >= 0:
+            track.syscall_attempts += attempts
+        try:
+            summary = TelemetrySummary.model_validate(carried.get("summary"))
+            if summary.run_id != probe.run_id:
+                raise ValueError(f"a summary of run {summary.run_id}")
+            track.summary = SummaryBuilder.resumed(summary)
+        except ValueError as exc:
+            log.error("telemetry: run %s's summary not carried over: %s", probe.run_id, exc)
+        last_cpu = carried.get("last_cpu")
+        if (isinstance(last_cpu, list) and len(last_cpu) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                        for v in last_cpu)):
+            probe.last_cpu = (self._clock() - (self._wall_clock() - last_cpu[0]),
+                              int(last_cpu[1]))
 
     def _memory_files(self, cgroup: CgroupLike) -> tuple[str | None, str | None]:
         """Memory and OOM counters: v2 files when the unified tree has the memory controller,
@@ -306,6 +355,7 @@ class TelemetryHub:
                 self._released.append(probe.directories)
         track = self._tracks.pop(run_id, None)
         self._early_attempts.pop(run_id, None)
+        self._carried.pop(run_id, None)
         if track is None or probe is None:
             return None
         if probe.output_counter is not None:  # the drain has finished by the run's end

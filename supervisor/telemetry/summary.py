@@ -25,6 +25,13 @@ class SummaryBuilder:
     def __init__(self, run_id: str, started_at: float) -> None:
         self._summary = TelemetrySummary(run_id=run_id, started_at=started_at)
 
+    @classmethod
+    def resumed(cls, summary: TelemetrySummary) -> SummaryBuilder:
+        """Go on from a summary built by another daemon (a run adopted at a restart)."""
+        builder = cls(summary.run_id, summary.started_at)
+        builder._summary = summary.model_copy(deep=True, update={"ended_at": None})
+        return builder
+
     def add(self, sample: Sample) -> None:
         s = self._summary
         s.samples += 1

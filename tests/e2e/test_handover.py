@@ -378,3 +378,81 @@ def test_an_adopted_runs_compat_calls_are_counted(tmp_root: Path) -> None:
     finally:
         _finish(daemon)
 
+
+def test_a_tripwire_mid_window_fires_on_time_after_the_restart(tmp_root: Path) -> None:
+    """Auto-containment counts consecutive violating samples; a restart in the middle of the
+    count carries it (daemon_handover says where it was), so the adopted run is contained
+    after the samples it still lacked, not after a whole new window, and the alert that
+    opened the window is not raised again."""
+    threshold = 60
+    daemon = new_daemon(tmp_root)
+    (daemon.root / "profiles" / "watchful.toml").write_text(
+        f"[tripwires]\nauto_containment_threshold = {threshold}\n"
+        "[[tripwires.rules]]\nname = \"alive\"\nmetric = \"processes\"\nabove = 0\n"
+        "action = \"alert\"\n")
+    daemon.start()
+    try:
+        daemon.agentctl("run", "--detach", "--name", "watched", "--profile", "watchful", "--",
+                        "sleep", "600", check=True)
+        wait_for(lambda: len(daemon.agentctl_json("telemetry", "watched", "--limit", "100")
+                             ["samples"]) >= 10, timeout=30, what="10 samples")
+        _hand_over(daemon)
+        daemon.start()
+        [handed] = _rows(daemon, "daemon_handover")[-1]["detail"]["runs"]
+        before = handed["tripwires"]["consecutive"]
+        assert 10 <= before < threshold, handed
+        assert handed["tripwires"]["disarmed"] == ["alive"]
+        wait_for(lambda: daemon.client.agent("watched")["state"] == "paused", timeout=60,
+                 what="auto-containment of the adopted run")
+        rows = [r for r in _rows(daemon, "tripwire") if r["target"] == "watched"]
+        assert [r["outcome"] for r in rows] == ["alert", "pause"], rows
+        contain = rows[1]["detail"]
+        assert contain["auto_containment"] is True
+        samples = daemon.agentctl_json("telemetry", "watched", "--limit", "1000")["samples"]
+        after = [s for s in samples if s["ts"] <= contain["sample_ts"]]
+        # Only the adopting daemon's samples are in its window: exactly those it lacked.
+        assert len(after) == threshold - before, (len(after), before)
+        pause = next(r for r in _rows(daemon, "pause") if r["target"] == "watched")
+        assert pause["reason"].startswith(
+            f"auto-containment after {threshold} consecutive violations"), pause
+        daemon.agentctl_json("kill", "watched", "--reason", "end of test")
+    finally:
+        _finish(daemon)
+
+
+def test_syscall_attempts_before_the_restart_count_toward_a_tripwire_after_it(
+        tmp_root: Path) -> None:
+    """A count that crosses its line only with the attempts made before the restart: the
+    adopted run is killed at the third, two of which the previous daemon counted."""
+    attempt_on_usr1 = ["/bin/sh", "-c",
+                       "trap '/usr/bin/python3 -c \"$0\"' USR1; while :; do sleep 0.1; done",
+                       "import socket\ntry:\n    socket.socket(40, 1)\nexcept OSError:\n"
+                       "    print('refused', flush=True)\n"]
+    daemon = new_daemon(tmp_root)
+    daemon.start()
+
+    def attempts() -> object:
+        summary = daemon.agentctl_json("telemetry", "tried").get("summary") or {}
+        return summary.get("syscall_attempts")
+
+    try:
+        daemon.agentctl("run", "--detach", "--name", "tried", "--tripwire",
+                        "esc:syscall_attempts>2:kill", "--", *attempt_on_usr1, check=True)
+        wait_for(lambda: len(_lasting(daemon.client.agent("tried")["run"]["pid"])) == 2,
+                 timeout=30, what="the agent")
+        shell = _shell_of(daemon.client.agent("tried")["run"]["pid"])
+        for n in (1, 2):
+            os.kill(shell, signal.SIGUSR1)
+            wait_for(lambda n=n: attempts() == n, timeout=30, what=f"attempt {n} counted")
+        _hand_over(daemon)
+        daemon.start()
+        assert daemon.client.agent("tried")["state"] == "active"
+        assert attempts() == 2  # carried, not started again at zero
+        os.kill(shell, signal.SIGUSR1)
+        wait_for(lambda: daemon.client.agent("tried")["state"] == "killed", timeout=30,
+                 what="the tripwire to kill the adopted run at its third attempt")
+        [fired] = [r for r in _rows(daemon, "tripwire") if r["target"] == "tried"]
+        assert (fired["outcome"], fired["detail"]["rule"], fired["detail"]["value"]) == (
+            "kill", "esc", 3), fired
+    finally:
+        _finish(daemon)

@@ -771,3 +771,49 @@ def test_the_sampler_stands_aside_while_a_kill_runs(host: FakeHost,
     [[(run_id, sample)]] = batches
     assert run_id == "r1" and sample.processes == 2 and read == [10, 11]
     assert hub.sample_once() and hub.stood_aside == 1  # no kill: no wait
+
+
+def test_an_adopted_run_goes_on_from_what_the_previous_daemon_carried(
+        host: FakeHost, loop: asyncio.AbstractEventLoop) -> None:
+    """Issue 13: the counts, the summary and the CPU baseline go from one daemon's hub to the
+    next one's (daemon/handover.py), so the first sample after the adoption has a cpu_percent
+    over the gap and the counters do not start again at zero."""
+    host.add(FakeProcess(10, name_="python3", ppid_=1, rss=30 * MIB))
+    host.write(pids=[10], cpu_usec=1_000_000, memory=64 * MIB)
+    old = host.hub(loop)
+    old.register("r1", host.cgroup, started_at=host.now)
+    host.tick(old)
+    old.add_syscall_attempt("r1", 3)
+    host.write(cpu_usec=1_050_000, memory=96 * MIB)
+    host.tick(old)
+    carried = old.carry("r1")
+    assert carried is not None and carried["syscall_attempts"] == 3
+    assert old.carry("unknown") is None
+
+    host.now += 0.9  # no daemon for a second; the agent used 0.5 s of CPU meanwhile
+    host.write(cpu_usec=1_550_000, memory=32 * MIB)
+    new = host.hub(loop)
+    new.expect("r1", carried)
+    new.register("r1", host.cgroup, started_at=host.now)
+    [(_, first)] = host.tick(new)
+    latest = new.latest("r1")
+    assert latest is not None and latest.syscall_attempts == 3  # as delivered
+    assert first.cpu_percent == pytest.approx(50.0)  # 0.5 s over the 1 s since the last one
+    summary = new.summary("r1")
+    assert summary is not None
+    assert (summary.samples, summary.syscall_attempts) == (3, 3)
+    assert summary.peak_memory_bytes == 96 * MIB  # the peak before the restart stays
+
+
+def test_a_carried_part_not_of_its_form_is_left_at_its_start(
+        host: FakeHost, loop: asyncio.AbstractEventLoop) -> None:
+    host.write(pids=[], cpu_usec=1_000_000)
+    hub = host.hub(loop)
+    hub.expect("r1", {"syscall_attempts": "3", "summary": {"run_id": "r2", "started_at": 0},
+                      "last_cpu": ["x", 1]})
+    hub.register("r1", host.cgroup, started_at=host.now)
+    [(_, first)] = host.tick(hub)
+    latest = hub.latest("r1")
+    assert latest is not None and (latest.syscall_attempts, first.cpu_percent) == (0, None)
+    summary = hub.summary("r1")
+    assert summary is not None and summary.samples == 1

@@ -121,3 +121,37 @@ def test_agent_overrides_replace_rules_of_the_same_name() -> None:
     assert rules["mem"].above == 2 * 1024**3 and rules["mem"].action == "alert"
     assert rules["fork"].above == 100
     assert mine.auto_containment_threshold == base.auto_containment_threshold
+
+
+def test_a_window_carried_across_a_restart_goes_on_where_it_was() -> None:
+    """Issue 13: what the next daemon gets (daemon/handover.py) makes an adopted run's
+    auto-containment fire after the violations it still lacked, and a rule that fired stays
+    fired until its value drops back: no second alert for the same crossing."""
+    rules = ({"name": "mem", "metric": "memory_bytes", "above": "100M"},
+             {"name": "gone", "metric": "processes", "above": 1000})
+    over = 200 * 1024**2
+    before = RunTripwires(policy(*rules, threshold=4))
+    assert [f.action for f in before.evaluate(sample(0, memory_bytes=over))] == ["alert"]
+    assert before.evaluate(sample(1, memory_bytes=over)) == []
+    carried = before.carry()
+    assert carried == {"disarmed": ["mem"], "consecutive": 2, "contained": False}
+    # The next daemon's policy lost a rule: its name is ignored.
+    after = RunTripwires(policy(rules[0], threshold=4))
+    after.restore({**carried, "disarmed": ["mem", "renamed"]})
+    assert after.evaluate(sample(2, memory_bytes=over)) == []  # no second alert; 3 of 4
+    [contain] = after.evaluate(sample(3, memory_bytes=over))
+    assert (contain.action, contain.auto_containment) == ("pause", True)
+    assert contain.reason.startswith("auto-containment after 4 consecutive violations")
+    fresh = RunTripwires(policy(rules[0], threshold=4))  # what the restart did before
+    assert [f.action for f in fresh.evaluate(sample(2, memory_bytes=over))] == ["alert"]
+
+
+@pytest.mark.parametrize("bad", [{}, {"disarmed": "mem", "consecutive": 1, "contained": False},
+                                 {"disarmed": [], "consecutive": -1, "contained": False},
+                                 {"disarmed": [], "consecutive": True, "contained": False},
+                                 {"disarmed": [], "consecutive": 1, "contained": "no"}])
+def test_a_carried_state_not_of_its_form_changes_nothing(bad: dict[str, object]) -> None:
+    state = RunTripwires(policy({"name": "mem", "metric": "memory_bytes", "above": "100M"}))
+    with pytest.raises(ValueError):
+        state.restore(bad)
+    assert (state.armed, state.consecutive, state.contained) == ({}, 0, False)
