@@ -15,8 +15,8 @@ import pytest
 
 from supervisor.daemon.watchdog import WatchdogCgroup
 from supervisor.sandbox.abi_probe import COMPAT_CHECKS, DONE, NOTIFIED_CHECKS, PROBE
-from supervisor.sandbox.cgroups import unified_root
-from tests.support.daemon import Daemon, new_daemon, wait_for
+from supervisor.sandbox.cgroups import Cgroup, unified_root
+from tests.support.daemon import TEST_CGROUP_ROOT, Daemon, new_daemon, wait_for
 
 # Prints a numbered line every 0.1 s: output that goes on across the handover.
 TICKER = ["/bin/sh", "-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done"]
@@ -287,6 +287,11 @@ def test_an_adopted_runs_exit_status_is_its_own(tmp_root: Path) -> None:
     code, 143 after SIGTERM, 137 after SIGKILL; and a run that exits while no daemon holds it
     is recorded exited with its code, not reaped."""
     daemon = new_daemon(tmp_root)
+    # Under a cgroup root of its own: every test session's end removes the empty cgroups under
+    # the shared one, and the run that exits while handed over has an empty cgroup until the
+    # next daemon starts (removed, it would be a run whose cgroup vanished: reaped).
+    private = Cgroup(f"{TEST_CGROUP_ROOT}-exits-{daemon.prefix}")
+    daemon.cgroup_parent = f"/{private.relative.strip('/')}/{daemon.prefix}"
     daemon.start()
     try:
         daemon.agentctl("run", "--detach", "--name", "three", "--", *_exits_on_usr1(3),
@@ -339,7 +344,10 @@ def test_an_adopted_runs_exit_status_is_its_own(tmp_root: Path) -> None:
         assert not any(r["target"] == "meanwhile" for r in _rows(daemon, "reap"))
         assert daemon.client.audit_verify()["ok"]
     finally:
-        _finish(daemon)
+        try:
+            _finish(daemon)
+        finally:
+            private.remove(strict=False)
 
 
 def test_an_adopted_runs_compat_calls_are_counted(tmp_root: Path) -> None:
