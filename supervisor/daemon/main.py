@@ -2,8 +2,11 @@
 (directories, subreaper, seccomp listener, runtime, watchdog, state, arbiter, telemetry,
 tripwires: daemon/core.py, shared with embedded CI runs), webhooks, reconcile leftovers,
 self-test, metrics, control socket, READY=1.
-SIGTERM/SIGINT: orderly shutdown that kills every agent through the audited kill path; a restart
-(systemd's restart job, or SIGUSR2) hands them to the next daemon instead (daemon/handover.py)."""
+SIGTERM/SIGINT: orderly shutdown that kills every agent through the audited kill path. SIGUSR2:
+a restart, which hands them to the next daemon instead (daemon/handover.py); the unit makes
+systemd's restart job send it (RestartKillSignal=SIGUSR2), and under systemd the daemon then
+exits EXIT_RESTART, which the unit restarts on (so a bare `systemctl kill -s USR2` restarts the
+service too, rather than leaving it inactive with the agents held until the window ends)."""
 
 from __future__ import annotations
 
@@ -43,6 +46,10 @@ from supervisor.metrics import MetricsEndpoint, start_metrics
 from supervisor.sandbox.cgroups import Cgroup
 
 log = logging.getLogger("agent-supervisord")
+
+# A handover's exit under systemd (EX_TEMPFAIL): the unit counts it a success
+# (SuccessExitStatus=) and always starts the next daemon on it (RestartForceExitStatus=).
+EXIT_RESTART = 75
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}
@@ -273,7 +280,7 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
             handover_asked.append(signum)
         stop.set()
 
-    # SIGUSR2: restart with agents kept (hand them over) where systemd does not say so.
+    # SIGUSR2: a restart, agents kept (hand them over); systemd sends it for a restart job.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, reloader.on_sighup)
@@ -282,16 +289,13 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     log.info("agent-supervisord %s ready on %s (cgroups %s)", __version__, config.socket_path,
              core.mode.value)
     await stop.wait()
-    # A restart or a stop (daemon/stopintent.py), recorded in daemon_stop. A restart (systemd's
-    # restart job, or SIGUSR2) hands the agents to the next daemon (daemon/handover.py); a
-    # stop kills them. With handover off (adopt_window 0) the question is asked while the
-    # agents are killed, never in front of the kill (systemctl may take up to 2 s); with it on,
-    # the answer decides, so a stop under systemd waits for it (no answer: a stop).
+    # The signal says restart or stop: SIGUSR2 (systemd's restart job sends it, the unit's
+    # RestartKillSignal=) hands the agents to the next daemon (daemon/handover.py), SIGTERM
+    # kills them. Nothing is asked in front of the kill: systemd's job (daemon/stopintent.py)
+    # is asked meanwhile, for daemon_stop's record only.
     asking = asyncio.ensure_future(stop_intent(notifier.service))
-    handing_over = bool(handover_asked)
-    if config.daemon.adopt_window > 0 and not handing_over and notifier.service:
-        handing_over = (await asking).get("systemd_job") == "restart"
-    handing_over = handing_over and config.daemon.adopt_window > 0
+    restarting = bool(handover_asked)
+    handing_over = restarting and config.daemon.adopt_window > 0
 
     notifier.stopping("handing agents over to the next daemon" if handing_over else
                       f"killing every agent ({len(arbiter.live)} running)")
@@ -312,9 +316,13 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
         log.warning("shutting down: killing every agent")
     await arbiter.shutdown(config.daemon.shutdown_reason)
     intent = await asking
-    if intent.get("systemd_job") == "restart" and not handing_over:
-        log.warning("systemd is restarting %s: every agent was killed ([daemon] adopt_window "
-                    "is 0: running agents are not handed to the next daemon)", intent["unit"])
+    if restarting and not handing_over:
+        log.warning("restarting: every agent was killed ([daemon] adopt_window is 0: running "
+                    "agents are not handed to the next daemon)")
+    elif intent.get("systemd_job") == "restart":
+        log.critical("systemd is restarting %s but sent SIGTERM, not SIGUSR2: every agent was "
+                     "killed (the unit lacks RestartKillSignal=SIGUSR2, or systemd is older "
+                     "than 244)", intent["unit"])
     if fleet is not None:
         await fleet.stop()
     await core.stop_observers()  # telemetry and seccomp notify: every agent is dead
@@ -330,6 +338,10 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     core.close()
+    if restarting and notifier.service:
+        # Under systemd the unit restarts on this status, whoever sent SIGUSR2.
+        log.warning("exiting %d: systemd starts the next daemon", EXIT_RESTART)
+        return EXIT_RESTART
     return 0
 
 

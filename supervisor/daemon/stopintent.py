@@ -2,11 +2,12 @@
 try-restart) or a plain stop. No privilege of its own; asks systemd (systemctl) when the
 daemon runs as a systemd service, and says so when it does not.
 
-systemd 252 sends the same SIGTERM for both. What differs is the job it is running for the
-unit: a restart job keeps the type `restart` until the unit has stopped (it becomes a start
-job only then), so `systemctl list-jobs` names it while the daemon handles SIGTERM. The unit is
-the `.service` in the daemon's own cgroup path (/proc/self/cgroup). Asked once, at SIGTERM,
-bounded in time: no answer is recorded as unknown, never guessed."""
+For the `daemon_stop` row only: what the daemon does is told by the signal (the unit's
+RestartKillSignal=SIGUSR2 makes a restart job send SIGUSR2, a stop sends SIGTERM), so this is
+asked while the daemon acts, never in front of a kill. A restart job keeps the type `restart`
+until the unit has stopped (it becomes a start job only then), so `systemctl list-jobs` names
+it meanwhile. The unit is the `.service` in the daemon's own cgroup path (/proc/self/cgroup).
+Asked once, bounded in time: no answer is recorded as unknown, never guessed."""
 
 from __future__ import annotations
 

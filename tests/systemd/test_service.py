@@ -206,6 +206,75 @@ def test_restart_keeps_every_agent_running(machine: Machine) -> None:
     assert agent_view(machine, name)["state"] == "killed"
 
 
+def test_sigusr2_restarts_the_service_and_keeps_the_agents(machine: Machine) -> None:
+    """A bare SIGUSR2 under systemd is a restart, not a stop that leaves the unit inactive:
+    the daemon hands the agents over and exits 75, on which the unit always starts the next
+    daemon (RestartForceExitStatus=), which adopts them."""
+    name = "across-usr2"
+    start_agent(machine, name)
+    run = agent_view(machine, name)["run"]
+    pid = main_pid(machine)
+    restarts = int(machine.unit("NRestarts")["NRestarts"])
+    machine.run("systemctl", "kill", "--signal", "USR2", UNIT)
+    machine.wait_for("systemd to start the next daemon", lambda: int(
+        machine.unit("NRestarts")["NRestarts"]) > restarts, timeout=120)
+    wait_active(machine)
+    assert main_pid(machine) != pid
+    after = agent_view(machine, name)
+    assert after["state"] == "active", after
+    assert after["run"]["id"] == run["id"] and after["run"]["pid"] == run["pid"]
+    rows = audit_rows(machine)
+    adopted = next(r for r in rows if r["verb"] == "adopt")
+    assert adopted["outcome"] == "ok" and adopted["detail"]["run"] == run["id"], adopted
+    assert "exiting 75" in machine.journal()
+    machine.run(AGENTCTL, "kill", name, "--reason", "test done")
+    machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
+
+
+FAKE_SYSTEMCTL = "/usr/local/lib/as-test-hung/systemctl"
+HUNG_DROP_IN = "/etc/systemd/system/agent-supervisor.service.d/hung-systemctl.conf"
+
+
+def test_restart_and_stop_ask_systemd_nothing_before_they_act(machine: Machine) -> None:
+    """Restart or stop is told by the signal (RestartKillSignal=SIGUSR2), so the daemon asks
+    systemd nothing in front of a kill or a handover: with a `systemctl` on the daemon's
+    PATH that never answers, a restart still keeps the agents and a stop still kills them;
+    the question (for daemon_stop's record) times out meanwhile."""
+    machine.sh(f"mkdir -p {FAKE_SYSTEMCTL.rsplit('/', 1)[0]} && printf '#!/bin/sh\\nexec "
+               f"sleep 3600\\n' > {FAKE_SYSTEMCTL} && chmod 755 {FAKE_SYSTEMCTL} && "
+               f"printf '[Service]\\nEnvironment=PATH={FAKE_SYSTEMCTL.rsplit('/', 1)[0]}:"
+               f"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\\n' "
+               f"> {HUNG_DROP_IN}")
+    try:
+        machine.run("systemctl", "daemon-reload")
+        machine.run("systemctl", "restart", UNIT, timeout=180)  # the next daemon has the PATH
+        wait_active(machine)
+        name = "restart-unasked"
+        start_agent(machine, name)
+        run = agent_view(machine, name)["run"]
+        machine.run("systemctl", "restart", UNIT, timeout=180)
+        wait_active(machine)
+        after = agent_view(machine, name)
+        assert after["state"] == "active" and after["run"]["pid"] == run["pid"], after
+        daemon_stop = next(r for r in audit_rows(machine) if r["verb"] == "daemon_stop")
+        assert daemon_stop["detail"] == {"unit": UNIT, "systemd_job": None,
+                                         "error": "systemctl did not answer",
+                                         "handover": True}, daemon_stop
+
+        machine.run("systemctl", "stop", UNIT, timeout=120)
+        assert agent_pids(machine) == []
+    finally:
+        machine.run("rm", "-f", HUNG_DROP_IN, FAKE_SYSTEMCTL)
+        machine.run("systemctl", "daemon-reload")
+        machine.run("systemctl", "start", UNIT, timeout=180)
+        wait_active(machine)
+    rows = audit_rows(machine)
+    assert any(r["verb"] == "shutdown" and name in json.dumps(r) for r in rows)
+    daemon_stop = next(r for r in rows if r["verb"] == "daemon_stop")
+    assert daemon_stop["detail"] == {"unit": UNIT, "systemd_job": None,
+                                     "error": "systemctl did not answer"}, daemon_stop
+
+
 def test_sigkill_of_the_unit_leaves_no_agent(machine: Machine) -> None:
     start_agent(machine, "killed-with-daemon")
     pid = main_pid(machine)

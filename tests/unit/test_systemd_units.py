@@ -159,6 +159,21 @@ def test_unit_contract() -> None:
     assert parse_duration(one(unit, "Service", "WatchdogSec")) > 0
 
 
+def test_a_restart_is_told_from_a_stop_by_its_signal_and_restarts_on_its_status() -> None:
+    """Issue 13: `systemctl restart` sends SIGUSR2 (a handover), `stop` SIGTERM (a kill), so
+    the daemon asks nothing in front of a kill; a handover's exit status (EXIT_RESTART) is a
+    success that systemd always restarts on, so a bare SIGUSR2 does not leave the unit
+    inactive with the agents held until the window ends."""
+    from supervisor.daemon.main import EXIT_RESTART
+
+    unit = parse_unit(UNIT.read_text())
+    assert one(unit, "Service", "RestartKillSignal") == "SIGUSR2"
+    assert "KillSignal" not in unit["Service"]  # SIGTERM, systemd's default, for a stop
+    assert one(unit, "Service", "SuccessExitStatus").split() == [str(EXIT_RESTART)]
+    assert one(unit, "Service", "RestartForceExitStatus").split() == [str(EXIT_RESTART)]
+    assert str(EXIT_RESTART) not in one(unit, "Service", "RestartPreventExitStatus").split()
+
+
 def test_unit_directories_match_the_daemon_defaults() -> None:
     unit = parse_unit(UNIT.read_text())
     daemon = Config().daemon
