@@ -1,3 +1,3 @@
-from supervisor.daemon.main import main
+from supervisor.daemon.entry import main
 
 main()

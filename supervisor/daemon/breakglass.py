@@ -11,8 +11,9 @@ Two triggers, both root-only by construction:
 Either is a global halt: every agent is killed and new launches are refused until an owner
 lifts it with `agentctl reactivate --all`.
 
-Neither waits for the event loop. Two threads of their own (one in sigwait(2), one in poll(2)
-on an inotify descriptor opened at start) write `cgroup.kill` on the agents' parent cgroup
+Neither waits for the event loop. Two threads (HaltSignal's in sigtimedwait(2), for the
+daemon's whole life, and one in poll(2) on an inotify descriptor opened at start) write
+`cgroup.kill` on the agents' parent cgroup
 through the descriptor the arbiter holds, confirm it empty, and only then hand the halt to the
 loop for the audited kill path (which finds the runs dead, finalises and audits them, with
 time_to_halt_ms from the trigger). Nothing on that path needs a new descriptor: the HALT
@@ -33,10 +34,12 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.daemon.arbiter import Arbiter
+from supervisor.daemon.watchdog import kill_tree, parent_of
 from supervisor.errors import SupervisorError
 from supervisor.models import REASON_MAX, ActionRequest, Actor, Scope
 from supervisor.sandbox.libc import libc
@@ -52,13 +55,97 @@ _SAFETY_POLL = 5.0
 _MAX_FILE = 4096
 _LOOP_WAIT = 10.0  # how long a trigger waits for the loop's audited halt before moving on
 _RESERVE = 2  # descriptors held to be lent to the reason's read under a full table
+_SIGNAL_POLL = 0.1  # how soon HaltSignal's thread sees its close
 _libc = libc
 
 
 def block_halt_signal() -> None:
     """Call first thing in the daemon's main thread, before any other thread exists: every
-    thread inherits the mask, so SIGUSR1 reaches only the break-glass thread's sigwait."""
+    thread inherits the mask, so SIGUSR1 reaches only HaltSignal's sigtimedwait (its default
+    action, ending the process, never happens). supervisor/daemon/entry.py does it on the
+    daemon's first line."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+
+
+class HaltSignal:
+    """SIGUSR1 for the daemon's whole life, on a thread of its own from the first moments of
+    its start to its last before the exit: break-glass by signal works at every moment of a
+    restart. `block_halt_signal` runs first (supervisor/daemon/entry.py), so the signal is
+    never fatal and waits, pending, for this thread's sigtimedwait(2).
+
+    While break-glass is up (`BreakGlass.start` to `stop`) a signal is its trigger. Before
+    (the daemon is starting: reading the config, adopting a handover, reconciling, the
+    self-test) and after (it is handing its runs over, or stopping), no audited halt can run,
+    so the thread does what the watchdog does: it kills every agent at once through the
+    parent's cgroup.kill, then writes the HALT file with why. The HALT file makes it a global
+    halt that outlives this process: a watchdog holding handed-over runs kills and records on
+    it, and the next break-glass to start (this daemon's, or the next daemon's) applies and
+    audits it. `close`, last thing before the exit, takes a signal that came after the
+    thread's last wait."""
+
+    def __init__(self, halt_file: Path, parent: Path, confirm_timeout: float) -> None:
+        self.halt_file = halt_file
+        self.parent = parent
+        self.confirm_timeout = confirm_timeout
+        self._handler: Callable[[float], None] | None = None
+        self._lock = threading.Lock()
+        self._acting = threading.Lock()  # held while a signal is acted on
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="halt-signal", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("break-glass by SIGUSR1 armed (pid %d)", os.getpid())
+
+    def attach(self, handler: Callable[[float], None]) -> None:
+        with self._lock:
+            self._handler = handler
+
+    def detach(self) -> None:
+        with self._lock:
+            self._handler = None
+
+    def close(self) -> None:
+        """Last thing before the exit: what a signal started is finished, and one still
+        pending is acted on here (the thread is not waited for: its next look would cost up
+        to _SIGNAL_POLL of every exit)."""
+        self._stop.set()
+        self.detach()
+        with self._acting:
+            pass
+        while signal.sigtimedwait({signal.SIGUSR1}, 0) is not None:
+            self._dispatch(time.perf_counter())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if signal.sigtimedwait({signal.SIGUSR1}, _SIGNAL_POLL) is not None:
+                self._dispatch(time.perf_counter())
+
+    def _dispatch(self, arrived: float) -> None:
+        with self._acting:
+            with self._lock:
+                handler = self._handler
+            if handler is not None:
+                handler(arrived)
+            else:
+                self.unattended()
+
+    def unattended(self) -> dict[str, object]:
+        """No break-glass is up: kill in the kernel, then leave the HALT file."""
+        log.critical("BREAK-GLASS: SIGUSR1 while no break-glass thread is up (the daemon is "
+                     "starting or stopping): killing every agent through %s", self.parent)
+        report = kill_tree(parent_of(self.parent), self.confirm_timeout)
+        reason = (f"SIGUSR1 to the daemon (pid {os.getpid()}) while it was starting or "
+                  f"stopping; every agent was killed through cgroup.kill "
+                  f"(confirmed empty: {report.get('confirmed_empty', 'no agents')})")
+        try:
+            write_halt_file(self.halt_file, reason)
+        except OSError as exc:
+            log.critical("break-glass: cannot write %s (%s): the agents are dead, but no "
+                         "global halt holds", self.halt_file, exc)
+        log.critical("BREAK-GLASS applied in the kernel: %s; %s left for the audited halt",
+                     report, self.halt_file)
+        return report
 
 
 @dataclass
@@ -70,9 +157,13 @@ class Trigger:
 
 
 class BreakGlass:
-    def __init__(self, arbiter: Arbiter, halt_file: Path) -> None:
+    def __init__(self, arbiter: Arbiter, halt_file: Path,
+                 signals: HaltSignal | None = None) -> None:
         self.arbiter = arbiter
         self.halt_file = halt_file
+        # The daemon's SIGUSR1 thread, for its whole life; None (an embedding caller): a
+        # thread of break-glass's own, or the loop, takes the signal while it is up.
+        self.signals = signals
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dir_fd: int | None = None
         self._inotify: int | None = None
@@ -111,7 +202,9 @@ class BreakGlass:
             self._rename(f"{self.halt_file.name}.done.{int(time.time())}")
         self._threads = [threading.Thread(target=self._watch_file, name="break-glass-file",
                                           daemon=True)]
-        if signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, []):
+        if self.signals is not None:
+            self.signals.attach(self._on_signal)
+        elif signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, []):
             self._threads.append(threading.Thread(target=self._watch_signal,
                                                   name="break-glass-signal", daemon=True))
         else:  # not blocked process-wide (an embedding caller): the loop takes the signal
@@ -122,6 +215,8 @@ class BreakGlass:
             thread.start()
 
     def stop(self) -> None:
+        if self.signals is not None:
+            self.signals.detach()  # from now on a SIGUSR1 kills in the kernel (HaltSignal)
         self._stop.set()
         if self._loop is not None:
             with contextlib.suppress(Exception):
@@ -143,6 +238,11 @@ class BreakGlass:
             self._reserve = []
 
     # ------------------------------------------------------------------ the threads
+
+    def _on_signal(self, arrived: float) -> None:
+        """On HaltSignal's thread."""
+        self._fire(Trigger("signal", "break-glass: SIGUSR1 to the daemon",
+                           Actor(kind="user", uid=0, name="break-glass"), arrived))
 
     def _watch_signal(self) -> None:
         while not self._stop.is_set():
@@ -314,13 +414,18 @@ def _names(data: bytes) -> list[bytes]:
     return names
 
 
-def request_halt(halt_file: Path, reason: str, wait: float = 10.0) -> bool:
-    """Write the HALT file atomically (root); True once a running daemon has consumed it."""
+def write_halt_file(halt_file: Path, reason: str) -> None:
+    """The HALT file, atomically (a whole file or none), mode 0600."""
     halt_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = halt_file.with_name(f".{halt_file.name}.{os.getpid()}")
+    tmp = halt_file.with_name(f".{halt_file.name}.{os.getpid()}.{threading.get_ident()}")
     tmp.write_text(reason[:REASON_MAX] + "\n")
     os.chmod(tmp, 0o600)
     os.rename(tmp, halt_file)
+
+
+def request_halt(halt_file: Path, reason: str, wait: float = 10.0) -> bool:
+    """Write the HALT file atomically (root); True once a running daemon has consumed it."""
+    write_halt_file(halt_file, reason)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if not halt_file.exists():

@@ -30,7 +30,7 @@ from supervisor.audit import AuditLog
 from supervisor.config import Config, load_config
 from supervisor.daemon.arbiter import SYSTEM
 from supervisor.daemon.auditing import housekeeping, start_audit, verify_fully
-from supervisor.daemon.breakglass import BreakGlass, block_halt_signal, request_halt
+from supervisor.daemon.breakglass import BreakGlass, HaltSignal, block_halt_signal, request_halt
 from supervisor.daemon.configcheck import CheckedConfig, check_config
 from supervisor.daemon.core import Core
 from supervisor.daemon.drills import Drills
@@ -43,7 +43,7 @@ from supervisor.daemon.stopintent import stop_intent
 from supervisor.errors import ConfigInvalid, EnforcementError, SupervisorError
 from supervisor.events import DeliveryWorker, Outbox, load_endpoints
 from supervisor.metrics import MetricsEndpoint, start_metrics
-from supervisor.sandbox.cgroups import Cgroup
+from supervisor.sandbox.cgroups import Cgroup, unified_root
 
 log = logging.getLogger("agent-supervisord")
 
@@ -131,7 +131,8 @@ def audit_watchdog_records(record: Path, audit: AuditLog) -> None:
     record.unlink()
 
 
-async def serve(config: Config, notifier: Notifier, config_file: Path | None = None) -> int:
+async def serve(config: Config, notifier: Notifier, config_file: Path | None = None,
+                signals: HaltSignal | None = None) -> int:
     core = await Core.assemble(config)
     runtime, watchdog, audit, arbiter = core.runtime, core.watchdog, core.audit, core.arbiter
     db = core.store.db
@@ -270,7 +271,7 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     log_pruning = asyncio.create_task(prune_logs_hourly())
     full_verification = asyncio.create_task(verify_fully(audit))
     audit_housekeeping = asyncio.create_task(housekeeping(audit, core.store, core.reserve))
-    breakglass = BreakGlass(arbiter, config.halt_file)
+    breakglass = BreakGlass(arbiter, config.halt_file, signals)
     await breakglass.start()
     handover_asked: list[int] = []
 
@@ -405,10 +406,18 @@ def main(config_path: Path | None, check_only: bool, halt_reason: str | None) ->
     setup_logging(config.daemon.log_level)
     # Before any child exists: systemd's variables leave the environment here.
     notifier = Notifier()
-    block_halt_signal()  # before any thread exists: SIGUSR1 is the break-glass thread's alone
+    block_halt_signal()  # done by entry.py already; again for a caller of main() alone
+    # SIGUSR1 from here to the exit: break-glass's trigger while it is up, and a kill in the
+    # kernel plus the HALT file before (the start, an adoption) and after (a handover, a stop).
+    signals = HaltSignal(config.halt_file,
+                         unified_root() / config.sandbox.cgroup_parent.strip("/"),
+                         config.kill.confirm_timeout)
+    signals.start()
     try:
-        code = asyncio.run(serve(config, notifier, config_path))
+        code = asyncio.run(serve(config, notifier, config_path, signals))
     except SupervisorError as exc:
         log.critical("%s: %s", exc.code, exc.message)
-        sys.exit(exc.exit_status)
+        code = exc.exit_status
+    finally:
+        signals.close()
     sys.exit(code)
