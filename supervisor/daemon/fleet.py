@@ -136,6 +136,7 @@ class FleetMember:
         # is not needed before the ack (registration, anchor) waits: _quiet_ended.
         self._quiet = 0
         self._deferred: set[str] = set()
+        self._answers: set[_Answer] = set()  # applied actions whose settle_delay runs
         self._began = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -166,6 +167,12 @@ class FleetMember:
         self.audit.append(actor="system:fleet", verb="fleet_join", scope="global",
                           detail={"host": self.config.host_id, "synced": self.synced,
                                   "holds": sorted(self.holds), "revision": revision})
+
+    def settle_now(self) -> None:
+        """The daemon is stopping: what waits for settle_delay goes now (its stop kills and
+        cleans up every run, and must not wait a second for a fleet halt's courtesy)."""
+        for stored in list(self._answers):
+            self._settled(stored)
 
     async def stop(self) -> None:
         for task in (self._worker, self._anchorer):
@@ -289,6 +296,7 @@ class FleetMember:
         self._began = time.perf_counter()
         stored = _Answer(self.loop.create_future(), self.loop.create_future())
         self.arbiter.answers_pending.add(stored.runtime)
+        self._answers.add(stored)
         try:
             ack = await self._apply_verb(action, arrived, applying, stored)
         except BaseException:
@@ -339,6 +347,9 @@ class FleetMember:
     def _settled(self, stored: _Answer) -> None:
         """What waited for an applied action's ack goes: the registration, the anchor, the
         runtime cleanups of the runs it ended (Arbiter.answers_out)."""
+        if stored not in self._answers:
+            return  # settled already (settle_now, at a stop)
+        self._answers.discard(stored)
         if not stored.runtime.done():
             stored.runtime.set_result(None)
         self.arbiter.answers_pending.discard(stored.runtime)

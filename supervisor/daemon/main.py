@@ -315,6 +315,8 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
                      reason="restart", detail=detail)
     else:
         log.warning("shutting down: killing every agent")
+    if fleet is not None:
+        fleet.settle_now()  # the runs' cleanups wait for no fleet ack's settle_delay
     await arbiter.shutdown(config.daemon.shutdown_reason)
     intent = await asking
     if restarting and not handing_over:

@@ -33,6 +33,7 @@ def _member(loop: asyncio.AbstractEventLoop, settle_delay: float) -> Any:
     member.started_at = 0.0
     member._quiet = 0
     member._deferred = set()
+    member._answers = set()
     member._registration_due = None
     member._began = 0.0
     return member
@@ -47,6 +48,7 @@ def test_what_waits_for_an_ack_goes_settle_delay_after_the_store_has_it(
         member._quiet += 1  # FleetMember._apply: an action begins
         stored = _Answer(loop.create_future(), loop.create_future())
         member.arbiter.answers_pending.add(stored.runtime)
+        member._answers.add(stored)
         member.agents_changed()  # a run ended meanwhile: deferred, not published
         assert member._deferred == {"registration"}
 
@@ -60,6 +62,25 @@ def test_what_waits_for_an_ack_goes_settle_delay_after_the_store_has_it(
         await asyncio.sleep(0.1)  # agents_changed's own coalescing (50 ms)
         assert len(member.link.registrations) == 1
         member._quiet_ends(stored, "a1")  # QUIET_MAX's call after the store's: no effect
+        assert member._quiet == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_stopping_daemon_waits_for_no_settle_delay() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        member = _member(loop, 30.0)
+        member._quiet += 1
+        stored = _Answer(loop.create_future(), loop.create_future())
+        member.arbiter.answers_pending.add(stored.runtime)
+        member._answers.add(stored)
+        member._quiet_ends(stored, "a1")
+        assert not stored.runtime.done()
+        member.settle_now()  # main.py, before Arbiter.shutdown kills and cleans up
+        assert stored.runtime.done() and not member.arbiter.answers_pending
+        assert member._quiet == 0
+        member._settled(stored)  # the settle_delay timer, later: nothing more
         assert member._quiet == 0
 
     asyncio.run(scenario())
