@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from supervisor.config import Config, load_config
 from supervisor.daemon.configcheck import check_config
@@ -20,13 +21,14 @@ def test_the_example_as_installed_is_the_defaults() -> None:
 
 
 def test_every_key_in_the_example_is_real_and_shows_its_default(tmp_path: Path) -> None:
-    """Uncomment every key line (not the webhook, whose URL is only a sample): the file must
-    still load, to exactly the defaults, so the example never drifts from the code."""
+    """Uncomment every key line (not the webhook's or the fleet's, samples of sections that are
+    absent by default): the file must still load, to exactly the defaults, so the example
+    never drifts from the code."""
     lines, in_webhook = [], False
     for line in EXAMPLE.read_text().splitlines():
         body = line[2:] if line.startswith("# ") else ""
         if re.match(r"^\[\[?[a-z_]+\]\]?\s*(#.*)?$", body):
-            in_webhook = body.startswith("[[webhooks]]")
+            in_webhook = body.startswith(("[[webhooks]]", "[fleet]"))
             if not in_webhook:
                 lines.append(body)
         elif re.match(r"^[a-z_]+ = ", body) and not in_webhook:
@@ -35,6 +37,39 @@ def test_every_key_in_the_example_is_real_and_shows_its_default(tmp_path: Path) 
     uncommented.write_text("\n".join(lines) + "\n")
     assert len(lines) > 60
     assert load_config(uncommented) == Config()
+
+
+def example_keys() -> dict[str, set[str]]:
+    """Section -> the keys the example shows (set, commented out, or as `# # key = ...` for
+    a key whose default is computed)."""
+    found: dict[str, set[str]] = {}
+    section = ""
+    for line in EXAMPLE.read_text().splitlines():
+        if header := re.match(r"^#\s*\[\[?([a-z_]+)\]\]?", line):
+            section = header.group(1)
+            found.setdefault(section, set())
+        elif key := re.match(r"^#\s*(?:#\s*|\(unset\)\s*)?([a-z_]+)(?: = |:)", line):
+            found.setdefault(section, set()).add(key.group(1))
+    return found
+
+
+def _section_fields(annotation: object) -> set[str] | None:
+    """The keys of a section model (through list[...] and ... | None), or None for a value."""
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return set(candidate.model_fields)
+    return None
+
+
+def test_every_key_of_the_configuration_appears_in_the_example() -> None:
+    shown = example_keys()
+    missing = []
+    for section, info in Config.model_fields.items():
+        fields = _section_fields(info.annotation)
+        assert fields is not None, section
+        missing += [f"{section}.{key}" for key in sorted(fields - shown.get(section, set()))]
+    assert missing == []
+    assert set(shown) - {""} == set(Config.model_fields)
 
 
 def test_check_config_reports_every_error_with_file_and_key(tmp_path: Path) -> None:
