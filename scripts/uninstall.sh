@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Remove agent-supervisor and everything it made (run as root):   bash scripts/uninstall.sh
 # Stops the service first (its orderly stop kills every agent, audited), then removes the
-# unit, the venv, configuration, state, logs and the agent-operators group, and finally any
-# cgroup, network namespace or nftables table a crashed daemon may have left. Copy the audit
+# unit, the venv, configuration, state, logs and the agent-operators group, any cgroup,
+# network namespace or nftables table a crashed daemon may have left, what CI mode
+# (`agentctl run --embedded`) left (its cgroups, state, checkout copies, asciN-* namespaces and
+# asciN.* tables), and the Docker runtime's containers and host-root image. Copy the audit
 # log (/var/lib/agent-supervisor/state.db) and checkpoints (/var/log/agent-supervisor) away
 # first if you must keep them.
 set -euo pipefail
@@ -19,17 +21,34 @@ VENV=/opt/agent-supervisor/venv
 # Names the daemon used, from its configuration (defaults when there is none).
 parent=/agent-supervisor
 prefix=as
+image=agent-supervisor/host-root:1
 if [[ -x "$VENV/bin/python" ]]; then
-    read -r parent prefix < <("$VENV/bin/python" - "$CONF" <<'PY' || echo "/agent-supervisor as"
+    read -r parent prefix image < <("$VENV/bin/python" - "$CONF" <<'PY' ||
 import sys
 from pathlib import Path
 from supervisor.config import load_config
 path = Path(sys.argv[1])
 config = load_config(path if path.exists() else None)
-print(config.sandbox.cgroup_parent, config.sandbox.name_prefix)
+print(config.sandbox.cgroup_parent, config.sandbox.name_prefix, config.docker.host_root_image)
 PY
-)
+        echo "/agent-supervisor as agent-supervisor/host-root:1")
 fi
+# CI mode's names (supervisor/ci): fixed, one slot per concurrent embedded run.
+CI_CGROUP=/agent-supervisor-ci
+CI_DIRS=(/run/agent-supervisor-ci /var/tmp/agent-supervisor-ci)
+
+# remove_tree DIR: unmount whatever is mounted below DIR (a crashed run's workspace bind is
+# the user's checkout: never delete through it), deepest first, then delete DIR without
+# crossing into another filesystem.
+remove_tree() {
+    local dir="$1" mount
+    [[ -e "$dir" ]] || return 0
+    while read -r mount; do
+        umount -l "$mount" 2>/dev/null || true
+    done < <(awk -v d="$dir" '$5 == d || index($5, d "/") == 1 {print $5}' /proc/self/mountinfo \
+             | sort -r)
+    rm -rf --one-file-system "$dir"
+}
 
 if systemctl cat agent-supervisor.service >/dev/null 2>&1; then
     systemctl disable --now agent-supervisor.service || true
@@ -57,19 +76,58 @@ for dir in /sys/fs/cgroup/*/ /sys/fs/cgroup/; do
         [[ -d "$top" ]] && echo "uninstall: $top still holds processes" >&2
     done
 done
-for ns in /run/netns/"$prefix"-*; do
+# CI mode's cgroups are removed, never killed: a CI job may be running now, and an embedded
+# run's own watchdog kills its agent when agentctl dies. Each slot's lock is taken first, so
+# no run starts in a slot while it goes.
+held=()
+for lock in /run/agent-supervisor-ci/locks/slot*; do
+    [[ -e "$lock" ]] || continue
+    exec {fd}<"$lock"
+    if ! flock -n "$fd"; then
+        echo "uninstall: an embedded run holds $(basename "$lock"); its leftovers stay" >&2
+        exec {fd}<&-
+        continue
+    fi
+    slot="$(basename "$lock")"
+    for tree in /sys/fs/cgroup/unified /sys/fs/cgroup /sys/fs/cgroup/*/; do
+        top="${tree%/}$CI_CGROUP/$slot"
+        for dir in "$top" "$top-gateway" "$top-watchdog"; do
+            if [[ -d "$dir" ]]; then
+                find "$dir" -depth -type d -exec rmdir {} + 2>/dev/null || true
+            fi
+        done
+    done
+    held+=("$fd")
+done
+for tree in /sys/fs/cgroup/unified /sys/fs/cgroup /sys/fs/cgroup/*/; do
+    top="${tree%/}$CI_CGROUP"
+    [[ -d "$top" ]] || continue
+    rmdir "$top" 2>/dev/null || echo "uninstall: $top still holds a running CI job's cgroups" >&2
+done
+for ns in /run/netns/"$prefix"-* /run/netns/asci[0-9]*-*; do
     [[ -e "$ns" ]] && ip netns delete "$(basename "$ns")"
 done
 if command -v nft >/dev/null; then
-    nft -j list tables 2>/dev/null | "${VENV}/bin/python" -c '
+    nft -j list tables 2>/dev/null | /usr/bin/python3 -c '
 import json, sys
-prefix = sys.argv[1] + "."
+import re
+names = re.compile(r"^(" + re.escape(sys.argv[1]) + r"|asci[0-9]+)\.")
 for item in json.load(sys.stdin).get("nftables", []):
     table = item.get("table")
-    if table and table["name"].startswith(prefix):
+    if table and names.match(table["name"]):
         print(table["family"], table["name"])' "$prefix" 2>/dev/null |
     while read -r family name; do nft delete table "$family" "$name"; done || true
 fi
+
+# The Docker runtime's containers (labelled with the daemon's name prefix) and the host-root
+# image it imported; only when an engine answers.
+if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+    docker ps -aq --filter "label=io.agent-supervisor.prefix=$prefix" | xargs -r docker rm -f \
+        >/dev/null || true
+    docker image rm "$image" >/dev/null 2>&1 || true
+fi
+for dir in "${CI_DIRS[@]}"; do remove_tree "$dir"; done
+for fd in "${held[@]}"; do exec {fd}<&-; done  # the lock files went with their directory
 
 [[ "$(readlink /usr/local/bin/agentctl 2>/dev/null)" == "$VENV/bin/agentctl" ]] \
     && rm -f /usr/local/bin/agentctl
@@ -77,7 +135,9 @@ remove_cli_extras
 rm -f /etc/systemd/system/agent-supervisor.service /etc/sysusers.d/agent-supervisor.conf \
       /etc/tmpfiles.d/agent-supervisor.conf
 systemctl daemon-reload
-rm -rf /opt/agent-supervisor /etc/agent-supervisor /var/lib/agent-supervisor \
-       /var/log/agent-supervisor /run/agent-supervisor
+for dir in /opt/agent-supervisor /etc/agent-supervisor /var/lib/agent-supervisor \
+           /var/log/agent-supervisor /run/agent-supervisor; do
+    remove_tree "$dir"
+done
 getent group agent-operators >/dev/null && groupdel agent-operators
 echo "uninstall: done"

@@ -329,10 +329,38 @@ def test_installing_again_keeps_the_configuration(machine: Machine) -> None:
     wait_active(machine)
 
 
+# What a crashed embedded run (CI mode, slot 7: above what the host's own CI tests claim)
+# leaves: its slot's lock, state, checkout copy, cgroups, network namespace and nft table, and
+# a workspace bind of the user's checkout still mounted in its bundle.
+CI_SLOT = "slot7"
+CI_CGROUP = LAYOUT.v2 / "agent-supervisor-ci" / CI_SLOT
+CI_BIND = f"/run/agent-supervisor-ci/{CI_SLOT}/bundles/r1/rootfs/workspace"
+
+
+def leave_ci_leftovers(machine: Machine) -> None:
+    machine.sh(
+        f"mkdir -p /run/agent-supervisor-ci/locks /var/tmp/agent-supervisor-ci/{CI_SLOT}/src "
+        f"{CI_BIND} /root/checkout {CI_CGROUP} {CI_CGROUP}-watchdog && "
+        f"touch /run/agent-supervisor-ci/locks/{CI_SLOT} && echo keep > /root/checkout/file && "
+        f"mount --bind /root/checkout {CI_BIND} && "
+        f"ip netns add asci7-r1 && nft add table ip asci7.r1")
+
+
 def test_uninstall_leaves_nothing(machine: Machine) -> None:
     start_agent(machine, "before-uninstall")
-    machine.run("bash", "/src/scripts/uninstall.sh", timeout=300)
+    leave_ci_leftovers(machine)
+    try:
+        machine.run("bash", "/src/scripts/uninstall.sh", timeout=300)
+    finally:
+        for cgroup in (CI_CGROUP, CI_CGROUP.with_name(f"{CI_SLOT}-watchdog")):
+            machine.run("rmdir", str(cgroup), check=False)
     assert agent_pids(machine) == []
+    # CI mode's leftovers are gone, and the checkout bound into the crashed run's bundle was
+    # unmounted, not deleted through.
+    ci = machine.sh(f"ls -d /run/agent-supervisor-ci /var/tmp/agent-supervisor-ci {CI_CGROUP} "
+                    f"{CI_CGROUP}-watchdog 2>/dev/null || true").stdout.split()
+    assert ci == []
+    assert machine.run("cat", "/root/checkout/file").stdout == "keep\n"
     leftovers = machine.sh(
         "ls -d /opt/agent-supervisor /etc/agent-supervisor /var/lib/agent-supervisor "
         "/var/log/agent-supervisor /run/agent-supervisor /etc/systemd/system/" + UNIT +
@@ -349,5 +377,5 @@ def test_uninstall_leaves_nothing(machine: Machine) -> None:
     assert cgroups == []
     assert machine.sh("ls /run/netns 2>/dev/null || true").stdout.split() == []
     tables = machine.run("nft", "list", "tables").stdout.split("\n")
-    assert [t for t in tables if " as." in t] == []
+    assert [t for t in tables if " as." in t or " asci7." in t] == []
     assert machine.run("systemctl", "cat", UNIT, check=False).returncode != 0
