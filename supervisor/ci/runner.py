@@ -59,7 +59,7 @@ from supervisor.errors import (
 from supervisor.models import ActionRequest, Actor, Scope
 from supervisor.profiles import Profile, load_profile
 from supervisor.sandbox.bundle import SANDBOX_UID_COUNT
-from supervisor.sandbox.cgroups import Cgroup, unified_root, v1_hierarchies
+from supervisor.sandbox.cgroups import Cgroup
 from supervisor.sandbox.seccomp_notify import AttemptTally
 
 log = logging.getLogger("agentctl")
@@ -398,9 +398,7 @@ def _remove_cgroups(parent: str) -> list[str]:
     """rmdir the slot's cgroup, children first, in the v2 tree and every v1 hierarchy, then the
     shared root if no other slot uses it; returns what could not be removed."""
     left = Cgroup(parent).remove(strict=False)
-    for tree in (unified_root(), *v1_hierarchies()):
-        with contextlib.suppress(OSError):  # busy while another slot runs
-            (tree / _CGROUP_ROOT).rmdir()
+    Cgroup(_CGROUP_ROOT).remove_if_empty()  # busy while another slot runs
     return left
 
 

@@ -165,7 +165,7 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
                  detail={"version": __version__, "pid": os.getpid(),
                          "cgroup_mode": core.mode.value, **runtime.describe(),
                          "watchdog": {"pid": watchdog.proc.pid,
-                                      "cgroup": str(watchdog.cgroup.unified),
+                                      "cgroup": str(watchdog.cgroup.path),
                                       "escape_error": watchdog.escape_error,
                                       "previous": previous_watchdogs}})
     audit_watchdog_records(core.watchdog_record, audit)

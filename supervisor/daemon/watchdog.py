@@ -10,10 +10,11 @@ and small, so it is running before any agent starts and does nothing but wait un
 `Watchdog` is the daemon's side: it spawns the process, respawns it if it dies, and tells it
 to stand down only once no agent process is left under the parent.
 
-The process lives in a cgroup of its own, `<agents' parent>-watchdog` (`WatchdogCgroup`), not
-in the daemon's: whatever kills the daemon's whole cgroup (`systemctl kill -s KILL`, a
-control-group stop, an OOM kill of the service) leaves the switch standing, so it is the
-watchdog that kills the agents at once rather than the next start that reaps them. A new
+The process lives in a cgroup of its own, `<agents' parent>-watchdog`, not in the daemon's (in
+the v2 tree and, on a hybrid host, in systemd's name=systemd hierarchy, `TRACKING`): whatever
+kills the daemon's whole cgroup (`systemctl kill -s KILL`, a control-group stop, an OOM kill
+of the service) leaves the switch standing, so it is the watchdog that kills the agents at once
+rather than the next start that reaps them. A new
 daemon waits for any previous instance's watchdog to finish (and ends one that does not)
 before it looks at what is left, so an old switch never acts on the new daemon's agents."""
 
@@ -35,14 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from supervisor.sandbox.cgroups import (
-    CGROUP_ROOT,
-    Cgroup,
-    CgroupMode,
-    detect_mode,
-    sigkill,
-    unified_root,
-)
+from supervisor.sandbox.cgroups import Cgroup, sigkill, unified_root
 from supervisor.sandbox.childenv import child_env
 from supervisor.sandbox.fdpass import peer_credentials, recv_fds
 
@@ -62,6 +56,9 @@ PART_SIZE = 1 << 16
 RECORD_MAX = 64 << 20
 DATAGRAM_MAX = 1 << 18  # a receive buffer: a part, or a whole record as versions before sent
 GIVE_TIMEOUT = 10.0  # a new daemon that connects must take everything within this long
+# Besides the v2 tree, where a hybrid host's systemd tracks and signals a unit's processes (not
+# the v1 controller hierarchies: systemd does not kill by them, and it needs no limit of its own).
+TRACKING = ("systemd",)
 log = logging.getLogger(__name__)
 
 
@@ -359,45 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class WatchdogCgroup:
-    """The watchdog's own cgroup at `relative`, outside the daemon's: in the v2 tree and, on a
-    hybrid host, in the name=systemd hierarchy, because that (not the v2 tree) is where systemd
-    tracks and signals a unit's processes there. The v1 controller hierarchies are left as they
-    are: systemd does not kill by them, and the watchdog needs no limit of its own."""
-
-    def __init__(self, relative: str, root: Path = CGROUP_ROOT) -> None:
-        self.relative = relative.strip("/")
-        self.unified = unified_root(root) / self.relative
-        self.dirs = [self.unified]
-        tracking = root / "systemd"
-        if detect_mode(root) is CgroupMode.HYBRID and tracking.is_dir():
-            self.dirs.append(tracking / self.relative)
-
-    def place(self, pid: int) -> None:
-        """Move `pid` into it in every tree; OSError naming the file that refused."""
-        for directory in self.dirs:
-            directory.mkdir(parents=True, exist_ok=True)
-            fd = os.open(directory / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, str(pid).encode())
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot move pid {pid} into "
-                              f"{directory / 'cgroup.procs'}: {exc.strerror}") from exc
-            finally:
-                os.close(fd)
-
-    def pids(self) -> list[int]:
-        with contextlib.suppress(OSError):
-            return [int(p) for p in (self.unified / "cgroup.procs").read_text().split()]
-        return []
-
-    def remove(self) -> None:
-        """Best effort: the directories go once no watchdog is left in them."""
-        for directory in self.dirs:
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-
-
 class Watchdog:
     """Spawns the dead-man's-switch process and holds the write end of its pipe. If the
     watchdog itself dies, the daemon audits it and spawns a new one at once: agents are never
@@ -411,7 +369,7 @@ class Watchdog:
         self.record = record
         self.timeout = timeout
         relative = parent_cgroup.relative_to(unified_root())
-        self.cgroup = WatchdogCgroup(f"{relative}-watchdog")
+        self.cgroup = Cgroup(f"{relative}-watchdog")
         # Why the process could not leave the daemon's cgroup (None: it did).
         self.escape_error: str | None = None
         self.disarmed = False
@@ -440,7 +398,7 @@ class Watchdog:
         finally:
             theirs.close()
         try:
-            self.cgroup.place(self.proc.pid)
+            self.cgroup.place(self.proc.pid, TRACKING)
             self.escape_error = None
         except OSError as exc:
             # It still works from the daemon's cgroup, except against a kill of that whole
@@ -457,7 +415,7 @@ class Watchdog:
             return f"the watchdog stayed in the daemon's cgroup: {self.escape_error}"
         if self.proc.pid not in self.cgroup.pids():
             return (f"the watchdog (pid {self.proc.pid}) is not in its cgroup "
-                    f"{self.cgroup.unified}")
+                    f"{self.cgroup.path}")
         return None
 
     def previous(self) -> list[int]:
@@ -523,7 +481,7 @@ class Watchdog:
         if self.handed_over:
             return True  # it holds the handed-over runs until a new daemon takes them
         if wait and self._reap(timeout=5.0):
-            self.cgroup.remove()  # its own cgroup, empty once it has exited
+            self.cgroup.remove(strict=False)  # its own, empty once it has exited
         return True
 
     def hand_over(self, message: dict[str, Any], listener: socket.socket, fds: list[int]

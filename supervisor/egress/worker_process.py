@@ -29,8 +29,9 @@ from typing import Any
 import supervisor
 from supervisor.config import Config
 from supervisor.egress import ipc
-from supervisor.egress.confinement import ConfinementFailed, WorkerCgroup, WorkerLimits
+from supervisor.egress.confinement import V1_CONTROLLERS, ConfinementFailed, WorkerLimits, confine
 from supervisor.errors import GatewayUnavailable
+from supervisor.sandbox.cgroups import Cgroup
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class WorkerProcess:
         self.loop = loop
         self.on_event = on_event
         self.on_exit = on_exit
-        self.cgroup = WorkerCgroup(worker_cgroup_path(config), worker_limits(config))
+        self.cgroup = Cgroup(worker_cgroup_path(config))
+        self.limits = worker_limits(config)
         self.proc: subprocess.Popen[bytes] | None = None
         self.channel: ipc.FrameProtocol | None = None
         self.pid: int | None = None
@@ -129,10 +131,10 @@ class WorkerProcess:
         self._failures = 0
 
     async def _spawn(self) -> None:
-        await self.loop.run_in_executor(None, self.cgroup.create)
+        await self.loop.run_in_executor(None, confine, self.cgroup, self.limits)
         if self.cgroup.pids():
             # A worker of a previous daemon instance that outlived it would hold the ports.
-            self.cgroup.kill()
+            self._kill_strays()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds_parent, fds_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -153,7 +155,7 @@ class WorkerProcess:
         self.generation += 1
         self._exit_reason = None
         try:
-            self.cgroup.place(proc.pid)
+            self.cgroup.place(proc.pid, V1_CONTROLLERS)
             # Threads inherit the nice value of the thread that makes them: set before the
             # worker has read its configuration, so all of them run below the daemon.
             os.setpriority(os.PRIO_PROCESS, proc.pid, self.config.egress.worker_nice)
@@ -279,7 +281,13 @@ class WorkerProcess:
         if self.proc is not None and self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.send_signal(signal.SIGKILL)
-        self.cgroup.kill()
+        self._kill_strays()
+
+    def _kill_strays(self) -> None:
+        """Whatever is left in the worker's cgroup (its threads die with it; this is for
+        strays); a cgroup already gone has none."""
+        with contextlib.suppress(OSError):
+            self.cgroup.kill()
 
     def _reaped(self) -> None:
         """The worker's pidfd became readable: it has exited."""
@@ -300,7 +308,7 @@ class WorkerProcess:
             self._ready.set_exception(GatewayUnavailable("the egress gateway worker exited "
                                                          "before it was ready"))
             self._ready.exception()  # retrieved: the starter raises its own error
-        self.cgroup.kill()
+        self._kill_strays()
         self.last_exit = {"pid": proc.pid if proc else None, "status": status,
                           "signal": signal.Signals(-status).name
                           if status is not None and status < 0 else None,
@@ -354,7 +362,7 @@ class WorkerProcess:
         if self._fds is not None:
             self._fds.close()
             self._fds = None
-        self.cgroup.kill()
+        self._kill_strays()
         for _ in range(50):
             try:
                 self.cgroup.remove()

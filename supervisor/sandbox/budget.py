@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.errors import EnforcementError
-from supervisor.sandbox.cgroups import CGROUP_ROOT, CgroupMode, detect_mode
+from supervisor.sandbox.cgroups import CGROUP_ROOT, Cgroup, CgroupMode, detect_mode
 
 log = logging.getLogger(__name__)
 
@@ -57,50 +57,36 @@ def mem_total() -> int:
 def apply(parent: str, budget: RunsBudget, root: Path = CGROUP_ROOT) -> dict[str, str]:
     """Write the budget on `parent` (a path under every hierarchy, e.g. /agent-supervisor) and
     read it back; what was written, by file. Refuses (fail closed) when it does not hold."""
-    parent = parent.strip("/")
     mode = detect_mode(root)
-    if mode is CgroupMode.HYBRID:
-        files = {root / "pids" / parent / "pids.max": str(budget.pids_max),
-                 root / "memory" / parent / "memory.limit_in_bytes": str(budget.memory_max)}
-    elif mode is CgroupMode.V2:
-        _enable_controllers(root, parent)
-        files = {root / parent / "pids.max": str(budget.pids_max),
-                 root / parent / "memory.max": str(budget.memory_max)}
-    else:
+    if mode is CgroupMode.NONE:
         raise EnforcementError("no cgroup tree to hold the runs' budget", root=str(root))
+    cgroup = Cgroup(parent, host_root=root)
+    # v1 holds the limits in the pids and memory hierarchies; v2 needs them delegated down.
+    memory_file = "memory.limit_in_bytes" if mode is CgroupMode.HYBRID else "memory.max"
+    files = {"pids.max": str(budget.pids_max), memory_file: str(budget.memory_max)}
     written: dict[str, str] = {}
-    for path, value in files.items():
+    try:
+        if mode is CgroupMode.HYBRID:
+            cgroup.create(_CONTROLLERS)
+        else:
+            cgroup.delegate(_CONTROLLERS)
+    except OSError as exc:
+        raise EnforcementError(f"cannot make the runs' cgroup {parent} with pids and memory: "
+                               f"{exc.strerror} ({exc.filename})",
+                               path=str(exc.filename or cgroup.path)) from exc
+    for name, value in files.items():
+        path = cgroup.file(name)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(value)
-            held = path.read_text().strip()
+            cgroup.write(name, value)
+            held = cgroup.read(name)
         except OSError as exc:
             raise EnforcementError(f"cannot set the runs' budget in {path}: {exc.strerror}",
                                    path=str(path), value=value) from exc
         # v1 rounds memory limits down to a page.
-        if held != value and not (path.name == "memory.limit_in_bytes"
+        if held != value and not (name == "memory.limit_in_bytes"
                                   and abs(int(held) - int(value)) < os.sysconf("SC_PAGE_SIZE")):
             raise EnforcementError(f"the runs' budget did not hold in {path}", path=str(path),
                                    value=value, read=held)
         written[str(path)] = held
     log.debug("runs' budget on %s: %s", parent, written)
     return written
-
-
-def _enable_controllers(root: Path, parent: str) -> None:
-    """pids and memory in every cgroup.subtree_control from the root down to `parent`'s parent,
-    so `parent` has the files (a v2 child has a controller only if its parent delegates it)."""
-    current = root
-    for part in [*Path(parent).parts]:
-        control = current / "cgroup.subtree_control"
-        enabled = control.read_text().split()
-        missing = [c for c in _CONTROLLERS if c not in enabled]
-        if missing:
-            try:
-                control.write_text(" ".join(f"+{c}" for c in missing))
-            except OSError as exc:
-                raise EnforcementError(
-                    f"cannot enable {', '.join(missing)} in {control}: {exc.strerror}",
-                    path=str(control)) from exc
-        current = current / part
-        current.mkdir(exist_ok=True)

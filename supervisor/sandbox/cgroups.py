@@ -1,8 +1,12 @@
-"""A run's cgroup on the v2 tree: kill, freeze, thaw, confirm empty. Needs root.
+"""Every cgroup this project touches, through one class: a run's (kill, freeze, thaw, confirm
+empty), the runs' parent (its budget, break-glass), the watchdog's own, the gateway worker's
+(its limits). Needs root.
 
 Works on pure v2 hosts (`/sys/fs/cgroup`) and hybrid hosts, where runc also places each container
 in the v2 tree at `/sys/fs/cgroup/unified` (no controllers there, but `cgroup.kill`,
-`cgroup.freeze` and `cgroup.events` work)."""
+`cgroup.freeze` and `cgroup.events` work) and the controllers live in v1 hierarchies
+(`/sys/fs/cgroup/<controller>`): a `Cgroup` is the same path in all of them, and a controller's
+file is read and written where that controller is mounted (`Cgroup.file`)."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import os
 import select
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -73,17 +78,23 @@ def v1_hierarchies(root: Path = CGROUP_ROOT) -> list[Path]:
 
 
 class Cgroup:
-    """One cgroup in the v2 tree, addressed by its path relative to the tree's root. The one
-    owner of a run's cgroup: the kill path, the watchdog, telemetry and CI teardown all act
-    through it.
+    """One cgroup, addressed by its path relative to the hierarchies' roots: `path` is its
+    directory in the v2 tree, and on a hybrid host the same path in each v1 hierarchy holds
+    its controllers' files. The one owner of every cgroup the project makes: the kill path,
+    the watchdog, telemetry, the gateway worker's limits, the runs' budget and CI teardown
+    all act through it.
 
     `hold()` opens the files the kill path needs (cgroup.kill, cgroup.events, cgroup.freeze,
     cgroup.procs) once, at launch, so a kill needs no new file descriptor: it still works with
     the daemon's descriptor table full."""
 
-    def __init__(self, relative: str, root: Path | None = None) -> None:
+    def __init__(self, relative: str, root: Path | None = None, *,
+                 host_root: Path = CGROUP_ROOT) -> None:
         self.relative = relative.strip("/")
-        self.path = (root or unified_root()) / self.relative
+        # Where every hierarchy is mounted (/sys/fs/cgroup; a directory in tmp for tests).
+        self.host_root = host_root
+        self.root = root or unified_root(host_root)  # the v2 tree's
+        self.path = self.root / self.relative
         self._held: dict[str, int] = {}
         # Why the last kill left `cgroup.kill` for the fallback (for the record and the audit).
         self.kill_error: str | None = None
@@ -93,6 +104,105 @@ class Cgroup:
 
     def exists(self) -> bool:
         return self.path.is_dir()
+
+    # ------------------------------------------------------- hierarchies and their files
+
+    @property
+    def hybrid(self) -> bool:
+        return detect_mode(self.host_root) is CgroupMode.HYBRID
+
+    def in_v1(self, hierarchy: str) -> Path:
+        """This cgroup's directory in v1 hierarchy `hierarchy` ("memory", "pids", "cpu",
+        "systemd" for systemd's name=systemd tracking tree)."""
+        return self.host_root / hierarchy / self.relative
+
+    def directories(self, v1: Sequence[str] = ()) -> list[Path]:
+        """Its v2 directory and, on a hybrid host, its directory in each of the v1 hierarchies
+        `v1` that the host has."""
+        found = [self.path]
+        if self.hybrid:
+            found.extend(self.in_v1(h) for h in v1
+                         if (self.host_root / h).is_dir())
+        return found
+
+    def file(self, name: str) -> Path:
+        """Where the controller file `name` is: in the v2 directory, except a controller's own
+        file on a hybrid host (`memory.limit_in_bytes`, `pids.max`, `cpu.shares`), which lives
+        in that controller's v1 hierarchy. `cgroup.*` files are always the v2 tree's."""
+        controller = name.split(".", 1)[0]
+        if controller != "cgroup" and self.hybrid:
+            return self.in_v1(controller) / name
+        return self.path / name
+
+    def read(self, name: str) -> str:
+        return self.file(name).read_text().strip()
+
+    def write(self, name: str, value: str) -> None:
+        """One write(2) of `value` to the file `name` (its held descriptor if it has one); an
+        OSError names the file that refused."""
+        fd = self._held.get(name)
+        if fd is not None:
+            os.write(fd, value.encode())
+            return
+        path = self.file(name)
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)  # the OSError names the file
+        try:
+            os.write(fd, value.encode())
+        except OSError as exc:
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+        finally:
+            os.close(fd)
+
+    def create(self, v1: Sequence[str] = ()) -> Cgroup:
+        """Make its directory in the v2 tree and in the v1 hierarchies `v1` (hybrid hosts)."""
+        for directory in self.directories(v1):
+            directory.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def delegate(self, controllers: Sequence[str]) -> list[Path]:
+        """Enable `controllers` in every `cgroup.subtree_control` from the v2 root down to this
+        cgroup's parent, making the directories on the way, so this cgroup has their files (a
+        v2 child has a controller only if its parent delegates it). Only the missing ones
+        are written; the files changed are returned."""
+        changed: list[Path] = []
+        current = self.root
+        for part in Path(self.relative).parts:
+            control = current / "cgroup.subtree_control"
+            enabled = control.read_text().split()
+            missing = [c for c in controllers if c not in enabled]
+            if missing:
+                control.write_text(" ".join(f"+{c}" for c in missing))
+                changed.append(control)
+            current = current / part
+            current.mkdir(exist_ok=True)
+        return changed
+
+    def place(self, pid: int, v1: Sequence[str] = ()) -> None:
+        """Move `pid` into this cgroup in the v2 tree and in the v1 hierarchies `v1` (hybrid
+        hosts), making the directories first; OSError naming the file that refused."""
+        for directory in self.directories(v1):
+            directory.mkdir(parents=True, exist_ok=True)
+            target = directory / "cgroup.procs"
+            fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, str(pid).encode())
+            except OSError as exc:
+                raise type(exc)(exc.errno, f"cannot move pid {pid} into {target}: "
+                                f"{exc.strerror}") from exc
+            finally:
+                os.close(fd)
+
+    def memory_files(self) -> tuple[Path, Path] | None:
+        """Its memory use and OOM counters: the v2 files when the v2 tree has the memory
+        controller here, else the v1 memory controller's (hybrid hosts), else None."""
+        if (self.path / "memory.current").exists():
+            return self.path / "memory.current", self.path / "memory.events"
+        v1 = self.in_v1("memory")
+        if self.hybrid and (v1 / "memory.usage_in_bytes").exists():
+            return v1 / "memory.usage_in_bytes", v1 / "memory.oom_control"
+        return None
+
+    # ------------------------------------------------------------------ the kill path
 
     def hold(self) -> Cgroup:
         """Open and keep the kill path's files; idempotent. Raises if the cgroup is missing."""
@@ -140,14 +250,6 @@ class Cgroup:
             except OSError:
                 broken.append(name)
         return broken
-
-    def _write(self, name: str, value: str) -> None:
-        fd = self._held.get(name)
-        if fd is not None:
-            os.write(fd, value.encode())
-            return
-        with open(self.path / name, "w") as handle:
-            handle.write(value)
 
     def events(self) -> dict[str, str]:
         try:
@@ -204,11 +306,9 @@ class Cgroup:
                 if key == "usage_usec":
                     cpu_usec = int(value)
         memory = None
-        for candidate in (self.path / "memory.current",
-                          CGROUP_ROOT / "memory" / self.relative / "memory.usage_in_bytes"):
+        if (files := self.memory_files()) is not None:
             with contextlib.suppress(OSError, ValueError):
-                memory = int(candidate.read_text())
-                break
+                memory = int(files[0].read_text())
         return {"cpu_usec": cpu_usec, "memory_bytes": memory, "processes": len(self.pids())}
 
     def has_kill_file(self) -> bool:
@@ -223,7 +323,7 @@ class Cgroup:
         are delivered."""
         if not force_fallback:
             try:
-                self._write("cgroup.kill", "1")
+                self.write("cgroup.kill", "1")
                 return "cgroup.kill"
             except FileNotFoundError:
                 if not self.exists():
@@ -258,10 +358,10 @@ class Cgroup:
         return sent
 
     def freeze(self) -> None:
-        self._write("cgroup.freeze", "1")
+        self.write("cgroup.freeze", "1")
 
     def thaw(self) -> None:
-        self._write("cgroup.freeze", "0")
+        self.write("cgroup.freeze", "0")
 
     def wait_frozen(self, timeout: float) -> bool:
         return self._wait_event("frozen", "1", timeout)
@@ -305,6 +405,20 @@ class Cgroup:
             if held is None:
                 os.close(fd)
 
+    def remove_if_empty(self) -> bool:
+        """rmdir this directory alone (not its children) in the v2 tree and every v1
+        hierarchy, where it is empty; True if it is gone from all of them. For a cgroup other
+        processes may still use, such as a parent shared by several CI slots."""
+        gone = True
+        for tree in [self.path, *(h / self.relative for h in v1_hierarchies(self.host_root))]:
+            try:
+                tree.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                gone = False  # busy: a child or a process is still there
+        return gone
+
     def remove(self, *, strict: bool = True) -> list[str]:
         """rmdir this cgroup (children first) in the v2 tree and in every v1 hierarchy. Every
         directory is tried; those that could not go are returned (`strict`: the first error
@@ -312,7 +426,7 @@ class Cgroup:
         self.release()
         left: list[str] = []
         first: OSError | None = None
-        trees = [self.path, *(h / self.relative for h in v1_hierarchies())]
+        trees = [self.path, *(h / self.relative for h in v1_hierarchies(self.host_root))]
         for tree in trees:
             if not tree.is_dir():
                 continue

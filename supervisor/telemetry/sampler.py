@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# The v1 memory controller of hybrid hosts, where the unified tree has no memory files.
-V1_MEMORY_ROOT = Path("/sys/fs/cgroup/memory")
 MAX_COMMANDS = 32
 # The longest the sampler waits at one step for a kill to end (`stand_aside`): a kill's sweep
 # is bounded by its confirmation timeouts; this only bounds a gate left shut by a bug.
@@ -64,11 +62,12 @@ McpCounter = Callable[[], tuple[int, float]]
 
 
 class CgroupLike(Protocol):
-    """A run's cgroup (supervisor.sandbox.cgroups.Cgroup): its v2 directory and its path
-    relative to the hierarchy roots (the same in the v1 hierarchies of hybrid hosts)."""
+    """A run's cgroup (supervisor.sandbox.cgroups.Cgroup): its v2 directory, and where its
+    memory counters are (v2 files, or the v1 memory controller's on a hybrid host)."""
 
-    relative: str
     path: Path
+
+    def memory_files(self) -> tuple[Path, Path] | None: ...
 
 
 class ProcessLike(Protocol):
@@ -210,8 +209,7 @@ class TelemetryHub:
                  process_source: ProcessSource = psutil.Process,
                  fd_reader: FdReader = read_fds,
                  clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time,
-                 v1_memory_root: Path | None = V1_MEMORY_ROOT) -> None:
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.period = 1.0 / rate_hz
         self.process_every = process_every
         self.window = window
@@ -225,7 +223,6 @@ class TelemetryHub:
         self._fd_reader = fd_reader
         self._clock = clock
         self._wall_clock = wall_clock
-        self._v1_memory_root = v1_memory_root
         self._lock = threading.Lock()  # guards _probes and _released
         self._probes: dict[str, _Probe] = {}
         self._released: list[list[str]] = []  # directories whose open files the sampler closes
@@ -272,7 +269,8 @@ class TelemetryHub:
                  network_counter: NetworkCounter | None = None,
                  output_counter: OutputCounter | None = None,
                  mcp_counter: McpCounter | None = None) -> None:
-        memory_file, oom_file = self._memory_files(cgroup)
+        memory = cgroup.memory_files()
+        memory_file, oom_file = (str(memory[0]), str(memory[1])) if memory else (None, None)
         directory = str(cgroup.path)
         probe = _Probe(run_id=run_id, cgroup_dir=directory, cpu_file=f"{directory}/cpu.stat",
                        stat_file=f"{directory}/cgroup.stat", memory_file=memory_file,
@@ -335,17 +333,6 @@ class TelemetryHub:
                         for v in last_cpu)):
             probe.last_cpu = (self._clock() - (self._wall_clock() - last_cpu[0]),
                               int(last_cpu[1]))
-
-    def _memory_files(self, cgroup: CgroupLike) -> tuple[str | None, str | None]:
-        """Memory and OOM counters: v2 files when the unified tree has the memory controller,
-        else the v1 memory controller's (hybrid hosts), else none."""
-        if (cgroup.path / "memory.current").exists():
-            return f"{cgroup.path}/memory.current", f"{cgroup.path}/memory.events"
-        if self._v1_memory_root is not None:
-            v1 = self._v1_memory_root / cgroup.relative.strip("/")
-            if (v1 / "memory.usage_in_bytes").exists():
-                return f"{v1}/memory.usage_in_bytes", f"{v1}/memory.oom_control"
-        return None, None
 
     def unregister(self, run_id: str) -> TelemetrySummary | None:
         """Stop sampling the run; its summary goes to SQLite and is returned."""

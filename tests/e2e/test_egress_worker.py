@@ -17,9 +17,8 @@ from typing import Any
 
 import pytest
 
-from supervisor.egress.confinement import WorkerCgroup
 from supervisor.egress.worker_process import worker_cgroup_path, worker_limits
-from supervisor.sandbox.cgroups import CgroupMode, detect_mode
+from supervisor.sandbox.cgroups import Cgroup, CgroupMode, detect_mode
 from tests.conftest import require_gateway
 from tests.support.daemon import wait_for
 from tests.support.egress import LLM_ROUTE, GatewayRig, gateway_rig, host_request
@@ -39,11 +38,11 @@ def rig(tmp_root: Path) -> Iterator[GatewayRig]:
         yield prepared
 
 
-def _cgroup(rig: GatewayRig) -> WorkerCgroup:
+def _cgroup(rig: GatewayRig) -> Cgroup:
     from supervisor.config import Config
 
     config = Config.model_validate({"sandbox": {"cgroup_parent": rig.daemon.cgroup_parent}})
-    return WorkerCgroup(worker_cgroup_path(config), worker_limits(config))
+    return Cgroup(worker_cgroup_path(config))
 
 
 def _worker_pid(rig: GatewayRig) -> int | None:
@@ -92,7 +91,7 @@ def test_the_worker_is_a_confined_process_of_its_own(rig: GatewayRig) -> None:
 
     # Its cgroup, with the limits of [egress] (defaults), in every hierarchy that holds one.
     cgroup, limits = _cgroup(rig), worker_limits(_default_config())
-    assert str(pid) in (cgroup.unified / "cgroup.procs").read_text().split()
+    assert str(pid) in (cgroup.path / "cgroup.procs").read_text().split()
     if detect_mode() is CgroupMode.HYBRID:
         own = {line.split(":")[1]: line.split(":")[2]
                for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()}

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from supervisor.daemon.watchdog import WatchdogCgroup
 from supervisor.sandbox.abi_probe import COMPAT_CHECKS, DONE, NOTIFIED_CHECKS, PROBE
 from supervisor.sandbox.cgroups import Cgroup, unified_root
 from tests.support.daemon import TEST_CGROUP_ROOT, Daemon, new_daemon, wait_for
@@ -150,7 +149,7 @@ def test_break_glass_kills_handed_over_agents_at_once(tmp_root: Path, how: str) 
         if how == "halt_file":
             (daemon.root / "run" / "HALT").write_text("incident\n")
         else:
-            watchdogs = WatchdogCgroup(daemon.cgroup_parent.rstrip("/") + "-watchdog").pids()
+            watchdogs = Cgroup(daemon.cgroup_parent.rstrip("/") + "-watchdog").pids()
             assert len(watchdogs) == 1, watchdogs
             os.kill(watchdogs[0], signal.SIGUSR1)
         wait_for(lambda: not _alive(pids), timeout=10, what="break-glass without a daemon")
@@ -246,7 +245,7 @@ def test_no_handover_to_a_watchdog_outside_its_cgroup(tmp_root: Path) -> None:
         wait_for(daemon.agent_pids, timeout=30, what="the agent to run")
         pids_before = daemon.agent_pids()
         run_id = daemon.client.agent("kept")["run"]["id"]
-        [watchdog] = WatchdogCgroup(daemon.cgroup_parent.rstrip("/") + "-watchdog").pids()
+        [watchdog] = Cgroup(daemon.cgroup_parent.rstrip("/") + "-watchdog").pids()
         # Where a failed escape leaves it: outside its own cgroup (here, this test's).
         own = Path("/proc/self/cgroup").read_text().splitlines()
         [mine] = [line.split("::", 1)[1] for line in own if line.startswith("0::")]

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor.sandbox.cgroups import Cgroup, v1_hierarchies
+from supervisor.sandbox.cgroups import Cgroup
 from supervisor.telemetry import Sample
 from supervisor.telemetry.procfs import read_fds
 from supervisor.telemetry.sampler import TelemetryHub
@@ -45,27 +45,22 @@ time.sleep(600)
 SLEEPER = "import sys, time; sys.stdin.readline(); print('ready', flush=True); time.sleep(600)"
 
 
+MEMORY = ("memory",)  # the v1 hierarchy that holds memory on a hybrid host
+
+
 class RealCgroup:
     """A cgroup of the test's own in the v2 tree and, on hybrid hosts, in the v1 memory
     controller; processes are moved in before they do anything."""
 
     def __init__(self) -> None:
         self.relative = f"{TEST_CGROUP_ROOT.strip('/')}/telemetry-{secrets.token_hex(3)}"
-        self.cgroup = Cgroup(self.relative)
-        self.cgroup.path.mkdir(parents=True)
-        self.v1_memory: Path | None = None
-        for hierarchy in v1_hierarchies():
-            if hierarchy.name == "memory":
-                self.v1_memory = hierarchy / self.relative
-                self.v1_memory.mkdir(parents=True)
+        self.cgroup = Cgroup(self.relative).create(MEMORY)
         self.procs: list[subprocess.Popen[str]] = []
 
     def spawn(self, argv: list[str]) -> subprocess.Popen[str]:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.procs.append(proc)
-        for directory in (self.cgroup.path, self.v1_memory):
-            if directory is not None:
-                (directory / "cgroup.procs").write_text(str(proc.pid))
+        self.cgroup.place(proc.pid, MEMORY)
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write("go\n")
         proc.stdin.flush()
@@ -82,9 +77,7 @@ class RealCgroup:
             for pipe in (proc.stdin, proc.stdout):
                 if pipe is not None:
                     pipe.close()
-        for directory in (self.cgroup.path, self.v1_memory):
-            if directory is not None and directory.exists():
-                directory.rmdir()
+        self.cgroup.remove()
 
 
 @pytest.fixture
@@ -255,21 +248,17 @@ def test_a_cgroup_removed_under_open_files_is_skipped(
 
 _AS_NOBODY = r"""
 import asyncio, json, os, sys
-from dataclasses import dataclass
 from pathlib import Path
+from supervisor.sandbox.cgroups import Cgroup
 from supervisor.telemetry.sampler import TelemetryHub
-
-@dataclass
-class FakeCgroup:
-    relative: str
-    path: Path
 
 directory = Path(sys.argv[1])
 (directory / "cgroup.procs").write_text(f"1\n{os.getpid()}\n")
 (directory / "cpu.stat").write_text("usage_usec 1\n")
 (directory / "cgroup.stat").write_text("nr_descendants 0\n")
-hub = TelemetryHub(10.0, 1, 600, asyncio.new_event_loop(), v1_memory_root=None)
-hub.register("r1", FakeCgroup("x", directory), started_at=0.0)
+hub = TelemetryHub(10.0, 1, 600, asyncio.new_event_loop())
+hub.register("r1", Cgroup(directory.name, root=directory.parent, host_root=directory.parent),
+             started_at=0.0)
 batch = hub.sample_once()
 hub.deliver(batch)
 [(run_id, sample)] = batch

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.daemon.watchdog import Watchdog, WatchdogCgroup
+from supervisor.daemon.watchdog import TRACKING, Watchdog
 from supervisor.sandbox.cgroups import CGROUP_ROOT, Cgroup, sigkill, unified_root
 from tests.support.daemon import TEST_CGROUP_ROOT
 
@@ -60,7 +60,7 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 
 def test_the_watchdog_survives_a_kill_of_the_daemons_cgroup_and_kills_the_agents(
         tag: str, tmp_path: Path) -> None:
-    service = WatchdogCgroup(f"{TEST_CGROUP_ROOT}/{tag}-svc")  # the same trees systemd uses
+    service = Cgroup(f"{TEST_CGROUP_ROOT}/{tag}-svc")
     parent = unified_root() / TEST_CGROUP_ROOT.strip("/") / tag
     run = Cgroup(f"{TEST_CGROUP_ROOT}/{tag}/run1")
     run.path.mkdir(parents=True)
@@ -72,7 +72,7 @@ def test_the_watchdog_survives_a_kill_of_the_daemons_cgroup_and_kills_the_agents
     assert daemon.stdin is not None and daemon.stdout is not None
     try:
         (run.path / "cgroup.procs").write_text(str(agent.pid))
-        service.place(daemon.pid)
+        service.place(daemon.pid, TRACKING)  # the same trees systemd uses
         daemon.stdin.write("go\n")
         daemon.stdin.flush()
         watchdog_pid = int(daemon.stdout.readline())
@@ -84,8 +84,8 @@ def test_the_watchdog_survives_a_kill_of_the_daemons_cgroup_and_kills_the_agents
 
         # What systemd does to a service on `systemctl kill -s KILL`: every process it tracks
         # in the unit's cgroup gets SIGKILL.
-        killed = service.pids()
-        for directory in service.dirs[1:]:
+        killed = []
+        for directory in service.directories(TRACKING):
             killed += [int(p) for p in (directory / "cgroup.procs").read_text().split()]
         assert daemon.pid in killed and watchdog_pid not in killed
         for pid in killed:
@@ -126,4 +126,4 @@ def test_a_new_watchdog_ends_an_earlier_one_still_running(tag: str, tmp_path: Pa
         earlier.disarm()
         assert later.disarm()
     assert later.proc.returncode == 0
-    assert not later.cgroup.unified.exists()  # the last one out removes the cgroup
+    assert not later.cgroup.path.exists()  # the last one out removes the cgroup

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.daemon import watchdog
-from supervisor.daemon.watchdog import Watchdog, WatchdogCgroup
+from supervisor.daemon.watchdog import Watchdog
 from supervisor.sandbox.cgroups import Cgroup, unified_root
 from tests.conftest import require
 
@@ -55,7 +55,7 @@ def parent() -> Iterator[Cgroup]:
     group = Cgroup(f"as-test-watchdog-{secrets.token_hex(4)}")
     (group.path / "run").mkdir(parents=True)
     yield group
-    WatchdogCgroup(f"{group.relative}-watchdog").remove()
+    Cgroup(f"{group.relative}-watchdog").remove(strict=False)
     group.remove(strict=False)
 
 

@@ -19,9 +19,7 @@ from typing import Any
 from urllib.parse import quote
 
 from supervisor.api.client import Client
-from supervisor.daemon.watchdog import WatchdogCgroup
 from supervisor.egress import nft
-from supervisor.egress.confinement import WorkerCgroup, WorkerLimits
 from supervisor.sandbox.cgroups import Cgroup, unified_root
 
 REPO = Path(__file__).resolve().parents[2]
@@ -291,11 +289,9 @@ class Daemon:
         gateway worker's cgroup if a daemon that died without stopping left it."""
         with contextlib.suppress(OSError):
             Cgroup(self.cgroup_parent).remove()
-        with contextlib.suppress(OSError):
-            gateway = self.cgroup_parent.rstrip("/") + "-gateway"
-            WorkerCgroup(gateway, WorkerLimits(0, 0, 0, 0)).remove()
-        # The watchdog's own cgroup (supervisor/daemon/watchdog.py), once its last one is gone.
-        WatchdogCgroup(self.cgroup_parent.rstrip("/") + "-watchdog").remove()
+        # The gateway worker's and the watchdog's own cgroups, once their processes are gone.
+        for beside in ("-gateway", "-watchdog"):
+            Cgroup(self.cgroup_parent.rstrip("/") + beside).remove(strict=False)
 
 
 def _toml(value: Any) -> str:

@@ -15,9 +15,18 @@ from supervisor.sandbox import budget, userns
 BUDGET = budget.RunsBudget(pids_max=28672, memory_max=20 * 1024**3)
 
 
+def kernel_files(directory: Path, *names: str) -> None:
+    """What the kernel makes with a cgroup's directory (a write never creates a file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (directory / name).write_text("max\n")
+
+
 def test_hybrid_hosts_hold_the_budget_in_the_v1_controllers(tmp_path: Path) -> None:
     (tmp_path / "unified").mkdir()
     (tmp_path / "unified" / "cgroup.controllers").write_text("")
+    kernel_files(tmp_path / "pids" / "agent-supervisor", "pids.max")
+    kernel_files(tmp_path / "memory" / "agent-supervisor", "memory.limit_in_bytes")
     written = budget.apply("/agent-supervisor", BUDGET, root=tmp_path)
     assert (tmp_path / "pids" / "agent-supervisor" / "pids.max").read_text() == "28672"
     assert (tmp_path / "memory" / "agent-supervisor" / "memory.limit_in_bytes").read_text() == (
@@ -30,6 +39,7 @@ def test_pure_v2_hosts_delegate_the_controllers_down_to_the_parent(tmp_path: Pat
     (tmp_path / "cgroup.subtree_control").write_text("cpu")
     (tmp_path / "test").mkdir()
     (tmp_path / "test" / "cgroup.subtree_control").write_text("memory pids")
+    kernel_files(tmp_path / "test" / "agent-supervisor", "pids.max", "memory.max")
     budget.apply("/test/agent-supervisor", BUDGET, root=tmp_path)
     # A fake file keeps only the last write; the kernel would add to the set.
     assert (tmp_path / "cgroup.subtree_control").read_text() == "+pids +memory"

@@ -22,6 +22,7 @@ import pytest
 
 from supervisor.daemon.store import connect
 from supervisor.models import TelemetryView
+from supervisor.sandbox.cgroups import Cgroup
 from supervisor.telemetry import METRICS, Sample
 from supervisor.telemetry.procfs import OpenFiles, read_fds, read_file, value_of
 from supervisor.telemetry.sampler import (
@@ -151,18 +152,15 @@ class FakeProcess:
         return SimpleNamespace(read_bytes=self.read_bytes, write_bytes=self.write_bytes)
 
 
-@dataclasses.dataclass
-class FakeCgroup:
-    relative: str
-    path: Path
-
-
 class FakeHost:
     """A cgroup directory in tmp with the files the sampler reads, fake processes, and a clock
     that advances 0.1 s per tick."""
 
     def __init__(self, root: Path, relative: str = "agent-supervisor/as-1") -> None:
-        self.cgroup = FakeCgroup(relative, root / "unified" / relative)
+        # A hybrid host's trees: the v2 one at unified/, the v1 memory controller at memory/.
+        (root / "unified").mkdir(parents=True)
+        (root / "unified" / "cgroup.controllers").write_text("")
+        self.cgroup = Cgroup(relative, host_root=root)
         self.cgroup.path.mkdir(parents=True)
         self.v1_root = root / "memory"
         self.processes: dict[int, FakeProcess] = {}
@@ -210,7 +208,7 @@ class FakeHost:
                             cgroup_reader=reader or PlainReader(),
                             process_source=self.process_source,
                             fd_reader=self.read_fds, clock=self.clock,
-                            wall_clock=self.clock, v1_memory_root=self.v1_root)
+                            wall_clock=self.clock)
 
     def tick(self, hub: TelemetryHub) -> list[tuple[str, Sample]]:
         """One sampler tick, delivered as the event loop would."""
@@ -632,8 +630,7 @@ def test_the_sampler_thread_delivers_in_the_event_loop(host: FakeHost) -> None:
         loop = asyncio.get_running_loop()
         hub = TelemetryHub(100.0, 2, 600, loop, cgroup_reader=PlainReader(),
                            process_source=host.process_source,
-                           fd_reader=host.read_fds,
-                           v1_memory_root=host.v1_root)
+                           fd_reader=host.read_fds)
         threads: list[int] = []
         enough = asyncio.Event()
 
@@ -753,8 +750,7 @@ def test_the_sampler_stands_aside_while_a_kill_runs(host: FakeHost,
     host.add(FakeProcess(11))
     host.write(pids=[10, 11])
     hub = TelemetryHub(10.0, 1, 600, loop, cgroup_reader=PlainReader(), process_source=source,
-                       fd_reader=host.read_fds, clock=host.clock, wall_clock=host.clock,
-                       v1_memory_root=host.v1_root)
+                       fd_reader=host.read_fds, clock=host.clock, wall_clock=host.clock)
     hub.register("r1", host.cgroup, started_at=host.now)
     batches: list[list[tuple[str, Sample]]] = []
     with hub.stand_aside():

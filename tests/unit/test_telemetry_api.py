@@ -26,6 +26,7 @@ from supervisor.daemon.observers import RunObservers
 from supervisor.daemon.store import Store, connect
 from supervisor.errors import AgentNotFound, InvalidRequest, RouteNotFound
 from supervisor.models import ActionRequest, RunRequest, Scope
+from supervisor.sandbox.cgroups import Cgroup
 from supervisor.telemetry.sampler import TelemetryHub
 from supervisor.telemetry.store import SummaryStore
 from tests.unit.conftest import (
@@ -38,7 +39,7 @@ from tests.unit.conftest import (
     spend_request_key_warning,
     wait_done,
 )
-from tests.unit.test_telemetry import MIB, FakeCgroup, FakeProcess, PlainReader
+from tests.unit.test_telemetry import MIB, FakeProcess, PlainReader
 
 # ----------------------------------------------------------------------------- arbiter hooks
 
@@ -94,7 +95,8 @@ class DirectorySampling:
         path = self.cgroups / relative
         path.mkdir(parents=True)
         TelemetryServer.write_cgroup(path, pids=[], cpu_usec=0, memory=0)
-        self.hub.register(run_id, FakeCgroup(relative, path), started_at)
+        self.hub.register(run_id, Cgroup(relative, root=self.cgroups, host_root=self.cgroups),
+                          started_at)
 
     def run_ended(self, run_id: str) -> None:
         self.hub.unregister(run_id)
@@ -114,8 +116,7 @@ class TelemetryServer(ServerThread):
         hub = TelemetryHub(10.0, 1, 600, asyncio.get_running_loop(),
                            store=SummaryStore(self._db), cgroup_reader=PlainReader(),
                            process_source=self.processes.__getitem__,
-                           fd_reader=lambda pid: (self.processes[pid].fds, set()),
-                           v1_memory_root=None)
+                           fd_reader=lambda pid: (self.processes[pid].fds, set()))
         self.hub = hub
         self.arbiter.observers = RunObservers(sampler=DirectorySampling(hub, self.root / "cgroup"))
         self._runner = web.AppRunner(build_app(self.arbiter, self.roles, telemetry=hub))
