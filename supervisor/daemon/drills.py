@@ -7,30 +7,23 @@ the arbiter and its runtime."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import errno
 import json
 import logging
 import secrets
 import shutil
-import socket
 import sqlite3
 import time
 
 from supervisor.config import DrillSection
 from supervisor.daemon.arbiter import SYSTEM, Arbiter
-from supervisor.daemon.killpath import Credential
-from supervisor.egress.gateway import DENIED_HEADER
+from supervisor.daemon.killpath import RevocationCheck
 from supervisor.errors import SupervisorError
 from supervisor.models import ActionRequest, Actor, DrillResult, RunRequest, Scope
 
 log = logging.getLogger(__name__)
 
 DRILL_CLASS = "drill"
-# The gateway's refusals of the token itself (any other refusal means it was accepted).
-_TOKEN_REFUSALS = frozenset({"token_revoked", "token_invalid", "token_required",
-                             "token_expired"})
 _SPAWN_TIMEOUT = 60.0
 
 SCHEMA = """
@@ -69,48 +62,6 @@ def canary_command(processes: int) -> list[str]:
     return ["/bin/sh", "-c", _SH_CANARY, "canary", str(processes)]
 
 
-def token_refused(credential: Credential, timeout: float = 2.0) -> str:
-    """Present the run's token to its gateway, as the agent would: "pass" if it is refused (an
-    auth refusal, nothing listening, or the gateway's address gone from this host)."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        try:  # never let the probe leave the host: only an address that is still ours
-            probe.bind((credential.host, 0))
-        except OSError as exc:
-            if exc.errno == errno.EADDRNOTAVAIL:
-                return "pass"
-            raise
-        probe.settimeout(timeout)
-        try:
-            probe.connect((credential.host, credential.port))
-        except ConnectionRefusedError:
-            return "pass"
-        auth = base64.b64encode(f"{credential.user}:{credential.token}".encode()).decode()
-        probe.sendall(f"CONNECT drill.invalid:443 HTTP/1.1\r\nHost: drill.invalid:443\r\n"
-                      f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head and len(head) < 8192:
-            chunk = probe.recv(4096)
-            if not chunk:
-                break
-            head += chunk
-    except (ConnectionResetError, BrokenPipeError):
-        return "pass"
-    except OSError as exc:
-        return f"fail: could not present the token: {exc}"
-    finally:
-        probe.close()
-    if not head:
-        return "pass"  # closed without an answer: the token bought nothing
-    lines = head.split(b"\r\n\r\n", 1)[0].decode(errors="replace").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in
-               (line.partition(":") for line in lines[1:])}
-    code = headers.get(DENIED_HEADER.lower(), "")
-    if code in _TOKEN_REFUSALS:
-        return "pass"
-    return f"fail: the gateway answered the revoked token with {lines[0]!r} ({code or '-'})"
-
-
 class Drills:
     def __init__(self, arbiter: Arbiter, db: sqlite3.Connection, config: DrillSection) -> None:
         self.arbiter = arbiter
@@ -138,6 +89,7 @@ class Drills:
         time_to_halt_ms: float | None = None
         seen = 0
         error: str | None = None
+        check: RevocationCheck | None = None
         try:
             view = await self.arbiter.launch(
                 RunRequest.model_validate({"name": name, "class": DRILL_CLASS,
@@ -153,7 +105,9 @@ class Drills:
                     raise RuntimeError(f"only {seen} of {processes} canary processes started "
                                        f"within {_SPAWN_TIMEOUT:g}s")
                 await asyncio.sleep(0.02)
-            credential = self.arbiter.credentials.credential(view.id)
+            # Taken before the kill: the gateway keeps the run's listener for it, so the
+            # check after the kill asks the gateway itself whether step 2 revoked the token.
+            check = self.arbiter.credentials.revocation_check(view.id)
             try:
                 killed = await self.arbiter.act(
                     "kill", ActionRequest(scope=Scope(agent=name), reason=f"drill {drill_id}"),
@@ -163,6 +117,8 @@ class Drills:
             except SupervisorError as exc:
                 checks["kill_confirmed"] = f"fail: {exc.code}: {exc.message}"
                 survivors = list(exc.detail.get("survivors", []))
+            revoked = (await check.result() if check is not None
+                       else "n/a: the run held no credentials")
             if checks["kill_confirmed"] == "pass":  # runtime state goes after the answer
                 with contextlib.suppress(TimeoutError):
                     await self.arbiter.settled(view.id, _SPAWN_TIMEOUT)
@@ -173,9 +129,7 @@ class Drills:
                                     else f"fail: {residue['netns']} still exists")
             checks["no_sandbox_state"] = ("pass" if not set(residue) - {"processes", "netns"}
                                           else f"fail: {sorted(residue)} left")
-            checks["credentials_revoked"] = (
-                await asyncio.to_thread(token_refused, credential) if credential is not None
-                else "n/a: the run held no credentials")
+            checks["credentials_revoked"] = revoked
             if time_to_halt_ms is None:
                 checks["slo"] = "fail: no time_to_halt"
             elif time_to_halt_ms <= slo * 1000:
@@ -188,6 +142,9 @@ class Drills:
             with contextlib.suppress(SupervisorError):
                 await self.arbiter.act("kill", ActionRequest(scope=Scope(agent=name),
                                                              reason="drill aborted"), SYSTEM)
+        finally:
+            if check is not None:
+                check.release()  # the gateway may close the run's listener
         passed = error is None and all(not v.startswith("fail") for v in checks.values())
         result = DrillResult(
             id=drill_id, ts=time.time(), actor=actor.label(), processes=processes,

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import secrets
+import socket
 import sqlite3
 import time
 from collections.abc import Callable
@@ -29,7 +30,6 @@ from supervisor.audit import AuditLog
 from supervisor.config import Config
 from supervisor.daemon.arbiter import Arbiter, LiveRun
 from supervisor.daemon.containment import Containment
-from supervisor.daemon.killpath import Credential
 from supervisor.daemon.store import RunRecord
 from supervisor.egress import link, nft
 from supervisor.egress.accounting import Usage
@@ -71,6 +71,8 @@ _MAX_PENDING_APPROVALS = 4096
 _READ_TIMEOUT = 2.0  # a usage read waits this long for the worker, then shows the last snapshot
 _DETAIL_LIMIT = 8192  # bytes of JSON in a refusal's detail (the worker sends at most 4096)
 CARRIED_DENIALS_BYTES = 1024  # of a run's refusal tally in a handover record
+# How long a drill's token check may keep an ended run's listener open (it needs a few ms).
+_CHECK_HOLD = 30.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS egress_usage (
@@ -227,6 +229,69 @@ class _RunEgress:
         return Usage(**self.snapshot["usage"]) if self.snapshot.get("usage") else Usage()
 
 
+class TokenCheck:
+    """A drill's check that kill step 2 revoked a run's token (killpath.RevocationCheck). Made
+    before the kill, it keeps the run's listener open in the gateway past the run's end (at
+    most _CHECK_HOLD); `result()` then hands the gateway worker one end of a socketpair to
+    serve as a connection accepted on that listener, presents the token over it as the agent
+    would, and lets the listener close. It needs no network, so step 5 having removed the
+    run's address decides nothing: only the gateway answering token_revoked passes."""
+
+    def __init__(self, control: EgressControl, run_id: str, user: str, token: str) -> None:
+        self.control = control
+        self.run_id = run_id
+        self.user = user
+        self.token = token
+        self._released = asyncio.Event()
+
+    async def result(self) -> str:
+        try:
+            return await self._present()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        self._released.set()
+        if self.control.checks.get(self.run_id) is self:
+            del self.control.checks[self.run_id]
+
+    async def released(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._released.wait(), _CHECK_HOLD)
+
+    async def _present(self) -> str:
+        # aiohttp comes with the gateway module: a run without the gateway never loads it.
+        from supervisor.egress.gateway import present_token
+
+        worker = self.control.worker
+        ours, theirs = socket.socketpair()
+        try:
+            key = f"check/{self.run_id}/{secrets.token_hex(4)}"
+            if not worker.send_fds(key, theirs.fileno()):
+                return "fail: the gateway worker could not take the check's connection"
+            theirs.close()
+            try:
+                reply = await worker.request({"op": "accept", "run": self.run_id,
+                                              "socket": key})
+            except GatewayUnavailable as exc:
+                return f"fail: the gateway worker did not answer the check: {exc.message}"
+            if not reply.get("ok"):
+                return f"fail: the gateway could not take the check: {reply.get('error')}"
+            try:
+                answer = await asyncio.to_thread(present_token, ours, self.user, self.token)
+            except OSError as exc:
+                return f"fail: could not present the token: {exc}"
+        finally:
+            ours.close()
+            theirs.close()
+        if answer is None:
+            return "fail: the gateway closed the connection without answering the token"
+        status, code = answer
+        if code == "token_revoked":
+            return "pass"
+        return f"fail: the gateway answered the run's token with {status!r} ({code or '-'})"
+
+
 class EgressControl:
     def __init__(self, config: Config, arbiter: Arbiter, containment: Containment,
                  audit: AuditLog, db: sqlite3.Connection,
@@ -255,6 +320,7 @@ class EgressControl:
         # Ended runs whose final count is still being fetched: shutdown waits for them (the
         # arbiter cancels its own tasks), so a CI report and the summary row are exact.
         self._finishing: set[asyncio.Task[None]] = set()
+        self.checks: dict[str, TokenCheck] = {}  # drills' token checks, by run
         db.executescript(_SCHEMA)
 
     # ------------------------------------------------------------------ lifecycle
@@ -595,12 +661,13 @@ class EgressControl:
         self._cancel_approvals(run_id, "the run was stopped or killed")
         return True
 
-    def credential(self, run_id: str) -> Credential | None:
+    def revocation_check(self, run_id: str) -> TokenCheck | None:
         state = self.runs.get(run_id)
         if state is None:
             return None
-        return Credential(state.grant.host_ip, state.grant.port, state.grant.agent,
-                          state.grant.token)
+        check = self.checks[run_id] = TokenCheck(self, run_id, state.grant.agent,
+                                                 state.grant.token)
+        return check
 
     async def pause(self, run_id: str) -> None:
         state = self.runs.get(run_id)
@@ -621,7 +688,8 @@ class EgressControl:
         state = self.runs.pop(run_id, None)
         if state is None:
             return
-        self.worker.send({"op": "revoke", "run": run_id})
+        if not state.revoked:  # a run that ended on its own (a kill revoked at step 2)
+            self.worker.send({"op": "revoke", "run": run_id})
         self._keep_record(run_id, self._record(state))
         self._cancel_approvals(run_id, "the run ended")
         task = self.loop.create_task(self._finish(run_id, state))
@@ -634,6 +702,8 @@ class EgressControl:
             reaping.add_done_callback(self._finishing.discard)
 
     async def _finish(self, run_id: str, state: _RunEgress) -> None:
+        if (check := self.checks.get(run_id)) is not None:
+            await check.released()  # a drill presents the token before the listener goes
         if not state.lost and state.generation == self.worker.generation:
             try:
                 reply = await self.worker.request({"op": "close", "run": run_id})

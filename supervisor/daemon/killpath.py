@@ -31,14 +31,15 @@ log = logging.getLogger(__name__)
 CONFIRMERS = ThreadPoolExecutor(max_workers=128, thread_name_prefix="kill-confirm")
 
 
-@dataclass(frozen=True)
-class Credential:
-    """What a run's agent presents to the gateway: a proxy user and token at an address."""
+class RevocationCheck(Protocol):
+    """A drill's test of step 2, taken before its kill: after it, `result()` presents the
+    run's token to the gateway that held it and says "pass" only if the gateway refused it as
+    revoked. Until `result()` or `release()`, the gateway keeps the run's side (its listener),
+    so what answers is the revocation, not the run's end."""
 
-    host: str
-    port: int
-    user: str
-    token: str
+    async def result(self) -> str: ...
+
+    def release(self) -> None: ...
 
 
 class Credentials(Protocol):
@@ -48,8 +49,8 @@ class Credentials(Protocol):
         """Make the run's tokens stop working at once; True if it held any."""
         ...
 
-    def credential(self, run_id: str) -> Credential | None:
-        """The token the run holds now, for a drill to present after the kill."""
+    def revocation_check(self, run_id: str) -> RevocationCheck | None:
+        """For a drill, before its kill: the check of the run's token (None: it holds none)."""
         ...
 
 
@@ -59,7 +60,7 @@ class NoCredentials:
     async def revoke(self, run_id: str) -> bool:
         return False
 
-    def credential(self, run_id: str) -> Credential | None:
+    def revocation_check(self, run_id: str) -> RevocationCheck | None:
         return None
 
 

@@ -91,6 +91,31 @@ T = TypeVar("T")
 GateState = Literal["active", "suspended", "revoked", "expired"]
 
 
+def present_token(sock: socket.socket, user: str, token: str, timeout: float = 2.0
+                  ) -> tuple[str, str] | None:
+    """Present `user:token` on a connection to a run's listener as its agent would (a CONNECT
+    with Proxy-Authorization) and read the answer's head: (status line, the gateway's refusal
+    code or ""), or None if the connection closed without an answer. Blocking; `sock` is the
+    caller's to close. The target is a name no policy allows, so a token that works is
+    answered egress_denied and nothing leaves the host."""
+    auth = base64.b64encode(f"{user}:{token}".encode()).decode()
+    sock.settimeout(timeout)
+    sock.sendall(f"CONNECT drill.invalid:443 HTTP/1.1\r\nHost: drill.invalid:443\r\n"
+                 f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) < 8192:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    if not head:
+        return None
+    lines = head.split(b"\r\n\r\n", 1)[0].decode(errors="replace").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (line.partition(":") for line in lines[1:])}
+    return lines[0], headers.get(DENIED_HEADER.lower(), "")
+
+
 class GatewaySink(Protocol):
     """The daemon's side. Called in the gateway's thread; must not block."""
 
@@ -125,6 +150,9 @@ class _Gate:
         self.budget_fired = False
         self.server: web.Server | None = None
         self.listener: asyncio.Server | None = None
+        # What the listener makes of each connection it accepts (the connection limit, then
+        # the server's handler); `Gateway.accept` serves a handed-in socket through it too.
+        self.factory: Callable[[], asyncio.Protocol] | None = None
         self.tunnels: set[asyncio.Transport] = set()
         self.refusals = RefusalTally(_MAX_REFUSAL_KEYS)
         self.calls = CallLog()  # each call through a route, for the run's CI report
@@ -412,6 +440,25 @@ class Gateway:
         self.revoke(run_id)
         return await asyncio.wrap_future(self._submit(self._close(run_id)))
 
+    def accept(self, run_id: str, sock: socket.socket) -> bool:
+        """Serve `sock` as a connection accepted on the run's listener: the daemon presents a
+        token this way (a drill's check that the run's token was revoked), through the same
+        handler the agent's connections reach, without needing the run's network, which the
+        kill has removed by then. False (`sock` left to the caller) if the run has none."""
+        with self._lock:
+            gate = self.gates.get(run_id)
+        if gate is None or gate.factory is None or gate.listener is None:
+            return False
+        self._submit(self._accept(gate.factory, sock))
+        return True
+
+    async def _accept(self, factory: Callable[[], asyncio.Protocol], sock: socket.socket
+                      ) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(factory, sock)
+        except OSError:
+            sock.close()  # the daemon's end sees the close: nothing was presented
+
     def suspend(self, run_id: str) -> None:
         self._set_state(run_id, "suspended")
 
@@ -532,6 +579,8 @@ class Gateway:
             if len(server.connections) >= limit:
                 return _Refuse()
             return server()
+
+        gate.factory = factory
 
         loop = asyncio.get_running_loop()
         try:

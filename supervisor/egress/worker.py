@@ -230,6 +230,8 @@ class Worker:
         elif op == "revoke":
             self.gateway.revoke(run)
             self._release_held("the run's token was revoked", run)
+        elif op == "accept":
+            self._accept(message, run)
         elif op == "suspend":
             self.gateway.suspend(run)
             self._release_held("the agent was paused", run)
@@ -304,6 +306,19 @@ class Worker:
             self._reply(message, ok=False, errno=errno, error=error)
         else:
             self._reply(message, ok=True)
+
+    def _accept(self, message: dict[str, Any], run: str) -> None:
+        """A socket from the daemon, served as a connection on `run`'s listener."""
+        try:
+            [sock] = self.take_fds({"check": str(message.get("socket", ""))}).values()
+        except LookupError as exc:
+            self._reply(message, ok=False, error=str(exc))
+            return
+        if not self.gateway.accept(run, sock):
+            sock.close()
+            self._reply(message, ok=False, error="the gateway has no listener for this run")
+            return
+        self._reply(message, ok=True)
 
     async def _close(self, message: dict[str, Any]) -> None:
         run = str(message["run"])

@@ -305,7 +305,7 @@ def test_kill_revokes_credentials_before_sigkill(env: ArbiterEnv) -> None:
                 seen.append((run_id, handle.processes))
                 return True
 
-            def credential(self, run_id: str) -> None:
+            def revocation_check(self, run_id: str) -> None:
                 return None
 
         arbiter.credentials = Gateway()

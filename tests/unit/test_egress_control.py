@@ -90,3 +90,38 @@ def test_the_summary_tally_fits_the_audit_row_and_keeps_its_total() -> None:
     assert any(key.startswith("other (") for key in fitted)
     small = {"host_not_allowed a.example": 3}
     assert fit_denials(small) == small
+
+
+def test_a_drills_token_check_keeps_the_listener_and_step_2_is_the_only_revocation(
+        env: ArbiterEnv) -> None:
+    # The drill's credentials_revoked check (daemon/egress.py TokenCheck) must see what kill
+    # step 2 did: the run's end sends no second revoke that would hide a step 2 that sent
+    # nothing, and the gateway's close (which revokes too) waits until the check is done.
+    async def scenario() -> list[str]:
+        egress = control(env, asyncio.get_running_loop(), "r1", "r2")
+        egress.worker.generation = 1  # the worker that holds the runs' listeners
+        sent: list[str] = []
+
+        def send(message: dict[str, Any]) -> bool:
+            sent.append(f"{message['op']} {message['run']}")
+            return True
+
+        async def request(message: dict[str, Any], timeout: float = 0) -> dict[str, Any]:
+            sent.append(f"{message['op']} {message['run']}")
+            return {"usage": None}
+
+        egress.worker.send = send  # type: ignore[method-assign]
+        egress.worker.request = request  # type: ignore[method-assign]
+        check = egress.revocation_check("r1")
+        assert check is not None and egress.revocation_check("gone") is None
+        await egress.revoke("r1")
+        egress.run_ended("r1")
+        egress.run_ended("r2")  # ended on its own: its end revokes it
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert sent == ["revoke r1", "revoke r2", "close r2"]  # r1's close waits
+        check.release()
+        await asyncio.wait(egress._finishing, timeout=5)
+        return sent
+
+    assert asyncio.run(scenario()) == ["revoke r1", "revoke r2", "close r2", "close r1"]

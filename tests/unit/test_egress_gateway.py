@@ -28,10 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from supervisor.config import EgressSection
-from supervisor.daemon.drills import token_refused
-from supervisor.daemon.killpath import Credential
 from supervisor.egress.accounting import Usage
-from supervisor.egress.gateway import DENIED_HEADER, Gateway
+from supervisor.egress.gateway import DENIED_HEADER, Gateway, present_token
 from supervisor.egress.grant import Carried, Decision, RunGrant, carried_from_wire, carried_to_wire
 from supervisor.models.egress import GatewayPolicy
 from tests.support import upstream as support
@@ -447,17 +445,32 @@ def test_revoked_token_is_403_and_resume_does_not_undo_it(env: Env) -> None:
     assert reply.code == "token_revoked"
 
 
-def test_the_drills_credential_check_fails_while_the_token_works(env: Env) -> None:
-    # `agentctl drill`'s credentials_revoked check (daemon/drills.py) presents the run's
-    # token to its gateway as the agent would: it passes only when the gateway refuses the
-    # token itself, so a kill that left the token working fails the drill.
-    port = env.open()
-    credential = Credential("127.0.0.1", port, "agent-a", TOKEN)
-    working = token_refused(credential)
-    assert working.startswith("fail") and "egress_denied" in working, working
+def present(env: Env, token: str = TOKEN, run_id: str = RUN) -> tuple[str, str] | None:
+    """A socket handed to the gateway as a connection on the run's listener, the token
+    presented over it (as daemon/egress.py's TokenCheck does for a drill)."""
+    ours, theirs = socket.socketpair()
+    with ours:
+        if not env.gateway.accept(run_id, theirs):
+            theirs.close()
+            raise LookupError(run_id)
+        return present_token(ours, "agent-a", token)
+
+
+def test_a_drill_checks_the_token_on_the_runs_own_listener_without_its_network(
+        env: Env) -> None:
+    # `agentctl drill`'s credentials_revoked check (daemon/egress.py TokenCheck): the token
+    # goes through the run's listener's own handler over a handed-in socket, so it is the
+    # gateway that answers, not a missing address; only token_revoked passes the drill.
+    env.open()
+    working = present(env)
+    assert working is not None and working[1] == "egress_denied", working
     env.gateway.revoke(RUN)
-    assert token_refused(credential) == "pass"
-    assert token_refused(Credential("127.0.0.1", port, "agent-a", "forged")) == "pass"
+    assert present(env) == ("HTTP/1.1 403 Forbidden", "token_revoked")
+    forged = present(env, token="forged")
+    assert forged is not None and forged[1] == "token_invalid"
+    env.close()
+    with pytest.raises(LookupError):  # the run's listener is gone: nothing to check against
+        present(env)
 
 
 def test_a_wrong_token_is_invalid_even_for_a_revoked_run(env: Env) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from supervisor.config import KillSection
-from supervisor.daemon.killpath import Credential, RunKill, sweep
+from supervisor.daemon.killpath import RevocationCheck, RunKill, sweep
 from supervisor.daemon.observers import RunObservers
 from supervisor.errors import IllegalTransition, KillUnconfirmed
 from supervisor.models import ActionRequest, RunRequest, Scope
@@ -43,7 +43,7 @@ class FakeCredentials:
         self.revoked.add(run_id)
         return True
 
-    def credential(self, run_id: str) -> Credential | None:
+    def revocation_check(self, run_id: str) -> RevocationCheck | None:
         return None
 
 
