@@ -76,11 +76,18 @@ class AgentLike(Protocol):
     def agent_class(self) -> str: ...
 
 
+class AttemptObserversLike(Protocol):
+    """The seccomp listener's observers (sandbox/seccomp_notify.py AttemptObservers): the
+    metrics take their named place while they serve."""
+
+    metrics: Callable[[SyscallAttempt], None] | None
+
+
 class SeccompSource(Protocol):
     """The seccomp listener, as far as the metrics use it (attempts arrive on the loop)."""
 
     @property
-    def subscribers(self) -> list[Callable[[SyscallAttempt], None]]: ...
+    def observers(self) -> AttemptObserversLike: ...
 
 
 class Observed(Protocol):
@@ -429,7 +436,7 @@ class MetricsEndpoint:
                 f'another address, or to "" to disable the endpoint)',
                 key="metrics.listen", value=self.address.text, reason=why) from None
         if self.seccomp is not None:
-            self.seccomp.subscribers.append(self.metrics.on_seccomp_attempt)
+            self.seccomp.observers.metrics = self.metrics.on_seccomp_attempt
         log.info("metrics on %s", ", ".join(self.bound))
 
     @property
@@ -447,8 +454,7 @@ class MetricsEndpoint:
 
     async def stop(self) -> None:
         if self.seccomp is not None:
-            with contextlib.suppress(ValueError):
-                self.seccomp.subscribers.remove(self.metrics.on_seccomp_attempt)
+            self.seccomp.observers.metrics = None
         await self._runner.cleanup()
         if self.address.path is not None:
             with contextlib.suppress(FileNotFoundError):

@@ -201,7 +201,7 @@ class EmbeddedRunner:
                               "env_keys": sorted(self.spec.run.env), **core.runtime.describe()})
         await core.arbiter.reconcile()  # what a SIGKILLed run of this slot left behind
         if core.seccomp is not None:
-            core.seccomp.subscribers.append(self.attempts.add)
+            core.seccomp.observers.ci = self.attempts.add
         if self.spec.self_test:
             report = await run_self_test(core.arbiter, self.config, seccomp=core.seccomp)
             core.audit.append(actor=SYSTEM.label(), verb="self_test", scope="global",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from supervisor.daemon.arbiter import Arbiter
@@ -25,14 +25,18 @@ TRIPWIRE = Actor(kind="system", name="tripwire")
 
 
 class Containment:
-    def __init__(self, arbiter: Arbiter) -> None:
+    """`counter`: told of each run's syscall attempts as they come (telemetry's
+    syscall_attempts, TelemetryHub.add_syscall_attempt)."""
+
+    def __init__(self, arbiter: Arbiter,
+                 counter: Callable[[str, int], None] | None = None) -> None:
         self.arbiter = arbiter
+        self.counter = counter
         self.runs: dict[str, RunTripwires] = {}
         self.attempts: dict[str, int] = {}
         # A run's first syscall attempt if it came before its tripwires were armed (the run
         # started a moment before the arbiter told us): evaluated when they are. One per run.
         self.unarmed: dict[str, SyscallAttempt] = {}
-        self.attempt_listeners: list[Any] = []  # callables(run_id, count): the sampler's counter
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # A run's start and end (daemon/observers.py `Tripwires`) ---------------------------
@@ -87,8 +91,11 @@ class Containment:
             return
         count = self.attempts.get(run_id, 0) + attempt.count
         self.attempts[run_id] = count
-        for listener in self.attempt_listeners:
-            listener(run_id, attempt.count)
+        if self.counter is not None:
+            try:
+                self.counter(run_id, attempt.count)
+            except Exception:  # the count is telemetry's; the tripwires below still judge
+                log.exception("syscall attempt counter %r failed", self.counter)
         state = self.runs.get(run_id)
         if state is None:
             self.unarmed.setdefault(run_id, attempt)

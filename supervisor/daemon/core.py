@@ -136,7 +136,7 @@ class Core:
 
         # Seccomp notify (supervisor/sandbox/seccomp_notify.py): runc hands each run's notify fd
         # to this socket; every escape-class attempt is answered EPERM, then given to
-        # `seccomp.subscribers`. Off ([telemetry] seccomp_listener = "", or a kernel runc cannot
+        # `seccomp.observers`. Off ([telemetry] seccomp_listener = "", or a kernel runc cannot
         # notify on): the filter itself answers the same syscalls EPERM, unreported.
         seccomp: SeccompListener | None = None
         if config.seccomp_listener is not None:
@@ -207,13 +207,12 @@ class Core:
                                  store=summaries)
         telemetry.start()
         # Tripwires: samples and syscall attempts in, audited firings and pause/kill out.
-        containment = Containment(arbiter)
-        telemetry.subscribers.append(containment.on_sample)
-        containment.attempt_listeners.append(telemetry.add_syscall_attempt)
+        containment = Containment(arbiter, counter=telemetry.add_syscall_attempt)
+        telemetry.tripwires = containment.on_sample
         audit.subscribe(containment.on_audit)
-        outputs.cap_listeners.append(containment.output_capped)
+        outputs.tripwires = containment.output_capped
         if seccomp is not None:
-            seccomp.subscribers.append(containment.on_attempt)
+            seccomp.observers.tripwires = containment.on_attempt
         # The egress gateway (supervisor/egress/, supervisor/daemon/egress.py): its own process
         # and cgroup; veth + nftables per gateway run, tokens revoked at kill step 2.
         egress = EgressControl(config, arbiter, containment, audit, db,

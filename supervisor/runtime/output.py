@@ -11,7 +11,7 @@ Each run records at most its cap (`[output] max_bytes`, lowered by a profile's o
 `[output] max_bytes`). Past the cap the drain goes on and discards what it reads: the
 agent never blocks on its own output (a chatty but legitimate agent keeps working) and
 every byte is still counted (`produced`), while the log file stops growing (`recorded`,
-plus one marker line). The moment the cap is reached the listeners hear of it once (the
+plus one marker line). The moment the cap is reached `Outputs.tripwires` hears of it once (the
 daemon audits it and fires the run's `output_bytes` tripwire with the profile's action).
 
 Draining never runs on the daemon's event loop: one thread per run, moving at most
@@ -83,12 +83,14 @@ CapListener = Callable[[str, OutputCounts], None]
 
 
 class Outputs:
-    """Every live run's recorder. Runtimes open one per run; the daemon listens for caps and
-    telemetry reads the counts. Event-loop thread only, except `counter`'s callables."""
+    """Every live run's recorder. Runtimes open one per run; the daemon's tripwires hear of
+    caps and telemetry reads the counts. Event-loop thread only, except `counter`'s
+    callables."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self.cap_listeners: list[CapListener] = []
+        # Told once per run when its output reaches the cap (daemon/containment.py).
+        self.tripwires: CapListener | None = None
         self._recorders: dict[str, OutputRecorder] = {}
         # Bytes of the runs whose output has ended, produced and recorded (for metrics).
         self._ended_produced = 0
@@ -146,11 +148,12 @@ class Outputs:
             self._ended_recorded += recorder.recorded
 
     def _capped(self, run_id: str, counts: OutputCounts) -> None:
-        for listener in list(self.cap_listeners):
-            try:
-                listener(run_id, counts)
-            except Exception:  # an observer must never stop the recording
-                log.exception("output cap listener %r failed", listener)
+        if self.tripwires is None:
+            return
+        try:
+            self.tripwires(run_id, counts)
+        except Exception:  # an observer must never stop the recording
+            log.exception("output cap observer %r failed", self.tripwires)
 
 
 def open_log(path: Path, existing: bool = False) -> int:

@@ -200,19 +200,39 @@ class AttemptTally:
                 + len(self.recent))
 
 
+AttemptObserver = Callable[[SyscallAttempt], None]
+
+
+@dataclass
+class AttemptObservers:
+    """Who hears of notified syscalls, by name: each is called in the event loop with coalesced
+    records (SyscallAttempt.count attempts of one syscall by one container, the most recent
+    one's details) and must not block. One that fails is logged and never stops the others;
+    the attempts were answered EPERM on the listener's thread before any of them heard."""
+
+    tripwires: AttemptObserver | None = None  # daemon/containment.py: syscall_attempts rules
+    metrics: AttemptObserver | None = None  # supervisor/metrics.py, while it serves
+    ci: AttemptObserver | None = None  # an embedded CI run's count (supervisor/ci/runner.py)
+
+    def notify(self, record: SyscallAttempt) -> None:
+        for name, observer in (("tripwires", self.tripwires), ("metrics", self.metrics),
+                               ("ci", self.ci)):
+            if observer is None:
+                continue
+            try:
+                observer(record)
+            except Exception:
+                log.exception("seccomp attempt observer %s (%r) failed", name, observer)
+
+
 class SeccompListener:
     """The daemon's `listenerPath`: receives each container's notification fd from runc and
-    answers every notified syscall with EPERM on a thread of its own, then tells the
-    subscribers on the event loop, coalesced."""
+    answers every notified syscall with EPERM on a thread of its own, then tells its
+    `observers` on the event loop, coalesced."""
 
-    def __init__(self, path: Path,
-                 on_attempt: Callable[[SyscallAttempt], None] | None = None) -> None:
+    def __init__(self, path: Path, observers: AttemptObservers | None = None) -> None:
         self.path = path
-        # Called in the event loop with coalesced records (SyscallAttempt.count attempts of one
-        # syscall by one container, the most recent one's details); must not block.
-        self.subscribers: list[Callable[[SyscallAttempt], None]] = []
-        if on_attempt is not None:
-            self.subscribers.append(on_attempt)
+        self.observers = observers if observers is not None else AttemptObservers()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: socket.socket | None = None
@@ -260,7 +280,7 @@ class SeccompListener:
         log.info("seccomp notify listener on %s", self.path)
 
     async def stop(self, keep: Collection[str] = ()) -> dict[str, list[int]]:
-        """Answer what is pending, close every fd, and hand the last counts to subscribers.
+        """Answer what is pending, close every fd, and hand the last counts to the observers.
         The fds of the containers in `keep` (runs handed over to the next daemon) are
         duplicated first and returned, so their filters stay answered by whoever takes them."""
         thread = self._thread
@@ -603,7 +623,7 @@ class SeccompListener:
                 self._flush_scheduled = False
 
     def _flush(self) -> None:
-        """On the loop: hand the coalesced records to the subscribers."""
+        """On the loop: hand the coalesced records to the observers."""
         with self._lock:
             records = [*self._firsts, *self._pending.values()]
             self._firsts, self._pending = [], {}
@@ -614,11 +634,7 @@ class SeccompListener:
                 log.debug("seccomp notify: %s pid %d %s(%s) answered EPERM x%d",
                           record.container_id, record.pid, record.syscall,
                           ", ".join(hex(a) for a in record.args), record.count)
-            for subscriber in list(self.subscribers):
-                try:
-                    subscriber(record)
-                except Exception:
-                    log.exception("seccomp attempt subscriber %r failed", subscriber)
+            self.observers.notify(record)
 
     def _close(self, flt: _Filter, *, drain: bool) -> None:
         if self._filters.pop(flt.fd, None) is None:

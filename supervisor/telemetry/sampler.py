@@ -5,7 +5,8 @@ the cgroup's numbers (processes, CPU time, memory, OOM kills) on every tick, the
 numbers through psutil (RSS, threads, fds, connections, I/O, children, commands) on every
 `process_every`-th tick, carried in between. Each tick's samples go to the event loop in one
 `call_soon_threadsafe`; there they enter the run's rolling window and running summary and are
-passed to the subscribers (the tripwires). The event loop never waits on /proc or cgroupfs.
+passed to the hub's `tripwires` (daemon/containment.py). The event loop never waits on /proc
+or cgroupfs.
 
 A pid that vanished or turned zombie, a permission error or a cgroup file that disappeared
 skips that one datum, is counted (the summary's `skipped`) and never stops the sampler."""
@@ -215,7 +216,8 @@ class TelemetryHub:
         self.window = window
         self.loop = loop
         self.store = store
-        self.subscribers: list[Subscriber] = []
+        # Each sample, once it is in its run's window (daemon/containment.py `on_sample`).
+        self.tripwires: Subscriber | None = None
         self.ticks = 0
         self.schedule = TickSchedule(self.period, clock())
         self._files: CgroupReader = cgroup_reader if cgroup_reader is not None else OpenFiles()
@@ -229,7 +231,7 @@ class TelemetryHub:
         self._tracks: dict[str, _Track] = {}  # event loop thread only
         self._early_attempts: dict[str, int] = {}
         self._carried: dict[str, dict[str, Any]] = {}  # expected adoptions (`expect`)
-        self._subscriber_failures: dict[int, int] = {}
+        self._tripwire_failures = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Shut while a kill runs (stand_aside): the sampler waits at its next run or process.
@@ -408,7 +410,8 @@ class TelemetryHub:
     # ------------------------------------------------------------- delivery (event loop)
 
     def deliver(self, batch: list[tuple[str, Sample]]) -> None:
-        """One tick's samples: into each run's window and summary, then to the subscribers."""
+        """One tick's samples: into each run's window and summary, then to the tripwires (one
+        that fails loses nothing here: the windows, summaries and later samples go on)."""
         for run_id, built in batch:
             track = self._tracks.get(run_id)
             if track is None:
@@ -418,17 +421,14 @@ class TelemetryHub:
                 sample = replace(sample, syscall_attempts=track.syscall_attempts)
             track.window.append(sample)
             track.summary.add(sample)
-            for subscriber in list(self.subscribers):
+            if self.tripwires is not None:
                 try:
-                    subscriber(run_id, sample)
+                    self.tripwires(run_id, sample)
                 except Exception:
-                    self._subscriber_failed(subscriber)
-
-    def _subscriber_failed(self, subscriber: Subscriber) -> None:
-        failures = self._subscriber_failures.get(id(subscriber), 0) + 1
-        self._subscriber_failures[id(subscriber)] = failures
-        if failures == 1 or failures % 1000 == 0:
-            log.exception("telemetry subscriber %r failed (%d times)", subscriber, failures)
+                    self._tripwire_failures += 1
+                    if self._tripwire_failures == 1 or self._tripwire_failures % 1000 == 0:
+                        log.exception("telemetry's tripwires %r failed (%d times)",
+                                      self.tripwires, self._tripwire_failures)
 
     # ------------------------------------------------------------- the sampler thread
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from supervisor.sandbox.seccomp_notify import SeccompListener
+from supervisor.sandbox.seccomp_notify import AttemptObservers, SeccompListener
 from supervisor.telemetry import SyscallAttempt
 from tests.support.daemon import REPO, Daemon, new_daemon, running_daemon, wait_for
 
@@ -157,11 +157,12 @@ def test_every_attempt_is_answered_eperm_then_recorded(tmp_root: Path) -> None:
     recorded: list[SyscallAttempt] = []
 
     def broken(attempt: SyscallAttempt) -> None:
-        raise RuntimeError("a subscriber bug must not leave a syscall unanswered")
+        raise RuntimeError("an observer's bug must not leave a syscall unanswered")
 
     async def scenario() -> tuple[dict[str, list[int]], int, dict[str, int]]:
-        listener = SeccompListener(_socket_path(tmp_root), on_attempt=broken)
-        listener.subscribers.append(recorded.append)
+        # The first observer fails on every record; the next still hears each one.
+        listener = SeccompListener(_socket_path(tmp_root),
+                                   AttemptObservers(tripwires=broken, metrics=recorded.append))
         await listener.start()
         try:
             assert _socket_path(tmp_root).stat().st_mode & 0o777 == 0o600
@@ -243,7 +244,8 @@ def test_answers_never_wait_for_the_event_loop(
             assert lines == [str(EPERM), "second", "not reached"], lines
             child.wait(10)
 
-        listener = SeccompListener(_socket_path(tmp_root), on_attempt=hold_the_loop)
+        listener = SeccompListener(_socket_path(tmp_root),
+                                   AttemptObservers(tripwires=hold_the_loop))
         await listener.start()
         loop = asyncio.get_running_loop()
         try:
@@ -274,7 +276,8 @@ def test_odd_connections_are_dropped_and_an_unreadable_state_still_gets_answers(
     recorded: list[SyscallAttempt] = []
 
     async def scenario() -> dict[str, list[int]]:
-        listener = SeccompListener(_socket_path(tmp_root), on_attempt=recorded.append)
+        listener = SeccompListener(_socket_path(tmp_root),
+                                   AttemptObservers(tripwires=recorded.append))
         await listener.start()
         try:
             loop = asyncio.get_running_loop()

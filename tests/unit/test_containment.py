@@ -55,9 +55,8 @@ def test_a_sample_over_a_kill_rule_kills_with_the_rule_in_the_audit(env: Arbiter
 def test_a_syscall_attempt_trips_at_once(env: ArbiterEnv) -> None:
     async def body() -> None:
         arbiter = env.arbiter()
-        containment = Containment(arbiter)
         counted: list[tuple[str, int]] = []
-        containment.attempt_listeners.append(lambda run_id, n: counted.append((run_id, n)))
+        containment = Containment(arbiter, counter=lambda run_id, n: counted.append((run_id, n)))
         view = await arbiter.launch(request(
             "a1", {"name": "escape", "metric": "syscall_attempts", "above": 0,
                    "action": "kill"}), ALICE)

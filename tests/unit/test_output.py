@@ -61,7 +61,7 @@ def test_cap_is_the_hosts_unless_the_profile_asks_for_less() -> None:
 def test_output_under_the_cap_is_recorded_whole(tmp_path: Path) -> None:
     outputs = Outputs(CAP)
     capped: list[OutputCounts] = []
-    outputs.cap_listeners.append(lambda _run, counts: capped.append(counts))
+    outputs.tripwires = lambda _run, counts: capped.append(counts)
     counts = asyncio.run(_drain(outputs, tmp_path / "logs" / "r1.log", [b"hello\n", b"x" * 1000]))
     assert (tmp_path / "logs" / "r1.log").read_bytes() == b"hello\n" + b"x" * 1000
     assert counts == OutputCounts(produced=1006, recorded=1006, cap=CAP, capped=False)
@@ -72,7 +72,7 @@ def test_output_under_the_cap_is_recorded_whole(tmp_path: Path) -> None:
 def test_output_past_the_cap_is_counted_discarded_and_reported_once(tmp_path: Path) -> None:
     outputs = Outputs(CAP)
     capped: list[tuple[str, OutputCounts]] = []
-    outputs.cap_listeners.append(lambda run, counts: capped.append((run, counts)))
+    outputs.tripwires = lambda run, counts: capped.append((run, counts))
     log = tmp_path / "r1.log"
     counts = asyncio.run(_drain(outputs, log, [b"a" * 50_000, b"b" * 50_000, b"c" * 300_000]))
     data = log.read_bytes()

@@ -17,6 +17,7 @@ from supervisor.sandbox.seccomp_notify import (
     AUDIT_ARCH_X86_64,
     SECCOMP_IOCTL_NOTIF_RECV,
     SECCOMP_IOCTL_NOTIF_SEND,
+    AttemptObservers,
     AttemptTally,
     SeccompListener,
     syscall_name,
@@ -113,7 +114,7 @@ def test_a_notify_flood_is_coalesced_into_a_bounded_hand_over() -> None:
     assert sum(r.count for r in listener._pending.values()) == (
         2000 * 64 + seccomp_notify._MAX_PENDING + 500)
     seen: list[SyscallAttempt] = []
-    listener.subscribers.append(seen.append)
+    listener.observers.tripwires = seen.append
     listener._flush()
     assert listener._pending == {} and len(seen) <= seccomp_notify._MAX_PENDING + 1
 
@@ -129,7 +130,7 @@ def test_a_containers_first_attempt_reaches_the_loop_alone() -> None:
     listener._count("c2", [_attempt("c2", "mount", 4)])
     listener._count("c2", [_attempt("c2", "mount", 5)])
     seen: list[SyscallAttempt] = []
-    listener.subscribers.append(seen.append)
+    listener.observers.tripwires = seen.append
     listener._flush()
     assert [(r.container_id, r.pid, r.count) for r in seen] == [
         ("c1", 1, 1), ("c2", 4, 1), ("c1", 3, 2), ("c2", 5, 1)]
@@ -156,3 +157,22 @@ def test_an_observers_tally_stays_bounded_under_a_flood() -> None:
     for index in range(100):
         tally.add(_attempt(f"other-{index}", "mount", index))
     assert tally.size() <= 4 + 4 * 4 + 32
+
+
+def test_each_named_observer_hears_every_record_and_a_failing_one_stops_none(
+        caplog: pytest.LogCaptureFixture) -> None:
+    heard: dict[str, list[int]] = {"metrics": [], "ci": []}
+
+    def broken(record: SyscallAttempt) -> None:
+        raise RuntimeError("tripwire bug")
+
+    listener = SeccompListener(Path("/nonexistent/seccomp.sock"), AttemptObservers(
+        tripwires=broken, metrics=lambda r: heard["metrics"].append(r.pid),
+        ci=lambda r: heard["ci"].append(r.pid)))
+    listener._counts.update({"c1": 0})
+    listener._count("c1", [_attempt("c1", "unshare", 1), _attempt("c1", "unshare", 2)])
+    with caplog.at_level("ERROR", logger="supervisor.sandbox.seccomp_notify"):
+        listener._flush()
+    assert heard == {"metrics": [1, 2], "ci": [1, 2]}
+    assert [r.message.split(" (")[0] for r in caplog.records] == [
+        "seccomp attempt observer tripwires"] * 2

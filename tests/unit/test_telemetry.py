@@ -584,7 +584,7 @@ def test_samples_of_a_run_that_ended_meanwhile_are_dropped(
         host: FakeHost, loop: asyncio.AbstractEventLoop) -> None:
     hub = host.hub(loop)
     seen: list[str] = []
-    hub.subscribers.append(lambda run_id, sample: seen.append(run_id))
+    hub.tripwires = lambda run_id, sample: seen.append(run_id)
     hub.register("r1", host.cgroup, started_at=host.now)
     batch = hub.sample_once()
     hub.unregister("r1")
@@ -592,23 +592,29 @@ def test_samples_of_a_run_that_ended_meanwhile_are_dropped(
     assert seen == [] and hub.samples("r1", 10) == []
 
 
-def test_subscribers_get_every_sample_and_a_failing_one_is_contained(
+def test_the_tripwires_get_every_sample_and_a_failing_one_is_contained(
         host: FakeHost, loop: asyncio.AbstractEventLoop,
         caplog: pytest.LogCaptureFixture) -> None:
     hub = host.hub(loop)
     seen: list[tuple[str, int]] = []
+    hub.tripwires = lambda run_id, sample: seen.append((run_id, sample.processes))
+    hub.register("r1", host.cgroup, started_at=host.now)
+    for _ in range(3):
+        host.tick(hub)
+    assert seen == [("r1", 0)] * 3
 
     def broken(run_id: str, sample: Sample) -> None:
         raise ValueError("tripwire bug")
 
-    hub.subscribers.append(broken)
-    hub.subscribers.append(lambda run_id, sample: seen.append((run_id, sample.processes)))
-    hub.register("r1", host.cgroup, started_at=host.now)
+    hub.tripwires = broken
     with caplog.at_level(logging.ERROR, logger="supervisor.telemetry.sampler"):
         for _ in range(3):
             host.tick(hub)
-    assert seen == [("r1", 0)] * 3
-    assert len([r for r in caplog.records if "subscriber" in r.message]) == 1  # not per sample
+    # Every sample still went into the window and the summary; one log line, not one each.
+    assert len(hub.samples("r1", 10)) == 6
+    summary = hub.summary("r1")
+    assert summary is not None and summary.samples == 6
+    assert len([r for r in caplog.records if "tripwires" in r.message]) == 1
 
 
 def test_early_syscall_attempts_are_bounded(host: FakeHost,
@@ -639,7 +645,7 @@ def test_the_sampler_thread_delivers_in_the_event_loop(host: FakeHost) -> None:
             if len(threads) >= 5:
                 enough.set()
 
-        hub.subscribers.append(subscriber)
+        hub.tripwires = subscriber
         hub.register("r1", host.cgroup, started_at=0.0)
         hub.start()
         try:
