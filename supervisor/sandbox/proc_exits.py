@@ -12,8 +12,12 @@ the handover and the adoption waits in the socket's buffer.
 
 The socket carries a classic BPF filter that passes only exits of whole processes (pid ==
 tgid: a thread's exit is not the process's), so the buffer holds nothing else, and a forced
-receive buffer. What is not read in time is lost: the kernel then answers ENOBUFS once, and an
-exit not found after that is reported unknown with that reason, never guessed."""
+receive buffer. Only the kernel's messages count (sender port 0): a process with
+CAP_NET_ADMIN could send one of its own to this socket's port, and the socket is connected to
+the kernel so that it cannot (ECONNREFUSED); one handed over by an earlier version is not, and
+the sender is checked all the same. What is not read in time is lost: the kernel then answers
+ENOBUFS once, and an exit not found after that is reported unknown with that reason, never
+guessed."""
 
 from __future__ import annotations
 
@@ -99,6 +103,10 @@ def open_socket() -> socket.socket:
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         sock.bind((0, CN_IDX_PROC))
+        # Connected to the kernel (port 0): the kernel then refuses any other socket's
+        # unicast to this one (ECONNREFUSED), so nothing but the kernel's multicast fills
+        # its buffer; the multicast itself is not affected.
+        sock.connect((0, 0))
         op = struct.pack("=I", PROC_CN_MCAST_LISTEN)
         cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(op), 0)
         body = cn + op
@@ -178,7 +186,7 @@ class ExitEvents:
                 return
             while True:
                 try:
-                    data = sock.recv(4096)
+                    data, (sender, _groups) = sock.recvfrom(4096)
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError as exc:
@@ -190,8 +198,8 @@ class ExitEvents:
                     log.error("the process exit socket failed: %s", exc)
                     self.lost = f"the socket failed: {exc}"
                     return
-                if len(data) < _EVENT_SIZE:
-                    continue
+                if sender != 0 or len(data) < _EVENT_SIZE:
+                    continue  # only the kernel (port 0) says a process exited
                 (what,) = struct.unpack_from("=I", data, _WHAT_AT)
                 pid, tgid, exit_code, _signal = _EXIT.unpack_from(data, _EXIT_AT)
                 if what == PROC_EVENT_EXIT and pid == tgid and pid in self._watched:
