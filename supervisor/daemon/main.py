@@ -160,6 +160,11 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     # finishes its kill and record before this one audits it and reaps what is left.
     # Its watchdog holds the runs of a handover: take them first (it exits once they are).
     adoption = await adopt(core)
+    # Break-glass from here on: the watchdog that held the runs just adopted has stood down,
+    # so nothing later in the start (the wait for earlier watchdogs, reconcile, the fleet, the
+    # self-test, the sockets) may hold a HALT file back while they run.
+    breakglass = BreakGlass(arbiter, config.halt_file, signals)
+    await breakglass.start()
     previous_watchdogs = await watchdog.await_previous()
     audit.append(actor=SYSTEM.label(), verb="daemon_start", scope="global",
                  detail={"version": __version__, "pid": os.getpid(),
@@ -271,8 +276,6 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     log_pruning = asyncio.create_task(prune_logs_hourly())
     full_verification = asyncio.create_task(verify_fully(audit))
     audit_housekeeping = asyncio.create_task(housekeeping(audit, core.store, core.reserve))
-    breakglass = BreakGlass(arbiter, config.halt_file, signals)
-    await breakglass.start()
     handover_asked: list[int] = []
 
     def on_signal(signum: int) -> None:
