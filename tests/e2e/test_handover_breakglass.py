@@ -13,7 +13,8 @@ import subprocess
 import threading
 from pathlib import Path
 
-from supervisor.daemon.watchdog import WatchdogCgroup
+from supervisor.daemon.watchdog import TRACKING
+from supervisor.sandbox.cgroups import Cgroup
 from tests.e2e.test_handover import _alive, _finish, _rows, _sleeper_handed_over
 from tests.support.daemon import new_daemon, wait_for
 
@@ -30,12 +31,12 @@ def test_a_halt_file_reaches_adopted_agents_while_the_start_goes_on(tmp_root: Pa
     starting: threading.Thread | None = None
     failed: list[BaseException] = []
     try:
-        watchdogs = WatchdogCgroup(daemon.cgroup_parent.rstrip("/") + "-watchdog")
+        watchdogs = Cgroup(daemon.cgroup_parent.rstrip("/") + "-watchdog")
         pids = _sleeper_handed_over(daemon, "kept")
         [holder] = watchdogs.pids()
         # An earlier watchdog still at work, as far as the next daemon can tell.
         stand_in = subprocess.Popen(["sleep", "600"])
-        watchdogs.place(stand_in.pid)
+        watchdogs.place(stand_in.pid, TRACKING)
 
         def start() -> None:
             try:
