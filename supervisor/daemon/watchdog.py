@@ -203,8 +203,10 @@ class _Giving:
     closed only once the thread has ended), so it never reaches a number the thread's close
     may have freed for reuse."""
 
-    def __init__(self, conn: socket.socket, handover: dict[str, Any], fds: list[int]) -> None:
+    def __init__(self, conn: socket.socket, handover: dict[str, Any], fds: list[int],
+                 done: int) -> None:
         self._handle = conn.dup()
+        self._done = done  # written to when the give ends: the watchdog's loop wakes at once
         self.deadline = time.monotonic() + GIVE_TIMEOUT
         self.adopted = False
         self.error: BaseException | None = None
@@ -218,6 +220,9 @@ class _Giving:
         except BaseException as exc:  # re-raised by the watchdog's loop: it kills then
             self.error = exc
             conn.close()
+        finally:
+            with contextlib.suppress(OSError):
+                os.write(self._done, b"\0")
 
     def cut(self) -> None:
         with contextlib.suppress(OSError):
@@ -241,6 +246,7 @@ def await_adoption(parent: Cgroup, record: Path, timeout: float, handover: dict[
     trigger: str | None = "the watchdog failed while it held the handed-over runs"
     given = False
     giving: list[_Giving] = []
+    done_r, done_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # a give ended
     try:
         window = float(handover.get("window", 0))
         deadline = time.monotonic() + window
@@ -267,11 +273,16 @@ def await_adoption(parent: Cgroup, record: Path, timeout: float, handover: dict[
                            f"adopt_window ({window:g} s)")
             else:
                 with contextlib.suppress(InterruptedError):
-                    wanted = [listener] if len(giving) < GIVES_MAX else []
+                    wanted: list[Any] = [done_r]
+                    if len(giving) < GIVES_MAX:
+                        wanted.append(listener)
                     ready, _, _ = select.select(wanted, [], [], 0.1)
-                    if ready:
+                    if done_r in ready:
+                        with contextlib.suppress(BlockingIOError):
+                            os.read(done_r, 64)
+                    if listener in ready:
                         conn, _ = listener.accept()
-                        giving.append(_Giving(conn, handover, fds))
+                        giving.append(_Giving(conn, handover, fds, done_w))
                 continue
             return 0
     finally:
@@ -294,6 +305,7 @@ def await_adoption(parent: Cgroup, record: Path, timeout: float, handover: dict[
             give.thread.join()
             give.close()
         _close_all(fds)
+        _close_all([done_r, done_w])
 
 
 def main(argv: list[str] | None = None) -> int:
