@@ -6,10 +6,12 @@ loop), the host's worst case for the socket; every other exit on the host counts
 
 - capacity: the socket opened and subscribed, then nobody reads it (as between a handover and
   the next daemon's adoption); after a storm of CAPACITY_STORM, how many exits it held before
-  the kernel dropped the rest (ENOBUFS). That bounds how many host-wide process exits a handover
-  survives without losing an adopted run's status.
+  the kernel dropped the rest (ENOBUFS). Twice: filtered to one pid that does not exit (as a
+  handover opens it, for its runs' inits: it should hold none of the storm), and unfiltered
+  (every whole-process exit: past FILTERED_PIDS runs), which bounds how many host-wide exits a
+  handover of that many runs survives without losing an adopted run's status.
 - reader cost: a storm of STORM with the daemon's reader thread running (watching one pid that does
-  not exit, so every event is read and dropped), against the same storm with no socket at all,
+  not exit: the filter keeps the storm out), against the same storm with no socket at all,
   alternating per round: the storm's rate both ways and the reader thread's CPU time
   (utime+stime of its task) per 1,000 exits.
 
@@ -25,9 +27,13 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from supervisor.sandbox.proc_exits import ExitEvents, open_socket
 
@@ -43,8 +49,8 @@ def storm(count: int) -> float:
     return time.perf_counter() - started
 
 
-def capacity(count: int) -> dict[str, Any]:
-    sock = open_socket()
+def capacity(count: int, pids: list[int] | None) -> dict[str, Any]:
+    sock = open_socket(pids)
     try:
         storm(count)
         held, dropped = 0, False
@@ -58,7 +64,8 @@ def capacity(count: int) -> dict[str, Any]:
                 if exc.errno != errno.ENOBUFS:
                     raise
                 dropped = True
-        return {"storm": count, "held": held, "enobufs": dropped}
+        return {"storm": count, "held": held, "enobufs": dropped,
+                "filtered": pids is not None}
     finally:
         sock.close()
 
@@ -94,7 +101,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the raw figures here")
     args = parser.parse_args()
     load = os.getloadavg()
-    caps = [capacity(args.capacity_storm)]
+    caps = [capacity(args.capacity_storm, None)]
+    filtered = capacity(args.capacity_storm, [1])
     with_reader: list[dict[str, float]] = []
     without: list[float] = []
     for index in range(args.rounds):
@@ -106,7 +114,7 @@ def main() -> None:
                 without.append(args.storm / storm(args.storm))
     result = {
         "load_before": load, "load_after": os.getloadavg(), "storm": args.storm,
-        "rounds": args.rounds, "capacity": caps,
+        "rounds": args.rounds, "capacity": caps, "capacity_filtered": filtered,
         "rate_no_socket": without, "rate_with_reader": [r["rate"] for r in with_reader],
         "reader_cpu_ms_per_1000": [r["reader_cpu_ms_per_1000"] for r in with_reader],
         "reader_lost": [r["lost"] for r in with_reader],
@@ -116,6 +124,8 @@ def main() -> None:
     print(f"capacity (nobody reads, storm {args.capacity_storm}): held median "
           f"{statistics.median(held):.0f} (min {min(held)}, max {max(held)}), ENOBUFS in "
           f"{sum(c['enobufs'] for c in caps)}/{len(caps)} rounds")
+    print(f"capacity filtered to one pid that does not exit (storm {args.capacity_storm}): "
+          f"held {filtered['held']}, ENOBUFS {filtered['enobufs']}")
     print(f"storm rate, no socket:     median {statistics.median(without):8.0f} exits/s")
     print(f"storm rate, reader thread: median "
           f"{statistics.median(result['rate_with_reader']):8.0f} exits/s")

@@ -134,7 +134,9 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
     keep = [live for live in arbiter.live.values() if live.record.id not in refused]
     # Subscribed before any run's exit stops being watched here: an init that exits from now
     # on (its status lost to whoever reaps it) is in this socket's buffer for the next daemon.
-    exits, exits_note = _exit_events() if keep else (None, None)
+    exits, exits_note = _exit_events(
+        [live.handle.pid for live in keep if live.handle is not None and live.handle.pid]
+    ) if keep else (None, None)
     fds: list[int] = []
     runs: list[dict[str, Any]] = []
     for live in keep:
@@ -238,11 +240,11 @@ async def _kill(core: Core, run_ids: list[str], reason: str) -> None:
             log.critical("kill at handover failed: %s", result.message)
 
 
-def _exit_events() -> tuple[socket.socket | None, str | None]:
-    """The process exit socket to hand over, or None and why not (the runs are handed over
-    all the same: only their exit statuses would be unknown)."""
+def _exit_events(pids: list[int]) -> tuple[socket.socket | None, str | None]:
+    """The process exit socket to hand over, filtered to the inits of `pids`, or None and why
+    not (the runs are handed over all the same: only their exit statuses would be unknown)."""
     try:
-        return proc_exits.open_socket(), None
+        return proc_exits.open_socket(pids), None
     except OSError as exc:
         note = f"no process exit events (proc connector: {exc.strerror or exc})"
         log.error("%s: the adopted runs' exit statuses will be unknown", note)
@@ -415,8 +417,7 @@ def _take_exit_events(handover: dict[str, Any], fds: list[int], used: set[int]
     except (OSError, ValueError) as exc:
         log.error("the process exit socket handed over is unusable: %s", exc)
         return None, f"the socket handed over is unusable: {exc}"
-    for entry in handover["runs"]:
-        exits.watch(entry["pid"])
+    exits.watch(*(entry["pid"] for entry in handover["runs"]))
     exits.start()
     return exits, "handed over"
 

@@ -11,13 +11,16 @@ runs, hands it to the watchdog with the runs, and the next daemon reads it: an e
 the handover and the adoption waits in the socket's buffer.
 
 The socket carries a classic BPF filter that passes only exits of whole processes (pid ==
-tgid: a thread's exit is not the process's), so the buffer holds nothing else, and a forced
-receive buffer. Only the kernel's messages count (sender port 0): a process with
-CAP_NET_ADMIN could send one of its own to this socket's port, and the socket is connected to
-the kernel so that it cannot (ECONNREFUSED); one handed over by an earlier version is not, and
-the sender is checked all the same. What is not read in time is lost: the kernel then answers
-ENOBUFS once, and an exit not found after that is reported unknown with that reason, never
-guessed."""
+tgid: a thread's exit is not the process's) among the pids being watched (up to
+FILTERED_PIDS; every whole-process exit past that), and a forced receive buffer. So the buffer
+holds nothing else: an agent that forks and exits as fast as it can neither fills it nor costs
+the daemon's reader thread (and the GIL it shares with the kill path) a thing.
+
+Only the kernel's messages count (sender port 0): a process with CAP_NET_ADMIN could send one
+of its own to this socket's port, and the socket is connected to the kernel so that it cannot
+(ECONNREFUSED); one handed over by an earlier version is not, and the sender is checked all the
+same. What is not read in time is lost: the kernel then answers ENOBUFS once, and an exit not
+found after that is reported unknown with that reason, never guessed."""
 
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -64,26 +68,42 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
 
 
-def _exits_only() -> bytes:
-    """The filter: the event is an exit, of a thread group's leader. BPF loads are big-endian,
-    the event's fields are the host's order; equality of pid and tgid does not care."""
-    what = struct.unpack(">I", struct.pack("=I", PROC_EVENT_EXIT))[0]
+# A classic BPF program holds at most 4,096 instructions (BPF_MAXINSNS): 2 per pid below.
+FILTERED_PIDS = 2000
+
+
+def _be(value: int) -> int:
+    """A host-order field as BPF's absolute loads (big-endian) see it."""
+    return int(struct.unpack(">I", struct.pack("=I", value & 0xFFFFFFFF))[0])
+
+
+def _exits_only(pids: Collection[int] | None = None) -> bytes:
+    """The filter: the event is an exit, of a thread group's leader, and (with `pids`, at most
+    FILTERED_PIDS of them) of one of `pids`. Every test jumps at most one instruction, so the
+    program has no long jumps however many pids it checks."""
     ld_abs, jeq_k, jeq_x, tax, ret = 0x20, 0x15, 0x1D, 0x07, 0x06
+    accept, drop = (ret, 0, 0, 0xFFFFFFFF), (ret, 0, 0, 0)
     program = [
         (ld_abs, 0, 0, _WHAT_AT),
-        (jeq_k, 0, 4, what),          # not an exit: drop
-        (ld_abs, 0, 0, _EXIT_AT),     # process_pid
+        (jeq_k, 1, 0, _be(PROC_EVENT_EXIT)),
+        drop,                           # not an exit
+        (ld_abs, 0, 0, _EXIT_AT),       # process_pid
         (tax, 0, 0, 0),
-        (ld_abs, 0, 0, _EXIT_AT + 4),  # process_tgid
-        (jeq_x, 0, 1, 0),             # a thread, not the process: drop
-        (ret, 0, 0, 0xFFFFFFFF),
-        (ret, 0, 0, 0),
+        (ld_abs, 0, 0, _EXIT_AT + 4),   # process_tgid (== process_pid from here on)
+        (jeq_x, 1, 0, 0),
+        drop,                           # a thread, not the process
     ]
+    if pids is None or len(pids) > FILTERED_PIDS:
+        program.append(accept)
+    else:
+        for pid in sorted(pids):
+            program += [(jeq_k, 0, 1, _be(pid)), accept]
+        program.append(drop)
     return b"".join(struct.pack("=HBBI", *insn) for insn in program)
 
 
-def _attach_filter(sock: socket.socket) -> None:
-    code = _exits_only()
+def _attach_filter(sock: socket.socket, pids: Collection[int] | None = None) -> None:
+    code = _exits_only(pids)
     count = len(code) // ctypes.sizeof(_SockFilter)
     insns = (_SockFilter * count).from_buffer_copy(code)
     prog = _SockFprog(count, ctypes.cast(insns, ctypes.POINTER(_SockFilter)))
@@ -91,13 +111,14 @@ def _attach_filter(sock: socket.socket) -> None:
         ctypes.string_at(ctypes.addressof(prog), ctypes.sizeof(prog))))
 
 
-def open_socket() -> socket.socket:
-    """A connector socket subscribed to process exits, filtered, non-blocking, close-on-exec.
-    OSError (EPERM without CAP_NET_ADMIN) if the kernel refuses any step."""
+def open_socket(pids: Collection[int] | None = None) -> socket.socket:
+    """A connector socket subscribed to process exits (of `pids` only, when given), filtered,
+    non-blocking, close-on-exec. OSError (EPERM without CAP_NET_ADMIN) if the kernel refuses
+    any step."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
                          NETLINK_CONNECTOR)
     try:
-        _attach_filter(sock)
+        _attach_filter(sock, pids)
         try:
             sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
         except OSError:
@@ -133,8 +154,9 @@ class Exit:
 
 class ExitEvents:
     """Reads exits from a socket of `open_socket` on a thread of its own and keeps those of the
-    pids it is asked to watch (bounded by them); everything else is dropped as it is read, so
-    the buffer never fills while the daemon runs. Closes itself when the last watched pid is
+    pids it is asked to watch (bounded by them); the socket's filter follows the watched set
+    (re-attached before the next read once it changes), and whatever else was queued before is
+    dropped as it is read. Closes itself when the last watched pid is
     forgotten."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -142,6 +164,10 @@ class ExitEvents:
         self._sock: socket.socket | None = sock
         self._lock = threading.Lock()
         self._watched: set[int] = set()
+        # What the attached filter passes, if this object attached it (None: every pid; a
+        # socket handed over is taken to pass none until the first watch attaches one).
+        self._filtered: frozenset[int] | None = frozenset()
+        self._refilter = False  # forgotten pids: narrow the filter before the next read
         self._exits: dict[int, int] = {}
         self.lost: str | None = None  # the kernel dropped events (ENOBUFS): when
         self._thread: threading.Thread | None = None
@@ -160,9 +186,29 @@ class ExitEvents:
             raise ValueError("the descriptor handed over for exits is not a connector socket")
         return cls(sock)
 
-    def watch(self, pid: int) -> None:
+    def watch(self, *pids: int) -> None:
+        """Keep the exits of `pids`. The filter widens before this returns (an exit a moment
+        later must pass it); it narrows lazily, at the next read after a `forget`."""
         with self._lock:
-            self._watched.add(pid)
+            self._watched.update(pids)
+            if self._filtered is not None and not self._watched <= self._filtered:
+                self._attach()
+
+    def _attach(self) -> None:
+        """The filter for the watched set now (under the lock); on failure the old one stays,
+        and a wider filter (every whole-process exit) is tried before giving up: a filter too
+        narrow would lose a watched exit."""
+        if self._sock is None:
+            return
+        wanted = frozenset(self._watched)
+        try:
+            _attach_filter(self._sock, wanted)
+            self._filtered = wanted if len(wanted) <= FILTERED_PIDS else None
+        except OSError as exc:
+            log.error("setting the process exit socket's filter failed: %s", exc)
+            with contextlib.suppress(OSError):
+                _attach_filter(self._sock, None)
+                self._filtered = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._read_on, name="proc-exits", daemon=True)
@@ -203,7 +249,7 @@ class ExitEvents:
                 (what,) = struct.unpack_from("=I", data, _WHAT_AT)
                 pid, tgid, exit_code, _signal = _EXIT.unpack_from(data, _EXIT_AT)
                 if what == PROC_EVENT_EXIT and pid == tgid and pid in self._watched:
-                    self._exits[pid] = exit_code
+                    self._exits.setdefault(pid, exit_code)  # the init's: a reused pid exits later
 
     def status(self, pid: int, wait: float = LATE_EVENT) -> Exit:
         """The Docker-like exit status of `pid`, which has exited (its pidfd said so); waits
@@ -241,6 +287,7 @@ class ExitEvents:
         with self._lock:
             self._watched.discard(pid)
             self._exits.pop(pid, None)
+            self._refilter = True
             last = not self._watched
         if last:
             self.close()

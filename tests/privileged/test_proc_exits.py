@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -101,3 +102,54 @@ def test_a_descriptor_that_is_not_a_connector_socket_is_refused() -> None:
                                            (15, 143), (9 | 0x80, 137), (11 | 0x80, 139)])
 def test_raw_wait_statuses_map_to_docker_codes(raw: int, code: int) -> None:
     assert docker_status(raw) == code
+
+
+def test_the_filter_keeps_only_the_watched_inits_exits_out_of_a_storm() -> None:
+    """An agent that forks and exits as fast as it can must not fill the socket (losing the
+    status of the init that matters: ENOBUFS) nor make the reader do work: the kernel's filter
+    passes the watched pids' exits only, before anything is queued. The socket is opened for
+    one pid, as the handover opens it for its runs' inits; a storm of other exits follows, more
+    than the buffer would hold unfiltered, while nobody reads; then the watched process exits.
+    Exactly one event is queued, and it is the watched one's."""
+    watched = subprocess.Popen(["/bin/sleep", "600"])
+    sock = open_socket([watched.pid])
+    try:
+        storm = subprocess.run(["/bin/sh", "-c", "i=0; while [ $i -lt 3000 ]; do /bin/true; "
+                                "i=$((i+1)); done"], check=True)
+        assert storm.returncode == 0
+        watched.kill()
+        watched.wait()
+        sock.setblocking(True)
+        sock.settimeout(2.0)
+        first = sock.recv(4096)
+        sock.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            sock.recv(4096)  # nothing else was queued: not one of the 3,000 other exits
+    finally:
+        sock.close()
+    # nlmsghdr (16), cn_msg (20), proc_event's what, cpu, timestamp (16), then the exit's
+    pid, tgid, code, _signal = struct.unpack_from("=iiII", first, 16 + 20 + 16)
+    assert (pid, tgid, docker_status(code)) == (watched.pid, watched.pid, 137)
+
+
+def test_the_filter_follows_the_watched_set() -> None:
+    """Watching a pid after the socket was opened widens the filter; forgetting one narrows it:
+    an exit of a pid no longer watched is not kept, one newly watched is."""
+    first = subprocess.Popen(["/bin/sleep", "600"])
+    second = subprocess.Popen(["/bin/sleep", "600"])
+    events = ExitEvents(open_socket([first.pid]))
+    events.watch(first.pid)
+    events.watch(second.pid)
+    events.watch(1)  # never exits: keeps the reader open
+    events.start()
+    try:
+        second.kill()
+        second.wait()
+        assert events.status(second.pid) == Exit(137)
+        events.forget(first.pid)
+        events.exited(1)  # a read: the narrowed filter is attached before it
+        first.kill()
+        first.wait()
+        assert events.status(first.pid, wait=0.3).code is None
+    finally:
+        events.close()
