@@ -95,6 +95,11 @@ def kill_path_checks(core: Core) -> list[tuple[str, HealthCheck]]:
             return None  # gone between the two reads: the next turn sees its exit code
         return f"pid {proc.pid} is stopped" if state in ("T", "t") else None
 
+    def watchdog_cgroup() -> str | None:
+        # Moved back into the unit's cgroup (or never out of it), the watchdog dies with the
+        # daemon at a `systemctl kill` or a stop, and the agents are left with no killer.
+        return core.watchdog.cannot_hold()
+
     def audit_writer() -> str | None:
         return None if core.audit.writer_alive else "the writer thread is dead"
 
@@ -107,8 +112,8 @@ def kill_path_checks(core: Core) -> list[tuple[str, HealthCheck]]:
                 return f"{owner}: descriptors of {', '.join(broken)} are closed"
         return None
 
-    return [("watchdog process", watchdog_process), ("audit writer", audit_writer),
-            ("held cgroups", held_cgroups)]
+    return [("watchdog process", watchdog_process), ("watchdog cgroup", watchdog_cgroup),
+            ("audit writer", audit_writer), ("held cgroups", held_cgroups)]
 
 
 def audit_watchdog_records(record: Path, audit: AuditLog) -> None:

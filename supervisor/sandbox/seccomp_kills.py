@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from supervisor.sandbox.childenv import child_env
 from supervisor.telemetry import SyscallAttempt
 
 log = logging.getLogger(__name__)
@@ -212,9 +213,10 @@ class SeccompKillReader:
 
     def _calibrate(self) -> float:
         try:
+            # The minimal host environment (sandbox/childenv.py), never the daemon's own.
             child = subprocess.Popen([sys.executable, "-I", "-S", "-c", _CALIBRATION_CHILD],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+                                     stderr=subprocess.DEVNULL, env=child_env())
         except OSError as exc:
             self._inactive(f"cannot start the calibration child: {exc}")
             return 0.0

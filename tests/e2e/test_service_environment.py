@@ -5,6 +5,7 @@ none of those variables reaches runc, the watchdog process or an agent. Needs ro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.sandbox.cgroups import unified_root
 from tests.support.daemon import Daemon, new_daemon, wait_for
 
 # What the daemon's environment holds beyond an ordinary shell's: each must stay with it.
@@ -180,6 +182,49 @@ def test_heartbeat_stops_while_the_watchdog_process_cannot_act(
     finally:
         if watchdog:
             os.kill(watchdog, signal.SIGCONT)
+        daemon.stop()
+        daemon.cleanup_host()
+
+
+def v2_cgroup(pid: int) -> Path:
+    """The process's cgroup in the v2 tree (pure v2 or hybrid)."""
+    relative = next(line.split(":", 2)[2] for line in
+                    Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+                    if line.startswith("0::"))
+    return unified_root() / relative.strip().lstrip("/")
+
+
+def test_heartbeat_stops_while_the_watchdog_is_out_of_its_own_cgroup(
+        tmp_root: Path, notify: NotifySocket) -> None:
+    """Moved into the daemon's cgroup, the watchdog would die with the daemon's unit (a
+    `systemctl kill`, KillMode=mixed at a stop) and leave the agents with no killer: no
+    heartbeat then, and it resumes once the watchdog is back in its own cgroup."""
+    daemon = new_daemon(tmp_root)
+    start(daemon, notify)
+    own: Path | None = None
+    watchdog = 0
+    try:
+        assert daemon.proc is not None
+        watchdog = watchdog_pid(daemon.proc.pid)
+        own = v2_cgroup(watchdog)
+        assert own.name.endswith("-watchdog"), own
+        wait_for(lambda: "WATCHDOG=1" in notify.fields(), timeout=30, what="a heartbeat")
+        (v2_cgroup(daemon.proc.pid) / "cgroup.procs").write_text(str(watchdog))
+        wait_for(lambda: any(f.startswith("STATUS=kill path unhealthy: watchdog cgroup")
+                             for f in notify.fields()), timeout=30,
+                 what="the unhealthy status")
+        mark = len(notify.fields())
+        time.sleep(2)  # four heartbeat periods
+        assert "WATCHDOG=1" not in notify.fields()[mark:]
+        # Emptied, its directory may have been pruned meanwhile: the same path again.
+        own.mkdir(exist_ok=True)
+        (own / "cgroup.procs").write_text(str(watchdog))
+        wait_for(lambda: "WATCHDOG=1" in notify.fields()[mark:], timeout=30,
+                 what="the heartbeat to resume")
+    finally:
+        if own is not None and watchdog:
+            with contextlib.suppress(OSError):
+                (own / "cgroup.procs").write_text(str(watchdog))
         daemon.stop()
         daemon.cleanup_host()
 

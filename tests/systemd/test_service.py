@@ -317,6 +317,14 @@ def test_watchdog_restarts_a_hung_daemon_and_its_agents_die(machine: Machine) ->
     assert main_pid(machine) != pid
     assert "Watchdog timeout" in machine.run("journalctl", "-u", UNIT, "--no-pager",
                                              check=False).stdout
+    # It was the daemon's watchdog process that killed them (audited by the next daemon right
+    # after its start), not the next start's reaping.
+    rows = audit_rows(machine)
+    restart = next(i for i, r in enumerate(rows) if r["verb"] == "daemon_start")
+    kills = [r for r in rows[:restart] if r["verb"] == "watchdog_kill"]
+    assert len(kills) == 1, [r["verb"] for r in rows[:restart + 3]]
+    detail = kills[0]["detail"]
+    assert isinstance(detail, dict) and detail["confirmed_empty"] is True, detail
 
 
 def test_installing_again_keeps_the_configuration(machine: Machine) -> None:

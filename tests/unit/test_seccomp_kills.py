@@ -4,6 +4,13 @@ No root: records are fed to the reader as the kernel formats them."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import pytest
+
+from supervisor.sandbox import seccomp_kills
+from supervisor.sandbox.childenv import child_env
 from supervisor.sandbox.seccomp_kills import (
     AUDIT_ARCH_I386,
     AUDIT_ARCH_X86_64,
@@ -67,3 +74,19 @@ def test_sessions_held_are_bounded() -> None:
     for session in range(10_000):
         reader.watch(session + 1, f"c{session}")
     assert len(reader._sessions) <= 4096 and len(reader._counts) <= 4096
+
+
+def test_the_calibration_child_gets_the_minimal_environment_not_the_daemons(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real child, started as the reader starts it, in place of the one that dies by
+    seccomp: it writes the environment it was given."""
+    seen = tmp_path / "env.json"
+    monkeypatch.setattr(seccomp_kills, "_CALIBRATION_CHILD",
+                        f"import json, os; open({str(seen)!r}, 'w').write("
+                        f"json.dumps(dict(os.environ)))")
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("AS_WEBHOOK_SECRET", "hunter2")
+    SeccompKillReader(lambda _container, _attempt: None)._calibrate()
+    env = json.loads(seen.read_text())
+    assert "NOTIFY_SOCKET" not in env and "AS_WEBHOOK_SECRET" not in env
+    assert {k: v for k, v in env.items() if k != "LC_CTYPE"} == child_env()
