@@ -52,8 +52,12 @@ def _hand_over(daemon: Daemon) -> None:
 def _sleeper_handed_over(daemon: Daemon, name: str) -> list[int]:
     """An agent that only sleeps, handed over; its processes, alive with no daemon."""
     daemon.agentctl("run", "--detach", "--name", name, "--", "sleep", "600", check=True)
-    wait_for(daemon.agent_pids, timeout=30, what="the agent to run")
-    pids = daemon.agent_pids()
+    # The init (tini) and the sleep it started: not the first pids the cgroup shows, which
+    # can include runc's setup processes on their way out.
+    wait_for(lambda: len(_lasting(daemon.client.agent(name)["run"]["pid"] or 0)) == 2,
+             timeout=30, what="the agent's init and its sleep")
+    pids = _lasting(daemon.client.agent(name)["run"]["pid"])
+    assert set(pids) <= set(daemon.agent_pids()), pids
     _hand_over(daemon)
     assert _alive(pids) == pids
     return pids
