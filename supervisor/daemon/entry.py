@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import signal
 
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+# SIGHUP too: until the loop's reload handler is installed (daemon/main.py, serve), a reload
+# asked during the start waits, pending, instead of killing the daemon (its default action).
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGHUP})
 
 
 def main() -> None:

@@ -293,6 +293,9 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, reloader.on_sighup)
+    # Blocked since the first line (entry.py, main): a SIGHUP that came during the start is
+    # delivered now, and that reload runs once the daemon serves.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     notifier.start_heartbeat(kill_path_checks(core))
     notifier.ready(f"accepting runs; {len(arbiter.live)} running")
     log.info("agent-supervisord %s ready on %s (cgroups %s)", __version__, config.socket_path,
@@ -309,6 +312,7 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     notifier.stopping("handing agents over to the next daemon" if handing_over else
                       f"killing every agent ({len(arbiter.live)} running)")
     await notifier.stop_heartbeat()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # never fatal while stopping
     loop.remove_signal_handler(signal.SIGHUP)
     await reloader.stop()
     log_pruning.cancel()
@@ -417,6 +421,7 @@ def main(config_path: Path | None, check_only: bool, halt_reason: str | None) ->
     # Before any child exists: systemd's variables leave the environment here.
     notifier = Notifier()
     block_halt_signal()  # done by entry.py already; again for a caller of main() alone
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # as entry.py: until serve
     # SIGUSR1 from here to the exit: break-glass's trigger while it is up, and a kill in the
     # kernel plus the HALT file before (the start, an adoption) and after (a handover, a stop).
     signals = HaltSignal(config.halt_file,

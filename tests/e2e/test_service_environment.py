@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,6 +183,46 @@ def test_heartbeat_stops_while_the_watchdog_process_cannot_act(
     finally:
         if watchdog:
             os.kill(watchdog, signal.SIGCONT)
+        daemon.stop()
+        daemon.cleanup_host()
+
+
+def test_a_sighup_during_the_start_is_a_reload_once_it_serves(
+        tmp_root: Path, notify: NotifySocket) -> None:
+    """SIGHUP's default action ends a process: sent while the daemon still starts (here: as
+    soon as its first line has run, during its self-test), it must wait and be applied as a
+    reload once the daemon serves, not kill the daemon and leave its agents to the watchdog."""
+    daemon = new_daemon(tmp_root)
+    starting = threading.Thread(target=start, args=(daemon, notify))
+    starting.start()
+    try:
+        def hup_blocked() -> bool:
+            proc = daemon.proc
+            if proc is None or proc.poll() is not None:
+                return False
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            blocked = int(next(line.split()[1] for line in status.splitlines()
+                               if line.startswith("SigBlk:")), 16)
+            return bool(blocked & (1 << (signal.SIGHUP - 1)))
+
+        wait_for(hup_blocked, timeout=30, what="the daemon's first line")
+        assert daemon.proc is not None
+        assert "READY=1" not in notify.fields()
+        daemon.proc.send_signal(signal.SIGHUP)
+        starting.join(120)
+        assert daemon.proc.poll() is None, daemon.logs()
+        wait_for(lambda: "RELOADING=1" in notify.fields(), timeout=30, what="the reload")
+        fields = notify.fields()
+        assert fields.index("READY=1") < fields.index("RELOADING=1")
+
+        def reloads() -> list[dict[str, object]]:
+            rows = daemon.agentctl_json("audit", "--limit", "50")["entries"]
+            return [r for r in rows if r["verb"] == "config_reload"]
+
+        found = wait_for(reloads, timeout=30, what="the config_reload row")
+        assert found and found[-1]["outcome"] == "ok"
+    finally:
+        starting.join(120)
         daemon.stop()
         daemon.cleanup_host()
 
