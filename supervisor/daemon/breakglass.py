@@ -11,7 +11,7 @@ Two triggers, both root-only by construction:
 Either is a global halt: every agent is killed and new launches are refused until an owner
 lifts it with `agentctl reactivate --all`.
 
-Neither waits for the event loop. Two threads (HaltSignal's in sigtimedwait(2), for the
+Neither waits for the event loop. Two threads (HaltSignal's in sigwaitinfo(2), for the
 daemon's whole life, and one in poll(2) on an inotify descriptor opened at start) write
 `cgroup.kill` on the agents' parent cgroup
 through the descriptor the arbiter holds, confirm it empty, and only then hand the halt to the
@@ -55,13 +55,12 @@ _SAFETY_POLL = 5.0
 _MAX_FILE = 4096
 _LOOP_WAIT = 10.0  # how long a trigger waits for the loop's audited halt before moving on
 _RESERVE = 2  # descriptors held to be lent to the reason's read under a full table
-_SIGNAL_POLL = 0.1  # how soon HaltSignal's thread sees its close
 _libc = libc
 
 
 def block_halt_signal() -> None:
     """Call first thing in the daemon's main thread, before any other thread exists: every
-    thread inherits the mask, so SIGUSR1 reaches only HaltSignal's sigtimedwait (its default
+    thread inherits the mask, so SIGUSR1 reaches only HaltSignal's sigwaitinfo (its default
     action, ending the process, never happens). supervisor/daemon/entry.py does it on the
     daemon's first line."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
@@ -71,7 +70,7 @@ class HaltSignal:
     """SIGUSR1 for the daemon's whole life, on a thread of its own from the first moments of
     its start to its last before the exit: break-glass by signal works at every moment of a
     restart. `block_halt_signal` runs first (supervisor/daemon/entry.py), so the signal is
-    never fatal and waits, pending, for this thread's sigtimedwait(2).
+    never fatal and waits, pending, for this thread's sigwaitinfo(2).
 
     While break-glass is up (`BreakGlass.start` to `stop`) a signal is its trigger. Before
     (the daemon is starting: reading the config, adopting a handover, reconciling, the
@@ -107,8 +106,8 @@ class HaltSignal:
 
     def close(self) -> None:
         """Last thing before the exit: what a signal started is finished, and one still
-        pending is acted on here (the thread is not waited for: its next look would cost up
-        to _SIGNAL_POLL of every exit)."""
+        pending is acted on here (the thread is not waited for: it blocks until a signal, and
+        one it takes from now on is acted on as unattended)."""
         self._stop.set()
         self.detach()
         with self._acting:
@@ -116,10 +115,24 @@ class HaltSignal:
         while signal.sigtimedwait({signal.SIGUSR1}, 0) is not None:
             self._dispatch(time.perf_counter())
 
+    def stop_waiting(self) -> None:
+        """End the thread's wait (it would otherwise wait for the exit): a signal to this
+        thread alone, which `_run` tells from an operator's by its sender (this process)."""
+        self._stop.set()
+        if self._thread.ident is not None and self._thread.is_alive():
+            signal.pthread_kill(self._thread.ident, signal.SIGUSR1)
+            self._thread.join()
+
     def _run(self) -> None:
-        while not self._stop.is_set():
-            if signal.sigtimedwait({signal.SIGUSR1}, _SIGNAL_POLL) is not None:
-                self._dispatch(time.perf_counter())
+        # sigwaitinfo(2), not sigtimedwait with a poll: CPython's sigtimedwait, interrupted
+        # (EINTR: the daemon stopped by SIGSTOP and continued) once its timeout has passed,
+        # returns a siginfo for no signal at all, and a stopped-and-continued daemon halted
+        # every agent. sigwaitinfo retries on EINTR and returns only a signal taken.
+        while True:
+            info = signal.sigwaitinfo({signal.SIGUSR1})
+            if self._stop.is_set() and info.si_pid == os.getpid():
+                return  # stop_waiting's own (an operator's kill comes from another pid)
+            self._dispatch(time.perf_counter())
 
     def _dispatch(self, arrived: float) -> None:
         with self._acting:

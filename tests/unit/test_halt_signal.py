@@ -8,8 +8,10 @@ close. Each case in a process of its own (a signal mask is process state). No ro
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.unit.conftest import WAIT
@@ -32,11 +34,18 @@ got = threading.Event()
 if case == "attached":
     signals.attach(lambda arrived: got.set())
 if case == "after-the-last-wait":  # the thread has stopped waiting; the exit is near
-    signals._stop.set()
-    signals._thread.join()
+    signals.stop_waiting()
     os.kill(os.getpid(), signal.SIGUSR1)
     signals.close()
     print("closed", flush=True)
+    sys.exit(0)
+if case == "stopped-and-continued":  # SIGSTOP, then SIGCONT, from the test: no signal taken
+    signals.attach(lambda arrived: got.set())
+    print("ready", flush=True)
+    sys.stdin.readline()  # the test has stopped and continued this process
+    time.sleep(0.3)
+    signals.close()
+    print("attached" if got.is_set() else "nothing", flush=True)
     sys.exit(0)
 if case in ("attached", "detached", "pending-before-start"):
     if case == "detached":
@@ -84,3 +93,30 @@ def test_a_signal_after_the_threads_last_wait_is_taken_at_close(tmp_path: Path) 
     said, halt = _run(tmp_path, "after-the-last-wait")
     assert said == "closed"
     assert "SIGUSR1 to the daemon" in halt.read_text()
+
+
+def test_a_daemon_stopped_and_continued_takes_no_signal(tmp_path: Path) -> None:
+    """SIGSTOP then SIGCONT (a debugger, a freezer, a benchmark's pause) interrupts the
+    thread's wait (EINTR). CPython's sigtimedwait, interrupted once its timeout had passed,
+    returned a siginfo for no signal, and the daemon halted every agent."""
+    halt = tmp_path / "HALT"
+    with subprocess.Popen([sys.executable, "-c", SCRIPT, str(halt), str(tmp_path / "absent"),
+                           "stopped-and-continued", str(WAIT)], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout.readline().strip() == "ready"
+            for _ in range(3):
+                proc.send_signal(signal.SIGSTOP)
+                time.sleep(0.25)  # longer than any poll the thread might make
+                proc.send_signal(signal.SIGCONT)
+                time.sleep(0.05)
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            said = proc.stdout.readline().strip()
+            assert proc.wait(timeout=4 * WAIT) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert said == "nothing" and not halt.exists()
