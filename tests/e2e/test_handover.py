@@ -9,7 +9,6 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -20,10 +19,6 @@ from tests.support.daemon import TEST_CGROUP_ROOT, Daemon, new_daemon, wait_for
 # Prints a numbered line every 0.1 s: output that goes on across the handover.
 TICKER = ["/bin/sh", "-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done"]
 
-
-def _rows(daemon: Daemon, verb: str) -> list[dict[str, Any]]:
-    entries = daemon.client.audit(limit=500)["entries"]
-    return [e for e in entries if e["verb"] == verb]
 
 
 def _ticks(daemon: Daemon, name: str) -> list[int]:
@@ -63,13 +58,6 @@ def _sleeper_handed_over(daemon: Daemon, name: str) -> list[int]:
     return pids
 
 
-def _finish(daemon: Daemon) -> None:
-    daemon.stop()
-    print(daemon.logs()[-20000:])  # shown when the test failed
-    residue = daemon.clean()
-    daemon.cleanup_host()
-    assert residue == {}, f"{residue}\n{daemon.logs()[-6000:]}"
-
 
 def test_a_restart_hands_the_agent_over_and_the_next_daemon_adopts_it(tmp_root: Path) -> None:
     daemon = new_daemon(tmp_root)
@@ -102,15 +90,15 @@ def test_a_restart_hands_the_agent_over_and_the_next_daemon_adopts_it(tmp_root: 
         # Nothing lost: the pipe held what the agent wrote while no daemon drained it.
         assert ticks == list(range(1, len(ticks) + 1)), ticks
 
-        handover = _rows(daemon, "daemon_handover")
+        handover = daemon.audit_rows("daemon_handover")
         assert [r["run_id"] for r in handover[-1]["detail"]["runs"]] == [run_id]
-        adopted = _rows(daemon, "adopt")
+        adopted = daemon.audit_rows("adopt")
         assert adopted[-1]["outcome"] == "ok"
         assert adopted[-1]["detail"]["run"] == run_id
         assert adopted[-1]["detail"]["pid"] == run["pid"]
-        assert _rows(daemon, "daemon_adopt")[-1]["detail"]["adopted"] == [run_id]
-        assert not _rows(daemon, "reap")
-        assert not _rows(daemon, "watchdog_kill")
+        assert daemon.audit_rows("daemon_adopt")[-1]["detail"]["adopted"] == [run_id]
+        assert not daemon.audit_rows("reap")
+        assert not daemon.audit_rows("watchdog_kill")
 
         killed = daemon.agentctl_json("kill", "ticker", "--reason", "done with it")
         result = killed["results"][0]
@@ -120,7 +108,7 @@ def test_a_restart_hands_the_agent_over_and_the_next_daemon_adopts_it(tmp_root: 
         assert daemon.client.agent("ticker")["run"]["state"] == "killed"
         assert daemon.client.audit_verify()["ok"]
     finally:
-        _finish(daemon)
+        daemon.finish()
 
 
 def test_no_daemon_within_the_window_means_the_watchdog_kills_them(tmp_root: Path) -> None:
@@ -133,15 +121,15 @@ def test_no_daemon_within_the_window_means_the_watchdog_kills_them(tmp_root: Pat
         assert not (daemon.root / "run" / "handover.sock").exists()
 
         daemon.start()
-        kills = _rows(daemon, "watchdog_kill")
+        kills = daemon.audit_rows("watchdog_kill")
         assert "adopt_window" in kills[-1]["reason"], kills
         assert kills[-1]["detail"]["confirmed_empty"] is True
-        assert not _rows(daemon, "adopt")
+        assert not daemon.audit_rows("adopt")
         view = daemon.client.agent("left")
         assert view["state"] != "active"
         assert view["run"]["state"] == "killed"
     finally:
-        _finish(daemon)
+        daemon.finish()
 
 
 @pytest.mark.parametrize("how", ["halt_file", "sigusr1"])
@@ -159,13 +147,13 @@ def test_break_glass_kills_handed_over_agents_at_once(tmp_root: Path, how: str) 
         wait_for(lambda: not _alive(pids), timeout=10, what="break-glass without a daemon")
 
         daemon.start()
-        kills = _rows(daemon, "watchdog_kill")
+        kills = daemon.audit_rows("watchdog_kill")
         assert "break-glass" in kills[-1]["reason"], kills
         assert kills[-1]["detail"]["confirmed_empty"] is True
         # The HALT file stays for the next daemon, which applies it as a global halt.
         assert daemon.client.health()["global_halt"] is (how == "halt_file")
     finally:
-        _finish(daemon)
+        daemon.finish()
 
 
 def test_a_run_whose_cgroup_vanished_is_not_adopted(tmp_root: Path) -> None:
@@ -186,7 +174,7 @@ def test_a_run_whose_cgroup_vanished_is_not_adopted(tmp_root: Path) -> None:
         cgroup.rmdir()
 
         daemon.start()
-        adopts = {r["detail"]["run"]: r for r in _rows(daemon, "adopt")}
+        adopts = {r["detail"]["run"]: r for r in daemon.audit_rows("adopt")}
         assert adopts[whole["id"]]["outcome"] == "ok"
         assert adopts[broken["id"]]["outcome"] == "failed:cgroup_missing"
         # Its init's end is known (SIGKILL by cgroup.kill) but was not its own doing: noted,
@@ -196,10 +184,10 @@ def test_a_run_whose_cgroup_vanished_is_not_adopted(tmp_root: Path) -> None:
         broken_view = daemon.client.agent("broken")
         assert broken_view["run"]["state"] == "killed"
         assert broken_view["state"] != "active"
-        assert any(r["target"] == "broken" for r in _rows(daemon, "reap"))
+        assert any(r["target"] == "broken" for r in daemon.audit_rows("reap"))
         daemon.agentctl_json("kill", "whole", "--reason", "end of test")
     finally:
-        _finish(daemon)
+        daemon.finish()
 
 
 def test_a_paused_run_stays_paused_and_a_window_keeps_its_time(tmp_root: Path) -> None:
@@ -215,7 +203,7 @@ def test_a_paused_run_stays_paused_and_a_window_keeps_its_time(tmp_root: Path) -
         daemon.agentctl_json("pause", "paused", "--reason", "looks wrong")
         _hand_over(daemon)
         daemon.start()
-        assert {r["target"]: r["outcome"] for r in _rows(daemon, "adopt")} == {
+        assert {r["target"]: r["outcome"] for r in daemon.audit_rows("adopt")} == {
             "paused": "ok", "windowed": "ok"}
         view = daemon.client.agent("paused")
         assert (view["state"], view["run"]["state"]) == ("paused", "paused")
@@ -225,7 +213,7 @@ def test_a_paused_run_stays_paused_and_a_window_keeps_its_time(tmp_root: Path) -
         assert resumed["results"][0]["new_state"] == "active"
         assert "frozen 0" in (cgroup / "cgroup.events").read_text()
 
-        left = _rows(daemon, "adopt")
+        left = daemon.audit_rows("adopt")
         windowed = next(r for r in left if r["target"] == "windowed")
         assert 0 < windowed["detail"]["timeout_left_s"] < 20
         wait_for(lambda: daemon.client.agent("windowed")["run"]["state"] != "running",
@@ -234,7 +222,7 @@ def test_a_paused_run_stays_paused_and_a_window_keeps_its_time(tmp_root: Path) -
             "end_reason"]
         daemon.agentctl_json("kill", "paused", "--reason", "end of test")
     finally:
-        _finish(daemon)
+        daemon.finish()
 
 
 def test_no_handover_to_a_watchdog_outside_its_cgroup(tmp_root: Path) -> None:
@@ -261,16 +249,16 @@ def test_no_handover_to_a_watchdog_outside_its_cgroup(tmp_root: Path) -> None:
         wait_for(lambda: not _alive([watchdog]), timeout=30, what="the watchdog to stand down")
 
         daemon.start()
-        [handover] = _rows(daemon, "daemon_handover")
+        [handover] = daemon.audit_rows("daemon_handover")
         assert f"pid {watchdog}" in handover["detail"]["refused"]
         assert handover["detail"]["runs"] == []
         assert run_id in handover["detail"]["killed"]
-        kills = [r for r in _rows(daemon, "shutdown") if r["target"] == "kept"]
+        kills = [r for r in daemon.audit_rows("shutdown") if r["target"] == "kept"]
         assert kills and "not in its cgroup" in kills[-1]["reason"], kills
         assert daemon.client.agent("kept")["run"]["state"] == "killed"
-        assert not _rows(daemon, "adopt") and not _rows(daemon, "watchdog_kill")
+        assert not daemon.audit_rows("adopt") and not daemon.audit_rows("watchdog_kill")
     finally:
-        _finish(daemon)
+        daemon.finish()
 
 
 # Ends with `code` on SIGUSR1 (after the `sleep` under way); until then it waits.
@@ -318,7 +306,7 @@ def test_an_adopted_runs_exit_status_is_its_own(tmp_root: Path) -> None:
                  what="the run to exit while handed over")
 
         daemon.start()
-        adopts = {r["target"]: r for r in _rows(daemon, "adopt")}
+        adopts = {r["target"]: r for r in daemon.audit_rows("adopt")}
         assert {n: adopts[n]["outcome"] for n in ("three", "termed", "killed")} == {
             "three": "ok", "termed": "ok", "killed": "ok"}, adopts
         assert adopts["three"]["detail"]["exit_status"] == \
@@ -328,7 +316,7 @@ def test_an_adopted_runs_exit_status_is_its_own(tmp_root: Path) -> None:
         meanwhile = daemon.client.agent("meanwhile")["run"]
         assert (meanwhile["id"], meanwhile["state"], meanwhile["exit_code"]) == (
             runs["meanwhile"], "exited", 7), meanwhile
-        assert _rows(daemon, "daemon_adopt")[-1]["detail"]["exit_events"] == "handed over"
+        assert daemon.audit_rows("daemon_adopt")[-1]["detail"]["exit_events"] == "handed over"
 
         os.kill(_shell_of(inits["three"]), signal.SIGUSR1)
         os.kill(_shell_of(inits["termed"]), signal.SIGTERM)  # tini: 128 + SIGTERM
@@ -340,15 +328,15 @@ def test_an_adopted_runs_exit_status_is_its_own(tmp_root: Path) -> None:
         assert {n: (r["id"], r["state"], r["exit_code"]) for n, r in codes.items()} == {
             "three": (runs["three"], "exited", 3), "termed": (runs["termed"], "exited", 143),
             "killed": (runs["killed"], "exited", 137)}, codes
-        exits = {r["target"]: r["detail"] for r in _rows(daemon, "exit")}
+        exits = {r["target"]: r["detail"] for r in daemon.audit_rows("exit")}
         assert {n: exits[n]["exit_code"] for n in inits} == {
             "three": 3, "meanwhile": 7, "termed": 143, "killed": 137}, exits
         assert not any("exit_status" in d for d in exits.values()), exits
-        assert not any(r["target"] == "meanwhile" for r in _rows(daemon, "reap"))
+        assert not any(r["target"] == "meanwhile" for r in daemon.audit_rows("reap"))
         assert daemon.client.audit_verify()["ok"]
     finally:
         try:
-            _finish(daemon)
+            daemon.finish()
         finally:
             private.remove(strict=False)
 
@@ -371,7 +359,7 @@ def test_an_adopted_runs_compat_calls_are_counted(tmp_root: Path) -> None:
         init = daemon.client.agent("prober")["run"]["pid"]
         _hand_over(daemon)
         daemon.start()
-        [adopted] = _rows(daemon, "adopt")
+        [adopted] = daemon.audit_rows("adopt")
         assert (adopted["outcome"], adopted["detail"]["seccomp_fds"]) == ("ok", 1), adopted
         os.kill(_shell_of(init), signal.SIGUSR1)
         wait_for(lambda: DONE in daemon.agentctl("logs", "prober", check=True).stdout,
@@ -387,7 +375,7 @@ def test_an_adopted_runs_compat_calls_are_counted(tmp_root: Path) -> None:
                       f"calls) in the adopted run's telemetry")
         daemon.agentctl_json("kill", "prober", "--reason", "end of test")
     finally:
-        _finish(daemon)
+        daemon.finish()
 
 
 def test_a_tripwire_mid_window_fires_on_time_after_the_restart(tmp_root: Path) -> None:
@@ -409,13 +397,13 @@ def test_a_tripwire_mid_window_fires_on_time_after_the_restart(tmp_root: Path) -
                              ["samples"]) >= 10, timeout=30, what="10 samples")
         _hand_over(daemon)
         daemon.start()
-        [handed] = _rows(daemon, "daemon_handover")[-1]["detail"]["runs"]
+        [handed] = daemon.audit_rows("daemon_handover")[-1]["detail"]["runs"]
         before = handed["tripwires"]["consecutive"]
         assert 10 <= before < threshold, handed
         assert handed["tripwires"]["disarmed"] == ["alive"]
         wait_for(lambda: daemon.client.agent("watched")["state"] == "paused", timeout=60,
                  what="auto-containment of the adopted run")
-        rows = [r for r in _rows(daemon, "tripwire") if r["target"] == "watched"]
+        rows = [r for r in daemon.audit_rows("tripwire") if r["target"] == "watched"]
         assert [r["outcome"] for r in rows] == ["alert", "pause"], rows
         contain = rows[1]["detail"]
         assert contain["auto_containment"] is True
@@ -423,12 +411,12 @@ def test_a_tripwire_mid_window_fires_on_time_after_the_restart(tmp_root: Path) -
         after = [s for s in samples if s["ts"] <= contain["sample_ts"]]
         # Only the adopting daemon's samples are in its window: exactly those it lacked.
         assert len(after) == threshold - before, (len(after), before)
-        pause = next(r for r in _rows(daemon, "pause") if r["target"] == "watched")
+        pause = next(r for r in daemon.audit_rows("pause") if r["target"] == "watched")
         assert pause["reason"].startswith(
             f"auto-containment after {threshold} consecutive violations"), pause
         daemon.agentctl_json("kill", "watched", "--reason", "end of test")
     finally:
-        _finish(daemon)
+        daemon.finish()
 
 
 def test_syscall_attempts_before_the_restart_count_toward_a_tripwire_after_it(
@@ -462,8 +450,8 @@ def test_syscall_attempts_before_the_restart_count_toward_a_tripwire_after_it(
         os.kill(shell, signal.SIGUSR1)
         wait_for(lambda: daemon.client.agent("tried")["state"] == "killed", timeout=30,
                  what="the tripwire to kill the adopted run at its third attempt")
-        [fired] = [r for r in _rows(daemon, "tripwire") if r["target"] == "tried"]
+        [fired] = [r for r in daemon.audit_rows("tripwire") if r["target"] == "tried"]
         assert (fired["outcome"], fired["detail"]["rule"], fired["detail"]["value"]) == (
             "kill", "esc", 3), fired
     finally:
-        _finish(daemon)
+        daemon.finish()

@@ -21,21 +21,10 @@ RUNS = 30
 TRIPWIRES = [f"{n:02d}{'t' * 61}:memory_bytes>1e30" for n in range(64)]
 
 
-def _rows(daemon: Daemon, verb: str) -> list[dict[str, Any]]:
-    entries = daemon.client.audit(limit=1000)["entries"]
-    return [e for e in entries if e["verb"] == verb]
-
 
 def _alive(pids: list[int]) -> list[int]:
     return [p for p in pids if Path(f"/proc/{p}").exists()]
 
-
-def _finish(daemon: Daemon) -> None:
-    daemon.stop()
-    print(daemon.logs()[-20000:])  # shown when the test failed
-    residue = daemon.clean()
-    daemon.cleanup_host()
-    assert residue == {}, f"{residue}\n{daemon.logs()[-6000:]}"
 
 
 def test_a_record_larger_than_a_datagram_is_handed_over_whole(tmp_root: Path) -> None:
@@ -59,20 +48,20 @@ def test_a_record_larger_than_a_datagram_is_handed_over_whole(tmp_root: Path) ->
         [handover] = _rows_after_start(daemon, "daemon_handover")
         assert {r["run_id"] for r in handover["detail"]["runs"]} == runs
         assert handover["detail"]["killed"] == {}
-        adopted = [r for r in _rows(daemon, "adopt") if r["outcome"] == "ok"]
+        adopted = [r for r in daemon.audit_rows("adopt") if r["outcome"] == "ok"]
         assert {r["detail"]["run"] for r in adopted} == runs
         assert sorted(daemon.agent_pids()) == pids  # the same processes run on
-        assert not _rows(daemon, "reap") and not _rows(daemon, "watchdog_kill")
+        assert not daemon.audit_rows("reap") and not daemon.audit_rows("watchdog_kill")
         view = daemon.client.agent("many-00")
         assert view["state"] == "active"
         daemon.agentctl_json("kill", "--all", "--reason", "end of test")
     finally:
-        _finish(daemon)
+        daemon.finish()
 
 
 def _rows_after_start(daemon: Daemon, verb: str) -> list[dict[str, Any]]:
     daemon.start()
-    return _rows(daemon, verb)
+    return daemon.audit_rows(verb)
 
 
 # Starts the daemon with SIGUSR1 blocked and already pending, as a signal sent in its first
@@ -116,13 +105,13 @@ def test_sigusr1_while_the_daemon_hands_over_kills_every_agent(tmp_root: Path) -
 
         daemon.start()
         assert daemon.client.health()["global_halt"] is True
-        [glass] = _rows(daemon, "break_glass")
+        [glass] = daemon.audit_rows("break_glass")
         assert f"SIGUSR1 to the daemon (pid {old})" in glass["reason"]
-        kills = _rows(daemon, "watchdog_kill")
+        kills = daemon.audit_rows("watchdog_kill")
         assert kills and "break-glass" in kills[-1]["reason"], kills
-        assert not [r for r in _rows(daemon, "adopt") if r["outcome"] == "ok"]
+        assert not [r for r in daemon.audit_rows("adopt") if r["outcome"] == "ok"]
     finally:
-        _finish(daemon)
+        daemon.finish()
 
 
 def test_sigusr1_before_the_next_daemons_break_glass_kills_every_agent(tmp_root: Path) -> None:
@@ -143,10 +132,10 @@ def test_sigusr1_before_the_next_daemons_break_glass_kills_every_agent(tmp_root:
         daemon.start()
         assert daemon.proc is not None
         wait_for(lambda: not _alive(pids), timeout=30, what="break-glass at the start")
-        assert not [r for r in _rows(daemon, "adopt") if r["outcome"] == "ok"]
+        assert not [r for r in daemon.audit_rows("adopt") if r["outcome"] == "ok"]
         assert daemon.client.health()["global_halt"] is True
-        [glass] = _rows(daemon, "break_glass")
+        [glass] = daemon.audit_rows("break_glass")
         assert f"SIGUSR1 to the daemon (pid {daemon.proc.pid})" in glass["reason"]
     finally:
         daemon.launcher = []
-        _finish(daemon)
+        daemon.finish()

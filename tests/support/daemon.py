@@ -284,6 +284,20 @@ class Daemon:
                                base_url)
         return sorted(str(c["Names"][0]).lstrip("/") for c in found)
 
+    def audit_rows(self, verb: str, limit: int = 1000) -> list[dict[str, Any]]:
+        """The audit rows of `verb`, oldest first, among the last `limit`."""
+        entries = self.client.audit(limit=limit)["entries"]
+        return [e for e in entries if e["verb"] == verb]
+
+    def finish(self) -> None:
+        """Stop, print the log's tail (shown when the test failed), and assert the host holds
+        nothing of this daemon's once its runs' cleanup had time to end."""
+        self.stop()
+        print(self.logs()[-20000:])
+        residue = self.clean()
+        self.cleanup_host()
+        assert residue == {}, f"{residue}\n{self.logs()[-6000:]}"
+
     def cleanup_host(self) -> None:
         """Remove the cgroup parent this daemon used (it must already be empty), and its
         gateway worker's cgroup if a daemon that died without stopping left it."""
