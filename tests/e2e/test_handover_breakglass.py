@@ -15,7 +15,7 @@ from pathlib import Path
 
 from supervisor.daemon.watchdog import TRACKING
 from supervisor.sandbox.cgroups import Cgroup
-from tests.e2e.test_handover import _alive, _finish, _rows, _sleeper_handed_over
+from tests.e2e.test_handover import _alive, _sleeper_handed_over
 from tests.support.daemon import new_daemon, wait_for
 
 # The stand-in keeps the next daemon in its wait for earlier watchdogs this long at most
@@ -60,9 +60,9 @@ def test_a_halt_file_reaches_adopted_agents_while_the_start_goes_on(tmp_root: Pa
         stand_in.wait()
         starting.join()
         assert not failed, failed
-        [adopted] = [r for r in _rows(daemon, "adopt") if r["target"] == "kept"]
+        [adopted] = [r for r in daemon.audit_rows("adopt") if r["target"] == "kept"]
         assert adopted["outcome"] == "ok", adopted
-        assert _rows(daemon, "break_glass"), daemon.logs()[-4000:]
+        assert daemon.audit_rows("break_glass"), daemon.logs()[-4000:]
         assert daemon.client.health()["global_halt"] is True
         assert daemon.client.agent("kept")["run"]["state"] == "killed"
     finally:
@@ -71,4 +71,4 @@ def test_a_halt_file_reaches_adopted_agents_while_the_start_goes_on(tmp_root: Pa
             stand_in.wait()
         if starting is not None:
             starting.join()
-        _finish(daemon)
+        daemon.finish()
