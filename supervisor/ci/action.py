@@ -33,8 +33,9 @@ def _data(value: str) -> str:
 
 
 def annotation_lines(report: dict[str, Any]) -> list[str]:
-    """`::error file=PATH,title=...::why` for each scope violation, and one line for a run that
-    did not end well (killed, timeout, tripwire, teardown)."""
+    """`::error file=PATH,title=...::why` for each scope violation, one line for a run that
+    did not end well (killed, timeout, tripwire, teardown), and a `::warning` when the
+    watchdog was within the OOM killer's reach where that weakens containment."""
     lines: list[str] = []
     violations = (report.get("scope") or {}).get("violations") or []
     for item in violations[:MAX_ANNOTATIONS]:
@@ -50,6 +51,9 @@ def annotation_lines(report: dict[str, Any]) -> list[str]:
     if not (report.get("teardown") or {}).get("clean", True):
         lines.append("::error title=agent-supervisor::teardown left "
                      f"{_data(json.dumps(report['teardown'].get('residue')))}")
+    if (report.get("watchdog") or {}).get("weakens_containment"):
+        lines.append(f"::warning title={_property('agent-supervisor: kill switch exposed')}::"
+                     f"{_data(str(report['watchdog'].get('why', '')))}")
     return lines
 
 

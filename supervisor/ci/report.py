@@ -209,6 +209,9 @@ def summary_markdown(report: dict[str, Any]) -> str:
     lines += _calls_table(report)
     if report.get("teardown", {}).get("residue"):
         lines += ["", f"**Teardown left things behind**: `{report['teardown']['residue']}`"]
+    if (report.get("watchdog") or {}).get("weakens_containment"):
+        lines += ["", f"**The kill switch is within the OOM killer's reach**: "
+                      f"{report['watchdog']['why']}"]
     signature = report.get("signature") or {}
     lines += ["", f"Report signed with Ed25519 key `{signature.get('key_id', '-')}`"
                   f"{' (ephemeral)' if signature.get('ephemeral_key') else ''}; check it with "

@@ -157,6 +157,8 @@ class EmbeddedRunner:
         self.denied: dict[str, Any] | None = None
         self.egress: dict[str, Any] | None = None
         self.audit_head: dict[str, Any] | None = None
+        # Where the watchdog stood with the OOM killer (Watchdog.oom); None: no core.
+        self.watchdog: dict[str, Any] | None = None
         self.audit_rows: list[dict[str, Any]] = []
         # Where planted host-code files go after the run (ci/quarantine.py); root only.
         self.quarantine_dir: Path | None = None
@@ -299,6 +301,7 @@ class EmbeddedRunner:
                            "by_syscall": self.attempts.by_syscall(container)}
         if self.run_id is not None:
             self.egress = core.egress_record(self.run_id)
+        self.watchdog = dict(core.watchdog.oom)
 
     def _finish_audit(self, core: Core) -> None:
         core.audit.append(actor=CI.label(), verb="ci_run_end", scope=f"agent:{self.name}",
@@ -361,6 +364,7 @@ class EmbeddedRunner:
             "provenance": commits,
             "checkout": (self.copy.record(self.applied_back) if self.copy is not None
                          else {"mode": "in_place"} if self.workspace is not None else None),
+            "watchdog": self.watchdog,
             "teardown": teardown,
             "errors": ([self.error.to_body()["error"]] if self.error else [])
             + [{"code": "embedded_run_failed", "message": m} for m in self.supervisor_errors],
@@ -411,6 +415,8 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
         raise EmbeddedNeedsRoot("agentctl run --embedded builds the sandbox itself and needs "
                                 "root; run it as root or use a daemon's socket")
     base = load_config(Path(spec.config) if spec.config else None)
+    if base.daemon.log_level == "debug":  # what the run logs below a warning, on stderr
+        logging.getLogger().setLevel(logging.DEBUG)
     profile = load_profile(spec.run.profile or base.daemon.default_profile,
                            base.daemon.profile_dirs)
     workspace = Path(spec.run.workspace) if spec.run.workspace else None

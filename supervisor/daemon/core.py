@@ -181,7 +181,9 @@ class Core:
         watchdog_record = config.daemon.state_dir / "watchdog.jsonl"
         runtime.parent_cgroup().mkdir(parents=True, exist_ok=True)
         watchdog = Watchdog(runtime.parent_cgroup(), watchdog_record,
-                            config.kill.confirm_timeout)
+                            config.kill.confirm_timeout,
+                            runs_leave_host_memory=budget.leaves_host_memory(
+                                config.sandbox.cgroup_parent, runs_budget))
 
         db = connect(config.daemon.state_dir / "state.db")
         # Audit and state (supervisor/audit/, daemon/store.py): a failed write releases the

@@ -60,6 +60,51 @@ GIVE_TIMEOUT = 10.0  # a new daemon that connects must take everything within th
 # the v1 controller hierarchies: systemd does not kill by them, and it needs no limit of its own).
 TRACKING = ("systemd",)
 log = logging.getLogger(__name__)
+OOM_SCORE_ADJ_MIN = -1000  # the OOM killer never picks a process at this
+CAP_SYS_RESOURCE = 24  # what lowering an oom_score_adj takes
+
+
+def has_capability(cap: int, status: str | None = None) -> bool:
+    """Whether this process holds `cap` in its effective set (`status`: the text of
+    /proc/self/status, read when None)."""
+    text = status if status is not None else Path("/proc/self/status").read_text()
+    for line in text.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
+def in_initial_user_namespace(uid_map: str | None = None) -> bool:
+    """Whether this process is in the host's own user namespace, where its capabilities are
+    the host's (elsewhere, as in a rootless or user-namespaced container, they only count
+    inside): the whole uid range mapped onto itself."""
+    text = uid_map if uid_map is not None else Path("/proc/self/uid_map").read_text()
+    return text.split() == ["0", "0", "4294967295"]
+
+
+def oom_exposure(exc: OSError, *, capable: bool, runs_leave_host_memory: bool
+                 ) -> dict[str, Any]:
+    """What a failure to put the watchdog out of the OOM killer's reach means, for the log and
+    the run report. Expected where the process lacks the host's CAP_SYS_RESOURCE (`capable`
+    False: a container, where the write is refused with EACCES) and the runs' memory budget
+    leaves the rest of the host memory of its own: the agents cannot bring the OOM killer to
+    the watchdog, so it is not news.
+    `weakens_containment` otherwise: an unexplained refusal (the capability held, another
+    errno), or runs that may fill the memory the watchdog lives in, where the OOM killer could
+    take the switch before an agent."""
+    expected = exc.errno in (errno.EACCES, errno.EPERM) and not capable
+    if not expected:
+        why = f"cannot set its oom_score_adj to {OOM_SCORE_ADJ_MIN}: {exc.strerror}"
+    else:
+        why = (f"its oom_score_adj stays where it was: {OOM_SCORE_ADJ_MIN} needs the host's "
+               "CAP_SYS_RESOURCE, which this process lacks (a container)")
+        if not runs_leave_host_memory:
+            why += (", and the runs' memory budget ([resources] runs_memory_max, "
+                    "host_memory_reserve) leaves no memory outside the runs (the host's RAM "
+                    "or a limit above the runs' cgroup, a container's): agents that fill it "
+                    "can make the OOM killer take the kill switch")
+    return {"oom_protected": False, "why": why,
+            "weakens_containment": not expected or not runs_leave_host_memory}
 
 
 def parent_of(path: Path) -> Cgroup:
@@ -326,13 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     # Break-glass while no daemon holds handed-over agents (ignored while a daemon lives: it
     # has break-glass of its own).
     signal.signal(signal.SIGUSR1, lambda _s, _f: _break_glass.append(1))
-    # The OOM killer must not take the switch (it is no ancestor of runc or of any agent, so
-    # nothing else inherits this).
-    try:
-        Path("/proc/self/oom_score_adj").write_text("-1000")
-    except OSError as exc:
-        print(f"<3>agent-supervisor watchdog: cannot exclude itself from the OOM killer: {exc}",
-              file=sys.stderr, flush=True)
+    # Its oom_score_adj is set by its spawner (Watchdog._exclude_from_oom_killer), which knows
+    # whether a failure to set it matters and logs it as loudly as it does.
     parent = parent_of(args.cgroup)
     with contextlib.suppress(OSError):  # not there yet: opened when needed
         parent.hold()
@@ -374,7 +414,8 @@ class Watchdog:
     left without a switch while the daemon lives. It is never disarmed while an agent process
     is alive under the parent: then the daemon's exit is what makes it kill them."""
 
-    def __init__(self, parent_cgroup: Path, record: Path, timeout: float) -> None:
+    def __init__(self, parent_cgroup: Path, record: Path, timeout: float, *,
+                 runs_leave_host_memory: bool = True) -> None:
         self.args = [sys.executable, "-m", "supervisor.daemon.watchdog", "--cgroup",
                      str(parent_cgroup), "--record", str(record), "--timeout", str(timeout)]
         self.parent = parent_of(parent_cgroup)
@@ -388,6 +429,12 @@ class Watchdog:
         self.handed_over = False
         self.on_death: Callable[[int | None], None] | None = None
         self._pidfd: int | None = None
+        # Whether the runs' memory budget leaves memory outside the runs (budget.py's
+        # leaves_host_memory): decides how loudly a watchdog within the OOM killer's reach is
+        # logged, and what `oom` says.
+        self.runs_leave_host_memory = runs_leave_host_memory
+        # Where the watchdog stands with the OOM killer (oom_exposure's form, or protected).
+        self.oom: dict[str, Any] = {"oom_protected": True}
         self._spawn()
 
     @staticmethod
@@ -409,6 +456,7 @@ class Watchdog:
                                          env=self._env())
         finally:
             theirs.close()
+        self._exclude_from_oom_killer()
         try:
             self.cgroup.place(self.proc.pid, TRACKING)
             self.escape_error = None
@@ -417,6 +465,23 @@ class Watchdog:
             # cgroup; then the next start reaps the agents instead (and audits it).
             self.escape_error = str(exc)
             log.critical("the watchdog stays in the daemon's cgroup: %s", exc)
+
+    def _exclude_from_oom_killer(self) -> None:
+        """The OOM killer must not take the switch. Set from here, on the child (not
+        inherited: the watchdog is no ancestor of runc or of any agent), so the refusal is
+        known at once and logged as loudly as it matters: at debug where it is expected,
+        as a warning where it weakens containment (oom_exposure)."""
+        try:
+            Path(f"/proc/{self.proc.pid}/oom_score_adj").write_text(str(OOM_SCORE_ADJ_MIN))
+        except OSError as exc:
+            capable = has_capability(CAP_SYS_RESOURCE) and in_initial_user_namespace()
+            self.oom = oom_exposure(exc, capable=capable,
+                                    runs_leave_host_memory=self.runs_leave_host_memory)
+            log.log(logging.WARNING if self.oom["weakens_containment"] else logging.DEBUG,
+                    "the watchdog (pid %d) is within the OOM killer's reach: %s",
+                    self.proc.pid, self.oom["why"])
+        else:
+            self.oom = {"oom_protected": True}
 
     def cannot_hold(self) -> str | None:
         """Why this watchdog cannot be left holding handed-over runs (None: it can). Outside

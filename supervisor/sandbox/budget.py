@@ -54,6 +54,26 @@ def mem_total() -> int:
     raise EnforcementError("no MemTotal in /proc/meminfo")
 
 
+def leaves_host_memory(parent: str, budget: RunsBudget, root: Path = CGROUP_ROOT) -> bool:
+    """Whether the runs, all at their memory budget, still leave memory to the processes
+    outside them: the budget is below the host's RAM and below the memory limit of every
+    cgroup above `parent` (a container's, when the supervisor runs in one). Then an OOM the
+    runs cause stays within their own cgroups, and the kernel's OOM killer never looks at the
+    supervisor or its watchdog on their account."""
+    limits = [mem_total()]
+    name = ("memory.limit_in_bytes" if detect_mode(root) is CgroupMode.HYBRID
+            else "memory.max")
+    parts = Path(parent.strip("/")).parts
+    for depth in range(len(parts)):  # the root (a container's own, under a cgroup namespace)
+        try:  # down to the parent's parent; the true root has no limit file
+            value = Cgroup("/".join(parts[:depth]), host_root=root).read(name)
+        except OSError:
+            continue
+        if value.isdigit():  # "max": no limit
+            limits.append(int(value))
+    return budget.memory_max < min(limits)
+
+
 def apply(parent: str, budget: RunsBudget, root: Path = CGROUP_ROOT) -> dict[str, str]:
     """Write the budget on `parent` (a path under every hierarchy, e.g. /agent-supervisor) and
     read it back; what was written, by file. Refuses (fail closed) when it does not hold."""

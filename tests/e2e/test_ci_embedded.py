@@ -203,6 +203,10 @@ def test_a_coding_agent_edits_tests_and_commits_in_scope(ci: Path, repo: Path,
     audit_rows = Path(report["audit"]["file"]).read_text().splitlines()
     assert json.loads(audit_rows[-1])["hash"] == report["audit"]["head_hash"]
     assert report["teardown"] == {"clean": True, "residue": {}}
+    # The watchdog's standing with the OOM killer: in the report; on stderr only where it
+    # weakens containment (not on a host that merely withholds CAP_SYS_RESOURCE).
+    watchdog = report["watchdog"]
+    assert ("OOM killer" in result.stderr) == watchdog.get("weakens_containment", False)
     assert "agent-supervisor" in summary_path.read_text()
     ok = verify(report_path, public)
     assert ok.returncode == 0, ok.stderr
@@ -245,6 +249,26 @@ def test_a_coding_agent_edits_tests_and_commits_in_scope(ci: Path, repo: Path,
     tampered.write_text(json.dumps(report))
     bad = verify(tampered, public)
     assert bad.returncode == 1 and "changed after it was signed" in bad.stderr
+
+
+def test_a_watchdog_within_the_oom_killers_reach_is_said_at_debug(ci: Path,
+                                                                   tmp_root: Path) -> None:
+    """`[daemon] log_level = "debug"` in --config shows what the run logs below a warning,
+    the watchdog's standing with the OOM killer among it; the same run without it is quiet."""
+    config = tmp_root / "debug.toml"
+    config.write_text('[daemon]\nlog_level = "debug"\n')
+    said = {}
+    for name, extra in (("plain", ()), ("debug", ("--config", str(config)))):
+        report_path = tmp_root / f"{name}.json"
+        result = run_embedded(ci, "--profile", "default", *extra, "--report", str(report_path),
+                              "--", "true")
+        assert result.returncode == 0, result.stderr
+        said[name] = result.stderr
+        watchdog = json.loads(report_path.read_text())["watchdog"]
+    reach = "the watchdog" in said["debug"] and "within the OOM killer's reach" in said["debug"]
+    assert reach == (not watchdog["oom_protected"])
+    assert ("OOM killer" in said["plain"]) == watchdog.get("weakens_containment", False)
+    assert not noise(said["debug"]) and not noise(said["plain"])
 
 
 def test_an_agent_out_of_scope_fails_the_job_and_changes_nothing_outside(
