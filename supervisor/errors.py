@@ -281,10 +281,16 @@ class EmbeddedRunFailed(SupervisorError):
 
 
 class EnforcementError(SupervisorError):
-    """The sandbox could not be set up as the profile demands; the agent does not run."""
+    """The sandbox could not be set up as the profile demands; the agent does not run.
+
+    HTTP 424 Failed Dependency, for this code and every code below it: the request was sound
+    but what it depends on (the sandbox, the OCI runtime, the kernel's cgroups, the egress
+    gateway, the container engine) failed, so `agentctl run` exits 125 as `docker run` does.
+    A 4xx, never a 500: a 500 (`internal_error`) means the daemon itself failed (an unexpected
+    exception), and `kill_unconfirmed` the kernel did not confirm a kill."""
 
     code = "enforcement_failed"
-    http_status = 500
+    http_status = 424
     exit_status = 10
     default_hint = ("the sandbox could not be built, so the agent did not run: 'journalctl -u "
                     "agent-supervisor' has the cause; 'agentctl status' shows the self-test")
@@ -309,7 +315,6 @@ class GatewayUnavailable(EgressSetupFailed):
     runs are refused until it is back; runs without network are unaffected."""
 
     code = "gateway_unavailable"
-    http_status = 503
     default_hint = ("the egress gateway is restarting: retry in a few seconds; 'agentctl status' "
                     "shows it")
 
@@ -337,7 +342,6 @@ class EngineUnavailable(EnforcementError):
     not run. Kills go through the cgroup and do not need the engine."""
 
     code = "engine_unavailable"
-    http_status = 503
     default_hint = ("start dockerd (systemctl start docker) or check [docker] socket in "
                     "daemon.toml")
 
@@ -452,12 +456,17 @@ def launch_exit_status(exc: SupervisorError) -> int:
     return LAUNCH_FAILED_EXIT if isinstance(exc, EnforcementError) else exc.exit_status
 
 
-def error_from_wire(code: object, message: str, detail: dict[str, object]) -> SupervisorError:
+def error_from_wire(code: object, message: str, detail: dict[str, object],
+                    status: int | None = None) -> SupervisorError:
     """The typed error a daemon's error body names (the client rebuilds it from the wire); an
-    unknown code stays a SupervisorError that keeps the code in its detail."""
+    unknown code keeps the code in its detail and stays a SupervisorError, or, answered with
+    EnforcementError's status (424: a launch's dependency failed, from a daemon that knows a
+    code this client does not), an EnforcementError, so `agentctl run` still exits 125."""
     cls = error_class_for(str(code))
+    if cls is SupervisorError and status == EnforcementError.http_status:
+        cls = EnforcementError
     exc = cls(message, **detail)
-    if cls is SupervisorError:
+    if cls.code != code or cls is SupervisorError:
         exc.detail["code"] = code
     return exc
 

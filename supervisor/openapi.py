@@ -133,9 +133,9 @@ _RUN_REF = ("run_not_found", "agent_not_found")
 _LAUNCH_ERRORS = (
     "agent_not_found", "agent_killed", "agent_busy", "global_halt", "profile_not_found",
     "profile_invalid", "workspace_invalid", "workspace_forbidden", "command_not_found",
-    "runtime_unsupported", "image_not_found", "disk_space_low", "enforcement_failed",
-    "runtime_failed", "egress_setup_failed", "gateway_unavailable", "engine_unavailable",
-    "route_not_found")
+    "command_not_executable", "runtime_unsupported", "image_not_found", "disk_space_low",
+    "enforcement_failed", "runtime_failed", "egress_setup_failed", "gateway_unavailable",
+    "engine_unavailable", "route_not_found")
 _DECIDE = ("approval_not_found", "approval_decided", "route_not_found")
 
 

@@ -234,5 +234,5 @@ def _error_from(decoded: JSON, status: int) -> SupervisorError:
     if isinstance(err, dict):
         given = err.get("detail")
         return error_from_wire(err.get("code"), str(err.get("message", "")),
-                               dict(given) if isinstance(given, dict) else {})
+                               dict(given) if isinstance(given, dict) else {}, status)
     return SupervisorError(f"the daemon answered {status}", status=status)

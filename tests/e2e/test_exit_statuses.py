@@ -2,10 +2,11 @@
 command is not found (with a hint about the working directory and --workspace), 126 it cannot
 be executed; the API answers these 422 with a structured error, never 500 and never a runtime's
 log line. Commands the daemon can see are refused before anything is made; commands under the
-workspace are exec'd by the sandbox's init, which ends the run 126 or 127 itself. (125, the
-supervisor could not start the run, is proven where the launch fails: test_egress.py's missing
-secret, test_docker.py's engine-socket bind, test_docker_engine_faults.py.) Needs root, runc
-and (for the docker cases) dockerd."""
+workspace are exec'd by the sandbox's init, which ends the run 126 or 127 itself. 125, the
+supervisor could not start the run (HTTP 424), is proven where the launch fails:
+test_launch_failure.py's broken rootfs, test_egress.py's missing secret, test_docker.py's
+engine-socket bind, test_docker_engine_faults.py. Needs root, runc and (for the docker cases)
+dockerd."""
 
 from __future__ import annotations
 
