@@ -244,6 +244,7 @@ class ReloadResult(TypedDict):
     restart_required: list[str]
     running: int
     gateway_runs: list[GatewayRunUpdate]
+    warnings: list[dict[str, str]]
 
 
 class Approval(TypedDict):

@@ -612,6 +612,8 @@ def reload(reason: str, as_json: bool) -> None:
     click.echo(f"reloaded {data['source']}: {changed}; {data['running']} agents kept running")
     if data["restart_required"]:
         click.echo(f"takes effect at the next restart: {', '.join(data['restart_required'])}")
+    for warning in data.get("warnings", []):
+        click.echo(f"warning: {warning['key']}: {warning['reason']}", err=True)
     for run in data.get("gateway_runs", []):
         routes = run.get("routes")
         what = (f"routes {', '.join(routes) or '(none)'}" if routes is not None

@@ -64,12 +64,25 @@ class CheckedConfig:
     secrets: dict[str, str] = field(default_factory=dict)
     # What stops a start: the file, webhooks, metrics.
     errors: list[dict[str, str]] = field(default_factory=list)
+    # What stops a start but not a reload: the Docker engine's socket is unusable (dockerd is
+    # down). Nothing a reload applies needs the engine ([docker] itself takes a restart), so a
+    # reload applies and reports these; only docker launches need it (engine_unavailable).
+    engine_errors: list[dict[str, str]] = field(default_factory=list)
     # What refuses launches with a profile, and a reload.
     profile_errors: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def all_errors(self) -> list[dict[str, str]]:
+        return self.errors + self.engine_errors + self.profile_errors
+
+    @property
+    def reload_errors(self) -> list[dict[str, str]]:
+        """What refuses a reload: every error but the engine's."""
         return self.errors + self.profile_errors
+
+    @property
+    def reloadable(self) -> bool:
+        return self.config is not None and not self.reload_errors
 
     @property
     def ok(self) -> bool:
@@ -111,7 +124,8 @@ def check_config(path: Path | None) -> CheckedConfig:
 
 def _check_start(config: Config, where: str, checked: CheckedConfig) -> None:
     """What a start stops at beyond the file's schema: webhook secrets, the metrics address,
-    the sandbox's init and runc, and the Docker engine's socket when Docker is enabled."""
+    the sandbox's init and runc, and the Docker engine's socket when Docker is enabled (in
+    engine_errors: a reload does not need the engine)."""
     _check_webhooks(config, where, checked)
     try:
         check_endpoint(config.metrics.listen, config.metrics.web_config_file)
@@ -137,7 +151,7 @@ def _check_start(config: Config, where: str, checked: CheckedConfig) -> None:
                 reason = f"{socket_path}: {exc.strerror}"
             if reason:
                 key = "docker.socket" if config.docker.enabled else "sandbox.runtime"
-                checked.errors.append(config_error(
+                checked.engine_errors.append(config_error(
                     where, key, f"the Docker runtime is enabled but its engine socket is "
                     f"unusable ({reason}): start dockerd or set [docker] socket"))
 

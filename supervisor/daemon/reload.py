@@ -13,9 +13,12 @@ keeps its token and expiry, breaker, MCP servers, tripwires and limits. Any othe
 reported as needing a restart and keeps its running value.
 
 A configuration with any error is refused whole (ConfigInvalid listing every error, audited)
-and the running one stays. One reload at a time; each is one audit row, `config_reload`,
-naming the sections and profiles that changed (never a value: secrets live in some of
-them). SIGHUP, `ExecReload=agentctl reload` and POST /v1/reload all come here."""
+and the running one stays. An unusable Docker engine socket (dockerd down) is no such error:
+nothing a reload applies talks to the engine ([docker] itself takes a restart), so the reload
+applies and reports it in `warnings`; a start still refuses it (fail closed). One reload
+at a time; each is one audit row, `config_reload`, naming the sections and profiles that
+changed (never a value: secrets live in some of them). SIGHUP, `ExecReload=agentctl reload`
+and POST /v1/reload all come here."""
 
 from __future__ import annotations
 
@@ -42,6 +45,9 @@ from supervisor.models import Actor
 log = logging.getLogger(__name__)
 
 RELOADABLE = ("roles", "workspaces", "webhooks", "webhook_delivery", "metrics", "drill")
+# Said of an unusable engine socket at a reload, which it does not refuse.
+ENGINE_NOTE = ("; not needed by a reload (applied without it): docker launches are refused "
+               "(engine_unavailable) until the engine answers, and a restart would not start")
 
 StartMetrics = Callable[[str], Awaitable[MetricsEndpoint | None]]
 
@@ -100,14 +106,20 @@ class ConfigReloader:
     async def _reload(self, actor: Actor, reason: str) -> dict[str, Any]:
         checked = await asyncio.to_thread(check_config, self.path)
         label = actor.label()
-        if not checked.ok:
+        # The engine's socket (dockerd down) stops a start, not a reload: nothing a reload
+        # applies talks to the engine. It is reported with the outcome either way.
+        warnings = [{**e, "reason": e["reason"] + ENGINE_NOTE} for e in checked.engine_errors]
+        if not checked.reloadable:
+            errors = checked.reload_errors
             self.audit.append(actor=label, verb="config_reload", scope="global", reason=reason,
-                              outcome="refused",
-                              detail={"source": checked.source, "errors": checked.all_errors})
-            log.error("reload refused: %d error(s) in the configuration",
-                      len(checked.all_errors))
-            raise ReloadRefused(_summary(checked.all_errors), source=checked.source,
-                                errors=checked.all_errors)
+                              outcome="refused", detail={"source": checked.source,
+                                                         "errors": errors,
+                                                         "warnings": warnings})
+            log.error("reload refused: %d error(s) in the configuration", len(errors))
+            raise ReloadRefused(_summary(errors), source=checked.source, errors=errors,
+                                warnings=warnings)
+        for warning in warnings:
+            log.warning("reload: %s: %s", warning["key"], warning["reason"])
         new = checked.config
         assert new is not None
         old = self.current
@@ -163,7 +175,8 @@ class ConfigReloader:
                    + [f"secret:{ref}" for ref in secrets])
         result = {"outcome": "applied" if changed else "unchanged", "source": checked.source,
                   "changed": changed, "restart_required": restart_required,
-                  "running": len(self.arbiter.live), "gateway_runs": regranted}
+                  "running": len(self.arbiter.live), "gateway_runs": regranted,
+                  "warnings": warnings}
         self.audit.append(actor=label, verb="config_reload", scope="global", reason=reason,
                           outcome="ok", detail=result)
         log.warning("configuration reloaded from %s: %s%s", checked.source,

@@ -419,6 +419,9 @@ class ReloadResult(BaseModel):
     running: int
     # Running gateway runs given the changed routes and secrets (or told why not).
     gateway_runs: list[GatewayRunUpdate] = []
+    # What a start would refuse but a reload does not need ({path, key, reason}: the Docker
+    # engine's socket is unusable).
+    warnings: list[dict[str, str]] = []
 
 
 class DrillResult(BaseModel):

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import require
+from tests.conftest import require, require_docker
 from tests.e2e.test_roles import as_user, role_users
-from tests.support.daemon import Daemon, running_daemon, wait_for
+from tests.support.daemon import TEST_HOST_ROOT_IMAGE, Daemon, running_daemon, wait_for
 from tests.support.egress import LLM_ROUTE, gateway_rig, host_request, open_tunnel
 from tests.support.webhooks import Receiver, ThreadedReceiver
 
@@ -174,6 +174,68 @@ def test_a_bad_configuration_is_refused_whole_and_the_old_one_stays(tmp_root: Pa
         daemon.agentctl("kill", "kept", "--reason", "done", check=True)
         os.unlink(daemon.root / "profiles" / "broken.toml")
         daemon.config_path.write_text(good)
+
+
+def test_a_reload_with_the_docker_engine_down_applies_and_says_so(
+        tmp_root: Path, receiver: ThreadedReceiver) -> None:
+    """dockerd down (its socket gone, as a stopped dockerd leaves it) must not block a change
+    of roles or webhooks: nothing a reload applies talks to the engine. The daemon reaches the
+    shared engine through a link of the test's own; removing the link is the engine going
+    down for this daemon only (the shared dockerd is never stopped)."""
+    require_docker()
+    link = tmp_root / "engine.sock"
+    link.symlink_to("/var/run/docker.sock")
+    with running_daemon(tmp_root, docker={"enabled": True, "socket": f"unix://{link}",
+                                          "host_root_image": TEST_HOST_ROOT_IMAGE}) as daemon:
+        daemon.agentctl("run", "--detach", "--name", "kept", "--", "sleep", "600", check=True)
+        pids = wait_for(lambda: sleeper_pids(daemon), timeout=30, what="the agent running")
+        # The control: with the engine up, a reload has nothing to warn about.
+        assert reload(daemon, roles={"viewer": ["user:nobody"]})["warnings"] == []
+
+        (daemon.root / "profiles" / "boxed.toml").write_text('runtime = "docker"\n')
+        link.unlink()  # the engine is down for this daemon
+        refused = daemon.agentctl("run", "--name", "boxed", "--profile", "boxed", "--", "true")
+        assert refused.returncode == 125 and "engine_unavailable" in refused.stderr, refused.stderr
+
+        secret = tmp_root / "hook.secret"
+        secret.write_text(SECRET + "\n")
+        secret.chmod(0o600)
+        result = reload(daemon, roles={"viewer": ["user:nobody", "user:daemon"]},
+                        webhooks=[{"url": receiver.receiver.url, "secret_file": str(secret)}])
+        assert result["outcome"] == "applied", result
+        assert {"roles", "webhooks"} <= set(result["changed"]), result
+        [warning] = result["warnings"]
+        assert warning["key"] == "docker.socket" and str(link) in warning["reason"], warning
+        assert "not needed by a reload" in warning["reason"], warning
+        # The new webhook is live: the next event reaches it.
+        daemon.agentctl("pause", "kept", "--reason", "engine down", check=True)
+        wait_for(lambda: any(r.event_type == "agent.paused" and r.signature_ok
+                             for r in receiver.receiver.received), timeout=30,
+                 what="the reloaded webhook to receive agent.paused")
+        daemon.agentctl("resume", "kept", check=True)
+        row = reload_rows(daemon)[-1]
+        assert row["outcome"] == "ok" and row["detail"]["warnings"] == [warning], row
+        # Human output names it on stderr.
+        plain = daemon.agentctl("reload")
+        assert plain.returncode == 0 and "warning: docker.socket:" in plain.stderr, plain
+
+        # A real error is still refused whole, and the engine is kept apart from it.
+        good = daemon.config_path.read_text()
+        daemon.config_path.write_text(good + '\n[drill]\nprocesses = 0\n')
+        bad = daemon.agentctl("reload", "--json")
+        assert bad.returncode == 78, bad
+        detail = json.loads(bad.stdout)["error"]["detail"]
+        assert [e["key"] for e in detail["errors"]] == ["drill.processes"], detail
+        assert [w["key"] for w in detail["warnings"]] == ["docker.socket"], detail
+        daemon.config_path.write_text(good)
+        # A start would still refuse the engine (fail closed): --check-config says so.
+        check = daemon.check_config()
+        assert check.returncode == 78 and "docker.socket" in check.stderr, check.stderr
+
+        link.symlink_to("/var/run/docker.sock")  # the engine is back
+        assert daemon.agentctl_json("reload")["warnings"] == []
+        assert sleeper_pids(daemon) == pids
+        daemon.agentctl("kill", "kept", "--reason", "done", check=True)
 
 
 def _cut(tunnel: Any, timeout: float = 10.0) -> bool:

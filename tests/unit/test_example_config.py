@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -100,7 +101,7 @@ def test_check_config_reports_every_error_with_file_and_key(tmp_path: Path) -> N
     assert any(name == "daemon.toml" and key.startswith("webhooks.0")
                for name, key in where), where
     assert {name for name, _key in where} >= {"broken.toml", "typo.toml"}
-    reasons = {e["key"]: e["reason"] for e in checked.errors}
+    reasons = {e["key"]: e["reason"] for e in checked.all_errors}
     assert "tini" in reasons["sandbox.init"] and "no-runc" in reasons["sandbox.runc_path"]
     assert "docker.sock" in reasons["docker.socket"]
     with pytest.raises(ConfigInvalid) as raised:
@@ -114,9 +115,30 @@ def test_check_config_reports_every_error_with_file_and_key(tmp_path: Path) -> N
     (tmp_path / "docker.sock").write_text("not a socket")
     valid = check_config(config)
     assert valid.config is not None and not valid.ok
-    assert [e["key"] for e in valid.errors] == ["metrics.listen", "sandbox.init",
-                                                "sandbox.runtime"]
-    assert "is not a socket" in valid.errors[2]["reason"]
+    assert [e["key"] for e in valid.all_errors] == ["metrics.listen", "sandbox.init",
+                                                    "sandbox.runtime"]
+    assert "is not a socket" in valid.all_errors[2]["reason"]
+    # The engine's socket stops a start, not a reload (nothing a reload applies needs it).
+    assert [e["key"] for e in valid.engine_errors] == ["sandbox.runtime"]
+    assert [e["key"] for e in valid.reload_errors] == ["metrics.listen", "sandbox.init"]
+
+
+def test_an_engine_that_is_down_stops_a_start_but_not_a_reload(tmp_path: Path) -> None:
+    config = tmp_path / "daemon.toml"
+    config.write_text(f'[docker]\nenabled = true\nsocket = "unix://{tmp_path}/gone.sock"\n'
+                      f'[sandbox]\ninit = "{tmp_path}/tini"\nrunc_path = "/bin/true"\n')
+    (tmp_path / "tini").write_bytes(b"\x7fELF")
+    (tmp_path / "tini").chmod(0o755)
+    checked = check_config(config)
+    assert [e["key"] for e in checked.engine_errors] == ["docker.socket"]
+    assert "gone.sock" in checked.engine_errors[0]["reason"]
+    assert not checked.ok and checked.reloadable and checked.reload_errors == []
+    assert checked.all_errors == checked.engine_errors  # --check-config still reports it
+    # With the engine's socket there, nothing is left.
+    with socket.socket(socket.AF_UNIX) as engine:
+        engine.bind(str(tmp_path / "gone.sock"))
+        again = check_config(config)
+    assert again.ok and again.engine_errors == []
 
 
 def test_no_file_means_every_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
