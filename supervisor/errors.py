@@ -473,13 +473,22 @@ def error_from_wire(code: object, message: str, detail: dict[str, object],
 
 def error_class_for(code: str) -> type[SupervisorError]:
     """The error class with this code (the client rebuilds typed errors from the wire)."""
+    for cls in error_classes():
+        if cls.code == code:
+            return cls
+    return SupervisorError
+
+
+def error_classes() -> list[type[SupervisorError]]:
+    """Every class of the error tree, SupervisorError first (subclasses defined elsewhere,
+    once imported, included)."""
+    found: list[type[SupervisorError]] = []
     stack: list[type[SupervisorError]] = [SupervisorError]
     while stack:
         cls = stack.pop()
-        if cls.code == code:
-            return cls
+        found.append(cls)
         stack.extend(cls.__subclasses__())
-    return SupervisorError
+    return found
 
 
 class ConsoleRefused(Forbidden):

@@ -110,13 +110,8 @@ def test_the_summary_names_the_verdict_violations_and_egress() -> None:
 
 
 def test_exit_statuses_do_not_collide_with_agentctl_errors() -> None:
-    taken = set()
-    stack: list[type[errors.SupervisorError]] = [errors.SupervisorError]
-    while stack:
-        cls = stack.pop()
-        if cls is not errors.EmbeddedRunFailed:
-            taken.add(cls.exit_status)
-        stack.extend(cls.__subclasses__())
+    taken = {cls.exit_status for cls in errors.error_classes()
+             if cls is not errors.EmbeddedRunFailed}
     ours = {outcome.EXIT_KILLED, outcome.EXIT_TRIPWIRE, outcome.EXIT_TIMEOUT,
             outcome.EXIT_SCOPE_VIOLATION, outcome.EXIT_SUPERVISOR_ERROR}
     assert len(ours) == 5 and ours.isdisjoint(taken | {0, 1, 126, 127, 137})

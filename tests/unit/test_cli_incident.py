@@ -23,7 +23,7 @@ from supervisor.api.client import Client
 from supervisor.api.server import tail_offset
 from supervisor.cli import progress
 from supervisor.cli.main import cli, iso_time
-from supervisor.errors import ProfileNotFound, ReasonRequired, ScopeEmpty, SupervisorError
+from supervisor.errors import ProfileNotFound, ReasonRequired, ScopeEmpty
 from supervisor.profiles import load_profile
 from tests.unit.conftest import ServerThread
 
@@ -278,18 +278,8 @@ def test_stop_shows_progress_on_stderr(server: ServerThread) -> None:
     assert "stopping a1: SIGTERM sent (up to 1s) ..." in result.stderr
 
 
-def _error_classes() -> list[type[SupervisorError]]:
-    found: list[type[SupervisorError]] = []
-    stack: list[type[SupervisorError]] = [SupervisorError]
-    while stack:
-        cls = stack.pop()
-        found.append(cls)
-        stack.extend(cls.__subclasses__())
-    return found
-
-
 def test_every_error_code_says_what_to_do_next() -> None:
-    classes = [cls for cls in _error_classes() if cls.__module__ == errors.__name__]
+    classes = [cls for cls in errors.error_classes() if cls.__module__ == errors.__name__]
     codes = [cls.code for cls in classes]
     assert len(codes) == len(set(codes)), "codes are stable and unique"
     assert len(classes) > 40

@@ -29,6 +29,7 @@ from supervisor.errors import (
     RuntimeFailure,
     SupervisorError,
     error_class_for,
+    error_classes,
     launch_exit_status,
 )
 from supervisor.openapi import openapi_document
@@ -36,18 +37,8 @@ from supervisor.runtime.fake import FakeRuntime
 from tests.unit.conftest import WAIT, ServeFactory
 
 
-def every_error_class() -> list[type[SupervisorError]]:
-    found: list[type[SupervisorError]] = []
-    stack: list[type[SupervisorError]] = [SupervisorError]
-    while stack:
-        cls = stack.pop()
-        found.append(cls)
-        stack.extend(cls.__subclasses__())
-    return found
-
-
 def launch_failures() -> list[type[SupervisorError]]:
-    return [cls for cls in every_error_class()
+    return [cls for cls in error_classes()
             if launch_exit_status(cls("x")) == LAUNCH_FAILED_EXIT]
 
 
