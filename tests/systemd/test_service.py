@@ -1,6 +1,7 @@
 """The service under real systemd (PID 1 in a container built from Debian packages, see
 tests/systemd/machine.py), installed by the README's own commands: start through READY=1,
-agentctl for operators, reload, a restart that keeps the agents, stop and SIGKILL and a hung
+agentctl for operators, reload, a restart that keeps the agents (one behind the egress
+gateway calling an upstream in the machine among them), stop and SIGKILL and a hung
 daemon each leave no agent, and uninstall leaves nothing. Needs root, mmdebstrap and dockerd.
 
 The tests share one machine and run in file order: each leaves the service active."""
@@ -8,8 +9,12 @@ The tests share one machine and run in file order: each leaves the service activ
 from __future__ import annotations
 
 import json
+import secrets
+import tempfile
+from pathlib import Path
 from typing import Any
 
+from tests.support.upstream import make_ca
 from tests.systemd.conftest import OPERATOR, OUTSIDER, SECRET, follow_readme
 from tests.systemd.machine import SERVICE_CGROUPS, Machine, cgroup_layout
 
@@ -141,7 +146,100 @@ def test_reload_applies_a_config_change_and_keeps_agents(machine: Machine) -> No
     machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
 
 
+# The egress gateway inside the machine: an HTTPS upstream on its loopback (Python's own
+# http.server, under a transient unit), a route to it with a secret, a run budget of three
+# requests that only counts right if a restart carries the count on.
+UPSTREAM_PORT = 8443
+UPSTREAM_DIR = "/run/as-test-upstream"
+UPSTREAM_UNIT = "as-test-upstream"
+GATEWAY_WORKSPACE = "/var/tmp/as-test-gateway"
+ROUTE_SECRET = f"sk-machine-{secrets.token_hex(8)}"
+UPSTREAM = f"""
+import http.server, ssl
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with open("{UPSTREAM_DIR}/seen", "a") as seen:
+            seen.write(self.headers.get("Authorization", "") + "\\n")
+        body = b'{{"usage": {{"total_tokens": 1}}}}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+server = http.server.ThreadingHTTPServer(("127.0.0.1", {UPSTREAM_PORT}), Handler)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain("{UPSTREAM_DIR}/server.pem", "{UPSTREAM_DIR}/server.key")
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"""
+GATEWAY_PROFILE = f"""
+[network]
+mode = "gateway"
+[[network.gateway.routes]]
+name = "llm"
+host = "llm.gateway"
+upstream = "https://api.upstream.test:{UPSTREAM_PORT}"
+secret = "file:llm-key"
+header = "Authorization"
+format = "Bearer {{secret}}"
+[network.gateway.budget]
+action = "alert"
+[network.gateway.budget.run]
+requests = 3
+"""
+# The agent: two calls through the gateway when /workspace/go1 appears, two more at go2;
+# each printed. A call that finds no gateway listening (a handover's gap) is tried again.
+CALLER = """
+import os, time, urllib.error, urllib.request
+def call():
+    deadline = time.monotonic() + 120
+    while True:
+        request = urllib.request.Request("http://llm.gateway/v1/chat", data=b"{}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                return reply.status
+        except urllib.error.HTTPError as refused:
+            return refused.code
+        except OSError:
+            if time.monotonic() > deadline:
+                return "unreachable"
+            time.sleep(0.2)
+for phase in ("go1", "go2"):
+    while not os.path.exists("/workspace/" + phase):
+        time.sleep(0.1)
+    print(phase, [call() for _ in range(2)], flush=True)
+time.sleep(3600)
+"""
+
+
+def put(machine: Machine, path: str, text: str, mode: str = "0644") -> None:
+    machine.run("sh", "-c", f"umask 077 && cat > {path} && chmod {mode} {path}", input=text)
+
+
+def configure_gateway(machine: Machine) -> None:
+    """[egress] with a route secret, the upstream's CA and its name on loopback, and a gateway
+    profile. [egress] takes a restart (a reload names it under restart_required)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        ca = make_ca(Path(scratch))
+        machine.run("mkdir", "-p", UPSTREAM_DIR, "/etc/agent-supervisor/secrets",
+                    "/etc/agent-supervisor/profiles")
+        put(machine, "/etc/agent-supervisor/egress-ca.pem", ca.ca_pem.read_text())
+        put(machine, f"{UPSTREAM_DIR}/server.pem", ca.cert_pem.read_text())
+        put(machine, f"{UPSTREAM_DIR}/server.key", ca.key_pem.read_text(), "0600")
+    put(machine, "/etc/agent-supervisor/secrets/llm-key", ROUTE_SECRET + "\n", "0600")
+    put(machine, "/etc/agent-supervisor/profiles/gw.toml", GATEWAY_PROFILE)
+    machine.sh("cat >> /etc/agent-supervisor/daemon.toml <<'EOF'\n\n[egress]\n"
+               "ca_file = \"/etc/agent-supervisor/egress-ca.pem\"\n"
+               "hosts = { \"api.upstream.test\" = \"127.0.0.1\" }\nEOF")
+    put(machine, f"{UPSTREAM_DIR}/upstream.py", UPSTREAM)
+    machine.run("systemd-run", f"--unit={UPSTREAM_UNIT}", "/usr/bin/python3",
+                f"{UPSTREAM_DIR}/upstream.py")
+
+
 def test_stop_kills_every_agent_audited(machine: Machine) -> None:
+    # This test's stop and start also apply [egress] for the gateway agent's restart below.
+    configure_gateway(machine)
     start_agent(machine, "stopped-with-service")
     machine.run("systemctl", "stop", UNIT, timeout=120)
     assert agent_pids(machine) == []
@@ -204,6 +302,57 @@ def test_restart_keeps_every_agent_running(machine: Machine) -> None:
     machine.run(AGENTCTL, "kill", name, "--reason", "test done")
     machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
     assert agent_view(machine, name)["state"] == "killed"
+
+
+def phase(machine: Machine, name: str, go: str) -> list[object]:
+    """Let the gateway agent make its calls of phase `go`; the statuses it saw."""
+    machine.run("touch", f"{GATEWAY_WORKSPACE}/{go}")
+    found: list[list[object]] = []
+
+    def printed() -> bool:
+        lines = [line for line in machine.run(AGENTCTL, "logs", name).stdout.splitlines()
+                 if line.startswith(f"{go} ")]
+        found[:] = [json.loads(line.split(" ", 1)[1].replace("'", '"')) for line in lines]
+        return bool(found)
+
+    machine.wait_for(f"the agent's calls of {go}", printed, timeout=120)
+    return found[0]
+
+
+def test_restart_keeps_a_gateway_agent_calling_through_the_gateway(machine: Machine) -> None:
+    """An agent behind the egress gateway is kept across `systemctl restart`: the next
+    daemon's gateway serves it at the same address for the same token (the agent's
+    HTTP_PROXY never changes), the route and its secret work, and its counts go on: the run
+    budget of three requests refuses the fourth call only because the two before the restart
+    were carried over."""
+    name = "gateway-across-restart"
+    machine.run("install", "-d", "-o", "4242", "-g", "4242", GATEWAY_WORKSPACE)
+    machine.run(AGENTCTL, "run", "--detach", "--name", name, "--profile", "gw",
+                "--workspace", GATEWAY_WORKSPACE, "--", "/usr/bin/python3", "-u", "-c",
+                CALLER)
+    assert phase(machine, name, "go1") == [200, 200]
+    run = agent_view(machine, name)["run"]
+    pid = main_pid(machine)
+    machine.run("systemctl", "restart", UNIT, timeout=180)
+    wait_active(machine)
+    assert main_pid(machine) != pid
+    after = agent_view(machine, name)
+    assert after["state"] == "active", after
+    assert after["run"]["id"] == run["id"] and after["run"]["pid"] == run["pid"]
+    adopted = next(r for r in audit_rows(machine) if r["verb"] == "adopt")
+    assert adopted["outcome"] == "ok" and adopted["detail"]["run"] == run["id"], adopted
+    assert adopted["detail"]["gateway"]["usage"]["requests"] == 2, adopted
+
+    # The same token through the next daemon's gateway; the budget counted the first two.
+    assert phase(machine, name, "go2") == [200, 429]
+    usage = json.loads(machine.run(AGENTCTL, "egress", name, "--json").stdout)["usage"]
+    assert usage["requests"] == 3, usage
+    seen = machine.run("cat", f"{UPSTREAM_DIR}/seen").stdout.splitlines()
+    assert seen == [f"Bearer {ROUTE_SECRET}"] * 3, seen
+
+    machine.run(AGENTCTL, "kill", name, "--reason", "test done")
+    machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
+    machine.run("systemctl", "stop", UPSTREAM_UNIT)
 
 
 def test_sigusr2_restarts_the_service_and_keeps_the_agents(machine: Machine) -> None:
