@@ -9,6 +9,10 @@ Each round times, one after the other (each a fresh process, as an operator runs
   python -c <raw request>   (start + one GET /v1/agents on the control socket: the floor)
   agentctl ls via click     (the same ls through the click CLI, which the incident verbs
                              skip since issue 16's fast path: what that path saves)
+  agentctl --version as pip's script  against  agentctl --version through agentctl's launcher
+                            (both executed as files, as a shell runs them; the launcher is
+                             pip's script started by `env -S --block-signal=INT`,
+                             supervisor/cli/launcher.py: what closing the Ctrl-C window costs)
 agentctl is the code of this checkout, started the way its console script starts it. Its
 daemon is real (own state, cgroup parent and name prefix; tests/support/daemon.py) with one
 `sleep` agent per round to kill (runc); docker kills one container per round, made from a
@@ -48,6 +52,7 @@ if str(REPO) not in sys.path:
 
 from stats import cpu_model, nearest_rank  # noqa: E402
 
+from supervisor.cli.launcher import launcher_text  # noqa: E402
 from tests.support.daemon import running_daemon  # noqa: E402
 
 IMAGE = "agent-supervisor-bench/cli-latency:1"
@@ -119,6 +124,13 @@ def main() -> int:
         entry.write_text(ENTRY_POINT)
         click_entry = root / "agentctl-click"
         click_entry.write_text(CLICK_ENTRY_POINT)
+        # The console script as pip installs it (its shebang) and agentctl's launcher over it.
+        pip_script = root / "agentctl-pip"
+        pip_script.write_text(f"#!{sys.executable}\n{ENTRY_POINT}")
+        launcher = root / "agentctl-launcher"
+        launcher.write_text(launcher_text(pip_script.read_text()) or "")
+        for script in (pip_script, launcher):
+            script.chmod(0o755)
         # An installed agentctl runs from bytecode pip compiled; a checkout's must be compiled
         # too (PYTHONDONTWRITEBYTECODE would otherwise recompile every module on every run).
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "supervisor")],
@@ -148,12 +160,15 @@ def main() -> int:
                         "agentctl ls via click": ([sys.executable, str(click_entry), "ls"], env),
                         "python raw request": ([sys.executable, "-c", RAW_REQUEST,
                                                 str(daemon.socket)], None),
+                        "--version, pip script": ([str(pip_script), "--version"], env),
+                        "--version, launcher": ([str(launcher), "--version"], env),
                     }
                     # Alternate which side of each pair goes first, so warm caches and
                     # machine noise fall on both alike.
                     order = list(runs) if round_no % 2 == 0 else [
                         name for pair in PAIRS for name in reversed(pair)] + [
-                        "python raw request", "agentctl ls via click", "python -c pass"]
+                        "python raw request", "agentctl ls via click", "python -c pass",
+                        "--version, launcher", "--version, pip script"]
                     for name in order:
                         argv, run_env = runs[name]
                         wall, cpu = timed(argv, run_env)
@@ -197,6 +212,9 @@ def report(samples: dict[str, list[float]], cpu_samples: dict[str, list[float]],
           f"{medians['agentctl kill'] - floor:+.1f} ms")
     print(f"  agentctl ls via click over agentctl ls (the fast path's saving): "
           f"{medians['agentctl ls via click'] - medians['agentctl ls']:+.1f} ms")
+    print(f"  agentctl's launcher over pip's script (--version): wall "
+          f"{medians['--version, launcher'] - medians['--version, pip script']:+.1f} ms, "
+          f"cpu {cpu['--version, launcher'] - cpu['--version, pip script']:+.1f} ms")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ fi
 "$VENV/bin/pip" install -q --disable-pip-version-check ".[dev]"
 # Always reinstall this checkout's code (the version number does not change between commits).
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall .
+# agentctl's launcher over pip's console script: SIGINT blocked until agentctl takes it.
+"$VENV/bin/python" -m supervisor.cli.launcher "$VENV"
 # agentctl's shell completions and man page (scripts/lib/cli-extras.sh).
 install_cli_extras "$VENV/bin/agentctl"
 echo "install-deps: $VENV ready ($("$VENV/bin/python" --version), runc $(runc --version | head -1 | awk '{print $3}'))"

@@ -14,4 +14,6 @@ build_runtime_venv() {
     rm -rf "$wheels"
     # A venv an earlier install-deps.sh or pip filled with more keeps runtime dependencies only.
     "$venv/bin/python" scripts/lib/prune_venv.py agent-supervisor-killswitch
+    # agentctl's launcher over pip's console script: SIGINT blocked until agentctl takes it.
+    "$venv/bin/python" -m supervisor.cli.launcher "$venv"
 }

@@ -197,6 +197,9 @@ def main() -> None:
     from whichever import it hit; an embedded run hands it to the runner (which cancels the
     run through the audited path), every other path ends "Aborted!" as click does."""
     signal.signal(signal.SIGINT, _remember)
+    # agentctl's launcher (cli/launcher.py) blocks SIGINT from its exec: one that came while
+    # the interpreter started is delivered now, to _remember (a no-op under pip's script).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT,))
     from supervisor.cli.output import stream_is_ascii
 
     todo = plan(sys.argv[1:], os.environ)

@@ -17,17 +17,20 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.cli.launcher import ENTRY
 from tests.conftest import require, require_root_and_runc
 from tests.support.daemon import wait_for
 from tests.support.embedded import (
     INTERRUPTED_AGENTCTL,
     MODEL_API_KEY,
+    SIGINT_IN_SITE,
     WORKSPACE_UID,
     agentctl_command,
     agentctl_env,
     chown_tree,
     git,
     host_residue,
+    launcher_with_hook,
     run_embedded,
 )
 
@@ -390,6 +393,27 @@ def test_ctrl_c_before_agentctl_execs_the_runner_cancels_the_run_without_a_trace
         [sys.executable, "-c", INTERRUPTED_AGENTCTL, "run", "--embedded", "--workspace",
          str(repo), "--report", str(report_path), "--", "sh", "-c", "echo started > started"],
         env=agentctl_env(ci), capture_output=True, text=True, timeout=300, cwd="/")
+    assert result.returncode == 80, result.stdout + result.stderr
+    assert "cancelled: SIGINT" in result.stderr, result.stderr
+    assert not noise(result.stderr), result.stderr
+    assert not (repo / "started").exists()  # never launched
+    report = json.loads(report_path.read_text())
+    assert report["ending"] == "killed" and report["run"]["id"] is None, report
+    assert host_residue(ci) == {}
+
+
+def test_ctrl_c_while_the_interpreter_starts_cancels_the_run_through_the_launcher(
+        ci: Path, repo: Path, tmp_root: Path) -> None:
+    """Earlier still, in the interpreter's own start (`site`), before any code of agentctl's:
+    agentctl's launcher keeps SIGINT blocked until agentctl takes it, so it too is handed to
+    the runner and cancels the run instead of ending in Python's KeyboardInterrupt report."""
+    launcher, env = launcher_with_hook(tmp_root / "bin", SIGINT_IN_SITE,
+                                       f"#!{sys.executable}\n{ENTRY}")
+    report_path = tmp_root / "report.json"
+    result = subprocess.run(
+        [str(launcher), "run", "--embedded", "--workspace", str(repo), "--report",
+         str(report_path), "--", "sh", "-c", "echo started > started"],
+        env=agentctl_env(ci, **env), capture_output=True, text=True, timeout=300, cwd="/")
     assert result.returncode == 80, result.stdout + result.stderr
     assert "cancelled: SIGINT" in result.stderr, result.stderr
     assert not noise(result.stderr), result.stderr

@@ -44,6 +44,30 @@ sys.argv = ["agentctl", *sys.argv[1:]]
 fast.main()
 """
 
+# Earlier still: a Ctrl-C in the interpreter's own start, before any code of agentctl's runs.
+# As `sitecustomize` on PYTHONPATH, `site` imports it; with agentctl's launcher (cli/launcher.py)
+# the signal waits, blocked, for agentctl's main(). Once, in the process whose environment says
+# so (the runner's children, such as its watchdog, inherit PYTHONPATH, not the variable).
+SIGINT_IN_SITE = ("import os, signal\nif os.environ.pop('SIGINT_AT_START', None):\n"
+                  "    os.kill(os.getpid(), signal.SIGINT)\n")
+
+
+def launcher_with_hook(directory: Path, hook: str, pip_script: str) -> tuple[Path, dict[str, str]]:
+    """agentctl's launcher written over `pip_script` in `directory`, and the environment that
+    runs this checkout's agentctl through it with `hook` as its sitecustomize (armed by
+    SIGINT_AT_START)."""
+    from supervisor.cli.launcher import install
+
+    (directory / "hooks").mkdir(parents=True, exist_ok=True)
+    (directory / "hooks" / "sitecustomize.py").write_text(hook)
+    script = directory / "agentctl"
+    script.write_text(pip_script)
+    script.chmod(0o755)
+    said = install(directory)
+    assert "launcher written" in said, said
+    return script, {"PYTHONPATH": f"{directory / 'hooks'}:{Path(__file__).resolve().parents[2]}",
+                    "PYTHONDONTWRITEBYTECODE": "1", "SIGINT_AT_START": "1"}
+
 
 def run_embedded(state_root: Path, *args: str, timeout: float = 300, **env: str
                  ) -> subprocess.CompletedProcess[str]:
