@@ -786,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
         code = daemon.stop()
         if args.scope != "agent":  # where each scoped answer's time went, as the daemon saw it
             for line in daemon.logs().splitlines():
-                if (" agents, " in line and "records and audit" in line) or \
+                if (" agents, " in line and "audit rows" in line) or \
                         "sweep of " in line or "/v1/actions/kill: handled" in line or \
                         "audit writer" in line or "audit: observers" in line:
                     print(f"  daemon: {line.split(': ', 1)[-1]}")

@@ -1,6 +1,7 @@
 """How a run ends. A kill of one agent or many (`kill_agents`): step 1, every target agent
-marked killed before any await; steps 2-5 in one sweep (supervisor/daemon/killpath.py); then
-each run through `finalise`, the one door every run leaves by whatever its `EndCause`; step 6
+marked killed before any await (written to the store while the kernel confirms); steps 2-5 in
+one sweep (supervisor/daemon/killpath.py); the kill's audit rows; then each run through
+`finalise`, the one door every run leaves by whatever its `EndCause`; step 6
 (runtime state, bundle) after the answer, tracked and audited. A run's own exit (`watch`) and
 its execution window (`expire`) end here too. Runs in the daemon's event loop."""
 
@@ -8,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from supervisor.daemon.killpath import CONFIRMERS, HaltReport, RunKill, sweep
@@ -213,9 +217,10 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
                       verb: str = "kill", agent_verb: Verb = Verb.KILL,
                       cause: EndCause = EndCause.KILLED, arrived: float | None = None,
                       whole_parent: bool = False) -> list[AgentResult | SupervisorError]:
-    """The kill path for one agent or many: step 1 for all before any await, steps 2-5
-    in one sweep, then each run finalised and each agent's kill audited. With
-    `whole_parent` (a global halt), step 3 is one write to the parent cgroup."""
+    """The kill path for one agent or many: step 1 for all before any await (its store
+    write beside the confirmation), steps 2-5 in one sweep, then each agent's kill audited
+    (the rows handed to the writer at once) and each run finalised while the writer commits
+    them. With `whole_parent` (a global halt), step 3 is one write to the parent cgroup."""
     t0 = arrived if arrived is not None else time.perf_counter()
     arrived_at = time.time() - (time.perf_counter() - t0)
     marks: list[tuple[AgentRecord, AgentState, AgentState, LiveRun | None]] = []
@@ -232,7 +237,6 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
         else:
             live.ending = cause  # a graceful stop in its grace period is overtaken
             owned.append(live)
-    arbiter.store.put_agents([agent for agent, _previous, _new, _live in marks])
     owned_ids = {live.record.id for live in owned}
     scoped = len(marks) > 1 or whole_parent
     kills: dict[str, RunKill] = {}
@@ -241,6 +245,13 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
     # A run whose launch is done gets its RunKill at once; only launches still in flight are
     # waited for, together (a task per run cost a turn of a busy loop each before step 2).
     in_flight = [live for live in owned + rekill if not live.ready.is_set()]
+    marked = [agent for agent, _previous, _new, _live in marks]
+
+    def write_marks() -> None:  # step 1's store write (in memory it is done)
+        arbiter.store.put_agents(marked)
+
+    if in_flight:  # a launch may hold us for seconds: the marks go to disk first
+        write_marks()
     waited = dict(zip((live.record.id for live in in_flight), await asyncio.gather(
         *(run_kill(arbiter, live) for live in in_flight)), strict=True)) if in_flight else {}
     for live in owned + rekill:
@@ -251,28 +262,38 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
             if whole_parent and live.record.cgroup.startswith(prefix):
                 covered.add(live.record.id)
     t_ready = time.perf_counter()
-    await sweep(list(kills.values()), arbiter.parent if covered else None, frozenset(covered))
+    # Unless a launch was waited for, step 1's store write is done while the kernel empties
+    # the cgroups, after every SIGKILL (DESIGN.md's step 1 is the mark in memory, above).
+    await sweep(list(kills.values()), arbiter.parent if covered else None, frozenset(covered),
+                beside=None if in_flight else write_marks)
     t_swept = time.perf_counter()
 
-    results: list[AgentResult | SupervisorError] = []
     answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     try:
-        # Every agent's and run's record in one transaction, every audit row in one commit.
-        with arbiter.store.batch(), arbiter.audit.batch():
-            for agent, previous, new, live in marks:
-                results.append(await after_kill(arbiter, agent, previous, new, live, kills,
-                                                actor, reason, scope, verb, cause, t0,
-                                                arrived_at, answered,
-                                                owner=live is not None and
-                                                live.record.id in owned_ids,
-                                                scoped=scoped))
+        verdicts = [await judge(arbiter, agent, previous, new, live, kills, actor, reason,
+                                scope, verb, cause, t0, arrived_at,
+                                owner=live is not None and live.record.id in owned_ids,
+                                scoped=scoped)
+                    for agent, previous, new, live in marks]
+        # The audit rows first, to the writer together (one commit): it makes them durable,
+        # which the answer waits for, while the loop writes the records below.
+        with arbiter.audit.batch():
+            for verdict in verdicts:
+                arbiter.audit.append(**verdict.row)
+        t_audited = time.perf_counter()
+        # Every agent's and run's record in one transaction.
+        with arbiter.store.batch():
+            for verdict in verdicts:
+                verdict.end(answered)
     finally:  # once every row is appended: step 6 of this kill's runs waits on this gate
         arbiter.track(asyncio.ensure_future(answer_out(arbiter, answered)))
     log.log(logging.WARNING if scoped else logging.INFO,
             "%s of %d agents, %d runs (%s) by %s (%s): queued %.1f ms, steps 2-5 %.1f ms, "
-            "records and audit %.1f ms", verb, len(marks), len(kills), scope,
+            "audit rows %.1f ms, records %.1f ms", verb, len(marks), len(kills), scope,
             actor.label(), reason or "no reason", ms_since(t0, t_ready),
-            ms_since(t_ready, t_swept), ms_since(t_swept, time.perf_counter()))
+            ms_since(t_ready, t_swept), ms_since(t_swept, t_audited),
+            ms_since(t_audited, time.perf_counter()))
+    results: list[AgentResult | SupervisorError] = [v.result for v in verdicts]
     # Step 6 of the runs this kill ended (not those another kill owns: that one audits them).
     audit_cleanup(arbiter, [run_id for run_id in kills if run_id in owned_ids], scope, verb,
                   target=marks[0][0].name if len(marks) == 1 and not scoped else None)
@@ -293,16 +314,32 @@ async def answer_out(arbiter: Arbiter, answered: asyncio.Future[None]) -> None:
         answered.set_result(None)
 
 
-async def after_kill(arbiter: Arbiter, agent: AgentRecord, previous: AgentState, new: AgentState,
-                     live: LiveRun | None, kills: dict[str, RunKill], actor: Actor,
-                     reason: str, scope: str, verb: str, cause: EndCause, t0: float,
-                     arrived_at: float, answered: asyncio.Future[None], *, owner: bool,
-                     scoped: bool) -> AgentResult | SupervisorError:
+@dataclass
+class Verdict:
+    """What a kill did to one agent: its audit row, its answer, and `end` (the run's records:
+    finalised, or left to `keep_killing` if the kernel has not confirmed), which runs once
+    the row is appended."""
+
+    row: dict[str, Any]
+    result: AgentResult | SupervisorError
+    end: Callable[[asyncio.Future[None]], None]
+
+
+def _nothing_to_end(_answered: asyncio.Future[None]) -> None:
+    pass
+
+
+async def judge(arbiter: Arbiter, agent: AgentRecord, previous: AgentState, new: AgentState,
+                live: LiveRun | None, kills: dict[str, RunKill], actor: Actor, reason: str,
+                scope: str, verb: str, cause: EndCause, t0: float, arrived_at: float, *,
+                owner: bool, scoped: bool) -> Verdict:
     detail: dict[str, Any] = {"actor": actor_detail(actor), "cause": cause.value,
                               "request_arrived_at": round(arrived_at, 6)}
     time_to_halt_ms: float | None = None
     outcome = "ok"
     report: HaltReport | None = None
+    kill: RunKill | None = None
+    end = _nothing_to_end
     if live is not None and live.ending is EndCause.EXITED:
         await live.done.wait()  # the command ended by itself a moment ago
         detail["note"] = "the run had already exited"
@@ -321,35 +358,46 @@ async def after_kill(arbiter: Arbiter, agent: AgentRecord, previous: AgentState,
             # Not done until the kernel says so: the run stays tracked as "killing" and
             # is killed again in the background until its cgroup is empty.
             outcome = "unconfirmed"
-            arbiter._set_run_state(live.record, Verb.KILL_UNCONFIRMED)
-            arbiter.store.put_run(live.record)
             assert kill is not None
-            live.watcher = arbiter._spawn(keep_killing(arbiter, live, kill, agent, actor, verb,
-                                                       reason, t0))
+            end = functools.partial(_unconfirmed, arbiter, live, kill, agent, actor, verb,
+                                    reason, t0)
         else:
-            run_reason = f"{verb}: {reason}" if reason else verb
             # Step 6 waits for the answer for one agent too: its runc delete and bundle
             # removal, on the loop, held a single kill's answer under load.
-            finalise(arbiter, live, cause, exit_code=exit_status(live),
-                     time_to_halt_ms=time_to_halt_ms, reason=run_reason, after=answered)
-    arbiter.audit.append(
-        actor=actor.label(), verb=verb, scope=scope, target=agent.name, reason=reason,
-        previous_state=previous.value, new_state=new.value,
-        time_to_halt_ms=time_to_halt_ms, outcome=outcome, detail=detail,
-    )
+            end = functools.partial(_finalised, arbiter, live, cause, time_to_halt_ms,
+                                    f"{verb}: {reason}" if reason else verb)
+    row = dict(actor=actor.label(), verb=verb, scope=scope, target=agent.name, reason=reason,
+               previous_state=previous.value, new_state=new.value,
+               time_to_halt_ms=time_to_halt_ms, outcome=outcome, detail=detail)
     # A scoped halt logs one line for all (kill_agents): a line per agent would be written,
     # to a journal that may be slow, while the answer waits.
     log.log(logging.DEBUG if scoped else logging.WARNING,
             "%s agent %s by %s (%s): time_to_halt_ms=%s", verb, agent.name, actor.label(),
             reason or "no reason", time_to_halt_ms)
     if outcome == "unconfirmed":
-        return KillUnconfirmed(
+        return Verdict(row, KillUnconfirmed(
             f"agent {agent.name}: the kernel still reports processes after escalation",
             agent=agent.name, survivors=detail.get("survivors", []),
-        )
-    return AgentResult(agent=agent.name, previous_state=previous.value,
-                       new_state=new.value, run_id=live.record.id if live else None,
-                       time_to_halt_ms=time_to_halt_ms)
+        ), end)
+    return Verdict(row, AgentResult(agent=agent.name, previous_state=previous.value,
+                                    new_state=new.value,
+                                    run_id=live.record.id if live else None,
+                                    time_to_halt_ms=time_to_halt_ms), end)
+
+
+def _finalised(arbiter: Arbiter, live: LiveRun, cause: EndCause, time_to_halt_ms: float | None,
+               reason: str, answered: asyncio.Future[None]) -> None:
+    finalise(arbiter, live, cause, exit_code=exit_status(live),
+             time_to_halt_ms=time_to_halt_ms, reason=reason, after=answered)
+
+
+def _unconfirmed(arbiter: Arbiter, live: LiveRun, kill: RunKill, agent: AgentRecord,
+                 actor: Actor, verb: str, reason: str, t0: float,
+                 _answered: asyncio.Future[None]) -> None:
+    arbiter._set_run_state(live.record, Verb.KILL_UNCONFIRMED)
+    arbiter.store.put_run(live.record)
+    live.watcher = arbiter._spawn(keep_killing(arbiter, live, kill, agent, actor, verb,
+                                               reason, t0))
 
 
 async def keep_killing(arbiter: Arbiter, live: LiveRun, kill: RunKill, agent: AgentRecord,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -250,7 +250,8 @@ class RunKill:
 
 
 async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
-                covered: frozenset[str] = frozenset()) -> list[HaltReport]:
+                covered: frozenset[str] = frozenset(),
+                beside: Callable[[], object] | None = None) -> list[HaltReport]:
     """A scoped halt in one sweep: every run's credentials, then every run's SIGKILL (with a
     `parent`, one `cgroup.kill` write for the runs in `covered`, which live under it), then
     every confirmation and every network at once. Nothing here waits on a runtime.
@@ -261,7 +262,11 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
     With more than one run, step 5 starts as soon as every SIGKILL is sent and runs beside
     step 4: a process with a SIGKILL pending never returns to user space, so removing its
     network now cuts off nothing that could still act, and the teardown threads' work overlaps
-    the kernel's instead of following it. A run's `halted_at` is when both are done."""
+    the kernel's instead of following it. A run's `halted_at` is when both are done.
+
+    `beside` (the kill's store write of step 1) is called once on the loop after every
+    SIGKILL is sent, while the confirmation waits on its thread: the kernel empties the
+    cgroups meanwhile, so the write costs the answer nothing unless it outlasts them."""
     t_start = time.perf_counter()
     for kill in kills:
         await kill.revoke()
@@ -289,6 +294,9 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
         kill.sigkill(parent_mechanism if kill.report.run_id in covered else None)
     t_killed = time.perf_counter()
     loop = asyncio.get_running_loop()
+    aside = _Beside(beside)
+    if beside is not None:  # first in the loop's queue: before any confirmation's answer
+        loop.call_soon(aside.run)
     networks = asyncio.gather(*(
         loop.run_in_executor(CONFIRMERS, _tear_down_all, chunk)
         for chunk in _chunks(kills, _TEARDOWNS_PER_THREAD))) if len(kills) > 1 else None
@@ -303,7 +311,9 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
     if len(kills) > 1:
         await _confirm_together(kills)
     else:
-        await asyncio.gather(*(kill.confirm() for kill in kills))
+        for kill in kills:  # inline: its wait is on a thread before `beside` runs
+            await kill.confirm()
+    aside.run()  # ran already unless nothing above waited (no runs)
     t_confirmed = time.perf_counter()
     if networks is None:
         await asyncio.gather(*(kill.teardown_off_loop() for kill in kills))
@@ -320,6 +330,21 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
                  (t_killed - t_revoked) * 1000, in_write, (t_confirmed - t_killed) * 1000,
                  (time.perf_counter() - t_confirmed) * 1000)
     return [kill.report for kill in kills]
+
+
+class _Beside:
+    """A sweep's `beside`, run once: from the loop's queue, or after the confirmation."""
+
+    def __init__(self, call: Callable[[], object] | None) -> None:
+        self.call = call
+
+    def run(self) -> None:
+        call, self.call = self.call, None
+        if call is not None:
+            try:
+                call()
+            except Exception:  # the kill goes on; what failed is the caller's to alarm
+                log.exception("kill: the work beside the confirmation failed")
 
 
 # A scoped halt's network teardowns, this many runs to a CONFIRMERS thread.

@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from supervisor.api.client import Client
 from supervisor.config import KillSection
 from supervisor.daemon.killpath import RevocationCheck, RunKill, sweep
 from supervisor.daemon.observers import RunObservers
@@ -20,7 +22,7 @@ from supervisor.errors import IllegalTransition, KillUnconfirmed
 from supervisor.models import ActionRequest, RunRequest, Scope
 from supervisor.runtime.fake import FakeRuntime
 from supervisor.states import EndCause
-from tests.unit.conftest import ALICE, WAIT, ArbiterEnv, MakeEnv
+from tests.unit.conftest import ALICE, WAIT, ArbiterEnv, MakeEnv, ServeFactory
 
 
 class Journal:
@@ -178,6 +180,60 @@ def test_a_sweep_kills_everything_before_it_confirms_anything() -> None:
     assert sorted(rest[3:]) == ["confirm a", "confirm b", "confirm c",
                                 "network a", "network b", "network c"]
     assert all(r.confirmed and r.netns_removed for r in reports)
+
+
+class HeldCgroup(FakeCgroup):
+    """Its kernel confirms only once `emptied` is set: a wait that outlasts the kill's other
+    work, as the kernel's does."""
+
+    def __init__(self, journal: Journal, name: str, emptied: threading.Event) -> None:
+        super().__init__(journal, name)
+        self.emptied = emptied
+
+    def wait_empty(self, timeout: float) -> bool:
+        self.waits += 1
+        self.journal.steps.append(f"confirm {self.name}")
+        return self.emptied.wait(timeout) and self.processes == 0
+
+
+@pytest.mark.parametrize("names", [("a",), ("a", "b", "c")])
+def test_the_work_beside_a_sweep_runs_while_the_kernel_confirms(names: tuple[str, ...]
+                                                                 ) -> None:
+    """`beside` (the kill's store write of step 1) runs after every SIGKILL and while the
+    confirmations wait: here the kernel confirms only once it has run, so a `beside` run
+    after the confirmation (or not at all) would leave every run unconfirmed."""
+    journal = Journal()
+    emptied = threading.Event()
+    kills = [RunKill(name, credentials=FakeCredentials(journal),
+                     cgroup=HeldCgroup(journal, name, emptied),
+                     network=FakeNetwork(journal, name), confirm_timeout=WAIT)
+             for name in names]
+    ran: list[list[str]] = []
+
+    def beside() -> None:
+        ran.append([s for s in journal.steps if s.startswith("cgroup.kill")])
+        emptied.set()
+
+    reports = asyncio.run(sweep(kills, beside=beside))
+    assert ran == [[f"cgroup.kill {name}" for name in names]], "once, after every SIGKILL"
+    assert all(r.confirmed and not r.escalated for r in reports)
+
+
+def test_the_work_beside_a_sweep_runs_once_with_no_run_and_never_stops_it() -> None:
+    calls: list[str] = []
+    asyncio.run(sweep([], beside=lambda: calls.append("beside")))
+    assert calls == ["beside"]
+
+    journal = Journal()
+    kill, group = run_kill(journal, "a")
+
+    def failing() -> None:
+        calls.append("failing")
+        raise OSError(errno.ENOSPC, "disk full")
+
+    [report] = asyncio.run(sweep([kill], beside=failing))
+    assert calls == ["beside", "failing"]
+    assert report.confirmed and group.processes == 0 and report.netns_removed
 
 
 def test_a_sweep_escalates_only_the_run_the_kernel_did_not_empty() -> None:
@@ -480,3 +536,72 @@ def test_a_launch_holds_a_parent_made_again(env: ArbiterEnv) -> None:
         assert not parent.stale(), "the launch did not hold the new parent"
 
     asyncio.run(body())
+
+
+def test_a_kills_answer_waits_for_its_audit_rows_while_its_records_overlap(
+        serve: ServeFactory) -> None:
+    """Over the real API with the audit writer's thread: step 1's store write comes after
+    every SIGKILL (beside the confirmation), and the run records are committed while the
+    writer still holds the kill's audit rows (a seam in front of its commit), but the answer
+    waits for the rows: not out while they are held, out once they are durable."""
+    server = serve()
+    client = Client(server.socket_path, timeout=WAIT)
+    views = [client.run({"name": f"w{i}", "class": "web", "command": ["sleep", "infinity"]})
+             for i in range(3)]
+    handles = [server.runtime.handles[view["id"]] for view in views]
+    kills_at_marks: list[list[list[str]]] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def install() -> None:
+        arbiter = server.arbiter
+        assert arbiter is not None
+        put_agents = arbiter.store.put_agents
+
+        def marks(agents: list[Any]) -> None:
+            kills_at_marks.append([list(h.cgroup.kills) for h in handles])
+            put_agents(agents)
+
+        arbiter.store.put_agents = marks  # type: ignore[method-assign]
+        audit = arbiter.audit
+        commit = audit._commit_retrying
+
+        def held_commit(db: Any, rows: list[dict[str, Any]]) -> Any:
+            if any(row["verb"] == "kill" for row in rows):
+                holding.set()
+                release.wait(WAIT)
+            return commit(db, rows)
+
+        audit._commit_retrying = held_commit  # type: ignore[method-assign]
+        audit.start(asyncio.get_running_loop())
+
+    server.call(install)
+    answer: dict[str, Any] = {}
+    caller = threading.Thread(target=lambda: answer.update(
+        client.action("kill", {"class": "web"}, reason="overlap")))
+    caller.start()
+    try:
+        assert holding.wait(WAIT), "the writer never got the kill's rows"
+
+        def durable() -> tuple[list[str], list[str], int]:
+            assert server.arbiter is not None
+            db = server.arbiter.store.db
+            runs = [db.execute("SELECT state FROM runs WHERE id = ?", (v["id"],)).fetchone()[0]
+                    for v in views]
+            agents = [db.execute("SELECT state FROM agents WHERE name = ?",
+                                 (f"w{i}",)).fetchone()[0] for i in range(3)]
+            rows = db.execute("SELECT COUNT(*) FROM audit WHERE verb = 'kill'").fetchone()[0]
+            return runs, agents, rows
+
+        runs, agents, rows = server.call(durable)
+        assert runs == ["killed"] * 3, "the records were not written beside the audit commit"
+        assert agents == ["killed"] * 3 and rows == 0
+        assert caller.is_alive() and not answer, "answered before its audit rows were durable"
+    finally:
+        release.set()
+        caller.join(WAIT)
+    assert [r["new_state"] for r in answer["results"]] == ["killed"] * 3
+    assert server.call(durable)[2] == 3
+    # The first write of the agents is step 1's (finalise writes each again).
+    assert kills_at_marks[0] == [["cgroup.kill"]] * 3, "step 1's store write before a SIGKILL"
+    server.settle()
+    server.call(server.audit.close)
