@@ -455,6 +455,8 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
         if runner.run_id is None:
             runner.ending = Ending.NOT_STARTED
         log.error("agentctl: %s: %s", exc.code, exc.message)
+        if exc.hint and exc.hint != type(exc).default_hint:  # the class's speaks of a daemon
+            log.error("agentctl: hint: %s", exc.hint)
     except Exception as exc:  # the evidence must still be written and the host cleaned
         log.exception("agentctl: embedded run failed")
         runner.supervisor_errors.append(f"{type(exc).__name__}: {exc}")

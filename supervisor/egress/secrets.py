@@ -1,6 +1,7 @@
 """Route secrets: `file:NAME` from the secrets directory (root-owned, no group or other
-access), `env:NAME` from the daemon's own environment. Read when a run starts, kept only in
-the daemon's memory, never written anywhere the sandbox can see. Needs root to read files."""
+access), `env:NAME` from the supervisor's own environment (the daemon's, or agentctl's in CI
+mode). Read when a run starts, kept only in the supervisor's memory, never written anywhere
+the sandbox can see. Needs root to read files."""
 
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ def load_secret(ref: str, secrets_dir: Path) -> str:
     if kind == "env":
         from_env = os.environ.get(name, "").strip()
         if not from_env:
-            raise EgressSetupFailed(f"secret {ref}: the daemon's environment has no {name}",
-                                    secret=ref)
+            raise EgressSetupFailed(
+                f"secret {ref}: the supervisor's environment has no {name}", secret=ref,
+                hint=f"give the supervisor {name}: the daemon through its unit (Environment= "
+                f"or EnvironmentFile=), `agentctl run --embedded` in its own environment "
+                f"(a CI secret; sudo --preserve-env={name})")
         return from_env
     path = secrets_dir / name
     _check_directory(secrets_dir, ref)

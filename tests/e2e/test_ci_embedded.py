@@ -547,6 +547,27 @@ def test_reports_inside_the_workspace_are_refused(ci: Path, repo: Path) -> None:
     assert not os.path.exists(ci / "slot0")
 
 
+def test_a_gateway_run_without_its_model_key_is_refused_with_125_and_a_hint(
+        ci: Path, repo: Path, tmp_root: Path) -> None:
+    """The profile's route reads MODEL_API_KEY from agentctl's environment: without it the
+    agent never starts (no agent without its model), the status is docker's 125 for a run the
+    supervisor could not start, and the CI log says which variable to give."""
+    report_path = tmp_root / "report.json"
+    result = run_embedded(ci, "--profile", "coding-agent", "--workspace", str(repo),
+                          "--report", str(report_path), "--", "sh", "-c",
+                          "echo started > started", MODEL_API_KEY="")
+    assert result.returncode == 125, result.stdout + result.stderr
+    assert "egress_setup_failed" in result.stderr and "has no MODEL_API_KEY" in result.stderr
+    assert "hint: give the supervisor MODEL_API_KEY" in result.stderr, result.stderr
+    assert "--preserve-env=MODEL_API_KEY" in result.stderr
+    assert not noise(result.stderr), result.stderr
+    assert not (repo / "started").exists()
+    report = json.loads(report_path.read_text())
+    assert (report["ending"], report["exit_status"]) == ("not_started", 125)
+    assert [e["code"] for e in report["errors"]] == ["egress_setup_failed"]
+    assert report["manifest"]["changes"] == [] and report["teardown"]["clean"]
+
+
 def test_a_command_that_cannot_run_exits_126_or_127_as_docker_run_does(ci: Path) -> None:
     for command, status, code in ((["no-such-command"], 127, "command_not_found"),
                                   (["/etc/passwd"], 126, "command_not_executable")):
