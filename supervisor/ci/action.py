@@ -32,16 +32,31 @@ def _data(value: str) -> str:
     return value.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
 
 
-def annotation_lines(report: dict[str, Any]) -> list[str]:
+def _in_repository(workspace: str | None, root: str | None) -> str:
+    """The prefix that makes a report's paths (relative to the run's workspace) relative to
+    the repository's root, $GITHUB_WORKSPACE, where GitHub resolves an annotation's `file`:
+    "service/" for a workspace that is the repository's service/ directory; "" for the root
+    itself or a workspace outside it (no file there to annotate better)."""
+    if not workspace or not root:
+        return ""
+    relative = os.path.relpath(os.path.realpath(workspace), os.path.realpath(root))
+    if relative == "." or relative == ".." or relative.startswith("../"):
+        return ""
+    return relative + "/"
+
+
+def annotation_lines(report: dict[str, Any], repository: str | None = None) -> list[str]:
     """`::error file=PATH,title=...::why` for each scope violation, one line for a run that
     did not end well (killed, timeout, tripwire, teardown), and a `::warning` when the
-    watchdog was within the OOM killer's reach where that weakens containment."""
+    watchdog was within the OOM killer's reach where that weakens containment. `repository`:
+    the repository's root ($GITHUB_WORKSPACE), which each file is named relative to."""
     lines: list[str] = []
     violations = (report.get("scope") or {}).get("violations") or []
+    prefix = _in_repository((report.get("run") or {}).get("workspace"), repository)
     for item in violations[:MAX_ANNOTATIONS]:
         title = f"agent-supervisor: scope violation ({item.get('rule', 'scope')})"
-        lines.append(f"::error file={_property(str(item['path']))},title={_property(title)}::"
-                     f"{_data(str(item.get('why', '')))}")
+        lines.append(f"::error file={_property(prefix + str(item['path']))},"
+                     f"title={_property(title)}::{_data(str(item.get('why', '')))}")
     if len(violations) > MAX_ANNOTATIONS:
         lines.append(f"::error title=agent-supervisor::{len(violations) - MAX_ANNOTATIONS} "
                      f"more scope violations (see the report)")
@@ -121,7 +136,7 @@ def main() -> int:
     except (OSError, json.JSONDecodeError):
         report = None
     if report is not None:
-        for line in annotation_lines(report):
+        for line in annotation_lines(report, os.environ.get("GITHUB_WORKSPACE")):
             print(line, flush=True)
     if github_output := os.environ.get("GITHUB_OUTPUT"):
         write_outputs(github_output, outputs(report, status, report_path))

@@ -37,7 +37,10 @@ def test_the_action_sets_outputs_annotates_offending_files_and_fails_the_step(
         INPUT_PROFILE="default", INPUT_ALLOW_CHANGES="src/**\n", INPUT_TIMEOUT="2m",
         INPUT_WORKSPACE=str(repo), INPUT_REPORT=str(tmp_root / "agent-report.json"),
         INPUT_AGENTCTL="agentctl", GITHUB_OUTPUT=str(github_output),
-        GITHUB_STEP_SUMMARY=str(summary), RUNNER_TEMP=str(tmp_root))
+        GITHUB_STEP_SUMMARY=str(summary), RUNNER_TEMP=str(tmp_root),
+        # The workspace is the repository's repo/ directory (a monorepo's service, say):
+        # GitHub names annotated files from the repository's root.
+        GITHUB_WORKSPACE=str(tmp_root))
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # this venv's agentctl
     result = subprocess.run([sys.executable, "-m", "supervisor.ci.action"], env=env,
                             capture_output=True, text=True, timeout=240, cwd="/")
@@ -45,11 +48,11 @@ def test_the_action_sets_outputs_annotates_offending_files_and_fails_the_step(
     assert "agent-done" in result.stdout
     annotations = [line for line in result.stdout.splitlines() if line.startswith("::")]
     assert sorted(annotations) == sorted([
-        "::error file=docs,title=agent-supervisor%3A scope violation (scope)::"
+        "::error file=repo/docs,title=agent-supervisor%3A scope violation (scope)::"
         "created outside --allow-changes",
-        "::error file=docs/a%2Cb.md,title=agent-supervisor%3A scope violation (scope)::"
+        "::error file=repo/docs/a%2Cb.md,title=agent-supervisor%3A scope violation (scope)::"
         "created outside --allow-changes",
-        "::error file=stray.txt,title=agent-supervisor%3A scope violation (scope)::"
+        "::error file=repo/stray.txt,title=agent-supervisor%3A scope violation (scope)::"
         "created outside --allow-changes"])
     lines = github_output.read_text().splitlines()
     assert lines[0] == "earlier=kept"

@@ -38,6 +38,28 @@ def test_each_violation_is_an_error_annotation_on_its_file() -> None:
     assert all("\n" not in line for line in lines) and len(lines) == 2
 
 
+def test_files_are_named_from_the_repository_root_github_resolves_them_against(
+        tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    (root / "service").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(root / "service")
+
+    def files(workspace: Path | None, repository: Path | None) -> list[str]:
+        run = {"workspace": str(workspace)} if workspace else {}
+        lines = annotation_lines(report(run=run), str(repository) if repository else None)
+        return [line.split(",title=")[0] for line in lines]
+
+    # A monorepo's service/ as the workspace: its paths are the repository's service/...
+    assert files(root / "service", root)[0] == "::error file=service/docs/a%2Cb%3Ac.md"
+    assert files(tmp_path / "link", root)[0] == "::error file=service/docs/a%2Cb%3Ac.md"
+    # The root itself, a workspace outside it, no root known: the paths as the report has them.
+    for workspace, repository in ((root, root), (tmp_path / "elsewhere", root),
+                                  (root / "service", None), (None, root)):
+        assert files(workspace, repository)[0] == "::error file=docs/a%2Cb%3Ac.md"
+    assert files(tmp_path, root)[0] == "::error file=docs/a%2Cb%3Ac.md"  # above the root
+
+
 def test_a_run_that_did_not_end_well_is_annotated_too() -> None:
     lines = annotation_lines(report(ending="timeout", end_reason="window of 30m ran out",
                                scope={"violations": []},
