@@ -406,7 +406,9 @@ class Arbiter:
         for leftover in await self.runtime.leftovers():
             name = (leftover.container_id or leftover.netns
                     or (leftover.cgroup or "").rpartition("/")[2])
-            if name in adopted:
+            # An adopted gateway run's stdio MCP servers (`<container>-mcp<n>`) were adopted
+            # with it, all of them (daemon/egress.py adopt), or the run was not.
+            if name in adopted or name.rpartition("-mcp")[0] in adopted:
                 continue
             done = await self.runtime.reap(leftover, self.config.kill.confirm_timeout)
             report = {"container": leftover.container_id, "netns": leftover.netns,

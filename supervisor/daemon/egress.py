@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import secrets
 import socket
 import sqlite3
@@ -33,7 +34,14 @@ from supervisor.daemon.containment import Containment
 from supervisor.daemon.store import RunRecord
 from supervisor.egress import link, nft
 from supervisor.egress.accounting import Usage
-from supervisor.egress.grant import Carried, RunGrant, carried_to_wire, grant_to_wire
+from supervisor.egress.grant import (
+    Carried,
+    McpCarried,
+    RunGrant,
+    carried_to_wire,
+    grant_to_wire,
+    mcp_carried_from_wire,
+)
 from supervisor.egress.secrets import load_secret
 from supervisor.egress.worker_process import REQUEST_TIMEOUT, WorkerProcess
 from supervisor.errors import (
@@ -48,12 +56,13 @@ from supervisor.errors import (
     RuntimeFailure,
     SupervisorError,
 )
-from supervisor.mcp.sandbox import RunServers, StdioLauncher
+from supervisor.mcp.sandbox import RunServers, StdioLauncher, StdioServer
 from supervisor.models import Actor, Approval
 from supervisor.models.egress import GatewayPolicy
 from supervisor.profiles import load_profile
 from supervisor.runtime.init import SandboxInit
 from supervisor.runtime.runc import Runc
+from supervisor.sandbox.cgroups import Cgroup
 from supervisor.states import RunState
 from supervisor.tripwires import Firing
 
@@ -73,6 +82,9 @@ _DETAIL_LIMIT = 8192  # bytes of JSON in a refusal's detail (the worker sends at
 CARRIED_DENIALS_BYTES = 1024  # of a run's refusal tally in a handover record
 # How long a drill's token check may keep an ended run's listener open (it needs a few ms).
 _CHECK_HOLD = 30.0
+# How long a handover's close may take beyond a request's: the worker first answers the calls
+# in flight to the run's stdio MCP servers (supervisor/mcp/gateway.py hand_over).
+_HANDOVER_ANSWERS = 10.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS egress_usage (
@@ -146,6 +158,37 @@ def _mcp_summary(state: _RunEgress) -> dict[str, Any]:
     return {"mcp": {"calls": state.mcp_calls, "cost": round(state.mcp_cost, 9),
                     "rows": state.mcp_rows, "unrecorded": state.mcp_unrecorded,
                     "unrecorded_by_outcome": dict(state.mcp_excess)}}
+
+
+def _let_go(stdio: RunServers | None) -> None:
+    """An adoption that failed: the servers' descriptors closed, their cgroups no longer
+    held; the servers themselves are the run's reaping's to kill."""
+    if stdio is not None:
+        stdio.close_gateway_ends()
+        for server in stdio.servers:
+            server.cgroup.release()
+
+
+def _carry_mcp_audit(state: _RunEgress, mcp: dict[str, Any],
+                     carried: McpCarried | None) -> None:
+    """The daemon's MCP accounts of an adopted run go on from the previous daemon's: rows
+    written (the per-run cap counts them), decisions past the cap, a budget that fired (it
+    fires once), and the calls and cost telemetry reads."""
+    def count(key: str) -> int:
+        value = mcp.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) \
+            and value >= 0 else 0
+
+    state.mcp_rows = min(count("rows"), _MCP_ROWS_PER_RUN)
+    state.mcp_unrecorded = count("unrecorded")
+    excess = mcp.get("unrecorded_by_outcome")
+    if isinstance(excess, dict):
+        state.mcp_excess = {str(k)[:100]: int(v) for k, v in
+                            list(excess.items())[:_MCP_EXCESS_KEYS + 1]
+                            if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+    state.mcp_budget_fired = mcp.get("budget_fired") is True
+    if carried is not None:
+        state.mcp_calls, state.mcp_cost = carried.calls, carried.cost
 
 
 class RunNetwork:
@@ -356,16 +399,11 @@ class EgressControl:
         """Before the sandbox exists: secrets (fail closed), addresses, token, the gateway's
         listener (bound with IP_FREEBIND, so it need not wait for the veth), the proxy env.
         A failure here leaves nothing: the launch fails before any sandbox is made."""
-        # aiohttp comes with the MCP gateway module: a run without the gateway never loads it.
-        from supervisor.mcp.gateway import secret_key as mcp_secret_key
-
         run, profile = live.record, live.profile
         assert profile is not None
         policy = profile.network.gateway
         secret_values = self._secret_values(policy)
-        secret_values.update({mcp_secret_key(server.name): load_secret(
-            server.secret, self.config.egress.secrets_dir)
-            for server in policy.mcp.servers if server.secret is not None})
+        secret_values.update(self._mcp_secrets(policy))
         await self.worker.ensure_up()
         addresses = self.pool.allocate()
         network = RunNetwork(run.id, link.host_ifname(run.container_id),
@@ -395,9 +433,8 @@ class EgressControl:
         except BaseException:
             await self._reap_stdio(stdio)
             raise
-        finally:
-            if stdio is not None:
-                stdio.close_gateway_ends()
+        # The daemon keeps its copy of each server's gateway end: a restart hands it to the
+        # next daemon's worker (the server's stdin stays open while the workers change).
         if not reply.get("ok"):
             self.pool.release(addresses)
             await self._reap_stdio(stdio)
@@ -427,19 +464,24 @@ class EgressControl:
             return "its egress gateway session is lost (the gateway worker died)"
         if state.revoked:
             return "its gateway token is revoked"
-        if state.grant.policy.mcp.servers or state.stdio is not None:
-            return ("runs with MCP servers are not handed over (their sessions and stdio "
-                    "servers live in the gateway worker)")
+        if state.stdio is not None and len(state.stdio.gateway_ends()) != len(
+                state.stdio.servers):
+            return "the daemon no longer holds an end of each of its stdio MCP servers"
         return None
 
-    async def hand_over(self, run_id: str) -> dict[str, Any]:
+    async def hand_over(self, run_id: str) -> tuple[dict[str, Any], list[int]]:
         """An orderly restart hands `run_id` to the next daemon: held requests are cancelled
         (audited; the agent is told to retry), the run's gate is closed in this worker, which
         answers with what it counted, and the run leaves this daemon's books without an end
         (no egress_summary, nothing added to its agent's usage; its /30, veth and nft table
-        stay as they are). Returns the run's entry of the handover record: its link, the
-        token the agent holds, its expiry and the gate's counts and decisions; never a secret.
-        EgressSetupFailed when the counts cannot be had (the run is then killed)."""
+        stay as they are). A run with MCP servers: the worker first answers the calls in
+        flight to its stdio servers (supervisor_restarting) and gives its MCP state (call
+        counters, sessions, request ids); the servers keep running, and a duplicate of this
+        daemon's end of each one's socketpair goes with the record. Returns the run's entry
+        of the handover record (its link, the token the agent holds, its expiry, the gate's
+        counts and decisions; never a secret) and those descriptors, the caller's to close,
+        in the order of the entry's `mcp.stdio`. EgressSetupFailed when the counts cannot be
+        had (the run is then killed)."""
         why = self.handover_refusal(run_id)
         if why is not None:
             raise EgressSetupFailed(why, run=run_id)
@@ -447,7 +489,8 @@ class EgressControl:
         self._cancel_approvals(run_id, "the supervisor restarted: a request held for an "
                                        "operator is not handed over (the agent may retry)")
         try:
-            reply = await self.worker.request({"op": "close", "run": run_id})
+            reply = await self.worker.request({"op": "close", "run": run_id, "handover": True},
+                                              timeout=REQUEST_TIMEOUT + _HANDOVER_ANSWERS)
         except GatewayUnavailable as exc:
             raise EgressSetupFailed(f"the gateway's counts for run {run_id} could not be "
                                     f"read: {exc.message}", run=run_id) from exc
@@ -455,10 +498,34 @@ class EgressControl:
         if not isinstance(usage, dict):
             raise EgressSetupFailed(f"the gateway had no session for run {run_id}",
                                     run=run_id)
+        mcp: dict[str, Any] | None = None
+        fds: list[int] = []
+        if state.grant.policy.mcp.servers or state.stdio is not None:
+            gateway_mcp = reply.get("mcp")
+            if state.stdio is not None and not isinstance(gateway_mcp, dict):
+                raise EgressSetupFailed(f"the gateway gave no MCP state for run {run_id}",
+                                        run=run_id)
+            mcp = {"gateway": gateway_mcp, "rows": state.mcp_rows,
+                   "unrecorded": state.mcp_unrecorded,
+                   "unrecorded_by_outcome": dict(state.mcp_excess),
+                   "budget_fired": state.mcp_budget_fired, "stdio": []}
+            ends = state.stdio.gateway_ends() if state.stdio is not None else {}
+            try:
+                for server in state.stdio.servers if state.stdio is not None else []:
+                    fds.append(os.dup(ends[server.name].fileno()))
+                    mcp["stdio"].append({"name": server.name,
+                                         "container_id": server.container_id,
+                                         "pid": server.pid, "host_uid": server.host_uid})
+            except OSError as exc:
+                for fd in fds:
+                    os.close(fd)
+                raise EgressSetupFailed(f"run {run_id}: its MCP servers' ends: {exc}",
+                                        run=run_id) from exc
         del self.runs[run_id]
         network, grant = state.network, state.grant
         denials = _summed(state.carried_denials, reply.get("denials"))
-        return {"ifname": network.ifname, "table": network.table,
+        return {**({"mcp": mcp} if mcp is not None else {}),
+                "ifname": network.ifname, "table": network.table,
                 "host_ip": str(network.addresses.host_ip),
                 "sandbox_ip": str(network.addresses.sandbox_ip),
                 "prefixlen": network.addresses.prefixlen, "port": grant.port,
@@ -467,20 +534,27 @@ class EgressControl:
                 "budget_fired": bool(reply.get("budget_fired")),
                 # Bounded in the record whatever the agent made the gateway refuse.
                 "denials": fit_denials(denials, CARRIED_DENIALS_BYTES),
-                "denial_rows": state.denial_rows}
+                "denial_rows": state.denial_rows}, fds
 
-    async def adopt(self, run: RunRecord, policy: GatewayPolicy, entry: dict[str, Any]
-                    ) -> RunNetwork:
+    async def adopt(self, run: RunRecord, policy: GatewayPolicy, entry: dict[str, Any],
+                    fds: list[int] | None = None) -> RunNetwork:
         """Take over the gateway session of a run the previous daemon handed over (its `entry`
         of the record, from `hand_over`): the same link and nft table (which must still be
         there), the same address, port and token (what the agent holds), the routes, allow
         list, budgets and approval rules of its profile as this daemon reads it, and their
         secrets read again from this daemon's configuration; a gateway worker of this daemon
-        listens for it with the counts and decisions carried over. EgressSetupFailed (or
-        GatewayUnavailable) when any part cannot be had; nothing of it is left registered."""
-        if policy.mcp.servers:
-            raise EgressSetupFailed("its profile now names MCP servers, which an adopted run "
-                                    "cannot get", run=run.id)
+        listens for it with the counts and decisions carried over; its stdio MCP servers
+        (still running in their sandboxes) are checked and reached through `fds` (the
+        daemon's ends handed over, in the order of `entry["mcp"]["stdio"]`; duplicated here,
+        the caller closes its own). EgressSetupFailed (or GatewayUnavailable) when any part
+        cannot be had; nothing of it is left registered (the run's reaping kills the
+        servers)."""
+        mcp = entry.get("mcp")
+        if bool(policy.mcp.servers) != (mcp is not None):
+            raise EgressSetupFailed("its profile now names MCP servers the run did not have, "
+                                    "or none where the run had some", run=run.id)
+        mcp_carried = mcp_carried_from_wire(mcp["gateway"]) if mcp is not None and \
+            mcp.get("gateway") is not None else None
         ifname, table = str(entry["ifname"]), str(entry["table"])
         if (ifname != link.host_ifname(run.container_id)
                 or table != nft.table_name(self.config.sandbox.name_prefix, run.id)):
@@ -496,9 +570,11 @@ class EgressControl:
             raise EgressSetupFailed(f"its {' and '.join(gone)} {'is' if len(gone) == 1 else 'are'}"
                                     f" gone", run=run.id)
         secret_values = self._secret_values(policy)
+        secret_values.update(self._mcp_secrets(policy))
         carried = Carried(usage=Usage(**entry["usage"]), breaker=entry["breaker"],
                           budget_fired=bool(entry["budget_fired"]),
-                          suspended=run.state == RunState.PAUSED.value)
+                          suspended=run.state == RunState.PAUSED.value,
+                          mcp=mcp_carried or (McpCarried() if mcp is not None else None))
         grant = RunGrant(run_id=run.id, agent=run.agent, token=str(entry["token"]),
                          expires_at=float(entry["expires_at"]), policy=policy,
                          host_ip=str(addresses.host_ip), port=int(entry["port"]),
@@ -506,32 +582,105 @@ class EgressControl:
         if not self.pool.reserve(addresses):
             raise EgressSetupFailed(f"address {addresses.host_ip} is held by another run",
                                     run=run.id)
+        stdio: RunServers | None = None
         generation = self.worker.generation
         try:
+            if mcp is not None:
+                stdio = await self._adopt_stdio(run, policy, mcp.get("stdio"), fds or [])
             await self.worker.ensure_up()
             generation = self.worker.generation
             reply = await self.worker.request({"op": "open", "grant": grant_to_wire(grant),
-                                               "carried": carried_to_wire(carried)})
+                                               "carried": carried_to_wire(carried),
+                                               "stdio": self._pass_stdio(stdio)})
         except GatewayUnavailable:
             self._release_unless_held(addresses, generation)
+            _let_go(stdio)
             raise
         except BaseException:
             self.pool.release(addresses)
+            _let_go(stdio)
             raise
         if not reply.get("ok"):
             self.pool.release(addresses)
+            _let_go(stdio)
             raise EgressSetupFailed(f"the gateway cannot listen on {grant.host_ip}:"
                                     f"{grant.port}: {reply.get('error')}", run=run.id,
                                     errno=reply.get("errno"))
         network = RunNetwork(run.id, ifname, table, addresses, grant.port)
+        network.stdio = stdio
         state = _RunEgress(network, grant, generation,
                            denial_rows=int(entry.get("denial_rows", 0)),
                            carried_denials={str(k): int(v) for k, v in
-                                            dict(entry.get("denials") or {}).items()})
+                                            dict(entry.get("denials") or {}).items()},
+                           stdio=stdio)
+        if mcp is not None:
+            _carry_mcp_audit(state, mcp, mcp_carried)
         state.snapshot = {"usage": carried.usage.as_dict(), "breaker": carried.breaker,
                           "denials": {}}
         self.runs[run.id] = state
         return network
+
+    def _mcp_secrets(self, policy: GatewayPolicy) -> dict[str, str]:
+        """Each MCP server's credential, as this daemon's configuration names it now."""
+        # aiohttp comes with the MCP gateway module: a run without the gateway never loads it.
+        from supervisor.mcp.gateway import secret_key as mcp_secret_key
+
+        return {mcp_secret_key(server.name): load_secret(server.secret,
+                                                         self.config.egress.secrets_dir)
+                for server in policy.mcp.servers if server.secret is not None}
+
+    async def _adopt_stdio(self, run: RunRecord, policy: GatewayPolicy, carried: Any,
+                           fds: list[int]) -> RunServers | None:
+        """The run's stdio MCP servers as the previous daemon left them: the same servers its
+        profile names, each container still running with the init the record names, inside
+        its own cgroup (held from here on), and a duplicate of the daemon's end of its
+        socketpair. EgressSetupFailed (naming what is missing) otherwise."""
+        wanted = [server.name for server in policy.mcp.stdio_servers]
+        if not isinstance(carried, list) or len(carried) != len(fds) or \
+                [c.get("name") if isinstance(c, dict) else None for c in carried] != wanted:
+            raise EgressSetupFailed(f"its stdio MCP servers are not those its profile names "
+                                    f"({', '.join(wanted) or 'none'})", run=run.id)
+        if not wanted:
+            return None
+        servers = RunServers(run.id)
+        try:
+            for index, (entry, fd) in enumerate(zip(carried, fds, strict=True)):
+                servers.servers.append(await self._adopt_server(run, index, entry, fd))
+        except BaseException:
+            _let_go(servers)
+            raise
+        return servers
+
+    async def _adopt_server(self, run: RunRecord, index: int, entry: dict[str, Any],
+                            fd: int) -> StdioServer:
+        name = str(entry["name"])
+        container_id = f"{self.config.sandbox.name_prefix}-{run.id}-mcp{index}"
+        pid = entry.get("pid")
+        if entry.get("container_id") != container_id or not isinstance(pid, int) \
+                or isinstance(pid, bool) or entry.get("host_uid") != \
+                self.stdio.host_uid(run.uid_slot, index):
+            raise EgressSetupFailed(f"MCP server {name}: the record does not describe the "
+                                    f"run's own server {container_id}", run=run.id)
+        state = await self.stdio.runc.state(container_id)
+        if state is None or state.status != "running" or state.pid != pid:
+            raise EgressSetupFailed(f"MCP server {name}: runc state of {container_id}: "
+                                    f"{state.status if state else 'none'} (pid "
+                                    f"{state.pid if state else '-'}, the record {pid})",
+                                    run=run.id)
+        cgroup = Cgroup(f"{self.stdio.cgroup_parent}/{container_id}")
+        if not cgroup.exists() or pid not in cgroup.pids():
+            raise EgressSetupFailed(f"MCP server {name}: pid {pid} is not in {cgroup.path}",
+                                    run=run.id)
+        server = StdioServer(name=name, container_id=container_id,
+                             bundle=self.stdio.bundles_dir / container_id, cgroup=cgroup,
+                             host_uid=int(entry["host_uid"]), pid=pid)
+        try:
+            cgroup.hold()
+            server.gateway_end = socket.socket(fileno=os.dup(fd))
+        except OSError as exc:
+            cgroup.release()
+            raise EgressSetupFailed(f"MCP server {name}: {exc}", run=run.id) from exc
+        return server
 
     async def regrant(self, profiles: set[str], secret_refs: set[str]) -> list[dict[str, Any]]:
         """A reload changed `profiles` or the route secrets `secret_refs`: every running

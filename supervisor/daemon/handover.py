@@ -16,9 +16,8 @@ bundle, the run's records in SQLite.
 While no daemon holds them the watchdog keeps them contained and killable: SIGUSR1 to it or
 the HALT file kills every agent, and so does the end of `[daemon] adopt_window` with no new
 daemon; each is recorded for the next daemon's audit (`watchdog_kill`). A run that cannot be
-handed over whole (docker, MCP servers behind the gateway, not yet running) is killed through
-the kill path first; a run that cannot be adopted whole is audited (`adopt`, outcome
-failed:...) and reaped.
+handed over whole (docker, not yet running) is killed through the kill path first; a run
+that cannot be adopted whole is audited (`adopt`, outcome failed:...) and reaped.
 
 A run behind the egress gateway keeps its veth, nft table, address, port and token (what the
 agent holds in HTTP_PROXY); the gateway worker does not survive the restart. Its gate closes in
@@ -27,6 +26,15 @@ root-only sockets, and the copy on disk leaves the token out; no secret is ever 
 next daemon's worker listens at the same address with those counts carried on and the route
 secrets read again from its own configuration (EgressControl.hand_over and .adopt). A gateway
 session that cannot be restored fails the run's adoption: it is reaped, audited with why.
+
+A gateway run's stdio MCP servers outlive the old worker: they run in sandboxes and cgroups of
+their own beside the run's (under the agents' parent, so the watchdog's kill takes them with
+the agents), and the daemon's end of each one's socketpair goes to the watchdog with the run's
+other descriptors and on to the next daemon, whose worker bridges to them. A call in flight at
+the handover is answered with a JSON-RPC error (`supervisor_restarting`, retryable) and
+cancelled at the server; the MCP call counters, remote sessions and audit counts go on
+(EgressControl.hand_over and .adopt, supervisor/mcp/gateway.py). A server that is gone or not
+the one the record names fails the run's adoption (reaped, audited, servers with it).
 
 Both sides are here: `hand_over` (the daemon that stops) and `adopt` (the one that starts)."""
 
@@ -46,9 +54,10 @@ from typing import TYPE_CHECKING, Any
 from supervisor.daemon import ending
 from supervisor.daemon.liverun import SYSTEM, LiveRun
 from supervisor.daemon.store import RunRecord
-from supervisor.daemon.watchdog import ADOPTED, GIVE_TIMEOUT, receive_fds
+from supervisor.daemon.watchdog import ADOPTED, GIVE_TIMEOUT, RECORD_MAX, receive_fds
 from supervisor.egress.grant import carried_from_wire
 from supervisor.errors import SupervisorError
+from supervisor.models.mcp import MAX_STDIO_SERVERS
 from supervisor.models.tripwire import TripwireRule
 from supervisor.profiles import Profile, load_profile
 from supervisor.runtime.base import RunParams
@@ -67,6 +76,7 @@ from supervisor.states import (
     agent_at_end,
     run_end,
 )
+from supervisor.telemetry.sampler import CARRIED_WINDOW_BYTES
 
 if TYPE_CHECKING:
     from supervisor.config import Config
@@ -76,6 +86,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VERSION = 1
+# The telemetry samples of every run in a record together (a run carries at most
+# CARRIED_WINDOW_BYTES of them): a quarter of watchdog.RECORD_MAX, which the rest of the record
+# of the most runs a daemon may hold (sandbox.max_runs) leaves free.
+CARRIED_WINDOWS_TOTAL = RECORD_MAX // 4
 _HANDED = frozenset({RunState.RUNNING.value, RunState.PAUSED.value})
 
 
@@ -143,12 +157,14 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
         handle = live.handle
         assert isinstance(handle, RuncRunHandle)
         gateway: dict[str, Any] | None = None
+        stdio_fds: list[int] = []
         if _behind_gateway(live):
             # Its gate closes in this daemon's worker (the next daemon's listens at the same
-            # address with the same token); the counts it answers with go in the record.
+            # address with the same token); the counts it answers with go in the record,
+            # and its stdio MCP servers' ends with the descriptors.
             assert core.egress is not None
             try:
-                gateway = await core.egress.hand_over(live.record.id)
+                gateway, stdio_fds = await core.egress.hand_over(live.record.id)
             except SupervisorError as exc:
                 refused[live.record.id] = f"its gateway session: {exc.message}"
                 continue
@@ -159,7 +175,12 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
         pipe = await handle.output.hand_over(OUTPUT_FINISH_TIMEOUT)
         if pipe is None:
             refused[live.record.id] = "its output drain did not stop"
+            for fd in stdio_fds:
+                os.close(fd)
             continue
+        if gateway is not None and "mcp" in gateway:
+            for index, server in enumerate(gateway["mcp"]["stdio"]):
+                server["fd"] = len(fds) + 1 + index  # after the output pipe's
         runs.append({"run_id": live.record.id, "agent": live.record.agent,
                      "container_id": live.record.container_id, "pid": handle.pid,
                      "output_fd": len(fds), "produced": handle.output.produced,
@@ -167,15 +188,19 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
                      "tripwires": [t.model_dump(mode="json") for t in live.tripwires],
                      **({"gateway": gateway} if gateway is not None else {})})
         fds.append(pipe)
+        fds += stdio_fds
     handed = {entry["container_id"]: entry for entry in runs}
     if core.seccomp is not None:
         for container_id, kept in (await core.seccomp.stop(keep=list(handed))).items():
             handed[container_id]["seccomp_fds"] = list(range(len(fds), len(fds) + len(kept)))
             fds += kept
+    # Each run's newest telemetry samples, within a share of the record's bound.
+    window_bytes = min(CARRIED_WINDOW_BYTES, CARRIED_WINDOWS_TOTAL // max(1, len(runs)))
     for entry in runs:
         # After the listener's last counts are in (its stop hands them over): the windows
-        # and counters the next daemon goes on with, so no tripwire starts again from zero.
-        entry["carried"] = {"telemetry": core.telemetry.carry(entry["run_id"]),
+        # and counters the next daemon goes on with, so no tripwire starts again from zero
+        # and `agentctl telemetry` shows the samples from before the restart.
+        entry["carried"] = {"telemetry": core.telemetry.carry(entry["run_id"], window_bytes),
                             "containment": core.containment.carry(entry["run_id"])}
     exits_fd: int | None = None
     if exits is not None:
@@ -253,22 +278,46 @@ def _exit_events(pids: list[int]) -> tuple[socket.socket | None, str | None]:
 
 def _gateway_summary(gateway: dict[str, Any]) -> dict[str, Any]:
     """A gateway entry of the record as the audit shows it: no token."""
+    mcp = gateway.get("mcp")
     return {"address": f"{gateway['host_ip']}:{gateway['port']}",
             "token_expires_at": gateway["expires_at"], "usage": gateway["usage"],
-            "breaker": gateway["breaker"], "budget_fired": gateway["budget_fired"]}
+            "breaker": gateway["breaker"], "budget_fired": gateway["budget_fired"],
+            **({"mcp": _mcp_summary(mcp)} if isinstance(mcp, dict) else {})}
+
+
+def _mcp_summary(mcp: dict[str, Any]) -> dict[str, Any]:
+    """A handed-over run's MCP state as the audit shows it: calls and cost, its stdio
+    servers (name, container, pid); no session id."""
+    gateway = mcp.get("gateway")
+    carried: dict[str, Any] = gateway if isinstance(gateway, dict) else {}
+    return {"calls": carried.get("calls", 0), "cost": carried.get("cost", 0.0),
+            "remote_sessions": len(carried.get("sessions") or []),
+            "stdio_servers": [{k: server.get(k) for k in ("name", "container_id", "pid")}
+                              for server in mcp.get("stdio") or [] if isinstance(server, dict)]}
 
 
 def _write_record(path: Path, message: dict[str, Any]) -> None:
     """The record on disk (root-only, for an operator who looks), without the gateway
-    tokens: those go only over the watchdog's socketpair and the root-only handover socket."""
+    tokens and MCP session ids: those go only over the watchdog's socketpair and the
+    root-only handover socket."""
     shown = {**message, "runs": [
-        {**entry, "gateway": {k: v for k, v in entry["gateway"].items() if k != "token"}}
+        {**entry, "gateway": _shown_gateway(entry["gateway"])}
         if "gateway" in entry else entry for entry in message["runs"]]}
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as handle:
         json.dump(shown, handle)
     os.rename(tmp, path)
+
+
+def _shown_gateway(gateway: dict[str, Any]) -> dict[str, Any]:
+    shown = {k: v for k, v in gateway.items() if k != "token"}
+    mcp = gateway.get("mcp")
+    if isinstance(mcp, dict) and isinstance(mcp.get("gateway"), dict):
+        sessions = mcp["gateway"].get("sessions") or []
+        shown["mcp"] = {**mcp, "gateway": {**mcp["gateway"],
+                                           "sessions": f"{len(sessions)} (ids withheld)"}}
+    return shown
 
 
 # --------------------------------------------------------------------------- the next daemon
@@ -360,6 +409,8 @@ async def adopt(core: Core) -> Adoption | None:
         mine = [entry["output_fd"], *entry["seccomp_fds"]]
         owned = [fds[i] for i in mine]
         used.update(mine)
+        # The stdio MCP servers' ends: the gateway's adoption duplicates what it takes.
+        used.update(stdio := _stdio_fds(entry))
         run_id = entry["run_id"]
         try:
             try:
@@ -369,6 +420,10 @@ async def adopt(core: Core) -> Adoption | None:
             except Exception as exc:  # one bad entry must not take the others with it
                 log.exception("adopting run %s failed", run_id)
                 raise NotAdopted("malformed", f"{type(exc).__name__}: {exc}") from exc
+            finally:
+                for index in stdio:
+                    with contextlib.suppress(OSError):
+                        os.close(fds[index])
         except NotAdopted as exc:
             for fd in owned:
                 with contextlib.suppress(OSError):
@@ -494,7 +549,7 @@ def check_record(handover: dict[str, Any], nfds: int) -> None:
                 if not isinstance(value, kinds) or (isinstance(value, bool)
                                                     and bool not in kinds):
                     raise ValueError(f"run {n} of the record: gateway {key} is not of its type")
-        indexes = [entry["output_fd"], *entry["seccomp_fds"]]
+        indexes = [entry["output_fd"], *entry["seccomp_fds"], *_stdio_fds(entry, n)]
         for index in indexes:
             if not isinstance(index, int) or isinstance(index, bool) \
                     or not 0 <= index < nfds or index in seen:
@@ -506,6 +561,22 @@ def check_record(handover: dict[str, Any], nfds: int) -> None:
                                  or not 0 <= exits_fd < nfds or exits_fd in seen):
         raise ValueError(f"the record's exits_fd {exits_fd!r} is not one of the {nfds} "
                          f"descriptors received, or not its own")
+
+
+def _stdio_fds(entry: dict[str, Any], n: int = 0) -> list[int]:
+    """The descriptor indexes of a run's stdio MCP servers' ends (ValueError unless its
+    gateway entry's `mcp.stdio` is a list of at most MAX_STDIO_SERVERS objects, each with
+    one)."""
+    gateway = entry.get("gateway")
+    mcp = gateway.get("mcp") if isinstance(gateway, dict) else None
+    if mcp is None:
+        return []
+    stdio = mcp.get("stdio") if isinstance(mcp, dict) else None
+    if not isinstance(stdio, list) or len(stdio) > MAX_STDIO_SERVERS \
+            or not all(isinstance(server, dict) for server in stdio):
+        raise ValueError(f"run {n} of the record: gateway mcp.stdio is not a list of at most "
+                         f"{MAX_STDIO_SERVERS} servers")
+    return [server.get("fd") for server in stdio]
 
 
 async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
@@ -561,8 +632,8 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
         except OSError as exc:
             raise NotAdopted("cgroup_unheld", f"cannot hold {cgroup.path}: {exc}") from exc
         try:
-            network = await _adopt_gateway(core, run, profile, entry) if behind_gateway \
-                else None
+            network = await _adopt_gateway(core, run, profile, entry, fds) \
+                if behind_gateway else None
         except BaseException:
             cgroup.release()
             raise
@@ -617,7 +688,7 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
 
 
 async def _adopt_gateway(core: Core, run: RunRecord, profile: Profile,
-                         entry: dict[str, Any]) -> RunNetwork:
+                         entry: dict[str, Any], fds: list[int]) -> RunNetwork:
     """The run's gateway session, restored by this daemon's worker (EgressControl.adopt), or
     NotAdopted: the run is then reaped (killed, audited) rather than left with a network no
     gateway answers on, or one whose secrets this daemon cannot read."""
@@ -626,8 +697,10 @@ async def _adopt_gateway(core: Core, run: RunRecord, profile: Profile,
     gateway = entry["gateway"]
     try:
         # Checked here as the gateway worker checks it, before anything is taken.
-        carried_from_wire({**gateway, "suspended": False})
-        return await core.egress.adopt(run, profile.network.gateway, gateway)
+        # (its MCP part: by EgressControl.adopt, which takes it apart)
+        carried_from_wire({**gateway, "suspended": False, "mcp": None})
+        return await core.egress.adopt(run, profile.network.gateway, gateway,
+                                       [fds[i] for i in _stdio_fds(entry)])
     except SupervisorError as exc:
         raise NotAdopted("gateway_not_restored", exc.message) from exc
     except (KeyError, TypeError, ValueError) as exc:
@@ -645,4 +718,11 @@ def _gateway_adopted(gateway: dict[str, Any]) -> dict[str, Any]:
                        "route secrets from this daemon's configuration"],
             "reset": ["the breaker's window of recent requests",
                       "requests held for an operator (cancelled at the handover)",
-                      "connections and tunnels open at the handover (cut)"]}
+                      "connections and tunnels open at the handover (cut)",
+                      *(["MCP calls in flight at the handover (answered "
+                         "supervisor_restarting, cancelled at their server)"]
+                        if "mcp" in gateway else [])],
+            **({"mcp_carried": ["call counters (the MCP budgets go on from them)",
+                                "remote sessions", "stdio servers (still running; their "
+                                "socketpairs handed over)", "audit row counts"]}
+               if "mcp" in gateway else {})}

@@ -440,6 +440,23 @@ class Gateway:
         self.revoke(run_id)
         return await asyncio.wrap_future(self._submit(self._close(run_id)))
 
+    async def hand_over(self, run_id: str) -> tuple[Usage | None, dict[str, Any] | None]:
+        """A restart: as `close`, but the calls in flight to the run's stdio MCP servers are
+        answered first (supervisor_restarting), its MCP servers and remote sessions are left
+        to the next worker; the run's final usage and its MCP state for that worker
+        (mcp_gateway.carry), None for a run that made no MCP call and has no stdio server."""
+        return await asyncio.wrap_future(self._submit(self._hand_over(run_id)))
+
+    async def _hand_over(self, run_id: str) -> tuple[Usage | None, dict[str, Any] | None]:
+        gate = self.gates.get(run_id)
+        if gate is None:
+            return None, None
+        # Before the gate is revoked and its connections cut: the answers to the calls in
+        # flight must reach the agent.
+        await mcp_gateway.hand_over(gate)
+        self.revoke(run_id)
+        return await self._close(run_id), mcp_gateway.carry(gate)
+
     def accept(self, run_id: str, sock: socket.socket) -> bool:
         """Serve `sock` as a connection accepted on the run's listener: the daemon presents a
         token this way (a drill's check that the run's token was revoked), through the same
@@ -562,8 +579,8 @@ class Gateway:
             gate.budget_fired = carried.budget_fired
             if carried.suspended:
                 gate.state = "suspended"
-        if stdio:
-            await mcp_gateway.open_stdio(gate, stdio)
+        if stdio or (carried is not None and carried.mcp is not None):
+            await mcp_gateway.open_stdio(gate, stdio, carried.mcp if carried else None)
         server = _Server(self._handler(gate), lambda what: self._bad_request(gate, what),
                          max_field_size=self.config.max_header_size,
                          max_line_size=self.config.max_header_size,

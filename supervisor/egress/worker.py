@@ -326,7 +326,11 @@ class Worker:
         snapshot = self._snapshot(run) if run in self.gateway.gates else None
         gate = self.gateway.gates.get(run)
         calls = gate.calls if gate is not None else None  # read after the close: complete
-        usage = await self.gateway.close(run)
+        mcp: dict[str, Any] | None = None
+        if message.get("handover"):  # a restart: the MCP state goes to the next worker
+            usage, mcp = await self.gateway.hand_over(run)
+        else:
+            usage = await self.gateway.close(run)
         self._send_decisions()  # before the reply: the daemon forgets the run on it
         self.reported.pop(run, None)
         if snapshot is not None and usage is not None:
@@ -335,6 +339,8 @@ class Worker:
                 snapshot["calls"] = calls.as_dict()
             if gate is not None:  # for a handover (what the next worker's gate carries on)
                 snapshot["budget_fired"] = gate.budget_fired
+            if mcp is not None:
+                snapshot["mcp"] = mcp
         self._reply(message, **(snapshot or {"usage": None}))
 
     def _decide(self, message: dict[str, Any]) -> None:

@@ -11,7 +11,14 @@ event streams alike. A body that cannot be judged (not JSON-RPC, too large, an u
 a rule that fails) is refused and never reaches the server; a batch with one denied call is
 refused whole. A request naming another Host than the gateway's MCP name, or an Origin other
 than its own, is refused (DNS rebinding). Kill revokes the run's token: the gateway cuts every
-connection of the run, which ends its MCP streams and, with them, the upstream requests."""
+connection of the run, which ends its MCP streams and, with them, the upstream requests.
+
+A restart (supervisor/daemon/handover.py) moves a run's MCP state to the next daemon's worker:
+`hand_over` answers every call still in flight to a stdio server with a JSON-RPC error
+(`supervisor_restarting`, retryable; the call stays counted: it reached the server) and lets
+go of the bridges; `carry` is what goes on (the call counters its budgets judge by, the remote
+sessions to end when the run ends, each stdio bridge's next request id), and `open_stdio` takes
+it up in the next worker."""
 
 from __future__ import annotations
 
@@ -28,10 +35,11 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from supervisor.egress.grant import McpCarried, mcp_carried_to_wire
 from supervisor.mcp import messages
 from supervisor.mcp.messages import Message, MessageRefused
 from supervisor.mcp.policy import Counters, Verdict, judge_call, judge_method, visible_tools
-from supervisor.mcp.stdio import StdioBridge, StdioUnavailable
+from supervisor.mcp.stdio import RESTARTING, StdioBridge, StdioUnavailable
 from supervisor.models.mcp import McpPolicy, McpServer
 
 if TYPE_CHECKING:
@@ -61,6 +69,11 @@ class McpRun:
     bridges: dict[str, StdioBridge] = field(default_factory=dict)
     # `notifications/cancelled` on their way to remote servers (see _cancel_upstream).
     cancelling: set[asyncio.Task[None]] = field(default_factory=set)
+    # POSTs to stdio servers not yet answered (a handover waits for their answers to go out).
+    relaying: int = 0
+    relayed: asyncio.Event = field(default_factory=asyncio.Event)
+    handing_over: bool = False
+    sessions_kept: bool = False  # handed over: the next worker ends the remote sessions
 
 
 def secret_key(server: str) -> str:
@@ -91,6 +104,9 @@ async def handle(gateway: Gateway, gate: _Gate, request: web.BaseRequest) -> web
     try:
         server = _server(policy, request)
         server_name = server.name
+        if gate.mcp.handing_over:
+            raise _Refusal(503, RESTARTING, "the supervisor is restarting; call again in a "
+                           "moment", retryable=True)
         await _wait_while_suspended(gateway, gate)
         if gate.state != "active":
             raise _Refusal(403, f"token_{gate.state}", "the run's session token does not work "
@@ -192,25 +208,36 @@ async def _post(gateway: Gateway, gate: _Gate, policy: McpPolicy, server: McpSer
                 "approved" if verdict.outcome == "hold" else "allowed", "", verdict.rule, "")
     lists = {m.id for m in batch if m.method == "tools/list" and m.id is not None}
     if server.stdio:
-        return await _relay_stdio(gate, server, batch, is_batch, lists)
+        return await _relay_stdio(gate, server, request, batch, is_batch, lists)
     return await _relay(gateway, gate, server, request, body, lists,
                         [m.id for m in batch if m.is_request])
 
 
-async def _relay_stdio(gate: _Gate, server: McpServer, batch: list[Message], is_batch: bool,
-                       lists: set[Any]) -> web.StreamResponse:
+async def _relay_stdio(gate: _Gate, server: McpServer, request: web.BaseRequest,
+                       batch: list[Message], is_batch: bool, lists: set[Any]
+                       ) -> web.StreamResponse:
     """The judged messages to the run's stdio server; its answers as one JSON reply (202
     when the POST held no request), denied tools taken out of tools/list results."""
-    assert gate.mcp is not None
-    bridge = gate.mcp.bridges.get(server.name)
+    run = gate.mcp
+    assert run is not None
+    bridge = run.bridges.get(server.name)
     if bridge is None:
         raise _Refusal(502, "upstream_unreachable", f"MCP server {server.name} was not "
                        "started for this run")
+    run.relaying += 1
+    run.relayed.clear()
     try:
-        answers = await bridge.exchange([m.raw for m in batch])
-    except StdioUnavailable as exc:
-        raise _Refusal(503 if exc.retryable else 502, exc.reason, exc.message,
-                       retryable=exc.retryable) from None
+        try:
+            answers = await bridge.exchange([m.raw for m in batch])
+        except StdioUnavailable as exc:
+            if exc.reason == RESTARTING:
+                return await _restarting(request, batch, is_batch, exc.message)
+            raise _Refusal(503 if exc.retryable else 502, exc.reason, exc.message,
+                           retryable=exc.retryable) from None
+    finally:
+        run.relaying -= 1
+        if not run.relaying:
+            run.relayed.set()
     gate.usage.bytes += sum(len(json.dumps(a)) for a in answers)
     if not answers:
         return web.Response(status=202)
@@ -218,6 +245,22 @@ async def _relay_stdio(gate: _Gate, server: McpServer, batch: list[Message], is_
         _filter_message(server, answer, lists)
     return web.json_response(answers if is_batch else answers[0],
                              dumps=lambda data: json.dumps(data, separators=(",", ":")))
+
+
+async def _restarting(request: web.BaseRequest, batch: list[Message], is_batch: bool,
+                      message: str) -> web.StreamResponse:
+    """Each request of a POST cut by a restart answered with a JSON-RPC error (HTTP 200, so
+    a client reads it as the call's error, not as its transport failing), written before the
+    handler returns: the handover closes the connection right after."""
+    replies = [messages.error(m.id, messages.REFUSED, message,
+                              {"reason": RESTARTING, "rule": "mcp.restart", "retryable": True})
+               for m in batch if m.is_request]
+    response = web.json_response(replies if is_batch else replies[0]) if replies \
+        else web.Response(status=202)
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    return response
 
 
 def _judge(policy: McpPolicy, server: McpServer, counters: Counters,
@@ -503,12 +546,55 @@ async def _read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def open_stdio(gate: _Gate, servers: dict[str, socket.socket]) -> None:
-    """The run's stdio servers, each a socket to its stdin and stdout (from the daemon)."""
+async def open_stdio(gate: _Gate, servers: dict[str, socket.socket],
+                     carried: McpCarried | None = None) -> None:
+    """The run's MCP state: its stdio servers, each a socket to its stdin and stdout (from
+    the daemon), and for an adopted run what the previous worker's `carry` gave."""
     gate.mcp = McpRun()
+    if carried is not None:
+        gate.mcp.counters = Counters(calls=carried.calls, cost=carried.cost,
+                                     per_server=dict(carried.per_server),
+                                     per_tool=dict(carried.per_tool))
+        urls = {s.name: s.url for s in gate.grant.policy.mcp.servers if s.url is not None}
+        gate.mcp.sessions = {sid: (name, urls[name]) for sid, name in carried.sessions
+                             if name in urls}
     limit = gate.grant.policy.mcp.max_message_bytes
     for name, sock in servers.items():
-        gate.mcp.bridges[name] = await StdioBridge.open(name, sock, max(limit, _MAX_EVENT))
+        start = carried.next_ids.get(name, 1) if carried is not None else 1
+        gate.mcp.bridges[name] = await StdioBridge.open(name, sock, max(limit, _MAX_EVENT),
+                                                        start)
+
+
+_HANDOVER_ANSWERS = 5.0  # seconds a handover waits for the calls it failed to be answered
+
+
+async def hand_over(gate: _Gate) -> None:
+    """A restart takes the run to another worker: new calls are refused (retryable), those
+    in flight to stdio servers answered with `supervisor_restarting` and cancelled at the
+    server, and the bridges let go of their sockets (the servers keep running). Remote
+    sessions are left open: the next worker ends them when the run ends."""
+    run = gate.mcp
+    if run is None:
+        return
+    run.handing_over = True
+    for bridge in run.bridges.values():
+        await bridge.hand_over()
+    if run.relaying:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(run.relayed.wait(), _HANDOVER_ANSWERS)
+    run.sessions_kept = True
+
+
+def carry(gate: _Gate) -> dict[str, Any] | None:
+    """What the next worker goes on with (`McpCarried` on the wire), after `hand_over`."""
+    run = gate.mcp
+    if run is None:
+        return None
+    return mcp_carried_to_wire(McpCarried(
+        calls=run.counters.calls, cost=run.counters.cost,
+        per_server=dict(run.counters.per_server), per_tool=dict(run.counters.per_tool),
+        sessions=[(sid, name) for sid, (name, _url) in run.sessions.items()],
+        next_ids={name: bridge.next_id for name, bridge in run.bridges.items()}))
 
 
 async def end_sessions(gateway: Gateway, gate: _Gate) -> None:
@@ -519,7 +605,7 @@ async def end_sessions(gateway: Gateway, gate: _Gate) -> None:
     if run is not None:
         for bridge in run.bridges.values():
             await bridge.close()
-    if run is None or not run.sessions:
+    if run is None or not run.sessions or run.sessions_kept:
         return
     session = gateway.client_session()
     servers = {s.name: s for s in gate.grant.policy.mcp.servers}

@@ -11,7 +11,10 @@ Lifetime: started with the run (before the agent's command), killed when the run
 torn down (kill step 5, after the agent's cgroup is confirmed empty, and every other ending),
 and reaped (confirmed empty, container, cgroup, namespace and bundle removed) once the run
 has ended. The names share the runs' prefix, so a restarted daemon reaps what a dead one
-left like any run's leftovers."""
+left like any run's leftovers. An orderly restart with agents kept hands them over with the
+run (supervisor/daemon/handover.py): the daemon keeps its copy of each server's gateway end
+(`gateway_end`) from the launch on for that, and the next daemon adopts them
+(EgressControl.adopt)."""
 
 from __future__ import annotations
 
@@ -57,7 +60,9 @@ class StdioServer:
     cgroup: Cgroup
     host_uid: int
     pid: int | None = None
-    gateway_end: socket.socket | None = None  # until passed to the gateway worker
+    # The daemon's copy of the gateway's end (the worker has another): kept for a restart's
+    # handover, closed when the server is reaped.
+    gateway_end: socket.socket | None = None
     log_fd: int | None = None
 
 
@@ -73,7 +78,7 @@ class RunServers:
         return {s.name: s.gateway_end for s in self.servers if s.gateway_end is not None}
 
     def close_gateway_ends(self) -> None:
-        """The daemon's copies, once passed on (or when the launch failed)."""
+        """The daemon's copies (at the reaping, or when a launch or adoption failed)."""
         for server in self.servers:
             if server.gateway_end is not None:
                 server.gateway_end.close()

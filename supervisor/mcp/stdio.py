@@ -14,7 +14,14 @@ Bounded: one line from the server (`max_line`; longer and the server is cut off)
 requests waiting for an answer (`max_pending`; more are refused, retryable), and the bytes
 queued for the server's stdin (a server that stops reading makes callers wait, and a caller
 that hangs up or is cut by a kill takes its request with it: `notifications/cancelled` goes
-to the server)."""
+to the server).
+
+A restart (supervisor/daemon/handover.py) replaces the gateway worker, not the server: `hand_over`
+answers each request still waiting with a JSON-RPC error the agent can retry on
+(`supervisor_restarting`), tells the server they are cancelled, and lets go of the socket
+without closing the server's stdin (the daemon holds another copy for the next worker). The
+next worker's bridge numbers its requests on from `next_id`, so an answer the server sends late
+to a cancelled request names an id nobody waits for and is dropped."""
 
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ log = logging.getLogger(__name__)
 
 MAX_PENDING = 64  # requests of one server waiting for their answer
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
+_HANDOVER_DRAIN = 2.0  # seconds a handover waits for the cancellations to reach the server
+RESTARTING = "supervisor_restarting"  # the reason an in-flight call fails with at a restart
 
 
 class StdioUnavailable(Exception):
@@ -42,21 +51,23 @@ class StdioUnavailable(Exception):
 
 class StdioBridge:
     def __init__(self, name: str, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+                 writer: asyncio.StreamWriter, start_id: int = 1) -> None:
         self.name = name
         self.reader = reader
         self.writer = writer
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
-        self.ids = itertools.count(1)
+        self.ids = itertools.count(start_id)
+        self.next_id = start_id  # the first id not yet given to a request
         self.closed: str | None = None  # why, once the server can no longer be reached
         self.dropped = 0  # what the server sent that nobody asked for
         self._reading: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, name: str, sock: socket.socket, max_line: int) -> StdioBridge:
+    async def open(cls, name: str, sock: socket.socket, max_line: int,
+                   start_id: int = 1) -> StdioBridge:
         reader, writer = await asyncio.open_connection(sock=sock, limit=max_line)
         writer.transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
-        bridge = cls(name, reader, writer)
+        bridge = cls(name, reader, writer, start_id)
         bridge._reading = asyncio.get_running_loop().create_task(bridge._read())
         return bridge
 
@@ -80,6 +91,7 @@ class StdioBridge:
                 continue  # an answer to a server request the bridge never passed on
             if "id" in message:
                 ident = next(self.ids)
+                self.next_id = ident + 1
                 future: asyncio.Future[dict[str, Any]] = loop.create_future()
                 self.pending[ident] = future
                 waiting.append((message["id"], ident, future))
@@ -169,6 +181,29 @@ class StdioBridge:
                 future.set_exception(StdioUnavailable(
                     "upstream_unreachable", f"MCP server {self.name} stopped: {reason}"))
         self.writer.transport.abort()
+
+    async def hand_over(self) -> None:
+        """A restart: every request still waiting is failed with `supervisor_restarting`
+        (its POST answers the agent with that JSON-RPC error) and cancelled at the server;
+        then this bridge lets go of the socket. The server keeps running: its stdin stays
+        open through the daemon's copy of this end, for the next worker's bridge."""
+        waiting = [ident for ident, future in self.pending.items() if not future.done()]
+        self._cancel(waiting)
+        if self.closed is None:
+            with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+                await asyncio.wait_for(self.writer.drain(), _HANDOVER_DRAIN)
+        self.closed = "the supervisor is restarting"
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(StdioUnavailable(
+                    RESTARTING, f"the supervisor restarted while this call to MCP server "
+                    f"{self.name} was in flight; the server was told to cancel it. Call again: "
+                    f"the server is still running", retryable=True))
+        self.writer.transport.abort()
+        if self._reading is not None:
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reading
 
     async def close(self) -> None:
         self._close("the run ended")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -188,6 +190,53 @@ class _Probe:
         return found
 
 
+# A handed-over run's window in the handover record (daemon/handover.py), as rows of the
+# sample's fields in order: at most this many bytes of JSON per run, the newest samples.
+CARRIED_WINDOW_BYTES = 32 * 1024
+_SAMPLE_FIELDS = tuple(f.name for f in dataclasses.fields(Sample))
+_MAX_COMMAND_CHARS = 4096
+
+
+def _window_to_wire(window: deque[Sample], budget: int) -> list[list[Any]]:
+    rows: list[list[Any]] = []
+    used = 2
+    for sample in reversed(window):
+        row = [list(value) if isinstance(value, tuple) else value
+               for value in dataclasses.astuple(sample)]
+        used += len(json.dumps(row, separators=(",", ":"))) + 1
+        if used > budget:
+            break
+        rows.append(row)
+    rows.reverse()
+    return rows
+
+
+def _window_from_wire(rows: Any) -> list[Sample] | None:
+    """The samples `_window_to_wire` made; None if any row is not of its form (the window
+    then starts empty: telemetry, never a reason to refuse the run). Absent: none."""
+    if rows is None:
+        return []
+    if not isinstance(rows, list):
+        return None
+    samples = []
+    for row in rows:
+        if not isinstance(row, list) or len(row) != len(_SAMPLE_FIELDS):
+            return None
+        values = dict(zip(_SAMPLE_FIELDS, row, strict=True))
+        commands = values.pop("commands")
+        if not isinstance(commands, list) or len(commands) > MAX_COMMANDS or not all(
+                isinstance(c, str) and len(c) <= _MAX_COMMAND_CHARS for c in commands):
+            return None
+        if not all(value is None or (isinstance(value, int | float)
+                                     and not isinstance(value, bool) and math.isfinite(value))
+                   for value in values.values()) or any(
+                values[key] is None for key in ("ts", "wall_seconds", "processes",
+                                                "syscall_attempts")):
+            return None
+        samples.append(Sample(**values, commands=tuple(commands)))
+    return samples
+
+
 @dataclass(eq=False)
 class _Track:
     """What the event loop keeps of one run: the rolling window and the running summary."""
@@ -291,11 +340,13 @@ class TelemetryHub:
         log.debug("telemetry: sampling run %s (%s, memory from %s)", run_id, directory,
                   memory_file)
 
-    def carry(self, run_id: str) -> dict[str, Any] | None:
+    def carry(self, run_id: str, window_bytes: int = CARRIED_WINDOW_BYTES
+              ) -> dict[str, Any] | None:
         """What the next daemon needs to go on with the run's telemetry where this one is
-        (daemon/handover.py): its cumulative counts and summary, and the CPU reading the next
-        sample's cpu_percent is measured from (as wall time: the clocks are per process).
-        The window of samples is not carried (the next daemon's starts empty)."""
+        (daemon/handover.py): its cumulative counts and summary, the CPU reading the next
+        sample's cpu_percent is measured from (as wall time: the clocks are per process), and
+        the newest samples of its window that fit in `window_bytes` of JSON (the record is
+        bounded as a whole; the caller shares a budget among its runs)."""
         track = self._tracks.get(run_id)
         with self._lock:
             probe = self._probes.get(run_id)
@@ -306,6 +357,7 @@ class TelemetryHub:
                                        overruns=0, skipped=0)
         return {"syscall_attempts": track.syscall_attempts,
                 "summary": summary.model_dump(mode="json"),
+                "window": _window_to_wire(track.window, window_bytes),
                 "last_cpu": None if last_cpu is None else [
                     self._wall_clock() - (self._clock() - last_cpu[0]), last_cpu[1]]}
 
@@ -329,6 +381,12 @@ class TelemetryHub:
             track.summary = SummaryBuilder.resumed(summary)
         except ValueError as exc:
             log.error("telemetry: run %s's summary not carried over: %s", probe.run_id, exc)
+        kept = _window_from_wire(carried.get("window"))
+        if kept is None:
+            log.error("telemetry: run %s's window not carried over: not of its form",
+                      probe.run_id)
+        else:
+            track.window.extend(kept)  # the deque keeps at most the newest `window`
         last_cpu = carried.get("last_cpu")
         if (isinstance(last_cpu, list) and len(last_cpu) == 2
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool)

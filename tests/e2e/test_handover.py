@@ -408,8 +408,10 @@ def test_a_tripwire_mid_window_fires_on_time_after_the_restart(tmp_root: Path) -
         contain = rows[1]["detail"]
         assert contain["auto_containment"] is True
         samples = daemon.agentctl_json("telemetry", "watched", "--limit", "1000")["samples"]
-        after = [s for s in samples if s["ts"] <= contain["sample_ts"]]
-        # Only the adopting daemon's samples are in its window: exactly those it lacked.
+        handed_at = daemon.audit_rows("daemon_handover")[-1]["ts"]
+        after = [s for s in samples if handed_at < s["ts"] <= contain["sample_ts"]]
+        # The adopting daemon's samples up to the containment: exactly those it lacked (the
+        # window holds the previous daemon's too, carried over).
         assert len(after) == threshold - before, (len(after), before)
         pause = next(r for r in daemon.audit_rows("pause") if r["target"] == "watched")
         assert pause["reason"].startswith(
@@ -453,5 +455,32 @@ def test_syscall_attempts_before_the_restart_count_toward_a_tripwire_after_it(
         [fired] = [r for r in daemon.audit_rows("tripwire") if r["target"] == "tried"]
         assert (fired["outcome"], fired["detail"]["rule"], fired["detail"]["value"]) == (
             "kill", "esc", 3), fired
+    finally:
+        daemon.finish()
+
+
+def test_telemetry_after_the_adoption_shows_the_samples_from_before_the_restart(
+        tmp_root: Path) -> None:
+    """The sampler's window goes with the run (bounded, in the handover record): `agentctl
+    telemetry` right after the adoption shows what the previous daemon sampled."""
+    daemon = new_daemon(tmp_root)
+    daemon.start()
+    try:
+        daemon.agentctl("run", "--detach", "--name", "sampled", "--", "sleep", "600",
+                        check=True)
+        wait_for(lambda: len(daemon.agentctl_json("telemetry", "sampled", "--limit", "100")
+                             ["samples"]) >= 5, timeout=30, what="5 samples")
+        _hand_over(daemon)
+        daemon.start()
+        handed_at = daemon.audit_rows("daemon_handover")[-1]["ts"]
+        samples = daemon.agentctl_json("telemetry", "sampled", "--limit", "1000")["samples"]
+        before = [s for s in samples if s["ts"] < handed_at]
+        assert len(before) >= 5, samples
+        assert all(s["processes"] >= 1 for s in before)
+        assert [s["ts"] for s in samples] == sorted(s["ts"] for s in samples)
+        wait_for(lambda: any(s["ts"] > handed_at for s in daemon.agentctl_json(
+            "telemetry", "sampled", "--limit", "1000")["samples"]), timeout=30,
+            what="a sample of the adopting daemon after those carried")
+        daemon.agentctl_json("kill", "sampled", "--reason", "end of test")
     finally:
         daemon.finish()

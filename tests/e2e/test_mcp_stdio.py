@@ -8,6 +8,7 @@ and dies with the agent's kill; nothing of it is left on the host."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import sys
@@ -80,15 +81,23 @@ pids = 32
 """
 
 
-@pytest.fixture
-def rig(tmp_root: Path) -> Iterator[GatewayRig]:
+@contextlib.contextmanager
+def stdio_rig(tmp_root: Path, daemon_config: dict[str, Any] | None = None
+              ) -> Iterator[GatewayRig]:
+    """A gateway rig with the secrets PROFILE's server is given (test_handover_mcp.py too)."""
     require_root_and_runc()
     require(shutil.which("nft") is not None, "needs nft (apt-get install nftables)")
-    with gateway_rig(tmp_root, "runc") as prepared:
+    with gateway_rig(tmp_root, "runc", daemon_config) as prepared:
         for name, value in (("files-token", ENV_SECRET), ("db-key", FILE_SECRET)):
             path = tmp_root / "secrets" / name
             path.write_text(value + "\n")
             path.chmod(0o600)
+        yield prepared
+
+
+@pytest.fixture
+def rig(tmp_root: Path) -> Iterator[GatewayRig]:
+    with stdio_rig(tmp_root) as prepared:
         yield prepared
 
 

@@ -21,7 +21,9 @@ from supervisor.daemon.store import RunRecord
 from supervisor.egress import link
 from supervisor.egress.grant import RunGrant
 from supervisor.errors import EgressSetupFailed
+from supervisor.mcp.sandbox import RunServers, StdioServer
 from supervisor.models.egress import GatewayPolicy
+from supervisor.sandbox.cgroups import Cgroup
 from tests.unit.conftest import ArbiterEnv
 
 GATEWAY = {"ifname": "asgabc", "table": "ast_r1", "host_ip": "10.213.0.1",
@@ -56,6 +58,45 @@ def test_a_malformed_gateway_entry_is_refused_before_anything_is_adopted(
     record["runs"][0]["gateway"] = "r1"
     with pytest.raises(ValueError, match="gateway is not an object"):
         handover.check_record(record, 1)
+
+
+MCP = {"gateway": {"calls": 3, "cost": 0.5, "per_server": {"files": 3},
+                   "per_tool": {"files/echo": 1}, "sessions": [["sid-secret", "remote"]],
+                   "next_ids": {"files": 4}},
+       "rows": 3, "unrecorded": 0, "unrecorded_by_outcome": {}, "budget_fired": False,
+       "stdio": [{"name": "files", "container_id": "as-r1-mcp0", "pid": 11, "host_uid": 1,
+                  "fd": 1}]}
+
+
+def test_a_record_with_stdio_mcp_servers_names_their_descriptors() -> None:
+    handover.check_record(_record(mcp=MCP), 2)
+    assert handover._stdio_fds(_record(mcp=MCP)["runs"][0]) == [1]
+
+
+@pytest.mark.parametrize(("stdio", "nfds"), [
+    ([{**MCP["stdio"][0], "fd": 0}], 2),  # the output pipe's
+    ([{**MCP["stdio"][0], "fd": 2}], 2),  # not received
+    ([{**MCP["stdio"][0], "fd": True}], 2),
+    ([{k: v for k, v in MCP["stdio"][0].items() if k != "fd"}], 2),
+    ([MCP["stdio"][0], MCP["stdio"][0]], 3),  # one descriptor for two servers
+    ([{**MCP["stdio"][0], "fd": n} for n in range(1, 10)], 10),  # more than a profile has
+    ("files", 2), (["files"], 2),
+])
+def test_a_malformed_stdio_entry_is_refused_before_anything_is_adopted(
+        stdio: Any, nfds: int) -> None:
+    with pytest.raises(ValueError, match=r"descriptor index|mcp\.stdio"):
+        handover.check_record(_record(mcp={**MCP, "stdio": stdio}), nfds)
+
+
+def test_the_record_on_disk_has_no_mcp_session_id(tmp_path: Path) -> None:
+    message = _record(mcp=MCP)
+    handover._write_record(tmp_path / "handover.json", message)
+    text = (tmp_path / "handover.json").read_text()
+    assert "sid-secret" not in text and '"tok"' not in text
+    assert json.loads(text)["runs"][0]["gateway"]["mcp"]["gateway"]["per_tool"] == \
+        {"files/echo": 1}
+    assert message["runs"][0]["gateway"]["mcp"]["gateway"]["sessions"] == \
+        [["sid-secret", "remote"]]  # what the watchdog gets: whole
 
 
 def test_the_record_on_disk_has_no_token(tmp_path: Path) -> None:
@@ -108,7 +149,11 @@ def test_what_cannot_go_to_the_next_daemon_says_why(env: ArbiterEnv) -> None:
         mcp = GatewayPolicy.model_validate({"mcp": {"servers": [
             {"name": "files", "url": "https://mcp.example.test/mcp"}]}})
         egress = _control(env, asyncio.get_running_loop(), mcp)
-        assert "MCP servers" in (egress.handover_refusal("r1") or "")
+        assert egress.handover_refusal("r1") is None  # MCP servers go along (issue 13)
+        # A stdio server whose end this daemon no longer holds could not be reached.
+        egress.runs["r1"].stdio = RunServers("r1", [StdioServer(
+            "files", "as-r1-mcp0", Path("/b"), Cgroup("as/as-r1-mcp0"), 1)])
+        assert "stdio MCP servers" in (egress.handover_refusal("r1") or "")
         egress = _control(env, asyncio.get_running_loop())
         egress.runs["r1"].lost = True
         assert "lost" in (egress.handover_refusal("r1") or "")
@@ -131,6 +176,14 @@ def test_an_entry_naming_another_runs_link_is_not_adopted(env: ArbiterEnv) -> No
                                env.audit, env.db, asyncio.get_running_loop())
         with pytest.raises(EgressSetupFailed, match="not the run's own"):
             await egress.adopt(run, GatewayPolicy(), GATEWAY)
+        # A profile that names MCP servers now, for a run handed over without (or the
+        # other way round): nothing is taken.
+        mcp = GatewayPolicy.model_validate({"mcp": {"servers": [
+            {"name": "files", "url": "https://mcp.example.test/mcp"}]}})
+        with pytest.raises(EgressSetupFailed, match="MCP servers the run did not have"):
+            await egress.adopt(run, mcp, GATEWAY)
+        with pytest.raises(EgressSetupFailed, match="MCP servers the run did not have"):
+            await egress.adopt(run, GatewayPolicy(), {**GATEWAY, "mcp": {"stdio": []}})
         assert egress.runs == {} and egress.pool.reserve(
             link.LinkAddresses.of(ipaddress.IPv4Network("10.213.0.0/30")))
 

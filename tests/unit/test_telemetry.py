@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import json
 import logging
 import threading
 import time
@@ -805,6 +806,50 @@ def test_an_adopted_run_goes_on_from_what_the_previous_daemon_carried(
     assert summary is not None
     assert (summary.samples, summary.syscall_attempts) == (3, 3)
     assert summary.peak_memory_bytes == 96 * MIB  # the peak before the restart stays
+
+
+def test_the_window_goes_with_an_adopted_run_newest_first_within_its_bytes(
+        host: FakeHost, loop: asyncio.AbstractEventLoop) -> None:
+    """Issue 13: `agentctl telemetry` after an adoption shows the samples from before the
+    restart: the newest that fit the run's share of the handover record."""
+    host.add(FakeProcess(10, name_="python3", ppid_=1, rss=30 * MIB))
+    host.write(pids=[10], cpu_usec=1_000_000, memory=64 * MIB)
+    old = host.hub(loop)
+    old.register("r1", host.cgroup, started_at=host.now)
+    for _ in range(20):
+        host.tick(old)
+    window = old.samples("r1", 100)
+    carried = old.carry("r1")
+    assert carried is not None and len(carried["window"]) == 20
+    small = old.carry("r1", window_bytes=len(json.dumps(carried["window"])) // 4)
+    assert small is not None and 0 < len(small["window"]) < 20
+
+    new = host.hub(loop)
+    new.expect("r1", json.loads(json.dumps(small)))  # as the record carries it
+    new.register("r1", host.cgroup, started_at=host.now)
+    kept = new.samples("r1", 100)
+    assert kept == window[-len(small["window"]):]  # the newest, whole, oldest first
+    host.tick(new)
+    assert new.samples("r1", 100)[:-1] == kept and len(new.samples("r1", 100)) == len(kept) + 1
+
+
+@pytest.mark.parametrize("window", [
+    "rows", [[1.0]], [["x"] * 22], [[None] * 22],
+])
+def test_a_carried_window_not_of_its_form_starts_empty(
+        host: FakeHost, loop: asyncio.AbstractEventLoop, window: Any) -> None:
+    host.write(pids=[], cpu_usec=1_000_000)
+    old = host.hub(loop)
+    old.register("r1", host.cgroup, started_at=host.now)
+    host.tick(old)
+    carried = old.carry("r1")
+    assert carried is not None
+    new = host.hub(loop)
+    new.expect("r1", {**carried, "window": window})
+    new.register("r1", host.cgroup, started_at=host.now)
+    assert new.samples("r1", 100) == []
+    summary = new.summary("r1")
+    assert summary is not None and summary.samples == 1  # the rest was taken
 
 
 def test_a_carried_part_not_of_its_form_is_left_at_its_start(

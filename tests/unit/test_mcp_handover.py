@@ -1,0 +1,159 @@
+"""A run's MCP state across a restart, without root (issue 13): what the old gateway worker
+gives the next one (McpCarried on the wire, bounded and checked), and the gateway's side of
+the handover with a stdio server on a real socketpair: the call in flight is answered with a
+JSON-RPC error the agent can retry on and cancelled at the server, whose stdin stays open
+through the daemon's copy of the gateway's end; the next gateway, given that copy, reaches the
+same server, numbers its requests past the old ones (a late answer to the cancelled call is
+dropped) and counts the budgets on. e2e (tests/e2e/test_handover_mcp.py) proves it with the
+SDK's server in its sandbox and real daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import threading
+from typing import Any
+
+import pytest
+
+from supervisor.config import EgressSection
+from supervisor.egress.gateway import Gateway
+from supervisor.egress.grant import (
+    MCP_CARRIED_SESSIONS,
+    Carried,
+    McpCarried,
+    RunGrant,
+    carried_from_wire,
+    carried_to_wire,
+    mcp_carried_from_wire,
+    mcp_carried_to_wire,
+)
+from supervisor.models.egress import GatewayPolicy
+from tests.unit import test_egress_gateway as gw
+from tests.unit.test_mcp_gateway import McpSink
+
+CARRIED = McpCarried(calls=3, cost=0.25, per_server={"files": 3}, per_tool={"files/echo": 1},
+                     sessions=[("sid-1", "remote")], next_ids={"files": 4})
+
+
+def test_the_mcp_state_goes_over_the_wire_whole() -> None:
+    wire = json.loads(json.dumps(mcp_carried_to_wire(CARRIED)))
+    assert mcp_carried_from_wire(wire) == CARRIED
+    carried = Carried(suspended=True, mcp=CARRIED)
+    assert carried_from_wire(json.loads(json.dumps(carried_to_wire(carried)))) == carried
+    assert carried_from_wire(carried_to_wire(Carried())).mcp is None  # a run without MCP
+
+
+@pytest.mark.parametrize("change", [
+    {"calls": -1}, {"calls": True}, {"calls": 1.5}, {"calls": 1 << 63},
+    {"cost": -0.1}, {"cost": "1"}, {"cost": float("inf")}, {"cost": False},
+    {"per_server": []}, {"per_server": {"files": -1}}, {"per_server": {"": 1}},
+    {"per_tool": {"x" * 301: 1}}, {"per_tool": {f"s/t{n}": 1 for n in range(513)}},
+    {"sessions": [["sid"]]}, {"sessions": [["sid", 1]]}, {"sessions": {"sid": "remote"}},
+    {"sessions": [["s", "remote"]] * (MCP_CARRIED_SESSIONS + 1)},
+    {"next_ids": {"files": 0}}, {"next_ids": {f"s{n}": 1 for n in range(9)}},
+    {"next_ids": None},
+])
+def test_a_malformed_or_unbounded_mcp_state_is_refused(change: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        mcp_carried_from_wire({**mcp_carried_to_wire(CARRIED), **change})
+    with pytest.raises(ValueError):
+        mcp_carried_from_wire("not an object")
+
+
+POLICY = {"breaker": {"enabled": False}, "mcp": {"servers": [
+    {"name": "files", "command": ["python", "server.py"], "allow": ["echo", "slow"],
+     "tools": {"echo": {"max_calls": 2}}}]}}
+
+
+def _call(name: str, ident: int | str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": ident, "method": "tools/call",
+            "params": {"name": name, "arguments": {}}}
+
+
+class _Side:
+    """One gateway (a worker) serving the run, and the agent's POSTs to it."""
+
+    def __init__(self, server_end: socket.socket, carried: McpCarried | None,
+                 port: int) -> None:
+        self.gateway = Gateway(EgressSection.model_validate({}), McpSink(), clock=gw.Clock())
+        self.gateway.start()
+        self.port = port
+        grant = RunGrant(run_id=gw.RUN, agent="agent-a", token=gw.TOKEN,
+                         expires_at=gw.T0 + 3600, policy=GatewayPolicy.model_validate(POLICY),
+                         host_ip="127.0.0.1", port=port, secrets={})
+        asyncio.run(self.gateway.open(grant, {"files": server_end},
+                                      Carried(mcp=carried) if carried else None))
+
+    def post(self, message: Any) -> Any:
+        return gw.exchange(self.port, gw.request_bytes(
+            "POST", "http://mcp.gateway/files", "mcp.gateway", auth=gw.basic(gw.TOKEN),
+            body=json.dumps(message).encode(),
+            headers=(("Content-Type", "application/json"),
+                     ("Accept", "application/json, text/event-stream"))))
+
+    def posting(self, message: Any, into: list[Any]) -> threading.Thread:
+        thread = threading.Thread(target=lambda: into.append(self.post(message)))
+        thread.start()
+        return thread
+
+
+def test_a_call_in_flight_at_a_restart_is_answered_and_the_next_worker_goes_on() -> None:
+    server, gateway_end = socket.socketpair()
+    kept = socket.socket(fileno=os.dup(gateway_end.fileno()))  # the daemon's copy
+    reader = server.makefile("rb")
+    old = _Side(gateway_end, None, gw.free_port())
+    new: _Side | None = None
+    try:
+        answered: list[Any] = []
+        thread = old.posting(_call("echo", "a1"), answered)
+        first = json.loads(reader.readline())
+        server.sendall(json.dumps({"jsonrpc": "2.0", "id": first["id"],
+                                   "result": {"content": []}}).encode() + b"\n")
+        thread.join(gw.WAIT)
+        in_flight: list[Any] = []
+        thread = old.posting(_call("slow", "a2"), in_flight)
+        slow = json.loads(reader.readline())
+        assert slow["id"] == first["id"] + 1  # the bridge's own ids
+
+        usage, carried_wire = asyncio.run(old.gateway.hand_over(gw.RUN))
+        thread.join(gw.WAIT)
+        # The agent's call in flight: a JSON-RPC error (HTTP 200) saying why, retryable.
+        [reply] = in_flight
+        assert reply.status == 200, reply
+        body = reply.json()
+        assert body["id"] == "a2" and body["error"]["data"]["reason"] == \
+            "supervisor_restarting" and body["error"]["data"]["retryable"] is True
+        # ... and cancelled at the server, whose stdin is still open (the daemon's copy).
+        cancel = json.loads(reader.readline())
+        assert cancel["method"] == "notifications/cancelled"
+        assert cancel["params"]["requestId"] == slow["id"]
+        assert carried_wire is not None and usage is not None
+        carried = mcp_carried_from_wire(carried_wire)
+        assert carried.next_ids == {"files": slow["id"] + 1}
+        assert (carried.calls, carried.per_tool) == (2, {"files/echo": 1})
+
+        # The next worker: the same server through the daemon's copy of the end.
+        new = _Side(kept, carried, old.port)
+        late: list[Any] = []
+        thread = new.posting(_call("echo", "b1"), late)
+        again = json.loads(reader.readline())
+        assert again["id"] == slow["id"] + 1  # past every id the old worker gave
+        server.sendall(b"".join(json.dumps(m).encode() + b"\n" for m in (
+            {"jsonrpc": "2.0", "id": slow["id"], "result": {"content": ["late"]}},
+            {"jsonrpc": "2.0", "id": again["id"], "result": {"content": ["b1"]}})))
+        thread.join(gw.WAIT)
+        assert late[0].json() == {"jsonrpc": "2.0", "id": "b1", "result": {"content": ["b1"]}}
+        # The budget went on: echo was called once before the restart, once after.
+        assert new.post(_call("echo", "b2")).json()["error"]["data"]["reason"] == \
+            "budget_exhausted"
+    finally:
+        old.gateway.stop()
+        if new is not None:
+            new.gateway.stop()
+        else:
+            kept.close()
+        reader.close()
+        server.close()
