@@ -24,8 +24,10 @@ fi
 # etcd-server, etcd-client: the fleet store (tests/fleet start their own etcd; docs/fleet.md).
 # mmdebstrap: the systemd tier builds its Debian root with it (tests/systemd/machine.py).
 # zsh, fish: the unit tier runs agentctl's completion scripts in each real shell.
+# sudo: tests/e2e/test_ci_action.py runs action.yml's step, which goes through sudo as on
+# GitHub's runners.
 packages=("${SERVICE_PACKAGES[@]}" "${CI_PACKAGES[@]}" tmux stress-ng docker.io chromium
-          chromium-driver etcd-server etcd-client mmdebstrap zsh fish)
+          chromium-driver etcd-server etcd-client mmdebstrap zsh fish sudo)
 ensure_packages install-deps "${packages[@]}"
 # node and npm: the CI-mode e2e test installs a real agent CLI (Claude Code) from npm. Kept
 # when present (a runner image's node 20 brings its own npm); Debian's otherwise.

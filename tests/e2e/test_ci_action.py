@@ -1,20 +1,34 @@
 """The GitHub Action's script part for real: `python -m supervisor.ci.action` with the step's
 inputs as the runner passes them and $GITHUB_OUTPUT set, around a real embedded run whose agent
 makes one change in scope and two outside it. Outputs, annotations and the exit status are
-what a workflow sees. Real runc, namespaces and files; needs root."""
+what a workflow sees. Then action.yml's own run step, as a runner runs a composite step's
+`shell: bash` (`bash --noprofile --norc -eo pipefail FILE`, the step's env with the inputs
+substituted, real sudo): the signing key and model key reach agentctl through sudo, and the
+key file is gone afterwards whatever the agent did. Real runc, namespaces, files and sudo;
+needs root."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
+from supervisor.ci import DEFAULT_ROOT
 from tests.conftest import require, require_root_and_runc
-from tests.support.embedded import WORKSPACE_UID, agentctl_env, chown_tree, host_residue
+from tests.support.embedded import (
+    WORKSPACE_UID,
+    agentctl_command,
+    agentctl_env,
+    chown_tree,
+    host_residue,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -65,3 +79,84 @@ def test_the_action_sets_outputs_annotates_offending_files_and_fails_the_step(
     assert report["signature"]["key_id"] == values["signature-key-id"]
     assert "FAILED" in summary.read_text()
     assert host_residue(state_root) == {}
+
+
+ROOT = Path(__file__).resolve().parents[2]
+INSTALLED = "/opt/agent-supervisor/venv"  # where action.yml's install step puts the venv
+
+
+def _run_step(inputs: dict[str, str], context: dict[str, str], tmp_root: Path
+              ) -> subprocess.CompletedProcess[str]:
+    """action.yml's second step as the runner runs it: its `${{ inputs.* }}` (defaults
+    included) and `${{ github.workspace }}`/`${{ runner.temp }}` substituted, the script in a
+    file run by `bash --noprofile --norc -eo pipefail`, this test's venv for the installed one
+    (the install step itself is not run: it would rebuild the host's venv)."""
+    action = yaml.safe_load((ROOT / "action.yml").read_text())
+    step = action["runs"]["steps"][1]
+    venv = str(Path(sys.executable).parent.parent)
+    values = {f"inputs.{name}": spec.get("default", "")
+              for name, spec in action["inputs"].items()}
+    values.update({f"inputs.{k}": v for k, v in inputs.items()})
+    values.update({"github.workspace": context["GITHUB_WORKSPACE"],
+                   "runner.temp": context["RUNNER_TEMP"]})
+
+    def expand(text: str) -> str:
+        for _ in range(2):  # a default may itself be an expression
+            text = re.sub(r"\$\{\{\s*([\w.-]+)\s*\}\}", lambda m: values[m.group(1)], text)
+        return text.replace(INSTALLED, venv)
+
+    script = tmp_root / "step.sh"
+    script.write_text(expand(step["run"]))
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_root), **context,
+           **{name: expand(str(value)) for name, value in step["env"].items()}}
+    return subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_root)
+
+
+@pytest.mark.parametrize("agent,status", [
+    ("echo y > src/app.py; echo agent-done", 0),
+    ("echo n > stray.txt; echo agent-done", 83),
+])
+def test_the_actions_own_step_runs_through_sudo_and_leaves_no_key_behind(
+        tmp_root: Path, agent: str, status: int) -> None:
+    require_root_and_runc()
+    require(shutil.which("sudo") is not None, "needs sudo (GitHub's runners run the step's "
+            "agentctl through it; scripts/install-deps.sh installs it)")
+    repo = tmp_root / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "app.py").write_text("x = 1\n")
+    chown_tree(repo, WORKSPACE_UID)
+    private = tmp_root / "keys" / "ci"
+    private.parent.mkdir()
+    subprocess.run(agentctl_command("report", "keygen", str(private)), check=True,
+                   capture_output=True)
+    runner_temp = tmp_root / "runner-temp"
+    runner_temp.mkdir()
+    github_output = tmp_root / "github_output"
+    context = {"GITHUB_WORKSPACE": str(repo), "RUNNER_TEMP": str(runner_temp),
+               "GITHUB_OUTPUT": str(github_output),
+               "GITHUB_STEP_SUMMARY": str(tmp_root / "summary.md")}
+    # A gateway profile: the run starts only if the model key reached agentctl through sudo.
+    result = _run_step({"command": agent, "profile": "coding-agent", "allow-changes": "src/**",
+                        "timeout": "2m", "model-api-key": "sk-model-key-through-sudo",
+                        "signing-key": private.read_text()}, context, tmp_root)
+    assert result.returncode == status, result.stdout + result.stderr
+    assert "agent-done" in result.stdout
+    # The private key was written for the run only: gone however the step ended.
+    assert sorted(p.name for p in runner_temp.iterdir()) == ["agent-report.json",
+                                                             "agent-report.json.audit.jsonl"]
+    outputs = dict(line.split("=", 1) for line in github_output.read_text().splitlines())
+    assert outputs["exit-status"] == str(status)
+    assert outputs["verdict"] == ("passed" if status == 0 else "failed")
+    report_path = Path(outputs["report"])
+    assert report_path == runner_temp / "agent-report.json"
+    # Signed with the key the step was given, not an ephemeral one.
+    verified = subprocess.run(agentctl_command("report", "verify", str(report_path), "--key",
+                                               str(private.with_name("ci.pub"))),
+                              capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stderr
+    report = json.loads(report_path.read_text())
+    assert report["run"]["profile"] == "coding-agent" and report["ending"] == "exited"
+    assert not report["signature"].get("ephemeral_key")
+    assert "sk-model-key-through-sudo" not in report_path.read_text()
+    assert host_residue(Path(DEFAULT_ROOT)) == {}
