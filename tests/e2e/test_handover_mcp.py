@@ -10,6 +10,7 @@ audited). Real daemon processes, runc, cgroups, veth, nftables; needs root."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -21,15 +22,16 @@ from typing import Any
 import pytest
 
 from supervisor.sandbox.cgroups import Cgroup
+from tests.e2e.test_mcp import PROFILE as REMOTE_PROFILE
+from tests.e2e.test_mcp import remote_rig
 from tests.e2e.test_mcp_stdio import PROFILE as STDIO_PROFILE
 from tests.e2e.test_mcp_stdio import SUPPORT, stdio_rig
 from tests.support.daemon import wait_for
 from tests.support.egress import GatewayRig
+from tests.support.mcp import TOKEN, McpUpstream
 
-# Before the restart: one echo, then `slow` (in flight when the daemon hands over). After the
-# test's "go2": echo twice more on the same session (the rule allows two echo calls per run:
-# the second after the restart is refused only if the first was carried over).
-AGENT = r'''
+# The agents' SDK client helpers.
+AGENT_LIB = r'''
 import asyncio, json, os, sys
 
 from mcp import ClientSession
@@ -50,6 +52,12 @@ async def call(session, tool, args):
     except McpError as exc:
         return {"error": exc.error.message, "data": exc.error.data}
 
+'''
+
+# Before the restart: one echo, then `slow` (in flight when the daemon hands over). After the
+# test's "go2": echo twice more on the same session (the rule allows two echo calls per run:
+# the second after the restart is refused only if the first was carried over).
+AGENT = AGENT_LIB + r'''
 async def main():
     async with streamable_http_client("http://mcp.gateway/files") as (read, write, _):
         async with ClientSession(read, write) as session:
@@ -195,3 +203,60 @@ def test_a_run_whose_mcp_server_died_meanwhile_is_not_adopted(rig: GatewayRig) -
     assert view["state"] != "active" and view["run"]["id"] == run["id"]
     wait_for(lambda: not rig.daemon.agent_pids(), 30, what="the agent reaped")
     assert rig.daemon.clean() == {}
+
+
+# A remote (streamable HTTP) server: its session is the server's; the gateway passes it
+# through. test_mcp.py's profile allows two searches per run: one before the restart, one
+# after, the third refused.
+REMOTE_AGENT = AGENT_LIB + r'''
+async def main():
+    async with streamable_http_client("http://mcp.gateway/code") as (read, write, _):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            save("before.json", await call(session, "search", {"query": "a"}))
+            while not os.path.exists("/workspace/go2"):
+                await asyncio.sleep(0.05)
+            save("after.json", [await call(session, "search", {"query": q}) for q in "bc"])
+            await asyncio.sleep(600)
+
+asyncio.run(main())
+'''
+
+
+
+# The SDK's streamable HTTP server leaves anyio streams to the garbage collector (test_mcp.py).
+@pytest.mark.filterwarnings("ignore:Unclosed <MemoryObject:ResourceWarning")
+def test_a_run_with_a_remote_mcp_server_keeps_its_session_and_budget(tmp_root: Path) -> None:
+    with remote_rig(tmp_root) as rig:
+        server = McpUpstream(rig.ca).start()
+        try:
+            venv = str(Path(sys.prefix).resolve())
+            profile = rig.profile("mcp-remote", REMOTE_PROFILE.replace(
+                "{VENV}", venv).replace("{URL}", server.url))
+            path = rig.script("remote_agent.py", REMOTE_AGENT)
+            rig.daemon.agentctl_json("run", "--name", "coder", "--profile", profile,
+                                     "--workspace", str(rig.workspace), "--detach", "--",
+                                     f"{venv}/bin/python", "-u", path)
+            before = rig.result("before.json", "coder", "the call before the restart")
+            assert before == {"text": "3 matches for a"}, before
+
+            _hand_over(rig)
+            on_disk = (rig.daemon.root / "state" / "handover.json").read_text()
+            [entry] = json.loads(on_disk)["runs"]
+            assert entry["gateway"]["mcp"]["gateway"]["sessions"] == "1 (ids withheld)"
+            rig.daemon.start()
+            [adopted] = [r for r in rig.daemon.audit_rows("adopt") if r["target"] == "coder"]
+            assert adopted["outcome"] == "ok", adopted["detail"]
+            assert adopted["detail"]["gateway"]["mcp"]["remote_sessions"] == 1
+
+            rig.touch("go2")
+            after = rig.result("after.json", "coder", "the calls after the adoption")
+            assert "error" not in after[0], after  # the same session, through the new worker
+            assert after[1]["data"]["reason"] == "budget_exhausted", after
+            assert [c[0] for c in server.log.calls] == ["search", "search"]
+            assert set(server.log.authorizations) == {f"Bearer {TOKEN}"}
+            rig.daemon.agentctl("kill", "coder", "--reason", "test", check=True)
+            assert rig.daemon.clean() == {}
+        finally:
+            server.stop()
+            gc.collect()

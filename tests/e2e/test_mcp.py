@@ -7,6 +7,7 @@ while a call is in flight; the decisions are read back from the audit log."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import shutil
@@ -106,17 +107,26 @@ approval = true
 """
 
 
-@pytest.fixture
-def rig(tmp_root: Path) -> Iterator[GatewayRig]:
+@contextlib.contextmanager
+def remote_rig(tmp_root: Path, daemon_config: dict[str, Any] | None = None
+               ) -> Iterator[GatewayRig]:
+    """A gateway rig whose daemon reaches the SDK's server (McpUpstream) with its token
+    (test_handover_mcp.py too)."""
     require_root_and_runc()
     require(shutil.which("nft") is not None, "needs nft (apt-get install nftables)")
     assert MCP_NAME in NAMES, "the test CA must name the MCP server"
     secrets = tmp_root / "secrets"
     hosts = {name: "127.0.0.1" for name in NAMES}
-    with gateway_rig(tmp_root, "runc", hosts=hosts) as prepared:
+    with gateway_rig(tmp_root, "runc", daemon_config, hosts=hosts) as prepared:
         token = secrets / "code-mcp-token"
         token.write_text(TOKEN + "\n")
         token.chmod(0o600)
+        yield prepared
+
+
+@pytest.fixture
+def rig(tmp_root: Path) -> Iterator[GatewayRig]:
+    with remote_rig(tmp_root) as prepared:
         yield prepared
 
 
