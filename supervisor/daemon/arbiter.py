@@ -104,6 +104,8 @@ class Arbiter:
         self._tasks: set[asyncio.Task[Any]] = set()
         # Step 6 of ended runs, after the answer: run id -> its cleanup.
         self.cleanups: dict[str, asyncio.Task[dict[str, Any]]] = {}
+        # Runs a kill ended whose observers are told after its answer (ending.observe_ended).
+        self.unobserved: dict[str, RunRecord] = {}
         # Step 6 runs at most this many runtime cleanups at once (each spawns a process from
         # the loop); enough that a hundred finish well within shutdown's wait on a busy host.
         self.cleanup_slots = asyncio.Semaphore(32)
@@ -198,6 +200,8 @@ class Arbiter:
     def agent_view(self, name: str) -> AgentView:
         agent = self._agent(name)
         run_id = agent.current_run or agent.last_run
+        if run_id in self.unobserved:  # its telemetry is read next: final, not live
+            ending.observe_ended(self, run_id)
         live = self.live.get(run_id) if run_id else None
         record = live.record if live else (self.store.run(run_id) if run_id else None)
         return AgentView(
@@ -212,6 +216,8 @@ class Arbiter:
         return [self.agent_view(name) for name in sorted(self.agents)]
 
     def get_run(self, run_id: str) -> tuple[RunRecord, LiveRun | None]:
+        if run_id in self.unobserved:  # its telemetry may be read next: final, not live
+            ending.observe_ended(self, run_id)
         live = self.live.get(run_id)
         if live:
             return live.record, live

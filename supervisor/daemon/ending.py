@@ -118,7 +118,10 @@ def finalise(arbiter: Arbiter, live: LiveRun, cause: EndCause, *, exit_code: int
         arbiter.store.put_agent(agent)
     arbiter.live.pop(run.id, None)
     arbiter.store.put_run(run)
-    arbiter.observers.run_ended(run)  # telemetry, tripwires, seccomp fds, gateway
+    if after is None:
+        arbiter.observers.run_ended(run)  # telemetry, tripwires, seccomp fds, gateway
+    else:  # a kill's: after its answer (`answer_out`), or at a read of the run before that
+        arbiter.unobserved[run.id] = run
     if live.handle is None:
         live.done.set()
         return
@@ -311,7 +314,25 @@ async def answer_out(arbiter: Arbiter, answered: asyncio.Future[None]) -> None:
         await arbiter.answers_out(_CLEANUP_WAIT)
         await asyncio.sleep(0)
     finally:
+        observe_ended(arbiter)
         answered.set_result(None)
+
+
+def observe_ended(arbiter: Arbiter, run_id: str | None = None) -> None:
+    """Tell the observers (telemetry summary, tripwires, seccomp fds, gateway) of the runs a
+    kill ended, or of `run_id` only: after the kill's answer, since for a hundred runs they
+    were half of the records in front of it (docs/benchmarks.md run 11), or at once when
+    a read of that run comes first, so no read sees an ended run still observed as live.
+    Their store writes (the telemetry summaries) in one transaction."""
+    if run_id is not None:
+        runs = [arbiter.unobserved.pop(run_id)] if run_id in arbiter.unobserved else []
+    else:
+        runs = list(arbiter.unobserved.values())
+        arbiter.unobserved.clear()
+    if runs:
+        with arbiter.store.batch():
+            for run in runs:
+                arbiter.observers.run_ended(run)
 
 
 @dataclass

@@ -865,6 +865,8 @@ def test_a_failing_run_observer_never_breaks_a_launch_a_kill_or_the_others(
         result = await act(arbiter, "kill", scope("a1"), "still works")
         assert result.results[0].new_state == "killed"
         assert view.id not in arbiter.live
+        # A kill's runs are told after its answer (test_killpath.py holds that order).
+        await asyncio.wait_for(arbiter.settled(view.id), WAIT)
         assert forgotten == [container_id]  # told after both failed
 
     asyncio.run(body())

@@ -605,3 +605,49 @@ def test_a_kills_answer_waits_for_its_audit_rows_while_its_records_overlap(
     assert kills_at_marks[0] == [["cgroup.kill"]] * 3, "step 1's store write before a SIGKILL"
     server.settle()
     server.call(server.audit.close)
+
+
+class EndedRuns:
+    """A `Sampler` (daemon/observers.py) that notes which runs it was told had ended."""
+
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+
+    def run_started(self, run_id: str, cgroup: str, started_at: float) -> None:
+        pass
+
+    def run_ended(self, run_id: str) -> None:
+        self.ended.append(run_id)
+
+
+def test_a_kills_observers_are_told_after_its_answer_or_at_a_read_of_the_run(
+        env: ArbiterEnv) -> None:
+    """A kill's runs reach the observers (telemetry summary, tripwires, seccomp, gateway)
+    after its answer, not in front of it; a read of one of them before that tells its
+    observers first, so no view shows an ended run with a live summary. A run that ends by
+    itself is told at once."""
+    async def body() -> None:
+        arbiter = env.arbiter()
+        sampler = EndedRuns()
+        arbiter.observers = RunObservers(sampler=sampler)
+        views = [await arbiter.launch(_request(f"w{i}"), ALICE) for i in range(3)]
+        result = await arbiter.act(
+            "kill", ActionRequest(scope=Scope(agent_class="web"), reason="r"), ALICE)
+        assert [r.new_state for r in result.results] == ["killed"] * 3
+        assert sampler.ended == [], "the observers were in front of the answer"
+        assert set(arbiter.unobserved) == {v.id for v in views}
+        arbiter.agent_view("w0")  # a read of w0 before the gate: its observers first
+        assert sampler.ended == [views[0].id]
+        arbiter.get_run(views[1].id)
+        assert sampler.ended == [views[0].id, views[1].id]
+        for view in views:
+            await asyncio.wait_for(arbiter.settled(view.id), WAIT)
+        assert sorted(sampler.ended) == sorted(v.id for v in views)
+        assert not arbiter.unobserved
+
+        exited = await arbiter.launch(_request("e0", "batch"), ALICE)
+        env.runtime.handles[exited.id].finish(0)  # its command ends by itself
+        await asyncio.wait_for(arbiter.settled(exited.id), WAIT)
+        assert sampler.ended[-1] == exited.id
+
+    asyncio.run(body())

@@ -76,6 +76,8 @@ def test_the_arbiter_tells_its_sampler_when_a_run_starts_and_ends(env: ArbiterEn
         second = await arbiter.launch(request, ALICE)
         await arbiter.act("kill", ActionRequest(scope=Scope(agent="a1")), ALICE)
         assert [s[0] for s in started] == [first.id, second.id]
+        # A kill's runs are told after its answer (test_killpath.py holds that order).
+        await asyncio.wait_for(arbiter.settled(second.id), WAIT)
         assert ended == [first.id, second.id]
 
     asyncio.run(body())
