@@ -107,12 +107,25 @@ class Runc:
                               data.get("bundle", ""))
 
     async def list(self) -> list[ContainerState]:
-        if not self.root.exists():
+        """Every container under our root. runc keeps one directory per container there and
+        lists nothing else, so with none (a fresh root, or every run deleted) there is nothing
+        to ask it: an embedded CI run's reconcile and teardown each skip a runc process."""
+        if not _has_containers(self.root):
             return []
         _rc, out, _err = await self._run("list", "--format", "json")
         items: list[dict[str, Any]] = json.loads(out or b"null") or []
         return [ContainerState(i["id"], i["status"], int(i.get("pid") or 0), i.get("bundle", ""))
                 for i in items]
+
+
+def _has_containers(root: Path) -> bool:
+    try:
+        with os.scandir(root) as entries:
+            return any(entry.is_dir(follow_symlinks=False) for entry in entries)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # runc's own answer (its error) decides
 
 
 def _last_runc_error(runc_log: Path) -> str:
