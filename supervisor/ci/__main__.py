@@ -6,7 +6,9 @@ one that arrives while the interpreter starts (agentctl blocks them across its e
 runner's modules load never ends in a KeyboardInterrupt traceback; the runner acts on it as
 soon as it can kill through the audited path (the run ends killed, status 80).
 pydantic's plugins stay off: finding them scans every installed distribution's entry points
-(~2 % of the runner's start), and a root process has no use for code a package registers.
+(~2 % of the runner's start), and a root process has no use for code a package registers; the
+loader module that would read that setting is replaced by ci/no_plugins.py, which answers the
+same without importing importlib.metadata.
 The garbage collector is off while the runner's ~380 modules import: every object they make
 lives until the process ends, yet ~6 % of the import time went to collections finding nothing
 to free. runner.main() then freezes those objects out of the collector and turns it back on."""
@@ -14,6 +16,7 @@ to free. runner.main() then freezes those objects out of the collector and turns
 import gc
 import os
 import signal
+import sys
 
 gc.disable()
 early_signals: list[int] = []
@@ -22,6 +25,9 @@ for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
 # agentctl blocked them across its exec: any that came meanwhile are delivered now, to the above.
 signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
 os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
+from supervisor.ci import no_plugins  # noqa: E402  (after the signals are taken)
+
+sys.modules.setdefault(no_plugins.MODULE, no_plugins)
 
 from supervisor.ci.runner import main  # noqa: E402  (after the collector is off)
 

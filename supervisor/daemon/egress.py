@@ -24,8 +24,9 @@ import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor.audit import AuditLog
 from supervisor.config import Config
@@ -43,7 +44,6 @@ from supervisor.egress.grant import (
     mcp_carried_from_wire,
 )
 from supervisor.egress.secrets import load_secret
-from supervisor.egress.worker_process import REQUEST_TIMEOUT, WorkerProcess
 from supervisor.errors import (
     ApprovalDecided,
     ApprovalNotFound,
@@ -56,7 +56,6 @@ from supervisor.errors import (
     RuntimeFailure,
     SupervisorError,
 )
-from supervisor.mcp.sandbox import RunServers, StdioLauncher, StdioServer
 from supervisor.models import Actor, Approval
 from supervisor.models.egress import GatewayPolicy
 from supervisor.profiles import load_profile
@@ -65,6 +64,10 @@ from supervisor.runtime.runc import Runc
 from supervisor.sandbox.cgroups import Cgroup
 from supervisor.states import RunState
 from supervisor.tripwires import Firing
+
+if TYPE_CHECKING:  # loaded with the first gateway run (an embedded CI run never needs them)
+    from supervisor.egress.worker_process import WorkerProcess
+    from supervisor.mcp.sandbox import RunServers, StdioLauncher, StdioServer
 
 log = logging.getLogger(__name__)
 
@@ -346,16 +349,6 @@ class EgressControl:
         self.db = db
         self.loop = loop
         self.pool = link.AddressPool(config.egress.pool)
-        # Started with the first gateway run: a supervisor whose agents have no network never
-        # starts it (an embedded CI run starts faster).
-        self.worker = WorkerProcess(config, loop, self._on_event, self._on_worker_exit)
-        self.stdio = StdioLauncher(
-            runc=Runc(config.sandbox.runc_path, config.daemon.runtime_dir / "runc"),
-            init=SandboxInit(Path(config.sandbox.init)), bundles_dir=arbiter.bundles_dir,
-            logs_dir=arbiter.logs_dir, cgroup_parent=config.sandbox.cgroup_parent,
-            name_prefix=config.sandbox.name_prefix, uid_base=config.sandbox.uid_base,
-            agent_uid=config.sandbox.agent_uid, max_runs=config.sandbox.max_runs,
-            secrets_dir=config.egress.secrets_dir, confirm_timeout=config.kill.confirm_timeout)
         self.runs: dict[str, _RunEgress] = {}
         self.approvals: dict[str, PendingApproval] = {}
         self.records: dict[str, dict[str, Any]] = {}  # ended runs' egress, for CI reports
@@ -368,14 +361,41 @@ class EgressControl:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @cached_property
+    def worker(self) -> WorkerProcess:
+        """The gateway worker's handle, made (and its module loaded) when first needed; the
+        process itself starts with the first gateway run. A supervisor whose agents have no
+        network never loads either (an embedded CI run starts faster)."""
+        from supervisor.egress.worker_process import WorkerProcess
+
+        return WorkerProcess(self.config, self.loop, self._on_event, self._on_worker_exit)
+
+    @cached_property
+    def stdio(self) -> StdioLauncher:
+        """Starts a gateway run's stdio MCP servers; made when a run first has any."""
+        from supervisor.mcp.sandbox import StdioLauncher
+
+        config = self.config
+        return StdioLauncher(
+            runc=Runc(config.sandbox.runc_path, config.daemon.runtime_dir / "runc"),
+            init=SandboxInit(Path(config.sandbox.init)), bundles_dir=self.arbiter.bundles_dir,
+            logs_dir=self.arbiter.logs_dir, cgroup_parent=config.sandbox.cgroup_parent,
+            name_prefix=config.sandbox.name_prefix, uid_base=config.sandbox.uid_base,
+            agent_uid=config.sandbox.agent_uid, max_runs=config.sandbox.max_runs,
+            secrets_dir=config.egress.secrets_dir, confirm_timeout=config.kill.confirm_timeout)
+
     async def stop(self) -> None:
-        """After every run has ended: their final counts, then the worker."""
+        """After every run has ended: their final counts, then the worker (if ever made)."""
         for approval in list(self.approvals.values()):
             self._decide(approval, False, "system:supervisor", "the supervisor stopped",
                          "cancelled")
         if self._finishing:
+            from supervisor.egress.worker_process import REQUEST_TIMEOUT
+
             await asyncio.wait(self._finishing, timeout=REQUEST_TIMEOUT + 1)
-        self.worker.stop()
+        worker: WorkerProcess | None = self.__dict__.get("worker")
+        if worker is not None:  # None: no gateway run ever needed it
+            worker.stop()
 
     def reap_leftovers(self) -> list[str]:
         """nftables tables a previous instance left (its veths went with its netns); those of
@@ -488,6 +508,8 @@ class EgressControl:
         state = self.runs[run_id]
         self._cancel_approvals(run_id, "the supervisor restarted: a request held for an "
                                        "operator is not handed over (the agent may retry)")
+        from supervisor.egress.worker_process import REQUEST_TIMEOUT
+
         try:
             reply = await self.worker.request({"op": "close", "run": run_id, "handover": True},
                                               timeout=REQUEST_TIMEOUT + _HANDOVER_ANSWERS)
@@ -642,6 +664,8 @@ class EgressControl:
                                     f"({', '.join(wanted) or 'none'})", run=run.id)
         if not wanted:
             return None
+        from supervisor.mcp.sandbox import RunServers
+
         servers = RunServers(run.id)
         try:
             for index, (entry, fd) in enumerate(zip(carried, fds, strict=True)):
@@ -671,6 +695,8 @@ class EgressControl:
         if not cgroup.exists() or pid not in cgroup.pids():
             raise EgressSetupFailed(f"MCP server {name}: pid {pid} is not in {cgroup.path}",
                                     run=run.id)
+        from supervisor.mcp.sandbox import StdioServer
+
         server = StdioServer(name=name, container_id=container_id,
                              bundle=self.stdio.bundles_dir / container_id, cgroup=cgroup,
                              host_uid=int(entry["host_uid"]), pid=pid)

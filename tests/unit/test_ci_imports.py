@@ -1,49 +1,55 @@
 """What an embedded CI run imports before it knows it needs it. The runner (`python -I -m
 supervisor.ci`) loads the supervisor's core for one run; modules only the daemon's other
 surfaces or a gateway run use stay out: pyroute2 (a gateway run's veth only), the gateway's
-own process code and aiohttp, the MCP gateway, the audit verifier's process (and cryptography,
-loaded only to sign a report), pyprctl, the webhook outbox, metrics, the fleet and the API
-server. Checked in a subprocess with a clean interpreter; no privilege."""
+own process code and aiohttp, the gateway worker's handle and the MCP servers' launcher,
+the audit verifier's process (and cryptography, loaded only to sign a report), pyprctl, the
+webhook outbox, metrics, the fleet, the API server and importlib.metadata (the list:
+tests/support/ci_imports.py). Checked in a subprocess with a clean interpreter; no
+privilege."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from supervisor.ci import ENV_VAR
+from tests.support.ci_imports import runner_modules, unwanted
+
 REPO = Path(__file__).resolve().parents[2]
 
-# Each entry: a package or module the runner must not import (or anything below it).
-NOT_ON_THE_RUN_PATH = (
-    "pyroute2", "aiohttp", "cryptography", "pyprctl", "argparse", "click",
-    "supervisor.audit.verifier", "supervisor.egress.worker", "supervisor.egress.gateway",
-    "supervisor.mcp.gateway", "supervisor.events", "supervisor.metrics",
-    "supervisor.metrics_web", "supervisor.fleet", "supervisor.api", "supervisor.console",
-    "supervisor.daemon.main", "supervisor.cli",
-)
-
-_PROBE = """
-import json, sys
-import supervisor.ci.runner
-print(json.dumps(sorted(sys.modules)))
-"""
-
-
-def _imported_by_the_runner() -> list[str]:
-    result = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
-                            cwd=REPO, check=True)
-    modules: list[str] = json.loads(result.stdout)
-    return modules
-
-
 def test_the_ci_runner_imports_only_what_a_run_uses() -> None:
-    modules = _imported_by_the_runner()
-    assert "supervisor.daemon.core" in modules  # the probe did import the runner
-    unwanted = sorted(m for m in modules for heavy in NOT_ON_THE_RUN_PATH
-                      if m == heavy or m.startswith(heavy + "."))
-    assert unwanted == []
+    """The runner's real entry point, refusing at once (no spec): every module it loads to
+    start, none of those a plain run does not use (tests/e2e/test_ci_run_imports.py checks a
+    whole run of `true`)."""
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    done, modules = runner_modules(env, REPO)
+    assert "invalid_request" in done.stderr  # it started, read no spec and refused
+    assert "supervisor.daemon.core" in modules and "supervisor.ci.runner" in modules
+    assert unwanted(modules) == []
 
+
+def test_the_stand_in_plugin_loader_answers_as_pydantic_does(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ci/no_plugins.py replaces pydantic's loader only in the runner, which sets
+    PYDANTIC_DISABLE_PLUGINS=__all__: with that setting pydantic's own answer is no plugins,
+    and the stand-in's is the same; pydantic still asks the loader under that name."""
+    import inspect
+
+    from pydantic.plugin import _loader, _schema_validator
+
+    from supervisor.ci import no_plugins
+
+    monkeypatch.setenv("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    assert list(_loader.get_plugins()) == list(no_plugins.get_plugins()) == []
+    assert _loader.__name__ == no_plugins.MODULE
+    assert "from ._loader import get_plugins" in inspect.getsource(_schema_validator)
+    assert inspect.signature(_loader.get_plugins).parameters.keys() == \
+        inspect.signature(no_plugins.get_plugins).parameters.keys()
 
 
 # agentctl's side of an embedded run, up to the exec into the runner: the fast path reads argv

@@ -1,0 +1,52 @@
+"""What the embedded runner's process (`python -I -m supervisor.ci`, ci/__main__.py) imports,
+read from the process itself: the probe runs that entry point unchanged (runpy) and prints
+`sys.modules` at its os._exit, the one way the runner ends. Used by the unit tier (a runner that
+refuses at once: no spec) and the e2e tier (a real run of `true`, as root)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+# Each entry: a package or module the runner must not import (or anything below it) for a
+# plain run (no network, no MCP, no --report): what only another surface or a gateway run uses.
+NOT_ON_THE_RUN_PATH = (
+    "pyroute2", "aiohttp", "cryptography", "pyprctl", "argparse", "click",
+    "supervisor.audit.verifier", "supervisor.egress.worker", "supervisor.egress.gateway",
+    "supervisor.egress.worker_process", "supervisor.mcp", "supervisor.events",
+    "supervisor.metrics", "supervisor.metrics_web", "supervisor.fleet", "supervisor.api",
+    "supervisor.console", "supervisor.daemon.main", "supervisor.cli",
+    # pydantic's plugin loader imports it (with email, zipfile, csv); ci/no_plugins.py
+    # stands in for that loader.
+    "importlib.metadata",
+)
+
+PROBE = """
+import json, os, runpy, sys
+_exit = os._exit
+def _report(code):
+    sys.stdout.write("\\nMODULES " + json.dumps(sorted(sys.modules)) + "\\n")
+    sys.stdout.flush()
+    _exit(code)
+os._exit = _report
+runpy.run_module("supervisor.ci", run_name="__main__", alter_sys=True)
+"""
+
+
+def runner_modules(env: Mapping[str, str], cwd: Path | str, timeout: float = 300
+                   ) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """(the runner's process as run, the modules it had imported when it left)."""
+    done = subprocess.run([sys.executable, "-c", PROBE], env=dict(env), capture_output=True,
+                          text=True, cwd=cwd, timeout=timeout, check=False)
+    marker = [line for line in done.stdout.splitlines() if line.startswith("MODULES ")]
+    assert marker, f"the runner did not leave through os._exit: {done.stderr[-2000:]}"
+    modules: list[str] = json.loads(marker[-1].removeprefix("MODULES "))
+    return done, modules
+
+
+def unwanted(modules: list[str]) -> list[str]:
+    return sorted(m for m in modules for heavy in NOT_ON_THE_RUN_PATH
+                  if m == heavy or m.startswith(heavy + "."))
