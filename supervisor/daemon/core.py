@@ -183,7 +183,8 @@ class Core:
         watchdog = Watchdog(runtime.parent_cgroup(), watchdog_record,
                             config.kill.confirm_timeout,
                             runs_leave_host_memory=budget.leaves_host_memory(
-                                config.sandbox.cgroup_parent, runs_budget))
+                                config.sandbox.cgroup_parent, runs_budget),
+                            settle=False)  # moved into its cgroup while the rest is built
 
         db = connect(config.daemon.state_dir / "state.db")
         # Audit and state (supervisor/audit/, daemon/store.py): a failed write releases the
@@ -226,6 +227,7 @@ class Core:
         arbiter.observers = RunObservers(
             sampler=RunSampling(telemetry, outputs, egress), tripwires=containment,
             seccomp=seccomp, gateway=egress, background=telemetry)
+        watchdog.settle()  # in its own cgroup (or escape_error says why not) before any run
         return cls(config=config, mode=mode, seccomp=seccomp, runtime=runtime,
                    watchdog=watchdog, watchdog_record=watchdog_record, audit=audit, store=store,
                    arbiter=arbiter, telemetry=telemetry, containment=containment,

@@ -353,6 +353,15 @@ def await_adoption(parent: Cgroup, record: Path, timeout: float, handover: dict[
         _close_all([done_r, done_w])
 
 
+def _stood_down() -> None:
+    """The daemon's "done": leave at once. Nothing is written or held that needs closing
+    (records are written only when it kills; its prints are flushed), and the interpreter's
+    teardown took ~7 ms that an embedded CI run's teardown, reaping this process, waited for."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     # The daemon blocks SIGUSR1 in every thread for break-glass, and a mask survives fork and
     # exec; clear it here, first, since subprocess cannot set a child's mask without a
@@ -382,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             data = channel.recv(DATAGRAM_MAX, socket.MSG_PEEK)
             if data == DONE:
-                return 0
+                _stood_down()
             if not data:
                 break
             try:
@@ -415,7 +424,10 @@ class Watchdog:
     is alive under the parent: then the daemon's exit is what makes it kill them."""
 
     def __init__(self, parent_cgroup: Path, record: Path, timeout: float, *,
-                 runs_leave_host_memory: bool = True) -> None:
+                 runs_leave_host_memory: bool = True, settle: bool = True) -> None:
+        """`settle=False`: return while the process is still being moved into its cgroup
+        (settle() waits for it); the caller does other work meanwhile and settles before any
+        agent starts."""
         self.args = [sys.executable, "-m", "supervisor.daemon.watchdog", "--cgroup",
                      str(parent_cgroup), "--record", str(record), "--timeout", str(timeout)]
         self.parent = parent_of(parent_cgroup)
@@ -435,7 +447,8 @@ class Watchdog:
         self.runs_leave_host_memory = runs_leave_host_memory
         # Where the watchdog stands with the OOM killer (oom_exposure's form, or protected).
         self.oom: dict[str, Any] = {"oom_protected": True}
-        self._spawn()
+        self._placing: threading.Thread | None = None
+        self._spawn(settle=settle)
 
     @staticmethod
     def _env() -> dict[str, str]:
@@ -446,7 +459,7 @@ class Watchdog:
             env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         return env
 
-    def _spawn(self) -> None:
+    def _spawn(self, settle: bool = True) -> None:
         # A socket, not a pipe: a handover passes descriptors over it (SCM_RIGHTS). Its
         # closing is the trigger, as a pipe's was.
         self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -457,6 +470,16 @@ class Watchdog:
         finally:
             theirs.close()
         self._exclude_from_oom_killer()
+        # The first move between cgroups in a while waits out an RCU grace period in the
+        # kernel (~12 ms, a sleep): on a thread, so a starting supervisor (an embedded CI run
+        # above all) goes on meanwhile; settle() before any agent starts.
+        self._placing = threading.Thread(target=self._place, name="watchdog-place",
+                                         daemon=True)
+        self._placing.start()
+        if settle:
+            self.settle()
+
+    def _place(self) -> None:
         try:
             self.cgroup.place(self.proc.pid, TRACKING)
             self.escape_error = None
@@ -465,6 +488,13 @@ class Watchdog:
             # cgroup; then the next start reaps the agents instead (and audits it).
             self.escape_error = str(exc)
             log.critical("the watchdog stays in the daemon's cgroup: %s", exc)
+
+    def settle(self) -> None:
+        """Wait until the process has been moved into its cgroup (or failed to be:
+        `escape_error`). Idempotent."""
+        if self._placing is not None:
+            self._placing.join()
+            self._placing = None
 
     def _exclude_from_oom_killer(self) -> None:
         """The OOM killer must not take the switch. Set from here, on the child (not

@@ -1,7 +1,8 @@
 """The watchdog's stand-down (supervisor/daemon/watchdog.py) on the real cgroup tree: told
 "done" without waiting (an embedded CI run gathers its evidence meanwhile), it exits on its own
 and a later disarm() reaps it; with an agent process still alive under the parent it stays
-armed, and the pipe closing without "done" makes it kill that process. Needs root."""
+armed, and the pipe closing without "done" makes it kill that process. Made with settle=False
+(as Core.assemble does), it is in its own cgroup once settle() returns. Needs root."""
 
 from __future__ import annotations
 
@@ -62,3 +63,16 @@ def test_an_agent_alive_keeps_it_armed_and_the_pipe_closing_kills_it(
     report = json.loads(line)
     assert report["confirmed_empty"] is True
     assert report["cgroup"] == str(unified_root() / parent.relative)
+
+
+def test_moved_into_its_cgroup_once_settled(parent: Cgroup, tmp_path: Path) -> None:
+    """settle=False (Core.assemble): the move into its own cgroup runs while the caller goes
+    on; settle() returns with the process there (the handover's check agrees)."""
+    watchdog = Watchdog(parent.path, tmp_path / "watchdog.jsonl", timeout=5, settle=False)
+    watchdog.settle()
+    assert watchdog.escape_error is None
+    assert watchdog.proc.pid in watchdog.cgroup.pids()
+    assert watchdog.cannot_hold() is None
+    watchdog.settle()  # again: a no-op
+    assert watchdog.disarm() and watchdog.proc.returncode == 0
+
