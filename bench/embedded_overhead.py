@@ -6,7 +6,7 @@ namespaces, seccomp, id maps, cgroup limits, network namespace), in one run, ord
     python bench/embedded_overhead.py [--iterations 20] [--json PATH] [--baseline-python PY]
 
 --baseline-python: also time, interleaved in the same run, the embedded run and the runner's
-imports with another venv's interpreter (another version of the supervisor installed there),
+start with another venv's interpreter (another version of the supervisor installed there),
 so a change's effect is measured against its baseline under the same load.
 
 Needs root and runc. Uses its own state root, runc root, cgroup parent and netns; removes all
@@ -49,16 +49,18 @@ def _children_cpu() -> float:
     return (usage.ru_utime + usage.ru_stime) * 1000
 
 
-def time_command(argv: list[str], env: dict[str, str] | None = None) -> float:
+def time_command(argv: list[str], env: dict[str, str] | None = None,
+                 expect: int = 0) -> float:
     """Wall clock of the command; its CPU (every process of it that was waited for: under a
-    loaded host, CPU time is the steadier figure) goes to CPU_MS under the caller's name."""
+    loaded host, CPU time is the steadier figure) goes to CPU_MS under the caller's name.
+    `expect`: the exit status that means it did what is timed."""
     cpu_before = _children_cpu()
     started = time.perf_counter()
     result = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, check=False, cwd="/")
     elapsed = (time.perf_counter() - started) * 1000
     CPU_MS.setdefault(_current, []).append(_children_cpu() - cpu_before)
-    if result.returncode != 0:
+    if result.returncode != expect:
         raise RuntimeError(f"{' '.join(argv[:6])} ... exited {result.returncode}: "
                            f"{result.stderr.decode(errors='replace')[-1500:]}")
     return elapsed
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     id_map = IdMap(UID_BASE, AGENT_UID, UID_BASE + AGENT_UID)
     env = {**os.environ, "AGENT_SUPERVISOR_CI_ROOT": str(workdir / "ci-state"),
            "AGENT_SUPERVISOR_SOCKET": str(workdir / "no-daemon.sock")}
+    env.pop("AGENT_SUPERVISOR_EMBEDDED_RUN", None)  # agentctl sets it; the runner's start row not
     agentctl = [sys.executable, "-m", "supervisor.cli", "run", "--embedded"]
     baseline = str(args.baseline_python) if args.baseline_python is not None else None
     mechanisms: dict[str, list[float]] = {"runc run (bare)": [], "agentctl run --embedded": []}
@@ -94,13 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     mechanisms["  + --report (signed)"] = []
     # Where the extra goes, measured the same way: an interpreter's start, agentctl's start up
     # to its exec (the first of the two processes: the fast path reading argv), the runner's
-    # imports (the second).
+    # start (the second: its entry point as agentctl execs it, every module loaded, then a
+    # refusal for want of a run spec, status 6 (invalid_request), before any work of a run).
+    runner_start = ["-I", "-m", "supervisor.ci"]
     parts = {"python -c pass": ["-c", "pass"],
              "  agentctl to the exec": ["-c", "from supervisor.cli import fast; "
                                         "fast.plan(['run', '--embedded', '--', 'true'], {})"],
-             "  runner imports": ["-I", "-c", "import supervisor.ci.runner"]}
+             "  runner start (no spec)": runner_start}
     if baseline is not None:
-        parts["  runner imports [baseline]"] = ["-I", "-c", "import supervisor.ci.runner"]
+        parts["  runner start (no spec) [baseline]"] = runner_start
     for name in parts:
         mechanisms[name] = []
     try:
@@ -127,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, argv in parts.items():
             python = baseline if baseline is not None and "[baseline]" in name \
                 else sys.executable
-            runs[name] = functools.partial(time_command, [python, *argv], env)
+            runs[name] = functools.partial(time_command, [python, *argv], env,
+                                           6 if argv is runner_start else 0)
         if baseline is not None:
             runs["agentctl run --embedded [baseline]"] = functools.partial(
                 time_command, [baseline, *agentctl[1:], "--", "true"], env)
