@@ -44,6 +44,7 @@ from supervisor.errors import ConfigInvalid, EnforcementError, SupervisorError
 from supervisor.events import DeliveryWorker, Outbox, load_endpoints
 from supervisor.metrics import MetricsEndpoint, start_metrics
 from supervisor.sandbox.cgroups import Cgroup, unified_root
+from supervisor.telemetry.sampler import load_psutil
 
 log = logging.getLogger("agent-supervisord")
 
@@ -139,6 +140,7 @@ def audit_watchdog_records(record: Path, audit: AuditLog) -> None:
 async def serve(config: Config, notifier: Notifier, config_file: Path | None = None,
                 signals: HaltSignal | None = None) -> int:
     core = await Core.assemble(config)
+    load_psutil()  # the sampler's process walks: loaded now, never during a kill
     runtime, watchdog, audit, arbiter = core.runtime, core.watchdog, core.audit, core.arbiter
     db = core.store.db
     # The runtime directory stays root:root (0751 lets everyone traverse it; the socket's

@@ -29,15 +29,29 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
-
-import psutil
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from supervisor.models import TelemetrySummary
 from supervisor.telemetry import Sample
 from supervisor.telemetry.procfs import CgroupReader, OpenFiles, read_fds, value_of
 from supervisor.telemetry.store import SummaryStore
 from supervisor.telemetry.summary import SummaryBuilder
+
+if TYPE_CHECKING:
+    import psutil
+else:
+    psutil = None  # load_psutil(): at the first process walk, or at the daemon's start
+
+
+def load_psutil() -> None:
+    """psutil (~5 ms to import) is the process walk's alone: a run shorter than the sampler's
+    first walk of it (an embedded CI run of a quick command) never needs it. The daemon loads
+    it as it starts, so no walk during a kill pays for the import."""
+    global psutil
+    if psutil is None:
+        import psutil as module
+
+        psutil = module
 
 __all__ = ["TelemetryHub", "TickSchedule", "cpu_percent_between", "run_ticks"]
 
@@ -256,7 +270,7 @@ class TelemetryHub:
     def __init__(self, rate_hz: float, process_every: int, window: int,
                  loop: asyncio.AbstractEventLoop, *, store: SummaryStore | None = None,
                  cgroup_reader: CgroupReader | None = None,
-                 process_source: ProcessSource = psutil.Process,
+                 process_source: ProcessSource | None = None,  # None: psutil.Process
                  fd_reader: FdReader = read_fds,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
@@ -636,6 +650,9 @@ class TelemetryHub:
     # ------------------------------------------------------------- the psutil walk
 
     def _walk(self, probe: _Probe, pids: list[int]) -> _ProcessTotals:
+        if pids:  # the loop's except clauses name psutil's exceptions too
+            load_psutil()
+        source = self._process_source
         totals = _ProcessTotals(children=0)
         if not pids:
             totals = _ProcessTotals(0, 0, 0, 0, 0, 0, 0)
@@ -646,7 +663,7 @@ class TelemetryHub:
             try:
                 process = probe.processes.get(pid)
                 if process is None:
-                    process = self._process_source(pid)
+                    process = (source or psutil.Process)(pid)
                     probe.processes[pid] = process
                 if not self._read_process(probe, process, members, totals):
                     continue

@@ -24,6 +24,10 @@ NOT_ON_THE_RUN_PATH = (
     "importlib.metadata",
 )
 
+# Loaded when the run's processes are first walked by the telemetry sampler (sampler.py
+# load_psutil), which a quick run may or may not reach: never before the run starts.
+NOT_AT_THE_RUNNERS_START = (*NOT_ON_THE_RUN_PATH, "psutil")
+
 PROBE = """
 import json, os, runpy, sys
 _exit = os._exit
@@ -47,6 +51,7 @@ def runner_modules(env: Mapping[str, str], cwd: Path | str, timeout: float = 300
     return done, modules
 
 
-def unwanted(modules: list[str]) -> list[str]:
-    return sorted(m for m in modules for heavy in NOT_ON_THE_RUN_PATH
+def unwanted(modules: list[str], forbidden: tuple[str, ...] = NOT_ON_THE_RUN_PATH
+             ) -> list[str]:
+    return sorted(m for m in modules for heavy in forbidden
                   if m == heavy or m.startswith(heavy + "."))

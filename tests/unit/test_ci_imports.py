@@ -3,7 +3,8 @@ supervisor.ci`) loads the supervisor's core for one run; modules only the daemon
 surfaces or a gateway run use stay out: pyroute2 (a gateway run's veth only), the gateway's
 own process code and aiohttp, the gateway worker's handle and the MCP servers' launcher,
 the audit verifier's process (and cryptography, loaded only to sign a report), pyprctl, the
-webhook outbox, metrics, the fleet, the API server and importlib.metadata (the list:
+webhook outbox, metrics, the fleet, the API server, importlib.metadata and, until the
+sampler first walks a run's processes, psutil (the lists:
 tests/support/ci_imports.py). Checked in a subprocess with a clean interpreter; no
 privilege."""
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.ci import ENV_VAR
-from tests.support.ci_imports import runner_modules, unwanted
+from tests.support.ci_imports import NOT_AT_THE_RUNNERS_START, runner_modules, unwanted
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,7 +31,7 @@ def test_the_ci_runner_imports_only_what_a_run_uses() -> None:
     done, modules = runner_modules(env, REPO)
     assert "invalid_request" in done.stderr  # it started, read no spec and refused
     assert "supervisor.daemon.core" in modules and "supervisor.ci.runner" in modules
-    assert unwanted(modules) == []
+    assert unwanted(modules, NOT_AT_THE_RUNNERS_START) == []
 
 
 def test_the_stand_in_plugin_loader_answers_as_pydantic_does(

@@ -10,6 +10,8 @@ import dataclasses
 import errno
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -864,3 +866,42 @@ def test_a_carried_part_not_of_its_form_is_left_at_its_start(
     assert latest is not None and (latest.syscall_attempts, first.cpu_percent) == (0, None)
     summary = hub.summary("r1")
     assert summary is not None and summary.samples == 1
+
+
+_LAZY_PSUTIL = """
+import asyncio, os, sys
+from pathlib import Path
+from supervisor.sandbox.cgroups import Cgroup
+from supervisor.telemetry.procfs import read_file
+from supervisor.telemetry.sampler import TelemetryHub
+root = Path(sys.argv[1])
+(root / "unified").mkdir(parents=True)
+(root / "unified" / "cgroup.controllers").write_text("")
+cgroup = Cgroup("agent-supervisor/as-1", host_root=root)
+cgroup.path.mkdir(parents=True)
+for name, text in {"cpu.stat": "usage_usec 0\\n", "memory.current": "0\\n",
+                   "memory.events": "oom_kill 0\\n", "cgroup.stat": "nr_descendants 0\\n",
+                   "cgroup.procs": ""}.items():
+    (cgroup.path / name).write_text(text)
+class Reader:
+    def read(self, path): return read_file(path)
+    def release(self, directories): pass
+hub = TelemetryHub(10.0, 1, 600, asyncio.new_event_loop(), cgroup_reader=Reader(),
+                   fd_reader=lambda pid: (0, set()))
+hub.register("r1", cgroup, started_at=0.0)
+hub.sample_once()  # a run with no process: no walk of any
+before = "psutil" in sys.modules
+(cgroup.path / "cgroup.procs").write_text(f"{os.getpid()}\\n")
+[(_, sample)] = hub.sample_once()  # the default source, psutil.Process: loaded now
+print(before, "psutil" in sys.modules, sample.threads is not None and sample.threads >= 1)
+"""
+
+
+def test_psutil_loads_with_the_first_process_walk(tmp_path: Path) -> None:
+    """The sampler imports psutil only to walk a run's processes (an embedded run of a quick
+    command never does); with the default process source the walk then reads real
+    processes (here this interpreter's own)."""
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _LAZY_PSUTIL, str(tmp_path)], cwd=repo,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["False", "True", "True"]
