@@ -1,5 +1,6 @@
-"""Benchmark: what a restart costs a run behind the egress gateway (issue 13), against the same
-restart with a run that has no network, in the same run.
+"""Benchmark: what a restart costs a run behind the egress gateway (issue 13), with a route or
+with a stdio MCP server, against the same restart with a run that has no network, in the same
+run.
 
 Per round, in alternating order, one agent (`sleep`, runc) is launched (not timed), the daemon
 is restarted with agents kept (SIGUSR2, then a new daemon), and the agent is killed (not
@@ -10,6 +11,11 @@ timed):
   the SIGUSR2 until one is answered 200: `outage_ms` is how long the agent's gateway did not
   answer (SIGUSR2 -> first 200; the old daemon's exit, the new one's start, the new gateway
   worker's start and the adoption all inside it);
+- mcp: as gateway, with a stdio MCP server (the SDK's FastMCP, tests/support/
+  mcp_stdio_server.py, in its own sandbox) instead of a route. Before the restart the host
+  initializes the server's MCP session through the run's gateway address; from the SIGUSR2,
+  a `tools/call echo` every 5 ms until one is answered with its result: `outage_ms` is how
+  long the agent could not call its server (the server's handover and adoption inside it);
 - plain: the default profile (no network): the baseline.
 
 Both sides report `exit_ms` (SIGUSR2 -> the daemon has exited) and `start_ms` (new daemon
@@ -21,7 +27,7 @@ restart over the baseline.
 Needs root, runc and nft. Starts its own daemon, upstream and CA (own state directory, cgroup
 parent, name prefix, address pool) and removes everything it made.
 
-    sudo .venv/bin/python bench/restart_gateway.py [--rounds 5] [--json out.json]
+    sudo .venv/bin/python bench/restart_gateway.py [--rounds 6] [--json out.json]
 """
 
 from __future__ import annotations
@@ -47,6 +53,21 @@ from tests.support.egress import LLM_ROUTE, host_request
 from tests.support.upstream import Upstream, make_ca
 
 BENCH_CGROUP_ROOT = "/agent-supervisor-bench"
+MCP_PROFILE = """[network]
+mode = "gateway"
+
+[filesystem]
+host_binds = ["/usr", "/etc", "{VENV}"]
+
+[network.gateway.breaker]
+enabled = false
+
+[[network.gateway.mcp.servers]]
+name = "files"
+command = ["{VENV}/bin/python", "-P", "-u", "{SUPPORT}/mcp_stdio_server.py"]
+binds = ["{VENV}", "{SUPPORT}"]
+allow = ["echo"]
+"""
 CHAT = (b"GET http://llm.gateway/v1/chat HTTP/1.1\r\nHost: llm.gateway\r\n"
         b"Connection: close\r\n\r\n")
 
@@ -65,22 +86,46 @@ def _proxy_env(daemon: Daemon, name: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in env)
 
 
-def _answered(env: dict[str, str]) -> bool:
+def _mcp_post(message: dict[str, object]) -> bytes:
+    body = json.dumps(message).encode()
+    return (b"POST http://mcp.gateway/files HTTP/1.1\r\nHost: mcp.gateway\r\n"
+            b"Content-Type: application/json\r\nAccept: application/json, text/event-stream"
+            b"\r\nConnection: close\r\nContent-Length: " + str(len(body)).encode()
+            + b"\r\n\r\n" + body)
+
+
+MCP_INIT = _mcp_post({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+    "protocolVersion": "2025-06-18", "capabilities": {},
+    "clientInfo": {"name": "bench", "version": "1"}}})
+MCP_INITIALIZED = _mcp_post({"jsonrpc": "2.0", "method": "notifications/initialized"})
+MCP_CALL = _mcp_post({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                      "params": {"name": "echo", "arguments": {"text": "x"}}})
+
+
+def _answered(env: dict[str, str], request: bytes = CHAT) -> bool:
     try:
-        return host_request(env, CHAT, timeout=2.0).startswith(b"HTTP/1.1 200")
+        reply = host_request(env, request, timeout=2.0)
     except OSError:
         return False
+    return reply.startswith(b"HTTP/1.1 200") and (request is not MCP_CALL
+                                                  or b"echo: x" in reply)
 
 
 def _round(daemon: Daemon, kind: str, n: int) -> dict[str, float]:
     name = f"{kind}{n}"
-    profile = ["--profile", "gw"] if kind == "gateway" else []
+    profile = ["--profile", {"gateway": "gw", "mcp": "mcpgw"}[kind]] if kind != "plain" \
+        else []
     daemon.agentctl("run", "--detach", "--name", name, *profile, "--", "sleep", "3600",
                     check=True)
     wait_for(daemon.agent_pids, timeout=60, what="the agent")
-    env = _proxy_env(daemon, name) if kind == "gateway" else {}
+    env = _proxy_env(daemon, name) if kind != "plain" else {}
+    probe = MCP_CALL if kind == "mcp" else CHAT
+    if kind == "mcp":
+        wait_for(lambda: _answered(env, MCP_INIT), timeout=30, what="the MCP server")
+        host_request(env, MCP_INITIALIZED, timeout=2.0)
     if env:
-        wait_for(lambda: _answered(env), timeout=30, what="the gateway before the restart")
+        wait_for(lambda: _answered(env, probe), timeout=30,
+                 what="the gateway before the restart")
     pids = sorted(daemon.agent_pids())
     t0 = time.perf_counter()
     code = daemon.stop(signal.SIGUSR2)
@@ -91,7 +136,7 @@ def _round(daemon: Daemon, kind: str, n: int) -> dict[str, float]:
     t2 = time.perf_counter()
     figures = {"exit_ms": (t1 - t0) * 1000, "start_ms": (t2 - t1) * 1000}
     if env:
-        while not _answered(env):
+        while not _answered(env, probe):
             if time.perf_counter() - t0 > 60:
                 raise RuntimeError(f"the gateway did not answer again:\n{daemon.logs()[-3000:]}")
             time.sleep(0.005)
@@ -127,13 +172,18 @@ def main() -> int:
     (daemon.root / "profiles" / "gw.toml").write_text(
         '[network]\nmode = "gateway"\n\n[network.gateway]\n'
         + LLM_ROUTE.replace("{PORT}", str(upstream.port)))
+    venv, support = Path(sys.prefix).resolve(), Path(__file__).resolve().parents[1] / \
+        "tests" / "support"
+    (daemon.root / "profiles" / "mcpgw.toml").write_text(MCP_PROFILE.replace(
+        "{VENV}", str(venv)).replace("{SUPPORT}", str(support)))
     samples: dict[str, list[float]] = {k: [] for k in (
-        "gateway_exit_ms", "gateway_start_ms", "gateway_outage_ms", "plain_exit_ms",
-        "plain_start_ms")}
+        "gateway_exit_ms", "gateway_start_ms", "gateway_outage_ms", "mcp_exit_ms",
+        "mcp_start_ms", "mcp_outage_ms", "plain_exit_ms", "plain_start_ms")}
     try:
         daemon.start()
+        kinds = ["gateway", "mcp", "plain"]
         for n in range(args.rounds):
-            order = ("gateway", "plain") if n % 2 == 0 else ("plain", "gateway")
+            order = kinds[n % 3:] + kinds[:n % 3]
             for kind in order:
                 figures = _round(daemon, kind, n)
                 for key, value in figures.items():
