@@ -76,6 +76,11 @@ def test_versions_come_from_the_installed_distribution(machine: Machine) -> None
                           "print(m.version('agent-supervisor-killswitch'))").stdout.strip()
     assert machine.run(AGENTCTL, "--version").stdout.split() == ["agentctl,", "version",
                                                                   version]
+    # The operator's agentctl is agentctl's launcher (supervisor/cli/launcher.py): SIGINT is
+    # blocked from its exec until agentctl takes it.
+    launcher = machine.run("head", "-1", "/usr/local/bin/agentctl").stdout
+    assert launcher == ("#!/usr/bin/env -S --block-signal=INT "
+                        "/opt/agent-supervisor/venv/bin/python3\n")
     daemon = machine.run("/opt/agent-supervisor/venv/bin/agent-supervisord", "--version")
     assert daemon.stdout.split() == ["agent-supervisord,", "version", version]
     # The service venv holds runtime dependencies only.
