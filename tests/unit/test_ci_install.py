@@ -98,6 +98,28 @@ def test_the_gitlab_template_installs_with_install_ci_sh_from_its_clone() -> Non
     assert "pip install" not in script  # install-ci.sh builds the venv
 
 
+@pytest.mark.parametrize("variable,globs", [
+    ("src/**\ntests/**", ["src/**", "tests/**"]),  # YAML's "src/**\ntests/**": a newline
+    ("src/**\\ntests/**", ["src/**", "tests/**"]),  # typed on one line: a literal \n
+    ("\\!src/keep.py\n\\#notes\nsrc/\\*.py\na\\\\b\nx\\c", [
+        "\\!src/keep.py", "\\#notes", "src/\\*.py", "a\\\\b", "x\\c"]),  # as written
+    ("", []),
+])
+def test_the_gitlab_template_passes_each_glob_as_written(variable: str,
+                                                        globs: list[str]) -> None:
+    """The template's own line, run by sh as the job runs it: one glob a line, and a glob's
+    backslashes (gitignore's escapes) untouched."""
+    template = yaml.safe_load(
+        (ROOT / "ci-templates/agent-supervisor.gitlab-ci.yml").read_text())
+    [line] = [c for c in template[".agent-supervisor"]["script"]
+              if "INPUT_ALLOW_CHANGES=" in c]
+    done = subprocess.run(["sh", "-c", f'{line}\nprintf "%s" "$INPUT_ALLOW_CHANGES"'],
+                          env={"PATH": "/usr/bin:/bin", "AGENT_ALLOW_CHANGES": variable,
+                               "CI_PROJECT_DIR": "/builds/p"},
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == globs
+
+
 def test_install_ci_sh_uses_the_shared_lists() -> None:
     text = (ROOT / "scripts/install-ci.sh").read_text()
     assert 'ensure_packages install-ci "${CI_PACKAGES[@]}"' in text
