@@ -1,7 +1,8 @@
-"""The dead-man's switch: a separate process that holds the read end of a pipe from the daemon.
-When the pipe closes without the daemon's "done" line (the daemon was SIGKILLed or crashed), it
-SIGKILLs every agent by writing `cgroup.kill` on the agents' parent cgroup, waits for the kernel
-to report it empty and records what it did for the next daemon to audit. Needs root.
+"""The dead-man's switch: a separate process that holds one end of a socketpair (its channel)
+from the daemon. When the channel closes without the daemon's "done" message (the daemon was
+SIGKILLed or crashed), it SIGKILLs every agent by writing `cgroup.kill` on the agents' parent
+cgroup, waits for the kernel to report it empty and records what it did for the next daemon to
+audit. Needs root.
 
 It holds the parent cgroup's files open from its start (supervisor.sandbox.cgroups.Cgroup, the
 same object the kill path uses), so the kill needs no new descriptor. Standard library only
@@ -412,13 +413,13 @@ def main(argv: list[str] | None = None) -> int:
             raise  # await_adoption has killed them already
         print(f"<3>agent-supervisor watchdog: {exc!r}", file=sys.stderr, flush=True)
     report = kill_tree(parent, args.timeout)
-    report["trigger"] = "the daemon's pipe closed without an orderly shutdown"
+    report["trigger"] = "the daemon's channel closed without an orderly shutdown"
     _write_record(args.record, report, "daemon gone, killed agents")
     return 0
 
 
 class Watchdog:
-    """Spawns the dead-man's-switch process and holds the write end of its pipe. If the
+    """Spawns the dead-man's-switch process and holds the daemon's end of its channel. If the
     watchdog itself dies, the daemon audits it and spawns a new one at once: agents are never
     left without a switch while the daemon lives. It is never disarmed while an agent process
     is alive under the parent: then the daemon's exit is what makes it kill them."""
@@ -573,7 +574,7 @@ class Watchdog:
     def disarm(self, wait: bool = True) -> bool:
         """Orderly shutdown: tell the watchdog to stand down, if every agent is dead. With an
         agent process still alive under the parent it stays armed (False): the daemon's exit
-        then closes the pipe without "done", and the watchdog kills what is left. `wait=False`
+        then closes the channel without "done", and the watchdog kills what is left. `wait=False`
         tells it without waiting for it to exit (an embedded CI run does its remaining work
         meanwhile); a later disarm() only waits."""
         if not self.disarmed:

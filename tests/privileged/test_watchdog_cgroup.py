@@ -98,6 +98,9 @@ def test_the_watchdog_survives_a_kill_of_the_daemons_cgroup_and_kills_the_agents
         assert report["runs"] == ["run1"]
         assert report["mechanism"] == "cgroup.kill", report
         assert report["confirmed_empty"] is True
+        # Since the handover the channel is a socketpair, not a pipe: the record says so.
+        assert report["trigger"] == ("the daemon's channel closed without an orderly "
+                                     "shutdown"), report
     finally:
         for proc in (agent, daemon):
             proc.kill()

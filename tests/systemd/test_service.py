@@ -439,7 +439,7 @@ def test_sigkill_of_the_unit_leaves_no_agent(machine: Machine) -> None:
         assert len(procs.stdout.split()) == 1, (tree, procs.stdout)
     machine.run("systemctl", "kill", "--signal", "KILL", UNIT)
     # systemd's SIGKILL reaches every process of the unit, but neither the agents' cgroups nor
-    # the watchdog's: the watchdog sees the daemon's pipe close and kills the agents at once.
+    # the watchdog's: the watchdog sees the daemon's channel close and kills the agents at once.
     machine.wait_for("the agents killed", lambda: not agent_pids(machine), timeout=60)
     machine.wait_for("systemd to restart the daemon", lambda: main_pid(machine) not in
                      (0, pid), timeout=120)
