@@ -28,6 +28,7 @@ from supervisor.runtime.output import MARKER, Outputs
 from supervisor.runtime.output_index import index_path, read_index
 from supervisor.sandbox.cgroups import Cgroup
 from supervisor.states import EndCause
+from tests.support.handover import record, run_entry
 from tests.unit.conftest import WAIT
 
 
@@ -187,29 +188,23 @@ def test_the_whole_handover_must_arrive_within_its_deadline() -> None:
     os.close(write_fd)
 
 
-def _handover_record(**overrides: Any) -> dict[str, Any]:
-    run = {"run_id": "r1", "agent": "a", "container_id": "as-r1", "pid": 10, "output_fd": 0,
-           "produced": 0, "recorded": 0, "seccomp_fds": [1], "tripwires": []}
-    return {"version": handover.VERSION, "from_pid": 1, "runs": [run], **overrides}
-
-
 def test_a_well_formed_record_passes_the_check() -> None:
-    handover.check_record(_handover_record(), 2)
+    handover.check_record(record(), 2)
 
 
 @pytest.mark.parametrize(("record", "nfds", "error"), [
-    (_handover_record(version=99), 2, "version"),
-    (_handover_record(runs={"r1": {}}), 2, "not a list"),
-    (_handover_record(runs=["r1"]), 2, "not an object"),
-    (_handover_record(runs=[{**_handover_record()["runs"][0], "pid": "10"}]), 2, "pid"),
-    (_handover_record(runs=[{**_handover_record()["runs"][0], "output_fd": True}]), 2,
+    (record(version=99), 2, "version"),
+    (record(runs={"r1": {}}), 2, "not a list"),
+    (record(runs=["r1"]), 2, "not an object"),
+    (record(runs=[{**run_entry(), "pid": "10"}]), 2, "pid"),
+    (record(runs=[{**run_entry(), "output_fd": True}]), 2,
      "output_fd"),
-    (_handover_record(runs=[{k: v for k, v in _handover_record()["runs"][0].items()
+    (record(runs=[{k: v for k, v in run_entry().items()
                              if k != "agent"}]), 2, "agent"),
-    (_handover_record(), 1, "descriptor index 1"),  # an index past what was received
-    (_handover_record(runs=[{**_handover_record()["runs"][0], "seccomp_fds": [0]}]), 2,
+    (record(), 1, "descriptor index 1"),  # an index past what was received
+    (record(runs=[{**run_entry(), "seccomp_fds": [0]}]), 2,
      "descriptor index 0"),  # two uses of one descriptor
-    (_handover_record(runs=[{**_handover_record()["runs"][0], "seccomp_fds": ["x"]}]), 2,
+    (record(runs=[{**run_entry(), "seccomp_fds": ["x"]}]), 2,
      "descriptor index 'x'"),
 ])
 def test_a_malformed_record_is_refused_before_anything_is_adopted(

@@ -24,6 +24,7 @@ from supervisor.errors import EgressSetupFailed
 from supervisor.mcp.sandbox import RunServers, StdioServer
 from supervisor.models.egress import GatewayPolicy
 from supervisor.sandbox.cgroups import Cgroup
+from tests.support.handover import record, run_entry
 from tests.unit.conftest import ArbiterEnv
 
 GATEWAY = {"ifname": "asgabc", "table": "ast_r1", "host_ip": "10.213.0.1",
@@ -34,10 +35,7 @@ GATEWAY = {"ifname": "asgabc", "table": "ast_r1", "host_ip": "10.213.0.1",
 
 
 def _record(**gateway: Any) -> dict[str, Any]:
-    run = {"run_id": "r1", "agent": "a", "container_id": "as-r1", "pid": 10, "output_fd": 0,
-           "produced": 0, "recorded": 0, "seccomp_fds": [], "tripwires": [],
-           "gateway": {**GATEWAY, **gateway}}
-    return {"version": handover.VERSION, "from_pid": 1, "runs": [run]}
+    return record(run_entry(seccomp_fds=[], gateway={**GATEWAY, **gateway}))
 
 
 def test_a_record_with_a_gateway_entry_passes_the_check() -> None:

@@ -27,6 +27,7 @@ from supervisor.daemon.watchdog import (
     receive_fds,
 )
 from supervisor.sandbox.cgroups import Cgroup
+from tests.support.handover import record, run_entry
 from tests.unit.conftest import WAIT
 
 # The longest name and the most tripwires a run may carry (models: _TRIPWIRES_MAX).
@@ -36,13 +37,13 @@ _TRIPWIRES = [{"name": f"{n:02d}" + "t" * 61, "metric": "memory_bytes", "above":
 
 def _record(runs: int, from_pid: int = 1) -> dict[str, Any]:
     """What `hand_over` writes for `runs` runs (each with an output pipe at index 2i and a
-    seccomp fd at 2i+1)."""
-    return {"version": handover.VERSION, "from_pid": from_pid, "ts": 0.0, "window": WAIT,
-            "halt_file": "/nonexistent/HALT", "socket": "/nonexistent/handover.sock",
-            "runs": [{"run_id": f"r{i:05d}", "agent": f"agent-{i:05d}",
-                      "container_id": f"as-r{i:05d}", "pid": 100000 + i, "output_fd": 2 * i,
-                      "produced": 1 << 40, "recorded": 1 << 30, "seccomp_fds": [2 * i + 1],
-                      "tripwires": _TRIPWIRES} for i in range(runs)]}
+    seccomp fd at 2i+1), each as large as a run's entry gets."""
+    return record(*(run_entry(f"r{i:05d}", agent=f"agent-{i:05d}", pid=100000 + i,
+                              output_fd=2 * i, produced=1 << 40, recorded=1 << 30,
+                              seccomp_fds=[2 * i + 1], tripwires=_TRIPWIRES)
+                    for i in range(runs)),
+                  from_pid=from_pid, ts=0.0, window=WAIT, halt_file="/nonexistent/HALT",
+                  socket="/nonexistent/handover.sock")
 
 
 def _sndbuf(sock: socket.socket) -> int:
