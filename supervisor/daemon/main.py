@@ -39,7 +39,7 @@ from supervisor.daemon.handover import adopt, hand_over
 from supervisor.daemon.notify import HealthCheck, Notifier
 from supervisor.daemon.reload import ConfigReloader
 from supervisor.daemon.selftest import run_self_test
-from supervisor.daemon.stopintent import stop_intent
+from supervisor.daemon.stopintent import restart_warning, stop_intent
 from supervisor.errors import ConfigInvalid, EnforcementError, SupervisorError
 from supervisor.events import DeliveryWorker, Outbox, load_endpoints
 from supervisor.metrics import MetricsEndpoint, start_metrics
@@ -302,7 +302,10 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     notifier.ready(f"accepting runs; {len(arbiter.live)} running")
     log.info("agent-supervisord %s ready on %s (cgroups %s)", __version__, config.socket_path,
              core.mode.value)
+    # Whether `systemctl restart` would kill the agents (systemd < 244): said now, once.
+    restart_check = asyncio.create_task(restart_warning(notifier.service))
     await stop.wait()
+    restart_check.cancel()
     # The signal says restart or stop: SIGUSR2 (systemd's restart job sends it, the unit's
     # RestartKillSignal=) hands the agents to the next daemon (daemon/handover.py), SIGTERM
     # kills them. Nothing is asked in front of the kill: systemd's job (daemon/stopintent.py)
@@ -336,7 +339,7 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     if restarting and not handing_over:
         log.warning("restarting: every agent was killed ([daemon] adopt_window is 0: running "
                     "agents are not handed to the next daemon)")
-    elif intent.get("systemd_job") == "restart":
+    elif not restarting and intent.get("systemd_job") == "restart":
         log.critical("systemd is restarting %s but sent SIGTERM, not SIGUSR2: every agent was "
                      "killed (the unit lacks RestartKillSignal=SIGUSR2, or systemd is older "
                      "than 244)", intent["unit"])

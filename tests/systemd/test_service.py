@@ -303,6 +303,8 @@ def test_restart_keeps_every_agent_running(machine: Machine) -> None:
     assert adopted["outcome"] == "ok" and adopted["detail"]["run"] == run["id"], adopted
     assert not any(r["verb"] in ("shutdown", "reap", "watchdog_kill") and name in json.dumps(r)
                    for r in rows)
+    # Nor does the log say they were: a handover is not a restart sent SIGTERM.
+    assert "sent SIGTERM, not SIGUSR2" not in machine.journal()
 
     machine.run(AGENTCTL, "kill", name, "--reason", "test done")
     machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
@@ -383,6 +385,29 @@ def test_sigusr2_restarts_the_service_and_keeps_the_agents(machine: Machine) -> 
     assert "exiting 75" in machine.journal()
     machine.run(AGENTCTL, "kill", name, "--reason", "test done")
     machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
+
+
+def test_the_daemon_warns_at_start_when_a_restart_would_kill(machine: Machine) -> None:
+    """The installed unit restarts by SIGUSR2 and the daemon says nothing; a unit whose
+    restart sends SIGTERM (what a systemd older than 244 does with every unit) gets the
+    warning from the daemon's own check, run in a transient service of that kind."""
+    assert machine.run("systemctl", "show", "--value", "--property=RestartKillSignal",
+                       UNIT).stdout.strip() == "12"  # SIGUSR2
+    assert "to restart with the agents kept" not in machine.journal()  # the start's check
+    check = ("import asyncio; from supervisor.daemon.stopintent import restart_warning; "
+             "print(asyncio.run(restart_warning(True)))")
+    said: dict[str, str] = {}
+    for sig in ("SIGUSR2", "SIGTERM"):
+        out = f"/run/as-test-restart-{sig}.out"
+        # Type=oneshot: systemd-run returns once the check has run.
+        machine.run("systemd-run", "--quiet", f"--unit=as-test-restart-{sig}",
+                    "--property=Type=oneshot", f"--property=RestartKillSignal={sig}",
+                    f"--property=StandardOutput=file:{out}",
+                    "/opt/agent-supervisor/venv/bin/python", "-c", check)
+        said[sig] = machine.run("cat", out).stdout.strip()
+    assert said["SIGUSR2"] == "None", said
+    assert "RestartKillSignal=SIGTERM, not SIGUSR2" in said["SIGTERM"], said
+    assert "systemctl kill -s USR2 as-test-restart-SIGTERM.service" in said["SIGTERM"], said
 
 
 FAKE_SYSTEMCTL = "/usr/local/lib/as-test-hung/systemctl"

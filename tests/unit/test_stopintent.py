@@ -56,3 +56,38 @@ def test_a_systemctl_that_answers_nothing_leaves_the_job_unknown(
     monkeypatch.setattr(stopintent.shutil, "which", lambda name: str(fake))
     assert asyncio.run(stop_intent(True)) == {"unit": "agent-supervisor.service",
                                           "systemd_job": None}
+
+
+def test_a_restart_that_would_kill_the_agents_is_named() -> None:
+    unit = "agent-supervisor.service"
+    assert stopintent.restart_kills("12\n", unit) is None  # SIGUSR2: handed over
+    older = stopintent.restart_kills("\n", unit)  # systemd < 244 has no such property
+    assert older is not None and "older than 244" in older
+    assert f"systemctl kill -s USR2 {unit}" in older
+    other = stopintent.restart_kills("15\n", unit)  # the unit lost its RestartKillSignal=
+    assert other is not None and "RestartKillSignal=SIGTERM" in other and "kills" in other
+
+
+@pytest.mark.parametrize(("printed", "warned"), [("12", False), ("", True), ("15", True)])
+def test_the_start_asks_systemctl_for_the_restart_signal(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        printed: str, warned: bool) -> None:
+    """A real program in systemctl's place, printing what `systemctl show --value` prints for
+    each case, and recording what it was asked."""
+    asked = tmp_path / "asked"
+    fake = tmp_path / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {asked}\necho "{printed}"\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(stopintent, "own_unit", lambda: "agent-supervisor.service")
+    monkeypatch.setattr(stopintent.shutil, "which", lambda name: str(fake))
+    with caplog.at_level("WARNING", logger=stopintent.__name__):
+        warning = asyncio.run(stopintent.restart_warning(True))
+    assert asked.read_text().split() == ["show", "--value", "--property=RestartKillSignal",
+                                         "agent-supervisor.service"]
+    assert (warning is not None) == warned
+    assert (warning in caplog.text) if warning else "RestartKillSignal" not in caplog.text
+    # Not a service, or a systemctl that cannot tell: nothing is said.
+    assert asyncio.run(stopintent.restart_warning(False)) is None
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    monkeypatch.setattr(stopintent, "_ASK_TIMEOUT", 0.2)
+    assert asyncio.run(stopintent.restart_warning(True)) is None
