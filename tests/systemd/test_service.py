@@ -387,6 +387,71 @@ def test_sigusr2_restarts_the_service_and_keeps_the_agents(machine: Machine) -> 
     machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
 
 
+GATE = "/run/as-test-gate"
+GATE_DROP_IN = "/etc/systemd/system/agent-supervisor.service.d/gate.conf"
+HALT_FILE = "/run/agent-supervisor/HALT"
+
+
+def unit_pids(machine: Machine) -> set[int]:
+    """Every process in the unit's cgroup (and below it), in each tree systemd tracks it by:
+    what `systemctl kill --kill-whom=all` signals."""
+    group = machine.run("systemctl", "show", "--value", "--property=ControlGroup",
+                        UNIT).stdout.strip()
+    out = machine.sh(" ; ".join(f"find {tree}{group} -name cgroup.procs -exec cat {{}} + "
+                                f"2>/dev/null" for tree in LAYOUT.tracking) + " ; true").stdout
+    return {int(pid) for pid in out.split()}
+
+
+def test_break_glass_in_a_restarts_gap_is_the_halt_file(machine: Machine) -> None:
+    """The runbook's story for break-glass during a restart: between the old daemon's exit
+    and the next one's start (held open here by an ExecStartPre that waits for a file, and
+    ignores SIGUSR1), the agents and the watchdog holding them are outside the unit's cgroup,
+    so `systemctl kill --kill-whom=all -s USR1` reaches neither; `agent-supervisord --halt`
+    is taken by the watchdog, which kills the agents, and the next daemon applies the file as
+    a global halt."""
+    name = "halted-in-the-gap"
+    start_agent(machine, name)
+    run = agent_view(machine, name)["run"]
+    machine.run("rm", "-f", GATE)
+    put(machine, GATE_DROP_IN, "[Service]\nExecStartPre=/bin/sh -c 'trap \"\" USR1; "
+        f"while [ ! -e {GATE} ]; do sleep 0.1; done'\n")
+    try:
+        machine.run("systemctl", "daemon-reload")
+        machine.run("systemctl", "restart", "--no-block", UNIT)
+        machine.wait_for("the restart held in its gap", lambda: machine.unit(
+            "ActiveState", "SubState") == {"ActiveState": "activating",
+                                           "SubState": "start-pre"}, timeout=120)
+        assert main_pid(machine) == 0
+        watchdogs = {int(pid) for tree in LAYOUT.tracking for pid in machine.run(
+            "cat", f"{tree}/{WATCHDOG_CGROUP}/cgroup.procs").stdout.split()}
+        agents = set(agent_pids(machine))
+        assert len(watchdogs) == 1 and run["pid"] in agents
+        in_unit = unit_pids(machine)
+        assert in_unit and not in_unit & (watchdogs | agents), (in_unit, watchdogs, agents)
+        machine.run("systemctl", "kill", "--kill-whom=all", "--signal=USR1", UNIT)
+
+        halted = machine.run("/opt/agent-supervisor/venv/bin/agent-supervisord", "--halt",
+                             "INC-test: during a restart", check=False)
+        assert halted.returncode == 1 and "no running daemon took" in halted.stderr, halted
+        machine.wait_for("the watchdog to kill the agents", lambda: not agent_pids(machine),
+                         timeout=60)
+    finally:
+        machine.run("touch", GATE)
+        wait_active(machine)
+        machine.run("rm", "-f", GATE_DROP_IN, GATE)
+        machine.run("systemctl", "daemon-reload")
+    rows = audit_rows(machine)
+    kill = next(r for r in rows if r["verb"] == "watchdog_kill")
+    # The HALT file did it, not the SIGUSR1 (which would read "SIGUSR1 to the watchdog").
+    assert kill["detail"]["trigger"].startswith(f"break-glass: {HALT_FILE}"), kill
+    assert kill["detail"]["handed_over"] == [run["id"]], kill
+    assert kill["detail"]["confirmed_empty"] is True, kill
+    glass = next(r for r in rows if r["verb"] == "break_glass")
+    assert "INC-test: during a restart" in json.dumps(glass), glass
+    assert machine.run("test", "-e", HALT_FILE, check=False).returncode != 0  # applied
+    machine.run(AGENTCTL, "reactivate", "--all", "--reason", "test done")
+
+
 def test_the_daemon_warns_at_start_when_a_restart_would_kill(machine: Machine) -> None:
     """The installed unit restarts by SIGUSR2 and the daemon says nothing; a unit whose
     restart sends SIGTERM (what a systemd older than 244 does with every unit) gets the
