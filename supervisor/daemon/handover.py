@@ -16,8 +16,21 @@ bundle, the run's records in SQLite.
 While no daemon holds them the watchdog keeps them contained and killable: SIGUSR1 to it or
 the HALT file kills every agent, and so does the end of `[daemon] adopt_window` with no new
 daemon; each is recorded for the next daemon's audit (`watchdog_kill`). A run that cannot be
-handed over whole (docker, not yet running) is killed through the kill path first; a run
-that cannot be adopted whole is audited (`adopt`, outcome failed:...) and reaped.
+handed over whole (not yet running) is killed through the kill path first; a run that cannot
+be adopted whole is audited (`adopt`, outcome failed:...) and reaped.
+
+A docker run needs no descriptor: its container is the engine's (containerd's shim is its
+init's parent, not the daemon), so it runs on across the restart, in the run's cgroup
+(`cgroup_parent`) under the agents' parent, where the watchdog's kill reaches it like any
+runc run's. Its output goes on into the engine's own bounded log of the run, which the
+supervisor follows with timestamps: the old daemon stops following and records how far it
+read (`output_since`), the next one reads on from there (supervisor/runtime/engine_log.py:
+nothing lost or doubled while the engine still has the last line read). The next daemon
+adopts it if the engine names the same running init and that pid is in the run's cgroup;
+the exit status of a container that ended meanwhile is the engine's (`docker inspect`),
+taken as the run's own only when the kernel says its cgroup is empty
+(DockerRuntime.adoptable). An engine that does not answer at the adoption, a container
+gone, a cgroup gone: not adopted, reaped through the cgroup (fail closed).
 
 A run behind the egress gateway keeps its veth, nft table, address, port and token (what the
 agent holds in HTTP_PROXY); the gateway worker does not survive the restart. Its gate closes in
@@ -46,6 +59,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +74,8 @@ from supervisor.errors import SupervisorError
 from supervisor.models.mcp import MAX_STDIO_SERVERS
 from supervisor.models.tripwire import TripwireRule
 from supervisor.profiles import Profile, load_profile
-from supervisor.runtime.base import RunParams
+from supervisor.runtime.base import NotAdopted, RunParams
+from supervisor.runtime.engine_log import LogCursor
 from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT
 from supervisor.runtime.sandboxed import RuncRunHandle, RuncRuntime
 from supervisor.sandbox import proc_exits
@@ -82,6 +97,7 @@ if TYPE_CHECKING:
     from supervisor.config import Config
     from supervisor.daemon.core import Core
     from supervisor.daemon.egress import RunNetwork
+    from supervisor.runtime.containerized import DockerRunHandle, DockerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +123,35 @@ def why_not(live: LiveRun) -> str | None:
         return f"it is ending ({live.ending.value})"
     if live.record.state not in _HANDED:
         return f"it is {live.record.state}"
-    if not isinstance(live.handle, RuncRunHandle):
-        return "docker runs are not handed over (the engine's stream is the daemon's)"
+    if not isinstance(live.handle, RuncRunHandle) and _docker(live.handle) is None:
+        return "it has no runtime handle"
     return None
+
+
+def _docker(handle: object) -> DockerRunHandle | None:
+    """`handle` if it is a docker run's (containerized.py is imported only where docker is
+    enabled, so with it not loaded there is none)."""
+    module = sys.modules.get("supervisor.runtime.containerized")
+    if module is not None and isinstance(handle, module.DockerRunHandle):
+        return handle  # type: ignore[no-any-return]
+    return None
+
+
+def _handed(live: LiveRun) -> RuncRunHandle | DockerRunHandle:
+    """The handle of a run `why_not` lets go."""
+    docker = _docker(live.handle)
+    if docker is not None:
+        return docker
+    assert isinstance(live.handle, RuncRunHandle)
+    return live.handle
+
+
+def _docker_runtime(core: Core) -> DockerRuntime:
+    module = sys.modules.get("supervisor.runtime.containerized")
+    docker = core.runtime.runtimes.get("docker")
+    if module is None or not isinstance(docker, module.DockerRuntime):
+        raise NotAdopted("runtime_missing", "this daemon has no docker runtime")
+    return docker  # type: ignore[no-any-return]
 
 
 def _behind_gateway(live: LiveRun) -> bool:
@@ -154,8 +196,7 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
     fds: list[int] = []
     runs: list[dict[str, Any]] = []
     for live in keep:
-        handle = live.handle
-        assert isinstance(handle, RuncRunHandle)
+        handle = _handed(live)
         gateway: dict[str, Any] | None = None
         stdio_fds: list[int] = []
         if _behind_gateway(live):
@@ -172,22 +213,29 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
             live.watcher.cancel()
         if live.timeout_handle is not None:
             live.timeout_handle.cancel()
-        pipe = await handle.output.hand_over(OUTPUT_FINISH_TIMEOUT)
-        if pipe is None:
+        pipe: int | None = None
+        if not isinstance(handle, RuncRunHandle):  # docker: the engine keeps the output
+            source = await handle.hand_over(OUTPUT_FINISH_TIMEOUT)
+        else:
+            pipe = await handle.output.hand_over(OUTPUT_FINISH_TIMEOUT)
+            source = None if pipe is None else {"output_fd": len(fds)}
+        if source is None:
             refused[live.record.id] = "its output drain did not stop"
             for fd in stdio_fds:
                 os.close(fd)
             continue
         if gateway is not None and "mcp" in gateway:
             for index, server in enumerate(gateway["mcp"]["stdio"]):
-                server["fd"] = len(fds) + 1 + index  # after the output pipe's
+                # after the output pipe's (a docker run hands over none)
+                server["fd"] = len(fds) + (pipe is not None) + index
         runs.append({"run_id": live.record.id, "agent": live.record.agent,
                      "container_id": live.record.container_id, "pid": handle.pid,
-                     "output_fd": len(fds), "produced": handle.output.produced,
+                     **source, "produced": handle.output.produced,
                      "recorded": handle.output.recorded, "seccomp_fds": [],
                      "tripwires": [t.model_dump(mode="json") for t in live.tripwires],
                      **({"gateway": gateway} if gateway is not None else {})})
-        fds.append(pipe)
+        if pipe is not None:
+            fds.append(pipe)
         fds += stdio_fds
     handed = {entry["container_id"]: entry for entry in runs}
     if core.seccomp is not None:
@@ -241,9 +289,7 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
     if late:
         await _kill(core, late, f"{reason}: not handed over")
     for entry in runs:
-        live = arbiter.live.pop(entry["run_id"])
-        assert isinstance(live.handle, RuncRunHandle)
-        live.handle.release()
+        _handed(arbiter.live.pop(entry["run_id"])).release()
     detail = {"window_s": config.daemon.adopt_window, "socket": str(path),
               "runs": [{k: entry[k] for k in ("run_id", "agent", "pid", "produced", "recorded")}
                        | {"seccomp_fds": len(entry["seccomp_fds"]),
@@ -323,12 +369,6 @@ def _shown_gateway(gateway: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the next daemon
 
 
-class NotAdopted(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 @dataclass
 class Adoption:
     """What a start found of a handover: runs adopted, runs not adopted (with why)."""
@@ -406,7 +446,7 @@ async def adopt(core: Core) -> Adoption | None:
     used: set[int] = set()
     exits, result.exit_events = _take_exit_events(handover, fds, used)
     for entry in handover["runs"]:
-        mine = [entry["output_fd"], *entry["seccomp_fds"]]
+        mine = [*_output_fd(entry), *entry["seccomp_fds"]]
         owned = [fds[i] for i in mine]
         used.update(mine)
         # The stdio MCP servers' ends: the gateway's adoption duplicates what it takes.
@@ -429,17 +469,18 @@ async def adopt(core: Core) -> Adoption | None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             row = {"run": run_id, "error": str(exc)}
+            # Gone before this daemon could take it: its exit waits in the socket (a docker
+            # run's: the engine's word first). Only an init that ended in its own cgroup
+            # ended by itself; a cgroup gone or changed is someone else's doing, reaped and
+            # held like any leftover (the code is only noted).
+            status = Exit(exc.exit_code) if exc.exit_code is not None else None
             if exits is not None:
-                # Gone before this daemon could take it: its exit waits in the socket. Only an
-                # init that ended in its own cgroup ended by itself; a cgroup gone or changed
-                # is someone else's doing, reaped and held like any leftover (the code is
-                # only noted).
-                status = exits.exited(entry["pid"])
+                status = status or exits.exited(entry["pid"])
                 exits.forget(entry["pid"])
-                if status is not None:
-                    row["exit_code"] = status.code
-                    if exc.code in _ENDED_BY_ITSELF:
-                        _ended_meanwhile(core, run_id, status, result)
+            if status is not None:
+                row["exit_code"] = status.code
+                if exc.code in _ENDED_BY_ITSELF:
+                    _ended_meanwhile(core, run_id, status, result)
             result.failed[run_id] = {"code": exc.code, "message": str(exc)}
             result.rows.append((entry["agent"], f"failed:{exc.code}", row))
             log.error("run %s not adopted: %s", run_id, exc)
@@ -522,6 +563,25 @@ _GATEWAY_KEYS: dict[str, tuple[type, ...]] = {
     "denials": (dict,), "denial_rows": (int,)}
 
 
+def _check_runtime(entry: dict[str, Any], n: int) -> bool:
+    """Whether the entry is a docker run's (ValueError unless it is runc's or docker's, and a
+    docker run's has its `output_since` and no descriptor: the engine keeps its output)."""
+    runtime = entry.get("runtime", "runc")
+    if runtime not in ("runc", "docker"):
+        raise ValueError(f"run {n} of the record: runtime {runtime!r} is not runc or docker")
+    if runtime == "runc":
+        return False
+    if "output_fd" in entry or entry.get("seccomp_fds") != []:
+        raise ValueError(f"run {n} of the record: a docker run hands over no descriptor")
+    LogCursor.from_wire(entry.get("output_since"))
+    return True
+
+
+def _output_fd(entry: dict[str, Any]) -> list[Any]:
+    """The index of the run's output pipe, if it handed one over (runc's; not docker's)."""
+    return [] if entry.get("runtime", "runc") == "docker" else [entry["output_fd"]]
+
+
 def check_record(handover: dict[str, Any], nfds: int) -> None:
     """ValueError unless the record is of this version and every run in it has the keys and
     types `hand_over` writes, with descriptor indexes among the `nfds` received, each owned
@@ -536,8 +596,11 @@ def check_record(handover: dict[str, Any], nfds: int) -> None:
     for n, entry in enumerate(runs):
         if not isinstance(entry, dict):
             raise ValueError(f"run {n} of the record is not an object")
+        docker = _check_runtime(entry, n)
         for key, kind in _RUN_KEYS.items():
             value = entry.get(key)
+            if docker and key == "output_fd":
+                continue
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise ValueError(f"run {n} of the record: {key} is not a {kind.__name__}")
         gateway = entry.get("gateway")
@@ -549,7 +612,7 @@ def check_record(handover: dict[str, Any], nfds: int) -> None:
                 if not isinstance(value, kinds) or (isinstance(value, bool)
                                                     and bool not in kinds):
                     raise ValueError(f"run {n} of the record: gateway {key} is not of its type")
-        indexes = [entry["output_fd"], *entry["seccomp_fds"], *_stdio_fds(entry, n)]
+        indexes = [*_output_fd(entry), *entry["seccomp_fds"], *_stdio_fds(entry, n)]
         for index in indexes:
             if not isinstance(index, int) or isinstance(index, bool) \
                     or not 0 <= index < nfds or index in seen:
@@ -593,24 +656,34 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
     if agent is None or agent.current_run != run.id:
         raise NotAdopted("unknown_run", f"agent {run.agent} does not hold run {run_id}")
     cgroup = Cgroup(run.cgroup)
+    pid = entry.get("pid")
+    runtime = str(entry.get("runtime", "runc"))
+    docker: DockerRuntime | None = None
+    if runtime == "docker":  # the engine first: a container that ended says with what
+        docker = _docker_runtime(core)
+        runtime_state = await docker.adoptable(run.container_id, int(pid or 0), cgroup)
     if not cgroup.exists():
         raise NotAdopted("cgroup_missing", f"its cgroup {cgroup.path} is gone")
     if not cgroup.populated():
         raise NotAdopted("no_processes", f"its cgroup {cgroup.path} is empty")
     runc = core.runtime.runtimes.get("runc")
-    if not isinstance(runc, RuncRuntime):
-        raise NotAdopted("runtime_missing", "this daemon has no runc runtime")
-    state = await runc.runc.state(run.container_id)
-    if state is None or state.status not in ("running", "paused"):
-        raise NotAdopted("runtime_state", f"runc state of {run.container_id}: "
-                         f"{state.status if state else 'none'}")
-    pid = entry.get("pid")
-    if state.pid != pid or not isinstance(pid, int):
-        raise NotAdopted("init_changed", f"runc names init pid {state.pid}, the handover {pid}")
+    if docker is None:
+        if not isinstance(runc, RuncRuntime):
+            raise NotAdopted("runtime_missing", "this daemon has no runc runtime")
+        state = await runc.runc.state(run.container_id)
+        if state is None or state.status not in ("running", "paused"):
+            raise NotAdopted("runtime_state", f"runc state of {run.container_id}: "
+                             f"{state.status if state else 'none'}")
+        if state.pid != pid or not isinstance(pid, int):
+            raise NotAdopted("init_changed",
+                             f"runc names init pid {state.pid}, the handover {pid}")
+        runtime_state = state.status
+    assert isinstance(pid, int)
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as exc:
         raise NotAdopted("init_gone", f"init pid {pid}: {exc.strerror}") from exc
+    stream = None
     try:
         if pid not in cgroup.pids():  # held by pidfd now: a reused pid would be elsewhere
             raise NotAdopted("init_changed", f"pid {pid} is not in {cgroup.path}")
@@ -620,12 +693,18 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
         except (SupervisorError, ValueError) as exc:
             raise NotAdopted("profile_invalid", f"profile {run.profile}: {exc}") from exc
         behind_gateway = profile.network.mode == "gateway"
-        if (profile.runtime or "runc") != "runc" or behind_gateway != ("gateway" in entry):
+        if profile.runtime not in (None, runtime) or behind_gateway != ("gateway" in entry):
             raise NotAdopted("profile_changed", f"profile {run.profile} no longer describes "
-                             f"a runc run {'with' if 'gateway' in entry else 'without'} "
+                             f"a {runtime} run {'with' if 'gateway' in entry else 'without'} "
                              f"the egress gateway")
+        cursor = LogCursor.from_wire(entry.get("output_since"))
         output_fd = entry.get("output_fd")
-        if not isinstance(output_fd, int) or not 0 <= output_fd < len(fds):
+        if docker is not None:
+            try:
+                stream = await docker.open_log(run.container_id, cursor)
+            except SupervisorError as exc:
+                raise NotAdopted("output_missing", f"the engine's log: {exc.message}") from exc
+        elif not isinstance(output_fd, int) or not 0 <= output_fd < len(fds):
             raise NotAdopted("output_missing", "no output pipe was handed over")
         try:
             cgroup.hold()
@@ -639,19 +718,34 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
             raise
     except BaseException:
         os.close(pidfd)
+        if stream is not None:
+            stream.close()
         raise
-    output = core.outputs.resume(run.id, Path(run.log_path), profile, fds[output_fd],
+    output = core.outputs.resume(run.id, Path(run.log_path), profile,
+                                 None if docker is not None else fds[int(output_fd or 0)],
                                  int(entry.get("produced", 0)), int(entry.get("recorded", 0)))
     params = RunParams(
         run_id=run.id, agent=run.agent, container_id=run.container_id, netns=run.netns,
         cgroup=run.cgroup, bundle=Path(run.bundle), log_path=Path(run.log_path),
         profile=profile, command=run.command, uid_slot=run.uid_slot, workspace=run.workspace,
-        network=network)
-    handle = RuncRunHandle(runc, params, pid, pidfd, output)
-    handle.cgroup = cgroup
-    handle.exits = exits
-    if exits is None:
-        handle.exit_unknown = f"the previous daemon handed over no exit events: {exits_note}"
+        network=network, runtime=runtime)
+    handle: RuncRunHandle | DockerRunHandle
+    if docker is not None:
+        assert stream is not None
+        handle = docker.adopted(params, pid, pidfd, output, cursor, stream)
+        handle.cgroup = cgroup
+        if exits is not None:
+            exits.forget(pid)  # its status is the engine's (DockerRunHandle.wait_exit)
+        exit_status = "from the engine once its init's pidfd says it ended"
+    else:
+        assert isinstance(runc, RuncRuntime)
+        handle = RuncRunHandle(runc, params, pid, pidfd, output)
+        handle.cgroup = cgroup
+        handle.exits = exits
+        if exits is None:
+            handle.exit_unknown = f"the previous daemon handed over no exit events: {exits_note}"
+        exit_status = "from the kernel's process exit events" if exits is not None \
+            else f"unknown at its end: {handle.exit_unknown}"
     live = LiveRun(record=run, handle=handle, profile=profile, tripwires=tripwires,
                    adopted=True)
     live.ready.set()
@@ -677,14 +771,14 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
             left, lambda: arbiter._spawn(ending.expire(arbiter, live, time.perf_counter())))
     log.info("adopted agent %s run %s (pid %d)", run.agent, run.id, pid)
     return {"run": run.id, "pid": pid, "container": run.container_id, "cgroup": run.cgroup,
-            "runtime_state": state.status, "output": {"produced": output.produced,
-                                                      "recorded": output.recorded},
+            "runtime": runtime, "runtime_state": runtime_state,
+            "output": {"produced": output.produced, "recorded": output.recorded,
+                       **({"since": cursor.as_wire()} if docker is not None else {})},
             "seccomp_fds": seccomp, "timeout_left_s": left,
             **({"gateway": _gateway_adopted(entry["gateway"])} if network is not None else {}),
             "carried": {"telemetry": isinstance(carried.get("telemetry"), dict),
                         "tripwires": (carried.get("containment") or {}).get("tripwires")},
-            "exit_status": "from the kernel's process exit events" if exits is not None
-            else f"unknown at its end: {handle.exit_unknown}"}
+            "exit_status": exit_status}
 
 
 async def _adopt_gateway(core: Core, run: RunRecord, profile: Profile,

@@ -137,3 +137,14 @@ class Runtime(Protocol):
     async def reap(self, leftover: Leftover, timeout: float) -> dict[str, Any]: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+class NotAdopted(Exception):
+    """A run handed over at a restart that cannot be adopted whole (daemon/handover.py): a
+    stable snake_case `code` for the `adopt` row's outcome, and the run's exit status when
+    what refused it knows it (the engine's word for a container that ended meanwhile)."""
+
+    def __init__(self, code: str, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.exit_code = exit_code

@@ -8,6 +8,11 @@ supervisor names (`cgroup_parent` = the run's cgroup), so `cgroup.kill`, `cgroup
 `cgroup.events` on that cgroup kill, pause and confirm the whole run even while dockerd is down
 or hung. `docker kill` is only the fallback when the cgroup cannot be written.
 
+The output goes into the engine's bounded log of the run (engine_log.py), which the supervisor
+follows with timestamps; so the container survives an orderly restart of the daemon whole:
+the old daemon hands over where it read to (`DockerRunHandle.hand_over`), the next one checks
+the container (`DockerRuntime.adoptable`) and reads on from there (`DockerRuntime.adopted`).
+
 What Docker cannot give: seccomp user notification (the engine takes no listener), so
 notified syscalls are rendered as plain EPERM and their attempts are not reported; and no
 per-container user namespace (the agent runs as an unprivileged host uid instead)."""
@@ -34,7 +39,7 @@ from supervisor.errors import (
     RuntimeUnsupported,
 )
 from supervisor.profiles import Profile, load_seccomp
-from supervisor.runtime.base import Leftover, RunParams
+from supervisor.runtime.base import Leftover, NotAdopted, RunParams
 from supervisor.runtime.control import (
     CgroupControl,
     UndoStep,
@@ -47,7 +52,14 @@ from supervisor.runtime.docker_api import (
     LABEL_PREFIX,
     LABEL_RUN,
     DockerEngine,
+    OutputStream,
     tar_of,
+)
+from supervisor.runtime.engine_log import (
+    ENGINE_LOG_DRIVER,
+    ENGINE_LOG_FILE_SIZE,
+    ENGINE_LOG_FILES,
+    LogCursor,
 )
 from supervisor.runtime.init import INIT_PATH, SandboxInit
 from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT, OutputRecorder, Outputs
@@ -94,15 +106,17 @@ class DockerRunHandle(CgroupControl):
         self._exit: asyncio.Future[int | None] | None = None
         self._status_task: asyncio.Future[None] | None = None
         self._cleaned = False
+        # How far the engine's log of the run was read (engine_log.py): what a restart
+        # hands over so that the next daemon reads on from there.
+        self.cursor = LogCursor()
 
     async def start(self) -> None:
         """Start the container, then prove it is where the kill path expects it: its init in
         the run's cgroup on the v2 tree. Any failure removes the container (fail closed)."""
         try:
-            # Attached before the start, so not a byte is missed: the engine keeps no copy.
-            stream = await self.runtime.call(self.runtime.streamer.attach, self.container)
-            self.output.follow(stream, stream.close)
             await self.runtime.call(self.runtime.engine.start, self.container)
+            # From the log's first line: the engine keeps the output from the start on.
+            self.follow(await self.runtime.open_log(self.container, self.cursor))
             state = await self.runtime.call(self.runtime.engine.inspect, self.container)
             pid = int(((state or {}).get("State") or {}).get("Pid") or 0)
             if pid:
@@ -122,6 +136,36 @@ class DockerRunHandle(CgroupControl):
                 self.params.network.detach()
             await self._abort()
             raise
+
+    def follow(self, stream: OutputStream) -> None:
+        """Record the engine's log of the run (`stream`, from `DockerRuntime.open_log`) from
+        where the cursor stands."""
+        self.output.follow(self.cursor.frames(stream, self._gap), stream.close)
+
+    def _gap(self) -> None:
+        self.output.note("output the agent wrote while no daemon held the run may be missing "
+                         "here: the engine's log of it had rotated past the last line recorded")
+
+    async def hand_over(self, timeout: float) -> dict[str, Any] | None:
+        """An orderly restart (daemon/handover.py): stop following the engine's log, and say
+        where the next daemon reads on (None: the drain did not stop, the run cannot go whole).
+        The container runs on, the engine's child, not the daemon's."""
+        if not await self.output.hand_over_stream(timeout):
+            return None
+        return {"runtime": "docker", "output_since": self.cursor.as_wire()}
+
+    def release(self) -> None:
+        """Handed over to the next daemon: stop watching the init (its pidfd) and let go of
+        the held cgroup files; the container is left exactly as it is."""
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            if self._exit is not None:
+                with contextlib.suppress(RuntimeError, ValueError):
+                    asyncio.get_running_loop().remove_reader(pidfd)
+            os.close(pidfd)
+        if self._status_task is not None:
+            self._status_task.cancel()
+        self.cgroup.release()
 
     def _misplaced_binds(self) -> list[str]:
         """The engine mounts and starts in one step, so this checks just after the start (the
@@ -403,9 +447,11 @@ class DockerRuntime:
                          Ulimit(name="core", soft=0, hard=0),
                          Ulimit(name="fsize", soft=profile.limits.file_size,
                                 hard=profile.limits.file_size)],
-                # The engine keeps no copy of the output (its json-file would grow without
-                # bound on the engine's disk): the supervisor attaches before the start.
-                log_config=LogConfig(type=LogConfig.types.NONE),
+                # The engine keeps the output in a bounded log of its own, which the
+                # supervisor follows: what a restart's next daemon reads on from.
+                log_config=LogConfig(type=ENGINE_LOG_DRIVER,
+                                     config={"max-size": ENGINE_LOG_FILE_SIZE,
+                                             "max-file": str(ENGINE_LOG_FILES)}),
             )
             output = self.outputs.open(params.run_id, params.log_path, profile)
             undo.append(output.abort)
@@ -426,6 +472,51 @@ class DockerRuntime:
         finally:
             if workspace_fd is not None:
                 os.close(workspace_fd)
+
+    async def open_log(self, container: str, cursor: LogCursor) -> OutputStream:
+        """The engine's log of `container`, followed, from where `cursor` stands."""
+        return await self.call(self.streamer.logs, container, cursor.since())
+
+    async def adoptable(self, container: str, pid: int, cgroup: Cgroup) -> str:
+        """A restart's next daemon: the container handed over is still the one it was, its
+        init `pid` running; its state ("running", or "paused" if the engine paused it). Else
+        NotAdopted, with the engine's exit code when the container ended and the kernel says
+        its cgroup is empty (it ended by itself while no daemon held it)."""
+        try:
+            found = await self.call(self.engine.inspect, container)
+        except (EngineUnavailable, RuntimeFailure) as exc:
+            raise NotAdopted("engine_unavailable", f"the docker engine cannot say what became "
+                             f"of container {container}: {exc.message}") from exc
+        if found is None:
+            raise NotAdopted("container_missing", f"container {container} is gone from the "
+                             f"docker engine")
+        state = found.get("State") or {}
+        if not state.get("Running"):
+            code = state.get("ExitCode")
+            code = code if isinstance(code, int) and not isinstance(code, bool) else None
+            ended = f"container {container} is {state.get('Status')} (exit code {code})"
+            if not cgroup.exists():  # someone else's doing: the code is only noted
+                raise NotAdopted("cgroup_missing", f"{ended}; its cgroup {cgroup.path} is gone",
+                                 exit_code=code)
+            if cgroup.populated():
+                raise NotAdopted("runtime_state", f"{ended}, yet its cgroup has processes")
+            raise NotAdopted("no_processes", f"{ended} and its cgroup is empty", exit_code=code)
+        if state.get("Pid") != pid:
+            raise NotAdopted("init_changed", f"the engine names init pid {state.get('Pid')}, "
+                             f"the handover {pid}")
+        return "paused" if state.get("Paused") else "running"
+
+    def adopted(self, params: RunParams, pid: int, pidfd: int, output: OutputRecorder,
+                cursor: LogCursor, stream: OutputStream) -> DockerRunHandle:
+        """The handle of a run the previous daemon handed over, checked by `adoptable` and
+        the caller (its init, through `pidfd`, in the run's cgroup): its output recorded on
+        from `cursor`, with `stream` from `open_log`. Takes `pidfd` and `stream`."""
+        handle = DockerRunHandle(self, params, params.container_id, output)
+        handle.pid, handle._pidfd, handle.cursor = pid, pidfd, cursor
+        if netns.exists(params.netns):
+            handle.netns_path = netns.path_of(params.netns)
+        handle.follow(stream)
+        return handle
 
     async def _undo_container(self, params: RunParams) -> None:
         with contextlib.suppress(EngineUnavailable, RuntimeFailure):

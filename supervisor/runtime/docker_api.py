@@ -154,12 +154,14 @@ class DockerEngine:
             "list", self._api().containers, all=True, filters={"label": label})
         return found
 
-    def attach(self, container: str) -> OutputStream:
-        """stdout and stderr, merged, from now until the container stops; attach before the
-        start to miss nothing. The engine answers once the streams are attached."""
+    def logs(self, container: str, since: int | None = None) -> OutputStream:
+        """stdout and stderr, merged, as the engine's log driver kept them, followed until the
+        container stops: one chunk per log message, each prefixed with its timestamp
+        (RFC 3339, nanoseconds) and a space. `since`: from that second (UNIX time, inclusive)
+        on; None: from the container's first line."""
         stream: OutputStream = self._call(
-            "attach", self._api().attach, container, stdout=True, stderr=True, stream=True,
-            logs=False)
+            "logs", self._api().logs, container, stdout=True, stderr=True, stream=True,
+            follow=True, timestamps=True, **({"since": since} if since else {}))
         return stream
 
 

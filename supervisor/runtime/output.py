@@ -2,9 +2,10 @@
 directory is root's, 0700).
 
 The agent never holds the run's log file. It writes into a pipe (runc: the pipe is its
-stdout and stderr) or into the engine's stream (docker: attached before the container
-starts); a thread of the supervisor drains that into the log file, which only that thread
-has open. So `ftruncate`, `fallocate` or a reopen of /proc/self/fd/1 with O_TRUNC reach a
+stdout and stderr) or into the engine's pipe to its log driver (docker: the supervisor
+follows the engine's bounded log of the run, supervisor/runtime/engine_log.py); a thread of
+the supervisor drains that into the log file, which only that thread has open.
+So `ftruncate`, `fallocate` or a reopen of /proc/self/fd/1 with O_TRUNC reach a
 pipe, never the recorded bytes.
 
 Each run records at most its cap (`[output] max_bytes`, lowered by a profile's own
@@ -108,17 +109,19 @@ class Outputs:
         self._recorders[run_id] = recorder
         return recorder
 
-    def resume(self, run_id: str, log_path: Path, profile: Profile, read_fd: int,
+    def resume(self, run_id: str, log_path: Path, profile: Profile, read_fd: int | None,
                produced: int, recorded: int) -> OutputRecorder:
         """A run handed over by the previous daemon (daemon/handover.py): drain `read_fd`
         (the pipe's read end it kept) into the end of the run's existing log, counting on
-        from where it stopped, so the cap holds across the handover. Takes `read_fd`."""
+        from where it stopped, so the cap holds across the handover. Takes `read_fd`; None:
+        the caller gives the recorder its source (`follow`, an engine's stream)."""
         recorder = OutputRecorder(run_id, log_path, self.cap_for(profile),
                                   asyncio.get_running_loop(), self._capped,
                                   lambda: self._recorders.pop(run_id, None),
                                   resumed=(produced, recorded))
         self._recorders[run_id] = recorder
-        recorder.drain(read_fd)
+        if read_fd is not None:
+            recorder.drain(read_fd)
         return recorder
 
     def counts(self, run_id: str) -> OutputCounts | None:
@@ -222,21 +225,34 @@ class OutputRecorder:
         """An orderly restart: record what the pipe holds now, then stop draining and give
         back the pipe's read end (None if the drain had already ended, or did not stop within
         `timeout`: then the run cannot be handed over whole). The log file is closed; the
-        next daemon appends to it (Outputs.resume). Pipes only, never an engine's stream."""
+        next daemon appends to it (Outputs.resume). Pipes only (`hand_over_stream`)."""
         if self._thread is None or self._close_stream is not None:
             return None
-        self._keep_pipe = True
+        if not await self._hand_over(timeout):
+            return None
+        kept, self.kept_pipe = self.kept_pipe, None
+        return kept
+
+    async def hand_over_stream(self, timeout: float) -> bool:
+        """`hand_over` for an engine's stream: stop following it, with no closing words (the
+        engine keeps what comes next; the next daemon follows on from the source's own
+        cursor). False if the drain had already ended or did not stop within `timeout`."""
+        if self._thread is None or self._close_stream is None:
+            return False
+        return await self._hand_over(timeout)
+
+    async def _hand_over(self, timeout: float) -> bool:
+        self._keep_pipe = True  # the run goes on: no closing words, a pipe is kept
         self.stop()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._done), timeout)
         if not self._done.done():
-            return None
+            return False
         if self._stop_fd >= 0:
             os.close(self._stop_fd)
             self._stop_fd = -1
         self._on_closed()
-        kept, self.kept_pipe = self.kept_pipe, None
-        return kept
+        return True
 
     def follow(self, stream: Iterable[bytes], close: Callable[[], None]) -> None:
         """Drain an engine's output stream; `close` ends it from another thread."""
@@ -439,6 +455,11 @@ class OutputRecorder:
         if self.produced > self.recorded:
             self._note(f"{self.produced - self.recorded} bytes of output were not recorded "
                        f"({self.produced} produced, {self.recorded} recorded)")
+
+    def note(self, text: str) -> None:
+        """One line of the supervisor's own in the log (never counted against the cap), from
+        the drain thread (a source's callback) or before the drain starts."""
+        self._note(text)
 
     def _note(self, text: str) -> None:
         """One line of the supervisor's own in the log (never counted against the cap)."""

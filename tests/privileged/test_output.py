@@ -7,8 +7,10 @@ processes, flooding far past the cap. Also RLIMIT_FSIZE on the files it writes. 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+from supervisor.runtime.engine_log import ENGINE_LOG_DRIVER, ENGINE_LOG_FILE_SIZE, ENGINE_LOG_FILES
 from tests.conftest import BOTH_RUNTIMES
 from tests.support.daemon import Daemon, engine_request, wait_for
 
@@ -175,10 +177,18 @@ def test_a_flood_never_delays_a_kill(daemon: Daemon, runtime: str) -> None:
     wait_for(lambda: (daemon.client.telemetry(run_id)["summary"]["output_bytes"] or 0)
              > produced[0] + 10 * CAP, timeout=30, what="the flood going on past the cap")
     assert daemon.client.agent("torrent")["state"] == "active"
-    if runtime == "docker":  # and the engine keeps no copy of its own on its disk
+    if runtime == "docker":  # and the engine's own copy on its disk stays within its bound
         container = engine_request("GET", f"/containers/{daemon.prefix}-{run_id}/json")
-        assert container["HostConfig"]["LogConfig"]["Type"] == "none", container["HostConfig"]
-        assert not container["LogPath"], container["LogPath"]
+        assert container["HostConfig"]["LogConfig"] == {
+            "Type": ENGINE_LOG_DRIVER, "Config": {"max-size": ENGINE_LOG_FILE_SIZE,
+                                                  "max-file": str(ENGINE_LOG_FILES)}}
+        kept = Path(engine_request("GET", "/info")["DockerRootDir"]) / "containers" \
+            / container["Id"] / "local-logs"
+        bound = ENGINE_LOG_FILES * int(ENGINE_LOG_FILE_SIZE.rstrip("m")) * 1024**2
+        wait_for(lambda: (daemon.client.telemetry(run_id)["summary"]["output_bytes"] or 0)
+                 > bound + 8 * 1024**2, timeout=60, what="the flood past the engine's bound")
+        on_disk = sum(f.stat().st_size for f in kept.iterdir())
+        assert 0 < on_disk <= bound + 1024**2, on_disk  # one message of slack
     killed = daemon.agentctl_json("kill", "torrent", "--reason", "flooding")
     assert killed["results"][0]["new_state"] == "killed", killed
     assert len(_log(daemon, run_id)) < CAP + 1024
