@@ -238,6 +238,9 @@ class DockerRunHandle(CgroupControl):
             code = await loop.run_in_executor(
                 None, self.runtime.engine.wait, self.container,
                 _EXIT_STATUS_TIMEOUT if pidfd is not None else 365 * 86400.0)
+            # The engine's log is read a little behind the agent: the run ends once its
+            # output is in (bounded), so its end's counts (telemetry, the audit) are whole.
+            await self.output.ended(OUTPUT_FINISH_TIMEOUT)
             if not future.done():
                 future.set_result(code)
 

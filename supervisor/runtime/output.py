@@ -303,6 +303,16 @@ class OutputRecorder:
         self._on_closed()
         return self.counts()
 
+    async def ended(self, timeout: float) -> bool:
+        """Wait at most `timeout` for the source to end by itself (an engine's log ends once
+        the container has stopped and the log is read to its end); never stops it. True if
+        it ended."""
+        if self._thread is None:
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._done), timeout)
+        return self._done.done()
+
     async def abort(self) -> None:
         """A launch failed: stop the drain without waiting for the end of the output."""
         await self.finish(0.0)

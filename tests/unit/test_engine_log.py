@@ -96,6 +96,10 @@ class _Stream:
             self._closed = True
             self._cond.notify_all()
 
+    def end(self) -> None:
+        """The engine ends the log (the container stopped): iteration stops cleanly."""
+        self.put(b"")
+
     def __iter__(self) -> Iterator[bytes]:
         while True:
             with self._cond:
@@ -103,6 +107,8 @@ class _Stream:
                 if self._closed:
                     raise OSError("stream closed")
                 frame = self._frames.pop(0)
+            if not frame:
+                return
             yield frame
 
 
@@ -145,6 +151,25 @@ def test_a_followed_log_is_handed_over_and_the_next_daemon_appends_once(
     data = log.read_bytes()
     assert data.startswith(b"".join(f"tick-{n}\n".encode() for n in range(1, 7)))
     assert data.count(b"tick-3\n") == 1 and MARKER not in data.split(b"tick-6\n")[0]
+
+
+def test_a_run_ends_once_its_log_is_read_to_the_end_or_the_wait_is_over(
+        tmp_path: Path) -> None:
+    """`ended` waits for the source to end by itself and never stops it."""
+    async def run() -> tuple[bool, bool, bool]:
+        recorder = Outputs(1 << 20).open("r1", tmp_path / "r1.log", Profile())
+        stream = _Stream()
+        recorder.follow(LogCursor().frames(stream), stream.close)
+        stream.put(_frame(T0, b"last words\n"))
+        waited = await recorder.ended(0.2)  # the engine has not ended the log: still read
+        still = recorder._thread is not None and recorder._thread.is_alive()
+        stream.end()
+        done = await recorder.ended(WAIT)
+        await recorder.finish(WAIT)
+        return waited, still, done
+
+    assert asyncio.run(run()) == (False, True, True)
+    assert (tmp_path / "r1.log").read_bytes() == b"last words\n"
 
 
 def _docker_entry(**overrides: Any) -> dict[str, Any]:
