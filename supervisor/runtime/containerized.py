@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import select
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -140,7 +140,16 @@ class DockerRunHandle(CgroupControl):
     def follow(self, stream: OutputStream) -> None:
         """Record the engine's log of the run (`stream`, from `DockerRuntime.open_log`) from
         where the cursor stands."""
-        self.output.follow(self.cursor.frames(stream, self._gap), stream.close)
+        current = [stream]
+        self.output.follow(self._frames(current), lambda: current[0].close())
+
+    def _frames(self, current: list[OutputStream]) -> Iterator[bytes]:
+        yield from self.cursor.frames(current[0], self._gap)
+        # The engine ends a followed log when the container stops, at times before its last
+        # lines are read (dockerd 20.10): what is left is read once more, without following,
+        # from the cursor (so nothing twice). A stop (close) never gets here: it raises.
+        current[0] = self.runtime.streamer.logs(self.container, self.cursor.since(), False)
+        yield from self.cursor.frames(current[0])
 
     def _gap(self) -> None:
         self.output.note("output the agent wrote while no daemon held the run may be missing "

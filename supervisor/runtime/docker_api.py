@@ -154,14 +154,15 @@ class DockerEngine:
             "list", self._api().containers, all=True, filters={"label": label})
         return found
 
-    def logs(self, container: str, since: int | None = None) -> OutputStream:
+    def logs(self, container: str, since: int | None = None,
+             follow: bool = True) -> OutputStream:
         """stdout and stderr, merged, as the engine's log driver kept them, followed until the
-        container stops: one chunk per log message, each prefixed with its timestamp
-        (RFC 3339, nanoseconds) and a space. `since`: from that second (UNIX time, inclusive)
-        on; None: from the container's first line."""
+        container stops (`follow`; else what is there now): one chunk per log message, each
+        prefixed with its timestamp (RFC 3339, nanoseconds) and a space. `since`: from that
+        second (UNIX time, inclusive) on; None: from the container's first line."""
         stream: OutputStream = self._call(
             "logs", self._api().logs, container, stdout=True, stderr=True, stream=True,
-            follow=True, timestamps=True, **({"since": since} if since else {}))
+            follow=follow, timestamps=True, **({"since": since} if since else {}))
         return stream
 
 

@@ -190,6 +190,8 @@ def test_an_exit_while_no_daemon_holds_it_is_recorded_with_the_engines_status(
         wait_for(lambda: not (_container(daemon, name) or {"Running": True})["Running"],
                  timeout=30, what="the container to exit")
         assert _container(daemon, name)["ExitCode"] == 7  # type: ignore[index]
+        cgroup = daemon.cgroup_dir() / name
+        assert cgroup.is_dir() and "populated 0" in (cgroup / "cgroup.events").read_text()
 
         daemon.start()
         adopt = [r for r in daemon.audit_rows("adopt") if r["target"] == "cue"][-1]
