@@ -20,6 +20,7 @@ from supervisor.daemon import handover
 from supervisor.profiles import Profile
 from supervisor.runtime.engine_log import LogCursor, stamp_ns
 from supervisor.runtime.output import MARKER, Outputs
+from tests.support.handover import record, run_entry
 from tests.unit.conftest import WAIT
 
 T0 = 1_796_239_269_000_000_000  # 2026-12-02T19:21:09Z
@@ -173,10 +174,10 @@ def test_a_run_ends_once_its_log_is_read_to_the_end_or_the_wait_is_over(
 
 
 def _docker_entry(**overrides: Any) -> dict[str, Any]:
-    run = {"run_id": "r1", "agent": "a", "container_id": "as-r1", "pid": 10,
-           "runtime": "docker", "output_since": [T0, 1], "produced": 0, "recorded": 0,
-           "seccomp_fds": [], "tripwires": []}
-    return {"version": handover.VERSION, "from_pid": 1, "runs": [{**run, **overrides}]}
+    """A record of one docker run: no descriptor, its log cursor instead."""
+    run = {k: v for k, v in run_entry().items() if k != "output_fd"}
+    return record({**run, "runtime": "docker", "output_since": [T0, 1], "seccomp_fds": [],
+                   **overrides})
 
 
 def test_a_docker_entry_needs_no_descriptor() -> None:
