@@ -3,7 +3,8 @@ goes to the next daemon, whose own gateway worker listens at the same address fo
 token, with the run's counts carried on and its route secrets read again from its own
 configuration; a session that cannot be restored fails that run's adoption, and the run is
 killed and audited. A real daemon (SIGUSR2 twice over), a real agent making HTTP calls through
-the gateway to an HTTPS upstream on loopback, runc, veth, nftables; needs root."""
+the gateway to an HTTPS upstream on loopback, runc (and docker: the adoption of a docker
+run behind the gateway), veth, nftables; needs root."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from supervisor.egress import link, nft
-from tests.conftest import require_gateway
+from tests.conftest import BOTH_RUNTIMES, require_gateway
 from tests.e2e.test_egress import AGENT_LIB
 from tests.support.daemon import wait_for
 from tests.support.egress import (
@@ -64,9 +65,9 @@ requests = 6
 
 
 @pytest.fixture
-def rig(tmp_root: Path) -> Iterator[GatewayRig]:
+def rig(tmp_root: Path, runtime: str) -> Iterator[GatewayRig]:
     require_gateway()
-    with gateway_rig(tmp_root) as prepared:
+    with gateway_rig(tmp_root, runtime) as prepared:
         yield prepared
 
 
@@ -107,6 +108,7 @@ def _rotate_secret(rig: GatewayRig) -> str:
     return new
 
 
+@BOTH_RUNTIMES
 def test_a_gateway_run_is_adopted_and_keeps_calling_through_the_gateway(
         rig: GatewayRig) -> None:
     run = _start_caller(rig, "caller")
