@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from supervisor.config import Config
 from supervisor.profiles import Profile, load_profile
 from supervisor.runtime.base import RunParams
+from supervisor.runtime.output_index import index_path
 from supervisor.sandbox import abi_probe
 
 if TYPE_CHECKING:
@@ -151,8 +152,10 @@ async def _canary(arbiter: Arbiter, config: Config, runtime: str, timeout: float
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(handle.wait_exit(), 2.0)
             await handle.cleanup()
-        with contextlib.suppress(FileNotFoundError):
-            log_path.unlink()
+        # The output recorder's index beside the log too: a start must leave nothing behind
+        # (a runtime directory kept across restarts would gather one per start).
+        for made in (log_path, index_path(log_path)):
+            made.unlink(missing_ok=True)
     report["duration_ms"] = round((time.perf_counter() - started) * 1000, 1)
     return report
 

@@ -527,8 +527,10 @@ class Watchdog:
         return None
 
     def previous(self) -> list[int]:
-        """Watchdogs of an earlier daemon with the same agents' parent, still at work."""
-        return [pid for pid in self.cgroup.pids() if pid != self.proc.pid]
+        """Watchdogs of an earlier daemon with the same agents' parent, still at work. A member
+        the kernel shows as pid 0 lives in another pid namespace (another daemon's container
+        sharing this cgroup tree): not this host's earlier watchdog, and not one to end."""
+        return [pid for pid in self.cgroup.pids() if pid not in (0, self.proc.pid)]
 
     async def await_previous(self) -> dict[str, object]:
         """Before this daemon looks at what an earlier one left: let that one's watchdog finish

@@ -28,7 +28,14 @@ _HELD_FILES = {"cgroup.kill": os.O_WRONLY, "cgroup.events": os.O_RDONLY,
 
 def sigkill(pid: int) -> None:
     """SIGKILL `pid` through a pidfd (no pid-reuse race); plain kill(2) when no descriptor can
-    be had (a full table must not stop a kill). A pid already gone is not an error."""
+    be had (a full table must not stop a kill). A pid already gone is not an error.
+
+    A pid of 0 or less names no one process: kill(2) would take it as this process's group
+    (0) or every process it may signal (-1). cgroup.procs reads 0 for a member outside this
+    process's pid namespace, which cannot be signalled from here anyway; such a pid is
+    skipped (the cgroup's own kill reaches it)."""
+    if pid <= 0:
+        return
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:

@@ -157,3 +157,19 @@ def test_a_limit_that_cannot_be_set_refuses_the_worker_naming_the_file(tmp_path:
         confine(group, LIMITS)
     assert refused.value.path == root / "pids" / "as-gateway" / "pids.max"
     assert "pids.max" in str(refused.value)
+
+
+def test_sigkill_of_a_pid_that_names_no_one_process_kills_nothing() -> None:
+    """cgroup.procs reads 0 for a member in another pid namespace; kill(2) takes 0 as the
+    caller's own process group. A child in a session of its own (so the old behaviour would
+    end only it) survives sigkill of 0 and of a negative pid, and says so."""
+    import subprocess
+    import sys
+
+    code = ("from supervisor.sandbox.cgroups import sigkill\n"
+            "sigkill(0)\n"
+            "sigkill(-2147483646)\n"
+            "print('survived', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, start_new_session=True)
+    assert (done.returncode, done.stdout) == (0, "survived\n"), done.stderr
