@@ -71,7 +71,9 @@ def test_install_replaces_pips_script_in_place(tmp_path: Path) -> None:
     missing = tmp_path / "other"
     missing.mkdir()
     (missing / "agentctl").write_text(PIP_SCRIPT)
-    assert "no --block-signal" in install(missing, env=str(tmp_path / "no-env"))
+    # An env that is not there (a short path: the shebang it would make must fit the kernel's
+    # limit whatever this venv's path, or the script is refused for that reason instead).
+    assert "no --block-signal" in install(missing, env="/nonexistent/env")
     assert (missing / "agentctl").read_text() == PIP_SCRIPT
 
 
