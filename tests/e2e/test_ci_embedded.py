@@ -393,6 +393,13 @@ def test_ctrl_c_before_agentctl_execs_the_runner_cancels_the_run_without_a_trace
         [sys.executable, "-c", INTERRUPTED_AGENTCTL, "run", "--embedded", "--workspace",
          str(repo), "--report", str(report_path), "--", "sh", "-c", "echo started > started"],
         env=agentctl_env(ci), capture_output=True, text=True, timeout=300, cwd="/")
+    _cancelled_before_launch(result, repo, report_path, ci)
+
+
+def _cancelled_before_launch(result: subprocess.CompletedProcess[str], repo: Path,
+                             report_path: Path, ci: Path) -> None:
+    """A run cancelled by its SIGINT before it launched: status 80, said quietly, the command
+    never run, a report that says killed with no run, nothing left on the host."""
     assert result.returncode == 80, result.stdout + result.stderr
     assert "cancelled: SIGINT" in result.stderr, result.stderr
     assert not noise(result.stderr), result.stderr
@@ -414,13 +421,7 @@ def test_ctrl_c_while_the_interpreter_starts_cancels_the_run_through_the_launche
         [str(launcher), "run", "--embedded", "--workspace", str(repo), "--report",
          str(report_path), "--", "sh", "-c", "echo started > started"],
         env=agentctl_env(ci, **env), capture_output=True, text=True, timeout=300, cwd="/")
-    assert result.returncode == 80, result.stdout + result.stderr
-    assert "cancelled: SIGINT" in result.stderr, result.stderr
-    assert not noise(result.stderr), result.stderr
-    assert not (repo / "started").exists()  # never launched
-    report = json.loads(report_path.read_text())
-    assert report["ending"] == "killed" and report["run"]["id"] is None, report
-    assert host_residue(ci) == {}
+    _cancelled_before_launch(result, repo, report_path, ci)
 
 
 def test_ctrl_c_during_the_run_kills_it_without_a_traceback(ci: Path, repo: Path) -> None:

@@ -269,6 +269,20 @@ def ticks(machine: Machine, name: str) -> list[int]:
     return [int(line[5:]) for line in out.splitlines() if line.startswith("tick-")]
 
 
+def restart_keeping(machine: Machine, name: str) -> dict[str, Any]:
+    """`systemctl restart` with agent `name` running: a new daemon, and the agent still active
+    with the same run and init. The run's view from before the restart."""
+    run: dict[str, Any] = agent_view(machine, name)["run"]
+    pid = main_pid(machine)
+    machine.run("systemctl", "restart", UNIT, timeout=180)
+    wait_active(machine)
+    assert main_pid(machine) != pid
+    after = agent_view(machine, name)
+    assert after["state"] == "active", after
+    assert after["run"]["id"] == run["id"] and after["run"]["pid"] == run["pid"]
+    return run
+
+
 def test_restart_keeps_every_agent_running(machine: Machine) -> None:
     """`systemctl restart` hands the agents to the next daemon (docs/runbook.md, "Restarting
     or upgrading the daemon"): the same processes run on, their output goes on into the same
@@ -278,14 +292,7 @@ def test_restart_keeps_every_agent_running(machine: Machine) -> None:
     machine.run(AGENTCTL, "run", "--detach", "--name", name, "--", "/bin/sh", "-c",
                 "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.2; done")
     machine.wait_for("output", lambda: len(ticks(machine, name)) >= 3, timeout=60)
-    run = agent_view(machine, name)["run"]
-    pid = main_pid(machine)
-    machine.run("systemctl", "restart", UNIT, timeout=180)
-    wait_active(machine)
-    assert main_pid(machine) != pid
-    after = agent_view(machine, name)
-    assert after["state"] == "active", after
-    assert after["run"]["id"] == run["id"] and after["run"]["pid"] == run["pid"]
+    run = restart_keeping(machine, name)
     assert run["pid"] in agent_pids(machine)  # the same init, in the run's cgroup
     seen = len(ticks(machine, name))
     machine.wait_for("output to go on", lambda: len(ticks(machine, name)) > seen + 3,
@@ -338,14 +345,7 @@ def test_restart_keeps_a_gateway_agent_calling_through_the_gateway(machine: Mach
                 "--workspace", GATEWAY_WORKSPACE, "--", "/usr/bin/python3", "-u", "-c",
                 CALLER)
     assert phase(machine, name, "go1") == [200, 200]
-    run = agent_view(machine, name)["run"]
-    pid = main_pid(machine)
-    machine.run("systemctl", "restart", UNIT, timeout=180)
-    wait_active(machine)
-    assert main_pid(machine) != pid
-    after = agent_view(machine, name)
-    assert after["state"] == "active", after
-    assert after["run"]["id"] == run["id"] and after["run"]["pid"] == run["pid"]
+    run = restart_keeping(machine, name)
     adopted = next(r for r in audit_rows(machine) if r["verb"] == "adopt")
     assert adopted["outcome"] == "ok" and adopted["detail"]["run"] == run["id"], adopted
     assert adopted["detail"]["gateway"]["usage"]["requests"] == 2, adopted
