@@ -6,7 +6,8 @@ Two triggers, both root-only by construction:
   optionally with a reason inside (`echo "reason" > /run/agent-supervisor/HALT`, or
   `agent-supervisord --halt "reason"`). It is seen at once through inotify (and on a slow
   safety poll, and at startup when it was written while the daemon was down), and renamed to
-  HALT.done.<time> once applied;
+  HALT.done.<time> once applied (the newest DONE_KEPT of these are kept; the audit log has
+  each halt with its reason);
 - SIGUSR1 to the daemon (`systemctl kill -s USR1 agent-supervisor`).
 Either is a global halt: every agent is killed and new launches are refused until an owner
 lifts it with `agentctl reactivate --all`.
@@ -55,6 +56,9 @@ _SAFETY_POLL = 5.0
 _MAX_FILE = 4096
 _LOOP_WAIT = 10.0  # how long a trigger waits for the loop's audited halt before moving on
 _RESERVE = 2  # descriptors held to be lent to the reason's read under a full table
+# HALT.done.<time>[.rejected] files kept beside the HALT file: one is left per use, and each
+# applied halt is in the audit log (break_glass, with its reason), so older ones go.
+DONE_KEPT = 20
 _libc = libc
 
 
@@ -341,6 +345,10 @@ class BreakGlass:
             with contextlib.suppress(FileNotFoundError):
                 os.rename(self.halt_file.name, to, src_dir_fd=self._dir_fd,
                           dst_dir_fd=self._dir_fd)
+            # After the kill and the rename: listing needs a descriptor, and a full table
+            # only leaves more of these behind until the next use.
+            with contextlib.suppress(OSError):
+                prune_done(self._dir_fd, self.halt_file.name)
 
     def _fire(self, trigger: Trigger) -> None:
         """In a break-glass thread: kill in the kernel first, then the audited halt."""
@@ -425,6 +433,22 @@ def _names(data: bytes) -> list[bytes]:
         names.append(data[offset + _EVENT.size: offset + _EVENT.size + length].rstrip(b"\0"))
         offset += _EVENT.size + length
     return names
+
+
+def prune_done(dir_fd: int, halt_name: str, keep: int = DONE_KEPT) -> list[str]:
+    """Remove all but the newest `keep` of `<halt_name>.done.<time>[.rejected]` in the
+    directory `dir_fd`; the names removed."""
+    prefix = f"{halt_name}.done."
+    done: list[tuple[int, str]] = []
+    for name in os.listdir(dir_fd):
+        stamp = name[len(prefix):].split(".", 1)[0] if name.startswith(prefix) else ""
+        if stamp.isdigit():
+            done.append((int(stamp), name))
+    removed = [name for _stamp, name in sorted(done)[:max(0, len(done) - keep)]]
+    for name in removed:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
+    return removed
 
 
 def write_halt_file(halt_file: Path, reason: str) -> None:

@@ -117,12 +117,22 @@ def kill_path_checks(core: Core) -> list[tuple[str, HealthCheck]]:
             ("audit writer", audit_writer), ("held cgroups", held_cgroups)]
 
 
-def audit_watchdog_records(record: Path, audit: AuditLog) -> None:
-    """What a watchdog did after the previous daemon died goes into the audit log now."""
+# What stays of the watchdog's records once audited: `watchdog.audited` (the newest records,
+# whole: the audit row's detail is capped at 8 KiB, and a kill's list of runs can pass that)
+# and, when it passes this size, one older generation `watchdog.audited.1`, replaced then.
+AUDITED_MAX_BYTES = 1 << 20
+AUDIT_FLUSH_TIMEOUT = 30.0
+
+
+async def audit_watchdog_records(record: Path, audit: AuditLog) -> None:
+    """What a watchdog did after the previous daemon died goes into the audit log now. The
+    record is removed only once those rows are committed (a record audited twice after a
+    crash in between is possible, one lost is not); what it held stays in the bounded
+    `watchdog.audited` (AUDITED_MAX_BYTES, one older generation)."""
     if not record.exists():
         return
-    consumed = record.with_suffix(".audited")
-    for line in record.read_text().splitlines():
+    text = record.read_text()
+    for line in text.splitlines():
         try:
             report = json.loads(line)
         except json.JSONDecodeError:
@@ -132,9 +142,21 @@ def audit_watchdog_records(record: Path, audit: AuditLog) -> None:
                      time_to_halt_ms=report.get("time_to_halt_ms"),
                      outcome="ok" if report.get("confirmed_empty", True) else "unconfirmed",
                      detail=report)
-    with open(consumed, "a") as handle:
-        handle.write(record.read_text())
+    if not await audit.flushed(AUDIT_FLUSH_TIMEOUT):
+        log.error("the watchdog's records are not yet committed to the audit log after %gs: "
+                  "%s stays for the next start to audit", AUDIT_FLUSH_TIMEOUT, record)
+        return
+    keep_audited(record.with_suffix(".audited"), text)
     record.unlink()
+
+
+def keep_audited(consumed: Path, text: str, max_bytes: int = AUDITED_MAX_BYTES) -> None:
+    """Append records already in the audit log to `consumed`, rotated to one older generation
+    (`<consumed>.1`) once it passes `max_bytes`: at most about twice that is kept."""
+    with open(consumed, "a") as handle:
+        handle.write(text)
+    if consumed.stat().st_size > max_bytes:
+        os.replace(consumed, consumed.with_name(consumed.name + ".1"))
 
 
 async def serve(config: Config, notifier: Notifier, config_file: Path | None = None,
@@ -180,7 +202,7 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
                                       "cgroup": str(watchdog.cgroup.path),
                                       "escape_error": watchdog.escape_error,
                                       "previous": previous_watchdogs}})
-    audit_watchdog_records(core.watchdog_record, audit)
+    await audit_watchdog_records(core.watchdog_record, audit)
     # The adoption (above, before the control socket opens) is audited here; reconcile then
     # reaps what no daemon holds, the runs that were not adopted among them.
     if adoption is not None:
