@@ -9,6 +9,7 @@ meet them one by one. `agent-supervisord --check-config` and every reload run th
 from __future__ import annotations
 
 import contextlib
+import grp
 import hashlib
 import os
 import shutil
@@ -122,10 +123,27 @@ def check_config(path: Path | None) -> CheckedConfig:
     return checked
 
 
+def group_errors(config: Config, where: str) -> list[dict[str, str]]:
+    """The control sockets' groups that do not exist on this host: a start refuses them
+    (the socket would be root's alone, every operator locked out without a word to them)."""
+    wanted = [("daemon.socket_group", config.daemon.socket_group)]
+    if config.control.owner_socket_group:
+        wanted.append(("control.owner_socket_group", config.control.owner_socket_group))
+    errors = []
+    for key, group in wanted:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            errors.append(config_error(where, key, f"group {group!r} does not exist on this "
+                                       f"host (groupadd --system {group}, or name another)"))
+    return errors
+
+
 def _check_start(config: Config, where: str, checked: CheckedConfig) -> None:
-    """What a start stops at beyond the file's schema: webhook secrets, the metrics address,
-    the sandbox's init and runc, and the Docker engine's socket when Docker is enabled (in
-    engine_errors: a reload does not need the engine)."""
+    """What a start stops at beyond the file's schema: the control sockets' groups, webhook
+    secrets, the metrics address, the sandbox's init and runc, and the Docker engine's socket
+    when Docker is enabled (in engine_errors: a reload does not need the engine)."""
+    checked.errors.extend(group_errors(config, where))
     _check_webhooks(config, where, checked)
     try:
         check_endpoint(config.metrics.listen, config.metrics.web_config_file)

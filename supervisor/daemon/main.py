@@ -28,10 +28,11 @@ from supervisor.api.listener import ControlListener
 from supervisor.api.server import RoleTable, bind_control_socket, build_app, operators_gid
 from supervisor.audit import AuditLog
 from supervisor.config import Config, load_config
+from supervisor.config import config_path as chosen_config
 from supervisor.daemon.arbiter import SYSTEM
 from supervisor.daemon.auditing import housekeeping, start_audit, verify_fully
 from supervisor.daemon.breakglass import BreakGlass, HaltSignal, block_halt_signal, request_halt
-from supervisor.daemon.configcheck import CheckedConfig, check_config
+from supervisor.daemon.configcheck import CheckedConfig, check_config, group_errors
 from supervisor.daemon.core import Core
 from supervisor.daemon.drills import Drills
 from supervisor.daemon.fleet import FleetMember
@@ -441,6 +442,10 @@ def main(config_path: Path | None, check_only: bool, halt_reason: str | None) ->
     try:
         config = load_config(config_path)
         load_endpoints(config.webhooks)  # secrets present and private, before anything starts
+        # A socket group that does not exist would leave the socket to root alone.
+        where = str(chosen_config(config_path) or "(defaults: no configuration file)")
+        if groups := group_errors(config, where):
+            CheckedConfig(source=where, errors=groups).raise_for_errors()
     except ConfigInvalid as exc:
         click.echo(f"agent-supervisord: {exc.message}", err=True)
         sys.exit(exc.exit_status)

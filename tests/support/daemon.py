@@ -112,7 +112,10 @@ class Daemon:
 
     def write_config(self) -> None:
         sections: dict[str, dict[str, Any]] = {
+            # The control socket's group must exist (a start refuses one that does not):
+            # root's, so the socket is root's alone unless a test names a group of its own.
             "daemon": {"state_dir": str(self.root / "state"),
+                       "socket_group": "root",
                        "runtime_dir": str(self.root / "run"),
                        "profile_dirs": [str(self.root / "profiles")],
                        "log_level": "debug"},

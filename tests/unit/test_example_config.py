@@ -3,18 +3,24 @@
 
 from __future__ import annotations
 
+import grp
 import re
 import socket
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from pydantic import BaseModel
 
 from supervisor.config import Config, load_config
+from supervisor.daemon import configcheck
 from supervisor.daemon.configcheck import check_config
+from supervisor.daemon.main import main as daemon_main
 from supervisor.errors import ConfigInvalid
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "daemon.toml.example"
+# A socket group every host has: these tests are about other errors.
+HOST_GROUP = '[daemon]\nsocket_group = "root"\n'
 
 
 def test_the_example_as_installed_is_the_defaults() -> None:
@@ -109,7 +115,7 @@ def test_check_config_reports_every_error_with_file_and_key(tmp_path: Path) -> N
     assert len(raised.value.detail["errors"]) == 4
     assert "(and 3 more)" in raised.value.message
     # The same start checks when the schema holds: each is reported, all at once.
-    config.write_text('[metrics]\nlisten = "0.0.0.0:9"\n'
+    config.write_text(f'{HOST_GROUP}[metrics]\nlisten = "0.0.0.0:9"\n'
                       f'[sandbox]\ninit = "{tmp_path}/no-tini"\nruntime = "docker"\n'
                       f'[docker]\nsocket = "unix://{tmp_path}/docker.sock"\n')
     (tmp_path / "docker.sock").write_text("not a socket")
@@ -125,7 +131,8 @@ def test_check_config_reports_every_error_with_file_and_key(tmp_path: Path) -> N
 
 def test_an_engine_that_is_down_stops_a_start_but_not_a_reload(tmp_path: Path) -> None:
     config = tmp_path / "daemon.toml"
-    config.write_text(f'[docker]\nenabled = true\nsocket = "unix://{tmp_path}/gone.sock"\n'
+    config.write_text(f'{HOST_GROUP}[docker]\nenabled = true\n'
+                      f'socket = "unix://{tmp_path}/gone.sock"\n'
                       f'[sandbox]\ninit = "{tmp_path}/tini"\nrunc_path = "/bin/true"\n')
     (tmp_path / "tini").write_bytes(b"\x7fELF")
     (tmp_path / "tini").chmod(0o755)
@@ -145,7 +152,39 @@ def test_no_file_means_every_default(tmp_path: Path, monkeypatch: pytest.MonkeyP
     import supervisor.config
 
     monkeypatch.setattr(supervisor.config, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    # The default socket group is the install's (sysusers.d); this host need not have it.
+    real = grp.getgrnam
+    monkeypatch.setattr(configcheck.grp, "getgrnam", lambda name: real(
+        "root" if name == Config().daemon.socket_group else name))
     checked = check_config(None)
     assert checked.source.startswith("(defaults")
     assert checked.config == Config()
     assert [e for e in checked.errors] == []
+
+
+def test_a_socket_group_missing_on_the_host_is_reported_with_every_other_error(
+        tmp_path: Path) -> None:
+    config = tmp_path / "daemon.toml"
+    config.write_text('[daemon]\nsocket_group = "as-no-such-group"\nlog_level = "loud"\n'
+                      '[control]\nowner_socket_group = "as-no-such-owners"\n'
+                      f'[sandbox]\ninit = "{tmp_path}/no-tini"\n')
+    checked = check_config(config)
+    reasons = {e["key"]: e["reason"] for e in checked.all_errors}
+    # Behind a schema error, the groups are still judged (on the file's valid parts).
+    assert {"daemon.log_level", "daemon.socket_group", "control.owner_socket_group",
+            "sandbox.init"} <= set(reasons), reasons
+    assert "'as-no-such-group' does not exist" in reasons["daemon.socket_group"]
+    assert "as-no-such-owners" in reasons["control.owner_socket_group"]
+    # Valid to the schema: the groups are the errors, and a reload is refused on them too.
+    config.write_text('[daemon]\nsocket_group = "as-no-such-group"\n')
+    valid = check_config(config)
+    assert valid.config is not None
+    assert [e["key"] for e in valid.errors if "group" in e["key"]] == ["daemon.socket_group"]
+    assert not valid.ok and not valid.reloadable
+    # The start refuses it as --check-config does: exit 78, the key named, nothing started.
+    started = CliRunner().invoke(daemon_main, ["--config", str(config)])
+    assert started.exit_code == ConfigInvalid.exit_status == 78, started.output
+    assert "daemon.socket_group" in started.output and "as-no-such-group" in started.output
+    checked_cli = CliRunner().invoke(daemon_main, ["--config", str(config), "--check-config"])
+    assert checked_cli.exit_code == 78
+    assert "daemon.socket_group: group 'as-no-such-group' does not exist" in checked_cli.output
