@@ -318,7 +318,8 @@ def _exit_events(pids: list[int]) -> tuple[socket.socket | None, str | None]:
         return proc_exits.open_socket(pids), None
     except OSError as exc:
         note = f"no process exit events (proc connector: {exc.strerror or exc})"
-        log.error("%s: the adopted runs' exit statuses will be unknown", note)
+        log.error("%s: the adopted runs' exit statuses come from their inits' pidfds (Linux "
+                  "6.15+; unknown before)", note)
         return None, note
 
 
@@ -745,7 +746,7 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
         if exits is None:
             handle.exit_unknown = f"the previous daemon handed over no exit events: {exits_note}"
         exit_status = "from the kernel's process exit events" if exits is not None \
-            else f"unknown at its end: {handle.exit_unknown}"
+            else f"from its init's pidfd ({handle.exit_unknown})"
     live = LiveRun(record=run, handle=handle, profile=profile, tripwires=tripwires,
                    adopted=True)
     live.ready.set()

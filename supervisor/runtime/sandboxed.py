@@ -39,6 +39,7 @@ from supervisor.sandbox.bundle import (
     write_bundle,
 )
 from supervisor.sandbox.cgroups import Cgroup, detect_mode, unified_root
+from supervisor.sandbox.proc_exits import Exit, pidfd_exit
 from supervisor.sandbox.userns import UsernsLimits
 
 if TYPE_CHECKING:
@@ -64,7 +65,8 @@ class RuncRunHandle(CgroupControl):
         self._exit: asyncio.Future[int | None] | None = None
         self._cleaned = False
         # An adopted run (daemon/handover.py): its init is not this daemon's child, so its
-        # status comes from the kernel's process exit events; why it is unknown if it is.
+        # status comes from the kernel's process exit events or, without them (or with the
+        # event lost), from its pidfd; why it is unknown if it is.
         self.exits: ExitEvents | None = None
         self.exit_unknown: str | None = None
         self._from_events: asyncio.Task[None] | None = None
@@ -76,7 +78,7 @@ class RuncRunHandle(CgroupControl):
         """Resolve with the init's exit status once the kernel reports it gone.
 
         The daemon is a child subreaper, so the container's init (orphaned when `runc create`
-        exits) is our child and waitpid gives its real status."""
+        exits) is our child and waitpid gives its real status; an adopted run's is not."""
         if self._exit is not None:
             return self._exit
         loop = asyncio.get_running_loop()
@@ -87,8 +89,6 @@ class RuncRunHandle(CgroupControl):
             assert self._exit is not None
             if pidfd is not None:
                 loop.remove_reader(pidfd)
-                os.close(pidfd)
-                self._pidfd = None
             status: int | None = None
             if self.pid is not None:
                 try:
@@ -96,11 +96,9 @@ class RuncRunHandle(CgroupControl):
                     status = os.waitstatus_to_exitcode(raw)
                     status = 128 - status if status < 0 else status
                 except ChildProcessError:
-                    if self.exits is not None:
-                        self._from_events = loop.create_task(self._status_from_events(
-                            self.exits, self.pid))
-                        return
-                    status = None
+                    self._from_events = loop.create_task(self._status_of_adopted(self.pid))
+                    return
+            self._close_pidfd()
             if not self._exit.done():
                 self._exit.set_result(status)
 
@@ -110,12 +108,28 @@ class RuncRunHandle(CgroupControl):
             loop.add_reader(pidfd, reap)
         return self._exit
 
-    async def _status_from_events(self, exits: ExitEvents, pid: int) -> None:
-        got = await asyncio.to_thread(exits.status, pid)
+    async def _status_of_adopted(self, pid: int) -> None:
+        """The exit events first (as before the pidfd kept statuses), then the pidfd, whose
+        status the kernel keeps whoever reaped the init (proc_exits.pidfd_exit)."""
+        got = Exit(None, "no exit events were handed over")
+        try:
+            if self.exits is not None:
+                got = await asyncio.to_thread(self.exits.status, pid)
+            if got.code is None and self._pidfd is not None:
+                by_pidfd = await asyncio.to_thread(pidfd_exit, self._pidfd)
+                got = by_pidfd if by_pidfd.code is not None else Exit(
+                    None, f"{self.exit_unknown or got.why}; {by_pidfd.why}")
+        finally:
+            self._close_pidfd()
         self.exit_unknown = got.why or None
         assert self._exit is not None
         if not self._exit.done():
             self._exit.set_result(got.code)
+
+    def _close_pidfd(self) -> None:
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
 
     def release(self) -> None:
         """Handed over to the next daemon: stop watching the init (its pidfd) and let go of

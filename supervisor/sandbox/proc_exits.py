@@ -20,13 +20,20 @@ Only the kernel's messages count (sender port 0): a process with CAP_NET_ADMIN c
 of its own to this socket's port, and the socket is connected to the kernel so that it cannot
 (ECONNREFUSED); one handed over by an earlier version is not, and the sender is checked all the
 same. What is not read in time is lost: the kernel then answers ENOBUFS once, and an exit not
-found after that is reported unknown with that reason, never guessed."""
+found after that is reported unknown with that reason, never guessed.
+
+Where the kernel refuses the connector (a daemon outside the initial network, user or pid
+namespace: a container, as the systemd tier's machine is), or it lost the event, the init's
+pidfd still tells (`pidfd_exit`): since Linux 6.15 the kernel keeps a reaped process's exit
+status for whoever holds a pidfd of it (PIDFD_GET_INFO with PIDFD_INFO_EXIT), whichever
+process reaped it (PID 1 or a subreaper, once the daemon that launched it is gone)."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import select
@@ -137,6 +144,50 @@ def open_socket(pids: Collection[int] | None = None) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+# PIDFD_GET_INFO = _IOWR(0xFF, 11, struct pidfd_info), with the struct's first version (64
+# bytes: mask, cgroupid, pid, tgid, ppid, eight ids, exit_code); exit_code is at byte 60.
+_PIDFD_INFO_SIZE = 64
+PIDFD_GET_INFO = (3 << 30) | (_PIDFD_INFO_SIZE << 16) | (0xFF << 8) | 11
+PIDFD_INFO_EXIT = 1 << 3
+_PIDFD_EXIT_CODE_AT = 60
+REAP_WAIT = 2.0  # how long the reaper (PID 1, a subreaper) may take before the status is kept
+_REAP_POLL = 0.02
+
+
+def pidfd_exit_status(pidfd: int) -> int | None:
+    """The raw wait status of the exited, reaped process `pidfd` refers to, or None while it
+    is not reaped yet. OSError where the kernel has no PIDFD_INFO_EXIT (before Linux 6.15)."""
+    info = bytearray(_PIDFD_INFO_SIZE)
+    struct.pack_into("=Q", info, 0, PIDFD_INFO_EXIT)
+    try:
+        fcntl.ioctl(pidfd, PIDFD_GET_INFO, info)
+    except ProcessLookupError:
+        return None  # gone without a status kept, or not reaped: asked again
+    (mask,) = struct.unpack_from("=Q", info, 0)
+    if not mask & PIDFD_INFO_EXIT:
+        return None
+    (status,) = struct.unpack_from("=i", info, _PIDFD_EXIT_CODE_AT)
+    return int(status)
+
+
+def pidfd_exit(pidfd: int, wait: float = REAP_WAIT) -> Exit:
+    """The Docker-like exit status of a process that has exited (its pidfd said so) and is
+    not this process's child, from its pidfd; waits up to `wait` for its reaper. Blocking:
+    call it off the event loop."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            status = pidfd_exit_status(pidfd)
+        except OSError as exc:
+            return Exit(None, f"the kernel keeps no exit status for a pidfd (PIDFD_INFO_EXIT, "
+                              f"Linux 6.15+: {exc.strerror or exc})")
+        if status is not None:
+            return Exit(docker_status(status))
+        if time.monotonic() >= deadline:
+            return Exit(None, f"its init was not reaped within {wait:g}s of its exit")
+        time.sleep(_REAP_POLL)
 
 
 def docker_status(wait_status: int) -> int:
