@@ -4,9 +4,10 @@
 # unit, the venv, configuration, state, logs and the agent-operators group, any cgroup,
 # network namespace or nftables table a crashed daemon may have left, what CI mode
 # (`agentctl run --embedded`) left (its cgroups, state, checkout copies, asciN-* namespaces and
-# asciN.* tables), and the Docker runtime's containers and host-root image. Copy the audit
-# log (/var/lib/agent-supervisor/state.db) and checkpoints (/var/log/agent-supervisor) away
-# first if you must keep them.
+# asciN.* tables), the Docker runtime's containers and host-root image, and the audit
+# signing key (with its .pub) and checkpoint file wherever [audit] put them. Copy the audit
+# log (/var/lib/agent-supervisor/state.db), its checkpoints (/var/log/agent-supervisor) and
+# the public key (/etc/agent-supervisor/audit-key.pub) away first if you must keep them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/cli-extras.sh
@@ -19,19 +20,23 @@ CONF=/etc/agent-supervisor/daemon.toml
 VENV=/opt/agent-supervisor/venv
 
 # Names the daemon used, from its configuration (defaults when there is none).
-parent=/agent-supervisor
-prefix=as
-image=agent-supervisor/host-root:1
+DEFAULTS="/agent-supervisor as agent-supervisor/host-root:1 /etc/agent-supervisor/audit-key"
+DEFAULTS+=" /var/log/agent-supervisor/audit-checkpoints.jsonl /var/lib/agent-supervisor"
+DEFAULTS+=" /run/agent-supervisor"
+read -r parent prefix image audit_key checkpoints state_dir runtime_dir <<<"$DEFAULTS"
 if [[ -x "$VENV/bin/python" ]]; then
-    read -r parent prefix image < <("$VENV/bin/python" - "$CONF" <<'PY' ||
+    read -r parent prefix image audit_key checkpoints state_dir runtime_dir < <(
+        "$VENV/bin/python" - "$CONF" <<'PY' || echo "$DEFAULTS"
 import sys
 from pathlib import Path
 from supervisor.config import load_config
 path = Path(sys.argv[1])
 config = load_config(path if path.exists() else None)
-print(config.sandbox.cgroup_parent, config.sandbox.name_prefix, config.docker.host_root_image)
+print(config.sandbox.cgroup_parent, config.sandbox.name_prefix, config.docker.host_root_image,
+      config.audit.key, config.audit.checkpoint_file, config.daemon.state_dir,
+      config.daemon.runtime_dir)
 PY
-        echo "/agent-supervisor as agent-supervisor/host-root:1")
+    )
 fi
 # CI mode's names (supervisor/ci): fixed, one slot per concurrent embedded run.
 CI_CGROUP=/agent-supervisor-ci
@@ -138,6 +143,21 @@ systemctl daemon-reload
 for dir in /opt/agent-supervisor /etc/agent-supervisor /var/lib/agent-supervisor \
            /var/log/agent-supervisor /run/agent-supervisor; do
     remove_tree "$dir"
+done
+# The audit key and checkpoints may lie elsewhere ([audit] key, checkpoint_file): exactly the
+# files the daemon makes there, and their directory if that leaves it empty.
+for file in "$audit_key" "$audit_key.pub" "$checkpoints" "$checkpoints.tmp"; do
+    rm -f "$file"
+    rmdir "$(dirname "$file")" 2>/dev/null || true
+done
+# A state or runtime directory moved elsewhere ([daemon] state_dir, runtime_dir) is named,
+# never deleted: it may be a directory the operator shares with other things.
+for dir in "$state_dir" "$runtime_dir"; do
+    case "$dir" in
+        /var/lib/agent-supervisor | /run/agent-supervisor) ;;
+        *) [[ -e "$dir" ]] && echo "uninstall: $dir ([daemon] state_dir or runtime_dir) is" \
+               "left as it is; remove the daemon's files there yourself" >&2 ;;
+    esac
 done
 getent group agent-operators >/dev/null && groupdel agent-operators
 echo "uninstall: done"

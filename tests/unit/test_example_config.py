@@ -6,6 +6,7 @@ from __future__ import annotations
 import grp
 import re
 import socket
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,26 @@ def test_a_socket_group_missing_on_the_host_is_reported_with_every_other_error(
     checked_cli = CliRunner().invoke(daemon_main, ["--config", str(config), "--check-config"])
     assert checked_cli.exit_code == 78
     assert "daemon.socket_group: group 'as-no-such-group' does not exist" in checked_cli.output
+
+
+def test_the_readmes_defaults_are_the_codes() -> None:
+    """README's "The main defaults" block: every key it sets (and every one it shows commented
+    out) is real and has the value config.py gives it; its [[webhooks]] is a sample."""
+    readme = (EXAMPLE.parents[1] / "README.md").read_text()
+    block = readme.split("The main defaults", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    data = tomllib.loads(block)
+    assert isinstance(data.pop("webhooks"), list)
+    assert len(data) >= 10 and sum(len(v) for v in data.values()) > 40
+    assert Config.model_validate(data) == Config()
+    commented = {}
+    section = ""
+    for line in block.splitlines():
+        if header := re.match(r"^\[([a-z_]+)\]", line):
+            section = header.group(1)
+        elif key := re.match(r"^# ([a-z_]+) = (\S+)", line):
+            commented.setdefault(section, {})[key.group(1)] = tomllib.loads(
+                f"v = {key.group(2)}")["v"]
+    assert commented
+    for section, keys in commented.items():
+        for key in keys:
+            assert key in type(getattr(Config(), section)).model_fields, (section, key)
