@@ -57,10 +57,19 @@ fi
 "$VENV/bin/agent-supervisord" --check-config --config /etc/agent-supervisor/daemon.toml >/dev/null
 
 systemctl daemon-reload
+installed=$("$VENV/bin/agent-supervisord" --version)
 if systemctl is-active --quiet agent-supervisor; then
-    # An upgrade: the running daemon keeps the code it started with until it restarts.
-    echo "install: agent-supervisor is running; \`systemctl restart agent-supervisor\` runs the" \
-         "new version (running runc agents are handed over and kept; docs/runbook.md)"
+    # An upgrade: the running daemon keeps the code it started with until it restarts, and
+    # `enable --now` does not restart it. Say what runs, and how the new code gets to run.
+    pid=$(systemctl show --value --property=MainPID agent-supervisor)
+    running=$("$VENV/bin/agentctl" status --json 2>/dev/null | "$VENV/bin/python" -c \
+        'import json, sys; print(json.load(sys.stdin)["version"])' 2>/dev/null || echo "unknown")
+    systemctl enable agent-supervisor
+    echo "install: installed $installed; the running daemon (pid $pid, version $running) still" \
+         "runs the code it started with. \`systemctl restart agent-supervisor\` starts the" \
+         "installed one and keeps the running agents (handed over and adopted; docs/runbook.md," \
+         "\"Restarting or upgrading the daemon\")"
+else
+    systemctl enable --now agent-supervisor
+    echo "install: $installed is $(systemctl is-active agent-supervisor)"
 fi
-systemctl enable --now agent-supervisor
-echo "install: $("$VENV/bin/agent-supervisord" --version) is $(systemctl is-active agent-supervisor)"
