@@ -28,11 +28,12 @@ def require_systemd_tier() -> None:
     require_docker()
 
 
-def follow_readme(machine: Machine) -> None:
-    """Run the README's service commands, in order, from the checkout's directory."""
-    for line in readme_service_commands():
-        machine.run("bash", "-euo", "pipefail", "-c", f"cd {WORKDIR} && {line}",
-                    env=OFFLINE_PIP, timeout=600)
+def follow_readme(machine: Machine) -> str:
+    """Run the README's service commands, in order, from the checkout's directory; what
+    they printed."""
+    return "".join(machine.run("bash", "-euo", "pipefail", "-c", f"cd {WORKDIR} && {line}",
+                               env=OFFLINE_PIP, timeout=600).stdout
+                   for line in readme_service_commands())
 
 
 @pytest.fixture(scope="module")

@@ -151,6 +151,37 @@ def test_reload_applies_a_config_change_and_keeps_agents(machine: Machine) -> No
     machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
 
 
+def test_a_bad_reload_fails_says_why_and_keeps_the_running_config(machine: Machine) -> None:
+    """`systemctl reload` with a configuration error exits non-zero (ExecReload= is agentctl
+    reload, which waits for the daemon's answer), the error is in its output, `systemctl
+    status` and the journal, the daemon and its agents go on with the old configuration, and
+    the refusal is audited."""
+    start_agent(machine, "kept-over-bad-reload")
+    before = sorted(agent_pids(machine))
+    pid = main_pid(machine)
+    good = machine.run("cat", "/etc/agent-supervisor/daemon.toml").stdout
+    machine.sh("cat >> /etc/agent-supervisor/daemon.toml <<'EOF'\n\n[telemetry]\n"
+               "rate_hz = -3\nEOF")
+    try:
+        refused = machine.run("systemctl", "reload", UNIT, check=False)
+        assert refused.returncode != 0, refused
+        status = machine.run("systemctl", "status", "--no-pager", "--lines=50", UNIT,
+                             check=False).stdout
+        assert "telemetry.rate_hz" in status, status
+        assert "telemetry.rate_hz" in machine.journal()
+    finally:
+        put(machine, "/etc/agent-supervisor/daemon.toml", good)
+    state = machine.unit("ActiveState", "SubState")
+    assert (state["ActiveState"], state["SubState"]) == ("active", "running"), state
+    assert main_pid(machine) == pid and sorted(agent_pids(machine)) == before
+    rows = [r for r in audit_rows(machine) if r["verb"] == "config_reload"]
+    assert rows[0]["outcome"].startswith("refused"), rows[0]
+    assert "telemetry.rate_hz" in json.dumps(rows[0]["detail"])
+    machine.run("systemctl", "reload", UNIT)  # the good file again: applies
+    machine.run(AGENTCTL, "kill", "kept-over-bad-reload", "--reason", "test done")
+    machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
+
+
 # The egress gateway inside the machine: an HTTPS upstream on its loopback (Python's own
 # http.server, under a transient unit), a route to it with a secret, a run budget of three
 # requests that only counts right if a restart carries the count on.
@@ -158,6 +189,7 @@ UPSTREAM_PORT = 8443
 UPSTREAM_DIR = "/run/as-test-upstream"
 UPSTREAM_UNIT = "as-test-upstream"
 GATEWAY_WORKSPACE = "/var/tmp/as-test-gateway"
+EXIT_WORKSPACE = "/var/tmp/as-test-exit"
 ROUTE_SECRET = f"sk-machine-{secrets.token_hex(8)}"
 UPSTREAM = f"""
 import http.server, ssl
@@ -316,6 +348,34 @@ def test_restart_keeps_every_agent_running(machine: Machine) -> None:
     machine.run(AGENTCTL, "kill", name, "--reason", "test done")
     machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
     assert agent_view(machine, name)["state"] == "killed"
+
+
+def test_an_adopted_run_that_exits_by_itself_has_its_real_exit_status(
+        machine: Machine) -> None:
+    """This machine refuses the kernel's process exit events (the proc connector answers
+    only the initial namespaces), so an adopted run's status comes from its init's pidfd
+    (docs/runbook.md, "What happens at a restart"): a run that exits 7 after the restart is
+    recorded exited with 7, not unknown."""
+    name = "exits-after-restart"
+    machine.run("install", "-d", "-o", "4242", "-g", "4242", EXIT_WORKSPACE)
+    machine.run(AGENTCTL, "run", "--detach", "--name", name, "--workspace", EXIT_WORKSPACE,
+                "--", "/bin/sh", "-c",
+                "while [ ! -e /workspace/go ]; do sleep 0.1; done; exit 7")
+    machine.wait_for(f"agent {name} running", lambda: bool(agent_pids(machine)), timeout=60)
+    run = restart_keeping(machine, name)
+    rows = audit_rows(machine)
+    handover = next(r for r in rows if r["verb"] == "daemon_handover")
+    assert "proc connector" in handover["detail"]["exit_events"], handover  # the fallback
+    machine.run("touch", f"{EXIT_WORKSPACE}/go")
+    machine.wait_for("the run to end", lambda: agent_view(machine, name)["run"].get(
+        "ended_at") is not None, timeout=60)
+    ended = agent_view(machine, name)["run"]
+    assert ended["id"] == run["id"] and ended["exit_code"] == 7, ended
+    exit_row = next(r for r in audit_rows(machine) if r["verb"] == "exit"
+                    and r["target"] == name)
+    assert exit_row["detail"]["exit_code"] == 7, exit_row
+    assert "unknown" not in json.dumps(exit_row["detail"]), exit_row
+    assert not agent_pids(machine)
 
 
 def phase(machine: Machine, name: str, go: str) -> list[object]:
@@ -576,9 +636,17 @@ def test_installing_again_keeps_the_configuration(machine: Machine) -> None:
     daemon.toml, changed by the tests above, is kept, and the service stays active."""
     config = machine.run("cat", "/etc/agent-supervisor/daemon.toml").stdout
     assert "[roles]" in config
-    follow_readme(machine)
+    pid = main_pid(machine)
+    printed = follow_readme(machine)
     assert machine.run("cat", "/etc/agent-supervisor/daemon.toml").stdout == config
     wait_active(machine)
+    # The running daemon is not the one installed until a restart, and the install says so
+    # (not that the new version is active).
+    assert main_pid(machine) == pid
+    assert f"the running daemon (pid {pid}, version " in printed, printed
+    assert "`systemctl restart agent-supervisor` starts the installed one and keeps the " \
+        "running agents" in printed, printed
+    assert " is active" not in printed, printed
 
 
 # What a crashed embedded run (CI mode, slot 7: above what the host's own CI tests claim)
@@ -598,9 +666,21 @@ def leave_ci_leftovers(machine: Machine) -> None:
         f"ip netns add asci7-r1 && nft add table ip asci7.r1")
 
 
+# Where [audit] may move the signing key and the checkpoints: uninstall finds them there.
+MOVED_AUDIT = {"key": "/srv/as-audit/audit-key", "checkpoint_file": "/srv/as-log/cp.jsonl"}
+
+
 def test_uninstall_leaves_nothing(machine: Machine) -> None:
     start_agent(machine, "before-uninstall")
     leave_ci_leftovers(machine)
+    # The daemon has its key and checkpoints at the defaults; the files a daemon configured
+    # so (read by uninstall from daemon.toml) would have made are put there.
+    machine.sh("cat >> /etc/agent-supervisor/daemon.toml <<'EOF'\n\n[audit]\n" + "".join(
+        f"{key} = \"{path}\"\n" for key, path in MOVED_AUDIT.items()) + "EOF")
+    key, checkpoints = MOVED_AUDIT["key"], MOVED_AUDIT["checkpoint_file"]
+    moved = [key, f"{key}.pub", checkpoints, f"{checkpoints}.tmp"]
+    machine.sh(" && ".join(f"mkdir -p $(dirname {path}) && echo x > {path}" for path in moved))
+    machine.run("test", "-s", "/etc/agent-supervisor/audit-key.pub")
     try:
         machine.run("bash", "/src/scripts/uninstall.sh", timeout=300)
     finally:
@@ -619,8 +699,10 @@ def test_uninstall_leaves_nothing(machine: Machine) -> None:
         " /etc/sysusers.d/agent-supervisor.conf /etc/tmpfiles.d/agent-supervisor.conf "
         "/usr/local/bin/agentctl /usr/share/bash-completion/completions/agentctl "
         "/usr/share/zsh/vendor-completions/_agentctl /usr/share/man/man1/agentctl.1 "
-        "/usr/share/fish/vendor_completions.d/agentctl.fish 2>/dev/null || true").stdout.split()
+        "/usr/share/fish/vendor_completions.d/agentctl.fish " + " ".join(moved) +
+        " /srv/as-audit /srv/as-log 2>/dev/null || true").stdout.split()
     assert leftovers == []
+    assert machine.run("test", "-d", "/srv").returncode == 0  # their parent stays
     assert machine.run("getent", "group", "agent-operators", check=False).returncode == 2
     # Exactly the daemon's names: the host's cgroup tree is shared (other test daemons use
     # agent-supervisor-test/...), in every tree of this host's layout, the watchdog's too.
