@@ -408,6 +408,20 @@ class ShuttingDown(SupervisorError):
                     "supervisor')")
 
 
+class StreamEnded(SupervisorError):
+    """A follow stream (`agentctl run` in the foreground, `agentctl logs -f`) that the daemon
+    ended before the run did, because it is restarting (the agent runs on: a handover) or
+    stopping (it kills every agent). Never sent as an HTTP error: the client raises it when
+    the stream's last chunk is the daemon's end notice (api/server.py, FollowStreams).
+    Exit status 75 (EX_TEMPFAIL): follow the run again once the daemon is back."""
+
+    code = "stream_ended"
+    http_status = 503
+    exit_status = 75
+    default_hint = ("follow the run again once the daemon is back: 'agentctl logs -f RUN' "
+                    "('systemctl status agent-supervisor' says when it is)")
+
+
 class FleetStoreError(SupervisorError):
     """The fleet store (etcd) refused a request or answered nonsense."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from supervisor.api import wire
-from supervisor.errors import DaemonUnavailable, SupervisorError, error_from_wire
+from supervisor.errors import DaemonUnavailable, StreamEnded, SupervisorError, error_from_wire
 
 if TYPE_CHECKING:  # the shapes are types only: agentctl's start does not build them
     from supervisor.api.shapes import (
@@ -37,6 +37,9 @@ if TYPE_CHECKING:  # the shapes are types only: agentctl's start does not build 
         Scope,
         TelemetryView,
     )
+
+# The header naming a follow stream's end mark (supervisor/api/server.py, FollowStreams).
+STREAM_END_HEADER = "X-Stream-End"
 
 # A request body: one of the request shapes (supervisor/api/shapes.py), sent as JSON.
 Body = Mapping[str, object]
@@ -115,11 +118,20 @@ class Client:
         return decoded
 
     def stream(self, path: str) -> Iterator[bytes]:
+        """The body as it arrives. A follow stream the daemon ends before the run did (it is
+        restarting or stopping) raises StreamEnded with the daemon's notice, after the
+        notice's leading newline when the output stopped mid-line."""
         resp = self._open("GET", path, timeout=None)
         try:
             if resp.status >= 400:
                 raise _error_from(_loads(resp.read() or b"null"), resp.status)
-            yield from resp.iter_body()
+            # api/server.py FollowStreams: the notice is one chunk ending with this mark.
+            mark = resp.headers.get(STREAM_END_HEADER.lower(), "").encode("latin-1")
+            end = b" [end " + mark + b"]\n"
+            for chunk in resp.iter_body():
+                if mark and chunk.endswith(end):
+                    yield from _stream_ended(chunk[:-len(end)], self.socket_path)
+                yield chunk
         finally:
             resp.close()
 
@@ -215,6 +227,14 @@ class Client:
 
     def audit_verify(self) -> AuditVerifyResult:
         return cast("AuditVerifyResult", self.request("GET", "/v1/audit/verify"))
+
+
+def _stream_ended(notice: bytes, socket_path: str) -> Iterator[bytes]:
+    """The output's last newline, if the notice carries one, then StreamEnded with its text."""
+    if notice.startswith(b"\n"):
+        yield b"\n"
+    text = notice.strip().decode("utf-8", errors="replace").removeprefix("agent-supervisor: ")
+    raise StreamEnded(text, socket=socket_path)
 
 
 def _loads(data: bytes) -> JSON:

@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 FD_RESERVE = 4096
 # One log line per this many seconds for refused connections, however many there are.
 _REFUSAL_LOG_PERIOD = 10.0
+# How long a stopping listener waits for requests in flight (a stop's kill path, a follow
+# stream's last chunk to a peer that does not read), then as long again for the cancelled
+# handlers to end: well under the unit's TimeoutStopSec (30 s), so no caller can hold a stop
+# or a restart into systemd's SIGKILL. Idle keep-alive connections are closed at once.
+LISTENER_DRAIN = 5.0
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -622,7 +627,8 @@ class ControlListener:
             # aiohttp closes a connection that has not completed a request head this long
             # after it connected or after its last response: the header timeout (slowloris).
             keepalive_timeout=config.header_timeout,
-            max_line_size=config.max_line, max_field_size=config.max_line)
+            max_line_size=config.max_line, max_field_size=config.max_line,
+            shutdown_timeout=LISTENER_DRAIN)
         self.sock = sock
         self.owner_sock = owner_sock
         self.config = config
@@ -683,6 +689,8 @@ class ControlListener:
                 early_hold.release()
 
     async def stop(self) -> None:
+        """Stop accepting, close idle connections, wait LISTENER_DRAIN for requests in flight,
+        cancel what is left (follow streams are ended before: server.py FollowStreams)."""
         for acceptor in self.acceptors:
             acceptor.stop()
             if acceptor.gate is not None:

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -23,6 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from supervisor import __version__
+from supervisor.api.client import STREAM_END_HEADER
 from supervisor.api.listener import ADMISSION, VERBS_FIRST, VerbsFirst, verb_first
 from supervisor.api.peers import peer_actor_of
 from supervisor.audit import AuditLog
@@ -218,6 +220,41 @@ class Load:
 
 
 LOAD = web.AppKey("load", Load)
+
+# A follow stream's end mark (STREAM_END_HEADER): a token only the stream's reader sees, so no
+# agent output can pass for the daemon's end notice.
+_STREAM_ENDINGS = {
+    "restarting": "the daemon is restarting; run {run} keeps running: follow it again with "
+                  "'agentctl logs -f {run}' once the daemon is back",
+    "stopping": "the daemon is stopping and kills every agent, run {run} among them; "
+                "'agentctl logs {run}' shows its output once the daemon is back",
+}
+
+
+class FollowStreams:
+    """The follow streams open on the control socket (GET /v1/runs/{ref}/logs?follow=1: a
+    foreground `agentctl run`, `agentctl logs -f`). A stopping or restarting daemon ends them
+    all at once (`end`): each stream's last chunk is then one line saying why, ending with
+    the stream's end mark (STREAM_END_HEADER), which the client reads as StreamEnded. A
+    stream held open must never delay a kill or a handover (docs/runbook.md)."""
+
+    def __init__(self) -> None:
+        self.ending: str | None = None  # "restarting" or "stopping" once `end` was called
+        self.open = 0
+
+    def end(self, why: str) -> int:
+        """End every follow stream within one poll (_LOG_POLL); how many are open."""
+        assert why in _STREAM_ENDINGS, why
+        self.ending = why
+        return self.open
+
+    @staticmethod
+    def notice(why: str, run: str, mark: str) -> bytes:
+        text = _STREAM_ENDINGS[why].format(run=run)
+        return f"agent-supervisor: {text} [end {mark}]\n".encode()
+
+
+FOLLOW_STREAMS = web.AppKey("follow_streams", FollowStreams)
 
 
 def peer_actor(request: web.Request) -> Actor:
@@ -620,29 +657,46 @@ async def run_logs(request: web.Request) -> web.StreamResponse:
     # The query is checked before the answer starts: an error after it would be read as output.
     tail = None if "tail" not in request.query else _query_int(request, "tail", 0, 0, 100_000)
     since = None if "since" not in request.query else _query_time(request, "since")
-    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
-                                           "X-Run-Id": record.id})
+    headers = {"Content-Type": "text/plain; charset=utf-8", "X-Run-Id": record.id}
+    streams = request.app[FOLLOW_STREAMS]
+    mark = secrets.token_hex(16)
+    if follow:
+        headers[STREAM_END_HEADER] = mark
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     path = Path(record.log_path)
     offset = 0 if tail is None else await asyncio.to_thread(tail_offset, path, tail)
     if since is not None:
         # --tail N --since T: the last N lines of what arrived since T.
         offset = max(offset, await asyncio.to_thread(since_offset, path, since))
-    while True:
-        ended = live is None or live.done.is_set()
-        try:
-            with open(path, "rb") as handle:
-                handle.seek(offset)
-                while chunk := handle.read(_LOG_CHUNK):
-                    offset += len(chunk)
-                    await response.write(chunk)
-        except FileNotFoundError:
-            pass
-        if not follow or ended:
-            break
-        assert live is not None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(live.done.wait(), _LOG_POLL)
+    last = b"\n"
+    streams.open += int(follow)
+    try:
+        while True:
+            ended = live is None or live.done.is_set()
+            try:
+                with open(path, "rb") as handle:
+                    handle.seek(offset)
+                    while chunk := handle.read(_LOG_CHUNK):
+                        offset += len(chunk)
+                        last = chunk[-1:]
+                        await response.write(chunk)
+            except FileNotFoundError:
+                pass
+            if follow and streams.ending is not None:
+                # Before the run's end: the daemon's kill may have ended it meanwhile. One
+                # chunk, so the client finds the mark whole; the line's own newline first
+                # when the output stopped mid-line.
+                await response.write((b"" if last == b"\n" else b"\n")
+                                     + streams.notice(streams.ending, record.id, mark))
+                break
+            if not follow or ended:
+                break
+            assert live is not None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(live.done.wait(), _LOG_POLL)
+    finally:
+        streams.open -= int(follow)
     await response.write_eof()
     return response
 
@@ -820,6 +874,7 @@ def build_app(arbiter: Controller, roles: RolesSection | RoleTable,
     app[LOAD] = Load(control)
     app[VERBS_FIRST] = VerbsFirst()
     app[RENDERED] = RenderedPages()
+    app[FOLLOW_STREAMS] = FollowStreams()
     if drills is not None:
         app[DRILLS] = drills
     if telemetry is not None:

@@ -10,10 +10,10 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
 import click
 
@@ -32,7 +32,12 @@ from supervisor.cli.output import ms as _ms
 from supervisor.cli.output import table as _table
 from supervisor.cli.units import human_bytes
 from supervisor.cli.verbs import checked_reason as _reason
-from supervisor.errors import InvalidRequest, SupervisorError, launch_exit_status
+from supervisor.errors import (
+    InvalidRequest,
+    StreamEnded,
+    SupervisorError,
+    launch_exit_status,
+)
 from supervisor.limits import REASON_MAX
 
 if TYPE_CHECKING:
@@ -228,7 +233,9 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
     In the foreground the agent's output is streamed and agentctl exits with the agent's
     status (137 when it was killed). A run that does not start exits as `docker run` does:
     125 the supervisor could not start it, 126 the command cannot be executed, 127 it is not
-    found. Ctrl-C stops the agent (SIGTERM, then the kill path).
+    found. Ctrl-C stops the agent (SIGTERM, then the kill path). A daemon that restarts
+    under it ends the stream with one line and exit status 75: the agent runs on (follow it
+    again with 'agentctl logs -f'); 75 too when the daemon stops (it kills every agent).
     Embedded runs exit 80 killed, 81 tripwire, 82 timeout, 83 scope violation, 84 supervisor
     error, else the agent's own status."""
     body = run_body(command, name=name, agent_class=agent_class, profile=profile,
@@ -282,9 +289,9 @@ def _follow(client: Client, view: RunView, as_json: bool) -> int:
     previous = signal.signal(signal.SIGINT, on_interrupt)
     previous_term = signal.signal(signal.SIGTERM, on_interrupt)
     try:
-        for chunk in client.logs(view["id"], follow=True):
-            out.write(chunk)
-            out.flush()
+        _write_stream(client.logs(view["id"], follow=True), out)
+    except StreamEnded as exc:  # the daemon is restarting (the agent runs on) or stopping
+        return _stream_ended(exc, as_json)
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
@@ -301,6 +308,22 @@ def _follow(client: Client, view: RunView, as_json: bool) -> int:
         click.echo(f"agentctl: run failed: {final.get('end_reason')}", err=True)
         return 1
     return 1 if code is None else int(code)
+
+
+def _write_stream(chunks: Iterator[bytes], out: BinaryIO) -> None:
+    for chunk in chunks:
+        out.write(chunk)
+        out.flush()
+
+
+def _stream_ended(exc: StreamEnded, as_json: bool) -> int:
+    """A follow stream the daemon ended before the run did: its notice on one line (the error
+    body with --json), and exit status 75; the agent runs on when the daemon restarts."""
+    if as_json:
+        _emit_json(exc.to_body())
+    else:
+        click.echo(f"agentctl: {exc.message}", err=True)
+    return exc.exit_status
 
 
 # ----------------------------------------------------------------------------- read verbs
@@ -430,14 +453,20 @@ def logs(ref: str, follow: bool, tail: int | None, since: float | None, as_json:
     """Print the output of an agent's current or last run (REF: agent name or run id).
 
     With --json, one object {run, agent, state, exit_code, output} once the output is read
-    (with -f, once the run has ended)."""
+    (with -f, once the run has ended). With -f, a daemon that restarts or stops ends the
+    stream with one line saying so and exit status 75 (a restart keeps the agent running)."""
     client = _client()
     if not as_json:
-        for chunk in client.logs(ref, follow=follow, tail=tail, since=since):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
+        try:
+            _write_stream(client.logs(ref, follow=follow, tail=tail, since=since),
+                          sys.stdout.buffer)
+        except StreamEnded as exc:
+            sys.exit(_stream_ended(exc, as_json))
         return
-    output = b"".join(client.logs(ref, follow=follow, tail=tail, since=since))
+    try:
+        output = b"".join(client.logs(ref, follow=follow, tail=tail, since=since))
+    except StreamEnded as exc:
+        sys.exit(_stream_ended(exc, as_json))
     run_view = client.get_run(ref)
     _emit_json({"run": run_view["id"], "agent": run_view["agent"], "state": run_view["state"],
                 "exit_code": run_view["exit_code"],

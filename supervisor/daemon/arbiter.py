@@ -60,6 +60,10 @@ from supervisor.states import (
 log = logging.getLogger(__name__)
 
 GLOBAL_HALT_KEY = "global_halt"
+# How long a stopping daemon waits for the stops whose grace it cut to reach the kill path
+# (Arbiter.cut_graces): a few turns of the loop; the bound only keeps a stuck one from
+# holding the shutdown.
+GRACE_CUT_WAIT = 1.0
 __all__ = ["GLOBAL_HALT_KEY", "SYSTEM", "Arbiter", "LiveRun"]
 
 
@@ -99,6 +103,13 @@ class Arbiter:
         self.admit_workspace: WorkspaceAdmission = admit_workspace
         self.global_halt = store.get_meta(GLOBAL_HALT_KEY) is not None
         self.shutting_down = False
+        # Set with why (cut_graces) when the daemon stops or restarts: every graceful stop
+        # still in its grace period goes to the kill path at once (daemon/verbs.py stop_agent).
+        self.graces_cut = asyncio.Event()
+        self.graces_cut_reason = ""
+        # One future per stop in its grace period, done once its grace is over (its kill path
+        # owns the run, or the run ended): what cut_graces waits for.
+        self.in_grace: set[asyncio.Future[None]] = set()
         self.bundles_dir = config.daemon.runtime_dir / "bundles"
         self.logs_dir = config.logs_dir
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -428,6 +439,16 @@ class Arbiter:
             log.warning("reaped leftover %s", report)
         self.observers.reconciled()
         return reports
+
+    async def cut_graces(self, why: str, timeout: float = GRACE_CUT_WAIT) -> None:
+        """A stopping or restarting daemon waits for no stop's grace period: each stop in its
+        grace goes on to the kill path now, audited with `why`, and answers its caller.
+        Returns once each one's kill path owns its run (a few turns of the loop; at most
+        `timeout`), so the shutdown's own sweep does not take those runs from under them."""
+        self.graces_cut_reason = why
+        self.graces_cut.set()
+        if self.in_grace:
+            await asyncio.wait(list(self.in_grace), timeout=timeout)
 
     async def shutdown(self, reason: str) -> None:
         """Orderly shutdown: every live run goes through the kill path in one sweep, audited;

@@ -25,7 +25,13 @@ import click
 from supervisor import __version__
 from supervisor.api.client import owner_socket_of
 from supervisor.api.listener import ControlListener
-from supervisor.api.server import RoleTable, bind_control_socket, build_app, operators_gid
+from supervisor.api.server import (
+    FOLLOW_STREAMS,
+    RoleTable,
+    bind_control_socket,
+    build_app,
+    operators_gid,
+)
 from supervisor.audit import AuditLog
 from supervisor.config import Config, load_config
 from supervisor.config import config_path as chosen_config
@@ -339,6 +345,15 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
 
     notifier.stopping("handing agents over to the next daemon" if handing_over else
                       f"killing every agent ({len(arbiter.live)} running)")
+    # Nothing a caller holds open delays the handover or the kill: every follow stream ends
+    # now with a last line saying why (agentctl exits 75 on it), and every graceful stop in
+    # its grace goes on to the kill path and answers its caller; the listener then waits a
+    # bounded time for what is in flight (api/listener.py LISTENER_DRAIN).
+    why = "restarting" if handing_over else "stopping"
+    ended = app[FOLLOW_STREAMS].end(why)
+    await arbiter.cut_graces(f"the daemon is {why}")
+    if ended:
+        log.warning("ending %d follow stream(s): the daemon is %s", ended, why)
     await notifier.stop_heartbeat()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # never fatal while stopping
     loop.remove_signal_handler(signal.SIGHUP)

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from supervisor.daemon import ending
@@ -93,20 +94,34 @@ async def stop_agent(arbiter: Arbiter, agent: AgentRecord, actor: Actor, reason:
         if state == AgentState.PAUSED:
             await handle.thaw()
         handle.signal_all(signal.SIGTERM)
+        over: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        arbiter.in_grace.add(over)
         try:
-            status = await asyncio.wait_for(asyncio.shield(handle.wait_exit()), grace)
-            graceful = True
-        except TimeoutError:
-            graceful = False
+            status, graceful = await _exit_within(handle.wait_exit(), grace,
+                                                  arbiter.graces_cut)
+        except BaseException:
+            _grace_over(arbiter, over)
+            raise
     if live.ending is not EndCause.STOPPED:  # a kill overtook the stop; it ends the run
+        _grace_over(arbiter, over)
         await live.done.wait()
     elif not graceful:
-        live.ending = None
-        [result] = await arbiter._kill([agent], actor, reason or f"grace {grace:g}s expired",
-                                    scope, verb="stop", agent_verb=Verb.STOP, arrived=t0)
+        # The run stays marked stopping until the kill path owns it (kill_agents overtakes a
+        # stop's mark): no shutdown sweep or execution window takes it in between.
+        why = reason or f"grace {grace:g}s expired"
+        if arbiter.graces_cut.is_set():
+            cut = f"grace cut short: {arbiter.graces_cut_reason}"
+            why = f"{reason} ({cut})" if reason else cut
+        # Shielded: the daemon's stop cancels the request's handler after a bounded wait
+        # (api/listener.py LISTENER_DRAIN), never the kill it started.
+        kill = asyncio.shield(arbiter._kill(
+            [agent], actor, why, scope, verb="stop", agent_verb=Verb.STOP, arrived=t0))
+        _grace_over(arbiter, over)  # after the kill's task is queued: its step 1 runs first
+        [result] = await kill
         if isinstance(result, SupervisorError):
             raise result
         return result
+    _grace_over(arbiter, over)
     previous, new = arbiter._set_agent_state(agent, Verb.STOP, actor, reason)
     loop = asyncio.get_running_loop()
     with contextlib.suppress(OSError):
@@ -119,6 +134,29 @@ async def stop_agent(arbiter: Arbiter, agent: AgentRecord, actor: Actor, reason:
     return record(arbiter, agent, live, actor, "stop", scope, reason, previous, new,
                   time_to_halt_ms=time_to_halt_ms,
                   extra={"graceful": True, "exit_code": status})
+
+
+def _grace_over(arbiter: Arbiter, over: asyncio.Future[None]) -> None:
+    arbiter.in_grace.discard(over)
+    if not over.done():
+        over.set_result(None)
+
+
+async def _exit_within(exit_status: Awaitable[int | None], grace: float, cut: asyncio.Event
+                       ) -> tuple[int | None, bool]:
+    """(the init's exit status, True) if it exits within `grace` and before `cut` is set,
+    else (None, False). The exit future is left running for whoever waits on it next."""
+    exit_ = asyncio.ensure_future(exit_status)
+    if not cut.is_set():
+        cutting: asyncio.Future[Any] = asyncio.ensure_future(cut.wait())
+        try:
+            await asyncio.wait((exit_, cutting), timeout=grace,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cutting.cancel()
+    if exit_.done() and not exit_.cancelled():
+        return exit_.result(), True
+    return None, False
 
 
 def record(arbiter: Arbiter, agent: AgentRecord, live: LiveRun | None, actor: Actor, verb: str,
