@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -444,6 +445,66 @@ def test_sigusr2_restarts_the_service_and_keeps_the_agents(machine: Machine) -> 
     assert adopted["outcome"] == "ok" and adopted["detail"]["run"] == run["id"], adopted
     assert "exiting 75" in machine.journal()
     machine.run(AGENTCTL, "kill", name, "--reason", "test done")
+    machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
+
+
+TICKER = "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.2; done"
+
+
+def attach(machine: Machine, out: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`agentctl ARGS` in the machine, attached to the daemon, its stdout and stderr in
+    `out`.out and `out`.err on this side (docker exec returns its exit status)."""
+    with open(out.with_suffix(".out"), "wb") as stdout, \
+            open(out.with_suffix(".err"), "wb") as stderr:
+        return subprocess.Popen(["docker", "exec", machine.name, AGENTCTL, *args],
+                                stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL)
+
+
+def test_restart_with_streams_attached_keeps_their_agents(machine: Machine) -> None:
+    """`systemctl restart` while `agentctl logs -f` follows one agent and a foreground
+    `agentctl run` another: both are told at once that the daemon is restarting (one line,
+    exit 75), the old daemon hands both agents over and records its stop before systemd's
+    TimeoutStopSec, and the next daemon adopts them. (Before, the daemon waited for the
+    streams into systemd's SIGKILL, which killed the agents with no handover.)"""
+    followed, foreground = "followed-across-restart", "foreground-across-restart"
+    machine.run(AGENTCTL, "run", "--detach", "--name", followed, "--", "/bin/sh", "-c",
+                TICKER)
+    with tempfile.TemporaryDirectory() as tmp:
+        follow = attach(machine, Path(tmp) / "follow", "logs", "-f", followed)
+        run = attach(machine, Path(tmp) / "run", "run", "--name", foreground, "--",
+                     "/bin/sh", "-c", TICKER)
+        try:
+            for out in ("follow", "run"):
+                machine.wait_for(f"{out}'s output", lambda out=out: "tick-3" in (
+                    Path(tmp) / f"{out}.out").read_text(), timeout=60)
+            kept = agent_view(machine, followed)["run"]
+            run_view = restart_keeping(machine, foreground)
+            assert follow.wait(60) == 75 and run.wait(60) == 75
+        finally:
+            for client in (follow, run):
+                if client.poll() is None:
+                    client.kill()
+                    client.wait()
+        for out, view in (("follow", kept), ("run", run_view)):
+            lines = (Path(tmp) / f"{out}.err").read_text().splitlines()
+            assert lines == [f"agentctl: the daemon is restarting; run {view['id']} keeps "
+                             f"running: follow it again with 'agentctl logs -f {view['id']}' "
+                             f"once the daemon is back"], lines
+            assert "tick-1\ntick-2\ntick-3\n" in (Path(tmp) / f"{out}.out").read_text()
+    after = agent_view(machine, followed)
+    assert after["state"] == "active", after
+    assert after["run"]["id"] == kept["id"] and after["run"]["pid"] == kept["pid"]
+    rows = audit_rows(machine)
+    handover = next(r for r in rows if r["verb"] == "daemon_handover")
+    assert {r["run_id"] for r in handover["detail"]["runs"]} == {kept["id"], run_view["id"]}
+    assert handover["detail"]["killed"] == {}, handover
+    daemon_stop = next(r for r in rows if r["verb"] == "daemon_stop")
+    assert daemon_stop["seq"] > handover["seq"] and daemon_stop["detail"]["handover"] is True
+    adopted = {r["detail"]["run"] for r in rows if r["verb"] == "adopt"
+               and r["outcome"] == "ok" and r["seq"] > handover["seq"]}
+    assert adopted == {kept["id"], run_view["id"]}, adopted
+    for name in (followed, foreground):
+        machine.run(AGENTCTL, "kill", name, "--reason", "test done")
     machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
 
 
