@@ -193,7 +193,8 @@ class EmbeddedRunner:
                     self.refs_before = await asyncio.to_thread(provenance.refs, self.workspace)
                 except provenance.GitUnavailable as exc:
                     self.provenance_error = str(exc)
-        self.core = core = await Core.assemble(self.config)
+        # The slot's state directory goes at teardown: its database needs no WAL (Core).
+        self.core = core = await Core.assemble(self.config, ephemeral=True)
         core.audit.append(actor=CI.label(), verb="ci_run_start", scope=f"agent:{self.name}",
                           target=self.name, detail={
                               "version": __version__, "pid": os.getpid(),

@@ -121,9 +121,11 @@ class Core:
     reserve: DiskReserve | None = None
 
     @classmethod
-    async def assemble(cls, config: Config) -> Core:
+    async def assemble(cls, config: Config, *, ephemeral: bool = False) -> Core:
         """Everything up to (not including) reconcile and the self-test. Appends no audit row,
-        so a subscriber attached right after (the webhook outbox) sees every one."""
+        so a subscriber attached right after (the webhook outbox) sees every one.
+        `ephemeral`: the state directory lives for this process only (an embedded CI run's);
+        its database skips what only a long-lived one needs (daemon/store.py `connect`)."""
         if os.geteuid() != 0:
             raise EnforcementError("the supervisor must run as root to contain agents")
         mode = detect_mode()
@@ -186,7 +188,7 @@ class Core:
                                 config.sandbox.cgroup_parent, runs_budget),
                             settle=False)  # moved into its cgroup while the rest is built
 
-        db = connect(config.daemon.state_dir / "state.db")
+        db = connect(config.daemon.state_dir / "state.db", ephemeral=ephemeral)
         # Audit and state (supervisor/audit/, daemon/store.py): a failed write releases the
         # disk reserve so the kill path's rows fit, and is retried, never lost.
         reserve = DiskReserve(config.daemon.state_dir / "disk-reserve",

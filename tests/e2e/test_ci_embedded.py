@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -434,6 +435,54 @@ def test_ctrl_c_during_the_run_kills_it_without_a_traceback(ci: Path, repo: Path
     assert proc.returncode == 80, out + err
     assert "cancelled: SIGINT" in err and not noise(err), err
     assert host_residue(ci) == {}
+
+
+def _sqlite_journal(db: Path) -> str:
+    """From the file's header (bytes 18-19: 1 rollback journal, 2 WAL), without opening it."""
+    return {b"\x01\x01": "rollback", b"\x02\x02": "wal"}[db.read_bytes()[18:20]]
+
+
+def test_a_runner_killed_mid_run_leaves_a_state_the_next_run_of_its_slot_reaps(
+        ci: Path, repo: Path) -> None:
+    """The slot's state database is ephemeral (no WAL, no fsync: daemon/store.py `connect`),
+    yet what a SIGKILLed runner committed is all there for the next run of its slot, whose
+    reconcile reaps the killed run; its watchdog has killed the agent meanwhile."""
+    proc = subprocess.Popen(
+        agentctl_command("run", "--embedded", "--workspace", str(repo), "--", "sh", "-c",
+                         "echo ready > ready; sleep 300"),
+        env=agentctl_env(ci), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        wait_for(lambda: (repo / "ready").exists(), timeout=60, what="the agent")
+        os.killpg(proc.pid, signal.SIGKILL)  # agentctl exec'd the runner: this is the runner
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (slot,) = ci.glob("slot*")
+    database = slot / "state" / "state.db"
+    assert _sqlite_journal(database) == "rollback"
+    assert not database.with_name("state.db-wal").exists()
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        (run_id, state), = db.execute("SELECT id, state FROM runs").fetchall()
+    assert state == "running"  # committed before the SIGKILL, read from the page cache
+
+    def agent_gone() -> bool:
+        sleeping = subprocess.run(["pgrep", "-f", "^sleep 300$"], capture_output=True,
+                                  text=True)
+        ours = f"agent-supervisor-ci/{slot.name}/"
+        return not [pid for pid in sleeping.stdout.split()
+                    if ours in Path(f"/proc/{pid}/cgroup").read_text()]
+
+    wait_for(agent_gone, timeout=60, what="the watchdog's kill of the agent")
+    report = repo.parent / "next.json"
+    result = run_embedded(ci, "--report", str(report), "--", "true")
+    assert result.returncode == 0, result.stdout + result.stderr
+    audit = [json.loads(line) for line in
+             Path(f"{report}.audit.jsonl").read_text().splitlines()]
+    reaped = [row for row in audit if row["verb"] == "reap" and row["detail"].get("run") == run_id]
+    assert reaped, [(row["verb"], row["detail"]) for row in audit]
+    # The ci fixture then holds the host clean: the killed run's slot went with the next run.
 
 
 def test_an_agent_that_fails_passes_its_status_through_quietly(ci: Path, repo: Path) -> None:
