@@ -1,9 +1,15 @@
-"""Wire models of the control API (pydantic). Shared by the daemon and agentctl; no I/O."""
+"""Wire models of the control API (pydantic). Shared by the daemon and agentctl; no I/O.
+
+The models the supervisor core takes and returns are defined here; those only the control API
+and its clients use (list pages, drills, health, reload answers, ...) are in
+supervisor/models/api.py and are loaded from there the first time one is named (`__getattr__`
+below), so a process that assembles the core without serving the API (an embedded CI run)
+does not build them. Every name is imported from `supervisor.models` either way."""
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -15,9 +21,27 @@ from pydantic import (
 )
 
 from supervisor.limits import REASON_MAX
-from supervisor.models.telemetry import Sample
 from supervisor.models.tripwire import TripwireRule
 from supervisor.models.units import Duration, duration_schema, duration_within
+
+if TYPE_CHECKING:
+    from supervisor.models.api import (
+        AgentList,
+        ApprovalList,
+        AuditList,
+        BreakerReset,
+        DenyRequest,
+        DrillList,
+        DrillRequest,
+        DrillResult,
+        EgressView,
+        ForgetResult,
+        GatewayRunUpdate,
+        Health,
+        ReasonRequest,
+        ReloadResult,
+        TelemetryView,
+    )
 
 __all__ = [
     "REASON_MAX",
@@ -40,6 +64,7 @@ __all__ = [
     "DrillResult",
     "Duration",
     "EgressView",
+    "ForgetResult",
     "GatewayRunUpdate",
     "Health",
     "ReasonRequest",
@@ -175,22 +200,6 @@ class ActionRequest(_Request):
                    duration_schema(GRACE_MAX)] | None = None
 
 
-class ReasonRequest(_Request):
-    reason: Reason = ""
-
-
-class DenyRequest(_Request):
-    """A denial needs a reason: the agent is told it."""
-
-    reason: Annotated[str, Field(min_length=1, max_length=REASON_MAX, pattern=r"\S")]
-
-
-class BreakerReset(BaseModel):
-    agent: str
-    run: str
-    was: str  # why the breaker was open
-
-
 class Approval(BaseModel):
     """A request the egress gateway holds until an operator approves or denies it."""
 
@@ -206,21 +215,6 @@ class Approval(BaseModel):
     approved: bool | None = None
     by: str | None = None
     reason: str | None = None
-
-
-class ApprovalList(BaseModel):
-    approvals: list[Approval]
-
-
-class EgressView(BaseModel):
-    run: str
-    agent: str
-    gateway: str
-    usage: dict[str, float]
-    agent_total: dict[str, float]
-    breaker: str | None  # why it is open; null when closed
-    token_expires_at: float
-    pending_approvals: list[str]
 
 
 class Actor(BaseModel):
@@ -286,13 +280,6 @@ class TelemetrySummary(BaseModel):
     skipped: int = 0
 
 
-class TelemetryView(BaseModel):
-    run: str
-    agent: str
-    state: str
-    live: bool  # sampled right now (False: the run ended; the summary is the stored one)
-    samples: list[Sample]
-    summary: TelemetrySummary | None
 # --- end telemetry
 
 
@@ -335,23 +322,6 @@ class ActionResult(BaseModel):
     global_halt: bool = False
 
 
-class ForgetResult(BaseModel):
-    """An idle agent dropped from the registry (agentctl rm); its runs stay in the history."""
-
-    agent: str
-    previous_state: str
-    reason: str
-
-
-class AgentList(BaseModel):
-    """One page of agents, by name; `next_cursor` continues after the last one (null: done)."""
-
-    agents: list[AgentView]
-    global_halt: bool
-    total: int  # agents that match the filters, over every page
-    next_cursor: str | None = None
-
-
 class AuditEntry(BaseModel):
     seq: int
     ts: float
@@ -367,10 +337,6 @@ class AuditEntry(BaseModel):
     detail: dict[str, Any]
     prev_hash: str
     hash: str
-
-
-class AuditList(BaseModel):
-    entries: list[AuditEntry]
 
 
 class AuditVerifyResult(BaseModel):
@@ -390,66 +356,29 @@ class AuditVerifyResult(BaseModel):
     notes: list[str] = []
 
 
-class DrillRequest(_Request):
-    processes: Annotated[int, Field(ge=1, le=10_000)] | None = None
-    slo: Annotated[float, BeforeValidator(duration_within(DRILL_SLO_MAX)),
-                 duration_schema(DRILL_SLO_MAX)] | None = None
+# The control API's own shapes (supervisor/models/api.py), loaded at their first use.
+_API_MODELS = frozenset({
+    "AgentList",
+    "ApprovalList",
+    "AuditList",
+    "BreakerReset",
+    "DenyRequest",
+    "DrillList",
+    "DrillRequest",
+    "DrillResult",
+    "EgressView",
+    "ForgetResult",
+    "GatewayRunUpdate",
+    "Health",
+    "ReasonRequest",
+    "ReloadResult",
+    "TelemetryView",
+})
 
 
-class GatewayRunUpdate(BaseModel):
-    """A running gateway run a reload reached (daemon/egress.py `regrant`)."""
+def __getattr__(name: str) -> Any:
+    if name in _API_MODELS:
+        from supervisor.models import api
 
-    run: str
-    agent: str
-    profile: str
-    # The routes it has now; absent when it kept what it had, `kept` saying why.
-    routes: list[str] | None = None
-    kept: str | None = None
-
-
-class ReloadResult(BaseModel):
-    """POST /v1/reload: what a reload applied (daemon/reload.py)."""
-
-    outcome: Literal["applied", "unchanged"]
-    source: str
-    # Sections applied ("roles", "webhooks", ...) and profiles that changed ("profile:NAME").
-    changed: list[str]
-    # Sections that changed in the file but keep their running value until a restart.
-    restart_required: list[str]
-    running: int
-    # Running gateway runs given the changed routes and secrets (or told why not).
-    gateway_runs: list[GatewayRunUpdate] = []
-    # What a start would refuse but a reload does not need ({path, key, reason}: the Docker
-    # engine's socket is unusable).
-    warnings: list[dict[str, str]] = []
-
-
-class DrillResult(BaseModel):
-    id: str
-    ts: float
-    actor: str
-    processes: int
-    processes_seen: int
-    slo_ms: float
-    time_to_halt_ms: float | None
-    passed: bool
-    # Each check: "pass", "fail: ..." or "n/a: ...".
-    checks: dict[str, str]
-    survivors: list[int] = []
-    error: str | None = None
-
-
-class DrillList(BaseModel):
-    drills: list[DrillResult]
-
-
-class Health(BaseModel):
-    status: str
-    version: str
-    global_halt: bool
-    agents: int
-    active_runs: int
-    cgroup_mode: str
-    # What is wrong with the audit log (a broken chain, failing writes, a released disk
-    # reserve, dropped rows); empty when all is well.
-    audit_alarms: dict[str, Any] = {}
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

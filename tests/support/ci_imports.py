@@ -19,6 +19,8 @@ NOT_ON_THE_RUN_PATH = (
     "supervisor.egress.worker_process", "supervisor.mcp", "supervisor.events",
     "supervisor.metrics", "supervisor.metrics_web", "supervisor.fleet", "supervisor.api",
     "supervisor.console", "supervisor.daemon.main", "supervisor.cli",
+    # The control API's own models (list pages, drills, health...): the core never uses them.
+    "supervisor.models.api",
     # pydantic's plugin loader imports it (with email, zipfile, csv); ci/no_plugins.py
     # stands in for that loader.
     "importlib.metadata",
