@@ -10,8 +10,10 @@
 # runc: the sandbox runtime; tini: every sandbox's PID 1 (its static build, /usr/bin/tini-static,
 # bound at /dev/init; supervisor/runtime/init.py); iproute2 and nftables: the egress gateway's
 # network (`nft`); python3, python3-venv: the venv; util-linux (`nsenter`, the run's user
-# namespace limits), passwd and procps: host tools the install and the daemon call.
-RUNTIME_PACKAGES=(runc tini iproute2 nftables python3 python3-venv util-linux passwd procps)
+# namespace limits), passwd and procps: host tools the install and the daemon call; gosu: the
+# docker runtime's drop from root to the agent's uid (its static /usr/sbin/gosu, bound into the
+# container; supervisor/runtime/uid_drop.py).
+RUNTIME_PACKAGES=(runc tini iproute2 nftables python3 python3-venv util-linux passwd procps gosu)
 # The service adds systemd (Type=notify, sysusers.d, tmpfiles.d).
 SERVICE_PACKAGES=("${RUNTIME_PACKAGES[@]}" systemd)
 # CI mode adds git (the report's provenance and the checkout copy read the repository) and

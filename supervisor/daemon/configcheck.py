@@ -35,6 +35,7 @@ from supervisor.events import Endpoint, load_endpoints
 from supervisor.metrics import check_endpoint
 from supervisor.profiles import load_profile
 from supervisor.runtime.init import SandboxInit
+from supervisor.runtime.uid_drop import UidDrop
 
 # Where a bare [sandbox] runc_path is looked up (the unit's PATH and the root's usual one).
 RUNC_SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -142,7 +143,7 @@ def group_errors(config: Config, where: str) -> list[dict[str, str]]:
 def _check_start(config: Config, where: str, checked: CheckedConfig) -> None:
     """What a start stops at beyond the file's schema: the control sockets' groups, webhook
     secrets, the metrics address, the sandbox's init and runc, and the Docker engine's socket
-    when Docker is enabled (in engine_errors: a reload does not need the engine)."""
+    and gosu when Docker is enabled (in engine_errors: a reload does not need the engine)."""
     checked.errors.extend(group_errors(config, where))
     _check_webhooks(config, where, checked)
     try:
@@ -172,6 +173,11 @@ def _check_start(config: Config, where: str, checked: CheckedConfig) -> None:
                 checked.engine_errors.append(config_error(
                     where, key, f"the Docker runtime is enabled but its engine socket is "
                     f"unusable ({reason}): start dockerd or set [docker] socket"))
+        try:
+            UidDrop().check()
+        except SupervisorError as exc:
+            key = "docker.enabled" if config.docker.enabled else "sandbox.runtime"
+            checked.engine_errors.append(config_error(where, key, exc.message))
 
 
 def docker_socket_path(url: str) -> str | None:

@@ -63,6 +63,7 @@ from supervisor.runtime.engine_log import (
 )
 from supervisor.runtime.init import INIT_PATH, SandboxInit
 from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT, OutputRecorder, Outputs
+from supervisor.runtime.uid_drop import DROP_CAPABILITIES, DROP_PATH, START_USER, UidDrop
 from supervisor.runtime.workspace import (
     off_loop,
     pin_workspace,
@@ -304,11 +305,13 @@ class DockerRuntime:
     def __init__(self, engine: DockerEngine, streamer: DockerEngine, cgroup_parent: str,
                  name_prefix: str, uid_base: int, agent_uid: int, workspace_min_owner_uid: int,
                  max_runs: int, host_root_image: str, state_dir: Path, outputs: Outputs,
-                 init: SandboxInit | None = None) -> None:
+                 init: SandboxInit | None = None, uid_drop: UidDrop | None = None) -> None:
         self.engine = engine
         # Our own tini rather than the engine's --init: the same binary and flags as runc runs,
         # checked by the daemon (fail closed) whatever the engine's init-path says.
         self.init = init if init is not None else SandboxInit()
+        # gosu, which takes the container's process from root to the agent's uid: see `launch`.
+        self.uid_drop = uid_drop if uid_drop is not None else UidDrop()
         self.outputs = outputs
         # A second client without a read timeout: a quiet agent must not end its log stream.
         self.streamer = streamer
@@ -340,7 +343,9 @@ class DockerRuntime:
 
     async def prepare(self) -> None:
         """At daemon start: the engine answers, places containers where the kill path finds
-        them, and has the host-root image. Raises (fail closed) otherwise."""
+        them, and has the host-root image, and gosu is on the host. Raises (fail closed)
+        otherwise."""
+        self.uid_drop.check()
         info = await self.call(self.engine.info)
         driver = info.get("CgroupDriver")
         if driver != "cgroupfs":
@@ -373,7 +378,7 @@ class DockerRuntime:
     def staged_binds(self, container_id: str) -> list[workspace_binds.Bind]:
         return workspace_binds.load(self.workspace_mount(container_id)).binds
 
-    def _user(self, params: RunParams, workspace_fd: int | None) -> str:
+    def _user(self, params: RunParams, workspace_fd: int | None) -> tuple[int, int]:
         base = self.uid_base + params.uid_slot * SANDBOX_UID_COUNT
         uid = gid = base + self.agent_uid
         if params.workspace is not None:
@@ -382,7 +387,7 @@ class DockerRuntime:
             uid = owner.uid
             if owner.gid is not None:
                 gid = owner.gid
-        return f"{uid}:{gid}"
+        return uid, gid
 
     def _refuse_engine_socket(self, source: str) -> None:
         root = Path(source).resolve()
@@ -433,7 +438,7 @@ class DockerRuntime:
             if params.workspace is not None:
                 workspace_fd = pin_workspace(params.workspace, params.workspace_fd)
                 self._refuse_engine_socket(fd_path(workspace_fd))
-            user = self._user(params, workspace_fd)
+            uid, gid = self._user(params, workspace_fd)
             seccomp = render_seccomp(load_seccomp(profile.seccomp.profile), None, params.run_id)
             if params.workspace is not None and workspace_fd is not None:
                 staging = self.workspace_mount(params.container_id)
@@ -441,13 +446,16 @@ class DockerRuntime:
                                          profile.workspace.readonly, staging)
                 undo.append(lambda: quiet(workspace_binds.unstage, staging))
             init_binary = self.init.check()
+            drop_binary = self.uid_drop.check()
             image, mounts = await self._mounts(params, params.image or profile.image, staged)
             mounts.append(Mount(INIT_PATH, init_binary, type="bind", read_only=True))
+            mounts.append(Mount(DROP_PATH, drop_binary, type="bind", read_only=True))
             host_config = self.engine.host_config(
                 read_only=True, mounts=mounts,
                 tmpfs={"/tmp": f"rw,exec,nosuid,nodev,mode=1777,"
                              f"size={profile.filesystem.tmp_size}"},
-                cap_drop=["ALL"],
+                # Until gosu drops to the agent's uid (uid_drop.py), and only for that.
+                cap_drop=["ALL"], cap_add=list(DROP_CAPABILITIES),
                 security_opt=["no-new-privileges:true", f"seccomp={json.dumps(seccomp)}"],
                 network_mode="none", ipc_mode="private", cgroupns="private",
                 cgroup_parent="/" + params.cgroup,
@@ -468,11 +476,16 @@ class DockerRuntime:
             output = self.outputs.open(params.run_id, params.log_path, profile)
             undo.append(output.abort)
             undo.append(lambda: self._undo_container(params))
+            # The engine starts the container's process as root, so that containerd's shim
+            # gives root, not the agent, the stdout and stderr pipes it makes (and fchowns to
+            # that uid): the agent could reopen pipes of its own uid by /proc/self/fd and read
+            # its output back before the engine records it. gosu drops to the agent's uid and
+            # execs the init, which stays PID 1 (uid_drop.py says why this design).
+            command = self.uid_drop.wrap(uid, gid, self.init.wrap(params.command))
             await self.call(lambda: self.engine.create(
-                params.container_id, image, self.init.wrap(params.command),
-                host_config=host_config,
-                user=user, environment=agent_env(params.run_id, params.workspace is not None,
-                                                 profile, params.env),
+                params.container_id, image, command, host_config=host_config,
+                user=START_USER, environment=agent_env(
+                    params.run_id, params.workspace is not None, profile, params.env),
                 working_dir=WORKSPACE_MOUNT if params.workspace else "/tmp",
                 hostname=f"agent-{params.agent}"[:63], network_disabled=True,
                 labels={LABEL_PREFIX: self.name_prefix, LABEL_RUN: params.run_id,

@@ -41,6 +41,10 @@ out["uid"] = os.getuid()
 out["interfaces"] = sorted(os.listdir("/proc/sys/net/ipv4/conf"))
 status = dict(l.split(":", 1) for l in open("/proc/self/status"))
 out["cap_eff"] = status["CapEff"].strip()
+out["caps"] = {k: int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapAmb", "CapBnd")}
+out["groups"] = os.getgroups()
+attempt("setuid_root", lambda: os.setuid(0))
+attempt("setgroups_root", lambda: os.setgroups([0]))
 out["no_new_privs"] = status["NoNewPrivs"].strip()
 out["seccomp"] = status["Seccomp"].strip()
 def tcp(host, port):
@@ -114,6 +118,16 @@ def test_sandbox_blocks_escape_routes(daemon: Daemon, runtime: str) -> None:
     # user namespace, so there the agent is an unprivileged host uid outright.
     assert out["uid"] == (1000 if runtime == "runc" else 1_001_000), out["uid"]
     assert int(out["cap_eff"], 16) == 0
+    # No capability in any set. Docker's process starts as root with CAP_SETUID and CAP_SETGID
+    # to drop to the agent's uid (supervisor/runtime/uid_drop.py): the uid change empties the
+    # other sets, the bounding set keeps those two, which no_new_privs keeps out of reach.
+    bounding = 0 if runtime == "runc" else (1 << 6) | (1 << 7)
+    assert out["caps"] == {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapAmb": 0,
+                           "CapBnd": bounding}, out["caps"]
+    assert out["setuid_root"] == {"ok": False, "errno": 1}, out["setuid_root"]
+    assert out["setgroups_root"] == {"ok": False, "errno": 1}, out["setgroups_root"]
+    if runtime == "docker":  # gosu keeps no supplementary group, not even root's
+        assert out["groups"] == [], out["groups"]
     assert out["no_new_privs"] == "1"
     assert out["seccomp"] == "2"
     # Network: loopback only, so neither the host's listener nor the outside is reachable.
