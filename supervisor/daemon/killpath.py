@@ -20,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 # Waiting for cgroup.events blocks in poll(2); a scoped halt confirms every run at once, so the
 # waits get threads of their own instead of queueing behind the default executor.
 CONFIRMERS = ThreadPoolExecutor(max_workers=128, thread_name_prefix="kill-confirm")
+# A scoped halt waits for the kernel in the loop's own thread this long at most (the verb
+# holds the reads meanwhile, VerbsFirst), then on a CONFIRMERS thread until its deadline: a
+# class halt is confirmed in a few ms, and the hand-off to a thread and back cost about as
+# much as the kernel's work beyond raw's (docs/benchmarks.md run 12).
+CONFIRM_ON_LOOP = 0.01
 
 
 class RevocationCheck(Protocol):
@@ -265,8 +270,13 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
     the kernel's instead of following it. A run's `halted_at` is when both are done.
 
     `beside` (the kill's store write of step 1) is called once on the loop after every
-    SIGKILL is sent, while the confirmation waits on its thread: the kernel empties the
-    cgroups meanwhile, so the write costs the answer nothing unless it outlasts them."""
+    SIGKILL is sent, before the confirmation's wait: the kernel empties the cgroups
+    meanwhile, so the write costs the answer nothing unless it outlasts them.
+
+    With more than one run, step 4 waits in the loop's thread first (`_confirm_together`,
+    at most CONFIRM_ON_LOOP), and the networks' threads are joined without a turn of the
+    loop when they are done by then: a class halt goes from its SIGKILLs to its audit rows
+    without a hop between threads."""
     t_start = time.perf_counter()
     for kill in kills:
         await kill.revoke()
@@ -297,9 +307,9 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
     aside = _Beside(beside)
     if beside is not None:  # first in the loop's queue: before any confirmation's answer
         loop.call_soon(aside.run)
-    networks = asyncio.gather(*(
-        loop.run_in_executor(CONFIRMERS, _tear_down_all, chunk)
-        for chunk in _chunks(kills, _TEARDOWNS_PER_THREAD))) if len(kills) > 1 else None
+    networks: list[Future[None]] | None = [
+        CONFIRMERS.submit(_tear_down_all, chunk)
+        for chunk in _chunks(kills, _TEARDOWNS_PER_THREAD)] if len(kills) > 1 else None
     if parent is not None and parent_mechanism is not None and kills:
         # One wait on the parent's cgroup.events instead of one per run while the kernel
         # works; each run's own confirmation after it is then immediate.
@@ -309,6 +319,7 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
             log.error("global halt: waiting on the parent failed (%s); confirming run by run",
                       exc)
     if len(kills) > 1:
+        aside.run()  # unless the parent's wait let it run: before this thread waits too
         await _confirm_together(kills)
     else:
         for kill in kills:  # inline: its wait is on a thread before `beside` runs
@@ -318,7 +329,10 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
     if networks is None:
         await asyncio.gather(*(kill.teardown_off_loop() for kill in kills))
     else:
-        await networks
+        if not all(future.done() for future in networks):
+            await asyncio.wait([asyncio.wrap_future(future) for future in networks])
+        for future in networks:
+            future.result()  # what the teardown threads raised, as awaiting them did
         for kill in kills:  # halted once its network is down and its cgroup confirmed
             kill.report.halted_at = max(kill.report.halted_at or t_confirmed, t_confirmed)
     if len(kills) > 1:
@@ -361,17 +375,26 @@ def _tear_down_all(kills: Sequence[RunKill]) -> None:
 
 
 async def _confirm_together(kills: Sequence[RunKill]) -> None:
-    """Step 4 for many runs on one thread: each run's cgroup waited for in turn, against one
+    """Step 4 for many runs in one thread: each run's cgroup waited for in turn, against one
     deadline (they all die at once, so the first wait is the long one and the others are
     a read each), as raw `cgroup.kill` followed by a wait per cgroup does; a thread per run
-    woke and handed its answer to the loop one by one. Runs not confirmed by the deadline
-    escalate, each as a single kill does."""
+    woke and handed its answer to the loop one by one. The wait is the loop's own for at
+    most CONFIRM_ON_LOOP (a class halt's whole wait on a quiet host: no thread to wake and
+    no answer to hand back); the runs still populated then are waited for on a CONFIRMERS
+    thread until the deadline. Runs not confirmed by the deadline escalate, each as a
+    single kill does."""
     deadline = time.monotonic() + max(kill.confirm_timeout for kill in kills)
+    here = min(deadline, time.monotonic() + CONFIRM_ON_LOOP)
+    waited = [kill.wait_empty_by(here) for kill in kills]
+    late = [index for index, confirmed in enumerate(waited) if not confirmed]
+    if late and here < deadline:
 
-    def wait_all() -> list[bool]:
-        return [kill.wait_empty_by(deadline) for kill in kills]
+        def wait_late() -> list[bool]:
+            return [kills[index].wait_empty_by(deadline) for index in late]
 
-    waited = await asyncio.get_running_loop().run_in_executor(CONFIRMERS, wait_all)
+        again = await asyncio.get_running_loop().run_in_executor(CONFIRMERS, wait_late)
+        for index, confirmed in zip(late, again, strict=True):
+            waited[index] = confirmed
     for kill, confirmed in zip(kills, waited, strict=True):
         if confirmed:  # settle(True) awaits nothing: inline, no task and no turn of the loop
             await kill.settle(True)

@@ -9,14 +9,14 @@ import asyncio
 import contextlib
 import errno
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from supervisor.api.client import Client
 from supervisor.config import KillSection
-from supervisor.daemon.killpath import RevocationCheck, RunKill, sweep
+from supervisor.daemon.killpath import HaltReport, RevocationCheck, RunKill, sweep
 from supervisor.daemon.observers import RunObservers
 from supervisor.errors import IllegalTransition, KillUnconfirmed
 from supervisor.models import ActionRequest, RunRequest, Scope
@@ -234,6 +234,65 @@ def test_the_work_beside_a_sweep_runs_once_with_no_run_and_never_stops_it() -> N
     [report] = asyncio.run(sweep([kill], beside=failing))
     assert calls == ["beside", "failing"]
     assert report.confirmed and group.processes == 0 and report.netns_removed
+
+
+class NotedHeldCgroup(HeldCgroup):
+    """A HeldCgroup that notes the thread each wait ran on; `emptied` None: empty at once."""
+
+    def __init__(self, journal: Journal, name: str, emptied: threading.Event | None) -> None:
+        super().__init__(journal, name, emptied or threading.Event())
+        if emptied is None:
+            self.emptied.set()
+        self.threads: list[int] = []
+
+    def wait_empty(self, timeout: float) -> bool:
+        self.threads.append(threading.get_ident())
+        return super().wait_empty(timeout)
+
+
+def noted_sweep(emptied: threading.Event | None, beside: Callable[[], None] | None = None
+                ) -> tuple[list[NotedHeldCgroup], list[HaltReport], int]:
+    """A sweep of three runs: their cgroups, their reports and the loop's thread."""
+    journal = Journal()
+    groups = [NotedHeldCgroup(journal, name, emptied) for name in ("a", "b", "c")]
+    kills = [RunKill(group.name, credentials=FakeCredentials(journal), cgroup=group,
+                     network=FakeNetwork(journal, group.name), confirm_timeout=WAIT)
+             for group in groups]
+
+    async def body() -> tuple[list[HaltReport], int]:
+        return await sweep(kills, beside=beside), threading.get_ident()
+
+    reports, loop_thread = asyncio.run(body())
+    return groups, reports, loop_thread
+
+
+def test_a_sweep_the_kernel_confirms_at_once_is_waited_for_in_the_loops_thread() -> None:
+    """A class halt the kernel confirms within CONFIRM_ON_LOOP goes from its SIGKILLs to its
+    reports without a thread to wake: every run's wait ran in the loop's thread, once."""
+    groups, reports, loop_thread = noted_sweep(None)
+    assert all(r.confirmed and not r.escalated and r.netns_removed for r in reports)
+    assert [group.threads for group in groups] == [[loop_thread]] * 3
+
+
+def test_a_sweep_the_kernel_is_slow_to_confirm_frees_the_loop_then_confirms() -> None:
+    """A kernel slower than CONFIRM_ON_LOOP: the wait leaves the loop's thread after that
+    long and goes on on a thread of its own until the kill's deadline, so the loop runs
+    other work meanwhile (here the kernel empties the cgroups only once a callback of the
+    loop has run: a loop held until the deadline would leave every run unconfirmed), and
+    no run is escalated."""
+    emptied = threading.Event()
+    loop: list[asyncio.AbstractEventLoop] = []
+
+    def beside() -> None:  # after every SIGKILL; what it schedules needs a free loop
+        loop.append(asyncio.get_running_loop())
+        loop[0].call_soon(emptied.set)
+
+    groups, reports, loop_thread = noted_sweep(emptied, beside)
+    assert all(r.confirmed and not r.escalated for r in reports)
+    assert [s for s in groups[0].journal.steps if s.startswith("fallback")] == []
+    worker = groups[0].threads[-1]
+    assert worker != loop_thread
+    assert [group.threads for group in groups] == [[loop_thread, worker]] * 3
 
 
 def test_a_sweep_escalates_only_the_run_the_kernel_did_not_empty() -> None:
