@@ -1,6 +1,7 @@
 """The kill path, steps 2-5 of DESIGN.md, for one run (`RunKill`) and for a scoped halt
 (`sweep`). Runs in the daemon's event loop; the blocking waits on `cgroup.events` run on
-threads of their own. Needs root for the real collaborators; the unit tier uses fakes.
+threads of their own, except a scoped halt's first CONFIRM_ON_LOOP of waiting. Needs root
+for the real collaborators; the unit tier uses fakes.
 
 Step 1 (mark the agent killed) is the arbiter's, before it calls in here; step 6 (runtime state
 and bundle) happens after the answer (`Arbiter._cleanup`). What a kill touches is exactly what
