@@ -231,7 +231,9 @@ class AuditLog:
         return True
 
     def flush_blocking(self, timeout: float = 30.0) -> bool:
-        """The same for code outside the loop (tests, shutdown)."""
+        """The same for code outside the loop (tests, shutdown), or on it for a bounded
+        moment where the loop would only wait for the rows (a scoped halt's, before its
+        records: ending.kill_agents); False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
             ticket = self._next_ticket

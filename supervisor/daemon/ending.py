@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 _CLEANUP_WAIT = 5.0  # at most this long for the ending's audit rows before step 6 goes on
 _LAUNCH_WAIT = 30.0  # a kill waits this long for a launch in flight to reach a killable state
+# A scoped halt waits this long at most, in the loop's thread, for the writer to commit its
+# audit rows before it writes its records (`kill_agents`).
+ROWS_ON_LOOP = 0.01
 # A run being killed: a second kill only re-sends SIGKILL; the first one finalises it.
 _KILLING = frozenset({EndCause.KILLED, EndCause.TIMEOUT, EndCause.TRIPWIRE,
                       EndCause.BREAK_GLASS, EndCause.SHUTDOWN})
@@ -222,8 +225,11 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
                       whole_parent: bool = False) -> list[AgentResult | SupervisorError]:
     """The kill path for one agent or many: step 1 for all before any await (its store
     write beside the confirmation), steps 2-5 in one sweep, then each agent's kill audited
-    (the rows handed to the writer at once) and each run finalised while the writer commits
-    them. With `whole_parent` (a global halt), step 3 is one write to the parent cgroup."""
+    (the rows handed to the writer at once) and each run finalised. A scoped halt waits for
+    the writer to commit the rows first (at most ROWS_ON_LOOP, in the loop's thread, which
+    the answer would spend waiting anyway); a single agent's kill finalises its run while
+    the writer commits. With `whole_parent` (a global halt), step 3 is one write to the
+    parent cgroup."""
     t0 = arrived if arrived is not None else time.perf_counter()
     arrived_at = time.time() - (time.perf_counter() - t0)
     marks: list[tuple[AgentRecord, AgentState, AgentState, LiveRun | None]] = []
@@ -278,12 +284,20 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
                                 owner=live is not None and live.record.id in owned_ids,
                                 scoped=scoped)
                     for agent, previous, new, live in marks]
-        # The audit rows first, to the writer together (one commit): it makes them durable,
-        # which the answer waits for, while the loop writes the records below.
+        # The audit rows first, to the writer together (one commit): the answer waits until
+        # they are durable.
         with arbiter.audit.batch():
             for verdict in verdicts:
                 arbiter.audit.append(**verdict.row)
         t_audited = time.perf_counter()
+        if scoped:
+            # Wait for them here, the GIL released, before the records: written beside the
+            # writer's commit, the records took turns with it at the GIL, and the answer
+            # then waited for the writer's hand-back through the loop (1.0-1.6 ms after
+            # the records in a class halt, docs/benchmarks.md run 12). Bounded: a writer that
+            # is slow (a full disk, a retry) leaves the records to go on beside it.
+            arbiter.audit.flush_blocking(ROWS_ON_LOOP)
+        t_durable = time.perf_counter()
         # Every agent's and run's record in one transaction.
         with arbiter.store.batch():
             for verdict in verdicts:
@@ -292,10 +306,10 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
         arbiter.track(asyncio.ensure_future(answer_out(arbiter, answered)))
     log.log(logging.WARNING if scoped else logging.INFO,
             "%s of %d agents, %d runs (%s) by %s (%s): queued %.1f ms, steps 2-5 %.1f ms, "
-            "audit rows %.1f ms, records %.1f ms", verb, len(marks), len(kills), scope,
-            actor.label(), reason or "no reason", ms_since(t0, t_ready),
+            "audit rows %.1f ms (durable %.1f ms later), records %.1f ms", verb, len(marks),
+            len(kills), scope, actor.label(), reason or "no reason", ms_since(t0, t_ready),
             ms_since(t_ready, t_swept), ms_since(t_swept, t_audited),
-            ms_since(t_audited, time.perf_counter()))
+            ms_since(t_audited, t_durable), ms_since(t_durable, time.perf_counter()))
     results: list[AgentResult | SupervisorError] = [v.result for v in verdicts]
     # Step 6 of the runs this kill ended (not those another kill owns: that one audits them).
     audit_cleanup(arbiter, [run_id for run_id in kills if run_id in owned_ids], scope, verb,

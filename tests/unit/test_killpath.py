@@ -16,6 +16,7 @@ import pytest
 
 from supervisor.api.client import Client
 from supervisor.config import KillSection
+from supervisor.daemon import ending
 from supervisor.daemon.killpath import HaltReport, RevocationCheck, RunKill, sweep
 from supervisor.daemon.observers import RunObservers
 from supervisor.errors import IllegalTransition, KillUnconfirmed
@@ -601,8 +602,9 @@ def test_a_kills_answer_waits_for_its_audit_rows_while_its_records_overlap(
         serve: ServeFactory) -> None:
     """Over the real API with the audit writer's thread: step 1's store write comes after
     every SIGKILL (beside the confirmation), and the run records are committed while the
-    writer still holds the kill's audit rows (a seam in front of its commit), but the answer
-    waits for the rows: not out while they are held, out once they are durable."""
+    writer still holds the kill's audit rows (a seam in front of its commit; the halt waits
+    for the writer only ROWS_ON_LOOP before its records), but the answer waits for the
+    rows: not out while they are held, out once they are durable."""
     server = serve()
     client = Client(server.socket_path, timeout=WAIT)
     views = [client.run({"name": f"w{i}", "class": "web", "command": ["sleep", "infinity"]})
@@ -662,6 +664,41 @@ def test_a_kills_answer_waits_for_its_audit_rows_while_its_records_overlap(
     assert server.call(durable)[2] == 3
     # The first write of the agents is step 1's (finalise writes each again).
     assert kills_at_marks[0] == [["cgroup.kill"]] * 3, "step 1's store write before a SIGKILL"
+    server.settle()
+    server.call(server.audit.close)
+
+
+def test_a_scoped_halts_records_follow_its_audit_rows_once_durable(
+        serve: ServeFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over the real API with the audit writer's thread: a class halt waits, in the loop's
+    thread, for the writer to commit its audit rows before it writes its records (their
+    commit and the records took turns at the GIL, and the answer waited for the writer's
+    hand-back, docs/benchmarks.md run 12). The wait is made long here so the order is the
+    code's, not the host's speed: every record is written with every row already durable."""
+    monkeypatch.setattr(ending, "ROWS_ON_LOOP", WAIT)
+    server = serve()
+    client = Client(server.socket_path, timeout=WAIT)
+    views = [client.run({"name": f"w{i}", "class": "web", "command": ["sleep", "infinity"]})
+             for i in range(3)]
+    durable_at_records: list[bool] = []
+
+    def install() -> None:
+        arbiter = server.arbiter
+        assert arbiter is not None
+        put_run = arbiter.store.put_run
+
+        def noted(run: Any) -> None:
+            if run.id in {v["id"] for v in views} and run.state == "killed":
+                durable_at_records.append(arbiter.audit.flush_blocking(0))
+            put_run(run)
+
+        arbiter.store.put_run = noted  # type: ignore[method-assign]
+        arbiter.audit.start(asyncio.get_running_loop())
+
+    server.call(install)
+    answer = client.action("kill", {"class": "web"}, reason="rows first")
+    assert [r["new_state"] for r in answer["results"]] == ["killed"] * 3
+    assert durable_at_records == [True] * 3, "a record was written before the rows were durable"
     server.settle()
     server.call(server.audit.close)
 
