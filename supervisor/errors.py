@@ -141,6 +141,23 @@ class ConfigInvalid(SupervisorError):
                     "restart the daemon")
 
 
+class DaemonRunning(SupervisorError):
+    """Another agent-supervisord holds this state or runtime directory (daemon/instance.py):
+    this one stops before it touches a socket, a cgroup, a watchdog or the state."""
+
+    code = "daemon_already_running"
+    http_status = 409
+    # EX_UNAVAILABLE. Not 75: the unit counts that a handover's success and restarts on it
+    # (SuccessExitStatus=, RestartForceExitStatus=); not 78 either, which is the config's.
+    # The unit does not restart on it (RestartPreventExitStatus=): another daemon holds the
+    # state, and starting again cannot change that.
+    exit_status = 69
+    default_hint = ("one daemon per state directory: stop the one running (systemctl stop "
+                    "agent-supervisor, or SIGTERM to the pid named) or give this one another "
+                    "[daemon] state_dir and runtime_dir; --check-config and --halt work "
+                    "while it runs")
+
+
 class ReloadRefused(ConfigInvalid):
     """A reload found errors in the configuration: nothing was applied (daemon/reload.py)."""
 

@@ -1,4 +1,6 @@
-"""agent-supervisord: the root daemon's entry point. Order of startup: config, the core
+"""agent-supervisord: the root daemon's entry point. Order of startup: config, the
+single-instance lock (daemon/instance.py: a second daemon on the same state or runtime
+directory exits 69 here, having touched nothing), the core
 (directories, subreaper, seccomp listener, runtime, watchdog, state, arbiter, telemetry,
 tripwires: daemon/core.py, shared with embedded CI runs), webhooks, reconcile leftovers,
 self-test, metrics, control socket, READY=1.
@@ -43,11 +45,12 @@ from supervisor.daemon.core import Core
 from supervisor.daemon.drills import Drills
 from supervisor.daemon.fleet import FleetMember
 from supervisor.daemon.handover import adopt, hand_over
+from supervisor.daemon.instance import SERVING, STOPPING, InstanceLock
 from supervisor.daemon.notify import HealthCheck, Notifier
 from supervisor.daemon.reload import ConfigReloader
 from supervisor.daemon.selftest import run_self_test
 from supervisor.daemon.stopintent import restart_warning, stop_intent
-from supervisor.errors import ConfigInvalid, EnforcementError, SupervisorError
+from supervisor.errors import ConfigInvalid, DaemonRunning, EnforcementError, SupervisorError
 from supervisor.events import DeliveryWorker, Outbox, load_endpoints
 from supervisor.metrics import MetricsEndpoint, start_metrics
 from supervisor.sandbox.cgroups import Cgroup, unified_root
@@ -167,7 +170,7 @@ def keep_audited(consumed: Path, text: str, max_bytes: int = AUDITED_MAX_BYTES) 
 
 
 async def serve(config: Config, notifier: Notifier, config_file: Path | None = None,
-                signals: HaltSignal | None = None) -> int:
+                signals: HaltSignal | None = None, instance: InstanceLock | None = None) -> int:
     core = await Core.assemble(config)
     load_psutil()  # the sampler's process walks: loaded now, never during a kill
     runtime, watchdog, audit, arbiter = core.runtime, core.watchdog, core.audit, core.arbiter
@@ -318,6 +321,8 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
         log.warning("received %s", signal.Signals(signum).name)
         if signum == signal.SIGUSR2:
             handover_asked.append(signum)
+        if instance is not None:  # a start by hand meanwhile waits for this one's exit
+            instance.mark(STOPPING)
         stop.set()
 
     # SIGUSR2: a restart, agents kept (hand them over); systemd sends it for a restart job.
@@ -329,6 +334,8 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     notifier.start_heartbeat(kill_path_checks(core))
     notifier.ready(f"accepting runs; {len(arbiter.live)} running")
+    if instance is not None:
+        instance.mark(SERVING)
     log.info("agent-supervisord %s ready on %s (cgroups %s)", __version__, config.socket_path,
              core.mode.value)
     # Whether `systemctl restart` would kill the agents (systemd < 244): said now, once.
@@ -465,6 +472,15 @@ def main(config_path: Path | None, check_only: bool, halt_reason: str | None) ->
         click.echo(f"agent-supervisord: {exc.message}", err=True)
         sys.exit(exc.exit_status)
     setup_logging(config.daemon.log_level)
+    # One daemon per state and runtime directory (daemon/instance.py), taken before anything
+    # else is touched; held to the process's exit.
+    try:
+        instance = InstanceLock.acquire(config)
+    except DaemonRunning as exc:
+        detail = {k: v for k, v in exc.detail.items() if k != "hint"}
+        log.critical("%s: %s %s; hint: %s", exc.code, exc.message,
+                     json.dumps(detail, sort_keys=True), exc.hint)
+        sys.exit(exc.exit_status)
     # Before any child exists: systemd's variables leave the environment here.
     notifier = Notifier()
     block_halt_signal()  # done by entry.py already; again for a caller of main() alone
@@ -476,10 +492,11 @@ def main(config_path: Path | None, check_only: bool, halt_reason: str | None) ->
                          config.kill.confirm_timeout)
     signals.start()
     try:
-        code = asyncio.run(serve(config, notifier, config_path, signals))
+        code = asyncio.run(serve(config, notifier, config_path, signals, instance))
     except SupervisorError as exc:
         log.critical("%s: %s", exc.code, exc.message)
         code = exc.exit_status
     finally:
         signals.close()
+        instance.release()  # last: the handover is with the watchdog and the state closed
     sys.exit(code)

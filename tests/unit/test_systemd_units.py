@@ -174,6 +174,20 @@ def test_a_restart_is_told_from_a_stop_by_its_signal_and_restarts_on_its_status(
     assert str(EXIT_RESTART) not in one(unit, "Service", "RestartPreventExitStatus").split()
 
 
+def test_a_start_refused_by_the_single_instance_lock_is_not_restarted() -> None:
+    """Audit F15: the lock's refusal has a status of its own, which the unit neither counts a
+    success nor restarts on (a loop that hits the start limit), unlike a handover's."""
+    from supervisor.daemon.main import EXIT_RESTART
+    from supervisor.errors import DaemonRunning
+
+    unit = parse_unit(UNIT.read_text())
+    assert DaemonRunning.exit_status != EXIT_RESTART
+    assert str(DaemonRunning.exit_status) in one(unit, "Service",
+                                                 "RestartPreventExitStatus").split()
+    assert str(DaemonRunning.exit_status) not in one(unit, "Service",
+                                                     "SuccessExitStatus").split()
+
+
 def test_unit_directories_match_the_daemon_defaults() -> None:
     unit = parse_unit(UNIT.read_text())
     daemon = Config().daemon
