@@ -17,7 +17,11 @@ While no daemon holds them the watchdog keeps them contained and killable: SIGUS
 the HALT file kills every agent, and so does the end of `[daemon] adopt_window` with no new
 daemon; each is recorded for the next daemon's audit (`watchdog_kill`). A run that cannot be
 handed over whole (not yet running) is killed through the kill path first; a run that cannot
-be adopted whole is audited (`adopt`, outcome failed:...) and reaped.
+be adopted whole is audited (`adopt`, outcome failed:...) and reaped. Adoption is all or
+nothing per run: the checks hold nothing of a run they refuse, and a failure while taking a
+run that passed them (`_take`, TAKE_STAGES) either lets go of all it took before the run was
+registered (reaped then like any run not adopted) or, once registered, kills it through the
+kill path; both are `adopt failed:adopt_incomplete` with the stage and the error.
 
 A docker run needs no descriptor: its container is the engine's (containerd's shim is its
 init's parent, not the daemon), so it runs on across the restart, in the run's cgroup
@@ -61,6 +65,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,7 +81,7 @@ from supervisor.models.tripwire import TripwireRule
 from supervisor.profiles import Profile, load_profile
 from supervisor.runtime.base import NotAdopted, RunParams
 from supervisor.runtime.engine_log import LogCursor
-from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT
+from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT, OutputRecorder
 from supervisor.runtime.sandboxed import RuncRunHandle, RuncRuntime
 from supervisor.sandbox import proc_exits
 from supervisor.sandbox.cgroups import Cgroup
@@ -98,6 +103,7 @@ if TYPE_CHECKING:
     from supervisor.daemon.core import Core
     from supervisor.daemon.egress import RunNetwork
     from supervisor.runtime.containerized import DockerRunHandle, DockerRuntime
+    from supervisor.runtime.docker_api import OutputStream
 
 log = logging.getLogger(__name__)
 
@@ -448,7 +454,6 @@ async def adopt(core: Core) -> Adoption | None:
     exits, result.exit_events = _take_exit_events(handover, fds, used)
     for entry in handover["runs"]:
         mine = [*_output_fd(entry), *entry["seccomp_fds"]]
-        owned = [fds[i] for i in mine]
         used.update(mine)
         # The stdio MCP servers' ends: the gateway's adoption duplicates what it takes.
         used.update(stdio := _stdio_fds(entry))
@@ -466,7 +471,9 @@ async def adopt(core: Core) -> Adoption | None:
                     with contextlib.suppress(OSError):
                         os.close(fds[index])
         except NotAdopted as exc:
-            for fd in owned:
+            # Those still this daemon's: one the run's output or the seccomp listener took
+            # (a run adopted only in part, then killed) is -1, closed by whoever took it.
+            for fd in (fds[i] for i in mine if fds[i] >= 0):
                 with contextlib.suppress(OSError):
                     os.close(fd)
             row = {"run": run_id, "error": str(exc)}
@@ -643,11 +650,49 @@ def _stdio_fds(entry: dict[str, Any], n: int = 0) -> list[int]:
     return [server.get("fd") for server in stdio]
 
 
+@dataclass
+class _Claim:
+    """What the checks of a handed-over run found whole and took hold of: its init's pidfd,
+    its held cgroup, a docker run's log stream, a gateway run's restored session. `_take`
+    makes it this daemon's run, or lets go of all of it."""
+
+    run: RunRecord
+    profile: Profile
+    tripwires: list[TripwireRule]
+    runtime: str
+    runtime_state: str
+    pid: int
+    pidfd: int
+    cgroup: Cgroup
+    cursor: LogCursor
+    output_fd: int | None = None  # the index of a runc run's output pipe among the fds
+    runc: RuncRuntime | None = None
+    docker: DockerRuntime | None = None
+    stream: OutputStream | None = None
+    network: RunNetwork | None = None
+
+
+# A failure after the checks, at any of these stages of `_take`, leaves no run half adopted:
+# before the run is registered (output, handle) what was taken is let go and the run is reaped
+# as one not adopted; from its registration on it is killed through the kill path.
+TAKE_STAGES = ("output", "handle", "register", "seccomp", "telemetry", "tripwires",
+               "containment", "exit watch", "timeout", "account")
+
+
 async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
                      exits: ExitEvents | None, exits_note: str) -> dict[str, Any]:
     """Check the run is whole, then take it: runtime state, cgroup, init pidfd, output,
     seccomp fds, observers, exit watching, the execution window. NotAdopted if any part is
-    missing; nothing of it is registered then."""
+    missing (nothing of it is registered then) or if taking it failed part way (then it is
+    killed through the kill path, `adopt_incomplete` with the stage and the error). A
+    descriptor this daemon took into a run's output or seccomp listener is set to -1 in
+    `fds`: the caller closes only those still its own."""
+    claim = await _claim(core, entry, fds)
+    return await _take(core, claim, entry, fds, exits, exits_note)
+
+
+async def _claim(core: Core, entry: dict[str, Any], fds: list[int]) -> _Claim:
+    """The checks: NotAdopted unless every part of the run is there; nothing is held then."""
     arbiter, config = core.arbiter, core.config
     run_id = str(entry.get("run_id"))
     run = core.store.run(run_id)
@@ -722,64 +767,167 @@ async def _adopt_run(core: Core, entry: dict[str, Any], fds: list[int],
         if stream is not None:
             stream.close()
         raise
-    output = core.outputs.resume(run.id, Path(run.log_path), profile,
-                                 None if docker is not None else fds[int(output_fd or 0)],
-                                 int(entry.get("produced", 0)), int(entry.get("recorded", 0)))
-    params = RunParams(
-        run_id=run.id, agent=run.agent, container_id=run.container_id, netns=run.netns,
-        cgroup=run.cgroup, bundle=Path(run.bundle), log_path=Path(run.log_path),
-        profile=profile, command=run.command, uid_slot=run.uid_slot, workspace=run.workspace,
-        network=network, runtime=runtime)
-    handle: RuncRunHandle | DockerRunHandle
-    if docker is not None:
-        assert stream is not None
-        handle = docker.adopted(params, pid, pidfd, output, cursor, stream)
-        handle.cgroup = cgroup
-        if exits is not None:
-            exits.forget(pid)  # its status is the engine's (DockerRunHandle.wait_exit)
-        exit_status = "from the engine once its init's pidfd says it ended"
-    else:
-        assert isinstance(runc, RuncRuntime)
-        handle = RuncRunHandle(runc, params, pid, pidfd, output)
-        handle.cgroup = cgroup
-        handle.exits = exits
-        if exits is None:
-            handle.exit_unknown = f"the previous daemon handed over no exit events: {exits_note}"
-        exit_status = "from the kernel's process exit events" if exits is not None \
-            else f"from its init's pidfd ({handle.exit_unknown})"
-    live = LiveRun(record=run, handle=handle, profile=profile, tripwires=tripwires,
-                   adopted=True)
-    live.ready.set()
-    arbiter.live[run.id] = live
-    seccomp = 0
-    if core.seccomp is not None:
-        for index in entry.get("seccomp_fds", []):
-            with contextlib.suppress(ValueError, IndexError, TypeError):
-                core.seccomp.adopt(run.container_id, fds[index], pid)
-                seccomp += 1
-    carried = entry.get("carried")
-    carried = carried if isinstance(carried, dict) else {}
-    if isinstance(carried.get("telemetry"), dict):
-        core.telemetry.expect(run.id, carried["telemetry"])
-    arbiter.observers.run_started(run)  # tripwires armed, then telemetry
-    if isinstance(carried.get("containment"), dict):
-        core.containment.restore(run.id, carried["containment"])
-    live.watcher = arbiter._spawn(ending.watch(arbiter, live))
-    left: float | None = None
-    if run.timeout is not None:
-        left = max(0.0, run.started_at + run.timeout - time.time())
-        live.timeout_handle = asyncio.get_running_loop().call_later(
-            left, lambda: arbiter._spawn(ending.expire(arbiter, live, time.perf_counter())))
+    return _Claim(run=run, profile=profile, tripwires=tripwires, runtime=runtime,
+                  runtime_state=runtime_state, pid=pid, pidfd=pidfd, cgroup=cgroup,
+                  cursor=cursor, output_fd=output_fd if docker is None else None,
+                  runc=runc if isinstance(runc, RuncRuntime) and docker is None else None,
+                  docker=docker, stream=stream,
+                  network=network)
+
+
+async def _take(core: Core, claim: _Claim, entry: dict[str, Any], fds: list[int],
+                exits: ExitEvents | None, exits_note: str) -> dict[str, Any]:
+    """Make the claimed run this daemon's, all of it or none (TAKE_STAGES)."""
+    arbiter, run, pid, docker = core.arbiter, claim.run, claim.pid, claim.docker
+    stage = TAKE_STAGES[0]
+    output: OutputRecorder | None = None
+    handle: RuncRunHandle | DockerRunHandle | None = None
+    live: LiveRun | None = None
+    try:
+        output = core.outputs.resume(run.id, Path(run.log_path), claim.profile,
+                                     None if docker is not None else fds[int(claim.output_fd
+                                                                              or 0)],
+                                     int(entry.get("produced", 0)),
+                                     int(entry.get("recorded", 0)))
+        if claim.output_fd is not None:
+            fds[claim.output_fd] = -1  # the recorder's: it closes it when the drain ends
+        stage = "handle"
+        params = RunParams(
+            run_id=run.id, agent=run.agent, container_id=run.container_id, netns=run.netns,
+            cgroup=run.cgroup, bundle=Path(run.bundle), log_path=Path(run.log_path),
+            profile=claim.profile, command=run.command, uid_slot=run.uid_slot,
+            workspace=run.workspace, network=claim.network, runtime=claim.runtime)
+        if docker is not None:
+            assert claim.stream is not None
+            handle = docker.adopted(params, pid, claim.pidfd, output, claim.cursor,
+                                    claim.stream)
+            handle.cgroup = claim.cgroup
+            if exits is not None:
+                exits.forget(pid)  # its status is the engine's (DockerRunHandle.wait_exit)
+            exit_status = "from the engine once its init's pidfd says it ended"
+        else:
+            assert isinstance(claim.runc, RuncRuntime)
+            handle = RuncRunHandle(claim.runc, params, pid, claim.pidfd, output)
+            handle.cgroup = claim.cgroup
+            handle.exits = exits
+            if exits is None:
+                handle.exit_unknown = (f"the previous daemon handed over no exit events: "
+                                       f"{exits_note}")
+            exit_status = "from the kernel's process exit events" if exits is not None \
+                else f"from its init's pidfd ({handle.exit_unknown})"
+        stage = "register"
+        registered = LiveRun(record=run, handle=handle, profile=claim.profile,
+                             tripwires=claim.tripwires, adopted=True)
+        registered.ready.set()
+        arbiter.live[run.id] = live = registered  # from here on the kill path can end it
+        stage = "seccomp"
+        seccomp = 0
+        if core.seccomp is not None:
+            for index in entry.get("seccomp_fds", []):
+                with contextlib.suppress(ValueError, IndexError, TypeError):
+                    core.seccomp.adopt(run.container_id, fds[index], pid)
+                    fds[index] = -1  # the listener's now
+                    seccomp += 1
+        stage = "telemetry"
+        carried = entry.get("carried")
+        carried = carried if isinstance(carried, dict) else {}
+        if isinstance(carried.get("telemetry"), dict):
+            core.telemetry.expect(run.id, carried["telemetry"])
+        stage = "tripwires"
+        arbiter.observers.run_started(run)  # tripwires armed, then telemetry
+        stage = "containment"
+        if isinstance(carried.get("containment"), dict):
+            core.containment.restore(run.id, carried["containment"])
+        stage = "exit watch"
+        watching = ending.watch(arbiter, live)
+        try:
+            live.watcher = arbiter._spawn(watching)
+        except BaseException:
+            watching.close()  # never started: no coroutine left unawaited
+            raise
+        stage = "timeout"
+        left: float | None = None
+        if run.timeout is not None:
+            left = max(0.0, run.started_at + run.timeout - time.time())
+            ending_live = live
+            live.timeout_handle = asyncio.get_running_loop().call_later(
+                left, lambda: arbiter._spawn(ending.expire(arbiter, ending_live,
+                                                           time.perf_counter())))
+        stage = "account"
+        detail = _adopted_detail(claim, entry, output, seccomp, left, carried, exit_status)
+    except Exception as exc:
+        why = f"{stage}: {type(exc).__name__}: {exc}"
+        log.exception("run %s adopted only in part (at %s)", run.id, stage)
+        if live is None:
+            await _let_go(core, claim, output, handle)
+            raise NotAdopted("adopt_incomplete", f"not adopted: taking it failed at {why}; "
+                             f"let go whole, reaped as a run not adopted") from exc
+        await _kill_part_adopted(core, live, why)
+        raise NotAdopted("adopt_incomplete", f"adopted only in part (failed at {why}): "
+                         f"killed through the kill path") from exc
     log.info("adopted agent %s run %s (pid %d)", run.agent, run.id, pid)
-    return {"run": run.id, "pid": pid, "container": run.container_id, "cgroup": run.cgroup,
-            "runtime": runtime, "runtime_state": runtime_state,
+    return detail
+
+
+def _adopted_detail(claim: _Claim, entry: dict[str, Any], output: OutputRecorder,
+                    seccomp: int, left: float | None, carried: dict[str, Any],
+                    exit_status: str) -> dict[str, Any]:
+    """The `adopt` row's detail of a run taken whole."""
+    run = claim.run
+    return {"run": run.id, "pid": claim.pid, "container": run.container_id,
+            "cgroup": run.cgroup, "runtime": claim.runtime,
+            "runtime_state": claim.runtime_state,
             "output": {"produced": output.produced, "recorded": output.recorded,
-                       **({"since": cursor.as_wire()} if docker is not None else {})},
+                       **({"since": claim.cursor.as_wire()}
+                          if claim.docker is not None else {})},
             "seccomp_fds": seccomp, "timeout_left_s": left,
-            **({"gateway": _gateway_adopted(entry["gateway"])} if network is not None else {}),
+            **({"gateway": _gateway_adopted(entry["gateway"])}
+               if claim.network is not None else {}),
             "carried": {"telemetry": isinstance(carried.get("telemetry"), dict),
                         "tripwires": (carried.get("containment") or {}).get("tripwires")},
             "exit_status": exit_status}
+
+
+async def _let_go(core: Core, claim: _Claim, output: OutputRecorder | None,
+                  handle: RuncRunHandle | DockerRunHandle | None) -> None:
+    """A run that failed before it was registered: give back all that its claim took, so
+    that reconcile reaps it (killed through its cgroup, runtime state, network) as any run
+    not adopted. Each step is tried whatever the one before did."""
+    steps: list[tuple[str, Callable[[], object]]] = []
+    if output is not None:
+        steps.append(("output", output.abort))  # the drain ends, closing the pipe
+    elif claim.stream is not None:
+        steps.append(("log stream", claim.stream.close))
+    if handle is not None:  # it holds the pidfd and the cgroup now
+        steps.append(("handle", handle.release))
+    else:
+        steps.append(("pidfd", lambda: os.close(claim.pidfd)))
+        steps.append(("cgroup", claim.cgroup.release))
+    if claim.network is not None and core.egress is not None:
+        egress = core.egress
+        steps.append(("gateway session", lambda: egress.run_ended(claim.run.id)))
+    for what, step in steps:
+        try:
+            result = step()
+            if asyncio.iscoroutine(result):
+                await result
+        except Exception:
+            log.exception("run %s: letting go of its %s failed", claim.run.id, what)
+
+
+async def _kill_part_adopted(core: Core, live: LiveRun, why: str) -> None:
+    """A run registered but not taken whole: killed through the kill path (its tokens
+    revoked, its cgroup killed and confirmed empty, its network torn down, audited), then
+    cleaned up, before reconcile looks at what is left."""
+    run_id = live.record.id
+    try:
+        await _kill(core, [run_id], f"not adopted whole at the restart ({why})")
+        with contextlib.suppress(TimeoutError):
+            await core.arbiter.settled(run_id, 2 * core.config.kill.confirm_timeout)
+    except Exception:
+        # The run stays registered, its kill the arbiter's to finish: reconcile leaves a
+        # registered run alone, and no other start can take it.
+        log.exception("run %s: the kill of a run adopted only in part failed", run_id)
 
 
 async def _adopt_gateway(core: Core, run: RunRecord, profile: Profile,
