@@ -508,6 +508,73 @@ def test_restart_with_streams_attached_keeps_their_agents(machine: Machine) -> N
     machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
 
 
+CONFIG = "/etc/agent-supervisor/daemon.toml"
+DAEMON = "/opt/agent-supervisor/venv/bin/agent-supervisord"
+
+
+def watchdog_pids(machine: Machine) -> set[int]:
+    return {int(pid) for tree in LAYOUT.tracking for pid in machine.run(
+        "cat", f"{tree}/{WATCHDOG_CGROUP}/cgroup.procs").stdout.split()}
+
+
+def test_a_daemon_started_by_hand_while_the_service_runs_is_refused(machine: Machine) -> None:
+    """Audit F15: a second agent-supervisord on the service's configuration exits 69 at once,
+    naming the service's pid; the service's daemon, watchdog and agent are untouched, and
+    --check-config and --halt's config reading still work beside it."""
+    name = "beside-a-second-daemon"
+    start_agent(machine, name)
+    pid, watchdogs = main_pid(machine), watchdog_pids(machine)
+    agents = set(agent_pids(machine))
+    second = machine.run(DAEMON, check=False, timeout=120)
+    assert second.returncode == 69, second
+    assert "daemon_already_running" in second.stderr and f"pid {pid}" in second.stderr, second
+    assert main_pid(machine) == pid and watchdog_pids(machine) == watchdogs
+    assert agents <= set(agent_pids(machine))
+    assert machine.run(DAEMON, "--check-config", check=False).returncode == 0
+    assert agent_view(machine, name)["state"] == "active"
+    machine.run(AGENTCTL, "kill", name, "--reason", "test done")
+    machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
+
+
+def test_a_restart_onto_a_bad_config_keeps_the_handed_over_agents(machine: Machine) -> None:
+    """Audit F6: a broken daemon.toml written before `systemctl restart`: the next daemon
+    exits 78 and the unit fails, but /run/agent-supervisor stays (RuntimeDirectoryPreserve=
+    yes) with handover.sock and the agent's runc state, the agent runs on held by the
+    watchdog, and a start on the fixed config within the window adopts it: no run is left
+    `running` with its processes gone, none is lost."""
+    name = "across-a-bad-restart"
+    start_agent(machine, name)
+    run = agent_view(machine, name)["run"]
+    config = machine.run("cat", CONFIG).stdout
+    put(machine, CONFIG, config + "\n[no_such_section]\nkey = 1\n")
+    try:
+        failed = machine.run("systemctl", "restart", UNIT, check=False, timeout=180)
+        assert failed.returncode != 0, failed
+        machine.wait_for("the unit to fail", lambda: machine.unit(
+            "ActiveState", "ExecMainStatus") == {"ActiveState": "failed",
+                                                 "ExecMainStatus": "78"}, timeout=120)
+        # What the next daemon needs to adopt the agent is still there, and so is the agent.
+        machine.run("test", "-S", "/run/agent-supervisor/handover.sock")
+        machine.run("test", "-d", f"/run/agent-supervisor/runc/as-{run['id']}")  # name_prefix
+        assert run["pid"] in agent_pids(machine)
+        assert len(watchdog_pids(machine)) == 1
+    finally:
+        put(machine, CONFIG, config)
+    machine.run("systemctl", "start", UNIT, timeout=180)
+    wait_active(machine)
+    after = agent_view(machine, name)
+    assert after["state"] == "active", after
+    assert after["run"]["id"] == run["id"] and after["run"]["pid"] == run["pid"], after
+    rows = audit_rows(machine)
+    adopted = next(r for r in rows if r["verb"] == "adopt")
+    assert adopted["outcome"] == "ok" and adopted["detail"]["run"] == run["id"], adopted
+    assert not any(r["verb"] in ("reap", "watchdog_kill") and (
+        name in json.dumps(r) or run["id"] in json.dumps(r)) for r in rows)
+    machine.run(AGENTCTL, "kill", name, "--reason", "test done")
+    machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
+    assert agent_view(machine, name)["run"]["state"] == "killed"
+
+
 GATE = "/run/as-test-gate"
 GATE_DROP_IN = "/etc/systemd/system/agent-supervisor.service.d/gate.conf"
 HALT_FILE = "/run/agent-supervisor/HALT"

@@ -193,6 +193,9 @@ def test_unit_directories_match_the_daemon_defaults() -> None:
     daemon = Config().daemon
     assert Path("/run", one(unit, "Service", "RuntimeDirectory")) == daemon.runtime_dir
     assert one(unit, "Service", "RuntimeDirectoryMode") == RUNTIME_DIR_MODE
+    # Audit F6: a restart whose next daemon fails (exit 78) must not delete the handover
+    # socket and the runc state of the agents the watchdog holds (uninstall removes it).
+    assert one(unit, "Service", "RuntimeDirectoryPreserve") == "yes"
     assert Path("/var/lib", one(unit, "Service", "StateDirectory")) == daemon.state_dir
     assert one(unit, "Service", "StateDirectoryMode") == "0700"
     config_dir = Path("/etc", one(unit, "Service", "ConfigurationDirectory"))
