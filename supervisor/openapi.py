@@ -189,7 +189,11 @@ def openapi_document() -> dict[str, Any]:
                                "start with the last N lines of the output"),
                         _query("since", {"type": "number", "minimum": 0, "maximum": 1e11},
                                "start with what arrived at or after this Unix time (seconds; "
-                               "with tail: the last N lines of that)")],
+                               "with tail: the last N lines of that)"),
+                        _query("offset", {"type": "integer", "minimum": 0, "maximum": 2**53},
+                               "start at this byte of the output (instead of tail and since): "
+                               "where an earlier answer stopped, its X-Log-Offset plus the "
+                               "bytes read; a follow stream ended by a restart names it")],
                 errors=(*_RUN_REF, "logs_expired"))},
             "/v1/runs/{ref}/telemetry": {"get": _op(
                 "getRunTelemetry", "runs", "a run's recent samples and its summary",

@@ -38,8 +38,11 @@ if TYPE_CHECKING:  # the shapes are types only: agentctl's start does not build 
         TelemetryView,
     )
 
-# The header naming a follow stream's end mark (supervisor/api/server.py, FollowStreams).
+# The header naming a follow stream's end mark (supervisor/api/server.py, FollowStreams),
+# and the one saying at which byte of the run's output an answer of GET .../logs starts.
 STREAM_END_HEADER = "X-Stream-End"
+LOG_OFFSET_HEADER = "X-Log-Offset"
+_ENDINGS = ("restarting", "stopping")
 
 # A request body: one of the request shapes (supervisor/api/shapes.py), sent as JSON.
 Body = Mapping[str, object]
@@ -117,20 +120,27 @@ class Client:
             raise _error_from(decoded, resp.status)
         return decoded
 
-    def stream(self, path: str) -> Iterator[bytes]:
+    def stream(self, path: str, where: dict[str, int] | None = None) -> Iterator[bytes]:
         """The body as it arrives. A follow stream the daemon ends before the run did (it is
-        restarting or stopping) raises StreamEnded with the daemon's notice, after the
-        notice's leading newline when the output stopped mid-line."""
+        restarting or stopping) raises StreamEnded with the daemon's notice (detail: why,
+        run, midline). `where["offset"]`, when given, is kept at the byte of the run's
+        output that comes next."""
         resp = self._open("GET", path, timeout=None)
         try:
             if resp.status >= 400:
                 raise _error_from(_loads(resp.read() or b"null"), resp.status)
+            if where is not None:
+                where["offset"] = int(resp.headers.get(LOG_OFFSET_HEADER.lower()) or 0)
             # api/server.py FollowStreams: the notice is one chunk ending with this mark.
             mark = resp.headers.get(STREAM_END_HEADER.lower(), "").encode("latin-1")
-            end = b" [end " + mark + b"]\n"
+            ends = {b" [" + why.encode() + b" " + mark + b"]\n": why for why in _ENDINGS}
             for chunk in resp.iter_body():
-                if mark and chunk.endswith(end):
-                    yield from _stream_ended(chunk[:-len(end)], self.socket_path)
+                for end, why in ends.items() if mark else ():
+                    if chunk.endswith(end):
+                        raise _stream_ended(chunk[:-len(end)], why, resp.headers,
+                                            self.socket_path)
+                if where is not None:
+                    where["offset"] += len(chunk)
                 yield chunk
         finally:
             resp.close()
@@ -172,11 +182,16 @@ class Client:
         return cast("RunView", self.request("GET", f"/v1/runs/{_quote(ref)}"))
 
     def logs(self, ref: str, follow: bool = False, tail: int | None = None,
-             since: float | None = None) -> Iterator[bytes]:
+             since: float | None = None, offset: int | None = None,
+             where: dict[str, int] | None = None) -> Iterator[bytes]:
+        """A run's output (`offset`: from that byte on, instead of tail and since); `where`
+        as in `stream`."""
         query = f"follow={'1' if follow else '0'}" + (f"&tail={tail}" if tail is not None else "")
         if since is not None:
             query += f"&since={since:.3f}"
-        return self.stream(f"/v1/runs/{_quote(ref)}/logs?{query}")
+        if offset is not None:
+            query += f"&offset={offset}"
+        return self.stream(f"/v1/runs/{_quote(ref)}/logs?{query}", where)
 
     def telemetry(self, ref: str, limit: int = 20) -> TelemetryView:
         return cast("TelemetryView", self.request(
@@ -229,12 +244,12 @@ class Client:
         return cast("AuditVerifyResult", self.request("GET", "/v1/audit/verify"))
 
 
-def _stream_ended(notice: bytes, socket_path: str) -> Iterator[bytes]:
-    """The output's last newline, if the notice carries one, then StreamEnded with its text."""
-    if notice.startswith(b"\n"):
-        yield b"\n"
+def _stream_ended(notice: bytes, why: str, headers: Mapping[str, str], socket_path: str
+                  ) -> StreamEnded:
+    """The daemon's notice as StreamEnded; `midline`: the output stopped inside a line."""
     text = notice.strip().decode("utf-8", errors="replace").removeprefix("agent-supervisor: ")
-    raise StreamEnded(text, socket=socket_path)
+    return StreamEnded(text, why=why, run=headers.get("x-run-id", ""),
+                       midline=notice.startswith(b"\n"), socket=socket_path)
 
 
 def _loads(data: bytes) -> JSON:

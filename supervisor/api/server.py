@@ -24,7 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from supervisor import __version__
-from supervisor.api.client import STREAM_END_HEADER
+from supervisor.api.client import LOG_OFFSET_HEADER, STREAM_END_HEADER
 from supervisor.api.listener import ADMISSION, VERBS_FIRST, VerbsFirst, verb_first
 from supervisor.api.peers import peer_actor_of
 from supervisor.audit import AuditLog
@@ -177,6 +177,7 @@ ACTOR = web.RequestKey("actor", Actor)
 ARRIVED = web.RequestKey("arrived", float)
 PEER_ROLES = web.RequestKey("roles", frozenset)
 _LOG_CHUNK = 65536
+LOG_OFFSET_MAX = 2**53
 _LOG_POLL = 0.05
 # Deeper JSON than any request model has is refused before it is parsed.
 JSON_DEPTH_MAX = 32
@@ -224,8 +225,8 @@ LOAD = web.AppKey("load", Load)
 # A follow stream's end mark (STREAM_END_HEADER): a token only the stream's reader sees, so no
 # agent output can pass for the daemon's end notice.
 _STREAM_ENDINGS = {
-    "restarting": "the daemon is restarting; run {run} keeps running: follow it again with "
-                  "'agentctl logs -f {run}' once the daemon is back",
+    "restarting": "the daemon is restarting; run {run} keeps running: follow it again from "
+                  "offset {offset} ('agentctl logs -f {run}') once the daemon is back",
     "stopping": "the daemon is stopping and kills every agent, run {run} among them; "
                 "'agentctl logs {run}' shows its output once the daemon is back",
 }
@@ -249,9 +250,11 @@ class FollowStreams:
         return self.open
 
     @staticmethod
-    def notice(why: str, run: str, mark: str) -> bytes:
-        text = _STREAM_ENDINGS[why].format(run=run)
-        return f"agent-supervisor: {text} [end {mark}]\n".encode()
+    def notice(why: str, run: str, mark: str, offset: int) -> bytes:
+        """The last line: why, the run, where its output stopped (`offset`: the byte to go
+        on from, GET .../logs?follow=1&offset=N), then `[why mark]`."""
+        text = _STREAM_ENDINGS[why].format(run=run, offset=offset)
+        return f"agent-supervisor: {text} [{why} {mark}]\n".encode()
 
 
 FOLLOW_STREAMS = web.AppKey("follow_streams", FollowStreams)
@@ -657,18 +660,25 @@ async def run_logs(request: web.Request) -> web.StreamResponse:
     # The query is checked before the answer starts: an error after it would be read as output.
     tail = None if "tail" not in request.query else _query_int(request, "tail", 0, 0, 100_000)
     since = None if "since" not in request.query else _query_time(request, "since")
-    headers = {"Content-Type": "text/plain; charset=utf-8", "X-Run-Id": record.id}
+    start = (None if "offset" not in request.query
+             else _query_int(request, "offset", 0, 0, LOG_OFFSET_MAX))
+    path = Path(record.log_path)
+    offset = 0 if tail is None else await asyncio.to_thread(tail_offset, path, tail)
+    if since is not None:
+        # --tail N --since T: the last N lines of what arrived since T.
+        offset = max(offset, await asyncio.to_thread(since_offset, path, since))
+    if start is not None:  # where an earlier stream of this run stopped (a restart)
+        offset = start
+    # Where this answer starts in the run's output, so a follower can go on from where it
+    # stopped (offset=) after a restart ended its stream.
+    headers = {"Content-Type": "text/plain; charset=utf-8", "X-Run-Id": record.id,
+               LOG_OFFSET_HEADER: str(offset)}
     streams = request.app[FOLLOW_STREAMS]
     mark = secrets.token_hex(16)
     if follow:
         headers[STREAM_END_HEADER] = mark
     response = web.StreamResponse(headers=headers)
     await response.prepare(request)
-    path = Path(record.log_path)
-    offset = 0 if tail is None else await asyncio.to_thread(tail_offset, path, tail)
-    if since is not None:
-        # --tail N --since T: the last N lines of what arrived since T.
-        offset = max(offset, await asyncio.to_thread(since_offset, path, since))
     last = b"\n"
     streams.open += int(follow)
     try:
@@ -688,7 +698,7 @@ async def run_logs(request: web.Request) -> web.StreamResponse:
                 # chunk, so the client finds the mark whole; the line's own newline first
                 # when the output stopped mid-line.
                 await response.write((b"" if last == b"\n" else b"\n")
-                                     + streams.notice(streams.ending, record.id, mark))
+                                     + streams.notice(streams.ending, record.id, mark, offset))
                 break
             if not follow or ended:
                 break

@@ -23,6 +23,7 @@ from supervisor.cli.completion import complete_agent, complete_class
 from supervisor.cli.embedded import exec_runner, run_body
 from supervisor.cli.embedded import spec as embedded_spec
 from supervisor.cli.fast import DEFAULT_SOCKET, SOCKET_ENV
+from supervisor.cli.follow import follow as follow_output
 from supervisor.cli.lazy import LazyGroup
 from supervisor.cli.output import ago as _ago
 from supervisor.cli.output import emit_json as _emit_json
@@ -233,9 +234,10 @@ def run(name: str | None, agent_class: str | None, profile: str | None,
     In the foreground the agent's output is streamed and agentctl exits with the agent's
     status (137 when it was killed). A run that does not start exits as `docker run` does:
     125 the supervisor could not start it, 126 the command cannot be executed, 127 it is not
-    found. Ctrl-C stops the agent (SIGTERM, then the kill path). A daemon that restarts
-    under it ends the stream with one line and exit status 75: the agent runs on (follow it
-    again with 'agentctl logs -f'); 75 too when the daemon stops (it kills every agent).
+    found. Ctrl-C stops the agent (SIGTERM, then the kill path). Through a restart of the
+    daemon the agent runs on and agentctl says so on one line and follows it again once the
+    daemon is back; it exits 75 when the daemon stops (killing every agent) or is not back
+    within 120 s.
     Embedded runs exit 80 killed, 81 tripwire, 82 timeout, 83 scope violation, 84 supervisor
     error, else the agent's own status."""
     body = run_body(command, name=name, agent_class=agent_class, profile=profile,
@@ -289,9 +291,9 @@ def _follow(client: Client, view: RunView, as_json: bool) -> int:
     previous = signal.signal(signal.SIGINT, on_interrupt)
     previous_term = signal.signal(signal.SIGTERM, on_interrupt)
     try:
-        _write_stream(client.logs(view["id"], follow=True), out)
-    except StreamEnded as exc:  # the daemon is restarting (the agent runs on) or stopping
-        return _stream_ended(exc, as_json)
+        _write_stream(follow_output(client, view["id"], told=_following_again), out)
+    except StreamEnded as exc:  # the daemon stopped, or was not back in time
+        return _stream_ended(exc, as_json, out)
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
@@ -316,12 +318,24 @@ def _write_stream(chunks: Iterator[bytes], out: BinaryIO) -> None:
         out.flush()
 
 
-def _stream_ended(exc: StreamEnded, as_json: bool) -> int:
-    """A follow stream the daemon ended before the run did: its notice on one line (the error
-    body with --json), and exit status 75; the agent runs on when the daemon restarts."""
+def _following_again(exc: StreamEnded, seconds: float) -> None:
+    """A restart ended the stream: said on one line, then the output goes on from where it
+    stopped once the next daemon answers (Client.follow)."""
+    click.echo(f"agentctl: the daemon is restarting; run {exc.detail.get('run')} keeps "
+               f"running: following it again once the daemon is back (up to {seconds:g}s)",
+               err=True)
+
+
+def _stream_ended(exc: StreamEnded, as_json: bool, out: BinaryIO | None) -> int:
+    """A follow stream that ended before the run did, for good (the daemon stopped, or was
+    not back in time after a restart): the daemon's notice on one line (the error body with
+    --json), and exit status 75."""
     if as_json:
         _emit_json(exc.to_body())
     else:
+        if out is not None and exc.detail.get("midline"):
+            out.write(b"\n")
+            out.flush()
         click.echo(f"agentctl: {exc.message}", err=True)
     return exc.exit_status
 
@@ -453,20 +467,22 @@ def logs(ref: str, follow: bool, tail: int | None, since: float | None, as_json:
     """Print the output of an agent's current or last run (REF: agent name or run id).
 
     With --json, one object {run, agent, state, exit_code, output} once the output is read
-    (with -f, once the run has ended). With -f, a daemon that restarts or stops ends the
-    stream with one line saying so and exit status 75 (a restart keeps the agent running)."""
+    (with -f, once the run has ended). With -f, a restart of the daemon is said on one line
+    and the output followed again from where it stopped once the daemon is back; a stop of
+    the daemon, or none back within 120 s, ends it with one line and exit status 75."""
     client = _client()
+    chunks = (follow_output(client, ref, tail=tail, since=since, told=_following_again)
+              if follow else client.logs(ref, tail=tail, since=since))
     if not as_json:
         try:
-            _write_stream(client.logs(ref, follow=follow, tail=tail, since=since),
-                          sys.stdout.buffer)
+            _write_stream(chunks, sys.stdout.buffer)
         except StreamEnded as exc:
-            sys.exit(_stream_ended(exc, as_json))
+            sys.exit(_stream_ended(exc, as_json, sys.stdout.buffer))
         return
     try:
-        output = b"".join(client.logs(ref, follow=follow, tail=tail, since=since))
+        output = b"".join(chunks)
     except StreamEnded as exc:
-        sys.exit(_stream_ended(exc, as_json))
+        sys.exit(_stream_ended(exc, as_json, None))
     run_view = client.get_run(ref)
     _emit_json({"run": run_view["id"], "agent": run_view["agent"], "state": run_view["state"],
                 "exit_code": run_view["exit_code"],

@@ -13,8 +13,9 @@ _EXIT_STATUSES = [
     ("6", "invalid input (including a missing --reason)"), ("7", "daemon unavailable"),
     ("10", "enforcement failed"), ("11", "kill not confirmed by the kernel"),
     ("12", "drill failed"), ("13", "disk space low"),
-    ("75", "run (foreground) or logs -f: the daemon ended the stream because it is restarting "
-     "(the agent runs on; follow it again with logs -f) or stopping"),
+    ("75", "run (foreground) or logs -f: the stream ended because the daemon stopped, or "
+     "restarted and was not back within 120 s (through a restart they follow on by "
+     "themselves)"),
     ("78", "configuration invalid"),
     ("80-84", "an embedded run (run --embedded) was killed (80), tripped a tripwire (81), "
      "timed out (82), changed files out of scope (83), or could not be supervised to the end "

@@ -462,38 +462,50 @@ def attach(machine: Machine, out: Path, *args: str) -> subprocess.Popen[bytes]:
 
 def test_restart_with_streams_attached_keeps_their_agents(machine: Machine) -> None:
     """`systemctl restart` while `agentctl logs -f` follows one agent and a foreground
-    `agentctl run` another: both are told at once that the daemon is restarting (one line,
-    exit 75), the old daemon hands both agents over and records its stop before systemd's
-    TimeoutStopSec, and the next daemon adopts them. (Before, the daemon waited for the
-    streams into systemd's SIGKILL, which killed the agents with no handover.)"""
+    `agentctl run` another: both are told at once that the daemon is restarting (one line),
+    the old daemon hands both agents over and records its stop before systemd's
+    TimeoutStopSec, the next daemon adopts them, and both clients follow their agent again
+    from where they stopped. (Before, the daemon waited for the streams into systemd's
+    SIGKILL, which killed the agents with no handover.)"""
     followed, foreground = "followed-across-restart", "foreground-across-restart"
     machine.run(AGENTCTL, "run", "--detach", "--name", followed, "--", "/bin/sh", "-c",
                 TICKER)
     with tempfile.TemporaryDirectory() as tmp:
-        follow = attach(machine, Path(tmp) / "follow", "logs", "-f", followed)
-        run = attach(machine, Path(tmp) / "run", "run", "--name", foreground, "--",
-                     "/bin/sh", "-c", TICKER)
+        outs = {name: Path(tmp) / name for name in ("follow", "run")}
+
+        def printed(name: str) -> list[int]:
+            text = outs[name].with_suffix(".out").read_text()
+            return [int(line[5:]) for line in text.splitlines() if line.startswith("tick-")]
+
+        follow = attach(machine, outs["follow"], "logs", "-f", followed)
+        run = attach(machine, outs["run"], "run", "--name", foreground, "--", "/bin/sh", "-c",
+                     TICKER)
         try:
-            for out in ("follow", "run"):
-                machine.wait_for(f"{out}'s output", lambda out=out: "tick-3" in (
-                    Path(tmp) / f"{out}.out").read_text(), timeout=60)
+            for name in outs:
+                machine.wait_for(f"{name}'s output", lambda name=name: len(printed(name)) >= 3,
+                                 timeout=60)
             kept = agent_view(machine, followed)["run"]
             run_view = restart_keeping(machine, foreground)
-            assert follow.wait(60) == 75 and run.wait(60) == 75
+            seen = {name: len(printed(name)) for name in outs}
+            for name in outs:
+                machine.wait_for(f"{name} to follow again", lambda name=name: len(
+                    printed(name)) > seen[name] + 3, timeout=60)
+            for name in (followed, foreground):
+                machine.run(AGENTCTL, "kill", name, "--reason", "test done")
+            assert follow.wait(60) == 0 and run.wait(60) == 137
         finally:
             for client in (follow, run):
                 if client.poll() is None:
                     client.kill()
                     client.wait()
-        for out, view in (("follow", kept), ("run", run_view)):
-            lines = (Path(tmp) / f"{out}.err").read_text().splitlines()
-            assert lines == [f"agentctl: the daemon is restarting; run {view['id']} keeps "
-                             f"running: follow it again with 'agentctl logs -f {view['id']}' "
-                             f"once the daemon is back"], lines
-            assert "tick-1\ntick-2\ntick-3\n" in (Path(tmp) / f"{out}.out").read_text()
-    after = agent_view(machine, followed)
-    assert after["state"] == "active", after
-    assert after["run"]["id"] == kept["id"] and after["run"]["pid"] == kept["pid"]
+        for name, view in (("follow", kept), ("run", run_view)):
+            lines = outs[name].with_suffix(".err").read_text().splitlines()
+            assert lines[0] == (f"agentctl: the daemon is restarting; run {view['id']} keeps "
+                                f"running: following it again once the daemon is back (up "
+                                f"to 120s)"), lines
+            assert len(lines) == (1 if name == "follow" else 2), lines
+            ticks_seen = printed(name)  # nothing lost or shown twice across the restart
+            assert ticks_seen == list(range(1, len(ticks_seen) + 1)), ticks_seen
     rows = audit_rows(machine)
     handover = next(r for r in rows if r["verb"] == "daemon_handover")
     assert {r["run_id"] for r in handover["detail"]["runs"]} == {kept["id"], run_view["id"]}
@@ -503,8 +515,6 @@ def test_restart_with_streams_attached_keeps_their_agents(machine: Machine) -> N
     adopted = {r["detail"]["run"] for r in rows if r["verb"] == "adopt"
                and r["outcome"] == "ok" and r["seq"] > handover["seq"]}
     assert adopted == {kept["id"], run_view["id"]}, adopted
-    for name in (followed, foreground):
-        machine.run(AGENTCTL, "kill", name, "--reason", "test done")
     machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
 
 

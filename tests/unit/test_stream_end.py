@@ -20,12 +20,13 @@ from click.testing import CliRunner
 from supervisor.api import listener as listener_module
 from supervisor.api.client import Client
 from supervisor.api.server import FOLLOW_STREAMS, FollowStreams
+from supervisor.cli import follow as follow_module
 from supervisor.cli.main import cli
 from supervisor.errors import StreamEnded, SupervisorError
 from supervisor.models import ActionRequest, RunRequest, Scope
 from supervisor.runtime.fake import FakeRuntime
 from supervisor.states import EndCause
-from tests.unit.conftest import ALICE, WAIT, MakeEnv, ServeFactory, ServerThread
+from tests.unit.conftest import ALICE, WAIT, MakeEnv, ServeFactory, ServerThread, raw_request
 
 BODY: dict[str, Any] = {"name": "a1", "command": ["sleep", "infinity"]}
 
@@ -89,12 +90,16 @@ def test_a_follow_stream_ends_with_the_daemons_notice_while_the_run_goes_on(
     follower.join()
 
     assert ended == 1
-    # The output's line is ended before the notice; nothing of the notice is output.
-    assert follower.out == b"tick-1\ntick-2 no newline yet\n"
+    # Nothing of the notice is output; it says the output stopped mid-line.
+    assert follower.out == b"tick-1\ntick-2 no newline yet"
     assert isinstance(follower.error, StreamEnded), follower.error
     assert follower.error.exit_status == 75
+    assert follower.error.detail["why"] == why and follower.error.detail["run"] == view["id"]
+    assert follower.error.detail["midline"] is True
     assert f"the daemon is {why}" in follower.error.message
-    assert view["id"] in follower.error.message and "[end" not in follower.error.message
+    assert view["id"] in follower.error.message and f"[{why}" not in follower.error.message
+    if why == "restarting":  # where to go on from: the bytes shown so far
+        assert f"from offset {len(follower.out)} " in follower.error.message
     assert server.call(lambda: view["id"] in server.arbiter.live)  # type: ignore[union-attr]
     # A stream that starts while the daemon stops ends the same way, after the output.
     with pytest.raises(StreamEnded):
@@ -108,7 +113,7 @@ def test_output_that_looks_like_the_notice_is_output(server: ServerThread) -> No
     """The end mark is a token in the stream's own header: an agent cannot end its
     operator's stream by printing the notice, with or without a guessed mark."""
     view = client_of(server).run(BODY)
-    fake = (b"agent-supervisor: the daemon is restarting; run x keeps running [end "
+    fake = (b"agent-supervisor: the daemon is restarting; run x keeps running [restarting "
             + b"0" * 32 + b"]\n")
     log_path(server, view["id"]).write_bytes(fake)
     follower = Follower(server, view["id"])
@@ -120,27 +125,35 @@ def test_output_that_looks_like_the_notice_is_output(server: ServerThread) -> No
 
 
 def test_notice_names_the_run_and_carries_the_mark() -> None:
-    notice = FollowStreams.notice("restarting", "r-1", "m" * 32)
+    notice = FollowStreams.notice("restarting", "r-1", "m" * 32, 1234)
     assert notice.startswith(b"agent-supervisor: the daemon is restarting; run r-1 keeps ")
-    assert b"'agentctl logs -f r-1'" in notice
-    assert notice.endswith(b" [end " + b"m" * 32 + b"]\n")
+    assert b"from offset 1234 ('agentctl logs -f r-1')" in notice
+    assert notice.endswith(b" [restarting " + b"m" * 32 + b"]\n")
+    stopping = FollowStreams.notice("stopping", "r-1", "m" * 32, 1234)
+    assert stopping.endswith(b" [stopping " + b"m" * 32 + b"]\n")
     with pytest.raises(AssertionError):
         FollowStreams().end("paused")
 
 
-@pytest.mark.parametrize("args", [["logs", "-f", "a1"], ["logs", "--follow", "a1", "--json"]])
-def test_agentctl_logs_f_says_so_on_one_line_and_exits_75(serve: ServeFactory,
-                                                          args: list[str]) -> None:
-    server = serve(listener=True)
-    view = client_of(server).run(BODY)
-    log_path(server, view["id"]).write_bytes(b"hello\n")
+def invoke(server: ServerThread, *args: str) -> tuple[threading.Thread, list[Any]]:
+    """agentctl ARGS on a thread (it blocks while it follows); its Result in the list."""
     result: list[Any] = []
     thread = threading.Thread(target=lambda: result.append(CliRunner().invoke(
         cli, ["--socket", str(server.socket_path), *args], catch_exceptions=False)))
     thread.start()
+    return thread, result
+
+
+@pytest.mark.parametrize("args", [["logs", "-f", "a1"], ["logs", "--follow", "a1", "--json"]])
+def test_agentctl_logs_f_says_a_stop_on_one_line_and_exits_75(serve: ServeFactory,
+                                                              args: list[str]) -> None:
+    server = serve(listener=True)
+    view = client_of(server).run(BODY)
+    log_path(server, view["id"]).write_bytes(b"hello\n")
+    thread, result = invoke(server, *args)
     streams = server.app[FOLLOW_STREAMS]
     wait_until(lambda: streams.open == 1, "agentctl's stream")
-    server.call(lambda: streams.end("restarting"))
+    server.call(lambda: streams.end("stopping"))
     thread.join(WAIT)
     [outcome] = result
     assert outcome.exit_code == 75, (outcome.stdout, outcome.stderr)
@@ -152,8 +165,65 @@ def test_agentctl_logs_f_says_so_on_one_line_and_exits_75(serve: ServeFactory,
         assert outcome.stdout == "hello\n"
         lines = outcome.stderr.splitlines()
         assert len(lines) == 1, lines
-        assert lines[0].startswith("agentctl: the daemon is restarting; run ")
+        assert lines[0].startswith("agentctl: the daemon is stopping and kills every agent, "
+                                   f"run {view['id']} among them")
         assert "Traceback" not in outcome.stderr
+    client_of(server).action("kill", {"agent": "a1"}, reason="done")
+
+
+def test_agentctl_logs_f_follows_again_after_a_restart_from_where_it_stopped(
+        serve: ServeFactory) -> None:
+    """A restart's notice: one line, then the same run's output from the byte where the
+    stream stopped once a daemon answers (here the same one, its streams open again):
+    nothing lost, nothing twice; the run's end ends it as usual."""
+    server = serve(listener=True)
+    view = client_of(server).run(BODY)
+    path = log_path(server, view["id"])
+    path.write_bytes(b"one\ntwo, half")
+    thread, result = invoke(server, "logs", "-f", "a1")
+    streams = server.app[FOLLOW_STREAMS]
+    wait_until(lambda: streams.open == 1, "agentctl's stream")
+    server.call(lambda: streams.end("restarting"))
+    wait_until(lambda: streams.open == 0, "the stream to end")
+    with path.open("ab") as log:  # the agent writes on while no stream is open
+        log.write(b" and the rest\nthree\n")
+    streams.ending = None  # the next daemon's streams
+    wait_until(lambda: streams.open == 1, "agentctl to follow again")
+    client_of(server).action("kill", {"agent": "a1"}, reason="done")
+    thread.join(WAIT)
+    [outcome] = result
+    assert outcome.exit_code == 0, (outcome.stdout, outcome.stderr)
+    assert outcome.stdout == "one\ntwo, half and the rest\nthree\n"
+    assert outcome.stderr.splitlines() == [
+        f"agentctl: the daemon is restarting; run {view['id']} keeps running: following it "
+        f"again once the daemon is back (up to {follow_module.RESTART_WAIT:g}s)"]
+
+
+def test_agentctl_run_gives_up_when_no_daemon_is_back_in_time(
+        serve: ServeFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon that keeps ending the stream (or none at all) past RESTART_WAIT: exit 75,
+    one line for the restart and one for giving up."""
+    monkeypatch.setattr(follow_module, "RESTART_WAIT", 0.5)
+    server = serve(listener=True)
+    streams = server.app[FOLLOW_STREAMS]
+
+    def restart_once_it_follows() -> None:
+        wait_until(lambda: streams.open == 1, "agentctl's stream")
+        server.call(lambda: streams.end("restarting"))
+
+    restarting = threading.Thread(target=restart_once_it_follows)
+    restarting.start()
+    # On this thread: a foreground run sets its SIGINT handler, which only the main thread may.
+    outcome = CliRunner().invoke(cli, ["--socket", str(server.socket_path), "run", "--name",
+                                       "a1", "--", "sleep", "infinity"],
+                                 catch_exceptions=False)
+    restarting.join(WAIT)
+    assert outcome.exit_code == 75, (outcome.stdout, outcome.stderr)
+    lines = outcome.stderr.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("agentctl: the daemon is restarting; run ")
+    assert lines[1].startswith("agentctl: the daemon is restarting; run ")
+    assert lines[1].endswith("(no daemon answered within 0.5s)")
     client_of(server).action("kill", {"agent": "a1"}, reason="done")
 
 
@@ -223,3 +293,27 @@ def test_a_stop_in_its_grace_goes_to_the_kill_path_when_the_daemon_stops(
         await asyncio.wait_for(arbiter.settled(again.id), WAIT)
 
     asyncio.run(body())
+
+
+def test_the_docs_give_the_wait_the_code_has() -> None:
+    root = Path(__file__).resolve().parents[2]
+    wait = f"{follow_module.RESTART_WAIT:g}"
+    assert f"within {wait} s" in (root / "README.md").read_text()
+    runbook = (root / "docs" / "runbook.md").read_text()
+    assert f"(up to {wait}s)" in runbook and f"within {wait} s" in runbook
+
+
+def test_output_from_an_offset_says_where_it_starts(server: ServerThread) -> None:
+    view = client_of(server).run(BODY)
+    log_path(server, view["id"]).write_bytes(b"0123456789")
+    where: dict[str, int] = {}
+    assert b"".join(client_of(server).logs(view["id"], offset=4, where=where)) == b"456789"
+    assert where == {"offset": 10}
+    where.clear()
+    assert b"".join(client_of(server).logs(view["id"], tail=0, where=where)) == b""
+    assert where == {"offset": 10}
+    status, body = raw_request(server.socket_path, "GET",
+                               f"/v1/runs/{view['id']}/logs?offset=-1")
+    assert (status, body["error"]["code"], body["error"]["detail"]["field"]) == (
+        422, "invalid_request", "offset")
+    client_of(server).action("kill", {"agent": "a1"}, reason="done")
