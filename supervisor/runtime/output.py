@@ -21,6 +21,12 @@ Draining never runs on the daemon's event loop: one thread per run, moving at mo
 kill path touches the cgroup only, and `finish` (at cleanup, after the kill is confirmed)
 waits for the drain a bounded time, then stops it.
 
+The recorder keeps a write end of its pipe until `finish`: the end of the output is the
+daemon's to say, never the last agent process's exit. So a scoped halt's deaths wake no drain
+while the kernel is still killing (a hundred drains ending at once, each a thread's wake, a
+note and an exit, took the CPU from the dying processes: docs/benchmarks.md run 12); each
+drain reads to the end of its pipe at the run's cleanup, after the answer.
+
 Launches are refused (`disk_space_low`) while the filesystem of the state directory or of
 the run logs is under the free-space watermark (`check_free_space`)."""
 
@@ -201,6 +207,9 @@ class OutputRecorder:
         self._thread: threading.Thread | None = None
         self._close_stream: Callable[[], None] | None = None
         self._copy = False  # splice refused by the log's filesystem: read and write instead
+        # `pipe()`'s write end kept by the daemon: the drain sees no end of file before
+        # `finish` (or a handover) lets go of it.
+        self._write_end: int | None = None
 
     def counts(self) -> OutputCounts:
         return OutputCounts(self.produced, self.recorded, self.cap, self.capped, self.error)
@@ -208,11 +217,19 @@ class OutputRecorder:
     # ------------------------------------------------------------- sources
 
     def pipe(self) -> int:
-        """A new pipe whose read end this recorder drains; returns the write end, for the
-        agent's stdout and stderr (the caller closes its copy once the runtime passed it on)."""
+        """A new pipe whose read end this recorder drains; returns a write end, for the
+        agent's stdout and stderr (the caller closes it once the runtime passed it on). The
+        recorder keeps a write end of its own until `finish`, so the drain never ends on the
+        agent's last exit (the module's docstring)."""
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         with contextlib.suppress(OSError):
             fcntl.fcntl(read_fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+        try:
+            self._write_end = os.dup(write_fd)  # close-on-exec, as os.dup makes it
+        except OSError:
+            os.close(read_fd)
+            os.close(write_fd)
+            raise
         self.drain(read_fd)
         return write_fd
 
@@ -243,6 +260,7 @@ class OutputRecorder:
 
     async def _hand_over(self, timeout: float) -> bool:
         self._keep_pipe = True  # the run goes on: no closing words, a pipe is kept
+        self._let_go()  # the next daemon's drain ends at the agent's last exit
         self.stop()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._done), timeout)
@@ -284,6 +302,7 @@ class OutputRecorder:
         """Once the run's processes are gone: let the drain reach the end of the output (at
         most `timeout`), then stop it. The log file is complete and closed afterwards.
         Idempotent; never raises."""
+        self._let_go()
         if self._thread is None:
             self._close_log()
             self._set_done()
@@ -326,6 +345,14 @@ class OutputRecorder:
         if self._close_stream is not None:
             with contextlib.suppress(Exception):
                 self._close_stream()
+
+    def _let_go(self) -> None:
+        """Close the recorder's own write end: once the agent's are closed too (its processes
+        gone), the drain reads to the end of the pipe and ends."""
+        fd, self._write_end = self._write_end, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _set_done(self) -> None:
         if not self._done.done():

@@ -152,6 +152,45 @@ def test_a_writer_that_never_lets_go_is_cut_off(tmp_path: Path) -> None:
         os.close(write_fd)
 
 
+def test_the_drain_ends_when_the_daemon_says_not_at_the_agents_last_exit(tmp_path: Path
+                                                                          ) -> None:
+    """The recorder keeps a write end of its pipe: the agent's last write end closing (its
+    processes all gone, a scoped halt's hundred runs at once) wakes no drain; `finish` lets
+    go and the drain reads to the end. A handover lets go too, so the next daemon's drain
+    ends at the agent's last exit. No descriptor of either pipe is left behind."""
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def scenario() -> tuple[bool, OutputCounts, bytes, int, int]:
+        outputs = Outputs(CAP)
+        before = open_fds()
+        recorder = outputs.open("r1", tmp_path / "r1.log", _profile())
+        write_fd = recorder.pipe()
+        _write(write_fd, b"last words\n")
+        os.close(write_fd)
+        ended_alone = await recorder.ended(0.3)
+        counts = await recorder.finish(10.0)
+
+        handed = outputs.open("r2", tmp_path / "r2.log", _profile())
+        agent_end = handed.pipe()
+        kept = await handed.hand_over(10.0)
+        assert kept is not None
+        os.close(agent_end)
+        try:
+            at_the_end = os.read(kept, 16)  # b"": no write end left open on this side
+        finally:
+            os.close(kept)
+        await handed.finish(1.0)
+        return ended_alone, counts, at_the_end, before, open_fds()
+
+    ended_alone, counts, at_the_end, before, after = asyncio.run(scenario())
+    assert not ended_alone, "the drain ended on the agent's exit, not at finish"
+    assert counts.recorded == counts.produced == 11
+    assert (tmp_path / "r1.log").read_bytes() == b"last words\n"
+    assert at_the_end == b""
+    assert after == before
+
+
 def test_stream_source_is_capped_too(tmp_path: Path) -> None:
     def chunks() -> Iterator[bytes]:
         yield b"s" * 40_000
