@@ -274,7 +274,10 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
     # Unless a launch was waited for, step 1's store write is done while the kernel empties
     # the cgroups, after every SIGKILL (DESIGN.md's step 1 is the mark in memory, above).
     await sweep(list(kills.values()), arbiter.parent if covered else None, frozenset(covered),
-                beside=None if in_flight else write_marks)
+                beside=None if in_flight else write_marks,
+                hush=functools.partial(arbiter.observers.hush, [
+                    (live.record, live.handle) for live in owned + rekill
+                    if live.handle is not None and live.record.id in kills]))
     t_swept = time.perf_counter()
 
     answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -11,6 +11,9 @@ and bundle) happens after the answer (`Arbiter._cleanup`). What a kill touches i
     cgroup       SIGKILL every process; wait for the kernel to say empty  steps 3, 4
     network      delete the run's veth, nftables table and netns          step 5
 
+A sweep is also given `hush`: what of the daemon would wake on the runs' deaths goes quiet
+before its SIGKILL and catches up after the answer (`sweep`).
+
 No step can stop the ones after it: a failed revocation, a failed `cgroup.kill` write or a
 failed network teardown is recorded and the kill goes on (the cgroup falls back to freeze +
 SIGKILL, and an unconfirmed kill is retried until the kernel confirms it)."""
@@ -257,7 +260,8 @@ class RunKill:
 
 async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
                 covered: frozenset[str] = frozenset(),
-                beside: Callable[[], object] | None = None) -> list[HaltReport]:
+                beside: Callable[[], object] | None = None,
+                hush: Callable[[], object] | None = None) -> list[HaltReport]:
     """A scoped halt in one sweep: every run's credentials, then every run's SIGKILL (with a
     `parent`, one `cgroup.kill` write for the runs in `covered`, which live under it), then
     every confirmation and every network at once. Nothing here waits on a runtime.
@@ -277,11 +281,23 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
     With more than one run, step 4 waits in the loop's thread first (`_confirm_together`,
     at most CONFIRM_ON_LOOP), and the networks' threads are joined without a turn of the
     loop when they are done by then: a class halt goes from its SIGKILLs to its audit rows
-    without a hop between threads."""
+    without a hop between threads.
+
+    `hush` (with more than one run) is called once after the revocations and before the
+    first SIGKILL: what of the daemon wakes on the runs' deaths (their inits' exit watchers,
+    their seccomp fds) stops listening until after the answer. On two cores the daemon's
+    reactions to a global halt's 2,100 deaths took the CPU the dying processes needed, and
+    the confirmation lagged raw `cgroup.kill` by as much (docs/benchmarks.md run 12). One
+    that fails is logged; the kill goes on."""
     t_start = time.perf_counter()
     for kill in kills:
         await kill.revoke()
     t_revoked = time.perf_counter()
+    if hush is not None and len(kills) > 1:
+        try:
+            hush()
+        except Exception:
+            log.exception("kill: hushing the runs' listeners failed")
     parent_mechanism: str | None = None
     parent_write_ms = 0.0
     if parent is not None and covered and parent.stale():

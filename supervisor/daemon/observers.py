@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -50,9 +50,18 @@ class Tripwires(Protocol):
 
 
 class SyscallListener(Protocol):
-    """The seccomp listener: closes an ended container's notification fds."""
+    """The seccomp listener: closes an ended container's notification fds; stops polling
+    them once a kill is about to end the container (`hush`), until `forget`."""
 
     def forget(self, container_id: str) -> None: ...
+
+    def hush(self, container_ids: Collection[str]) -> None: ...
+
+
+class ExitWatcher(Protocol):
+    """The runtime's handle of a run: `hush` stops watching its init until its cleanup."""
+
+    def hush(self) -> None: ...
 
 
 class Gateway(Protocol):
@@ -114,6 +123,16 @@ class RunObservers:
         if self.sampler is not None:
             observe(self.sampler.run_started, run.id, run.cgroup, run.started_at)
 
+    def hush(self, runs: Sequence[tuple[RunRecord, ExitWatcher]]) -> None:
+        """A sweep is about to SIGKILL `runs` (killpath.sweep's `hush`): their inits' exit
+        watchers and their seccomp fds (one request for all) stop listening. Each catches
+        up after the kill's answer: the run's cleanup reaps its init, `run_ended` closes
+        its fds. One that fails leaves the others hushed all the same."""
+        for _run, handle in runs:
+            observe(handle.hush)
+        if self.seccomp is not None and runs:
+            observe(self.seccomp.hush, [run.container_id for run, _handle in runs])
+
     def run_ended(self, run: RunRecord) -> None:
         """Called once per run by ending.finalise, whatever ended it."""
         if self.sampler is not None:
@@ -147,3 +166,4 @@ class RunObservers:
     def launch_refusal(self, name: str, agent_class: str) -> SupervisorError | None:
         """Why a launch may not start now (a fleet hold), or None."""
         return None if self.fleet is None else self.fleet.gate(name, agent_class)
+

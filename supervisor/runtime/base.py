@@ -116,6 +116,11 @@ class RunHandle(Protocol):
 
     def teardown_network(self) -> bool: ...
 
+    def hush(self) -> None:
+        """A scoped halt is about to kill the run: stop reacting to its processes' deaths
+        until `cleanup` (which catches up). Never blocks; may do nothing."""
+        ...
+
     async def cleanup(self) -> None:
         """Delete runtime state, bundle and cgroups. Idempotent."""
         ...

@@ -53,6 +53,9 @@ class CgroupControl:
     def stats(self) -> dict[str, int | None]:
         return self.cgroup.stats()
 
+    def hush(self) -> None:
+        """Nothing to hush by default (a docker run's exit comes from its engine)."""
+
     def teardown_network(self) -> bool:
         if self.params.network is not None:  # the egress veth and its nftables table
             self.params.network.detach()

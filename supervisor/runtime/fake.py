@@ -67,6 +67,7 @@ class FakeRunHandle:
         self.frozen = False
         self.network = True
         self.cleaned = False
+        self.hushed = False
         self.signals: list[int] = []
         self._exit: asyncio.Future[int | None] | None = None
 
@@ -142,6 +143,9 @@ class FakeRunHandle:
     def teardown_network(self) -> bool:
         had, self.network = self.network, False
         return had
+
+    def hush(self) -> None:
+        self.hushed = True
 
     async def cleanup(self) -> None:
         self.cleaned = True

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,9 @@ class RuncRunHandle(CgroupControl):
         self.exits: ExitEvents | None = None
         self.exit_unknown: str | None = None
         self._from_events: asyncio.Task[None] | None = None
+        # The loop's reader of the init's pidfd (`wait_exit`), and whether `hush` took it off.
+        self._reap: Callable[[], None] | None = None
+        self._hushed = False
 
     async def start(self) -> None:
         await self.runtime.runc.start(self.params.container_id)
@@ -89,6 +93,7 @@ class RuncRunHandle(CgroupControl):
             assert self._exit is not None
             if pidfd is not None:
                 loop.remove_reader(pidfd)
+            self._reap = None  # it fired: nothing left to hush
             status: int | None = None
             if self.pid is not None:
                 try:
@@ -105,8 +110,27 @@ class RuncRunHandle(CgroupControl):
         if pidfd is None:
             self._exit.set_result(None)
         else:
+            self._reap = reap
             loop.add_reader(pidfd, reap)
         return self._exit
+
+    def hush(self) -> None:
+        """A scoped halt is about to kill this run with others: stop watching the init until
+        `cleanup` (step 6, after the answer). A hundred inits dying at once otherwise woke the
+        loop a hundred times and reaped a hundred pid namespaces (the kernel's release of each,
+        on the loop's thread) while the kernel was still killing (docs/benchmarks.md run 12).
+        The init waits as a zombie meanwhile; a killed run's status is SIGKILL's until it is
+        reaped (liverun.exit_status)."""
+        if self._pidfd is None or self._reap is None or self._hushed:
+            return
+        with contextlib.suppress(RuntimeError):  # no loop: nothing is watching
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            self._hushed = True
+
+    def _unhush(self) -> None:
+        if self._hushed and self._pidfd is not None and self._reap is not None:
+            self._hushed = False
+            asyncio.get_running_loop().add_reader(self._pidfd, self._reap)
 
     async def _status_of_adopted(self, pid: int) -> None:
         """The exit events first (as before the pidfd kept statuses), then the pidfd, whose
@@ -138,6 +162,7 @@ class RuncRunHandle(CgroupControl):
             self.exits.forget(self.pid)
             self.exits = None
         pidfd, self._pidfd = self._pidfd, None
+        self._hushed = False
         if pidfd is not None:
             if self._exit is not None:
                 with contextlib.suppress(RuntimeError):
@@ -149,6 +174,7 @@ class RuncRunHandle(CgroupControl):
         if self._cleaned:
             return
         self._cleaned = True
+        self._unhush()  # the init is reaped now, beside the runtime's delete
         with contextlib.suppress(RuntimeFailure):
             await self.runtime.runc.delete(self.params.container_id, force=True,
                                            nice=CLEANUP_NICE)
@@ -265,7 +291,7 @@ class RuncRuntime:
                     params.bundle / "runc.log",
                 )
             finally:
-                os.close(stdio)  # the container's processes hold the only write ends now
+                os.close(stdio)  # the container's processes and the recorder hold the rest
             if self.userns_limits is not None:  # created, not started: the agent has not run
                 await userns.apply(pid, self.userns_limits)
             pidfd = os.pidfd_open(pid)

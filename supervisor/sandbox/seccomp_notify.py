@@ -244,6 +244,8 @@ class SeccompListener:
         self._firsts: list[SyscallAttempt] = []  # at most one per container with an open fd
         self._flush_scheduled = False
         self._forget: list[tuple[str, threading.Event]] = []
+        # Containers a kill is about to end (`hush`), a request at a time.
+        self._hush: list[tuple[tuple[str, ...], threading.Event]] = []
         self._counts: dict[str, int] = {}  # per container with an open fd
         self._total = 0
         # The thread's own.
@@ -251,6 +253,7 @@ class SeccompListener:
         self._handshakes: dict[int, _Handshake] = {}
         self._filters: dict[int, _Filter] = {}
         self._by_container: dict[str, set[int]] = {}
+        self._hushed: set[int] = set()  # filters' fds open but no longer polled
         self._accept_paused_until: float | None = None
         # Handover (stop(keep=...)) and adoption (adopt()): container ids whose fds are kept,
         # the kept duplicates, and fds handed over to be served.
@@ -332,6 +335,26 @@ class SeccompListener:
         if wake:
             self._wake()
 
+    def hush(self, container_ids: Collection[str], done: threading.Event | None = None
+             ) -> None:
+        """A kill is about to end these containers' processes: stop polling their fds, which
+        stay open until `forget` (after the kill's answer). Each fd hangs up once its filter's
+        last process is gone; a scoped halt's hundred hang-ups woke this thread a hundred
+        times, to close fds and free filters on the CPU the dying processes needed
+        (docs/benchmarks.md run 12). A process killed in a notified call needs no answer.
+        Returns at once, one request and one wake for all (a wake each handed the GIL to this
+        thread a hundred times in front of the SIGKILL); `done` is set once the thread no
+        longer polls them."""
+        done = done or threading.Event()
+        if self._thread is None:
+            done.set()
+            return
+        with self._lock:
+            wake = not self._hush
+            self._hush.append((tuple(container_ids), done))
+        if wake:
+            self._wake()
+
     def attempts_by_container(self) -> dict[str, int]:
         """Attempts so far per container whose fd is open."""
         with self._lock:
@@ -389,6 +412,15 @@ class SeccompListener:
         with self._lock:
             requests, self._forget = self._forget, []
             adopting, self._adopting = self._adopting, []
+            hush, self._hush = self._hush, []
+        for container_ids, hushed in hush:
+            for container_id in container_ids:
+                for fd in self._by_container.get(container_id, ()):
+                    if fd in self._filters and fd not in self._hushed:
+                        with contextlib.suppress(KeyError, ValueError):
+                            self._poller.unregister(fd)
+                        self._hushed.add(fd)
+            hushed.set()
         for container_id, fd, init_pid in adopting:
             self._adopt({"state": {"id": container_id}, "fds": [_SECCOMP_FD_NAME],
                          "pid": init_pid}, [fd])
@@ -416,7 +448,8 @@ class SeccompListener:
             self._server = None
         with self._lock:
             requests, self._forget = self._forget, []
-        for _container_id, done in requests:
+            hush, self._hush = self._hush, []
+        for _container, done in [*requests, *hush]:
             done.set()
         self._publish()
 
@@ -648,8 +681,11 @@ class SeccompListener:
                 del self._by_container[flt.container_id]
                 with self._lock:
                     self._counts.pop(flt.container_id, None)
-        with contextlib.suppress(KeyError, ValueError):
-            self._poller.unregister(flt.fd)
+        if flt.fd in self._hushed:
+            self._hushed.discard(flt.fd)
+        else:
+            with contextlib.suppress(KeyError, ValueError):
+                self._poller.unregister(flt.fd)
         _close_quietly(flt.fd)
         log.log(logging.INFO if flt.attempts else logging.DEBUG,
                 "seccomp notify fd for %s closed after %d attempts", flt.container_id,

@@ -9,6 +9,8 @@ import select
 import time
 from pathlib import Path
 
+import psutil
+
 from supervisor.sandbox.cgroups import Cgroup
 from supervisor.sandbox.mounts import is_mountpoint
 from tests.conftest import BOTH_RUNTIMES
@@ -153,6 +155,40 @@ def test_class_and_global_scopes_touch_exactly_their_agents(daemon: Daemon) -> N
     daemon.agentctl("reactivate", "--all", "--reason", "all clear", check=True)
     assert set(_states(daemon).values()) == {"idle"}
     assert daemon.agentctl("run", "--name", "newcomer", "--", "true").returncode == 0
+
+
+def _log(daemon: Daemon, agent: str) -> str:
+    return daemon.agentctl("logs", agent, check=True).stdout
+
+
+def test_a_sweeps_runs_catch_up_after_its_answer(daemon: Daemon) -> None:
+    """A class halt hushes what of the daemon would wake on its runs' deaths (their inits'
+    exit watchers, seccomp fds, output drains) until after its answer: each run still ends
+    with its whole output in its log, the SIGKILL status, and its init reaped (no zombie
+    left under the daemon) by its cleanup."""
+    names = ("s1", "s2", "s3")
+    for name in names:
+        daemon.agentctl("run", "--detach", "--name", name, "--class", "swept", "--", "sh",
+                        "-c", f"echo last words of {name}; exec sleep 600", check=True)
+    for name in names:
+        wait_for(lambda name=name: f"last words of {name}" in _log(daemon, name),
+                 timeout=30, what=f"{name}'s output")
+    result = daemon.agentctl_json("kill", "--class", "swept", "--reason", "sweep test")
+    assert sorted(r["agent"] for r in result["results"]) == list(names)
+    wait_for(lambda: not daemon.run_cgroups(), timeout=30, what="the runs' cleanups")
+    assert daemon.proc is not None
+    daemon_process = psutil.Process(daemon.proc.pid)
+
+    def zombies() -> list[int]:
+        return [child.pid for child in daemon_process.children()
+                if child.status() == psutil.STATUS_ZOMBIE]
+
+    wait_for(lambda: not zombies(), timeout=30, what="the killed runs' inits reaped")
+    for name in names:
+        view = daemon.client.agent(name)
+        assert view["state"] == "killed" and view["run"]["exit_code"] == 137
+        assert _log(daemon, name).strip() == f"last words of {name}"
+    assert daemon.clean() == {}
 
 
 def test_fallback_kill_without_cgroup_kill_empties_the_cgroup(daemon: Daemon) -> None:

@@ -224,6 +224,49 @@ def test_forget_makes_the_kernel_answer_enosys(tmp_root: Path) -> None:
     assert asyncio.run(scenario()) == [EPERM, ENOSYS]
 
 
+def test_a_hushed_containers_fds_wake_nothing_until_forgotten(tmp_root: Path) -> None:
+    """A kill hushes the container's fds before its SIGKILL: a call notified meanwhile waits
+    unanswered, and the process killed in it needs no answer (it dies); the fd's hang-up once
+    the filter has no process left wakes nothing (the fd stays open, its count kept) until
+    `forget`."""
+    async def scenario() -> tuple[int, bool, int | None, bytes, dict[str, int],
+                                  dict[str, int]]:
+        listener = SeccompListener(_socket_path(tmp_root))
+        await listener.start()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *_child(_socket_path(tmp_root), "as-hush", "forgotten"),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            assert proc.stdin is not None and proc.stdout is not None
+            first = int(await asyncio.wait_for(proc.stdout.readline(), 30))
+            for _ in range(500):
+                if listener.attempts_by_container() == {"as-hush": 1}:
+                    break
+                await asyncio.sleep(0.01)
+            hushed = threading.Event()
+            listener.hush(["as-hush"], hushed)
+            assert await asyncio.to_thread(hushed.wait, 30)
+            proc.stdin.write(b"go\n")  # its second call: notified, and nobody answers
+            await asyncio.sleep(0.5)
+            waiting = proc.returncode is None and not proc.stdout.at_eof()
+            proc.send_signal(signal.SIGKILL)
+            code = await asyncio.wait_for(proc.wait(), 30)
+            rest = await proc.stdout.read()
+            await asyncio.sleep(0.5)  # a polled hang-up would have closed the fd by now
+            while_hushed = listener.attempts_by_container()
+            closed = threading.Event()
+            listener.forget("as-hush", closed)
+            assert await asyncio.to_thread(closed.wait, 30)
+            return first, waiting, code, rest, while_hushed, listener.attempts_by_container()
+        finally:
+            await listener.stop()
+
+    first, waiting, code, rest, while_hushed, after = asyncio.run(scenario())
+    assert (first, waiting, code, rest) == (EPERM, True, -signal.SIGKILL, b"")
+    assert while_hushed == {"as-hush": 1}, "the hang-up closed the fd while hushed"
+    assert after == {}
+
+
 def test_answers_never_wait_for_the_event_loop(
         tmp_root: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="supervisor.sandbox.seccomp_notify")

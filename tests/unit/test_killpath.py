@@ -183,6 +183,31 @@ def test_a_sweep_kills_everything_before_it_confirms_anything() -> None:
     assert all(r.confirmed and r.netns_removed for r in reports)
 
 
+def test_a_sweep_hushes_its_runs_listeners_before_its_first_sigkill() -> None:
+    """Nothing of the daemon's may wake on the deaths while the kernel kills: `hush` is
+    called once, after the revocations and before any SIGKILL; one that fails never stops
+    the kill. A single run's kill hushes nothing."""
+    for fail in (False, True):
+        journal = Journal()
+        kills = [run_kill(journal, name)[0] for name in ("a", "b", "c")]
+
+        def hush(journal: Journal = journal, fail: bool = fail) -> None:
+            journal.steps.append("hush")
+            if fail:
+                raise RuntimeError("listener gone")
+
+        reports = asyncio.run(sweep(kills, hush=hush))
+        assert journal.steps[:7] == ["revoke a", "revoke b", "revoke c", "hush",
+                                     "cgroup.kill a", "cgroup.kill b", "cgroup.kill c"]
+        assert journal.steps.count("hush") == 1
+        assert all(r.confirmed and not r.errors for r in reports)
+
+    journal = Journal()
+    kill, _group = run_kill(journal, "a")
+    [report] = asyncio.run(sweep([kill], hush=lambda: journal.steps.append("hush")))
+    assert "hush" not in journal.steps and report.confirmed
+
+
 class HeldCgroup(FakeCgroup):
     """Its kernel confirms only once `emptied` is set: a wait that outlasts the kill's other
     work, as the kernel's does."""
@@ -578,6 +603,60 @@ def test_the_background_stands_aside_from_the_kill_to_its_records(env: ArbiterEn
         assert [r.new_state for r in result.results] == ["killed"] * 2
         during = ["sigkill", "sigkill", "audit kill", "audit kill"]
         assert journal == (during if fail else ["aside", *during, "back"])
+
+    asyncio.run(body())
+
+
+class Seccomp:
+    """The seccomp listener as the observers see it: what it was asked, in order."""
+
+    def __init__(self, journal: list[str]) -> None:
+        self.journal = journal
+
+    def hush(self, container_ids: list[str]) -> None:
+        self.journal.append(f"hush {' '.join(container_ids)}")
+
+    def forget(self, container_id: str) -> None:
+        self.journal.append(f"forget {container_id}")
+
+
+def test_a_scoped_halt_hushes_its_runs_until_after_the_answer(env: ArbiterEnv) -> None:
+    """A class halt hushes each run's exit watcher (its handle) and seccomp fds before the
+    SIGKILL; the fds are forgotten (closed) with the observers after the answer, and the
+    handle catches up at its cleanup. A single agent's kill hushes nothing."""
+    async def body() -> None:
+        arbiter = env.arbiter()
+        journal: list[str] = []
+        arbiter.observers = RunObservers(seccomp=Seccomp(journal))
+        views = [await arbiter.launch(_request(f"w{i}"), ALICE) for i in range(2)]
+        solo = await arbiter.launch(_request("solo", agent_class="db"), ALICE)
+        handles = [env.runtime.handles[v.id] for v in views]
+        for view, handle in zip(views, handles, strict=True):
+            kill = handle.cgroup.kill
+
+            def noted_kill(*, force_fallback: bool = False, kill: Any = kill,
+                           handle: Any = handle, name: str = view.agent) -> str:
+                journal.append(f"sigkill {name} (watcher hushed: {handle.hushed})")
+                return str(kill(force_fallback=force_fallback))
+
+            handle.cgroup.kill = noted_kill  # type: ignore[method-assign]
+        result = await asyncio.wait_for(arbiter.act(
+            "kill", ActionRequest(scope=Scope(agent_class="web"), reason="r"), ALICE), WAIT)
+        assert [r.new_state for r in result.results] == ["killed"] * 2
+        containers = [env.store.run(v.id).container_id for v in views]  # type: ignore[union-attr]
+        assert journal[:3] == [f"hush {' '.join(containers)}"] + [
+            f"sigkill {v.agent} (watcher hushed: True)" for v in views]
+        for view in views:
+            await arbiter.settled(view.id, WAIT)
+        assert sorted(journal[3:]) == sorted(f"forget {c}" for c in containers)
+        assert all(h.cleaned for h in handles)
+
+        journal.clear()
+        await asyncio.wait_for(arbiter.act(
+            "kill", ActionRequest(scope=Scope(agent="solo"), reason="r"), ALICE), WAIT)
+        await arbiter.settled(solo.id, WAIT)
+        assert not env.runtime.handles[solo.id].hushed
+        assert not any(step.startswith("hush") for step in journal)
 
     asyncio.run(body())
 
