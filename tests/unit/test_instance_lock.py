@@ -173,16 +173,24 @@ def test_a_holder_that_dies_leaves_no_lock_behind(tmp_path: Path) -> None:
     InstanceLock.acquire(_config(tmp_path)).release()
 
 
+def _file_id(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
 def test_no_child_inherits_the_lock(tmp_path: Path) -> None:
     """A child that outlives the daemon (its watchdog) must not keep the next one out: the
     descriptors are O_CLOEXEC, so even a child spawned without close_fds has none."""
     lock = InstanceLock.acquire(_config(tmp_path))
-    fds = [fd for _path, fd in lock.held]
+    # Compared by the file behind each descriptor, not by number: the test runner may hand
+    # down descriptors of its own (a CI harness does) that share the lock's numbers.
+    held = {_file_id(os.fstat(fd)) for _path, fd in lock.held}
+    assert len(held) == len(lock.held)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
                              stdin=subprocess.DEVNULL, close_fds=False)
     try:
-        children_fds = {int(n) for n in os.listdir(f"/proc/{child.pid}/fd")}
-        assert not children_fds & set(fds)
+        fd_dir = Path(f"/proc/{child.pid}/fd")
+        inherited = {_file_id(os.stat(fd_dir / n)) for n in os.listdir(fd_dir)}
+        assert not inherited & held
         lock.release()
         InstanceLock.acquire(_config(tmp_path)).release()  # the child alive, the lock free
     finally:
