@@ -185,17 +185,24 @@ def test_no_child_inherits_the_lock(tmp_path: Path) -> None:
     # down descriptors of its own (a CI harness does) that share the lock's numbers.
     held = {_file_id(os.fstat(fd)) for _path, fd in lock.held}
     assert len(held) == len(lock.held)
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
-                             stdin=subprocess.DEVNULL, close_fds=False)
+    # The child says when its start-up is over, so the files it opens while it imports are
+    # closed before its descriptors are read.
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; print('up', flush=True); time.sleep(600)"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, close_fds=False)
     try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"up\n"
         fd_dir = Path(f"/proc/{child.pid}/fd")
-        inherited = {_file_id(os.stat(fd_dir / n)) for n in os.listdir(fd_dir)}
+        names = os.listdir(fd_dir)
+        assert names
+        inherited = {_file_id(os.stat(fd_dir / n)) for n in names}
         assert not inherited & held
         lock.release()
         InstanceLock.acquire(_config(tmp_path)).release()  # the child alive, the lock free
     finally:
         child.kill()
-        child.wait(WAIT)
+        child.communicate(timeout=WAIT)
         lock.release()
 
 
