@@ -1,4 +1,6 @@
-"""Wire models of the control API (pydantic). Shared by the daemon and agentctl; no I/O.
+"""Wire models of the control API (pydantic): the daemon's, no I/O. agentctl reads the same
+shapes as TypedDicts without pydantic (supervisor/api/shapes.py; tests/unit/test_api_shapes.py
+holds the two key by key).
 
 The models the supervisor core takes and returns are defined here; those only the control API
 and its clients use (list pages, drills, health, reload answers, ...) are in
@@ -356,28 +358,11 @@ class AuditVerifyResult(BaseModel):
     notes: list[str] = []
 
 
-# The control API's own shapes (supervisor/models/api.py), loaded at their first use.
-_API_MODELS = frozenset({
-    "AgentList",
-    "ApprovalList",
-    "AuditList",
-    "BreakerReset",
-    "DenyRequest",
-    "DrillList",
-    "DrillRequest",
-    "DrillResult",
-    "EgressView",
-    "ForgetResult",
-    "GatewayRunUpdate",
-    "Health",
-    "ReasonRequest",
-    "ReloadResult",
-    "TelemetryView",
-})
-
-
 def __getattr__(name: str) -> Any:
-    if name in _API_MODELS:
+    # Only names not defined above come here: those of __all__ are the control API's own
+    # shapes (supervisor/models/api.py, imported above for the type checker), loaded at their
+    # first use.
+    if name in __all__:
         from supervisor.models import api
 
         return getattr(api, name)

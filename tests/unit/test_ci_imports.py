@@ -80,3 +80,31 @@ def test_agentctl_reaches_the_runner_without_click_or_pydantic() -> None:
     unwanted = sorted(m for m in modules for heavy in NOT_IN_AGENTCTL_BEFORE_THE_EXEC
                       if m == heavy or m.startswith(heavy + "."))
     assert unwanted == []
+
+
+_MODELS_PROBE = """
+import json, sys
+import supervisor.models as models
+seen = {"at_import": "supervisor.models.api" in sys.modules,
+        "unknown": hasattr(models, "NoSuchModel"), "private": hasattr(models, "_Nothing")}
+seen["after_misses"] = "supervisor.models.api" in sys.modules
+from supervisor.models import api
+seen["unresolved"] = [n for n in models.__all__ if not hasattr(models, n)]
+seen["from_api"] = sorted(n for n in models.__all__ if n not in vars(models)
+                          and getattr(models, n) is not getattr(api, n))
+seen["lazy"] = sorted(n for n in models.__all__ if n not in vars(models))
+print(json.dumps(seen))
+"""
+
+
+def test_the_api_models_load_by_name_at_their_first_use() -> None:
+    """supervisor.models names the control API's own shapes in __all__ and loads
+    supervisor/models/api.py only when one of them is asked for: not at its import, not for a
+    name it does not have; every name it exports resolves."""
+    result = subprocess.run([sys.executable, "-c", _MODELS_PROBE], capture_output=True,
+                            text=True, cwd=REPO, check=True)
+    seen = json.loads(result.stdout)
+    assert seen["at_import"] is False and seen["after_misses"] is False
+    assert seen["unknown"] is False and seen["private"] is False
+    assert seen["unresolved"] == [] and seen["from_api"] == []
+    assert {"Health", "AgentList", "DrillResult", "ReloadResult"} <= set(seen["lazy"])
