@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from supervisor.models.credentials import HeaderName, SecretFormat, SecretRef, header_value
 from supervisor.models.mcp import McpPolicy
 from supervisor.models.units import Duration, Size
 
@@ -17,8 +18,6 @@ Action = Literal["alert", "pause", "kill"]
 
 _LABEL = r"[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?"
 _HOST_PATTERN = re.compile(rf"^(\*\.)?{_LABEL}(\.{_LABEL})*$")
-_SECRET_REF = re.compile(r"^(file|env):[A-Za-z0-9_.\-]{1,128}$")
-_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~\-]{1,64}$")
 _METHOD = re.compile(r"^(\*|[A-Z]{3,10})$")
 # Methods a route never forwards: TRACE and TRACK echo the request (the injected secret
 # included) back to the agent; CONNECT is the gateway's own.
@@ -81,9 +80,9 @@ class Route(_Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,62}$")]
     host: str
     upstream: Annotated[str, Field(pattern=r"^https://[^/\s?#]+(/[^\s?#]*)?$")]
-    secret: str
-    header: str = "Authorization"
-    format: str = "Bearer {secret}"
+    secret: SecretRef
+    header: HeaderName = "Authorization"
+    format: SecretFormat = "Bearer {secret}"
     # Spend: a price per call, and/or per token read from the upstream's JSON `usage`.
     price_per_call: Annotated[float, Field(ge=0)] = 0.0
     price_per_token: Annotated[float, Field(ge=0)] = 0.0
@@ -111,30 +110,8 @@ class Route(_Strict):
             raise ValueError(f"{host!r} must be a plain DNS name such as 'llm.gateway'")
         return host
 
-    @field_validator("secret")
-    @classmethod
-    def _secret(cls, secret: str) -> str:
-        if not _SECRET_REF.match(secret):
-            raise ValueError("must be 'file:NAME' (a file in the secrets directory) or "
-                             "'env:NAME' (the daemon's environment)")
-        return secret
-
-    @field_validator("header")
-    @classmethod
-    def _header(cls, header: str) -> str:
-        if not _HEADER_NAME.match(header):
-            raise ValueError(f"{header!r} is not an HTTP header name")
-        return header
-
-    @field_validator("format")
-    @classmethod
-    def _format(cls, fmt: str) -> str:
-        if "{secret}" not in fmt or any(c in fmt for c in "\r\n"):
-            raise ValueError("must contain '{secret}' and no line breaks")
-        return fmt
-
     def header_value(self, secret: str) -> str:
-        return self.format.replace("{secret}", secret)
+        return header_value(self.format, secret)
 
 
 class Budget(_Strict):

@@ -16,16 +16,21 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from supervisor.models.credentials import (
+    HeaderName,
+    SecretFormat,
+    SecretRef,
+    check_secret_ref,
+    header_value,
+)
 from supervisor.models.units import Size
 
 _NAME = r"^[a-z0-9][a-z0-9_\-]{0,62}$"
 _TOOL_GLOB = re.compile(r"^[A-Za-z0-9_.\-*?/]{1,128}$")
-_SECRET_REF = re.compile(r"^(file|env):[A-Za-z0-9_.\-]{1,128}$")
 _HOST_PATH = r"^/[A-Za-z0-9_.\-/+@]{0,4095}$"
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"
 _SECRET_FILE = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$"
 MAX_STDIO_SERVERS = 8  # per profile: each is a sandbox started with every run
-_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~\-]{1,64}$")
 # Requests the gateway passes on when the profile does not narrow them: what a tool-using
 # client needs. Anything else (resources, prompts, sampling set-up, unknown or misspelt
 # methods) is refused unless listed in `methods`.
@@ -37,8 +42,6 @@ KNOWN_METHODS = frozenset((*DEFAULT_METHODS, "resources/list", "resources/read",
                            "resources/unsubscribe", "prompts/list", "prompts/get",
                            "completion/complete", "logging/setLevel"))
 MAX_RULE_CHARS = 2000
-_SECRET_HINT = ("must be 'file:NAME' (a file in the secrets directory) or 'env:NAME' (the "
-                "daemon's environment)")
 
 
 class _Strict(BaseModel):
@@ -116,9 +119,9 @@ class McpServer(_Strict):
     secret_env: dict[Annotated[str, Field(pattern=_ENV_NAME)], str] = {}
     secret_files: dict[Annotated[str, Field(pattern=_SECRET_FILE)], str] = {}
     limits: StdioLimits = StdioLimits()
-    secret: str | None = None
-    header: str = "Authorization"
-    format: str = "Bearer {secret}"
+    secret: SecretRef | None = None
+    header: HeaderName = "Authorization"
+    format: SecretFormat = "Bearer {secret}"
     # Tool names (globs) the agent may see and call; a tool in neither list is denied.
     allow: list[Annotated[str, Field(pattern=_TOOL_GLOB.pattern)]] = []
     # Wins over `allow`.
@@ -127,19 +130,11 @@ class McpServer(_Strict):
     refuse_as_tool_error: bool = False  # the default of every refusal on this server
     max_calls: Annotated[int, Field(ge=1)] | None = None  # per run, over its tools
 
-    @field_validator("secret")
-    @classmethod
-    def _secret(cls, secret: str | None) -> str | None:
-        if secret is not None and not _SECRET_REF.match(secret):
-            raise ValueError(_SECRET_HINT)
-        return secret
-
     @field_validator("secret_env", "secret_files")
     @classmethod
     def _secrets(cls, refs: dict[str, str]) -> dict[str, str]:
         for ref in refs.values():
-            if not _SECRET_REF.match(ref):
-                raise ValueError(_SECRET_HINT)
+            check_secret_ref(ref)
         return refs
 
     @field_validator("binds")
@@ -153,20 +148,6 @@ class McpServer(_Strict):
     @property
     def stdio(self) -> bool:
         return self.command is not None
-
-    @field_validator("header")
-    @classmethod
-    def _header(cls, header: str) -> str:
-        if not _HEADER_NAME.match(header):
-            raise ValueError(f"{header!r} is not an HTTP header name")
-        return header
-
-    @field_validator("format")
-    @classmethod
-    def _format(cls, fmt: str) -> str:
-        if "{secret}" not in fmt or any(c in fmt for c in "\r\n"):
-            raise ValueError("must contain '{secret}' and no line breaks")
-        return fmt
 
     @model_validator(mode="after")
     def _credentials_over_tls(self) -> McpServer:
@@ -196,7 +177,7 @@ class McpServer(_Strict):
         return self
 
     def header_value(self, secret: str) -> str:
-        return self.format.replace("{secret}", secret)
+        return header_value(self.format, secret)
 
     def permits(self, tool: str) -> bool:
         """Allowed by name: in `allow`, not in `deny`."""
