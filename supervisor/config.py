@@ -3,11 +3,14 @@ rejected by name. No privilege; reads one file."""
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -20,6 +23,111 @@ from supervisor.errors import ConfigInvalid
 from supervisor.models.units import Duration, Size, parse_size
 
 DEFAULT_CONFIG_PATH = Path("/etc/agent-supervisor/daemon.toml")
+# RFC 1918 only: 127/8, 169.254/16 and the other "private" special ranges would either not
+# route over a veth or collide with things the host relies on.
+_RFC1918 = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12",
+                                                    "192.168.0.0/16"))
+# A /16 holds 16384 /30s; larger pools make every allocation scan for nothing, smaller than a
+# /29 hold fewer than two links.
+_POOL_PREFIXLENS = range(16, 30)
+# The cgroups of systemd's units: systemd owns them and whatever runs in them.
+SYSTEMD_UNIT_SUFFIXES = (".slice", ".service", ".scope", ".socket", ".mount", ".swap")
+# The highest host uid (uid_t's -1 is "no uid").
+_UID_MAX = 2**32 - 2
+
+
+def parse_egress_pool(cidr: str) -> ipaddress.IPv4Network:
+    """[egress] pool as the gateway's address pool takes it: a private IPv4 network of a usable
+    size. ValueError says why not (the configuration refuses it by key)."""
+    try:
+        network = ipaddress.ip_network(cidr, strict=True)
+    except ValueError as exc:
+        raise ValueError(f"egress address pool {cidr!r} is not a network: {exc}") from None
+    if not isinstance(network, ipaddress.IPv4Network):
+        raise ValueError(f"egress address pool {cidr!r} must be IPv4")
+    if not any(network.subnet_of(private) for private in _RFC1918):
+        raise ValueError(f"egress address pool {cidr!r} must lie inside a private (RFC 1918) "
+                         "range: 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16")
+    if network.prefixlen not in _POOL_PREFIXLENS:
+        raise ValueError(f"egress address pool {cidr!r} must be a /{_POOL_PREFIXLENS.start} "
+                         f"to /{_POOL_PREFIXLENS.stop - 1}")
+    return network
+
+
+def _pool(cidr: str) -> str:
+    parse_egress_pool(cidr)
+    return cidr
+
+
+def _cgroup_parent(path: str) -> str:
+    """No climbing out ('.', '..') and no systemd unit's cgroup: the daemon writes the runs'
+    limits on its parent and a global halt kills everything in it (sandbox/runs_parent.py
+    checks what the host holds there)."""
+    parts = path.strip("/").split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"{path!r} has an empty, '.' or '..' component: name the cgroup "
+                         f"plainly, e.g. /agent-supervisor")
+    for part in parts:
+        if part.endswith(SYSTEMD_UNIT_SUFFIXES):
+            raise ValueError(f"{path!r} is inside systemd's unit {part!r}: systemd owns that "
+                             f"cgroup and what runs in it, and a global halt would kill all "
+                             f"of it; name a cgroup of the supervisor's own, e.g. "
+                             f"/agent-supervisor")
+    return path
+
+
+def _seccomp_listener(path: str | None) -> str | None:
+    if path and not path.startswith("/"):
+        raise ValueError(f"{path!r} is not an absolute path (\"\" turns the listener off)")
+    return path
+
+
+def _pinned_hosts(hosts: dict[str, str]) -> dict[str, str]:
+    for name, address in hosts.items():
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"hosts[{name!r}] = {address!r} is not an IP address") from None
+    return hosts
+
+
+def _endpoints(endpoints: list[str]) -> list[str]:
+    for endpoint in endpoints:
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{endpoint!r} is not HOST:PORT (an etcd client URL's host and "
+                             f"port, e.g. etcd1.example:2379)")
+    return endpoints
+
+
+def _engine_url(url: str) -> str:
+    """The forms the Docker SDK takes (a bare path is not one: it reads it as a TCP host)."""
+    if url.startswith("unix://"):
+        if not url.removeprefix("unix://").startswith("/"):
+            raise ValueError(f"{url!r}: a unix:// engine socket needs an absolute path, "
+                             f"e.g. unix:///var/run/docker.sock")
+        return url
+    scheme, _, rest = url.partition("://")
+    if scheme in ("tcp", "http", "https") and rest:
+        _http_url(f"http://{rest}")
+        if scheme == "tcp" and not urlsplit(f"http://{rest}").port:
+            raise ValueError(f"{url!r}: a tcp:// engine needs a port, e.g. tcp://HOST:2376")
+        return url
+    if scheme == "ssh" and rest:
+        return url
+    raise ValueError(f"{url!r} is not an engine URL: unix:///PATH, tcp://HOST:PORT, "
+                     f"https://HOST[:PORT] or ssh://[USER@]HOST")
+
+
+def _http_url(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number in range
+    except ValueError as exc:
+        raise ValueError(f"{url!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http:// or https:// URL with a host")
+    return url
 
 
 class _Section(BaseModel):
@@ -55,7 +163,8 @@ class SandboxSection(_Section):
     # without it. The static build runs in any root (host, rootfs directory or image).
     init: str = "/usr/bin/tini-static"
     # Every run's cgroup lives under this path in each hierarchy (v1 controllers and v2).
-    cgroup_parent: Annotated[str, Field(pattern=r"^/[A-Za-z0-9_.\-/]+$")] = "/agent-supervisor"
+    cgroup_parent: Annotated[str, Field(pattern=r"^/[A-Za-z0-9_.\-/]+$"),
+                             AfterValidator(_cgroup_parent)] = "/agent-supervisor"
     # Prefix of the per-run network namespaces under /run/netns and of runc container ids.
     name_prefix: Annotated[str, Field(pattern=r"^[a-z][a-z0-9\-]{0,15}$")] = "as"
     # Host uids/gids for agents: slot k maps the sandbox's 0..65535 to
@@ -66,6 +175,14 @@ class SandboxSection(_Section):
     agent_uid: Annotated[int, Field(ge=1, le=65535)] = 1000
     # Smallest host uid a workspace owner may have (the agent writes the workspace as its owner).
     workspace_min_owner_uid: Annotated[int, Field(ge=1)] = 1000
+
+    @model_validator(mode="after")
+    def _uids_fit(self) -> SandboxSection:
+        last = self.uid_base + self.max_runs * 65536 - 1
+        if last > _UID_MAX:
+            raise ValueError(f"uid_base {self.uid_base} + max_runs {self.max_runs} x 65536 "
+                             f"ends at uid {last}, past the highest uid {_UID_MAX}")
+        return self
 
 
 class ResourcesSection(_Section):
@@ -90,7 +207,7 @@ class DockerSection(_Section):
     # Enables the docker runtime for profiles that ask for it while the default stays runc.
     enabled: bool = False
     # The engine's API socket (the Docker SDK speaks to it; the CLI is never run).
-    socket: str = "unix:///var/run/docker.sock"
+    socket: Annotated[str, AfterValidator(_engine_url)] = "unix:///var/run/docker.sock"
     # Seconds for one API call; a hung engine fails the launch instead of the daemon.
     api_timeout: Annotated[float, Field(gt=0, le=300)] = 30.0
     # The image of runs with a "host" root and no image of their own: an empty skeleton the
@@ -129,7 +246,7 @@ class WorkspacesSection(_Section):
 
 
 class WebhookEndpoint(_Section):
-    url: Annotated[str, Field(pattern=r"^https?://")]
+    url: Annotated[str, Field(pattern=r"^https?://"), AfterValidator(_http_url)]
     # HMAC-SHA256 key: a file (root, 0600) or the name of an environment variable.
     secret_file: Path | None = None
     secret_env: str | None = None
@@ -177,14 +294,14 @@ class TelemetrySection(_Section):
     # Seccomp user-notification listener (runc's listenerPath). "" turns it off: the notified
     # syscalls are then denied EPERM by the filter itself, unreported. Default:
     # <runtime_dir>/seccomp.sock.
-    seccomp_listener: str | None = None
+    seccomp_listener: Annotated[str | None, AfterValidator(_seccomp_listener)] = None
 
 
 class EgressSection(_Section):
     """The egress gateway, for runs whose profile has network mode `gateway`."""
 
     # Each gateway run gets a /30 of this private pool: .1 on the host (the gateway), .2 inside.
-    pool: str = "10.213.0.0/16"
+    pool: Annotated[str, AfterValidator(_pool)] = "10.213.0.0/16"
     port: Annotated[int, Field(ge=1, le=65535)] = 3128
     # Route secrets named "file:NAME" are read from here (root-owned, mode 0600 or stricter).
     secrets_dir: Path = Path("/etc/agent-supervisor/secrets")
@@ -192,7 +309,7 @@ class EgressSection(_Section):
     ca_file: Path | None = None
     # Names the gateway resolves itself to fixed addresses. Without an entry, a name that
     # resolves to a loopback, private or link-local address is refused (no way back in).
-    hosts: dict[str, str] = {}
+    hosts: Annotated[dict[str, str], AfterValidator(_pinned_hosts)] = {}
     max_connections_per_run: Annotated[int, Field(ge=1, le=10_000)] = 64
     # A connection that has not sent a complete request head within this time is closed.
     header_timeout: Duration = 10.0
@@ -293,7 +410,8 @@ class FleetSection(_Section):
     applies fleet actions and holds, and anchors its audit head there. Absent: a lone host."""
 
     host_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")]
-    endpoints: Annotated[list[str], Field(min_length=1)]  # "host:port" of etcd's client URLs
+    # "host:port" of etcd's client URLs
+    endpoints: Annotated[list[str], Field(min_length=1), AfterValidator(_endpoints)]
     ca_file: Path
     cert_file: Path
     key_file: Path

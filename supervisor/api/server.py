@@ -934,9 +934,11 @@ def bind_control_socket(path: Path, gid: int, mode: int = 0o660) -> socket.socke
     return sock
 
 
-def operators_gid(group: str) -> int:
+def operators_gid(group: str, socket_path: Path) -> int:
+    """The group's gid; -1 (the socket stays root's) for a group gone since the start's check
+    (which refuses one missing)."""
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
-        log.warning("group %r does not exist: only root can use the control socket", group)
+        log.warning("group %r does not exist: only root can use %s", group, socket_path)
         return -1

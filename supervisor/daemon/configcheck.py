@@ -12,7 +12,9 @@ import contextlib
 import grp
 import hashlib
 import os
+import pwd
 import shutil
+import ssl
 import stat
 import tomllib
 from dataclasses import dataclass, field
@@ -36,6 +38,7 @@ from supervisor.metrics import check_endpoint
 from supervisor.profiles import load_profile
 from supervisor.runtime.init import SandboxInit
 from supervisor.runtime.uid_drop import UidDrop
+from supervisor.sandbox import runs_parent
 
 # Where a bare [sandbox] runc_path is looked up (the unit's PATH and the root's usual one).
 RUNC_SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -140,11 +143,68 @@ def group_errors(config: Config, where: str) -> list[dict[str, str]]:
     return errors
 
 
+def host_errors(config: Config, where: str) -> list[dict[str, str]]:
+    """What the host must hold for the file's names, which a start refuses before it touches
+    anything (exit 78): the control sockets' groups, the runs' parent cgroup being the
+    supervisor's own, the egress gateway's user and CA file, the fleet's files. Each is
+    otherwise looked up only when used, after agents were adopted or while launches wait."""
+    errors = group_errors(config, where)
+    parent = config.sandbox.cgroup_parent
+    if (why := runs_parent.why_foreign(parent)) is not None:
+        errors.append(config_error(where, "sandbox.cgroup_parent", f"{why}; name a cgroup "
+                                   f"of the supervisor's own (one that does not exist yet, "
+                                   f"e.g. /agent-supervisor)"))
+    user = config.egress.worker_user
+    if user and user != "root":
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            errors.append(config_error(where, "egress.worker_user", f"user {user!r} does not "
+                                       f"exist on this host (the gateway worker runs as it; "
+                                       f"name another, e.g. nobody)"))
+    if config.egress.ca_file is not None:
+        errors.extend(_pem_errors(where, "egress.ca_file", config.egress.ca_file))
+    if config.fleet is not None:
+        errors.extend(_fleet_errors(config, where))
+    return errors
+
+
+def _pem_errors(where: str, key: str, path: Path) -> list[dict[str, str]]:
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except ssl.SSLError as exc:  # an OSError too: first
+        reason = f"{path} holds no usable PEM certificate: {exc.reason or exc}"
+    except OSError as exc:
+        reason = f"{path}: {exc.strerror or exc}"
+    else:
+        return []
+    return [config_error(where, key, reason)]
+
+
+def _fleet_errors(config: Config, where: str) -> list[dict[str, str]]:
+    fleet = config.fleet
+    assert fleet is not None
+    errors = _pem_errors(where, "fleet.ca_file", fleet.ca_file)
+    try:
+        ssl.create_default_context().load_cert_chain(str(fleet.cert_file), str(fleet.key_file))
+    except (OSError, ssl.SSLError) as exc:
+        errors.append(config_error(where, "fleet.cert_file", f"the client certificate "
+                                   f"{fleet.cert_file} with key {fleet.key_file} does not "
+                                   f"load: {getattr(exc, 'strerror', None) or exc}"))
+    try:
+        fleet.password_file.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        errors.append(config_error(where, "fleet.password_file", f"{fleet.password_file}: "
+                                   f"{getattr(exc, 'strerror', None) or exc}"))
+    return errors
+
+
 def _check_start(config: Config, where: str, checked: CheckedConfig) -> None:
-    """What a start stops at beyond the file's schema: the control sockets' groups, webhook
-    secrets, the metrics address, the sandbox's init and runc, and the Docker engine's socket
-    and gosu when Docker is enabled (in engine_errors: a reload does not need the engine)."""
-    checked.errors.extend(group_errors(config, where))
+    """What a start stops at beyond the file's schema: what the host must hold for the file's
+    names (host_errors), webhook secrets, the metrics address, the sandbox's init and runc,
+    and the Docker engine's socket and gosu when Docker is enabled (in engine_errors: a
+    reload does not need the engine)."""
+    checked.errors.extend(host_errors(config, where))
     _check_webhooks(config, where, checked)
     try:
         check_endpoint(config.metrics.listen, config.metrics.web_config_file)
@@ -182,9 +242,7 @@ def _check_start(config: Config, where: str, checked: CheckedConfig) -> None:
 
 def docker_socket_path(url: str) -> str | None:
     """The file of a unix:// engine URL (a TCP engine has none to check)."""
-    if url.startswith("unix://"):
-        return url.removeprefix("unix://")
-    return url if url.startswith("/") else None
+    return url.removeprefix("unix://") if url.startswith("unix://") else None
 
 
 def _valid_parts(path: Path | None) -> Config:

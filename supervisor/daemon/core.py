@@ -32,7 +32,7 @@ from supervisor.runtime.init import SandboxInit
 from supervisor.runtime.output import Outputs
 from supervisor.runtime.router import RuntimeRouter
 from supervisor.runtime.sandboxed import RuncRuntime
-from supervisor.sandbox import budget, userns
+from supervisor.sandbox import budget, runs_parent, userns
 from supervisor.sandbox.cgroups import Cgroup, CgroupMode, detect_mode
 from supervisor.sandbox.command import check_command
 from supervisor.sandbox.libc import set_child_subreaper
@@ -158,6 +158,9 @@ class Core:
         runs_budget = budget.RunsBudget.for_host(res.runs_pids_max, res.host_pids_reserve,
                                                  res.runs_memory_max, res.host_memory_reserve)
         budget.apply(config.sandbox.cgroup_parent, runs_budget)
+        # The parent is the supervisor's from here (the start refused one that was not:
+        # sandbox/runs_parent.py); the mark tells a later start so.
+        runs_parent.mark(config.sandbox.cgroup_parent)
         # Output reaches each run's log file through a pipe or stream the supervisor drains,
         # up to the run's cap (supervisor/runtime/output.py).
         outputs = Outputs(config.output.max_bytes)

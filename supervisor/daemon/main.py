@@ -40,7 +40,7 @@ from supervisor.config import config_path as chosen_config
 from supervisor.daemon.arbiter import SYSTEM
 from supervisor.daemon.auditing import housekeeping, start_audit, verify_fully
 from supervisor.daemon.breakglass import BreakGlass, HaltSignal, block_halt_signal, request_halt
-from supervisor.daemon.configcheck import CheckedConfig, check_config, group_errors
+from supervisor.daemon.configcheck import CheckedConfig, check_config, host_errors
 from supervisor.daemon.core import Core
 from supervisor.daemon.drills import Drills
 from supervisor.daemon.fleet import FleetMember
@@ -180,7 +180,7 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     # command (ExecReload= too) systemd chowns a RuntimeDirectory= whose top is not the
     # service's user and group recursively, which would reset control.sock's group and reach
     # the runs' bundles and workspace mounts below it.
-    gid = operators_gid(config.daemon.socket_group)
+    gid = operators_gid(config.daemon.socket_group, config.socket_path)
     # --- webhooks (supervisor/events/): the outbox subscribes before any audit row that
     # becomes an event; a missing or world-readable secret stops the start here, naming it.
     outbox = Outbox(db, load_endpoints(config.webhooks))
@@ -263,7 +263,7 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     sock = bind_control_socket(config.socket_path, gid)
     # The owners' socket: a kill's connect never waits behind the control socket's callers.
     owner_socket = owner_socket_of(config.socket_path)
-    owner_gid = (operators_gid(config.control.owner_socket_group)
+    owner_gid = (operators_gid(config.control.owner_socket_group, owner_socket)
                  if config.control.owner_socket_group else -1)
     owner_sock = bind_control_socket(owner_socket, owner_gid,
                                      0o660 if owner_gid >= 0 else 0o600)
@@ -464,10 +464,12 @@ def main(config_path: Path | None, check_only: bool, halt_reason: str | None) ->
     try:
         config = load_config(config_path)
         load_endpoints(config.webhooks)  # secrets present and private, before anything starts
-        # A socket group that does not exist would leave the socket to root alone.
+        # What the file names on the host (groups, users, files, the runs' parent cgroup),
+        # all of it before anything is touched: a socket group that does not exist would leave
+        # the socket to root alone, a foreign parent cgroup would be limited and killed.
         where = str(chosen_config(config_path) or "(defaults: no configuration file)")
-        if groups := group_errors(config, where):
-            CheckedConfig(source=where, errors=groups).raise_for_errors()
+        if errors := host_errors(config, where):
+            CheckedConfig(source=where, errors=errors).raise_for_errors()
     except ConfigInvalid as exc:
         click.echo(f"agent-supervisord: {exc.message}", err=True)
         sys.exit(exc.exit_status)

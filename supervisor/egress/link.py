@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from supervisor.config import parse_egress_pool
 from supervisor.errors import EgressSetupFailed
 from supervisor.sandbox.libc import libc
 
@@ -37,13 +38,6 @@ SANDBOX_IFNAME = "eth0"
 PREFIXLEN = 30
 IFNAME_PREFIX = "asg"
 CLONE_NEWNET = 0x40000000
-# RFC 1918 only: 127/8, 169.254/16 and the other "private" special ranges would either not
-# route over a veth or collide with things the host relies on.
-_RFC1918 = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12",
-                                                    "192.168.0.0/16"))
-# A /16 holds 16384 /30s; larger pools make every allocation scan for nothing, smaller than a
-# /29 hold fewer than two links.
-_POOL_PREFIXLENS = range(16, 30)
 _IFNAMSIZ = 15  # IFNAMSIZ is 16 including the terminating NUL
 _libc = libc
 
@@ -135,22 +129,6 @@ def _host_networks() -> set[ipaddress.IPv4Network]:
     return _in_thread("egress-addrs", read)
 
 
-def _parse_pool(cidr: str) -> ipaddress.IPv4Network:
-    try:
-        network = ipaddress.ip_network(cidr, strict=True)
-    except ValueError as exc:
-        raise ValueError(f"egress address pool {cidr!r} is not a network: {exc}") from None
-    if not isinstance(network, ipaddress.IPv4Network):
-        raise ValueError(f"egress address pool {cidr!r} must be IPv4")
-    if not any(network.subnet_of(private) for private in _RFC1918):
-        raise ValueError(f"egress address pool {cidr!r} must lie inside a private (RFC 1918) "
-                         "range: 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16")
-    if network.prefixlen not in _POOL_PREFIXLENS:
-        raise ValueError(f"egress address pool {cidr!r} must be a /{_POOL_PREFIXLENS.start} "
-                         f"to /{_POOL_PREFIXLENS.stop - 1}")
-    return network
-
-
 class AddressPool:
     """Hands out /30s from a private CIDR (e.g. "10.213.0.0/16"). Thread-safe.
 
@@ -161,7 +139,7 @@ class AddressPool:
 
     def __init__(self, cidr: str,
                  in_use: Callable[[], set[ipaddress.IPv4Network]] = _host_networks) -> None:
-        self.network = _parse_pool(cidr)
+        self.network = parse_egress_pool(cidr)
         self._in_use = in_use
         self._held: set[ipaddress.IPv4Network] = set()
         self._lock = threading.Lock()

@@ -585,6 +585,34 @@ def test_a_restart_onto_a_bad_config_keeps_the_handed_over_agents(machine: Machi
     assert agent_view(machine, name)["run"]["state"] == "killed"
 
 
+def test_a_bad_egress_pool_fails_the_start_with_78_and_no_traceback(machine: Machine) -> None:
+    """Audit M1: an [egress] pool that is not a network passed --check-config, and the start
+    died in the gateway's setup with a traceback, exit 1, restarted by systemd until its start
+    limit. Now both refuse it by key, exit 78, and systemd does not restart it."""
+    config = machine.run("cat", CONFIG).stdout
+    put(machine, CONFIG, config + '\n[egress]\npool = "10.0.0.0/33"\n'
+                                  'worker_user = "as-no-such-user"\n')
+    try:
+        check = machine.run("/opt/agent-supervisor/venv/bin/agent-supervisord",
+                            "--check-config", check=False)
+        assert check.returncode == 78, check
+        assert "egress.pool" in check.stderr and "egress.worker_user" in check.stderr
+        before = machine.journal()
+        failed = machine.run("systemctl", "restart", UNIT, check=False, timeout=180)
+        assert failed.returncode != 0, failed
+        machine.wait_for("the unit to fail", lambda: machine.unit(
+            "ActiveState", "ExecMainStatus") == {"ActiveState": "failed",
+                                                 "ExecMainStatus": "78"}, timeout=120)
+        assert machine.unit("NRestarts")["NRestarts"] == "0"
+        journal = machine.journal()[len(before):]
+        assert "egress.pool" in journal and "is not a network" in journal, journal
+        assert "Traceback" not in journal, journal
+    finally:
+        put(machine, CONFIG, config)
+    machine.run("systemctl", "start", UNIT, timeout=180)
+    wait_active(machine)
+
+
 GATE = "/run/as-test-gate"
 GATE_DROP_IN = "/etc/systemd/system/agent-supervisor.service.d/gate.conf"
 HALT_FILE = "/run/agent-supervisor/HALT"

@@ -123,6 +123,66 @@ def test_bad_value_names_the_field(tmp_path: Path, text: str, key: str) -> None:
     assert info.value.detail["reason"]
 
 
+@pytest.mark.parametrize(("text", "key", "reason"), [
+    ("[egress]\npool = '10.0.0.0/33'\n", "egress.pool", "is not a network"),
+    ("[egress]\npool = '10.213.0.1/16'\n", "egress.pool", "is not a network"),
+    ("[egress]\npool = '8.8.8.0/24'\n", "egress.pool", "private (RFC 1918)"),
+    ("[egress]\npool = '10.0.0.0/8'\n", "egress.pool", "/16 to /29"),
+    ("[egress]\npool = 'fd00::/64'\n", "egress.pool", "must be IPv4"),
+    ("[egress]\nhosts = {'api.example' = 'not-an-ip'}\n", "egress.hosts",
+     "is not an IP address"),
+    ("[sandbox]\ncgroup_parent = '/system.slice'\n", "sandbox.cgroup_parent", "systemd"),
+    ("[sandbox]\ncgroup_parent = '/a/ssh.service/x'\n", "sandbox.cgroup_parent", "systemd"),
+    ("[sandbox]\ncgroup_parent = '/user.slice/user-0.slice/session-1.scope'\n",
+     "sandbox.cgroup_parent", "systemd"),
+    ("[sandbox]\ncgroup_parent = '/agents/../system.slice'\n", "sandbox.cgroup_parent",
+     "'..'"),
+    ("[sandbox]\ncgroup_parent = '/agents//runs'\n", "sandbox.cgroup_parent", "empty"),
+    ("[sandbox]\nuid_base = 4294000000\n", "sandbox", "past the highest uid"),
+    ("[telemetry]\nseccomp_listener = 'seccomp.sock'\n", "telemetry.seccomp_listener",
+     "not an absolute path"),
+    ("[[webhooks]]\nurl = 'https://'\n", "webhooks.0.url", "with a host"),
+    ("[docker]\nsocket = '/var/run/docker.sock'\n", "docker.socket", "not an engine URL"),
+    ("[docker]\nsocket = 'unix://docker.sock'\n", "docker.socket", "absolute path"),
+    ("[docker]\nsocket = 'tcp://10.0.0.1'\n", "docker.socket", "needs a port"),
+    ("[[webhooks]]\nurl = 'https://hooks.example:99999/x'\n", "webhooks.0.url",
+     "is not a URL"),
+])
+def test_values_used_only_later_are_judged_at_load(tmp_path: Path, text: str, key: str,
+                                                   reason: str) -> None:
+    """Settings parsed or used only when a feature first runs (the gateway's pool and pinned
+    hosts, the runs' parent, the uid range, the seccomp socket, a webhook's URL) are refused
+    by name at load: a start, a reload and --check-config all see them."""
+    with pytest.raises(ConfigInvalid) as info:
+        load_config(write(tmp_path, text))
+    assert info.value.detail["key"] == key
+    assert reason in info.value.detail["reason"], info.value.detail
+
+
+def test_good_values_of_those_settings_load(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "\n".join([
+        "[egress]", "pool = '192.168.64.0/20'", "hosts = {'db.internal' = '10.1.2.3',"
+        " 'v6.internal' = 'fd00::1'}",
+        "[sandbox]", "cgroup_parent = '/agents/runs'", "uid_base = 100000", "max_runs = 4096",
+        "[telemetry]", "seccomp_listener = ''",
+        "[docker]", "socket = 'tcp://10.0.0.1:2376'",
+        "[[webhooks]]", "url = 'http://127.0.0.1:8080/hook'", ""])))
+    assert config.egress.pool == "192.168.64.0/20"
+    assert config.sandbox.cgroup_parent == "/agents/runs"
+    assert config.seccomp_listener is None
+
+
+def test_fleet_endpoints_must_be_host_and_port(tmp_path: Path) -> None:
+    fleet = ("[fleet]\nhost_id = 'h1'\nca_file = '/ca'\ncert_file = '/c'\nkey_file = '/k'\n"
+             "user = 'u'\npassword_file = '/p'\n")
+    with pytest.raises(ConfigInvalid) as info:
+        load_config(write(tmp_path, fleet + "endpoints = ['etcd1.example:2379', 'etcd2']\n"))
+    assert info.value.detail["key"] == "fleet.endpoints"
+    assert "'etcd2' is not HOST:PORT" in info.value.detail["reason"]
+    ok = load_config(write(tmp_path, fleet + "endpoints = ['etcd1.example:2379']\n"))
+    assert ok.fleet is not None and ok.fleet.endpoints == ["etcd1.example:2379"]
+
+
 def test_nan_duration_is_rejected(tmp_path: Path) -> None:
     """TOML has nan; a NaN confirm timeout would never expire, so a kill never escalates."""
     with pytest.raises(ConfigInvalid) as info:

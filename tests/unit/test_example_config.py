@@ -6,6 +6,7 @@ from __future__ import annotations
 import grp
 import re
 import socket
+import ssl
 import tomllib
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 from pydantic import BaseModel
 
+from supervisor.api.server import operators_gid
 from supervisor.config import Config, load_config
 from supervisor.daemon import configcheck
 from supervisor.daemon.configcheck import check_config
@@ -22,6 +24,7 @@ from supervisor.errors import ConfigInvalid
 EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "daemon.toml.example"
 # A socket group every host has: these tests are about other errors.
 HOST_GROUP = '[daemon]\nsocket_group = "root"\n'
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"  # Debian's, when Python names none
 
 
 def test_the_example_as_installed_is_the_defaults() -> None:
@@ -189,6 +192,76 @@ def test_a_socket_group_missing_on_the_host_is_reported_with_every_other_error(
     checked_cli = CliRunner().invoke(daemon_main, ["--config", str(config), "--check-config"])
     assert checked_cli.exit_code == 78
     assert "daemon.socket_group: group 'as-no-such-group' does not exist" in checked_cli.output
+
+
+def test_every_name_the_host_must_hold_is_reported_with_the_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """[egress] pool, worker_user and ca_file, [control] owner_socket_group and a runs'
+    parent that is not the supervisor's were each met only when used (a traceback and exit 1
+    at the start, a gateway "restarting" forever, a foreign cgroup limited and killed): now
+    --check-config lists every one at once, the start refuses them with 78 before touching
+    anything, and a reload is refused on them."""
+    foreign = "/as-test-foreign"
+    monkeypatch.setattr(configcheck.runs_parent, "why_foreign", lambda parent: (
+        "holds 1 process(es) that are not the supervisor's" if parent == foreign else None))
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    config = tmp_path / "daemon.toml"
+    config.write_text(f'{HOST_GROUP}[control]\nowner_socket_group = "as-no-such-owners"\n'
+                      f'[sandbox]\ncgroup_parent = "{foreign}"\n'
+                      '[egress]\npool = "10.0.0.0/33"\nworker_user = "as-no-such-user"\n'
+                      f'ca_file = "{tmp_path}/no-ca.pem"\n')
+    checked = check_config(config)
+    reasons = {e["key"]: e["reason"] for e in checked.all_errors}
+    # The pool fails the schema; everything else is judged on the file's valid parts.
+    assert {"egress.pool", "egress.worker_user", "egress.ca_file",
+            "control.owner_socket_group", "sandbox.cgroup_parent"} <= set(reasons), reasons
+    assert "is not a network" in reasons["egress.pool"]
+    assert "'as-no-such-user' does not exist" in reasons["egress.worker_user"]
+    assert "no-ca.pem" in reasons["egress.ca_file"]
+    assert "supervisor's own" in reasons["sandbox.cgroup_parent"]
+    # Valid to the schema: the same host checks, a reload refused on them too.
+    config.write_text(f'{HOST_GROUP}[egress]\nworker_user = "as-no-such-user"\n'
+                      f'ca_file = "{not_pem}"\n[sandbox]\ncgroup_parent = "{foreign}"\n')
+    valid = check_config(config)
+    assert valid.config is not None and not valid.reloadable
+    keys = [e["key"] for e in valid.reload_errors]
+    assert {"egress.worker_user", "egress.ca_file", "sandbox.cgroup_parent"} <= set(keys)
+    assert "no usable PEM certificate" in {e["key"]: e["reason"]
+                                           for e in valid.errors}["egress.ca_file"]
+    # The start: exit 78 with the first error and the count, no traceback, for each kind.
+    for text in ('[egress]\npool = "10.0.0.0/33"\n', '[egress]\nworker_user = "as-no-such-user"\n',
+                 f'[egress]\nca_file = "{not_pem}"\n', f'[sandbox]\ncgroup_parent = "{foreign}"\n',
+                 '[control]\nowner_socket_group = "as-no-such-owners"\n'):
+        config.write_text(HOST_GROUP + text)
+        started = CliRunner().invoke(daemon_main, ["--config", str(config)])
+        assert started.exit_code == 78, (text, started.output)
+        assert started.exception is None or isinstance(started.exception, SystemExit)
+        assert "Traceback" not in started.output
+        key = text.split("]")[0].strip("[") + "." + text.split("\n")[1].split(" ")[0]
+        assert key in started.output, (key, started.output)
+        checked_cli = CliRunner().invoke(daemon_main, ["--config", str(config),
+                                                       "--check-config"])
+        assert checked_cli.exit_code == 78 and key in checked_cli.output
+
+
+def test_a_group_gone_after_the_check_names_the_socket_it_leaves_to_root(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The owners' socket's group gone between the start's check and the bind: the warning
+    names that socket, not the control socket (which keeps its own group)."""
+    owner = Path("/run/agent-supervisor/control-owner.sock")
+    with caplog.at_level("WARNING"):
+        assert operators_gid("as-no-such-owners", owner) == -1
+    assert f"only root can use {owner}" in caplog.text
+    assert "control socket" not in caplog.text
+
+
+def test_a_ca_file_that_is_a_certificate_passes(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text(Path(ssl.get_default_verify_paths().cafile or CA_BUNDLE).read_text())
+    config = tmp_path / "daemon.toml"
+    config.write_text(f'{HOST_GROUP}[egress]\nca_file = "{ca}"\nworker_user = "root"\n')
+    assert [e for e in check_config(config).errors if e["key"].startswith("egress")] == []
 
 
 def test_the_readmes_defaults_are_the_codes() -> None:

@@ -1,0 +1,100 @@
+"""The runs' parent cgroup ([sandbox] cgroup_parent) is the supervisor's own: the daemon writes
+the runs' budget on it, and break-glass, SIGUSR1, a global halt and the watchdog kill
+everything in it. A parent that already holds processes or cgroups of someone else is
+refused before any of that happens, and the parent the daemon made or took is marked so a
+later daemon knows it. Reads the cgroup trees (any user); marking needs root.
+
+What the supervisor puts in its parent: one cgroup per run, its MCP servers' and the startup
+self-test's canary, each named `<name_prefix>-<run id>...` (a docker run's container cgroup
+is below the run's). The watchdog's and the gateway worker's are siblings
+(`<parent>-watchdog`, `<parent>-gateway`). No process lives in the parent itself.
+
+The mark is the extended attribute MARK on the parent's directory in the v2 tree (the
+unified hierarchy of a hybrid host), holding the parent's path: it goes with the directory,
+so a cgroup removed and made again by someone else does not inherit it. A parent made by a
+daemon from before the mark (or on a kernel that refuses it) has only runs' cgroups in it,
+which are judged by name, then marked."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+from pathlib import Path
+
+from supervisor.sandbox.cgroups import (
+    CGROUP_ROOT,
+    CgroupMode,
+    detect_mode,
+    unified_root,
+    v1_hierarchies,
+)
+
+log = logging.getLogger(__name__)
+
+MARK = "trusted.agent-supervisor"
+# A run's cgroup (any name_prefix: a prefix changed between restarts leaves runs of the old
+# one to adopt), an MCP server's beside it, the self-test's canary.
+_RUN_CGROUP = re.compile(r"^[a-z][a-z0-9\-]{0,15}-(selftest[0-9a-f]{6}|[0-9a-f]{12}(-mcp\d+)?)$")
+_SHOWN = 5  # pids and names quoted in a refusal
+
+
+def _directories(parent: str, root: Path) -> list[Path]:
+    relative = parent.strip("/")
+    trees = [unified_root(root), *v1_hierarchies(root)]
+    return [tree / relative for tree in trees if (tree / relative).is_dir()]
+
+
+def is_marked(parent: str, root: Path = CGROUP_ROOT) -> bool:
+    try:
+        value = os.getxattr(unified_root(root) / parent.strip("/"), MARK)
+    except OSError:  # absent, no such attribute, or not root (trusted.* is root's to read)
+        return False
+    return value.decode(errors="replace") == "/" + parent.strip("/")
+
+
+def why_foreign(parent: str, root: Path = CGROUP_ROOT) -> str | None:
+    """Why `parent` is not the supervisor's to take; None when it is (absent: the daemon
+    makes it; marked; or holding only runs' cgroups)."""
+    if detect_mode(root) is CgroupMode.NONE:
+        return None  # nothing to take; the start refuses a host without cgroups on its own
+    directories = _directories(parent, root)
+    if not directories:
+        return None
+    for directory in directories:
+        try:
+            pids = (directory / "cgroup.procs").read_text().split()
+        except OSError as exc:
+            return f"cannot read {directory}/cgroup.procs: {exc.strerror}"
+        if pids:
+            return (f"{directory} already holds {len(pids)} process(es) that are not the "
+                    f"supervisor's (pid {', '.join(pids[:_SHOWN])}): the runs' limits would "
+                    f"apply to them and a global halt would kill them")
+    if is_marked(parent, root):
+        return None
+    foreign: set[str] = set()
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            foreign.update(child.name for child in directory.iterdir()
+                           if child.is_dir() and not _RUN_CGROUP.match(child.name))
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:_SHOWN])
+        return (f"{directories[0]} already holds cgroups the supervisor did not make ({shown}): "
+                f"a global halt would kill what runs in them")
+    return None
+
+
+def mark(parent: str, root: Path = CGROUP_ROOT) -> str | None:
+    """Mark the parent as the supervisor's (after the check and the budget made it); None,
+    or why it could not be (the next start then judges its children by name)."""
+    path = unified_root(root) / parent.strip("/")
+    try:
+        os.setxattr(path, MARK, ("/" + parent.strip("/")).encode())
+    except OSError as exc:
+        reason = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        log.warning("cannot mark %s as the supervisor's (%s %s): a later start judges its "
+                    "cgroups by name", path, reason, exc.strerror)
+        return f"{reason}: {exc.strerror}"
+    return None

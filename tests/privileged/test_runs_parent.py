@@ -1,0 +1,122 @@
+"""A runs' parent cgroup that is someone else's is refused, for real: a cgroup of the test's own
+holding a foreign `sleep` (or a foreign child cgroup) named as [sandbox] cgroup_parent stops
+the daemon's start with exit 78 before it writes a limit there or arms a kill, and the sleep
+lives on; a systemd unit's name is refused at load. The parent a daemon makes is marked as
+its own. Needs root and runc; touches only cgroups the test made."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisor.sandbox import runs_parent
+from supervisor.sandbox.cgroups import CGROUP_ROOT, Cgroup, v1_hierarchies
+from tests.support.daemon import TEST_CGROUP_ROOT, Daemon, new_daemon
+
+
+@pytest.fixture
+def foreign_cgroup() -> Iterator[Cgroup]:
+    """A cgroup of the test's own (under the tests' root), removed with all it holds after."""
+    cgroup = Cgroup(f"{TEST_CGROUP_ROOT}/foreign-{secrets.token_hex(3)}")
+    cgroup.create(("pids", "memory"))
+    try:
+        yield cgroup
+    finally:
+        cgroup.remove(strict=False)  # children first; their processes are the tests' own
+
+
+@pytest.fixture
+def foreign_sleep(foreign_cgroup: Cgroup) -> Iterator[subprocess.Popen[bytes]]:
+    """A process that is not the supervisor's, in the cgroup (v2 and, on a hybrid host, the v1
+    pids and memory hierarchies, where the runs' budget would be written)."""
+    sleep = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        foreign_cgroup.place(sleep.pid, ("pids", "memory"))
+        yield sleep
+    finally:
+        sleep.kill()
+        sleep.wait()
+
+
+def refused_start(daemon: Daemon) -> str:
+    """Start the daemon, which must refuse with 78 naming sandbox.cgroup_parent, no traceback."""
+    with pytest.raises(RuntimeError, match="daemon exited 78"):
+        daemon.start()
+    log = daemon.logs()
+    assert "sandbox.cgroup_parent" in log and "Traceback" not in log, log
+    check = daemon.check_config()
+    assert check.returncode == 78 and "sandbox.cgroup_parent" in check.stderr, check.stderr
+    return log
+
+
+def untouched(cgroup: Cgroup, daemon: Daemon) -> None:
+    """No limit written, nothing of the daemon's beside it, no mark."""
+    for hierarchy in v1_hierarchies(CGROUP_ROOT):
+        pids_max = hierarchy / cgroup.relative / "pids.max"
+        if hierarchy.name == "pids" and pids_max.exists():
+            assert pids_max.read_text().strip() == "max"
+    if (cgroup.path / "pids.max").exists():
+        assert (cgroup.path / "pids.max").read_text().strip() == "max"
+    assert not Cgroup(cgroup.relative + "-watchdog").exists()
+    assert not runs_parent.is_marked(cgroup.relative)
+    assert not (daemon.root / "run" / "control.sock").exists()
+
+
+def test_a_parent_holding_a_foreign_process_is_refused_and_it_survives(
+        tmp_root: Path, foreign_cgroup: Cgroup, foreign_sleep: subprocess.Popen[bytes]) -> None:
+    daemon = new_daemon(tmp_root)
+    daemon.cgroup_parent = "/" + foreign_cgroup.relative
+    log = refused_start(daemon)
+    assert f"pid {foreign_sleep.pid}" in log
+    untouched(foreign_cgroup, daemon)
+    assert foreign_sleep.poll() is None
+    os.kill(foreign_sleep.pid, 0)  # alive
+    assert foreign_cgroup.pids() == [foreign_sleep.pid]
+
+
+def test_a_parent_holding_a_foreign_cgroup_is_refused(tmp_root: Path,
+                                                      foreign_cgroup: Cgroup) -> None:
+    child = Cgroup(f"{foreign_cgroup.relative}/database").create(("pids",))
+    sleep = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        child.place(sleep.pid, ("pids",))
+        daemon = new_daemon(tmp_root)
+        daemon.cgroup_parent = "/" + foreign_cgroup.relative
+        assert "database" in refused_start(daemon)
+        untouched(foreign_cgroup, daemon)
+        assert sleep.poll() is None and child.pids() == [sleep.pid]
+    finally:
+        os.kill(sleep.pid, signal.SIGKILL)
+        sleep.wait()
+
+
+@pytest.mark.parametrize("name", ["runs.slice", "ssh.service", "session-9.scope"])
+def test_a_systemd_units_cgroup_is_refused_before_anything_is_made(tmp_root: Path,
+                                                                   name: str) -> None:
+    daemon = new_daemon(tmp_root)
+    daemon.cgroup_parent = f"{TEST_CGROUP_ROOT}/{secrets.token_hex(3)}/{name}"
+    refused_start(daemon)
+    assert not Cgroup(daemon.cgroup_parent).exists()
+    assert not Cgroup(daemon.cgroup_parent.rsplit("/", 1)[0]).exists()
+
+
+def test_the_parent_a_daemon_makes_is_marked_its_own(tmp_root: Path) -> None:
+    daemon = new_daemon(tmp_root)
+    daemon.start()
+    try:
+        assert runs_parent.is_marked(daemon.cgroup_parent)
+        assert os.getxattr(daemon.cgroup_dir(), runs_parent.MARK).decode() == \
+            daemon.cgroup_parent
+        # A check while it runs (a reload's, --check-config's) finds it the supervisor's.
+        assert runs_parent.why_foreign(daemon.cgroup_parent) is None
+        assert daemon.check_config().returncode == 0
+    finally:
+        daemon.finish()

@@ -1,0 +1,89 @@
+"""Whether a configured runs' parent cgroup is the supervisor's to take
+(supervisor/sandbox/runs_parent.py), judged on cgroup trees laid out in tmp. No privilege: the
+real kernel's refusal and the mark are in tests/privileged/test_runs_parent.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from supervisor.sandbox import runs_parent
+
+
+def tree(root: Path, *, hybrid: bool = False) -> Path:
+    """A v2 tree (or a hybrid host's: v1 pids and memory beside `unified`); its v2 root."""
+    v2 = root / "unified" if hybrid else root
+    v2.mkdir(parents=True, exist_ok=True)
+    (v2 / "cgroup.controllers").write_text("")
+    if hybrid:
+        for controller in ("pids", "memory"):
+            (root / controller).mkdir()
+    return v2
+
+
+def cgroup(path: Path, pids: str = "") -> Path:
+    path.mkdir(parents=True)
+    (path / "cgroup.procs").write_text(pids)
+    return path
+
+
+def test_an_absent_parent_is_the_supervisors_to_make(tmp_path: Path) -> None:
+    tree(tmp_path)
+    assert runs_parent.why_foreign("/agent-supervisor", tmp_path) is None
+
+
+def test_a_parent_holding_only_runs_cgroups_is_taken(tmp_path: Path) -> None:
+    """An earlier daemon's parent (unmarked: made before the mark, or the kernel refused it)
+    with handed-over runs, of this and of an earlier name_prefix, their MCP servers and a
+    self-test canary: adoption needs it taken."""
+    v2 = tree(tmp_path)
+    parent = cgroup(v2 / "agent-supervisor")
+    for name in ("as-0123456789ab", "old-prefix-fedcba987654", "as-0123456789ab-mcp0",
+                 "as-selftest1a2b3c"):
+        cgroup(parent / name, "4242\n")
+    assert runs_parent.why_foreign("/agent-supervisor", tmp_path) is None
+
+
+def test_a_parent_holding_processes_is_refused(tmp_path: Path) -> None:
+    v2 = tree(tmp_path)
+    cgroup(v2 / "shared", "101\n102\n")
+    why = runs_parent.why_foreign("/shared", tmp_path)
+    assert why is not None
+    assert "2 process(es)" in why and "101" in why and "global halt would kill" in why
+
+
+def test_a_parent_holding_a_foreign_cgroup_is_refused(tmp_path: Path) -> None:
+    v2 = tree(tmp_path)
+    parent = cgroup(v2 / "shared")
+    cgroup(parent / "as-0123456789ab")
+    cgroup(parent / "postgres")
+    why = runs_parent.why_foreign("/shared", tmp_path)
+    assert why is not None and "postgres" in why and "as-0123456789ab" not in why
+
+
+@pytest.mark.parametrize("name", ["as-0123456789ab-x", "as-0123456789a", "AS-0123456789ab",
+                                  "docker", "as-selftest"])
+def test_names_that_only_look_like_a_runs_are_foreign(tmp_path: Path, name: str) -> None:
+    v2 = tree(tmp_path)
+    cgroup(cgroup(v2 / "shared") / name)
+    assert runs_parent.why_foreign("/shared", tmp_path) is not None
+
+
+def test_a_hybrid_hosts_v1_hierarchies_are_judged_too(tmp_path: Path) -> None:
+    """The budget is written in the v1 pids and memory hierarchies: a process there, or a
+    cgroup there, is as foreign as one in the v2 tree."""
+    tree(tmp_path, hybrid=True)
+    cgroup(tmp_path / "unified" / "shared")
+    cgroup(tmp_path / "pids" / "shared", "77\n")
+    why = runs_parent.why_foreign("/shared", tmp_path)
+    assert why is not None and str(tmp_path / "pids" / "shared") in why
+    (tmp_path / "pids" / "shared" / "cgroup.procs").write_text("")
+    cgroup(cgroup(tmp_path / "memory" / "shared") / "java")
+    why = runs_parent.why_foreign("/shared", tmp_path)
+    assert why is not None and "java" in why
+
+
+def test_no_cgroup_tree_is_no_refusal_here(tmp_path: Path) -> None:
+    """A host without cgroups is refused by the start's own checks, with their message."""
+    assert runs_parent.why_foreign("/agent-supervisor", tmp_path) is None
