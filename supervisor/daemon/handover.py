@@ -266,6 +266,7 @@ async def hand_over(core: Core, reason: str) -> dict[str, Any]:
     path = socket_path(config)
     message = {"version": VERSION, "from_pid": os.getpid(), "ts": time.time(),
                "window": config.daemon.adopt_window, "halt_file": str(config.halt_file),
+               "cgroup_parent": config.sandbox.cgroup_parent,
                "socket": str(path), "runs": runs, "exits_fd": exits_fd,
                "exits_note": exits_note}
     listener: socket.socket | None = None
@@ -423,15 +424,27 @@ async def adopt(core: Core) -> Adoption | None:
             # The listening socket's credentials are those of the process that called
             # listen(): the daemon that handed over, which the record names.
             pid, uid = peer_credentials(sock)
-            if uid != 0 or not core.watchdog.previous():
-                raise ValueError(f"not made by root (uid {uid}) or no watchdog of an earlier "
-                                 f"daemon is running")
+            if uid != 0:
+                raise ValueError(f"not made by root (uid {uid})")
             message, fds = await asyncio.to_thread(receive_fds, sock, "record", GIVE_TIMEOUT)
             handover = message.get("record")
             try:
                 if not isinstance(handover, dict) or handover.get("from_pid") != pid:
                     raise ValueError(f"the record is not that of the daemon that made the "
                                      f"socket (pid {pid})")
+                # Named before the watchdog's absence, which a changed parent also causes:
+                # this daemon looks for it in its own parent's -watchdog sibling.
+                handed_parent = handover.get("cgroup_parent", config.sandbox.cgroup_parent)
+                if handed_parent != config.sandbox.cgroup_parent:
+                    raise ValueError(
+                        f"the previous daemon's runs live under [sandbox] cgroup_parent "
+                        f"{handed_parent!r} and this daemon's is "
+                        f"{config.sandbox.cgroup_parent!r}: a changed cgroup_parent does not "
+                        f"take them (set it back and restart within the adopt window to keep "
+                        f"them; runbook, \"Changing cgroup_parent\")")
+                if not core.watchdog.previous():
+                    raise ValueError(f"no watchdog of an earlier daemon is running in "
+                                     f"{core.watchdog.cgroup.path}")
                 check_record(handover, len(fds))
             except ValueError:
                 for fd in fds:

@@ -129,6 +129,10 @@ class ConfigReloader:
         if self.endpoints != checked.endpoints and "webhooks" not in applied:
             applied.append("webhooks")  # a secret file changed: same keys, new secret
         restart_required = [s for s in sections if s not in RELOADABLE]
+        if old.sandbox.cgroup_parent != new.sandbox.cgroup_parent:
+            warnings.append(parent_change_warning(checked.source, old, new,
+                                                  len(self.arbiter.live)))
+            log.warning("reload: %s: %s", warnings[-1]["key"], warnings[-1]["reason"])
         secrets = sorted(ref for ref in set(self.secrets) | set(checked.secrets)
                          if self.secrets.get(ref) != checked.secrets.get(ref))
         profiles = sorted(name for name in set(self.profiles) | set(checked.profiles)
@@ -207,6 +211,18 @@ class ConfigReloader:
         self.drill_schedule.cancel()
         for task in list(self._signalled):
             task.cancel()
+
+
+def parent_change_warning(source: str, old: Config, new: Config,
+                          running: int) -> dict[str, str]:
+    """A [sandbox] cgroup_parent change is no ordinary restart-time change: the next daemon
+    cannot adopt runs that live under the old parent (daemon/handover.py), so the restart
+    kills every agent, and the old parent's cgroups stay behind (runbook)."""
+    return {"path": source, "key": "sandbox.cgroup_parent", "reason": (
+        f"changed from {old.sandbox.cgroup_parent!r} to {new.sandbox.cgroup_parent!r}: the "
+        f"next restart does not adopt the running agents ({running} now), their handover is "
+        f"refused and they are killed; stop them first, or set it back before restarting. "
+        f"The old parent's cgroups stay until removed (runbook, \"Changing cgroup_parent\")")}
 
 
 def _summary(errors: list[dict[str, str]]) -> str:
