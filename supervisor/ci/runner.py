@@ -21,7 +21,6 @@ import gc
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -60,6 +59,7 @@ from supervisor.models import ActionRequest, Actor, Scope
 from supervisor.profiles import Profile, load_profile
 from supervisor.sandbox.bundle import SANDBOX_UID_COUNT
 from supervisor.sandbox.cgroups import Cgroup
+from supervisor.sandbox.fstree import remove_tree
 from supervisor.sandbox.seccomp_notify import AttemptTally
 
 log = logging.getLogger("agentctl")
@@ -279,7 +279,7 @@ class EmbeddedRunner:
             self._finish_audit(core)
             core.close()
         if not mounted and runtime_dir.exists():
-            shutil.rmtree(runtime_dir, ignore_errors=True)
+            remove_tree(runtime_dir)
         cgroup_residue = _remove_cgroups(self.config.sandbox.cgroup_parent)
         if cgroup_residue:
             residue["cgroups"] = cgroup_residue

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 from supervisor.errors import EnforcementError
 from supervisor.profiles import Profile
 from supervisor.runtime.init import INIT_PATH
+from supervisor.sandbox.fstree import remove_tree
 from supervisor.sandbox.workspace_binds import Bind
 
 SANDBOX_UID_COUNT = 65536
@@ -267,4 +267,4 @@ def write_bundle(directory: Path, spec: BundleSpec) -> Path:
 
 
 def remove_bundle(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
+    remove_tree(directory)  # in rounds: its rootfs directories were the run's mount points
