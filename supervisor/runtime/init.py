@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,20 @@ INIT_PATH = "/dev/init"  # where the sandbox sees the init (podman binds cataton
 DEFAULT_INIT_BINARY = "/usr/bin/tini-static"  # Debian package `tini`
 
 
+def host_executable(binary: Path, missing: Callable[[str | None], str], not_executable: str,
+                    /, *, hint: str, **detail: str) -> os.stat_result:
+    """The stat of a host binary a sandbox binds (the init, uid_drop.py's gosu), or
+    EnforcementError with `detail` and `hint`: `missing(strerror)` when it cannot be read,
+    `not_executable` when it is not an executable regular file."""
+    try:
+        info = binary.stat()
+    except OSError as exc:
+        raise EnforcementError(missing(exc.strerror), **detail, hint=hint) from None
+    if not stat.S_ISREG(info.st_mode) or not os.access(binary, os.X_OK):
+        raise EnforcementError(not_executable, **detail, hint=hint)
+    return info
+
+
 @dataclass(frozen=True)
 class SandboxInit:
     binary: Path = Path(DEFAULT_INIT_BINARY)
@@ -27,17 +42,11 @@ class SandboxInit:
     def check(self) -> str:
         """The binary to bind, or EnforcementError: a sandbox without its init would leave
         the agent as PID 1 (signals ignored, zombies kept), so no run starts without it."""
-        try:
-            info = self.binary.stat()
-        except OSError as exc:
-            raise EnforcementError(
-                f"the sandbox init {self.binary} is missing ({exc.strerror}): install Debian's "
-                f"tini package or set [sandbox] init", init=str(self.binary),
-                hint="apt-get install tini") from None
-        if not stat.S_ISREG(info.st_mode) or not os.access(self.binary, os.X_OK):
-            raise EnforcementError(
-                f"the sandbox init {self.binary} is not an executable file",
-                init=str(self.binary), hint="apt-get install tini")
+        host_executable(
+            self.binary, lambda error: f"the sandbox init {self.binary} is missing ({error}): "
+            "install Debian's tini package or set [sandbox] init",
+            f"the sandbox init {self.binary} is not an executable file",
+            hint="apt-get install tini", init=str(self.binary))
         return str(self.binary)
 
     def wrap(self, command: list[str]) -> list[str]:

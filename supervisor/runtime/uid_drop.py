@@ -23,12 +23,12 @@ runs."""
 
 from __future__ import annotations
 
-import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.errors import EnforcementError
+from supervisor.runtime.init import host_executable
 
 DROP_PATH = "/dev/drop-to-agent"  # where the container sees gosu (the runtime's /dev tmpfs)
 DEFAULT_DROP_BINARY = "/usr/sbin/gosu"  # Debian package `gosu`, statically linked
@@ -44,16 +44,11 @@ class UidDrop:
     def check(self) -> str:
         """The binary to bind, or EnforcementError: without it the agent would start as the
         owner of its own stdio pipes, so no docker run starts."""
-        try:
-            info = self.binary.stat()
-        except OSError as exc:
-            raise EnforcementError(
-                f"{self.binary}, which drops a docker run to the agent's uid, is missing "
-                f"({exc.strerror}): install Debian's gosu package", binary=str(self.binary),
-                hint="apt-get install gosu") from None
-        if not stat.S_ISREG(info.st_mode) or not os.access(self.binary, os.X_OK):
-            raise EnforcementError(f"{self.binary} is not an executable file",
-                                   binary=str(self.binary), hint="apt-get install gosu")
+        info = host_executable(
+            self.binary, lambda error: f"{self.binary}, which drops a docker run to the agent's "
+            f"uid, is missing ({error}): install Debian's gosu package",
+            f"{self.binary} is not an executable file", hint="apt-get install gosu",
+            binary=str(self.binary))
         if info.st_mode & (stat.S_ISUID | stat.S_ISGID):
             raise EnforcementError(f"{self.binary} is setuid or setgid: gosu must not be",
                                    binary=str(self.binary), hint="chmod ug-s " + str(self.binary))
