@@ -109,12 +109,38 @@ def descriptors_exhausted() -> Iterator[int]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def _reap(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Until these (killed) processes are reaped. Only these: the other run's processes
-    live on by design, and waiting for them too cost every test the whole WAIT."""
+def _reap(procs: list[subprocess.Popen[bytes]]) -> list[int]:
+    """Until these (killed) processes are reaped, or WAIT: the pids still alive. Only these:
+    the other run's processes live on by design, and waiting for them too cost every test the
+    whole WAIT."""
     deadline = time.monotonic() + WAIT
     while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
         time.sleep(0.01)
+    return [p.pid for p in procs if p.poll() is None]
+
+
+@contextlib.contextmanager
+def remade_parent(tree: Tree) -> Iterator[tuple[Cgroup, list[subprocess.Popen[bytes]]]]:
+    """A parent held, then removed while empty and made again with a run of three `sleep`s
+    under it (as a test session's teardown or an operator can, and runc then does): its held
+    files are stale. Yields it (still holding those files) and the processes; removes both."""
+    stale = Cgroup(f"{tree.parent.relative}-again")
+    stale.path.mkdir()
+    stale.hold()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        stale.path.rmdir()
+        (stale.path / "run").mkdir(parents=True)
+        procs = _spawn_into(Cgroup(f"{stale.relative}/run"), 3)
+        assert stale.stale()
+        yield stale, procs
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+        Cgroup(stale.relative).remove(strict=False)
+        stale.release()
 
 
 class Network:
@@ -127,31 +153,16 @@ def test_a_global_halt_whose_parent_was_made_again_kills_every_run(tree: Tree) -
     test session's teardown or an operator can, and runc then does): its held files would
     kill nothing and read `populated 0` at once. The sweep sees it and kills run by run,
     through each run's own held files; the arbiter's next launch holds the new parent."""
-    stale = Cgroup(f"{tree.parent.relative}-again")
-    stale.path.mkdir()
-    stale.hold()
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        stale.path.rmdir()
-        (stale.path / "run").mkdir(parents=True)
-        procs = _spawn_into(Cgroup(f"{stale.relative}/run"), 3)
-        assert stale.stale() and not tree.parent.hold().stale()
+    with remade_parent(tree) as (stale, procs):
+        assert not tree.parent.hold().stale()
         run = Cgroup(f"{stale.relative}/run").hold()
         kill = RunKill("r0", credentials=NoCredentials(), cgroup=run, network=Network(),
                        confirm_timeout=WAIT)
         [report] = asyncio.run(sweep([kill], stale, frozenset({"r0"})))
         assert report.mechanism == "cgroup.kill" and report.confirmed, report
         assert not run.populated()
-        _reap(procs)
-        assert [p.pid for p in procs if p.poll() is None] == []
+        assert _reap(procs) == []
         assert tree.alive(), "the kill reached beyond the stale parent's runs"
-    finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
-        Cgroup(stale.relative).remove(strict=False)
-        stale.release()
 
 
 def test_a_held_cgroup_kills_and_confirms_with_no_descriptor_left(tree: Tree) -> None:
@@ -167,8 +178,7 @@ def test_a_held_cgroup_kills_and_confirms_with_no_descriptor_left(tree: Tree) ->
             assert not run.populated()
 
     asyncio.run(halt())
-    _reap(tree.procs[:3])
-    assert [p.pid for p in tree.procs[:3] if p.poll() is None] == []
+    assert _reap(tree.procs[:3]) == []
     assert tree.runs[1].populated(), "the kill reached beyond its run"
 
 
@@ -192,8 +202,7 @@ def test_a_failing_cgroup_kill_falls_back_and_confirms_with_no_descriptor_left(
         assert not run.populated()
 
     asyncio.run(halt())
-    _reap(tree.procs[:3])
-    assert [p.pid for p in tree.procs[:3] if p.poll() is None] == []
+    assert _reap(tree.procs[:3]) == []
     assert tree.runs[1].populated()
 
 
@@ -277,8 +286,7 @@ def test_break_glass_kills_with_the_loop_stuck_and_every_descriptor_in_use(
     assert seen["empty"] is True, "break-glass did not kill while the loop was stuck"
     assert seen["acts_while_stuck"] == 0, "the kill must not have needed the loop"
     assert seen["halt_flag"] is True, "launches must be refused before the loop runs again"
-    _reap(tree.procs)
-    assert tree.alive() == []
+    assert _reap(tree.procs) == []
     # Once the loop ran again, the halt went through the audited kill path, timed from the
     # trigger.
     [(verb, cause, arrived)] = arbiter.acts
@@ -294,26 +302,10 @@ def test_break_glass_holds_a_parent_made_again_and_kills_through_it(tree: Tree,
                                                                     tmp_path: Path) -> None:
     """Break-glass's one write reaches a parent that was removed and made again since the
     daemon held it, and its confirmation is the live parent's, not a removed one's."""
-    stale = Cgroup(f"{tree.parent.relative}-again")
-    stale.path.mkdir()
-    stale.hold()
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        stale.path.rmdir()
-        (stale.path / "run").mkdir(parents=True)
-        procs = _spawn_into(Cgroup(f"{stale.relative}/run"), 3)
-        assert stale.stale()
+    with remade_parent(tree) as (stale, procs):
         glass = BreakGlass(LoopArbiter(stale), tmp_path / "HALT")  # type: ignore[arg-type]
         kernel = glass._kill_parent()
         assert kernel["mechanism"] == "cgroup.kill" and kernel["confirmed_empty"] is True, kernel
         assert not stale.stale() and not stale.populated()
-        _reap(procs)
-        assert [p.pid for p in procs if p.poll() is None] == []
+        assert _reap(procs) == []
         assert tree.alive(), "the kill reached beyond the parent"
-    finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait()
-        Cgroup(stale.relative).remove(strict=False)
-        stale.release()
