@@ -153,6 +153,22 @@ def _socket_path(tmp_root: Path) -> Path:
     return tmp_root / "run" / "seccomp.sock"
 
 
+async def _counted_once(listener: SeccompListener, tmp_root: Path, container_id: str
+                        ) -> tuple[asyncio.subprocess.Process, int]:
+    """A `forgotten` child (its stdin and stdout piped) whose first call was answered: the
+    process and that answer, once the listener has counted the call (or after 5 s)."""
+    proc = await asyncio.create_subprocess_exec(
+        *_child(_socket_path(tmp_root), container_id, "forgotten"),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    first = int(await asyncio.wait_for(proc.stdout.readline(), 30))
+    for _ in range(500):
+        if listener.attempts_by_container() == {container_id: 1}:
+            break
+        await asyncio.sleep(0.01)
+    return proc, first
+
+
 def test_every_attempt_is_answered_eperm_then_recorded(tmp_root: Path) -> None:
     recorded: list[SyscallAttempt] = []
 
@@ -199,15 +215,8 @@ def test_forget_makes_the_kernel_answer_enosys(tmp_root: Path) -> None:
         listener = SeccompListener(_socket_path(tmp_root))
         await listener.start()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *_child(_socket_path(tmp_root), "as-forget", "forgotten"),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            proc, first = await _counted_once(listener, tmp_root, "as-forget")
             assert proc.stdin is not None and proc.stdout is not None
-            first = int(await asyncio.wait_for(proc.stdout.readline(), 30))
-            for _ in range(500):
-                if listener.attempts_by_container() == {"as-forget": 1}:
-                    break
-                await asyncio.sleep(0.01)
             assert listener.attempts_by_container() == {"as-forget": 1}
             closed = threading.Event()
             listener.forget("as-forget", closed)  # returns at once: the thread closes the fd
@@ -234,15 +243,8 @@ def test_a_hushed_containers_fds_wake_nothing_until_forgotten(tmp_root: Path) ->
         listener = SeccompListener(_socket_path(tmp_root))
         await listener.start()
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *_child(_socket_path(tmp_root), "as-hush", "forgotten"),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+            proc, first = await _counted_once(listener, tmp_root, "as-hush")
             assert proc.stdin is not None and proc.stdout is not None
-            first = int(await asyncio.wait_for(proc.stdout.readline(), 30))
-            for _ in range(500):
-                if listener.attempts_by_container() == {"as-hush": 1}:
-                    break
-                await asyncio.sleep(0.01)
             hushed = threading.Event()
             listener.hush(["as-hush"], hushed)
             assert await asyncio.to_thread(hushed.wait, 30)
