@@ -131,6 +131,35 @@ def _state(rig: GatewayRig, agent: str) -> str:
     return state
 
 
+_NO_BREAKER = """
+[network.gateway.breaker]
+enabled = false
+"""
+
+
+def _breaker(min_requests: int) -> str:
+    """A profile's breaker: open at a 50% error rate over a minute, from `min_requests` on."""
+    return f"""
+[network.gateway.breaker]
+window = "60s"
+min_requests = {min_requests}
+max_error_rate = 0.5
+max_rate = 1000
+"""
+
+
+def _paused_by_the_breaker(rig: GatewayRig, agent: str, profile: str, script: str,
+                           timeout: float) -> dict[str, Any]:
+    """Runs `script` detached until the breaker pauses the agent: the one tripwire row that
+    says so, for that agent, with the error rate as the reason."""
+    _run(rig, agent, profile, script, detach=True)
+    wait_for(lambda: _state(rig, agent) == "paused", timeout, what="the breaker's pause")
+    fired = [e for e in _audit(rig, "tripwire") if e["detail"]["rule"] == "egress_breaker"
+             and e["target"] == agent]
+    assert len(fired) == 1 and "error rate" in fired[0]["detail"]["breaker"], fired
+    return fired[0]
+
+
 @BOTH_RUNTIMES
 def test_from_inside_only_the_gateway_and_its_routes_are_reachable(rig: GatewayRig) -> None:
     other_port = _listen_on_host()
@@ -376,13 +405,7 @@ def test_breaker_trips_on_errors_pauses_and_a_human_resets_it(metrics_rig: Gatew
                                                                ) -> None:
     rig = metrics_rig
     assert _open_breakers(rig) == 0
-    profile = rig.profile("breaker", LLM_ROUTE + """
-        [network.gateway.breaker]
-        window = "60s"
-        min_requests = 4
-        max_error_rate = 0.5
-        max_rate = 1000
-    """.replace("        ", ""))
+    profile = rig.profile("breaker", LLM_ROUTE + _breaker(min_requests=4))
     script = """
         import sys, time
         sys.path.insert(0, "/workspace")
@@ -390,11 +413,8 @@ def test_breaker_trips_on_errors_pauses_and_a_human_resets_it(metrics_rig: Gatew
         save("errors.json", [via_proxy("GET", "http://llm.gateway/fail") for _ in range(4)])
         time.sleep(600)
     """
-    _run(rig, "flaky", profile, script, detach=True)
-    wait_for(lambda: _state(rig, "flaky") == "paused", 30, what="the breaker's pause")
-    fired = [e for e in _audit(rig, "tripwire") if e["detail"]["rule"] == "egress_breaker"]
-    assert len(fired) == 1 and fired[0]["outcome"] == "pause"
-    assert "error rate" in fired[0]["detail"]["breaker"]
+    fired = _paused_by_the_breaker(rig, "flaky", profile, script, 30)
+    assert fired["outcome"] == "pause"
     view = rig.daemon.agentctl_json("egress", "flaky")
     assert view["breaker"] and view["usage"]["errors"] == 4
     assert _open_breakers(rig) == 1
@@ -496,10 +516,7 @@ def test_missing_secret_refuses_the_launch_and_leaves_nothing(rig: GatewayRig) -
 
 def test_bad_input_and_a_flood_never_stall_other_agents_or_the_control_socket(
         rig: GatewayRig) -> None:
-    profile = rig.profile("gw", LLM_ROUTE + """
-        [network.gateway.breaker]
-        enabled = false
-    """.replace("        ", ""))
+    profile = rig.profile("gw", LLM_ROUTE + _NO_BREAKER)
     quiet = """
         import sys, time
         sys.path.insert(0, "/workspace")
@@ -717,11 +734,6 @@ def test_the_secret_never_comes_back_to_the_agent(rig: GatewayRig) -> None:
     rig.daemon.agentctl("kill", "reflector", "--reason", "test over", check=True)
 
 
-_NO_BREAKER = """
-[network.gateway.breaker]
-enabled = false
-"""
-
 # Every spelling must be held (and then expire: approval_denied) or refused 400.
 _SPELLINGS = {
     "//v1/refunds": "POST", "/v1//refunds": "POST", "/v1/refunds/": "POST",
@@ -808,10 +820,7 @@ _MALFORMED = [
 
 
 def test_malformed_requests_get_a_400_and_log_a_few_lines(rig: GatewayRig) -> None:
-    profile = rig.profile("garbage", LLM_ROUTE + """
-        [network.gateway.breaker]
-        enabled = false
-    """.replace("        ", ""))
+    profile = rig.profile("garbage", LLM_ROUTE + _NO_BREAKER)
     malformed = [m.decode("latin1") for m in _MALFORMED]
     script = f"""
         import json, sys, time
@@ -958,13 +967,7 @@ def test_refusals_approvals_and_uploads_stay_bounded(rig: GatewayRig) -> None:
 
 
 def test_refusals_count_toward_the_breaker(rig: GatewayRig) -> None:
-    profile = rig.profile("probing", LLM_ROUTE + """
-        [network.gateway.breaker]
-        window = "60s"
-        min_requests = 10
-        max_error_rate = 0.5
-        max_rate = 1000
-    """.replace("        ", ""))
+    profile = rig.profile("probing", LLM_ROUTE + _breaker(min_requests=10))
     script = """
         import sys, time
         sys.path.insert(0, "/workspace")
@@ -973,11 +976,7 @@ def test_refusals_count_toward_the_breaker(rig: GatewayRig) -> None:
             raw(f"CONNECT probe{i}.example.com:443 HTTP/1.1\\r\\n\\r\\n".encode(), timeout=10)
         time.sleep(600)
     """
-    _run(rig, "prober2", profile, script, detach=True)
-    wait_for(lambda: _state(rig, "prober2") == "paused", 60, what="the breaker's pause")
-    fired = [e for e in _audit(rig, "tripwire") if e["detail"]["rule"] == "egress_breaker"
-             and e["target"] == "prober2"]
-    assert len(fired) == 1 and "error rate" in fired[0]["detail"]["breaker"]
+    _paused_by_the_breaker(rig, "prober2", profile, script, 60)
     rig.daemon.agentctl("kill", "prober2", "--reason", "test over", check=True)
 
 
