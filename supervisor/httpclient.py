@@ -1,4 +1,5 @@
-"""Outbound HTTP connections that close deterministically (the gateway's upstreams, webhooks).
+"""Outbound HTTP connections that close deterministically (the gateway's upstreams, webhooks),
+and bodies read up to a cap (the egress and MCP gateways).
 
 CPython before 3.12.8 never finishes closing a TLS transport whose peer does not answer the
 close (python/cpython#118960): its socket stays open until the garbage collector finds it, in
@@ -22,3 +23,14 @@ def tcp_connector(**options: Any) -> aiohttp.TCPConnector:
     """An `aiohttp.TCPConnector` with `options`, aborting TLS connections a peer leaves half
     closed."""
     return aiohttp.TCPConnector(enable_cleanup_closed=TLS_CLOSE_NEEDS_CLEANUP, **options)
+
+
+async def read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The whole body, or its first `limit` + 1 bytes when it is longer (then refused)."""
+    chunks, size = [], 0
+    async for chunk in content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
+    return b"".join(chunks)

@@ -65,7 +65,7 @@ from supervisor.egress.target import (
     normalise,
     override_in,
 )
-from supervisor.httpclient import tcp_connector
+from supervisor.httpclient import read_capped, tcp_connector
 from supervisor.mcp import gateway as mcp_gateway
 from supervisor.models.egress import Route, is_ip_literal
 
@@ -1000,7 +1000,7 @@ class Gateway:
         response: web.StreamResponse
         if priced or (length is not None and length <= _BUFFERED_BODY):
             # One read and one write: most API replies are small and have a length.
-            payload = await _read_capped(upstream.content, _PRICED_BODY)
+            payload = await read_capped(upstream.content, _PRICED_BODY)
             gate.usage.bytes += len(payload)
             if len(payload) > _PRICED_BODY:
                 raise EgressRefusal(502, "upstream_reply_too_large", f"route {route.name}: "
@@ -1063,17 +1063,6 @@ class Gateway:
     def _abort(request: web.BaseRequest) -> None:
         if request.transport is not None:
             request.transport.abort()
-
-
-async def _read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
-    """The whole body, or its first `limit` + 1 bytes when it is longer (then refused)."""
-    chunks, size = [], 0
-    async for chunk in content.iter_any():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            break
-    return b"".join(chunks)
 
 
 def _reflected(route: Route, where: str) -> EgressRefusal:

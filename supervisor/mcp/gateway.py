@@ -36,6 +36,7 @@ from aiohttp import web
 from yarl import URL
 
 from supervisor.egress.grant import McpCarried, mcp_carried_to_wire
+from supervisor.httpclient import read_capped
 from supervisor.mcp import messages
 from supervisor.mcp.messages import Message, MessageRefused
 from supervisor.mcp.policy import Counters, Verdict, judge_call, judge_method, visible_tools
@@ -159,7 +160,7 @@ async def _post(gateway: Gateway, gate: _Gate, policy: McpPolicy, server: McpSer
     if (request.content_length or 0) > limit:
         raise _Refusal(413, "message_too_large", f"a message is limited to {limit} bytes",
                        code=messages.INVALID_REQUEST)
-    body = await _read_capped(request.content, limit)
+    body = await read_capped(request.content, limit)
     if len(body) > limit:
         raise _Refusal(413, "message_too_large", f"a message is limited to {limit} bytes",
                        code=messages.INVALID_REQUEST)
@@ -427,7 +428,7 @@ async def _exchange(gateway: Gateway, gate: _Gate, server: McpServer,
                     request.transport.abort()
                 return response, False
             return response, True
-        payload = await _read_capped(upstream.content, _MAX_REPLY)
+        payload = await read_capped(upstream.content, _MAX_REPLY)
         gate.usage.bytes += len(payload)
         if len(payload) > _MAX_REPLY:
             raise _Refusal(502, "upstream_reply_too_large", f"MCP server {server.name} "
@@ -534,16 +535,6 @@ class _EventFilter:
             return event
         # A tools/list reply that is not JSON could list anything: withheld.
         raise ValueError("an unreadable event on a stream that carries tools/list")
-
-
-async def _read_capped(content: aiohttp.StreamReader, limit: int) -> bytes:
-    chunks, size = [], 0
-    async for chunk in content.iter_any():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            break
-    return b"".join(chunks)
 
 
 async def open_stdio(gate: _Gate, servers: dict[str, socket.socket],
