@@ -286,7 +286,7 @@ class BreakGlassSection(_Section):
 
 class TelemetrySection(_Section):
     rate_hz: Annotated[float, Field(gt=0, le=100)] = 10.0
-    # psutil's per-process walk (RSS, fds, threads, connections, I/O, commands) is the costly
+    # The per-process walk (RSS, fds, threads, connections, I/O, commands) is the costly
     # part: it runs on every Nth sample; the cgroup numbers are read on every sample.
     process_every: Annotated[int, Field(ge=1, le=100)] = 5
     # Samples kept in memory per run (600 at 10 Hz: the last minute).

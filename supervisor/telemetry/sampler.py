@@ -2,8 +2,9 @@
 
 One sampler thread walks every registered run each 1/rate_hz seconds on a drift-free schedule:
 the cgroup's numbers (processes, CPU time, memory, OOM kills) on every tick, the processes'
-numbers through psutil (RSS, threads, fds, connections, I/O, children, commands) on every
-`process_every`-th tick, carried in between. Each tick's samples go to the event loop in one
+numbers (RSS, threads, fds, connections, I/O, children, commands; procfs.ProcStat and
+procfs.Descriptors, psutil's values with fewer /proc lookups) on every `process_every`-th
+tick, carried in between. Each tick's samples go to the event loop in one
 `call_soon_threadsafe`; there they enter the run's rolling window and running summary and are
 passed to the hub's `tripwires` (daemon/containment.py). The event loop never waits on /proc
 or cgroupfs.
@@ -33,7 +34,13 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from supervisor.models import TelemetrySummary
 from supervisor.telemetry import Sample
-from supervisor.telemetry.procfs import CgroupReader, OpenFiles, read_fds, value_of
+from supervisor.telemetry.procfs import (
+    CgroupReader,
+    Descriptors,
+    OpenFiles,
+    ProcStat,
+    value_of,
+)
 from supervisor.telemetry.store import SummaryStore
 from supervisor.telemetry.summary import SummaryBuilder
 
@@ -44,8 +51,9 @@ else:
 
 
 def load_psutil() -> None:
-    """psutil (~5 ms to import) is the process walk's alone: a run shorter than the sampler's
-    first walk of it (an embedded CI run of a quick command) never needs it. The daemon loads
+    """psutil (~5 ms to import) is the process walk's alone (its exceptions, and the tests'
+    process sources): a run shorter than the sampler's first walk of it (an embedded CI run of
+    a quick command) never needs it. The daemon loads
     it as it starts, so no walk during a kill pays for the import."""
     global psutil
     if psutil is None:
@@ -68,8 +76,9 @@ STAND_ASIDE_MAX = 30.0
 _MAX_EARLY_RUNS = 1024
 
 Subscriber = Callable[[str, Sample], None]
-# A pid's open fd count and the inodes of its TCP/UDP sockets (procfs.read_fds).
-FdReader = Callable[[int], tuple[int, set[str]]]
+# A pid's open fd count and the inodes of its TCP/UDP sockets (procfs.Descriptors), given
+# what it found of each network namespace met so far in the walk (it fills that in).
+FdReader = Callable[[int, dict[int, bool]], tuple[int, set[str]]]
 # The run's veth counters (bytes, packets), for runs that have one; absent: not measured.
 NetworkCounter = Callable[[], tuple[int, int]]
 # The run's output counters (produced, recorded), from its output drain.
@@ -88,7 +97,7 @@ class CgroupLike(Protocol):
 
 
 class ProcessLike(Protocol):
-    """The part of psutil.Process the sampler reads (the seam for tests)."""
+    """The part of psutil.Process the sampler reads (procfs.ProcStat; the seam for tests)."""
 
     def oneshot(self) -> AbstractContextManager[Any]: ...
     def status(self) -> str: ...
@@ -152,7 +161,7 @@ def run_ticks(schedule: TickSchedule, clock: Callable[[], float],
 
 @dataclass
 class _ProcessTotals:
-    """Sums over the run's processes at the last psutil walk (None: no process answered)."""
+    """Sums over the run's processes at the last walk (None: no process answered)."""
 
     rss_bytes: int | None = None
     threads: int | None = None
@@ -270,8 +279,8 @@ class TelemetryHub:
     def __init__(self, rate_hz: float, process_every: int, window: int,
                  loop: asyncio.AbstractEventLoop, *, store: SummaryStore | None = None,
                  cgroup_reader: CgroupReader | None = None,
-                 process_source: ProcessSource | None = None,  # None: psutil.Process
-                 fd_reader: FdReader = read_fds,
+                 process_source: ProcessSource | None = None,  # None: procfs.ProcStat
+                 fd_reader: FdReader | None = None,  # None: procfs.Descriptors()
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time) -> None:
         self.period = 1.0 / rate_hz
@@ -285,7 +294,7 @@ class TelemetryHub:
         self.schedule = TickSchedule(self.period, clock())
         self._files: CgroupReader = cgroup_reader if cgroup_reader is not None else OpenFiles()
         self._process_source = process_source
-        self._fd_reader = fd_reader
+        self._fd_reader: FdReader = fd_reader if fd_reader is not None else Descriptors()
         self._clock = clock
         self._wall_clock = wall_clock
         self._lock = threading.Lock()  # guards _probes and _released
@@ -310,7 +319,7 @@ class TelemetryHub:
     @contextlib.contextmanager
     def stand_aside(self) -> Iterator[None]:
         """While a kill runs (event loop thread; nests): the sampler stops at its next run
-        or process and waits. On a small host its psutil walk of every process (a core's
+        or process and waits. On a small host its walk of every process (a core's
         worth with a hundred agents of twenty processes) took CPU from the dying processes and
         the GIL from the kill; a tick missed meanwhile is counted as an overrun."""
         self._kills += 1
@@ -647,7 +656,7 @@ class TelemetryHub:
             pids.extend(int(pid) for pid in data.split())
         return pids
 
-    # ------------------------------------------------------------- the psutil walk
+    # ------------------------------------------------------------- the process walk
 
     def _walk(self, probe: _Probe, pids: list[int]) -> _ProcessTotals:
         if pids:  # the loop's except clauses name psutil's exceptions too
@@ -658,16 +667,17 @@ class TelemetryHub:
             totals = _ProcessTotals(0, 0, 0, 0, 0, 0, 0)
         members = set(pids)
         sockets: set[str] | None = None
+        namespaces: dict[int, bool] = {}  # whether each network namespace has inet sockets
         for pid in pids:
             self._give_way()
             try:
                 process = probe.processes.get(pid)
                 if process is None:
-                    process = (source or psutil.Process)(pid)
+                    process = (source or ProcStat)(pid)
                     probe.processes[pid] = process
                 if not self._read_process(probe, process, members, totals):
                     continue
-                fds = self._datum(probe, partial(self._fd_reader, pid))
+                fds = self._datum(probe, partial(self._fd_reader, pid, namespaces))
                 if fds is not None:
                     totals.open_fds = _plus(totals.open_fds, fds[0])
                     sockets = fds[1] if sockets is None else sockets | fds[1]

@@ -1,7 +1,7 @@
 """The telemetry sampler on the real kernel: a real cgroup (v2, plus the v1 memory controller on
 hybrid hosts) holding real processes; a zombie made between listing and reading, a process that
-exits in that gap, a cgroup removed under open files, a permission error (as nobody), and
-sockets in another network namespace. Needs root."""
+exits in that gap, a cgroup removed under open files, a permission error (as nobody),
+sockets in another network namespace, and fds counted without a lookup of each. Needs root."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 
 from supervisor.sandbox.cgroups import Cgroup
 from supervisor.telemetry import Sample
-from supervisor.telemetry.procfs import read_fds
+from supervisor.telemetry.procfs import Descriptors, fd_dir_sized, read_fds
 from supervisor.telemetry.sampler import TelemetryHub
 from tests.support.daemon import REPO, TEST_CGROUP_ROOT, wait_for
 
@@ -146,6 +146,52 @@ def test_connections_are_seen_in_the_process_own_network_namespace(
     hub = TelemetryHub(10.0, 1, 600, loop)
     hub.register("r1", real.cgroup, started_at=0.0)
     assert tick(hub)["r1"].connections == 2
+
+
+# In a network namespace of its own, holds 64 more fds (pipes), forks two sleepers that share
+# them, reports ready; with argv[1] == "socket" it also binds a UDP socket first.
+FDS_WORKLOAD = r"""
+import os, socket, sys, time
+sys.stdin.readline()
+held = [os.pipe() for _ in range(32)]
+if sys.argv[1:] == ["socket"]:
+    udp = socket.socket(type=socket.SOCK_DGRAM); udp.bind(("127.0.0.1", 0))
+for _ in range(2):
+    if os.fork() == 0:
+        time.sleep(600)
+        os._exit(0)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _listed(pids: list[int]) -> int:
+    return sum(len(os.listdir(f"/proc/{pid}/fd")) for pid in pids)
+
+
+@pytest.mark.parametrize("socket", [False, True])
+def test_fds_are_counted_without_looking_up_each_one(
+        socket: bool, real: RealCgroup, loop: asyncio.AbstractEventLoop) -> None:
+    """The count is the fd directory's size (Linux 6.2; a tripwire on open_fds sees the
+    same number a listing gives), and a process's descriptors are looked up one by one only
+    when its network namespace holds an inet socket: here none, or one shared by three."""
+    assert fd_dir_sized()  # this kernel (>= 6.2) and CI's
+    real.spawn(["unshare", "--net", sys.executable, "-c", FDS_WORKLOAD,
+                *(["socket"] if socket else [])])
+    reader = Descriptors()
+    hub = TelemetryHub(10.0, 1, 600, loop, fd_reader=reader)
+    hub.register("r1", real.cgroup, started_at=0.0)
+    sample = tick(hub)["r1"]
+    pids = [int(pid) for pid in (real.cgroup.path / "cgroup.procs").read_text().split()]
+    assert sample.processes == len(pids) == 3
+    assert sample.open_fds == _listed(pids) and sample.open_fds >= 3 * 64
+    if socket:
+        assert sample.connections == 1 and reader.listings == 3
+    else:
+        assert sample.connections == 0 and reader.listings == 0
+    plain = Descriptors(sized=False, by_namespace=False)  # a kernel before 6.2 and 6.11
+    assert [plain(pid, {}) for pid in pids] == [reader(pid, {}) for pid in pids]
+    assert plain.listings == 3
 
 
 def _source(target: int, before_reading: Callable[[psutil.Process | None], None]

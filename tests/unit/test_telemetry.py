@@ -10,6 +10,9 @@ import dataclasses
 import errno
 import json
 import logging
+import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,8 +29,18 @@ import pytest
 from supervisor.daemon.store import connect
 from supervisor.models import TelemetryView
 from supervisor.sandbox.cgroups import Cgroup
-from supervisor.telemetry import METRICS, Sample
-from supervisor.telemetry.procfs import OpenFiles, read_fds, read_file, value_of
+from supervisor.telemetry import METRICS, Sample, procfs
+from supervisor.telemetry.procfs import (
+    STATUS_ZOMBIE,
+    Descriptors,
+    OpenFiles,
+    ProcStat,
+    fd_dir_sized,
+    has_inet_sockets,
+    read_fds,
+    read_file,
+    value_of,
+)
 from supervisor.telemetry.sampler import (
     MAX_COMMANDS,
     TelemetryHub,
@@ -196,7 +209,7 @@ class FakeHost:
         except KeyError:
             raise psutil.NoSuchProcess(pid) from None
 
-    def read_fds(self, pid: int) -> tuple[int, set[str]]:
+    def read_fds(self, pid: int, _namespaces: dict[int, bool]) -> tuple[int, set[str]]:
         process = self.processes[pid]
         process._check("fds")
         return process.fds, self.sockets.get(pid, set())
@@ -725,6 +738,130 @@ def test_connections_are_counted_in_the_process_own_network_namespace(tmp_path: 
         read_fds(44, proc)
 
 
+
+
+def test_a_namespace_has_inet_sockets_when_its_counts_say_so(tmp_path: Path) -> None:
+    """sockstat's and sockstat6's "inuse" of TCP and UDP (not RAW, not UDPLITE)."""
+    for pid, v4, v6 in [(1, "0", "0"), (2, "3", "0"), (3, "0", None), (4, "0", "1")]:
+        net = tmp_path / str(pid) / "net"
+        net.mkdir(parents=True)
+        (net / "sockstat").write_text(
+            f"sockets: used 9\nTCP: inuse 0 orphan 0 tw 4 alloc 9 mem 1\nUDP: inuse {v4} mem 0\n"
+            "UDPLITE: inuse 5\nRAW: inuse 5\nFRAG: inuse 0 memory 0\n")
+        if v6 is not None:  # absent with IPv6 disabled
+            (net / "sockstat6").write_text(f"TCP6: inuse {v6}\nUDP6: inuse 0\nRAW6: inuse 2\n")
+    assert [has_inet_sockets(pid, tmp_path) for pid in (1, 2, 3, 4)] == [
+        False, True, False, True]
+
+
+@pytest.fixture
+def sleeper(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A sleep whose name (`comm`, 15 characters at most) is cut, holding 16 more fds."""
+    program = tmp_path / "a-sleeper-with-a-long-name"
+    program.symlink_to("/bin/sleep")
+    pipes = [os.pipe() for _ in range(8)]
+    held = [fd for pair in pipes for fd in pair]
+    proc = subprocess.Popen([str(program), "600"], stdin=subprocess.DEVNULL, pass_fds=held)
+    for fd in held:
+        os.close(fd)
+    wait_until = time.monotonic() + 30
+    while psutil.Process(proc.pid).status() != psutil.STATUS_SLEEPING or \
+            psutil.Process(proc.pid).name() != program.name:
+        assert time.monotonic() < wait_until, "the sleeper did not start"
+        time.sleep(0.01)
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_process_reads_as_psutil_reads_it(sleeper: subprocess.Popen[bytes]) -> None:
+    """ProcStat's values are psutil's, from /proc/<pid>/stat, /statm and /io alone."""
+    ours, theirs = ProcStat(sleeper.pid), psutil.Process(sleeper.pid)
+    with ours.oneshot():
+        assert ours.name() == theirs.name() == "a-sleeper-with-a-long-name"
+        assert ours.status() == theirs.status() == psutil.STATUS_SLEEPING
+        assert ours.ppid() == theirs.ppid() == os.getpid()
+        assert ours.num_threads() == theirs.num_threads() == 1
+        assert ours.memory_info().rss == theirs.memory_info().rss > 0
+        io = theirs.io_counters()
+        assert (ours.io_counters().read_bytes, ours.io_counters().write_bytes) == (
+            io.read_bytes, io.write_bytes)
+    mine = ProcStat(os.getpid())
+    assert mine.name() == psutil.Process().name() and mine.num_threads() >= 1
+
+
+def test_a_process_that_died_reads_as_zombie_then_as_gone(
+        sleeper: subprocess.Popen[bytes]) -> None:
+    process = ProcStat(sleeper.pid)
+    sleeper.send_signal(signal.SIGKILL)
+    wait_until = time.monotonic() + 30
+    while process.status() != STATUS_ZOMBIE:  # not reaped yet
+        assert time.monotonic() < wait_until, "no zombie"
+        time.sleep(0.01)
+    assert psutil.Process(sleeper.pid).status() == psutil.STATUS_ZOMBIE
+    sleeper.wait()
+    for read in (process.name, process.status, process.ppid, process.num_threads,
+                 process.memory_info, process.io_counters):
+        with pytest.raises(psutil.NoSuchProcess):
+            read()
+
+
+def test_a_refused_reading_is_access_denied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As psutil: EACCES is AccessDenied (skipped and counted by the walk), other errors
+    are the OSError they are."""
+    failure: OSError = PermissionError(errno.EACCES, "Permission denied")
+
+    def refused(path: str) -> bytes:
+        raise failure
+
+    monkeypatch.setattr(procfs, "read_file", refused)
+    process = ProcStat(os.getpid())
+    with pytest.raises(psutil.AccessDenied):
+        process.io_counters()
+    failure = OSError(errno.EIO, "Input/output error")
+    with pytest.raises(OSError) as failed:
+        process.status()
+    assert failed.value.errno == errno.EIO and not isinstance(failed.value, psutil.Error)
+
+
+def test_fds_counted_as_listed_and_sockets_found_in_the_process_namespace(
+        sleeper: subprocess.Popen[bytes]) -> None:
+    """The default reader's count (the fd directory's size where the kernel gives it) is the
+    listing's, and its sockets are what the listing finds in the process's own tables."""
+    listed = len(os.listdir(f"/proc/{sleeper.pid}/fd"))
+    assert listed >= 3 + 16
+    reader, namespaces = Descriptors(), {}
+    assert reader(sleeper.pid, namespaces) == read_fds(sleeper.pid) == (listed, set())
+    assert reader.sized == fd_dir_sized()
+    with socket.socket(type=socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        inode = str(os.fstat(udp.fileno()).st_ino)
+        count, found = Descriptors()(os.getpid(), {})
+        assert inode in found and found == read_fds(os.getpid())[1]
+        assert count >= 1
+
+
+def test_without_the_kernels_help_the_descriptors_are_listed(
+        sleeper: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before Linux 6.11 (no PIDFD_GET_NET_NAMESPACE: ENOTTY) the namespace is not asked
+    again and each process's descriptors are listed; before 6.2 the count is the listing's."""
+    asked = []
+
+    def no_such_ioctl(fd: int, request: int, *args: object) -> int:
+        asked.append(request)
+        raise OSError(errno.ENOTTY, "Inappropriate ioctl for device")
+
+    monkeypatch.setattr(procfs.fcntl, "ioctl", no_such_ioctl)
+    listed = read_fds(sleeper.pid)
+    reader = Descriptors(sized=True)
+    assert reader(sleeper.pid, {}) == listed and reader(sleeper.pid, {}) == listed
+    assert len(asked) == 1 and not reader.by_namespace and reader.listings == 2
+    old = Descriptors(sized=False)
+    assert old(sleeper.pid, {}) == listed and old.listings == 1
+
+
 # ----------------------------------------------------------------------------- wire form
 
 
@@ -887,12 +1024,12 @@ class Reader:
     def read(self, path): return read_file(path)
     def release(self, directories): pass
 hub = TelemetryHub(10.0, 1, 600, asyncio.new_event_loop(), cgroup_reader=Reader(),
-                   fd_reader=lambda pid: (0, set()))
+                   fd_reader=lambda pid, _ns: (0, set()))
 hub.register("r1", cgroup, started_at=0.0)
 hub.sample_once()  # a run with no process: no walk of any
 before = "psutil" in sys.modules
 (cgroup.path / "cgroup.procs").write_text(f"{os.getpid()}\\n")
-[(_, sample)] = hub.sample_once()  # the default source, psutil.Process: loaded now
+[(_, sample)] = hub.sample_once()  # the default source raises psutil's errors: loaded now
 print(before, "psutil" in sys.modules, sample.threads is not None and sample.threads >= 1)
 """
 

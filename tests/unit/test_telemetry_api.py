@@ -118,7 +118,7 @@ class TelemetryServer(ServerThread):
         hub = TelemetryHub(10.0, 1, 600, asyncio.get_running_loop(),
                            store=SummaryStore(self._db), cgroup_reader=PlainReader(),
                            process_source=self.processes.__getitem__,
-                           fd_reader=lambda pid: (self.processes[pid].fds, set()))
+                           fd_reader=lambda pid, _ns: (self.processes[pid].fds, set()))
         self.hub = hub
         self.arbiter.observers = RunObservers(sampler=DirectorySampling(hub, self.root / "cgroup"))
         self._runner = web.AppRunner(build_app(self.arbiter, self.roles, telemetry=hub))
