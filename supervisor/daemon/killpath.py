@@ -298,6 +298,7 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
             hush()
         except Exception:
             log.exception("kill: hushing the runs' listeners failed")
+    t_hushed = time.perf_counter()
     parent_mechanism: str | None = None
     parent_write_ms = 0.0
     if parent is not None and covered and parent.stale():
@@ -355,10 +356,11 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
     if len(kills) > 1:
         in_write = (f" (of which the parent's cgroup.kill write(2) {parent_write_ms:.1f} ms)"
                     if parent_mechanism is not None else "")
-        log.info("sweep of %d runs: revoked in %.1f ms, SIGKILL sent in %.1f ms%s, confirmed "
-                 "%.1f ms after the kill, networks down %.1f ms after that (torn down beside "
-                 "the confirmation)", len(kills), (t_revoked - t_start) * 1000,
-                 (t_killed - t_revoked) * 1000, in_write, (t_confirmed - t_killed) * 1000,
+        log.info("sweep of %d runs: revoked in %.1f ms, hushed in %.1f ms, SIGKILL sent in "
+                 "%.1f ms%s, confirmed %.1f ms after the kill, networks down %.1f ms after that "
+                 "(torn down beside the confirmation)", len(kills),
+                 (t_revoked - t_start) * 1000, (t_hushed - t_revoked) * 1000,
+                 (t_killed - t_hushed) * 1000, in_write, (t_confirmed - t_killed) * 1000,
                  (time.perf_counter() - t_confirmed) * 1000)
     return [kill.report for kill in kills]
 
