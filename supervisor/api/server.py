@@ -123,6 +123,7 @@ class Controller(Protocol):
     def list_agents(self) -> list[AgentView]: ...
     def resolve_run(self, ref: str) -> tuple[Any, Any]: ...
     def run_view(self, run: Any) -> RunView: ...
+    async def settled(self, run_id: str, timeout: float | None = None) -> None: ...
     def active_runs(self) -> int: ...
     def runtime_info(self) -> dict[str, Any]: ...
     async def launch(self, request: RunRequest, actor: Actor) -> RunView: ...
@@ -681,9 +682,16 @@ async def run_logs(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     last = b"\n"
     streams.open += int(follow)
+    # A run that has ended leaves the live table before its cleanup (step 6) has drained its
+    # output to the end (the recorder holds a write end of the pipe until then): a stream
+    # that starts in between waits for that cleanup too, or it would end on a log whose last
+    # bytes are still in the pipe (`agentctl run` of a short command printing nothing).
+    settling = (None if live is not None or not follow
+                else asyncio.ensure_future(_settled(arbiter, record.id)))
     try:
         while True:
-            ended = live is None or live.done.is_set()
+            ended = (live.done.is_set() if live is not None
+                     else settling is None or settling.done())
             try:
                 with open(path, "rb") as handle:
                     handle.seek(offset)
@@ -702,13 +710,25 @@ async def run_logs(request: web.Request) -> web.StreamResponse:
                 break
             if not follow or ended:
                 break
+            if settling is not None:
+                await asyncio.wait({settling}, timeout=_LOG_POLL)
+                continue
             assert live is not None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(live.done.wait(), _LOG_POLL)
     finally:
         streams.open -= int(follow)
+        if settling is not None:
+            settling.cancel()
     await response.write_eof()
     return response
+
+
+async def _settled(arbiter: Controller, run_id: str) -> None:
+    """Until the run's cleanup is done (its output recorded to the end); never raises: a
+    failed cleanup is audited by the daemon, and the stream ends with what was recorded."""
+    with contextlib.suppress(Exception):
+        await arbiter.settled(run_id)
 
 
 async def run_telemetry(request: web.Request) -> web.Response:

@@ -5,11 +5,13 @@ The test process is the socket's peer. No root needed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import pytest
 from aiohttp.web import BaseRequest
 
 from supervisor.api.client import Client
-from supervisor.api.server import RENDERED, RenderedPages, build_app
+from supervisor.api.server import FOLLOW_STREAMS, RENDERED, RenderedPages, build_app
 from supervisor.config import RolesSection
 from supervisor.errors import (
     AgentNotFound,
@@ -313,6 +315,45 @@ def test_run_logs_of_an_ended_run(server: ServerThread) -> None:
     view = launch(server)
     client_of(server).action("kill", {"agent": "a1"}, reason="done")
     assert b"".join(client_of(server).logs(view["id"], follow=True)) == b""
+
+
+def test_a_follow_of_a_run_ended_but_not_cleaned_up_waits_for_its_last_output(
+        server: ServerThread) -> None:
+    """A run leaves the live table when it ends; its cleanup (step 6) drains the rest of its
+    output into the log afterwards. A follow stream that starts in between (`agentctl run` of
+    a short command, its stream opened after the command's exit) ends once that is done,
+    with the whole output, not at once with what the log held so far."""
+    view = launch(server)
+    handle = server.runtime.handles[view["id"]]
+    gate = asyncio.Event()  # set on the server's loop only
+
+    async def cleanup() -> None:  # the drain reads the pipe's last bytes at cleanup
+        await gate.wait()
+        with open(handle.params.log_path, "ab") as log:
+            log.write(b"last words\n")
+        handle.cleaned = True
+
+    handle.cleanup = cleanup  # type: ignore[method-assign]
+    server.call(lambda: handle.finish(0))
+    wait_until(lambda: client_of(server).get_run(view["id"])["state"] == "exited")
+    assert server.call(lambda: view["id"] not in server.arbiter.live)  # type: ignore[union-attr]
+    got: list[bytes] = []
+    follower = threading.Thread(
+        target=lambda: got.append(b"".join(client_of(server).logs(view["id"], follow=True))))
+    follower.start()
+    streams = server.app[FOLLOW_STREAMS]
+    wait_until(lambda: server.call(lambda: streams.open) == 1)
+    assert not got  # still open: the cleanup has not drained the output yet
+    server.call(gate.set)
+    follower.join(WAIT)
+    assert got == [b"last words\n"]
+
+
+def wait_until(predicate: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        assert time.monotonic() < deadline, "not within the wait"
+        time.sleep(0.01)
 
 
 # ----------------------------------------------------------------------------- authorization
