@@ -15,6 +15,7 @@ import pytest
 
 from supervisor.sandbox.cgroups import Cgroup
 from tests.support.daemon import (
+    SESSION_CGROUP_PARENTS,
     TEST_CGROUP_ROOT,
     TEST_HOST_ROOT_IMAGE,
     Daemon,
@@ -84,9 +85,14 @@ def daemon(tmp_root: Path, runtime: str) -> Iterator[Daemon]:
 @pytest.fixture(scope="session", autouse=True)
 def _remove_test_cgroup_parent() -> Iterator[None]:
     """Each test daemon removes its own cgroup parent; this also catches one a crashed test
-    left. rmdir only: a cgroup still in use is never touched."""
+    of this session left. rmdir only, and only this session's daemons' parents (then the
+    common root if nothing else is in it): the empty cgroup of a run another session's test
+    keeps on purpose (an exit while no daemon holds it, which the next daemon must find
+    empty, not gone) is never this session's to remove."""
     yield
     if os.geteuid() == 0:
-        with contextlib.suppress(OSError, FileNotFoundError):
-            Cgroup(TEST_CGROUP_ROOT).remove()
+        for parent in sorted(SESSION_CGROUP_PARENTS):
+            with contextlib.suppress(OSError, FileNotFoundError):
+                Cgroup(parent).remove()
+        Cgroup(TEST_CGROUP_ROOT).remove_if_empty()
         remove_test_images([TEST_HOST_ROOT_IMAGE])

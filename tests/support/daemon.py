@@ -24,6 +24,9 @@ from supervisor.sandbox.cgroups import Cgroup, unified_root
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_CGROUP_ROOT = "/agent-supervisor-test"
+# The cgroup parents of this session's test daemons: the session removes these at its end,
+# never another session's (tests/conftest.py).
+SESSION_CGROUP_PARENTS: set[str] = set()
 # Test daemons import their own skeleton image, removed when the session ends.
 TEST_HOST_ROOT_IMAGE = "agent-supervisor-test/host-root:1"
 DOCKER_SOCKET = "unix:///var/run/docker.sock"
@@ -323,6 +326,7 @@ def new_daemon(tmp_root: Path, **extra: dict[str, Any] | list[dict[str, Any]]) -
     root = tmp_root / f"d{tag}"
     (root / "profiles").mkdir(parents=True)
     root.chmod(0o755)
+    SESSION_CGROUP_PARENTS.add(f"{TEST_CGROUP_ROOT}/{tag}")
     return Daemon(root=root, config_path=root / "daemon.toml", prefix=f"ast{tag}",
                   cgroup_parent=f"{TEST_CGROUP_ROOT}/{tag}", extra_config=dict(extra))
 
