@@ -12,8 +12,10 @@
 # network (`nft`); python3, python3-venv: the venv; util-linux (`nsenter`, the run's user
 # namespace limits), passwd and procps: host tools the install and the daemon call; gosu: the
 # docker runtime's drop from root to the agent's uid (its static /usr/sbin/gosu, bound into the
-# container; supervisor/runtime/uid_drop.py).
-RUNTIME_PACKAGES=(runc tini iproute2 nftables python3 python3-venv util-linux passwd procps gosu)
+# container; supervisor/runtime/uid_drop.py); busybox-static: a docker gateway run's network gate
+# (its static /bin/busybox, bound into the container; supervisor/runtime/network_gate.py).
+RUNTIME_PACKAGES=(runc tini iproute2 nftables python3 python3-venv util-linux passwd procps gosu
+                  busybox-static)
 # The service adds systemd (Type=notify, sysusers.d, tmpfiles.d).
 SERVICE_PACKAGES=("${RUNTIME_PACKAGES[@]}" systemd)
 # CI mode adds git (the report's provenance and the checkout copy read the repository) and

@@ -62,6 +62,7 @@ from supervisor.runtime.engine_log import (
     LogCursor,
 )
 from supervisor.runtime.init import INIT_PATH, SandboxInit
+from supervisor.runtime.network_gate import GATE_PATH, SHELL_PATH, Gate, NetworkGate
 from supervisor.runtime.output import OUTPUT_FINISH_TIMEOUT, OutputRecorder, Outputs
 from supervisor.runtime.uid_drop import DROP_CAPABILITIES, DROP_PATH, START_USER, UidDrop
 from supervisor.runtime.workspace import (
@@ -93,8 +94,10 @@ _EXITING_GRACE = 1.0
 
 class DockerRunHandle(CgroupControl):
     def __init__(self, runtime: DockerRuntime, params: RunParams, container: str,
-                 output: OutputRecorder) -> None:
+                 output: OutputRecorder, gate: Gate | None = None) -> None:
         self.runtime = runtime
+        # A gateway run's network gate (network_gate.py): opened once the link is attached.
+        self.gate = gate
         self.params = params
         self.container = container
         self.cgroup = Cgroup(params.cgroup)
@@ -116,6 +119,8 @@ class DockerRunHandle(CgroupControl):
         the run's cgroup on the v2 tree. Any failure removes the container (fail closed)."""
         try:
             await self.runtime.call(self.runtime.engine.start, self.container)
+            if self.gate is not None:
+                self.gate.unlink()  # bound into the container now: nothing left on the host
             # From the log's first line: the engine keeps the output from the start on.
             self.follow(await self.runtime.open_log(self.container, self.cursor))
             state = await self.runtime.call(self.runtime.engine.inspect, self.container)
@@ -128,10 +133,12 @@ class DockerRunHandle(CgroupControl):
                     f"them (a path in the workspace changed during the launch)",
                     misplaced=wrong)
             if self.params.network is not None and self.netns_path is not None:
-                # The engine starts the command with the container, so the egress veth comes
-                # a moment after it: until then the agent has loopback only (default deny).
+                # The engine makes the namespace with the container: the veth and its rules
+                # come after the start, while the container's process waits at the gate.
                 await asyncio.get_running_loop().run_in_executor(
                     None, self.params.network.attach, self.params.netns)
+            if self.gate is not None and self.netns_path is not None:
+                self.gate.open()  # the agent starts now, its network in place
         except BaseException:
             if self.params.network is not None:
                 self.params.network.detach()
@@ -175,6 +182,8 @@ class DockerRunHandle(CgroupControl):
             os.close(pidfd)
         if self._status_task is not None:
             self._status_task.cancel()
+        if self.gate is not None:
+            self.gate.close()
         self.cgroup.release()
 
     def _misplaced_binds(self) -> list[str]:
@@ -269,6 +278,8 @@ class DockerRunHandle(CgroupControl):
         if self._cleaned:
             return
         self._cleaned = True
+        if self.gate is not None:
+            self.gate.close()
         await self.output.finish(OUTPUT_FINISH_TIMEOUT)  # the stream ends with the container
         try:
             await self.runtime.call(self.runtime.engine.delete, self.container)
@@ -305,13 +316,16 @@ class DockerRuntime:
     def __init__(self, engine: DockerEngine, streamer: DockerEngine, cgroup_parent: str,
                  name_prefix: str, uid_base: int, agent_uid: int, workspace_min_owner_uid: int,
                  max_runs: int, host_root_image: str, state_dir: Path, outputs: Outputs,
-                 init: SandboxInit | None = None, uid_drop: UidDrop | None = None) -> None:
+                 init: SandboxInit | None = None, uid_drop: UidDrop | None = None,
+                 network_gate: NetworkGate | None = None) -> None:
         self.engine = engine
         # Our own tini rather than the engine's --init: the same binary and flags as runc runs,
         # checked by the daemon (fail closed) whatever the engine's init-path says.
         self.init = init if init is not None else SandboxInit()
         # gosu, which takes the container's process from root to the agent's uid: see `launch`.
         self.uid_drop = uid_drop if uid_drop is not None else UidDrop()
+        # busybox, which holds a gateway run's process until its network is attached.
+        self.network_gate = network_gate if network_gate is not None else NetworkGate()
         self.outputs = outputs
         # A second client without a read timeout: a quiet agent must not end its log stream.
         self.streamer = streamer
@@ -326,6 +340,9 @@ class DockerRuntime:
         # Each run's workspace binds, staged from open files (workspace_binds.py).
         self.workspaces_dir = state_dir / "workspaces"
         self.workspaces_dir.mkdir(mode=0o700, exist_ok=True)
+        # Each gateway run's gate (network_gate.py), until its container has started.
+        self.gates_dir = state_dir / "network-gates"
+        self.gates_dir.mkdir(mode=0o700, exist_ok=True)
         # Bound read-only over masked paths (/etc/shadow, ...): the agent reads it as empty.
         self.empty_file = state_dir / "empty"
         self.empty_file.touch(mode=0o444, exist_ok=True)
@@ -450,6 +467,13 @@ class DockerRuntime:
             image, mounts = await self._mounts(params, params.image or profile.image, staged)
             mounts.append(Mount(INIT_PATH, init_binary, type="bind", read_only=True))
             mounts.append(Mount(DROP_PATH, drop_binary, type="bind", read_only=True))
+            gate: Gate | None = None
+            if params.network is not None:
+                shell_binary = self.network_gate.check()
+                gate = Gate(self.gates_dir / params.container_id)
+                undo.append(gate.close)
+                mounts.append(Mount(SHELL_PATH, shell_binary, type="bind", read_only=True))
+                mounts.append(Mount(GATE_PATH, str(gate.path), type="bind", read_only=True))
             host_config = self.engine.host_config(
                 read_only=True, mounts=mounts,
                 tmpfs={"/tmp": f"rw,exec,nosuid,nodev,mode=1777,"
@@ -482,6 +506,8 @@ class DockerRuntime:
             # its output back before the engine records it. gosu drops to the agent's uid and
             # execs the init, which stays PID 1 (uid_drop.py says why this design).
             command = self.uid_drop.wrap(uid, gid, self.init.wrap(params.command))
+            if gate is not None:
+                command = self.network_gate.wrap(command)
             await self.call(lambda: self.engine.create(
                 params.container_id, image, command, host_config=host_config,
                 user=START_USER, environment=agent_env(
@@ -490,7 +516,7 @@ class DockerRuntime:
                 hostname=f"agent-{params.agent}"[:63], network_disabled=True,
                 labels={LABEL_PREFIX: self.name_prefix, LABEL_RUN: params.run_id,
                         LABEL_AGENT: params.agent}))
-            return DockerRunHandle(self, params, params.container_id, output)
+            return DockerRunHandle(self, params, params.container_id, output, gate)
         except BaseException:
             await undo_all(undo)
             raise

@@ -1,8 +1,8 @@
 """How CI mode and the service are installed: the GitHub Action (action.yml) and the GitLab
 template (ci-templates/) both run scripts/install-ci.sh, whose Debian packages come from the one
 list in scripts/lib/packages.sh, and that list holds the package of every host program the code
-executes (tini's static build for every sandbox's PID 1, gosu for docker runs, runc, nft,
-nsenter, git). The action declares every output supervisor/ci/action.py writes. No root; dpkg's
+executes (tini's static build for every sandbox's PID 1, gosu and busybox for docker runs, runc,
+nft, nsenter, git). The action declares every output supervisor/ci/action.py writes. No root; dpkg's
 database is read only."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import yaml
 from supervisor.ci.action import outputs
 from supervisor.config import Config
 from supervisor.runtime.init import DEFAULT_INIT_BINARY
+from supervisor.runtime.network_gate import DEFAULT_SHELL_BINARY
 from supervisor.runtime.uid_drop import DEFAULT_DROP_BINARY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,6 +50,7 @@ def required_programs() -> dict[str, str]:
         config.sandbox.init: "every sandbox's PID 1 (supervisor/runtime/init.py)",
         DEFAULT_INIT_BINARY: "the init's default",
         DEFAULT_DROP_BINARY: "a docker run's drop to the agent's uid (runtime/uid_drop.py)",
+        DEFAULT_SHELL_BINARY: "a docker gateway run's network gate (runtime/network_gate.py)",
         config.sandbox.runc_path: "the sandbox runtime",
         "nft": "the egress gateway's table (supervisor/egress/nft.py)",
         "nsenter": "the run's user namespace limits (supervisor/sandbox/userns.py)",
