@@ -343,6 +343,9 @@ class DockerRuntime:
         # Each gateway run's gate (network_gate.py), until its container has started.
         self.gates_dir = state_dir / "network-gates"
         self.gates_dir.mkdir(mode=0o700, exist_ok=True)
+        for stale in self.gates_dir.iterdir():  # a crash's, between a gate and its start
+            with contextlib.suppress(OSError):
+                stale.unlink()
         # Bound read-only over masked paths (/etc/shadow, ...): the agent reads it as empty.
         self.empty_file = state_dir / "empty"
         self.empty_file.touch(mode=0o444, exist_ok=True)
