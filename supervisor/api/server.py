@@ -649,7 +649,8 @@ def tail_offset(path: Path, lines: int) -> int:
 
 
 async def run_logs(request: web.Request) -> web.StreamResponse:
-    """The run's output; with follow=1, streamed until the run has ended."""
+    """The run's output; with follow=1, streamed until the run has ended and its output is
+    recorded to the end (its cleanup done)."""
     arbiter = request.app[ARBITER]
     record, live = arbiter.resolve_run(request.match_info["ref"])
     follow = request.query.get("follow", "0") in ("1", "true", "yes")
