@@ -232,6 +232,7 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
     parent cgroup."""
     t0 = arrived if arrived is not None else time.perf_counter()
     arrived_at = time.time() - (time.perf_counter() - t0)
+    cpu0 = time.process_time()  # the daemon's CPU (all its threads) from here to the records
     marks: list[tuple[AgentRecord, AgentState, AgentState, LiveRun | None]] = []
     for agent in agents:  # step 1
         previous, new = arbiter._set_agent_state(agent, agent_verb, actor, reason)
@@ -309,10 +310,11 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
         arbiter.track(asyncio.ensure_future(answer_out(arbiter, answered)))
     log.log(logging.WARNING if scoped else logging.INFO,
             "%s of %d agents, %d runs (%s) by %s (%s): queued %.1f ms, steps 2-5 %.1f ms, "
-            "audit rows %.1f ms (durable %.1f ms later), records %.1f ms", verb, len(marks),
-            len(kills), scope, actor.label(), reason or "no reason", ms_since(t0, t_ready),
-            ms_since(t_ready, t_swept), ms_since(t_swept, t_audited),
-            ms_since(t_audited, t_durable), ms_since(t_durable, time.perf_counter()))
+            "audit rows %.1f ms (durable %.1f ms later), records %.1f ms; daemon CPU %.1f ms",
+            verb, len(marks), len(kills), scope, actor.label(), reason or "no reason",
+            ms_since(t0, t_ready), ms_since(t_ready, t_swept), ms_since(t_swept, t_audited),
+            ms_since(t_audited, t_durable), ms_since(t_durable, time.perf_counter()),
+            (time.process_time() - cpu0) * 1000)
     results: list[AgentResult | SupervisorError] = [v.result for v in verdicts]
     # Step 6 of the runs this kill ended (not those another kill owns: that one audits them).
     audit_cleanup(arbiter, [run_id for run_id in kills if run_id in owned_ids], scope, verb,
