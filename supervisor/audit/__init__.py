@@ -163,10 +163,12 @@ class AuditLog:
         self, *, actor: str, verb: str, scope: str, reason: str = "", target: str | None = None,
         previous_state: str | None = None, new_state: str | None = None,
         time_to_halt_ms: float | None = None, outcome: str = "ok",
-        detail: dict[str, Any] | None = None,
+        detail: dict[str, Any] | None = None, wake: bool = True,
     ) -> AuditEntry | None:
         """Write one row: at once (returning it) before `start`, else queued for the writer
-        (returning None; `await flushed()` waits for it)."""
+        (returning None; `await flushed()` waits for it). `wake=False`: queued without waking
+        the writer, to go in the commit of the rows that follow it (a fleet action's row with
+        its kill's rows); the caller then calls `wake()` once those are appended."""
         fields: dict[str, Any] = {
             "actor": cap_text("actor", actor), "verb": cap_text("verb", verb),
             "scope": cap_text("scope", scope), "target": cap_text("target", target),
@@ -188,9 +190,15 @@ class AuditLog:
                 return None
             self._next_ticket += 1
             self._queue.append(_Pending(fields, self._next_ticket))
-            if not self._holding:
+            if wake and not self._holding:
                 self._cond.notify_all()
         return None
+
+    def wake(self) -> None:
+        """Hand the rows queued with `wake=False` to the writer (nothing if none wait)."""
+        with self._cond:
+            if self._queue and not self._holding:
+                self._cond.notify_all()
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
@@ -223,6 +231,7 @@ class AuditLog:
                 return True
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((ticket, waiter))
+        self.wake()  # a row queued with wake=False is waited for now
         self._wake_waiters()  # the commit may have landed between the check and here
         try:
             await asyncio.wait_for(asyncio.shield(waiter), timeout)
@@ -230,13 +239,21 @@ class AuditLog:
             return False
         return True
 
-    def flush_blocking(self, timeout: float = 30.0) -> bool:
-        """The same for code outside the loop (tests, shutdown), or on it for a bounded
-        moment where the loop would only wait for the rows (a scoped halt's, before its
-        records: ending.kill_agents); False on timeout."""
+    def appended(self) -> int:
+        """Where the rows appended so far end (`flush_blocking(upto=...)`)."""
+        with self._cond:
+            return self._next_ticket
+
+    def flush_blocking(self, timeout: float = 30.0, upto: int | None = None) -> bool:
+        """The same for code outside the loop (tests, shutdown, a fleet ack on the fleet
+        writer's thread), or on it for a bounded moment where the loop would only wait for
+        the rows (a scoped halt's, before its records: ending.kill_agents); False on
+        timeout. `upto` (from `appended()`): only the rows appended until then."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            ticket = self._next_ticket
+            ticket = self._next_ticket if upto is None else upto
+            if self._queue and not self._holding:
+                self._cond.notify_all()  # a row queued with wake=False is waited for now
             while self._thread is not None and self._committed_ticket < ticket:
                 left = deadline - time.monotonic()
                 if left <= 0:

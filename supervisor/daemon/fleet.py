@@ -56,6 +56,9 @@ PRUNE_EVERY = 10  # anchor intervals
 # audit anchor wait (all the host's daemons share its cores with the kill); at most this long
 # after the ack was handed over, if the store does not take it.
 QUIET_MAX = 2.0
+# An ack waits this long at most for its action's audit rows (as a control request's answer
+# does, supervisor/api/server.py AUDIT_FLUSH_TIMEOUT): a full disk delays it, never loses it.
+ACK_ROWS_WAIT = 5.0
 _VERB_OF = {"kill": "kill", "pause": "pause", "resume": "resume", "reactivate": "reactivate",
             "lift": "reactivate"}
 
@@ -289,6 +292,7 @@ class FleetMember:
             for hold_id in action.lifts:
                 self.holds.pop(hold_id, None)
         applying = time.time()
+        cpu0 = time.process_time()
         # From here until the store has the ack (and settle_delay after it), only the action
         # and its ack use this host's share of the CPU: no registration, no anchor, no
         # runtime cleanup (step 6).
@@ -302,8 +306,9 @@ class FleetMember:
         except BaseException:
             self._quiet_ends(stored, action.id)
             raise
-        log.info("fleet: %s %s applied (%s) %.1f ms after it arrived", action.verb, action.id,
-                 ack.outcome, (time.perf_counter() - arrived) * 1000)
+        log.info("fleet: %s %s applied (%s) %.1f ms after it arrived; daemon CPU %.1f ms "
+                 "(all its threads, since it began)", action.verb, action.id, ack.outcome,
+                 (time.perf_counter() - arrived) * 1000, (time.process_time() - cpu0) * 1000)
         if action.verb == "kill" and action.selector.agent_class is None \
                 and (action.selector.agent or "").startswith(DRILL_PREFIX):
             await asyncio.sleep(0)
@@ -312,20 +317,31 @@ class FleetMember:
 
     async def _apply_verb(self, action: FleetAction, arrived: float, applying: float,
                           stored: _Answer) -> Ack:
+        # The action's row waits for the verb's own rows and goes to the writer with them:
+        # woken for it alone, the writer committed it and woke the loop with it while the
+        # loop was sending the kill's SIGKILLs (docs/benchmarks.md, fleet "Fourth pass").
         self.audit.append(actor=_actor(action).label(), verb="fleet_action", scope="global",
                           reason=action.reason,
                           detail={"action": action.id, "fleet_verb": action.verb,
                                   "operator": action.operator,
                                   "selector": action.selector.model_dump(mode="json"),
-                                  "issued_at": action.issued_at})
-        ack = await self._run_verb(action, arrived)
+                                  "issued_at": action.issued_at}, wake=False)
+        try:
+            ack = await self._run_verb(action, arrived)
+        finally:
+            self.audit.wake()
         # Settled in memory, then the ack handed to the writer thread, then the progress
         # saved: the SQLite commit runs while the ack is on its way, not before it.
         self.progress.done(action.id)
         ack.timings = {"seen": round(_wall(arrived), 6), "applying": round(applying, 6),
                        "done": round(ack.applied_at, 6), "sent": round(time.time(), 6)}
+        # The ack says the kill is done, so it leaves once the kill's audit rows are durable,
+        # as a control request's answer does: waited for on the fleet writer's thread (the
+        # audit writer's commit wakes it, not the loop), bounded as the answer's wait is.
         self.link.write(self.keys.ack(self.config.host_id, action.id), dumps(ack),
-                        functools.partial(self._quiet_ends, stored, action.id))
+                        functools.partial(self._quiet_ends, stored, action.id),
+                        before=functools.partial(self.audit.flush_blocking, ACK_ROWS_WAIT,
+                                                 upto=self.audit.appended()))
         self.loop.call_later(QUIET_MAX, self._quiet_ends, stored, action.id)
         self._save_applied()
         return ack

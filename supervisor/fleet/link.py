@@ -90,8 +90,10 @@ class FleetLink:
         self.keeper_client = Etcd(creds, timeout=max(1.0, self.lease_ttl / 3), token=token)
         self._stop = threading.Event()
         self._cond = threading.Condition()
-        # (key, value, called on the loop once the store took it or refused it)
-        self._writes: collections.deque[tuple[str, str, Callable[[], None] | None]] = \
+        # (key, value, called on the loop once the store took it or refused it, called on
+        # the writer's thread before the put)
+        self._writes: collections.deque[tuple[str, str, Callable[[], None] | None,
+                                              Callable[[], object] | None]] = \
             collections.deque()
         self._latest: dict[str, str] = {}  # key -> value, coalesced (anchors)
         self._registration: str | None = None
@@ -144,16 +146,19 @@ class FleetLink:
         self._registration = value
         self._registration_dirty.set()
 
-    def write(self, key: str, value: str, done: Callable[[], None] | None = None) -> None:
+    def write(self, key: str, value: str, done: Callable[[], None] | None = None,
+              before: Callable[[], object] | None = None) -> None:
         """Queue a put that must reach the store (an ack, a report); `done` runs on the loop
-        once the store has taken it (or refused it for good)."""
+        once the store has taken it (or refused it for good). `before` runs on the writer's
+        thread first, once (an ack waits there for its kill's audit rows: the audit writer's
+        commit wakes this thread, not the loop)."""
         with self._cond:
             if len(self._writes) >= WRITE_QUEUE_MAX:
-                _key, _value, dropped = self._writes.popleft()
+                _key, _value, dropped, _before = self._writes.popleft()
                 self.dropped_writes += 1
                 if dropped is not None:
                     self._call(dropped)
-            self._writes.append((key, value, done))
+            self._writes.append((key, value, done, before))
             self._cond.notify_all()
 
     def write_latest(self, key_slot: str, key: str, value: str) -> None:
@@ -271,12 +276,22 @@ class FleetLink:
                 if self._stop.is_set() and not self._writes:
                     return
                 done: Callable[[], None] | None = None
+                before: Callable[[], object] | None = None
                 if self._writes:
-                    key, value, done = self._writes[0]
+                    head = self._writes[0]
+                    key, value, done, before = head
                     slot = None
                 else:
                     slot, packed = next(iter(self._latest.items()))
                     key, _, value = packed.partition("\0")
+            if before is not None:
+                try:
+                    before()
+                except Exception:  # the put goes on; what failed is in the log
+                    log.exception("fleet: the wait before writing %s failed", key)
+                with self._cond:  # once: a put retried after a store error does not wait again
+                    if self._writes and self._writes[0] is head:
+                        self._writes[0] = head = (key, value, done, None)
             try:
                 if slot is None:
                     client.put(key, value)
@@ -292,7 +307,7 @@ class FleetLink:
                 continue
             with self._cond:
                 if slot is None:
-                    if self._writes and self._writes[0] == (key, value, done):
+                    if self._writes and self._writes[0][:3] == (key, value, done):
                         self._writes.popleft()
                 elif self._latest.get(slot) == f"{key}\0{value}":
                     del self._latest[slot]

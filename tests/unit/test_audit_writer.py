@@ -293,6 +293,54 @@ def test_rows_appended_in_a_batch_wake_the_writer_once_at_its_end(
     assert audit.verify().ok
 
 
+def test_a_row_queued_without_a_wake_goes_in_the_commit_of_the_rows_after_it(
+        db: sqlite3.Connection) -> None:
+    """A fleet action's row (`wake=False`) waits for its kill's rows and is committed with
+    them, in order, in one transaction; `wake()` hands over a row left alone, and whoever
+    waits for such a row (`flushed`, `flush_blocking`) wakes the writer for it."""
+    audit = AuditLog(db)
+    commits: list[list[str]] = []
+    commit = audit._commit_retrying
+
+    def counted(db_: sqlite3.Connection, rows: list[dict[str, object]]) -> list[AuditEntry]:
+        commits.append([str(row["verb"]) for row in rows])
+        return commit(db_, rows)
+
+    audit._commit_retrying = counted  # type: ignore[method-assign]
+
+    async def body() -> None:
+        audit.start(asyncio.get_running_loop())
+        await audit.write(actor="a", verb="daemon_start", scope="global")
+        await asyncio.sleep(0.2)  # the writer is back in its wait: a row must wake it
+        commits.clear()
+        audit.append(actor="a", verb="fleet_action", scope="global", wake=False)
+        await asyncio.sleep(0.3)
+        assert audit.count() == 1 and commits == []  # not woken for it alone
+        with audit.batch():
+            for i in range(3):
+                audit.append(actor="a", verb="kill", scope="class:web", target=f"a{i}")
+        assert audit.flush_blocking(10)
+        assert commits == [["fleet_action", "kill", "kill", "kill"]]
+        await asyncio.sleep(0.2)  # the writer back in its wait
+        audit.append(actor="a", verb="fleet_action", scope="global", wake=False)
+        await asyncio.sleep(0.3)
+        assert audit.count() == 5
+        audit.wake()
+        assert await audit.flushed(10) and audit.count() == 6
+        await asyncio.sleep(0.2)
+        audit.append(actor="a", verb="fleet_action", scope="global", wake=False)
+        assert await audit.flushed(10) and audit.count() == 7  # the wait woke the writer
+        await asyncio.sleep(0.2)
+        audit.append(actor="a", verb="fleet_action", scope="global", wake=False)
+        assert audit.flush_blocking(10) and audit.count() == 8
+
+    asyncio.run(body())
+    audit.close()
+    assert [e.verb for e in audit.list(limit=10)] == (
+        ["daemon_start", "fleet_action"] + ["kill"] * 3 + ["fleet_action"] * 3)
+    assert audit.verify().ok
+
+
 def test_telemetry_summaries_join_the_store_batch_and_are_readable_meanwhile(
         db: sqlite3.Connection) -> None:
     """A kill's batch of records takes the ended runs' telemetry summaries too: one commit,
