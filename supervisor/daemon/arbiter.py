@@ -271,8 +271,9 @@ class Arbiter:
                     whole_parent: bool = False) -> list[AgentResult | SupervisorError]:
         """The kill path for one agent or many (ending.kill_agents). The telemetry sampler
         stands aside meanwhile: its /proc walk would take a core from the dying processes and
-        the GIL from this loop."""
-        with self.observers.killing():
+        the GIL from this loop; and no audit checkpoint starts, since one would sit in front
+        of the kill's rows (AuditLog.kill_under_way)."""
+        with self.observers.killing(), self.audit.kill_under_way():
             return await ending.kill_agents(self, agents, actor, reason, scope, verb=verb,
                                             agent_verb=agent_verb, cause=cause,
                                             arrived=arrived, whole_parent=whole_parent)
@@ -305,9 +306,13 @@ class Arbiter:
         if verb == Verb.KILL and scope.kind == "global":
             self.global_halt = True
             self.store.set_meta(GLOBAL_HALT_KEY, f"{actor.label()}: {reason}")
+            # Committed with the kill's rows (the writer is woken for them, or below): woken
+            # for this row alone, the writer committed it and signed a checkpoint while the
+            # kill sent its SIGKILLs (docs/benchmarks.md, fleet "Fourth pass").
             self.audit.append(actor=actor.label(), verb="global_halt", scope="global",
                               reason=reason, detail={"actor": actor_detail(actor),
-                                                     "agents": sorted(a.name for a in targets)})
+                                                     "agents": sorted(a.name for a in targets)},
+                              wake=False)
         if verb == Verb.REACTIVATE and scope.kind == "global" and self.global_halt:
             self.global_halt = False
             self.store.set_meta(GLOBAL_HALT_KEY, None)
@@ -332,9 +337,12 @@ class Arbiter:
             chosen.append(agent)
         outcomes: list[AgentResult | BaseException]
         if verb == Verb.KILL:
-            outcomes = list(await self._kill(chosen, actor, reason, scope_text, cause=cause,
-                                             arrived=arrived,
-                                             whole_parent=scope.kind == "global"))
+            try:
+                outcomes = list(await self._kill(chosen, actor, reason, scope_text,
+                                                 cause=cause, arrived=arrived,
+                                                 whole_parent=scope.kind == "global"))
+            finally:
+                self.audit.wake()  # the global_halt row, if the kill appended none
         else:
             outcomes = list(await asyncio.gather(
                 *(self._dispatch(verb, agent, actor, reason, scope_text, request.grace)

@@ -267,6 +267,38 @@ def test_a_checkpoint_never_sits_in_front_of_queued_rows(db: sqlite3.Connection,
     assert audit.verify().ok
 
 
+def test_no_checkpoint_starts_while_a_kill_is_under_way(db: sqlite3.Connection,
+                                                         tmp_path: Path) -> None:
+    """A global halt's `global_halt` row asks for a checkpoint at once; signed while the kill
+    sent its SIGKILLs, it held the kill's rows behind its fsync. While a kill is under way the
+    writer commits rows as ever but starts no checkpoint; the one they ask for follows the
+    kill, covering its rows."""
+    anchoring = Anchoring(signer=Signer.load_or_create(tmp_path / "etc" / "key"),
+                          file=CheckpointFile(tmp_path / "log" / "cp.jsonl"),
+                          every_rows=1000, interval=3600)
+    audit = AuditLog(db, anchoring=anchoring)
+
+    async def body() -> None:
+        audit.start(asyncio.get_running_loop())
+        with audit.kill_under_way():
+            await audit.write(actor="root", verb="global_halt", scope="global")
+            with audit.kill_under_way():  # a second kill meanwhile
+                await audit.write(actor="root", verb="kill", scope="agent:a")
+            await asyncio.sleep(0.3)
+            assert audit.count() == 2 and anchoring.file.read() is None  # rows, no checkpoint
+            await audit.write(actor="root", verb="kill", scope="agent:b")
+        for _ in range(100):
+            if anchoring.file.read():
+                break
+            await asyncio.sleep(0.05)
+        checkpoints = anchoring.file.read()
+        assert checkpoints is not None and [c.seq for c in checkpoints] == [3]
+
+    asyncio.run(body())
+    audit.close()
+    assert audit.verify().ok
+
+
 def test_rows_appended_in_a_batch_wake_the_writer_once_at_its_end(
         db: sqlite3.Connection) -> None:
     """A scoped kill appends a row per agent inside `audit.batch()`: none is committed while
