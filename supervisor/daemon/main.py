@@ -50,6 +50,7 @@ from supervisor.daemon.instance import SERVING, STOPPING, InstanceLock
 from supervisor.daemon.notify import HealthCheck, Notifier
 from supervisor.daemon.reload import ConfigReloader
 from supervisor.daemon.selftest import run_self_test
+from supervisor.daemon.startsignals import START_DEFERRED
 from supervisor.daemon.stopintent import restart_warning, stop_intent
 from supervisor.errors import ConfigInvalid, DaemonRunning, EnforcementError, SupervisorError
 from supervisor.events import DeliveryWorker, Outbox, load_endpoints
@@ -62,6 +63,18 @@ log = logging.getLogger("agent-supervisord")
 # A handover's exit under systemd (EX_TEMPFAIL): the unit counts it a success
 # (SuccessExitStatus=) and always starts the next daemon on it (RestartForceExitStatus=).
 EXIT_RESTART = 75
+# A stop (SIGTERM, SIGINT: every agent killed) or a restart (SIGUSR2: handed over).
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGUSR2})
+
+
+def take_pending(signums: frozenset[int]) -> set[int]:
+    """Those of `signums` (blocked) that are pending, each taken off (its handler never runs
+    for it): what arrived while the daemon was starting."""
+    pending = signal.sigpending() & signums
+    for signum in pending:
+        while signal.sigtimedwait({signum}, 0) is not None:
+            pass
+    return set(pending)
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
              logging.CRITICAL: 2}
@@ -327,27 +340,35 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
         stop.set()
 
     # SIGUSR2: a restart, agents kept (hand them over); systemd sends it for a restart job.
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
     loop.add_signal_handler(signal.SIGHUP, reloader.on_sighup)
-    # Blocked since the first line (entry.py, main): a SIGHUP that came during the start is
-    # delivered now, and that reload runs once the daemon serves.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-    notifier.start_heartbeat(kill_path_checks(core))
-    # What start-up made (modules, models, the registry as loaded) lives as long as the
-    # daemon: out of the collector's reach, so a full collection that falls on a kill walks
-    # only what was made since (about 60,000 objects frozen: a 10 ms collection before,
-    # docs/benchmarks.md run 13).
-    gc.freeze()
-    notifier.ready(f"accepting runs; {len(arbiter.live)} running")
-    if instance is not None:
-        instance.mark(SERVING)
-    log.info("agent-supervisord %s ready on %s (cgroups %s)", __version__, config.socket_path,
-             core.mode.value)
-    # Whether `systemctl restart` would kill the agents (systemd < 244): said now, once.
-    restart_check = asyncio.create_task(restart_warning(notifier.service))
-    await stop.wait()
-    restart_check.cancel()
+    # Blocked since the first line (entry.py, main): a restart or stop asked during the start
+    # is taken now, before READY=1 (a restart hands over what was adopted, a stop kills it
+    # through the audited path), and a SIGHUP is delivered once unblocked: that reload runs
+    # once the daemon serves.
+    for arrived in sorted(take_pending(STOP_SIGNALS)):
+        log.warning("%s arrived while the daemon was starting", signal.Signals(arrived).name)
+        on_signal(arrived)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, START_DEFERRED)
+    if not stop.is_set():
+        notifier.start_heartbeat(kill_path_checks(core))
+        # What start-up made (modules, models, the registry as loaded) lives as long as the
+        # daemon: out of the collector's reach, so a full collection that falls on a kill
+        # walks only what was made since (about 60,000 objects frozen: a 10 ms collection
+        # before, docs/benchmarks.md run 13).
+        gc.freeze()
+        notifier.ready(f"accepting runs; {len(arbiter.live)} running")
+        if instance is not None:
+            instance.mark(SERVING)
+        log.info("agent-supervisord %s ready on %s (cgroups %s)", __version__,
+                 config.socket_path, core.mode.value)
+        # Whether `systemctl restart` would kill the agents (systemd < 244): said now, once.
+        restart_check = asyncio.create_task(restart_warning(notifier.service))
+        await stop.wait()
+        restart_check.cancel()
+    # Never fatal while stopping (the loop's handlers go with the loop, before the exit).
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     # The signal says restart or stop: SIGUSR2 (systemd's restart job sends it, the unit's
     # RestartKillSignal=) hands the agents to the next daemon (daemon/handover.py), SIGTERM
     # kills them. Nothing is asked in front of the kill: systemd's job (daemon/stopintent.py)
@@ -492,7 +513,7 @@ def main(config_path: Path | None, check_only: bool, halt_reason: str | None) ->
     # Before any child exists: systemd's variables leave the environment here.
     notifier = Notifier()
     block_halt_signal()  # done by entry.py already; again for a caller of main() alone
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # as entry.py: until serve
+    signal.pthread_sigmask(signal.SIG_BLOCK, START_DEFERRED)  # as entry.py: until serve
     # SIGUSR1 from here to the exit: break-glass's trigger while it is up, and a kill in the
     # kernel plus the HALT file before (the start, an adoption) and after (a handover, a stop).
     signals = HaltSignal(config.halt_file,

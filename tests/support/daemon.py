@@ -146,7 +146,8 @@ class Daemon:
                 lines.extend(f"{k} = {_toml(v)}" for k, v in item.items())
         self.config_path.write_text("\n".join(lines) + "\n")
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, ready: bool = True) -> None:
+        """`ready`: wait until it answers on its control socket (else return once started)."""
         self.write_config()
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
@@ -157,6 +158,8 @@ class Daemon:
             env=self.env,
         )
         log.close()
+        if not ready:
+            return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
