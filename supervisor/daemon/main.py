@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+import tomllib
 from collections.abc import Awaitable
 from pathlib import Path
 
@@ -456,6 +457,39 @@ def break_glass(config_path: Path | None, reason: str) -> int:
     return 1
 
 
+def reload_socket(config_path: Path | None) -> Path:
+    """The control socket of the daemon that reads `config_path` (the unit's ExecReload=:
+    `agent-supervisord --reload`, whose config is the one its ExecStart= reads). A file with
+    errors still names its socket by [daemon] socket_path or runtime_dir where those read,
+    so the daemon is asked all the same: it refuses the file, listing every error, and
+    audits the refusal."""
+    try:
+        return load_config(config_path).socket_path
+    except ConfigInvalid:
+        pass
+    daemon: object = {}
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        path = chosen_config(config_path)
+        if path is not None:
+            daemon = tomllib.loads(path.read_text()).get("daemon", {})
+    if isinstance(daemon, dict):
+        if isinstance(daemon.get("socket_path"), str):
+            return Path(daemon["socket_path"])
+        if isinstance(daemon.get("runtime_dir"), str):
+            return Path(daemon["runtime_dir"]) / "control.sock"
+    return Config().socket_path
+
+
+def ask_reload(config_path: Path | None) -> None:
+    """--reload: becomes `agentctl reload` on the configured socket (same answer, output and
+    exit status), run from this same interpreter and package; with no signal blocked, as
+    this process has started nothing that needs it (entry.py blocked them)."""
+    socket_path = reload_socket(config_path)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    os.execv(sys.executable, [sys.executable, "-m", "supervisor.cli", "--socket",
+                              str(socket_path), "reload"])
+
+
 def report_config(config_path: Path | None) -> int:
     """--check-config: every error, one line each, on stderr; 78 if there is any."""
     checked = check_config(config_path)
@@ -481,11 +515,18 @@ def report_config(config_path: Path | None) -> int:
 @click.option("--halt", "halt_reason", metavar="REASON", default=None,
               help="Break-glass: halt every agent through the HALT file (root; needs no socket "
                    "and no role config), wait for the daemon to apply it, and exit.")
+@click.option("--reload", "reload_only", is_flag=True,
+              help="Ask the running daemon to reload its configuration (`agentctl reload` on "
+                   "the control socket this configuration names; the unit's ExecReload=) and "
+                   "exit with its answer: 78 with every error when it refuses the file.")
 @click.version_option(__version__, prog_name="agent-supervisord")
-def main(config_path: Path | None, check_only: bool, halt_reason: str | None) -> None:
+def main(config_path: Path | None, check_only: bool, halt_reason: str | None,
+         reload_only: bool) -> None:
     """The agent supervisor daemon (runs as root)."""
     if halt_reason is not None:
         sys.exit(break_glass(config_path, halt_reason))
+    if reload_only:
+        ask_reload(config_path)
     if check_only:
         sys.exit(report_config(config_path))
     try:

@@ -154,8 +154,10 @@ def test_unit_contract() -> None:
     argv = one(unit, "Service", "ExecStart").split()
     assert Path(argv[0]).name == "agent-supervisord"
     assert argv[1:] == []
+    # The daemon's own --reload: it reads the config ExecStart= reads, so it reaches the
+    # control socket that names ([daemon] socket_path, runtime_dir), not agentctl's default.
     reload = one(unit, "Service", "ExecReload").split()
-    assert Path(reload[0]).name == "agentctl" and reload[1:] == ["reload"]
+    assert Path(reload[0]).name == "agent-supervisord" and reload[1:] == ["--reload"]
     assert parse_duration(one(unit, "Service", "WatchdogSec")) > 0
 
 
