@@ -34,7 +34,7 @@ GAP = "  "
 STATES = ("active", "paused", "killed", "idle")
 BADGES = {"active": "ACTIVE", "paused": "PAUSED", "killed": "KILLED", "idle": "IDLE"}
 HALT_BANNER = ("GLOBAL HALT in force: new runs are refused until an owner runs "
-               "'agentctl reactivate --all'")
+               "'agentctl reactivate --all --reason ...'")
 # Fixed column widths; NAME, CLASS and LAST ACTION are sized per frame to the terminal.
 _STATE_W, _CPU_W, _MEM_W, _PROCS_W, _UP_W = 6, 6, 6, 5, 6
 

@@ -172,7 +172,8 @@ def ls(client: Client, as_json: bool, agent_class: str | None, state: str | None
             echo(agent["name"])
         return
     if data.get("global_halt"):
-        echo("GLOBAL HALT in force: new runs are refused until 'agentctl reactivate --all'")
+        echo("GLOBAL HALT in force: new runs are refused until "
+             "'agentctl reactivate --all --reason ...'")
     rows = []
     for agent in data["agents"]:
         run_view = agent.get("run")

@@ -10,7 +10,7 @@ Two triggers, both root-only by construction:
   each halt with its reason);
 - SIGUSR1 to the daemon (`systemctl kill -s USR1 agent-supervisor`).
 Either is a global halt: every agent is killed and new launches are refused until an owner
-lifts it with `agentctl reactivate --all`.
+lifts it with `agentctl reactivate --all --reason ...`.
 
 Neither waits for the event loop. Two threads (HaltSignal's in sigwaitinfo(2), for the
 daemon's whole life, and one in poll(2) on an inotify descriptor opened at start) write

@@ -48,7 +48,7 @@ async def launch(arbiter: Arbiter, request: RunRequest, actor: Actor) -> RunView
     if arbiter.global_halt:
         raise arbiter._refuse(
             GlobalHalt("a global halt is in force; an owner must lift it with "
-                       "'agentctl reactivate --all'"),
+                       "'agentctl reactivate --all --reason ...'"),
             actor, "launch", scope, name, "")
     known = arbiter.agents.get(name)
     held = arbiter.observers.launch_refusal(

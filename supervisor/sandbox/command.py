@@ -75,11 +75,13 @@ class SandboxRoot:
             candidate = posixpath.join(current, part)
             if any(candidate == m or candidate.startswith(m + "/") for m in _UNKNOWN_MOUNTS):
                 return Found.UNKNOWN
+            if candidate == "/tmp" and not pending:
+                return Found.NOT_EXECUTABLE  # the sandbox's fresh /tmp: a directory there
             if current == "/" and part in self.links:
                 target = self.links[part]
             elif self._skeleton_dir(candidate):
                 if not pending:
-                    return Found.NO
+                    return Found.NOT_EXECUTABLE  # a directory in the sandbox
                 current = candidate
                 continue
             else:

@@ -618,8 +618,10 @@ def test_global_kill_halts_and_reactivate_all_lifts_it(env: ArbiterEnv) -> None:
         assert env.store.get_meta(GLOBAL_HALT_KEY) is not None
 
         rows = env.audit.count()
-        with pytest.raises(GlobalHalt):
+        with pytest.raises(GlobalHalt) as refused:
             await arbiter.launch(request("newcomer"), ALICE)
+        # The command it names is one the CLI takes: `reactivate --all` needs a reason.
+        assert "'agentctl reactivate --all --reason ...'" in refused.value.message
         assert "newcomer" not in arbiter.agents
         assert env.audit.count() == rows + 1
         assert (last(env).verb, last(env).outcome) == ("launch", "refused:global_halt")

@@ -101,6 +101,15 @@ def test_what_is_there_but_not_executable_is_126_not_127(host_root: Path) -> Non
         assert missing.value.exit_status == 127 and missing.value.http_status == 422
         assert missing.value.detail["working_directory"] == "/tmp"
         assert "--workspace" in (missing.value.hint or "")
+    # Directories only the sandbox has: its own /tmp (the working directory without a
+    # workspace) and the empty root's directories that hold a bind.
+    binds = validate_profile("t", {"filesystem": {"host_binds": ["/usr", "/etc", "/opt/x"]}},
+                             "t")
+    for command in (["/tmp"], ["."], ["/opt"], ["/tmp/../opt"]):
+        with pytest.raises(CommandNotExecutable):
+            check_command(command, binds, None, {}, None, host_root)
+    with pytest.raises(CommandNotFound):
+        check_command(["/tmp/tool"], binds, None, {}, None, host_root)
     # A PATH search passes over what it cannot run, as execvp does.
     check_command(["tool"], profile, None, {}, None, host_root)
     _executable(host_root / "usr" / "sbin" / "notes")
