@@ -39,6 +39,16 @@ echo "install: building the wheel and $VENV"
 build_runtime_venv "$VENV"
 # Operators run agentctl by name; it talks to the socket and needs no root.
 ln -sfn "$VENV/bin/agentctl" /usr/local/bin/agentctl
+# The directories this install is first to make (and their parents it makes with them), for
+# uninstall.sh to remove again once empty; a directory that was there before is never listed.
+for target in "${CLI_EXTRAS[@]}" "- /etc/sysusers.d/-" "- /etc/tmpfiles.d/-"; do
+    read -r _ path <<<"$target"
+    dir=$(dirname "$path")
+    while [[ ! -e "$dir" ]]; do
+        echo "$dir" >>"$PREFIX/created-dirs"
+        dir=$(dirname "$dir")
+    done
+done
 # Its shell completions (bash, zsh, fish; agent names from the daemon) and man page.
 install_cli_extras "$VENV/bin/agentctl"
 install -d -m 0755 "$PREFIX/share/doc"

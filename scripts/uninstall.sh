@@ -139,7 +139,20 @@ for fd in "${held[@]}"; do exec {fd}<&-; done  # the lock files went with their 
 remove_cli_extras
 rm -f /etc/systemd/system/agent-supervisor.service /etc/sysusers.d/agent-supervisor.conf \
       /etc/tmpfiles.d/agent-supervisor.conf
+# The unit's drop-ins are the operator's, but they are this unit's alone and may hold secrets
+# (`Environment=` route and webhook secrets, docs/egress.md): removed, each named, so that a
+# later install does not pick them up again unseen.
+dropins=/etc/systemd/system/agent-supervisor.service.d
+if [[ -e "$dropins" ]]; then
+    find "$dropins" -mindepth 1 -maxdepth 1 -printf "uninstall: removing the unit's drop-in %p\n" >&2
+    rm -rf "$dropins"
+fi
 systemctl daemon-reload
+# The directories install.sh made (none that were there before it), deepest first, if empty.
+if [[ -f /opt/agent-supervisor/created-dirs ]]; then
+    sort -u /opt/agent-supervisor/created-dirs | awk '{ print length($0) "\t" $0 }' \
+        | sort -rn | cut -f2- | while read -r dir; do rmdir "$dir" 2>/dev/null || true; done
+fi
 for dir in /opt/agent-supervisor /etc/agent-supervisor /var/lib/agent-supervisor \
            /var/log/agent-supervisor /run/agent-supervisor; do
     remove_tree "$dir"

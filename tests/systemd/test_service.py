@@ -847,8 +847,19 @@ def test_uninstall_leaves_nothing(machine: Machine) -> None:
     moved = [key, f"{key}.pub", checkpoints, f"{checkpoints}.tmp"]
     machine.sh(" && ".join(f"mkdir -p $(dirname {path}) && echo x > {path}" for path in moved))
     machine.run("test", "-s", "/etc/agent-supervisor/audit-key.pub")
+    # A drop-in with a route secret, as docs/egress.md has operators write one.
+    dropins = f"/etc/systemd/system/{UNIT}.d"
+    machine.sh(f"mkdir -p {dropins} && printf '[Service]\\nEnvironment=MODEL_API_KEY=sk-x\\n' "
+               f"> {dropins}/secret.conf && systemctl daemon-reload")
+    # The directories the install was first to make: gone after; those it found stay.
+    made = machine.sh("cat /opt/agent-supervisor/created-dirs 2>/dev/null || true"
+                      ).stdout.split()
+    found = [d for d in ("/etc/sysusers.d", "/etc/tmpfiles.d", "/usr/share/man/man1",
+                         "/usr/share/bash-completion/completions",
+                         "/usr/share/zsh/vendor-completions",
+                         "/usr/share/fish/vendor_completions.d") if d not in made]
     try:
-        machine.run("bash", "/src/scripts/uninstall.sh", timeout=300)
+        uninstalled = machine.run("bash", "/src/scripts/uninstall.sh", timeout=300)
     finally:
         for cgroup in (CI_CGROUP, CI_CGROUP.with_name(f"{CI_SLOT}-watchdog")):
             machine.run("rmdir", str(cgroup), check=False)
@@ -869,6 +880,10 @@ def test_uninstall_leaves_nothing(machine: Machine) -> None:
         " /srv/as-audit /srv/as-log 2>/dev/null || true").stdout.split()
     assert leftovers == []
     assert machine.run("test", "-d", "/srv").returncode == 0  # their parent stays
+    assert f"removing the unit's drop-in {dropins}/secret.conf" in uninstalled.stderr
+    assert machine.sh(f"ls -d {dropins} {' '.join(made)} 2>/dev/null || true"
+                      ).stdout.split() == []
+    assert machine.sh(f"ls -d {' '.join(found)} 2>/dev/null || true").stdout.split() == found
     assert machine.run("getent", "group", "agent-operators", check=False).returncode == 2
     # Exactly the daemon's names: the host's cgroup tree is shared (other test daemons use
     # agent-supervisor-test/...), in every tree of this host's layout, the watchdog's too.
