@@ -12,6 +12,7 @@ import json
 import secrets
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,29 @@ def test_a_bad_reload_fails_says_why_and_keeps_the_running_config(machine: Machi
     machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
 
 
+def test_reload_reaches_a_configured_socket_path(machine: Machine) -> None:
+    """With [daemon] socket_path set, `systemctl reload` (ExecReload= is the daemon's own
+    --reload, which reads the same configuration) reaches the daemon on that socket, and
+    agentctl does with --socket; before, ExecReload= asked the default socket and failed."""
+    good = machine.run("cat", "/etc/agent-supervisor/daemon.toml").stdout
+    ctl = "/run/agent-supervisor/ctl.sock"
+    put(machine, "/etc/agent-supervisor/daemon.toml",
+        good.replace("[daemon]\n", f'[daemon]\nsocket_path = "{ctl}"\n', 1)
+        if "[daemon]\n" in good else f'{good}\n[daemon]\nsocket_path = "{ctl}"\n')
+    try:
+        machine.run("systemctl", "restart", UNIT, timeout=180)
+        wait_active(machine)
+        machine.run("test", "-S", ctl)
+        machine.run("systemctl", "reload", UNIT)
+        rows = machine.run(AGENTCTL, "--socket", ctl, "audit", "--limit", "50", "--json").stdout
+        reloads = [r for r in json.loads(rows)["entries"] if r["verb"] == "config_reload"]
+        assert reloads and reloads[-1]["outcome"] == "ok", reloads
+    finally:
+        put(machine, "/etc/agent-supervisor/daemon.toml", good)
+        machine.run("systemctl", "restart", UNIT, timeout=180)
+        wait_active(machine)
+
+
 # The egress gateway inside the machine: an HTTPS upstream on its loopback (Python's own
 # http.server, under a transient unit), a route to it with a secret, a run budget of three
 # requests that only counts right if a restart carries the count on.
@@ -349,6 +373,33 @@ def test_restart_keeps_every_agent_running(machine: Machine) -> None:
     machine.run(AGENTCTL, "kill", name, "--reason", "test done")
     machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
     assert agent_view(machine, name)["state"] == "killed"
+
+
+def test_a_restart_while_the_unit_is_still_starting_keeps_every_agent(machine: Machine) -> None:
+    """Two restarts in a row: the second restart job's SIGUSR2 reaches the next daemon after
+    it adopted the agents and before it is ready. It waits, pending, until the daemon's
+    handlers exist, and hands the agents on; before, the daemon died of it (status=12/USR2),
+    its watchdog killed every agent it had adopted, and `systemctl restart` said success."""
+    name = "restarted-twice"
+    start_agent(machine, name)
+    before = sorted(agent_pids(machine))
+    adopted = f"adopted agent {name} "
+    machine.run("systemctl", "restart", "--no-block", UNIT)
+    deadline = time.monotonic() + 120
+    while adopted not in machine.journal():
+        assert time.monotonic() < deadline, machine.journal()[-4000:]
+        time.sleep(0.1)
+    machine.run("systemctl", "restart", UNIT, timeout=180)
+    wait_active(machine)
+    journal = machine.journal()
+    assert "SIGUSR2 arrived while the daemon was starting" in journal, journal[-4000:]
+    assert "status=12/USR2" not in journal
+    assert sorted(agent_pids(machine)) == before
+    assert agent_view(machine, name)["state"] == "active"
+    assert not any(r["verb"] in ("shutdown", "reap", "watchdog_kill") and name in json.dumps(r)
+                   for r in audit_rows(machine))
+    machine.run(AGENTCTL, "kill", name, "--reason", "test done")
+    machine.wait_for("no agent left", lambda: not agent_pids(machine), timeout=60)
 
 
 def test_an_adopted_run_that_exits_by_itself_has_its_real_exit_status(
