@@ -9,6 +9,7 @@ The tests share one machine and run in file order: each leaves the service activ
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import subprocess
 import tempfile
@@ -190,9 +191,10 @@ def test_reload_reaches_a_configured_socket_path(machine: Machine) -> None:
     agentctl does with --socket; before, ExecReload= asked the default socket and failed."""
     good = machine.run("cat", "/etc/agent-supervisor/daemon.toml").stdout
     ctl = "/run/agent-supervisor/ctl.sock"
+    header = re.compile(r"^\[daemon\][ \t]*$", re.M)  # a table, not the example's comment
     put(machine, "/etc/agent-supervisor/daemon.toml",
-        good.replace("[daemon]\n", f'[daemon]\nsocket_path = "{ctl}"\n', 1)
-        if "[daemon]\n" in good else f'{good}\n[daemon]\nsocket_path = "{ctl}"\n')
+        header.sub(f'[daemon]\nsocket_path = "{ctl}"', good, count=1)
+        if header.search(good) else f'{good}\n[daemon]\nsocket_path = "{ctl}"\n')
     try:
         machine.run("systemctl", "restart", UNIT, timeout=180)
         wait_active(machine)
