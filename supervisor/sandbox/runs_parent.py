@@ -7,7 +7,10 @@ later daemon knows it. Reads the cgroup trees (any user); marking needs root.
 What the supervisor puts in its parent: one cgroup per run, its MCP servers' and the startup
 self-test's canary, each named `<name_prefix>-<run id>...` (a docker run's container cgroup
 is below the run's). The watchdog's and the gateway worker's are siblings
-(`<parent>-watchdog`, `<parent>-gateway`). No process lives in the parent itself.
+(`<parent>-watchdog`, `<parent>-gateway`), each holding only its own kind of process (an
+earlier daemon's watchdog still at work, a worker left behind), which the start ends: a
+sibling holding any other process is refused as the parent is. No process lives in the
+parent itself.
 
 The mark is the extended attribute MARK on the parent's directory in the v2 tree (the
 unified hierarchy of a hybrid host), holding the parent's path: it goes with the directory,
@@ -39,6 +42,8 @@ MARK = "trusted.agent-supervisor"
 # one to adopt), an MCP server's beside it, the self-test's canary.
 _RUN_CGROUP = re.compile(r"^[a-z][a-z0-9\-]{0,15}-(selftest[0-9a-f]{6}|[0-9a-f]{12}(-mcp\d+)?)$")
 _SHOWN = 5  # pids and names quoted in a refusal
+# The siblings and the module each one's processes run (`python -m MODULE`).
+SIBLINGS = {"-watchdog": "supervisor.daemon.watchdog", "-gateway": "supervisor.egress.worker"}
 
 
 def _directories(parent: str, root: Path) -> list[Path]:
@@ -60,6 +65,8 @@ def why_foreign(parent: str, root: Path = CGROUP_ROOT) -> str | None:
     makes it; marked; or holding only runs' cgroups)."""
     if detect_mode(root) is CgroupMode.NONE:
         return None  # nothing to take; the start refuses a host without cgroups on its own
+    if (why := _sibling_strangers(parent, root)) is not None:
+        return why
     directories = _directories(parent, root)
     if not directories:
         return None
@@ -84,6 +91,33 @@ def why_foreign(parent: str, root: Path = CGROUP_ROOT) -> str | None:
         return (f"{directories[0]} already holds cgroups the supervisor did not make ({shown}): "
                 f"a global halt would kill what runs in them")
     return None
+
+
+def _sibling_strangers(parent: str, root: Path) -> str | None:
+    """A process in the watchdog's or the gateway worker's cgroup that is not one: the start
+    SIGKILLs what is in the first (an earlier watchdog) and writes the second's cgroup.kill."""
+    for suffix, module in SIBLINGS.items():
+        for directory in _directories(parent.rstrip("/") + suffix, root):
+            try:
+                pids = (directory / "cgroup.procs").read_text().split()
+            except OSError as exc:
+                return f"cannot read {directory}/cgroup.procs: {exc.strerror}"
+            # 0: a member in another pid namespace, which nothing here signals.
+            strangers = [pid for pid in pids if pid != "0" and not _runs(int(pid), module)]
+            if strangers:
+                return (f"{directory} already holds {len(strangers)} process(es) that are not "
+                        f"the supervisor's (pid {', '.join(strangers[:_SHOWN])}): the start "
+                        f"would kill them")
+    return None
+
+
+def _runs(pid: int, module: str) -> bool:
+    """Whether `pid` runs `python -m module` (one gone meanwhile is no stranger)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True
+    return module.encode() in argv
 
 
 def mark(parent: str, root: Path = CGROUP_ROOT) -> str | None:

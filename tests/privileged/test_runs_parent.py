@@ -98,6 +98,26 @@ def test_a_parent_holding_a_foreign_cgroup_is_refused(tmp_root: Path,
         sleep.wait()
 
 
+def test_a_stranger_in_the_watchdogs_cgroup_is_refused_and_survives(tmp_root: Path) -> None:
+    """The start SIGKILLs whatever it finds in <parent>-watchdog (it takes it for an earlier
+    watchdog): a process of someone else's there is refused instead, and lives on."""
+    parent = f"{TEST_CGROUP_ROOT}/beside-{secrets.token_hex(3)}"
+    beside = Cgroup(f"{parent}-watchdog").create()
+    sleep = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        beside.place(sleep.pid)
+        daemon = new_daemon(tmp_root)
+        daemon.cgroup_parent = parent
+        assert f"pid {sleep.pid}" in refused_start(daemon)
+        assert not Cgroup(parent).exists()
+        assert sleep.poll() is None and beside.pids() == [sleep.pid]
+    finally:
+        sleep.kill()
+        sleep.wait()
+        beside.remove(strict=False)
+
+
 @pytest.mark.parametrize("name", ["runs.slice", "ssh.service", "session-9.scope"])
 def test_a_systemd_units_cgroup_is_refused_before_anything_is_made(tmp_root: Path,
                                                                    name: str) -> None:

@@ -4,6 +4,10 @@ real kernel's refusal and the mark are in tests/privileged/test_runs_parent.py."
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -82,6 +86,39 @@ def test_a_hybrid_hosts_v1_hierarchies_are_judged_too(tmp_path: Path) -> None:
     cgroup(cgroup(tmp_path / "memory" / "shared") / "java")
     why = runs_parent.why_foreign("/shared", tmp_path)
     assert why is not None and "java" in why
+
+
+@pytest.fixture
+def watchdog_like() -> Iterator[subprocess.Popen[bytes]]:
+    """A process whose command line is a watchdog's (`python -m supervisor.daemon.watchdog`)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                             "-m", "supervisor.daemon.watchdog"], stdin=subprocess.DEVNULL)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.parametrize("suffix", ["-watchdog", "-gateway"])
+def test_a_sibling_holding_a_stranger_is_refused(tmp_path: Path, suffix: str) -> None:
+    """The start SIGKILLs what is in <parent>-watchdog (an earlier watchdog) and kills the
+    cgroup <parent>-gateway (a stray worker): a process of someone else's there is refused."""
+    v2 = tree(tmp_path)
+    cgroup(v2 / f"shared{suffix}", f"{os.getpid()}\n")
+    why = runs_parent.why_foreign("/shared", tmp_path)
+    assert why is not None and f"shared{suffix}" in why and str(os.getpid()) in why
+
+
+def test_an_earlier_watchdog_beside_the_parent_is_the_supervisors(
+        tmp_path: Path, watchdog_like: subprocess.Popen[bytes]) -> None:
+    """The watchdog of a daemon that handed its runs over (its window still open), and a
+    member of another pid namespace (pid 0), are no strangers."""
+    v2 = tree(tmp_path)
+    cgroup(v2 / "agent-supervisor")
+    cgroup(v2 / "agent-supervisor-watchdog", f"{watchdog_like.pid}\n0\n")
+    assert runs_parent.why_foreign("/agent-supervisor", tmp_path) is None
+    # The same process in the gateway worker's cgroup is not a worker.
+    cgroup(v2 / "agent-supervisor-gateway", f"{watchdog_like.pid}\n")
+    assert runs_parent.why_foreign("/agent-supervisor", tmp_path) is not None
 
 
 def test_no_cgroup_tree_is_no_refusal_here(tmp_path: Path) -> None:
