@@ -112,12 +112,15 @@ def _sibling_strangers(parent: str, root: Path) -> str | None:
 
 
 def _runs(pid: int, module: str) -> bool:
-    """Whether `pid` runs `python -m module` (one gone meanwhile is no stranger)."""
+    """Whether `pid` runs `python -m module`. One gone meanwhile is no stranger, nor one with
+    no command line yet or any more: a process the daemon just spawned is still inside its
+    exec for a moment after Popen returns (the kernel closes the spawner's pipe before it
+    sets the new command line), and a zombie has none."""
     try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return True
-    return module.encode() in argv
+    return not cmdline or module.encode() in cmdline.split(b"\0")
 
 
 def mark(parent: str, root: Path = CGROUP_ROOT) -> str | None:

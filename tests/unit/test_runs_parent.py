@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.sandbox import runs_parent
+from tests.support.daemon import wait_for
 
 
 def tree(root: Path, *, hybrid: bool = False) -> Path:
@@ -93,6 +94,9 @@ def watchdog_like() -> Iterator[subprocess.Popen[bytes]]:
     """A process whose command line is a watchdog's (`python -m supervisor.daemon.watchdog`)."""
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                              "-m", "supervisor.daemon.watchdog"], stdin=subprocess.DEVNULL)
+    # Popen returns once the exec is under way, before the kernel shows its command line.
+    wait_for(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes(), timeout=10,
+             what="the command line")
     yield proc
     proc.kill()
     proc.wait()
@@ -119,6 +123,22 @@ def test_an_earlier_watchdog_beside_the_parent_is_the_supervisors(
     # The same process in the gateway worker's cgroup is not a worker.
     cgroup(v2 / "agent-supervisor-gateway", f"{watchdog_like.pid}\n")
     assert runs_parent.why_foreign("/agent-supervisor", tmp_path) is not None
+
+
+def test_a_process_without_a_command_line_is_no_stranger(tmp_path: Path) -> None:
+    """A zombie has no command line, nor has a process the daemon just spawned, still inside
+    its exec: neither is taken for someone else's (the first cannot be harmed, the second is
+    the daemon's own watchdog or worker)."""
+    zombie = subprocess.Popen(["true"], stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: Path(f"/proc/{zombie.pid}/stat").read_text().split(") ")[1][0] == "Z",
+                 timeout=10, what="the zombie")
+        assert Path(f"/proc/{zombie.pid}/cmdline").read_bytes() == b""
+        v2 = tree(tmp_path)
+        cgroup(v2 / "agent-supervisor-watchdog", f"{zombie.pid}\n")
+        assert runs_parent.why_foreign("/agent-supervisor", tmp_path) is None
+    finally:
+        zombie.wait()
 
 
 def test_no_cgroup_tree_is_no_refusal_here(tmp_path: Path) -> None:
