@@ -4,6 +4,7 @@ rejected by name. No privilege; reads one file."""
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -42,15 +43,16 @@ def parse_egress_pool(cidr: str) -> ipaddress.IPv4Network:
     try:
         network = ipaddress.ip_network(cidr, strict=True)
     except ValueError as exc:
-        raise ValueError(f"egress address pool {cidr!r} is not a network: {exc}") from None
+        raise ValueError(f"egress address pool {cidr!r} is not a network: {exc} (a private "
+                         f"IPv4 network, e.g. 10.200.0.0/16)") from None
     if not isinstance(network, ipaddress.IPv4Network):
-        raise ValueError(f"egress address pool {cidr!r} must be IPv4")
+        raise ValueError(f"egress address pool {cidr!r} must be IPv4, e.g. 10.200.0.0/16")
     if not any(network.subnet_of(private) for private in _RFC1918):
         raise ValueError(f"egress address pool {cidr!r} must lie inside a private (RFC 1918) "
                          "range: 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16")
     if network.prefixlen not in _POOL_PREFIXLENS:
         raise ValueError(f"egress address pool {cidr!r} must be a /{_POOL_PREFIXLENS.start} "
-                         f"to /{_POOL_PREFIXLENS.stop - 1}")
+                         f"to /{_POOL_PREFIXLENS.stop - 1}, e.g. 10.200.0.0/16")
     return network
 
 
@@ -59,21 +61,27 @@ def _pool(cidr: str) -> str:
     return cidr
 
 
+def normal_parent(path: str) -> str:
+    """A cgroup path as one spelling: "/P/", "//P" and "P" are all "/P"."""
+    return "/" + "/".join(part for part in path.split("/") if part)
+
+
 def _cgroup_parent(path: str) -> str:
     """No climbing out ('.', '..') and no systemd unit's cgroup: the daemon writes the runs'
     limits on its parent and a global halt kills everything in it (sandbox/runs_parent.py
     checks what the host holds there)."""
-    parts = path.strip("/").split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        raise ValueError(f"{path!r} has an empty, '.' or '..' component: name the cgroup "
-                         f"plainly, e.g. /agent-supervisor")
+    parts = [part for part in path.split("/") if part]
+    if not parts or any(part in (".", "..") for part in parts):
+        raise ValueError(f"{path!r} is the root or has a '.' or '..' component: name the "
+                         f"cgroup plainly, e.g. /agent-supervisor")
     for part in parts:
         if part.endswith(SYSTEMD_UNIT_SUFFIXES):
             raise ValueError(f"{path!r} is inside systemd's unit {part!r}: systemd owns that "
                              f"cgroup and what runs in it, and a global halt would kill all "
                              f"of it; name a cgroup of the supervisor's own, e.g. "
                              f"/agent-supervisor")
-    return path
+    # One spelling, so a restart compares it with the handed-over parent as the same cgroup.
+    return normal_parent(path)
 
 
 def _seccomp_listener(path: str | None) -> str | None:
@@ -87,17 +95,47 @@ def _pinned_hosts(hosts: dict[str, str]) -> dict[str, str]:
         try:
             ipaddress.ip_address(address)
         except ValueError:
-            raise ValueError(f"hosts[{name!r}] = {address!r} is not an IP address") from None
+            raise ValueError(f"hosts[{name!r}] = {address!r} is not an IP address (a name "
+                             f"pinned to one, e.g. {name!r} = \"203.0.113.10\")") from None
     return hosts
 
 
 def _endpoints(endpoints: list[str]) -> list[str]:
     for endpoint in endpoints:
-        host, _, port = endpoint.rpartition(":")
-        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-            raise ValueError(f"{endpoint!r} is not HOST:PORT (an etcd client URL's host and "
-                             f"port, e.g. etcd1.example:2379)")
+        if (why := _why_not_host_port(endpoint)) is not None:
+            raise ValueError(f"{endpoint!r} is not HOST:PORT ({why}): an etcd client URL's "
+                             f"host and port only, e.g. etcd1.example:2379, 10.0.0.5:2379 or "
+                             f"[2001:db8::5]:2379")
     return endpoints
+
+
+def _why_not_host_port(endpoint: str) -> str | None:
+    if "://" in endpoint:
+        return "no scheme: the client speaks TLS to every endpoint"
+    try:
+        parts = urlsplit("//" + endpoint)
+        port = parts.port
+    except ValueError as exc:
+        return str(exc)
+    if parts.path or parts.query or parts.fragment or "?" in endpoint or "#" in endpoint:
+        return "no path, query or fragment"
+    if parts.username is not None or parts.password is not None:
+        return "no user or password"
+    host = parts.hostname
+    if not host:
+        return "no host"
+    if port is None:
+        return "no port"
+    if not 1 <= port <= 65535:
+        return "the port is 1 to 65535"
+    if parts.netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return f"[{host}] is not an IPv6 address"
+    elif ":" in host or not re.fullmatch(r"[A-Za-z0-9._-]+", host):
+        return "the host is a name or an address (an IPv6 address in brackets)"
+    return None
 
 
 def _engine_url(url: str) -> str:

@@ -31,6 +31,7 @@ from supervisor.config import (
     config_path,
     load_config,
 )
+from supervisor.daemon.handover import handed_parent
 from supervisor.egress.secrets import load_secret
 from supervisor.errors import ConfigInvalid, SupervisorError
 from supervisor.events import Endpoint, load_endpoints
@@ -38,7 +39,7 @@ from supervisor.metrics import check_endpoint
 from supervisor.profiles import load_profile
 from supervisor.runtime.init import SandboxInit
 from supervisor.runtime.uid_drop import UidDrop
-from supervisor.sandbox import runs_parent
+from supervisor.sandbox import budget, runs_parent, userns
 
 # Where a bare [sandbox] runc_path is looked up (the unit's PATH and the root's usual one).
 RUNC_SEARCH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -145,12 +146,15 @@ def group_errors(config: Config, where: str) -> list[dict[str, str]]:
 
 def host_errors(config: Config, where: str) -> list[dict[str, str]]:
     """What the host must hold for the file's names, which a start refuses before it touches
-    anything (exit 78): the control sockets' groups, the runs' parent cgroup being the
-    supervisor's own, the egress gateway's user and CA file, the fleet's files. Each is
-    otherwise looked up only when used, after agents were adopted or while launches wait."""
+    anything (exit 78): the control sockets' groups, the runs' budget and host root's limits
+    the [resources] reserves leave, the runs' parent cgroup being the supervisor's own (and
+    clear of a handed-over one), the egress gateway's user and CA file, the fleet's files.
+    Each is otherwise looked up only when used, after agents were adopted or while launches
+    wait."""
     errors = group_errors(config, where)
+    errors.extend(resource_errors(config, where))
     parent = config.sandbox.cgroup_parent
-    if (why := runs_parent.why_foreign(parent)) is not None:
+    if (why := runs_parent.why_foreign(parent, handed=handed_parent(config))) is not None:
         errors.append(config_error(where, "sandbox.cgroup_parent", f"{why}; name a cgroup "
                                    f"of the supervisor's own (one that does not exist yet, "
                                    f"e.g. /agent-supervisor)"))
@@ -169,6 +173,24 @@ def host_errors(config: Config, where: str) -> list[dict[str, str]]:
     return errors
 
 
+def resource_errors(config: Config, where: str) -> list[dict[str, str]]:
+    """The [resources] keys this host cannot hold as the start applies them (budget.py,
+    userns.py): a reserve above what the host has, a value the kernel refuses."""
+    res = config.resources
+    found = budget.budget_errors(res.runs_pids_max, res.host_pids_reserve,
+                                 res.runs_memory_max, res.host_memory_reserve)
+    limits = userns.UsernsLimits.for_runs(res.run_inotify_instances,
+                                          res.run_inotify_watches).present()
+    reserve_keys = {"max_inotify_instances": "resources.host_inotify_instances_reserve",
+                    "max_inotify_watches": "resources.host_inotify_watches_reserve"}
+    for key, why in userns.host_limit_errors(limits, config.sandbox.max_runs, {
+            "max_inotify_instances": res.host_inotify_instances_reserve,
+            "max_inotify_watches": res.host_inotify_watches_reserve}).items():
+        found[reserve_keys[key]] = (f"{why}: lower it, [resources] run_{key[4:]} or "
+                                    f"[sandbox] max_runs")
+    return [config_error(where, key, reason) for key, reason in found.items()]
+
+
 def _pem_errors(where: str, key: str, path: Path) -> list[dict[str, str]]:
     try:
         ssl.create_default_context(cafile=str(path))
@@ -181,12 +203,26 @@ def _pem_errors(where: str, key: str, path: Path) -> list[dict[str, str]]:
     return [config_error(where, key, reason)]
 
 
+class _Encrypted(Exception):
+    """The fleet's key asks for a passphrase."""
+
+
+def _no_passphrase() -> str:
+    """Asked for a passphrase: never prompt (a check on a terminal would wait for one)."""
+    raise _Encrypted
+
+
 def _fleet_errors(config: Config, where: str) -> list[dict[str, str]]:
     fleet = config.fleet
     assert fleet is not None
     errors = _pem_errors(where, "fleet.ca_file", fleet.ca_file)
     try:
-        ssl.create_default_context().load_cert_chain(str(fleet.cert_file), str(fleet.key_file))
+        ssl.create_default_context().load_cert_chain(str(fleet.cert_file), str(fleet.key_file),
+                                                     password=_no_passphrase)
+    except _Encrypted:
+        errors.append(config_error(where, "fleet.key_file", f"the key {fleet.key_file} is "
+                                   f"encrypted; the etcd client cannot use it (decrypt it, "
+                                   f"e.g. openssl pkey -in KEY -out PLAIN, root-only)"))
     except (OSError, ssl.SSLError) as exc:
         errors.append(config_error(where, "fleet.cert_file", f"the client certificate "
                                    f"{fleet.cert_file} with key {fleet.key_file} does not "

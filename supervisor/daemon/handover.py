@@ -70,6 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from supervisor.config import normal_parent
 from supervisor.daemon import ending
 from supervisor.daemon.liverun import SYSTEM, LiveRun
 from supervisor.daemon.store import RunRecord
@@ -121,6 +122,17 @@ def socket_path(config: Config) -> Path:
 
 def record_path(config: Config) -> Path:
     return config.daemon.state_dir / "handover.json"
+
+
+def handed_parent(config: Config) -> str | None:
+    """The runs' parent named by a handover waiting for this start (None: none, or its
+    record is unreadable: root's alone)."""
+    try:
+        record = json.loads(record_path(config).read_text())
+    except (OSError, ValueError):
+        return None
+    parent = record.get("cgroup_parent") if isinstance(record, dict) else None
+    return normal_parent(parent) if isinstance(parent, str) and parent.strip("/") else None
 
 
 def why_not(live: LiveRun) -> str | None:
@@ -434,11 +446,12 @@ async def adopt(core: Core) -> Adoption | None:
                                      f"socket (pid {pid})")
                 # Named before the watchdog's absence, which a changed parent also causes:
                 # this daemon looks for it in its own parent's -watchdog sibling.
-                handed_parent = handover.get("cgroup_parent", config.sandbox.cgroup_parent)
-                if handed_parent != config.sandbox.cgroup_parent:
+                handed = normal_parent(str(handover.get("cgroup_parent",
+                                                        config.sandbox.cgroup_parent)))
+                if handed != config.sandbox.cgroup_parent:
                     raise ValueError(
                         f"the previous daemon's runs live under [sandbox] cgroup_parent "
-                        f"{handed_parent!r} and this daemon's is "
+                        f"{handed!r} and this daemon's is "
                         f"{config.sandbox.cgroup_parent!r}: a changed cgroup_parent does not "
                         f"take them (set it back and restart within the adopt window to keep "
                         f"them; runbook, \"Changing cgroup_parent\")")

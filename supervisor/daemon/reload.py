@@ -41,6 +41,7 @@ from supervisor.errors import ReloadRefused, SupervisorError
 from supervisor.events import DeliveryWorker, Outbox
 from supervisor.metrics import MetricsEndpoint
 from supervisor.models import Actor
+from supervisor.sandbox import runs_parent
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +119,20 @@ class ConfigReloader:
             log.error("reload refused: %d error(s) in the configuration", len(errors))
             raise ReloadRefused(_summary(errors), source=checked.source, errors=errors,
                                 warnings=warnings)
-        for warning in warnings:
-            log.warning("reload: %s: %s", warning["key"], warning["reason"])
         new = checked.config
         assert new is not None
         old = self.current
+        if runs_parent.nested(old.sandbox.cgroup_parent, new.sandbox.cgroup_parent):
+            errors = [nested_parent_error(checked.source, old, new)]
+            self.audit.append(actor=label, verb="config_reload", scope="global", reason=reason,
+                              outcome="refused", detail={"source": checked.source,
+                                                         "errors": errors,
+                                                         "warnings": warnings})
+            log.error("reload refused: %s", errors[0]["reason"])
+            raise ReloadRefused(_summary(errors), source=checked.source, errors=errors,
+                                warnings=warnings)
+        for warning in warnings:
+            log.warning("reload: %s: %s", warning["key"], warning["reason"])
         sections = [name for name in type(old).model_fields
                     if getattr(old, name) != getattr(new, name)]
         applied = [s for s in sections if s in RELOADABLE]
@@ -223,6 +233,16 @@ def parent_change_warning(source: str, old: Config, new: Config,
         f"next restart does not adopt the running agents ({running} now), their handover is "
         f"refused and they are killed; stop them first, or set it back before restarting. "
         f"The old parent's cgroups stay until removed (runbook, \"Changing cgroup_parent\")")}
+
+
+def nested_parent_error(source: str, old: Config, new: Config) -> dict[str, str]:
+    """A new [sandbox] cgroup_parent inside or above the running one: after the restart the
+    old watchdog (whose runs are not adopted) kills all of its parent, and one daemon's halt
+    would kill the other's runs."""
+    return {"path": source, "key": "sandbox.cgroup_parent", "reason": (
+        f"{new.sandbox.cgroup_parent!r} and the running parent {old.sandbox.cgroup_parent!r} "
+        f"lie one inside the other: at the restart the old parent's watchdog would kill the "
+        f"new daemon's runs with its own; name a cgroup beside it, e.g. /agent-supervisor-2")}
 
 
 def _summary(errors: list[dict[str, str]]) -> str:

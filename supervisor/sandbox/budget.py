@@ -20,6 +20,8 @@ from supervisor.sandbox.cgroups import CGROUP_ROOT, Cgroup, CgroupMode, detect_m
 log = logging.getLogger(__name__)
 
 _CONTROLLERS = ("pids", "memory")
+# The most a pids.max takes (the kernel's PID_MAX_LIMIT on 64-bit hosts).
+PIDS_MAX_LIMIT = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,32 @@ class RunsBudget:
         """The configured budget, or (None) the host's capacity less its reserve."""
         pids = runs_pids_max or host_pid_limit() - host_pids_reserve
         memory = runs_memory_max or mem_total() - host_memory_reserve
-        if pids < 1 or memory < 1:
+        if pids < 1 or memory < 1 or pids > PIDS_MAX_LIMIT:
             raise EnforcementError(
                 "the host's reserve leaves nothing for runs", pids_budget=pids,
                 memory_budget=memory, hint="lower [resources] host_pids_reserve or "
                 "host_memory_reserve, or set runs_pids_max and runs_memory_max")
         return cls(pids, memory)
+
+
+def budget_errors(runs_pids_max: int | None, host_pids_reserve: int,
+                  runs_memory_max: int | None, host_memory_reserve: int) -> dict[str, str]:
+    """Why this host cannot hold the [resources] budget, by key ({}: it can), judged as
+    RunsBudget.for_host does at the start."""
+    errors: dict[str, str] = {}
+    if runs_pids_max is not None and runs_pids_max > PIDS_MAX_LIMIT:
+        errors["resources.runs_pids_max"] = (
+            f"{runs_pids_max} is above the most pids.max takes ({PIDS_MAX_LIMIT})")
+    elif runs_pids_max is None and (limit := host_pid_limit()) - host_pids_reserve < 1:
+        errors["resources.host_pids_reserve"] = (
+            f"{host_pids_reserve} is all of this host's {limit} pids (the lower of pid_max "
+            f"and threads-max): nothing is left for runs; lower it (the default is 4096) or "
+            f"set runs_pids_max")
+    if runs_memory_max is None and (total := mem_total()) - host_memory_reserve < 1:
+        errors["resources.host_memory_reserve"] = (
+            f"{host_memory_reserve} bytes is all of this host's {total} bytes of RAM: nothing "
+            f"is left for runs; lower it (the default is 1GiB) or set runs_memory_max")
+    return errors
 
 
 def host_pid_limit() -> int:

@@ -16,7 +16,12 @@ The mark is the extended attribute MARK on the parent's directory in the v2 tree
 unified hierarchy of a hybrid host), holding the parent's path: it goes with the directory,
 so a cgroup removed and made again by someone else does not inherit it. A parent made by a
 daemon from before the mark (or on a kernel that refuses it) has only runs' cgroups in it,
-which are judged by name, then marked."""
+which are judged by name, then marked.
+
+Nesting: a parent inside another supervisor's parent (marked), or inside the parent whose
+runs were handed over to this start, would be killed by that one's halt or watchdog (an old
+watchdog cgroup.kills its whole parent when no daemon adopts its runs); a parent holding
+another's would kill that one's runs. Both are refused."""
 
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ _RUN_CGROUP = re.compile(r"^[a-z][a-z0-9\-]{0,15}-(selftest[0-9a-f]{6}|[0-9a-f]{
 _SHOWN = 5  # pids and names quoted in a refusal
 # The siblings and the module each one's processes run (`python -m MODULE`).
 SIBLINGS = {"-watchdog": "supervisor.daemon.watchdog", "-gateway": "supervisor.egress.worker"}
+_WALKED = 4096  # cgroups below a parent looked at for another supervisor's mark
 
 
 def _directories(parent: str, root: Path) -> list[Path]:
@@ -60,11 +66,64 @@ def is_marked(parent: str, root: Path = CGROUP_ROOT) -> bool:
     return value.decode(errors="replace") == "/" + parent.strip("/")
 
 
-def why_foreign(parent: str, root: Path = CGROUP_ROOT) -> str | None:
+def _carries_mark(path: Path) -> bool:
+    try:
+        os.getxattr(path, MARK)
+    except OSError:
+        return False
+    return True
+
+
+def nested(one: str, other: str) -> bool:
+    """Whether one parent lies inside the other (not the same)."""
+    a, b = one.strip("/").split("/"), other.strip("/").split("/")
+    return a != b and (a[:len(b)] == b or b[:len(a)] == a)
+
+
+def why_nested(parent: str, root: Path = CGROUP_ROOT, handed: str | None = None) -> str | None:
+    """Why `parent` cannot be the runs' parent for where it lies: inside a cgroup that
+    carries the mark (another supervisor's parent, or this one's before a change), inside or
+    above `handed` (the parent whose runs a handover left to this start), or above a marked
+    cgroup. None when it is clear of all of them."""
+    shown = "/" + parent.strip("/")
+    if handed is not None and nested(parent, handed):
+        return (f"{shown} and {handed}, the runs' parent of the daemon that handed over its "
+                f"runs, lie one inside the other: that daemon's watchdog kills all of "
+                f"{handed} if no daemon adopts its runs, and a halt of either would kill the "
+                f"other's runs")
+    unified = unified_root(root)
+    parts = parent.strip("/").split("/")
+    for depth in range(1, len(parts)):
+        above = unified / "/".join(parts[:depth])
+        if _carries_mark(above):
+            return (f"{shown} lies inside /{'/'.join(parts[:depth])}, the runs' parent of a "
+                    f"supervisor ({MARK} is set on it): its global halt, or its watchdog, "
+                    f"would kill this daemon's runs")
+    top = unified / parent.strip("/")
+    if not top.is_dir():
+        return None
+    seen = 0
+    for directory, children, _files in os.walk(top):
+        for child in children:
+            seen += 1
+            path = Path(directory) / child
+            if seen > _WALKED:
+                return (f"{top} holds more than {_WALKED} cgroups: too many to be sure none "
+                        f"is another supervisor's runs' parent")
+            if _carries_mark(path):
+                return (f"{top} holds {path}, the runs' parent of a supervisor ({MARK} is "
+                        f"set on it): this daemon's global halt would kill its runs")
+    return None
+
+
+def why_foreign(parent: str, root: Path = CGROUP_ROOT, handed: str | None = None) -> str | None:
     """Why `parent` is not the supervisor's to take; None when it is (absent: the daemon
-    makes it; marked; or holding only runs' cgroups)."""
+    makes it; marked; or holding only runs' cgroups), and it is clear of every other
+    supervisor's parent and of the handed-over one (why_nested)."""
     if detect_mode(root) is CgroupMode.NONE:
         return None  # nothing to take; the start refuses a host without cgroups on its own
+    if (why := why_nested(parent, root, handed)) is not None:
+        return why
     if (why := _sibling_strangers(parent, root)) is not None:
         return why
     directories = _directories(parent, root)

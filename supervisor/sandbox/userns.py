@@ -37,6 +37,7 @@ ZERO = ("max_cgroup_namespaces", "max_fanotify_groups", "max_fanotify_marks",
 HOST_FILES = {"max_inotify_instances": Path("/proc/sys/fs/inotify/max_user_instances"),
               "max_inotify_watches": Path("/proc/sys/fs/inotify/max_user_watches")}
 _NSENTER_TIMEOUT = 10.0
+INT_MAX = 2**31 - 1  # what a sysctl of type int takes
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,23 @@ class UsernsLimits:
         return UsernsLimits({k: v for k, v in self.values.items() if (root / k).exists()})
 
 
+def host_limit_errors(limits: UsernsLimits, max_runs: int,
+                      reserve: dict[str, int]) -> dict[str, str]:
+    """Why host root's limits cannot be made to hold `max_runs` runs plus the reserve, by
+    per-run key ({}: they can): the files take an int."""
+    return {key: (f"{reserve[key]} (host reserve) + {max_runs} runs x {limits.values[key]} "
+                  f"= {needed}, above the most {HOST_FILES[key]} takes ({INT_MAX})")
+            for key in HOST_FILES if key in limits.values
+            and (needed := reserve[key] + max_runs * limits.values[key]) > INT_MAX}
+
+
 def raise_host_limits(limits: UsernsLimits, max_runs: int, reserve: dict[str, int],
                       host_files: dict[str, Path] | None = None) -> dict[str, dict[str, int]]:
     """Make host root's per-user limits hold `max_runs` runs at their limits plus the host's
     reserve; never lowers one. Returns what changed ({key: {"from", "to"}})."""
+    if errors := host_limit_errors(limits, max_runs, reserve):
+        raise EnforcementError(f"cannot make host root's limits hold {max_runs} runs: "
+                               + "; ".join(errors.values()))
     changed: dict[str, dict[str, int]] = {}
     for key, path in (host_files or HOST_FILES).items():
         if key not in limits.values:

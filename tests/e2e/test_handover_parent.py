@@ -83,3 +83,73 @@ def test_a_changed_parent_is_said_at_the_reload_and_named_at_the_restart(
         daemon.cleanup_host()
         Cgroup(new_parent).remove(strict=False)
         assert not Cgroup(old_parent).exists() and not old_watchdog.exists()
+
+
+def _nested_parent_kept_out(tmp_root: Path, *, unmark: bool) -> None:
+    """The attack: an agent runs; cgroup_parent is moved inside the old parent and the daemon
+    restarted with a handover. The old watchdog, its runs not adopted, would cgroup.kill the
+    old parent at its window's end, and with it the new daemon's agents. The reload refuses
+    the change, the restart refuses the parent (exit 78) and touches nothing; set back, the
+    next start adopts the agent within the window."""
+    daemon = new_daemon(tmp_root)
+    daemon.start()
+    old_parent = daemon.cgroup_parent
+    nested = f"{old_parent}/sub"
+    try:
+        pids = _sleeper_handed_over(daemon, "kept")
+        daemon.start()  # adopts it: the handover below is of a running daemon's agent
+        if unmark:  # only the handover's record names the old parent
+            os.removexattr(daemon.cgroup_dir(), runs_parent.MARK)
+        daemon.cgroup_parent = nested
+        daemon.write_config()
+        refused = daemon.agentctl("reload", "--json")
+        assert refused.returncode == 78, refused.stdout + refused.stderr
+        errors = json.loads(refused.stdout)["error"]["detail"]["errors"]
+        assert [e["key"] for e in errors] == ["sandbox.cgroup_parent"], errors
+        assert daemon.stop(signal.SIGUSR2) == 0
+        try:
+            daemon.start()
+        except RuntimeError as exc:
+            assert "daemon exited 78" in str(exc)
+        else:
+            raise AssertionError("a start inside the old parent was not refused")
+        log = daemon.logs()
+        assert "sandbox.cgroup_parent" in log and "Traceback" not in log
+        assert not Cgroup(nested).exists()
+        assert _alive(pids) == pids
+        daemon.cgroup_parent = old_parent
+        daemon.start()
+        assert daemon.client.agent("kept")["state"] == "active"
+        assert _alive(pids) == pids
+        daemon.agentctl("kill", "kept", "--reason", "done", check=True)
+    finally:
+        daemon.cgroup_parent = old_parent
+        daemon.finish()
+
+
+def test_a_parent_moved_inside_the_old_one_is_refused_and_the_agent_kept(
+        tmp_root: Path) -> None:
+    _nested_parent_kept_out(tmp_root, unmark=False)
+
+
+def test_a_parent_moved_inside_an_unmarked_old_one_is_refused_by_the_handover(
+        tmp_root: Path) -> None:
+    _nested_parent_kept_out(tmp_root, unmark=True)
+
+
+def test_a_cosmetic_parent_change_keeps_the_agents(tmp_root: Path) -> None:
+    """"/P" written "/P/" or "//P" is the same cgroup: the restart adopts its runs."""
+    daemon = new_daemon(tmp_root)
+    daemon.start()
+    parent = daemon.cgroup_parent
+    try:
+        pids = _sleeper_handed_over(daemon, "kept")
+        daemon.cgroup_parent = "/" + parent + "/"
+        daemon.start()
+        assert daemon.client.agent("kept")["state"] == "active"
+        assert _alive(pids) == pids
+        assert daemon.audit_rows("adopt")[-1]["outcome"] == "ok"
+        daemon.agentctl("kill", "kept", "--reason", "done", check=True)
+    finally:
+        daemon.cgroup_parent = parent
+        daemon.finish()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.sandbox import runs_parent
-from supervisor.sandbox.cgroups import CGROUP_ROOT, Cgroup, v1_hierarchies
+from supervisor.sandbox.cgroups import CGROUP_ROOT, Cgroup, unified_root, v1_hierarchies
 from tests.support.daemon import TEST_CGROUP_ROOT, Daemon, new_daemon
 
 
@@ -140,3 +140,52 @@ def test_the_parent_a_daemon_makes_is_marked_its_own(tmp_root: Path) -> None:
         assert daemon.check_config().returncode == 0
     finally:
         daemon.finish()
+
+
+def test_a_parent_inside_a_running_daemons_parent_is_refused(tmp_root: Path) -> None:
+    """The first daemon's halt or watchdog kills all of its parent: a second daemon's parent
+    inside it would go with it."""
+    first = new_daemon(tmp_root)
+    first.start()
+    try:
+        second = new_daemon(tmp_root)
+        second.cgroup_parent = f"{first.cgroup_parent}/sub"
+        log = refused_start(second)
+        assert f"lies inside {first.cgroup_parent}" in log, log
+        assert not Cgroup(second.cgroup_parent).exists()
+        assert not Cgroup(second.cgroup_parent + "-watchdog").exists()
+        assert first.client.health()
+    finally:
+        first.finish()
+
+
+def test_a_parent_holding_a_running_daemons_parent_is_refused(tmp_root: Path) -> None:
+    """A second daemon's parent above the first one's: its halt would kill the first's runs."""
+    outer = f"{TEST_CGROUP_ROOT}/outer-{secrets.token_hex(3)}"
+    first = new_daemon(tmp_root)
+    first.cgroup_parent = f"{outer}/inner"
+    first.start()
+    try:
+        second = new_daemon(tmp_root)
+        second.cgroup_parent = outer
+        log = refused_start(second)
+        assert f"holds {unified_root() / first.cgroup_parent.strip('/')}" in log, log
+        assert not runs_parent.is_marked(outer)
+        assert first.client.health()
+    finally:
+        first.finish()
+        Cgroup(outer).remove(strict=False)
+
+
+def test_a_marked_ancestor_of_any_supervisor_refuses_a_parent_below(
+        tmp_root: Path, foreign_cgroup: Cgroup) -> None:
+    """A variant: the mark alone (another daemon's parent, whatever its path says) refuses a
+    parent any depth below it, and a check of that parent names the marked one."""
+    os.setxattr(foreign_cgroup.path, runs_parent.MARK, b"/elsewhere")
+    below = f"{foreign_cgroup.relative}/a/b"
+    why = runs_parent.why_foreign(below)
+    assert why is not None and f"inside /{foreign_cgroup.relative}," in why
+    daemon = new_daemon(tmp_root)
+    daemon.cgroup_parent = "/" + below
+    refused_start(daemon)
+    assert not Cgroup(below).exists()

@@ -137,7 +137,7 @@ def test_bad_value_names_the_field(tmp_path: Path, text: str, key: str) -> None:
      "sandbox.cgroup_parent", "systemd"),
     ("[sandbox]\ncgroup_parent = '/agents/../system.slice'\n", "sandbox.cgroup_parent",
      "'..'"),
-    ("[sandbox]\ncgroup_parent = '/agents//runs'\n", "sandbox.cgroup_parent", "empty"),
+    ("[sandbox]\ncgroup_parent = '//'\n", "sandbox.cgroup_parent", "is the root"),
     ("[sandbox]\nuid_base = 4294000000\n", "sandbox", "past the highest uid"),
     ("[telemetry]\nseccomp_listener = 'seccomp.sock'\n", "telemetry.seccomp_listener",
      "not an absolute path"),
@@ -181,6 +181,60 @@ def test_fleet_endpoints_must_be_host_and_port(tmp_path: Path) -> None:
     assert "'etcd2' is not HOST:PORT" in info.value.detail["reason"]
     ok = load_config(write(tmp_path, fleet + "endpoints = ['etcd1.example:2379']\n"))
     assert ok.fleet is not None and ok.fleet.endpoints == ["etcd1.example:2379"]
+
+
+@pytest.mark.parametrize("spelling", ["/agents/runs", "/agents/runs/", "//agents/runs",
+                                      "/agents//runs", "///agents/runs//"])
+def test_a_cgroup_parent_has_one_spelling(tmp_path: Path, spelling: str) -> None:
+    """A cosmetic change of the parent is no change: the restart compares it with the
+    handed-over parent, and a different string would drop every agent."""
+    config = load_config(write(tmp_path, f"[sandbox]\ncgroup_parent = '{spelling}'\n"))
+    assert config.sandbox.cgroup_parent == "/agents/runs"
+
+
+FLEET = ("[fleet]\nhost_id = 'h1'\nca_file = '/ca'\ncert_file = '/c'\nkey_file = '/k'\n"
+         "user = 'u'\npassword_file = '/p'\n")
+
+
+@pytest.mark.parametrize(("endpoint", "why"), [
+    ("https://etcd:2379", "no scheme"),
+    ("etcd:2379/v3", "no path"),
+    ("etcd:2379?x=1", "no path, query"),
+    ("user@etcd:2379", "no user"),
+    ("[::1:2379", "IPv6"),
+    ("[etcd.example]:2379", "IPv6"),
+    ("::1:2379", "is not HOST:PORT"),
+    ("etcd:0", "1 to 65535"),
+    ("etcd:99999", "is not HOST:PORT"),
+    (":2379", "no host"),
+    ("etcd", "is not HOST:PORT"),
+])
+def test_fleet_endpoints_are_refused_in_every_other_form(tmp_path: Path, endpoint: str,
+                                                         why: str) -> None:
+    with pytest.raises(ConfigInvalid) as info:
+        load_config(write(tmp_path, FLEET + f"endpoints = ['{endpoint}']\n"))
+    assert info.value.detail["key"] == "fleet.endpoints"
+    reason = info.value.detail["reason"]
+    assert why in reason and "e.g. etcd1.example:2379" in reason, reason
+
+
+def test_fleet_endpoints_take_names_and_addresses(tmp_path: Path) -> None:
+    good = ["etcd1.example:2379", "10.0.0.5:2379", "[2001:db8::5]:2379"]
+    config = load_config(write(tmp_path, FLEET + f"endpoints = {good!r}\n"))
+    assert config.fleet is not None and config.fleet.endpoints == good
+
+
+@pytest.mark.parametrize(("text", "example"), [
+    ("[egress]\npool = 'not-a-net'\n", "e.g. 10.200.0.0/16"),
+    ("[egress]\npool = 'fd00::/64'\n", "e.g. 10.200.0.0/16"),
+    ("[egress]\npool = '10.0.0.0/8'\n", "e.g. 10.200.0.0/16"),
+    ("[egress]\nhosts = {'api.example' = 'api'}\n", "'api.example' = \"203.0.113.10\""),
+])
+def test_pool_and_hosts_errors_show_a_valid_value(tmp_path: Path, text: str,
+                                                  example: str) -> None:
+    with pytest.raises(ConfigInvalid) as info:
+        load_config(write(tmp_path, text))
+    assert example in info.value.detail["reason"], info.value.detail
 
 
 def test_nan_duration_is_rejected(tmp_path: Path) -> None:

@@ -202,7 +202,7 @@ def test_every_name_the_host_must_hold_is_reported_with_the_others(
     --check-config lists every one at once, the start refuses them with 78 before touching
     anything, and a reload is refused on them."""
     foreign = "/as-test-foreign"
-    monkeypatch.setattr(configcheck.runs_parent, "why_foreign", lambda parent: (
+    monkeypatch.setattr(configcheck.runs_parent, "why_foreign", lambda parent, **_: (
         "holds 1 process(es) that are not the supervisor's" if parent == foreign else None))
     not_pem = tmp_path / "ca.pem"
     not_pem.write_text("not a certificate\n")
