@@ -157,10 +157,17 @@ class Core:
             "max_inotify_watches": res.host_inotify_watches_reserve})
         runs_budget = budget.RunsBudget.for_host(res.runs_pids_max, res.host_pids_reserve,
                                                  res.runs_memory_max, res.host_memory_reserve)
+        made = not runs_parent.exists(config.sandbox.cgroup_parent)
+        takes = made or runs_parent.holds_runs(config.sandbox.cgroup_parent)
         budget.apply(config.sandbox.cgroup_parent, runs_budget)
         # The parent is the supervisor's from here (the start refused one that was not:
-        # sandbox/runs_parent.py); the mark tells a later start so.
-        runs_parent.mark(config.sandbox.cgroup_parent)
+        # sandbox/runs_parent.py); the mark tells a later start so. An existing empty one may
+        # be another tool's: left unmarked, judged again at every start.
+        if takes:
+            runs_parent.mark(config.sandbox.cgroup_parent)
+        else:
+            log.info("%s existed, empty: not marked as the supervisor's",
+                     config.sandbox.cgroup_parent)
         # Output reaches each run's log file through a pipe or stream the supervisor drains,
         # up to the run's cap (supervisor/runtime/output.py).
         outputs = Outputs(config.output.max_bytes)

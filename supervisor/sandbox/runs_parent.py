@@ -14,9 +14,13 @@ parent itself.
 
 The mark is the extended attribute MARK on the parent's directory in the v2 tree (the
 unified hierarchy of a hybrid host), holding the parent's path: it goes with the directory,
-so a cgroup removed and made again by someone else does not inherit it. A parent made by a
-daemon from before the mark (or on a kernel that refuses it) has only runs' cgroups in it,
-which are judged by name, then marked.
+so a cgroup removed and made again by someone else does not inherit it. It is set on a parent
+the daemon made, or one holding only runs' cgroups (a daemon's from before the mark, or on a
+kernel that refuses it); an existing empty cgroup may be another tool's and stays unmarked.
+The mark never spares the name check: a cgroup put in a marked parent since is judged too.
+Processes in the runs' cgroups of an unmarked parent are taken only when a handover names it
+or a watchdog of ours runs beside it. A pending handover naming the parent says what is in
+its -watchdog sibling is the earlier daemon's.
 
 Nesting: a parent inside another supervisor's parent (marked), or inside the parent whose
 runs were handed over to this start, would be killed by that one's halt or watchdog (an old
@@ -47,9 +51,10 @@ MARK = "trusted.agent-supervisor"
 # one to adopt), an MCP server's beside it, the self-test's canary.
 _RUN_CGROUP = re.compile(r"^[a-z][a-z0-9\-]{0,15}-(selftest[0-9a-f]{6}|[0-9a-f]{12}(-mcp\d+)?)$")
 _SHOWN = 5  # pids and names quoted in a refusal
-# The siblings and the module each one's processes run (`python -m MODULE`).
-SIBLINGS = {"-watchdog": "supervisor.daemon.watchdog", "-gateway": "supervisor.egress.worker"}
 _WALKED = 4096  # cgroups below a parent looked at for another supervisor's mark
+# The siblings and the module each one's processes run (`python -m MODULE`).
+WATCHDOG_MODULE = "supervisor.daemon.watchdog"
+SIBLINGS = {"-watchdog": WATCHDOG_MODULE, "-gateway": "supervisor.egress.worker"}
 
 
 def _directories(parent: str, root: Path) -> list[Path]:
@@ -124,7 +129,7 @@ def why_foreign(parent: str, root: Path = CGROUP_ROOT, handed: str | None = None
         return None  # nothing to take; the start refuses a host without cgroups on its own
     if (why := why_nested(parent, root, handed)) is not None:
         return why
-    if (why := _sibling_strangers(parent, root)) is not None:
+    if (why := _sibling_strangers(parent, root, handed)) is not None:
         return why
     directories = _directories(parent, root)
     if not directories:
@@ -138,8 +143,8 @@ def why_foreign(parent: str, root: Path = CGROUP_ROOT, handed: str | None = None
             return (f"{directory} already holds {len(pids)} process(es) that are not the "
                     f"supervisor's (pid {', '.join(pids[:_SHOWN])}): the runs' limits would "
                     f"apply to them and a global halt would kill them")
-    if is_marked(parent, root):
-        return None
+    # Judged by name even when marked: the mark says the parent is ours, not that everything
+    # someone put in it since is.
     foreign: set[str] = set()
     for directory in directories:
         with contextlib.suppress(OSError):
@@ -149,13 +154,28 @@ def why_foreign(parent: str, root: Path = CGROUP_ROOT, handed: str | None = None
         shown = ", ".join(sorted(foreign)[:_SHOWN])
         return (f"{directories[0]} already holds cgroups the supervisor did not make ({shown}): "
                 f"a global halt would kill what runs in them")
+    if is_marked(parent, root) or handed == "/" + parent.strip("/") or _watched(parent, root):
+        return None
+    # Unmarked, with no watchdog of ours beside it and no handover naming it: processes in a
+    # run-named cgroup are nobody's runs this daemon could adopt.
+    for directory in directories:
+        for child in _children(directory):
+            if pids := _pids(child):
+                return (f"{child} holds process(es) (pid {', '.join(pids[:_SHOWN])}) with no "
+                        f"supervisor's watchdog beside {parent} and no handover naming it: "
+                        f"they are not runs the supervisor can adopt, and a halt would kill "
+                        f"them")
     return None
 
 
-def _sibling_strangers(parent: str, root: Path) -> str | None:
+def _sibling_strangers(parent: str, root: Path, handed: str | None = None) -> str | None:
     """A process in the watchdog's or the gateway worker's cgroup that is not one: the start
-    SIGKILLs what is in the first (an earlier watchdog) and writes the second's cgroup.kill."""
+    SIGKILLs what is in the first (an earlier watchdog) and writes the second's cgroup.kill.
+    A handover naming the parent says what is in <parent>-watchdog is the earlier daemon's
+    (its watchdog, and whatever it left there to end)."""
     for suffix, module in SIBLINGS.items():
+        if suffix == "-watchdog" and handed == "/" + parent.strip("/"):
+            continue
         for directory in _directories(parent.rstrip("/") + suffix, root):
             try:
                 pids = (directory / "cgroup.procs").read_text().split()
@@ -180,6 +200,47 @@ def _runs(pid: int, module: str) -> bool:
     except OSError:
         return True
     return not cmdline or module.encode() in cmdline.split(b"\0")
+
+
+def _children(directory: Path) -> list[Path]:
+    try:
+        return [child for child in directory.iterdir() if child.is_dir()]
+    except OSError:
+        return []
+
+
+def _pids(directory: Path) -> list[str]:
+    try:
+        return (directory / "cgroup.procs").read_text().split()
+    except OSError:
+        return []
+
+
+def _watched(parent: str, root: Path) -> bool:
+    """A watchdog of the supervisor's runs beside the parent (a running daemon's, or one
+    holding handed-over runs), seen by its command line: the parent's runs are ours."""
+    for directory in _directories(parent.rstrip("/") + "-watchdog", root):
+        for pid in _pids(directory):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if WATCHDOG_MODULE.encode() in argv:
+                return True
+    return False
+
+
+def holds_runs(parent: str, root: Path = CGROUP_ROOT) -> bool:
+    """Whether the parent holds at least one cgroup and only runs' ones: an earlier
+    daemon's, to mark (an existing empty cgroup may be another tool's, waiting for its
+    processes: taken, not marked)."""
+    children = [child.name for directory in _directories(parent, root)
+                for child in _children(directory)]
+    return bool(children) and all(_RUN_CGROUP.match(name) for name in children)
+
+
+def exists(parent: str, root: Path = CGROUP_ROOT) -> bool:
+    return bool(_directories(parent, root))
 
 
 def mark(parent: str, root: Path = CGROUP_ROOT) -> str | None:

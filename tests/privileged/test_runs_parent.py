@@ -189,3 +189,77 @@ def test_a_marked_ancestor_of_any_supervisor_refuses_a_parent_below(
     daemon.cgroup_parent = "/" + below
     refused_start(daemon)
     assert not Cgroup(below).exists()
+
+
+def test_a_stranger_in_the_gateways_cgroup_is_refused_and_survives(tmp_root: Path) -> None:
+    """A gateway launch cgroup.kills <parent>-gateway: a foreign sleep there refuses the
+    parent (absent itself), and lives on."""
+    suffix = "-gateway"
+    daemon = new_daemon(tmp_root)
+    sibling = Cgroup(daemon.cgroup_parent + suffix).create(("pids",))
+    sleep = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        sibling.place(sleep.pid, ("pids",))
+        log = refused_start(daemon)
+        assert f"pid {sleep.pid}" in log and suffix in log, log
+        assert not Cgroup(daemon.cgroup_parent).exists()
+        assert sleep.poll() is None and sibling.pids() == [sleep.pid]
+    finally:
+        os.kill(sleep.pid, signal.SIGKILL)
+        sleep.wait()
+        sibling.remove(strict=False)
+
+
+def test_a_marked_parent_holding_a_foreign_cgroup_is_refused(
+        tmp_root: Path, foreign_cgroup: Cgroup) -> None:
+    """The mark covered everything under the parent: a `docker` cgroup made in it since was
+    taken as the supervisor's, and a halt would kill what runs there."""
+    os.setxattr(foreign_cgroup.path, runs_parent.MARK, ("/" + foreign_cgroup.relative).encode())
+    assert runs_parent.is_marked(foreign_cgroup.relative)
+    child = Cgroup(f"{foreign_cgroup.relative}/docker").create(("pids",))
+    sleep = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        child.place(sleep.pid, ("pids",))
+        daemon = new_daemon(tmp_root)
+        daemon.cgroup_parent = "/" + foreign_cgroup.relative
+        assert "docker" in refused_start(daemon)
+        assert sleep.poll() is None and child.pids() == [sleep.pid]
+    finally:
+        os.kill(sleep.pid, signal.SIGKILL)
+        sleep.wait()
+
+
+def test_a_run_named_cgroup_holding_a_foreign_process_is_refused(
+        tmp_root: Path, foreign_cgroup: Cgroup) -> None:
+    """An unmarked parent with no watchdog of ours beside it and no handover naming it: a
+    process in a cgroup named as a run's is no run to adopt, and it lives on."""
+    child = Cgroup(f"{foreign_cgroup.relative}/as-0123456789ab").create(("pids",))
+    sleep = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        child.place(sleep.pid, ("pids",))
+        daemon = new_daemon(tmp_root)
+        daemon.cgroup_parent = "/" + foreign_cgroup.relative
+        log = refused_start(daemon)
+        assert f"pid {sleep.pid}" in log and "no handover naming it" in log, log
+        assert sleep.poll() is None and child.pids() == [sleep.pid]
+        untouched(foreign_cgroup, daemon)
+    finally:
+        os.kill(sleep.pid, signal.SIGKILL)
+        sleep.wait()
+
+
+def test_an_existing_empty_cgroup_is_taken_but_not_marked(tmp_root: Path,
+                                                          foreign_cgroup: Cgroup) -> None:
+    """It may be another tool's, waiting for its processes: every later start judges it
+    again instead of taking the mark's word."""
+    daemon = new_daemon(tmp_root)
+    daemon.cgroup_parent = "/" + foreign_cgroup.relative
+    daemon.start()
+    try:
+        assert not runs_parent.is_marked(foreign_cgroup.relative)
+        assert "not marked as the supervisor's" in daemon.logs()
+    finally:
+        daemon.finish()

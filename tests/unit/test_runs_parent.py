@@ -4,6 +4,7 @@ real kernel's refusal and the mark are in tests/privileged/test_runs_parent.py."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -47,7 +48,70 @@ def test_a_parent_holding_only_runs_cgroups_is_taken(tmp_path: Path) -> None:
     for name in ("as-0123456789ab", "old-prefix-fedcba987654", "as-0123456789ab-mcp0",
                  "as-selftest1a2b3c"):
         cgroup(parent / name, "4242\n")
+    assert runs_parent.why_foreign("/agent-supervisor", tmp_path,
+                                   handed="/agent-supervisor") is None
+    # Without the handover naming it (or a watchdog of ours beside it, below) the processes
+    # in those cgroups are nobody's runs to adopt.
+    why = runs_parent.why_foreign("/agent-supervisor", tmp_path)
+    assert why is not None and "4242" in why and "no handover naming it" in why
+    with ours(WATCHDOG) as watchdog:
+        cgroup(v2 / "agent-supervisor-watchdog", f"{watchdog}\n")
+        assert runs_parent.why_foreign("/agent-supervisor", tmp_path) is None
+
+
+def test_a_marked_parent_is_still_judged_by_name(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mark says the parent is ours, not that a cgroup put in it since is."""
+    v2 = tree(tmp_path)
+    parent = cgroup(v2 / "agent-supervisor")
+    cgroup(parent / "as-0123456789ab", "4242\n")
+    monkeypatch.setattr(runs_parent, "is_marked", lambda *_: True)
     assert runs_parent.why_foreign("/agent-supervisor", tmp_path) is None
+    cgroup(parent / "docker")
+    why = runs_parent.why_foreign("/agent-supervisor", tmp_path)
+    assert why is not None and "docker" in why
+
+
+WATCHDOG = "supervisor.daemon.watchdog"
+
+
+@contextlib.contextmanager
+def ours(module: str) -> Iterator[int]:
+    """A process started as the daemon starts its watchdog or gateway worker (`-m MODULE`
+    in its argv); its pid."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "-m",
+                             module], stdin=subprocess.DEVNULL)
+    try:
+        # Popen returns once the exec is under way, before the kernel shows its command line.
+        wait_for(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes(), timeout=10,
+                 what="the command line")
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("suffix", ["-watchdog", "-gateway"])
+def test_a_handover_naming_the_parent_vouches_for_its_watchdogs_cgroup_only(
+        tmp_path: Path, suffix: str) -> None:
+    """What the earlier daemon left in <parent>-watchdog (its watchdog, a stand-in it left to
+    end) is its own when a handover names the parent; <parent>-gateway is judged anyway, and
+    a handover of another parent vouches for nothing here."""
+    v2 = tree(tmp_path)
+    cgroup(v2 / f"agent-supervisor{suffix}", f"{os.getpid()}\n")
+    handed = runs_parent.why_foreign("/agent-supervisor", tmp_path, handed="/agent-supervisor")
+    assert (handed is None) is (suffix == "-watchdog"), handed
+    assert runs_parent.why_foreign("/agent-supervisor", tmp_path, handed="/elsewhere")
+
+
+def test_only_a_parent_made_or_holding_runs_is_marked(tmp_path: Path) -> None:
+    v2 = tree(tmp_path)
+    assert not runs_parent.exists("/agent-supervisor", tmp_path)
+    parent = cgroup(v2 / "agent-supervisor")
+    assert runs_parent.exists("/agent-supervisor", tmp_path)
+    assert not runs_parent.holds_runs("/agent-supervisor", tmp_path)  # another tool's, maybe
+    cgroup(parent / "as-0123456789ab")
+    assert runs_parent.holds_runs("/agent-supervisor", tmp_path)
 
 
 def test_a_parent_holding_processes_is_refused(tmp_path: Path) -> None:
