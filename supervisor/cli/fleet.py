@@ -350,6 +350,10 @@ def _confirmations(ctx: FleetContext, actions: list[FleetAction], revision: int,
 
     hosts: dict[str, dict[str, Any]] | None = None
     wanted: set[tuple[str, str]] = set()
+    # The store's failures while waiting (etcd restarting, unreachable): an operator whose
+    # hosts show "no answer" is told whether the store itself stood in the way.
+    store_errors = 0
+    last_store_error: str | None = None
     stream: Generator[tuple[int, list[WatchEvent]], None, None] | None = None
     start_revision = revision + 1
     try:
@@ -386,6 +390,8 @@ def _confirmations(ctx: FleetContext, actions: list[FleetAction], revision: int,
             except FleetPermissionDenied:
                 raise
             except SupervisorError as exc:
+                store_errors += 1
+                last_store_error = f"{exc.code}: {exc.message}"
                 # History older than etcd keeps (an action's status asked much later): the
                 # registrations as they are now, and the watch from where history starts.
                 if exc.detail.get("grpc_code") == _OUT_OF_RANGE:
@@ -428,6 +434,7 @@ def _confirmations(ctx: FleetContext, actions: list[FleetAction], revision: int,
     return {"actions": [a.id for a in actions], "revision": revision,
             "elapsed_ms": round(elapsed_ms, 1), "hosts": rows,
             "started_at": started_at, "committed_at": committed_at,
+            "store_errors": store_errors, "last_store_error": last_store_error,
             "unconfirmed": [r["host"] for r in rows if r["status"] != "confirmed"]}
 
 
@@ -462,7 +469,9 @@ def _report(result: dict[str, Any], as_json: bool, verb: str) -> None:
                if r["host"] in result["unconfirmed"]}
         error = FleetUnconfirmed(
             f"not confirmed by: {', '.join(result['unconfirmed'])}",
-            hosts=result["unconfirmed"], actions=result["actions"], why=why)
+            hosts=result["unconfirmed"], actions=result["actions"], why=why,
+            store_errors=result.get("store_errors", 0),
+            last_store_error=result.get("last_store_error"))
         if not as_json:
             for row in result["hosts"]:
                 if row["host"] in why:
@@ -470,6 +479,9 @@ def _report(result: dict[str, Any], as_json: bool, verb: str) -> None:
                     click.echo(f"{row['host']}: {row['status']}{said}", err=True)
                     for agent, message in sorted((row.get("agent_errors") or {}).items()):
                         click.echo(f"  {agent}: {message}", err=True)
+            if result.get("store_errors"):
+                click.echo(f"the fleet store failed {result['store_errors']} requests while "
+                           f"waiting; the last: {result['last_store_error']}", err=True)
         if not as_json:
             click.echo(f"agentctl: {error.code}: {error.message}", err=True)
             click.echo(f"hint: {error.hint}", err=True)

@@ -368,6 +368,12 @@ class Etcd:
                                 f"etcd denied {self.creds.user!r} a watch on {prefix!r}: "
                                 f"{reason}", user=self.creds.user, path="/v3/watch")
                         self._watch_refreshed = self._authenticate(stale=token)
+                    elif "invalid auth token" in reason:
+                        # The same after etcd's restart, said as Unauthenticated in the cancel
+                        # reason: without a fresh token every watch after it was cancelled
+                        # alike, and agentctl waited on it until its deadline with every ack
+                        # already in the store.
+                        self._authenticate(stale=token)
                     raise EtcdError(f"etcd cancelled the watch: {reason}",
                                     compact_revision=result.get("compact_revision"))
                 revision = int(result.get("header", {}).get("revision", 0))

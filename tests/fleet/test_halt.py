@@ -246,9 +246,13 @@ def test_etcd_restarted_mid_halt(fleet: Fleet) -> None:
     outcome: dict[str, Any] = {}
 
     def halt() -> None:
-        outcome["result"] = fleet.agentctl_json("kill", "--class", f"etcd{tag}", "--reason",
-                                                "etcd restart", "--deadline", str(DEADLINE),
-                                                timeout=DEADLINE + 60)
+        ran = fleet.agentctl("kill", "--class", f"etcd{tag}", "--reason", "etcd restart",
+                             "--deadline", str(DEADLINE), "--json", timeout=DEADLINE + 60)
+        outcome["stderr"] = ran.stderr
+        try:
+            outcome["result"] = (ran.returncode, json.loads(ran.stdout))
+        except ValueError:
+            outcome["result"] = (ran.returncode, {"stdout": ran.stdout})
 
     def written() -> bool:
         with fleet.operator_client() as operator:
@@ -266,12 +270,26 @@ def test_etcd_restarted_mid_halt(fleet: Fleet) -> None:
     thread.join(DEADLINE + 90)
     code, result = outcome["result"]
 
+    def stored_acks(body: Any) -> list[str]:
+        # Whether the hosts' acks are in the store: a host that wrote one and a command that
+        # did not see it are different failures.
+        ids = body.get("actions") or body.get("error", {}).get("detail", {}).get("actions") or []
+        try:
+            with fleet.operator_client() as operator:
+                return [f"{h.host_id} {i}: "
+                        + ("in the store" if operator.get(fleet.keys.ack(h.host_id, i))
+                           else "absent") for h in fleet.hosts for i in ids]
+        except Exception as exc:  # the message must still be built
+            return [f"the store could not be read: {exc!r}"]
+
     def why(what: str, code: int, body: Any) -> str:
         # A string, whole: pytest cuts the repr of anything else it is given as the message
         # (a host's failure once read "...", with no way to tell what it was).
         return "\n".join([
             f"etcd was back after {restarted_in:.1f} s; {what} exited {code}:",
-            json.dumps(body, indent=1, sort_keys=True), "the hosts' fleet log lines:",
+            json.dumps(body, indent=1, sort_keys=True),
+            "the kill's stderr:", outcome.get("stderr", ""), "the acks:", *stored_acks(body),
+            "the hosts' fleet log lines:",
             *(f"{h.host_id}: {line}" for h in fleet.hosts
               for line in [line for line in h.daemon.logs().splitlines()
                            if "fleet" in line and "seccomp" not in line][-12:])])
