@@ -59,6 +59,11 @@ QUIET_MAX = 2.0
 # An ack waits this long at most for its action's audit rows (as a control request's answer
 # does, supervisor/api/server.py AUDIT_FLUSH_TIMEOUT): a full disk delays it, never loses it.
 ACK_ROWS_WAIT = 5.0
+# The registration and the anchor wait behind applied actions (above) at most this long: an
+# operator's actions a second apart kept some action unsettled at every moment, and a host's
+# registration went unpublished for as long (its new agents unseen by `fleet ls` and by the
+# scope check of the next command, refused as scope_empty).
+DEFER_MAX = 3.0
 _VERB_OF = {"kill": "kill", "pause": "pause", "resume": "resume", "reactivate": "reactivate",
             "lift": "reactivate"}
 
@@ -560,7 +565,7 @@ class FleetMember:
         """Republish the registration soon; many changes in a burst make one put. While an
         action is applied, once its ack is out (_quiet_ends)."""
         if self._quiet:
-            self._deferred.add("registration")
+            self._defer("registration")
             return
         if self._registration_due is None:
             self._registration_due = self.loop.call_later(0.05, self._publish_registration)
@@ -591,9 +596,26 @@ class FleetMember:
         return base64.b64encode(public.public_bytes(serialization.Encoding.Raw,
                                                     serialization.PublicFormat.Raw)).decode()
 
-    def _publish_anchor(self) -> None:
-        if self._quiet:
-            self._deferred.add("anchor")
+    def _defer(self, what: str) -> None:
+        """`what` ("registration", "anchor") goes once no action is being settled, or
+        DEFER_MAX from now, whichever comes first."""
+        if what in self._deferred:
+            return
+        self._deferred.add(what)
+        self.loop.call_later(DEFER_MAX, self._overdue, what)
+
+    def _overdue(self, what: str) -> None:
+        if what not in self._deferred:
+            return  # went when the actions settled
+        self._deferred.discard(what)
+        if what == "anchor":
+            self._publish_anchor(now=True)
+        else:
+            self._publish_registration()
+
+    def _publish_anchor(self, now: bool = False) -> None:
+        if self._quiet and not now:
+            self._defer("anchor")
             return
         checkpoint = self.audit.last_checkpoint
         if checkpoint is None or checkpoint.seq == self._anchored_seq:

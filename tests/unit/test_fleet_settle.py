@@ -84,3 +84,26 @@ def test_a_stopping_daemon_waits_for_no_settle_delay() -> None:
         assert member._quiet == 0
 
     asyncio.run(scenario())
+
+
+def test_back_to_back_actions_hold_the_registration_back_at_most_defer_max(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Actions a second apart overlap their settle_delays, so one is always being settled:
+    the registration goes DEFER_MAX after it was first held back, not only once they stop
+    (a host's new agent stayed out of its registration through five fleet commands, and the
+    sixth was refused as scope_empty)."""
+    import supervisor.daemon.fleet as fleet_module
+    monkeypatch.setattr(fleet_module, "DEFER_MAX", 0.1)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        member = _member(loop, 30.0)
+        member._quiet += 1  # an action being settled, and the next ones after it
+        member.agents_changed()
+        member.agents_changed()
+        assert member._deferred == {"registration"} and not member.link.registrations
+        await asyncio.sleep(0.3)
+        assert len(member.link.registrations) == 1 and not member._deferred
+        assert member._quiet == 1  # the actions are still settling: nothing else changed
+
+    asyncio.run(scenario())
