@@ -488,6 +488,13 @@ def _report(result: dict[str, Any], as_json: bool, verb: str) -> None:
         sys.exit(error.exit_status)
 
 
+def _cell(text: str, width: int) -> str:
+    """`text` for a table cell of at most about `width` characters; cut, it says so."""
+    if len(text) <= width:
+        return text
+    return text[:width] + f" ... [cut: {len(text) - width} more characters; --json has all]"
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
@@ -692,7 +699,7 @@ def audit_verify(host: str | None, keys_dir: Path | None, deadline: float,
     else:
         _table([[r["host"], str(r["anchors"]), str(r["newest_seq"]),
                  "yes" if r["host_checked"] else f"NO: {r['unchecked_reason']}",
-                 "ok" if r["ok"] else "; ".join(r["problems"])[:200]] for r in rows],
+                 "ok" if r["ok"] else _cell("; ".join(r["problems"]), 200)] for r in rows],
                ["HOST", "ANCHORS", "NEWEST_SEQ", "HOST_CHECKED", "RESULT"])
     if bad or unchecked or result["unconfirmed"]:
         sys.exit(1)

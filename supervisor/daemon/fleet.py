@@ -90,6 +90,17 @@ def _bounded(text: str) -> str:
         "host's journal]"
 
 
+def _listed(items: list[str], keep: int) -> str | None:
+    """The first `keep` items of a list of problems as one error, saying how many more there
+    were (a list cut without a word read as every problem there was)."""
+    if not items:
+        return None
+    text = "; ".join(items[:keep])
+    if len(items) > keep:
+        text += f"; ... and {len(items) - keep} more"
+    return _bounded(text)
+
+
 def _wall(perf: float) -> float:
     """time.time() at the moment time.perf_counter() read `perf`."""
     return time.time() - (time.perf_counter() - perf)
@@ -484,7 +495,7 @@ class FleetMember:
         if not chain.ok:
             problems.append(f"chain: {chain.problem}")
         return Ack(action=action.id, host=host, outcome="failed" if problems else "ok",
-                   applied_at=time.time(), error="; ".join(problems[:20]) or None,
+                   applied_at=time.time(), error=_listed(problems, 20),
                    audit={**check.as_dict(), "problems": problems[:100],
                           "ok": not problems, "rows": chain.rows, "head_seq": chain.head_seq})
 

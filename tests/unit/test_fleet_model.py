@@ -293,3 +293,15 @@ def test_a_watch_cancelled_for_a_token_etcd_forgot_takes_a_fresh_one(reason: str
     etcd._connect = lambda _timeout: _Conn(_Stream([]), seen)
     assert list(etcd.watch("/p/", 1, timeout=1.0)) == []
     assert seen == ["stale", "fresh1"]
+
+
+def test_a_list_of_problems_or_a_table_cell_cut_says_it_was_cut() -> None:
+    from supervisor.cli.fleet import _cell
+    from supervisor.daemon.fleet import _listed
+    assert _listed([], 20) is None
+    assert _listed(["a", "b"], 20) == "a; b"
+    assert _listed([f"p{i}" for i in range(23)], 20) == \
+        "; ".join(f"p{i}" for i in range(20)) + "; ... and 3 more"
+    assert _cell("short", 200) == "short"
+    cut = _cell("y" * 210, 200)
+    assert cut.startswith("y" * 200) and "[cut: 10 more characters; --json has all]" in cut
