@@ -482,11 +482,15 @@ def reload_socket(config_path: Path | None) -> Path:
 
 def ask_reload(config_path: Path | None) -> None:
     """--reload: becomes `agentctl reload` on the configured socket (same answer, output and
-    exit status), run from this same interpreter and package; with no signal blocked, as
-    this process has started nothing that needs it (entry.py blocked them)."""
+    exit status), run from this same interpreter and installed package (never one from the
+    working directory); with no signal blocked, as this process has started nothing that
+    needs it (entry.py blocked them)."""
     socket_path = reload_socket(config_path)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    os.execv(sys.executable, [sys.executable, "-m", "supervisor.cli", "--socket",
+    # -I: `-m` would put the working directory first on sys.path, and an operator who runs
+    # --reload by hand from an agent's workspace would run, as root, a `supervisor` package
+    # found there; isolated mode takes neither the directory nor PYTHON* variables.
+    os.execv(sys.executable, [sys.executable, "-I", "-m", "supervisor.cli", "--socket",
                               str(socket_path), "reload"])
 
 

@@ -364,9 +364,17 @@ def _stood_down() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # The daemon blocks SIGUSR1 in every thread for break-glass, and a mask survives fork and
-    # exec; clear it here, first, since subprocess cannot set a child's mask without a
-    # preexec_fn (Python between fork and exec in a threaded daemon, which can deadlock).
+    # The daemon's death is the only trigger: stray signals must not take the switch away.
+    # Ignored before the mask below is cleared, so one that is pending then is dropped.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    # Break-glass while no daemon holds handed-over agents (ignored while a daemon lives: it
+    # has break-glass of its own).
+    signal.signal(signal.SIGUSR1, lambda _s, _f: _break_glass.append(1))
+    # The daemon blocks SIGUSR1 in every thread for break-glass (and the stop signals while it
+    # starts), and a mask survives fork and exec; clear it here, since subprocess cannot set a
+    # child's mask without a preexec_fn (Python between fork and exec in a threaded daemon,
+    # which can deadlock).
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
     import argparse  # only the watchdog's own process parses; its parent needs the class above
 
@@ -375,12 +383,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", required=True, type=Path, help="JSON-lines file to append to")
     parser.add_argument("--timeout", type=float, default=5.0)
     args = parser.parse_args(argv)
-    # The daemon's death is the only trigger: stray signals must not take the switch away.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
-    # Break-glass while no daemon holds handed-over agents (ignored while a daemon lives: it
-    # has break-glass of its own).
-    signal.signal(signal.SIGUSR1, lambda _s, _f: _break_glass.append(1))
     # Its oom_score_adj is set by its spawner (Watchdog._exclude_from_oom_killer), which knows
     # whether a failure to set it matters and logs it as loudly as it does.
     parent = parent_of(args.cgroup)

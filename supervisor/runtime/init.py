@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,50 @@ def host_executable(binary: Path, missing: Callable[[str | None], str], not_exec
         raise EnforcementError(missing(exc.strerror), **detail, hint=hint) from None
     if not stat.S_ISREG(info.st_mode) or not os.access(binary, os.X_OK):
         raise EnforcementError(not_executable, **detail, hint=hint)
+    loader = needs_loader(binary)
+    if loader is not None:
+        raise EnforcementError(
+            f"{binary} {loader}: bound into a sandbox it would run the image's own loader and "
+            "libraries before the agent's uid is taken; only a statically linked build may be "
+            "bound", **detail, hint=hint)
     return info
+
+
+_PT_INTERP = 3
+_MAX_HEADERS = 512
+
+
+def needs_loader(binary: Path) -> str | None:
+    """Why `binary` cannot run by itself in a root it does not come from, or None: a script
+    (`#!` names an interpreter in the sandbox's root) or an ELF with a PT_INTERP program header
+    (dynamically linked: the root's ld.so and libc). A file too short to read as either is left
+    to the kernel, whose exec fails closed."""
+    try:
+        with binary.open("rb") as file:
+            head = file.read(64)
+            if head[:2] == b"#!":
+                return "is a script"
+            if head[:4] != b"\x7fELF" or len(head) < 52 or head[5] not in (1, 2):
+                return None
+            order = "<" if head[5] == 1 else ">"
+            if head[4] == 2:  # ELF64
+                (offset,) = struct.unpack_from(order + "Q", head, 32)
+                size, count = struct.unpack_from(order + "HH", head, 54)
+            elif head[4] == 1:  # ELF32
+                (offset,) = struct.unpack_from(order + "I", head, 28)
+                size, count = struct.unpack_from(order + "HH", head, 42)
+            else:
+                return None
+            if size < 4 or count > _MAX_HEADERS:
+                return None
+            file.seek(offset)
+            table = file.read(size * count)
+    except OSError:
+        return None
+    for at in range(0, len(table) - size + 1, size):
+        if struct.unpack_from(order + "I", table, at)[0] == _PT_INTERP:
+            return "is dynamically linked"
+    return None
 
 
 @dataclass(frozen=True)

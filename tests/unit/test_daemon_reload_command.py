@@ -116,3 +116,28 @@ def test_no_daemon_on_the_configured_socket_fails(tmp_path: Path) -> None:
     result = _reload(config)
     assert result.returncode != 0
     assert f"{tmp_path}/none.sock" in result.stderr
+
+
+def test_a_supervisor_package_in_the_working_directory_is_never_run(
+        tmp_path: Path, fake_daemon: _Server) -> None:
+    """An operator may run --reload by hand from an agent's workspace, as root: a `supervisor`
+    package the agent left there must not be what the reload runs (`-m` alone would put the
+    working directory first on sys.path)."""
+    fake_daemon.answer = (200, {"source": str(tmp_path / "daemon.toml"), "changed": [],
+                                "running": 0, "restart_required": []})
+    workspace = tmp_path / "workspace"
+    planted = workspace / "supervisor" / "cli"
+    planted.mkdir(parents=True)
+    (workspace / "supervisor" / "__init__.py").write_text("")
+    (planted / "__init__.py").write_text("")
+    (planted / "__main__.py").write_text("print('planted package ran')\n")
+    config = tmp_path / "daemon.toml"
+    config.write_text(f'[daemon]\nsocket_path = "{tmp_path}/ctl.sock"\n')
+    entry = Path(sys.executable).parent / "agent-supervisord"  # the installed command
+    assert entry.exists(), entry
+    result = subprocess.run([str(entry), "--config", str(config), "--reload"],
+                            capture_output=True, text=True, cwd=workspace, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    assert "planted package ran" not in result.stdout + result.stderr
+    assert result.returncode == 0, result
+    assert fake_daemon.seen == [("POST", "/v1/reload", {"reason": ""})]

@@ -20,7 +20,9 @@ from supervisor.errors import (
     launch_exit_status,
 )
 from supervisor.profiles import validate_profile
-from supervisor.runtime.init import INIT_PATH, SandboxInit
+from supervisor.runtime.init import INIT_PATH, SandboxInit, needs_loader
+from supervisor.runtime.network_gate import NetworkGate
+from supervisor.runtime.uid_drop import UidDrop
 from supervisor.sandbox.bundle import render_config, write_bundle
 from supervisor.sandbox.command import check_command
 from tests.unit.test_bundle import make_spec, mount_at
@@ -123,3 +125,30 @@ def test_a_run_that_did_not_start_exits_as_docker_run_does() -> None:
     assert launch_exit_status(CommandNotExecutable("x")) == 126
     assert launch_exit_status(CommandNotFound("x")) == 127
     assert launch_exit_status(InvalidRequest("x")) == InvalidRequest.exit_status
+
+
+@pytest.mark.parametrize("binary", [Path("/bin/true"), Path("/usr/bin/env")])
+def test_a_dynamically_linked_host_binary_is_never_bound(binary: Path) -> None:
+    """Bound into a sandbox before the agent's uid is taken (the init; gosu and busybox run as
+    the container's root), a dynamic binary would run the image's own ld.so and libc there:
+    only a static build is bound, whichever of the three it is."""
+    assert needs_loader(binary) == "is dynamically linked"
+    for check in (SandboxInit(binary).check, UidDrop(binary).check, NetworkGate(binary).check):
+        with pytest.raises(EnforcementError) as refused:
+            check()
+        assert "is dynamically linked" in refused.value.message
+        assert refused.value.hint
+
+
+def test_a_script_is_never_bound(tmp_path: Path) -> None:
+    script = tmp_path / "tini-static"
+    script.write_text("#!/bin/sh\nexec \"$@\"\n")
+    script.chmod(0o755)
+    with pytest.raises(EnforcementError) as refused:
+        SandboxInit(script).check()
+    assert "is a script" in refused.value.message
+
+
+def test_the_static_builds_the_packages_install_are_bound() -> None:
+    for binary in ("/usr/bin/tini-static", "/usr/sbin/gosu", "/bin/busybox"):
+        assert needs_loader(Path(binary)) is None, binary
