@@ -460,7 +460,8 @@ class FleetSection(_Section):
     lease_ttl: Duration = 10.0
     # The safety net under the watch: every action and hold re-read this often.
     reread_interval: Duration = 30.0
-    # The audit head is published after every checkpoint and at least this often.
+    # The audit head is published after every state change and checkpoint, and at least this
+    # often.
     anchor_interval: Duration = 60.0
     # Cut off from the store for longer than lease_ttl: what happens to running agents
     # (launches are always refused until the host is back and has re-read the holds).

@@ -151,6 +151,9 @@ class FleetMember:
         self._anchorer: asyncio.Task[None] | None = None
         self._registration_due: asyncio.TimerHandle | None = None
         self._anchored_seq = -1
+        # The newest state-changing audit row (seq, hash), and the publication it has due.
+        self._head: tuple[int, str] | None = None
+        self._head_due: asyncio.Handle | None = None
         # Actions being applied or whose ack the store has not yet taken; while any is, what
         # is not needed before the ack (registration, anchor) waits: _quiet_ended.
         self._quiet = 0
@@ -598,6 +601,18 @@ class FleetMember:
     def _on_audit(self, _db: Any, entry: AuditEntry) -> None:
         if entry.verb == CHECKPOINT_VERB:
             self._publish_anchor()
+        elif entry.new_state is not None and entry.new_state != entry.previous_state:
+            # A state change (launch, pause, resume, kill, reactivate, an exit): its row is
+            # anchored now, not at the next checkpoint. The rows of one commit reach the loop
+            # together: one signature and one write for the newest, once they all have.
+            if self._head is None or entry.seq > self._head[0]:
+                self._head = (entry.seq, entry.hash)
+            if self._head_due is None:
+                self._head_due = self.loop.call_soon(self._anchor_head)
+
+    def _anchor_head(self) -> None:
+        self._head_due = None
+        self._publish_anchor()
 
     def _public_key(self) -> str | None:
         if self.audit.anchoring is None:
@@ -629,7 +644,14 @@ class FleetMember:
             self._defer("anchor")
             return
         checkpoint = self.audit.last_checkpoint
-        if checkpoint is None or checkpoint.seq == self._anchored_seq:
+        head, anchoring = self._head, self.audit.anchoring
+        if head is not None and anchoring is not None and head[0] > self._anchored_seq \
+                and (checkpoint is None or head[0] > checkpoint.seq):
+            # The newest state change is past the last checkpoint: its row signed here with
+            # the audit key, as a checkpoint would be (the checkpoint file is the writer's;
+            # the store's anchors are checked against the chain, not against that file).
+            checkpoint = anchoring.signer.sign(head[0], head[1], time.time())
+        if checkpoint is None or checkpoint.seq <= self._anchored_seq:
             return
         self._anchored_seq = checkpoint.seq
         body: dict[str, Any] = {"host": self.config.host_id, **checkpoint.as_dict(),

@@ -114,3 +114,30 @@ def test_a_host_cannot_rewrite_its_own_anchor_unseen(fleet: Fleet) -> None:
                                        timeout=120)
     assert code != 0
     assert any(f"anchor of row {seq} was rewritten" in p for p in caught["hosts"][0]["problems"])
+
+
+def test_a_launch_is_anchored_without_waiting_for_a_checkpoint(fleet: Fleet) -> None:
+    """A launch is no kill (no checkpoint follows it at once), yet its row is anchored in the
+    store as soon as it is written: signed by the host's audit key, not one of the writer's
+    checkpoints (those are every 100 rows or 60 s here)."""
+    import json
+    host = fleet.hosts[2]
+    for _attempt in range(3):
+        name = f"anch-launch-{secrets.token_hex(2)}"
+        _launch(host, name, "web")
+        [row] = [r for r in host.daemon.audit_rows("launch") if r["target"] == name]
+        with fleet.operator_client() as operator:
+            anchor = wait_for(lambda s=row["seq"]: operator.get(fleet.keys.anchor("h3", s)),
+                              timeout=20, what=f"the anchor of {name}'s launch row")
+        body = json.loads(anchor.value)
+        assert (body["seq"], body["hash"]) == (row["seq"], row["hash"])
+        signed = [json.loads(line) for line in
+                  host.daemon.checkpoint_file.read_text().splitlines() if line.strip()]
+        if any(c["seq"] == row["seq"] for c in signed):
+            continue  # a checkpoint happened to sign exactly this row: it proves nothing
+        break
+    else:
+        pytest.fail("three launches in a row were each the head of a checkpoint")
+    code, clean = fleet.agentctl_json("audit", "verify", "--host", "h3", "--deadline", "60",
+                                      timeout=120)
+    assert code == 0 and clean["ok"], clean
