@@ -17,6 +17,7 @@ import click
 
 from supervisor.errors import (
     FleetPermissionDenied,
+    FleetStoreError,
     FleetUnconfirmed,
     InvalidRequest,
     ScopeEmpty,
@@ -164,7 +165,8 @@ def _hosts_at(ctx: FleetContext, full: bool = True, labels: bool = True, revisio
 @_json
 @_handles_errors
 def ls(as_json: bool) -> None:
-    """Every host (alive, lease age, version) and every agent across the fleet."""
+    """Every host (alive, up time, lease time left, version) and every agent across the
+    fleet."""
     ctx = _ctx()
     hosts = _hosts(ctx)
     holds, _ = ctx.etcd.get_prefix(ctx.keys.holds)
@@ -172,20 +174,30 @@ def ls(as_json: bool) -> None:
     rows = []
     for host in sorted(hosts.values(), key=lambda h: h["host"]):
         reg = host.get("registration") or {}
+        agents = reg.get("agents", [])
         rows.append({"host": host["host"], "alive": host["alive"],
                      "version": reg.get("version"), "labels": reg.get("labels", {}),
                      "registered_for_s": round(now - reg["started_at"], 1) if reg else None,
                      "updated_s_ago": round(now - reg["updated_at"], 1) if reg else None,
-                     "agents": reg.get("agents", []), "held": reg.get("fleet_held", False),
+                     **_lease_left(ctx, host.get("lease") if host["alive"] else None),
+                     "agents": agents, "held": reg.get("fleet_held", False),
+                     # A registration lists at most REGISTRATION_AGENTS_MAX agents and says
+                     # when it was cut; one from an older version says nothing: whole.
+                     "agents_total": reg.get("agents_total", len(agents)),
+                     "agents_truncated": reg.get("agents_truncated", False),
                      "partition": host["partition"]})
     if as_json:
         click.echo(json.dumps({"hosts": rows, "holds": [json.loads(kv.value) for kv in holds]},
                               indent=2, sort_keys=True))
         return
     _table([[r["host"], "alive" if r["alive"] else "DOWN", str(r["version"] or "-"),
-             _age(r["registered_for_s"]), str(len(r["agents"])),
+             _age(r["registered_for_s"]), _lease_cell(r), _agents_cell(r),
              "held" if r["held"] else ""] for r in rows],
-           ["HOST", "STATE", "VERSION", "UP", "AGENTS", "HOLD"])
+           ["HOST", "STATE", "VERSION", "UP", "LEASE LEFT", "AGENTS", "HOLD"])
+    cut = [r for r in rows if r["agents_truncated"]]
+    for r in cut:
+        click.echo(f"{r['host']}: its registration lists {len(r['agents'])} of its "
+                   f"{r['agents_total']} agents (the rest are not shown)")
     agents = [[r["host"], a["name"], a["agent_class"], a["state"]]
               for r in rows for a in r["agents"]]
     if agents:
@@ -195,6 +207,34 @@ def ls(as_json: bool) -> None:
         hold = json.loads(kv.value)
         click.echo(f"hold {hold['id']}: {hold['verb']} {Selector(**hold['selector']).describe()}"
                    f" by {hold['operator']}: {hold['reason']}")
+
+
+def _lease_left(ctx: FleetContext, lease: int | None) -> dict[str, Any]:
+    """The remaining and granted TTL of a live host's lease (etcd LeaseTimeToLive): how long
+    the store keeps the host a member if its keepalives stop now. None when the host is not
+    alive or the store would not say (the error then beside it)."""
+    left: dict[str, Any] = {"lease_ttl_left_s": None, "lease_ttl_granted_s": None}
+    if not lease:
+        return left
+    try:
+        remaining, granted = ctx.etcd.lease_ttl(lease)
+    except FleetStoreError as exc:
+        return {**left, "lease_error": exc.message}
+    left.update(lease_ttl_left_s=max(remaining, 0), lease_ttl_granted_s=granted)
+    return left
+
+
+def _lease_cell(row: dict[str, Any]) -> str:
+    if row["lease_ttl_left_s"] is None:
+        return "?" if row.get("lease_error") else "-"
+    return f"{row['lease_ttl_left_s']}s/{row['lease_ttl_granted_s']}s"
+
+
+def _agents_cell(row: dict[str, Any]) -> str:
+    shown = len(row["agents"])
+    if row["agents_truncated"]:
+        return f"{shown} of {row['agents_total']} (cut)"
+    return str(shown)
 
 
 def _age(seconds: float | None) -> str:
@@ -267,6 +307,8 @@ def scope_error(selector: Selector, hosts: dict[str, dict[str, Any]]) -> ScopeEm
         return ScopeEmpty(message, scope=selector.describe(), did_you_mean=close,
                           hosts=known[:50], hint=ALLOW_EMPTY_HINT)
     agents = [a for reg in reached.values() for a in reg.get("agents", [])]
+    if any(reg.get("agents_truncated") for reg in reached.values()):
+        return None  # a cut list cannot show that an agent is not there: the action goes
     if any(selector.reaches_agent(a.get("name", ""), a.get("agent_class", ""))
            for a in agents):
         return None

@@ -29,6 +29,7 @@ from supervisor.fleet.link import FleetLink, LinkEvents, Snapshot
 from supervisor.fleet.model import (
     DRILL_CLASS,
     DRILL_PREFIX,
+    REGISTRATION_AGENTS_MAX,
     Ack,
     AgentOutcome,
     AgentSummary,
@@ -589,11 +590,13 @@ class FleetMember:
         self.link.publish_registration(self._registration())
 
     def _registration(self) -> str:
+        records = sorted(self.arbiter.agents.values(), key=lambda a: a.name)
         agents = [AgentSummary(name=a.name, agent_class=a.agent_class, state=a.state)
-                  for a in sorted(self.arbiter.agents.values(), key=lambda a: a.name)]
+                  for a in records[:REGISTRATION_AGENTS_MAX]]
         return dumps(Registration(
             host=self.config.host_id, labels=self.config.labels, version=__version__,
-            started_at=self.started_at, updated_at=time.time(), agents=agents[:10_000],
+            started_at=self.started_at, updated_at=time.time(), agents=agents,
+            agents_total=len(records), agents_truncated=len(records) > len(agents),
             fleet_held=bool(self.holds) or self.arbiter.global_halt))
 
     # ------------------------------------------------------------------ audit anchors

@@ -308,6 +308,11 @@ class Etcd:
         result = answer.get("result", answer)
         return int(result.get("TTL", 0))
 
+    def lease_ttl(self, lease: int) -> tuple[int, int]:
+        """(remaining, granted) seconds of a lease (LeaseTimeToLive); remaining -1: gone."""
+        answer = self.call("/v3/lease/timetolive", {"ID": str(lease)})
+        return int(answer.get("TTL", -1)), int(answer.get("grantedTTL", 0))
+
     def revoke(self, lease: int) -> None:
         self.call("/v3/lease/revoke", {"ID": str(lease)})
 

@@ -122,6 +122,9 @@ class AgentSummary(_Model):
     state: str
 
 
+REGISTRATION_AGENTS_MAX = 10_000  # agents listed in one host's registration
+
+
 class Registration(_Model):
     host: str
     labels: dict[str, str] = {}
@@ -129,6 +132,10 @@ class Registration(_Model):
     started_at: float
     updated_at: float
     agents: list[AgentSummary] = []
+    # `agents` holds at most REGISTRATION_AGENTS_MAX of the host's agents: how many it has,
+    # and whether the list was cut (a list cut without a word read as every agent there was).
+    agents_total: int = 0
+    agents_truncated: bool = False
     fleet_held: bool = False
 
 

@@ -89,8 +89,15 @@ def test_every_host_registers_with_its_agents(fleet: Fleet) -> None:
     rows = wait_for(listed, timeout=15, what="every host and agent in fleet ls")
     assert rows["h1"]["labels"] == {"zone": "a"}
     assert rows["h1"]["version"]
+    # Each live host's lease as etcd has it (LeaseTimeToLive, read with the operator's
+    # credentials): granted lease_ttl (4 s here), with what is left of it.
+    for row in rows.values():
+        assert "lease_error" not in row, row
+        assert row["lease_ttl_granted_s"] == 4 and 0 <= row["lease_ttl_left_s"] <= 4, row
+        assert row["agents_truncated"] is False and row["agents_total"] == len(row["agents"])
     text = fleet.agentctl("ls")
     assert text.returncode == 0 and "h5" in text.stdout and f"reg-{tag}-h3" in text.stdout
+    assert "LEASE LEFT" in text.stdout and "/4s" in text.stdout
     code, killed = fleet.agentctl_json("kill", "--agent", f"reg-{tag}-h3", "--reason", "one",
                                        "--deadline", "60", timeout=120)
     assert code == 0, killed
