@@ -144,6 +144,7 @@ class FleetMember:
         self.progress = Progress.loads(json.loads(store.get_meta(APPLIED_KEY) or "{}"),
                                        APPLIED_KEEP)
         self.holds: dict[str, FleetAction] = {}
+        self._holds_revision = 0  # the store's revision `holds` is as of
         self.synced = False
         self.partitioned: dict[str, Any] | None = None  # what the policy did, while cut off
         self.started_at = time.time()
@@ -227,7 +228,14 @@ class FleetMember:
     # ------------------------------------------------------------------ events from the link
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
-        self.holds = dict(snapshot.holds)
+        # Two threads read control/: the keeper once the store is back, the watcher before
+        # each watch. A read can reach the loop after a watch event newer than it (a hold
+        # written just after the keeper's read): the holds it saw are then out of date, and
+        # replacing the newer ones with them would reopen launches a hold covers until the
+        # next re-read. Its actions still go through the progress, which skips the known.
+        if snapshot.revision >= self._holds_revision:
+            self.holds = dict(snapshot.holds)
+            self._holds_revision = snapshot.revision
         first_read = not self.synced
         # The first read (at start, or once a store out of reach at start answers): a host
         # that never applied anything applies the holds in force, not history.
@@ -257,11 +265,13 @@ class FleetMember:
             self._enqueue(revision, action, seen)
         self.progress.saw_event(revision)
 
-    def _on_hold_added(self, action: FleetAction) -> None:
+    def _on_hold_added(self, action: FleetAction, revision: int) -> None:
         self.holds[action.id] = action
+        self._holds_revision = max(self._holds_revision, revision)
 
-    def _on_hold_lifted(self, hold_id: str) -> None:
+    def _on_hold_lifted(self, hold_id: str, revision: int) -> None:
         self.holds.pop(hold_id, None)
+        self._holds_revision = max(self._holds_revision, revision)
 
     def _enqueue(self, revision: int, action: FleetAction, seen: float | None = None) -> None:
         """`seen`: perf_counter() when the watch delivered it (a kill's time_to_halt starts

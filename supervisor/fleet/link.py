@@ -44,8 +44,9 @@ class LinkEvents:
     snapshot: Callable[[Snapshot], None]
     # (create revision, action, perf_counter() when the watch delivered it)
     action: Callable[[int, FleetAction, float], None]
-    hold_lifted: Callable[[str], None]
-    hold_added: Callable[[FleetAction], None]
+    # (hold id or action, the store's revision of the change)
+    hold_lifted: Callable[[str, int], None]
+    hold_added: Callable[[FleetAction, int], None]
     lease_lost: Callable[[float], None]
     lease_back: Callable[[float], None]
 
@@ -246,7 +247,7 @@ class FleetLink:
                         return
                     seen = time.perf_counter()  # where a fleet kill's time_to_halt starts
                     for event in events:
-                        self._event(event.kind, event.kv, seen)
+                        self._event(event.kind, event.kv, seen, revision)
                     if revision > self.revision:
                         self.revision = revision
                 # The stream went quiet for reread_interval (or ended): round again.
@@ -256,13 +257,14 @@ class FleetLink:
                 log.debug("fleet: watch: %s", exc.message)
                 self._stop.wait(0.5)
 
-    def _event(self, kind: str, kv: KeyValue, seen: float) -> None:
+    def _event(self, kind: str, kv: KeyValue, seen: float, revision: int) -> None:
         if kv.key.startswith(self.keys.holds):
             hold_id = kv.key[len(self.keys.holds):]
+            changed = kv.mod_revision or revision
             if kind == "DELETE":
-                self._call(self.events.hold_lifted, hold_id)
+                self._call(self.events.hold_lifted, hold_id, changed)
             elif (action := _parse(kv)) is not None:
-                self._call(self.events.hold_added, action)
+                self._call(self.events.hold_added, action, changed)
         elif (kv.key.startswith(self.keys.actions) and kind != "DELETE"
               and (action := _parse(kv)) is not None):
             self._call(self.events.action, kv.create_revision, action, seen)
