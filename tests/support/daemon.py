@@ -164,10 +164,13 @@ class Daemon:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited {self.proc.returncode}:\n{self.logs()}")
+            # A daemon handing over at a restart may still answer on the same socket path
+            # ("shutting_down") while this one starts: only an answer of a serving daemon
+            # counts.
             if self.socket.exists():
                 with contextlib.suppress(Exception):
-                    self.client.health()
-                    return
+                    if self.client.health()["status"] != "shutting_down":
+                        return
             time.sleep(0.05)
         raise RuntimeError(f"daemon not ready after {timeout}s:\n{self.logs()}")
 
