@@ -15,29 +15,16 @@ import pytest
 from supervisor.sandbox.abi_probe import COMPAT_CHECKS, DONE, NOTIFIED_CHECKS, PROBE
 from supervisor.sandbox.cgroups import Cgroup, unified_root
 from tests.support.daemon import TEST_CGROUP_ROOT, Daemon, new_daemon, wait_for
+from tests.support.procs import alive as _alive
+from tests.support.procs import lasting as _lasting
 
 # Prints a numbered line every 0.1 s: output that goes on across the handover.
 TICKER = ["/bin/sh", "-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done"]
 
 
-
 def _ticks(daemon: Daemon, name: str) -> list[int]:
     out = daemon.agentctl("logs", name, check=True).stdout
     return [int(line[5:]) for line in out.splitlines() if line.startswith("tick-")]
-
-
-def _alive(pids: list[int]) -> list[int]:
-    return [p for p in pids if Path(f"/proc/{p}").exists()]
-
-
-def _lasting(init: int) -> list[int]:
-    """The run's init (tini) and its child, the ticker's shell: the processes that last (the
-    shell's children come and go, each `sleep 0.1`, and a fork before its exec)."""
-    try:
-        children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
-    except OSError:
-        return []
-    return [init, *map(int, children)]
 
 
 def _hand_over(daemon: Daemon) -> None:
@@ -56,7 +43,6 @@ def _sleeper_handed_over(daemon: Daemon, name: str) -> list[int]:
     _hand_over(daemon)
     assert _alive(pids) == pids
     return pids
-
 
 
 def test_a_restart_hands_the_agent_over_and_the_next_daemon_adopts_it(tmp_root: Path) -> None:

@@ -18,6 +18,8 @@ import pytest
 from supervisor.sandbox.cgroups import Cgroup
 from tests.conftest import require_docker
 from tests.support.daemon import Daemon, engine_request, new_daemon, runtime_config, wait_for
+from tests.support.procs import alive as _alive
+from tests.support.procs import lasting as _lasting
 
 # Prints a numbered line every 0.05 s: output that goes on across the handover.
 TICKER = ["/bin/sh", "-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.05; done"]
@@ -51,19 +53,6 @@ def _finish(daemon: Daemon) -> None:
     if daemon.proc is None or daemon.proc.poll() is not None:
         daemon.start()
     daemon.finish()
-
-
-def _alive(pids: list[int]) -> list[int]:
-    return [p for p in pids if Path(f"/proc/{p}").exists()]
-
-
-def _lasting(init: int) -> list[int]:
-    """The run's init (tini) and the shell it started: the processes that last."""
-    try:
-        children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
-    except OSError:
-        return []
-    return [init, *map(int, children)]
 
 
 def _container(daemon: Daemon, name: str) -> dict[str, Any] | None:

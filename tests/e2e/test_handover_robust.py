@@ -14,17 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.daemon import Daemon, new_daemon, wait_for
+from tests.support.procs import alive as _alive
 
 # One datagram of the handover channel holds at most ~208 KiB (the socket's send buffer);
 # 30 runs with 64 tripwires of the longest name each make a record well past that.
 RUNS = 30
 TRIPWIRES = [f"{n:02d}{'t' * 61}:memory_bytes>1e30" for n in range(64)]
-
-
-
-def _alive(pids: list[int]) -> list[int]:
-    return [p for p in pids if Path(f"/proc/{p}").exists()]
-
 
 
 def test_a_record_larger_than_a_datagram_is_handed_over_whole(tmp_root: Path) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import Daemon, new_daemon, wait_for
+from tests.support.procs import alive as _alive
+from tests.support.procs import lasting as _lasting
 
 TICKER = ["/bin/sh", "-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.1; done"]
 # Says when SIGTERM came and goes on: only the kill path ends it. (Its `sleep` children take
@@ -67,19 +69,6 @@ def attach(daemon: Daemon, name: str, *args: str) -> Attached:
 
 def _ticks(text: str) -> list[int]:
     return [int(line[5:]) for line in text.splitlines() if line.startswith("tick-")]
-
-
-def _lasting(init: int) -> list[int]:
-    """The run's init (tini) and the agent's shell under it: the processes that last."""
-    try:
-        children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
-    except OSError:
-        return []
-    return [init, *map(int, children)]
-
-
-def _alive(pids: list[int]) -> list[int]:
-    return [p for p in pids if Path(f"/proc/{p}").exists()]
 
 
 def _adopted_alive(daemon: Daemon, name: str, run: dict[str, Any], pids: list[int]) -> None:

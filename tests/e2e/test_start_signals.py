@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import Daemon, new_daemon, wait_for
+from tests.support.procs import alive as _alive
+from tests.support.procs import lasting as _lasting
 
 # Waits at the self-test canary's `runc create` while the gate file is absent, saying so.
 _GATED_RUNC = """#!/bin/sh
@@ -41,19 +43,6 @@ def _gated(tmp_root: Path) -> tuple[Daemon, Path]:
     daemon = new_daemon(tmp_root, daemon={"adopt_window": "10m"},
                         sandbox={"runc_path": str(wrapper)})
     return daemon, gate
-
-
-def _lasting(init: int) -> list[int]:
-    """The run's init (tini) and its sleep."""
-    try:
-        children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
-    except OSError:
-        return []
-    return [init, *map(int, children)]
-
-
-def _alive(pids: list[int]) -> list[int]:
-    return [p for p in pids if Path(f"/proc/{p}").exists()]
 
 
 def _pending(pid: int) -> int:
