@@ -11,6 +11,7 @@ import secrets
 import signal
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,18 +32,26 @@ def foreign_cgroup() -> Iterator[Cgroup]:
         cgroup.remove(strict=False)  # children first; their processes are the tests' own
 
 
+@contextmanager
+def stranger_in(cgroup: Cgroup, *controllers: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A `sleep` that is not the supervisor's, placed in `cgroup` (and in the v1 hierarchies
+    of `controllers`), killed after."""
+    sleep = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        cgroup.place(sleep.pid, controllers)
+        yield sleep
+    finally:
+        os.kill(sleep.pid, signal.SIGKILL)
+        sleep.wait()
+
+
 @pytest.fixture
 def foreign_sleep(foreign_cgroup: Cgroup) -> Iterator[subprocess.Popen[bytes]]:
     """A process that is not the supervisor's, in the cgroup (v2 and, on a hybrid host, the v1
     pids and memory hierarchies, where the runs' budget would be written)."""
-    sleep = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
-                             start_new_session=True)
-    try:
-        foreign_cgroup.place(sleep.pid, ("pids", "memory"))
+    with stranger_in(foreign_cgroup, "pids", "memory") as sleep:
         yield sleep
-    finally:
-        sleep.kill()
-        sleep.wait()
 
 
 def refused_start(daemon: Daemon) -> str:
@@ -84,18 +93,12 @@ def test_a_parent_holding_a_foreign_process_is_refused_and_it_survives(
 def test_a_parent_holding_a_foreign_cgroup_is_refused(tmp_root: Path,
                                                       foreign_cgroup: Cgroup) -> None:
     child = Cgroup(f"{foreign_cgroup.relative}/database").create(("pids",))
-    sleep = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
-                             start_new_session=True)
-    try:
-        child.place(sleep.pid, ("pids",))
+    with stranger_in(child, "pids") as sleep:
         daemon = new_daemon(tmp_root)
         daemon.cgroup_parent = "/" + foreign_cgroup.relative
         assert "database" in refused_start(daemon)
         untouched(foreign_cgroup, daemon)
         assert sleep.poll() is None and child.pids() == [sleep.pid]
-    finally:
-        os.kill(sleep.pid, signal.SIGKILL)
-        sleep.wait()
 
 
 def test_a_stranger_in_the_watchdogs_cgroup_is_refused_and_survives(tmp_root: Path) -> None:
@@ -103,18 +106,14 @@ def test_a_stranger_in_the_watchdogs_cgroup_is_refused_and_survives(tmp_root: Pa
     watchdog): a process of someone else's there is refused instead, and lives on."""
     parent = f"{TEST_CGROUP_ROOT}/beside-{secrets.token_hex(3)}"
     beside = Cgroup(f"{parent}-watchdog").create()
-    sleep = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
-                             start_new_session=True)
     try:
-        beside.place(sleep.pid)
-        daemon = new_daemon(tmp_root)
-        daemon.cgroup_parent = parent
-        assert f"pid {sleep.pid}" in refused_start(daemon)
-        assert not Cgroup(parent).exists()
-        assert sleep.poll() is None and beside.pids() == [sleep.pid]
+        with stranger_in(beside) as sleep:
+            daemon = new_daemon(tmp_root)
+            daemon.cgroup_parent = parent
+            assert f"pid {sleep.pid}" in refused_start(daemon)
+            assert not Cgroup(parent).exists()
+            assert sleep.poll() is None and beside.pids() == [sleep.pid]
     finally:
-        sleep.kill()
-        sleep.wait()
         beside.remove(strict=False)
 
 
@@ -197,17 +196,13 @@ def test_a_stranger_in_the_gateways_cgroup_is_refused_and_survives(tmp_root: Pat
     suffix = "-gateway"
     daemon = new_daemon(tmp_root)
     sibling = Cgroup(daemon.cgroup_parent + suffix).create(("pids",))
-    sleep = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
-                             start_new_session=True)
     try:
-        sibling.place(sleep.pid, ("pids",))
-        log = refused_start(daemon)
-        assert f"pid {sleep.pid}" in log and suffix in log, log
-        assert not Cgroup(daemon.cgroup_parent).exists()
-        assert sleep.poll() is None and sibling.pids() == [sleep.pid]
+        with stranger_in(sibling, "pids") as sleep:
+            log = refused_start(daemon)
+            assert f"pid {sleep.pid}" in log and suffix in log, log
+            assert not Cgroup(daemon.cgroup_parent).exists()
+            assert sleep.poll() is None and sibling.pids() == [sleep.pid]
     finally:
-        os.kill(sleep.pid, signal.SIGKILL)
-        sleep.wait()
         sibling.remove(strict=False)
 
 
@@ -218,17 +213,11 @@ def test_a_marked_parent_holding_a_foreign_cgroup_is_refused(
     os.setxattr(foreign_cgroup.path, runs_parent.MARK, ("/" + foreign_cgroup.relative).encode())
     assert runs_parent.is_marked(foreign_cgroup.relative)
     child = Cgroup(f"{foreign_cgroup.relative}/docker").create(("pids",))
-    sleep = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
-                             start_new_session=True)
-    try:
-        child.place(sleep.pid, ("pids",))
+    with stranger_in(child, "pids") as sleep:
         daemon = new_daemon(tmp_root)
         daemon.cgroup_parent = "/" + foreign_cgroup.relative
         assert "docker" in refused_start(daemon)
         assert sleep.poll() is None and child.pids() == [sleep.pid]
-    finally:
-        os.kill(sleep.pid, signal.SIGKILL)
-        sleep.wait()
 
 
 def test_a_run_named_cgroup_holding_a_foreign_process_is_refused(
@@ -236,19 +225,13 @@ def test_a_run_named_cgroup_holding_a_foreign_process_is_refused(
     """An unmarked parent with no watchdog of ours beside it and no handover naming it: a
     process in a cgroup named as a run's is no run to adopt, and it lives on."""
     child = Cgroup(f"{foreign_cgroup.relative}/as-0123456789ab").create(("pids",))
-    sleep = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL,
-                             start_new_session=True)
-    try:
-        child.place(sleep.pid, ("pids",))
+    with stranger_in(child, "pids") as sleep:
         daemon = new_daemon(tmp_root)
         daemon.cgroup_parent = "/" + foreign_cgroup.relative
         log = refused_start(daemon)
         assert f"pid {sleep.pid}" in log and "no handover naming it" in log, log
         assert sleep.poll() is None and child.pids() == [sleep.pid]
         untouched(foreign_cgroup, daemon)
-    finally:
-        os.kill(sleep.pid, signal.SIGKILL)
-        sleep.wait()
 
 
 def test_an_existing_empty_cgroup_is_taken_but_not_marked(tmp_root: Path,
