@@ -33,6 +33,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from supervisor.api.peers import actor_of, peer_credentials
+from supervisor.api.presignal import PreSigner
 from supervisor.authz import roles_of
 from supervisor.config import ControlSection, RolesSection
 from supervisor.errors import (
@@ -43,6 +44,7 @@ from supervisor.errors import (
     UriTooLong,
 )
 from supervisor.models import Actor
+from supervisor.sandbox.killindex import PreSignal
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +395,8 @@ class JsonErrorRequestHandler(RequestHandler):
     line, an over-long path or header) with our JSON error instead of text/plain, and logging
     it once at debug level instead of a traceback per request."""
 
-    __slots__ = ("_arrivals", "_head_started", "_heads", "early_hold", "peer", "verbs_first")
+    __slots__ = ("_arrivals", "_head_started", "_heads", "early_hold", "peer", "presignal",
+                 "verbs_first")
 
     def __init__(self, *args: Any, verbs_first: VerbsFirst | None = None, **kwargs: Any
                  ) -> None:
@@ -408,6 +411,13 @@ class JsonErrorRequestHandler(RequestHandler):
         self._arrivals: collections.deque[float] = collections.deque(maxlen=64)
         self._head_started: float | None = None
         self._heads = 0  # request heads parsed on this connection
+        # What the owners' acceptor SIGKILLed for this connection's first request, until
+        # that request takes it (`take_presignal`) or the connection ends without it.
+        self.presignal: PreSignal | None = None
+
+    def take_presignal(self) -> PreSignal | None:
+        presignal, self.presignal = self.presignal, None
+        return presignal
 
     def accepted(self, peer: Peer, accepted_at: float) -> None:
         self.peer = peer
@@ -475,17 +485,19 @@ class ControlHttpServer(web.Server):
 
     admission: Admission
     verbs_first: VerbsFirst | None = None
+    presigner: PreSigner | None = None
 
     def __call__(self) -> RequestHandler:
         return JsonErrorRequestHandler(self, loop=self._loop, verbs_first=self.verbs_first,
                                        **self._kwargs)
 
-    def accepted(self, peer: Peer, accepted_at: float, early_hold: EarlyHold | None = None
-                 ) -> JsonErrorRequestHandler:
+    def accepted(self, peer: Peer, accepted_at: float, early_hold: EarlyHold | None = None,
+                 presignal: PreSignal | None = None) -> JsonErrorRequestHandler:
         handler = JsonErrorRequestHandler(self, loop=self._loop, verbs_first=self.verbs_first,
                                           **self._kwargs)
         handler.accepted(peer, accepted_at)
         handler.early_hold = early_hold
+        handler.presignal = presignal
         return handler
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
@@ -506,6 +518,10 @@ class ControlHttpServer(web.Server):
             self.verbs_first.lost(handler)
         if isinstance(handler, JsonErrorRequestHandler):
             handler.release_early_hold()
+            presignal = handler.take_presignal()
+            if presignal is not None and self.presigner is not None:
+                self.presigner.finish(presignal, "its connection ended before the request "
+                                                 "was handled")
         super().connection_lost(handler, exc)
 
 
@@ -523,6 +539,7 @@ class ControlRunner(web.AppRunner):
         assert isinstance(server, ControlHttpServer)
         server.admission = self.admission
         server.verbs_first = self.app.get(VERBS_FIRST)
+        server.presigner = self.app.get(PRESIGNER)
         return server
 
 
@@ -536,17 +553,23 @@ class Acceptor:
     """Accepts one listening socket's connections on a thread of its own and hands each
     admitted one to the loop (`hand_over`, called on the thread). A refused connection is
     closed on the thread: a flood of connects costs the loop nothing, and a kill's connect on
-    another socket never waits for the loop to work through it."""
+    another socket never waits for the loop to work through it.
+
+    With `presign` (the owners' socket), an admitted connection's first request is peeked at
+    before the hand-over: an owner's kill is SIGKILLed here (api/presignal.py), and what was
+    signalled goes to the loop with the connection."""
 
     def __init__(self, name: str, sock: socket.socket, admission: Admission,
-                 hand_over: Callable[[socket.socket, Peer, float], None], *,
-                 owner_socket: bool = False, gate: AcceptGate | None = None) -> None:
+                 hand_over: Callable[[socket.socket, Peer, float, PreSignal | None], None], *,
+                 owner_socket: bool = False, gate: AcceptGate | None = None,
+                 presign: PreSigner | None = None) -> None:
         self.name = name
         self.sock = sock
         self.admission = admission
         self.hand_over = hand_over
         self.owner_socket = owner_socket
         self.gate = gate  # shut: leave connections in the backlog (VerbsFirst)
+        self.presign = presign
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -605,11 +628,21 @@ class Acceptor:
             if peer is None:
                 conn.close()
                 continue
+            presignal = None
+            if self.presign is not None:
+                try:
+                    presignal = self.presign(conn, peer.actor, accepted_at)
+                except Exception:  # the request goes the normal way; what was signalled
+                    # is settled by its runs' exit watchers (daemon/presignalled.py settle)
+                    log.exception("control socket %s: the pre-signal failed", self.name)
             try:
-                self.hand_over(conn, peer, accepted_at)
+                self.hand_over(conn, peer, accepted_at, presignal)
             except RuntimeError:  # the loop is closed: the daemon is stopping
                 conn.close()
                 self.admission.cancel(peer)
+                if presignal is not None:  # the index held only runs its shutdown left
+                    log.critical("control socket %s: runs %s SIGKILLed for a request the "
+                                 "stopped loop never saw", self.name, sorted(presignal.runs))
 
 
 class ControlListener:
@@ -617,11 +650,15 @@ class ControlListener:
     start() after the app is built."""
 
     def __init__(self, app: web.Application, sock: socket.socket, config: ControlSection,
-                 roles: RolesSection, owner_sock: socket.socket | None = None) -> None:
+                 roles: RolesSection, owner_sock: socket.socket | None = None,
+                 presigner: PreSigner | None = None) -> None:
         soft, _hard = raise_fd_limit()
         self.admission = Admission(config=config, roles=roles,
                                    budget=connection_budget(config, soft))
         app[ADMISSION] = self.admission
+        self.presigner = presigner
+        if presigner is not None:
+            app[PRESIGNER] = presigner
         self.runner = ControlRunner(
             app, self.admission,
             # aiohttp closes a connection that has not completed a request head this long
@@ -651,7 +688,8 @@ class ControlListener:
         if self.owner_sock is not None:
             self.owner_sock.listen(128)
             self.acceptors.append(Acceptor("owner-accept", self.owner_sock, self.admission,
-                                           self._hand_over, owner_socket=True))
+                                           self._hand_over, owner_socket=True,
+                                           presign=self.presigner))
         for acceptor in self.acceptors:
             acceptor.start()
         log.info("control socket: %d connections (%d per uid, %d reserved for owners), "
@@ -659,34 +697,51 @@ class ControlListener:
                  self.config.max_connections_per_uid, self.config.reserved_connections,
                  self.config.header_timeout, "on" if self.owner_sock is not None else "off")
 
-    def _hand_over(self, conn: socket.socket, peer: Peer, accepted_at: float) -> None:
+    def _hand_over(self, conn: socket.socket, peer: Peer, accepted_at: float,
+                   presignal: PreSignal | None = None) -> None:
         """On an acceptor's thread: the loop takes the connection on its next turn."""
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._adopt, conn, peer, accepted_at)
+        self._loop.call_soon_threadsafe(self._adopt, conn, peer, accepted_at, presignal)
 
-    def _adopt(self, conn: socket.socket, peer: Peer, accepted_at: float) -> None:
+    def _adopt(self, conn: socket.socket, peer: Peer, accepted_at: float,
+               presignal: PreSignal | None = None) -> None:
         server = self.runner.server
         if not isinstance(server, ControlHttpServer):  # stopped meanwhile
             conn.close()
             self.admission.cancel(peer)
+            self._unheard(presignal, "the control socket was stopping")
             return
         assert self._loop is not None
         early_hold = None
         if peer.on_owner_socket and server.verbs_first is not None:
             early_hold = EarlyHold(server.verbs_first, conn, self._loop, self.early_hold)
-        task = self._loop.create_task(self._loop.connect_accepted_socket(
-            lambda: server.accepted(peer, accepted_at, early_hold), sock=conn))
+        made: list[JsonErrorRequestHandler] = []
+
+        def protocol() -> JsonErrorRequestHandler:
+            made.append(server.accepted(peer, accepted_at, early_hold, presignal))
+            return made[-1]
+
+        task = self._loop.create_task(self._loop.connect_accepted_socket(protocol, sock=conn))
         self._adopting.add(task)
-        task.add_done_callback(lambda done: self._adopted(done, conn, peer, early_hold))
+        task.add_done_callback(lambda done: self._adopted(done, conn, peer, early_hold,
+                                                          presignal, made))
 
     def _adopted(self, task: asyncio.Task[Any], conn: socket.socket, peer: Peer,
-                 early_hold: EarlyHold | None) -> None:
+                 early_hold: EarlyHold | None, presignal: PreSignal | None,
+                 made: list[JsonErrorRequestHandler]) -> None:
         self._adopting.discard(task)
         if task.cancelled() or task.exception() is not None:
             conn.close()
             self.admission.cancel(peer)
             if early_hold is not None:
                 early_hold.release()
+            # Not yet taken by a request (the handler made, if any, holds it until then).
+            self._unheard(made[0].take_presignal() if made else presignal,
+                          "its connection could not be adopted")
+
+    def _unheard(self, presignal: PreSignal | None, why: str) -> None:
+        if presignal is not None and self.presigner is not None:
+            self.presigner.finish(presignal, why)
 
     async def stop(self) -> None:
         """Stop accepting, close idle connections, wait LISTENER_DRAIN for requests in flight,
@@ -702,4 +757,5 @@ class ControlListener:
 
 
 ADMISSION = web.AppKey("admission", Admission)
+PRESIGNER = web.AppKey("presigner", PreSigner)
 VERBS_FIRST = web.AppKey("verbs_first", VerbsFirst)

@@ -7,11 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
-import json
 import logging
 import math
 import os
-import re
 import secrets
 import socket
 import time
@@ -21,11 +19,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from supervisor import __version__
+from supervisor.api.bodies import decode_body
 from supervisor.api.client import LOG_OFFSET_HEADER, STREAM_END_HEADER
-from supervisor.api.listener import ADMISSION, VERBS_FIRST, VerbsFirst, verb_first
+from supervisor.api.listener import ADMISSION, PRESIGNER, VERBS_FIRST, VerbsFirst, verb_first
 from supervisor.api.peers import peer_actor_of
 from supervisor.audit import AuditLog
 from supervisor.authz import PERMISSIONS, check, roles_of
@@ -35,7 +34,6 @@ from supervisor.errors import (
     AgentKilled,
     BodyTooLarge,
     Forbidden,
-    InvalidJson,
     InvalidRequest,
     LogsExpired,
     MethodNotAllowed,
@@ -75,6 +73,7 @@ from supervisor.models import (
 )
 from supervisor.openapi import AGENT_PAGE_MAX, openapi_document
 from supervisor.runtime.output_index import since_offset
+from supervisor.sandbox.killindex import PreSignal
 from supervisor.states import AgentState, RunState
 from supervisor.telemetry import Sample
 
@@ -128,7 +127,8 @@ class Controller(Protocol):
     def runtime_info(self) -> dict[str, Any]: ...
     async def launch(self, request: RunRequest, actor: Actor) -> RunView: ...
     async def act(self, verb: str, request: ActionRequest, actor: Actor, *,
-                  arrived: float | None = None) -> ActionResult: ...
+                  arrived: float | None = None,
+                  presignal: PreSignal | None = None) -> ActionResult: ...
     def forget_agent(self, name: str, actor: Actor, reason: str) -> None: ...
 
 
@@ -176,17 +176,12 @@ ACTOR = web.RequestKey("actor", Actor)
 # perf_counter() when the request was read off the socket: a kill's time_to_halt_ms starts here,
 # so time spent queued in the daemon is in the figure.
 ARRIVED = web.RequestKey("arrived", float)
+# What the owners' acceptor SIGKILLed for this request before the loop saw it (api/presignal.py).
+PRESIGNALLED = web.RequestKey("presignalled", PreSignal)
 PEER_ROLES = web.RequestKey("roles", frozenset)
 _LOG_CHUNK = 65536
 LOG_OFFSET_MAX = 2**53
 _LOG_POLL = 0.05
-# Deeper JSON than any request model has is refused before it is parsed.
-JSON_DEPTH_MAX = 32
-# A string runs to its closing quote or to the end of the text: every quote starts a match
-# that succeeds, so an unterminated string costs one pass, never one pass per quote.
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.|\\\Z)*(?:"|\Z)', re.DOTALL)
-_JSON_INNERMOST = re.compile(rb"\[[^\[\]{}]*\]|\{[^\[\]{}]*\}")
-_JSON_OPEN = re.compile(rb"[\[{]")
 
 
 class Load:
@@ -312,31 +307,6 @@ def _authorize(request: web.Request, handler: Handler, actor: Actor) -> None:
         raise
 
 
-def nesting_exceeds(raw: bytes, limit: int = JSON_DEPTH_MAX) -> bool:
-    """Whether JSON text nests arrays and objects deeper than `limit`, judged without parsing
-    it: strings are blanked, then the innermost brackets removed level by level (each pass a
-    C-speed regex), so a hostile body costs at most `limit` scans and never a deep recursion."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:
-        return False
-    text = _JSON_STRING.sub(b"0", raw)
-    for _ in range(limit):
-        text, removed = _JSON_INNERMOST.subn(b"0", text)
-        if not removed:
-            break  # balanced: nothing left open; unbalanced: what is left is refused below
-    return _JSON_OPEN.search(text) is not None
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 async def _body(request: web.Request, model: type[BaseModel]) -> Any:
     config = request.app[CONTROL]
     if request.content_length is not None and request.content_length > config.max_body:
@@ -351,21 +321,7 @@ async def _body(request: web.Request, model: type[BaseModel]) -> Any:
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within "
                              f"{config.body_timeout:g}s") from None
-    if nesting_exceeds(raw):
-        raise InvalidJson(f"the request body nests deeper than {JSON_DEPTH_MAX} levels",
-                          limit=JSON_DEPTH_MAX)
-    try:
-        parsed = json.loads(raw, parse_float=_finite_float, parse_constant=_no_constant)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, ...
-        raise InvalidJson(f"the request body is not valid JSON: {str(exc)[:200]}") from None
-    try:
-        return model.model_validate(parsed)
-    except ValidationError as exc:
-        errors = [{"field": ".".join(str(p) for p in e["loc"]) or "body", "reason": e["msg"]}
-                  for e in exc.errors()[:20]]
-        first = errors[0]
-        raise InvalidRequest(f"{first['field']}: {first['reason']}", field=first["field"],
-                             reason=first["reason"], errors=errors) from None
+    return decode_body(raw, model)
 
 
 def _json(model: BaseModel | dict[str, Any], status: int = 200) -> web.Response:
@@ -438,6 +394,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     arrived = getattr(request.protocol, "arrived", None)
     request[ARRIVED] = (arrived() if arrived is not None else None) or time.perf_counter()
     verbs_first = request.app.get(VERBS_FIRST)
+    take = getattr(request.protocol, "take_presignal", None)
+    presignal = take() if take is not None else None
+    if presignal is not None:
+        request[PRESIGNALLED] = presignal
     try:
         actor = peer_actor(request)
         request[ACTOR] = actor
@@ -464,6 +424,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         # judged on the same raw path (VerbsFirst.verb_arrived).
         if verbs_first is not None and verb_first(request.method, request.raw_path):
             verbs_first.answered(request.protocol)
+        if presignal is not None:  # what its kill path did not take is killed and audited
+            request.app[PRESIGNER].finish(presignal, "its request ended without its kill "
+                                                     "path taking the run")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -773,7 +736,8 @@ async def action(request: web.Request) -> web.Response:
     action_request: ActionRequest = await _body(request, ActionRequest)
     _check_action(request.app[ARBITER], verb, action_request)
     result = await request.app[ARBITER].act(verb, action_request, request[ACTOR],
-                                            arrived=request[ARRIVED])
+                                            arrived=request[ARRIVED],
+                                            presignal=request.get(PRESIGNALLED))
     return _json(result)
 
 

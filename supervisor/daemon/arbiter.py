@@ -44,6 +44,7 @@ from supervisor.models import (
 from supervisor.profiles import Profile
 from supervisor.runtime.base import NetworkAttachment, Runtime
 from supervisor.runtime.output_index import index_path
+from supervisor.sandbox.killindex import KillIndex, PreSignal
 from supervisor.states import (
     AgentState,
     EndCause,
@@ -90,6 +91,11 @@ class Arbiter:
         # Every run's cgroup lives under `parent` (held open): a global halt is one write.
         self.parent = parent
         self.parent_path = (parent_path or config.sandbox.cgroup_parent).strip("/")
+        # The live runs' cgroup.kill files for the owners' acceptor thread, which SIGKILLs an
+        # owner's kill before the loop sees it (sandbox/killindex.py, api/presignal.py).
+        self.kill_index = KillIndex()
+        if parent is not None:
+            self.kill_index.hold_parent(parent)
         self.agents: dict[str, AgentRecord] = {a.name: a for a in store.agents()}
         self.live: dict[str, LiveRun] = {}
         self.locks: dict[str, asyncio.Lock] = {}
@@ -174,6 +180,13 @@ class Arbiter:
         agent.last_reason = reason
         self.observers.agents_changed()
         return previous, new
+
+    def index_run(self, live: LiveRun) -> None:
+        """A started or adopted run's cgroup.kill, for the owners' acceptor."""
+        agent = self.agents.get(live.record.agent)
+        if live.handle is not None and agent is not None:
+            self.kill_index.add(live.record.id, agent.name, agent.agent_class,
+                                live.handle.cgroup)
 
     def _set_run_state(self, run: RunRecord, verb: str) -> None:
         run.state = run_transition(RunState(run.state), verb).value
@@ -268,7 +281,8 @@ class Arbiter:
     async def _kill(self, agents: list[AgentRecord], actor: Actor, reason: str, scope: str, *,
                     verb: str = "kill", agent_verb: Verb = Verb.KILL,
                     cause: EndCause = EndCause.KILLED, arrived: float | None = None,
-                    whole_parent: bool = False) -> list[AgentResult | SupervisorError]:
+                    whole_parent: bool = False, presignal: PreSignal | None = None
+                    ) -> list[AgentResult | SupervisorError]:
         """The kill path for one agent or many (ending.kill_agents). The telemetry sampler
         stands aside meanwhile: its /proc walk would take a core from the dying processes and
         the GIL from this loop; and no audit checkpoint starts, since one would sit in front
@@ -276,7 +290,8 @@ class Arbiter:
         with self.observers.killing(), self.audit.kill_under_way():
             return await ending.kill_agents(self, agents, actor, reason, scope, verb=verb,
                                             agent_verb=agent_verb, cause=cause,
-                                            arrived=arrived, whole_parent=whole_parent)
+                                            arrived=arrived, whole_parent=whole_parent,
+                                            presignal=presignal)
 
 
     # ----------------------------------------------------------------- scoped actions
@@ -289,14 +304,15 @@ class Arbiter:
         return list(self.agents.values())
 
     async def act(self, verb: str, request: ActionRequest, actor: Actor, *,
-                  cause: EndCause = EndCause.KILLED, arrived: float | None = None
-                  ) -> ActionResult:
+                  cause: EndCause = EndCause.KILLED, arrived: float | None = None,
+                  presignal: PreSignal | None = None) -> ActionResult:
         """Apply `verb` to one agent, a class or every agent.
 
         A single agent in the wrong state is a 409; in a class or global scope, agents for
         which the verb does not apply are reported as skipped and left untouched. A kill's
         `cause` says why runs it ends ended; `arrived` (perf_counter) is when the request
-        was read off its source, where time_to_halt_ms starts."""
+        was read off its source, where time_to_halt_ms starts; `presignal`, what the owners'
+        acceptor SIGKILLed for this request before the loop saw it (its audit rows say so)."""
         if arrived is None:
             arrived = time.perf_counter()
         scope = request.scope
@@ -340,7 +356,8 @@ class Arbiter:
             try:
                 outcomes = list(await self._kill(chosen, actor, reason, scope_text,
                                                  cause=cause, arrived=arrived,
-                                                 whole_parent=scope.kind == "global"))
+                                                 whole_parent=scope.kind == "global",
+                                                 presignal=presignal))
             finally:
                 self.audit.wake()  # the global_halt row, if the kill appended none
         else:

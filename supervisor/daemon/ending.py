@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from supervisor.daemon import presignalled
 from supervisor.daemon.killpath import CONFIRMERS, HaltReport, RunKill, sweep
 from supervisor.daemon.liverun import (
     SYSTEM,
@@ -27,6 +28,7 @@ from supervisor.daemon.liverun import (
 from supervisor.daemon.store import AgentRecord
 from supervisor.errors import KillUnconfirmed, SupervisorError
 from supervisor.models import Actor, AgentResult
+from supervisor.sandbox.killindex import PreSignal
 from supervisor.states import (
     RUN_ENDED,
     AgentState,
@@ -66,6 +68,10 @@ async def watch(arbiter: Arbiter, live: LiveRun) -> None:
     """Finalise a run whose command ended by itself."""
     assert live.handle is not None
     status = await live.handle.wait_exit()
+    presignal = arbiter.kill_index.signalled(live.record.id)
+    if presignal is not None and live.ending is None:
+        # SIGKILLed at the owners' acceptor: its request's kill path ends it as killed.
+        await presignalled.settle(arbiter, presignal, live)
     if live.ending is not None:
         return
     live.ending = EndCause.EXITED
@@ -120,6 +126,7 @@ def finalise(arbiter: Arbiter, live: LiveRun, cause: EndCause, *, exit_code: int
         agent.updated_at = time.time()
         arbiter.store.put_agent(agent)
     arbiter.live.pop(run.id, None)
+    arbiter.kill_index.remove(run.id)
     arbiter.store.put_run(run)
     if after is None:
         arbiter.observers.run_ended(run)  # telemetry, tripwires, seccomp fds, gateway
@@ -222,14 +229,16 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
                       scope: str, *,
                       verb: str = "kill", agent_verb: Verb = Verb.KILL,
                       cause: EndCause = EndCause.KILLED, arrived: float | None = None,
-                      whole_parent: bool = False) -> list[AgentResult | SupervisorError]:
+                      whole_parent: bool = False, presignal: PreSignal | None = None
+                      ) -> list[AgentResult | SupervisorError]:
     """The kill path for one agent or many: step 1 for all before any await (its store
     write beside the confirmation), steps 2-5 in one sweep, then each agent's kill audited
     (the rows handed to the writer at once) and each run finalised. A scoped halt waits for
     the writer to commit the rows first (at most ROWS_ON_LOOP, in the loop's thread, which
     the answer would spend waiting anyway); a single agent's kill finalises its run while
     the writer commits. With `whole_parent` (a global halt), step 3 is one write to the
-    parent cgroup."""
+    parent cgroup. `presignal`: what the owners' acceptor SIGKILLed for this request before
+    the loop saw it; each run's row says so, and its runs are this kill's to account for."""
     t0 = arrived if arrived is not None else time.perf_counter()
     arrived_at = time.time() - (time.perf_counter() - t0)
     cpu0 = time.process_time()  # the daemon's CPU (all its threads) from here to the records
@@ -237,6 +246,8 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
     for agent in agents:  # step 1
         previous, new = arbiter._set_agent_state(agent, agent_verb, actor, reason)
         marks.append((agent, previous, new, arbiter._live_of(agent)))
+    if presignal is not None:  # each of these runs gets this kill's row (`judge`)
+        presignal.claimed.update(live.record.id for *_mark, live in marks if live is not None)
     owned: list[LiveRun] = []
     rekill: list[LiveRun] = []
     for _agent, _previous, _new, live in marks:
@@ -286,7 +297,7 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
         verdicts = [await judge(arbiter, agent, previous, new, live, kills, actor, reason,
                                 scope, verb, cause, t0, arrived_at,
                                 owner=live is not None and live.record.id in owned_ids,
-                                scoped=scoped)
+                                scoped=scoped, presignal=presignal)
                     for agent, previous, new, live in marks]
         # The audit rows first, to the writer together (one commit): the answer waits until
         # they are durable.
@@ -372,9 +383,13 @@ def _nothing_to_end(_answered: asyncio.Future[None]) -> None:
 async def judge(arbiter: Arbiter, agent: AgentRecord, previous: AgentState, new: AgentState,
                 live: LiveRun | None, kills: dict[str, RunKill], actor: Actor, reason: str,
                 scope: str, verb: str, cause: EndCause, t0: float, arrived_at: float, *,
-                owner: bool, scoped: bool) -> Verdict:
+                owner: bool, scoped: bool, presignal: PreSignal | None = None) -> Verdict:
     detail: dict[str, Any] = {"actor": actor_detail(actor), "cause": cause.value,
                               "request_arrived_at": round(arrived_at, 6)}
+    if presignal is not None and live is not None:
+        sigkill = presignal.detail(live.record.id)
+        if sigkill is not None:  # sent at the owners' acceptor, before the loop saw it
+            detail["sigkill"] = sigkill
     time_to_halt_ms: float | None = None
     outcome = "ok"
     report: HaltReport | None = None

@@ -861,6 +861,7 @@ async def _take(core: Core, claim: _Claim, entry: dict[str, Any], fds: list[int]
             core.telemetry.expect(run.id, carried["telemetry"])
         stage = "tripwires"
         arbiter.observers.run_started(run)  # tripwires armed, then telemetry
+        arbiter.index_run(live)
         stage = "containment"
         if isinstance(carried.get("containment"), dict):
             core.containment.restore(run.id, carried["containment"])

@@ -193,6 +193,7 @@ async def create_and_start(arbiter: Arbiter, live: LiveRun, profile: Profile, re
     arbiter._set_run_state(run, Verb.START)
     arbiter.store.put_run(run)
     arbiter.observers.run_started(run)  # tripwires armed, then telemetry
+    arbiter.index_run(live)
     live.watcher = arbiter._spawn(ending.watch(arbiter, live))
     if run.timeout is not None:
         loop = asyncio.get_running_loop()
@@ -211,6 +212,7 @@ async def hold(arbiter: Arbiter, handle: RunHandle, run: RunRecord, *, before_st
             log.warning("the runs' parent cgroup was made again; holding the new one")
             arbiter.parent.release()
             arbiter.parent.hold()
+            arbiter.kill_index.hold_parent(arbiter.parent)
         return True
     except FileNotFoundError:
         if before_start:

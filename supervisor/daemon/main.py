@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -29,6 +30,7 @@ import click
 from supervisor import __version__
 from supervisor.api.client import owner_socket_of
 from supervisor.api.listener import ControlListener
+from supervisor.api.presignal import PreSigner
 from supervisor.api.server import (
     FOLLOW_STREAMS,
     RoleTable,
@@ -39,6 +41,7 @@ from supervisor.api.server import (
 from supervisor.audit import AuditLog
 from supervisor.config import Config, load_config
 from supervisor.config import config_path as chosen_config
+from supervisor.daemon import presignalled
 from supervisor.daemon.arbiter import SYSTEM
 from supervisor.daemon.auditing import housekeeping, start_audit, verify_fully
 from supervisor.daemon.breakglass import BreakGlass, HaltSignal, block_halt_signal, request_halt
@@ -300,7 +303,13 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
         egress=core.egress)
     app = build_app(arbiter, roles, drills, telemetry=telemetry, egress=core.egress,
                     control=config.control, reloader=reloader)
-    listener = ControlListener(app, sock, config.control, config.roles, owner_sock)
+    # An owner's kill on the owners' socket is SIGKILLed on its acceptor's thread, before
+    # the loop sees it (api/presignal.py); what it signalled the loop then accounts for.
+    presigner = PreSigner(arbiter.kill_index, lambda: roles.current,
+                          max_body=config.control.max_body, max_line=config.control.max_line,
+                          finish=functools.partial(presignalled.finish, arbiter))
+    listener = ControlListener(app, sock, config.control, config.roles, owner_sock,
+                               presigner=presigner)
     admission.append(listener)
     await listener.start()
     webhook_worker.start()  # webhooks: delivery never runs on the kill path

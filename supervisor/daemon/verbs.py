@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
-from supervisor.daemon import ending
+from supervisor.daemon import ending, presignalled
 from supervisor.daemon.killpath import CONFIRMERS
 from supervisor.daemon.liverun import LiveRun, actor_detail, held_pause, ms_since
 from supervisor.daemon.store import AgentRecord
@@ -102,6 +102,10 @@ async def stop_agent(arbiter: Arbiter, agent: AgentRecord, actor: Actor, reason:
         except BaseException:
             _grace_over(arbiter, over)
             raise
+        presignal = arbiter.kill_index.signalled(live.record.id)
+        if graceful and presignal is not None and live.ending is EndCause.STOPPED:
+            # It died of the owners' acceptor's SIGKILL, not of the SIGTERM: its kill's.
+            await presignalled.settle(arbiter, presignal, live)
     if live.ending is not EndCause.STOPPED:  # a kill overtook the stop; it ends the run
         _grace_over(arbiter, over)
         await live.done.wait()

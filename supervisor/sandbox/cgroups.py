@@ -235,6 +235,11 @@ class Cgroup:
     def held(self) -> bool:
         return bool(self._held)
 
+    def held_file(self, name: str) -> int | None:
+        """The descriptor `hold()` keeps for `name` (None: not held). It is closed by
+        `release()`: a holder on another thread keeps a copy of its own (sandbox/killindex.py)."""
+        return self._held.get(name)
+
     def stale(self) -> bool:
         """The held files belong to a directory removed since `hold()` (perhaps made again
         at the same path, as runc makes a missing parent for a new run): a write to them

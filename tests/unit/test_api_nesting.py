@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from supervisor.api.server import JSON_DEPTH_MAX, nesting_exceeds
+from supervisor.api.bodies import JSON_DEPTH_MAX, nesting_exceeds
 
 
 def nested(depth: int) -> bytes:

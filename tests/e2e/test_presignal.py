@@ -1,0 +1,150 @@
+"""The SIGKILL sent at the owners' acceptor on a real daemon (issue 12): an owner's kill of one
+agent, a class and every agent sent to the owners' socket is SIGKILLed on the acceptor's
+thread before the loop sees it, and its audit rows say so; the loop's kill path still
+confirms, audits and finalises every run as killed. A kill request whose caller hangs up as
+soon as it is written is SIGKILLed and audited all the same, whichever of the request's
+handler or the connection's end reaches the loop first. Needs root."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+from supervisor.api.client import owner_socket_of
+from tests.e2e.test_api_input import exchange
+from tests.support.daemon import Daemon, wait_for
+
+
+def kill_request(scope: dict[str, Any], reason: str) -> bytes:
+    body = json.dumps({"scope": scope, "reason": reason}).encode()
+    return (b"POST /v1/actions/kill HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+            b"application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (len(body), body))
+
+
+def launch(daemon: Daemon, name: str, agent_class: str) -> str:
+    view = daemon.agentctl_json("run", "--detach", "--json", "--name", name, "--class",
+                                agent_class, "--", "sleep", "600")
+    return str(view["id"])
+
+
+UNTAKEN = "SIGKILL sent at the owners' acceptor for '{}'; "
+
+
+def kill_rows(daemon: Daemon, reason: str) -> dict[str, dict[str, Any]]:
+    """The kill rows of the request with `reason`: its kill path's, or those of the kill
+    that took what its kill path did not (daemon/presignalled.py finish)."""
+    return {row["target"]: row for row in daemon.audit_rows("kill")
+            if row["reason"] == reason or row["reason"].startswith(UNTAKEN.format(reason))}
+
+
+def assert_killed_at_the_acceptor(daemon: Daemon, runs: dict[str, str], reason: str) -> None:
+    rows = kill_rows(daemon, reason)
+    assert set(rows) == set(runs), rows
+    for agent, run_id in runs.items():
+        row = rows[agent]
+        assert row["outcome"] == "ok" and row["new_state"] == "killed", row
+        assert row["detail"]["run"] == run_id and row["detail"]["confirmed_empty"] is True
+        sigkill = row["detail"]["sigkill"]
+        assert sigkill["at"] == "owners_acceptor", row
+        assert sigkill["mechanism"].startswith("cgroup.kill"), row
+        run = daemon.client.get_run(run_id)
+        assert (run["state"], run["end_reason"]) == ("killed", f"kill: {row['reason']}"), run
+        assert daemon.client.agent(agent)["state"] == "killed"
+
+
+def test_an_owners_kill_is_sigkilled_at_the_acceptor_for_an_agent_a_class_and_all(
+        daemon: Daemon) -> None:
+    runs = {name: launch(daemon, name, cls) for name, cls in
+            [("solo", "one"), ("c1", "pair"), ("c2", "pair"), ("rest1", "x"), ("rest2", "y")]}
+
+    daemon.agentctl_json("kill", "solo", "--reason", "agent pre-signal", "--json")
+    assert_killed_at_the_acceptor(daemon, {"solo": runs["solo"]}, "agent pre-signal")
+
+    daemon.agentctl_json("kill", "--class", "pair", "--reason", "class pre-signal", "--json")
+    assert_killed_at_the_acceptor(daemon, {n: runs[n] for n in ("c1", "c2")},
+                                  "class pre-signal")
+
+    daemon.agentctl_json("kill", "--all", "--reason", "global pre-signal", "--json")
+    # The agents killed already are skipped; the others' runs were signalled through the
+    # parent's one write, as the global path's own.
+    assert_killed_at_the_acceptor(daemon, {n: runs[n] for n in ("rest1", "rest2")},
+                                  "global pre-signal")
+    rows = kill_rows(daemon, "global pre-signal")
+    for name in ("rest1", "rest2"):
+        assert rows[name]["detail"]["sigkill"]["mechanism"] == "cgroup.kill (parent)"
+    assert daemon.client.audit_verify()["ok"] is True
+
+
+def test_a_kill_whose_caller_hangs_up_at_once_is_still_audited_and_finalised(
+        daemon: Daemon) -> None:
+    owner_socket = owner_socket_of(daemon.socket)
+    runs: dict[str, str] = {}
+    for round_ in range(3):
+        batch = {f"h{round_}-{i}": launch(daemon, f"h{round_}-{i}", f"hang{round_}")
+                 for i in range(2)}
+        runs.update(batch)
+        reason = f"caller gone {round_}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(str(owner_socket))
+            sock.sendall(kill_request({"class": f"hang{round_}"}, reason))
+        # The request's handler or the connection's end: either way every run is killed
+        # through the kill path and audited with the acceptor's SIGKILL.
+        wait_for(lambda b=batch, r=reason: len(kill_rows(daemon, r)) == len(b) or None,
+                 timeout=30, what="the kill rows of a request whose caller hung up")
+        for run_id in batch.values():
+            wait_for(lambda i=run_id: daemon.client.get_run(i)["state"] == "killed" or None,
+                     timeout=30, what=f"run {run_id} finalised as killed")
+        rows = kill_rows(daemon, reason)
+        for name, run_id in batch.items():
+            assert rows[name]["detail"]["run"] == run_id
+            assert rows[name]["detail"]["sigkill"]["at"] == "owners_acceptor"
+            assert rows[name]["outcome"] == "ok"
+    assert not daemon.audit_rows("acceptor_sigkill")
+    assert daemon.client.audit_verify()["ok"] is True
+
+
+def test_what_the_acceptor_does_not_judge_goes_the_normal_way(daemon: Daemon) -> None:
+    run_id = launch(daemon, "kept", "k")
+    owner_socket = owner_socket_of(daemon.socket)
+    # A kill with no reason: refused by the handler, and nothing signalled before it.
+    status, _headers, body = exchange(owner_socket, kill_request({"agent": "kept"}, ""))
+    assert status == 422 and body["error"]["code"] == "reason_required", body
+    assert daemon.client.get_run(run_id)["state"] == "running"
+    # A pause is no kill: served by the loop alone.
+    pause = json.dumps({"scope": {"agent": "kept"}, "reason": "p"}).encode()
+    status, _headers, body = exchange(owner_socket, (
+        b"POST /v1/actions/pause HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n%s" % (len(pause), pause)))
+    assert status == 200, body
+    assert daemon.client.agent("kept")["state"] == "paused"
+    # A kill of a paused agent is signalled at the acceptor (cgroup.kill kills frozen tasks).
+    daemon.agentctl_json("kill", "kept", "--reason", "frozen", "--json")
+    assert_killed_at_the_acceptor(daemon, {"kept": run_id}, "frozen")
+
+
+def test_a_kill_the_loop_never_handles_after_its_sigkill_is_still_audited_and_finalised(
+        daemon: Daemon) -> None:
+    runs = {name: launch(daemon, name, "piped") for name in ("p1", "p2")}
+    spared = launch(daemon, "spared", "other")
+    # A complete kill followed by bytes that are no HTTP: the acceptor judges the first
+    # request alone and SIGKILLs, while the loop's HTTP parser refuses the connection's
+    # bytes as a whole (400) and its kill path never runs.
+    reason = "the loop refused it"
+    status, _headers, body = exchange(
+        owner_socket_of(daemon.socket),
+        kill_request({"class": "piped"}, reason) + b"\x00\x01 not http\r\n\r\n")
+    assert status == 400, body
+    wait_for(lambda: len(kill_rows(daemon, reason)) == len(runs) or None, timeout=30,
+             what="the kill rows of the runs signalled for a request the loop refused")
+    for run_id in runs.values():
+        wait_for(lambda i=run_id: daemon.client.get_run(i)["state"] == "killed" or None,
+                 timeout=30, what=f"run {run_id} finalised as killed")
+    rows = kill_rows(daemon, reason)
+    for row in rows.values():
+        assert row["reason"].startswith(UNTAKEN.format(reason)), row
+        assert row["actor"].startswith("root(")
+    assert_killed_at_the_acceptor(daemon, runs, reason)
+    assert daemon.client.get_run(spared)["state"] == "running"
+    assert daemon.client.audit_verify()["ok"] is True

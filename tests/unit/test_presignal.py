@@ -1,0 +1,344 @@
+"""The owners' acceptor's SIGKILL (api/presignal.py, sandbox/killindex.py,
+daemon/presignalled.py): the peek parser judges only a complete, valid kill and leaves
+everything else to the loop; the kill index never writes a descriptor after its close,
+whatever thread closes it; and runs signalled for a request whose kill path did not take them
+are killed, audited and finalised as killed, not as exited. The arbiter runs over the fake
+runtime; descriptors are pipes. No root."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from supervisor.api.presignal import PEEK_MAX, Peeked, parse_kill, peek_kill
+from supervisor.daemon import presignalled
+from supervisor.models import ActionRequest, RunRequest, Scope
+from supervisor.sandbox.killindex import KillIndex, PreSignal
+from tests.unit.conftest import ALICE, WAIT, ArbiterEnv
+
+LIMITS = {"max_body": 262144, "max_line": 8190}
+
+
+def kill(scope: dict[str, Any], reason: str = "why", *, path: bytes = b"/v1/actions/kill",
+         extra: bytes = b"", body: bytes | None = None) -> bytes:
+    raw = json.dumps({"scope": scope, "reason": reason}).encode() if body is None else body
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+            b"\r\n" + extra + b"Content-Length: %d\r\n\r\n" % len(raw) + raw)
+
+
+# ----------------------------------------------------------------------------- the parser
+
+
+@pytest.mark.parametrize("scope", [{"agent": "a1"}, {"class": "c"}, {"all": True}])
+def test_a_complete_kill_is_parsed_with_the_handlers_model(scope: dict[str, Any]) -> None:
+    parsed = parse_kill(kill(scope), **LIMITS)
+    assert isinstance(parsed, ActionRequest)
+    assert parsed.scope == Scope.model_validate(scope) and parsed.reason == "why"
+
+
+def test_a_pipelined_request_after_the_kill_is_not_looked_at() -> None:
+    data = kill({"class": "c"}) + b"GET /v1/agents HTTP/1.1\r\nHost: x\r\n\r\n"
+    parsed = parse_kill(data, **LIMITS)
+    assert isinstance(parsed, ActionRequest) and parsed.scope.agent_class == "c"
+
+
+def test_every_prefix_of_a_kill_is_incomplete() -> None:
+    data = kill({"agent": "a1"})
+    for end in range(1, len(data)):
+        assert parse_kill(data[:end], **LIMITS) is Peeked.INCOMPLETE, data[:end]
+
+
+@pytest.mark.parametrize("data", [
+    b"G", b"GET /v1/agents HTTP/1.1\r\n\r\n", b"POST /v1/actions/pause",
+    b"POST /v1/actions/kil ", b"POST /v1/actions/killx HTTP/1.1\r\n",
+])
+def test_another_request_is_left_to_the_loop_at_its_first_bytes(data: bytes) -> None:
+    assert parse_kill(data, **LIMITS) is None
+
+
+@pytest.mark.parametrize("data", [
+    kill({"agent": "a1"}, path=b"/v1/actions/pause"),
+    kill({"agent": "a1"}, path=b"/v1/actions/kill?x=1"),
+    kill({"agent": "a1"}, reason=""),  # the handler refuses it
+    kill({"agent": "a1"}, reason="   "),
+    kill({}, body=b'{"scope": {"agent": "a1"}, "reason": "x"'),  # bad JSON
+    kill({}, body=b'{"scope": {"agent": "a1", "class": "c"}, "reason": "x"}'),  # two scopes
+    kill({}, body=b'{"scope": {"agent": "a1"}, "reason": "x", "force": true}'),  # extra field
+    kill({}, body=b'{"scope": {"agent": "a1"}, "reason": "x", "grace": NaN}'),
+    kill({}, body=b"[" * 40 + b"]" * 40),  # nested beyond the limit
+    kill({"agent": "a1"}, extra=b"Transfer-Encoding: chunked\r\n"),
+    kill({"agent": "a1"}, extra=b"Expect: 100-continue\r\n"),
+    kill({"agent": "a1"}, extra=b"Content-Length: 5\r\n"),  # a second length
+    kill({"agent": "a1"}, extra=b"Bad Header: x\r\n"),
+    kill({"agent": "a1"}, extra=b"X-Long: " + b"a" * 9000 + b"\r\n"),
+    kill({"agent": "a1"}).replace(b"HTTP/1.1", b"HTTP/1.0"),
+    b"POST /v1/actions/kill HTTP/1.1\r\nHost: x\r\n\r\n",  # no body at all
+    b"POST /v1/actions/kill HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+    b"POST /v1/actions/kill HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n",  # over max_body
+])
+def test_what_the_thread_cannot_decide_goes_the_normal_way(data: bytes) -> None:
+    assert parse_kill(data, **LIMITS) is None
+
+
+def test_a_body_larger_than_a_peek_is_left_to_the_loop() -> None:
+    reason = "x" * (PEEK_MAX + 10)
+    data = kill({"agent": "a1"}, reason=reason)
+    assert parse_kill(data[:PEEK_MAX], **LIMITS) is None
+    assert parse_kill(b"POST /v1/actions/kill HTTP/1.1\r\n" + b"X: y\r\n" * 2000, **LIMITS) \
+        is None
+
+
+def test_the_peek_consumes_nothing_and_waits_a_bounded_time() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        t0 = time.monotonic()
+        assert peek_kill(ours, wait=0.02, **LIMITS) is None  # nothing written
+        assert time.monotonic() - t0 < 1.0
+        data = kill({"class": "c"})
+        theirs.sendall(data[:20])
+
+        def rest() -> None:
+            time.sleep(0.005)
+            theirs.sendall(data[20:])
+
+        writer = threading.Thread(target=rest)
+        writer.start()
+        parsed = peek_kill(ours, wait=1.0, **LIMITS)
+        writer.join()
+        assert isinstance(parsed, ActionRequest) and parsed.scope.agent_class == "c"
+        assert ours.recv(65536, socket.MSG_DONTWAIT) == data  # all still there for the loop
+        theirs.sendall(data[:30])  # a stalled body: not judged, nothing consumed
+        assert peek_kill(ours, wait=0.02, **LIMITS) is None
+        assert ours.recv(65536, socket.MSG_DONTWAIT) == data[:30]
+        theirs.close()
+        assert peek_kill(ours, wait=0.02, **LIMITS) is None  # the peer gone
+
+
+# ----------------------------------------------------------------------------- the index
+
+
+class Held:
+    """A cgroup whose held `cgroup.kill` is a pipe's write end."""
+
+    def __init__(self) -> None:
+        self.read, self.write = os.pipe()
+
+    def held_file(self, name: str) -> int | None:
+        return self.write if name == "cgroup.kill" else None
+
+    def written(self) -> bytes:
+        os.set_blocking(self.read, False)
+        try:
+            return os.read(self.read, 4096)
+        except BlockingIOError:
+            return b""
+
+    def close(self) -> None:
+        for fd in (self.read, self.write):
+            os.close(fd)
+
+
+def record(scope: dict[str, Any]) -> PreSignal:
+    return PreSignal(request=ActionRequest(scope=Scope.model_validate(scope), reason="why"),
+                     actor=ALICE, arrived=time.perf_counter())
+
+
+def test_the_index_signals_by_agent_class_and_parent() -> None:
+    index = KillIndex()
+    cgroups = {run: Held() for run in ("r1", "r2", "r3", "parent")}
+    try:
+        index.add("r1", "a1", "c", cgroups["r1"])
+        index.add("r2", "a2", "c", cgroups["r2"])
+        index.add("r3", "a3", "d", cgroups["r3"])
+        index.hold_parent(cgroups["parent"])
+        for cgroup in cgroups.values():
+            os.close(cgroup.write)  # the owner's own descriptor closed: the index has copies
+            cgroup.write = -1
+        sent = record({"class": "c"})
+        index.signal(index.targets(agent_class="c"), sent, parent=False)
+        assert sent.runs == {"r1": "a1", "r2": "a2"}
+        assert sent.mechanism == {"r1": "cgroup.kill", "r2": "cgroup.kill"}
+        assert [cgroups[r].written() for r in ("r1", "r2", "r3")] == [b"1", b"1", b""]
+        assert index.signalled("r1") is sent and index.signalled("r3") is None
+        every = record({"all": True})
+        index.signal(index.targets(every=True), every, parent=True)
+        assert set(every.mechanism.values()) == {"cgroup.kill (parent)"}
+        assert cgroups["parent"].written() == b"1" and cgroups["r3"].written() == b""
+        assert [t.run_id for t in index.targets(agent="a3")] == ["r3"]
+    finally:
+        index.close()
+        for cgroup in cgroups.values():
+            os.close(cgroup.read)
+
+
+def test_a_removed_runs_descriptor_is_never_written_once_its_number_is_reused() -> None:
+    index = KillIndex()
+    old = Held()
+    index.add("r1", "a1", "c", old)
+    targets = index.targets(agent="a1")  # taken by the thread before the loop removes it
+    index.remove("r1")
+    old.close()
+    reused = [os.pipe() for _ in range(8)]  # among them, the copy's number again
+    try:
+        sent = record({"agent": "a1"})
+        index.signal(targets, sent, parent=False)
+        assert sent.runs == {} and index.signalled("r1") is None
+        for read, _write in reused:
+            os.set_blocking(read, False)
+            with pytest.raises(BlockingIOError):
+                os.read(read, 16)
+    finally:
+        for pair in reused:
+            for fd in pair:
+                os.close(fd)
+
+
+def test_signals_racing_launches_and_ends_write_only_live_copies() -> None:
+    index = KillIndex()
+    stop = threading.Event()
+    hits = [0]
+
+    def acceptor() -> None:
+        while not stop.is_set():
+            one = record({"class": "c"})
+            index.signal(index.targets(agent_class="c"), one, parent=False)
+            hits[0] += bool(one.runs)
+
+    thread = threading.Thread(target=acceptor)
+    thread.start()
+    strays: list[bytes] = []
+    try:
+        for round_ in range(300):
+            cgroup = Held()
+            index.add(f"r{round_}", "a", "c", cgroup)
+            os.close(cgroup.write)
+            time.sleep(0.0002 * (round_ % 3))  # now and then the acceptor finds it live
+            index.remove(f"r{round_}")
+            # A pipe made now may get the copy's number: no write may land in it.
+            read, write = os.pipe()
+            os.set_blocking(read, False)
+            time.sleep(0)
+            with_data = b""
+            with contextlib.suppress(BlockingIOError):
+                with_data = os.read(read, 16)
+            strays.append(with_data)
+            os.close(read)
+            os.close(write)
+            cgroup.written()
+            os.close(cgroup.read)
+    finally:
+        stop.set()
+        thread.join(WAIT)
+        index.close()
+    assert not any(strays)
+    assert hits[0] > 0  # the race was run: some signals hit live copies
+
+
+# ----------------------------------------------------------------------------- the loop's side
+
+
+def test_runs_signalled_for_a_request_that_never_killed_them_are_killed_and_audited(
+        env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        views = [await arbiter.launch(RunRequest.model_validate(
+            {"name": name, "class": "c", "command": ["sleep", "infinity"]}), ALICE)
+            for name in ("a1", "a2")]
+        held = {view.id: Held() for view in views}
+        for view in views:
+            arbiter.kill_index.add(view.id, view.agent, "c", held[view.id])
+        sent = record({"class": "c"})
+        arbiter.kill_index.signal(arbiter.kill_index.targets(agent_class="c"), sent,
+                                  parent=False)
+        assert set(sent.runs) == {view.id for view in views}
+        # The first run's init dies of it before the loop has seen the request: its exit
+        # watcher must not end it as exited.
+        env.runtime.handles[views[0].id].finish(137)
+        await asyncio.sleep(0.05)
+        assert views[0].id in arbiter.live and arbiter.live[views[0].id].ending is None
+        # The request's handler failed before its kill path: the loop settles the record.
+        presignalled.finish(arbiter, sent, "its handler failed")
+        await asyncio.wait_for(sent.settled.wait(), WAIT)
+        for view in views:
+            await asyncio.wait_for(arbiter.settled(view.id), WAIT)
+            run = env.store.run(view.id)
+            assert run is not None and (run.state, run.end_cause) == ("killed", "killed"), run
+            assert arbiter.agents[view.agent].state == "killed"
+        rows = [e for e in env.audit.list(limit=100) if e.verb == "kill"]
+        assert {row.target for row in rows} == {"a1", "a2"}
+        for row in rows:
+            assert row.detail["sigkill"]["at"] == "owners_acceptor"
+            assert "its handler failed" in (row.reason or "")
+        assert len(arbiter.kill_index) == 0
+        for cgroup in held.values():
+            assert cgroup.written() == b"1"
+            cgroup.close()
+
+    asyncio.run(body())
+
+
+def test_a_request_whose_kill_took_its_runs_leaves_nothing_to_settle(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(RunRequest.model_validate(
+            {"name": "a1", "class": "c", "command": ["sleep", "infinity"]}), ALICE)
+        other = await arbiter.launch(RunRequest.model_validate(
+            {"name": "b1", "class": "d", "command": ["sleep", "infinity"]}), ALICE)
+        held = {run: Held() for run in (view.id, other.id)}
+        arbiter.kill_index.add(view.id, "a1", "c", held[view.id])
+        # b1 indexed under a class it no longer has: the thread signals it, the loop's
+        # kill of class c does not take it.
+        arbiter.kill_index.add(other.id, "b1", "c", held[other.id])
+        sent = record({"class": "c"})
+        arbiter.kill_index.signal(arbiter.kill_index.targets(agent_class="c"), sent,
+                                  parent=False)
+        result = await arbiter.act("kill", sent.request, ALICE, arrived=sent.arrived,
+                                   presignal=sent)
+        assert [r.agent for r in result.results] == ["a1"]
+        assert sent.claimed == {view.id}
+        presignalled.finish(arbiter, sent, "its kill path did not take it")
+        await asyncio.wait_for(sent.settled.wait(), WAIT)
+        for run_id in (view.id, other.id):
+            await asyncio.wait_for(arbiter.settled(run_id), WAIT)
+            run = env.store.run(run_id)
+            assert run is not None and run.state == "killed", run
+        rows = {e.target: e for e in env.audit.list(limit=100) if e.verb == "kill"}
+        assert rows["a1"].reason == "why" and rows["b1"].reason != "why"
+        assert rows["b1"].detail["sigkill"]["at"] == "owners_acceptor"
+        # Once more: nothing happens twice.
+        presignalled.finish(arbiter, sent, "again")
+        assert len([e for e in env.audit.list(limit=100) if e.verb == "kill"]) == 2
+        for cgroup in held.values():
+            cgroup.close()
+
+    asyncio.run(body())
+
+
+def test_a_signalled_run_that_ended_first_gets_a_row_of_its_own(env: ArbiterEnv) -> None:
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(RunRequest.model_validate(
+            {"name": "a1", "class": "c", "command": ["sleep", "infinity"]}), ALICE)
+        cgroup = Held()
+        arbiter.kill_index.add(view.id, "a1", "c", cgroup)
+        sent = record({"agent": "a1"})
+        arbiter.kill_index.signal(arbiter.kill_index.targets(agent="a1"), sent, parent=False)
+        # Another kill (a tripwire's, say) ends the run before the request reaches the loop.
+        await arbiter.act("kill", ActionRequest(scope=Scope(agent="a1"), reason="other"),
+                          ALICE)
+        presignalled.finish(arbiter, sent, "the connection ended first")
+        await asyncio.wait_for(sent.settled.wait(), WAIT)
+        [row] = [e for e in env.audit.list(limit=100) if e.verb == "acceptor_sigkill"]
+        assert row.outcome == "unclaimed" and row.detail["runs"] == {view.id: "a1"}
+        assert row.detail["sigkill"][view.id]["at"] == "owners_acceptor"
+        cgroup.close()
+
+    asyncio.run(body())
