@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -118,13 +117,14 @@ class Profile(_Strict):
         return env
 
 
-def _packaged() -> Any:
+def _packaged() -> Path:
     """The shipped profiles: inside the installed package, or at the top of a checkout (the
-    package maps `sandbox_profiles/` in only when it is installed)."""
-    try:
-        return resources.files("supervisor.sandbox_profiles")
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parent.parent / "sandbox_profiles"
+    package maps `sandbox_profiles/` in only when it is installed). A directory either way
+    (the package is never imported from an archive), found without importlib.resources,
+    whose readers bring zipfile into every run that loads a profile."""
+    here = Path(__file__).resolve().parent
+    installed = here / "sandbox_profiles"
+    return installed if installed.is_dir() else here.parent / "sandbox_profiles"
 
 
 def validate_profile(name: str, data: dict[str, Any], source: str) -> Profile:
@@ -150,7 +150,7 @@ def load_profile(name: str, search_dirs: list[Path]) -> Profile:
             f"{name!r} is not a profile name", profile=name, field="profile",
             reason="use lowercase letters, digits, '.', '_' and '-'",
         )
-    candidates: list[Any] = [d / f"{name}.toml" for d in search_dirs]
+    candidates = [d / f"{name}.toml" for d in search_dirs]
     candidates.append(_packaged() / f"{name}.toml")
     for candidate in candidates:
         try:

@@ -25,14 +25,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from supervisor import __version__
-from supervisor.ci import checkout_copy, manifest, provenance
 from supervisor.ci.outcome import Ending, ending_of, exit_status
-from supervisor.ci.quarantine import quarantine
 from supervisor.ci.report import (
     SCHEMA,
     generate_key,
@@ -61,6 +59,11 @@ from supervisor.sandbox.bundle import SANDBOX_UID_COUNT
 from supervisor.sandbox.cgroups import Cgroup
 from supervisor.sandbox.fstree import remove_tree
 from supervisor.sandbox.seccomp_notify import AttemptTally
+
+# The workspace's modules (its manifest and scope guard, provenance, quarantine, the copy of a
+# system user's checkout) load with the first run that has a workspace.
+if TYPE_CHECKING:
+    from supervisor.ci import checkout_copy, manifest
 
 log = logging.getLogger("agentctl")
 
@@ -187,6 +190,8 @@ class EmbeddedRunner:
 
     async def run(self) -> None:
         if self.workspace is not None:
+            from supervisor.ci import manifest, provenance
+
             self.before = await asyncio.to_thread(manifest.snapshot, self.workspace)
             if provenance.is_repository(self.workspace):
                 try:
@@ -322,6 +327,9 @@ class EmbeddedRunner:
         found: list[dict[str, str]] = []
         quarantined: list[dict[str, Any]] = []
         if self.workspace is not None and self.before is not None:
+            from supervisor.ci import checkout_copy, manifest
+            from supervisor.ci.quarantine import quarantine
+
             after = manifest.snapshot(self.workspace)
             changes = manifest.diff(self.workspace, self.before, after)
             found = manifest.violations(changes, self.spec.allow_changes,
@@ -382,6 +390,8 @@ class EmbeddedRunner:
             return {"error": self.provenance_error}
         if self.refs_before is None:
             return None
+        from supervisor.ci import provenance
+
         try:
             record = provenance.collect(self.workspace, self.refs_before, run_id=self.run_id,
                                         agent=self.name)
@@ -432,16 +442,19 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
     slot, _lock_fd = claim_slot(Path(DEFAULT_ROOT) / "locks")
     config = embedded_config(base, root, slot)
     copy = None
-    if workspace is not None and checkout_copy.needs_copy(
-            workspace, config.sandbox.workspace_min_owner_uid):
-        copy_root = Path(os.environ.get(checkout_copy.COPY_ROOT_ENV_VAR)
-                         or checkout_copy.DEFAULT_COPY_ROOT)
-        try:
-            copy = await asyncio.to_thread(checkout_copy.make_copy, workspace, copy_root, slot)
-        except OSError as exc:
-            raise WorkspaceInvalid(f"workspace {workspace} belongs to a system user and could "
-                                   f"not be copied for the agent: {exc}",
-                                   workspace=str(workspace)) from exc
+    if workspace is not None:
+        from supervisor.ci import checkout_copy
+
+        if checkout_copy.needs_copy(workspace, config.sandbox.workspace_min_owner_uid):
+            copy_root = Path(os.environ.get(checkout_copy.COPY_ROOT_ENV_VAR)
+                             or checkout_copy.DEFAULT_COPY_ROOT)
+            try:
+                copy = await asyncio.to_thread(checkout_copy.make_copy, workspace, copy_root,
+                                               slot)
+            except OSError as exc:
+                raise WorkspaceInvalid(f"workspace {workspace} belongs to a system user and "
+                                       f"could not be copied for the agent: {exc}",
+                                       workspace=str(workspace)) from exc
     runner = EmbeddedRunner(spec, profile, config, copy)
     runner.quarantine_dir = root / "quarantine" / f"{time.strftime('%Y%m%dT%H%M%S')}-slot{slot}"
     loop = asyncio.get_running_loop()

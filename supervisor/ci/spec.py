@@ -7,7 +7,6 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from supervisor.ci import DEFAULT_ROOT, ENV_VAR, ROOT_ENV_VAR
-from supervisor.ci.manifest import check_glob
 from supervisor.models import RunRequest
 
 __all__ = ["DEFAULT_ROOT", "ENV_VAR", "ROOT_ENV_VAR", "EmbeddedRun"]
@@ -35,6 +34,10 @@ class EmbeddedRun(BaseModel):
     @field_validator("allow_changes")
     @classmethod
     def _globs(cls, globs: list[str]) -> list[str]:
+        if not globs:
+            return globs
+        from supervisor.ci.manifest import check_glob  # a run with globs has a workspace
+
         for glob in globs:
             if (why := check_glob(glob)) is not None:
                 raise ValueError(f"--allow-changes {glob!r} {why}")

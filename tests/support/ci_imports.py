@@ -24,6 +24,13 @@ NOT_ON_THE_RUN_PATH = (
     # pydantic's plugin loader imports it (with email, zipfile, csv); ci/no_plugins.py
     # stands in for that loader.
     "importlib.metadata",
+    # A workspace's modules: its manifest and scope guard, provenance, quarantine, the copy of
+    # a system user's checkout (a plain run has no workspace).
+    "supervisor.ci.manifest", "supervisor.ci.provenance", "supervisor.ci.quarantine",
+    "supervisor.ci.checkout_copy",
+    # Finding the packaged profiles (profiles.py reads their directory): importlib.resources'
+    # readers bring zipfile and tempfile.
+    "importlib.resources", "zipfile", "tempfile",
 )
 
 # Loaded when the run's processes are first walked by the telemetry sampler (sampler.py

@@ -3,9 +3,9 @@ supervisor.ci`) loads the supervisor's core for one run; modules only the daemon
 surfaces or a gateway run use stay out: pyroute2 (a gateway run's veth only), the gateway's
 own process code and aiohttp, the gateway worker's handle and the MCP servers' launcher,
 the audit verifier's process (and cryptography, loaded only to sign a report), pyprctl, the
-webhook outbox, metrics, the fleet, the API server, importlib.metadata and, until the
-sampler first walks a run's processes, psutil (the lists:
-tests/support/ci_imports.py). Checked in a subprocess with a clean interpreter; no
+webhook outbox, metrics, the fleet, the API server, importlib.metadata, a workspace's
+modules, importlib.resources and, until the sampler first walks a run's processes, psutil
+(the lists: tests/support/ci_imports.py). Checked in a subprocess with a clean interpreter; no
 privilege."""
 
 from __future__ import annotations
