@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from supervisor.errors import ProfileInvalid, ProfileNotFound, did_you_mean
 from supervisor.models import IMAGE_PATTERN
-from supervisor.models.egress import NetworkPolicy
+from supervisor.models.network import NetworkPolicy
 from supervisor.models.tripwire import TripwirePolicy
 from supervisor.models.units import Duration, Size
 

@@ -57,7 +57,6 @@ from supervisor.errors import (
     SupervisorError,
 )
 from supervisor.models import Actor, Approval
-from supervisor.models.egress import GatewayPolicy
 from supervisor.profiles import load_profile
 from supervisor.runtime.init import SandboxInit
 from supervisor.runtime.runc import Runc
@@ -68,6 +67,7 @@ from supervisor.tripwires import Firing
 if TYPE_CHECKING:  # loaded with the first gateway run (an embedded CI run never needs them)
     from supervisor.egress.worker_process import WorkerProcess
     from supervisor.mcp.sandbox import RunServers, StdioLauncher, StdioServer
+    from supervisor.models.egress import GatewayPolicy
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from supervisor.models.egress import Breaker, Budget
+if TYPE_CHECKING:  # the policy's models load with the first gateway run (models/network.py)
+    from supervisor.models.egress import Breaker, Budget
 
 
 @dataclass(frozen=True)

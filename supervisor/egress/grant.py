@@ -4,10 +4,12 @@ request. Plain data, importable without the HTTP stack; no I/O."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor.egress.accounting import Usage
-from supervisor.models.egress import GatewayPolicy
+
+if TYPE_CHECKING:  # the policy's models load with the first gateway run (models/network.py)
+    from supervisor.models.egress import GatewayPolicy
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ def grant_to_wire(grant: RunGrant) -> dict[str, Any]:
 
 
 def grant_from_wire(data: dict[str, Any]) -> RunGrant:
+    from supervisor.models.egress import GatewayPolicy
+
     return RunGrant(run_id=str(data["run_id"]), agent=str(data["agent"]),
                     token=str(data["token"]), expires_at=float(data["expires_at"]),
                     policy=GatewayPolicy.model_validate(data["policy"]),

@@ -8,7 +8,7 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from supervisor.models.credentials import HeaderName, SecretFormat, SecretRef, header_value
 from supervisor.models.mcp import McpPolicy
@@ -238,18 +238,3 @@ class GatewayPolicy(_Strict):
             if rule.matches(method, host, path):
                 return rule
         return None
-
-
-class NetworkPolicy(_Strict):
-    # none: an empty network namespace (loopback only). gateway: a veth whose only reachable
-    # peer is the supervisor's egress gateway.
-    mode: Literal["none", "gateway"] = "none"
-    gateway: GatewayPolicy = GatewayPolicy()
-
-    @model_validator(mode="after")
-    def _consistent(self) -> NetworkPolicy:
-        if self.mode == "none" and (self.gateway.allow or self.gateway.routes
-                                    or self.gateway.mcp.servers):
-            raise ValueError("gateway allow-list, routes or MCP servers are set but mode is "
-                             "'none'; set mode = \"gateway\"")
-        return self

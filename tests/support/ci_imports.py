@@ -28,6 +28,9 @@ NOT_ON_THE_RUN_PATH = (
     # a system user's checkout (a plain run has no workspace).
     "supervisor.ci.manifest", "supervisor.ci.provenance", "supervisor.ci.quarantine",
     "supervisor.ci.checkout_copy",
+    # A gateway's policy (routes, budgets, MCP servers...): a profile without a
+    # [network.gateway] table never builds those models (models/network.py).
+    "supervisor.models.egress", "supervisor.models.mcp", "supervisor.models.credentials",
     # Finding the packaged profiles (profiles.py reads their directory): importlib.resources'
     # readers bring zipfile and tempfile.
     "importlib.resources", "zipfile", "tempfile",

@@ -14,10 +14,10 @@ from supervisor.models.egress import (
     Budget,
     Budgets,
     GatewayPolicy,
-    NetworkPolicy,
     Route,
     is_ip_literal,
 )
+from supervisor.models.network import NetworkPolicy
 
 
 def route(**overrides: object) -> Route:

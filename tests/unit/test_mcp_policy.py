@@ -15,8 +15,8 @@ from pydantic import ValidationError
 from supervisor.mcp import messages
 from supervisor.mcp.messages import MessageRefused
 from supervisor.mcp.policy import Counters, judge_call, judge_method, visible_tools
-from supervisor.models.egress import NetworkPolicy
 from supervisor.models.mcp import McpPolicy, McpServer
+from supervisor.models.network import NetworkPolicy
 from supervisor.profiles import load_profile
 
 
