@@ -7,15 +7,16 @@ run validates are built and the core runs, as root, with real runc."""
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from supervisor.ci import ENV_VAR
+from supervisor.ci import DEFAULT_ROOT, ENV_VAR, codecache
 from supervisor.cli import fast
 from tests.conftest import require_root_and_runc
-from tests.support.ci_imports import runner_modules, unwanted
+from tests.support.ci_imports import codecache_misses, runner_modules, unwanted
 from tests.support.embedded import agentctl_env, host_residue
 
 pytestmark = pytest.mark.e2e
@@ -39,3 +40,21 @@ def test_a_plain_run_imports_only_what_it_uses(state_root: Path) -> None:
     assert "ran-in-the-sandbox" in done.stdout  # the agent did run
     assert "supervisor.daemon.core" in modules and "pydantic" in modules
     assert unwanted(modules) == []
+
+
+def test_the_runner_compiles_its_imports_code_once_per_host(state_root: Path) -> None:
+    """As root the runner's entry point keeps what its imports compile from strings in
+    root's cache (ci/codecache.py): a second start compiles nothing and leaves the file as it
+    was, root's alone in a directory only root can enter."""
+    env = agentctl_env(state_root)  # no spec: each start refuses once its modules are loaded
+    first, _ = runner_modules(env, "/")
+    assert "invalid_request" in first.stderr
+    path = Path(DEFAULT_ROOT) / codecache.DIRECTORY_NAME / codecache.FILE_NAME
+    before = path.stat()
+    second, modules = runner_modules(env, "/")
+    assert "invalid_request" in second.stderr and "supervisor.daemon.core" in modules
+    assert codecache_misses(first) is not None and codecache_misses(second) == 0
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert after.st_uid == 0 and stat.S_IMODE(after.st_mode) == 0o600
+    assert path.parent.stat().st_uid == 0 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700

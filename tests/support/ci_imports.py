@@ -44,6 +44,8 @@ PROBE = """
 import json, os, runpy, sys
 _exit = os._exit
 def _report(code):
+    codes = getattr(sys.modules.get("__main__"), "codes", None)
+    sys.stdout.write("\\nCODECACHE " + json.dumps(codes and codes.misses) + "\\n")
     sys.stdout.write("\\nMODULES " + json.dumps(sorted(sys.modules)) + "\\n")
     sys.stdout.flush()
     _exit(code)
@@ -61,6 +63,15 @@ def runner_modules(env: Mapping[str, str], cwd: Path | str, timeout: float = 300
     assert marker, f"the runner did not leave through os._exit: {done.stderr[-2000:]}"
     modules: list[str] = json.loads(marker[-1].removeprefix("MODULES "))
     return done, modules
+
+
+def codecache_misses(done: subprocess.CompletedProcess[str]) -> int | None:
+    """What the runner compiled for want of its code cache (ci/codecache.py) in a process
+    `runner_modules` ran; None: it had no cache (not root)."""
+    marker = [line for line in done.stdout.splitlines() if line.startswith("CODECACHE ")]
+    assert marker, done.stdout[-2000:]
+    misses: int | None = json.loads(marker[-1].removeprefix("CODECACHE "))
+    return misses
 
 
 def unwanted(modules: list[str], forbidden: tuple[str, ...] = NOT_ON_THE_RUN_PATH
