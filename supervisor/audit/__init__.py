@@ -256,6 +256,11 @@ class AuditLog:
             return False
         return True
 
+    def durable(self) -> bool:
+        """Every row appended so far is committed (without waiting)."""
+        with self._cond:
+            return self._thread is None or self._committed_ticket >= self._next_ticket
+
     def appended(self) -> int:
         """Where the rows appended so far end (`flush_blocking(upto=...)`)."""
         with self._cond:

@@ -9,6 +9,7 @@ verbs.py (pause, resume, reactivate, graceful stop); killpath.py holds kill step
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -281,17 +282,31 @@ class Arbiter:
     async def _kill(self, agents: list[AgentRecord], actor: Actor, reason: str, scope: str, *,
                     verb: str = "kill", agent_verb: Verb = Verb.KILL,
                     cause: EndCause = EndCause.KILLED, arrived: float | None = None,
-                    whole_parent: bool = False, presignal: PreSignal | None = None
+                    whole_parent: bool = False, presignal: PreSignal | None = None,
+                    after_answer: Callable[[Callable[[], None]], None] | None = None
                     ) -> list[AgentResult | SupervisorError]:
         """The kill path for one agent or many (ending.kill_agents). The telemetry sampler
         stands aside meanwhile: its /proc walk would take a core from the dying processes and
         the GIL from this loop; and no audit checkpoint starts, since one would sit in front
-        of the kill's rows (AuditLog.kill_under_way)."""
-        with self.observers.killing(), self.audit.kill_under_way():
-            return await ending.kill_agents(self, agents, actor, reason, scope, verb=verb,
-                                            agent_verb=agent_verb, cause=cause,
-                                            arrived=arrived, whole_parent=whole_parent,
-                                            presignal=presignal)
+        of the kill's rows (AuditLog.kill_under_way). With `after_answer`, both last until
+        the answer is written and the work left for after it is done: a checkpoint begun as
+        the answer is written would take the GIL from it."""
+        aside = contextlib.ExitStack()
+        aside.enter_context(self.observers.killing())
+        aside.enter_context(self.audit.kill_under_way())
+        try:
+            results = await ending.kill_agents(self, agents, actor, reason, scope, verb=verb,
+                                               agent_verb=agent_verb, cause=cause,
+                                               arrived=arrived, whole_parent=whole_parent,
+                                               presignal=presignal, after_answer=after_answer)
+        except BaseException:
+            aside.close()
+            raise
+        if after_answer is None:
+            aside.close()
+        else:
+            after_answer(aside.close)
+        return results
 
 
     # ----------------------------------------------------------------- scoped actions
@@ -305,14 +320,19 @@ class Arbiter:
 
     async def act(self, verb: str, request: ActionRequest, actor: Actor, *,
                   cause: EndCause = EndCause.KILLED, arrived: float | None = None,
-                  presignal: PreSignal | None = None) -> ActionResult:
+                  presignal: PreSignal | None = None,
+                  after_answer: Callable[[Callable[[], None]], None] | None = None
+                  ) -> ActionResult:
         """Apply `verb` to one agent, a class or every agent.
 
         A single agent in the wrong state is a 409; in a class or global scope, agents for
         which the verb does not apply are reported as skipped and left untouched. A kill's
         `cause` says why runs it ends ended; `arrived` (perf_counter) is when the request
         was read off its source, where time_to_halt_ms starts; `presignal`, what the owners'
-        acceptor SIGKILLed for this request before the loop saw it (its audit rows say so)."""
+        acceptor SIGKILLed for this request before the loop saw it (its audit rows say so).
+        `after_answer` (a caller that writes the answer itself, then runs what it was
+        handed): a kill may leave its records until its answer is written
+        (ending.kill_agents)."""
         if arrived is None:
             arrived = time.perf_counter()
         scope = request.scope
@@ -357,7 +377,8 @@ class Arbiter:
                 outcomes = list(await self._kill(chosen, actor, reason, scope_text,
                                                  cause=cause, arrived=arrived,
                                                  whole_parent=scope.kind == "global",
-                                                 presignal=presignal))
+                                                 presignal=presignal,
+                                                 after_answer=after_answer))
             finally:
                 self.audit.wake()  # the global_halt row, if the kill appended none
         else:

@@ -229,7 +229,8 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
                       scope: str, *,
                       verb: str = "kill", agent_verb: Verb = Verb.KILL,
                       cause: EndCause = EndCause.KILLED, arrived: float | None = None,
-                      whole_parent: bool = False, presignal: PreSignal | None = None
+                      whole_parent: bool = False, presignal: PreSignal | None = None,
+                      after_answer: Callable[[Callable[[], None]], None] | None = None
                       ) -> list[AgentResult | SupervisorError]:
     """The kill path for one agent or many: step 1 for all before any await (its store
     write beside the confirmation), steps 2-5 in one sweep, then each agent's kill audited
@@ -238,7 +239,13 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
     the answer would spend waiting anyway); a single agent's kill finalises its run while
     the writer commits. With `whole_parent` (a global halt), step 3 is one write to the
     parent cgroup. `presignal`: what the owners' acceptor SIGKILLed for this request before
-    the loop saw it; each run's row says so, and its runs are this kill's to account for."""
+    the loop saw it; each run's row says so, and its runs are this kill's to account for.
+
+    `after_answer` (the API's action handler, which writes the answer itself): a scoped
+    halt whose rows are durable by then and whose every run the kernel confirmed hands its
+    records, its log line and its cleanup's audit to it, and returns at once: the answer
+    says what the rows say, and the records follow it in the same turn of the loop, before
+    any other request is read (supervisor/api/server.py, `AfterAnswer`)."""
     t0 = arrived if arrived is not None else time.perf_counter()
     arrived_at = time.time() - (time.perf_counter() - t0)
     cpu0 = time.process_time()  # the daemon's CPU (all its threads) from here to the records
@@ -305,32 +312,50 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
             for verdict in verdicts:
                 arbiter.audit.append(**verdict.row)
         t_audited = time.perf_counter()
+        durable = False
         if scoped:
             # Wait for them here, the GIL released, before the records: written beside the
             # writer's commit, the records took turns with it at the GIL, and the answer
             # then waited for the writer's hand-back through the loop (1.0-1.6 ms after
             # the records in a class halt, docs/benchmarks.md run 12). Bounded: a writer that
             # is slow (a full disk, a retry) leaves the records to go on beside it.
-            arbiter.audit.flush_blocking(ROWS_ON_LOOP)
+            durable = arbiter.audit.flush_blocking(ROWS_ON_LOOP)
         t_durable = time.perf_counter()
-        # Every agent's and run's record in one transaction.
-        with arbiter.store.batch():
-            for verdict in verdicts:
-                verdict.end(answered)
+
+        def records() -> None:
+            t_records = time.perf_counter()
+            # Every agent's and run's record in one transaction.
+            with arbiter.store.batch():
+                for verdict in verdicts:
+                    verdict.end(answered)
+            log.log(logging.WARNING if scoped else logging.INFO,
+                    "%s of %d agents, %d runs (%s) by %s (%s): queued %.1f ms, steps 2-5 %.1f "
+                    "ms, audit rows %.1f ms (durable %.1f ms later), records %.1f ms%s; daemon "
+                    "CPU %.1f ms", verb, len(marks), len(kills), scope, actor.label(),
+                    reason or "no reason", ms_since(t0, t_ready), ms_since(t_ready, t_swept),
+                    ms_since(t_swept, t_audited), ms_since(t_audited, t_durable),
+                    ms_since(t_records, time.perf_counter()),
+                    f" (after the answer, {ms_since(t_durable, t_records):.1f} ms after the "
+                    "rows were durable)" if deferred else "",
+                    (time.process_time() - cpu0) * 1000)
+            # Step 6 of the runs this kill ended (not those another kill owns: that one
+            # audits them).
+            audit_cleanup(arbiter, [run_id for run_id in kills if run_id in owned_ids], scope,
+                          verb, target=marks[0][0].name if len(marks) == 1 and not scoped
+                          else None)
+
+        # The answer first when it can say all there is to say: every row durable and every
+        # run confirmed (an unconfirmed one's answer is an error, and its run is handed to
+        # `keep_killing` by its record).
+        deferred = (after_answer is not None and durable
+                    and all(verdict.row["outcome"] == "ok" for verdict in verdicts))
+        if after_answer is not None and deferred:
+            after_answer(records)
+        else:
+            records()
     finally:  # once every row is appended: step 6 of this kill's runs waits on this gate
         arbiter.track(asyncio.ensure_future(answer_out(arbiter, answered)))
-    log.log(logging.WARNING if scoped else logging.INFO,
-            "%s of %d agents, %d runs (%s) by %s (%s): queued %.1f ms, steps 2-5 %.1f ms, "
-            "audit rows %.1f ms (durable %.1f ms later), records %.1f ms; daemon CPU %.1f ms",
-            verb, len(marks), len(kills), scope, actor.label(), reason or "no reason",
-            ms_since(t0, t_ready), ms_since(t_ready, t_swept), ms_since(t_swept, t_audited),
-            ms_since(t_audited, t_durable), ms_since(t_durable, time.perf_counter()),
-            (time.process_time() - cpu0) * 1000)
-    results: list[AgentResult | SupervisorError] = [v.result for v in verdicts]
-    # Step 6 of the runs this kill ended (not those another kill owns: that one audits them).
-    audit_cleanup(arbiter, [run_id for run_id in kills if run_id in owned_ids], scope, verb,
-                  target=marks[0][0].name if len(marks) == 1 and not scoped else None)
-    return results
+    return [v.result for v in verdicts]
 
 
 async def answer_out(arbiter: Arbiter, answered: asyncio.Future[None]) -> None:

@@ -19,7 +19,13 @@ import pytest
 from aiohttp.web import BaseRequest
 
 from supervisor.api.client import Client
-from supervisor.api.server import FOLLOW_STREAMS, RENDERED, RenderedPages, build_app
+from supervisor.api.server import (
+    FOLLOW_STREAMS,
+    RENDERED,
+    AfterAnswer,
+    RenderedPages,
+    build_app,
+)
 from supervisor.config import RolesSection
 from supervisor.errors import (
     AgentNotFound,
@@ -466,3 +472,33 @@ def test_time_to_halt_starts_when_the_connection_is_accepted(serve: ServeFactory
     [result] = answer
     assert result["results"][0]["new_state"] == "killed"
     assert result["time_to_halt_ms"] >= 300
+
+
+def test_work_left_for_after_an_answer_runs_once_in_order_even_when_no_answer_runs_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """What a verb leaves for after its answer (`AfterAnswer`): run in the order handed over,
+    once, a call that raises logged without stopping the next; and run at the loop's next
+    turn when the handler never got to it (an error, a row not yet durable)."""
+    done: list[int] = []
+
+    def fails() -> None:
+        raise RuntimeError("records")
+
+    async def body() -> None:
+        after = AfterAnswer()
+        assert not after.pending
+        after(lambda: done.append(1))
+        after(fails)
+        after(lambda: done.append(3))
+        assert after.pending and done == []
+        await asyncio.sleep(0)  # nobody ran it: the loop's next turn does
+        assert done == [1, 3] and not after.pending
+        after.run()
+        assert done == [1, 3]
+        after(lambda: done.append(4))
+        after.run()  # the handler's own run, before the loop's turn
+        await asyncio.sleep(0)
+        assert done == [1, 3, 4]
+
+    asyncio.run(body())
+    assert "work left for after an answer failed" in caplog.text

@@ -777,7 +777,54 @@ def test_a_scoped_halts_records_follow_its_audit_rows_once_durable(
     server.call(install)
     answer = client.action("kill", {"class": "web"}, reason="rows first")
     assert [r["new_state"] for r in answer["results"]] == ["killed"] * 3
+    server.call(lambda: None)  # the records may follow the answer, in the loop's same turn
     assert durable_at_records == [True] * 3, "a record was written before the rows were durable"
+    server.settle()
+    server.call(server.audit.close)
+
+
+def test_a_scoped_halts_answer_goes_before_its_records_once_its_rows_are_durable(
+        serve: ServeFactory) -> None:
+    """Over the real API with the audit writer's thread: a class halt whose rows are durable
+    writes its answer, then its records (docs/benchmarks.md run 16), still inside the kill
+    (no audit checkpoint begun meanwhile), and before the loop reads another request: a read
+    sent after the answer sees every run ended, in memory and in the store."""
+    server = serve()
+    client = Client(server.socket_path, timeout=WAIT)
+    views = [client.run({"name": f"w{i}", "class": "web", "command": ["sleep", "infinity"]})
+             for i in range(3)]
+    ids = {view["id"] for view in views}
+    answered = threading.Event()
+    at_records: list[tuple[bool, bool]] = []  # (the answer was read, a kill was under way)
+
+    def install() -> None:
+        arbiter = server.arbiter
+        assert arbiter is not None
+        put_run = arbiter.store.put_run
+
+        def noted(run: Any) -> None:
+            if run.id in ids and run.state == "killed":
+                # Blocks the loop: were the answer still to be written, it never would be.
+                at_records.append((answered.wait(WAIT), arbiter.audit._kills > 0))
+            put_run(run)
+
+        arbiter.store.put_run = noted  # type: ignore[method-assign]
+        arbiter.audit.start(asyncio.get_running_loop())
+
+    server.call(install)
+    answer = client.action("kill", {"class": "web"}, reason="answer first")
+    answered.set()
+    assert [r["new_state"] for r in answer["results"]] == ["killed"] * 3
+    assert [client.get_run(view["id"])["state"] for view in views] == ["killed"] * 3
+    assert at_records == [(True, True)] * 3, "the records came before the answer"
+
+    def stored() -> list[str]:
+        assert server.arbiter is not None
+        db = server.arbiter.store.db
+        return [db.execute("SELECT state FROM runs WHERE id = ?", (view["id"],)).fetchone()[0]
+                for view in views]
+
+    assert server.call(stored) == ["killed"] * 3
     server.settle()
     server.call(server.audit.close)
 
