@@ -614,26 +614,33 @@ def _fields(*, verb: str, reason: str = "", outcome: str = "ok",
             "time_to_halt_ms": None, "outcome": outcome, "detail": cap_detail(detail)}
 
 
+_INSERT = (f"INSERT INTO audit ({', '.join(COLUMNS)}) "
+           f"VALUES ({', '.join('?' for _ in COLUMNS)})")
+
+
 def _commit(db: sqlite3.Connection, rows: list[dict[str, Any]],
             transactional: list[Subscriber]) -> list[AuditEntry]:
-    """Chain and insert `rows` in one transaction, with the in-transaction subscribers."""
+    """Chain and insert `rows` in one transaction (one statement for all), then the
+    in-transaction subscribers, row by row. A kill's answer waits for this commit: the rows
+    chained first and inserted together take 0.12 ms for a class halt's ten against 0.2 ms
+    row by row (docs/benchmarks.md run 16)."""
     entries = []
     with db:
         last = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         seq, prev_hash = (last[0], last[1]) if last else (0, GENESIS)
+        chained: list[dict[str, Any]] = []
         for fields in rows:
             seq += 1
             row: dict[str, Any] = {"seq": seq, "ts": round(time.time(), 6), **fields,
                                    "prev_hash": prev_hash}
-            row["hash"] = row_hash(prev_hash, hashed_fields({**row, "hash": ""}))
-            db.execute(f"INSERT INTO audit ({', '.join(COLUMNS)}) "
-                       f"VALUES ({', '.join('?' for _ in COLUMNS)})",
-                       [row[c] for c in COLUMNS])
+            row["hash"] = prev_hash = row_hash(prev_hash, hashed_fields(row))
+            chained.append(row)
+        db.executemany(_INSERT, ([row[c] for c in COLUMNS] for row in chained))
+        for row in chained:
             entry = _entry(row)
             for subscriber in transactional:
                 subscriber(db, entry)
             entries.append(entry)
-            prev_hash = row["hash"]
     return entries
 
 
