@@ -296,7 +296,10 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
                 beside=None if in_flight else write_marks,
                 hush=functools.partial(arbiter.observers.hush, [
                     (live.record, live.handle) for live in owned + rekill
-                    if live.handle is not None and live.record.id in kills]))
+                    if live.handle is not None and live.record.id in kills]),
+                signalled=None if presignal is None else {
+                    run_id: mechanism for run_id, mechanism in presignal.mechanism.items()
+                    if mechanism == "cgroup.kill"})
     t_swept = time.perf_counter()
 
     answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -334,6 +334,26 @@ def test_a_sweep_escalates_only_the_run_the_kernel_did_not_empty() -> None:
     assert reports[0].escalated is None and reports[2].escalated is None
 
 
+def test_a_sweep_writes_no_cgroup_kill_again_for_a_run_signalled_for_it_already() -> None:
+    """A run whose cgroup.kill the owners' acceptor wrote for this kill (`signalled`): its
+    processes are dying, so the sweep does not write it again; it confirms it as any run,
+    and one the kernel did not empty (a process moved in since) escalates as ever."""
+    journal = Journal()
+    (a, group_a), (b, group_b), (c, group_c) = (run_kill(journal, name)
+                                                for name in ("a", "b", "c"))
+    group_a.processes = 0  # what the acceptor's write did
+    group_c.processes = 1  # ...and a process moved into c after it
+    reports = asyncio.run(sweep([a, b, c], signalled={"a": "cgroup.kill", "c": "cgroup.kill"}))
+    kill_steps = [s for s in journal.steps if s.startswith(("cgroup.kill", "fallback"))]
+    assert kill_steps == ["cgroup.kill b", "fallback c"]
+    assert [s for s in journal.steps if s.startswith("confirm")][:3] == [
+        "confirm a", "confirm b", "confirm c"]
+    assert all(r.confirmed for r in reports)
+    assert [(r.mechanism, r.escalated) for r in reports] == [
+        ("cgroup.kill", None), ("cgroup.kill", None), ("cgroup.kill", "freeze+sigkill")]
+    assert group_a.processes == group_b.processes == group_c.processes == 0
+
+
 def test_a_global_sweep_is_one_write_to_the_parent() -> None:
     journal = Journal()
     parent = FakeCgroup(journal, "parent")
