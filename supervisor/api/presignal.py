@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 # At most this much of a request is peeked: a kill's head and body are a few hundred bytes.
 PEEK_MAX = 8192
 # The acceptor waits this long at most for a request's bytes (an owner writes its request
-# right after its connect); what is not complete by then goes the normal way.
-PEEK_WAIT = 0.005
+# right after its connect: microseconds, unless the host is loaded); what is not complete by
+# then goes the normal way. Only an owner's connection that has sent nothing, or part of a
+# kill, waits: any other request is told apart at its first bytes.
+PEEK_WAIT = 0.02
 _PEEK_POLL = 0.0005  # between two peeks of a request that is there but not complete
 _HEADERS_MAX = 32
 _REQUEST_LINE = b"POST /v1/actions/kill HTTP/1.1"

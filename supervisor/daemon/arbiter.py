@@ -183,11 +183,17 @@ class Arbiter:
         return previous, new
 
     def index_run(self, live: LiveRun) -> None:
-        """A started or adopted run's cgroup.kill, for the owners' acceptor."""
+        """A started or adopted run's cgroup.kill, for the owners' acceptor. Never fails a
+        launch: a run that is not indexed is left to the loop's kill path."""
         agent = self.agents.get(live.record.agent)
-        if live.handle is not None and agent is not None:
-            self.kill_index.add(live.record.id, agent.name, agent.agent_class,
-                                live.handle.cgroup)
+        try:
+            self.kill_index.hush = getattr(self.observers.seccomp, "hush", None)
+            if live.handle is not None and agent is not None:
+                self.kill_index.add(live.record.id, agent.name, agent.agent_class,
+                                    live.handle.cgroup, container_id=live.record.container_id,
+                                    watcher=live.handle)
+        except Exception:
+            log.exception("run %s: not indexed for the owners' acceptor", live.record.id)
 
     def _set_run_state(self, run: RunRecord, verb: str) -> None:
         run.state = run_transition(RunState(run.state), verb).value

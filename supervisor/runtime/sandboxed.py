@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 CLEANUP_NICE = 10
 
 
+# How long an init SIGKILLed at the owners' acceptor waits unreaped for its kill path.
+REAP_DEFER_MAX = 10.0
+
 class RuncRunHandle(CgroupControl):
     def __init__(self, runtime: RuncRuntime, params: RunParams, pid: int, pidfd: int,
                  output: OutputRecorder) -> None:
@@ -74,6 +77,9 @@ class RuncRunHandle(CgroupControl):
         # The loop's reader of the init's pidfd (`wait_exit`), and whether `hush` took it off.
         self._reap: Callable[[], None] | None = None
         self._hushed = False
+        # Set by the owners' acceptor's thread before it SIGKILLs this run
+        # (sandbox/killindex.py): the init's death is then left unreaped, as `hush` leaves it.
+        self.reap_deferred = False
 
     async def start(self) -> None:
         await self.runtime.runc.start(self.params.container_id)
@@ -91,6 +97,14 @@ class RuncRunHandle(CgroupControl):
 
         def reap() -> None:
             assert self._exit is not None
+            if self.reap_deferred and pidfd is not None and not self._hushed:
+                # SIGKILLed at the owners' acceptor, before its request reached the loop:
+                # hushed now, as the kill's sweep would have, and reaped at step 6; or after
+                # REAP_DEFER_MAX if no kill path came (its exit watcher then settles it).
+                loop.remove_reader(pidfd)
+                self._hushed = True
+                loop.call_later(REAP_DEFER_MAX, self._unhush)
+                return
             if pidfd is not None:
                 loop.remove_reader(pidfd)
             self._reap = None  # it fired: nothing left to hush
@@ -127,7 +141,12 @@ class RuncRunHandle(CgroupControl):
             asyncio.get_running_loop().remove_reader(self._pidfd)
             self._hushed = True
 
+    def defer_reap(self) -> None:
+        """On any thread: the init's death, when it comes, is not reaped before step 6."""
+        self.reap_deferred = True
+
     def _unhush(self) -> None:
+        self.reap_deferred = False
         if self._hushed and self._pidfd is not None and self._reap is not None:
             self._hushed = False
             asyncio.get_running_loop().add_reader(self._pidfd, self._reap)

@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,25 +55,33 @@ class PreSignal:
 class _Held:
     """One copy of a `cgroup.kill` descriptor; written and closed under its own lock."""
 
-    __slots__ = ("agent", "agent_class", "closed", "fd", "lock", "run_id", "signalled")
+    __slots__ = ("agent", "agent_class", "closed", "container_id", "fd", "lock", "run_id",
+                 "signalled", "watcher")
 
-    def __init__(self, run_id: str, agent: str, agent_class: str, fd: int) -> None:
+    def __init__(self, run_id: str, agent: str, agent_class: str, fd: int,
+                 container_id: str = "", watcher: object = None) -> None:
         self.run_id = run_id
         self.agent = agent
         self.agent_class = agent_class
         self.fd = fd
+        self.container_id = container_id
+        self.watcher = watcher  # the run's handle: `defer_reap()` before its SIGKILL
         self.lock = threading.Lock()
         self.closed = False
         self.signalled: PreSignal | None = None
 
     def mark(self, record: PreSignal) -> bool:
         """Say this run is being SIGKILLed for `record` (before any write: its exit watcher
-        must see it by the time the kernel could end it); False once closed."""
+        must see it by the time the kernel could end it, and leave its init unreaped as a
+        sweep's `hush` does); False once closed."""
         with self.lock:
             if self.closed:
                 return False
             self.signalled = record
-            return True
+        defer = getattr(self.watcher, "defer_reap", None)
+        if defer is not None:
+            defer()
+        return True
 
     def write(self) -> str:
         """One `cgroup.kill` write; what happened, for the audit row."""
@@ -119,15 +127,19 @@ class KillIndex:
         self._runs: Mapping[str, _Held] = {}
         self._parent: _Held | None = None
         self._swap = threading.Lock()
+        # The seccomp listener's `hush` (thread-safe): the signalled runs' notify fds are not
+        # polled from before their SIGKILL, as a sweep's `hush` does.
+        self.hush: Callable[[list[str]], object] | None = None
 
-    def add(self, run_id: str, agent: str, agent_class: str, cgroup: object) -> bool:
+    def add(self, run_id: str, agent: str, agent_class: str, cgroup: object, *,
+            container_id: str = "", watcher: object = None) -> bool:
         fd = _copy(cgroup)
         if fd is None:
             return False
         with self._swap:
             runs = dict(self._runs)
             old = runs.get(run_id)
-            runs[run_id] = _Held(run_id, agent, agent_class, fd)
+            runs[run_id] = _Held(run_id, agent, agent_class, fd, container_id, watcher)
             self._runs = runs
         if old is not None:
             old.close()
@@ -175,6 +187,12 @@ class KillIndex:
         marked = [held for held in targets if held.mark(record)]
         for held in marked:
             record.runs[held.run_id] = held.agent
+        hush = self.hush
+        if hush is not None and marked:
+            try:
+                hush([held.container_id for held in marked if held.container_id])
+            except Exception:  # the kill goes on
+                log.exception("owners' acceptor: hushing the seccomp listener failed")
         written = ""
         if parent and marked:
             holder = self._parent

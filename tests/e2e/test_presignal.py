@@ -59,14 +59,16 @@ def test_an_owners_kill_is_sigkilled_at_the_acceptor_for_an_agent_a_class_and_al
     runs = {name: launch(daemon, name, cls) for name, cls in
             [("solo", "one"), ("c1", "pair"), ("c2", "pair"), ("rest1", "x"), ("rest2", "y")]}
 
-    daemon.agentctl_json("kill", "solo", "--reason", "agent pre-signal", "--json")
+    # Through the client agentctl uses (api/client.py): the owners' socket, the request
+    # written right after the connect.
+    daemon.client.action("kill", {"agent": "solo"}, reason="agent pre-signal")
     assert_killed_at_the_acceptor(daemon, {"solo": runs["solo"]}, "agent pre-signal")
 
-    daemon.agentctl_json("kill", "--class", "pair", "--reason", "class pre-signal", "--json")
+    daemon.client.action("kill", {"class": "pair"}, reason="class pre-signal")
     assert_killed_at_the_acceptor(daemon, {n: runs[n] for n in ("c1", "c2")},
                                   "class pre-signal")
 
-    daemon.agentctl_json("kill", "--all", "--reason", "global pre-signal", "--json")
+    daemon.client.action("kill", {"all": True}, reason="global pre-signal")
     # The agents killed already are skipped; the others' runs were signalled through the
     # parent's one write, as the global path's own.
     assert_killed_at_the_acceptor(daemon, {n: runs[n] for n in ("rest1", "rest2")},
@@ -120,7 +122,7 @@ def test_what_the_acceptor_does_not_judge_goes_the_normal_way(daemon: Daemon) ->
     assert status == 200, body
     assert daemon.client.agent("kept")["state"] == "paused"
     # A kill of a paused agent is signalled at the acceptor (cgroup.kill kills frozen tasks).
-    daemon.agentctl_json("kill", "kept", "--reason", "frozen", "--json")
+    daemon.client.action("kill", {"agent": "kept"}, reason="frozen")
     assert_killed_at_the_acceptor(daemon, {"kept": run_id}, "frozen")
 
 
