@@ -5,7 +5,9 @@ root, runc and stress-ng."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from typing import Any
 
 import pytest
@@ -13,9 +15,14 @@ import pytest
 from tests.conftest import require
 from tests.support.daemon import Daemon, wait_for
 
+# The loop waits for the test's SIGUSR1 (forwarded by the run's init), sent once the launch
+# answered, so its first attempt comes after the run's tripwires were armed.
 FORBIDDEN_LOOP = r"""
-import ctypes, time
+import ctypes, signal, time
 libc = ctypes.CDLL(None, use_errno=True)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+print("ready", flush=True)
+signal.sigwait({signal.SIGUSR1})
 print("start", time.time(), flush=True)
 while True:
     libc.unshare(0x10000000)   # CLONE_NEWUSER: denied and reported
@@ -136,6 +143,12 @@ def test_forbidden_syscall_loop_is_killed_at_the_first_attempt(daemon: Daemon) -
     daemon.agentctl("run", "--detach", "--name", "escaper", "--tripwire",
                     "escape:syscall_attempts>0:kill", "--", "/usr/bin/python3", "-c",
                     FORBIDDEN_LOOP, check=True)
+    # The launch answered after the run's tripwires were armed. The agent's command runs from
+    # `runc start` on, a moment before that: attempts made then are judged at the arming,
+    # all at once (value 2 and more was seen under load), so it starts on a signal.
+    wait_for(lambda: "ready" in daemon.agentctl("logs", "escaper", check=True).stdout,
+             timeout=60, what="the agent to wait for its start")
+    os.kill(daemon.client.agent("escaper")["run"]["pid"], signal.SIGUSR1)
     assert _left_active(daemon, "escaper") == "killed"
     fired = _tripped(daemon, "escaper", "escape", "kill")
     assert fired["detail"]["syscall"]["name"] == "unshare", fired
