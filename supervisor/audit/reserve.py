@@ -70,6 +70,12 @@ class DiskReserve:
             self.released_at = None
             return True
 
+    def discard(self) -> None:
+        """The state directory's life is over (an embedded CI run's, once its run has ended):
+        the file goes, without the alarm of a release."""
+        with self._lock:
+            self.path.unlink(missing_ok=True)
+
     def release(self, cause: BaseException | None = None) -> bool:
         """Give the space back; True if there was any to give."""
         if not out_of_space(cause):

@@ -43,6 +43,7 @@ from supervisor.config import Config, load_config
 from supervisor.daemon.arbiter import SYSTEM
 from supervisor.daemon.core import Core
 from supervisor.daemon.selftest import run_self_test
+from supervisor.egress import nft
 from supervisor.errors import (
     AgentBusy,
     EmbeddedNeedsRoot,
@@ -165,6 +166,10 @@ class EmbeddedRunner:
         self.audit_rows: list[dict[str, Any]] = []
         # Where planted host-code files go after the run (ci/quarantine.py); root only.
         self.quarantine_dir: Path | None = None
+        # Present while a run of this slot may have left an nftables table (gateway_mark).
+        self.gateway_mark: Path | None = None
+        # The slot's directory being removed on a thread (teardown); awaited before exit.
+        self.removing: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ signals
 
@@ -199,7 +204,8 @@ class EmbeddedRunner:
                 except provenance.GitUnavailable as exc:
                     self.provenance_error = str(exc)
         # The slot's state directory goes at teardown: its database needs no WAL (Core).
-        self.core = core = await Core.assemble(self.config, ephemeral=True)
+        self.core = core = await Core.assemble(self.config, ephemeral=True,
+                                               settle_at_start=True)
         core.audit.append(actor=CI.label(), verb="ci_run_start", scope=f"agent:{self.name}",
                           target=self.name, detail={
                               "version": __version__, "pid": os.getpid(),
@@ -207,6 +213,12 @@ class EmbeddedRunner:
                               "workspace": self.spec.run.workspace,
                               "allow_changes": self.spec.allow_changes,
                               "env_keys": sorted(self.spec.run.env), **core.runtime.describe()})
+        if core.egress is not None and self.gateway_mark is not None:
+            # Only a gateway run makes nftables tables: reconcile lists them (an `nft`
+            # process) only if a run of this slot may have left one, as its mark says.
+            core.egress.leftover_tables_possible = self.gateway_mark.exists()
+            if self.profile.network.mode != "none" or self.spec.self_test:
+                self.gateway_mark.touch(mode=0o600)  # before any table; gone once none is left
         await core.arbiter.reconcile()  # what a SIGKILLed run of this slot left behind
         if core.seccomp is not None:
             core.seccomp.observers.ci = self.attempts.add
@@ -262,9 +274,12 @@ class EmbeddedRunner:
         run a supervisor error). Never deletes a directory that is still a mount."""
         core = self.core
         residue: dict[str, Any] = {}
+        discarding: asyncio.Future[None] | None = None
         if core is not None:
             await core.arbiter.shutdown("embedded run complete")
             await core.stop_observers()
+            # The run is over: the disk reserve goes on a thread while the rest is torn down.
+            discarding = asyncio.ensure_future(core.discard_reserve())
             leftovers = await core.runtime.leftovers()
             for leftover in leftovers:  # a kill that could not be confirmed, a stuck mount
                 with contextlib.suppress(Exception):
@@ -272,6 +287,11 @@ class EmbeddedRunner:
             # Listed again only when something had to be reaped (each list is a runc call).
             if leftovers and (remaining := await core.runtime.leftovers()):
                 residue["runs"] = [vars(item) for item in remaining]
+            if self.gateway_mark is not None and self.gateway_mark.exists():
+                if tables := _nft_tables_left(self.config.sandbox.name_prefix):
+                    residue["nft_tables"] = tables  # the mark stays: the next run reaps them
+                else:
+                    self.gateway_mark.unlink(missing_ok=True)
             # Every agent is gone: the watchdog stands down now and exits while the evidence
             # is gathered; core.close() below only reaps it.
             core.watchdog.disarm(wait=False)
@@ -283,8 +303,13 @@ class EmbeddedRunner:
             self._collect(core)
             self._finish_audit(core)
             core.close()
+        if discarding is not None:
+            await discarding
         if not mounted and runtime_dir.exists():
-            remove_tree(runtime_dir)
+            # Nothing reads the slot's directory any more (the database is closed, the audit
+            # rows read): it goes on a thread while the evidence is gathered and written, and
+            # the runner waits for it before it exits (run_embedded).
+            self.removing = asyncio.ensure_future(asyncio.to_thread(remove_tree, runtime_dir))
         cgroup_residue = _remove_cgroups(self.config.sandbox.cgroup_parent)
         if cgroup_residue:
             residue["cgroups"] = cgroup_residue
@@ -409,6 +434,15 @@ def _mounts_under(directory: Path) -> list[str]:
     return sorted(p for p in points if p.startswith(prefix))
 
 
+def _nft_tables_left(prefix: str) -> list[str]:
+    """The slot's nftables tables still in the ruleset (the gateway's teardown removes each
+    run's); those that could not be listed count as left."""
+    try:
+        return nft.tables_with_prefix(prefix)
+    except SupervisorError as exc:
+        return [f"unknown: {exc.message}"]
+
+
 def _remove_cgroups(parent: str) -> list[str]:
     """rmdir the slot's cgroup, children first, in the v2 tree and every v1 hierarchy, then the
     shared root if no other slot uses it; returns what could not be removed."""
@@ -457,6 +491,7 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
                                        workspace=str(workspace)) from exc
     runner = EmbeddedRunner(spec, profile, config, copy)
     runner.quarantine_dir = root / "quarantine" / f"{time.strftime('%Y%m%dT%H%M%S')}-slot{slot}"
+    runner.gateway_mark = Path(DEFAULT_ROOT) / "locks" / f"slot{slot}.gateway"
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, runner.on_signal, signum)
@@ -476,6 +511,16 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
         runner.supervisor_errors.append(f"{type(exc).__name__}: {exc}")
     finally:
         teardown = await runner.teardown()
+    try:
+        return _conclude(spec, runner, teardown, key, copy, started, t0)
+    finally:
+        if runner.removing is not None:
+            await runner.removing
+
+
+def _conclude(spec: EmbeddedRun, runner: EmbeddedRunner, teardown: dict[str, Any], key: Any,
+              copy: checkout_copy.CheckoutCopy | None, started: float, t0: float) -> int:
+    """The report, summary and audit file written, and the exit status."""
     try:
         report, status = runner.evidence(teardown, started, (time.perf_counter() - t0) * 1000)
     finally:

@@ -105,6 +105,9 @@ class Arbiter:
         self.observers = observers or RunObservers()
         # Network mode "gateway" (supervisor/daemon/egress.py): None refuses such profiles.
         self.network_provider: NetworkProvider | None = None
+        # Awaited before any run's command starts (after its sandbox is created): an embedded
+        # CI run's watchdog still being spawned and moved into its cgroup (daemon/core.py).
+        self.before_start: Callable[[], Awaitable[None]] | None = None
         # Which workspace a caller may launch on (daemon/workspace_access.py); it needs root,
         # so the unit tier puts a fake here.
         self.admit_workspace: WorkspaceAdmission = admit_workspace

@@ -357,6 +357,10 @@ class EgressControl:
         # arbiter cancels its own tasks), so a CI report and the summary row are exact.
         self._finishing: set[asyncio.Task[None]] = set()
         self.checks: dict[str, TokenCheck] = {}  # drills' token checks, by run
+        # False: no earlier instance can have left an nftables table of this name prefix, so
+        # reconcile lists none (one `nft` process fewer; an embedded CI run whose slot's last
+        # runs had no gateway says so, ci/runner.py).
+        self.leftover_tables_possible = True
         db.executescript(_SCHEMA)
 
     # ------------------------------------------------------------------ lifecycle
@@ -400,6 +404,8 @@ class EgressControl:
     def reap_leftovers(self) -> list[str]:
         """nftables tables a previous instance left (its veths went with its netns); those of
         runs this daemon adopted are theirs."""
+        if not self.leftover_tables_possible:
+            return []
         removed = []
         adopted = {state.network.table for state in self.runs.values()}
         for table in nft.tables_with_prefix(self.config.sandbox.name_prefix):

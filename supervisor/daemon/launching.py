@@ -184,6 +184,15 @@ async def create_and_start(arbiter: Arbiter, live: LiveRun, profile: Profile, re
     # The kill path's files are opened before the agent's command runs, so a kill never
     # needs a new descriptor (docker makes the cgroup at start: held right after it).
     held = await hold(arbiter, handle, run, before_start=True)
+    if arbiter.before_start is not None:
+        try:
+            await arbiter.before_start()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                handle.cgroup.kill()
+            with contextlib.suppress(Exception):
+                await handle.cleanup()
+            raise
     if arbiter.agents[run.agent].state == AgentState.KILLED:
         return  # never start the agent's command; the kill path takes it from here
     await handle.start()

@@ -474,8 +474,9 @@ class Watchdog:
             theirs.close()
         self._exclude_from_oom_killer()
         # The first move between cgroups in a while waits out an RCU grace period in the
-        # kernel (~12 ms, a sleep): on a thread, so a starting supervisor (an embedded CI run
-        # above all) goes on meanwhile; settle() before any agent starts.
+        # kernel (4-16 ms, a sleep): on a thread, so a starting supervisor (an embedded CI run
+        # above all) goes on meanwhile; settle() before any agent starts (an embedded CI run:
+        # just before its agent's command starts, daemon/core.py `settle_at_start`).
         self._placing = threading.Thread(target=self._place, name="watchdog-place",
                                          daemon=True)
         self._placing.start()
@@ -498,6 +499,14 @@ class Watchdog:
         if self._placing is not None:
             self._placing.join()
             self._placing = None
+
+    async def settled(self) -> None:
+        """settle() without holding the event loop while the move goes on."""
+        if self._placing is not None and self._placing.is_alive():
+            import asyncio  # the daemon's side only: the watchdog process never loads it
+
+            await asyncio.to_thread(self._placing.join)
+        self.settle()
 
     def _exclude_from_oom_killer(self) -> None:
         """The OOM killer must not take the switch. Set from here, on the child (not

@@ -194,18 +194,38 @@ class RuncRunHandle(CgroupControl):
             return
         self._cleaned = True
         self._unhush()  # the init is reaped now, beside the runtime's delete
+        delete = asyncio.ensure_future(self._delete())
+        try:
+            # To delete a container that has stopped, runc reads and removes only its own
+            # state (under its --root), never the bundle: once no process of the run is left,
+            # the rest goes on beside its delete (an embedded CI run waits for all of it).
+            # Otherwise (a run whose delete still kills) the delete comes first.
+            if not self._empty():
+                await delete
+            await self.output.finish(OUTPUT_FINISH_TIMEOUT)  # no writer is left: read to the end
+            if self.params.network is not None:
+                self.params.network.detach()
+            with contextlib.suppress(OSError):
+                netns.remove(self.params.netns)
+            quiet(workspace_binds.unstage,
+                  self.runtime.workspace_mount(self.params.container_id))
+            # A bundle is a tree of files: removed off the loop, which may be serving a kill.
+            await asyncio.to_thread(remove_bundle, self.params.bundle)
+        finally:
+            await delete
+            self.cgroup.remove()  # after runc's delete, which removes what it made in it
+
+    async def _delete(self) -> None:
         with contextlib.suppress(RuntimeFailure):
             await self.runtime.runc.delete(self.params.container_id, force=True,
                                            nice=CLEANUP_NICE)
-        await self.output.finish(OUTPUT_FINISH_TIMEOUT)  # no writer is left: read to the end
-        self.cgroup.remove()
-        if self.params.network is not None:
-            self.params.network.detach()
-        with contextlib.suppress(OSError):
-            netns.remove(self.params.netns)
-        quiet(workspace_binds.unstage, self.runtime.workspace_mount(self.params.container_id))
-        # A bundle is a tree of files: removed off the loop, which may be serving a kill.
-        await asyncio.to_thread(remove_bundle, self.params.bundle)
+
+    def _empty(self) -> bool:
+        """Whether no process of the run is left in its cgroup (False if it cannot be told)."""
+        try:
+            return not self.cgroup.populated()
+        except OSError:
+            return False
 
     def residue(self) -> dict[str, Any]:
         left = self.kernel_residue()

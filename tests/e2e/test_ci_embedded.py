@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.ci import DEFAULT_ROOT
 from supervisor.cli.launcher import ENTRY
+from supervisor.egress import nft
 from tests.conftest import require, require_root_and_runc
 from tests.support.daemon import wait_for
 from tests.support.embedded import (
@@ -467,14 +469,8 @@ def test_a_runner_killed_mid_run_leaves_a_state_the_next_run_of_its_slot_reaps(
         (run_id, state), = db.execute("SELECT id, state FROM runs").fetchall()
     assert state == "running"  # committed before the SIGKILL, read from the page cache
 
-    def agent_gone() -> bool:
-        sleeping = subprocess.run(["pgrep", "-f", "^sleep 300$"], capture_output=True,
-                                  text=True)
-        ours = f"agent-supervisor-ci/{slot.name}/"
-        return not [pid for pid in sleeping.stdout.split()
-                    if ours in Path(f"/proc/{pid}/cgroup").read_text()]
-
-    wait_for(agent_gone, timeout=60, what="the watchdog's kill of the agent")
+    wait_for(lambda: not _sleeping_in(slot.name), timeout=60,
+             what="the watchdog's kill of the agent")
     report = repo.parent / "next.json"
     result = run_embedded(ci, "--report", str(report), "--", "true")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -483,6 +479,52 @@ def test_a_runner_killed_mid_run_leaves_a_state_the_next_run_of_its_slot_reaps(
     reaped = [row for row in audit if row["verb"] == "reap" and row["detail"].get("run") == run_id]
     assert reaped, [(row["verb"], row["detail"]) for row in audit]
     # The ci fixture then holds the host clean: the killed run's slot went with the next run.
+
+
+def test_a_killed_gateway_runs_nft_table_is_reaped_by_the_next_run_of_its_slot(
+        ci: Path, repo: Path) -> None:
+    """Reconcile lists nftables tables (an `nft` process) only while a run of the slot may have
+    left one: a gateway run marks its slot before it makes any, and only a teardown that finds
+    none left takes the mark away. A SIGKILLed gateway run leaves its table and the mark; the
+    next run of the slot reaps the table, audits it and unmarks the slot."""
+    proc = subprocess.Popen(
+        agentctl_command("run", "--embedded", "--profile", "coding-agent", "--workspace",
+                         str(repo), "--", "sh", "-c", "echo ready > ready; sleep 300"),
+        env=agentctl_env(ci), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        wait_for(lambda: (repo / "ready").exists(), timeout=60, what="the agent")
+        os.killpg(proc.pid, signal.SIGKILL)  # agentctl exec'd the runner: this is the runner
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    (slot,) = ci.glob("slot*")
+    mark = Path(DEFAULT_ROOT) / "locks" / f"{slot.name}.gateway"
+    prefix = f"asci{slot.name.removeprefix('slot')}"
+    left = nft.tables_with_prefix(prefix)
+    assert mark.exists() and len(left) == 1, (mark, left)
+    wait_for(lambda: not _sleeping_in(slot.name), timeout=60,
+             what="the watchdog's kill of the agent")
+    report = repo.parent / "next.json"
+    result = run_embedded(ci, "--profile", "coding-agent", "--report", str(report), "--",
+                          "true")
+    assert result.returncode == 0, result.stdout + result.stderr
+    audit = [json.loads(line) for line in
+             Path(f"{report}.audit.jsonl").read_text().splitlines()]
+    reaped = [row["detail"] for row in audit
+              if row["verb"] == "reap" and row["target"] == "nftables"]
+    assert reaped == [{"nft_tables": left}], [(row["verb"], row["detail"]) for row in audit]
+    assert nft.tables_with_prefix(prefix) == []
+    assert not mark.exists()
+
+
+def _sleeping_in(slot: str) -> list[str]:
+    """The pids of `sleep 300` agents still alive in `slot`'s runs."""
+    sleeping = subprocess.run(["pgrep", "-f", "^sleep 300$"], capture_output=True, text=True)
+    ours = f"agent-supervisor-ci/{slot}/"
+    return [pid for pid in sleeping.stdout.split()
+            if ours in Path(f"/proc/{pid}/cgroup").read_text()]
 
 
 def test_an_agent_that_fails_passes_its_status_through_quietly(ci: Path, repo: Path) -> None:

@@ -103,6 +103,39 @@ def test_launch_registers_the_agent_and_audits(env: ArbiterEnv) -> None:
     asyncio.run(body())
 
 
+def test_a_run_starts_only_once_before_start_has_answered(env: ArbiterEnv) -> None:
+    """`before_start` (an embedded CI run's watchdog still being moved into its cgroup and
+    its disk reserve being taken: daemon/core.py) is awaited after the sandbox is created and
+    before the command starts; while it waits the command has not started, and when it
+    fails the command never starts, the launch fails and the sandbox is cleaned up."""
+    async def body() -> None:
+        arbiter = env.arbiter()
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        arbiter.before_start = lambda: asyncio.shield(gate)
+        launching = asyncio.ensure_future(arbiter.launch(request("a1"), ALICE))
+        await asyncio.sleep(0.05)
+        [handle] = env.runtime.handles.values()
+        assert not launching.done() and not handle.started
+        gate.set_result(None)
+        view = await asyncio.wait_for(launching, WAIT)
+        assert view.state == "running" and handle.started
+
+        async def refuse() -> None:
+            raise RuntimeFailure("the watchdog could not be started")
+
+        arbiter.before_start = refuse
+        with pytest.raises(RuntimeFailure):
+            await arbiter.launch(request("a2"), ALICE)
+        refused = next(h for h in env.runtime.handles.values() if h.params.agent == "a2")
+        assert not refused.started
+        await asyncio.wait_for(arbiter.shutdown("test over"), WAIT)
+        assert refused.cleaned
+        entry = last(env, "launch")
+        assert (entry.target, entry.outcome) == ("a2", "failed:runtime_failed")
+
+    asyncio.run(body())
+
+
 def test_launch_of_a_killed_agent_is_refused_and_audited(env: ArbiterEnv) -> None:
     async def body() -> None:
         arbiter = env.arbiter()

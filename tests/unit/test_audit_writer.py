@@ -7,6 +7,7 @@ retries its writes. No root."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -215,6 +216,21 @@ def test_the_store_keeps_failed_writes_and_writes_them_when_it_can(
     assert store.get_meta("global_halt") == "x"
     assert store.alarms.store_error is None and store.unwritten == 0
     assert reserve.ensure() and reserve.held
+
+
+def test_a_discarded_reserve_is_gone_without_an_alarm_and_a_later_release_copes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An embedded CI run's core discards its reserve once its run has ended (daemon/core.py
+    `discard_reserve`): the file and its room go, nothing says the disk filled, and a write
+    that fails afterwards finds nothing left to release (its room was given back already)."""
+    reserve = DiskReserve(tmp_path / "disk-reserve", 1 << 20)
+    assert reserve.ensure() and reserve.held
+    reserve.discard()
+    assert not reserve.path.exists() and not reserve.held
+    assert reserve.released_at is None and not caplog.records
+    reserve.discard()  # again: nothing to do
+    assert reserve.release(OSError(errno.ENOSPC, "full")) is False
+    assert reserve.released_at is None
 
 
 def test_a_batch_of_store_writes_is_one_transaction_and_readable_meanwhile(

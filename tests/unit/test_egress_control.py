@@ -125,3 +125,34 @@ def test_a_drills_token_check_keeps_the_listener_and_step_2_is_the_only_revocati
         return sent
 
     assert asyncio.run(scenario()) == ["revoke r1", "revoke r2", "close r2", "close r1"]
+
+
+def test_reconcile_lists_no_nft_tables_where_none_can_be_left(
+        env: ArbiterEnv, monkeypatch: Any) -> None:
+    """`leftover_tables_possible` False (an embedded CI slot whose last runs made no table):
+    reconcile's sweep runs no `nft` at all; True (the daemon's default): it lists the prefix's
+    tables and removes each, audited."""
+    from supervisor.egress import nft
+
+    listed: list[str] = []
+    removed: list[str] = []
+
+    def tables_with_prefix(prefix: str) -> list[str]:
+        listed.append(prefix)
+        return [f"{prefix}.r1"]
+
+    monkeypatch.setattr(nft, "tables_with_prefix", tables_with_prefix)
+    monkeypatch.setattr(nft, "remove", lambda table: removed.append(table) or True)
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        egress = control(env, asyncio.get_running_loop())
+        egress.leftover_tables_possible = False
+        skipped = egress.reap_leftovers()
+        egress.leftover_tables_possible = True
+        return skipped, egress.reap_leftovers()
+
+    skipped, reaped = asyncio.run(scenario())
+    prefix = env.config.sandbox.name_prefix
+    assert skipped == [] and listed == [prefix]
+    assert reaped == removed == [f"{prefix}.r1"]
+    assert [e.detail for e in rows(env, "reap")] == [{"nft_tables": [f"{prefix}.r1"]}]
