@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import BaseModel
 
 from supervisor import __version__
@@ -32,6 +33,7 @@ from supervisor.config import ControlSection, RolesSection
 from supervisor.errors import (
     AgentBusy,
     AgentKilled,
+    BadHttpRequest,
     BodyTooLarge,
     Forbidden,
     InvalidRequest,
@@ -325,6 +327,9 @@ async def _body(request: web.Request, model: type[BaseModel]) -> Any:
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within "
                              f"{config.body_timeout:g}s") from None
+    except RequestPayloadError as exc:  # e.g. a Content-Encoding its bytes are not in
+        raise BadHttpRequest(f"the request body could not be read: {str(exc)[:200]}"
+                             ) from None
     return decode_body(raw, model)
 
 

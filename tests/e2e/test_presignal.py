@@ -150,3 +150,33 @@ def test_a_kill_the_loop_never_handles_after_its_sigkill_is_still_audited_and_fi
     assert_killed_at_the_acceptor(daemon, runs, reason)
     assert daemon.client.get_run(spared)["state"] == "running"
     assert daemon.client.audit_verify()["ok"] is True
+
+
+def test_a_kill_the_loops_http_layer_reads_otherwise_is_not_sigkilled_at_the_acceptor(
+        daemon: Daemon) -> None:
+    """A body in a Content-Encoding (the loop inflates it, and plain JSON does not inflate)
+    and a control character in a header's value (the loop's parser answers 400): the
+    acceptor leaves both to the loop, so the caller's error answer is the whole truth and
+    the agent runs on, as on the control socket."""
+    runs = {name: launch(daemon, name, "differ") for name in ("encoded", "ctl", "del")}
+    owner_socket = owner_socket_of(daemon.socket)
+    for name, extra in [("encoded", b"Content-Encoding: gzip\r\n"),
+                        ("ctl", b"X-Note: a\x01b\r\n"), ("del", b"X-Note: a\x7fb\r\n")]:
+        body = json.dumps({"scope": {"agent": name}, "reason": f"read otherwise {name}"})
+        raw = (b"POST /v1/actions/kill HTTP/1.1\r\nHost: x\r\n" + extra
+               + b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+               % (len(body), body.encode()))
+        status, _headers, answer = exchange(owner_socket, raw)
+        assert status == 400 and answer["error"]["code"] == "bad_http_request", answer
+    for name, run_id in runs.items():
+        assert daemon.client.get_run(run_id)["state"] == "running", name
+    # A kill that goes through: it finds each agent as it was (had any been signalled
+    # above, its run would be killed and audited for that request instead, and skipped here).
+    daemon.agentctl_json("kill", "--class", "differ", "--reason", "now for real", "--json")
+    assert_killed_at_the_acceptor(daemon, runs, "now for real")
+    rows = kill_rows(daemon, "now for real")
+    assert {row["reason"] for row in rows.values()} == {"now for real"}, rows
+    assert {row["previous_state"] for row in rows.values()} == {"active"}, rows
+    assert not [row for row in daemon.audit_rows("kill")
+                if row["reason"].startswith("SIGKILL sent at the owners' acceptor for "
+                                            "'read otherwise")]
