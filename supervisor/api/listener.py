@@ -17,6 +17,7 @@ import collections
 import contextlib
 import errno
 import logging
+import math
 import os
 import resource
 import select
@@ -33,7 +34,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from supervisor.api.peers import actor_of, peer_credentials
-from supervisor.api.presignal import PreSigner
+from supervisor.api.presignal import PEEK_POLL, PEEK_WAIT, Peeked, PreSigner
 from supervisor.authz import roles_of
 from supervisor.config import ControlSection, RolesSection
 from supervisor.errors import (
@@ -549,6 +550,17 @@ _ACCEPT_BACKOFF = 0.05
 _ACCEPT_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
+@dataclass
+class _Peeking:
+    """An owners' connection whose first request the acceptor is still waiting for."""
+
+    conn: socket.socket
+    peer: Peer
+    accepted_at: float
+    deadline: float  # perf_counter: handed over as it is then
+    partial: bool = False  # bytes are there, not yet a whole kill: peeked again by time
+
+
 class Acceptor:
     """Accepts one listening socket's connections on a thread of its own and hands each
     admitted one to the loop (`hand_over`, called on the thread). A refused connection is
@@ -557,7 +569,11 @@ class Acceptor:
 
     With `presign` (the owners' socket), an admitted connection's first request is peeked at
     before the hand-over: an owner's kill is SIGKILLed here (api/presignal.py), and what was
-    signalled goes to the loop with the connection."""
+    signalled goes to the loop with the connection. The thread waits for no one connection's
+    bytes: a connection whose request is not yet there joins the ones it polls, beside the
+    listening socket, until its request is judged or PEEK_WAIT after its accept, so an owner
+    that connects and writes nothing, or stalls, never holds back another owner's kill (the
+    connections waited on are admitted ones: at most the owners' socket's cap)."""
 
     def __init__(self, name: str, sock: socket.socket, admission: Admission,
                  hand_over: Callable[[socket.socket, Peer, float, PreSignal | None], None], *,
@@ -570,6 +586,8 @@ class Acceptor:
         self.owner_socket = owner_socket
         self.gate = gate  # shut: leave connections in the backlog (VerbsFirst)
         self.presign = presign
+        self._peeking: dict[int, _Peeking] = {}  # by descriptor; the thread's own
+        self._poller = select.poll()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -585,29 +603,46 @@ class Acceptor:
                 os.close(fd)
 
     def _run(self) -> None:
-        poller = select.poll()
+        poller = self._poller
         poller.register(self.sock.fileno(), select.POLLIN)
         poller.register(self._wake_r, select.POLLIN)
         gate = self.gate
         watching = True
         if gate is not None:
             poller.register(gate.fileno(), select.POLLIN)
-        while True:
-            events = dict(poller.poll())
-            if self._wake_r in events:
-                return
-            if gate is not None:
-                if gate.fileno() in events:
-                    gate.drain()
-                if gate.is_open() != watching:  # poll is level-triggered: unwatch while shut
-                    watching = gate.is_open()
-                    if watching:
-                        poller.register(self.sock.fileno(), select.POLLIN)
-                    else:
-                        poller.unregister(self.sock.fileno())
-                if not watching:
-                    continue
-            self._drain()
+        try:
+            while True:
+                events = dict(poller.poll(self._poll_timeout()))
+                if self._wake_r in events:
+                    return
+                if self._peeking:
+                    self._peek_again(events)
+                if gate is not None:
+                    if gate.fileno() in events:
+                        gate.drain()
+                    if gate.is_open() != watching:  # level-triggered: unwatch while shut
+                        watching = gate.is_open()
+                        if watching:
+                            poller.register(self.sock.fileno(), select.POLLIN)
+                        else:
+                            poller.unregister(self.sock.fileno())
+                    if not watching:
+                        continue
+                self._drain()
+        finally:
+            for waiting in list(self._peeking.values()):  # stopped: never reach the loop
+                self._forget(waiting)
+                waiting.conn.close()
+                self.admission.cancel(waiting.peer)
+
+    def _poll_timeout(self) -> int | None:
+        """ms until the next peek is due (None: none waits)."""
+        if not self._peeking:
+            return None
+        now = time.perf_counter()
+        due = min(now + PEEK_POLL if waiting.partial else waiting.deadline
+                  for waiting in self._peeking.values())
+        return max(0, math.ceil((due - now) * 1000))
 
     def _drain(self) -> None:
         while self.gate is None or self.gate.is_open():
@@ -628,21 +663,63 @@ class Acceptor:
             if peer is None:
                 conn.close()
                 continue
-            presignal = None
-            if self.presign is not None:
-                try:
-                    presignal = self.presign(conn, peer.actor, accepted_at)
-                except Exception:  # the request goes the normal way; what was signalled
-                    # is settled by its runs' exit watchers (daemon/presignalled.py settle)
-                    log.exception("control socket %s: the pre-signal failed", self.name)
-            try:
-                self.hand_over(conn, peer, accepted_at, presignal)
-            except RuntimeError:  # the loop is closed: the daemon is stopping
-                conn.close()
-                self.admission.cancel(peer)
-                if presignal is not None:  # the index held only runs its shutdown left
-                    log.critical("control socket %s: runs %s SIGKILLed for a request the "
-                                 "stopped loop never saw", self.name, sorted(presignal.runs))
+            if self.presign is None:
+                self._hand(conn, peer, accepted_at, None)
+            else:
+                self._peek(_Peeking(conn, peer, accepted_at, accepted_at + PEEK_WAIT))
+
+    def _peek_again(self, events: dict[int, int]) -> None:
+        now = time.perf_counter()
+        for fd, waiting in list(self._peeking.items()):
+            if fd in events or waiting.partial or now >= waiting.deadline:
+                self._peek(waiting)
+
+    def _peek(self, waiting: _Peeking) -> None:
+        """Judge `waiting`'s first request as it is now: hand it over (signalled, if a kill)
+        once judged or due, else wait on (for its first byte, or by time for the rest)."""
+        assert self.presign is not None
+        presignal = None
+        try:
+            verdict = self.presign.peek(waiting.conn)
+            if isinstance(verdict, Peeked):
+                if time.perf_counter() < waiting.deadline:
+                    self._wait(waiting, partial=verdict is Peeked.INCOMPLETE)
+                    return
+            elif verdict is not None:
+                presignal = self.presign.signal(verdict, waiting.peer.actor,
+                                                waiting.accepted_at)
+        except Exception:  # the request goes the normal way; what was signalled is
+            # settled by its runs' exit watchers (daemon/presignalled.py settle)
+            log.exception("control socket %s: the pre-signal failed", self.name)
+        self._forget(waiting)
+        self._hand(waiting.conn, waiting.peer, waiting.accepted_at, presignal)
+
+    def _wait(self, waiting: _Peeking, *, partial: bool) -> None:
+        fd = waiting.conn.fileno()
+        if fd not in self._peeking:
+            self._peeking[fd] = waiting
+            if not partial:
+                self._poller.register(fd, select.POLLIN)
+        elif partial and not waiting.partial:  # poll is level-triggered: by time from now
+            self._poller.unregister(fd)
+        waiting.partial = partial
+
+    def _forget(self, waiting: _Peeking) -> None:
+        """Stop waiting on `waiting` (before its descriptor leaves this thread)."""
+        fd = waiting.conn.fileno()
+        if self._peeking.pop(fd, None) is not None and not waiting.partial:
+            self._poller.unregister(fd)
+
+    def _hand(self, conn: socket.socket, peer: Peer, accepted_at: float,
+              presignal: PreSignal | None) -> None:
+        try:
+            self.hand_over(conn, peer, accepted_at, presignal)
+        except RuntimeError:  # the loop is closed: the daemon is stopping
+            conn.close()
+            self.admission.cancel(peer)
+            if presignal is not None:  # the index held only runs its shutdown left
+                log.critical("control socket %s: runs %s SIGKILLed for a request the "
+                             "stopped loop never saw", self.name, sorted(presignal.runs))
 
 
 class ControlListener:

@@ -13,9 +13,7 @@ from __future__ import annotations
 import enum
 import logging
 import re
-import select
 import socket
-import time
 from collections.abc import Callable
 
 from supervisor.api.bodies import decode_body
@@ -29,12 +27,14 @@ log = logging.getLogger(__name__)
 
 # At most this much of a request is peeked: a kill's head and body are a few hundred bytes.
 PEEK_MAX = 8192
-# The acceptor waits this long at most for a request's bytes (an owner writes its request
-# right after its connect: microseconds, unless the host is loaded); what is not complete by
-# then goes the normal way. Only an owner's connection that has sent nothing, or part of a
-# kill, waits: any other request is told apart at its first bytes.
+# A connection's request is waited for this long at most after its accept (an owner writes
+# its request right after its connect: microseconds, unless the host is loaded); what is not
+# complete by then goes the normal way. Only an owner's connection that has sent nothing, or
+# part of a kill, waits: any other request is told apart at its first bytes. The acceptor
+# waits for many connections at once (api/listener.py Acceptor): one that writes nothing, or
+# stalls, never holds back the next one's kill.
 PEEK_WAIT = 0.02
-_PEEK_POLL = 0.0005  # between two peeks of a request that is there but not complete
+PEEK_POLL = 0.0005  # between two peeks of a request that is there but not complete
 _HEADERS_MAX = 32
 _REQUEST_LINE = b"POST /v1/actions/kill HTTP/1.1"
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -48,6 +48,7 @@ _NOT_HERE = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"content-en
 
 class Peeked(enum.Enum):
     INCOMPLETE = "incomplete"  # could still become a kill: peek again
+    NOTHING = "nothing"  # no byte written yet: peek again once there is one
 
 
 def parse_kill(data: bytes, *, max_body: int, max_line: int
@@ -91,30 +92,20 @@ def parse_kill(data: bytes, *, max_body: int, max_line: int
     return request
 
 
-def peek_kill(conn: socket.socket, *, max_body: int, max_line: int, wait: float = PEEK_WAIT
-              ) -> ActionRequest | None:
-    """Peek at `conn` for at most `wait` seconds until its first request is judged."""
-    deadline = time.monotonic() + wait
-    poller = select.poll()
-    poller.register(conn.fileno(), select.POLLIN)
-    if not poller.poll(max(0, int(wait * 1000) + 1)):
-        return None  # nothing written yet: the loop reads it whenever it comes
-    while True:
-        try:
-            data = conn.recv(PEEK_MAX, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            data = b""
-        except OSError:
-            return None
-        if not data:
-            return None  # readable without bytes: the peer closed
-        result = parse_kill(data, max_body=max_body, max_line=max_line)
-        if not isinstance(result, Peeked):
-            return result
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        time.sleep(min(_PEEK_POLL, left))
+def peek_kill(conn: socket.socket, *, max_body: int, max_line: int
+              ) -> ActionRequest | Peeked | None:
+    """One look at `conn`'s first request, consuming nothing and never waiting: NOTHING or
+    INCOMPLETE while it may still become a kill (the caller peeks again, within PEEK_WAIT of
+    the accept), else as `parse_kill` (None also when the peer closed)."""
+    try:
+        data = conn.recv(PEEK_MAX, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return Peeked.NOTHING
+    except OSError:
+        return None
+    if not data:
+        return None  # readable without bytes: the peer closed
+    return parse_kill(data, max_body=max_body, max_line=max_line)
 
 
 class PreSigner:
@@ -129,10 +120,14 @@ class PreSigner:
         self.finish = finish
         self.sent = 0  # requests pre-signalled since start (for tests and metrics)
 
-    def __call__(self, conn: socket.socket, actor: Actor, arrived: float) -> PreSignal | None:
-        request = peek_kill(conn, max_body=self.max_body, max_line=self.max_line)
-        if request is None:
-            return None
+    def peek(self, conn: socket.socket) -> ActionRequest | Peeked | None:
+        """On the thread: one look at `conn`'s first request (`peek_kill`)."""
+        return peek_kill(conn, max_body=self.max_body, max_line=self.max_line)
+
+    def signal(self, request: ActionRequest, actor: Actor, arrived: float
+               ) -> PreSignal | None:
+        """On the thread: SIGKILL the targets of a kill `peek` judged complete, if `actor`
+        may kill under the roles in force; what was signalled (None: nothing)."""
         if not PERMISSIONS["kill"] & roles_of(actor, self.roles()):
             return None  # the middleware refuses it, audited, as it would have
         scope = request.scope

@@ -180,3 +180,30 @@ def test_a_kill_the_loops_http_layer_reads_otherwise_is_not_sigkilled_at_the_acc
     assert not [row for row in daemon.audit_rows("kill")
                 if row["reason"].startswith("SIGKILL sent at the owners' acceptor for "
                                             "'read otherwise")]
+
+
+def test_a_kill_behind_silent_and_stalled_owners_is_still_sigkilled_at_the_acceptor(
+        daemon: Daemon) -> None:
+    """Owners' connections that write nothing, or stall in a kill's head, are waited on
+    beside the next ones (api/listener.py Acceptor): a kill connected behind them is
+    SIGKILLed at the acceptor and confirmed, and the waiting ones are then served (or timed
+    out) as any connection."""
+    runs = {name: launch(daemon, name, "behind") for name in ("b1", "b2")}
+    owner_socket = owner_socket_of(daemon.socket)
+    head = kill_request({"class": "behind"}, "behind the stalled")[:60]
+    waiting = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(24)]
+    try:
+        for i, sock in enumerate(waiting):
+            sock.connect(str(owner_socket))
+            if i % 2:
+                sock.sendall(head)  # a kill's head, stalled: never completed
+        daemon.agentctl_json("kill", "--class", "behind", "--reason", "behind the stalled",
+                             "--json")
+        assert_killed_at_the_acceptor(daemon, runs, "behind the stalled")
+        # The stalled heads were handed to the loop unjudged: nothing was signalled for them.
+        assert not [row for row in daemon.audit_rows("kill") if row["reason"].startswith(
+            UNTAKEN.format("behind the stalled"))]
+    finally:
+        for sock in waiting:
+            sock.close()
+    assert daemon.client.health()["status"] == "ok"
