@@ -8,12 +8,19 @@ handler or the connection's end reaches the loop first. Needs root."""
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from typing import Any
 
 from supervisor.api.client import owner_socket_of
+from tests.e2e.test_admission import users
 from tests.e2e.test_api_input import exchange
-from tests.support.daemon import Daemon, wait_for
+from tests.support.daemon import Daemon, running_daemon, wait_for
 
 
 def kill_request(scope: dict[str, Any], reason: str) -> bytes:
@@ -207,3 +214,74 @@ def test_a_kill_behind_silent_and_stalled_owners_is_still_sigkilled_at_the_accep
         for sock in waiting:
             sock.close()
     assert daemon.client.health()["status"] == "ok"
+
+
+# A caller's raw kill on a socket, as another user: sends it (at once, or on a connection it
+# opened earlier, once told to on stdin) and prints the answer's status line, or b'' when the
+# daemon closed the connection unread.
+RAW_KILL = textwrap.dedent("""
+    import socket, sys
+    path, request, wait = sys.argv[1], sys.argv[2].encode(), sys.argv[3] == "wait"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    if wait:
+        print("connected", flush=True)
+        sys.stdin.readline()
+    try:
+        s.sendall(request)
+        print(repr(s.recv(65536).split(b"\\r\\n")[0]), flush=True)
+    except (BrokenPipeError, ConnectionResetError):
+        print("b''", flush=True)
+""")
+
+
+def raw_kill_as(user: pwd.struct_passwd, path: Path, scope: dict[str, Any], reason: str, *,
+                wait: bool = False) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", RAW_KILL, str(path), kill_request(scope, reason).decode(),
+         "wait" if wait else "now"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, user=user.pw_uid, group=user.pw_gid,
+        extra_groups=os.getgrouplist(user.pw_name, user.pw_gid))
+
+
+def answer_of(proc: subprocess.Popen[str]) -> str:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return out.strip().splitlines()[-1]
+
+
+def test_an_owner_demoted_by_a_reload_gets_nothing_sigkilled_at_the_acceptor(
+        tmp_root: Path) -> None:
+    """The owners' socket open to a group, its user an owner by name: its kill is SIGKILLed
+    at the acceptor. A reload makes it an admin: a new connection of its is turned away
+    unread, and a kill it writes on a connection it opened while still an owner is refused
+    by the loop (403, audited), nothing signalled for either; both agents run on."""
+    with users("owner") as made, running_daemon(
+            tmp_root, roles={"owner": [f"user:{made['users']['owner'].pw_name}"]},
+            control={"owner_socket_group": made["group"]}) as daemon:
+        user = made["users"]["owner"]
+        owner_socket = owner_socket_of(daemon.socket)
+        runs = {name: launch(daemon, name, name) for name in ("first", "second", "third")}
+        assert answer_of(raw_kill_as(user, owner_socket, {"agent": "first"},
+                                     "as an owner")) == "b'HTTP/1.1 200 OK'"
+        assert_killed_at_the_acceptor(daemon, {"first": runs["first"]}, "as an owner")
+        early = raw_kill_as(user, owner_socket, {"agent": "third"}, "opened as an owner",
+                            wait=True)
+        assert early.stdout is not None and early.stdout.readline().strip() == "connected"
+        daemon.extra_config["roles"] = {"admin": [f"user:{user.pw_name}"]}
+        daemon.write_config()
+        daemon.agentctl_json("reload", "--reason", "demote")
+        assert answer_of(raw_kill_as(user, owner_socket, {"agent": "second"},
+                                     "as an admin")) == "b''"
+        assert early.stdin is not None
+        early.stdin.write("go\n")
+        early.stdin.flush()
+        assert answer_of(early) == "b'HTTP/1.1 403 Forbidden'"
+        refused = [row for row in daemon.audit_rows("kill")
+                   if row["outcome"] == "refused:forbidden"]
+        assert len(refused) == 1 and refused[0]["actor"].startswith(user.pw_name), refused
+        for name in ("second", "third"):
+            assert daemon.client.get_run(runs[name])["state"] == "running", name
+        assert not [row for row in daemon.audit_rows("kill") if row["target"] != "first"
+                    and row["outcome"] == "ok"]
+        assert not daemon.audit_rows("acceptor_sigkill")
