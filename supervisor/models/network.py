@@ -1,5 +1,5 @@
 """A profile's network: its mode, and for mode `gateway` the egress policy (models/egress.py,
-with the MCP servers' models/mcp.py: ~20 models). That policy's models load and build only for
+with the MCP servers' models/mcp.py: 13 models). That policy's models load and build only for
 a profile that states a `[network.gateway]` table or a run that reads its policy, so a run with
 no network (the default profile's) never builds them; what a stated table accepts and the
 errors it gets (field paths, messages) are the policy's own, as if it were a plain field.
