@@ -327,6 +327,20 @@ class Arbiter:
             return [a for a in self.agents.values() if a.agent_class == scope.agent_class]
         return list(self.agents.values())
 
+    def halt_globally(self, actor: Actor, reason: str, agents: list[AgentRecord],
+                      **detail: Any) -> None:
+        """Set the global halt (no launch until an owner reactivates every agent) and its
+        audit row, committed with the kill's rows (the writer is woken for them): woken for
+        this row alone, the writer committed it and signed a checkpoint while the kill sent
+        its SIGKILLs (docs/benchmarks.md, fleet "Fourth pass")."""
+        self.global_halt = True
+        self.store.set_meta(GLOBAL_HALT_KEY, f"{actor.label()}: {reason}")
+        self.audit.append(actor=actor.label(), verb="global_halt", scope="global",
+                          reason=reason, detail={"actor": actor_detail(actor),
+                                                 "agents": sorted(a.name for a in agents),
+                                                 **detail},
+                          wake=False)
+
     async def act(self, verb: str, request: ActionRequest, actor: Actor, *,
                   cause: EndCause = EndCause.KILLED, arrived: float | None = None,
                   presignal: PreSignal | None = None,
@@ -349,15 +363,7 @@ class Arbiter:
         targets = self._targets(scope)
         reason = request.reason
         if verb == Verb.KILL and scope.kind == "global":
-            self.global_halt = True
-            self.store.set_meta(GLOBAL_HALT_KEY, f"{actor.label()}: {reason}")
-            # Committed with the kill's rows (the writer is woken for them, or below): woken
-            # for this row alone, the writer committed it and signed a checkpoint while the
-            # kill sent its SIGKILLs (docs/benchmarks.md, fleet "Fourth pass").
-            self.audit.append(actor=actor.label(), verb="global_halt", scope="global",
-                              reason=reason, detail={"actor": actor_detail(actor),
-                                                     "agents": sorted(a.name for a in targets)},
-                              wake=False)
+            self.halt_globally(actor, reason, targets)
         if verb == Verb.REACTIVATE and scope.kind == "global" and self.global_halt:
             self.global_halt = False
             self.store.set_meta(GLOBAL_HALT_KEY, None)

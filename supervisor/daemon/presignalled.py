@@ -56,6 +56,11 @@ async def _unclaimed(arbiter: Arbiter, record: PreSignal, left: list[str], why: 
         log.critical("owners' acceptor: %d run(s) SIGKILLed for a request whose kill path "
                      "did not take them (%s); killing %d agent(s) through the kill path",
                      len(left), why, len(agents))
+        if record.request.scope.kind == "global" and not arbiter.global_halt:
+            # Every run was SIGKILLed for a global halt: it is in force (fail closed), so no
+            # launch follows a fleet killed as if nothing had been asked.
+            arbiter.halt_globally(record.actor, reason, list(arbiter.agents.values()),
+                                  why=why)
         if agents:
             await arbiter._kill(agents, record.actor, reason, record.request.scope.describe(),
                                 arrived=record.arrived, presignal=record)

@@ -285,3 +285,26 @@ def test_an_owner_demoted_by_a_reload_gets_nothing_sigkilled_at_the_acceptor(
         assert not [row for row in daemon.audit_rows("kill") if row["target"] != "first"
                     and row["outcome"] == "ok"]
         assert not daemon.audit_rows("acceptor_sigkill")
+
+
+def test_a_global_kill_the_loop_refused_after_its_sigkill_leaves_the_global_halt_in_force(
+        daemon: Daemon) -> None:
+    """`all=true` followed by bytes that are no HTTP: every run is SIGKILLed at the acceptor
+    and the loop's parser answers 400, so the handler that sets the global halt never runs;
+    the runs are killed and audited, and the halt is in force all the same (fail closed)."""
+    runs = {name: launch(daemon, name, "fleet") for name in ("f1", "f2")}
+    reason = "everything, then garbage"
+    status, _headers, body = exchange(owner_socket_of(daemon.socket),
+                                      kill_request({"all": True}, reason) + b"\x00 no http\r\n")
+    assert status == 400, body
+    wait_for(lambda: len(kill_rows(daemon, reason)) == len(runs) or None, timeout=30,
+             what="the kill rows of a global kill the loop refused")
+    for run_id in runs.values():
+        wait_for(lambda i=run_id: daemon.client.get_run(i)["state"] == "killed" or None,
+                 timeout=30, what=f"run {run_id} finalised as killed")
+    assert daemon.client.health()["global_halt"] is True
+    halts = daemon.audit_rows("global_halt")
+    assert len(halts) == 1 and halts[0]["reason"].startswith(UNTAKEN.format(reason)), halts
+    refused = daemon.agentctl("run", "--detach", "--name", "after", "--", "sleep", "600")
+    assert refused.returncode != 0 and "global_halt" in refused.stdout + refused.stderr, refused
+    assert daemon.client.audit_verify()["ok"] is True

@@ -22,6 +22,7 @@ from supervisor.api.listener import Acceptor, Admission, Peer
 from supervisor.api.presignal import PEEK_MAX, Peeked, PreSigner, parse_kill, peek_kill
 from supervisor.config import ControlSection, RolesSection
 from supervisor.daemon import presignalled
+from supervisor.errors import GlobalHalt
 from supervisor.models import ActionRequest, RunRequest, Scope
 from supervisor.sandbox.killindex import KillIndex, PreSignal
 from tests.unit.conftest import ALICE, WAIT, ArbiterEnv
@@ -319,6 +320,38 @@ def test_a_request_whose_kill_took_its_runs_leaves_nothing_to_settle(env: Arbite
         assert len([e for e in env.audit.list(limit=100) if e.verb == "kill"]) == 2
         for cgroup in held.values():
             cgroup.close()
+
+    asyncio.run(body())
+
+
+def test_a_global_kill_the_loop_never_handled_leaves_the_global_halt_in_force(
+        env: ArbiterEnv) -> None:
+    """Every run SIGKILLed at the acceptor for `all=true`, its request never handled (the
+    connection gone, refused by the HTTP layer): the global halt is in force, on record,
+    and a launch is refused, as after a global kill the loop handled."""
+    async def body() -> None:
+        arbiter = env.arbiter()
+        view = await arbiter.launch(RunRequest.model_validate(
+            {"name": "a1", "class": "c", "command": ["sleep", "infinity"]}), ALICE)
+        held = Held()
+        arbiter.kill_index.add(view.id, view.agent, "c", held)
+        sent = record({"all": True})
+        arbiter.kill_index.signal(arbiter.kill_index.targets(every=True), sent, parent=False)
+        presignalled.finish(arbiter, sent, "its connection ended before the request was "
+                                           "handled")
+        await asyncio.wait_for(sent.settled.wait(), WAIT)
+        await asyncio.wait_for(arbiter.settled(view.id), WAIT)
+        run = env.store.run(view.id)
+        assert run is not None and run.state == "killed", run
+        assert arbiter.global_halt is True
+        halts = [e for e in env.audit.list(limit=100) if e.verb == "global_halt"]
+        assert len(halts) == 1 and halts[0].actor == ALICE.label(), halts
+        assert halts[0].detail["why"] == ("its connection ended before the request was "
+                                          "handled")
+        with pytest.raises(GlobalHalt):
+            await arbiter.launch(RunRequest.model_validate(
+                {"name": "a2", "command": ["sleep", "infinity"]}), ALICE)
+        held.close()
 
     asyncio.run(body())
 
