@@ -17,7 +17,6 @@ import collections
 import contextlib
 import errno
 import logging
-import math
 import os
 import resource
 import select
@@ -34,7 +33,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from supervisor.api.peers import actor_of, peer_credentials
-from supervisor.api.presignal import PEEK_POLL, PEEK_WAIT, Peeked, PreSigner
+from supervisor.api.presignal import PEEK_WAIT, Peeked, PreSigner
 from supervisor.authz import roles_of
 from supervisor.config import ControlSection, RolesSection
 from supervisor.errors import (
@@ -88,6 +87,9 @@ class Peer:
     actor: Actor
     owner: bool
     on_owner_socket: bool = False
+    # The owners' acceptor waited PEEK_WAIT for its first request in vain (or its peer
+    # stopped writing before one was whole): it takes no early hold (EarlyHold).
+    quiet: bool = False
 
 
 @dataclass
@@ -368,8 +370,10 @@ class VerbsFirst:
 # How long an owner's connection holds the reads before its first request is complete. What an
 # owner sends on the owners' socket is almost always a verb, written right after its connect:
 # held from the adoption, the verb waits for no batch of reads the loop still has before it
-# parses the request. An idle or stalled owner's connection holds no longer than this.
-EARLY_HOLD = 0.5
+# parses the request. An idle or stalled owner's connection holds no longer than this. With
+# a pre-signal (the daemon's owners' socket), the same window is the acceptor's PEEK_WAIT: a
+# connection whose first request has not come by its end is handed over without a hold.
+EARLY_HOLD = PEEK_WAIT
 
 
 class EarlyHold:
@@ -558,7 +562,16 @@ class _Peeking:
     peer: Peer
     accepted_at: float
     deadline: float  # perf_counter: handed over as it is then
-    partial: bool = False  # bytes are there, not yet a whole kill: peeked again by time
+
+
+# Connections accepted per wake before the acceptor looks at the ones it is peeking at: a flood
+# of connects cannot keep it from a waiting kill's bytes (nor those from the next accept).
+_ACCEPT_BATCH = 64
+# A peeked connection is watched edge-triggered: its POLLIN stays up while bytes that are no
+# whole request yet sit unread (the peek consumes nothing), and an edge comes with each new
+# arrival, so a stalled head costs the thread nothing until its next bytes or its deadline.
+_PEEKED_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_ENDED = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 
 class Acceptor:
@@ -570,10 +583,13 @@ class Acceptor:
     With `presign` (the owners' socket), an admitted connection's first request is peeked at
     before the hand-over: an owner's kill is SIGKILLed here (api/presignal.py), and what was
     signalled goes to the loop with the connection. The thread waits for no one connection's
-    bytes: a connection whose request is not yet there joins the ones it polls, beside the
-    listening socket, until its request is judged or PEEK_WAIT after its accept, so an owner
-    that connects and writes nothing, or stalls, never holds back another owner's kill (the
-    connections waited on are admitted ones: at most the owners' socket's cap)."""
+    bytes: one whose request is not there yet, or not whole, joins the descriptors it polls
+    beside the listening socket, each with its own deadline (PEEK_WAIT after its accept), and
+    is peeked at again when bytes arrive (never by time); it is handed over the moment its
+    first request is decided (a whole kill: signalled first; anything else: at once), when its
+    peer stops writing, or at its deadline. So an owner that connects and writes nothing, or
+    stalls, never holds back another owner's accept or kill; the connections waited on are
+    admitted ones, at most the owners' socket's cap (`reserved_connections`)."""
 
     def __init__(self, name: str, sock: socket.socket, admission: Admission,
                  hand_over: Callable[[socket.socket, Peer, float, PreSignal | None], None], *,
@@ -586,10 +602,17 @@ class Acceptor:
         self.owner_socket = owner_socket
         self.gate = gate  # shut: leave connections in the backlog (VerbsFirst)
         self.presign = presign
-        self._peeking: dict[int, _Peeking] = {}  # by descriptor; the thread's own
-        self._poller = select.poll()
+        # By descriptor, in the order accepted, hence of deadline (each PEEK_WAIT after its
+        # accept): the first is always the next due. The thread's own.
+        self._peeking: dict[int, _Peeking] = {}
+        self._poller = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    @property
+    def peeking(self) -> int:
+        """Connections whose first request is being waited for (for tests and metrics)."""
+        return len(self._peeking)
 
     def start(self) -> None:
         self._thread.start()
@@ -597,55 +620,56 @@ class Acceptor:
     def stop(self) -> None:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._poller.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
     def _run(self) -> None:
         poller = self._poller
-        poller.register(self.sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self.sock.fileno(), select.EPOLLIN)
+        poller.register(self._wake_r, select.EPOLLIN)
         gate = self.gate
         watching = True
         if gate is not None:
-            poller.register(gate.fileno(), select.POLLIN)
+            poller.register(gate.fileno(), select.EPOLLIN)
         try:
             while True:
                 events = dict(poller.poll(self._poll_timeout()))
                 if self._wake_r in events:
                     return
-                if self._peeking:
-                    self._peek_again(events)
                 if gate is not None:
                     if gate.fileno() in events:
                         gate.drain()
                     if gate.is_open() != watching:  # level-triggered: unwatch while shut
                         watching = gate.is_open()
                         if watching:
-                            poller.register(self.sock.fileno(), select.POLLIN)
+                            poller.register(self.sock.fileno(), select.EPOLLIN)
                         else:
                             poller.unregister(self.sock.fileno())
-                    if not watching:
-                        continue
-                self._drain()
+                if watching:
+                    self._drain()
+                if self._peeking:
+                    self._peek_again(events)
         finally:
             for waiting in list(self._peeking.values()):  # stopped: never reach the loop
                 self._forget(waiting)
                 waiting.conn.close()
                 self.admission.cancel(waiting.peer)
 
-    def _poll_timeout(self) -> int | None:
-        """ms until the next peek is due (None: none waits)."""
-        if not self._peeking:
-            return None
-        now = time.perf_counter()
-        due = min(now + PEEK_POLL if waiting.partial else waiting.deadline
-                  for waiting in self._peeking.values())
-        return max(0, math.ceil((due - now) * 1000))
+    def _poll_timeout(self) -> float:
+        """Seconds until the first deadline among the connections peeked at (-1: none)."""
+        for waiting in self._peeking.values():
+            return max(0.0, waiting.deadline - time.perf_counter())
+        return -1
 
     def _drain(self) -> None:
-        while self.gate is None or self.gate.is_open():
+        for _ in range(_ACCEPT_BATCH):
+            if self.gate is not None and not self.gate.is_open():
+                return
             try:
                 conn, _address = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -666,25 +690,36 @@ class Acceptor:
             if self.presign is None:
                 self._hand(conn, peer, accepted_at, None)
             else:
-                self._peek(_Peeking(conn, peer, accepted_at, accepted_at + PEEK_WAIT))
+                self._peek(_Peeking(conn, peer, accepted_at, accepted_at + PEEK_WAIT), 0)
 
     def _peek_again(self, events: dict[int, int]) -> None:
+        """Peek at the connections whose bytes came or whose peer stopped writing, then hand
+        over those whose deadline has passed (one last look first)."""
+        for fd, mask in events.items():
+            waiting = self._peeking.get(fd)
+            if waiting is not None:
+                self._peek(waiting, mask)
         now = time.perf_counter()
-        for fd, waiting in list(self._peeking.items()):
-            if fd in events or waiting.partial or now >= waiting.deadline:
-                self._peek(waiting)
+        while self._peeking:
+            waiting = next(iter(self._peeking.values()))
+            if waiting.deadline > now:
+                return
+            self._peek(waiting, 0)
 
-    def _peek(self, waiting: _Peeking) -> None:
-        """Judge `waiting`'s first request as it is now: hand it over (signalled, if a kill)
-        once judged or due, else wait on (for its first byte, or by time for the rest)."""
+    def _peek(self, waiting: _Peeking, mask: int) -> None:
+        """Judge `waiting`'s first request as it is now: hand it over (signalled, if a whole
+        kill) once judged, ended or due, else wait on for its next bytes."""
         assert self.presign is not None
         presignal = None
         try:
             verdict = self.presign.peek(waiting.conn)
             if isinstance(verdict, Peeked):
-                if time.perf_counter() < waiting.deadline:
-                    self._wait(waiting, partial=verdict is Peeked.INCOMPLETE)
+                if not mask & _ENDED and time.perf_counter() < waiting.deadline:
+                    self._wait(waiting)
                     return
+                # Due, or its peer stopped writing: the loop's as it is, with no early hold
+                # (its window, EARLY_HOLD after the accept, is over: ControlListener._adopt).
+                waiting.peer.quiet = True
             elif verdict is not None:
                 presignal = self.presign.signal(verdict, waiting.peer.actor,
                                                 waiting.accepted_at)
@@ -694,20 +729,17 @@ class Acceptor:
         self._forget(waiting)
         self._hand(waiting.conn, waiting.peer, waiting.accepted_at, presignal)
 
-    def _wait(self, waiting: _Peeking, *, partial: bool) -> None:
+    def _wait(self, waiting: _Peeking) -> None:
         fd = waiting.conn.fileno()
         if fd not in self._peeking:
+            # Bytes that came since the look are reported at once (epoll_ctl looks too).
+            self._poller.register(fd, _PEEKED_EVENTS)
             self._peeking[fd] = waiting
-            if not partial:
-                self._poller.register(fd, select.POLLIN)
-        elif partial and not waiting.partial:  # poll is level-triggered: by time from now
-            self._poller.unregister(fd)
-        waiting.partial = partial
 
     def _forget(self, waiting: _Peeking) -> None:
         """Stop waiting on `waiting` (before its descriptor leaves this thread)."""
         fd = waiting.conn.fileno()
-        if self._peeking.pop(fd, None) is not None and not waiting.partial:
+        if self._peeking.pop(fd, None) is not None:
             self._poller.unregister(fd)
 
     def _hand(self, conn: socket.socket, peer: Peer, accepted_at: float,
@@ -790,7 +822,7 @@ class ControlListener:
             return
         assert self._loop is not None
         early_hold = None
-        if peer.on_owner_socket and server.verbs_first is not None:
+        if peer.on_owner_socket and not peer.quiet and server.verbs_first is not None:
             early_hold = EarlyHold(server.verbs_first, conn, self._loop, self.early_hold)
         made: list[JsonErrorRequestHandler] = []
 

@@ -27,14 +27,15 @@ log = logging.getLogger(__name__)
 
 # At most this much of a request is peeked: a kill's head and body are a few hundred bytes.
 PEEK_MAX = 8192
-# A connection's request is waited for this long at most after its accept (an owner writes
-# its request right after its connect: microseconds, unless the host is loaded); what is not
-# complete by then goes the normal way. Only an owner's connection that has sent nothing, or
-# part of a kill, waits: any other request is told apart at its first bytes. The acceptor
-# waits for many connections at once (api/listener.py Acceptor): one that writes nothing, or
-# stalls, never holds back the next one's kill.
-PEEK_WAIT = 0.02
-PEEK_POLL = 0.0005  # between two peeks of a request that is there but not complete
+# A connection's first request is waited for this long at most after its accept (an owner
+# writes its request right after its connect: microseconds on a quiet host, but a 5 ms and
+# then a 20 ms bound were missed under load); what is not whole by then goes the normal way.
+# The owners' socket's EARLY_HOLD (api/listener.py) is the same window: for this long after
+# its accept an owner's connection is taken for a verb on its way, peeked at here, then
+# holding the reads on the loop; past it, it is an ordinary connection. Only a connection
+# that has sent nothing, or part of a kill, waits, and the acceptor waits for many at once
+# (api/listener.py Acceptor): one that writes nothing, or stalls, holds back no other.
+PEEK_WAIT = 0.5
 _HEADERS_MAX = 32
 _REQUEST_LINE = b"POST /v1/actions/kill HTTP/1.1"
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

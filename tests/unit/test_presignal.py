@@ -11,13 +11,16 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from supervisor.api import listener
 from supervisor.api.listener import Acceptor, Admission, Peer
 from supervisor.api.presignal import PEEK_MAX, Peeked, PreSigner, parse_kill, peek_kill
 from supervisor.config import ControlSection, RolesSection
@@ -468,3 +471,178 @@ def test_a_stopped_acceptor_closes_the_connections_it_was_peeking_at(tmp_path: A
                 assert client.recv(1) == b""
     listening.close()
     index.close()
+
+
+class OwnersAcceptor:
+    """A real owners' acceptor thread on a real Unix socket, pre-signalling into an index
+    with one run (`r1` of agent `a1`, class `c`, its cgroup.kill a pipe); what it hands over
+    is queued, in order, for the test to take."""
+
+    def __init__(self, tmp_path: Any, *, reserved: int = 32) -> None:
+        self.index = KillIndex()
+        self.cgroup = Held()
+        self.index.add("r1", "a1", "c", self.cgroup)
+        roles = RolesSection(owner=[f"user:{os.getuid()}"])
+        self.admission = Admission(config=ControlSection(reserved_connections=reserved),
+                                   roles=roles, budget=64)
+        self.signer = PreSigner(self.index, lambda: roles, finish=lambda *_: None, **LIMITS)
+        self.peeks: dict[int, int] = {}  # looks at each connection, by its descriptor
+        peek = self.signer.peek
+
+        def counted(conn: socket.socket) -> ActionRequest | Peeked | None:
+            self.peeks[conn.fileno()] = self.peeks.get(conn.fileno(), 0) + 1
+            return peek(conn)
+
+        self.signer.peek = counted  # type: ignore[method-assign]
+        self.handed: queue.Queue[tuple[socket.socket, Peer, float, PreSignal | None]] = \
+            queue.Queue()
+        self.path = str(tmp_path / "owner.sock")
+        self.listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listening.bind(self.path)
+        self.listening.listen(16)
+        self.listening.setblocking(False)
+        self.acceptor = Acceptor("owner-accept", self.listening, self.admission,
+                                 lambda *handed: self.handed.put(handed), owner_socket=True,
+                                 presign=self.signer)
+        self.clients: list[socket.socket] = []
+        self.taken: list[socket.socket] = []
+        self.acceptor.start()
+
+    def connect(self) -> socket.socket:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.clients.append(client)
+        client.connect(self.path)
+        return client
+
+    def peeking(self, count: int) -> None:
+        """Until `count` connections are waited on (their accept and first look are done)."""
+        for _ in range(int(WAIT / 0.001)):
+            if self.acceptor.peeking == count:
+                return
+            time.sleep(0.001)
+        raise AssertionError(f"{self.acceptor.peeking} connections peeked at, not {count}")
+
+    def take(self) -> tuple[socket.socket, Peer, float, PreSignal | None]:
+        conn, peer, at, presignal = self.handed.get(timeout=WAIT)
+        self.taken.append(conn)
+        self.admission.cancel(peer)
+        return conn, peer, at, presignal
+
+    def close(self) -> None:
+        self.acceptor.stop()
+        for sock in [*self.clients, *self.taken, self.listening]:
+            sock.close()
+        self.index.close()
+        self.cgroup.close()
+
+
+@pytest.fixture
+def owners(tmp_path: Any) -> Iterator[OwnersAcceptor]:
+    made = OwnersAcceptor(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture
+def long_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deadline no test reaches: only bytes, or their end, hand a connection over."""
+    monkeypatch.setattr(listener, "PEEK_WAIT", 100 * WAIT)
+
+
+def test_a_silent_owner_accepted_first_does_not_delay_a_later_owners_kill(
+        long_wait: None, owners: OwnersAcceptor) -> None:
+    """An owner's connection that writes nothing is being waited on when a second owner
+    connects and writes a kill: the kill is accepted, signalled and handed over while the
+    silent one is still waited on (its deadline is out of reach), and the silent one is
+    handed over, unsignalled, the moment its peer hangs up."""
+    silent = owners.connect()
+    owners.peeking(1)
+    killer = owners.connect()
+    data = kill({"agent": "a1"})
+    killer.sendall(data)
+    conn, _peer, _at, presignal = owners.take()
+    assert presignal is not None and set(presignal.runs) == {"r1"}
+    assert conn.recv(65536, socket.MSG_PEEK) == data  # the loop reads it all
+    assert owners.cgroup.written() == b"1"
+    assert owners.acceptor.peeking == 1 and owners.handed.empty()  # the silent one waits on
+    silent.close()
+    assert owners.take()[3] is None
+    assert owners.acceptor.peeking == 0 and owners.signer.sent == 1
+
+
+def test_a_request_that_completes_late_within_the_deadline_is_still_presignalled(
+        long_wait: None, owners: OwnersAcceptor) -> None:
+    """Bytes that come after the accept's look, in pieces, are peeked at as they come: a
+    kill whole before the deadline is signalled, with its arrival stamped at the accept
+    (before any of its bytes were written), and nothing of it consumed."""
+    client = owners.connect()
+    owners.peeking(1)
+    data = kill({"class": "c"})
+    before_bytes = time.perf_counter()
+    client.sendall(data[:25])
+    client.sendall(data[25:60])
+    assert owners.handed.empty()
+    client.sendall(data[60:])
+    conn, peer, accepted_at, presignal = owners.take()
+    assert presignal is not None and set(presignal.runs) == {"r1"} and not peer.quiet
+    assert accepted_at < before_bytes and presignal.arrived == accepted_at
+    assert conn.recv(65536, socket.MSG_PEEK) == data
+    assert owners.cgroup.written() == b"1"
+
+
+def test_a_stalled_head_is_looked_at_again_only_when_bytes_come(
+        long_wait: None, owners: OwnersAcceptor) -> None:
+    """A kill's head that stalls is not peeked at by time: the thread looks again at each
+    arrival of bytes (edge-triggered), however long the head waits, and hands it over at
+    once when its peer stops writing."""
+    stalled = owners.connect()
+    stalled.sendall(kill({"agent": "a1"})[:40])
+    owners.peeking(1)
+    fd = next(iter(owners.acceptor._peeking))
+    for _ in range(3):  # other connections come and go meanwhile, each its own kill
+        other = owners.connect()
+        other.sendall(kill({"agent": "nobody-here"}))
+        assert owners.take()[3] is None  # no live run: nothing signalled
+    # The accept's look and, at most, the one epoll reports for bytes already there when the
+    # connection was registered: none by time.
+    assert owners.peeks[fd] <= 2, owners.peeks
+    stalled.sendall(b"Content")
+    owners.peeking(1)
+    stalled.shutdown(socket.SHUT_WR)  # no more bytes: handed over now, not at the deadline
+    _conn, peer, _at, presignal = owners.take()
+    assert presignal is None and peer.quiet and owners.cgroup.written() == b""
+
+
+def test_the_deadline_hands_a_connection_over_unsignalled(
+        monkeypatch: pytest.MonkeyPatch, owners: OwnersAcceptor) -> None:
+    """A kill still incomplete at its deadline goes to the loop unsignalled and takes no early
+    hold there; its rest, written after, is the loop's to read (no SIGKILL here)."""
+    monkeypatch.setattr(listener, "PEEK_WAIT", 0.05)
+    client = owners.connect()
+    data = kill({"agent": "a1"})
+    client.sendall(data[:40])
+    conn, peer, _at, presignal = owners.take()
+    assert presignal is None and peer.quiet
+    client.sendall(data[40:])
+    assert conn.recv(65536, socket.MSG_PEEK | socket.MSG_WAITALL) == data
+    assert owners.cgroup.written() == b"" and owners.signer.sent == 0
+
+
+def test_the_connections_waited_on_are_bounded_by_the_owners_sockets_cap(
+        long_wait: None, tmp_path: Any) -> None:
+    owners = OwnersAcceptor(tmp_path, reserved=2)
+    try:
+        waiting = [owners.connect() for _ in range(2)]
+        owners.peeking(2)
+        refused = owners.connect()
+        refused.settimeout(WAIT)
+        with contextlib.suppress(ConnectionResetError):
+            assert refused.recv(1) == b""  # closed at its accept
+        assert owners.acceptor.peeking == 2 and owners.admission.connected == 2
+        for client in waiting:
+            client.close()
+            assert owners.take()[3] is None
+    finally:
+        owners.close()
