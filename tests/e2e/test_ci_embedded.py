@@ -444,14 +444,12 @@ def _sqlite_journal(db: Path) -> str:
     return {b"\x01\x01": "rollback", b"\x02\x02": "wal"}[db.read_bytes()[18:20]]
 
 
-def test_a_runner_killed_mid_run_leaves_a_state_the_next_run_of_its_slot_reaps(
-        ci: Path, repo: Path) -> None:
-    """The slot's state database is ephemeral (no WAL, no fsync: daemon/store.py `connect`),
-    yet what a SIGKILLed runner committed is all there for the next run of its slot, whose
-    reconcile reaps the killed run; its watchdog has killed the agent meanwhile."""
+def _runner_sigkilled_with_its_agent_running(ci: Path, repo: Path, *options: str) -> Path:
+    """An embedded run of an agent that stays up, its runner SIGKILLed once the agent is
+    ready; the run's slot directory."""
     proc = subprocess.Popen(
-        agentctl_command("run", "--embedded", "--workspace", str(repo), "--", "sh", "-c",
-                         "echo ready > ready; sleep 300"),
+        agentctl_command("run", "--embedded", *options, "--workspace", str(repo), "--", "sh",
+                         "-c", "echo ready > ready; sleep 300"),
         env=agentctl_env(ci), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     try:
@@ -462,6 +460,15 @@ def test_a_runner_killed_mid_run_leaves_a_state_the_next_run_of_its_slot_reaps(
         if proc.poll() is None:
             proc.kill()
     (slot,) = ci.glob("slot*")
+    return slot
+
+
+def test_a_runner_killed_mid_run_leaves_a_state_the_next_run_of_its_slot_reaps(
+        ci: Path, repo: Path) -> None:
+    """The slot's state database is ephemeral (no WAL, no fsync: daemon/store.py `connect`),
+    yet what a SIGKILLed runner committed is all there for the next run of its slot, whose
+    reconcile reaps the killed run; its watchdog has killed the agent meanwhile."""
+    slot = _runner_sigkilled_with_its_agent_running(ci, repo)
     database = slot / "state" / "state.db"
     assert _sqlite_journal(database) == "rollback"
     assert not database.with_name("state.db-wal").exists()
@@ -487,19 +494,7 @@ def test_a_killed_gateway_runs_nft_table_is_reaped_by_the_next_run_of_its_slot(
     left one: a gateway run marks its slot before it makes any, and only a teardown that finds
     none left takes the mark away. A SIGKILLed gateway run leaves its table and the mark; the
     next run of the slot reaps the table, audits it and unmarks the slot."""
-    proc = subprocess.Popen(
-        agentctl_command("run", "--embedded", "--profile", "coding-agent", "--workspace",
-                         str(repo), "--", "sh", "-c", "echo ready > ready; sleep 300"),
-        env=agentctl_env(ci), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
-    try:
-        wait_for(lambda: (repo / "ready").exists(), timeout=60, what="the agent")
-        os.killpg(proc.pid, signal.SIGKILL)  # agentctl exec'd the runner: this is the runner
-        proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    (slot,) = ci.glob("slot*")
+    slot = _runner_sigkilled_with_its_agent_running(ci, repo, "--profile", "coding-agent")
     mark = Path(DEFAULT_ROOT) / "locks" / f"{slot.name}.gateway"
     prefix = f"asci{slot.name.removeprefix('slot')}"
     left = nft.tables_with_prefix(prefix)

@@ -48,6 +48,18 @@ def kill_rows(daemon: Daemon, reason: str) -> dict[str, dict[str, Any]]:
             if row["reason"] == reason or row["reason"].startswith(UNTAKEN.format(reason))}
 
 
+def killed_and_audited(daemon: Daemon, runs: dict[str, str], reason: str, what: str
+                       ) -> dict[str, dict[str, Any]]:
+    """Waits until every one of `runs` (name -> run id) has a kill row of the request with
+    `reason` and is finalised as killed; the rows."""
+    wait_for(lambda: len(kill_rows(daemon, reason)) == len(runs) or None, timeout=30,
+             what=f"the kill rows of {what}")
+    for run_id in runs.values():
+        wait_for(lambda i=run_id: daemon.client.get_run(i)["state"] == "killed" or None,
+                 timeout=30, what=f"run {run_id} finalised as killed")
+    return kill_rows(daemon, reason)
+
+
 def timed_kill(daemon: Daemon, scope: dict[str, Any], reason: str) -> float:
     """An owner's kill through the client agentctl uses (api/client.py: the owners' socket,
     the whole request in one send right after the connect); how long the call took, connect
@@ -131,12 +143,7 @@ def test_a_kill_whose_caller_hangs_up_at_once_is_still_audited_and_finalised(
             sock.sendall(kill_request({"class": f"hang{round_}"}, reason))
         # The request's handler or the connection's end: either way every run is killed
         # through the kill path and audited with the acceptor's SIGKILL.
-        wait_for(lambda b=batch, r=reason: len(kill_rows(daemon, r)) == len(b) or None,
-                 timeout=30, what="the kill rows of a request whose caller hung up")
-        for run_id in batch.values():
-            wait_for(lambda i=run_id: daemon.client.get_run(i)["state"] == "killed" or None,
-                     timeout=30, what=f"run {run_id} finalised as killed")
-        rows = kill_rows(daemon, reason)
+        rows = killed_and_audited(daemon, batch, reason, "a request whose caller hung up")
         for name, run_id in batch.items():
             assert rows[name]["detail"]["run"] == run_id
             assert rows[name]["detail"]["sigkill"]["at"] == "owners_acceptor"
@@ -176,12 +183,8 @@ def test_a_kill_the_loop_never_handles_after_its_sigkill_is_still_audited_and_fi
         owner_socket_of(daemon.socket),
         kill_request({"class": "piped"}, reason) + b"\x00\x01 not http\r\n\r\n")
     assert status == 400, body
-    wait_for(lambda: len(kill_rows(daemon, reason)) == len(runs) or None, timeout=30,
-             what="the kill rows of the runs signalled for a request the loop refused")
-    for run_id in runs.values():
-        wait_for(lambda i=run_id: daemon.client.get_run(i)["state"] == "killed" or None,
-                 timeout=30, what=f"run {run_id} finalised as killed")
-    rows = kill_rows(daemon, reason)
+    rows = killed_and_audited(daemon, runs, reason,
+                              "the runs signalled for a request the loop refused")
     for row in rows.values():
         assert row["reason"].startswith(UNTAKEN.format(reason)), row
         assert row["actor"].startswith("root(")
@@ -328,11 +331,7 @@ def test_a_global_kill_the_loop_refused_after_its_sigkill_leaves_the_global_halt
     status, _headers, body = exchange(owner_socket_of(daemon.socket),
                                       kill_request({"all": True}, reason) + b"\x00 no http\r\n")
     assert status == 400, body
-    wait_for(lambda: len(kill_rows(daemon, reason)) == len(runs) or None, timeout=30,
-             what="the kill rows of a global kill the loop refused")
-    for run_id in runs.values():
-        wait_for(lambda i=run_id: daemon.client.get_run(i)["state"] == "killed" or None,
-                 timeout=30, what=f"run {run_id} finalised as killed")
+    killed_and_audited(daemon, runs, reason, "a global kill the loop refused")
     assert daemon.client.health()["global_halt"] is True
     halts = daemon.audit_rows("global_halt")
     assert len(halts) == 1 and halts[0]["reason"].startswith(UNTAKEN.format(reason)), halts

@@ -27,6 +27,7 @@ from supervisor.api.presignal import PreSigner
 from supervisor.config import ControlSection, RolesSection
 from supervisor.sandbox.cgroups import Cgroup, unified_root
 from supervisor.sandbox.killindex import KillIndex, PreSignal
+from tests.support.sockets import listening_unix_socket
 
 WAIT = 10.0
 
@@ -101,10 +102,7 @@ def test_an_owners_kill_kills_the_cgroup_with_the_event_loop_held(
         got.set()
 
     path = str(tmp_path / "owner.sock")
-    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listening.bind(path)
-    listening.listen(16)
-    listening.setblocking(False)
+    listening = listening_unix_socket(path)
     with held_loop() as (loop, release):
         # The daemon's hand-over (ControlListener._hand_over): the loop adopts it on a turn.
         acceptor = Acceptor(

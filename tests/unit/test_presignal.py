@@ -28,6 +28,7 @@ from supervisor.daemon import presignalled
 from supervisor.errors import GlobalHalt
 from supervisor.models import ActionRequest, RunRequest, Scope
 from supervisor.sandbox.killindex import KillIndex, PreSignal
+from tests.support.sockets import listening_unix_socket
 from tests.unit.conftest import ALICE, WAIT, ArbiterEnv
 
 LIMITS = {"max_body": 262144, "max_line": 8190}
@@ -407,10 +408,7 @@ def test_a_silent_or_stalled_owner_never_holds_back_another_owners_kill(tmp_path
             done.set()
 
     path = str(tmp_path / "owner.sock")
-    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listening.bind(path)
-    listening.listen(16)
-    listening.setblocking(False)
+    listening = listening_unix_socket(path)
     clients = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
     acceptor = Acceptor("owner-accept", listening, admission, hand_over, owner_socket=True,
                         presign=signer)
@@ -445,10 +443,7 @@ def test_a_stopped_acceptor_closes_the_connections_it_was_peeking_at(tmp_path: A
     signer = PreSigner(index, lambda: roles, finish=lambda *_: None, **LIMITS)
     handed: list[Peer] = []
     path = str(tmp_path / "owner.sock")
-    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listening.bind(path)
-    listening.listen(16)
-    listening.setblocking(False)
+    listening = listening_unix_socket(path)
     acceptor = Acceptor("owner-accept", listening, admission,
                         lambda conn, peer, _at, _ps: (handed.append(peer), conn.close()),
                         owner_socket=True, presign=signer)
@@ -497,10 +492,7 @@ class OwnersAcceptor:
         self.handed: queue.Queue[tuple[socket.socket, Peer, float, PreSignal | None]] = \
             queue.Queue()
         self.path = str(tmp_path / "owner.sock")
-        self.listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listening.bind(self.path)
-        self.listening.listen(16)
-        self.listening.setblocking(False)
+        self.listening = listening_unix_socket(self.path)
         self.acceptor = Acceptor("owner-accept", self.listening, self.admission,
                                  lambda *handed: self.handed.put(handed), owner_socket=True,
                                  presign=self.signer)
