@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from supervisor import buildmode
 from supervisor.errors import ConfigInvalid
 from supervisor.models.units import Duration, Size, parse_size
 
@@ -169,7 +170,9 @@ def _http_url(url: str) -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A run with no configuration file validates none of it (buildmode.py): the defaults are
+    # made without a validator (Config.model_construct(), below).
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=buildmode.DEFER_BUILD)
 
 
 class DaemonSection(_Section):
@@ -216,11 +219,17 @@ class SandboxSection(_Section):
 
     @model_validator(mode="after")
     def _uids_fit(self) -> SandboxSection:
+        if (problem := self.uids_problem()) is not None:
+            raise ValueError(problem)
+        return self
+
+    def uids_problem(self) -> str | None:
+        """Why the runs' host uids do not fit below the highest uid; None: they do."""
         last = self.uid_base + self.max_runs * 65536 - 1
         if last > _UID_MAX:
-            raise ValueError(f"uid_base {self.uid_base} + max_runs {self.max_runs} x 65536 "
-                             f"ends at uid {last}, past the highest uid {_UID_MAX}")
-        return self
+            return (f"uid_base {self.uid_base} + max_runs {self.max_runs} x 65536 ends at uid "
+                    f"{last}, past the highest uid {_UID_MAX}")
+        return None
 
 
 class ResourcesSection(_Section):
@@ -478,35 +487,45 @@ class FleetSection(_Section):
 
 
 class Config(_Section):
-    daemon: DaemonSection = DaemonSection()
-    sandbox: SandboxSection = SandboxSection()
-    resources: ResourcesSection = ResourcesSection()
-    kill: KillSection = KillSection()
-    docker: DockerSection = DockerSection()
-    roles: RolesSection = RolesSection()
-    workspaces: WorkspacesSection = WorkspacesSection()
+    # Each section's defaults as an instance made without its validator (defaults are never
+    # validated, and a section's own checks hold for them): nothing is built at import in a
+    # process that defers building (buildmode.py). tests/unit/test_config_defaults.py holds
+    # them, and Config.model_construct(), equal to what validating {} gives, field by field.
+    daemon: DaemonSection = DaemonSection.model_construct()
+    sandbox: SandboxSection = SandboxSection.model_construct()
+    resources: ResourcesSection = ResourcesSection.model_construct()
+    kill: KillSection = KillSection.model_construct()
+    docker: DockerSection = DockerSection.model_construct()
+    roles: RolesSection = RolesSection.model_construct()
+    workspaces: WorkspacesSection = WorkspacesSection.model_construct()
     webhooks: list[WebhookEndpoint] = []
-    webhook_delivery: WebhookDelivery = WebhookDelivery()
-    metrics: MetricsSection = MetricsSection()
-    drill: DrillSection = DrillSection()
-    breakglass: BreakGlassSection = BreakGlassSection()
-    telemetry: TelemetrySection = TelemetrySection()
-    egress: EgressSection = EgressSection()
-    output: OutputSection = OutputSection()
-    disk: DiskSection = DiskSection()
-    control: ControlSection = ControlSection()
-    audit: AuditSection = AuditSection()
+    webhook_delivery: WebhookDelivery = WebhookDelivery.model_construct()
+    metrics: MetricsSection = MetricsSection.model_construct()
+    drill: DrillSection = DrillSection.model_construct()
+    breakglass: BreakGlassSection = BreakGlassSection.model_construct()
+    telemetry: TelemetrySection = TelemetrySection.model_construct()
+    egress: EgressSection = EgressSection.model_construct()
+    output: OutputSection = OutputSection.model_construct()
+    disk: DiskSection = DiskSection.model_construct()
+    control: ControlSection = ControlSection.model_construct()
+    audit: AuditSection = AuditSection.model_construct()
     fleet: FleetSection | None = None
 
     @model_validator(mode="after")
     def _anchors_outside_the_state_dir(self) -> Config:
+        if (problem := self.anchors_problem()) is not None:
+            raise ValueError(problem)
+        return self
+
+    def anchors_problem(self) -> str | None:
+        """Why an audit anchor lies inside the state directory; None: neither does."""
         state = self.daemon.state_dir.resolve()
         for name in ("key", "checkpoint_file"):
             path: Path = getattr(self.audit, name).resolve()
             if path == state or state in path.parents:
-                raise ValueError(f"audit.{name} ({path}) must lie outside daemon.state_dir "
-                                 f"({state}): an anchor inside what it anchors proves nothing")
-        return self
+                return (f"audit.{name} ({path}) must lie outside daemon.state_dir ({state}): "
+                        f"an anchor inside what it anchors proves nothing")
+        return None
 
     @property
     def seccomp_listener(self) -> Path | None:
@@ -548,7 +567,9 @@ def load_config(path: Path | None) -> Config:
     ConfigInvalid names the file and every bad key (detail["errors"], one entry each)."""
     path = config_path(path)
     if path is None:
-        return Config()
+        # Nothing stated, nothing to validate: every default, without building the models
+        # (equal to Config(): tests/unit/test_config_defaults.py).
+        return Config.model_construct()
     try:
         data = tomllib.loads(path.read_bytes().decode("utf-8"))
     except OSError as exc:

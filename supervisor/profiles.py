@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from supervisor import buildmode
 from supervisor.errors import ProfileInvalid, ProfileNotFound, did_you_mean
 from supervisor.models import IMAGE_PATTERN
 from supervisor.models.network import NetworkPolicy
@@ -21,7 +22,9 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,63}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Where building waits for first use (buildmode.py), a profile's policies are built only
+    # inside the Profile that validates them, not each on its own as well.
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=buildmode.DEFER_BUILD)
 
 
 class FilesystemPolicy(_Strict):
@@ -92,6 +95,8 @@ class SeccompPolicy(_Strict):
 
 
 class Profile(_Strict):
+    # The policies' defaults are made without their validators (defaults are never validated);
+    # tests/unit/test_config_defaults.py holds each equal to the validated one.
     name: str = ""
     description: str = ""
     # None: the daemon's [sandbox] runtime.
@@ -99,13 +104,13 @@ class Profile(_Strict):
     # docker only: the image that is the agent's read-only root (`agentctl run --image`
     # overrides it). Without one, a "host" root is the host's directories bound read-only.
     image: Annotated[str, Field(pattern=IMAGE_PATTERN)] | None = None
-    filesystem: FilesystemPolicy = FilesystemPolicy()
-    limits: Limits = Limits()
-    workspace: WorkspacePolicy = WorkspacePolicy()
-    seccomp: SeccompPolicy = SeccompPolicy()
-    output: OutputPolicy = OutputPolicy()
-    network: NetworkPolicy = NetworkPolicy()
-    tripwires: TripwirePolicy = TripwirePolicy()
+    filesystem: FilesystemPolicy = FilesystemPolicy.model_construct()
+    limits: Limits = Limits.model_construct()
+    workspace: WorkspacePolicy = WorkspacePolicy.model_construct()
+    seccomp: SeccompPolicy = SeccompPolicy.model_construct()
+    output: OutputPolicy = OutputPolicy.model_construct()
+    network: NetworkPolicy = NetworkPolicy.model_construct()
+    tripwires: TripwirePolicy = TripwirePolicy.model_construct()
     env: dict[str, str] = {}
 
     @field_validator("env")

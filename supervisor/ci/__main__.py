@@ -12,6 +12,9 @@ same without importing importlib.metadata.
 The garbage collector is off while the runner's ~380 modules import: every object they make
 lives until the process ends, yet ~6 % of the import time went to collections finding nothing
 to free. runner.main() then freezes those objects out of the collector and turns it back on.
+The models that can wait are built at their first use, not as they are defined
+(buildmode.py): a plain run builds its spec's, its profile's and its own records' and never the
+configuration's (no file: every default, made without validating) or the API's views.
 Code those imports compile from strings (the dataclasses' generated methods, the models' string
 annotations) comes from root's cache of it (ci/codecache.py), ~35 ms of the ~150 ms start; the
 cache is in place for the imports only."""
@@ -28,9 +31,11 @@ for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
 # agentctl blocked them across its exec: any that came meanwhile are delivered now, to the above.
 signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
 os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
-from supervisor.ci import DEFAULT_ROOT, no_plugins  # noqa: E402  (after the signals are taken)
+from supervisor import buildmode  # noqa: E402  (after the signals are taken)
+from supervisor.ci import DEFAULT_ROOT, no_plugins  # noqa: E402
 
 sys.modules.setdefault(no_plugins.MODULE, no_plugins)
+buildmode.DEFER_BUILD = True
 
 codes = None
 if os.geteuid() == 0:

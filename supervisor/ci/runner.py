@@ -46,6 +46,7 @@ from supervisor.daemon.selftest import run_self_test
 from supervisor.egress import nft
 from supervisor.errors import (
     AgentBusy,
+    ConfigInvalid,
     EmbeddedNeedsRoot,
     EmbeddedRunFailed,
     EnforcementError,
@@ -93,18 +94,31 @@ def claim_slot(locks: Path) -> tuple[int, int]:
 
 def embedded_config(base: Config, root: Path, slot: int) -> Config:
     """The daemon's configuration narrowed to one run in `slot`: its own directories, cgroup
-    parent and name prefix, and host uids above the daemon's whole range, one range per slot."""
-    data = base.model_dump()
+    parent and name prefix, and host uids above the daemon's whole range, one range per slot.
+    The three sections are copied with the new values, not validated again: the values are
+    made here in the forms validation gives (tests/unit/test_embedded_config.py holds the
+    result equal to validating the narrowed configuration), and what depends on the base is
+    checked by the checks validation runs: the slot's uids below the highest uid, the audit's
+    anchors outside the new state directory. So a run without a configuration file builds no
+    configuration model (buildmode.py)."""
     runtime_dir = root / f"slot{slot}"
-    data["daemon"].update(runtime_dir=runtime_dir, state_dir=runtime_dir / "state",
-                          socket_path=None)
-    data["sandbox"].update(
-        cgroup_parent=f"/{_CGROUP_ROOT}/slot{slot}", name_prefix=f"asci{slot}", max_runs=1,
-        uid_base=base.sandbox.uid_base + (base.sandbox.max_runs + slot) * SANDBOX_UID_COUNT)
-    data["telemetry"]["seccomp_listener"] = (None if base.telemetry.seccomp_listener is None
-                                             else base.telemetry.seccomp_listener and
-                                             str(runtime_dir / "seccomp.sock"))
-    return Config.model_validate(data)
+    listener = base.telemetry.seccomp_listener
+    sandbox = base.sandbox.model_copy(update={
+        "cgroup_parent": f"/{_CGROUP_ROOT}/slot{slot}", "name_prefix": f"asci{slot}",
+        "max_runs": 1,
+        "uid_base": base.sandbox.uid_base + (base.sandbox.max_runs + slot) * SANDBOX_UID_COUNT})
+    config = base.model_copy(update={
+        "daemon": base.daemon.model_copy(update={
+            "runtime_dir": runtime_dir, "state_dir": runtime_dir / "state",
+            "socket_path": None}),
+        "sandbox": sandbox,
+        "telemetry": base.telemetry.model_copy(update={
+            "seccomp_listener": listener if listener is None or listener == ""
+            else str(runtime_dir / "seccomp.sock")})})
+    if (problem := sandbox.uids_problem() or config.anchors_problem()) is not None:
+        raise ConfigInvalid(f"the configuration narrowed to embedded run slot {slot} is not "
+                            f"valid: {problem}", slot=slot, reason=problem)
+    return config
 
 
 def _outside(path: str | None, workspace: Path | None, what: str) -> None:

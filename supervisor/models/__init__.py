@@ -22,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from supervisor import buildmode
 from supervisor.limits import REASON_MAX
 from supervisor.models.tripwire import TripwireRule
 from supervisor.models.units import Duration, duration_schema, duration_within
@@ -129,7 +130,9 @@ class RunRequest(_Request):
     # docker runtime only: the image that is the agent's root (overrides the profile's).
     image: Annotated[str, Field(pattern=IMAGE_PATTERN)] | None = None
 
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    # Validated inside a CI run's spec, or on its own by the API (buildmode.py).
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True,
+                              defer_build=buildmode.DEFER_BUILD)
 
     @field_validator("name")
     @classmethod
@@ -202,8 +205,16 @@ class ActionRequest(_Request):
                    duration_schema(GRACE_MAX)] | None = None
 
 
+# The API's views a run does not make (buildmode.py): an agent's view, a held request, an
+# audit verification. The run's own records (RunView, AuditEntry, TelemetrySummary, Actor)
+# and the kill path's models are built as they are defined.
+_VIEW = ConfigDict(defer_build=buildmode.DEFER_BUILD)
+
+
 class Approval(BaseModel):
     """A request the egress gateway holds until an operator approves or denies it."""
+
+    model_config = _VIEW
 
     id: str
     agent: str
@@ -301,7 +312,7 @@ class AgentView(BaseModel):
     # The telemetry summary of that run (live or stored); None when there is none.
     telemetry: TelemetrySummary | None = None
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, defer_build=buildmode.DEFER_BUILD)
 
 
 class AgentResult(BaseModel):
@@ -342,6 +353,8 @@ class AuditEntry(BaseModel):
 
 
 class AuditVerifyResult(BaseModel):
+    model_config = _VIEW
+
     ok: bool
     rows: int
     first_bad_seq: int | None = None

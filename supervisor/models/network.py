@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
+from supervisor import buildmode
+
 if TYPE_CHECKING:
     from supervisor.models.egress import GatewayPolicy
 
@@ -44,7 +46,9 @@ else:
 
 class NetworkPolicy(BaseModel):
     # Dumped as it is read (`gateway`, not the attribute's name): a dump validates back.
-    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
+    # Validated inside a profile (buildmode.py).
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True,
+                              defer_build=buildmode.DEFER_BUILD)
 
     # none: an empty network namespace (loopback only). gateway: a veth whose only reachable
     # peer is the supervisor's egress gateway.

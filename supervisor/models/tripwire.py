@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from supervisor import buildmode
 from supervisor.models.units import parse_duration, parse_size
 
 # Sample fields (supervisor.telemetry.Sample) a rule may watch.
@@ -53,7 +54,9 @@ def _threshold(value: Any) -> float:
 
 
 class TripwireRule(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Validated inside a profile or a run request (buildmode.py: built on its own only if used
+    # on its own, where building waits for first use).
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=buildmode.DEFER_BUILD)
 
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.\-]{0,62}$")]
     metric: str
@@ -73,7 +76,7 @@ class TripwireRule(BaseModel):
 
 
 class TripwirePolicy(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=buildmode.DEFER_BUILD)
 
     auto_containment_threshold: Annotated[int, Field(ge=2, le=1000)] = 3
     rules: list[TripwireRule] = []
@@ -88,10 +91,16 @@ class TripwirePolicy(BaseModel):
 
     def with_overrides(self, overrides: list[TripwireRule]) -> TripwirePolicy:
         """The agent's own rules replace the profile's rules of the same name."""
+        if not overrides:
+            return self  # the usual run: nothing to replace
         by_name = {r.name: r for r in self.rules}
         by_name.update({r.name: r for r in overrides})
-        return TripwirePolicy(auto_containment_threshold=self.auto_containment_threshold,
-                              rules=list(by_name.values()))
+        # Every part is validated already (the policy, each rule) and the names are unique
+        # by construction: nothing to validate again, so nothing waits for this model to be
+        # built as a run starts where building waits for first use (buildmode.py).
+        return TripwirePolicy.model_construct(
+            auto_containment_threshold=self.auto_containment_threshold,
+            rules=list(by_name.values()))
 
 
 def _fmt(metric: str, value: float) -> str:

@@ -2,7 +2,8 @@
 only a gateway run, a report or another surface needs (tests/support/ci_imports.py): the
 runner's real entry point, run as agentctl execs it, with the spec agentctl's fast path
 builds. The unit tier checks the same list for a runner that refuses at once; here the models a
-run validates are built and the core runs, as root, with real runc."""
+run validates are built (and only those: tests/support/ci_imports.py) and the core runs, as
+root, with real runc."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ import pytest
 from supervisor.ci import DEFAULT_ROOT, ENV_VAR, codecache
 from supervisor.cli import fast
 from tests.conftest import require_root_and_runc
-from tests.support.ci_imports import codecache_misses, runner_modules, unwanted
+from tests.support.ci_imports import (
+    BUILT_BY_A_PLAIN_RUN,
+    codecache_misses,
+    models_built,
+    runner_modules,
+    unwanted,
+)
 from tests.support.embedded import agentctl_env, host_residue
 
 pytestmark = pytest.mark.e2e
@@ -40,6 +47,9 @@ def test_a_plain_run_imports_only_what_it_uses(state_root: Path) -> None:
     assert "ran-in-the-sandbox" in done.stdout  # the agent did run
     assert "supervisor.daemon.core" in modules and "pydantic" in modules
     assert unwanted(modules) == []
+    # Its spec and profile validated, its records made; the configuration (no file: every
+    # default) never validated, so none of its models built (buildmode.py).
+    assert models_built(done) == sorted(BUILT_BY_A_PLAIN_RUN)
 
 
 def test_the_runner_compiles_its_imports_code_once_per_host(state_root: Path) -> None:

@@ -36,6 +36,19 @@ NOT_ON_THE_RUN_PATH = (
     "importlib.resources", "zipfile", "tempfile",
 )
 
+# The models the runner builds as it imports (the rest wait for their first use: buildmode.py):
+# the kill path's, so no kill waits for one to be built, the records every run makes, and the
+# spec it reads first.
+BUILT_AT_THE_RUNNERS_START = (
+    "supervisor.models.ActionRequest", "supervisor.models.Scope", "supervisor.models._Request",
+    "supervisor.models.ActionResult", "supervisor.models.AgentResult",
+    "supervisor.models.Actor", "supervisor.models.RunView", "supervisor.models.AuditEntry",
+    "supervisor.models.TelemetrySummary", "supervisor.ci.spec.EmbeddedRun",
+)
+# What a plain run builds besides: its profile (validated from its file, with its policies
+# inside it). Not the configuration: without a file it is every default, never validated.
+BUILT_BY_A_PLAIN_RUN = (*BUILT_AT_THE_RUNNERS_START, "supervisor.profiles.Profile")
+
 # Loaded when the run's processes are first walked by the telemetry sampler (sampler.py
 # load_psutil), which a quick run may or may not reach: never before the run starts.
 NOT_AT_THE_RUNNERS_START = (*NOT_ON_THE_RUN_PATH, "psutil")
@@ -43,9 +56,19 @@ NOT_AT_THE_RUNNERS_START = (*NOT_ON_THE_RUN_PATH, "psutil")
 PROBE = """
 import json, os, runpy, sys
 _exit = os._exit
+def _built():
+    main = sys.modules.get("pydantic.main")
+    found, todo = [], list(main.BaseModel.__subclasses__()) if main else []
+    while todo:
+        model = todo.pop()
+        todo += model.__subclasses__()
+        if model.__dict__.get("__pydantic_complete__"):
+            found.append(f"{model.__module__}.{model.__qualname__}")
+    return sorted(set(found))
 def _report(code):
     codes = getattr(sys.modules.get("__main__"), "codes", None)
     sys.stdout.write("\\nCODECACHE " + json.dumps(codes and codes.misses) + "\\n")
+    sys.stdout.write("\\nBUILT " + json.dumps(_built()) + "\\n")
     sys.stdout.write("\\nMODULES " + json.dumps(sorted(sys.modules)) + "\\n")
     sys.stdout.flush()
     _exit(code)
@@ -72,6 +95,15 @@ def codecache_misses(done: subprocess.CompletedProcess[str]) -> int | None:
     assert marker, done.stdout[-2000:]
     misses: int | None = json.loads(marker[-1].removeprefix("CODECACHE "))
     return misses
+
+
+def models_built(done: subprocess.CompletedProcess[str]) -> list[str]:
+    """The pydantic models (module.name) whose validators were built in a process
+    `runner_modules` ran, when it left."""
+    marker = [line for line in done.stdout.splitlines() if line.startswith("BUILT ")]
+    assert marker, done.stdout[-2000:]
+    built: list[str] = json.loads(marker[-1].removeprefix("BUILT "))
+    return built
 
 
 def unwanted(modules: list[str], forbidden: tuple[str, ...] = NOT_ON_THE_RUN_PATH

@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 
 from supervisor.ci import ENV_VAR
-from tests.support.ci_imports import NOT_AT_THE_RUNNERS_START, runner_modules, unwanted
+from tests.support.ci_imports import (
+    BUILT_AT_THE_RUNNERS_START,
+    NOT_AT_THE_RUNNERS_START,
+    models_built,
+    runner_modules,
+    unwanted,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,6 +38,17 @@ def test_the_ci_runner_imports_only_what_a_run_uses() -> None:
     assert "invalid_request" in done.stderr  # it started, read no spec and refused
     assert "supervisor.daemon.core" in modules and "supervisor.ci.runner" in modules
     assert unwanted(modules, NOT_AT_THE_RUNNERS_START) == []
+
+
+def test_the_ci_runner_builds_only_the_models_that_cannot_wait() -> None:
+    """The runner defers building every model that can wait for its first use (buildmode.py):
+    as it starts it has built the kill path's models (a kill never waits for one), the records
+    every run makes and its spec's, and none of the configuration's, the profile's or the
+    API's other views."""
+    env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
+    done, _ = runner_modules(env, REPO)
+    assert "invalid_request" in done.stderr
+    assert models_built(done) == sorted(BUILT_AT_THE_RUNNERS_START)
 
 
 def test_the_stand_in_plugin_loader_answers_as_pydantic_does(

@@ -28,7 +28,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("observation", ("supervisor.telemetry", "supervisor.tripwires")),
     ("model", ("supervisor.models", "supervisor.states", "supervisor.errors",
                "supervisor.config", "supervisor.profiles", "supervisor.openapi",
-               "supervisor.sandbox_profiles", "supervisor.limits", "supervisor")),
+               "supervisor.sandbox_profiles", "supervisor.limits", "supervisor.buildmode",
+               "supervisor")),
 ]
 RANK = {name: rank for rank, (name, _) in enumerate(reversed(LAYERS))}
 

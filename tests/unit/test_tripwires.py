@@ -10,6 +10,7 @@ from supervisor.errors import ProfileInvalid
 from supervisor.profiles import validate_profile
 from supervisor.telemetry import Sample
 from supervisor.tripwires import RunTripwires, TripwirePolicy, TripwireRule
+from tests.support.model_diff import differences
 
 
 def sample(ts: float = 0.0, **values: float) -> Sample:
@@ -155,3 +156,17 @@ def test_a_carried_state_not_of_its_form_changes_nothing(bad: dict[str, object])
     with pytest.raises(ValueError):
         state.restore(bad)
     assert (state.armed, state.consecutive, state.contained) == ({}, 0, False)
+
+
+def test_tripwires_without_overrides_are_the_profiles_own() -> None:
+    """A run with no tripwires of its own keeps its profile's policy as it is; with some,
+    they replace the profile's rules of the same name: the policy made of validated parts
+    without validating it again is what validating gives."""
+    rule = TripwireRule(name="mem", metric="memory_bytes", above=1.0)
+    policy = TripwirePolicy(auto_containment_threshold=5, rules=[rule])
+    assert policy.with_overrides([]) is policy
+    other = TripwireRule(name="mem", metric="memory_bytes", above=2.0, action="kill")
+    extra = TripwireRule(name="cpu", metric="cpu_seconds", above=3.0)
+    merged = policy.with_overrides([other, extra])
+    assert differences(merged, TripwirePolicy(auto_containment_threshold=5,
+                                              rules=[other, extra])) == []

@@ -1,0 +1,104 @@
+"""An embedded run's configuration (ci/runner.py `embedded_config`): the daemon's narrowed to
+one slot by copying the sections it changes with values computed in code, where it used to dump
+the configuration and validate it whole again. Held equal, field by field, to that validated
+narrowing, for configurations with and without a file's values; what validating would refuse
+is refused, as a structured error. No privilege."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from supervisor.ci.runner import embedded_config
+from supervisor.config import Config
+from supervisor.errors import ConfigInvalid
+from supervisor.sandbox.bundle import SANDBOX_UID_COUNT
+from tests.support.model_diff import differences
+
+ROOT = Path("/run/agent-supervisor-ci")
+
+
+def validated_narrowing(base: Config, root: Path, slot: int) -> Config:
+    """The narrowing as it was: the whole configuration dumped, changed and validated."""
+    data = base.model_dump()
+    runtime_dir = root / f"slot{slot}"
+    data["daemon"].update(runtime_dir=runtime_dir, state_dir=runtime_dir / "state",
+                          socket_path=None)
+    data["sandbox"].update(
+        cgroup_parent=f"/agent-supervisor-ci/slot{slot}", name_prefix=f"asci{slot}",
+        max_runs=1,
+        uid_base=base.sandbox.uid_base + (base.sandbox.max_runs + slot) * SANDBOX_UID_COUNT)
+    data["telemetry"]["seccomp_listener"] = (None if base.telemetry.seccomp_listener is None
+                                             else base.telemetry.seccomp_listener and
+                                             str(runtime_dir / "seccomp.sock"))
+    return Config.model_validate(data)
+
+
+def values_differ(narrowed: Config, reference: Config) -> list[str]:
+    """Every difference but which fields are marked as set: validating a dump marks them all,
+    a copy keeps the base's marks plus the sections it changed (nothing reads the marks of a
+    configuration: no dump of it excludes unset fields)."""
+    return [d for d in differences(narrowed, reference) if "fields set" not in d]
+
+
+STATED: list[dict[str, Any]] = [
+    {},
+    {"telemetry": {"seccomp_listener": ""}},
+    {"telemetry": {"seccomp_listener": "/run/listener.sock", "rate_hz": 5},
+     "sandbox": {"uid_base": 200_000, "max_runs": 7, "cgroup_parent": "/agents//",
+                 "name_prefix": "ag", "agent_uid": 1234, "runc_path": "/opt/runc"},
+     "daemon": {"runtime_dir": "/run/as", "state_dir": "/var/lib/as",
+                "socket_path": "/run/as/c.sock", "log_level": "debug",
+                "profile_dirs": ["/etc/p"], "default_profile": "strict"},
+     "kill": {"confirm_timeout": "2s"}, "output": {"max_bytes": "8M"},
+     "webhooks": [{"url": "https://example.test/hook", "events": ["kill"]}],
+     "roles": {"admin": ["user:alice"]}},
+]
+
+
+@pytest.mark.parametrize("stated", STATED)
+@pytest.mark.parametrize("slot", [0, 1, 4095])
+def test_the_narrowing_is_what_validating_it_gives(stated: dict[str, Any], slot: int) -> None:
+    base = Config.model_validate(stated)
+    narrowed = embedded_config(base, ROOT, slot)
+    reference = validated_narrowing(base, ROOT, slot)
+    assert values_differ(narrowed, reference) == [] and narrowed == reference
+    assert narrowed.sandbox.name_prefix == f"asci{slot}" and narrowed.sandbox.max_runs == 1
+    assert narrowed.daemon.runtime_dir == ROOT / f"slot{slot}"
+    assert base.sandbox.cgroup_parent != narrowed.sandbox.cgroup_parent  # the base is intact
+
+
+def test_the_narrowing_of_every_default_is_what_validating_it_gives() -> None:
+    """Without a file the base is made without validating (load_config); narrowed, it is
+    still what validating the narrowed defaults gives."""
+    narrowed = embedded_config(Config.model_construct(), ROOT, 2)
+    reference = validated_narrowing(Config(), ROOT, 2)
+    assert values_differ(narrowed, reference) == [] and narrowed == reference
+
+
+def test_a_slot_past_the_highest_uid_is_refused_as_validating_refuses_it() -> None:
+    # The daemon's range ends just below the highest uid: a slot's range would pass it.
+    top = 2**32 - 2 + 1 - 4 * SANDBOX_UID_COUNT
+    base = Config.model_validate({"sandbox": {"uid_base": top, "max_runs": 4}})
+    with pytest.raises(ValidationError) as validated:
+        validated_narrowing(base, ROOT, 0)
+    with pytest.raises(ConfigInvalid) as refused:
+        embedded_config(base, ROOT, 0)
+    reason = validated.value.errors()[0]["msg"].removeprefix("Value error, ")
+    assert refused.value.detail["reason"] == reason and reason in refused.value.message
+    assert "past the highest uid" in reason and refused.value.detail["slot"] == 0
+
+
+def test_audit_anchors_inside_the_slots_state_directory_are_refused() -> None:
+    base = Config.model_validate({"audit": {"key": "/run/agent-supervisor-ci/slot5/state/k"}})
+    with pytest.raises(ValidationError) as validated:
+        validated_narrowing(base, ROOT, 5)
+    with pytest.raises(ConfigInvalid) as refused:
+        embedded_config(base, ROOT, 5)
+    reason = validated.value.errors()[0]["msg"].removeprefix("Value error, ")
+    assert refused.value.detail["reason"] == reason
+    assert "must lie outside daemon.state_dir" in reason
+    embedded_config(base, ROOT, 4)  # another slot's state directory: nothing to refuse
