@@ -18,7 +18,8 @@ to the server).
 
 A restart (supervisor/daemon/handover.py) replaces the gateway worker, not the server: `hand_over`
 answers each request still waiting with a JSON-RPC error the agent can retry on
-(`supervisor_restarting`), tells the server they are cancelled, and lets go of the socket
+(`supervisor_restarting`), never with what the server answers to the cancellation, tells the
+server they are cancelled, and lets go of the socket
 without closing the server's stdin (the daemon holds another copy for the next worker). The
 next worker's bridge numbers its requests on from `next_id`, so an answer the server sends late
 to a cancelled request names an id nobody waits for and is dropped."""
@@ -183,22 +184,25 @@ class StdioBridge:
         self.writer.transport.abort()
 
     async def hand_over(self) -> None:
-        """A restart: every request still waiting is failed with `supervisor_restarting`
-        (its POST answers the agent with that JSON-RPC error) and cancelled at the server;
-        then this bridge lets go of the socket. The server keeps running: its stdin stays
+        """A restart: every request still waiting is cancelled at the server and failed with
+        `supervisor_restarting` (its POST answers the agent with that JSON-RPC error; the
+        server's own answer to the cancellation is dropped); then this bridge lets go of the
+        socket. The server keeps running: its stdin stays
         open through the daemon's copy of this end, for the next worker's bridge."""
         waiting = [ident for ident, future in self.pending.items() if not future.done()]
         self._cancel(waiting)
+        # Failed before anything is awaited: the server answers a cancellation (the SDK's
+        # server with the error "Request cancelled"), and an answer read while the
+        # cancellations drain would otherwise reach the agent in place of this one.
+        for ident in waiting:
+            self.pending[ident].set_exception(StdioUnavailable(
+                RESTARTING, f"the supervisor restarted while this call to MCP server "
+                f"{self.name} was in flight; the server was told to cancel it. Call again: "
+                f"the server is still running", retryable=True))
         if self.closed is None:
             with contextlib.suppress(ConnectionError, OSError, RuntimeError):
                 await asyncio.wait_for(self.writer.drain(), _HANDOVER_DRAIN)
         self.closed = "the supervisor is restarting"
-        for future in self.pending.values():
-            if not future.done():
-                future.set_exception(StdioUnavailable(
-                    RESTARTING, f"the supervisor restarted while this call to MCP server "
-                    f"{self.name} was in flight; the server was told to cancel it. Call again: "
-                    f"the server is still running", retryable=True))
         self.writer.transport.abort()
         if self._reading is not None:
             self._reading.cancel()

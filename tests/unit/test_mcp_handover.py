@@ -30,6 +30,7 @@ from supervisor.egress.grant import (
     mcp_carried_from_wire,
     mcp_carried_to_wire,
 )
+from supervisor.mcp.stdio import RESTARTING, StdioBridge, StdioUnavailable
 from supervisor.models.egress import GatewayPolicy
 from tests.unit import test_egress_gateway as gw
 from tests.unit.test_mcp_gateway import McpSink
@@ -155,5 +156,46 @@ def test_a_call_in_flight_at_a_restart_is_answered_and_the_next_worker_goes_on()
             new.gateway.stop()
         else:
             kept.close()
+        reader.close()
+        server.close()
+
+
+def test_the_servers_answer_to_the_handovers_cancellation_never_reaches_the_agent() -> None:
+    """The SDK's server answers a cancelled request at once (the error "Request cancelled",
+    no data). Read while the handover's cancellations drain, that answer took the place of
+    `supervisor_restarting`: the agent got an error it could not tell was a restart's."""
+    server, gateway_end = socket.socketpair()
+    reader = server.makefile("rb")
+
+    async def scenario() -> StdioUnavailable:
+        bridge = await StdioBridge.open("files", gateway_end, 1 << 16)
+        call = asyncio.get_running_loop().create_task(bridge.exchange([_call("slow", "a1")]))
+        request = json.loads(await asyncio.to_thread(reader.readline))
+        drain = bridge.writer.drain
+
+        async def answered_while_draining() -> None:
+            # The server reads the cancellation and answers it before the drain is over;
+            # the bridge has read that answer by the time the drain returns.
+            cancel = json.loads(await asyncio.to_thread(reader.readline))
+            assert cancel["params"]["requestId"] == request["id"]
+            dropped = bridge.dropped
+            server.sendall(json.dumps({"jsonrpc": "2.0", "id": request["id"], "error": {
+                "code": 0, "message": "Request cancelled"}}).encode() + b"\n")
+            for _ in range(200):
+                if bridge.dropped > dropped or call.done():
+                    break
+                await asyncio.sleep(0.01)
+            await drain()
+
+        bridge.writer.drain = answered_while_draining  # type: ignore[method-assign]
+        await bridge.hand_over()
+        with pytest.raises(StdioUnavailable) as raised:
+            await call
+        return raised.value
+
+    try:
+        failed = asyncio.run(scenario())
+        assert (failed.reason, failed.retryable) == (RESTARTING, True), failed.message
+    finally:
         reader.close()
         server.close()
