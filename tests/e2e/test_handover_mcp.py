@@ -4,9 +4,10 @@ agent's; at an orderly restart (SIGUSR2) its socketpair end goes to the watchdog
 next daemon, whose gateway worker bridges to the same server process. The agent's SDK client
 keeps its session: a call in flight at the restart is answered with a JSON-RPC error
 (supervisor_restarting) and cancelled at the server, the next call goes through the new worker,
-and the MCP budgets go on counting. While no daemon holds them the servers die with the agents
-(window expiry, break-glass); a server that cannot be adopted fails the run's adoption (reaped,
-audited). Real daemon processes, runc, cgroups, veth, nftables; needs root."""
+and the MCP budgets go on counting (the spent one pauses the adopted run). While no daemon
+holds them the servers die with the agents (window expiry, break-glass); a server that cannot
+be adopted fails the run's adoption (reaped, audited). Real daemon processes, runc, cgroups,
+veth, nftables; needs root."""
 
 from __future__ import annotations
 
@@ -114,6 +115,11 @@ def _calls(rig: GatewayRig) -> list[dict[str, Any]]:
     return rig.daemon.audit_rows("mcp_call")
 
 
+def _paused(rig: GatewayRig, agent: str) -> dict[str, Any] | None:
+    view: dict[str, Any] = rig.daemon.client.agent(agent)
+    return view if view["state"] == "paused" else None
+
+
 def _hand_over(rig: GatewayRig) -> None:
     assert rig.daemon.stop(signal.SIGUSR2) == 0, rig.daemon.logs()[-6000:]
 
@@ -145,6 +151,14 @@ def test_a_run_with_a_stdio_mcp_server_is_adopted_and_its_session_goes_on(
     assert adopted["detail"]["gateway"]["mcp"]["stdio_servers"][0]["name"] == "files"
 
     rig.touch("go2")
+    # The third echo is over the budget carried from before the restart: refused, and the
+    # spent budget fires the tripwire mcp_budget with the profile's action (pause, the
+    # default). The pause can freeze the agent before it has written its results: it is
+    # awaited and resumed first.
+    paused = rig.until(lambda: _paused(rig, "filer"), "filer", "the spent budget's pause")
+    assert paused["last_actor"] == "system:tripwire", paused
+    assert "mcp_budget" in (paused["last_reason"] or ""), paused
+    rig.daemon.agentctl("resume", "filer", "--reason", "checked", check=True)
     after = rig.result("after.json", "filer", "the calls after the adoption")
     assert after["echo"] == {"text": "echo: after"}, after
     assert after["who"]["pid"] == run["server_pid"]  # the same server process
