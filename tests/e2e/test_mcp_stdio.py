@@ -115,18 +115,6 @@ def _limit(relative: str, controller: str, files: tuple[str, ...]) -> str:
     raise AssertionError(f"no {controller} limit for {relative}")
 
 
-def _diagnosis(rig: GatewayRig) -> str:
-    """The agent's run and output, the server's stderr and the daemon's log's tail."""
-    parts = [f"inspect: {rig.daemon.agentctl('inspect', 'filer').stdout[-3000:]}",
-             f"agent output: {rig.daemon.agentctl('logs', 'filer').stdout[-3000:]}"]
-    for log in sorted(rig.daemon.root.rglob("*-mcp-files.log")):
-        parts.append(f"{log.name}: {log.read_text(errors='replace')[-3000:]}")
-    daemon = [line[:300] for line in rig.daemon.logs().splitlines()
-              if "DEBUG pyroute2" not in line]
-    parts.append("daemon log:\n" + "\n".join(daemon[-60:]))
-    return "\n".join(parts)
-
-
 def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
@@ -145,12 +133,7 @@ def test_stdio_server_in_its_own_sandbox_reached_only_through_the_gateway(
     server_cgroup = Cgroup(f"{rig.daemon.cgroup_parent.strip('/')}/{container}-mcp0")
     agent_cgroup = Cgroup(f"{rig.daemon.cgroup_parent.strip('/')}/{container}")
 
-    try:
-        out: dict[str, Any] = rig.result("stdio.json", "filer", "the agent's results")
-    except AssertionError as exc:
-        # It timed out once in a full CI run: say what the server and the daemon were doing
-        # too (rig.result gives the agent's output when its run ended first).
-        raise AssertionError(f"{exc}\n{_diagnosis(rig)}") from None
+    out: dict[str, Any] = rig.result("stdio.json", "filer", "the agent's results")
     assert out["tools"] == ["connect", "echo", "slow", "whoami"]  # exec_shell: not allowed
     assert out["echo"] == "echo: hi"
     who = out["whoami"]

@@ -13,11 +13,13 @@ import secrets
 import socket
 import ssl
 import textwrap
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from supervisor.sandbox.cgroups import Cgroup
 from tests.support.daemon import (
     Daemon,
     engine_request,
@@ -34,6 +36,9 @@ AGENT_UID = 4242  # the workspace owner; the agent writes it as this uid
 # this bound only stops a hang (an agent's Python and SDK imports take minutes of wall time
 # when the suite's load leaves each process a few percent of a core).
 RESULT_GUARD = 900.0
+# A paused agent is frozen: a result it has not written by PAUSED_GUARD into its pause (what it
+# sent before the freeze has arrived long before) never comes until someone resumes it.
+PAUSED_GUARD = 30.0
 
 # A credential route to the test upstream, for GatewayRig.profile: the agent calls
 # http://llm.gateway/..., the upstream sees "Authorization: Bearer <the rig's secret>".
@@ -57,6 +62,8 @@ class GatewayRig:
     secret: str
     workspace: Path
     port: int  # the gateway's port on each run's host address
+    # Each agent's run, as `until` last saw it: judged by its cgroup while no daemon runs.
+    run_ids: dict[str, str] = field(default_factory=dict)
 
     def profile(self, name: str, gateway: str) -> str:
         """Write profile `name` with network mode gateway and the given [network.gateway]
@@ -84,23 +91,88 @@ class GatewayRig:
         return self.read(name)
 
     def until(self, predicate: Callable[[], T], agent: str, what: str) -> T:
-        """predicate()'s first true value, awaited while `agent`'s run lives: fails at once,
-        with the agent's output, if the run ends first (RESULT_GUARD stops only a hang)."""
+        """predicate()'s first true value, awaited while `agent`'s run lives. Fails with the
+        `diagnosis` at once if the run ends first (between a handover and the next start,
+        when no daemon answers: if the run's cgroup empties), once the agent has stayed
+        paused PAUSED_GUARD (frozen, it does nothing more), and at RESULT_GUARD, which stops
+        only a hang."""
+        paused_since: float | None = None
 
         def seen() -> T | None:
+            nonlocal paused_since
             if value := predicate():
                 return value
-            run = self.daemon.client.agent(agent)["run"]
+            if self._held_by_no_daemon(agent):
+                return None
+            view = self.daemon.client.agent(agent)
+            run = view["run"]
             if run is None or run["ended_at"] is not None:
                 if value := predicate():  # just before the run ended
                     return value
-                output = self.daemon.agentctl("logs", agent).stdout[-4000:]
-                raise AssertionError(f"{agent}'s run ended before {what}; its output:\n"
-                                     f"{output}")
+                raise AssertionError(f"{agent}'s run ended before {what}\n"
+                                     f"{self.diagnosis(agent)}")
+            self.run_ids[agent] = run["id"]
+            if view["state"] != "paused":
+                paused_since = None
+            elif paused_since is None:
+                paused_since = time.monotonic()
+            elif time.monotonic() - paused_since > PAUSED_GUARD:
+                raise AssertionError(
+                    f"{agent} was paused by {view['last_actor']} ({view['last_reason']}) "
+                    f"before {what}, and stayed paused for {PAUSED_GUARD:.0f}s: a frozen "
+                    f"agent does nothing more\n{self.diagnosis(agent)}")
             return None
 
-        found: T = wait_for(seen, RESULT_GUARD, interval=0.2, what=what)
+        try:
+            found: T = wait_for(seen, RESULT_GUARD, interval=0.2, what=what)
+        except AssertionError as exc:
+            if str(exc) != f"timed out after {RESULT_GUARD}s waiting for {what}":
+                raise  # seen's own failure, which says why already
+            raise AssertionError(f"{exc}\n{self.diagnosis(agent)}") from None
         return found
+
+    def _held_by_no_daemon(self, agent: str) -> bool:
+        """True while no daemon runs (a handover's window) and `agent`'s run, seen before,
+        still has processes in its cgroup; AssertionError once they are gone; False (ask the
+        daemon) otherwise."""
+        if self.daemon.proc is None or self.daemon.proc.poll() is None:
+            return False
+        run_id = self.run_ids.get(agent)
+        if run_id is None:
+            return False
+        cgroup = Cgroup(f"{self.daemon.cgroup_parent.strip('/')}/{self.daemon.prefix}-{run_id}")
+        if not cgroup.exists():
+            return False
+        if cgroup.populated():
+            return True
+        raise AssertionError(f"{agent}'s run {run_id} ended while no daemon held it\n"
+                             f"{self.diagnosis(agent)}")
+
+    def diagnosis(self, agent: str) -> str:
+        """What `agent`'s run, its processes, its MCP servers and the daemon with its gateway
+        worker were doing, for a wait that failed: the run's state, the agent's output, each
+        process of the daemon's cgroups (where it sleeps in the kernel), the MCP servers'
+        logs and the daemon's log's tail."""
+        parts = []
+        for args in (("inspect", agent), ("logs", agent)):
+            try:
+                done = self.daemon.agentctl(*args)
+                said = done.stdout if done.returncode == 0 else \
+                    f"exit {done.returncode}: {done.stderr}"
+            except Exception as exc:  # a daemon that no longer answers is part of the story
+                said = f"{type(exc).__name__}: {exc}"
+            parts.append(f"agentctl {' '.join(args)}: {said[-4000:]}")
+        beside = [Cgroup(self.daemon.cgroup_parent.rstrip("/") + name)
+                  for name in ("-gateway", "-watchdog")]
+        for cgroup in [*self.daemon.cgroups(), *beside]:
+            for pid in cgroup.pids() if cgroup.exists() else []:
+                parts.append(f"{cgroup.relative} pid {pid}: {_process(pid)}")
+        for log in sorted(self.daemon.root.rglob("*-mcp-*.log")):
+            parts.append(f"{log.name}: {log.read_text(errors='replace')[-3000:]}")
+        lines = [line[:300] for line in self.daemon.logs().splitlines()
+                 if "DEBUG pyroute2" not in line]
+        parts.append("daemon log (with its gateway worker's):\n" + "\n".join(lines[-80:]))
+        return "\n".join(parts)
 
     def touch(self, name: str) -> None:
         path = self.workspace / name
@@ -119,6 +191,19 @@ class GatewayRig:
         else:
             env = engine_request("GET", f"/containers/{container}/json")["Config"]["Env"]
         return dict(item.split("=", 1) for item in env)
+
+
+def _process(pid: int) -> str:
+    """A process's command line, state and kernel wait channel (gone: said so)."""
+    try:
+        proc = Path(f"/proc/{pid}")
+        argv = proc.joinpath("cmdline").read_bytes().replace(b"\0", b" ")
+        state = next(line for line in proc.joinpath("status").read_text().splitlines()
+                     if line.startswith("State:"))
+        return f"{argv.decode(errors='replace')[:200]} ({state}, " \
+               f"wchan {proc.joinpath('wchan').read_text()})"
+    except (OSError, StopIteration):
+        return "gone"
 
 
 def gateway_parts(agent_env: dict[str, str]) -> tuple[str, int, str]:
