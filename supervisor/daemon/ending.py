@@ -292,14 +292,18 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
     t_ready = time.perf_counter()
     # Unless a launch was waited for, step 1's store write is done while the kernel empties
     # the cgroups, after every SIGKILL (DESIGN.md's step 1 is the mark in memory, above).
+    sweep_line: list[str] = []  # logged with the kill's own line, after the answer
     await sweep(list(kills.values()), arbiter.parent if covered else None, frozenset(covered),
                 beside=None if in_flight else write_marks,
                 hush=functools.partial(arbiter.observers.hush, [
                     (live.record, live.handle) for live in owned + rekill
-                    if live.handle is not None and live.record.id in kills]),
+                    if live.handle is not None and live.record.id in kills],
+                    seccomp_hushed=frozenset() if presignal is None else frozenset(
+                        presignal.hushed)),
                 signalled=None if presignal is None else {
                     run_id: mechanism for run_id, mechanism in presignal.mechanism.items()
-                    if mechanism == "cgroup.kill"})
+                    if mechanism == "cgroup.kill"},
+                log_line=sweep_line)
     t_swept = time.perf_counter()
 
     answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -331,13 +335,16 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
             with arbiter.store.batch():
                 for verdict in verdicts:
                     verdict.end(answered)
+            t_recorded = time.perf_counter()
+            for line in sweep_line:
+                log.info("%s", line)
             log.log(logging.WARNING if scoped else logging.INFO,
                     "%s of %d agents, %d runs (%s) by %s (%s): queued %.1f ms, steps 2-5 %.1f "
                     "ms, audit rows %.1f ms (durable %.1f ms later), records %.1f ms%s; daemon "
                     "CPU %.1f ms", verb, len(marks), len(kills), scope, actor.label(),
                     reason or "no reason", ms_since(t0, t_ready), ms_since(t_ready, t_swept),
                     ms_since(t_swept, t_audited), ms_since(t_audited, t_durable),
-                    ms_since(t_records, time.perf_counter()),
+                    ms_since(t_records, t_recorded),
                     f" (after the answer, {ms_since(t_durable, t_records):.1f} ms after the "
                     "rows were durable)" if deferred else "",
                     (time.process_time() - cpu0) * 1000)

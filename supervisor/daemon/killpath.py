@@ -262,7 +262,8 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
                 covered: frozenset[str] = frozenset(),
                 beside: Callable[[], object] | None = None,
                 hush: Callable[[], object] | None = None,
-                signalled: Mapping[str, str] | None = None) -> list[HaltReport]:
+                signalled: Mapping[str, str] | None = None,
+                log_line: list[str] | None = None) -> list[HaltReport]:
     """A scoped halt in one sweep: every run's credentials, then every run's SIGKILL (with a
     `parent`, one `cgroup.kill` write for the runs in `covered`, which live under it), then
     every confirmation and every network at once. Nothing here waits on a runtime.
@@ -296,7 +297,11 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
     has every process of such a subtree dying, and those forked meanwhile too, so step 3 is
     not written again: while the kernel is killing in it, a second write waited 1.4-4.3 ms
     in 12 of 30 class halts (docs/benchmarks.md run 16). Its confirmation is step 4 as for
-    any run, and a run not confirmed escalates as ever."""
+    any run, and a run not confirmed escalates as ever.
+
+    `log_line`: the sweep's line (with more than one run) is appended to it for the caller
+    to log once the answer is out, instead of logged here, between the confirmation and the
+    audit rows (0.1 ms of a class halt's answer, docs/benchmarks.md run 18)."""
     t_start = time.perf_counter()
     for kill in kills:
         await kill.revoke()
@@ -368,12 +373,16 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
                     if parent_mechanism is not None else
                     f" ({sum(1 for kill in kills if kill.report.run_id in sent)} written "
                     "already)" if sent else "")
-        log.info("sweep of %d runs: revoked in %.1f ms, hushed in %.1f ms, SIGKILL sent in "
-                 "%.1f ms%s, confirmed %.1f ms after the kill, networks down %.1f ms after that "
-                 "(torn down beside the confirmation)", len(kills),
-                 (t_revoked - t_start) * 1000, (t_hushed - t_revoked) * 1000,
-                 (t_killed - t_hushed) * 1000, in_write, (t_confirmed - t_killed) * 1000,
-                 (time.perf_counter() - t_confirmed) * 1000)
+        line = (f"sweep of {len(kills)} runs: revoked in {(t_revoked - t_start) * 1000:.1f} "
+                f"ms, hushed in {(t_hushed - t_revoked) * 1000:.1f} ms, SIGKILL sent in "
+                f"{(t_killed - t_hushed) * 1000:.1f} ms{in_write}, confirmed "
+                f"{(t_confirmed - t_killed) * 1000:.1f} ms after the kill, networks down "
+                f"{(time.perf_counter() - t_confirmed) * 1000:.1f} ms after that (torn down "
+                "beside the confirmation)")
+        if log_line is not None:
+            log_line.append(line)
+        else:
+            log.info("%s", line)
     return [kill.report for kill in kills]
 
 

@@ -123,15 +123,20 @@ class RunObservers:
         if self.sampler is not None:
             observe(self.sampler.run_started, run.id, run.cgroup, run.started_at)
 
-    def hush(self, runs: Sequence[tuple[RunRecord, ExitWatcher]]) -> None:
+    def hush(self, runs: Sequence[tuple[RunRecord, ExitWatcher]],
+             seccomp_hushed: Collection[str] = ()) -> None:
         """A sweep is about to SIGKILL `runs` (killpath.sweep's `hush`): their inits' exit
         watchers and their seccomp fds (one request for all) stop listening. Each catches
         up after the kill's answer: the run's cleanup reaps its init, `run_ended` closes
-        its fds. One that fails leaves the others hushed all the same."""
+        its fds. One that fails leaves the others hushed all the same. `seccomp_hushed`:
+        run ids whose fds the owners' acceptor asked the listener to hush already (with
+        its SIGKILL); asking again woke the listener's thread, to find nothing to do, in
+        the middle of the kill (docs/benchmarks.md run 18)."""
         for _run, handle in runs:
             observe(handle.hush)
-        if self.seccomp is not None and runs:
-            observe(self.seccomp.hush, [run.container_id for run, _handle in runs])
+        containers = [run.container_id for run, _handle in runs if run.id not in seccomp_hushed]
+        if self.seccomp is not None and containers:
+            observe(self.seccomp.hush, containers)
 
     def run_ended(self, run: RunRecord) -> None:
         """Called once per run by ending.finalise, whatever ended it."""

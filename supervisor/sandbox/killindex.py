@@ -38,6 +38,9 @@ class PreSignal:
     runs: dict[str, str] = field(default_factory=dict)  # run id -> its agent
     mechanism: dict[str, str] = field(default_factory=dict)  # run id -> what was written
     sent: float = 0.0  # perf_counter once every write was done
+    # Runs whose seccomp fds the listener was asked to stop polling here (the sweep does
+    # not ask again).
+    hushed: set[str] = field(default_factory=set)
     # On the loop: the runs a kill path's audit rows took; whether `finish` ran; done once
     # every signalled run is accounted for.
     claimed: set[str] = field(default_factory=set)
@@ -128,7 +131,7 @@ class KillIndex:
         self._parent: _Held | None = None
         self._swap = threading.Lock()
         # The seccomp listener's `hush` (thread-safe): the signalled runs' notify fds are not
-        # polled from before their SIGKILL, as a sweep's `hush` does.
+        # polled once their SIGKILL is sent (`signal`), so their hang-ups wake nothing.
         self.hush: Callable[[list[str]], object] | None = None
 
     def add(self, run_id: str, agent: str, agent_class: str, cgroup: object, *,
@@ -183,16 +186,18 @@ class KillIndex:
 
     def signal(self, targets: Iterable[_Held], record: PreSignal, *, parent: bool) -> None:
         """SIGKILL `targets` for `record`: each run marked first, then one write to the
-        parent (`parent`; a failure falls back to each run's file) or one per run."""
+        parent (`parent`; a failure falls back to each run's file) or one per run, then the
+        seccomp listener asked to stop polling their fds.
+
+        The listener's hush comes after the writes, not before: it wakes the listener's
+        thread, which then took turns at the GIL with this one between its writes (each
+        write releases it), and the kernel's kill starts at the first write
+        (docs/benchmarks.md run 18). A filter hangs up only once every process of its
+        container is gone, milliseconds later; one that hangs up before the listener has
+        read the request is closed by it, as when nothing hushed it."""
         marked = [held for held in targets if held.mark(record)]
         for held in marked:
             record.runs[held.run_id] = held.agent
-        hush = self.hush
-        if hush is not None and marked:
-            try:
-                hush([held.container_id for held in marked if held.container_id])
-            except Exception:  # the kill goes on
-                log.exception("owners' acceptor: hushing the seccomp listener failed")
         written = ""
         if parent and marked:
             holder = self._parent
@@ -205,6 +210,13 @@ class KillIndex:
         for held in marked:
             record.mechanism[held.run_id] = written or held.write()
         record.sent = time.perf_counter()
+        hush = self.hush
+        if hush is not None and marked:
+            try:
+                hush([held.container_id for held in marked if held.container_id])
+                record.hushed.update(held.run_id for held in marked if held.container_id)
+            except Exception:  # the kill is sent; the listener wakes on the hang-ups
+                log.exception("owners' acceptor: hushing the seccomp listener failed")
 
     def signalled(self, run_id: str) -> PreSignal | None:
         held = self._runs.get(run_id)

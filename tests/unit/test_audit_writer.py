@@ -389,6 +389,42 @@ def test_a_row_queued_without_a_wake_goes_in_the_commit_of_the_rows_after_it(
     assert audit.verify().ok
 
 
+def test_a_blocking_flush_wakes_once_the_writer_has_handed_its_rows_to_the_loop(
+        db: sqlite3.Connection) -> None:
+    """A scoped halt's loop waits for its rows in `flush_blocking`, then writes its answer:
+    the writer wakes it only once it has handed the committed rows to the loop (`_post`),
+    so the two threads do not take turns at the GIL meanwhile. The rows are durable
+    (`durable()`) from their commit; the wake follows the hand-over, whatever it costs."""
+    audit = AuditLog(db)
+    post = audit._post
+    woken_during_post: list[bool] = []
+    durable_during_post: list[bool] = []
+    returned = threading.Event()
+
+    def slow_post(entries: list[AuditEntry]) -> None:
+        if any(entry.verb == "kill" for entry in entries):
+            durable_during_post.append(audit.durable())
+            woken_during_post.append(returned.wait(0.3))
+        post(entries)
+
+    audit._post = slow_post  # type: ignore[method-assign]
+
+    async def body() -> None:
+        audit.start(asyncio.get_running_loop())
+        with audit.batch():
+            for i in range(3):
+                audit.append(actor="a", verb="kill", scope="class:web", target=f"a{i}")
+        assert audit.flush_blocking(10)
+        returned.set()
+        assert await audit.flushed(10)  # the loop's waiters too, through the hand-over
+
+    asyncio.run(body())
+    audit.close()
+    assert woken_during_post == [False], "flush_blocking returned before the hand-over"
+    assert durable_during_post == [True]
+    assert audit.count() == 3 and audit.verify().ok
+
+
 def test_telemetry_summaries_join_the_store_batch_and_are_readable_meanwhile(
         db: sqlite3.Connection) -> None:
     """A kill's batch of records takes the ended runs' telemetry summaries too: one commit,

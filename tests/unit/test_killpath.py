@@ -208,6 +208,22 @@ def test_a_sweep_hushes_its_runs_listeners_before_its_first_sigkill() -> None:
     assert "hush" not in journal.steps and report.confirmed
 
 
+def test_a_sweep_hands_its_line_to_its_caller_instead_of_logging_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Between the confirmation and the audit rows nothing is logged: given `log_line`, a
+    sweep appends its line there for the caller to log after the answer; without, it logs
+    the line itself."""
+    journal = Journal()
+    line: list[str] = []
+    with caplog.at_level("INFO", logger="supervisor.daemon.killpath"):
+        asyncio.run(sweep([run_kill(journal, name)[0] for name in ("a", "b")], log_line=line))
+        assert [r for r in caplog.records if "sweep of" in r.getMessage()] == []
+        assert len(line) == 1 and line[0].startswith("sweep of 2 runs: ")
+        asyncio.run(sweep([run_kill(journal, name)[0] for name in ("c", "d")]))
+    assert [r.getMessage()[:16] for r in caplog.records
+            if "sweep of" in r.getMessage()] == ["sweep of 2 runs:"]
+
+
 class HeldCgroup(FakeCgroup):
     """Its kernel confirms only once `emptied` is set: a wait that outlasts the kill's other
     work, as the kernel's does."""
@@ -677,6 +693,45 @@ def test_a_scoped_halt_hushes_its_runs_until_after_the_answer(env: ArbiterEnv) -
         await arbiter.settled(solo.id, WAIT)
         assert not env.runtime.handles[solo.id].hushed
         assert not any(step.startswith("hush") for step in journal)
+
+    asyncio.run(body())
+
+
+def test_a_halt_sigkilled_at_the_acceptor_does_not_hush_the_listener_again(
+        env: ArbiterEnv, caplog: pytest.LogCaptureFixture) -> None:
+    """The owners' acceptor asked the seccomp listener to hush the runs it SIGKILLed (the
+    record's `hushed`): the loop's sweep still hushes every run's exit watcher, and asks the
+    listener only for the runs the acceptor did not hush. Its line is logged once the
+    answer's work is done (`after_answer`), not in front of the audit rows."""
+    from supervisor.sandbox.killindex import PreSignal
+
+    async def body() -> None:
+        arbiter = env.arbiter()
+        journal: list[str] = []
+        arbiter.observers = RunObservers(seccomp=Seccomp(journal))
+        views = [await arbiter.launch(_request(f"w{i}"), ALICE) for i in range(3)]
+        request = ActionRequest(scope=Scope(agent_class="web"), reason="r")
+        record = PreSignal(request=request, actor=ALICE, arrived=0.0)
+        for view in views:  # (no write recorded: the sweep writes each run's cgroup.kill)
+            record.runs[view.id] = view.agent
+        record.hushed = {views[0].id, views[1].id}  # the third had no container there
+        later: list[Callable[[], None]] = []
+        with caplog.at_level("INFO"):
+            result = await asyncio.wait_for(arbiter.act(
+                "kill", request, ALICE, presignal=record, after_answer=later.append), WAIT)
+            assert [r.new_state for r in result.results] == ["killed"] * 3
+            third = env.store.run(views[2].id)
+            assert third is not None
+            assert journal == [f"hush {third.container_id}"]
+            assert all(env.runtime.handles[v.id].hushed for v in views)
+            assert not any("sweep of" in r.getMessage() for r in caplog.records)
+            assert later, "the records were not left for after the answer"
+            for call in later:
+                call()
+            assert [r.getMessage()[:16] for r in caplog.records
+                    if "sweep of" in r.getMessage()] == ["sweep of 3 runs:"]
+        for view in views:
+            await arbiter.settled(view.id, WAIT)
 
     asyncio.run(body())
 

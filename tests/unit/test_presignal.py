@@ -185,6 +185,45 @@ def test_the_index_signals_by_agent_class_and_parent() -> None:
             os.close(cgroup.read)
 
 
+def test_the_index_hushes_the_seccomp_listener_once_every_write_is_done() -> None:
+    """The kernel's kill starts at the first write, so nothing comes before the writes:
+    the listener's hush (a wake of its thread) follows them, for the signalled runs that
+    have a container, and says so in the record (the loop's sweep does not ask again). A
+    hush that fails leaves the kill sent and the record without hushed runs."""
+    index = KillIndex()
+    cgroups = {run: Held() for run in ("r1", "r2", "r3")}
+    asked: list[tuple[list[str], list[bytes]]] = []
+
+    def hush(container_ids: list[str]) -> None:
+        asked.append((container_ids, [cgroups[r].written() for r in ("r1", "r2", "r3")]))
+
+    try:
+        index.add("r1", "a1", "c", cgroups["r1"], container_id="k1")
+        index.add("r2", "a2", "c", cgroups["r2"], container_id="k2")
+        index.add("r3", "a3", "c", cgroups["r3"])  # no container: nothing to hush
+        index.hush = hush
+        sent = record({"class": "c"})
+        index.signal(index.targets(agent_class="c"), sent, parent=False)
+        assert asked == [(["k1", "k2"], [b"1", b"1", b"1"])], "hushed before a write"
+        assert sent.hushed == {"r1", "r2"} and set(sent.runs) == {"r1", "r2", "r3"}
+
+        def broken(container_ids: list[str]) -> None:
+            raise RuntimeError("listener gone")
+
+        index.hush = broken
+        again = record({"class": "c"})
+        index.signal(index.targets(agent_class="c"), again, parent=False)
+        assert again.hushed == set()
+        assert again.mechanism == {"r1": "cgroup.kill", "r2": "cgroup.kill",
+                                   "r3": "cgroup.kill"}
+        assert [cgroups[r].written() for r in ("r1", "r2", "r3")] == [b"1", b"1", b"1"]
+    finally:
+        index.close()
+        for cgroup in cgroups.values():
+            os.close(cgroup.read)
+            os.close(cgroup.write)
+
+
 def test_a_removed_runs_descriptor_is_never_written_once_its_number_is_reused() -> None:
     index = KillIndex()
     old = Held()
