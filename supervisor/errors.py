@@ -3,10 +3,9 @@ status; every layer translates lower-level failures into one of these. No I/O, n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (agentctl's fast path)
 if TYPE_CHECKING:  # annotations only: agentctl imports this module on its fast path
+    from collections.abc import Iterable
     from typing import Any, ClassVar
 
 

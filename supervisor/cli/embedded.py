@@ -9,24 +9,27 @@ equal. No privilege (the runner checks for root)."""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import stat
 import sys
-from collections.abc import Mapping, Sequence
+from _json import encode_basestring_ascii
 
 from supervisor.ci import ENV_VAR
 from supervisor.errors import InvalidRequest
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (agentctl's fast path)
 if TYPE_CHECKING:
+    import signal as _signal  # typed; the same functions and numbers as its C module's
+    from collections.abc import Mapping, Sequence
     from typing import Any, NoReturn
 
     from supervisor.api.shapes import RunRequest, TripwireRule
+else:
+    # signal's C module: `signal` itself builds enums as it loads (enum, functools...)
+    import _signal
 
 SIGNING_KEY_ENV = "AGENT_SUPERVISOR_SIGNING_KEY"  # --signing-key's environment variable
-CANCEL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+CANCEL_SIGNALS = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
 
 # `run`'s options as click declares them (tests/unit/test_cli_embedded.py checks this against
 # the click command): spelling -> (dest, kind). Kinds: "text"; "multiple" (repeatable text);
@@ -111,18 +114,44 @@ def exec_runner(run_spec: dict[str, Any], early: Sequence[int] = ()) -> NoReturn
     current directory (a checkout) or $PYTHONPATH. `early`: cancel signals agentctl took
     before this point (fast.py remembers them while it starts); they go to the runner, which
     cancels the run through the audited kill path, as it does for one that comes later."""
-    env = {**os.environ, ENV_VAR: json.dumps(run_spec)}
+    env = {**os.environ, ENV_VAR: spec_json(run_spec)}
     sys.stdout.flush()
     # Blocked across the exec (the mask and the pending set survive it): a Ctrl-C or cancel
     # that comes while the new interpreter starts waits for the runner's handler
     # (ci/__main__.py), instead of ending in a KeyboardInterrupt traceback or being lost.
-    signal.pthread_sigmask(signal.SIG_BLOCK, CANCEL_SIGNALS)
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, CANCEL_SIGNALS)
     for signum in dict.fromkeys(early):
         os.kill(os.getpid(), signum)  # pending until the runner unblocks it
     try:
         os.execve(sys.executable, [sys.executable, "-I", "-m", "supervisor.ci"], env)
     finally:  # reached only if the exec failed
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, CANCEL_SIGNALS)
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, CANCEL_SIGNALS)
+
+
+def spec_json(value: object) -> str:
+    """`json.dumps(value)` for what a spec holds (str, int, bool, None, lists and str-keyed
+    dicts of them), without the json package: its encoder and decoder compile regular
+    expressions as they load (re, enum, functools...), ~3 ms of agentctl's start before the
+    exec. The same text as json.dumps with its defaults (tests/unit/test_cli_embedded.py)."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return encode_basestring_ascii(value)
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(spec_json(item) for item in value) + "]"
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str):
+                raise TypeError(f"a run spec's keys are strings, not {type(key).__name__}")
+        return "{" + ", ".join(f"{encode_basestring_ascii(key)}: {spec_json(item)}"
+                               for key, item in value.items()) + "}"
+    raise TypeError(f"a run spec holds no {type(value).__name__}")
 
 
 def _plain(value: str) -> bool:

@@ -10,13 +10,16 @@ did-you-mean itself. Both paths run the same bodies and print through cli/output
 from __future__ import annotations
 
 import os
-import signal
 import sys
-from collections.abc import Mapping, Sequence
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (agentctl's fast path)
 if TYPE_CHECKING:
+    import signal as _signal  # typed; the same functions and numbers as its C module's
+    from collections.abc import Mapping, Sequence
     from typing import Any
+else:
+    # signal's C module: `signal` itself builds enums as it loads (enum, functools...)
+    import _signal
 
 DEFAULT_SOCKET = "/run/agent-supervisor/control.sock"  # cli/main.py's --socket default
 SOCKET_ENV = "AGENT_SUPERVISOR_SOCKET"
@@ -179,7 +182,7 @@ def _remember(signum: int, _frame: object) -> None:
 def take_early_signals() -> list[int]:
     """The Ctrl-Cs that came while agentctl started; from here on a Ctrl-C is Python's
     KeyboardInterrupt again (each path turns it into "Aborted!", or the runner's cancel)."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
     taken = list(_early_signals)
     _early_signals.clear()
     return taken
@@ -196,10 +199,10 @@ def main() -> None:
     knows which, a Ctrl-C is only remembered: it used to end in a KeyboardInterrupt traceback
     from whichever import it hit; an embedded run hands it to the runner (which cancels the
     run through the audited path), every other path ends "Aborted!" as click does."""
-    signal.signal(signal.SIGINT, _remember)
+    _signal.signal(_signal.SIGINT, _remember)
     # agentctl's launcher (cli/launcher.py) blocks SIGINT from its exec: one that came while
     # the interpreter started is delivered now, to _remember (a no-op under pip's script).
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT,))
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, (_signal.SIGINT,))
     from supervisor.cli.output import stream_is_ascii
 
     todo = plan(sys.argv[1:], os.environ)

@@ -4,7 +4,6 @@ fast path of the incident verbs (cli/fast.py), so both print the same bytes. No 
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -52,6 +51,8 @@ def echo(text: str, err: bool = False) -> None:
 
 
 def emit_json(data: object) -> None:
+    import json  # here: an embedded run's agentctl reads its stream's encoding only
+
     echo(json.dumps(data, indent=2, sort_keys=True))
 
 

@@ -9,6 +9,7 @@ which is enough to see the exec; tests/e2e/test_ci_embedded.py sees the cancel a
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -110,6 +111,27 @@ def test_the_fast_path_execs_the_runner_with_clicks_spec(
     assert mine is not None
     assert mine == _click_spec(argv, monkeypatch)
     assert mine["run"]["command"] == argv[argv.index("--") + 1:]
+
+
+@pytest.mark.parametrize("argv", TAKEN, ids=lambda v: " ".join(v)[:70])
+def test_the_runners_spec_is_the_text_json_writes(argv: list[str], place: Path) -> None:
+    """agentctl writes the spec without the json package (embedded.spec_json): the same text
+    json.dumps gives, for every spec the fast path builds and for any text an argument holds."""
+    spec = _fast_spec(argv, {})
+    assert spec is not None
+    assert embedded.spec_json(spec) == json.dumps(spec)
+    odd = ["", "\"quoted\" \\ back/slash", "tab\tnew\nline\x00\x1f\x7f", "caf\u00e9 \u2603",
+           "\U0001f600", "\ud800 lone", "</script>", "-1", "null"]
+    value = {"run": {"command": odd, "env": dict(zip(odd, reversed(odd), strict=True)),
+                     "timeout": None, "n": 3, "neg": -7, "big": 2**70},
+             "self_test": True, "report": False, "allow_changes": [], "nested": [[], {}, ()]}
+    assert embedded.spec_json(value) == json.dumps(value)
+
+
+@pytest.mark.parametrize("value", [1.5, {1: "x"}, {"a": b"bytes"}, {"a": {None: 1}}, object()])
+def test_the_spec_writer_refuses_what_a_spec_never_holds(value: object) -> None:
+    with pytest.raises(TypeError):
+        embedded.spec_json(value)
 
 
 def test_what_the_fast_path_reads(place: Path) -> None:
