@@ -17,7 +17,8 @@ The models that can wait are built at their first use, not as they are defined
 configuration's (no file: every default, made without validating) or the API's views.
 Code those imports compile from strings (the dataclasses' generated methods, the models' string
 annotations) comes from root's cache of it (ci/codecache.py), ~35 ms of the ~150 ms start; the
-cache is in place for the imports only."""
+cache is in place for the imports only.
+asyncio loads without ssl (~4 ms), which comes when something imports it (ci/late_tls.py)."""
 
 import gc
 import os
@@ -45,6 +46,9 @@ if os.geteuid() == 0:
         os.path.join(DEFAULT_ROOT, codecache.DIRECTORY_NAME, codecache.FILE_NAME))
     codes.install()
 
+from supervisor.ci import late_tls  # noqa: E402
+
+late_tls.import_asyncio()  # without ssl, until something imports it (ci/late_tls.py)
 from supervisor.ci.runner import main  # noqa: E402  (after the collector is off)
 
 if codes is not None:

@@ -34,6 +34,8 @@ NOT_ON_THE_RUN_PATH = (
     # Finding the packaged profiles (profiles.py reads their directory): importlib.resources'
     # readers bring zipfile and tempfile.
     "importlib.resources", "zipfile", "tempfile",
+    # TLS: asyncio loads without it (ci/late_tls.py); the egress gateway's is in its process.
+    "ssl", "_ssl",
 )
 
 # The models the runner builds as it imports (the rest wait for their first use: buildmode.py):
