@@ -82,7 +82,7 @@ class RuncRunHandle(CgroupControl):
         self.reap_deferred = False
 
     async def start(self) -> None:
-        await self.runtime.runc.start(self.params.container_id)
+        await self.runtime.runc.start(self.params.container_id, init_pidfd=self._pidfd)
 
     def wait_exit(self) -> asyncio.Future[int | None]:
         """Resolve with the init's exit status once the kernel reports it gone.
