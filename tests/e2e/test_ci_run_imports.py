@@ -22,6 +22,7 @@ from tests.support.ci_imports import (
     codecache_misses,
     models_built,
     runner_modules,
+    threads_started,
     unwanted,
 )
 from tests.support.embedded import agentctl_env, host_residue
@@ -50,6 +51,11 @@ def test_a_plain_run_imports_only_what_it_uses(state_root: Path) -> None:
     # Its spec and profile validated, its records made; the configuration (no file: every
     # default) never validated, so none of its models built (buildmode.py).
     assert models_built(done) == sorted(BUILT_BY_A_PLAIN_RUN)
+    # The run's processes (runc create, nsenter, runc delete) were waited on through their
+    # pidfds on the loop, not by a thread each (3.11's default child watcher: runner.py).
+    started = threads_started(done)
+    assert "netns-" in " ".join(started)  # the probe saw the run's threads
+    assert [name for name in started if name.startswith("waitpid-")] == []
 
 
 def test_the_runner_compiles_its_imports_code_once_per_host(state_root: Path) -> None:

@@ -56,8 +56,14 @@ BUILT_BY_A_PLAIN_RUN = (*BUILT_AT_THE_RUNNERS_START, "supervisor.profiles.Profil
 NOT_AT_THE_RUNNERS_START = (*NOT_ON_THE_RUN_PATH, "psutil")
 
 PROBE = """
-import json, os, runpy, sys
+import json, os, runpy, sys, threading
 _exit = os._exit
+_start = threading.Thread.start
+_started = []
+def _named_start(thread):
+    _started.append(thread.name)
+    _start(thread)
+threading.Thread.start = _named_start
 def _built():
     main = sys.modules.get("pydantic.main")
     found, todo = [], list(main.BaseModel.__subclasses__()) if main else []
@@ -71,6 +77,7 @@ def _report(code):
     codes = getattr(sys.modules.get("__main__"), "codes", None)
     sys.stdout.write("\\nCODECACHE " + json.dumps(codes and codes.misses) + "\\n")
     sys.stdout.write("\\nBUILT " + json.dumps(_built()) + "\\n")
+    sys.stdout.write("\\nTHREADS " + json.dumps(_started) + "\\n")
     sys.stdout.write("\\nMODULES " + json.dumps(sorted(sys.modules)) + "\\n")
     sys.stdout.flush()
     _exit(code)
@@ -106,6 +113,15 @@ def models_built(done: subprocess.CompletedProcess[str]) -> list[str]:
     assert marker, done.stdout[-2000:]
     built: list[str] = json.loads(marker[-1].removeprefix("BUILT "))
     return built
+
+
+def threads_started(done: subprocess.CompletedProcess[str]) -> list[str]:
+    """The names of the threads the runner started, in order, in a process `runner_modules`
+    ran (threading.Thread.start; asyncio's child watcher and executors start theirs so)."""
+    marker = [line for line in done.stdout.splitlines() if line.startswith("THREADS ")]
+    assert marker, done.stdout[-2000:]
+    names: list[str] = json.loads(marker[-1].removeprefix("THREADS "))
+    return names
 
 
 def unwanted(modules: list[str], forbidden: tuple[str, ...] = NOT_ON_THE_RUN_PATH
