@@ -31,7 +31,7 @@ from supervisor.runtime.base import Runtime
 from supervisor.runtime.init import SandboxInit
 from supervisor.runtime.output import Outputs
 from supervisor.runtime.router import RuntimeRouter
-from supervisor.runtime.sandboxed import RuncRuntime
+from supervisor.runtime.sandboxed import CLEANUP_NICE, RuncRuntime
 from supervisor.sandbox import budget, runs_parent, userns
 from supervisor.sandbox.cgroups import Cgroup, CgroupMode, detect_mode
 from supervisor.sandbox.command import check_command
@@ -135,7 +135,8 @@ class Core:
 
     @classmethod
     async def assemble(cls, config: Config, *, ephemeral: bool = False,
-                       settle_at_start: bool = False) -> Core:
+                       settle_at_start: bool = False,
+                       cleanup_nice: int = CLEANUP_NICE) -> Core:
         """Everything up to (not including) reconcile and the self-test. Appends no audit row,
         so a subscriber attached right after (the webhook outbox) sees every one.
         `ephemeral`: the state directory lives for this process only (an embedded CI run's);
@@ -144,7 +145,9 @@ class Core:
         its cgroup and the disk reserve preallocated; the first run's launch waits for both
         before its command starts (`ready_to_start`). An embedded CI run's: its reconcile,
         bundle and `runc create` go on meanwhile, and runc's own move of the run into its
-        cgroups shares the kernel's wait (an RCU grace period) with the watchdog's."""
+        cgroups shares the kernel's wait (an RCU grace period) with the watchdog's.
+        `cleanup_nice`: the nice value of a run's `runc delete` (runtime/sandboxed.py); an
+        embedded CI run's cleanup is on its way to the answer, not background work."""
         if os.geteuid() != 0:
             raise EnforcementError("the supervisor must run as root to contain agents")
         mode = detect_mode()
@@ -199,6 +202,7 @@ class Core:
             bundles_dir=config.daemon.runtime_dir / "bundles", max_runs=config.sandbox.max_runs,
             outputs=outputs, seccomp_listener=seccomp.path if seccomp else None,
             userns_limits=run_limits, init=SandboxInit(Path(config.sandbox.init)),
+            cleanup_nice=cleanup_nice,
         )
         runtimes: dict[str, Runtime] = {"runc": runc}
         # Docker (supervisor/runtime/containerized.py): the engine must answer now, with the

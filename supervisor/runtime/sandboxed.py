@@ -218,7 +218,7 @@ class RuncRunHandle(CgroupControl):
     async def _delete(self) -> None:
         with contextlib.suppress(RuntimeFailure):
             await self.runtime.runc.delete(self.params.container_id, force=True,
-                                           nice=CLEANUP_NICE)
+                                           nice=self.runtime.cleanup_nice)
 
     def _empty(self) -> bool:
         """Whether no process of the run is left in its cgroup (False if it cannot be told)."""
@@ -244,8 +244,11 @@ class RuncRuntime:
                  workspaces_dir: Path, bundles_dir: Path, max_runs: int,
                  outputs: Outputs, seccomp_listener: Path | None = None,
                  userns_limits: UsernsLimits | None = None,
-                 init: SandboxInit | None = None) -> None:
+                 init: SandboxInit | None = None, cleanup_nice: int = CLEANUP_NICE) -> None:
         self.runc = Runc(runc_binary, runc_root)
+        # The nice value of a run's `runc delete` (0: its cleanup is no background work, as
+        # for an embedded CI run, which answers only once it is done).
+        self.cleanup_nice = cleanup_nice
         self.init = init if init is not None else SandboxInit()
         self.outputs = outputs
         # Written into each run's user namespace before it starts (sandbox/userns.py).

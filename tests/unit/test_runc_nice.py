@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
+from supervisor.runtime.output import Outputs
 from supervisor.runtime.runc import Runc
+from supervisor.runtime.sandboxed import CLEANUP_NICE, RuncRunHandle, RuncRuntime
 
 
 def _fake_runc(tmp_path: Path) -> tuple[Path, Path]:
@@ -28,3 +31,21 @@ def test_a_cleanup_delete_runs_niced_and_other_verbs_do_not(tmp_path: Path) -> N
     lines = record.read_text().splitlines()
     assert lines[0] == f"{min(19, base + 10)} --root {tmp_path / 'root'} delete --force c1"
     assert lines[1] == f"{base} --root {tmp_path / 'root'} delete --force c2"
+
+
+def test_a_runs_cleanup_deletes_at_its_runtimes_nice_value(tmp_path: Path) -> None:
+    """The daemon's runs at CLEANUP_NICE (background work after a kill); a runtime made with
+    cleanup_nice=0 (an embedded CI run's, which answers once its cleanup is done) at none."""
+    binary, record = _fake_runc(tmp_path)
+    base = os.nice(0)
+    for name, kwargs in (("daemon", {}), ("embedded", {"cleanup_nice": 0})):
+        runtime = RuncRuntime(str(binary), tmp_path / name / "runc", "/unit-test", "as",
+                              1000000, 1000, 1000, tmp_path / name / "workspaces",
+                              tmp_path / name / "bundles", 4, Outputs(1 << 20), **kwargs)
+        handle = SimpleNamespace(runtime=runtime, params=SimpleNamespace(container_id=name))
+        asyncio.run(RuncRunHandle._delete(handle))  # type: ignore[arg-type]
+    lines = record.read_text().splitlines()
+    assert lines == [
+        f"{min(19, base + CLEANUP_NICE)} --root {tmp_path / 'daemon' / 'runc'} delete --force "
+        "daemon",
+        f"{base} --root {tmp_path / 'embedded' / 'runc'} delete --force embedded"]
