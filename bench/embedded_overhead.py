@@ -72,6 +72,19 @@ def _agentctl(python: str) -> list[str]:
     return [str(script)] if os.access(script, os.X_OK) else [python, "-m", "supervisor.cli"]
 
 
+def _runner_argv(python: str) -> list[str]:
+    """The runner's interpreter options as that venv's agentctl execs it (after the
+    interpreter): `-I -m supervisor.ci`, or its form without site (cli/embedded.py)."""
+    asked = subprocess.run(
+        [python, "-c", "import json\nfrom supervisor.cli.embedded import runner_argv\n"
+                       "print(json.dumps(runner_argv()[1:]))"],
+        capture_output=True, text=True, check=False, cwd="/")
+    if asked.returncode != 0:  # a version from before runner_argv
+        return ["-I", "-m", "supervisor.ci"]
+    found: list[str] = json.loads(asked.stdout)
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
     global _current
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -108,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     # to its exec (the first of the two processes: the fast path reading argv), the runner's
     # start (the second: its entry point as agentctl execs it, every module loaded, then a
     # refusal for want of a run spec, status 6 (invalid_request), before any work of a run).
-    runner_start = ["-I", "-m", "supervisor.ci"]
+    runner_start = _runner_argv(sys.executable)
     parts = {"python -c pass": ["-c", "pass"],
              "  agentctl to the exec": ["-c", "from supervisor.cli import fast; "
                                         "fast.plan(['run', '--embedded', '--', 'true'], {})"],
              "  runner start (no spec)": runner_start}
     if baseline is not None:
-        parts["  runner start (no spec) [baseline]"] = runner_start
+        parts["  runner start (no spec) [baseline]"] = _runner_argv(baseline)
     for name in parts:
         mechanisms[name] = []
     try:
@@ -142,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             python = baseline if baseline is not None and "[baseline]" in name \
                 else sys.executable
             runs[name] = functools.partial(time_command, [python, *argv], env,
-                                           6 if argv is runner_start else 0)
+                                           6 if "runner start" in name else 0)
         if baseline is not None:
             runs["agentctl run --embedded [baseline]"] = functools.partial(
                 time_command, [*_agentctl(baseline), "run", "--embedded", "--", "true"], env)

@@ -123,9 +123,39 @@ def exec_runner(run_spec: dict[str, Any], early: Sequence[int] = ()) -> NoReturn
     for signum in dict.fromkeys(early):
         os.kill(os.getpid(), signum)  # pending until the runner unblocks it
     try:
-        os.execve(sys.executable, [sys.executable, "-I", "-m", "supervisor.ci"], env)
+        os.execve(sys.executable, runner_argv(), env)
     finally:  # reached only if the exec failed
         _signal.pthread_sigmask(_signal.SIG_UNBLOCK, CANCEL_SIGNALS)
+
+
+# The runner's interpreter without `site` (-S): what `python -I -m supervisor.ci` would be
+# given by site in a plain venv (its site-packages on the path; the venv's .pth files run,
+# pyvenv.cfg read again, sitecustomize imported) is this one line, ~1 ms of its start.
+_WITHOUT_SITE = ("import sys\nsys.path.append({path!r})\nimport runpy\n"
+                 "runpy.run_module('supervisor.ci', run_name='__main__', alter_sys=True)\n")
+
+
+def runner_argv() -> list[str]:
+    """How agentctl execs the runner: `python -I -m supervisor.ci` (-I: root imports nothing
+    from the current directory, a checkout, or $PYTHONPATH), or the same without `site` where
+    site would add nothing but the venv's site-packages: agentctl runs from a venv that does
+    not see the system's packages, that directory is the last on its path (no .pth file added
+    one after it) and holds no .pth file but setuptools' (which only shims distutils). The
+    path is agentctl's own prefix's, which its interpreter found from where it lies."""
+    plain = [sys.executable, "-I", "-m", "supervisor.ci"]
+    site = sys.modules.get("site")
+    if site is None or sys.prefix == sys.base_prefix or [sys.prefix] != site.PREFIXES:
+        return plain
+    path = f"{sys.prefix}/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+    if sys.path.count(path) != 1 or sys.path[-1] != path:
+        return plain
+    try:
+        pth = [name for name in os.listdir(path) if name.endswith(".pth")]
+    except OSError:
+        return plain
+    if pth not in ([], ["distutils-precedence.pth"]):
+        return plain
+    return [sys.executable, "-I", "-S", "-c", _WITHOUT_SITE.format(path=path)]
 
 
 def spec_json(value: object) -> str:

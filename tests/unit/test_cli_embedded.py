@@ -225,3 +225,87 @@ def test_a_ctrl_c_while_agentctl_starts_is_aborted_as_click_does(argv: list[str]
     result = _agentctl_interrupted(*argv, tmp_path=tmp_path)
     assert "Traceback" not in result.stderr, result.stderr
     assert (result.returncode, result.stderr, result.stdout) == (1, "\nAborted!\n", "")
+
+
+# ------------------------------------------------------------------ the runner's interpreter
+
+_VENV_SITE = f"lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages"
+
+
+def test_without_site_the_runner_gets_the_path_site_would_give_it() -> None:
+    """The -S form agentctl execs in a plain venv (this one, as install-deps makes it) starts
+    the runner with the sys.path that `python -I` has: the stdlib's, then the venv's
+    site-packages; and its modules come from there (supervisor from the venv, not a checkout
+    in the current directory)."""
+    assert sys.prefix != sys.base_prefix, "the tests run from a venv (scripts/install-deps.sh)"
+    site_packages = f"{sys.prefix}/{_VENV_SITE}"
+    code = embedded._WITHOUT_SITE.format(path=site_packages)
+    boot, run = code.split("import runpy\n")
+    assert "run_module('supervisor.ci', run_name='__main__'" in run
+    probe = boot + "import json, pydantic\nprint(json.dumps([sys.path, pydantic.__file__]))"
+    without = subprocess.run([sys.executable, "-I", "-S", "-c", probe], capture_output=True,
+                             text=True, check=True, cwd=REPO)
+    plain = subprocess.run([sys.executable, "-I", "-c", "import json, sys, pydantic\n"
+                            "print(json.dumps([sys.path, pydantic.__file__]))"],
+                           capture_output=True, text=True, check=True, cwd=REPO)
+    assert json.loads(without.stdout) == json.loads(plain.stdout)
+    assert json.loads(without.stdout)[0][-1] == site_packages
+
+
+def test_the_runner_without_site_refuses_as_the_module_does() -> None:
+    """Exec'd as agentctl would (the -S form), unprivileged or without a spec, the runner's
+    entry point refuses as `python -I -m supervisor.ci` does, with no traceback."""
+    site_packages = f"{sys.prefix}/{_VENV_SITE}"
+    env = {k: v for k, v in os.environ.items() if k != "AGENT_SUPERVISOR_EMBEDDED_RUN"}
+    for argv in ([sys.executable, "-I", "-S", "-c",
+                  embedded._WITHOUT_SITE.format(path=site_packages)],
+                 [sys.executable, "-I", "-m", "supervisor.ci"]):
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd="/",
+                              check=False, timeout=120)
+        assert (done.returncode, done.stdout) == (6, "")
+        assert done.stderr.startswith("agentctl: invalid_request: ") and "Traceback" not in \
+            done.stderr
+
+
+@pytest.fixture
+def plain_venv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A venv as install-deps makes one, seen by runner_argv: its site-packages last on the
+    path, with setuptools' .pth only."""
+    import site
+
+    prefix = tmp_path / "venv"
+    site_packages = prefix / _VENV_SITE
+    site_packages.mkdir(parents=True)
+    (site_packages / "distutils-precedence.pth").write_text("import os\n")
+    (site_packages / "pydantic").mkdir()
+    monkeypatch.setattr(sys, "prefix", str(prefix))
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    monkeypatch.setattr(site, "PREFIXES", [str(prefix)])
+    monkeypatch.setattr(sys, "path", ["", "/usr/lib/python3.11", str(site_packages)])
+    return site_packages
+
+
+def test_a_plain_venv_gets_the_runner_without_site(plain_venv: Path) -> None:
+    argv = embedded.runner_argv()
+    assert argv[:4] == [sys.executable, "-I", "-S", "-c"]
+    assert argv[4] == embedded._WITHOUT_SITE.format(path=str(plain_venv))
+
+
+@pytest.mark.parametrize("change", ["system_site", "no_venv", "pth_entry", "pth_file",
+                                    "other_layout"])
+def test_anything_site_would_add_keeps_the_runner_with_site(
+        plain_venv: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    import site
+
+    if change == "system_site":  # include-system-site-packages = true
+        monkeypatch.setattr(site, "PREFIXES", [sys.prefix, "/usr"])
+    elif change == "no_venv":
+        monkeypatch.setattr(sys, "base_prefix", sys.prefix)
+    elif change == "pth_entry":  # a .pth file's directory (an editable install)
+        sys.path.append("/src/checkout")
+    elif change == "pth_file":  # a .pth file that may run code (coverage's, a namespace's)
+        (plain_venv / "coverage.pth").write_text("import coverage\n")
+    else:  # site-packages not where the prefix says (another layout), or not on the path
+        monkeypatch.setattr(sys, "prefix", str(plain_venv.parent / "elsewhere"))
+        monkeypatch.setattr(site, "PREFIXES", [sys.prefix])
+    assert embedded.runner_argv() == [sys.executable, "-I", "-m", "supervisor.ci"]
