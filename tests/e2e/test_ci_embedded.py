@@ -345,9 +345,11 @@ def test_sigterm_to_agentctl_kills_the_run_and_leaves_nothing(ci: Path, repo: Pa
 def _runner_started(pid: int) -> bool:
     """agentctl has exec'd the one-shot supervisor (its imports are starting)."""
     try:
-        return b"\0-m\0supervisor.ci\0" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (FileNotFoundError, ProcessLookupError):
         return False
+    # python -I -m supervisor.ci, or its form without site (cli/embedded.py runner_argv)
+    return argv[1:2] == [b"-I"] and any(b"supervisor.ci" in arg for arg in argv)
 
 
 def _ctrl_c_when(proc: subprocess.Popen[str], ready: Callable[[], bool], what: str,
