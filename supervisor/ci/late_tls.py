@@ -55,16 +55,17 @@ def hand_over(ssl: ModuleType) -> None:
 
 
 class SslFinder:
-    """First on sys.meta_path until ssl is imported: finds it as the finders after it do, with
-    a loader that hands it to asyncio once it has run."""
+    """First on sys.meta_path until ssl has been imported: finds it as the finders after it
+    do, with a loader that hands it to asyncio once it has run (and takes the finder off)."""
 
     @staticmethod
     def find_spec(name: str, path: Sequence[str] | None = None,
                   target: ModuleType | None = None) -> ModuleSpec | None:
         if name != "ssl":
             return None
-        sys.meta_path.remove(SslFinder)
-        for finder in sys.meta_path:
+        # Still first on the path until ssl has run: a look-up alone (importlib.util.find_spec)
+        # loads nothing, and the import after it must still hand the module over.
+        for finder in [finder for finder in sys.meta_path if finder is not SslFinder]:
             find = getattr(finder, "find_spec", None)
             spec = None if find is None else find(name, path, target)
             if spec is not None:
@@ -87,6 +88,8 @@ class HandingLoader:
     def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
         hand_over(module)
+        if SslFinder in sys.meta_path:
+            sys.meta_path.remove(SslFinder)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.loader, name)

@@ -66,6 +66,9 @@ async def client_hello(context):
     return "record:" + first[:1].hex()
 
 before["tls_before"] = asyncio.run(client_hello(True))
+import importlib.util
+before["looked_up"] = importlib.util.find_spec("ssl") is not None  # a look-up loads nothing
+before["still_unloaded"] = "ssl" not in sys.modules
 import ssl  # by whatever module: here, directly
 
 before["tls_after"] = asyncio.run(client_hello(ssl.create_default_context()))
@@ -90,6 +93,7 @@ def test_asyncio_loads_without_ssl_and_gets_it_at_its_first_import() -> None:
         "armed": True, "ssl_loaded": False, "asyncio_ssl": "None",
         # a TLS connection before ssl is imported is refused, never made in the clear
         "tls_before": "stdlib ssl module not available",
+        "looked_up": True, "still_unloaded": True,
         # after it, the loop speaks TLS: its first record is a handshake (0x16, ClientHello)
         "tls_after": "record:16", "finder_left": False, "loader_source": True}
     assert late["state"] == _run(_PLAIN), "asyncio's modules differ from a plain import's"
