@@ -19,7 +19,9 @@ to the server).
 A restart (supervisor/daemon/handover.py) replaces the gateway worker, not the server: `hand_over`
 answers each request still waiting with a JSON-RPC error the agent can retry on
 (`supervisor_restarting`), never with what the server answers to the cancellation, tells the
-server they are cancelled, and lets go of the socket
+server they are cancelled, refuses every later call the same way without writing it to the
+server (a POST judged before the restart began may reach the bridge only now), and lets go
+of the socket
 without closing the server's stdin (the daemon holds another copy for the next worker). The
 next worker's bridge numbers its requests on from `next_id`, so an answer the server sends late
 to a cancelled request names an id nobody waits for and is dropped."""
@@ -60,6 +62,7 @@ class StdioBridge:
         self.ids = itertools.count(start_id)
         self.next_id = start_id  # the first id not yet given to a request
         self.closed: str | None = None  # why, once the server can no longer be reached
+        self.handing_over = False  # `hand_over` began: every call is a restart's from then
         self.dropped = 0  # what the server sent that nobody asked for
         self._reading: asyncio.Task[None] | None = None
 
@@ -76,6 +79,12 @@ class StdioBridge:
         """Send the messages of one POST; the responses to its requests (in order), with the
         agent's ids back in them. Cancelled (the agent hung up, the run was cut): the
         server is told its requests are cancelled."""
+        if self.handing_over:
+            # A POST judged before the restart began (its body still coming, or held for an
+            # approval) gets here while the handover drains or after it: written to the
+            # server now, its answer would reach nobody.
+            raise self._restarting("the supervisor is restarting; call again in a moment: "
+                                   "the server is still running")
         if self.closed is not None:
             raise StdioUnavailable("upstream_unreachable",
                                    f"MCP server {self.name} is not running: {self.closed}")
@@ -189,16 +198,17 @@ class StdioBridge:
         server's own answer to the cancellation is dropped); then this bridge lets go of the
         socket. The server keeps running: its stdin stays
         open through the daemon's copy of this end, for the next worker's bridge."""
+        self.handing_over = True  # no call is written to the server from here (`exchange`)
         waiting = [ident for ident, future in self.pending.items() if not future.done()]
         self._cancel(waiting)
         # Failed before anything is awaited: the server answers a cancellation (the SDK's
         # server with the error "Request cancelled"), and an answer read while the
         # cancellations drain would otherwise reach the agent in place of this one.
         for ident in waiting:
-            self.pending[ident].set_exception(StdioUnavailable(
-                RESTARTING, f"the supervisor restarted while this call to MCP server "
-                f"{self.name} was in flight; the server was told to cancel it. Call again: "
-                f"the server is still running", retryable=True))
+            self.pending[ident].set_exception(self._restarting(
+                f"the supervisor restarted while this call to MCP server {self.name} was in "
+                f"flight; the server was told to cancel it. Call again: the server is still "
+                f"running"))
         if self.closed is None:
             with contextlib.suppress(ConnectionError, OSError, RuntimeError):
                 await asyncio.wait_for(self.writer.drain(), _HANDOVER_DRAIN)
@@ -208,6 +218,10 @@ class StdioBridge:
             self._reading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reading
+
+    @staticmethod
+    def _restarting(message: str) -> StdioUnavailable:
+        return StdioUnavailable(RESTARTING, message, retryable=True)
 
     async def close(self) -> None:
         self._close("the run ended")

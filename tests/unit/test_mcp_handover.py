@@ -199,3 +199,62 @@ def test_the_servers_answer_to_the_handovers_cancellation_never_reaches_the_agen
     finally:
         reader.close()
         server.close()
+
+
+def test_a_call_that_reaches_the_bridge_during_the_handover_is_answered_restarting() -> None:
+    """A POST that passed the gateway's `handing_over` check before the restart began (its
+    body still arriving, or held for an approval) reaches the bridge while the handover's
+    cancellations drain. Failed only from the list taken before the drain, its call was
+    written to the server and then waited for an answer that never came (the bridge let go of
+    the socket): the agent's POST hung until the worker cut it. It is refused retryable with
+    `supervisor_restarting`, and the server never gets it (nobody would take its answer)."""
+    server, gateway_end = socket.socketpair()
+    reader = server.makefile("rb")
+
+    async def scenario() -> tuple[StdioUnavailable, BaseException | None, StdioUnavailable]:
+        bridge = await StdioBridge.open("files", gateway_end, 1 << 16)
+        first = asyncio.get_running_loop().create_task(bridge.exchange([_call("slow", "a1")]))
+        json.loads(await asyncio.to_thread(reader.readline))
+        drain = bridge.writer.drain
+        late: list[asyncio.Task[Any]] = []
+
+        async def a_call_arrives_while_draining() -> None:
+            if late:  # the late call's own drain
+                return await drain()
+            late.append(asyncio.get_running_loop().create_task(
+                bridge.exchange([_call("late", "a2")])))
+            for _ in range(3):  # the late call's turns: written, drained, waiting
+                await asyncio.sleep(0)
+            await drain()
+
+        bridge.writer.drain = a_call_arrives_while_draining  # type: ignore[method-assign]
+        await bridge.hand_over()
+        with pytest.raises(StdioUnavailable) as raised:
+            await first
+        # Once the handover is over, the late call has its answer: nothing of this bridge
+        # could give it one any more.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        # (asyncio.run cancels a task still waiting once this returns: looked at here)
+        assert late[0].done(), "the call that came during the handover was never answered"
+        after = late[0].exception()
+        # And a call that comes after the handover is a restart's too, not a stopped server's.
+        with pytest.raises(StdioUnavailable) as later:
+            await bridge.exchange([_call("later", "a3")])
+        return raised.value, after, later.value
+
+    try:
+        first, late, later = asyncio.run(scenario())
+        assert (first.reason, first.retryable) == (RESTARTING, True), first.message
+        failure = late
+        assert isinstance(failure, StdioUnavailable)
+        assert (failure.reason, failure.retryable) == (RESTARTING, True), failure.message
+        assert (later.reason, later.retryable) == (RESTARTING, True), later.message
+        # What the server read: the first call and its cancellation, nothing of the late one.
+        server.shutdown(socket.SHUT_WR)
+        gateway_end.close()
+        lines = [json.loads(line) for line in reader.read().splitlines()]
+        assert [line.get("method") for line in lines] == ["notifications/cancelled"]
+    finally:
+        reader.close()
+        server.close()
