@@ -80,8 +80,16 @@ def hashed_fields(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def cap_text(name: str, value: str | None) -> str | None:
+    """`value` as a row keeps it: at most TEXT_MAX_CHARS[name], and UTF-8 whatever it holds.
+    An unpaired UTF-16 surrogate (what JSON's "\\ud800" parses to, what os.fsdecode makes of
+    a byte that is not UTF-8) is written as its escape: encoded for the row's hash, it raised
+    in the writer thread, which died, and no row after it was committed."""
     limit = TEXT_MAX_CHARS[name]
-    if value is None or len(value) <= limit:
+    if value is None:
+        return value
+    if not value.isascii():
+        value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(value) <= limit:
         return value
     return value[:limit - 1] + "…"
 

@@ -448,3 +448,30 @@ def test_telemetry_summaries_join_the_store_batch_and_are_readable_meanwhile(
     assert stored is not None and stored.samples == 7 and stored.ended_at == 2.0
     summaries.put(TelemetrySummary(run_id="after", started_at=1.0))  # no batch: at once
     assert commits == ["COMMIT", "COMMIT"] and summaries.get("after") is not None
+
+
+@pytest.mark.parametrize("field", ["actor", "scope", "target", "reason", "outcome"])
+def test_an_unpaired_surrogate_in_a_row_never_stops_the_writer(db: sqlite3.Connection,
+                                                              field: str) -> None:
+    """A text an agent drives can hold an unpaired UTF-16 surrogate (the JSON escape \\ud800
+    parses to one, os.fsdecode makes one of a byte that is not UTF-8). The row's hash encodes
+    it as UTF-8, which raised UnicodeEncodeError in the writer thread: it died, and no row was
+    committed after it (a kill's answer then waited for rows that never came). The surrogate
+    is written escaped, every row after it is committed, and the chain verifies."""
+    audit = AuditLog(db)
+
+    async def body() -> None:
+        audit.start(asyncio.get_running_loop())
+        row = {"actor": "system:gateway", "verb": "approval_requested", "scope": "agent:a",
+               "target": "a", "reason": "held", "outcome": "pending"}
+        audit.append(**{**row, field: "x\ud800y\udcffz"})
+        audit.append(actor="operator", verb="kill", scope="agent:a", target="a")
+        assert await audit.flushed(30), "the rows after it were never committed"
+        assert audit.writer_alive
+
+    asyncio.run(body())
+    audit.close()
+    first, kill = audit.list(limit=10)
+    assert getattr(first, field) == "x\\ud800y\\udcffz"
+    assert kill.verb == "kill"
+    assert audit.verify().ok
