@@ -68,9 +68,24 @@ def _lift_all(fleet: Fleet) -> None:
         ctx.etcd.close()
 
 
+# The most rows one read of the audit API returns (it answers the newest rows first).
+AUDIT_PAGE = 10_000
+
+
+def audit_window(host: Host, after: int = 0) -> list[dict[str, Any]]:
+    """Every audit row of `host` after seq `after`. The API answers the newest `limit` rows, so
+    a read that comes back full may have left older ones out: that fails here, never a
+    missing row later (a shared fleet's hosts gather rows from every test, and a test that
+    hammers refusals adds one per try)."""
+    entries = host.daemon.client.audit(limit=AUDIT_PAGE, after=after)["entries"]
+    assert len(entries) < AUDIT_PAGE, (
+        f"{host.host_id}: more than {AUDIT_PAGE} audit rows after seq {after}; read a narrower "
+        "window")
+    return entries
+
+
 def _audit_rows(host: Host, verb: str) -> list[dict[str, Any]]:
-    return [row for row in host.daemon.client.audit(limit=1000)["entries"]
-            if row["verb"] == verb]
+    return [row for row in audit_window(host) if row["verb"] == verb]
 
 
 def test_every_host_registers_with_its_agents(fleet: Fleet) -> None:

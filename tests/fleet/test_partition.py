@@ -13,7 +13,7 @@ import pytest
 
 from supervisor.errors import SupervisorError
 from tests.fleet.support import Fleet, Host
-from tests.fleet.test_halt import _launch, _state
+from tests.fleet.test_halt import _launch, _state, audit_window
 from tests.support.daemon import wait_for
 
 pytestmark = [pytest.mark.privileged, pytest.mark.e2e]
@@ -33,8 +33,7 @@ def _head(host: Host) -> int:
 
 
 def _rows_after(host: Host, verb: str, seq: int) -> list[dict[str, Any]]:
-    return [row for row in host.daemon.client.audit(limit=1000, after=seq)["entries"]
-            if row["verb"] == verb]
+    return [row for row in audit_window(host, seq) if row["verb"] == verb]
 
 
 def test_lease_loss_applies_each_policy_and_is_reported_after(fleet: Fleet) -> None:

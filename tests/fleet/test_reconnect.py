@@ -51,6 +51,7 @@ def test_a_host_cut_off_during_a_fleet_kill_applies_it_once_back_before_any_laun
         while not stop.is_set():
             refusals.append(_refusal(h2, f"r{n}-{tag}", cls))
             n += 1
+            stop.wait(0.002)  # each try is an audit row: thousands in a slow reconnect
 
     thread = threading.Thread(target=hammer, daemon=True)
     thread.start()
