@@ -42,6 +42,10 @@ if TYPE_CHECKING:  # the shapes are types only: agentctl's start does not build 
 # and the one saying at which byte of the run's output an answer of GET .../logs starts.
 STREAM_END_HEADER = "X-Stream-End"
 LOG_OFFSET_HEADER = "X-Log-Offset"
+# On a state-changing answer: the audit rows it appended were not yet durable when the daemon
+# answered (it waits at most 5 s for them: a full disk with its reserve spent, a failing writer).
+# The action was carried out; its rows stay queued and are committed once the writer can.
+AUDIT_PENDING_HEADER = "X-Audit-Pending"
 _ENDINGS = ("restarting", "stopping")
 
 # A request body: one of the request shapes (supervisor/api/shapes.py), sent as JSON.
@@ -70,6 +74,8 @@ class Client:
         # by callers with lesser roles cannot queue in front of them there.
         self.owner_socket_path = str(owner_socket_of(Path(socket_path)))
         self.timeout = timeout
+        # The last answer said its audit rows were not yet durable (AUDIT_PENDING_HEADER).
+        self.audit_pending = False
 
     def _open(self, method: str, path: str, body: Body | None = None,
               timeout: float | None = None) -> wire.Response:
@@ -104,6 +110,7 @@ class Client:
         """One request; the decoded JSON answer, or the daemon's error raised as its
         SupervisorError. The typed verbs below name the answer's shape."""
         resp = self._open(method, path, body)
+        self.audit_pending = AUDIT_PENDING_HEADER.lower() in resp.headers
         try:
             data = resp.read()
         except OSError as exc:

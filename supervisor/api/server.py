@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from supervisor import __version__
 from supervisor.api.bodies import decode_body
-from supervisor.api.client import LOG_OFFSET_HEADER, STREAM_END_HEADER
+from supervisor.api.client import AUDIT_PENDING_HEADER, LOG_OFFSET_HEADER, STREAM_END_HEADER
 from supervisor.api.listener import ADMISSION, PRESIGNER, VERBS_FIRST, VerbsFirst, verb_first
 from supervisor.api.peers import peer_actor_of
 from supervisor.audit import AuditLog
@@ -382,13 +382,23 @@ AUDIT_FLUSH_TIMEOUT = 5.0
 @web.middleware
 async def audit_durable_middleware(request: web.Request, handler: Handler
                                    ) -> web.StreamResponse:
-    """State-changing requests return only after the rows they appended are committed."""
+    """State-changing requests return only after the rows they appended are committed, for
+    at most AUDIT_FLUSH_TIMEOUT; an answer that goes out with its rows still queued says so
+    (AUDIT_PENDING_HEADER), so the caller is told, not only the health alarm."""
+    response: web.StreamResponse | None = None
     try:
-        return await handler(request)
+        response = await handler(request)
+        return response
     finally:
         if request.method not in ("GET", "HEAD", "OPTIONS"):
             handled = time.perf_counter()
-            await request.app[ARBITER].audit.flushed(AUDIT_FLUSH_TIMEOUT)
+            durable = await request.app[ARBITER].audit.flushed(AUDIT_FLUSH_TIMEOUT)
+            if not durable:
+                log.warning("%s %s: answered with its audit rows not yet durable after %.0f s "
+                            "(they stay queued; see the audit alarms)", request.method,
+                            request.path[:64], AUDIT_FLUSH_TIMEOUT)
+                if response is not None and not response.prepared:
+                    response.headers[AUDIT_PENDING_HEADER] = "true"
             if _is_action(request):  # where a verb's answer time went (docs/benchmarks.md)
                 arrived = request.get(ARRIVED, handled)
                 answered = request.get(ANSWERED)

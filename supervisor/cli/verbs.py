@@ -17,6 +17,12 @@ if TYPE_CHECKING:
     from supervisor.api.shapes import ActionResult, Scope
 
 STOP_GRACE_DEFAULT = 10.0  # the daemon's default grace, shown when --grace is not given
+# An answer whose audit rows were still queued (api/client.py AUDIT_PENDING_HEADER).
+AUDIT_PENDING_WARNING = (
+    "warning: audit_pending: done, but its audit rows were not yet durable when the daemon "
+    "answered (a full disk or a failing audit writer); they are written once it recovers, and "
+    "lost if the daemon stops first. hint: `agentctl status` shows the audit alarm; free disk "
+    "space under the daemon's state directory")
 
 
 class Option:
@@ -153,6 +159,8 @@ def scoped(client: Client, verb: str, agent: str | None, agent_class: str | None
         emit_json(result)
     else:
         print_action(result)
+    if client.audit_pending:
+        echo(AUDIT_PENDING_WARNING, err=True)
 
 
 def ls(client: Client, as_json: bool, agent_class: str | None, state: str | None,

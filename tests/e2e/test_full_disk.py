@@ -1,14 +1,15 @@
 """A full disk never costs a kill its audit row, nor leaves a killed run recorded as running
 (issue 12). The daemon's state directory is a small tmpfs the test fills up for real. First
 kill: the disk reserve is released and every record fits at once. Second kill, with no reserve
-left: the agent dies all the same, the writes fail, are alarmed (/v1/health) and retried, and
-once the test frees space the kill row, the run's record and a row saying how long writes
-failed all reach the disk. Needs root (mount)."""
+left: the agent dies all the same, the answer says its audit rows are pending, the writes
+fail, are alarmed (/v1/health) and retried, and once the test frees space the kill row, the
+run's record and a row saying how long writes failed all reach the disk. Needs root (mount)."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import sqlite3
 import subprocess
@@ -83,8 +84,11 @@ def test_kills_on_a_full_disk_are_audited_and_leave_consistent_state(
     assert (daemon.root / "state" / "disk-reserve").stat().st_size == 4 << 20
 
     assert fill(filler) > 0
-    killed = daemon.agentctl_json("kill", "first", "--reason", "disk is full")
+    first_kill = daemon.agentctl("kill", "first", "--reason", "disk is full", "--json",
+                                 check=True)
+    killed = json.loads(first_kill.stdout)
     assert killed["results"][0]["new_state"] == "killed"
+    assert "audit_pending" not in first_kill.stderr  # its rows were durable at the answer
     # The reserve made room: the kill row and the run's end are on disk at once.
     assert db_rows(daemon, "SELECT state FROM runs WHERE id = ?", first) == [("killed",)]
     assert db_rows(daemon, "SELECT outcome FROM audit WHERE verb = 'kill' AND target = ?",
@@ -97,7 +101,11 @@ def test_kills_on_a_full_disk_are_audited_and_leave_consistent_state(
     fill(filler)
     pids = daemon.agent_pids()
     assert pids
-    daemon.agentctl_json("kill", "second", "--reason", "disk still full")
+    second_kill = daemon.agentctl("kill", "second", "--reason", "disk still full", "--json",
+                                  check=True)
+    assert json.loads(second_kill.stdout)["results"][0]["new_state"] == "killed"
+    # Answered after the audit wait with the kill row still queued: the caller is told so.
+    assert "warning: audit_pending:" in second_kill.stderr, second_kill.stderr
     assert daemon.agent_pids() == []  # the kill itself never waits for the disk
     assert daemon.client.agent("second")["run"]["state"] == "killed"  # memory is the truth
     # Both writers failed (the store's run record, the audit writer's kill row), and say so.

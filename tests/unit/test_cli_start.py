@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from supervisor.api import wire
 from supervisor.api.client import Client
+from supervisor.cli import verbs
 from supervisor.cli.lazy import LazyGroup
 from supervisor.cli.main import LAZY_COMMANDS, cli
 from supervisor.errors import DaemonUnavailable
@@ -170,6 +171,30 @@ def test_what_is_not_http_is_daemon_unavailable(tmp_path: Path, one_shot: type[_
     one_shot(tmp_path / "s.sock", answer)
     with pytest.raises(DaemonUnavailable, match=message):
         Client(tmp_path / "s.sock", timeout=WAIT).request("GET", "/v1/x")
+
+
+@pytest.mark.parametrize("pending", [True, False])
+def test_an_answer_whose_audit_rows_are_pending_is_reported_beside_it(
+        tmp_path: Path, one_shot: type[_OneShot], capsys: pytest.CaptureFixture[str],
+        pending: bool) -> None:
+    """The daemon answered a verb with its audit rows still queued (a full disk: the real one
+    is tests/e2e/test_full_disk.py): the result is printed as ever, and a warning with its
+    code and a hint goes to stderr; without the header, nothing more is said."""
+    body = json.dumps({"verb": "kill", "scope": "agent:a1", "reason": "r", "actor": "root",
+                       "results": []}).encode()
+    header = b"X-Audit-Pending: true\r\n" if pending else b""
+    one_shot(tmp_path / "s.sock", b"HTTP/1.1 200 OK\r\n" + header
+             + b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    client = Client(tmp_path / "s.sock", timeout=WAIT)
+    verbs.scoped(client, "kill", agent="a1", agent_class=None, all_agents=False, reason="r",
+                 as_json=True)
+    out, err = capsys.readouterr()
+    assert json.loads(out)["scope"] == "agent:a1"
+    assert client.audit_pending is pending
+    if pending:
+        assert err.startswith("warning: audit_pending:") and "hint:" in err, err
+    else:
+        assert err == ""
 
 
 def test_a_body_over_the_cap_is_refused(tmp_path: Path, one_shot: type[_OneShot],
