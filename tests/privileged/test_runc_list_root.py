@@ -8,43 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from supervisor.profiles import load_profile, load_seccomp
 from supervisor.runtime.runc import Runc
-from supervisor.sandbox import netns
-from supervisor.sandbox.bundle import BundleSpec, IdMap, write_bundle
-from supervisor.sandbox.cgroups import Cgroup
-
-UID_BASE = 3_100_000_000  # apart from the daemon's, the embedded slots' and the bench's
+from tests.support.runc_bundle import runc_bundle
 
 
 @pytest.fixture
 def bundle(tmp_root: Path) -> Iterator[tuple[Path, str]]:
     """(bundle, container name prefix); the containers go with it whatever the test reached."""
-    tag = secrets.token_hex(3)
-    name, parent = f"asrl{tag}", f"agent-supervisor-test/rl{tag}"
-    netns_path = netns.create(name)
-    profile = load_profile("default", [])
-    id_map = IdMap(UID_BASE, 1000, UID_BASE + 1000)
-    write_bundle(tmp_root / "bundle", BundleSpec(
-        run_id=name, hostname="runc-list", command=["sleep", "30"], profile=profile,
-        seccomp=load_seccomp(profile.seccomp.profile), uid_map=id_map, gid_map=id_map,
-        cgroups_path=f"/{parent}/run", netns_path=str(netns_path), workspace=None))
-    try:
-        yield tmp_root / "bundle", name
-    finally:
-        for suffix in ("a", "b"):
-            subprocess.run(["runc", "--root", str(tmp_root / "runc-root"), "delete", "--force",
-                            f"{name}-{suffix}"], capture_output=True, check=False)
-        netns.remove(name)
-        Cgroup(parent).remove(strict=False)
-        Cgroup("agent-supervisor-test").remove_if_empty()
+    with runc_bundle(tmp_root, "rl", "runc-list", containers=("-a", "-b")) as made:
+        yield made
 
 
 def _container_dirs(root: Path) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -18,35 +17,15 @@ from pathlib import Path
 import pytest
 
 from supervisor.errors import RuntimeFailure
-from supervisor.profiles import load_profile, load_seccomp
 from supervisor.runtime.runc import EXEC_FIFO, Runc
-from supervisor.sandbox import netns
-from supervisor.sandbox.bundle import BundleSpec, IdMap, write_bundle
-from supervisor.sandbox.cgroups import Cgroup
-
-UID_BASE = 3_100_000_000  # apart from the daemon's, the embedded slots' and the bench's
+from tests.support.runc_bundle import runc_bundle
 
 
 @pytest.fixture
 def bundle(tmp_root: Path) -> Iterator[tuple[Path, str]]:
     """(bundle, container name); the container goes with it whatever the test reached."""
-    tag = secrets.token_hex(3)
-    name, parent = f"assf{tag}", f"agent-supervisor-test/sf{tag}"
-    netns_path = netns.create(name)
-    profile = load_profile("default", [])
-    id_map = IdMap(UID_BASE, 1000, UID_BASE + 1000)
-    write_bundle(tmp_root / "bundle", BundleSpec(
-        run_id=name, hostname="runc-start", command=["sleep", "30"], profile=profile,
-        seccomp=load_seccomp(profile.seccomp.profile), uid_map=id_map, gid_map=id_map,
-        cgroups_path=f"/{parent}/run", netns_path=str(netns_path), workspace=None))
-    try:
-        yield tmp_root / "bundle", name
-    finally:
-        subprocess.run(["runc", "--root", str(tmp_root / "runc-root"), "delete", "--force",
-                        name], capture_output=True, check=False)
-        netns.remove(name)
-        Cgroup(parent).remove(strict=False)
-        Cgroup("agent-supervisor-test").remove_if_empty()
+    with runc_bundle(tmp_root, "sf", "runc-start") as made:
+        yield made
 
 
 def _status(root: Path, name: str) -> str:
