@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -280,10 +281,10 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
     SIGKILL is sent, before the confirmation's wait: the kernel empties the cgroups
     meanwhile, so the write costs the answer nothing unless it outlasts them.
 
-    With more than one run, step 4 waits in the loop's thread first (`_confirm_together`,
-    at most CONFIRM_ON_LOOP), and the networks' threads are joined without a turn of the
-    loop when they are done by then: a class halt goes from its SIGKILLs to its audit rows
-    without a hop between threads.
+    With more than one run, step 4 waits in the loop's thread first (`_confirm_together`),
+    and the networks' threads are joined there too, both within CONFIRM_ON_LOOP of the
+    wait's start: a class halt goes from its SIGKILLs to its audit rows without a hop
+    between threads or a turn of the loop.
 
     `hush` (with more than one run) is called once after the revocations and before the
     first SIGKILL: what of the daemon wakes on the runs' deaths (their inits' exit watchers,
@@ -351,9 +352,10 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
         except OSError as exc:
             log.error("global halt: waiting on the parent failed (%s); confirming run by run",
                       exc)
+    on_loop = 0.0  # until when this thread may block for step 5's threads (monotonic)
     if len(kills) > 1:
         aside.run()  # unless the parent's wait let it run: before this thread waits too
-        await _confirm_together(kills)
+        on_loop = await _confirm_together(kills)
     else:
         for kill in kills:  # inline: its wait is on a thread before `beside` runs
             await kill.confirm()
@@ -362,8 +364,12 @@ async def sweep(kills: Sequence[RunKill], parent: ParentCgroup | None = None,
     if networks is None:
         await asyncio.gather(*(kill.teardown_off_loop() for kill in kills))
     else:
-        if not all(future.done() for future in networks):
-            await asyncio.wait([asyncio.wrap_future(future) for future in networks])
+        # Joined in this thread, within what is left of CONFIRM_ON_LOOP: a turn of the loop
+        # for their futures cost ~0.15 ms of its CPU after the confirmation, in 3 of 5 class
+        # halts (docs/benchmarks.md run 20). Beyond that, on the loop.
+        late = futures.wait(networks, max(0.0, on_loop - time.monotonic())).not_done
+        if late:
+            await asyncio.wait([asyncio.wrap_future(future) for future in late])
         for future in networks:
             future.result()  # what the teardown threads raised, as awaiting them did
         for kill in kills:  # halted once its network is down and its cgroup confirmed
@@ -414,7 +420,7 @@ def _tear_down_all(kills: Sequence[RunKill]) -> None:
         kill.teardown()
 
 
-async def _confirm_together(kills: Sequence[RunKill]) -> None:
+async def _confirm_together(kills: Sequence[RunKill]) -> float:
     """Step 4 for many runs in one thread: each run's cgroup waited for in turn, against one
     deadline (they all die at once, so the first wait is the long one and the others are
     a read each), as raw `cgroup.kill` followed by a wait per cgroup does; a thread per run
@@ -422,7 +428,8 @@ async def _confirm_together(kills: Sequence[RunKill]) -> None:
     most CONFIRM_ON_LOOP (a class halt's whole wait on a quiet host: no thread to wake and
     no answer to hand back); the runs still populated then are waited for on a CONFIRMERS
     thread until the deadline. Runs not confirmed by the deadline escalate, each as a
-    single kill does."""
+    single kill does. Returns until when the loop's thread could wait (monotonic), which
+    bounds its join of the networks' threads after."""
     deadline = time.monotonic() + max(kill.confirm_timeout for kill in kills)
     here = min(deadline, time.monotonic() + CONFIRM_ON_LOOP)
     waited = [kill.wait_empty_by(here) for kill in kills]
@@ -441,3 +448,4 @@ async def _confirm_together(kills: Sequence[RunKill]) -> None:
     await asyncio.gather(*(kill.settle(False)
                            for kill, confirmed in zip(kills, waited, strict=True)
                            if not confirmed))
+    return here

@@ -16,7 +16,7 @@ import pytest
 
 from supervisor.api.client import Client
 from supervisor.config import KillSection
-from supervisor.daemon import ending
+from supervisor.daemon import ending, killpath
 from supervisor.daemon.killpath import HaltReport, RevocationCheck, RunKill, sweep
 from supervisor.daemon.observers import RunObservers
 from supervisor.errors import IllegalTransition, KillUnconfirmed
@@ -335,6 +335,68 @@ def test_a_sweep_the_kernel_is_slow_to_confirm_frees_the_loop_then_confirms() ->
     worker = groups[0].threads[-1]
     assert worker != loop_thread
     assert [group.threads for group in groups] == [[loop_thread, worker]] * 3
+
+
+class GatedNetwork(FakeNetwork):
+    """A network whose teardown (on its thread) ends only once `gate` is set."""
+
+    def __init__(self, journal: Journal, name: str, gate: threading.Event) -> None:
+        super().__init__(journal, name)
+        self.gate = gate
+
+    def teardown_network(self) -> bool:
+        assert self.gate.wait(WAIT), "the gate was never opened"
+        return super().teardown_network()
+
+
+def gated_sweep(gate: threading.Event, beside: Callable[[], None], turned: list[bool]
+                ) -> tuple[list[HaltReport], list[bool]]:
+    """A sweep of three runs the kernel confirms at once, whose networks wait for `gate`;
+    its reports and what `turned` held as it returned (before asyncio.run's own turns)."""
+    journal = Journal()
+    kills = [RunKill(name, credentials=FakeCredentials(journal),
+                     cgroup=FakeCgroup(journal, name),
+                     network=GatedNetwork(journal, name, gate), confirm_timeout=WAIT)
+             for name in ("a", "b", "c")]
+
+    async def body() -> tuple[list[HaltReport], list[bool]]:
+        return await sweep(kills, beside=beside), list(turned)
+
+    return asyncio.run(body())
+
+
+def test_a_sweep_joins_its_networks_in_the_loops_thread_when_they_end_in_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The networks' threads outlast the kernel's confirmation but end within what is left
+    of CONFIRM_ON_LOOP (here raised, so the test does not race a clock): the sweep joins
+    them in the loop's thread and returns without a turn of the loop, so a callback the
+    loop was given before the join has not run when the reports are back."""
+    monkeypatch.setattr(killpath, "CONFIRM_ON_LOOP", WAIT)
+    gate = threading.Event()
+    turned: list[bool] = []
+
+    def beside() -> None:  # after every SIGKILL: the teardowns go once this has run
+        asyncio.get_running_loop().call_soon(turned.append, True)
+        threading.Timer(0.05, gate.set).start()
+
+    reports, at_return = gated_sweep(gate, beside, turned)
+    assert all(r.confirmed and r.netns_removed for r in reports)
+    assert at_return == [], "the loop turned while the sweep waited for its networks"
+
+
+def test_a_sweep_whose_networks_outlast_the_loops_wait_frees_the_loop_for_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Networks slower than what is left of CONFIRM_ON_LOOP are awaited on the loop: here
+    they end only once a callback of the loop has run, so a loop held until they end
+    would never see them end."""
+    monkeypatch.setattr(killpath, "CONFIRM_ON_LOOP", 0.05)
+    gate = threading.Event()
+
+    def beside() -> None:
+        asyncio.get_running_loop().call_soon(gate.set)
+
+    reports, _turned = gated_sweep(gate, beside, [])
+    assert all(r.confirmed and r.netns_removed and not r.errors for r in reports)
 
 
 def test_a_sweep_escalates_only_the_run_the_kernel_did_not_empty() -> None:
