@@ -307,11 +307,12 @@ async def kill_agents(arbiter: Arbiter, agents: list[AgentRecord], actor: Actor,
     t_swept = time.perf_counter()
 
     answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    who = (actor.label(), actor_detail(actor))  # once for every row, not once per agent
     try:
         verdicts = [await judge(arbiter, agent, previous, new, live, kills, actor, reason,
                                 scope, verb, cause, t0, arrived_at,
                                 owner=live is not None and live.record.id in owned_ids,
-                                scoped=scoped, presignal=presignal)
+                                scoped=scoped, presignal=presignal, who=who)
                     for agent, previous, new, live in marks]
         # The audit rows first, to the writer together (one commit): the answer waits until
         # they are durable.
@@ -418,8 +419,12 @@ def _nothing_to_end(_answered: asyncio.Future[None]) -> None:
 async def judge(arbiter: Arbiter, agent: AgentRecord, previous: AgentState, new: AgentState,
                 live: LiveRun | None, kills: dict[str, RunKill], actor: Actor, reason: str,
                 scope: str, verb: str, cause: EndCause, t0: float, arrived_at: float, *,
-                owner: bool, scoped: bool, presignal: PreSignal | None = None) -> Verdict:
-    detail: dict[str, Any] = {"actor": actor_detail(actor), "cause": cause.value,
+                owner: bool, scoped: bool, presignal: PreSignal | None = None,
+                who: tuple[str, dict[str, Any]] | None = None) -> Verdict:
+    """`who`: the actor's label and detail, made once for all of a kill's agents (a
+    model dump each)."""
+    label, actor_fields = who if who is not None else (actor.label(), actor_detail(actor))
+    detail: dict[str, Any] = {"actor": actor_fields, "cause": cause.value,
                               "request_arrived_at": round(arrived_at, 6)}
     if presignal is not None and live is not None:
         sigkill = presignal.detail(live.record.id)
@@ -456,13 +461,13 @@ async def judge(arbiter: Arbiter, agent: AgentRecord, previous: AgentState, new:
             # removal, on the loop, held a single kill's answer under load.
             end = functools.partial(_finalised, arbiter, live, cause, time_to_halt_ms,
                                     f"{verb}: {reason}" if reason else verb)
-    row = dict(actor=actor.label(), verb=verb, scope=scope, target=agent.name, reason=reason,
+    row = dict(actor=label, verb=verb, scope=scope, target=agent.name, reason=reason,
                previous_state=previous.value, new_state=new.value,
                time_to_halt_ms=time_to_halt_ms, outcome=outcome, detail=detail)
     # A scoped halt logs one line for all (kill_agents): a line per agent would be written,
     # to a journal that may be slow, while the answer waits.
     log.log(logging.DEBUG if scoped else logging.WARNING,
-            "%s agent %s by %s (%s): time_to_halt_ms=%s", verb, agent.name, actor.label(),
+            "%s agent %s by %s (%s): time_to_halt_ms=%s", verb, agent.name, label,
             reason or "no reason", time_to_halt_ms)
     if outcome == "unconfirmed":
         return Verdict(row, KillUnconfirmed(
