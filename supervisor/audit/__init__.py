@@ -30,7 +30,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -180,7 +180,7 @@ class AuditLog:
             "outcome": cap_text("outcome", outcome), "detail": cap_detail(detail),
         }
         if self._thread is None:
-            entries = _commit(self.db, [fields], self.transactional)
+            entries = _entries(_commit(self.db, [fields], self.transactional))
             self._observe(entries)
             return entries[0]
         with self._cond:
@@ -438,21 +438,20 @@ class AuditLog:
 
     def _write_batch(self, db: sqlite3.Connection, batch: builtins.list[_Pending]) -> None:
         started = time.perf_counter()
-        entries = self._commit_retrying(db, [p.fields for p in batch])
+        rows = self._commit_retrying(db, [p.fields for p in batch])
         took = time.perf_counter() - started
         if took >= _SLOW:  # what a verb's answer waited for (docs/benchmarks.md)
-            log.info("audit writer: %d rows committed in %.1f ms", len(entries), took * 1000)
-        for entry in entries:
-            if entry.verb in ANCHOR_NOW_VERBS:
-                self._anchor_now = True
-        self._rows_since_checkpoint += len(entries)
+            log.info("audit writer: %d rows committed in %.1f ms", len(rows), took * 1000)
+        if any(row["verb"] in ANCHOR_NOW_VERBS for row in rows):
+            self._anchor_now = True
+        self._rows_since_checkpoint += len(rows)
         with self._cond:
             self._committed_ticket = batch[-1].ticket  # durable() says so from here
             self._unwoken = True
-        self._post(entries)
+        self._post(rows)
 
     def _commit_retrying(self, db: sqlite3.Connection, rows: builtins.list[dict[str, Any]]
-                         ) -> builtins.list[AuditEntry]:
+                         ) -> builtins.list[Committed]:
         return self._retrying(lambda: _commit(db, rows, self.transactional), db)
 
     def _retrying(self, action: Callable[[], T], db: sqlite3.Connection | None = None) -> T:
@@ -575,16 +574,19 @@ class AuditLog:
             self._observe([entry])
         return checkpoint
 
-    def _post(self, entries: builtins.list[AuditEntry]) -> None:
-        """Hand committed rows to the loop: observers first, then whoever waits for them."""
+    def _post(self, entries: Sequence[AuditEntry | Committed]) -> None:
+        """Hand committed rows to the loop: observers first, then whoever waits for them.
+        A row goes as the writer committed it, and becomes its entry on the loop, after
+        the answer that waited for it (`_commit`)."""
         loop = self._loop
         if loop is None:
             return
         with contextlib.suppress(RuntimeError):  # a closed loop: the daemon is exiting
             loop.call_soon_threadsafe(self._delivered, entries)
 
-    def _delivered(self, entries: builtins.list[AuditEntry]) -> None:
+    def _delivered(self, rows: Sequence[AuditEntry | Committed]) -> None:
         started = time.perf_counter()
+        entries = _entries(rows)
         self._observe(entries)
         self._wake_waiters()
         took = time.perf_counter() - started
@@ -634,13 +636,19 @@ _INSERT = (f"INSERT INTO audit ({', '.join(COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in COLUMNS)})")
 
 
+# A row as committed: its columns, and its entry once one was made (`_entries`).
+Committed = dict[str, Any]
+
+
 def _commit(db: sqlite3.Connection, rows: list[dict[str, Any]],
-            transactional: list[Subscriber]) -> list[AuditEntry]:
+            transactional: list[Subscriber]) -> list[Committed]:
     """Chain and insert `rows` in one transaction (one statement for all), then the
     in-transaction subscribers, row by row. A kill's answer waits for this commit: the rows
     chained first and inserted together take 0.12 ms for a class halt's ten against 0.2 ms
-    row by row (docs/benchmarks.md run 16)."""
-    entries = []
+    row by row (docs/benchmarks.md run 16). A row's entry (its detail parsed, the model
+    validated) is made here only for an in-transaction subscriber; otherwise on the loop
+    once the row is delivered (`_entries`), after the answer that waited for the commit
+    (a class halt's ten: ~0.1 ms of it, docs/benchmarks.md run 20)."""
     with db:
         last = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         seq, prev_hash = (last[0], last[1]) if last else (0, GENESIS)
@@ -652,12 +660,21 @@ def _commit(db: sqlite3.Connection, rows: list[dict[str, Any]],
             row["hash"] = prev_hash = row_hash(prev_hash, hashed_fields(row))
             chained.append(row)
         db.executemany(_INSERT, ([row[c] for c in COLUMNS] for row in chained))
-        for row in chained:
-            entry = _entry(row)
-            for subscriber in transactional:
-                subscriber(db, entry)
-            entries.append(entry)
-    return entries
+        if transactional:
+            for row in chained:
+                entry = row[_ENTRY] = _entry(row)
+                for subscriber in transactional:
+                    subscriber(db, entry)
+    return chained
+
+
+_ENTRY = "_entry"  # a committed row's entry, when `_commit` made one
+
+
+def _entries(rows: Sequence[AuditEntry | Committed]) -> list[AuditEntry]:
+    """The entries of committed rows, each made once."""
+    return [row if isinstance(row, AuditEntry) else row.get(_ENTRY) or _entry(row)
+            for row in rows]
 
 
 def _entry(row: dict[str, Any]) -> AuditEntry:

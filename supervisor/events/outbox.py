@@ -75,8 +75,11 @@ class Outbox:
 
     def attach(self, audit: AuditLog) -> None:
         # Rows are written by the audit writer's thread, in the audit row's transaction; the
-        # worker is woken on the loop once they are committed.
-        audit.subscribe(self.record, in_transaction=True)
+        # worker is woken on the loop once they are committed. Without endpoints (fixed at
+        # start) there is nothing to record, and the writer makes no entry in the
+        # transaction for it (a kill's answer waits for that commit).
+        if self.endpoints:
+            audit.subscribe(self.record, in_transaction=True)
         audit.subscribe(lambda _db, _entry: self.wake.set())
 
     def record(self, db: sqlite3.Connection, entry: AuditEntry) -> None:

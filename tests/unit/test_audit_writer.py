@@ -12,6 +12,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -401,11 +402,11 @@ def test_a_blocking_flush_wakes_once_the_writer_has_handed_its_rows_to_the_loop(
     durable_during_post: list[bool] = []
     returned = threading.Event()
 
-    def slow_post(entries: list[AuditEntry]) -> None:
-        if any(entry.verb == "kill" for entry in entries):
+    def slow_post(rows: list[dict[str, Any]]) -> None:  # as committed (entries on the loop)
+        if any(row["verb"] == "kill" for row in rows):
             durable_during_post.append(audit.durable())
             woken_during_post.append(returned.wait(0.3))
-        post(entries)
+        post(rows)
 
     audit._post = slow_post  # type: ignore[method-assign]
 

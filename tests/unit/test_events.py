@@ -247,6 +247,41 @@ def test_the_outbox_row_commits_or_rolls_back_with_its_audit_row(
     assert audit.verify().ok
 
 
+def test_a_row_becomes_its_entry_in_the_transaction_only_for_a_subscriber_there(
+        db: sqlite3.Connection) -> None:
+    """An outbox without endpoints subscribes to nothing in the transaction, so the writer
+    makes no entry there (a kill's answer waits for that commit); the loop's subscribers
+    get each row's entry all the same, detail parsed. With an in-transaction subscriber,
+    the entry it was given is the one the loop's subscribers get (made once)."""
+    audit = AuditLog(db)
+    Outbox(db, [], host="h").attach(audit)
+    assert audit.transactional == []
+    Outbox(db, [endpoint()], host="h").attach(audit)
+    assert len(audit.transactional) == 1
+    in_transaction: list[AuditEntry] = []
+    on_loop: list[AuditEntry] = []
+    audit.transactional.clear()
+
+    async def body(with_subscriber: bool) -> None:
+        audit.transactional[:] = [lambda _db, e: in_transaction.append(e)] \
+            if with_subscriber else []
+        audit.start(asyncio.get_running_loop())
+        audit.append(actor="alice", verb="kill", scope="class:web", target="a1",
+                     detail={"run": "r1", "survivors": [1, 2]})
+        assert await audit.flushed(10)
+        audit.close()
+
+    audit.subscribe(lambda _db, e: on_loop.append(e))
+    asyncio.run(body(False))
+    assert in_transaction == []
+    asyncio.run(body(True))
+    assert [(e.seq, e.verb, e.target, e.detail) for e in on_loop] == [
+        (1, "kill", "a1", {"run": "r1", "survivors": [1, 2]}),
+        (2, "kill", "a1", {"run": "r1", "survivors": [1, 2]})]
+    assert len(in_transaction) == 1 and in_transaction[0] is on_loop[1]
+    assert audit.verify().ok
+
+
 def test_one_row_per_interested_endpoint_and_none_for_non_events(
         db: sqlite3.Connection) -> None:
     audit = AuditLog(db)
