@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +93,14 @@ def claim_slot(locks: Path) -> tuple[int, int]:
                     locks=str(locks))
 
 
+def state_root(environ: Mapping[str, str]) -> Path:
+    """Where embedded runs keep their state: $AGENT_SUPERVISOR_CI_ROOT, made absolute against
+    the current directory as it is read. Left relative, every path built under it (the slot's
+    runtime and state directories, the seccomp listener's socket, the quarantine) named
+    another place for each process that resolves it from another directory."""
+    return Path(os.path.abspath(environ.get(ROOT_ENV_VAR) or DEFAULT_ROOT))
+
+
 def embedded_config(base: Config, root: Path, slot: int) -> Config:
     """The daemon's configuration narrowed to one run in `slot`: its own directories, cgroup
     parent and name prefix, and host uids above the daemon's whole range, one range per slot.
@@ -100,7 +109,12 @@ def embedded_config(base: Config, root: Path, slot: int) -> Config:
     result equal to validating the narrowed configuration), and what depends on the base is
     checked by the checks validation runs: the slot's uids below the highest uid, the audit's
     anchors outside the new state directory. So a run without a configuration file builds no
-    configuration model (buildmode.py)."""
+    configuration model (buildmode.py). `root` must be absolute (`state_root` makes it so):
+    validation refuses a relative seccomp listener, which a relative root would give."""
+    if not root.is_absolute():
+        raise ConfigInvalid(f"the embedded runs' state directory {str(root)[:200]!r} is not an "
+                            f"absolute path", root=str(root)[:200],
+                            hint=f"set ${ROOT_ENV_VAR} to an absolute path")
     runtime_dir = root / f"slot{slot}"
     listener = base.telemetry.seccomp_listener
     sandbox = base.sandbox.model_copy(update={
@@ -487,7 +501,7 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
                        ("audit", spec.audit), ("signing_key", spec.signing_key)):
         _outside(path, workspace, what)
     key = load_private_key(Path(spec.signing_key)) if spec.signing_key else None
-    root = Path(os.environ.get(ROOT_ENV_VAR) or DEFAULT_ROOT)
+    root = state_root(os.environ)
     root.mkdir(mode=0o711, parents=True, exist_ok=True)
     slot, _lock_fd = claim_slot(Path(DEFAULT_ROOT) / "locks")
     config = embedded_config(base, root, slot)

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from supervisor.ci.runner import embedded_config
+from supervisor.ci import ROOT_ENV_VAR
+from supervisor.ci.runner import embedded_config, state_root
 from supervisor.config import Config
 from supervisor.errors import ConfigInvalid
 from supervisor.sandbox.bundle import SANDBOX_UID_COUNT
@@ -102,3 +103,33 @@ def test_audit_anchors_inside_the_slots_state_directory_are_refused() -> None:
     assert refused.value.detail["reason"] == reason
     assert "must lie outside daemon.state_dir" in reason
     embedded_config(base, ROOT, 4)  # another slot's state directory: nothing to refuse
+
+
+@pytest.mark.parametrize("stated", STATED)
+def test_a_relative_state_root_is_made_absolute_at_the_entry(
+        stated: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """$AGENT_SUPERVISOR_CI_ROOT=ci-state gave the slot a relative runtime directory and with
+    it a relative seccomp listener (validation refuses one; the narrowing copies without
+    validating), which runc resolves from its own directory. It is resolved against the
+    directory agentctl runs in, so every path of the slot is absolute."""
+    monkeypatch.chdir(tmp_path)
+    root = state_root({ROOT_ENV_VAR: "ci-state/./runs"})
+    assert root == tmp_path / "ci-state" / "runs"
+    narrowed = embedded_config(Config.model_validate(stated), root, 3)
+    assert narrowed == validated_narrowing(Config.model_validate(stated), root, 3)
+    listener = narrowed.seccomp_listener
+    assert listener is None or listener == tmp_path / "ci-state/runs/slot3/seccomp.sock"
+    for path in (narrowed.daemon.runtime_dir, narrowed.daemon.state_dir):
+        assert path.is_absolute() and path.is_relative_to(tmp_path / "ci-state/runs/slot3")
+    # Unset or empty, the default; an absolute one as given.
+    assert state_root({}) == state_root({ROOT_ENV_VAR: ""}) == ROOT
+    assert state_root({ROOT_ENV_VAR: "/srv/ci"}) == Path("/srv/ci")
+
+
+def test_a_relative_state_root_given_to_the_narrowing_is_refused() -> None:
+    """A caller that skips the entry's resolution gets a structured error, not a slot whose
+    paths depend on the directory each process resolves them from."""
+    with pytest.raises(ConfigInvalid) as refused:
+        embedded_config(Config(), Path("ci-state"), 0)
+    assert refused.value.detail["root"] == "ci-state"
+    assert ROOT_ENV_VAR in (refused.value.hint or "")
