@@ -41,11 +41,15 @@ class Plan:
         self.embedded = embedded
 
 
-def _plain(value: str) -> bool:
+def _plain(value: str, text: bool = False) -> bool:
     """A value both paths read alike: no NUL (refused by --socket's type), nothing that
-    reads as an option (click may take it as one or as a value), encodable as it was given."""
+    reads as an option (click may take it as one or as a value), encodable as it was given
+    unless it is `text` (a --reason: both paths send its argv bytes that are not UTF-8 as
+    U+FFFD, verbs.checked_reason, so a kill with such a reason stays on this path)."""
     if "\0" in value or value.startswith("-"):
         return False
+    if text:
+        return True
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:  # undecodable argv bytes: left to click's handling
@@ -120,7 +124,7 @@ def plan(argv: Sequence[str], environ: Mapping[str, str]) -> Plan | None:
             if not rest:
                 return None
             value = rest.pop(0)
-        if value and not _plain(value):
+        if value and not _plain(value, text=option.dest == "reason"):
             return None
         kwargs[option.dest] = value
     return Plan(verb.name, socket, kwargs)

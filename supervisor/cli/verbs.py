@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from supervisor.cli.output import ago, clip, echo, emit_json, ms, table
 from supervisor.errors import InvalidRequest, ReasonRequired, class_not_found
-from supervisor.limits import REASON_MAX
+from supervisor.limits import REASON_MAX, reason_text
 
 if TYPE_CHECKING:
     from supervisor.api.client import Client
@@ -97,6 +97,9 @@ def make_scope(agent: str | None, agent_class: str | None, all_agents: bool) -> 
 
 
 def checked_reason(reason: str) -> str:
+    """The reason as it is sent: argv bytes that are not UTF-8 as U+FFFD (limits.reason_text),
+    never a refused request; one longer than the daemon takes refused here."""
+    reason = reason_text(reason)
     if len(reason) > REASON_MAX:
         raise InvalidRequest(f"--reason is {len(reason)} characters; the limit is {REASON_MAX}",
                              field="reason", length=len(reason), max_length=REASON_MAX)

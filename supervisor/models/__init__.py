@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from supervisor import buildmode
-from supervisor.limits import REASON_MAX
+from supervisor.limits import REASON_MAX, reason_text
 from supervisor.models.tripwire import TripwireRule
 from supervisor.models.units import Duration, duration_schema, duration_within
 
@@ -85,7 +85,13 @@ SCOPED_VERBS = ("kill", "pause", "resume", "stop", "reactivate")
 _AGENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,62}$")
 _CLASS_NAME = re.compile(r"^[a-z0-9][a-z0-9_.\-]{0,62}$")
 
-Reason = Annotated[str, Field(max_length=REASON_MAX)]
+
+def _reason_text(value: object) -> object:
+    return reason_text(value) if isinstance(value, str) else value
+
+
+# A reason with argv bytes that are not UTF-8 is stored with U+FFFD for each (limits.py).
+Reason = Annotated[str, BeforeValidator(_reason_text), Field(max_length=REASON_MAX)]
 # Bounds of a request's parts (the body as a whole is capped by the server too).
 _PATH_MAX = 4096
 _ARG_MAX = 131_072  # the kernel's MAX_ARG_STRLEN

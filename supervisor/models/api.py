@@ -11,7 +11,6 @@ from pydantic import BaseModel, BeforeValidator, Field
 
 from supervisor.models import (
     DRILL_SLO_MAX,
-    REASON_MAX,
     AgentView,
     Approval,
     AuditEntry,
@@ -30,7 +29,7 @@ class ReasonRequest(_Request):
 class DenyRequest(_Request):
     """A denial needs a reason: the agent is told it."""
 
-    reason: Annotated[str, Field(min_length=1, max_length=REASON_MAX, pattern=r"\S")]
+    reason: Annotated[Reason, Field(min_length=1, pattern=r"\S")]
 
 
 class BreakerReset(BaseModel):

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from supervisor.cli import fast
 from tests.support.daemon import Daemon, new_daemon, running_daemon, wait_for
 
 
@@ -129,6 +130,34 @@ def test_stop_escalates_to_the_kill_path_after_the_grace(daemon: Daemon) -> None
     assert result["results"][0]["new_state"] == "idle"  # stopped, not held killed
     view = daemon.agentctl_json("inspect", "stubborn")
     assert view["run"]["state"] == "killed" and view["run"]["exit_code"] == 137
+    assert daemon.clean() == {}
+
+
+def test_a_kill_whose_reason_holds_bytes_that_are_not_utf8_goes_through(daemon: Daemon
+                                                                        ) -> None:
+    """A shell's argv can carry bytes that are not UTF-8 (a pasted Latin-1 ticket title);
+    Python reads them as lone surrogates. Sent as they were, the daemon refused the kill with
+    a 400 (invalid_request on the reason) and the agent ran on. The venv's agentctl, its fast
+    path and its click path alike, sends each such byte as U+FFFD; the kill goes through and
+    the audit row keeps the rest of the reason."""
+    agentctl = Path(sys.prefix) / "bin" / "agentctl"
+    env = {**os.environ, "AGENT_SUPERVISOR_SOCKET": str(daemon.socket)}
+    reason = b"ticket caf\xe9 \xff\xfe \xc3\xa9t\xc3\xa9"  # Latin-1 bytes beside UTF-8
+    stored = "ticket caf\ufffd \ufffd\ufffd \u00e9t\u00e9"
+    # The fast path takes `kill NAME --reason R`; `--` sends the same kill through click.
+    for name, argv in (("fast", [b"kill", b"fast", b"--reason", reason, b"--json"]),
+                       ("click", [b"kill", b"--json", b"--reason", reason, b"--", b"click"])):
+        assert (fast.plan([os.fsdecode(a) for a in argv], {}) is not None) == (name == "fast")
+        daemon.agentctl("run", "--detach", "--name", name, "--", "sleep", "600", check=True)
+        done = subprocess.run([bytes(agentctl), *argv], env=env, capture_output=True,
+                              timeout=60, stdin=subprocess.DEVNULL, check=False)
+        assert done.returncode == 0, (name, done.stdout, done.stderr)
+        [result] = json.loads(done.stdout)["results"]
+        assert result["new_state"] == "killed", (name, result)
+        view = daemon.agentctl_json("inspect", name)
+        assert (view["state"], view["last_reason"]) == ("killed", stored), view
+        [row] = [r for r in daemon.audit_rows("kill") if r["target"] == name]
+        assert row["reason"] == stored, row
     assert daemon.clean() == {}
 
 

@@ -134,6 +134,20 @@ def test_reason_over_500_characters_is_422(server: ServerThread) -> None:
     assert result["results"][0]["new_state"] == "killed"
 
 
+def test_a_reason_with_unpaired_surrogates_is_stored_with_replacement_characters(
+        server: ServerThread) -> None:
+    """JSON's "\\udcff" parses to an unpaired surrogate, what an older agentctl sent for an
+    argv byte that is not UTF-8: the model refused it (400 invalid_request) and the kill did
+    not go through. Each is stored as U+FFFD; the rest of the reason as it was."""
+    launch(server)
+    body = b'{"scope": {"agent": "a1"}, "reason": "caf\\udce9 \\ud800 ok"}'
+    status, answer = raw_request(server.socket_path, "POST", "/v1/actions/kill", body)
+    assert status == 200, answer
+    assert answer["results"][0]["new_state"] == "killed"
+    [row] = [e for e in client_of(server).audit()["entries"] if e["verb"] == "kill"]
+    assert row["reason"] == "caf\ufffd \ufffd ok"
+
+
 def test_reason_limit_status_is_422(server: ServerThread) -> None:
     body = b'{"scope": {"agent": "a1"}, "reason": "' + b"y" * 501 + b'"}'
     launch(server)

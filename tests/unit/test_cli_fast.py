@@ -177,6 +177,10 @@ CORPUS: list[tuple[list[str], bool]] = [
     (["kill", "a1", "--reason", ""], True),
     (["kill", "a1", "--reason", LONG], True),
     (["kill", "a1", "--reason", "\x1b[31mred\x1b[0m alert"], True),
+    # Argv bytes that are not UTF-8 (a Latin-1 byte, a stray one): sent as U+FFFD by both.
+    (["kill", "a1", "--reason", os.fsdecode(b"caf\xe9 \xff")], True),
+    (["kill", "--reason=" + os.fsdecode(b"\xfe"), "a1"], True),
+    (["kill", os.fsdecode(b"a\xff"), "--reason", "name not UTF-8"], False),
     (["kill", "bulder-1", "--reason", "typo"], True),
     (["kill", "bulder-1", "--reason", "typo", "--json"], True),
     (["kill", "--class", "coderz", "--reason", "typo"], True),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import re
 import time
@@ -24,6 +25,7 @@ from supervisor.api.server import tail_offset
 from supervisor.cli import progress
 from supervisor.cli.main import cli, iso_time
 from supervisor.errors import ProfileNotFound, ReasonRequired, ScopeEmpty
+from supervisor.limits import reason_text
 from supervisor.profiles import load_profile
 from tests.unit.conftest import ServerThread
 
@@ -103,6 +105,35 @@ def test_reason_is_required_for_kill_and_wide_scopes(server: ServerThread, args:
     assert (error["code"], error["detail"]["field"]) == ("reason_required", "reason")
     assert "--reason" in error["detail"]["hint"]
     assert server.snapshot() == before
+
+
+@pytest.mark.parametrize(("argv", "sent"), [
+    (b"incident 7", "incident 7"),
+    ("caf\u00e9 \U0001f525".encode(), "caf\u00e9 \U0001f525"),  # UTF-8: unchanged
+    (b"caf\xe9", "caf\ufffd"),  # a Latin-1 byte
+    (b"\xff\xfe\x80", "\ufffd\ufffd\ufffd"),  # one U+FFFD a byte
+    (b"\xc3", "\ufffd"),  # a UTF-8 sequence cut short
+    (b"\xed\xa0\x80 x", "\ufffd\ufffd\ufffd x"),  # a surrogate encoded in UTF-8
+])
+def test_a_reasons_argv_bytes_that_are_not_utf8_are_sent_as_replacement_characters(
+        argv: bytes, sent: str) -> None:
+    """What Python makes of the argv bytes (surrogateescape) is sent as UTF-8 can carry it,
+    one U+FFFD a byte that is not UTF-8, so the length the limit counts never grows."""
+    decoded = os.fsdecode(argv)
+    assert reason_text(decoded) == sent and len(sent) == len(decoded)
+    assert sent.encode("utf-8").decode("utf-8") == sent
+    # A lone surrogate given some other way (not from argv bytes) too.
+    assert reason_text("a\ud800b\udfff") == "a\ufffdb\ufffd"
+
+
+def test_a_kill_whose_reason_holds_bytes_that_are_not_utf8_goes_through(
+        server: ServerThread) -> None:
+    launch(server, "a1")
+    result = agentctl(server, "kill", "a1", "--reason", os.fsdecode(b"caf\xe9 \xff"), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["results"][0]["new_state"] == "killed"
+    rows = Client(server.socket_path).audit()["entries"]
+    assert [r["reason"] for r in rows if r["verb"] == "kill"] == ["caf\ufffd \ufffd"]
 
 
 def test_pause_of_one_agent_needs_no_reason(server: ServerThread) -> None:
