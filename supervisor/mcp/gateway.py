@@ -16,9 +16,11 @@ connection of the run, which ends its MCP streams and, with them, the upstream r
 A restart (supervisor/daemon/handover.py) moves a run's MCP state to the next daemon's worker:
 `hand_over` answers every call still in flight to a stdio server with a JSON-RPC error
 (`supervisor_restarting`, retryable; the call stays counted: it reached the server) and lets
-go of the bridges; `carry` is what goes on (the call counters its budgets judge by, the remote
-sessions to end when the run ends, each stdio bridge's next request id), and `open_stdio` takes
-it up in the next worker."""
+go of the bridges; a call that gets to the server's bridge or to its relay only during the
+handover is refused the same way before it is counted or audited as allowed (`_Charge`);
+`carry` is what goes on (the call counters its budgets judge by, the remote sessions to end
+when the run ends, each stdio bridge's next request id), and `open_stdio` takes it up in the
+next worker."""
 
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ _SUSPEND_POLL = 0.05
 _MAX_SESSIONS = 64  # per run; past it the oldest is forgotten (its DELETE is not sent)
 _MAX_CANCELLING = 64  # per run: cancellations being sent to servers at once; past it, none
 _CANCEL_TIMEOUT = 2.0  # seconds for each one (best effort; the run's DELETEs follow on close)
+_RESTARTING_NOW = "the supervisor is restarting; call again in a moment"
 
 
 @dataclass
@@ -106,8 +109,7 @@ async def handle(gateway: Gateway, gate: _Gate, request: web.BaseRequest) -> web
         server = _server(policy, request)
         server_name = server.name
         if gate.mcp.handing_over:
-            raise _Refusal(503, RESTARTING, "the supervisor is restarting; call again in a "
-                           "moment", retryable=True)
+            raise _Refusal(503, RESTARTING, _RESTARTING_NOW, retryable=True)
         await _wait_while_suspended(gateway, gate)
         if gate.state != "active":
             raise _Refusal(403, f"token_{gate.state}", "the run's session token does not work "
@@ -199,26 +201,66 @@ async def _post(gateway: Gateway, gate: _Gate, policy: McpPolicy, server: McpSer
                                          "deny", "batch_refused", again.rule,
                                          "another call in this batch was refused")
                                       for m in batch], is_batch)
-    for message, verdict in zip(batch, verdicts, strict=True):
-        tool = message.tool
-        if tool is None:
-            continue
-        gate.mcp.counters.count(server.name, tool, verdict.cost, tool in server.tools)
-        gate.usage.spend += verdict.cost
-        _decide(gateway, gate, server.name, tool, message.arguments,
-                "approved" if verdict.outcome == "hold" else "allowed", "", verdict.rule, "")
+    # Nothing was awaited since the budgets were last judged: the calls are charged (counted,
+    # audited as allowed) as they go to the server, and not at all if they never do.
+    charge = _Charge(gateway, gate, server, batch, verdicts)
+    if gate.mcp.handing_over:
+        # Judged before a restart began (its body still arriving, or held for an approval):
+        # refused as a call that comes now is, and not charged, so the agent's retry through
+        # the next worker is the one that counts.
+        charge.refused(_RESTARTING_NOW)
+        return await _restarting(request, batch, is_batch, _RESTARTING_NOW)
     lists = {m.id for m in batch if m.method == "tools/list" and m.id is not None}
     if server.stdio:
-        return await _relay_stdio(gate, server, request, batch, is_batch, lists)
+        return await _relay_stdio(gate, server, request, batch, is_batch, lists, charge)
+    charge()
     return await _relay(gateway, gate, server, request, body, lists,
                         [m.id for m in batch if m.is_request])
 
 
+class _Charge:
+    """The tool calls of one judged POST, counted in the run's MCP budgets and audited as
+    allowed (or approved) once, when they go to the server. A POST refused before that
+    (restarting, a busy or stopped stdio server) is neither: a client that retries it would
+    pay twice, and a row would say allowed of a call no server got."""
+
+    def __init__(self, gateway: Gateway, gate: _Gate, server: McpServer,
+                 batch: list[Message], verdicts: list[Verdict]) -> None:
+        self.gateway, self.gate, self.server = gateway, gate, server
+        self.batch, self.verdicts = batch, verdicts
+        self.done = False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        run = self.gate.mcp
+        assert run is not None
+        for message, verdict in zip(self.batch, self.verdicts, strict=True):
+            tool = message.tool
+            if tool is None:
+                continue
+            run.counters.count(self.server.name, tool, verdict.cost, tool in self.server.tools)
+            self.gate.usage.spend += verdict.cost
+            _decide(self.gateway, self.gate, self.server.name, tool, message.arguments,
+                    "approved" if verdict.outcome == "hold" else "allowed", "", verdict.rule,
+                    "")
+
+    def refused(self, message: str) -> None:
+        """Each tool call audited as refused by the restart (`supervisor_restarting`),
+        nothing counted: none reached the server."""
+        for call in self.batch:
+            if call.tool is not None:
+                _decide(self.gateway, self.gate, self.server.name, call.tool, call.arguments,
+                        "denied", RESTARTING, "mcp.restart", message)
+
+
 async def _relay_stdio(gate: _Gate, server: McpServer, request: web.BaseRequest,
-                       batch: list[Message], is_batch: bool, lists: set[Any]
+                       batch: list[Message], is_batch: bool, lists: set[Any], charge: _Charge
                        ) -> web.StreamResponse:
     """The judged messages to the run's stdio server; its answers as one JSON reply (202
-    when the POST held no request), denied tools taken out of tools/list results."""
+    when the POST held no request), denied tools taken out of tools/list results. `charge`
+    is called by the bridge as it writes them, not if it refuses them."""
     run = gate.mcp
     assert run is not None
     bridge = run.bridges.get(server.name)
@@ -229,9 +271,11 @@ async def _relay_stdio(gate: _Gate, server: McpServer, request: web.BaseRequest,
     run.relayed.clear()
     try:
         try:
-            answers = await bridge.exchange([m.raw for m in batch])
+            answers = await bridge.exchange([m.raw for m in batch], charge)
         except StdioUnavailable as exc:
             if exc.reason == RESTARTING:
+                if not charge.done:  # refused before it was written: never charged
+                    charge.refused(exc.message)
                 return await _restarting(request, batch, is_batch, exc.message)
             raise _Refusal(503 if exc.retryable else 502, exc.reason, exc.message,
                            retryable=exc.retryable) from None

@@ -34,6 +34,7 @@ import itertools
 import json
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,14 @@ class StdioBridge:
         bridge._reading = asyncio.get_running_loop().create_task(bridge._read())
         return bridge
 
-    async def exchange(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def exchange(self, messages: list[dict[str, Any]],
+                       before_write: Callable[[], None] | None = None
+                       ) -> list[dict[str, Any]]:
         """Send the messages of one POST; the responses to its requests (in order), with the
         agent's ids back in them. Cancelled (the agent hung up, the run was cut): the
-        server is told its requests are cancelled."""
+        server is told its requests are cancelled. `before_write` is called once the call is
+        taken, right before it is written (the gateway charges the run's budgets there): not
+        when it is refused (restarting, busy, stopped)."""
         if self.handing_over:
             # A POST judged before the restart began (its body still coming, or held for an
             # approval) gets here while the handover drains or after it: written to the
@@ -93,6 +98,8 @@ class StdioBridge:
             raise StdioUnavailable("server_busy", f"MCP server {self.name} has "
                                    f"{len(self.pending)} calls waiting; at most {MAX_PENDING}",
                                    retryable=True)
+        if before_write is not None:
+            before_write()
         loop = asyncio.get_running_loop()
         waiting: list[tuple[Any, int, asyncio.Future[dict[str, Any]]]] = []
         lines = []

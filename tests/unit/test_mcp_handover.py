@@ -10,19 +10,27 @@ SDK's server in its sandbox and real daemons."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 from typing import Any
 
+import httpx
 import pytest
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import McpError
 
 from supervisor.config import EgressSection
 from supervisor.egress.gateway import Gateway
 from supervisor.egress.grant import (
     MCP_CARRIED_SESSIONS,
     Carried,
+    Decision,
     McpCarried,
     RunGrant,
     carried_from_wire,
@@ -30,10 +38,12 @@ from supervisor.egress.grant import (
     mcp_carried_from_wire,
     mcp_carried_to_wire,
 )
+from supervisor.mcp import gateway as mcp_gateway
 from supervisor.mcp.stdio import RESTARTING, StdioBridge, StdioUnavailable
 from supervisor.models.egress import GatewayPolicy
 from tests.unit import test_egress_gateway as gw
 from tests.unit.test_mcp_gateway import McpSink
+from tests.unit.test_mcp_stdio import SERVER as SDK_SERVER
 
 CARRIED = McpCarried(calls=3, cost=0.25, per_server={"files": 3}, per_tool={"files/echo": 1},
                      sessions=[("sid-1", "remote")], next_ids={"files": 4})
@@ -78,12 +88,13 @@ class _Side:
     """One gateway (a worker) serving the run, and the agent's POSTs to it."""
 
     def __init__(self, server_end: socket.socket, carried: McpCarried | None,
-                 port: int) -> None:
-        self.gateway = Gateway(EgressSection.model_validate({}), McpSink(), clock=gw.Clock())
+                 port: int, policy: dict[str, Any] = POLICY) -> None:
+        self.sink = McpSink()
+        self.gateway = Gateway(EgressSection.model_validate({}), self.sink, clock=gw.Clock())
         self.gateway.start()
         self.port = port
         grant = RunGrant(run_id=gw.RUN, agent="agent-a", token=gw.TOKEN,
-                         expires_at=gw.T0 + 3600, policy=GatewayPolicy.model_validate(POLICY),
+                         expires_at=gw.T0 + 3600, policy=GatewayPolicy.model_validate(policy),
                          host_ip="127.0.0.1", port=port, secrets={})
         asyncio.run(self.gateway.open(grant, {"files": server_end},
                                       Carried(mcp=carried) if carried else None))
@@ -258,3 +269,86 @@ def test_a_call_that_reaches_the_bridge_during_the_handover_is_answered_restarti
     finally:
         reader.close()
         server.close()
+
+
+# Each echo needs an operator's approval; one echo per run.
+HELD = {"breaker": {"enabled": False}, "mcp": {"servers": [
+    {"name": "files", "command": ["python", "server.py"], "allow": ["echo"],
+     "tools": {"echo": {"approval": True, "max_calls": 1}}}]}}
+
+
+def test_a_call_refused_at_the_handover_is_not_charged_and_its_retry_counts_once() -> None:
+    """A POST judged before the restart began reaches the gateway's relay while the worker
+    hands the run over (here: held for an approval the operator gives then; its body still
+    arriving is the other way). It was counted in the run's MCP budgets and audited as
+    approved, then refused with supervisor_restarting before it reached the server: carried
+    to the next worker, the count made the agent's retry, the one call the server ever got,
+    pay twice (over this budget of one: refused budget_exhausted). It is refused unpaid and
+    audited as refused. The official SDK's client and FastMCP stdio server, the real gateway;
+    the handover's first step (mcp/gateway.py hand_over) is run on its own so that the
+    approval lands between it and the cut that follows it in Gateway.hand_over."""
+    inner, gateway_end = socket.socketpair()
+    with inner:
+        server = subprocess.Popen([sys.executable, "-P", "-u", str(SDK_SERVER)],
+                                  stdin=inner.fileno(), stdout=inner.fileno(),
+                                  stderr=subprocess.DEVNULL)
+    kept = socket.socket(fileno=os.dup(gateway_end.fileno()))  # the daemon's copy
+    old = _Side(gateway_end, None, gw.free_port(), HELD)
+    sides = [old]
+    refused_seen, next_open = threading.Event(), threading.Event()
+    carried: list[McpCarried] = []
+
+    def operator_and_restart() -> None:
+        old.sink.wait_for(lambda: bool(old.sink.approvals))
+        # The restart begins: the worker's MCP handover, not yet its cut.
+        old.gateway._submit(mcp_gateway.hand_over(old.gateway.gates[gw.RUN])).result(gw.WAIT)
+        old.sink.approvals[0].future.set_result(Decision(True, "a1", by="alice"))
+        assert refused_seen.wait(gw.WAIT), "the held call was never answered"
+        _usage, wire = asyncio.run(old.gateway.hand_over(gw.RUN))
+        assert wire is not None
+        carried.append(mcp_carried_from_wire(wire))
+        new = _Side(kept, carried[0], old.port, HELD)
+        new.sink.decide = lambda approval: Decision(True, "a2", by="alice")
+        sides.append(new)
+        next_open.set()
+
+    async def agent() -> tuple[Any, Any]:
+        proxy = f"http://agent:{gw.TOKEN}@127.0.0.1:{old.port}"
+        async with httpx.AsyncClient(proxy=proxy, timeout=httpx.Timeout(gw.WAIT),
+                                     trust_env=False) as http, \
+                streamable_http_client("http://mcp.gateway/files",
+                                       http_client=http) as (read, write, _), \
+                ClientSession(read, write) as session:
+            await session.initialize()
+            with pytest.raises(McpError) as refused:
+                await session.call_tool("echo", {"text": "held"})
+            refused_seen.set()
+            assert await asyncio.to_thread(next_open.wait, gw.WAIT)
+            return refused.value.error, await session.call_tool("echo", {"text": "again"})
+
+    operator = threading.Thread(target=operator_and_restart)
+    operator.start()
+    try:
+        error, retried = asyncio.run(asyncio.wait_for(agent(), gw.WAIT * 3))
+        operator.join(gw.WAIT)
+    finally:
+        refused_seen.set()
+        for side in sides:
+            side.gateway.stop()
+        if len(sides) == 1:
+            kept.close()
+        try:
+            server.wait(gw.WAIT)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        gc.collect()
+    assert error.data["reason"] == RESTARTING and error.data["retryable"] is True, error
+    assert [(d["tool"], d["outcome"], d["reason"]) for d in old.sink.of("mcp")] == [
+        ("echo", "held", "approval_required"), ("echo", "denied", RESTARTING)]
+    [state] = carried
+    assert (state.calls, state.per_server, state.per_tool) == (0, {}, {})
+    # The retry went through the next worker: the run's one echo, counted once.
+    assert not retried.isError and retried.content[0].text == "echo: again", retried
+    assert [(d["outcome"], d["calls"]) for d in sides[1].sink.of("mcp")] == [
+        ("held", 0), ("approved", 1)]

@@ -255,6 +255,10 @@ def test_calls_waiting_on_one_server_are_bounded(env: Env) -> None:
     assert reply.status == 503
     data = reply.json()["error"]["data"]
     assert (data["reason"], data["retryable"]) == ("server_busy", True)
+    # Refused before it was written: none of it charged to the run's budgets (a retry pays
+    # once) or audited as allowed; one row says why it was refused.
+    rows = [(d["tool"], d["outcome"], d["reason"], d["calls"]) for d in env.sink.of("mcp")]
+    assert rows == [("", "denied", "server_busy", 0)], rows
 
 
 def test_the_worker_takes_each_servers_descriptor_by_its_key_and_bounds_the_rest() -> None:
