@@ -297,12 +297,14 @@ class Arbiter:
         """The kill path for one agent or many (ending.kill_agents). The telemetry sampler
         stands aside meanwhile: its /proc walk would take a core from the dying processes and
         the GIL from this loop; and no audit checkpoint starts, since one would sit in front
-        of the kill's rows (AuditLog.kill_under_way). With `after_answer`, both last until
-        the answer is written and the work left for after it is done: a checkpoint begun as
-        the answer is written would take the GIL from it."""
+        of the kill's rows (AuditLog.kill_under_way); nor does the garbage collector
+        (ending.collector_held). With `after_answer`, all three last until the answer is
+        written and the work left for after it is done: a checkpoint begun as the answer is
+        written would take the GIL from it."""
         aside = contextlib.ExitStack()
         aside.enter_context(self.observers.killing())
         aside.enter_context(self.audit.kill_under_way())
+        aside.enter_context(ending.collector_held())
         try:
             results = await ending.kill_agents(self, agents, actor, reason, scope, verb=verb,
                                                agent_verb=agent_verb, cause=cause,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -703,6 +704,61 @@ def test_the_background_stands_aside_from_the_kill_to_its_records(env: ArbiterEn
         assert journal == (during if fail else ["aside", *during, "back"])
 
     asyncio.run(body())
+
+
+def test_the_collector_is_off_from_a_kills_start_until_its_answer_is_out(
+        env: ArbiterEnv) -> None:
+    """No automatic garbage collection inside a kill (a generation-0 one took 0.2-0.3 ms of a
+    class halt's loop): off at its SIGKILLs and its audit rows, still off when the action
+    returns to a caller that writes the answer itself, on again once the work it left for
+    after the answer has run (or at once without such a caller); and left off by a kill if
+    it was off before."""
+    assert gc.isenabled()
+
+    async def body() -> None:
+        arbiter = env.arbiter()
+        seen: list[tuple[str, bool]] = []
+        views = [await arbiter.launch(_request(f"g{i}"), ALICE) for i in range(2)]
+        for view in views:
+            cgroup = env.runtime.handles[view.id].cgroup
+            kill = cgroup.kill
+
+            def noted_kill(*, force_fallback: bool = False, kill: Any = kill) -> str:
+                seen.append(("sigkill", gc.isenabled()))
+                return str(kill(force_fallback=force_fallback))
+
+            cgroup.kill = noted_kill  # type: ignore[method-assign]
+        append = arbiter.audit.append
+
+        def noted_append(**row: Any) -> Any:
+            seen.append((f"audit {row['verb']}", gc.isenabled()))
+            return append(**row)
+
+        arbiter.audit.append = noted_append  # type: ignore[method-assign]
+        left: list[Callable[[], None]] = []
+        result = await asyncio.wait_for(arbiter.act(
+            "kill", ActionRequest(scope=Scope(agent_class="web"), reason="r"), ALICE,
+            after_answer=left.append), WAIT)
+        assert [r.new_state for r in result.results] == ["killed"] * 2
+        assert seen == [("sigkill", False)] * 2 + [("audit kill", False)] * 2
+        assert left and not gc.isenabled(), "on again before the answer was out"
+        for call in left:
+            call()
+        assert gc.isenabled()
+        await arbiter.launch(_request("g8", agent_class="db"), ALICE)
+        await asyncio.wait_for(arbiter.act(
+            "kill", ActionRequest(scope=Scope(agent="g8"), reason="r"), ALICE), WAIT)
+        assert gc.isenabled(), "a kill without a caller of its own: on again at its return"
+        gc.disable()
+        await arbiter.launch(_request("g9", agent_class="db"), ALICE)
+        await asyncio.wait_for(arbiter.act(
+            "kill", ActionRequest(scope=Scope(agent="g9"), reason="r"), ALICE), WAIT)
+        assert not gc.isenabled(), "a kill turned on a collector that was off before it"
+
+    try:
+        asyncio.run(body())
+    finally:
+        gc.enable()
 
 
 class Seccomp:
