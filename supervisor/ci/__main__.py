@@ -16,8 +16,9 @@ The models that can wait are built at their first use, not as they are defined
 (buildmode.py): a plain run builds its spec's, its profile's and its own records' and never the
 configuration's (no file: every default, made without validating) or the API's views.
 Code those imports compile from strings (the dataclasses' generated methods, the models' string
-annotations) comes from root's cache of it (ci/codecache.py), ~35 ms of the ~150 ms start; the
-cache is in place for the imports only.
+annotations) comes from root's cache of it (ci/codecache.py), ~35 ms of the ~150 ms start, and
+so does the bytecode of the modules they load (~8 ms: finding and reading ~250 `.pyc` files);
+the cache is in place for the imports only.
 asyncio loads without ssl (~4 ms), which comes when something imports it (ci/late_tls.py)."""
 
 import gc
@@ -32,19 +33,21 @@ for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
 # agentctl blocked them across its exec: any that came meanwhile are delivered now, to the above.
 signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
 os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
-from supervisor import buildmode  # noqa: E402  (after the signals are taken)
-from supervisor.ci import DEFAULT_ROOT, no_plugins  # noqa: E402
-
-sys.modules.setdefault(no_plugins.MODULE, no_plugins)
-buildmode.DEFER_BUILD = True
+from supervisor.ci import DEFAULT_ROOT  # noqa: E402  (after the signals are taken)
 
 codes = None
-if os.geteuid() == 0:
+if os.geteuid() == 0:  # first, so that it serves as many of the imports as it can
     from supervisor.ci import codecache
 
     codes = codecache.CodeCache(
         os.path.join(DEFAULT_ROOT, codecache.DIRECTORY_NAME, codecache.FILE_NAME))
     codes.install()
+
+from supervisor import buildmode  # noqa: E402
+from supervisor.ci import no_plugins  # noqa: E402
+
+sys.modules.setdefault(no_plugins.MODULE, no_plugins)
+buildmode.DEFER_BUILD = True
 
 from supervisor.ci import late_tls  # noqa: E402
 

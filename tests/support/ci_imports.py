@@ -75,7 +75,8 @@ def _built():
     return sorted(set(found))
 def _report(code):
     codes = getattr(sys.modules.get("__main__"), "codes", None)
-    sys.stdout.write("\\nCODECACHE " + json.dumps(codes and codes.misses) + "\\n")
+    sys.stdout.write("\\nCODECACHE " + json.dumps(codes and codes.misses + codes.module_misses)
+                     + "\\n")
     sys.stdout.write("\\nBUILT " + json.dumps(_built()) + "\\n")
     sys.stdout.write("\\nTHREADS " + json.dumps(_started) + "\\n")
     sys.stdout.write("\\nMODULES " + json.dumps(sorted(sys.modules)) + "\\n")
@@ -98,8 +99,9 @@ def runner_modules(env: Mapping[str, str], cwd: Path | str, timeout: float = 300
 
 
 def codecache_misses(done: subprocess.CompletedProcess[str]) -> int | None:
-    """What the runner compiled for want of its code cache (ci/codecache.py) in a process
-    `runner_modules` ran; None: it had no cache (not root)."""
+    """What the runner compiled, or found and loaded as usual, for want of its code cache
+    (ci/codecache.py: strings compiled, modules' bytecode) in a process `runner_modules` ran;
+    None: it had no cache (not root)."""
     marker = [line for line in done.stdout.splitlines() if line.startswith("CODECACHE ")]
     assert marker, done.stdout[-2000:]
     misses: int | None = json.loads(marker[-1].removeprefix("CODECACHE "))

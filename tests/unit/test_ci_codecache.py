@@ -166,7 +166,18 @@ for name, module in sorted(sys.modules.items()):
         elif isinstance(cls, type) and issubclass(cls, tuple) and hasattr(cls, "_fields") \\
                 and cls.__module__ == name:
             seen[f"{name}.{attr}"] = [str(inspect.signature(cls)), code(cls.__new__.__code__)]
-print(json.dumps({"classes": seen, "misses": cache.misses if cache else None}))
+functions = {}
+for name, module in sorted(sys.modules.items()):
+    if name.startswith(("supervisor", "pydantic", "asyncio", "dataclasses", "typing")):
+        functions[name] = sorted([attr, value.__code__.co_code.hex()]
+                                 for attr, value in vars(module).items()
+                                 if inspect.isfunction(value))
+served = sorted(name for name, module in sys.modules.items()
+                if type(getattr(getattr(module, "__spec__", None), "loader", None)).__name__
+                == "_CachedLoader")
+print(json.dumps({"classes": seen, "functions": functions, "served": served,
+                  "misses": cache.misses if cache else None,
+                  "module_misses": cache.module_misses if cache else None}))
 """
 
 
@@ -186,3 +197,61 @@ def test_the_runners_imports_make_the_same_classes_with_the_cache_as_without(
     assert len(plain["classes"]) > 100
     assert filling["misses"] > 400 and answered["misses"] == 0
     assert plain["classes"] == filling["classes"] == answered["classes"]
+    # The modules' own bytecode, served from the cache the third time: the same functions.
+    assert filling["module_misses"] > 200 and answered["module_misses"] == 0
+    assert plain["served"] == filling["served"] == [] and len(answered["served"]) > 200
+    assert "supervisor.daemon.core" in answered["served"]
+    assert plain["functions"] == filling["functions"] == answered["functions"]
+
+
+_IMPORT = """
+import collections, dataclasses, json, os, sys, typing  # the seams' modules: no misses
+from supervisor.ci import codecache
+cache = codecache.CodeCache(sys.argv[1], owner=os.geteuid())
+sys.path[:0] = sys.argv[2:]
+cache.install()
+import pkgx.mod
+cache.uninstall()
+cache.save()
+print(json.dumps({"value": pkgx.mod.VALUE, "file": pkgx.mod.__file__,
+                  "loader": type(pkgx.mod.__spec__.loader).__name__,
+                  "package_path": list(sys.modules["pkgx"].__path__),
+                  "misses": cache.module_misses}))
+"""
+
+
+def test_a_module_is_served_from_the_cache_only_while_the_search_would_find_that_file(
+        tmp_path: Path) -> None:
+    """The cache answers for a module only while its file is as recorded and every directory
+    searched up to it is unchanged: an edited source, a new file in its package and a module
+    that would now shadow it from an earlier directory on the path are each found as usual."""
+    directory = tmp_path / "codecache"
+    directory.mkdir(mode=0o700)
+    path = str(directory / codecache.FILE_NAME)
+    early, late = tmp_path / "early", tmp_path / "late"
+    early.mkdir()
+    (late / "pkgx").mkdir(parents=True)
+    (late / "pkgx" / "__init__.py").write_text("")
+    module = late / "pkgx" / "mod.py"
+    module.write_text("VALUE = 'first'\n")
+
+    def start() -> dict[str, typing.Any]:
+        done = subprocess.run([sys.executable, "-c", _IMPORT, path, str(early), str(late)],
+                              capture_output=True, text=True, cwd=REPO, check=True)
+        answer: dict[str, typing.Any] = json.loads(done.stdout)
+        return answer
+
+    first = start()
+    assert first == {"value": "first", "file": str(module), "loader": "_RecordingLoader",
+                     "package_path": [str(late / "pkgx")], "misses": 2}
+    second = start()
+    assert second == {**first, "loader": "_CachedLoader", "misses": 0}
+    module.write_text("VALUE = 'edited'\n")  # same size, another mtime
+    assert start() == {**first, "value": "edited", "misses": 1}
+    assert start() == {**first, "value": "edited", "loader": "_CachedLoader", "misses": 0}
+    (late / "pkgx" / "other.py").write_text("")  # the package's directory changed
+    assert start()["misses"] == 1
+    (early / "pkgx.py").write_text("raise SystemExit('the earlier directory shadows it')\n")
+    shadowed = subprocess.run([sys.executable, "-c", _IMPORT, path, str(early), str(late)],
+                              capture_output=True, text=True, cwd=REPO, check=False)
+    assert "the earlier directory shadows it" in shadowed.stderr
