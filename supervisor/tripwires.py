@@ -19,6 +19,7 @@ __all__ = ["Firing", "RunTripwires", "TripwirePolicy", "TripwireRule"]
 
 @dataclass(frozen=True)
 class Firing:
+    """A tripwire rule that fired on a sample, and what it asks for."""
     rule: str
     metric: str
     value: float

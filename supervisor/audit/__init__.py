@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from supervisor.audit.anchor import (
     Checkpoint,
@@ -53,7 +53,10 @@ from supervisor.audit.chain import (
     hashed_fields,
     row_hash,
 )
-from supervisor.models import AuditEntry, AuditVerifyResult
+from supervisor.models import AuditEntry
+
+if TYPE_CHECKING:  # made when the log is verified (supervisor/models/views.py)
+    from supervisor.models.views import AuditVerifyResult
 
 __all__ = ["GENESIS", "Anchoring", "AuditLog", "Subscriber"]
 
@@ -97,6 +100,7 @@ class Anchoring:
 
 @dataclass
 class _Pending:
+    """An audit row queued for the writer, with the ticket its commit is awaited by."""
     fields: dict[str, Any]
     ticket: int
 

@@ -32,13 +32,14 @@ from supervisor.audit.chain import (
     row_hash,
     walk,
 )
-from supervisor.models import AuditVerifyResult
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
         Ed25519PrivateKey,
         Ed25519PublicKey,
     )
+
+    from supervisor.models.views import AuditVerifyResult
 
 # The journal line: one logger, one prefix, one JSON object (stderr reaches journald under
 # systemd, and remote journal forwarding carries it off the host).
@@ -55,6 +56,7 @@ class KeyProblem(Exception):
 
 @dataclass(frozen=True)
 class Checkpoint:
+    """A signed checkpoint of the audit chain: its head at `seq`, signed with the audit key."""
     seq: int
     hash: str
     ts: float
@@ -283,6 +285,8 @@ def verify(db: sqlite3.Connection, public_key: Ed25519PublicKey | None,
     if chain.head_seq and anchor == 0:
         notes.append("no checkpoint covers this log yet")
     first = problems[0] if problems else (None, None)
+    from supervisor.models.views import AuditVerifyResult  # made on request only
+
     return AuditVerifyResult(
         ok=not problems, rows=chain.rows, first_bad_seq=first[0], problem=first[1],
         head_hash=chain.head_hash, head_seq=chain.head_seq, anchor_seq=anchor or None,

@@ -7,3 +7,6 @@ ENV_VAR = "AGENT_SUPERVISOR_EMBEDDED_RUN"
 # Where embedded runs keep their state (one directory per slot, removed at the end).
 ROOT_ENV_VAR = "AGENT_SUPERVISOR_CI_ROOT"
 DEFAULT_ROOT = "/run/agent-supervisor-ci"
+# The signed report's schema (ci/report.py), which every run's report names; here so that a run
+# without --report or --summary does not load the signing module.
+REPORT_SCHEMA = "agent-supervisor/ci-report/v1"

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from supervisor.ci import REPORT_SCHEMA
 from supervisor.errors import ReportInvalid, SigningKeyInvalid
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
         Ed25519PublicKey,
     )
 
-SCHEMA = "agent-supervisor/ci-report/v1"
+SCHEMA = REPORT_SCHEMA
 ALGORITHM = "ed25519"
 
 

@@ -31,19 +31,12 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from supervisor import __version__
+from supervisor.ci import REPORT_SCHEMA
 from supervisor.ci.outcome import Ending, ending_of, exit_status
-from supervisor.ci.report import (
-    SCHEMA,
-    generate_key,
-    load_private_key,
-    sign,
-    summary_markdown,
-)
 from supervisor.ci.spec import DEFAULT_ROOT, ENV_VAR, ROOT_ENV_VAR, EmbeddedRun
 from supervisor.config import Config, load_config
 from supervisor.daemon.arbiter import SYSTEM
 from supervisor.daemon.core import Core
-from supervisor.daemon.selftest import run_self_test
 from supervisor.egress import nft
 from supervisor.errors import (
     AgentBusy,
@@ -64,7 +57,8 @@ from supervisor.sandbox.fstree import remove_tree
 from supervisor.sandbox.seccomp_notify import AttemptTally
 
 # The workspace's modules (its manifest and scope guard, provenance, quarantine, the copy of a
-# system user's checkout) load with the first run that has a workspace.
+# system user's checkout) load with the first run that has a workspace; the report's signing
+# with a report, a summary or a signing key; the self-test with --self-test.
 if TYPE_CHECKING:
     from supervisor.ci import checkout_copy, manifest
 
@@ -253,6 +247,8 @@ class EmbeddedRunner:
         if core.seccomp is not None:
             core.seccomp.observers.ci = self.attempts.add
         if self.spec.self_test:
+            from supervisor.daemon.selftest import run_self_test
+
             report = await run_self_test(core.arbiter, self.config, seccomp=core.seccomp)
             core.audit.append(actor=SYSTEM.label(), verb="self_test", scope="global",
                               outcome="ok" if report["ok"] else "failed", detail=report)
@@ -405,7 +401,7 @@ class EmbeddedRunner:
                              launch_error_status=(launch_exit_status(self.error)
                                                   if self.error else None))
         report: dict[str, Any] = {
-            "schema": SCHEMA,
+            "schema": REPORT_SCHEMA,
             "supervisor_version": __version__,
             "run": {"id": self.run_id, "agent": self.name, "command": self.spec.run.command,
                     "profile": self.profile.name, "workspace": self.spec.run.workspace,
@@ -500,7 +496,11 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
     for what, path in (("report", spec.report), ("summary", spec.summary),
                        ("audit", spec.audit), ("signing_key", spec.signing_key)):
         _outside(path, workspace, what)
-    key = load_private_key(Path(spec.signing_key)) if spec.signing_key else None
+    key = None
+    if spec.signing_key:
+        from supervisor.ci.report import load_private_key
+
+        key = load_private_key(Path(spec.signing_key))
     root = state_root(os.environ)
     root.mkdir(mode=0o711, parents=True, exist_ok=True)
     slot, _lock_fd = claim_slot(Path(DEFAULT_ROOT) / "locks")
@@ -575,6 +575,8 @@ def _write_evidence(spec: EmbeddedRun, runner: EmbeddedRunner, report: dict[str,
         if report.get("audit"):
             report["audit"]["file"] = audit_path
     if spec.report is not None or spec.summary is not None:
+        from supervisor.ci.report import generate_key, sign, summary_markdown
+
         signed = sign(report, key or generate_key(), ephemeral=key is None)
         if spec.report is not None:
             _write_private(spec.report, json.dumps(signed, indent=2, sort_keys=True).encode()

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from supervisor.audit import AuditLog
 from supervisor.config import Config
@@ -37,7 +37,6 @@ from supervisor.models import (
     ActionResult,
     Actor,
     AgentResult,
-    AgentView,
     RunRequest,
     RunView,
     Scope,
@@ -58,6 +57,9 @@ from supervisor.states import (
     run_end,
     run_transition,
 )
+
+if TYPE_CHECKING:  # an agent's view is made on request only (supervisor/models/views.py)
+    from supervisor.models.views import AgentView
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +240,8 @@ class Arbiter:
             ending.observe_ended(self, run_id)
         live = self.live.get(run_id) if run_id else None
         record = live.record if live else (self.store.run(run_id) if run_id else None)
+        from supervisor.models.views import AgentView
+
         return AgentView(
             name=agent.name, agent_class=agent.agent_class, profile=agent.profile,
             state=agent.state, created_at=agent.created_at, updated_at=agent.updated_at,

@@ -113,6 +113,7 @@ class RunSampling:
 
 @dataclass
 class Core:
+    """The supervisor core, assembled: everything the daemon and an embedded run drive."""
     config: Config
     mode: CgroupMode
     seccomp: SeccompListener | None

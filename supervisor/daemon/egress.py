@@ -56,7 +56,7 @@ from supervisor.errors import (
     RuntimeFailure,
     SupervisorError,
 )
-from supervisor.models import Actor, Approval
+from supervisor.models import Actor
 from supervisor.profiles import load_profile
 from supervisor.runtime.init import SandboxInit
 from supervisor.runtime.runc import Runc
@@ -68,6 +68,7 @@ if TYPE_CHECKING:  # loaded with the first gateway run (an embedded CI run never
     from supervisor.egress.worker_process import WorkerProcess
     from supervisor.mcp.sandbox import RunServers, StdioLauncher, StdioServer
     from supervisor.models.egress import GatewayPolicy
+    from supervisor.models.views import Approval
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,7 @@ class PendingApproval:
 
 @dataclass
 class _RunEgress:
+    """One run's egress: its network, its grant and what its gateway worker reported."""
     network: RunNetwork
     grant: RunGrant
     generation: int  # the worker that holds its listener
@@ -1034,6 +1036,8 @@ class EgressControl:
             return
         now = time.time()
         timeout = state.grant.policy.approval_timeout
+        from supervisor.models.views import Approval
+
         request = Approval(id=approval_id, run=run_id, agent=state.grant.agent,
                            method=method, host=host, path=path, rule=rule, requested_at=now,
                            expires_at=now + timeout)

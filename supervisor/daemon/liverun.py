@@ -22,6 +22,7 @@ SYSTEM = Actor(kind="system", name="supervisor")
 
 @dataclass
 class LiveRun:
+    """A run the daemon is supervising now: its record, its runtime handle and its events."""
     record: RunRecord
     handle: RunHandle | None = None
     profile: Profile | None = None

@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 @dataclass
 class AgentRecord:
+    """An agent's row in the state database."""
     name: str
     agent_class: str
     profile: str
@@ -81,6 +82,7 @@ class AgentRecord:
 
 @dataclass
 class RunRecord:
+    """A run's row in the state database."""
     id: str
     agent: str
     state: str

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # the policy's models load with the first gateway run (models
 
 @dataclass(frozen=True)
 class Ceiling:
+    """A budget's metric that reached its limit."""
     metric: str  # requests, bytes or spend
     value: float
     limit: float
@@ -25,6 +26,7 @@ class Ceiling:
 
 @dataclass
 class Usage:
+    """What a run has used of the gateway: requests, bytes and spend."""
     requests: int = 0
     bytes: int = 0
     spend: float = 0.0

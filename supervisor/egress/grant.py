@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # the policy's models load with the first gateway run (models
 
 @dataclass(frozen=True)
 class Decision:
+    """An operator's answer to a held egress request."""
     approved: bool
     approval_id: str
     by: str = ""

@@ -4,9 +4,11 @@ holds the two key by key).
 
 The models the supervisor core takes and returns are defined here; those only the control API
 and its clients use (list pages, drills, health, reload answers, ...) are in
-supervisor/models/api.py and are loaded from there the first time one is named (`__getattr__`
-below), so a process that assembles the core without serving the API (an embedded CI run)
-does not build them. Every name is imported from `supervisor.models` either way."""
+supervisor/models/api.py, and the views the core makes only on request (an agent's, a held
+request's, an audit verification's) in supervisor/models/views.py; each is loaded from there
+the first time one is named (`__getattr__` below), so a process that assembles the core
+without serving the API (an embedded CI run) does not define them. Every name is imported from
+`supervisor.models` either way."""
 
 # No `from __future__ import annotations`: pydantic then gets these models' annotations as
 # objects, not strings it must evaluate one by one as each class is defined (~2 ms of the
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
         ReloadResult,
         TelemetryView,
     )
+    from supervisor.models.views import AgentView, Approval, AuditVerifyResult
 
 __all__ = [
     "REASON_MAX",
@@ -213,31 +216,6 @@ class ActionRequest(_Request):
                    duration_schema(GRACE_MAX)] | None = None
 
 
-# The API's views a run does not make (buildmode.py): an agent's view, a held request, an
-# audit verification. The run's own records (RunView, AuditEntry, TelemetrySummary, Actor)
-# and the kill path's models are built as they are defined.
-_VIEW = ConfigDict(defer_build=buildmode.DEFER_BUILD)
-
-
-class Approval(BaseModel):
-    """A request the egress gateway holds until an operator approves or denies it."""
-
-    model_config = _VIEW
-
-    id: str
-    agent: str
-    run: str
-    method: str
-    host: str
-    path: str
-    rule: str
-    requested_at: float
-    expires_at: float
-    approved: bool | None = None
-    by: str | None = None
-    reason: str | None = None
-
-
 class Actor(BaseModel):
     kind: Literal["user", "system"] = "user"
     uid: int | None = None
@@ -304,25 +282,6 @@ class TelemetrySummary(BaseModel):
 # --- end telemetry
 
 
-class AgentView(BaseModel):
-    name: str
-    agent_class: str = Field(serialization_alias="class", validation_alias="class")
-    profile: str
-    state: str
-    created_at: float
-    updated_at: float
-    last_reason: str | None
-    last_actor: str | None
-    run: RunView | None
-    time_to_halt_ms: float | None
-    # Live numbers of the current run (cpu_usec, memory_bytes, processes); None without one.
-    stats: dict[str, int | None] | None = None
-    # The telemetry summary of that run (live or stored); None when there is none.
-    telemetry: TelemetrySummary | None = None
-
-    model_config = ConfigDict(populate_by_name=True, defer_build=buildmode.DEFER_BUILD)
-
-
 class AgentResult(BaseModel):
     agent: str
     previous_state: str
@@ -360,29 +319,18 @@ class AuditEntry(BaseModel):
     hash: str
 
 
-class AuditVerifyResult(BaseModel):
-    model_config = _VIEW
-
-    ok: bool
-    rows: int
-    first_bad_seq: int | None = None
-    problem: str | None = None
-    head_hash: str | None = None
-    head_seq: int = 0
-    # The newest trusted checkpoint (signed, outside the database or in it) and what follows it.
-    anchor_seq: int | None = None
-    unanchored_rows: int = 0
-    checkpoints: int = 0
-    key_id: str | None = None
-    # Every problem found (the first is `problem`), and what was not checked.
-    problems: list[str] = []
-    notes: list[str] = []
+# The views the core makes only on request (supervisor/models/views.py): an agent's, a held
+# request's, an audit verification's; loaded, like the API's own shapes, at their first use.
+_VIEWS = ("AgentView", "Approval", "AuditVerifyResult")
 
 
 def __getattr__(name: str) -> Any:
-    # Only names not defined above come here: those of __all__ are the control API's own
-    # shapes (supervisor/models/api.py, imported above for the type checker), loaded at their
-    # first use.
+    # Only names not defined above come here: the views above and the control API's own shapes
+    # (supervisor/models/api.py), each imported above for the type checker.
+    if name in _VIEWS:
+        from supervisor.models import views
+
+        return getattr(views, name)
     if name in __all__:
         from supervisor.models import api
 

@@ -9,6 +9,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Sample:
+    # No docstring: the API's schema (a telemetry view's samples) would carry it.
     ts: float  # time.time() when taken
     wall_seconds: float  # since the run started
     processes: int

@@ -28,6 +28,7 @@ class NetworkAttachment(Protocol):
 
 @dataclass(frozen=True)
 class RunParams:
+    """What a runtime needs to start one run."""
     run_id: str
     agent: str
     container_id: str

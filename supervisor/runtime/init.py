@@ -81,6 +81,7 @@ def needs_loader(binary: Path) -> str | None:
 
 @dataclass(frozen=True)
 class SandboxInit:
+    """The init binary every sandbox runs as its pid 1."""
     binary: Path = Path(DEFAULT_INIT_BINARY)
 
     def check(self) -> str:

@@ -520,6 +520,7 @@ def _open_index(log_path: Path, cap: int, existing: bool = False) -> IndexWriter
 
 @dataclass(frozen=True)
 class FreeSpace:
+    """A filesystem's free and total bytes, as an unprivileged writer sees them."""
     path: str
     free_bytes: int
     total_bytes: int

@@ -31,6 +31,7 @@ EXEC_FIFO = "exec.fifo"
 
 @dataclass(frozen=True)
 class ContainerState:
+    """A container as `runc list` shows it."""
     id: str
     status: str
     pid: int

@@ -21,6 +21,7 @@ from supervisor.sandbox.workspace_binds import StagedWorkspace, stage
 
 @dataclass(frozen=True)
 class WorkspaceOwner:
+    """The uid (and gid) that own a run's workspace."""
     uid: int
     gid: int | None  # None: the group is a system or sandbox group, not one to run as
 

@@ -26,6 +26,7 @@ PIDS_MAX_LIMIT = 4 * 1024 * 1024
 
 @dataclass(frozen=True)
 class RunsBudget:
+    """The pids and memory all runs together may use."""
     pids_max: int
     memory_max: int
 

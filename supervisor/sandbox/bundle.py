@@ -63,6 +63,7 @@ class IdMap:
 
 @dataclass(frozen=True)
 class BundleSpec:
+    """What an OCI bundle for one run is rendered from."""
     run_id: str
     hostname: str
     command: list[str]

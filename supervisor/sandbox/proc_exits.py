@@ -199,6 +199,7 @@ def docker_status(wait_status: int) -> int:
 
 @dataclass(frozen=True)
 class Exit:
+    """How a process ended: its exit code, or why it is unknown."""
     code: int | None
     why: str = ""  # why the code is unknown; "" when it is known
 

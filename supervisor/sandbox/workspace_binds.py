@@ -62,6 +62,7 @@ class Bind:
 
 @dataclass(frozen=True)
 class Placeholder:
+    """A file or directory made in the workspace to bind another over."""
     relative: str
     kind: Literal["dir", "file"]
     inode: tuple[int, int]
@@ -69,6 +70,7 @@ class Placeholder:
 
 @dataclass
 class StagedWorkspace:
+    """A run's workspace binds and the placeholders made for them, recorded for cleanup."""
     directory: Path
     binds: list[Bind] = field(default_factory=list)
     placeholders: list[Placeholder] = field(default_factory=list)

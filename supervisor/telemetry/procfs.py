@@ -250,11 +250,13 @@ _COMM_MAX = 15  # TASK_COMM_LEN - 1: a longer name is cut; psutil then looks in 
 
 @dataclass(frozen=True)
 class Memory:
+    """A process's resident set size, in bytes."""
     rss: int
 
 
 @dataclass(frozen=True)
 class IoCounters:
+    """A process's bytes read and written through storage."""
     read_bytes: int
     write_bytes: int
 

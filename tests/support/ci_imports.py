@@ -19,8 +19,10 @@ NOT_ON_THE_RUN_PATH = (
     "supervisor.egress.worker_process", "supervisor.mcp", "supervisor.events",
     "supervisor.metrics", "supervisor.metrics_web", "supervisor.fleet", "supervisor.api",
     "supervisor.console", "supervisor.daemon.main", "supervisor.cli",
-    # The control API's own models (list pages, drills, health...): the core never uses them.
-    "supervisor.models.api",
+    # The control API's own models (list pages, drills, health...): the core never uses them;
+    # the views the core makes only on request (an agent's, a held request's, an audit
+    # verification's: models/views.py).
+    "supervisor.models.api", "supervisor.models.views",
     # pydantic's plugin loader imports it (with email, zipfile, csv); ci/no_plugins.py
     # stands in for that loader.
     "importlib.metadata",
@@ -36,6 +38,9 @@ NOT_ON_THE_RUN_PATH = (
     "importlib.resources", "zipfile", "tempfile",
     # TLS: asyncio loads without it (ci/late_tls.py); the egress gateway's is in its process.
     "ssl", "_ssl",
+    # The report's signing and summary (--report, --summary, --signing-key); the self-test
+    # (--self-test).
+    "supervisor.ci.report", "supervisor.daemon.selftest",
 )
 
 # The models the runner builds as it imports (the rest wait for their first use: buildmode.py):

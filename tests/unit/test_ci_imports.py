@@ -113,22 +113,24 @@ def test_agentctl_reaches_the_runner_without_click_or_pydantic() -> None:
 _MODELS_PROBE = """
 import json, sys
 import supervisor.models as models
-seen = {"at_import": "supervisor.models.api" in sys.modules,
+LAZY = ("supervisor.models.api", "supervisor.models.views")
+seen = {"at_import": any(m in sys.modules for m in LAZY),
         "unknown": hasattr(models, "NoSuchModel"), "private": hasattr(models, "_Nothing")}
-seen["after_misses"] = "supervisor.models.api" in sys.modules
-from supervisor.models import api
+seen["after_misses"] = any(m in sys.modules for m in LAZY)
+from supervisor.models import api, views
 seen["unresolved"] = [n for n in models.__all__ if not hasattr(models, n)]
 seen["from_api"] = sorted(n for n in models.__all__ if n not in vars(models)
-                          and getattr(models, n) is not getattr(api, n))
+                          and getattr(models, n) is not getattr(
+                              views if n in views.__all__ else api, n))
 seen["lazy"] = sorted(n for n in models.__all__ if n not in vars(models))
 print(json.dumps(seen))
 """
 
 
 def test_the_api_models_load_by_name_at_their_first_use() -> None:
-    """supervisor.models names the control API's own shapes in __all__ and loads
-    supervisor/models/api.py only when one of them is asked for: not at its import, not for a
-    name it does not have; every name it exports resolves."""
+    """supervisor.models names the control API's own shapes and the core's on-request views in
+    __all__ and loads supervisor/models/api.py or views.py only when one of them is asked for:
+    not at its import, not for a name it does not have; every name it exports resolves."""
     result = subprocess.run([sys.executable, "-c", _MODELS_PROBE], capture_output=True,
                             text=True, cwd=REPO, check=True)
     seen = json.loads(result.stdout)
@@ -136,3 +138,4 @@ def test_the_api_models_load_by_name_at_their_first_use() -> None:
     assert seen["unknown"] is False and seen["private"] is False
     assert seen["unresolved"] == [] and seen["from_api"] == []
     assert {"Health", "AgentList", "DrillResult", "ReloadResult"} <= set(seen["lazy"])
+    assert {"AgentView", "Approval", "AuditVerifyResult"} <= set(seen["lazy"])
