@@ -5,6 +5,9 @@ No root: records are fed to the reader as the kernel formats them."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,12 +84,33 @@ def test_the_calibration_child_gets_the_minimal_environment_not_the_daemons(
     """A real child, started as the reader starts it, in place of the one that dies by
     seccomp: it writes the environment it was given."""
     seen = tmp_path / "env.json"
-    monkeypatch.setattr(seccomp_kills, "_CALIBRATION_CHILD",
-                        f"import json, os; open({str(seen)!r}, 'w').write("
-                        f"json.dumps(dict(os.environ)))")
+    monkeypatch.setattr(seccomp_kills, "calibration_argv", lambda: [
+        sys.executable, "-I", "-S", "-c",
+        f"import json, os; open({str(seen)!r}, 'w').write(json.dumps(dict(os.environ)))"])
     monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
     monkeypatch.setenv("AS_WEBHOOK_SECRET", "hunter2")
     SeccompKillReader(lambda _container, _attempt: None)._calibrate()
     env = json.loads(seen.read_text())
     assert "NOTIFY_SOCKET" not in env and "AS_WEBHOOK_SECRET" not in env
     assert {k: v for k, v in env.items() if k != "LC_CTYPE"} == child_env()
+
+
+@pytest.mark.parametrize("how", ["perl", "python"])
+def test_the_calibration_child_dies_by_seccomp_strict_mode(how: str, tmp_path: Path) -> None:
+    """The child the reader starts is killed by the kernel for a syscall strict mode refuses
+    (SIGKILL), not ended by itself: perl where it is at hand on a known machine (its prctl
+    number right), Python otherwise. No root: strict mode needs no privilege."""
+    if how == "perl":
+        argv = seccomp_kills.calibration_argv()
+        assert argv[0] == seccomp_kills._PERL, argv  # this host has perl and a known machine
+    else:
+        argv = seccomp_kills.calibration_argv(perl=str(tmp_path / "no-perl"))
+        assert argv[:2] == [sys.executable, "-I"], argv
+    child = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                           env=child_env(), timeout=30)
+    assert child.returncode == -signal.SIGKILL, (child.returncode, child.stderr)
+
+
+def test_an_unknown_machine_calibrates_with_python() -> None:
+    argv = seccomp_kills.calibration_argv(machine="s390x")
+    assert argv == [sys.executable, "-I", "-S", "-c", seccomp_kills._CALIBRATION_CHILD]
