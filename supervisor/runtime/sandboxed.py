@@ -213,12 +213,22 @@ class RuncRunHandle(CgroupControl):
             await asyncio.to_thread(remove_bundle, self.params.bundle)
         finally:
             await delete
-            self.cgroup.remove()  # after runc's delete, which removes what it made in it
+            self.cgroup.remove()  # after the delete: runc's removes what it made in it
 
     async def _delete(self) -> None:
+        # As runc deletes a stopped container, without a runc process (Runc.remove_stopped);
+        # its cgroup goes after, with every run's (cleanup).
+        if self._stopped() and await asyncio.to_thread(
+                self.runtime.runc.remove_stopped, self.params.container_id):
+            return
         with contextlib.suppress(RuntimeFailure):
             await self.runtime.runc.delete(self.params.container_id, force=True,
                                            nice=self.runtime.cleanup_nice)
+
+    def _stopped(self) -> bool:
+        """Whether the run has stopped as runc means it: its init dead (its exit seen) and
+        no process of the run left in its cgroup."""
+        return self._exit is not None and self._exit.done() and self._empty()
 
     def _empty(self) -> bool:
         """Whether no process of the run is left in its cgroup (False if it cannot be told)."""

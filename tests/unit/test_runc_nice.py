@@ -42,10 +42,35 @@ def test_a_runs_cleanup_deletes_at_its_runtimes_nice_value(tmp_path: Path) -> No
         runtime = RuncRuntime(str(binary), tmp_path / name / "runc", "/unit-test", "as",
                               1000000, 1000, 1000, tmp_path / name / "workspaces",
                               tmp_path / name / "bundles", 4, Outputs(1 << 20), **kwargs)
-        handle = SimpleNamespace(runtime=runtime, params=SimpleNamespace(container_id=name))
+        handle = SimpleNamespace(runtime=runtime, params=SimpleNamespace(container_id=name),
+                                 _stopped=lambda: False)  # still running: runc deletes it
         asyncio.run(RuncRunHandle._delete(handle))  # type: ignore[arg-type]
     lines = record.read_text().splitlines()
     assert lines == [
         f"{min(19, base + CLEANUP_NICE)} --root {tmp_path / 'daemon' / 'runc'} delete --force "
         "daemon",
         f"{base} --root {tmp_path / 'embedded' / 'runc'} delete --force embedded"]
+
+
+def test_a_stopped_runs_container_goes_without_a_runc_process(tmp_path: Path) -> None:
+    """A run that has stopped (init dead, cgroup empty) loses its runc state directory
+    without runc (Runc.remove_stopped; tests/privileged/test_runc_delete_stopped.py with the
+    real runc); where the directory is not runc's, and for a run that has not stopped, runc
+    deletes it."""
+    binary, record = _fake_runc(tmp_path)
+    runtime = RuncRuntime(str(binary), tmp_path / "state", "/unit-test", "as", 1000000, 1000,
+                          1000, tmp_path / "workspaces", tmp_path / "bundles", 4,
+                          Outputs(1 << 20), cleanup_nice=0)
+    for name in ("stopped", "running"):
+        (tmp_path / "state" / name).mkdir()
+        (tmp_path / "state" / name / "state.json").write_text("{}")
+    (tmp_path / "state" / "other").mkdir()
+    for name, stopped in (("stopped", True), ("running", False), ("other", True)):
+        handle = SimpleNamespace(runtime=runtime, params=SimpleNamespace(container_id=name),
+                                 _stopped=lambda stopped=stopped: stopped)
+        asyncio.run(RuncRunHandle._delete(handle))  # type: ignore[arg-type]
+    base = os.nice(0)
+    assert record.read_text().splitlines() == [
+        f"{base} --root {tmp_path / 'state'} delete --force running",
+        f"{base} --root {tmp_path / 'state'} delete --force other"]
+    assert sorted(os.listdir(tmp_path / "state")) == ["other", "running"]
