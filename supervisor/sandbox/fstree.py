@@ -1,7 +1,8 @@
 """Removing a directory tree in rounds: `remove_tree(path)` does what
 `shutil.rmtree(path, ignore_errors=True)` does (never follows a symlink, never raises), but
-removes every entry whose subtree is already empty at once, on a few threads, then their
-parents, and so on: one round per level of the tree instead of one call after another.
+removes every entry whose subtree is already empty at once, on a few threads (kept for the
+next tree), then their parents, and so on: one round per level of the tree instead of one call
+after another.
 
 Why. On a journalling filesystem (ext4) each unlink or rmdir joins the journal's running
 transaction, and waits for it when a commit is under way; on a host whose disk is busy, calls
@@ -16,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 _WORKERS = 8
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 # Directories held open while a tree is scanned; a larger tree goes to shutil.rmtree whole.
 _MAX_DIRECTORIES = 256
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -44,13 +48,11 @@ def remove_tree(path: Path | str) -> None:
         except _TooLarge:
             too_large = True
         else:
-            with ThreadPoolExecutor(max_workers=_WORKERS,
-                                    thread_name_prefix="remove-tree") as pool:
-                for entries in rounds:
-                    if len(entries) == 1:
-                        _remove(entries[0])
-                    else:
-                        list(pool.map(_remove, entries))
+            for entries in rounds:
+                if len(entries) == 1:
+                    _remove(entries[0])
+                else:
+                    list(_workers().map(_remove, entries))
     finally:
         for fd in fds:
             os.close(fd)
@@ -58,6 +60,19 @@ def remove_tree(path: Path | str) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         _quietly(os.rmdir, path, None)
+
+
+def _workers() -> ThreadPoolExecutor:
+    """The process's one pool of removers, made at the first tree with a round of more than
+    one entry, its threads kept between trees: starting them afresh for each tree cost more
+    than removing a small one (an embedded CI run's slot directory: 3.0 ms median against 1.2
+    with the threads kept, 0.65 for shutil.rmtree, on a busy host; its bundle's just before).
+    Trees removed at once share it; each round waits only for its own entries."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="remove-tree")
+        return _pool
 
 
 class _TooLarge(Exception):

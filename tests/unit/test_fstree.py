@@ -4,6 +4,7 @@ shutil.rmtree(ignore_errors=True) would, without following a symlink."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,21 @@ def test_what_cannot_be_removed_stays_with_its_parents_and_nothing_raises(
     assert left == ["rootfs", "rootfs/a", "rootfs/a/b", "rootfs/a/b/c", "rootfs/a/b/c/d",
                     "rootfs/a/b/c/d/deep.txt"]
     assert (outside / "kept.txt").exists()
+
+
+def test_the_removers_threads_are_kept_for_the_next_tree(tmp_path: Path, outside: Path) -> None:
+    """Trees one after another (a run's bundle, then its slot's directory) reuse the threads
+    the first one started; none is started per tree any more."""
+
+    def removers() -> set[int]:
+        return {t.ident or 0 for t in threading.enumerate() if t.name.startswith("remove-tree")}
+
+    first = _bundle_like(tmp_path / "one", outside)
+    remove_tree(first)
+    kept = removers()
+    assert kept and not first.exists()
+    for n in range(5):
+        tree = _bundle_like(tmp_path / f"next{n}", outside)
+        remove_tree(tree)
+        assert not tree.exists()
+    assert kept <= removers() and len(removers()) <= fstree._WORKERS  # the same, kept
