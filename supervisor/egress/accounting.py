@@ -41,6 +41,11 @@ class Usage:
                      self.spend + other.spend, self.tokens + other.tokens,
                      self.denied + other.denied, self.errors + other.errors)
 
+    def less(self, other: Usage) -> Usage:
+        return Usage(self.requests - other.requests, self.bytes - other.bytes,
+                     self.spend - other.spend, self.tokens - other.tokens,
+                     self.denied - other.denied, self.errors - other.errors)
+
     def over(self, budget: Budget) -> Ceiling | None:
         """The first ceiling this usage has reached, or None."""
         for metric, value, limit in (("requests", self.requests, budget.requests),

@@ -740,13 +740,21 @@ class Gateway:
         if gate.breaker.tripped:
             raise EgressRefusal(503, "breaker_open", f"the circuit breaker is open: "
                                 f"{gate.breaker.tripped}; an operator must reset it")
-        self._check_budget(gate)
+        self.check_budget(gate)
 
-    def _check_budget(self, gate: _Gate) -> None:
+    def check_budget(self, gate: _Gate, *, counted: bool = False) -> None:
+        """Refuse (429 `budget_exceeded`, the tripwire fired once) when a ceiling of the run
+        or agent budget is reached. Called with no await between it and the charge it guards
+        (the request counted, its spend added): a request that waited (for an operator, out
+        of a pause) is judged again here by what went meanwhile. `counted`: the request is
+        already in `requests` (it took its place there when first judged), so that ceiling
+        is judged without it."""
         budget = gate.grant.policy.budget
-        which, over = "run", gate.usage.over(budget.run)
+        own = Usage(requests=1) if counted else Usage()
+        run = gate.usage.less(own)
+        which, over = "run", run.over(budget.run)
         if over is None:
-            which, over = "agent", gate.agent_total().over(budget.agent)
+            which, over = "agent", gate.grant.agent_usage.add(run).over(budget.agent)
         if over is None:
             return
         self._budget_fired(gate, which, over)
@@ -824,6 +832,9 @@ class Gateway:
         if gate.state != "active":
             raise EgressRefusal(403, f"token_{gate.state}", "the run's session token stopped "
                                 "working while the request was held")
+        # Other requests went while this one waited: the budgets are judged again before it
+        # is charged (its caller adds its spend with no await in between).
+        self.check_budget(gate, counted=True)
 
     async def _tunnel(self, gate: _Gate, request: web.BaseRequest) -> web.StreamResponse:
         authority = request.url.raw_authority or ""

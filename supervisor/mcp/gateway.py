@@ -122,7 +122,7 @@ async def handle(gateway: Gateway, gate: _Gate, request: web.BaseRequest) -> web
             # outside a POST's answers: no stream to open, no session to end (the spec's 405).
             return web.Response(status=405, headers={"Allow": "POST"})
         if request.method in ("GET", "DELETE"):
-            _count_request(gate)
+            _count_request(gateway, gate)
             return await _relay(gateway, gate, server, request, b"", set(), [])
         raise _Refusal(405, "method_not_allowed", "the MCP endpoint takes POST, GET and DELETE")
     except _Refusal as refusal:
@@ -170,7 +170,7 @@ async def _post(gateway: Gateway, gate: _Gate, policy: McpPolicy, server: McpSer
         batch, is_batch = messages.parse(body, policy.max_batch)
     except MessageRefused as refused:
         raise _Refusal(400, refused.reason, refused.message, code=refused.code) from None
-    _count_request(gate)
+    _count_request(gateway, gate)
     assert gate.mcp is not None
     verdicts = [_judge(policy, server, gate.mcp.counters, message) for message in batch]
     if any(v.outcome in ("deny", "unknown_tool") for v in verdicts):
@@ -188,19 +188,24 @@ async def _post(gateway: Gateway, gate: _Gate, policy: McpPolicy, server: McpSer
     if gate.state != "active":
         raise _Refusal(403, f"token_{gate.state}", "the run's session token stopped working "
                        "while the call was held", retryable=gate.state == "suspended")
-    # Judged again after a hold: budgets may have been spent by calls that went meanwhile.
-    for message, verdict in zip(batch, verdicts, strict=True):
+    # Judged again, every call of the batch, after the last await (the body, a hold, a
+    # pause): budgets may have been spent by calls that went meanwhile, and each call is
+    # judged with the calls before it in the batch counted, so that together they stay
+    # within the budgets too. The egress budgets likewise.
+    gateway.check_budget(gate, counted=True)
+    counters = gate.mcp.counters.copy()
+    for message in batch:
         tool = message.tool
         if tool is None:
             continue
-        if verdict.outcome == "hold":
-            again = judge_call(policy, server, tool, message.arguments, gate.mcp.counters)
-            if again.outcome not in ("allow", "hold"):
-                return _refuse_batch(gateway, gate, server, batch,
-                                     [again if m is message else Verdict(
-                                         "deny", "batch_refused", again.rule,
-                                         "another call in this batch was refused")
-                                      for m in batch], is_batch)
+        again = judge_call(policy, server, tool, message.arguments, counters)
+        if again.outcome not in ("allow", "hold"):
+            return _refuse_batch(gateway, gate, server, batch,
+                                 [again if m is message else Verdict(
+                                     "deny", "batch_refused", again.rule,
+                                     "another call in this batch was refused")
+                                  for m in batch], is_batch)
+        counters.count(server.name, tool, again.cost, tool in server.tools)
     # Nothing was awaited since the budgets were last judged: the calls are charged (counted,
     # audited as allowed) as they go to the server, and not at all if they never do.
     charge = _Charge(gateway, gate, server, batch, verdicts)
@@ -392,7 +397,11 @@ async def _wait_while_suspended(gateway: Gateway, gate: _Gate) -> None:
         await asyncio.sleep(_SUSPEND_POLL)
 
 
-def _count_request(gate: _Gate) -> None:
+def _count_request(gateway: Gateway, gate: _Gate) -> None:
+    """The request takes its place in the egress `requests` budget, judged by it at once
+    (no await between): it was judged on arrival, but it may have waited out a pause since,
+    while other requests went."""
+    gateway.check_budget(gate)
     gate.usage.requests += 1
 
 

@@ -38,6 +38,9 @@ class Counters:
     per_server: dict[str, int] = field(default_factory=dict)
     per_tool: dict[str, int] = field(default_factory=dict)  # "server/tool" of rules only
 
+    def copy(self) -> Counters:
+        return Counters(self.calls, self.cost, dict(self.per_server), dict(self.per_tool))
+
     def count(self, server: str, tool: str, cost: float, named: bool) -> None:
         self.calls += 1
         self.cost += cost

@@ -790,6 +790,36 @@ def test_spend_budget_refuses_once_spent(env: Env) -> None:
     assert len(env.upstream.seen) == 3
 
 
+def test_requests_that_waited_for_approval_are_judged_by_the_budget_again(env: Env) -> None:
+    """Two requests held for an operator were both judged within the spend budget when they
+    came (nothing was spent then); approved one after the other, the second is judged again
+    when its wait ends, by the spend of the first, and refused as any request over budget."""
+    policy = env.policy(budget={"run": {"spend": 0.4}}, approvals=["POST /v1/refunds*"],
+                        routes=[{"name": "llm", "host": "llm.route", "secret": "env:LLM_KEY",
+                                 "price_per_call": 0.4,
+                                 "upstream": f"https://api.upstream.test:{env.upstream.port}"}])
+    port = env.open(policy)
+    replies: list[Reply] = []
+    threads = [threading.Thread(target=lambda: replies.append(
+        env.get(port, "/v1/refunds", method="POST"))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    env.sink.wait_for(lambda: len(env.sink.approvals) == 2)
+    env.sink.approvals[0].future.set_result(Decision(True, "ap-1", by="op"))
+    env.sink.wait_for(lambda: len(replies) == 1)
+    env.sink.approvals[1].future.set_result(Decision(True, "ap-2", by="op"))
+    for thread in threads:
+        thread.join(WAIT)
+    assert sorted(r.status for r in replies) == [200, 429]
+    assert_budget_refusal(next(r for r in replies if r.status == 429), "run", "spend")
+    assert len(env.upstream.seen) == 1
+    [fired] = env.sink.of("budget_exceeded")
+    assert fired["metric"] == "spend" and fired["value"] == pytest.approx(0.4)
+    assert "budget_exceeded" in env.sink.denials()
+    usage = usage_once(env, lambda u: u.denied == 1)
+    assert usage.spend == pytest.approx(0.4)
+
+
 def test_agent_budget_counts_earlier_runs(env: Env) -> None:
     port = env.open(env.policy(budget={"agent": {"requests": 5}}),
                     agent_usage=Usage(requests=4))

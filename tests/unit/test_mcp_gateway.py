@@ -27,6 +27,7 @@ from mcp.shared.exceptions import McpError
 from supervisor.config import EgressSection
 from supervisor.egress.gateway import Gateway
 from supervisor.egress.grant import Decision, RunGrant
+from supervisor.mcp import gateway as mcp_gateway
 from supervisor.models.egress import GatewayPolicy
 from tests.support import upstream as support
 from tests.support.mcp import MCP_NAME, McpUpstream
@@ -89,7 +90,8 @@ class Env:
                 "search": {"max_calls": 2},
             }}
         servers = mcp.pop("servers", [code])
-        policy = GatewayPolicy.model_validate({"breaker": {"enabled": False},
+        budget = mcp.pop("budget", {})
+        policy = GatewayPolicy.model_validate({"breaker": {"enabled": False}, "budget": budget,
                                                "mcp": {"servers": servers, **mcp}})
         grant = RunGrant(run_id=RUN, agent="agent-a", token=TOKEN, expires_at=T0 + 3600,
                          policy=policy, host_ip="127.0.0.1", port=free_port(),
@@ -352,6 +354,79 @@ def test_a_call_held_by_a_pause_past_the_approval_timeout_is_refused_retryable(
     env.gateway.revoke(RUN)
     reply = env.post(b'{"jsonrpc":"2.0","id":2,"method":"ping"}')
     assert (reply.status, reply.code) == (403, "token_revoked")
+
+
+def call(ident: int, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": ident, "method": "tools/call",
+            "params": {"name": tool, "arguments": arguments}}
+
+
+def test_calls_that_wait_out_a_pause_are_judged_by_the_budget_again(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A budget of one request, two calls that come while the agent is paused: both were
+    judged within it when they came (nothing was spent), both wait; when the agent resumes
+    each is judged again as it is charged, and exactly one goes through. The other is
+    refused as any request over budget is (429 budget_exceeded, the tripwire once)."""
+    env.open(budget={"run": {"requests": 1}})
+    waiting = threading.Semaphore(0)
+    wait = mcp_gateway._wait_while_suspended
+
+    async def counted(gateway: Gateway, gate: Any) -> None:
+        waiting.release()
+        await wait(gateway, gate)
+
+    monkeypatch.setattr(mcp_gateway, "_wait_while_suspended", counted)
+    env.gateway.suspend(RUN)
+    replies: list[Any] = []
+    threads = [threading.Thread(target=lambda i=i: replies.append(env.post(json.dumps(
+        call(i, "read_file", {"path": "/workspace/a"})).encode()))) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for _ in threads:
+        assert waiting.acquire(timeout=WAIT)  # both judged on arrival, both waiting
+    env.gateway.resume(RUN)
+    for thread in threads:
+        thread.join(WAIT)
+    refused = [r for r in replies if r.status == 429]
+    assert len(replies) == 2 and len(refused) == 1
+    assert refused[0].code == "budget_exceeded"
+    assert [(d["tool"], d["outcome"]) for d in env.decisions()] == [("read_file", "allowed")]
+    [fired] = env.sink.of("budget_exceeded")
+    assert (fired["budget"], fired["metric"]) == ("run", "requests")
+    assert "budget_exceeded" in env.sink.denials()
+    usage = env.gateway.usage(RUN)
+    assert usage is not None and usage.requests == 1
+
+
+def test_calls_that_waited_in_a_batch_are_judged_by_the_budget_again(env: Env) -> None:
+    """A batch of a held call and an allowed one: while the held one waits for an operator,
+    another call spends the run's last call; when it is approved the whole batch is judged
+    again, each call with the batch's calls before it counted, and refused whole. A batch
+    can no more go past a budget by itself: two calls where one is left are refused."""
+    env.open(max_calls=2)
+    batch = json.dumps([call(1, "drop_table", {"table": "t1"}),
+                        call(2, "read_file", {"path": "/workspace/a"})]).encode()
+    replies: list[Any] = []
+    thread = threading.Thread(target=lambda: replies.append(env.post(batch)))
+    thread.start()
+    env.sink.wait_for(lambda: len(env.sink.approvals) == 1)
+    env.post(json.dumps(call(3, "read_file", {"path": "/workspace/b"})).encode())
+    env.sink.approvals[0].future.set_result(Decision(True, "a1", by="alice"))
+    thread.join(WAIT)
+    [first, second] = replies[0].json()
+    assert first["error"]["data"]["reason"] == "batch_refused"
+    assert (second["error"]["data"]["reason"], second["error"]["data"]["rule"]) == (
+        "budget_exhausted", "mcp.max_calls")
+    # One call is left: a batch of two is refused whole, the next single call goes.
+    reply = env.post(json.dumps([call(4, "read_file", {"path": "/workspace/c"}),
+                                 call(5, "read_file", {"path": "/workspace/d"})]).encode())
+    assert {m["error"]["data"]["reason"] for m in reply.json()} == {"budget_exhausted",
+                                                                    "batch_refused"}
+    env.post(json.dumps(call(6, "read_file", {"path": "/workspace/e"})).encode())
+    allowed = [d["tool"] for d in env.decisions() if d["outcome"] in ("allowed", "approved")]
+    assert allowed == ["read_file", "read_file"]
+    run = env.gateway.gates[RUN].mcp
+    assert run is not None and run.counters.calls == 2
 
 
 def test_fail_closed_on_what_cannot_be_judged(env: Env) -> None:
