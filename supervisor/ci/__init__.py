@@ -10,3 +10,6 @@ DEFAULT_ROOT = "/run/agent-supervisor-ci"
 # The signed report's schema (ci/report.py), which every run's report names; here so that a run
 # without --report or --summary does not load the signing module.
 REPORT_SCHEMA = "agent-supervisor/ci-report/v1"
+# Where copies of checkouts owned by root or a system user go (ci/checkout_copy.py).
+COPY_ROOT_ENV_VAR = "AGENT_SUPERVISOR_CI_COPY_ROOT"
+DEFAULT_COPY_ROOT = "/var/tmp/agent-supervisor-ci"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from supervisor.ci import COPY_ROOT_ENV_VAR, DEFAULT_COPY_ROOT
 from supervisor.ci.manifest import Change
 from supervisor.sandbox.workspace_fs import openat2
 
@@ -29,9 +30,8 @@ from supervisor.sandbox.workspace_fs import openat2
 # daemon's and the embedded slots' start at [sandbox] uid_base, 65,536 uids each), unique per
 # slot, and no account's.
 COPY_UID_BASE = 3_900_000_000
-DEFAULT_COPY_ROOT = "/var/tmp/agent-supervisor-ci"
-COPY_ROOT_ENV_VAR = "AGENT_SUPERVISOR_CI_COPY_ROOT"
 _CHUNK = 1 << 20
+__all__ = ["COPY_ROOT_ENV_VAR", "DEFAULT_COPY_ROOT", "CheckoutCopy", "make_copy", "needs_copy"]
 
 
 def needs_copy(workspace: Path, min_owner_uid: int) -> bool:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from supervisor import __version__
-from supervisor.ci import REPORT_SCHEMA
+from supervisor.ci import COPY_ROOT_ENV_VAR, DEFAULT_COPY_ROOT, REPORT_SCHEMA
 from supervisor.ci.outcome import Ending, ending_of, exit_status
 from supervisor.ci.spec import DEFAULT_ROOT, ENV_VAR, ROOT_ENV_VAR, EmbeddedRun
 from supervisor.config import Config, load_config
@@ -95,6 +95,13 @@ def state_root(environ: Mapping[str, str]) -> Path:
     return Path(os.path.abspath(environ.get(ROOT_ENV_VAR) or DEFAULT_ROOT))
 
 
+def copy_root(environ: Mapping[str, str]) -> Path:
+    """Where copies of checkouts owned by root or a system user go (ci/checkout_copy.py):
+    $AGENT_SUPERVISOR_CI_COPY_ROOT, made absolute as `state_root` is, so that the check that
+    it lies outside the workspace and the copy itself name the same place."""
+    return Path(os.path.abspath(environ.get(COPY_ROOT_ENV_VAR) or DEFAULT_COPY_ROOT))
+
+
 def embedded_config(base: Config, root: Path, slot: int) -> Config:
     """The daemon's configuration narrowed to one run in `slot`: its own directories, cgroup
     parent and name prefix, and host uids above the daemon's whole range, one range per slot.
@@ -129,15 +136,33 @@ def embedded_config(base: Config, root: Path, slot: int) -> Config:
     return config
 
 
-def _outside(path: str | None, workspace: Path | None, what: str) -> None:
-    """Root writes the report, summary and audit and reads the signing key: none of them may
-    live where the agent can write (a symlink planted there would redirect root's write)."""
+def _outside(path: str | None, workspace: Path | None, what: str, *,
+             within: str = "the workspace", hint: str | None = None) -> None:
+    """Root writes the report, summary and audit and reads the signing key, and keeps the
+    run's state (its database and audit, the slot's runtime directory with the seccomp
+    listener's socket, the quarantine) and the checkout's copy under the embedded roots: none
+    of them may live where the agent can write (a symlink planted there would redirect root's
+    write; a file there, root's read). Both are resolved, symlinks followed."""
     if path is None or workspace is None:
         return
     real, ws = os.path.realpath(path), os.path.realpath(workspace)
     if real == ws or real.startswith(ws + os.sep):
-        raise InvalidRequest(f"{what} {path} is inside the workspace, where the agent could "
-                             f"replace it; put it outside {workspace}", field=what, path=path)
+        hinted = {"hint": hint} if hint else {}
+        raise InvalidRequest(f"{what} {path} is inside {within}, where the agent could "
+                             f"replace it; put it outside {workspace}", field=what, path=path,
+                             resolved=real, **hinted)
+
+
+def _roots_outside(root: Path, copies: Path, workspace: Path | None) -> None:
+    """The embedded roots (absolute: `state_root`, `copy_root`) outside the workspace, and
+    the state root outside the copy root (a copy there is the agent's to write, and each run
+    of a slot removes the slot's copy directory whole)."""
+    for what, path in ((ROOT_ENV_VAR, root), (COPY_ROOT_ENV_VAR, copies)):
+        _outside(str(path), workspace, what,
+                 hint=f"set ${what} to a directory outside the checkout (the default is "
+                 f"{DEFAULT_ROOT if what == ROOT_ENV_VAR else DEFAULT_COPY_ROOT})")
+    _outside(str(root), copies, ROOT_ENV_VAR, within=f"${COPY_ROOT_ENV_VAR}",
+             hint=f"set ${ROOT_ENV_VAR} and ${COPY_ROOT_ENV_VAR} to separate directories")
 
 
 def _write_private(path: str, data: bytes, *, append: bool = False) -> None:
@@ -502,6 +527,8 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
 
         key = load_private_key(Path(spec.signing_key))
     root = state_root(os.environ)
+    copies = copy_root(os.environ)
+    _roots_outside(root, copies, workspace)
     root.mkdir(mode=0o711, parents=True, exist_ok=True)
     slot, _lock_fd = claim_slot(Path(DEFAULT_ROOT) / "locks")
     config = embedded_config(base, root, slot)
@@ -510,10 +537,8 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
         from supervisor.ci import checkout_copy
 
         if checkout_copy.needs_copy(workspace, config.sandbox.workspace_min_owner_uid):
-            copy_root = Path(os.environ.get(checkout_copy.COPY_ROOT_ENV_VAR)
-                             or checkout_copy.DEFAULT_COPY_ROOT)
             try:
-                copy = await asyncio.to_thread(checkout_copy.make_copy, workspace, copy_root,
+                copy = await asyncio.to_thread(checkout_copy.make_copy, workspace, copies,
                                                slot)
             except OSError as exc:
                 raise WorkspaceInvalid(f"workspace {workspace} belongs to a system user and "

@@ -636,6 +636,47 @@ def test_reports_inside_the_workspace_are_refused(ci: Path, repo: Path) -> None:
     assert not os.path.exists(ci / "slot0")
 
 
+# An agent whose operator put the runner's state in the checkout: it takes the slot's state
+# directory (its database and audit, the seccomp listener's socket) for its own.
+STATE_THIEF_AGENT = r"""
+echo agent-ran > agent-ran
+for root in .ci-state via-ci-state; do
+  [ -d "$root" ] || continue
+  mv "$root" "$root.taken" 2>/dev/null
+  mkdir -p "$root/slot0/state" && echo pwned > "$root/slot0/state/agent-supervisor.db"
+  ln -sf /etc/shadow "$root/slot0/seccomp.sock"
+done
+"""
+
+
+@pytest.mark.parametrize("where", ["inside", "through_a_symlink", "copy_root_inside"])
+def test_embedded_roots_inside_the_checkout_are_refused_before_the_agent_starts(
+        ci: Path, repo: Path, tmp_root: Path, where: str) -> None:
+    """The operator pointed $AGENT_SUPERVISOR_CI_ROOT (or the copy root) into the checkout,
+    directly or through a symlink outside it: the agent could replace the runner's state. The
+    run is refused (exit 6, invalid_request naming the variable) before anything is made there
+    and before the agent starts: it never ran, and the checkout is as it was."""
+    env: dict[str, str] = {}
+    if where == "inside":
+        env["AGENT_SUPERVISOR_CI_ROOT"] = str(repo / ".ci-state")
+    elif where == "through_a_symlink":
+        (tmp_root / "via").symlink_to(repo)
+        env["AGENT_SUPERVISOR_CI_ROOT"] = str(tmp_root / "via" / "via-ci-state")
+    else:
+        root_owned(repo)
+        env["AGENT_SUPERVISOR_CI_COPY_ROOT"] = str(repo / ".copies")
+    before = sorted(p.name for p in repo.iterdir())
+    result = run_embedded(ci, "--workspace", str(repo), "--allow-changes", "**", "--",
+                          "sh", "-c", STATE_THIEF_AGENT, **env)
+    assert result.returncode == 6, result.stdout + result.stderr
+    [variable] = env
+    assert "invalid_request" in result.stderr and variable in result.stderr
+    assert "inside the workspace" in result.stderr
+    assert sorted(p.name for p in repo.iterdir()) == before  # nothing made, the agent never ran
+    assert not (repo / "agent-ran").exists()
+    assert not os.path.exists(ci / "slot0")
+
+
 def test_a_gateway_run_without_its_model_key_is_refused_with_125_and_a_hint(
         ci: Path, repo: Path, tmp_root: Path) -> None:
     """The profile's route reads MODEL_API_KEY from agentctl's environment: without it the

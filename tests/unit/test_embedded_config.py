@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from supervisor.ci import ROOT_ENV_VAR
-from supervisor.ci.runner import embedded_config, state_root
+from supervisor.ci import COPY_ROOT_ENV_VAR, DEFAULT_COPY_ROOT, DEFAULT_ROOT, ROOT_ENV_VAR
+from supervisor.ci.runner import _roots_outside, copy_root, embedded_config, state_root
 from supervisor.config import Config
-from supervisor.errors import ConfigInvalid
+from supervisor.errors import ConfigInvalid, InvalidRequest
 from supervisor.sandbox.bundle import SANDBOX_UID_COUNT
 from tests.support.model_diff import differences
 
@@ -133,3 +133,47 @@ def test_a_relative_state_root_given_to_the_narrowing_is_refused() -> None:
         embedded_config(Config(), Path("ci-state"), 0)
     assert refused.value.detail["root"] == "ci-state"
     assert ROOT_ENV_VAR in (refused.value.hint or "")
+
+
+def test_a_relative_copy_root_is_made_absolute_at_the_entry(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As the state root: the copy, the check that it lies outside the checkout and the
+    agent's mount of it name one place, whatever directory each resolves it from."""
+    monkeypatch.chdir(tmp_path)
+    assert copy_root({COPY_ROOT_ENV_VAR: "copies/./x"}) == tmp_path / "copies" / "x"
+    assert copy_root({}) == copy_root({COPY_ROOT_ENV_VAR: ""}) == Path(DEFAULT_COPY_ROOT)
+    assert copy_root({COPY_ROOT_ENV_VAR: "/srv/copies"}) == Path("/srv/copies")
+
+
+def roots_refused(root: Path, copies: Path, workspace: Path) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as refused:
+        _roots_outside(root, copies, workspace)
+    return refused.value
+
+
+def test_embedded_roots_inside_the_workspace_are_refused(tmp_path: Path) -> None:
+    """The runner's state (database, audit, the slot's seccomp listener socket, the
+    quarantine) and the checkout's copy under a root the agent can write would be the
+    agent's to replace: refused as a report path there is, resolved, symlinks followed."""
+    ws = tmp_path / "checkout"
+    (ws / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(ws / "sub")
+    outside, copies = tmp_path / "ci-state", tmp_path / "copies"
+    _roots_outside(outside, copies, ws)  # both outside: nothing to refuse
+    _roots_outside(tmp_path / "checkout-state", copies, ws)  # a name that only starts alike
+    for root in (ws, ws / ".ci", tmp_path / "link" / "state", ws / "sub" / ".." / "x"):
+        error = roots_refused(root, copies, ws)
+        assert error.code == "invalid_request" and error.detail["field"] == ROOT_ENV_VAR
+        assert error.detail["path"] == str(root)
+        assert Path(error.detail["resolved"]).is_relative_to(ws.resolve())
+        assert "inside the workspace" in error.message
+        assert ROOT_ENV_VAR in (error.hint or "") and DEFAULT_ROOT in (error.hint or "")
+    error = roots_refused(outside, tmp_path / "link" / "copies", ws)
+    assert error.detail["field"] == COPY_ROOT_ENV_VAR
+    assert COPY_ROOT_ENV_VAR in (error.hint or "")
+    # The state root inside the copy root: a slot's copy is the agent's to write, and each run
+    # of the slot removes the slot's copy directory whole.
+    error = roots_refused(copies / "slot0" / "checkout", copies, ws)
+    assert error.detail["field"] == ROOT_ENV_VAR and COPY_ROOT_ENV_VAR in error.message
+    # No workspace: only the roots' own overlap is judged.
+    _roots_outside(outside, copies, None)
