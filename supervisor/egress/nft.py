@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import shutil
 import subprocess
 from typing import Any
 
@@ -84,6 +83,8 @@ table {FAMILY} {table} {{
 
 
 def _nft_binary() -> str:
+    import shutil  # with the first nft call: a run without a gateway makes none
+
     found = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
     if found is None:
         raise EgressSetupFailed("nft is not installed (apt-get install nftables)", step="nft")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,14 @@ EXEC_FIFO = "exec.fifo"
 STATE_FILE = "state.json"
 
 
+
+def _which(binary: str) -> str | None:
+    """shutil.which, imported when first needed: shutil loads bz2 and lzma with it, which an
+    embedded run (its runc calls never niced, runc found) has no other use for."""
+    import shutil
+
+    return shutil.which(binary)
+
 @dataclass(frozen=True)
 class ContainerState:
     """A container as `runc list` shows it."""
@@ -54,7 +61,7 @@ class Runc:
         argv = [self.binary, "--root", str(self.root), *args]
         if new_audit_session:
             argv = [*_NEW_AUDIT_SESSION, *argv]
-        if nice and (nice_binary := shutil.which("nice")) is not None:
+        if nice and (nice_binary := _which("nice")) is not None:
             argv = [nice_binary, "-n", str(nice), *argv]  # exec'd: the same process, niced
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -86,7 +93,7 @@ class Runc:
             str(pid_file), container_id, stdout=stdio, check=False, stdin=stdin,
             stderr=stdio if stderr is None else stderr, new_audit_session=True,
         )
-        if rc == 127 and shutil.which(self.binary) is None:  # from the session wrapper's exec
+        if rc == 127 and _which(self.binary) is None:  # from the session wrapper's exec
             raise RuntimeFailure(f"runc binary not found: {self.binary}", binary=self.binary)
         if rc != 0:
             detail = _last_runc_error(runc_log)

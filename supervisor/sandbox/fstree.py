@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +56,8 @@ def remove_tree(path: Path | str) -> None:
         for fd in fds:
             os.close(fd)
     if too_large:
+        import shutil  # for such trees only: it loads bz2 and lzma with it
+
         shutil.rmtree(path, ignore_errors=True)
     else:
         _quietly(os.rmdir, path, None)

@@ -41,6 +41,9 @@ NOT_ON_THE_RUN_PATH = (
     # The report's signing and summary (--report, --summary, --signing-key); the self-test
     # (--self-test).
     "supervisor.ci.report", "supervisor.daemon.selftest",
+    # shutil, with the bz2 and lzma it loads: for nft (a gateway run), a niced runc call (the
+    # daemon's cleanup) and trees too large to remove in rounds.
+    "shutil", "bz2", "lzma",
 )
 
 # The models the runner builds as it imports (the rest wait for their first use: buildmode.py):
