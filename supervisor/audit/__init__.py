@@ -35,14 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from supervisor.audit.anchor import (
-    Checkpoint,
-    CheckpointFile,
-    Signer,
-    emit_to_journal,
-)
-from supervisor.audit.anchor import record as record_checkpoint
-from supervisor.audit.anchor import verify as verify_anchored
 from supervisor.audit.chain import (
     CHECKPOINT_VERB,
     COLUMNS,
@@ -55,7 +47,12 @@ from supervisor.audit.chain import (
 )
 from supervisor.models import AuditEntry
 
-if TYPE_CHECKING:  # made when the log is verified (supervisor/models/views.py)
+if TYPE_CHECKING:
+    # Checkpoints are signed only with an audit key (the daemon's, whose start loads the
+    # anchor module) and verified on request: a run without either (an embedded CI run
+    # without --report) does not load it. A verification's result is made on request too
+    # (supervisor/models/views.py).
+    from supervisor.audit.anchor import Checkpoint, CheckpointFile, Signer
     from supervisor.models.views import AuditVerifyResult
 
 __all__ = ["GENESIS", "Anchoring", "AuditLog", "Subscriber"]
@@ -387,6 +384,8 @@ class AuditLog:
 
     def _verify_with(self, db: sqlite3.Connection, checkpoints: builtins.list[Checkpoint] | None,
                      from_anchor: bool) -> AuditVerifyResult:
+        from supervisor.audit.anchor import verify as verify_anchored
+
         if self.anchoring is None:
             return verify_anchored(db, None, None, expect_file=False).model_copy(
                 update={"notes": []})
@@ -543,6 +542,10 @@ class AuditLog:
         keep it in the database beside the chain (with its `audit.checkpoint` event), then
         in the journal."""
         assert self.anchoring is not None
+        # Loaded already: the anchoring's signer and file are the anchor module's.
+        from supervisor.audit.anchor import emit_to_journal
+        from supervisor.audit.anchor import record as record_checkpoint
+
         with self._anchor_lock:
             last = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
             if last is None:

@@ -44,6 +44,8 @@ NOT_ON_THE_RUN_PATH = (
     # shutil, with the bz2 and lzma it loads: for nft (a gateway run), a niced runc call (the
     # daemon's cleanup) and trees too large to remove in rounds.
     "shutil", "bz2", "lzma",
+    # The audit log's checkpoints: signed only with an audit key, verified on request.
+    "supervisor.audit.anchor",
 )
 
 # The models the runner builds as it imports (the rest wait for their first use: buildmode.py):
