@@ -160,6 +160,13 @@ class AuditLog:
     def subscribe(self, subscriber: Subscriber, *, in_transaction: bool = False) -> None:
         (self.transactional if in_transaction else self.subscribers).append(subscriber)
 
+    def in_transaction(self, subscriber: Subscriber, subscribed: bool) -> None:
+        """Subscribe `subscriber` in the transaction, or not, from the next commit on (a
+        reload that adds or removes the webhook endpoints). The list is replaced, never
+        changed in place: the writer's thread reads it once per commit."""
+        others = [s for s in self.transactional if s != subscriber]  # bound methods: ==
+        self.transactional = [*others, subscriber] if subscribed else others
+
     # ------------------------------------------------------------------ writing
 
     def append(

@@ -167,7 +167,7 @@ class ConfigReloader:
             self.roles.current = new.roles
             self.admission_roles(new.roles)
         if "webhooks" in applied:
-            self.outbox.endpoints = {e.url: e for e in checked.endpoints}
+            self.outbox.configure(checked.endpoints)
             self.webhook_worker.start()  # no-op when it runs; the first endpoint starts it
             self.outbox.wake.set()
         self.endpoints = list(checked.endpoints)

@@ -70,17 +70,26 @@ class Outbox:
         self.endpoints = {e.url: e for e in endpoints}
         self.host = host or socket.gethostname()
         self.wake = asyncio.Event()
+        self._audit: AuditLog | None = None
         db.executescript(SCHEMA)
         self._warn_about_orphans()
 
     def attach(self, audit: AuditLog) -> None:
         # Rows are written by the audit writer's thread, in the audit row's transaction; the
-        # worker is woken on the loop once they are committed. Without endpoints (fixed at
-        # start) there is nothing to record, and the writer makes no entry in the
-        # transaction for it (a kill's answer waits for that commit).
-        if self.endpoints:
-            audit.subscribe(self.record, in_transaction=True)
+        # worker is woken on the loop once they are committed. Without endpoints there is
+        # nothing to record, and the writer makes no entry in the transaction for it (a
+        # kill's answer waits for that commit); `configure` follows a reload's endpoints.
+        self._audit = audit
+        audit.in_transaction(self.record, bool(self.endpoints))
         audit.subscribe(lambda _db, _entry: self.wake.set())
+
+    def configure(self, endpoints: list[Endpoint]) -> None:
+        """The endpoints a reload set: every row committed from here on is recorded for
+        them, and the outbox subscribes in the transaction again once it has any (a daemon
+        started without webhooks recorded no event for an endpoint a reload added)."""
+        self.endpoints = {e.url: e for e in endpoints}
+        if self._audit is not None:
+            self._audit.in_transaction(self.record, bool(self.endpoints))
 
     def record(self, db: sqlite3.Connection, entry: AuditEntry) -> None:
         """The audit subscriber: runs inside the audit row's transaction, so it only inserts."""

@@ -282,6 +282,37 @@ def test_a_row_becomes_its_entry_in_the_transaction_only_for_a_subscriber_there(
     assert audit.verify().ok
 
 
+def test_endpoints_a_reload_adds_or_removes_are_followed_by_the_writers_commits(
+        db: sqlite3.Connection) -> None:
+    """A daemon started without webhooks subscribes nothing in the transaction; the endpoint
+    a reload adds (`Outbox.configure`) gets the rows committed by the writer's thread from
+    then on, and none once a reload removes it (it used to get no row until a restart)."""
+    audit = AuditLog(db)
+    outbox = Outbox(db, [], host="h")
+    outbox.attach(audit)
+    assert audit.transactional == []
+
+    async def commit(verb: str) -> None:
+        audit.append(actor="alice", verb=verb, scope="agent:a1", target="a1")
+        assert await audit.flushed(WAIT)
+
+    async def body() -> None:
+        audit.start(asyncio.get_running_loop())
+        await commit("pause")
+        outbox.configure([endpoint()])
+        outbox.configure([endpoint()])  # a second reload with the same endpoint
+        assert len(audit.transactional) == 1
+        await commit("kill")
+        outbox.configure([])
+        assert audit.transactional == []
+        await commit("resume")
+        audit.close()
+
+    asyncio.run(body())
+    assert outbox_ids(db) == [("agent.killed", "a1")]
+    assert audit.verify().ok
+
+
 def test_one_row_per_interested_endpoint_and_none_for_non_events(
         db: sqlite3.Connection) -> None:
     audit = AuditLog(db)
