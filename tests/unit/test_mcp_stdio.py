@@ -261,6 +261,44 @@ def test_calls_waiting_on_one_server_are_bounded(env: Env) -> None:
     assert rows == [("", "denied", "server_busy", 0)], rows
 
 
+@pytest.mark.parametrize(("mcp", "tools", "rule"), [
+    ({"servers": [{**FILES, "tools": {**FILES["tools"], "whoami": {"max_calls": 2}}}]},
+     ["whoami", "whoami", "whoami"], "files.tools.whoami.max_calls"),
+    ({"max_calls": 2}, ["whoami", "slow", "whoami"], "mcp.max_calls"),
+])
+def test_a_batch_cannot_pass_a_budget_its_calls_would_pass_one_by_one(
+        env: Env, mcp: dict[str, Any], tools: list[str], rule: str) -> None:
+    """The attack: with two calls left, one POST of three. Each call was judged against the
+    run's counters alone, so all three were allowed, written to the server (the bridge
+    sends a batch's messages one a line) and counted past the budget. Now the calls of a
+    batch are judged together, and the batch is refused whole: nothing reaches the server,
+    nothing is charged."""
+    inner, outer = socket.socketpair()
+    env.open(outer, **mcp)
+    replies: list[Any] = []
+    thread = threading.Thread(target=lambda: replies.append(env.post(
+        [call(tool, {}, ident=i) for i, tool in enumerate(tools)])))
+    thread.start()
+    try:
+        thread.join(WAIT)  # answered by the gateway, or waiting for the server's answers
+        inner.settimeout(0)
+        with pytest.raises(BlockingIOError):  # nothing of the batch reached the server
+            sent = inner.recv(65536)
+            raise AssertionError(f"the batch reached the server: {sent!r}")
+    finally:
+        inner.close()
+        thread.join(WAIT)
+    [reply] = replies
+    assert reply.status == 200
+    reasons = [(a["id"], a["error"]["data"]["reason"], a["error"]["data"]["rule"])
+               for a in reply.json()]
+    assert reasons == [(0, "batch_refused", rule), (1, "batch_refused", rule),
+                       (2, "budget_exhausted", rule)], reasons
+    rows = [(d["tool"], d["outcome"]) for d in env.sink.of("mcp")]
+    assert rows == [(tool, "denied") for tool in tools], rows
+    assert env.gateway.gates[RUN].mcp.counters.calls == 0
+
+
 def test_the_worker_takes_each_servers_descriptor_by_its_key_and_bounds_the_rest() -> None:
     from supervisor.egress import worker
 
