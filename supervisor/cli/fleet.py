@@ -35,7 +35,7 @@ from supervisor.fleet.model import (
     dumps,
     new_action_id,
 )
-from supervisor.limits import REASON_MAX
+from supervisor.limits import REASON_MAX, reason_text
 
 F = TypeVar("F", bound=Callable[..., Any])
 ENV = "AGENT_SUPERVISOR_FLEET_"
@@ -542,6 +542,8 @@ def _ms(value: float | None) -> str:
 
 
 def _reason(reason: str) -> str:
+    """As a local kill's (verbs.checked_reason): argv bytes that are not UTF-8 as U+FFFD."""
+    reason = reason_text(reason)
     if not reason.strip() or len(reason) > REASON_MAX:
         raise InvalidRequest(f"--reason is required, at most {REASON_MAX} characters",
                              field="reason")

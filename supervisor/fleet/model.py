@@ -18,11 +18,11 @@ import json
 import re
 import secrets
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from supervisor.limits import REASON_MAX
+from supervisor.limits import REASON_MAX, reason_text
 
 VERBS = ("kill", "pause", "resume", "reactivate", "lift", "drill", "verify")
 HOLDING_VERBS = ("kill", "pause")
@@ -76,7 +76,10 @@ class FleetAction(_Model):
     id: str
     verb: Literal["kill", "pause", "resume", "reactivate", "lift", "drill", "verify"]
     selector: Selector
-    reason: str = Field(min_length=1, max_length=REASON_MAX)
+    # Argv bytes that are not UTF-8 (or JSON's "\udcff" in an action another client wrote)
+    # as U+FFFD, as for a local kill (limits.reason_text): never an action refused for them.
+    reason: Annotated[str, BeforeValidator(lambda v: reason_text(v) if isinstance(v, str)
+                                           else v), Field(min_length=1, max_length=REASON_MAX)]
     operator: str  # the etcd user that wrote it (only operator roles may write actions/)
     issued_at: float
     # lift: the holds it lifts

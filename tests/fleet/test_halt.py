@@ -337,6 +337,39 @@ def test_etcd_restarted_mid_halt(fleet: Fleet) -> None:
     _lift_all(fleet)
 
 
+def test_a_reason_with_bytes_that_are_not_utf8_halts_as_any_other(fleet: Fleet) -> None:
+    """`agentctl fleet kill --reason` with argv bytes that are not UTF-8 (a pasted Latin-1
+    ticket title) kills as a local kill does, the reason stored with U+FFFD: the fleet
+    action's model refused it, so the halt was never written. The variant: an action written
+    by another client with JSON's "\\udce9" is applied by the host, not dropped unread."""
+    tag = secrets.token_hex(2)
+    host = fleet.hosts[0]
+    _launch(host, f"u-{tag}", f"utf{tag}")
+    _launch(host, f"v-{tag}", f"raw{tag}")
+    _registered(fleet, f"u-{tag}", f"v-{tag}")
+    code, result = fleet.agentctl_json("kill", "--class", f"utf{tag}", "--reason",
+                                       "ticket caf\udce9", "--deadline", "60", timeout=120)
+    assert code == 0, result
+    assert result["hosts"] and all(r["status"] == "confirmed" for r in result["hosts"]), result
+    assert _state(host, f"u-{tag}") == "killed"
+    [row] = [r for r in _audit_rows(host, "kill") if r["target"] == f"u-{tag}"]
+    assert row["reason"] == "ticket caf\ufffd", row
+
+    action = FleetAction(id=new_action_id(), verb="kill",
+                         selector=Selector(agent_class=f"raw{tag}"), reason="placeholder",
+                         operator="operator", issued_at=time.time())
+    raw = dumps(action).replace('"placeholder"', '"ticket caf\\udce9"')
+    assert "\\udce9" in raw
+    with fleet.operator_client() as operator:
+        operator.txn({fleet.keys.action(action.id): raw, fleet.keys.hold(action.id): raw}, [])
+    [row] = wait_for(lambda: [r for r in _audit_rows(host, "kill")
+                              if r["target"] == f"v-{tag}"], timeout=60,
+                     what="the host to apply the action another client wrote")
+    assert row["reason"] == "ticket caf\ufffd", row
+    assert _state(host, f"v-{tag}") == "killed"
+    _lift_all(fleet)
+
+
 def test_a_host_cannot_issue_forge_or_rewrite(fleet: Fleet,
                                               request: pytest.FixtureRequest) -> None:
     """etcd's roles, not trust in the network: a host's credentials read control/ and write
