@@ -142,11 +142,15 @@ def _outside(path: str | None, workspace: Path | None, what: str, *,
     run's state (its database and audit, the slot's runtime directory with the seccomp
     listener's socket, the quarantine) and the checkout's copy under the embedded roots: none
     of them may live where the agent can write (a symlink planted there would redirect root's
-    write; a file there, root's read). Both are resolved, symlinks followed."""
+    write; a file there, root's read). Both are resolved, symlinks followed, and taken as
+    given too (made absolute): a path that leads out through a directory of the workspace (a
+    symlink there to outside) is the agent's to point elsewhere while root works under it."""
     if path is None or workspace is None:
         return
-    real, ws = os.path.realpath(path), os.path.realpath(workspace)
-    if real == ws or real.startswith(ws + os.sep):
+    real = os.path.realpath(path)
+    spaces = {os.path.realpath(workspace), os.path.abspath(workspace)}
+    if any(p == ws or p.startswith(ws + os.sep)
+           for p in (real, os.path.abspath(path)) for ws in spaces):
         hinted = {"hint": hint} if hint else {}
         raise InvalidRequest(f"{what} {path} is inside {within}, where the agent could "
                              f"replace it; put it outside {workspace}", field=what, path=path,

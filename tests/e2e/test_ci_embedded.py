@@ -649,7 +649,8 @@ done
 """
 
 
-@pytest.mark.parametrize("where", ["inside", "through_a_symlink", "copy_root_inside"])
+@pytest.mark.parametrize("where", ["inside", "through_a_symlink", "copy_root_inside",
+                                   "out_through_the_checkout"])
 def test_embedded_roots_inside_the_checkout_are_refused_before_the_agent_starts(
         ci: Path, repo: Path, tmp_root: Path, where: str) -> None:
     """The operator pointed $AGENT_SUPERVISOR_CI_ROOT (or the copy root) into the checkout,
@@ -662,6 +663,12 @@ def test_embedded_roots_inside_the_checkout_are_refused_before_the_agent_starts(
     elif where == "through_a_symlink":
         (tmp_root / "via").symlink_to(repo)
         env["AGENT_SUPERVISOR_CI_ROOT"] = str(tmp_root / "via" / "via-ci-state")
+    elif where == "out_through_the_checkout":
+        # Resolved, it lies outside; but root would make and write everything through the
+        # checkout's `out`, which the agent can point anywhere while it runs.
+        (tmp_root / "elsewhere").mkdir()
+        (repo / "out").symlink_to(tmp_root / "elsewhere")
+        env["AGENT_SUPERVISOR_CI_ROOT"] = str(repo / "out" / "ci-state")
     else:
         root_owned(repo)
         env["AGENT_SUPERVISOR_CI_COPY_ROOT"] = str(repo / ".copies")
@@ -675,6 +682,7 @@ def test_embedded_roots_inside_the_checkout_are_refused_before_the_agent_starts(
     assert sorted(p.name for p in repo.iterdir()) == before  # nothing made, the agent never ran
     assert not (repo / "agent-ran").exists()
     assert not os.path.exists(ci / "slot0")
+    assert not (tmp_root / "elsewhere" / "ci-state").exists()
 
 
 def test_a_gateway_run_without_its_model_key_is_refused_with_125_and_a_hint(
