@@ -55,26 +55,42 @@ _KILLING = frozenset({EndCause.KILLED, EndCause.TIMEOUT, EndCause.TRIPWIRE,
                       EndCause.BREAK_GLASS, EndCause.SHUTDOWN})
 
 
+# The collector is held off at most this long at a time (seconds): a kill answers in
+# milliseconds; one that waits for a launch (up to _LAUNCH_WAIT), or kills that overlap one
+# after another without end, must not leave it off while the daemon's garbage grows.
+COLLECTOR_HOLD_MAX = 1.0
+
+
 class _CollectorHold:
     """The cyclic garbage collector off while any kill is under way (counted, so kills that
-    overlap hold it together), back on, if it was on, when the last one lets go."""
+    overlap hold it together), back on, if it was on, when the last one lets go, or once it
+    has been off for COLLECTOR_HOLD_MAX, whichever comes first."""
 
     def __init__(self) -> None:
         self.holders = 0
         self.reenable = False
+        self.lapse: asyncio.TimerHandle | None = None
 
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
         if not self.holders:
             self.reenable = gc.isenabled()
             gc.disable()
+            if self.reenable:
+                with contextlib.suppress(RuntimeError):  # no loop: the caller's return
+                    self.lapse = asyncio.get_running_loop().call_later(COLLECTOR_HOLD_MAX,
+                                                                       gc.enable)
         self.holders += 1
         try:
             yield
         finally:
             self.holders -= 1
-            if not self.holders and self.reenable:
-                gc.enable()
+            if not self.holders:
+                if self.lapse is not None:
+                    self.lapse.cancel()
+                    self.lapse = None
+                if self.reenable:
+                    gc.enable()
 
 
 _COLLECTOR = _CollectorHold()
@@ -85,8 +101,8 @@ def collector_held() -> contextlib.AbstractContextManager[None]:
     holds this as long as the sampler's stand-aside): a generation-0 collection took 0.2-0.3
     ms of the loop's CPU, the GIL held, and fell inside 4 of 5 class halts, in front of the
     SIGKILL's confirmation or the answer (docs/benchmarks.md run 20). What the kill allocated
-    is collected at the first allocation after. A kill that waits for a launch in flight
-    holds it that long too (at most `_LAUNCH_WAIT`)."""
+    is collected at the first allocation after. Never longer than COLLECTOR_HOLD_MAX in one
+    go (a kill that waits for a launch in flight, kills that overlap without end)."""
     return _COLLECTOR.held()
 
 

@@ -761,6 +761,69 @@ def test_the_collector_is_off_from_a_kills_start_until_its_answer_is_out(
         gc.enable()
 
 
+class HeldLaunchRuntime(FakeRuntime):
+    """A runtime whose launches wait for `gate`: a launch in flight for as long as a test
+    needs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def launch(self, params: Any) -> Any:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().launch(params)
+
+
+def test_the_collector_is_not_held_off_past_its_bound(make_env: MakeEnv,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill that waits for a launch in flight held the collector off for as long as the
+    launch took (up to 30 s), and kills that overlap one after another for as long as they
+    kept coming, while everything the daemon does went on making garbage. Past
+    COLLECTOR_HOLD_MAX it is on again although the kill still waits; the kill then ends as
+    ever, and the next kill holds it off again."""
+    monkeypatch.setattr(ending, "COLLECTOR_HOLD_MAX", 0.05, raising=False)
+    assert gc.isenabled()
+
+    async def body() -> None:
+        runtime = HeldLaunchRuntime()
+        arbiter = make_env(runtime=runtime).arbiter()
+        launching = asyncio.create_task(arbiter.launch(_request("h1"), ALICE))
+        await asyncio.wait_for(runtime.entered.wait(), WAIT)
+        killing = asyncio.create_task(arbiter.act(
+            "kill", ActionRequest(scope=Scope(agent="h1"), reason="r"), ALICE))
+        while gc.isenabled() and not killing.done():  # the kill takes the collector off
+            await asyncio.sleep(0)
+        assert not gc.isenabled() and not killing.done()
+        while not gc.isenabled() and not killing.done():  # ... and lets go past its bound
+            await asyncio.sleep(0.01)
+        assert not killing.done(), "the kill ended before its launch did"
+        runtime.gate.set()
+        result = await asyncio.wait_for(killing, WAIT)
+        await asyncio.wait_for(launching, WAIT)
+        assert [r.new_state for r in result.results] == ["killed"]
+        assert gc.isenabled()
+        # A kill after it holds the collector off again, and lets go at its return.
+        append = arbiter.audit.append
+        seen: list[bool] = []
+
+        def noted_append(**row: Any) -> Any:
+            seen.append(gc.isenabled())
+            return append(**row)
+
+        arbiter.audit.append = noted_append  # type: ignore[method-assign]
+        await arbiter.launch(_request("h2"), ALICE)
+        await asyncio.wait_for(arbiter.act(
+            "kill", ActionRequest(scope=Scope(agent="h2"), reason="r"), ALICE), WAIT)
+        assert False in seen and gc.isenabled()
+
+    try:
+        asyncio.run(asyncio.wait_for(body(), WAIT * 2))
+    finally:
+        gc.enable()
+
+
 class Seccomp:
     """The seccomp listener as the observers see it: what it was asked, in order."""
 
