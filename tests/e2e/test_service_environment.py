@@ -70,14 +70,16 @@ def notify(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NotifySoc
 
 
 def runc_recorder(directory: Path) -> Path:
-    """A runc that writes its own environment to a file, then is runc. The file is renamed
-    into place whole: a runc the daemon runs after a run's answer (its cleanup) may be
-    starting while the test reads the records, and must not show as an empty one."""
+    """A runc that writes its arguments and its own environment to files, then is runc. The
+    environment's file is renamed into place whole: a runc the daemon runs after a run's
+    answer (its cleanup) may be starting while the test reads the records, and must not show
+    as an empty one."""
     found = shutil.which("runc")
     assert found is not None
     real = Path(found).resolve()
     script = directory / "runc-recorder"
     script.write_text(f"#!/bin/sh\ncat /proc/$$/environ > {directory}/.runc-env.$$\n"
+                      f"printf '%s\\n' \"$@\" > {directory}/runc-args.$$\n"
                       f"mv {directory}/.runc-env.$$ {directory}/runc-env.$$\n"
                       f"exec {real} \"$@\"\n")
     script.chmod(0o755)
@@ -108,9 +110,14 @@ def test_no_daemon_environment_reaches_runc_watchdog_or_agent(tmp_root: Path,
         agent = environ_names(result.stdout)
         assert "AGENT_SUPERVISOR_RUN" in agent  # it is the agent's environment
         assert not agent & forbidden
-        # The self-test and this run each ran runc: every invocation had a clean environment.
+        # The self-test and this run each ran `runc create` (their start reads the exec fifo
+        # and a stopped container's delete removes its state: no runc process for either):
+        # every invocation had a clean environment.
         records = list(record_dir.glob("runc-env.*"))
-        assert len(records) >= 4
+        creates = [args for args in record_dir.glob("runc-args.*")
+                   if "create" in args.read_text().split("\n")]
+        assert len(creates) >= 2, sorted(p.read_text() for p in record_dir.glob("runc-args.*"))
+        assert len(records) >= len(creates)
         for record in records:
             names = environ_names(record.read_bytes())
             assert "PATH" in names
