@@ -19,7 +19,11 @@ Code those imports compile from strings (the dataclasses' generated methods, the
 annotations) comes from root's cache of it (ci/codecache.py), ~35 ms of the ~150 ms start, and
 so does the bytecode of the modules they load (~8 ms: finding and reading ~250 `.pyc` files);
 the cache is in place for the imports only.
-asyncio loads without ssl (~4 ms), which comes when something imports it (ci/late_tls.py)."""
+asyncio loads without ssl (~4 ms), which comes when something imports it (ci/late_tls.py).
+The watchdog's process is started first (watchdog.start_early): its interpreter's start and
+imports (~30 ms of CPU) overlap the runner's imports on the other CPU, where they went beside
+`runc create` when the core started it; it has its arguments, and is armed, when the core is
+assembled, before any agent starts."""
 
 import gc
 import os
@@ -42,6 +46,11 @@ if os.geteuid() == 0:  # first, so that it serves as many of the imports as it c
     codes = codecache.CodeCache(
         os.path.join(DEFAULT_ROOT, codecache.DIRECTORY_NAME, codecache.FILE_NAME))
     codes.install()
+    # The watchdog's interpreter starts now, on the other CPU while the runner's modules load,
+    # not beside `runc create`; the core gives it its arguments (daemon/watchdog.py).
+    from supervisor.daemon import watchdog
+
+    watchdog.start_early()
 
 from supervisor import buildmode  # noqa: E402
 from supervisor.ci import no_plugins  # noqa: E402

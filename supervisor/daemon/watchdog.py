@@ -63,6 +63,11 @@ TRACKING = ("systemd",)
 log = logging.getLogger(__name__)
 OOM_SCORE_ADJ_MIN = -1000  # the OOM killer never picks a process at this
 CAP_SYS_RESOURCE = 24  # what lowering an oom_score_adj takes
+# The command line of a watchdog started before its arguments are known (start_early): they
+# come as the channel's first message, a JSON list of strings.
+ARGUMENTS_ON_CHANNEL = "--arguments-on-channel"
+# The process start_early started and its channel, until the first Watchdog takes them.
+_early: tuple[subprocess.Popen[bytes], socket.socket] | None = None
 
 
 def has_capability(cap: int, status: str | None = None) -> bool:
@@ -363,6 +368,70 @@ def _stood_down() -> None:
     os._exit(0)
 
 
+def start_early() -> None:
+    """Start the watchdog's interpreter now, before its arguments are known: an embedded CI
+    run's runner does it at its entry, so that the interpreter's start and imports (~30 ms of
+    CPU) run on the other CPU beside the runner's own imports instead of beside its `runc
+    create`. The first Watchdog this process makes takes the process and sends it its
+    arguments as the channel's first message (a process that has died by then is replaced by
+    a new one). A process that never makes one leaves it waiting; its channel closing with no
+    arguments sent, it exits holding nothing: no agent can have started."""
+    global _early
+    if _early is None:
+        _early = _start([sys.executable, "-m", "supervisor.daemon.watchdog",
+                         ARGUMENTS_ON_CHANNEL])
+
+
+def _start(args: list[str]) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """The watchdog's process, with its channel's other end as its stdin; the channel."""
+    # A socket, not a pipe: a handover passes descriptors over it (SCM_RIGHTS). Its
+    # closing is the trigger, as a pipe's was.
+    channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        # It runs this same package: where an interpreter finds it (a checkout under test)
+        # is the one variable it needs from the daemon.
+        env = child_env()
+        if "PYTHONPATH" in os.environ:
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        proc = subprocess.Popen(args, stdin=theirs.fileno(), start_new_session=True,
+                                close_fds=True, env=env)
+    except BaseException:
+        channel.close()
+        raise
+    finally:
+        theirs.close()
+    return proc, channel
+
+
+def _take_early(args: list[str]) -> tuple[subprocess.Popen[bytes], socket.socket] | None:
+    """start_early's process, given `args` (None: none was started, or it has died)."""
+    global _early
+    if _early is None:
+        return None
+    proc, channel = _early
+    _early = None
+    try:
+        channel.send(json.dumps(args).encode())
+    except OSError:  # it has died: reaped, and a new one started in its place
+        channel.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        return None
+    return proc, channel
+
+
+def _arguments_on_channel(channel: socket.socket) -> list[str] | None:
+    """The arguments of a watchdog started early (start_early); None: its channel closed
+    before they came (the process that started it made no Watchdog)."""
+    data = channel.recv(DATAGRAM_MAX)
+    if not data:
+        return None
+    args = json.loads(data)
+    if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
+        raise ValueError("the arguments on the channel are not a list of strings")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     # The daemon's death is the only trigger: stray signals must not take the switch away.
     # Ignored before the mask below is cleared, so one that is pending then is dropped.
@@ -376,6 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     # child's mask without a preexec_fn (Python between fork and exec in a threaded daemon,
     # which can deadlock).
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    channel = socket.socket(fileno=0)  # SOCK_SEQPACKET: one message per send
+    if (sys.argv[1:] if argv is None else argv) == [ARGUMENTS_ON_CHANNEL]:
+        argv = _arguments_on_channel(channel)  # started early (start_early)
+        if argv is None:
+            return 0
     import argparse  # only the watchdog's own process parses; its parent needs the class above
 
     parser = argparse.ArgumentParser(prog="agent-supervisor-watchdog")
@@ -388,7 +462,6 @@ def main(argv: list[str] | None = None) -> int:
     parent = parent_of(args.cgroup)
     with contextlib.suppress(OSError):  # not there yet: opened when needed
         parent.hold()
-    channel = socket.socket(fileno=0)  # SOCK_SEQPACKET: one message per send
     adopting = False
     try:
         while True:
@@ -453,25 +526,9 @@ class Watchdog:
         self._placing: threading.Thread | None = None
         self._spawn(settle=settle)
 
-    @staticmethod
-    def _env() -> dict[str, str]:
-        # It runs this same package: where an interpreter finds it (a checkout under test)
-        # is the one variable it needs from the daemon.
-        env = child_env()
-        if "PYTHONPATH" in os.environ:
-            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-        return env
-
     def _spawn(self, settle: bool = True) -> None:
-        # A socket, not a pipe: a handover passes descriptors over it (SCM_RIGHTS). Its
-        # closing is the trigger, as a pipe's was.
-        self.channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            self.proc = subprocess.Popen(self.args, stdin=theirs.fileno(),
-                                         start_new_session=True, close_fds=True,
-                                         env=self._env())
-        finally:
-            theirs.close()
+        # The process start_early started, if there is one (the first Watchdog only).
+        self.proc, self.channel = _take_early(self.args[3:]) or _start(self.args)
         self._exclude_from_oom_killer()
         # The first move between cgroups in a while waits out an RCU grace period in the
         # kernel (4-16 ms, a sleep): on a thread, so a starting supervisor (an embedded CI run

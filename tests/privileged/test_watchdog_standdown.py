@@ -2,7 +2,10 @@
 "done" without waiting (an embedded CI run gathers its evidence meanwhile), it exits on its own
 and a later disarm() reaps it; with an agent process still alive under the parent it stays
 armed, and the pipe closing without "done" makes it kill that process. Made with settle=False
-(as Core.assemble does), it is in its own cgroup once settle() returns. Needs root."""
+(as Core.assemble does), it is in its own cgroup once settle() returns. Started early (an
+embedded CI run's entry: start_early), the process is the one the first Watchdog takes, armed
+with the arguments it sends; one whose starter never made a Watchdog exits holding nothing, and
+one that died before is replaced. Needs root."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.daemon import watchdog as watchdog_module
 from supervisor.daemon.watchdog import Watchdog
 from supervisor.sandbox.cgroups import Cgroup, unified_root
 from tests.conftest import require
@@ -76,3 +80,75 @@ def test_moved_into_its_cgroup_once_settled(parent: Cgroup, tmp_path: Path) -> N
     watchdog.settle()  # again: a no-op
     assert watchdog.disarm() and watchdog.proc.returncode == 0
 
+
+
+@pytest.fixture
+def early() -> Iterator[None]:
+    """start_early's process for one test; whatever is left of it ended at the end."""
+    assert watchdog_module._early is None
+    watchdog_module.start_early()
+    assert watchdog_module._early is not None
+    yield
+    left = watchdog_module._early
+    watchdog_module._early = None
+    if left is not None:
+        proc, channel = left
+        channel.close()
+        proc.wait(timeout=60)
+
+
+def test_started_early_armed_with_the_arguments_it_is_sent(
+        parent: Cgroup, tmp_path: Path, early: None) -> None:
+    """The first Watchdog takes the early process (no second one), sends it its arguments,
+    and that process then kills an agent when the channel closes without "done", in its own
+    cgroup, recording to the record path it was sent."""
+    assert watchdog_module._early is not None
+    started = watchdog_module._early[0]
+    record = tmp_path / "watchdog.jsonl"
+    watchdog = Watchdog(parent.path, record, timeout=5, settle=False)
+    assert watchdog.proc is started
+    assert watchdog_module._early is None
+    watchdog.settle()
+    assert watchdog.cannot_hold() is None
+    agent = subprocess.Popen(["sleep", "300"])
+    try:
+        (parent.path / "run" / "cgroup.procs").write_text(str(agent.pid))
+        watchdog.channel.close()  # the runner's death, as the watchdog sees it
+        assert agent.wait(timeout=60) == -9
+        assert watchdog.proc.wait(timeout=60) == 0
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    [line] = record.read_text().splitlines()
+    assert json.loads(line)["cgroup"] == str(unified_root() / parent.relative)
+    second = Watchdog(parent.path, tmp_path / "second.jsonl", timeout=5)
+    assert second.proc.args == second.args  # started as always, not with --arguments-on-channel
+    assert second.disarm() and second.proc.returncode == 0
+
+
+def test_started_early_and_never_taken_exits_holding_nothing(early: None) -> None:
+    """The runner left before making its core (a refused spec): the channel closes with no
+    arguments sent, and the process exits 0 without a traceback or a kill."""
+    assert watchdog_module._early is not None
+    proc, channel = watchdog_module._early
+    watchdog_module._early = None
+    channel.close()
+    assert proc.wait(timeout=60) == 0
+    assert proc.args[-1] == watchdog_module.ARGUMENTS_ON_CHANNEL
+
+
+def test_started_early_and_dead_is_replaced(parent: Cgroup, tmp_path: Path,
+                                            early: None) -> None:
+    """An early process that died before it was taken: the Watchdog starts one as always,
+    armed and standing down on "done"."""
+    assert watchdog_module._early is not None
+    dead = watchdog_module._early[0]
+    dead.kill()
+    dead.wait(timeout=60)
+    watchdog = Watchdog(parent.path, tmp_path / "watchdog.jsonl", timeout=5)
+    assert watchdog.proc is not dead
+    assert watchdog.proc.args == watchdog.args
+    assert watchdog_module._early is None
+    assert watchdog.cannot_hold() is None
+    assert watchdog.disarm() and watchdog.proc.returncode == 0
