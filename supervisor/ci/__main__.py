@@ -19,7 +19,9 @@ Code those imports compile from strings (the dataclasses' generated methods, the
 annotations) comes from root's cache of it (ci/codecache.py), ~35 ms of the ~150 ms start, and
 so does the bytecode of the modules they load (~8 ms: finding and reading ~250 `.pyc` files);
 the cache is in place for the imports only.
-asyncio loads without ssl (~4 ms), which comes when something imports it (ci/late_tls.py).
+asyncio loads without ssl (~4 ms), which comes when something imports it (ci/late_tls.py),
+and hashlib and hmac load without OpenSSL's hashes (~2-3 ms): CPython's own sha256 and blake2b
+give the same digests.
 The watchdog's process is started first (watchdog.start_early): its interpreter's start and
 imports (~30 ms of CPU) overlap the runner's imports on the other CPU, where they went beside
 `runc create` when the core started it; it has its arguments, and is armed, when the core is
@@ -37,6 +39,12 @@ for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
 # agentctl blocked them across its exec: any that came meanwhile are delivered now, to the above.
 signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
 os.environ["PYDANTIC_DISABLE_PLUGINS"] = "__all__"
+# hashlib, and hmac through the secrets module pydantic.types imports, with CPython's own
+# hashes rather than OpenSSL's (libcrypto loaded, ~2-3 ms): the run hashes its audit rows
+# (sha256), a gateway run's links (blake2b), both built in, same digests.
+openssl_hashes = "_hashlib" not in sys.modules
+if openssl_hashes:
+    sys.modules["_hashlib"] = None  # type: ignore[assignment]  # read by imports as absent
 from supervisor.ci import DEFAULT_ROOT  # noqa: E402  (after the signals are taken)
 
 codes = None
@@ -63,6 +71,8 @@ from supervisor.ci import late_tls  # noqa: E402
 late_tls.import_asyncio()  # without ssl, until something imports it (ci/late_tls.py)
 from supervisor.ci.runner import main  # noqa: E402  (after the collector is off)
 
+if openssl_hashes:  # importable again, by whatever asks for it by name
+    del sys.modules["_hashlib"]
 if codes is not None:
     codes.uninstall()
     codes.save()

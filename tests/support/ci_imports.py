@@ -46,6 +46,8 @@ NOT_ON_THE_RUN_PATH = (
     "shutil", "bz2", "lzma",
     # The audit log's checkpoints: signed only with an audit key, verified on request.
     "supervisor.audit.anchor",
+    # OpenSSL's hashes (libcrypto): hashlib and hmac load with CPython's own (ci/__main__.py).
+    "_hashlib",
 )
 
 # The models the runner builds as it imports (the rest wait for their first use: buildmode.py):

@@ -40,6 +40,30 @@ def test_the_ci_runner_imports_only_what_a_run_uses() -> None:
     assert unwanted(modules, NOT_AT_THE_RUNNERS_START) == []
 
 
+def test_the_runners_hashes_without_openssl_give_openssls_digests() -> None:
+    """The runner loads hashlib and hmac with `_hashlib` unimportable (ci/__main__.py), then
+    makes it importable again: the audit chain's sha256, a gateway link's blake2b and an
+    HMAC come out as OpenSSL's do here, and a later import of `_hashlib` by name works."""
+    code = (
+        "import sys\n"
+        "sys.modules['_hashlib'] = None\n"
+        "import hashlib, hmac, json, secrets\n"
+        "del sys.modules['_hashlib']\n"
+        "import _hashlib\n"
+        "assert hashlib.sha256 is not _hashlib.openssl_sha256\n"
+        "print(json.dumps([hashlib.sha256(b'row').hexdigest(),\n"
+        "                  hashlib.blake2b(b'id', digest_size=6).hexdigest(),\n"
+        "                  hmac.new(b'k', b'm', hashlib.sha256).hexdigest(),\n"
+        "                  hmac.compare_digest(b'a', b'a'), len(secrets.token_hex(4))]))\n")
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                          check=True)
+    import hashlib
+    import hmac
+    assert json.loads(done.stdout) == [
+        hashlib.sha256(b"row").hexdigest(), hashlib.blake2b(b"id", digest_size=6).hexdigest(),
+        hmac.new(b"k", b"m", hashlib.sha256).hexdigest(), True, 8]
+
+
 def test_the_ci_runner_builds_only_the_models_that_cannot_wait() -> None:
     """The runner defers building every model that can wait for its first use (buildmode.py):
     as it starts it has built the kill path's models (a kill never waits for one), the records
