@@ -378,8 +378,17 @@ def start_early() -> None:
     arguments sent, it exits holding nothing: no agent can have started."""
     global _early
     if _early is None:
-        _early = _start([sys.executable, "-m", "supervisor.daemon.watchdog",
-                         ARGUMENTS_ON_CHANNEL])
+        _early = _start(command(ARGUMENTS_ON_CHANNEL))
+
+
+def command(*options: str) -> list[str]:
+    """The watchdog's command line. Isolated (-I) when its starter is: a root process that
+    imports nothing from the current directory or $PYTHONPATH (an embedded CI run's runner,
+    `python -I -m supervisor.ci`, started in the job's checkout, which the agent and the
+    checkout's owner can write) starts a root watchdog that does not either; `-m` alone would
+    put the current directory first on its path."""
+    isolated = ["-I"] if sys.flags.isolated else []
+    return [sys.executable, *isolated, "-m", "supervisor.daemon.watchdog", *options]
 
 
 def _start(args: list[str]) -> tuple[subprocess.Popen[bytes], socket.socket]:
@@ -389,12 +398,16 @@ def _start(args: list[str]) -> tuple[subprocess.Popen[bytes], socket.socket]:
     channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         # It runs this same package: where an interpreter finds it (a checkout under test)
-        # is the one variable it needs from the daemon.
+        # is the one variable it needs from the daemon, unless the daemon ignores it too
+        # (isolated: command()). Made absolute, as the watchdog runs in "/", no directory of
+        # its starter's.
         env = child_env()
-        if "PYTHONPATH" in os.environ:
-            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        if "PYTHONPATH" in os.environ and not sys.flags.isolated:
+            env["PYTHONPATH"] = os.pathsep.join(
+                os.path.abspath(entry) for entry in os.environ["PYTHONPATH"].split(os.pathsep)
+                if entry)
         proc = subprocess.Popen(args, stdin=theirs.fileno(), start_new_session=True,
-                                close_fds=True, env=env)
+                                close_fds=True, env=env, cwd="/")
     except BaseException:
         channel.close()
         raise
@@ -504,8 +517,9 @@ class Watchdog:
         """`settle=False`: return while the process is still being moved into its cgroup
         (settle() waits for it); the caller does other work meanwhile and settles before any
         agent starts."""
-        self.args = [sys.executable, "-m", "supervisor.daemon.watchdog", "--cgroup",
-                     str(parent_cgroup), "--record", str(record), "--timeout", str(timeout)]
+        self.options = ["--cgroup", str(parent_cgroup), "--record", os.path.abspath(record),
+                        "--timeout", str(timeout)]
+        self.args = command(*self.options)
         self.parent = parent_of(parent_cgroup)
         self.record = record
         self.timeout = timeout
@@ -528,7 +542,7 @@ class Watchdog:
 
     def _spawn(self, settle: bool = True) -> None:
         # The process start_early started, if there is one (the first Watchdog only).
-        self.proc, self.channel = _take_early(self.args[3:]) or _start(self.args)
+        self.proc, self.channel = _take_early(self.options) or _start(self.args)
         self._exclude_from_oom_killer()
         # The first move between cgroups in a while waits out an RCU grace period in the
         # kernel (4-16 ms, a sleep): on a thread, so a starting supervisor (an embedded CI run

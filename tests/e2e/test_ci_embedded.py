@@ -712,3 +712,29 @@ def test_a_command_that_cannot_run_exits_126_or_127_as_docker_run_does(ci: Path)
         result = run_embedded(ci, "--", *command)
         assert result.returncode == status, result.stdout + result.stderr
         assert code in result.stderr, result.stderr
+
+
+# A module the runner's watchdog imports (json), planted where a CI job's root agentctl is run
+# from (its checkout, which the agent and the checkout's owner write) and on its $PYTHONPATH:
+# run by a root interpreter, it records so.
+PLANTED = ("import os, sys\nwith open({marker!r}, 'a') as f:\n"
+           "    f.write(f'{{os.getuid()}} {{sys.argv}}\\n')\n")
+
+
+def test_no_root_process_of_a_run_imports_from_the_checkout_or_pythonpath(
+        ci: Path, tmp_root: Path) -> None:
+    """agentctl's runner is isolated (`python -I`: nothing from the current directory or
+    $PYTHONPATH) and so is every interpreter it starts as root: its watchdog, started at its
+    entry, would otherwise import the checkout's json.py before the standard library's."""
+    marker = tmp_root / "imported-as-root"
+    checkout, elsewhere = tmp_root / "checkout", tmp_root / "pythonpath"
+    for directory in (checkout, elsewhere):
+        directory.mkdir()
+        (directory / "json.py").write_text(PLANTED.format(marker=str(marker)))
+        chown_tree(directory, WORKSPACE_UID)
+    result = subprocess.run(
+        [sys.executable, "-I", "-m", "supervisor.cli", "run", "--embedded", "--", "true"],
+        env=agentctl_env(ci, PYTHONPATH=str(elsewhere)), capture_output=True, text=True,
+        timeout=300, cwd=checkout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not marker.exists(), marker.read_text()

@@ -152,3 +152,19 @@ def test_started_early_and_dead_is_replaced(parent: Cgroup, tmp_path: Path,
     assert watchdog_module._early is None
     assert watchdog.cannot_hold() is None
     assert watchdog.disarm() and watchdog.proc.returncode == 0
+
+
+def test_imports_nothing_from_its_starters_directory(
+        parent: Cgroup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon started by hand in a directory others write (a checkout): its root watchdog
+    runs in "/", and does not import that directory's json.py before the standard library's."""
+    marker = tmp_path / "imported-as-root"
+    planted = tmp_path / "checkout"
+    planted.mkdir()
+    (planted / "json.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(planted)
+    watchdog = Watchdog(parent.path, Path("watchdog.jsonl"), timeout=5)
+    assert watchdog.disarm() and watchdog.proc.returncode == 0
+    assert not marker.exists()
+    assert watchdog.options[watchdog.options.index("--record") + 1] == str(
+        planted / "watchdog.jsonl")  # a relative record is its starter's, made absolute
