@@ -8,7 +8,7 @@ same text every time; their bytecode is kept in one file as Python keeps a modul
 answer. Root only: the file lives in a directory of its own (mode 0700) in the per-host
 directory of embedded runs (`/run/agent-supervisor-ci/codecache`), is written by root (a new
 file renamed into place) and is read only when root owns it and nobody else can write it or
-its directory; anything else about it (absent, short, another Python's bytecode, foreign)
+its directory; anything else about it (absent, short, damaged, another Python's bytecode, foreign)
 means compiling as usual. No other privilege. Used by ci/__main__.py around the runner's
 imports only: `install()` before them, `uninstall()` and `save()` after, so the run itself
 compiles as stock Python does.
@@ -62,6 +62,10 @@ MAX_BYTES = 32 * 1024 * 1024
 _SEAMS = (("dataclasses", "exec"), ("collections", "eval"), ("typing", "compile"))
 
 Key = tuple[str, str, str]  # (mode, filename, source)
+# What marshal raises for data it refuses: cut short or unknown (EOFError, ValueError,
+# TypeError), and a code object whose parts are of the wrong type (SystemError: marshal is not
+# safe against damaged data). Any of them is a miss, never the runner's end.
+_REFUSED = (ValueError, EOFError, TypeError, SystemError)
 # A module's entry: (its file, the file's st_mtime_ns and st_size, each directory searched up
 # to and including the one that holds it with that directory's st_mtime_ns (-1: absent), its
 # marshalled bytecode; None for an extension module, which is loaded from its file as usual).
@@ -120,7 +124,7 @@ class CodeCache:
         end = start + int.from_bytes(view[len(_HEADER):start], "little")
         try:
             loaded = marshal.loads(view[start:end]) if end <= len(view) else None
-        except (ValueError, EOFError, TypeError):
+        except _REFUSED:
             return {}
         if not isinstance(loaded, tuple) or len(loaded) != 2 \
                 or not isinstance(loaded[0], dict) or not isinstance(loaded[1], dict):
@@ -319,7 +323,7 @@ class _CachedLoader(SourceFileLoader):
         if fullname == self.name:
             try:
                 code = marshal.loads(self._code)
-            except (ValueError, EOFError, TypeError):
+            except _REFUSED:
                 code = None
             if isinstance(code, CodeType):
                 return code

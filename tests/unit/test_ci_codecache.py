@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import marshal
 import os
 import subprocess
 import sys
@@ -106,6 +107,39 @@ def test_a_cache_not_the_owners_alone_or_not_ours_is_not_read(tmp_path: Path,
     assert cache.codes == {}
     _define(cache)  # compiles as usual
     assert cache.misses >= 6
+
+
+def _rejected_with_system_error(value: object) -> bytes:
+    """`value` marshalled with its code object's name `xyz` made an int: marshal refuses it with
+    SystemError ("non-string found in code slot"), not with the ValueError, EOFError or
+    TypeError of data that is cut short or unknown."""
+    data = marshal.dumps(value)
+    bad = data.replace(b"\xda\x03xyz", b"\xe9\x07\x00\x00\x00", 1)  # interned str -> int
+    with pytest.raises(SystemError):
+        marshal.loads(bad)
+    return bad
+
+
+def test_a_cache_whose_code_marshal_refuses_is_a_miss_not_a_crash(tmp_path: Path) -> None:
+    """marshal is not safe against damaged data and refuses some of it with SystemError: a
+    cache read so (its index or a module's code) is compiled and found as usual, the runner
+    does not die at its start, at every start, until the file is removed."""
+    cache = _cache(tmp_path)
+    code = compile("xyz", "<damaged>", "eval")
+    head = _rejected_with_system_error(({("eval", "<damaged>", "x y z!"): code}, {}))
+    Path(cache.path).write_bytes(codecache._HEADER + len(head).to_bytes(8, "little") + head)
+    damaged = CodeCache(cache.path, owner=os.geteuid())
+    assert damaged.codes == {} and damaged.modules == {}
+    _define(damaged)  # compiles as usual
+    assert damaged.misses >= 6
+    source = tmp_path / "served.py"
+    source.write_text("VALUE = 'from the file'\n")
+    loader = codecache._CachedLoader("served", str(source), _rejected_with_system_error(code))
+    namespace: dict[str, object] = {}
+    served = loader.get_code("served")
+    assert served is not None
+    exec(served, namespace)
+    assert namespace["VALUE"] == "from the file"
 
 
 def test_a_cache_in_a_directory_others_can_write_is_not_written(tmp_path: Path) -> None:
