@@ -67,8 +67,10 @@ _PERL = "/usr/bin/perl"
 _PRCTL = {"x86_64": 157, "aarch64": 167}  # asm-generic's number serves aarch64
 
 
-def calibration_argv(machine: str | None = None, perl: str = _PERL) -> list[str]:
-    """How the calibration child is started: perl where it can do it, Python otherwise."""
+def calibration_argv(machine: str | None = None, perl: str | None = None) -> list[str]:
+    """How the calibration child is started: perl (`perl`, default _PERL; "": none) where it
+    can do it, Python otherwise."""
+    perl = _PERL if perl is None else perl
     number = _PRCTL.get(machine or os.uname().machine)
     if number is not None and os.access(perl, os.X_OK):
         return [perl, "-e", f"syscall({number}, 22, 1, 0, 0, 0); getppid()"]
@@ -226,21 +228,34 @@ class SeccompKillReader:
             self._calibrated.set()
 
     def _calibrate(self) -> float:
+        argv = calibration_argv()
         try:
-            # The minimal host environment (sandbox/childenv.py), never the daemon's own.
-            child = subprocess.Popen(calibration_argv(), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     env=child_env())
+            status = self._calibration_child(argv)
+            if status is not None and status >= 0 and argv[0] != sys.executable:
+                # perl ended by itself: its syscall() did not reach prctl (a perl built for
+                # another ABI than the kernel's machine, a 32-bit one on a 64-bit kernel, numbers
+                # the calls otherwise). The Python child calls prctl by name, in its own ABI.
+                log.info("the perl calibration child exited %d instead of being killed; "
+                         "calibrating with Python", status)
+                self._calibration_child(calibration_argv(perl=""))
         except OSError as exc:
             self._inactive(f"cannot start the calibration child: {exc}")
             return 0.0
+        return time.monotonic() + _CALIBRATE_TIMEOUT
+
+    def _calibration_child(self, argv: list[str]) -> int | None:
+        """Start `argv` as the calibration child and wait for it (bounded); its status (None:
+        it did not end in time and was killed)."""
+        # The minimal host environment (sandbox/childenv.py), never the daemon's own.
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, env=child_env())
         self._calibration_pid = child.pid
         try:
-            child.wait(timeout=_CALIBRATE_TIMEOUT)
+            return child.wait(timeout=_CALIBRATE_TIMEOUT)
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-        return time.monotonic() + _CALIBRATE_TIMEOUT
+            return None
 
     def _receive(self) -> None:
         assert self._sock is not None

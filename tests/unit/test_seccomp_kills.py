@@ -114,3 +114,28 @@ def test_the_calibration_child_dies_by_seccomp_strict_mode(how: str, tmp_path: P
 def test_an_unknown_machine_calibrates_with_python() -> None:
     argv = seccomp_kills.calibration_argv(machine="s390x")
     assert argv == [sys.executable, "-I", "-S", "-c", seccomp_kills._CALIBRATION_CHILD]
+
+
+def test_a_perl_that_exits_instead_of_dying_is_followed_by_the_python_child(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A perl whose syscall() does not reach prctl (built for another ABI than the kernel's
+    machine: a 32-bit perl on a 64-bit kernel numbers the calls otherwise) ends by itself, and
+    no kill would ever be recorded for it: the reader then starts the Python child, which the
+    kernel kills, and waits for that one's record."""
+    started = tmp_path / "started"
+    perl = tmp_path / "perl"
+    perl.write_text(f"#!/bin/sh\necho perl >> {started}\nexit 0\n")
+    perl.chmod(0o755)
+    monkeypatch.setattr(seccomp_kills, "_PERL", str(perl))
+    monkeypatch.setattr(seccomp_kills, "_CALIBRATION_CHILD",
+                        f"open({str(started)!r}, 'a').write('python\\n')\n"
+                        + seccomp_kills._CALIBRATION_CHILD)
+    reader = SeccompKillReader(lambda _container, _attempt: None)
+    assert seccomp_kills.calibration_argv()[0] == str(perl)  # this host's machine is known
+    statuses: list[int | None] = []
+    child = reader._calibration_child
+    monkeypatch.setattr(reader, "_calibration_child",
+                        lambda argv: statuses.append(child(argv)) or statuses[-1])
+    reader._calibrate()
+    assert started.read_text().split() == ["perl", "python"]
+    assert statuses == [0, -signal.SIGKILL]  # the second, killed by the kernel, is awaited
