@@ -63,8 +63,10 @@ def verify_in_process(database: Path, public_key: Ed25519PublicKey | None,
     if from_anchor:
         command.append("--from-anchor")
     try:
+        # In "/": `-c` puts the current directory first on the path, and a daemon started by
+        # hand may be in one that others write (a checkout).
         done = subprocess.run(command, capture_output=True, timeout=timeout, check=False,
-                              stdin=subprocess.DEVNULL, env=_child_env())
+                              stdin=subprocess.DEVNULL, env=_child_env(), cwd="/")
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise VerifierFailed(f"the audit verifier could not run: {exc}") from exc
     if done.returncode != 0:
@@ -82,8 +84,10 @@ def _child_env() -> dict[str, str]:
     env = {name: os.environ[name] for name in keep if name in os.environ}
     # The daemon may run from a source tree (tests, benchmarks): the child imports the same.
     package_root = str(Path(__file__).resolve().parents[2])
+    # Made absolute: the child runs in "/" (verify_in_process).
     env["PYTHONPATH"] = os.pathsep.join(
-        [package_root, *([env["PYTHONPATH"]] if "PYTHONPATH" in env else [])])
+        [package_root, *(os.path.abspath(entry) for entry in env.get("PYTHONPATH", "").split(
+            os.pathsep) if entry)])
     return env
 
 

@@ -110,3 +110,19 @@ def test_a_verifier_that_cannot_answer_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(VerifierFailed, match="exited"):
         verify_in_process(tmp_path / "nowhere" / "state.db", None,
                           tmp_path / "checkpoints.jsonl", timeout=VERIFY_WAIT)
+
+
+def test_the_process_imports_nothing_from_the_daemons_directory(
+        anchored_log: AuditLog, database: sqlite3.Connection, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon started by hand in a directory others write (a checkout): its verifier, a root
+    `python -c` that would put that directory first on its path, runs in "/" and does not
+    import the directory's argparse.py before the standard library's."""
+    marker = tmp_path / "imported"
+    planted = tmp_path / "checkout"
+    planted.mkdir()
+    (planted / "argparse.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    intact(anchored_log, database)
+    monkeypatch.chdir(planted)
+    assert in_process(anchored_log) == anchored_log.verify()
+    assert not marker.exists()
