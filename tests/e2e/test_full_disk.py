@@ -119,6 +119,11 @@ def test_kills_on_a_full_disk_are_audited_and_leave_consistent_state(
     wait_for(lambda: db_rows(daemon, "SELECT outcome FROM audit WHERE verb = 'kill' AND "
                              "target = 'second'") == [("ok",)], timeout=30,
              what="the retried kill row")
+    # The writer's recovery row is its own transaction, committed right after the retried
+    # one: a read between the two sees the kill row without it.
+    wait_for(lambda: db_rows(daemon, "SELECT outcome FROM audit WHERE verb = "
+                             "'audit_write_failed'") != [], timeout=30,
+             what="the writer's recovery row")
     assert db_rows(daemon, "SELECT outcome FROM audit WHERE verb = 'audit_write_failed'") == [
         ("recovered",)]
     wait_for(lambda: daemon.client.health()["audit_alarms"] == {}, timeout=30,
