@@ -485,15 +485,7 @@ def halt_scope_daemon_raw(daemon: Daemon, scope: str, round_index: int) -> float
     cgroups = [cgroup.hold() for cgroup, _pid, _name in launched]
     parent = Cgroup(daemon.cgroup_parent.strip("/")).hold()
     try:
-        t0 = time.perf_counter()
-        if scope == "global":
-            parent.kill()
-            parent.wait_empty(CONFIRM_TIMEOUT)
-        else:
-            for cgroup in cgroups:
-                cgroup.kill()
-        confirmed = all(c.wait_empty(CONFIRM_TIMEOUT) for c in cgroups)
-        answer_ms = (time.perf_counter() - t0) * 1000
+        answer_ms, confirmed = write_and_wait(scope, parent, cgroups)
     finally:
         parent.release()
         for cgroup in cgroups:
@@ -506,6 +498,20 @@ def halt_scope_daemon_raw(daemon: Daemon, scope: str, round_index: int) -> float
         wait_for(functools.partial(_forgot, daemon, name), timeout=60.0, interval=0.05,
                  what=f"the daemon to see {name}'s run end and forget {name}")
     return answer_ms
+
+
+def write_and_wait(scope: str, parent: Cgroup, cgroups: list[Cgroup]) -> tuple[float, bool]:
+    """The raw side's kill, timed: `cgroup.kill` of the parent (global) or of each cgroup,
+    then `populated 0` of every one awaited through their held files. (ms, all confirmed)."""
+    t0 = time.perf_counter()
+    if scope == "global":
+        parent.kill()
+        parent.wait_empty(CONFIRM_TIMEOUT)
+    else:
+        for cgroup in cgroups:
+            cgroup.kill()
+    confirmed = all(c.wait_empty(CONFIRM_TIMEOUT) for c in cgroups)
+    return (time.perf_counter() - t0) * 1000, confirmed
 
 
 def _forgot(daemon: Daemon, name: str) -> bool:
@@ -531,15 +537,7 @@ def halt_scope_raw(raw: RawRuntime, scope: str) -> float:
     for container in containers:
         container.cgroup.hold()
     try:
-        t0 = time.perf_counter()
-        if scope == "global":
-            parent.kill()
-            parent.wait_empty(CONFIRM_TIMEOUT)
-        else:
-            for container in containers:
-                container.cgroup.kill()
-        confirmed = all(c.cgroup.wait_empty(CONFIRM_TIMEOUT) for c in containers)
-        answer_ms = (time.perf_counter() - t0) * 1000
+        answer_ms, confirmed = write_and_wait(scope, parent, [c.cgroup for c in containers])
     finally:
         parent.release()
     if not confirmed:
