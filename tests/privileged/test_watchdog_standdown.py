@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,23 +46,36 @@ def test_stand_down_without_waiting_then_reaped(parent: Cgroup, tmp_path: Path) 
     assert not record.exists()
 
 
-def test_an_agent_alive_keeps_it_armed_and_the_pipe_closing_kills_it(
-        parent: Cgroup, tmp_path: Path) -> None:
-    record = tmp_path / "watchdog.jsonl"
-    watchdog = Watchdog(parent.path, record, timeout=5)
+def agent_killed_as_the_channel_closes(parent: Cgroup, watchdog: Watchdog,
+                                       armed: Callable[[], None] | None = None) -> None:
+    """An agent in the parent's run cgroup; `armed` checked with it there; the watchdog's
+    channel closed without "done" (its starter's death, as it sees it): the agent dies by
+    SIGKILL and the watchdog exits 0."""
     agent = subprocess.Popen(["sleep", "300"])
     try:
         (parent.path / "run" / "cgroup.procs").write_text(str(agent.pid))
-        assert parent.populated()
-        assert not watchdog.disarm(wait=False)
-        assert not watchdog.disarmed
-        watchdog.channel.close()  # the daemon's death, as the watchdog sees it
+        if armed is not None:
+            armed()
+        watchdog.channel.close()
         assert agent.wait(timeout=60) == -9
         assert watchdog.proc.wait(timeout=60) == 0
     finally:
         if agent.poll() is None:
             agent.kill()
             agent.wait()
+
+
+def test_an_agent_alive_keeps_it_armed_and_the_pipe_closing_kills_it(
+        parent: Cgroup, tmp_path: Path) -> None:
+    record = tmp_path / "watchdog.jsonl"
+    watchdog = Watchdog(parent.path, record, timeout=5)
+    def armed() -> None:
+        assert parent.populated()
+        assert not watchdog.disarm(wait=False)
+        assert not watchdog.disarmed
+
+    # The daemon's death, as the watchdog sees it.
+    agent_killed_as_the_channel_closes(parent, watchdog, armed)
     [line] = record.read_text().splitlines()
     report = json.loads(line)
     assert report["confirmed_empty"] is True
@@ -110,16 +123,7 @@ def test_started_early_armed_with_the_arguments_it_is_sent(
     assert watchdog_module._early is None
     watchdog.settle()
     assert watchdog.cannot_hold() is None
-    agent = subprocess.Popen(["sleep", "300"])
-    try:
-        (parent.path / "run" / "cgroup.procs").write_text(str(agent.pid))
-        watchdog.channel.close()  # the runner's death, as the watchdog sees it
-        assert agent.wait(timeout=60) == -9
-        assert watchdog.proc.wait(timeout=60) == 0
-    finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
+    agent_killed_as_the_channel_closes(parent, watchdog)  # the runner's death
     [line] = record.read_text().splitlines()
     assert json.loads(line)["cgroup"] == str(unified_root() / parent.relative)
     second = Watchdog(parent.path, tmp_path / "second.jsonl", timeout=5)
