@@ -148,7 +148,7 @@ def test_a_readable_secret_stops_the_daemon_naming_the_endpoint(tmp_root: Path) 
     secret = tmp_root / "webhook.secret"
     secret.write_text(SECRET)
     secret.chmod(0o644)
-    daemon = new_daemon(tmp_root, webhooks=[{"url": "https://hooks.example.com/T0/B0/xyz",
+    daemon = new_daemon(tmp_root, webhooks=[{"url": "https://hooks.example.com/T0/B0/PathKey-Q7",
                                              "secret_file": str(secret)}])
     try:
         with pytest.raises(RuntimeError, match="daemon exited 78"):
@@ -156,7 +156,7 @@ def test_a_readable_secret_stops_the_daemon_naming_the_endpoint(tmp_root: Path) 
         logs = daemon.logs()
         assert "agent-supervisord: webhooks[0] (https://hooks.example.com/…)" in logs
         assert "is accessible by group or others (mode 0644); chmod 600 it" in logs
-        assert "xyz" not in logs  # a Slack URL's path is its credential
+        assert "PathKey-Q7" not in logs  # a Slack URL's path is its credential
         assert not daemon.socket.exists()
         # Refused before anything started: no watchdog, no state, nothing to sweep.
         assert not (daemon.root / "state").exists()

@@ -165,7 +165,7 @@ def test_slack_lines_for_exit_and_shutdown() -> None:
 
 
 def config_endpoint(**fields: Any) -> WebhookEndpoint:
-    return WebhookEndpoint.model_validate({"url": "https://hooks.example.com/T0/B0/xyz",
+    return WebhookEndpoint.model_validate({"url": "https://hooks.example.com/T0/B0/PathKey-Q7",
                                            **fields})
 
 
@@ -222,7 +222,7 @@ def test_bad_webhook_config_refuses_to_start_naming_the_endpoint(
     index = 1 if case == "duplicate" else 0
     assert f"webhooks[{index}] (https://hooks.example.com/…)" in raised.value.message
     assert message in raised.value.message
-    assert "xyz" not in raised.value.message
+    assert "PathKey-Q7" not in raised.value.message
 
 
 # ----------------------------------------------------------------------------- the outbox
