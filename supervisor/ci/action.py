@@ -3,7 +3,10 @@
 ($GITHUB_OUTPUT), workflow-command annotations on the offending files, and the same exit status.
 Runs as root (it starts the embedded supervisor); writes only $GITHUB_OUTPUT and stdout.
 
-    python -m supervisor.ci.action        # inputs from INPUT_* variables, as Actions passes them
+    python -I -m supervisor.ci.action     # inputs from INPUT_* variables, as Actions passes them
+
+`-I` always: it runs as root in the job's checkout, which an agent wrote, and `-m` alone puts
+the current directory first on the module path.
 """
 
 from __future__ import annotations

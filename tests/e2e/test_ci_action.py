@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -89,8 +90,9 @@ def _run_step(inputs: dict[str, str], context: dict[str, str], tmp_root: Path
               ) -> subprocess.CompletedProcess[str]:
     """action.yml's second step as the runner runs it: its `${{ inputs.* }}` (defaults
     included) and `${{ github.workspace }}`/`${{ runner.temp }}` substituted, the script in a
-    file run by `bash --noprofile --norc -eo pipefail`, this test's venv for the installed one
-    (the install step itself is not run: it would rebuild the host's venv)."""
+    file run by `bash --noprofile --norc -eo pipefail` in $GITHUB_WORKSPACE (a step's working
+    directory unless it names another), this test's venv for the installed one (the install
+    step itself is not run: it would rebuild the host's venv)."""
     action = yaml.safe_load((ROOT / "action.yml").read_text())
     step = action["runs"]["steps"][1]
     venv = str(Path(sys.executable).parent.parent)
@@ -110,7 +112,8 @@ def _run_step(inputs: dict[str, str], context: dict[str, str], tmp_root: Path
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_root), **context,
            **{name: expand(str(value)) for name, value in step["env"].items()}}
     return subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_root)
+                          env=env, capture_output=True, text=True, timeout=300,
+                          cwd=context["GITHUB_WORKSPACE"])
 
 
 @pytest.mark.parametrize("agent,status", [
@@ -160,3 +163,78 @@ def test_the_actions_own_step_runs_through_sudo_and_leaves_no_key_behind(
     assert not report["signature"].get("ephemeral_key")
     assert "sk-model-key-through-sudo" not in report_path.read_text()
     assert host_residue(Path(DEFAULT_ROOT)) == {}
+
+
+# A module the action's root interpreter would import (json; the package's own name, for the
+# GitLab job), planted in the checkout by an agent of an earlier step, as the scope allowed it:
+# imported by root, it records so.
+PLANTED = ("import os, sys\nwith open({marker!r}, 'a') as f:\n"
+           "    f.write(f'{{os.getuid()}} {{sys.argv}}\\n')\n")
+
+
+def _plant(path: str, marker: Path) -> str:
+    """An agent's command that writes PLANTED to `path` in its workspace."""
+    text = shlex.quote(PLANTED.format(marker=str(marker)))
+    return f"mkdir -p \"$(dirname {path})\" && printf %s {text} > {path} && echo agent-done"
+
+
+def test_the_actions_step_imports_nothing_an_agent_planted_in_the_checkout(
+        tmp_root: Path) -> None:
+    """A runner runs each step in the checkout, which the agent writes: the first step's agent
+    leaves json.py at its root (in scope), and the next step's `python -m supervisor.ci.action`,
+    root through sudo, would import it before the standard library's (`-m` puts the current
+    directory first on the path). Isolated (`-I`), it imports nothing from there."""
+    require_root_and_runc()
+    require(shutil.which("sudo") is not None, "needs sudo (GitHub's runners run the step's "
+            "agentctl through it; scripts/install-deps.sh installs it)")
+    repo = tmp_root / "repo"
+    repo.mkdir()
+    chown_tree(repo, WORKSPACE_UID)
+    marker = tmp_root / "imported-as-root"
+    runner_temp = tmp_root / "runner-temp"
+    runner_temp.mkdir()
+    context = {"GITHUB_WORKSPACE": str(repo), "RUNNER_TEMP": str(runner_temp),
+               "GITHUB_OUTPUT": str(tmp_root / "github_output"),
+               "GITHUB_STEP_SUMMARY": str(tmp_root / "summary.md")}
+    for agent in (_plant("json.py", marker), "echo agent-done"):
+        result = _run_step({"command": agent, "profile": "default", "allow-changes": "**",
+                            "timeout": "2m"}, context, tmp_root)
+        assert not marker.exists(), marker.read_text()
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "agent-done" in result.stdout
+    assert (repo / "json.py").read_text() == PLANTED.format(marker=str(marker))
+
+
+def test_the_gitlab_jobs_action_imports_nothing_an_agent_planted_in_the_checkout(
+        tmp_root: Path) -> None:
+    """The GitLab template's job runs as root in $CI_PROJECT_DIR: a `supervisor` package an
+    agent planted there (here by a real embedded run) would be the one `python -m
+    supervisor.ci.action` imports, its __init__ run as root."""
+    require_root_and_runc()
+    repo = tmp_root / "repo"
+    repo.mkdir()
+    chown_tree(repo, WORKSPACE_UID)
+    marker = tmp_root / "imported-as-root"
+    state_root = tmp_root / "ci-state"
+    env = agentctl_env(state_root)
+    planted = subprocess.run(
+        agentctl_command("run", "--embedded", "--workspace", str(repo), "--allow-changes",
+                         "**", "--", "sh", "-c", _plant("supervisor/__init__.py", marker)),
+        env=env, capture_output=True, text=True, timeout=300, cwd="/")
+    assert planted.returncode == 0, planted.stdout + planted.stderr
+    assert (repo / "supervisor" / "__init__.py").exists()
+    job = yaml.safe_load((ROOT / "ci-templates" / "agent-supervisor.gitlab-ci.yml").read_text())
+    [line] = [line for line in job[".agent-supervisor"]["script"]
+              if "supervisor.ci.action" in line]
+    venv = str(Path(sys.executable).parent.parent)
+    result = subprocess.run(
+        ["bash", "-eo", "pipefail", "-c", line.replace(INSTALLED, venv)],
+        env={**env, "CI_PROJECT_DIR": str(repo), "INPUT_COMMAND": "echo agent-done",
+             "INPUT_PROFILE": "default", "INPUT_WORKSPACE": str(repo),
+             "INPUT_REPORT": str(tmp_root / "agent-report.json"),
+             "INPUT_AGENTCTL": str(Path(sys.executable).parent / "agentctl")},
+        capture_output=True, text=True, timeout=300, cwd=repo)
+    assert not marker.exists(), marker.read_text()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "agent-done" in result.stdout
+    assert host_residue(state_root) == {}
