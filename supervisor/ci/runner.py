@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -167,6 +168,43 @@ def _roots_outside(root: Path, copies: Path, workspace: Path | None) -> None:
                  f"{DEFAULT_ROOT if what == ROOT_ENV_VAR else DEFAULT_COPY_ROOT})")
     _outside(str(root), copies, ROOT_ENV_VAR, within=f"${COPY_ROOT_ENV_VAR}",
              hint=f"set ${ROOT_ENV_VAR} and ${COPY_ROOT_ENV_VAR} to separate directories")
+
+
+def _root_only(path: Path, what: str) -> None:
+    """Root makes, writes, reads back and removes everything under the embedded roots, by path:
+    nobody else may be able to change where any of it leads. `path` (absolute, existing) must
+    be reached, as given and resolved, only through entries of root's: every directory root's
+    and writable by root alone, or sticky (/tmp, /var/tmp: others cannot move root's entries
+    there) except `path` itself; a symlink on the way root's. Otherwise a local user who made
+    the directory first (any user can, in /var/tmp, where the copy root's default lies) could
+    swap what root works in for a path of theirs: the copy read back into the checkout after
+    the agent, the quarantine, the slot's state. Refused with the variable to change."""
+    hint = (f"use a directory only root can write, on a path of root's directories (the default "
+            f"is {DEFAULT_ROOT if what == ROOT_ENV_VAR else DEFAULT_COPY_ROOT}); remove one "
+            f"another user made")
+    for candidate in dict.fromkeys((str(path), os.path.realpath(path))):
+        parts = candidate.strip("/").split("/")
+        for depth in range(len(parts) + 1):
+            directory = "/" + "/".join(parts[:depth])
+            why = None
+            try:
+                st = os.lstat(directory)
+            except OSError as exc:
+                why = f"cannot be examined ({exc.strerror})"
+            else:
+                others = st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid)
+                if st.st_uid != 0:
+                    why = f"is owned by uid {st.st_uid}"
+                elif stat.S_ISDIR(st.st_mode) and others and (
+                        depth == len(parts) or not st.st_mode & stat.S_ISVTX):
+                    why = f"can be written by others (mode {stat.S_IMODE(st.st_mode):04o})"
+                elif not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+                    why = "is not a directory"
+            if why is not None:
+                raise InvalidRequest(f"${what} {path} is not root's alone: {directory} {why}, "
+                                     f"so another user could redirect what root does there",
+                                     field=what, path=str(path), directory=directory,
+                                     problem=why, hint=hint)
 
 
 def _write_private(path: str, data: bytes, *, append: bool = False) -> None:
@@ -534,6 +572,7 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
     copies = copy_root(os.environ)
     _roots_outside(root, copies, workspace)
     root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    _root_only(root, ROOT_ENV_VAR)
     slot, _lock_fd = claim_slot(Path(DEFAULT_ROOT) / "locks")
     config = embedded_config(base, root, slot)
     copy = None
@@ -541,6 +580,8 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
         from supervisor.ci import checkout_copy
 
         if checkout_copy.needs_copy(workspace, config.sandbox.workspace_min_owner_uid):
+            copies.mkdir(mode=0o711, parents=True, exist_ok=True)
+            _root_only(copies, COPY_ROOT_ENV_VAR)
             try:
                 copy = await asyncio.to_thread(checkout_copy.make_copy, workspace, copies,
                                                slot)
@@ -658,6 +699,8 @@ def main(early_signals: list[int] | None = None) -> None:
             signal.signal(signum, signal.SIG_IGN)
     except SupervisorError as exc:
         print(f"agentctl: {exc.code}: {exc.message}", file=sys.stderr)
+        if exc.hint and exc.hint != type(exc).default_hint:  # as run() says it (run_embedded)
+            print(f"agentctl: hint: {exc.hint}", file=sys.stderr)
         code = exc.exit_status
     _exit(code)
 

@@ -685,6 +685,94 @@ def test_embedded_roots_inside_the_checkout_are_refused_before_the_agent_starts(
     assert not (tmp_root / "elsewhere" / "ci-state").exists()
 
 
+# What a local user (nobody) does to a directory of the embedded roots it made first, in a
+# world-writable directory such as /var/tmp (the copy root's default is there): once the agent
+# runs (its `sleep` shows in /proc), the copy's directory is swapped for one of the attacker's
+# whose `checkout` leads to root's secrets, which the run then applies "back" into the
+# checkout; or the state root's quarantine is pointed elsewhere before the run.
+SWAPPER = r"""
+import os, sys, time
+root, secrets = sys.argv[1], sys.argv[2]
+deadline = time.monotonic() + 120
+while time.monotonic() < deadline:
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read() == b"sleep\x002.71828\x00":
+                    os.rename(f"{root}/slot0", f"{root}/taken")
+                    os.mkdir(f"{root}/slot0")
+                    os.symlink(secrets, f"{root}/slot0/checkout")
+                    sys.exit(0)
+        except OSError:
+            pass
+    time.sleep(0.005)
+sys.exit(1)
+"""
+
+
+def _as_nobody(*argv: str) -> list[str]:
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--", *argv]
+
+
+def _world_writable(tmp_root: Path) -> Path:
+    """A directory as /var/tmp is: root's, world-writable, sticky."""
+    shared = tmp_root / "var-tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    return shared
+
+
+def test_a_copy_root_someone_else_made_is_refused_before_the_copy(
+        ci: Path, repo: Path, tmp_root: Path) -> None:
+    """A root-owned checkout is copied under the copy root, by default in /var/tmp, where any
+    local user can make that directory first and later swap what root works in: here the copy
+    the run reads back after the agent, for root's own secrets. The run is refused before
+    anything is copied (exit 6, naming the variable and the owner), the checkout untouched."""
+    require(shutil.which("setpriv") is not None, "needs setpriv (util-linux)")
+    root_owned(repo)
+    secrets = tmp_root / "root-only"
+    secrets.mkdir(mode=0o700)
+    (secrets / "stolen.txt").write_text("root's secret\n")
+    copies = _world_writable(tmp_root) / "agent-supervisor-ci"
+    subprocess.run(_as_nobody("mkdir", str(copies)), check=True)
+    swapper = subprocess.Popen(_as_nobody(sys.executable, "-I", "-c", SWAPPER, str(copies),
+                                          str(secrets)))
+    try:
+        result = run_embedded(ci, "--workspace", str(repo), "--allow-changes", "**", "--",
+                              "sleep", "2.71828", AGENT_SUPERVISOR_CI_COPY_ROOT=str(copies))
+    finally:
+        swapper.kill()
+        swapper.wait()
+    assert not (repo / "stolen.txt").exists(), result.stdout + result.stderr
+    assert (repo / "src" / "calc.py").exists()
+    assert result.returncode == 6, result.stdout + result.stderr
+    assert "invalid_request" in result.stderr and "AGENT_SUPERVISOR_CI_COPY_ROOT" in result.stderr
+    assert "uid 65534" in result.stderr and "hint: use a directory only root" in result.stderr
+    assert sorted(p.name for p in copies.iterdir()) == []
+
+
+def test_a_state_root_someone_else_can_write_is_refused_before_the_agent_starts(
+        ci: Path, repo: Path, tmp_root: Path) -> None:
+    """A variant: $AGENT_SUPERVISOR_CI_ROOT in a directory a local user made, its quarantine
+    pointed at a root-only place: root would move the agent's planted .gitattributes there.
+    Refused (exit 6) before the agent starts; nothing lands in the root-only place."""
+    require(shutil.which("setpriv") is not None, "needs setpriv (util-linux)")
+    elsewhere = tmp_root / "root-only"
+    elsewhere.mkdir(mode=0o700)
+    state = _world_writable(tmp_root) / "ci-state"
+    subprocess.run(_as_nobody("mkdir", str(state)), check=True)
+    subprocess.run(_as_nobody("ln", "-s", str(elsewhere), str(state / "quarantine")),
+                   check=True)
+    result = run_embedded(ci, "--workspace", str(repo), "--", "sh", "-c",
+                          "echo '* filter=x' > .gitattributes; echo agent-ran",
+                          AGENT_SUPERVISOR_CI_ROOT=str(state))
+    assert list(elsewhere.iterdir()) == [], result.stdout + result.stderr
+    assert result.returncode == 6, result.stdout + result.stderr
+    assert "agent-ran" not in result.stdout and not (repo / ".gitattributes").exists()
+    assert "invalid_request" in result.stderr and "AGENT_SUPERVISOR_CI_ROOT" in result.stderr
+    assert host_residue(state) == {}
+
+
 def test_a_gateway_run_without_its_model_key_is_refused_with_125_and_a_hint(
         ci: Path, repo: Path, tmp_root: Path) -> None:
     """The profile's route reads MODEL_API_KEY from agentctl's environment: without it the
@@ -738,3 +826,4 @@ def test_no_root_process_of_a_run_imports_from_the_checkout_or_pythonpath(
         timeout=300, cwd=checkout)
     assert result.returncode == 0, result.stdout + result.stderr
     assert not marker.exists(), marker.read_text()
+

@@ -6,6 +6,7 @@ is refused, as a structured error. No privilege."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,13 @@ import pytest
 from pydantic import ValidationError
 
 from supervisor.ci import COPY_ROOT_ENV_VAR, DEFAULT_COPY_ROOT, DEFAULT_ROOT, ROOT_ENV_VAR
-from supervisor.ci.runner import _roots_outside, copy_root, embedded_config, state_root
+from supervisor.ci.runner import (
+    _root_only,
+    _roots_outside,
+    copy_root,
+    embedded_config,
+    state_root,
+)
 from supervisor.config import Config
 from supervisor.errors import ConfigInvalid, InvalidRequest
 from supervisor.sandbox.bundle import SANDBOX_UID_COUNT
@@ -177,3 +184,27 @@ def test_embedded_roots_inside_the_workspace_are_refused(tmp_path: Path) -> None
     assert error.detail["field"] == ROOT_ENV_VAR and COPY_ROOT_ENV_VAR in error.message
     # No workspace: only the roots' own overlap is judged.
     _roots_outside(outside, copies, None)
+
+
+def test_embedded_roots_must_be_reached_through_roots_directories_alone(tmp_path: Path) -> None:
+    """Root's own directories, a sticky world-writable one on the way (/tmp, /var/tmp) and a
+    symlink of root's (/var/run on Debian) pass; a directory anyone can write at the end of the
+    path, one another uid owns, and a path that cannot be examined are refused, naming the
+    culprit (the attacks for real: tests/e2e/test_ci_embedded.py, "someone_else")."""
+    _root_only(Path("/usr/lib"), ROOT_ENV_VAR)
+    if os.path.islink("/var/run") and os.lstat("/var/run").st_uid == 0:
+        _root_only(Path("/var/run"), ROOT_ENV_VAR)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    if os.geteuid() == 0:
+        os.chown(theirs, 65534, 65534)
+    uid = theirs.stat().st_uid
+    for path, why in ((Path("/tmp"), "can be written by others (mode 1777)"),
+                      (theirs, f"is owned by uid {uid}"),
+                      (Path("/nonexistent-root"), "cannot be examined")):
+        with pytest.raises(InvalidRequest) as refused:
+            _root_only(path, COPY_ROOT_ENV_VAR)
+        error = refused.value
+        assert error.code == "invalid_request" and error.detail["field"] == COPY_ROOT_ENV_VAR
+        assert error.detail["path"] == str(path) and why in error.detail["problem"]
+        assert COPY_ROOT_ENV_VAR in error.message and DEFAULT_COPY_ROOT in (error.hint or "")
