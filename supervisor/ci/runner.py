@@ -54,6 +54,7 @@ from supervisor.models import ActionRequest, Actor, Scope
 from supervisor.profiles import Profile, load_profile
 from supervisor.sandbox.bundle import SANDBOX_UID_COUNT
 from supervisor.sandbox.cgroups import Cgroup
+from supervisor.sandbox.childenv import confine_path
 from supervisor.sandbox.fstree import remove_tree
 from supervisor.sandbox.seccomp_notify import AttemptTally
 
@@ -677,6 +678,7 @@ def _say_how_it_ended(report: dict[str, Any]) -> None:
 
 def main(early_signals: list[int] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    confine_path()  # it runs in the job's checkout: "" or "." on $PATH would name it
     raw = os.environ.pop(ENV_VAR, None)
     try:
         if raw is None:

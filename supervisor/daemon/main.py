@@ -60,6 +60,7 @@ from supervisor.errors import ConfigInvalid, DaemonRunning, EnforcementError, Su
 from supervisor.events import DeliveryWorker, Outbox, load_endpoints
 from supervisor.metrics import MetricsEndpoint, start_metrics
 from supervisor.sandbox.cgroups import Cgroup, unified_root
+from supervisor.sandbox.childenv import confine_path
 from supervisor.telemetry.sampler import load_psutil
 
 log = logging.getLogger("agent-supervisord")
@@ -536,6 +537,7 @@ def report_config(config_path: Path | None) -> int:
 def main(config_path: Path | None, check_only: bool, halt_reason: str | None,
          reload_only: bool) -> None:
     """The agent supervisor daemon (runs as root)."""
+    confine_path()  # programs found in $PATH's absolute directories only, wherever it starts
     if halt_reason is not None:
         sys.exit(break_glass(config_path, halt_reason))
     if reload_only:

@@ -20,10 +20,26 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _INHERITED = ("TZ",)
 
 
+def host_path(value: str | None) -> str:
+    """$PATH's absolute entries, in order (none: SYSTEM_PATH). An empty entry (`PATH=":$PATH"`,
+    or `"$TOOLS:$PATH"` with $TOOLS unset) or a relative one (`.`) names the current directory,
+    which for an embedded run is the CI job's checkout: a `runc`, `nsenter` or `cp` an agent
+    left there would run as root."""
+    entries = [entry for entry in (value or "").split(os.pathsep) if entry.startswith("/")]
+    return os.pathsep.join(entries) or SYSTEM_PATH
+
+
+def confine_path() -> None:
+    """The process's own $PATH made host_path's, at a supervisor's entry (the daemon, the
+    embedded runner): what it looks up itself (shutil.which) and starts with its environment
+    (cp, git, systemctl) is found in absolute directories only, as child_env's programs are."""
+    os.environ["PATH"] = host_path(os.environ.get("PATH"))
+
+
 def child_env() -> dict[str, str]:
-    """PATH (the daemon's, else the system's), a UTF-8 locale, and nothing that is the
-    daemon's own."""
-    env = {"PATH": os.environ.get("PATH") or SYSTEM_PATH, "LANG": "C.UTF-8"}
+    """PATH (the daemon's absolute entries, else the system's), a UTF-8 locale, and nothing
+    that is the daemon's own."""
+    env = {"PATH": host_path(os.environ.get("PATH")), "LANG": "C.UTF-8"}
     for name in _INHERITED:
         value = os.environ.get(name)
         if value is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -827,3 +828,34 @@ def test_no_root_process_of_a_run_imports_from_the_checkout_or_pythonpath(
     assert result.returncode == 0, result.stdout + result.stderr
     assert not marker.exists(), marker.read_text()
 
+
+# An executable named as a host program the run starts as root (runc, nsenter, cp, git...),
+# planted in the checkout: run by root, it records so, then fails.
+PLANTED_PROGRAM = "#!/bin/sh\necho \"$(id -u) $0 $*\" >> {marker}\nexit 1\n"
+
+
+@pytest.mark.parametrize("path", ["leading", "dot"])
+def test_no_host_program_of_a_run_is_found_in_the_checkout_through_a_relative_path_entry(
+        ci: Path, repo: Path, tmp_root: Path, path: str) -> None:
+    """A CI job's $PATH with an empty entry (`PATH="$TOOLS:$PATH"` with $TOOLS unset) or `.`
+    names the current directory, where agentctl runs: the checkout, which an earlier run's
+    agent wrote (here a real one planting `runc`, `nsenter` and `cp`). The programs the run
+    starts as root are looked up only in $PATH's absolute entries."""
+    marker = tmp_root / "run-as-root"
+    planted = "; ".join(
+        f"printf %s {shlex.quote(PLANTED_PROGRAM.format(marker=marker))} > {name}; "
+        f"chmod 755 {name}" for name in ("runc", "nsenter", "cp", "git", "nft"))
+    first = run_embedded(ci, "--workspace", str(repo), "--allow-changes", "*", "--",
+                         "sh", "-c", f"{planted}; echo agent-done")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert os.access(repo / "runc", os.X_OK) and not marker.exists()
+    host = os.environ["PATH"]
+    relative = f":{host}" if path == "leading" else f".:{host}"
+    result = subprocess.run(
+        agentctl_command("run", "--embedded", "--workspace", str(repo), "--allow-changes",
+                         "src/**", "--", "sh", "-c", "echo y > src/calc.py; echo agent-done"),
+        env=agentctl_env(ci, PATH=relative), capture_output=True, text=True, timeout=300,
+        cwd=repo)
+    assert not marker.exists(), marker.read_text()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "agent-done" in result.stdout
