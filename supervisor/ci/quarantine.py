@@ -17,11 +17,17 @@ from supervisor.ci.manifest import Change
 from supervisor.sandbox.workspace_fs import openat2
 
 QUARANTINED_RULES = frozenset({"readonly", "host_code"})
-# A planted file larger than this is deleted, not kept (its sha256 is in the manifest).
+# A planted file larger than this is deleted, not kept (its sha256 is in the manifest); so is
+# one past MAX_KEPT_TOTAL of what one run keeps, all files and link targets together: the
+# quarantine is root's, in the state root (/run: memory), and an agent plants as many files
+# as it likes.
 MAX_KEPT_BYTES = 16 << 20
+MAX_KEPT_TOTAL = 64 << 20
 
 
-def _take(workspace_fd: int, relative: str, into: Path) -> dict[str, Any]:
+def _take(workspace_fd: int, relative: str, into: Path, room: int) -> dict[str, Any]:
+    """Move `relative` out into `into`, keeping at most `room` bytes of it (the entry's
+    `kept_bytes`; `kept` False: deleted, not kept)."""
     parent, _, name = relative.rpartition("/")
     parent_fd = openat2(workspace_fd, parent or ".", os.O_PATH | os.O_DIRECTORY)
     try:
@@ -33,15 +39,22 @@ def _take(workspace_fd: int, relative: str, into: Path) -> dict[str, Any]:
             return entry
         target = into / relative
         target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if stat.S_ISLNK(st.st_mode):
-            target.write_text(os.readlink(name, dir_fd=parent_fd))
+        link = os.readlink(name, dir_fd=parent_fd) if stat.S_ISLNK(st.st_mode) else None
+        if link is not None and len(os.fsencode(link)) <= room:
+            target.write_text(link)
             entry["symlink"] = True
-        elif stat.S_ISREG(st.st_mode) and st.st_size <= MAX_KEPT_BYTES:
+            entry["kept_bytes"] = len(os.fsencode(link))
+        elif stat.S_ISREG(st.st_mode) and st.st_size <= min(MAX_KEPT_BYTES, room):
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
                          dir_fd=parent_fd)
+            kept = 0
             with os.fdopen(fd, "rb") as source, open(target, "xb") as copy:
-                while chunk := source.read(1 << 20):
+                # No further than its size: a file that grew since is cut, not read on.
+                while kept < st.st_size and (chunk := source.read(min(1 << 20,
+                                                                       st.st_size - kept))):
                     copy.write(chunk)
+                    kept += len(chunk)
+            entry["kept_bytes"] = kept
         else:
             entry["kept"] = False
         os.unlink(name, dir_fd=parent_fd)
@@ -55,7 +68,8 @@ def _take(workspace_fd: int, relative: str, into: Path) -> dict[str, Any]:
 def quarantine(workspace: Path, changes: list[Change], found: list[dict[str, str]],
                into: Path) -> list[dict[str, Any]]:
     """Move every created path behind a read-only or host-code violation out of `workspace`
-    into `into` (created root, 0700); deepest first, so created directories empty out."""
+    into `into` (created root, 0700); deepest first, so created directories empty out. What
+    is kept, in all, stays within MAX_KEPT_TOTAL; the rest is deleted."""
     flagged = {v["path"] for v in found if v.get("rule") in QUARANTINED_RULES}
     created = sorted((c for c in changes if c.path in flagged and c.change == "created"),
                      key=lambda c: -c.path.count("/"))
@@ -68,11 +82,13 @@ def quarantine(workspace: Path, changes: list[Change], found: list[dict[str, str
         return []
     into.mkdir(mode=0o700, parents=True, exist_ok=True)
     taken: list[dict[str, Any]] = []
+    room = MAX_KEPT_TOTAL
     workspace_fd = os.open(workspace, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for change in created:
             try:
-                taken.append(_take(workspace_fd, change.path, into))
+                taken.append(entry := _take(workspace_fd, change.path, into, room))
+                room -= entry.get("kept_bytes", 0)
             except OSError as exc:
                 taken.append({"path": change.path, "error": exc.strerror or str(exc)})
     finally:

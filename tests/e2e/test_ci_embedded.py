@@ -859,3 +859,30 @@ def test_no_host_program_of_a_run_is_found_in_the_checkout_through_a_relative_pa
     assert not marker.exists(), marker.read_text()
     assert result.returncode == 0, result.stdout + result.stderr
     assert "agent-done" in result.stdout
+
+
+
+@pytest.mark.parametrize("count,size", [(6, 16 << 20), (100, 1 << 20)])
+def test_what_the_quarantine_keeps_of_a_run_is_bounded(
+        ci: Path, repo: Path, count: int, size: int) -> None:
+    """Each planted .gitattributes (host code at any depth) is moved out of the checkout into
+    root's quarantine, in the state root (/run by default: memory), where an agent planting
+    many of them, each within the per-file cap, filled it without bound. What one run keeps
+    stays within MAX_KEPT_TOTAL; the rest is deleted all the same, and said so."""
+    from supervisor.ci.quarantine import MAX_KEPT_TOTAL
+
+    agent = (f"i=0; while [ $i -lt {count} ]; do mkdir -p d$i; "
+             f"head -c {size} /dev/zero > d$i/.gitattributes; i=$((i+1)); done; echo agent-done")
+    report_path = ci.parent / "report.json"
+    result = run_embedded(ci, "--workspace", str(repo), "--report", str(report_path), "--",
+                          "sh", "-c", agent)
+    assert result.returncode == 83, result.stdout + result.stderr
+    assert "agent-done" in result.stdout
+    kept = sum(path.stat().st_size for path in (ci / "quarantine").rglob("*") if path.is_file())
+    assert count * size > MAX_KEPT_TOTAL >= kept > 0
+    quarantined = json.loads(report_path.read_text())["scope"]["quarantined"]
+    planted = [q for q in quarantined if q["path"].endswith(".gitattributes")]
+    assert len(planted) == count
+    assert sum(q.get("kept_bytes", 0) for q in planted) == kept
+    assert [q for q in planted if q.get("kept") is False]
+    assert not list(repo.rglob(".gitattributes"))  # none stays in the checkout
