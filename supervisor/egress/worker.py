@@ -387,15 +387,35 @@ def _read_first(sock: socket.socket) -> dict[str, Any]:
             return messages[0]
 
 
+def _become(uid: int, gid: int) -> None:
+    """The worker's user, every id of it, no supplementary group; no capability is left (the
+    uid change empties the permitted and effective sets). Verified, or the worker exits."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) \
+            or os.getgroups():
+        raise SystemExit(f"the worker could not become uid {uid}, gid {gid}")
+
+
 def main(argv: list[str] | None = None) -> None:
     # The daemon blocks SIGUSR1 in every thread for break-glass, and a mask survives fork and
     # exec; clear it here, first, since subprocess cannot set a child's mask without a
     # preexec_fn (Python between fork and exec in a threaded daemon, which can deadlock).
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    # Never open to its user's other processes: not dumpable before the uid change (ptrace
+    # permission is checked once, at attach, so one seized while it was would stay held), and
+    # again after it (the change leaves it as fs.suid_dumpable says).
+    pyprctl.set_dumpable(False)
     parser = argparse.ArgumentParser(prog="supervisor.egress.worker")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--fds-fd", type=int, default=None)
+    parser.add_argument("--uid", type=int, default=None)
+    parser.add_argument("--gid", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.uid is not None:
+        _become(args.uid, args.gid if args.gid is not None else args.uid)
+    pyprctl.set_dumpable(False)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="gateway-worker: %(levelname)s %(message)s")
     # Set after the uid change (which clears it): a daemon that dies takes its gateway along.
@@ -403,7 +423,6 @@ def main(argv: list[str] | None = None) -> None:
     pyprctl.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent or parent == 1:
         raise SystemExit("the daemon is gone")
-    pyprctl.set_dumpable(False)
     pyprctl.set_no_new_privs()
     sock = socket.socket(fileno=args.fd)
     first = _read_first(sock)

@@ -177,20 +177,23 @@ class WorkerProcess:
 
     def _popen(self, child: socket.socket, fds: socket.socket) -> subprocess.Popen[bytes]:
         user = self.config.egress.worker_user
-        ids: dict[str, Any] = {}
+        ids: list[str] = []
         if user and user != "root":
             entry = pwd.getpwnam(user)
-            ids = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+            ids = ["--uid", str(entry.pw_uid), "--gid", str(entry.pw_gid)]
         # Not -I: the worker must import this same package, found from its directory (cwd);
         # -E and -s keep the environment and user site out. The environment is empty of the
-        # daemon's: `env:` secrets live there.
+        # daemon's: `env:` secrets live there. Started as root, it takes its user itself, not
+        # dumpable first (worker.main): exec'd as that user, it was open to ptrace by any
+        # process of the user's until its main() ran, and a process seized then kept it, and
+        # its secrets (tests/e2e/test_egress_worker.py).
         root = str(Path(supervisor.__file__).resolve().parent.parent)
         return subprocess.Popen(
             [sys.executable, "-E", "-s", "-m", "supervisor.egress.worker",
-             "--fd", str(child.fileno()), "--fds-fd", str(fds.fileno())],
+             "--fd", str(child.fileno()), "--fds-fd", str(fds.fileno()), *ids],
             pass_fds=(child.fileno(), fds.fileno()), close_fds=True, cwd=root,
             start_new_session=True, stdin=subprocess.DEVNULL,
-            env={"PATH": os.defpath, "LANG": "C.UTF-8"}, **ids)
+            env={"PATH": os.defpath, "LANG": "C.UTF-8"})
 
     def _configuration(self) -> ipc.Message:
         egress = self.config.egress

@@ -254,3 +254,139 @@ def _default_config() -> Any:
     from supervisor.config import Config
 
     return Config()
+
+
+
+# Another process of the worker's uid (nobody, by default: any service's on the host). It
+# seizes the worker with ptrace as soon as it sees it (in its cgroup, by its argv), then, once
+# the worker holds the route's secret, makes it call prctl(PR_SET_DUMPABLE, 1) in place of its
+# next syscall (which is then made as it was), and reads its memory; or (`mem`) opens its
+# /proc/PID/mem and maps at once and reads them then. Both are judged once, at the attach or
+# the open: a worker that is never open to its uid, from its exec on, is never held.
+SEIZER = r"""
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.restype = ctypes.c_long
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+SEIZE, INTERRUPT, SYSCALL, GETREGS, SETREGS, DETACH, WALL = 0x4206, 0x4207, 24, 12, 13, 17, 1 << 30
+ORIG_RAX, RDI, RSI, RAX, RIP, ENOSYS = 15, 14, 13, 10, 16, (1 << 64) - 38
+out, go, secret, how, procs = sys.argv[1], sys.argv[2], sys.argv[3].encode(), *sys.argv[4:]
+def say(text):
+    with open(out, "a") as f:
+        f.write(text + "\n")
+pid, deadline = None, time.monotonic() + 120
+while pid is None and time.monotonic() < deadline:  # its cgroup's processes (world-readable)
+    try:
+        with open(procs, "rb") as f:
+            listed = f.read().split()
+    except OSError:
+        continue
+    for name in listed:
+        try:
+            with open(f"/proc/{int(name)}/cmdline", "rb") as f:
+                if b"supervisor.egress.worker" in f.read().split(b"\0"):
+                    pid = int(name)
+        except (OSError, ValueError):
+            pass
+if pid is None:
+    say("no worker seen")
+    sys.exit(1)
+say(f"worker {pid}")
+if how == "mem":  # no ptrace: /proc/PID/mem and maps, opened while it may be; read later
+    try:
+        maps, mem = open(f"/proc/{pid}/maps", "rb", 0), open(f"/proc/{pid}/mem", "rb", 0)
+    except OSError as exc:
+        say(f"open refused: {exc.strerror}")
+        sys.exit(0)
+    say("opened")
+    while not os.path.exists(go):
+        time.sleep(0.05)
+    found = False
+    for line in maps.read().decode().splitlines():
+        where, mode = line.split()[:2]
+        start, end = (int(x, 16) for x in where.split("-"))
+        if mode.startswith("r") and not found:
+            try:
+                mem.seek(start)
+                found = secret in mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                pass
+    say("secret read" if found else "secret not found")
+    sys.exit(0)
+if libc.ptrace(SEIZE, pid, None, None) != 0:
+    say(f"seize refused: {os.strerror(ctypes.get_errno())}")
+    sys.exit(0)
+say("seized")
+while not os.path.exists(go):  # held, and let run: each signal it gets is passed on
+    got, status = os.waitpid(pid, os.WNOHANG | WALL)
+    if got and os.WIFSTOPPED(status):
+        passed = os.WSTOPSIG(status) if status >> 16 == 0 else 0
+        libc.ptrace(7, pid, None, ctypes.c_void_p(passed))  # PTRACE_CONT
+    time.sleep(0.01)
+regs = (ctypes.c_ulonglong * 27)()
+libc.ptrace(INTERRUPT, pid, None, None)
+os.waitpid(pid, WALL)
+while True:  # to the entry of a syscall (rax -ENOSYS there)
+    libc.ptrace(SYSCALL, pid, None, None)
+    os.waitpid(pid, WALL)
+    libc.ptrace(GETREGS, pid, None, ctypes.byref(regs))
+    if regs[RAX] == ENOSYS:
+        break
+saved = list(regs)
+regs[ORIG_RAX], regs[RDI], regs[RSI] = 157, 4, 1  # prctl(PR_SET_DUMPABLE, 1)
+libc.ptrace(SETREGS, pid, None, ctypes.byref(regs))
+libc.ptrace(SYSCALL, pid, None, None)
+os.waitpid(pid, WALL)
+for i, value in enumerate(saved):  # the syscall it meant to make, made again
+    regs[i] = value
+regs[RIP], regs[RAX] = saved[RIP] - 2, saved[ORIG_RAX]
+libc.ptrace(SETREGS, pid, None, ctypes.byref(regs))
+libc.ptrace(DETACH, pid, None, None)
+found = False
+with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+    for line in maps:
+        where, mode = line.split()[:2]
+        start, end = (int(x, 16) for x in where.split("-"))
+        if mode.startswith("r") and not found:
+            try:
+                mem.seek(start)
+                found = secret in mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                pass
+say("secret read" if found else "secret not found")
+"""
+
+
+@pytest.mark.parametrize("how", ["ptrace", "mem"])
+def test_no_process_of_the_workers_uid_can_take_hold_of_it(rig: GatewayRig, tmp_root: Path,
+                                                            how: str) -> None:
+    """The worker holds every gateway run's secrets and runs as an unprivileged uid that other
+    processes of the host may share (nobody, by default). Started as that uid, it was dumpable
+    from its exec until its main() cleared it, a Python start and imports later: long enough
+    for another process of the uid to seize it with ptrace and keep it, or (a variant) to open
+    its /proc/PID/mem, which is judged at open only; either read the secrets out once the
+    worker had them. It must never be open to its uid, from its first instruction on."""
+    attack = tmp_root / "attack"
+    attack.mkdir(mode=0o777)
+    attack.chmod(0o777)
+    said, go = attack / "said", attack / "go"
+    seizer = subprocess.Popen(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--",
+         sys.executable, "-I", "-c", SEIZER, str(said), str(go), rig.secret, how,
+         str(_cgroup(rig).path / "cgroup.procs")], cwd="/")
+    try:
+        env = _start(rig, "held")
+        wait_for(lambda: said.exists() and "worker" in said.read_text(), 60,
+                 what="the seizer to see the worker")
+        # The route's key on a request: the worker holds it now.
+        assert host_request(env, CHAT).startswith(b"HTTP/1.1 200")
+        go.touch()
+        assert seizer.wait(timeout=60) == 0, said.read_text()
+    finally:
+        if seizer.poll() is None:
+            seizer.kill()
+            seizer.wait()
+    text = said.read_text()
+    assert "secret read" not in text and "seized" not in text and "opened" not in text, text
+    assert host_request(env, CHAT).startswith(b"HTTP/1.1 200")  # the worker serves on
+    rig.daemon.agentctl("kill", "held", "--reason", "test over", check=True)
