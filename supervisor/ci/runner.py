@@ -173,8 +173,9 @@ def _roots_outside(root: Path, copies: Path, workspace: Path | None) -> None:
 
 def _root_only(path: Path, what: str) -> None:
     """Root makes, writes, reads back and removes everything under the embedded roots, by path:
-    nobody else may be able to change where any of it leads. `path` (absolute, existing) must
-    be reached, as given and resolved, only through entries of root's: every directory root's
+    nobody else may be able to change where any of it leads. `path` (absolute; made if it is
+    not there, or refused if it cannot be: a dangling symlink another user left) must be
+    reached, as given and resolved, only through entries of root's: every directory root's
     and writable by root alone, or sticky (/tmp, /var/tmp: others cannot move root's entries
     there) except `path` itself; a symlink on the way root's. Otherwise a local user who made
     the directory first (any user can, in /var/tmp, where the copy root's default lies) could
@@ -183,6 +184,12 @@ def _root_only(path: Path, what: str) -> None:
     hint = (f"use a directory only root can write, on a path of root's directories (the default "
             f"is {DEFAULT_ROOT if what == ROOT_ENV_VAR else DEFAULT_COPY_ROOT}); remove one "
             f"another user made")
+    try:
+        path.mkdir(mode=0o711, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidRequest(f"${what} {path} cannot be made: {exc.strerror}", field=what,
+                             path=str(path), problem=f"cannot be made ({exc.strerror})",
+                             hint=hint) from exc
     for candidate in dict.fromkeys((str(path), os.path.realpath(path))):
         parts = candidate.strip("/").split("/")
         for depth in range(len(parts) + 1):
@@ -572,7 +579,6 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
     root = state_root(os.environ)
     copies = copy_root(os.environ)
     _roots_outside(root, copies, workspace)
-    root.mkdir(mode=0o711, parents=True, exist_ok=True)
     _root_only(root, ROOT_ENV_VAR)
     slot, _lock_fd = claim_slot(Path(DEFAULT_ROOT) / "locks")
     config = embedded_config(base, root, slot)
@@ -581,7 +587,6 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
         from supervisor.ci import checkout_copy
 
         if checkout_copy.needs_copy(workspace, config.sandbox.workspace_min_owner_uid):
-            copies.mkdir(mode=0o711, parents=True, exist_ok=True)
             _root_only(copies, COPY_ROOT_ENV_VAR)
             try:
                 copy = await asyncio.to_thread(checkout_copy.make_copy, workspace, copies,

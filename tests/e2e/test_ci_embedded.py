@@ -752,18 +752,24 @@ def test_a_copy_root_someone_else_made_is_refused_before_the_copy(
     assert sorted(p.name for p in copies.iterdir()) == []
 
 
+@pytest.mark.parametrize("made", ["directory", "dangling_symlink"])
 def test_a_state_root_someone_else_can_write_is_refused_before_the_agent_starts(
-        ci: Path, repo: Path, tmp_root: Path) -> None:
+        ci: Path, repo: Path, tmp_root: Path, made: str) -> None:
     """A variant: $AGENT_SUPERVISOR_CI_ROOT in a directory a local user made, its quarantine
-    pointed at a root-only place: root would move the agent's planted .gitattributes there.
+    pointed at a root-only place: root would move the agent's planted .gitattributes there;
+    or a symlink of theirs to nowhere where the root is to be made (a traceback before).
     Refused (exit 6) before the agent starts; nothing lands in the root-only place."""
     require(shutil.which("setpriv") is not None, "needs setpriv (util-linux)")
     elsewhere = tmp_root / "root-only"
     elsewhere.mkdir(mode=0o700)
     state = _world_writable(tmp_root) / "ci-state"
-    subprocess.run(_as_nobody("mkdir", str(state)), check=True)
-    subprocess.run(_as_nobody("ln", "-s", str(elsewhere), str(state / "quarantine")),
-                   check=True)
+    if made == "directory":
+        subprocess.run(_as_nobody("mkdir", str(state)), check=True)
+        subprocess.run(_as_nobody("ln", "-s", str(elsewhere), str(state / "quarantine")),
+                       check=True)
+    else:
+        subprocess.run(_as_nobody("ln", "-s", str(elsewhere / "ci-state"), str(state)),
+                       check=True)
     result = run_embedded(ci, "--workspace", str(repo), "--", "sh", "-c",
                           "echo '* filter=x' > .gitattributes; echo agent-ran",
                           AGENT_SUPERVISOR_CI_ROOT=str(state))
@@ -771,7 +777,8 @@ def test_a_state_root_someone_else_can_write_is_refused_before_the_agent_starts(
     assert result.returncode == 6, result.stdout + result.stderr
     assert "agent-ran" not in result.stdout and not (repo / ".gitattributes").exists()
     assert "invalid_request" in result.stderr and "AGENT_SUPERVISOR_CI_ROOT" in result.stderr
-    assert host_residue(state) == {}
+    assert "Traceback" not in result.stderr
+    assert host_residue(state if made == "directory" else elsewhere) == {}
 
 
 def test_a_gateway_run_without_its_model_key_is_refused_with_125_and_a_hint(

@@ -189,7 +189,7 @@ def test_embedded_roots_inside_the_workspace_are_refused(tmp_path: Path) -> None
 def test_embedded_roots_must_be_reached_through_roots_directories_alone(tmp_path: Path) -> None:
     """Root's own directories, a sticky world-writable one on the way (/tmp, /var/tmp) and a
     symlink of root's (/var/run on Debian) pass; a directory anyone can write at the end of the
-    path, one another uid owns, and a path that cannot be examined are refused, naming the
+    path, one another uid owns, and a path that cannot be made are refused, naming the
     culprit (the attacks for real: tests/e2e/test_ci_embedded.py, "someone_else")."""
     _root_only(Path("/usr/lib"), ROOT_ENV_VAR)
     if os.path.islink("/var/run") and os.lstat("/var/run").st_uid == 0:
@@ -201,7 +201,7 @@ def test_embedded_roots_must_be_reached_through_roots_directories_alone(tmp_path
     uid = theirs.stat().st_uid
     for path, why in ((Path("/tmp"), "can be written by others (mode 1777)"),
                       (theirs, f"is owned by uid {uid}"),
-                      (Path("/nonexistent-root"), "cannot be examined")):
+                      (Path("/proc/no-such-root"), "cannot be made")):
         with pytest.raises(InvalidRequest) as refused:
             _root_only(path, COPY_ROOT_ENV_VAR)
         error = refused.value
