@@ -296,6 +296,15 @@ class EmbeddedRunFailed(SupervisorError):
                     "left")
 
 
+class WatchdogLost(EmbeddedRunFailed):
+    """An embedded CI run's watchdog died and no new one could be started: the run was killed,
+    since nothing would have killed the agent had agentctl died next (fail closed)."""
+
+    code = "watchdog_lost"
+    default_hint = ("the run was killed because its kill switch could not be replaced; detail."
+                    "reason says why (often a host out of processes or memory): run the job again")
+
+
 class EnforcementError(SupervisorError):
     """The sandbox could not be set up as the profile demands; the agent does not run.
 

@@ -9,8 +9,10 @@ kill path and the run ends with status 80 (killed).
 Each embedded run claims a slot (an flock'ed file under $AGENT_SUPERVISOR_CI_ROOT) that gives it
 its own runtime directory, cgroup parent, name prefix and host uid range, so concurrent runs on
 one host never meet, and a run SIGKILLed before its teardown is reaped (the daemon's reconcile)
-by the next run of its slot. Its watchdog kills the agent meanwhile. Needs root. It sits in the
-daemon's layer (it assembles the core), the rest of supervisor/ci below it."""
+by the next run of its slot. Its watchdog kills the agent meanwhile; a watchdog that dies during
+the run is replaced at once, as the daemon's is, or the run is killed (Core.watch_watchdog).
+Needs root. It sits in the daemon's layer (it assembles the core), the rest of supervisor/ci
+below it."""
 
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ from supervisor.errors import (
     EnforcementError,
     InvalidRequest,
     SupervisorError,
+    WatchdogLost,
     WorkspaceInvalid,
     launch_exit_status,
 )
@@ -258,8 +261,11 @@ class EmbeddedRunner:
         self.denied: dict[str, Any] | None = None
         self.egress: dict[str, Any] | None = None
         self.audit_head: dict[str, Any] | None = None
-        # Where the watchdog stood with the OOM killer (Watchdog.oom); None: no core.
+        # Where the watchdog stood with the OOM killer (Watchdog.oom), and how often it was
+        # replaced or that it could not be; None: no core.
         self.watchdog: dict[str, Any] | None = None
+        # The watchdog died and no new one could be started: the run is killed (fail closed).
+        self.watchdog_lost: WatchdogLost | None = None
         self.audit_rows: list[dict[str, Any]] = []
         # Where planted host-code files go after the run (ci/quarantine.py); root only.
         self.quarantine_dir: Path | None = None
@@ -272,12 +278,29 @@ class EmbeddedRunner:
 
     def on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
+        if self._cancel(f"cancelled: {name} to agentctl"):
+            log.warning("agentctl: %s: killing the run", name)
+
+    def on_watchdog_lost(self, exc: Exception) -> None:
+        """The watchdog died and no new one could be started (Core.watch_watchdog): were this
+        process to die now, nothing would kill the agent. Fail closed: the run is killed
+        through the audited kill path, as a cancel is (one not yet launched never is), and
+        ends as a supervisor error (`watchdog_lost`, status 84) that the report names."""
+        reason = "the watchdog died and no new one could be started"
+        if self.watchdog_lost is None:
+            self.watchdog_lost = WatchdogLost(
+                f"{reason}: the run was killed, since nothing would have killed the agent had "
+                f"agentctl died next", reason=str(exc)[:500])
+        self._cancel(reason)
+
+    def _cancel(self, reason: str) -> bool:
+        """Kill the run (or keep it from launching) for `reason`; False: already under way."""
         if self.cancel_reason is not None:
-            return  # the kill is already under way
-        self.cancel_reason = f"cancelled: {name} to agentctl"
-        log.warning("agentctl: %s: killing the run", name)
+            return False
+        self.cancel_reason = reason
         if self.core is not None and self.name in self.core.arbiter.agents:
-            self.kill_task = asyncio.ensure_future(self._kill(self.cancel_reason))
+            self.kill_task = asyncio.ensure_future(self._kill(reason))
+        return True
 
     def _cancelled(self) -> str | None:
         return self.cancel_reason
@@ -305,9 +328,13 @@ class EmbeddedRunner:
         # `runc delete`, with the exec of nice, was ~2 ms more on its way).
         self.core = core = await Core.assemble(self.config, ephemeral=True, cleanup_nice=0,
                                                settle_at_start=True)
+        # A watchdog that dies is replaced at once, as the daemon's is; one that cannot be
+        # kills the run. Its pidfd is one more reader of the loop: nothing polls.
+        core.watch_watchdog(self.on_watchdog_lost)
         core.audit.append(actor=CI.label(), verb="ci_run_start", scope=f"agent:{self.name}",
                           target=self.name, detail={
                               "version": __version__, "pid": os.getpid(),
+                              "watchdog_pid": core.watchdog.proc.pid,
                               "command": self.spec.run.command, "profile": self.profile.name,
                               "workspace": self.spec.run.workspace,
                               "allow_changes": self.spec.allow_changes,
@@ -333,6 +360,8 @@ class EmbeddedRunner:
         if self.cancel_reason is not None:
             self.end_reason = self.cancel_reason
             self.ending = Ending.KILLED
+            if self.watchdog_lost is not None:
+                raise self.watchdog_lost
             return
         update: dict[str, Any] = {"name": self.name, "profile": self.profile.name}
         if self.copy is not None:
@@ -348,6 +377,8 @@ class EmbeddedRunner:
         self.agent_status = record.exit_code
         self.end_reason = record.end_reason
         self.ending = ending_of(record.end_cause)
+        if self.watchdog_lost is not None:
+            raise self.watchdog_lost
 
     async def _stream(self, path: Path, done: asyncio.Event | None) -> None:
         """The agent's output (stdout and stderr, merged) to our stdout as it is written."""
@@ -434,6 +465,10 @@ class EmbeddedRunner:
         if self.run_id is not None:
             self.egress = core.egress_record(self.run_id)
         self.watchdog = dict(core.watchdog.oom)
+        if core.watchdog.respawned:
+            self.watchdog["respawned"] = core.watchdog.respawned
+        if self.watchdog_lost is not None:
+            self.watchdog["lost"] = self.watchdog_lost.detail.get("reason")
 
     def _finish_audit(self, core: Core) -> None:
         core.audit.append(actor=CI.label(), verb="ci_run_end", scope=f"agent:{self.name}",
@@ -472,9 +507,14 @@ class EmbeddedRunner:
                         f"{self.checkout}")
         commits = self._provenance()
         status = exit_status(self.ending, self.agent_status, scope_violation=bool(found),
-                             supervisor_error=bool(self.supervisor_errors),
+                             supervisor_error=bool(self.supervisor_errors)
+                             or self.watchdog_lost is not None,
                              launch_error_status=(launch_exit_status(self.error)
                                                   if self.error else None))
+        # A watchdog lost while the run went is raised as its error; one lost in teardown is not.
+        failed = [self.error] if self.error is not None else []
+        if self.watchdog_lost is not None and self.watchdog_lost is not self.error:
+            failed.append(self.watchdog_lost)
         report: dict[str, Any] = {
             "schema": REPORT_SCHEMA,
             "supervisor_version": __version__,
@@ -501,7 +541,7 @@ class EmbeddedRunner:
                          else {"mode": "in_place"} if self.workspace is not None else None),
             "watchdog": self.watchdog,
             "teardown": teardown,
-            "errors": ([self.error.to_body()["error"]] if self.error else [])
+            "errors": [e.to_body()["error"] for e in failed]
             + [{"code": "embedded_run_failed", "message": m} for m in self.supervisor_errors],
         }
         return report, status

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from supervisor.audit import AuditLog
 from supervisor.audit.reserve import DiskReserve
 from supervisor.config import Config
-from supervisor.daemon.arbiter import Arbiter
+from supervisor.daemon.arbiter import SYSTEM, Arbiter
 from supervisor.daemon.containment import Containment
 from supervisor.daemon.egress import EgressControl
 from supervisor.daemon.observers import RunObservers
@@ -275,6 +276,34 @@ class Core:
         if settle_at_start:
             arbiter.before_start = core.ready_to_start
         return core
+
+    def watch_watchdog(self, on_lost: Callable[[Exception], None] | None = None) -> None:
+        """From now on the watchdog's death is noticed on the running loop (its pidfd) and a
+        new one spawned at once, logged and audited (`watchdog_respawn`): the daemon's and an
+        embedded CI run's, so that a watchdog killed by a bug or an operator never leaves the
+        agents without their switch while this process lives. When no new one can be started
+        the failure is logged and audited (outcome `failed`) and `on_lost` told (the embedded
+        runner kills its run: fail closed); without one the daemon's heartbeat check
+        (`watchdog process`, main.py) reports the dead watchdog."""
+        watchdog, audit = self.watchdog, self.audit
+
+        def died(code: int | None) -> None:
+            log.critical("the watchdog exited (%s); a new one is running as pid %d",
+                         code, watchdog.proc.pid)
+            audit.append(actor=SYSTEM.label(), verb="watchdog_respawn", scope="global",
+                         outcome="ok", detail={"exit_code": code, "new_pid": watchdog.proc.pid})
+
+        def lost(code: int | None, exc: Exception) -> None:
+            log.critical("the watchdog exited (%s) and no new one could be started: %s",
+                         code, exc)
+            audit.append(actor=SYSTEM.label(), verb="watchdog_respawn", scope="global",
+                         outcome="failed", detail={"exit_code": code, "error": str(exc)[:500]})
+            if on_lost is not None:
+                on_lost(exc)
+
+        watchdog.on_death = died
+        watchdog.on_lost = lost
+        watchdog.watch(asyncio.get_running_loop())
 
     async def ready_to_start(self) -> None:
         """What a run's command waits for when the core was assembled with

@@ -318,14 +318,7 @@ async def serve(config: Config, notifier: Notifier, config_file: Path | None = N
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def watchdog_died(code: int | None) -> None:
-        log.critical("the watchdog exited (%s); a new one is running as pid %d",
-                     code, watchdog.proc.pid)
-        audit.append(actor=SYSTEM.label(), verb="watchdog_respawn", scope="global",
-                     outcome="ok", detail={"exit_code": code, "new_pid": watchdog.proc.pid})
-
-    watchdog.on_death = watchdog_died
-    watchdog.watch(loop)
+    core.watch_watchdog()
 
     async def prune_logs_hourly() -> None:
         while True:

@@ -529,7 +529,12 @@ class Watchdog:
         self.escape_error: str | None = None
         self.disarmed = False
         self.handed_over = False
+        # Told of a death once a new watchdog is running (its exit code), or that none could
+        # be started (the exit code and why): then nothing kills the agents if the process
+        # that holds this object dies, and it is the caller's to fail closed.
         self.on_death: Callable[[int | None], None] | None = None
+        self.on_lost: Callable[[int | None, Exception], None] | None = None
+        self.respawned = 0  # watchdogs started in place of one that died
         self._pidfd: int | None = None
         # Whether the runs' memory budget leaves memory outside the runs (budget.py's
         # leaves_host_memory): decides how loudly a watchdog within the OOM killer's reach is
@@ -638,6 +643,8 @@ class Watchdog:
         return report
 
     def watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Notice the process's death on `loop` (its pidfd, one more reader of the loop's
+        selector: nothing polls) and replace it at once (`_died`)."""
         self._pidfd = os.pidfd_open(self.proc.pid)
         loop.add_reader(self._pidfd, self._died, loop)
 
@@ -650,8 +657,18 @@ class Watchdog:
         if self.disarmed:
             return
         self.channel.close()
-        self._spawn()
-        self.watch(loop)
+        # A move into its cgroup still under way (settle_at_start) ends first: its failure for
+        # the dead process must not overwrite the new one's escape_error.
+        self.settle()
+        try:
+            self._spawn()
+            self.watch(loop)
+        except Exception as exc:  # fork or exec refused, descriptors or threads run out
+            if self.on_lost is None:
+                raise
+            self.on_lost(code, exc)
+            return
+        self.respawned += 1
         if self.on_death is not None:
             self.on_death(code)
 
