@@ -36,6 +36,7 @@ from tests.support.embedded import (
     host_residue,
     launcher_with_hook,
     run_embedded,
+    watched_state_root,
 )
 
 pytestmark = pytest.mark.e2e
@@ -97,9 +98,9 @@ def sha256(path: Path) -> str:
 def ci(tmp_root: Path) -> Iterator[Path]:
     require_root_and_runc()
     require(shutil.which("git") is not None, "needs git")
-    state_root = tmp_root / "ci-state"
-    yield state_root
-    residue = host_residue(state_root)
+    with watched_state_root(tmp_root / "ci-state") as state_root:
+        yield state_root
+        residue = host_residue(state_root)
     assert residue == {}, f"embedded runs left things behind: {residue}"
 
 
@@ -341,6 +342,36 @@ def test_sigterm_to_agentctl_kills_the_run_and_leaves_nothing(ci: Path, repo: Pa
             if "agent-supervisor-ci" in Path(f"/proc/{pid}/cgroup").read_text()]
     assert ours == []
     assert host_residue(ci) == {}
+
+
+def test_the_residue_check_sees_its_own_runs_and_no_others(ci: Path, tmp_root: Path) -> None:
+    """Another state root's run (another test's, on the same host) still going while this test's
+    residue is checked is not this test's residue: `host_residue` of a watched state root looks
+    only at the slots its own runs claimed. Its own run, while it goes, is seen."""
+    workspace = tmp_root / "other-workspace"
+    workspace.mkdir()
+    os.chown(workspace, WORKSPACE_UID, WORKSPACE_UID)
+    with watched_state_root(tmp_root / "other-state") as other:
+        proc = subprocess.Popen(
+            agentctl_command("run", "--embedded", "--workspace", str(workspace), "--", "sh",
+                             "-c", "echo ready > ready; sleep 300"),
+            env=agentctl_env(other), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        try:
+            wait_for(lambda: (workspace / "ready").exists(), timeout=60, what="the agent")
+            during = host_residue(other)
+            assert during.get("cgroups") and during.get("netns") and during.get("processes")
+            result = run_embedded(ci, "--", "true")
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert host_residue(ci) == {}  # the other run goes on, in a slot of its own
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+        assert proc.returncode == 80, out + err
+        assert host_residue(other) == {}
 
 
 def _runner_started(pid: int) -> bool:

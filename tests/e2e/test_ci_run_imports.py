@@ -25,7 +25,7 @@ from tests.support.ci_imports import (
     threads_started,
     unwanted,
 )
-from tests.support.embedded import agentctl_env, host_residue
+from tests.support.embedded import agentctl_env, host_residue, watched_state_root
 
 pytestmark = pytest.mark.e2e
 
@@ -33,9 +33,10 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def state_root(tmp_root: Path) -> Iterator[Path]:
     require_root_and_runc()
-    root = tmp_root / "ci-state"
-    yield root
-    assert host_residue(root) == {}, "the run left things behind"
+    with watched_state_root(tmp_root / "ci-state") as root:
+        yield root
+        residue = host_residue(root)
+    assert residue == {}, f"the run left things behind: {residue}"
 
 
 def test_a_plain_run_imports_only_what_it_uses(state_root: Path) -> None:

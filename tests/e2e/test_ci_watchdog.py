@@ -33,6 +33,7 @@ from tests.support.embedded import (
     agentctl_env,
     host_residue,
     run_embedded,
+    watched_state_root,
 )
 
 pytestmark = pytest.mark.e2e
@@ -60,9 +61,9 @@ runpy.run_module("supervisor.ci", run_name="__main__")
 @pytest.fixture
 def ci(tmp_root: Path) -> Iterator[Path]:
     require_root_and_runc()
-    state_root = tmp_root / "ci-state"
-    yield state_root
-    residue = host_residue(state_root)
+    with watched_state_root(tmp_root / "ci-state") as state_root:
+        yield state_root
+        residue = host_residue(state_root)
     assert residue == {}, f"embedded runs left things behind: {residue}"
 
 

@@ -3,13 +3,22 @@ host (processes, cgroups, network namespaces, nft tables, mounts). Needs root.""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import os
+import re
+import struct
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from supervisor.ci import DEFAULT_ROOT
 from supervisor.sandbox.cgroups import unified_root
+from supervisor.sandbox.libc import libc
 
 CI_CGROUP_ROOT = "agent-supervisor-ci"
 WORKSPACE_UID = 1001  # GitHub's runner user; any unprivileged uid outside the sandbox ranges
@@ -88,24 +97,181 @@ def chown_tree(root: Path, uid: int) -> None:
             os.lchown(os.path.join(dirpath, name), uid, uid)
 
 
+# inotify(7): a directory made in the watched one, or moved there; the queue overflowed.
+IN_CREATE, IN_MOVED_TO, IN_Q_OVERFLOW = 0x100, 0x80, 0x4000
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
+_SLOT_NAME = re.compile(rb"slot([0-9]+)")
+# Waited for, at most, while another process's run holds one of the slots a check looks at.
+SLOT_WAIT = 300.0
+
+
+class _SlotWatch:
+    """The slots the runs of one state root claim. A run makes its slot's directory there
+    (`<state root>/slotN`) before anything else of the slot's (cgroups, netns, mounts,
+    tables), and an inotify watch set before the first run sees every one, however short the
+    run and whoever removes the directory after. None from `slots`: events were lost (the
+    queue overflowed), so which slots were claimed is unknown."""
+
+    def __init__(self, state_root: Path) -> None:
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        if libc.inotify_add_watch(self.fd, os.fsencode(state_root), IN_CREATE | IN_MOVED_TO) < 0:
+            os.close(self.fd)
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch {state_root}")
+        self.seen = {int(m.group(1)) for p in state_root.iterdir()
+                     if (m := _SLOT_NAME.fullmatch(os.fsencode(p.name)))}
+        self.overflowed = False
+
+    def slots(self) -> set[int] | None:
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                break
+            offset = 0
+            while offset + _EVENT.size <= len(data):
+                _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+                name = data[offset + _EVENT.size: offset + _EVENT.size + length].rstrip(b"\0")
+                offset += _EVENT.size + length
+                self.overflowed |= bool(mask & IN_Q_OVERFLOW)
+                if match := _SLOT_NAME.fullmatch(name):
+                    self.seen.add(int(match.group(1)))
+        return None if self.overflowed else set(self.seen)
+
+
+_watches: dict[Path, _SlotWatch] = {}
+
+
+@contextlib.contextmanager
+def watched_state_root(state_root: Path) -> Iterator[Path]:
+    """`state_root`, made now (0711, as a run makes it) and watched until the block ends, so
+    that `host_residue(state_root)` looks only at what runs of this state root could have left
+    (the slots they claimed), not at other tests' runs on the same host."""
+    state_root.mkdir(mode=0o711, parents=True, exist_ok=True)
+    _watches[state_root] = watch = _SlotWatch(state_root)
+    try:
+        yield state_root
+    finally:
+        del _watches[state_root]
+        os.close(watch.fd)
+
+
+def _descends_from_us(pid: int) -> bool:
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):
+            return False
+    return False
+
+
+def _lock_holder(path: Path) -> int | None:
+    """The pid that holds the flock on `path` (/proc/locks), None: nobody (or it is gone)."""
+    try:
+        info = path.stat()
+        with open("/proc/locks") as table:
+            for line in table:
+                fields = line.split()
+                if "FLOCK" not in fields or "->" in fields:  # "->": a waiter, not the holder
+                    continue
+                pid, where = fields[-4], fields[-3]
+                if where.rsplit(":", 1)[-1] == str(info.st_ino):
+                    return int(pid)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_slots(slots: set[int]) -> Iterator[None]:
+    """While the block runs no other process's run uses any of `slots`: each one's lock
+    (ci/runner.py claim_slot) taken, after waiting (SLOT_WAIT at most) for another process's
+    run that holds it to end; a slot held by this process's own run (a probe while it runs)
+    is left to it. What is found of a slot then is what its last runs left."""
+    held: list[int] = []
+    locks = Path(DEFAULT_ROOT) / "locks"
+    try:
+        for slot in sorted(slots):
+            path = locks / f"slot{slot}"
+            if not path.exists():
+                continue
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            held.append(fd)
+            deadline = time.monotonic() + SLOT_WAIT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    holder = _lock_holder(path)
+                    if holder is not None and _descends_from_us(holder):
+                        break  # our own run, still going
+                    if time.monotonic() >= deadline:
+                        raise AssertionError(f"slot {slot} stayed in use by pid {holder} for "
+                                             f"{SLOT_WAIT:g} s") from None
+                    time.sleep(0.05)
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 def host_residue(state_root: Path) -> dict[str, Any]:
-    """Everything embedded runs left on this host; {} when clean."""
+    """What embedded runs left on this host; {} when clean. For a state root watched (made by
+    `watched_state_root` before its first run): what the runs of that state root could have
+    left, and nothing of other tests' runs: the cgroups, netns, nft tables and processes of the
+    slots they claimed, checked while no other process's run uses those slots, and the mounts
+    and slot directories under the state root. Otherwise everything of every embedded run on
+    the host."""
+    watch = _watches.get(state_root)
+    slots = watch.slots() if watch is not None else None
+    if slots is None:
+        return _residue(state_root, None)
+    with _quiet_slots(slots):
+        return _residue(state_root, slots)
+
+
+def _residue(state_root: Path, slots: set[int] | None) -> dict[str, Any]:
+    def ours(name: str, separator: str) -> bool:
+        """`name` is a slot's (`slot3`, `slot3-watchdog`; `asci3-<run>`, `asci3.<run>`)."""
+        if slots is None:
+            return True
+        return any(name == f"{prefix}{n}" or name.startswith(f"{prefix}{n}{separator}")
+                   for n in slots for prefix in ("slot", "asci"))
+
     left: dict[str, Any] = {}
     cgroups = unified_root() / CI_CGROUP_ROOT
-    if cgroups.is_dir() and (children := sorted(p.name for p in cgroups.iterdir() if p.is_dir())):
+    if cgroups.is_dir() and (children := sorted(p.name for p in cgroups.iterdir()
+                                                if p.is_dir() and ours(p.name, "-"))):
         left["cgroups"] = children
+        pids = sorted({pid for child in children
+                       for procs in (cgroups / child).rglob("cgroup.procs")
+                       for pid in _read_pids(procs)})
+        if pids:
+            left["processes"] = pids
     netns_dir = Path("/run/netns")
     if netns_dir.is_dir() and (names := sorted(p.name for p in netns_dir.iterdir()
-                                               if p.name.startswith("asci"))):
+                                               if p.name.startswith("asci")
+                                               and ours(p.name, "-"))):
         left["netns"] = names
     with open("/proc/self/mountinfo") as table:
         mounts = [line.split(" ", 5)[4] for line in table if str(state_root) in line]
     if mounts:
         left["mounts"] = mounts
-    slots = sorted(p.name for p in state_root.glob("slot*")) if state_root.is_dir() else []
-    if slots:
-        left["state"] = slots
+    slot_dirs = sorted(p.name for p in state_root.glob("slot*")) if state_root.is_dir() else []
+    if slot_dirs:
+        left["state"] = slot_dirs
     nft = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False)
-    if tables := [t for t in nft.stdout.splitlines() if "asci" in t]:
+    if tables := [t for t in nft.stdout.splitlines()
+                  if "asci" in t and ours(t.split()[-1], ".")]:
         left["nft_tables"] = tables
     return left
+
+
+def _read_pids(procs: Path) -> list[int]:
+    with contextlib.suppress(OSError):
+        return [int(pid) for pid in procs.read_text().split()]
+    return []
