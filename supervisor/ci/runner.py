@@ -74,13 +74,14 @@ _MAX_SLOTS = 4096
 _CGROUP_ROOT = "agent-supervisor-ci"
 
 
-def claim_slot(locks: Path) -> tuple[int, int]:
+def claim_slot(locks: Path, prefer: list[int] | None = None) -> tuple[int, int]:
     """(slot, fd of its held lock). The lock dies with the process, so a slot is free again the
     moment its run ends, however it ends; lock files stay (unlinking one would race). The lock
     directory is one per host whatever $AGENT_SUPERVISOR_CI_ROOT says: slots decide cgroup
-    names and host uid ranges, which are per host too."""
+    names and host uid ranges, which are per host too. `prefer`: slots tried first, in order
+    (`left_slots`), then the lowest free one."""
     locks.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for slot in range(_MAX_SLOTS):
+    for slot in [*(prefer or ()), *range(_MAX_SLOTS)]:
         fd = os.open(locks / f"slot{slot}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -90,6 +91,22 @@ def claim_slot(locks: Path) -> tuple[int, int]:
         return slot, fd
     raise AgentBusy(f"all {_MAX_SLOTS} embedded run slots ({locks}) are in use",
                     locks=str(locks))
+
+
+def left_slots(root: Path) -> list[int]:
+    """The slots whose directory is under the state root `root`: a run's teardown removes its
+    slot's, so each is a run of this state root killed before its teardown (or one still
+    going, whose slot is taken). The next run of the state root takes one of them when it is
+    free, and its reconcile reaps what the killed run left (its bundle, mounts, netns, tables
+    and state), at once rather than whenever a run of that state root next happens to get
+    that slot: slots are claimed host-wide, lowest first, so on a host with concurrent runs
+    that could be never."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    return sorted(int(name[4:]) for name in names
+                  if name.startswith("slot") and name[4:].isdigit() and int(name[4:]) < _MAX_SLOTS)
 
 
 def state_root(environ: Mapping[str, str]) -> Path:
@@ -620,7 +637,7 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
     copies = copy_root(os.environ)
     _roots_outside(root, copies, workspace)
     _root_only(root, ROOT_ENV_VAR)
-    slot, _lock_fd = claim_slot(Path(DEFAULT_ROOT) / "locks")
+    slot, _lock_fd = claim_slot(Path(DEFAULT_ROOT) / "locks", left_slots(root))
     config = embedded_config(base, root, slot)
     copy = None
     if workspace is not None:

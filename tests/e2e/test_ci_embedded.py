@@ -33,9 +33,12 @@ from tests.support.embedded import (
     agentctl_env,
     chown_tree,
     git,
+    hold_slot,
     host_residue,
     launcher_with_hook,
+    quiet_slots,
     run_embedded,
+    run_in_slot,
     watched_state_root,
 )
 
@@ -336,10 +339,14 @@ def test_sigterm_to_agentctl_kills_the_run_and_leaves_nothing(ci: Path, repo: Pa
     assert proc.returncode == 80, out + err
     assert "cancelled: SIGTERM" in err
     assert not noise(err), err
-    # Sandbox pids are not host pids: look for any process still in a sandbox of ours.
-    sleeping = subprocess.run(["pgrep", "-f", "^sleep 300$"], capture_output=True, text=True)
-    ours = [pid for pid in sleeping.stdout.split()
-            if "agent-supervisor-ci" in Path(f"/proc/{pid}/cgroup").read_text()]
+    # Sandbox pids are not host pids: look for any process still in a sandbox of ours (a slot
+    # this test's runs claimed, while no other test's run uses it).
+    with quiet_slots(ci) as slots:
+        assert slots
+        sleeping = subprocess.run(["pgrep", "-f", "^sleep 300$"], capture_output=True,
+                                  text=True)
+        ours = [pid for pid in sleeping.stdout.split()
+                if any(f"agent-supervisor-ci/slot{n}/" in _cgroup_of(pid) for n in slots)]
     assert ours == []
     assert host_residue(ci) == {}
 
@@ -488,12 +495,13 @@ def _runner_sigkilled_with_its_agent_running(ci: Path, repo: Path, *options: str
         start_new_session=True)
     try:
         wait_for(lambda: (repo / "ready").exists(), timeout=60, what="the agent")
+        (slot,) = ci.glob("slot*")
         os.killpg(proc.pid, signal.SIGKILL)  # agentctl exec'd the runner: this is the runner
         proc.communicate(timeout=30)
+        hold_slot(slot.name)  # until run_in_slot: no other test's run reaps it first
     finally:
         if proc.poll() is None:
             proc.kill()
-    (slot,) = ci.glob("slot*")
     return slot
 
 
@@ -513,7 +521,7 @@ def test_a_runner_killed_mid_run_leaves_a_state_the_next_run_of_its_slot_reaps(
     wait_for(lambda: not _sleeping_in(slot.name), timeout=60,
              what="the watchdog's kill of the agent")
     report = repo.parent / "next.json"
-    result = run_embedded(ci, "--report", str(report), "--", "true")
+    result = run_in_slot(ci, slot.name, "--report", str(report), "--", "true")
     assert result.returncode == 0, result.stdout + result.stderr
     audit = [json.loads(line) for line in
              Path(f"{report}.audit.jsonl").read_text().splitlines()]
@@ -536,8 +544,8 @@ def test_a_killed_gateway_runs_nft_table_is_reaped_by_the_next_run_of_its_slot(
     wait_for(lambda: not _sleeping_in(slot.name), timeout=60,
              what="the watchdog's kill of the agent")
     report = repo.parent / "next.json"
-    result = run_embedded(ci, "--profile", "coding-agent", "--report", str(report), "--",
-                          "true")
+    result = run_in_slot(ci, slot.name, "--profile", "coding-agent", "--report", str(report),
+                         "--", "true")
     assert result.returncode == 0, result.stdout + result.stderr
     audit = [json.loads(line) for line in
              Path(f"{report}.audit.jsonl").read_text().splitlines()]
@@ -552,8 +560,15 @@ def _sleeping_in(slot: str) -> list[str]:
     """The pids of `sleep 300` agents still alive in `slot`'s runs."""
     sleeping = subprocess.run(["pgrep", "-f", "^sleep 300$"], capture_output=True, text=True)
     ours = f"agent-supervisor-ci/{slot}/"
-    return [pid for pid in sleeping.stdout.split()
-            if ours in Path(f"/proc/{pid}/cgroup").read_text()]
+    return [pid for pid in sleeping.stdout.split() if ours in _cgroup_of(pid)]
+
+
+def _cgroup_of(pid: str) -> str:
+    """/proc/PID/cgroup; "" once the process is gone (another test's, ended since pgrep)."""
+    try:
+        return Path(f"/proc/{pid}/cgroup").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
 
 
 def test_an_agent_that_fails_passes_its_status_through_quietly(ci: Path, repo: Path) -> None:

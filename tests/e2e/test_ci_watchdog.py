@@ -31,8 +31,9 @@ from tests.support.embedded import (
     WORKSPACE_UID,
     agentctl_command,
     agentctl_env,
+    hold_slot,
     host_residue,
-    run_embedded,
+    run_in_slot,
     watched_state_root,
 )
 
@@ -154,6 +155,7 @@ def test_a_watchdog_killed_mid_run_is_replaced_and_the_replacement_kills_the_age
         assert _populated(slot) and proc.poll() is None  # the run goes on
         os.killpg(proc.pid, signal.SIGKILL)  # agentctl exec'd the runner: this is the runner
         proc.communicate(timeout=30)
+        hold_slot(slot.name)  # until run_in_slot: no other test's run reaps it first
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -162,7 +164,7 @@ def test_a_watchdog_killed_mid_run_is_replaced_and_the_replacement_kills_the_age
              what="the replacement watchdog's kill of the agent")
     # The next run of the slot reaps the rest (its netns, bundle and state); the ci fixture
     # then holds the host clean.
-    result = run_embedded(ci, "--", "true")
+    result = run_in_slot(ci, slot.name, "--", "true")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -85,6 +85,62 @@ def run_embedded(state_root: Path, *args: str, timeout: float = 300, **env: str
                           timeout=timeout, cwd="/")
 
 
+# Slot locks held by hold_slot until run_in_slot (or the watched state root's end) releases them.
+_held: dict[str, int] = {}
+
+
+def hold_slot(slot: str) -> None:
+    """Take the lock of `slot` (`slotN`) as soon as no run holds it (the runner of a run just
+    killed has died) and keep it until `run_in_slot` runs: meanwhile no other process's run
+    (another test's) takes the slot and reaps or adds to what the killed run left."""
+    fd = _wait_until_free(Path(DEFAULT_ROOT) / "locks" / slot)
+    assert fd is not None
+    if (old := _held.pop(slot, None)) is not None:
+        os.close(old)
+    _held[slot] = fd
+
+
+def run_in_slot(state_root: Path, slot: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The next run of `state_root` in `slot` (`slotN`, its directory left there by a run killed
+    before its teardown), which reaps what that run left. A run takes such a slot first when
+    it is free (ci/runner.py left_slots): the slot's lock, if `hold_slot` holds it, is released
+    just before; when another process's run takes the slot meanwhile, this waits for that run
+    to end and runs again (a run that got another slot leaves nothing)."""
+    lock = Path(DEFAULT_ROOT) / "locks" / slot
+    for _ in range(20):
+        fd = _held.pop(slot, None)
+        if fd is None:
+            fd = _wait_until_free(lock)
+        if fd is not None:
+            os.close(fd)
+        result = run_embedded(state_root, *args)
+        if not (state_root / slot).exists():
+            return result
+    raise AssertionError(f"no run of {state_root} got {slot} in 20 tries")
+
+
+def _wait_until_free(lock: Path, *, unless_ours: bool = False) -> int | None:
+    """A descriptor holding `lock`, once no run holds it (SLOT_WAIT at most). `unless_ours`:
+    None at once, nothing taken, while a run of this process's own holds it (a probe while it
+    runs)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    deadline = time.monotonic() + SLOT_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            holder = _lock_holder(lock)
+            if unless_ours and holder is not None and _descends_from_us(holder):
+                os.close(fd)
+                return None
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise AssertionError(f"{lock} stayed in use by pid {holder} for "
+                                     f"{SLOT_WAIT:g} s") from None
+            time.sleep(0.01)
+
+
 def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-c", "safe.directory=*", "-C", str(repo), *args],
                           capture_output=True, text=True, check=True).stdout
@@ -155,6 +211,8 @@ def watched_state_root(state_root: Path) -> Iterator[Path]:
     finally:
         del _watches[state_root]
         os.close(watch.fd)
+        for slot in list(_held):  # a test that failed before its run_in_slot
+            os.close(_held.pop(slot))
 
 
 def _descends_from_us(pid: int) -> bool:
@@ -196,23 +254,8 @@ def _quiet_slots(slots: set[int]) -> Iterator[None]:
     try:
         for slot in sorted(slots):
             path = locks / f"slot{slot}"
-            if not path.exists():
-                continue
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            held.append(fd)
-            deadline = time.monotonic() + SLOT_WAIT
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    holder = _lock_holder(path)
-                    if holder is not None and _descends_from_us(holder):
-                        break  # our own run, still going
-                    if time.monotonic() >= deadline:
-                        raise AssertionError(f"slot {slot} stayed in use by pid {holder} for "
-                                             f"{SLOT_WAIT:g} s") from None
-                    time.sleep(0.05)
+            if path.exists() and (fd := _wait_until_free(path, unless_ours=True)) is not None:
+                held.append(fd)
         yield
     finally:
         for fd in held:
@@ -226,12 +269,22 @@ def host_residue(state_root: Path) -> dict[str, Any]:
     slots they claimed, checked while no other process's run uses those slots, and the mounts
     and slot directories under the state root. Otherwise everything of every embedded run on
     the host."""
+    with quiet_slots(state_root) as slots:
+        return _residue(state_root, slots)
+
+
+@contextlib.contextmanager
+def quiet_slots(state_root: Path) -> Iterator[set[int] | None]:
+    """The slots the runs of the watched `state_root` claimed, held (`_quiet_slots`) while the
+    block runs; None (nothing held): the state root is not watched, or which slots its runs
+    claimed is unknown."""
     watch = _watches.get(state_root)
     slots = watch.slots() if watch is not None else None
     if slots is None:
-        return _residue(state_root, None)
+        yield None
+        return
     with _quiet_slots(slots):
-        return _residue(state_root, slots)
+        yield slots
 
 
 def _residue(state_root: Path, slots: set[int] | None) -> dict[str, Any]:
