@@ -602,9 +602,14 @@ def _nft_tables_left(prefix: str) -> list[str]:
 
 
 def _remove_cgroups(parent: str) -> list[str]:
-    """rmdir the slot's cgroup, children first, in the v2 tree and every v1 hierarchy, then the
-    shared root if no other slot uses it; returns what could not be removed."""
+    """rmdir the slot's cgroup, children first, in the v2 tree and every v1 hierarchy, and the
+    gateway worker's beside it (egress/worker_process.py `worker_cgroup_path`): a gateway run
+    removes that one as it stops its worker, but a gateway run killed before its teardown
+    leaves it, empty (its worker dies with it: parent-death signal), and a later run without a
+    gateway never made it; then the shared root if no other slot uses it. Returns what could
+    not be removed."""
     left = Cgroup(parent).remove(strict=False)
+    left += Cgroup(f"{parent.rstrip('/')}-gateway").remove(strict=False)
     Cgroup(_CGROUP_ROOT).remove_if_empty()  # busy while another slot runs
     return left
 

@@ -556,6 +556,18 @@ def test_a_killed_gateway_runs_nft_table_is_reaped_by_the_next_run_of_its_slot(
     assert not mark.exists()
 
 
+def test_a_killed_gateway_runs_worker_cgroup_goes_with_the_next_run_of_its_slot(
+        ci: Path, repo: Path) -> None:
+    """The gateway worker's cgroup beside the slot's (`slotN-gateway`) is removed by a gateway
+    run's stop of its worker; a gateway run SIGKILLed leaves it, and the next run of the slot
+    removes it whether or not that one has a gateway (the ci fixture holds the host clean)."""
+    slot = _runner_sigkilled_with_its_agent_running(ci, repo, "--profile", "coding-agent")
+    wait_for(lambda: not _sleeping_in(slot.name), timeout=60,
+             what="the watchdog's kill of the agent")
+    result = run_in_slot(ci, slot.name, "--", "true")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def _sleeping_in(slot: str) -> list[str]:
     """The pids of `sleep 300` agents still alive in `slot`'s runs."""
     sleeping = subprocess.run(["pgrep", "-f", "^sleep 300$"], capture_output=True, text=True)
