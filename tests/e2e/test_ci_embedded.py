@@ -828,15 +828,20 @@ def test_a_state_root_someone_else_can_write_is_refused_before_the_agent_starts(
     else:
         subprocess.run(_as_nobody("ln", "-s", str(elsewhere / "ci-state"), str(state)),
                        check=True)
-    result = run_embedded(ci, "--workspace", str(repo), "--", "sh", "-c",
-                          "echo '* filter=x' > .gitattributes; echo agent-ran",
-                          AGENT_SUPERVISOR_CI_ROOT=str(state))
+    # Watched as it is (nobody's directory; through the link, whatever a run made in
+    # `elsewhere` fails the first assertion below).
+    watched = state if made == "directory" else elsewhere
+    with watched_state_root(watched):
+        result = run_embedded(ci, "--workspace", str(repo), "--", "sh", "-c",
+                              "echo '* filter=x' > .gitattributes; echo agent-ran",
+                              AGENT_SUPERVISOR_CI_ROOT=str(state))
+        residue = host_residue(watched)
     assert list(elsewhere.iterdir()) == [], result.stdout + result.stderr
     assert result.returncode == 6, result.stdout + result.stderr
     assert "agent-ran" not in result.stdout and not (repo / ".gitattributes").exists()
     assert "invalid_request" in result.stderr and "AGENT_SUPERVISOR_CI_ROOT" in result.stderr
     assert "Traceback" not in result.stderr
-    assert host_residue(state if made == "directory" else elsewhere) == {}
+    assert residue == {}
 
 
 def test_a_gateway_run_without_its_model_key_is_refused_with_125_and_a_hint(
