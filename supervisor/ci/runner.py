@@ -723,6 +723,16 @@ def _write_evidence(spec: EmbeddedRun, runner: EmbeddedRunner, report: dict[str,
             _write_private(spec.summary, summary_markdown(signed).encode(), append=True)
 
 
+# Paths listed on stderr (the CI job's log) per list: an agent makes as many as it likes; the
+# report has every one.
+SAID_AT_MOST = 50
+
+
+def _said_more(count: int) -> None:
+    if count > SAID_AT_MOST:
+        print(f"  ... and {count - SAID_AT_MOST} more (the report lists them)", file=sys.stderr)
+
+
 def _say_how_it_ended(report: dict[str, Any]) -> None:
     violations = report["scope"]["violations"]
     if report["ending"] != "exited":
@@ -731,14 +741,16 @@ def _say_how_it_ended(report: dict[str, Any]) -> None:
     if violations:
         print(f"agentctl: {len(violations)} change(s) outside the allowed scope:",
               file=sys.stderr)
-        for item in violations:
+        for item in violations[:SAID_AT_MOST]:
             print(f"  {item['path']}: {item['why']}", file=sys.stderr)
+        _said_more(len(violations))
     if quarantined := report["scope"]["quarantined"]:
         print(f"agentctl: quarantined {len(quarantined)} planted path(s) out of the workspace "
               f"(read-only or host-code files):", file=sys.stderr)
-        for item in quarantined:
+        for item in quarantined[:SAID_AT_MOST]:
             where = item.get("moved_to") or item.get("removed") or item.get("error", "deleted")
             print(f"  {item['path']}: {where}", file=sys.stderr)
+        _said_more(len(quarantined))
     if not report["teardown"]["clean"]:
         print(f"agentctl: teardown left {report['teardown']['residue']}", file=sys.stderr)
 

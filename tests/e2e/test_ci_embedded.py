@@ -956,3 +956,26 @@ def test_what_the_quarantine_keeps_of_a_run_is_bounded(
     assert sum(q.get("kept_bytes", 0) for q in planted) == kept
     assert [q for q in planted if q.get("kept") is False]
     assert not list(repo.rglob(".gitattributes"))  # none stays in the checkout
+
+
+
+def test_the_jobs_log_lists_a_bounded_number_of_an_agents_paths(
+        ci: Path, repo: Path, tmp_root: Path) -> None:
+    """An agent that leaves thousands of paths out of scope (and of planted host code) had each
+    one printed on stderr, the CI job's log, line after line; now at most SAID_AT_MOST of each
+    list, and how many more. The report still lists every one."""
+    from supervisor.ci.runner import SAID_AT_MOST
+
+    report_path = tmp_root / "report.json"
+    result = run_embedded(
+        ci, "--workspace", str(repo), "--allow-changes", "src/**", "--report", str(report_path),
+        "--", "sh", "-c", "mkdir stray && cd stray && seq 1 3000 | xargs touch && "
+        "for i in $(seq 1 120); do mkdir d$i && : > d$i/.gitattributes; done; echo agent-done")
+    assert result.returncode == 83, result.stdout + result.stderr
+    listed = [line for line in result.stderr.splitlines() if line.startswith("  ")]
+    assert len(listed) <= 2 * (SAID_AT_MOST + 1), len(listed)
+    report = json.loads(report_path.read_text())
+    violations, quarantined = report["scope"]["violations"], report["scope"]["quarantined"]
+    assert len(violations) > 3000 and len(quarantined) >= 120
+    assert f"... and {len(violations) - SAID_AT_MOST} more" in result.stderr
+    assert f"... and {len(quarantined) - SAID_AT_MOST} more" in result.stderr
