@@ -64,6 +64,27 @@ def _pool(cidr: str) -> str:
     return cidr
 
 
+def pool_share(pool: ipaddress.IPv4Network,
+               ci_slot: int | None) -> ipaddress.IPv4Network | None:
+    """The part of the egress pool whose /30s a configuration's gateway runs take: the lower
+    half for a daemon's (`ci_slot` None); the upper half is CI mode's, one /30 per embedded run
+    slot, slot s the s-th. So a daemon and the embedded runs on one host, each its own process
+    with a pool of its own, never pick the same addresses, whatever moment each picks them in
+    (the host-interface check of egress/link.py sees another's only once its link is up).
+    None: slot `ci_slot` lies past the upper half."""
+    lower, upper = pool.subnets(prefixlen_diff=1)
+    if ci_slot is None:
+        return lower
+    if not 0 <= ci_slot < slots_in_pool(pool):
+        return None
+    return ipaddress.IPv4Network((int(upper.network_address) + 4 * ci_slot, 30))
+
+
+def slots_in_pool(pool: ipaddress.IPv4Network) -> int:
+    """How many embedded run slots the pool's upper half holds: one /30 each."""
+    return pool.num_addresses // 8
+
+
 def normal_parent(path: str) -> str:
     """A cgroup path as one spelling: "/P/", "//P" and "P" are all "/P"."""
     return "/" + "/".join(part for part in path.split("/") if part)
@@ -350,6 +371,7 @@ class EgressSection(_Section):
     """The egress gateway, for runs whose profile has network mode `gateway`."""
 
     # Each gateway run gets a /30 of this private pool: .1 on the host (the gateway), .2 inside.
+    # A daemon's runs take the lower half, CI mode's embedded runs the upper (`pool_share`).
     pool: Annotated[str, AfterValidator(_pool)] = "10.213.0.0/16"
     port: Annotated[int, Field(ge=1, le=65535)] = 3128
     # Route secrets named "file:NAME" are read from here (root-owned, mode 0600 or stricter).
@@ -376,6 +398,32 @@ class EgressSection(_Section):
     # CPUs the gateway may use at most (cpu.max / cfs quota); 0 for no quota.
     worker_cpu_max: Annotated[float, Field(ge=0, le=1024)] = 1.0
     worker_nice: Annotated[int, Field(ge=0, le=19)] = 10
+    # Set by CI mode alone (ci/runner.py `embedded_config`; a configuration file may not): the
+    # embedded run slot whose /30 of the pool's upper half this configuration's runs take.
+    # Unset (a daemon's), they take the pool's lower half (`pool_share`).
+    ci_slot: Annotated[int, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _slot_fits(self) -> "EgressSection":
+        if (problem := self.slot_problem()) is not None:
+            raise ValueError(problem)
+        return self
+
+    def slot_problem(self) -> str | None:
+        """Why the pool holds no /30 for `ci_slot`; None: it does (or no slot is set)."""
+        pool = parse_egress_pool(self.pool)
+        if self.ci_slot is None or pool_share(pool, self.ci_slot) is not None:
+            return None
+        return (f"embedded run slot {self.ci_slot} lies past egress pool {self.pool}: its upper "
+                f"half, CI mode's, holds {slots_in_pool(pool)} slot(s), one /30 each")
+
+    def share(self) -> ipaddress.IPv4Network:
+        """The network this configuration's gateway runs take their /30s from (`pool_share`);
+        ValueError when the pool holds none for its slot."""
+        share = pool_share(parse_egress_pool(self.pool), self.ci_slot)
+        if share is None:
+            raise ValueError(self.slot_problem())
+        return share
 
 
 class OutputSection(_Section):
@@ -585,6 +633,13 @@ def load_config(path: Path | None) -> Config:
         # A parse error stops the parser: there is no later key to judge.
         raise ConfigInvalid(f"{path} is not valid TOML: {exc}", path=str(path),
                             errors=[config_error(path, "", f"not valid TOML: {exc}")]) from exc
+    egress = data.get("egress")
+    if isinstance(egress, dict) and "ci_slot" in egress:
+        # A daemon's runs would take a CI slot's addresses; CI mode sets it for its own.
+        reason = "set by CI mode for its embedded runs alone, never in a configuration file"
+        raise ConfigInvalid(f"{path}: egress.ci_slot: {reason}", path=str(path),
+                            key="egress.ci_slot", reason=reason,
+                            errors=[config_error(path, "egress.ci_slot", reason)])
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

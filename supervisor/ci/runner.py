@@ -7,10 +7,11 @@ the CI job's SIGINT/SIGTERM reach this process directly: they kill the run throu
 kill path and the run ends with status 80 (killed).
 
 Each embedded run claims a slot (an flock'ed file under $AGENT_SUPERVISOR_CI_ROOT) that gives it
-its own runtime directory, cgroup parent, name prefix and host uid range, so concurrent runs on
-one host never meet, and a run SIGKILLed before its teardown is reaped (the daemon's reconcile)
-by the next run of its slot. Its watchdog kills the agent meanwhile; a watchdog that dies during
-the run is replaced at once, as the daemon's is, or the run is killed (Core.watch_watchdog).
+its own runtime directory, cgroup parent, name prefix, host uid range and gateway address, so
+concurrent runs on one host never meet, and a run SIGKILLed before its teardown is reaped (the
+daemon's reconcile) by the next run of its slot. Its watchdog kills the agent meanwhile; a
+watchdog that dies during the run is replaced at once, as the daemon's is, or the run is killed
+(Core.watch_watchdog).
 Needs root. It sits in the daemon's layer (it assembles the core), the rest of supervisor/ci
 below it."""
 
@@ -126,12 +127,14 @@ def copy_root(environ: Mapping[str, str]) -> Path:
 
 def embedded_config(base: Config, root: Path, slot: int) -> Config:
     """The daemon's configuration narrowed to one run in `slot`: its own directories, cgroup
-    parent and name prefix, and host uids above the daemon's whole range, one range per slot.
-    The three sections are copied with the new values, not validated again: the values are
-    made here in the forms validation gives (tests/unit/test_embedded_config.py holds the
-    result equal to validating the narrowed configuration), and what depends on the base is
-    checked by the checks validation runs: the slot's uids below the highest uid, the audit's
-    anchors outside the new state directory. So a run without a configuration file builds no
+    parent and name prefix, host uids above the daemon's whole range, one range per slot, and
+    gateway addresses from the egress pool's upper half, one /30 per slot (the daemon's runs
+    take the lower half: config.py `pool_share`). The four sections are copied with the new
+    values, not validated again: the values are made here in the forms validation gives
+    (tests/unit/test_embedded_config.py holds the result equal to validating the narrowed
+    configuration), and what depends on the base is checked by the checks validation runs:
+    the slot's uids below the highest uid, its /30 inside the pool, the audit's anchors
+    outside the new state directory. So a run without a configuration file builds no
     configuration model (buildmode.py). `root` must be absolute (`state_root` makes it so):
     validation refuses a relative seccomp listener, which a relative root would give."""
     if not root.is_absolute():
@@ -144,14 +147,22 @@ def embedded_config(base: Config, root: Path, slot: int) -> Config:
         "cgroup_parent": f"/{_CGROUP_ROOT}/slot{slot}", "name_prefix": f"asci{slot}",
         "max_runs": 1,
         "uid_base": base.sandbox.uid_base + (base.sandbox.max_runs + slot) * SANDBOX_UID_COUNT})
+    egress = base.egress.model_copy(update={"ci_slot": slot})
     config = base.model_copy(update={
         "daemon": base.daemon.model_copy(update={
             "runtime_dir": runtime_dir, "state_dir": runtime_dir / "state",
             "socket_path": None}),
         "sandbox": sandbox,
+        "egress": egress,
         "telemetry": base.telemetry.model_copy(update={
             "seccomp_listener": listener if listener is None or listener == ""
             else str(runtime_dir / "seccomp.sock")})})
+    if (problem := egress.slot_problem()) is not None:
+        raise ConfigInvalid(f"the configuration narrowed to embedded run slot {slot} is not "
+                            f"valid: {problem}", slot=slot, reason=problem, pool=egress.pool,
+                            hint="give [egress] pool a larger network in the configuration "
+                            "file (--config): its upper half holds one slot per /30, a /16 "
+                            "(the default) all of them; or run fewer jobs at once on this host")
     if (problem := sandbox.uids_problem() or config.anchors_problem()) is not None:
         raise ConfigInvalid(f"the configuration narrowed to embedded run slot {slot} is not "
                             f"valid: {problem}", slot=slot, reason=problem)

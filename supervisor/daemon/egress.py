@@ -350,7 +350,9 @@ class EgressControl:
         self.audit = audit
         self.db = db
         self.loop = loop
-        self.pool = link.AddressPool(config.egress.pool)
+        # Its share of the pool: a daemon's the lower half, an embedded run's its slot's /30
+        # (config.py `pool_share`), so neither picks another's address.
+        self.pool = link.AddressPool(config.egress.pool, share=config.egress.share())
         self.runs: dict[str, _RunEgress] = {}
         self.approvals: dict[str, PendingApproval] = {}
         self.records: dict[str, dict[str, Any]] = {}  # ended runs' egress, for CI reports

@@ -130,42 +130,53 @@ def _host_networks() -> set[ipaddress.IPv4Network]:
 
 
 class AddressPool:
-    """Hands out /30s from a private CIDR (e.g. "10.213.0.0/16"). Thread-safe.
+    """Hands out /30s from `share`, a part of a private CIDR (e.g. "10.213.0.0/16"), the whole
+    of it by default. Thread-safe.
 
     A /30 is free when this pool does not hold it and no interface of the host has an address
-    overlapping it, so two daemons with the same pool, or links a crashed daemon left behind,
-    never get the same addresses (the check and the assignment are not atomic across daemons;
-    a collision in that window shows up as two links with one address, not as a crash)."""
+    overlapping it, so links a crashed daemon left behind, or another daemon's with the same
+    pool, are not handed out again. That check and the assignment are not atomic across
+    processes, and a run's gateway listens on its address before its link has it: two
+    processes drawing from one network at once could pick the same /30, and the second one's
+    gateway would fail to listen. Processes that share a host therefore draw from disjoint
+    shares of the pool: a daemon its lower half, each embedded CI run slot a /30 of the upper
+    (config.py `pool_share`)."""
 
     def __init__(self, cidr: str,
-                 in_use: Callable[[], set[ipaddress.IPv4Network]] = _host_networks) -> None:
+                 in_use: Callable[[], set[ipaddress.IPv4Network]] = _host_networks,
+                 share: ipaddress.IPv4Network | None = None) -> None:
         self.network = parse_egress_pool(cidr)
+        self.share = self.network if share is None else share
+        if not self.share.subnet_of(self.network) or self.share.prefixlen > PREFIXLEN:
+            raise ValueError(f"{self.share} is not a network of /{PREFIXLEN}s in {self.network}")
         self._in_use = in_use
         self._held: set[ipaddress.IPv4Network] = set()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"AddressPool({self.network}, held={len(self._held)})"
+        return f"AddressPool({self.share} of {self.network}, held={len(self._held)})"
 
     def _subnets(self) -> Iterator[ipaddress.IPv4Network]:
-        return self.network.subnets(new_prefix=PREFIXLEN)
+        return self.share.subnets(new_prefix=PREFIXLEN)
 
     def size(self) -> int:
-        return 1 << (PREFIXLEN - self.network.prefixlen)
+        return 1 << (PREFIXLEN - self.share.prefixlen)
 
     def allocate(self) -> LinkAddresses:
         with self._lock:
-            taken = [n for n in self._in_use() if n.overlaps(self.network)]
+            taken = [n for n in self._in_use() if n.overlaps(self.share)]
             for candidate in self._subnets():
                 if candidate in self._held or any(candidate.overlaps(n) for n in taken):
                     continue
                 self._held.add(candidate)
                 return LinkAddresses.of(candidate)
+        what = ("" if self.share == self.network
+                else f" ({self.share}, this supervisor's share of it)")
         raise EgressSetupFailed(
-            f"egress address pool {self.network} is exhausted: all {self.size()} /30s are held "
-            "by this daemon or overlap addresses of host interfaces",
-            step="allocate", pool=str(self.network), held=len(self._held),
-            host_networks=sorted(str(n) for n in taken))
+            f"egress address pool {self.network}{what} is exhausted: all {self.size()} /30s are "
+            "held by this supervisor or overlap addresses of host interfaces",
+            step="allocate", pool=str(self.network), share=str(self.share),
+            held=len(self._held), host_networks=sorted(str(n) for n in taken))
 
     def reserve(self, addresses: LinkAddresses) -> bool:
         """Hold the /30 an adopted run's link already has (handed over at a restart);

@@ -39,6 +39,7 @@ def validated_narrowing(base: Config, root: Path, slot: int) -> Config:
         cgroup_parent=f"/agent-supervisor-ci/slot{slot}", name_prefix=f"asci{slot}",
         max_runs=1,
         uid_base=base.sandbox.uid_base + (base.sandbox.max_runs + slot) * SANDBOX_UID_COUNT)
+    data["egress"]["ci_slot"] = slot
     data["telemetry"]["seccomp_listener"] = (None if base.telemetry.seccomp_listener is None
                                              else base.telemetry.seccomp_listener and
                                              str(runtime_dir / "seccomp.sock"))
