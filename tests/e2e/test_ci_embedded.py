@@ -485,9 +485,35 @@ def _sqlite_journal(db: Path) -> str:
     return {b"\x01\x01": "rollback", b"\x02\x02": "wal"}[db.read_bytes()[18:20]]
 
 
+def _committed_state(database: Path) -> str | None:
+    """The state of the one run in a slot's database as committed; None while it cannot be
+    read (a write holds its lock) or holds no single run."""
+    try:
+        db = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=0)
+    except sqlite3.Error:
+        return None
+    try:
+        rows = db.execute("SELECT state FROM runs").fetchall()
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+    return str(rows[0][0]) if len(rows) == 1 else None
+
+
+def _wait_committed(database: Path, state: str, timeout: float = 60) -> None:
+    """Until the slot's run is `state` in its database, committed (`timeout` at most)."""
+    deadline = time.monotonic() + timeout
+    while (found := _committed_state(database)) != state:
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"the run in {database} is still {found!r}, not {state!r}, "
+                                 f"{timeout:g} s after its agent started")
+        time.sleep(0.02)
+
+
 def _runner_sigkilled_with_its_agent_running(ci: Path, repo: Path, *options: str) -> Path:
     """An embedded run of an agent that stays up, its runner SIGKILLed once the agent is
-    ready; the run's slot directory."""
+    ready and the run's `running` state committed; the run's slot directory."""
     proc = subprocess.Popen(
         agentctl_command("run", "--embedded", *options, "--workspace", str(repo), "--", "sh",
                          "-c", "echo ready > ready; sleep 300"),
@@ -496,6 +522,9 @@ def _runner_sigkilled_with_its_agent_running(ci: Path, repo: Path, *options: str
     try:
         wait_for(lambda: (repo / "ready").exists(), timeout=60, what="the agent")
         (slot,) = ci.glob("slot*")
+        # The agent starts before the runner commits its run `running` (after `runc start`
+        # returns): the SIGKILL waits for the commit, which the next run of the slot reads.
+        _wait_committed(slot / "state" / "state.db", "running")
         os.killpg(proc.pid, signal.SIGKILL)  # agentctl exec'd the runner: this is the runner
         proc.communicate(timeout=30)
         hold_slot(slot.name)  # until run_in_slot: no other test's run reaps it first
