@@ -33,6 +33,7 @@ from supervisor.egress.gateway import DENIED_HEADER, Gateway, present_token
 from supervisor.egress.grant import Carried, Decision, RunGrant, carried_from_wire, carried_to_wire
 from supervisor.models.egress import GatewayPolicy
 from tests.support import upstream as support
+from tests.support.daemon import wait_for
 from tests.support.upstream import Upstream, make_ca
 
 WAIT = 10.0
@@ -806,7 +807,10 @@ def test_requests_that_waited_for_approval_are_judged_by_the_budget_again(env: E
         thread.start()
     env.sink.wait_for(lambda: len(env.sink.approvals) == 2)
     env.sink.approvals[0].future.set_result(Decision(True, "ap-1", by="op"))
-    env.sink.wait_for(lambda: len(replies) == 1)
+    # The reply is no sink event: polled, not waited for on the sink's condition (which only
+    # wakes on one, and so waited out WAIT whenever the reply came after the last event,
+    # while the second request's own read timed out at the same WAIT).
+    wait_for(lambda: len(replies) == 1, timeout=WAIT, interval=0.01, what="the first reply")
     env.sink.approvals[1].future.set_result(Decision(True, "ap-2", by="op"))
     for thread in threads:
         thread.join(WAIT)
