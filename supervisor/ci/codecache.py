@@ -270,8 +270,10 @@ class CodeCache:
                     offset += len(code)
                 index.setdefault(name, []).append((origin, mtime_ns, size, searched, where))
         directory = os.path.dirname(self.path)
-        try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+        try:  # each with its mode, never the umask's (0: the per-host directory anyone's)
+            for made, mode in ((os.path.dirname(directory), 0o711), (directory, 0o700)):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(made, mode)
         except OSError:
             return False
         if not self._directory_trusted():

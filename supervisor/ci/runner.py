@@ -202,23 +202,49 @@ def _roots_outside(root: Path, copies: Path, workspace: Path | None) -> None:
              hint=f"set ${ROOT_ENV_VAR} and ${COPY_ROOT_ENV_VAR} to separate directories")
 
 
-def _root_only(path: Path, what: str) -> None:
+# The per-host directory of the slots' locks (claim_slot): one per host whatever
+# $AGENT_SUPERVISOR_CI_ROOT says, checked as the roots are (`_root_only`) under this name.
+SLOT_LOCKS = "slot_locks"
+
+
+def _make_dirs(path: Path, mode: int) -> None:
+    """`path` and whichever directories above it are missing, each made with an explicit mode
+    (`mode` for `path`, 0711 above it), never the umask's: under umask 0 `mkdir -p` would
+    leave them writable by anyone."""
+    missing: list[Path] = []
+    for directory in (path, *path.parents):
+        if os.path.lexists(directory):
+            break
+        missing.append(directory)
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile: judged as it is, below
+            os.mkdir(directory, mode if directory == path else 0o711)
+
+
+def _root_only(path: Path, what: str, *, mode: int = 0o711) -> None:
     """Root makes, writes, reads back and removes everything under the embedded roots, by path:
-    nobody else may be able to change where any of it leads. `path` (absolute; made if it is
-    not there, or refused if it cannot be: a dangling symlink another user left) must be
-    reached, as given and resolved, only through entries of root's: every directory root's
+    nobody else may be able to change where any of it leads. `path` (absolute; made with `mode`
+    if it is not there, or refused if it cannot be: a dangling symlink another user left) must
+    be reached, as given and resolved, only through entries of root's: every directory root's
     and writable by root alone, or sticky (/tmp, /var/tmp: others cannot move root's entries
     there) except `path` itself; a symlink on the way root's. Otherwise a local user who made
-    the directory first (any user can, in /var/tmp, where the copy root's default lies) could
-    swap what root works in for a path of theirs: the copy read back into the checkout after
-    the agent, the quarantine, the slot's state. Refused with the variable to change."""
-    hint = (f"use a directory only root can write, on a path of root's directories (the default "
-            f"is {DEFAULT_ROOT if what == ROOT_ENV_VAR else DEFAULT_COPY_ROOT}); remove one "
-            f"another user made")
+    the directory first (any user can, in /var/tmp) could swap what root works in for a path of
+    theirs: the copy read back into the checkout after the agent, the quarantine, the slot's
+    state, the slots' locks. Refused with the variable to change (`what`: its name, or
+    SLOT_LOCKS for the slots' lock directory, which no variable moves)."""
+    if what == SLOT_LOCKS:
+        named = f"the slot lock directory {path}"
+        hint = (f"remove {path} or the directory on its path that another user made or can "
+                f"write; embedded runs make it root's (mode 0700)")
+    else:
+        named = f"${what} {path}"
+        hint = (f"use a directory only root can write, on a path of root's directories (the "
+                f"default is {DEFAULT_ROOT if what == ROOT_ENV_VAR else DEFAULT_COPY_ROOT}); "
+                f"remove one another user made")
     try:
-        path.mkdir(mode=0o711, parents=True, exist_ok=True)
+        _make_dirs(path, mode)
     except OSError as exc:
-        raise InvalidRequest(f"${what} {path} cannot be made: {exc.strerror}", field=what,
+        raise InvalidRequest(f"{named} cannot be made: {exc.strerror}", field=what,
                              path=str(path), problem=f"cannot be made ({exc.strerror})",
                              hint=hint) from exc
     for candidate in dict.fromkeys((str(path), os.path.realpath(path))):
@@ -240,7 +266,7 @@ def _root_only(path: Path, what: str) -> None:
                 elif not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
                     why = "is not a directory"
             if why is not None:
-                raise InvalidRequest(f"${what} {path} is not root's alone: {directory} {why}, "
+                raise InvalidRequest(f"{named} is not root's alone: {directory} {why}, "
                                      f"so another user could redirect what root does there",
                                      field=what, path=str(path), directory=directory,
                                      problem=why, hint=hint)
@@ -653,7 +679,9 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
     copies = copy_root(os.environ)
     _roots_outside(root, copies, workspace)
     _root_only(root, ROOT_ENV_VAR)
-    slot, _lock_fd = claim_slot(Path(DEFAULT_ROOT) / "locks", left_slots(root))
+    locks = Path(DEFAULT_ROOT) / "locks"
+    _root_only(locks, SLOT_LOCKS, mode=0o700)
+    slot, _lock_fd = claim_slot(locks, left_slots(root))
     config = embedded_config(base, root, slot)
     copy = None
     if workspace is not None:
@@ -670,7 +698,7 @@ async def run_embedded(spec: EmbeddedRun, early_signals: list[int] | None = None
                                        workspace=str(workspace)) from exc
     runner = EmbeddedRunner(spec, profile, config, copy)
     runner.quarantine_dir = root / "quarantine" / f"{time.strftime('%Y%m%dT%H%M%S')}-slot{slot}"
-    runner.gateway_mark = Path(DEFAULT_ROOT) / "locks" / f"slot{slot}.gateway"
+    runner.gateway_mark = locks / f"slot{slot}.gateway"
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, runner.on_signal, signum)

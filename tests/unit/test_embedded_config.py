@@ -7,6 +7,7 @@ is refused, as a structured error. No privilege."""
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 
 from supervisor.ci import COPY_ROOT_ENV_VAR, DEFAULT_COPY_ROOT, DEFAULT_ROOT, ROOT_ENV_VAR
 from supervisor.ci.runner import (
+    SLOT_LOCKS,
     _root_only,
     _roots_outside,
     copy_root,
@@ -209,3 +211,37 @@ def test_embedded_roots_must_be_reached_through_roots_directories_alone(tmp_path
         assert error.code == "invalid_request" and error.detail["field"] == COPY_ROOT_ENV_VAR
         assert error.detail["path"] == str(path) and why in error.detail["problem"]
         assert COPY_ROOT_ENV_VAR in error.message and DEFAULT_COPY_ROOT in (error.hint or "")
+
+
+def test_the_slot_lock_directory_is_made_with_its_mode_and_checked_as_the_roots(
+        tmp_path: Path) -> None:
+    """The per-host lock directory (/run/agent-supervisor-ci/locks, whatever
+    $AGENT_SUPERVISOR_CI_ROOT says) and every directory missing on its way are made with
+    explicit modes, never the umask's (0: writable by anyone, who could swap the locks and
+    share a slot's cgroup and uids); one another uid made is refused with the same structured
+    error as the roots, naming it."""
+    locks = tmp_path / "run" / "agent-supervisor-ci" / "locks"
+    previous = os.umask(0)
+    try:
+        if os.geteuid() == 0:
+            _root_only(locks, SLOT_LOCKS, mode=0o700)
+        else:  # tmp_path is nobody's: made, then refused
+            with pytest.raises(InvalidRequest):
+                _root_only(locks, SLOT_LOCKS, mode=0o700)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(locks.stat().st_mode) == 0o700
+    for made in (locks.parent, locks.parent.parent):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o711
+    theirs = tmp_path / "theirs" / "locks"
+    theirs.mkdir(parents=True)
+    theirs.chmod(0o777)
+    with pytest.raises(InvalidRequest) as refused:
+        _root_only(theirs, SLOT_LOCKS, mode=0o700)
+    error = refused.value
+    assert error.code == "invalid_request" and error.detail["field"] == SLOT_LOCKS
+    assert error.detail["path"] == str(theirs)
+    assert f"the slot lock directory {theirs} is not root's alone" in error.message
+    assert str(theirs) in (error.hint or "") and "0700" in (error.hint or "")
+    if os.geteuid() == 0:
+        assert "can be written by others (mode 0777)" in error.detail["problem"]
