@@ -238,3 +238,93 @@ def test_the_gitlab_jobs_action_imports_nothing_an_agent_planted_in_the_checkout
     assert result.returncode == 0, result.stdout + result.stderr
     assert "agent-done" in result.stdout
     assert host_residue(state_root) == {}
+
+
+# The GitLab job on a shell executor's shared host, in a mount namespace with a /tmp of its own
+# (the host's is shared) where a local user (nobody) made the names the job used to write
+# first: a file for the signing key (root's `>` wrote the key into it), a link for the report,
+# a file for the summary (appended to). Then the job's script lines after the install (as the
+# job runs them, in one `bash -eo pipefail`), its after_script in a shell of its own, and what
+# /tmp holds afterwards.
+GITLAB_JOB = """
+set -u
+mkdir "$1/tmp" && mount -t tmpfs -o mode=1777 as-test-tmp "$1/tmp"
+mkdir -m 0755 "$1/tmp/${1#/tmp/}" && mount --bind "$1" "$1/tmp/${1#/tmp/}"
+mount --move "$1/tmp" /tmp
+setpriv --reuid=nobody --regid=nogroup --clear-groups -- sh -c \
+    'touch /tmp/agent-report.key /tmp/agent-summary.md && chmod 666 /tmp/agent-report.key \
+     /tmp/agent-summary.md && ln -s "$0/root-only/report" /tmp/agent-report.json' "$1"
+cd "$CI_PROJECT_DIR"
+bash -eo pipefail "$1/script.sh" >"$1/job.out" 2>&1
+echo "job $?"
+bash -eo pipefail "$1/after_script.sh"
+echo "after $?"
+ls -lA --time-style=+ /tmp | awk 'NR > 1 && $6 != "'"${1#/tmp/}"'" {print $1, $3, $6, $7, $8}'
+wc -c < /tmp/agent-report.key
+wc -c < /tmp/agent-summary.md
+"""
+
+
+@pytest.mark.parametrize("agent", ["in_scope", "links_an_artifact_out"])
+def test_the_gitlab_job_keeps_its_key_and_evidence_in_a_private_directory(
+        tmp_root: Path, agent: str) -> None:
+    """The template wrote the signing key, the report and the summary to fixed names in /tmp
+    with the shell's `>`: a local user who made them first (without fs.protected_regular) read
+    the key and chose where root's report went. They go to a `mktemp -d` directory of the job's
+    own (0700), copied into the checkout for the artifacts and removed; the names another user
+    made are left alone and never written. A variant: the agent leaves a link at an artifact's
+    name in the checkout to a root-only place (a scope violation, status 83): the copy
+    replaces the link, never writes through it."""
+    require_root_and_runc()
+    require(shutil.which("unshare") is not None and shutil.which("setpriv") is not None,
+            "needs unshare and setpriv (util-linux)")
+    repo = tmp_root / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "app.py").write_text("x = 1\n")
+    chown_tree(repo, WORKSPACE_UID)
+    (tmp_root / "root-only").mkdir(mode=0o700)
+    private = tmp_root / "keys" / "ci"
+    private.parent.mkdir()
+    subprocess.run(agentctl_command("report", "keygen", str(private)), check=True,
+                   capture_output=True)
+    job = yaml.safe_load((ROOT / "ci-templates" / "agent-supervisor.gitlab-ci.yml").read_text())
+    script = job[".agent-supervisor"]["script"]
+    installed = next(i for i, line in enumerate(script) if "install-ci.sh" in line)
+    venv = str(Path(sys.executable).parent.parent)
+    (tmp_root / "script.sh").write_text(
+        "\n".join(script[installed + 1:]).replace(INSTALLED, venv) + "\n")
+    (tmp_root / "after_script.sh").write_text(
+        "\n".join(job[".agent-supervisor"]["after_script"]) + "\n")
+    state_root = tmp_root / "ci-state"
+    env = agentctl_env(
+        state_root, CI_PROJECT_DIR=str(repo), CI_JOB_ID="4242",
+        AGENT_COMMAND="echo y > src/app.py; echo agent-done" + (
+            f"; ln -s {tmp_root}/root-only/summary agent-summary.md"
+            if agent == "links_an_artifact_out" else ""), AGENT_PROFILE="default",
+        AGENT_ALLOW_CHANGES="src/**", AGENT_TIMEOUT="2m", AGENT_ARGS="",
+        AGENT_REPORT_KEY=private.read_text())
+    env.pop("TMPDIR", None)
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                             GITLAB_JOB, "sh", str(tmp_root)], env=env, capture_output=True,
+                            text=True, timeout=300, cwd="/")
+    out = (tmp_root / "job.out").read_text() if (tmp_root / "job.out").exists() else ""
+    lines = result.stdout.splitlines()
+    status = 0 if agent == "in_scope" else 83
+    assert lines[:2] == [f"job {status}", "after 0"], result.stdout + result.stderr + out
+    assert "agent-done" in out
+    # /tmp holds only the other user's names, as they were: no directory of the job's left.
+    assert sorted(line.rstrip() for line in lines[2:5]) == sorted([
+        f"lrwxrwxrwx nobody agent-report.json -> {tmp_root}/root-only/report",
+        "-rw-rw-rw- nobody agent-report.key", "-rw-rw-rw- nobody agent-summary.md"]), lines
+    assert lines[5:] == ["0", "0"], lines  # the other user's files were never written
+    assert list((tmp_root / "root-only").iterdir()) == []
+    # The artifacts: the report, signed with the job's key, its audit log and the summary.
+    report_path = repo / "agent-report.json"
+    verified = subprocess.run(agentctl_command("report", "verify", str(report_path), "--key",
+                                               f"{private}.pub"), capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert (repo / "agent-report.json.audit.jsonl").exists()
+    assert not (repo / "agent-summary.md").is_symlink()
+    assert ("passed" if agent == "in_scope" else "FAILED") in (
+        repo / "agent-summary.md").read_text()
+    assert host_residue(state_root) == {}
