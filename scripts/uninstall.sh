@@ -40,7 +40,8 @@ PY
 fi
 # CI mode's names (supervisor/ci): fixed, one slot per concurrent embedded run.
 CI_CGROUP=/agent-supervisor-ci
-CI_DIRS=(/run/agent-supervisor-ci /var/tmp/agent-supervisor-ci)
+# /var/tmp/agent-supervisor-ci: the copy root's default before /var/lib/agent-supervisor-ci.
+CI_DIRS=(/run/agent-supervisor-ci /var/lib/agent-supervisor-ci /var/tmp/agent-supervisor-ci)
 
 # remove_tree DIR: unmount whatever is mounted below DIR (a crashed run's workspace bind is
 # the user's checkout: never delete through it), deepest first, then delete DIR without

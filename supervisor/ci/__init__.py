@@ -10,6 +10,11 @@ DEFAULT_ROOT = "/run/agent-supervisor-ci"
 # The signed report's schema (ci/report.py), which every run's report names; here so that a run
 # without --report or --summary does not load the signing module.
 REPORT_SCHEMA = "agent-supervisor/ci-report/v1"
-# Where copies of checkouts owned by root or a system user go (ci/checkout_copy.py).
+# Where copies of checkouts owned by root or a system user go (ci/checkout_copy.py): on disk (a
+# checkout can be far larger than /run's tmpfs, and a reflink copy needs the checkout's file
+# system, which /var shares more often than /run), reached through root's directories alone.
+# Not in /var/tmp, where any local user could make the directory first, and runs were then
+# refused until root removed it; nor in the daemon's state directory, which uninstalling keeps
+# (its audit log), where copies are what a crashed run left.
 COPY_ROOT_ENV_VAR = "AGENT_SUPERVISOR_CI_COPY_ROOT"
-DEFAULT_COPY_ROOT = "/var/tmp/agent-supervisor-ci"
+DEFAULT_COPY_ROOT = "/var/lib/agent-supervisor-ci"

@@ -122,3 +122,37 @@ def test_a_slot_lock_directory_others_can_change_is_refused(
            else "is owned by uid 65534")
     assert why in stderr and "AGENT_SUPERVISOR_CI_COPY_ROOT" not in stderr, stderr
     assert not (repo / "agent-ran").exists()
+
+
+# A local user (nobody) makes the copy root's former default, /var/tmp/agent-supervisor-ci,
+# first, in a mount namespace with a /var/tmp of its own (the host's is shared); then a run of a
+# root-owned checkout with the default copy root, whose change is applied back.
+SQUATTED_VAR_TMP = """
+set -u
+mount -t tmpfs -o mode=1777 as-test-var-tmp /var/tmp
+setpriv --reuid=nobody --regid=nogroup --clear-groups -- mkdir -m 0777 \
+    /var/tmp/agent-supervisor-ci
+exec "$@"
+"""
+
+
+def test_a_squatted_former_copy_root_does_not_stop_runs_of_root_owned_checkouts(
+        ci: Path, repo: Path) -> None:
+    """The copy root's default was /var/tmp/agent-supervisor-ci: any local user could make it
+    first, and every run of a root-owned checkout was then refused (exit 6) until root removed
+    it. The default is now in /var/lib, where only root makes directories: the run goes."""
+    require(shutil.which("unshare") is not None and shutil.which("setpriv") is not None,
+            "needs unshare and setpriv (util-linux)")
+    chown_tree(repo, 0)
+    env = agentctl_env(ci)
+    env.pop("AGENT_SUPERVISOR_CI_COPY_ROOT", None)
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", SQUATTED_VAR_TMP,
+         "sh", *agentctl_command("run", "--embedded", "--workspace", str(repo),
+                                 "--allow-changes", "src/**", "--", "sh", "-c",
+                                 "echo 'x = 2' > src/new.py && echo agent-done")],
+        env=env, capture_output=True, text=True, timeout=300, cwd="/")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "agent-done" in result.stdout
+    assert (repo / "src" / "new.py").read_text() == "x = 2\n"
+    assert (repo / "src" / "new.py").stat().st_uid == 0

@@ -774,7 +774,7 @@ def test_embedded_roots_inside_the_checkout_are_refused_before_the_agent_starts(
 
 
 # What a local user (nobody) does to a directory of the embedded roots it made first, in a
-# world-writable directory such as /var/tmp (the copy root's default is there): once the agent
+# world-writable directory such as /var/tmp (the copy root's default was there): once the agent
 # runs (its `sleep` shows in /proc), the copy's directory is swapped for one of the attacker's
 # whose `checkout` leads to root's secrets, which the run then applies "back" into the
 # checkout; or the state root's quarantine is pointed elsewhere before the run.
@@ -812,7 +812,7 @@ def _world_writable(tmp_root: Path) -> Path:
 
 def test_a_copy_root_someone_else_made_is_refused_before_the_copy(
         ci: Path, repo: Path, tmp_root: Path) -> None:
-    """A root-owned checkout is copied under the copy root, by default in /var/tmp, where any
+    """A root-owned checkout is copied under the copy root, set here in a /var/tmp, where any
     local user can make that directory first and later swap what root works in: here the copy
     the run reads back after the agent, for root's own secrets. The run is refused before
     anything is copied (exit 6, naming the variable and the owner), the checkout untouched."""

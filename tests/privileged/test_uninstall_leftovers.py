@@ -34,7 +34,8 @@ printf '#!/bin/sh\n[ "$1" = cat ] && exit 1\nexit 0\n' > /run/bin/systemctl
 chmod +x /run/bin/systemctl
 V2=/sys/fs/cgroup/unified
 bundle=/run/agent-supervisor-ci/slot3/bundles/r1/rootfs/workspace
-mkdir -p /run/agent-supervisor-ci/locks /var/tmp/agent-supervisor-ci/slot3/src "$bundle" \
+mkdir -p /run/agent-supervisor-ci/locks /var/lib/agent-supervisor-ci/slot3/src \
+    /var/tmp/agent-supervisor-ci/slot3/src "$bundle" \
     "$V2/agent-supervisor-ci/slot3/r1" "$V2/agent-supervisor-ci/slot3-watchdog" \
     "$V2/agent-supervisor-ci/slot4/r2" /sys/fs/cgroup/memory/agent-supervisor-ci/slot3/r1
 touch /run/agent-supervisor-ci/locks/slot3 /run/agent-supervisor-ci/locks/slot4
@@ -54,7 +55,7 @@ PATH=/run/bin:$PATH bash "$repo/scripts/uninstall.sh" 2>&1
 kill "$holder"
 wait "$holder" 2>/dev/null || true
 echo "== left"
-for path in /run/agent-supervisor-ci /var/tmp/agent-supervisor-ci \
+for path in /run/agent-supervisor-ci /var/lib/agent-supervisor-ci /var/tmp/agent-supervisor-ci \
         "$V2/agent-supervisor-ci/slot3" "$V2/agent-supervisor-ci/slot3-watchdog" \
         /sys/fs/cgroup/memory/agent-supervisor-ci/slot3 "$V2/agent-supervisor-ci/slot4/r2"; do
     [[ -e "$path" ]] && echo "exists $path"

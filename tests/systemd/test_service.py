@@ -880,7 +880,7 @@ CI_BIND = f"/run/agent-supervisor-ci/{CI_SLOT}/bundles/r1/rootfs/workspace"
 
 def leave_ci_leftovers(machine: Machine) -> None:
     machine.sh(
-        f"mkdir -p /run/agent-supervisor-ci/locks /var/tmp/agent-supervisor-ci/{CI_SLOT}/src "
+        f"mkdir -p /run/agent-supervisor-ci/locks /var/lib/agent-supervisor-ci/{CI_SLOT}/src "
         f"{CI_BIND} /root/checkout {CI_CGROUP} {CI_CGROUP}-watchdog && "
         f"touch /run/agent-supervisor-ci/locks/{CI_SLOT} && echo keep > /root/checkout/file && "
         f"mount --bind /root/checkout {CI_BIND} && "
@@ -921,7 +921,7 @@ def test_uninstall_leaves_nothing(machine: Machine) -> None:
     assert agent_pids(machine) == []
     # CI mode's leftovers are gone, and the checkout bound into the crashed run's bundle was
     # unmounted, not deleted through.
-    ci = machine.sh(f"ls -d /run/agent-supervisor-ci /var/tmp/agent-supervisor-ci {CI_CGROUP} "
+    ci = machine.sh(f"ls -d /run/agent-supervisor-ci /var/lib/agent-supervisor-ci {CI_CGROUP} "
                     f"{CI_CGROUP}-watchdog 2>/dev/null || true").stdout.split()
     assert ci == []
     assert machine.run("cat", "/root/checkout/file").stdout == "keep\n"

@@ -245,3 +245,18 @@ def test_the_slot_lock_directory_is_made_with_its_mode_and_checked_as_the_roots(
     assert str(theirs) in (error.hint or "") and "0700" in (error.hint or "")
     if os.geteuid() == 0:
         assert "can be written by others (mode 0777)" in error.detail["problem"]
+
+
+def test_the_default_copy_root_is_on_a_path_only_root_can_make_entries_in() -> None:
+    """The copy root's default lay in /var/tmp, where any local user could make it first: runs
+    of root-owned checkouts were then refused (safely) until root removed it, a denial of
+    service. Every directory on the default's way that exists is root's and writable by root
+    alone: not even a sticky one, in which others could make the name."""
+    parts = Path(DEFAULT_COPY_ROOT).parts
+    for depth in range(1, len(parts)):
+        directory = Path(*parts[:depth])
+        if not directory.exists():
+            break
+        st = os.stat(directory)
+        assert st.st_uid == 0 and not st.st_mode & (stat.S_IWOTH | stat.S_IWGRP), directory
+    assert not Path(DEFAULT_COPY_ROOT).is_relative_to("/run")  # a tmpfs: checkouts are large
