@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from supervisor.ci.report import total
+
 # At most this many annotations: GitHub shows 10 per step anyway, the report has them all.
 MAX_ANNOTATIONS = 50
 
@@ -60,8 +62,8 @@ def annotation_lines(report: dict[str, Any], repository: str | None = None) -> l
         title = f"agent-supervisor: scope violation ({item.get('rule', 'scope')})"
         lines.append(f"::error file={_property(prefix + str(item['path']))},"
                      f"title={_property(title)}::{_data(str(item.get('why', '')))}")
-    if len(violations) > MAX_ANNOTATIONS:
-        lines.append(f"::error title=agent-supervisor::{len(violations) - MAX_ANNOTATIONS} "
+    if (count := total(report.get("scope") or {}, "violations")) > MAX_ANNOTATIONS:
+        lines.append(f"::error title=agent-supervisor::{count - MAX_ANNOTATIONS} "
                      f"more scope violations (see the report)")
     if report.get("ending") not in ("exited", None):
         lines.append(f"::error title={_property('agent-supervisor: run ' + report['ending'])}::"
@@ -87,8 +89,8 @@ def outputs(report: dict[str, Any] | None, status: int, report_path: str) -> dic
         "ending": str(report.get("ending")),
         "verdict": "passed" if status == 0 else "failed",
         "report": report_path,
-        "violations": str(len((report.get("scope") or {}).get("violations") or [])),
-        "changed-files": str(len((report.get("manifest") or {}).get("changes") or [])),
+        "violations": str(total(report.get("scope") or {}, "violations")),
+        "changed-files": str(total(report.get("manifest") or {}, "changes")),
         "commits": str(len(provenance.get("commits") or [])),
         "signature-key-id": str((report.get("signature") or {}).get("key_id", "")),
     }

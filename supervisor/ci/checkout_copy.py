@@ -18,12 +18,13 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from supervisor.ci import COPY_ROOT_ENV_VAR, DEFAULT_COPY_ROOT
-from supervisor.ci.manifest import Change
+from supervisor.ci.manifest import LISTED_AT_MOST, Change
 from supervisor.sandbox.workspace_fs import openat2
 
 # Copies are owned by COPY_UID_BASE + slot: far above every sandbox's host uid range (the
@@ -46,17 +47,31 @@ class CheckoutCopy:
     uid: int
     owner: tuple[int, int] = (0, 0)
     applied: int = 0
+    # The first LISTED_AT_MOST of each, and how many in all (an agent's paths are many).
     skipped: list[dict[str, str]] = field(default_factory=list)
+    skipped_total: int = 0
     errors: list[dict[str, str]] = field(default_factory=list)
+    errors_total: int = 0
 
     @property
     def path(self) -> Path:
         return self.directory / "checkout"
 
+    def skip(self, path: str, why: str) -> None:
+        self.skipped_total += 1
+        if len(self.skipped) < LISTED_AT_MOST:
+            self.skipped.append({"path": path, "why": why})
+
+    def error(self, path: str, error: str) -> None:
+        self.errors_total += 1
+        if len(self.errors) < LISTED_AT_MOST:
+            self.errors.append({"path": path, "error": error})
+
     def record(self, applied: bool) -> dict[str, Any]:
         return {"mode": "copy", "owner_uid": self.owner[0], "owner_gid": self.owner[1],
                 "copy_uid": self.uid, "applied_back": applied, "paths_applied": self.applied,
-                "skipped": self.skipped, "errors": self.errors}
+                "skipped": self.skipped, "skipped_total": self.skipped_total,
+                "errors": self.errors, "errors_total": self.errors_total}
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -130,7 +145,7 @@ def _place(copy: CheckoutCopy, original_fd: int, change: Change) -> None:
                 os.fchown(target.fileno(), uid, gid)
                 os.fchmod(target.fileno(), mode)
         else:
-            copy.skipped.append({"path": change.path, "why": "not a file, link or directory"})
+            copy.skip(change.path, "not a file, link or directory")
             return
         os.chown(temporary, uid, gid, dir_fd=parent_fd, follow_symlinks=False)
         with contextlib.suppress(FileNotFoundError):
@@ -143,15 +158,22 @@ def _place(copy: CheckoutCopy, original_fd: int, change: Change) -> None:
 
 
 def apply_back(copy: CheckoutCopy, changes: list[Change]) -> None:
-    """The agent's changes, from the copy into the checkout: deletions deepest first, then
-    what was created or modified, shallowest first (directories before their content)."""
+    """`apply_changes` of a list, in any order."""
+    ordered = sorted(changes, key=lambda c: c.path)
+    apply_changes(copy, reversed(ordered), ordered)
+
+
+def apply_changes(copy: CheckoutCopy, backward: Iterable[Change],
+                  forward: Iterable[Change]) -> None:
+    """The agent's changes, from the copy into the checkout: deletions from `backward` (in
+    reverse path order: a directory's content before it), then what was created or modified
+    from `forward` (path order: directories before their content). Streams: an agent makes
+    as many changes as it likes (ci/manifest.py `Guarded`)."""
     original_fd = os.open(copy.original, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        deletions = sorted((c for c in changes if c.change == "deleted"),
-                           key=lambda c: -c.path.count("/"))
-        placements = sorted((c for c in changes if c.change != "deleted"),
-                            key=lambda c: (c.path.count("/"), c.path))
-        for change in deletions:
+        for change in backward:
+            if change.change != "deleted":
+                continue
             try:
                 parent_fd, name = _parent_fd(original_fd, change.path)
                 try:
@@ -160,12 +182,14 @@ def apply_back(copy: CheckoutCopy, changes: list[Change]) -> None:
                     os.close(parent_fd)
                 copy.applied += 1
             except OSError as exc:
-                copy.errors.append({"path": change.path, "error": exc.strerror or str(exc)})
-        for change in placements:
+                copy.error(change.path, exc.strerror or str(exc))
+        for change in forward:
+            if change.change == "deleted":
+                continue
             try:
                 _place(copy, original_fd, change)
                 copy.applied += 1
             except OSError as exc:
-                copy.errors.append({"path": change.path, "error": exc.strerror or str(exc)})
+                copy.error(change.path, exc.strerror or str(exc))
     finally:
         os.close(original_fd)

@@ -13,7 +13,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from supervisor.ci.manifest import Change
+from supervisor.ci.manifest import Change, Listed
 from supervisor.sandbox.workspace_fs import openat2
 
 QUARANTINED_RULES = frozenset({"readonly", "host_code"})
@@ -65,35 +65,56 @@ def _take(workspace_fd: int, relative: str, into: Path, room: int) -> dict[str, 
         os.close(parent_fd)
 
 
+class Quarantine:
+    """Takes each created path behind a read-only or host-code violation out of `workspace`
+    into `into` (created root, 0700) as the scope guard decides it (`take`: a created
+    directory after the paths under it, so it has emptied out), and a host-code file the agent
+    modified (one the checkout had: the original is in git, a planted filter line must not stay
+    on disk). What is kept, in all, stays within MAX_KEPT_TOTAL; the rest is deleted. The
+    report lists the first LISTED_AT_MOST of what was taken (`taken`), with the total."""
+
+    def __init__(self, workspace: Path, into: Path) -> None:
+        self.workspace = workspace
+        self.into = into
+        self.taken = Listed()
+        self.room = MAX_KEPT_TOTAL
+        self._workspace_fd: int | None = None
+
+    def take(self, change: Change, violation: dict[str, str]) -> None:
+        if violation.get("rule") not in QUARANTINED_RULES:
+            return
+        if change.change != "created" and not (
+                change.change == "modified" and change.kind != "dir"
+                and change.path.rpartition("/")[2] in (".gitattributes", ".gitmodules")):
+            return
+        if self._workspace_fd is None:
+            self.into.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._workspace_fd = os.open(self.workspace,
+                                         os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.taken.add(entry := _take(self._workspace_fd, change.path, self.into,
+                                          self.room))
+            self.room -= entry.get("kept_bytes", 0)
+        except OSError as exc:
+            self.taken.add({"path": change.path, "error": exc.strerror or str(exc)})
+
+    def close(self) -> None:
+        if self._workspace_fd is None:
+            return
+        os.close(self._workspace_fd)
+        self._workspace_fd = None
+        with contextlib.suppress(OSError):
+            self.into.rmdir()  # only directories were removed: nothing kept
+
+
 def quarantine(workspace: Path, changes: list[Change], found: list[dict[str, str]],
                into: Path) -> list[dict[str, Any]]:
-    """Move every created path behind a read-only or host-code violation out of `workspace`
-    into `into` (created root, 0700); deepest first, so created directories empty out. What
-    is kept, in all, stays within MAX_KEPT_TOTAL; the rest is deleted."""
-    flagged = {v["path"] for v in found if v.get("rule") in QUARANTINED_RULES}
-    created = sorted((c for c in changes if c.path in flagged and c.change == "created"),
-                     key=lambda c: -c.path.count("/"))
-    # A host-code file the agent modified (one the checkout had) is moved out too: the
-    # original is in git, a planted filter line must not stay on disk.
-    created += [c for c in changes if c.path in flagged and c.change == "modified"
-                and c.kind != "dir" and c.path.rpartition("/")[2] in (".gitattributes",
-                                                                       ".gitmodules")]
-    if not created:
-        return []
-    into.mkdir(mode=0o700, parents=True, exist_ok=True)
-    taken: list[dict[str, Any]] = []
-    room = MAX_KEPT_TOTAL
-    workspace_fd = os.open(workspace, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    """`Quarantine` over a judged list: `found` in the order the scope guard decides."""
+    by_path = {change.path: change for change in changes}
+    taking = Quarantine(workspace, into)
     try:
-        for change in created:
-            try:
-                taken.append(entry := _take(workspace_fd, change.path, into, room))
-                room -= entry.get("kept_bytes", 0)
-            except OSError as exc:
-                taken.append({"path": change.path, "error": exc.strerror or str(exc)})
+        for violation in found:
+            taking.take(by_path[violation["path"]], violation)
     finally:
-        os.close(workspace_fd)
-    with contextlib.suppress(OSError):
-        into.rmdir()  # only directories were removed: nothing kept
-    return taken
-
+        taking.close()
+    return taking.taken.items

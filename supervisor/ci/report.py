@@ -176,6 +176,13 @@ def _size(value: int | None) -> str:
     return str(value)
 
 
+def total(section: dict[str, Any], name: str) -> int:
+    """How many entries a list of the report has in all: its `<name>_total` (the list itself
+    holds the first ones only, ci/manifest.py `Listed`), or its length in a report without."""
+    count = section.get(f"{name}_total")
+    return count if isinstance(count, int) else len(section.get(name) or [])
+
+
 def summary_markdown(report: dict[str, Any]) -> str:
     """A short Markdown summary of a report, for $GITHUB_STEP_SUMMARY or a merge request."""
     verdict = "passed" if report["exit_status"] == 0 else "FAILED"
@@ -197,16 +204,16 @@ def summary_markdown(report: dict[str, Any]) -> str:
         f"| CPU seconds | {peaks.get('cpu_seconds', '-')} |",
         f"| denied syscalls | {_denied_text(report.get('denied_syscalls'))} |",
         f"| egress | {_egress_text(report)} |",
-        f"| files changed | {len(manifest.get('changes', []))} |",
+        f"| files changed | {total(manifest, 'changes')} |",
         f"| audit chain head | `{(report.get('audit') or {}).get('head_hash', '-')[:16]}` |",
     ]
     violations = scope.get("violations") or []
-    if violations:
-        lines += ["", f"**Scope violations ({len(violations)})**: changes outside "
+    if count := total(scope, "violations"):
+        lines += ["", f"**Scope violations ({count})**: changes outside "
                       f"`{', '.join(scope.get('allowed') or ['**'])}`", ""]
         lines += [f"- `{v['path']}`: {v['why']}" for v in violations[:50]]
-        if len(violations) > 50:
-            lines.append(f"- ... and {len(violations) - 50} more (see the report)")
+        if count > 50:
+            lines.append(f"- ... and {count - 50} more (see the report)")
     lines += _calls_table(report)
     if report.get("teardown", {}).get("residue"):
         lines += ["", f"**Teardown left things behind**: `{report['teardown']['residue']}`"]

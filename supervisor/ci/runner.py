@@ -538,29 +538,38 @@ class EmbeddedRunner:
 
     def evidence(self, teardown: dict[str, Any], started: float, duration_ms: float
                  ) -> tuple[dict[str, Any], int]:
-        changes: list[manifest.Change] = []
-        found: list[dict[str, str]] = []
-        quarantined: list[dict[str, Any]] = []
+        changes = violations = quarantined = None
         if self.workspace is not None and self.before is not None:
             from supervisor.ci import checkout_copy, manifest
-            from supervisor.ci.quarantine import quarantine
+            from supervisor.ci.quarantine import Quarantine
 
-            after = manifest.snapshot(self.workspace)
-            changes = manifest.diff(self.workspace, self.before, after)
-            found = manifest.violations(changes, self.spec.allow_changes,
-                                        list(self.profile.workspace.readonly))
-            if found and self.quarantine_dir is not None:
-                quarantined = quarantine(self.workspace, changes, found, self.quarantine_dir)
-            if self.copy is not None and not found:
-                # The scope guard passed: the checkout gets the changes, as its owner.
-                checkout_copy.apply_back(self.copy, changes)
-                self.applied_back = True
-                if self.copy.errors:
-                    self.supervisor_errors.append(
-                        f"{len(self.copy.errors)} change(s) could not be applied back to "
-                        f"{self.checkout}")
+            # Every path judged, none of them all held: an agent makes as many as it likes.
+            taking = (Quarantine(self.workspace, self.quarantine_dir)
+                      if self.quarantine_dir is not None else None)
+            try:
+                guarded = manifest.guard(self.workspace, self.before, self.spec.allow_changes,
+                                         list(self.profile.workspace.readonly),
+                                         taking.take if taking is not None else None)
+            finally:
+                if taking is not None:
+                    taking.close()
+            changes, violations = guarded.changes, guarded.violations
+            quarantined = taking.taken if taking is not None else None
+            try:
+                if self.copy is not None and not violations.total:
+                    # The scope guard passed: the checkout gets the changes, as its owner.
+                    checkout_copy.apply_changes(self.copy, guarded.backward(),
+                                                guarded.forward())
+                    self.applied_back = True
+                    if self.copy.errors_total:
+                        self.supervisor_errors.append(
+                            f"{self.copy.errors_total} change(s) could not be applied back to "
+                            f"{self.checkout}")
+            finally:
+                guarded.close()
         commits = self._provenance()
-        status = exit_status(self.ending, self.agent_status, scope_violation=bool(found),
+        status = exit_status(self.ending, self.agent_status,
+                             scope_violation=violations is not None and violations.total > 0,
                              supervisor_error=bool(self.supervisor_errors)
                              or self.watchdog_lost is not None,
                              launch_error_status=(launch_exit_status(self.error)
@@ -585,10 +594,10 @@ class EmbeddedRunner:
             "denied_syscalls": self.denied,
             "network": {"mode": self.profile.network.mode},
             "egress": self.egress,
-            "manifest": {"changes": [c.as_dict() for c in changes]},
+            "manifest": _listed("changes", changes),
             "scope": {"allowed": self.spec.allow_changes,
                       "readonly": list(self.profile.workspace.readonly),
-                      "violations": found, "quarantined": quarantined},
+                      **_listed("violations", violations), **_listed("quarantined", quarantined)},
             "audit": self.audit_head,
             "provenance": commits,
             "checkout": (self.copy.record(self.applied_back) if self.copy is not None
@@ -620,6 +629,15 @@ class EmbeddedRunner:
         # A copy's commits are the checkout's once applied back (same objects, same hashes).
         record["repository"] = str(self.checkout)
         return record
+
+
+def _listed(name: str, listed: manifest.Listed | None) -> dict[str, Any]:
+    """A list of the report (ci/manifest.py `Listed`): its first entries, its total and the
+    digest of all of them; what each list holds at most is in the report too."""
+    if listed is None:
+        return {name: [], f"{name}_total": 0}
+    return {name: listed.items, f"{name}_total": listed.total,
+            f"{name}_sha256": listed.sha256, f"{name}_listed_at_most": listed.limit}
 
 
 def _mounts_under(directory: Path) -> list[str]:
@@ -763,33 +781,35 @@ def _write_evidence(spec: EmbeddedRun, runner: EmbeddedRunner, report: dict[str,
 
 
 # Paths listed on stderr (the CI job's log) per list: an agent makes as many as it likes; the
-# report has every one.
+# report lists more (ci/manifest.py LISTED_AT_MOST), with the count and digest of them all.
 SAID_AT_MOST = 50
 
 
 def _said_more(count: int) -> None:
     if count > SAID_AT_MOST:
-        print(f"  ... and {count - SAID_AT_MOST} more (the report lists them)", file=sys.stderr)
+        print(f"  ... and {count - SAID_AT_MOST} more (the report lists up to its limit of "
+              f"them)", file=sys.stderr)
 
 
 def _say_how_it_ended(report: dict[str, Any]) -> None:
-    violations = report["scope"]["violations"]
+    scope = report["scope"]
+    violations = scope["violations"]
     if report["ending"] != "exited":
         print(f"agentctl: run {report['ending']} ({report['end_reason'] or '-'})",
               file=sys.stderr)
-    if violations:
-        print(f"agentctl: {len(violations)} change(s) outside the allowed scope:",
-              file=sys.stderr)
+    if total := scope.get("violations_total", len(violations)):
+        print(f"agentctl: {total} change(s) outside the allowed scope:", file=sys.stderr)
         for item in violations[:SAID_AT_MOST]:
             print(f"  {item['path']}: {item['why']}", file=sys.stderr)
-        _said_more(len(violations))
-    if quarantined := report["scope"]["quarantined"]:
-        print(f"agentctl: quarantined {len(quarantined)} planted path(s) out of the workspace "
+        _said_more(total)
+    quarantined = scope["quarantined"]
+    if total := scope.get("quarantined_total", len(quarantined)):
+        print(f"agentctl: quarantined {total} planted path(s) out of the workspace "
               f"(read-only or host-code files):", file=sys.stderr)
         for item in quarantined[:SAID_AT_MOST]:
             where = item.get("moved_to") or item.get("removed") or item.get("error", "deleted")
             print(f"  {item['path']}: {where}", file=sys.stderr)
-        _said_more(len(quarantined))
+        _said_more(total)
     if not report["teardown"]["clean"]:
         print(f"agentctl: teardown left {report['teardown']['residue']}", file=sys.stderr)
 

@@ -5,15 +5,19 @@ needs root."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from supervisor.ci import DEFAULT_ROOT
+from supervisor.ci.manifest import LISTED_AT_MOST, listed_digest
 from tests.conftest import require, require_root_and_runc
 from tests.support.embedded import (
     WORKSPACE_UID,
@@ -156,3 +160,114 @@ def test_a_squatted_former_copy_root_does_not_stop_runs_of_root_owned_checkouts(
     assert "agent-done" in result.stdout
     assert (repo / "src" / "new.py").read_text() == "x = 2\n"
     assert (repo / "src" / "new.py").stat().st_uid == 0
+
+
+# The runner's peak resident memory: agentctl execs the runner in its own process, this
+# wrapper's only child (its children's are folded in as it waits for them, and are smaller).
+MEASURED = ("import resource, subprocess, sys\n"
+            "status = subprocess.run(sys.argv[1:]).returncode\n"
+            "print(f'peak_rss_kib={resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}', "
+            "file=sys.stderr)\n"
+            "sys.exit(status)\n")
+# 100,000 empty files in 20 directories, the reproduction of the finding.
+MANY_FILES = "for d in $(seq 1 20); do mkdir d$d && (cd d$d && seq 1 5000 | xargs touch); done"
+EMPTY = hashlib.sha256(b"").hexdigest()
+
+
+def _measured(state_root: Path, repo: Path, report: Path, allow: str, agent: str,
+              *options: str) -> tuple[subprocess.CompletedProcess[str], int]:
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", MEASURED, *agentctl_command(
+            "run", "--embedded", "--workspace", str(repo), "--allow-changes", allow,
+            "--report", str(report), *options, "--", "sh", "-c", agent)],
+        env=agentctl_env(state_root), capture_output=True, text=True, timeout=600, cwd="/")
+    peak = int(result.stderr.rsplit("peak_rss_kib=", 1)[1].split()[0]) * 1024
+    return result, peak
+
+
+@pytest.mark.parametrize("allow,owner", [("src/**", WORKSPACE_UID), ("**", WORKSPACE_UID),
+                                         ("**", 0)])
+def test_an_agents_many_paths_bound_neither_the_report_nor_the_runners_memory(
+        ci: Path, repo: Path, tmp_root: Path, allow: str, owner: int) -> None:
+    """An agent that leaves 100,000 empty files made a 33 MB report and a runner 367 MB
+    resident, growing with every path. Every path is still judged (the totals are exact, the
+    100,020 violations fail the run with 83, or all of them pass in scope as a large
+    dependency install must, applied back from the copy of a root-owned checkout), but the
+    report lists at most LISTED_AT_MOST of each list with a digest over all of them, and the
+    runner's peak memory is within a margin of a run that leaves one file."""
+    chown_tree(repo, owner)
+    small, small_peak = _measured(ci, repo, tmp_root / "small.json", allow, "touch one")
+    assert small.returncode == (83 if allow == "src/**" else 0), small.stderr
+    git(repo, "clean", "-fdq")
+    report_path = tmp_root / "report.json"
+    key = tmp_root / "ci-key"
+    subprocess.run(agentctl_command("report", "keygen", str(key)), check=True,
+                   capture_output=True)
+    result, peak = _measured(ci, repo, report_path, allow, MANY_FILES, "--signing-key",
+                             str(key))
+    report = json.loads(report_path.read_text())
+    # The truncated report verifies, its provenance against the repository too.
+    verified = subprocess.run(agentctl_command("report", "verify", str(report_path), "--key",
+                                               f"{key}.pub", "--repo", str(repo)),
+                              capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    changes = sorted([{"path": f"d{d}", "change": "created", "kind": "dir", "flags": []}
+                      for d in range(1, 21)]
+                     + [{"path": f"d{d}/{i}", "change": "created", "kind": "file",
+                         "sha256_after": EMPTY, "flags": []}
+                        for d in range(1, 21) for i in range(1, 5001)],
+                     key=lambda change: str(change["path"]))
+    manifest, scope = report["manifest"], report["scope"]
+    assert manifest["changes_total"] == len(changes) == 100_020
+    assert manifest["changes"] == changes[:LISTED_AT_MOST]
+    assert manifest["changes_sha256"] == listed_digest(changes)
+    if allow == "src/**":
+        assert result.returncode == 83, result.stderr[-2000:]
+        assert scope["violations_total"] == 100_020 and len(scope["violations"]) == LISTED_AT_MOST
+        assert "agentctl: 100020 change(s) outside the allowed scope" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert scope["violations_total"] == 0 and scope["violations"] == []
+        assert len(list((repo / "d7").iterdir())) == 5000
+        assert (repo / "d7").stat().st_uid == owner
+        if owner == 0:
+            assert report["checkout"]["paths_applied"] == 100_020
+    assert report_path.stat().st_size < 4 << 20, report_path.stat().st_size
+    assert peak - small_peak < 64 << 20, (peak, small_peak)
+
+
+# Directories of 250-character names nested as deep as the agent's shell can go (its `cd`
+# stops near PATH_MAX: the last directory is made, not entered), a planted .gitattributes in
+# the deepest one it entered.
+DEEP = ('n=$(printf "x%.0s" $(seq 1 250)); for i in $(seq 1 30); do '
+        '(mkdir $n && cd $n) 2>/dev/null && cd $n || break; done; '
+        'echo deep > file; echo "* filter=x" > .gitattributes; echo "depth $i"')
+
+
+def test_paths_deeper_than_path_max_from_the_host_are_judged_and_quarantined(
+        ci: Path, repo: Path, tmp_root: Path) -> None:
+    """A variant: paths whose host path (the workspace's own path before them) is longer than
+    PATH_MAX. The runner read each by its full path: `File name too long`, a traceback and no
+    report (status 1). Walked from directory descriptors, they are judged as any other: the
+    planted .gitattributes is a violation (83) and taken out of the checkout."""
+    report_path = tmp_root / "report.json"
+    result = subprocess.run(
+        agentctl_command("run", "--embedded", "--workspace", str(repo), "--allow-changes",
+                         "**", "--report", str(report_path), "--", "sh", "-c", DEEP),
+        env=agentctl_env(ci), capture_output=True, text=True, timeout=300, cwd="/")
+    assert result.returncode == 83, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    depth = int(result.stdout.rsplit("depth ", 1)[1].split()[0])
+    assert len(str(repo)) + 251 * depth > 4096  # the deepest directory's host path
+    report = json.loads(report_path.read_text())
+    deep = "/".join(["x" * 250] * (depth - 1))
+    assert report["manifest"]["changes_total"] == depth + 2
+    assert report["scope"]["violations"] == [
+        {"path": f"{deep}/.gitattributes", "rule": "host_code",
+         "why": "created: a git attributes or modules file can make the host's git run a "
+                "filter or driver"}]
+    [taken] = report["scope"]["quarantined"]
+    assert taken["path"] == f"{deep}/.gitattributes" and "moved_to" in taken, taken
+    names = subprocess.run(["find", str(repo), "-name", ".gitattributes"], capture_output=True,
+                           text=True)
+    assert names.stdout == "", names.stdout

@@ -10,7 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.ci.manifest import AllowedChanges, check_glob, diff, snapshot, violations
+from supervisor.ci.manifest import (
+    LISTED_AT_MOST,
+    AllowedChanges,
+    Listed,
+    check_glob,
+    diff,
+    guard,
+    listed_digest,
+    snapshot,
+    violations,
+    walk,
+)
 
 
 @pytest.fixture
@@ -193,3 +204,66 @@ def test_readonly_entries_with_a_trailing_slash_protect_their_tree(ws: Path) -> 
     (ws / ".git" / "hooks" / "post-checkout").write_text("#!/bin/sh\n")
     found = violations(diff(ws, before, snapshot(ws)), [], [".git/hooks/"])
     assert [(v["path"], v["rule"]) for v in found] == [(".git/hooks/post-checkout", "readonly")]
+
+
+def test_the_walk_gives_every_path_in_sorted_order(tmp_path: Path) -> None:
+    """`walk` streams what a snapshot holds, in the order sorted() gives the paths (a
+    directory's content sorts by `name/`: `a`, `a.b`, `a/x`), with a descriptor at a time."""
+    root = tmp_path / "ws"
+    for path in ("a/x", "a.b", "a-c/y/z", "b", "a/x.y/q"):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(path)
+    (root / "a" / "link").symlink_to("../b")
+    (root / "empty").mkdir()
+    walked = [path for path, _ in walk(root)]
+    assert walked == sorted(walked) and len(walked) == len(set(walked))
+    assert set(walked) == {"a", "a/x", "a/x.y", "a/x.y/q", "a/link", "a.b", "a-c", "a-c/y",
+                           "a-c/y/z", "b", "empty"}
+    assert dict(walk(root))["a/link"].target == "../b"
+
+
+def test_the_guard_lists_a_bounded_part_with_exact_totals_and_a_digest_of_all(
+        ws: Path, tmp_path: Path) -> None:
+    """`guard` judges every change and lists the first `limit`: the totals are exact, the
+    digest is the complete list's, the quarantine callback sees each violation, and the
+    changes come back whole, forward and backward, for applying to a checkout."""
+    before = snapshot(ws)
+    for d in range(3):
+        (ws / f"gen{d}").mkdir()
+        for i in range(40):
+            (ws / f"gen{d}" / f"f{i}").write_text(str(i))
+    (ws / "src" / "a.py").write_text("a = 2\n")
+    (ws / "src" / "gone.py").unlink()
+    seen: list[str] = []
+    guarded = guard(ws, before, ["src/**"], [], lambda change, v: seen.append(v["path"]))
+    try:
+        complete = diff(ws, before, snapshot(ws))
+        records = [c.as_dict() for c in complete]
+        assert guarded.changes.total == len(complete) == 3 + 120 + 2
+        assert guarded.changes.items == records[:LISTED_AT_MOST]
+        assert guarded.changes.sha256 == listed_digest(records)
+        found = violations(complete, ["src/**"], [])
+        assert guarded.violations.total == len(found) == 123 and seen == [v["path"]
+                                                                         for v in found]
+        assert [c.as_dict() for c in guarded.forward()] == records
+        assert [c.as_dict() for c in guarded.backward()] == records[::-1]
+    finally:
+        guarded.close()
+    listed = Listed(limit=2)
+    for record in records:
+        listed.add(record)
+    assert listed.items == records[:2] and listed.total == len(records)
+    assert listed.sha256 == guarded.changes.sha256
+
+
+def test_a_directory_is_judged_after_the_paths_under_it(ws: Path) -> None:
+    """A created directory is decided once its content is: in scope when a path under it
+    is (through created directories only), else a violation, listed after its content."""
+    before = snapshot(ws)
+    (ws / "tests" / "unit").mkdir(parents=True)
+    (ws / "tests" / "unit" / "test_a.py").write_text("x\n")
+    (ws / "out" / "deep").mkdir(parents=True)
+    (ws / "out" / "deep" / "f").write_text("x\n")
+    (ws / "out" / "tests").mkdir()
+    found = violations(diff(ws, before, snapshot(ws)), ["tests/**", "out/tests/"], [])
+    assert [v["path"] for v in found] == ["out/deep/f", "out/deep"]
