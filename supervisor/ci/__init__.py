@@ -18,3 +18,14 @@ REPORT_SCHEMA = "agent-supervisor/ci-report/v1"
 # (its audit log), where copies are what a crashed run left.
 COPY_ROOT_ENV_VAR = "AGENT_SUPERVISOR_CI_COPY_ROOT"
 DEFAULT_COPY_ROOT = "/var/lib/agent-supervisor-ci"
+
+
+def printable(text: str) -> str:
+    """`text` as UTF-8 can carry it to the job's log, a summary or an annotation: each byte of
+    a name that is not UTF-8 (a lone surrogate, as `os.fsdecode` gives it) written as `\\xff`.
+    The report keeps the name whole (its JSON escapes the surrogate, `ci/report.py`)."""
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from supervisor.ci import printable
 from supervisor.ci.report import total
 
 # At most this many annotations: GitHub shows 10 per step anyway, the report has them all.
@@ -142,7 +143,7 @@ def main() -> int:
         report = None
     if report is not None:
         for line in annotation_lines(report, os.environ.get("GITHUB_WORKSPACE")):
-            print(line, flush=True)
+            print(printable(line), flush=True)
     if github_output := os.environ.get("GITHUB_OUTPUT"):
         write_outputs(github_output, outputs(report, status, report_path))
     return status

@@ -88,7 +88,8 @@ def make_copy(original: Path, root: Path, slot: int) -> CheckoutCopy:
     copy = CheckoutCopy(original, directory, COPY_UID_BASE + slot, owner=(st.st_uid, st.st_gid))
     result = subprocess.run(["cp", "-a", "--reflink=auto", "--no-target-directory",
                              f"{original}/.", str(copy.path)],
-                            capture_output=True, text=True, check=False)
+                            capture_output=True, encoding="utf-8", errors="replace",
+                            check=False)
     if result.returncode != 0:
         copy.remove()
         raise OSError(f"copying {original}: {result.stderr.strip()[:300]}")

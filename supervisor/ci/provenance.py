@@ -37,7 +37,8 @@ def _git(repo: Path, *args: str, check: bool = True) -> str:
     try:
         result = subprocess.run(
             ["git", *_SAFE, f"--git-dir={git_dir}", f"--work-tree={repo}", *args],
-            capture_output=True, text=True, env=env, timeout=_TIMEOUT, check=False,
+            capture_output=True, encoding="utf-8", errors="surrogateescape", env=env,
+            timeout=_TIMEOUT, check=False,
             stdin=subprocess.DEVNULL, cwd="/")
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise GitUnavailable(f"git {args[0]}: {exc}") from exc

@@ -8,12 +8,13 @@ import base64
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from supervisor.ci import REPORT_SCHEMA
+from supervisor.ci import REPORT_SCHEMA, printable
 from supervisor.errors import ReportInvalid, SigningKeyInvalid
 
 if TYPE_CHECKING:
@@ -27,9 +28,21 @@ ALGORITHM = "ed25519"
 
 
 def canonical(report: dict[str, Any]) -> bytes:
-    """What the signature covers: every field but `signature`, keys sorted, no whitespace."""
+    """What the signature covers: every field but `signature`, keys sorted, no whitespace,
+    UTF-8. A path whose bytes are not UTF-8 reaches the report as Python decodes it
+    (`os.fsdecode`: each such byte a lone surrogate, U+DC80-U+DCFF), which no UTF-8 text
+    holds: each lone surrogate is written as its JSON escape (`\\udcff`), as the report's
+    file holds it, so such a report is signed and verified like any other, and a report
+    without one is the same bytes as ever."""
     body = {k: v for k, v in report.items() if k != "signature"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # lone surrogates appear only inside strings: escaped there
+        return _LONE_SURROGATE.sub(lambda found: f"\\u{ord(found[0]):04x}", text).encode()
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def key_id(public_raw: bytes) -> str:
@@ -224,7 +237,8 @@ def summary_markdown(report: dict[str, Any]) -> str:
     lines += ["", f"Report signed with Ed25519 key `{signature.get('key_id', '-')}`"
                   f"{' (ephemeral)' if signature.get('ephemeral_key') else ''}; check it with "
                   f"`agentctl report verify REPORT --key PUB`.", ""]
-    return "\n".join(lines)
+    return printable("\n".join(lines))
+
 
 
 def _calls_table(report: dict[str, Any], shown: int = 20) -> list[str]:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from supervisor import __version__
-from supervisor.ci import COPY_ROOT_ENV_VAR, DEFAULT_COPY_ROOT, REPORT_SCHEMA
+from supervisor.ci import COPY_ROOT_ENV_VAR, DEFAULT_COPY_ROOT, REPORT_SCHEMA, printable
 from supervisor.ci.outcome import Ending, ending_of, exit_status
 from supervisor.ci.spec import DEFAULT_ROOT, ENV_VAR, ROOT_ENV_VAR, EmbeddedRun
 from supervisor.config import Config, load_config
@@ -800,7 +800,7 @@ def _say_how_it_ended(report: dict[str, Any]) -> None:
     if total := scope.get("violations_total", len(violations)):
         print(f"agentctl: {total} change(s) outside the allowed scope:", file=sys.stderr)
         for item in violations[:SAID_AT_MOST]:
-            print(f"  {item['path']}: {item['why']}", file=sys.stderr)
+            print(printable(f"  {item['path']}: {item['why']}"), file=sys.stderr)
         _said_more(total)
     quarantined = scope["quarantined"]
     if total := scope.get("quarantined_total", len(quarantined)):
@@ -808,7 +808,7 @@ def _say_how_it_ended(report: dict[str, Any]) -> None:
               f"(read-only or host-code files):", file=sys.stderr)
         for item in quarantined[:SAID_AT_MOST]:
             where = item.get("moved_to") or item.get("removed") or item.get("error", "deleted")
-            print(f"  {item['path']}: {where}", file=sys.stderr)
+            print(printable(f"  {item['path']}: {where}"), file=sys.stderr)
         _said_more(total)
     if not report["teardown"]["clean"]:
         print(f"agentctl: teardown left {report['teardown']['residue']}", file=sys.stderr)

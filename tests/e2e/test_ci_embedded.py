@@ -1008,3 +1008,59 @@ def test_the_jobs_log_lists_a_bounded_number_of_an_agents_paths(
     assert len(violations) > 3000 and len(quarantined) >= 120
     assert f"... and {len(violations) - SAID_AT_MOST} more" in result.stderr
     assert f"... and {len(quarantined) - SAID_AT_MOST} more" in result.stderr
+
+
+# Names that are not UTF-8: \377 and \376 are bytes no UTF-8 text holds.
+UNDECODABLE_AGENT = r"""
+set -e
+printf 'x = 1\n' > "src/mod_$(printf '\377').py"
+mkdir "stray_$(printf '\376')" && : > "stray_$(printf '\376')/f"
+ln -s "/nowhere/$(printf '\375')" "src/link_$(printf '\374')"
+echo agent-done
+"""
+
+UNDECODABLE_COMMIT_AGENT = r"""
+set -e
+printf 'y = 2\n' > "src/com_$(printf '\373').py"
+git add -A src
+git -c user.name=agent -c user.email=agent@example.invalid commit -q -m "Add an undecodable name"
+echo agent-done
+"""
+
+
+@pytest.mark.parametrize("agent,status", [(UNDECODABLE_AGENT, 83), (UNDECODABLE_COMMIT_AGENT, 0)],
+                         ids=["scope_and_links", "committed"])
+def test_names_that_are_not_utf8_are_judged_reported_and_signed(
+        ci: Path, repo: Path, tmp_root: Path, agent: str, status: int) -> None:
+    """An agent that names files with bytes that are not UTF-8 (in scope, out of scope, a
+    symlink's target, a commit's files) still gets its run judged, its report written, signed
+    and verified, and its summary written, with nothing on the log but what is said of it:
+    such a name stopped the report being made at all, a traceback and no evidence."""
+    private, public = keygen(tmp_root)
+    report_path, summary_path = tmp_root / "report.json", tmp_root / "summary.md"
+    result = run_embedded(ci, "--workspace", str(repo), *SCOPE, "--report", str(report_path),
+                          "--summary", str(summary_path), "--signing-key", str(private),
+                          "--", "sh", "-c", agent)
+    assert result.returncode == status, result.stdout + result.stderr
+    assert "agent-done" in result.stdout
+    assert not noise(result.stderr), result.stderr
+    report = json.loads(report_path.read_text())
+    checked = verify(report_path, public, "--repo", str(repo))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert summary_path.stat().st_size > 0
+    changes = {c["path"] for c in report["manifest"]["changes"]}
+    violations = {v["path"] for v in report["scope"]["violations"]}
+    if status == 83:
+        # The report's JSON keeps each byte (json's \udcXX escapes, os.fsencode's inverse).
+        assert os.fsdecode(b"src/mod_\xff.py") in changes - violations
+        assert {(v["path"], v["why"]) for v in report["scope"]["violations"]} == {
+            (os.fsdecode(b"src/link_\xfc"), "symlink_out_of_workspace"),
+            (os.fsdecode(b"stray_\xfe"), "created outside --allow-changes"),
+            (os.fsdecode(b"stray_\xfe/f"), "created outside --allow-changes")}
+        # The job's log names them with their bytes escaped, and the summary alike.
+        assert "stray_\\xfe" in result.stderr
+        assert "stray_\\xfe" in summary_path.read_text()
+    else:
+        assert os.fsdecode(b"src/com_\xfb.py") in changes and not violations
+        [commit] = report["provenance"]["commits"]
+        assert {f["path"] for f in commit["files"]} == {os.fsdecode(b"src/com_\xfb.py")}

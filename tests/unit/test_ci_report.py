@@ -153,3 +153,35 @@ def test_the_summary_lists_the_model_calls_and_says_how_many_it_left_out() -> No
     assert "**Model calls (28)**" in text and text.count("`POST anthropic") == 20
     assert "5 more listed in the report, 3 beyond its list" in text
     assert "Model calls" not in report.summary_markdown(sample_report())
+
+
+def test_names_that_are_not_utf8_are_signed_as_the_reports_file_holds_them(
+        keys: tuple[Path, Path], tmp_path: Path) -> None:
+    """A path with bytes that are not UTF-8 reaches the report as `os.fsdecode` gives it (lone
+    surrogates): signing it raised UnicodeEncodeError, and the run wrote no report at all. Its
+    canonical form escapes each surrogate as the report's JSON file does, the signature
+    survives the file's round trip, another byte is another signature, and a report without
+    such a name is signed over the same bytes as before."""
+    import json
+
+    private, public = keys
+    plain = sample_report()
+    assert report.canonical(plain) == json.dumps(
+        plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    odd = sample_report()
+    name = os.fsdecode(b"caf\xc3\xa9/loot_\xff.txt")  # é is UTF-8; \xff is not
+    odd["scope"]["violations"][0]["path"] = name
+    body = report.canonical(odd)
+    assert "café/loot_\\udcff.txt".encode() in body  # valid UTF-8, é kept raw
+    body.decode()
+    signed = report.sign(odd, report.load_private_key(private), ephemeral=False)
+    on_disk = tmp_path / "report.json"
+    on_disk.write_text(json.dumps(signed, indent=2, sort_keys=True))
+    read_back = json.loads(on_disk.read_text())
+    assert read_back["scope"]["violations"][0]["path"] == name
+    assert report.verify(read_back, report.load_public_key(public))["ok"]
+    read_back["scope"]["violations"][0]["path"] = os.fsdecode(b"caf\xc3\xa9/loot_\xfe.txt")
+    assert not report.verify(read_back, report.load_public_key(public))["ok"]
+    summary = report.summary_markdown(signed)
+    assert "loot_\\xff.txt" in summary
+    summary.encode()
