@@ -215,6 +215,16 @@ def watched_state_root(state_root: Path) -> Iterator[Path]:
             os.close(_held.pop(slot))
 
 
+
+@contextlib.contextmanager
+def clean_state_root(state_root: Path) -> Iterator[Path]:
+    """`watched_state_root`, and once the block ends, nothing its runs could have left may
+    remain (`host_residue`): a test's state root fixture."""
+    with watched_state_root(state_root) as root:
+        yield root
+        residue = host_residue(root)
+    assert residue == {}, f"embedded runs left things behind: {residue}"
+
 def _descends_from_us(pid: int) -> bool:
     while pid > 1:
         if pid == os.getpid():
