@@ -205,7 +205,9 @@ class DockerRunHandle(CgroupControl):
         # Read after pidfd_open, so a recycled pid cannot pass as the container's init.
         try:
             in_cgroup = _v2_cgroup_of(pid)
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):
+            # The command already ended and was reaped: before the open (ENOENT), or
+            # between the open and the read (the kernel answers ESRCH).
             os.close(pidfd)
             return
         wanted = "/" + self.params.cgroup
@@ -218,11 +220,14 @@ class DockerRunHandle(CgroupControl):
         self.pid, self._pidfd = pid, pidfd
         try:
             self.netns_path = netns.adopt(self.params.netns, pid)
-        except OSError:
+        except OSError as exc:
             # An exiting process loses its namespaces before its pidfd turns readable; give
             # the exit a moment to complete before calling this a failure.
             if _alive(pidfd, _EXITING_GRACE):
-                raise
+                raise EnforcementError(
+                    f"container {self.container}: cannot name its network namespace for the "
+                    f"kill path's teardown: {exc.strerror or exc}",
+                    container=self.container, netns=self.params.netns) from exc
             return  # a short command ended meanwhile, and its namespace with it
         # The egress gateway's veth hook belongs here: the namespace exists and is named, the
         # agent holds no CAP_NET_ADMIN in it (Docker made it in the host's user namespace).

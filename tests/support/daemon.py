@@ -190,6 +190,21 @@ class Daemon:
         except FileNotFoundError:
             return ""
 
+    def log_errors(self, limit: int = 6000) -> str:
+        """The daemon log's error lines and tracebacks (the last `limit` characters)."""
+        kept: list[str] = []
+        in_traceback = False
+        for line in self.logs().splitlines():
+            if " ERROR " in line or line.startswith("Traceback"):
+                in_traceback = line.startswith("Traceback")
+                kept.append(line)
+            elif in_traceback and (line.startswith((" ", "\t")) or ":" in line):
+                kept.append(line)
+                in_traceback = line.startswith((" ", "\t"))
+            else:
+                in_traceback = False
+        return "\n".join(kept)[-limit:]
+
     def agentctl(self, *args: str, input_text: str | None = None, timeout: float = 120,
                  user: int | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "AGENT_SUPERVISOR_SOCKET": str(self.socket)}
@@ -198,6 +213,10 @@ class Daemon:
             text=True, timeout=timeout, input=input_text, user=user,
             cwd=str(self.root) if user is None else "/",
         )
+        if "internal_error" in result.stderr:
+            # The daemon keeps an internal error's traceback in its log, not in its answer:
+            # brought into the result, so the failing assertion shows the cause.
+            result.stderr += "\n-- the daemon's log, its errors:\n" + self.log_errors()
         if check and result.returncode != 0:
             raise AssertionError(f"agentctl {' '.join(args)} -> {result.returncode}\n"
                                  f"stdout: {result.stdout}\nstderr: {result.stderr}")
