@@ -141,7 +141,7 @@ class DockerRunHandle(CgroupControl):
                 self.gate.open()  # the agent starts now, its network in place
         except BaseException:
             if self.params.network is not None:
-                self.params.network.detach()
+                quiet(self.params.network.detach)
             await self._abort()
             raise
 
@@ -233,9 +233,15 @@ class DockerRunHandle(CgroupControl):
         # agent holds no CAP_NET_ADMIN in it (Docker made it in the host's user namespace).
 
     async def _abort(self) -> None:
+        """A start that failed: the run killed and removed. What cleanup cannot undo is
+        logged, so that the start's own error (what the caller is told) is never replaced."""
         with contextlib.suppress(OSError):
             self.cgroup.kill()
-        await self.cleanup()
+        try:
+            await self.cleanup()
+        except Exception:
+            log.exception("container %s: its removal after a failed start failed",
+                          self.container)
 
     def kill(self, *, force_fallback: bool = False) -> str:
         try:

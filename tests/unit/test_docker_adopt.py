@@ -7,6 +7,7 @@ seam, the pidfd a real one on this test's own process."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -69,3 +70,26 @@ def test_a_namespace_that_cannot_be_named_for_a_live_init_is_an_enforcement_erro
         handle._adopt(os.getpid())
     assert handle._pidfd is not None  # the launch's abort (cleanup) closes it
     os.close(handle._pidfd)
+
+
+def test_a_failed_removal_after_a_failed_start_never_replaces_the_starts_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The caller is told why the start failed (exit 125 and its reason), not the removal's
+    OSError (a 500): the removal's failure goes to the log."""
+    killed: list[bool] = []
+
+    class Cgroup:
+        def kill(self) -> None:
+            killed.append(True)
+
+    async def cleanup() -> None:
+        raise OSError(16, "Device or resource busy")
+
+    handle = _handle()
+    handle.container = "c1"
+    handle.cgroup = Cgroup()  # type: ignore[assignment]
+    handle.cleanup = cleanup  # type: ignore[method-assign]
+    asyncio.run(handle._abort())
+    assert killed == [True]
+    assert "c1: its removal after a failed start failed" in caplog.text
+    assert "Device or resource busy" in caplog.text
