@@ -126,7 +126,9 @@ class DockerRunHandle(CgroupControl):
             state = await self.runtime.call(self.runtime.engine.inspect, self.container)
             pid = int(((state or {}).get("State") or {}).get("Pid") or 0)
             if pid:
-                self._adopt(pid)
+                # Off the loop: an init that is exiting can hold `_adopt` for up to
+                # _EXITING_GRACE, and nothing a run does may hold up another run's kill.
+                await asyncio.get_running_loop().run_in_executor(None, self._adopt, pid)
             if self.pid is not None and (wrong := self._misplaced_binds()):
                 raise EnforcementError(
                     f"the workspace binds {wrong} are not where the engine was told to mount "

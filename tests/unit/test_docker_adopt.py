@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+from typing import Any
 
 import pytest
 
@@ -93,3 +95,38 @@ def test_a_failed_removal_after_a_failed_start_never_replaces_the_starts_error(
     assert killed == [True]
     assert "c1: its removal after a failed start failed" in caplog.text
     assert "Device or resource busy" in caplog.text
+
+
+def test_the_init_is_adopted_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exiting init can hold `_adopt` for up to _EXITING_GRACE (it waits for the exit to
+    complete): that wait must not stop the loop that carries every other run's kill."""
+    threads: list[int] = []
+
+    class Engine:
+        def start(self, container: str) -> None: ...
+
+        def inspect(self, container: str) -> dict[str, object]:
+            return {"State": {"Pid": 4242}}
+
+    class Runtime:
+        engine = Engine()
+
+        async def call(self, func: Any, *args: Any) -> Any:
+            return func(*args)
+
+        async def open_log(self, container: str, cursor: object) -> object:
+            return object()
+
+    handle = _handle()
+    handle.container, handle.gate, handle.cursor = "c1", None, None  # type: ignore[assignment]
+    handle.runtime = Runtime()  # type: ignore[assignment]
+    handle.params = type("P", (), {"network": None})()  # type: ignore[assignment]
+    monkeypatch.setattr(handle, "follow", lambda stream: None)
+    monkeypatch.setattr(handle, "_adopt", lambda pid: threads.append(threading.get_ident()))
+
+    async def start() -> int:
+        await handle.start()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(start())
+    assert len(threads) == 1 and threads[0] != loop_thread
